@@ -1,0 +1,1 @@
+"""Clients: the typed Python client, the command line and the offline LLM API."""

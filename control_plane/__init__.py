@@ -1,0 +1,1 @@
+"""Control plane: request queue, scheduler, global block tables and the public gRPC service (CPU only)."""

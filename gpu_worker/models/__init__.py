@@ -1,0 +1,1 @@
+"""Model definitions written for paged attention, one module per architecture family."""

@@ -1,0 +1,1 @@
+"""Attention and KV-cache kernels: CUDA sources launched through CuPy, with torch references."""

@@ -1,0 +1,1 @@
+"""pagedserve: LLM serving with PagedAttention over gRPC."""

@@ -1,0 +1,1 @@
+"""Generated protocol of pagedserve, version 1 (see the .proto files beside this)."""
