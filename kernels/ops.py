@@ -1,0 +1,78 @@
+"""The attention-ops interface the worker calls, and the factory choosing an implementation per device."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+
+class AttentionOps(Protocol):
+    """Paged-KV attention and cache maintenance, all in place on caller-owned tensors.
+
+    KV pool layout (one tensor per model, owned by the worker):
+        kv_cache:    [num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim], contiguous;
+        key_cache:   kv_cache[layer, 0], value_cache: kv_cache[layer, 1],
+                     each [num_blocks, num_kv_heads, block_size, head_dim].
+    Token at absolute position p of a sequence lives in block block_table[p // block_size] at offset
+    p % block_size; its slot is block_id * block_size + offset.
+    """
+
+    def write_kv(
+        self, key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor, slot_mapping: Tensor
+    ) -> None:
+        """Store key/value [num_tokens, num_kv_heads, head_dim] into their slots.
+
+        slot_mapping: [num_tokens] int64; a slot of -1 skips the token (padding).
+        """
+        ...
+
+    def paged_attention(
+        self,
+        out: Tensor,
+        query: Tensor,
+        key_cache: Tensor,
+        value_cache: Tensor,
+        block_tables: Tensor,
+        seq_lens: Tensor,
+        query_start_loc: Tensor,
+        max_query_len: int,
+        max_seq_len: int,
+        scale: float,
+    ) -> None:
+        """Causal attention of each sequence's query rows over its paged context; writes out in place.
+
+        query/out: [num_tokens, num_q_heads, head_dim], num_q_heads a multiple of num_kv_heads (GQA).
+        block_tables: [num_seqs, max_num_blocks_per_seq] int32; seq_lens: [num_seqs] int32 (context length
+        after this step); query_start_loc: [num_seqs + 1] int32 (cumulative query rows). Query row i of a
+        sequence with q_len rows sits at position seq_len - q_len + i and attends to positions 0..itself.
+        max_query_len / max_seq_len are host-side upper bounds. Softmax runs in float32.
+        """
+        ...
+
+    def copy_blocks(self, kv_cache: Tensor, block_mapping: Tensor) -> None:
+        """Copy every layer's K and V of block src into block dst for each (src, dst) row.
+
+        kv_cache: the whole pool [L, 2, N, H, B, D]; block_mapping: [M, 2] int64 on the pool's device.
+        """
+        ...
+
+    def swap_blocks(self, src_cache: Tensor, dst_cache: Tensor, block_mapping: Tensor) -> None:
+        """Copy whole blocks between two pools ([L, 2, N_src, H, B, D] -> [L, 2, N_dst, H, B, D]).
+
+        block_mapping: [M, 2] int64 on the CPU, rows of (src block, dst block).
+        """
+        ...
+
+
+def get_attention_ops(device: torch.device) -> AttentionOps:
+    """Return the implementation for device: the torch reference on CPU, CuPy kernels on CUDA."""
+    if device.type == "cuda":
+        # Imported lazily so CPU-only installs never import cupy.
+        from pagedserve.kernels.cuda_ops import CudaAttentionOps
+
+        return CudaAttentionOps(device)
+    from pagedserve.kernels.reference import TorchReferenceOps
+
+    return TorchReferenceOps()

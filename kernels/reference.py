@@ -1,0 +1,105 @@
+"""Pure-torch reference of every attention op: what the CPU worker runs and what kernel tests compare to."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class TorchReferenceOps:
+    """Readable torch implementation of AttentionOps, on any device.
+
+    Works on the pool layout of pagedserve.kernels.ops: key_cache / value_cache are
+    [num_blocks, num_kv_heads, block_size, head_dim]; the whole pool is [L, 2, N, H, B, D].
+    Attention is vectorised per sequence (one gather and two batched matmuls per sequence), so it is
+    usable as the CPU worker's attention. It reads lengths back to the host, so it is not graph-capturable.
+    """
+
+    def write_kv(
+        self, key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor, slot_mapping: Tensor
+    ) -> None:
+        """Store key/value [num_tokens, num_kv_heads, head_dim] into slots; slot -1 skips the token."""
+        block_size = key_cache.shape[2]
+        is_kept = slot_mapping >= 0
+        slots = slot_mapping[is_kept]
+        block_ids = slots // block_size
+        offsets = slots % block_size
+        # Advanced indices on dims 0 and 2 put the token axis first: [n, num_kv_heads, head_dim].
+        key_cache[block_ids, :, offsets] = key[is_kept].to(key_cache.dtype)
+        value_cache[block_ids, :, offsets] = value[is_kept].to(value_cache.dtype)
+
+    def paged_attention(
+        self,
+        out: Tensor,
+        query: Tensor,
+        key_cache: Tensor,
+        value_cache: Tensor,
+        block_tables: Tensor,
+        seq_lens: Tensor,
+        query_start_loc: Tensor,
+        max_query_len: int,
+        max_seq_len: int,
+        scale: float,
+    ) -> None:
+        """Causal attention per sequence over its paged context, softmax in float32; writes out in place."""
+        del max_query_len, max_seq_len  # Exact lengths are read from the tensors below.
+        starts = query_start_loc.tolist()
+        lens = seq_lens.tolist()
+        for seq_index, seq_len in enumerate(lens):
+            start, end = starts[seq_index], starts[seq_index + 1]
+            if end == start:
+                continue
+            out[start:end] = _attend_one_sequence(
+                query[start:end], key_cache, value_cache, block_tables[seq_index], seq_len, scale
+            ).to(out.dtype)
+
+    def copy_blocks(self, kv_cache: Tensor, block_mapping: Tensor) -> None:
+        """Copy every layer's K and V of block src into block dst, for each (src, dst) row."""
+        src, dst = block_mapping[:, 0], block_mapping[:, 1]
+        # The right-hand side is gathered before any write, so a dst that is also a src reads old data.
+        kv_cache[:, :, dst] = kv_cache[:, :, src]
+
+    def swap_blocks(self, src_cache: Tensor, dst_cache: Tensor, block_mapping: Tensor) -> None:
+        """Copy whole blocks between two pools of the same layout, possibly on different devices."""
+        src = block_mapping[:, 0].to(src_cache.device)
+        dst = block_mapping[:, 1].to(dst_cache.device)
+        gathered = src_cache.index_select(2, src).to(dst_cache.device)
+        dst_cache.index_copy_(2, dst, gathered)
+
+
+def _attend_one_sequence(
+    query: Tensor, key_cache: Tensor, value_cache: Tensor, block_table: Tensor, seq_len: int, scale: float
+) -> Tensor:
+    """Attention of one sequence's query rows [q_len, num_q_heads, D]; returns float32, same shape.
+
+    Query heads are grouped by kv head (head h uses kv head h // group_size), so K/V are never repeated:
+        q: [kv_heads, group_size * q_len, D]  x  k^T: [kv_heads, D, seq_len]
+    """
+    q_len, num_q_heads, head_dim = query.shape
+    num_kv_heads, block_size = key_cache.shape[1], key_cache.shape[2]
+    group_size = num_q_heads // num_kv_heads
+    num_blocks = -(-seq_len // block_size)
+    block_ids = block_table[:num_blocks].to(torch.long)
+    keys = _gather_context(key_cache, block_ids, seq_len)
+    values = _gather_context(value_cache, block_ids, seq_len)
+
+    grouped = query.float().reshape(q_len, num_kv_heads, group_size, head_dim)
+    grouped = grouped.permute(1, 2, 0, 3).reshape(num_kv_heads, group_size * q_len, head_dim)
+    scores = torch.bmm(grouped, keys.transpose(1, 2)) * scale
+    # Row i sits at absolute position seq_len - q_len + i and sees key positions 0..that position.
+    query_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
+    key_pos = torch.arange(seq_len, device=query.device)
+    is_future = (key_pos[None, :] > query_pos[:, None]).repeat(group_size, 1)
+    scores.masked_fill_(is_future, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    attended = torch.bmm(probs, values)
+    attended = attended.reshape(num_kv_heads, group_size, q_len, head_dim).permute(2, 0, 1, 3)
+    return attended.reshape(q_len, num_q_heads, head_dim)
+
+
+def _gather_context(cache: Tensor, block_ids: Tensor, seq_len: int) -> Tensor:
+    """Contiguous float32 [num_kv_heads, seq_len, D] of one sequence, gathered from its blocks."""
+    blocks = cache.index_select(0, block_ids)  # [num_blocks, H, B, D]
+    num_blocks, num_heads, block_size, head_dim = blocks.shape
+    context = blocks.permute(1, 0, 2, 3).reshape(num_heads, num_blocks * block_size, head_dim)
+    return context[:, :seq_len].float()
