@@ -1,0 +1,82 @@
+"""Frozen configuration of the control plane's components, validated on construction."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class SchedulingPolicy(enum.Enum):
+    """Order in which waiting requests are admitted."""
+
+    FCFS = "fcfs"  # arrival order
+    PRIORITY = "priority"  # lower priority value first, then arrival order
+
+
+class PreemptionMode(enum.Enum):
+    """What happens to a running request evicted for lack of KV blocks."""
+
+    RECOMPUTE = "recompute"  # free its blocks; recompute its tokens when it resumes
+    SWAP = "swap"  # move its blocks to the CPU pool; move them back when it resumes
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Limits and policies of one worker's scheduler (vLLM's defaults)."""
+
+    max_num_batched_tokens: int = 2048  # token budget of one step
+    max_num_seqs: int = 256  # running sequences at once
+    max_model_len: int | None = None  # prompt + output tokens per sequence; None: set from the model
+    max_num_waiting: int | None = None  # admission queue bound; None: unbounded
+    scheduling_policy: SchedulingPolicy = SchedulingPolicy.FCFS
+    preemption_mode: PreemptionMode = PreemptionMode.RECOMPUTE
+    enable_chunked_prefill: bool = True  # split a prefill that does not fit the step's budget
+    long_prefill_token_threshold: int = 0  # most prefill tokens per sequence per step; 0: no cap
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens <= 0:
+            raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs <= 0:
+            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.max_model_len is not None and self.max_model_len <= 1:
+            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if self.max_num_waiting is not None and self.max_num_waiting <= 0:
+            raise ValueError(f"max_num_waiting must be positive, got {self.max_num_waiting}")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError(
+                f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}"
+            )
+        if (
+            not self.enable_chunked_prefill
+            and self.max_model_len is not None
+            and self.max_num_batched_tokens < self.max_model_len
+        ):
+            # Without chunking a prompt must fit one step, or the longest prompts could never run.
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
+                f"({self.max_model_len}) when chunked prefill is disabled"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Shape and sizing of the paged KV cache and of the prefix cache."""
+
+    block_size: int = 16  # tokens per KV block
+    gpu_memory_utilization: float = 0.9  # share of device memory for weights, activations and KV blocks
+    num_gpu_blocks_override: int | None = None  # exact device pool size (skips profiling)
+    kv_cache_memory_bytes: int = 4 << 30  # KV pool of a CPU worker
+    swap_space_bytes: int = 4 << 30  # CPU memory for swapped-out blocks, per worker
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override <= 0:
+            raise ValueError(f"num_gpu_blocks_override must be positive, got {self.num_gpu_blocks_override}")
+        if self.kv_cache_memory_bytes < 0:
+            raise ValueError(f"kv_cache_memory_bytes must be >= 0, got {self.kv_cache_memory_bytes}")
+        if self.swap_space_bytes < 0:
+            raise ValueError(f"swap_space_bytes must be >= 0, got {self.swap_space_bytes}")
