@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from pathlib import Path
 
 
 class SchedulingPolicy(enum.Enum):
@@ -80,3 +81,43 @@ class CacheConfig:
             raise ValueError(f"kv_cache_memory_bytes must be >= 0, got {self.kv_cache_memory_bytes}")
         if self.swap_space_bytes < 0:
             raise ValueError(f"swap_space_bytes must be >= 0, got {self.swap_space_bytes}")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """How the engine loop drives its workers."""
+
+    max_steps_in_flight: int = 1  # 2: plan step N+1 while a worker runs step N
+
+    def __post_init__(self) -> None:
+        if self.max_steps_in_flight not in (1, 2):
+            raise ValueError(f"max_steps_in_flight must be 1 or 2, got {self.max_steps_in_flight}")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """The control-plane process: where it listens and which workers it uses or starts."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    model_dir: Path | None = None  # None: the built-in model
+    worker_addresses: tuple[str, ...] = ()  # empty: start local workers
+    num_workers: int = 1
+    dtype: str = "auto"
+    device: str = "auto"
+    load_format: str = "auto"
+    seed: int = 0
+    metrics_port: int | None = None
+    worker_start_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.worker_addresses and self.model_dir is None:
+            raise ValueError("model_dir is required with worker_addresses (the tokenizer is read from it)")
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be at least 1, got {self.num_workers}")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
