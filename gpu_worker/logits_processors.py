@@ -1,0 +1,108 @@
+"""In-place logits transforms of the sampler: bans, penalties, top-k/top-p and min-p filtering."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+
+
+def token_id_tensor(token_ids: Sequence[int], vocab_size: int) -> torch.Tensor:
+    """`token_ids` as a CPU [len] int64 tensor; ValueError if one lies outside [0, vocab_size).
+
+    Checked on the host because an out-of-range index on a GPU is a device-side assert that
+    poisons the whole CUDA context, not a catchable error.
+    """
+    ids = torch.tensor(token_ids, dtype=torch.int64)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    return ids
+
+
+def flat_token_positions(
+    token_ids_per_row: Sequence[Sequence[int]], vocab_size: int, device: torch.device
+) -> torch.Tensor:
+    """Positions `row * vocab_size + token_id` of every listed token: [sum of lengths] int64 on `device`.
+
+    Rows are addressed through flat positions rather than a padded [rows, longest] matrix so that
+    one short and one long row cost their own lengths only; the index is built with vectorised CPU
+    ops and crosses to the device in one copy.
+    """
+    lengths = torch.tensor([len(ids) for ids in token_ids_per_row], dtype=torch.int64)
+    tokens = token_id_tensor(list(itertools.chain.from_iterable(token_ids_per_row)), vocab_size)
+    rows = torch.repeat_interleave(torch.arange(len(token_ids_per_row)), lengths)
+    return (rows * vocab_size + tokens).to(device)
+
+
+def apply_bans(logits: torch.Tensor, banned_token_ids: Sequence[Sequence[int]]) -> None:
+    """Sets `logits[r, t] = -inf` for every token t in `banned_token_ids[r]`.
+
+    logits: [rows, vocab] float, contiguous (written in place); one entry of `banned_token_ids` per row.
+    """
+    positions = flat_token_positions(banned_token_ids, logits.shape[1], logits.device)
+    logits.view(-1).index_fill_(0, positions, float("-inf"))
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    prompt_token_ids: Sequence[Sequence[int]],
+    output_token_ids: Sequence[Sequence[int]],
+    repetition: Sequence[float],
+    frequency: Sequence[float],
+    presence: Sequence[float],
+) -> None:
+    """Applies repetition, then frequency and presence penalties to `logits` in place.
+
+    logits: [rows, vocab] float; every other argument has one entry per row.
+    - repetition: where a token occurs in the row's prompt or output, a positive logit is divided
+      by the penalty and a negative one multiplied by it;
+    - then `logit -= frequency * count + presence * (count > 0)`, count = occurrences in the output.
+    A row whose repetition penalty is 1 may pass an empty prompt: the prompt then cannot matter.
+    """
+    num_rows, vocab_size = logits.shape
+    # Output counts in plane 0 and prompt counts in plane 1, filled by a single scatter_add.
+    positions = flat_token_positions([*output_token_ids, *prompt_token_ids], vocab_size, logits.device)
+    counts = torch.zeros(2 * num_rows * vocab_size, dtype=torch.int32, device=logits.device)
+    counts.scatter_add_(0, positions, torch.ones_like(positions, dtype=torch.int32))
+    output_counts, prompt_counts = counts.view(2, num_rows, vocab_size).unbind(0)
+    factors = torch.tensor([repetition, frequency, presence], dtype=logits.dtype, device=logits.device)
+    repetition_t, frequency_t, presence_t = factors.unsqueeze(-1).unbind(0)
+    seen = (output_counts > 0) | (prompt_counts > 0)
+    penalised = torch.where(logits > 0, logits / repetition_t, logits * repetition_t)
+    logits.copy_(torch.where(seen, penalised, logits))
+    logits -= frequency_t * output_counts + presence_t * (output_counts > 0)
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> None:
+    """Keeps each row's top-k tokens, then the smallest nucleus of them holding mass top_p; others -> -inf.
+
+    logits: [rows, vocab] float, written in place. top_k: [rows] int64 in [1, vocab] (vocab = no limit).
+    top_p: [rows] float in (0, 1] (1 = no limit), applied to the distribution renormalised over the
+    top-k tokens. A token is kept when the mass of the tokens ranked strictly above it is below top_p,
+    so the best token always survives; tokens tied with the last kept one survive too.
+    """
+    sorted_logits = logits.sort(dim=-1, descending=True).values
+    positions = torch.arange(logits.shape[-1], device=logits.device)
+    within_k = positions < top_k.unsqueeze(-1)
+    sorted_logits.masked_fill_(~within_k, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    # Exclusive prefix sums by shifting an inclusive cumsum: it stays monotone under rounding, so the
+    # kept set is a prefix of the sorted order and its length locates the threshold.
+    mass_above = torch.nn.functional.pad(probs.cumsum(dim=-1)[:, :-1], (1, 0))
+    # top_p == 1 must keep everything even where a float32 cumsum reaches 1.0 before the tail.
+    within_p = (mass_above < top_p.unsqueeze(-1)) | (top_p >= 1.0).unsqueeze(-1)
+    num_kept = (within_k & within_p).sum(dim=-1, keepdim=True)
+    threshold = sorted_logits.gather(1, num_kept - 1)
+    logits.masked_fill_(logits < threshold, float("-inf"))
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> None:
+    """Drops tokens whose probability is below min_p times the row's highest probability (-> -inf).
+
+    logits: [rows, vocab] float, written in place; min_p: [rows] float in [0, 1] (0 = no limit).
+    p_i >= min_p * p_max is the same as logit_i >= logit_max + ln(min_p), which needs no softmax.
+    """
+    threshold = logits.amax(dim=-1, keepdim=True) + torch.log(min_p).unsqueeze(-1)
+    logits.masked_fill_(logits < threshold, float("-inf"))

@@ -1,0 +1,300 @@
+"""Turns a batch of logits into next tokens and log-probabilities, with vLLM's sampling semantics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from pagedserve.gpu_worker.logits_processors import (
+    apply_bans,
+    apply_min_p,
+    apply_penalties,
+    apply_top_k_top_p,
+    token_id_tensor,
+)
+
+# Below this temperature a row is greedy: dividing logits by it would overflow float32.
+_GREEDY_TEMPERATURE = 1e-5
+_MASK_64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingOptions:
+    """One sequence's sampling parameters; mirrors proto pagedserve.v1.SequenceSampling."""
+
+    temperature: float = 1.0  # < 1e-5: greedy
+    top_p: float = 1.0  # in (0, 1]
+    top_k: int = 0  # 0 or -1: no limit
+    min_p: float = 0.0  # in [0, 1]
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # > 0; 1: off
+    seed: int | None = None  # None: the sampler's shared generator
+    min_tokens: int = 0  # banned_token_ids cannot be sampled while fewer output tokens exist
+    banned_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # top log-probabilities per sampled token; 0: the chosen one only
+    prompt_logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.temperature >= 0.0, "temperature", "must be >= 0"),
+            (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
+            (self.top_k >= -1, "top_k", "must be >= -1"),
+            (0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]"),
+            (self.repetition_penalty > 0.0, "repetition_penalty", "must be > 0"),
+            (self.min_tokens >= 0, "min_tokens", "must be >= 0"),
+            (self.logprobs is None or self.logprobs >= 0, "logprobs", "must be >= 0"),
+            (self.prompt_logprobs is None or self.prompt_logprobs >= 0, "prompt_logprobs", "must be >= 0"),
+        )
+        for is_valid, name, rule in checks:
+            if not is_valid:
+                raise ValueError(f"{name} {rule}, got {getattr(self, name)}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < _GREEDY_TEMPERATURE
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingRow:
+    """One row of a sampling batch: a sequence's options and its tokens so far."""
+
+    options: SamplingOptions
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]  # tokens generated so far
+    sample_index: int = 0  # sibling index for n > 1
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """Log-probability of one token under the raw logits, its rank (1 = best) and the top alternatives."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1 + number of tokens with a strictly greater logprob
+    top_token_ids: tuple[int, ...]  # best first
+    top_logprobs: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SampleResult:
+    """One token per row, and per row its logprobs when the row asked for them."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+def _stream_seed(seed: int, sample_index: int, num_output_tokens: int) -> int:
+    """A 64-bit generator seed that depends only on the three arguments (splitmix64 chained over them)."""
+    state = 0
+    for value in (seed, sample_index, num_output_tokens):
+        state = (state ^ value) & _MASK_64
+        state = (state + 0x9E3779B97F4A7C15) & _MASK_64
+        state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & _MASK_64
+        state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & _MASK_64
+        state ^= state >> 31
+    return state
+
+
+@dataclass(slots=True)
+class _BatchPlan:
+    """What one batch needs, decided on the host before any device work is queued."""
+
+    # Per row: temperature, top_k, top_p, min_p, is_greedy; neutral values for greedy rows.
+    params: list[tuple[float, float, float, float, float]] = field(default_factory=list)
+    banned: list[Sequence[int]] = field(default_factory=list)
+    has_bans: bool = False
+    num_greedy: int = 0
+    has_top_k_top_p: bool = False
+    has_min_p: bool = False
+    penalty_rows: list[int] = field(default_factory=list)
+    seeded_rows: list[tuple[int, int]] = field(default_factory=list)  # (row, stream seed)
+    logprob_rows: list[int] = field(default_factory=list)
+
+    @property
+    def num_random(self) -> int:
+        return len(self.params) - self.num_greedy
+
+    @property
+    def is_plain_greedy(self) -> bool:
+        """Every row is an argmax of its unmodified logits."""
+        return not (self.num_random or self.has_bans or self.penalty_rows or self.logprob_rows)
+
+
+def _plan(rows: Sequence[SamplingRow], vocab_size: int) -> _BatchPlan:
+    plan = _BatchPlan()
+    for index, row in enumerate(rows):
+        options = row.options
+        num_output = len(row.output_token_ids)
+        is_banning = num_output < options.min_tokens and bool(options.banned_token_ids)
+        plan.banned.append(options.banned_token_ids if is_banning else ())
+        plan.has_bans |= is_banning
+        if options.has_penalties:
+            plan.penalty_rows.append(index)
+        if options.logprobs is not None:
+            plan.logprob_rows.append(index)
+        if options.is_greedy:
+            plan.num_greedy += 1
+            plan.params.append((1.0, vocab_size, 1.0, 0.0, 1.0))
+            continue
+        top_k = options.top_k if 0 < options.top_k < vocab_size else vocab_size
+        plan.params.append((options.temperature, top_k, options.top_p, options.min_p, 0.0))
+        plan.has_top_k_top_p |= top_k < vocab_size or options.top_p < 1.0
+        plan.has_min_p |= options.min_p > 0.0
+        if options.seed is not None:
+            plan.seeded_rows.append((index, _stream_seed(options.seed, row.sample_index, num_output)))
+    return plan
+
+
+class Sampler:
+    """Samples one token per row of a logits batch; stateless apart from its shared generator.
+
+    Invariants: the input logits are never modified; a seeded row's token depends only on its own
+    logits, options, sample_index and number of output tokens; each call makes exactly one
+    device-to-host transfer of its results.
+    """
+
+    def __init__(self, vocab_size: int, device: torch.device, seed: int = 0) -> None:
+        self._vocab_size = vocab_size
+        self._generator = torch.Generator(device=device)
+        self._generator.manual_seed(seed)
+
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
+        """Next token per row. logits: [len(rows), vocab] float32, on the sampler's device."""
+        self._check_logits(logits, len(rows))
+        plan = _plan(rows, self._vocab_size)
+        if plan.is_plain_greedy:
+            return SampleResult(logits.argmax(dim=-1).tolist(), [None] * len(rows))
+        tokens = self._choose(self._processed(logits, rows, plan), plan)
+        if not plan.logprob_rows:
+            return SampleResult(tokens.tolist(), [None] * len(rows))
+        return self._with_logprobs(logits, tokens, rows, plan)
+
+    def prompt_logprobs(
+        self, logits: torch.Tensor, target_token_ids: Sequence[int], k: int
+    ) -> list[TokenLogprobs]:
+        """Logprob, rank and top-k of each target under raw logits. logits: [P, vocab] float32 at the
+        prompt positions; target i is the token that follows position i."""
+        self._check_logits(logits, len(target_token_ids))
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        targets = token_id_tensor(target_token_ids, self._vocab_size).to(logits.device)
+        k = min(k, self._vocab_size)
+        table = _logprob_table(logits.log_softmax(dim=-1), targets, k)
+        return _unpack_logprobs(table.flatten().tolist(), [k] * len(target_token_ids), k)
+
+    def _check_logits(self, logits: torch.Tensor, num_rows: int) -> None:
+        if logits.dim() != 2 or logits.shape[0] != num_rows or logits.shape[1] != self._vocab_size:
+            raise ValueError(
+                f"logits must have shape [{num_rows}, {self._vocab_size}], got {list(logits.shape)}"
+            )
+
+    def _processed(self, logits: torch.Tensor, rows: Sequence[SamplingRow], plan: _BatchPlan) -> torch.Tensor:
+        """The logits after bans and penalties: a copy when either applies, else `logits` itself."""
+        if not (plan.has_bans or plan.penalty_rows):
+            return logits
+        work = logits.clone()
+        if plan.has_bans:
+            apply_bans(work, plan.banned)
+        if plan.penalty_rows:
+            is_whole_batch = len(plan.penalty_rows) == len(rows)
+            index = None if is_whole_batch else torch.tensor(plan.penalty_rows, device=logits.device)
+            subset = work if index is None else work[index]
+            _penalise(subset, [rows[i] for i in plan.penalty_rows])
+            if index is not None:
+                work[index] = subset
+        return work
+
+    def _choose(self, logits: torch.Tensor, plan: _BatchPlan) -> torch.Tensor:
+        """[rows] int64: argmax for greedy rows, a filtered sample for the others."""
+        greedy_tokens = logits.argmax(dim=-1) if plan.num_greedy else None
+        if greedy_tokens is not None and not plan.num_random:
+            return greedy_tokens
+        params = torch.tensor(plan.params, dtype=torch.float32, device=logits.device)
+        scaled = logits / params[:, 0:1]
+        if plan.has_top_k_top_p:
+            apply_top_k_top_p(scaled, params[:, 1].long(), params[:, 2])
+        if plan.has_min_p:
+            apply_min_p(scaled, params[:, 3])
+        probs = scaled.softmax(dim=-1)
+        # Exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) picks token i with probability p_i,
+        # without multinomial's cumulative sum and without a host sync.
+        sampled = probs.div_(self._exponential_noise(probs, plan)).argmax(dim=-1)
+        if greedy_tokens is None:
+            return sampled
+        return torch.where(params[:, 4] > 0.0, greedy_tokens, sampled)
+
+    def _exponential_noise(self, probs: torch.Tensor, plan: _BatchPlan) -> torch.Tensor:
+        noise = torch.empty_like(probs)
+        if len(plan.seeded_rows) < probs.shape[0]:
+            noise.exponential_(generator=self._generator)
+        for row, seed in plan.seeded_rows:
+            # A fresh generator per seeded row and step: its noise cannot depend on the batch or history.
+            generator = torch.Generator(device=probs.device)
+            generator.manual_seed(seed)
+            noise[row].exponential_(generator=generator)
+        # A zero draw would turn p / E into inf (or nan where p == 0).
+        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+
+    def _with_logprobs(
+        self, logits: torch.Tensor, tokens: torch.Tensor, rows: Sequence[SamplingRow], plan: _BatchPlan
+    ) -> SampleResult:
+        """Packs tokens and logprob tables into one tensor so one transfer brings both back."""
+        is_whole_batch = len(plan.logprob_rows) == len(rows)
+        index = None if is_whole_batch else torch.tensor(plan.logprob_rows, device=logits.device)
+        raw = logits if index is None else logits[index]
+        chosen = tokens if index is None else tokens[index]
+        ks = [min(rows[i].options.logprobs or 0, self._vocab_size) for i in plan.logprob_rows]
+        table = _logprob_table(raw.log_softmax(dim=-1), chosen, max(ks))
+        values = torch.cat([tokens.double(), table.flatten()]).tolist()
+        num_rows = len(rows)
+        logprobs: list[TokenLogprobs | None] = [None] * num_rows
+        for row, entry in zip(plan.logprob_rows, _unpack_logprobs(values[num_rows:], ks, max(ks))):
+            logprobs[row] = entry
+        return SampleResult([int(t) for t in values[:num_rows]], logprobs)
+
+
+def _penalise(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """Applies each row's penalties to its logits row in place; logits: [len(rows), vocab]."""
+    options = [row.options for row in rows]
+    apply_penalties(
+        logits,
+        # The prompt only matters to the repetition penalty; skipping it saves the longest transfer.
+        [row.prompt_token_ids if o.repetition_penalty != 1.0 else () for row, o in zip(rows, options)],
+        [row.output_token_ids for row in rows],
+        [o.repetition_penalty for o in options],
+        [o.frequency_penalty for o in options],
+        [o.presence_penalty for o in options],
+    )
+
+
+def _logprob_table(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> torch.Tensor:
+    """[rows, 3 + 2k] float64: token id, its logprob, its rank, k top logprobs, k top ids.
+
+    logprobs: [rows, vocab] float32 log-softmax; token_ids: [rows] int64. float64 holds every id,
+    rank and float32 logprob exactly, so one tensor can carry them all.
+    """
+    chosen = logprobs.gather(1, token_ids.unsqueeze(-1))
+    rank = (logprobs > chosen).sum(dim=-1, keepdim=True) + 1
+    top = logprobs.topk(k, dim=-1)
+    columns = (token_ids.unsqueeze(-1), chosen, rank, top.values, top.indices)
+    return torch.cat([column.double() for column in columns], dim=1)
+
+
+def _unpack_logprobs(values: list[float], ks: Sequence[int], k_max: int) -> list[TokenLogprobs]:
+    """Reads the rows of a flattened `_logprob_table` of width 3 + 2 * k_max, keeping ks[r] top entries."""
+    width = 3 + 2 * k_max
+    result = []
+    for row, k in enumerate(ks):
+        entry = values[row * width : (row + 1) * width]
+        top_ids = entry[3 + k_max : 3 + k_max + k]
+        result.append(
+            TokenLogprobs(int(entry[0]), entry[1], int(entry[2]), tuple(int(t) for t in top_ids), tuple(entry[3 : 3 + k]))
+        )
+    return result
