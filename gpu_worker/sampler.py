@@ -294,7 +294,6 @@ def _unpack_logprobs(values: list[float], ks: Sequence[int], k_max: int) -> list
     for row, k in enumerate(ks):
         entry = values[row * width : (row + 1) * width]
         top_ids = entry[3 + k_max : 3 + k_max + k]
-        result.append(
-            TokenLogprobs(int(entry[0]), entry[1], int(entry[2]), tuple(int(t) for t in top_ids), tuple(entry[3 : 3 + k]))
-        )
+        top_token_ids = tuple(int(t) for t in top_ids)
+        result.append(TokenLogprobs(int(entry[0]), entry[1], int(entry[2]), top_token_ids, tuple(entry[3 : 3 + k])))
     return result

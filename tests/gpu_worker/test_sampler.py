@@ -1,0 +1,242 @@
+"""Tests of the worker's sampler: greedy, bans, penalties, filters, seeded streams, distribution, logprobs."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from pagedserve.gpu_worker.logits_processors import apply_penalties
+from pagedserve.gpu_worker.sampler import Sampler, SamplingOptions, SamplingRow
+
+CPU = torch.device("cpu")
+
+
+def _row(
+    prompt: tuple[int, ...] = (), output: tuple[int, ...] = (), sample_index: int = 0, **options: object
+) -> SamplingRow:
+    return SamplingRow(SamplingOptions(**options), prompt, output, sample_index)  # type: ignore[arg-type]
+
+
+def _logits_from_probs(probs: list[float], num_rows: int) -> torch.Tensor:
+    return torch.tensor(probs).log().repeat(num_rows, 1)
+
+
+def _random_logits(num_rows: int, vocab_size: int, seed: int) -> torch.Tensor:
+    return torch.randn(num_rows, vocab_size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("extra", [{}, {"logprobs": 2}, {"presence_penalty": 0.5}])
+def test_greedy_picks_argmax_of_each_row(extra: dict[str, object]) -> None:
+    logits = _random_logits(6, 40, seed=1)
+    result = Sampler(40, CPU).sample(logits, [_row(temperature=0.0, **extra) for _ in range(6)])
+    assert result.token_ids == logits.argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize("extra", [{}, {"logprobs": 1}])
+def test_greedy_ties_pick_lowest_token_id(extra: dict[str, object]) -> None:
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+    result = Sampler(4, CPU).sample(logits, [_row(temperature=0.0, **extra) for _ in range(2)])
+    assert result.token_ids == [1, 0]
+
+
+def test_greedy_rows_stay_argmax_inside_a_random_batch() -> None:
+    logits = _random_logits(8, 50, seed=2)
+    rows = [_row(temperature=0.0) if i % 2 else _row(temperature=1.5) for i in range(8)]
+    result = Sampler(50, CPU).sample(logits, rows)
+    assert result.token_ids[1::2] == logits[1::2].argmax(dim=-1).tolist()
+
+
+def test_min_tokens_bans_eos_until_reached() -> None:
+    eos = 5
+    logits = torch.tensor([[0.0, 1.0, 4.0, 0.5, 0.0, 9.0]])
+    sampler = Sampler(6, CPU)
+    options = {"temperature": 0.0, "min_tokens": 3, "banned_token_ids": (eos,)}
+    assert sampler.sample(logits, [_row(output=(1, 2), **options)]).token_ids == [2]
+    assert sampler.sample(logits, [_row(output=(1, 2, 3), **options)]).token_ids == [eos]
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits() -> None:
+    logits = torch.tensor([[2.0, -1.0, 3.0, -4.0, 0.5], [1.0, 1.0, -2.0, 2.0, -3.0]])
+    expected = logits.clone()
+    expected[0, 0] = 2.0 / 2.0  # in prompt
+    expected[0, 1] = -1.0 * 2.0  # in output
+    expected[1, 3] = 2.0 / 1.5  # in output
+    expected[1, 4] = -3.0 * 1.5  # in prompt
+    apply_penalties(logits, [(0,), (4, 4)], [(1, 1), (3,)], [2.0, 1.5], [0.0, 0.0], [0.0, 0.0])
+    assert torch.equal(logits, expected)
+
+
+def test_frequency_and_presence_penalties_subtract_scaled_output_counts() -> None:
+    logits = torch.tensor([[2.0, -1.0, 3.0, -4.0, 0.5], [1.0, 1.0, -2.0, 2.0, -3.0]])
+    counts = torch.tensor([[0.0, 3.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 2.0]])
+    frequency = torch.tensor([[0.25], [1.0]])
+    presence = torch.tensor([[0.5], [0.75]])
+    expected = logits - (frequency * counts + presence * (counts > 0))
+    # Prompt tokens (0 and 3) count for neither penalty.
+    apply_penalties(logits, [(0,), (3,)], [(1, 2, 1, 1), (4, 4)], [1.0, 1.0], [0.25, 1.0], [0.5, 0.75])
+    assert torch.equal(logits, expected)
+
+
+def test_penalties_apply_only_to_rows_that_request_them() -> None:
+    logits = torch.tensor([[5.0, 4.0, 1.0]]).repeat(3, 1)
+    rows = [
+        _row(output=(0,), temperature=0.0, presence_penalty=2.0),
+        _row(output=(0,), temperature=0.0),
+        _row(prompt=(0,), temperature=0.0, repetition_penalty=2.0),
+    ]
+    assert Sampler(3, CPU).sample(logits, rows).token_ids == [1, 0, 1]
+
+
+def test_sample_leaves_input_logits_unchanged() -> None:
+    logits = _random_logits(3, 20, seed=3)
+    before = logits.clone()
+    rows = [_row((1,), (2,), temperature=0.8, top_k=5, min_p=0.1, repetition_penalty=1.2, min_tokens=2,
+                 banned_token_ids=(0,), logprobs=1)] * 3
+    Sampler(20, CPU).sample(logits, rows)
+    assert torch.equal(logits, before)
+
+
+def test_top_k_one_equals_greedy() -> None:
+    logits = _random_logits(64, 50, seed=4)
+    result = Sampler(50, CPU, seed=7).sample(logits, [_row(temperature=1.0, top_k=1)] * 64)
+    assert result.token_ids == logits.argmax(dim=-1).tolist()
+
+
+def test_tiny_top_p_equals_greedy() -> None:
+    logits = _random_logits(64, 50, seed=5)
+    result = Sampler(50, CPU, seed=7).sample(logits, [_row(temperature=1.0, top_p=1e-6)] * 64)
+    assert result.token_ids == logits.argmax(dim=-1).tolist()
+
+
+def test_top_k_samples_exactly_the_k_best_tokens() -> None:
+    logits = _logits_from_probs([0.05, 0.3, 0.1, 0.25, 0.2, 0.1], 2000)
+    result = Sampler(6, CPU).sample(logits, [_row(temperature=1.0, top_k=3)] * 2000)
+    assert set(result.token_ids) == {1, 3, 4}
+
+
+def test_top_p_samples_exactly_the_smallest_nucleus() -> None:
+    # Mass ranked above each token: 0.0, 0.5, 0.8, 0.95; top_p 0.7 keeps the first two.
+    logits = _logits_from_probs([0.15, 0.5, 0.05, 0.3], 2000)
+    result = Sampler(4, CPU).sample(logits, [_row(temperature=1.0, top_p=0.7)] * 2000)
+    assert set(result.token_ids) == {1, 3}
+
+
+def test_top_p_applies_to_the_top_k_renormalised_distribution() -> None:
+    # Top-2 renormalised: 0.625, 0.375; top_p 0.6 then keeps only the best token.
+    logits = _logits_from_probs([0.5, 0.3, 0.2], 500)
+    result = Sampler(3, CPU).sample(logits, [_row(temperature=1.0, top_k=2, top_p=0.6)] * 500)
+    assert set(result.token_ids) == {0}
+
+
+def test_min_p_samples_exactly_the_allowed_set() -> None:
+    # min_p 0.3 of the best probability 0.4 is 0.12: tokens 0, 1 and 2 remain.
+    logits = _logits_from_probs([0.4, 0.3, 0.15, 0.1, 0.05], 1000)
+    rows = [_row(temperature=1.0, min_p=0.3, seed=seed) for seed in range(1000)]
+    assert set(Sampler(5, CPU).sample(logits, rows).token_ids) == {0, 1, 2}
+
+
+def test_seeded_row_gives_the_same_token_alone_and_inside_a_batch() -> None:
+    vocab_size = 1000
+    target = _random_logits(1, vocab_size, seed=6) * 0.1
+    others = _random_logits(5, vocab_size, seed=7)
+    busy = Sampler(vocab_size, CPU, seed=123)
+    busy.sample(others, [_row(temperature=1.0)] * 5)
+    alone_tokens, batched_tokens = [], []
+    for seed in range(20):
+        row = _row(output=(4, 2), sample_index=1, temperature=0.9, top_p=0.95, seed=seed)
+        alone_tokens.append(Sampler(vocab_size, CPU).sample(target, [row]).token_ids[0])
+        batch = torch.cat([others[:2], target, others[2:4]])
+        companions = [_row(temperature=1.0), _row(temperature=0.0), _row(temperature=0.7, top_k=10, seed=9)]
+        rows = [*companions[:2], row, companions[2], _row(temperature=1.2, min_p=0.05, logprobs=2)]
+        batched_tokens.append(busy.sample(batch, rows).token_ids[2])
+    assert batched_tokens == alone_tokens
+    assert len(set(alone_tokens)) > 10
+
+
+def test_different_sample_index_gives_different_streams() -> None:
+    vocab_size = 1000
+    logits = torch.zeros(2, vocab_size)
+    sampler = Sampler(vocab_size, CPU)
+    num_equal = 0
+    for step in range(200):
+        output = tuple(range(step))
+        rows = [_row(output=output, sample_index=i, temperature=1.0, seed=42) for i in range(2)]
+        first, second = sampler.sample(logits, rows).token_ids
+        num_equal += first == second
+    # Independent uniform draws over 1000 tokens agree about 0.2 times in 200 steps.
+    assert num_equal <= 3
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_unseeded_draws_match_softmax_within_tolerance(temperature: float) -> None:
+    num_draws = 20_000
+    base = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
+    result = Sampler(5, CPU, seed=11).sample(base.repeat(num_draws, 1), [_row(temperature=temperature)] * num_draws)
+    counts = Counter(result.token_ids)
+    expected = (base / temperature).softmax(dim=-1)[0].tolist()
+    # The standard error of a frequency is at most sqrt(0.25 / 20000) = 0.0035; 0.015 is over 4 of them.
+    for token_id, probability in enumerate(expected):
+        assert abs(counts[token_id] / num_draws - probability) < 0.015
+
+
+def test_logprobs_are_raw_log_softmax_with_rank_and_top_k() -> None:
+    logits = _random_logits(4, 30, seed=8)
+    rows = [_row((3,), (5, 5), temperature=0.7, repetition_penalty=1.3, frequency_penalty=0.4, logprobs=3)] * 4
+    result = Sampler(30, CPU).sample(logits, rows)
+    raw = logits.log_softmax(dim=-1)
+    for row, (token_id, entry) in enumerate(zip(result.token_ids, result.logprobs)):
+        assert entry is not None
+        assert entry.token_id == token_id
+        assert entry.logprob == pytest.approx(raw[row, token_id].item(), abs=1e-6)
+        assert entry.rank == 1 + int((raw[row] > raw[row, token_id]).sum())
+        assert list(entry.top_token_ids) == raw[row].argsort(descending=True)[:3].tolist()
+        assert entry.top_logprobs == pytest.approx(raw[row].sort(descending=True).values[:3].tolist(), abs=1e-6)
+
+
+def test_logprobs_zero_returns_only_the_chosen_token_and_none_for_rows_not_asking() -> None:
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]])
+    result = Sampler(3, CPU).sample(logits, [_row(temperature=0.0, logprobs=0), _row(temperature=0.0)])
+    entry = result.logprobs[0]
+    assert entry is not None
+    assert (entry.token_id, entry.rank, entry.top_token_ids, entry.top_logprobs) == (1, 1, (), ())
+    assert entry.logprob == pytest.approx(2.0 - math.log(1.0 + math.exp(2.0) + math.exp(1.0)), abs=1e-6)
+    assert result.logprobs[1] is None
+
+
+def test_prompt_logprobs_match_log_softmax_of_targets() -> None:
+    logits = _random_logits(5, 12, seed=9)
+    targets = [3, 0, 11, 7, 7]
+    entries = Sampler(12, CPU).prompt_logprobs(logits, targets, k=2)
+    raw = logits.log_softmax(dim=-1)
+    assert [entry.token_id for entry in entries] == targets
+    for position, (target, entry) in enumerate(zip(targets, entries)):
+        assert entry.logprob == pytest.approx(raw[position, target].item(), abs=1e-6)
+        assert entry.rank == 1 + int((raw[position] > raw[position, target]).sum())
+        assert list(entry.top_token_ids) == raw[position].argsort(descending=True)[:2].tolist()
+        assert entry.top_logprobs == pytest.approx(raw[position].sort(descending=True).values[:2].tolist(), abs=1e-6)
+
+
+def test_token_ids_outside_the_vocabulary_are_rejected() -> None:
+    sampler = Sampler(4, CPU)
+    with pytest.raises(ValueError, match="token id 9"):
+        sampler.sample(torch.zeros(1, 4), [_row(output=(9,), temperature=0.0, presence_penalty=1.0)])
+    with pytest.raises(ValueError, match="token id -1"):
+        sampler.prompt_logprobs(torch.zeros(1, 4), [-1], k=1)
+
+
+def test_logits_of_the_wrong_shape_are_rejected() -> None:
+    with pytest.raises(ValueError, match=r"shape \[2, 4\]"):
+        Sampler(4, CPU).sample(torch.zeros(2, 5), [_row(), _row()])
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("temperature", -0.1), ("top_p", 0.0), ("top_k", -2), ("min_p", 1.5), ("repetition_penalty", 0.0),
+     ("min_tokens", -1), ("logprobs", -1), ("prompt_logprobs", -1)],
+)
+def test_sampling_options_reject_out_of_range_values(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        SamplingOptions(**{field: value})  # type: ignore[arg-type]
