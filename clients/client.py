@@ -1,0 +1,126 @@
+"""A typed asyncio client for GenerationService: status codes become exceptions; retries with backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from pagedserve.clients.errors import RETRYABLE, PagedServeClientError, error_from_rpc
+from pagedserve.v1 import common_pb2, generation_service_pb2, generation_service_pb2_grpc
+
+T = TypeVar("T")
+SamplingParams = common_pb2.SamplingParams
+FinishReason = generation_service_pb2.FinishReason
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """One finished completion of a request."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: int
+    stop_reason: str
+
+
+class PagedServeClient:
+    """Client of one pagedserve control plane. Use as `async with PagedServeClient(addr) as client:`.
+
+    Only UNAVAILABLE and RESOURCE_EXHAUSTED are retried, with jittered exponential backoff, and a stream is
+    retried only before its first chunk arrived (so no token is ever duplicated)."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", max_retries: int = 3, backoff_s: float = 0.2) -> None:
+        self._channel = grpc.aio.insecure_channel(address)
+        self._stub = generation_service_pb2_grpc.GenerationServiceStub(self._channel)
+        self._max_retries = max_retries
+        self._backoff_s = backoff_s
+
+    async def __aenter__(self) -> PagedServeClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _with_retries(self, call: Callable[[], Awaitable[T]]) -> T:
+        for attempt in range(self._max_retries + 1):
+            try:
+                return await call()
+            except grpc.aio.AioRpcError as rpc_error:
+                error = error_from_rpc(rpc_error)
+                if not isinstance(error, RETRYABLE) or attempt == self._max_retries:
+                    raise error from None
+            await asyncio.sleep(self._backoff_s * (2**attempt) * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+
+    async def generate_stream(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str = "",
+        priority: int = 0,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[generation_service_pb2.GenerateResponse]:
+        """Streams the response chunks of one request as they arrive."""
+        request = generation_service_pb2.GenerateRequest(request_id=request_id, priority=priority)
+        if isinstance(prompt, str):
+            request.text = prompt
+        else:
+            request.token_ids.ids.extend(prompt)
+        if params is not None:
+            request.sampling_params.CopyFrom(params)
+        for attempt in range(self._max_retries + 1):
+            call = self._stub.Generate(request, timeout=timeout_s)
+            received_any = False
+            try:
+                async for chunk in call:
+                    received_any = True
+                    yield chunk
+                return
+            except grpc.aio.AioRpcError as rpc_error:
+                error = error_from_rpc(rpc_error)
+                if received_any or not isinstance(error, RETRYABLE) or attempt == self._max_retries:
+                    raise error from None
+            finally:
+                call.cancel()
+            await asyncio.sleep(self._backoff_s * (2**attempt) * (0.5 + random.random()))
+
+    async def generate(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None, timeout_s: float | None = None
+    ) -> list[Completion]:
+        """Runs one request to the end; returns its completions ordered by index."""
+        parts: dict[int, tuple[list[int], list[str], list[tuple[int, str]]]] = {}
+        async for chunk in self.generate_stream(prompt, params, timeout_s=timeout_s):
+            ids, texts, ends = parts.setdefault(chunk.index, ([], [], []))
+            ids.extend(chunk.token_ids)
+            texts.append(chunk.text)
+            if chunk.finish_reason:
+                ends.append((chunk.finish_reason, chunk.stop_reason))
+        return [
+            Completion(index, ids, "".join(texts), *(ends[0] if ends else (0, "")))
+            for index, (ids, texts, ends) in sorted(parts.items())
+        ]
+
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        request = generation_service_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
+        reply = await self._with_retries(lambda: self._stub.Tokenize(request))
+        return list(reply.token_ids)
+
+    async def model_info(self) -> generation_service_pb2.GetModelInfoResponse:
+        return await self._with_retries(lambda: self._stub.GetModelInfo(generation_service_pb2.GetModelInfoRequest()))
+
+    async def server_status(self) -> generation_service_pb2.GetServerStatusResponse:
+        return await self._with_retries(
+            lambda: self._stub.GetServerStatus(generation_service_pb2.GetServerStatusRequest())
+        )
+
+
+__all__ = ["Completion", "FinishReason", "PagedServeClient", "PagedServeClientError", "SamplingParams"]

@@ -1,0 +1,81 @@
+"""Turns one completion's token deltas into stream chunks: detokenize, hold back and match stop strings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pagedserve.control_plane.detokenizer import IncrementalDetokenizer
+from pagedserve.control_plane.request import FinishReason, SequenceDelta
+from pagedserve.control_plane.sampling_params import SamplingParams
+from pagedserve.control_plane.step_plan import TokenLogprobs
+from pagedserve.control_plane.stop_strings import StopStringMatcher
+from pagedserve.control_plane.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionChunk:
+    """One message of one completion's stream."""
+
+    request_id: str
+    index: int
+    sequence_number: int
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: tuple[TokenLogprobs, ...] = ()
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()
+    finish_reason: FinishReason | None = None
+    stop_reason: str = ""
+
+
+class CompletionStream:
+    """State of one completion (one of a request's n): text so far is exactly the decode of its tokens,
+    minus whatever a stop string cut off. Emits nothing after it finished."""
+
+    def __init__(
+        self, request_id: str, index: int, tokenizer: Tokenizer, prompt_token_ids: tuple[int, ...],
+        params: SamplingParams,
+    ) -> None:
+        self.request_id = request_id
+        self.index = index
+        self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens)
+        self._stops = StopStringMatcher(params.stop, params.include_stop_str_in_output)
+        self._next_sequence_number = 0
+        self.num_tokens = 0
+        self.finish_reason: FinishReason | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def apply(self, delta: SequenceDelta) -> CompletionChunk | None:
+        """Folds one delta in; returns the chunk to stream, or None when there is nothing to say.
+
+        A matched stop string finishes the completion with STOP; the caller must then tell the scheduler.
+        """
+        if self.is_finished:
+            return None
+        self.num_tokens += len(delta.new_token_ids)
+        text, matched_stop = self._stops.feed(self._detokenizer.add_tokens(delta.new_token_ids))
+        finish_reason, stop_reason = delta.finish_reason, ""
+        if matched_stop is not None:
+            finish_reason, stop_reason = FinishReason.STOP, matched_stop
+        elif finish_reason is not None:
+            text += self._stops.feed(self._detokenizer.finish())[0] + self._stops.flush()
+            if delta.stop_token_id is not None:
+                stop_reason = str(delta.stop_token_id)
+        self.finish_reason = finish_reason
+        if not (text or delta.new_token_ids or finish_reason or delta.prompt_logprobs):
+            return None
+        chunk = CompletionChunk(
+            request_id=self.request_id,
+            index=self.index,
+            sequence_number=self._next_sequence_number,
+            token_ids=delta.new_token_ids,
+            text=text,
+            logprobs=delta.logprobs,
+            prompt_logprobs=delta.prompt_logprobs,
+            finish_reason=finish_reason,
+            stop_reason=stop_reason,
+        )
+        self._next_sequence_number += 1
+        return chunk

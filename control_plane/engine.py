@@ -1,0 +1,270 @@
+"""The engine loop: per worker, schedule a step, send it, apply its result, stream the outputs."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import structlog
+
+from pagedserve.control_plane.completion import CompletionChunk, CompletionStream
+from pagedserve.control_plane.config import EngineConfig
+from pagedserve.control_plane.errors import NotFoundError, PagedServeError, WorkerUnavailableError
+from pagedserve.control_plane.metrics import EngineMetrics
+from pagedserve.control_plane.request import FinishReason, Request, SequenceDelta
+from pagedserve.control_plane.sampling_params import SamplingParams
+from pagedserve.control_plane.scheduler import Scheduler, SchedulerStats
+from pagedserve.control_plane.step_plan import StepOutput, StepPlan
+from pagedserve.control_plane.tokenizer import Tokenizer
+
+log = structlog.get_logger()
+
+
+class StepTransport(Protocol):
+    """Carries plans to one worker and its results back, in order."""
+
+    async def send(self, plan: StepPlan) -> None: ...
+
+    async def receive(self) -> StepOutput: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamItem:
+    """One chunk of a request's stream; usage is set on the request's very last chunk."""
+
+    chunk: CompletionChunk
+    usage: Usage | None = None
+
+
+@dataclass(slots=True)
+class _Tracked:
+    """Engine-side state of one admitted request."""
+
+    request: Request
+    lane: _Lane
+    completions: list[CompletionStream]
+    queue: asyncio.Queue[StreamItem | PagedServeError] = field(default_factory=asyncio.Queue)
+    first_token_time_s: float | None = None
+    last_token_time_s: float | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return all(c.is_finished for c in self.completions)
+
+
+@dataclass(slots=True)
+class _Lane:
+    """One worker with its scheduler (the worker's global block tables) and its loop."""
+
+    worker_id: str
+    scheduler: Scheduler
+    transport: StepTransport
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStatus:
+    num_requests_running: int
+    num_requests_waiting: int
+    num_requests_swapped: int
+    num_used_blocks: int
+    num_total_blocks: int
+    num_preemptions: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_prompt_tokens: int
+    num_generation_tokens: int
+    num_steps: int
+
+
+class Engine:
+    """Owns every admitted request until its stream ends. Each worker lane keeps up to
+    config.max_steps_in_flight steps outstanding: step N+1 is planned while the worker runs step N."""
+
+    def __init__(
+        self,
+        workers: Sequence[tuple[str, Scheduler, StepTransport]],
+        tokenizer: Tokenizer,
+        config: EngineConfig,
+        metrics: EngineMetrics,
+    ) -> None:
+        self._lanes = [_Lane(worker_id, scheduler, transport) for worker_id, scheduler, transport in workers]
+        self._tokenizer = tokenizer
+        self._config = config
+        self._metrics = metrics
+        self._requests: dict[str, _Tracked] = {}
+        self._ids = itertools.count()
+        self._num_steps = 0
+
+    def start(self) -> None:
+        for lane in self._lanes:
+            lane.task = asyncio.create_task(self._run_lane(lane), name=f"engine-{lane.worker_id}")
+
+    async def stop(self) -> None:
+        for lane in self._lanes:
+            if lane.task is not None:
+                lane.task.cancel()
+        await asyncio.gather(*(lane.task for lane in self._lanes if lane.task), return_exceptions=True)
+
+    def add_request(
+        self,
+        prompt_token_ids: tuple[int, ...],
+        params: SamplingParams,
+        request_id: str = "",
+        priority: int = 0,
+    ) -> str:
+        """Admits a validated request to the least loaded worker; raises ResourceExhaustedError when full."""
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            request_id = f"{request_id}-{next(self._ids)}"
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=prompt_token_ids,
+            sampling_params=params,
+            eos_token_ids=self._tokenizer.eos_token_ids,
+            arrival_time_s=time.monotonic(),
+            priority=priority,
+        )
+        lane = min(self._lanes, key=lambda candidate: _load(candidate.scheduler.stats))
+        lane.scheduler.add_request(request)
+        self._requests[request_id] = _Tracked(
+            request=request,
+            lane=lane,
+            completions=[
+                CompletionStream(request_id, index, self._tokenizer, prompt_token_ids, params)
+                for index in range(params.n)
+            ],
+        )
+        log.info("request_admitted", request_id=request_id, worker_id=lane.worker_id,
+                 num_prompt_tokens=len(prompt_token_ids), n=params.n, max_tokens=params.max_tokens)
+        lane.wakeup.set()
+        return request_id
+
+    async def stream(self, request_id: str) -> AsyncIterator[StreamItem]:
+        """Yields the request's chunks until every completion finished. Leaving early aborts the request."""
+        tracked = self._requests.get(request_id)
+        if tracked is None:
+            raise NotFoundError(f"request_id: unknown request {request_id!r}")
+        try:
+            while True:
+                item = await tracked.queue.get()
+                if isinstance(item, PagedServeError):
+                    raise item
+                yield item
+                if item.usage is not None:
+                    return
+        finally:
+            self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Ends the request now and frees its blocks; a no-op once it has finished."""
+        tracked = self._requests.pop(request_id, None)
+        if tracked is None:
+            return
+        if not tracked.is_finished:
+            tracked.lane.scheduler.abort_request(request_id)
+            tracked.lane.wakeup.set()
+            log.info("request_aborted", request_id=request_id)
+            self._metrics.request_ended([FinishReason.ABORT], e2e_s=None)
+
+    def status(self) -> EngineStatus:
+        stats = [lane.scheduler.stats for lane in self._lanes]
+        return EngineStatus(
+            num_requests_running=sum(s.num_running for s in stats),
+            num_requests_waiting=sum(s.num_waiting for s in stats),
+            num_requests_swapped=sum(s.num_swapped for s in stats),
+            num_used_blocks=sum(s.num_used_blocks for s in stats),
+            num_total_blocks=sum(s.num_total_blocks for s in stats),
+            num_preemptions=sum(s.num_preemptions for s in stats),
+            prefix_cache_queries=sum(s.prefix_cache_queries for s in stats),
+            prefix_cache_hits=sum(s.prefix_cache_hits for s in stats),
+            num_prompt_tokens=sum(s.num_prompt_tokens for s in stats),
+            num_generation_tokens=sum(s.num_generation_tokens for s in stats),
+            num_steps=self._num_steps,
+        )
+
+    async def _run_lane(self, lane: _Lane) -> None:
+        in_flight: deque[StepPlan] = deque()
+        try:
+            while True:
+                while len(in_flight) < self._config.max_steps_in_flight:
+                    plan = lane.scheduler.schedule()
+                    if plan.is_empty:
+                        break
+                    await lane.transport.send(plan)
+                    in_flight.append(plan)
+                if not in_flight:
+                    lane.wakeup.clear()
+                    await lane.wakeup.wait()
+                    continue
+                output = await lane.transport.receive()
+                plan = in_flight.popleft()
+                self._num_steps += 1
+                self._apply(lane, lane.scheduler.update_from_output(plan, output))
+        except WorkerUnavailableError as exc:
+            log.error("worker_failed", worker_id=lane.worker_id, error=str(exc))
+            self._fail_lane(lane, exc)
+
+    def _apply(self, lane: _Lane, deltas: list[SequenceDelta]) -> None:
+        now = time.monotonic()
+        for delta in deltas:
+            tracked = self._requests.get(delta.request_id)
+            if tracked is None:
+                continue
+            completion = tracked.completions[delta.index]
+            chunk = completion.apply(delta)
+            if completion.is_finished and delta.finish_reason is None:
+                lane.scheduler.finish_sequence(delta.request_id, delta.index, FinishReason.STOP)
+            if chunk is None:
+                continue
+            self._observe_tokens(tracked, len(delta.new_token_ids), now)
+            usage = self._finish(tracked) if tracked.is_finished else None
+            tracked.queue.put_nowait(StreamItem(chunk, usage))
+
+    def _observe_tokens(self, tracked: _Tracked, num_tokens: int, now: float) -> None:
+        if num_tokens == 0:
+            return
+        if tracked.first_token_time_s is None:
+            tracked.first_token_time_s = now
+            self._metrics.observe_ttft(now - tracked.request.arrival_time_s)
+        elif tracked.last_token_time_s is not None:
+            self._metrics.observe_itl((now - tracked.last_token_time_s) / num_tokens, num_tokens)
+        tracked.last_token_time_s = now
+
+    def _finish(self, tracked: _Tracked) -> Usage:
+        request = tracked.request
+        self._requests.pop(request.request_id, None)
+        usage = Usage(
+            prompt_tokens=len(request.prompt_token_ids),
+            completion_tokens=sum(c.num_tokens for c in tracked.completions),
+            cached_prompt_tokens=request.num_cached_tokens,
+        )
+        reasons = [c.finish_reason for c in tracked.completions]
+        self._metrics.request_ended(reasons, e2e_s=time.monotonic() - request.arrival_time_s)
+        log.info("request_finished", request_id=request.request_id,
+                 finish_reasons=[r.name for r in reasons if r is not None],
+                 num_completion_tokens=usage.completion_tokens)
+        return usage
+
+    def _fail_lane(self, lane: _Lane, error: WorkerUnavailableError) -> None:
+        for request_id, tracked in list(self._requests.items()):
+            if tracked.lane is lane:
+                self._requests.pop(request_id)
+                tracked.queue.put_nowait(error)
+
+
+def _load(stats: SchedulerStats) -> int:
+    return stats.num_running + stats.num_waiting + stats.num_swapped

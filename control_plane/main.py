@@ -1,0 +1,191 @@
+"""`pagedserve serve`: wiring only. Flags and PAGEDSERVE_* variables -> configs -> workers, engine, server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import signal
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from pagedserve.control_plane.builtin_model import BUILTIN_MODEL_NAME, write_builtin_model
+from pagedserve.control_plane.config import (
+    CacheConfig,
+    EngineConfig,
+    PreemptionMode,
+    SchedulerConfig,
+    SchedulingPolicy,
+    ServerConfig,
+)
+from pagedserve.control_plane.engine import Engine
+from pagedserve.control_plane.metrics import EngineMetrics
+from pagedserve.control_plane.scheduler import Scheduler
+from pagedserve.control_plane.served_model import ServedModel
+from pagedserve.control_plane.service import GenerationServicer, build_server
+from pagedserve.control_plane.tokenizer import Tokenizer
+from pagedserve.control_plane.worker_client import GrpcWorkerClient
+from pagedserve.control_plane.worker_launcher import LocalWorkers, WorkerLaunchConfig
+from pagedserve.logs import LogFormat, configure_logging
+from pagedserve.v1 import worker_service_pb2
+
+log = structlog.get_logger()
+
+_GIB = 1 << 30
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pagedserve serve", description="Run the control plane (and local workers).")
+    p.add_argument("--model", type=Path, help="Hugging Face model directory (default: the built-in tiny model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
+                   help="use a running worker instead of starting local ones (repeatable)")
+    p.add_argument("--num-workers", type=int, default=1, help="local workers to start (one per GPU)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--num-gpu-blocks-override", type=int)
+    p.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB of KV cache on a CPU worker")
+    p.add_argument("--swap-space", type=float, default=4.0, help="GiB of CPU swap space per worker")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-model-len", type=int, help="default: the model's max_position_embeddings")
+    p.add_argument("--max-num-waiting", type=int, default=4096, help="admission queue bound")
+    p.add_argument("--scheduling-policy", default="fcfs", choices=[m.value for m in SchedulingPolicy])
+    p.add_argument("--preemption-mode", default="recompute", choices=[m.value for m in PreemptionMode])
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--max-steps-in-flight", type=int, default=EngineConfig().max_steps_in_flight)
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.add_argument("--log-format", default="auto", choices=[f.value for f in LogFormat])
+    return p
+
+
+def _env_defaults(parser: argparse.ArgumentParser) -> None:
+    """PAGEDSERVE_<FLAG> environment variables override the built-in defaults (flags still win)."""
+    for action in parser._actions:
+        name = f"PAGEDSERVE_{action.dest.upper()}"
+        if action.dest != "help" and name in os.environ:
+            raw = os.environ[name]
+            value: object = raw.split(",") if action.dest == "worker" else raw
+            if action.type is not None and action.dest != "worker":
+                value = action.type(raw)
+            parser.set_defaults(**{action.dest: value})
+
+
+def configs_from_args(
+    args: argparse.Namespace,
+) -> tuple[ServerConfig, SchedulerConfig, CacheConfig, EngineConfig]:
+    server = ServerConfig(
+        host=args.host, port=args.port, model_dir=args.model, worker_addresses=tuple(args.worker),
+        num_workers=args.num_workers, dtype=args.dtype, device=args.device, load_format=args.load_format,
+        seed=args.seed, metrics_port=args.metrics_port,
+    )
+    scheduler = SchedulerConfig(
+        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len, max_num_waiting=args.max_num_waiting,
+        scheduling_policy=SchedulingPolicy(args.scheduling_policy),
+        preemption_mode=PreemptionMode(args.preemption_mode),
+    )
+    cache = CacheConfig(
+        block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
+        num_gpu_blocks_override=args.num_gpu_blocks_override,
+        kv_cache_memory_bytes=int(args.kv_cache_memory * _GIB), swap_space_bytes=int(args.swap_space * _GIB),
+        enable_prefix_caching=args.enable_prefix_caching,
+    )
+    return server, scheduler, cache, EngineConfig(max_steps_in_flight=args.max_steps_in_flight)
+
+
+async def _connect_workers(
+    server: ServerConfig, scheduler: SchedulerConfig, cache: CacheConfig, addresses: Sequence[str]
+) -> tuple[list[GrpcWorkerClient], ServedModel, list[Scheduler], list[str]]:
+    clients = [GrpcWorkerClient(address) for address in addresses]
+    await asyncio.gather(*(c.wait_until_serving(server.worker_start_timeout_s) for c in clients))
+    infos = await asyncio.gather(*(c.get_info() for c in clients))
+    init = worker_service_pb2.InitCacheRequest(
+        block_size=cache.block_size, gpu_memory_utilization=cache.gpu_memory_utilization,
+        num_gpu_blocks_override=cache.num_gpu_blocks_override, kv_cache_memory_bytes=cache.kv_cache_memory_bytes,
+        swap_space_bytes=cache.swap_space_bytes, max_num_batched_tokens=scheduler.max_num_batched_tokens,
+        max_num_seqs=scheduler.max_num_seqs,
+    )
+    caches = await asyncio.gather(*(c.init_cache(init) for c in clients))
+    info = infos[0]
+    max_model_len = min(scheduler.max_model_len or info.max_position_embeddings, info.max_position_embeddings)
+    scheduler = dataclasses.replace(scheduler, max_model_len=max_model_len)
+    schedulers = [Scheduler(scheduler, cache, c.num_gpu_blocks, c.num_cpu_blocks) for c in caches]
+    for worker, blocks in zip(infos, caches):
+        log.info("worker_ready", worker_id=worker.worker_id, device=worker.device, dtype=worker.dtype,
+                 num_gpu_blocks=blocks.num_gpu_blocks, num_cpu_blocks=blocks.num_cpu_blocks)
+    model = ServedModel(
+        name=server.model_dir.name if server.model_dir else BUILTIN_MODEL_NAME, architecture=info.architecture,
+        dtype=info.dtype, vocab_size=info.vocab_size, max_model_len=max_model_len, block_size=cache.block_size,
+        num_gpu_blocks=sum(c.num_gpu_blocks for c in caches), num_workers=len(clients), eos_token_ids=(),
+    )
+    return clients, model, schedulers, [w.worker_id for w in infos]
+
+
+async def serve(server: ServerConfig, scheduler: SchedulerConfig, cache: CacheConfig, engine_config: EngineConfig,
+                model_dir: Path) -> None:
+    launcher = None
+    addresses = list(server.worker_addresses)
+    if not addresses:
+        launcher = LocalWorkers(WorkerLaunchConfig(
+            model_dir=model_dir, num_workers=server.num_workers, dtype=server.dtype, device=server.device,
+            load_format=server.load_format, seed=server.seed,
+        ))
+        addresses = launcher.start()
+    try:
+        clients, model, schedulers, worker_ids = await _connect_workers(server, scheduler, cache, addresses)
+        tokenizer = Tokenizer(model_dir)
+        model = dataclasses.replace(model, eos_token_ids=tokenizer.eos_token_ids)
+        metrics = EngineMetrics(model.name)
+        engine = Engine(list(zip(worker_ids, schedulers, clients)), tokenizer, engine_config, metrics)
+        metrics.bind_status(engine.status)
+        if server.metrics_port is not None:
+            metrics.serve(server.host, server.metrics_port)
+        engine.start()
+        grpc_server, port = await build_server(GenerationServicer(engine, tokenizer, model), server.address)
+        await grpc_server.start()
+        log.info("server_listening", address=f"{server.host}:{port}", model=model.name,
+                 max_model_len=model.max_model_len, num_gpu_blocks=model.num_gpu_blocks)
+        await _wait_for_stop_signal()
+        log.info("server_stopping")
+        await grpc_server.stop(grace=5.0)
+        await engine.stop()
+        await asyncio.gather(*(c.close() for c in clients))
+    finally:
+        if launcher is not None:
+            launcher.stop()
+
+
+async def _wait_for_stop_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    _env_defaults(parser)
+    args = parser.parse_args(argv)
+    configure_logging(LogFormat(args.log_format))
+    server, scheduler, cache, engine_config = configs_from_args(args)
+    with tempfile.TemporaryDirectory(prefix="pagedserve-") as scratch:
+        model_dir = server.model_dir
+        if model_dir is None:
+            model_dir = write_builtin_model(Path(scratch) / BUILTIN_MODEL_NAME)
+            server = dataclasses.replace(server, load_format="dummy")
+            log.warning("using_builtin_model", model=BUILTIN_MODEL_NAME, weights="deterministic random (dummy)",
+                        message=f"no --model given: serving the built-in {BUILTIN_MODEL_NAME}, a small Llama with "
+                                "random weights and a locally built tokenizer; its text is not meaningful")
+        asyncio.run(serve(server, scheduler, cache, engine_config, model_dir))
+    return 0

@@ -1,0 +1,109 @@
+"""The control plane's side of WorkerService: info, cache set-up and the Execute step stream."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pagedserve.control_plane.convert import step_output_from_proto, step_plan_to_proto
+from pagedserve.control_plane.errors import WorkerUnavailableError
+from pagedserve.control_plane.step_plan import StepOutput, StepPlan
+from pagedserve.v1 import worker_service_pb2, worker_service_pb2_grpc
+
+_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """What a worker reports about itself."""
+
+    worker_id: str
+    model: str
+    architecture: str
+    dtype: str
+    device: str
+    vocab_size: int
+    max_position_embeddings: int
+
+
+@dataclass(frozen=True, slots=True)
+class CacheInfo:
+    """The KV pools a worker allocated."""
+
+    num_gpu_blocks: int
+    num_cpu_blocks: int
+
+
+class GrpcWorkerClient:
+    """One worker reached over gRPC. Steps go out on one bidirectional stream and come back in order."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel = grpc.aio.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+            ],
+        )
+        self._stub = worker_service_pb2_grpc.WorkerServiceStub(self._channel)
+        self._call: grpc.aio.StreamStreamCall | None = None
+
+    async def wait_until_serving(self, timeout_s: float) -> None:
+        """Polls the worker's health service until SERVING; raises WorkerUnavailableError after timeout_s."""
+        health = health_pb2_grpc.HealthStub(self._channel)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            try:
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if asyncio.get_running_loop().time() > deadline:
+                raise WorkerUnavailableError(f"worker at {self.address} not serving after {timeout_s:.0f} s")
+            await asyncio.sleep(0.2)
+
+    async def get_info(self) -> WorkerInfo:
+        reply = await self._stub.GetWorkerInfo(worker_service_pb2.GetWorkerInfoRequest())
+        return WorkerInfo(
+            worker_id=reply.worker_id,
+            model=reply.model,
+            architecture=reply.architecture,
+            dtype=reply.dtype,
+            device=reply.device,
+            vocab_size=reply.vocab_size,
+            max_position_embeddings=reply.max_position_embeddings,
+        )
+
+    async def init_cache(self, request: worker_service_pb2.InitCacheRequest) -> CacheInfo:
+        reply = await self._stub.InitCache(request)
+        return CacheInfo(num_gpu_blocks=reply.num_gpu_blocks, num_cpu_blocks=reply.num_cpu_blocks)
+
+    async def send(self, plan: StepPlan) -> None:
+        """Queues one step on the Execute stream (opened on first use)."""
+        if self._call is None:
+            self._call = self._stub.Execute()
+        try:
+            await self._call.write(step_plan_to_proto(plan))
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError) as exc:
+            raise WorkerUnavailableError(f"worker at {self.address} failed: {exc}") from exc
+
+    async def receive(self) -> StepOutput:
+        """The result of the oldest step sent and not yet received."""
+        assert self._call is not None, "receive() before send()"
+        try:
+            reply = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise WorkerUnavailableError(f"worker at {self.address} failed: {exc.details()}") from exc
+        if reply is grpc.aio.EOF:
+            raise WorkerUnavailableError(f"worker at {self.address} closed the step stream")
+        return step_output_from_proto(reply)
+
+    async def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+        await self._channel.close()

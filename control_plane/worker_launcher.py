@@ -1,0 +1,86 @@
+"""Starts local worker processes for a control plane that was given no --worker addresses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLaunchConfig:
+    """How to start each local worker: the same flags `pagedserve worker` takes."""
+
+    model_dir: Path
+    num_workers: int = 1
+    dtype: str = "auto"
+    device: str = "auto"
+    load_format: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be at least 1, got {self.num_workers}")
+
+
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LocalWorkers:
+    """Worker processes owned by this control plane: one per GPU when several are visible, on loopback ports.
+    They are terminated when the control plane stops."""
+
+    def __init__(self, config: WorkerLaunchConfig) -> None:
+        self._config = config
+        self._processes: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> list[str]:
+        """Starts the workers and returns their addresses (they may still be loading)."""
+        addresses = []
+        for index in range(self._config.num_workers):
+            address = f"127.0.0.1:{_free_loopback_port()}"
+            env = dict(os.environ)
+            if self._config.num_workers > 1:
+                env["CUDA_VISIBLE_DEVICES"] = str(index)
+            command = [
+                sys.executable, "-m", "pagedserve.clients.cli", "worker",
+                "--model", str(self._config.model_dir),
+                "--listen", address,
+                "--dtype", self._config.dtype,
+                "--device", self._config.device,
+                "--load-format", self._config.load_format,
+                "--seed", str(self._config.seed),
+                "--worker-id", f"worker-{index}",
+            ]
+            self._processes.append(subprocess.Popen(command, env=env))
+            log.info("worker_started", worker_id=f"worker-{index}", address=address, pid=self._processes[-1].pid)
+            addresses.append(address)
+        return addresses
+
+    def check_alive(self) -> None:
+        """Raises RuntimeError naming the first worker process that has exited."""
+        for process in self._processes:
+            if process.poll() is not None:
+                raise RuntimeError(f"worker process {process.pid} exited with code {process.returncode}")
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        for process in self._processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self._processes:
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

@@ -1,0 +1,45 @@
+"""Fixtures that run real processes: a worker and a control plane on loopback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from pagedserve.v1 import generation_service_pb2_grpc
+from tests.e2e.processes import Cluster, running_cluster
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+STORIES = SHARED / "models" / "stories260K"
+
+
+@pytest.fixture(scope="session")
+def stories_dir() -> Path:
+    return STORIES
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict:
+    return json.loads((STORIES / "golden_greedy.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def stories_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with running_cluster(STORIES, tmp_path_factory.mktemp("stories-logs")) as cluster:
+        yield cluster
+
+
+@pytest.fixture()
+def stub(stories_cluster: Cluster) -> Iterator[generation_service_pb2_grpc.GenerationServiceStub]:
+    with grpc.insecure_channel(stories_cluster.address) as channel:
+        yield generation_service_pb2_grpc.GenerationServiceStub(channel)
+
+
+def copy_tokenizer(destination: Path) -> None:
+    """Puts the stories260K tokenizer (vocabulary 512) beside a test model's weights."""
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(STORIES / name, destination / name)

@@ -1,0 +1,92 @@
+"""Starts real worker and control-plane processes on loopback, with the same commands compose.yaml runs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from pagedserve.clients.health_check import is_serving
+
+
+def worker_command(model_dir: Path, listen: str, device: str = "cpu", extra: Sequence[str] = ()) -> list[str]:
+    return ["pagedserve", "worker", "--model", str(model_dir), "--listen", listen, "--device", device,
+            "--log-format", "json", *extra]
+
+
+def control_plane_command(
+    model_dir: Path, worker_address: str, host: str, port: int, metrics_port: int | None = None,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    command = ["pagedserve", "serve", "--model", str(model_dir), "--worker", worker_address, "--host", host,
+               "--port", str(port)]
+    if metrics_port is not None:
+        command += ["--metrics-port", str(metrics_port)]
+    return [*command, "--log-format", "json", *extra]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _spawn(command: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "pagedserve.clients.cli", *command[1:]]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log_path.open("wb") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def _wait_serving(address: str, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not is_serving(address, timeout_s=1.0):
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{address} not serving after {timeout_s} s:\n{log_path.read_text()[-4000:]}")
+        time.sleep(0.1)
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    address: str  # the control plane's public address
+    worker_address: str
+    metrics_port: int
+    log_dir: Path
+    control_plane: subprocess.Popen[bytes]
+
+
+@contextmanager
+def running_cluster(
+    model_dir: Path, log_dir: Path, serve_args: Sequence[str] = (), worker_args: Sequence[str] = (),
+    timeout_s: float = 120.0,
+) -> Iterator[Cluster]:
+    """A worker process and a control-plane process pointed at it; both stopped (SIGTERM) on exit."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    worker_address = f"127.0.0.1:{free_port()}"
+    port, metrics_port = free_port(), free_port()
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        worker_log = log_dir / "worker.log"
+        processes.append(_spawn(worker_command(model_dir, worker_address, extra=worker_args), worker_log))
+        _wait_serving(worker_address, processes[0], worker_log, timeout_s)
+        control_log = log_dir / "control_plane.log"
+        command = control_plane_command(model_dir, worker_address, "127.0.0.1", port, metrics_port, serve_args)
+        processes.append(_spawn(command, control_log))
+        _wait_serving(f"127.0.0.1:{port}", processes[1], control_log, timeout_s)
+        yield Cluster(f"127.0.0.1:{port}", worker_address, metrics_port, log_dir, processes[1])
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
