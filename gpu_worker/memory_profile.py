@@ -1,0 +1,68 @@
+"""GPU pool sizing: measure the peak activation of a worst-case step, then give KV blocks what is left."""
+
+from __future__ import annotations
+
+import torch
+
+from pagedserve.gpu_worker.errors import InvalidCacheRequestError
+from pagedserve.gpu_worker.kv_pool import KVLayout
+from pagedserve.gpu_worker.model_runner import build_batch
+from pagedserve.gpu_worker.models.decoder import DecoderForCausalLM
+from pagedserve.gpu_worker.sampler import SamplingOptions
+from pagedserve.gpu_worker.sequence_state import ScheduledWork, SequenceState
+
+
+def _profiling_work(max_num_batched_tokens: int, max_num_seqs: int, block_size: int) -> tuple[list[ScheduledWork], int]:
+    """max_num_batched_tokens prompt tokens spread over max_num_seqs sequences on consecutive scratch blocks."""
+    num_seqs = max(1, min(max_num_seqs, max_num_batched_tokens))
+    base, extra = divmod(max_num_batched_tokens, num_seqs)
+    work, next_block = [], 0
+    for seq_id in range(num_seqs):
+        count = base + (1 if seq_id < extra else 0)
+        num_blocks = -(-count // block_size)
+        table = list(range(next_block, next_block + num_blocks))
+        state = SequenceState(seq_id, [0] * count, [], SamplingOptions(), table, num_computed_tokens=0)
+        work.append(ScheduledWork(state, count))
+        next_block += num_blocks
+    return work, next_block
+
+
+@torch.inference_mode()
+def profile_peak_activation_bytes(
+    model: DecoderForCausalLM, layout: KVLayout, max_num_batched_tokens: int, max_num_seqs: int, device: torch.device
+) -> int:
+    """Bytes a forward pass of the largest allowed step allocates beyond the weights (the scratch KV excluded)."""
+    work, num_blocks = _profiling_work(max_num_batched_tokens, max_num_seqs, layout.block_size)
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    baseline = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    scratch = torch.zeros(layout.shape(num_blocks), dtype=layout.dtype, device=device)
+    batch = build_batch(work, layout.block_size, device)
+    hidden = model(batch.input_ids, batch.positions, batch.meta, scratch)
+    last_rows = torch.from_numpy(batch.query_start_loc[1:] - 1).to(device)
+    # The sampler holds a few [num_seqs, vocab] float32 copies of the logits; softmax stands in for them.
+    model.compute_logits(hidden[last_rows]).softmax(dim=-1)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - baseline - scratch.numel() * scratch.element_size()
+    del scratch, batch, hidden
+    torch.cuda.empty_cache()
+    return max(peak, 0)
+
+
+def gpu_blocks_for_budget(layout: KVLayout, gpu_memory_utilization: float, peak_activation_bytes: int,
+                          device: torch.device) -> int:
+    """Blocks fitting in utilization * total memory after weights, memory outside torch, and the peak."""
+    if not 0.0 < gpu_memory_utilization <= 1.0:
+        raise InvalidCacheRequestError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+    free_bytes, total_bytes = torch.cuda.mem_get_info(device)
+    # The CUDA context, CuPy modules and other processes hold memory torch's allocator does not see.
+    outside_torch = (total_bytes - free_bytes) - torch.cuda.memory_reserved(device)
+    budget = gpu_memory_utilization * total_bytes - torch.cuda.memory_allocated(device) - outside_torch
+    num_blocks = layout.num_blocks_in(int(budget - peak_activation_bytes))
+    if num_blocks <= 0:
+        raise InvalidCacheRequestError(
+            f"no memory left for KV blocks at gpu_memory_utilization {gpu_memory_utilization} "
+            f"(peak activation {peak_activation_bytes} bytes)"
+        )
+    return num_blocks

@@ -1,0 +1,138 @@
+"""The causal decoder shared by Llama, Mistral, Qwen2 and Qwen3, with Hugging Face weight-name loading."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedserve.gpu_worker.errors import ModelLoadError
+from pagedserve.gpu_worker.models.layers import AttentionMetadata, GatedMLP, PagedAttention, RMSNorm, empty_parameter
+from pagedserve.gpu_worker.models.model_config import ModelConfig
+
+if TYPE_CHECKING:
+    from pagedserve.kernels.ops import AttentionOps
+
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
+# Hugging Face per-layer names -> (our parameter under layers.{i}, shard index in a fused parameter or None).
+_LAYER_PARAMS: dict[str, tuple[str, int | None]] = {
+    "self_attn.q_proj.weight": ("attn.qkv_proj", 0),
+    "self_attn.k_proj.weight": ("attn.qkv_proj", 1),
+    "self_attn.v_proj.weight": ("attn.qkv_proj", 2),
+    "self_attn.q_proj.bias": ("attn.qkv_bias", 0),
+    "self_attn.k_proj.bias": ("attn.qkv_bias", 1),
+    "self_attn.v_proj.bias": ("attn.qkv_bias", 2),
+    "self_attn.o_proj.weight": ("attn.o_proj", None),
+    "self_attn.q_norm.weight": ("attn.q_norm.weight", None),
+    "self_attn.k_norm.weight": ("attn.k_norm.weight", None),
+    "mlp.gate_proj.weight": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj.weight": ("mlp.gate_up_proj", 1),
+    "mlp.down_proj.weight": ("mlp.down_proj", None),
+    "input_layernorm.weight": ("input_norm.weight", None),
+    "post_attention_layernorm.weight": ("post_attention_norm.weight", None),
+}
+_TOP_PARAMS = {"model.embed_tokens.weight": "embed_tokens", "model.norm.weight": "norm.weight", "lm_head.weight": "lm_head"}
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(self, config: ModelConfig, ops: AttentionOps, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
+        self.attn = PagedAttention(config, ops, device, dtype)
+        self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
+        self.mlp = GatedMLP(config, device, dtype)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, layer_cache: torch.Tensor
+    ) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), positions, meta, layer_cache)
+        return x + self.mlp(self.post_attention_norm(x))
+
+
+class DecoderForCausalLM(nn.Module):
+    """Token ids -> hidden states over one flat batch of sequences; logits only for the rows asked.
+
+    The forward pass does no host synchronisation, so a decode step can be captured in a CUDA graph.
+    """
+
+    def __init__(self, config: ModelConfig, ops: AttentionOps, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = empty_parameter(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(config, ops, device, dtype) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
+        if config.tie_word_embeddings:
+            self.lm_head = self.embed_tokens
+        else:
+            self.lm_head = empty_parameter(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor
+    ) -> torch.Tensor:
+        """input_ids, positions: [T] int64; kv_cache: [L, 2, N, Hkv, B, D]; returns [T, hidden] model dtype."""
+        x = F.embedding(input_ids, self.embed_tokens)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, positions, meta, kv_cache[index])
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [R, hidden] -> [R, vocab] float32."""
+        return F.linear(hidden, self.lm_head).to(torch.float32)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copies Hugging Face-named tensors into the (fused) parameters; every parameter must be covered."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        expected = {(name, shard) for name, shard in self._expected_shards(params)}
+        loaded: set[tuple[str, int | None]] = set()
+        for hf_name, tensor in weights:
+            target = self._map_name(hf_name)
+            if target is None:
+                continue
+            name, shard = target
+            if name not in params:
+                raise ModelLoadError(f"weight {hf_name} has no parameter {name} in this architecture")
+            destination = self._shard_view(params[name], name, shard)
+            if destination.shape != tensor.shape:
+                raise ModelLoadError(f"weight {hf_name}: shape {tuple(tensor.shape)}, expected {tuple(destination.shape)}")
+            destination.copy_(tensor)
+            loaded.add((name, shard))
+        missing = sorted(f"{name}[{shard}]" if shard is not None else name for name, shard in expected - loaded)
+        if missing:
+            raise ModelLoadError(f"weights missing for: {', '.join(missing[:8])}")
+
+    def _map_name(self, hf_name: str) -> tuple[str, int | None] | None:
+        if hf_name in _TOP_PARAMS:
+            if hf_name == "lm_head.weight" and self.config.tie_word_embeddings:
+                return None
+            return _TOP_PARAMS[hf_name], None
+        match = _LAYER_NAME.fullmatch(hf_name)
+        if match is None or match.group(2) not in _LAYER_PARAMS:
+            return None  # e.g. rotary_emb.inv_freq of old checkpoints: recomputed, not loaded
+        name, shard = _LAYER_PARAMS[match.group(2)]
+        return f"layers.{match.group(1)}.{name}", shard
+
+    def _expected_shards(self, params: dict[str, nn.Parameter]) -> list[tuple[str, int | None]]:
+        fused = {"attn.qkv_proj": 3, "attn.qkv_bias": 3, "mlp.gate_up_proj": 2}
+        shards: list[tuple[str, int | None]] = []
+        for name in params:
+            if name == "lm_head" and self.config.tie_word_embeddings:
+                continue
+            count = next((n for suffix, n in fused.items() if name.endswith(suffix)), None)
+            shards.extend([(name, i) for i in range(count)] if count else [(name, None)])
+        return shards
+
+    def _shard_view(self, param: torch.Tensor, name: str, shard: int | None) -> torch.Tensor:
+        if shard is None:
+            return param
+        cfg = self.config
+        if name.endswith("gate_up_proj"):
+            sizes = [cfg.intermediate_size, cfg.intermediate_size]
+        else:
+            sizes = [cfg.q_size, cfg.kv_size, cfg.kv_size]
+        return param.split(sizes, dim=0)[shard]

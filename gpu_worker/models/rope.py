@@ -1,0 +1,53 @@
+"""Rotary position embedding (half-split layout, as Hugging Face Llama), with optional Llama 3 scaling."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pagedserve.gpu_worker.models.model_config import Llama3RopeScaling
+
+
+def inverse_frequencies(head_dim: int, theta: float, scaling: Llama3RopeScaling | None) -> torch.Tensor:
+    """[head_dim // 2] float32 rotation frequencies, rescaled for long context when scaling is given."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    if scaling is None:
+        return inv_freq
+    # Llama 3 keeps high frequencies (short wavelengths), divides low ones by `factor`, and blends
+    # linearly in between, so local order is kept while long-range positions are stretched.
+    old_len = scaling.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen = old_len / scaling.low_freq_factor
+    high_freq_wavelen = old_len / scaling.high_freq_factor
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, blended, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates q and k by their absolute positions; angles are computed per step, so no cache limits length."""
+
+    inv_freq: torch.Tensor
+
+    def __init__(self, head_dim: int, theta: float, scaling: Llama3RopeScaling | None, device: torch.device) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", inverse_frequencies(head_dim, theta, scaling).to(device), persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [T] int64; query: [T, Hq, D]; key: [T, Hkv, D]; returns rotated copies, same dtype."""
+        angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        cos = angles.cos().to(query.dtype)[:, None, :]
+        sin = angles.sin().to(query.dtype)[:, None, :]
+        return _rotate(query, cos, sin), _rotate(key, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)

@@ -1,0 +1,194 @@
+"""Per-sequence state the worker keeps between steps, and the registry that applies a step's changes to it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pagedserve.gpu_worker.errors import InvalidStepError
+from pagedserve.gpu_worker.sampler import SamplingOptions
+from pagedserve.gpu_worker.step import NewSequence, ScheduledSequence, SequenceResult, StepRequest
+
+
+@dataclass(slots=True)
+class SequenceState:
+    """One sequence's known tokens, block table and progress.
+
+    Known tokens are prompt + outputs; KV exists for the first num_computed_tokens of them:
+        |<------------- prompt ------------>|<--- outputs --->|
+        |<---- computed ---->|<- scheduled ->|                 |
+    A step computes [num_computed, num_computed + n); reaching num_tokens means a new token is sampled.
+    """
+
+    seq_id: int
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    options: SamplingOptions
+    block_table: list[int]
+    num_computed_tokens: int
+    sample_index: int = 0
+    fork_seq_ids: tuple[int, ...] = ()  # siblings still to be forked at the first sample
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Known tokens [start, end), which may straddle the prompt/output boundary."""
+        num_prompt = len(self.prompt_token_ids)
+        if end <= num_prompt:
+            return self.prompt_token_ids[start:end]
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt : end - num_prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
+
+    @property
+    def sibling_sample_indices(self) -> tuple[int, ...]:
+        """Sample index of each pending sibling: its place among the n completions (the parent is 0)."""
+        return tuple(range(1, len(self.fork_seq_ids) + 1))
+
+    def fork(self, seq_id: int, sample_index: int) -> SequenceState:
+        """A sibling sharing this state so far, with its own copy of the table and outputs."""
+        return SequenceState(
+            seq_id, self.prompt_token_ids, list(self.output_token_ids), self.options, list(self.block_table),
+            self.num_computed_tokens, sample_index,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledWork:
+    """A sequence to compute n tokens for in this step."""
+
+    state: SequenceState
+    num_scheduled_tokens: int
+
+    @property
+    def end(self) -> int:
+        return self.state.num_computed_tokens + self.num_scheduled_tokens
+
+    @property
+    def is_sampling(self) -> bool:
+        """Whether this step computes the last known token, so a new one is sampled."""
+        return self.num_scheduled_tokens > 0 and self.end == self.state.num_tokens
+
+
+@dataclass(slots=True)
+class SequenceRegistry:
+    """All sequences the worker holds, by seq_id. Validates a whole step before changing anything."""
+
+    block_size: int
+    num_gpu_blocks: int
+    num_cpu_blocks: int
+    states: dict[int, SequenceState] = field(default_factory=dict)
+
+    def validate(self, step: StepRequest) -> None:
+        """Raises InvalidStepError naming the first bad value; the registry is left untouched."""
+        _check_blocks("swap_out", step.swap_out, self.num_gpu_blocks, self.num_cpu_blocks)
+        _check_blocks("swap_in", step.swap_in, self.num_cpu_blocks, self.num_gpu_blocks)
+        _check_blocks("block_copies", step.block_copies, self.num_gpu_blocks, self.num_gpu_blocks)
+        alive = set(self.states)
+        for seq_id in step.dropped_seq_ids:
+            if seq_id not in alive:
+                raise InvalidStepError(f"dropped_seq_ids names unknown sequence {seq_id}")
+            alive.remove(seq_id)
+        new_ids: set[int] = set()
+        for new in step.new_sequences:
+            new_ids.add(new.seq_id)
+            for seq_id in (new.seq_id, *new.fork_seq_ids):
+                if seq_id in alive:
+                    raise InvalidStepError(f"new sequence {seq_id} is already held by the worker")
+                alive.add(seq_id)
+            self._check_new(new)
+        scheduled_ids = set(new_ids)
+        for scheduled in step.scheduled_sequences:
+            state = self.states.get(scheduled.seq_id)
+            if state is None or scheduled.seq_id not in alive or scheduled.seq_id in scheduled_ids:
+                raise InvalidStepError(f"scheduled sequence {scheduled.seq_id} is unknown or scheduled twice")
+            scheduled_ids.add(scheduled.seq_id)
+            self._check_scheduled(scheduled, state)
+
+    def apply(self, step: StepRequest) -> list[ScheduledWork]:
+        """Drops, adds and updates sequences as the (validated) step says; returns the work in step order."""
+        for seq_id in step.dropped_seq_ids:
+            del self.states[seq_id]
+        work = []
+        for new in step.new_sequences:
+            state = SequenceState(
+                new.seq_id, list(new.prompt_token_ids), list(new.output_token_ids), new.options,
+                list(new.block_ids), new.num_computed_tokens, new.sample_index, new.fork_seq_ids,
+            )
+            self.states[new.seq_id] = state
+            work.append(ScheduledWork(state, new.num_scheduled_tokens))
+        for scheduled in step.scheduled_sequences:
+            state = self.states[scheduled.seq_id]
+            for update in scheduled.table_updates:
+                end = update.start_index + len(update.block_ids)
+                state.block_table[update.start_index : end] = update.block_ids
+            work.append(ScheduledWork(state, scheduled.num_scheduled_tokens))
+        return work
+
+    def commit(self, work: list[ScheduledWork], results: dict[int, SequenceResult]) -> None:
+        """Advances computed counts, appends sampled tokens and forks pending siblings at their first token."""
+        for item in work:
+            state = item.state
+            state.num_computed_tokens = item.end
+            token_id = results[state.seq_id].token_id
+            if token_id is None:
+                continue
+            for sibling_id, sample_index in zip(state.fork_seq_ids, state.sibling_sample_indices, strict=True):
+                sibling = state.fork(sibling_id, sample_index)
+                sibling.output_token_ids.append(_sampled(results, sibling_id))
+                self.states[sibling_id] = sibling
+            state.fork_seq_ids = ()
+            state.output_token_ids.append(token_id)
+
+    def _check_new(self, new: NewSequence) -> None:
+        if not new.prompt_token_ids:
+            raise InvalidStepError(f"sequence {new.seq_id} has an empty prompt")
+        num_tokens = len(new.prompt_token_ids) + len(new.output_token_ids)
+        self._check_range(new.seq_id, new.num_computed_tokens, new.num_scheduled_tokens, num_tokens)
+        self._check_table(new.seq_id, new.block_ids, new.num_computed_tokens + new.num_scheduled_tokens)
+
+    def _check_scheduled(self, scheduled: ScheduledSequence, state: SequenceState) -> None:
+        self._check_range(scheduled.seq_id, state.num_computed_tokens, scheduled.num_scheduled_tokens, state.num_tokens)
+        table_length = len(state.block_table)
+        for update in scheduled.table_updates:
+            if update.start_index > table_length:
+                raise InvalidStepError(
+                    f"sequence {scheduled.seq_id}: table update at {update.start_index} leaves a gap "
+                    f"after {table_length} blocks"
+                )
+            self._check_table(scheduled.seq_id, update.block_ids, 0)
+            table_length = max(table_length, update.start_index + len(update.block_ids))
+        needed = -(-(state.num_computed_tokens + scheduled.num_scheduled_tokens) // self.block_size)
+        if table_length < needed:
+            raise InvalidStepError(f"sequence {scheduled.seq_id} has {table_length} blocks, needs {needed}")
+
+    def _check_range(self, seq_id: int, num_computed: int, num_scheduled: int, num_tokens: int) -> None:
+        if num_computed + num_scheduled > num_tokens:
+            raise InvalidStepError(
+                f"sequence {seq_id}: {num_computed} computed + {num_scheduled} scheduled tokens "
+                f"exceed its {num_tokens} known tokens"
+            )
+
+    def _check_table(self, seq_id: int, block_ids: tuple[int, ...], num_tokens: int) -> None:
+        bad = [b for b in block_ids if b >= self.num_gpu_blocks]
+        if bad:
+            raise InvalidStepError(f"sequence {seq_id}: block id {bad[0]} out of range [0, {self.num_gpu_blocks})")
+        needed = -(-num_tokens // self.block_size)
+        if len(block_ids) < needed:
+            raise InvalidStepError(f"sequence {seq_id} has {len(block_ids)} blocks, needs {needed}")
+
+
+def _sampled(results: dict[int, SequenceResult], seq_id: int) -> int:
+    token_id = results[seq_id].token_id
+    if token_id is None:
+        raise RuntimeError(f"forked sibling {seq_id} has no sampled token")
+    return token_id
+
+
+def _check_blocks(field_name: str, mapping: tuple[tuple[int, int], ...], num_src: int, num_dst: int) -> None:
+    for src, dst in mapping:
+        if not (0 <= src < num_src and 0 <= dst < num_dst):
+            raise InvalidStepError(
+                f"{field_name}: block pair ({src}, {dst}) out of range ([0, {num_src}), [0, {num_dst}))"
+            )

@@ -1,0 +1,108 @@
+"""Builds a decoder from a Hugging Face model directory: config.json plus safetensors, or seeded dummy weights."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import torch
+from safetensors import safe_open
+
+from pagedserve.gpu_worker.config import DType, LoadFormat
+from pagedserve.gpu_worker.errors import ModelLoadError
+from pagedserve.gpu_worker.models.decoder import DecoderForCausalLM
+from pagedserve.gpu_worker.models.model_config import ModelConfig
+from pagedserve.kernels.ops import AttentionOps
+
+log = structlog.get_logger()
+
+_SINGLE_FILE = "model.safetensors"
+_INDEX_FILE = "model.safetensors.index.json"
+_DUMMY_STD = 0.02
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """A model ready to run, with what the worker reports about it."""
+
+    name: str
+    model: DecoderForCausalLM
+    config: ModelConfig
+    dtype: torch.dtype
+    weight_bytes: int
+
+
+def read_model_config(model_dir: Path) -> ModelConfig:
+    """Parses model_dir/config.json; ModelLoadError when absent or unsupported."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"no config.json in {model_dir}")
+    return ModelConfig.from_hf_config(json.loads(path.read_text()))
+
+
+def resolve_dtype(dtype: DType, config: ModelConfig) -> torch.dtype:
+    """The dtype asked for, or for AUTO the config's dtype (float32 when it names none)."""
+    if dtype is not DType.AUTO:
+        return dtype.torch_dtype
+    if config.config_dtype is None:
+        return torch.float32
+    try:
+        return DType(config.config_dtype).torch_dtype
+    except ValueError:
+        raise ModelLoadError(f"unsupported config dtype {config.config_dtype!r}") from None
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The weight files: the shards named by the index, or the single model.safetensors."""
+    index = model_dir / _INDEX_FILE
+    if index.is_file():
+        shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / name for name in shard_names]
+    single = model_dir / _SINGLE_FILE
+    return [single] if single.is_file() else []
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, CPU tensor) for every tensor of every file, one tensor in memory at a time."""
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not iterable
+                yield name, handle.get_tensor(name)
+
+
+def fill_dummy_weights(model: DecoderForCausalLM, seed: int) -> None:
+    """Deterministic random weights for a seed: norms 1, everything else normal(0, 0.02).
+
+    Values are drawn on the CPU in parameter-name order, so they are the same on any device.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            values = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, _DUMMY_STD, generator=generator)
+            param.copy_(values)
+
+
+def load_model(
+    model_dir: Path, dtype: DType, device: torch.device, load_format: LoadFormat, seed: int, ops: AttentionOps
+) -> LoadedModel:
+    """Builds the decoder on device in the resolved dtype and fills its weights as load_format says."""
+    config = read_model_config(model_dir)
+    torch_dtype = resolve_dtype(dtype, config)
+    with torch.no_grad():
+        model = DecoderForCausalLM(config, ops, device, torch_dtype).eval()
+        if load_format is LoadFormat.DUMMY:
+            fill_dummy_weights(model, seed)
+        else:
+            files = safetensors_files(model_dir)
+            if not files:
+                raise ModelLoadError(f"no {_SINGLE_FILE} or {_INDEX_FILE} in {model_dir} (use load format dummy)")
+            model.load_weights(iter_safetensors(files))
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    log.info("model_loaded", architecture=config.architecture.value, dtype=str(torch_dtype).removeprefix("torch."),
+             device=str(device), weight_bytes=weight_bytes, load_format=load_format.value)
+    return LoadedModel(model_dir.resolve().name, model, config, torch_dtype, weight_bytes)
