@@ -1,0 +1,173 @@
+"""Protobuf <-> domain types of the control plane; the only module where both meet."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pagedserve.control_plane.sampling_params import SamplingParams
+from pagedserve.control_plane.step_plan import (
+    NewSequencePlan,
+    ScheduledSequencePlan,
+    SequenceOutput,
+    StepOutput,
+    StepPlan,
+    TokenLogprobs,
+    WorkerSampling,
+)
+from pagedserve.v1 import common_pb2, worker_service_pb2
+
+# Optional proto fields: unset means the SamplingParams default (max_tokens 16, seed None, ...).
+_OPTIONAL_SAMPLING_FIELDS = (
+    "n",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "seed",
+    "min_tokens",
+    "max_tokens",
+    "logprobs",
+    "prompt_logprobs",
+    "skip_special_tokens",
+)
+
+
+def sampling_params_from_proto(pb: common_pb2.SamplingParams | None) -> SamplingParams:
+    """Request parameters; unset fields take vLLM's defaults. Raises InvalidArgumentError on bad ranges."""
+    if pb is None:
+        return SamplingParams()
+    optional: dict[str, Any] = {
+        name: getattr(pb, name) for name in _OPTIONAL_SAMPLING_FIELDS if pb.HasField(name)
+    }
+    return SamplingParams(
+        stop=tuple(pb.stop),
+        stop_token_ids=tuple(pb.stop_token_ids),
+        include_stop_str_in_output=pb.include_stop_str_in_output,
+        ignore_eos=pb.ignore_eos,
+        **optional,
+    )
+
+
+def worker_sampling(params: SamplingParams, eos_token_ids: Sequence[int]) -> WorkerSampling:
+    """What the worker applies to logits; the tokens that would end the sequence are banned until
+    min_tokens outputs exist (EOS only when it ends the sequence, i.e. without ignore_eos)."""
+    banned: tuple[int, ...] = ()
+    if params.min_tokens > 0:
+        enders = params.stop_token_ids + (() if params.ignore_eos else tuple(eos_token_ids))
+        banned = tuple(dict.fromkeys(enders))
+    return WorkerSampling(
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=max(params.top_k, 0),  # -1 and 0 both mean no limit; the worker knows only 0
+        min_p=params.min_p,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        repetition_penalty=params.repetition_penalty,
+        seed=params.seed,
+        min_tokens=params.min_tokens,
+        banned_token_ids=banned,
+        logprobs=params.logprobs,
+        prompt_logprobs=params.prompt_logprobs,
+    )
+
+
+def step_plan_to_proto(plan: StepPlan) -> worker_service_pb2.ExecuteRequest:
+    """The wire form of one step, field for field."""
+    return worker_service_pb2.ExecuteRequest(
+        step_id=plan.step_id,
+        dropped_seq_ids=plan.dropped_seq_ids,
+        swap_out=_block_mappings(plan.swap_out),
+        swap_in=_block_mappings(plan.swap_in),
+        block_copies=_block_mappings(plan.block_copies),
+        new_sequences=[_new_sequence_to_proto(s) for s in plan.new_sequences],
+        scheduled_sequences=[_scheduled_sequence_to_proto(s) for s in plan.scheduled_sequences],
+    )
+
+
+def step_output_from_proto(pb: worker_service_pb2.ExecuteResponse) -> StepOutput:
+    """A worker's answer to one step, with log-probabilities where the worker sent them."""
+    return StepOutput(
+        step_id=pb.step_id,
+        outputs=tuple(_sequence_output_from_proto(o) for o in pb.outputs),
+        step_time_ms=pb.step_time_ms,
+        forward_time_ms=pb.forward_time_ms,
+    )
+
+
+def token_logprobs_to_proto(lp: TokenLogprobs) -> common_pb2.TokenLogprobs:
+    return common_pb2.TokenLogprobs(
+        token_id=lp.token_id,
+        logprob=lp.logprob,
+        rank=lp.rank,
+        top_token_ids=lp.top_token_ids,
+        top_logprobs=lp.top_logprobs,
+    )
+
+
+def token_logprobs_from_proto(pb: common_pb2.TokenLogprobs) -> TokenLogprobs:
+    return TokenLogprobs(
+        token_id=pb.token_id,
+        logprob=pb.logprob,
+        rank=pb.rank,
+        top_token_ids=tuple(pb.top_token_ids),
+        top_logprobs=tuple(pb.top_logprobs),
+    )
+
+
+def _block_mappings(pairs: Sequence[tuple[int, int]]) -> list[worker_service_pb2.BlockMapping]:
+    return [worker_service_pb2.BlockMapping(src_block_id=src, dst_block_id=dst) for src, dst in pairs]
+
+
+def _sampling_to_proto(sampling: WorkerSampling) -> worker_service_pb2.SequenceSampling:
+    return worker_service_pb2.SequenceSampling(
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        min_p=sampling.min_p,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        repetition_penalty=sampling.repetition_penalty,
+        seed=sampling.seed,
+        min_tokens=sampling.min_tokens,
+        banned_token_ids=sampling.banned_token_ids,
+        logprobs=sampling.logprobs,
+        prompt_logprobs=sampling.prompt_logprobs,
+    )
+
+
+def _new_sequence_to_proto(seq: NewSequencePlan) -> worker_service_pb2.NewSequence:
+    return worker_service_pb2.NewSequence(
+        seq_id=seq.seq_id,
+        prompt_token_ids=seq.prompt_token_ids,
+        output_token_ids=seq.output_token_ids,
+        sampling=_sampling_to_proto(seq.sampling),
+        block_ids=seq.block_ids,
+        num_computed_tokens=seq.num_computed_tokens,
+        num_scheduled_tokens=seq.num_scheduled_tokens,
+        fork_seq_ids=seq.fork_seq_ids,
+        sample_index=seq.sample_index,
+    )
+
+
+def _scheduled_sequence_to_proto(seq: ScheduledSequencePlan) -> worker_service_pb2.ScheduledSequence:
+    return worker_service_pb2.ScheduledSequence(
+        seq_id=seq.seq_id,
+        num_scheduled_tokens=seq.num_scheduled_tokens,
+        block_table_updates=[
+            worker_service_pb2.BlockTableUpdate(start_index=u.start_index, block_ids=u.block_ids)
+            for u in seq.block_table_updates
+        ],
+    )
+
+
+def _sequence_output_from_proto(pb: worker_service_pb2.SequenceOutput) -> SequenceOutput:
+    return SequenceOutput(
+        seq_id=pb.seq_id,
+        token_id=pb.token_id if pb.HasField("token_id") else None,
+        logprobs=token_logprobs_from_proto(pb.logprobs) if pb.HasField("logprobs") else None,
+        prompt_logprobs=tuple(token_logprobs_from_proto(lp) for lp in pb.prompt_logprobs),
+    )

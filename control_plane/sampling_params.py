@@ -1,0 +1,157 @@
+"""A request's sampling parameters, with vLLM's defaults and ranges."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pagedserve.control_plane.errors import InvalidArgumentError
+
+MAX_N = 256  # completions per request
+MAX_LOGPROBS = 20  # top alternatives returned per position
+MAX_SEED = 2**64 - 1  # seeds travel as uint64
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise InvalidArgumentError(field, message)
+
+
+def _check_float_range(field: str, value: float, low: float, high: float) -> None:
+    _require(math.isfinite(value) and low <= value <= high, field, f"must be in [{low}, {high}], got {value}")
+
+
+def _check_optional_count(field: str, value: int | None, low: int, high: int) -> None:
+    if value is not None:
+        _require(low <= value <= high, field, f"must be in [{low}, {high}], got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Immutable sampling parameters of one request.
+
+    Construction checks every range that does not depend on the model (InvalidArgumentError naming the
+    field); validate() checks the rest against the model's vocabulary and context length.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: no limit
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    max_tokens: int | None = 16  # None: up to the model's context length
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        self._check_counts()
+        self._check_distribution()
+        self._check_stops()
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self, vocab_size: int, max_model_len: int, num_prompt_tokens: int) -> None:
+        """Raises InvalidArgumentError unless these parameters fit a model and a prompt of this length."""
+        for token_id in self.stop_token_ids:
+            _require(
+                0 <= token_id < vocab_size,
+                "stop_token_ids",
+                f"token id {token_id} is outside the vocabulary [0, {vocab_size})",
+            )
+        max_new_tokens = max_model_len - num_prompt_tokens
+        if self.max_tokens is None:
+            _require(
+                max_new_tokens >= 1,
+                "max_tokens",
+                f"This model's maximum context length is {max_model_len} tokens, and the prompt has "
+                f"{num_prompt_tokens} tokens, which leaves no room for the completion. "
+                "Please reduce the length of the prompt.",
+            )
+            _require(
+                self.min_tokens <= max_new_tokens,
+                "min_tokens",
+                f"must leave room for the prompt: at most {max_new_tokens} with a prompt of "
+                f"{num_prompt_tokens} tokens, got {self.min_tokens}",
+            )
+            return
+        _require(
+            num_prompt_tokens + self.max_tokens <= max_model_len,
+            "max_tokens",
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{num_prompt_tokens + self.max_tokens} tokens ({num_prompt_tokens} in the messages, "
+            f"{self.max_tokens} in the completion). Please reduce the length of the messages or completion.",
+        )
+
+    def _check_counts(self) -> None:
+        _require(1 <= self.n <= MAX_N, "n", f"must be in [1, {MAX_N}], got {self.n}")
+        _require(self.min_tokens >= 0, "min_tokens", f"must be non-negative, got {self.min_tokens}")
+        if self.max_tokens is not None:
+            _require(self.max_tokens >= 1, "max_tokens", f"must be at least 1, got {self.max_tokens}")
+            _require(
+                self.min_tokens <= self.max_tokens,
+                "min_tokens",
+                f"must be at most max_tokens={self.max_tokens}, got {self.min_tokens}",
+            )
+        _check_optional_count("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        _check_optional_count("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
+        if self.seed is not None:
+            _require(0 <= self.seed <= MAX_SEED, "seed", f"must be in [0, 2**64 - 1], got {self.seed}")
+
+    def _check_distribution(self) -> None:
+        _require(
+            math.isfinite(self.temperature) and self.temperature >= 0.0,
+            "temperature",
+            f"must be non-negative, got {self.temperature}",
+        )
+        _require(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
+        _require(
+            self.top_k >= -1,
+            "top_k",
+            f"must be -1 or 0 (no limit) or at least 1, got {self.top_k}",
+        )
+        _check_float_range("min_p", self.min_p, 0.0, 1.0)
+        _check_float_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_float_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _require(
+            math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0.0,
+            "repetition_penalty",
+            f"must be positive, got {self.repetition_penalty}",
+        )
+
+    def _check_stops(self) -> None:
+        _require(all(self.stop), "stop", "stop strings must be non-empty")
+        _require(
+            all(token_id >= 0 for token_id in self.stop_token_ids),
+            "stop_token_ids",
+            f"must be non-negative, got {list(self.stop_token_ids)}",
+        )
+
+
+def validate_prompt_token_ids(prompt_token_ids: Sequence[int], vocab_size: int, max_model_len: int) -> None:
+    """Raises InvalidArgumentError unless the prompt is non-empty, in the vocabulary and fits the context."""
+    _require(len(prompt_token_ids) > 0, "prompt", "must not be empty")
+    for token_id in prompt_token_ids:
+        _require(
+            0 <= token_id < vocab_size,
+            "prompt",
+            f"token id {token_id} is outside the vocabulary [0, {vocab_size})",
+        )
+    _require(
+        len(prompt_token_ids) <= max_model_len,
+        "prompt",
+        f"the prompt (length {len(prompt_token_ids)}) is longer than the maximum model length of "
+        f"{max_model_len}",
+    )
