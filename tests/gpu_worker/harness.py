@@ -1,0 +1,114 @@
+"""A minimal control plane for worker tests: allocates blocks, sends ExecuteRequest protobufs, collects tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pagedserve.gpu_worker import convert
+from pagedserve.gpu_worker.config import DeviceKind, DType, LoadFormat, WorkerConfig
+from pagedserve.gpu_worker.step import CacheRequest
+from pagedserve.gpu_worker.worker import Worker
+from pagedserve.v1 import worker_service_pb2 as pb
+
+SHARED_DIR = Path(__file__).resolve().parents[2].parent / "shared"
+STORIES_DIR = SHARED_DIR / "models" / "stories260K"
+
+
+def load_worker(
+    model_dir: Path, block_size: int = 4, num_blocks: int = 256, num_cpu_blocks: int = 0,
+    dtype: DType = DType.FLOAT32, load_format: LoadFormat = LoadFormat.AUTO, seed: int = 0,
+) -> Worker:
+    """A CPU worker with its cache initialised to exactly num_blocks device blocks."""
+    config = WorkerConfig(model_dir=model_dir, dtype=dtype, device=DeviceKind.CPU, load_format=load_format, seed=seed)
+    worker = Worker.load(config)
+    bytes_per_block = worker.info().kv_bytes_per_token * block_size
+    worker.init_cache(CacheRequest(block_size=block_size, num_gpu_blocks_override=num_blocks,
+                                   swap_space_bytes=num_cpu_blocks * bytes_per_block))
+    return worker
+
+
+def greedy() -> pb.SequenceSampling:
+    return pb.SequenceSampling(temperature=0.0, top_p=1.0, repetition_penalty=1.0)
+
+
+@dataclass
+class DrivenSequence:
+    """The driver's record of one sequence: its tokens, table and progress."""
+
+    seq_id: int
+    prompt: list[int]
+    first_chunk: int  # tokens computed by the first step (the whole prompt when not chunked)
+    outputs: list[int] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    is_sent: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.outputs)
+
+
+class WorkerDriver:
+    """Plays the control plane against a Worker through ExecuteRequest/ExecuteResponse protobufs.
+
+    Blocks come from a free list in order; every sequence runs every step: its first prompt chunk, the
+    rest of its prompt, then one decode token per step.
+    """
+
+    def __init__(self, worker: Worker, block_size: int, num_blocks: int) -> None:
+        self.worker = worker
+        self.block_size = block_size
+        self.free_blocks = list(range(num_blocks))
+        self.step_id = 0
+
+    def execute(self, request: pb.ExecuteRequest) -> pb.ExecuteResponse:
+        request.step_id = self.step_id
+        self.step_id += 1
+        return convert.step_result_to_proto(self.worker.execute(convert.step_from_proto(request)))
+
+    def allocate(self, seq: DrivenSequence, num_tokens: int) -> list[int]:
+        """Appends blocks so seq's table covers num_tokens; returns the new ones."""
+        needed = -(-num_tokens // self.block_size) - len(seq.block_ids)
+        new_blocks = [self.free_blocks.pop(0) for _ in range(max(needed, 0))]
+        seq.block_ids.extend(new_blocks)
+        return new_blocks
+
+    def step(self, sequences: list[DrivenSequence], request: pb.ExecuteRequest | None = None) -> pb.ExecuteResponse:
+        """Schedules every sequence once in one step; records the sampled tokens."""
+        request = request or pb.ExecuteRequest()
+        scheduled_counts = {}
+        for seq in sequences:
+            num_scheduled = (seq.first_chunk if not seq.is_sent else seq.num_tokens - seq.num_computed)
+            start_index = len(seq.block_ids)
+            new_blocks = self.allocate(seq, seq.num_computed + num_scheduled)
+            if not seq.is_sent:
+                request.new_sequences.append(pb.NewSequence(
+                    seq_id=seq.seq_id, prompt_token_ids=seq.prompt, sampling=greedy(), block_ids=seq.block_ids,
+                    num_computed_tokens=0, num_scheduled_tokens=num_scheduled,
+                ))
+                seq.is_sent = True
+            else:
+                updates = [pb.BlockTableUpdate(start_index=start_index, block_ids=new_blocks)] if new_blocks else []
+                request.scheduled_sequences.append(pb.ScheduledSequence(
+                    seq_id=seq.seq_id, num_scheduled_tokens=num_scheduled, block_table_updates=updates))
+            scheduled_counts[seq.seq_id] = num_scheduled
+        response = self.execute(request)
+        for seq, output in zip(sequences, response.outputs, strict=True):
+            assert output.seq_id == seq.seq_id
+            seq.num_computed += scheduled_counts[seq.seq_id]
+            if output.HasField("token_id"):
+                seq.outputs.append(output.token_id)
+        return response
+
+    def generate(self, sequences: list[DrivenSequence], num_new_tokens: int) -> list[list[int]]:
+        """Steps until every sequence has num_new_tokens outputs; returns them in order."""
+        while any(len(seq.outputs) < num_new_tokens for seq in sequences):
+            self.step(sequences)
+        return [seq.outputs[:num_new_tokens] for seq in sequences]
+
+
+def make_sequences(prompts: list[list[int]], first_chunks: dict[int, int] | None = None) -> list[DrivenSequence]:
+    """One DrivenSequence per prompt, ids 0.., prefilled whole unless first_chunks[index] says otherwise."""
+    chunks = first_chunks or {}
+    return [DrivenSequence(i, list(p), chunks.get(i, len(p))) for i, p in enumerate(prompts)]
