@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
+import array
 from collections.abc import Sequence
 
 import torch
@@ -27,13 +27,26 @@ def flat_token_positions(
     """Positions `row * vocab_size + token_id` of every listed token: [sum of lengths] int64 on `device`.
 
     Rows are addressed through flat positions rather than a padded [rows, longest] matrix so that
-    one short and one long row cost their own lengths only; the index is built with vectorised CPU
-    ops and crosses to the device in one copy.
+    one short and one long row cost their own lengths only. The host only concatenates (rows held
+    as array('q') are copied as memory, lists element by element) and range-checks; tokens and row
+    lengths cross to the device in one copy, where the row of each token is expanded.
     """
-    lengths = torch.tensor([len(ids) for ids in token_ids_per_row], dtype=torch.int64)
-    tokens = token_id_tensor(list(itertools.chain.from_iterable(token_ids_per_row)), vocab_size)
-    rows = torch.repeat_interleave(torch.arange(len(token_ids_per_row)), lengths)
-    return (rows * vocab_size + tokens).to(device)
+    lengths = [len(token_ids) for token_ids in token_ids_per_row]
+    packed = array.array("q")
+    for token_ids in token_ids_per_row:
+        packed.extend(token_ids)
+    num_tokens = len(packed)
+    packed.extend(lengths)
+    host = torch.frombuffer(packed, dtype=torch.int64)
+    if num_tokens:
+        low, high = (int(v) for v in torch.aminmax(host[:num_tokens]))
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"token id {low if low < 0 else high} is outside the vocabulary [0, {vocab_size})")
+    on_device = host.to(device)
+    tokens, row_lengths = on_device[:num_tokens], on_device[num_tokens:]
+    rows = torch.arange(len(token_ids_per_row), device=device)
+    # output_size keeps repeat_interleave from reading the total back from the device.
+    return torch.repeat_interleave(rows, row_lengths, output_size=num_tokens) * vocab_size + tokens
 
 
 def apply_bans(logits: torch.Tensor, banned_token_ids: Sequence[Sequence[int]]) -> None:
@@ -62,39 +75,51 @@ def apply_penalties(
     A row whose repetition penalty is 1 may pass an empty prompt: the prompt then cannot matter.
     """
     num_rows, vocab_size = logits.shape
-    # Output counts in plane 0 and prompt counts in plane 1, filled by a single scatter_add.
-    positions = flat_token_positions([*output_token_ids, *prompt_token_ids], vocab_size, logits.device)
-    counts = torch.zeros(2 * num_rows * vocab_size, dtype=torch.int32, device=logits.device)
+    has_repetition = any(value != 1.0 for value in repetition)
+    # Output counts in plane 0 and, when a repetition penalty needs them, prompt counts in plane 1:
+    # both planes are filled by a single scatter_add.
+    num_planes = 2 if has_repetition else 1
+    token_ids = [*output_token_ids, *prompt_token_ids] if has_repetition else output_token_ids
+    positions = flat_token_positions(token_ids, vocab_size, logits.device)
+    counts = torch.zeros(num_planes * num_rows * vocab_size, dtype=torch.int32, device=logits.device)
     counts.scatter_add_(0, positions, torch.ones_like(positions, dtype=torch.int32))
-    output_counts, prompt_counts = counts.view(2, num_rows, vocab_size).unbind(0)
+    planes = counts.view(num_planes, num_rows, vocab_size)
+    output_counts = planes[0]
     factors = torch.tensor([repetition, frequency, presence], dtype=logits.dtype, device=logits.device)
     repetition_t, frequency_t, presence_t = factors.unsqueeze(-1).unbind(0)
-    seen = (output_counts > 0) | (prompt_counts > 0)
-    penalised = torch.where(logits > 0, logits / repetition_t, logits * repetition_t)
-    logits.copy_(torch.where(seen, penalised, logits))
-    logits -= frequency_t * output_counts + presence_t * (output_counts > 0)
+    if has_repetition:
+        seen = (output_counts > 0) | (planes[1] > 0)
+        penalised = torch.where(logits > 0, logits / repetition_t, logits * repetition_t)
+        logits.copy_(torch.where(seen, penalised, logits))
+    if any(value != 0.0 for value in (*frequency, *presence)):
+        logits -= frequency_t * output_counts + presence_t * (output_counts > 0)
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> None:
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, max_top_k: int) -> None:
     """Keeps each row's top-k tokens, then the smallest nucleus of them holding mass top_p; others -> -inf.
 
     logits: [rows, vocab] float, written in place. top_k: [rows] int64 in [1, vocab] (vocab = no limit).
     top_p: [rows] float in (0, 1] (1 = no limit), applied to the distribution renormalised over the
-    top-k tokens. A token is kept when the mass of the tokens ranked strictly above it is below top_p,
-    so the best token always survives; tokens tied with the last kept one survive too.
+    top-k tokens. max_top_k: the largest entry of top_k, known on the host: only that many best
+    logits are ranked, a partial top-k instead of a full sort when every row has a limit.
+    A token is kept when the mass of the tokens ranked strictly above it is below top_p, so the
+    best token always survives; tokens tied with the last kept one survive too.
     """
-    sorted_logits = logits.sort(dim=-1, descending=True).values
-    positions = torch.arange(logits.shape[-1], device=logits.device)
+    if max_top_k < logits.shape[-1]:
+        ranked = logits.topk(max_top_k, dim=-1).values
+    else:
+        ranked = logits.sort(dim=-1, descending=True).values
+    positions = torch.arange(ranked.shape[-1], device=logits.device)
     within_k = positions < top_k.unsqueeze(-1)
-    sorted_logits.masked_fill_(~within_k, float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)
+    ranked.masked_fill_(~within_k, float("-inf"))
+    probs = ranked.softmax(dim=-1)
     # Exclusive prefix sums by shifting an inclusive cumsum: it stays monotone under rounding, so the
-    # kept set is a prefix of the sorted order and its length locates the threshold.
+    # kept set is a prefix of the ranked order and its length locates the threshold.
     mass_above = torch.nn.functional.pad(probs.cumsum(dim=-1)[:, :-1], (1, 0))
     # top_p == 1 must keep everything even where a float32 cumsum reaches 1.0 before the tail.
     within_p = (mass_above < top_p.unsqueeze(-1)) | (top_p >= 1.0).unsqueeze(-1)
     num_kept = (within_k & within_p).sum(dim=-1, keepdim=True)
-    threshold = sorted_logits.gather(1, num_kept - 1)
+    threshold = ranked.gather(1, num_kept - 1)
     logits.masked_fill_(logits < threshold, float("-inf"))
 
 

@@ -106,12 +106,13 @@ def _stream_seed(seed: int, sample_index: int, num_output_tokens: int) -> int:
 class _BatchPlan:
     """What one batch needs, decided on the host before any device work is queued."""
 
-    # Per row: temperature, top_k, top_p, min_p, is_greedy; neutral values for greedy rows.
+    # Per row: temperature, top_k, top_p, min_p, is_greedy.
     params: list[tuple[float, float, float, float, float]] = field(default_factory=list)
     banned: list[Sequence[int]] = field(default_factory=list)
     has_bans: bool = False
     num_greedy: int = 0
     has_top_k_top_p: bool = False
+    max_top_k: int = 1  # over the rows that sample
     has_min_p: bool = False
     penalty_rows: list[int] = field(default_factory=list)
     seeded_rows: list[tuple[int, int]] = field(default_factory=list)  # (row, stream seed)
@@ -141,11 +142,13 @@ def _plan(rows: Sequence[SamplingRow], vocab_size: int) -> _BatchPlan:
             plan.logprob_rows.append(index)
         if options.is_greedy:
             plan.num_greedy += 1
-            plan.params.append((1.0, vocab_size, 1.0, 0.0, 1.0))
+            # A greedy row's sample is discarded; top_k 1 keeps it from forcing a full sort.
+            plan.params.append((1.0, 1, 1.0, 0.0, 1.0))
             continue
         top_k = options.top_k if 0 < options.top_k < vocab_size else vocab_size
         plan.params.append((options.temperature, top_k, options.top_p, options.min_p, 0.0))
         plan.has_top_k_top_p |= top_k < vocab_size or options.top_p < 1.0
+        plan.max_top_k = max(plan.max_top_k, top_k)
         plan.has_min_p |= options.min_p > 0.0
         if options.seed is not None:
             plan.seeded_rows.append((index, _stream_seed(options.seed, row.sample_index, num_output)))
@@ -219,7 +222,7 @@ class Sampler:
         params = torch.tensor(plan.params, dtype=torch.float32, device=logits.device)
         scaled = logits / params[:, 0:1]
         if plan.has_top_k_top_p:
-            apply_top_k_top_p(scaled, params[:, 1].long(), params[:, 2])
+            apply_top_k_top_p(scaled, params[:, 1].long(), params[:, 2], plan.max_top_k)
         if plan.has_min_p:
             apply_min_p(scaled, params[:, 3])
         probs = scaled.softmax(dim=-1)

@@ -131,6 +131,14 @@ def test_top_p_applies_to_the_top_k_renormalised_distribution() -> None:
     assert set(result.token_ids) == {0}
 
 
+def test_each_row_keeps_its_own_filter_inside_a_mixed_batch() -> None:
+    logits = _logits_from_probs([0.05, 0.3, 0.1, 0.25, 0.2, 0.1], 3000)
+    filters = [{"top_k": 2}, {"top_p": 0.5}, {"min_p": 0.5}]
+    rows = [_row(temperature=1.0, **filters[i % 3]) for i in range(3000)]  # type: ignore[arg-type]
+    tokens = Sampler(6, CPU).sample(logits, rows).token_ids
+    assert [set(tokens[i::3]) for i in range(3)] == [{1, 3}, {1, 3}, {1, 3, 4}]
+
+
 def test_min_p_samples_exactly_the_allowed_set() -> None:
     # min_p 0.3 of the best probability 0.4 is 0.12: tokens 0, 1 and 2 remain.
     logits = _logits_from_probs([0.4, 0.3, 0.15, 0.1, 0.05], 1000)
