@@ -47,6 +47,10 @@ class Worker:
         return cls(config, loaded, device, ops)
 
     @property
+    def is_cache_initialized(self) -> bool:
+        return self._pool is not None
+
+    @property
     def registry(self) -> SequenceRegistry:
         if self._registry is None:
             raise CacheNotInitializedError("InitCache must run before Execute")
@@ -67,7 +71,7 @@ class Worker:
             weight_bytes=self.loaded.weight_bytes,
             kv_bytes_per_token=layout.bytes_per_token,
             total_memory_bytes=total,
-            is_cache_initialized=self._pool is not None,
+            is_cache_initialized=self.is_cache_initialized,
         )
 
     def init_cache(self, request: CacheRequest) -> CacheInfo:

@@ -1,0 +1,63 @@
+"""`pagedserve worker`: wiring only. Flags -> WorkerConfig -> loaded worker -> gRPC server until a signal."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from pagedserve.gpu_worker.config import DeviceKind, DType, LoadFormat, WorkerConfig
+from pagedserve.gpu_worker.service import start_server
+from pagedserve.gpu_worker.worker import Worker
+from pagedserve.logs import LogFormat, configure_logging
+
+log = structlog.get_logger()
+_GRACE_S = 5.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pagedserve worker", description="Run a worker holding the model and KV cache.")
+    p.add_argument("--model", type=Path, required=True, help="Hugging Face model directory")
+    p.add_argument("--listen", default="127.0.0.1:50061", help="HOST:PORT to bind; port 0 picks a free one")
+    p.add_argument("--dtype", default=DType.AUTO.value, choices=[m.value for m in DType])
+    p.add_argument("--device", default=DeviceKind.AUTO.value, choices=[m.value for m in DeviceKind])
+    p.add_argument("--load-format", default=LoadFormat.AUTO.value, choices=[m.value for m in LoadFormat])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--worker-id", default="worker-0")
+    p.add_argument("--log-format", default=LogFormat.AUTO.value, choices=[m.value for m in LogFormat])
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    return WorkerConfig(
+        model_dir=args.model, dtype=DType(args.dtype), device=DeviceKind(args.device),
+        load_format=LoadFormat(args.load_format), seed=args.seed, listen_address=args.listen,
+        worker_id=args.worker_id,
+    )
+
+
+async def serve(worker: Worker, address: str) -> None:
+    """Serves until SIGINT or SIGTERM, then stops gracefully."""
+    server = await start_server(worker, address)
+    host = address.rpartition(":")[0]
+    log.info("worker_listening", address=f"{host}:{server.port}", worker_id=worker.config.worker_id)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("worker_stopping", worker_id=worker.config.worker_id)
+    await server.stop(_GRACE_S)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(LogFormat(args.log_format))
+    config = config_from_args(args)
+    worker = Worker.load(config)
+    asyncio.run(serve(worker, config.listen_address))
+    return 0

@@ -1,0 +1,125 @@
+"""WorkerService over grpc.aio, plus health and reflection; maps worker errors to gRPC status codes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pagedserve.gpu_worker import convert
+from pagedserve.gpu_worker.errors import (
+    CacheNotInitializedError,
+    InvalidCacheRequestError,
+    InvalidStepError,
+    WorkerError,
+)
+from pagedserve.gpu_worker.worker import Worker
+from pagedserve.v1 import worker_service_pb2, worker_service_pb2_grpc
+
+log = structlog.get_logger()
+T = TypeVar("T")
+
+_STATUS_CODES: dict[type[WorkerError], grpc.StatusCode] = {
+    CacheNotInitializedError: grpc.StatusCode.FAILED_PRECONDITION,
+    InvalidStepError: grpc.StatusCode.INVALID_ARGUMENT,
+    InvalidCacheRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+}
+_SERVICE_NAME = worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
+
+
+class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
+    """Thin adapter: converts messages, runs worker calls on one dedicated thread, maps errors to codes.
+
+    The single-thread executor keeps the event loop free and makes device work happen on one thread,
+    in the order requests arrive.
+    """
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-step")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    async def _call(self, context: grpc.aio.ServicerContext, function: Callable[[], T]) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, function)
+        except WorkerError as error:
+            await self._abort(context, error)
+        except Exception:
+            log.exception("worker_call_failed")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal worker error")
+        raise AssertionError("context.abort always raises")
+
+    async def _abort(self, context: grpc.aio.ServicerContext, error: WorkerError) -> None:
+        code = _STATUS_CODES.get(type(error), grpc.StatusCode.INTERNAL)
+        log.warning("worker_request_rejected", code=code.name, reason=str(error))
+        await context.abort(code, str(error))
+
+    async def GetWorkerInfo(
+        self, request: worker_service_pb2.GetWorkerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> worker_service_pb2.GetWorkerInfoResponse:
+        return convert.worker_info_to_proto(self._worker.info())
+
+    async def InitCache(
+        self, request: worker_service_pb2.InitCacheRequest, context: grpc.aio.ServicerContext
+    ) -> worker_service_pb2.InitCacheResponse:
+        try:
+            cache_request = convert.cache_request_from_proto(request)
+        except WorkerError as error:
+            await self._abort(context, error)
+        info = await self._call(context, lambda: self._worker.init_cache(cache_request))
+        return convert.cache_info_to_proto(info)
+
+    async def Execute(
+        self, request_iterator: AsyncIterator[worker_service_pb2.ExecuteRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_service_pb2.ExecuteResponse]:
+        async for request in request_iterator:
+            with structlog.contextvars.bound_contextvars(step=request.step_id, worker_id=self._worker.config.worker_id):
+                if not self._worker.is_cache_initialized:
+                    await self._abort(context, CacheNotInitializedError("InitCache must run before Execute"))
+                try:
+                    step = convert.step_from_proto(request)
+                except WorkerError as error:
+                    await self._abort(context, error)
+                result = await self._call(context, lambda: self._worker.execute(step))
+                log.debug("step_executed", num_outputs=len(result.results), step_time_ms=result.step_time_ms)
+            yield convert.step_result_to_proto(result)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerServer:
+    """A started server: its bound port, health service and servicer (to close on stop)."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    servicer: WorkerServicer
+
+    async def stop(self, grace_s: float) -> None:
+        """Reports NOT_SERVING, lets in-flight calls finish within grace_s, then frees the step thread."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        self.servicer.close()
+
+
+async def start_server(worker: Worker, address: str) -> WorkerServer:
+    """Binds address (port 0 picks a free one), registers the services and starts serving; health SERVING."""
+    server = grpc.aio.server()
+    servicer = WorkerServicer(worker)
+    worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(address)
+    await server.start()
+    for service in ("", _SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return WorkerServer(server, port, health_servicer, servicer)

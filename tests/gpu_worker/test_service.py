@@ -1,0 +1,173 @@
+"""WorkerService in-process on port 0: info, status codes, health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from safetensors import safe_open
+
+from pagedserve.gpu_worker.config import DeviceKind, WorkerConfig
+from pagedserve.gpu_worker.service import start_server
+from pagedserve.gpu_worker.worker import Worker
+from pagedserve.v1 import worker_service_pb2 as pb
+from pagedserve.v1 import worker_service_pb2_grpc
+from tests.gpu_worker.harness import STORIES_DIR, greedy
+
+BLOCK_SIZE = 4
+NUM_BLOCKS = 16
+
+
+def _serve(test: Callable[[grpc.aio.Channel, Worker], Awaitable[None]]) -> None:
+    """Runs test against a stories260K CPU worker served on a free loopback port."""
+
+    async def run() -> None:
+        worker = Worker.load(WorkerConfig(model_dir=STORIES_DIR, device=DeviceKind.CPU, worker_id="worker-7"))
+        server = await start_server(worker, "127.0.0.1:0")
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                await test(channel, worker)
+        finally:
+            await server.stop(0)
+
+    asyncio.run(run())
+
+
+async def _execute(stub: worker_service_pb2_grpc.WorkerServiceStub, *requests: pb.ExecuteRequest) -> list[pb.ExecuteResponse]:
+    async def stream() -> AsyncIterator[pb.ExecuteRequest]:
+        for request in requests:
+            yield request
+
+    return [response async for response in stub.Execute(stream())]
+
+
+def _init_cache() -> pb.InitCacheRequest:
+    return pb.InitCacheRequest(block_size=BLOCK_SIZE, num_gpu_blocks_override=NUM_BLOCKS)
+
+
+def _golden() -> dict[str, list[int]]:
+    return json.loads((STORIES_DIR / "golden_greedy.json").read_text())
+
+
+def _prefill(prompt: list[int]) -> pb.ExecuteRequest:
+    """Step 0: the whole prompt of sequence 1 in blocks 0, 1 (prompt of 5 tokens, block size 4)."""
+    new = pb.NewSequence(seq_id=1, prompt_token_ids=prompt, sampling=greedy(), block_ids=[0, 1],
+                         num_computed_tokens=0, num_scheduled_tokens=len(prompt))
+    return pb.ExecuteRequest(step_id=0, new_sequences=[new])
+
+
+def _decode(step_id: int, new_block_ids: list[int], start_index: int = 2) -> pb.ExecuteRequest:
+    updates = [pb.BlockTableUpdate(start_index=start_index, block_ids=new_block_ids)] if new_block_ids else []
+    scheduled = pb.ScheduledSequence(seq_id=1, num_scheduled_tokens=1, block_table_updates=updates)
+    return pb.ExecuteRequest(step_id=step_id, scheduled_sequences=[scheduled])
+
+
+def _stories_weight_bytes() -> int:
+    with safe_open(str(STORIES_DIR / "model.safetensors"), framework="pt") as handle:
+        return sum(handle.get_tensor(name).numel() * 4 for name in handle.keys())  # noqa: SIM118
+
+
+def test_get_worker_info_describes_model_device_and_cache_state() -> None:
+    config = json.loads((STORIES_DIR / "config.json").read_text())
+
+    async def test(channel: grpc.aio.Channel, worker: Worker) -> None:
+        stub = worker_service_pb2_grpc.WorkerServiceStub(channel)
+        before = await stub.GetWorkerInfo(pb.GetWorkerInfoRequest())
+        await stub.InitCache(_init_cache())
+        after = await stub.GetWorkerInfo(pb.GetWorkerInfoRequest())
+
+        kv_bytes = config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * config["head_dim"] * 4
+        assert (before.worker_id, before.model, before.architecture) == ("worker-7", "stories260K", "LlamaForCausalLM")
+        assert (before.dtype, before.device, before.total_memory_bytes) == ("float32", "cpu", 0)
+        assert (before.vocab_size, before.max_position_embeddings) == (config["vocab_size"], config["max_position_embeddings"])
+        assert (before.weight_bytes, before.kv_bytes_per_token) == (_stories_weight_bytes(), kv_bytes)
+        assert (before.is_cache_initialized, after.is_cache_initialized) == (False, True)
+
+    _serve(test)
+
+
+def test_init_cache_returns_the_block_counts_allocated() -> None:
+    async def test(channel: grpc.aio.Channel, worker: Worker) -> None:
+        stub = worker_service_pb2_grpc.WorkerServiceStub(channel)
+        bytes_per_block = worker.info().kv_bytes_per_token * BLOCK_SIZE
+        reply = await stub.InitCache(pb.InitCacheRequest(
+            block_size=BLOCK_SIZE, kv_cache_memory_bytes=10 * bytes_per_block + 1, swap_space_bytes=3 * bytes_per_block))
+
+        assert (reply.num_gpu_blocks, reply.num_cpu_blocks, reply.peak_activation_bytes) == (10, 3, 0)
+
+    _serve(test)
+
+
+def test_execute_before_init_cache_is_failed_precondition() -> None:
+    async def test(channel: grpc.aio.Channel, worker: Worker) -> None:
+        stub = worker_service_pb2_grpc.WorkerServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await _execute(stub, _prefill(_golden()["prompt_ids"]))
+
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    _serve(test)
+
+
+def test_block_id_out_of_range_is_invalid_argument_and_leaves_state_unchanged() -> None:
+    golden = _golden()
+
+    async def test(channel: grpc.aio.Channel, worker: Worker) -> None:
+        stub = worker_service_pb2_grpc.WorkerServiceStub(channel)
+        await stub.InitCache(_init_cache())
+        first = await _execute(stub, _prefill(golden["prompt_ids"]), _decode(1, []), _decode(2, []))
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await _execute(stub, _decode(3, [NUM_BLOCKS]))
+        # The rejected step changed nothing: the same step with a valid block continues the sequence.
+        second = await _execute(stub, _decode(3, [2]), _decode(4, []))
+
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert str(NUM_BLOCKS) in (error.value.details() or "")
+        tokens = [r.outputs[0].token_id for r in first + second]
+        assert tokens == golden["greedy_new_ids"][:5]
+
+    _serve(test)
+
+
+def test_unknown_scheduled_sequence_is_invalid_argument() -> None:
+    async def test(channel: grpc.aio.Channel, worker: Worker) -> None:
+        stub = worker_service_pb2_grpc.WorkerServiceStub(channel)
+        await stub.InitCache(_init_cache())
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await _execute(stub, _decode(0, []))
+
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "scheduled sequence 1" in (error.value.details() or "")
+
+    _serve(test)
+
+
+def test_health_reports_serving_once_loaded() -> None:
+    async def test(channel: grpc.aio.Channel, worker: Worker) -> None:
+        stub = health_pb2_grpc.HealthStub(channel)
+        overall = await stub.Check(health_pb2.HealthCheckRequest())
+        service = await stub.Check(health_pb2.HealthCheckRequest(service="pagedserve.v1.WorkerService"))
+
+        assert overall.status == service.status == health_pb2.HealthCheckResponse.SERVING
+
+    _serve(test)
+
+
+def test_reflection_lists_worker_service() -> None:
+    async def test(channel: grpc.aio.Channel, worker: Worker) -> None:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+        async def ask() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+            yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+        responses = [r async for r in stub.ServerReflectionInfo(ask())]
+        names = {s.name for s in responses[0].list_services_response.service}
+
+        assert {"pagedserve.v1.WorkerService", "grpc.health.v1.Health"} <= names
+
+    _serve(test)
