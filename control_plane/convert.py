@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from pagedserve.control_plane.errors import InvalidArgumentError
+from pagedserve.control_plane.request import FinishReason
 from pagedserve.control_plane.sampling_params import SamplingParams
 from pagedserve.control_plane.step_plan import (
     NewSequencePlan,
@@ -15,7 +17,12 @@ from pagedserve.control_plane.step_plan import (
     TokenLogprobs,
     WorkerSampling,
 )
-from pagedserve.v1 import common_pb2, worker_service_pb2
+from pagedserve.v1 import common_pb2, generation_service_pb2, worker_service_pb2
+
+if TYPE_CHECKING:  # only their shapes matter here; the engine imports the scheduler
+    from pagedserve.control_plane.completion import CompletionChunk
+    from pagedserve.control_plane.engine import Usage
+    from pagedserve.control_plane.tokenizer import Tokenizer
 
 # Optional proto fields: unset means the SamplingParams default (max_tokens 16, seed None, ...).
 _OPTIONAL_SAMPLING_FIELDS = (
@@ -34,6 +41,44 @@ _OPTIONAL_SAMPLING_FIELDS = (
     "prompt_logprobs",
     "skip_special_tokens",
 )
+
+_FINISH_REASONS = {
+    FinishReason.STOP: generation_service_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: generation_service_pb2.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: generation_service_pb2.FINISH_REASON_ABORT,
+}
+
+
+def prompt_from_proto(request: generation_service_pb2.GenerateRequest, tokenizer: Tokenizer) -> tuple[int, ...]:
+    """The prompt's token ids: given ones as they are, text through the tokenizer (BOS added)."""
+    which = request.WhichOneof("prompt")
+    if which == "text":
+        return tuple(tokenizer.encode(request.text))
+    if which == "token_ids":
+        return tuple(request.token_ids.ids)
+    raise InvalidArgumentError("prompt", "must be set, as text or token_ids")
+
+
+def generate_response_to_proto(
+    chunk: CompletionChunk, usage: Usage | None
+) -> generation_service_pb2.GenerateResponse:
+    """One chunk of a completion's stream; usage only on the request's last chunk."""
+    return generation_service_pb2.GenerateResponse(
+        request_id=chunk.request_id,
+        index=chunk.index,
+        sequence_number=chunk.sequence_number,
+        token_ids=chunk.token_ids,
+        text=chunk.text,
+        logprobs=[token_logprobs_to_proto(lp) for lp in chunk.logprobs],
+        finish_reason=(
+            generation_service_pb2.FINISH_REASON_UNSPECIFIED
+            if chunk.finish_reason is None
+            else _FINISH_REASONS[chunk.finish_reason]
+        ),
+        stop_reason=chunk.stop_reason,
+        usage=None if usage is None else _usage_to_proto(usage),
+        prompt_logprobs=[token_logprobs_to_proto(lp) for lp in chunk.prompt_logprobs],
+    )
 
 
 def sampling_params_from_proto(pb: common_pb2.SamplingParams | None) -> SamplingParams:
@@ -115,6 +160,14 @@ def token_logprobs_from_proto(pb: common_pb2.TokenLogprobs) -> TokenLogprobs:
         rank=pb.rank,
         top_token_ids=tuple(pb.top_token_ids),
         top_logprobs=tuple(pb.top_logprobs),
+    )
+
+
+def _usage_to_proto(usage: Usage) -> generation_service_pb2.Usage:
+    return generation_service_pb2.Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cached_prompt_tokens=usage.cached_prompt_tokens,
     )
 
 

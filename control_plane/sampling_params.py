@@ -140,7 +140,7 @@ class SamplingParams:
         )
 
 
-def validate_prompt_token_ids(prompt_token_ids: Sequence[int], vocab_size: int, max_model_len: int) -> None:
+def validate_prompt(prompt_token_ids: Sequence[int], vocab_size: int, max_model_len: int) -> None:
     """Raises InvalidArgumentError unless the prompt is non-empty, in the vocabulary and fits the context."""
     _require(len(prompt_token_ids) > 0, "prompt", "must not be empty")
     for token_id in prompt_token_ids:
