@@ -202,7 +202,7 @@ class Sampler:
         """The logits after bans and penalties: a copy when either applies, else `logits` itself."""
         if not (plan.has_bans or plan.penalty_rows):
             return logits
-        work = logits.clone()
+        work = logits.clone(memory_format=torch.contiguous_format)  # apply_bans needs a flat view
         if plan.has_bans:
             apply_bans(work, plan.banned)
         if plan.penalty_rows:
