@@ -34,12 +34,16 @@ def _tokens(response: pb.ExecuteResponse) -> dict[int, int | None]:
 
 
 def test_forked_sibling_with_copied_last_block_generates_the_same_tokens() -> None:
-    driver = WorkerDriver(load_worker(STORIES_DIR, block_size=BLOCK_SIZE), BLOCK_SIZE, num_blocks=16)
-    first = driver.execute(pb.ExecuteRequest(new_sequences=[_new(1, [0, 1], fork_seq_ids=(2,))]))
-    # Both now hold blocks [0, 1], block 1 partly filled (position 4). The sibling gets a private copy of
-    # it, block 5, and a fresh block 6; it can only reproduce the tokens if the copy carries position 4.
-    copy_step = pb.ExecuteRequest(block_copies=[pb.BlockMapping(src_block_id=1, dst_block_id=5)],
-                                  scheduled_sequences=[_decode(1, 2, (2,)), _decode(2, 1, (5, 6))])
+    block_size = 8  # the 5-token prompt sits in one partly filled block, shared after the fork
+    driver = WorkerDriver(load_worker(STORIES_DIR, block_size=block_size), block_size, num_blocks=8)
+    # A finished sequence leaves other tokens' K/V in block 5.
+    other = pb.NewSequence(seq_id=9, prompt_token_ids=EXPECTED[10:18], sampling=greedy(), block_ids=[5],
+                           num_computed_tokens=0, num_scheduled_tokens=8)
+    driver.execute(pb.ExecuteRequest(new_sequences=[other]))
+    first = driver.execute(pb.ExecuteRequest(dropped_seq_ids=[9], new_sequences=[_new(1, [0], fork_seq_ids=(2,))]))
+    # The sibling's table becomes [5, 6]: its tokens can only match if block 0 was copied onto block 5.
+    copy_step = pb.ExecuteRequest(block_copies=[pb.BlockMapping(src_block_id=0, dst_block_id=5)],
+                                  scheduled_sequences=[_decode(1, 1, (1,)), _decode(2, 0, (5, 6))])
     responses = [driver.execute(copy_step)]
     responses += [driver.execute(pb.ExecuteRequest(scheduled_sequences=[_decode(1), _decode(2)])) for _ in range(5)]
 
