@@ -53,6 +53,8 @@ def prompt_from_proto(request: generation_service_pb2.GenerateRequest, tokenizer
     """The prompt's token ids: given ones as they are, text through the tokenizer (BOS added)."""
     which = request.WhichOneof("prompt")
     if which == "text":
+        if not request.text:
+            raise InvalidArgumentError("prompt", "must not be empty")
         return tuple(tokenizer.encode(request.text))
     if which == "token_ids":
         return tuple(request.token_ids.ids)
