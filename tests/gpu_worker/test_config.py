@@ -1,0 +1,50 @@
+"""WorkerConfig validation and the worker's command-line flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pagedserve.gpu_worker.config import DeviceKind, DType, LoadFormat, WorkerConfig
+from pagedserve.gpu_worker.main import build_parser, config_from_args
+
+
+def test_flags_build_the_worker_config() -> None:
+    args = build_parser().parse_args([
+        "--model", "/models/m", "--listen", "0.0.0.0:0", "--dtype", "bfloat16", "--device", "cpu",
+        "--load-format", "dummy", "--seed", "7", "--worker-id", "w3",
+    ])
+
+    assert config_from_args(args) == WorkerConfig(
+        model_dir=Path("/models/m"), dtype=DType.BFLOAT16, device=DeviceKind.CPU, load_format=LoadFormat.DUMMY,
+        seed=7, listen_address="0.0.0.0:0", worker_id="w3",
+    )
+
+
+def test_flag_defaults_listen_on_loopback_with_automatic_choices() -> None:
+    config = config_from_args(build_parser().parse_args(["--model", "m"]))
+
+    assert (config.listen_address, config.dtype, config.device, config.load_format, config.seed) == (
+        "127.0.0.1:50061", DType.AUTO, DeviceKind.AUTO, LoadFormat.AUTO, 0)
+
+
+@pytest.mark.parametrize("address", ["localhost", ":50061", "host:port", "host:70000"])
+def test_listen_address_must_be_host_and_port(address: str) -> None:
+    with pytest.raises(ValueError, match="listen_address"):
+        WorkerConfig(model_dir=Path("m"), listen_address=address)
+
+
+def test_negative_seed_is_rejected() -> None:
+    with pytest.raises(ValueError, match="seed"):
+        WorkerConfig(model_dir=Path("m"), seed=-1)
+
+
+def test_cpu_device_resolves_to_cpu() -> None:
+    assert DeviceKind.CPU.resolve() == torch.device("cpu")
+
+
+def test_dtype_maps_to_and_from_torch() -> None:
+    assert [DType.from_torch(d.torch_dtype) for d in (DType.FLOAT32, DType.BFLOAT16, DType.FLOAT16)] == [
+        DType.FLOAT32, DType.BFLOAT16, DType.FLOAT16]
