@@ -252,3 +252,9 @@ def test_finish_reason_maps_to_its_wire_value(reason: FinishReason | None, wire:
     chunk = CompletionChunk(request_id="r", index=0, sequence_number=0, token_ids=(), text="", finish_reason=reason)
     pb = generate_response_to_proto(chunk, None)
     assert (pb.finish_reason, pb.HasField("usage")) == (wire, False)
+
+
+def test_empty_text_prompt_is_invalid(tokenizer: Tokenizer) -> None:
+    with pytest.raises(InvalidArgumentError) as info:
+        prompt_from_proto(generation_service_pb2.GenerateRequest(text=""), tokenizer)
+    assert str(info.value) == "prompt: must not be empty"

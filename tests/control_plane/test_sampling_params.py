@@ -119,7 +119,9 @@ def test_unbounded_max_tokens_rejects_min_tokens_beyond_context() -> None:
     with pytest.raises(InvalidArgumentError) as info:
         SamplingParams(max_tokens=None, min_tokens=20).validate(VOCAB_SIZE, MAX_MODEL_LEN, 45)
     assert info.value.field == "min_tokens"
-    assert str(info.value) == "min_tokens: must leave room for the prompt: at most 19 with a prompt of 45 tokens, got 20"
+    assert str(info.value) == (
+        "min_tokens: must leave room for the prompt: at most 19 with a prompt of 45 tokens, got 20"
+    )
 
 
 def test_empty_prompt_is_rejected() -> None:
