@@ -132,7 +132,7 @@ class SamplingParams:
         )
 
     def _check_stops(self) -> None:
-        _require(all(self.stop), "stop", "stop strings must be non-empty")
+        _require(all(self.stop), "stop", "must not contain an empty string")
         _require(
             all(token_id >= 0 for token_id in self.stop_token_ids),
             "stop_token_ids",

@@ -37,7 +37,7 @@ BAD_VALUES: list[tuple[dict[str, Any], str, str]] = [
     ({"prompt_logprobs": 21}, "prompt_logprobs", "prompt_logprobs: must be in [0, 20], got 21"),
     ({"seed": -1}, "seed", "seed: must be in [0, 2**64 - 1], got -1"),
     ({"seed": 2**64}, "seed", f"seed: must be in [0, 2**64 - 1], got {2**64}"),
-    ({"stop": ("end", "")}, "stop", "stop: stop strings must be non-empty"),
+    ({"stop": ("end", "")}, "stop", "stop: must not contain an empty string"),
     ({"stop_token_ids": (3, -1)}, "stop_token_ids", "stop_token_ids: must be non-negative, got [3, -1]"),
 ]
 
