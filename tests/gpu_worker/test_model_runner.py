@@ -1,0 +1,64 @@
+"""Batch building and what the runner returns besides tokens: logprobs of sampled and prompt tokens."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+
+from pagedserve.gpu_worker.model_runner import build_batch
+from pagedserve.gpu_worker.sampler import SamplingOptions
+from pagedserve.gpu_worker.sequence_state import ScheduledWork, SequenceState
+from pagedserve.v1 import worker_service_pb2 as pb
+from tests.gpu_worker.harness import STORIES_DIR, WorkerDriver, load_worker
+
+GOLDEN = json.loads((STORIES_DIR / "golden_greedy.json").read_text())
+PROMPT = GOLDEN["prompt_ids"]
+
+
+def _state(seq_id: int, prompt: list[int], outputs: list[int], table: list[int], num_computed: int) -> SequenceState:
+    return SequenceState(seq_id, prompt, outputs, SamplingOptions(), table, num_computed)
+
+
+def test_flat_batch_places_each_token_at_its_position_and_slot() -> None:
+    # Sequence 0: prefill chunk of positions 2..4; sequence 1: decode at position 5 (its first output).
+    work = [
+        ScheduledWork(_state(0, [10, 11, 12, 13, 14, 15], [], [7, 3], 2), 3),
+        ScheduledWork(_state(1, [20, 21, 22, 23, 24], [25], [1, 6], 5), 1),
+    ]
+
+    batch = build_batch(work, block_size=4, device=torch.device("cpu"))
+
+    assert batch.input_ids.tolist() == [12, 13, 14, 25]
+    assert batch.positions.tolist() == [2, 3, 4, 5]
+    assert batch.meta.slot_mapping.tolist() == [7 * 4 + 2, 7 * 4 + 3, 3 * 4 + 0, 6 * 4 + 1]
+    assert batch.meta.block_tables.tolist() == [[7, 3], [1, 6]]
+    assert batch.meta.seq_lens.tolist() == [5, 6]
+    assert batch.meta.query_start_loc.tolist() == [0, 3, 4]
+    assert (batch.meta.max_query_len, batch.meta.max_seq_len) == (3, 6)
+    assert batch.query_start_loc.tolist() == [0, 3, 4] and batch.query_start_loc.dtype == np.int64
+
+
+def test_logprobs_and_chunked_prompt_logprobs_match_the_reference_model() -> None:
+    reference = AutoModelForCausalLM.from_pretrained(STORIES_DIR, dtype=torch.float32).eval()
+    with torch.no_grad():
+        log_probs = reference(torch.tensor([PROMPT])).logits[0].log_softmax(dim=-1)
+    driver = WorkerDriver(load_worker(STORIES_DIR, block_size=4), 4, num_blocks=8)
+    sampling = pb.SequenceSampling(temperature=0.0, top_p=1.0, repetition_penalty=1.0, logprobs=2, prompt_logprobs=1)
+    new = pb.NewSequence(seq_id=3, prompt_token_ids=PROMPT, sampling=sampling, block_ids=[0, 1],
+                         num_computed_tokens=0, num_scheduled_tokens=3)
+    first = driver.execute(pb.ExecuteRequest(new_sequences=[new]))
+    second = driver.execute(pb.ExecuteRequest(scheduled_sequences=[pb.ScheduledSequence(seq_id=3, num_scheduled_tokens=2)]))
+
+    prompt_logprobs = [*first.outputs[0].prompt_logprobs, *second.outputs[0].prompt_logprobs]
+    sampled = second.outputs[0]
+    expected_prompt = [log_probs[i, PROMPT[i + 1]].item() for i in range(len(PROMPT) - 1)]
+    top2 = log_probs[-1].topk(2)
+    assert (len(first.outputs[0].prompt_logprobs), len(second.outputs[0].prompt_logprobs)) == (3, 1)
+    assert [p.token_id for p in prompt_logprobs] == PROMPT[1:]
+    assert np.allclose([p.logprob for p in prompt_logprobs], expected_prompt, atol=1e-4)
+    assert (sampled.token_id, sampled.logprobs.token_id, sampled.logprobs.rank) == (GOLDEN["greedy_new_ids"][0],) * 2 + (1,)
+    assert list(sampled.logprobs.top_token_ids) == top2.indices.tolist()
+    assert np.allclose(sampled.logprobs.top_logprobs, top2.values.tolist(), atol=1e-4)
