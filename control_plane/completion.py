@@ -28,8 +28,9 @@ class CompletionChunk:
 
 
 class CompletionStream:
-    """State of one completion (one of a request's n): text so far is exactly the decode of its tokens,
-    minus whatever a stop string cut off. Emits nothing after it finished."""
+    """State of one completion (one of a request's n): the text so far is exactly what its tokens add to the
+    prompt's decode (so a first word keeps its leading space), minus whatever a stop string cut off.
+    Emits nothing after it finished."""
 
     def __init__(
         self, request_id: str, index: int, tokenizer: Tokenizer, prompt_token_ids: tuple[int, ...],

@@ -104,7 +104,8 @@ class Engine:
         self._lanes = [_Lane(worker_id, scheduler, transport) for worker_id, scheduler, transport in workers]
         self._tokenizer = tokenizer
         self._config = config
-        self._metrics = metrics
+        self.metrics = metrics
+        metrics.bind_status(self.status)
         self._requests: dict[str, _Tracked] = {}
         self._ids = itertools.count()
         self._num_steps = 0
@@ -178,7 +179,7 @@ class Engine:
             tracked.lane.scheduler.abort_request(request_id)
             tracked.lane.wakeup.set()
             log.info("request_aborted", request_id=request_id)
-            self._metrics.request_ended([FinishReason.ABORT], e2e_s=None)
+            self.metrics.request_ended([FinishReason.ABORT], e2e_s=None)
 
     def status(self) -> EngineStatus:
         stats = [lane.scheduler.stats for lane in self._lanes]
@@ -239,9 +240,9 @@ class Engine:
             return
         if tracked.first_token_time_s is None:
             tracked.first_token_time_s = now
-            self._metrics.observe_ttft(now - tracked.request.arrival_time_s)
+            self.metrics.observe_ttft(now - tracked.request.arrival_time_s)
         elif tracked.last_token_time_s is not None:
-            self._metrics.observe_itl((now - tracked.last_token_time_s) / num_tokens, num_tokens)
+            self.metrics.observe_itl((now - tracked.last_token_time_s) / num_tokens, num_tokens)
         tracked.last_token_time_s = now
 
     def _finish(self, tracked: _Tracked) -> Usage:
@@ -253,7 +254,7 @@ class Engine:
             cached_prompt_tokens=request.num_cached_tokens,
         )
         reasons = [c.finish_reason for c in tracked.completions]
-        self._metrics.request_ended(reasons, e2e_s=time.monotonic() - request.arrival_time_s)
+        self.metrics.request_ended(reasons, e2e_s=time.monotonic() - request.arrival_time_s)
         log.info("request_finished", request_id=request.request_id,
                  finish_reasons=[r.name for r in reasons if r is not None],
                  num_completion_tokens=usage.completion_tokens)

@@ -28,7 +28,7 @@ from pagedserve.control_plane.scheduler import Scheduler
 from pagedserve.control_plane.served_model import ServedModel
 from pagedserve.control_plane.service import GenerationServicer, build_server
 from pagedserve.control_plane.tokenizer import Tokenizer
-from pagedserve.control_plane.worker_client import GrpcWorkerClient
+from pagedserve.control_plane.worker_client import GrpcWorkerClient, WorkerConnection
 from pagedserve.control_plane.worker_launcher import LocalWorkers, WorkerLaunchConfig
 from pagedserve.logs import LogFormat, configure_logging
 from pagedserve.v1 import worker_service_pb2
@@ -103,32 +103,39 @@ def configs_from_args(
     return server, scheduler, cache, EngineConfig(max_steps_in_flight=args.max_steps_in_flight)
 
 
-async def _connect_workers(
-    server: ServerConfig, scheduler: SchedulerConfig, cache: CacheConfig, addresses: Sequence[str]
-) -> tuple[list[GrpcWorkerClient], ServedModel, list[Scheduler], list[str]]:
-    clients = [GrpcWorkerClient(address) for address in addresses]
-    await asyncio.gather(*(c.wait_until_serving(server.worker_start_timeout_s) for c in clients))
-    infos = await asyncio.gather(*(c.get_info() for c in clients))
+async def start_engine(
+    workers: Sequence[WorkerConnection], scheduler: SchedulerConfig, cache: CacheConfig, engine_config: EngineConfig,
+    model_dir: Path, model_name: str,
+) -> tuple[Engine, ServedModel, Tokenizer]:
+    """Sizes every worker's cache (which also resets it), builds one scheduler per worker and starts the engine."""
+    infos = await asyncio.gather(*(w.get_info() for w in workers))
     init = worker_service_pb2.InitCacheRequest(
         block_size=cache.block_size, gpu_memory_utilization=cache.gpu_memory_utilization,
         num_gpu_blocks_override=cache.num_gpu_blocks_override, kv_cache_memory_bytes=cache.kv_cache_memory_bytes,
         swap_space_bytes=cache.swap_space_bytes, max_num_batched_tokens=scheduler.max_num_batched_tokens,
         max_num_seqs=scheduler.max_num_seqs,
     )
-    caches = await asyncio.gather(*(c.init_cache(init) for c in clients))
+    caches = await asyncio.gather(*(w.init_cache(init) for w in workers))
     info = infos[0]
     max_model_len = min(scheduler.max_model_len or info.max_position_embeddings, info.max_position_embeddings)
     scheduler = dataclasses.replace(scheduler, max_model_len=max_model_len)
-    schedulers = [Scheduler(scheduler, cache, c.num_gpu_blocks, c.num_cpu_blocks) for c in caches]
     for worker, blocks in zip(infos, caches):
         log.info("worker_ready", worker_id=worker.worker_id, device=worker.device, dtype=worker.dtype,
                  num_gpu_blocks=blocks.num_gpu_blocks, num_cpu_blocks=blocks.num_cpu_blocks)
+    tokenizer = Tokenizer(model_dir)
     model = ServedModel(
-        name=server.model_dir.name if server.model_dir else BUILTIN_MODEL_NAME, architecture=info.architecture,
-        dtype=info.dtype, vocab_size=info.vocab_size, max_model_len=max_model_len, block_size=cache.block_size,
-        num_gpu_blocks=sum(c.num_gpu_blocks for c in caches), num_workers=len(clients), eos_token_ids=(),
+        name=model_name, architecture=info.architecture, dtype=info.dtype, vocab_size=info.vocab_size,
+        max_model_len=max_model_len, block_size=cache.block_size,
+        num_gpu_blocks=sum(c.num_gpu_blocks for c in caches), num_workers=len(workers),
+        eos_token_ids=tokenizer.eos_token_ids,
     )
-    return clients, model, schedulers, [w.worker_id for w in infos]
+    lanes = [
+        (worker.worker_id, Scheduler(scheduler, cache, blocks.num_gpu_blocks, blocks.num_cpu_blocks), connection)
+        for worker, blocks, connection in zip(infos, caches, workers)
+    ]
+    engine = Engine(lanes, tokenizer, engine_config, EngineMetrics(model_name))
+    engine.start()
+    return engine, model, tokenizer
 
 
 async def serve(server: ServerConfig, scheduler: SchedulerConfig, cache: CacheConfig, engine_config: EngineConfig,
@@ -141,16 +148,13 @@ async def serve(server: ServerConfig, scheduler: SchedulerConfig, cache: CacheCo
             load_format=server.load_format, seed=server.seed,
         ))
         addresses = launcher.start()
+    clients = [GrpcWorkerClient(address) for address in addresses]
     try:
-        clients, model, schedulers, worker_ids = await _connect_workers(server, scheduler, cache, addresses)
-        tokenizer = Tokenizer(model_dir)
-        model = dataclasses.replace(model, eos_token_ids=tokenizer.eos_token_ids)
-        metrics = EngineMetrics(model.name)
-        engine = Engine(list(zip(worker_ids, schedulers, clients)), tokenizer, engine_config, metrics)
-        metrics.bind_status(engine.status)
+        await asyncio.gather(*(c.wait_until_serving(server.worker_start_timeout_s) for c in clients))
+        model_name = server.model_dir.name if server.model_dir else BUILTIN_MODEL_NAME
+        engine, model, tokenizer = await start_engine(clients, scheduler, cache, engine_config, model_dir, model_name)
         if server.metrics_port is not None:
-            metrics.serve(server.host, server.metrics_port)
-        engine.start()
+            engine.metrics.serve(server.host, server.metrics_port)
         grpc_server, port = await build_server(GenerationServicer(engine, tokenizer, model), server.address)
         await grpc_server.start()
         log.info("server_listening", address=f"{server.host}:{port}", model=model.name,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -37,6 +38,36 @@ class CacheInfo:
     num_cpu_blocks: int
 
 
+def worker_info_from_proto(reply: worker_service_pb2.GetWorkerInfoResponse) -> WorkerInfo:
+    return WorkerInfo(
+        worker_id=reply.worker_id,
+        model=reply.model,
+        architecture=reply.architecture,
+        dtype=reply.dtype,
+        device=reply.device,
+        vocab_size=reply.vocab_size,
+        max_position_embeddings=reply.max_position_embeddings,
+    )
+
+
+def cache_info_from_proto(reply: worker_service_pb2.InitCacheResponse) -> CacheInfo:
+    return CacheInfo(num_gpu_blocks=reply.num_gpu_blocks, num_cpu_blocks=reply.num_cpu_blocks)
+
+
+class WorkerConnection(Protocol):
+    """How the control plane reaches one worker: over gRPC, or in-process for the offline API."""
+
+    async def get_info(self) -> WorkerInfo: ...
+
+    async def init_cache(self, request: worker_service_pb2.InitCacheRequest) -> CacheInfo: ...
+
+    async def send(self, plan: StepPlan) -> None: ...
+
+    async def receive(self) -> StepOutput: ...
+
+    async def close(self) -> None: ...
+
+
 class GrpcWorkerClient:
     """One worker reached over gRPC. Steps go out on one bidirectional stream and come back in order."""
 
@@ -68,20 +99,10 @@ class GrpcWorkerClient:
             await asyncio.sleep(0.2)
 
     async def get_info(self) -> WorkerInfo:
-        reply = await self._stub.GetWorkerInfo(worker_service_pb2.GetWorkerInfoRequest())
-        return WorkerInfo(
-            worker_id=reply.worker_id,
-            model=reply.model,
-            architecture=reply.architecture,
-            dtype=reply.dtype,
-            device=reply.device,
-            vocab_size=reply.vocab_size,
-            max_position_embeddings=reply.max_position_embeddings,
-        )
+        return worker_info_from_proto(await self._stub.GetWorkerInfo(worker_service_pb2.GetWorkerInfoRequest()))
 
     async def init_cache(self, request: worker_service_pb2.InitCacheRequest) -> CacheInfo:
-        reply = await self._stub.InitCache(request)
-        return CacheInfo(num_gpu_blocks=reply.num_gpu_blocks, num_cpu_blocks=reply.num_cpu_blocks)
+        return cache_info_from_proto(await self._stub.InitCache(request))
 
     async def send(self, plan: StepPlan) -> None:
         """Queues one step on the Execute stream (opened on first use)."""

@@ -1,0 +1,174 @@
+"""The offline API: `LLM(model).generate(prompts, SamplingParams(...))` runs the engine and a worker in-process.
+
+This is the one module that joins control_plane and gpu_worker: the worker's steps go through the same protobuf
+messages as over gRPC, handed over in memory instead of on a socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import threading
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Coroutine, TypeVar
+
+from pagedserve.control_plane.builtin_model import BUILTIN_MODEL_NAME, write_builtin_model
+from pagedserve.control_plane.config import CacheConfig, EngineConfig, SchedulerConfig
+from pagedserve.control_plane.convert import step_output_from_proto, step_plan_to_proto
+from pagedserve.control_plane.engine import Engine
+from pagedserve.control_plane.main import start_engine
+from pagedserve.control_plane.request import FinishReason
+from pagedserve.control_plane.sampling_params import SamplingParams, validate_prompt
+from pagedserve.control_plane.served_model import ServedModel
+from pagedserve.control_plane.step_plan import StepOutput, StepPlan, TokenLogprobs
+from pagedserve.control_plane.tokenizer import Tokenizer
+from pagedserve.control_plane.worker_client import CacheInfo, WorkerInfo, cache_info_from_proto, worker_info_from_proto
+from pagedserve.gpu_worker import convert as worker_convert
+from pagedserve.gpu_worker.config import DeviceKind, DType, LoadFormat, WorkerConfig
+from pagedserve.gpu_worker.worker import Worker
+from pagedserve.v1 import worker_service_pb2
+
+T = TypeVar("T")
+
+__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams"]
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None
+    logprobs: list[TokenLogprobs]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    outputs: list[CompletionOutput]
+
+
+class InProcessWorker:
+    """A Worker in this process, driven through the step protocol's messages on one executor thread
+    (so steps apply in order and step N+1 can be planned while step N runs)."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagedserve-step")
+        self._pending: deque[Future[worker_service_pb2.ExecuteResponse]] = deque()
+
+    async def get_info(self) -> WorkerInfo:
+        return worker_info_from_proto(worker_convert.worker_info_to_proto(self._worker.info()))
+
+    async def init_cache(self, request: worker_service_pb2.InitCacheRequest) -> CacheInfo:
+        cache_request = worker_convert.cache_request_from_proto(request)
+        info = await asyncio.wrap_future(self._executor.submit(self._worker.init_cache, cache_request))
+        return cache_info_from_proto(worker_convert.cache_info_to_proto(info))
+
+    async def send(self, plan: StepPlan) -> None:
+        self._pending.append(self._executor.submit(self._execute, step_plan_to_proto(plan)))
+
+    def _execute(self, request: worker_service_pb2.ExecuteRequest) -> worker_service_pb2.ExecuteResponse:
+        return worker_convert.step_result_to_proto(self._worker.execute(worker_convert.step_from_proto(request)))
+
+    async def receive(self) -> StepOutput:
+        return step_output_from_proto(await asyncio.wrap_future(self._pending.popleft()))
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+class LLM:
+    """A model served in this process. `model=None` uses the built-in tiny model with random weights."""
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        dtype: str = "auto",
+        device: str = "auto",
+        load_format: str = "auto",
+        seed: int = 0,
+        scheduler_config: SchedulerConfig | None = None,
+        cache_config: CacheConfig | None = None,
+        engine_config: EngineConfig | None = None,
+    ) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="pagedserve-engine", daemon=True)
+        self._thread.start()
+        self._scratch = tempfile.TemporaryDirectory(prefix="pagedserve-")
+        if model is None:
+            model_dir = write_builtin_model(Path(self._scratch.name) / BUILTIN_MODEL_NAME)
+            model_name, load_format = BUILTIN_MODEL_NAME, "dummy"
+        else:
+            model_dir, model_name = Path(model), Path(model).name
+        config = WorkerConfig(model_dir=model_dir, dtype=DType(dtype), device=DeviceKind(device),
+                              load_format=LoadFormat(load_format), seed=seed)
+        self._worker = InProcessWorker(Worker.load(config))
+        started = self._run(start_engine(
+            [self._worker], scheduler_config or SchedulerConfig(), cache_config or CacheConfig(),
+            engine_config or EngineConfig(), model_dir, model_name,
+        ))
+        self._engine: Engine
+        self.model: ServedModel
+        self.tokenizer: Tokenizer
+        self._engine, self.model, self.tokenizer = started
+
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Generates for every prompt (all admitted at once, batched by the scheduler); outputs in prompt order."""
+        params = sampling_params or SamplingParams()
+        per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"got {len(per_prompt)} sampling params for {len(prompts)} prompts")
+        prompt_ids = [tuple(self.tokenizer.encode(p)) if isinstance(p, str) else tuple(p) for p in prompts]
+        for ids, p in zip(prompt_ids, per_prompt):
+            validate_prompt(ids, self.model.vocab_size, self.model.max_model_len)
+            p.validate(self.model.vocab_size, self.model.max_model_len, len(ids))
+        return self._run(self._generate_all(prompt_ids, per_prompt))
+
+    async def _generate_all(
+        self, prompt_ids: list[tuple[int, ...]], params: list[SamplingParams]
+    ) -> list[RequestOutput]:
+        request_ids = [self._engine.add_request(ids, p) for ids, p in zip(prompt_ids, params)]
+        return list(await asyncio.gather(*(
+            self._collect(rid, ids, p.n) for rid, ids, p in zip(request_ids, prompt_ids, params)
+        )))
+
+    async def _collect(self, request_id: str, prompt_ids: tuple[int, ...], n: int) -> RequestOutput:
+        texts: list[list[str]] = [[] for _ in range(n)]
+        ids: list[list[int]] = [[] for _ in range(n)]
+        logprobs: list[list[TokenLogprobs]] = [[] for _ in range(n)]
+        reasons: list[FinishReason | None] = [None] * n
+        async for item in self._engine.stream(request_id):
+            chunk = item.chunk
+            texts[chunk.index].append(chunk.text)
+            ids[chunk.index].extend(chunk.token_ids)
+            logprobs[chunk.index].extend(chunk.logprobs)
+            reasons[chunk.index] = chunk.finish_reason or reasons[chunk.index]
+        outputs = [CompletionOutput(i, "".join(texts[i]), ids[i], reasons[i], logprobs[i]) for i in range(n)]
+        return RequestOutput(request_id, prompt_ids, outputs)
+
+    def close(self) -> None:
+        self._run(self._engine.stop())
+        self._run(self._worker.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._scratch.cleanup()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,33 @@
+"""The offline LLM API runs the same engine and worker in-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pagedserve.clients.llm import LLM, SamplingParams
+from pagedserve.control_plane.config import CacheConfig
+from pagedserve.control_plane.request import FinishReason
+
+STORIES = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "stories260K"
+
+
+def test_offline_generate_reproduces_the_golden_greedy_tokens_for_every_prompt_in_a_batch() -> None:
+    golden = json.loads((STORIES / "golden_greedy.json").read_text())
+    cache = CacheConfig(kv_cache_memory_bytes=16 << 20, swap_space_bytes=0)
+    with LLM(STORIES, cache_config=cache) as llm:
+        params = SamplingParams(temperature=0.0, max_tokens=len(golden["greedy_new_ids"]))
+        outputs = llm.generate([golden["prompt"], golden["prompt_ids"], "One day"], params)
+    assert [o.outputs[0].token_ids for o in outputs[:2]] == [golden["greedy_new_ids"]] * 2
+    assert golden["prompt"] + outputs[0].outputs[0].text == golden["greedy_text"]
+    assert [o.outputs[0].finish_reason for o in outputs[:2]] == [FinishReason.LENGTH] * 2
+    assert outputs[1].prompt_token_ids == tuple(golden["prompt_ids"])
+
+
+def test_offline_builtin_model_generates_deterministically() -> None:
+    cache = CacheConfig(kv_cache_memory_bytes=16 << 20, swap_space_bytes=0)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    with LLM(cache_config=cache) as first, LLM(cache_config=cache) as second:
+        a, b = first.generate(["hello world"], params), second.generate(["hello world"], params)
+    assert a[0].outputs[0].token_ids == b[0].outputs[0].token_ids
+    assert len(a[0].outputs[0].token_ids) == 12
