@@ -125,9 +125,6 @@ class Scheduler:
 
     def add_request(self, request: Request) -> None:
         """Queues the request; ResourceExhaustedError when the queue is full or its prompt can never fit."""
-        max_tokens = request.sampling_params.max_tokens
-        if max_tokens is not None and max_tokens < 1:
-            raise InvalidArgumentError("max_tokens", f"must be at least 1, got {max_tokens}")
         max_model_len = self.config.max_model_len
         if max_model_len is not None and request.num_prompt_tokens > max_model_len:
             raise InvalidArgumentError(

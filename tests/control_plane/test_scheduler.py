@@ -1,0 +1,367 @@
+"""Exact schedules: budget, chunking, limits, priority, preemption, swap, prefix cache, n > 1, aborts, stops."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pagedserve.control_plane.config import PreemptionMode, SchedulingPolicy
+from pagedserve.control_plane.errors import InvalidArgumentError, ResourceExhaustedError
+from pagedserve.control_plane.request import FinishReason, RequestStatus
+from pagedserve.control_plane.step_plan import BlockTableUpdate, ScheduledSequencePlan
+
+from .factories import (
+    EOS,
+    assert_scheduler_invariants,
+    default_next_token,
+    make_request,
+    make_requests,
+    make_scheduler,
+    make_worker,
+    run,
+    step_once,
+)
+
+
+def _alone_tokens(prompt: tuple[int, ...], max_tokens: int, **params: object) -> list[int]:
+    scheduler = make_scheduler(num_blocks=64)
+    scheduler.add_request(make_request("alone", prompt, max_tokens=max_tokens, **params))
+    return run(scheduler, make_worker(scheduler)).tokens[("alone", 0)]
+
+
+def test_running_decode_is_scheduled_before_a_new_prefill_which_gets_the_rest_of_the_budget() -> None:
+    scheduler = make_scheduler(num_blocks=8, max_num_batched_tokens=8)
+    worker = make_worker(scheduler)
+    scheduler.add_request(make_request("early", range(10, 16)))
+    first, _ = step_once(scheduler, worker)
+    assert [(s.seq_id, s.block_ids, s.num_scheduled_tokens) for s in first.new_sequences] == [(0, (0, 1), 6)]
+    scheduler.add_request(make_request("late", range(50, 60)))
+    second, _ = step_once(scheduler, worker)
+    assert second.scheduled_sequences == (ScheduledSequencePlan(0, 1),)
+    assert [(s.seq_id, s.block_ids, s.num_scheduled_tokens) for s in second.new_sequences] == [(1, (2, 3), 7)]
+
+
+def test_long_prompt_is_chunked_to_the_token_budget() -> None:
+    scheduler = make_scheduler(num_blocks=8, max_num_batched_tokens=4)
+    scheduler.add_request(make_requests(1, prompt_len=10, max_tokens=2)[0])
+    result = run(scheduler, make_worker(scheduler))
+    new = result.plans[0].new_sequences[0]
+    assert (new.block_ids, new.num_computed_tokens, new.num_scheduled_tokens) == ((0,), 0, 4)
+    assert [p.scheduled_sequences for p in result.plans[1:]] == [
+        (ScheduledSequencePlan(0, 4, (BlockTableUpdate(1, (1,)),)),),
+        (ScheduledSequencePlan(0, 2, (BlockTableUpdate(2, (2,)),)),),
+        (ScheduledSequencePlan(0, 1),),
+        (),
+    ]
+    assert result.plans[-1].dropped_seq_ids == (0,)
+    assert [len(d.new_token_ids) for d in result.deltas] == [1, 1]
+
+
+def test_prefills_share_the_budget_in_arrival_order() -> None:
+    scheduler = make_scheduler(num_blocks=16, max_num_batched_tokens=8)
+    for request in make_requests(3, prompt_len=6):
+        scheduler.add_request(request)
+    plan = scheduler.schedule()
+    assert [(s.seq_id, s.num_scheduled_tokens) for s in plan.new_sequences] == [(0, 6), (1, 2)]
+    assert plan.num_scheduled_tokens == 8
+    assert scheduler.stats.num_waiting == 1
+
+
+def test_max_num_seqs_limits_the_running_sequences() -> None:
+    scheduler = make_scheduler(num_blocks=16, max_num_seqs=2)
+    for request in make_requests(3, prompt_len=4):
+        scheduler.add_request(request)
+    plan = scheduler.schedule()
+    assert [s.seq_id for s in plan.new_sequences] == [0, 1]
+    assert (scheduler.stats.num_running, scheduler.stats.num_waiting) == (2, 1)
+
+
+def test_priority_policy_admits_lower_priority_values_first_then_by_arrival() -> None:
+    scheduler = make_scheduler(num_blocks=16, max_num_seqs=1, policy=SchedulingPolicy.PRIORITY)
+    for request_id, priority, arrival in (("a", 2, 0.0), ("b", 0, 1.0), ("c", 1, 2.0), ("d", 0, 3.0)):
+        scheduler.add_request(make_request(request_id, [7, 8], max_tokens=1, arrival_time_s=arrival,
+                                           priority=priority))
+    result = run(scheduler, make_worker(scheduler))
+    assert [d.request_id for d in result.deltas] == ["b", "d", "c", "a"]
+
+
+def test_waiting_request_of_higher_priority_preempts_the_lowest_priority_running_one() -> None:
+    scheduler = make_scheduler(num_blocks=4, policy=SchedulingPolicy.PRIORITY)
+    worker = make_worker(scheduler)
+    scheduler.add_request(make_request("low", range(10, 22), priority=5))
+    step_once(scheduler, worker)
+    scheduler.add_request(make_request("high", range(30, 38), priority=0))
+    plan = scheduler.schedule()
+    assert plan.dropped_seq_ids == (0,)
+    # The preempted request's blocks join the free queue tail first: 3, then 2, 1, 0.
+    assert [(s.seq_id, s.block_ids) for s in plan.new_sequences] == [(1, (3, 2))]
+    assert scheduler.get_request("low").status is RequestStatus.PREEMPTED
+    assert scheduler.stats.num_preemptions == 1
+
+
+def test_same_priority_waiting_request_does_not_preempt() -> None:
+    scheduler = make_scheduler(num_blocks=4, policy=SchedulingPolicy.PRIORITY)
+    worker = make_worker(scheduler)
+    scheduler.add_request(make_request("first", range(10, 22), priority=1))
+    step_once(scheduler, worker)
+    scheduler.add_request(make_request("second", range(30, 38), priority=1))
+    plan = scheduler.schedule()
+    assert (plan.dropped_seq_ids, plan.new_sequences) == ((), ())
+    assert plan.scheduled_sequences == (ScheduledSequencePlan(0, 1, (BlockTableUpdate(3, (3,)),)),)
+
+
+def _three_growing_requests(scheduler_kwargs: dict[str, object]) -> tuple[object, object]:
+    scheduler = make_scheduler(num_blocks=8, **scheduler_kwargs)  # type: ignore[arg-type]
+    for request in make_requests(3, prompt_len=6, max_tokens=8):
+        scheduler.add_request(request)
+    return scheduler, make_worker(scheduler)
+
+
+def test_out_of_blocks_preempts_the_newest_request_which_resumes_with_the_same_tokens() -> None:
+    scheduler, worker = _three_growing_requests({})
+    result = run(scheduler, worker, on_step=lambda i, plan: assert_scheduler_invariants(scheduler))
+    preempting = [i for i, plan in enumerate(result.plans) if plan.dropped_seq_ids]
+    # Step 3 computes slot 8 of each: r0 and r1 take the last two blocks, r2 (the newest) is preempted.
+    assert preempting[0] == 3
+    plan = result.plans[3]
+    assert plan.dropped_seq_ids == (2,)
+    assert plan.scheduled_sequences == (
+        ScheduledSequencePlan(0, 1, (BlockTableUpdate(2, (6,)),)),
+        ScheduledSequencePlan(1, 1, (BlockTableUpdate(2, (7,)),)),
+    )
+    resumed = next(p.new_sequences[0] for p in result.plans if p.new_sequences and p.new_sequences[0].seq_id == 3)
+    assert resumed.output_token_ids == tuple(result.tokens[("r2", 0)][:3])
+    for request in make_requests(3, prompt_len=6, max_tokens=8):
+        assert result.tokens[(request.request_id, 0)] == _alone_tokens(request.prompt_token_ids, 8)
+    assert scheduler.stats.num_preemptions == 1
+    assert scheduler.stats.num_used_blocks == 0
+
+
+def test_swap_mode_moves_the_newest_request_to_cpu_blocks_and_back() -> None:
+    scheduler, worker = _three_growing_requests({"num_cpu_blocks": 4, "preemption_mode": PreemptionMode.SWAP})
+    free_before: dict[int, tuple[int, ...]] = {}
+    steps = []
+
+    def record(index: int, plan: object) -> None:
+        assert_scheduler_invariants(scheduler)
+        steps.append(index)
+
+    original_schedule = scheduler.schedule
+
+    def schedule_recording_free_queue():  # type: ignore[no-untyped-def]
+        free_before[len(free_before)] = scheduler.block_manager.gpu.free_queue()
+        return original_schedule()
+
+    scheduler.schedule = schedule_recording_free_queue  # type: ignore[method-assign]
+    result = run(scheduler, worker, on_step=record)
+    swap_outs = [(i, p.swap_out) for i, p in enumerate(result.plans) if p.swap_out]
+    swap_ins = [(i, p) for i, p in enumerate(result.plans) if p.swap_in]
+    assert swap_outs == [(3, ((4, 0), (5, 1)))]
+    assert result.plans[3].dropped_seq_ids == ()
+    (index, plan), = swap_ins
+    device_blocks = free_before[index][:2]
+    assert plan.swap_in == ((0, device_blocks[0]), (1, device_blocks[1]))
+    resumed = next(s for s in plan.scheduled_sequences if s.seq_id == 2)
+    assert resumed.block_table_updates[0].start_index == 0
+    assert resumed.block_table_updates[0].block_ids[:2] == device_blocks
+    assert result.tokens[("r2", 0)] == _alone_tokens(make_requests(3, 6)[2].prompt_token_ids, 8)
+    assert scheduler.stats.num_preemptions == 1
+    assert scheduler.block_manager.cpu.num_used_blocks == 0
+
+
+def test_swap_mode_falls_back_to_recompute_when_the_cpu_pool_is_full() -> None:
+    scheduler, worker = _three_growing_requests({"num_cpu_blocks": 1, "preemption_mode": PreemptionMode.SWAP})
+    result = run(scheduler, worker)
+    assert [p.swap_out for p in result.plans if p.swap_out] == []
+    assert result.plans[3].dropped_seq_ids == (2,)
+
+
+def test_prefix_cache_hit_reuses_exact_blocks_and_counts_tokens() -> None:
+    scheduler = make_scheduler(num_blocks=8)
+    worker = make_worker(scheduler)
+    scheduler.add_request(make_request("a", range(10, 20), max_tokens=1))
+    run(scheduler, worker)
+    assert scheduler.block_manager.gpu.free_queue() == (3, 4, 5, 6, 7, 2, 1, 0)
+    scheduler.add_request(make_request("b", [*range(10, 18), 90, 91, 92], max_tokens=1))
+    plan = scheduler.schedule()
+    (new,) = plan.new_sequences
+    assert (new.block_ids, new.num_computed_tokens, new.num_scheduled_tokens) == ((0, 1, 3), 8, 3)
+    assert (scheduler.stats.prefix_cache_queries, scheduler.stats.prefix_cache_hits) == (21, 8)
+    assert scheduler.get_request("b").num_cached_tokens == 8
+
+
+def test_prefix_cache_evicts_the_least_recently_freed_block_first() -> None:
+    scheduler = make_scheduler(num_blocks=4)
+    worker = make_worker(scheduler)
+    for request_id, prompt in (("a", range(10, 15)), ("b", range(20, 25)), ("c", range(30, 35))):
+        scheduler.add_request(make_request(request_id, prompt, max_tokens=1))
+        run(scheduler, worker)
+    # a cached block 0, then b cached block 2; c took blocks 1 and 0, evicting a's block, not b's.
+    bm = scheduler.block_manager
+    assert bm.find_cached_prefix(list(range(10, 15))).block_ids == ()
+    assert bm.find_cached_prefix(list(range(20, 25))).block_ids == (2,)
+    assert bm.find_cached_prefix(list(range(30, 35))).block_ids == (1,)
+
+
+def test_no_sequence_hits_blocks_computed_in_the_same_step() -> None:
+    scheduler = make_scheduler(num_blocks=8)
+    scheduler.add_request(make_request("a", range(10, 19)))
+    scheduler.add_request(make_request("b", range(10, 19)))
+    plan = scheduler.schedule()
+    assert [(s.block_ids, s.num_computed_tokens) for s in plan.new_sequences] == [((0, 1, 2), 0), ((3, 4, 5), 0)]
+
+
+def test_parallel_samples_share_prompt_blocks_and_copy_the_partial_last_block_on_write() -> None:
+    scheduler = make_scheduler(num_blocks=16)
+    worker = make_worker(scheduler)
+    scheduler.add_request(make_request("n4", range(10, 16), max_tokens=3, n=4))
+    first, deltas = step_once(scheduler, worker)
+    (new,) = first.new_sequences
+    assert (new.seq_id, new.block_ids, new.fork_seq_ids, new.num_scheduled_tokens) == (0, (0, 1), (1, 2, 3), 6)
+    assert [(d.index, len(d.new_token_ids)) for d in deltas] == [(0, 1), (1, 1), (2, 1), (3, 1)]
+    bm = scheduler.block_manager
+    assert [bm.block_ids(seq_id) for seq_id in range(4)] == [(0, 1)] * 4
+    assert (bm.gpu.ref_count(0), bm.gpu.ref_count(1)) == (4, 4)
+    second, second_deltas = step_once(scheduler, worker)
+    assert second.block_copies == ((1, 2), (1, 3), (1, 4))
+    assert second.scheduled_sequences == (
+        ScheduledSequencePlan(0, 1, (BlockTableUpdate(1, (2,)),)),
+        ScheduledSequencePlan(1, 1, (BlockTableUpdate(1, (3,)),)),
+        ScheduledSequencePlan(2, 1, (BlockTableUpdate(1, (4,)),)),
+        ScheduledSequencePlan(3, 1),
+    )
+    assert (bm.gpu.ref_count(0), bm.gpu.ref_count(1)) == (4, 1)
+    result = run(scheduler, worker)
+    prompt = tuple(range(10, 16))
+    for index in range(4):
+        tokens = [d.new_token_ids[0] for d in deltas + second_deltas + result.deltas if d.index == index]
+        expected = list(prompt)
+        for _ in range(3):
+            expected.append(default_next_token(expected, index))
+        assert tokens == expected[6:]
+    assert bm.gpu.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("steps_in_flight", [1, 2])
+def test_requests_aborted_at_random_points_leave_no_blocks_and_no_worker_state(steps_in_flight: int) -> None:
+    rng = random.Random(1234)
+    scheduler = make_scheduler(num_blocks=40, block_size=4, max_num_batched_tokens=24, num_cpu_blocks=8,
+                               preemption_mode=PreemptionMode.SWAP)
+    worker = make_worker(scheduler)
+    requests = [
+        make_request(f"r{i}", [rng.randrange(3, 50) for _ in range(rng.randrange(1, 30))],
+                     max_tokens=40, arrival_time_s=float(i), n=rng.choice([1, 1, 2]))
+        for i in range(200)
+    ]
+    for request in requests:
+        scheduler.add_request(request)
+    stages: dict[str, int] = {"waiting": 0, "prefill": 0, "decode": 0}
+    pending = list(requests)
+    rng.shuffle(pending)
+
+    def abort_some(index: int, plan: object) -> None:
+        for _ in range(rng.randrange(0, 4)):
+            if pending:
+                request = pending.pop()
+                if request.status is RequestStatus.WAITING:
+                    stages["waiting"] += 1
+                elif not request.is_prompt_done:
+                    stages["prefill"] += 1
+                else:
+                    stages["decode"] += 1
+                scheduler.abort_request(request.request_id)
+        assert_scheduler_invariants(scheduler)
+
+    result = run(scheduler, worker, steps_in_flight=steps_in_flight, on_step=abort_some)
+    assert all(count > 0 for count in stages.values()), stages
+    worker.execute(scheduler.schedule())
+    assert (scheduler.stats.num_running, scheduler.stats.num_waiting, scheduler.stats.num_swapped) == (0, 0, 0)
+    assert (scheduler.stats.num_used_blocks, scheduler.block_manager.cpu.num_used_blocks) == (0, 0)
+    assert worker.seqs == {}
+    assert all(reason is not FinishReason.ABORT for reason in result.finish_reasons.values())
+
+
+def test_abort_frees_blocks_at_once_and_drops_the_sequence_in_the_next_plan() -> None:
+    scheduler = make_scheduler(num_blocks=8)
+    worker = make_worker(scheduler)
+    scheduler.add_request(make_request("a", range(10, 16)))
+    step_once(scheduler, worker)
+    scheduler.abort_request("a")
+    scheduler.abort_request("unknown")
+    assert (scheduler.stats.num_used_blocks, scheduler.has_unfinished_requests()) == (0, False)
+    assert scheduler.get_request("a") is None
+    plan, deltas = step_once(scheduler, worker)
+    assert (plan.dropped_seq_ids, plan.scheduled_sequences, deltas) == ((0,), (), [])
+
+
+def test_finished_sequence_frees_its_blocks_and_is_dropped() -> None:
+    scheduler = make_scheduler(num_blocks=8)
+    worker = make_worker(scheduler)
+    scheduler.add_request(make_request("a", range(10, 16)))
+    step_once(scheduler, worker)
+    scheduler.finish_sequence("a", 0, FinishReason.STOP)
+    assert scheduler.stats.num_used_blocks == 0
+    assert scheduler.schedule().dropped_seq_ids == (0,)
+
+
+def _run_with_tokens(next_token: object, **params: object) -> tuple[list[int], FinishReason, int | None]:
+    scheduler = make_scheduler(num_blocks=16)
+    scheduler.add_request(make_request("a", [5, 6, 7], **params))  # type: ignore[arg-type]
+    result = run(scheduler, make_worker(scheduler, next_token))  # type: ignore[arg-type]
+    return result.tokens[("a", 0)], result.finish_reasons[("a", 0)], result.deltas[-1].stop_token_id
+
+
+def test_eos_finishes_with_stop_and_keeps_the_token() -> None:
+    assert _run_with_tokens(lambda tokens, index: EOS if len(tokens) == 5 else 9) == ([9, 9, EOS], FinishReason.STOP, EOS)
+
+
+def test_eos_before_min_tokens_does_not_stop() -> None:
+    assert _run_with_tokens(lambda tokens, index: EOS, min_tokens=2) == ([EOS, EOS], FinishReason.STOP, EOS)
+
+
+def test_stop_token_id_finishes_with_stop() -> None:
+    assert _run_with_tokens(lambda tokens, index: 44, stop_token_ids=(44,)) == ([44], FinishReason.STOP, 44)
+
+
+def test_ignore_eos_runs_to_max_tokens() -> None:
+    assert _run_with_tokens(lambda tokens, index: EOS, ignore_eos=True, max_tokens=3) == (
+        [EOS] * 3, FinishReason.LENGTH, None)
+
+
+def test_max_model_len_finishes_with_length() -> None:
+    scheduler = make_scheduler(num_blocks=16, max_model_len=6)
+    scheduler.add_request(make_request("a", [5, 6, 7], max_tokens=None))
+    result = run(scheduler, make_worker(scheduler))
+    assert (len(result.tokens[("a", 0)]), result.finish_reasons[("a", 0)]) == (3, FinishReason.LENGTH)
+
+
+def test_request_alone_that_outgrows_the_pool_finishes_with_length() -> None:
+    scheduler = make_scheduler(num_blocks=2)
+    scheduler.add_request(make_request("a", range(10, 16), max_tokens=10))
+    result = run(scheduler, make_worker(scheduler))
+    assert (len(result.tokens[("a", 0)]), result.finish_reasons[("a", 0)]) == (3, FinishReason.LENGTH)
+    assert scheduler.stats.num_used_blocks == 0
+
+
+def test_add_request_rejects_what_can_never_run() -> None:
+    scheduler = make_scheduler(num_blocks=2, max_model_len=16, max_num_waiting=1, max_num_seqs=2)
+    with pytest.raises(ResourceExhaustedError, match="prompt of 8 tokens needs 3 KV blocks, the pool has 2"):
+        scheduler.add_request(make_request("big", range(8)))
+    with pytest.raises(InvalidArgumentError, match="17 tokens exceed max_model_len 16"):
+        scheduler.add_request(make_request("long", range(17)))
+    with pytest.raises(ResourceExhaustedError, match="n=3 sequences exceed max_num_seqs 2"):
+        scheduler.add_request(make_request("wide", range(3), n=3))
+    scheduler.add_request(make_request("ok", range(3)))
+    with pytest.raises(ResourceExhaustedError, match="waiting queue is full"):
+        scheduler.add_request(make_request("more", range(3)))
+    assert scheduler.stats.num_waiting == 1
+
+
+def test_without_chunked_prefill_a_prompt_waits_for_a_step_it_fits_in_whole() -> None:
+    scheduler = make_scheduler(num_blocks=16, max_num_batched_tokens=8, max_model_len=8,
+                               enable_chunked_prefill=False)
+    for request in make_requests(2, prompt_len=5, max_tokens=2):
+        scheduler.add_request(request)
+    plan = scheduler.schedule()
+    assert [(s.seq_id, s.num_scheduled_tokens) for s in plan.new_sequences] == [(0, 5)]
