@@ -99,3 +99,17 @@ def test_deadline_ends_the_request_and_frees_its_blocks(stub) -> None:
         list(stub.Generate(request, timeout=0.3))
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     _wait_idle(stub)
+
+
+def test_prometheus_endpoint_exports_vllm_metric_names_labelled_by_model(stories_cluster, stub) -> None:
+    import urllib.request
+
+    params = common_pb2.SamplingParams(temperature=0.0, max_tokens=3)
+    list(stub.Generate(generation_service_pb2.GenerateRequest(text="Hi", sampling_params=params), timeout=30))
+    with urllib.request.urlopen(f"http://127.0.0.1:{stories_cluster.metrics_port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    for name in ("num_requests_running", "num_requests_waiting", "num_requests_swapped", "kv_cache_usage_perc",
+                 "num_preemptions_total", "prefix_cache_queries_total", "prefix_cache_hits_total",
+                 "prompt_tokens_total", "generation_tokens_total", "time_to_first_token_seconds_count",
+                 "inter_token_latency_seconds_count", "e2e_request_latency_seconds_count"):
+        assert f'pagedserve:{name}{{model_name="stories260K"}}' in text, name
