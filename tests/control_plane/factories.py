@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from pagedserve.control_plane.block_manager import BlockManager, Device
 from pagedserve.control_plane.config import CacheConfig, PreemptionMode, SchedulerConfig, SchedulingPolicy
 from pagedserve.control_plane.request import FinishReason, Request, SequenceDelta
 from pagedserve.control_plane.sampling_params import SamplingParams
 from pagedserve.control_plane.scheduler import Scheduler
-from pagedserve.control_plane.step_plan import SequenceOutput, StepOutput, StepPlan
+from pagedserve.control_plane.step_plan import SequenceOutput, StepOutput, StepPlan, TokenLogprobs
 
 EOS = 2
 VOCAB_SIZE = 1000
@@ -88,6 +88,7 @@ class _WorkerSeq:
     num_computed: int
     sample_index: int
     fork_seq_ids: tuple[int, ...]
+    num_prompt_logprobs: int = 0  # prompt positions to return log-probabilities for (0: none asked)
 
 
 class FakeWorker:
@@ -117,8 +118,10 @@ class FakeWorker:
         for new in plan.new_sequences:
             assert new.seq_id not in self.seqs, f"sequence {new.seq_id} sent twice"
             tokens = list(new.prompt_token_ids + new.output_token_ids)
+            num_prompt_logprobs = len(new.prompt_token_ids) if new.sampling.prompt_logprobs is not None else 0
             self.seqs[new.seq_id] = _WorkerSeq(
-                tokens, list(new.block_ids), new.num_computed_tokens, new.sample_index, new.fork_seq_ids
+                tokens, list(new.block_ids), new.num_computed_tokens, new.sample_index, new.fork_seq_ids,
+                num_prompt_logprobs,
             )
             work.append((new.seq_id, new.num_scheduled_tokens))
         for scheduled in plan.scheduled_sequences:
@@ -153,10 +156,14 @@ class FakeWorker:
         for position in range(seq.num_computed, end):
             block_id, offset = self._slot(seq, position)
             self.gpu[block_id][offset] = seq.tokens[position]
+        # A prompt log-probability per computed prompt position, its logprob naming the position.
+        prompt_logprobs = tuple(
+            TokenLogprobs(seq.tokens[p], -float(p), 1) for p in range(seq.num_computed, min(end, seq.num_prompt_logprobs))
+        )
         seq.num_computed = end
         self.num_computed_tokens += num_tokens
         if end < len(seq.tokens):
-            return [SequenceOutput(seq_id, None)]
+            return [SequenceOutput(seq_id, None, prompt_logprobs=prompt_logprobs)]
         outputs = []
         if seq.fork_seq_ids:
             for fork_id in seq.fork_seq_ids:
@@ -167,7 +174,7 @@ class FakeWorker:
                 outputs.append(SequenceOutput(fork_id, child.tokens[-1]))
             seq.fork_seq_ids = ()
         seq.tokens.append(self.next_token(seq.tokens, seq.sample_index))
-        return [SequenceOutput(seq_id, seq.tokens[-1]), *outputs]
+        return [SequenceOutput(seq_id, seq.tokens[-1], prompt_logprobs=prompt_logprobs), *outputs]
 
 
 def make_worker(scheduler: Scheduler, next_token: TokenFn = default_next_token) -> FakeWorker:
@@ -226,14 +233,6 @@ def run(
 def step_once(scheduler: Scheduler, worker: FakeWorker) -> tuple[StepPlan, list[SequenceDelta]]:
     plan = scheduler.schedule()
     return plan, scheduler.update_from_output(plan, worker.execute(plan))
-
-
-def with_params(request: Request, **params: object) -> Request:
-    sampling = replace(request.sampling_params, **params)  # type: ignore[arg-type]
-    return Request(
-        request.request_id, request.prompt_token_ids, sampling, request.eos_token_ids,
-        request.arrival_time_s, request.priority,
-    )
 
 
 def assert_block_invariants(bm: BlockManager) -> None:

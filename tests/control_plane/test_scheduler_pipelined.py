@@ -1,0 +1,138 @@
+"""Planning one step ahead: step N+1 is scheduled before step N's result is applied, with the same tokens."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pagedserve.control_plane.config import PreemptionMode, SchedulingPolicy
+from pagedserve.control_plane.request import FinishReason, Request
+from pagedserve.control_plane.step_plan import BlockTableUpdate, ScheduledSequencePlan
+
+from .factories import (
+    EOS,
+    assert_scheduler_invariants,
+    default_next_token,
+    make_request,
+    make_scheduler,
+    make_worker,
+    run,
+)
+
+
+def test_decode_is_planned_again_before_the_token_it_computes_has_arrived() -> None:
+    scheduler = make_scheduler(num_blocks=8)
+    worker = make_worker(scheduler)
+    scheduler.add_request(make_request("a", range(10, 18)))
+    first = scheduler.schedule()
+    second = scheduler.schedule()
+    assert second.scheduled_sequences == (ScheduledSequencePlan(0, 1, (BlockTableUpdate(2, (2,)),)),)
+    first_deltas = scheduler.update_from_output(first, worker.execute(first))
+    second_deltas = scheduler.update_from_output(second, worker.execute(second))
+    assert [len(d.new_token_ids) for d in first_deltas + second_deltas] == [1, 1]
+
+
+def test_lag_never_schedules_a_sequence_past_max_tokens() -> None:
+    scheduler = make_scheduler(num_blocks=8)
+    worker = make_worker(scheduler)
+    scheduler.add_request(make_request("a", range(10, 16), max_tokens=2))
+    first, second = scheduler.schedule(), scheduler.schedule()
+    assert scheduler.schedule().is_empty
+    outputs = [worker.execute(first), worker.execute(second)]
+    deltas = scheduler.update_from_output(first, outputs[0]) + scheduler.update_from_output(second, outputs[1])
+    assert [d.finish_reason for d in deltas] == [None, FinishReason.LENGTH]
+    assert worker.num_computed_tokens == 6 + 1
+
+
+def test_token_computed_after_eos_is_discarded_and_the_sequence_dropped() -> None:
+    scheduler = make_scheduler(num_blocks=8)
+    worker = make_worker(scheduler, lambda tokens, index: EOS)
+    scheduler.add_request(make_request("a", range(10, 16)))
+    first, second = scheduler.schedule(), scheduler.schedule()
+    outputs = [worker.execute(first), worker.execute(second)]
+    first_deltas = scheduler.update_from_output(first, outputs[0])
+    assert [(d.new_token_ids, d.finish_reason) for d in first_deltas] == [((EOS,), FinishReason.STOP)]
+    assert scheduler.update_from_output(second, outputs[1]) == []
+    assert scheduler.schedule().dropped_seq_ids == (0,)
+    assert (worker.num_computed_tokens, scheduler.stats.num_used_blocks) == (6 + 1, 0)
+
+
+def test_results_of_a_request_aborted_in_flight_are_ignored() -> None:
+    scheduler = make_scheduler(num_blocks=8)
+    worker = make_worker(scheduler)
+    scheduler.add_request(make_request("a", range(10, 16)))
+    first, second = scheduler.schedule(), scheduler.schedule()
+    scheduler.abort_request("a")
+    assert scheduler.update_from_output(first, worker.execute(first)) == []
+    assert scheduler.update_from_output(second, worker.execute(second)) == []
+    assert scheduler.schedule().dropped_seq_ids == (0,)
+
+
+@pytest.mark.parametrize("steps_in_flight", [1, 2])
+def test_prompt_logprobs_skip_the_cache_and_are_delivered_once_across_a_recompute(steps_in_flight: int) -> None:
+    scheduler = make_scheduler(num_blocks=5, max_num_batched_tokens=4)
+    worker = make_worker(scheduler)
+    scheduler.add_request(make_request("warm", range(10, 18), max_tokens=1))
+    run(scheduler, worker)
+    scheduler.add_request(make_request("b", range(40, 52), max_tokens=4, arrival_time_s=0.0))
+    scheduler.add_request(make_request("a", range(10, 18), max_tokens=2, prompt_logprobs=1, arrival_time_s=1.0))
+    result = run(scheduler, worker, steps_in_flight=steps_in_flight)
+    # a's prefill is preempted part-way, so some of its prompt positions are computed twice.
+    assert scheduler.stats.num_preemptions >= 1
+    delivered = [p for d in result.deltas if d.request_id == "a" for p in d.prompt_logprobs]
+    assert [(p.token_id, p.logprob) for p in delivered] == [(10 + i, -float(i)) for i in range(8)]
+    starts = [s.num_computed_tokens for p in result.plans for s in p.new_sequences if s.prompt_token_ids[0] == 10]
+    assert starts == [0] * len(starts)
+    assert len(starts) == 1 + scheduler.stats.num_preemptions
+
+
+def _random_requests(seed: int) -> list[Request]:
+    rng = random.Random(seed)
+    shared = [rng.randrange(3, 900) for _ in range(12)]
+    requests = []
+    for i in range(rng.randrange(1, 16)):
+        length = rng.randrange(1, 12)
+        prompt = shared[:length] if rng.random() < 0.5 else [rng.randrange(3, 900) for _ in range(length)]
+        max_tokens = rng.randrange(1, 12)
+        requests.append(make_request(
+            f"r{i}", prompt, max_tokens=max_tokens, arrival_time_s=float(i), priority=rng.randrange(3),
+            n=rng.choice([1, 1, 1, 2]), min_tokens=rng.choice([0, 0, min(3, max_tokens)]),
+        ))
+    return requests
+
+
+def _sometimes_eos(tokens: list[int], index: int) -> int:
+    token = default_next_token(tokens, index)
+    return EOS if token % 23 == 0 else token
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_one_ahead_loop_yields_the_tokens_of_the_synchronous_loop(seed: int) -> None:
+    rng = random.Random(seed)
+    block_size = rng.choice([1, 2, 4, 8])
+    # Every request fits the pool alone, so lengths never depend on timing.
+    config = dict(
+        num_blocks=2 * (24 // block_size + 2) + rng.randrange(6), block_size=block_size,
+        num_cpu_blocks=rng.choice([0, 4, 40]), max_num_batched_tokens=rng.choice([4, 8, 16, 2048]),
+        max_num_seqs=rng.choice([2, 4, 256]), policy=rng.choice(list(SchedulingPolicy)),
+        preemption_mode=rng.choice(list(PreemptionMode)), enable_prefix_caching=rng.random() < 0.8,
+    )
+    results = []
+    for steps_in_flight in (1, 2):
+        scheduler = make_scheduler(**config)  # type: ignore[arg-type]
+        for request in _random_requests(seed):
+            scheduler.add_request(request)
+        result = run(scheduler, make_worker(scheduler, _sometimes_eos), steps_in_flight=steps_in_flight,
+                     on_step=lambda index, plan: assert_scheduler_invariants(scheduler))
+        assert (scheduler.stats.num_used_blocks, scheduler.block_manager.cpu.num_used_blocks) == (0, 0)
+        results.append(result)
+    synchronous, pipelined = results
+    assert pipelined.tokens == synchronous.tokens
+    assert pipelined.finish_reasons == synchronous.finish_reasons
+    for request in _random_requests(seed):
+        alone = make_scheduler(num_blocks=64, block_size=block_size)
+        alone.add_request(request)
+        expected = run(alone, make_worker(alone, _sometimes_eos)).tokens
+        for key, tokens in expected.items():
+            assert synchronous.tokens[key] == tokens
