@@ -1,0 +1,169 @@
+"""Roofline bounds: measured memory bandwidth and matmul rate, and the fastest a workload could run on them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks.model_shapes import ModelShape, read_shape
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class HardwareRates:
+    """What one device was measured to do, in the same run as the benchmark."""
+
+    device_name: str
+    memory_bandwidth_bytes_per_s: float  # bytes read + written per second by a large device copy
+    matmul_flops_per_s: float  # large square GEMM: bf16 on CUDA, float32 on CPU
+
+
+@dataclass(frozen=True, slots=True)
+class StepCost:
+    """Work of one engine step: it cannot finish faster than its bytes over bandwidth or its FLOPs over rate."""
+
+    bytes_moved: float
+    flops: float
+
+    def time_s(self, rates: HardwareRates) -> float:
+        return max(self.bytes_moved / rates.memory_bandwidth_bytes_per_s, self.flops / rates.matmul_flops_per_s)
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """N requests of input_len prompt tokens and output_len generated tokens, at most `concurrency` at once."""
+
+    num_requests: int
+    input_len: int
+    output_len: int
+    concurrency: int
+    max_num_batched_tokens: int = 2048  # a prefill chunk per step reads the weights once
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.num_requests * self.output_len
+
+
+def dtype_bytes(dtype: str) -> int:
+    return _DTYPE_BYTES[dtype]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def _median_time_s(fn: Callable[[], object], device: torch.device, warmups: int = 3, iterations: int = 10) -> float:
+    for _ in range(warmups):
+        fn()
+    times = []
+    for _ in range(iterations):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_hardware(device: torch.device) -> HardwareRates:
+    """Times a 1 GiB copy and an 8192^3 bf16 GEMM on CUDA (64 MiB and 1024^3 float32 on CPU); frees them after."""
+    on_gpu = device.type == "cuda"
+    num_bytes = (1 << 30) if on_gpu else (64 << 20)
+    source = torch.empty(num_bytes, dtype=torch.uint8, device=device).fill_(1)
+    target = torch.empty_like(source)
+    copy_s = _median_time_s(lambda: target.copy_(source), device)
+    del source, target
+    n, gemm_dtype = (8192, torch.bfloat16) if on_gpu else (1024, torch.float32)
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, dtype=gemm_dtype, device=device, generator=generator)
+    b = torch.randn(n, n, dtype=gemm_dtype, device=device, generator=generator)
+    gemm_s = _median_time_s(lambda: torch.mm(a, b), device)
+    del a, b
+    if on_gpu:
+        torch.cuda.empty_cache()
+    return HardwareRates(device_name(device), 2 * num_bytes / copy_s, 2 * n**3 / gemm_s)
+
+
+def prefill_cost(shape: ModelShape, elem_bytes: int, num_seqs: int, prompt_len: int, max_batched: int) -> StepCost:
+    """Prefill of num_seqs prompts: weights read once per chunk of max_batched tokens, K/V written, causal attention,
+    logits for each prompt's last token only."""
+    tokens = num_seqs * prompt_len
+    num_chunks = math.ceil(tokens / max_batched)
+    layer_matmul = shape.num_layers * (shape.layer_parameters - 2 * shape.hidden_size)
+    attention = 2 * shape.num_layers * shape.num_heads * shape.resolved_head_dim * prompt_len * (prompt_len + 1)
+    flops = 2 * layer_matmul * tokens + num_seqs * attention + 2 * shape.vocab_size * shape.hidden_size * num_seqs
+    bytes_moved = num_chunks * shape.matmul_parameters * elem_bytes + tokens * shape.kv_bytes_per_token(elem_bytes)
+    return StepCost(bytes_moved, flops)
+
+
+def decode_cost(shape: ModelShape, elem_bytes: int, num_seqs: int, context_len: int) -> StepCost:
+    """One decode step of num_seqs sequences, each attending to context_len tokens: all weights plus their K/V read."""
+    kv_read = num_seqs * context_len * shape.kv_bytes_per_token(elem_bytes)
+    attention = 4 * shape.num_layers * shape.num_heads * shape.resolved_head_dim * context_len * num_seqs
+    flops = 2 * shape.matmul_parameters * num_seqs + attention
+    return StepCost(shape.matmul_parameters * elem_bytes + kv_read, flops)
+
+
+def _wave_time_s(shape: ModelShape, elem_bytes: int, rates: HardwareRates, workload: Workload, num_seqs: int) -> float:
+    """num_seqs requests run together: one prefill (which yields the first token), then output_len - 1 decode steps."""
+    total = prefill_cost(shape, elem_bytes, num_seqs, workload.input_len, workload.max_num_batched_tokens).time_s(rates)
+    for step in range(1, workload.output_len):
+        total += decode_cost(shape, elem_bytes, num_seqs, workload.input_len + step).time_s(rates)
+    return total
+
+
+def workload_bound_s(shape: ModelShape, elem_bytes: int, rates: HardwareRates, workload: Workload) -> float:
+    """Least time for the workload, modelled as waves of `concurrency` requests, each step at its roofline."""
+    concurrency = max(1, min(workload.concurrency, workload.num_requests))
+    full_waves, remainder = divmod(workload.num_requests, concurrency)
+    total = full_waves * _wave_time_s(shape, elem_bytes, rates, workload, concurrency)
+    if remainder:
+        total += _wave_time_s(shape, elem_bytes, rates, workload, remainder)
+    return total
+
+
+def bound_summary(shape: ModelShape, elem_bytes: int, rates: HardwareRates, workload: Workload) -> dict[str, float]:
+    """The bound as JSON fields: seconds and output tokens/s."""
+    seconds = workload_bound_s(shape, elem_bytes, rates, workload)
+    return {"bound_s": seconds, "bound_output_tokens_per_s": workload.num_output_tokens / seconds}
+
+
+def percent_of_bound(measured_s: float, bound_s: float) -> float:
+    """Throughput as a share of the bound's: the bound's time over the measured time, in percent."""
+    return 100.0 * bound_s / measured_s
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Measure this device and bound a workload on a model directory.")
+    parser.add_argument("--model", type=Path, required=True, help="model directory with a config.json")
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPE_BYTES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--num-prompts", type=int, default=1000)
+    parser.add_argument("--input-len", type=int, default=1024)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    args = parser.parse_args(argv)
+    rates = measure_hardware(torch.device(args.device))
+    workload = Workload(args.num_prompts, args.input_len, args.output_len, args.concurrency,
+                        args.max_num_batched_tokens)
+    summary = bound_summary(read_shape(args.model), dtype_bytes(args.dtype), rates, workload)
+    print(json.dumps({"hardware": asdict(rates), "workload": asdict(workload), **summary}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""Benchmark records: run metadata, JSON, markdown tables, optional PNG plots and the closing console table."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RESULT_DIR = REPO_ROOT / "benchmarks" / "results"
+
+Row = Sequence[object]
+
+
+def git_commit() -> str:
+    """HEAD of the repository the benchmarks live in, or "unknown" outside a checkout."""
+    try:
+        completed = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                   check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return completed.stdout.strip()
+
+
+def run_metadata(benchmark: str, device: str) -> dict[str, str]:
+    """Who ran what, where and when: commit, device, the exact command line, UTC date."""
+    return {
+        "benchmark": benchmark,
+        "commit": git_commit(),
+        "device": device,
+        "command": shlex.join(sys.orig_argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def result_stem(result_dir: Path, metadata: dict[str, str]) -> Path:
+    """result_dir/<date>-<benchmark>-<device>, the device name as a lowercase slug."""
+    device = re.sub(r"[^a-z0-9]+", "-", metadata["device"].lower()).strip("-")
+    return result_dir / f"{metadata['date'][:10]}-{metadata['benchmark']}-{device}"
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Row]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Row]) -> str:
+    """A plain aligned table for the console."""
+    cells = [list(headers)] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)
+
+
+def markdown_report(title: str, metadata: dict[str, str], sections: Sequence[tuple[str, str]]) -> str:
+    """A page: title, a metadata list, then (heading, markdown body) sections."""
+    lines = [f"# {title}", ""]
+    lines += [f"- {key}: `{value}`" for key, value in metadata.items()]
+    for heading, body in sections:
+        lines += ["", f"## {heading}", "", body.rstrip()]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(stem: Path, result: dict[str, Any], markdown: str) -> list[Path]:
+    """Writes stem.json and stem.md (directories made as needed); returns the paths."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    md_path.write_text(markdown)
+    return [json_path, md_path]
+
+
+def _pyplot() -> Any | None:
+    """matplotlib's pyplot on a file backend, or None where matplotlib is not installed (plots are optional)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_serving(runs: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """Throughput, latency distributions and share of the bound, against concurrency; None without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    labels = [str(run["max_concurrency"]) for run in runs]
+    figure, (ax_tput, ax_lat, ax_bound) = plt.subplots(1, 3, figsize=(17, 4.8))
+    ax_tput.plot(labels, [r["output_throughput"] for r in runs], marker="o", label="output tokens/s")
+    ax_tput.plot(labels, [r["total_token_throughput"] for r in runs], marker="s", label="total tokens/s")
+    ax_tput.set(xlabel="max concurrency", ylabel="tokens/s", title="Throughput")
+    ax_tput.legend()
+    positions = range(len(runs))
+    ax_lat.boxplot([r["ttfts_ms"] for r in runs], positions=[p - 0.2 for p in positions], widths=0.35,
+                   patch_artist=True, boxprops={"facecolor": "#9ecae1"}, showfliers=False)
+    ax_lat.boxplot([r["tpots_ms"] for r in runs], positions=[p + 0.2 for p in positions], widths=0.35,
+                   patch_artist=True, boxprops={"facecolor": "#fdae6b"}, showfliers=False)
+    ax_lat.set_xticks(list(positions), labels)
+    ax_lat.set_yscale("log")
+    ax_lat.set(xlabel="max concurrency", ylabel="ms", title="TTFT (blue) and TPOT (orange) per request")
+    bounded = [r for r in runs if r.get("percent_of_bound") is not None]
+    ax_bound.bar([str(r["max_concurrency"]) for r in bounded], [r["percent_of_bound"] for r in bounded])
+    ax_bound.set(xlabel="max concurrency", ylabel="% of roofline bound", title="Output throughput / bound")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_throughput(backends: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """Output tokens/s and share of the bound per backend; None without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    names = [b["backend"] for b in backends]
+    figure, (ax_tput, ax_bound) = plt.subplots(1, 2, figsize=(12, 4.5))
+    ax_tput.bar(names, [b["output_tokens_per_s"] for b in backends])
+    ax_tput.set(ylabel="output tokens/s", title="Offline throughput")
+    ax_bound.bar(names, [b.get("percent_of_bound") or 0.0 for b in backends])
+    ax_bound.set(ylabel="% of roofline bound", title="Throughput / bound")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
