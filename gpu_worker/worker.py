@@ -56,6 +56,12 @@ class Worker:
             raise CacheNotInitializedError("InitCache must run before Execute")
         return self._registry
 
+    @property
+    def pool(self) -> KVPool:
+        if self._pool is None:
+            raise CacheNotInitializedError("InitCache must run before Execute")
+        return self._pool
+
     def info(self) -> WorkerInfo:
         model_config = self.loaded.config
         layout = self._layout(block_size=1)
@@ -94,8 +100,8 @@ class Worker:
         """Validates the whole step, then applies it: drop, swap out, swap in, copy, add, update, compute."""
         started = time.perf_counter()
         with self._lock:
-            registry, pool, runner = self.registry, self._pool, self._runner
-            assert pool is not None and runner is not None  # set together with the registry
+            registry, pool, runner = self.registry, self.pool, self._runner
+            assert runner is not None  # set together with the registry and the pool
             registry.validate(step)
             work = registry.apply(step)
             pool.swap_out(step.swap_out)

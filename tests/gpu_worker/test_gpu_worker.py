@@ -1,0 +1,65 @@
+"""The worker on a CUDA device with the CuPy kernels: profiled pool sizing, golden tokens, swaps to pinned memory."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from pagedserve.gpu_worker.config import DeviceKind, WorkerConfig
+from pagedserve.gpu_worker.step import CacheRequest
+from pagedserve.gpu_worker.worker import Worker
+from pagedserve.v1 import worker_service_pb2 as pb
+from tests.gpu_worker.harness import STORIES_DIR, WorkerDriver, greedy, load_worker, make_sequences
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or importlib.util.find_spec("cupy") is None, reason="needs CUDA and CuPy"
+    ),
+]
+GOLDEN = json.loads((STORIES_DIR / "golden_greedy.json").read_text())
+BLOCK_SIZE = 16
+
+
+def test_profiled_init_cache_sizes_the_pool_from_memory_left_after_weights_and_peak() -> None:
+    worker = Worker.load(WorkerConfig(model_dir=STORIES_DIR, device=DeviceKind.CUDA))
+    free_bytes, _ = torch.cuda.mem_get_info()
+    info = worker.init_cache(CacheRequest(block_size=BLOCK_SIZE, gpu_memory_utilization=0.05,
+                                          max_num_batched_tokens=4096, max_num_seqs=64))
+    bytes_per_block = worker.info().kv_bytes_per_token * BLOCK_SIZE
+    total_bytes = torch.cuda.get_device_properties(0).total_memory
+
+    assert info.peak_activation_bytes > 0
+    assert info.num_gpu_blocks * bytes_per_block <= 0.05 * total_bytes - info.peak_activation_bytes
+    assert info.num_gpu_blocks * bytes_per_block <= free_bytes
+    assert info.num_gpu_blocks * bytes_per_block > 0.02 * total_bytes
+
+
+def test_greedy_tokens_on_cuda_equal_the_golden_reference() -> None:
+    driver = WorkerDriver(load_worker(STORIES_DIR, BLOCK_SIZE, num_blocks=64, device=DeviceKind.CUDA),
+                          BLOCK_SIZE, num_blocks=64)
+    prompts = [GOLDEN["prompt_ids"]] * 3
+
+    generated = driver.generate(make_sequences(prompts, {1: 2, 2: 4}), len(GOLDEN["greedy_new_ids"]))
+
+    assert generated == [GOLDEN["greedy_new_ids"]] * 3
+
+
+def test_swap_through_pinned_memory_keeps_the_tokens() -> None:
+    worker = load_worker(STORIES_DIR, BLOCK_SIZE, num_blocks=4, num_cpu_blocks=2, device=DeviceKind.CUDA)
+    driver = WorkerDriver(worker, BLOCK_SIZE, num_blocks=4)
+    new = pb.NewSequence(seq_id=1, prompt_token_ids=GOLDEN["prompt_ids"], sampling=greedy(), block_ids=[0],
+                         num_computed_tokens=0, num_scheduled_tokens=len(GOLDEN["prompt_ids"]))
+    tokens = [driver.execute(pb.ExecuteRequest(new_sequences=[new])).outputs[0].token_id]
+    driver.execute(pb.ExecuteRequest(swap_out=[pb.BlockMapping(src_block_id=0, dst_block_id=1)]))
+    worker.pool.gpu_cache.zero_()  # anything left on the device is gone
+    resumed = pb.ScheduledSequence(seq_id=1, num_scheduled_tokens=1,
+                                   block_table_updates=[pb.BlockTableUpdate(start_index=0, block_ids=[3])])
+    swap_in = [pb.BlockMapping(src_block_id=1, dst_block_id=3)]
+    tokens.append(driver.execute(pb.ExecuteRequest(swap_in=swap_in, scheduled_sequences=[resumed])).outputs[0].token_id)
+
+    assert worker.pool.cpu_cache.is_pinned()
+    assert tokens == GOLDEN["greedy_new_ids"][:2]
