@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
-
 import structlog
 
 from pagedserve.control_plane.block_manager import BlockManager, CachedPrefix
@@ -18,73 +16,15 @@ from pagedserve.control_plane.request import (
     Sequence,
     SequenceDelta,
     check_stop,
-    worker_sampling,
 )
 from pagedserve.control_plane.request_queue import make_request_queue
 from pagedserve.control_plane.stats import SchedulerStats
-from pagedserve.control_plane.step_plan import (
-    BlockTableUpdate,
-    NewSequencePlan,
-    ScheduledSequencePlan,
-    SequenceOutput,
-    StepOutput,
-    StepPlan,
-    TokenLogprobs,
-)
+from pagedserve.control_plane.step_builder import Expectation, SeqWork, StepBuilder
+from pagedserve.control_plane.step_plan import BlockTableUpdate, SequenceOutput, StepOutput, StepPlan, TokenLogprobs
 
 log = structlog.get_logger()
 
 __all__ = ["Scheduler", "SchedulerStats"]
-
-
-@dataclass(frozen=True, slots=True)
-class _Work:
-    """Tokens one sequence computes this step; prefix is set when the worker does not hold the sequence."""
-
-    seq: Sequence
-    num_new_tokens: int
-    prefix: CachedPrefix | None
-
-    @property
-    def end(self) -> int:
-        start = self.prefix.num_tokens if self.prefix else self.seq.num_computed_tokens
-        return start + self.num_new_tokens
-
-
-@dataclass(frozen=True, slots=True)
-class _Expect:
-    """What a planned step owes one sequence: a sampled token, and first tokens for forked siblings."""
-
-    samples: bool
-    fork_seq_ids: tuple[int, ...] = ()
-
-
-@dataclass(slots=True)
-class _Step:
-    """The decisions of one schedule() call so far."""
-
-    budget: int
-    num_seqs: int
-    dropped_seq_ids: list[int]
-    has_preempted: bool = False
-    swap_out: list[tuple[int, int]] = field(default_factory=list)
-    swap_in: list[tuple[int, int]] = field(default_factory=list)
-    block_copies: list[tuple[int, int]] = field(default_factory=list)
-    new_sequences: list[NewSequencePlan] = field(default_factory=list)
-    scheduled_sequences: list[ScheduledSequencePlan] = field(default_factory=list)
-    expects: dict[int, _Expect] = field(default_factory=dict)
-    scheduled: list[tuple[Request, Sequence]] = field(default_factory=list)
-
-    def build(self, step_id: int) -> StepPlan:
-        return StepPlan(
-            step_id=step_id,
-            dropped_seq_ids=tuple(self.dropped_seq_ids),
-            swap_out=tuple(self.swap_out),
-            swap_in=tuple(self.swap_in),
-            block_copies=tuple(self.block_copies),
-            new_sequences=tuple(self.new_sequences),
-            scheduled_sequences=tuple(self.scheduled_sequences),
-        )
 
 
 class Scheduler:
@@ -115,8 +55,11 @@ class Scheduler:
         self._next_step_id = 0
         self._dropped: list[int] = []
         self._table_rewrites: set[int] = set()  # swapped-in sequences whose next plan rewrites the table
-        self._expects: dict[int, dict[int, _Expect]] = {}  # step id -> seq id -> what the step owes it
-        self._finished_deltas: list[SequenceDelta] = []  # finishes decided while planning, reported next
+        self._expectations: dict[int, dict[int, Expectation]] = {}  # step id -> seq id -> what the step owes it
+        # A sequence ends (LENGTH) before it outgrows the whole pool: its known tokens, all but the last
+        # one computed, must fit there alone, or it could never resume after a preemption.
+        pool_len = num_gpu_blocks * cache_config.block_size + 1
+        self._max_len = min(scheduler_config.max_model_len or pool_len, pool_len)
         self._num_preemptions = 0
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
@@ -198,7 +141,7 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         """Plans the next step. Its step_id advances only when the plan is not empty."""
-        step = _Step(self.config.max_num_batched_tokens, self._num_running_seqs(), self._dropped)
+        step = StepBuilder(self.config.max_num_batched_tokens, self._num_running_seqs(), self._dropped)
         self._make_room_for_waiting(step)
         self._extend_running(step)
         if not step.has_preempted:
@@ -210,14 +153,14 @@ class Scheduler:
         plan = step.build(self._next_step_id)
         if not plan.is_empty:
             self._next_step_id += 1
-            if step.expects:
-                self._expects[plan.step_id] = step.expects
+            if step.expectations:
+                self._expectations[plan.step_id] = step.expectations
         return plan
 
     def _num_running_seqs(self) -> int:
         return sum(r.num_seqs_reserved for r in self._running)
 
-    def _make_room_for_waiting(self, step: _Step) -> None:
+    def _make_room_for_waiting(self, step: StepBuilder) -> None:
         """Preempts running requests the policy ranks below the next waiting one, until the latter fits."""
         if not self._waiting or self._swapped:
             return
@@ -228,7 +171,7 @@ class Scheduler:
                 return
             self._preempt(victim, step)
 
-    def _extend_running(self, step: _Step) -> None:
+    def _extend_running(self, step: StepBuilder) -> None:
         """Schedules running requests in order; out of blocks, preempts the policy's victim and retries."""
         index = 0
         while index < len(self._running) and step.budget > 0:
@@ -236,13 +179,10 @@ class Scheduler:
             works = self._plan(request, step.budget)
             while works is None:
                 if len(self._running) == 1:
-                    # Alone and still short of blocks: it can never grow. Tokens still in flight arrive
-                    # first, so a pipelined run ends it with the same tokens as a synchronous one.
-                    if any(s.num_pending_tokens for s in request.live_sequences):
-                        works = []
-                    else:
-                        self._finish_unfittable(request)
-                    break
+                    # Alone, its sequences together outgrow the pool: some of them wait for the others.
+                    self._preempt_sequence(request, step)
+                    works = self._plan(request, step.budget)
+                    continue
                 victim = self._policy.pick_victim(self._running[index:])
                 self._preempt(victim, step)
                 step.has_preempted = True
@@ -253,7 +193,7 @@ class Scheduler:
                 self._commit(request, works, step)
                 index += 1
 
-    def _resume_swapped(self, step: _Step) -> None:
+    def _resume_swapped(self, step: StepBuilder) -> None:
         """Swaps requests back in, in queue order, while their blocks (and a block per sequence) fit."""
         bm = self.block_manager
         while self._swapped:
@@ -261,11 +201,8 @@ class Scheduler:
             seq_ids = [s.seq_id for s in request.live_sequences if bm.has_table(s.seq_id)]
             if step.num_seqs + request.num_seqs_reserved > self.config.max_num_seqs:
                 return
-            if not bm.can_swap_in(seq_ids, len(seq_ids)):
-                if not self._running:
-                    self._swapped.pop()
-                    self._finish_unfittable(request)
-                    continue
+            # A block per sequence to grow into, unless it has the pool to itself (it fit there before).
+            if not bm.can_swap_in(seq_ids, len(seq_ids) if self._running else 0):
                 return
             self._swapped.pop()
             step.swap_in.extend(bm.swap_in(seq_ids))
@@ -275,17 +212,13 @@ class Scheduler:
             if works:
                 self._commit(request, works, step)
 
-    def _admit_waiting(self, step: _Step) -> None:
+    def _admit_waiting(self, step: StepBuilder) -> None:
         """Admits waiting requests in queue order while the budget, max_num_seqs and the blocks allow."""
         while self._waiting and step.budget > 0:
             request = self._waiting.peek()
             if step.num_seqs + request.num_seqs_reserved > self.config.max_num_seqs:
                 return
             works = self._plan(request, step.budget)
-            if works is None and not self._running:
-                self._waiting.pop()
-                self._finish_unfittable(request)
-                continue
             if not works:
                 return
             self._waiting.pop()
@@ -294,13 +227,37 @@ class Scheduler:
             self._start_running(request, step)
             self._commit(request, works, step)
 
-    def _start_running(self, request: Request, step: _Step) -> None:
+    def _start_running(self, request: Request, step: StepBuilder) -> None:
         request.set_status(RequestStatus.RUNNING)
         self._running.append(request)
         step.num_seqs += request.num_seqs_reserved
 
-    def _plan(self, request: Request, budget: int) -> list[_Work] | None:
-        """Tokens each live sequence of request computes within budget; None when the blocks lack."""
+    def _plan(self, request: Request, budget: int) -> list[SeqWork] | None:
+        """Tokens each live sequence of request computes within budget; None when the blocks lack.
+
+        Sequences the worker holds are planned all or none; sequences it does not hold yet (a request
+        resumed after recompute) join while blocks last, so a wide request can resume a few at a time.
+        """
+        bm = self.block_manager
+        works = self._candidate_works(request, budget)
+        held = [w for w in works if w.prefix is None]
+        needed = sum(bm.num_blocks_needed(w.seq.seq_id, w.end) for w in held)
+        needed += bm.num_copies_needed((w.seq.seq_id, w.seq.num_computed_tokens) for w in held)
+        if needed > bm.gpu.num_free_blocks:
+            return None
+        chosen = held
+        for work in works:
+            if work.prefix is not None:
+                needed += bm.num_blocks_needed(work.seq.seq_id, work.end, work.prefix)
+                if needed > bm.gpu.num_free_blocks:
+                    break
+                chosen.append(work)
+        # New sequences of a request already holding blocks wait for them; a request holding none needs
+        # room for at least one.
+        holds_blocks = any(bm.has_table(s.seq_id) for s in request.live_sequences)
+        return chosen if chosen or not works or holds_blocks else None
+
+    def _candidate_works(self, request: Request, budget: int) -> list[SeqWork]:
         works = []
         for seq in request.live_sequences:
             if budget == 0:
@@ -308,12 +265,9 @@ class Scheduler:
             prefix = None if self.block_manager.has_table(seq.seq_id) else self._find_prefix(request, seq)
             num_new = self._num_new_tokens(request, seq, prefix, budget)
             if num_new:
-                works.append(_Work(seq, num_new, prefix))
+                works.append(SeqWork(seq, num_new, prefix))
                 budget -= num_new
-        bm = self.block_manager
-        needed = sum(bm.num_blocks_needed(w.seq.seq_id, w.end, w.prefix) for w in works)
-        needed += bm.num_copies_needed((w.seq.seq_id, w.seq.num_computed_tokens) for w in works if w.prefix is None)
-        return works if needed <= bm.gpu.num_free_blocks else None
+        return works
 
     def _find_prefix(self, request: Request, seq: Sequence) -> CachedPrefix:
         # Prompt log-probabilities need every prompt position computed, so such prompts skip the cache.
@@ -342,10 +296,9 @@ class Scheduler:
         max_tokens = request.sampling_params.max_tokens
         if max_tokens is not None and num_outputs >= max_tokens:
             return True
-        max_model_len = self.config.max_model_len
-        return max_model_len is not None and request.num_tokens(seq) >= max_model_len
+        return request.num_tokens(seq) >= self._max_len
 
-    def _commit(self, request: Request, works: list[_Work], step: _Step) -> None:
+    def _commit(self, request: Request, works: list[SeqWork], step: StepBuilder) -> None:
         # Tables of new sequences first: it takes their cached prefix blocks out of the free queue before
         # any allocation could evict them.
         for work in works:
@@ -355,52 +308,33 @@ class Scheduler:
         for work in works:
             self._commit_seq(request, work, step)
 
-    def _commit_seq(self, request: Request, work: _Work, step: _Step) -> None:
+    def _commit_seq(self, request: Request, work: SeqWork, step: StepBuilder) -> None:
         seq, bm = work.seq, self.block_manager
-        start = seq.num_computed_tokens
-        change = bm.allocate_slots(seq.seq_id, start, start + work.num_new_tokens)
+        change = bm.allocate_slots(seq.seq_id, seq.num_computed_tokens, work.end)
         if change is None:
             raise RuntimeError(f"sequence {seq.seq_id}: blocks counted free were not")
         step.block_copies.extend(change.copies)
         if work.prefix is not None:
-            step.new_sequences.append(self._new_sequence_plan(request, seq, start, work.num_new_tokens))
+            step.add_new(request, seq, bm.block_ids(seq.seq_id), work.num_new_tokens)
             seq.is_on_worker = True
+        elif seq.seq_id in self._table_rewrites:
+            self._table_rewrites.discard(seq.seq_id)
+            step.add_scheduled(seq.seq_id, work.num_new_tokens, BlockTableUpdate(0, bm.block_ids(seq.seq_id)))
         else:
-            updates: tuple[BlockTableUpdate, ...] = ()
-            if seq.seq_id in self._table_rewrites:
-                self._table_rewrites.discard(seq.seq_id)
-                updates = (BlockTableUpdate(0, bm.block_ids(seq.seq_id)),)
-            elif change.block_ids:
-                updates = (BlockTableUpdate(change.start_index, change.block_ids),)
-            step.scheduled_sequences.append(ScheduledSequencePlan(seq.seq_id, work.num_new_tokens, updates))
-        seq.num_computed_tokens += work.num_new_tokens
-        step.budget -= work.num_new_tokens
-        step.scheduled.append((request, seq))
-        samples = seq.num_computed_tokens == request.num_tokens(seq)
+            update = BlockTableUpdate(change.start_index, change.block_ids) if change.block_ids else None
+            step.add_scheduled(seq.seq_id, work.num_new_tokens, update)
+        seq.num_computed_tokens = work.end
         forks: tuple[int, ...] = ()
+        samples = seq.num_computed_tokens == request.num_tokens(seq)
         if samples:
             seq.num_pending_tokens += 1
             siblings = [s for s in request.sequences if not s.is_forked and not s.is_on_worker]
             for sibling in siblings:
                 sibling.is_on_worker = True
             forks = tuple(s.seq_id for s in siblings)
-        step.expects[seq.seq_id] = _Expect(samples, forks)
+        step.record(request, seq, work.num_new_tokens, Expectation(samples, forks))
 
-    def _new_sequence_plan(self, request: Request, seq: Sequence, start: int, num_new: int) -> NewSequencePlan:
-        forks = tuple(s.seq_id for s in request.sequences if not s.is_forked) if seq.index == 0 else ()
-        return NewSequencePlan(
-            seq_id=seq.seq_id,
-            prompt_token_ids=request.prompt_token_ids,
-            output_token_ids=tuple(seq.output_token_ids),
-            sampling=worker_sampling(request, include_prompt_logprobs=not request.is_prompt_done),
-            block_ids=self.block_manager.block_ids(seq.seq_id),
-            num_computed_tokens=start,
-            num_scheduled_tokens=num_new,
-            fork_seq_ids=forks,
-            sample_index=seq.index,
-        )
-
-    def _cache_computed_blocks(self, step: _Step) -> None:
+    def _cache_computed_blocks(self, step: StepBuilder) -> None:
         # Done after every admission of the step, so that no sequence reuses KV computed in the same step.
         for request, seq in step.scheduled:
             self._cache_blocks(request, seq)
@@ -414,7 +348,7 @@ class Scheduler:
 
     # Preemption and endings.
 
-    def _preempt(self, request: Request, step: _Step) -> None:
+    def _preempt(self, request: Request, step: StepBuilder) -> None:
         """Evicts a running request: to the CPU pool in SWAP mode when it fits, else by recompute."""
         bm = self.block_manager
         self._running.remove(request)
@@ -428,9 +362,13 @@ class Scheduler:
             self._swapped.add(request)
         else:
             mode = PreemptionMode.RECOMPUTE
-            self._reset_for_recompute(request)
+            for seq in request.unfinished_sequences:
+                self._reset_for_recompute(request, seq)
             request.set_status(RequestStatus.PREEMPTED)
             self._waiting.add_preempted(request)
+        self._log_preemption(request, mode)
+
+    def _log_preemption(self, request: Request, mode: PreemptionMode) -> None:
         emit = log.warning if self._num_preemptions % 50 == 1 else log.debug
         emit(
             "request_preempted",
@@ -444,15 +382,25 @@ class Scheduler:
             ),
         )
 
-    def _reset_for_recompute(self, request: Request) -> None:
-        """Forgets the request's KV; each sequence comes back under a new id (stale results then match
-        nothing) with its known tokens to compute again."""
-        for seq in request.unfinished_sequences:
-            self._release(seq)
-            seq.seq_id = next(self._seq_ids)
-            seq.num_computed_tokens = 0
-            seq.num_pending_tokens = 0
-            self._seqs[seq.seq_id] = (request, seq)
+    def _preempt_sequence(self, request: Request, step: StepBuilder) -> None:
+        """Recomputes the request's last sequence holding blocks later; never its only one (a sequence
+        alone always fits the pool, see _max_len)."""
+        held = [s for s in request.live_sequences if self.block_manager.has_table(s.seq_id)]
+        if len(held) < 2:
+            raise RuntimeError(f"request {request.request_id} does not fit the KV pool alone")
+        self._num_preemptions += 1
+        step.has_preempted = True
+        self._reset_for_recompute(request, held[-1])
+        self._log_preemption(request, PreemptionMode.RECOMPUTE)
+
+    def _reset_for_recompute(self, request: Request, seq: Sequence) -> None:
+        """Forgets seq's KV; it comes back under a new id (stale results then match nothing) with its
+        known tokens to compute again."""
+        self._release(seq)
+        seq.seq_id = next(self._seq_ids)
+        seq.num_computed_tokens = 0
+        seq.num_pending_tokens = 0
+        self._seqs[seq.seq_id] = (request, seq)
         request.num_prompt_logprobs_to_skip = request.num_prompt_logprobs_delivered
 
     def _release(self, seq: Sequence) -> None:
@@ -471,13 +419,6 @@ class Scheduler:
         if not request.unfinished_sequences:
             self._end_request(request, RequestStatus.FINISHED)
 
-    def _finish_unfittable(self, request: Request) -> None:
-        """Ends a request that cannot grow even with the whole pool to itself (it is out of the queues)."""
-        log.warning("request_exceeds_kv_pool", request_id=request.request_id)
-        for seq in request.unfinished_sequences:
-            self._finished_deltas.append(SequenceDelta(request.request_id, seq.index, (), (), (), FinishReason.LENGTH))
-            self._finish(request, seq, FinishReason.LENGTH, None)
-
     def _end_request(self, request: Request, status: RequestStatus) -> None:
         if request.status is RequestStatus.RUNNING:
             self._running.remove(request)
@@ -495,15 +436,15 @@ class Scheduler:
         Plans are answered in order; outputs of sequences that ended since their step was planned are ignored."""
         if output.step_id != plan.step_id:
             raise ValueError(f"output of step {output.step_id} applied to plan {plan.step_id}")
-        deltas, self._finished_deltas = self._finished_deltas, []
-        for seq_id, expect in self._expects.pop(plan.step_id, {}).items():
+        deltas: list[SequenceDelta] = []
+        for seq_id, expect in self._expectations.pop(plan.step_id, {}).items():
             owner = self._seqs.get(seq_id)
             if owner is not None:
                 request, seq = owner
                 deltas.extend(self._apply_output(request, seq, expect, output))
         return deltas
 
-    def _apply_output(self, request: Request, seq: Sequence, expect: _Expect, output: StepOutput) -> list[SequenceDelta]:
+    def _apply_output(self, request: Request, seq: Sequence, expect: Expectation, output: StepOutput) -> list[SequenceDelta]:
         out = output.by_seq_id.get(seq.seq_id)
         prompt_logprobs = self._new_prompt_logprobs(request, out)
         if not expect.samples:
@@ -538,7 +479,7 @@ class Scheduler:
         assert out.token_id is not None
         seq.output_token_ids.append(out.token_id)
         self._num_generation_tokens += 1
-        stop = check_stop(request, seq, self.config.max_model_len)
+        stop = check_stop(request, seq, self._max_len)
         if stop is not None:
             self._finish(request, seq, *stop)
         else:

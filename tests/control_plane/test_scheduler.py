@@ -336,12 +336,30 @@ def test_max_model_len_finishes_with_length() -> None:
     assert (len(result.tokens[("a", 0)]), result.finish_reasons[("a", 0)]) == (3, FinishReason.LENGTH)
 
 
-def test_request_alone_that_outgrows_the_pool_finishes_with_length() -> None:
+def test_sequence_ends_with_length_before_it_outgrows_the_pool() -> None:
     scheduler = make_scheduler(num_blocks=2)
     scheduler.add_request(make_request("a", range(10, 16), max_tokens=10))
     result = run(scheduler, make_worker(scheduler))
+    # 8 slots hold the KV of 8 tokens; the 9th is sampled but never needs a slot.
     assert (len(result.tokens[("a", 0)]), result.finish_reasons[("a", 0)]) == (3, FinishReason.LENGTH)
     assert scheduler.stats.num_used_blocks == 0
+
+
+def test_wide_request_alone_recomputes_a_sibling_once_its_sequences_outgrow_the_pool() -> None:
+    scheduler = make_scheduler(num_blocks=4)
+    scheduler.add_request(make_request("n2", range(10, 16), max_tokens=10, n=2))
+    result = run(scheduler, make_worker(scheduler), on_step=lambda i, plan: assert_scheduler_invariants(scheduler))
+    # Step 3 computes slot 8 of both siblings: one free block is left, so sibling 1 (seq 1) waits.
+    assert result.plans[3].dropped_seq_ids == (1,)
+    assert result.plans[3].scheduled_sequences == (ScheduledSequencePlan(0, 1, (BlockTableUpdate(2, (3,)),)),)
+    resumed = [s for p in result.plans for s in p.new_sequences if s.seq_id == 2]
+    assert [(s.sample_index, s.output_token_ids) for s in resumed] == [(1, tuple(result.tokens[("n2", 1)][:3]))]
+    for index in range(2):
+        expected = list(range(10, 16))
+        for _ in range(10):
+            expected.append(default_next_token(expected, index))
+        assert result.tokens[("n2", index)] == expected[6:]
+    assert scheduler.stats.num_preemptions == 1
 
 
 def test_add_request_rejects_what_can_never_run() -> None:

@@ -7,7 +7,9 @@ import random
 import pytest
 
 from pagedserve.control_plane.config import PreemptionMode, SchedulingPolicy
+from pagedserve.control_plane.errors import ResourceExhaustedError
 from pagedserve.control_plane.request import FinishReason, Request
+from pagedserve.control_plane.scheduler import Scheduler
 from pagedserve.control_plane.step_plan import BlockTableUpdate, ScheduledSequencePlan
 
 from .factories import (
@@ -89,15 +91,16 @@ def test_prompt_logprobs_skip_the_cache_and_are_delivered_once_across_a_recomput
 
 def _random_requests(seed: int) -> list[Request]:
     rng = random.Random(seed)
-    shared = [rng.randrange(3, 900) for _ in range(12)]
+    shared = [rng.randrange(3, 900) for _ in range(20)]
     requests = []
-    for i in range(rng.randrange(1, 16)):
-        length = rng.randrange(1, 12)
+    for i in range(rng.randrange(1, 14)):
+        length = rng.randrange(1, 20)
         prompt = shared[:length] if rng.random() < 0.5 else [rng.randrange(3, 900) for _ in range(length)]
-        max_tokens = rng.randrange(1, 12)
+        max_tokens = rng.randrange(1, 30)
         requests.append(make_request(
             f"r{i}", prompt, max_tokens=max_tokens, arrival_time_s=float(i), priority=rng.randrange(3),
-            n=rng.choice([1, 1, 1, 2]), min_tokens=rng.choice([0, 0, min(3, max_tokens)]),
+            n=rng.choice([1, 1, 2, 4]), min_tokens=rng.choice([0, 0, min(3, max_tokens)]),
+            prompt_logprobs=rng.choice([None, None, 1]),
         ))
     return requests
 
@@ -107,32 +110,41 @@ def _sometimes_eos(tokens: list[int], index: int) -> int:
     return EOS if token % 23 == 0 else token
 
 
-@pytest.mark.parametrize("seed", range(40))
+def _add_all(scheduler: Scheduler, requests: list[Request]) -> None:
+    for request in requests:
+        try:
+            scheduler.add_request(request)
+        except ResourceExhaustedError:
+            pass
+
+
+@pytest.mark.parametrize("seed", range(60))
 def test_one_ahead_loop_yields_the_tokens_of_the_synchronous_loop(seed: int) -> None:
     rng = random.Random(seed)
-    block_size = rng.choice([1, 2, 4, 8])
-    # Every request fits the pool alone, so lengths never depend on timing.
     config = dict(
-        num_blocks=2 * (24 // block_size + 2) + rng.randrange(6), block_size=block_size,
+        num_blocks=rng.randrange(3, 16), block_size=rng.choice([1, 2, 4, 8]),
         num_cpu_blocks=rng.choice([0, 4, 40]), max_num_batched_tokens=rng.choice([4, 8, 16, 2048]),
-        max_num_seqs=rng.choice([2, 4, 256]), policy=rng.choice(list(SchedulingPolicy)),
+        max_num_seqs=rng.choice([4, 256]), policy=rng.choice(list(SchedulingPolicy)),
         preemption_mode=rng.choice(list(PreemptionMode)), enable_prefix_caching=rng.random() < 0.8,
+        long_prefill_token_threshold=rng.choice([0, 0, 3]),
     )
     results = []
     for steps_in_flight in (1, 2):
         scheduler = make_scheduler(**config)  # type: ignore[arg-type]
-        for request in _random_requests(seed):
-            scheduler.add_request(request)
-        result = run(scheduler, make_worker(scheduler, _sometimes_eos), steps_in_flight=steps_in_flight,
+        worker = make_worker(scheduler, _sometimes_eos)
+        _add_all(scheduler, _random_requests(seed))
+        result = run(scheduler, worker, steps_in_flight=steps_in_flight,
                      on_step=lambda index, plan: assert_scheduler_invariants(scheduler))
         assert (scheduler.stats.num_used_blocks, scheduler.block_manager.cpu.num_used_blocks) == (0, 0)
+        worker.execute(scheduler.schedule())
+        assert worker.seqs == {}
         results.append(result)
     synchronous, pipelined = results
     assert pipelined.tokens == synchronous.tokens
     assert pipelined.finish_reasons == synchronous.finish_reasons
+    # Alone in a pool of the same size, each request gets the same tokens: preemption changes none.
     for request in _random_requests(seed):
-        alone = make_scheduler(num_blocks=64, block_size=block_size)
-        alone.add_request(request)
+        alone = make_scheduler(num_blocks=config["num_blocks"], block_size=config["block_size"])  # type: ignore[arg-type]
+        _add_all(alone, [request])
         expected = run(alone, make_worker(alone, _sometimes_eos)).tokens
-        for key, tokens in expected.items():
-            assert synchronous.tokens[key] == tokens
+        assert {key: synchronous.tokens[key] for key in expected} == expected

@@ -1,0 +1,86 @@
+"""What one schedule() call has decided so far, and the StepPlan it becomes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pagedserve.control_plane.block_manager import CachedPrefix
+from pagedserve.control_plane.request import Request, Sequence, worker_sampling
+from pagedserve.control_plane.step_plan import BlockTableUpdate, NewSequencePlan, ScheduledSequencePlan, StepPlan
+
+
+@dataclass(frozen=True, slots=True)
+class SeqWork:
+    """Tokens one sequence computes this step; prefix is set when the worker does not hold the sequence."""
+
+    seq: Sequence
+    num_new_tokens: int
+    prefix: CachedPrefix | None
+
+    @property
+    def end(self) -> int:
+        """Slots the sequence's table must cover after this step."""
+        start = self.prefix.num_tokens if self.prefix else self.seq.num_computed_tokens
+        return start + self.num_new_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Expectation:
+    """What a planned step owes one sequence: a sampled token, and first tokens for forked siblings."""
+
+    samples: bool
+    fork_seq_ids: tuple[int, ...] = ()
+
+
+@dataclass(slots=True)
+class StepBuilder:
+    """One step's decisions: the token budget left, the running sequences counted against max_num_seqs,
+    the plan's parts in the order the worker applies them, and what the step owes each sequence."""
+
+    budget: int
+    num_seqs: int
+    dropped_seq_ids: list[int]
+    has_preempted: bool = False  # a running request lost its blocks: admit nothing new this step
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    new_sequences: list[NewSequencePlan] = field(default_factory=list)
+    scheduled_sequences: list[ScheduledSequencePlan] = field(default_factory=list)
+    expectations: dict[int, Expectation] = field(default_factory=dict)
+    scheduled: list[tuple[Request, Sequence]] = field(default_factory=list)
+
+    def add_new(self, request: Request, seq: Sequence, block_ids: tuple[int, ...], num_new: int) -> None:
+        """Sends seq in full: its known tokens, table and sampling; the first sequence of an unforked
+        request names its siblings, which the worker forks when the prompt is done."""
+        forks = tuple(s.seq_id for s in request.sequences if not s.is_forked) if seq.index == 0 else ()
+        self.new_sequences.append(NewSequencePlan(
+            seq_id=seq.seq_id,
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=tuple(seq.output_token_ids),
+            sampling=worker_sampling(request, include_prompt_logprobs=not request.is_prompt_done),
+            block_ids=block_ids,
+            num_computed_tokens=seq.num_computed_tokens,
+            num_scheduled_tokens=num_new,
+            fork_seq_ids=forks,
+            sample_index=seq.index,
+        ))
+
+    def add_scheduled(self, seq_id: int, num_new: int, update: BlockTableUpdate | None) -> None:
+        updates = (update,) if update is not None else ()
+        self.scheduled_sequences.append(ScheduledSequencePlan(seq_id, num_new, updates))
+
+    def record(self, request: Request, seq: Sequence, num_new: int, expectation: Expectation) -> None:
+        self.budget -= num_new
+        self.scheduled.append((request, seq))
+        self.expectations[seq.seq_id] = expectation
+
+    def build(self, step_id: int) -> StepPlan:
+        return StepPlan(
+            step_id=step_id,
+            dropped_seq_ids=tuple(self.dropped_seq_ids),
+            swap_out=tuple(self.swap_out),
+            swap_in=tuple(self.swap_in),
+            block_copies=tuple(self.block_copies),
+            new_sequences=tuple(self.new_sequences),
+            scheduled_sequences=tuple(self.scheduled_sequences),
+        )
