@@ -44,7 +44,7 @@ def _spawn(command: list[str], log_path: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def _wait_serving(address: str, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> None:
+def wait_serving(address: str, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not is_serving(address, timeout_s=1.0):
         if process.poll() is not None:
@@ -76,11 +76,11 @@ def running_cluster(
     try:
         worker_log = log_dir / "worker.log"
         processes.append(_spawn(worker_command(model_dir, worker_address, extra=worker_args), worker_log))
-        _wait_serving(worker_address, processes[0], worker_log, timeout_s)
+        wait_serving(worker_address, processes[0], worker_log, timeout_s)
         control_log = log_dir / "control_plane.log"
         command = control_plane_command(model_dir, worker_address, "127.0.0.1", port, metrics_port, serve_args)
         processes.append(_spawn(command, control_log))
-        _wait_serving(f"127.0.0.1:{port}", processes[1], control_log, timeout_s)
+        wait_serving(f"127.0.0.1:{port}", processes[1], control_log, timeout_s)
         yield Cluster(f"127.0.0.1:{port}", worker_address, metrics_port, log_dir, processes[1])
     finally:
         for process in reversed(processes):
