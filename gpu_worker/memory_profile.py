@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from pagedserve.gpu_worker.block_tables import BlockTableArray
 from pagedserve.gpu_worker.errors import InvalidCacheRequestError
 from pagedserve.gpu_worker.kv_pool import KVLayout
 from pagedserve.gpu_worker.model_runner import build_batch
@@ -12,7 +13,9 @@ from pagedserve.gpu_worker.sampler import SamplingOptions
 from pagedserve.gpu_worker.sequence_state import ScheduledWork, SequenceState
 
 
-def _profiling_work(max_num_batched_tokens: int, max_num_seqs: int, block_size: int) -> tuple[list[ScheduledWork], int]:
+def _profiling_work(
+    max_num_batched_tokens: int, max_num_seqs: int, block_size: int, tables: BlockTableArray
+) -> tuple[list[ScheduledWork], int]:
     """max_num_batched_tokens prompt tokens spread over max_num_seqs sequences on consecutive scratch blocks."""
     num_seqs = max(1, min(max_num_seqs, max_num_batched_tokens))
     base, extra = divmod(max_num_batched_tokens, num_seqs)
@@ -21,7 +24,7 @@ def _profiling_work(max_num_batched_tokens: int, max_num_seqs: int, block_size: 
         count = base + (1 if seq_id < extra else 0)
         num_blocks = -(-count // block_size)
         table = list(range(next_block, next_block + num_blocks))
-        state = SequenceState(seq_id, [0] * count, [], SamplingOptions(), table, num_computed_tokens=0)
+        state = SequenceState(seq_id, [0] * count, [], SamplingOptions(), tables.add(table), num_computed_tokens=0)
         work.append(ScheduledWork(state, count))
         next_block += num_blocks
     return work, next_block
@@ -32,13 +35,14 @@ def profile_peak_activation_bytes(
     model: DecoderForCausalLM, layout: KVLayout, max_num_batched_tokens: int, max_num_seqs: int, device: torch.device
 ) -> int:
     """Bytes a forward pass of the largest allowed step allocates beyond the weights (the scratch KV excluded)."""
-    work, num_blocks = _profiling_work(max_num_batched_tokens, max_num_seqs, layout.block_size)
+    tables = BlockTableArray()
+    work, num_blocks = _profiling_work(max_num_batched_tokens, max_num_seqs, layout.block_size, tables)
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     baseline = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     scratch = torch.zeros(layout.shape(num_blocks), dtype=layout.dtype, device=device)
-    batch = build_batch(work, layout.block_size, device)
+    batch = build_batch(work, tables, layout.block_size, device)
     hidden = model(batch.input_ids, batch.positions, batch.meta, scratch)
     last_rows = torch.from_numpy(batch.query_start_loc[1:] - 1).to(device)
     # The sampler holds a few [num_seqs, vocab] float32 copies of the logits; softmax stands in for them.

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pagedserve.gpu_worker.block_tables import BlockTableArray
 from pagedserve.gpu_worker.kv_pool import KVPool
 from pagedserve.gpu_worker.models.decoder import DecoderForCausalLM
 from pagedserve.gpu_worker.models.layers import AttentionMetadata
@@ -32,53 +33,71 @@ class FlatBatch:
         return int(self.query_start_loc[-1])
 
 
-def build_batch(work: list[ScheduledWork], block_size: int, device: torch.device) -> FlatBatch:
-    """Vectorised batch build: positions, slots and padded block tables come from numpy, not per-token Python."""
+def build_batch(work: list[ScheduledWork], tables: BlockTableArray, block_size: int, device: torch.device) -> FlatBatch:
+    """Vectorised batch build: positions, slots and block tables come from numpy, not per-token Python.
+
+    Everything travels to the device in two copies (one int64, one int32 buffer, pinned on CUDA hosts).
+    """
     num_seqs = len(work)
     counts = np.fromiter((w.num_scheduled_tokens for w in work), dtype=np.int64, count=num_seqs)
     starts = np.fromiter((w.state.num_computed_tokens for w in work), dtype=np.int64, count=num_seqs)
+    rows = np.fromiter((w.state.table_row for w in work), dtype=np.int64, count=num_seqs)
     ends = starts + counts
     query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
     np.cumsum(counts, out=query_start_loc[1:])
+    num_tokens = int(query_start_loc[-1])
     # Row r of sequence s sits at position starts[s] + (r - query_start_loc[s]).
-    positions = np.arange(query_start_loc[-1], dtype=np.int64) - np.repeat(query_start_loc[:-1] - starts, counts)
-    input_ids: list[int] = []
-    for item, start, end in zip(work, starts.tolist(), ends.tolist(), strict=True):
-        input_ids.extend(item.state.token_ids(start, end))
-    num_blocks = -(-ends // block_size)
-    block_tables = np.zeros((num_seqs, max(int(num_blocks.max(initial=0)), 1)), dtype=np.int32)
-    for row, (item, n) in enumerate(zip(work, num_blocks.tolist(), strict=True)):
-        block_tables[row, :n] = item.state.block_table[:n]
+    positions = np.arange(num_tokens, dtype=np.int64) - np.repeat(query_start_loc[:-1] - starts, counts)
+    block_tables = tables.gather(rows, max(int((-(-ends // block_size)).max(initial=0)), 1))
     seq_index = np.repeat(np.arange(num_seqs), counts)
     slots = block_tables[seq_index, positions // block_size].astype(np.int64) * block_size + positions % block_size
+
+    is_pinned = device.type == "cuda"
+    longs = torch.empty(3 * num_tokens, dtype=torch.int64, pin_memory=is_pinned)
+    longs_host = longs.numpy()
+    longs_host[:num_tokens] = _input_ids(work, starts, ends, is_decode=num_tokens == num_seqs)
+    longs_host[num_tokens : 2 * num_tokens] = positions
+    longs_host[2 * num_tokens :] = slots
+    table_size = block_tables.size
+    ints = torch.empty(table_size + 2 * num_seqs + 1, dtype=torch.int32, pin_memory=is_pinned)
+    ints_host = ints.numpy()
+    ints_host[:table_size] = block_tables.reshape(-1)
+    ints_host[table_size : table_size + num_seqs] = ends
+    ints_host[table_size + num_seqs :] = query_start_loc
+    longs_device = longs.to(device, non_blocking=True)
+    ints_device = ints.to(device, non_blocking=True)
     meta = AttentionMetadata(
-        slot_mapping=torch.from_numpy(slots).to(device),
-        block_tables=torch.from_numpy(block_tables).to(device),
-        seq_lens=torch.from_numpy(ends.astype(np.int32)).to(device),
-        query_start_loc=torch.from_numpy(query_start_loc.astype(np.int32)).to(device),
+        slot_mapping=longs_device[2 * num_tokens :],
+        block_tables=ints_device[:table_size].view(block_tables.shape),
+        seq_lens=ints_device[table_size : table_size + num_seqs],
+        query_start_loc=ints_device[table_size + num_seqs :],
         max_query_len=int(counts.max(initial=0)),
         max_seq_len=int(ends.max(initial=0)),
     )
-    return FlatBatch(
-        input_ids=torch.tensor(input_ids, dtype=torch.int64).to(device),
-        positions=torch.from_numpy(positions).to(device),
-        meta=meta,
-        query_start_loc=query_start_loc,
-    )
+    return FlatBatch(longs_device[:num_tokens], longs_device[num_tokens : 2 * num_tokens], meta, query_start_loc)
+
+
+def _input_ids(work: list[ScheduledWork], starts: np.ndarray, ends: np.ndarray, is_decode: bool) -> list[int]:
+    """The step's token ids in batch order; decode steps (one token each) skip the per-sequence slicing."""
+    if is_decode:
+        return [item.state.token_id(start) for item, start in zip(work, starts.tolist(), strict=True)]
+    return [t for item, start, end in zip(work, starts.tolist(), ends.tolist(), strict=True)
+            for t in item.state.token_ids(start, end)]
 
 
 class ModelRunner:
     """Runs steps of one model over one KV pool; never changes sequence state (the registry commits results)."""
 
-    def __init__(self, model: DecoderForCausalLM, pool: KVPool, sampler: Sampler) -> None:
+    def __init__(self, model: DecoderForCausalLM, pool: KVPool, tables: BlockTableArray, sampler: Sampler) -> None:
         self.model = model
         self.pool = pool
+        self.tables = tables
         self.sampler = sampler
 
     @torch.inference_mode()
     def run(self, work: list[ScheduledWork]) -> list[SequenceResult]:
         """One result per work item in order, each sampling item followed by its newly forked siblings."""
-        batch = build_batch(work, self.pool.block_size, self.pool.device)
+        batch = build_batch(work, self.tables, self.pool.block_size, self.pool.device)
         if batch.num_tokens == 0:
             return [SequenceResult(item.state.seq_id, None) for item in work]
         hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.pool.gpu_cache)

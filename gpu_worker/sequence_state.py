@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pagedserve.gpu_worker.block_tables import BlockTableArray
 from pagedserve.gpu_worker.errors import InvalidStepError
 from pagedserve.gpu_worker.sampler import SamplingOptions
 from pagedserve.gpu_worker.step import NewSequence, ScheduledSequence, SequenceResult, StepRequest
@@ -11,7 +12,7 @@ from pagedserve.gpu_worker.step import NewSequence, ScheduledSequence, SequenceR
 
 @dataclass(slots=True)
 class SequenceState:
-    """One sequence's known tokens, block table and progress.
+    """One sequence's known tokens, progress, and the row of its block table in the registry's BlockTableArray.
 
     Known tokens are prompt + outputs; KV exists for the first num_computed_tokens of them:
         |<------------- prompt ------------>|<--- outputs --->|
@@ -23,7 +24,7 @@ class SequenceState:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     options: SamplingOptions
-    block_table: list[int]
+    table_row: int
     num_computed_tokens: int
     sample_index: int = 0
     fork_seq_ids: tuple[int, ...] = ()  # siblings still to be forked at the first sample
@@ -41,15 +42,20 @@ class SequenceState:
             return self.output_token_ids[start - num_prompt : end - num_prompt]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
 
+    def token_id(self, position: int) -> int:
+        """The known token at position."""
+        num_prompt = len(self.prompt_token_ids)
+        return self.prompt_token_ids[position] if position < num_prompt else self.output_token_ids[position - num_prompt]
+
     @property
     def sibling_sample_indices(self) -> tuple[int, ...]:
         """Sample index of each pending sibling: its place among the n completions (the parent is 0)."""
         return tuple(range(1, len(self.fork_seq_ids) + 1))
 
-    def fork(self, seq_id: int, sample_index: int) -> SequenceState:
-        """A sibling sharing this state so far, with its own copy of the table and outputs."""
+    def fork(self, seq_id: int, sample_index: int, table_row: int) -> SequenceState:
+        """A sibling sharing this state so far, with its own outputs and table row (a copy of this one's)."""
         return SequenceState(
-            seq_id, self.prompt_token_ids, list(self.output_token_ids), self.options, list(self.block_table),
+            seq_id, self.prompt_token_ids, list(self.output_token_ids), self.options, table_row,
             self.num_computed_tokens, sample_index,
         )
 
@@ -79,6 +85,10 @@ class SequenceRegistry:
     num_gpu_blocks: int
     num_cpu_blocks: int
     states: dict[int, SequenceState] = field(default_factory=dict)
+    tables: BlockTableArray = field(default_factory=BlockTableArray)
+
+    def block_table(self, seq_id: int) -> list[int]:
+        return self.tables.row(self.states[seq_id].table_row)
 
     def validate(self, step: StepRequest) -> None:
         """Raises InvalidStepError naming the first bad value; the registry is left untouched."""
@@ -109,20 +119,19 @@ class SequenceRegistry:
     def apply(self, step: StepRequest) -> list[ScheduledWork]:
         """Drops, adds and updates sequences as the (validated) step says; returns the work in step order."""
         for seq_id in step.dropped_seq_ids:
-            del self.states[seq_id]
+            self.tables.free(self.states.pop(seq_id).table_row)
         work = []
         for new in step.new_sequences:
             state = SequenceState(
                 new.seq_id, list(new.prompt_token_ids), list(new.output_token_ids), new.options,
-                list(new.block_ids), new.num_computed_tokens, new.sample_index, new.fork_seq_ids,
+                self.tables.add(new.block_ids), new.num_computed_tokens, new.sample_index, new.fork_seq_ids,
             )
             self.states[new.seq_id] = state
             work.append(ScheduledWork(state, new.num_scheduled_tokens))
         for scheduled in step.scheduled_sequences:
             state = self.states[scheduled.seq_id]
             for update in scheduled.table_updates:
-                end = update.start_index + len(update.block_ids)
-                state.block_table[update.start_index : end] = update.block_ids
+                self.tables.update(state.table_row, update.start_index, update.block_ids)
             work.append(ScheduledWork(state, scheduled.num_scheduled_tokens))
         return work
 
@@ -135,7 +144,7 @@ class SequenceRegistry:
             if token_id is None:
                 continue
             for sibling_id, sample_index in zip(state.fork_seq_ids, state.sibling_sample_indices, strict=True):
-                sibling = state.fork(sibling_id, sample_index)
+                sibling = state.fork(sibling_id, sample_index, self.tables.copy_row(state.table_row))
                 sibling.output_token_ids.append(_sampled(results, sibling_id))
                 self.states[sibling_id] = sibling
             state.fork_seq_ids = ()
@@ -150,7 +159,7 @@ class SequenceRegistry:
 
     def _check_scheduled(self, scheduled: ScheduledSequence, state: SequenceState) -> None:
         self._check_range(scheduled.seq_id, state.num_computed_tokens, scheduled.num_scheduled_tokens, state.num_tokens)
-        table_length = len(state.block_table)
+        table_length = int(self.tables.lengths[state.table_row])
         for update in scheduled.table_updates:
             if update.start_index > table_length:
                 raise InvalidStepError(

@@ -90,8 +90,9 @@ class Worker:
             pool = KVPool(layout, num_gpu_blocks, num_cpu_blocks, self.device, self.ops)
             sampler = Sampler(self.loaded.config.vocab_size, self.device, self.config.seed)
             self._pool = pool
-            self._registry = SequenceRegistry(layout.block_size, num_gpu_blocks, num_cpu_blocks)
-            self._runner = ModelRunner(self.loaded.model, pool, sampler)
+            registry = SequenceRegistry(layout.block_size, num_gpu_blocks, num_cpu_blocks)
+            self._registry = registry
+            self._runner = ModelRunner(self.loaded.model, pool, registry.tables, sampler)
         log.info("cache_initialized", num_gpu_blocks=num_gpu_blocks, num_cpu_blocks=num_cpu_blocks,
                  block_size=layout.block_size, peak_activation_bytes=peak_bytes)
         return CacheInfo(num_gpu_blocks, num_cpu_blocks, peak_bytes)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
+from pagedserve.gpu_worker.block_tables import BlockTableArray
 from pagedserve.gpu_worker.model_runner import build_batch
 from pagedserve.gpu_worker.sampler import SamplingOptions
 from pagedserve.gpu_worker.sequence_state import ScheduledWork, SequenceState
@@ -18,18 +19,15 @@ GOLDEN = json.loads((STORIES_DIR / "golden_greedy.json").read_text())
 PROMPT = GOLDEN["prompt_ids"]
 
 
-def _state(seq_id: int, prompt: list[int], outputs: list[int], table: list[int], num_computed: int) -> SequenceState:
-    return SequenceState(seq_id, prompt, outputs, SamplingOptions(), table, num_computed)
-
-
 def test_flat_batch_places_each_token_at_its_position_and_slot() -> None:
+    tables = BlockTableArray(num_rows=1, num_columns=1)  # grows to fit both tables
     # Sequence 0: prefill chunk of positions 2..4; sequence 1: decode at position 5 (its first output).
     work = [
-        ScheduledWork(_state(0, [10, 11, 12, 13, 14, 15], [], [7, 3], 2), 3),
-        ScheduledWork(_state(1, [20, 21, 22, 23, 24], [25], [1, 6], 5), 1),
+        ScheduledWork(SequenceState(0, [10, 11, 12, 13, 14, 15], [], SamplingOptions(), tables.add([7, 3]), 2), 3),
+        ScheduledWork(SequenceState(1, [20, 21, 22, 23, 24], [25], SamplingOptions(), tables.add([1, 6, 9]), 5), 1),
     ]
 
-    batch = build_batch(work, block_size=4, device=torch.device("cpu"))
+    batch = build_batch(work, tables, block_size=4, device=torch.device("cpu"))
 
     assert batch.input_ids.tolist() == [12, 13, 14, 25]
     assert batch.positions.tolist() == [2, 3, 4, 5]

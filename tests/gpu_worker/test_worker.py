@@ -105,14 +105,14 @@ def test_invalid_step_changes_no_sequence() -> None:
     worker = load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=8)
     driver = WorkerDriver(worker, BLOCK_SIZE, num_blocks=8)
     driver.execute(pb.ExecuteRequest(new_sequences=[_new(1, [0, 1]), _new(3, [2, 3])]))
-    before = {i: (list(s.output_token_ids), list(s.block_table), s.num_computed_tokens)
+    before = {i: (list(s.output_token_ids), worker.registry.block_table(i), s.num_computed_tokens)
               for i, s in worker.registry.states.items()}
 
     # A valid drop and a valid new sequence, then a table update leaving a gap: the whole step is refused.
     with pytest.raises(InvalidStepError, match="gap"):
         driver.execute(pb.ExecuteRequest(dropped_seq_ids=[1], new_sequences=[_new(2, [4, 5])],
                                          scheduled_sequences=[_decode(3, 3, (6,))]))
-    after = {i: (list(s.output_token_ids), list(s.block_table), s.num_computed_tokens)
+    after = {i: (list(s.output_token_ids), worker.registry.block_table(i), s.num_computed_tokens)
              for i, s in worker.registry.states.items()}
 
     assert after == before == {1: ([EXPECTED[0]], [0, 1], 5), 3: ([EXPECTED[0]], [2, 3], 5)}
