@@ -1,0 +1,194 @@
+"""`vllm bench throughput` for pagedserve's offline LLM API, with transformers baselines on the same prompts and
+weights and every result as a share of the device's roofline bound."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import logging
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import report
+from benchmarks.hardware_bound import (HardwareRates, Workload, bound_summary, device_name, dtype_bytes,
+                                       measure_hardware, percent_of_bound)
+from benchmarks.hf_baseline import BackendRun, HFBackend, load_model, run_generate, run_generate_batch, save_seeded_weights
+from benchmarks.model_shapes import DEFAULT_TOKENIZER_DIR, SHAPES, read_shape, sampling_vocab_size, write_model_dir
+from benchmarks.random_dataset import BenchRequest, sample_random_requests
+
+PAGEDSERVE = "pagedserve"
+_HEADERS = ("backend", "requests", "output tokens", "elapsed s", "req/s", "out tok/s", "total tok/s",
+            "% of bound", "pagedserve x")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__)
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", type=Path, help="model directory (config.json + tokenizer [+ safetensors])")
+    model.add_argument("--model-shape", choices=sorted(SHAPES), help="write a named shape to a temporary directory")
+    p.add_argument("--tokenizer-dir", type=Path, default=DEFAULT_TOKENIZER_DIR, help="for --model-shape")
+    p.add_argument("--load-format", default="dummy", choices=["dummy", "safetensors", "auto"],
+                   help="dummy: seeded random weights, saved once so every backend loads the same ones")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--num-prompts", type=int, default=1000)
+    p.add_argument("--input-len", type=int, default=1024)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--range-ratio", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--num-gpu-blocks-override", type=int)
+    p.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB of KV cache on a CPU worker")
+    p.add_argument("--max-steps-in-flight", type=int, default=1, choices=[1, 2])
+    p.add_argument("--hf-backends", default="hf-generate,hf-generate-batch",
+                   help="comma-separated transformers baselines to run too (empty: none)")
+    p.add_argument("--hf-num-prompts", type=int, default=100, help="the first N prompts go to the baselines")
+    p.add_argument("--hf-batch-size", type=int, default=32, help="static batch size of hf-generate")
+    p.add_argument("--hf-attn-implementation", default="sdpa", help="attention of hf-generate")
+    p.add_argument("--hf-batch-attn-implementation", default="sdpa",
+                   help="attention of hf-generate-batch (sdpa, paged|eager or a flash_attention_*)")
+    p.add_argument("--hf-batch-num-blocks", type=int, help="KV blocks of hf-generate-batch (default: sized by it)")
+    p.add_argument("--bound", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--result-dir", type=Path, default=report.DEFAULT_RESULT_DIR)
+    return p
+
+
+def _resolve_device(name: str) -> torch.device:
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+
+
+def _free_device_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_hf_baselines(model_dir: Path, requests: Sequence[BenchRequest], backends: Sequence[HFBackend],
+                     args: argparse.Namespace, device: torch.device) -> list[BackendRun]:
+    """Each baseline on the first hf_num_prompts requests; the model is freed before returning."""
+    subset = requests[: args.hf_num_prompts]
+    torch_dtype = getattr(torch, args.dtype)
+    model = load_model(model_dir, torch_dtype, device, args.hf_attn_implementation)
+    runs = []
+    for backend in backends:
+        if backend is HFBackend.GENERATE:
+            runs.append(run_generate(model, subset, args.hf_batch_size, device, args.ignore_eos))
+        else:
+            runs.append(run_generate_batch(model, subset, args.hf_batch_attn_implementation, args.ignore_eos,
+                                           args.hf_batch_num_blocks))
+        print(f"{backend.value}: {runs[-1].output_tokens / runs[-1].elapsed_s:.1f} output tokens/s", flush=True)
+    del model
+    _free_device_memory(device)
+    return runs
+
+
+def run_pagedserve(model_dir: Path, requests: Sequence[BenchRequest], args: argparse.Namespace,
+                   load_format: str, device: torch.device) -> BackendRun:
+    """All requests through LLM.generate at once, after a short untimed warm-up on other prompts."""
+    from pagedserve.clients.llm import LLM, SamplingParams
+    from pagedserve.control_plane.config import CacheConfig, EngineConfig, SchedulerConfig
+
+    scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                max_model_len=args.max_model_len)
+    cache = CacheConfig(gpu_memory_utilization=args.gpu_memory_utilization,
+                        num_gpu_blocks_override=args.num_gpu_blocks_override,
+                        kv_cache_memory_bytes=int(args.kv_cache_memory * (1 << 30)))
+    with LLM(model_dir, dtype=args.dtype, device=device.type, load_format=load_format, seed=args.seed,
+             scheduler_config=scheduler, cache_config=cache,
+             engine_config=EngineConfig(max_steps_in_flight=args.max_steps_in_flight)) as llm:
+        warmups = sample_random_requests(2, 16, 4, 0.0, sampling_vocab_size(model_dir), args.seed - 1)
+        llm.generate([r.prompt_token_ids for r in warmups], SamplingParams(max_tokens=4, temperature=0.0))
+        params = [SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=args.ignore_eos)
+                  for r in requests]
+        start = time.perf_counter()
+        outputs = llm.generate([r.prompt_token_ids for r in requests], params)
+        elapsed = time.perf_counter() - start
+    _free_device_memory(device)
+    output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
+    return BackendRun(PAGEDSERVE, len(requests), prompt_tokens, output_tokens, elapsed,
+                      min(args.max_num_seqs, len(requests)))
+
+
+def _with_bounds(runs: Sequence[BackendRun], model_dir: Path, args: argparse.Namespace,
+                 rates: HardwareRates | None) -> list[dict[str, Any]]:
+    """Each run as a dict with its bound, its share of it and pagedserve's speed-up over it."""
+    shape = read_shape(model_dir)
+    records = [run.as_dict() for run in runs]
+    ours = records[0]["output_tokens_per_s"]
+    for record, run in zip(records, runs):
+        record["pagedserve_speedup"] = ours / record["output_tokens_per_s"]
+        if rates is not None:
+            workload = Workload(run.num_requests, args.input_len, args.output_len, run.concurrency,
+                                args.max_num_batched_tokens)
+            record.update(bound_summary(shape, dtype_bytes(args.dtype), rates, workload))
+            record["percent_of_bound"] = percent_of_bound(run.elapsed_s, record["bound_s"])
+    return records
+
+
+def _rows(records: Sequence[dict[str, Any]]) -> list[list[object]]:
+    return [[r["backend"], r["num_requests"], r["output_tokens"], r["elapsed_s"], r["requests_per_s"],
+             r["output_tokens_per_s"], r["total_tokens_per_s"], r.get("percent_of_bound", "-"),
+             r["pagedserve_speedup"]] for r in records]
+
+
+def _benchmark(model_dir: Path, args: argparse.Namespace, device: torch.device) -> list[BackendRun]:
+    requests = sample_random_requests(args.num_prompts, args.input_len, args.output_len, args.range_ratio,
+                                      sampling_vocab_size(model_dir), args.seed)
+    backends = [HFBackend(name) for name in args.hf_backends.split(",") if name]
+    load_format = args.load_format
+    if backends and load_format == "dummy":
+        save_seeded_weights(model_dir, getattr(torch, args.dtype), device, args.seed)
+        load_format = "safetensors"
+    hf_runs = run_hf_baselines(model_dir, requests, backends, args, device) if backends else []
+    return [run_pagedserve(model_dir, requests, args, load_format, device), *hf_runs]
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs every backend, writes <result-dir>/<date>-throughput-<device>.{json,md,png}; returns the JSON record."""
+    args = build_parser().parse_args(argv)
+    device = _resolve_device(args.device)
+    rates = measure_hardware(device) if args.bound else None
+    with tempfile.TemporaryDirectory(prefix="pagedserve-bench-") as scratch:
+        if args.model_shape:
+            model_dir = write_model_dir(SHAPES[args.model_shape], Path(scratch) / args.model_shape, args.tokenizer_dir)
+        elif args.load_format == "dummy" and args.hf_backends:
+            # Weights are saved beside the config, so work on a copy rather than write into the caller's directory.
+            model_dir = write_model_dir(read_shape(args.model), Path(scratch) / args.model.name, args.model)
+            (model_dir / "config.json").write_text((args.model / "config.json").read_text())
+        else:
+            model_dir = args.model
+        records = _with_bounds(_benchmark(model_dir, args, device), model_dir, args, rates)
+    metadata = report.run_metadata("throughput", device_name(device))
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    result = {"metadata": metadata, "config": config, "model": model_dir.name,
+              "hardware": dataclasses.asdict(rates) if rates else None, "backends": records}
+    stem = report.result_stem(args.result_dir, metadata)
+    markdown = report.markdown_report(f"Offline throughput: {model_dir.name}", metadata, [
+        ("Workload", f"{args.num_prompts} random prompts ({args.hf_num_prompts} for the transformers baselines) of "
+                     f"{args.input_len} tokens in, {args.output_len} out, greedy, ignore_eos {args.ignore_eos}, "
+                     f"dtype {args.dtype}; the same token ids and weights for every backend.\n"),
+        ("Results", report.markdown_table(_HEADERS, _rows(records))),
+    ])
+    paths = report.write_outputs(stem, result, markdown)
+    plot = report.plot_throughput(records, stem.with_suffix(".png"))
+    print("wrote " + ", ".join(str(p) for p in [*paths, *([plot] if plot else [])]))
+    print(report.text_table(_HEADERS, _rows(records)))
+    return result
+
+
+if __name__ == "__main__":
+    from pagedserve.logs import LogFormat, configure_logging
+
+    configure_logging(LogFormat.CONSOLE, logging.WARNING)  # per-request engine events would drown the results
+    main()

@@ -1,0 +1,48 @@
+"""Roofline bounds of decode and prefill steps and of whole workloads, on a shape small enough to count by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.hardware_bound import (HardwareRates, Workload, decode_cost, percent_of_bound, prefill_cost,
+                                       workload_bound_s)
+from benchmarks.model_shapes import ModelShape
+
+# 1 layer, hidden 4, 2 heads of 2, 1 KV head, MLP 8, vocab 10, untied:
+# layer = 4*(2+2*1)*2 (qkv) + 4*4 (o) + 3*4*8 (mlp) + 2*4 (norms) = 32 + 16 + 96 + 8 = 152 weights.
+SHAPE = ModelShape("hand", hidden_size=4, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=8,
+                   vocab_size=10, tie_word_embeddings=False)
+RATES = HardwareRates("test", memory_bandwidth_bytes_per_s=100.0, matmul_flops_per_s=1000.0)
+
+
+def test_layer_and_matmul_weights_are_counted_by_hand() -> None:
+    assert SHAPE.layer_parameters == 152
+    assert SHAPE.matmul_parameters == 152 + 40
+    assert SHAPE.kv_bytes_per_token(2) == 2 * 1 * 1 * 2 * 2
+
+
+def test_decode_step_reads_weights_and_every_sequences_kv() -> None:
+    cost = decode_cost(SHAPE, elem_bytes=2, num_seqs=3, context_len=5)
+    assert cost.bytes_moved == 192 * 2 + 3 * 5 * 8
+    assert cost.flops == 2 * 192 * 3 + 4 * 1 * 2 * 2 * 5 * 3
+    assert cost.time_s(RATES) == pytest.approx(max(cost.bytes_moved / 100.0, cost.flops / 1000.0))
+
+
+def test_prefill_reads_weights_once_per_chunk_and_pays_causal_attention() -> None:
+    cost = prefill_cost(SHAPE, elem_bytes=2, num_seqs=2, prompt_len=3, max_batched=4)
+    assert cost.bytes_moved == 2 * 192 * 2 + 6 * 8
+    assert cost.flops == 2 * 144 * 6 + 2 * (2 * 1 * 2 * 2 * 3 * 4) + 2 * 10 * 4 * 2
+
+
+def test_workload_is_its_waves_of_prefill_and_decode_steps() -> None:
+    workload = Workload(num_requests=3, input_len=3, output_len=3, concurrency=2, max_num_batched_tokens=4)
+
+    def wave(n: int) -> float:
+        steps = [prefill_cost(SHAPE, 2, n, 3, 4)] + [decode_cost(SHAPE, 2, n, 3 + k) for k in (1, 2)]
+        return sum(step.time_s(RATES) for step in steps)
+
+    assert workload_bound_s(SHAPE, 2, RATES, workload) == pytest.approx(wave(2) + wave(1))
+
+
+def test_percent_of_bound_is_bound_time_over_measured_time() -> None:
+    assert percent_of_bound(measured_s=4.0, bound_s=1.0) == 25.0

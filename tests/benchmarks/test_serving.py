@@ -1,0 +1,32 @@
+"""The serving benchmark end to end on stories260K: a real server process, a concurrency sweep, the JSON record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks import serving
+
+STORIES = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "stories260K"
+
+
+def test_sweep_records_every_level_with_vllm_metrics(tmp_path: Path) -> None:
+    result = serving.main([
+        "--model", str(STORIES), "--dtype", "float32", "--serve-args", "--device cpu --kv-cache-memory 0.01",
+        "--num-prompts", "4", "--random-input-len", "12", "--random-output-len", "5", "--sweep-concurrency", "1,4",
+        "--result-dir", str(tmp_path),
+    ])
+    written = json.loads(next(tmp_path.glob("*-serving-cpu.json")).read_text())
+    assert written == result
+    assert set(written["metadata"]) == {"benchmark", "commit", "device", "command", "date"}
+    assert written["metadata"]["device"] == "cpu"
+    runs = written["runs"]
+    assert [run["max_concurrency"] for run in runs] == [1, 4]
+    for run in runs:
+        assert (run["completed"], run["failed"]) == (4, 0)
+        assert (run["total_input_tokens"], run["total_output_tokens"]) == (48, 20)
+        assert len(run["ttfts_ms"]) == len(run["tpots_ms"]) == 4
+        assert run["bound_output_tokens_per_s"] > 0 and run["percent_of_bound"] > 0
+        for name in ("ttft", "tpot", "itl", "e2el"):
+            assert {f"mean_{name}_ms", f"median_{name}_ms", f"p99_{name}_ms"} <= set(run)
+    assert next(tmp_path.glob("*-serving-cpu.md")).read_text().startswith("# Serving benchmark: stories260K")
