@@ -11,7 +11,11 @@ from pagedserve.control_plane.request_queue import priority_key
 
 
 class PreemptionPolicy(ABC):
-    """Chooses victims among running requests, given in admission order."""
+    """Orders running requests for service and chooses victims among them."""
+
+    @abstractmethod
+    def order(self, running: list[Request]) -> None:
+        """Sorts running (kept in admission order) into service order, in place; victims come from the tail."""
 
     @abstractmethod
     def pick_victim(self, running: Sequence[Request]) -> Request:
@@ -25,6 +29,9 @@ class PreemptionPolicy(ABC):
 class NewestFirst(PreemptionPolicy):
     """FCFS: the most recently admitted request goes first; waiting requests never displace running ones."""
 
+    def order(self, running: list[Request]) -> None:
+        return None
+
     def pick_victim(self, running: Sequence[Request]) -> Request:
         return running[-1]
 
@@ -35,6 +42,9 @@ class NewestFirst(PreemptionPolicy):
 class LowestPriorityFirst(PreemptionPolicy):
     """PRIORITY: the lowest-priority (then latest) request goes first, also to make room for a waiting
     request of strictly higher priority."""
+
+    def order(self, running: list[Request]) -> None:
+        running.sort(key=priority_key)
 
     def pick_victim(self, running: Sequence[Request]) -> Request:
         return max(reversed(running), key=priority_key)

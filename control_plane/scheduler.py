@@ -172,7 +172,9 @@ class Scheduler:
             self._preempt(victim, step)
 
     def _extend_running(self, step: StepBuilder) -> None:
-        """Schedules running requests in order; out of blocks, preempts the policy's victim and retries."""
+        """Schedules running requests in the policy's order; out of blocks, preempts the policy's victim
+        among those not yet scheduled and retries."""
+        self._policy.order(self._running)
         index = 0
         while index < len(self._running) and step.budget > 0:
             request = self._running[index]

@@ -17,8 +17,3 @@ class SchedulerStats:
     prefix_cache_hits: int  # cumulative, tokens
     num_prompt_tokens: int  # cumulative, prompt tokens of requests that produced a first token
     num_generation_tokens: int  # cumulative, sampled tokens accepted
-
-    @property
-    def kv_cache_usage(self) -> float:
-        """Share of device blocks in use, in [0, 1]."""
-        return self.num_used_blocks / self.num_total_blocks if self.num_total_blocks else 0.0

@@ -383,3 +383,18 @@ def test_without_chunked_prefill_a_prompt_waits_for_a_step_it_fits_in_whole() ->
         scheduler.add_request(request)
     plan = scheduler.schedule()
     assert [(s.seq_id, s.num_scheduled_tokens) for s in plan.new_sequences] == [(0, 5)]
+
+
+def test_priority_policy_serves_higher_priority_first_so_the_lower_one_is_preempted() -> None:
+    scheduler = make_scheduler(num_blocks=5, policy=SchedulingPolicy.PRIORITY)
+    worker = make_worker(scheduler)
+    scheduler.add_request(make_request("low", range(10, 16), priority=5))
+    step_once(scheduler, worker)
+    scheduler.add_request(make_request("high", range(30, 37), priority=0, arrival_time_s=1.0))
+    step_once(scheduler, worker)
+    step_once(scheduler, worker)
+    # Step 3 computes slot 8 of both, admitted low first; the one free block goes to high.
+    plan, _ = step_once(scheduler, worker)
+    assert plan.dropped_seq_ids == (0,)
+    assert plan.scheduled_sequences == (ScheduledSequencePlan(1, 1, (BlockTableUpdate(2, (4,)),)),)
+    assert scheduler.get_request("low").status is RequestStatus.PREEMPTED
