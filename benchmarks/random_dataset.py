@@ -24,7 +24,9 @@ def sample_random_requests(
 ) -> list[BenchRequest]:
     """num_prompts requests whose prompt ids are uniform in [0, vocab_size); same seed, same requests."""
     if num_prompts < 1 or input_len < 1 or output_len < 1:
-        raise ValueError(f"num_prompts, input_len and output_len must be >= 1, got {num_prompts, input_len, output_len}")
+        raise ValueError(
+            f"num_prompts, input_len and output_len must be >= 1, got {num_prompts, input_len, output_len}"
+        )
     if not 0.0 <= range_ratio < 1.0:
         raise ValueError(f"range_ratio must be in [0, 1), got {range_ratio}")
     rng = random.Random(seed)

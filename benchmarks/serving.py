@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-output-len", type=int, default=128)
     p.add_argument("--random-range-ratio", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--request-rate", type=float, default=math.inf, help="requests/s, Poisson arrivals; inf: all at once")
+    p.add_argument("--request-rate", type=float, default=math.inf,
+                   help="requests/s, Poisson arrivals; inf: all at once")
     p.add_argument("--max-concurrency", type=int, help="requests in flight at most (default: no limit)")
     p.add_argument("--sweep-concurrency", help="comma-separated max concurrencies, run in turn, e.g. 1,4,16,64")
     p.add_argument("--prompts-per-concurrency", type=int,
@@ -88,7 +89,9 @@ async def _wait_serving(address: str, process: subprocess.Popen[bytes], log_path
 
 
 @contextmanager
-def server_process(model_dir: Path, args: argparse.Namespace, log_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def server_process(
+    model_dir: Path, args: argparse.Namespace, log_path: Path
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """`pagedserve serve` in a child process on a free loopback port; SIGTERM on exit."""
     port = _free_port()
     command = [sys.executable, "-m", "pagedserve.clients.cli", "serve", "--model", str(model_dir),

@@ -18,7 +18,8 @@ import torch
 from benchmarks import report
 from benchmarks.hardware_bound import (HardwareRates, Workload, bound_summary, device_name, dtype_bytes,
                                        measure_hardware, percent_of_bound)
-from benchmarks.hf_baseline import BackendRun, HFBackend, load_model, run_generate, run_generate_batch, save_seeded_weights
+from benchmarks.hf_baseline import (BackendRun, HFBackend, load_model, run_generate, run_generate_batch,
+                                    save_seeded_weights)
 from benchmarks.model_shapes import DEFAULT_TOKENIZER_DIR, SHAPES, read_shape, sampling_vocab_size, write_model_dir
 from benchmarks.random_dataset import BenchRequest, sample_random_requests
 
