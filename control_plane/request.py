@@ -167,7 +167,9 @@ def worker_sampling(request: Request, include_prompt_logprobs: bool) -> WorkerSa
     )
 
 
-def check_stop(request: Request, seq: Sequence, max_model_len: int | None) -> tuple[FinishReason, int | None] | None:
+def check_stop(
+    request: Request, seq: Sequence, max_model_len: int | None
+) -> tuple[FinishReason, int | None] | None:
     """Why seq ends after its latest token, if it does: a stop token (once min_tokens are out), else a length.
 
     A stop token ranks before a length limit reached by the same token: the model chose to end there.

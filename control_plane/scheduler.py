@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import structlog
 
 from pagedserve.control_plane.block_manager import BlockManager, CachedPrefix
@@ -18,9 +17,16 @@ from pagedserve.control_plane.request import (
     check_stop,
 )
 from pagedserve.control_plane.request_queue import make_request_queue
+from pagedserve.control_plane.sequence_registry import SequenceRegistry
 from pagedserve.control_plane.stats import SchedulerStats
 from pagedserve.control_plane.step_builder import Expectation, SeqWork, StepBuilder
-from pagedserve.control_plane.step_plan import BlockTableUpdate, SequenceOutput, StepOutput, StepPlan, TokenLogprobs
+from pagedserve.control_plane.step_plan import (
+    BlockTableUpdate,
+    SequenceOutput,
+    StepOutput,
+    StepPlan,
+    TokenLogprobs,
+)
 
 log = structlog.get_logger()
 
@@ -38,7 +44,11 @@ class Scheduler:
     """
 
     def __init__(
-        self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_gpu_blocks: int, num_cpu_blocks: int
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        num_gpu_blocks: int,
+        num_cpu_blocks: int,
     ) -> None:
         self.config = scheduler_config
         self.cache_config = cache_config
@@ -50,11 +60,8 @@ class Scheduler:
         self._swapped = make_request_queue(scheduler_config.scheduling_policy)
         self._running: list[Request] = []
         self._requests: dict[str, Request] = {}
-        self._seqs: dict[int, tuple[Request, Sequence]] = {}
-        self._seq_ids = itertools.count()
+        self._seqs = SequenceRegistry(self.block_manager)
         self._next_step_id = 0
-        self._dropped: list[int] = []
-        self._table_rewrites: set[int] = set()  # swapped-in sequences whose next plan rewrites the table
         self._expectations: dict[int, dict[int, Expectation]] = {}  # step id -> seq id -> what the step owes it
         # A sequence ends (LENGTH) before it outgrows the whole pool: its known tokens, all but the last
         # one computed, must fit there alone, or it could never resume after a preemption.
@@ -88,10 +95,7 @@ class Scheduler:
                 f"prompt of {request.num_prompt_tokens} tokens needs {num_blocks} KV blocks, "
                 f"the pool has {self.block_manager.gpu.num_blocks}"
             )
-        for index in range(request.sampling_params.n):
-            seq = Sequence(seq_id=next(self._seq_ids), index=index, is_forked=index == 0)
-            request.sequences.append(seq)
-            self._seqs[seq.seq_id] = (request, seq)
+        request.sequences.extend(self._seqs.add(request, index) for index in range(request.sampling_params.n))
         self._requests[request.request_id] = request
         self._waiting.add(request)
 
@@ -102,7 +106,7 @@ class Scheduler:
             return
         for seq in request.unfinished_sequences:
             seq.finish_reason = FinishReason.ABORT
-            self._release(seq)
+            self._seqs.release(seq)
         self._end_request(request, RequestStatus.ABORTED)
 
     def finish_sequence(self, request_id: str, index: int, reason: FinishReason) -> None:
@@ -141,7 +145,7 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         """Plans the next step. Its step_id advances only when the plan is not empty."""
-        step = StepBuilder(self.config.max_num_batched_tokens, self._num_running_seqs(), self._dropped)
+        step = StepBuilder(self.config.max_num_batched_tokens, self._num_running_seqs())
         self._make_room_for_waiting(step)
         self._extend_running(step)
         if not step.has_preempted:
@@ -149,8 +153,7 @@ class Scheduler:
             if not self._swapped:
                 self._admit_waiting(step)
         self._cache_computed_blocks(step)
-        self._dropped = []
-        plan = step.build(self._next_step_id)
+        plan = step.build(self._next_step_id, self._seqs.take_dropped())
         if not plan.is_empty:
             self._next_step_id += 1
             if step.expectations:
@@ -208,7 +211,7 @@ class Scheduler:
                 return
             self._swapped.pop()
             step.swap_in.extend(bm.swap_in(seq_ids))
-            self._table_rewrites.update(seq_ids)
+            self._seqs.rewrite_tables(seq_ids)
             self._start_running(request, step)
             works = self._plan(request, step.budget)
             if works:
@@ -319,8 +322,7 @@ class Scheduler:
         if work.prefix is not None:
             step.add_new(request, seq, bm.block_ids(seq.seq_id), work.num_new_tokens)
             seq.is_on_worker = True
-        elif seq.seq_id in self._table_rewrites:
-            self._table_rewrites.discard(seq.seq_id)
+        elif self._seqs.take_table_rewrite(seq.seq_id):
             step.add_scheduled(seq.seq_id, work.num_new_tokens, BlockTableUpdate(0, bm.block_ids(seq.seq_id)))
         else:
             update = BlockTableUpdate(change.start_index, change.block_ids) if change.block_ids else None
@@ -365,7 +367,7 @@ class Scheduler:
         else:
             mode = PreemptionMode.RECOMPUTE
             for seq in request.unfinished_sequences:
-                self._reset_for_recompute(request, seq)
+                self._seqs.reset_for_recompute(request, seq)
             request.set_status(RequestStatus.PREEMPTED)
             self._waiting.add_preempted(request)
         self._log_preemption(request, mode)
@@ -392,32 +394,13 @@ class Scheduler:
             raise RuntimeError(f"request {request.request_id} does not fit the KV pool alone")
         self._num_preemptions += 1
         step.has_preempted = True
-        self._reset_for_recompute(request, held[-1])
+        self._seqs.reset_for_recompute(request, held[-1])
         self._log_preemption(request, PreemptionMode.RECOMPUTE)
-
-    def _reset_for_recompute(self, request: Request, seq: Sequence) -> None:
-        """Forgets seq's KV; it comes back under a new id (stale results then match nothing) with its
-        known tokens to compute again."""
-        self._release(seq)
-        seq.seq_id = next(self._seq_ids)
-        seq.num_computed_tokens = 0
-        seq.num_pending_tokens = 0
-        self._seqs[seq.seq_id] = (request, seq)
-        request.num_prompt_logprobs_to_skip = request.num_prompt_logprobs_delivered
-
-    def _release(self, seq: Sequence) -> None:
-        """Frees the sequence's blocks and forgets its id; the worker drops it with the next plan."""
-        self.block_manager.free(seq.seq_id)
-        if seq.is_on_worker:
-            self._dropped.append(seq.seq_id)
-            seq.is_on_worker = False
-        self._seqs.pop(seq.seq_id, None)
-        self._table_rewrites.discard(seq.seq_id)
 
     def _finish(self, request: Request, seq: Sequence, reason: FinishReason, stop_token_id: int | None) -> None:
         seq.finish_reason = reason
         seq.stop_token_id = stop_token_id
-        self._release(seq)
+        self._seqs.release(seq)
         if not request.unfinished_sequences:
             self._end_request(request, RequestStatus.FINISHED)
 
@@ -446,7 +429,9 @@ class Scheduler:
                 deltas.extend(self._apply_output(request, seq, expect, output))
         return deltas
 
-    def _apply_output(self, request: Request, seq: Sequence, expect: Expectation, output: StepOutput) -> list[SequenceDelta]:
+    def _apply_output(
+        self, request: Request, seq: Sequence, expect: Expectation, output: StepOutput
+    ) -> list[SequenceDelta]:
         out = output.by_seq_id.get(seq.seq_id)
         prompt_logprobs = self._new_prompt_logprobs(request, out)
         if not expect.samples:

@@ -39,7 +39,6 @@ class StepBuilder:
 
     budget: int
     num_seqs: int
-    dropped_seq_ids: list[int]
     has_preempted: bool = False  # a running request lost its blocks: admit nothing new this step
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
@@ -74,10 +73,10 @@ class StepBuilder:
         self.scheduled.append((request, seq))
         self.expectations[seq.seq_id] = expectation
 
-    def build(self, step_id: int) -> StepPlan:
+    def build(self, step_id: int, dropped_seq_ids: list[int]) -> StepPlan:
         return StepPlan(
             step_id=step_id,
-            dropped_seq_ids=tuple(self.dropped_seq_ids),
+            dropped_seq_ids=tuple(dropped_seq_ids),
             swap_out=tuple(self.swap_out),
             swap_in=tuple(self.swap_in),
             block_copies=tuple(self.block_copies),
