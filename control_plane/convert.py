@@ -142,6 +142,7 @@ def step_output_from_proto(pb: worker_service_pb2.ExecuteResponse) -> StepOutput
         outputs=tuple(_sequence_output_from_proto(o) for o in pb.outputs),
         step_time_ms=pb.step_time_ms,
         forward_time_ms=pb.forward_time_ms,
+        idle_time_ms=pb.idle_time_ms,
     )
 
 

@@ -88,6 +88,25 @@ class EngineStatus:
     num_prompt_tokens: int
     num_generation_tokens: int
     num_steps: int
+    control_plane_step_time_s: float
+    worker_step_time_s: float
+    worker_forward_time_s: float
+    worker_idle_time_s: float
+
+
+@dataclass(slots=True)
+class _StepTimes:
+    """Where the time of the steps went, summed since start (seconds)."""
+
+    control_plane_s: float = 0.0
+    worker_step_s: float = 0.0
+    worker_forward_s: float = 0.0
+    worker_idle_s: float = 0.0
+
+    def add_output(self, output: StepOutput) -> None:
+        self.worker_step_s += output.step_time_ms / 1e3
+        self.worker_forward_s += output.forward_time_ms / 1e3
+        self.worker_idle_s += output.idle_time_ms / 1e3
 
 
 class Engine:
@@ -109,6 +128,7 @@ class Engine:
         self._requests: dict[str, _Tracked] = {}
         self._ids = itertools.count()
         self._num_steps = 0
+        self._times = _StepTimes()
 
     def start(self) -> None:
         for lane in self._lanes:
@@ -195,6 +215,10 @@ class Engine:
             num_prompt_tokens=sum(s.num_prompt_tokens for s in stats),
             num_generation_tokens=sum(s.num_generation_tokens for s in stats),
             num_steps=self._num_steps,
+            control_plane_step_time_s=self._times.control_plane_s,
+            worker_step_time_s=self._times.worker_step_s,
+            worker_forward_time_s=self._times.worker_forward_s,
+            worker_idle_time_s=self._times.worker_idle_s,
         )
 
     async def _run_lane(self, lane: _Lane) -> None:
@@ -202,7 +226,9 @@ class Engine:
         try:
             while True:
                 while len(in_flight) < self._config.max_steps_in_flight:
+                    started = time.perf_counter()
                     plan = lane.scheduler.schedule()
+                    self._times.control_plane_s += time.perf_counter() - started
                     if plan.is_empty:
                         break
                     await lane.transport.send(plan)
@@ -212,9 +238,11 @@ class Engine:
                     await lane.wakeup.wait()
                     continue
                 output = await lane.transport.receive()
-                plan = in_flight.popleft()
+                started = time.perf_counter()
                 self._num_steps += 1
-                self._apply(lane, lane.scheduler.update_from_output(plan, output))
+                self._apply(lane, lane.scheduler.update_from_output(in_flight.popleft(), output))
+                self._times.control_plane_s += time.perf_counter() - started
+                self._times.add_output(output)
         except WorkerUnavailableError as exc:
             log.error("worker_failed", worker_id=lane.worker_id, error=str(exc))
             self._fail_lane(lane, exc)

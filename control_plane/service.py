@@ -116,6 +116,10 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
             prompt_tokens=s.num_prompt_tokens,
             generation_tokens=s.num_generation_tokens,
             num_steps=s.num_steps,
+            control_plane_step_time_s=s.control_plane_step_time_s,
+            worker_step_time_s=s.worker_step_time_s,
+            worker_forward_time_s=s.worker_forward_time_s,
+            worker_idle_time_s=s.worker_idle_time_s,
         )
 
 

@@ -114,6 +114,7 @@ class StepOutput:
     outputs: tuple[SequenceOutput, ...] = ()
     step_time_ms: float = 0.0
     forward_time_ms: float = 0.0
+    idle_time_ms: float = 0.0  # the worker's wait between its previous forward pass and this one
     by_seq_id: dict[int, SequenceOutput] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:

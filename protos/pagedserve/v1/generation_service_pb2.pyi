@@ -119,7 +119,7 @@ class GetServerStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerStatusResponse(_message.Message):
-    __slots__ = ("num_requests_running", "num_requests_waiting", "num_requests_swapped", "kv_cache_usage", "num_used_blocks", "num_total_blocks", "num_preemptions", "prefix_cache_queries", "prefix_cache_hits", "prompt_tokens", "generation_tokens", "num_steps")
+    __slots__ = ("num_requests_running", "num_requests_waiting", "num_requests_swapped", "kv_cache_usage", "num_used_blocks", "num_total_blocks", "num_preemptions", "prefix_cache_queries", "prefix_cache_hits", "prompt_tokens", "generation_tokens", "num_steps", "control_plane_step_time_s", "worker_step_time_s", "worker_forward_time_s", "worker_idle_time_s")
     NUM_REQUESTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_REQUESTS_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_REQUESTS_SWAPPED_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +132,10 @@ class GetServerStatusResponse(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_PLANE_STEP_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    WORKER_STEP_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FORWARD_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    WORKER_IDLE_TIME_S_FIELD_NUMBER: _ClassVar[int]
     num_requests_running: int
     num_requests_waiting: int
     num_requests_swapped: int
@@ -144,4 +148,8 @@ class GetServerStatusResponse(_message.Message):
     prompt_tokens: int
     generation_tokens: int
     num_steps: int
-    def __init__(self, num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., num_requests_swapped: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_used_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., num_steps: _Optional[int] = ...) -> None: ...
+    control_plane_step_time_s: float
+    worker_step_time_s: float
+    worker_forward_time_s: float
+    worker_idle_time_s: float
+    def __init__(self, num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., num_requests_swapped: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_used_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., num_steps: _Optional[int] = ..., control_plane_step_time_s: _Optional[float] = ..., worker_step_time_s: _Optional[float] = ..., worker_forward_time_s: _Optional[float] = ..., worker_idle_time_s: _Optional[float] = ...) -> None: ...

@@ -171,13 +171,15 @@ class SequenceOutput(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., token_id: _Optional[int] = ..., logprobs: _Optional[_Union[_common_pb2.TokenLogprobs, _Mapping]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ...) -> None: ...
 
 class ExecuteResponse(_message.Message):
-    __slots__ = ("step_id", "outputs", "step_time_ms", "forward_time_ms")
+    __slots__ = ("step_id", "outputs", "step_time_ms", "forward_time_ms", "idle_time_ms")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     STEP_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     outputs: _containers.RepeatedCompositeFieldContainer[SequenceOutput]
     step_time_ms: float
     forward_time_ms: float
-    def __init__(self, step_id: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[SequenceOutput, _Mapping]]] = ..., step_time_ms: _Optional[float] = ..., forward_time_ms: _Optional[float] = ...) -> None: ...
+    idle_time_ms: float
+    def __init__(self, step_id: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[SequenceOutput, _Mapping]]] = ..., step_time_ms: _Optional[float] = ..., forward_time_ms: _Optional[float] = ..., idle_time_ms: _Optional[float] = ...) -> None: ...
