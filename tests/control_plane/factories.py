@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from pagedserve.control_plane.block_manager import BlockManager, Device
 from pagedserve.control_plane.config import CacheConfig, PreemptionMode, SchedulerConfig, SchedulingPolicy
@@ -35,7 +36,7 @@ def make_scheduler(
     policy: SchedulingPolicy = SchedulingPolicy.FCFS,
     preemption_mode: PreemptionMode = PreemptionMode.RECOMPUTE,
     enable_prefix_caching: bool = True,
-    **scheduler_fields: object,
+    **scheduler_fields: Any,
 ) -> Scheduler:
     scheduler_config = SchedulerConfig(
         max_num_batched_tokens=max_num_batched_tokens,
@@ -43,7 +44,7 @@ def make_scheduler(
         max_model_len=max_model_len,
         scheduling_policy=policy,
         preemption_mode=preemption_mode,
-        **scheduler_fields,  # type: ignore[arg-type]
+        **scheduler_fields,
     )
     cache_config = CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching)
     return Scheduler(scheduler_config, cache_config, num_blocks, num_cpu_blocks)
@@ -55,9 +56,9 @@ def make_request(
     max_tokens: int | None = 16,
     arrival_time_s: float = 0.0,
     priority: int = 0,
-    **params: object,
+    **params: Any,
 ) -> Request:
-    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, **params)  # type: ignore[arg-type]
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, **params)
     return Request(request_id, tuple(prompt_token_ids), sampling, (EOS,), arrival_time_s, priority)
 
 
@@ -66,7 +67,7 @@ def make_requests(
     prompt_len: int,
     max_tokens: int | None = 16,
     first_token: int = 10,
-    **params: object,
+    **params: Any,
 ) -> list[Request]:
     """Requests r0, r1, ... with distinct prompts of prompt_len tokens, arriving in order."""
     return [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from pagedserve.control_plane.request import (
@@ -18,8 +20,8 @@ from pagedserve.control_plane.step_plan import WorkerSampling
 EOS = 2
 
 
-def _request(**params: object) -> Request:
-    return Request("r", (5, 6, 7), SamplingParams(**params), (EOS,), 0.0)  # type: ignore[arg-type]
+def _request(**params: Any) -> Request:
+    return Request("r", (5, 6, 7), SamplingParams(**params), (EOS,), 0.0)
 
 
 def _after(*outputs: int) -> Sequence:

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
 from pagedserve.control_plane.config import PreemptionMode, SchedulingPolicy
 from pagedserve.control_plane.errors import InvalidArgumentError, ResourceExhaustedError
 from pagedserve.control_plane.request import FinishReason, RequestStatus
-from pagedserve.control_plane.step_plan import BlockTableUpdate, ScheduledSequencePlan
+from pagedserve.control_plane.scheduler import Scheduler
+from pagedserve.control_plane.step_plan import BlockTableUpdate, ScheduledSequencePlan, StepPlan
 
 from .factories import (
     EOS,
+    FakeWorker,
+    TokenFn,
     assert_scheduler_invariants,
     default_next_token,
     make_request,
@@ -24,7 +28,13 @@ from .factories import (
 )
 
 
-def _alone_tokens(prompt: tuple[int, ...], max_tokens: int, **params: object) -> list[int]:
+def _status(scheduler: Scheduler, request_id: str) -> RequestStatus:
+    request = scheduler.get_request(request_id)
+    assert request is not None
+    return request.status
+
+
+def _alone_tokens(prompt: tuple[int, ...], max_tokens: int, **params: Any) -> list[int]:
     scheduler = make_scheduler(num_blocks=64)
     scheduler.add_request(make_request("alone", prompt, max_tokens=max_tokens, **params))
     return run(scheduler, make_worker(scheduler)).tokens[("alone", 0)]
@@ -96,7 +106,7 @@ def test_waiting_request_of_higher_priority_preempts_the_lowest_priority_running
     assert plan.dropped_seq_ids == (0,)
     # The preempted request's blocks join the free queue tail first: 3, then 2, 1, 0.
     assert [(s.seq_id, s.block_ids) for s in plan.new_sequences] == [(1, (3, 2))]
-    assert scheduler.get_request("low").status is RequestStatus.PREEMPTED
+    assert _status(scheduler, "low") is RequestStatus.PREEMPTED
     assert scheduler.stats.num_preemptions == 1
 
 
@@ -111,15 +121,15 @@ def test_same_priority_waiting_request_does_not_preempt() -> None:
     assert plan.scheduled_sequences == (ScheduledSequencePlan(0, 1, (BlockTableUpdate(3, (3,)),)),)
 
 
-def _three_growing_requests(scheduler_kwargs: dict[str, object]) -> tuple[object, object]:
-    scheduler = make_scheduler(num_blocks=8, **scheduler_kwargs)  # type: ignore[arg-type]
+def _three_growing_requests(**scheduler_fields: Any) -> tuple[Scheduler, FakeWorker]:
+    scheduler = make_scheduler(num_blocks=8, **scheduler_fields)
     for request in make_requests(3, prompt_len=6, max_tokens=8):
         scheduler.add_request(request)
     return scheduler, make_worker(scheduler)
 
 
 def test_out_of_blocks_preempts_the_newest_request_which_resumes_with_the_same_tokens() -> None:
-    scheduler, worker = _three_growing_requests({})
+    scheduler, worker = _three_growing_requests()
     result = run(scheduler, worker, on_step=lambda i, plan: assert_scheduler_invariants(scheduler))
     preempting = [i for i, plan in enumerate(result.plans) if plan.dropped_seq_ids]
     # Step 3 computes slot 8 of each: r0 and r1 take the last two blocks, r2 (the newest) is preempted.
@@ -139,39 +149,23 @@ def test_out_of_blocks_preempts_the_newest_request_which_resumes_with_the_same_t
 
 
 def test_swap_mode_moves_the_newest_request_to_cpu_blocks_and_back() -> None:
-    scheduler, worker = _three_growing_requests({"num_cpu_blocks": 4, "preemption_mode": PreemptionMode.SWAP})
-    free_before: dict[int, tuple[int, ...]] = {}
-    steps = []
-
-    def record(index: int, plan: object) -> None:
-        assert_scheduler_invariants(scheduler)
-        steps.append(index)
-
-    original_schedule = scheduler.schedule
-
-    def schedule_recording_free_queue():  # type: ignore[no-untyped-def]
-        free_before[len(free_before)] = scheduler.block_manager.gpu.free_queue()
-        return original_schedule()
-
-    scheduler.schedule = schedule_recording_free_queue  # type: ignore[method-assign]
-    result = run(scheduler, worker, on_step=record)
-    swap_outs = [(i, p.swap_out) for i, p in enumerate(result.plans) if p.swap_out]
-    swap_ins = [(i, p) for i, p in enumerate(result.plans) if p.swap_in]
-    assert swap_outs == [(3, ((4, 0), (5, 1)))]
+    scheduler, worker = _three_growing_requests(num_cpu_blocks=4, preemption_mode=PreemptionMode.SWAP)
+    result = run(scheduler, worker, on_step=lambda i, plan: assert_scheduler_invariants(scheduler))
+    # Step 3: r2's two full blocks go to CPU blocks 0 and 1; its device blocks free up, tail first.
+    assert [(i, p.swap_out) for i, p in enumerate(result.plans) if p.swap_out] == [(3, ((4, 0), (5, 1)))]
     assert result.plans[3].dropped_seq_ids == ()
-    (index, plan), = swap_ins
-    device_blocks = free_before[index][:2]
-    assert plan.swap_in == ((0, device_blocks[0]), (1, device_blocks[1]))
-    resumed = next(s for s in plan.scheduled_sequences if s.seq_id == 2)
-    assert resumed.block_table_updates[0].start_index == 0
-    assert resumed.block_table_updates[0].block_ids[:2] == device_blocks
+    # Steps 4-7: r0 and r1 take blocks 5 and 4 and finish; freed tail first, the queue is 5 6 1 0 4 7 3 2.
+    # Step 8: r2 comes back into 5 and 6, and takes 1 for slot 8.
+    assert [(i, p.swap_in) for i, p in enumerate(result.plans) if p.swap_in] == [(8, ((0, 5), (1, 6)))]
+    assert result.plans[8].dropped_seq_ids == (0, 1)
+    assert result.plans[8].scheduled_sequences == (ScheduledSequencePlan(2, 1, (BlockTableUpdate(0, (5, 6, 1)),)),)
     assert result.tokens[("r2", 0)] == _alone_tokens(make_requests(3, 6)[2].prompt_token_ids, 8)
     assert scheduler.stats.num_preemptions == 1
-    assert scheduler.block_manager.cpu.num_used_blocks == 0
+    assert (scheduler.block_manager.cpu.num_used_blocks, scheduler.stats.num_used_blocks) == (0, 0)
 
 
 def test_swap_mode_falls_back_to_recompute_when_the_cpu_pool_is_full() -> None:
-    scheduler, worker = _three_growing_requests({"num_cpu_blocks": 1, "preemption_mode": PreemptionMode.SWAP})
+    scheduler, worker = _three_growing_requests(num_cpu_blocks=1, preemption_mode=PreemptionMode.SWAP)
     result = run(scheduler, worker)
     assert [p.swap_out for p in result.plans if p.swap_out] == []
     assert result.plans[3].dropped_seq_ids == (2,)
@@ -188,7 +182,8 @@ def test_prefix_cache_hit_reuses_exact_blocks_and_counts_tokens() -> None:
     (new,) = plan.new_sequences
     assert (new.block_ids, new.num_computed_tokens, new.num_scheduled_tokens) == ((0, 1, 3), 8, 3)
     assert (scheduler.stats.prefix_cache_queries, scheduler.stats.prefix_cache_hits) == (21, 8)
-    assert scheduler.get_request("b").num_cached_tokens == 8
+    request = scheduler.get_request("b")
+    assert request is not None and request.num_cached_tokens == 8
 
 
 def test_prefix_cache_evicts_the_least_recently_freed_block_first() -> None:
@@ -260,7 +255,7 @@ def test_requests_aborted_at_random_points_leave_no_blocks_and_no_worker_state(s
     pending = list(requests)
     rng.shuffle(pending)
 
-    def abort_some(index: int, plan: object) -> None:
+    def abort_some(index: int, plan: StepPlan) -> None:
         for _ in range(rng.randrange(0, 4)):
             if pending:
                 request = pending.pop()
@@ -305,10 +300,10 @@ def test_finished_sequence_frees_its_blocks_and_is_dropped() -> None:
     assert scheduler.schedule().dropped_seq_ids == (0,)
 
 
-def _run_with_tokens(next_token: object, **params: object) -> tuple[list[int], FinishReason, int | None]:
+def _run_with_tokens(next_token: TokenFn, **params: Any) -> tuple[list[int], FinishReason, int | None]:
     scheduler = make_scheduler(num_blocks=16)
-    scheduler.add_request(make_request("a", [5, 6, 7], **params))  # type: ignore[arg-type]
-    result = run(scheduler, make_worker(scheduler, next_token))  # type: ignore[arg-type]
+    scheduler.add_request(make_request("a", [5, 6, 7], **params))
+    result = run(scheduler, make_worker(scheduler, next_token))
     return result.tokens[("a", 0)], result.finish_reasons[("a", 0)], result.deltas[-1].stop_token_id
 
 
@@ -397,4 +392,4 @@ def test_priority_policy_serves_higher_priority_first_so_the_lower_one_is_preemp
     plan, _ = step_once(scheduler, worker)
     assert plan.dropped_seq_ids == (0,)
     assert plan.scheduled_sequences == (ScheduledSequencePlan(1, 1, (BlockTableUpdate(2, (4,)),)),)
-    assert scheduler.get_request("low").status is RequestStatus.PREEMPTED
+    assert _status(scheduler, "low") is RequestStatus.PREEMPTED

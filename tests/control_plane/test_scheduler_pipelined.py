@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
@@ -105,7 +107,7 @@ def _random_requests(seed: int) -> list[Request]:
     return requests
 
 
-def _sometimes_eos(tokens: list[int], index: int) -> int:
+def _sometimes_eos(tokens: Sequence[int], index: int) -> int:
     token = default_next_token(tokens, index)
     return EOS if token % 23 == 0 else token
 
@@ -121,7 +123,7 @@ def _add_all(scheduler: Scheduler, requests: list[Request]) -> None:
 @pytest.mark.parametrize("seed", range(60))
 def test_one_ahead_loop_yields_the_tokens_of_the_synchronous_loop(seed: int) -> None:
     rng = random.Random(seed)
-    config = dict(
+    config: dict[str, Any] = dict(
         num_blocks=rng.randrange(3, 16), block_size=rng.choice([1, 2, 4, 8]),
         num_cpu_blocks=rng.choice([0, 4, 40]), max_num_batched_tokens=rng.choice([4, 8, 16, 2048]),
         max_num_seqs=rng.choice([4, 256]), policy=rng.choice(list(SchedulingPolicy)),
@@ -130,7 +132,7 @@ def test_one_ahead_loop_yields_the_tokens_of_the_synchronous_loop(seed: int) -> 
     )
     results = []
     for steps_in_flight in (1, 2):
-        scheduler = make_scheduler(**config)  # type: ignore[arg-type]
+        scheduler = make_scheduler(**config)
         worker = make_worker(scheduler, _sometimes_eos)
         _add_all(scheduler, _random_requests(seed))
         result = run(scheduler, worker, steps_in_flight=steps_in_flight,
@@ -144,7 +146,7 @@ def test_one_ahead_loop_yields_the_tokens_of_the_synchronous_loop(seed: int) -> 
     assert pipelined.finish_reasons == synchronous.finish_reasons
     # Alone in a pool of the same size, each request gets the same tokens: preemption changes none.
     for request in _random_requests(seed):
-        alone = make_scheduler(num_blocks=config["num_blocks"], block_size=config["block_size"])  # type: ignore[arg-type]
+        alone = make_scheduler(num_blocks=config["num_blocks"], block_size=config["block_size"])
         _add_all(alone, [request])
         expected = run(alone, make_worker(alone, _sometimes_eos)).tokens
         assert {key: synchronous.tokens[key] for key in expected} == expected
