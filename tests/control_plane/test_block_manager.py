@@ -121,9 +121,9 @@ def test_swap_moves_shared_blocks_once_and_back() -> None:
 
 
 class BlockManagerMachine(RuleBasedStateMachine):
-    """Random allocate / append / fork / free / preempt / swap / cancel against a model of slot contents:
-    every sequence must read its own tokens back from its table, and every prefix hit must hold the
-    tokens it claims."""
+    """Random allocate / append (copy-on-write) / fork / free / preempt / swap / cancel against a model of
+    slot contents: every sequence must read its own tokens back from its table, and every prefix hit must
+    hold the tokens it claims."""
 
     seqs = Bundle("seqs")
 
@@ -192,6 +192,28 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.bm.free(seq_id)
         self.tokens.pop(seq_id, None)
         self.num_computed.pop(seq_id, None)
+
+    @rule(seq_id=seqs)
+    def preempt(self, seq_id: int) -> None:
+        """To the CPU pool when it fits there, else by recompute (its blocks freed, its tokens forgotten)."""
+        if seq_id not in self.tokens or self.bm.device(seq_id) is not Device.GPU:
+            return
+        if self.bm.can_swap_out([seq_id]):
+            self.swap_out(seq_id)
+        else:
+            self.free(seq_id)
+
+    @rule(tokens=st.lists(st.integers(0, 2), min_size=1, max_size=9))
+    def cancel(self, tokens: list[int]) -> None:
+        """A request aborted right after admission: its prefix hits go back to the free queue."""
+        seq_id, self.next_seq_id = self.next_seq_id, self.next_seq_id + 1
+        prefix = self.bm.find_cached_prefix(tokens)
+        num_free = self.bm.gpu.num_free_blocks
+        self.bm.create_table(seq_id, prefix)
+        self.bm.free(seq_id)
+        assert self.bm.gpu.num_free_blocks == num_free
+        for block_id in prefix.block_ids:
+            assert self.bm.gpu.lookup(self.bm.gpu.block_hash(block_id) or b"") == block_id
 
     @rule(seq_id=seqs)
     def swap_out(self, seq_id: int) -> None:
