@@ -69,6 +69,7 @@ class WorkerConfig:
     seed: int = 0
     listen_address: str = "127.0.0.1:50061"
     worker_id: str = "worker-0"
+    enforce_eager: bool = False  # never replay CUDA graphs (debugging, or to save their memory)
 
     def __post_init__(self) -> None:
         if self.seed < 0:

@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-format", default=LoadFormat.AUTO.value, choices=[m.value for m in LoadFormat])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker-id", default="worker-0")
+    p.add_argument("--enforce-eager", action="store_true", help="run every step eagerly, without CUDA graphs")
     p.add_argument("--log-format", default=LogFormat.AUTO.value, choices=[m.value for m in LogFormat])
     return p
 
@@ -36,7 +37,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(
         model_dir=args.model, dtype=DType(args.dtype), device=DeviceKind(args.device),
         load_format=LoadFormat(args.load_format), seed=args.seed, listen_address=args.listen,
-        worker_id=args.worker_id,
+        worker_id=args.worker_id, enforce_eager=args.enforce_eager,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,6 +15,9 @@ from pagedserve.gpu_worker.models.layers import AttentionMetadata
 from pagedserve.gpu_worker.sampler import Sampler, SamplingRow, TokenLogprobs
 from pagedserve.gpu_worker.sequence_state import ScheduledWork
 from pagedserve.gpu_worker.step import SequenceResult
+
+if TYPE_CHECKING:
+    from pagedserve.gpu_worker.cuda_graph import CudaGraphRunner
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +92,13 @@ def _input_ids(work: list[ScheduledWork], starts: np.ndarray, ends: np.ndarray, 
 class ModelRunner:
     """Runs steps of one model over one KV pool; never changes sequence state (the registry commits results)."""
 
-    def __init__(self, model: DecoderForCausalLM, pool: KVPool, tables: BlockTableArray, sampler: Sampler) -> None:
+    def __init__(self, model: DecoderForCausalLM, pool: KVPool, tables: BlockTableArray, sampler: Sampler,
+                 graph_runner: CudaGraphRunner | None = None) -> None:
         self.model = model
         self.pool = pool
         self.tables = tables
         self.sampler = sampler
+        self.graph_runner = graph_runner
 
     @torch.inference_mode()
     def run(self, work: list[ScheduledWork]) -> list[SequenceResult]:
@@ -100,7 +106,10 @@ class ModelRunner:
         batch = build_batch(work, self.tables, self.pool.block_size, self.pool.device)
         if batch.num_tokens == 0:
             return [SequenceResult(item.state.seq_id, None) for item in work]
-        hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.pool.gpu_cache)
+        if self.graph_runner is not None and self.graph_runner.can_run(batch):
+            hidden = self.graph_runner.run(batch)
+        else:
+            hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.pool.gpu_cache)
         sampled = self._sample(work, batch, hidden)
         results = []
         for index, item in enumerate(work):

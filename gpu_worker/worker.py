@@ -9,6 +9,7 @@ import structlog
 import torch
 
 from pagedserve.gpu_worker.config import DType, WorkerConfig
+from pagedserve.gpu_worker.cuda_graph import CudaGraphRunner
 from pagedserve.gpu_worker.errors import CacheNotInitializedError, InvalidCacheRequestError
 from pagedserve.gpu_worker.kv_pool import KVLayout, KVPool
 from pagedserve.gpu_worker.memory_profile import gpu_blocks_for_budget, profile_peak_activation_bytes
@@ -20,6 +21,8 @@ from pagedserve.gpu_worker.weights import LoadedModel, load_model
 from pagedserve.kernels.ops import AttentionOps, get_attention_ops
 
 log = structlog.get_logger()
+# Larger decode batches run eagerly: launch overhead is already small next to their compute.
+MAX_GRAPH_BATCH_SIZE = 512
 
 
 class Worker:
@@ -57,6 +60,12 @@ class Worker:
         return self._registry
 
     @property
+    def runner(self) -> ModelRunner:
+        if self._runner is None:
+            raise CacheNotInitializedError("InitCache must run before Execute")
+        return self._runner
+
+    @property
     def pool(self) -> KVPool:
         if self._pool is None:
             raise CacheNotInitializedError("InitCache must run before Execute")
@@ -89,10 +98,10 @@ class Worker:
             num_cpu_blocks = layout.num_blocks_in(request.swap_space_bytes)
             pool = KVPool(layout, num_gpu_blocks, num_cpu_blocks, self.device, self.ops)
             sampler = Sampler(self.loaded.config.vocab_size, self.device, self.config.seed)
-            self._pool = pool
             registry = SequenceRegistry(layout.block_size, num_gpu_blocks, num_cpu_blocks)
-            self._registry = registry
-            self._runner = ModelRunner(self.loaded.model, pool, registry.tables, sampler)
+            graph_runner = self._capture_graphs(pool, request)
+            self._pool, self._registry = pool, registry
+            self._runner = ModelRunner(self.loaded.model, pool, registry.tables, sampler, graph_runner)
         log.info("cache_initialized", num_gpu_blocks=num_gpu_blocks, num_cpu_blocks=num_cpu_blocks,
                  block_size=layout.block_size, peak_activation_bytes=peak_bytes)
         return CacheInfo(num_gpu_blocks, num_cpu_blocks, peak_bytes)
@@ -101,8 +110,7 @@ class Worker:
         """Validates the whole step, then applies it: drop, swap out, swap in, copy, add, update, compute."""
         started = time.perf_counter()
         with self._lock:
-            registry, pool, runner = self.registry, self.pool, self._runner
-            assert runner is not None  # set together with the registry and the pool
+            registry, pool, runner = self.registry, self.pool, self.runner
             registry.validate(step)
             work = registry.apply(step)
             pool.swap_out(step.swap_out)
@@ -113,6 +121,16 @@ class Worker:
             forward_ms = (time.perf_counter() - forward_started) * 1e3
             registry.commit(work, {r.seq_id: r for r in results})
         return StepResult(step.step_id, tuple(results), (time.perf_counter() - started) * 1e3, forward_ms)
+
+    def _capture_graphs(self, pool: KVPool, request: CacheRequest) -> CudaGraphRunner | None:
+        """Decode graphs for up to max_num_seqs sequences of up to max_position_embeddings tokens, on CUDA."""
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return None
+        max_blocks = -(-self.loaded.config.max_position_embeddings // pool.block_size)
+        runner = CudaGraphRunner(self.loaded.model, pool.gpu_cache, pool.block_size,
+                                 min(request.max_num_seqs, MAX_GRAPH_BATCH_SIZE), max_blocks)
+        runner.capture()
+        return runner
 
     def _layout(self, block_size: int) -> KVLayout:
         model_config = self.loaded.config

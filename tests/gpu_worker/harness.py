@@ -18,14 +18,15 @@ STORIES_DIR = SHARED_DIR / "models" / "stories260K"
 def load_worker(
     model_dir: Path, block_size: int = 4, num_blocks: int = 256, num_cpu_blocks: int = 0,
     dtype: DType = DType.FLOAT32, load_format: LoadFormat = LoadFormat.AUTO, seed: int = 0,
-    device: DeviceKind = DeviceKind.CPU,
+    device: DeviceKind = DeviceKind.CPU, enforce_eager: bool = False,
 ) -> Worker:
     """A worker (CPU unless told) with its cache initialised to exactly num_blocks device blocks."""
-    config = WorkerConfig(model_dir=model_dir, dtype=dtype, device=device, load_format=load_format, seed=seed)
+    config = WorkerConfig(model_dir=model_dir, dtype=dtype, device=device, load_format=load_format, seed=seed,
+                          enforce_eager=enforce_eager)
     worker = Worker.load(config)
     bytes_per_block = worker.info().kv_bytes_per_token * block_size
     worker.init_cache(CacheRequest(block_size=block_size, num_gpu_blocks_override=num_blocks,
-                                   swap_space_bytes=num_cpu_blocks * bytes_per_block))
+                                   swap_space_bytes=num_cpu_blocks * bytes_per_block, max_num_seqs=16))
     return worker
 
 

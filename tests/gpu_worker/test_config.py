@@ -23,6 +23,12 @@ def test_flags_build_the_worker_config() -> None:
     )
 
 
+def test_enforce_eager_flag_turns_cuda_graphs_off() -> None:
+    args = build_parser().parse_args(["--model", "m", "--enforce-eager"])
+
+    assert (config_from_args(args).enforce_eager, WorkerConfig(model_dir=Path("m")).enforce_eager) == (True, False)
+
+
 def test_flag_defaults_listen_on_loopback_with_automatic_choices() -> None:
     config = config_from_args(build_parser().parse_args(["--model", "m"]))
 

@@ -38,14 +38,25 @@ def test_profiled_init_cache_sizes_the_pool_from_memory_left_after_weights_and_p
     assert info.num_gpu_blocks * bytes_per_block > 0.02 * total_bytes
 
 
-def test_greedy_tokens_on_cuda_equal_the_golden_reference() -> None:
-    driver = WorkerDriver(load_worker(STORIES_DIR, BLOCK_SIZE, num_blocks=64, device=DeviceKind.CUDA),
-                          BLOCK_SIZE, num_blocks=64)
-    prompts = [GOLDEN["prompt_ids"]] * 3
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["cuda-graphs", "eager"])
+def test_greedy_tokens_on_cuda_equal_the_golden_reference(enforce_eager: bool) -> None:
+    worker = load_worker(STORIES_DIR, BLOCK_SIZE, num_blocks=64, device=DeviceKind.CUDA, enforce_eager=enforce_eager)
+    driver = WorkerDriver(worker, BLOCK_SIZE, num_blocks=64)
+    prompts = [GOLDEN["prompt_ids"]] * 3  # 3 decode rows replay the graph of size 4, one padding row
 
     generated = driver.generate(make_sequences(prompts, {1: 2, 2: 4}), len(GOLDEN["greedy_new_ids"]))
 
+    graph_runner = worker.runner.graph_runner
     assert generated == [GOLDEN["greedy_new_ids"]] * 3
+    assert (graph_runner is None) == enforce_eager
+    # Every step after the prefills (which finish by step 2) is a decode step of 3 sequences.
+    assert graph_runner is None or graph_runner.num_replays == len(GOLDEN["greedy_new_ids"]) - 1
+
+
+def test_graphs_are_captured_for_small_sizes_then_multiples_of_eight() -> None:
+    worker = load_worker(STORIES_DIR, BLOCK_SIZE, num_blocks=64, device=DeviceKind.CUDA)
+
+    assert worker.runner.graph_runner.sizes == (1, 2, 4, 8, 16)
 
 
 def test_swap_through_pinned_memory_keeps_the_tokens() -> None:
