@@ -6,6 +6,7 @@ import random
 from typing import Any
 
 import pytest
+import structlog.testing
 
 from pagedserve.control_plane.config import PreemptionMode, SchedulingPolicy
 from pagedserve.control_plane.errors import InvalidArgumentError, ResourceExhaustedError
@@ -393,3 +394,13 @@ def test_priority_policy_serves_higher_priority_first_so_the_lower_one_is_preemp
     assert plan.dropped_seq_ids == (0,)
     assert plan.scheduled_sequences == (ScheduledSequencePlan(1, 1, (BlockTableUpdate(2, (4,)),)),)
     assert _status(scheduler, "low") is RequestStatus.PREEMPTED
+
+
+def test_first_preemption_logs_a_warning_with_the_cumulative_count() -> None:
+    scheduler, worker = _three_growing_requests()
+    with structlog.testing.capture_logs() as logs:
+        run(scheduler, worker)
+    (event,) = [e for e in logs if e["event"] == "request_preempted"]
+    assert (event["log_level"], event["request_id"], event["mode"]) == ("warning", "r2", "RECOMPUTE")
+    assert event["total_cumulative_preemption_cnt"] == 1
+    assert event["message"].startswith("Request r2 was preempted by PreemptionMode.RECOMPUTE because")
