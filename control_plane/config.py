@@ -87,7 +87,7 @@ class CacheConfig:
 class EngineConfig:
     """How the engine loop drives its workers."""
 
-    max_steps_in_flight: int = 1  # 2: plan step N+1 while a worker runs step N
+    max_steps_in_flight: int = 2  # plan step N+1 while a worker runs step N; 1: strictly one at a time
 
     def __post_init__(self) -> None:
         if self.max_steps_in_flight not in (1, 2):

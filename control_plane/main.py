@@ -113,7 +113,7 @@ async def start_engine(
         block_size=cache.block_size, gpu_memory_utilization=cache.gpu_memory_utilization,
         num_gpu_blocks_override=cache.num_gpu_blocks_override, kv_cache_memory_bytes=cache.kv_cache_memory_bytes,
         swap_space_bytes=cache.swap_space_bytes, max_num_batched_tokens=scheduler.max_num_batched_tokens,
-        max_num_seqs=scheduler.max_num_seqs,
+        max_num_seqs=scheduler.max_num_seqs, max_model_len=scheduler.max_model_len or 0,
     )
     caches = await asyncio.gather(*(w.init_cache(init) for w in workers))
     info = infos[0]

@@ -102,6 +102,7 @@ def step_result_to_proto(result: StepResult) -> worker_service_pb2.ExecuteRespon
         outputs=outputs,
         step_time_ms=result.step_time_ms,
         forward_time_ms=result.forward_time_ms,
+        idle_time_ms=result.idle_time_ms,
     )
 
 
@@ -123,6 +124,7 @@ def cache_request_from_proto(message: worker_service_pb2.InitCacheRequest) -> Ca
         ),
         kv_cache_memory_bytes=message.kv_cache_memory_bytes,
         swap_space_bytes=message.swap_space_bytes,
+        max_model_len=message.max_model_len or None,
         **{name: value for name, value in optional.items() if value},
     )
 

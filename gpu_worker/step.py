@@ -70,6 +70,7 @@ class StepResult:
     results: tuple[SequenceResult, ...]
     step_time_ms: float
     forward_time_ms: float
+    idle_time_ms: float = 0.0  # between the previous step's forward pass ending and this one's starting
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,7 @@ class CacheRequest:
     swap_space_bytes: int = 0
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,7 @@ class Worker:
         self.device = device
         self.ops = ops
         self._lock = threading.Lock()
+        self._last_forward_end_s: float | None = None
         self._pool: KVPool | None = None
         self._registry: SequenceRegistry | None = None
         self._runner: ModelRunner | None = None
@@ -93,6 +94,7 @@ class Worker:
         """Drops every sequence and the old pools, sizes and allocates new ones."""
         with self._lock:
             self._pool = self._registry = self._runner = None
+            self._last_forward_end_s = None
             layout = self._layout(request.block_size)
             num_gpu_blocks, peak_bytes = self._size_gpu_pool(layout, request)
             num_cpu_blocks = layout.num_blocks_in(request.swap_space_bytes)
@@ -118,15 +120,20 @@ class Worker:
             pool.copy_blocks(step.block_copies)
             forward_started = time.perf_counter()
             results = runner.run(work)
-            forward_ms = (time.perf_counter() - forward_started) * 1e3
+            forward_ended = time.perf_counter()
             registry.commit(work, {r.seq_id: r for r in results})
-        return StepResult(step.step_id, tuple(results), (time.perf_counter() - started) * 1e3, forward_ms)
+            idle_s = forward_started - (self._last_forward_end_s or forward_started)
+            self._last_forward_end_s = forward_ended
+        return StepResult(step.step_id, tuple(results), (time.perf_counter() - started) * 1e3,
+                          (forward_ended - forward_started) * 1e3, idle_s * 1e3)
 
     def _capture_graphs(self, pool: KVPool, request: CacheRequest) -> CudaGraphRunner | None:
-        """Decode graphs for up to max_num_seqs sequences of up to max_position_embeddings tokens, on CUDA."""
+        """Decode graphs for up to max_num_seqs sequences of up to max_model_len tokens, on CUDA."""
         if self.device.type != "cuda" or self.config.enforce_eager:
             return None
-        max_blocks = -(-self.loaded.config.max_position_embeddings // pool.block_size)
+        max_model_len = min(request.max_model_len or self.loaded.config.max_position_embeddings,
+                            self.loaded.config.max_position_embeddings)
+        max_blocks = -(-max_model_len // pool.block_size)
         runner = CudaGraphRunner(self.loaded.model, pool.gpu_cache, pool.block_size,
                                  min(request.max_num_seqs, MAX_GRAPH_BATCH_SIZE), max_blocks)
         runner.capture()

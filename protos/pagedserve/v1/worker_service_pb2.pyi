@@ -37,7 +37,7 @@ class GetWorkerInfoResponse(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., total_memory_bytes: _Optional[int] = ..., is_cache_initialized: bool = ...) -> None: ...
 
 class InitCacheRequest(_message.Message):
-    __slots__ = ("block_size", "gpu_memory_utilization", "num_gpu_blocks_override", "kv_cache_memory_bytes", "swap_space_bytes", "max_num_batched_tokens", "max_num_seqs")
+    __slots__ = ("block_size", "gpu_memory_utilization", "num_gpu_blocks_override", "kv_cache_memory_bytes", "swap_space_bytes", "max_num_batched_tokens", "max_num_seqs", "max_model_len")
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     GPU_MEMORY_UTILIZATION_FIELD_NUMBER: _ClassVar[int]
     NUM_GPU_BLOCKS_OVERRIDE_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class InitCacheRequest(_message.Message):
     SWAP_SPACE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     block_size: int
     gpu_memory_utilization: float
     num_gpu_blocks_override: int
@@ -52,7 +53,8 @@ class InitCacheRequest(_message.Message):
     swap_space_bytes: int
     max_num_batched_tokens: int
     max_num_seqs: int
-    def __init__(self, block_size: _Optional[int] = ..., gpu_memory_utilization: _Optional[float] = ..., num_gpu_blocks_override: _Optional[int] = ..., kv_cache_memory_bytes: _Optional[int] = ..., swap_space_bytes: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
+    max_model_len: int
+    def __init__(self, block_size: _Optional[int] = ..., gpu_memory_utilization: _Optional[float] = ..., num_gpu_blocks_override: _Optional[int] = ..., kv_cache_memory_bytes: _Optional[int] = ..., swap_space_bytes: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_model_len: _Optional[int] = ...) -> None: ...
 
 class InitCacheResponse(_message.Message):
     __slots__ = ("num_gpu_blocks", "num_cpu_blocks", "peak_activation_bytes")
