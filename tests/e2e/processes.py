@@ -14,8 +14,11 @@ from pathlib import Path
 
 from pagedserve.clients.health_check import is_serving
 
+# The worker device of the end-to-end tests: cpu in CI, cuda to run the same tests on a GPU host.
+TEST_DEVICE = os.environ.get("PAGEDSERVE_TEST_DEVICE", "cpu")
 
-def worker_command(model_dir: Path, listen: str, device: str = "cpu", extra: Sequence[str] = ()) -> list[str]:
+
+def worker_command(model_dir: Path, listen: str, device: str = TEST_DEVICE, extra: Sequence[str] = ()) -> list[str]:
     return ["pagedserve", "worker", "--model", str(model_dir), "--listen", listen, "--device", device,
             "--log-format", "json", *extra]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config, Qwen3Config
 
+from pagedserve.gpu_worker.config import DeviceKind
 from tests.gpu_worker.harness import STORIES_DIR, WorkerDriver, load_worker, make_sequences
 
 NUM_NEW_TOKENS = 20
@@ -43,6 +45,18 @@ def _qwen3() -> PretrainedConfig:
     return Qwen3Config(**_TINY, head_dim=24)
 
 
+HAS_CUDA_KERNELS = torch.cuda.is_available() and importlib.util.find_spec("cupy") is not None
+DEVICES = [
+    pytest.param(DeviceKind.CPU, id="cpu"),
+    pytest.param(DeviceKind.CUDA, id="cuda", marks=[
+        pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs CUDA and CuPy")]),
+]
+ARCHITECTURES = pytest.mark.parametrize(
+    "make_config", [_llama_gqa_tied, _llama3_rope_scaling, _mistral, _qwen2, _qwen3],
+    ids=["llama-gqa-tied", "llama3-rope-scaling", "mistral", "qwen2", "qwen3"],
+)
+
+
 def _save_tiny_model(config: PretrainedConfig, directory: Path) -> Path:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -58,14 +72,12 @@ def _hf_greedy(model_dir: Path, prompt: list[int]) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize(
-    "make_config", [_llama_gqa_tied, _llama3_rope_scaling, _mistral, _qwen2, _qwen3],
-    ids=["llama-gqa-tied", "llama3-rope-scaling", "mistral", "qwen2", "qwen3"],
-)
-def test_batched_chunked_greedy_tokens_equal_transformers_generate(make_config, tmp_path: Path) -> None:
+@ARCHITECTURES
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_chunked_greedy_tokens_equal_transformers_generate(make_config, device, tmp_path: Path) -> None:
     model_dir = _save_tiny_model(make_config(), tmp_path)
     expected = [_hf_greedy(model_dir, prompt) for prompt in PROMPTS]
-    driver = WorkerDriver(load_worker(model_dir, block_size=BLOCK_SIZE), BLOCK_SIZE, num_blocks=256)
+    driver = WorkerDriver(load_worker(model_dir, block_size=BLOCK_SIZE, device=device), BLOCK_SIZE, num_blocks=256)
 
     generated = driver.generate(make_sequences(PROMPTS, FIRST_CHUNKS), NUM_NEW_TOKENS)
 
