@@ -1,0 +1,40 @@
+// KV-cache maintenance: writing new tokens into their slots, and copying whole blocks between pools.
+//
+// KV pool layout: [num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim]; one layer's key (or value)
+// cache is [num_blocks, num_kv_heads, block_size, head_dim]. Data moves as raw bits in units U (uint4 = 16
+// bytes where the sizes allow), so one instantiation serves every element type of the same unit size.
+#include "kernel_common.cuh"
+
+// One CTA per token: key/value [num_tokens, num_kv_heads, head_dim] (token rows may be strided) go to slot
+// slot_mapping[token] = block * block_size + offset; slot -1 is padding and is skipped.
+template <typename U>
+__global__ void write_kv(const U* __restrict__ key, long long key_token_stride, const U* __restrict__ value,
+                         long long value_token_stride, U* __restrict__ key_cache, U* __restrict__ value_cache,
+                         const long long* __restrict__ slot_mapping, int num_kv_heads, int head_units,
+                         int log2_block_size) {
+  const int token = blockIdx.x;
+  const long long slot = slot_mapping[token];
+  if (slot < 0) return;
+  const long long block = slot >> log2_block_size;
+  const long long offset = slot & ((1LL << log2_block_size) - 1);
+  const long long block_size = 1LL << log2_block_size;
+  for (int i = threadIdx.x; i < num_kv_heads * head_units; i += blockDim.x) {
+    const int head = i / head_units, unit = i % head_units;
+    const long long dst = ((block * num_kv_heads + head) * block_size + offset) * head_units + unit;
+    key_cache[dst] = key[token * key_token_stride + i];
+    value_cache[dst] = value[token * value_token_stride + i];
+  }
+}
+
+// Grid (num_pairs, num_layers * 2): copies block mapping[pair][0] of src into block mapping[pair][1] of dst for
+// every (layer, K/V) slab. src and dst are whole pools with their own block counts; either may be pinned host
+// memory mapped into the device address space (swap), or both the same device pool (copy-on-write).
+template <typename U>
+__global__ void copy_blocks(const U* __restrict__ src, U* __restrict__ dst, const long long* __restrict__ mapping,
+                            long long src_slab_units, long long dst_slab_units, long long block_units) {
+  const long long src_block = mapping[2 * blockIdx.x];
+  const long long dst_block = mapping[2 * blockIdx.x + 1];
+  const U* from = src + blockIdx.y * src_slab_units + src_block * block_units;
+  U* to = dst + blockIdx.y * dst_slab_units + dst_block * block_units;
+  for (long long i = threadIdx.x; i < block_units; i += blockDim.x) to[i] = from[i];
+}

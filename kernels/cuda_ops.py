@@ -1,0 +1,141 @@
+"""AttentionOps on CUDA devices: CuPy-compiled kernels launched on torch's current stream, no host syncs."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pagedserve.kernels.cache_ops import CacheOps
+from pagedserve.kernels.launch_args import SCALAR_TYPE_NAMES, log2_exact
+from pagedserve.kernels.module_cache import ModuleCache
+from pagedserve.kernels.paged_decode import PagedDecode
+from pagedserve.kernels.paged_prefill import PagedPrefill, supports
+
+
+class CudaAttentionOps:
+    """The AttentionOps of pagedserve.kernels.ops for one CUDA device.
+
+    KV pool layout: kv_cache [num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim], contiguous;
+    key_cache / value_cache are kv_cache[layer, 0] / kv_cache[layer, 1]. Every launch is asynchronous on
+    torch.cuda.current_stream(), reads only device tensors and host ints, and so can be captured in a CUDA graph
+    (after one eager call has compiled the kernels).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._device = device
+        modules = ModuleCache(device)
+        num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        self._decode = PagedDecode(modules, num_sms)
+        self._prefill = PagedPrefill(modules)
+        self._cache = CacheOps(modules, device)
+
+    def write_kv(self, key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
+                 slot_mapping: Tensor) -> None:
+        _check_cache(key_cache, value_cache)
+        for name, tensor in (("key", key), ("value", value)):
+            _check_rows(name, tensor, key_cache.dtype, key_cache.shape[1], key_cache.shape[3])
+        _check_index("slot_mapping", slot_mapping, torch.int64, 1)
+        if slot_mapping.shape[0] != key.shape[0] or value.shape[0] != key.shape[0]:
+            raise ValueError(f"key {key.shape[0]}, value {value.shape[0]} and slot_mapping "
+                             f"{slot_mapping.shape[0]} disagree on num_tokens")
+        self._cache.write_kv(key, value, key_cache, value_cache, slot_mapping)
+
+    def paged_attention(
+        self, out: Tensor, query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
+        seq_lens: Tensor, query_start_loc: Tensor, max_query_len: int, max_seq_len: int, scale: float,
+    ) -> None:
+        """Dispatch by max_query_len (a host int, so no sync).
+
+        1: paged_decode, one CTA row per sequence. Longer, with tensor-core support for the dtype and head
+        size: paged_prefill for sequences of two or more query rows plus paged_decode for the single-row ones
+        (mixed steps). Otherwise paged_decode with one CTA row per query row.
+        """
+        _check_attention(out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc)
+        if max_query_len <= 0 or query.shape[0] == 0:
+            return
+        args = (out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc)
+        if max_query_len == 1:
+            self._decode.run(*args, max_seq_len, scale, rows_by_seq=True)
+        elif supports(query.dtype, query.shape[2]):
+            self._prefill.run(*args, scale)
+            self._decode.run(*args, max_seq_len, scale, rows_by_seq=True)
+        else:
+            self._decode.run(*args, max_seq_len, scale, rows_by_seq=False)
+
+    def copy_blocks(self, kv_cache: Tensor, block_mapping: Tensor) -> None:
+        _check_pool("kv_cache", kv_cache)
+        _check_index("block_mapping", block_mapping, torch.int64, 2)
+        if block_mapping.device != kv_cache.device:
+            raise ValueError(f"block_mapping must be on {kv_cache.device}, got {block_mapping.device}")
+        self._cache.copy_blocks(kv_cache, block_mapping)
+
+    def swap_blocks(self, src_cache: Tensor, dst_cache: Tensor, block_mapping: Tensor) -> None:
+        _check_pool("src_cache", src_cache)
+        _check_pool("dst_cache", dst_cache)
+        if src_cache.dtype != dst_cache.dtype or src_cache.shape[:2] + src_cache.shape[3:] != (
+            dst_cache.shape[:2] + dst_cache.shape[3:]
+        ):
+            raise ValueError(f"pools differ beyond num_blocks: {tuple(src_cache.shape)} {src_cache.dtype} vs "
+                             f"{tuple(dst_cache.shape)} {dst_cache.dtype}")
+        if block_mapping.dtype != torch.int64 or block_mapping.dim() != 2 or block_mapping.device.type != "cpu":
+            raise ValueError("block_mapping must be a [num_pairs, 2] int64 CPU tensor")
+        self._cache.swap_blocks(src_cache, dst_cache, block_mapping)
+
+
+def _check_cache(key_cache: Tensor, value_cache: Tensor) -> None:
+    for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
+        if cache.dim() != 4 or not cache.is_contiguous() or not cache.is_cuda:
+            raise ValueError(f"{name} must be a contiguous CUDA [num_blocks, num_kv_heads, block_size, head_dim]"
+                             f" tensor, got shape {tuple(cache.shape)} on {cache.device}")
+        if cache.dtype not in SCALAR_TYPE_NAMES:
+            raise ValueError(f"{name} has unsupported dtype {cache.dtype}")
+    if key_cache.shape != value_cache.shape or key_cache.dtype != value_cache.dtype:
+        raise ValueError(f"key_cache {tuple(key_cache.shape)} {key_cache.dtype} and value_cache "
+                         f"{tuple(value_cache.shape)} {value_cache.dtype} differ")
+    log2_exact(key_cache.shape[2], "block_size")
+
+
+def _check_rows(name: str, tensor: Tensor, dtype: torch.dtype, num_heads: int | None, head_dim: int) -> None:
+    """[num_tokens, num_heads, head_dim] with heads packed densely; token rows may be strided."""
+    if tensor.dim() != 3 or tensor.dtype != dtype or not tensor.is_cuda:
+        raise ValueError(f"{name} must be a CUDA [num_tokens, num_heads, head_dim] {dtype} tensor, "
+                         f"got {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}")
+    if (num_heads is not None and tensor.shape[1] != num_heads) or tensor.shape[2] != head_dim:
+        raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected heads {num_heads}, head_dim {head_dim}")
+    if tensor.stride(2) != 1 or tensor.stride(1) != head_dim or tensor.stride(0) % head_dim:
+        raise ValueError(f"{name} must have dense heads (strides (k * {head_dim}, {head_dim}, 1)), "
+                         f"got {tensor.stride()}")
+
+
+def _check_index(name: str, tensor: Tensor, dtype: torch.dtype, dims: int) -> None:
+    if tensor.dtype != dtype or tensor.dim() != dims or not tensor.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous {dims}-d {dtype} tensor, got {tuple(tensor.shape)} "
+                         f"{tensor.dtype}")
+
+
+def _check_pool(name: str, pool: Tensor) -> None:
+    if pool.dim() != 6 or not pool.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous [layers, 2, blocks, kv_heads, block_size, head_dim] tensor,"
+                         f" got {tuple(pool.shape)}")
+
+
+def _check_attention(out: Tensor, query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
+                     seq_lens: Tensor, query_start_loc: Tensor) -> None:
+    _check_cache(key_cache, value_cache)
+    num_kv_heads, head_dim = key_cache.shape[1], key_cache.shape[3]
+    _check_rows("query", query, key_cache.dtype, None, head_dim)
+    _check_rows("out", out, key_cache.dtype, query.shape[1], head_dim)
+    if query.shape[1] % num_kv_heads or out.shape[0] != query.shape[0]:
+        raise ValueError(f"query {tuple(query.shape)} / out {tuple(out.shape)} do not fit {num_kv_heads} kv heads")
+    if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.stride(1) != 1:
+        raise ValueError(f"block_tables must be [num_seqs, max_blocks] int32 with unit column stride, got "
+                         f"{tuple(block_tables.shape)} {block_tables.dtype} strides {block_tables.stride()}")
+    _check_index("seq_lens", seq_lens, torch.int32, 1)
+    _check_index("query_start_loc", query_start_loc, torch.int32, 1)
+    num_seqs = seq_lens.shape[0]
+    if query_start_loc.shape[0] != num_seqs + 1 or block_tables.shape[0] < num_seqs:
+        raise ValueError(f"{num_seqs} sequences need query_start_loc of {num_seqs + 1} entries (got "
+                         f"{query_start_loc.shape[0]}) and block_tables rows (got {block_tables.shape[0]})")
+    devices = {t.device for t in (out, query, key_cache, block_tables, seq_lens, query_start_loc)}
+    if len(devices) != 1:
+        raise ValueError(f"attention tensors are spread over devices {sorted(map(str, devices))}")

@@ -1,0 +1,123 @@
+// Element types, conversions, vector loads and warp reductions shared by every kernel; needs no CUDA header,
+// so the same source compiles under NVRTC (CuPy) and nvcc.
+#pragma once
+
+// 16-bit element types are carried as their raw bits; arithmetic always happens in float32.
+struct half_t {
+  unsigned short bits;
+};
+struct bfloat16_t {
+  unsigned short bits;
+};
+
+__device__ __forceinline__ float negative_infinity() { return __int_as_float(0xff800000u); }
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(half_t x) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
+  return f;
+}
+__device__ __forceinline__ float to_float(bfloat16_t x) {
+  return __uint_as_float(static_cast<unsigned>(x.bits) << 16);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float f);
+template <>
+__device__ __forceinline__ float from_float<float>(float f) {
+  return f;
+}
+template <>
+__device__ __forceinline__ half_t from_float<half_t>(float f) {
+  half_t x;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(x.bits) : "f"(f));
+  return x;
+}
+template <>
+__device__ __forceinline__ bfloat16_t from_float<bfloat16_t>(float f) {
+  bfloat16_t x;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(x.bits) : "f"(f));
+  return x;
+}
+
+// N consecutive elements moved by one load or store instruction (16 bytes at most).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <typename T, int N>
+__device__ __forceinline__ Pack<T, N> load_pack(const T* __restrict__ src) {
+  return *reinterpret_cast<const Pack<T, N>*>(src);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void load_as_float(const T* __restrict__ src, float (&dst)[N]) {
+  const Pack<T, N> pack = load_pack<T, N>(src);
+#pragma unroll
+  for (int i = 0; i < N; ++i) dst[i] = to_float(pack.v[i]);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_from_float(T* __restrict__ dst, const float (&src)[N]) {
+  Pack<T, N> pack;
+#pragma unroll
+  for (int i = 0; i < N; ++i) pack.v[i] = from_float<T>(src[i]);
+  *reinterpret_cast<Pack<T, N>*>(dst) = pack;
+}
+
+// Sum / max over the lanes whose index differs only in the bits of [first_offset, 32).
+template <int FIRST_OFFSET, int LAST_OFFSET>
+__device__ __forceinline__ float xor_sum(float x) {
+#pragma unroll
+  for (int offset = FIRST_OFFSET; offset <= LAST_OFFSET; offset *= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  return x;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+// Which sequence and query row a CTA serves, and how much context that row sees.
+struct RowTask {
+  int seq;
+  int row;          // index into query / out
+  int context_len;  // the row attends to positions [0, context_len)
+};
+
+// rows_by_seq: blockIdx.x is a sequence and only sequences with exactly one query row are served (decode);
+// otherwise blockIdx.x is a query row, mapped to its sequence by binary search over query_start_loc.
+// Returns false when the CTA has nothing to do (padding row, or a sequence another kernel serves).
+__device__ __forceinline__ bool resolve_row(int index, bool rows_by_seq, int num_seqs,
+                                            const int* __restrict__ seq_lens,
+                                            const int* __restrict__ query_start_loc, RowTask& task) {
+  int seq;
+  if (rows_by_seq) {
+    seq = index;
+    if (query_start_loc[seq + 1] - query_start_loc[seq] != 1) return false;
+  } else {
+    if (index >= query_start_loc[num_seqs]) return false;
+    int lo = 0, hi = num_seqs - 1;  // largest seq with query_start_loc[seq] <= index
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (query_start_loc[mid] <= index) lo = mid; else hi = mid - 1;
+    }
+    seq = lo;
+  }
+  const int q_start = query_start_loc[seq];
+  const int q_len = query_start_loc[seq + 1] - q_start;
+  const int row = rows_by_seq ? q_start : index;
+  task.seq = seq;
+  task.row = row;
+  task.context_len = seq_lens[seq] - q_len + (row - q_start) + 1;
+  return true;
+}

@@ -1,0 +1,83 @@
+"""Compiles this package's CUDA sources with NVRTC through CuPy, once per template instantiation, and launches them."""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cupy
+import torch
+
+KERNEL_DIR = Path(__file__).resolve().parent
+# The same flags serve NVRTC here and nvcc in the source-compilation test.
+COMPILE_OPTIONS: tuple[str, ...] = ("--std=c++17", f"-I{KERNEL_DIR}")
+STATIC_SHARED_LIMIT_BYTES = 48 * 1024  # more dynamic shared memory needs an explicit opt-in per kernel
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledKernel:
+    """A loaded kernel: its CUfunction handle and the CuPy object that keeps its module alive."""
+
+    function_ptr: int
+    raw: cupy.RawKernel
+
+
+class ModuleCache:
+    """Compiled kernels of one CUDA device, keyed by (source file, template instantiation name).
+
+    Each instantiation is compiled once per process (CuPy also keeps the binaries on disk across processes).
+    Launches go through cuLaunchKernel on PyTorch's current stream of the device, so they order with torch
+    work and are captured by torch.cuda.CUDAGraph; the host cost is a few microseconds.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._device_index = device.index if device.index is not None else torch.cuda.current_device()
+        self._kernels: dict[tuple[str, str], CompiledKernel] = {}
+
+    def kernel(self, source: str, name_expression: str, dynamic_shared_bytes: int = 0) -> CompiledKernel:
+        """The kernel `name_expression` (e.g. "copy_blocks<uint4>") from kernels/<source>, compiled on first use."""
+        key = (source, name_expression)
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            code = (KERNEL_DIR / source).read_text()
+            with cupy.cuda.Device(self._device_index):
+                module = cupy.RawModule(code=code, options=COMPILE_OPTIONS, name_expressions=(name_expression,))
+                raw = module.get_function(name_expression)
+                if dynamic_shared_bytes > STATIC_SHARED_LIMIT_BYTES:
+                    raw.max_dynamic_shared_size_bytes = dynamic_shared_bytes
+                kernel = CompiledKernel(int(raw.kernel.ptr), raw)
+            self._kernels[key] = kernel
+        return kernel
+
+    def is_device_accessible(self, tensor: torch.Tensor) -> bool:
+        """True for CUDA tensors and for pinned host memory mapped at the same address on the device (UVA)."""
+        if tensor.is_cuda:
+            return True
+        if not tensor.is_pinned():
+            return False
+        attributes = cupy.cuda.runtime.pointerGetAttributes(tensor.data_ptr())
+        return int(attributes.devicePointer) == tensor.data_ptr()
+
+    def launch(
+        self,
+        kernel: CompiledKernel,
+        grid: tuple[int, int, int],
+        block: tuple[int, int, int],
+        args: Sequence[ctypes._SimpleCData],
+        shared_bytes: int = 0,
+    ) -> None:
+        """Launch on torch's current stream of this device; nothing is copied or synchronised."""
+        stream_ptr = torch.cuda.current_stream(self._device_index).cuda_stream
+        # cuLaunchKernel copies each argument from the address given for it before it returns.
+        params = (ctypes.c_void_p * len(args))(*(ctypes.addressof(arg) for arg in args))
+        if torch.cuda.current_device() == self._device_index:
+            cupy.cuda.driver.launchKernel(
+                kernel.function_ptr, *grid, *block, shared_bytes, stream_ptr, ctypes.addressof(params), 0
+            )
+            return
+        with torch.cuda.device(self._device_index):  # the handle belongs to this device's context
+            cupy.cuda.driver.launchKernel(
+                kernel.function_ptr, *grid, *block, shared_bytes, stream_ptr, ctypes.addressof(params), 0
+            )

@@ -1,0 +1,303 @@
+// Paged causal attention of query tiles on tensor cores (prefill and chunked prefill, float16 / bfloat16).
+//
+// One CTA per (sequence, tile of BLOCK_M query rows, query head); each of the WARPS warps owns 16 rows. Key and
+// value tiles of BLOCK_N tokens are gathered from the paged pool into shared memory with cp.async (double
+// buffered: tile j + 1 loads while tile j computes), S = Q K^T and O += P V run on mma.sync.m16n8k16 with float32
+// accumulators, and the softmax is online (float32, log2 units) across key tiles. Query row i of a sequence with
+// q_len rows sits at position seq_len - q_len + i and sees key positions 0..that position. Sequences with fewer
+// than two query rows are left to paged_decode.
+//
+// KV pool: key_cache / value_cache [num_blocks, num_kv_heads, block_size, HEAD_DIM]; the token at position p
+// of sequence s is in block block_tables[s, p / block_size] at offset p % block_size.
+#include "kernel_common.cuh"
+
+template <typename T>
+struct MmaOps;
+
+template <>
+struct MmaOps<half_t> {
+  static __device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  // Two floats as one register of two elements, `low` in the low half.
+  static __device__ __forceinline__ unsigned pack(float low, float high) {
+    unsigned r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(high), "f"(low));
+    return r;
+  }
+};
+
+template <>
+struct MmaOps<bfloat16_t> {
+  static __device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ unsigned pack(float low, float high) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(high), "f"(low));
+    return r;
+  }
+};
+
+__device__ __forceinline__ unsigned shared_address(const void* ptr) {
+  unsigned address;
+  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(address) : "l"(ptr));
+  return address;
+}
+
+// 16 bytes global -> shared without passing through registers; src_bytes 0 fills the 16 bytes with zeros.
+__device__ __forceinline__ void copy_16_async(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(shared_address(dst)), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void commit_async() { asm volatile("cp.async.commit_group;"); }
+template <int PENDING>
+__device__ __forceinline__ void wait_async() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(PENDING));
+}
+
+__device__ __forceinline__ void load_matrix_x4(unsigned (&r)[4], const void* row_address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(row_address)));
+}
+__device__ __forceinline__ void load_matrix_x4_transposed(unsigned (&r)[4], const void* row_address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(row_address)));
+}
+
+template <int HEAD_DIM, int BLOCK_M, int BLOCK_N>
+struct PrefillShape {
+  // Rows padded by 16 bytes so the 8 rows one ldmatrix reads fall in different banks.
+  static constexpr int kRowStride = HEAD_DIM + 8;
+  static constexpr int kTileElems = BLOCK_N * kRowStride;
+  static constexpr int kChunksPerRow = HEAD_DIM / 8;  // 16-byte pieces
+  static constexpr int kKSteps = HEAD_DIM / 16;       // mma k steps of Q K^T
+  static constexpr int kScoreTiles = BLOCK_N / 8;     // n8 tiles of S
+  static constexpr int kOutTiles = HEAD_DIM / 8;      // n8 tiles of O
+  static_assert(HEAD_DIM % 16 == 0 && BLOCK_N % 16 == 0, "mma shapes");
+};
+
+// Gathers rows [first, first + ROWS) of one head's tokens into a padded shared tile; rows at or past `end`
+// are zero-filled (their addresses are never dereferenced).
+template <typename T, int HEAD_DIM, int ROWS, int THREADS>
+__device__ __forceinline__ void gather_tile_async(T* tile, const T* __restrict__ head_base, const int* table,
+                                                  int first, int end, int log2_block_size, long long block_stride) {
+  constexpr int kChunks = HEAD_DIM / 8;
+  const int offset_mask = (1 << log2_block_size) - 1;
+  for (int i = threadIdx.x; i < ROWS * kChunks; i += THREADS) {
+    const int row = i / kChunks, chunk = i % kChunks;
+    const int pos = first + row;
+    const T* src = head_base;
+    int src_bytes = 0;
+    if (pos < end) {
+      src = head_base + table[pos >> log2_block_size] * block_stride + (pos & offset_mask) * HEAD_DIM + chunk * 8;
+      src_bytes = 16;
+    }
+    copy_16_async(tile + row * (HEAD_DIM + 8) + chunk * 8, src, src_bytes);
+  }
+}
+
+// Tiles are numbered without a prefix sum over the batch: sequence s owns the grid indices
+//   [v(s), v(s) + ceil(q_len_s / tile_rows)),  v(s) = s + query_start_loc[s] / tile_rows,
+// which never overlap because v(s + 1) - v(s) >= 1 + floor(q_len_s / tile_rows). The grid has
+// num_seqs + num_tokens / tile_rows indices; the few left over exit at once. Within a sequence the last query
+// tile (which sees the most keys) gets the lowest index, so the heaviest CTAs start first.
+// Returns false for unused indices and for sequences with fewer than two query rows.
+__device__ __forceinline__ bool resolve_tile(int index, int num_seqs, const int* __restrict__ query_start_loc,
+                                             int tile_rows, int& seq, int& tile) {
+  int lo = 0, hi = num_seqs - 1;  // largest seq with v(seq) <= index
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (mid + query_start_loc[mid] / tile_rows <= index) lo = mid; else hi = mid - 1;
+  }
+  const int q_len = query_start_loc[lo + 1] - query_start_loc[lo];
+  const int num_tiles = (q_len + tile_rows - 1) / tile_rows;
+  const int local = index - (lo + query_start_loc[lo] / tile_rows);
+  if (q_len < 2 || local < 0 || local >= num_tiles) return false;
+  seq = lo;
+  tile = num_tiles - 1 - local;
+  return true;
+}
+
+template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int THREADS>
+__global__ void __launch_bounds__(THREADS) paged_prefill(
+    T* __restrict__ out, long long out_row_stride, const T* __restrict__ query, long long query_row_stride,
+    const T* __restrict__ key_cache, const T* __restrict__ value_cache, const int* __restrict__ block_tables,
+    int block_table_stride, const int* __restrict__ seq_lens, const int* __restrict__ query_start_loc,
+    int num_seqs, int num_kv_heads, int group_size, int log2_block_size, float scale_log2e) {
+  using S = PrefillShape<HEAD_DIM, BLOCK_M, BLOCK_N>;
+  using Mma = MmaOps<T>;
+  static_assert(BLOCK_M == 16 * (THREADS / 32), "one warp per 16 query rows");
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  T* q_tile = reinterpret_cast<T*>(shared_bytes);             // [BLOCK_M][kRowStride]
+  T* k_tiles = q_tile + BLOCK_M * S::kRowStride;              // [2][BLOCK_N][kRowStride]
+  T* v_tiles = k_tiles + 2 * S::kTileElems;                   // [2][BLOCK_N][kRowStride]
+
+  int seq, tile;
+  if (!resolve_tile(blockIdx.x, num_seqs, query_start_loc, BLOCK_M, seq, tile)) return;
+  const int q_start = query_start_loc[seq];
+  const int q_len = query_start_loc[seq + 1] - q_start;
+  const int head = blockIdx.y;
+  const int kv_head = head / group_size;
+  const int first_row = tile * BLOCK_M;
+  const int num_rows = min(BLOCK_M, q_len - first_row);
+  const int first_pos = seq_lens[seq] - q_len + first_row;  // position of the tile's first query row
+  const int kv_end = first_pos + num_rows;                     // keys the tile's last row can see
+  const int num_kv_tiles = (kv_end + BLOCK_N - 1) / BLOCK_N;
+
+  const int* table = block_tables + static_cast<long long>(seq) * block_table_stride;
+  const long long head_stride = static_cast<long long>(1 << log2_block_size) * HEAD_DIM;
+  const long long block_stride = head_stride * num_kv_heads;
+  const T* key_base = key_cache + kv_head * head_stride;
+  const T* value_base = value_cache + kv_head * head_stride;
+
+  for (int i = threadIdx.x; i < BLOCK_M * S::kChunksPerRow; i += THREADS) {
+    const int row = i / S::kChunksPerRow, chunk = i % S::kChunksPerRow;
+    const bool is_row = row < num_rows;
+    const T* src = query + (q_start + (is_row ? first_row + row : 0)) * query_row_stride + head * HEAD_DIM + chunk * 8;
+    copy_16_async(q_tile + row * S::kRowStride + chunk * 8, src, is_row ? 16 : 0);
+  }
+  gather_tile_async<T, HEAD_DIM, BLOCK_N, THREADS>(k_tiles, key_base, table, 0, kv_end, log2_block_size, block_stride);
+  gather_tile_async<T, HEAD_DIM, BLOCK_N, THREADS>(v_tiles, value_base, table, 0, kv_end, log2_block_size,
+                                                   block_stride);
+  commit_async();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int quad_row = lane / 4, quad_col = 2 * (lane % 4);
+  // Absolute positions of the two rows this thread holds in every accumulator fragment.
+  const int row_pos[2] = {first_pos + warp * 16 + quad_row, first_pos + warp * 16 + quad_row + 8};
+
+  unsigned q_frag[S::kKSteps][4];
+  float o_acc[S::kOutTiles][4];
+  float row_max[2] = {negative_infinity(), negative_infinity()};
+  float row_sum[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int n = 0; n < S::kOutTiles; ++n) o_acc[n][0] = o_acc[n][1] = o_acc[n][2] = o_acc[n][3] = 0.0f;
+
+  for (int j = 0; j < num_kv_tiles; ++j) {
+    const int stage = j & 1;
+    if (j + 1 < num_kv_tiles) {
+      const int next = (j + 1) * BLOCK_N;
+      gather_tile_async<T, HEAD_DIM, BLOCK_N, THREADS>(k_tiles + (stage ^ 1) * S::kTileElems, key_base, table, next,
+                                                       kv_end, log2_block_size, block_stride);
+      gather_tile_async<T, HEAD_DIM, BLOCK_N, THREADS>(v_tiles + (stage ^ 1) * S::kTileElems, value_base, table,
+                                                       next, kv_end, log2_block_size, block_stride);
+    }
+    commit_async();
+    wait_async<1>();  // everything but the tile just issued has landed
+    __syncthreads();
+    if (j == 0) {
+#pragma unroll
+      for (int k = 0; k < S::kKSteps; ++k)
+        load_matrix_x4(q_frag[k], q_tile + (warp * 16 + lane % 16) * S::kRowStride + k * 16 + (lane / 16) * 8);
+    }
+    const T* k_tile = k_tiles + stage * S::kTileElems;
+    const T* v_tile = v_tiles + stage * S::kTileElems;
+
+    // S = Q K^T for this warp's 16 rows and BLOCK_N keys.
+    float s_acc[S::kScoreTiles][4];
+#pragma unroll
+    for (int n = 0; n < S::kScoreTiles; ++n) s_acc[n][0] = s_acc[n][1] = s_acc[n][2] = s_acc[n][3] = 0.0f;
+#pragma unroll
+    for (int k = 0; k < S::kKSteps; ++k) {
+#pragma unroll
+      for (int n = 0; n < S::kScoreTiles; n += 2) {
+        unsigned b[4];  // key rows of n8 tiles n and n + 1, columns k*16 .. k*16 + 15
+        load_matrix_x4(b, k_tile + (n * 8 + (lane / 16) * 8 + lane % 8) * S::kRowStride + k * 16 +
+                              ((lane / 8) % 2) * 8);
+        Mma::mma(s_acc[n], q_frag[k], b[0], b[1]);
+        Mma::mma(s_acc[n + 1], q_frag[k], b[2], b[3]);
+      }
+    }
+
+    // Causal mask (only tiles reaching past the first row's position need it), then the online softmax.
+    const int tile_start = j * BLOCK_N;
+    const bool needs_mask = tile_start + BLOCK_N - 1 > first_pos + warp * 16;
+    float tile_max[2] = {negative_infinity(), negative_infinity()};
+#pragma unroll
+    for (int n = 0; n < S::kScoreTiles; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key_pos = tile_start + n * 8 + quad_col + (e & 1);
+        float s = s_acc[n][e] * scale_log2e;
+        if (needs_mask && key_pos > row_pos[e / 2]) s = negative_infinity();
+        s_acc[n][e] = s;
+        tile_max[e / 2] = fmaxf(tile_max[e / 2], s);
+      }
+    }
+    float rescale[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+      const float new_max = fmaxf(row_max[r], tile_max[r]);
+      // A row whose keys are all masked so far keeps max -inf; subtracting 0 then keeps exp2 at 0, not NaN.
+      const float safe_max = new_max == negative_infinity() ? 0.0f : new_max;
+      rescale[r] = exp2f(row_max[r] - safe_max);
+      row_max[r] = new_max;
+      row_sum[r] *= rescale[r];
+    }
+#pragma unroll
+    for (int n = 0; n < S::kOutTiles; ++n) {
+      o_acc[n][0] *= rescale[0];
+      o_acc[n][1] *= rescale[0];
+      o_acc[n][2] *= rescale[1];
+      o_acc[n][3] *= rescale[1];
+    }
+    unsigned p_frag[S::kScoreTiles / 2][4];  // P as the A operand of O += P V, k steps of 16 keys
+#pragma unroll
+    for (int n = 0; n < S::kScoreTiles; ++n) {
+      float p[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float m = row_max[e / 2] == negative_infinity() ? 0.0f : row_max[e / 2];
+        p[e] = exp2f(s_acc[n][e] - m);
+        row_sum[e / 2] += p[e];
+      }
+      p_frag[n / 2][(n % 2) * 2 + 0] = Mma::pack(p[0], p[1]);
+      p_frag[n / 2][(n % 2) * 2 + 1] = Mma::pack(p[2], p[3]);
+    }
+
+    // O += P V: value rows are the k dimension, read transposed.
+#pragma unroll
+    for (int k = 0; k < S::kScoreTiles / 2; ++k) {
+#pragma unroll
+      for (int n = 0; n < S::kOutTiles; n += 2) {
+        unsigned b[4];
+        load_matrix_x4_transposed(b, v_tile + (k * 16 + lane % 8 + ((lane / 8) % 2) * 8) * S::kRowStride +
+                                         n * 8 + (lane / 16) * 8);
+        Mma::mma(o_acc[n], p_frag[k], b[0], b[1]);
+        Mma::mma(o_acc[n + 1], p_frag[k], b[2], b[3]);
+      }
+    }
+    __syncthreads();  // this stage is overwritten by the loads issued in the next iteration
+  }
+
+  // Each row's sum is spread over the 4 lanes of its quad.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = warp * 16 + quad_row + r * 8;
+    if (row >= num_rows) continue;
+    const float inverse = 1.0f / row_sum[r];
+    T* dst = out + (q_start + first_row + row) * out_row_stride + head * HEAD_DIM + quad_col;
+#pragma unroll
+    for (int n = 0; n < S::kOutTiles; ++n) {
+      const float values[2] = {o_acc[n][2 * r] * inverse, o_acc[n][2 * r + 1] * inverse};
+      store_from_float<T, 2>(dst + n * 8, values);
+    }
+  }
+}
