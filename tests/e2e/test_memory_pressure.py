@@ -56,6 +56,7 @@ def ample(stories_dir, workload, tmp_path_factory):  # type: ignore[no-untyped-d
     [
         ("recompute", ["--num-gpu-blocks-override", "48"]),
         ("swap", ["--num-gpu-blocks-override", "48", "--preemption-mode", "swap"]),
+        ("recompute, one step in flight", ["--num-gpu-blocks-override", "48", "--max-steps-in-flight", "1"]),
     ],
 )
 def test_preemption_gives_the_same_tokens_and_frees_every_block(
