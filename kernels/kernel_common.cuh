@@ -102,8 +102,14 @@ __device__ __forceinline__ bool resolve_row(int index, bool rows_by_seq, int num
                                             const int* __restrict__ query_start_loc, RowTask& task) {
   int seq;
   if (rows_by_seq) {
+    // All three loads are issued before any is used: one memory round trip.
     seq = index;
-    if (query_start_loc[seq + 1] - query_start_loc[seq] != 1) return false;
+    const int q_start = query_start_loc[seq], q_end = query_start_loc[seq + 1], seq_len = seq_lens[seq];
+    if (q_end - q_start != 1) return false;
+    task.seq = seq;
+    task.row = q_start;
+    task.context_len = seq_len;
+    return true;
   } else {
     if (index >= query_start_loc[num_seqs]) return false;
     int lo = 0, hi = num_seqs - 1;  // largest seq with query_start_loc[seq] <= index
@@ -115,9 +121,8 @@ __device__ __forceinline__ bool resolve_row(int index, bool rows_by_seq, int num
   }
   const int q_start = query_start_loc[seq];
   const int q_len = query_start_loc[seq + 1] - q_start;
-  const int row = rows_by_seq ? q_start : index;
   task.seq = seq;
-  task.row = row;
-  task.context_len = seq_lens[seq] - q_len + (row - q_start) + 1;
+  task.row = index;
+  task.context_len = seq_lens[seq] - q_len + (index - q_start) + 1;
   return true;
 }

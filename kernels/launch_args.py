@@ -28,6 +28,11 @@ def pointer(tensor: Tensor) -> ctypes.c_uint64:
     return ctypes.c_uint64(tensor.data_ptr())
 
 
+def address(value: int) -> ctypes.c_uint64:
+    """A device address computed on the host (e.g. an offset into a scratch buffer), passed as a C pointer."""
+    return ctypes.c_uint64(value)
+
+
 def int32(value: int) -> ctypes.c_int32:
     return ctypes.c_int32(value)
 

@@ -5,8 +5,9 @@
 // into tiles of TILE tokens; warp w takes tiles w, w + WARPS, ... and runs its own STAGES-deep cp.async pipeline
 // into its private shared memory, so no block-wide barrier stalls the loads. Each token group (LANES lanes holding
 // one token row) keeps an online softmax in float32 over its tokens; token groups and warps are merged at the end
-// (log-sum-exp), and when the launcher splits the context each split writes an unnormalised partial result that
-// paged_decode_reduce merges.
+// (log-sum-exp). When the launcher splits the context, each split writes an unnormalised partial result that
+// paged_decode_reduce merges. (Merging inside this kernel, by the last split to finish, measured slower: the
+// merge code costs the main loop registers and scheduling freedom even when it does not run.)
 //
 // Lane layout: a token row of HEAD_DIM elements is covered by LANES lanes, each holding VECS vectors of VEC
 // elements (vector j of lane l is elements [(j * LANES + l) * VEC, +VEC)); a warp computes 32 / LANES tokens at once.
@@ -29,6 +30,8 @@ struct DecodeShape {
   static constexpr int kCopiesPerLane = (kCopiesPerTile + 31) / 32;
   static constexpr int kTileElems = TILE * HEAD_DIM;
   static constexpr int kWarpElems = STAGES * 2 * kTileElems;  // keys then values, per stage
+  // Small per-lane state (query, accumulators, a tile's scores) fits 128 registers: ask for 4 resident CTAs.
+  static constexpr int kMinCtas = 2 * HEADS * kLaneElems + kPasses * HEADS <= 96 ? 4 : 1;
   static_assert(HEAD_DIM % VEC == 0, "VEC must divide HEAD_DIM");
   static_assert(32 % LANES == 0, "LANES must divide the warp");
   static_assert(LANES * VECS >= kNumVecs, "lanes must cover head_dim");
@@ -72,15 +75,15 @@ __device__ __forceinline__ float scale_from(float x, float m) {
   return m == negative_infinity() ? 0.0f : exp2f(x - m);
 }
 
-template <typename T, int HEAD_DIM, int VEC, int LANES, int VECS, int HEADS, int THREADS, int TILE, int STAGES>
-__global__ void __launch_bounds__(THREADS) paged_decode(
+template <typename T, int HEAD_DIM, int VEC, int LANES, int VECS, int HEADS, int THREADS, int TILE, int STAGES,
+          typename S = DecodeShape<T, HEAD_DIM, VEC, LANES, VECS, HEADS, THREADS, TILE, STAGES>>
+__global__ void __launch_bounds__(THREADS, S::kMinCtas) paged_decode(
     T* __restrict__ out, long long out_row_stride, const T* __restrict__ query, long long query_row_stride,
     const T* __restrict__ key_cache, const T* __restrict__ value_cache, const int* __restrict__ block_tables,
     int block_table_stride, const int* __restrict__ seq_lens, const int* __restrict__ query_start_loc,
     int num_seqs, int rows_by_seq, int num_kv_heads, int group_size, int log2_block_size, float scale_log2e,
     float* __restrict__ split_acc, float* __restrict__ split_max, float* __restrict__ split_sum,
     int num_splits) {
-  using S = DecodeShape<T, HEAD_DIM, VEC, LANES, VECS, HEADS, THREADS, TILE, STAGES>;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
 
   RowTask task;
@@ -135,13 +138,24 @@ __global__ void __launch_bounds__(THREADS) paged_decode(
     }
   };
 
+  // Prologue: the block ids of the first STAGES tiles are fetched together (one memory round trip, not
+  // STAGES), then the first STAGES - 1 tiles are issued.
+  int first_blocks[STAGES][S::kCopiesPerLane];
+#pragma unroll
+  for (int k = 0; k < STAGES; ++k) {
+    fetch_blocks(k);
+#pragma unroll
+    for (int i = 0; i < S::kCopiesPerLane; ++i) first_blocks[k][i] = copy_block[i];
+  }
 #pragma unroll
   for (int k = 0; k < STAGES - 1; ++k) {
-    fetch_blocks(k);
+#pragma unroll
+    for (int i = 0; i < S::kCopiesPerLane; ++i) copy_block[i] = first_blocks[k][i];
     if (k < my_tiles) issue_tile(k);
     asm volatile("cp.async.commit_group;");
   }
-  fetch_blocks(STAGES - 1);
+#pragma unroll
+  for (int i = 0; i < S::kCopiesPerLane; ++i) copy_block[i] = first_blocks[STAGES - 1][i];
 
   float q[HEADS][S::kLaneElems];
 #pragma unroll
@@ -288,37 +302,54 @@ __global__ void __launch_bounds__(THREADS) paged_decode(
   }
 }
 
-// Merges the splits of paged_decode: out = sum_i 2^(m_i - M) acc_i / sum_i 2^(m_i - M) l_i, M = max_i m_i.
-// One CTA per (grid row of paged_decode, query head).
+// Merges the splits of paged_decode: out = sum_i w_i acc_i / sum_i w_i l_i, w_i = 2^(m_i - M), M = max_i m_i over
+// the splits that saw a token (l_i > 0; the others never wrote acc_i). One CTA per (grid row of paged_decode,
+// query head); the split statistics are read once, spread over the CTA, and the weights kept in shared memory
+// (num_splits floats of dynamic shared memory).
 template <typename T, int HEAD_DIM>
 __global__ void paged_decode_reduce(T* __restrict__ out, long long out_row_stride,
                                     const int* __restrict__ seq_lens, const int* __restrict__ query_start_loc,
                                     int num_seqs, int rows_by_seq, const float* __restrict__ split_acc,
                                     const float* __restrict__ split_max, const float* __restrict__ split_sum,
                                     int num_splits) {
+  extern __shared__ float weights[];
+  __shared__ float warp_partial[32];
   RowTask task;
   if (!resolve_row(blockIdx.x, rows_by_seq != 0, num_seqs, seq_lens, query_start_loc, task)) return;
   const int head = blockIdx.y;
   const long long first_slot = (static_cast<long long>(blockIdx.x) * gridDim.y + head) * num_splits;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, num_warps = blockDim.x / 32;
+
+  float m = negative_infinity();
+  for (int i = threadIdx.x; i < num_splits; i += blockDim.x) {
+    const float l = split_sum[first_slot + i], split_m = split_max[first_slot + i];
+    weights[i] = l > 0.0f ? split_m : negative_infinity();
+    m = fmaxf(m, weights[i]);
+  }
+  m = warp_max(m);
+  if (lane == 0) warp_partial[warp] = m;
+  __syncthreads();
   float global_max = negative_infinity();
-  for (int i = 0; i < num_splits; ++i) {
-    if (split_sum[first_slot + i] > 0.0f) global_max = fmaxf(global_max, split_max[first_slot + i]);
-  }
+  for (int w = 0; w < num_warps; ++w) global_max = fmaxf(global_max, warp_partial[w]);
+  __syncthreads();  // warp_partial is reused below
+
   float denominator = 0.0f;
-  for (int i = 0; i < num_splits; ++i) {
-    const float l = split_sum[first_slot + i];
-    if (l > 0.0f) denominator += exp2f(split_max[first_slot + i] - global_max) * l;
+  for (int i = threadIdx.x; i < num_splits; i += blockDim.x) {
+    weights[i] = scale_from(weights[i], global_max);
+    denominator = fmaf(weights[i], split_sum[first_slot + i], denominator);
   }
+  denominator = warp_sum(denominator);
+  if (lane == 0) warp_partial[warp] = denominator;
+  __syncthreads();
+  denominator = 0.0f;
+  for (int w = 0; w < num_warps; ++w) denominator += warp_partial[w];
+
   for (int d = threadIdx.x; d < HEAD_DIM; d += blockDim.x) {
     float numerator = 0.0f;
+#pragma unroll 4
     for (int i = 0; i < num_splits; ++i) {
-      // Empty splits (sum 0) never wrote their accumulator.
-      if (split_sum[first_slot + i] > 0.0f) {
-        const float weight = exp2f(split_max[first_slot + i] - global_max);
-        numerator = fmaf(weight, split_acc[(first_slot + i) * HEAD_DIM + d], numerator);
-      }
+      if (weights[i] > 0.0f) numerator = fmaf(weights[i], split_acc[(first_slot + i) * HEAD_DIM + d], numerator);
     }
-    const float value = denominator > 0.0f ? numerator / denominator : 0.0f;
-    out[task.row * out_row_stride + head * HEAD_DIM + d] = from_float<T>(value);
+    out[task.row * out_row_stride + head * HEAD_DIM + d] = from_float<T>(numerator / denominator);
   }
 }

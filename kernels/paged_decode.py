@@ -11,6 +11,7 @@ from torch import Tensor
 
 from pagedserve.kernels.launch_args import (
     SCALAR_TYPE_NAMES,
+    address,
     element_bytes,
     float32,
     int32,
@@ -26,12 +27,14 @@ if TYPE_CHECKING:
 SOURCE = "paged_decode.cu"
 THREADS = 128
 WARPS = THREADS // 32
-STAGES = 3  # cp.async pipeline depth per warp
+STAGES = 3  # cp.async pipeline depth per warp (4 measured no faster, and costs a resident CTA)
 STAGE_TARGET_BYTES = 2048  # key (and as many value) bytes per warp tile: 48 KiB of stages per CTA
 MAX_HEADS_PER_CTA = 8
 LANE_FLOAT_BUDGET = 32  # query + accumulator floats per lane per head: 128 registers, 4 CTAs per SM
-CTAS_PER_SM_TARGET = 4  # split the context until the grid has about this many CTAs per SM
-MIN_SPLIT_TOKENS = 512  # shorter splits would spend more time filling pipelines than streaming
+MIN_SPLIT_TOKENS = 256  # shorter splits would spend more time filling pipelines than streaming
+WAVE_FILL_TOLERANCE = 0.05
+MAX_WAVES = 4
+MAX_SPLITS = 512  # bounds the partial-result buffer and the reduce kernel's per-output loop
 REDUCE_THREADS = 128
 # Head sizes and GQA ratios of the models served; the source-compilation test instantiates each.
 KNOWN_HEAD_DIMS = (8, 32, 64, 80, 96, 128, 256)
@@ -114,17 +117,34 @@ class DecodeGrid:
 
 
 def decode_grid(num_rows: int, num_kv_heads: int, group_size: int, heads_per_cta: int, max_seq_len: int,
-                num_sms: int) -> DecodeGrid:
-    """Split the context only as far as needed to give every SM about CTAS_PER_SM_TARGET CTAs."""
+                slots: int) -> DecodeGrid:
+    """Split the context so that the grid fills whole waves of `slots` resident CTAs as evenly as possible.
+
+    Among split counts up to max_seq_len / MIN_SPLIT_TOKENS, take the fewest whose waves are within
+    WAVE_FILL_TOLERANCE (relative) of the best achievable fill (fewer splits: less partial-result traffic).
+    """
     head_groups = num_kv_heads * (group_size // heads_per_cta)
     base_ctas = max(1, num_rows * head_groups)
-    max_splits = max(1, math.ceil(max_seq_len / MIN_SPLIT_TOKENS))
-    num_splits = max(1, min(max_splits, math.ceil(CTAS_PER_SM_TARGET * num_sms / base_ctas)))
+    if base_ctas >= MAX_WAVES * slots:
+        return DecodeGrid(num_rows, head_groups, 1)  # the last wave's tail is already small
+    max_splits = max(1, min(MAX_SPLITS, math.ceil(max_seq_len / MIN_SPLIT_TOKENS)))
+    # The best fills sit next to whole numbers of waves; checking those keeps this O(1) for long contexts.
+    candidates = {1, max_splits}
+    for waves in range(1, MAX_WAVES + 1):
+        candidates.update((waves * slots // base_ctas, waves * slots // base_ctas + 1))
+    splits = sorted(s for s in candidates if 1 <= s <= max_splits)
+
+    def fill(num_splits: int) -> float:
+        ctas = base_ctas * num_splits
+        return ctas / (math.ceil(ctas / slots) * slots)
+
+    best = max(fill(s) for s in splits)
+    num_splits = next(s for s in splits if fill(s) >= best * (1 - WAVE_FILL_TOLERANCE))
     return DecodeGrid(num_rows, head_groups, num_splits)
 
 
 class PagedDecode:
-    """Runs paged_decode (+ paged_decode_reduce when the context is split).
+    """Runs paged_decode, then paged_decode_reduce when the context is split.
 
     Rows are either one per sequence (rows_by_seq: only sequences with exactly one query row are served,
     as in decode steps and the decode part of mixed steps) or one per query row (any query length: each row
@@ -150,26 +170,30 @@ class PagedDecode:
         num_rows = num_seqs if rows_by_seq else query.shape[0]
         if num_rows == 0:
             return
-        grid = decode_grid(num_rows, num_kv_heads, group_size, layout.heads_per_cta, max_seq_len, self._num_sms)
-        split_slots = num_rows * num_q_heads * grid.num_splits if grid.num_splits > 1 else 1
-        split_acc = torch.empty(split_slots * head_dim, dtype=torch.float32, device=query.device)
-        split_stats = torch.empty(2, split_slots, dtype=torch.float32, device=query.device)
         kernel = self._modules.kernel(SOURCE, layout.kernel_name, layout.shared_bytes)
+        slots = self._num_sms * self._modules.resident_ctas(kernel, THREADS, layout.shared_bytes)
+        grid = decode_grid(num_rows, num_kv_heads, group_size, layout.heads_per_cta, max_seq_len, slots)
+        # One float32 buffer for the split partials: accumulators, then maxima, then sums (unused unsplit).
+        split_slots = num_rows * num_q_heads * grid.num_splits if grid.num_splits > 1 else 0
+        split_buffer = torch.empty(split_slots * (head_dim + 2), dtype=torch.float32, device=query.device)
+        split_acc = split_buffer.data_ptr()
+        split_max = split_acc + 4 * split_slots * head_dim
+        split_sum = split_max + 4 * split_slots
         self._modules.launch(kernel, grid.dims, (THREADS, 1, 1), (
             pointer(out), int64(out.stride(0)), pointer(query), int64(query.stride(0)),
             pointer(key_cache), pointer(value_cache), pointer(block_tables), int32(block_tables.stride(0)),
             pointer(seq_lens), pointer(query_start_loc), int32(num_seqs), int32(int(rows_by_seq)),
             int32(num_kv_heads), int32(group_size), int32(log2_exact(block_size, "block_size")),
-            float32(scale * math.log2(math.e)), pointer(split_acc), pointer(split_stats[0]),
-            pointer(split_stats[1]), int32(grid.num_splits),
+            float32(scale * math.log2(math.e)), address(split_acc), address(split_max), address(split_sum),
+            int32(grid.num_splits),
         ), layout.shared_bytes)
         if grid.num_splits > 1:
             reduce = self._modules.kernel(SOURCE, layout.reduce_name)
             self._modules.launch(reduce, (num_rows, num_q_heads, 1), (REDUCE_THREADS, 1, 1), (
                 pointer(out), int64(out.stride(0)), pointer(seq_lens), pointer(query_start_loc), int32(num_seqs),
-                int32(int(rows_by_seq)), pointer(split_acc), pointer(split_stats[0]), pointer(split_stats[1]),
+                int32(int(rows_by_seq)), address(split_acc), address(split_max), address(split_sum),
                 int32(grid.num_splits),
-            ))
+            ), 4 * grid.num_splits)
 
     def _layout(self, dtype: torch.dtype, head_dim: int, group_size: int) -> DecodeLayout:
         key = (dtype, head_dim, group_size)

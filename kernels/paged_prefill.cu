@@ -1,6 +1,6 @@
 // Paged causal attention of query tiles on tensor cores (prefill and chunked prefill, float16 / bfloat16).
 //
-// One CTA per (sequence, tile of BLOCK_M query rows, query head); each of the WARPS warps owns 16 rows. Key and
+// One CTA per (sequence, tile of BLOCK_M query rows, query head); each warp owns M_TILES x 16 rows. Key and
 // value tiles of BLOCK_N tokens are gathered from the paged pool into shared memory with cp.async (double
 // buffered: tile j + 1 loads while tile j computes), S = Q K^T and O += P V run on mma.sync.m16n8k16 with float32
 // accumulators, and the softmax is online (float32, log2 units) across key tiles. Query row i of a sequence with
@@ -128,15 +128,17 @@ __device__ __forceinline__ bool resolve_tile(int index, int num_seqs, const int*
   return true;
 }
 
-template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int THREADS>
+template <typename T, int HEAD_DIM, int M_TILES, int BLOCK_N, int THREADS>
 __global__ void __launch_bounds__(THREADS) paged_prefill(
     T* __restrict__ out, long long out_row_stride, const T* __restrict__ query, long long query_row_stride,
     const T* __restrict__ key_cache, const T* __restrict__ value_cache, const int* __restrict__ block_tables,
     int block_table_stride, const int* __restrict__ seq_lens, const int* __restrict__ query_start_loc,
     int num_seqs, int num_kv_heads, int group_size, int log2_block_size, float scale_log2e) {
+  // Each warp owns M_TILES x 16 query rows, so every key / value fragment read from shared memory feeds
+  // M_TILES mma instructions.
+  constexpr int BLOCK_M = 16 * M_TILES * (THREADS / 32);
   using S = PrefillShape<HEAD_DIM, BLOCK_M, BLOCK_N>;
   using Mma = MmaOps<T>;
-  static_assert(BLOCK_M == 16 * (THREADS / 32), "one warp per 16 query rows");
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   T* q_tile = reinterpret_cast<T*>(shared_bytes);             // [BLOCK_M][kRowStride]
   T* k_tiles = q_tile + BLOCK_M * S::kRowStride;              // [2][BLOCK_N][kRowStride]
@@ -173,15 +175,17 @@ __global__ void __launch_bounds__(THREADS) paged_prefill(
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int quad_row = lane / 4, quad_col = 2 * (lane % 4);
-  // Absolute positions of the two rows this thread holds in every accumulator fragment.
-  const int row_pos[2] = {first_pos + warp * 16 + quad_row, first_pos + warp * 16 + quad_row + 8};
-
-  unsigned q_frag[S::kKSteps][4];
-  float o_acc[S::kOutTiles][4];
-  float row_max[2] = {negative_infinity(), negative_infinity()};
-  float row_sum[2] = {0.0f, 0.0f};
+  const int warp_first_row = warp * 16 * M_TILES;
+  // Accumulator fragment element e of m-tile m is row warp_first_row + m * 16 + quad_row + (e / 2) * 8.
+  float o_acc[M_TILES][S::kOutTiles][4];
+  float row_max[M_TILES][2], row_sum[M_TILES][2];
 #pragma unroll
-  for (int n = 0; n < S::kOutTiles; ++n) o_acc[n][0] = o_acc[n][1] = o_acc[n][2] = o_acc[n][3] = 0.0f;
+  for (int m = 0; m < M_TILES; ++m) {
+    row_max[m][0] = row_max[m][1] = negative_infinity();
+    row_sum[m][0] = row_sum[m][1] = 0.0f;
+#pragma unroll
+    for (int n = 0; n < S::kOutTiles; ++n) o_acc[m][n][0] = o_acc[m][n][1] = o_acc[m][n][2] = o_acc[m][n][3] = 0.0f;
+  }
 
   for (int j = 0; j < num_kv_tiles; ++j) {
     const int stage = j & 1;
@@ -195,76 +199,86 @@ __global__ void __launch_bounds__(THREADS) paged_prefill(
     commit_async();
     wait_async<1>();  // everything but the tile just issued has landed
     __syncthreads();
-    if (j == 0) {
-#pragma unroll
-      for (int k = 0; k < S::kKSteps; ++k)
-        load_matrix_x4(q_frag[k], q_tile + (warp * 16 + lane % 16) * S::kRowStride + k * 16 + (lane / 16) * 8);
-    }
     const T* k_tile = k_tiles + stage * S::kTileElems;
     const T* v_tile = v_tiles + stage * S::kTileElems;
 
-    // S = Q K^T for this warp's 16 rows and BLOCK_N keys.
-    float s_acc[S::kScoreTiles][4];
+    // S = Q K^T for this warp's rows and BLOCK_N keys.
+    float s_acc[M_TILES][S::kScoreTiles][4];
 #pragma unroll
-    for (int n = 0; n < S::kScoreTiles; ++n) s_acc[n][0] = s_acc[n][1] = s_acc[n][2] = s_acc[n][3] = 0.0f;
+    for (int m = 0; m < M_TILES; ++m) {
+#pragma unroll
+      for (int n = 0; n < S::kScoreTiles; ++n) s_acc[m][n][0] = s_acc[m][n][1] = s_acc[m][n][2] = s_acc[m][n][3] = 0.0f;
+    }
 #pragma unroll
     for (int k = 0; k < S::kKSteps; ++k) {
+      unsigned q_frag[M_TILES][4];
+#pragma unroll
+      for (int m = 0; m < M_TILES; ++m)
+        load_matrix_x4(q_frag[m], q_tile + (warp_first_row + m * 16 + lane % 16) * S::kRowStride + k * 16 +
+                                      (lane / 16) * 8);
 #pragma unroll
       for (int n = 0; n < S::kScoreTiles; n += 2) {
         unsigned b[4];  // key rows of n8 tiles n and n + 1, columns k*16 .. k*16 + 15
         load_matrix_x4(b, k_tile + (n * 8 + (lane / 16) * 8 + lane % 8) * S::kRowStride + k * 16 +
                               ((lane / 8) % 2) * 8);
-        Mma::mma(s_acc[n], q_frag[k], b[0], b[1]);
-        Mma::mma(s_acc[n + 1], q_frag[k], b[2], b[3]);
+#pragma unroll
+        for (int m = 0; m < M_TILES; ++m) {
+          Mma::mma(s_acc[m][n], q_frag[m], b[0], b[1]);
+          Mma::mma(s_acc[m][n + 1], q_frag[m], b[2], b[3]);
+        }
       }
     }
 
-    // Causal mask (only tiles reaching past the first row's position need it), then the online softmax.
+    // Causal mask (only tiles reaching past the warp's first position need it), then the online softmax.
     const int tile_start = j * BLOCK_N;
-    const bool needs_mask = tile_start + BLOCK_N - 1 > first_pos + warp * 16;
-    float tile_max[2] = {negative_infinity(), negative_infinity()};
+    const bool needs_mask = tile_start + BLOCK_N - 1 > first_pos + warp_first_row;
+    unsigned p_frag[M_TILES][S::kScoreTiles / 2][4];  // P as the A operand of O += P V, k steps of 16 keys
 #pragma unroll
-    for (int n = 0; n < S::kScoreTiles; ++n) {
+    for (int m = 0; m < M_TILES; ++m) {
+      float tile_max[2] = {negative_infinity(), negative_infinity()};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key_pos = tile_start + n * 8 + quad_col + (e & 1);
-        float s = s_acc[n][e] * scale_log2e;
-        if (needs_mask && key_pos > row_pos[e / 2]) s = negative_infinity();
-        s_acc[n][e] = s;
-        tile_max[e / 2] = fmaxf(tile_max[e / 2], s);
+      for (int n = 0; n < S::kScoreTiles; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key_pos = tile_start + n * 8 + quad_col + (e & 1);
+          const int row_pos = first_pos + warp_first_row + m * 16 + quad_row + (e / 2) * 8;
+          float score = s_acc[m][n][e] * scale_log2e;
+          if (needs_mask && key_pos > row_pos) score = negative_infinity();
+          s_acc[m][n][e] = score;
+          tile_max[e / 2] = fmaxf(tile_max[e / 2], score);
+        }
       }
-    }
-    float rescale[2];
+      float rescale[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-      const float new_max = fmaxf(row_max[r], tile_max[r]);
-      // A row whose keys are all masked so far keeps max -inf; subtracting 0 then keeps exp2 at 0, not NaN.
-      const float safe_max = new_max == negative_infinity() ? 0.0f : new_max;
-      rescale[r] = exp2f(row_max[r] - safe_max);
-      row_max[r] = new_max;
-      row_sum[r] *= rescale[r];
-    }
-#pragma unroll
-    for (int n = 0; n < S::kOutTiles; ++n) {
-      o_acc[n][0] *= rescale[0];
-      o_acc[n][1] *= rescale[0];
-      o_acc[n][2] *= rescale[1];
-      o_acc[n][3] *= rescale[1];
-    }
-    unsigned p_frag[S::kScoreTiles / 2][4];  // P as the A operand of O += P V, k steps of 16 keys
-#pragma unroll
-    for (int n = 0; n < S::kScoreTiles; ++n) {
-      float p[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float m = row_max[e / 2] == negative_infinity() ? 0.0f : row_max[e / 2];
-        p[e] = exp2f(s_acc[n][e] - m);
-        row_sum[e / 2] += p[e];
+      for (int r = 0; r < 2; ++r) {
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+        const float new_max = fmaxf(row_max[m][r], tile_max[r]);
+        // A row whose keys are all masked so far keeps max -inf; subtracting 0 then keeps exp2 at 0, not NaN.
+        const float safe_max = new_max == negative_infinity() ? 0.0f : new_max;
+        rescale[r] = exp2f(row_max[m][r] - safe_max);
+        row_max[m][r] = new_max;
+        row_sum[m][r] *= rescale[r];
       }
-      p_frag[n / 2][(n % 2) * 2 + 0] = Mma::pack(p[0], p[1]);
-      p_frag[n / 2][(n % 2) * 2 + 1] = Mma::pack(p[2], p[3]);
+#pragma unroll
+      for (int n = 0; n < S::kOutTiles; ++n) {
+        o_acc[m][n][0] *= rescale[0];
+        o_acc[m][n][1] *= rescale[0];
+        o_acc[m][n][2] *= rescale[1];
+        o_acc[m][n][3] *= rescale[1];
+      }
+#pragma unroll
+      for (int n = 0; n < S::kScoreTiles; ++n) {
+        float p[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float row_m = row_max[m][e / 2] == negative_infinity() ? 0.0f : row_max[m][e / 2];
+          p[e] = exp2f(s_acc[m][n][e] - row_m);
+          row_sum[m][e / 2] += p[e];
+        }
+        p_frag[m][n / 2][(n % 2) * 2 + 0] = Mma::pack(p[0], p[1]);
+        p_frag[m][n / 2][(n % 2) * 2 + 1] = Mma::pack(p[2], p[3]);
+      }
     }
 
     // O += P V: value rows are the k dimension, read transposed.
@@ -275,8 +289,11 @@ __global__ void __launch_bounds__(THREADS) paged_prefill(
         unsigned b[4];
         load_matrix_x4_transposed(b, v_tile + (k * 16 + lane % 8 + ((lane / 8) % 2) * 8) * S::kRowStride +
                                          n * 8 + (lane / 16) * 8);
-        Mma::mma(o_acc[n], p_frag[k], b[0], b[1]);
-        Mma::mma(o_acc[n + 1], p_frag[k], b[2], b[3]);
+#pragma unroll
+        for (int m = 0; m < M_TILES; ++m) {
+          Mma::mma(o_acc[m][n], p_frag[m][k], b[0], b[1]);
+          Mma::mma(o_acc[m][n + 1], p_frag[m][k], b[2], b[3]);
+        }
       }
     }
     __syncthreads();  // this stage is overwritten by the loads issued in the next iteration
@@ -284,20 +301,21 @@ __global__ void __launch_bounds__(THREADS) paged_prefill(
 
   // Each row's sum is spread over the 4 lanes of its quad.
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
-    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
-  }
+  for (int m = 0; m < M_TILES; ++m) {
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = warp * 16 + quad_row + r * 8;
-    if (row >= num_rows) continue;
-    const float inverse = 1.0f / row_sum[r];
-    T* dst = out + (q_start + first_row + row) * out_row_stride + head * HEAD_DIM + quad_col;
+    for (int r = 0; r < 2; ++r) {
+      float sum = row_sum[m][r];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const int row = warp_first_row + m * 16 + quad_row + r * 8;
+      if (row >= num_rows) continue;
+      const float inverse = 1.0f / sum;
+      T* dst = out + (q_start + first_row + row) * out_row_stride + head * HEAD_DIM + quad_col;
 #pragma unroll
-    for (int n = 0; n < S::kOutTiles; ++n) {
-      const float values[2] = {o_acc[n][2 * r] * inverse, o_acc[n][2 * r + 1] * inverse};
-      store_from_float<T, 2>(dst + n * 8, values);
+      for (int n = 0; n < S::kOutTiles; ++n) {
+        const float values[2] = {o_acc[m][n][2 * r] * inverse, o_acc[m][n][2 * r + 1] * inverse};
+        store_from_float<T, 2>(dst + n * 8, values);
+      }
     }
   }
 }
