@@ -75,133 +75,115 @@ __device__ __forceinline__ float scale_from(float x, float m) {
   return m == negative_infinity() ? 0.0f : exp2f(x - m);
 }
 
-template <typename T, int HEAD_DIM, int VEC, int LANES, int VECS, int HEADS, int THREADS, int TILE, int STAGES,
-          typename S = DecodeShape<T, HEAD_DIM, VEC, LANES, VECS, HEADS, THREADS, TILE, STAGES>>
-__global__ void __launch_bounds__(THREADS, S::kMinCtas) paged_decode(
-    T* __restrict__ out, long long out_row_stride, const T* __restrict__ query, long long query_row_stride,
-    const T* __restrict__ key_cache, const T* __restrict__ value_cache, const int* __restrict__ block_tables,
-    int block_table_stride, const int* __restrict__ seq_lens, const int* __restrict__ query_start_loc,
-    int num_seqs, int rows_by_seq, int num_kv_heads, int group_size, int log2_block_size, float scale_log2e,
-    float* __restrict__ split_acc, float* __restrict__ split_max, float* __restrict__ split_sum,
-    int num_splits) {
-  extern __shared__ __align__(16) unsigned char shared_bytes[];
+// One warp's cp.async pipeline over its tiles k = 0, 1, ... (tile k starts at token (first_tile + k * WARPS) * TILE):
+// stage k % STAGES holds the tile's keys then values; block ids are fetched one tile ahead of their copies.
+template <typename T, int HEAD_DIM, int TILE, int STAGES, typename S>
+struct TilePipeline {
+  const int* table;
+  const T* key_base;    // this kv head's cache, block 0
+  const T* value_base;
+  T* stages;            // this warp's shared memory
+  long long block_stride;
+  int log2_block_size, first_tile, my_tiles, context_len, lane;
+  int copy_block[S::kCopiesPerLane];  // block of each token this lane copies in the next tile, -1 past the context
 
-  RowTask task;
-  if (!resolve_row(blockIdx.x, rows_by_seq != 0, num_seqs, seq_lens, query_start_loc, task)) return;
-  const int chunks_per_group = group_size / HEADS;
-  const int kv_head = blockIdx.y / chunks_per_group;
-  const int first_head = kv_head * group_size + (blockIdx.y % chunks_per_group) * HEADS;
-  const int num_q_heads = num_kv_heads * group_size;
-  const int split = blockIdx.z;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int lane_in_token = lane % LANES, token_in_pass = lane / LANES;
+  __device__ __forceinline__ int tile_start(int k) const { return (first_tile + k * S::kWarps) * TILE; }
+  __device__ __forceinline__ const T* keys(int k) const { return stages + (k % STAGES) * 2 * S::kTileElems; }
 
-  // This split's tiles (a whole number of rounds over the warps), and this warp's share of them.
-  const int num_tiles = (task.context_len + TILE - 1) / TILE;
-  const int tiles_per_split = ((num_tiles + num_splits - 1) / num_splits + S::kWarps - 1) / S::kWarps * S::kWarps;
-  const int first_tile = split * tiles_per_split + warp;
-  const int end_tile = min(num_tiles, (split + 1) * tiles_per_split);
-  const int my_tiles = first_tile < end_tile ? (end_tile - first_tile + S::kWarps - 1) / S::kWarps : 0;
-
-  const int offset_mask = (1 << log2_block_size) - 1;
-  const int* table = block_tables + static_cast<long long>(task.seq) * block_table_stride;
-  const long long head_stride = static_cast<long long>(offset_mask + 1) * HEAD_DIM;
-  const long long block_stride = head_stride * num_kv_heads;
-  const T* key_base = key_cache + kv_head * head_stride;
-  const T* value_base = value_cache + kv_head * head_stride;
-  T* warp_stages = reinterpret_cast<T*>(shared_bytes) + warp * S::kWarpElems;
-
-  // Block ids of the tokens this lane copies in one tile (-1 past the context), fetched a tile ahead.
-  int copy_block[S::kCopiesPerLane];
-  auto fetch_blocks = [&](int k) {
-    const int tile_start = (first_tile + k * S::kWarps) * TILE;
+  __device__ __forceinline__ void fetch_blocks(int k) {
 #pragma unroll
     for (int i = 0; i < S::kCopiesPerLane; ++i) {
-      const int pos = tile_start + (lane + 32 * i) / S::kCopiesPerRow;
-      copy_block[i] = (k < my_tiles && pos < task.context_len) ? table[pos >> log2_block_size] : -1;
+      const int pos = tile_start(k) + (lane + 32 * i) / S::kCopiesPerRow;
+      copy_block[i] = (k < my_tiles && pos < context_len) ? table[pos >> log2_block_size] : -1;
     }
-  };
-  auto issue_tile = [&](int k) {
-    const int tile_start = (first_tile + k * S::kWarps) * TILE;
-    T* stage = warp_stages + (k % STAGES) * 2 * S::kTileElems;
+  }
+
+  __device__ __forceinline__ void issue(int k) {
+    T* stage = stages + (k % STAGES) * 2 * S::kTileElems;
+    const int offset_mask = (1 << log2_block_size) - 1;
 #pragma unroll
     for (int i = 0; i < S::kCopiesPerLane; ++i) {
       const int copy = lane + 32 * i;
       if (S::kCopiesPerTile % 32 != 0 && copy >= S::kCopiesPerTile) continue;
       const int token = copy / S::kCopiesPerRow;
-      const int elem = token * HEAD_DIM + (copy % S::kCopiesPerRow) * (S::kCopyBytes / sizeof(T));
+      const int part = (copy % S::kCopiesPerRow) * (S::kCopyBytes / static_cast<int>(sizeof(T)));
       const bool is_valid = copy_block[i] >= 0;
-      const long long src = is_valid ? copy_block[i] * block_stride +
-          ((tile_start + token) & offset_mask) * HEAD_DIM + (elem - token * HEAD_DIM) : 0;
-      copy_async<S::kCopyBytes>(stage + elem, key_base + src, is_valid ? S::kCopyBytes : 0);
-      copy_async<S::kCopyBytes>(stage + S::kTileElems + elem, value_base + src, is_valid ? S::kCopyBytes : 0);
+      const long long src = is_valid
+          ? copy_block[i] * block_stride + ((tile_start(k) + token) & offset_mask) * HEAD_DIM + part : 0;
+      copy_async<S::kCopyBytes>(stage + token * HEAD_DIM + part, key_base + src, is_valid ? S::kCopyBytes : 0);
+      copy_async<S::kCopyBytes>(stage + S::kTileElems + token * HEAD_DIM + part, value_base + src,
+                                is_valid ? S::kCopyBytes : 0);
     }
-  };
-
-  // Prologue: the block ids of the first STAGES tiles are fetched together (one memory round trip, not
-  // STAGES), then the first STAGES - 1 tiles are issued.
-  int first_blocks[STAGES][S::kCopiesPerLane];
-#pragma unroll
-  for (int k = 0; k < STAGES; ++k) {
-    fetch_blocks(k);
-#pragma unroll
-    for (int i = 0; i < S::kCopiesPerLane; ++i) first_blocks[k][i] = copy_block[i];
-  }
-#pragma unroll
-  for (int k = 0; k < STAGES - 1; ++k) {
-#pragma unroll
-    for (int i = 0; i < S::kCopiesPerLane; ++i) copy_block[i] = first_blocks[k][i];
-    if (k < my_tiles) issue_tile(k);
-    asm volatile("cp.async.commit_group;");
-  }
-#pragma unroll
-  for (int i = 0; i < S::kCopiesPerLane; ++i) copy_block[i] = first_blocks[STAGES - 1][i];
-
-  float q[HEADS][S::kLaneElems];
-#pragma unroll
-  for (int g = 0; g < HEADS; ++g) {
-    load_slice<T, HEAD_DIM, VEC, LANES, VECS>(query + task.row * query_row_stride + (first_head + g) * HEAD_DIM,
-                                              lane_in_token, q[g]);
-#pragma unroll
-    for (int e = 0; e < S::kLaneElems; ++e) q[g][e] *= scale_log2e;  // logits in log2 units: exp2 below
-  }
-  float acc[HEADS][S::kLaneElems];
-  float running_max[HEADS], running_sum[HEADS];
-#pragma unroll
-  for (int g = 0; g < HEADS; ++g) {
-    running_max[g] = negative_infinity();
-    running_sum[g] = 0.0f;
-#pragma unroll
-    for (int e = 0; e < S::kLaneElems; ++e) acc[g][e] = 0.0f;
   }
 
-  for (int k = 0; k < my_tiles; ++k) {
-    if (k + STAGES - 1 < my_tiles) issue_tile(k + STAGES - 1);
+  // Issues tiles 0 .. STAGES - 2; the block ids of tiles 0 .. STAGES - 1 are fetched in one memory round trip.
+  __device__ __forceinline__ void start() {
+    int first_blocks[STAGES][S::kCopiesPerLane];
+#pragma unroll
+    for (int k = 0; k < STAGES; ++k) {
+      fetch_blocks(k);
+#pragma unroll
+      for (int i = 0; i < S::kCopiesPerLane; ++i) first_blocks[k][i] = copy_block[i];
+    }
+#pragma unroll
+    for (int k = 0; k < STAGES; ++k) {
+#pragma unroll
+      for (int i = 0; i < S::kCopiesPerLane; ++i) copy_block[i] = first_blocks[k][i];
+      if (k == STAGES - 1) break;
+      if (k < my_tiles) issue(k);
+      asm volatile("cp.async.commit_group;");
+    }
+  }
+
+  // Issues tile k + STAGES - 1 and waits for tile k.
+  __device__ __forceinline__ void advance(int k) {
+    if (k + STAGES - 1 < my_tiles) issue(k + STAGES - 1);
     asm volatile("cp.async.commit_group;");
     fetch_blocks(k + STAGES);
     asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 1));
     __syncwarp();  // every lane's copies of tile k have landed
+  }
+};
 
-    const T* keys = warp_stages + (k % STAGES) * 2 * S::kTileElems;
-    const T* values = keys + S::kTileElems;
-    const int tile_start = (first_tile + k * S::kWarps) * TILE;
+// One token group's online softmax over its tokens for HEADS query heads, in log2 units.
+template <typename T, int HEAD_DIM, int VEC, int LANES, int VECS, int HEADS, typename S>
+struct HeadGroupState {
+  float q[HEADS][S::kLaneElems];  // pre-scaled by softmax scale * log2(e)
+  float acc[HEADS][S::kLaneElems];
+  float running_max[HEADS], running_sum[HEADS];
+
+  __device__ __forceinline__ void start(const T* query_heads, int lane_in_token, float scale_log2e) {
+#pragma unroll
+    for (int g = 0; g < HEADS; ++g) {
+      load_slice<T, HEAD_DIM, VEC, LANES, VECS>(query_heads + g * HEAD_DIM, lane_in_token, q[g]);
+      running_max[g] = negative_infinity();
+      running_sum[g] = 0.0f;
+#pragma unroll
+      for (int e = 0; e < S::kLaneElems; ++e) {
+        q[g][e] *= scale_log2e;
+        acc[g][e] = 0.0f;
+      }
+    }
+  }
+
+  // Scores of the group's tokens in the tile, one rescale per tile, then p * v accumulated.
+  __device__ __forceinline__ void consume(const T* keys, const T* values, int tokens_left, int lane_in_token,
+                                          int token_in_pass) {
     float score[S::kPasses][HEADS];
 #pragma unroll
     for (int pass = 0; pass < S::kPasses; ++pass) {
       const int local = pass * S::kTokensPerPass + token_in_pass;
       float kx[S::kLaneElems];
       load_slice<T, HEAD_DIM, VEC, LANES, VECS>(keys + local * HEAD_DIM, lane_in_token, kx);
-      const bool is_valid = tile_start + local < task.context_len;
 #pragma unroll
       for (int g = 0; g < HEADS; ++g) {
         float dot = 0.0f;
 #pragma unroll
         for (int e = 0; e < S::kLaneElems; ++e) dot = fmaf(q[g][e], kx[e], dot);
         if (LANES > 1) dot = xor_sum<1, LANES / 2>(dot);
-        score[pass][g] = is_valid ? dot : negative_infinity();
+        score[pass][g] = local < tokens_left ? dot : negative_infinity();
       }
     }
-    // One rescale per tile: the token group's running max moves to cover all of its tokens in the tile.
 #pragma unroll
     for (int g = 0; g < HEADS; ++g) {
       float tile_max = negative_infinity();
@@ -221,48 +203,47 @@ __global__ void __launch_bounds__(THREADS, S::kMinCtas) paged_decode(
     }
 #pragma unroll
     for (int pass = 0; pass < S::kPasses; ++pass) {
-      const int local = pass * S::kTokensPerPass + token_in_pass;
       float vx[S::kLaneElems];
-      load_slice<T, HEAD_DIM, VEC, LANES, VECS>(values + local * HEAD_DIM, lane_in_token, vx);
+      load_slice<T, HEAD_DIM, VEC, LANES, VECS>(values + (pass * S::kTokensPerPass + token_in_pass) * HEAD_DIM,
+                                                lane_in_token, vx);
 #pragma unroll
       for (int g = 0; g < HEADS; ++g) {
 #pragma unroll
         for (int e = 0; e < S::kLaneElems; ++e) acc[g][e] = fmaf(score[pass][g], vx[e], acc[g][e]);
       }
     }
-    __syncwarp();  // the stage is refilled by the next iteration's copies
   }
-  asm volatile("cp.async.wait_group 0;");
 
-  // Merge the token groups of the warp (log-sum-exp), then the warps through shared memory.
+  // Log-sum-exp merge of the warp's token groups: afterwards every group holds the warp's result.
+  __device__ __forceinline__ void merge_warp() {
 #pragma unroll
-  for (int offset = LANES; offset < 32; offset *= 2) {
+    for (int offset = LANES; offset < 32; offset *= 2) {
 #pragma unroll
-    for (int g = 0; g < HEADS; ++g) {
-      const float other_max = __shfl_xor_sync(0xffffffffu, running_max[g], offset);
-      const float other_sum = __shfl_xor_sync(0xffffffffu, running_sum[g], offset);
-      const float new_max = fmaxf(running_max[g], other_max);
-      const float mine = scale_from(running_max[g], new_max), theirs = scale_from(other_max, new_max);
-      running_sum[g] = running_sum[g] * mine + other_sum * theirs;
-      running_max[g] = new_max;
+      for (int g = 0; g < HEADS; ++g) {
+        const float other_max = __shfl_xor_sync(0xffffffffu, running_max[g], offset);
+        const float other_sum = __shfl_xor_sync(0xffffffffu, running_sum[g], offset);
+        const float new_max = fmaxf(running_max[g], other_max);
+        const float mine = scale_from(running_max[g], new_max), theirs = scale_from(other_max, new_max);
+        running_sum[g] = running_sum[g] * mine + other_sum * theirs;
+        running_max[g] = new_max;
 #pragma unroll
-      for (int e = 0; e < S::kLaneElems; ++e)
-        acc[g][e] = acc[g][e] * mine + __shfl_xor_sync(0xffffffffu, acc[g][e], offset) * theirs;
+        for (int e = 0; e < S::kLaneElems; ++e)
+          acc[g][e] = acc[g][e] * mine + __shfl_xor_sync(0xffffffffu, acc[g][e], offset) * theirs;
+      }
     }
   }
-  __syncthreads();  // the pipelines' shared memory becomes the merge buffer
-  float* merge_acc = reinterpret_cast<float*>(shared_bytes);            // [warps][HEADS][HEAD_DIM]
-  float* merge_stats = merge_acc + S::kWarps * HEADS * HEAD_DIM;        // [warps][HEADS][max, sum]
-  if (token_in_pass == 0) {
+
+  // Warp `warp`'s result into merge_acc [warps][HEADS][HEAD_DIM] and merge_stats [warps][HEADS][max, sum].
+  __device__ __forceinline__ void publish(float* merge_acc, float* merge_stats, int warp, int lane) const {
+    if (lane >= LANES) return;  // token group 0 of the warp holds the merged result
 #pragma unroll
     for (int g = 0; g < HEADS; ++g) {
 #pragma unroll
       for (int j = 0; j < VECS; ++j) {
-        const int vec = j * LANES + lane_in_token;
+        const int vec = j * LANES + lane;
         if (vec < S::kNumVecs) {
 #pragma unroll
-          for (int e = 0; e < VEC; ++e)
-            merge_acc[(warp * HEADS + g) * HEAD_DIM + vec * VEC + e] = acc[g][j * VEC + e];
+          for (int e = 0; e < VEC; ++e) merge_acc[(warp * HEADS + g) * HEAD_DIM + vec * VEC + e] = acc[g][j * VEC + e];
         }
       }
       if (lane == 0) {
@@ -271,34 +252,100 @@ __global__ void __launch_bounds__(THREADS, S::kMinCtas) paged_decode(
       }
     }
   }
-  __syncthreads();
+};
 
+// Merges the warps' results of head g; writes the normalised output (one split) or the split's partial result.
+template <typename T, int HEAD_DIM, int HEADS, int THREADS, typename S>
+__device__ __forceinline__ void write_head(const float* merge_acc, const float* merge_stats, int g, T* out_head,
+                                           float* split_acc, float* split_max, float* split_sum, long long slot,
+                                           int num_splits) {
+  float total_max = negative_infinity();
+#pragma unroll
+  for (int w = 0; w < S::kWarps; ++w) total_max = fmaxf(total_max, merge_stats[(w * HEADS + g) * 2]);
+  float weight[S::kWarps], total_sum = 0.0f;
+#pragma unroll
+  for (int w = 0; w < S::kWarps; ++w) {
+    weight[w] = scale_from(merge_stats[(w * HEADS + g) * 2], total_max);
+    total_sum += weight[w] * merge_stats[(w * HEADS + g) * 2 + 1];
+  }
+  for (int d = threadIdx.x; d < HEAD_DIM; d += THREADS) {
+    float total = 0.0f;
+#pragma unroll
+    for (int w = 0; w < S::kWarps; ++w) total = fmaf(weight[w], merge_acc[(w * HEADS + g) * HEAD_DIM + d], total);
+    if (num_splits == 1) {
+      out_head[d] = from_float<T>(total / total_sum);
+    } else {
+      split_acc[slot * HEAD_DIM + d] = total;
+    }
+  }
+  if (num_splits > 1 && threadIdx.x == 0) {
+    split_max[slot] = total_max;
+    split_sum[slot] = total_sum;
+  }
+}
+
+template <typename T, int HEAD_DIM, int VEC, int LANES, int VECS, int HEADS, int THREADS, int TILE, int STAGES,
+          typename S = DecodeShape<T, HEAD_DIM, VEC, LANES, VECS, HEADS, THREADS, TILE, STAGES>>
+__global__ void __launch_bounds__(THREADS, S::kMinCtas) paged_decode(
+    T* __restrict__ out, long long out_row_stride, const T* __restrict__ query, long long query_row_stride,
+    const T* __restrict__ key_cache, const T* __restrict__ value_cache, const int* __restrict__ block_tables,
+    int block_table_stride, const int* __restrict__ seq_lens, const int* __restrict__ query_start_loc,
+    int num_seqs, int rows_by_seq, int num_kv_heads, int group_size, int log2_block_size, float scale_log2e,
+    float* __restrict__ split_acc, float* __restrict__ split_max, float* __restrict__ split_sum,
+    int num_splits) {
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  RowTask task;
+  if (!resolve_row(blockIdx.x, rows_by_seq != 0, num_seqs, seq_lens, query_start_loc, task)) return;
+  const int chunks_per_group = group_size / HEADS;
+  const int kv_head = blockIdx.y / chunks_per_group;
+  const int first_head = kv_head * group_size + (blockIdx.y % chunks_per_group) * HEADS;
+  const int split = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+  // This split's tiles (a whole number of rounds over the warps), and this warp's share of them.
+  const int num_tiles = (task.context_len + TILE - 1) / TILE;
+  const int tiles_per_split = ((num_tiles + num_splits - 1) / num_splits + S::kWarps - 1) / S::kWarps * S::kWarps;
+  const int first_tile = split * tiles_per_split + warp;
+  const int end_tile = min(num_tiles, (split + 1) * tiles_per_split);
+  const long long head_stride = (1LL << log2_block_size) * HEAD_DIM;
+
+  TilePipeline<T, HEAD_DIM, TILE, STAGES, S> pipeline;
+  pipeline.table = block_tables + static_cast<long long>(task.seq) * block_table_stride;
+  pipeline.key_base = key_cache + kv_head * head_stride;
+  pipeline.value_base = value_cache + kv_head * head_stride;
+  pipeline.stages = reinterpret_cast<T*>(shared_bytes) + warp * S::kWarpElems;
+  pipeline.block_stride = head_stride * num_kv_heads;
+  pipeline.log2_block_size = log2_block_size;
+  pipeline.first_tile = first_tile;
+  pipeline.my_tiles = first_tile < end_tile ? (end_tile - first_tile + S::kWarps - 1) / S::kWarps : 0;
+  pipeline.context_len = task.context_len;
+  pipeline.lane = lane;
+  pipeline.start();
+
+  HeadGroupState<T, HEAD_DIM, VEC, LANES, VECS, HEADS, S> state;
+  state.start(query + task.row * query_row_stride + first_head * HEAD_DIM, lane % LANES, scale_log2e);
+  for (int k = 0; k < pipeline.my_tiles; ++k) {
+    pipeline.advance(k);
+    const T* keys = pipeline.keys(k);
+    state.consume(keys, keys + S::kTileElems, task.context_len - pipeline.tile_start(k), lane % LANES,
+                  lane / LANES);
+    __syncwarp();  // the stage is refilled by the next iteration's copies
+  }
+  asm volatile("cp.async.wait_group 0;");
+  state.merge_warp();
+
+  __syncthreads();  // the pipelines' shared memory becomes the merge buffer
+  float* merge_acc = reinterpret_cast<float*>(shared_bytes);      // [warps][HEADS][HEAD_DIM]
+  float* merge_stats = merge_acc + S::kWarps * HEADS * HEAD_DIM;  // [warps][HEADS][max, sum]
+  state.publish(merge_acc, merge_stats, warp, lane);
+  __syncthreads();
+  const int num_q_heads = num_kv_heads * group_size;
 #pragma unroll
   for (int g = 0; g < HEADS; ++g) {
-    float total_max = negative_infinity();
-#pragma unroll
-    for (int w = 0; w < S::kWarps; ++w) total_max = fmaxf(total_max, merge_stats[(w * HEADS + g) * 2]);
-    float weight[S::kWarps], total_sum = 0.0f;
-#pragma unroll
-    for (int w = 0; w < S::kWarps; ++w) {
-      weight[w] = scale_from(merge_stats[(w * HEADS + g) * 2], total_max);
-      total_sum += weight[w] * merge_stats[(w * HEADS + g) * 2 + 1];
-    }
-    const long long slot = (static_cast<long long>(blockIdx.x) * num_q_heads + first_head + g) * num_splits + split;
-    for (int d = threadIdx.x; d < HEAD_DIM; d += THREADS) {
-      float total = 0.0f;
-#pragma unroll
-      for (int w = 0; w < S::kWarps; ++w) total = fmaf(weight[w], merge_acc[(w * HEADS + g) * HEAD_DIM + d], total);
-      if (num_splits == 1) {
-        out[task.row * out_row_stride + (first_head + g) * HEAD_DIM + d] = from_float<T>(total / total_sum);
-      } else {
-        split_acc[slot * HEAD_DIM + d] = total;
-      }
-    }
-    if (num_splits > 1 && threadIdx.x == 0) {
-      split_max[slot] = total_max;
-      split_sum[slot] = total_sum;
-    }
+    write_head<T, HEAD_DIM, HEADS, THREADS, S>(
+        merge_acc, merge_stats, g, out + task.row * out_row_stride + (first_head + g) * HEAD_DIM, split_acc,
+        split_max, split_sum, (static_cast<long long>(blockIdx.x) * num_q_heads + first_head + g) * num_splits + split,
+        num_splits);
   }
 }
 

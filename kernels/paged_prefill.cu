@@ -128,6 +128,93 @@ __device__ __forceinline__ bool resolve_tile(int index, int num_seqs, const int*
   return true;
 }
 
+// Online softmax of one key tile for a warp's M_TILES x 16 rows (accumulator layout of mma.m16n8): masks keys past
+// each row's position (when needs_mask), rescales O and the row sums to the new row maxima, and packs
+// P = 2^(S - max) as the A operand of O += P V.
+template <typename T, int M_TILES, int SCORE_TILES, int OUT_TILES>
+__device__ __forceinline__ void online_softmax(float (&s_acc)[M_TILES][SCORE_TILES][4],
+                                               float (&o_acc)[M_TILES][OUT_TILES][4], float (&row_max)[M_TILES][2],
+                                               float (&row_sum)[M_TILES][2],
+                                               unsigned (&p_frag)[M_TILES][SCORE_TILES / 2][4], int tile_start,
+                                               int warp_first_pos, bool needs_mask, float scale_log2e) {
+  const int lane = threadIdx.x % 32;
+  const int quad_row = lane / 4, quad_col = 2 * (lane % 4);
+#pragma unroll
+  for (int m = 0; m < M_TILES; ++m) {
+    float tile_max[2] = {negative_infinity(), negative_infinity()};
+#pragma unroll
+    for (int n = 0; n < SCORE_TILES; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key_pos = tile_start + n * 8 + quad_col + (e & 1);
+        const int row_pos = warp_first_pos + m * 16 + quad_row + (e / 2) * 8;
+        float score = s_acc[m][n][e] * scale_log2e;
+        if (needs_mask && key_pos > row_pos) score = negative_infinity();
+        s_acc[m][n][e] = score;
+        tile_max[e / 2] = fmaxf(tile_max[e / 2], score);
+      }
+    }
+    float rescale[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+      const float new_max = fmaxf(row_max[m][r], tile_max[r]);
+      // A row whose keys are all masked so far keeps max -inf; subtracting 0 then keeps exp2 at 0, not NaN.
+      const float safe_max = new_max == negative_infinity() ? 0.0f : new_max;
+      rescale[r] = exp2f(row_max[m][r] - safe_max);
+      row_max[m][r] = new_max;
+      row_sum[m][r] *= rescale[r];
+    }
+#pragma unroll
+    for (int n = 0; n < OUT_TILES; ++n) {
+      o_acc[m][n][0] *= rescale[0];
+      o_acc[m][n][1] *= rescale[0];
+      o_acc[m][n][2] *= rescale[1];
+      o_acc[m][n][3] *= rescale[1];
+    }
+#pragma unroll
+    for (int n = 0; n < SCORE_TILES; ++n) {
+      float p[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float row_m = row_max[m][e / 2] == negative_infinity() ? 0.0f : row_max[m][e / 2];
+        p[e] = exp2f(s_acc[m][n][e] - row_m);
+        row_sum[m][e / 2] += p[e];
+      }
+      p_frag[m][n / 2][(n % 2) * 2 + 0] = MmaOps<T>::pack(p[0], p[1]);
+      p_frag[m][n / 2][(n % 2) * 2 + 1] = MmaOps<T>::pack(p[2], p[3]);
+    }
+  }
+}
+
+// Writes a warp's normalised output rows (those below num_rows) from the mma.m16n8 accumulator layout.
+template <typename T, int M_TILES, int OUT_TILES, int HEAD_DIM>
+__device__ __forceinline__ void store_rows(const float (&o_acc)[M_TILES][OUT_TILES][4],
+                                           const float (&row_sum)[M_TILES][2], T* out_rows, long long out_row_stride,
+                                           int warp_first_row, int num_rows) {
+  const int lane = threadIdx.x % 32;
+  const int quad_row = lane / 4, quad_col = 2 * (lane % 4);
+#pragma unroll
+  for (int m = 0; m < M_TILES; ++m) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float sum = row_sum[m][r];  // spread over the 4 lanes of the row's quad
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const int row = warp_first_row + m * 16 + quad_row + r * 8;
+      if (row >= num_rows) continue;
+      const float inverse = 1.0f / sum;
+      T* dst = out_rows + row * out_row_stride + quad_col;
+#pragma unroll
+      for (int n = 0; n < OUT_TILES; ++n) {
+        const float values[2] = {o_acc[m][n][2 * r] * inverse, o_acc[m][n][2 * r + 1] * inverse};
+        store_from_float<T, 2>(dst + n * 8, values);
+      }
+    }
+  }
+}
+
 template <typename T, int HEAD_DIM, int M_TILES, int BLOCK_N, int THREADS>
 __global__ void __launch_bounds__(THREADS) paged_prefill(
     T* __restrict__ out, long long out_row_stride, const T* __restrict__ query, long long query_row_stride,
@@ -174,7 +261,6 @@ __global__ void __launch_bounds__(THREADS) paged_prefill(
   commit_async();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int quad_row = lane / 4, quad_col = 2 * (lane % 4);
   const int warp_first_row = warp * 16 * M_TILES;
   // Accumulator fragment element e of m-tile m is row warp_first_row + m * 16 + quad_row + (e / 2) * 8.
   float o_acc[M_TILES][S::kOutTiles][4];
@@ -231,55 +317,10 @@ __global__ void __launch_bounds__(THREADS) paged_prefill(
 
     // Causal mask (only tiles reaching past the warp's first position need it), then the online softmax.
     const int tile_start = j * BLOCK_N;
-    const bool needs_mask = tile_start + BLOCK_N - 1 > first_pos + warp_first_row;
     unsigned p_frag[M_TILES][S::kScoreTiles / 2][4];  // P as the A operand of O += P V, k steps of 16 keys
-#pragma unroll
-    for (int m = 0; m < M_TILES; ++m) {
-      float tile_max[2] = {negative_infinity(), negative_infinity()};
-#pragma unroll
-      for (int n = 0; n < S::kScoreTiles; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key_pos = tile_start + n * 8 + quad_col + (e & 1);
-          const int row_pos = first_pos + warp_first_row + m * 16 + quad_row + (e / 2) * 8;
-          float score = s_acc[m][n][e] * scale_log2e;
-          if (needs_mask && key_pos > row_pos) score = negative_infinity();
-          s_acc[m][n][e] = score;
-          tile_max[e / 2] = fmaxf(tile_max[e / 2], score);
-        }
-      }
-      float rescale[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-        const float new_max = fmaxf(row_max[m][r], tile_max[r]);
-        // A row whose keys are all masked so far keeps max -inf; subtracting 0 then keeps exp2 at 0, not NaN.
-        const float safe_max = new_max == negative_infinity() ? 0.0f : new_max;
-        rescale[r] = exp2f(row_max[m][r] - safe_max);
-        row_max[m][r] = new_max;
-        row_sum[m][r] *= rescale[r];
-      }
-#pragma unroll
-      for (int n = 0; n < S::kOutTiles; ++n) {
-        o_acc[m][n][0] *= rescale[0];
-        o_acc[m][n][1] *= rescale[0];
-        o_acc[m][n][2] *= rescale[1];
-        o_acc[m][n][3] *= rescale[1];
-      }
-#pragma unroll
-      for (int n = 0; n < S::kScoreTiles; ++n) {
-        float p[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float row_m = row_max[m][e / 2] == negative_infinity() ? 0.0f : row_max[m][e / 2];
-          p[e] = exp2f(s_acc[m][n][e] - row_m);
-          row_sum[m][e / 2] += p[e];
-        }
-        p_frag[m][n / 2][(n % 2) * 2 + 0] = Mma::pack(p[0], p[1]);
-        p_frag[m][n / 2][(n % 2) * 2 + 1] = Mma::pack(p[2], p[3]);
-      }
-    }
+    online_softmax<T, M_TILES, S::kScoreTiles, S::kOutTiles>(
+        s_acc, o_acc, row_max, row_sum, p_frag, tile_start, first_pos + warp_first_row,
+        tile_start + BLOCK_N - 1 > first_pos + warp_first_row, scale_log2e);
 
     // O += P V: value rows are the k dimension, read transposed.
 #pragma unroll
@@ -299,23 +340,6 @@ __global__ void __launch_bounds__(THREADS) paged_prefill(
     __syncthreads();  // this stage is overwritten by the loads issued in the next iteration
   }
 
-  // Each row's sum is spread over the 4 lanes of its quad.
-#pragma unroll
-  for (int m = 0; m < M_TILES; ++m) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float sum = row_sum[m][r];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      const int row = warp_first_row + m * 16 + quad_row + r * 8;
-      if (row >= num_rows) continue;
-      const float inverse = 1.0f / sum;
-      T* dst = out + (q_start + first_row + row) * out_row_stride + head * HEAD_DIM + quad_col;
-#pragma unroll
-      for (int n = 0; n < S::kOutTiles; ++n) {
-        const float values[2] = {o_acc[m][n][2 * r] * inverse, o_acc[m][n][2 * r + 1] * inverse};
-        store_from_float<T, 2>(dst + n * 8, values);
-      }
-    }
-  }
+  store_rows<T, M_TILES, S::kOutTiles, HEAD_DIM>(o_acc, row_sum, out + (q_start + first_row) * out_row_stride +
+                                                  head * HEAD_DIM, out_row_stride, warp_first_row, num_rows);
 }
