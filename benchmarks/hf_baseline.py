@@ -34,11 +34,13 @@ class BackendRun:
     output_tokens: int
     elapsed_s: float
     concurrency: int  # requests generated together at most, for the bound
+    step_profile: dict[str, float] | None = None  # pagedserve only: where each engine step's time went
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "backend": self.backend, "num_requests": self.num_requests, "prompt_tokens": self.prompt_tokens,
             "output_tokens": self.output_tokens, "elapsed_s": self.elapsed_s, "concurrency": self.concurrency,
+            **({"step_profile": self.step_profile} if self.step_profile else {}),
             "requests_per_s": self.num_requests / self.elapsed_s,
             "output_tokens_per_s": self.output_tokens / self.elapsed_s,
             "total_tokens_per_s": (self.prompt_tokens + self.output_tokens) / self.elapsed_s,

@@ -24,6 +24,7 @@ from benchmarks import report
 from benchmarks.hardware_bound import HardwareRates, Workload, bound_summary, dtype_bytes, percent_of_bound
 from benchmarks.model_shapes import DEFAULT_TOKENIZER_DIR, SHAPES, read_shape, sampling_vocab_size, write_model_dir
 from benchmarks.random_dataset import BenchRequest, sample_random_requests
+from benchmarks.step_profile import step_profile
 from benchmarks.serving_metrics import RequestRecord, compute_metrics
 from pagedserve.v1 import common_pb2, generation_service_pb2, generation_service_pb2_grpc
 
@@ -173,10 +174,12 @@ async def run_levels(address: str, model_dir: Path, args: argparse.Namespace,
         seed = args.seed + index
         requests = sample_random_requests(num_prompts, args.random_input_len, args.random_output_len,
                                           args.random_range_ratio, vocab_size, seed)
+        before = await _server_status(address)
         records, duration_s = await run_requests(address, requests, args.request_rate, level, args.ignore_eos, seed)
         run = {"max_concurrency": level or num_prompts, "num_prompts": num_prompts, "seed": seed,
                "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf"}
         run.update(compute_metrics(records, duration_s))
+        run["step_profile"] = step_profile(before, await _server_status(address))
         if rates is not None:
             workload = Workload(num_prompts, args.random_input_len, args.random_output_len, run["max_concurrency"],
                                 args.max_num_batched_tokens)
@@ -186,6 +189,12 @@ async def run_levels(address: str, model_dir: Path, args: argparse.Namespace,
         print(f"max_concurrency={run['max_concurrency']}: {run['completed']} done, {run['failed']} failed, "
               f"{run['output_throughput']:.1f} output tokens/s", flush=True)
     return runs
+
+
+async def _server_status(address: str) -> generation_service_pb2.GetServerStatusResponse:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
+        return await stub.GetServerStatus(generation_service_pb2.GetServerStatusRequest())
 
 
 def summary_rows(runs: Sequence[dict[str, Any]]) -> list[list[object]]:

@@ -21,6 +21,7 @@ from benchmarks.hardware_bound import (HardwareRates, Workload, bound_summary, d
 from benchmarks.hf_baseline import (BackendRun, HFBackend, load_model, run_generate, run_generate_batch,
                                     save_seeded_weights)
 from benchmarks.model_shapes import DEFAULT_TOKENIZER_DIR, SHAPES, read_shape, sampling_vocab_size, write_model_dir
+from benchmarks.step_profile import step_profile
 from benchmarks.random_dataset import BenchRequest, sample_random_requests
 
 PAGEDSERVE = "pagedserve"
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--num-gpu-blocks-override", type=int)
     p.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB of KV cache on a CPU worker")
-    p.add_argument("--max-steps-in-flight", type=int, default=1, choices=[1, 2])
+    p.add_argument("--max-steps-in-flight", type=int, default=2, choices=[1, 2])
     p.add_argument("--hf-backends", default="hf-generate,hf-generate-batch",
                    help="comma-separated transformers baselines to run too (empty: none)")
     p.add_argument("--hf-num-prompts", type=int, default=100, help="the first N prompts go to the baselines")
@@ -111,14 +112,18 @@ def run_pagedserve(model_dir: Path, requests: Sequence[BenchRequest], args: argp
         llm.generate([r.prompt_token_ids for r in warmups], SamplingParams(max_tokens=4, temperature=0.0))
         params = [SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=args.ignore_eos)
                   for r in requests]
+        before = llm.status()
         start = time.perf_counter()
         outputs = llm.generate([r.prompt_token_ids for r in requests], params)
         elapsed = time.perf_counter() - start
+        profile = step_profile(before, llm.status())
+    print("pagedserve step profile: " + ", ".join(f"{k} {v:.3f}" for k, v in profile.items()), flush=True)
     _free_device_memory(device)
     output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
     return BackendRun(PAGEDSERVE, len(requests), prompt_tokens, output_tokens, elapsed,
-                      min(args.max_num_seqs, len(requests)))
+                      min(args.max_num_seqs, len(requests)), profile)
+
 
 
 def _with_bounds(runs: Sequence[BackendRun], model_dir: Path, args: argparse.Namespace,

@@ -19,7 +19,7 @@ from typing import Any, Coroutine, TypeVar
 from pagedserve.control_plane.builtin_model import BUILTIN_MODEL_NAME, write_builtin_model
 from pagedserve.control_plane.config import CacheConfig, EngineConfig, SchedulerConfig
 from pagedserve.control_plane.convert import step_output_from_proto, step_plan_to_proto
-from pagedserve.control_plane.engine import Engine
+from pagedserve.control_plane.engine import Engine, EngineStatus
 from pagedserve.control_plane.main import start_engine
 from pagedserve.control_plane.request import FinishReason
 from pagedserve.control_plane.sampling_params import SamplingParams, validate_prompt
@@ -159,6 +159,10 @@ class LLM:
             reasons[chunk.index] = chunk.finish_reason or reasons[chunk.index]
         outputs = [CompletionOutput(i, "".join(texts[i]), ids[i], reasons[i], logprobs[i]) for i in range(n)]
         return RequestOutput(request_id, prompt_ids, outputs)
+
+    def status(self) -> EngineStatus:
+        """Queue lengths, cache usage and where the steps' time went, as GetServerStatus reports them."""
+        return self._engine.status()
 
     def close(self) -> None:
         self._run(self._engine.stop())

@@ -1,5 +1,7 @@
-"""In bfloat16 on the GPU, teacher-forced next-token predictions agree with transformers' float32 logits on at
-least 99% of positions (stories260K and each tiny architecture)."""
+"""In bfloat16 on the GPU, teacher-forced next-token predictions agree with transformers' float32 logits: on at
+least 99% of positions for the trained stories260K model on story text, and, for each tiny random-weight
+architecture (whose near-uniform logits make bf16 rounding flip many near-ties), as often as transformers' own
+bfloat16 forward does, within half a percentage point."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pagedserve.gpu_worker.config import DeviceKind, DType
 from pagedserve.v1 import worker_service_pb2 as pb
@@ -25,22 +27,37 @@ from tests.gpu_worker.test_models import (
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs CUDA and CuPy")]
 BLOCK_SIZE = 16
 MIN_AGREEMENT = 0.99
+TINY_MODEL_MARGIN = 0.005
 
 
-def _hf_sequences_and_argmax(model_dir: Path, num_sequences: int, length: int) -> tuple[list[list[int]], list[list[int]]]:
-    """Greedy float32 continuations of short random prompts, and the float32 argmax at every position."""
+STORY_PROMPTS = ["Once upon a time", "Lily and Tom went to the park.", "One day, a little dog", "The sun was shining",
+                 "Tim had a big red ball.", "There was a small bird", "Mom said", "The cat sat"]
+
+
+def _hf_sequences_and_argmax(
+    model_dir: Path, prompts: list[list[int]], length: int
+) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """Greedy float32 continuations of the prompts, then transformers' argmax at every position in float32 and
+    in bfloat16 (the precision floor any bfloat16 implementation works against)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    generator = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    sequences, argmaxes = [], []
+    bf16_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    sequences, fp32_argmax, bf16_argmax = [], [], []
     with torch.no_grad():
-        for _ in range(num_sequences):
-            prompt = torch.randint(3, vocab, (1, 4), generator=generator)
-            ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=length - 4,
-                                 min_new_tokens=length - 4, do_sample=False)
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            new = length - len(prompt)
+            ids = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                                 do_sample=False)
             sequences.append(ids[0].tolist())
-            argmaxes.append(model(ids).logits[0, :-1].argmax(-1).tolist())
-    return sequences, argmaxes
+            fp32_argmax.append(model(ids).logits[0, :-1].argmax(-1).tolist())
+            bf16_argmax.append(bf16_model(ids).logits[0, :-1].argmax(-1).tolist())
+    return sequences, fp32_argmax, bf16_argmax
+
+
+def _agreement(predicted: list[list[int]], expected: list[list[int]]) -> float:
+    assert [len(p) for p in predicted] == [len(e) for e in expected]
+    pairs = [(p, e) for ps, es in zip(predicted, expected) for p, e in zip(ps, es)]
+    return sum(p == e for p, e in pairs) / len(pairs)
 
 
 def _bf16_argmax(model_dir: Path, sequences: list[list[int]]) -> list[list[int]]:
@@ -60,18 +77,24 @@ def _bf16_argmax(model_dir: Path, sequences: list[list[int]]) -> list[list[int]]
     return [[lp.top_token_ids[0] for lp in out.prompt_logprobs] for out in response.outputs]
 
 
-@pytest.mark.parametrize(
-    "make_model",
-    [lambda tmp: STORIES_DIR, *(lambda tmp, c=c: _save_tiny_model(c(), tmp) for c in
-                                (_llama_gqa_tied, _llama3_rope_scaling, _mistral, _qwen2, _qwen3))],
-    ids=["stories260K", "llama-gqa-tied", "llama3-rope-scaling", "mistral", "qwen2", "qwen3"],
-)
-def test_bf16_teacher_forced_top1_agrees_with_float32_transformers(make_model, tmp_path: Path) -> None:
-    model_dir = make_model(tmp_path)
-    sequences, expected = _hf_sequences_and_argmax(model_dir, num_sequences=8, length=120)
-    predicted = _bf16_argmax(model_dir, sequences)
-    assert [len(p) for p in predicted] == [len(e) for e in expected]
-    pairs = [(p, e) for ps, es in zip(predicted, expected) for p, e in zip(ps, es)]
-    agreement = sum(p == e for p, e in pairs) / len(pairs)
-    print(f"bf16 teacher-forced top-1 agreement {model_dir.name}: {agreement:.4f} over {len(pairs)} positions")
+def test_bf16_teacher_forced_top1_agrees_with_float32_transformers_on_stories() -> None:
+    tokenizer = AutoTokenizer.from_pretrained(STORIES_DIR)
+    prompts = [tokenizer(text)["input_ids"] for text in STORY_PROMPTS]
+    sequences, expected, _ = _hf_sequences_and_argmax(STORIES_DIR, prompts, length=120)
+    agreement = _agreement(_bf16_argmax(STORIES_DIR, sequences), expected)
+    print(f"bf16 teacher-forced top-1 agreement, stories260K: {agreement:.4f}")
     assert agreement >= MIN_AGREEMENT
+
+
+@pytest.mark.parametrize(
+    "make_config", [_llama_gqa_tied, _llama3_rope_scaling, _mistral, _qwen2, _qwen3],
+    ids=["llama-gqa-tied", "llama3-rope-scaling", "mistral", "qwen2", "qwen3"],
+)
+def test_bf16_teacher_forced_top1_matches_transformers_bf16_on_tiny_models(make_config, tmp_path: Path) -> None:
+    model_dir = _save_tiny_model(make_config(), tmp_path)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 128, (4,), generator=generator).tolist() for _ in range(8)]
+    sequences, expected, hf_bf16 = _hf_sequences_and_argmax(model_dir, prompts, length=120)
+    ours, theirs = _agreement(_bf16_argmax(model_dir, sequences), expected), _agreement(hf_bf16, expected)
+    print(f"bf16 teacher-forced top-1 agreement, {make_config.__name__}: ours {ours:.4f}, transformers {theirs:.4f}")
+    assert ours >= theirs - TINY_MODEL_MARGIN
