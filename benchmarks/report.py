@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -19,7 +20,10 @@ Row = Sequence[object]
 
 
 def git_commit() -> str:
-    """HEAD of the repository the benchmarks live in, or "unknown" outside a checkout."""
+    """HEAD of the repository the benchmarks live in; outside a checkout (a copied tree on a GPU host) the
+    PAGEDSERVE_BENCH_COMMIT variable names it, else "unknown"."""
+    if os.environ.get("PAGEDSERVE_BENCH_COMMIT"):
+        return os.environ["PAGEDSERVE_BENCH_COMMIT"]
     try:
         completed = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                                    check=True)
