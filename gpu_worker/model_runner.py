@@ -62,26 +62,21 @@ def build_batch(work: list[ScheduledWork], tables: BlockTableArray, block_size: 
     longs_host[:num_tokens] = _input_ids(work, starts, ends, is_decode=num_tokens == num_seqs)
     longs_host[num_tokens : 2 * num_tokens] = positions
     longs_host[2 * num_tokens :] = slots
-    num_decode_seqs = int(np.argmax(counts != 1)) if (counts != 1).any() else num_seqs
     table_size = block_tables.size
-    qsl_end = table_size + 2 * num_seqs + 1
-    ints = torch.empty(qsl_end + num_seqs - num_decode_seqs + 1, dtype=torch.int32, pin_memory=is_pinned)
+    ints = torch.empty(table_size + 2 * num_seqs + 1, dtype=torch.int32, pin_memory=is_pinned)
     ints_host = ints.numpy()
     ints_host[:table_size] = block_tables.reshape(-1)
     ints_host[table_size : table_size + num_seqs] = ends
-    ints_host[table_size + num_seqs : qsl_end] = query_start_loc
-    ints_host[qsl_end:] = query_start_loc[num_decode_seqs:] - num_decode_seqs
+    ints_host[table_size + num_seqs :] = query_start_loc
     longs_device = longs.to(device, non_blocking=True)
     ints_device = ints.to(device, non_blocking=True)
     meta = AttentionMetadata(
         slot_mapping=longs_device[2 * num_tokens :],
         block_tables=ints_device[:table_size].view(block_tables.shape),
         seq_lens=ints_device[table_size : table_size + num_seqs],
-        query_start_loc=ints_device[table_size + num_seqs : qsl_end],
+        query_start_loc=ints_device[table_size + num_seqs :],
         max_query_len=int(counts.max(initial=0)),
         max_seq_len=int(ends.max(initial=0)),
-        num_decode_seqs=num_decode_seqs,
-        prefill_query_start_loc=ints_device[qsl_end:],
     )
     return FlatBatch(longs_device[:num_tokens], longs_device[num_tokens : 2 * num_tokens], meta, query_start_loc)
 
@@ -92,10 +87,6 @@ def _input_ids(work: list[ScheduledWork], starts: np.ndarray, ends: np.ndarray, 
         return [item.state.token_id(start) for item, start in zip(work, starts.tolist(), strict=True)]
     return [t for item, start, end in zip(work, starts.tolist(), ends.tolist(), strict=True)
             for t in item.state.token_ids(start, end)]
-
-
-def batch_is_empty(work: list[ScheduledWork]) -> bool:
-    return all(item.num_scheduled_tokens == 0 for item in work)
 
 
 class ModelRunner:
@@ -111,32 +102,24 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, work: list[ScheduledWork]) -> list[SequenceResult]:
-        """One result per work item in order, each sampling item followed by its newly forked siblings.
-
-        The batch itself puts one-token (decode) sequences first, so attention can split a mixed step."""
-        if batch_is_empty(work):
-            return [SequenceResult(item.state.seq_id, None) for item in work]
-        ordered = sorted(work, key=lambda item: item.num_scheduled_tokens != 1)
-        groups = self._run_ordered(ordered)
-        return [result for item in work for result in groups[item.state.seq_id]]
-
-    def _run_ordered(self, work: list[ScheduledWork]) -> dict[int, list[SequenceResult]]:
+        """One result per work item in order, each sampling item followed by its newly forked siblings."""
         batch = build_batch(work, self.tables, self.pool.block_size, self.pool.device)
+        if batch.num_tokens == 0:
+            return [SequenceResult(item.state.seq_id, None) for item in work]
         if self.graph_runner is not None and self.graph_runner.can_run(batch):
             hidden = self.graph_runner.run(batch)
         else:
             hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.pool.gpu_cache)
         sampled = self._sample(work, batch, hidden)
-        groups: dict[int, list[SequenceResult]] = {}
+        results = []
         for index, item in enumerate(work):
             state = item.state
             prompt_logprobs = self._prompt_logprobs(item, int(batch.query_start_loc[index]), hidden)
             token, logprobs = sampled.get(state.seq_id, (None, None))
-            group = [SequenceResult(state.seq_id, token, logprobs, prompt_logprobs)]
+            results.append(SequenceResult(state.seq_id, token, logprobs, prompt_logprobs))
             if token is not None:
-                group.extend(SequenceResult(s, *sampled[s]) for s in state.fork_seq_ids)
-            groups[state.seq_id] = group
-        return groups
+                results.extend(SequenceResult(s, *sampled[s]) for s in state.fork_seq_ids)
+        return results
 
     def _sample(
         self, work: list[ScheduledWork], batch: FlatBatch, hidden: torch.Tensor

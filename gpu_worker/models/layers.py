@@ -29,9 +29,6 @@ class AttentionMetadata:
     slot_mapping: [T] int64, pool slot of each token (-1 for padding); block_tables: [S, max_blocks] int32;
     seq_lens: [S] int32 context length after the step; query_start_loc: [S + 1] int32 cumulative query rows.
     max_query_len / max_seq_len are host-side upper bounds, so no device sync is needed.
-    In a mixed step the first num_decode_seqs sequences have one query row each (rows 0..num_decode_seqs-1) and
-    the rest are prefill chunks: attention runs the decode kernel over the first and the prefill kernel over the
-    rest, whose cumulative query rows restart at 0 in prefill_query_start_loc ([S - num_decode_seqs + 1] int32).
     """
 
     slot_mapping: torch.Tensor
@@ -40,8 +37,6 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor
     max_query_len: int
     max_seq_len: int
-    num_decode_seqs: int = 0
-    prefill_query_start_loc: torch.Tensor | None = None
 
 
 class RMSNorm(nn.Module):
@@ -106,20 +101,8 @@ class PagedAttention(nn.Module):
         key_cache, value_cache = layer_cache[0], layer_cache[1]
         self.ops.write_kv(k, v, key_cache, value_cache, meta.slot_mapping)
         out = torch.empty_like(q)
-        d = meta.num_decode_seqs
-        if 0 < d < meta.seq_lens.shape[0] and meta.prefill_query_start_loc is not None:
-            # Mixed step: decode rows through the GQA-grouped decode kernel, prefill chunks through the tiled one.
-            self.ops.paged_attention(
-                out[:d], q[:d], key_cache, value_cache, meta.block_tables[:d], meta.seq_lens[:d],
-                meta.query_start_loc[: d + 1], 1, meta.max_seq_len, self.scale,
-            )
-            self.ops.paged_attention(
-                out[d:], q[d:], key_cache, value_cache, meta.block_tables[d:], meta.seq_lens[d:],
-                meta.prefill_query_start_loc, meta.max_query_len, meta.max_seq_len, self.scale,
-            )
-        else:
-            self.ops.paged_attention(
-                out, q, key_cache, value_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                meta.max_query_len, meta.max_seq_len, self.scale,
-            )
+        self.ops.paged_attention(
+            out, q, key_cache, value_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+            meta.max_query_len, meta.max_seq_len, self.scale,
+        )
         return F.linear(out.view(num_tokens, cfg.q_size), self.o_proj)
