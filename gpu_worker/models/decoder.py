@@ -13,6 +13,7 @@ from torch import nn
 from pagedserve.gpu_worker.errors import ModelLoadError
 from pagedserve.gpu_worker.models.layers import AttentionMetadata, GatedMLP, PagedAttention, RMSNorm, empty_parameter
 from pagedserve.gpu_worker.models.model_config import ModelConfig
+from pagedserve.gpu_worker.models.rope import RotaryEmbedding, Rotation
 
 if TYPE_CHECKING:
     from pagedserve.kernels.ops import AttentionOps
@@ -49,9 +50,9 @@ class DecoderLayer(nn.Module):
         self.mlp = GatedMLP(config, device, dtype)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, layer_cache: torch.Tensor
+        self, x: torch.Tensor, rotation: Rotation, meta: AttentionMetadata, layer_cache: torch.Tensor
     ) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), positions, meta, layer_cache)
+        x = x + self.attn(self.input_norm(x), rotation, meta, layer_cache)
         return x + self.mlp(self.post_attention_norm(x))
 
 
@@ -67,6 +68,7 @@ class DecoderForCausalLM(nn.Module):
         self.embed_tokens = empty_parameter(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
         self.layers = nn.ModuleList(DecoderLayer(config, ops, device, dtype) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling, device)
         if config.tie_word_embeddings:
             self.lm_head = self.embed_tokens
         else:
@@ -77,8 +79,9 @@ class DecoderForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: [T] int64; kv_cache: [L, 2, N, Hkv, B, D]; returns [T, hidden] model dtype."""
         x = F.embedding(input_ids, self.embed_tokens)
+        rotation = self.rotary(positions, x.dtype)
         for index, layer in enumerate(self.layers):
-            x = layer(x, positions, meta, kv_cache[index])
+            x = layer(x, rotation, meta, kv_cache[index])
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.gpu_worker.models.model_config import ModelConfig
-from pagedserve.gpu_worker.models.rope import RotaryEmbedding
+from pagedserve.gpu_worker.models.rope import Rotation, rotate
 
 if TYPE_CHECKING:
     from pagedserve.kernels.ops import AttentionOps
@@ -82,22 +82,23 @@ class PagedAttention(nn.Module):
         if config.has_qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, device, dtype)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, device, dtype)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling, device)
         self.scale = config.head_dim**-0.5
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, layer_cache: torch.Tensor
+        self, x: torch.Tensor, rotation: Rotation, meta: AttentionMetadata, layer_cache: torch.Tensor
     ) -> torch.Tensor:
         """x: [T, hidden]; layer_cache: [2, num_blocks, Hkv, block_size, D], this layer's K and V pools."""
         cfg = self.config
         num_tokens = x.shape[0]
-        q, k, v = F.linear(x, self.qkv_proj, self.qkv_bias).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = q.reshape(num_tokens, cfg.num_heads, cfg.head_dim)
-        k = k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+        qkv = F.linear(x, self.qkv_proj, self.qkv_bias)
+        qk, v = qkv.split([cfg.q_size + cfg.kv_size, cfg.kv_size], dim=-1)
         v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim).contiguous()
+        qk = qk.reshape(num_tokens, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+            q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
+        # q and k heads are adjacent in the fused projection: one rotation pass covers both.
+        q, k = rotate(qk, rotation).split([cfg.num_heads, cfg.num_kv_heads], dim=1)
         key_cache, value_cache = layer_cache[0], layer_cache[1]
         self.ops.write_kv(k, v, key_cache, value_cache, meta.slot_mapping)
         out = torch.empty_like(q)

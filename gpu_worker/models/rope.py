@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -30,7 +31,8 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: Llama3RopeScaling 
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotates q and k by their absolute positions; angles are computed per step, so no cache limits length."""
+    """Rotation angles of absolute positions, computed once per forward pass and shared by every layer (no cache
+    of angles, so no length limit)."""
 
     inv_freq: torch.Tensor
 
@@ -38,16 +40,21 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", inverse_frequencies(head_dim, theta, scaling).to(device), persistent=False)
 
-    def forward(
-        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T] int64; query: [T, Hq, D]; key: [T, Hkv, D]; returns rotated copies, same dtype."""
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> Rotation:
+        """positions: [T] int64 -> cos and sin, each [T, 1, head_dim // 2] in dtype."""
         angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
-        cos = angles.cos().to(query.dtype)[:, None, :]
-        sin = angles.sin().to(query.dtype)[:, None, :]
-        return _rotate(query, cos, sin), _rotate(key, cos, sin)
+        return Rotation(angles.cos().to(dtype)[:, None, :], angles.sin().to(dtype)[:, None, :])
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+class Rotation(NamedTuple):
+    """One forward pass's rotation: cos and sin, each [T, 1, head_dim // 2]."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+def rotate(x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
+    """x: [T, H, D] (any H, so q and k heads can be rotated in one pass) -> rotated copy, same dtype."""
+    cos, sin = rotation
     first, second = x.chunk(2, dim=-1)
     return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
