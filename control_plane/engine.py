@@ -260,7 +260,7 @@ class Engine:
             if chunk is None:
                 continue
             self._observe_tokens(tracked, len(delta.new_token_ids), now)
-            usage = self._finish(tracked) if tracked.is_finished else None
+            usage = self._finish(tracked) if completion.is_finished and tracked.is_finished else None
             tracked.queue.put_nowait(StreamItem(chunk, usage))
 
     def _observe_tokens(self, tracked: _Tracked, num_tokens: int, now: float) -> None:
