@@ -99,29 +99,6 @@ def sampling_params_from_proto(pb: common_pb2.SamplingParams | None) -> Sampling
     )
 
 
-def worker_sampling(params: SamplingParams, eos_token_ids: Sequence[int]) -> WorkerSampling:
-    """What the worker applies to logits; the tokens that would end the sequence are banned until
-    min_tokens outputs exist (EOS only when it ends the sequence, i.e. without ignore_eos)."""
-    banned: tuple[int, ...] = ()
-    if params.min_tokens > 0:
-        enders = params.stop_token_ids + (() if params.ignore_eos else tuple(eos_token_ids))
-        banned = tuple(dict.fromkeys(enders))
-    return WorkerSampling(
-        temperature=params.temperature,
-        top_p=params.top_p,
-        top_k=max(params.top_k, 0),  # -1 and 0 both mean no limit; the worker knows only 0
-        min_p=params.min_p,
-        presence_penalty=params.presence_penalty,
-        frequency_penalty=params.frequency_penalty,
-        repetition_penalty=params.repetition_penalty,
-        seed=params.seed,
-        min_tokens=params.min_tokens,
-        banned_token_ids=banned,
-        logprobs=params.logprobs,
-        prompt_logprobs=params.prompt_logprobs,
-    )
-
-
 def step_plan_to_proto(plan: StepPlan) -> worker_service_pb2.ExecuteRequest:
     """The wire form of one step, field for field."""
     return worker_service_pb2.ExecuteRequest(

@@ -15,7 +15,6 @@ from pagedserve.control_plane.convert import (
     step_plan_to_proto,
     token_logprobs_from_proto,
     token_logprobs_to_proto,
-    worker_sampling,
 )
 from pagedserve.control_plane.engine import Usage
 from pagedserve.control_plane.errors import InvalidArgumentError
@@ -74,25 +73,6 @@ def test_out_of_range_proto_value_raises_invalid_argument() -> None:
     with pytest.raises(InvalidArgumentError) as info:
         sampling_params_from_proto(common_pb2.SamplingParams(temperature=-1.0))
     assert info.value.field == "temperature"
-
-
-def test_worker_sampling_bans_stop_ids_and_eos_while_min_tokens_is_set() -> None:
-    params = SamplingParams(min_tokens=3, stop_token_ids=(9, 2, 9), top_k=-1, seed=5, logprobs=1)
-    assert worker_sampling(params, (2, 4)) == WorkerSampling(
-        temperature=1.0, top_k=0, seed=5, min_tokens=3, banned_token_ids=(9, 2, 4), logprobs=1
-    )
-
-
-def test_worker_sampling_keeps_eos_allowed_under_ignore_eos() -> None:
-    params = SamplingParams(min_tokens=3, stop_token_ids=(9,), ignore_eos=True)
-    assert worker_sampling(params, (2,)).banned_token_ids == (9,)
-
-
-def test_worker_sampling_bans_nothing_without_min_tokens() -> None:
-    params = SamplingParams(stop_token_ids=(9,), temperature=0.0, top_k=5, min_p=0.5, repetition_penalty=1.5)
-    assert worker_sampling(params, (2,)) == WorkerSampling(
-        temperature=0.0, top_k=5, min_p=0.5, repetition_penalty=1.5, banned_token_ids=()
-    )
 
 
 def _full_plan() -> StepPlan:

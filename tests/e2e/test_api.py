@@ -9,7 +9,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from pagedserve.v1 import common_pb2, generation_service_pb2, generation_service_pb2_grpc
+from pagedserve.v1 import common_pb2, generation_service_pb2
 
 pytestmark = pytest.mark.e2e
 
