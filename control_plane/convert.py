@@ -10,7 +10,6 @@ from pagedserve.control_plane.request import FinishReason
 from pagedserve.control_plane.sampling_params import SamplingParams
 from pagedserve.control_plane.step_plan import (
     NewSequencePlan,
-    ScheduledSequencePlan,
     SequenceOutput,
     StepOutput,
     StepPlan,
@@ -100,16 +99,22 @@ def sampling_params_from_proto(pb: common_pb2.SamplingParams | None) -> Sampling
 
 
 def step_plan_to_proto(plan: StepPlan) -> worker_service_pb2.ExecuteRequest:
-    """The wire form of one step, field for field."""
-    return worker_service_pb2.ExecuteRequest(
+    """The wire form of one step, field for field. Scheduled sequences (the per-step bulk) are added in
+    place rather than built and copied in."""
+    request = worker_service_pb2.ExecuteRequest(
         step_id=plan.step_id,
         dropped_seq_ids=plan.dropped_seq_ids,
         swap_out=_block_mappings(plan.swap_out),
         swap_in=_block_mappings(plan.swap_in),
         block_copies=_block_mappings(plan.block_copies),
         new_sequences=[_new_sequence_to_proto(s) for s in plan.new_sequences],
-        scheduled_sequences=[_scheduled_sequence_to_proto(s) for s in plan.scheduled_sequences],
     )
+    add_scheduled = request.scheduled_sequences.add
+    for seq in plan.scheduled_sequences:
+        message = add_scheduled(seq_id=seq.seq_id, num_scheduled_tokens=seq.num_scheduled_tokens)
+        for update in seq.block_table_updates:
+            message.block_table_updates.add(start_index=update.start_index, block_ids=update.block_ids)
+    return request
 
 
 def step_output_from_proto(pb: worker_service_pb2.ExecuteResponse) -> StepOutput:
@@ -186,21 +191,10 @@ def _new_sequence_to_proto(seq: NewSequencePlan) -> worker_service_pb2.NewSequen
     )
 
 
-def _scheduled_sequence_to_proto(seq: ScheduledSequencePlan) -> worker_service_pb2.ScheduledSequence:
-    return worker_service_pb2.ScheduledSequence(
-        seq_id=seq.seq_id,
-        num_scheduled_tokens=seq.num_scheduled_tokens,
-        block_table_updates=[
-            worker_service_pb2.BlockTableUpdate(start_index=u.start_index, block_ids=u.block_ids)
-            for u in seq.block_table_updates
-        ],
-    )
-
-
 def _sequence_output_from_proto(pb: worker_service_pb2.SequenceOutput) -> SequenceOutput:
     return SequenceOutput(
         seq_id=pb.seq_id,
         token_id=pb.token_id if pb.HasField("token_id") else None,
         logprobs=token_logprobs_from_proto(pb.logprobs) if pb.HasField("logprobs") else None,
-        prompt_logprobs=tuple(token_logprobs_from_proto(lp) for lp in pb.prompt_logprobs),
+        prompt_logprobs=tuple(map(token_logprobs_from_proto, pb.prompt_logprobs)) if pb.prompt_logprobs else (),
     )
