@@ -8,7 +8,6 @@ import dataclasses
 import math
 import random
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from benchmarks.model_shapes import DEFAULT_TOKENIZER_DIR, SHAPES, read_shape, s
 from benchmarks.random_dataset import BenchRequest, sample_random_requests
 from benchmarks.step_profile import step_profile
 from benchmarks.serving_metrics import RequestRecord, compute_metrics
+from pagedserve.clients.health_check import is_serving
+from pagedserve.control_plane.worker_launcher import free_loopback_port
 from pagedserve.v1 import common_pb2, generation_service_pb2, generation_service_pb2_grpc
 
 _SUMMARY_HEADERS = ("concurrency", "req/s", "out tok/s", "total tok/s", "TTFT p50 ms", "TTFT p99 ms",
@@ -63,30 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def _wait_serving(address: str, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     deadline = time.monotonic() + timeout_s
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{address} not serving after {timeout_s} s:\n{log_path.read_text()[-4000:]}")
-            await asyncio.sleep(0.2)
+    while not await asyncio.to_thread(is_serving, address, 1.0):
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{address} not serving after {timeout_s} s:\n{log_path.read_text()[-4000:]}")
+        await asyncio.sleep(0.2)
 
 
 @contextmanager
@@ -94,7 +79,7 @@ def server_process(
     model_dir: Path, args: argparse.Namespace, log_path: Path
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """`pagedserve serve` in a child process on a free loopback port; SIGTERM on exit."""
-    port = _free_port()
+    port = free_loopback_port()
     command = [sys.executable, "-m", "pagedserve.clients.cli", "serve", "--model", str(model_dir),
                "--load-format", args.load_format, "--dtype", args.dtype, "--host", "127.0.0.1",
                "--port", str(port), *shlex.split(args.serve_args)]

@@ -31,7 +31,8 @@ class WorkerLaunchConfig:
             raise ValueError(f"num_workers must be at least 1, got {self.num_workers}")
 
 
-def _free_loopback_port() -> int:
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -49,7 +50,7 @@ class LocalWorkers:
         """Starts the workers and returns their addresses (they may still be loading)."""
         addresses = []
         for index in range(self._config.num_workers):
-            address = f"127.0.0.1:{_free_loopback_port()}"
+            address = f"127.0.0.1:{free_loopback_port()}"
             env = dict(os.environ)
             if self._config.num_workers > 1:
                 env["CUDA_VISIBLE_DEVICES"] = str(index)

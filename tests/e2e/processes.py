@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pagedserve.clients.health_check import is_serving
+from pagedserve.control_plane.worker_launcher import free_loopback_port
 
 # The worker device of the end-to-end tests: cpu in CI, cuda to run the same tests on a GPU host.
 TEST_DEVICE = os.environ.get("PAGEDSERVE_TEST_DEVICE", "cpu")
@@ -32,12 +32,6 @@ def control_plane_command(
     if metrics_port is not None:
         command += ["--metrics-port", str(metrics_port)]
     return [*command, "--log-format", "json", *extra]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _spawn(command: list[str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -73,8 +67,8 @@ def running_cluster(
 ) -> Iterator[Cluster]:
     """A worker process and a control-plane process pointed at it; both stopped (SIGTERM) on exit."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    worker_address = f"127.0.0.1:{free_port()}"
-    port, metrics_port = free_port(), free_port()
+    worker_address = f"127.0.0.1:{free_loopback_port()}"
+    port, metrics_port = free_loopback_port(), free_loopback_port()
     processes: list[subprocess.Popen[bytes]] = []
     try:
         worker_log = log_dir / "worker.log"

@@ -10,13 +10,14 @@ import grpc
 import pytest
 
 from pagedserve.v1 import common_pb2, generation_service_pb2, generation_service_pb2_grpc
-from tests.e2e.processes import free_port, wait_serving
+from pagedserve.control_plane.worker_launcher import free_loopback_port
+from tests.e2e.processes import wait_serving
 
 pytestmark = pytest.mark.e2e
 
 
 def test_serve_without_a_model_starts_a_local_worker_and_serves_the_builtin_model(tmp_path) -> None:
-    port = free_port()
+    port = free_loopback_port()
     log_path = tmp_path / "serve.log"
     command = [sys.executable, "-m", "pagedserve.clients.cli", "serve", "--port", str(port),
                "--kv-cache-memory", "0.05", "--swap-space", "0.01", "--log-format", "json"]

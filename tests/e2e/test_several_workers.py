@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from pagedserve.clients.client import PagedServeClient, SamplingParams
-from tests.e2e.processes import TEST_DEVICE, free_port, wait_serving
+from pagedserve.control_plane.worker_launcher import free_loopback_port
+from tests.e2e.processes import TEST_DEVICE, wait_serving
 
 pytestmark = pytest.mark.e2e
 
@@ -25,7 +26,7 @@ def test_two_local_workers_serve_concurrent_requests_with_the_tokens_one_worker_
             completions = await asyncio.gather(*(client.generate(p, params, timeout_s=60) for p in prompts))
             return [c[0].token_ids for c in completions], await client.model_info()
 
-    port = free_port()
+    port = free_loopback_port()
     log_path = tmp_path / "serve.log"
     command = [sys.executable, "-m", "pagedserve.clients.cli", "serve", "--model", str(stories_dir), "--port",
                str(port), "--num-workers", "2", "--device", TEST_DEVICE, "--kv-cache-memory", "0.02",
