@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpu-blocks-override", type=int)
     p.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB of KV cache on a CPU worker")
     p.add_argument("--max-steps-in-flight", type=int, default=2, choices=[1, 2])
+    p.add_argument("--worker-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the worker in a child process (the LLM default) or on a thread of this one")
     p.add_argument("--hf-backends", default="hf-generate,hf-generate-batch",
                    help="comma-separated transformers baselines to run too (empty: none)")
     p.add_argument("--hf-num-prompts", type=int, default=100, help="the first N prompts go to the baselines")
@@ -107,7 +109,8 @@ def run_pagedserve(model_dir: Path, requests: Sequence[BenchRequest], args: argp
                         kv_cache_memory_bytes=int(args.kv_cache_memory * (1 << 30)))
     with LLM(model_dir, dtype=args.dtype, device=device.type, load_format=load_format, seed=args.seed,
              scheduler_config=scheduler, cache_config=cache,
-             engine_config=EngineConfig(max_steps_in_flight=args.max_steps_in_flight)) as llm:
+             engine_config=EngineConfig(max_steps_in_flight=args.max_steps_in_flight),
+             worker_process=args.worker_process) as llm:
         warmups = sample_random_requests(2, 16, 4, 0.0, sampling_vocab_size(model_dir), args.seed - 1)
         llm.generate([r.prompt_token_ids for r in warmups], SamplingParams(max_tokens=4, temperature=0.0))
         params = [SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=args.ignore_eos)

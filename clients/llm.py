@@ -1,7 +1,10 @@
-"""The offline API: `LLM(model).generate(prompts, SamplingParams(...))` runs the engine and a worker in-process.
+"""The offline API: `LLM(model).generate(prompts, SamplingParams(...))` runs the engine here and one worker beside it.
 
-This is the one module that joins control_plane and gpu_worker: the worker's steps go through the same protobuf
-messages as over gRPC, handed over in memory instead of on a socket.
+By default the worker is a child process reached over loopback gRPC, exactly as `pagedserve serve` starts its
+local workers, so the control plane's Python and the worker's each have an interpreter of their own (the engine
+plans and detokenizes step N+1 while the worker launches step N). With `worker_process=False` the worker runs on
+a thread of this process instead, its steps handed over as the same protobuf messages in memory: quicker to
+start, for small models and tests. This is the one module that joins control_plane and gpu_worker.
 """
 
 from __future__ import annotations
@@ -26,7 +29,16 @@ from pagedserve.control_plane.sampling_params import SamplingParams, validate_pr
 from pagedserve.control_plane.served_model import ServedModel
 from pagedserve.control_plane.step_plan import StepOutput, StepPlan, TokenLogprobs
 from pagedserve.control_plane.tokenizer import Tokenizer
-from pagedserve.control_plane.worker_client import CacheInfo, WorkerInfo, cache_info_from_proto, worker_info_from_proto
+from pagedserve.control_plane.errors import WorkerUnavailableError
+from pagedserve.control_plane.worker_client import (
+    CacheInfo,
+    GrpcWorkerClient,
+    WorkerConnection,
+    WorkerInfo,
+    cache_info_from_proto,
+    worker_info_from_proto,
+)
+from pagedserve.control_plane.worker_launcher import LocalWorkers, WorkerLaunchConfig
 from pagedserve.gpu_worker import convert as worker_convert
 from pagedserve.gpu_worker.config import DeviceKind, DType, LoadFormat, WorkerConfig
 from pagedserve.gpu_worker.worker import Worker
@@ -84,7 +96,7 @@ class InProcessWorker:
 
 
 class LLM:
-    """A model served in this process. `model=None` uses the built-in tiny model with random weights."""
+    """A model served from this process. `model=None` uses the built-in tiny model with random weights."""
 
     def __init__(
         self,
@@ -97,6 +109,8 @@ class LLM:
         scheduler_config: SchedulerConfig | None = None,
         cache_config: CacheConfig | None = None,
         engine_config: EngineConfig | None = None,
+        worker_process: bool = True,
+        worker_start_timeout_s: float = 600.0,
     ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pagedserve-engine", daemon=True)
@@ -107,9 +121,21 @@ class LLM:
             model_name, load_format = BUILTIN_MODEL_NAME, "dummy"
         else:
             model_dir, model_name = Path(model), Path(model).name
-        config = WorkerConfig(model_dir=model_dir, dtype=DType(dtype), device=DeviceKind(device),
-                              load_format=LoadFormat(load_format), seed=seed)
-        self._worker = InProcessWorker(Worker.load(config))
+        self._launcher: LocalWorkers | None = None
+        self._worker: WorkerConnection
+        if worker_process:
+            self._launcher = LocalWorkers(WorkerLaunchConfig(
+                model_dir=model_dir, dtype=dtype, device=device, load_format=load_format, seed=seed,
+            ))
+            try:
+                self._worker = self._run(_connect(self._launcher, worker_start_timeout_s))
+            except BaseException:
+                self._launcher.stop()
+                raise
+        else:
+            config = WorkerConfig(model_dir=model_dir, dtype=DType(dtype), device=DeviceKind(device),
+                                  load_format=LoadFormat(load_format), seed=seed)
+            self._worker = InProcessWorker(Worker.load(config))
         started = self._run(start_engine(
             [self._worker], scheduler_config or SchedulerConfig(), cache_config or CacheConfig(),
             engine_config or EngineConfig(), model_dir, model_name,
@@ -167,6 +193,8 @@ class LLM:
     def close(self) -> None:
         self._run(self._engine.stop())
         self._run(self._worker.close())
+        if self._launcher is not None:
+            self._launcher.stop()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._scratch.cleanup()
@@ -176,3 +204,19 @@ class LLM:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+async def _connect(launcher: LocalWorkers, timeout_s: float) -> GrpcWorkerClient:
+    """Starts the launcher's worker and waits until it serves; fails early when the process exits."""
+    (address,) = launcher.start()
+    client = GrpcWorkerClient(address)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            await client.wait_until_serving(timeout_s=1.0)
+            return client
+        except WorkerUnavailableError:
+            launcher.check_alive()
+            if asyncio.get_running_loop().time() > deadline:
+                await client.close()
+                raise

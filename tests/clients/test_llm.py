@@ -1,9 +1,11 @@
-"""The offline LLM API runs the same engine and worker in-process."""
+"""The offline LLM API runs the same engine, with its worker in a child process or on a thread."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import pytest
 
 from pagedserve.clients.llm import LLM, SamplingParams
 from pagedserve.control_plane.config import CacheConfig
@@ -24,10 +26,15 @@ def test_offline_generate_reproduces_the_golden_greedy_tokens_for_every_prompt_i
     assert outputs[1].prompt_token_ids == tuple(golden["prompt_ids"])
 
 
-def test_offline_builtin_model_generates_deterministically() -> None:
+def test_offline_builtin_model_gives_the_same_tokens_with_the_worker_in_a_process_or_on_a_thread() -> None:
     cache = CacheConfig(kv_cache_memory_bytes=16 << 20, swap_space_bytes=0)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    with LLM(cache_config=cache) as first, LLM(cache_config=cache) as second:
+    with LLM(cache_config=cache) as first, LLM(cache_config=cache, worker_process=False) as second:
         a, b = first.generate(["hello world"], params), second.generate(["hello world"], params)
     assert a[0].outputs[0].token_ids == b[0].outputs[0].token_ids
     assert len(a[0].outputs[0].token_ids) == 12
+
+
+def test_a_worker_process_that_cannot_load_the_model_fails_the_constructor_instead_of_hanging(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="exited with code"):
+        LLM(tmp_path, worker_start_timeout_s=120.0)
