@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pagedserve.kernels.ops import get_attention_ops
+from pagedserve.kernels.ops import get_kernel_ops
 
 SHAPES = {"llama-3.2-1b": (32, 8, 64), "llama-3-8b": (32, 8, 128)}  # q heads, kv heads, head_dim
 BATCHES = (1, 16, 64, 256)
@@ -283,7 +283,7 @@ def main() -> None:
     meta = {"commit": commit, "device": torch.cuda.get_device_name(), "command": " ".join(sys.argv),
             "date": datetime.date.today().isoformat(), "torch": torch.__version__, "repeats": args.repeats}
     timer = Timer(args.repeats)
-    ops = get_attention_ops(torch.device("cuda", torch.cuda.current_device()))
+    ops = get_kernel_ops(torch.device("cuda", torch.cuda.current_device()))
     ceiling = measure_read_ceiling_gbps(timer)
     meta["host_us_per_decode_call"] = round(measure_host_us(ops), 1)
     decode = [bench_decode(timer, ops, shape, batch, context)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedserve.gpu_worker.errors import InvalidCacheRequestError
-from pagedserve.kernels.ops import AttentionOps
+from pagedserve.kernels.ops import KernelOps
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +50,7 @@ class KVPool:
     """
 
     def __init__(
-        self, layout: KVLayout, num_gpu_blocks: int, num_cpu_blocks: int, device: torch.device, ops: AttentionOps
+        self, layout: KVLayout, num_gpu_blocks: int, num_cpu_blocks: int, device: torch.device, ops: KernelOps
     ) -> None:
         if num_gpu_blocks <= 0:
             raise InvalidCacheRequestError(f"the KV pool needs at least one block, got {num_gpu_blocks}")

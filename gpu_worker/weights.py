@@ -15,7 +15,7 @@ from pagedserve.gpu_worker.config import DType, LoadFormat
 from pagedserve.gpu_worker.errors import ModelLoadError
 from pagedserve.gpu_worker.models.decoder import DecoderForCausalLM
 from pagedserve.gpu_worker.models.model_config import ModelConfig
-from pagedserve.kernels.ops import AttentionOps
+from pagedserve.kernels.ops import KernelOps
 
 log = structlog.get_logger()
 
@@ -88,7 +88,7 @@ def fill_dummy_weights(model: DecoderForCausalLM, seed: int) -> None:
 
 
 def load_model(
-    model_dir: Path, dtype: DType, device: torch.device, load_format: LoadFormat, seed: int, ops: AttentionOps
+    model_dir: Path, dtype: DType, device: torch.device, load_format: LoadFormat, seed: int, ops: KernelOps
 ) -> LoadedModel:
     """Builds the decoder on device in the resolved dtype and fills its weights as load_format says."""
     config = read_model_config(model_dir)

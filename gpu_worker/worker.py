@@ -18,7 +18,7 @@ from pagedserve.gpu_worker.sampler import Sampler
 from pagedserve.gpu_worker.sequence_state import SequenceRegistry
 from pagedserve.gpu_worker.step import CacheInfo, CacheRequest, StepRequest, StepResult, WorkerInfo
 from pagedserve.gpu_worker.weights import LoadedModel, load_model
-from pagedserve.kernels.ops import AttentionOps, get_attention_ops
+from pagedserve.kernels.ops import KernelOps, get_kernel_ops
 
 log = structlog.get_logger()
 # Larger decode batches run eagerly: launch overhead is already small next to their compute.
@@ -31,7 +31,7 @@ class Worker:
     Invariant: registry and runner exist exactly when the KV pool does (after init_cache).
     """
 
-    def __init__(self, config: WorkerConfig, loaded: LoadedModel, device: torch.device, ops: AttentionOps) -> None:
+    def __init__(self, config: WorkerConfig, loaded: LoadedModel, device: torch.device, ops: KernelOps) -> None:
         self.config = config
         self.loaded = loaded
         self.device = device
@@ -46,7 +46,7 @@ class Worker:
     def load(cls, config: WorkerConfig) -> Worker:
         """Resolves the device, picks its attention ops and loads the model's weights."""
         device = config.device.resolve()
-        ops = get_attention_ops(device)
+        ops = get_kernel_ops(device)
         loaded = load_model(config.model_dir, config.dtype, device, config.load_format, config.seed, ops)
         return cls(config, loaded, device, ops)
 

@@ -1,4 +1,4 @@
-"""AttentionOps on CUDA devices: CuPy-compiled kernels launched on torch's current stream, no host syncs."""
+"""KernelOps on CUDA devices: CuPy-compiled kernels launched on torch's current stream, no host syncs."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ from torch import Tensor
 
 from pagedserve.kernels.cache_ops import CacheOps
 from pagedserve.kernels.launch_args import SCALAR_TYPE_NAMES, log2_exact
+from pagedserve.kernels.layer_kernels import LayerKernels
 from pagedserve.kernels.module_cache import ModuleCache
 from pagedserve.kernels.paged_decode import PagedDecode
 from pagedserve.kernels.paged_prefill import PagedPrefill, supports
 
 
-class CudaAttentionOps:
-    """The AttentionOps of pagedserve.kernels.ops for one CUDA device.
+class CudaKernelOps:
+    """The KernelOps of pagedserve.kernels.ops for one CUDA device.
 
     KV pool layout: kv_cache [num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim], contiguous;
     key_cache / value_cache are kv_cache[layer, 0] / kv_cache[layer, 1]. Every launch is asynchronous on
@@ -28,6 +29,12 @@ class CudaAttentionOps:
         self._decode = PagedDecode(modules, num_sms)
         self._prefill = PagedPrefill(modules)
         self._cache = CacheOps(modules, device)
+        # The layer ops are LayerKernels' bound methods themselves: no wrapper call on the per-layer host path.
+        layers = LayerKernels(modules)
+        self.rms_norm = layers.rms_norm
+        self.add_rms_norm = layers.add_rms_norm
+        self.silu_and_mul = layers.silu_and_mul
+        self.rotary_write_kv = layers.rotary_write_kv
 
     def write_kv(self, key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
                  slot_mapping: Tensor) -> None:

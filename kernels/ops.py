@@ -1,4 +1,4 @@
-"""The attention-ops interface the worker calls, and the factory choosing an implementation per device."""
+"""The kernel-ops interface the model and worker call, and the factory choosing an implementation per device."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 
-class AttentionOps(Protocol):
-    """Paged-KV attention and cache maintenance, all in place on caller-owned tensors.
+class KernelOps(Protocol):
+    """Paged-KV attention, cache maintenance and a decoder layer's fused element-wise ops.
 
     KV pool layout (one tensor per model, owned by the worker):
         kv_cache:    [num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim], contiguous;
@@ -66,13 +66,38 @@ class AttentionOps(Protocol):
         ...
 
 
-def get_attention_ops(device: torch.device) -> AttentionOps:
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        """x: [num_rows, hidden] (unit column stride) -> new [num_rows, hidden]: x normalised in float32, rounded
+        to x's dtype, then times weight [hidden] in that dtype (Hugging Face's Llama RMSNorm)."""
+        ...
+
+    def add_rms_norm(self, x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> Tensor:
+        """residual <- residual + x in place (rounded to the dtype); returns rms_norm(residual, weight, eps)."""
+        ...
+
+    def silu_and_mul(self, gate_up: Tensor) -> Tensor:
+        """gate_up: [num_tokens, 2 * size] contiguous, gate then up -> new [num_tokens, size]: silu(gate) * up,
+        each rounded to the dtype as torch rounds it."""
+        ...
+
+    def rotary_write_kv(self, qkv: Tensor, cos: Tensor, sin: Tensor, key_cache: Tensor, value_cache: Tensor,
+                        slot_mapping: Tensor, num_heads: int, num_kv_heads: int) -> Tensor:
+        """Half-split rotary (Hugging Face Llama layout) on the q and k heads of qkv; writes the rotated k and the
+        v heads into their slots (slot -1 skips); returns the rotated q as a new contiguous [T, num_heads, D].
+
+        qkv: [T, (num_heads + 2 * num_kv_heads) * D] contiguous, q heads then k heads then v heads; cos / sin:
+        [T, D // 2] in qkv's dtype; key_cache / value_cache: one layer's [num_blocks, num_kv_heads, block_size, D].
+        """
+        ...
+
+
+def get_kernel_ops(device: torch.device) -> KernelOps:
     """Return the implementation for device: the torch reference on CPU, CuPy kernels on CUDA."""
     if device.type == "cuda":
         # Imported lazily so CPU-only installs never import cupy.
-        from pagedserve.kernels.cuda_ops import CudaAttentionOps
+        from pagedserve.kernels.cuda_ops import CudaKernelOps
 
-        return CudaAttentionOps(device)
+        return CudaKernelOps(device)
     from pagedserve.kernels.reference import TorchReferenceOps
 
     return TorchReferenceOps()

@@ -161,7 +161,7 @@ class PagedDecode:
         self, out: Tensor, query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
         seq_lens: Tensor, query_start_loc: Tensor, max_seq_len: int, scale: float, rows_by_seq: bool,
     ) -> None:
-        """Launch over arguments already validated by the caller (see cuda_ops.CudaAttentionOps)."""
+        """Launch over arguments already validated by the caller (see cuda_ops.CudaKernelOps)."""
         num_kv_heads, block_size, head_dim = key_cache.shape[1:]
         num_q_heads = query.shape[1]
         group_size = num_q_heads // num_kv_heads

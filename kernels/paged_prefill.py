@@ -74,7 +74,7 @@ class PagedPrefill:
 
     def run(self, out: Tensor, query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
             seq_lens: Tensor, query_start_loc: Tensor, scale: float) -> None:
-        """Launch over arguments already validated by the caller (see cuda_ops.CudaAttentionOps)."""
+        """Launch over arguments already validated by the caller (see cuda_ops.CudaKernelOps)."""
         num_kv_heads, block_size, head_dim = key_cache.shape[1:]
         num_q_heads = query.shape[1]
         num_seqs = seq_lens.shape[0]

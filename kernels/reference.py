@@ -1,13 +1,14 @@
-"""Pure-torch reference of every attention op: what the CPU worker runs and what kernel tests compare to."""
+"""Pure-torch reference of every kernel op: what the CPU worker runs and what kernel tests compare to."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
 class TorchReferenceOps:
-    """Readable torch implementation of AttentionOps, on any device.
+    """Readable torch implementation of KernelOps, on any device.
 
     Works on the pool layout of pagedserve.kernels.ops: key_cache / value_cache are
     [num_blocks, num_kv_heads, block_size, head_dim]; the whole pool is [L, 2, N, H, B, D].
@@ -65,6 +66,39 @@ class TorchReferenceOps:
         dst = block_mapping[:, 1].to(dst_cache.device)
         gathered = src_cache.index_select(2, src).to(dst_cache.device)
         dst_cache.index_copy_(2, dst, gathered)
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        """x: [num_rows, hidden]; weight: [hidden]. Normalised in float32, rounded to x's dtype, then scaled."""
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * x32.to(x.dtype)
+
+    def add_rms_norm(self, x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> Tensor:
+        """residual <- residual + x in place (x, residual: [num_rows, hidden]); returns rms_norm(residual)."""
+        residual.add_(x)
+        return self.rms_norm(residual, weight, eps)
+
+    def silu_and_mul(self, gate_up: Tensor) -> Tensor:
+        """gate_up: [num_tokens, 2 * size], gate then up -> [num_tokens, size]: silu(gate) * up."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def rotary_write_kv(self, qkv: Tensor, cos: Tensor, sin: Tensor, key_cache: Tensor, value_cache: Tensor,
+                        slot_mapping: Tensor, num_heads: int, num_kv_heads: int) -> Tensor:
+        """Half-split rotary on q and k, then k and v into their cache slots (-1 skips); returns the rotated q.
+
+        qkv: [T, (num_heads + 2 * num_kv_heads) * head_dim], rows of q heads, k heads, v heads; cos / sin:
+        [T, head_dim // 2] in qkv's dtype; caches: [num_blocks, num_kv_heads, block_size, head_dim];
+        slot_mapping: [T] int64. Returns a new contiguous [T, num_heads, head_dim].
+        """
+        num_rotated = num_heads + num_kv_heads  # q and k heads are adjacent: one rotation covers both
+        heads = qkv.reshape(qkv.shape[0], num_rotated + num_kv_heads, -1)
+        qk, v = heads[:, :num_rotated], heads[:, num_rotated:]
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        first, second = qk.chunk(2, dim=-1)
+        rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+        self.write_kv(rotated[:, num_heads:], v, key_cache, value_cache, slot_mapping)
+        return rotated[:, :num_heads].contiguous()
 
 
 def _attend_one_sequence(

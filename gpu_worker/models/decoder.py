@@ -16,7 +16,7 @@ from pagedserve.gpu_worker.models.model_config import ModelConfig
 from pagedserve.gpu_worker.models.rope import RotaryEmbedding, Rotation
 
 if TYPE_CHECKING:
-    from pagedserve.kernels.ops import AttentionOps
+    from pagedserve.kernels.ops import KernelOps
 
 _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
 # Hugging Face per-layer names -> (our parameter under layers.{i}, shard index in a fused parameter or None).
@@ -40,20 +40,28 @@ _TOP_PARAMS = {"model.embed_tokens.weight": "embed_tokens", "model.norm.weight":
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
+    """Pre-norm residual block: residual += attn(norm(residual)), then residual += mlp(norm(residual)).
 
-    def __init__(self, config: ModelConfig, ops: AttentionOps, device: torch.device, dtype: torch.dtype) -> None:
+    The residual stream is updated in place, each addition fused with the norm that reads the sum; a layer
+    returns its MLP output, which the next layer (or the final norm) adds in.
+    """
+
+    def __init__(self, config: ModelConfig, ops: KernelOps, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
-        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, device, dtype)
         self.attn = PagedAttention(config, ops, device, dtype)
-        self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
-        self.mlp = GatedMLP(config, device, dtype)
+        self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, device, dtype)
+        self.mlp = GatedMLP(config, ops, device, dtype)
 
     def forward(
-        self, x: torch.Tensor, rotation: Rotation, meta: AttentionMetadata, layer_cache: torch.Tensor
+        self, previous: torch.Tensor | None, residual: torch.Tensor, rotation: Rotation, meta: AttentionMetadata,
+        layer_cache: torch.Tensor,
     ) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), rotation, meta, layer_cache)
-        return x + self.mlp(self.post_attention_norm(x))
+        """previous: the last layer's MLP output, still to be added (None for the first layer); residual: [T,
+        hidden], updated in place. Returns this layer's MLP output."""
+        hidden = self.input_norm(residual) if previous is None else self.input_norm.add_and_norm(previous, residual)
+        hidden = self.post_attention_norm.add_and_norm(self.attn(hidden, rotation, meta, layer_cache), residual)
+        return self.mlp(hidden)
 
 
 class DecoderForCausalLM(nn.Module):
@@ -62,12 +70,12 @@ class DecoderForCausalLM(nn.Module):
     The forward pass does no host synchronisation, so a decode step can be captured in a CUDA graph.
     """
 
-    def __init__(self, config: ModelConfig, ops: AttentionOps, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, ops: KernelOps, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = empty_parameter(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
         self.layers = nn.ModuleList(DecoderLayer(config, ops, device, dtype) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, device, dtype)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling, device)
         if config.tie_word_embeddings:
             self.lm_head = self.embed_tokens
@@ -78,11 +86,12 @@ class DecoderForCausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor
     ) -> torch.Tensor:
         """input_ids, positions: [T] int64; kv_cache: [L, 2, N, Hkv, B, D]; returns [T, hidden] model dtype."""
-        x = F.embedding(input_ids, self.embed_tokens)
-        rotation = self.rotary(positions, x.dtype)
+        residual = F.embedding(input_ids, self.embed_tokens)
+        rotation = self.rotary(positions, residual.dtype)
+        output: torch.Tensor | None = None
         for index, layer in enumerate(self.layers):
-            x = layer(x, rotation, meta, kv_cache[index])
-        return self.norm(x)
+            output = layer(output, residual, rotation, meta, kv_cache[index])
+        return self.norm(residual) if output is None else self.norm.add_and_norm(output, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [R, hidden] -> [R, vocab] float32."""

@@ -1,4 +1,4 @@
-"""Decoder building blocks: RMSNorm, gated MLP and paged attention over the KV pool."""
+"""Decoder building blocks: RMSNorm, gated MLP and paged attention over the KV pool, on the device's KernelOps."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.gpu_worker.models.model_config import ModelConfig
-from pagedserve.gpu_worker.models.rope import Rotation, rotate
+from pagedserve.gpu_worker.models.rope import Rotation
 
 if TYPE_CHECKING:
-    from pagedserve.kernels.ops import AttentionOps
+    from pagedserve.kernels.ops import KernelOps
 
 
 def empty_parameter(*shape: int, device: torch.device, dtype: torch.dtype) -> nn.Parameter:
@@ -42,34 +42,38 @@ class AttentionMetadata:
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in float32, scaled by a learned weight in the model dtype."""
 
-    def __init__(self, size: int, eps: float, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, size: int, eps: float, ops: KernelOps, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
         self.weight = empty_parameter(size, device=device, dtype=dtype)
         self.eps = eps
+        self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.to(torch.float32)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        """x: [rows, size] -> normalised copy."""
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual += x in place (the residual stream), then returns the norm of the sum: one fused op."""
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class GatedMLP(nn.Module):
     """SwiGLU feed-forward with gate and up projections fused into one matmul."""
 
-    def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, ops: KernelOps, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
         self.gate_up_proj = empty_parameter(2 * config.intermediate_size, config.hidden_size, device=device, dtype=dtype)
         self.down_proj = empty_parameter(config.hidden_size, config.intermediate_size, device=device, dtype=dtype)
+        self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_proj).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj)
+        return F.linear(self.ops.silu_and_mul(F.linear(x, self.gate_up_proj)), self.down_proj)
 
 
 class PagedAttention(nn.Module):
     """Self-attention whose keys and values live in the paged pool: project, rotate, write K/V, attend."""
 
-    def __init__(self, config: ModelConfig, ops: AttentionOps, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, ops: KernelOps, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
         self.config = config
         self.ops = ops
@@ -80,8 +84,8 @@ class PagedAttention(nn.Module):
         self.q_norm: RMSNorm | None = None
         self.k_norm: RMSNorm | None = None
         if config.has_qk_norm:
-            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, device, dtype)
-            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, device, dtype)
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops, device, dtype)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops, device, dtype)
         self.scale = config.head_dim**-0.5
 
     def forward(
@@ -91,19 +95,22 @@ class PagedAttention(nn.Module):
         cfg = self.config
         num_tokens = x.shape[0]
         qkv = F.linear(x, self.qkv_proj, self.qkv_bias)
-        qk, v = qkv.split([cfg.q_size + cfg.kv_size, cfg.kv_size], dim=-1)
-        v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim).contiguous()
-        qk = qk.reshape(num_tokens, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
-            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
-        # q and k heads are adjacent in the fused projection: one rotation pass covers both.
-        q, k = rotate(qk, rotation).split([cfg.num_heads, cfg.num_kv_heads], dim=1)
+            qkv = self._norm_heads(qkv, self.q_norm, self.k_norm)
         key_cache, value_cache = layer_cache[0], layer_cache[1]
-        self.ops.write_kv(k, v, key_cache, value_cache, meta.slot_mapping)
+        q = self.ops.rotary_write_kv(qkv, rotation.cos, rotation.sin, key_cache, value_cache, meta.slot_mapping,
+                                     cfg.num_heads, cfg.num_kv_heads)
         out = torch.empty_like(q)
         self.ops.paged_attention(
             out, q, key_cache, value_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
             meta.max_query_len, meta.max_seq_len, self.scale,
         )
         return F.linear(out.view(num_tokens, cfg.q_size), self.o_proj)
+
+    def _norm_heads(self, qkv: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm) -> torch.Tensor:
+        """Qwen3's per-head RMSNorm of the q and k heads (before rotary); v passes through."""
+        cfg = self.config
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = q_norm(q.reshape(-1, cfg.head_dim)).view(-1, cfg.q_size)
+        k = k_norm(k.reshape(-1, cfg.head_dim)).view(-1, cfg.kv_size)
+        return torch.cat((q, k, v), dim=-1)

@@ -41,20 +41,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inverse_frequencies(head_dim, theta, scaling).to(device), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> Rotation:
-        """positions: [T] int64 -> cos and sin, each [T, 1, head_dim // 2] in dtype."""
+        """positions: [T] int64 -> cos and sin, each [T, head_dim // 2] in dtype (Hugging Face rounds them so too)."""
         angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
-        return Rotation(angles.cos().to(dtype)[:, None, :], angles.sin().to(dtype)[:, None, :])
+        return Rotation(angles.cos().to(dtype), angles.sin().to(dtype))
 
 
 class Rotation(NamedTuple):
-    """One forward pass's rotation: cos and sin, each [T, 1, head_dim // 2]."""
+    """One forward pass's rotation, applied by KernelOps.rotary_write_kv: cos and sin, each [T, head_dim // 2]."""
 
     cos: torch.Tensor
     sin: torch.Tensor
-
-
-def rotate(x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
-    """x: [T, H, D] (any H, so q and k heads can be rotated in one pass) -> rotated copy, same dtype."""
-    cos, sin = rotation
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from pagedserve.kernels.ops import AttentionOps, get_attention_ops
+from pagedserve.kernels.ops import KernelOps, get_kernel_ops
 from pagedserve.kernels.reference import TorchReferenceOps
 
 HAS_CUDA_AND_CUPY = torch.cuda.is_available() and importlib.util.find_spec("cupy") is not None
@@ -19,8 +19,8 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
 @pytest.fixture(scope="module")
-def ops() -> AttentionOps:
-    return get_attention_ops(torch.device("cuda", torch.cuda.current_device()))
+def ops() -> KernelOps:
+    return get_kernel_ops(torch.device("cuda", torch.cuda.current_device()))
 
 
 class PagedCase:
@@ -51,14 +51,14 @@ class PagedCase:
         self.max_seq_len = max(seq_lens)
         self.scale = 1 / math.sqrt(head_dim)
 
-    def run(self, ops: AttentionOps) -> torch.Tensor:
+    def run(self, ops: KernelOps) -> torch.Tensor:
         out = torch.full_like(self.query, float("nan"))  # unwritten rows stay NaN and fail the comparison
         ops.paged_attention(out, self.query, self.key_cache, self.value_cache, self.block_tables, self.seq_lens,
                             self.query_start_loc, self.max_query_len, self.max_seq_len, self.scale)
         return out
 
 
-def _assert_matches_reference(case: PagedCase, ops: AttentionOps, dtype: torch.dtype) -> None:
+def _assert_matches_reference(case: PagedCase, ops: KernelOps, dtype: torch.dtype) -> None:
     got = case.run(ops)
     expected = case.run(TorchReferenceOps())
     assert not got.isnan().any()
@@ -69,7 +69,7 @@ def _assert_matches_reference(case: PagedCase, ops: AttentionOps, dtype: torch.d
 @pytest.mark.parametrize("head_dim", [8, 64, 128])
 @pytest.mark.parametrize("group_size", [1, 4, 8])
 @pytest.mark.parametrize("block_size", [8, 16, 32])
-def test_decode_matches_reference(ops: AttentionOps, dtype: torch.dtype, head_dim: int, group_size: int,
+def test_decode_matches_reference(ops: KernelOps, dtype: torch.dtype, head_dim: int, group_size: int,
                                   block_size: int) -> None:
     # Single token, one block exactly, one past a boundary, partial last blocks, several chunks.
     seq_lens = [1, block_size, block_size + 1, 3 * block_size - 5, 700]
@@ -78,7 +78,7 @@ def test_decode_matches_reference(ops: AttentionOps, dtype: torch.dtype, head_di
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_decode_splits_long_contexts(ops: AttentionOps, dtype: torch.dtype) -> None:
+def test_decode_splits_long_contexts(ops: KernelOps, dtype: torch.dtype) -> None:
     case = PagedCase([16384, 9000, 130], [1, 1, 1], 2, 4, 128, 16, dtype, seed=1)
     _assert_matches_reference(case, ops, dtype)
 
@@ -86,7 +86,7 @@ def test_decode_splits_long_contexts(ops: AttentionOps, dtype: torch.dtype) -> N
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [8, 64, 128])
 @pytest.mark.parametrize("group_size", [1, 4])
-def test_prefill_is_causal_over_chunks_and_cached_context(ops: AttentionOps, dtype: torch.dtype, head_dim: int,
+def test_prefill_is_causal_over_chunks_and_cached_context(ops: KernelOps, dtype: torch.dtype, head_dim: int,
                                                           group_size: int) -> None:
     # Full prefills, and chunks whose earlier tokens are already in the pool.
     case = PagedCase([77, 300, 64, 129], [77, 45, 16, 2], 2, group_size, head_dim, 16, dtype, seed=head_dim)
@@ -95,19 +95,19 @@ def test_prefill_is_causal_over_chunks_and_cached_context(ops: AttentionOps, dty
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [8, 32])
-def test_mixed_batch_of_decodes_prefills_and_idle_sequences(ops: AttentionOps, dtype: torch.dtype,
+def test_mixed_batch_of_decodes_prefills_and_idle_sequences(ops: KernelOps, dtype: torch.dtype,
                                                             block_size: int) -> None:
     case = PagedCase([33, 1000, 5, 200, 17], [1, 130, 0, 1, 17], 4, 8, 64, block_size, dtype, seed=7)
     _assert_matches_reference(case, ops, dtype)
 
 
-def test_prefill_of_a_long_prompt(ops: AttentionOps) -> None:
+def test_prefill_of_a_long_prompt(ops: KernelOps) -> None:
     case = PagedCase([4096], [4096], 8, 4, 128, 16, torch.bfloat16, seed=8)
     _assert_matches_reference(case, ops, torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_write_kv_places_strided_rows_and_skips_padding(ops: AttentionOps, dtype: torch.dtype) -> None:
+def test_write_kv_places_strided_rows_and_skips_padding(ops: KernelOps, dtype: torch.dtype) -> None:
     gen = torch.Generator(device="cuda").manual_seed(9)
     num_tokens, num_kv_heads, head_dim = 6, 2, 64
     # key and value are views into one fused projection, as the model produces them.
@@ -123,7 +123,7 @@ def test_write_kv_places_strided_rows_and_skips_padding(ops: AttentionOps, dtype
     assert torch.equal(caches[1], caches[3])
 
 
-def test_copy_blocks_copies_all_layers_exactly(ops: AttentionOps) -> None:
+def test_copy_blocks_copies_all_layers_exactly(ops: KernelOps) -> None:
     gen = torch.Generator(device="cuda").manual_seed(10)
     pool = torch.randn(3, 2, 12, 4, 16, 64, device="cuda", generator=gen).to(torch.bfloat16)
     expected = pool.clone()
@@ -134,7 +134,7 @@ def test_copy_blocks_copies_all_layers_exactly(ops: AttentionOps) -> None:
 
 
 @pytest.mark.parametrize("pinned", [True, False])
-def test_swap_out_and_back_in_restores_blocks(ops: AttentionOps, pinned: bool) -> None:
+def test_swap_out_and_back_in_restores_blocks(ops: KernelOps, pinned: bool) -> None:
     gen = torch.Generator(device="cuda").manual_seed(11)
     gpu_pool = torch.randn(2, 2, 10, 4, 16, 64, device="cuda", generator=gen).to(torch.float16)
     cpu_pool = torch.zeros(2, 2, 6, 4, 16, 64, dtype=torch.float16, pin_memory=pinned)
@@ -149,7 +149,7 @@ def test_swap_out_and_back_in_restores_blocks(ops: AttentionOps, pinned: bool) -
     assert not restored[:, :, [0, 1, 2, 4, 5, 6, 7, 9]].any()
 
 
-def test_decode_replayed_from_cuda_graph_matches_eager(ops: AttentionOps) -> None:
+def test_decode_replayed_from_cuda_graph_matches_eager(ops: KernelOps) -> None:
     case = PagedCase([900, 31, 2000, 64], [1, 1, 1, 1], 8, 4, 128, 16, torch.bfloat16, seed=12)
     eager = case.run(ops)  # also compiles the kernels before capture
     out = torch.full_like(case.query, float("nan"))
@@ -169,7 +169,7 @@ def test_decode_replayed_from_cuda_graph_matches_eager(ops: AttentionOps) -> Non
     torch.testing.assert_close(out.float(), case.run(TorchReferenceOps()).float(), atol=2e-2, rtol=2e-2)
 
 
-def test_rejects_query_of_another_dtype(ops: AttentionOps) -> None:
+def test_rejects_query_of_another_dtype(ops: KernelOps) -> None:
     case = PagedCase([10], [1], 2, 2, 64, 16, torch.float16, seed=13)
     out = torch.empty_like(case.query)
     with pytest.raises(ValueError, match="query"):

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from pagedserve.kernels import cache_ops, paged_decode, paged_prefill
+from pagedserve.kernels import cache_ops, layer_kernels, paged_decode, paged_prefill
 
 KERNEL_DIR = Path(cache_ops.__file__).resolve().parent
 ARCHS = ("compute_80", "compute_90")
 NAME_EXPRESSIONS = {
     "cache_ops.cu": cache_ops.known_name_expressions(),
+    "layer_kernels.cu": layer_kernels.known_name_expressions(),
     "paged_decode.cu": paged_decode.known_name_expressions(),
     "paged_prefill.cu": paged_prefill.known_name_expressions(),
 }

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pagedserve.kernels.ops import get_attention_ops
+from pagedserve.kernels.ops import get_kernel_ops
 from pagedserve.kernels.reference import TorchReferenceOps
 
 
@@ -160,4 +160,4 @@ def test_swap_blocks_moves_blocks_between_pools_of_different_sizes() -> None:
 
 
 def test_cpu_device_gets_the_torch_reference() -> None:
-    assert isinstance(get_attention_ops(torch.device("cpu")), TorchReferenceOps)
+    assert isinstance(get_kernel_ops(torch.device("cpu")), TorchReferenceOps)

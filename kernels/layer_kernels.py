@@ -1,0 +1,197 @@
+"""Launchers of layer_kernels.cu: a decoder layer's fused RMSNorm, residual add, SiLU-and-mul and rotary+KV write."""
+
+from __future__ import annotations
+
+import ctypes
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from pagedserve.kernels.launch_args import (
+    SCALAR_TYPE_NAMES,
+    float32,
+    int32,
+    int64,
+    log2_exact,
+    pointer,
+    scalar_type_name,
+)
+
+if TYPE_CHECKING:
+    from pagedserve.kernels.module_cache import ModuleCache
+
+SOURCE = "layer_kernels.cu"
+KERNEL_NAMES = ("rms_norm", "add_rms_norm", "silu_and_mul", "rotary_write_kv")
+VECTOR_BYTES = 16  # the widest load or store of one thread
+WARP_THREADS = 32
+MAX_NORM_THREADS = 1024  # one CTA per row: wide rows get every thread of a CTA
+SILU_THREADS = 256
+MAX_ROTARY_THREADS = 512
+
+
+def known_name_expressions() -> list[str]:
+    """Every kernel instantiation the launchers can ask for: each kernel, dtype and vector width."""
+    return [
+        f"{kernel}<{scalar}, {vec}>"
+        for kernel in KERNEL_NAMES
+        for dtype, scalar in SCALAR_TYPE_NAMES.items()
+        for vec in _vector_widths(dtype)
+    ]
+
+
+def _vector_widths(dtype: torch.dtype) -> list[int]:
+    max_width = VECTOR_BYTES // int(dtype.itemsize)
+    return [1 << i for i in range(max_width.bit_length())]
+
+
+def _vector_width(itemsize: int, *byte_counts: int) -> int:
+    """Elements per vector: the widest power-of-two load, up to VECTOR_BYTES, dividing every given size, address
+    and stride in bytes (the lowest bit set in any of them)."""
+    combined = VECTOR_BYTES
+    for count in byte_counts:
+        combined |= count
+    return (combined & -combined) // itemsize
+
+
+def _threads(num_items: int, max_threads: int) -> int:
+    """Threads per CTA for num_items vectors: whole warps, at most max_threads (the kernels loop past it)."""
+    return min(max_threads, max(1, -(-num_items // WARP_THREADS)) * WARP_THREADS)
+
+
+class LayerKernels:
+    """Fused element-wise kernels of one decoder layer, each one launch on torch's current stream.
+
+    Each method equals TorchReferenceOps' method of the same name (pagedserve.kernels.reference), rounding as torch
+    does (see layer_kernels.cu); none syncs with the host or allocates beyond its returned output, so all are
+    capturable in a CUDA graph once an eager call has compiled them. rotary_write_kv writes one layer's paged
+    caches key_cache / value_cache, each [num_blocks, num_kv_heads, block_size, head_dim], contiguous.
+    """
+
+    def __init__(self, modules: ModuleCache) -> None:
+        self._modules = modules
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        """x: [num_rows, hidden] with unit column stride (rows may be strided); weight: [hidden].
+
+        Returns a new contiguous [num_rows, hidden]: weight * T(x32 * rsqrt(mean(x32^2) + eps)).
+        """
+        _check_rows("x", x, x.dtype, x.shape[-1])
+        _check_weight(weight, x)
+        return self._launch_norm("rms_norm", (x,), weight, eps)
+
+    def add_rms_norm(self, x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> Tensor:
+        """residual <- residual + x in place (rounded to the dtype); returns rms_norm(residual, weight, eps).
+
+        x, residual: [num_rows, hidden], unit column stride (rows may be strided), not overlapping.
+        """
+        _check_rows("x", x, x.dtype, x.shape[-1])
+        _check_rows("residual", residual, x.dtype, x.shape[1])
+        if residual.shape[0] != x.shape[0]:
+            raise ValueError(f"x {tuple(x.shape)} and residual {tuple(residual.shape)} differ in rows")
+        _check_weight(weight, x)
+        return self._launch_norm("add_rms_norm", (x, residual), weight, eps)
+
+    def silu_and_mul(self, gate_up: Tensor) -> Tensor:
+        """gate_up: [num_tokens, 2 * size] contiguous (gate, then up) -> new [num_tokens, size]: silu(gate) * up."""
+        if gate_up.dim() != 2 or gate_up.shape[1] % 2 or not gate_up.is_contiguous() or not gate_up.is_cuda:
+            raise ValueError(f"gate_up must be a contiguous CUDA [num_tokens, 2 * size] tensor, got "
+                             f"{tuple(gate_up.shape)} strides {gate_up.stride()} on {gate_up.device}")
+        num_tokens, size = gate_up.shape[0], gate_up.shape[1] // 2
+        out = gate_up.new_empty((num_tokens, size))
+        if num_tokens == 0 or size == 0:
+            return out
+        vec = _vector_width(gate_up.itemsize, size * gate_up.itemsize, gate_up.data_ptr(), out.data_ptr())
+        num_vecs = size // vec
+        threads = _threads(num_vecs, SILU_THREADS)
+        kernel = self._modules.kernel(SOURCE, f"silu_and_mul<{scalar_type_name(gate_up.dtype)}, {vec}>")
+        self._modules.launch(kernel, (num_tokens, -(-num_vecs // threads), 1), (threads, 1, 1),
+                             (pointer(gate_up), pointer(out), int32(size)))
+        return out
+
+    def rotary_write_kv(self, qkv: Tensor, cos: Tensor, sin: Tensor, key_cache: Tensor, value_cache: Tensor,
+                        slot_mapping: Tensor, num_heads: int, num_kv_heads: int) -> Tensor:
+        """Rotate q and k (half-split rotary), write k and v to slot slot_mapping[t] of the caches (-1 skips).
+
+        qkv: [T, (num_heads + 2 * num_kv_heads) * head_dim] contiguous, rows of q heads, k heads, v heads;
+        cos / sin: [T, head_dim // 2] contiguous, model dtype; slot_mapping: [T] int64. Returns the rotated q
+        as a new contiguous [T, num_heads, head_dim].
+        """
+        head_dim = _check_rotary(qkv, cos, sin, key_cache, value_cache, slot_mapping, num_heads, num_kv_heads)
+        num_tokens, half = qkv.shape[0], head_dim // 2
+        q = qkv.new_empty((num_tokens, num_heads, head_dim))
+        if num_tokens == 0:
+            return q
+        vec = _vector_width(qkv.itemsize, half * qkv.itemsize,
+                            *(t.data_ptr() for t in (qkv, cos, sin, key_cache, value_cache, q)))
+        threads = _threads((num_heads + num_kv_heads) * half // vec, MAX_ROTARY_THREADS)
+        kernel = self._modules.kernel(SOURCE, f"rotary_write_kv<{scalar_type_name(qkv.dtype)}, {vec}>")
+        self._modules.launch(kernel, (num_tokens, 1, 1), (threads, 1, 1), (
+            pointer(qkv), pointer(cos), pointer(sin), pointer(q), pointer(key_cache), pointer(value_cache),
+            pointer(slot_mapping), int32(num_heads), int32(num_kv_heads), int32(head_dim),
+            int32(log2_exact(key_cache.shape[2], "block_size")),
+        ))
+        return q
+
+    def _launch_norm(self, name: str, rows: tuple[Tensor, ...], weight: Tensor, eps: float) -> Tensor:
+        """One CTA per row; the kernel takes (pointer, row stride) of each tensor of rows, then weight, out."""
+        num_rows, hidden = rows[0].shape
+        out = weight.new_empty((num_rows, hidden))  # new_empty: half the host time of torch.empty
+        if num_rows == 0 or hidden == 0:
+            return out
+        itemsize = out.itemsize
+        args: list[ctypes._SimpleCData[Any]] = []
+        byte_counts = [hidden * itemsize, weight.data_ptr(), out.data_ptr()]
+        for tensor in rows:
+            args += (pointer(tensor), int64(tensor.stride(0)))
+            byte_counts += (tensor.data_ptr(), tensor.stride(0) * itemsize)
+        vec = _vector_width(itemsize, *byte_counts)
+        kernel = self._modules.kernel(SOURCE, f"{name}<{scalar_type_name(out.dtype)}, {vec}>")
+        self._modules.launch(kernel, (num_rows, 1, 1), (_threads(hidden // vec, MAX_NORM_THREADS), 1, 1), (
+            *args, pointer(weight), pointer(out), int32(hidden), float32(eps),
+        ))
+        return out
+
+
+def _check_rows(name: str, tensor: Tensor, dtype: torch.dtype, hidden: int) -> None:
+    """[num_rows, hidden] CUDA tensor of dtype whose elements within a row are adjacent."""
+    if tensor.dim() != 2 or tensor.dtype != dtype or not tensor.is_cuda or tensor.shape[1] != hidden:
+        raise ValueError(f"{name} must be a CUDA [num_rows, {hidden}] {dtype} tensor, got {tuple(tensor.shape)} "
+                         f"{tensor.dtype} on {tensor.device}")
+    if tensor.stride(1) != 1 and hidden > 1:
+        raise ValueError(f"{name} must have unit column stride, got strides {tensor.stride()}")
+    scalar_type_name(dtype)
+
+
+def _check_weight(weight: Tensor, x: Tensor) -> None:
+    if weight.shape != x.shape[1:] or weight.dtype != x.dtype or weight.device != x.device or (
+        not weight.is_contiguous()
+    ):
+        raise ValueError(f"weight must be a contiguous [{x.shape[1]}] {x.dtype} tensor on {x.device}, got "
+                         f"{tuple(weight.shape)} {weight.dtype} on {weight.device}")
+
+
+def _check_rotary(qkv: Tensor, cos: Tensor, sin: Tensor, key_cache: Tensor, value_cache: Tensor,
+                  slot_mapping: Tensor, num_heads: int, num_kv_heads: int) -> int:
+    """Validates rotary_write_kv's arguments; returns head_dim."""
+    if key_cache.dim() != 4 or key_cache.shape != value_cache.shape or not key_cache.is_contiguous() or (
+        not value_cache.is_contiguous()
+    ):
+        raise ValueError(f"key_cache / value_cache must be contiguous [num_blocks, num_kv_heads, block_size, "
+                         f"head_dim] of one shape, got {tuple(key_cache.shape)} / {tuple(value_cache.shape)}")
+    head_dim = key_cache.shape[3]
+    if num_heads <= 0 or num_kv_heads != key_cache.shape[1] or head_dim % 2:
+        raise ValueError(f"need num_heads > 0, num_kv_heads == cache heads {key_cache.shape[1]} and an even "
+                         f"head_dim, got {num_heads}, {num_kv_heads}, {head_dim}")
+    num_tokens = qkv.shape[0]
+    _check_rows("qkv", qkv, key_cache.dtype, (num_heads + 2 * num_kv_heads) * head_dim)
+    for name, table in (("cos", cos), ("sin", sin)):
+        if table.shape != (num_tokens, head_dim // 2) or table.dtype != qkv.dtype or not table.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous [{num_tokens}, {head_dim // 2}] {qkv.dtype} tensor, "
+                             f"got {tuple(table.shape)} {table.dtype}")
+    if slot_mapping.shape != (num_tokens,) or slot_mapping.dtype != torch.int64 or not slot_mapping.is_contiguous():
+        raise ValueError(f"slot_mapping must be a contiguous [{num_tokens}] int64 tensor, got "
+                         f"{tuple(slot_mapping.shape)} {slot_mapping.dtype}")
+    if not qkv.is_contiguous() or len({t.device for t in (qkv, cos, sin, key_cache, value_cache, slot_mapping)}) > 1:
+        raise ValueError("qkv must be contiguous and on the device of cos, sin, the caches and slot_mapping")
+    return head_dim
