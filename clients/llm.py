@@ -167,7 +167,7 @@ class LLM:
     async def _generate_all(
         self, prompt_ids: list[tuple[int, ...]], params: list[SamplingParams]
     ) -> list[RequestOutput]:
-        request_ids = [self._engine.add_request(ids, p) for ids, p in zip(prompt_ids, params)]
+        request_ids = [self._engine.add_request(ids, p, final_only=True) for ids, p in zip(prompt_ids, params)]
         return list(await asyncio.gather(*(
             self._collect(rid, ids, p.n) for rid, ids, p in zip(request_ids, prompt_ids, params)
         )))

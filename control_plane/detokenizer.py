@@ -87,9 +87,7 @@ class IncrementalDetokenizer:
         return context
 
     def _is_visible(self, token_id: int) -> bool:
-        if token_id in self._hidden_ids:
-            return False
-        return self._tokenizer.convert_ids_to_tokens([token_id])[0] is not None
+        return token_id not in self._hidden_ids and self._tokenizer.is_known(token_id)
 
     def _decode(self, token_ids: Sequence[int]) -> str:
         return self._tokenizer.decode(token_ids, skip_special_tokens=self._skip_special_tokens)

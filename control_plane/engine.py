@@ -15,6 +15,7 @@ import structlog
 from pagedserve.control_plane.completion import CompletionChunk, CompletionStream
 from pagedserve.control_plane.config import EngineConfig
 from pagedserve.control_plane.errors import NotFoundError, PagedServeError, WorkerUnavailableError
+from pagedserve.control_plane.item_channel import ItemChannel
 from pagedserve.control_plane.metrics import EngineMetrics
 from pagedserve.control_plane.request import FinishReason, Request, SequenceDelta
 from pagedserve.control_plane.sampling_params import SamplingParams
@@ -55,7 +56,8 @@ class _Tracked:
     request: Request
     lane: _Lane
     completions: list[CompletionStream]
-    queue: asyncio.Queue[StreamItem | PagedServeError] = field(default_factory=asyncio.Queue)
+    final_only: bool = False  # the consumer wants the whole result: wake it when the request ends, not per step
+    channel: ItemChannel[StreamItem | PagedServeError] = field(default_factory=ItemChannel)
     first_token_time_s: float | None = None
     last_token_time_s: float | None = None
 
@@ -146,8 +148,13 @@ class Engine:
         params: SamplingParams,
         request_id: str = "",
         priority: int = 0,
+        final_only: bool = False,
     ) -> str:
-        """Admits a validated request to the least loaded worker; raises ResourceExhaustedError when full."""
+        """Admits a validated request to the least loaded worker; raises ResourceExhaustedError when full.
+
+        final_only: stream() still yields every chunk, but its consumer is woken only when the request ends
+        (as vLLM's FINAL_ONLY output kind), which spares an offline caller a task switch per step and request.
+        """
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._requests:
             request_id = f"{request_id}-{next(self._ids)}"
@@ -164,6 +171,7 @@ class Engine:
         self._requests[request_id] = _Tracked(
             request=request,
             lane=lane,
+            final_only=final_only,
             completions=[
                 CompletionStream(request_id, index, self._tokenizer, prompt_token_ids, params)
                 for index in range(params.n)
@@ -181,12 +189,12 @@ class Engine:
             raise NotFoundError(f"request_id: unknown request {request_id!r}")
         try:
             while True:
-                item = await tracked.queue.get()
-                if isinstance(item, PagedServeError):
-                    raise item
-                yield item
-                if item.usage is not None:
-                    return
+                for item in await tracked.channel.take_all():
+                    if isinstance(item, PagedServeError):
+                        raise item
+                    yield item
+                    if item.usage is not None:
+                        return
         finally:
             self.abort(request_id)
 
@@ -261,7 +269,7 @@ class Engine:
                 continue
             self._observe_tokens(tracked, len(delta.new_token_ids), now)
             usage = self._finish(tracked) if completion.is_finished and tracked.is_finished else None
-            tracked.queue.put_nowait(StreamItem(chunk, usage))
+            tracked.channel.put(StreamItem(chunk, usage), wake=usage is not None or not tracked.final_only)
 
     def _observe_tokens(self, tracked: _Tracked, num_tokens: int, now: float) -> None:
         if num_tokens == 0:
@@ -292,7 +300,7 @@ class Engine:
         for request_id, tracked in list(self._requests.items()):
             if tracked.lane is lane:
                 self._requests.pop(request_id)
-                tracked.queue.put_nowait(error)
+                tracked.channel.put(error)
 
 
 def _load(stats: SchedulerStats) -> int:

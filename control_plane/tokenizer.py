@@ -29,6 +29,7 @@ class Tokenizer:
         self._special_ids = tuple(sorted(i for i, token in added.items() if token.special))
         self._eos_token_ids = _read_eos_token_ids(model_dir, self._hf.eos_token_id)
         self._byte_token_ids = self._find_byte_token_ids()
+        self._known_ids = frozenset(self._backend.get_vocab(with_added_tokens=True).values())
 
     @property
     def vocab_size(self) -> int:
@@ -55,6 +56,10 @@ class Tokenizer:
         """Byte-fallback pieces (<0xE4> etc.): the decoder joins each run of them into UTF-8 as a whole,
         so a later byte piece can change how the earlier ones of its run decode."""
         return self._byte_token_ids
+
+    def is_known(self, token_id: int) -> bool:
+        """Whether token_id has a vocabulary piece (added tokens included); a set lookup, for per-token paths."""
+        return token_id in self._known_ids
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of text; add_special_tokens adds what the post-processor adds (a BOS for Llama)."""
