@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pagedserve.gpu_worker.config import DeviceKind, DType
 from pagedserve.v1 import worker_service_pb2 as pb
+from tests.gpu_marks import NEEDS_GPU
 from tests.gpu_worker.harness import STORIES_DIR, WorkerDriver, load_worker
 from tests.gpu_worker.test_models import (
-    HAS_CUDA_KERNELS,
     _llama3_rope_scaling,
     _llama_gqa_tied,
     _mistral,
@@ -24,7 +24,7 @@ from tests.gpu_worker.test_models import (
     _save_tiny_model,
 )
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs CUDA and CuPy")]
+pytestmark = NEEDS_GPU
 BLOCK_SIZE = 16
 MIN_AGREEMENT = 0.99
 TINY_MODEL_MARGIN = 0.005

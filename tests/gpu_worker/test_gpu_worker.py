@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -12,14 +11,10 @@ from pagedserve.gpu_worker.config import DeviceKind, WorkerConfig
 from pagedserve.gpu_worker.step import CacheRequest
 from pagedserve.gpu_worker.worker import Worker
 from pagedserve.v1 import worker_service_pb2 as pb
+from tests.gpu_marks import NEEDS_GPU
 from tests.gpu_worker.harness import STORIES_DIR, WorkerDriver, greedy, load_worker, make_sequences
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        not torch.cuda.is_available() or importlib.util.find_spec("cupy") is None, reason="needs CUDA and CuPy"
-    ),
-]
+pytestmark = NEEDS_GPU
 GOLDEN = json.loads((STORIES_DIR / "golden_greedy.json").read_text())
 BLOCK_SIZE = 16
 

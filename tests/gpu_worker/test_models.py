@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config, Qwen3Config
 
 from pagedserve.gpu_worker.config import DeviceKind
+from tests.gpu_marks import NEEDS_GPU
 from tests.gpu_worker.harness import STORIES_DIR, WorkerDriver, load_worker, make_sequences
 
 NUM_NEW_TOKENS = 20
@@ -45,11 +45,9 @@ def _qwen3() -> PretrainedConfig:
     return Qwen3Config(**_TINY, head_dim=24)
 
 
-HAS_CUDA_KERNELS = torch.cuda.is_available() and importlib.util.find_spec("cupy") is not None
 DEVICES = [
     pytest.param(DeviceKind.CPU, id="cpu"),
-    pytest.param(DeviceKind.CUDA, id="cuda", marks=[
-        pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs CUDA and CuPy")]),
+    pytest.param(DeviceKind.CUDA, id="cuda", marks=NEEDS_GPU),
 ]
 ARCHITECTURES = pytest.mark.parametrize(
     "make_config", [_llama_gqa_tied, _llama3_rope_scaling, _mistral, _qwen2, _qwen3],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
@@ -10,9 +9,9 @@ import torch
 
 from pagedserve.kernels.ops import KernelOps, get_kernel_ops
 from pagedserve.kernels.reference import TorchReferenceOps
+from tests.gpu_marks import NEEDS_GPU
 
-HAS_CUDA_AND_CUPY = torch.cuda.is_available() and importlib.util.find_spec("cupy") is not None
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA_AND_CUPY, reason="needs a CUDA GPU and CuPy")]
+pytestmark = NEEDS_GPU
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 
 import pytest
@@ -12,8 +11,8 @@ from torch import Tensor
 
 from pagedserve.kernels.layer_kernels import LayerKernels
 from pagedserve.kernels.reference import TorchReferenceOps
+from tests.gpu_marks import NEEDS_GPU
 
-HAS_CUDA_AND_CUPY = torch.cuda.is_available() and importlib.util.find_spec("cupy") is not None
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 EPS = 1e-6
 # rms_norm sums squares in another order than torch, so 1/rms may differ in its last fp32 bits; that can move the
@@ -168,10 +167,10 @@ def _assert_norm_close(got: Tensor, expected: Tensor) -> None:
     torch.testing.assert_close(got, expected, rtol=NORM_RTOL[got.dtype], atol=NORM_ATOL)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA_AND_CUPY, reason="needs a CUDA GPU and CuPy")
 @pytest.mark.usefixtures("poisoned_outputs")
 class TestKernelsMatchReference:
+    pytestmark = NEEDS_GPU
+
     @pytest.mark.parametrize("dtype", DTYPES)
     @pytest.mark.parametrize("hidden", [8, 13, 64, 2048, 4096, 5120])
     @pytest.mark.parametrize("num_tokens", [1, 3, 517])

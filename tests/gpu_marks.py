@@ -1,0 +1,11 @@
+"""The marks of tests that need a CUDA GPU and CuPy: CI has neither and skips them; they run on a GPU host."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+HAS_CUDA_KERNELS = torch.cuda.is_available() and importlib.util.find_spec("cupy") is not None
+NEEDS_GPU = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a CUDA GPU and CuPy")]
