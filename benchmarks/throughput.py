@@ -23,6 +23,7 @@ from benchmarks.hf_baseline import (BackendRun, HFBackend, load_model, run_gener
 from benchmarks.model_shapes import DEFAULT_TOKENIZER_DIR, SHAPES, read_shape, sampling_vocab_size, write_model_dir
 from benchmarks.step_profile import step_profile
 from benchmarks.random_dataset import BenchRequest, sample_random_requests
+from pagedserve.control_plane.config import EngineConfig
 
 PAGEDSERVE = "pagedserve"
 _HEADERS = ("backend", "requests", "output tokens", "elapsed s", "req/s", "out tok/s", "total tok/s",
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--num-gpu-blocks-override", type=int)
     p.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB of KV cache on a CPU worker")
-    p.add_argument("--max-steps-in-flight", type=int, default=2, choices=[1, 2])
+    p.add_argument("--max-steps-in-flight", type=int, default=EngineConfig().max_steps_in_flight, choices=[1, 2, 3])
     p.add_argument("--worker-process", action=argparse.BooleanOptionalAction, default=True,
                    help="run the worker in a child process (the LLM default) or on a thread of this one")
     p.add_argument("--hf-backends", default="hf-generate,hf-generate-batch",
@@ -100,7 +101,7 @@ def run_pagedserve(model_dir: Path, requests: Sequence[BenchRequest], args: argp
                    load_format: str, device: torch.device) -> BackendRun:
     """All requests through LLM.generate at once, after a short untimed warm-up on other prompts."""
     from pagedserve.clients.llm import LLM, SamplingParams
-    from pagedserve.control_plane.config import CacheConfig, EngineConfig, SchedulerConfig
+    from pagedserve.control_plane.config import CacheConfig, SchedulerConfig
 
     scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                 max_model_len=args.max_model_len)

@@ -14,7 +14,6 @@ import tempfile
 import threading
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Coroutine, TypeVar
@@ -41,7 +40,8 @@ from pagedserve.control_plane.worker_client import (
 from pagedserve.control_plane.worker_launcher import LocalWorkers, WorkerLaunchConfig
 from pagedserve.gpu_worker import convert as worker_convert
 from pagedserve.gpu_worker.config import DeviceKind, DType, LoadFormat, WorkerConfig
-from pagedserve.gpu_worker.worker import Worker
+from pagedserve.gpu_worker.step_pipeline import StepPipeline
+from pagedserve.gpu_worker.worker import LaunchedStep, Worker
 from pagedserve.v1 import worker_service_pb2
 
 T = TypeVar("T")
@@ -66,33 +66,32 @@ class RequestOutput:
 
 
 class InProcessWorker:
-    """A Worker in this process, driven through the step protocol's messages on one executor thread
-    (so steps apply in order and step N+1 can be planned while step N runs)."""
+    """A Worker in this process, driven through the step protocol's messages by a StepPipeline (so steps apply
+    in order, step N+1 is planned while step N runs, and launched while step N's tokens come back)."""
 
     def __init__(self, worker: Worker) -> None:
         self._worker = worker
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagedserve-step")
-        self._pending: deque[Future[worker_service_pb2.ExecuteResponse]] = deque()
+        self._pipeline = StepPipeline(worker)
+        self._launched: deque[asyncio.Future[LaunchedStep]] = deque()
 
     async def get_info(self) -> WorkerInfo:
         return worker_info_from_proto(worker_convert.worker_info_to_proto(self._worker.info()))
 
     async def init_cache(self, request: worker_service_pb2.InitCacheRequest) -> CacheInfo:
         cache_request = worker_convert.cache_request_from_proto(request)
-        info = await asyncio.wrap_future(self._executor.submit(self._worker.init_cache, cache_request))
+        info = await self._pipeline.call(lambda: self._worker.init_cache(cache_request))
         return cache_info_from_proto(worker_convert.cache_info_to_proto(info))
 
     async def send(self, plan: StepPlan) -> None:
-        self._pending.append(self._executor.submit(self._execute, step_plan_to_proto(plan)))
-
-    def _execute(self, request: worker_service_pb2.ExecuteRequest) -> worker_service_pb2.ExecuteResponse:
-        return worker_convert.step_result_to_proto(self._worker.execute(worker_convert.step_from_proto(request)))
+        request = step_plan_to_proto(plan)
+        self._launched.append(self._pipeline.launch(worker_convert.step_from_proto(request)))
 
     async def receive(self) -> StepOutput:
-        return step_output_from_proto(await asyncio.wrap_future(self._pending.popleft()))
+        result = await self._pipeline.finish(await self._launched.popleft())
+        return step_output_from_proto(worker_convert.step_result_to_proto(result))
 
     async def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        self._pipeline.close()
 
 
 class LLM:

@@ -87,11 +87,13 @@ class CacheConfig:
 class EngineConfig:
     """How the engine loop drives its workers."""
 
-    max_steps_in_flight: int = 2  # plan step N+1 while a worker runs step N; 1: strictly one at a time
+    # Steps planned ahead of the results: with 3, steps N+1 and N+2 are queued while the worker runs step N, so
+    # the host round trip (reply, apply, plan, launch) may take two device steps. 1: strictly one at a time.
+    max_steps_in_flight: int = 3
 
     def __post_init__(self) -> None:
-        if self.max_steps_in_flight not in (1, 2):
-            raise ValueError(f"max_steps_in_flight must be 1 or 2, got {self.max_steps_in_flight}")
+        if self.max_steps_in_flight not in (1, 2, 3):
+            raise ValueError(f"max_steps_in_flight must be 1, 2 or 3, got {self.max_steps_in_flight}")
 
 
 @dataclass(frozen=True, slots=True)

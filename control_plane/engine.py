@@ -113,7 +113,7 @@ class _StepTimes:
 
 class Engine:
     """Owns every admitted request until its stream ends. Each worker lane keeps up to
-    config.max_steps_in_flight steps outstanding: step N+1 is planned while the worker runs step N."""
+    config.max_steps_in_flight steps outstanding: steps N+1 onwards are planned while the worker runs step N."""
 
     def __init__(
         self,

@@ -14,12 +14,14 @@ from pagedserve.gpu_worker.models.layers import AttentionMetadata
 log = structlog.get_logger()
 _SMALL_SIZES = (1, 2, 4)
 _SIZE_STEP = 8
+_LARGE_FROM, _LARGE_SIZE_STEP = 256, 32  # past 256 sequences, padding 31 rows costs little next to the batch
 
 
 def capture_sizes(max_batch_size: int) -> tuple[int, ...]:
-    """1, 2, 4, then multiples of 8 up to max_batch_size (itself always included)."""
+    """1, 2, 4, multiples of 8 up to 256, then multiples of 32, up to max_batch_size (itself always included)."""
     sizes = {s for s in _SMALL_SIZES if s <= max_batch_size}
-    sizes.update(range(_SIZE_STEP, max_batch_size + 1, _SIZE_STEP))
+    sizes.update(range(_SIZE_STEP, min(max_batch_size, _LARGE_FROM) + 1, _SIZE_STEP))
+    sizes.update(range(_LARGE_FROM + _LARGE_SIZE_STEP, max_batch_size + 1, _LARGE_SIZE_STEP))
     sizes.add(max_batch_size)
     return tuple(sorted(sizes))
 

@@ -25,7 +25,7 @@ def _profiling_work(
         num_blocks = -(-count // block_size)
         table = list(range(next_block, next_block + num_blocks))
         state = SequenceState(seq_id, [0] * count, [], SamplingOptions(), tables.add(table), num_computed_tokens=0)
-        work.append(ScheduledWork(state, count))
+        work.append(ScheduledWork.of(state, count))
         next_block += num_blocks
     return work, next_block
 

@@ -1,4 +1,4 @@
-"""Turns one step's scheduled sequences into a flat batch, runs the model and samples the next tokens."""
+"""Turns one step's scheduled sequences into a flat batch, queues the model and the sampling of the next tokens."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import numpy as np
 import torch
 
 from pagedserve.gpu_worker.block_tables import BlockTableArray
+from pagedserve.gpu_worker.host_transfer import to_device
 from pagedserve.gpu_worker.kv_pool import KVPool
 from pagedserve.gpu_worker.models.decoder import DecoderForCausalLM
 from pagedserve.gpu_worker.models.layers import AttentionMetadata
-from pagedserve.gpu_worker.sampler import Sampler, SamplingRow, TokenLogprobs
-from pagedserve.gpu_worker.sequence_state import ScheduledWork
+from pagedserve.gpu_worker.sampler import PendingSample, SampleResult, Sampler, SamplingRow, TokenLogprobs
+from pagedserve.gpu_worker.sequence_state import PENDING_TOKEN, ScheduledWork
 from pagedserve.gpu_worker.step import SequenceResult
 
 if TYPE_CHECKING:
@@ -37,10 +38,14 @@ class FlatBatch:
         return int(self.query_start_loc[-1])
 
 
-def build_batch(work: list[ScheduledWork], tables: BlockTableArray, block_size: int, device: torch.device) -> FlatBatch:
+def build_batch(
+    work: list[ScheduledWork], tables: BlockTableArray, block_size: int, device: torch.device,
+    last_tokens: torch.Tensor | None = None,
+) -> FlatBatch:
     """Vectorised batch build: positions, slots and block tables come from numpy, not per-token Python.
 
     Everything travels to the device in two copies (one int64, one int32 buffer, pinned on CUDA hosts).
+    An input that is a PENDING_TOKEN is read on the device from last_tokens at its sequence's table row.
     """
     num_seqs = len(work)
     counts = np.fromiter((w.num_scheduled_tokens for w in work), dtype=np.int64, count=num_seqs)
@@ -55,26 +60,37 @@ def build_batch(work: list[ScheduledWork], tables: BlockTableArray, block_size: 
     block_tables = tables.gather(rows, max(int((-(-ends // block_size)).max(initial=0)), 1))
     seq_index = np.repeat(np.arange(num_seqs), counts)
     slots = block_tables[seq_index, positions // block_size].astype(np.int64) * block_size + positions % block_size
+    input_ids = np.array(_input_ids(work, starts, ends, is_decode=num_tokens == num_seqs), dtype=np.int64)
+    pending_rows = np.flatnonzero(input_ids == PENDING_TOKEN)
+    num_pending = len(pending_rows)
 
     is_pinned = device.type == "cuda"
     longs = torch.empty(3 * num_tokens, dtype=torch.int64, pin_memory=is_pinned)
     longs_host = longs.numpy()
-    longs_host[:num_tokens] = _input_ids(work, starts, ends, is_decode=num_tokens == num_seqs)
+    longs_host[:num_tokens] = input_ids
     longs_host[num_tokens : 2 * num_tokens] = positions
     longs_host[2 * num_tokens :] = slots
     table_size = block_tables.size
-    ints = torch.empty(table_size + 2 * num_seqs + 1, dtype=torch.int32, pin_memory=is_pinned)
+    pending_start = table_size + 2 * num_seqs + 1
+    ints = torch.empty(pending_start + 2 * num_pending, dtype=torch.int32, pin_memory=is_pinned)
     ints_host = ints.numpy()
     ints_host[:table_size] = block_tables.reshape(-1)
     ints_host[table_size : table_size + num_seqs] = ends
-    ints_host[table_size + num_seqs :] = query_start_loc
+    ints_host[table_size + num_seqs : pending_start] = query_start_loc
+    ints_host[pending_start : pending_start + num_pending] = pending_rows
+    ints_host[pending_start + num_pending :] = rows[seq_index[pending_rows]]
     longs_device = longs.to(device, non_blocking=True)
     ints_device = ints.to(device, non_blocking=True)
+    if num_pending:
+        if last_tokens is None:
+            raise RuntimeError("a step reads tokens still on the device, but no last-token buffer was given")
+        pending = ints_device[pending_start:].view(2, num_pending)
+        longs_device[pending[0]] = last_tokens[pending[1]]
     meta = AttentionMetadata(
         slot_mapping=longs_device[2 * num_tokens :],
         block_tables=ints_device[:table_size].view(block_tables.shape),
         seq_lens=ints_device[table_size : table_size + num_seqs],
-        query_start_loc=ints_device[table_size + num_seqs :],
+        query_start_loc=ints_device[table_size + num_seqs : pending_start],
         max_query_len=int(counts.max(initial=0)),
         max_seq_len=int(ends.max(initial=0)),
     )
@@ -89,8 +105,39 @@ def _input_ids(work: list[ScheduledWork], starts: np.ndarray, ends: np.ndarray, 
             for t in item.state.token_ids(start, end)]
 
 
+@dataclass(frozen=True, slots=True)
+class LaunchedRun:
+    """A step's forward pass and sampling, queued on the device; its results are read once they reach the host."""
+
+    work: list[ScheduledWork]
+    sampled_seq_ids: list[tuple[int, ...]]  # per work item: the sequence and its siblings when it samples, else ()
+    prompt_logprobs: list[tuple[TokenLogprobs, ...]]  # per work item
+    sample: PendingSample | None  # None when nothing samples
+
+    def wait(self) -> None:
+        if self.sample is not None:
+            self.sample.wait()
+
+    def results(self, sample: SampleResult | None) -> list[SequenceResult]:
+        """One result per work item in order, each sampling item followed by its newly forked siblings."""
+        sampled = iter(zip(sample.token_ids, sample.logprobs, strict=True)) if sample is not None else iter(())
+        results = []
+        for item, seq_ids, prompt_logprobs in zip(self.work, self.sampled_seq_ids, self.prompt_logprobs, strict=True):
+            if not seq_ids:
+                results.append(SequenceResult(item.state.seq_id, None, None, prompt_logprobs))
+                continue
+            token, logprobs = next(sampled)
+            results.append(SequenceResult(seq_ids[0], token, logprobs, prompt_logprobs))
+            results.extend(SequenceResult(sibling, *next(sampled)) for sibling in seq_ids[1:])
+        return results
+
+
 class ModelRunner:
-    """Runs steps of one model over one KV pool; never changes sequence state (the registry commits results)."""
+    """Queues steps of one model over one KV pool; never changes sequence state (the registry records steps).
+
+    Keeps each sequence's latest sampled token on the device, at its table row, so that the next step can be
+    queued before the host has read this one's tokens.
+    """
 
     def __init__(self, model: DecoderForCausalLM, pool: KVPool, tables: BlockTableArray, sampler: Sampler,
                  graph_runner: CudaGraphRunner | None = None) -> None:
@@ -99,51 +146,61 @@ class ModelRunner:
         self.tables = tables
         self.sampler = sampler
         self.graph_runner = graph_runner
+        self._last_tokens = torch.zeros(tables.table.shape[0], dtype=torch.int64, device=pool.device)
 
     @torch.inference_mode()
-    def run(self, work: list[ScheduledWork]) -> list[SequenceResult]:
-        """One result per work item in order, each sampling item followed by its newly forked siblings."""
-        batch = build_batch(work, self.tables, self.pool.block_size, self.pool.device)
+    def launch(self, work: list[ScheduledWork]) -> LaunchedRun:
+        """Queues the forward pass and the sampling; the host reads the sequences' state only during this call."""
+        sampled_seq_ids = [
+            ((state.seq_id, *state.fork_seq_ids) if state.fork_seq_ids else (state.seq_id,)) if is_sampling else ()
+            for state, _, _, is_sampling in work
+        ]
+        batch = build_batch(work, self.tables, self.pool.block_size, self.pool.device, self._last_tokens)
         if batch.num_tokens == 0:
-            return [SequenceResult(item.state.seq_id, None) for item in work]
+            return LaunchedRun(work, sampled_seq_ids, [() for _ in work], None)
         if self.graph_runner is not None and self.graph_runner.can_run(batch):
             hidden = self.graph_runner.run(batch)
         else:
             hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.pool.gpu_cache)
-        sampled = self._sample(work, batch, hidden)
-        results = []
-        for index, item in enumerate(work):
-            state = item.state
-            prompt_logprobs = self._prompt_logprobs(item, int(batch.query_start_loc[index]), hidden)
-            token, logprobs = sampled.get(state.seq_id, (None, None))
-            results.append(SequenceResult(state.seq_id, token, logprobs, prompt_logprobs))
-            if token is not None:
-                results.extend(SequenceResult(s, *sampled[s]) for s in state.fork_seq_ids)
-        return results
+        sample = self._start_sampling(work, batch, hidden)
+        prompt_logprobs = [
+            self._prompt_logprobs(item, int(batch.query_start_loc[index]), hidden)
+            if item.state.options.prompt_logprobs is not None else ()
+            for index, item in enumerate(work)
+        ]
+        return LaunchedRun(work, sampled_seq_ids, prompt_logprobs, sample)
 
-    def _sample(
-        self, work: list[ScheduledWork], batch: FlatBatch, hidden: torch.Tensor
-    ) -> dict[int, tuple[int, TokenLogprobs | None]]:
-        """Samples one token per sampling sequence (and per pending sibling, from the same logits row)."""
+    def keep_last_tokens(self, run: LaunchedRun, table_rows: list[int]) -> None:
+        """Stores the run's sampled tokens at the table rows of the sequences that sampled them (reserve()'s order)."""
+        if run.sample is None:
+            return
+        if len(self._last_tokens) < self.tables.table.shape[0]:
+            grown = torch.zeros(self.tables.table.shape[0], dtype=torch.int64, device=self._last_tokens.device)
+            grown[: len(self._last_tokens)] = self._last_tokens
+            self._last_tokens = grown
+        index = to_device(torch.tensor(table_rows, dtype=torch.int64), self._last_tokens.device)
+        self._last_tokens[index] = run.sample.tokens
+
+    def _start_sampling(self, work: list[ScheduledWork], batch: FlatBatch, hidden: torch.Tensor) -> PendingSample | None:
+        """Queues one token per sampling sequence (and per pending sibling, from the same logits row)."""
         hidden_rows: list[int] = []
         rows: list[SamplingRow] = []
-        seq_ids: list[int] = []
-        for index, item in enumerate(work):
-            if not item.is_sampling:
+        last_rows = (batch.query_start_loc[1:] - 1).tolist()
+        for (state, _, _, is_sampling), last_row in zip(work, last_rows, strict=True):
+            if not is_sampling:
                 continue
-            state = item.state
-            last_row = int(batch.query_start_loc[index + 1]) - 1
-            for seq_id, sample_index in zip(
-                (state.seq_id, *state.fork_seq_ids), (state.sample_index, *state.sibling_sample_indices), strict=True
-            ):
+            rows.append(SamplingRow(state.options, state.prompt_token_ids, state.output_token_ids, state.sample_index))
+            hidden_rows.append(last_row)
+            for sample_index in state.sibling_sample_indices:
                 rows.append(SamplingRow(state.options, state.prompt_token_ids, state.output_token_ids, sample_index))
                 hidden_rows.append(last_row)
-                seq_ids.append(seq_id)
         if not rows:
-            return {}
-        row_index = torch.tensor(hidden_rows, dtype=torch.int64).to(hidden.device)
-        result = self.sampler.sample(self.model.compute_logits(hidden[row_index]), rows)
-        return dict(zip(seq_ids, zip(result.token_ids, result.logprobs, strict=True), strict=True))
+            return None
+        if hidden_rows == list(range(batch.num_tokens)):  # every row samples, once: no gather needed
+            sampled_hidden = hidden
+        else:
+            sampled_hidden = hidden[to_device(torch.tensor(hidden_rows, dtype=torch.int64), hidden.device)]
+        return self.sampler.start(self.model.compute_logits(sampled_hidden), rows)
 
     def _prompt_logprobs(self, item: ScheduledWork, first_row: int, hidden: torch.Tensor) -> tuple[TokenLogprobs, ...]:
         """Log-probabilities of the prompt tokens that follow this step's prompt positions, when asked.

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
+from pagedserve.gpu_worker.host_transfer import DeviceToHost, to_device
 from pagedserve.gpu_worker.logits_processors import (
     apply_bans,
     apply_min_p,
@@ -61,8 +63,7 @@ class SamplingOptions:
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
 
-@dataclass(frozen=True, slots=True)
-class SamplingRow:
+class SamplingRow(NamedTuple):
     """One row of a sampling batch: a sequence's options and its tokens so far."""
 
     options: SamplingOptions
@@ -100,6 +101,33 @@ def _stream_seed(seed: int, sample_index: int, num_output_tokens: int) -> int:
         state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & _MASK_64
         state ^= state >> 31
     return state
+
+
+class PendingSample:
+    """A batch's sampled tokens: on the device at once, on the host (with their logprobs) once `result()` is called.
+
+    The next step can read `tokens` on the device before the host has them.
+    """
+
+    def __init__(self, tokens: torch.Tensor, packed: torch.Tensor, logprob_ks: list[tuple[int, int]]) -> None:
+        self.tokens = tokens  # [rows] int64, on the device
+        self._transfer = DeviceToHost(packed)
+        self._logprob_ks = logprob_ks  # (row, k) of each row that asked for logprobs; packed after the tokens
+
+    def wait(self) -> None:
+        """Blocks until the results have reached the host."""
+        self._transfer.wait()
+
+    def result(self) -> SampleResult:
+        values = self._transfer.tensor().tolist()
+        num_rows = self.tokens.shape[0]
+        logprobs: list[TokenLogprobs | None] = [None] * num_rows
+        if not self._logprob_ks:
+            return SampleResult(values, logprobs)
+        ks = [k for _, k in self._logprob_ks]
+        for (row, _), entry in zip(self._logprob_ks, _unpack_logprobs(values[num_rows:], ks, max(ks)), strict=True):
+            logprobs[row] = entry
+        return SampleResult([int(t) for t in values[:num_rows]], logprobs)
 
 
 @dataclass(slots=True)
@@ -159,8 +187,8 @@ class Sampler:
     """Samples one token per row of a logits batch; stateless apart from its shared generator.
 
     Invariants: the input logits are never modified; a seeded row's token depends only on its own
-    logits, options, sample_index and number of output tokens; each call makes exactly one
-    device-to-host transfer of its results.
+    logits, options, sample_index and number of output tokens; each batch makes exactly one
+    device-to-host transfer of its results, which waits for nothing queued after it.
     """
 
     def __init__(self, vocab_size: int, device: torch.device, seed: int = 0) -> None:
@@ -170,13 +198,18 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
         """Next token per row. logits: [len(rows), vocab] float32, on the sampler's device."""
+        return self.start(logits, rows).result()
+
+    def start(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> PendingSample:
+        """Queues the sampling of one token per row on the device; the host reads rows only during this call."""
         self._check_logits(logits, len(rows))
         plan = _plan(rows, self._vocab_size)
         if plan.is_plain_greedy:
-            return SampleResult(logits.argmax(dim=-1).tolist(), [None] * len(rows))
+            tokens = logits.argmax(dim=-1)
+            return PendingSample(tokens, tokens, [])
         tokens = self._choose(self._processed(logits, rows, plan), plan)
         if not plan.logprob_rows:
-            return SampleResult(tokens.tolist(), [None] * len(rows))
+            return PendingSample(tokens, tokens, [])
         return self._with_logprobs(logits, tokens, rows, plan)
 
     def prompt_logprobs(
@@ -219,7 +252,7 @@ class Sampler:
         greedy_tokens = logits.argmax(dim=-1) if plan.num_greedy else None
         if greedy_tokens is not None and not plan.num_random:
             return greedy_tokens
-        params = torch.tensor(plan.params, dtype=torch.float32, device=logits.device)
+        params = to_device(torch.tensor(plan.params, dtype=torch.float32), logits.device)
         scaled = logits / params[:, 0:1]
         if plan.has_top_k_top_p:
             apply_top_k_top_p(scaled, params[:, 1].long(), params[:, 2], plan.max_top_k)
@@ -247,20 +280,16 @@ class Sampler:
 
     def _with_logprobs(
         self, logits: torch.Tensor, tokens: torch.Tensor, rows: Sequence[SamplingRow], plan: _BatchPlan
-    ) -> SampleResult:
+    ) -> PendingSample:
         """Packs tokens and logprob tables into one tensor so one transfer brings both back."""
         is_whole_batch = len(plan.logprob_rows) == len(rows)
-        index = None if is_whole_batch else torch.tensor(plan.logprob_rows, device=logits.device)
+        index = None if is_whole_batch else to_device(torch.tensor(plan.logprob_rows), logits.device)
         raw = logits if index is None else logits[index]
         chosen = tokens if index is None else tokens[index]
         ks = [min(rows[i].options.logprobs or 0, self._vocab_size) for i in plan.logprob_rows]
         table = _logprob_table(raw.log_softmax(dim=-1), chosen, max(ks))
-        values = torch.cat([tokens.double(), table.flatten()]).tolist()
-        num_rows = len(rows)
-        logprobs: list[TokenLogprobs | None] = [None] * num_rows
-        for row, entry in zip(plan.logprob_rows, _unpack_logprobs(values[num_rows:], ks, max(ks))):
-            logprobs[row] = entry
-        return SampleResult([int(t) for t in values[:num_rows]], logprobs)
+        packed = torch.cat([tokens.double(), table.flatten()])
+        return PendingSample(tokens, packed, list(zip(plan.logprob_rows, ks, strict=True)))
 
 
 def _penalise(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:

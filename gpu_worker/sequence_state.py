@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from pagedserve.gpu_worker.block_tables import BlockTableArray
 from pagedserve.gpu_worker.errors import InvalidStepError
 from pagedserve.gpu_worker.sampler import SamplingOptions
-from pagedserve.gpu_worker.step import NewSequence, ScheduledSequence, SequenceResult, StepRequest
+from pagedserve.gpu_worker.step import NewSequence, ScheduledSequence, StepRequest
+
+# An output token sampled by a step whose results have not reached the host yet. It is always the
+# sequence's last token and its only uncomputed one, so a step that computes it reads it on the device
+# (from the model runner's last-token buffer, at the sequence's table row).
+PENDING_TOKEN = -1
 
 
 @dataclass(slots=True)
@@ -18,6 +24,8 @@ class SequenceState:
         |<------------- prompt ------------>|<--- outputs --->|
         |<---- computed ---->|<- scheduled ->|                 |
     A step computes [num_computed, num_computed + n); reaching num_tokens means a new token is sampled.
+    Progress and the sampled token's place (PENDING_TOKEN) are recorded when a step is launched; the
+    token's value when its results reach the host.
     """
 
     seq_id: int
@@ -60,21 +68,28 @@ class SequenceState:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class ScheduledWork:
-    """A sequence to compute n tokens for in this step."""
+class PendingToken(NamedTuple):
+    """Where a launched step's sampled token goes once it reaches the host: output_token_ids[index] of state."""
+
+    state: SequenceState
+    index: int
+
+
+class ScheduledWork(NamedTuple):
+    """A sequence to compute tokens [start, end) of in this step, fixed when the step is applied.
+
+    is_sampling: the step computes the last known token, so a new one is sampled.
+    """
 
     state: SequenceState
     num_scheduled_tokens: int
+    end: int
+    is_sampling: bool
 
-    @property
-    def end(self) -> int:
-        return self.state.num_computed_tokens + self.num_scheduled_tokens
-
-    @property
-    def is_sampling(self) -> bool:
-        """Whether this step computes the last known token, so a new one is sampled."""
-        return self.num_scheduled_tokens > 0 and self.end == self.state.num_tokens
+    @classmethod
+    def of(cls, state: SequenceState, num_scheduled_tokens: int) -> ScheduledWork:
+        end = state.num_computed_tokens + num_scheduled_tokens
+        return cls(state, num_scheduled_tokens, end, num_scheduled_tokens > 0 and end == state.num_tokens)
 
 
 @dataclass(slots=True)
@@ -127,28 +142,45 @@ class SequenceRegistry:
                 self.tables.add(new.block_ids), new.num_computed_tokens, new.sample_index, new.fork_seq_ids,
             )
             self.states[new.seq_id] = state
-            work.append(ScheduledWork(state, new.num_scheduled_tokens))
+            work.append(ScheduledWork.of(state, new.num_scheduled_tokens))
         for scheduled in step.scheduled_sequences:
             state = self.states[scheduled.seq_id]
             for update in scheduled.table_updates:
                 self.tables.update(state.table_row, update.start_index, update.block_ids)
-            work.append(ScheduledWork(state, scheduled.num_scheduled_tokens))
+            work.append(ScheduledWork.of(state, scheduled.num_scheduled_tokens))
         return work
 
-    def commit(self, work: list[ScheduledWork], results: dict[int, SequenceResult]) -> None:
-        """Advances computed counts, appends sampled tokens and forks pending siblings at their first token."""
-        for item in work:
-            state = item.state
-            state.num_computed_tokens = item.end
-            token_id = results[state.seq_id].token_id
-            if token_id is None:
+    def reserve(self, work: list[ScheduledWork]) -> list[PendingToken]:
+        """Records a launched step: advances computed counts and, for each sampling sequence and then each of its
+        siblings (forked now, at the first sample), appends a PENDING_TOKEN; returns them in that order."""
+        pending = []
+        for state, _, end, is_sampling in work:
+            state.num_computed_tokens = end
+            if not is_sampling:
                 continue
-            for sibling_id, sample_index in zip(state.fork_seq_ids, state.sibling_sample_indices, strict=True):
-                sibling = state.fork(sibling_id, sample_index, self.tables.copy_row(state.table_row))
-                sibling.output_token_ids.append(_sampled(results, sibling_id))
-                self.states[sibling_id] = sibling
-            state.fork_seq_ids = ()
-            state.output_token_ids.append(token_id)
+            outputs = state.output_token_ids
+            outputs.append(PENDING_TOKEN)
+            pending.append(PendingToken(state, len(outputs) - 1))
+            if state.fork_seq_ids:
+                pending.extend(self._fork_at_first_sample(state))
+        return pending
+
+    def _fork_at_first_sample(self, state: SequenceState) -> list[PendingToken]:
+        """The siblings of state, forked after its pending token was appended. A first sample has no pending
+        token before it, so each sibling copies known outputs plus that last placeholder, which becomes its own."""
+        pending = []
+        for sibling_id, sample_index in zip(state.fork_seq_ids, state.sibling_sample_indices, strict=True):
+            sibling = state.fork(sibling_id, sample_index, self.tables.copy_row(state.table_row))
+            self.states[sibling_id] = sibling
+            pending.append(PendingToken(sibling, len(sibling.output_token_ids) - 1))
+        state.fork_seq_ids = ()
+        return pending
+
+    @staticmethod
+    def fill(pending: list[PendingToken], token_ids: list[int]) -> None:
+        """Writes a launched step's sampled tokens (in reserve()'s order) over their placeholders."""
+        for slot, token_id in zip(pending, token_ids, strict=True):
+            slot.state.output_token_ids[slot.index] = token_id
 
     def _check_new(self, new: NewSequence) -> None:
         if not new.prompt_token_ids:
@@ -186,13 +218,6 @@ class SequenceRegistry:
         needed = -(-num_tokens // self.block_size)
         if len(block_ids) < needed:
             raise InvalidStepError(f"sequence {seq_id} has {len(block_ids)} blocks, needs {needed}")
-
-
-def _sampled(results: dict[int, SequenceResult], seq_id: int) -> int:
-    token_id = results[seq_id].token_id
-    if token_id is None:
-        raise RuntimeError(f"forked sibling {seq_id} has no sampled token")
-    return token_id
 
 
 def _check_blocks(field_name: str, mapping: tuple[tuple[int, int], ...], num_src: int, num_dst: int) -> None:

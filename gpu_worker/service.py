@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import grpc
 import structlog
@@ -20,7 +19,8 @@ from pagedserve.gpu_worker.errors import (
     InvalidStepError,
     WorkerError,
 )
-from pagedserve.gpu_worker.worker import Worker
+from pagedserve.gpu_worker.step_pipeline import StepPipeline
+from pagedserve.gpu_worker.worker import LaunchedStep, Worker
 from pagedserve.v1 import worker_service_pb2, worker_service_pb2_grpc
 
 log = structlog.get_logger()
@@ -35,33 +35,33 @@ _SERVICE_NAME = worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].
 
 
 class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
-    """Thin adapter: converts messages, runs worker calls on one dedicated thread, maps errors to codes.
+    """Thin adapter: converts messages, runs worker calls through a StepPipeline, maps errors to codes.
 
-    The single-thread executor keeps the event loop free and makes device work happen on one thread,
-    in the order requests arrive.
+    The pipeline keeps the event loop free and makes device work happen on one thread, in the order requests
+    arrive; on the Execute stream, step N+1 is launched as soon as it arrives, while step N is still running.
     """
 
     def __init__(self, worker: Worker) -> None:
         self._worker = worker
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-step")
+        self._pipeline = StepPipeline(worker)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        self._pipeline.close()
 
-    async def _call(self, context: grpc.aio.ServicerContext, function: Callable[[], T]) -> T:
+    async def _call(self, context: grpc.aio.ServicerContext, call: Awaitable[T]) -> T:
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, function)
-        except WorkerError as error:
-            await self._abort(context, error)
-        except Exception:
-            log.exception("worker_call_failed")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal worker error")
-        raise AssertionError("context.abort always raises")
+            return await call
+        except Exception as error:  # noqa: BLE001 - every failure becomes a status
+            await self._fail(context, error)
 
-    async def _abort(self, context: grpc.aio.ServicerContext, error: WorkerError) -> None:
-        code = _STATUS_CODES.get(type(error), grpc.StatusCode.INTERNAL)
-        log.warning("worker_request_rejected", code=code.name, reason=str(error))
-        await context.abort(code, str(error))
+    async def _fail(self, context: grpc.aio.ServicerContext, error: BaseException) -> NoReturn:
+        if isinstance(error, WorkerError):
+            code = _STATUS_CODES.get(type(error), grpc.StatusCode.INTERNAL)
+            log.warning("worker_request_rejected", code=code.name, reason=str(error))
+            await context.abort(code, str(error))
+        log.error("worker_call_failed", exc_info=error)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal worker error")
+        raise AssertionError("context.abort always raises")
 
     async def GetWorkerInfo(
         self, request: worker_service_pb2.GetWorkerInfoRequest, context: grpc.aio.ServicerContext
@@ -74,24 +74,42 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         try:
             cache_request = convert.cache_request_from_proto(request)
         except WorkerError as error:
-            await self._abort(context, error)
-        info = await self._call(context, lambda: self._worker.init_cache(cache_request))
+            await self._fail(context, error)
+        info = await self._call(context, self._pipeline.call(lambda: self._worker.init_cache(cache_request)))
         return convert.cache_info_to_proto(info)
 
     async def Execute(
         self, request_iterator: AsyncIterator[worker_service_pb2.ExecuteRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_service_pb2.ExecuteResponse]:
-        async for request in request_iterator:
-            with structlog.contextvars.bound_contextvars(step=request.step_id, worker_id=self._worker.config.worker_id):
+        launched: asyncio.Queue[LaunchedStep | BaseException | None] = asyncio.Queue()
+        launcher = asyncio.create_task(self._launch_each(request_iterator, launched))
+        try:
+            while (item := await launched.get()) is not None:
+                if isinstance(item, BaseException):
+                    await self._fail(context, item)
+                result = await self._call(context, self._pipeline.finish(item))
+                log.debug("step_executed", step=result.step_id, num_outputs=len(result.results),
+                          step_time_ms=result.step_time_ms)
+                yield convert.step_result_to_proto(result)
+        finally:
+            launcher.cancel()
+
+    async def _launch_each(
+        self,
+        request_iterator: AsyncIterator[worker_service_pb2.ExecuteRequest],
+        launched: asyncio.Queue[LaunchedStep | BaseException | None],
+    ) -> None:
+        """Launches each step as it arrives and queues it for its reply; a failure is queued in its place and
+        ends the stream after the replies before it."""
+        try:
+            async for request in request_iterator:
                 if not self._worker.is_cache_initialized:
-                    await self._abort(context, CacheNotInitializedError("InitCache must run before Execute"))
-                try:
-                    step = convert.step_from_proto(request)
-                except WorkerError as error:
-                    await self._abort(context, error)
-                result = await self._call(context, lambda: self._worker.execute(step))
-                log.debug("step_executed", num_outputs=len(result.results), step_time_ms=result.step_time_ms)
-            yield convert.step_result_to_proto(result)
+                    raise CacheNotInitializedError("InitCache must run before Execute")
+                await launched.put(await self._pipeline.launch(convert.step_from_proto(request)))
+        except Exception as error:  # noqa: BLE001 - handed to the reply loop, which maps it to a status
+            await launched.put(error)
+            return
+        await launched.put(None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,29 +4,54 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
+from dataclasses import dataclass
 
 import structlog
 import torch
 
 from pagedserve.gpu_worker.config import DType, WorkerConfig
 from pagedserve.gpu_worker.cuda_graph import CudaGraphRunner
+from pagedserve.gpu_worker.device_span import DeviceSpan
 from pagedserve.gpu_worker.errors import CacheNotInitializedError, InvalidCacheRequestError
 from pagedserve.gpu_worker.kv_pool import KVLayout, KVPool
 from pagedserve.gpu_worker.memory_profile import gpu_blocks_for_budget, profile_peak_activation_bytes
-from pagedserve.gpu_worker.model_runner import ModelRunner
-from pagedserve.gpu_worker.sampler import Sampler
-from pagedserve.gpu_worker.sequence_state import SequenceRegistry
+from pagedserve.gpu_worker.model_runner import LaunchedRun, ModelRunner
+from pagedserve.gpu_worker.sampler import SampleResult, Sampler
+from pagedserve.gpu_worker.sequence_state import PendingToken, ScheduledWork, SequenceRegistry
 from pagedserve.gpu_worker.step import CacheInfo, CacheRequest, StepRequest, StepResult, WorkerInfo
 from pagedserve.gpu_worker.weights import LoadedModel, load_model
 from pagedserve.kernels.ops import KernelOps, get_kernel_ops
 
 log = structlog.get_logger()
-# Larger decode batches run eagerly: launch overhead is already small next to their compute.
-MAX_GRAPH_BATCH_SIZE = 512
+# Decode batches up to vLLM's largest offline max_num_seqs replay graphs: the host time of an eager step's
+# ~180 launches (5-7 ms) would hold up the step pipeline, whose host stages must keep ahead of the device.
+MAX_GRAPH_BATCH_SIZE = 1024
+
+
+@dataclass(slots=True, eq=False)
+class LaunchedStep:
+    """A step queued on the device and recorded in the registry, whose sampled tokens are still to be read."""
+
+    step_id: int
+    run: LaunchedRun
+    pending: list[PendingToken]
+    span: DeviceSpan
+    host_s: float  # host time spent on the step so far
+    sample: SampleResult | None = None  # set once the tokens have been read and written into the registry
+    is_resolved: bool = False
+
+    def wait(self) -> None:
+        """Blocks until the step's results have reached the host; touches no worker state."""
+        self.run.wait()
 
 
 class Worker:
     """Serves one model on one device. Calls are serialised by a lock, so steps apply strictly in order.
+
+    A step is launched (validated, recorded, queued on the device) and later finished (its tokens read back),
+    in launch order; step N+1 may be launched before step N finishes, so the device never waits for the host
+    to read tokens: inputs that are step N's tokens are read on the device.
 
     Invariant: registry and runner exist exactly when the KV pool does (after init_cache).
     """
@@ -37,7 +62,8 @@ class Worker:
         self.device = device
         self.ops = ops
         self._lock = threading.Lock()
-        self._last_forward_end_s: float | None = None
+        self._in_flight: deque[LaunchedStep] = deque()
+        self._last_span: DeviceSpan | None = None
         self._pool: KVPool | None = None
         self._registry: SequenceRegistry | None = None
         self._runner: ModelRunner | None = None
@@ -93,8 +119,10 @@ class Worker:
     def init_cache(self, request: CacheRequest) -> CacheInfo:
         """Drops every sequence and the old pools, sizes and allocates new ones."""
         with self._lock:
+            self._resolve_in_flight()
+            self._in_flight.clear()
             self._pool = self._registry = self._runner = None
-            self._last_forward_end_s = None
+            self._last_span = None
             layout = self._layout(request.block_size)
             num_gpu_blocks, peak_bytes = self._size_gpu_pool(layout, request)
             num_cpu_blocks = layout.num_blocks_in(request.swap_space_bytes)
@@ -109,23 +137,61 @@ class Worker:
         return CacheInfo(num_gpu_blocks, num_cpu_blocks, peak_bytes)
 
     def execute(self, step: StepRequest) -> StepResult:
-        """Validates the whole step, then applies it: drop, swap out, swap in, copy, add, update, compute."""
+        """Launches the step and waits for its result (for callers that keep one step in flight)."""
+        return self.finish(self.launch(step))
+
+    def launch(self, step: StepRequest) -> LaunchedStep:
+        """Validates the whole step, then applies it: drop, swap out, swap in, copy, add, update, and queues its
+        forward pass and sampling on the device. Raises InvalidStepError before changing anything."""
         started = time.perf_counter()
         with self._lock:
             registry, pool, runner = self.registry, self.pool, self.runner
             registry.validate(step)
             work = registry.apply(step)
+            if _reads_token_history(work):
+                self._resolve_in_flight()
+            span = DeviceSpan(self.device)
             pool.swap_out(step.swap_out)
             pool.swap_in(step.swap_in)
             pool.copy_blocks(step.block_copies)
-            forward_started = time.perf_counter()
-            results = runner.run(work)
-            forward_ended = time.perf_counter()
-            registry.commit(work, {r.seq_id: r for r in results})
-            idle_s = forward_started - (self._last_forward_end_s or forward_started)
-            self._last_forward_end_s = forward_ended
-        return StepResult(step.step_id, tuple(results), (time.perf_counter() - started) * 1e3,
-                          (forward_ended - forward_started) * 1e3, idle_s * 1e3)
+            run = runner.launch(work)
+            pending = registry.reserve(work)
+            runner.keep_last_tokens(run, [slot.state.table_row for slot in pending])
+            span.close()
+            launched = LaunchedStep(step.step_id, run, pending, span, time.perf_counter() - started)
+            self._in_flight.append(launched)
+        return launched
+
+    def finish(self, launched: LaunchedStep) -> StepResult:
+        """Waits for a launched step's tokens, writes them into the registry and returns its result. Steps are
+        finished in launch order; older steps left unfinished are resolved and dropped first."""
+        launched.wait()
+        started = time.perf_counter()
+        with self._lock:
+            if launched not in self._in_flight:
+                raise RuntimeError(f"step {launched.step_id} is not in flight")
+            # Older steps nobody finished (their stream ended) still write their tokens, in order.
+            while (oldest := self._in_flight.popleft()) is not launched:
+                self._resolve(oldest)
+            self._resolve(launched)
+            results = launched.run.results(launched.sample)
+            idle_ms = launched.span.idle_ms_since(self._last_span)
+            self._last_span = launched.span
+        host_ms = (launched.host_s + time.perf_counter() - started) * 1e3
+        return StepResult(launched.step_id, tuple(results), host_ms, launched.span.duration_ms(), idle_ms)
+
+    def _resolve(self, launched: LaunchedStep) -> None:
+        if launched.is_resolved:
+            return
+        if launched.run.sample is not None:
+            launched.sample = launched.run.sample.result()
+            SequenceRegistry.fill(launched.pending, launched.sample.token_ids)
+        launched.is_resolved = True
+
+    def _resolve_in_flight(self) -> None:
+        """Reads every launched step's tokens into the registry now (their results are still returned by finish)."""
+        for launched in self._in_flight:
+            self._resolve(launched)
 
     def _capture_graphs(self, pool: KVPool, request: CacheRequest) -> CudaGraphRunner | None:
         """Decode graphs for up to max_num_seqs sequences of up to max_model_len tokens, on CUDA."""
@@ -160,3 +226,8 @@ class Worker:
             self.loaded.model, layout, request.max_num_batched_tokens, request.max_num_seqs, self.device
         )
         return gpu_blocks_for_budget(layout, request.gpu_memory_utilization, peak_bytes, self.device), peak_bytes
+
+
+def _reads_token_history(work: list[ScheduledWork]) -> bool:
+    """Whether sampling this step reads earlier output tokens' values on the host (penalties do)."""
+    return any(item.is_sampling and item.state.options.has_penalties for item in work)

@@ -73,7 +73,7 @@ def test_results_of_a_request_aborted_in_flight_are_ignored() -> None:
     assert scheduler.schedule().dropped_seq_ids == (0,)
 
 
-@pytest.mark.parametrize("steps_in_flight", [1, 2])
+@pytest.mark.parametrize("steps_in_flight", [1, 2, 3])
 def test_prompt_logprobs_skip_the_cache_and_are_delivered_once_across_a_recompute(steps_in_flight: int) -> None:
     scheduler = make_scheduler(num_blocks=5, max_num_batched_tokens=4)
     worker = make_worker(scheduler)
@@ -121,7 +121,7 @@ def _add_all(scheduler: Scheduler, requests: list[Request]) -> None:
 
 
 @pytest.mark.parametrize("seed", range(60))
-def test_one_ahead_loop_yields_the_tokens_of_the_synchronous_loop(seed: int) -> None:
+def test_pipelined_loops_yield_the_tokens_of_the_synchronous_loop(seed: int) -> None:
     rng = random.Random(seed)
     config: dict[str, Any] = dict(
         num_blocks=rng.randrange(3, 16), block_size=rng.choice([1, 2, 4, 8]),
@@ -131,7 +131,7 @@ def test_one_ahead_loop_yields_the_tokens_of_the_synchronous_loop(seed: int) -> 
         long_prefill_token_threshold=rng.choice([0, 0, 3]),
     )
     results = []
-    for steps_in_flight in (1, 2):
+    for steps_in_flight in (1, 2, 3):
         scheduler = make_scheduler(**config)
         worker = make_worker(scheduler, _sometimes_eos)
         _add_all(scheduler, _random_requests(seed))
@@ -141,9 +141,10 @@ def test_one_ahead_loop_yields_the_tokens_of_the_synchronous_loop(seed: int) -> 
         worker.execute(scheduler.schedule())
         assert worker.seqs == {}
         results.append(result)
-    synchronous, pipelined = results
-    assert pipelined.tokens == synchronous.tokens
-    assert pipelined.finish_reasons == synchronous.finish_reasons
+    synchronous, *pipelined = results
+    for each in pipelined:
+        assert each.tokens == synchronous.tokens
+        assert each.finish_reasons == synchronous.finish_reasons
     # Alone in a pool of the same size, each request gets the same tokens: preemption changes none.
     for request in _random_requests(seed):
         alone = make_scheduler(num_blocks=config["num_blocks"], block_size=config["block_size"])

@@ -23,8 +23,8 @@ def test_flat_batch_places_each_token_at_its_position_and_slot() -> None:
     tables = BlockTableArray(num_rows=1, num_columns=1)  # grows to fit both tables
     # Sequence 0: prefill chunk of positions 2..4; sequence 1: decode at position 5 (its first output).
     work = [
-        ScheduledWork(SequenceState(0, [10, 11, 12, 13, 14, 15], [], SamplingOptions(), tables.add([7, 3]), 2), 3),
-        ScheduledWork(SequenceState(1, [20, 21, 22, 23, 24], [25], SamplingOptions(), tables.add([1, 6, 9]), 5), 1),
+        ScheduledWork.of(SequenceState(0, [10, 11, 12, 13, 14, 15], [], SamplingOptions(), tables.add([7, 3]), 2), 3),
+        ScheduledWork.of(SequenceState(1, [20, 21, 22, 23, 24], [25], SamplingOptions(), tables.add([1, 6, 9]), 5), 1),
     ]
 
     batch = build_batch(work, tables, block_size=4, device=torch.device("cpu"))

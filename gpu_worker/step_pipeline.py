@@ -1,0 +1,43 @@
+"""Drives a Worker from asyncio with consecutive steps overlapped on the device."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from pagedserve.gpu_worker.step import StepRequest, StepResult
+from pagedserve.gpu_worker.worker import LaunchedStep, Worker
+
+T = TypeVar("T")
+
+
+class StepPipeline:
+    """Launches steps on one thread, in the order launch() is called, and waits for their tokens on another.
+
+    While the wait thread blocks on step N's tokens, the step thread can already queue step N+1 behind it, so
+    the device goes from one forward pass to the next without waiting for the host.
+    """
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self._step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-step")
+        self._wait_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-wait")
+
+    def call(self, function: Callable[[], T]) -> asyncio.Future[T]:
+        """Runs function on the step thread, after every call and launch submitted before it."""
+        return asyncio.get_running_loop().run_in_executor(self._step_thread, function)
+
+    def launch(self, step: StepRequest) -> asyncio.Future[LaunchedStep]:
+        """Submits the step's launch now (so launches keep call order); InvalidStepError comes out of the future."""
+        return self.call(lambda: self.worker.launch(step))
+
+    async def finish(self, launched: LaunchedStep) -> StepResult:
+        """The step's result, once its tokens reached the host; steps must be finished in launch order."""
+        await asyncio.get_running_loop().run_in_executor(self._wait_thread, launched.wait)
+        return await self.call(lambda: self.worker.finish(launched))
+
+    def close(self) -> None:
+        self._wait_thread.shutdown(wait=True)
+        self._step_thread.shutdown(wait=True)
