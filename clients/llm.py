@@ -38,6 +38,7 @@ from pagedserve.control_plane.worker_client import (
     worker_info_from_proto,
 )
 from pagedserve.control_plane.worker_launcher import LocalWorkers, WorkerLaunchConfig
+from pagedserve.gil import use_short_turns
 from pagedserve.gpu_worker import convert as worker_convert
 from pagedserve.gpu_worker.config import DeviceKind, DType, LoadFormat, WorkerConfig
 from pagedserve.gpu_worker.step_pipeline import StepPipeline
@@ -95,7 +96,11 @@ class InProcessWorker:
 
 
 class LLM:
-    """A model served from this process. `model=None` uses the built-in tiny model with random weights."""
+    """A model served from this process. `model=None` uses the built-in tiny model with random weights.
+
+    The engine runs on a thread of this process, so creating an LLM shortens the process's thread switch interval
+    (pagedserve.gil) for the step pipeline's hand-offs between threads.
+    """
 
     def __init__(
         self,
@@ -111,6 +116,7 @@ class LLM:
         worker_process: bool = True,
         worker_start_timeout_s: float = 600.0,
     ) -> None:
+        use_short_turns()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pagedserve-engine", daemon=True)
         self._thread.start()

@@ -30,6 +30,7 @@ from pagedserve.control_plane.service import GenerationServicer, build_server
 from pagedserve.control_plane.tokenizer import Tokenizer
 from pagedserve.control_plane.worker_client import GrpcWorkerClient, WorkerConnection
 from pagedserve.control_plane.worker_launcher import LocalWorkers, WorkerLaunchConfig
+from pagedserve.gil import use_short_turns
 from pagedserve.logs import LogFormat, configure_logging
 from pagedserve.v1 import worker_service_pb2
 
@@ -182,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _env_defaults(parser)
     args = parser.parse_args(argv)
     configure_logging(LogFormat(args.log_format))
+    use_short_turns()
     server, scheduler, cache, engine_config = configs_from_args(args)
     with tempfile.TemporaryDirectory(prefix="pagedserve-") as scratch:
         model_dir = server.model_dir

@@ -13,6 +13,7 @@ import structlog
 from pagedserve.gpu_worker.config import DeviceKind, DType, LoadFormat, WorkerConfig
 from pagedserve.gpu_worker.service import start_server
 from pagedserve.gpu_worker.worker import Worker
+from pagedserve.gil import use_short_turns
 from pagedserve.logs import LogFormat, configure_logging
 
 log = structlog.get_logger()
@@ -58,6 +59,7 @@ async def serve(worker: Worker, address: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(LogFormat(args.log_format))
+    use_short_turns()
     config = config_from_args(args)
     worker = Worker.load(config)
     asyncio.run(serve(worker, config.listen_address))
