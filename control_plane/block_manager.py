@@ -7,6 +7,7 @@ import hashlib
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from pagedserve.control_plane.block_pool import BlockHash, BlockPool
 
@@ -26,8 +27,7 @@ class CachedPrefix:
     num_tokens: int
 
 
-@dataclass(frozen=True, slots=True)
-class TableChange:
+class TableChange(NamedTuple):
     """What allocate_slots did to a table: table[start_index:] is now block_ids; copies run before the step."""
 
     start_index: int

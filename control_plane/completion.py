@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pagedserve.control_plane.detokenizer import IncrementalDetokenizer
 from pagedserve.control_plane.request import FinishReason, SequenceDelta
@@ -12,8 +12,7 @@ from pagedserve.control_plane.stop_strings import StopStringMatcher
 from pagedserve.control_plane.tokenizer import Tokenizer
 
 
-@dataclass(frozen=True, slots=True)
-class CompletionChunk:
+class CompletionChunk(NamedTuple):
     """One message of one completion's stream."""
 
     request_id: str

@@ -35,7 +35,7 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int], skip_special_tokens: bool) -> None:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
-        self._hidden_ids = frozenset(tokenizer.all_special_ids) if skip_special_tokens else frozenset()
+        self._visible_ids = tokenizer.visible_ids(skip_special_tokens)
         self._byte_ids = tokenizer.byte_token_ids
         self._tokens = self._context_ids(prompt_token_ids)
         self._prefix_offset = 0
@@ -45,9 +45,10 @@ class IncrementalDetokenizer:
 
     def add_tokens(self, token_ids: Sequence[int]) -> str:
         """Appends sampled tokens; returns the text they make certain (possibly empty)."""
+        visible_ids = self._visible_ids
         for token_id in token_ids:
             self._tokens.append(token_id)
-            if self._is_visible(token_id):
+            if token_id in visible_ids:
                 self._last_visible_index = len(self._tokens) - 1
         if self._last_visible_index < self._read_offset:
             return ""
@@ -87,7 +88,7 @@ class IncrementalDetokenizer:
         return context
 
     def _is_visible(self, token_id: int) -> bool:
-        return token_id not in self._hidden_ids and self._tokenizer.is_known(token_id)
+        return token_id in self._visible_ids
 
     def _decode(self, token_ids: Sequence[int]) -> str:
         return self._tokenizer.decode(token_ids, skip_special_tokens=self._skip_special_tokens)

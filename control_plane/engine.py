@@ -8,7 +8,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import structlog
 
@@ -41,8 +41,7 @@ class Usage:
     cached_prompt_tokens: int
 
 
-@dataclass(frozen=True, slots=True)
-class StreamItem:
+class StreamItem(NamedTuple):
     """One chunk of a request's stream; usage is set on the request's very last chunk."""
 
     chunk: CompletionChunk

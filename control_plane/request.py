@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from pagedserve.control_plane.sampling_params import SamplingParams
 from pagedserve.control_plane.step_plan import TokenLogprobs, WorkerSampling
@@ -42,8 +43,7 @@ _TRANSITIONS: dict[RequestStatus, frozenset[RequestStatus]] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class SequenceDelta:
+class SequenceDelta(NamedTuple):
     """What one sequence of a request gained in one step."""
 
     request_id: str

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from pagedserve.control_plane.block_manager import CachedPrefix
 from pagedserve.control_plane.request import Request, Sequence, worker_sampling
 from pagedserve.control_plane.step_plan import BlockTableUpdate, NewSequencePlan, ScheduledSequencePlan, StepPlan
 
 
-@dataclass(frozen=True, slots=True)
-class SeqWork:
+class SeqWork(NamedTuple):
     """Tokens one sequence computes this step; prefix is set when the worker does not hold the sequence."""
 
     seq: Sequence
@@ -24,8 +24,7 @@ class SeqWork:
         return start + self.num_new_tokens
 
 
-@dataclass(frozen=True, slots=True)
-class Expectation:
+class Expectation(NamedTuple):
     """What a planned step owes one sequence: a sampled token, and first tokens for forked siblings."""
 
     samples: bool

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,8 +24,7 @@ class WorkerSampling:
     prompt_logprobs: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class BlockTableUpdate:
+class BlockTableUpdate(NamedTuple):
     """table[start_index : start_index + len(block_ids)] = block_ids; appends start at len(table)."""
 
     start_index: int
@@ -46,8 +46,7 @@ class NewSequencePlan:
     sample_index: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class ScheduledSequencePlan:
+class ScheduledSequencePlan(NamedTuple):
     """A sequence the worker holds, scheduled again; only what changed since its last step."""
 
     seq_id: int
@@ -96,8 +95,7 @@ class TokenLogprobs:
     top_logprobs: tuple[float, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class SequenceOutput:
+class SequenceOutput(NamedTuple):
     """What one sequence produced in one step: a sampled token when its known tokens were all computed."""
 
     seq_id: int

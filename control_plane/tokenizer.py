@@ -29,7 +29,8 @@ class Tokenizer:
         self._special_ids = tuple(sorted(i for i, token in added.items() if token.special))
         self._eos_token_ids = _read_eos_token_ids(model_dir, self._hf.eos_token_id)
         self._byte_token_ids = self._find_byte_token_ids()
-        self._known_ids = frozenset(self._backend.get_vocab(with_added_tokens=True).values())
+        known_ids = frozenset(self._backend.get_vocab(with_added_tokens=True).values())
+        self._visible_ids = {False: known_ids, True: known_ids - frozenset(self._special_ids)}
 
     @property
     def vocab_size(self) -> int:
@@ -57,9 +58,10 @@ class Tokenizer:
         so a later byte piece can change how the earlier ones of its run decode."""
         return self._byte_token_ids
 
-    def is_known(self, token_id: int) -> bool:
-        """Whether token_id has a vocabulary piece (added tokens included); a set lookup, for per-token paths."""
-        return token_id in self._known_ids
+    def visible_ids(self, skip_special_tokens: bool) -> frozenset[int]:
+        """Ids that decode() writes text for: every vocabulary piece (added tokens included), less the special
+        tokens when skip_special_tokens; a set, for per-token membership tests."""
+        return self._visible_ids[skip_special_tokens]
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of text; add_special_tokens adds what the post-processor adds (a BOS for Llama)."""

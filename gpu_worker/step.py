@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from pagedserve.gpu_worker.sampler import SamplingOptions, TokenLogprobs
 
 
-@dataclass(frozen=True, slots=True)
-class TableUpdate:
+class TableUpdate(NamedTuple):
     """table[start_index : start_index + len(block_ids)] = block_ids, growing the table as needed."""
 
     start_index: int
@@ -30,8 +30,7 @@ class NewSequence:
     sample_index: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class ScheduledSequence:
+class ScheduledSequence(NamedTuple):
     """A sequence the worker holds, scheduled again: how many next tokens to compute and table changes."""
 
     seq_id: int
@@ -52,8 +51,7 @@ class StepRequest:
     scheduled_sequences: tuple[ScheduledSequence, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class SequenceResult:
+class SequenceResult(NamedTuple):
     """What one sequence produced: a token when the step reached the end of its known tokens."""
 
     seq_id: int
