@@ -29,16 +29,21 @@ class CompletionChunk(NamedTuple):
 class CompletionStream:
     """State of one completion (one of a request's n): the text so far is exactly what its tokens add to the
     prompt's decode (so a first word keeps its leading space), minus whatever a stop string cut off.
-    Emits nothing after it finished."""
+    Emits nothing after it finished.
+
+    text_at_end: the consumer only reads the whole result, so when no stop string needs the text as it grows,
+    the tokens are detokenized once, when the completion ends (the chunks' texts concatenate to the same text).
+    """
 
     def __init__(
         self, request_id: str, index: int, tokenizer: Tokenizer, prompt_token_ids: tuple[int, ...],
-        params: SamplingParams,
+        params: SamplingParams, text_at_end: bool = False,
     ) -> None:
         self.request_id = request_id
         self.index = index
         self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens)
         self._stops = StopStringMatcher(params.stop, params.include_stop_str_in_output)
+        self._held_token_ids: list[int] | None = [] if text_at_end and not params.stop else None
         self._next_sequence_number = 0
         self.num_tokens = 0
         self.finish_reason: FinishReason | None = None
@@ -55,7 +60,7 @@ class CompletionStream:
         if self.is_finished:
             return None
         self.num_tokens += len(delta.new_token_ids)
-        text, matched_stop = self._stops.feed(self._detokenizer.add_tokens(delta.new_token_ids))
+        text, matched_stop = self._stops.feed(self._new_text(delta))
         finish_reason, stop_reason = delta.finish_reason, ""
         if matched_stop is not None:
             finish_reason, stop_reason = FinishReason.STOP, matched_stop
@@ -79,3 +84,11 @@ class CompletionStream:
         )
         self._next_sequence_number += 1
         return chunk
+
+    def _new_text(self, delta: SequenceDelta) -> str:
+        if self._held_token_ids is None:
+            return self._detokenizer.add_tokens(delta.new_token_ids)
+        self._held_token_ids.extend(delta.new_token_ids)
+        if delta.finish_reason is None:
+            return ""
+        return self._detokenizer.add_tokens(self._held_token_ids)

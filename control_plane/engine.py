@@ -172,7 +172,7 @@ class Engine:
             lane=lane,
             final_only=final_only,
             completions=[
-                CompletionStream(request_id, index, self._tokenizer, prompt_token_ids, params)
+                CompletionStream(request_id, index, self._tokenizer, prompt_token_ids, params, text_at_end=final_only)
                 for index in range(params.n)
             ],
         )

@@ -1,0 +1,62 @@
+"""CompletionStream: a consumer that reads only the whole result gets the same text, detokenized once at the end."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from pagedserve.control_plane.completion import CompletionChunk, CompletionStream
+from pagedserve.control_plane.request import FinishReason, SequenceDelta
+from pagedserve.control_plane.sampling_params import SamplingParams
+from pagedserve.control_plane.tokenizer import Tokenizer
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+
+
+@pytest.fixture(scope="module")
+def llama2() -> Tokenizer:
+    return Tokenizer(SHARED / "tokenizers" / "llama2")
+
+
+def _stream(tokenizer: Tokenizer, prompt: tuple[int, ...], output: list[int], params: SamplingParams,
+            text_at_end: bool) -> list[CompletionChunk]:
+    completion = CompletionStream("r", 0, tokenizer, prompt, params, text_at_end=text_at_end)
+    chunks = []
+    for position, token_id in enumerate(output):
+        finish = FinishReason.LENGTH if position == len(output) - 1 else None
+        chunk = completion.apply(SequenceDelta("r", 0, (token_id,), (), (), finish))
+        if chunk is not None:
+            chunks.append(chunk)
+        if completion.is_finished:
+            break
+    return chunks
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_text_at_end_equals_the_streamed_text_and_keeps_every_token(llama2: Tokenizer, seed: int) -> None:
+    rng = random.Random(seed)
+    byte_ids = sorted(llama2.byte_token_ids)
+    prompt = tuple(llama2.encode("Once upon a time", add_special_tokens=True))
+    output = [rng.choice(byte_ids) if rng.random() < 0.3 else rng.randrange(llama2.vocab_size) for _ in range(60)]
+    params = SamplingParams(max_tokens=len(output))
+
+    streamed = _stream(llama2, prompt, output, params, text_at_end=False)
+    at_end = _stream(llama2, prompt, output, params, text_at_end=True)
+
+    assert "".join(c.text for c in at_end) == "".join(c.text for c in streamed)
+    assert [t for c in at_end for t in c.token_ids] == output
+    assert all(c.text == "" for c in at_end[:-1])
+    assert at_end[-1].finish_reason is FinishReason.LENGTH
+
+
+def test_stop_strings_still_see_the_text_as_it_grows(llama2: Tokenizer) -> None:
+    prompt = tuple(llama2.encode("Once upon a time", add_special_tokens=True))
+    output = llama2.encode(" there was a little dog who liked to run", add_special_tokens=False)
+    params = SamplingParams(max_tokens=len(output), stop=["little"])
+
+    chunks = _stream(llama2, prompt, output, params, text_at_end=True)
+
+    assert "".join(c.text for c in chunks) == " there was a "
+    assert (chunks[-1].finish_reason, chunks[-1].stop_reason) == (FinishReason.STOP, "little")
