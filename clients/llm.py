@@ -28,7 +28,6 @@ from pagedserve.control_plane.sampling_params import SamplingParams, validate_pr
 from pagedserve.control_plane.served_model import ServedModel
 from pagedserve.control_plane.step_plan import StepOutput, StepPlan, TokenLogprobs
 from pagedserve.control_plane.tokenizer import Tokenizer
-from pagedserve.control_plane.errors import WorkerUnavailableError
 from pagedserve.control_plane.worker_client import (
     CacheInfo,
     GrpcWorkerClient,
@@ -37,7 +36,7 @@ from pagedserve.control_plane.worker_client import (
     cache_info_from_proto,
     worker_info_from_proto,
 )
-from pagedserve.control_plane.worker_launcher import LocalWorkers, WorkerLaunchConfig
+from pagedserve.control_plane.worker_launcher import LocalWorkers, WorkerLaunchConfig, wait_for_workers
 from pagedserve.gil import use_short_turns
 from pagedserve.gpu_worker import convert as worker_convert
 from pagedserve.gpu_worker.config import DeviceKind, DType, LoadFormat, WorkerConfig
@@ -215,13 +214,9 @@ async def _connect(launcher: LocalWorkers, timeout_s: float) -> GrpcWorkerClient
     """Starts the launcher's worker and waits until it serves; fails early when the process exits."""
     (address,) = launcher.start()
     client = GrpcWorkerClient(address)
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        try:
-            await client.wait_until_serving(timeout_s=1.0)
-            return client
-        except WorkerUnavailableError:
-            launcher.check_alive()
-            if asyncio.get_running_loop().time() > deadline:
-                await client.close()
-                raise
+    try:
+        await wait_for_workers([client], timeout_s, launcher)
+    except BaseException:
+        await client.close()
+        raise
+    return client

@@ -29,7 +29,7 @@ from pagedserve.control_plane.served_model import ServedModel
 from pagedserve.control_plane.service import GenerationServicer, build_server
 from pagedserve.control_plane.tokenizer import Tokenizer
 from pagedserve.control_plane.worker_client import GrpcWorkerClient, WorkerConnection
-from pagedserve.control_plane.worker_launcher import LocalWorkers, WorkerLaunchConfig
+from pagedserve.control_plane.worker_launcher import LocalWorkers, WorkerLaunchConfig, wait_for_workers
 from pagedserve.gil import use_short_turns
 from pagedserve.logs import LogFormat, configure_logging
 from pagedserve.v1 import worker_service_pb2
@@ -151,7 +151,7 @@ async def serve(server: ServerConfig, scheduler: SchedulerConfig, cache: CacheCo
         addresses = launcher.start()
     clients = [GrpcWorkerClient(address) for address in addresses]
     try:
-        await asyncio.gather(*(c.wait_until_serving(server.worker_start_timeout_s) for c in clients))
+        await wait_for_workers(clients, server.worker_start_timeout_s, launcher)
         model_name = server.model_dir.name if server.model_dir else BUILTIN_MODEL_NAME
         engine, model, tokenizer = await start_engine(clients, scheduler, cache, engine_config, model_dir, model_name)
         if server.metrics_port is not None:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
+
+from pagedserve.control_plane.errors import WorkerUnavailableError
+from pagedserve.control_plane.worker_client import GrpcWorkerClient
 
 log = structlog.get_logger()
 
@@ -85,3 +90,20 @@ class LocalWorkers:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+async def wait_for_workers(clients: Sequence[GrpcWorkerClient], timeout_s: float,
+                           launcher: LocalWorkers | None = None) -> None:
+    """Waits until every worker serves: WorkerUnavailableError after timeout_s, and RuntimeError at once when
+    one of the launcher's worker processes has exited (a worker that failed to load never comes up)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    for client in clients:
+        while True:
+            try:
+                await client.wait_until_serving(timeout_s=1.0)
+                break
+            except WorkerUnavailableError:
+                if launcher is not None:
+                    launcher.check_alive()
+                if asyncio.get_running_loop().time() > deadline:
+                    raise

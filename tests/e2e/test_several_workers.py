@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from pagedserve.clients.client import PagedServeClient, SamplingParams
 from pagedserve.control_plane.worker_launcher import free_loopback_port
@@ -15,6 +16,8 @@ from tests.e2e.processes import TEST_DEVICE, wait_serving
 pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.skipif(TEST_DEVICE == "cuda" and torch.cuda.device_count() < 2,
+                    reason="two local CUDA workers take a GPU each")
 def test_two_local_workers_serve_concurrent_requests_with_the_tokens_one_worker_gives(
     stories_cluster, stories_dir, tmp_path
 ) -> None:
@@ -44,3 +47,11 @@ def test_two_local_workers_serve_concurrent_requests_with_the_tokens_one_worker_
     assert two_workers == one_worker
     admitted = [line for line in log_path.read_text().splitlines() if '"request_admitted"' in line]
     assert {'"worker_id": "worker-0"' in line for line in admitted} == {True, False}
+
+
+def test_serve_exits_at_once_when_a_local_worker_cannot_load_the_model(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    command = [sys.executable, "-m", "pagedserve.clients.cli", "serve", "--model", str(tmp_path), "--port",
+               str(free_loopback_port()), "--device", "cpu"]  # the start timeout stays 600 s
+    completed = subprocess.run(command, capture_output=True, timeout=120)
+    assert completed.returncode != 0
+    assert b"exited with code" in completed.stderr
