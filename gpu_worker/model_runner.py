@@ -128,7 +128,8 @@ class LaunchedRun:
                 continue
             token, logprobs = next(sampled)
             results.append(SequenceResult(seq_ids[0], token, logprobs, prompt_logprobs))
-            results.extend(SequenceResult(sibling, *next(sampled)) for sibling in seq_ids[1:])
+            for sibling in seq_ids[1:]:
+                results.append(SequenceResult(sibling, *next(sampled)))
         return results
 
 
