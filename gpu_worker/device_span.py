@@ -25,8 +25,13 @@ class DeviceSpan:
             self._events[1].record()
         self._end_s = time.perf_counter()
 
+    def wait(self) -> None:
+        """Blocks until the step's device work has finished (releasing the interpreter lock meanwhile)."""
+        if self._events is not None:
+            self._events[1].synchronize()
+
     def duration_ms(self) -> float:
-        """Busy time of the step; on a GPU only once its work has finished."""
+        """Busy time of the step; on a GPU only once its work has finished (see wait())."""
         if self._events is not None:
             return self._events[0].elapsed_time(self._events[1])
         return (self._end_s - self._start_s) * 1e3

@@ -42,8 +42,10 @@ class LaunchedStep:
     is_resolved: bool = False
 
     def wait(self) -> None:
-        """Blocks until the step's results have reached the host; touches no worker state."""
+        """Blocks until the step's device work is done and its results have reached the host; touches no worker
+        state. (A step that samples nothing still has device time to report.)"""
         self.run.wait()
+        self.span.wait()
 
 
 class Worker:

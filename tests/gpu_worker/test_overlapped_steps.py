@@ -107,3 +107,13 @@ def test_each_result_reports_its_device_time_and_the_idle_time_before_it() -> No
     results = _run_two_in_flight(worker, _steps(GREEDY, num_decodes=3))
     assert all(r.forward_time_ms > 0 and r.step_time_ms > 0 and r.idle_time_ms >= 0 for r in results)
     assert results[0].idle_time_ms == 0.0
+
+
+@DEVICES
+def test_a_prompt_chunk_that_samples_nothing_still_reports_its_device_time(device: DeviceKind) -> None:
+    worker = load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=32, device=device)
+    chunk = NewSequence(1, PROMPT, (), GREEDY, (4, 5), 0, 3)
+    steps = [StepRequest(0, new_sequences=(chunk,)), StepRequest(1, scheduled_sequences=(ScheduledSequence(1, 2),))]
+    first, rest = _run_two_in_flight(worker, steps)
+    assert _tokens([first], 1) == [None] and _tokens([rest], 1) == EXPECTED[:1]
+    assert first.forward_time_ms > 0 and rest.forward_time_ms > 0
