@@ -114,10 +114,6 @@ class LaunchedRun:
     prompt_logprobs: list[tuple[TokenLogprobs, ...]]  # per work item
     sample: PendingSample | None  # None when nothing samples
 
-    def wait(self) -> None:
-        if self.sample is not None:
-            self.sample.wait()
-
     def results(self, sample: SampleResult | None) -> list[SequenceResult]:
         """One result per work item in order, each sampling item followed by its newly forked siblings."""
         sampled = iter(zip(sample.token_ids, sample.logprobs, strict=True)) if sample is not None else iter(())
@@ -153,8 +149,7 @@ class ModelRunner:
     def launch(self, work: list[ScheduledWork]) -> LaunchedRun:
         """Queues the forward pass and the sampling; the host reads the sequences' state only during this call."""
         sampled_seq_ids = [
-            ((state.seq_id, *state.fork_seq_ids) if state.fork_seq_ids else (state.seq_id,)) if is_sampling else ()
-            for state, _, _, is_sampling in work
+            (state.seq_id, *state.fork_seq_ids) if is_sampling else () for state, _, _, is_sampling in work
         ]
         batch = build_batch(work, self.tables, self.pool.block_size, self.pool.device, self._last_tokens)
         if batch.num_tokens == 0:
@@ -190,9 +185,7 @@ class ModelRunner:
         for (state, _, _, is_sampling), last_row in zip(work, last_rows, strict=True):
             if not is_sampling:
                 continue
-            rows.append(SamplingRow(state.options, state.prompt_token_ids, state.output_token_ids, state.sample_index))
-            hidden_rows.append(last_row)
-            for sample_index in state.sibling_sample_indices:
+            for sample_index in (state.sample_index, *state.sibling_sample_indices):
                 rows.append(SamplingRow(state.options, state.prompt_token_ids, state.output_token_ids, sample_index))
                 hidden_rows.append(last_row)
         if not rows:

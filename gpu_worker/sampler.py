@@ -114,10 +114,6 @@ class PendingSample:
         self._transfer = DeviceToHost(packed)
         self._logprob_ks = logprob_ks  # (row, k) of each row that asked for logprobs; packed after the tokens
 
-    def wait(self) -> None:
-        """Blocks until the results have reached the host."""
-        self._transfer.wait()
-
     def result(self) -> SampleResult:
         values = self._transfer.tensor().tolist()
         num_rows = self.tokens.shape[0]

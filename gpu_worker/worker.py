@@ -42,9 +42,8 @@ class LaunchedStep:
     is_resolved: bool = False
 
     def wait(self) -> None:
-        """Blocks until the step's device work is done and its results have reached the host; touches no worker
-        state. (A step that samples nothing still has device time to report.)"""
-        self.run.wait()
+        """Blocks until the step's device work is done, the copy of its results to the host included (the span
+        closes after it); touches no worker state."""
         self.span.wait()
 
 
