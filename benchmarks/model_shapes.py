@@ -130,6 +130,14 @@ def sampling_vocab_size(model_dir: Path) -> int:
     return min(tokenizer_vocab, read_shape(model_dir).vocab_size)
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
+    """--model DIR or --model-shape NAME (exactly one), and --tokenizer-dir for a shape: a benchmark's model."""
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", type=Path, help=model_help)
+    model.add_argument("--model-shape", choices=sorted(SHAPES), help="write a named shape to a temporary directory")
+    parser.add_argument("--tokenizer-dir", type=Path, default=DEFAULT_TOKENIZER_DIR, help="for --model-shape")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write a model directory for a named shape (dummy weights).")
     parser.add_argument("shape", choices=sorted(SHAPES))

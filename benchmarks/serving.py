@@ -21,7 +21,7 @@ import grpc
 
 from benchmarks import report
 from benchmarks.hardware_bound import HardwareRates, Workload, bound_summary, dtype_bytes, percent_of_bound
-from benchmarks.model_shapes import DEFAULT_TOKENIZER_DIR, SHAPES, read_shape, sampling_vocab_size, write_model_dir
+from benchmarks.model_shapes import SHAPES, add_model_arguments, read_shape, sampling_vocab_size, write_model_dir
 from benchmarks.random_dataset import BenchRequest, sample_random_requests
 from benchmarks.step_profile import step_profile
 from benchmarks.serving_metrics import RequestRecord, compute_metrics
@@ -35,10 +35,7 @@ _SUMMARY_HEADERS = ("concurrency", "req/s", "out tok/s", "total tok/s", "TTFT p5
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__)
-    model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--model", type=Path, help="model directory (config.json + tokenizer)")
-    model.add_argument("--model-shape", choices=sorted(SHAPES), help="write a named shape to a temporary directory")
-    p.add_argument("--tokenizer-dir", type=Path, default=DEFAULT_TOKENIZER_DIR, help="for --model-shape")
+    add_model_arguments(p, "model directory (config.json + tokenizer)")
     p.add_argument("--server", metavar="HOST:PORT", help="use a running server instead of starting one")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--load-format", default="dummy", choices=["dummy", "safetensors", "auto"])

@@ -20,7 +20,7 @@ from benchmarks.hardware_bound import (HardwareRates, Workload, bound_summary, d
                                        measure_hardware, percent_of_bound)
 from benchmarks.hf_baseline import (BackendRun, HFBackend, load_model, run_generate, run_generate_batch,
                                     save_seeded_weights)
-from benchmarks.model_shapes import DEFAULT_TOKENIZER_DIR, SHAPES, read_shape, sampling_vocab_size, write_model_dir
+from benchmarks.model_shapes import SHAPES, add_model_arguments, read_shape, sampling_vocab_size, write_model_dir
 from benchmarks.step_profile import step_profile
 from benchmarks.random_dataset import BenchRequest, sample_random_requests
 from pagedserve.control_plane.config import EngineConfig
@@ -32,10 +32,7 @@ _HEADERS = ("backend", "requests", "output tokens", "elapsed s", "req/s", "out t
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__)
-    model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--model", type=Path, help="model directory (config.json + tokenizer [+ safetensors])")
-    model.add_argument("--model-shape", choices=sorted(SHAPES), help="write a named shape to a temporary directory")
-    p.add_argument("--tokenizer-dir", type=Path, default=DEFAULT_TOKENIZER_DIR, help="for --model-shape")
+    add_model_arguments(p, "model directory (config.json + tokenizer [+ safetensors])")
     p.add_argument("--load-format", default="dummy", choices=["dummy", "safetensors", "auto"],
                    help="dummy: seeded random weights, saved once so every backend loads the same ones")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
