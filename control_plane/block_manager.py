@@ -171,6 +171,21 @@ class BlockManager:
             table.block_ids.extend(self.gpu.allocate(num_new))
         return TableChange(start_index, tuple(table.block_ids[start_index:]), tuple(copies))
 
+    def append_slot(self, seq_id: int, slot: int) -> TableChange | None:
+        """allocate_slots for a device table that grows by the one slot `slot` (its next): a decode token.
+        Returns None, changing nothing, when that slot's block is shared (copy-on-write) or must be allocated
+        with none free: the general path decides then."""
+        table = self._tables[seq_id]
+        index = slot // self.block_size
+        if index < len(table.block_ids) - 1:
+            return None  # blocks past the slot's: only allocate_slots checks them all for sharing
+        if index < len(table.block_ids):
+            return None if self.gpu.ref_count(table.block_ids[index]) > 1 else TableChange(len(table.block_ids), ())
+        if not self.gpu.can_allocate(1):
+            return None
+        table.block_ids.extend(self.gpu.allocate(1))
+        return TableChange(index, tuple(table.block_ids[index:]))
+
     def cache_full_blocks(self, seq_id: int, token_ids: Sequence[int], num_computed_tokens: int) -> None:
         """Registers seq's full blocks whose tokens are all known and computed (or scheduled to be)."""
         table = self._tables.get(seq_id)

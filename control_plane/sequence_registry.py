@@ -59,6 +59,9 @@ class SequenceRegistry:
         """Swapped-in sequences: their next plan entry rewrites the worker's whole table."""
         self._table_rewrites.update(seq_ids)
 
+    def has_table_rewrite(self, seq_id: int) -> bool:
+        return seq_id in self._table_rewrites
+
     def take_table_rewrite(self, seq_id: int) -> bool:
         if seq_id in self._table_rewrites:
             self._table_rewrites.discard(seq_id)

@@ -31,6 +31,8 @@ class StopStringMatcher:
 
         After a match, the completion is over: later deltas emit nothing.
         """
+        if not self._stop:
+            return delta, None
         if self._matched is not None:
             return "", None
         text = self._held + delta

@@ -12,7 +12,7 @@ from pagedserve.control_plane.config import PreemptionMode, SchedulingPolicy
 from pagedserve.control_plane.errors import ResourceExhaustedError
 from pagedserve.control_plane.request import FinishReason, Request
 from pagedserve.control_plane.scheduler import Scheduler
-from pagedserve.control_plane.step_plan import BlockTableUpdate, ScheduledSequencePlan
+from pagedserve.control_plane.step_plan import BlockTableUpdate, ScheduledSequencePlan, StepPlan
 
 from .factories import (
     EOS,
@@ -151,3 +151,42 @@ def test_pipelined_loops_yield_the_tokens_of_the_synchronous_loop(seed: int) -> 
         _add_all(alone, [request])
         expected = run(alone, make_worker(alone, _sometimes_eos)).tokens
         assert {key: synchronous.tokens[key] for key in expected} == expected
+
+
+
+def _plans(config: dict[str, Any], requests: list[Request]) -> list[StepPlan]:
+    scheduler = make_scheduler(**config)
+    _add_all(scheduler, requests)
+    seen: list[StepPlan] = []
+    run(scheduler, make_worker(scheduler, _sometimes_eos), steps_in_flight=3,
+        on_step=lambda index, plan: seen.append(plan))
+    return seen
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_one_token_decode_path_plans_what_the_general_path_plans(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = random.Random(seed)
+    config: dict[str, Any] = dict(
+        num_blocks=rng.randrange(3, 16), block_size=rng.choice([1, 2, 4, 8]),
+        num_cpu_blocks=rng.choice([0, 4, 40]), max_num_batched_tokens=rng.choice([4, 8, 16, 2048]),
+        policy=rng.choice(list(SchedulingPolicy)), preemption_mode=rng.choice(list(PreemptionMode)),
+        enable_prefix_caching=rng.random() < 0.8,
+    )
+    with_fast_path = _plans(config, _random_requests(seed))
+    monkeypatch.setattr(Scheduler, "_extend_by_one_token", lambda self, request, step: False)
+    assert with_fast_path == _plans(config, _random_requests(seed))
+
+
+def test_plain_decode_steps_take_the_one_token_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    fast_path = Scheduler._extend_by_one_token
+    outcomes: list[bool] = []
+
+    def recorded(self: Scheduler, request: Request, step: Any) -> bool:
+        outcomes.append(fast_path(self, request, step))
+        return outcomes[-1]
+
+    monkeypatch.setattr(Scheduler, "_extend_by_one_token", recorded)
+    plans = _plans(dict(num_blocks=8, block_size=4), [make_request("r", [5, 6, 7], max_tokens=6)])
+    assert [p.num_scheduled_tokens for p in plans] == [3, 1, 1, 1, 1, 1, 0]  # the last plan drops it
+    # Each decode step, planned ahead of the results or not; it declines once max_tokens are planned.
+    assert outcomes.count(True) == 5
