@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--num-gpu-blocks-override", type=int)
     p.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB of KV cache on a CPU worker")
-    p.add_argument("--max-steps-in-flight", type=int, default=EngineConfig().max_steps_in_flight, choices=[1, 2, 3])
+    p.add_argument("--max-steps-in-flight", type=int, default=EngineConfig().max_steps_in_flight)
     p.add_argument("--worker-process", action=argparse.BooleanOptionalAction, default=True,
                    help="run the worker in a child process (the LLM default) or on a thread of this one")
     p.add_argument("--hf-backends", default="hf-generate,hf-generate-batch",

@@ -83,17 +83,23 @@ class CacheConfig:
             raise ValueError(f"swap_space_bytes must be >= 0, got {self.swap_space_bytes}")
 
 
+# Each step in flight may compute one token past a stop that is not known yet; deeper pipelines only waste work.
+MAX_STEPS_IN_FLIGHT = 8
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     """How the engine loop drives its workers."""
 
-    # Steps planned ahead of the results: with 3, steps N+1 and N+2 are queued while the worker runs step N, so
-    # the host round trip (reply, apply, plan, launch) may take two device steps. 1: strictly one at a time.
-    max_steps_in_flight: int = 3
+    # Steps planned ahead of the results: with 4, steps N+1 to N+3 are queued while the worker runs step N, so
+    # the host round trip (reply, apply, plan, launch) may take three device steps. 1: strictly one at a time.
+    max_steps_in_flight: int = 4
 
     def __post_init__(self) -> None:
-        if self.max_steps_in_flight not in (1, 2, 3):
-            raise ValueError(f"max_steps_in_flight must be 1, 2 or 3, got {self.max_steps_in_flight}")
+        if not 1 <= self.max_steps_in_flight <= MAX_STEPS_IN_FLIGHT:
+            raise ValueError(
+                f"max_steps_in_flight must be in [1, {MAX_STEPS_IN_FLIGHT}], got {self.max_steps_in_flight}"
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -239,7 +239,7 @@ def test_parallel_samples_share_prompt_blocks_and_copy_the_partial_last_block_on
     assert bm.gpu.num_used_blocks == 0
 
 
-@pytest.mark.parametrize("steps_in_flight", [1, 2, 3])
+@pytest.mark.parametrize("steps_in_flight", [1, 2, 4])
 def test_requests_aborted_at_random_points_leave_no_blocks_and_no_worker_state(steps_in_flight: int) -> None:
     rng = random.Random(1234)
     scheduler = make_scheduler(num_blocks=40, block_size=4, max_num_batched_tokens=24, num_cpu_blocks=8,

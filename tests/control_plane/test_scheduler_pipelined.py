@@ -73,7 +73,7 @@ def test_results_of_a_request_aborted_in_flight_are_ignored() -> None:
     assert scheduler.schedule().dropped_seq_ids == (0,)
 
 
-@pytest.mark.parametrize("steps_in_flight", [1, 2, 3])
+@pytest.mark.parametrize("steps_in_flight", [1, 2, 4])
 def test_prompt_logprobs_skip_the_cache_and_are_delivered_once_across_a_recompute(steps_in_flight: int) -> None:
     scheduler = make_scheduler(num_blocks=5, max_num_batched_tokens=4)
     worker = make_worker(scheduler)
@@ -131,7 +131,7 @@ def test_pipelined_loops_yield_the_tokens_of_the_synchronous_loop(seed: int) -> 
         long_prefill_token_threshold=rng.choice([0, 0, 3]),
     )
     results = []
-    for steps_in_flight in (1, 2, 3):
+    for steps_in_flight in (1, 2, 3, 4):
         scheduler = make_scheduler(**config)
         worker = make_worker(scheduler, _sometimes_eos)
         _add_all(scheduler, _random_requests(seed))
@@ -158,7 +158,7 @@ def _plans(config: dict[str, Any], requests: list[Request]) -> list[StepPlan]:
     scheduler = make_scheduler(**config)
     _add_all(scheduler, requests)
     seen: list[StepPlan] = []
-    run(scheduler, make_worker(scheduler, _sometimes_eos), steps_in_flight=3,
+    run(scheduler, make_worker(scheduler, _sometimes_eos), steps_in_flight=4,
         on_step=lambda index, plan: seen.append(plan))
     return seen
 
