@@ -37,6 +37,7 @@ from pagedserve.control_plane.worker_client import (
     worker_info_from_proto,
 )
 from pagedserve.control_plane.worker_launcher import LocalWorkers, WorkerLaunchConfig, wait_for_workers
+from pagedserve.collector import freeze_startup_objects
 from pagedserve.gil import use_short_turns
 from pagedserve.gpu_worker import convert as worker_convert
 from pagedserve.gpu_worker.config import DeviceKind, DType, LoadFormat, WorkerConfig
@@ -98,7 +99,8 @@ class LLM:
     """A model served from this process. `model=None` uses the built-in tiny model with random weights.
 
     The engine runs on a thread of this process, so creating an LLM shortens the process's thread switch interval
-    (pagedserve.gil) for the step pipeline's hand-offs between threads.
+    (pagedserve.gil) for the step pipeline's hand-offs between threads, and once started it freezes the objects
+    alive so far out of the garbage collector's full collections (pagedserve.collector).
     """
 
     def __init__(
@@ -148,6 +150,7 @@ class LLM:
         self.model: ServedModel
         self.tokenizer: Tokenizer
         self._engine, self.model, self.tokenizer = started
+        freeze_startup_objects()
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()

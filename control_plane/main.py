@@ -30,6 +30,7 @@ from pagedserve.control_plane.service import GenerationServicer, build_server
 from pagedserve.control_plane.tokenizer import Tokenizer
 from pagedserve.control_plane.worker_client import GrpcWorkerClient, WorkerConnection
 from pagedserve.control_plane.worker_launcher import LocalWorkers, WorkerLaunchConfig, wait_for_workers
+from pagedserve.collector import freeze_startup_objects
 from pagedserve.gil import use_short_turns
 from pagedserve.logs import LogFormat, configure_logging
 from pagedserve.v1 import worker_service_pb2
@@ -158,6 +159,7 @@ async def serve(server: ServerConfig, scheduler: SchedulerConfig, cache: CacheCo
             engine.metrics.serve(server.host, server.metrics_port)
         grpc_server, port = await build_server(GenerationServicer(engine, tokenizer, model), server.address)
         await grpc_server.start()
+        freeze_startup_objects()
         log.info("server_listening", address=f"{server.host}:{port}", model=model.name,
                  max_model_len=model.max_model_len, num_gpu_blocks=model.num_gpu_blocks)
         await _wait_for_stop_signal()

@@ -13,6 +13,7 @@ import structlog
 from pagedserve.gpu_worker.config import DeviceKind, DType, LoadFormat, WorkerConfig
 from pagedserve.gpu_worker.service import start_server
 from pagedserve.gpu_worker.worker import Worker
+from pagedserve.collector import freeze_startup_objects
 from pagedserve.gil import use_short_turns
 from pagedserve.logs import LogFormat, configure_logging
 
@@ -62,5 +63,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     use_short_turns()
     config = config_from_args(args)
     worker = Worker.load(config)
+    freeze_startup_objects()
     asyncio.run(serve(worker, config.listen_address))
     return 0
