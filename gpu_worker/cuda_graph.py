@@ -51,12 +51,12 @@ class CudaGraphRunner:
         self.num_replays = 0
 
     @torch.inference_mode()
-    def capture(self) -> None:
-        """Captures one graph per size, largest first, all sharing one memory pool."""
+    def capture(self, pool: tuple[int, int]) -> None:
+        """Captures one graph per size, largest first, in pool (shared with other graphs that never run at the
+        same time)."""
         # Capture inputs: each row a one-token sequence at position 0 reading block 0, writing nothing.
         self.query_start_loc.copy_(torch.arange(self.sizes[-1] + 1, dtype=torch.int32))
         self.seq_lens.fill_(1)
-        pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):
             self._forward(size)  # warm-up: compiles kernels and settles the allocator outside the graph
             graph = torch.cuda.CUDAGraph()

@@ -19,6 +19,7 @@ from pagedserve.gpu_worker.step import SequenceResult
 
 if TYPE_CHECKING:
     from pagedserve.gpu_worker.cuda_graph import CudaGraphRunner
+    from pagedserve.gpu_worker.piecewise_graph import PiecewiseGraphRunner
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,12 +138,13 @@ class ModelRunner:
     """
 
     def __init__(self, model: DecoderForCausalLM, pool: KVPool, tables: BlockTableArray, sampler: Sampler,
-                 graph_runner: CudaGraphRunner | None = None) -> None:
+                 graph_runner: CudaGraphRunner | None = None, piece_runner: PiecewiseGraphRunner | None = None) -> None:
         self.model = model
         self.pool = pool
         self.tables = tables
         self.sampler = sampler
         self.graph_runner = graph_runner
+        self.piece_runner = piece_runner
         self._last_tokens = torch.zeros(tables.table.shape[0], dtype=torch.int64, device=pool.device)
 
     @torch.inference_mode()
@@ -156,6 +158,8 @@ class ModelRunner:
             return LaunchedRun(work, sampled_seq_ids, [() for _ in work], None)
         if self.graph_runner is not None and self.graph_runner.can_run(batch):
             hidden = self.graph_runner.run(batch)
+        elif self.piece_runner is not None and self.piece_runner.can_run(batch):
+            hidden = self.piece_runner.run(batch)
         else:
             hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.pool.gpu_cache)
         sample = self._start_sampling(work, batch, hidden)

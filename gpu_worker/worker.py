@@ -17,6 +17,7 @@ from pagedserve.gpu_worker.errors import CacheNotInitializedError, InvalidCacheR
 from pagedserve.gpu_worker.kv_pool import KVLayout, KVPool
 from pagedserve.gpu_worker.memory_profile import gpu_blocks_for_budget, profile_peak_activation_bytes
 from pagedserve.gpu_worker.model_runner import LaunchedRun, ModelRunner
+from pagedserve.gpu_worker.piecewise_graph import MAX_PIECEWISE_TOKENS, PiecewiseGraphRunner
 from pagedserve.gpu_worker.sampler import SampleResult, Sampler
 from pagedserve.gpu_worker.sequence_state import PendingToken, ScheduledWork, SequenceRegistry
 from pagedserve.gpu_worker.step import CacheInfo, CacheRequest, StepRequest, StepResult, WorkerInfo
@@ -130,9 +131,9 @@ class Worker:
             pool = KVPool(layout, num_gpu_blocks, num_cpu_blocks, self.device, self.ops)
             sampler = Sampler(self.loaded.config.vocab_size, self.device, self.config.seed)
             registry = SequenceRegistry(layout.block_size, num_gpu_blocks, num_cpu_blocks)
-            graph_runner = self._capture_graphs(pool, request)
+            graph_runner, piece_runner = self._capture_graphs(pool, request)
             self._pool, self._registry = pool, registry
-            self._runner = ModelRunner(self.loaded.model, pool, registry.tables, sampler, graph_runner)
+            self._runner = ModelRunner(self.loaded.model, pool, registry.tables, sampler, graph_runner, piece_runner)
         log.info("cache_initialized", num_gpu_blocks=num_gpu_blocks, num_cpu_blocks=num_cpu_blocks,
                  block_size=layout.block_size, peak_activation_bytes=peak_bytes)
         return CacheInfo(num_gpu_blocks, num_cpu_blocks, peak_bytes)
@@ -194,17 +195,24 @@ class Worker:
         for launched in self._in_flight:
             self._resolve(launched)
 
-    def _capture_graphs(self, pool: KVPool, request: CacheRequest) -> CudaGraphRunner | None:
-        """Decode graphs for up to max_num_seqs sequences of up to max_model_len tokens, on CUDA."""
+    def _capture_graphs(
+        self, pool: KVPool, request: CacheRequest
+    ) -> tuple[CudaGraphRunner | None, PiecewiseGraphRunner | None]:
+        """On CUDA: decode graphs for up to max_num_seqs sequences of up to max_model_len tokens, and the pieces of
+        other steps of up to max_num_batched_tokens (at most MAX_PIECEWISE_TOKENS), all in one memory pool."""
         if self.device.type != "cuda" or self.config.enforce_eager:
-            return None
+            return None, None
         max_model_len = min(request.max_model_len or self.loaded.config.max_position_embeddings,
                             self.loaded.config.max_position_embeddings)
         max_blocks = -(-max_model_len // pool.block_size)
-        runner = CudaGraphRunner(self.loaded.model, pool.gpu_cache, pool.block_size,
+        graph_pool = torch.cuda.graph_pool_handle()
+        decode = CudaGraphRunner(self.loaded.model, pool.gpu_cache, pool.block_size,
                                  min(request.max_num_seqs, MAX_GRAPH_BATCH_SIZE), max_blocks)
-        runner.capture()
-        return runner
+        decode.capture(graph_pool)
+        pieces = PiecewiseGraphRunner(self.loaded.model, pool.gpu_cache,
+                                      min(request.max_num_batched_tokens, MAX_PIECEWISE_TOKENS))
+        pieces.capture(graph_pool)
+        return decode, pieces
 
     def _layout(self, block_size: int) -> KVLayout:
         model_config = self.loaded.config

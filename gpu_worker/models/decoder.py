@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Generator, Iterable
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.gpu_worker.errors import ModelLoadError
-from pagedserve.gpu_worker.models.layers import AttentionMetadata, GatedMLP, PagedAttention, RMSNorm, empty_parameter
+from pagedserve.gpu_worker.models.layers import (
+    AttentionBuffers,
+    AttentionMetadata,
+    GatedMLP,
+    PagedAttention,
+    RMSNorm,
+    empty_parameter,
+)
 from pagedserve.gpu_worker.models.model_config import ModelConfig
 from pagedserve.gpu_worker.models.rope import RotaryEmbedding, Rotation
 
@@ -39,11 +46,34 @@ _LAYER_PARAMS: dict[str, tuple[str, int | None]] = {
 _TOP_PARAMS = {"model.embed_tokens.weight": "embed_tokens", "model.norm.weight": "norm.weight", "lm_head.weight": "lm_head"}
 
 
+class AttentionCall(NamedTuple):
+    """Where a forward pass stops for attention: layer `layer` attends with `query`, writing into `out`."""
+
+    layer: int
+    query: torch.Tensor
+    out: torch.Tensor
+
+
+# Yields an AttentionCall per layer, to be run before resuming; returns the final hidden states.
+ForwardPieces = Generator[AttentionCall, None, torch.Tensor]
+
+
+def run_pieces(pieces: ForwardPieces, attend: Callable[[AttentionCall], None]) -> torch.Tensor:
+    """Runs a forward pass's pieces, calling attend at each stop; returns its final hidden states."""
+    while True:
+        try:
+            call = next(pieces)
+        except StopIteration as finished:
+            return finished.value
+        attend(call)
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: residual += attn(norm(residual)), then residual += mlp(norm(residual)).
 
     The residual stream is updated in place, each addition fused with the norm that reads the sum; a layer
-    returns its MLP output, which the next layer (or the final norm) adds in.
+    returns its MLP output, which the next layer (or the final norm) adds in. It runs in two parts around its
+    attention, which is the only part that reads the step's attention metadata.
     """
 
     def __init__(self, config: ModelConfig, ops: KernelOps, device: torch.device, dtype: torch.dtype) -> None:
@@ -53,21 +83,25 @@ class DecoderLayer(nn.Module):
         self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, device, dtype)
         self.mlp = GatedMLP(config, ops, device, dtype)
 
-    def forward(
-        self, previous: torch.Tensor | None, residual: torch.Tensor, rotation: Rotation, meta: AttentionMetadata,
-        layer_cache: torch.Tensor,
-    ) -> torch.Tensor:
+    def before_attention(
+        self, previous: torch.Tensor | None, residual: torch.Tensor, rotation: Rotation, slot_mapping: torch.Tensor,
+        layer_cache: torch.Tensor, buffers: AttentionBuffers | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """previous: the last layer's MLP output, still to be added (None for the first layer); residual: [T,
-        hidden], updated in place. Returns this layer's MLP output."""
+        hidden], updated in place. Returns the attention's query and output buffer."""
         hidden = self.input_norm(residual) if previous is None else self.input_norm.add_and_norm(previous, residual)
-        hidden = self.post_attention_norm.add_and_norm(self.attn(hidden, rotation, meta, layer_cache), residual)
-        return self.mlp(hidden)
+        return self.attn.project(hidden, rotation, slot_mapping, layer_cache, buffers)
+
+    def after_attention(self, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Adds the attention's projection to residual; returns this layer's MLP output."""
+        return self.mlp(self.post_attention_norm.add_and_norm(self.attn.output(out), residual))
 
 
 class DecoderForCausalLM(nn.Module):
     """Token ids -> hidden states over one flat batch of sequences; logits only for the rows asked.
 
-    The forward pass does no host synchronisation, so a decode step can be captured in a CUDA graph.
+    The forward pass does no host synchronisation, so a decode step can be captured in a CUDA graph, and the
+    parts between attentions (pieces) can be captured for any step.
     """
 
     def __init__(self, config: ModelConfig, ops: KernelOps, device: torch.device, dtype: torch.dtype) -> None:
@@ -86,12 +120,27 @@ class DecoderForCausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor
     ) -> torch.Tensor:
         """input_ids, positions: [T] int64; kv_cache: [L, 2, N, Hkv, B, D]; returns [T, hidden] model dtype."""
+        return run_pieces(self.pieces(input_ids, positions, meta.slot_mapping, kv_cache),
+                          lambda call: self.attend(call, meta, kv_cache))
+
+    def pieces(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor, kv_cache: torch.Tensor,
+        buffers: AttentionBuffers | None = None,
+    ) -> ForwardPieces:
+        """The forward pass cut at each layer's attention, which the caller runs (attend) before resuming. A piece
+        reads only input_ids, positions, slot_mapping, the weights, the pool and buffers (where attention's query
+        and output rows go, when given), never the attention metadata."""
         residual = F.embedding(input_ids, self.embed_tokens)
         rotation = self.rotary(positions, residual.dtype)
         output: torch.Tensor | None = None
         for index, layer in enumerate(self.layers):
-            output = layer(output, residual, rotation, meta, kv_cache[index])
+            query, out = layer.before_attention(output, residual, rotation, slot_mapping, kv_cache[index], buffers)
+            yield AttentionCall(index, query, out)
+            output = layer.after_attention(out, residual)
         return self.norm(residual) if output is None else self.norm.add_and_norm(output, residual)
+
+    def attend(self, call: AttentionCall, meta: AttentionMetadata, kv_cache: torch.Tensor) -> None:
+        self.layers[call.layer].attn.attend(call.out, call.query, meta, kv_cache[call.layer])
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [R, hidden] -> [R, vocab] float32."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,14 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor
     max_query_len: int
     max_seq_len: int
+
+
+class AttentionBuffers(NamedTuple):
+    """Query and output rows of attention at fixed addresses, shared by every layer: a forward captured in pieces
+    runs attention outside its graphs, on these."""
+
+    query: torch.Tensor  # [T, num_heads, head_dim]
+    out: torch.Tensor  # same shape
 
 
 class RMSNorm(nn.Module):
@@ -92,20 +100,36 @@ class PagedAttention(nn.Module):
         self, x: torch.Tensor, rotation: Rotation, meta: AttentionMetadata, layer_cache: torch.Tensor
     ) -> torch.Tensor:
         """x: [T, hidden]; layer_cache: [2, num_blocks, Hkv, block_size, D], this layer's K and V pools."""
+        query, out = self.project(x, rotation, meta.slot_mapping, layer_cache)
+        self.attend(out, query, meta, layer_cache)
+        return self.output(out)
+
+    def project(
+        self, x: torch.Tensor, rotation: Rotation, slot_mapping: torch.Tensor, layer_cache: torch.Tensor,
+        buffers: AttentionBuffers | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projects x, rotates q and k, writes k and v into their slots; returns (q, an output buffer for attend),
+        in buffers when given."""
         cfg = self.config
-        num_tokens = x.shape[0]
         qkv = F.linear(x, self.qkv_proj, self.qkv_bias)
         if self.q_norm is not None and self.k_norm is not None:
             qkv = self._norm_heads(qkv, self.q_norm, self.k_norm)
-        key_cache, value_cache = layer_cache[0], layer_cache[1]
-        q = self.ops.rotary_write_kv(qkv, rotation.cos, rotation.sin, key_cache, value_cache, meta.slot_mapping,
-                                     cfg.num_heads, cfg.num_kv_heads)
-        out = torch.empty_like(q)
+        query = self.ops.rotary_write_kv(qkv, rotation.cos, rotation.sin, layer_cache[0], layer_cache[1],
+                                         slot_mapping, cfg.num_heads, cfg.num_kv_heads)
+        if buffers is None:
+            return query, torch.empty_like(query)
+        buffers.query.copy_(query)
+        return buffers.query, buffers.out
+
+    def attend(self, out: torch.Tensor, query: torch.Tensor, meta: AttentionMetadata, layer_cache: torch.Tensor) -> None:
+        """out = attention of query's rows over their paged context (the only part that reads the metadata)."""
         self.ops.paged_attention(
-            out, q, key_cache, value_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+            out, query, layer_cache[0], layer_cache[1], meta.block_tables, meta.seq_lens, meta.query_start_loc,
             meta.max_query_len, meta.max_seq_len, self.scale,
         )
-        return F.linear(out.view(num_tokens, cfg.q_size), self.o_proj)
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        return F.linear(out.view(out.shape[0], self.config.q_size), self.o_proj)
 
     def _norm_heads(self, qkv: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm) -> torch.Tensor:
         """Qwen3's per-head RMSNorm of the q and k heads (before rotary); v passes through."""

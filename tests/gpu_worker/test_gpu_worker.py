@@ -41,17 +41,20 @@ def test_greedy_tokens_on_cuda_equal_the_golden_reference(enforce_eager: bool) -
 
     generated = driver.generate(make_sequences(prompts, {1: 2, 2: 4}), len(GOLDEN["greedy_new_ids"]))
 
-    graph_runner = worker.runner.graph_runner
+    graph_runner, piece_runner = worker.runner.graph_runner, worker.runner.piece_runner
     assert generated == [GOLDEN["greedy_new_ids"]] * 3
-    assert (graph_runner is None) == enforce_eager
-    # Every step after the prefills (which finish by step 2) is a decode step of 3 sequences.
+    assert (graph_runner is None) == (piece_runner is None) == enforce_eager
+    # Every step after the prefills (which finish by step 2) is a decode step of 3 sequences; the prefill steps
+    # before run as captured pieces.
     assert graph_runner is None or graph_runner.num_replays == len(GOLDEN["greedy_new_ids"]) - 1
+    assert piece_runner is None or piece_runner.num_replays == driver.step_id - graph_runner.num_replays > 0
 
 
 def test_graphs_are_captured_for_small_sizes_then_multiples_of_eight() -> None:
     worker = load_worker(STORIES_DIR, BLOCK_SIZE, num_blocks=64, device=DeviceKind.CUDA)
 
     assert worker.runner.graph_runner.sizes == (1, 2, 4, 8, 16)
+    assert worker.runner.piece_runner.sizes == (16, 32, 64, *range(128, 2049, 128))  # max_num_batched_tokens 2048
 
 
 def test_swap_through_pinned_memory_keeps_the_tokens() -> None:

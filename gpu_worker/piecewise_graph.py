@@ -1,0 +1,119 @@
+"""Prefill and mixed forwards as CUDA graphs captured piece by piece, with attention run eagerly between pieces.
+
+A step that is not a pure decode has sequences of different query lengths, so its attention (grid, splits,
+kernels) depends on the step; everything else in the forward pass works row by row on the step's tokens. Those
+parts, between two attentions, are captured once per padded token count and replayed, which turns ~12 host
+launches per layer into one replay plus the attention's own launches.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import structlog
+import torch
+
+from pagedserve.gpu_worker.model_runner import FlatBatch
+from pagedserve.gpu_worker.models.decoder import AttentionCall, DecoderForCausalLM
+from pagedserve.gpu_worker.models.layers import AttentionBuffers
+
+log = structlog.get_logger()
+# Past this many tokens a step's device time dwarfs the host's launches (a 2,048-token step of a 1B model
+# computes for about 8 ms), so larger steps run eagerly and need no activation memory for graphs.
+MAX_PIECEWISE_TOKENS = 2048
+_SMALL_SIZES = (16, 32, 64)
+_SIZE_STEP = 128
+
+
+def piece_sizes(max_tokens: int) -> tuple[int, ...]:
+    """16, 32, 64, then multiples of 128, up to max_tokens (itself always included)."""
+    sizes = {s for s in _SMALL_SIZES if s <= max_tokens}
+    sizes.update(range(_SIZE_STEP, max_tokens + 1, _SIZE_STEP))
+    sizes.add(max_tokens)
+    return tuple(sorted(sizes))
+
+
+@dataclass(frozen=True, slots=True)
+class _Pieces:
+    """One token count's graphs: graphs[i] runs up to layer i's attention; the last one ends the forward pass."""
+
+    graphs: list[torch.cuda.CUDAGraph]
+    hidden: torch.Tensor
+
+
+class PiecewiseGraphRunner:
+    """Runs steps of up to sizes[-1] tokens as captured pieces and eager attentions.
+
+    Invariant: the pieces read only the static buffers below. A step of t tokens runs the pieces of the
+    smallest captured size >= t; rows t.. are padding: slot -1 (no K/V written), and attention covers only
+    rows < t while every other operation works row by row, so padding never reaches a real row and its hidden
+    rows are ignored.
+    """
+
+    def __init__(self, model: DecoderForCausalLM, kv_cache: torch.Tensor, max_tokens: int) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.sizes = piece_sizes(max_tokens)
+        size, device = self.sizes[-1], kv_cache.device
+        config = model.config
+        self.input_ids = torch.zeros(size, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(size, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((size,), -1, dtype=torch.int64, device=device)
+        shape = (size, config.num_heads, config.head_dim)
+        self.buffers = AttentionBuffers(torch.zeros(shape, dtype=kv_cache.dtype, device=device),
+                                        torch.zeros(shape, dtype=kv_cache.dtype, device=device))
+        self._pieces: dict[int, _Pieces] = {}
+        self.num_replays = 0
+
+    @torch.inference_mode()
+    def capture(self, pool: tuple[int, int]) -> None:
+        """Captures every size's pieces, largest first, in pool (shared with other graphs that never run at the
+        same time)."""
+        for size in reversed(self.sizes):
+            self._warm_up(size)
+            pieces = self.model.pieces(self.input_ids[:size], self.positions[:size], self.slot_mapping[:size],
+                                       self.kv_cache, self._buffers(size))
+            graphs: list[torch.cuda.CUDAGraph] = []
+            hidden: torch.Tensor | None = None
+            while hidden is None:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    try:
+                        next(pieces)
+                    except StopIteration as finished:
+                        hidden = finished.value
+                graphs.append(graph)
+            self._pieces[size] = _Pieces(graphs, hidden)
+        torch.cuda.synchronize(self.kv_cache.device)
+        log.info("piecewise_graphs_captured", num_sizes=len(self.sizes), max_tokens=self.sizes[-1],
+                 num_graphs=sum(len(p.graphs) for p in self._pieces.values()))
+
+    def can_run(self, batch: FlatBatch) -> bool:
+        return 0 < batch.num_tokens <= self.sizes[-1]
+
+    def run(self, batch: FlatBatch) -> torch.Tensor:
+        """[num_tokens, hidden] hidden states of the batch (can_run(batch) must hold)."""
+        num_tokens = batch.num_tokens
+        size = self.sizes[bisect.bisect_left(self.sizes, num_tokens)]
+        self.input_ids[:num_tokens].copy_(batch.input_ids)
+        self.positions[:num_tokens].copy_(batch.positions)
+        self.slot_mapping[:num_tokens].copy_(batch.meta.slot_mapping)
+        self.slot_mapping[num_tokens:size].fill_(-1)
+        pieces = self._pieces[size]
+        for layer, graph in enumerate(pieces.graphs[:-1]):
+            graph.replay()
+            call = AttentionCall(layer, self.buffers.query[:num_tokens], self.buffers.out[:num_tokens])
+            self.model.attend(call, batch.meta, self.kv_cache)
+        pieces.graphs[-1].replay()
+        self.num_replays += 1
+        return pieces.hidden[:num_tokens]
+
+    def _buffers(self, size: int) -> AttentionBuffers:
+        return AttentionBuffers(self.buffers.query[:size], self.buffers.out[:size])
+
+    def _warm_up(self, size: int) -> None:
+        """Runs the pieces once uncaptured (compiling kernels, settling the allocator); attention is skipped."""
+        for _ in self.model.pieces(self.input_ids[:size], self.positions[:size], self.slot_mapping[:size],
+                                   self.kv_cache, self._buffers(size)):
+            pass
