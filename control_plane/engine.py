@@ -104,10 +104,12 @@ class _StepTimes:
     worker_forward_s: float = 0.0
     worker_idle_s: float = 0.0
 
-    def add_output(self, output: StepOutput) -> None:
+    def add_output(self, output: StepOutput, counts_idle: bool) -> None:
+        """counts_idle: the device's wait before this step was the pipeline's (not a wait for requests)."""
         self.worker_step_s += output.step_time_ms / 1e3
         self.worker_forward_s += output.forward_time_ms / 1e3
-        self.worker_idle_s += output.idle_time_ms / 1e3
+        if counts_idle:
+            self.worker_idle_s += output.idle_time_ms / 1e3
 
 
 class Engine:
@@ -230,6 +232,9 @@ class Engine:
 
     async def _run_lane(self, lane: _Lane) -> None:
         in_flight: deque[StepPlan] = deque()
+        # The first step after the lane ran out of work: the device's wait before it was for work, not for us.
+        first_after_pause: int | None = None
+        is_paused = True
         try:
             while True:
                 while len(in_flight) < self._config.max_steps_in_flight:
@@ -240,16 +245,19 @@ class Engine:
                         break
                     await lane.transport.send(plan)
                     in_flight.append(plan)
+                    if is_paused:
+                        first_after_pause, is_paused = plan.step_id, False
                 if not in_flight:
                     lane.wakeup.clear()
                     await lane.wakeup.wait()
+                    is_paused = True
                     continue
                 output = await lane.transport.receive()
                 started = time.perf_counter()
                 self._num_steps += 1
                 self._apply(lane, lane.scheduler.update_from_output(in_flight.popleft(), output))
                 self._times.control_plane_s += time.perf_counter() - started
-                self._times.add_output(output)
+                self._times.add_output(output, counts_idle=output.step_id != first_after_pause)
         except WorkerUnavailableError as exc:
             log.error("worker_failed", worker_id=lane.worker_id, error=str(exc))
             self._fail_lane(lane, exc)

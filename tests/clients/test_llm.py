@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,15 @@ def test_offline_builtin_model_gives_the_same_tokens_with_the_worker_in_a_proces
 def test_a_worker_process_that_cannot_load_the_model_fails_the_constructor_instead_of_hanging(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="exited with code"):
         LLM(tmp_path, worker_start_timeout_s=120.0)
+
+
+def test_device_idle_time_leaves_out_the_wait_for_requests_between_generate_calls() -> None:
+    cache = CacheConfig(kv_cache_memory_bytes=16 << 20, swap_space_bytes=0)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    with LLM(STORIES, cache_config=cache, worker_process=False) as llm:
+        llm.generate(["One day"], params)
+        time.sleep(0.5)  # the worker waits for work, not for the engine
+        llm.generate(["One day"], params)
+        status = llm.status()
+    assert status.num_steps >= 8
+    assert status.worker_idle_time_s < 0.25
