@@ -99,8 +99,8 @@ class LLM:
     """A model served from this process. `model=None` uses the built-in tiny model with random weights.
 
     The engine runs on a thread of this process, so creating an LLM shortens the process's thread switch interval
-    (pagedserve.gil) for the step pipeline's hand-offs between threads, and once started it freezes the objects
-    alive so far out of the garbage collector's full collections (pagedserve.collector).
+    (pagedserve.gil) for the step pipeline's hand-offs between threads, and freezes the objects alive before it
+    (imported modules above all) out of the garbage collector's full collections (pagedserve.collector).
     """
 
     def __init__(
@@ -118,6 +118,7 @@ class LLM:
         worker_start_timeout_s: float = 600.0,
     ) -> None:
         use_short_turns()
+        freeze_startup_objects()  # before this LLM's own objects exist, so that they stay collectable after close()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pagedserve-engine", daemon=True)
         self._thread.start()
@@ -150,7 +151,6 @@ class LLM:
         self.model: ServedModel
         self.tokenizer: Tokenizer
         self._engine, self.model, self.tokenizer = started
-        freeze_startup_objects()
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()

@@ -177,8 +177,8 @@ class BlockManager:
         with none free: the general path decides then."""
         table = self._tables[seq_id]
         index = slot // self.block_size
-        if index < len(table.block_ids) - 1:
-            return None  # blocks past the slot's: only allocate_slots checks them all for sharing
+        if not len(table.block_ids) - 1 <= index <= len(table.block_ids):
+            return None  # blocks past the slot's (only allocate_slots checks them all for sharing), or a gap
         if index < len(table.block_ids):
             return None if self.gpu.ref_count(table.block_ids[index]) > 1 else TableChange(len(table.block_ids), ())
         if not self.gpu.can_allocate(1):

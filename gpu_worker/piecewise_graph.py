@@ -9,7 +9,7 @@ launches per layer into one replay plus the attention's own launches.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+import time
 
 import structlog
 import torch
@@ -34,21 +34,15 @@ def piece_sizes(max_tokens: int) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
-@dataclass(frozen=True, slots=True)
-class _Pieces:
-    """One token count's graphs: graphs[i] runs up to layer i's attention; the last one ends the forward pass."""
-
-    graphs: list[torch.cuda.CUDAGraph]
-    hidden: torch.Tensor
-
-
 class PiecewiseGraphRunner:
     """Runs steps of up to sizes[-1] tokens as captured pieces and eager attentions.
 
     Invariant: the pieces read only the static buffers below. A step of t tokens runs the pieces of the
     smallest captured size >= t; rows t.. are padding: slot -1 (no K/V written), and attention covers only
     rows < t while every other operation works row by row, so padding never reaches a real row and its hidden
-    rows are ignored.
+    rows are ignored. The hidden states run() returns live in a static buffer that the next run (and any graph
+    of the shared pool) overwrites: their readers are queued on the same stream before it, as
+    ModelRunner.launch queues logits and sampling.
     """
 
     def __init__(self, model: DecoderForCausalLM, kv_cache: torch.Tensor, max_tokens: int) -> None:
@@ -63,31 +57,35 @@ class PiecewiseGraphRunner:
         shape = (size, config.num_heads, config.head_dim)
         self.buffers = AttentionBuffers(torch.zeros(shape, dtype=kv_cache.dtype, device=device),
                                         torch.zeros(shape, dtype=kv_cache.dtype, device=device))
-        self._pieces: dict[int, _Pieces] = {}
+        self.hidden = torch.zeros(size, config.hidden_size, dtype=kv_cache.dtype, device=device)
+        # Per size: graphs[i] runs up to layer i's attention; the last one ends the forward pass into self.hidden.
+        self._graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         self.num_replays = 0
 
     @torch.inference_mode()
     def capture(self, pool: tuple[int, int]) -> None:
         """Captures every size's pieces, largest first, in pool (shared with other graphs that never run at the
         same time)."""
+        started = time.perf_counter()
         for size in reversed(self.sizes):
             self._warm_up(size)
             pieces = self.model.pieces(self.input_ids[:size], self.positions[:size], self.slot_mapping[:size],
                                        self.kv_cache, self._buffers(size))
             graphs: list[torch.cuda.CUDAGraph] = []
-            hidden: torch.Tensor | None = None
-            while hidden is None:
+            is_finished = False
+            while not is_finished:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     try:
                         next(pieces)
                     except StopIteration as finished:
-                        hidden = finished.value
+                        self.hidden[:size].copy_(finished.value)
+                        is_finished = True
                 graphs.append(graph)
-            self._pieces[size] = _Pieces(graphs, hidden)
+            self._graphs[size] = graphs
         torch.cuda.synchronize(self.kv_cache.device)
         log.info("piecewise_graphs_captured", num_sizes=len(self.sizes), max_tokens=self.sizes[-1],
-                 num_graphs=sum(len(p.graphs) for p in self._pieces.values()))
+                 num_graphs=sum(len(g) for g in self._graphs.values()), seconds=round(time.perf_counter() - started, 2))
 
     def can_run(self, batch: FlatBatch) -> bool:
         return 0 < batch.num_tokens <= self.sizes[-1]
@@ -100,14 +98,14 @@ class PiecewiseGraphRunner:
         self.positions[:num_tokens].copy_(batch.positions)
         self.slot_mapping[:num_tokens].copy_(batch.meta.slot_mapping)
         self.slot_mapping[num_tokens:size].fill_(-1)
-        pieces = self._pieces[size]
-        for layer, graph in enumerate(pieces.graphs[:-1]):
+        graphs = self._graphs[size]
+        for layer, graph in enumerate(graphs[:-1]):
             graph.replay()
             call = AttentionCall(layer, self.buffers.query[:num_tokens], self.buffers.out[:num_tokens])
             self.model.attend(call, batch.meta, self.kv_cache)
-        pieces.graphs[-1].replay()
+        graphs[-1].replay()
         self.num_replays += 1
-        return pieces.hidden[:num_tokens]
+        return self.hidden[:num_tokens]
 
     def _buffers(self, size: int) -> AttentionBuffers:
         return AttentionBuffers(self.buffers.query[:size], self.buffers.out[:size])

@@ -121,7 +121,9 @@ class PagedAttention(nn.Module):
         buffers.query.copy_(query)
         return buffers.query, buffers.out
 
-    def attend(self, out: torch.Tensor, query: torch.Tensor, meta: AttentionMetadata, layer_cache: torch.Tensor) -> None:
+    def attend(
+        self, out: torch.Tensor, query: torch.Tensor, meta: AttentionMetadata, layer_cache: torch.Tensor
+    ) -> None:
         """out = attention of query's rows over their paged context (the only part that reads the metadata)."""
         self.ops.paged_attention(
             out, query, layer_cache[0], layer_cache[1], meta.block_tables, meta.seq_lens, meta.query_start_loc,
