@@ -19,8 +19,9 @@ YOUNG_COLLECTION_THRESHOLD = 10_000  # allocations between young collections (CP
 
 def freeze_startup_objects() -> None:
     """Collects once, moves every surviving object to the permanent generation (never scanned again) and makes
-    young collections rarer. Called once a process has finished starting up; calling it again freezes what
-    was created since."""
+    young collections rarer. Called once a process holds its long-lived objects (the servers: after start-up;
+    the offline LLM: when created, so that the objects it makes stay collectable after it closes). Calling it
+    again freezes what was created since."""
     gc.collect()
     gc.freeze()
     _, middle, old = gc.get_threshold()
