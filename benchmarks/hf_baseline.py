@@ -35,12 +35,14 @@ class BackendRun:
     elapsed_s: float
     concurrency: int  # requests generated together at most, for the bound
     step_profile: dict[str, float] | None = None  # pagedserve only: where each engine step's time went
+    step_kinds: list[dict[str, Any]] | None = None  # pagedserve only: the same, by kind of step
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "backend": self.backend, "num_requests": self.num_requests, "prompt_tokens": self.prompt_tokens,
             "output_tokens": self.output_tokens, "elapsed_s": self.elapsed_s, "concurrency": self.concurrency,
             **({"step_profile": self.step_profile} if self.step_profile else {}),
+            **({"step_kinds": self.step_kinds} if self.step_kinds else {}),
             "requests_per_s": self.num_requests / self.elapsed_s,
             "output_tokens_per_s": self.output_tokens / self.elapsed_s,
             "total_tokens_per_s": (self.prompt_tokens + self.output_tokens) / self.elapsed_s,

@@ -1,7 +1,10 @@
-"""Where an engine step's time went, from two GetServerStatus (or LLM.status()) snapshots."""
+"""Where an engine step's time went: averages from two GetServerStatus (or LLM.status()) snapshots, and the
+offline engine's step records grouped by kind of step."""
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -20,3 +23,36 @@ def step_profile(before: Any, after: Any) -> dict[str, float]:
         "idle_fraction": idle_s / (idle_s + forward_s) if idle_s + forward_s > 0 else 0.0,
     }
 
+
+
+# Decode steps grouped by batch size: (label, smallest, largest).
+_DECODE_GROUPS = (("decode 513+", 513, None), ("decode 257-512", 257, 512), ("decode 65-256", 65, 256),
+                  ("decode 1-64", 1, 64))
+
+
+def step_kinds(records: Sequence[Any]) -> list[dict[str, Any]]:
+    """Engine step records (LLM.recent_steps()) grouped into steps with prompt tokens and decode steps by batch
+    size: per group the number of steps, medians of each time (ms) and of the time between consecutive
+    results, and the sums (s) of that time, of device time and of device idle."""
+    periods = [0.0] + [(b.received_s - a.received_s) * 1e3 for a, b in zip(records, records[1:])]
+    rows = list(zip(records, periods))[1:]  # the first step has no previous result to measure from
+    groups: list[tuple[str, list[tuple[Any, float]]]] = [
+        ("with prompt tokens", [(r, p) for r, p in rows if r.num_tokens > r.num_seqs])]
+    for label, low, high in _DECODE_GROUPS:
+        groups.append((label, [(r, p) for r, p in rows if r.num_tokens == r.num_seqs
+                               and low <= r.num_seqs and (high is None or r.num_seqs <= high)]))
+    kinds = []
+    for label, members in groups:
+        if not members:
+            continue
+        kind: dict[str, Any] = {"kind": label, "steps": len(members),
+                                "median_seqs": statistics.median(r.num_seqs for r, _ in members),
+                                "median_tokens": statistics.median(r.num_tokens for r, _ in members)}
+        for field in ("plan_ms", "apply_ms", "worker_host_ms", "device_ms", "idle_ms"):
+            kind[f"median_{field}"] = statistics.median(getattr(r, field) for r, _ in members)
+        kind["median_period_ms"] = statistics.median(p for _, p in members)
+        kind["sum_period_s"] = sum(p for _, p in members) / 1e3
+        kind["sum_device_s"] = sum(r.device_ms for r, _ in members) / 1e3
+        kind["sum_idle_s"] = sum(r.idle_ms for r, _ in members) / 1e3
+        kinds.append(kind)
+    return kinds

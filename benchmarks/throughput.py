@@ -21,7 +21,7 @@ from benchmarks.hardware_bound import (HardwareRates, Workload, bound_summary, d
 from benchmarks.hf_baseline import (BackendRun, HFBackend, load_model, run_generate, run_generate_batch,
                                     save_seeded_weights)
 from benchmarks.model_shapes import SHAPES, add_model_arguments, read_shape, sampling_vocab_size, write_model_dir
-from benchmarks.step_profile import step_profile
+from benchmarks.step_profile import step_kinds, step_profile
 from benchmarks.random_dataset import BenchRequest, sample_random_requests
 from pagedserve.control_plane.config import EngineConfig
 
@@ -113,17 +113,20 @@ def run_pagedserve(model_dir: Path, requests: Sequence[BenchRequest], args: argp
         llm.generate([r.prompt_token_ids for r in warmups], SamplingParams(max_tokens=4, temperature=0.0))
         params = [SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=args.ignore_eos)
                   for r in requests]
-        before = llm.status()
+        before, last_warmup_step = llm.status(), llm.recent_steps()[-1].step_id
         start = time.perf_counter()
         outputs = llm.generate([r.prompt_token_ids for r in requests], params)
         elapsed = time.perf_counter() - start
         profile = step_profile(before, llm.status())
+        kinds = step_kinds([r for r in llm.recent_steps() if r.step_id > last_warmup_step])
     print("pagedserve step profile: " + ", ".join(f"{k} {v:.3f}" for k, v in profile.items()), flush=True)
+    if kinds:
+        print(report.text_table(list(kinds[0]), [list(kind.values()) for kind in kinds]), flush=True)
     _free_device_memory(device)
     output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
     return BackendRun(PAGEDSERVE, len(requests), prompt_tokens, output_tokens, elapsed,
-                      min(args.max_num_seqs, len(requests)), profile)
+                      min(args.max_num_seqs, len(requests)), profile, kinds)
 
 
 

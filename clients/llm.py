@@ -21,7 +21,7 @@ from typing import Any, Coroutine, TypeVar
 from pagedserve.control_plane.builtin_model import BUILTIN_MODEL_NAME, write_builtin_model
 from pagedserve.control_plane.config import CacheConfig, EngineConfig, SchedulerConfig
 from pagedserve.control_plane.convert import step_output_from_proto, step_plan_to_proto
-from pagedserve.control_plane.engine import Engine, EngineStatus
+from pagedserve.control_plane.engine import Engine, EngineStatus, StepRecord
 from pagedserve.control_plane.main import start_engine
 from pagedserve.control_plane.request import FinishReason
 from pagedserve.control_plane.sampling_params import SamplingParams, validate_prompt
@@ -197,6 +197,10 @@ class LLM:
         """Queue lengths, cache usage and where the steps' time went, as GetServerStatus reports them."""
         return self._engine.status()
 
+    def recent_steps(self) -> list[StepRecord]:
+        """The engine's last steps (engine.RECENT_STEPS at most), each with its size and where its time went."""
+        return self._run(_recent_steps(self._engine))
+
     def close(self) -> None:
         self._run(self._engine.stop())
         self._run(self._worker.close())
@@ -211,6 +215,10 @@ class LLM:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+async def _recent_steps(engine: Engine) -> list[StepRecord]:
+    return engine.recent_steps()  # read on the engine's loop, between its steps
 
 
 async def _connect(launcher: LocalWorkers, timeout_s: float) -> GrpcWorkerClient:

@@ -95,6 +95,23 @@ class EngineStatus:
     worker_idle_time_s: float
 
 
+class StepRecord(NamedTuple):
+    """One step as its lane saw it: its size, the control plane's time on it and the worker's report (ms)."""
+
+    step_id: int
+    num_seqs: int
+    num_tokens: int
+    plan_ms: float
+    apply_ms: float
+    received_s: float  # time.perf_counter() when the result arrived
+    worker_host_ms: float
+    device_ms: float
+    idle_ms: float  # 0 for the first step after the lane ran out of work (the device waited for work, not us)
+
+
+RECENT_STEPS = 16384  # step records kept, newest last (a few MB)
+
+
 @dataclass(slots=True)
 class _StepTimes:
     """Where the time of the steps went, summed since start (seconds)."""
@@ -132,6 +149,7 @@ class Engine:
         self._ids = itertools.count()
         self._num_steps = 0
         self._times = _StepTimes()
+        self._recent_steps: deque[StepRecord] = deque(maxlen=RECENT_STEPS)
 
     def start(self) -> None:
         for lane in self._lanes:
@@ -230,8 +248,12 @@ class Engine:
             worker_idle_time_s=self._times.worker_idle_s,
         )
 
+    def recent_steps(self) -> list[StepRecord]:
+        """The last RECENT_STEPS steps of every lane, in the order their results arrived (call it on the loop)."""
+        return list(self._recent_steps)
+
     async def _run_lane(self, lane: _Lane) -> None:
-        in_flight: deque[StepPlan] = deque()
+        in_flight: deque[tuple[StepPlan, float]] = deque()  # with its planning time, ms
         # The first step after the lane ran out of work: the device's wait before it was for work, not for us.
         first_after_pause: int | None = None
         is_paused = True
@@ -240,11 +262,12 @@ class Engine:
                 while len(in_flight) < self._config.max_steps_in_flight:
                     started = time.perf_counter()
                     plan = lane.scheduler.schedule()
-                    self._times.control_plane_s += time.perf_counter() - started
+                    plan_s = time.perf_counter() - started
+                    self._times.control_plane_s += plan_s
                     if plan.is_empty:
                         break
                     await lane.transport.send(plan)
-                    in_flight.append(plan)
+                    in_flight.append((plan, plan_s * 1e3))
                     if is_paused:
                         first_after_pause, is_paused = plan.step_id, False
                 if not in_flight:
@@ -255,9 +278,17 @@ class Engine:
                 output = await lane.transport.receive()
                 started = time.perf_counter()
                 self._num_steps += 1
-                self._apply(lane, lane.scheduler.update_from_output(in_flight.popleft(), output))
-                self._times.control_plane_s += time.perf_counter() - started
-                self._times.add_output(output, counts_idle=output.step_id != first_after_pause)
+                plan, plan_ms = in_flight.popleft()
+                self._apply(lane, lane.scheduler.update_from_output(plan, output))
+                apply_s = time.perf_counter() - started
+                self._times.control_plane_s += apply_s
+                counts_idle = output.step_id != first_after_pause
+                self._times.add_output(output, counts_idle)
+                self._recent_steps.append(StepRecord(
+                    plan.step_id, len(plan.new_sequences) + len(plan.scheduled_sequences), plan.num_scheduled_tokens,
+                    plan_ms, apply_s * 1e3, started, output.step_time_ms, output.forward_time_ms,
+                    output.idle_time_ms if counts_idle else 0.0,
+                ))
         except WorkerUnavailableError as exc:
             log.error("worker_failed", worker_id=lane.worker_id, error=str(exc))
             self._fail_lane(lane, exc)
