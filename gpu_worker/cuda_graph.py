@@ -13,17 +13,26 @@ from pagedserve.gpu_worker.models.layers import AttentionMetadata
 
 log = structlog.get_logger()
 _SMALL_SIZES = (1, 2, 4)
-_SIZE_STEP = 8
-_LARGE_FROM, _LARGE_SIZE_STEP = 256, 32  # past 256 sequences, padding 31 rows costs little next to the batch
+# Multiples of 8 up to 256 sequences, then of 32: past 256, padding 31 rows costs little next to the batch.
+_SIZE_RUNS = ((8, 256), (32, None))
+
+
+def padded_sizes(limit: int, small: tuple[int, ...], runs: tuple[tuple[int, int | None], ...]) -> tuple[int, ...]:
+    """The sizes graphs are captured for: the small ones, then each run's multiples of its step from where the
+    previous run ended up to its end (None: the limit), all up to limit, which is always included."""
+    sizes = {s for s in small if s <= limit}
+    start = 0
+    for step, end in runs:
+        end = limit if end is None else min(end, limit)
+        sizes.update(range(start + step, end + 1, step))
+        start = end
+    sizes.add(limit)
+    return tuple(sorted(sizes))
 
 
 def capture_sizes(max_batch_size: int) -> tuple[int, ...]:
     """1, 2, 4, multiples of 8 up to 256, then multiples of 32, up to max_batch_size (itself always included)."""
-    sizes = {s for s in _SMALL_SIZES if s <= max_batch_size}
-    sizes.update(range(_SIZE_STEP, min(max_batch_size, _LARGE_FROM) + 1, _SIZE_STEP))
-    sizes.update(range(_LARGE_FROM + _LARGE_SIZE_STEP, max_batch_size + 1, _LARGE_SIZE_STEP))
-    sizes.add(max_batch_size)
-    return tuple(sorted(sizes))
+    return padded_sizes(max_batch_size, _SMALL_SIZES, _SIZE_RUNS)
 
 
 class CudaGraphRunner:

@@ -14,8 +14,9 @@ import time
 import structlog
 import torch
 
+from pagedserve.gpu_worker.cuda_graph import padded_sizes
 from pagedserve.gpu_worker.model_runner import FlatBatch
-from pagedserve.gpu_worker.models.decoder import AttentionCall, DecoderForCausalLM
+from pagedserve.gpu_worker.models.decoder import AttentionCall, DecoderForCausalLM, ForwardPieces
 from pagedserve.gpu_worker.models.layers import AttentionBuffers
 
 log = structlog.get_logger()
@@ -23,15 +24,12 @@ log = structlog.get_logger()
 # computes for about 8 ms), so larger steps run eagerly and need no activation memory for graphs.
 MAX_PIECEWISE_TOKENS = 2048
 _SMALL_SIZES = (16, 32, 64)
-_SIZE_STEP = 128
+_SIZE_RUNS = ((128, None),)
 
 
 def piece_sizes(max_tokens: int) -> tuple[int, ...]:
     """16, 32, 64, then multiples of 128, up to max_tokens (itself always included)."""
-    sizes = {s for s in _SMALL_SIZES if s <= max_tokens}
-    sizes.update(range(_SIZE_STEP, max_tokens + 1, _SIZE_STEP))
-    sizes.add(max_tokens)
-    return tuple(sorted(sizes))
+    return padded_sizes(max_tokens, _SMALL_SIZES, _SIZE_RUNS)
 
 
 class PiecewiseGraphRunner:
@@ -68,9 +66,10 @@ class PiecewiseGraphRunner:
         same time)."""
         started = time.perf_counter()
         for size in reversed(self.sizes):
-            self._warm_up(size)
-            pieces = self.model.pieces(self.input_ids[:size], self.positions[:size], self.slot_mapping[:size],
-                                       self.kv_cache, self._buffers(size))
+            # Warm-up, uncaptured and without attention: compiles kernels and settles the allocator.
+            for _ in self._pieces(size):
+                pass
+            pieces = self._pieces(size)
             graphs: list[torch.cuda.CUDAGraph] = []
             is_finished = False
             while not is_finished:
@@ -107,11 +106,8 @@ class PiecewiseGraphRunner:
         self.num_replays += 1
         return self.hidden[:num_tokens]
 
-    def _buffers(self, size: int) -> AttentionBuffers:
-        return AttentionBuffers(self.buffers.query[:size], self.buffers.out[:size])
-
-    def _warm_up(self, size: int) -> None:
-        """Runs the pieces once uncaptured (compiling kernels, settling the allocator); attention is skipped."""
-        for _ in self.model.pieces(self.input_ids[:size], self.positions[:size], self.slot_mapping[:size],
-                                   self.kv_cache, self._buffers(size)):
-            pass
+    def _pieces(self, size: int) -> ForwardPieces:
+        """The forward pass of size padded tokens over the static buffers, cut at each attention."""
+        buffers = AttentionBuffers(self.buffers.query[:size], self.buffers.out[:size])
+        return self.model.pieces(self.input_ids[:size], self.positions[:size], self.slot_mapping[:size],
+                                 self.kv_cache, buffers)

@@ -1,4 +1,5 @@
-"""Steps that are not pure decodes run as captured pieces between eager attentions, with the eager forward's output."""
+"""The sizes graphs are captured for, and steps that are not pure decodes run as captured pieces between eager
+attentions, with the eager forward's output."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pagedserve.gpu_worker.config import DeviceKind
 from pagedserve.gpu_worker.model_runner import FlatBatch, build_batch
 from pagedserve.gpu_worker.models.decoder import run_pieces
 from pagedserve.gpu_worker.models.layers import AttentionBuffers
+from pagedserve.gpu_worker.cuda_graph import capture_sizes
 from pagedserve.gpu_worker.piecewise_graph import piece_sizes
 from pagedserve.gpu_worker.sampler import SamplingOptions
 from pagedserve.gpu_worker.sequence_state import ScheduledWork, SequenceState
@@ -27,6 +29,12 @@ def test_piece_sizes_are_small_powers_of_two_then_multiples_of_128_up_to_the_lim
     assert piece_sizes(300) == (16, 32, 64, 128, 256, 300)
     assert piece_sizes(2048) == (16, 32, 64, *range(128, 2049, 128))
     assert piece_sizes(10) == (10,)
+
+
+def test_decode_sizes_are_1_2_4_then_multiples_of_8_to_256_then_of_32_up_to_the_limit() -> None:
+    assert capture_sizes(1024) == (1, 2, 4, *range(8, 257, 8), *range(288, 1025, 32))
+    assert capture_sizes(300) == (1, 2, 4, *range(8, 257, 8), 288, 300)
+    assert capture_sizes(3) == (1, 2, 3)
 
 
 def _filled_worker(device: DeviceKind) -> Worker:
