@@ -24,7 +24,6 @@ def step_profile(before: Any, after: Any) -> dict[str, float]:
     }
 
 
-
 # Decode steps grouped by batch size: (label, smallest, largest).
 _DECODE_GROUPS = (("decode 513+", 513, None), ("decode 257-512", 257, 512), ("decode 65-256", 65, 256),
                   ("decode 1-64", 1, 64))
