@@ -29,28 +29,34 @@ _DECODE_GROUPS = (("decode 513+", 513, None), ("decode 257-512", 257, 512), ("de
                   ("decode 1-64", 1, 64))
 
 
+def _kind(record: Any) -> str:
+    if record.num_tokens > record.num_seqs:
+        return "with prompt tokens"
+    if record.num_tokens == record.num_seqs > 0:
+        return next(label for label, low, high in _DECODE_GROUPS
+                    if low <= record.num_seqs and (high is None or record.num_seqs <= high))
+    return "other"  # a step that computes nothing (it only drops sequences, say)
+
+
 def step_kinds(records: Sequence[Any]) -> list[dict[str, Any]]:
-    """Engine step records (LLM.recent_steps()) grouped into steps with prompt tokens and decode steps by batch
-    size: per group the number of steps, medians of each time (ms) and of the time between consecutive
-    results, and the sums (s) of that time, of device time and of device idle."""
-    periods = [0.0] + [(b.received_s - a.received_s) * 1e3 for a, b in zip(records, records[1:])]
-    rows = list(zip(records, periods))[1:]  # the first step has no previous result to measure from
-    groups: list[tuple[str, list[tuple[Any, float]]]] = [
-        ("with prompt tokens", [(r, p) for r, p in rows if r.num_tokens > r.num_seqs])]
-    for label, low, high in _DECODE_GROUPS:
-        groups.append((label, [(r, p) for r, p in rows if r.num_tokens == r.num_seqs
-                               and low <= r.num_seqs and (high is None or r.num_seqs <= high)]))
+    """Engine step records (LLM.recent_steps()) grouped into steps with prompt tokens, decode steps by batch
+    size, and other steps: per group the number of steps, medians of each time (ms) and of the time since the
+    previous result (the first record has none), and the sums (s) of that time, of device time and of idle."""
+    periods = [None] + [(b.received_s - a.received_s) * 1e3 for a, b in zip(records, records[1:])]
+    labels = ["with prompt tokens", *(label for label, _, _ in _DECODE_GROUPS), "other"]
     kinds = []
-    for label, members in groups:
+    for label in labels:
+        members = [(r, p) for r, p in zip(records, periods) if _kind(r) == label]
         if not members:
             continue
+        known_periods = [p for _, p in members if p is not None]
         kind: dict[str, Any] = {"kind": label, "steps": len(members),
                                 "median_seqs": statistics.median(r.num_seqs for r, _ in members),
                                 "median_tokens": statistics.median(r.num_tokens for r, _ in members)}
         for field in ("plan_ms", "apply_ms", "worker_host_ms", "device_ms", "idle_ms"):
             kind[f"median_{field}"] = statistics.median(getattr(r, field) for r, _ in members)
-        kind["median_period_ms"] = statistics.median(p for _, p in members)
-        kind["sum_period_s"] = sum(p for _, p in members) / 1e3
+        kind["median_period_ms"] = statistics.median(known_periods) if known_periods else None
+        kind["sum_period_s"] = sum(known_periods) / 1e3
         kind["sum_device_s"] = sum(r.device_ms for r, _ in members) / 1e3
         kind["sum_idle_s"] = sum(r.idle_ms for r, _ in members) / 1e3
         kinds.append(kind)

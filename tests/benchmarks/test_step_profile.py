@@ -1,4 +1,4 @@
-"""Step records grouped by kind: prompt-carrying steps apart, decode steps by batch size, with exact sums."""
+"""Step records grouped by kind: steps with prompt tokens, decode steps by batch size and the rest, exact sums."""
 
 from __future__ import annotations
 
@@ -21,13 +21,16 @@ def test_steps_are_grouped_by_kind_with_the_time_since_the_previous_result() -> 
         _record(2, 600, 600, received_s=1.090, device_ms=15.0, idle_ms=2.0),
         _record(3, 600, 600, received_s=1.106, device_ms=15.0, idle_ms=0.5),
         _record(4, 40, 40, received_s=1.110, device_ms=3.0, idle_ms=0.0),
+        _record(5, 0, 0, received_s=1.111, device_ms=0.1, idle_ms=0.0),
     ]
 
     kinds = {k["kind"]: k for k in step_kinds(records)}
 
-    assert list(kinds) == ["with prompt tokens", "decode 513+", "decode 1-64"]  # the first step has no period
-    assert kinds["with prompt tokens"]["steps"] == 1
-    assert kinds["with prompt tokens"]["median_period_ms"] == pytest.approx(70.0)
+    assert list(kinds) == ["with prompt tokens", "decode 513+", "decode 1-64", "other"]
+    prompt = kinds["with prompt tokens"]
+    assert (prompt["steps"], prompt["median_tokens"]) == (2, 2610)
+    assert prompt["median_period_ms"] == pytest.approx(70.0)  # the first record has no period
+    assert prompt["sum_period_s"] == pytest.approx(0.070)
     decode = kinds["decode 513+"]
     assert (decode["steps"], decode["median_seqs"], decode["median_device_ms"]) == (2, 600, 15.0)
     assert decode["median_period_ms"] == pytest.approx(18.0)
@@ -35,3 +38,4 @@ def test_steps_are_grouped_by_kind_with_the_time_since_the_previous_result() -> 
     assert decode["sum_device_s"] == pytest.approx(0.030)
     assert decode["sum_idle_s"] == pytest.approx(0.0025)
     assert kinds["decode 1-64"]["median_plan_ms"] == 1.0
+    assert (kinds["other"]["steps"], kinds["other"]["median_seqs"]) == (1, 0)  # a step that only drops

@@ -31,9 +31,9 @@ def test_every_backend_generates_every_requested_token(tmp_path: Path) -> None:
     assert all(b["percent_of_bound"] > 0 for b in backends.values())
     # The six prompts of 10 tokens fit one step; the 3 tokens after each first one come in 3 decode steps of 6.
     kinds = {k["kind"]: k for k in backends["pagedserve"]["step_kinds"]}
-    assert kinds["with prompt tokens"]["steps"] + kinds["decode 1-64"]["steps"] == backends["pagedserve"][
-        "step_profile"]["steps"] - 1  # the first step of the run has no earlier result to measure a period from
-    assert kinds["decode 1-64"]["median_seqs"] == 6
+    prompt, decode = kinds["with prompt tokens"], kinds["decode 1-64"]
+    assert (prompt["steps"], prompt["median_seqs"], prompt["median_tokens"]) == (1, 6, 60)
+    assert (decode["steps"], decode["median_seqs"], decode["median_tokens"]) == (3, 6, 6)
 
 
 def test_without_baselines_pagedserve_runs_on_its_own_dummy_weights(tmp_path: Path) -> None:
