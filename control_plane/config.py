@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 
+from pagedserve.logs import LogFormat
+
 
 class SchedulingPolicy(enum.Enum):
     """Order in which waiting requests are admitted."""
@@ -117,6 +119,7 @@ class ServerConfig:
     seed: int = 0
     metrics_port: int | None = None
     worker_start_timeout_s: float = 600.0
+    log_format: LogFormat = LogFormat.AUTO  # of this process and of the frontend process it starts
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:

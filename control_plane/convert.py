@@ -5,9 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from pagedserve.control_plane.errors import InvalidArgumentError
+from pagedserve.control_plane.errors import (
+    InvalidArgumentError,
+    PagedServeError,
+    ResourceExhaustedError,
+    WorkerUnavailableError,
+)
 from pagedserve.control_plane.request import FinishReason
 from pagedserve.control_plane.sampling_params import SamplingParams
+from pagedserve.control_plane.served_model import ServedModel
 from pagedserve.control_plane.step_plan import (
     NewSequencePlan,
     SequenceOutput,
@@ -16,11 +22,11 @@ from pagedserve.control_plane.step_plan import (
     TokenLogprobs,
     WorkerSampling,
 )
-from pagedserve.v1 import common_pb2, generation_service_pb2, worker_service_pb2
+from pagedserve.v1 import common_pb2, engine_service_pb2, generation_service_pb2, worker_service_pb2
 
 if TYPE_CHECKING:  # only their shapes matter here; the engine imports the scheduler
     from pagedserve.control_plane.completion import CompletionChunk
-    from pagedserve.control_plane.engine import Usage
+    from pagedserve.control_plane.engine import EngineStatus, Usage
     from pagedserve.control_plane.tokenizer import Tokenizer
 
 # Optional proto fields: unset means the SamplingParams default (max_tokens 16, seed None, ...).
@@ -79,6 +85,68 @@ def generate_response_to_proto(
         stop_reason=chunk.stop_reason,
         usage=None if usage is None else _usage_to_proto(usage),
         prompt_logprobs=[token_logprobs_to_proto(lp) for lp in chunk.prompt_logprobs],
+    )
+
+
+_ERROR_KINDS: tuple[tuple[type[PagedServeError], int], ...] = (
+    (InvalidArgumentError, engine_service_pb2.REQUEST_ERROR_KIND_INVALID_ARGUMENT),
+    (ResourceExhaustedError, engine_service_pb2.REQUEST_ERROR_KIND_RESOURCE_EXHAUSTED),
+    (WorkerUnavailableError, engine_service_pb2.REQUEST_ERROR_KIND_WORKER_UNAVAILABLE),
+)
+
+
+def _error_kind(error: PagedServeError) -> int:
+    return next((kind for error_type, kind in _ERROR_KINDS if isinstance(error, error_type)),
+                engine_service_pb2.REQUEST_ERROR_KIND_UNSPECIFIED)
+
+
+def request_error_to_proto(request_id: str, error: PagedServeError) -> engine_service_pb2.RequestError:
+    return engine_service_pb2.RequestError(request_id=request_id, kind=_error_kind(error), message=str(error))
+
+
+def request_error_from_proto(pb: engine_service_pb2.RequestError) -> PagedServeError:
+    """The domain error the engine raised (a plain PagedServeError, reported as INTERNAL, for an unknown kind)."""
+    if pb.kind == engine_service_pb2.REQUEST_ERROR_KIND_INVALID_ARGUMENT:
+        field, _, message = pb.message.partition(": ")
+        return InvalidArgumentError(field, message)
+    error_type = next((t for t, kind in _ERROR_KINDS if kind == pb.kind), PagedServeError)
+    return error_type(pb.message)
+
+
+def served_model_to_proto(model: ServedModel) -> generation_service_pb2.GetModelInfoResponse:
+    return generation_service_pb2.GetModelInfoResponse(
+        model=model.name, architecture=model.architecture, vocab_size=model.vocab_size,
+        max_model_len=model.max_model_len, dtype=model.dtype, block_size=model.block_size,
+        num_gpu_blocks=model.num_gpu_blocks, num_workers=model.num_workers, eos_token_ids=model.eos_token_ids,
+    )
+
+
+def served_model_from_proto(pb: generation_service_pb2.GetModelInfoResponse) -> ServedModel:
+    return ServedModel(
+        name=pb.model, architecture=pb.architecture, dtype=pb.dtype, vocab_size=pb.vocab_size,
+        max_model_len=pb.max_model_len, block_size=pb.block_size, num_gpu_blocks=pb.num_gpu_blocks,
+        num_workers=pb.num_workers, eos_token_ids=tuple(pb.eos_token_ids),
+    )
+
+
+def engine_status_to_proto(s: EngineStatus) -> generation_service_pb2.GetServerStatusResponse:
+    return generation_service_pb2.GetServerStatusResponse(
+        num_requests_running=s.num_requests_running,
+        num_requests_waiting=s.num_requests_waiting,
+        num_requests_swapped=s.num_requests_swapped,
+        kv_cache_usage=s.num_used_blocks / s.num_total_blocks if s.num_total_blocks else 0.0,
+        num_used_blocks=s.num_used_blocks,
+        num_total_blocks=s.num_total_blocks,
+        num_preemptions=s.num_preemptions,
+        prefix_cache_queries=s.prefix_cache_queries,
+        prefix_cache_hits=s.prefix_cache_hits,
+        prompt_tokens=s.num_prompt_tokens,
+        generation_tokens=s.num_generation_tokens,
+        num_steps=s.num_steps,
+        control_plane_step_time_s=s.control_plane_step_time_s,
+        worker_step_time_s=s.worker_step_time_s,
+        worker_forward_time_s=s.worker_forward_time_s,
+        worker_idle_time_s=s.worker_idle_time_s,
     )
 
 

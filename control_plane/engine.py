@@ -48,6 +48,16 @@ class StreamItem(NamedTuple):
     usage: Usage | None = None
 
 
+class RequestFailed(NamedTuple):
+    """The end of a request's stream when the engine cannot finish it (its worker failed)."""
+
+    request_id: str
+    error: PagedServeError
+
+
+EngineOutput = StreamItem | RequestFailed
+
+
 @dataclass(slots=True)
 class _Tracked:
     """Engine-side state of one admitted request."""
@@ -55,8 +65,8 @@ class _Tracked:
     request: Request
     lane: _Lane
     completions: list[CompletionStream]
+    channel: ItemChannel[EngineOutput]  # the request's own, or shared with other requests
     final_only: bool = False  # the consumer wants the whole result: wake it when the request ends, not per step
-    channel: ItemChannel[StreamItem | PagedServeError] = field(default_factory=ItemChannel)
     first_token_time_s: float | None = None
     last_token_time_s: float | None = None
 
@@ -168,11 +178,14 @@ class Engine:
         request_id: str = "",
         priority: int = 0,
         final_only: bool = False,
+        outputs: ItemChannel[EngineOutput] | None = None,
     ) -> str:
         """Admits a validated request to the least loaded worker; raises ResourceExhaustedError when full.
 
         final_only: stream() still yields every chunk, but its consumer is woken only when the request ends
         (as vLLM's FINAL_ONLY output kind), which spares an offline caller a task switch per step and request.
+        outputs: a channel shared by many requests, whose one consumer is woken once per step for all of them
+        (the frontend's relay), instead of the request's own channel that stream() reads.
         """
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._requests:
@@ -191,6 +204,7 @@ class Engine:
             request=request,
             lane=lane,
             final_only=final_only,
+            channel=ItemChannel() if outputs is None else outputs,
             completions=[
                 CompletionStream(request_id, index, self._tokenizer, prompt_token_ids, params, text_at_end=final_only)
                 for index in range(params.n)
@@ -209,8 +223,8 @@ class Engine:
         try:
             while True:
                 for item in await tracked.channel.take_all():
-                    if isinstance(item, PagedServeError):
-                        raise item
+                    if isinstance(item, RequestFailed):
+                        raise item.error
                     yield item
                     if item.usage is not None:
                         return
@@ -338,7 +352,7 @@ class Engine:
         for request_id, tracked in list(self._requests.items()):
             if tracked.lane is lane:
                 self._requests.pop(request_id)
-                tracked.channel.put(error)
+                tracked.channel.put(RequestFailed(request_id, error))
 
 
 def _load(stats: SchedulerStats) -> int:

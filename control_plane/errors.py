@@ -25,3 +25,7 @@ class NotFoundError(PagedServeError):
 
 class WorkerUnavailableError(PagedServeError):
     """A worker is draining, unreachable or failed (UNAVAILABLE)."""
+
+
+class EngineUnavailableError(PagedServeError):
+    """The frontend lost its engine process (UNAVAILABLE)."""

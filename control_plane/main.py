@@ -1,4 +1,4 @@
-"""`pagedserve serve`: wiring only. Flags and PAGEDSERVE_* variables -> configs -> workers, engine, server."""
+"""`pagedserve serve`: wiring only. Flags and PAGEDSERVE_* variables -> configs -> workers, engine, frontend."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import os
-import signal
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,10 +23,12 @@ from pagedserve.control_plane.config import (
     ServerConfig,
 )
 from pagedserve.control_plane.engine import Engine
+from pagedserve.control_plane.engine_service import EngineServicer, build_engine_server
+from pagedserve.control_plane.frontend import frontend_command
 from pagedserve.control_plane.metrics import EngineMetrics
 from pagedserve.control_plane.scheduler import Scheduler
 from pagedserve.control_plane.served_model import ServedModel
-from pagedserve.control_plane.service import GenerationServicer, build_server
+from pagedserve.control_plane.stop_signal import stopped_by_signal
 from pagedserve.control_plane.tokenizer import Tokenizer
 from pagedserve.control_plane.worker_client import GrpcWorkerClient, WorkerConnection
 from pagedserve.control_plane.worker_launcher import LocalWorkers, WorkerLaunchConfig, wait_for_workers
@@ -88,7 +90,7 @@ def configs_from_args(
     server = ServerConfig(
         host=args.host, port=args.port, model_dir=args.model, worker_addresses=tuple(args.worker),
         num_workers=args.num_workers, dtype=args.dtype, device=args.device, load_format=args.load_format,
-        seed=args.seed, metrics_port=args.metrics_port,
+        seed=args.seed, metrics_port=args.metrics_port, log_format=LogFormat(args.log_format),
     )
     scheduler = SchedulerConfig(
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
@@ -141,7 +143,9 @@ async def start_engine(
 
 
 async def serve(server: ServerConfig, scheduler: SchedulerConfig, cache: CacheConfig, engine_config: EngineConfig,
-                model_dir: Path) -> None:
+                model_dir: Path, runtime_dir: Path) -> int:
+    """Runs workers (unless given), the engine and, beside it, the frontend process with the public server, until
+    SIGINT/SIGTERM (0) or until the frontend exits (1). runtime_dir holds the engine's socket."""
     launcher = None
     addresses = list(server.worker_addresses)
     if not addresses:
@@ -154,30 +158,42 @@ async def serve(server: ServerConfig, scheduler: SchedulerConfig, cache: CacheCo
     try:
         await wait_for_workers(clients, server.worker_start_timeout_s, launcher)
         model_name = server.model_dir.name if server.model_dir else BUILTIN_MODEL_NAME
-        engine, model, tokenizer = await start_engine(clients, scheduler, cache, engine_config, model_dir, model_name)
+        engine, model, _ = await start_engine(clients, scheduler, cache, engine_config, model_dir, model_name)
         if server.metrics_port is not None:
             engine.metrics.serve(server.host, server.metrics_port)
-        grpc_server, port = await build_server(GenerationServicer(engine, tokenizer, model), server.address)
-        await grpc_server.start()
+        engine_address = f"unix:{runtime_dir / 'engine.sock'}"
+        engine_server = await build_engine_server(EngineServicer(engine, model), engine_address)
+        await engine_server.start()
+        frontend = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pagedserve.control_plane.frontend",
+            *frontend_command(engine_address, model_dir, server.address, server.log_format),
+        )
         freeze_startup_objects()
-        log.info("server_listening", address=f"{server.host}:{port}", model=model.name,
-                 max_model_len=model.max_model_len, num_gpu_blocks=model.num_gpu_blocks)
-        await _wait_for_stop_signal()
-        log.info("server_stopping")
-        await grpc_server.stop(grace=5.0)
+        log.info("engine_listening", engine=engine_address, frontend_pid=frontend.pid)
+        code = await _run_until_stopped(frontend)
+        await engine_server.stop(grace=1.0)
         await engine.stop()
         await asyncio.gather(*(c.close() for c in clients))
+        return code
     finally:
         if launcher is not None:
             launcher.stop()
 
 
-async def _wait_for_stop_signal() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+async def _run_until_stopped(frontend: asyncio.subprocess.Process) -> int:
+    """Waits for SIGINT/SIGTERM, then stops the frontend (0); or for the frontend to exit by itself (1)."""
+    if not await stopped_by_signal(frontend.wait()):
+        log.error("frontend_exited", code=frontend.returncode)
+        return 1
+    log.info("server_stopping")
+    if frontend.returncode is None:
+        frontend.terminate()
+        try:
+            await asyncio.wait_for(frontend.wait(), timeout=10.0)
+        except TimeoutError:
+            frontend.kill()
+            await frontend.wait()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -195,5 +211,4 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.warning("using_builtin_model", model=BUILTIN_MODEL_NAME, weights="deterministic random (dummy)",
                         message=f"no --model given: serving the built-in {BUILTIN_MODEL_NAME}, a small Llama with "
                                 "random weights and a locally built tokenizer; its text is not meaningful")
-        asyncio.run(serve(server, scheduler, cache, engine_config, model_dir))
-    return 0
+        return asyncio.run(serve(server, scheduler, cache, engine_config, model_dir, Path(scratch)))

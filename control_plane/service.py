@@ -10,13 +10,10 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from pagedserve.control_plane.convert import (
-    generate_response_to_proto,
-    prompt_from_proto,
-    sampling_params_from_proto,
-)
-from pagedserve.control_plane.engine import Engine
+from pagedserve.control_plane.convert import prompt_from_proto, sampling_params_from_proto, served_model_to_proto
+from pagedserve.control_plane.engine_client import EngineClient
 from pagedserve.control_plane.errors import (
+    EngineUnavailableError,
     InvalidArgumentError,
     NotFoundError,
     PagedServeError,
@@ -36,6 +33,7 @@ _STATUS_OF_ERROR: tuple[tuple[type[PagedServeError], grpc.StatusCode], ...] = (
     (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (WorkerUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (EngineUnavailableError, grpc.StatusCode.UNAVAILABLE),
 )
 
 
@@ -59,9 +57,9 @@ def _status_of_errors() -> Iterator[None]:
 
 
 class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
-    """Validates requests, hands them to the engine and streams their chunks back."""
+    """Tokenizes and validates requests, hands them to the engine process and streams their chunks back."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, model: ServedModel) -> None:
+    def __init__(self, engine: EngineClient, tokenizer: Tokenizer, model: ServedModel) -> None:
         self._engine = engine
         self._tokenizer = tokenizer
         self._model = model
@@ -73,12 +71,14 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
             with _status_of_errors():
                 prompt_token_ids = prompt_from_proto(request, self._tokenizer)
                 validate_prompt(prompt_token_ids, self._model.vocab_size, self._model.max_model_len)
-                params = sampling_params_from_proto(request.sampling_params if request.HasField("sampling_params") else None)
+                params = sampling_params_from_proto(request.sampling_params)
                 params.validate(self._model.vocab_size, self._model.max_model_len, len(prompt_token_ids))
-                request_id = self._engine.add_request(prompt_token_ids, params, request.request_id, request.priority)
+                request_id = self._engine.add_request(
+                    prompt_token_ids, request.sampling_params, request.request_id, request.priority,
+                )
             with structlog.contextvars.bound_contextvars(request_id=request_id), _status_of_errors():
-                async for item in self._engine.stream(request_id):
-                    yield generate_response_to_proto(item.chunk, item.usage)
+                async for response in self._engine.stream(request_id):
+                    yield response
         except _Abort as abort:
             await context.abort(abort.code, str(abort))
 
@@ -92,35 +92,16 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
     async def GetModelInfo(  # noqa: N802
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
-        m = self._model
-        return pb.GetModelInfoResponse(
-            model=m.name, architecture=m.architecture, vocab_size=m.vocab_size, max_model_len=m.max_model_len,
-            dtype=m.dtype, block_size=m.block_size, num_gpu_blocks=m.num_gpu_blocks, num_workers=m.num_workers,
-            eos_token_ids=m.eos_token_ids,
-        )
+        return served_model_to_proto(self._model)
 
     async def GetServerStatus(  # noqa: N802
         self, request: pb.GetServerStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetServerStatusResponse:
-        s = self._engine.status()
-        return pb.GetServerStatusResponse(
-            num_requests_running=s.num_requests_running,
-            num_requests_waiting=s.num_requests_waiting,
-            num_requests_swapped=s.num_requests_swapped,
-            kv_cache_usage=s.num_used_blocks / s.num_total_blocks if s.num_total_blocks else 0.0,
-            num_used_blocks=s.num_used_blocks,
-            num_total_blocks=s.num_total_blocks,
-            num_preemptions=s.num_preemptions,
-            prefix_cache_queries=s.prefix_cache_queries,
-            prefix_cache_hits=s.prefix_cache_hits,
-            prompt_tokens=s.num_prompt_tokens,
-            generation_tokens=s.num_generation_tokens,
-            num_steps=s.num_steps,
-            control_plane_step_time_s=s.control_plane_step_time_s,
-            worker_step_time_s=s.worker_step_time_s,
-            worker_forward_time_s=s.worker_forward_time_s,
-            worker_idle_time_s=s.worker_idle_time_s,
-        )
+        try:
+            with _status_of_errors():
+                return await self._engine.status()
+        except _Abort as abort:
+            await context.abort(abort.code, str(abort))
 
 
 async def build_server(servicer: GenerationServicer, address: str) -> tuple[grpc.aio.Server, int]:

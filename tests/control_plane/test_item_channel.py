@@ -33,3 +33,18 @@ def test_quiet_puts_leave_the_consumer_asleep_until_a_waking_put() -> None:
         return asleep, await consumer
 
     assert asyncio.run(scenario()) == (True, [1, 2, 3])
+
+
+def test_closing_wakes_the_consumer_which_takes_what_is_left_then_an_empty_list() -> None:
+    async def scenario() -> list[list[int]]:
+        channel: ItemChannel[int] = ItemChannel()
+        consumer = asyncio.create_task(channel.take_all())
+        await asyncio.sleep(0)
+        channel.close()
+        woken = await consumer
+        channel_with_items: ItemChannel[int] = ItemChannel()
+        channel_with_items.put(1, wake=False)
+        channel_with_items.close()
+        return [woken, await channel_with_items.take_all(), await channel_with_items.take_all()]
+
+    assert asyncio.run(scenario()) == [[], [1], []]

@@ -1,0 +1,153 @@
+"""The frontend's side of EngineService: requests out on one Relay stream, each step's chunks back in one message."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+import structlog
+
+from pagedserve.control_plane.convert import request_error_from_proto, served_model_from_proto
+from pagedserve.control_plane.errors import EngineUnavailableError, PagedServeError
+from pagedserve.control_plane.item_channel import ItemChannel
+from pagedserve.control_plane.served_model import ServedModel
+from pagedserve.v1 import common_pb2, engine_service_pb2, engine_service_pb2_grpc, generation_service_pb2
+
+log = structlog.get_logger()
+
+_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+GenerateResponse = generation_service_pb2.GenerateResponse
+
+
+class EngineClient:
+    """The engine process as the frontend sees it: add_request() and stream() as on the in-process Engine.
+
+    Commands (add, abort) queue on one channel and leave in one message per wake-up; the engine's chunks arrive
+    in one message per step and are dealt to each request's channel. Request ids are unique among the requests
+    whose streams are open, which the engine relies on. When the relay ends (the engine process is gone), every
+    open stream fails with EngineUnavailableError and `closed` is set.
+    """
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel = grpc.aio.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+            ],
+        )
+        self._stub = engine_service_pb2_grpc.EngineServiceStub(self._channel)
+        self._commands: ItemChannel[engine_service_pb2.RelayCommand] = ItemChannel()
+        self._streams: dict[str, ItemChannel[GenerateResponse | PagedServeError]] = {}
+        self._ids = itertools.count()
+        self._relay: asyncio.Task[None] | None = None
+        self.closed = asyncio.Event()
+
+    async def describe(self, timeout_s: float) -> ServedModel:
+        """The served model; waits up to timeout_s for the engine process to answer."""
+        reply = await self._stub.Describe(engine_service_pb2.DescribeRequest(), timeout=timeout_s,
+                                          wait_for_ready=True)
+        return served_model_from_proto(reply.model)
+
+    async def status(self) -> generation_service_pb2.GetServerStatusResponse:
+        try:
+            return (await self._stub.GetStatus(engine_service_pb2.GetStatusRequest())).status
+        except grpc.aio.AioRpcError as exc:
+            raise EngineUnavailableError(f"engine at {self.address}: {exc.details()}") from exc
+
+    def start(self) -> None:
+        """Opens the Relay stream."""
+        self._relay = asyncio.create_task(self._deal(self._stub.Relay(self._outgoing())), name="engine-relay")
+
+    async def close(self) -> None:
+        if self._relay is not None:
+            self._relay.cancel()
+        await self._channel.close()
+
+    def add_request(
+        self, prompt_token_ids: Sequence[int], sampling_params: common_pb2.SamplingParams, request_id: str = "",
+        priority: int = 0,
+    ) -> str:
+        """Sends a validated request to the engine; its id, made unique (`-N` appended) if already in use."""
+        if self.closed.is_set():
+            raise EngineUnavailableError(f"engine at {self.address} is gone")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._streams:
+            request_id = f"{request_id}-{next(self._ids)}"
+        self._streams[request_id] = ItemChannel()
+        self._commands.put(engine_service_pb2.RelayCommand(add=engine_service_pb2.AddRequest(
+            request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=sampling_params,
+            priority=priority,
+        )))
+        return request_id
+
+    async def stream(self, request_id: str) -> AsyncIterator[GenerateResponse]:
+        """Yields the request's chunks, numbered per completion, until the last (which carries usage). Chunks that
+        arrived together are sent as one per completion, so a client that fell behind gets fewer, larger
+        messages. Leaving early aborts the request in the engine."""
+        channel = self._streams[request_id]
+        sequence_numbers: dict[int, int] = {}
+        has_ended = False
+        try:
+            while not has_ended:
+                items = await channel.take_all()
+                chunks = [item for item in items if not isinstance(item, PagedServeError)]
+                for chunk in merge_chunks(chunks):
+                    chunk.sequence_number = sequence_numbers.get(chunk.index, 0)
+                    sequence_numbers[chunk.index] = chunk.sequence_number + 1
+                    has_ended = chunk.HasField("usage")
+                    yield chunk
+                if len(chunks) < len(items):
+                    has_ended = True
+                    raise next(item for item in items if isinstance(item, PagedServeError))
+        finally:
+            del self._streams[request_id]
+            if not has_ended:
+                self._commands.put(engine_service_pb2.RelayCommand(abort_request_id=request_id))
+
+    async def _outgoing(self) -> AsyncIterator[engine_service_pb2.RelayRequest]:
+        while True:
+            yield engine_service_pb2.RelayRequest(commands=await self._commands.take_all())
+
+    async def _deal(self, call: grpc.aio.StreamStreamCall) -> None:
+        reason = "closed the relay"
+        try:
+            async for message in call:
+                for response in message.responses:
+                    channel = self._streams.get(response.request_id)
+                    if channel is not None:  # None: the client left and its abort is on the way
+                        channel.put(response)
+                for error in message.errors:
+                    channel = self._streams.get(error.request_id)
+                    if channel is not None:
+                        channel.put(request_error_from_proto(error))
+        except grpc.aio.AioRpcError as exc:
+            reason = exc.details() or exc.code().name
+        log.error("engine_relay_ended", engine=self.address, reason=reason)
+        self.closed.set()
+        for channel in self._streams.values():
+            channel.put(EngineUnavailableError(f"engine at {self.address}: {reason}"))
+
+
+def merge_chunks(chunks: Sequence[GenerateResponse]) -> list[GenerateResponse]:
+    """One chunk per completion from consecutive chunks of one request, each completion's in order. Completions
+    come out in the order of their last chunk, so the request's very last chunk (with usage) stays last."""
+    merged: dict[int, GenerateResponse] = {}
+    for chunk in chunks:
+        into = merged.pop(chunk.index, None)
+        if into is None:
+            into = chunk
+        else:
+            into.token_ids.extend(chunk.token_ids)
+            into.text += chunk.text
+            into.logprobs.extend(chunk.logprobs)
+            into.finish_reason = chunk.finish_reason
+            into.stop_reason = chunk.stop_reason
+            if chunk.HasField("usage"):
+                into.usage.CopyFrom(chunk.usage)
+        merged[chunk.index] = into
+    return list(merged.values())

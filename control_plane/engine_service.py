@@ -1,0 +1,99 @@
+"""EngineService over gRPC: the engine process's side of the frontend relay (one stream, one message per step)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+from pagedserve.control_plane.convert import (
+    engine_status_to_proto,
+    generate_response_to_proto,
+    request_error_to_proto,
+    sampling_params_from_proto,
+    served_model_to_proto,
+)
+from pagedserve.control_plane.engine import Engine, EngineOutput, RequestFailed
+from pagedserve.control_plane.errors import PagedServeError
+from pagedserve.control_plane.item_channel import ItemChannel
+from pagedserve.control_plane.served_model import ServedModel
+from pagedserve.v1 import engine_service_pb2 as pb
+from pagedserve.v1 import engine_service_pb2_grpc
+
+class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
+    """Admits the frontend's requests into the engine and relays their chunks back.
+
+    Every request of one Relay stream shares one output channel, so its consumer wakes once per step and sends
+    the step's chunks of all of them in one message: the engine loop spends no time per client stream.
+    A request the stream added and has not seen end is aborted when the stream ends, however it ends.
+    """
+
+    def __init__(self, engine: Engine, model: ServedModel) -> None:
+        self._engine = engine
+        self._model = model
+
+    async def Describe(  # noqa: N802 (gRPC method name)
+        self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DescribeResponse:
+        return pb.DescribeResponse(model=served_model_to_proto(self._model))
+
+    async def GetStatus(  # noqa: N802
+        self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetStatusResponse:
+        return pb.GetStatusResponse(status=engine_status_to_proto(self._engine.status()))
+
+    async def Relay(  # noqa: N802
+        self, request_iterator: AsyncIterator[pb.RelayRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.RelayResponse]:
+        outputs: ItemChannel[EngineOutput] = ItemChannel()  # closed when the frontend ends its side
+        live: set[str] = set()  # added by this stream, not yet ended
+        reader = asyncio.create_task(self._apply_commands(request_iterator, outputs, live))
+        try:
+            while items := await outputs.take_all():
+                response = pb.RelayResponse()
+                for item in items:
+                    if isinstance(item, RequestFailed):
+                        live.discard(item.request_id)
+                        response.errors.append(request_error_to_proto(item.request_id, item.error))
+                    else:
+                        if item.usage is not None:
+                            live.discard(item.chunk.request_id)
+                        response.responses.append(generate_response_to_proto(item.chunk, item.usage))
+                yield response
+        finally:
+            reader.cancel()
+            for request_id in live:
+                self._engine.abort(request_id)
+
+    async def _apply_commands(
+        self, request_iterator: AsyncIterator[pb.RelayRequest], outputs: ItemChannel[EngineOutput], live: set[str],
+    ) -> None:
+        try:
+            async for message in request_iterator:
+                for command in message.commands:
+                    if command.WhichOneof("command") == "abort_request_id":
+                        live.discard(command.abort_request_id)
+                        self._engine.abort(command.abort_request_id)
+                    else:
+                        self._add(command.add, outputs, live)
+        finally:
+            outputs.close()
+
+    def _add(self, add: pb.AddRequest, outputs: ItemChannel[EngineOutput], live: set[str]) -> None:
+        try:
+            params = sampling_params_from_proto(add.sampling_params)
+            live.add(self._engine.add_request(
+                tuple(add.prompt_token_ids), params, add.request_id, add.priority, outputs=outputs,
+            ))
+        except PagedServeError as error:
+            outputs.put(RequestFailed(add.request_id, error))
+
+
+async def build_engine_server(servicer: EngineServicer, address: str) -> grpc.aio.Server:
+    """An aio server with only the engine service, for the frontend process on this host."""
+    server = grpc.aio.server()
+    engine_service_pb2_grpc.add_EngineServiceServicer_to_server(servicer, server)
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"cannot listen on {address}")
+    return server

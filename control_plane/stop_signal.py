@@ -1,0 +1,20 @@
+"""How a control-plane process waits to be stopped: SIGINT or SIGTERM, or the process it depends on ending."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable
+
+
+async def stopped_by_signal(ended: Awaitable[object]) -> bool:
+    """Waits for SIGINT/SIGTERM (True) or for `ended` to complete (False), whichever comes first."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(ended)]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for wait in waits:
+        wait.cancel()
+    return stop.is_set()

@@ -1,0 +1,237 @@
+"""The relay between the frontend and the engine process: EngineService in-process on a Unix socket, a real
+engine over a fake worker, and the frontend's EngineClient reading every request's chunks from one stream."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from pagedserve.control_plane.config import EngineConfig
+from pagedserve.control_plane.engine import Engine
+from pagedserve.control_plane.engine_client import EngineClient, merge_chunks
+from pagedserve.control_plane.engine_service import EngineServicer, build_engine_server
+from pagedserve.control_plane.errors import EngineUnavailableError, ResourceExhaustedError
+from pagedserve.control_plane.metrics import EngineMetrics
+from pagedserve.control_plane.sampling_params import SamplingParams
+from pagedserve.control_plane.served_model import ServedModel
+from pagedserve.control_plane.step_plan import StepOutput, StepPlan
+from pagedserve.control_plane.tokenizer import Tokenizer
+from pagedserve.v1 import common_pb2, generation_service_pb2
+from tests.control_plane.factories import FakeWorker, make_scheduler, make_worker
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+NUM_BLOCKS, BLOCK_SIZE = 256, 4
+STEP_S = 0.001
+LONG = 1000  # tokens: a request this long is still running seconds after it started
+T = TypeVar("T")
+
+
+class _FakeTransport:
+    """The fake worker behind the engine's StepTransport: a step takes STEP_S, as on a device."""
+
+    def __init__(self, worker: FakeWorker) -> None:
+        self._worker = worker
+        self._results: asyncio.Queue[StepOutput] = asyncio.Queue()
+
+    async def send(self, plan: StepPlan) -> None:
+        self._results.put_nowait(self._worker.execute(plan))
+
+    async def receive(self) -> StepOutput:
+        await asyncio.sleep(STEP_S)
+        return await self._results.get()
+
+
+@dataclass
+class _Relay:
+    engine: Engine
+    client: EngineClient
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer(SHARED / "tokenizers" / "llama2")
+
+
+def _engine(tokenizer: Tokenizer) -> Engine:
+    scheduler = make_scheduler(num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE)
+    transport = _FakeTransport(make_worker(scheduler))
+    return Engine([("w0", scheduler, transport)], tokenizer, EngineConfig(), EngineMetrics("fake"))
+
+
+_MODEL = ServedModel(name="fake", architecture="LlamaForCausalLM", dtype="float32", vocab_size=32000,
+                     max_model_len=1024, block_size=BLOCK_SIZE, num_gpu_blocks=NUM_BLOCKS, num_workers=1,
+                     eos_token_ids=(2,))
+
+
+@asynccontextmanager
+async def _relay(tokenizer: Tokenizer, socket_dir: Path) -> AsyncIterator[_Relay]:
+    engine = _engine(tokenizer)
+    engine.start()
+    address = f"unix:{socket_dir / 'engine.sock'}"
+    server = await build_engine_server(EngineServicer(engine, _MODEL), address)
+    await server.start()
+    client = EngineClient(address)
+    client.start()
+    try:
+        yield _Relay(engine, client)
+    finally:
+        await client.close()
+        await server.stop(grace=None)
+        await engine.stop()
+
+
+def _params(max_tokens: int) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+
+
+async def _collect(items: AsyncIterator[T]) -> list[T]:
+    return [item async for item in items]
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Lets the engine and the relay run until condition holds (five seconds at most)."""
+    for _ in range(5000):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("condition not reached")
+
+
+def _run(tokenizer: Tokenizer, tmp_path: Path, scenario: Callable[[_Relay], Awaitable[T]]) -> T:
+    async def body() -> T:
+        async with _relay(tokenizer, tmp_path) as relay:
+            return await scenario(relay)
+
+    return asyncio.run(body())
+
+
+def test_each_request_streams_the_tokens_the_engine_gives_it_directly_numbered_with_usage_last(
+    tokenizer: Tokenizer, tmp_path: Path,
+) -> None:
+    prompts = [(1, 450, 1701), (1, 319, 4086, 29889, 13)]
+
+    async def relayed(relay: _Relay) -> list[list[generation_service_pb2.GenerateResponse]]:
+        request_ids = [relay.client.add_request(prompt, _params(12)) for prompt in prompts]
+        return list(await asyncio.gather(*(_collect(relay.client.stream(rid)) for rid in request_ids)))
+
+    async def direct() -> list[list[int]]:
+        engine = _engine(tokenizer)
+        engine.start()
+        request_ids = [engine.add_request(prompt, SamplingParams(max_tokens=12, ignore_eos=True)) for prompt in prompts]
+        streams = await asyncio.gather(*(_collect(engine.stream(rid)) for rid in request_ids))
+        await engine.stop()
+        return [[t for item in stream for t in item.chunk.token_ids] for stream in streams]
+
+    streams = _run(tokenizer, tmp_path, relayed)
+    assert [[t for chunk in stream for t in chunk.token_ids] for stream in streams] == asyncio.run(direct())
+    for stream in streams:
+        assert [chunk.sequence_number for chunk in stream] == list(range(len(stream)))
+        assert [chunk.HasField("usage") for chunk in stream] == [False] * (len(stream) - 1) + [True]
+        assert stream[-1].usage.completion_tokens == 12
+        assert stream[-1].finish_reason == generation_service_pb2.FINISH_REASON_LENGTH
+
+
+def test_a_client_that_leaves_early_aborts_its_request_and_frees_its_blocks(
+    tokenizer: Tokenizer, tmp_path: Path,
+) -> None:
+    async def scenario(relay: _Relay) -> tuple[int, int, int]:
+        request_id = relay.client.add_request((1, 450, 1701), _params(LONG))
+        stream = relay.client.stream(request_id)
+        await anext(stream)
+        used_while_running = relay.engine.status().num_used_blocks
+        await stream.aclose()
+        await _until(lambda: relay.engine.status().num_requests_running == 0)
+        status = relay.engine.status()
+        return used_while_running, status.num_used_blocks, status.num_generation_tokens
+
+    used_while_running, used_after, num_generated = _run(tokenizer, tmp_path, scenario)
+    assert used_while_running > 0
+    assert used_after == 0
+    assert num_generated < LONG // 2
+
+
+def test_a_request_the_engine_rejects_fails_its_stream_with_the_engine_error_and_nothing_allocated(
+    tokenizer: Tokenizer, tmp_path: Path,
+) -> None:
+    too_long = tuple(range(3, 3 + NUM_BLOCKS * BLOCK_SIZE))
+
+    async def scenario(relay: _Relay) -> tuple[str, int]:
+        request_id = relay.client.add_request(too_long, _params(4))
+        with pytest.raises(ResourceExhaustedError) as raised:
+            async for _ in relay.client.stream(request_id):
+                pass
+        return str(raised.value), relay.engine.status().num_used_blocks
+
+    message, used = _run(tokenizer, tmp_path, scenario)
+    assert message == f"prompt of {len(too_long)} tokens needs {NUM_BLOCKS + 1} KV blocks, the pool has {NUM_BLOCKS}"
+    assert used == 0
+
+
+def test_a_frontend_that_disconnects_has_every_request_it_left_open_aborted(
+    tokenizer: Tokenizer, tmp_path: Path,
+) -> None:
+    async def scenario(relay: _Relay) -> tuple[int, int, int]:
+        request_ids = [relay.client.add_request((1, 450 + i), _params(LONG)) for i in range(3)]
+        await anext(relay.client.stream(request_ids[0]))
+        running = relay.engine.status().num_requests_running
+        await relay.client.close()
+        await _until(lambda: relay.engine.status().num_requests_running == 0)
+        status = relay.engine.status()
+        return running, status.num_used_blocks, status.num_generation_tokens
+
+    running, used_after, num_generated = _run(tokenizer, tmp_path, scenario)
+    assert running == 3
+    assert used_after == 0
+    assert num_generated < LONG
+
+
+def test_open_streams_fail_as_unavailable_when_the_engine_process_goes_away(
+    tokenizer: Tokenizer, tmp_path: Path,
+) -> None:
+    async def scenario() -> tuple[str, bool]:
+        address = f"unix:{tmp_path / 'engine.sock'}"
+        server = await build_engine_server(EngineServicer(_engine(tokenizer), _MODEL), address)
+        await server.start()
+        client = EngineClient(address)
+        client.start()
+        request_id = client.add_request((1, 450), _params(4))  # the engine loop never runs: no chunk comes
+        stream = client.stream(request_id)
+        pending = asyncio.ensure_future(anext(stream))
+        await server.stop(grace=None)
+        with pytest.raises(EngineUnavailableError) as raised:
+            await pending
+        await client.close()
+        return str(raised.value), client.closed.is_set()
+
+    message, closed = asyncio.run(scenario())
+    assert message.startswith(f"engine at unix:{tmp_path / 'engine.sock'}: ")
+    assert closed
+
+
+def _chunk(index: int, token_ids: list[int], text: str, finish: bool = False,
+           usage: bool = False) -> generation_service_pb2.GenerateResponse:
+    chunk = generation_service_pb2.GenerateResponse(request_id="r", index=index, token_ids=token_ids, text=text)
+    if finish:
+        chunk.finish_reason = generation_service_pb2.FINISH_REASON_LENGTH
+    if usage:
+        chunk.usage.completion_tokens = 7
+    return chunk
+
+
+def test_chunks_that_arrived_together_merge_per_completion_keeping_the_last_one_last() -> None:
+    merged = merge_chunks([
+        _chunk(0, [5], "a"), _chunk(1, [6], "b"), _chunk(0, [7], "c"), _chunk(1, [8, 9], "de"),
+        _chunk(0, [10], "f", finish=True), _chunk(1, [11], "g", finish=True, usage=True),
+    ])
+    assert [(c.index, list(c.token_ids), c.text) for c in merged] == [
+        (0, [5, 7, 10], "acf"), (1, [6, 8, 9, 11], "bdeg"),
+    ]
+    assert [c.finish_reason for c in merged] == [generation_service_pb2.FINISH_REASON_LENGTH] * 2
+    assert [c.HasField("usage") for c in merged] == [False, True]
+    assert merged[1].usage.completion_tokens == 7
