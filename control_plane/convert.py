@@ -95,17 +95,16 @@ _ERROR_KINDS: tuple[tuple[type[PagedServeError], int], ...] = (
 )
 
 
-def _error_kind(error: PagedServeError) -> int:
-    return next((kind for error_type, kind in _ERROR_KINDS if isinstance(error, error_type)),
-                engine_service_pb2.REQUEST_ERROR_KIND_UNSPECIFIED)
-
-
 def request_error_to_proto(request_id: str, error: PagedServeError) -> engine_service_pb2.RequestError:
-    return engine_service_pb2.RequestError(request_id=request_id, kind=_error_kind(error), message=str(error))
+    """Why the engine failed a request; an error of no listed kind travels as INTERNAL."""
+    kind = next((kind for error_type, kind in _ERROR_KINDS if isinstance(error, error_type)),
+                engine_service_pb2.REQUEST_ERROR_KIND_INTERNAL)
+    return engine_service_pb2.RequestError(request_id=request_id, kind=kind, message=str(error))
 
 
 def request_error_from_proto(pb: engine_service_pb2.RequestError) -> PagedServeError:
-    """The domain error the engine raised (a plain PagedServeError, reported as INTERNAL, for an unknown kind)."""
+    """The domain error the engine raised; INTERNAL (and any unknown kind) as a plain PagedServeError, which the
+    public service reports as INTERNAL."""
     if pb.kind == engine_service_pb2.REQUEST_ERROR_KIND_INVALID_ARGUMENT:
         field, _, message = pb.message.partition(": ")
         return InvalidArgumentError(field, message)
@@ -114,6 +113,7 @@ def request_error_from_proto(pb: engine_service_pb2.RequestError) -> PagedServeE
 
 
 def served_model_to_proto(model: ServedModel) -> generation_service_pb2.GetModelInfoResponse:
+    """The model as GetModelInfo describes it."""
     return generation_service_pb2.GetModelInfoResponse(
         model=model.name, architecture=model.architecture, vocab_size=model.vocab_size,
         max_model_len=model.max_model_len, dtype=model.dtype, block_size=model.block_size,
@@ -122,6 +122,7 @@ def served_model_to_proto(model: ServedModel) -> generation_service_pb2.GetModel
 
 
 def served_model_from_proto(pb: generation_service_pb2.GetModelInfoResponse) -> ServedModel:
+    """The inverse of served_model_to_proto."""
     return ServedModel(
         name=pb.model, architecture=pb.architecture, dtype=pb.dtype, vocab_size=pb.vocab_size,
         max_model_len=pb.max_model_len, block_size=pb.block_size, num_gpu_blocks=pb.num_gpu_blocks,
@@ -130,6 +131,7 @@ def served_model_from_proto(pb: generation_service_pb2.GetModelInfoResponse) -> 
 
 
 def engine_status_to_proto(s: EngineStatus) -> generation_service_pb2.GetServerStatusResponse:
+    """The engine's status as GetServerStatus reports it (KV cache usage as a fraction)."""
     return generation_service_pb2.GetServerStatusResponse(
         num_requests_running=s.num_requests_running,
         num_requests_waiting=s.num_requests_waiting,

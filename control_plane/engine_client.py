@@ -10,14 +10,13 @@ import grpc
 import structlog
 
 from pagedserve.control_plane.convert import request_error_from_proto, served_model_from_proto
+from pagedserve.control_plane.engine_service import GRPC_MESSAGE_OPTIONS
 from pagedserve.control_plane.errors import EngineUnavailableError, PagedServeError
 from pagedserve.control_plane.item_channel import ItemChannel
 from pagedserve.control_plane.served_model import ServedModel
 from pagedserve.v1 import common_pb2, engine_service_pb2, engine_service_pb2_grpc, generation_service_pb2
 
 log = structlog.get_logger()
-
-_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 GenerateResponse = generation_service_pb2.GenerateResponse
 
@@ -26,23 +25,20 @@ class EngineClient:
     """The engine process as the frontend sees it: add_request() and stream() as on the in-process Engine.
 
     Commands (add, abort) queue on one channel and leave in one message per wake-up; the engine's chunks arrive
-    in one message per step and are dealt to each request's channel. Request ids are unique among the requests
-    whose streams are open, which the engine relies on. When the relay ends (the engine process is gone), every
+    in one message per step and are dealt to each request's channel. On the relay a request goes by an id of its
+    own (the client's id, `@`, a counter), never reused, so chunks still on their way for a request whose client
+    left are dropped, not dealt to a later request that reuses the client's id. The client's ids are unique among
+    the open streams (`-N` is appended to a reused one). When the relay ends (the engine process is gone), every
     open stream fails with EngineUnavailableError and `closed` is set.
     """
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-            ],
-        )
+        self._channel = grpc.aio.insecure_channel(address, options=GRPC_MESSAGE_OPTIONS)
         self._stub = engine_service_pb2_grpc.EngineServiceStub(self._channel)
         self._commands: ItemChannel[engine_service_pb2.RelayCommand] = ItemChannel()
-        self._streams: dict[str, ItemChannel[GenerateResponse | PagedServeError]] = {}
+        self._relay_ids: dict[str, str] = {}  # the client's request id -> the relay's, for each open stream
+        self._streams: dict[str, ItemChannel[GenerateResponse | PagedServeError]] = {}  # by relay id
         self._ids = itertools.count()
         self._relay: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
@@ -54,16 +50,19 @@ class EngineClient:
         return served_model_from_proto(reply.model)
 
     async def status(self) -> generation_service_pb2.GetServerStatusResponse:
+        """The engine's queue lengths, KV cache usage and counters."""
         try:
             return (await self._stub.GetStatus(engine_service_pb2.GetStatusRequest())).status
         except grpc.aio.AioRpcError as exc:
-            raise EngineUnavailableError(f"engine at {self.address}: {exc.details()}") from exc
+            log.error("engine_status_failed", engine=self.address, code=exc.code().name, details=exc.details())
+            raise EngineUnavailableError("the engine process is unavailable") from exc
 
     def start(self) -> None:
         """Opens the Relay stream."""
         self._relay = asyncio.create_task(self._deal(self._stub.Relay(self._outgoing())), name="engine-relay")
 
     async def close(self) -> None:
+        """Ends the relay (the engine aborts every request still open) and the channel."""
         if self._relay is not None:
             self._relay.cancel()
         await self._channel.close()
@@ -74,13 +73,14 @@ class EngineClient:
     ) -> str:
         """Sends a validated request to the engine; its id, made unique (`-N` appended) if already in use."""
         if self.closed.is_set():
-            raise EngineUnavailableError(f"engine at {self.address} is gone")
+            raise EngineUnavailableError("the engine process is unavailable")
         request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self._streams:
+        if request_id in self._relay_ids:
             request_id = f"{request_id}-{next(self._ids)}"
-        self._streams[request_id] = ItemChannel()
-        self._commands.put(engine_service_pb2.RelayCommand(add=engine_service_pb2.AddRequest(
-            request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=sampling_params,
+        relay_id = self._relay_ids[request_id] = f"{request_id}@{next(self._ids)}"
+        self._streams[relay_id] = ItemChannel()
+        self._commands.put(engine_service_pb2.RelayCommand(add=engine_service_pb2.AddCommand(
+            request_id=relay_id, prompt_token_ids=prompt_token_ids, sampling_params=sampling_params,
             priority=priority,
         )))
         return request_id
@@ -89,7 +89,8 @@ class EngineClient:
         """Yields the request's chunks, numbered per completion, until the last (which carries usage). Chunks that
         arrived together are sent as one per completion, so a client that fell behind gets fewer, larger
         messages. Leaving early aborts the request in the engine."""
-        channel = self._streams[request_id]
+        relay_id = self._relay_ids[request_id]
+        channel = self._streams[relay_id]
         sequence_numbers: dict[int, int] = {}
         has_ended = False
         try:
@@ -97,6 +98,7 @@ class EngineClient:
                 items = await channel.take_all()
                 chunks = [item for item in items if not isinstance(item, PagedServeError)]
                 for chunk in merge_chunks(chunks):
+                    chunk.request_id = request_id
                     chunk.sequence_number = sequence_numbers.get(chunk.index, 0)
                     sequence_numbers[chunk.index] = chunk.sequence_number + 1
                     has_ended = chunk.HasField("usage")
@@ -105,16 +107,16 @@ class EngineClient:
                     has_ended = True
                     raise next(item for item in items if isinstance(item, PagedServeError))
         finally:
-            del self._streams[request_id]
+            del self._relay_ids[request_id], self._streams[relay_id]
             if not has_ended:
-                self._commands.put(engine_service_pb2.RelayCommand(abort_request_id=request_id))
+                self._commands.put(engine_service_pb2.RelayCommand(abort_request_id=relay_id))
 
     async def _outgoing(self) -> AsyncIterator[engine_service_pb2.RelayRequest]:
         while True:
             yield engine_service_pb2.RelayRequest(commands=await self._commands.take_all())
 
     async def _deal(self, call: grpc.aio.StreamStreamCall) -> None:
-        reason = "closed the relay"
+        """Hands each chunk and failure to its request's stream until the relay ends, then fails them all."""
         try:
             async for message in call:
                 for response in message.responses:
@@ -125,12 +127,14 @@ class EngineClient:
                     channel = self._streams.get(error.request_id)
                     if channel is not None:
                         channel.put(request_error_from_proto(error))
+            log.error("engine_relay_ended", engine=self.address, details="the engine closed the relay")
         except grpc.aio.AioRpcError as exc:
-            reason = exc.details() or exc.code().name
-        log.error("engine_relay_ended", engine=self.address, reason=reason)
+            log.error("engine_relay_ended", engine=self.address, code=exc.code().name, details=exc.details())
+        except Exception:
+            log.exception("engine_relay_failed", engine=self.address)
         self.closed.set()
         for channel in self._streams.values():
-            channel.put(EngineUnavailableError(f"engine at {self.address}: {reason}"))
+            channel.put(EngineUnavailableError("the engine process is unavailable"))
 
 
 def merge_chunks(chunks: Sequence[GenerateResponse]) -> list[GenerateResponse]:

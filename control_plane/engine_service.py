@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
+import structlog
 
 from pagedserve.control_plane.convert import (
     engine_status_to_proto,
@@ -20,6 +21,15 @@ from pagedserve.control_plane.item_channel import ItemChannel
 from pagedserve.control_plane.served_model import ServedModel
 from pagedserve.v1 import engine_service_pb2 as pb
 from pagedserve.v1 import engine_service_pb2_grpc
+
+log = structlog.get_logger()
+
+# Adds queued together travel in one message: room for many full-length prompts of a long-context model.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+GRPC_MESSAGE_OPTIONS = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+)
 
 class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
     """Admits the frontend's requests into the engine and relays their chunks back.
@@ -80,7 +90,8 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
         finally:
             outputs.close()
 
-    def _add(self, add: pb.AddRequest, outputs: ItemChannel[EngineOutput], live: set[str]) -> None:
+    def _add(self, add: pb.AddCommand, outputs: ItemChannel[EngineOutput], live: set[str]) -> None:
+        """Admits one request; a failure ends that request's stream only."""
         try:
             params = sampling_params_from_proto(add.sampling_params)
             live.add(self._engine.add_request(
@@ -88,11 +99,14 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
             ))
         except PagedServeError as error:
             outputs.put(RequestFailed(add.request_id, error))
+        except Exception as exc:
+            log.exception("add_request_failed", request_id=add.request_id)
+            outputs.put(RequestFailed(add.request_id, PagedServeError(f"internal error: {type(exc).__name__}")))
 
 
 async def build_engine_server(servicer: EngineServicer, address: str) -> grpc.aio.Server:
     """An aio server with only the engine service, for the frontend process on this host."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=GRPC_MESSAGE_OPTIONS)
     engine_service_pb2_grpc.add_EngineServiceServicer_to_server(servicer, server)
     if server.add_insecure_port(address) == 0:
         raise OSError(f"cannot listen on {address}")

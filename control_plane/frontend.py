@@ -1,6 +1,6 @@
 """The frontend process of `pagedserve serve`: the public gRPC server, tokenization and the clients' streams.
 
-`pagedserve serve` starts it once its engine listens, as `python -m pagedserve.control_plane.frontend`. Client
+`pagedserve serve` starts it once its engine listens (frontend_launcher.py). Client
 streams cost the process that sends them tens of microseconds per message; here they do not slow the engine's
 loop, which plans steps and exchanges them with the workers (docs/architecture.md, "Two control-plane
 processes"). Wiring only.
@@ -26,12 +26,6 @@ from pagedserve.logs import LogFormat, configure_logging
 log = structlog.get_logger()
 
 _ENGINE_ANSWER_TIMEOUT_S = 60.0
-
-
-def frontend_command(engine_address: str, model_dir: Path, address: str, log_format: LogFormat) -> list[str]:
-    """The arguments after `python -m pagedserve.control_plane.frontend`."""
-    return ["--engine", engine_address, "--model", str(model_dir), "--listen", address,
-            "--log-format", log_format.value]
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import dataclasses
 import os
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ from pagedserve.control_plane.config import (
 )
 from pagedserve.control_plane.engine import Engine
 from pagedserve.control_plane.engine_service import EngineServicer, build_engine_server
-from pagedserve.control_plane.frontend import frontend_command
+from pagedserve.control_plane.frontend_launcher import FrontendProcess
 from pagedserve.control_plane.metrics import EngineMetrics
 from pagedserve.control_plane.scheduler import Scheduler
 from pagedserve.control_plane.served_model import ServedModel
@@ -164,36 +163,21 @@ async def serve(server: ServerConfig, scheduler: SchedulerConfig, cache: CacheCo
         engine_address = f"unix:{runtime_dir / 'engine.sock'}"
         engine_server = await build_engine_server(EngineServicer(engine, model), engine_address)
         await engine_server.start()
-        frontend = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pagedserve.control_plane.frontend",
-            *frontend_command(engine_address, model_dir, server.address, server.log_format),
-        )
+        frontend = await FrontendProcess.start(engine_address, model_dir, server.address, server.log_format)
         freeze_startup_objects()
-        log.info("engine_listening", engine=engine_address, frontend_pid=frontend.pid)
-        code = await _run_until_stopped(frontend)
-        await engine_server.stop(grace=1.0)
+        stopped = await stopped_by_signal(frontend.wait())
+        if stopped:
+            log.info("server_stopping")
+            await frontend.stop()
+        else:
+            log.error("frontend_exited", code=await frontend.wait())
+        await engine_server.stop(grace=None)
         await engine.stop()
         await asyncio.gather(*(c.close() for c in clients))
-        return code
+        return 0 if stopped else 1
     finally:
         if launcher is not None:
             launcher.stop()
-
-
-async def _run_until_stopped(frontend: asyncio.subprocess.Process) -> int:
-    """Waits for SIGINT/SIGTERM, then stops the frontend (0); or for the frontend to exit by itself (1)."""
-    if not await stopped_by_signal(frontend.wait()):
-        log.error("frontend_exited", code=frontend.returncode)
-        return 1
-    log.info("server_stopping")
-    if frontend.returncode is None:
-        frontend.terminate()
-        try:
-            await asyncio.wait_for(frontend.wait(), timeout=10.0)
-        except TimeoutError:
-            frontend.kill()
-            await frontend.wait()
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,7 +8,8 @@ from collections.abc import Awaitable
 
 
 async def stopped_by_signal(ended: Awaitable[object]) -> bool:
-    """Waits for SIGINT/SIGTERM (True) or for `ended` to complete (False), whichever comes first."""
+    """Waits for SIGINT/SIGTERM (True) or for `ended` to complete (False), whichever comes first. The signals'
+    default handling comes back afterwards, so a second one interrupts a shutdown that hangs."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -17,4 +18,6 @@ async def stopped_by_signal(ended: Awaitable[object]) -> bool:
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for wait in waits:
         wait.cancel()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
     return stop.is_set()

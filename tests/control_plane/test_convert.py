@@ -8,6 +8,8 @@ import pytest
 
 from pagedserve.control_plane.completion import CompletionChunk
 from pagedserve.control_plane.convert import (
+    request_error_from_proto,
+    request_error_to_proto,
     generate_response_to_proto,
     prompt_from_proto,
     sampling_params_from_proto,
@@ -17,7 +19,13 @@ from pagedserve.control_plane.convert import (
     token_logprobs_to_proto,
 )
 from pagedserve.control_plane.engine import Usage
-from pagedserve.control_plane.errors import InvalidArgumentError
+from pagedserve.control_plane.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    PagedServeError,
+    ResourceExhaustedError,
+    WorkerUnavailableError,
+)
 from pagedserve.control_plane.request import FinishReason
 from pagedserve.control_plane.sampling_params import SamplingParams
 from pagedserve.control_plane.step_plan import (
@@ -31,7 +39,7 @@ from pagedserve.control_plane.step_plan import (
     WorkerSampling,
 )
 from pagedserve.control_plane.tokenizer import Tokenizer
-from pagedserve.v1 import common_pb2, generation_service_pb2, worker_service_pb2
+from pagedserve.v1 import common_pb2, engine_service_pb2, generation_service_pb2, worker_service_pb2
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 
@@ -238,3 +246,20 @@ def test_empty_text_prompt_is_invalid(tokenizer: Tokenizer) -> None:
     with pytest.raises(InvalidArgumentError) as info:
         prompt_from_proto(generation_service_pb2.GenerateRequest(text=""), tokenizer)
     assert str(info.value) == "prompt: must not be empty"
+
+
+@pytest.mark.parametrize("error", [
+    InvalidArgumentError("sampling_params.top_p", "must be in (0, 1], got 1.5"),
+    ResourceExhaustedError("waiting queue is full (4 requests)"),
+    WorkerUnavailableError("worker at 127.0.0.1:50061 failed: socket closed"),
+])
+def test_an_engine_error_crosses_the_relay_as_the_same_kind_with_the_same_message(error: PagedServeError) -> None:
+    pb = request_error_to_proto("r@1", error)
+    back = request_error_from_proto(engine_service_pb2.RequestError.FromString(pb.SerializeToString()))
+    assert (pb.request_id, type(back), str(back)) == ("r@1", type(error), str(error))
+
+
+def test_an_engine_error_of_no_relayed_kind_crosses_as_internal() -> None:
+    pb = request_error_to_proto("r@1", NotFoundError("request_id: unknown request 'q'"))
+    assert pb.kind == engine_service_pb2.REQUEST_ERROR_KIND_INTERNAL
+    assert type(request_error_from_proto(pb)) is PagedServeError

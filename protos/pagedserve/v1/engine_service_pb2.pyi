@@ -14,10 +14,12 @@ class RequestErrorKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REQUEST_ERROR_KIND_INVALID_ARGUMENT: _ClassVar[RequestErrorKind]
     REQUEST_ERROR_KIND_RESOURCE_EXHAUSTED: _ClassVar[RequestErrorKind]
     REQUEST_ERROR_KIND_WORKER_UNAVAILABLE: _ClassVar[RequestErrorKind]
+    REQUEST_ERROR_KIND_INTERNAL: _ClassVar[RequestErrorKind]
 REQUEST_ERROR_KIND_UNSPECIFIED: RequestErrorKind
 REQUEST_ERROR_KIND_INVALID_ARGUMENT: RequestErrorKind
 REQUEST_ERROR_KIND_RESOURCE_EXHAUSTED: RequestErrorKind
 REQUEST_ERROR_KIND_WORKER_UNAVAILABLE: RequestErrorKind
+REQUEST_ERROR_KIND_INTERNAL: RequestErrorKind
 
 class DescribeRequest(_message.Message):
     __slots__ = ()
@@ -39,7 +41,7 @@ class GetStatusResponse(_message.Message):
     status: _generation_service_pb2.GetServerStatusResponse
     def __init__(self, status: _Optional[_Union[_generation_service_pb2.GetServerStatusResponse, _Mapping]] = ...) -> None: ...
 
-class AddRequest(_message.Message):
+class AddCommand(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "priority")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -55,9 +57,9 @@ class RelayCommand(_message.Message):
     __slots__ = ("add", "abort_request_id")
     ADD_FIELD_NUMBER: _ClassVar[int]
     ABORT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
-    add: AddRequest
+    add: AddCommand
     abort_request_id: str
-    def __init__(self, add: _Optional[_Union[AddRequest, _Mapping]] = ..., abort_request_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, add: _Optional[_Union[AddCommand, _Mapping]] = ..., abort_request_id: _Optional[str] = ...) -> None: ...
 
 class RelayRequest(_message.Message):
     __slots__ = ("commands",)
