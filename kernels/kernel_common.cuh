@@ -94,8 +94,8 @@ struct RowTask {
   int context_len;  // the row attends to positions [0, context_len)
 };
 
-// rows_by_seq: blockIdx.x is a sequence and only sequences with exactly one query row are served (decode);
-// otherwise blockIdx.x is a query row, mapped to its sequence by binary search over query_start_loc.
+// rows_by_seq: index is a sequence and only sequences with exactly one query row are served (decode);
+// otherwise index is a query row, mapped to its sequence by binary search over query_start_loc.
 // Returns false when the CTA has nothing to do (padding row, or a sequence another kernel serves).
 __device__ __forceinline__ bool resolve_row(int index, bool rows_by_seq, int num_seqs,
                                             const int* __restrict__ seq_lens,

@@ -16,16 +16,11 @@ COMPILE_OPTIONS: tuple[str, ...] = ("--std=c++17", f"-I{KERNEL_DIR}")
 STATIC_SHARED_LIMIT_BYTES = 48 * 1024  # more shared memory (static + dynamic) needs an opt-in per kernel
 
 
-REGISTER_ALLOCATION_UNIT = 256  # registers are granted to warps in units of this many
-
-
 @dataclass(frozen=True, slots=True)
 class CompiledKernel:
-    """A loaded kernel: its CUfunction handle, its resource use, and the CuPy object keeping its module alive."""
+    """A loaded kernel: its CUfunction handle and the CuPy object keeping its module alive."""
 
     function_ptr: int
-    num_regs: int
-    static_shared_bytes: int
     raw: cupy.RawKernel
 
 
@@ -40,7 +35,6 @@ class ModuleCache:
     def __init__(self, device: torch.device) -> None:
         self._device_index = device.index if device.index is not None else torch.cuda.current_device()
         self._kernels: dict[tuple[str, str], CompiledKernel] = {}
-        self._properties = cupy.cuda.runtime.getDeviceProperties(self._device_index)
 
     def kernel(self, source: str, name_expression: str, dynamic_shared_bytes: int = 0) -> CompiledKernel:
         """The kernel `name_expression` (e.g. "copy_blocks<uint4>") from kernels/<source>, compiled on first use."""
@@ -53,22 +47,9 @@ class ModuleCache:
                 raw = module.get_function(name_expression)
                 if dynamic_shared_bytes + raw.shared_size_bytes > STATIC_SHARED_LIMIT_BYTES:
                     raw.max_dynamic_shared_size_bytes = dynamic_shared_bytes
-                kernel = CompiledKernel(int(raw.kernel.ptr), raw.num_regs, raw.shared_size_bytes, raw)
+                kernel = CompiledKernel(int(raw.kernel.ptr), raw)
             self._kernels[key] = kernel
         return kernel
-
-    def resident_ctas(self, kernel: CompiledKernel, threads: int, dynamic_shared_bytes: int) -> int:
-        """How many CTAs of this launch shape one SM holds at once (registers, threads, shared memory)."""
-        props = self._properties
-        warps = -(-threads // 32)
-        regs_per_warp = -(-kernel.num_regs * 32 // REGISTER_ALLOCATION_UNIT) * REGISTER_ALLOCATION_UNIT
-        shared = dynamic_shared_bytes + kernel.static_shared_bytes + props.get("reservedSharedMemPerBlock", 1024)
-        return max(1, min(
-            props["regsPerMultiprocessor"] // (regs_per_warp * warps),
-            props["maxThreadsPerMultiProcessor"] // threads,
-            props["sharedMemPerMultiprocessor"] // shared,
-            props.get("maxBlocksPerMultiProcessor", 32),
-        ))
 
     def is_device_accessible(self, tensor: torch.Tensor) -> bool:
         """True for CUDA tensors and for pinned host memory mapped at the same address on the device (UVA)."""

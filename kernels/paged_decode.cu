@@ -1,54 +1,121 @@
 // Paged attention of single query rows over their paged context (decode, and the generic path for any row).
 //
 // One CTA per (query row, kv head, group of HEADS query heads of that kv head, split of the context). The query
-// heads of a GQA group are processed together, so each K/V byte is read once per CTA. The CTA's context is cut
-// into tiles of TILE tokens; warp w takes tiles w, w + WARPS, ... and runs its own STAGES-deep cp.async pipeline
-// into its private shared memory, so no block-wide barrier stalls the loads. Each token group (LANES lanes holding
-// one token row) keeps an online softmax in float32 over its tokens; token groups and warps are merged at the end
-// (log-sum-exp). When the launcher splits the context, each split writes an unnormalised partial result that
-// paged_decode_reduce merges. (Merging inside this kernel, by the last split to finish, measured slower: the
-// merge code costs the main loop registers and scheduling freedom even when it does not run.)
+// heads of a GQA group are processed together, so each K/V byte is read once per CTA. The context is cut into
+// tiles of TILE tokens; warp w of split s takes tiles s * WARPS + w, s * WARPS + w + WARPS * num_splits, ... and
+// runs its own STAGES-deep cp.async pipeline into its private shared memory, so no block-wide barrier stalls the
+// loads. Dealing tiles round-robin gives every split an equal share of the real context, and a warp's tiles do
+// not depend on the context length: the block ids of its first tiles are read in the same memory round trip as
+// the sequence length. Warps are merged at the end (log-sum-exp). When the launcher splits the context, each
+// split writes an unnormalised partial result that paged_decode_reduce merges. (Merging inside this kernel, by
+// the last split to finish, measured slower: the merge code costs the main loop registers and scheduling freedom
+// even when it does not run.)
 //
-// Lane layout: a token row of HEAD_DIM elements is covered by LANES lanes, each holding VECS vectors of VEC
-// elements (vector j of lane l is elements [(j * LANES + l) * VEC, +VEC)); a warp computes 32 / LANES tokens at once.
+// The math on a staged tile is the State template argument, with an online softmax in float32, log2 units:
+// - MmaState (float16 / bfloat16, head_dim 64 or 128): S = Q K^T and O^T = V^T P^T on mma.sync (see there).
+// - LaneState (any dtype and head size): float32 dot products on CUDA cores. A token row of HEAD_DIM elements is
+//   covered by LANES lanes, each holding VECS vectors of VEC elements (vector j of lane l is elements
+//   [(j * LANES + l) * VEC, +VEC)); a warp computes 32 / LANES tokens at once, each token group (the LANES lanes
+//   of one token row) keeping its own softmax until the warp merges them.
 //
 // KV pool: key_cache / value_cache [num_blocks, num_kv_heads, block_size, HEAD_DIM]; the token at position p
 // of sequence s is in block block_tables[s, p / block_size] at offset p % block_size.
 #include "kernel_common.cuh"
 
-template <typename T, int HEAD_DIM, int VEC, int LANES, int VECS, int HEADS, int THREADS, int TILE, int STAGES>
-struct DecodeShape {
-  static constexpr int kWarps = THREADS / 32;
-  static constexpr int kTokensPerPass = 32 / LANES;
-  static constexpr int kPasses = TILE / kTokensPerPass;
-  static constexpr int kLaneElems = VEC * VECS;
-  static constexpr int kNumVecs = HEAD_DIM / VEC;
-  static constexpr int kRowBytes = HEAD_DIM * static_cast<int>(sizeof(T));
-  static constexpr int kCopyBytes = kRowBytes % 16 == 0 ? 16 : (kRowBytes % 8 == 0 ? 8 : 4);
-  static constexpr int kCopiesPerRow = kRowBytes / kCopyBytes;
-  static constexpr int kCopiesPerTile = TILE * kCopiesPerRow;  // of keys; as many of values
-  static constexpr int kCopiesPerLane = (kCopiesPerTile + 31) / 32;
-  static constexpr int kTileElems = TILE * HEAD_DIM;
-  static constexpr int kWarpElems = STAGES * 2 * kTileElems;  // keys then values, per stage
-  // Small per-lane state (query, accumulators, a tile's scores) fits 128 registers: ask for 4 resident CTAs.
-  static constexpr int kMinCtas = 2 * HEADS * kLaneElems + kPasses * HEADS <= 96 ? 4 : 1;
-  static_assert(HEAD_DIM % VEC == 0, "VEC must divide HEAD_DIM");
-  static_assert(32 % LANES == 0, "LANES must divide the warp");
-  static_assert(LANES * VECS >= kNumVecs, "lanes must cover head_dim");
-  static_assert(TILE % kTokensPerPass == 0, "a tile is whole passes");
-  static_assert(kRowBytes % 4 == 0, "rows are copied in units of at least 4 bytes");
+__device__ __forceinline__ unsigned shared_address(const void* ptr) {
+  unsigned address;
+  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(address) : "l"(ptr));
+  return address;
+}
+
+// dst: a shared-window address; src_bytes 0 fills the BYTES with zeros. The 16-byte copies ask L2 to fetch
+// whole 128-byte lines (a warp's copies cover them anyway): measured 1.5-2% faster on bandwidth-bound grids.
+template <int BYTES>
+__device__ __forceinline__ void copy_async(unsigned dst, const void* src, int src_bytes) {
+  if (BYTES == 16) {
+    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(dst), "l"(src), "n"(BYTES), "r"(src_bytes));
+  }
+}
+
+// row_address: this lane's row of the four 8x8 matrices, as a shared-window address.
+__device__ __forceinline__ void load_matrix_x4(unsigned (&r)[4], unsigned row_address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(row_address));
+}
+
+__device__ __forceinline__ void load_matrix_x4_transposed(unsigned (&r)[4], unsigned row_address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(row_address));
+}
+
+// mma.sync with float32 accumulators. Fragments of lane l (PTX ISA layouts): A row-major, B column-major, C rows
+// l / 4 and l / 4 + 8, columns 2 * (l % 4) + {0, 1}. top_rows_k16 is m16n8k16 with A rows 8 .. 15 zero: its
+// rows 8 .. 15 of C are dropped (c holds row l / 4 only).
+template <typename T>
+struct Mma;
+
+template <>
+struct Mma<half_t> {
+  static __device__ __forceinline__ void top_rows_k16(float (&c)[2], unsigned a0, unsigned a2, unsigned b0,
+                                                      unsigned b1) {
+    asm("{ .reg .f32 dropped0, dropped1;\n"
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,dropped0,dropped1}, {%2,%4,%3,%4}, {%5,%6}, "
+        "{%0,%1,%7,%7}; }"
+        : "+f"(c[0]), "+f"(c[1])
+        : "r"(a0), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(0.0f));
+  }
+  static __device__ __forceinline__ void k16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ void k8(float (&c)[4], unsigned a0, unsigned a1, unsigned b) {
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(b));
+  }
+  // Two floats as one register of two elements, `low` in the low half.
+  static __device__ __forceinline__ unsigned pack(float low, float high) {
+    unsigned r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(high), "f"(low));
+    return r;
+  }
 };
 
-template <int BYTES>
-__device__ __forceinline__ void copy_async(void* dst, const void* src, int src_bytes) {
-  unsigned address;
-  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(address) : "l"(dst));
-  if (BYTES == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(address), "l"(src), "r"(src_bytes));
-  } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(address), "l"(src), "n"(BYTES),
-                 "r"(src_bytes));
+template <>
+struct Mma<bfloat16_t> {
+  static __device__ __forceinline__ void top_rows_k16(float (&c)[2], unsigned a0, unsigned a2, unsigned b0,
+                                                      unsigned b1) {
+    asm("{ .reg .f32 dropped0, dropped1;\n"
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,dropped0,dropped1}, {%2,%4,%3,%4}, {%5,%6}, "
+        "{%0,%1,%7,%7}; }"
+        : "+f"(c[0]), "+f"(c[1])
+        : "r"(a0), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(0.0f));
   }
+  static __device__ __forceinline__ void k16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ void k8(float (&c)[4], unsigned a0, unsigned a1, unsigned b) {
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(b));
+  }
+  static __device__ __forceinline__ unsigned pack(float low, float high) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(high), "f"(low));
+    return r;
+  }
+};
+
+// exp2(x - m) with the convention that a max of -inf (nothing seen yet) scales everything to 0.
+__device__ __forceinline__ float scale_from(float x, float m) {
+  return m == negative_infinity() ? 0.0f : exp2f(x - m);
 }
 
 // Loads the lane's slice of one token row (global or shared); slots past head_dim read as zero.
@@ -70,96 +137,191 @@ __device__ __forceinline__ void load_slice(const T* __restrict__ token_row, int 
   }
 }
 
-// exp2(x - m) with the convention that a max of -inf (nothing seen yet) scales everything to 0.
-__device__ __forceinline__ float scale_from(float x, float m) {
-  return m == negative_infinity() ? 0.0f : exp2f(x - m);
-}
+// Tensor-core math of one warp, two mma forms:
+// - S = Q K^T: the CTA's query heads are rows 0 .. HEADS - 1 of A (rows 8 .. 15 are zero), so lane l holds the
+//   scores of head l / 4 for tokens 2 * (l % 4) + {0, 1} of each n8 tile, and keeps that head's softmax state.
+// - O^T = V^T P^T: head dims are the 16 rows of A (every accumulator register is useful), and the score
+//   fragment packed to 16 bits is already the B operand P^T. Lane l accumulates dims 16 j + l / 4 (+ 8) of heads
+//   2 * (l % 4) + {0, 1}.
+// Tiles are staged with rows padded by 16 bytes, so the 8 rows one ldmatrix reads fall in different banks.
+template <typename T, int HEAD_DIM, int HEADS, int TILE>
+struct MmaState {
+  using Element = T;
+  static constexpr int kHeadDim = HEAD_DIM;
+  static constexpr int kHeads = HEADS;
+  static constexpr int kTile = TILE;
+  static constexpr int kRowStride = HEAD_DIM + 8;
+  static constexpr int kKSteps = HEAD_DIM / 16;    // k16 steps of Q K^T
+  static constexpr int kScoreTiles = TILE / 8;     // n8 tiles of S (tokens)
+  static constexpr int kDimTiles = HEAD_DIM / 16;  // m16 tiles of O^T (head dims)
+  static constexpr int kThreadsPerSm = 512;        // fits 128 registers
+  static_assert(HEADS <= 8, "query heads are rows 0..7 of the mma tile");
+  static_assert(HEAD_DIM % 32 == 0 && HEAD_DIM <= 128, "key fragments are read 32 dims at a time");
+  static_assert(TILE == 8 || TILE % 16 == 0, "P V runs one k8 step or k16 steps over the tile's tokens");
 
-// One warp's cp.async pipeline over its tiles k = 0, 1, ... (tile k starts at token (first_tile + k * WARPS) * TILE):
-// stage k % STAGES holds the tile's keys then values; block ids are fetched one tile ahead of their copies.
-template <typename T, int HEAD_DIM, int TILE, int STAGES, typename S>
-struct TilePipeline {
-  const int* table;
-  const T* key_base;    // this kv head's cache, block 0
-  const T* value_base;
-  T* stages;            // this warp's shared memory
-  long long block_stride;
-  int log2_block_size, first_tile, my_tiles, context_len, lane;
-  int copy_block[S::kCopiesPerLane];  // block of each token this lane copies in the next tile, -1 past the context
+  unsigned q_low[kKSteps], q_high[kKSteps];  // A operand rows 0 .. 7: columns +0 and +8 of each k16 step
+  float o[kDimTiles][4];                     // O^T: dims 16 j + l / 4 ([0], [1]) and + 8 ([2], [3])
+  float running_max, running_sum;  // of head lane / 4; the sum covers this lane's columns until merge_warp
+  float scale_log2e;
+  int lane;
 
-  __device__ __forceinline__ int tile_start(int k) const { return (first_tile + k * S::kWarps) * TILE; }
-  __device__ __forceinline__ const T* keys(int k) const { return stages + (k % STAGES) * 2 * S::kTileElems; }
-
-  __device__ __forceinline__ void fetch_blocks(int k) {
+  __device__ __forceinline__ void start(const T* query_heads, int lane_, float scale_log2e_) {
+    lane = lane_;
+    scale_log2e = scale_log2e_;
+    running_max = negative_infinity();
+    running_sum = 0.0f;
+    const int head = lane / 4;
+    const unsigned* row = reinterpret_cast<const unsigned*>(query_heads + min(head, HEADS - 1) * HEAD_DIM) + lane % 4;
 #pragma unroll
-    for (int i = 0; i < S::kCopiesPerLane; ++i) {
-      const int pos = tile_start(k) + (lane + 32 * i) / S::kCopiesPerRow;
-      copy_block[i] = (k < my_tiles && pos < context_len) ? table[pos >> log2_block_size] : -1;
+    for (int k = 0; k < kKSteps; ++k) {
+      q_low[k] = head < HEADS ? row[8 * k] : 0u;
+      q_high[k] = head < HEADS ? row[8 * k + 4] : 0u;
+    }
+#pragma unroll
+    for (int j = 0; j < kDimTiles; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  }
+
+  __device__ __forceinline__ void consume(const T* keys, const T* values, int tokens_left) {
+    constexpr int kRowBytes = kRowStride * static_cast<int>(sizeof(T));
+    // Even and odd k steps accumulate apart (two independent mma chains), then add up.
+    float s[kScoreTiles][2], s_odd[kScoreTiles][2];
+    const unsigned key_rows = shared_address(keys) + (lane % 8) * kRowBytes + (lane / 8) * 16;
+#pragma unroll
+    for (int n = 0; n < kScoreTiles; ++n) {
+      s[n][0] = s[n][1] = s_odd[n][0] = s_odd[n][1] = 0.0f;
+#pragma unroll
+      for (int k = 0; k < kKSteps; k += 2) {
+        unsigned b[4];  // key rows n * 8 .. + 7, dims k * 16 .. + 31 in four 8-dim pieces
+        load_matrix_x4(b, key_rows + n * 8 * kRowBytes + k * 32);
+        Mma<T>::top_rows_k16(s[n], q_low[k], q_high[k], b[0], b[1]);
+        Mma<T>::top_rows_k16(s_odd[n], q_low[k + 1], q_high[k + 1], b[2], b[3]);
+      }
+      s[n][0] += s_odd[n][0];
+      s[n][1] += s_odd[n][1];
+    }
+
+    const int first_column = 2 * (lane % 4);
+    float tile_max = negative_infinity();
+#pragma unroll
+    for (int n = 0; n < kScoreTiles; ++n) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        s[n][e] = n * 8 + first_column + e < tokens_left ? s[n][e] * scale_log2e : negative_infinity();
+        tile_max = fmaxf(tile_max, s[n][e]);
+      }
+    }
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+    const float new_max = fmaxf(running_max, tile_max);
+    const float rescale = scale_from(running_max, new_max);
+    running_max = new_max;
+    running_sum *= rescale;
+    unsigned p[kScoreTiles];  // P^T as the B operand: tokens 2 * (lane % 4) + {0, 1} of n8 tile n, head lane / 4
+#pragma unroll
+    for (int n = 0; n < kScoreTiles; ++n) {
+      const float p0 = scale_from(s[n][0], new_max), p1 = scale_from(s[n][1], new_max);
+      running_sum += p0 + p1;
+      p[n] = Mma<T>::pack(p0, p1);
+    }
+    // This lane's O^T columns are heads 2 * (lane % 4) + {0, 1}, whose rescale factors live in lanes 4 * head.
+    const float rescale_even = __shfl_sync(0xffffffffu, rescale, 8 * (lane % 4));
+    const float rescale_odd = __shfl_sync(0xffffffffu, rescale, 8 * (lane % 4) + 4);
+#pragma unroll
+    for (int j = 0; j < kDimTiles; ++j) {
+      o[j][0] *= rescale_even;
+      o[j][1] *= rescale_odd;
+      o[j][2] *= rescale_even;
+      o[j][3] *= rescale_odd;
+    }
+
+    if constexpr (TILE % 16 == 0) {
+      // A = V^T of tokens k * 16 .. + 15: rows 0 .. 7 (+0, +8 tokens) then rows 8 .. 15 of each dim tile.
+      const unsigned value_rows = shared_address(values) + (lane % 8 + lane / 16 * 8) * kRowBytes + (lane / 8) % 2 * 16;
+#pragma unroll
+      for (int k = 0; k < TILE / 16; ++k) {
+#pragma unroll
+        for (int j = 0; j < kDimTiles; ++j) {
+          unsigned a[4];
+          load_matrix_x4_transposed(a, value_rows + k * 16 * kRowBytes + j * 32);
+          Mma<T>::k16(o[j], a, p[2 * k], p[2 * k + 1]);
+        }
+      }
+    } else {
+      // A = V^T of the tile's 8 tokens: dims 16 j .. + 7 and + 8 .. + 15 of two dim tiles per ldmatrix.
+      const unsigned value_rows = shared_address(values) + (lane % 8) * kRowBytes + (lane / 8) * 16;
+#pragma unroll
+      for (int j = 0; j < kDimTiles; j += 2) {
+        unsigned a[4];
+        load_matrix_x4_transposed(a, value_rows + j * 32);
+        Mma<T>::k8(o[j], a[0], a[1], p[0]);
+        Mma<T>::k8(o[j + 1], a[2], a[3], p[0]);
+      }
     }
   }
 
-  __device__ __forceinline__ void issue(int k) {
-    T* stage = stages + (k % STAGES) * 2 * S::kTileElems;
-    const int offset_mask = (1 << log2_block_size) - 1;
-#pragma unroll
-    for (int i = 0; i < S::kCopiesPerLane; ++i) {
-      const int copy = lane + 32 * i;
-      if (S::kCopiesPerTile % 32 != 0 && copy >= S::kCopiesPerTile) continue;
-      const int token = copy / S::kCopiesPerRow;
-      const int part = (copy % S::kCopiesPerRow) * (S::kCopyBytes / static_cast<int>(sizeof(T)));
-      const bool is_valid = copy_block[i] >= 0;
-      const long long src = is_valid
-          ? copy_block[i] * block_stride + ((tile_start(k) + token) & offset_mask) * HEAD_DIM + part : 0;
-      copy_async<S::kCopyBytes>(stage + token * HEAD_DIM + part, key_base + src, is_valid ? S::kCopyBytes : 0);
-      copy_async<S::kCopyBytes>(stage + S::kTileElems + token * HEAD_DIM + part, value_base + src,
-                                is_valid ? S::kCopyBytes : 0);
-    }
+  // The row sums, spread over the 4 lanes of each row, are totalled.
+  __device__ __forceinline__ void merge_warp() {
+    running_sum += __shfl_xor_sync(0xffffffffu, running_sum, 1);
+    running_sum += __shfl_xor_sync(0xffffffffu, running_sum, 2);
   }
 
-  // Issues tiles 0 .. STAGES - 2; the block ids of tiles 0 .. STAGES - 1 are fetched in one memory round trip.
-  __device__ __forceinline__ void start() {
-    int first_blocks[STAGES][S::kCopiesPerLane];
+  // Warp `warp`'s result into merge_acc [warps][HEADS][HEAD_DIM] and merge_stats [warps][HEADS][max, sum].
+  __device__ __forceinline__ void publish(float* merge_acc, float* merge_stats, int warp) const {
 #pragma unroll
-    for (int k = 0; k < STAGES; ++k) {
-      fetch_blocks(k);
+    for (int e = 0; e < 2; ++e) {
+      const int head = 2 * (lane % 4) + e;
+      if (head < HEADS) {
+        float* row = merge_acc + (warp * HEADS + head) * HEAD_DIM + lane / 4;
 #pragma unroll
-      for (int i = 0; i < S::kCopiesPerLane; ++i) first_blocks[k][i] = copy_block[i];
+        for (int j = 0; j < kDimTiles; ++j) {
+          row[16 * j] = o[j][e];
+          row[16 * j + 8] = o[j][2 + e];
+        }
+      }
     }
-#pragma unroll
-    for (int k = 0; k < STAGES; ++k) {
-#pragma unroll
-      for (int i = 0; i < S::kCopiesPerLane; ++i) copy_block[i] = first_blocks[k][i];
-      if (k == STAGES - 1) break;
-      if (k < my_tiles) issue(k);
-      asm volatile("cp.async.commit_group;");
+    const int head = lane / 4;
+    if (head < HEADS && lane % 4 == 0) {
+      merge_stats[(warp * HEADS + head) * 2] = running_max;
+      merge_stats[(warp * HEADS + head) * 2 + 1] = running_sum;
     }
-  }
-
-  // Issues tile k + STAGES - 1 and waits for tile k.
-  __device__ __forceinline__ void advance(int k) {
-    if (k + STAGES - 1 < my_tiles) issue(k + STAGES - 1);
-    asm volatile("cp.async.commit_group;");
-    fetch_blocks(k + STAGES);
-    asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 1));
-    __syncwarp();  // every lane's copies of tile k have landed
   }
 };
 
-// One token group's online softmax over its tokens for HEADS query heads, in log2 units.
-template <typename T, int HEAD_DIM, int VEC, int LANES, int VECS, int HEADS, typename S>
-struct HeadGroupState {
-  float q[HEADS][S::kLaneElems];  // pre-scaled by softmax scale * log2(e)
-  float acc[HEADS][S::kLaneElems];
-  float running_max[HEADS], running_sum[HEADS];
+// CUDA-core math of one warp: each token group keeps an online softmax over its tokens for HEADS query heads.
+template <typename T, int HEAD_DIM, int VEC, int LANES, int VECS, int HEADS, int TILE>
+struct LaneState {
+  using Element = T;
+  static constexpr int kHeadDim = HEAD_DIM;
+  static constexpr int kHeads = HEADS;
+  static constexpr int kTile = TILE;
+  static constexpr int kRowStride = HEAD_DIM;
+  static constexpr int kTokensPerPass = 32 / LANES;
+  static constexpr int kPasses = TILE / kTokensPerPass;
+  static constexpr int kLaneElems = VEC * VECS;
+  static constexpr int kNumVecs = HEAD_DIM / VEC;
+  // Small per-lane state (query, accumulators, a tile's scores) fits 128 registers: 512 threads per SM.
+  static constexpr int kThreadsPerSm = 2 * HEADS * kLaneElems + kPasses * HEADS <= 96 ? 512 : 128;
+  static_assert(HEAD_DIM % VEC == 0, "VEC must divide HEAD_DIM");
+  static_assert(32 % LANES == 0, "LANES must divide the warp");
+  static_assert(LANES * VECS >= kNumVecs, "lanes must cover head_dim");
+  static_assert(TILE % kTokensPerPass == 0, "a tile is whole passes");
 
-  __device__ __forceinline__ void start(const T* query_heads, int lane_in_token, float scale_log2e) {
+  float q[HEADS][kLaneElems];  // pre-scaled by softmax scale * log2(e)
+  float acc[HEADS][kLaneElems];
+  float running_max[HEADS], running_sum[HEADS];
+  int lane_in_token, token_in_pass, lane;
+
+  __device__ __forceinline__ void start(const T* query_heads, int lane_, float scale_log2e) {
+    lane = lane_;
+    lane_in_token = lane % LANES;
+    token_in_pass = lane / LANES;
 #pragma unroll
     for (int g = 0; g < HEADS; ++g) {
       load_slice<T, HEAD_DIM, VEC, LANES, VECS>(query_heads + g * HEAD_DIM, lane_in_token, q[g]);
       running_max[g] = negative_infinity();
       running_sum[g] = 0.0f;
 #pragma unroll
-      for (int e = 0; e < S::kLaneElems; ++e) {
+      for (int e = 0; e < kLaneElems; ++e) {
         q[g][e] *= scale_log2e;
         acc[g][e] = 0.0f;
       }
@@ -167,19 +329,18 @@ struct HeadGroupState {
   }
 
   // Scores of the group's tokens in the tile, one rescale per tile, then p * v accumulated.
-  __device__ __forceinline__ void consume(const T* keys, const T* values, int tokens_left, int lane_in_token,
-                                          int token_in_pass) {
-    float score[S::kPasses][HEADS];
+  __device__ __forceinline__ void consume(const T* keys, const T* values, int tokens_left) {
+    float score[kPasses][HEADS];
 #pragma unroll
-    for (int pass = 0; pass < S::kPasses; ++pass) {
-      const int local = pass * S::kTokensPerPass + token_in_pass;
-      float kx[S::kLaneElems];
+    for (int pass = 0; pass < kPasses; ++pass) {
+      const int local = pass * kTokensPerPass + token_in_pass;
+      float kx[kLaneElems];
       load_slice<T, HEAD_DIM, VEC, LANES, VECS>(keys + local * HEAD_DIM, lane_in_token, kx);
 #pragma unroll
       for (int g = 0; g < HEADS; ++g) {
         float dot = 0.0f;
 #pragma unroll
-        for (int e = 0; e < S::kLaneElems; ++e) dot = fmaf(q[g][e], kx[e], dot);
+        for (int e = 0; e < kLaneElems; ++e) dot = fmaf(q[g][e], kx[e], dot);
         if (LANES > 1) dot = xor_sum<1, LANES / 2>(dot);
         score[pass][g] = local < tokens_left ? dot : negative_infinity();
       }
@@ -188,28 +349,28 @@ struct HeadGroupState {
     for (int g = 0; g < HEADS; ++g) {
       float tile_max = negative_infinity();
 #pragma unroll
-      for (int pass = 0; pass < S::kPasses; ++pass) tile_max = fmaxf(tile_max, score[pass][g]);
+      for (int pass = 0; pass < kPasses; ++pass) tile_max = fmaxf(tile_max, score[pass][g]);
       const float new_max = fmaxf(running_max[g], tile_max);
       const float rescale = scale_from(running_max[g], new_max);
       running_max[g] = new_max;
       running_sum[g] *= rescale;
 #pragma unroll
-      for (int e = 0; e < S::kLaneElems; ++e) acc[g][e] *= rescale;
+      for (int e = 0; e < kLaneElems; ++e) acc[g][e] *= rescale;
 #pragma unroll
-      for (int pass = 0; pass < S::kPasses; ++pass) {
+      for (int pass = 0; pass < kPasses; ++pass) {
         score[pass][g] = scale_from(score[pass][g], new_max);  // now the probability numerator
         running_sum[g] += score[pass][g];
       }
     }
 #pragma unroll
-    for (int pass = 0; pass < S::kPasses; ++pass) {
-      float vx[S::kLaneElems];
-      load_slice<T, HEAD_DIM, VEC, LANES, VECS>(values + (pass * S::kTokensPerPass + token_in_pass) * HEAD_DIM,
+    for (int pass = 0; pass < kPasses; ++pass) {
+      float vx[kLaneElems];
+      load_slice<T, HEAD_DIM, VEC, LANES, VECS>(values + (pass * kTokensPerPass + token_in_pass) * HEAD_DIM,
                                                 lane_in_token, vx);
 #pragma unroll
       for (int g = 0; g < HEADS; ++g) {
 #pragma unroll
-        for (int e = 0; e < S::kLaneElems; ++e) acc[g][e] = fmaf(score[pass][g], vx[e], acc[g][e]);
+        for (int e = 0; e < kLaneElems; ++e) acc[g][e] = fmaf(score[pass][g], vx[e], acc[g][e]);
       }
     }
   }
@@ -227,21 +388,21 @@ struct HeadGroupState {
         running_sum[g] = running_sum[g] * mine + other_sum * theirs;
         running_max[g] = new_max;
 #pragma unroll
-        for (int e = 0; e < S::kLaneElems; ++e)
+        for (int e = 0; e < kLaneElems; ++e)
           acc[g][e] = acc[g][e] * mine + __shfl_xor_sync(0xffffffffu, acc[g][e], offset) * theirs;
       }
     }
   }
 
   // Warp `warp`'s result into merge_acc [warps][HEADS][HEAD_DIM] and merge_stats [warps][HEADS][max, sum].
-  __device__ __forceinline__ void publish(float* merge_acc, float* merge_stats, int warp, int lane) const {
+  __device__ __forceinline__ void publish(float* merge_acc, float* merge_stats, int warp) const {
     if (lane >= LANES) return;  // token group 0 of the warp holds the merged result
 #pragma unroll
     for (int g = 0; g < HEADS; ++g) {
 #pragma unroll
       for (int j = 0; j < VECS; ++j) {
         const int vec = j * LANES + lane;
-        if (vec < S::kNumVecs) {
+        if (vec < kNumVecs) {
 #pragma unroll
           for (int e = 0; e < VEC; ++e) merge_acc[(warp * HEADS + g) * HEAD_DIM + vec * VEC + e] = acc[g][j * VEC + e];
         }
@@ -254,149 +415,241 @@ struct HeadGroupState {
   }
 };
 
-// Merges the warps' results of head g; writes the normalised output (one split) or the split's partial result.
-template <typename T, int HEAD_DIM, int HEADS, int THREADS, typename S>
-__device__ __forceinline__ void write_head(const float* merge_acc, const float* merge_stats, int g, T* out_head,
-                                           float* split_acc, float* split_max, float* split_sum, long long slot,
-                                           int num_splits) {
-  float total_max = negative_infinity();
-#pragma unroll
-  for (int w = 0; w < S::kWarps; ++w) total_max = fmaxf(total_max, merge_stats[(w * HEADS + g) * 2]);
-  float weight[S::kWarps], total_sum = 0.0f;
-#pragma unroll
-  for (int w = 0; w < S::kWarps; ++w) {
-    weight[w] = scale_from(merge_stats[(w * HEADS + g) * 2], total_max);
-    total_sum += weight[w] * merge_stats[(w * HEADS + g) * 2 + 1];
+// One warp's cp.async pipeline over its tiles k = 0, 1, ... (tile k starts at token
+// (first_tile + k * tile_stride) * TILE): stage k % STAGES holds the tile's keys then values; block ids are
+// fetched one tile ahead of their copies.
+template <typename State, int STAGES>
+struct TilePipeline {
+  using T = typename State::Element;
+  static constexpr int kTile = State::kTile;
+  static constexpr int kRowStride = State::kRowStride;
+  static constexpr int kRowBytes = State::kHeadDim * static_cast<int>(sizeof(T));
+  static constexpr int kCopyBytes = kRowBytes % 16 == 0 ? 16 : (kRowBytes % 8 == 0 ? 8 : 4);
+  static constexpr int kCopiesPerRow = kRowBytes / kCopyBytes;
+  static constexpr int kCopiesPerTile = kTile * kCopiesPerRow;  // of keys; as many of values
+  static constexpr int kCopiesPerLane = (kCopiesPerTile + 31) / 32;
+  static constexpr int kTileElems = kTile * kRowStride;
+  static constexpr int kWarpElems = STAGES * 2 * kTileElems;  // keys then values, per stage
+  static_assert(kRowBytes % 4 == 0, "rows are copied in units of at least 4 bytes");
+
+  const int* table;
+  const T* key_base;    // this kv head's cache, block 0
+  const T* value_base;
+  T* stages;            // this warp's shared memory
+  unsigned stages_address;  // the same, as a shared-window address
+  long long block_stride;
+  int log2_block_size, table_width, first_tile, tile_stride, my_tiles, context_len, lane;
+  int copy_block[kCopiesPerLane];  // block of each token this lane copies in the next tile, -1 past the context
+  int first_blocks[STAGES][kCopiesPerLane];  // copy_block of tiles 0 .. STAGES - 1, read by prefetch_blocks
+
+  __device__ __forceinline__ int tile_start(int k) const { return (first_tile + k * tile_stride) * kTile; }
+  __device__ __forceinline__ const T* keys(int k) const { return stages + (k % STAGES) * 2 * kTileElems; }
+  // Position of the token whose row piece copy lane + 32 i of tile k moves.
+  __device__ __forceinline__ int copy_pos(int k, int i) const {
+    return tile_start(k) + (lane + 32 * i) / kCopiesPerRow;
   }
-  for (int d = threadIdx.x; d < HEAD_DIM; d += THREADS) {
-    float total = 0.0f;
+
+  // Reads the block ids of tiles 0 .. STAGES - 1 of sequence `seq`, bounded by the table width only: this needs
+  // no context length, so it can be issued before the sequence length arrives.
+  __device__ __forceinline__ void prefetch_blocks(const int* __restrict__ block_tables, int block_table_stride,
+                                                  int seq) {
+    table = block_tables + static_cast<long long>(seq) * block_table_stride;
 #pragma unroll
-    for (int w = 0; w < S::kWarps; ++w) total = fmaf(weight[w], merge_acc[(w * HEADS + g) * HEAD_DIM + d], total);
-    if (num_splits == 1) {
-      out_head[d] = from_float<T>(total / total_sum);
-    } else {
-      split_acc[slot * HEAD_DIM + d] = total;
+    for (int k = 0; k < STAGES; ++k) {
+#pragma unroll
+      for (int i = 0; i < kCopiesPerLane; ++i) {
+        const int block = copy_pos(k, i) >> log2_block_size;
+        first_blocks[k][i] = block < table_width ? table[block] : -1;
+      }
     }
   }
-  if (num_splits > 1 && threadIdx.x == 0) {
-    split_max[slot] = total_max;
-    split_sum[slot] = total_sum;
+
+  __device__ __forceinline__ void fetch_blocks(int k) {
+#pragma unroll
+    for (int i = 0; i < kCopiesPerLane; ++i) {
+      const int pos = copy_pos(k, i);
+      copy_block[i] = (k < my_tiles && pos < context_len) ? table[pos >> log2_block_size] : -1;
+    }
+  }
+
+  __device__ __forceinline__ void issue(int k) {
+    constexpr int kElementBytes = static_cast<int>(sizeof(T));
+    const unsigned stage = stages_address + (k % STAGES) * 2 * kTileElems * kElementBytes;
+    const int offset_mask = (1 << log2_block_size) - 1;
+#pragma unroll
+    for (int i = 0; i < kCopiesPerLane; ++i) {
+      const int copy = lane + 32 * i;
+      if (kCopiesPerTile % 32 != 0 && copy >= kCopiesPerTile) continue;
+      const int token = copy / kCopiesPerRow;
+      const int part = (copy % kCopiesPerRow) * (kCopyBytes / static_cast<int>(sizeof(T)));
+      const bool is_valid = copy_block[i] >= 0;
+      const long long src = is_valid
+          ? copy_block[i] * block_stride + ((tile_start(k) + token) & offset_mask) * State::kHeadDim + part : 0;
+      const unsigned dst = stage + (token * kRowStride + part) * kElementBytes;
+      copy_async<kCopyBytes>(dst, key_base + src, is_valid ? kCopyBytes : 0);
+      copy_async<kCopyBytes>(dst + kTileElems * kElementBytes, value_base + src, is_valid ? kCopyBytes : 0);
+    }
+  }
+
+  // Drops the prefetched block ids past the context, then issues tiles 0 .. STAGES - 2.
+  __device__ __forceinline__ void start(int context_len_) {
+    context_len = context_len_;
+    const int num_tiles = (context_len + kTile - 1) / kTile;
+    my_tiles = first_tile < num_tiles ? (num_tiles - 1 - first_tile) / tile_stride + 1 : 0;
+#pragma unroll
+    for (int k = 0; k < STAGES; ++k) {
+#pragma unroll
+      for (int i = 0; i < kCopiesPerLane; ++i) {
+        copy_block[i] = k < my_tiles && copy_pos(k, i) < context_len ? first_blocks[k][i] : -1;
+      }
+      if (k == STAGES - 1) break;
+      if (k < my_tiles) issue(k);
+      asm volatile("cp.async.commit_group;");
+    }
+  }
+
+  // Issues tile k + STAGES - 1 and waits for tile k.
+  __device__ __forceinline__ void advance(int k) {
+    if (k + STAGES - 1 < my_tiles) issue(k + STAGES - 1);
+    asm volatile("cp.async.commit_group;");
+    fetch_blocks(k + STAGES);
+    asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 1));
+    __syncwarp();  // every lane's copies of tile k have landed
+  }
+};
+
+// Merges the warps' results; writes each (head, dim) element of the CTA's HEADS heads as the normalised output
+// (one split) or the split's partial result. The elements are spread over all the CTA's threads at once: this
+// epilogue is on the critical path of every short CTA.
+template <typename T, int HEAD_DIM, int HEADS, int THREADS>
+__device__ __forceinline__ void write_heads(const float* merge_acc, const float* merge_stats, T* out_heads,
+                                            float* split_acc, float* split_max, float* split_sum,
+                                            long long first_slot, int num_splits) {
+  constexpr int kWarps = THREADS / 32;
+  for (int i = threadIdx.x; i < HEADS * HEAD_DIM; i += THREADS) {
+    const int g = i / HEAD_DIM, d = i % HEAD_DIM;
+    float total_max = negative_infinity();
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) total_max = fmaxf(total_max, merge_stats[(w * HEADS + g) * 2]);
+    float total = 0.0f, total_sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float weight = scale_from(merge_stats[(w * HEADS + g) * 2], total_max);
+      total_sum = fmaf(weight, merge_stats[(w * HEADS + g) * 2 + 1], total_sum);
+      total = fmaf(weight, merge_acc[(w * HEADS + g) * HEAD_DIM + d], total);
+    }
+    if (num_splits == 1) {
+      out_heads[i] = from_float<T>(total / total_sum);
+    } else {
+      const long long slot = first_slot + static_cast<long long>(g) * num_splits;
+      split_acc[slot * HEAD_DIM + d] = total;
+      if (d == 0) {
+        split_max[slot] = total_max;
+        split_sum[slot] = total_sum;
+      }
+    }
   }
 }
 
-template <typename T, int HEAD_DIM, int VEC, int LANES, int VECS, int HEADS, int THREADS, int TILE, int STAGES,
-          typename S = DecodeShape<T, HEAD_DIM, VEC, LANES, VECS, HEADS, THREADS, TILE, STAGES>>
-__global__ void __launch_bounds__(THREADS, S::kMinCtas) paged_decode(
+template <typename State, int THREADS, int STAGES, typename T = typename State::Element>
+__global__ void __launch_bounds__(THREADS, State::kThreadsPerSm / THREADS) paged_decode(
     T* __restrict__ out, long long out_row_stride, const T* __restrict__ query, long long query_row_stride,
     const T* __restrict__ key_cache, const T* __restrict__ value_cache, const int* __restrict__ block_tables,
-    int block_table_stride, const int* __restrict__ seq_lens, const int* __restrict__ query_start_loc,
-    int num_seqs, int rows_by_seq, int num_kv_heads, int group_size, int log2_block_size, float scale_log2e,
-    float* __restrict__ split_acc, float* __restrict__ split_max, float* __restrict__ split_sum,
-    int num_splits) {
+    int block_table_stride, int block_table_width, const int* __restrict__ seq_lens,
+    const int* __restrict__ query_start_loc, int num_seqs, int rows_by_seq, int num_kv_heads, int group_size,
+    int log2_block_size, float scale_log2e, float* __restrict__ split_acc, float* __restrict__ split_max,
+    float* __restrict__ split_sum, int num_splits) {
+  constexpr int kWarps = THREADS / 32;
+  constexpr int HEAD_DIM = State::kHeadDim, HEADS = State::kHeads;
+  static_assert(THREADS <= State::kThreadsPerSm, "the state's registers allow no CTA this large");
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  RowTask task;
-  if (!resolve_row(blockIdx.x, rows_by_seq != 0, num_seqs, seq_lens, query_start_loc, task)) return;
   const int chunks_per_group = group_size / HEADS;
-  const int kv_head = blockIdx.y / chunks_per_group;
-  const int first_head = kv_head * group_size + (blockIdx.y % chunks_per_group) * HEADS;
+  // blockIdx.x = grid row * head groups + head group: the CTAs of one row's kv heads are launched together, so
+  // they read neighbouring parts of the same KV blocks at about the same time.
+  const int head_groups = num_kv_heads * chunks_per_group;
+  const int grid_row = blockIdx.x / head_groups, head_group = blockIdx.x % head_groups;
+  const int kv_head = head_group / chunks_per_group;
+  const int first_head = kv_head * group_size + (head_group % chunks_per_group) * HEADS;
   const int split = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-
-  // This split's tiles (a whole number of rounds over the warps), and this warp's share of them.
-  const int num_tiles = (task.context_len + TILE - 1) / TILE;
-  const int tiles_per_split = ((num_tiles + num_splits - 1) / num_splits + S::kWarps - 1) / S::kWarps * S::kWarps;
-  const int first_tile = split * tiles_per_split + warp;
-  const int end_tile = min(num_tiles, (split + 1) * tiles_per_split);
   const long long head_stride = (1LL << log2_block_size) * HEAD_DIM;
 
-  TilePipeline<T, HEAD_DIM, TILE, STAGES, S> pipeline;
-  pipeline.table = block_tables + static_cast<long long>(task.seq) * block_table_stride;
+  TilePipeline<State, STAGES> pipeline;
   pipeline.key_base = key_cache + kv_head * head_stride;
   pipeline.value_base = value_cache + kv_head * head_stride;
-  pipeline.stages = reinterpret_cast<T*>(shared_bytes) + warp * S::kWarpElems;
+  pipeline.stages = reinterpret_cast<T*>(shared_bytes) + warp * TilePipeline<State, STAGES>::kWarpElems;
+  pipeline.stages_address = shared_address(pipeline.stages);
   pipeline.block_stride = head_stride * num_kv_heads;
   pipeline.log2_block_size = log2_block_size;
-  pipeline.first_tile = first_tile;
-  pipeline.my_tiles = first_tile < end_tile ? (end_tile - first_tile + S::kWarps - 1) / S::kWarps : 0;
-  pipeline.context_len = task.context_len;
+  pipeline.table_width = block_table_width;
+  pipeline.first_tile = split * kWarps + warp;
+  pipeline.tile_stride = kWarps * num_splits;
   pipeline.lane = lane;
-  pipeline.start();
+  if (rows_by_seq) pipeline.prefetch_blocks(block_tables, block_table_stride, grid_row);
+  RowTask task;
+  if (!resolve_row(grid_row, rows_by_seq != 0, num_seqs, seq_lens, query_start_loc, task)) return;
+  if (!rows_by_seq) pipeline.prefetch_blocks(block_tables, block_table_stride, task.seq);
 
-  HeadGroupState<T, HEAD_DIM, VEC, LANES, VECS, HEADS, S> state;
-  state.start(query + task.row * query_row_stride + first_head * HEAD_DIM, lane % LANES, scale_log2e);
+  State state;
+  state.start(query + task.row * query_row_stride + first_head * HEAD_DIM, lane, scale_log2e);
+  pipeline.start(task.context_len);
   for (int k = 0; k < pipeline.my_tiles; ++k) {
     pipeline.advance(k);
     const T* keys = pipeline.keys(k);
-    state.consume(keys, keys + S::kTileElems, task.context_len - pipeline.tile_start(k), lane % LANES,
-                  lane / LANES);
+    state.consume(keys, keys + TilePipeline<State, STAGES>::kTileElems, task.context_len - pipeline.tile_start(k));
     __syncwarp();  // the stage is refilled by the next iteration's copies
   }
   asm volatile("cp.async.wait_group 0;");
   state.merge_warp();
 
   __syncthreads();  // the pipelines' shared memory becomes the merge buffer
-  float* merge_acc = reinterpret_cast<float*>(shared_bytes);      // [warps][HEADS][HEAD_DIM]
-  float* merge_stats = merge_acc + S::kWarps * HEADS * HEAD_DIM;  // [warps][HEADS][max, sum]
-  state.publish(merge_acc, merge_stats, warp, lane);
+  float* merge_acc = reinterpret_cast<float*>(shared_bytes);   // [warps][HEADS][HEAD_DIM]
+  float* merge_stats = merge_acc + kWarps * HEADS * HEAD_DIM;  // [warps][HEADS][max, sum]
+  state.publish(merge_acc, merge_stats, warp);
   __syncthreads();
   const int num_q_heads = num_kv_heads * group_size;
-#pragma unroll
-  for (int g = 0; g < HEADS; ++g) {
-    write_head<T, HEAD_DIM, HEADS, THREADS, S>(
-        merge_acc, merge_stats, g, out + task.row * out_row_stride + (first_head + g) * HEAD_DIM, split_acc,
-        split_max, split_sum, (static_cast<long long>(blockIdx.x) * num_q_heads + first_head + g) * num_splits + split,
-        num_splits);
-  }
+  write_heads<T, HEAD_DIM, HEADS, THREADS>(
+      merge_acc, merge_stats, out + task.row * out_row_stride + first_head * HEAD_DIM, split_acc, split_max,
+      split_sum, (static_cast<long long>(grid_row) * num_q_heads + first_head) * num_splits + split, num_splits);
 }
 
 // Merges the splits of paged_decode: out = sum_i w_i acc_i / sum_i w_i l_i, w_i = 2^(m_i - M), M = max_i m_i over
-// the splits that saw a token (l_i > 0; the others never wrote acc_i). One CTA per (grid row of paged_decode,
-// query head); the split statistics are read once, spread over the CTA, and the weights kept in shared memory
-// (num_splits floats of dynamic shared memory).
+// the splits that saw a token (l_i > 0). One CTA per (grid row of paged_decode, query head), one thread per
+// output element. Each thread folds the splits in batches of kBatch with an online rescale: a batch's loads are
+// independent of each other and of the row lookup, so they are in flight together (no barrier, no shared memory).
 template <typename T, int HEAD_DIM>
 __global__ void paged_decode_reduce(T* __restrict__ out, long long out_row_stride,
                                     const int* __restrict__ seq_lens, const int* __restrict__ query_start_loc,
                                     int num_seqs, int rows_by_seq, const float* __restrict__ split_acc,
                                     const float* __restrict__ split_max, const float* __restrict__ split_sum,
                                     int num_splits) {
-  extern __shared__ float weights[];
-  __shared__ float warp_partial[32];
-  RowTask task;
-  if (!resolve_row(blockIdx.x, rows_by_seq != 0, num_seqs, seq_lens, query_start_loc, task)) return;
-  const int head = blockIdx.y;
+  constexpr int kBatch = 16;
+  const int head = blockIdx.y, d = threadIdx.x;
   const long long first_slot = (static_cast<long long>(blockIdx.x) * gridDim.y + head) * num_splits;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, num_warps = blockDim.x / 32;
+  RowTask task;
+  const bool is_active = resolve_row(blockIdx.x, rows_by_seq != 0, num_seqs, seq_lens, query_start_loc, task);
+  if (d >= HEAD_DIM) return;
 
-  float m = negative_infinity();
-  for (int i = threadIdx.x; i < num_splits; i += blockDim.x) {
-    const float l = split_sum[first_slot + i], split_m = split_max[first_slot + i];
-    weights[i] = l > 0.0f ? split_m : negative_infinity();
-    m = fmaxf(m, weights[i]);
-  }
-  m = warp_max(m);
-  if (lane == 0) warp_partial[warp] = m;
-  __syncthreads();
-  float global_max = negative_infinity();
-  for (int w = 0; w < num_warps; ++w) global_max = fmaxf(global_max, warp_partial[w]);
-  __syncthreads();  // warp_partial is reused below
-
-  float denominator = 0.0f;
-  for (int i = threadIdx.x; i < num_splits; i += blockDim.x) {
-    weights[i] = scale_from(weights[i], global_max);
-    denominator = fmaf(weights[i], split_sum[first_slot + i], denominator);
-  }
-  denominator = warp_sum(denominator);
-  if (lane == 0) warp_partial[warp] = denominator;
-  __syncthreads();
-  denominator = 0.0f;
-  for (int w = 0; w < num_warps; ++w) denominator += warp_partial[w];
-
-  for (int d = threadIdx.x; d < HEAD_DIM; d += blockDim.x) {
-    float numerator = 0.0f;
-#pragma unroll 4
-    for (int i = 0; i < num_splits; ++i) {
-      if (weights[i] > 0.0f) numerator = fmaf(weights[i], split_acc[(first_slot + i) * HEAD_DIM + d], numerator);
+  float m = negative_infinity(), l = 0.0f, acc = 0.0f;
+  for (int first = 0; first < num_splits; first += kBatch) {
+    float batch_m[kBatch], batch_l[kBatch], batch_acc[kBatch];
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      const long long slot = first_slot + min(first + i, num_splits - 1);
+      batch_m[i] = split_max[slot];
+      batch_l[i] = first + i < num_splits ? split_sum[slot] : 0.0f;
+      batch_acc[i] = split_acc[slot * HEAD_DIM + d];
     }
-    out[task.row * out_row_stride + head * HEAD_DIM + d] = from_float<T>(numerator / denominator);
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      if (batch_l[i] > 0.0f) {  // splits that saw no token have max -inf
+        const float new_m = fmaxf(m, batch_m[i]);
+        const float mine = scale_from(m, new_m), theirs = exp2f(batch_m[i] - new_m);
+        acc = acc * mine + batch_acc[i] * theirs;
+        l = l * mine + batch_l[i] * theirs;
+        m = new_m;
+      }
+    }
   }
+  if (is_active) out[task.row * out_row_stride + head * HEAD_DIM + d] = from_float<T>(acc / l);
 }

@@ -25,17 +25,18 @@ if TYPE_CHECKING:
     from pagedserve.kernels.module_cache import ModuleCache
 
 SOURCE = "paged_decode.cu"
-THREADS = 128
-WARPS = THREADS // 32
+# Warps per CTA: MIN_WARPS (four CTAs per SM) unless decode_grid finds the grid short and sparse.
+MIN_WARPS = 4
+MAX_WARPS = 8
 STAGES = 3  # cp.async pipeline depth per warp (4 measured no faster, and costs a resident CTA)
-STAGE_TARGET_BYTES = 2048  # key (and as many value) bytes per warp tile: 48 KiB of stages per CTA
+STAGE_TARGET_BYTES = 2048  # key (and as many value) bytes per warp tile: 12 KiB of stages per warp
 MAX_HEADS_PER_CTA = 8
+# MmaState: tensor-core dtypes and the head sizes whose 2 KiB tiles (16 or 8 tokens) fit its mma steps.
+MMA_DTYPES = (torch.float16, torch.bfloat16)
+MMA_HEAD_DIMS = (64, 128)
 LANE_FLOAT_BUDGET = 32  # query floats per lane over a CTA's heads (as many accumulators): 4 CTAs per SM
-MIN_SPLIT_TOKENS = 256  # shorter splits would spend more time filling pipelines than streaming
-WAVE_FILL_TOLERANCE = 0.05
-MAX_WAVES = 4
+MAX_UNSPLIT_TILES = 32  # a (row, head group) of at most this many tiles runs in one CTA: no merge launch
 MAX_SPLITS = 512  # bounds the partial-result buffer and the reduce kernel's per-output loop
-REDUCE_THREADS = 128
 # Head sizes and GQA ratios of the models served; the source-compilation test instantiates each.
 KNOWN_HEAD_DIMS = (8, 32, 64, 80, 96, 128, 256)
 KNOWN_GROUP_SIZES = (1, 2, 4, 8)
@@ -43,43 +44,64 @@ KNOWN_GROUP_SIZES = (1, 2, 4, 8)
 
 @dataclass(frozen=True, slots=True)
 class DecodeLayout:
-    """Compile-time shape of one paged_decode instantiation (see the lane layout in paged_decode.cu)."""
+    """Compile-time shape of one paged_decode instantiation (see the two State kinds in paged_decode.cu)."""
 
     scalar: str
     head_dim: int
     element_bytes: int
-    vec: int  # elements per vector load
-    lanes: int  # lanes covering one token row
-    vecs: int  # vectors per lane per token row
+    uses_mma: bool  # MmaState (tensor cores) rather than LaneState (CUDA cores)
+    vec: int  # LaneState: elements per vector load
+    lanes: int  # LaneState: lanes covering one token row
+    vecs: int  # LaneState: vectors per lane per token row
     heads_per_cta: int  # query heads of one GQA group handled by one CTA
     tile: int  # tokens per warp tile (one pipeline stage)
 
     @property
-    def kernel_name(self) -> str:
-        return (
-            f"paged_decode<{self.scalar}, {self.head_dim}, {self.vec}, {self.lanes}, {self.vecs}, "
-            f"{self.heads_per_cta}, {THREADS}, {self.tile}, {STAGES}>"
-        )
+    def max_warps(self) -> int:
+        """Warps per CTA this layout allows: its state must fit 128 registers (kThreadsPerSm in the source)."""
+        if self.uses_mma:
+            return MAX_WARPS
+        passes = self.tile * self.lanes // 32
+        lane_elems = self.vec * self.vecs
+        return MAX_WARPS if 2 * self.heads_per_cta * lane_elems + passes * self.heads_per_cta <= 96 else MIN_WARPS
+
+    @property
+    def state_name(self) -> str:
+        if self.uses_mma:
+            return f"MmaState<{self.scalar}, {self.head_dim}, {self.heads_per_cta}, {self.tile}>"
+        return (f"LaneState<{self.scalar}, {self.head_dim}, {self.vec}, {self.lanes}, {self.vecs}, "
+                f"{self.heads_per_cta}, {self.tile}>")
+
+    def kernel_name(self, warps: int) -> str:
+        return f"paged_decode<{self.state_name}, {32 * warps}, {STAGES}>"
 
     @property
     def reduce_name(self) -> str:
         return f"paged_decode_reduce<{self.scalar}, {self.head_dim}>"
 
     @property
-    def shared_bytes(self) -> int:
+    def row_stride(self) -> int:
+        """Elements per staged token row: MmaState pads rows by 16 bytes against ldmatrix bank conflicts."""
+        return self.head_dim + 8 if self.uses_mma else self.head_dim
+
+    def shared_bytes(self, warps: int) -> int:
         """Per-warp pipeline stages (keys and values), reused afterwards for the cross-warp merge."""
-        stages = WARPS * STAGES * 2 * self.tile * self.head_dim * self.element_bytes
-        merge = 4 * WARPS * self.heads_per_cta * (self.head_dim + 2)
+        stages = warps * STAGES * 2 * self.tile * self.row_stride * self.element_bytes
+        merge = 4 * warps * self.heads_per_cta * (self.head_dim + 2)
         return max(stages, merge)
 
 
 def decode_layout(dtype: torch.dtype, head_dim: int, group_size: int) -> DecodeLayout:
-    """Pick the lane layout: 16-byte loads where head_dim allows, registers within LANE_FLOAT_BUDGET."""
+    """Tensor cores where the dtype and head size allow; otherwise the CUDA-core lane layout: 16-byte loads
+    where head_dim allows, registers within LANE_FLOAT_BUDGET."""
     if (head_dim * element_bytes(dtype)) % 4:
         raise ValueError(f"head_dim {head_dim} of {dtype} is not a whole number of 4-byte words")
     heads = max(d for d in range(1, MAX_HEADS_PER_CTA + 1) if group_size % d == 0)
-    lane_floats = max(4, LANE_FLOAT_BUDGET // heads)
     size = element_bytes(dtype)
+    tile_bytes = STAGE_TARGET_BYTES // (head_dim * size)
+    if dtype in MMA_DTYPES and head_dim in MMA_HEAD_DIMS:
+        return DecodeLayout(scalar_type_name(dtype), head_dim, size, True, 0, 0, 0, heads, tile_bytes)
+    lane_floats = max(4, LANE_FLOAT_BUDGET // heads)
     vec = 1
     while vec * 2 <= min(16 // size, lane_floats) and head_dim % (vec * 2) == 0:
         vec *= 2
@@ -87,9 +109,14 @@ def decode_layout(dtype: torch.dtype, head_dim: int, group_size: int) -> DecodeL
     wanted_vecs = max(1, min(2, lane_floats // vec))
     lanes = min(32, 1 << max(0, math.ceil(math.log2(math.ceil(num_vecs / wanted_vecs)))))
     tokens_per_pass = 32 // lanes
-    tile = max(tokens_per_pass, STAGE_TARGET_BYTES // (head_dim * size) // tokens_per_pass * tokens_per_pass)
-    return DecodeLayout(scalar_type_name(dtype), head_dim, size, vec, lanes, math.ceil(num_vecs / lanes), heads,
-                        tile)
+    tile = max(tokens_per_pass, tile_bytes // tokens_per_pass * tokens_per_pass)
+    return DecodeLayout(scalar_type_name(dtype), head_dim, size, False, vec, lanes, math.ceil(num_vecs / lanes),
+                        heads, tile)
+
+
+def cta_warp_counts(max_warps: int) -> list[int]:
+    """The CTA sizes decode_grid picks from: MIN_WARPS, doubling up to max_warps."""
+    return [MIN_WARPS << i for i in range((max_warps // MIN_WARPS).bit_length())]
 
 
 def known_name_expressions() -> list[str]:
@@ -99,48 +126,46 @@ def known_name_expressions() -> list[str]:
         for head_dim in KNOWN_HEAD_DIMS:
             for group_size in KNOWN_GROUP_SIZES:
                 layout = decode_layout(dtype, head_dim, group_size)
-                names.update((layout.kernel_name, layout.reduce_name))
+                names.add(layout.reduce_name)
+                names.update(layout.kernel_name(warps) for warps in cta_warp_counts(layout.max_warps))
     return sorted(names)
 
 
 @dataclass(frozen=True, slots=True)
 class DecodeGrid:
-    """Grid of one launch: x = sequence or query row, y = (kv head, head group), z = context split."""
+    """Grid of one launch: x = (sequence or query row) * head groups + head group, z = context split."""
 
     num_rows: int
-    num_head_groups: int
+    num_head_groups: int  # (kv head, group of heads_per_cta query heads of it)
     num_splits: int
+    warps: int  # per CTA
 
     @property
     def dims(self) -> tuple[int, int, int]:
-        return (self.num_rows, self.num_head_groups, self.num_splits)
+        return (self.num_rows * self.num_head_groups, 1, self.num_splits)
 
 
-def decode_grid(num_rows: int, num_kv_heads: int, group_size: int, heads_per_cta: int, max_seq_len: int,
-                slots: int) -> DecodeGrid:
-    """Split the context so that the grid fills whole waves of `slots` resident CTAs as evenly as possible.
+def decode_grid(num_rows: int, num_kv_heads: int, group_size: int, layout: DecodeLayout, max_seq_len: int,
+                num_sms: int) -> DecodeGrid:
+    """Split the context only for grids of at most half as many CTAs as SMs (small batches), then size the CTAs.
 
-    Among split counts up to max_seq_len / MIN_SPLIT_TOKENS, take the fewest whose waves are within
-    WAVE_FILL_TOLERANCE (relative) of the best achievable fill (fewer splits: less partial-result traffic).
+    A split costs a second launch (the merge, ~3 us), so only grids that leave most SMs idle are split: up to one
+    CTA per SM, at least one tile per warp of the longest context, and not at all for contexts of at most
+    MAX_UNSPLIT_TILES tiles. Splitting any grid of more than half as many CTAs as SMs measured slower than not.
+    CTAs get MAX_WARPS warps (shorter per-warp pipelines) when the grid has at most one CTA per SM and a
+    MIN_WARPS CTA would give each warp 8 to 15 tiles; shorter CTAs gain nothing, longer ones measured as fast
+    or slightly slower, and grids of more CTAs than SMs keep four CTAs per SM.
     """
-    head_groups = num_kv_heads * (group_size // heads_per_cta)
+    head_groups = num_kv_heads * (group_size // layout.heads_per_cta)
     base_ctas = max(1, num_rows * head_groups)
-    if base_ctas >= MAX_WAVES * slots:
-        return DecodeGrid(num_rows, head_groups, 1)  # the last wave's tail is already small
-    max_splits = max(1, min(MAX_SPLITS, math.ceil(max_seq_len / MIN_SPLIT_TOKENS)))
-    # The best fills sit next to whole numbers of waves; checking those keeps this O(1) for long contexts.
-    candidates = {1, max_splits}
-    for waves in range(1, MAX_WAVES + 1):
-        candidates.update((waves * slots // base_ctas, waves * slots // base_ctas + 1))
-    splits = sorted(s for s in candidates if 1 <= s <= max_splits)
-
-    def fill(num_splits: int) -> float:
-        ctas = base_ctas * num_splits
-        return ctas / (math.ceil(ctas / slots) * slots)
-
-    best = max(fill(s) for s in splits)
-    num_splits = next(s for s in splits if fill(s) >= best * (1 - WAVE_FILL_TOLERANCE))
-    return DecodeGrid(num_rows, head_groups, num_splits)
+    num_tiles = math.ceil(max_seq_len / layout.tile)
+    num_splits = 1
+    if 2 * base_ctas <= num_sms and num_tiles > MAX_UNSPLIT_TILES:
+        num_splits = max(1, min(MAX_SPLITS, num_sms // base_ctas, math.ceil(num_tiles / MIN_WARPS)))
+    tiles_per_warp = math.ceil(num_tiles / num_splits) // MIN_WARPS
+    is_sparse = base_ctas * num_splits <= num_sms
+    warps = MAX_WARPS if is_sparse and 8 <= tiles_per_warp < 16 and layout.max_warps >= MAX_WARPS else MIN_WARPS
+    return DecodeGrid(num_rows, head_groups, num_splits, warps)
 
 
 class PagedDecode:
@@ -170,30 +195,31 @@ class PagedDecode:
         num_rows = num_seqs if rows_by_seq else query.shape[0]
         if num_rows == 0:
             return
-        kernel = self._modules.kernel(SOURCE, layout.kernel_name, layout.shared_bytes)
-        slots = self._num_sms * self._modules.resident_ctas(kernel, THREADS, layout.shared_bytes)
-        grid = decode_grid(num_rows, num_kv_heads, group_size, layout.heads_per_cta, max_seq_len, slots)
+        grid = decode_grid(num_rows, num_kv_heads, group_size, layout, max_seq_len, self._num_sms)
+        shared_bytes = layout.shared_bytes(grid.warps)
+        kernel = self._modules.kernel(SOURCE, layout.kernel_name(grid.warps), shared_bytes)
         # One float32 buffer for the split partials: accumulators, then maxima, then sums (unused unsplit).
         split_slots = num_rows * num_q_heads * grid.num_splits if grid.num_splits > 1 else 0
         split_buffer = torch.empty(split_slots * (head_dim + 2), dtype=torch.float32, device=query.device)
         split_acc = split_buffer.data_ptr()
         split_max = split_acc + 4 * split_slots * head_dim
         split_sum = split_max + 4 * split_slots
-        self._modules.launch(kernel, grid.dims, (THREADS, 1, 1), (
+        self._modules.launch(kernel, grid.dims, (32 * grid.warps, 1, 1), (
             pointer(out), int64(out.stride(0)), pointer(query), int64(query.stride(0)),
             pointer(key_cache), pointer(value_cache), pointer(block_tables), int32(block_tables.stride(0)),
-            pointer(seq_lens), pointer(query_start_loc), int32(num_seqs), int32(int(rows_by_seq)),
-            int32(num_kv_heads), int32(group_size), int32(log2_exact(block_size, "block_size")),
-            float32(scale * math.log2(math.e)), address(split_acc), address(split_max), address(split_sum),
-            int32(grid.num_splits),
-        ), layout.shared_bytes)
+            int32(block_tables.shape[1]), pointer(seq_lens), pointer(query_start_loc), int32(num_seqs),
+            int32(int(rows_by_seq)), int32(num_kv_heads), int32(group_size),
+            int32(log2_exact(block_size, "block_size")), float32(scale * math.log2(math.e)), address(split_acc),
+            address(split_max), address(split_sum), int32(grid.num_splits),
+        ), shared_bytes)
         if grid.num_splits > 1:
             reduce = self._modules.kernel(SOURCE, layout.reduce_name)
-            self._modules.launch(reduce, (num_rows, num_q_heads, 1), (REDUCE_THREADS, 1, 1), (
+            threads = -(-head_dim // 32) * 32  # one per output element
+            self._modules.launch(reduce, (num_rows, num_q_heads, 1), (threads, 1, 1), (
                 pointer(out), int64(out.stride(0)), pointer(seq_lens), pointer(query_start_loc), int32(num_seqs),
                 int32(int(rows_by_seq)), address(split_acc), address(split_max), address(split_sum),
                 int32(grid.num_splits),
-            ), 4 * grid.num_splits)
+            ))
 
     def _layout(self, dtype: torch.dtype, head_dim: int, group_size: int) -> DecodeLayout:
         key = (dtype, head_dim, group_size)

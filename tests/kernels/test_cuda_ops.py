@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pagedserve.kernels.ops import KernelOps, get_kernel_ops
+from pagedserve.kernels.paged_decode import MAX_WARPS, decode_grid, decode_layout
 from pagedserve.kernels.reference import TorchReferenceOps
 from tests.gpu_marks import NEEDS_GPU
 
@@ -79,6 +80,20 @@ def test_decode_matches_reference(ops: KernelOps, dtype: torch.dtype, head_dim: 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_splits_long_contexts(ops: KernelOps, dtype: torch.dtype) -> None:
     case = PagedCase([16384, 9000, 130], [1, 1, 1], 2, 4, 128, 16, dtype, seed=1)
+    _assert_matches_reference(case, ops, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_decode_of_short_contexts_in_one_cta_of_eight_warps(ops: KernelOps, dtype: torch.dtype,
+                                                           head_dim: int) -> None:
+    # A short batch of contexts of 32 tiles: unsplit, and the CTAs sparse enough for eight warps each.
+    layout = decode_layout(dtype, head_dim, 4)
+    seq_lens = [32 * layout.tile, 32 * layout.tile - 7, 3 * layout.tile + 1, 1]
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    grid = decode_grid(len(seq_lens), 8, 4, layout, max(seq_lens), num_sms)
+    assert (grid.num_splits, grid.warps) == (1, MAX_WARPS)
+    case = PagedCase(seq_lens, [1] * len(seq_lens), 8, 4, head_dim, 16, dtype, seed=head_dim)
     _assert_matches_reference(case, ops, dtype)
 
 

@@ -1,0 +1,28 @@
+"""The decode launch policy (CPU): which grids split the context and which CTAs get eight warps."""
+
+from __future__ import annotations
+
+import torch
+
+from pagedserve.kernels.paged_decode import MAX_WARPS, MIN_WARPS, decode_grid, decode_layout
+
+H100_SMS = 132
+LAYOUT = decode_layout(torch.bfloat16, 64, 4)  # Llama-3.2-1B: 8 kv heads of 4 query heads, 16-token tiles
+
+
+def test_a_batch_that_fills_the_sms_is_never_split() -> None:
+    grid = decode_grid(16, 8, 4, LAYOUT, 2048, H100_SMS)
+    assert (grid.num_splits, grid.warps) == (1, MIN_WARPS)
+    assert grid.dims == (16 * 8, 1, 1)
+
+
+def test_one_long_context_is_split_into_about_one_cta_per_sm() -> None:
+    grid = decode_grid(1, 8, 4, LAYOUT, 8192, H100_SMS)
+    assert grid.num_splits == H100_SMS // 8
+    assert grid.num_rows * grid.num_head_groups * grid.num_splits <= H100_SMS
+
+
+def test_a_context_of_at_most_32_tiles_runs_unsplit_in_eight_warps_when_the_sms_are_idle() -> None:
+    assert decode_grid(1, 8, 4, LAYOUT, 32 * LAYOUT.tile, H100_SMS).dims == (8, 1, 1)
+    assert decode_grid(1, 8, 4, LAYOUT, 32 * LAYOUT.tile, H100_SMS).warps == MAX_WARPS
+    assert decode_grid(1, 8, 4, LAYOUT, 32 * LAYOUT.tile + 1, H100_SMS).num_splits > 1
