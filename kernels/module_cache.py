@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,13 @@ KERNEL_DIR = Path(__file__).resolve().parent
 # The same flags serve NVRTC here and nvcc in the source-compilation test.
 COMPILE_OPTIONS: tuple[str, ...] = ("--std=c++17", f"-I{KERNEL_DIR}")
 STATIC_SHARED_LIMIT_BYTES = 48 * 1024  # more shared memory (static + dynamic) needs an opt-in per kernel
+
+
+def kernel_source(source: str) -> str:
+    """kernels/<source>, ending in a digest of the package's headers: CuPy keys its on-disk cache of compiled
+    modules by source text and options only, so without it an edited header would load a stale binary."""
+    headers = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(KERNEL_DIR.glob("*.cuh"))))
+    return f"{(KERNEL_DIR / source).read_text()}\n// headers sha256 {headers.hexdigest()}\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +49,7 @@ class ModuleCache:
         key = (source, name_expression)
         kernel = self._kernels.get(key)
         if kernel is None:
-            code = (KERNEL_DIR / source).read_text()
+            code = kernel_source(source)
             with cupy.cuda.Device(self._device_index):
                 module = cupy.RawModule(code=code, options=COMPILE_OPTIONS, name_expressions=(name_expression,))
                 raw = module.get_function(name_expression)

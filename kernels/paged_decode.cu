@@ -20,13 +20,7 @@
 //
 // KV pool: key_cache / value_cache [num_blocks, num_kv_heads, block_size, HEAD_DIM]; the token at position p
 // of sequence s is in block block_tables[s, p / block_size] at offset p % block_size.
-#include "kernel_common.cuh"
-
-__device__ __forceinline__ unsigned shared_address(const void* ptr) {
-  unsigned address;
-  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(address) : "l"(ptr));
-  return address;
-}
+#include "tensor_core.cuh"
 
 // dst: a shared-window address; src_bytes 0 fills the BYTES with zeros. The 16-byte copies ask L2 to fetch
 // whole 128-byte lines (a warp's copies cover them anyway): measured 1.5-2% faster on bandwidth-bound grids.
@@ -38,80 +32,6 @@ __device__ __forceinline__ void copy_async(unsigned dst, const void* src, int sr
     asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(dst), "l"(src), "n"(BYTES), "r"(src_bytes));
   }
 }
-
-// row_address: this lane's row of the four 8x8 matrices, as a shared-window address.
-__device__ __forceinline__ void load_matrix_x4(unsigned (&r)[4], unsigned row_address) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(row_address));
-}
-
-__device__ __forceinline__ void load_matrix_x4_transposed(unsigned (&r)[4], unsigned row_address) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(row_address));
-}
-
-// mma.sync with float32 accumulators. Fragments of lane l (PTX ISA layouts): A row-major, B column-major, C rows
-// l / 4 and l / 4 + 8, columns 2 * (l % 4) + {0, 1}. top_rows_k16 is m16n8k16 with A rows 8 .. 15 zero: its
-// rows 8 .. 15 of C are dropped (c holds row l / 4 only).
-template <typename T>
-struct Mma;
-
-template <>
-struct Mma<half_t> {
-  static __device__ __forceinline__ void top_rows_k16(float (&c)[2], unsigned a0, unsigned a2, unsigned b0,
-                                                      unsigned b1) {
-    asm("{ .reg .f32 dropped0, dropped1;\n"
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,dropped0,dropped1}, {%2,%4,%3,%4}, {%5,%6}, "
-        "{%0,%1,%7,%7}; }"
-        : "+f"(c[0]), "+f"(c[1])
-        : "r"(a0), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(0.0f));
-  }
-  static __device__ __forceinline__ void k16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ void k8(float (&c)[4], unsigned a0, unsigned a1, unsigned b) {
-    asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(b));
-  }
-  // Two floats as one register of two elements, `low` in the low half.
-  static __device__ __forceinline__ unsigned pack(float low, float high) {
-    unsigned r;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(high), "f"(low));
-    return r;
-  }
-};
-
-template <>
-struct Mma<bfloat16_t> {
-  static __device__ __forceinline__ void top_rows_k16(float (&c)[2], unsigned a0, unsigned a2, unsigned b0,
-                                                      unsigned b1) {
-    asm("{ .reg .f32 dropped0, dropped1;\n"
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,dropped0,dropped1}, {%2,%4,%3,%4}, {%5,%6}, "
-        "{%0,%1,%7,%7}; }"
-        : "+f"(c[0]), "+f"(c[1])
-        : "r"(a0), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(0.0f));
-  }
-  static __device__ __forceinline__ void k16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ void k8(float (&c)[4], unsigned a0, unsigned a1, unsigned b) {
-    asm("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(b));
-  }
-  static __device__ __forceinline__ unsigned pack(float low, float high) {
-    unsigned r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(high), "f"(low));
-    return r;
-  }
-};
 
 // exp2(x - m) with the convention that a max of -inf (nothing seen yet) scales everything to 0.
 __device__ __forceinline__ float scale_from(float x, float m) {

@@ -9,49 +9,7 @@
 //
 // KV pool: key_cache / value_cache [num_blocks, num_kv_heads, block_size, HEAD_DIM]; the token at position p
 // of sequence s is in block block_tables[s, p / block_size] at offset p % block_size.
-#include "kernel_common.cuh"
-
-template <typename T>
-struct MmaOps;
-
-template <>
-struct MmaOps<half_t> {
-  static __device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  // Two floats as one register of two elements, `low` in the low half.
-  static __device__ __forceinline__ unsigned pack(float low, float high) {
-    unsigned r;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(high), "f"(low));
-    return r;
-  }
-};
-
-template <>
-struct MmaOps<bfloat16_t> {
-  static __device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ unsigned pack(float low, float high) {
-    unsigned r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(high), "f"(low));
-    return r;
-  }
-};
-
-__device__ __forceinline__ unsigned shared_address(const void* ptr) {
-  unsigned address;
-  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(address) : "l"(ptr));
-  return address;
-}
+#include "tensor_core.cuh"
 
 // 16 bytes global -> shared without passing through registers; src_bytes 0 fills the 16 bytes with zeros.
 __device__ __forceinline__ void copy_16_async(void* dst, const void* src, int src_bytes) {
@@ -61,17 +19,6 @@ __device__ __forceinline__ void commit_async() { asm volatile("cp.async.commit_g
 template <int PENDING>
 __device__ __forceinline__ void wait_async() {
   asm volatile("cp.async.wait_group %0;" ::"n"(PENDING));
-}
-
-__device__ __forceinline__ void load_matrix_x4(unsigned (&r)[4], const void* row_address) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(shared_address(row_address)));
-}
-__device__ __forceinline__ void load_matrix_x4_transposed(unsigned (&r)[4], const void* row_address) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(shared_address(row_address)));
 }
 
 template <int HEAD_DIM, int BLOCK_M, int BLOCK_N>
@@ -182,8 +129,8 @@ __device__ __forceinline__ void online_softmax(float (&s_acc)[M_TILES][SCORE_TIL
         p[e] = exp2f(s_acc[m][n][e] - row_m);
         row_sum[m][e / 2] += p[e];
       }
-      p_frag[m][n / 2][(n % 2) * 2 + 0] = MmaOps<T>::pack(p[0], p[1]);
-      p_frag[m][n / 2][(n % 2) * 2 + 1] = MmaOps<T>::pack(p[2], p[3]);
+      p_frag[m][n / 2][(n % 2) * 2 + 0] = Mma<T>::pack(p[0], p[1]);
+      p_frag[m][n / 2][(n % 2) * 2 + 1] = Mma<T>::pack(p[2], p[3]);
     }
   }
 }
@@ -225,7 +172,6 @@ __global__ void __launch_bounds__(THREADS) paged_prefill(
   // M_TILES mma instructions.
   constexpr int BLOCK_M = 16 * M_TILES * (THREADS / 32);
   using S = PrefillShape<HEAD_DIM, BLOCK_M, BLOCK_N>;
-  using Mma = MmaOps<T>;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   T* q_tile = reinterpret_cast<T*>(shared_bytes);             // [BLOCK_M][kRowStride]
   T* k_tiles = q_tile + BLOCK_M * S::kRowStride;              // [2][BLOCK_N][kRowStride]
@@ -309,8 +255,8 @@ __global__ void __launch_bounds__(THREADS) paged_prefill(
                               ((lane / 8) % 2) * 8);
 #pragma unroll
         for (int m = 0; m < M_TILES; ++m) {
-          Mma::mma(s_acc[m][n], q_frag[m], b[0], b[1]);
-          Mma::mma(s_acc[m][n + 1], q_frag[m], b[2], b[3]);
+          Mma<T>::k16(s_acc[m][n], q_frag[m], b[0], b[1]);
+          Mma<T>::k16(s_acc[m][n + 1], q_frag[m], b[2], b[3]);
         }
       }
     }
@@ -332,8 +278,8 @@ __global__ void __launch_bounds__(THREADS) paged_prefill(
                                          n * 8 + (lane / 16) * 8);
 #pragma unroll
         for (int m = 0; m < M_TILES; ++m) {
-          Mma::mma(o_acc[m][n], p_frag[m][k], b[0], b[1]);
-          Mma::mma(o_acc[m][n + 1], p_frag[m][k], b[2], b[3]);
+          Mma<T>::k16(o_acc[m][n], p_frag[m][k], b[0], b[1]);
+          Mma<T>::k16(o_acc[m][n + 1], p_frag[m][k], b[2], b[3]);
         }
       }
     }
