@@ -10,10 +10,10 @@ import grpc
 import structlog
 
 from pagedserve.control_plane.convert import request_error_from_proto, served_model_from_proto
-from pagedserve.control_plane.engine_service import GRPC_MESSAGE_OPTIONS
 from pagedserve.control_plane.errors import EngineUnavailableError, PagedServeError
 from pagedserve.control_plane.item_channel import ItemChannel
 from pagedserve.control_plane.served_model import ServedModel
+from pagedserve.channel_options import INTERNAL_CHANNEL_OPTIONS
 from pagedserve.v1 import common_pb2, engine_service_pb2, engine_service_pb2_grpc, generation_service_pb2
 
 log = structlog.get_logger()
@@ -34,7 +34,7 @@ class EngineClient:
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=GRPC_MESSAGE_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(address, options=INTERNAL_CHANNEL_OPTIONS)
         self._stub = engine_service_pb2_grpc.EngineServiceStub(self._channel)
         self._commands: ItemChannel[engine_service_pb2.RelayCommand] = ItemChannel()
         self._relay_ids: dict[str, str] = {}  # the client's request id -> the relay's, for each open stream

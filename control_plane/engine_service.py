@@ -19,17 +19,12 @@ from pagedserve.control_plane.engine import Engine, EngineOutput, RequestFailed
 from pagedserve.control_plane.errors import PagedServeError
 from pagedserve.control_plane.item_channel import ItemChannel
 from pagedserve.control_plane.served_model import ServedModel
+from pagedserve.channel_options import INTERNAL_CHANNEL_OPTIONS
 from pagedserve.v1 import engine_service_pb2 as pb
 from pagedserve.v1 import engine_service_pb2_grpc
 
 log = structlog.get_logger()
 
-# Adds queued together travel in one message: room for many full-length prompts of a long-context model.
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-GRPC_MESSAGE_OPTIONS = (
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-)
 
 class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
     """Admits the frontend's requests into the engine and relays their chunks back.
@@ -106,7 +101,7 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
 
 async def build_engine_server(servicer: EngineServicer, address: str) -> grpc.aio.Server:
     """An aio server with only the engine service, for the frontend process on this host."""
-    server = grpc.aio.server(options=GRPC_MESSAGE_OPTIONS)
+    server = grpc.aio.server(options=INTERNAL_CHANNEL_OPTIONS)
     engine_service_pb2_grpc.add_EngineServiceServicer_to_server(servicer, server)
     if server.add_insecure_port(address) == 0:
         raise OSError(f"cannot listen on {address}")

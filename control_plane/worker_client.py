@@ -12,9 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pagedserve.control_plane.convert import step_output_from_proto, step_plan_to_proto
 from pagedserve.control_plane.errors import WorkerUnavailableError
 from pagedserve.control_plane.step_plan import StepOutput, StepPlan
+from pagedserve.channel_options import INTERNAL_CHANNEL_OPTIONS
 from pagedserve.v1 import worker_service_pb2, worker_service_pb2_grpc
-
-_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,13 +72,7 @@ class GrpcWorkerClient:
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-            ],
-        )
+        self._channel = grpc.aio.insecure_channel(address, options=INTERNAL_CHANNEL_OPTIONS)
         self._stub = worker_service_pb2_grpc.WorkerServiceStub(self._channel)
         self._call: grpc.aio.StreamStreamCall | None = None
 
