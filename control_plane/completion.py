@@ -13,11 +13,10 @@ from pagedserve.control_plane.tokenizer import Tokenizer
 
 
 class CompletionChunk(NamedTuple):
-    """One message of one completion's stream."""
+    """One message of one completion's stream (the frontend numbers the messages it sends)."""
 
     request_id: str
     index: int
-    sequence_number: int
     token_ids: tuple[int, ...]
     text: str
     logprobs: tuple[TokenLogprobs, ...] = ()
@@ -44,7 +43,6 @@ class CompletionStream:
         self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens)
         self._stops = StopStringMatcher(params.stop, params.include_stop_str_in_output)
         self._held_token_ids: list[int] | None = [] if text_at_end and not params.stop else None
-        self._next_sequence_number = 0
         self.num_tokens = 0
         self.finish_reason: FinishReason | None = None
 
@@ -71,10 +69,9 @@ class CompletionStream:
         self.finish_reason = finish_reason
         if not (text or delta.new_token_ids or finish_reason or delta.prompt_logprobs):
             return None
-        chunk = CompletionChunk(
+        return CompletionChunk(
             request_id=self.request_id,
             index=self.index,
-            sequence_number=self._next_sequence_number,
             token_ids=delta.new_token_ids,
             text=text,
             logprobs=delta.logprobs,
@@ -82,8 +79,6 @@ class CompletionStream:
             finish_reason=finish_reason,
             stop_reason=stop_reason,
         )
-        self._next_sequence_number += 1
-        return chunk
 
     def _new_text(self, delta: SequenceDelta) -> str:
         if self._held_token_ids is None:

@@ -69,11 +69,11 @@ def prompt_from_proto(request: generation_service_pb2.GenerateRequest, tokenizer
 def generate_response_to_proto(
     chunk: CompletionChunk, usage: Usage | None
 ) -> generation_service_pb2.GenerateResponse:
-    """One chunk of a completion's stream; usage only on the request's last chunk."""
+    """One chunk of a completion's stream; usage only on the request's last chunk. Its sequence_number is left
+    for the frontend, which numbers the messages it actually sends (it may merge chunks)."""
     return generation_service_pb2.GenerateResponse(
         request_id=chunk.request_id,
         index=chunk.index,
-        sequence_number=chunk.sequence_number,
         token_ids=chunk.token_ids,
         text=chunk.text,
         logprobs=[token_logprobs_to_proto(lp) for lp in chunk.logprobs],

@@ -216,12 +216,12 @@ def test_request_without_prompt_is_invalid(tokenizer: Tokenizer) -> None:
 
 def test_last_chunk_carries_finish_reason_and_usage() -> None:
     chunk = CompletionChunk(
-        request_id="r1", index=1, sequence_number=4, token_ids=(5, 2), text=" end", logprobs=(LOGPROBS,),
+        request_id="r1", index=1, token_ids=(5, 2), text=" end", logprobs=(LOGPROBS,),
         finish_reason=FinishReason.STOP, stop_reason="2",
     )  # fmt: skip
     pb = generate_response_to_proto(chunk, Usage(prompt_tokens=3, completion_tokens=9, cached_prompt_tokens=1))
     assert pb == generation_service_pb2.GenerateResponse(
-        request_id="r1", index=1, sequence_number=4, token_ids=[5, 2], text=" end",
+        request_id="r1", index=1, token_ids=[5, 2], text=" end",
         logprobs=[token_logprobs_to_proto(LOGPROBS)], finish_reason=generation_service_pb2.FINISH_REASON_STOP,
         stop_reason="2",
         usage=generation_service_pb2.Usage(prompt_tokens=3, completion_tokens=9, cached_prompt_tokens=1),
@@ -237,7 +237,7 @@ def test_last_chunk_carries_finish_reason_and_usage() -> None:
     ],
 )
 def test_finish_reason_maps_to_its_wire_value(reason: FinishReason | None, wire: int) -> None:
-    chunk = CompletionChunk(request_id="r", index=0, sequence_number=0, token_ids=(), text="", finish_reason=reason)
+    chunk = CompletionChunk(request_id="r", index=0, token_ids=(), text="", finish_reason=reason)
     pb = generate_response_to_proto(chunk, None)
     assert (pb.finish_reason, pb.HasField("usage")) == (wire, False)
 
