@@ -336,8 +336,10 @@ struct LaneState {
 };
 
 // One warp's cp.async pipeline over its tiles k = 0, 1, ... (tile k starts at token
-// (first_tile + k * tile_stride) * TILE): stage k % STAGES holds the tile's keys then values; block ids are
-// fetched one tile ahead of their copies.
+// (first_tile + k * tile_stride) * TILE): stage k % STAGES holds the tile's keys then values.
+// Block ids come in windows of window_tiles tiles: lane l holds the id of block slot l % span of tile l / span
+// (span: the most blocks one tile can touch). A window is read from the block table while the one before it is
+// copied, and each copy takes its id from the owning lane by shuffle, so no copy waits on a table read.
 template <typename State, int STAGES>
 struct TilePipeline {
   using T = typename State::Element;
@@ -359,70 +361,66 @@ struct TilePipeline {
   unsigned stages_address;  // the same, as a shared-window address
   long long block_stride;
   int log2_block_size, table_width, first_tile, tile_stride, my_tiles, context_len, lane;
-  int copy_block[kCopiesPerLane];  // block of each token this lane copies in the next tile, -1 past the context
-  int first_blocks[STAGES][kCopiesPerLane];  // copy_block of tiles 0 .. STAGES - 1, read by prefetch_blocks
+  int span, window_tiles;   // block slots per tile (at most 32, see decode_layout), tiles per window
+  int window_first;         // the first tile of the current window
+  int window, next_window;  // this lane's block id in the current and the next window (-1 past the table)
 
   __device__ __forceinline__ int tile_start(int k) const { return (first_tile + k * tile_stride) * kTile; }
   __device__ __forceinline__ const T* keys(int k) const { return stages + (k % STAGES) * 2 * kTileElems; }
-  // Position of the token whose row piece copy lane + 32 i of tile k moves.
-  __device__ __forceinline__ int copy_pos(int k, int i) const {
-    return tile_start(k) + (lane + 32 * i) / kCopiesPerRow;
+
+  // This lane's block id of the window whose first tile is k, bounded by the table width only: it needs no
+  // context length, so the first two windows are read before the sequence length arrives.
+  __device__ __forceinline__ int window_block(int k) const {
+    const int block = (tile_start(k + lane / span) >> log2_block_size) + lane % span;
+    return lane < window_tiles * span && block < table_width ? table[block] : -1;
   }
 
-  // Reads the block ids of tiles 0 .. STAGES - 1 of sequence `seq`, bounded by the table width only: this needs
-  // no context length, so it can be issued before the sequence length arrives.
   __device__ __forceinline__ void prefetch_blocks(const int* __restrict__ block_tables, int block_table_stride,
                                                   int seq) {
     table = block_tables + static_cast<long long>(seq) * block_table_stride;
-#pragma unroll
-    for (int k = 0; k < STAGES; ++k) {
-#pragma unroll
-      for (int i = 0; i < kCopiesPerLane; ++i) {
-        const int block = copy_pos(k, i) >> log2_block_size;
-        first_blocks[k][i] = block < table_width ? table[block] : -1;
-      }
-    }
-  }
-
-  __device__ __forceinline__ void fetch_blocks(int k) {
-#pragma unroll
-    for (int i = 0; i < kCopiesPerLane; ++i) {
-      const int pos = copy_pos(k, i);
-      copy_block[i] = (k < my_tiles && pos < context_len) ? table[pos >> log2_block_size] : -1;
-    }
+    const int block_size = 1 << log2_block_size;
+    span = kTile % block_size == 0 ? kTile >> log2_block_size
+                                   : (block_size % kTile == 0 ? 1 : (kTile - 1) / block_size + 2);
+    window_tiles = 32 / span;
+    window_first = 0;
+    window = window_block(0);
+    next_window = window_block(window_tiles);
   }
 
   __device__ __forceinline__ void issue(int k) {
+    if (k == window_first + window_tiles) {  // tiles are issued in order: the next window begins
+      window_first = k;
+      window = next_window;
+      next_window = window_block(k + window_tiles);
+    }
     constexpr int kElementBytes = static_cast<int>(sizeof(T));
     const unsigned stage = stages_address + (k % STAGES) * 2 * kTileElems * kElementBytes;
     const int offset_mask = (1 << log2_block_size) - 1;
+    const int first_block = tile_start(k) >> log2_block_size;
 #pragma unroll
     for (int i = 0; i < kCopiesPerLane; ++i) {
       const int copy = lane + 32 * i;
-      if (kCopiesPerTile % 32 != 0 && copy >= kCopiesPerTile) continue;
       const int token = copy / kCopiesPerRow;
+      const int pos = tile_start(k) + token;
+      const int owner = (k - window_first) * span + (pos >> log2_block_size) - first_block;
+      const int block = __shfl_sync(0xffffffffu, window, min(owner, 31));
+      if (kCopiesPerTile % 32 != 0 && copy >= kCopiesPerTile) continue;
       const int part = (copy % kCopiesPerRow) * (kCopyBytes / static_cast<int>(sizeof(T)));
-      const bool is_valid = copy_block[i] >= 0;
-      const long long src = is_valid
-          ? copy_block[i] * block_stride + ((tile_start(k) + token) & offset_mask) * State::kHeadDim + part : 0;
+      const bool is_valid = pos < context_len && block >= 0;
+      const long long src = is_valid ? block * block_stride + (pos & offset_mask) * State::kHeadDim + part : 0;
       const unsigned dst = stage + (token * kRowStride + part) * kElementBytes;
       copy_async<kCopyBytes>(dst, key_base + src, is_valid ? kCopyBytes : 0);
       copy_async<kCopyBytes>(dst + kTileElems * kElementBytes, value_base + src, is_valid ? kCopyBytes : 0);
     }
   }
 
-  // Drops the prefetched block ids past the context, then issues tiles 0 .. STAGES - 2.
+  // Issues tiles 0 .. STAGES - 2 of the warp's share of a context of context_len_ tokens.
   __device__ __forceinline__ void start(int context_len_) {
     context_len = context_len_;
     const int num_tiles = (context_len + kTile - 1) / kTile;
     my_tiles = first_tile < num_tiles ? (num_tiles - 1 - first_tile) / tile_stride + 1 : 0;
 #pragma unroll
-    for (int k = 0; k < STAGES; ++k) {
-#pragma unroll
-      for (int i = 0; i < kCopiesPerLane; ++i) {
-        copy_block[i] = k < my_tiles && copy_pos(k, i) < context_len ? first_blocks[k][i] : -1;
-      }
-      if (k == STAGES - 1) break;
+    for (int k = 0; k < STAGES - 1; ++k) {
       if (k < my_tiles) issue(k);
       asm volatile("cp.async.commit_group;");
     }
@@ -432,7 +430,6 @@ struct TilePipeline {
   __device__ __forceinline__ void advance(int k) {
     if (k + STAGES - 1 < my_tiles) issue(k + STAGES - 1);
     asm volatile("cp.async.commit_group;");
-    fetch_blocks(k + STAGES);
     asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 1));
     __syncwarp();  // every lane's copies of tile k have landed
   }

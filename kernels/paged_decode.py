@@ -31,6 +31,7 @@ MAX_WARPS = 8
 STAGES = 3  # cp.async pipeline depth per warp (4 measured no faster, and costs a resident CTA)
 STAGE_TARGET_BYTES = 2048  # key (and as many value) bytes per warp tile: 12 KiB of stages per warp
 MAX_HEADS_PER_CTA = 8
+MAX_TILE_BLOCKS = 16  # blocks a tile may span, so that a warp's lanes hold the block ids of whole tiles
 # MmaState: tensor-core dtypes and the head sizes whose 2 KiB tiles (16 or 8 tokens) fit its mma steps.
 MMA_DTYPES = (torch.float16, torch.bfloat16)
 MMA_HEAD_DIMS = (64, 128)
@@ -40,6 +41,7 @@ MAX_SPLITS = 512  # bounds the partial-result buffer and the reduce kernel's per
 # Head sizes and GQA ratios of the models served; the source-compilation test instantiates each.
 KNOWN_HEAD_DIMS = (8, 32, 64, 80, 96, 128, 256)
 KNOWN_GROUP_SIZES = (1, 2, 4, 8)
+KNOWN_BLOCK_SIZES = (1, 16)  # tiles differ only where MAX_TILE_BLOCKS binds, below 8 tokens per block
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,16 +93,17 @@ class DecodeLayout:
         return max(stages, merge)
 
 
-def decode_layout(dtype: torch.dtype, head_dim: int, group_size: int) -> DecodeLayout:
+def decode_layout(dtype: torch.dtype, head_dim: int, group_size: int, block_size: int) -> DecodeLayout:
     """Tensor cores where the dtype and head size allow; otherwise the CUDA-core lane layout: 16-byte loads
-    where head_dim allows, registers within LANE_FLOAT_BUDGET."""
+    where head_dim allows, registers within LANE_FLOAT_BUDGET. Tiles touch at most MAX_TILE_BLOCKS blocks, one
+    block id per lane of a warp (the kernel's block-id windows)."""
     if (head_dim * element_bytes(dtype)) % 4:
         raise ValueError(f"head_dim {head_dim} of {dtype} is not a whole number of 4-byte words")
     heads = max(d for d in range(1, MAX_HEADS_PER_CTA + 1) if group_size % d == 0)
     size = element_bytes(dtype)
-    tile_bytes = STAGE_TARGET_BYTES // (head_dim * size)
+    tile_tokens = min(STAGE_TARGET_BYTES // (head_dim * size), MAX_TILE_BLOCKS * block_size)
     if dtype in MMA_DTYPES and head_dim in MMA_HEAD_DIMS:
-        return DecodeLayout(scalar_type_name(dtype), head_dim, size, True, 0, 0, 0, heads, tile_bytes)
+        return DecodeLayout(scalar_type_name(dtype), head_dim, size, True, 0, 0, 0, heads, tile_tokens)
     lane_floats = max(4, LANE_FLOAT_BUDGET // heads)
     vec = 1
     while vec * 2 <= min(16 // size, lane_floats) and head_dim % (vec * 2) == 0:
@@ -109,7 +112,7 @@ def decode_layout(dtype: torch.dtype, head_dim: int, group_size: int) -> DecodeL
     wanted_vecs = max(1, min(2, lane_floats // vec))
     lanes = min(32, 1 << max(0, math.ceil(math.log2(math.ceil(num_vecs / wanted_vecs)))))
     tokens_per_pass = 32 // lanes
-    tile = max(tokens_per_pass, tile_bytes // tokens_per_pass * tokens_per_pass)
+    tile = max(tokens_per_pass, tile_tokens // tokens_per_pass * tokens_per_pass)
     return DecodeLayout(scalar_type_name(dtype), head_dim, size, False, vec, lanes, math.ceil(num_vecs / lanes),
                         heads, tile)
 
@@ -120,14 +123,15 @@ def cta_warp_counts(max_warps: int) -> list[int]:
 
 
 def known_name_expressions() -> list[str]:
-    """Every kernel instantiation the launcher asks for on the known head sizes and GQA ratios."""
+    """Every kernel instantiation the launcher asks for on the known head sizes, GQA ratios and block sizes."""
     names: set[str] = set()
     for dtype in SCALAR_TYPE_NAMES:
         for head_dim in KNOWN_HEAD_DIMS:
             for group_size in KNOWN_GROUP_SIZES:
-                layout = decode_layout(dtype, head_dim, group_size)
-                names.add(layout.reduce_name)
-                names.update(layout.kernel_name(warps) for warps in cta_warp_counts(layout.max_warps))
+                for block_size in KNOWN_BLOCK_SIZES:
+                    layout = decode_layout(dtype, head_dim, group_size, block_size)
+                    names.add(layout.reduce_name)
+                    names.update(layout.kernel_name(warps) for warps in cta_warp_counts(layout.max_warps))
     return sorted(names)
 
 
@@ -180,7 +184,7 @@ class PagedDecode:
     def __init__(self, modules: ModuleCache, num_sms: int) -> None:
         self._modules = modules
         self._num_sms = num_sms
-        self._layouts: dict[tuple[torch.dtype, int, int], DecodeLayout] = {}
+        self._layouts: dict[tuple[torch.dtype, int, int, int], DecodeLayout] = {}
 
     def run(
         self, out: Tensor, query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
@@ -190,7 +194,7 @@ class PagedDecode:
         num_kv_heads, block_size, head_dim = key_cache.shape[1:]
         num_q_heads = query.shape[1]
         group_size = num_q_heads // num_kv_heads
-        layout = self._layout(query.dtype, head_dim, group_size)
+        layout = self._layout(query.dtype, head_dim, group_size, block_size)
         num_seqs = seq_lens.shape[0]
         num_rows = num_seqs if rows_by_seq else query.shape[0]
         if num_rows == 0:
@@ -221,9 +225,9 @@ class PagedDecode:
                 int32(grid.num_splits),
             ))
 
-    def _layout(self, dtype: torch.dtype, head_dim: int, group_size: int) -> DecodeLayout:
-        key = (dtype, head_dim, group_size)
+    def _layout(self, dtype: torch.dtype, head_dim: int, group_size: int, block_size: int) -> DecodeLayout:
+        key = (dtype, head_dim, group_size, block_size)
         layout = self._layouts.get(key)
         if layout is None:
-            layout = self._layouts[key] = decode_layout(dtype, head_dim, group_size)
+            layout = self._layouts[key] = decode_layout(dtype, head_dim, group_size, block_size)
         return layout

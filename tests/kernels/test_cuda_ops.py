@@ -78,6 +78,17 @@ def test_decode_matches_reference(ops: KernelOps, dtype: torch.dtype, head_dim: 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("head_dim", "block_size"), [(80, 8), (96, 16), (8, 1), (8, 2), (64, 4)])
+def test_decode_of_tiles_that_straddle_blocks_or_span_many(ops: KernelOps, dtype: torch.dtype, head_dim: int,
+                                                           block_size: int) -> None:
+    # Tiles of 4 to 12 tokens cross 8- and 16-token block boundaries; blocks of 1 to 4 tokens put up to 32 block
+    # ids in one tile. The long contexts run each warp over several windows of block ids.
+    seq_lens = [1, 3 * block_size + 1, 40 * block_size - 3, 700]
+    case = PagedCase(seq_lens, [1] * len(seq_lens), 2, 4, head_dim, block_size, dtype, seed=head_dim + block_size)
+    _assert_matches_reference(case, ops, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_splits_long_contexts(ops: KernelOps, dtype: torch.dtype) -> None:
     case = PagedCase([16384, 9000, 130], [1, 1, 1], 2, 4, 128, 16, dtype, seed=1)
     _assert_matches_reference(case, ops, dtype)
@@ -88,7 +99,7 @@ def test_decode_splits_long_contexts(ops: KernelOps, dtype: torch.dtype) -> None
 def test_decode_of_short_contexts_in_one_cta_of_eight_warps(ops: KernelOps, dtype: torch.dtype,
                                                            head_dim: int) -> None:
     # A short batch of contexts of 32 tiles: unsplit, and the CTAs sparse enough for eight warps each.
-    layout = decode_layout(dtype, head_dim, 4)
+    layout = decode_layout(dtype, head_dim, 4, 16)
     seq_lens = [32 * layout.tile, 32 * layout.tile - 7, 3 * layout.tile + 1, 1]
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     grid = decode_grid(len(seq_lens), 8, 4, layout, max(seq_lens), num_sms)

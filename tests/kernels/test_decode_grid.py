@@ -7,7 +7,7 @@ import torch
 from pagedserve.kernels.paged_decode import MAX_WARPS, MIN_WARPS, decode_grid, decode_layout
 
 H100_SMS = 132
-LAYOUT = decode_layout(torch.bfloat16, 64, 4)  # Llama-3.2-1B: 8 kv heads of 4 query heads, 16-token tiles
+LAYOUT = decode_layout(torch.bfloat16, 64, 4, 16)  # Llama-3.2-1B: 8 kv heads of 4 query heads, 16-token tiles
 
 
 def test_a_batch_that_fills_the_sms_is_never_split() -> None:
