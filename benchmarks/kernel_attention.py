@@ -39,9 +39,12 @@ class DecodeResult:
     batch: int
     context: int
     bytes_moved: int
+    launches: int  # per graph in the *_us times: one per layer of a decode step
     paged_us: float
     sdpa_us: float
     gather_sdpa_us: float
+    paged_single_us: float  # a graph of one launch: adds the graph's own launch latency
+    sdpa_single_us: float
 
     @property
     def paged_gbps(self) -> float:
@@ -138,6 +141,26 @@ def _replay_us(timer: Timer, run: Callable[[int], object], count: int) -> float:
     return timer.median_us(lambda i: graphs[i % count].replay())
 
 
+def _per_launch_us(timer: Timer, run: Callable[[int], object], count: int) -> float:
+    """Time per launch in one graph of `count` launches over distinct inputs, as a decode step's graph launches
+    attention once per layer over that layer's cache: the graph's own launch latency is paid once, not per
+    launch, and no launch reads what another read (the L2 is flushed before each replay)."""
+    for i in range(count):
+        run(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(count):
+            run(i)
+    return timer.median_us(lambda _: graph.replay()) / count
+
+
+def measure_graph_launch_us(timer: Timer) -> float:
+    """Replay time of a graph of one near-empty kernel, timed as the decode points are."""
+    one = torch.zeros(1, device="cuda")
+    return _replay_us(timer, lambda _: one.add_(1), 1)
+
+
 def bench_decode(timer: Timer, ops: object, shape: str, batch: int, context: int) -> DecodeResult:
     q_heads, kv_heads, head_dim = SHAPES[shape]
     kv_bytes = 2 * batch * context * kv_heads * head_dim * DTYPE.itemsize
@@ -156,8 +179,9 @@ def bench_decode(timer: Timer, ops: object, shape: str, batch: int, context: int
         return F.scaled_dot_product_attention(sets[i]["query"].unsqueeze(2), key, value, scale=scale,
                                               enable_gqa=True)
 
-    paged_us = _replay_us(timer, paged, num_sets)
-    gather_us = _replay_us(timer, gather_sdpa, num_sets)
+    paged_us = _per_launch_us(timer, paged, num_sets)
+    paged_single_us = _replay_us(timer, paged, num_sets)
+    gather_us = _per_launch_us(timer, gather_sdpa, num_sets)
     contiguous = [_contiguous_kv(s, context) for s in sets]
 
     def sdpa(i: int) -> torch.Tensor:
@@ -165,9 +189,11 @@ def bench_decode(timer: Timer, ops: object, shape: str, batch: int, context: int
         return F.scaled_dot_product_attention(sets[i]["query"].unsqueeze(2), key, value, scale=scale,
                                               enable_gqa=True)
 
-    sdpa_us = _replay_us(timer, sdpa, num_sets)
+    sdpa_us = _per_launch_us(timer, sdpa, num_sets)
+    sdpa_single_us = _replay_us(timer, sdpa, num_sets)
     bytes_moved = kv_bytes + 2 * batch * q_heads * head_dim * DTYPE.itemsize
-    return DecodeResult(shape, batch, context, bytes_moved, paged_us, sdpa_us, gather_us)
+    return DecodeResult(shape, batch, context, bytes_moved, num_sets, paged_us, sdpa_us, gather_us, paged_single_us,
+                        sdpa_single_us)
 
 
 def measure_host_us(ops: object) -> float:
@@ -233,17 +259,23 @@ def markdown_report(meta: dict, ceiling: dict, decode: list[DecodeResult], prefi
     peak = max(ceiling.values())
     lines = [f"# Paged attention kernels, {meta['device']}, {meta['date']}", "",
              f"commit `{meta['commit']}`; command `{meta['command']}`; bf16, block_size {BLOCK_SIZE}.", "",
-             "Decode times are CUDA-graph replays (as served), L2 flushed before each; median of "
-             f"{meta['repeats']} runs. Host cost of one eager decode call: {meta['host_us_per_decode_call']} us.", "",
+             "Decode times are per launch in a CUDA graph of `launches` launches over distinct inputs (as a decode "
+             "step's graph launches attention once per layer), L2 flushed before each replay; median of "
+             f"{meta['repeats']} runs. The `1-graph` columns time a graph of one launch, which adds the graph's own "
+             f"launch latency: {meta['graph_launch_us']} us for a graph of one near-empty kernel. "
+             f"Host cost of one eager decode call: {meta['host_us_per_decode_call']} us.", "",
              f"Read-bandwidth ceiling (measured): {peak:.0f} GB/s "
              f"(sum {ceiling['sum_read_gbps']:.0f}, copy {ceiling['copy_read_write_gbps']:.0f}).", "",
              "## Decode", "",
-             "| shape | batch | context | paged us | GB/s | % ceiling | SDPA us | paged/SDPA | gather+SDPA us |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| shape | batch | context | launches | paged us | GB/s | % ceiling | SDPA us | paged/SDPA | "
+             "gather+SDPA us | 1-graph paged us | 1-graph % ceiling | 1-graph SDPA us |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in decode:
-        lines.append(f"| {r.shape} | {r.batch} | {r.context} | {r.paged_us:.1f} | {r.paged_gbps:.0f} | "
-                     f"{100 * r.paged_gbps / peak:.0f} | {r.sdpa_us:.1f} | {r.paged_us / r.sdpa_us:.2f} | "
-                     f"{r.gather_sdpa_us:.1f} |")
+        single_percent = 100 * r.bytes_moved / r.paged_single_us / 1e3 / peak
+        lines.append(f"| {r.shape} | {r.batch} | {r.context} | {r.launches} | {r.paged_us:.1f} | "
+                     f"{r.paged_gbps:.0f} | {100 * r.paged_gbps / peak:.0f} | {r.sdpa_us:.1f} | "
+                     f"{r.paged_us / r.sdpa_us:.2f} | {r.gather_sdpa_us:.1f} | {r.paged_single_us:.1f} | "
+                     f"{single_percent:.0f} | {r.sdpa_single_us:.1f} |")
     lines += ["", "## Prefill (causal)", "", "| shape | tokens | seqs | paged TFLOP/s | SDPA flash TFLOP/s | ratio |",
               "|---|---|---|---|---|---|"]
     for r in prefill:
@@ -286,6 +318,7 @@ def main() -> None:
     ops = get_kernel_ops(torch.device("cuda", torch.cuda.current_device()))
     ceiling = measure_read_ceiling_gbps(timer)
     meta["host_us_per_decode_call"] = round(measure_host_us(ops), 1)
+    meta["graph_launch_us"] = round(measure_graph_launch_us(timer), 1)
     decode = [bench_decode(timer, ops, shape, batch, context)
               for shape in SHAPES for batch in BATCHES for context in CONTEXTS]
     prefill = [bench_prefill(timer, ops, shape, tokens) for shape in SHAPES for tokens in PREFILL_TOKENS]
