@@ -12,6 +12,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pagedserve.channel_options import INTERNAL_CHANNEL_OPTIONS
 from pagedserve.gpu_worker import convert
 from pagedserve.gpu_worker.errors import (
     CacheNotInitializedError,
@@ -130,7 +131,7 @@ class WorkerServer:
 
 async def start_server(worker: Worker, address: str) -> WorkerServer:
     """Binds address (port 0 picks a free one), registers the services and starts serving; health SERVING."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=INTERNAL_CHANNEL_OPTIONS)
     servicer = WorkerServicer(worker)
     worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()

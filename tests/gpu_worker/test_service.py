@@ -38,7 +38,9 @@ def _serve(test: Callable[[grpc.aio.Channel, Worker], Awaitable[None]]) -> None:
     asyncio.run(run())
 
 
-async def _execute(stub: worker_service_pb2_grpc.WorkerServiceStub, *requests: pb.ExecuteRequest) -> list[pb.ExecuteResponse]:
+async def _execute(
+    stub: worker_service_pb2_grpc.WorkerServiceStub, *requests: pb.ExecuteRequest
+) -> list[pb.ExecuteResponse]:
     async def stream() -> AsyncIterator[pb.ExecuteRequest]:
         for request in requests:
             yield request
@@ -84,7 +86,8 @@ def test_get_worker_info_describes_model_device_and_cache_state() -> None:
         kv_bytes = config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * config["head_dim"] * 4
         assert (before.worker_id, before.model, before.architecture) == ("worker-7", "stories260K", "LlamaForCausalLM")
         assert (before.dtype, before.device, before.total_memory_bytes) == ("float32", "cpu", 0)
-        assert (before.vocab_size, before.max_position_embeddings) == (config["vocab_size"], config["max_position_embeddings"])
+        assert before.vocab_size == config["vocab_size"]
+        assert before.max_position_embeddings == config["max_position_embeddings"]
         assert (before.weight_bytes, before.kv_bytes_per_token) == (_stories_weight_bytes(), kv_bytes)
         assert (before.is_cache_initialized, after.is_cache_initialized) == (False, True)
 
@@ -96,7 +99,8 @@ def test_init_cache_returns_the_block_counts_allocated() -> None:
         stub = worker_service_pb2_grpc.WorkerServiceStub(channel)
         bytes_per_block = worker.info().kv_bytes_per_token * BLOCK_SIZE
         reply = await stub.InitCache(pb.InitCacheRequest(
-            block_size=BLOCK_SIZE, kv_cache_memory_bytes=10 * bytes_per_block + 1, swap_space_bytes=3 * bytes_per_block))
+            block_size=BLOCK_SIZE, kv_cache_memory_bytes=10 * bytes_per_block + 1,
+            swap_space_bytes=3 * bytes_per_block))
 
         assert (reply.num_gpu_blocks, reply.num_cpu_blocks, reply.peak_activation_bytes) == (10, 3, 0)
 
@@ -143,6 +147,25 @@ def test_unknown_scheduled_sequence_is_invalid_argument() -> None:
 
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "scheduled sequence 1" in (error.value.details() or "")
+
+    _serve(test)
+
+
+def test_execute_accepts_a_step_larger_than_grpc_default_4_mib() -> None:
+    # 2.5M two-byte varints; the out-of-range block makes the worker judge the step without running it.
+    new = pb.NewSequence(seq_id=1, prompt_token_ids=[500] * 2_500_000, sampling=greedy(), block_ids=[NUM_BLOCKS],
+                         num_scheduled_tokens=1)
+    step = pb.ExecuteRequest(step_id=0, new_sequences=[new])
+
+    async def test(channel: grpc.aio.Channel, worker: Worker) -> None:
+        stub = worker_service_pb2_grpc.WorkerServiceStub(channel)
+        await stub.InitCache(_init_cache())
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await _execute(stub, step)
+
+        assert step.ByteSize() > 4 * 2**20
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"block id {NUM_BLOCKS} out of range" in (error.value.details() or "")
 
     _serve(test)
 
