@@ -95,8 +95,9 @@ class DecodeLayout:
 
 def decode_layout(dtype: torch.dtype, head_dim: int, group_size: int, block_size: int) -> DecodeLayout:
     """Tensor cores where the dtype and head size allow; otherwise the CUDA-core lane layout: 16-byte loads
-    where head_dim allows, registers within LANE_FLOAT_BUDGET. Tiles touch at most MAX_TILE_BLOCKS blocks, one
-    block id per lane of a warp (the kernel's block-id windows)."""
+    where head_dim allows, registers within LANE_FLOAT_BUDGET. Tiles hold at most MAX_TILE_BLOCKS blocks' tokens,
+    or one CUDA-core pass of up to 32 tokens: either way a tile touches at most 32 blocks, as the kernel's
+    block-id windows (one id per lane) need."""
     if (head_dim * element_bytes(dtype)) % 4:
         raise ValueError(f"head_dim {head_dim} of {dtype} is not a whole number of 4-byte words")
     heads = max(d for d in range(1, MAX_HEADS_PER_CTA + 1) if group_size % d == 0)
