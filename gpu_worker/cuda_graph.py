@@ -30,6 +30,24 @@ def padded_sizes(limit: int, small: tuple[int, ...], runs: tuple[tuple[int, int 
     return tuple(sorted(sizes))
 
 
+class StaticTokens:
+    """The per-token inputs a captured graph reads, for up to `size` rows: token ids, positions and KV slots.
+    Rows past a batch are padding, with slot -1: they write no K/V."""
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.input_ids = torch.zeros(size, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(size, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((size,), -1, dtype=torch.int64, device=device)
+
+    def load(self, batch: FlatBatch, size: int) -> None:
+        """Copies the batch's rows in; rows batch.num_tokens .. size - 1 become padding."""
+        num_tokens = batch.num_tokens
+        self.input_ids[:num_tokens].copy_(batch.input_ids)
+        self.positions[:num_tokens].copy_(batch.positions)
+        self.slot_mapping[:num_tokens].copy_(batch.meta.slot_mapping)
+        self.slot_mapping[num_tokens:size].fill_(-1)
+
+
 def capture_sizes(max_batch_size: int) -> tuple[int, ...]:
     """1, 2, 4, multiples of 8 up to 256, then multiples of 32, up to max_batch_size (itself always included)."""
     return padded_sizes(max_batch_size, _SMALL_SIZES, _SIZE_RUNS)
@@ -49,9 +67,7 @@ class CudaGraphRunner:
         self.kv_cache = kv_cache
         self.sizes = capture_sizes(max_batch_size)
         size, device = self.sizes[-1], kv_cache.device
-        self.input_ids = torch.zeros(size, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(size, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((size,), -1, dtype=torch.int64, device=device)
+        self.tokens = StaticTokens(size, device)
         self.block_tables = torch.zeros(size, max_num_blocks_per_seq, dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(size, dtype=torch.int32, device=device)
         self.query_start_loc = torch.zeros(size + 1, dtype=torch.int32, device=device)
@@ -88,10 +104,7 @@ class CudaGraphRunner:
         num_seqs = batch.num_tokens
         size = self.sizes[bisect.bisect_left(self.sizes, num_seqs)]
         meta = batch.meta
-        self.input_ids[:num_seqs].copy_(batch.input_ids)
-        self.positions[:num_seqs].copy_(batch.positions)
-        self.slot_mapping[:num_seqs].copy_(meta.slot_mapping)
-        self.slot_mapping[num_seqs:size].fill_(-1)
+        self.tokens.load(batch, size)
         self.block_tables[:num_seqs, : meta.block_tables.shape[1]].copy_(meta.block_tables)
         self.seq_lens[:num_seqs].copy_(meta.seq_lens)
         self.seq_lens[num_seqs:size].zero_()
@@ -104,11 +117,11 @@ class CudaGraphRunner:
 
     def _forward(self, size: int) -> torch.Tensor:
         meta = AttentionMetadata(
-            slot_mapping=self.slot_mapping[:size],
+            slot_mapping=self.tokens.slot_mapping[:size],
             block_tables=self.block_tables[:size],
             seq_lens=self.seq_lens[:size],
             query_start_loc=self.query_start_loc[: size + 1],
             max_query_len=1,
             max_seq_len=self.max_seq_len,
         )
-        return self.model(self.input_ids[:size], self.positions[:size], meta, self.kv_cache)
+        return self.model(self.tokens.input_ids[:size], self.tokens.positions[:size], meta, self.kv_cache)

@@ -14,7 +14,7 @@ import time
 import structlog
 import torch
 
-from pagedserve.gpu_worker.cuda_graph import padded_sizes
+from pagedserve.gpu_worker.cuda_graph import StaticTokens, padded_sizes
 from pagedserve.gpu_worker.model_runner import FlatBatch
 from pagedserve.gpu_worker.models.decoder import AttentionCall, DecoderForCausalLM, ForwardPieces
 from pagedserve.gpu_worker.models.layers import AttentionBuffers
@@ -49,9 +49,7 @@ class PiecewiseGraphRunner:
         self.sizes = piece_sizes(max_tokens)
         size, device = self.sizes[-1], kv_cache.device
         config = model.config
-        self.input_ids = torch.zeros(size, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(size, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((size,), -1, dtype=torch.int64, device=device)
+        self.tokens = StaticTokens(size, device)
         shape = (size, config.num_heads, config.head_dim)
         self.buffers = AttentionBuffers(torch.zeros(shape, dtype=kv_cache.dtype, device=device),
                                         torch.zeros(shape, dtype=kv_cache.dtype, device=device))
@@ -93,15 +91,12 @@ class PiecewiseGraphRunner:
         """[num_tokens, hidden] hidden states of the batch (can_run(batch) must hold)."""
         num_tokens = batch.num_tokens
         size = self.sizes[bisect.bisect_left(self.sizes, num_tokens)]
-        self.input_ids[:num_tokens].copy_(batch.input_ids)
-        self.positions[:num_tokens].copy_(batch.positions)
-        self.slot_mapping[:num_tokens].copy_(batch.meta.slot_mapping)
-        self.slot_mapping[num_tokens:size].fill_(-1)
+        self.tokens.load(batch, size)
+        query, out = self.buffers.query[:num_tokens], self.buffers.out[:num_tokens]
         graphs = self._graphs[size]
         for layer, graph in enumerate(graphs[:-1]):
             graph.replay()
-            call = AttentionCall(layer, self.buffers.query[:num_tokens], self.buffers.out[:num_tokens])
-            self.model.attend(call, batch.meta, self.kv_cache)
+            self.model.attend(AttentionCall(layer, query, out), batch.meta, self.kv_cache)
         graphs[-1].replay()
         self.num_replays += 1
         return self.hidden[:num_tokens]
@@ -109,5 +104,6 @@ class PiecewiseGraphRunner:
     def _pieces(self, size: int) -> ForwardPieces:
         """The forward pass of size padded tokens over the static buffers, cut at each attention."""
         buffers = AttentionBuffers(self.buffers.query[:size], self.buffers.out[:size])
-        return self.model.pieces(self.input_ids[:size], self.positions[:size], self.slot_mapping[:size],
+        tokens = self.tokens
+        return self.model.pieces(tokens.input_ids[:size], tokens.positions[:size], tokens.slot_mapping[:size],
                                  self.kv_cache, buffers)

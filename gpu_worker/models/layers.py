@@ -70,7 +70,8 @@ class GatedMLP(nn.Module):
 
     def __init__(self, config: ModelConfig, ops: KernelOps, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
-        self.gate_up_proj = empty_parameter(2 * config.intermediate_size, config.hidden_size, device=device, dtype=dtype)
+        self.gate_up_proj = empty_parameter(2 * config.intermediate_size, config.hidden_size, device=device,
+                                            dtype=dtype)
         self.down_proj = empty_parameter(config.hidden_size, config.intermediate_size, device=device, dtype=dtype)
         self.ops = ops
 
@@ -96,19 +97,12 @@ class PagedAttention(nn.Module):
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops, device, dtype)
         self.scale = config.head_dim**-0.5
 
-    def forward(
-        self, x: torch.Tensor, rotation: Rotation, meta: AttentionMetadata, layer_cache: torch.Tensor
-    ) -> torch.Tensor:
-        """x: [T, hidden]; layer_cache: [2, num_blocks, Hkv, block_size, D], this layer's K and V pools."""
-        query, out = self.project(x, rotation, meta.slot_mapping, layer_cache)
-        self.attend(out, query, meta, layer_cache)
-        return self.output(out)
-
     def project(
         self, x: torch.Tensor, rotation: Rotation, slot_mapping: torch.Tensor, layer_cache: torch.Tensor,
         buffers: AttentionBuffers | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Projects x, rotates q and k, writes k and v into their slots; returns (q, an output buffer for attend),
+        """x: [T, hidden]; layer_cache: [2, num_blocks, Hkv, block_size, D], this layer's K and V pools.
+        Projects x, rotates q and k, writes k and v into their slots; returns (q, an output buffer for attend),
         in buffers when given."""
         cfg = self.config
         qkv = F.linear(x, self.qkv_proj, self.qkv_bias)
