@@ -149,6 +149,7 @@ def merge_chunks(chunks: Sequence[GenerateResponse]) -> list[GenerateResponse]:
             into.token_ids.extend(chunk.token_ids)
             into.text += chunk.text
             into.logprobs.extend(chunk.logprobs)
+            into.prompt_logprobs.extend(chunk.prompt_logprobs)
             into.finish_reason = chunk.finish_reason
             into.stop_reason = chunk.stop_reason
             if chunk.HasField("usage"):

@@ -270,6 +270,18 @@ def _chunk(index: int, token_ids: list[int], text: str, finish: bool = False,
     return chunk
 
 
+def test_prompt_logprobs_of_prefill_chunks_that_arrived_together_are_all_kept() -> None:
+    # Chunked prefill sends each chunk's prompt logprobs in its own message.
+    first, second = _chunk(0, [], ""), _chunk(0, [], "")
+    first.prompt_logprobs.add(token_id=1, logprob=-0.5)
+    second.prompt_logprobs.add(token_id=2, logprob=-1.5)
+    second.prompt_logprobs.add(token_id=3, logprob=-2.5)
+
+    (merged,) = merge_chunks([first, second])
+
+    assert [p.token_id for p in merged.prompt_logprobs] == [1, 2, 3]
+
+
 def test_chunks_that_arrived_together_merge_per_completion_keeping_the_last_one_last() -> None:
     merged = merge_chunks([
         _chunk(0, [5], "a"), _chunk(1, [6], "b"), _chunk(0, [7], "c"), _chunk(1, [8, 9], "de"),
