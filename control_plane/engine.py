@@ -188,7 +188,7 @@ class Engine:
         (the frontend's relay), instead of the request's own channel that stream() reads.
         """
         request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self._requests:
+        while request_id in self._requests:
             request_id = f"{request_id}-{next(self._ids)}"
         request = Request(
             request_id=request_id,

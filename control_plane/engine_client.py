@@ -75,7 +75,7 @@ class EngineClient:
         if self.closed.is_set():
             raise EngineUnavailableError("the engine process is unavailable")
         request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self._relay_ids:
+        while request_id in self._relay_ids:
             request_id = f"{request_id}-{next(self._ids)}"
         relay_id = self._relay_ids[request_id] = f"{request_id}@{next(self._ids)}"
         self._streams[relay_id] = ItemChannel()

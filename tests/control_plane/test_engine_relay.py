@@ -260,6 +260,26 @@ def test_open_streams_fail_as_unavailable_when_the_engine_process_goes_away(
     assert closed
 
 
+def test_a_renamed_request_id_never_takes_one_already_in_use(tokenizer: Tokenizer, tmp_path: Path) -> None:
+    # The rename appends the next counter value, here 2: the id a client opened explicitly first.
+    async def scenario(relay: _Relay) -> list[str]:
+        return [relay.client.add_request([1, 2, 3], _params(2), request_id) for request_id in ("r-2", "r", "r")]
+
+    ids = _run(tokenizer, tmp_path, scenario)
+
+    assert ids[:2] == ["r-2", "r"]
+    assert len(set(ids)) == 3
+
+
+def test_the_engine_never_renames_a_request_onto_an_id_in_use(tokenizer: Tokenizer) -> None:
+    engine = _engine(tokenizer)
+    params = SamplingParams(max_tokens=2)
+    ids = [engine.add_request([1, 2, 3], params, request_id) for request_id in ("q-0", "q", "q")]
+
+    assert ids[:2] == ["q-0", "q"]
+    assert len(set(ids)) == 3
+
+
 def _chunk(index: int, token_ids: list[int], text: str, finish: bool = False,
            usage: bool = False) -> generation_service_pb2.GenerateResponse:
     chunk = generation_service_pb2.GenerateResponse(request_id="r", index=index, token_ids=token_ids, text=text)
