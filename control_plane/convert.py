@@ -25,6 +25,8 @@ from pagedserve.control_plane.step_plan import (
 from pagedserve.v1 import common_pb2, engine_service_pb2, generation_service_pb2, worker_service_pb2
 
 if TYPE_CHECKING:  # only their shapes matter here; the engine imports the scheduler
+    from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
+
     from pagedserve.control_plane.completion import CompletionChunk
     from pagedserve.control_plane.engine import EngineStatus, Usage
     from pagedserve.control_plane.tokenizer import Tokenizer
@@ -66,26 +68,25 @@ def prompt_from_proto(request: generation_service_pb2.GenerateRequest, tokenizer
     raise InvalidArgumentError("prompt", "must be set, as text or token_ids")
 
 
-def generate_response_to_proto(
-    chunk: CompletionChunk, usage: Usage | None
+def add_generate_response(
+    responses: RepeatedCompositeFieldContainer[generation_service_pb2.GenerateResponse], chunk: CompletionChunk,
+    usage: Usage | None,
 ) -> generation_service_pb2.GenerateResponse:
-    """One chunk of a completion's stream; usage only on the request's last chunk. Its sequence_number is left
-    for the frontend, which numbers the messages it actually sends (it may merge chunks)."""
-    return generation_service_pb2.GenerateResponse(
-        request_id=chunk.request_id,
-        index=chunk.index,
-        token_ids=chunk.token_ids,
-        text=chunk.text,
-        logprobs=[token_logprobs_to_proto(lp) for lp in chunk.logprobs],
-        finish_reason=(
-            generation_service_pb2.FINISH_REASON_UNSPECIFIED
-            if chunk.finish_reason is None
-            else _FINISH_REASONS[chunk.finish_reason]
-        ),
-        stop_reason=chunk.stop_reason,
-        usage=None if usage is None else _usage_to_proto(usage),
-        prompt_logprobs=[token_logprobs_to_proto(lp) for lp in chunk.prompt_logprobs],
-    )
+    """Appends one chunk of a completion's stream to responses and returns it; usage only on the request's last
+    chunk. The message is built in place with only the fields the chunk has (the engine's loop sends one per
+    sequence and step). Its sequence_number is left for the frontend, which numbers the messages it actually
+    sends (it may merge chunks)."""
+    pb = responses.add(request_id=chunk.request_id, index=chunk.index, token_ids=chunk.token_ids, text=chunk.text,
+                       stop_reason=chunk.stop_reason)
+    if chunk.logprobs:
+        pb.logprobs.extend(token_logprobs_to_proto(lp) for lp in chunk.logprobs)
+    if chunk.finish_reason is not None:
+        pb.finish_reason = _FINISH_REASONS[chunk.finish_reason]
+    if usage is not None:
+        pb.usage.CopyFrom(_usage_to_proto(usage))
+    if chunk.prompt_logprobs:
+        pb.prompt_logprobs.extend(token_logprobs_to_proto(lp) for lp in chunk.prompt_logprobs)
+    return pb
 
 
 _ERROR_KINDS: tuple[tuple[type[PagedServeError], int], ...] = (

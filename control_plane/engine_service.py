@@ -9,8 +9,8 @@ import grpc
 import structlog
 
 from pagedserve.control_plane.convert import (
+    add_generate_response,
     engine_status_to_proto,
-    generate_response_to_proto,
     request_error_to_proto,
     sampling_params_from_proto,
     served_model_to_proto,
@@ -64,7 +64,7 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
                     else:
                         if item.usage is not None:
                             live.discard(item.chunk.request_id)
-                        response.responses.append(generate_response_to_proto(item.chunk, item.usage))
+                        add_generate_response(response.responses, item.chunk, item.usage)
                 yield response
         finally:
             reader.cancel()

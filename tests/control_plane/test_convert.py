@@ -8,9 +8,9 @@ import pytest
 
 from pagedserve.control_plane.completion import CompletionChunk
 from pagedserve.control_plane.convert import (
+    add_generate_response,
     request_error_from_proto,
     request_error_to_proto,
-    generate_response_to_proto,
     prompt_from_proto,
     sampling_params_from_proto,
     step_output_from_proto,
@@ -219,7 +219,8 @@ def test_last_chunk_carries_finish_reason_and_usage() -> None:
         request_id="r1", index=1, token_ids=(5, 2), text=" end", logprobs=(LOGPROBS,),
         finish_reason=FinishReason.STOP, stop_reason="2",
     )  # fmt: skip
-    pb = generate_response_to_proto(chunk, Usage(prompt_tokens=3, completion_tokens=9, cached_prompt_tokens=1))
+    pb = add_generate_response(engine_service_pb2.RelayResponse().responses, chunk,
+                               Usage(prompt_tokens=3, completion_tokens=9, cached_prompt_tokens=1))
     assert pb == generation_service_pb2.GenerateResponse(
         request_id="r1", index=1, token_ids=[5, 2], text=" end",
         logprobs=[token_logprobs_to_proto(LOGPROBS)], finish_reason=generation_service_pb2.FINISH_REASON_STOP,
@@ -238,7 +239,7 @@ def test_last_chunk_carries_finish_reason_and_usage() -> None:
 )
 def test_finish_reason_maps_to_its_wire_value(reason: FinishReason | None, wire: int) -> None:
     chunk = CompletionChunk(request_id="r", index=0, token_ids=(), text="", finish_reason=reason)
-    pb = generate_response_to_proto(chunk, None)
+    pb = add_generate_response(engine_service_pb2.RelayResponse().responses, chunk, None)
     assert (pb.finish_reason, pb.HasField("usage")) == (wire, False)
 
 
