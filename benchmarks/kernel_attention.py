@@ -39,7 +39,7 @@ class DecodeResult:
     batch: int
     context: int
     bytes_moved: int
-    launches: int  # per graph in the *_us times: one per layer of a decode step
+    launches: int  # per graph in the *_us times: one per input set (up to 8, see bench_decode)
     paged_us: float
     sdpa_us: float
     gather_sdpa_us: float
@@ -49,6 +49,10 @@ class DecodeResult:
     @property
     def paged_gbps(self) -> float:
         return self.bytes_moved / self.paged_us / 1e3
+
+    @property
+    def paged_single_gbps(self) -> float:
+        return self.bytes_moved / self.paged_single_us / 1e3
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,36 +126,35 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor, context: int) -> to
     return merged[:, :, :context]
 
 
-def _graphs(run: Callable[[int], object], count: int) -> list[torch.cuda.CUDAGraph]:
-    """One CUDA graph per input set: decode steps are replayed from graphs in serving, so time them so."""
+def _capture(body: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """body as a CUDA graph (decode steps are replayed from graphs in serving); body must have run once before,
+    so that kernels are compiled and buffers allocated outside capture."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph
+
+
+def _warm(run: Callable[[int], object], count: int) -> None:
     for i in range(count):
-        run(i)  # compiles and warms up outside capture
+        run(i)
     torch.cuda.synchronize()
-    graphs = []
-    for i in range(count):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run(i)
-        graphs.append(graph)
-    return graphs
 
 
 def _replay_us(timer: Timer, run: Callable[[int], object], count: int) -> float:
-    graphs = _graphs(run, count)
+    """Time of a graph of one launch, one graph per input set, rotated."""
+    _warm(run, count)
+    graphs = [_capture(lambda i=i: run(i)) for i in range(count)]
     return timer.median_us(lambda i: graphs[i % count].replay())
 
 
 def _per_launch_us(timer: Timer, run: Callable[[int], object], count: int) -> float:
     """Time per launch in one graph of `count` launches over distinct inputs, as a decode step's graph launches
     attention once per layer over that layer's cache: the graph's own launch latency is paid once, not per
-    launch, and no launch reads what another read (the L2 is flushed before each replay)."""
-    for i in range(count):
-        run(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(count):
-            run(i)
+    launch (with count 1, once per launch), and no launch reads what another read (the L2 is flushed before
+    each replay)."""
+    _warm(run, count)
+    graph = _capture(lambda: [run(i) for i in range(count)])
     return timer.median_us(lambda _: graph.replay()) / count
 
 
@@ -271,11 +274,10 @@ def markdown_report(meta: dict, ceiling: dict, decode: list[DecodeResult], prefi
              "gather+SDPA us | 1-graph paged us | 1-graph % ceiling | 1-graph SDPA us |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in decode:
-        single_percent = 100 * r.bytes_moved / r.paged_single_us / 1e3 / peak
         lines.append(f"| {r.shape} | {r.batch} | {r.context} | {r.launches} | {r.paged_us:.1f} | "
                      f"{r.paged_gbps:.0f} | {100 * r.paged_gbps / peak:.0f} | {r.sdpa_us:.1f} | "
                      f"{r.paged_us / r.sdpa_us:.2f} | {r.gather_sdpa_us:.1f} | {r.paged_single_us:.1f} | "
-                     f"{single_percent:.0f} | {r.sdpa_single_us:.1f} |")
+                     f"{100 * r.paged_single_gbps / peak:.0f} | {r.sdpa_single_us:.1f} |")
     lines += ["", "## Prefill (causal)", "", "| shape | tokens | seqs | paged TFLOP/s | SDPA flash TFLOP/s | ratio |",
               "|---|---|---|---|---|---|"]
     for r in prefill:
