@@ -9,7 +9,7 @@ from pagedserve.kernels.cache_ops import CacheOps
 from pagedserve.kernels.launch_args import SCALAR_TYPE_NAMES, log2_exact
 from pagedserve.kernels.layer_kernels import LayerKernels
 from pagedserve.kernels.module_cache import ModuleCache
-from pagedserve.kernels.paged_decode import PagedDecode
+from pagedserve.kernels.paged_decode import TMA_MIN_COMPUTE_CAPABILITY, PagedDecode
 from pagedserve.kernels.paged_prefill import PagedPrefill, supports
 
 
@@ -25,8 +25,9 @@ class CudaKernelOps:
     def __init__(self, device: torch.device) -> None:
         self._device = device
         modules = ModuleCache(device)
-        num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-        self._decode = PagedDecode(modules, num_sms)
+        properties = torch.cuda.get_device_properties(device)
+        self._decode = PagedDecode(modules, properties.multi_processor_count,
+                                   tma=properties.major >= TMA_MIN_COMPUTE_CAPABILITY)
         self._prefill = PagedPrefill(modules)
         self._cache = CacheOps(modules, device)
         # The layer ops are LayerKernels' bound methods themselves: no wrapper call on the per-layer host path.

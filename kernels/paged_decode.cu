@@ -3,8 +3,8 @@
 // One CTA per (query row, kv head, group of HEADS query heads of that kv head, split of the context). The query
 // heads of a GQA group are processed together, so each K/V byte is read once per CTA. The context is cut into
 // tiles of TILE tokens; warp w of split s takes tiles s * WARPS + w, s * WARPS + w + WARPS * num_splits, ... and
-// runs its own STAGES-deep cp.async pipeline into its private shared memory, so no block-wide barrier stalls the
-// loads. Dealing tiles round-robin gives every split an equal share of the real context, and a warp's tiles do
+// runs its own STAGES-deep pipeline of copies (cp.async, or the tensor memory accelerator) into its private shared
+// memory, so no block-wide barrier stalls the loads. Dealing tiles round-robin gives every split an equal share of the real context, and a warp's tiles do
 // not depend on the context length: the block ids of its first tiles are read in the same memory round trip as
 // the sequence length. Warps are merged at the end (log-sum-exp). When the launcher splits the context, each
 // split writes an unnormalised partial result that paged_decode_reduce merges. (Merging inside this kernel, by
@@ -13,6 +13,8 @@
 //
 // The math on a staged tile is the State template argument, with an online softmax in float32, log2 units:
 // - MmaState (float16 / bfloat16, head_dim 64 or 128): S = Q K^T and O^T = V^T P^T on mma.sync (see there).
+//   On sm_90 with blocks of at least 8 tokens its tiles are staged by the tensor memory accelerator
+//   (TmaPipeline): bulk copies of whole blocks stream faster than 16-byte cp.async.
 // - LaneState (any dtype and head size): float32 dot products on CUDA cores. A token row of HEAD_DIM elements is
 //   covered by LANES lanes, each holding VECS vectors of VEC elements (vector j of lane l is elements
 //   [(j * LANES + l) * VEC, +VEC)); a warp computes 32 / LANES tokens at once, each token group (the LANES lanes
@@ -20,6 +22,7 @@
 //
 // KV pool: key_cache / value_cache [num_blocks, num_kv_heads, block_size, HEAD_DIM]; the token at position p
 // of sequence s is in block block_tables[s, p / block_size] at offset p % block_size.
+#include "bulk_copy.cuh"
 #include "tensor_core.cuh"
 
 // dst: a shared-window address; src_bytes 0 fills the BYTES with zeros. The 16-byte copies ask L2 to fetch
@@ -63,14 +66,14 @@ __device__ __forceinline__ void load_slice(const T* __restrict__ token_row, int 
 // - O^T = V^T P^T: head dims are the 16 rows of A (every accumulator register is useful), and the score
 //   fragment packed to 16 bits is already the B operand P^T. Lane l accumulates dims 16 j + l / 4 (+ 8) of heads
 //   2 * (l % 4) + {0, 1}.
-// Tiles are staged with rows padded by 16 bytes, so the 8 rows one ldmatrix reads fall in different banks.
-template <typename T, int HEAD_DIM, int HEADS, int TILE>
+// TMA_STAGED: the tiles' layout in shared memory is TmaPipeline's (see chunk_address).
+template <typename T, int HEAD_DIM, int HEADS, int TILE, bool TMA_STAGED = false>
 struct MmaState {
   using Element = T;
   static constexpr int kHeadDim = HEAD_DIM;
   static constexpr int kHeads = HEADS;
   static constexpr int kTile = TILE;
-  static constexpr int kRowStride = HEAD_DIM + 8;
+  static constexpr int kRowStride = TMA_STAGED ? HEAD_DIM : HEAD_DIM + 8;
   static constexpr int kKSteps = HEAD_DIM / 16;    // k16 steps of Q K^T
   static constexpr int kScoreTiles = TILE / 8;     // n8 tiles of S (tokens)
   static constexpr int kDimTiles = HEAD_DIM / 16;  // m16 tiles of O^T (head dims)
@@ -78,6 +81,14 @@ struct MmaState {
   static_assert(HEADS <= 8, "query heads are rows 0..7 of the mma tile");
   static_assert(HEAD_DIM % 32 == 0 && HEAD_DIM <= 128, "key fragments are read 32 dims at a time");
   static_assert(TILE == 8 || TILE % 16 == 0, "P V runs one k8 step or k16 steps over the tile's tokens");
+
+  // Shared-window address of 16-byte chunk `chunk` of row `row` of the tile staged at `tile`. cp.async staging
+  // pads rows by 16 bytes; TmaPipeline stages 128-byte rows of 64-dim column halves, chunk c of row r at c ^ r % 8
+  // (the 128-byte swizzle). Either way the 8 rows one ldmatrix reads fall in different banks.
+  static __device__ __forceinline__ unsigned chunk_address(unsigned tile, int row, int chunk) {
+    if (TMA_STAGED) return tile + ((chunk / 8) * TILE + row) * 128 + ((chunk % 8) ^ (row % 8)) * 16;
+    return tile + row * kRowStride * static_cast<int>(sizeof(T)) + chunk * 16;
+  }
 
   unsigned q_low[kKSteps], q_high[kKSteps];  // A operand rows 0 .. 7: columns +0 and +8 of each k16 step
   float o[kDimTiles][4];                     // O^T: dims 16 j + l / 4 ([0], [1]) and + 8 ([2], [3])
@@ -102,17 +113,16 @@ struct MmaState {
   }
 
   __device__ __forceinline__ void consume(const T* keys, const T* values, int tokens_left) {
-    constexpr int kRowBytes = kRowStride * static_cast<int>(sizeof(T));
     // Even and odd k steps accumulate apart (two independent mma chains), then add up.
     float s[kScoreTiles][2], s_odd[kScoreTiles][2];
-    const unsigned key_rows = shared_address(keys) + (lane % 8) * kRowBytes + (lane / 8) * 16;
+    const unsigned key_tile = shared_address(keys);
 #pragma unroll
     for (int n = 0; n < kScoreTiles; ++n) {
       s[n][0] = s[n][1] = s_odd[n][0] = s_odd[n][1] = 0.0f;
 #pragma unroll
       for (int k = 0; k < kKSteps; k += 2) {
         unsigned b[4];  // key rows n * 8 .. + 7, dims k * 16 .. + 31 in four 8-dim pieces
-        load_matrix_x4(b, key_rows + n * 8 * kRowBytes + k * 32);
+        load_matrix_x4(b, chunk_address(key_tile, n * 8 + lane % 8, 2 * k + lane / 8));
         Mma<T>::top_rows_k16(s[n], q_low[k], q_high[k], b[0], b[1]);
         Mma<T>::top_rows_k16(s_odd[n], q_low[k + 1], q_high[k + 1], b[2], b[3]);
       }
@@ -154,25 +164,25 @@ struct MmaState {
       o[j][3] *= rescale_odd;
     }
 
+    const unsigned value_tile = shared_address(values);
     if constexpr (TILE % 16 == 0) {
       // A = V^T of tokens k * 16 .. + 15: rows 0 .. 7 (+0, +8 tokens) then rows 8 .. 15 of each dim tile.
-      const unsigned value_rows = shared_address(values) + (lane % 8 + lane / 16 * 8) * kRowBytes + (lane / 8) % 2 * 16;
 #pragma unroll
       for (int k = 0; k < TILE / 16; ++k) {
 #pragma unroll
         for (int j = 0; j < kDimTiles; ++j) {
           unsigned a[4];
-          load_matrix_x4_transposed(a, value_rows + k * 16 * kRowBytes + j * 32);
+          load_matrix_x4_transposed(
+              a, chunk_address(value_tile, k * 16 + lane % 8 + lane / 16 * 8, 2 * j + (lane / 8) % 2));
           Mma<T>::k16(o[j], a, p[2 * k], p[2 * k + 1]);
         }
       }
     } else {
       // A = V^T of the tile's 8 tokens: dims 16 j .. + 7 and + 8 .. + 15 of two dim tiles per ldmatrix.
-      const unsigned value_rows = shared_address(values) + (lane % 8) * kRowBytes + (lane / 8) * 16;
 #pragma unroll
       for (int j = 0; j < kDimTiles; j += 2) {
         unsigned a[4];
-        load_matrix_x4_transposed(a, value_rows + j * 32);
+        load_matrix_x4_transposed(a, chunk_address(value_tile, lane % 8, 2 * j + lane / 8));
         Mma<T>::k8(o[j], a[0], a[1], p[0]);
         Mma<T>::k8(o[j + 1], a[2], a[3], p[0]);
       }
@@ -335,38 +345,19 @@ struct LaneState {
   }
 };
 
-// One warp's cp.async pipeline over its tiles k = 0, 1, ... (tile k starts at token
-// (first_tile + k * tile_stride) * TILE): stage k % STAGES holds the tile's keys then values.
-// Block ids come in windows of window_tiles tiles: lane l holds the id of block slot l % span of tile l / span
-// (span: the most blocks one tile can touch). A window is read from the block table while the one before it is
-// copied, and each copy takes its id from the owning lane by shuffle, so no copy waits on a table read.
-template <typename State, int STAGES>
-struct TilePipeline {
-  using T = typename State::Element;
-  static constexpr int kTile = State::kTile;
-  static constexpr int kRowStride = State::kRowStride;
-  static constexpr int kRowBytes = State::kHeadDim * static_cast<int>(sizeof(T));
-  static constexpr int kCopyBytes = kRowBytes % 16 == 0 ? 16 : (kRowBytes % 8 == 0 ? 8 : 4);
-  static constexpr int kCopiesPerRow = kRowBytes / kCopyBytes;
-  static constexpr int kCopiesPerTile = kTile * kCopiesPerRow;  // of keys; as many of values
-  static constexpr int kCopiesPerLane = (kCopiesPerTile + 31) / 32;
-  static constexpr int kTileElems = kTile * kRowStride;
-  static constexpr int kWarpElems = STAGES * 2 * kTileElems;  // keys then values, per stage
-  static_assert(kRowBytes % 4 == 0, "rows are copied in units of at least 4 bytes");
-
+// Block ids of one warp's tiles k = 0, 1, ... (tile k starts at token (first_tile + k * tile_stride) * TILE), read
+// in windows of window_tiles tiles: lane l holds the id of block slot l % span of tile l / span (span: the most
+// blocks one tile can touch). A window is read from the block table while the one before it is copied, and each
+// copy takes its id from the owning lane by shuffle, so no copy waits on a table read.
+template <int TILE>
+struct BlockWindow {
   const int* table;
-  const T* key_base;    // this kv head's cache, block 0
-  const T* value_base;
-  T* stages;            // this warp's shared memory
-  unsigned stages_address;  // the same, as a shared-window address
-  long long block_stride;
   int log2_block_size, table_width, first_tile, tile_stride, my_tiles, context_len, lane;
   int span, window_tiles;   // block slots per tile (at most 32, see decode_layout), tiles per window
   int window_first;         // the first tile of the current window
   int window, next_window;  // this lane's block id in the current and the next window (-1 past the table)
 
-  __device__ __forceinline__ int tile_start(int k) const { return (first_tile + k * tile_stride) * kTile; }
-  __device__ __forceinline__ const T* keys(int k) const { return stages + (k % STAGES) * 2 * kTileElems; }
+  __device__ __forceinline__ int tile_start(int k) const { return (first_tile + k * tile_stride) * TILE; }
 
   // This lane's block id of the window whose first tile is k, bounded by the table width only: it needs no
   // context length, so the first two windows are read before the sequence length arrives.
@@ -379,34 +370,88 @@ struct TilePipeline {
                                                   int seq) {
     table = block_tables + static_cast<long long>(seq) * block_table_stride;
     const int block_size = 1 << log2_block_size;
-    span = kTile % block_size == 0 ? kTile >> log2_block_size
-                                   : (block_size % kTile == 0 ? 1 : (kTile - 1) / block_size + 2);
+    span = TILE % block_size == 0 ? TILE >> log2_block_size
+                                  : (block_size % TILE == 0 ? 1 : (TILE - 1) / block_size + 2);
     window_tiles = 32 / span;
     window_first = 0;
     window = window_block(0);
     next_window = window_block(window_tiles);
   }
 
-  __device__ __forceinline__ void issue(int k) {
-    if (k == window_first + window_tiles) {  // tiles are issued in order: the next window begins
+  // The warp's share of a context of context_len_ tokens.
+  __device__ __forceinline__ void set_context(int context_len_) {
+    context_len = context_len_;
+    const int num_tiles = (context_len + TILE - 1) / TILE;
+    my_tiles = first_tile < num_tiles ? (num_tiles - 1 - first_tile) / tile_stride + 1 : 0;
+  }
+
+  // Moves to the window of tile k; tiles are entered in order.
+  __device__ __forceinline__ void enter(int k) {
+    if (k == window_first + window_tiles) {
       window_first = k;
       window = next_window;
       next_window = window_block(k + window_tiles);
     }
+  }
+
+  // The id of the block holding token pos of tile k, entered (a shuffle: the whole warp calls it).
+  __device__ __forceinline__ int block_of(int k, int pos) const {
+    const int owner = (k - window_first) * span + (pos >> log2_block_size) - (tile_start(k) >> log2_block_size);
+    return __shfl_sync(0xffffffffu, window, min(owner, 31));
+  }
+};
+
+// One warp's cp.async pipeline over its tiles: stage k % STAGES holds tile k's keys then values, rows of
+// State::kRowStride elements; tokens past the context (or in blocks past the table) are zero-filled.
+template <typename State, int STAGES>
+struct TilePipeline : BlockWindow<State::kTile> {
+  using T = typename State::Element;
+  static constexpr int kTile = State::kTile;
+  static constexpr int kRowStride = State::kRowStride;
+  static constexpr int kRowBytes = State::kHeadDim * static_cast<int>(sizeof(T));
+  static constexpr int kCopyBytes = kRowBytes % 16 == 0 ? 16 : (kRowBytes % 8 == 0 ? 8 : 4);
+  static constexpr int kCopiesPerRow = kRowBytes / kCopyBytes;
+  static constexpr int kCopiesPerTile = kTile * kCopiesPerRow;  // of keys; as many of values
+  static constexpr int kCopiesPerLane = (kCopiesPerTile + 31) / 32;
+  static constexpr int kTileElems = kTile * kRowStride;
+  static constexpr int kWarpElems = STAGES * 2 * kTileElems;  // keys then values, per stage
+  static_assert(kRowBytes % 4 == 0, "rows are copied in units of at least 4 bytes");
+
+  const T* key_base;    // this kv head's cache, block 0
+  const T* value_base;
+  T* stages;            // this warp's shared memory
+  unsigned stages_address;  // the same, as a shared-window address
+  long long block_stride;
+
+  // The shared memory the warps' stages take up, from the start of the dynamic shared memory.
+  static __device__ __forceinline__ unsigned char* stage_space(unsigned char* shared) { return shared; }
+
+  __device__ __forceinline__ void bind(const T* key_cache, const T* value_cache, const TensorMap&, const TensorMap&,
+                                       int kv_head, int num_kv_heads, unsigned char* shared, int warp) {
+    const long long head_stride = (1LL << this->log2_block_size) * State::kHeadDim;
+    key_base = key_cache + kv_head * head_stride;
+    value_base = value_cache + kv_head * head_stride;
+    block_stride = head_stride * num_kv_heads;
+    stages = reinterpret_cast<T*>(shared) + warp * kWarpElems;
+    stages_address = shared_address(stages);
+  }
+
+  __device__ __forceinline__ const T* keys(int k) const { return stages + (k % STAGES) * 2 * kTileElems; }
+
+  __device__ __forceinline__ void issue(int k) {
+    this->enter(k);
     constexpr int kElementBytes = static_cast<int>(sizeof(T));
     const unsigned stage = stages_address + (k % STAGES) * 2 * kTileElems * kElementBytes;
-    const int offset_mask = (1 << log2_block_size) - 1;
-    const int first_block = tile_start(k) >> log2_block_size;
+    const int offset_mask = (1 << this->log2_block_size) - 1;
 #pragma unroll
     for (int i = 0; i < kCopiesPerLane; ++i) {
-      const int copy = lane + 32 * i;
+      const int copy = this->lane + 32 * i;
       const int token = copy / kCopiesPerRow;
-      const int pos = tile_start(k) + token;
-      const int owner = (k - window_first) * span + (pos >> log2_block_size) - first_block;
-      const int block = __shfl_sync(0xffffffffu, window, min(owner, 31));
+      const int pos = this->tile_start(k) + token;
+      const int block = this->block_of(k, pos);
       if (kCopiesPerTile % 32 != 0 && copy >= kCopiesPerTile) continue;
-      const int part = (copy % kCopiesPerRow) * (kCopyBytes / static_cast<int>(sizeof(T)));
-      const bool is_valid = pos < context_len && block >= 0;
+      const int part = (copy % kCopiesPerRow) * (kCopyBytes / kElementBytes);
+      const bool is_valid = pos < this->context_len && block >= 0;
       const long long src = is_valid ? block * block_stride + (pos & offset_mask) * State::kHeadDim + part : 0;
       const unsigned dst = stage + (token * kRowStride + part) * kElementBytes;
       copy_async<kCopyBytes>(dst, key_base + src, is_valid ? kCopyBytes : 0);
@@ -414,25 +459,140 @@ struct TilePipeline {
     }
   }
 
-  // Issues tiles 0 .. STAGES - 2 of the warp's share of a context of context_len_ tokens.
-  __device__ __forceinline__ void start(int context_len_) {
-    context_len = context_len_;
-    const int num_tiles = (context_len + kTile - 1) / kTile;
-    my_tiles = first_tile < num_tiles ? (num_tiles - 1 - first_tile) / tile_stride + 1 : 0;
+  // Issues tiles 0 .. STAGES - 2 of the warp's share of a context of context_len tokens.
+  __device__ __forceinline__ void start(int context_len) {
+    this->set_context(context_len);
 #pragma unroll
     for (int k = 0; k < STAGES - 1; ++k) {
-      if (k < my_tiles) issue(k);
+      if (k < this->my_tiles) issue(k);
       asm volatile("cp.async.commit_group;");
     }
   }
 
   // Issues tile k + STAGES - 1 and waits for tile k.
   __device__ __forceinline__ void advance(int k) {
-    if (k + STAGES - 1 < my_tiles) issue(k + STAGES - 1);
+    if (k + STAGES - 1 < this->my_tiles) issue(k + STAGES - 1);
     asm volatile("cp.async.commit_group;");
     asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 1));
     __syncwarp();  // every lane's copies of tile k have landed
   }
+
+  __device__ __forceinline__ void finish() const { asm volatile("cp.async.wait_group 0;"); }
+};
+
+// One warp's pipeline of tiles staged by the tensor memory accelerator (sm_90): stage k % STAGES holds tile k's
+// keys then values, each as 64-dim column halves of 128-byte rows in the 128-byte swizzle (MmaState with
+// TMA_STAGED reads them). A tile is one or two boxes of min(TILE, block_size) rows per half, copied by one lane;
+// the stage's mbarrier counts their bytes. Boxes of blocks past the table read as zeros (out of bounds); tokens
+// past the context are read as stored, and their value rows are zeroed before use (their scores are masked, but
+// a stale NaN times a zero probability would still be NaN).
+template <typename State, int STAGES>
+struct TmaPipeline : BlockWindow<State::kTile> {
+  using T = typename State::Element;
+  static constexpr int kTile = State::kTile;
+  static constexpr int kHalves = State::kHeadDim / 64;
+  static constexpr int kTileElems = kTile * State::kHeadDim;
+  static constexpr int kTileBytes = kTileElems * static_cast<int>(sizeof(T));
+  static constexpr int kWarpBytes = STAGES * 2 * kTileBytes;
+  static constexpr int kSwizzleBytes = 1024;  // boxes start on this alignment: the swizzle's 8 rows of 128 bytes
+  static_assert(sizeof(T) == 2 && State::kHeadDim % 64 == 0, "rows are 64-dim halves of 128 bytes");
+  static_assert(kTile % 8 == 0 && kTileBytes % kSwizzleBytes == 0, "boxes of at least 8 rows, aligned");
+
+  const TensorMap* key_map;
+  const TensorMap* value_map;
+  const T* stages;
+  unsigned stages_address;
+  unsigned barriers;  // this warp's STAGES mbarriers, shared-window address
+  int kv_head, num_kv_heads;
+
+  static constexpr int kBarrierBytes = 1024;  // at the start of the dynamic shared memory: every warp's barriers
+  static_assert(32 * STAGES * 8 <= kBarrierBytes, "room for the barriers of a CTA of up to 32 warps");
+
+  // The warps' stages: after the barriers, aligned for the swizzle. The launcher adds 2 KiB to the stages for
+  // both.
+  static __device__ __forceinline__ unsigned char* stage_space(unsigned char* shared) {
+    const unsigned start = shared_address(shared);
+    const unsigned stages = (start + kBarrierBytes + kSwizzleBytes - 1) & ~(kSwizzleBytes - 1);
+    return shared + (stages - start);
+  }
+
+  __device__ __forceinline__ void bind(const T*, const T*, const TensorMap& key_map_, const TensorMap& value_map_,
+                                       int kv_head_, int num_kv_heads_, unsigned char* shared, int warp) {
+    key_map = &key_map_;
+    value_map = &value_map_;
+    kv_head = kv_head_;
+    num_kv_heads = num_kv_heads_;
+    stages = reinterpret_cast<const T*>(stage_space(shared) + warp * kWarpBytes);
+    stages_address = shared_address(stages);
+    barriers = shared_address(shared) + warp * STAGES * 8;
+  }
+
+  __device__ __forceinline__ const T* keys(int k) const { return stages + (k % STAGES) * 2 * kTileElems; }
+
+  __device__ __forceinline__ void issue(int k) {
+    this->enter(k);
+    const unsigned stage = stages_address + (k % STAGES) * 2 * kTileBytes;
+    const unsigned barrier = barriers + (k % STAGES) * 8;
+    if (this->lane == 0) arrive_expecting(barrier, 2 * kTileBytes);
+    const int log2_box_rows = min(this->log2_block_size, 31 - __clz(kTile));
+#pragma unroll
+    for (int box = 0; box < kTile / 8; ++box) {
+      if (box << log2_box_rows >= kTile) break;
+      const int pos = this->tile_start(k) + (box << log2_box_rows);
+      const int block = this->block_of(k, pos);
+      const int offset = pos & ((1 << this->log2_block_size) - 1);
+      const int row = block >= 0 ? ((block * num_kv_heads + kv_head) << this->log2_block_size) + offset : -kTile;
+      if (this->lane == 0) {
+#pragma unroll
+        for (int half = 0; half < kHalves; ++half) {
+          const unsigned dst = stage + (half * kTile + (box << log2_box_rows)) * 128;
+          load_box(dst, *key_map, half * 64, row, barrier);
+          load_box(dst + kTileBytes, *value_map, half * 64, row, barrier);
+        }
+      }
+    }
+  }
+
+  // Initialises the warp's barriers and issues tiles 0 .. STAGES - 2 of its share of a context of context_len
+  // tokens.
+  __device__ __forceinline__ void start(int context_len) {
+    this->set_context(context_len);
+    if (this->lane < STAGES) init_barrier(barriers + this->lane * 8);
+    fence_barrier_init();
+    __syncwarp();
+#pragma unroll
+    for (int k = 0; k < STAGES - 1; ++k) {
+      if (k < this->my_tiles) issue(k);
+    }
+  }
+
+  // Issues tile k + STAGES - 1 and waits for tile k.
+  __device__ __forceinline__ void advance(int k) {
+    if (k + STAGES - 1 < this->my_tiles) issue(k + STAGES - 1);
+    wait_barrier(barriers + (k % STAGES) * 8, (k / STAGES) & 1);
+    const int valid = this->context_len - this->tile_start(k);
+    if (valid < kTile) {  // the context's last tile: zero the value rows past it
+      const unsigned values = stages_address + (k % STAGES) * 2 * kTileBytes + kTileBytes;
+      for (int chunk = this->lane; chunk < kTileBytes / 16; chunk += 32) {
+        if (chunk / 8 % kTile >= valid) {
+          asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};" ::"r"(values + chunk * 16), "r"(0u) : "memory");
+        }
+      }
+    }
+    __syncwarp();
+  }
+
+  __device__ __forceinline__ void finish() const {}  // every issued tile has been waited for
+};
+
+// The pipeline that stages State's tiles in the layout it reads.
+template <typename State, int STAGES>
+struct PipelineFor {
+  using type = TilePipeline<State, STAGES>;
+};
+template <typename T, int HEAD_DIM, int HEADS, int TILE, int STAGES>
+struct PipelineFor<MmaState<T, HEAD_DIM, HEADS, TILE, true>, STAGES> {
+  using type = TmaPipeline<MmaState<T, HEAD_DIM, HEADS, TILE, true>, STAGES>;
 };
 
 // Merges the warps' results; writes each (head, dim) element of the CTA's HEADS heads as the normalised output
@@ -471,7 +631,8 @@ __device__ __forceinline__ void write_heads(const float* merge_acc, const float*
 template <typename State, int THREADS, int STAGES, typename T = typename State::Element>
 __global__ void __launch_bounds__(THREADS, State::kThreadsPerSm / THREADS) paged_decode(
     T* __restrict__ out, long long out_row_stride, const T* __restrict__ query, long long query_row_stride,
-    const T* __restrict__ key_cache, const T* __restrict__ value_cache, const int* __restrict__ block_tables,
+    const T* __restrict__ key_cache, const T* __restrict__ value_cache, const __grid_constant__ TensorMap key_map,
+    const __grid_constant__ TensorMap value_map, const int* __restrict__ block_tables,
     int block_table_stride, int block_table_width, const int* __restrict__ seq_lens,
     const int* __restrict__ query_start_loc, int num_seqs, int rows_by_seq, int num_kv_heads, int group_size,
     int log2_block_size, float scale_log2e, float* __restrict__ split_acc, float* __restrict__ split_max,
@@ -489,15 +650,11 @@ __global__ void __launch_bounds__(THREADS, State::kThreadsPerSm / THREADS) paged
   const int first_head = kv_head * group_size + (head_group % chunks_per_group) * HEADS;
   const int split = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const long long head_stride = (1LL << log2_block_size) * HEAD_DIM;
 
-  TilePipeline<State, STAGES> pipeline;
-  pipeline.key_base = key_cache + kv_head * head_stride;
-  pipeline.value_base = value_cache + kv_head * head_stride;
-  pipeline.stages = reinterpret_cast<T*>(shared_bytes) + warp * TilePipeline<State, STAGES>::kWarpElems;
-  pipeline.stages_address = shared_address(pipeline.stages);
-  pipeline.block_stride = head_stride * num_kv_heads;
+  using Pipeline = typename PipelineFor<State, STAGES>::type;
+  Pipeline pipeline;
   pipeline.log2_block_size = log2_block_size;
+  pipeline.bind(key_cache, value_cache, key_map, value_map, kv_head, num_kv_heads, shared_bytes, warp);
   pipeline.table_width = block_table_width;
   pipeline.first_tile = split * kWarps + warp;
   pipeline.tile_stride = kWarps * num_splits;
@@ -513,14 +670,14 @@ __global__ void __launch_bounds__(THREADS, State::kThreadsPerSm / THREADS) paged
   for (int k = 0; k < pipeline.my_tiles; ++k) {
     pipeline.advance(k);
     const T* keys = pipeline.keys(k);
-    state.consume(keys, keys + TilePipeline<State, STAGES>::kTileElems, task.context_len - pipeline.tile_start(k));
+    state.consume(keys, keys + Pipeline::kTileElems, task.context_len - pipeline.tile_start(k));
     __syncwarp();  // the stage is refilled by the next iteration's copies
   }
-  asm volatile("cp.async.wait_group 0;");
+  pipeline.finish();
   state.merge_warp();
 
-  __syncthreads();  // the pipelines' shared memory becomes the merge buffer
-  float* merge_acc = reinterpret_cast<float*>(shared_bytes);   // [warps][HEADS][HEAD_DIM]
+  __syncthreads();  // the pipelines' stages become the merge buffer
+  float* merge_acc = reinterpret_cast<float*>(Pipeline::stage_space(shared_bytes));  // [warps][HEADS][HEAD_DIM]
   float* merge_stats = merge_acc + kWarps * HEADS * HEAD_DIM;  // [warps][HEADS][max, sum]
   state.publish(merge_acc, merge_stats, warp);
   __syncthreads();

@@ -20,6 +20,7 @@ from pagedserve.kernels.launch_args import (
     pointer,
     scalar_type_name,
 )
+from pagedserve.kernels.tensor_map import NO_TENSOR_MAP, TensorMap, rows_tensor_map
 
 if TYPE_CHECKING:
     from pagedserve.kernels.module_cache import ModuleCache
@@ -42,6 +43,11 @@ MAX_SPLITS = 512  # bounds the partial-result buffer and the reduce kernel's per
 KNOWN_HEAD_DIMS = (8, 32, 64, 80, 96, 128, 256)
 KNOWN_GROUP_SIZES = (1, 2, 4, 8)
 KNOWN_BLOCK_SIZES = (1, 16)  # tiles differ only where MAX_TILE_BLOCKS binds, below 8 tokens per block
+# The tensor memory accelerator stages MmaState tiles on sm_90 and later, in boxes of min(tile, block_size) rows:
+# whole-block bulk copies streamed at 97 % of the read ceiling where 16-byte cp.async reached 93 % (notes, decode 18).
+TMA_MIN_COMPUTE_CAPABILITY = 9
+TMA_MIN_BLOCK_SIZE = 8  # a box of 8 rows is one repeat of the 128-byte swizzle
+TMA_SHARED_BYTES = 2048  # the warps' barriers (1 KiB) and the alignment of the stages for the swizzle
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +63,7 @@ class DecodeLayout:
     vecs: int  # LaneState: vectors per lane per token row
     heads_per_cta: int  # query heads of one GQA group handled by one CTA
     tile: int  # tokens per warp tile (one pipeline stage)
+    tma_staged: bool  # MmaState tiles copied by the tensor memory accelerator (TmaPipeline)
 
     @property
     def max_warps(self) -> int:
@@ -70,7 +77,8 @@ class DecodeLayout:
     @property
     def state_name(self) -> str:
         if self.uses_mma:
-            return f"MmaState<{self.scalar}, {self.head_dim}, {self.heads_per_cta}, {self.tile}>"
+            staged = ", true" if self.tma_staged else ""
+            return f"MmaState<{self.scalar}, {self.head_dim}, {self.heads_per_cta}, {self.tile}{staged}>"
         return (f"LaneState<{self.scalar}, {self.head_dim}, {self.vec}, {self.lanes}, {self.vecs}, "
                 f"{self.heads_per_cta}, {self.tile}>")
 
@@ -83,28 +91,32 @@ class DecodeLayout:
 
     @property
     def row_stride(self) -> int:
-        """Elements per staged token row: MmaState pads rows by 16 bytes against ldmatrix bank conflicts."""
-        return self.head_dim + 8 if self.uses_mma else self.head_dim
+        """Elements per staged token row: cp.async staging of MmaState pads rows by 16 bytes against ldmatrix bank
+        conflicts (the tensor memory accelerator's swizzle avoids them instead)."""
+        return self.head_dim + 8 if self.uses_mma and not self.tma_staged else self.head_dim
 
     def shared_bytes(self, warps: int) -> int:
         """Per-warp pipeline stages (keys and values), reused afterwards for the cross-warp merge."""
         stages = warps * STAGES * 2 * self.tile * self.row_stride * self.element_bytes
         merge = 4 * warps * self.heads_per_cta * (self.head_dim + 2)
-        return max(stages, merge)
+        return max(stages, merge) + (TMA_SHARED_BYTES if self.tma_staged else 0)
 
 
-def decode_layout(dtype: torch.dtype, head_dim: int, group_size: int, block_size: int) -> DecodeLayout:
+def decode_layout(dtype: torch.dtype, head_dim: int, group_size: int, block_size: int,
+                  tma: bool = False) -> DecodeLayout:
     """Tensor cores where the dtype and head size allow; otherwise the CUDA-core lane layout: 16-byte loads
     where head_dim allows, registers within LANE_FLOAT_BUDGET. Tiles hold at most MAX_TILE_BLOCKS blocks' tokens,
     or one CUDA-core pass of up to 32 tokens: either way a tile touches at most 32 blocks, as the kernel's
-    block-id windows (one id per lane) need."""
+    block-id windows (one id per lane) need. tma: the device has the tensor memory accelerator, which then stages
+    tensor-core tiles of blocks of at least TMA_MIN_BLOCK_SIZE tokens."""
     if (head_dim * element_bytes(dtype)) % 4:
         raise ValueError(f"head_dim {head_dim} of {dtype} is not a whole number of 4-byte words")
     heads = max(d for d in range(1, MAX_HEADS_PER_CTA + 1) if group_size % d == 0)
     size = element_bytes(dtype)
     tile_tokens = min(STAGE_TARGET_BYTES // (head_dim * size), MAX_TILE_BLOCKS * block_size)
     if dtype in MMA_DTYPES and head_dim in MMA_HEAD_DIMS:
-        return DecodeLayout(scalar_type_name(dtype), head_dim, size, True, 0, 0, 0, heads, tile_tokens)
+        return DecodeLayout(scalar_type_name(dtype), head_dim, size, True, 0, 0, 0, heads, tile_tokens,
+                            tma and block_size >= TMA_MIN_BLOCK_SIZE)
     lane_floats = max(4, LANE_FLOAT_BUDGET // heads)
     vec = 1
     while vec * 2 <= min(16 // size, lane_floats) and head_dim % (vec * 2) == 0:
@@ -115,7 +127,7 @@ def decode_layout(dtype: torch.dtype, head_dim: int, group_size: int, block_size
     tokens_per_pass = 32 // lanes
     tile = max(tokens_per_pass, tile_tokens // tokens_per_pass * tokens_per_pass)
     return DecodeLayout(scalar_type_name(dtype), head_dim, size, False, vec, lanes, math.ceil(num_vecs / lanes),
-                        heads, tile)
+                        heads, tile, False)
 
 
 def cta_warp_counts(max_warps: int) -> list[int]:
@@ -123,14 +135,15 @@ def cta_warp_counts(max_warps: int) -> list[int]:
     return [MIN_WARPS << i for i in range((max_warps // MIN_WARPS).bit_length())]
 
 
-def known_name_expressions() -> list[str]:
-    """Every kernel instantiation the launcher asks for on the known head sizes, GQA ratios and block sizes."""
+def known_name_expressions(tma: bool) -> list[str]:
+    """Every kernel instantiation the launcher asks for on the known head sizes, GQA ratios and block sizes, on
+    devices with (tma) or without the tensor memory accelerator."""
     names: set[str] = set()
     for dtype in SCALAR_TYPE_NAMES:
         for head_dim in KNOWN_HEAD_DIMS:
             for group_size in KNOWN_GROUP_SIZES:
                 for block_size in KNOWN_BLOCK_SIZES:
-                    layout = decode_layout(dtype, head_dim, group_size, block_size)
+                    layout = decode_layout(dtype, head_dim, group_size, block_size, tma)
                     names.add(layout.reduce_name)
                     names.update(layout.kernel_name(warps) for warps in cta_warp_counts(layout.max_warps))
     return sorted(names)
@@ -180,11 +193,13 @@ class PagedDecode:
     as in decode steps and the decode part of mixed steps) or one per query row (any query length: each row
     attends to its own causal prefix).
     KV pool layout read: key_cache / value_cache [num_blocks, num_kv_heads, block_size, head_dim].
+    tma: the device has the tensor memory accelerator (compute capability TMA_MIN_COMPUTE_CAPABILITY or later).
     """
 
-    def __init__(self, modules: ModuleCache, num_sms: int) -> None:
+    def __init__(self, modules: ModuleCache, num_sms: int, tma: bool) -> None:
         self._modules = modules
         self._num_sms = num_sms
+        self._tma = tma
         self._layouts: dict[tuple[torch.dtype, int, int, int], DecodeLayout] = {}
 
     def run(
@@ -201,6 +216,7 @@ class PagedDecode:
         if num_rows == 0:
             return
         grid = decode_grid(num_rows, num_kv_heads, group_size, layout, max_seq_len, self._num_sms)
+        key_map, value_map = self._tensor_maps(layout, key_cache, value_cache)
         shared_bytes = layout.shared_bytes(grid.warps)
         kernel = self._modules.kernel(SOURCE, layout.kernel_name(grid.warps), shared_bytes)
         # One float32 buffer for the split partials: accumulators, then maxima, then sums (unused unsplit).
@@ -211,7 +227,8 @@ class PagedDecode:
         split_sum = split_max + 4 * split_slots
         self._modules.launch(kernel, grid.dims, (32 * grid.warps, 1, 1), (
             pointer(out), int64(out.stride(0)), pointer(query), int64(query.stride(0)),
-            pointer(key_cache), pointer(value_cache), pointer(block_tables), int32(block_tables.stride(0)),
+            pointer(key_cache), pointer(value_cache), key_map, value_map, pointer(block_tables),
+            int32(block_tables.stride(0)),
             int32(block_tables.shape[1]), pointer(seq_lens), pointer(query_start_loc), int32(num_seqs),
             int32(int(rows_by_seq)), int32(num_kv_heads), int32(group_size),
             int32(log2_exact(block_size, "block_size")), float32(scale * math.log2(math.e)), address(split_acc),
@@ -230,5 +247,16 @@ class PagedDecode:
         key = (dtype, head_dim, group_size, block_size)
         layout = self._layouts.get(key)
         if layout is None:
-            layout = self._layouts[key] = decode_layout(dtype, head_dim, group_size, block_size)
+            layout = self._layouts[key] = decode_layout(dtype, head_dim, group_size, block_size, self._tma)
         return layout
+
+    @staticmethod
+    def _tensor_maps(layout: DecodeLayout, key_cache: Tensor, value_cache: Tensor) -> tuple[TensorMap, TensorMap]:
+        """Each cache as rows of head_dim elements (one per block, kv head and slot), in boxes of a tile's rows or
+        a whole block, whichever is smaller."""
+        if not layout.tma_staged:
+            return NO_TENSOR_MAP, NO_TENSOR_MAP
+        num_blocks, num_kv_heads, block_size, head_dim = key_cache.shape
+        box_rows = min(layout.tile, block_size)
+        return tuple(rows_tensor_map(cache.data_ptr(), num_blocks * num_kv_heads * block_size, head_dim, box_rows)
+                     for cache in (key_cache, value_cache))

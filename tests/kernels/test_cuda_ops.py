@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pagedserve.kernels.ops import KernelOps, get_kernel_ops
-from pagedserve.kernels.paged_decode import MAX_WARPS, decode_grid, decode_layout
+from pagedserve.kernels.paged_decode import MAX_WARPS, PagedDecode, decode_grid, decode_layout
 from pagedserve.kernels.reference import TorchReferenceOps
 from tests.gpu_marks import NEEDS_GPU
 
@@ -51,6 +51,16 @@ class PagedCase:
         self.max_seq_len = max(seq_lens)
         self.scale = 1 / math.sqrt(head_dim)
 
+    def poison_stale_slots(self) -> None:
+        """NaN in every cache slot outside the sequences' contexts, as a reused pool may hold."""
+        block_size = self.key_cache.shape[2]
+        is_live = torch.zeros(self.key_cache.shape[0], block_size, dtype=torch.bool, device="cuda")
+        for seq, seq_len in enumerate(self.seq_lens.tolist()):
+            positions = torch.arange(seq_len, device="cuda")
+            is_live[self.block_tables[seq, positions // block_size].long(), positions % block_size] = True
+        for cache in (self.key_cache, self.value_cache):
+            cache.masked_fill_(~is_live[:, None, :, None], float("nan"))
+
     def run(self, ops: KernelOps) -> torch.Tensor:
         out = torch.full_like(self.query, float("nan"))  # unwritten rows stay NaN and fail the comparison
         ops.paged_attention(out, self.query, self.key_cache, self.value_cache, self.block_tables, self.seq_lens,
@@ -86,6 +96,38 @@ def test_decode_of_tiles_that_straddle_blocks_or_span_many(ops: KernelOps, dtype
     seq_lens = [1, 3 * block_size + 1, 40 * block_size - 3, 700]
     case = PagedCase(seq_lens, [1] * len(seq_lens), 2, 4, head_dim, block_size, dtype, seed=head_dim + block_size)
     _assert_matches_reference(case, ops, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("head_dim", "block_size"), [(64, 16), (64, 32), (128, 8), (8, 16)])
+def test_stale_nan_in_slots_past_each_context_never_reaches_the_output(ops: KernelOps, dtype: torch.dtype,
+                                                                       head_dim: int, block_size: int) -> None:
+    # Decodes ending mid-block and mid-tile, a one-token context, and a prefill chunk (mixed step).
+    seq_lens = [1, block_size + 3, 5 * block_size - 1, 300]
+    case = PagedCase(seq_lens, [1, 1, 1, 9], 2, 4, head_dim, block_size, dtype, seed=head_dim + block_size)
+    case.poison_stale_slots()
+    _assert_matches_reference(case, ops, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+def test_decode_staged_by_cp_async_matches_reference(dtype: torch.dtype, head_dim: int, block_size: int) -> None:
+    # The tensor-core decode without the tensor memory accelerator, as on devices before sm_90; on newer ones
+    # `ops` stages these tiles with it instead.
+    from pagedserve.kernels.module_cache import ModuleCache  # imports CuPy, which only GPU hosts have
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    decode = PagedDecode(ModuleCache(device), torch.cuda.get_device_properties(device).multi_processor_count,
+                         tma=False)
+    seq_lens = [1, block_size + 1, 3 * block_size - 5, 700]
+    case = PagedCase(seq_lens, [1] * len(seq_lens), 2, 4, head_dim, block_size, dtype, seed=block_size)
+    case.poison_stale_slots()
+    got = torch.full_like(case.query, float("nan"))
+    decode.run(got, case.query, case.key_cache, case.value_cache, case.block_tables, case.seq_lens,
+               case.query_start_loc, case.max_seq_len, case.scale, rows_by_seq=True)
+    expected = case.run(TorchReferenceOps())
+    torch.testing.assert_close(got.float(), expected.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
