@@ -8,12 +8,27 @@ from pagedserve.kernels.paged_decode import MAX_WARPS, MIN_WARPS, decode_grid, d
 
 H100_SMS = 132
 LAYOUT = decode_layout(torch.bfloat16, 64, 4, 16)  # Llama-3.2-1B: 8 kv heads of 4 query heads, 16-token tiles
+TMA_LAYOUT = decode_layout(torch.bfloat16, 64, 4, 16, tma=True)
 
 
 def test_a_batch_that_fills_the_sms_is_never_split() -> None:
     grid = decode_grid(16, 8, 4, LAYOUT, 2048, H100_SMS)
     assert (grid.num_splits, grid.warps) == (1, MIN_WARPS)
     assert grid.dims == (16 * 8, 1, 1)
+
+
+def test_long_ctas_of_a_sparse_grid_get_eight_warps_only_when_staged_by_the_tensor_memory_accelerator() -> None:
+    assert TMA_LAYOUT.tma_staged and not LAYOUT.tma_staged
+    assert decode_grid(16, 8, 4, TMA_LAYOUT, 2048, H100_SMS).warps == MAX_WARPS
+    assert decode_grid(16, 8, 4, LAYOUT, 2048, H100_SMS).warps == MIN_WARPS
+    assert decode_grid(17, 8, 4, TMA_LAYOUT, 2048, H100_SMS).warps == MIN_WARPS  # more CTAs than SMs
+
+
+def test_the_tensor_memory_accelerator_stages_tensor_core_tiles_of_blocks_of_eight_or_more_tokens() -> None:
+    assert decode_layout(torch.float16, 128, 8, 8, tma=True).tma_staged
+    assert not decode_layout(torch.bfloat16, 64, 4, 4, tma=True).tma_staged
+    assert not decode_layout(torch.float32, 64, 4, 16, tma=True).tma_staged
+    assert not decode_layout(torch.bfloat16, 8, 4, 16, tma=True).tma_staged
 
 
 def test_one_long_context_is_split_into_about_one_cta_per_sm() -> None:
