@@ -234,7 +234,25 @@ class Worker:
         peak_bytes = profile_peak_activation_bytes(
             self.loaded.model, layout, request.max_num_batched_tokens, request.max_num_seqs, self.device
         )
-        return gpu_blocks_for_budget(layout, request.gpu_memory_utilization, peak_bytes, self.device), peak_bytes
+        graph_bytes = self._graph_pool_bytes(layout, request)
+        num_blocks = gpu_blocks_for_budget(layout, request.gpu_memory_utilization, peak_bytes + graph_bytes,
+                                           self.device)
+        log.info("gpu_memory_profiled", peak_activation_bytes=peak_bytes, graph_pool_bytes=graph_bytes)
+        return num_blocks, peak_bytes
+
+    def _graph_pool_bytes(self, layout: KVLayout, request: CacheRequest) -> int:
+        """Device memory the CUDA graphs hold for as long as they live, measured by capturing them over a pool of
+        one block (their padding rows write no slot). The graphs keep the pool's address, so the ones that serve
+        are captured again over the real pool; the probe also loads every kernel they launch before sizing."""
+        probe = KVPool(layout, 1, 0, self.device, self.ops)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_reserved(self.device)
+        runners = self._capture_graphs(probe, request)
+        graph_bytes = torch.cuda.memory_reserved(self.device) - before
+        del runners, probe
+        torch.cuda.empty_cache()
+        return max(graph_bytes, 0)
 
 
 def _reads_token_history(work: list[ScheduledWork]) -> bool:

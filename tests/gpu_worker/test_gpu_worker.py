@@ -33,6 +33,21 @@ def test_profiled_init_cache_sizes_the_pool_from_memory_left_after_weights_and_p
     assert info.num_gpu_blocks * bytes_per_block > 0.02 * total_bytes
 
 
+def test_weights_pool_graphs_and_the_eager_peak_fit_the_utilization_together() -> None:
+    worker = Worker.load(WorkerConfig(model_dir=STORIES_DIR, device=DeviceKind.CUDA))
+    torch.cuda.empty_cache()
+    free_bytes, total_bytes = torch.cuda.mem_get_info()
+    utilization = (total_bytes - free_bytes) / total_bytes + 0.05  # whatever else this process holds, + 5 %
+    info = worker.init_cache(CacheRequest(block_size=BLOCK_SIZE, gpu_memory_utilization=utilization,
+                                          max_num_batched_tokens=4096, max_num_seqs=256))
+    assert worker.runner.graph_runner is not None and worker.runner.piece_runner is not None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # cached blocks no tensor holds are not in use
+    free_bytes, _ = torch.cuda.mem_get_info()
+    # The captured graphs' private pool is held from now on; an eager step of the largest size adds its peak.
+    assert total_bytes - free_bytes + info.peak_activation_bytes <= utilization * total_bytes
+
+
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["cuda-graphs", "eager"])
 def test_greedy_tokens_on_cuda_equal_the_golden_reference(enforce_eager: bool) -> None:
     worker = load_worker(STORIES_DIR, BLOCK_SIZE, num_blocks=64, device=DeviceKind.CUDA, enforce_eager=enforce_eager)
