@@ -12,6 +12,8 @@ from pagedserve.gpu_worker.models.decoder import DecoderForCausalLM
 from pagedserve.gpu_worker.sampler import SamplingOptions
 from pagedserve.gpu_worker.sequence_state import ScheduledWork, SequenceState
 
+ALLOCATION_PAGE_BYTES = 2 << 20  # torch's caching allocator rounds large segments up to 2 MiB
+
 
 def _profiling_work(
     max_num_batched_tokens: int, max_num_seqs: int, block_size: int, tables: BlockTableArray
@@ -54,19 +56,19 @@ def profile_peak_activation_bytes(
     return max(peak, 0)
 
 
-def gpu_blocks_for_budget(layout: KVLayout, gpu_memory_utilization: float, peak_activation_bytes: int,
+def gpu_blocks_for_budget(layout: KVLayout, gpu_memory_utilization: float, reserved_bytes: int,
                           device: torch.device) -> int:
-    """Blocks fitting in utilization * total memory after weights, memory outside torch, and the peak."""
+    """Blocks fitting in utilization * total memory beside all the device holds now (weights, the CUDA context,
+    CuPy modules, torch's cache, other processes) and reserved_bytes (the peak activation, the graphs)."""
     if not 0.0 < gpu_memory_utilization <= 1.0:
         raise InvalidCacheRequestError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
     free_bytes, total_bytes = torch.cuda.mem_get_info(device)
-    # The CUDA context, CuPy modules and other processes hold memory torch's allocator does not see.
-    outside_torch = (total_bytes - free_bytes) - torch.cuda.memory_reserved(device)
-    budget = gpu_memory_utilization * total_bytes - torch.cuda.memory_allocated(device) - outside_torch
-    num_blocks = layout.num_blocks_in(int(budget - peak_activation_bytes))
+    budget = int(gpu_memory_utilization * total_bytes) - (total_bytes - free_bytes) - reserved_bytes
+    # torch's caching allocator takes a large tensor's memory in whole pages.
+    num_blocks = layout.num_blocks_in(budget // ALLOCATION_PAGE_BYTES * ALLOCATION_PAGE_BYTES)
     if num_blocks <= 0:
         raise InvalidCacheRequestError(
             f"no memory left for KV blocks at gpu_memory_utilization {gpu_memory_utilization} "
-            f"(peak activation {peak_activation_bytes} bytes)"
+            f"(reserved for activations and graphs: {reserved_bytes} bytes)"
         )
     return num_blocks
