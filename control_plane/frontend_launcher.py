@@ -24,9 +24,13 @@ class FrontendProcess:
 
     @classmethod
     async def start(cls, engine_address: str, model_dir: Path, address: str, log_format: LogFormat) -> FrontendProcess:
+        """In a session of its own, so that signals for this process's group (Ctrl-C at a terminal) reach only
+        the engine, which stops the frontend by stop(): a SIGINT of its own would start its drain, and the
+        engine's SIGTERM would then end it at once."""
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "pagedserve.control_plane.frontend", "--engine", engine_address,
             "--model", str(model_dir), "--listen", address, "--log-format", log_format.value,
+            start_new_session=True,
         )
         log.info("frontend_started", pid=process.pid, engine=engine_address, address=address)
         return cls(process)

@@ -45,7 +45,8 @@ def free_loopback_port() -> int:
 
 class LocalWorkers:
     """Worker processes owned by this control plane: one per GPU when several are visible, on loopback ports.
-    They are terminated when the control plane stops."""
+    They are terminated when the control plane stops, and only then: each runs in a session of its own, so a
+    Ctrl-C at the terminal does not stop them while the frontend still drains open streams."""
 
     def __init__(self, config: WorkerLaunchConfig) -> None:
         self._config = config
@@ -69,7 +70,7 @@ class LocalWorkers:
                 "--seed", str(self._config.seed),
                 "--worker-id", f"worker-{index}",
             ]
-            self._processes.append(subprocess.Popen(command, env=env))
+            self._processes.append(subprocess.Popen(command, env=env, start_new_session=True))
             log.info("worker_started", worker_id=f"worker-{index}", address=address, pid=self._processes[-1].pid)
             addresses.append(address)
         return addresses

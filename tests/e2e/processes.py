@@ -34,11 +34,12 @@ def control_plane_command(
     return [*command, "--log-format", "json", *extra]
 
 
-def _spawn(command: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+def _spawn(command: list[str], log_path: Path, own_process_group: bool = False) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "pagedserve.clients.cli", *command[1:]]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log_path.open("wb") as log:
-        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=own_process_group)
 
 
 def wait_serving(address: str, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> None:
@@ -49,6 +50,20 @@ def wait_serving(address: str, process: subprocess.Popen[bytes], log_path: Path,
         if time.monotonic() > deadline:
             raise TimeoutError(f"{address} not serving after {timeout_s} s:\n{log_path.read_text()[-4000:]}")
         time.sleep(0.1)
+
+
+def has_exited_within(pid: int, timeout_s: float) -> bool:
+    """True once the process pid is gone (reaped by its parent, or a zombie), False if still running."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
+        except FileNotFoundError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.1)
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +78,10 @@ class Cluster:
 @contextmanager
 def running_cluster(
     model_dir: Path, log_dir: Path, serve_args: Sequence[str] = (), worker_args: Sequence[str] = (),
-    timeout_s: float = 120.0,
+    timeout_s: float = 120.0, control_plane_group: bool = False,
 ) -> Iterator[Cluster]:
-    """A worker process and a control-plane process pointed at it; both stopped (SIGTERM) on exit."""
+    """A worker process and a control-plane process pointed at it; both stopped (SIGTERM) on exit.
+    control_plane_group: the control plane leads a process group of its own, as a job started at a terminal."""
     log_dir.mkdir(parents=True, exist_ok=True)
     worker_address = f"127.0.0.1:{free_loopback_port()}"
     port, metrics_port = free_loopback_port(), free_loopback_port()
@@ -76,7 +92,7 @@ def running_cluster(
         wait_serving(worker_address, processes[0], worker_log, timeout_s)
         control_log = log_dir / "control_plane.log"
         command = control_plane_command(model_dir, worker_address, "127.0.0.1", port, metrics_port, serve_args)
-        processes.append(_spawn(command, control_log))
+        processes.append(_spawn(command, control_log, own_process_group=control_plane_group))
         wait_serving(f"127.0.0.1:{port}", processes[1], control_log, timeout_s)
         yield Cluster(f"127.0.0.1:{port}", worker_address, metrics_port, log_dir, processes[1])
     finally:

@@ -1,16 +1,19 @@
-"""The control plane's two processes end together: neither keeps serving once the other is gone."""
+"""The control plane's two processes end together: neither keeps serving once the other is gone, and a stop by
+signal lets the open streams finish first."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.processes import Cluster, running_cluster
+from pagedserve.clients.client import PagedServeClient, SamplingParams
+from pagedserve.v1 import generation_service_pb2
+from tests.e2e.processes import Cluster, has_exited_within, running_cluster
 
 pytestmark = pytest.mark.e2e
 
@@ -20,20 +23,6 @@ def _frontend_pid(cluster: Cluster) -> int:
         if line.startswith("{") and json.loads(line).get("event") == "frontend_started":
             return int(json.loads(line)["pid"])
     raise AssertionError("no frontend_started event in the control plane's log")
-
-
-def _has_exited_within(pid: int, timeout_s: float) -> bool:
-    """True once the process pid is gone (reaped by its parent, or a zombie), False if still running."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
-        except FileNotFoundError:
-            return True
-        if state == "Z":
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_serve_exits_with_code_1_when_its_frontend_process_dies(stories_dir: Path, tmp_path: Path) -> None:
@@ -47,4 +36,29 @@ def test_the_frontend_process_exits_when_the_engine_process_is_killed(stories_di
         frontend_pid = _frontend_pid(cluster)
         cluster.control_plane.kill()
         cluster.control_plane.wait(timeout=10)
-        assert _has_exited_within(frontend_pid, timeout_s=30)
+        assert has_exited_within(frontend_pid, timeout_s=30)
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_a_stream_open_when_serve_is_stopped_still_finishes(stories_dir: Path, tmp_path: Path, stop: str) -> None:
+    # Ctrl-C at a terminal sends SIGINT to the whole foreground process group; a process manager sends SIGTERM to
+    # the process it started. Either way serve drains its frontend, and the stream runs to its last token.
+    async def stream_across_the_stop(cluster: Cluster) -> list[generation_service_pb2.GenerateResponse]:
+        async with PagedServeClient(cluster.address) as client:
+            params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+            chunks = []
+            async for chunk in client.generate_stream("Once upon a time", params, timeout_s=60):
+                if not chunks:
+                    pid = cluster.control_plane.pid
+                    if stop == "ctrl-c":
+                        os.killpg(os.getpgid(pid), signal.SIGINT)
+                    else:
+                        os.kill(pid, signal.SIGTERM)
+                chunks.append(chunk)
+            return chunks
+
+    with running_cluster(stories_dir, tmp_path, control_plane_group=True) as cluster:
+        chunks = asyncio.run(stream_across_the_stop(cluster))
+        assert sum(len(chunk.token_ids) for chunk in chunks) == 200
+        assert chunks[-1].finish_reason == generation_service_pb2.FINISH_REASON_LENGTH
+        assert cluster.control_plane.wait(timeout=30) == 0
