@@ -153,10 +153,9 @@ def engine_status_to_proto(s: EngineStatus) -> generation_service_pb2.GetServerS
     )
 
 
-def sampling_params_from_proto(pb: common_pb2.SamplingParams | None) -> SamplingParams:
-    """Request parameters; unset fields take vLLM's defaults. Raises InvalidArgumentError on bad ranges."""
-    if pb is None:
-        return SamplingParams()
+def sampling_params_from_proto(pb: common_pb2.SamplingParams) -> SamplingParams:
+    """Request parameters; unset fields (all of them when a request sets none) take vLLM's defaults. Raises
+    InvalidArgumentError on bad ranges."""
     optional: dict[str, Any] = {
         name: getattr(pb, name) for name in _OPTIONAL_SAMPLING_FIELDS if pb.HasField(name)
     }

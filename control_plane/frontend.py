@@ -18,7 +18,7 @@ import structlog
 from pagedserve.collector import freeze_startup_objects
 from pagedserve.control_plane.engine_client import EngineClient
 from pagedserve.control_plane.service import GenerationServicer, build_server
-from pagedserve.control_plane.stop_signal import stopped_by_signal
+from pagedserve.stop_signal import stopped_by_signal
 from pagedserve.control_plane.tokenizer import Tokenizer
 from pagedserve.gil import use_short_turns
 from pagedserve.logs import LogFormat, configure_logging

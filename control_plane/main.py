@@ -27,7 +27,7 @@ from pagedserve.control_plane.frontend_launcher import FrontendProcess
 from pagedserve.control_plane.metrics import EngineMetrics
 from pagedserve.control_plane.scheduler import Scheduler
 from pagedserve.control_plane.served_model import ServedModel
-from pagedserve.control_plane.stop_signal import stopped_by_signal
+from pagedserve.stop_signal import stopped_by_signal
 from pagedserve.control_plane.tokenizer import Tokenizer
 from pagedserve.control_plane.worker_client import GrpcWorkerClient, WorkerConnection
 from pagedserve.control_plane.worker_launcher import LocalWorkers, WorkerLaunchConfig, wait_for_workers

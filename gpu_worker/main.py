@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from pagedserve.gpu_worker.worker import Worker
 from pagedserve.collector import freeze_startup_objects
 from pagedserve.gil import use_short_turns
 from pagedserve.logs import LogFormat, configure_logging
+from pagedserve.stop_signal import stopped_by_signal
 
 log = structlog.get_logger()
 _GRACE_S = 5.0
@@ -44,15 +44,11 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
 
 
 async def serve(worker: Worker, address: str) -> None:
-    """Serves until SIGINT or SIGTERM, then stops gracefully."""
+    """Serves until SIGINT or SIGTERM, then stops gracefully (a second signal cuts that short)."""
     server = await start_server(worker, address)
     host = address.rpartition(":")[0]
     log.info("worker_listening", address=f"{host}:{server.port}", worker_id=worker.config.worker_id)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await stopped_by_signal()
     log.info("worker_stopping", worker_id=worker.config.worker_id)
     await server.stop(_GRACE_S)
 

@@ -47,8 +47,10 @@ SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 LOGPROBS = TokenLogprobs(token_id=7, logprob=-0.25, rank=2, top_token_ids=(3, 7), top_logprobs=(-0.125, -0.25))
 
 
-def test_missing_sampling_params_take_all_defaults() -> None:
-    assert sampling_params_from_proto(None) == SamplingParams()
+def test_a_request_without_sampling_params_takes_all_defaults() -> None:
+    request = generation_service_pb2.GenerateRequest(text="hi")
+    assert not request.HasField("sampling_params")
+    assert sampling_params_from_proto(request.sampling_params) == SamplingParams()
 
 
 def test_unset_fields_take_vllm_defaults() -> None:
