@@ -4,12 +4,12 @@
 // heads of a GQA group are processed together, so each K/V byte is read once per CTA. The context is cut into
 // tiles of TILE tokens; warp w of split s takes tiles s * WARPS + w, s * WARPS + w + WARPS * num_splits, ... and
 // runs its own STAGES-deep pipeline of copies (cp.async, or the tensor memory accelerator) into its private shared
-// memory, so no block-wide barrier stalls the loads. Dealing tiles round-robin gives every split an equal share of the real context, and a warp's tiles do
-// not depend on the context length: the block ids of its first tiles are read in the same memory round trip as
-// the sequence length. Warps are merged at the end (log-sum-exp). When the launcher splits the context, each
-// split writes an unnormalised partial result that paged_decode_reduce merges. (Merging inside this kernel, by
-// the last split to finish, measured slower: the merge code costs the main loop registers and scheduling freedom
-// even when it does not run.)
+// memory, so no block-wide barrier stalls the loads. Dealing tiles round-robin gives every split an equal share of
+// the real context, and a warp's tiles do not depend on the context length: the block ids of its first tiles are
+// read in the same memory round trip as the sequence length. Warps are merged at the end (log-sum-exp). When the
+// launcher splits the context, each split writes an unnormalised partial result that paged_decode_reduce merges.
+// (Merging inside this kernel, by the last split to finish, measured slower: the merge code costs the main loop
+// registers and scheduling freedom even when it does not run.)
 //
 // The math on a staged tile is the State template argument, with an online softmax in float32, log2 units:
 // - MmaState (float16 / bfloat16, head_dim 64 or 128): S = Q K^T and O^T = V^T P^T on mma.sync (see there).

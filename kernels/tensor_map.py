@@ -38,7 +38,7 @@ def rows_tensor_map(address: int, num_rows: int, row_elements: int, box_rows: in
     A map holds only the address and shape, so one stays valid for any tensor there of that shape (and for CUDA
     graphs, which keep the argument's bytes).
     """
-    if address % 16 or (row_elements * 2) % 16 or row_elements % BOX_COLUMNS:
+    if address % 16 or row_elements % BOX_COLUMNS:  # rows of whole boxes are whole 16-byte units
         raise ValueError(f"a tensor map needs 16-byte aligned rows of whole {BOX_COLUMNS}-element boxes, got "
                          f"address {address:#x}, {row_elements} elements per row")
     scratch = ctypes.create_string_buffer(ctypes.sizeof(TensorMap) + _ALIGNMENT)
