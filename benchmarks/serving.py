@@ -26,7 +26,7 @@ from benchmarks.random_dataset import BenchRequest, sample_random_requests
 from benchmarks.step_profile import step_profile
 from benchmarks.serving_metrics import RequestRecord, compute_metrics
 from pagedserve.clients.health_check import is_serving
-from pagedserve.control_plane.worker_launcher import free_loopback_port
+from pagedserve.control_plane.launch.worker_launcher import free_loopback_port
 from pagedserve.v1 import common_pb2, generation_service_pb2, generation_service_pb2_grpc
 
 _SUMMARY_HEADERS = ("concurrency", "req/s", "out tok/s", "total tok/s", "TTFT p50 ms", "TTFT p99 ms",
@@ -77,7 +77,7 @@ def server_process(
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """`pagedserve serve` in a child process on a free loopback port; SIGTERM on exit."""
     port = free_loopback_port()
-    command = [sys.executable, "-m", "pagedserve.clients.cli", "serve", "--model", str(model_dir),
+    command = [sys.executable, "-m", "pagedserve.runtime.cli", "serve", "--model", str(model_dir),
                "--load-format", args.load_format, "--dtype", args.dtype, "--host", "127.0.0.1",
                "--port", str(port), *shlex.split(args.serve_args)]
     with log_path.open("wb") as log:

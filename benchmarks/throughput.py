@@ -198,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from pagedserve.logs import LogFormat, configure_logging
+    from pagedserve.runtime.logs import LogFormat, configure_logging
 
     configure_logging(LogFormat.CONSOLE, logging.WARNING)  # per-request engine events would drown the results
     main()

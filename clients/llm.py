@@ -18,17 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Coroutine, TypeVar
 
-from pagedserve.control_plane.builtin_model import BUILTIN_MODEL_NAME, write_builtin_model
+from pagedserve.control_plane.launch.builtin_model import BUILTIN_MODEL_NAME, write_builtin_model
 from pagedserve.control_plane.config import CacheConfig, EngineConfig, SchedulerConfig
 from pagedserve.control_plane.convert import step_output_from_proto, step_plan_to_proto
-from pagedserve.control_plane.engine import Engine, EngineStatus, StepRecord
-from pagedserve.control_plane.main import start_engine
-from pagedserve.control_plane.request import FinishReason
+from pagedserve.control_plane.engine.engine import Engine, EngineStatus, StepRecord
+from pagedserve.control_plane.engine.main import start_engine
+from pagedserve.control_plane.scheduling.request import FinishReason
 from pagedserve.control_plane.sampling_params import SamplingParams, validate_prompt
 from pagedserve.control_plane.served_model import ServedModel
 from pagedserve.control_plane.step_plan import StepOutput, StepPlan, TokenLogprobs
-from pagedserve.control_plane.tokenizer import Tokenizer
-from pagedserve.control_plane.worker_client import (
+from pagedserve.control_plane.text.tokenizer import Tokenizer
+from pagedserve.control_plane.engine.worker_client import (
     CacheInfo,
     GrpcWorkerClient,
     WorkerConnection,
@@ -36,9 +36,9 @@ from pagedserve.control_plane.worker_client import (
     cache_info_from_proto,
     worker_info_from_proto,
 )
-from pagedserve.control_plane.worker_launcher import LocalWorkers, WorkerLaunchConfig, wait_for_workers
-from pagedserve.collector import freeze_startup_objects
-from pagedserve.gil import use_short_turns
+from pagedserve.control_plane.launch.worker_launcher import LocalWorkers, WorkerLaunchConfig, wait_for_workers
+from pagedserve.runtime.collector import freeze_startup_objects
+from pagedserve.runtime.gil import use_short_turns
 from pagedserve.gpu_worker import convert as worker_convert
 from pagedserve.gpu_worker.config import DeviceKind, DType, LoadFormat, WorkerConfig
 from pagedserve.gpu_worker.step_pipeline import StepPipeline
@@ -99,8 +99,8 @@ class LLM:
     """A model served from this process. `model=None` uses the built-in tiny model with random weights.
 
     The engine runs on a thread of this process, so creating an LLM shortens the process's thread switch interval
-    (pagedserve.gil) for the step pipeline's hand-offs between threads, and freezes the objects alive before it
-    (imported modules above all) out of the garbage collector's full collections (pagedserve.collector).
+    (pagedserve.runtime.gil) for the step pipeline's hand-offs between threads, and freezes the objects alive before it
+    (imported modules above all) out of the garbage collector's full collections (pagedserve.runtime.collector).
     """
 
     def __init__(

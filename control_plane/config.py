@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 
-from pagedserve.logs import LogFormat
+from pagedserve.runtime.logs import LogFormat
 
 
 class SchedulingPolicy(enum.Enum):

@@ -11,7 +11,7 @@ from pagedserve.control_plane.errors import (
     ResourceExhaustedError,
     WorkerUnavailableError,
 )
-from pagedserve.control_plane.request import FinishReason
+from pagedserve.control_plane.scheduling.request import FinishReason
 from pagedserve.control_plane.sampling_params import SamplingParams
 from pagedserve.control_plane.served_model import ServedModel
 from pagedserve.control_plane.step_plan import (
@@ -27,9 +27,9 @@ from pagedserve.v1 import common_pb2, engine_service_pb2, generation_service_pb2
 if TYPE_CHECKING:  # only their shapes matter here; the engine imports the scheduler
     from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
-    from pagedserve.control_plane.completion import CompletionChunk
-    from pagedserve.control_plane.engine import EngineStatus, Usage
-    from pagedserve.control_plane.tokenizer import Tokenizer
+    from pagedserve.control_plane.text.completion import CompletionChunk
+    from pagedserve.control_plane.engine.engine import EngineStatus, Usage
+    from pagedserve.control_plane.text.tokenizer import Tokenizer
 
 # Optional proto fields: unset means the SamplingParams default (max_tokens 16, seed None, ...).
 _OPTIONAL_SAMPLING_FIELDS = (

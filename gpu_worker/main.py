@@ -12,10 +12,10 @@ import structlog
 from pagedserve.gpu_worker.config import DeviceKind, DType, LoadFormat, WorkerConfig
 from pagedserve.gpu_worker.service import start_server
 from pagedserve.gpu_worker.worker import Worker
-from pagedserve.collector import freeze_startup_objects
-from pagedserve.gil import use_short_turns
-from pagedserve.logs import LogFormat, configure_logging
-from pagedserve.stop_signal import stopped_by_signal
+from pagedserve.runtime.collector import freeze_startup_objects
+from pagedserve.runtime.gil import use_short_turns
+from pagedserve.runtime.logs import LogFormat, configure_logging
+from pagedserve.runtime.stop_signal import stopped_by_signal
 
 log = structlog.get_logger()
 _GRACE_S = 5.0

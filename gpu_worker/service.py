@@ -12,7 +12,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from pagedserve.channel_options import INTERNAL_CHANNEL_OPTIONS
+from pagedserve.runtime.channel_options import INTERNAL_CHANNEL_OPTIONS
 from pagedserve.gpu_worker import convert
 from pagedserve.gpu_worker.errors import (
     CacheNotInitializedError,

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pagedserve.collector import YOUNG_COLLECTION_THRESHOLD, freeze_startup_objects
+from pagedserve.runtime.collector import YOUNG_COLLECTION_THRESHOLD, freeze_startup_objects
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 
 from pagedserve.clients.llm import LLM, SamplingParams
 from pagedserve.control_plane.config import CacheConfig
-from pagedserve.control_plane.request import FinishReason
+from pagedserve.control_plane.scheduling.request import FinishReason
 
 STORIES = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "stories260K"
 

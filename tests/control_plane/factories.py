@@ -7,11 +7,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pagedserve.control_plane.block_manager import BlockManager, Device
+from pagedserve.control_plane.scheduling.block_manager import BlockManager, Device
 from pagedserve.control_plane.config import CacheConfig, PreemptionMode, SchedulerConfig, SchedulingPolicy
-from pagedserve.control_plane.request import FinishReason, Request, SequenceDelta
+from pagedserve.control_plane.scheduling.request import FinishReason, Request, SequenceDelta
 from pagedserve.control_plane.sampling_params import SamplingParams
-from pagedserve.control_plane.scheduler import Scheduler
+from pagedserve.control_plane.scheduling.scheduler import Scheduler
 from pagedserve.control_plane.step_plan import SequenceOutput, StepOutput, StepPlan, TokenLogprobs
 
 EOS = 2

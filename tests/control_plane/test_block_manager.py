@@ -6,7 +6,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
 
-from pagedserve.control_plane.block_manager import BlockManager, Device, TableChange, hash_block
+from pagedserve.control_plane.scheduling.block_manager import BlockManager, Device, TableChange, hash_block
 
 from .factories import assert_block_invariants
 

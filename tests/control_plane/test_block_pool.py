@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pagedserve.control_plane.block_pool import BlockPool
+from pagedserve.control_plane.scheduling.block_pool import BlockPool
 
 
 def test_allocates_from_the_front_of_the_free_queue_with_one_holder() -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pagedserve.control_plane.builtin_model import BUILTIN_MODEL_NAME, write_builtin_model
-from pagedserve.control_plane.tokenizer import Tokenizer
+from pagedserve.control_plane.launch.builtin_model import BUILTIN_MODEL_NAME, write_builtin_model
+from pagedserve.control_plane.text.tokenizer import Tokenizer
 
 FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pagedserve.control_plane.completion import CompletionChunk, CompletionStream
-from pagedserve.control_plane.request import FinishReason, SequenceDelta
+from pagedserve.control_plane.text.completion import CompletionChunk, CompletionStream
+from pagedserve.control_plane.scheduling.request import FinishReason, SequenceDelta
 from pagedserve.control_plane.sampling_params import SamplingParams
-from pagedserve.control_plane.tokenizer import Tokenizer
+from pagedserve.control_plane.text.tokenizer import Tokenizer
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pagedserve.control_plane.completion import CompletionChunk
+from pagedserve.control_plane.text.completion import CompletionChunk
 from pagedserve.control_plane.convert import (
     add_generate_response,
     request_error_from_proto,
@@ -18,7 +18,7 @@ from pagedserve.control_plane.convert import (
     token_logprobs_from_proto,
     token_logprobs_to_proto,
 )
-from pagedserve.control_plane.engine import Usage
+from pagedserve.control_plane.engine.engine import Usage
 from pagedserve.control_plane.errors import (
     InvalidArgumentError,
     NotFoundError,
@@ -26,7 +26,7 @@ from pagedserve.control_plane.errors import (
     ResourceExhaustedError,
     WorkerUnavailableError,
 )
-from pagedserve.control_plane.request import FinishReason
+from pagedserve.control_plane.scheduling.request import FinishReason
 from pagedserve.control_plane.sampling_params import SamplingParams
 from pagedserve.control_plane.step_plan import (
     BlockTableUpdate,
@@ -38,7 +38,7 @@ from pagedserve.control_plane.step_plan import (
     TokenLogprobs,
     WorkerSampling,
 )
-from pagedserve.control_plane.tokenizer import Tokenizer
+from pagedserve.control_plane.text.tokenizer import Tokenizer
 from pagedserve.v1 import common_pb2, engine_service_pb2, generation_service_pb2, worker_service_pb2
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"

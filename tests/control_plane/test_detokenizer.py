@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pagedserve.control_plane.builtin_model import write_builtin_model
-from pagedserve.control_plane.detokenizer import IncrementalDetokenizer
-from pagedserve.control_plane.tokenizer import Tokenizer
+from pagedserve.control_plane.launch.builtin_model import write_builtin_model
+from pagedserve.control_plane.text.detokenizer import IncrementalDetokenizer
+from pagedserve.control_plane.text.tokenizer import Tokenizer
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 MIXED_TEXT = (

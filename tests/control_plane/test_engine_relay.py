@@ -14,15 +14,15 @@ import grpc
 import pytest
 
 from pagedserve.control_plane.config import EngineConfig
-from pagedserve.control_plane.engine import Engine
-from pagedserve.control_plane.engine_client import EngineClient, merge_chunks
-from pagedserve.control_plane.engine_service import EngineServicer, build_engine_server
+from pagedserve.control_plane.engine.engine import Engine
+from pagedserve.control_plane.frontend.engine_client import EngineClient, merge_chunks
+from pagedserve.control_plane.engine.service import EngineServicer, build_engine_server
 from pagedserve.control_plane.errors import EngineUnavailableError, ResourceExhaustedError
-from pagedserve.control_plane.metrics import EngineMetrics
+from pagedserve.control_plane.engine.metrics import EngineMetrics
 from pagedserve.control_plane.sampling_params import SamplingParams
 from pagedserve.control_plane.served_model import ServedModel
 from pagedserve.control_plane.step_plan import StepOutput, StepPlan
-from pagedserve.control_plane.tokenizer import Tokenizer
+from pagedserve.control_plane.text.tokenizer import Tokenizer
 from pagedserve.v1 import common_pb2, generation_service_pb2
 from pagedserve.v1.engine_service_pb2 import RelayRequest, RelayResponse
 from tests.control_plane.factories import FakeWorker, make_scheduler, make_worker

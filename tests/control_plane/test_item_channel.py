@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from pagedserve.control_plane.item_channel import ItemChannel
+from pagedserve.control_plane.relay.item_channel import ItemChannel
 
 
 def test_a_consumer_that_fell_behind_takes_every_waiting_item_in_order_at_once() -> None:

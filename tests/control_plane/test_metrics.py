@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from pagedserve.control_plane.metrics import LatencyHistogram
+from pagedserve.control_plane.engine.metrics import LatencyHistogram
 
 
 def test_observations_land_in_cumulative_le_buckets_with_exact_count_and_sum() -> None:

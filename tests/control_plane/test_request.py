@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from pagedserve.control_plane.request import (
+from pagedserve.control_plane.scheduling.request import (
     FinishReason,
     Request,
     RequestStatus,

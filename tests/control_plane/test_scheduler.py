@@ -10,8 +10,8 @@ import structlog.testing
 
 from pagedserve.control_plane.config import PreemptionMode, SchedulingPolicy
 from pagedserve.control_plane.errors import InvalidArgumentError, ResourceExhaustedError
-from pagedserve.control_plane.request import FinishReason, RequestStatus
-from pagedserve.control_plane.scheduler import Scheduler
+from pagedserve.control_plane.scheduling.request import FinishReason, RequestStatus
+from pagedserve.control_plane.scheduling.scheduler import Scheduler
 from pagedserve.control_plane.step_plan import BlockTableUpdate, ScheduledSequencePlan, StepPlan
 
 from .factories import (

@@ -10,8 +10,8 @@ import pytest
 
 from pagedserve.control_plane.config import PreemptionMode, SchedulingPolicy
 from pagedserve.control_plane.errors import ResourceExhaustedError
-from pagedserve.control_plane.request import FinishReason, Request
-from pagedserve.control_plane.scheduler import Scheduler
+from pagedserve.control_plane.scheduling.request import FinishReason, Request
+from pagedserve.control_plane.scheduling.scheduler import Scheduler
 from pagedserve.control_plane.step_plan import BlockTableUpdate, ScheduledSequencePlan, StepPlan
 
 from .factories import (

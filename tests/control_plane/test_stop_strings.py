@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from pagedserve.control_plane.stop_strings import StopStringMatcher
+from pagedserve.control_plane.text.stop_strings import StopStringMatcher
 
 
 def _random_split(text: str, rng: random.Random) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pagedserve.control_plane.tokenizer import Tokenizer
+from pagedserve.control_plane.text.tokenizer import Tokenizer
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 LLAMA2 = SHARED / "tokenizers" / "llama2"
@@ -81,7 +81,7 @@ def test_stories260k_reads_its_model_directory() -> None:
 
 def test_loading_a_tokenizer_does_not_import_torch() -> None:
     code = (
-        "import sys; from pathlib import Path; from pagedserve.control_plane.tokenizer import Tokenizer; "
+        "import sys; from pathlib import Path; from pagedserve.control_plane.text.tokenizer import Tokenizer; "
         f"Tokenizer(Path({str(LLAMA2)!r})).encode('x'); print('torch' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pagedserve.clients.health_check import is_serving
-from pagedserve.control_plane.worker_launcher import free_loopback_port
+from pagedserve.control_plane.launch.worker_launcher import free_loopback_port
 
 # The worker device of the end-to-end tests: cpu in CI, cuda to run the same tests on a GPU host.
 TEST_DEVICE = os.environ.get("PAGEDSERVE_TEST_DEVICE", "cpu")
@@ -35,7 +35,7 @@ def control_plane_command(
 
 
 def _spawn(command: list[str], log_path: Path, own_process_group: bool = False) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "pagedserve.clients.cli", *command[1:]]
+    argv = [sys.executable, "-m", "pagedserve.runtime.cli", *command[1:]]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log_path.open("wb") as log:
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from pagedserve.v1 import common_pb2, generation_service_pb2, generation_service_pb2_grpc
-from pagedserve.control_plane.worker_launcher import free_loopback_port
+from pagedserve.control_plane.launch.worker_launcher import free_loopback_port
 from tests.e2e.processes import has_exited_within, wait_serving
 
 pytestmark = pytest.mark.e2e
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.e2e
 def test_serve_without_a_model_starts_a_local_worker_and_serves_the_builtin_model(tmp_path) -> None:
     port = free_loopback_port()
     log_path = tmp_path / "serve.log"
-    command = [sys.executable, "-m", "pagedserve.clients.cli", "serve", "--port", str(port),
+    command = [sys.executable, "-m", "pagedserve.runtime.cli", "serve", "--port", str(port),
                "--kv-cache-memory", "0.05", "--swap-space", "0.01", "--log-format", "json"]
     with log_path.open("wb") as log:  # a group of its own, as a job started at a terminal
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

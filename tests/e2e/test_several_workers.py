@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pagedserve.clients.client import PagedServeClient, SamplingParams
-from pagedserve.control_plane.worker_launcher import free_loopback_port
+from pagedserve.control_plane.launch.worker_launcher import free_loopback_port
 from tests.e2e.processes import TEST_DEVICE, wait_serving
 
 pytestmark = pytest.mark.e2e
@@ -31,7 +31,7 @@ def test_two_local_workers_serve_concurrent_requests_with_the_tokens_one_worker_
 
     port = free_loopback_port()
     log_path = tmp_path / "serve.log"
-    command = [sys.executable, "-m", "pagedserve.clients.cli", "serve", "--model", str(stories_dir), "--port",
+    command = [sys.executable, "-m", "pagedserve.runtime.cli", "serve", "--model", str(stories_dir), "--port",
                str(port), "--num-workers", "2", "--device", TEST_DEVICE, "--kv-cache-memory", "0.02",
                "--swap-space", "0.01", "--num-gpu-blocks-override", "256", "--log-format", "json"]
     with log_path.open("wb") as log:
@@ -50,7 +50,7 @@ def test_two_local_workers_serve_concurrent_requests_with_the_tokens_one_worker_
 
 
 def test_serve_exits_at_once_when_a_local_worker_cannot_load_the_model(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    command = [sys.executable, "-m", "pagedserve.clients.cli", "serve", "--model", str(tmp_path), "--port",
+    command = [sys.executable, "-m", "pagedserve.runtime.cli", "serve", "--model", str(tmp_path), "--port",
                str(free_loopback_port()), "--device", "cpu"]  # the start timeout stays 600 s
     completed = subprocess.run(command, capture_output=True, timeout=120)
     assert completed.returncode != 0

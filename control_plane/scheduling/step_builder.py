@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from pagedserve.control_plane.block_manager import CachedPrefix
-from pagedserve.control_plane.request import Request, Sequence, worker_sampling
+from pagedserve.control_plane.scheduling.block_manager import CachedPrefix
+from pagedserve.control_plane.scheduling.request import Request, Sequence, worker_sampling
 from pagedserve.control_plane.step_plan import BlockTableUpdate, NewSequencePlan, ScheduledSequencePlan, StepPlan
 
 

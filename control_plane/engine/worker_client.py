@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pagedserve.control_plane.convert import step_output_from_proto, step_plan_to_proto
 from pagedserve.control_plane.errors import WorkerUnavailableError
 from pagedserve.control_plane.step_plan import StepOutput, StepPlan
-from pagedserve.channel_options import INTERNAL_CHANNEL_OPTIONS
+from pagedserve.runtime.channel_options import INTERNAL_CHANNEL_OPTIONS
 from pagedserve.v1 import worker_service_pb2, worker_service_pb2_grpc
 
 

@@ -9,7 +9,7 @@ from collections import deque
 from collections.abc import Iterator
 
 from pagedserve.control_plane.config import SchedulingPolicy
-from pagedserve.control_plane.request import Request
+from pagedserve.control_plane.scheduling.request import Request
 
 
 class RequestQueue(ABC):

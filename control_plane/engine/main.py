@@ -12,7 +12,7 @@ from pathlib import Path
 
 import structlog
 
-from pagedserve.control_plane.builtin_model import BUILTIN_MODEL_NAME, write_builtin_model
+from pagedserve.control_plane.launch.builtin_model import BUILTIN_MODEL_NAME, write_builtin_model
 from pagedserve.control_plane.config import (
     CacheConfig,
     EngineConfig,
@@ -21,19 +21,19 @@ from pagedserve.control_plane.config import (
     SchedulingPolicy,
     ServerConfig,
 )
-from pagedserve.control_plane.engine import Engine
-from pagedserve.control_plane.engine_service import EngineServicer, build_engine_server
-from pagedserve.control_plane.frontend_launcher import FrontendProcess
-from pagedserve.control_plane.metrics import EngineMetrics
-from pagedserve.control_plane.scheduler import Scheduler
+from pagedserve.control_plane.engine.engine import Engine
+from pagedserve.control_plane.engine.service import EngineServicer, build_engine_server
+from pagedserve.control_plane.launch.frontend_launcher import FrontendProcess
+from pagedserve.control_plane.engine.metrics import EngineMetrics
+from pagedserve.control_plane.scheduling.scheduler import Scheduler
 from pagedserve.control_plane.served_model import ServedModel
-from pagedserve.stop_signal import stopped_by_signal
-from pagedserve.control_plane.tokenizer import Tokenizer
-from pagedserve.control_plane.worker_client import GrpcWorkerClient, WorkerConnection
-from pagedserve.control_plane.worker_launcher import LocalWorkers, WorkerLaunchConfig, wait_for_workers
-from pagedserve.collector import freeze_startup_objects
-from pagedserve.gil import use_short_turns
-from pagedserve.logs import LogFormat, configure_logging
+from pagedserve.runtime.stop_signal import stopped_by_signal
+from pagedserve.control_plane.text.tokenizer import Tokenizer
+from pagedserve.control_plane.engine.worker_client import GrpcWorkerClient, WorkerConnection
+from pagedserve.control_plane.launch.worker_launcher import LocalWorkers, WorkerLaunchConfig, wait_for_workers
+from pagedserve.runtime.collector import freeze_startup_objects
+from pagedserve.runtime.gil import use_short_turns
+from pagedserve.runtime.logs import LogFormat, configure_logging
 from pagedserve.v1 import worker_service_pb2
 
 log = structlog.get_logger()

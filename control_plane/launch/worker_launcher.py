@@ -15,7 +15,7 @@ from pathlib import Path
 import structlog
 
 from pagedserve.control_plane.errors import WorkerUnavailableError
-from pagedserve.control_plane.worker_client import GrpcWorkerClient
+from pagedserve.control_plane.engine.worker_client import GrpcWorkerClient
 
 log = structlog.get_logger()
 
@@ -61,7 +61,7 @@ class LocalWorkers:
             if self._config.num_workers > 1:
                 env["CUDA_VISIBLE_DEVICES"] = str(index)
             command = [
-                sys.executable, "-m", "pagedserve.clients.cli", "worker",
+                sys.executable, "-m", "pagedserve.runtime.cli", "worker",
                 "--model", str(self._config.model_dir),
                 "--listen", address,
                 "--dtype", self._config.dtype,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import itertools
 
-from pagedserve.control_plane.block_manager import BlockManager
-from pagedserve.control_plane.request import Request, Sequence
+from pagedserve.control_plane.scheduling.block_manager import BlockManager
+from pagedserve.control_plane.scheduling.request import Request, Sequence
 
 
 class SequenceRegistry:

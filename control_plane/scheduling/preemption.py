@@ -6,8 +6,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 from pagedserve.control_plane.config import SchedulingPolicy
-from pagedserve.control_plane.request import Request
-from pagedserve.control_plane.request_queue import priority_key
+from pagedserve.control_plane.scheduling.request import Request
+from pagedserve.control_plane.scheduling.request_queue import priority_key
 
 
 class PreemptionPolicy(ABC):

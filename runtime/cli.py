@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "serve":
-        from pagedserve.control_plane.main import main as serve_main
+        from pagedserve.control_plane.engine.main import main as serve_main
 
         return serve_main(rest)
     if command == "worker":

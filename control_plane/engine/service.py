@@ -15,11 +15,11 @@ from pagedserve.control_plane.convert import (
     sampling_params_from_proto,
     served_model_to_proto,
 )
-from pagedserve.control_plane.engine import Engine, EngineOutput, RequestFailed
+from pagedserve.control_plane.engine.engine import Engine, EngineOutput, RequestFailed
 from pagedserve.control_plane.errors import PagedServeError
-from pagedserve.control_plane.item_channel import ItemChannel
+from pagedserve.control_plane.relay.item_channel import ItemChannel
 from pagedserve.control_plane.served_model import ServedModel
-from pagedserve.channel_options import INTERNAL_CHANNEL_OPTIONS
+from pagedserve.runtime.channel_options import INTERNAL_CHANNEL_OPTIONS
 from pagedserve.v1 import engine_service_pb2 as pb
 from pagedserve.v1 import engine_service_pb2_grpc
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import structlog
 
-from pagedserve.control_plane.block_manager import BlockManager, CachedPrefix
+from pagedserve.control_plane.scheduling.block_manager import BlockManager, CachedPrefix
 from pagedserve.control_plane.config import CacheConfig, PreemptionMode, SchedulerConfig
 from pagedserve.control_plane.errors import InvalidArgumentError, ResourceExhaustedError
-from pagedserve.control_plane.preemption import make_preemption_policy
-from pagedserve.control_plane.request import (
+from pagedserve.control_plane.scheduling.preemption import make_preemption_policy
+from pagedserve.control_plane.scheduling.request import (
     FinishReason,
     Request,
     RequestStatus,
@@ -16,10 +16,10 @@ from pagedserve.control_plane.request import (
     SequenceDelta,
     check_stop,
 )
-from pagedserve.control_plane.request_queue import make_request_queue
-from pagedserve.control_plane.sequence_registry import SequenceRegistry
-from pagedserve.control_plane.stats import SchedulerStats
-from pagedserve.control_plane.step_builder import Expectation, SeqWork, StepBuilder
+from pagedserve.control_plane.scheduling.request_queue import make_request_queue
+from pagedserve.control_plane.scheduling.sequence_registry import SequenceRegistry
+from pagedserve.control_plane.scheduling.stats import SchedulerStats
+from pagedserve.control_plane.scheduling.step_builder import Expectation, SeqWork, StepBuilder
 from pagedserve.control_plane.step_plan import (
     BlockTableUpdate,
     SequenceOutput,

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import structlog
 
-from pagedserve.collector import freeze_startup_objects
-from pagedserve.control_plane.engine_client import EngineClient
-from pagedserve.control_plane.service import GenerationServicer, build_server
-from pagedserve.stop_signal import stopped_by_signal
-from pagedserve.control_plane.tokenizer import Tokenizer
-from pagedserve.gil import use_short_turns
-from pagedserve.logs import LogFormat, configure_logging
+from pagedserve.runtime.collector import freeze_startup_objects
+from pagedserve.control_plane.frontend.engine_client import EngineClient
+from pagedserve.control_plane.frontend.service import GenerationServicer, build_server
+from pagedserve.runtime.stop_signal import stopped_by_signal
+from pagedserve.control_plane.text.tokenizer import Tokenizer
+from pagedserve.runtime.gil import use_short_turns
+from pagedserve.runtime.logs import LogFormat, configure_logging
 
 log = structlog.get_logger()
 
@@ -29,7 +29,7 @@ _ENGINE_ANSWER_TIMEOUT_S = 60.0
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pagedserve.control_plane.frontend",
+    p = argparse.ArgumentParser(prog="python -m pagedserve.control_plane.frontend.main",
                                 description="The public server of `pagedserve serve` (started by it).")
     p.add_argument("--engine", required=True, help="the engine process's EngineService address")
     p.add_argument("--model", type=Path, required=True, help="model directory (its tokenizer)")

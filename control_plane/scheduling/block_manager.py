@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from pagedserve.control_plane.block_pool import BlockHash, BlockPool
+from pagedserve.control_plane.scheduling.block_pool import BlockHash, BlockPool
 
 
 class Device(enum.Enum):

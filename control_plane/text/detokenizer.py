@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pagedserve.control_plane.tokenizer import Tokenizer
+from pagedserve.control_plane.text.tokenizer import Tokenizer
 
 CONTEXT_WINDOW = 5  # prompt tokens decoded in front of the output, so its first word gets its space
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder writes for bytes that are not (yet) a whole character

@@ -11,9 +11,9 @@ import structlog
 
 from pagedserve.control_plane.convert import request_error_from_proto, served_model_from_proto
 from pagedserve.control_plane.errors import EngineUnavailableError, PagedServeError
-from pagedserve.control_plane.item_channel import ItemChannel
+from pagedserve.control_plane.relay.item_channel import ItemChannel
 from pagedserve.control_plane.served_model import ServedModel
-from pagedserve.channel_options import INTERNAL_CHANNEL_OPTIONS
+from pagedserve.runtime.channel_options import INTERNAL_CHANNEL_OPTIONS
 from pagedserve.v1 import common_pb2, engine_service_pb2, engine_service_pb2_grpc, generation_service_pb2
 
 log = structlog.get_logger()

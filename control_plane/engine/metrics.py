@@ -11,8 +11,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from pagedserve.control_plane.engine import EngineStatus
-    from pagedserve.control_plane.request import FinishReason
+    from pagedserve.control_plane.engine.engine import EngineStatus
+    from pagedserve.control_plane.scheduling.request import FinishReason
 
 _PREFIX = "pagedserve:"
 _LATENCY_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import structlog
 
-from pagedserve.logs import LogFormat
+from pagedserve.runtime.logs import LogFormat
 
 log = structlog.get_logger()
 
@@ -17,7 +17,7 @@ _STOP_TIMEOUT_S = 10.0
 
 
 class FrontendProcess:
-    """The frontend child (`python -m pagedserve.control_plane.frontend`), connected to this engine's address."""
+    """The frontend child (`python -m pagedserve.control_plane.frontend.main`), connected to this engine's address."""
 
     def __init__(self, process: asyncio.subprocess.Process) -> None:
         self._process = process
@@ -28,7 +28,7 @@ class FrontendProcess:
         the engine, which stops the frontend by stop(): a SIGINT of its own would start its drain, and the
         engine's SIGTERM would then end it at once."""
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pagedserve.control_plane.frontend", "--engine", engine_address,
+            sys.executable, "-m", "pagedserve.control_plane.frontend.main", "--engine", engine_address,
             "--model", str(model_dir), "--listen", address, "--log-format", log_format.value,
             start_new_session=True,
         )

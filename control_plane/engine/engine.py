@@ -12,16 +12,16 @@ from typing import NamedTuple, Protocol
 
 import structlog
 
-from pagedserve.control_plane.completion import CompletionChunk, CompletionStream
+from pagedserve.control_plane.text.completion import CompletionChunk, CompletionStream
 from pagedserve.control_plane.config import EngineConfig
 from pagedserve.control_plane.errors import NotFoundError, PagedServeError, WorkerUnavailableError
-from pagedserve.control_plane.item_channel import ItemChannel
-from pagedserve.control_plane.metrics import EngineMetrics
-from pagedserve.control_plane.request import FinishReason, Request, SequenceDelta
+from pagedserve.control_plane.relay.item_channel import ItemChannel
+from pagedserve.control_plane.engine.metrics import EngineMetrics
+from pagedserve.control_plane.scheduling.request import FinishReason, Request, SequenceDelta
 from pagedserve.control_plane.sampling_params import SamplingParams
-from pagedserve.control_plane.scheduler import Scheduler, SchedulerStats
+from pagedserve.control_plane.scheduling.scheduler import Scheduler, SchedulerStats
 from pagedserve.control_plane.step_plan import StepOutput, StepPlan
-from pagedserve.control_plane.tokenizer import Tokenizer
+from pagedserve.control_plane.text.tokenizer import Tokenizer
 
 log = structlog.get_logger()
 

@@ -1,0 +1,1 @@
+"""Starting the processes `pagedserve serve` runs beside its engine: local workers, the frontend, the built-in model."""

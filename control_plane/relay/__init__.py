@@ -1,0 +1,1 @@
+"""The EngineService relay that joins the frontend and engine processes: its message codec and item channel."""
