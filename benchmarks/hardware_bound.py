@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -84,13 +85,13 @@ def measure_hardware(device: torch.device) -> HardwareRates:
     num_bytes = (1 << 30) if on_gpu else (64 << 20)
     source = torch.empty(num_bytes, dtype=torch.uint8, device=device).fill_(1)
     target = torch.empty_like(source)
-    copy_s = _median_time_s(lambda: target.copy_(source), device)
+    copy_s = _median_time_s(functools.partial(target.copy_, source), device)
     del source, target
     n, gemm_dtype = (8192, torch.bfloat16) if on_gpu else (1024, torch.float32)
     generator = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, dtype=gemm_dtype, device=device, generator=generator)
     b = torch.randn(n, n, dtype=gemm_dtype, device=device, generator=generator)
-    gemm_s = _median_time_s(lambda: torch.mm(a, b), device)
+    gemm_s = _median_time_s(functools.partial(torch.mm, a, b), device)
     del a, b
     if on_gpu:
         torch.cuda.empty_cache()

@@ -57,7 +57,8 @@ def save_seeded_weights(model_dir: Path, dtype: torch.dtype, device: torch.devic
     config = AutoConfig.from_pretrained(model_dir)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        # transformers leaves from_config unannotated.
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # type: ignore[no-untyped-call]
     model.save_pretrained(model_dir)
     del model
 
@@ -66,15 +67,17 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device, attn_i
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn_implementation)
-    return model.to(device).eval()
+    # transformers wraps PreTrainedModel.to in functools.wraps, which mypy does not bind to the instance.
+    return model.to(device).eval()  # type: ignore[arg-type]
 
 
 def _generation_config(max_new_tokens: int, ignore_eos: bool) -> Any:
     from transformers import GenerationConfig
 
     # min_new_tokens = max_new_tokens suppresses EOS, which is how transformers spells ignore_eos.
-    return GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=_PAD_TOKEN_ID,
-                            min_new_tokens=max_new_tokens if ignore_eos else None)
+    return GenerationConfig(  # type: ignore[no-untyped-call]  # transformers leaves its __init__ unannotated
+        do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=_PAD_TOKEN_ID,
+        min_new_tokens=max_new_tokens if ignore_eos else None)
 
 
 def _sync(device: torch.device) -> None:

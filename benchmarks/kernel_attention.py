@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import statistics
@@ -17,11 +18,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from pagedserve.kernels.ops import get_kernel_ops
+from pagedserve.kernels.ops import KernelOps, get_kernel_ops
 
 SHAPES = {"llama-3.2-1b": (32, 8, 64), "llama-3-8b": (32, 8, 128)}  # q heads, kv heads, head_dim
 BATCHES = (1, 16, 64, 256)
@@ -86,7 +88,7 @@ class Timer:
             end.record()
             times.append((start, end))
         torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in times) * 1e3
+        return float(statistics.median(s.elapsed_time(e) for s, e in times)) * 1e3
 
 
 def measure_read_ceiling_gbps(timer: Timer) -> dict[str, float]:
@@ -99,7 +101,9 @@ def measure_read_ceiling_gbps(timer: Timer) -> dict[str, float]:
     return {"sum_read_gbps": data.nbytes / sum_us / 1e3, "copy_read_write_gbps": 2 * half.nbytes / copy_us / 1e3}
 
 
-def _decode_inputs(q_heads: int, kv_heads: int, head_dim: int, batch: int, context: int, seed: int) -> dict:
+def _decode_inputs(
+    q_heads: int, kv_heads: int, head_dim: int, batch: int, context: int, seed: int
+) -> dict[str, torch.Tensor]:
     gen = torch.Generator(device="cuda").manual_seed(seed)
     blocks_per_seq = math.ceil(context / BLOCK_SIZE)
     num_blocks = batch * blocks_per_seq
@@ -114,9 +118,10 @@ def _decode_inputs(q_heads: int, kv_heads: int, head_dim: int, batch: int, conte
     }
 
 
-def _contiguous_kv(inputs: dict, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _contiguous_kv(inputs: dict[str, torch.Tensor], context: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[batch, kv_heads, context, head_dim] K and V in sequence order, for the SDPA baseline."""
-    return tuple(_gather(inputs[name], inputs["block_tables"], context) for name in ("key_cache", "value_cache"))
+    block_tables = inputs["block_tables"]
+    return _gather(inputs["key_cache"], block_tables, context), _gather(inputs["value_cache"], block_tables, context)
 
 
 def _gather(cache: torch.Tensor, block_tables: torch.Tensor, context: int) -> torch.Tensor:
@@ -144,7 +149,7 @@ def _warm(run: Callable[[int], object], count: int) -> None:
 def _replay_us(timer: Timer, run: Callable[[int], object], count: int) -> float:
     """Time of a graph of one launch, one graph per input set, rotated."""
     _warm(run, count)
-    graphs = [_capture(lambda i=i: run(i)) for i in range(count)]
+    graphs = [_capture(functools.partial(run, i)) for i in range(count)]
     return timer.median_us(lambda i: graphs[i % count].replay())
 
 
@@ -164,7 +169,7 @@ def measure_graph_launch_us(timer: Timer) -> float:
     return _replay_us(timer, lambda _: one.add_(1), 1)
 
 
-def bench_decode(timer: Timer, ops: object, shape: str, batch: int, context: int) -> DecodeResult:
+def bench_decode(timer: Timer, ops: KernelOps, shape: str, batch: int, context: int) -> DecodeResult:
     q_heads, kv_heads, head_dim = SHAPES[shape]
     kv_bytes = 2 * batch * context * kv_heads * head_dim * DTYPE.itemsize
     num_sets = max(1, min(8, MIN_BYTES_IN_ROTATION // kv_bytes))
@@ -199,7 +204,7 @@ def bench_decode(timer: Timer, ops: object, shape: str, batch: int, context: int
                         sdpa_single_us)
 
 
-def measure_host_us(ops: object) -> float:
+def measure_host_us(ops: KernelOps) -> float:
     """Host time of one eager paged_attention call (validation, layout, launch), without waiting for the GPU."""
     # A small problem, so the GPU keeps up with the host and the host never waits on a full launch queue.
     inputs = _decode_inputs(32, 8, 128, 4, 256, seed=99)
@@ -217,7 +222,7 @@ def measure_host_us(ops: object) -> float:
     return elapsed / calls * 1e6
 
 
-def bench_prefill(timer: Timer, ops: object, shape: str, tokens: int) -> PrefillResult:
+def bench_prefill(timer: Timer, ops: KernelOps, shape: str, tokens: int) -> PrefillResult:
     """Causal prefill of num_seqs prompts of `tokens` tokens each (16k tokens in all), paged vs flash SDPA."""
     q_heads, kv_heads, head_dim = SHAPES[shape]
     num_seqs = max(1, 16384 // tokens)
@@ -245,7 +250,7 @@ def bench_prefill(timer: Timer, ops: object, shape: str, tokens: int) -> Prefill
     return PrefillResult(shape, tokens, num_seqs, flops, paged_us, sdpa_us)
 
 
-def write_reports(out_dir: Path, meta: dict, ceiling: dict, decode: list[DecodeResult],
+def write_reports(out_dir: Path, meta: dict[str, Any], ceiling: dict[str, float], decode: list[DecodeResult],
                   prefill: list[PrefillResult]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"kernel_attention_{meta['date']}"
@@ -258,7 +263,9 @@ def write_reports(out_dir: Path, meta: dict, ceiling: dict, decode: list[DecodeR
     return stem
 
 
-def markdown_report(meta: dict, ceiling: dict, decode: list[DecodeResult], prefill: list[PrefillResult]) -> str:
+def markdown_report(
+    meta: dict[str, Any], ceiling: dict[str, float], decode: list[DecodeResult], prefill: list[PrefillResult]
+) -> str:
     peak = max(ceiling.values())
     lines = [f"# Paged attention kernels, {meta['device']}, {meta['date']}", "",
              f"commit `{meta['commit']}`; command `{meta['command']}`; bf16, block_size {BLOCK_SIZE}.", "",
@@ -280,20 +287,20 @@ def markdown_report(meta: dict, ceiling: dict, decode: list[DecodeResult], prefi
                      f"{100 * r.paged_single_gbps / peak:.0f} | {r.sdpa_single_us:.1f} |")
     lines += ["", "## Prefill (causal)", "", "| shape | tokens | seqs | paged TFLOP/s | SDPA flash TFLOP/s | ratio |",
               "|---|---|---|---|---|---|"]
-    for r in prefill:
-        lines.append(f"| {r.shape} | {r.tokens} | {r.num_seqs} | {r.flops / r.paged_us / 1e6:.0f} | "
-                     f"{r.flops / r.sdpa_us / 1e6:.0f} | {r.sdpa_us / r.paged_us:.2f} |")
+    for p in prefill:
+        lines.append(f"| {p.shape} | {p.tokens} | {p.num_seqs} | {p.flops / p.paged_us / 1e6:.0f} | "
+                     f"{p.flops / p.sdpa_us / 1e6:.0f} | {p.sdpa_us / p.paged_us:.2f} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(path: Path, ceiling: dict, decode: list[DecodeResult]) -> None:
+def plot(path: Path, ceiling: dict[str, float], decode: list[DecodeResult]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(SHAPES), figsize=(12, 4.5), sharey=True)
-    for axis, shape in zip(axes, SHAPES):
+    for axis, shape in zip(axes, SHAPES, strict=True):  # one axis per shape
         for batch in BATCHES:
             rows = [r for r in decode if r.shape == shape and r.batch == batch]
             axis.plot([r.context for r in rows], [r.paged_gbps for r in rows], marker="o", label=f"batch {batch}")

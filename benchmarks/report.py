@@ -65,7 +65,7 @@ def text_table(headers: Sequence[str], rows: Sequence[Row]) -> str:
     """A plain aligned table for the console."""
     cells = [list(headers)] + [[_cell(v) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=False)) for row in cells)
 
 
 def markdown_report(title: str, metadata: dict[str, str], sections: Sequence[tuple[str, str]]) -> str:

@@ -23,8 +23,8 @@ from benchmarks import report
 from benchmarks.hardware_bound import HardwareRates, Workload, bound_summary, dtype_bytes, percent_of_bound
 from benchmarks.model_shapes import SHAPES, add_model_arguments, read_shape, sampling_vocab_size, write_model_dir
 from benchmarks.random_dataset import BenchRequest, sample_random_requests
-from benchmarks.step_profile import step_profile
 from benchmarks.serving_metrics import RequestRecord, compute_metrics
+from benchmarks.step_profile import step_profile
 from pagedserve.clients.health_check import is_serving
 from pagedserve.control_plane.launch.worker_launcher import free_loopback_port
 from pagedserve.v1 import common_pb2, generation_service_pb2, generation_service_pb2_grpc
@@ -176,7 +176,9 @@ async def run_levels(address: str, model_dir: Path, args: argparse.Namespace,
 async def _server_status(address: str) -> generation_service_pb2.GetServerStatusResponse:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
-        return await stub.GetServerStatus(generation_service_pb2.GetServerStatusRequest())
+        response: generation_service_pb2.GetServerStatusResponse = await stub.GetServerStatus(
+            generation_service_pb2.GetServerStatusRequest())
+        return response
 
 
 def summary_rows(runs: Sequence[dict[str, Any]]) -> list[list[object]]:

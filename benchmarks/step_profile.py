@@ -3,6 +3,7 @@ offline engine's step records grouped by kind of step."""
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from collections.abc import Sequence
 from typing import Any
@@ -42,11 +43,11 @@ def step_kinds(records: Sequence[Any]) -> list[dict[str, Any]]:
     """Engine step records (LLM.recent_steps()) grouped into steps with prompt tokens, decode steps by batch
     size, and other steps: per group the number of steps, medians of each time (ms) and of the time since the
     previous result (the first record has none), and the sums (s) of that time, of device time and of idle."""
-    periods = [None] + [(b.received_s - a.received_s) * 1e3 for a, b in zip(records, records[1:])]
+    periods = [None] + [(b.received_s - a.received_s) * 1e3 for a, b in itertools.pairwise(records)]
     labels = ["with prompt tokens", *(label for label, _, _ in _DECODE_GROUPS), "other"]
     kinds = []
     for label in labels:
-        members = [(r, p) for r, p in zip(records, periods) if _kind(r) == label]
+        members = [(r, p) for r, p in zip(records, periods, strict=False) if _kind(r) == label]  # [None] if no records
         if not members:
             continue
         known_periods = [p for _, p in members if p is not None]

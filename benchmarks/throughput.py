@@ -16,13 +16,27 @@ from typing import Any
 import torch
 
 from benchmarks import report
-from benchmarks.hardware_bound import (HardwareRates, Workload, bound_summary, device_name, dtype_bytes,
-                                       measure_hardware, percent_of_bound)
-from benchmarks.hf_baseline import (BackendRun, HFBackend, load_model, run_generate, run_generate_batch,
-                                    save_seeded_weights)
+from benchmarks.hardware_bound import (
+    HardwareRates,
+    Workload,
+    bound_summary,
+    device_name,
+    dtype_bytes,
+    measure_hardware,
+    percent_of_bound,
+)
+from benchmarks.hf_baseline import (
+    BackendRun,
+    HFBackend,
+    load_model,
+    run_generate,
+    run_generate_batch,
+    save_seeded_weights,
+)
 from benchmarks.model_shapes import SHAPES, add_model_arguments, read_shape, sampling_vocab_size, write_model_dir
-from benchmarks.step_profile import step_kinds, step_profile
 from benchmarks.random_dataset import BenchRequest, sample_random_requests
+from benchmarks.step_profile import step_kinds, step_profile
+from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
 from pagedserve.control_plane.config import EngineConfig
 
 PAGEDSERVE = "pagedserve"
@@ -105,8 +119,8 @@ def run_pagedserve(model_dir: Path, requests: Sequence[BenchRequest], args: argp
     cache = CacheConfig(gpu_memory_utilization=args.gpu_memory_utilization,
                         num_gpu_blocks_override=args.num_gpu_blocks_override,
                         kv_cache_memory_bytes=int(args.kv_cache_memory * (1 << 30)))
-    with LLM(model_dir, dtype=args.dtype, device=device.type, load_format=load_format, seed=args.seed,
-             scheduler_config=scheduler, cache_config=cache,
+    with LLM(model_dir, dtype=DType(args.dtype), device=DeviceKind(device.type), load_format=LoadFormat(load_format),
+             seed=args.seed, scheduler_config=scheduler, cache_config=cache,
              engine_config=EngineConfig(max_steps_in_flight=args.max_steps_in_flight),
              worker_process=args.worker_process) as llm:
         warmups = sample_random_requests(2, 16, 4, 0.0, sampling_vocab_size(model_dir), args.seed - 1)
@@ -136,7 +150,7 @@ def _with_bounds(runs: Sequence[BackendRun], model_dir: Path, args: argparse.Nam
     shape = read_shape(model_dir)
     records = [run.as_dict() for run in runs]
     ours = records[0]["output_tokens_per_s"]
-    for record, run in zip(records, runs):
+    for record, run in zip(records, runs, strict=True):
         record["pagedserve_speedup"] = ours / record["output_tokens_per_s"]
         if rates is not None:
             workload = Workload(run.num_requests, args.input_len, args.output_len, run.concurrency,

@@ -3,8 +3,8 @@
 By default the worker is a child process reached over loopback gRPC, exactly as `pagedserve serve` starts its
 local workers, so the control plane's Python and the worker's each have an interpreter of their own (the engine
 plans and detokenizes step N+1 while the worker launches step N). With `worker_process=False` the worker runs on
-a thread of this process instead, its steps handed over as the same protobuf messages in memory: quicker to
-start, for small models and tests. This is the one module that joins control_plane and gpu_worker.
+a thread of this process instead, its steps handed over as the step contract's values, never encoded: quicker
+to start, for small models and tests. This is the one module that joins control_plane and gpu_worker.
 """
 
 from __future__ import annotations
@@ -18,32 +18,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Coroutine, TypeVar
 
-from pagedserve.control_plane.launch.builtin_model import BUILTIN_MODEL_NAME, write_builtin_model
+from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
+from pagedserve.contract.sampling_params import SamplingParams, validate_prompt
+from pagedserve.contract.step import StepPlan, StepResult, TokenLogprobs
+from pagedserve.contract.worker_info import CacheInfo, CacheRequest, WorkerInfo
 from pagedserve.control_plane.config import CacheConfig, EngineConfig, SchedulerConfig
-from pagedserve.control_plane.convert import step_output_from_proto, step_plan_to_proto
 from pagedserve.control_plane.engine.engine import Engine, EngineStatus, StepRecord
 from pagedserve.control_plane.engine.main import start_engine
-from pagedserve.control_plane.scheduling.request import FinishReason
-from pagedserve.control_plane.sampling_params import SamplingParams, validate_prompt
-from pagedserve.control_plane.served_model import ServedModel
-from pagedserve.control_plane.step_plan import StepOutput, StepPlan, TokenLogprobs
-from pagedserve.control_plane.text.tokenizer import Tokenizer
-from pagedserve.control_plane.engine.worker_client import (
-    CacheInfo,
-    GrpcWorkerClient,
-    WorkerConnection,
-    WorkerInfo,
-    cache_info_from_proto,
-    worker_info_from_proto,
-)
+from pagedserve.control_plane.engine.worker_client import GrpcWorkerClient, WorkerConnection
+from pagedserve.control_plane.launch.builtin_model import BUILTIN_MODEL_NAME, write_builtin_model
 from pagedserve.control_plane.launch.worker_launcher import LocalWorkers, WorkerLaunchConfig, wait_for_workers
-from pagedserve.runtime.collector import freeze_startup_objects
-from pagedserve.runtime.gil import use_short_turns
-from pagedserve.gpu_worker import convert as worker_convert
-from pagedserve.gpu_worker.config import DeviceKind, DType, LoadFormat, WorkerConfig
+from pagedserve.control_plane.scheduling.request import FinishReason
+from pagedserve.control_plane.served_model import ServedModel
+from pagedserve.control_plane.text.tokenizer import Tokenizer
+from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.step_pipeline import StepPipeline
 from pagedserve.gpu_worker.worker import LaunchedStep, Worker
-from pagedserve.v1 import worker_service_pb2
+from pagedserve.runtime.collector import freeze_startup_objects
+from pagedserve.runtime.gil import use_short_turns
 
 T = TypeVar("T")
 
@@ -67,8 +59,9 @@ class RequestOutput:
 
 
 class InProcessWorker:
-    """A Worker in this process, driven through the step protocol's messages by a StepPipeline (so steps apply
-    in order, step N+1 is planned while step N runs, and launched while step N's tokens come back)."""
+    """A Worker in this process, handed the step contract's values as they are (no encoding), through a
+    StepPipeline: steps apply in order, step N+1 is planned while step N runs, and launched while step N's
+    tokens come back."""
 
     def __init__(self, worker: Worker) -> None:
         self._worker = worker
@@ -76,20 +69,16 @@ class InProcessWorker:
         self._launched: deque[asyncio.Future[LaunchedStep]] = deque()
 
     async def get_info(self) -> WorkerInfo:
-        return worker_info_from_proto(worker_convert.worker_info_to_proto(self._worker.info()))
+        return self._worker.info()
 
-    async def init_cache(self, request: worker_service_pb2.InitCacheRequest) -> CacheInfo:
-        cache_request = worker_convert.cache_request_from_proto(request)
-        info = await self._pipeline.call(lambda: self._worker.init_cache(cache_request))
-        return cache_info_from_proto(worker_convert.cache_info_to_proto(info))
+    async def init_cache(self, request: CacheRequest) -> CacheInfo:
+        return await self._pipeline.call(lambda: self._worker.init_cache(request))
 
     async def send(self, plan: StepPlan) -> None:
-        request = step_plan_to_proto(plan)
-        self._launched.append(self._pipeline.launch(worker_convert.step_from_proto(request)))
+        self._launched.append(self._pipeline.launch(plan))
 
-    async def receive(self) -> StepOutput:
-        result = await self._pipeline.finish(await self._launched.popleft())
-        return step_output_from_proto(worker_convert.step_result_to_proto(result))
+    async def receive(self) -> StepResult:
+        return await self._pipeline.finish(await self._launched.popleft())
 
     async def close(self) -> None:
         self._pipeline.close()
@@ -107,9 +96,9 @@ class LLM:
         self,
         model: str | Path | None = None,
         *,
-        dtype: str = "auto",
-        device: str = "auto",
-        load_format: str = "auto",
+        dtype: DType | str = DType.AUTO,
+        device: DeviceKind | str = DeviceKind.AUTO,
+        load_format: LoadFormat | str = LoadFormat.AUTO,
         seed: int = 0,
         scheduler_config: SchedulerConfig | None = None,
         cache_config: CacheConfig | None = None,
@@ -125,14 +114,15 @@ class LLM:
         self._scratch = tempfile.TemporaryDirectory(prefix="pagedserve-")
         if model is None:
             model_dir = write_builtin_model(Path(self._scratch.name) / BUILTIN_MODEL_NAME)
-            model_name, load_format = BUILTIN_MODEL_NAME, "dummy"
+            model_name, load_format = BUILTIN_MODEL_NAME, LoadFormat.DUMMY
         else:
             model_dir, model_name = Path(model), Path(model).name
         self._launcher: LocalWorkers | None = None
         self._worker: WorkerConnection
         if worker_process:
             self._launcher = LocalWorkers(WorkerLaunchConfig(
-                model_dir=model_dir, dtype=dtype, device=device, load_format=load_format, seed=seed,
+                model_dir=model_dir, dtype=DType(dtype), device=DeviceKind(device), load_format=LoadFormat(load_format),
+                seed=seed,
             ))
             try:
                 self._worker = self._run(_connect(self._launcher, worker_start_timeout_s))

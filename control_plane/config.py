@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 
+from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
 from pagedserve.runtime.logs import LogFormat
 
 
@@ -113,9 +114,9 @@ class ServerConfig:
     model_dir: Path | None = None  # None: the built-in model
     worker_addresses: tuple[str, ...] = ()  # empty: start local workers
     num_workers: int = 1
-    dtype: str = "auto"
-    device: str = "auto"
-    load_format: str = "auto"
+    dtype: DType = DType.AUTO
+    device: DeviceKind = DeviceKind.AUTO
+    load_format: LoadFormat = LoadFormat.AUTO
     seed: int = 0
     metrics_port: int | None = None
     worker_start_timeout_s: float = 600.0

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+from pagedserve.contract.errors import InvalidArgumentError, PagedServeError
 
-class PagedServeError(Exception):
-    """Base of every error the control plane reports to a client."""
-
-
-class InvalidArgumentError(PagedServeError, ValueError):
-    """A prompt or sampling parameter is out of range (INVALID_ARGUMENT). The message names the field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
+__all__ = [
+    "EngineUnavailableError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "PagedServeError",
+    "ResourceExhaustedError",
+    "WorkerUnavailableError",
+]
 
 
 class ResourceExhaustedError(PagedServeError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 
@@ -45,7 +46,7 @@ class BlockTableArray:
 
     def row(self, row: int) -> list[int]:
         """The valid block ids of row."""
-        return self.table[row, : self.lengths[row]].tolist()
+        return cast("list[int]", self.table[row, : self.lengths[row]].tolist())
 
     def gather(self, rows: np.ndarray, num_columns: int) -> np.ndarray:
         """[len(rows), num_columns] int32 copy of the given rows' first columns (entries past a length are stale)."""

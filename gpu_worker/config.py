@@ -2,60 +2,10 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-
-class DType(enum.Enum):
-    """Weight and KV-cache dtype; AUTO takes the model's config.json dtype."""
-
-    AUTO = "auto"
-    FLOAT32 = "float32"
-    BFLOAT16 = "bfloat16"
-    FLOAT16 = "float16"
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        if self is DType.AUTO:
-            raise ValueError("DType.AUTO has no torch dtype until resolved against a model config")
-        return _TORCH_DTYPES[self]
-
-    @classmethod
-    def from_torch(cls, dtype: torch.dtype) -> DType:
-        for member, value in _TORCH_DTYPES.items():
-            if value == dtype:
-                return member
-        raise ValueError(f"unsupported dtype {dtype}")
-
-
-_TORCH_DTYPES = {DType.FLOAT32: torch.float32, DType.BFLOAT16: torch.bfloat16, DType.FLOAT16: torch.float16}
-
-
-class DeviceKind(enum.Enum):
-    """Where the model runs; AUTO picks CUDA when a GPU is visible."""
-
-    AUTO = "auto"
-    CPU = "cpu"
-    CUDA = "cuda"
-
-    def resolve(self) -> torch.device:
-        """The concrete torch device (CUDA device 0 for AUTO/CUDA on a GPU host)."""
-        if self is DeviceKind.CPU or (self is DeviceKind.AUTO and not torch.cuda.is_available()):
-            return torch.device("cpu")
-        if not torch.cuda.is_available():
-            raise ValueError("device cuda was asked for but no CUDA device is visible")
-        return torch.device("cuda", torch.cuda.current_device())
-
-
-class LoadFormat(enum.Enum):
-    """How weights are obtained: safetensors files, or seeded random weights of the right shapes."""
-
-    AUTO = "auto"
-    SAFETENSORS = "safetensors"
-    DUMMY = "dummy"
+from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
 
 
 @dataclass(frozen=True, slots=True)

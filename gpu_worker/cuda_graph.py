@@ -76,7 +76,7 @@ class CudaGraphRunner:
         self.num_replays = 0
 
     @torch.inference_mode()
-    def capture(self, pool: tuple[int, int]) -> None:
+    def capture(self, pool: torch.cuda._POOL_HANDLE) -> None:
         """Captures one graph per size, largest first, in pool (shared with other graphs that never run at the
         same time)."""
         # Capture inputs: each row a one-token sequence at position 0 reading block 0, writing nothing.

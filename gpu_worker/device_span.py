@@ -33,7 +33,7 @@ class DeviceSpan:
     def duration_ms(self) -> float:
         """Busy time of the step; on a GPU only once its work has finished (see wait())."""
         if self._events is not None:
-            return self._events[0].elapsed_time(self._events[1])
+            return float(self._events[0].elapsed_time(self._events[1]))  # elapsed_time is unannotated in torch
         return (self._end_s - self._start_s) * 1e3
 
     def idle_ms_since(self, previous: DeviceSpan | None) -> float:
@@ -41,5 +41,5 @@ class DeviceSpan:
         if previous is None:
             return 0.0
         if self._events is not None and previous._events is not None:
-            return max(previous._events[1].elapsed_time(self._events[0]), 0.0)
+            return max(float(previous._events[1].elapsed_time(self._events[0])), 0.0)
         return max((self._start_s - previous._end_s) * 1e3, 0.0)

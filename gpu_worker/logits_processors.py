@@ -1,11 +1,13 @@
-"""In-place logits transforms of the sampler: bans, penalties, top-k/top-p and min-p filtering."""
+"""In-place logits transforms of the sampler: bans, logit biases, penalties, top-k/top-p and min-p filtering."""
 
 from __future__ import annotations
 
 import array
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
+
+from pagedserve.gpu_worker.host_transfer import to_device
 
 
 def token_id_tensor(token_ids: Sequence[int], vocab_size: int) -> torch.Tensor:
@@ -56,6 +58,16 @@ def apply_bans(logits: torch.Tensor, banned_token_ids: Sequence[Sequence[int]]) 
     """
     positions = flat_token_positions(banned_token_ids, logits.shape[1], logits.device)
     logits.view(-1).index_fill_(0, positions, float("-inf"))
+
+
+def apply_logit_bias(logits: torch.Tensor, biases: Sequence[Mapping[int, float]]) -> None:
+    """Adds `biases[r][t]` to `logits[r, t]` for every listed token t.
+
+    logits: [rows, vocab] float, contiguous (written in place); one mapping per row, empty for no bias.
+    """
+    positions = flat_token_positions([tuple(bias) for bias in biases], logits.shape[1], logits.device)
+    values = torch.tensor([v for bias in biases for v in bias.values()], dtype=logits.dtype)
+    logits.view(-1).index_add_(0, positions, to_device(values, logits.device))
 
 
 def apply_penalties(

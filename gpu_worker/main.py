@@ -9,7 +9,8 @@ from pathlib import Path
 
 import structlog
 
-from pagedserve.gpu_worker.config import DeviceKind, DType, LoadFormat, WorkerConfig
+from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
+from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.service import start_server
 from pagedserve.gpu_worker.worker import Worker
 from pagedserve.runtime.collector import freeze_startup_objects

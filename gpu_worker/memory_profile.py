@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.gpu_worker.block_tables import BlockTableArray
 from pagedserve.gpu_worker.errors import InvalidCacheRequestError
 from pagedserve.gpu_worker.kv_pool import KVLayout
 from pagedserve.gpu_worker.model_runner import build_batch
 from pagedserve.gpu_worker.models.decoder import DecoderForCausalLM
-from pagedserve.gpu_worker.sampler import SamplingOptions
 from pagedserve.gpu_worker.sequence_state import ScheduledWork, SequenceState
 
 ALLOCATION_PAGE_BYTES = 2 << 20  # torch's caching allocator rounds large segments up to 2 MiB
@@ -26,7 +26,7 @@ def _profiling_work(
         count = base + (1 if seq_id < extra else 0)
         num_blocks = -(-count // block_size)
         table = list(range(next_block, next_block + num_blocks))
-        state = SequenceState(seq_id, [0] * count, [], SamplingOptions(), tables.add(table), num_computed_tokens=0)
+        state = SequenceState(seq_id, [0] * count, [], SamplingParams(), (), tables.add(table), num_computed_tokens=0)
         work.append(ScheduledWork.of(state, count))
         next_block += num_blocks
     return work, next_block

@@ -8,14 +8,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from pagedserve.contract.step import SequenceOutput, TokenLogprobs
 from pagedserve.gpu_worker.block_tables import BlockTableArray
 from pagedserve.gpu_worker.host_transfer import to_device
 from pagedserve.gpu_worker.kv_pool import KVPool
 from pagedserve.gpu_worker.models.decoder import DecoderForCausalLM
 from pagedserve.gpu_worker.models.layers import AttentionMetadata
-from pagedserve.gpu_worker.sampler import PendingSample, SampleResult, Sampler, SamplingRow, TokenLogprobs
+from pagedserve.gpu_worker.sampler import PendingSample, Sampler, SampleResult, SamplingRow
 from pagedserve.gpu_worker.sequence_state import PENDING_TOKEN, ScheduledWork
-from pagedserve.gpu_worker.step import SequenceResult
 
 if TYPE_CHECKING:
     from pagedserve.gpu_worker.cuda_graph import CudaGraphRunner
@@ -115,18 +115,18 @@ class LaunchedRun:
     prompt_logprobs: list[tuple[TokenLogprobs, ...]]  # per work item
     sample: PendingSample | None  # None when nothing samples
 
-    def results(self, sample: SampleResult | None) -> list[SequenceResult]:
+    def results(self, sample: SampleResult | None) -> list[SequenceOutput]:
         """One result per work item in order, each sampling item followed by its newly forked siblings."""
         sampled = iter(zip(sample.token_ids, sample.logprobs, strict=True)) if sample is not None else iter(())
         results = []
         for item, seq_ids, prompt_logprobs in zip(self.work, self.sampled_seq_ids, self.prompt_logprobs, strict=True):
             if not seq_ids:
-                results.append(SequenceResult(item.state.seq_id, None, None, prompt_logprobs))
+                results.append(SequenceOutput(item.state.seq_id, None, None, prompt_logprobs))
                 continue
             token, logprobs = next(sampled)
-            results.append(SequenceResult(seq_ids[0], token, logprobs, prompt_logprobs))
+            results.append(SequenceOutput(seq_ids[0], token, logprobs, prompt_logprobs))
             for sibling in seq_ids[1:]:
-                results.append(SequenceResult(sibling, *next(sampled)))
+                results.append(SequenceOutput(sibling, *next(sampled)))
         return results
 
 
@@ -151,7 +151,8 @@ class ModelRunner:
     def launch(self, work: list[ScheduledWork]) -> LaunchedRun:
         """Queues the forward pass and the sampling; the host reads the sequences' state only during this call."""
         sampled_seq_ids = [
-            (state.seq_id, *state.fork_seq_ids) if is_sampling else () for state, _, _, is_sampling in work
+            (state.seq_id, *(fork.seq_id for fork in state.forks)) if is_sampling else ()
+            for state, _, _, is_sampling in work
         ]
         batch = build_batch(work, self.tables, self.pool.block_size, self.pool.device, self._last_tokens)
         if batch.num_tokens == 0:
@@ -165,7 +166,7 @@ class ModelRunner:
         sample = self._start_sampling(work, batch, hidden)
         prompt_logprobs = [
             self._prompt_logprobs(item, int(batch.query_start_loc[index]), hidden)
-            if item.state.options.prompt_logprobs is not None else ()
+            if item.state.sampling_params.prompt_logprobs is not None else ()
             for index, item in enumerate(work)
         ]
         return LaunchedRun(work, sampled_seq_ids, prompt_logprobs, sample)
@@ -181,7 +182,9 @@ class ModelRunner:
         index = to_device(torch.tensor(table_rows, dtype=torch.int64), self._last_tokens.device)
         self._last_tokens[index] = run.sample.tokens
 
-    def _start_sampling(self, work: list[ScheduledWork], batch: FlatBatch, hidden: torch.Tensor) -> PendingSample | None:
+    def _start_sampling(
+        self, work: list[ScheduledWork], batch: FlatBatch, hidden: torch.Tensor
+    ) -> PendingSample | None:
         """Queues one token per sampling sequence (and per pending sibling, from the same logits row)."""
         hidden_rows: list[int] = []
         rows: list[SamplingRow] = []
@@ -189,8 +192,11 @@ class ModelRunner:
         for (state, _, _, is_sampling), last_row in zip(work, last_rows, strict=True):
             if not is_sampling:
                 continue
-            for sample_index in (state.sample_index, *state.sibling_sample_indices):
-                rows.append(SamplingRow(state.options, state.prompt_token_ids, state.output_token_ids, sample_index))
+            for sample_index in (state.sample_index, *(fork.sample_index for fork in state.forks)):
+                rows.append(SamplingRow(
+                    state.sampling_params, state.banned_token_ids, state.prompt_token_ids, state.output_token_ids,
+                    sample_index,
+                ))
                 hidden_rows.append(last_row)
         if not rows:
             return None
@@ -206,7 +212,7 @@ class ModelRunner:
         Position p predicts prompt token p + 1, so positions [start, min(end, num_prompt - 1)) count.
         """
         state = item.state
-        k = state.options.prompt_logprobs
+        k = state.sampling_params.prompt_logprobs
         start = state.num_computed_tokens
         stop = min(item.end, len(state.prompt_token_ids) - 1)
         if k is None or stop <= start:

@@ -59,7 +59,7 @@ class PiecewiseGraphRunner:
         self.num_replays = 0
 
     @torch.inference_mode()
-    def capture(self, pool: tuple[int, int]) -> None:
+    def capture(self, pool: torch.cuda._POOL_HANDLE) -> None:
         """Captures every size's pieces, largest first, in pool (shared with other graphs that never run at the
         same time)."""
         started = time.perf_counter()

@@ -2,85 +2,35 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 
+from pagedserve.contract.sampling_params import SamplingParams
+from pagedserve.contract.step import TokenLogprobs
 from pagedserve.gpu_worker.host_transfer import DeviceToHost, to_device
 from pagedserve.gpu_worker.logits_processors import (
     apply_bans,
+    apply_logit_bias,
     apply_min_p,
     apply_penalties,
     apply_top_k_top_p,
     token_id_tensor,
 )
 
-# Below this temperature a row is greedy: dividing logits by it would overflow float32.
-_GREEDY_TEMPERATURE = 1e-5
 _MASK_64 = (1 << 64) - 1
 
 
-@dataclass(frozen=True, slots=True)
-class SamplingOptions:
-    """One sequence's sampling parameters; mirrors proto pagedserve.v1.SequenceSampling."""
-
-    temperature: float = 1.0  # < 1e-5: greedy
-    top_p: float = 1.0  # in (0, 1]
-    top_k: int = 0  # 0 or -1: no limit
-    min_p: float = 0.0  # in [0, 1]
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0  # > 0; 1: off
-    seed: int | None = None  # None: the sampler's shared generator
-    min_tokens: int = 0  # banned_token_ids cannot be sampled while fewer output tokens exist
-    banned_token_ids: tuple[int, ...] = ()
-    logprobs: int | None = None  # top log-probabilities per sampled token; 0: the chosen one only
-    prompt_logprobs: int | None = None
-
-    def __post_init__(self) -> None:
-        checks = (
-            (self.temperature >= 0.0, "temperature", "must be >= 0"),
-            (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
-            (self.top_k >= -1, "top_k", "must be >= -1"),
-            (0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]"),
-            (self.repetition_penalty > 0.0, "repetition_penalty", "must be > 0"),
-            (self.min_tokens >= 0, "min_tokens", "must be >= 0"),
-            (self.logprobs is None or self.logprobs >= 0, "logprobs", "must be >= 0"),
-            (self.prompt_logprobs is None or self.prompt_logprobs >= 0, "prompt_logprobs", "must be >= 0"),
-        )
-        for is_valid, name, rule in checks:
-            if not is_valid:
-                raise ValueError(f"{name} {rule}, got {getattr(self, name)}")
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature < _GREEDY_TEMPERATURE
-
-    @property
-    def has_penalties(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
-
-
 class SamplingRow(NamedTuple):
-    """One row of a sampling batch: a sequence's options and its tokens so far."""
+    """One row of a sampling batch: a sequence's parameters, the tokens it may not sample yet, its tokens so far."""
 
-    options: SamplingOptions
+    params: SamplingParams
+    banned_token_ids: tuple[int, ...]  # unsampleable while fewer than params.min_tokens outputs exist
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]  # tokens generated so far
     sample_index: int = 0  # sibling index for n > 1
-
-
-@dataclass(frozen=True, slots=True)
-class TokenLogprobs:
-    """Log-probability of one token under the raw logits, its rank (1 = best) and the top alternatives."""
-
-    token_id: int
-    logprob: float
-    rank: int  # 1 + number of tokens with a strictly greater logprob
-    top_token_ids: tuple[int, ...]  # best first
-    top_logprobs: tuple[float, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +84,8 @@ class _BatchPlan:
     params: list[tuple[float, float, float, float, float]] = field(default_factory=list)
     banned: list[Sequence[int]] = field(default_factory=list)
     has_bans: bool = False
+    biases: list[Mapping[int, float]] = field(default_factory=list)
+    has_biases: bool = False
     num_greedy: int = 0
     has_top_k_top_p: bool = False
     max_top_k: int = 1  # over the rows that sample
@@ -149,17 +101,19 @@ class _BatchPlan:
     @property
     def is_plain_greedy(self) -> bool:
         """Every row is an argmax of its unmodified logits."""
-        return not (self.num_random or self.has_bans or self.penalty_rows or self.logprob_rows)
+        return not (self.num_random or self.has_bans or self.has_biases or self.penalty_rows or self.logprob_rows)
 
 
 def _plan(rows: Sequence[SamplingRow], vocab_size: int) -> _BatchPlan:
     plan = _BatchPlan()
     for index, row in enumerate(rows):
-        options = row.options
+        options = row.params
         num_output = len(row.output_token_ids)
-        is_banning = num_output < options.min_tokens and bool(options.banned_token_ids)
-        plan.banned.append(options.banned_token_ids if is_banning else ())
+        is_banning = num_output < options.min_tokens and bool(row.banned_token_ids)
+        plan.banned.append(row.banned_token_ids if is_banning else ())
         plan.has_bans |= is_banning
+        plan.biases.append(options.logit_bias)
+        plan.has_biases |= bool(options.logit_bias)
         if options.has_penalties:
             plan.penalty_rows.append(index)
         if options.logprobs is not None:
@@ -228,12 +182,15 @@ class Sampler:
             )
 
     def _processed(self, logits: torch.Tensor, rows: Sequence[SamplingRow], plan: _BatchPlan) -> torch.Tensor:
-        """The logits after bans and penalties: a copy when either applies, else `logits` itself."""
-        if not (plan.has_bans or plan.penalty_rows):
+        """The logits after bans, logit biases and penalties (vLLM's order): a copy when one applies, else `logits`
+        itself."""
+        if not (plan.has_bans or plan.has_biases or plan.penalty_rows):
             return logits
-        work = logits.clone(memory_format=torch.contiguous_format)  # apply_bans needs a flat view
+        work = logits.clone(memory_format=torch.contiguous_format)  # bans and biases write through a flat view
         if plan.has_bans:
             apply_bans(work, plan.banned)
+        if plan.has_biases:
+            apply_logit_bias(work, plan.biases)
         if plan.penalty_rows:
             is_whole_batch = len(plan.penalty_rows) == len(rows)
             index = None if is_whole_batch else torch.tensor(plan.penalty_rows, device=logits.device)
@@ -282,7 +239,7 @@ class Sampler:
         index = None if is_whole_batch else to_device(torch.tensor(plan.logprob_rows), logits.device)
         raw = logits if index is None else logits[index]
         chosen = tokens if index is None else tokens[index]
-        ks = [min(rows[i].options.logprobs or 0, self._vocab_size) for i in plan.logprob_rows]
+        ks = [min(rows[i].params.logprobs or 0, self._vocab_size) for i in plan.logprob_rows]
         table = _logprob_table(raw.log_softmax(dim=-1), chosen, max(ks))
         packed = torch.cat([tokens.double(), table.flatten()])
         return PendingSample(tokens, packed, list(zip(plan.logprob_rows, ks, strict=True)))
@@ -290,11 +247,11 @@ class Sampler:
 
 def _penalise(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     """Applies each row's penalties to its logits row in place; logits: [len(rows), vocab]."""
-    options = [row.options for row in rows]
+    options = [row.params for row in rows]
     apply_penalties(
         logits,
         # The prompt only matters to the repetition penalty; skipping it saves the longest transfer.
-        [row.prompt_token_ids if o.repetition_penalty != 1.0 else () for row, o in zip(rows, options)],
+        [row.prompt_token_ids if o.repetition_penalty != 1.0 else () for row, o in zip(rows, options, strict=True)],
         [row.output_token_ids for row in rows],
         [o.repetition_penalty for o in options],
         [o.frequency_penalty for o in options],

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from pagedserve.contract.sampling_params import SamplingParams
+from pagedserve.contract.step import Fork, NewSequence, ScheduledSequence, StepPlan
 from pagedserve.gpu_worker.block_tables import BlockTableArray
 from pagedserve.gpu_worker.errors import InvalidStepError
-from pagedserve.gpu_worker.sampler import SamplingOptions
-from pagedserve.gpu_worker.step import NewSequence, ScheduledSequence, StepRequest
 
 # An output token sampled by a step whose results have not reached the host yet. It is always the
 # sequence's last token and its only uncomputed one, so a step that computes it reads it on the device
@@ -31,11 +31,12 @@ class SequenceState:
     seq_id: int
     prompt_token_ids: list[int]
     output_token_ids: list[int]
-    options: SamplingOptions
+    sampling_params: SamplingParams
+    banned_token_ids: tuple[int, ...]
     table_row: int
     num_computed_tokens: int
     sample_index: int = 0
-    fork_seq_ids: tuple[int, ...] = ()  # siblings still to be forked at the first sample
+    forks: tuple[Fork, ...] = ()  # siblings still to be forked at the first sample
 
     @property
     def num_tokens(self) -> int:
@@ -53,18 +54,15 @@ class SequenceState:
     def token_id(self, position: int) -> int:
         """The known token at position."""
         num_prompt = len(self.prompt_token_ids)
-        return self.prompt_token_ids[position] if position < num_prompt else self.output_token_ids[position - num_prompt]
-
-    @property
-    def sibling_sample_indices(self) -> tuple[int, ...]:
-        """Sample index of each pending sibling: its place among the n completions (the parent is 0)."""
-        return tuple(range(1, len(self.fork_seq_ids) + 1))
+        if position < num_prompt:
+            return self.prompt_token_ids[position]
+        return self.output_token_ids[position - num_prompt]
 
     def fork(self, seq_id: int, sample_index: int, table_row: int) -> SequenceState:
         """A sibling sharing this state so far, with its own outputs and table row (a copy of this one's)."""
         return SequenceState(
-            seq_id, self.prompt_token_ids, list(self.output_token_ids), self.options, table_row,
-            self.num_computed_tokens, sample_index,
+            seq_id, self.prompt_token_ids, list(self.output_token_ids), self.sampling_params, self.banned_token_ids,
+            table_row, self.num_computed_tokens, sample_index,
         )
 
 
@@ -105,7 +103,7 @@ class SequenceRegistry:
     def block_table(self, seq_id: int) -> list[int]:
         return self.tables.row(self.states[seq_id].table_row)
 
-    def validate(self, step: StepRequest) -> None:
+    def validate(self, step: StepPlan) -> None:
         """Raises InvalidStepError naming the first bad value; the registry is left untouched."""
         _check_blocks("swap_out", step.swap_out, self.num_gpu_blocks, self.num_cpu_blocks)
         _check_blocks("swap_in", step.swap_in, self.num_cpu_blocks, self.num_gpu_blocks)
@@ -131,21 +129,22 @@ class SequenceRegistry:
             scheduled_ids.add(scheduled.seq_id)
             self._check_scheduled(scheduled, state)
 
-    def apply(self, step: StepRequest) -> list[ScheduledWork]:
+    def apply(self, step: StepPlan) -> list[ScheduledWork]:
         """Drops, adds and updates sequences as the (validated) step says; returns the work in step order."""
         for seq_id in step.dropped_seq_ids:
             self.tables.free(self.states.pop(seq_id).table_row)
         work = []
         for new in step.new_sequences:
             state = SequenceState(
-                new.seq_id, list(new.prompt_token_ids), list(new.output_token_ids), new.options,
-                self.tables.add(new.block_ids), new.num_computed_tokens, new.sample_index, new.fork_seq_ids,
+                new.seq_id, list(new.prompt_token_ids), list(new.output_token_ids), new.sampling_params,
+                new.banned_token_ids, self.tables.add(new.block_ids), new.num_computed_tokens, new.sample_index,
+                new.forks,
             )
             self.states[new.seq_id] = state
             work.append(ScheduledWork.of(state, new.num_scheduled_tokens))
         for scheduled in step.scheduled_sequences:
             state = self.states[scheduled.seq_id]
-            for update in scheduled.table_updates:
+            for update in scheduled.block_table_updates:
                 self.tables.update(state.table_row, update.start_index, update.block_ids)
             work.append(ScheduledWork.of(state, scheduled.num_scheduled_tokens))
         return work
@@ -161,7 +160,7 @@ class SequenceRegistry:
             outputs = state.output_token_ids
             outputs.append(PENDING_TOKEN)
             pending.append(PendingToken(state, len(outputs) - 1))
-            if state.fork_seq_ids:
+            if state.forks:
                 pending.extend(self._fork_at_first_sample(state))
         return pending
 
@@ -169,11 +168,11 @@ class SequenceRegistry:
         """The siblings of state, forked after its pending token was appended. A first sample has no pending
         token before it, so each sibling copies known outputs plus that last placeholder, which becomes its own."""
         pending = []
-        for sibling_id, sample_index in zip(state.fork_seq_ids, state.sibling_sample_indices, strict=True):
+        for sibling_id, sample_index in state.forks:
             sibling = state.fork(sibling_id, sample_index, self.tables.copy_row(state.table_row))
             self.states[sibling_id] = sibling
             pending.append(PendingToken(sibling, len(sibling.output_token_ids) - 1))
-        state.fork_seq_ids = ()
+        state.forks = ()
         return pending
 
     @staticmethod
@@ -192,7 +191,7 @@ class SequenceRegistry:
     def _check_scheduled(self, scheduled: ScheduledSequence, state: SequenceState) -> None:
         self._check_range(scheduled.seq_id, state.num_computed_tokens, scheduled.num_scheduled_tokens, state.num_tokens)
         table_length = int(self.tables.lengths[state.table_row])
-        for update in scheduled.table_updates:
+        for update in scheduled.block_table_updates:
             if update.start_index > table_length:
                 raise InvalidStepError(
                     f"sequence {scheduled.seq_id}: table update at {update.start_index} leaves a gap "

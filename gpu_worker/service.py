@@ -12,8 +12,8 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from pagedserve.runtime.channel_options import INTERNAL_CHANNEL_OPTIONS
-from pagedserve.gpu_worker import convert
+from pagedserve.contract import codec
+from pagedserve.contract.errors import InvalidArgumentError
 from pagedserve.gpu_worker.errors import (
     CacheNotInitializedError,
     InvalidCacheRequestError,
@@ -22,6 +22,7 @@ from pagedserve.gpu_worker.errors import (
 )
 from pagedserve.gpu_worker.step_pipeline import StepPipeline
 from pagedserve.gpu_worker.worker import LaunchedStep, Worker
+from pagedserve.runtime.channel_options import INTERNAL_CHANNEL_OPTIONS
 from pagedserve.v1 import worker_service_pb2, worker_service_pb2_grpc
 
 log = structlog.get_logger()
@@ -56,6 +57,8 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             await self._fail(context, error)
 
     async def _fail(self, context: grpc.aio.ServicerContext, error: BaseException) -> NoReturn:
+        if isinstance(error, InvalidArgumentError):
+            error = InvalidStepError(str(error))
         if isinstance(error, WorkerError):
             code = _STATUS_CODES.get(type(error), grpc.StatusCode.INTERNAL)
             log.warning("worker_request_rejected", code=code.name, reason=str(error))
@@ -67,17 +70,17 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
     async def GetWorkerInfo(
         self, request: worker_service_pb2.GetWorkerInfoRequest, context: grpc.aio.ServicerContext
     ) -> worker_service_pb2.GetWorkerInfoResponse:
-        return convert.worker_info_to_proto(self._worker.info())
+        return codec.worker_info_to_proto(self._worker.info())
 
     async def InitCache(
         self, request: worker_service_pb2.InitCacheRequest, context: grpc.aio.ServicerContext
     ) -> worker_service_pb2.InitCacheResponse:
         try:
-            cache_request = convert.cache_request_from_proto(request)
-        except WorkerError as error:
-            await self._fail(context, error)
+            cache_request = codec.cache_request_from_proto(request)
+        except InvalidArgumentError as error:
+            await self._fail(context, InvalidCacheRequestError(str(error)))
         info = await self._call(context, self._pipeline.call(lambda: self._worker.init_cache(cache_request)))
-        return convert.cache_info_to_proto(info)
+        return codec.cache_info_to_proto(info)
 
     async def Execute(
         self, request_iterator: AsyncIterator[worker_service_pb2.ExecuteRequest], context: grpc.aio.ServicerContext
@@ -89,9 +92,9 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 if isinstance(item, BaseException):
                     await self._fail(context, item)
                 result = await self._call(context, self._pipeline.finish(item))
-                log.debug("step_executed", step=result.step_id, num_outputs=len(result.results),
+                log.debug("step_executed", step=result.step_id, num_outputs=len(result.outputs),
                           step_time_ms=result.step_time_ms)
-                yield convert.step_result_to_proto(result)
+                yield codec.step_result_to_proto(result)
         finally:
             launcher.cancel()
 
@@ -106,7 +109,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             async for request in request_iterator:
                 if not self._worker.is_cache_initialized:
                     raise CacheNotInitializedError("InitCache must run before Execute")
-                await launched.put(await self._pipeline.launch(convert.step_from_proto(request)))
+                await launched.put(await self._pipeline.launch(codec.step_plan_from_proto(request)))
         except Exception as error:  # noqa: BLE001 - handed to the reply loop, which maps it to a status
             await launched.put(error)
             return

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from pagedserve.gpu_worker.step import StepRequest, StepResult
+from pagedserve.contract.step import StepPlan, StepResult
 from pagedserve.gpu_worker.worker import LaunchedStep, Worker
 
 T = TypeVar("T")
@@ -29,7 +29,7 @@ class StepPipeline:
         """Runs function on the step thread, after every call and launch submitted before it."""
         return asyncio.get_running_loop().run_in_executor(self._step_thread, function)
 
-    def launch(self, step: StepRequest) -> asyncio.Future[LaunchedStep]:
+    def launch(self, step: StepPlan) -> asyncio.Future[LaunchedStep]:
         """Submits the step's launch now (so launches keep call order); InvalidStepError comes out of the future."""
         return self.call(lambda: self.worker.launch(step))
 

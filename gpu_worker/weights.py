@@ -11,7 +11,8 @@ import structlog
 import torch
 from safetensors import safe_open
 
-from pagedserve.gpu_worker.config import DType, LoadFormat
+from pagedserve.contract.model_format import DType, LoadFormat
+from pagedserve.gpu_worker import devices
 from pagedserve.gpu_worker.errors import ModelLoadError
 from pagedserve.gpu_worker.models.decoder import DecoderForCausalLM
 from pagedserve.gpu_worker.models.model_config import ModelConfig
@@ -46,11 +47,11 @@ def read_model_config(model_dir: Path) -> ModelConfig:
 def resolve_dtype(dtype: DType, config: ModelConfig) -> torch.dtype:
     """The dtype asked for, or for AUTO the config's dtype (float32 when it names none)."""
     if dtype is not DType.AUTO:
-        return dtype.torch_dtype
+        return devices.torch_dtype(dtype)
     if config.config_dtype is None:
         return torch.float32
     try:
-        return DType(config.config_dtype).torch_dtype
+        return devices.torch_dtype(DType(config.config_dtype))
     except ValueError:
         raise ModelLoadError(f"unsupported config dtype {config.config_dtype!r}") from None
 

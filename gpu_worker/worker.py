@@ -10,17 +10,19 @@ from dataclasses import dataclass
 import structlog
 import torch
 
-from pagedserve.gpu_worker.config import DType, WorkerConfig
+from pagedserve.contract.step import StepPlan, StepResult
+from pagedserve.contract.worker_info import CacheInfo, CacheRequest, WorkerInfo
+from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.cuda_graph import CudaGraphRunner
 from pagedserve.gpu_worker.device_span import DeviceSpan
+from pagedserve.gpu_worker.devices import dtype_from_torch, resolve_device
 from pagedserve.gpu_worker.errors import CacheNotInitializedError, InvalidCacheRequestError
 from pagedserve.gpu_worker.kv_pool import KVLayout, KVPool
 from pagedserve.gpu_worker.memory_profile import gpu_blocks_for_budget, profile_peak_activation_bytes
 from pagedserve.gpu_worker.model_runner import LaunchedRun, ModelRunner
 from pagedserve.gpu_worker.piecewise_graph import MAX_PIECEWISE_TOKENS, PiecewiseGraphRunner
-from pagedserve.gpu_worker.sampler import SampleResult, Sampler
+from pagedserve.gpu_worker.sampler import Sampler, SampleResult
 from pagedserve.gpu_worker.sequence_state import PendingToken, ScheduledWork, SequenceRegistry
-from pagedserve.gpu_worker.step import CacheInfo, CacheRequest, StepRequest, StepResult, WorkerInfo
 from pagedserve.gpu_worker.weights import LoadedModel, load_model
 from pagedserve.kernels.ops import KernelOps, get_kernel_ops
 
@@ -73,7 +75,7 @@ class Worker:
     @classmethod
     def load(cls, config: WorkerConfig) -> Worker:
         """Resolves the device, picks its attention ops and loads the model's weights."""
-        device = config.device.resolve()
+        device = resolve_device(config.device)
         ops = get_kernel_ops(device)
         loaded = load_model(config.model_dir, config.dtype, device, config.load_format, config.seed, ops)
         return cls(config, loaded, device, ops)
@@ -108,7 +110,7 @@ class Worker:
             worker_id=self.config.worker_id,
             model=self.loaded.name,
             architecture=model_config.architecture.value,
-            dtype=DType.from_torch(self.loaded.dtype).value,
+            dtype=dtype_from_torch(self.loaded.dtype).value,
             device=str(self.device),
             vocab_size=model_config.vocab_size,
             max_position_embeddings=model_config.max_position_embeddings,
@@ -138,11 +140,11 @@ class Worker:
                  block_size=layout.block_size, peak_activation_bytes=peak_bytes)
         return CacheInfo(num_gpu_blocks, num_cpu_blocks, peak_bytes)
 
-    def execute(self, step: StepRequest) -> StepResult:
+    def execute(self, step: StepPlan) -> StepResult:
         """Launches the step and waits for its result (for callers that keep one step in flight)."""
         return self.finish(self.launch(step))
 
-    def launch(self, step: StepRequest) -> LaunchedStep:
+    def launch(self, step: StepPlan) -> LaunchedStep:
         """Validates the whole step, then applies it: drop, swap out, swap in, copy, add, update, and queues its
         forward pass and sampling on the device. Raises InvalidStepError before changing anything."""
         started = time.perf_counter()
@@ -257,4 +259,4 @@ class Worker:
 
 def _reads_token_history(work: list[ScheduledWork]) -> bool:
     """Whether sampling this step reads earlier output tokens' values on the host (penalties do)."""
-    return any(item.is_sampling and item.state.options.has_penalties for item in work)
+    return any(item.is_sampling and item.state.sampling_params.has_penalties for item in work)

@@ -7,6 +7,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cupy
 import torch
@@ -73,7 +74,7 @@ class ModuleCache:
         kernel: CompiledKernel,
         grid: tuple[int, int, int],
         block: tuple[int, int, int],
-        args: Sequence[ctypes._SimpleCData],
+        args: Sequence[ctypes._SimpleCData[Any] | ctypes.Structure],
         shared_bytes: int = 0,
     ) -> None:
         """Launch on torch's current stream of this device; nothing is copied or synchronised."""

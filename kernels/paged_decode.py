@@ -259,6 +259,6 @@ class PagedDecode:
         if not layout.tma_staged:
             return NO_TENSOR_MAP, NO_TENSOR_MAP
         num_blocks, num_kv_heads, block_size, head_dim = key_cache.shape
-        box_rows = min(layout.tile, block_size)
-        return tuple(rows_tensor_map(cache.data_ptr(), num_blocks * num_kv_heads * block_size, head_dim, box_rows)
-                     for cache in (key_cache, value_cache))
+        num_rows, box_rows = num_blocks * num_kv_heads * block_size, min(layout.tile, block_size)
+        return (rows_tensor_map(key_cache.data_ptr(), num_rows, head_dim, box_rows),
+                rows_tensor_map(value_cache.data_ptr(), num_rows, head_dim, box_rows))

@@ -19,7 +19,10 @@ def _compose() -> dict:
 
 def test_compose_file_validates_against_the_compose_spec() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(ROOT / "compose.yaml")],
+        [
+            sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
+            str(ROOT / "compose.yaml"),
+        ],
         capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr

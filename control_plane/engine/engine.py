@@ -12,15 +12,15 @@ from typing import NamedTuple, Protocol
 
 import structlog
 
-from pagedserve.control_plane.text.completion import CompletionChunk, CompletionStream
+from pagedserve.contract.sampling_params import SamplingParams
+from pagedserve.contract.step import StepPlan, StepResult
 from pagedserve.control_plane.config import EngineConfig
+from pagedserve.control_plane.engine.metrics import EngineMetrics
 from pagedserve.control_plane.errors import NotFoundError, PagedServeError, WorkerUnavailableError
 from pagedserve.control_plane.relay.item_channel import ItemChannel
-from pagedserve.control_plane.engine.metrics import EngineMetrics
 from pagedserve.control_plane.scheduling.request import FinishReason, Request, SequenceDelta
-from pagedserve.control_plane.sampling_params import SamplingParams
 from pagedserve.control_plane.scheduling.scheduler import Scheduler, SchedulerStats
-from pagedserve.control_plane.step_plan import StepOutput, StepPlan
+from pagedserve.control_plane.text.completion import CompletionChunk, CompletionStream
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 
 log = structlog.get_logger()
@@ -31,7 +31,7 @@ class StepTransport(Protocol):
 
     async def send(self, plan: StepPlan) -> None: ...
 
-    async def receive(self) -> StepOutput: ...
+    async def receive(self) -> StepResult: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +131,7 @@ class _StepTimes:
     worker_forward_s: float = 0.0
     worker_idle_s: float = 0.0
 
-    def add_output(self, output: StepOutput, counts_idle: bool) -> None:
+    def add_output(self, output: StepResult, counts_idle: bool) -> None:
         """counts_idle: the device's wait before this step was the pipeline's (not a wait for requests)."""
         self.worker_step_s += output.step_time_ms / 1e3
         self.worker_forward_s += output.forward_time_ms / 1e3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import enum
 import os
 import tempfile
 from collections.abc import Sequence
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import structlog
 
+from pagedserve.contract.worker_info import CacheRequest
+from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
 from pagedserve.control_plane.launch.builtin_model import BUILTIN_MODEL_NAME, write_builtin_model
 from pagedserve.control_plane.config import (
     CacheConfig,
@@ -34,7 +37,6 @@ from pagedserve.control_plane.launch.worker_launcher import LocalWorkers, Worker
 from pagedserve.runtime.collector import freeze_startup_objects
 from pagedserve.runtime.gil import use_short_turns
 from pagedserve.runtime.logs import LogFormat, configure_logging
-from pagedserve.v1 import worker_service_pb2
 
 log = structlog.get_logger()
 
@@ -49,9 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
                    help="use a running worker instead of starting local ones (repeatable)")
     p.add_argument("--num-workers", type=int, default=1, help="local workers to start (one per GPU)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    _add_mode_flag(p, "--dtype", DType.AUTO)
+    _add_mode_flag(p, "--device", DeviceKind.AUTO)
+    _add_mode_flag(p, "--load-format", LoadFormat.AUTO)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -69,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     p.add_argument("--log-format", default="auto", choices=[f.value for f in LogFormat])
     return p
+
+
+def _add_mode_flag(p: argparse.ArgumentParser, flag: str, default: enum.Enum) -> None:
+    """A flag parsed into a member of default's enum; usage and --help list the members' plain values."""
+    mode = type(default)
+    p.add_argument(flag, type=mode, default=default, choices=list(mode),
+                   metavar="{" + ",".join(m.value for m in mode) + "}")
 
 
 def _env_defaults(parser: argparse.ArgumentParser) -> None:
@@ -112,11 +121,11 @@ async def start_engine(
 ) -> tuple[Engine, ServedModel, Tokenizer]:
     """Sizes every worker's cache (which also resets it), builds one scheduler per worker and starts the engine."""
     infos = await asyncio.gather(*(w.get_info() for w in workers))
-    init = worker_service_pb2.InitCacheRequest(
+    init = CacheRequest(
         block_size=cache.block_size, gpu_memory_utilization=cache.gpu_memory_utilization,
         num_gpu_blocks_override=cache.num_gpu_blocks_override, kv_cache_memory_bytes=cache.kv_cache_memory_bytes,
         swap_space_bytes=cache.swap_space_bytes, max_num_batched_tokens=scheduler.max_num_batched_tokens,
-        max_num_seqs=scheduler.max_num_seqs, max_model_len=scheduler.max_model_len or 0,
+        max_num_seqs=scheduler.max_num_seqs, max_model_len=scheduler.max_model_len,
     )
     caches = await asyncio.gather(*(w.init_cache(init) for w in workers))
     info = infos[0]
@@ -191,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_dir = server.model_dir
         if model_dir is None:
             model_dir = write_builtin_model(Path(scratch) / BUILTIN_MODEL_NAME)
-            server = dataclasses.replace(server, load_format="dummy")
+            server = dataclasses.replace(server, load_format=LoadFormat.DUMMY)
             log.warning("using_builtin_model", model=BUILTIN_MODEL_NAME, weights="deterministic random (dummy)",
                         message=f"no --model given: serving the built-in {BUILTIN_MODEL_NAME}, a small Llama with "
                                 "random weights and a locally built tokenizer; its text is not meaningful")

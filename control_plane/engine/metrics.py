@@ -36,7 +36,7 @@ class LatencyHistogram(Collector):
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self._name, self._documentation, labels=["model_name"])
         cumulative, buckets = 0, []
-        for bound, count in zip((*map(str, self._bounds), "+Inf"), self._counts):
+        for bound, count in zip((*map(str, self._bounds), "+Inf"), self._counts, strict=True):
             cumulative += count
             buckets.append((bound, cumulative))
         family.add_metric([self._model_name], buckets, self._sum)

@@ -8,15 +8,15 @@ from collections.abc import AsyncIterator
 import grpc
 import structlog
 
-from pagedserve.control_plane.convert import (
+from pagedserve.contract.codec import sampling_params_from_proto
+from pagedserve.control_plane.engine.engine import Engine, EngineOutput, RequestFailed
+from pagedserve.control_plane.errors import PagedServeError
+from pagedserve.control_plane.relay.convert import (
     add_generate_response,
     engine_status_to_proto,
     request_error_to_proto,
-    sampling_params_from_proto,
     served_model_to_proto,
 )
-from pagedserve.control_plane.engine.engine import Engine, EngineOutput, RequestFailed
-from pagedserve.control_plane.errors import PagedServeError
 from pagedserve.control_plane.relay.item_channel import ItemChannel
 from pagedserve.control_plane.served_model import ServedModel
 from pagedserve.runtime.channel_options import INTERNAL_CHANNEL_OPTIONS

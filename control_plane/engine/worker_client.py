@@ -3,66 +3,36 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pagedserve.control_plane.convert import step_output_from_proto, step_plan_to_proto
+from pagedserve.contract.codec import (
+    cache_info_from_proto,
+    cache_request_to_proto,
+    step_plan_to_proto,
+    step_result_from_proto,
+    worker_info_from_proto,
+)
+from pagedserve.contract.step import StepPlan, StepResult
+from pagedserve.contract.worker_info import CacheInfo, CacheRequest, WorkerInfo
 from pagedserve.control_plane.errors import WorkerUnavailableError
-from pagedserve.control_plane.step_plan import StepOutput, StepPlan
 from pagedserve.runtime.channel_options import INTERNAL_CHANNEL_OPTIONS
 from pagedserve.v1 import worker_service_pb2, worker_service_pb2_grpc
 
 
-@dataclass(frozen=True, slots=True)
-class WorkerInfo:
-    """What a worker reports about itself."""
-
-    worker_id: str
-    model: str
-    architecture: str
-    dtype: str
-    device: str
-    vocab_size: int
-    max_position_embeddings: int
-
-
-@dataclass(frozen=True, slots=True)
-class CacheInfo:
-    """The KV pools a worker allocated."""
-
-    num_gpu_blocks: int
-    num_cpu_blocks: int
-
-
-def worker_info_from_proto(reply: worker_service_pb2.GetWorkerInfoResponse) -> WorkerInfo:
-    return WorkerInfo(
-        worker_id=reply.worker_id,
-        model=reply.model,
-        architecture=reply.architecture,
-        dtype=reply.dtype,
-        device=reply.device,
-        vocab_size=reply.vocab_size,
-        max_position_embeddings=reply.max_position_embeddings,
-    )
-
-
-def cache_info_from_proto(reply: worker_service_pb2.InitCacheResponse) -> CacheInfo:
-    return CacheInfo(num_gpu_blocks=reply.num_gpu_blocks, num_cpu_blocks=reply.num_cpu_blocks)
-
-
 class WorkerConnection(Protocol):
-    """How the control plane reaches one worker: over gRPC, or in-process for the offline API."""
+    """How the control plane reaches one worker: over gRPC, or in-process for the offline API. Both speak the
+    step contract's types; only the gRPC one encodes them."""
 
     async def get_info(self) -> WorkerInfo: ...
 
-    async def init_cache(self, request: worker_service_pb2.InitCacheRequest) -> CacheInfo: ...
+    async def init_cache(self, request: CacheRequest) -> CacheInfo: ...
 
     async def send(self, plan: StepPlan) -> None: ...
 
-    async def receive(self) -> StepOutput: ...
+    async def receive(self) -> StepResult: ...
 
     async def close(self) -> None: ...
 
@@ -74,7 +44,9 @@ class GrpcWorkerClient:
         self.address = address
         self._channel = grpc.aio.insecure_channel(address, options=INTERNAL_CHANNEL_OPTIONS)
         self._stub = worker_service_pb2_grpc.WorkerServiceStub(self._channel)
-        self._call: grpc.aio.StreamStreamCall | None = None
+        self._call: grpc.aio.StreamStreamCall[
+            worker_service_pb2.ExecuteRequest, worker_service_pb2.ExecuteResponse
+        ] | None = None
 
     async def wait_until_serving(self, timeout_s: float) -> None:
         """Polls the worker's health service until SERVING; raises WorkerUnavailableError after timeout_s."""
@@ -94,8 +66,8 @@ class GrpcWorkerClient:
     async def get_info(self) -> WorkerInfo:
         return worker_info_from_proto(await self._stub.GetWorkerInfo(worker_service_pb2.GetWorkerInfoRequest()))
 
-    async def init_cache(self, request: worker_service_pb2.InitCacheRequest) -> CacheInfo:
-        return cache_info_from_proto(await self._stub.InitCache(request))
+    async def init_cache(self, request: CacheRequest) -> CacheInfo:
+        return cache_info_from_proto(await self._stub.InitCache(cache_request_to_proto(request)))
 
     async def send(self, plan: StepPlan) -> None:
         """Queues one step on the Execute stream (opened on first use)."""
@@ -106,16 +78,17 @@ class GrpcWorkerClient:
         except (grpc.aio.AioRpcError, grpc.aio.UsageError) as exc:
             raise WorkerUnavailableError(f"worker at {self.address} failed: {exc}") from exc
 
-    async def receive(self) -> StepOutput:
+    async def receive(self) -> StepResult:
         """The result of the oldest step sent and not yet received."""
-        assert self._call is not None, "receive() before send()"
+        if self._call is None:
+            raise RuntimeError("receive() before send()")
         try:
             reply = await self._call.read()
         except grpc.aio.AioRpcError as exc:
             raise WorkerUnavailableError(f"worker at {self.address} failed: {exc.details()}") from exc
         if reply is grpc.aio.EOF:
             raise WorkerUnavailableError(f"worker at {self.address} closed the step stream")
-        return step_output_from_proto(reply)
+        return step_result_from_proto(reply)
 
     async def close(self) -> None:
         if self._call is not None:

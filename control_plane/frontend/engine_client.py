@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 import structlog
 
-from pagedserve.control_plane.convert import request_error_from_proto, served_model_from_proto
 from pagedserve.control_plane.errors import EngineUnavailableError, PagedServeError
+from pagedserve.control_plane.relay.convert import request_error_from_proto, served_model_from_proto
 from pagedserve.control_plane.relay.item_channel import ItemChannel
 from pagedserve.control_plane.served_model import ServedModel
 from pagedserve.runtime.channel_options import INTERNAL_CHANNEL_OPTIONS

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import structlog
 
-from pagedserve.runtime.collector import freeze_startup_objects
 from pagedserve.control_plane.frontend.engine_client import EngineClient
 from pagedserve.control_plane.frontend.service import GenerationServicer, build_server
-from pagedserve.runtime.stop_signal import stopped_by_signal
 from pagedserve.control_plane.text.tokenizer import Tokenizer
+from pagedserve.runtime.collector import freeze_startup_objects
 from pagedserve.runtime.gil import use_short_turns
 from pagedserve.runtime.logs import LogFormat, configure_logging
+from pagedserve.runtime.stop_signal import stopped_by_signal
 
 log = structlog.get_logger()
 

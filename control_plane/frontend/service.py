@@ -10,8 +10,8 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from pagedserve.control_plane.convert import prompt_from_proto, sampling_params_from_proto, served_model_to_proto
-from pagedserve.control_plane.frontend.engine_client import EngineClient
+from pagedserve.contract.codec import sampling_params_from_proto
+from pagedserve.contract.sampling_params import validate_prompt
 from pagedserve.control_plane.errors import (
     EngineUnavailableError,
     InvalidArgumentError,
@@ -20,7 +20,9 @@ from pagedserve.control_plane.errors import (
     ResourceExhaustedError,
     WorkerUnavailableError,
 )
-from pagedserve.control_plane.sampling_params import validate_prompt
+from pagedserve.control_plane.frontend.convert import prompt_from_proto
+from pagedserve.control_plane.frontend.engine_client import EngineClient
+from pagedserve.control_plane.relay.convert import served_model_to_proto
 from pagedserve.control_plane.served_model import ServedModel
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 from pagedserve.v1 import generation_service_pb2 as pb

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import structlog
 
+from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
 from pagedserve.control_plane.errors import WorkerUnavailableError
 from pagedserve.control_plane.engine.worker_client import GrpcWorkerClient
 
@@ -26,9 +27,9 @@ class WorkerLaunchConfig:
 
     model_dir: Path
     num_workers: int = 1
-    dtype: str = "auto"
-    device: str = "auto"
-    load_format: str = "auto"
+    dtype: DType = DType.AUTO
+    device: DeviceKind = DeviceKind.AUTO
+    load_format: LoadFormat = LoadFormat.AUTO
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -64,9 +65,9 @@ class LocalWorkers:
                 sys.executable, "-m", "pagedserve.runtime.cli", "worker",
                 "--model", str(self._config.model_dir),
                 "--listen", address,
-                "--dtype", self._config.dtype,
-                "--device", self._config.device,
-                "--load-format", self._config.load_format,
+                "--dtype", self._config.dtype.value,
+                "--device", self._config.device.value,
+                "--load-format", self._config.load_format.value,
                 "--seed", str(self._config.seed),
                 "--worker-id", f"worker-{index}",
             ]

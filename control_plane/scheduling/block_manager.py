@@ -234,7 +234,7 @@ class BlockManager:
         mapping = self._move(seq_ids, Device.GPU)
         for seq_id in seq_ids:
             table = self._tables[seq_id]
-            for block_id, block_hash in zip(table.block_ids, table.block_hashes):
+            for block_id, block_hash in zip(table.block_ids, table.block_hashes, strict=False):  # only full blocks have hashes
                 self.gpu.cache(block_id, block_hash)
         return mapping
 

@@ -6,8 +6,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from pagedserve.control_plane.sampling_params import SamplingParams
-from pagedserve.control_plane.step_plan import TokenLogprobs, WorkerSampling
+from pagedserve.contract.sampling_params import SamplingParams
+from pagedserve.contract.step import TokenLogprobs
 
 
 class FinishReason(enum.Enum):
@@ -146,25 +146,13 @@ class Request:
         self.status = status
 
 
-def worker_sampling(request: Request, include_prompt_logprobs: bool) -> WorkerSampling:
-    """The sampling state a worker needs for the request's sequences."""
+def banned_token_ids(request: Request) -> tuple[int, ...]:
+    """EOS and stop token ids, which the worker keeps from being sampled until min_tokens outputs exist."""
     params = request.sampling_params
+    if params.min_tokens == 0:
+        return ()
     banned = () if params.ignore_eos else request.eos_token_ids
-    banned += tuple(t for t in params.stop_token_ids if t not in banned)
-    return WorkerSampling(
-        temperature=params.temperature,
-        top_p=params.top_p,
-        top_k=max(params.top_k, 0),
-        min_p=params.min_p,
-        presence_penalty=params.presence_penalty,
-        frequency_penalty=params.frequency_penalty,
-        repetition_penalty=params.repetition_penalty,
-        seed=params.seed,
-        min_tokens=params.min_tokens,
-        banned_token_ids=banned if params.min_tokens > 0 else (),
-        logprobs=params.logprobs,
-        prompt_logprobs=params.prompt_logprobs if include_prompt_logprobs else None,
-    )
+    return banned + tuple(t for t in params.stop_token_ids if t not in banned)
 
 
 def check_stop(

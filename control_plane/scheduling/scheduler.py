@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import structlog
 
-from pagedserve.control_plane.scheduling.block_manager import BlockManager, CachedPrefix
+from pagedserve.contract.step import (
+    BlockTableUpdate,
+    SequenceOutput,
+    StepPlan,
+    StepResult,
+    TokenLogprobs,
+)
 from pagedserve.control_plane.config import CacheConfig, PreemptionMode, SchedulerConfig
 from pagedserve.control_plane.errors import InvalidArgumentError, ResourceExhaustedError
+from pagedserve.control_plane.scheduling.block_manager import BlockManager, CachedPrefix
 from pagedserve.control_plane.scheduling.preemption import make_preemption_policy
 from pagedserve.control_plane.scheduling.request import (
     FinishReason,
@@ -20,13 +27,6 @@ from pagedserve.control_plane.scheduling.request_queue import make_request_queue
 from pagedserve.control_plane.scheduling.sequence_registry import SequenceRegistry
 from pagedserve.control_plane.scheduling.stats import SchedulerStats
 from pagedserve.control_plane.scheduling.step_builder import Expectation, SeqWork, StepBuilder
-from pagedserve.control_plane.step_plan import (
-    BlockTableUpdate,
-    SequenceOutput,
-    StepOutput,
-    StepPlan,
-    TokenLogprobs,
-)
 
 log = structlog.get_logger()
 
@@ -441,7 +441,7 @@ class Scheduler:
 
     # Results.
 
-    def update_from_output(self, plan: StepPlan, output: StepOutput) -> list[SequenceDelta]:
+    def update_from_output(self, plan: StepPlan, output: StepResult) -> list[SequenceDelta]:
         """Applies a step's sampled tokens (forks, stop checks, frees); returns what each sequence gained.
         Plans are answered in order; outputs of sequences that ended since their step was planned are ignored."""
         if output.step_id != plan.step_id:
@@ -455,7 +455,7 @@ class Scheduler:
         return deltas
 
     def _apply_output(
-        self, request: Request, seq: Sequence, expect: Expectation, output: StepOutput
+        self, request: Request, seq: Sequence, expect: Expectation, output: StepResult
     ) -> list[SequenceDelta]:
         out = output.by_seq_id.get(seq.seq_id)
         prompt_logprobs = self._new_prompt_logprobs(request, out)
@@ -516,7 +516,7 @@ class Scheduler:
 _SAMPLES = Expectation(samples=True)
 
 
-def _sampled(output: StepOutput, seq_id: int) -> SequenceOutput:
+def _sampled(output: StepResult, seq_id: int) -> SequenceOutput:
     out = output.by_seq_id.get(seq_id)
     if out is None or out.token_id is None:
         raise ValueError(f"step {output.step_id} returned no sampled token for sequence {seq_id}")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
+from pagedserve.contract.step import BlockTableUpdate, NewSequence, ScheduledSequence, StepPlan
 from pagedserve.control_plane.scheduling.block_manager import CachedPrefix
-from pagedserve.control_plane.scheduling.request import Request, Sequence, worker_sampling
-from pagedserve.control_plane.step_plan import BlockTableUpdate, NewSequencePlan, ScheduledSequencePlan, StepPlan
+from pagedserve.control_plane.scheduling.request import Request, Sequence, banned_token_ids
 
 
 class SeqWork(NamedTuple):
@@ -42,8 +42,8 @@ class StepBuilder:
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
-    new_sequences: list[NewSequencePlan] = field(default_factory=list)
-    scheduled_sequences: list[ScheduledSequencePlan] = field(default_factory=list)
+    new_sequences: list[NewSequence] = field(default_factory=list)
+    scheduled_sequences: list[ScheduledSequence] = field(default_factory=list)
     expectations: dict[int, Expectation] = field(default_factory=dict)
     scheduled: list[tuple[Request, Sequence]] = field(default_factory=list)
 
@@ -51,21 +51,25 @@ class StepBuilder:
         """Sends seq in full: its known tokens, table and sampling; the first sequence of an unforked
         request names its siblings, which the worker forks when the prompt is done."""
         forks = tuple(s.seq_id for s in request.sequences if not s.is_forked) if seq.index == 0 else ()
-        self.new_sequences.append(NewSequencePlan(
+        params = request.sampling_params
+        if request.is_prompt_done and params.prompt_logprobs is not None:
+            params = replace(params, prompt_logprobs=None)  # delivered with the first admission
+        self.new_sequences.append(NewSequence(
             seq_id=seq.seq_id,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=tuple(seq.output_token_ids),
-            sampling=worker_sampling(request, include_prompt_logprobs=not request.is_prompt_done),
+            sampling_params=params,
             block_ids=block_ids,
             num_computed_tokens=seq.num_computed_tokens,
             num_scheduled_tokens=num_new,
+            banned_token_ids=banned_token_ids(request),
             fork_seq_ids=forks,
             sample_index=seq.index,
         ))
 
     def add_scheduled(self, seq_id: int, num_new: int, update: BlockTableUpdate | None) -> None:
         updates = (update,) if update is not None else ()
-        self.scheduled_sequences.append(ScheduledSequencePlan(seq_id, num_new, updates))
+        self.scheduled_sequences.append(ScheduledSequence(seq_id, num_new, updates))
 
     def record(self, request: Request, seq: Sequence, num_new: int, expectation: Expectation) -> None:
         self.budget -= num_new

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from pagedserve.control_plane.text.detokenizer import IncrementalDetokenizer
+from pagedserve.contract.sampling_params import SamplingParams
+from pagedserve.contract.step import TokenLogprobs
 from pagedserve.control_plane.scheduling.request import FinishReason, SequenceDelta
-from pagedserve.control_plane.sampling_params import SamplingParams
-from pagedserve.control_plane.step_plan import TokenLogprobs
+from pagedserve.control_plane.text.detokenizer import IncrementalDetokenizer
 from pagedserve.control_plane.text.stop_strings import StopStringMatcher
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 

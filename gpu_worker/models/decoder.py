@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Generator, Iterable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,9 @@ _LAYER_PARAMS: dict[str, tuple[str, int | None]] = {
     "input_layernorm.weight": ("input_norm.weight", None),
     "post_attention_layernorm.weight": ("post_attention_norm.weight", None),
 }
-_TOP_PARAMS = {"model.embed_tokens.weight": "embed_tokens", "model.norm.weight": "norm.weight", "lm_head.weight": "lm_head"}
+_TOP_PARAMS = {
+    "model.embed_tokens.weight": "embed_tokens", "model.norm.weight": "norm.weight", "lm_head.weight": "lm_head",
+}
 
 
 class AttentionCall(NamedTuple):
@@ -64,7 +66,7 @@ def run_pieces(pieces: ForwardPieces, attend: Callable[[AttentionCall], None]) -
         try:
             call = next(pieces)
         except StopIteration as finished:
-            return finished.value
+            return cast(torch.Tensor, finished.value)  # a ForwardPieces generator's return value
         attend(call)
 
 
@@ -123,6 +125,9 @@ class DecoderForCausalLM(nn.Module):
         return run_pieces(self.pieces(input_ids, positions, meta.slot_mapping, kv_cache),
                           lambda call: self.attend(call, meta, kv_cache))
 
+    if TYPE_CHECKING:  # nn.Module.__call__ runs forward (and any hooks) but is typed as returning Any
+        __call__ = forward
+
     def pieces(
         self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor, kv_cache: torch.Tensor,
         buffers: AttentionBuffers | None = None,
@@ -133,14 +138,14 @@ class DecoderForCausalLM(nn.Module):
         residual = F.embedding(input_ids, self.embed_tokens)
         rotation = self.rotary(positions, residual.dtype)
         output: torch.Tensor | None = None
-        for index, layer in enumerate(self.layers):
+        for index, layer in enumerate(cast("Iterable[DecoderLayer]", self.layers)):
             query, out = layer.before_attention(output, residual, rotation, slot_mapping, kv_cache[index], buffers)
             yield AttentionCall(index, query, out)
             output = layer.after_attention(out, residual)
         return self.norm(residual) if output is None else self.norm.add_and_norm(output, residual)
 
     def attend(self, call: AttentionCall, meta: AttentionMetadata, kv_cache: torch.Tensor) -> None:
-        self.layers[call.layer].attn.attend(call.out, call.query, meta, kv_cache[call.layer])
+        cast(DecoderLayer, self.layers[call.layer]).attn.attend(call.out, call.query, meta, kv_cache[call.layer])
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [R, hidden] -> [R, vocab] float32."""
@@ -160,7 +165,8 @@ class DecoderForCausalLM(nn.Module):
                 raise ModelLoadError(f"weight {hf_name} has no parameter {name} in this architecture")
             destination = self._shard_view(params[name], name, shard)
             if destination.shape != tensor.shape:
-                raise ModelLoadError(f"weight {hf_name}: shape {tuple(tensor.shape)}, expected {tuple(destination.shape)}")
+                raise ModelLoadError(
+                    f"weight {hf_name}: shape {tuple(tensor.shape)}, expected {tuple(destination.shape)}")
             destination.copy_(tensor)
             loaded.add((name, shard))
         missing = sorted(f"{name}[{shard}]" if shard is not None else name for name, shard in expected - loaded)
@@ -196,4 +202,4 @@ class DecoderForCausalLM(nn.Module):
             sizes = [cfg.intermediate_size, cfg.intermediate_size]
         else:
             sizes = [cfg.q_size, cfg.kv_size, cfg.kv_size]
-        return param.split(sizes, dim=0)[shard]
+        return torch.split(param, sizes, dim=0)[shard]

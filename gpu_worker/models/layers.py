@@ -60,6 +60,9 @@ class RMSNorm(nn.Module):
         """x: [rows, size] -> normalised copy."""
         return self.ops.rms_norm(x, self.weight, self.eps)
 
+    if TYPE_CHECKING:  # nn.Module.__call__ runs forward (and any hooks) but is typed as returning Any
+        __call__ = forward
+
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual += x in place (the residual stream), then returns the norm of the sum: one fused op."""
         return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
@@ -77,6 +80,9 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.ops.silu_and_mul(F.linear(x, self.gate_up_proj)), self.down_proj)
+
+    if TYPE_CHECKING:
+        __call__ = forward
 
 
 class PagedAttention(nn.Module):
@@ -130,7 +136,7 @@ class PagedAttention(nn.Module):
     def _norm_heads(self, qkv: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm) -> torch.Tensor:
         """Qwen3's per-head RMSNorm of the q and k heads (before rotary); v passes through."""
         cfg = self.config
-        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q, k, v = torch.split(qkv, [cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q_norm(q.reshape(-1, cfg.head_dim)).view(-1, cfg.q_size)
         k = k_norm(k.reshape(-1, cfg.head_dim)).view(-1, cfg.kv_size)
         return torch.cat((q, k, v), dim=-1)

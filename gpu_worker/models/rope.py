@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
@@ -44,6 +44,9 @@ class RotaryEmbedding(nn.Module):
         """positions: [T] int64 -> cos and sin, each [T, head_dim // 2] in dtype (Hugging Face rounds them so too)."""
         angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
         return Rotation(angles.cos().to(dtype), angles.sin().to(dtype))
+
+    if TYPE_CHECKING:  # nn.Module.__call__ runs forward (and any hooks) but is typed as returning Any
+        __call__ = forward
 
 
 class Rotation(NamedTuple):

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.hardware_bound import (HardwareRates, Workload, decode_cost, percent_of_bound, prefill_cost,
-                                       workload_bound_s)
+from benchmarks.hardware_bound import (
+    HardwareRates,
+    Workload,
+    decode_cost,
+    percent_of_bound,
+    prefill_cost,
+    workload_bound_s,
+)
 from benchmarks.model_shapes import ModelShape
 
 # 1 layer, hidden 4, 2 heads of 2, 1 KV head, MLP 8, vocab 10, untied:

@@ -7,12 +7,10 @@ from pathlib import Path
 
 from benchmarks import serving
 
-STORIES = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "stories260K"
 
-
-def test_sweep_records_every_level_with_vllm_metrics(tmp_path: Path) -> None:
+def test_sweep_records_every_level_with_vllm_metrics(stories260k_dir: Path, tmp_path: Path) -> None:
     result = serving.main([
-        "--model", str(STORIES), "--dtype", "float32", "--serve-args", "--device cpu --kv-cache-memory 0.01",
+        "--model", str(stories260k_dir), "--dtype", "float32", "--serve-args", "--device cpu --kv-cache-memory 0.01",
         "--num-prompts", "4", "--random-input-len", "12", "--random-output-len", "5", "--sweep-concurrency", "1,4",
         "--result-dir", str(tmp_path),
     ])

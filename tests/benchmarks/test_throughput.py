@@ -9,12 +9,10 @@ import pytest
 
 from benchmarks import throughput
 
-STORIES = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "stories260K"
 
-
-def test_every_backend_generates_every_requested_token(tmp_path: Path) -> None:
+def test_every_backend_generates_every_requested_token(stories260k_dir: Path, tmp_path: Path) -> None:
     result = throughput.main([
-        "--model", str(STORIES), "--dtype", "float32", "--device", "cpu", "--kv-cache-memory", "0.01",
+        "--model", str(stories260k_dir), "--dtype", "float32", "--device", "cpu", "--kv-cache-memory", "0.01",
         "--num-prompts", "6", "--input-len", "10", "--output-len", "4", "--hf-num-prompts", "3",
         "--hf-batch-size", "2", "--hf-batch-num-blocks", "8", "--result-dir", str(tmp_path),
     ])
@@ -36,9 +34,9 @@ def test_every_backend_generates_every_requested_token(tmp_path: Path) -> None:
     assert (decode["steps"], decode["median_seqs"], decode["median_tokens"]) == (3, 6, 6)
 
 
-def test_without_baselines_pagedserve_runs_on_its_own_dummy_weights(tmp_path: Path) -> None:
+def test_without_baselines_pagedserve_runs_on_its_own_dummy_weights(stories260k_dir: Path, tmp_path: Path) -> None:
     result = throughput.main([
-        "--model", str(STORIES), "--dtype", "float32", "--device", "cpu", "--kv-cache-memory", "0.01",
+        "--model", str(stories260k_dir), "--dtype", "float32", "--device", "cpu", "--kv-cache-memory", "0.01",
         "--num-prompts", "3", "--input-len", "8", "--output-len", "3", "--hf-backends", "", "--no-bound",
         "--result-dir", str(tmp_path),
     ])

@@ -12,13 +12,13 @@ from pagedserve.clients.llm import LLM, SamplingParams
 from pagedserve.control_plane.config import CacheConfig
 from pagedserve.control_plane.scheduling.request import FinishReason
 
-STORIES = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "stories260K"
 
-
-def test_offline_generate_reproduces_the_golden_greedy_tokens_for_every_prompt_in_a_batch() -> None:
-    golden = json.loads((STORIES / "golden_greedy.json").read_text())
+def test_offline_generate_reproduces_the_golden_greedy_tokens_for_every_prompt_in_a_batch(
+    stories260k_dir: Path,
+) -> None:
+    golden = json.loads((stories260k_dir / "golden_greedy.json").read_text())
     cache = CacheConfig(kv_cache_memory_bytes=16 << 20, swap_space_bytes=0)
-    with LLM(STORIES, cache_config=cache) as llm:
+    with LLM(stories260k_dir, cache_config=cache) as llm:
         params = SamplingParams(temperature=0.0, max_tokens=len(golden["greedy_new_ids"]))
         outputs = llm.generate([golden["prompt"], golden["prompt_ids"], "One day"], params)
     assert [o.outputs[0].token_ids for o in outputs[:2]] == [golden["greedy_new_ids"]] * 2
@@ -41,10 +41,10 @@ def test_a_worker_process_that_cannot_load_the_model_fails_the_constructor_inste
         LLM(tmp_path, worker_start_timeout_s=120.0)
 
 
-def test_device_idle_time_leaves_out_the_wait_for_requests_between_generate_calls() -> None:
+def test_device_idle_time_leaves_out_the_wait_for_requests_between_generate_calls(stories260k_dir: Path) -> None:
     cache = CacheConfig(kv_cache_memory_bytes=16 << 20, swap_space_bytes=0)
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-    with LLM(STORIES, cache_config=cache, worker_process=False) as llm:
+    with LLM(stories260k_dir, cache_config=cache, worker_process=False) as llm:
         llm.generate(["One day"], params)
         time.sleep(0.5)  # the worker waits for work, not for the engine
         llm.generate(["One day"], params)

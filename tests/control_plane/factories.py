@@ -7,12 +7,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pagedserve.control_plane.scheduling.block_manager import BlockManager, Device
+from pagedserve.contract.sampling_params import SamplingParams
+from pagedserve.contract.step import Fork, SequenceOutput, StepPlan, StepResult, TokenLogprobs
 from pagedserve.control_plane.config import CacheConfig, PreemptionMode, SchedulerConfig, SchedulingPolicy
+from pagedserve.control_plane.scheduling.block_manager import BlockManager, Device
 from pagedserve.control_plane.scheduling.request import FinishReason, Request, SequenceDelta
-from pagedserve.control_plane.sampling_params import SamplingParams
 from pagedserve.control_plane.scheduling.scheduler import Scheduler
-from pagedserve.control_plane.step_plan import SequenceOutput, StepOutput, StepPlan, TokenLogprobs
 
 EOS = 2
 VOCAB_SIZE = 1000
@@ -88,8 +88,12 @@ class _WorkerSeq:
     table: list[int]
     num_computed: int
     sample_index: int
-    fork_seq_ids: tuple[int, ...]
+    forks: tuple[Fork, ...]  # siblings still to be forked at the first sample
     num_prompt_logprobs: int = 0  # prompt positions to return log-probabilities for (0: none asked)
+
+
+class PlanRejectedError(AssertionError):
+    """A plan the worker contract rejects (the real worker answers INVALID_ARGUMENT); the fake is left untouched."""
 
 
 class FakeWorker:
@@ -106,7 +110,8 @@ class FakeWorker:
         self.next_token = next_token
         self.num_computed_tokens = 0
 
-    def execute(self, plan: StepPlan) -> StepOutput:
+    def execute(self, plan: StepPlan) -> StepResult:
+        self._validate(plan)
         for seq_id in plan.dropped_seq_ids:
             del self.seqs[seq_id]
         for src, dst in plan.swap_out:
@@ -117,12 +122,10 @@ class FakeWorker:
             self.gpu[dst] = list(self.gpu[src])
         work: list[tuple[int, int]] = []
         for new in plan.new_sequences:
-            assert new.seq_id not in self.seqs, f"sequence {new.seq_id} sent twice"
             tokens = list(new.prompt_token_ids + new.output_token_ids)
-            num_prompt_logprobs = len(new.prompt_token_ids) if new.sampling.prompt_logprobs is not None else 0
+            num_prompt_logprobs = len(new.prompt_token_ids) if new.sampling_params.prompt_logprobs is not None else 0
             self.seqs[new.seq_id] = _WorkerSeq(
-                tokens, list(new.block_ids), new.num_computed_tokens, new.sample_index, new.fork_seq_ids,
-                num_prompt_logprobs,
+                tokens, list(new.block_ids), new.num_computed_tokens, new.sample_index, new.forks, num_prompt_logprobs,
             )
             work.append((new.seq_id, new.num_scheduled_tokens))
         for scheduled in plan.scheduled_sequences:
@@ -137,7 +140,27 @@ class FakeWorker:
         outputs = []
         for seq_id, num_tokens in work:
             outputs.extend(self._compute(seq_id, num_tokens))
-        return StepOutput(step_id=plan.step_id, outputs=tuple(outputs))
+        return StepResult(step_id=plan.step_id, outputs=tuple(outputs))
+
+    def _validate(self, plan: StepPlan) -> None:
+        """Rejects, before changing anything, a plan that drops or schedules a sequence the worker does not hold,
+        schedules one twice, or sends one it already holds (as the real worker's registry does)."""
+        alive = set(self.seqs)
+        for seq_id in plan.dropped_seq_ids:
+            if seq_id not in alive:
+                raise PlanRejectedError(f"dropped_seq_ids names unknown sequence {seq_id}")
+            alive.remove(seq_id)
+        scheduled = set()
+        for new in plan.new_sequences:
+            for seq_id in (new.seq_id, *new.fork_seq_ids):
+                if seq_id in alive:
+                    raise PlanRejectedError(f"sequence {seq_id} sent twice")
+                alive.add(seq_id)
+            scheduled.add(new.seq_id)
+        for item in plan.scheduled_sequences:
+            if item.seq_id not in alive or item.seq_id not in self.seqs or item.seq_id in scheduled:
+                raise PlanRejectedError(f"scheduled sequence {item.seq_id} is unknown or scheduled twice")
+            scheduled.add(item.seq_id)
 
     def _slot(self, seq: _WorkerSeq, position: int) -> tuple[int, int]:
         return seq.table[position // self.block_size], position % self.block_size
@@ -166,14 +189,12 @@ class FakeWorker:
         if end < len(seq.tokens):
             return [SequenceOutput(seq_id, None, prompt_logprobs=prompt_logprobs)]
         outputs = []
-        if seq.fork_seq_ids:
-            for fork_id in seq.fork_seq_ids:
-                child = _WorkerSeq(list(seq.tokens), list(seq.table), end, 0, ())
-                child.sample_index = seq.sample_index + 1 + seq.fork_seq_ids.index(fork_id)
-                child.tokens.append(self.next_token(child.tokens, child.sample_index))
-                self.seqs[fork_id] = child
-                outputs.append(SequenceOutput(fork_id, child.tokens[-1]))
-            seq.fork_seq_ids = ()
+        for fork in seq.forks:
+            child = _WorkerSeq(list(seq.tokens), list(seq.table), end, fork.sample_index, ())
+            child.tokens.append(self.next_token(child.tokens, child.sample_index))
+            self.seqs[fork.seq_id] = child
+            outputs.append(SequenceOutput(fork.seq_id, child.tokens[-1]))
+        seq.forks = ()
         seq.tokens.append(self.next_token(seq.tokens, seq.sample_index))
         return [SequenceOutput(seq_id, seq.tokens[-1], prompt_logprobs=prompt_logprobs), *outputs]
 
@@ -213,7 +234,7 @@ def run(
     plans outstanding (2: step N+1 is planned before step N's result is applied). on_step runs after each
     planned step, with its index."""
     result = RunResult()
-    in_flight: deque[tuple[StepPlan, StepOutput]] = deque()
+    in_flight: deque[tuple[StepPlan, StepResult]] = deque()
     for _ in range(max_steps):
         while len(in_flight) < steps_in_flight:
             plan = scheduler.schedule()

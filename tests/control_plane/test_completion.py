@@ -9,15 +9,13 @@ import pytest
 
 from pagedserve.control_plane.text.completion import CompletionChunk, CompletionStream
 from pagedserve.control_plane.scheduling.request import FinishReason, SequenceDelta
-from pagedserve.control_plane.sampling_params import SamplingParams
+from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.control_plane.text.tokenizer import Tokenizer
-
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 
 
 @pytest.fixture(scope="module")
-def llama2() -> Tokenizer:
-    return Tokenizer(SHARED / "tokenizers" / "llama2")
+def llama2(llama2_tokenizer_dir: Path) -> Tokenizer:
+    return Tokenizer(llama2_tokenizer_dir)
 
 
 def _stream(tokenizer: Tokenizer, prompt: tuple[int, ...], output: list[int], params: SamplingParams,

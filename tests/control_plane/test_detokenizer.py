@@ -13,7 +13,6 @@ from pagedserve.control_plane.launch.builtin_model import write_builtin_model
 from pagedserve.control_plane.text.detokenizer import IncrementalDetokenizer
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 MIXED_TEXT = (
     "Hello, world! 你好，世界。今日は良い天気ですね。🙂🚀👍🏽 Zürich façade naïve — “quotes” ∑∫√ "
     "한국어 텍스트 🇫🇷 Ελληνικά русский 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 end."
@@ -21,13 +20,13 @@ MIXED_TEXT = (
 
 
 @pytest.fixture(scope="module")
-def llama2() -> Tokenizer:
-    return Tokenizer(SHARED / "tokenizers" / "llama2")
+def llama2(llama2_tokenizer_dir: Path) -> Tokenizer:
+    return Tokenizer(llama2_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
-def stories() -> Tokenizer:
-    return Tokenizer(SHARED / "models" / "stories260K")
+def stories(stories260k_dir: Path) -> Tokenizer:
+    return Tokenizer(stories260k_dir)
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +185,8 @@ class _WindowSpy(Tokenizer):
         return super().decode(token_ids, skip_special_tokens)
 
 
-def test_each_step_decodes_a_short_window_not_the_whole_output() -> None:
-    spy = _WindowSpy(SHARED / "tokenizers" / "llama2")
+def test_each_step_decodes_a_short_window_not_the_whole_output(llama2_tokenizer_dir: Path) -> None:
+    spy = _WindowSpy(llama2_tokenizer_dir)
     words = spy.encode(" ".join(["stream 你好 🙂 tokens"] * 200), add_special_tokens=False)
     detokenizer = IncrementalDetokenizer(spy, spy.encode("Prompt text with a few words"), True)
     text = "".join(detokenizer.add_tokens([t]) for t in words) + detokenizer.finish()

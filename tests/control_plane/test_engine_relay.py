@@ -19,15 +19,14 @@ from pagedserve.control_plane.frontend.engine_client import EngineClient, merge_
 from pagedserve.control_plane.engine.service import EngineServicer, build_engine_server
 from pagedserve.control_plane.errors import EngineUnavailableError, ResourceExhaustedError
 from pagedserve.control_plane.engine.metrics import EngineMetrics
-from pagedserve.control_plane.sampling_params import SamplingParams
+from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.control_plane.served_model import ServedModel
-from pagedserve.control_plane.step_plan import StepOutput, StepPlan
+from pagedserve.contract.step import StepResult, StepPlan
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 from pagedserve.v1 import common_pb2, generation_service_pb2
 from pagedserve.v1.engine_service_pb2 import RelayRequest, RelayResponse
 from tests.control_plane.factories import FakeWorker, make_scheduler, make_worker
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 NUM_BLOCKS, BLOCK_SIZE = 256, 4
 STEP_S = 0.001
 LONG = 1000  # tokens: a request this long is still running seconds after it started
@@ -39,12 +38,12 @@ class _FakeTransport:
 
     def __init__(self, worker: FakeWorker) -> None:
         self._worker = worker
-        self._results: asyncio.Queue[StepOutput] = asyncio.Queue()
+        self._results: asyncio.Queue[StepResult] = asyncio.Queue()
 
     async def send(self, plan: StepPlan) -> None:
         self._results.put_nowait(self._worker.execute(plan))
 
-    async def receive(self) -> StepOutput:
+    async def receive(self) -> StepResult:
         await asyncio.sleep(STEP_S)
         return await self._results.get()
 
@@ -56,8 +55,8 @@ class _Relay:
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    return Tokenizer(SHARED / "tokenizers" / "llama2")
+def tokenizer(llama2_tokenizer_dir: Path) -> Tokenizer:
+    return Tokenizer(llama2_tokenizer_dir)
 
 
 def _engine(tokenizer: Tokenizer) -> Engine:

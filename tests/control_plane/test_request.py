@@ -1,4 +1,4 @@
-"""Requests: the status transition table, stop checks, and the sampling state sent to workers."""
+"""Requests: the status transition table, stop checks, and the token ids a worker bans before min_tokens."""
 
 from __future__ import annotations
 
@@ -6,16 +6,15 @@ from typing import Any
 
 import pytest
 
+from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.control_plane.scheduling.request import (
     FinishReason,
     Request,
     RequestStatus,
     Sequence,
+    banned_token_ids,
     check_stop,
-    worker_sampling,
 )
-from pagedserve.control_plane.sampling_params import SamplingParams
-from pagedserve.control_plane.step_plan import WorkerSampling
 
 EOS = 2
 
@@ -97,20 +96,13 @@ def test_max_model_len_finishes_with_length() -> None:
     assert check_stop(request, _after(9, 9), 5) == (FinishReason.LENGTH, None)
 
 
-def test_worker_sampling_bans_eos_and_stop_ids_only_while_min_tokens_applies() -> None:
+def test_eos_and_stop_ids_are_banned_only_while_min_tokens_applies() -> None:
     request = _request(temperature=0.5, top_k=-1, seed=7, min_tokens=3, stop_token_ids=(42, EOS), logprobs=2,
                        prompt_logprobs=1)
-    assert worker_sampling(request, include_prompt_logprobs=True) == WorkerSampling(
-        temperature=0.5, top_k=0, seed=7, min_tokens=3, banned_token_ids=(EOS, 42), logprobs=2, prompt_logprobs=1
-    )
-    assert worker_sampling(_request(stop_token_ids=(42,)), include_prompt_logprobs=True).banned_token_ids == ()
+    assert banned_token_ids(request) == (EOS, 42)
+    assert banned_token_ids(_request(stop_token_ids=(42,))) == ()
 
 
-def test_worker_sampling_leaves_eos_unbanned_with_ignore_eos() -> None:
+def test_eos_is_left_unbanned_with_ignore_eos() -> None:
     request = _request(min_tokens=1, ignore_eos=True, stop_token_ids=(42,))
-    assert worker_sampling(request, include_prompt_logprobs=False).banned_token_ids == (42,)
-
-
-def test_worker_sampling_omits_prompt_logprobs_once_delivered() -> None:
-    request = _request(prompt_logprobs=3)
-    assert worker_sampling(request, include_prompt_logprobs=False).prompt_logprobs is None
+    assert banned_token_ids(request) == (42,)

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Any
 
 import pytest
 import structlog.testing
 
+from pagedserve.contract.step import BlockTableUpdate, ScheduledSequence, StepPlan
 from pagedserve.control_plane.config import PreemptionMode, SchedulingPolicy
 from pagedserve.control_plane.errors import InvalidArgumentError, ResourceExhaustedError
 from pagedserve.control_plane.scheduling.request import FinishReason, RequestStatus
 from pagedserve.control_plane.scheduling.scheduler import Scheduler
-from pagedserve.control_plane.step_plan import BlockTableUpdate, ScheduledSequencePlan, StepPlan
 
 from .factories import (
     EOS,
@@ -49,7 +50,7 @@ def test_running_decode_is_scheduled_before_a_new_prefill_which_gets_the_rest_of
     assert [(s.seq_id, s.block_ids, s.num_scheduled_tokens) for s in first.new_sequences] == [(0, (0, 1), 6)]
     scheduler.add_request(make_request("late", range(50, 60)))
     second, _ = step_once(scheduler, worker)
-    assert second.scheduled_sequences == (ScheduledSequencePlan(0, 1),)
+    assert second.scheduled_sequences == (ScheduledSequence(0, 1),)
     assert [(s.seq_id, s.block_ids, s.num_scheduled_tokens) for s in second.new_sequences] == [(1, (2, 3), 7)]
 
 
@@ -60,9 +61,9 @@ def test_long_prompt_is_chunked_to_the_token_budget() -> None:
     new = result.plans[0].new_sequences[0]
     assert (new.block_ids, new.num_computed_tokens, new.num_scheduled_tokens) == ((0,), 0, 4)
     assert [p.scheduled_sequences for p in result.plans[1:]] == [
-        (ScheduledSequencePlan(0, 4, (BlockTableUpdate(1, (1,)),)),),
-        (ScheduledSequencePlan(0, 2, (BlockTableUpdate(2, (2,)),)),),
-        (ScheduledSequencePlan(0, 1),),
+        (ScheduledSequence(0, 4, (BlockTableUpdate(1, (1,)),)),),
+        (ScheduledSequence(0, 2, (BlockTableUpdate(2, (2,)),)),),
+        (ScheduledSequence(0, 1),),
         (),
     ]
     assert result.plans[-1].dropped_seq_ids == (0,)
@@ -119,7 +120,7 @@ def test_same_priority_waiting_request_does_not_preempt() -> None:
     scheduler.add_request(make_request("second", range(30, 38), priority=1))
     plan = scheduler.schedule()
     assert (plan.dropped_seq_ids, plan.new_sequences) == ((), ())
-    assert plan.scheduled_sequences == (ScheduledSequencePlan(0, 1, (BlockTableUpdate(3, (3,)),)),)
+    assert plan.scheduled_sequences == (ScheduledSequence(0, 1, (BlockTableUpdate(3, (3,)),)),)
 
 
 def _three_growing_requests(**scheduler_fields: Any) -> tuple[Scheduler, FakeWorker]:
@@ -138,8 +139,8 @@ def test_out_of_blocks_preempts_the_newest_request_which_resumes_with_the_same_t
     plan = result.plans[3]
     assert plan.dropped_seq_ids == (2,)
     assert plan.scheduled_sequences == (
-        ScheduledSequencePlan(0, 1, (BlockTableUpdate(2, (6,)),)),
-        ScheduledSequencePlan(1, 1, (BlockTableUpdate(2, (7,)),)),
+        ScheduledSequence(0, 1, (BlockTableUpdate(2, (6,)),)),
+        ScheduledSequence(1, 1, (BlockTableUpdate(2, (7,)),)),
     )
     resumed = next(p.new_sequences[0] for p in result.plans if p.new_sequences and p.new_sequences[0].seq_id == 3)
     assert resumed.output_token_ids == tuple(result.tokens[("r2", 0)][:3])
@@ -147,6 +148,26 @@ def test_out_of_blocks_preempts_the_newest_request_which_resumes_with_the_same_t
         assert result.tokens[(request.request_id, 0)] == _alone_tokens(request.prompt_token_ids, 8)
     assert scheduler.stats.num_preemptions == 1
     assert scheduler.stats.num_used_blocks == 0
+
+
+def test_a_request_resumed_after_its_prompt_was_done_no_longer_asks_for_prompt_logprobs() -> None:
+    scheduler = make_scheduler(num_blocks=8)
+    for request in make_requests(3, prompt_len=6, max_tokens=8, prompt_logprobs=1):
+        scheduler.add_request(request)
+    result = run(scheduler, make_worker(scheduler))
+    # r2 (sequence 2) is preempted by recompute in step 3, after its prefill, and resumes as sequence 3.
+    sent = {s.seq_id: s for p in result.plans for s in p.new_sequences}
+    first, resumed = sent[2], sent[3]
+    assert (first.sampling_params.prompt_logprobs, resumed.sampling_params.prompt_logprobs) == (1, None)
+    assert resumed.sampling_params == replace(first.sampling_params, prompt_logprobs=None)
+
+
+def test_a_new_sequence_carries_the_request_sampling_params_and_the_ids_banned_before_min_tokens() -> None:
+    scheduler = make_scheduler(num_blocks=8)
+    request = make_request("a", range(10, 16), min_tokens=2, stop_token_ids=(7,))
+    scheduler.add_request(request)
+    (new,) = scheduler.schedule().new_sequences
+    assert (new.sampling_params, new.banned_token_ids) == (request.sampling_params, (EOS, 7))
 
 
 def test_swap_mode_moves_the_newest_request_to_cpu_blocks_and_back() -> None:
@@ -159,7 +180,7 @@ def test_swap_mode_moves_the_newest_request_to_cpu_blocks_and_back() -> None:
     # Step 8: r2 comes back into 5 and 6, and takes 1 for slot 8.
     assert [(i, p.swap_in) for i, p in enumerate(result.plans) if p.swap_in] == [(8, ((0, 5), (1, 6)))]
     assert result.plans[8].dropped_seq_ids == (0, 1)
-    assert result.plans[8].scheduled_sequences == (ScheduledSequencePlan(2, 1, (BlockTableUpdate(0, (5, 6, 1)),)),)
+    assert result.plans[8].scheduled_sequences == (ScheduledSequence(2, 1, (BlockTableUpdate(0, (5, 6, 1)),)),)
     assert result.tokens[("r2", 0)] == _alone_tokens(make_requests(3, 6)[2].prompt_token_ids, 8)
     assert scheduler.stats.num_preemptions == 1
     assert (scheduler.block_manager.cpu.num_used_blocks, scheduler.stats.num_used_blocks) == (0, 0)
@@ -222,10 +243,10 @@ def test_parallel_samples_share_prompt_blocks_and_copy_the_partial_last_block_on
     second, second_deltas = step_once(scheduler, worker)
     assert second.block_copies == ((1, 2), (1, 3), (1, 4))
     assert second.scheduled_sequences == (
-        ScheduledSequencePlan(0, 1, (BlockTableUpdate(1, (2,)),)),
-        ScheduledSequencePlan(1, 1, (BlockTableUpdate(1, (3,)),)),
-        ScheduledSequencePlan(2, 1, (BlockTableUpdate(1, (4,)),)),
-        ScheduledSequencePlan(3, 1),
+        ScheduledSequence(0, 1, (BlockTableUpdate(1, (2,)),)),
+        ScheduledSequence(1, 1, (BlockTableUpdate(1, (3,)),)),
+        ScheduledSequence(2, 1, (BlockTableUpdate(1, (4,)),)),
+        ScheduledSequence(3, 1),
     )
     assert (bm.gpu.ref_count(0), bm.gpu.ref_count(1)) == (4, 1)
     result = run(scheduler, worker)
@@ -347,7 +368,7 @@ def test_wide_request_alone_recomputes_a_sibling_once_its_sequences_outgrow_the_
     result = run(scheduler, make_worker(scheduler), on_step=lambda i, plan: assert_scheduler_invariants(scheduler))
     # Step 3 computes slot 8 of both siblings: one free block is left, so sibling 1 (seq 1) waits.
     assert result.plans[3].dropped_seq_ids == (1,)
-    assert result.plans[3].scheduled_sequences == (ScheduledSequencePlan(0, 1, (BlockTableUpdate(2, (3,)),)),)
+    assert result.plans[3].scheduled_sequences == (ScheduledSequence(0, 1, (BlockTableUpdate(2, (3,)),)),)
     resumed = [s for p in result.plans for s in p.new_sequences if s.seq_id == 2]
     assert [(s.sample_index, s.output_token_ids) for s in resumed] == [(1, tuple(result.tokens[("n2", 1)][:3]))]
     for index in range(2):
@@ -392,7 +413,7 @@ def test_priority_policy_serves_higher_priority_first_so_the_lower_one_is_preemp
     # Step 3 computes slot 8 of both, admitted low first; the one free block goes to high.
     plan, _ = step_once(scheduler, worker)
     assert plan.dropped_seq_ids == (0,)
-    assert plan.scheduled_sequences == (ScheduledSequencePlan(1, 1, (BlockTableUpdate(2, (4,)),)),)
+    assert plan.scheduled_sequences == (ScheduledSequence(1, 1, (BlockTableUpdate(2, (4,)),)),)
     assert _status(scheduler, "low") is RequestStatus.PREEMPTED
 
 

@@ -12,7 +12,7 @@ from pagedserve.control_plane.config import PreemptionMode, SchedulingPolicy
 from pagedserve.control_plane.errors import ResourceExhaustedError
 from pagedserve.control_plane.scheduling.request import FinishReason, Request
 from pagedserve.control_plane.scheduling.scheduler import Scheduler
-from pagedserve.control_plane.step_plan import BlockTableUpdate, ScheduledSequencePlan, StepPlan
+from pagedserve.contract.step import BlockTableUpdate, ScheduledSequence, StepPlan
 
 from .factories import (
     EOS,
@@ -31,7 +31,7 @@ def test_decode_is_planned_again_before_the_token_it_computes_has_arrived() -> N
     scheduler.add_request(make_request("a", range(10, 18)))
     first = scheduler.schedule()
     second = scheduler.schedule()
-    assert second.scheduled_sequences == (ScheduledSequencePlan(0, 1, (BlockTableUpdate(2, (2,)),)),)
+    assert second.scheduled_sequences == (ScheduledSequence(0, 1, (BlockTableUpdate(2, (2,)),)),)
     first_deltas = scheduler.update_from_output(first, worker.execute(first))
     second_deltas = scheduler.update_from_output(second, worker.execute(second))
     assert [len(d.new_token_ids) for d in first_deltas + second_deltas] == [1, 1]

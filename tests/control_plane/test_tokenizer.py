@@ -12,13 +12,10 @@ import pytest
 
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-LLAMA2 = SHARED / "tokenizers" / "llama2"
-
 
 @pytest.fixture(scope="module")
-def llama2() -> Tokenizer:
-    return Tokenizer(LLAMA2)
+def llama2(llama2_tokenizer_dir: Path) -> Tokenizer:
+    return Tokenizer(llama2_tokenizer_dir)
 
 
 def test_llama2_vocabulary_and_special_ids(llama2: Tokenizer) -> None:
@@ -51,9 +48,9 @@ def test_ids_outside_the_vocabulary_have_no_piece_and_no_text(llama2: Tokenizer)
     assert llama2.decode([15043, 32000]) == "Hello"
 
 
-def _model_dir(tmp_path: Path, generation_config: dict[str, object] | None) -> Path:
+def _model_dir(llama2_dir: Path, tmp_path: Path, generation_config: dict[str, object] | None) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(LLAMA2 / name, tmp_path / name)
+        shutil.copy(llama2_dir / name, tmp_path / name)
     if generation_config is not None:
         (tmp_path / "generation_config.json").write_text(json.dumps(generation_config))
     return tmp_path
@@ -69,20 +66,21 @@ def _model_dir(tmp_path: Path, generation_config: dict[str, object] | None) -> P
     ],
 )
 def test_eos_ids_come_from_generation_config_else_the_tokenizer(
-    tmp_path: Path, generation_config: dict[str, object] | None, eos_token_ids: tuple[int, ...]
+    llama2_tokenizer_dir: Path, tmp_path: Path, generation_config: dict[str, object] | None,
+    eos_token_ids: tuple[int, ...],
 ) -> None:
-    assert Tokenizer(_model_dir(tmp_path, generation_config)).eos_token_ids == eos_token_ids
+    assert Tokenizer(_model_dir(llama2_tokenizer_dir, tmp_path, generation_config)).eos_token_ids == eos_token_ids
 
 
-def test_stories260k_reads_its_model_directory() -> None:
-    tokenizer = Tokenizer(SHARED / "models" / "stories260K")
+def test_stories260k_reads_its_model_directory(stories260k_dir: Path) -> None:
+    tokenizer = Tokenizer(stories260k_dir)
     assert (tokenizer.vocab_size, tokenizer.eos_token_ids, len(tokenizer.byte_token_ids)) == (512, (2,), 256)
 
 
-def test_loading_a_tokenizer_does_not_import_torch() -> None:
+def test_loading_a_tokenizer_does_not_import_torch(llama2_tokenizer_dir: Path) -> None:
     code = (
         "import sys; from pathlib import Path; from pagedserve.control_plane.text.tokenizer import Tokenizer; "
-        f"Tokenizer(Path({str(LLAMA2)!r})).encode('x'); print('torch' in sys.modules)"
+        f"Tokenizer(Path({str(llama2_tokenizer_dir)!r})).encode('x'); print('torch' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

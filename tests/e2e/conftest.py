@@ -11,25 +11,23 @@ import grpc
 import pytest
 
 from pagedserve.v1 import generation_service_pb2_grpc
+from tests import shared_data
 from tests.e2e.processes import Cluster, running_cluster
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-STORIES = SHARED / "models" / "stories260K"
+
+@pytest.fixture(scope="session")
+def stories_dir(stories260k_dir: Path) -> Path:
+    return stories260k_dir
 
 
 @pytest.fixture(scope="session")
-def stories_dir() -> Path:
-    return STORIES
-
-
-@pytest.fixture(scope="session")
-def golden() -> dict:
-    return json.loads((STORIES / "golden_greedy.json").read_text())
+def golden(stories_dir: Path) -> dict:
+    return json.loads((stories_dir / "golden_greedy.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def stories_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with running_cluster(STORIES, tmp_path_factory.mktemp("stories-logs")) as cluster:
+def stories_cluster(stories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with running_cluster(stories_dir, tmp_path_factory.mktemp("stories-logs")) as cluster:
         yield cluster
 
 
@@ -42,4 +40,4 @@ def stub(stories_cluster: Cluster) -> Iterator[generation_service_pb2_grpc.Gener
 def copy_tokenizer(destination: Path) -> None:
     """Puts the stories260K tokenizer (vocabulary 512) beside a test model's weights."""
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(STORIES / name, destination / name)
+        shutil.copy(shared_data.stories260k_dir() / name, destination / name)

@@ -5,14 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pagedserve.gpu_worker import convert
-from pagedserve.gpu_worker.config import DeviceKind, DType, LoadFormat, WorkerConfig
-from pagedserve.gpu_worker.step import CacheRequest
+from pagedserve.contract import codec
+from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
+from pagedserve.contract.worker_info import CacheRequest
+from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.worker import Worker
+from pagedserve.v1 import common_pb2
 from pagedserve.v1 import worker_service_pb2 as pb
+from tests.shared_data import stories260k_dir
 
-SHARED_DIR = Path(__file__).resolve().parents[2].parent / "shared"
-STORIES_DIR = SHARED_DIR / "models" / "stories260K"
+STORIES_DIR = stories260k_dir()  # a module constant: test modules read its golden tokens at import
 
 
 def load_worker(
@@ -30,8 +32,8 @@ def load_worker(
     return worker
 
 
-def greedy() -> pb.SequenceSampling:
-    return pb.SequenceSampling(temperature=0.0, top_p=1.0, repetition_penalty=1.0)
+def greedy() -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(temperature=0.0)
 
 
 @dataclass
@@ -67,7 +69,7 @@ class WorkerDriver:
     def execute(self, request: pb.ExecuteRequest) -> pb.ExecuteResponse:
         request.step_id = self.step_id
         self.step_id += 1
-        return convert.step_result_to_proto(self.worker.execute(convert.step_from_proto(request)))
+        return codec.step_result_to_proto(self.worker.execute(codec.step_plan_from_proto(request)))
 
     def allocate(self, seq: DrivenSequence, num_tokens: int) -> list[int]:
         """Appends blocks so seq's table covers num_tokens; returns the new ones."""
@@ -86,8 +88,8 @@ class WorkerDriver:
             new_blocks = self.allocate(seq, seq.num_computed + num_scheduled)
             if not seq.is_sent:
                 request.new_sequences.append(pb.NewSequence(
-                    seq_id=seq.seq_id, prompt_token_ids=seq.prompt, sampling=greedy(), block_ids=seq.block_ids,
-                    num_computed_tokens=0, num_scheduled_tokens=num_scheduled,
+                    seq_id=seq.seq_id, prompt_token_ids=seq.prompt, sampling_params=greedy(),
+                    block_ids=seq.block_ids, num_computed_tokens=0, num_scheduled_tokens=num_scheduled,
                 ))
                 seq.is_sent = True
             else:

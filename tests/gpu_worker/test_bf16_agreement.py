@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pagedserve.gpu_worker.config import DeviceKind, DType
+from pagedserve.contract.model_format import DeviceKind, DType
+from pagedserve.v1 import common_pb2
 from pagedserve.v1 import worker_service_pb2 as pb
 from tests.gpu_marks import NEEDS_GPU
 from tests.gpu_worker.harness import STORIES_DIR, WorkerDriver, load_worker
@@ -70,8 +71,8 @@ def _bf16_argmax(model_dir: Path, sequences: list[list[int]]) -> list[list[int]]
     for seq_id, ids in enumerate(sequences):
         blocks = list(range(start, start + -(-len(ids) // BLOCK_SIZE)))
         start += len(blocks)
-        sampling = pb.SequenceSampling(temperature=0.0, top_p=1.0, repetition_penalty=1.0, prompt_logprobs=1)
-        request.new_sequences.append(pb.NewSequence(seq_id=seq_id, prompt_token_ids=ids, sampling=sampling,
+        sampling = common_pb2.SamplingParams(temperature=0.0, prompt_logprobs=1)
+        request.new_sequences.append(pb.NewSequence(seq_id=seq_id, prompt_token_ids=ids, sampling_params=sampling,
                                                     block_ids=blocks, num_scheduled_tokens=len(ids)))
     response = driver.execute(request)
     return [[lp.top_token_ids[0] for lp in out.prompt_logprobs] for out in response.outputs]

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
-from pagedserve.gpu_worker.config import DeviceKind, DType, LoadFormat, WorkerConfig
+from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
+from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.main import build_parser, config_from_args
 
 
@@ -45,12 +45,3 @@ def test_listen_address_must_be_host_and_port(address: str) -> None:
 def test_negative_seed_is_rejected() -> None:
     with pytest.raises(ValueError, match="seed"):
         WorkerConfig(model_dir=Path("m"), seed=-1)
-
-
-def test_cpu_device_resolves_to_cpu() -> None:
-    assert DeviceKind.CPU.resolve() == torch.device("cpu")
-
-
-def test_dtype_maps_to_and_from_torch() -> None:
-    assert [DType.from_torch(d.torch_dtype) for d in (DType.FLOAT32, DType.BFLOAT16, DType.FLOAT16)] == [
-        DType.FLOAT32, DType.BFLOAT16, DType.FLOAT16]

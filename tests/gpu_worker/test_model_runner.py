@@ -8,10 +8,11 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
+from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.gpu_worker.block_tables import BlockTableArray
 from pagedserve.gpu_worker.model_runner import build_batch
-from pagedserve.gpu_worker.sampler import SamplingOptions
 from pagedserve.gpu_worker.sequence_state import ScheduledWork, SequenceState
+from pagedserve.v1 import common_pb2
 from pagedserve.v1 import worker_service_pb2 as pb
 from tests.gpu_worker.harness import STORIES_DIR, WorkerDriver, load_worker
 
@@ -22,9 +23,10 @@ PROMPT = GOLDEN["prompt_ids"]
 def test_flat_batch_places_each_token_at_its_position_and_slot() -> None:
     tables = BlockTableArray(num_rows=1, num_columns=1)  # grows to fit both tables
     # Sequence 0: prefill chunk of positions 2..4; sequence 1: decode at position 5 (its first output).
+    params = SamplingParams()
     work = [
-        ScheduledWork.of(SequenceState(0, [10, 11, 12, 13, 14, 15], [], SamplingOptions(), tables.add([7, 3]), 2), 3),
-        ScheduledWork.of(SequenceState(1, [20, 21, 22, 23, 24], [25], SamplingOptions(), tables.add([1, 6, 9]), 5), 1),
+        ScheduledWork.of(SequenceState(0, [10, 11, 12, 13, 14, 15], [], params, (), tables.add([7, 3]), 2), 3),
+        ScheduledWork.of(SequenceState(1, [20, 21, 22, 23, 24], [25], params, (), tables.add([1, 6, 9]), 5), 1),
     ]
 
     batch = build_batch(work, tables, block_size=4, device=torch.device("cpu"))
@@ -44,8 +46,8 @@ def test_logprobs_and_chunked_prompt_logprobs_match_the_reference_model() -> Non
     with torch.no_grad():
         log_probs = reference(torch.tensor([PROMPT])).logits[0].log_softmax(dim=-1)
     driver = WorkerDriver(load_worker(STORIES_DIR, block_size=4), 4, num_blocks=8)
-    sampling = pb.SequenceSampling(temperature=0.0, top_p=1.0, repetition_penalty=1.0, logprobs=2, prompt_logprobs=1)
-    new = pb.NewSequence(seq_id=3, prompt_token_ids=PROMPT, sampling=sampling, block_ids=[0, 1],
+    sampling = common_pb2.SamplingParams(temperature=0.0, logprobs=2, prompt_logprobs=1)
+    new = pb.NewSequence(seq_id=3, prompt_token_ids=PROMPT, sampling_params=sampling, block_ids=[0, 1],
                          num_computed_tokens=0, num_scheduled_tokens=3)
     first = driver.execute(pb.ExecuteRequest(new_sequences=[new]))
     second = driver.execute(pb.ExecuteRequest(scheduled_sequences=[pb.ScheduledSequence(seq_id=3, num_scheduled_tokens=2)]))

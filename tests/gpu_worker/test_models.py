@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config, Qwen3Config
 
-from pagedserve.gpu_worker.config import DeviceKind
+from pagedserve.contract.model_format import DeviceKind
 from tests.gpu_marks import NEEDS_GPU
 from tests.gpu_worker.harness import STORIES_DIR, WorkerDriver, load_worker, make_sequences
 

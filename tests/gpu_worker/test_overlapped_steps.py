@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from pagedserve.gpu_worker.config import DeviceKind
-from pagedserve.gpu_worker.sampler import SamplingOptions
-from pagedserve.gpu_worker.step import NewSequence, ScheduledSequence, StepRequest, StepResult, TableUpdate
+from pagedserve.contract.model_format import DeviceKind
+from pagedserve.contract.sampling_params import SamplingParams
+from pagedserve.contract.step import BlockTableUpdate, NewSequence, ScheduledSequence, StepPlan, StepResult
 from pagedserve.gpu_worker.worker import Worker
 from tests.gpu_marks import NEEDS_GPU
 from tests.gpu_worker.harness import STORIES_DIR, load_worker
@@ -20,35 +20,35 @@ EXPECTED = GOLDEN["greedy_new_ids"]
 DEVICES = pytest.mark.parametrize(
     "device", [pytest.param(DeviceKind.CPU, id="cpu"), pytest.param(DeviceKind.CUDA, id="cuda", marks=NEEDS_GPU)]
 )
-GREEDY = SamplingOptions(temperature=0.0)
+GREEDY = SamplingParams(temperature=0.0)
 
 
-def _steps(options: SamplingOptions, num_decodes: int, fork_seq_ids: tuple[int, ...] = ()) -> list[StepRequest]:
+def _steps(options: SamplingParams, num_decodes: int, fork_seq_ids: tuple[int, ...] = ()) -> list[StepPlan]:
     """Prompt of sequence 1 (with its siblings), then one decode step of all of them at a time; each sequence
     gets blocks 4 * seq_id onwards, so the siblings never share a block."""
     seq_ids = (1, *fork_seq_ids)
-    first = NewSequence(1, PROMPT, (), options, (4, 5), 0, len(PROMPT), fork_seq_ids)
-    steps = [StepRequest(0, new_sequences=(first,))]
+    first = NewSequence(1, PROMPT, (), options, (4, 5), 0, len(PROMPT), fork_seq_ids=fork_seq_ids)
+    steps = [StepPlan(0, new_sequences=(first,))]
     for step_id in range(1, num_decodes + 1):
         position = len(PROMPT) + step_id - 1  # the token this step computes
         scheduled = []
         for seq_id in seq_ids:
             updates = ()
             if seq_id != 1 and step_id == 1:  # a sibling's own copy of the prompt's blocks
-                updates = (TableUpdate(0, (4 * seq_id, 4 * seq_id + 1)),)
+                updates = (BlockTableUpdate(0, (4 * seq_id, 4 * seq_id + 1)),)
             if position % BLOCK_SIZE == 0:
-                updates += (TableUpdate(position // BLOCK_SIZE, (4 * seq_id + position // BLOCK_SIZE,)),)
+                updates += (BlockTableUpdate(position // BLOCK_SIZE, (4 * seq_id + position // BLOCK_SIZE,)),)
             scheduled.append(ScheduledSequence(seq_id, 1, updates))
         copies = tuple((b, 4 * s + b - 4) for s in fork_seq_ids for b in (4, 5)) if step_id == 1 else ()
-        steps.append(StepRequest(step_id, block_copies=copies, scheduled_sequences=tuple(scheduled)))
+        steps.append(StepPlan(step_id, block_copies=copies, scheduled_sequences=tuple(scheduled)))
     return steps
 
 
-def _run_one_at_a_time(worker: Worker, steps: list[StepRequest]) -> list[StepResult]:
+def _run_one_at_a_time(worker: Worker, steps: list[StepPlan]) -> list[StepResult]:
     return [worker.execute(step) for step in steps]
 
 
-def _run_two_in_flight(worker: Worker, steps: list[StepRequest]) -> list[StepResult]:
+def _run_two_in_flight(worker: Worker, steps: list[StepPlan]) -> list[StepResult]:
     """Launches step N+1 before finishing step N, as the worker's service does when steps arrive in time."""
     launched = [worker.launch(steps[0])]
     results = []
@@ -60,7 +60,7 @@ def _run_two_in_flight(worker: Worker, steps: list[StepRequest]) -> list[StepRes
 
 
 def _tokens(results: list[StepResult], seq_id: int) -> list[int | None]:
-    return [next(r.token_id for r in result.results if r.seq_id == seq_id) for result in results]
+    return [next(r.token_id for r in result.outputs if r.seq_id == seq_id) for result in results]
 
 
 @DEVICES
@@ -81,7 +81,7 @@ def test_siblings_forked_at_a_pending_first_sample_continue_from_their_own_token
 
 @DEVICES
 def test_penalised_and_seeded_sampling_is_the_same_with_steps_in_flight(device: DeviceKind) -> None:
-    options = SamplingOptions(temperature=0.8, seed=11, repetition_penalty=1.3, frequency_penalty=0.5)
+    options = SamplingParams(temperature=0.8, seed=11, repetition_penalty=1.3, frequency_penalty=0.5)
     steps = _steps(options, num_decodes=8, fork_seq_ids=(2,))
     one_at_a_time = _run_one_at_a_time(load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=32, device=device),
                                        steps)
@@ -113,7 +113,7 @@ def test_each_result_reports_its_device_time_and_the_idle_time_before_it() -> No
 def test_a_prompt_chunk_that_samples_nothing_still_reports_its_device_time(device: DeviceKind) -> None:
     worker = load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=32, device=device)
     chunk = NewSequence(1, PROMPT, (), GREEDY, (4, 5), 0, 3)
-    steps = [StepRequest(0, new_sequences=(chunk,)), StepRequest(1, scheduled_sequences=(ScheduledSequence(1, 2),))]
+    steps = [StepPlan(0, new_sequences=(chunk,)), StepPlan(1, scheduled_sequences=(ScheduledSequence(1, 2),))]
     first, rest = _run_two_in_flight(worker, steps)
     assert _tokens([first], 1) == [None] and _tokens([rest], 1) == EXPECTED[:1]
     assert first.forward_time_ms > 0 and rest.forward_time_ms > 0

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from pagedserve.contract.model_format import DeviceKind
+from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.gpu_worker.block_tables import BlockTableArray
-from pagedserve.gpu_worker.config import DeviceKind
+from pagedserve.gpu_worker.cuda_graph import capture_sizes
 from pagedserve.gpu_worker.model_runner import FlatBatch, build_batch
 from pagedserve.gpu_worker.models.decoder import run_pieces
 from pagedserve.gpu_worker.models.layers import AttentionBuffers
-from pagedserve.gpu_worker.cuda_graph import capture_sizes
 from pagedserve.gpu_worker.piecewise_graph import piece_sizes
-from pagedserve.gpu_worker.sampler import SamplingOptions
 from pagedserve.gpu_worker.sequence_state import ScheduledWork, SequenceState
 from pagedserve.gpu_worker.worker import Worker
 from tests.gpu_marks import NEEDS_GPU
@@ -56,7 +56,7 @@ def _mixed_batch(worker: Worker, rng: np.random.Generator, shapes: list[tuple[in
     for seq_id, (num_tokens, num_computed) in enumerate(shapes):
         num_blocks = -(-num_tokens // BLOCK_SIZE)
         row = tables.add(tuple(range(seq_id * 8, seq_id * 8 + num_blocks)))
-        state = SequenceState(seq_id, rng.integers(3, 500, num_tokens).tolist(), [], SamplingOptions(), row,
+        state = SequenceState(seq_id, rng.integers(3, 500, num_tokens).tolist(), [], SamplingParams(), (), row,
                               num_computed)
         work.append(ScheduledWork.of(state, num_tokens - num_computed))
     return build_batch(work, tables, BLOCK_SIZE, worker.device)

@@ -8,16 +8,19 @@ from collections import Counter
 import pytest
 import torch
 
+from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.gpu_worker.logits_processors import apply_penalties
-from pagedserve.gpu_worker.sampler import Sampler, SamplingOptions, SamplingRow
+from pagedserve.gpu_worker.sampler import Sampler, SamplingRow
 
 CPU = torch.device("cpu")
 
 
 def _row(
-    prompt: tuple[int, ...] = (), output: tuple[int, ...] = (), sample_index: int = 0, **options: object
+    prompt: tuple[int, ...] = (), output: tuple[int, ...] = (), sample_index: int = 0,
+    banned_token_ids: tuple[int, ...] = (), **params: object,
 ) -> SamplingRow:
-    return SamplingRow(SamplingOptions(**options), prompt, output, sample_index)  # type: ignore[arg-type]
+    params_ = SamplingParams(**params)  # type: ignore[arg-type]
+    return SamplingRow(params_, banned_token_ids, prompt, output, sample_index)
 
 
 def _logits_from_probs(probs: list[float], num_rows: int) -> torch.Tensor:
@@ -238,13 +241,3 @@ def test_token_ids_outside_the_vocabulary_are_rejected() -> None:
 def test_logits_of_the_wrong_shape_are_rejected() -> None:
     with pytest.raises(ValueError, match=r"shape \[2, 4\]"):
         Sampler(4, CPU).sample(torch.zeros(2, 5), [_row(), _row()])
-
-
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [("temperature", -0.1), ("top_p", 0.0), ("top_k", -2), ("min_p", 1.5), ("repetition_penalty", 0.0),
-     ("min_tokens", -1), ("logprobs", -1), ("prompt_logprobs", -1)],
-)
-def test_sampling_options_reject_out_of_range_values(field: str, value: float) -> None:
-    with pytest.raises(ValueError, match=field):
-        SamplingOptions(**{field: value})  # type: ignore[arg-type]

@@ -12,7 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from safetensors import safe_open
 
-from pagedserve.gpu_worker.config import DeviceKind, WorkerConfig
+from pagedserve.contract.model_format import DeviceKind
+from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.service import start_server
 from pagedserve.gpu_worker.worker import Worker
 from pagedserve.v1 import worker_service_pb2 as pb
@@ -58,7 +59,7 @@ def _golden() -> dict[str, list[int]]:
 
 def _prefill(prompt: list[int]) -> pb.ExecuteRequest:
     """Step 0: the whole prompt of sequence 1 in blocks 0, 1 (prompt of 5 tokens, block size 4)."""
-    new = pb.NewSequence(seq_id=1, prompt_token_ids=prompt, sampling=greedy(), block_ids=[0, 1],
+    new = pb.NewSequence(seq_id=1, prompt_token_ids=prompt, sampling_params=greedy(), block_ids=[0, 1],
                          num_computed_tokens=0, num_scheduled_tokens=len(prompt))
     return pb.ExecuteRequest(step_id=0, new_sequences=[new])
 
@@ -151,9 +152,39 @@ def test_unknown_scheduled_sequence_is_invalid_argument() -> None:
     _serve(test)
 
 
+def test_out_of_range_sampling_params_are_invalid_argument() -> None:
+    step = _prefill(_golden()["prompt_ids"])
+    step.new_sequences[0].sampling_params.top_p = 1.5
+
+    async def test(channel: grpc.aio.Channel, worker: Worker) -> None:
+        stub = worker_service_pb2_grpc.WorkerServiceStub(channel)
+        await stub.InitCache(_init_cache())
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await _execute(stub, step)
+
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "top_p: must be in (0, 1], got 1.5" in (error.value.details() or "")
+        assert worker.registry.states == {}
+
+    _serve(test)
+
+
+def test_init_cache_with_a_block_size_not_a_power_of_two_is_invalid_argument() -> None:
+    async def test(channel: grpc.aio.Channel, worker: Worker) -> None:
+        stub = worker_service_pb2_grpc.WorkerServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await stub.InitCache(pb.InitCacheRequest(block_size=3, num_gpu_blocks_override=NUM_BLOCKS))
+
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "block_size: must be a power of two, got 3" in (error.value.details() or "")
+        assert not worker.is_cache_initialized
+
+    _serve(test)
+
+
 def test_execute_accepts_a_step_larger_than_grpc_default_4_mib() -> None:
     # 2.5M two-byte varints; the out-of-range block makes the worker judge the step without running it.
-    new = pb.NewSequence(seq_id=1, prompt_token_ids=[500] * 2_500_000, sampling=greedy(), block_ids=[NUM_BLOCKS],
+    new = pb.NewSequence(seq_id=1, prompt_token_ids=[500] * 2_500_000, sampling_params=greedy(), block_ids=[NUM_BLOCKS],
                          num_scheduled_tokens=1)
     step = pb.ExecuteRequest(step_id=0, new_sequences=[new])
 

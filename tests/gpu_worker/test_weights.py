@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from pagedserve.gpu_worker.config import DType, LoadFormat
+from pagedserve.contract.model_format import DType, LoadFormat
+from pagedserve.gpu_worker.devices import torch_dtype
 from pagedserve.gpu_worker.errors import ModelLoadError
 from pagedserve.gpu_worker.weights import LoadedModel, load_model
 from pagedserve.kernels.reference import TorchReferenceOps
@@ -78,9 +79,9 @@ def test_dummy_weights_are_deterministic_for_a_seed(tmp_path: Path) -> None:
 def test_weights_load_in_the_dtype_asked_for(dtype: DType) -> None:
     loaded = _load(STORIES_DIR, dtype=dtype)
 
-    assert loaded.dtype == dtype.torch_dtype
-    assert {p.dtype for p in loaded.model.parameters()} == {dtype.torch_dtype}
-    assert loaded.weight_bytes == sum(p.numel() for p in loaded.model.parameters()) * dtype.torch_dtype.itemsize
+    assert loaded.dtype == torch_dtype(dtype)
+    assert {p.dtype for p in loaded.model.parameters()} == {torch_dtype(dtype)}
+    assert loaded.weight_bytes == sum(p.numel() for p in loaded.model.parameters()) * torch_dtype(dtype).itemsize
 
 
 def test_auto_dtype_follows_the_config(tmp_path: Path) -> None:

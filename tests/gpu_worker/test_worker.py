@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from pagedserve.gpu_worker.config import DeviceKind, WorkerConfig
+from pagedserve.contract.model_format import DeviceKind
+from pagedserve.contract.worker_info import CacheRequest
+from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.errors import CacheNotInitializedError, InvalidStepError
-from pagedserve.gpu_worker.step import CacheRequest
 from pagedserve.gpu_worker.worker import Worker
 from pagedserve.v1 import worker_service_pb2 as pb
 from tests.gpu_worker.harness import STORIES_DIR, WorkerDriver, greedy, load_worker
@@ -20,7 +21,7 @@ EXPECTED = GOLDEN["greedy_new_ids"]
 
 
 def _new(seq_id: int, block_ids: list[int], fork_seq_ids: tuple[int, ...] = ()) -> pb.NewSequence:
-    return pb.NewSequence(seq_id=seq_id, prompt_token_ids=PROMPT, sampling=greedy(), block_ids=block_ids,
+    return pb.NewSequence(seq_id=seq_id, prompt_token_ids=PROMPT, sampling_params=greedy(), block_ids=block_ids,
                           num_computed_tokens=0, num_scheduled_tokens=len(PROMPT), fork_seq_ids=fork_seq_ids)
 
 
@@ -37,7 +38,7 @@ def test_forked_sibling_with_copied_last_block_generates_the_same_tokens() -> No
     block_size = 8  # the 5-token prompt sits in one partly filled block, shared after the fork
     driver = WorkerDriver(load_worker(STORIES_DIR, block_size=block_size), block_size, num_blocks=8)
     # A finished sequence leaves other tokens' K/V in block 5.
-    other = pb.NewSequence(seq_id=9, prompt_token_ids=EXPECTED[10:18], sampling=greedy(), block_ids=[5],
+    other = pb.NewSequence(seq_id=9, prompt_token_ids=EXPECTED[10:18], sampling_params=greedy(), block_ids=[5],
                            num_computed_tokens=0, num_scheduled_tokens=8)
     driver.execute(pb.ExecuteRequest(new_sequences=[other]))
     first = driver.execute(pb.ExecuteRequest(dropped_seq_ids=[9], new_sequences=[_new(1, [0], fork_seq_ids=(2,))]))
@@ -72,7 +73,7 @@ def test_swap_out_and_back_into_other_blocks_keeps_the_tokens() -> None:
 
 def test_prefill_chunk_short_of_the_last_token_returns_no_token() -> None:
     driver = WorkerDriver(load_worker(STORIES_DIR, block_size=BLOCK_SIZE), BLOCK_SIZE, num_blocks=8)
-    chunk = pb.NewSequence(seq_id=1, prompt_token_ids=PROMPT, sampling=greedy(), block_ids=[0],
+    chunk = pb.NewSequence(seq_id=1, prompt_token_ids=PROMPT, sampling_params=greedy(), block_ids=[0],
                            num_computed_tokens=0, num_scheduled_tokens=3)
     first = driver.execute(pb.ExecuteRequest(new_sequences=[chunk]))
     rest = pb.ScheduledSequence(seq_id=1, num_scheduled_tokens=2,
@@ -84,7 +85,7 @@ def test_prefill_chunk_short_of_the_last_token_returns_no_token() -> None:
 
 def test_resumed_sequence_with_outputs_continues_where_it_stopped() -> None:
     driver = WorkerDriver(load_worker(STORIES_DIR, block_size=BLOCK_SIZE), BLOCK_SIZE, num_blocks=8)
-    resumed = pb.NewSequence(seq_id=4, prompt_token_ids=PROMPT, output_token_ids=EXPECTED[:3], sampling=greedy(),
+    resumed = pb.NewSequence(seq_id=4, prompt_token_ids=PROMPT, output_token_ids=EXPECTED[:3], sampling_params=greedy(),
                              block_ids=[3, 2], num_computed_tokens=0, num_scheduled_tokens=len(PROMPT) + 3)
 
     response = driver.execute(pb.ExecuteRequest(new_sequences=[resumed]))

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import math
+from typing import TypedDict
 
 import pytest
 import torch
 
 from pagedserve.kernels.ops import get_kernel_ops
 from pagedserve.kernels.reference import TorchReferenceOps
+
+
+class PagedCase(TypedDict):
+    """paged_attention inputs over a random pool, with each sequence's context and query lengths."""
+
+    query: torch.Tensor
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: list[int]
+    q_lens: list[int]
 
 
 def _naive_attention(
@@ -25,7 +37,7 @@ def _naive_attention(
     num_q_heads, num_kv_heads = query.shape[1], key_cache.shape[1]
     block_size = key_cache.shape[2]
     row = 0
-    for seq_index, (seq_len, q_len) in enumerate(zip(seq_lens, q_lens)):
+    for seq_index, (seq_len, q_len) in enumerate(zip(seq_lens, q_lens, strict=True)):
         for i in range(q_len):
             position = seq_len - q_len + i
             for head in range(num_q_heads):
@@ -44,7 +56,7 @@ def _naive_attention(
 def _random_case(
     seq_lens: list[int], q_lens: list[int], num_kv_heads: int, group_size: int, block_size: int,
     head_dim: int = 8, dtype: torch.dtype = torch.float32, seed: int = 0,
-) -> dict[str, object]:
+) -> PagedCase:
     """Random pool with each sequence's blocks scattered over shuffled block ids, junk table padding."""
     gen = torch.Generator().manual_seed(seed)
     blocks_per_seq = [-(-n // block_size) for n in seq_lens]
@@ -68,7 +80,7 @@ def _random_case(
     }
 
 
-def _run_reference(case: dict[str, object], scale: float) -> torch.Tensor:
+def _run_reference(case: PagedCase, scale: float) -> torch.Tensor:
     query = case["query"]
     q_lens = case["q_lens"]
     seq_lens = case["seq_lens"]
@@ -82,7 +94,7 @@ def _run_reference(case: dict[str, object], scale: float) -> torch.Tensor:
     return out
 
 
-def _naive(case: dict[str, object], scale: float) -> torch.Tensor:
+def _naive(case: PagedCase, scale: float) -> torch.Tensor:
     return _naive_attention(
         case["query"], case["key_cache"], case["value_cache"], case["block_tables"],
         case["seq_lens"], case["q_lens"], scale,

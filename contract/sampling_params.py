@@ -1,16 +1,21 @@
-"""A request's sampling parameters, with vLLM's defaults and ranges."""
+"""A request's sampling parameters, with vLLM's defaults and ranges: validated where a request enters, then carried
+as they are to the worker that applies them."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
-from pagedserve.control_plane.errors import InvalidArgumentError
+from pagedserve.contract.errors import InvalidArgumentError
 
 MAX_N = 256  # completions per request
 MAX_LOGPROBS = 20  # top alternatives returned per position
 MAX_SEED = 2**64 - 1  # seeds travel as uint64
+MAX_LOGIT_BIAS = 100.0  # |bias| per token, as OpenAI bounds it
+# Below this temperature a row is greedy: dividing logits by it would overflow float32.
+GREEDY_TEMPERATURE = 1e-5
 
 
 def _require(ok: bool, field: str, message: str) -> None:
@@ -53,24 +58,30 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: Mapping[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "logit_bias", MappingProxyType(dict(self.logit_bias)))  # read-only
         self._check_counts()
         self._check_distribution()
         self._check_stops()
+        self._check_logit_bias()
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
     def validate(self, vocab_size: int, max_model_len: int, num_prompt_tokens: int) -> None:
         """Raises InvalidArgumentError unless these parameters fit a model and a prompt of this length."""
-        for token_id in self.stop_token_ids:
-            _require(
-                0 <= token_id < vocab_size,
-                "stop_token_ids",
-                f"token id {token_id} is outside the vocabulary [0, {vocab_size})",
-            )
+        for name, token_ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias)):
+            for token_id in token_ids:
+                _require(
+                    0 <= token_id < vocab_size, name, f"token id {token_id} is outside the vocabulary [0, {vocab_size})"
+                )
         max_new_tokens = max_model_len - num_prompt_tokens
         if self.max_tokens is None:
             _require(
@@ -138,6 +149,15 @@ class SamplingParams:
             "stop_token_ids",
             f"must be non-negative, got {list(self.stop_token_ids)}",
         )
+
+    def _check_logit_bias(self) -> None:
+        for token_id, bias in self.logit_bias.items():
+            _require(token_id >= 0, "logit_bias", f"token id {token_id} must be non-negative")
+            _require(
+                math.isfinite(bias) and abs(bias) <= MAX_LOGIT_BIAS,
+                "logit_bias",
+                f"bias of token {token_id} must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias}",
+            )
 
 
 def validate_prompt(prompt_token_ids: Sequence[int], vocab_size: int, max_model_len: int) -> None:

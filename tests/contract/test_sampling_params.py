@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from pagedserve.control_plane.errors import InvalidArgumentError
-from pagedserve.control_plane.sampling_params import SamplingParams, validate_prompt
+from pagedserve.contract.errors import InvalidArgumentError
+from pagedserve.contract.sampling_params import SamplingParams, validate_prompt
 
 VOCAB_SIZE = 100
 MAX_MODEL_LEN = 64
@@ -34,6 +34,7 @@ BAD_VALUES: list[tuple[dict[str, Any], str, str]] = [
     ({"min_tokens": 17}, "min_tokens", "min_tokens: must be at most max_tokens=16, got 17"),
     ({"logprobs": -1}, "logprobs", "logprobs: must be in [0, 20], got -1"),
     ({"logprobs": 21}, "logprobs", "logprobs: must be in [0, 20], got 21"),
+    ({"prompt_logprobs": -1}, "prompt_logprobs", "prompt_logprobs: must be in [0, 20], got -1"),
     ({"prompt_logprobs": 21}, "prompt_logprobs", "prompt_logprobs: must be in [0, 20], got 21"),
     ({"seed": -1}, "seed", "seed: must be in [0, 2**64 - 1], got -1"),
     ({"seed": 2**64}, "seed", f"seed: must be in [0, 2**64 - 1], got {2**64}"),

@@ -1,0 +1,256 @@
+"""The one protobuf codec of the contract's values: sampling parameters, log-probabilities, steps and their
+results, worker and cache info. Decoding validates (InvalidArgumentError naming the field): each process that
+receives these messages is a trust boundary of its own."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from google.protobuf.descriptor import FieldDescriptor
+
+from pagedserve.contract.sampling_params import SamplingParams
+from pagedserve.contract.step import (
+    BlockTableUpdate,
+    NewSequence,
+    ScheduledSequence,
+    SequenceOutput,
+    StepPlan,
+    StepResult,
+    TokenLogprobs,
+)
+from pagedserve.contract.worker_info import CacheInfo, CacheRequest, WorkerInfo
+from pagedserve.v1 import common_pb2, worker_service_pb2
+
+
+class _FieldKind(enum.Enum):
+    OPTIONAL = "optional"  # unset: the SamplingParams default
+    REPEATED = "repeated"  # a tuple
+    MAP = "map"  # a mapping
+    PLAIN = "plain"  # proto3 scalar without presence: its zero is the default
+
+
+def _field_kind(field: FieldDescriptor) -> _FieldKind:
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        return _FieldKind.MAP
+    if field.label == FieldDescriptor.LABEL_REPEATED:
+        return _FieldKind.REPEATED
+    return _FieldKind.OPTIONAL if field.has_presence else _FieldKind.PLAIN
+
+
+# SamplingParams' fields and the proto message's are the same names (a test holds them to it), so a new knob needs
+# no edit here: the wire form is read off the message's descriptor.
+_SAMPLING_FIELDS = tuple((f.name, _field_kind(f)) for f in common_pb2.SamplingParams.DESCRIPTOR.fields)
+
+
+def sampling_params_from_proto(pb: common_pb2.SamplingParams) -> SamplingParams:
+    """Parameters with every unset field at vLLM's default; InvalidArgumentError on a bad range."""
+    values: dict[str, Any] = {}
+    for name, kind in _SAMPLING_FIELDS:
+        if kind is _FieldKind.OPTIONAL:
+            if pb.HasField(name):
+                values[name] = getattr(pb, name)
+        elif kind is _FieldKind.REPEATED:
+            values[name] = tuple(getattr(pb, name))
+        elif kind is _FieldKind.MAP:
+            values[name] = dict(getattr(pb, name))
+        else:
+            values[name] = getattr(pb, name)
+    return SamplingParams(**values)
+
+
+def sampling_params_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
+    """The inverse of sampling_params_from_proto. max_tokens None (up to the context length) has no wire form
+    and travels unset; only the worker receives parameters this way, and it does not read max_tokens."""
+    values = {name: getattr(params, name) for name, _ in _SAMPLING_FIELDS}
+    return common_pb2.SamplingParams(**{name: value for name, value in values.items() if value is not None})
+
+
+def token_logprobs_to_proto(lp: TokenLogprobs) -> common_pb2.TokenLogprobs:
+    return common_pb2.TokenLogprobs(
+        token_id=lp.token_id, logprob=lp.logprob, rank=lp.rank, top_token_ids=lp.top_token_ids,
+        top_logprobs=lp.top_logprobs,
+    )
+
+
+def token_logprobs_from_proto(pb: common_pb2.TokenLogprobs) -> TokenLogprobs:
+    return TokenLogprobs(
+        token_id=pb.token_id, logprob=pb.logprob, rank=pb.rank, top_token_ids=tuple(pb.top_token_ids),
+        top_logprobs=tuple(pb.top_logprobs),
+    )
+
+
+def step_plan_to_proto(plan: StepPlan) -> worker_service_pb2.ExecuteRequest:
+    """The wire form of one step. Scheduled sequences (the per-step bulk) are added in place rather than built
+    and copied in."""
+    request = worker_service_pb2.ExecuteRequest(
+        step_id=plan.step_id,
+        dropped_seq_ids=plan.dropped_seq_ids,
+        swap_out=_block_mappings(plan.swap_out),
+        swap_in=_block_mappings(plan.swap_in),
+        block_copies=_block_mappings(plan.block_copies),
+        new_sequences=[_new_sequence_to_proto(s) for s in plan.new_sequences],
+    )
+    add_scheduled = request.scheduled_sequences.add
+    for seq in plan.scheduled_sequences:
+        message = add_scheduled(seq_id=seq.seq_id, num_scheduled_tokens=seq.num_scheduled_tokens)
+        for update in seq.block_table_updates:
+            message.block_table_updates.add(start_index=update.start_index, block_ids=update.block_ids)
+    return request
+
+
+def step_plan_from_proto(pb: worker_service_pb2.ExecuteRequest) -> StepPlan:
+    """The step as plain data; InvalidArgumentError when a new sequence's sampling parameters are out of range."""
+    return StepPlan(
+        step_id=pb.step_id,
+        dropped_seq_ids=tuple(pb.dropped_seq_ids),
+        swap_out=_mappings(pb.swap_out),
+        swap_in=_mappings(pb.swap_in),
+        block_copies=_mappings(pb.block_copies),
+        new_sequences=tuple(_new_sequence_from_proto(s) for s in pb.new_sequences),
+        scheduled_sequences=tuple(
+            ScheduledSequence(
+                s.seq_id,
+                s.num_scheduled_tokens,
+                tuple(BlockTableUpdate(u.start_index, tuple(u.block_ids)) for u in s.block_table_updates),
+            )
+            for s in pb.scheduled_sequences
+        ),
+    )
+
+
+def step_result_to_proto(result: StepResult) -> worker_service_pb2.ExecuteResponse:
+    response = worker_service_pb2.ExecuteResponse(
+        step_id=result.step_id, step_time_ms=result.step_time_ms, forward_time_ms=result.forward_time_ms,
+        idle_time_ms=result.idle_time_ms,
+    )
+    add_output = response.outputs.add
+    for item in result.outputs:
+        output = add_output(seq_id=item.seq_id)
+        if item.token_id is not None:
+            output.token_id = item.token_id
+        if item.logprobs is not None:
+            output.logprobs.CopyFrom(token_logprobs_to_proto(item.logprobs))
+        if item.prompt_logprobs:
+            output.prompt_logprobs.extend(map(token_logprobs_to_proto, item.prompt_logprobs))
+    return response
+
+
+def step_result_from_proto(pb: worker_service_pb2.ExecuteResponse) -> StepResult:
+    return StepResult(
+        step_id=pb.step_id,
+        outputs=tuple(_sequence_output_from_proto(o) for o in pb.outputs),
+        step_time_ms=pb.step_time_ms,
+        forward_time_ms=pb.forward_time_ms,
+        idle_time_ms=pb.idle_time_ms,
+    )
+
+
+def cache_request_to_proto(request: CacheRequest) -> worker_service_pb2.InitCacheRequest:
+    return worker_service_pb2.InitCacheRequest(
+        block_size=request.block_size,
+        gpu_memory_utilization=request.gpu_memory_utilization,
+        num_gpu_blocks_override=request.num_gpu_blocks_override,
+        kv_cache_memory_bytes=request.kv_cache_memory_bytes,
+        swap_space_bytes=request.swap_space_bytes,
+        max_num_batched_tokens=request.max_num_batched_tokens,
+        max_num_seqs=request.max_num_seqs,
+        max_model_len=request.max_model_len or 0,
+    )
+
+
+def cache_request_from_proto(pb: worker_service_pb2.InitCacheRequest) -> CacheRequest:
+    """CacheRequest; proto3 zeros mean unset, and those fields keep CacheRequest's defaults."""
+    optional = {
+        "gpu_memory_utilization": pb.gpu_memory_utilization,
+        "max_num_batched_tokens": pb.max_num_batched_tokens,
+        "max_num_seqs": pb.max_num_seqs,
+    }
+    return CacheRequest(
+        block_size=pb.block_size,
+        num_gpu_blocks_override=pb.num_gpu_blocks_override if pb.HasField("num_gpu_blocks_override") else None,
+        kv_cache_memory_bytes=pb.kv_cache_memory_bytes,
+        swap_space_bytes=pb.swap_space_bytes,
+        max_model_len=pb.max_model_len or None,
+        **{name: value for name, value in optional.items() if value},
+    )
+
+
+def cache_info_to_proto(info: CacheInfo) -> worker_service_pb2.InitCacheResponse:
+    return worker_service_pb2.InitCacheResponse(
+        num_gpu_blocks=info.num_gpu_blocks, num_cpu_blocks=info.num_cpu_blocks,
+        peak_activation_bytes=info.peak_activation_bytes,
+    )
+
+
+def cache_info_from_proto(pb: worker_service_pb2.InitCacheResponse) -> CacheInfo:
+    return CacheInfo(
+        num_gpu_blocks=pb.num_gpu_blocks, num_cpu_blocks=pb.num_cpu_blocks,
+        peak_activation_bytes=pb.peak_activation_bytes,
+    )
+
+
+def worker_info_to_proto(info: WorkerInfo) -> worker_service_pb2.GetWorkerInfoResponse:
+    return worker_service_pb2.GetWorkerInfoResponse(
+        worker_id=info.worker_id, model=info.model, architecture=info.architecture, dtype=info.dtype,
+        device=info.device, vocab_size=info.vocab_size, max_position_embeddings=info.max_position_embeddings,
+        weight_bytes=info.weight_bytes, kv_bytes_per_token=info.kv_bytes_per_token,
+        total_memory_bytes=info.total_memory_bytes, is_cache_initialized=info.is_cache_initialized,
+    )
+
+
+def worker_info_from_proto(pb: worker_service_pb2.GetWorkerInfoResponse) -> WorkerInfo:
+    return WorkerInfo(
+        worker_id=pb.worker_id, model=pb.model, architecture=pb.architecture, dtype=pb.dtype, device=pb.device,
+        vocab_size=pb.vocab_size, max_position_embeddings=pb.max_position_embeddings,
+        weight_bytes=pb.weight_bytes, kv_bytes_per_token=pb.kv_bytes_per_token,
+        total_memory_bytes=pb.total_memory_bytes, is_cache_initialized=pb.is_cache_initialized,
+    )
+
+
+def _block_mappings(pairs: Sequence[tuple[int, int]]) -> list[worker_service_pb2.BlockMapping]:
+    return [worker_service_pb2.BlockMapping(src_block_id=src, dst_block_id=dst) for src, dst in pairs]
+
+
+def _mappings(rows: Iterable[worker_service_pb2.BlockMapping]) -> tuple[tuple[int, int], ...]:
+    return tuple((row.src_block_id, row.dst_block_id) for row in rows)
+
+
+def _new_sequence_to_proto(seq: NewSequence) -> worker_service_pb2.NewSequence:
+    return worker_service_pb2.NewSequence(
+        seq_id=seq.seq_id,
+        prompt_token_ids=seq.prompt_token_ids,
+        output_token_ids=seq.output_token_ids,
+        sampling_params=sampling_params_to_proto(seq.sampling_params),
+        banned_token_ids=seq.banned_token_ids,
+        block_ids=seq.block_ids,
+        num_computed_tokens=seq.num_computed_tokens,
+        num_scheduled_tokens=seq.num_scheduled_tokens,
+        fork_seq_ids=seq.fork_seq_ids,
+        sample_index=seq.sample_index,
+    )
+
+
+def _new_sequence_from_proto(pb: worker_service_pb2.NewSequence) -> NewSequence:
+    return NewSequence(
+        seq_id=pb.seq_id,
+        prompt_token_ids=tuple(pb.prompt_token_ids),
+        output_token_ids=tuple(pb.output_token_ids),
+        sampling_params=sampling_params_from_proto(pb.sampling_params),
+        banned_token_ids=tuple(pb.banned_token_ids),
+        block_ids=tuple(pb.block_ids),
+        num_computed_tokens=pb.num_computed_tokens,
+        num_scheduled_tokens=pb.num_scheduled_tokens,
+        fork_seq_ids=tuple(pb.fork_seq_ids),
+        sample_index=pb.sample_index,
+    )
+
+
+def _sequence_output_from_proto(pb: worker_service_pb2.SequenceOutput) -> SequenceOutput:
+    return SequenceOutput(
+        seq_id=pb.seq_id,
+        token_id=pb.token_id if pb.HasField("token_id") else None,
+        logprobs=token_logprobs_from_proto(pb.logprobs) if pb.HasField("logprobs") else None,
+        prompt_logprobs=tuple(map(token_logprobs_from_proto, pb.prompt_logprobs)) if pb.prompt_logprobs else (),
+    )

@@ -1,0 +1,63 @@
+"""`pagedserve serve` flags and PAGEDSERVE_* variables for the model format, parsed into the contract's enums."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
+from pagedserve.control_plane.config import ServerConfig
+from pagedserve.control_plane.engine.main import _env_defaults, build_parser, configs_from_args
+
+
+def _server(argv: list[str]) -> ServerConfig:
+    parser = build_parser()
+    _env_defaults(parser)
+    return configs_from_args(parser.parse_args(argv))[0]
+
+
+def test_model_format_flags_become_enums() -> None:
+    server = _server(["--dtype", "bfloat16", "--device", "cpu", "--load-format", "dummy"])
+
+    assert (server.dtype, server.device, server.load_format) == (DType.BFLOAT16, DeviceKind.CPU, LoadFormat.DUMMY)
+
+
+def test_model_format_defaults_are_auto() -> None:
+    server = _server([])
+
+    assert (server.dtype, server.device, server.load_format) == (DType.AUTO, DeviceKind.AUTO, LoadFormat.AUTO)
+
+
+def test_environment_sets_the_default_and_the_flag_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PAGEDSERVE_DTYPE", "float16")
+    monkeypatch.setenv("PAGEDSERVE_LOAD_FORMAT", "dummy")
+
+    server = _server(["--load-format", "safetensors"])
+
+    assert (server.dtype, server.load_format) == (DType.FLOAT16, LoadFormat.SAFETENSORS)
+
+
+def test_help_lists_the_plain_values() -> None:
+    text = " ".join(build_parser().format_help().split())
+
+    assert ("--dtype {auto,float32,bfloat16,float16}" in text, "--device {auto,cpu,cuda}" in text,
+            "--load-format {auto,safetensors,dummy}" in text) == (True, True, True)
+
+
+def test_unknown_value_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--dtype", "int8"])
+
+    assert "--dtype" in capsys.readouterr().err
+
+
+def test_parsing_the_serve_flags_imports_neither_torch_nor_the_worker() -> None:
+    code = (
+        "import sys; from pagedserve.control_plane.engine.main import build_parser; "
+        "build_parser().parse_args(['--dtype', 'bfloat16']); "
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('pagedserve.gpu_worker')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
