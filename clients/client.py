@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
@@ -29,15 +29,45 @@ class Completion:
     stop_reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class TlsOptions:
+    """TLS to the server (PEM bytes). root_certificates: the CAs to trust (None: the system's); certificate_chain
+    and private_key: this client's own certificate, for a server that requires one (mTLS); server_name: the name
+    the server's certificate must carry, when it is not the address's host."""
+
+    root_certificates: bytes | None = None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = field(default=None, repr=False)
+    server_name: str | None = None
+
+
+def open_channel(address: str, tls: TlsOptions | None = None) -> grpc.aio.Channel:
+    """An aio channel to address: over TLS when tls is given, else plaintext."""
+    if tls is None:
+        return grpc.aio.insecure_channel(address)
+    credentials = grpc.ssl_channel_credentials(tls.root_certificates, tls.private_key, tls.certificate_chain)
+    options = [] if tls.server_name is None else [("grpc.ssl_target_name_override", tls.server_name)]
+    return grpc.aio.secure_channel(address, credentials, options=options)
+
+
 class PagedServeClient:
     """Client of one pagedserve control plane. Use as `async with PagedServeClient(addr) as client:`.
+
+    api_key: sent as `authorization: Bearer <api_key>` with every call (a server started with --api-key needs
+    it). tls: connect over TLS (TlsOptions() trusts the system's CAs).
 
     Only UNAVAILABLE and RESOURCE_EXHAUSTED are retried, with jittered exponential backoff, and a stream is
     retried only before its first chunk arrived (so no token is ever duplicated)."""
 
-    def __init__(self, address: str = "127.0.0.1:50051", max_retries: int = 3, backoff_s: float = 0.2) -> None:
-        self._channel = grpc.aio.insecure_channel(address)
+    def __init__(
+        self, address: str = "127.0.0.1:50051", max_retries: int = 3, backoff_s: float = 0.2,
+        api_key: str | None = None, tls: TlsOptions | None = None,
+    ) -> None:
+        self._channel = open_channel(address, tls)
         self._stub = generation_service_pb2_grpc.GenerationServiceStub(self._channel)
+        self._metadata: tuple[tuple[str, str], ...] = () if api_key is None else (
+            ("authorization", f"Bearer {api_key}"),
+        )
         self._max_retries = max_retries
         self._backoff_s = backoff_s
 
@@ -78,7 +108,7 @@ class PagedServeClient:
         if params is not None:
             request.sampling_params.CopyFrom(params)
         for attempt in range(self._max_retries + 1):
-            call = self._stub.Generate(request, timeout=timeout_s)
+            call = self._stub.Generate(request, timeout=timeout_s, metadata=self._metadata)
             received_any = False
             try:
                 async for chunk in call:
@@ -111,16 +141,22 @@ class PagedServeClient:
 
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         request = generation_service_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
-        reply = await self._with_retries(lambda: self._stub.Tokenize(request))
+        reply = await self._with_retries(lambda: self._stub.Tokenize(request, metadata=self._metadata))
         return list(reply.token_ids)
 
     async def model_info(self) -> generation_service_pb2.GetModelInfoResponse:
-        return await self._with_retries(lambda: self._stub.GetModelInfo(generation_service_pb2.GetModelInfoRequest()))
+        return await self._with_retries(
+            lambda: self._stub.GetModelInfo(generation_service_pb2.GetModelInfoRequest(), metadata=self._metadata)
+        )
 
     async def server_status(self) -> generation_service_pb2.GetServerStatusResponse:
         return await self._with_retries(
-            lambda: self._stub.GetServerStatus(generation_service_pb2.GetServerStatusRequest())
+            lambda: self._stub.GetServerStatus(generation_service_pb2.GetServerStatusRequest(),
+                                               metadata=self._metadata)
         )
 
 
-__all__ = ["Completion", "FinishReason", "PagedServeClient", "PagedServeClientError", "SamplingParams"]
+__all__ = [
+    "Completion", "FinishReason", "PagedServeClient", "PagedServeClientError", "SamplingParams", "TlsOptions",
+    "open_channel",
+]

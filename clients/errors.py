@@ -47,6 +47,12 @@ class Internal(PagedServeClientError):
     code = grpc.StatusCode.INTERNAL
 
 
+class Unauthenticated(PagedServeClientError):
+    """A missing or wrong API key."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 _BY_CODE = {cls.code: cls for cls in PagedServeClientError.__subclasses__()}
 
 RETRYABLE = (Unavailable, ResourceExhausted)

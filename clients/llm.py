@@ -13,10 +13,10 @@ import asyncio
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Coroutine, TypeVar
+from typing import Any, TypeVar
 
 from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
 from pagedserve.contract.sampling_params import SamplingParams, validate_prompt
@@ -34,6 +34,7 @@ from pagedserve.control_plane.text.tokenizer import Tokenizer
 from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.step_pipeline import StepPipeline
 from pagedserve.gpu_worker.worker import LaunchedStep, Worker
+from pagedserve.runtime.auth import ClusterSecret
 from pagedserve.runtime.collector import freeze_startup_objects
 from pagedserve.runtime.gil import use_short_turns
 
@@ -120,12 +121,13 @@ class LLM:
         self._launcher: LocalWorkers | None = None
         self._worker: WorkerConnection
         if worker_process:
+            secret = ClusterSecret.generate()  # the worker serves only this process, even on loopback
             self._launcher = LocalWorkers(WorkerLaunchConfig(
                 model_dir=model_dir, dtype=DType(dtype), device=DeviceKind(device), load_format=LoadFormat(load_format),
-                seed=seed,
+                seed=seed, cluster_secret=secret,
             ))
             try:
-                self._worker = self._run(_connect(self._launcher, worker_start_timeout_s))
+                self._worker = self._run(_connect(self._launcher, secret, worker_start_timeout_s))
             except BaseException:
                 self._launcher.stop()
                 raise
@@ -156,7 +158,7 @@ class LLM:
         if len(per_prompt) != len(prompts):
             raise ValueError(f"got {len(per_prompt)} sampling params for {len(prompts)} prompts")
         prompt_ids = [tuple(self.tokenizer.encode(p)) if isinstance(p, str) else tuple(p) for p in prompts]
-        for ids, p in zip(prompt_ids, per_prompt):
+        for ids, p in zip(prompt_ids, per_prompt, strict=True):
             validate_prompt(ids, self.model.vocab_size, self.model.max_model_len)
             p.validate(self.model.vocab_size, self.model.max_model_len, len(ids))
         return self._run(self._generate_all(prompt_ids, per_prompt))
@@ -164,9 +166,11 @@ class LLM:
     async def _generate_all(
         self, prompt_ids: list[tuple[int, ...]], params: list[SamplingParams]
     ) -> list[RequestOutput]:
-        request_ids = [self._engine.add_request(ids, p, final_only=True) for ids, p in zip(prompt_ids, params)]
+        request_ids = [
+            self._engine.add_request(ids, p, final_only=True) for ids, p in zip(prompt_ids, params, strict=True)
+        ]
         return list(await asyncio.gather(*(
-            self._collect(rid, ids, p.n) for rid, ids, p in zip(request_ids, prompt_ids, params)
+            self._collect(rid, ids, p.n) for rid, ids, p in zip(request_ids, prompt_ids, params, strict=True)
         )))
 
     async def _collect(self, request_id: str, prompt_ids: tuple[int, ...], n: int) -> RequestOutput:
@@ -176,10 +180,10 @@ class LLM:
         reasons: list[FinishReason | None] = [None] * n
         async for item in self._engine.stream(request_id):
             chunk = item.chunk
-            texts[chunk.index].append(chunk.text)
-            ids[chunk.index].extend(chunk.token_ids)
-            logprobs[chunk.index].extend(chunk.logprobs)
-            reasons[chunk.index] = chunk.finish_reason or reasons[chunk.index]
+            texts[chunk.completion_index].append(chunk.text)
+            ids[chunk.completion_index].extend(chunk.token_ids)
+            logprobs[chunk.completion_index].extend(chunk.logprobs)
+            reasons[chunk.completion_index] = chunk.finish_reason or reasons[chunk.completion_index]
         outputs = [CompletionOutput(i, "".join(texts[i]), ids[i], reasons[i], logprobs[i]) for i in range(n)]
         return RequestOutput(request_id, prompt_ids, outputs)
 
@@ -211,10 +215,10 @@ async def _recent_steps(engine: Engine) -> list[StepRecord]:
     return engine.recent_steps()  # read on the engine's loop, between its steps
 
 
-async def _connect(launcher: LocalWorkers, timeout_s: float) -> GrpcWorkerClient:
+async def _connect(launcher: LocalWorkers, secret: ClusterSecret, timeout_s: float) -> GrpcWorkerClient:
     """Starts the launcher's worker and waits until it serves; fails early when the process exits."""
     (address,) = launcher.start()
-    client = GrpcWorkerClient(address)
+    client = GrpcWorkerClient(address, secret)
     try:
         await wait_for_workers([client], timeout_s, launcher)
     except BaseException:

@@ -160,20 +160,22 @@ def cache_request_to_proto(request: CacheRequest) -> worker_service_pb2.InitCach
     )
 
 
+# CacheRequest's defaults (block_size has none; 1 is only a valid placeholder), read where a proto3 zero means unset.
+_CACHE_REQUEST_DEFAULTS = CacheRequest(block_size=1)
+
+
 def cache_request_from_proto(pb: worker_service_pb2.InitCacheRequest) -> CacheRequest:
     """CacheRequest; proto3 zeros mean unset, and those fields keep CacheRequest's defaults."""
-    optional = {
-        "gpu_memory_utilization": pb.gpu_memory_utilization,
-        "max_num_batched_tokens": pb.max_num_batched_tokens,
-        "max_num_seqs": pb.max_num_seqs,
-    }
+    defaults = _CACHE_REQUEST_DEFAULTS
     return CacheRequest(
         block_size=pb.block_size,
+        gpu_memory_utilization=pb.gpu_memory_utilization or defaults.gpu_memory_utilization,
         num_gpu_blocks_override=pb.num_gpu_blocks_override if pb.HasField("num_gpu_blocks_override") else None,
         kv_cache_memory_bytes=pb.kv_cache_memory_bytes,
         swap_space_bytes=pb.swap_space_bytes,
+        max_num_batched_tokens=pb.max_num_batched_tokens or defaults.max_num_batched_tokens,
+        max_num_seqs=pb.max_num_seqs or defaults.max_num_seqs,
         max_model_len=pb.max_model_len or None,
-        **{name: value for name, value in optional.items() if value},
     )
 
 

@@ -14,6 +14,10 @@ MAX_N = 256  # completions per request
 MAX_LOGPROBS = 20  # top alternatives returned per position
 MAX_SEED = 2**64 - 1  # seeds travel as uint64
 MAX_LOGIT_BIAS = 100.0  # |bias| per token, as OpenAI bounds it
+# Stops are matched at every step of the engine's loop, for every completion: their number and size bound that work.
+MAX_STOP_STRINGS = 64  # strings per request
+MAX_STOP_STRING_CHARS = 1024  # characters per stop string
+MAX_STOP_TOKEN_IDS = 1024  # stop token ids per request (logit_bias is bounded by the vocabulary: one entry per id)
 # Below this temperature a row is greedy: dividing logits by it would overflow float32.
 GREEDY_TEMPERATURE = 1e-5
 
@@ -77,6 +81,11 @@ class SamplingParams:
 
     def validate(self, vocab_size: int, max_model_len: int, num_prompt_tokens: int) -> None:
         """Raises InvalidArgumentError unless these parameters fit a model and a prompt of this length."""
+        _require(
+            len(self.logit_bias) <= vocab_size,
+            "logit_bias",
+            f"at most one entry per vocabulary id ({vocab_size}), got {len(self.logit_bias)}",
+        )
         for name, token_ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias)):
             for token_id in token_ids:
                 _require(
@@ -143,7 +152,22 @@ class SamplingParams:
         )
 
     def _check_stops(self) -> None:
+        # Counts first: a rejected list is never walked, and its values are never echoed.
+        _require(
+            len(self.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}"
+        )
         _require(all(self.stop), "stop", "must not contain an empty string")
+        longest = max(map(len, self.stop), default=0)
+        _require(
+            longest <= MAX_STOP_STRING_CHARS,
+            "stop",
+            f"each string at most {MAX_STOP_STRING_CHARS} characters, got one of {longest}",
+        )
+        _require(
+            len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+            "stop_token_ids",
+            f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}",
+        )
         _require(
             all(token_id >= 0 for token_id in self.stop_token_ids),
             "stop_token_ids",
@@ -161,17 +185,18 @@ class SamplingParams:
 
 
 def validate_prompt(prompt_token_ids: Sequence[int], vocab_size: int, max_model_len: int) -> None:
-    """Raises InvalidArgumentError unless the prompt is non-empty, in the vocabulary and fits the context."""
+    """Raises InvalidArgumentError unless the prompt is non-empty, fits the context and is in the vocabulary
+    (the length first: an over-long prompt is never walked)."""
     _require(len(prompt_token_ids) > 0, "prompt", "must not be empty")
-    for token_id in prompt_token_ids:
-        _require(
-            0 <= token_id < vocab_size,
-            "prompt",
-            f"token id {token_id} is outside the vocabulary [0, {vocab_size})",
-        )
     _require(
         len(prompt_token_ids) <= max_model_len,
         "prompt",
         f"the prompt (length {len(prompt_token_ids)}) is longer than the maximum model length of "
         f"{max_model_len}",
     )
+    for token_id in prompt_token_ids:
+        _require(
+            0 <= token_id < vocab_size,
+            "prompt",
+            f"token id {token_id} is outside the vocabulary [0, {vocab_size})",
+        )

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import string
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
@@ -97,12 +98,23 @@ class EngineConfig:
     # Steps planned ahead of the results: with 4, steps N+1 to N+3 are queued while the worker runs step N, so
     # the host round trip (reply, apply, plan, launch) may take three device steps. 1: strictly one at a time.
     max_steps_in_flight: int = 4
+    # A worker whose oldest step in flight has no result this long after it could start is hung: its lane dies.
+    step_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_steps_in_flight <= MAX_STEPS_IN_FLIGHT:
             raise ValueError(
                 f"max_steps_in_flight must be in [1, {MAX_STEPS_IN_FLIGHT}], got {self.max_steps_in_flight}"
             )
+        if not self.step_timeout_s > 0:  # also rejects NaN
+            raise ValueError(f"step_timeout_s must be positive, got {self.step_timeout_s}")
+
+
+# An API key travels in a header and may come in a comma-separated list (PAGEDSERVE_API_KEY).
+_API_KEY_CHARACTERS = frozenset(string.ascii_letters + string.digits + string.punctuation) - {","}
+# The environment variable in which `serve` hands its API keys (newline-separated) to the frontend process: never on
+# a command line, which `ps` shows to every user.
+FRONTEND_API_KEYS_ENV = "PAGEDSERVE_FRONTEND_API_KEYS"
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,10 +133,27 @@ class ServerConfig:
     metrics_port: int | None = None
     worker_start_timeout_s: float = 600.0
     log_format: LogFormat = LogFormat.AUTO  # of this process and of the frontend process it starts
+    # On SIGTERM/SIGINT: how long requests in flight may run on before they are ended (Kubernetes' default grace).
+    shutdown_timeout_s: float = 30.0
+    # The public port: API keys a caller must send (`authorization: Bearer <key>`; none: no key needed), and TLS
+    # (PEM files; a client CA also requires clients' certificates: mTLS).
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        for key in self.api_keys:
+            if not key or not set(key) <= _API_KEY_CHARACTERS:
+                raise ValueError("api_keys: each must be non-empty printable ASCII without spaces or commas")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be given together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
+        if not self.shutdown_timeout_s >= 0:  # also rejects NaN
+            raise ValueError(f"shutdown_timeout_s must be >= 0, got {self.shutdown_timeout_s}")
         if self.worker_addresses and self.model_dir is None:
             raise ValueError("model_dir is required with worker_addresses (the tokenizer is read from it)")
         if self.num_workers < 1:
@@ -133,3 +162,33 @@ class ServerConfig:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+class WorkerRestartPolicy(enum.Enum):
+    """What `serve` does when a worker's lane dies."""
+
+    ON_FAILURE = "on-failure"  # restart a local worker, reconnect to an external one (with backoff, a limit)
+    NEVER = "never"  # leave the lane dead; once no lane is left, serve exits non-zero
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSupervisorConfig:
+    """How dead worker lanes are brought back: at most max_restarts tries per worker within restart_window_s, the
+    k-th try of a window (from 0) waiting min(initial_backoff_s * 2**k, max_backoff_s) first."""
+
+    restart_policy: WorkerRestartPolicy = WorkerRestartPolicy.ON_FAILURE
+    max_restarts: int = 5
+    restart_window_s: float = 600.0
+    initial_backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
+    worker_start_timeout_s: float = 600.0  # one try: until the worker serves (loads its model) again
+
+    def __post_init__(self) -> None:
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
+        for name in ("restart_window_s", "initial_backoff_s", "max_backoff_s", "worker_start_timeout_s"):
+            if not getattr(self, name) > 0:  # also rejects NaN
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_backoff_s < self.initial_backoff_s:
+            raise ValueError(f"max_backoff_s ({self.max_backoff_s}) must be >= initial_backoff_s "
+                             f"({self.initial_backoff_s})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,9 +14,11 @@ from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
 from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.service import start_server
 from pagedserve.gpu_worker.worker import Worker
+from pagedserve.runtime.auth import SECRET_ENV, ClusterSecret, cluster_secret_from
 from pagedserve.runtime.collector import freeze_startup_objects
 from pagedserve.runtime.gil import use_short_turns
 from pagedserve.runtime.logs import LogFormat, configure_logging
+from pagedserve.runtime.parent_watch import exit_when_parent_dies
 from pagedserve.runtime.stop_signal import stopped_by_signal
 
 log = structlog.get_logger()
@@ -33,7 +36,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-id", default="worker-0")
     p.add_argument("--enforce-eager", action="store_true", help="run every step eagerly, without CUDA graphs")
     p.add_argument("--log-format", default=LogFormat.AUTO.value, choices=[m.value for m in LogFormat])
+    p.add_argument("--cluster-secret-file", type=Path,
+                   default=os.environ.get("PAGEDSERVE_CLUSTER_SECRET_FILE") or None,
+                   help=f"file holding the secret every caller must send (or the secret itself in {SECRET_ENV}; "
+                        "the file's path in PAGEDSERVE_CLUSTER_SECRET_FILE)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="accept every caller without a cluster secret (only where nothing untrusted can connect)")
+    p.add_argument("--enable-reflection", action="store_true", help="serve gRPC reflection (off by default)")
+    p.add_argument("--parent-pid", type=int,
+                   help="exit once this process is no longer our parent (given by the process that starts us)")
     return p
+
+
+def cluster_secret_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ClusterSecret | None:
+    """The secret callers must send; exits with a usage error when none is given without --insecure-no-auth."""
+    try:
+        secret = cluster_secret_from(args.cluster_secret_file, os.environ.get(SECRET_ENV))
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
+    if secret is not None and args.insecure_no_auth:
+        parser.error("--insecure-no-auth contradicts the cluster secret given")
+    if secret is None and not args.insecure_no_auth:
+        parser.error(f"no cluster secret: give --cluster-secret-file PATH or {SECRET_ENV} (the control plane "
+                     "sends the same one), or --insecure-no-auth to accept any caller")
+    return secret
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
@@ -44,9 +70,9 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     )
 
 
-async def serve(worker: Worker, address: str) -> None:
+async def serve(worker: Worker, address: str, secret: ClusterSecret | None, enable_reflection: bool) -> None:
     """Serves until SIGINT or SIGTERM, then stops gracefully (a second signal cuts that short)."""
-    server = await start_server(worker, address)
+    server = await start_server(worker, address, cluster_secret=secret, enable_reflection=enable_reflection)
     host = address.rpartition(":")[0]
     log.info("worker_listening", address=f"{host}:{server.port}", worker_id=worker.config.worker_id)
     await stopped_by_signal()
@@ -55,11 +81,18 @@ async def serve(worker: Worker, address: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     configure_logging(LogFormat(args.log_format))
+    if args.parent_pid is not None:
+        exit_when_parent_dies(args.parent_pid)  # before loading: a parent may die while the weights load
+    secret = cluster_secret_from_args(parser, args)
+    if secret is None:
+        log.warning("authentication_disabled", flag="--insecure-no-auth",
+                    message="any process that reaches this port can drive or reset the worker")
     use_short_turns()
     config = config_from_args(args)
     worker = Worker.load(config)
     freeze_startup_objects()
-    asyncio.run(serve(worker, config.listen_address))
+    asyncio.run(serve(worker, config.listen_address, secret, args.enable_reflection))
     return 0

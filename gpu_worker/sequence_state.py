@@ -67,10 +67,10 @@ class SequenceState:
 
 
 class PendingToken(NamedTuple):
-    """Where a launched step's sampled token goes once it reaches the host: output_token_ids[index] of state."""
+    """Where a launched step's sampled token goes once it reaches the host: state.output_token_ids[output_index]."""
 
     state: SequenceState
-    index: int
+    output_index: int
 
 
 class ScheduledWork(NamedTuple):
@@ -179,7 +179,7 @@ class SequenceRegistry:
     def fill(pending: list[PendingToken], token_ids: list[int]) -> None:
         """Writes a launched step's sampled tokens (in reserve()'s order) over their placeholders."""
         for slot, token_id in zip(pending, token_ids, strict=True):
-            slot.state.output_token_ids[slot.index] = token_id
+            slot.state.output_token_ids[slot.output_index] = token_id
 
     def _check_new(self, new: NewSequence) -> None:
         if not new.prompt_token_ids:

@@ -1,11 +1,13 @@
-"""WorkerService over grpc.aio, plus health and reflection; maps worker errors to gRPC status codes."""
+"""WorkerService over grpc.aio, plus health and (optional) reflection; maps worker errors to gRPC status codes."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import structlog
@@ -22,6 +24,7 @@ from pagedserve.gpu_worker.errors import (
 )
 from pagedserve.gpu_worker.step_pipeline import StepPipeline
 from pagedserve.gpu_worker.worker import LaunchedStep, Worker
+from pagedserve.runtime.auth import ClusterSecret, ClusterSecretInterceptor
 from pagedserve.runtime.channel_options import INTERNAL_CHANNEL_OPTIONS
 from pagedserve.v1 import worker_service_pb2, worker_service_pb2_grpc
 
@@ -34,6 +37,24 @@ _STATUS_CODES: dict[type[WorkerError], grpc.StatusCode] = {
     InvalidCacheRequestError: grpc.StatusCode.INVALID_ARGUMENT,
 }
 _SERVICE_NAME = worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
+_OWNED = "another control plane owns this worker: its Execute stream is open (one control plane at a time)"
+# The server pings its callers every 20 s, idle streams included, and drops a connection whose peer does not answer
+# within 10 s: an owner cut off by the network (no reset ever arrives) loses its stream, and the worker its state,
+# rather than holding the worker forever.
+_SERVER_OPTIONS = (
+    *INTERNAL_CHANNEL_OPTIONS,
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+
+
+class _StreamEnd(enum.Enum):
+    """How the owner's Execute stream ended, which decides what the worker keeps."""
+
+    CLOSED = "closed"  # the control plane sent its last step and read every reply: state kept
+    REJECTED = "rejected"  # a step was refused before it changed anything (INVALID_ARGUMENT, ...): state kept
+    LOST = "lost"  # cancelled, peer gone, or a step failed inside the worker: every sequence and block dropped
 
 
 class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
@@ -41,22 +62,27 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
 
     The pipeline keeps the event loop free and makes device work happen on one thread, in the order requests
     arrive; on the Execute stream, step N+1 is launched as soon as it arrives, while step N is still running.
+
+    Ownership: one control plane drives the worker at a time. While an Execute stream is open, another Execute and
+    any InitCache get FAILED_PRECONDITION and change nothing. When that stream is lost (see _StreamEnd) the worker
+    drops its KV cache and every sequence, so the next control plane must call InitCache before Execute.
     """
 
     def __init__(self, worker: Worker) -> None:
         self._worker = worker
         self._pipeline = StepPipeline(worker)
+        self._is_owned = False  # an Execute stream is open
 
     def close(self) -> None:
         self._pipeline.close()
 
-    async def _call(self, context: grpc.aio.ServicerContext, call: Awaitable[T]) -> T:
+    async def _call(self, context: grpc.aio.ServicerContext[Any, Any], call: Awaitable[T]) -> T:
         try:
             return await call
         except Exception as error:  # noqa: BLE001 - every failure becomes a status
             await self._fail(context, error)
 
-    async def _fail(self, context: grpc.aio.ServicerContext, error: BaseException) -> NoReturn:
+    async def _fail(self, context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> NoReturn:
         if isinstance(error, InvalidArgumentError):
             error = InvalidStepError(str(error))
         if isinstance(error, WorkerError):
@@ -68,13 +94,21 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         raise AssertionError("context.abort always raises")
 
     async def GetWorkerInfo(
-        self, request: worker_service_pb2.GetWorkerInfoRequest, context: grpc.aio.ServicerContext
+        self,
+        request: worker_service_pb2.GetWorkerInfoRequest,
+        context: grpc.aio.ServicerContext[
+            worker_service_pb2.GetWorkerInfoRequest, worker_service_pb2.GetWorkerInfoResponse
+        ],
     ) -> worker_service_pb2.GetWorkerInfoResponse:
         return codec.worker_info_to_proto(self._worker.info())
 
     async def InitCache(
-        self, request: worker_service_pb2.InitCacheRequest, context: grpc.aio.ServicerContext
+        self,
+        request: worker_service_pb2.InitCacheRequest,
+        context: grpc.aio.ServicerContext[worker_service_pb2.InitCacheRequest, worker_service_pb2.InitCacheResponse],
     ) -> worker_service_pb2.InitCacheResponse:
+        if self._is_owned:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"InitCache refused: {_OWNED}")
         try:
             cache_request = codec.cache_request_from_proto(request)
         except InvalidArgumentError as error:
@@ -83,20 +117,41 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         return codec.cache_info_to_proto(info)
 
     async def Execute(
-        self, request_iterator: AsyncIterator[worker_service_pb2.ExecuteRequest], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[worker_service_pb2.ExecuteRequest],
+        context: grpc.aio.ServicerContext[worker_service_pb2.ExecuteRequest, worker_service_pb2.ExecuteResponse],
     ) -> AsyncIterator[worker_service_pb2.ExecuteResponse]:
+        if self._is_owned:  # checked and set with no await between: two streams cannot both pass
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"Execute refused: {_OWNED}")
+        if not self._worker.is_cache_initialized:  # at once, rather than at the first step (checked again there)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "InitCache must run before Execute")
+        self._is_owned = True
         launched: asyncio.Queue[LaunchedStep | BaseException | None] = asyncio.Queue()
         launcher = asyncio.create_task(self._launch_each(request_iterator, launched))
+        end = _StreamEnd.LOST
         try:
             while (item := await launched.get()) is not None:
                 if isinstance(item, BaseException):
+                    end = _StreamEnd.REJECTED if _is_rejection(item) else _StreamEnd.LOST
                     await self._fail(context, item)
                 result = await self._call(context, self._pipeline.finish(item))
                 log.debug("step_executed", step=result.step_id, num_outputs=len(result.outputs),
                           step_time_ms=result.step_time_ms)
                 yield codec.step_result_to_proto(result)
+            end = _StreamEnd.CLOSED
         finally:
             launcher.cancel()
+            self._release(end)
+
+    def _release(self, end: _StreamEnd) -> None:
+        """Ends the stream's ownership; a lost stream first queues the cache's release behind its steps (on the step
+        thread, so any later InitCache or step runs after it). Never awaits: it runs while the stream is cancelled."""
+        if end is _StreamEnd.LOST:
+            log.warning("control_plane_stream_lost", action="dropping every sequence and the KV cache")
+            # RuntimeError: the step thread is shut down, so the server is stopping and the cache goes with it.
+            with contextlib.suppress(RuntimeError):
+                self._pipeline.call(self._worker.release_cache).add_done_callback(_log_release_failure)
+        self._is_owned = False
 
     async def _launch_each(
         self,
@@ -116,6 +171,18 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         await launched.put(None)
 
 
+def _is_rejection(error: BaseException) -> bool:
+    """Whether error refused a step before it changed anything (so the stream's earlier state stands)."""
+    if isinstance(error, InvalidArgumentError):
+        return True
+    return type(error) in _STATUS_CODES
+
+
+def _log_release_failure(done: asyncio.Future[None]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        log.error("cache_release_failed", exc_info=done.exception())
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerServer:
     """A started server: its bound port, health service and servicer (to close on stop)."""
@@ -132,14 +199,20 @@ class WorkerServer:
         self.servicer.close()
 
 
-async def start_server(worker: Worker, address: str) -> WorkerServer:
-    """Binds address (port 0 picks a free one), registers the services and starts serving; health SERVING."""
-    server = grpc.aio.server(options=INTERNAL_CHANNEL_OPTIONS)
+async def start_server(
+    worker: Worker, address: str, *, cluster_secret: ClusterSecret | None = None, enable_reflection: bool = False,
+) -> WorkerServer:
+    """Binds address (port 0 picks a free one), registers the services and starts serving; health SERVING.
+    With cluster_secret every call but health checks must carry it (runtime/auth.py); None: no authentication,
+    which main.py allows only with --insecure-no-auth. Reflection is off unless enabled."""
+    interceptors = [] if cluster_secret is None else [ClusterSecretInterceptor(cluster_secret)]
+    server = grpc.aio.server(options=_SERVER_OPTIONS, interceptors=interceptors)
     servicer = WorkerServicer(worker)
     worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    if enable_reflection:
+        reflection.enable_server_reflection((_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(address)
     await server.start()
     for service in ("", _SERVICE_NAME):

@@ -123,10 +123,7 @@ class Worker:
     def init_cache(self, request: CacheRequest) -> CacheInfo:
         """Drops every sequence and the old pools, sizes and allocates new ones."""
         with self._lock:
-            self._resolve_in_flight()
-            self._in_flight.clear()
-            self._pool = self._registry = self._runner = None
-            self._last_span = None
+            self._drop_cache()
             layout = self._layout(request.block_size)
             num_gpu_blocks, peak_bytes = self._size_gpu_pool(layout, request)
             num_cpu_blocks = layout.num_blocks_in(request.swap_space_bytes)
@@ -139,6 +136,24 @@ class Worker:
         log.info("cache_initialized", num_gpu_blocks=num_gpu_blocks, num_cpu_blocks=num_cpu_blocks,
                  block_size=layout.block_size, peak_activation_bytes=peak_bytes)
         return CacheInfo(num_gpu_blocks, num_cpu_blocks, peak_bytes)
+
+    def release_cache(self) -> None:
+        """Drops every sequence, the KV pools and the graphs, once the steps in flight are done: the worker is as
+        loaded, and steps fail with CacheNotInitializedError until init_cache runs again."""
+        with self._lock:
+            had_cache = self._pool is not None
+            self._drop_cache()
+            if had_cache and self.device.type == "cuda":
+                torch.cuda.empty_cache()  # the pools' and graphs' memory goes back to the device, not to our cache
+        if had_cache:
+            log.info("cache_released")
+
+    def _drop_cache(self) -> None:
+        """Under the lock: waits for the steps in flight and forgets them, then drops pools, registry and runner."""
+        self._resolve_in_flight()
+        self._in_flight.clear()
+        self._pool = self._registry = self._runner = None
+        self._last_span = None
 
     def execute(self, step: StepPlan) -> StepResult:
         """Launches the step and waits for its result (for callers that keep one step in flight)."""

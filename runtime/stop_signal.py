@@ -14,7 +14,7 @@ async def stopped_by_signal(ended: Awaitable[object] | None = None) -> bool:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    waits = [asyncio.ensure_future(stop.wait())]
+    waits: list[asyncio.Future[object]] = [asyncio.ensure_future(stop.wait())]
     if ended is not None:
         waits.append(asyncio.ensure_future(ended))
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -13,8 +14,9 @@ from tests.e2e.processes import control_plane_command, worker_command
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _compose() -> dict:
-    return yaml.safe_load((ROOT / "compose.yaml").read_text())
+def _compose() -> dict[str, Any]:
+    compose: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    return compose
 
 
 def test_compose_file_validates_against_the_compose_spec() -> None:

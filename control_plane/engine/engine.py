@@ -1,147 +1,61 @@
-"""The engine loop: per worker, schedule a step, send it, apply its result, stream the outputs."""
+"""The engine: admits requests to worker lanes, applies each step's results, streams the outputs, and fails a
+lane's requests fast when the lane dies."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import structlog
 
 from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.contract.step import StepPlan, StepResult
 from pagedserve.control_plane.config import EngineConfig
+from pagedserve.control_plane.engine.lane import Lane, StepTimes, StepTransport
 from pagedserve.control_plane.engine.metrics import EngineMetrics
+from pagedserve.control_plane.engine.outputs import EngineOutput, RequestFailed, StreamItem, Usage
+from pagedserve.control_plane.engine.status import (
+    RECENT_STEPS,
+    EngineStatus,
+    RetiredCounters,
+    StepRecord,
+    sum_status,
+)
+from pagedserve.control_plane.engine.tracked_request import TrackedRequest
 from pagedserve.control_plane.errors import NotFoundError, PagedServeError, WorkerUnavailableError
 from pagedserve.control_plane.relay.item_channel import ItemChannel
 from pagedserve.control_plane.scheduling.request import FinishReason, Request, SequenceDelta
 from pagedserve.control_plane.scheduling.scheduler import Scheduler, SchedulerStats
-from pagedserve.control_plane.text.completion import CompletionChunk, CompletionStream
+from pagedserve.control_plane.text.completion import CompletionStream
 from pagedserve.control_plane.text.tokenizer import Tokenizer
+
+# The plain output and status types are re-exported: callers (clients/llm.py) import them from here.
+__all__ = [
+    "RECENT_STEPS", "Engine", "EngineOutput", "EngineStatus", "LaneDeadCallback", "RequestFailed", "StepRecord",
+    "StepTransport", "StreamItem", "Usage",
+]
 
 log = structlog.get_logger()
 
-
-class StepTransport(Protocol):
-    """Carries plans to one worker and its results back, in order."""
-
-    async def send(self, plan: StepPlan) -> None: ...
-
-    async def receive(self) -> StepResult: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_prompt_tokens: int
-
-
-class StreamItem(NamedTuple):
-    """One chunk of a request's stream; usage is set on the request's very last chunk."""
-
-    chunk: CompletionChunk
-    usage: Usage | None = None
-
-
-class RequestFailed(NamedTuple):
-    """The end of a request's stream when the engine cannot finish it (its worker failed)."""
-
-    request_id: str
-    error: PagedServeError
-
-
-EngineOutput = StreamItem | RequestFailed
-
-
-@dataclass(slots=True)
-class _Tracked:
-    """Engine-side state of one admitted request."""
-
-    request: Request
-    lane: _Lane
-    completions: list[CompletionStream]
-    channel: ItemChannel[EngineOutput]  # the request's own, or shared with other requests
-    final_only: bool = False  # the consumer wants the whole result: wake it when the request ends, not per step
-    first_token_time_s: float | None = None
-    last_token_time_s: float | None = None
-
-    @property
-    def is_finished(self) -> bool:
-        return all(c.is_finished for c in self.completions)
-
-
-@dataclass(slots=True)
-class _Lane:
-    """One worker with its scheduler (the worker's global block tables) and its loop."""
-
-    worker_id: str
-    scheduler: Scheduler
-    transport: StepTransport
-    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task[None] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class EngineStatus:
-    num_requests_running: int
-    num_requests_waiting: int
-    num_requests_swapped: int
-    num_used_blocks: int
-    num_total_blocks: int
-    num_preemptions: int
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    num_prompt_tokens: int
-    num_generation_tokens: int
-    num_steps: int
-    control_plane_step_time_s: float
-    worker_step_time_s: float
-    worker_forward_time_s: float
-    worker_idle_time_s: float
-
-
-class StepRecord(NamedTuple):
-    """One step as its lane saw it: its size, the control plane's time on it and the worker's report (ms)."""
-
-    step_id: int
-    num_seqs: int
-    num_tokens: int
-    plan_ms: float
-    apply_ms: float
-    received_s: float  # time.perf_counter() when the result arrived
-    worker_host_ms: float
-    device_ms: float
-    idle_ms: float  # 0 for the first step after the lane ran out of work (the device waited for work, not us)
-
-
-RECENT_STEPS = 16384  # step records kept, newest last (a few MB)
-
-
-@dataclass(slots=True)
-class _StepTimes:
-    """Where the time of the steps went, summed since start (seconds)."""
-
-    control_plane_s: float = 0.0
-    worker_step_s: float = 0.0
-    worker_forward_s: float = 0.0
-    worker_idle_s: float = 0.0
-
-    def add_output(self, output: StepResult, counts_idle: bool) -> None:
-        """counts_idle: the device's wait before this step was the pipeline's (not a wait for requests)."""
-        self.worker_step_s += output.step_time_ms / 1e3
-        self.worker_forward_s += output.forward_time_ms / 1e3
-        if counts_idle:
-            self.worker_idle_s += output.idle_time_ms / 1e3
+# Called on the loop with the worker's id and the cause each time a lane dies.
+LaneDeadCallback = Callable[[str, BaseException], None]
 
 
 class Engine:
     """Owns every admitted request until its stream ends. Each worker lane keeps up to
-    config.max_steps_in_flight steps outstanding: steps N+1 onwards are planned while the worker runs step N."""
+    config.max_steps_in_flight steps outstanding: steps N+1 onwards are planned while the worker runs step N.
+
+    A lane dies when anything in it fails: its worker (WorkerUnavailableError), a step unanswered for
+    config.step_timeout_s (a hung worker), or any other exception (logged with its traceback; its requests fail
+    as INTERNAL). Then at once its requests end with that error, its scheduler is replaced by an empty one of
+    the same size (every block and count released), its transport is closed and the on_lane_dead callbacks run.
+    New requests go only to live lanes; revive_lane() puts a restarted worker back. No lane task ends silently.
+    is_serving: some lane is alive and the engine is not draining.
+    """
 
     def __init__(
         self,
@@ -150,26 +64,88 @@ class Engine:
         config: EngineConfig,
         metrics: EngineMetrics,
     ) -> None:
-        self._lanes = [_Lane(worker_id, scheduler, transport) for worker_id, scheduler, transport in workers]
-        self._tokenizer = tokenizer
         self._config = config
+        self._times = StepTimes()
+        self._lanes = [Lane(worker_id, scheduler, transport, config, self._times)
+                       for worker_id, scheduler, transport in workers]
+        self._tokenizer = tokenizer
         self.metrics = metrics
         metrics.bind_status(self.status)
-        self._requests: dict[str, _Tracked] = {}
+        self._requests: dict[str, TrackedRequest] = {}
         self._ids = itertools.count()
         self._num_steps = 0
-        self._times = _StepTimes()
         self._recent_steps: deque[StepRecord] = deque(maxlen=RECENT_STEPS)
+        self._retired = RetiredCounters()
+        self._lane_dead_callbacks: list[LaneDeadCallback] = []
+        self._is_draining = False
+        self._is_stopping = False
+        self._was_serving = bool(self._lanes)
+        self._health_changed = asyncio.Event()
+        self._drained: asyncio.Event | None = None  # set when the last request ends, while drain() waits
+        self._closing: set[asyncio.Task[None]] = set()  # transports of dead lanes being closed
 
     def start(self) -> None:
         for lane in self._lanes:
-            lane.task = asyncio.create_task(self._run_lane(lane), name=f"engine-{lane.worker_id}")
+            self._start_lane(lane)
 
     async def stop(self) -> None:
-        for lane in self._lanes:
-            if lane.task is not None:
-                lane.task.cancel()
-        await asyncio.gather(*(lane.task for lane in self._lanes if lane.task), return_exceptions=True)
+        """Cancels every lane's loop (silently: this is no failure)."""
+        self._is_stopping = True
+        tasks = [lane.task for lane in self._lanes if lane.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, *self._closing, return_exceptions=True)
+
+    @property
+    def is_serving(self) -> bool:
+        """True iff some lane is alive and the engine is not draining: a request added now would be served."""
+        return not self._is_draining and any(lane.is_alive for lane in self._lanes)
+
+    def health_changed(self) -> asyncio.Event:
+        """An event set at the next change of is_serving; call again after it fired for the one after."""
+        return self._health_changed
+
+    def on_lane_dead(self, callback: LaneDeadCallback) -> None:
+        """Registers callback(worker_id, cause), called on the loop each time a lane dies, after its requests
+        failed and its blocks were released. An exception in it is logged and ignored."""
+        self._lane_dead_callbacks.append(callback)
+
+    def revive_lane(self, worker_id: str, transport: StepTransport, scheduler: Scheduler) -> None:
+        """Puts a restarted worker back into service: a new lane with this transport and scheduler (sized for the
+        worker as it is now) replaces worker_id's dead lane and starts its loop; is_serving turns True unless the
+        engine drains. ValueError if no lane has that id or it is still alive."""
+        index = next((i for i, lane in enumerate(self._lanes) if lane.worker_id == worker_id), None)
+        if index is None:
+            raise ValueError(f"worker_id: no lane has id {worker_id!r}")
+        dead = self._lanes[index]
+        if dead.is_alive:
+            raise ValueError(f"worker_id: the lane of {worker_id!r} is alive")
+        self._retired.add(dead.scheduler.stats)
+        lane = self._lanes[index] = Lane(worker_id, scheduler, transport, self._config, self._times)
+        self._start_lane(lane)
+        log.info("lane_revived", worker_id=worker_id, num_gpu_blocks=scheduler.block_manager.gpu.num_blocks)
+        self._notify_health()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stops admitting (add_request raises WorkerUnavailableError "server is shutting down"), lets the requests
+        in flight finish for up to timeout_s, then ends each one left as a finish does: a last chunk per open
+        completion (finish reason ABORT), the request's very last one with usage, and its blocks freed."""
+        if not self._is_draining:
+            self._is_draining = True
+            log.info("engine_draining", num_requests=len(self._requests), timeout_s=timeout_s)
+            self._notify_health()
+        if self._requests and timeout_s > 0:
+            self._drained = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._drained.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                self._drained = None
+        if self._requests:
+            log.warning("requests_cut_by_drain", request_ids=list(self._requests))
+        for tracked in list(self._requests.values()):
+            self._end_now(tracked)
 
     def add_request(
         self,
@@ -180,13 +156,19 @@ class Engine:
         final_only: bool = False,
         outputs: ItemChannel[EngineOutput] | None = None,
     ) -> str:
-        """Admits a validated request to the least loaded worker; raises ResourceExhaustedError when full.
+        """Admits a validated request to the least loaded live worker; raises ResourceExhaustedError when full,
+        WorkerUnavailableError at once when no worker is alive or the engine drains.
 
         final_only: stream() still yields every chunk, but its consumer is woken only when the request ends
         (as vLLM's FINAL_ONLY output kind), which spares an offline caller a task switch per step and request.
         outputs: a channel shared by many requests, whose one consumer is woken once per step for all of them
         (the frontend's relay), instead of the request's own channel that stream() reads.
         """
+        if self._is_draining:
+            raise WorkerUnavailableError("server is shutting down")
+        live = [lane for lane in self._lanes if lane.is_alive]
+        if not live:
+            raise WorkerUnavailableError(f"no worker is serving (all {len(self._lanes)} failed)")
         request_id = request_id or f"req-{next(self._ids)}"
         while request_id in self._requests:
             request_id = f"{request_id}-{next(self._ids)}"
@@ -198,9 +180,9 @@ class Engine:
             arrival_time_s=time.monotonic(),
             priority=priority,
         )
-        lane = min(self._lanes, key=lambda candidate: _load(candidate.scheduler.stats))
+        lane = min(live, key=lambda candidate: _load(candidate.scheduler.stats))
         lane.scheduler.add_request(request)
-        self._requests[request_id] = _Tracked(
+        self._requests[request_id] = TrackedRequest(
             request=request,
             lane=lane,
             final_only=final_only,
@@ -233,7 +215,7 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         """Ends the request now and frees its blocks; a no-op once it has finished."""
-        tracked = self._requests.pop(request_id, None)
+        tracked = self._forget(request_id)
         if tracked is None:
             return
         if not tracked.is_finished:
@@ -243,104 +225,132 @@ class Engine:
             self.metrics.request_ended([FinishReason.ABORT], e2e_s=None)
 
     def status(self) -> EngineStatus:
-        stats = [lane.scheduler.stats for lane in self._lanes]
-        return EngineStatus(
-            num_requests_running=sum(s.num_running for s in stats),
-            num_requests_waiting=sum(s.num_waiting for s in stats),
-            num_requests_swapped=sum(s.num_swapped for s in stats),
-            num_used_blocks=sum(s.num_used_blocks for s in stats),
-            num_total_blocks=sum(s.num_total_blocks for s in stats),
-            num_preemptions=sum(s.num_preemptions for s in stats),
-            prefix_cache_queries=sum(s.prefix_cache_queries for s in stats),
-            prefix_cache_hits=sum(s.prefix_cache_hits for s in stats),
-            num_prompt_tokens=sum(s.num_prompt_tokens for s in stats),
-            num_generation_tokens=sum(s.num_generation_tokens for s in stats),
-            num_steps=self._num_steps,
-            control_plane_step_time_s=self._times.control_plane_s,
-            worker_step_time_s=self._times.worker_step_s,
-            worker_forward_time_s=self._times.worker_forward_s,
-            worker_idle_time_s=self._times.worker_idle_s,
-        )
+        lanes = [(lane.scheduler.stats, lane.is_alive) for lane in self._lanes]
+        return sum_status(lanes, self._retired, self._num_steps, self._times)
 
     def recent_steps(self) -> list[StepRecord]:
         """The last RECENT_STEPS steps of every lane, in the order their results arrived (call it on the loop)."""
         return list(self._recent_steps)
 
-    async def _run_lane(self, lane: _Lane) -> None:
-        in_flight: deque[tuple[StepPlan, float]] = deque()  # with its planning time, ms
-        # The first step after the lane ran out of work: the device's wait before it was for work, not for us.
-        first_after_pause: int | None = None
-        is_paused = True
-        try:
-            while True:
-                while len(in_flight) < self._config.max_steps_in_flight:
-                    started = time.perf_counter()
-                    plan = lane.scheduler.schedule()
-                    plan_s = time.perf_counter() - started
-                    self._times.control_plane_s += plan_s
-                    if plan.is_empty:
-                        break
-                    await lane.transport.send(plan)
-                    in_flight.append((plan, plan_s * 1e3))
-                    if is_paused:
-                        first_after_pause, is_paused = plan.step_id, False
-                if not in_flight:
-                    lane.wakeup.clear()
-                    await lane.wakeup.wait()
-                    is_paused = True
-                    continue
-                output = await lane.transport.receive()
-                started = time.perf_counter()
-                self._num_steps += 1
-                plan, plan_ms = in_flight.popleft()
-                self._apply(lane, lane.scheduler.update_from_output(plan, output))
-                apply_s = time.perf_counter() - started
-                self._times.control_plane_s += apply_s
-                counts_idle = output.step_id != first_after_pause
-                self._times.add_output(output, counts_idle)
-                self._recent_steps.append(StepRecord(
-                    plan.step_id, len(plan.new_sequences) + len(plan.scheduled_sequences), plan.num_scheduled_tokens,
-                    plan_ms, apply_s * 1e3, started, output.step_time_ms, output.forward_time_ms,
-                    output.idle_time_ms if counts_idle else 0.0,
-                ))
-        except WorkerUnavailableError as exc:
-            log.error("worker_failed", worker_id=lane.worker_id, error=str(exc))
-            self._fail_lane(lane, exc)
+    # Lanes: their loops, their results, their deaths.
 
-    def _apply(self, lane: _Lane, deltas: list[SequenceDelta]) -> None:
+    def _start_lane(self, lane: Lane) -> None:
+        lane.task = asyncio.create_task(self._run_lane(lane), name=f"engine-{lane.worker_id}")
+        lane.task.add_done_callback(functools.partial(self._lane_task_done, lane))
+
+    async def _run_lane(self, lane: Lane) -> None:
+        try:
+            await lane.drive(functools.partial(self._on_result, lane))
+        except Exception as exc:  # any failure ends the lane's requests, loudly: nothing may hang on it
+            self._kill_lane(lane, exc)
+            await lane.close_transport()
+
+    def _lane_task_done(self, lane: Lane, task: asyncio.Task[None]) -> None:
+        """A lane's task ended: by stop(), after its lane died (which said why), or else: never silently."""
+        if task.cancelled():
+            if self._is_stopping or not lane.is_alive:
+                return
+            cause: BaseException = WorkerUnavailableError(f"the engine loop of worker {lane.worker_id} was cancelled")
+        else:
+            exc = task.exception()
+            if not lane.is_alive:
+                if exc is not None:
+                    log.error("lane_cleanup_failed", worker_id=lane.worker_id, exc_info=exc)
+                return
+            cause = exc or RuntimeError(f"the engine loop of worker {lane.worker_id} returned")
+        self._kill_lane(lane, cause)
+        try:
+            closing = asyncio.get_running_loop().create_task(lane.close_transport())
+        except RuntimeError:  # the loop is closing: the transport goes with it
+            return
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
+    def _kill_lane(self, lane: Lane, cause: BaseException) -> None:
+        """Fails the lane's requests with the cause (WorkerUnavailableError as it is, anything else as INTERNAL,
+        logged with its traceback), releases every block and count it held, and tells the callbacks."""
+        if not lane.is_alive:
+            return
+        lane.is_alive = False
+        request_ids = [request_id for request_id, tracked in self._requests.items() if tracked.lane is lane]
+        error: PagedServeError
+        if isinstance(cause, WorkerUnavailableError):
+            error = cause
+            log.error("worker_failed", worker_id=lane.worker_id, error=str(cause), request_ids=request_ids)
+        else:
+            error = PagedServeError(
+                f"internal error in the engine (worker {lane.worker_id}): {type(cause).__name__}: {cause}"
+            )
+            log.error("lane_failed", worker_id=lane.worker_id, error=str(error), request_ids=request_ids,
+                      exc_info=cause)
+        for request_id in request_ids:
+            tracked = self._forget(request_id)
+            if tracked is not None:
+                tracked.channel.put(RequestFailed(request_id, error))
+        old = lane.scheduler
+        self._retired.add(old.stats)
+        lane.scheduler = Scheduler(old.config, old.cache_config, old.block_manager.gpu.num_blocks,
+                                   old.block_manager.cpu.num_blocks)
+        self._notify_health()
+        for callback in list(self._lane_dead_callbacks):
+            try:
+                callback(lane.worker_id, cause)
+            except Exception:
+                log.exception("lane_dead_callback_failed", worker_id=lane.worker_id)
+
+    def _notify_health(self) -> None:
+        event, self._health_changed = self._health_changed, asyncio.Event()
+        event.set()
+        is_serving = self.is_serving
+        if is_serving != self._was_serving:
+            self._was_serving = is_serving
+            log.info("engine_health_changed", is_serving=is_serving,
+                     num_live_workers=sum(lane.is_alive for lane in self._lanes), is_draining=self._is_draining)
+
+    def _on_result(self, lane: Lane, plan: StepPlan, plan_ms: float, output: StepResult, counts_idle: bool) -> None:
+        started = time.perf_counter()
+        self._num_steps += 1
+        self._apply(lane, lane.scheduler.update_from_output(plan, output))
+        apply_s = time.perf_counter() - started
+        self._times.control_plane_s += apply_s
+        self._times.add_output(output, counts_idle)
+        self._recent_steps.append(StepRecord(
+            plan.step_id, len(plan.new_sequences) + len(plan.scheduled_sequences), plan.num_scheduled_tokens,
+            plan_ms, apply_s * 1e3, started, output.step_time_ms, output.forward_time_ms,
+            output.idle_time_ms if counts_idle else 0.0,
+        ))
+
+    # Requests: their chunks and their ends.
+
+    def _apply(self, lane: Lane, deltas: list[SequenceDelta]) -> None:
         now = time.monotonic()
         for delta in deltas:
             tracked = self._requests.get(delta.request_id)
             if tracked is None:
                 continue
-            completion = tracked.completions[delta.index]
+            completion = tracked.completions[delta.completion_index]
             chunk = completion.apply(delta)
             if completion.is_finished and delta.finish_reason is None:
-                lane.scheduler.finish_sequence(delta.request_id, delta.index, FinishReason.STOP)
+                lane.scheduler.finish_sequence(delta.request_id, delta.completion_index, FinishReason.STOP)
             if chunk is None:
                 continue
-            self._observe_tokens(tracked, len(delta.new_token_ids), now)
+            tracked.observe_tokens(len(delta.new_token_ids), now, self.metrics)
             usage = self._finish(tracked) if completion.is_finished and tracked.is_finished else None
             tracked.channel.put(StreamItem(chunk, usage), wake=usage is not None or not tracked.final_only)
 
-    def _observe_tokens(self, tracked: _Tracked, num_tokens: int, now: float) -> None:
-        if num_tokens == 0:
-            return
-        if tracked.first_token_time_s is None:
-            tracked.first_token_time_s = now
-            self.metrics.observe_ttft(now - tracked.request.arrival_time_s)
-        elif tracked.last_token_time_s is not None:
-            self.metrics.observe_itl((now - tracked.last_token_time_s) / num_tokens, num_tokens)
-        tracked.last_token_time_s = now
+    def _end_now(self, tracked: TrackedRequest) -> None:
+        """Ends a request as a finish does, every open completion with ABORT: a last chunk each, then usage."""
+        tracked.lane.scheduler.abort_request(tracked.request.request_id)
+        tracked.lane.wakeup.set()
+        last = tracked.abort_open_completions()
+        usage = self._finish(tracked)
+        for i, chunk in enumerate(last):
+            tracked.channel.put(StreamItem(chunk, usage if i == len(last) - 1 else None))
 
-    def _finish(self, tracked: _Tracked) -> Usage:
+    def _finish(self, tracked: TrackedRequest) -> Usage:
         request = tracked.request
-        self._requests.pop(request.request_id, None)
-        usage = Usage(
-            prompt_tokens=len(request.prompt_token_ids),
-            completion_tokens=sum(c.num_tokens for c in tracked.completions),
-            cached_prompt_tokens=request.num_cached_tokens,
-        )
+        self._forget(request.request_id)
+        usage = tracked.usage()
         reasons = [c.finish_reason for c in tracked.completions]
         self.metrics.request_ended(reasons, e2e_s=time.monotonic() - request.arrival_time_s)
         log.info("request_finished", request_id=request.request_id,
@@ -348,11 +358,11 @@ class Engine:
                  num_completion_tokens=usage.completion_tokens)
         return usage
 
-    def _fail_lane(self, lane: _Lane, error: WorkerUnavailableError) -> None:
-        for request_id, tracked in list(self._requests.items()):
-            if tracked.lane is lane:
-                self._requests.pop(request_id)
-                tracked.channel.put(RequestFailed(request_id, error))
+    def _forget(self, request_id: str) -> TrackedRequest | None:
+        tracked = self._requests.pop(request_id, None)
+        if self._drained is not None and not self._requests:
+            self._drained.set()
+        return tracked
 
 
 def _load(stats: SchedulerStats) -> int:

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import structlog
 
-from pagedserve.contract.worker_info import CacheRequest
 from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
-from pagedserve.control_plane.launch.builtin_model import BUILTIN_MODEL_NAME, write_builtin_model
+from pagedserve.contract.worker_info import CacheRequest
 from pagedserve.control_plane.config import (
     CacheConfig,
     EngineConfig,
@@ -23,20 +22,26 @@ from pagedserve.control_plane.config import (
     SchedulerConfig,
     SchedulingPolicy,
     ServerConfig,
+    WorkerRestartPolicy,
+    WorkerSupervisorConfig,
 )
 from pagedserve.control_plane.engine.engine import Engine
-from pagedserve.control_plane.engine.service import EngineServicer, build_engine_server
-from pagedserve.control_plane.launch.frontend_launcher import FrontendProcess
 from pagedserve.control_plane.engine.metrics import EngineMetrics
+from pagedserve.control_plane.engine.service import EngineServicer, build_engine_server
+from pagedserve.control_plane.engine.worker_client import GrpcWorkerClient, WorkerConnection
+from pagedserve.control_plane.errors import PagedServeError
+from pagedserve.control_plane.launch.builtin_model import BUILTIN_MODEL_NAME, write_builtin_model
+from pagedserve.control_plane.launch.frontend_launcher import FrontendProcess
+from pagedserve.control_plane.launch.worker_launcher import LocalWorkers, WorkerLaunchConfig, wait_for_workers
+from pagedserve.control_plane.launch.worker_supervisor import LaneSetup, WorkerSupervisor
 from pagedserve.control_plane.scheduling.scheduler import Scheduler
 from pagedserve.control_plane.served_model import ServedModel
-from pagedserve.runtime.stop_signal import stopped_by_signal
 from pagedserve.control_plane.text.tokenizer import Tokenizer
-from pagedserve.control_plane.engine.worker_client import GrpcWorkerClient, WorkerConnection
-from pagedserve.control_plane.launch.worker_launcher import LocalWorkers, WorkerLaunchConfig, wait_for_workers
+from pagedserve.runtime.auth import SECRET_ENV, ClusterSecret, ClusterSecretInterceptor, cluster_secret_from
 from pagedserve.runtime.collector import freeze_startup_objects
 from pagedserve.runtime.gil import use_short_turns
 from pagedserve.runtime.logs import LogFormat, configure_logging
+from pagedserve.runtime.stop_signal import stopped_by_signal
 
 log = structlog.get_logger()
 
@@ -68,9 +73,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preemption-mode", default="recompute", choices=[m.value for m in PreemptionMode])
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--max-steps-in-flight", type=int, default=EngineConfig().max_steps_in_flight)
+    p.add_argument("--step-timeout", type=float, default=EngineConfig().step_timeout_s,
+                   help="seconds a worker may leave a step unanswered before it counts as hung and its lane dies")
+    p.add_argument("--cluster-secret-file", type=Path,
+                   help=f"file holding the secret of the internal services (or the secret itself in {SECRET_ENV}); "
+                        "default: a random one for the local workers and the frontend")
+    _add_mode_flag(p, "--worker-restart", WorkerRestartPolicy.ON_FAILURE)
+    p.add_argument("--max-worker-restarts", type=int, default=WorkerSupervisorConfig().max_restarts,
+                   help="tries to bring one worker back within 10 minutes before its lane is given up")
+    p.add_argument("--shutdown-timeout", type=float, default=ServerConfig().shutdown_timeout_s,
+                   help="seconds requests in flight may run on after SIGTERM/SIGINT before they are ended")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.add_argument("--api-key", action="extend", type=_comma_separated, default=[], metavar="KEY",
+                   help="require metadata 'authorization: Bearer KEY' on the public port, health checks excepted "
+                        "(repeatable, or comma-separated; env PAGEDSERVE_API_KEY)")
+    p.add_argument("--api-key-file", type=Path, help="file of API keys, one per line ('#' comments)")
+    p.add_argument("--tls-cert-file", type=Path, help="PEM certificate chain: the public port speaks TLS")
+    p.add_argument("--tls-key-file", type=Path, help="PEM private key of --tls-cert-file")
+    p.add_argument("--tls-client-ca-file", type=Path,
+                   help="PEM CA certificates: clients must present a certificate one of them signed (mTLS)")
     p.add_argument("--log-format", default="auto", choices=[f.value for f in LogFormat])
     return p
+
+
+def _comma_separated(value: str) -> list[str]:
+    return [item for item in value.split(",") if item]
+
+
+def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    """--api-key values, then --api-key-file's lines (blank ones and '#' comments skipped)."""
+    keys = list(args.api_key)
+    if args.api_key_file is not None:
+        lines = (line.strip() for line in args.api_key_file.read_text(encoding="ascii").splitlines())
+        keys += [line for line in lines if line and not line.startswith("#")]
+    return tuple(keys)
 
 
 def _add_mode_flag(p: argparse.ArgumentParser, flag: str, default: enum.Enum) -> None:
@@ -87,7 +123,8 @@ def _env_defaults(parser: argparse.ArgumentParser) -> None:
         if action.dest != "help" and name in os.environ:
             raw = os.environ[name]
             value: object = raw.split(",") if action.dest == "worker" else raw
-            if action.type is not None and action.dest != "worker":
+            # action.type may also be a registry name (a str); every flag here gives a converter, or none.
+            if callable(action.type) and action.dest != "worker":
                 value = action.type(raw)
             parser.set_defaults(**{action.dest: value})
 
@@ -99,6 +136,8 @@ def configs_from_args(
         host=args.host, port=args.port, model_dir=args.model, worker_addresses=tuple(args.worker),
         num_workers=args.num_workers, dtype=args.dtype, device=args.device, load_format=args.load_format,
         seed=args.seed, metrics_port=args.metrics_port, log_format=LogFormat(args.log_format),
+        api_keys=_api_keys(args), tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file,
+        tls_client_ca_file=args.tls_client_ca_file, shutdown_timeout_s=args.shutdown_timeout,
     )
     scheduler = SchedulerConfig(
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
@@ -112,7 +151,38 @@ def configs_from_args(
         kv_cache_memory_bytes=int(args.kv_cache_memory * _GIB), swap_space_bytes=int(args.swap_space * _GIB),
         enable_prefix_caching=args.enable_prefix_caching,
     )
-    return server, scheduler, cache, EngineConfig(max_steps_in_flight=args.max_steps_in_flight)
+    engine = EngineConfig(max_steps_in_flight=args.max_steps_in_flight, step_timeout_s=args.step_timeout)
+    return server, scheduler, cache, engine
+
+
+def supervisor_config_from_args(args: argparse.Namespace, server: ServerConfig) -> WorkerSupervisorConfig:
+    return WorkerSupervisorConfig(restart_policy=args.worker_restart, max_restarts=args.max_worker_restarts,
+                                  worker_start_timeout_s=server.worker_start_timeout_s)
+
+
+def cluster_secret_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ClusterSecret:
+    """--cluster-secret-file's or PAGEDSERVE_CLUSTER_SECRET's secret; without either, a new random one, which this
+    process hands to the local workers and the frontend it starts (external workers then need --insecure-no-auth)."""
+    try:
+        secret = cluster_secret_from(args.cluster_secret_file, os.environ.get(SECRET_ENV))
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
+    if secret is not None:
+        return secret
+    if args.worker:
+        log.warning("cluster_secret_generated", message="no --cluster-secret-file or PAGEDSERVE_CLUSTER_SECRET: "
+                    "the --worker workers must run with --insecure-no-auth, or be given the cluster's secret")
+    return ClusterSecret.generate()
+
+
+def cache_request(scheduler: SchedulerConfig, cache: CacheConfig) -> CacheRequest:
+    """What InitCache asks of each worker for these configs."""
+    return CacheRequest(
+        block_size=cache.block_size, gpu_memory_utilization=cache.gpu_memory_utilization,
+        num_gpu_blocks_override=cache.num_gpu_blocks_override, kv_cache_memory_bytes=cache.kv_cache_memory_bytes,
+        swap_space_bytes=cache.swap_space_bytes, max_num_batched_tokens=scheduler.max_num_batched_tokens,
+        max_num_seqs=scheduler.max_num_seqs, max_model_len=scheduler.max_model_len,
+    )
 
 
 async def start_engine(
@@ -121,17 +191,12 @@ async def start_engine(
 ) -> tuple[Engine, ServedModel, Tokenizer]:
     """Sizes every worker's cache (which also resets it), builds one scheduler per worker and starts the engine."""
     infos = await asyncio.gather(*(w.get_info() for w in workers))
-    init = CacheRequest(
-        block_size=cache.block_size, gpu_memory_utilization=cache.gpu_memory_utilization,
-        num_gpu_blocks_override=cache.num_gpu_blocks_override, kv_cache_memory_bytes=cache.kv_cache_memory_bytes,
-        swap_space_bytes=cache.swap_space_bytes, max_num_batched_tokens=scheduler.max_num_batched_tokens,
-        max_num_seqs=scheduler.max_num_seqs, max_model_len=scheduler.max_model_len,
-    )
+    init = cache_request(scheduler, cache)
     caches = await asyncio.gather(*(w.init_cache(init) for w in workers))
     info = infos[0]
     max_model_len = min(scheduler.max_model_len or info.max_position_embeddings, info.max_position_embeddings)
     scheduler = dataclasses.replace(scheduler, max_model_len=max_model_len)
-    for worker, blocks in zip(infos, caches):
+    for worker, blocks in zip(infos, caches, strict=True):
         log.info("worker_ready", worker_id=worker.worker_id, device=worker.device, dtype=worker.dtype,
                  num_gpu_blocks=blocks.num_gpu_blocks, num_cpu_blocks=blocks.num_cpu_blocks)
     tokenizer = Tokenizer(model_dir)
@@ -143,7 +208,7 @@ async def start_engine(
     )
     lanes = [
         (worker.worker_id, Scheduler(scheduler, cache, blocks.num_gpu_blocks, blocks.num_cpu_blocks), connection)
-        for worker, blocks, connection in zip(infos, caches, workers)
+        for worker, blocks, connection in zip(infos, caches, workers, strict=True)
     ]
     engine = Engine(lanes, tokenizer, engine_config, EngineMetrics(model_name))
     engine.start()
@@ -151,42 +216,77 @@ async def start_engine(
 
 
 async def serve(server: ServerConfig, scheduler: SchedulerConfig, cache: CacheConfig, engine_config: EngineConfig,
-                model_dir: Path, runtime_dir: Path) -> int:
+                supervision: WorkerSupervisorConfig, secret: ClusterSecret, model_dir: Path, runtime_dir: Path) -> int:
     """Runs workers (unless given), the engine and, beside it, the frontend process with the public server, until
-    SIGINT/SIGTERM (0) or until the frontend exits (1). runtime_dir holds the engine's socket."""
+    SIGINT/SIGTERM (drain, then 0), until the frontend exits (1) or until no worker is left (1). Dead workers are
+    brought back by a WorkerSupervisor. Every internal call carries secret. runtime_dir holds the engine's socket."""
     launcher = None
     addresses = list(server.worker_addresses)
     if not addresses:
         launcher = LocalWorkers(WorkerLaunchConfig(
             model_dir=model_dir, num_workers=server.num_workers, dtype=server.dtype, device=server.device,
-            load_format=server.load_format, seed=server.seed,
+            load_format=server.load_format, seed=server.seed, cluster_secret=secret,
         ))
         addresses = launcher.start()
-    clients = [GrpcWorkerClient(address) for address in addresses]
+    clients = [GrpcWorkerClient(address, secret) for address in addresses]
     try:
-        await wait_for_workers(clients, server.worker_start_timeout_s, launcher)
-        model_name = server.model_dir.name if server.model_dir else BUILTIN_MODEL_NAME
-        engine, model, _ = await start_engine(clients, scheduler, cache, engine_config, model_dir, model_name)
+        try:
+            await wait_for_workers(clients, server.worker_start_timeout_s, launcher)
+            infos = await asyncio.gather(*(c.get_info() for c in clients))
+            model_name = server.model_dir.name if server.model_dir else BUILTIN_MODEL_NAME
+            engine, model, _ = await start_engine(clients, scheduler, cache, engine_config, model_dir, model_name)
+        except (PagedServeError, RuntimeError) as error:  # a worker unreachable, refusing us, or dead at start
+            log.error("serve_start_failed", error=str(error))
+            await asyncio.gather(*(c.close() for c in clients))
+            return 1
+        resolved = dataclasses.replace(scheduler, max_model_len=model.max_model_len)
+        supervisor = WorkerSupervisor(
+            engine, list(zip(clients, infos, strict=True)), launcher,
+            LaneSetup(cache_request(resolved, cache), resolved, cache), supervision,
+            connect=lambda address: GrpcWorkerClient(address, secret),
+        )
         if server.metrics_port is not None:
             engine.metrics.serve(server.host, server.metrics_port)
         engine_address = f"unix:{runtime_dir / 'engine.sock'}"
-        engine_server = await build_engine_server(EngineServicer(engine, model), engine_address)
+        engine_server = await build_engine_server(EngineServicer(engine, model), engine_address,
+                                                  (ClusterSecretInterceptor(secret),))
         await engine_server.start()
-        frontend = await FrontendProcess.start(engine_address, model_dir, server.address, server.log_format)
+        frontend = await FrontendProcess.start(engine_address, model_dir, server.address, server.log_format,
+                                               server=server, max_num_seqs=scheduler.max_num_seqs,
+                                               cluster_secret=secret)
         freeze_startup_objects()
-        stopped = await stopped_by_signal(frontend.wait())
-        if stopped:
-            log.info("server_stopping")
-            await frontend.stop()
-        else:
-            log.error("frontend_exited", code=await frontend.wait())
+        code = await _run_until_stopped(engine, frontend, supervisor, server.shutdown_timeout_s)
         await engine_server.stop(grace=None)
+        await supervisor.stop()  # before the engine: its lanes die of the stop, and must not be restarted
         await engine.stop()
-        await asyncio.gather(*(c.close() for c in clients))
-        return 0 if stopped else 1
+        await supervisor.close()
+        return code
     finally:
         if launcher is not None:
             launcher.stop()
+
+
+async def _run_until_stopped(
+    engine: Engine, frontend: FrontendProcess, supervisor: WorkerSupervisor, shutdown_timeout_s: float,
+) -> int:
+    """0 after SIGINT/SIGTERM, once the engine has drained (its requests get shutdown_timeout_s to finish) and the
+    frontend has stopped; 1 when the frontend exits, or the last worker is lost, by itself."""
+    frontend_exit = asyncio.ensure_future(frontend.wait())
+    workers_lost = asyncio.ensure_future(supervisor.all_lost.wait())
+    either = asyncio.ensure_future(asyncio.wait([frontend_exit, workers_lost], return_when=asyncio.FIRST_COMPLETED))
+    stopped = await stopped_by_signal(either)
+    has_frontend_exited = frontend_exit.done()
+    for future in (frontend_exit, workers_lost):
+        future.cancel()
+    if stopped:
+        log.info("server_stopping", shutdown_timeout_s=shutdown_timeout_s)
+        await engine.drain(shutdown_timeout_s)
+    elif has_frontend_exited:
+        log.error("frontend_exited", code=await frontend.wait())
+    else:
+        log.error("server_exiting", reason="no worker left: every lane is dead and none is being restarted")
+    await frontend.stop()
+    return 0 if stopped else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -196,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(LogFormat(args.log_format))
     use_short_turns()
     server, scheduler, cache, engine_config = configs_from_args(args)
+    supervision = supervisor_config_from_args(args, server)
+    secret = cluster_secret_from_args(parser, args)
     with tempfile.TemporaryDirectory(prefix="pagedserve-") as scratch:
         model_dir = server.model_dir
         if model_dir is None:
@@ -204,4 +306,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.warning("using_builtin_model", model=BUILTIN_MODEL_NAME, weights="deterministic random (dummy)",
                         message=f"no --model given: serving the built-in {BUILTIN_MODEL_NAME}, a small Llama with "
                                 "random weights and a locally built tokenizer; its text is not meaningful")
-        return asyncio.run(serve(server, scheduler, cache, engine_config, model_dir, Path(scratch)))
+        return asyncio.run(serve(server, scheduler, cache, engine_config, supervision, secret, model_dir,
+                                 Path(scratch)))

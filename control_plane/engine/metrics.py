@@ -11,7 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from pagedserve.control_plane.engine.engine import EngineStatus
+    from pagedserve.control_plane.engine.status import EngineStatus
     from pagedserve.control_plane.scheduling.request import FinishReason
 
 _PREFIX = "pagedserve:"

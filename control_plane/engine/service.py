@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
 import structlog
 
 from pagedserve.contract.codec import sampling_params_from_proto
-from pagedserve.control_plane.engine.engine import Engine, EngineOutput, RequestFailed
+from pagedserve.control_plane.engine.engine import Engine
+from pagedserve.control_plane.engine.outputs import EngineOutput, RequestFailed
 from pagedserve.control_plane.errors import PagedServeError
 from pagedserve.control_plane.relay.convert import (
     add_generate_response,
@@ -17,6 +19,7 @@ from pagedserve.control_plane.relay.convert import (
     request_error_to_proto,
     served_model_to_proto,
 )
+from pagedserve.control_plane.relay.health import HEARTBEAT_S
 from pagedserve.control_plane.relay.item_channel import ItemChannel
 from pagedserve.control_plane.served_model import ServedModel
 from pagedserve.runtime.channel_options import INTERNAL_CHANNEL_OPTIONS
@@ -39,17 +42,32 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
         self._model = model
 
     async def Describe(  # noqa: N802 (gRPC method name)
-        self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext
+        self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext[pb.DescribeRequest, pb.DescribeResponse]
     ) -> pb.DescribeResponse:
         return pb.DescribeResponse(model=served_model_to_proto(self._model))
 
     async def GetStatus(  # noqa: N802
-        self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext[pb.GetStatusRequest, pb.GetStatusResponse]
     ) -> pb.GetStatusResponse:
-        return pb.GetStatusResponse(status=engine_status_to_proto(self._engine.status()))
+        return pb.GetStatusResponse(status=engine_status_to_proto(self._engine.status()),
+                                    is_serving=self._engine.is_serving)
+
+    async def WatchHealth(  # noqa: N802
+        self,
+        request: pb.WatchHealthRequest,
+        context: grpc.aio.ServicerContext[pb.WatchHealthRequest, pb.WatchHealthResponse],
+    ) -> AsyncIterator[pb.WatchHealthResponse]:
+        """The engine's health now, then at each change and at least every HEARTBEAT_S (a silence means trouble)."""
+        while True:
+            changed = self._engine.health_changed()
+            yield pb.WatchHealthResponse(is_serving=self._engine.is_serving)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(changed.wait(), HEARTBEAT_S)
 
     async def Relay(  # noqa: N802
-        self, request_iterator: AsyncIterator[pb.RelayRequest], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[pb.RelayRequest],
+        context: grpc.aio.ServicerContext[pb.RelayRequest, pb.RelayResponse],
     ) -> AsyncIterator[pb.RelayResponse]:
         outputs: ItemChannel[EngineOutput] = ItemChannel()  # closed when the frontend ends its side
         live: set[str] = set()  # added by this stream, not yet ended
@@ -99,9 +117,12 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
             outputs.put(RequestFailed(add.request_id, PagedServeError(f"internal error: {type(exc).__name__}")))
 
 
-async def build_engine_server(servicer: EngineServicer, address: str) -> grpc.aio.Server:
-    """An aio server with only the engine service, for the frontend process on this host."""
-    server = grpc.aio.server(options=INTERNAL_CHANNEL_OPTIONS)
+async def build_engine_server(
+    servicer: EngineServicer, address: str, interceptors: tuple[grpc.aio.ServerInterceptor, ...] = (),
+) -> grpc.aio.Server:
+    """An aio server with only the engine service, for the frontend process on this host; interceptors: the
+    cluster secret's check (runtime/auth.py), which serve always installs."""
+    server = grpc.aio.server(options=INTERNAL_CHANNEL_OPTIONS, interceptors=interceptors)
     engine_service_pb2_grpc.add_EngineServiceServicer_to_server(servicer, server)
     if server.add_insecure_port(address) == 0:
         raise OSError(f"cannot listen on {address}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from typing import Protocol, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,6 +18,7 @@ from pagedserve.contract.codec import (
 from pagedserve.contract.step import StepPlan, StepResult
 from pagedserve.contract.worker_info import CacheInfo, CacheRequest, WorkerInfo
 from pagedserve.control_plane.errors import WorkerUnavailableError
+from pagedserve.runtime.auth import ClusterSecret
 from pagedserve.runtime.channel_options import INTERNAL_CHANNEL_OPTIONS
 from pagedserve.v1 import worker_service_pb2, worker_service_pb2_grpc
 
@@ -38,10 +39,13 @@ class WorkerConnection(Protocol):
 
 
 class GrpcWorkerClient:
-    """One worker reached over gRPC. Steps go out on one bidirectional stream and come back in order."""
+    """One worker reached over gRPC. Steps go out on one bidirectional stream and come back in order. Every call
+    but the health checks carries cluster_secret (None: the worker runs with --insecure-no-auth)."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, cluster_secret: ClusterSecret | None = None) -> None:
         self.address = address
+        # Passed on each call rather than by a channel interceptor, which would add a hop to every step message.
+        self._metadata = cluster_secret.metadata if cluster_secret is not None else ()
         self._channel = grpc.aio.insecure_channel(address, options=INTERNAL_CHANNEL_OPTIONS)
         self._stub = worker_service_pb2_grpc.WorkerServiceStub(self._channel)
         self._call: grpc.aio.StreamStreamCall[
@@ -54,7 +58,10 @@ class GrpcWorkerClient:
         deadline = asyncio.get_running_loop().time() + timeout_s
         while True:
             try:
-                reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
+                # types-grpcio-health-checking declares HealthStub without its methods (set in __init__ at run time).
+                reply = await health.Check(  # type: ignore[attr-defined]
+                    health_pb2.HealthCheckRequest(service=""), timeout=2.0
+                )
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.aio.AioRpcError:
@@ -64,17 +71,44 @@ class GrpcWorkerClient:
             await asyncio.sleep(0.2)
 
     async def get_info(self) -> WorkerInfo:
-        return worker_info_from_proto(await self._stub.GetWorkerInfo(worker_service_pb2.GetWorkerInfoRequest()))
+        """The worker's model and device; WorkerUnavailableError (with the worker's code and message) on failure."""
+        try:
+            reply = await self._stub.GetWorkerInfo(worker_service_pb2.GetWorkerInfoRequest(), metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise self._failed("GetWorkerInfo", exc) from exc
+        return worker_info_from_proto(reply)
 
     async def init_cache(self, request: CacheRequest) -> CacheInfo:
-        return cache_info_from_proto(await self._stub.InitCache(cache_request_to_proto(request)))
+        """Resets and sizes the worker's KV cache; WorkerUnavailableError on failure (FAILED_PRECONDITION: another
+        control plane owns the worker)."""
+        try:
+            reply = await self._stub.InitCache(cache_request_to_proto(request), metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise self._failed("InitCache", exc) from exc
+        return cache_info_from_proto(reply)
+
+    def _failed(self, method: str, exc: grpc.aio.AioRpcError) -> WorkerUnavailableError:
+        return WorkerUnavailableError(f"worker at {self.address} answered {method} with {exc.code().name}: "
+                                      f"{exc.details()}")
+
+    def _stream(
+        self,
+    ) -> grpc.aio.StreamStreamCall[worker_service_pb2.ExecuteRequest, worker_service_pb2.ExecuteResponse]:
+        """The Execute stream, opened on first use: from then on this control plane owns the worker."""
+        if self._call is None:
+            self._call = self._stub.Execute(metadata=self._metadata)
+        return self._call
+
+    async def wait_closed(self) -> None:
+        """Returns once the step stream has ended, however (the worker died, refused or ended it, or close()), even
+        while no step is in flight: the engine's idle lanes notice a dead worker by it. Opens the stream."""
+        await self._stream().code()
 
     async def send(self, plan: StepPlan) -> None:
         """Queues one step on the Execute stream (opened on first use)."""
-        if self._call is None:
-            self._call = self._stub.Execute()
+        call = self._stream()
         try:
-            await self._call.write(step_plan_to_proto(plan))
+            await call.write(step_plan_to_proto(plan))
         except (grpc.aio.AioRpcError, grpc.aio.UsageError) as exc:
             raise WorkerUnavailableError(f"worker at {self.address} failed: {exc}") from exc
 
@@ -85,10 +119,13 @@ class GrpcWorkerClient:
         try:
             reply = await self._call.read()
         except grpc.aio.AioRpcError as exc:
-            raise WorkerUnavailableError(f"worker at {self.address} failed: {exc.details()}") from exc
+            raise WorkerUnavailableError(
+                f"worker at {self.address} failed: {exc.code().name}: {exc.details()}"
+            ) from exc
         if reply is grpc.aio.EOF:
             raise WorkerUnavailableError(f"worker at {self.address} closed the step stream")
-        return step_result_from_proto(reply)
+        # grpc-stubs types read() as `object | ExecuteResponse` (EOF's type is object); EOF was ruled out above.
+        return step_result_from_proto(cast(worker_service_pb2.ExecuteResponse, reply))
 
     async def close(self) -> None:
         if self._call is not None:

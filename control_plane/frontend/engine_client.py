@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
 import structlog
 
 from pagedserve.control_plane.errors import EngineUnavailableError, PagedServeError
 from pagedserve.control_plane.relay.convert import request_error_from_proto, served_model_from_proto
+from pagedserve.control_plane.relay.health import SILENCE_LIMIT_S
 from pagedserve.control_plane.relay.item_channel import ItemChannel
 from pagedserve.control_plane.served_model import ServedModel
+from pagedserve.runtime.auth import ClusterSecret, client_interceptors
 from pagedserve.runtime.channel_options import INTERNAL_CHANNEL_OPTIONS
 from pagedserve.v1 import common_pb2, engine_service_pb2, engine_service_pb2_grpc, generation_service_pb2
 
@@ -32,9 +34,11 @@ class EngineClient:
     open stream fails with EngineUnavailableError and `closed` is set.
     """
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, secret: ClusterSecret | None = None) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=INTERNAL_CHANNEL_OPTIONS)
+        # Every call carries the engine's cluster secret (runtime/auth.py), when it has one.
+        self._channel = grpc.aio.insecure_channel(address, options=INTERNAL_CHANNEL_OPTIONS,
+                                                  interceptors=client_interceptors(secret))
         self._stub = engine_service_pb2_grpc.EngineServiceStub(self._channel)
         self._commands: ItemChannel[engine_service_pb2.RelayCommand] = ItemChannel()
         self._relay_ids: dict[str, str] = {}  # the client's request id -> the relay's, for each open stream
@@ -52,10 +56,47 @@ class EngineClient:
     async def status(self) -> generation_service_pb2.GetServerStatusResponse:
         """The engine's queue lengths, KV cache usage and counters."""
         try:
-            return (await self._stub.GetStatus(engine_service_pb2.GetStatusRequest())).status
+            request = engine_service_pb2.GetStatusRequest()
+            reply: engine_service_pb2.GetStatusResponse = await self._stub.GetStatus(request)
+            return reply.status
         except grpc.aio.AioRpcError as exc:
             log.error("engine_status_failed", engine=self.address, code=exc.code().name, details=exc.details())
             raise EngineUnavailableError("the engine process is unavailable") from exc
+
+    async def follow_health(self, set_serving: Callable[[bool], Awaitable[None]]) -> None:
+        """Calls set_serving(is_serving) with the engine's first health report and at each change after it: False
+        at once when the engine reports not serving, when its WatchHealth stream fails, or when it says nothing
+        for SILENCE_LIMIT_S (its process is stuck); True again when it reports serving. Reconnects after a
+        failure. Runs until cancelled."""
+        reported: bool | None = None
+
+        async def report(is_serving: bool, reason: str) -> None:
+            nonlocal reported
+            if is_serving != reported:
+                reported = is_serving
+                log.info("engine_health_changed", engine=self.address, is_serving=is_serving, reason=reason)
+                await set_serving(is_serving)
+
+        while True:
+            call = self._stub.WatchHealth(engine_service_pb2.WatchHealthRequest())
+            try:
+                while True:
+                    message = await asyncio.wait_for(call.read(), SILENCE_LIMIT_S)
+                    if message is grpc.aio.EOF:
+                        reason = "the engine ended the health stream"
+                        break
+                    await report(message.is_serving, "the engine reported it")
+            except asyncio.TimeoutError:
+                reason = f"the engine said nothing for {SILENCE_LIMIT_S:g} s"
+            except grpc.aio.AioRpcError as exc:
+                reason = f"the engine is unreachable ({exc.code().name})"
+            except Exception as exc:  # never end silently: the public health would freeze
+                log.exception("engine_health_failed", engine=self.address)
+                reason = f"internal error: {type(exc).__name__}"
+            finally:
+                call.cancel()
+            await report(False, reason)
+            await asyncio.sleep(SILENCE_LIMIT_S)
 
     def start(self) -> None:
         """Opens the Relay stream."""
@@ -85,7 +126,7 @@ class EngineClient:
         )))
         return request_id
 
-    async def stream(self, request_id: str) -> AsyncIterator[GenerateResponse]:
+    async def stream(self, request_id: str) -> AsyncGenerator[GenerateResponse, None]:
         """Yields the request's chunks, numbered per completion, until the last (which carries usage). Chunks that
         arrived together are sent as one per completion, so a client that fell behind gets fewer, larger
         messages. Leaving early aborts the request in the engine."""
@@ -115,7 +156,9 @@ class EngineClient:
         while True:
             yield engine_service_pb2.RelayRequest(commands=await self._commands.take_all())
 
-    async def _deal(self, call: grpc.aio.StreamStreamCall) -> None:
+    async def _deal(
+        self, call: grpc.aio.StreamStreamCall[engine_service_pb2.RelayRequest, engine_service_pb2.RelayResponse]
+    ) -> None:
         """Hands each chunk and failure to its request's stream until the relay ends, then fails them all."""
         try:
             async for message in call:

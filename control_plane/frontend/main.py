@@ -10,22 +10,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from pagedserve.control_plane.config import FRONTEND_API_KEYS_ENV
 from pagedserve.control_plane.frontend.engine_client import EngineClient
-from pagedserve.control_plane.frontend.service import GenerationServicer, build_server
+from pagedserve.control_plane.frontend.service import GenerationServicer, PublicAccess, build_server
 from pagedserve.control_plane.text.tokenizer import Tokenizer
+from pagedserve.runtime.auth import ClusterSecret, inherited_cluster_secret
 from pagedserve.runtime.collector import freeze_startup_objects
 from pagedserve.runtime.gil import use_short_turns
 from pagedserve.runtime.logs import LogFormat, configure_logging
 from pagedserve.runtime.stop_signal import stopped_by_signal
+from pagedserve.v1 import generation_service_pb2
 
 log = structlog.get_logger()
 
 _ENGINE_ANSWER_TIMEOUT_S = 60.0
+# The whole server ("") and the generation service report the same health.
+_HEALTH_SERVICE_NAMES = ("", generation_service_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,32 +43,69 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="model directory (its tokenizer)")
     p.add_argument("--listen", required=True, help="public HOST:PORT")
     p.add_argument("--log-format", default="auto", choices=[f.value for f in LogFormat])
+    p.add_argument("--max-num-seqs", type=int, help="the schedulers' max_num_seqs: a request's n may not exceed it")
+    p.add_argument("--tls-cert-file", type=Path, help="PEM certificate chain: serve over TLS")
+    p.add_argument("--tls-key-file", type=Path, help="PEM private key of --tls-cert-file")
+    p.add_argument("--tls-client-ca-file", type=Path, help="PEM CA certificates that must sign clients' (mTLS)")
     return p
 
 
-async def run_frontend(engine_address: str, model_dir: Path, address: str) -> int:
+def _public_access(args: argparse.Namespace) -> PublicAccess:
+    """The TLS files' contents, and the API keys `serve` handed down in FRONTEND_API_KEYS_ENV."""
+    keys = tuple(key for key in os.environ.get(FRONTEND_API_KEYS_ENV, "").splitlines() if key)
+    return PublicAccess(
+        api_keys=keys,
+        tls_certificate_chain=args.tls_cert_file.read_bytes() if args.tls_cert_file else None,
+        tls_private_key=args.tls_key_file.read_bytes() if args.tls_key_file else None,
+        tls_client_ca=args.tls_client_ca_file.read_bytes() if args.tls_client_ca_file else None,
+    )
+
+
+async def run_frontend(
+    engine_address: str, model_dir: Path, address: str, access: PublicAccess | None = None,
+    max_num_seqs: int | None = None, secret: ClusterSecret | None = None,
+) -> int:
     """Serves until SIGINT/SIGTERM (0) or until the engine process goes away (1)."""
-    engine = EngineClient(engine_address)
+    engine = EngineClient(engine_address, secret)
     model = await engine.describe(_ENGINE_ANSWER_TIMEOUT_S)
     tokenizer = Tokenizer(model_dir)
     engine.start()
-    server, port = await build_server(GenerationServicer(engine, tokenizer, model), address)
+    server, port = await build_server(GenerationServicer(engine, tokenizer, model, max_num_seqs), address, access)
+    # The public health follows the engine's (DESIGN.md section 9, "Health never lies"). This servicer takes over
+    # from the one build_server registers: the last one registered for a service answers its calls.
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    set_serving = functools.partial(_set_health, health_servicer)
+    await set_serving(False)  # until the engine's first report
+    follower = asyncio.create_task(engine.follow_health(set_serving), name="engine-health")
     await server.start()
     freeze_startup_objects()
     log.info("server_listening", address=f"{address.rsplit(':', 1)[0]}:{port}", model=model.name,
              max_model_len=model.max_model_len, num_gpu_blocks=model.num_gpu_blocks)
     stopped = await stopped_by_signal(engine.closed.wait())
+    follower.cancel()
+    await set_serving(False)  # at once: load balancers stop sending while open streams finish
     log.info("server_stopping")
     await server.stop(grace=5.0)
     await engine.close()
     return 0 if stopped else 1
 
 
+async def _set_health(health_servicer: health.aio.HealthServicer, is_serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if is_serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in _HEALTH_SERVICE_NAMES:
+        await health_servicer.set(name, status)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging(LogFormat(args.log_format))
     use_short_turns()
-    return asyncio.run(run_frontend(args.engine, args.model, args.listen))
+    # The engine that starts this process hands it the cluster secret in its environment (never on a command line).
+    secret = inherited_cluster_secret(os.environ)
+    return asyncio.run(
+        run_frontend(args.engine, args.model, args.listen, _public_access(args), args.max_num_seqs, secret)
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -124,5 +125,5 @@ def write_builtin_model(directory: Path) -> Path:
     return directory
 
 
-def _to_json(value: dict[str, object]) -> str:
+def _to_json(value: Mapping[str, object]) -> str:
     return json.dumps(value, indent=2, sort_keys=True) + "\n"

@@ -11,12 +11,14 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
 from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
-from pagedserve.control_plane.errors import WorkerUnavailableError
 from pagedserve.control_plane.engine.worker_client import GrpcWorkerClient
+from pagedserve.control_plane.errors import WorkerUnavailableError
+from pagedserve.runtime.auth import SECRET_ENV, ClusterSecret
 
 log = structlog.get_logger()
 
@@ -31,6 +33,7 @@ class WorkerLaunchConfig:
     device: DeviceKind = DeviceKind.AUTO
     load_format: LoadFormat = LoadFormat.AUTO
     seed: int = 0
+    cluster_secret: ClusterSecret | None = None  # handed to each worker in its environment; None: no authentication
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -46,39 +49,70 @@ def free_loopback_port() -> int:
 
 class LocalWorkers:
     """Worker processes owned by this control plane: one per GPU when several are visible, on loopback ports.
+
     They are terminated when the control plane stops, and only then: each runs in a session of its own, so a
-    Ctrl-C at the terminal does not stop them while the frontend still drains open streams."""
+    Ctrl-C at the terminal does not stop them while the frontend still drains open streams. However this process
+    dies, they follow it within 2 s: each is told this process's pid (--parent-pid) and exits once it is orphaned.
+    The cluster secret reaches them in their environment, never on a command line that `ps` shows; without one
+    they run with --insecure-no-auth.
+    """
 
     def __init__(self, config: WorkerLaunchConfig) -> None:
         self._config = config
         self._processes: list[subprocess.Popen[bytes]] = []
+        self._addresses: list[str] = []
 
     def start(self) -> list[str]:
         """Starts the workers and returns their addresses (they may still be loading)."""
-        addresses = []
         for index in range(self._config.num_workers):
-            address = f"127.0.0.1:{free_loopback_port()}"
-            env = dict(os.environ)
-            if self._config.num_workers > 1:
-                env["CUDA_VISIBLE_DEVICES"] = str(index)
-            command = [
-                sys.executable, "-m", "pagedserve.runtime.cli", "worker",
-                "--model", str(self._config.model_dir),
-                "--listen", address,
-                "--dtype", self._config.dtype.value,
-                "--device", self._config.device.value,
-                "--load-format", self._config.load_format.value,
-                "--seed", str(self._config.seed),
-                "--worker-id", f"worker-{index}",
-            ]
-            self._processes.append(subprocess.Popen(command, env=env, start_new_session=True))
-            log.info("worker_started", worker_id=f"worker-{index}", address=address, pid=self._processes[-1].pid)
-            addresses.append(address)
-        return addresses
+            self._addresses.append(f"127.0.0.1:{free_loopback_port()}")
+            self._processes.append(self._spawn(index))
+        return list(self._addresses)
 
-    def check_alive(self) -> None:
-        """Raises RuntimeError naming the first worker process that has exited."""
-        for process in self._processes:
+    def worker_index(self, worker_id: str) -> int | None:
+        """The index of the local worker that reports worker_id, None if none of them does."""
+        ids = [_worker_id(index) for index in range(len(self._processes))]
+        return ids.index(worker_id) if worker_id in ids else None
+
+    def restart(self, index: int) -> str:
+        """Kills worker index if it still runs (a hung worker ignores SIGTERM), then starts it again on the same
+        address, which it returns. Blocks until the old process is reaped."""
+        old = self._processes[index]
+        if old.poll() is None:
+            old.kill()
+        old.wait()
+        self._processes[index] = self._spawn(index)
+        return self._addresses[index]
+
+    def _spawn(self, index: int) -> subprocess.Popen[bytes]:
+        config, address, worker_id = self._config, self._addresses[index], _worker_id(index)
+        env = dict(os.environ)
+        env.pop("PAGEDSERVE_CLUSTER_SECRET_FILE", None)  # the secret is handed down below, or not at all
+        env.pop(SECRET_ENV, None)
+        if config.num_workers > 1:
+            env["CUDA_VISIBLE_DEVICES"] = str(index)
+        command = [
+            sys.executable, "-m", "pagedserve.runtime.cli", "worker",
+            "--model", str(config.model_dir),
+            "--listen", address,
+            "--dtype", config.dtype.value,
+            "--device", config.device.value,
+            "--load-format", config.load_format.value,
+            "--seed", str(config.seed),
+            "--worker-id", worker_id,
+            "--parent-pid", str(os.getpid()),
+        ]
+        if config.cluster_secret is None:
+            command.append("--insecure-no-auth")
+        else:
+            env[SECRET_ENV] = config.cluster_secret.value
+        process = subprocess.Popen(command, env=env, start_new_session=True)
+        log.info("worker_started", worker_id=worker_id, address=address, pid=process.pid)
+        return process
+
+    def check_alive(self, index: int | None = None) -> None:
+        """Raises RuntimeError naming the first worker process (of all, or only index) that has exited."""
+        for process in self._processes if index is None else [self._processes[index]]:
             if process.poll() is not None:
                 raise RuntimeError(f"worker process {process.pid} exited with code {process.returncode}")
 
@@ -94,18 +128,33 @@ class LocalWorkers:
                 process.wait()
 
 
+def _worker_id(index: int) -> str:
+    return f"worker-{index}"
+
+
 async def wait_for_workers(clients: Sequence[GrpcWorkerClient], timeout_s: float,
                            launcher: LocalWorkers | None = None) -> None:
     """Waits until every worker serves: WorkerUnavailableError after timeout_s, and RuntimeError at once when
     one of the launcher's worker processes has exited (a worker that failed to load never comes up)."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     for client in clients:
-        while True:
-            try:
-                await client.wait_until_serving(timeout_s=1.0)
-                break
-            except WorkerUnavailableError:
-                if launcher is not None:
-                    launcher.check_alive()
-                if asyncio.get_running_loop().time() > deadline:
-                    raise
+        await wait_for_worker(client, deadline, launcher)
+
+
+class ServingProbe(Protocol):
+    async def wait_until_serving(self, timeout_s: float) -> None: ...
+
+
+async def wait_for_worker(client: ServingProbe, deadline: float, launcher: LocalWorkers | None = None,
+                          index: int | None = None) -> None:
+    """Waits until the worker serves: WorkerUnavailableError once the loop's clock passes deadline, RuntimeError
+    at once when the launcher's worker process index (any of them, for None) has exited."""
+    while True:
+        try:
+            await client.wait_until_serving(timeout_s=1.0)
+            return
+        except WorkerUnavailableError:
+            if launcher is not None:
+                launcher.check_alive(index)
+            if asyncio.get_running_loop().time() > deadline:
+                raise

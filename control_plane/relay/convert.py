@@ -19,7 +19,8 @@ from pagedserve.v1 import engine_service_pb2, generation_service_pb2
 if TYPE_CHECKING:  # only their shapes matter here; the engine imports the scheduler
     from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
-    from pagedserve.control_plane.engine.engine import EngineStatus, Usage
+    from pagedserve.control_plane.engine.outputs import Usage
+    from pagedserve.control_plane.engine.status import EngineStatus
     from pagedserve.control_plane.text.completion import CompletionChunk
 
 _FINISH_REASONS = {
@@ -37,8 +38,8 @@ def add_generate_response(
     chunk. The message is built in place with only the fields the chunk has (the engine's loop sends one per
     sequence and step). Its sequence_number is left for the frontend, which numbers the messages it actually
     sends (it may merge chunks)."""
-    pb = responses.add(request_id=chunk.request_id, index=chunk.index, token_ids=chunk.token_ids, text=chunk.text,
-                       stop_reason=chunk.stop_reason)
+    pb = responses.add(request_id=chunk.request_id, index=chunk.completion_index, token_ids=chunk.token_ids,
+                       text=chunk.text, stop_reason=chunk.stop_reason)
     if chunk.logprobs:
         pb.logprobs.extend(token_logprobs_to_proto(lp) for lp in chunk.logprobs)
     if chunk.finish_reason is not None:
@@ -50,7 +51,7 @@ def add_generate_response(
     return pb
 
 
-_ERROR_KINDS: tuple[tuple[type[PagedServeError], int], ...] = (
+_ERROR_KINDS: tuple[tuple[type[PagedServeError], engine_service_pb2.RequestErrorKind], ...] = (
     (InvalidArgumentError, engine_service_pb2.REQUEST_ERROR_KIND_INVALID_ARGUMENT),
     (ResourceExhaustedError, engine_service_pb2.REQUEST_ERROR_KIND_RESOURCE_EXHAUSTED),
     (WorkerUnavailableError, engine_service_pb2.REQUEST_ERROR_KIND_WORKER_UNAVAILABLE),

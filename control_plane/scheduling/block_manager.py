@@ -234,7 +234,8 @@ class BlockManager:
         mapping = self._move(seq_ids, Device.GPU)
         for seq_id in seq_ids:
             table = self._tables[seq_id]
-            for block_id, block_hash in zip(table.block_ids, table.block_hashes, strict=False):  # only full blocks have hashes
+            # Only full blocks have hashes: block_hashes may be shorter than block_ids.
+            for block_id, block_hash in zip(table.block_ids, table.block_hashes, strict=False):
                 self.gpu.cache(block_id, block_hash)
         return mapping
 

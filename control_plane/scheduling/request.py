@@ -47,7 +47,7 @@ class SequenceDelta(NamedTuple):
     """What one sequence of a request gained in one step."""
 
     request_id: str
-    index: int
+    completion_index: int  # the sequence's index among the request's n (not `index`: tuple.index)
     new_token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprobs, ...]
     prompt_logprobs: tuple[TokenLogprobs, ...]

@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import structlog
 
-from pagedserve.contract.step import (
-    BlockTableUpdate,
-    SequenceOutput,
-    StepPlan,
-    StepResult,
-    TokenLogprobs,
-)
+from pagedserve.contract.step import BlockTableUpdate, StepPlan, StepResult
 from pagedserve.control_plane.config import CacheConfig, PreemptionMode, SchedulerConfig
 from pagedserve.control_plane.errors import InvalidArgumentError, ResourceExhaustedError
-from pagedserve.control_plane.scheduling.block_manager import BlockManager, CachedPrefix
+from pagedserve.control_plane.scheduling.block_manager import BlockManager
+from pagedserve.control_plane.scheduling.output_applier import OutputApplier
 from pagedserve.control_plane.scheduling.preemption import make_preemption_policy
 from pagedserve.control_plane.scheduling.request import (
     FinishReason,
@@ -21,12 +16,12 @@ from pagedserve.control_plane.scheduling.request import (
     RequestStatus,
     Sequence,
     SequenceDelta,
-    check_stop,
 )
 from pagedserve.control_plane.scheduling.request_queue import make_request_queue
 from pagedserve.control_plane.scheduling.sequence_registry import SequenceRegistry
 from pagedserve.control_plane.scheduling.stats import SchedulerStats
 from pagedserve.control_plane.scheduling.step_builder import Expectation, SeqWork, StepBuilder
+from pagedserve.control_plane.scheduling.work_planner import WorkPlanner
 
 log = structlog.get_logger()
 
@@ -41,6 +36,8 @@ class Scheduler:
     block table exactly while the worker holds its KV (device table: running, CPU table: swapped); a
     finished request holds no block. Progress advances at schedule time, so the next step can be planned
     before this one's result arrives; results for sequences that ended meanwhile are ignored.
+    It owns the queues and the step's decisions; WorkPlanner sizes each request's work, OutputApplier applies
+    each step's results.
     """
 
     def __init__(
@@ -62,14 +59,13 @@ class Scheduler:
         self._requests: dict[str, Request] = {}
         self._seqs = SequenceRegistry(self.block_manager)
         self._next_step_id = 0
-        self._expectations: dict[int, dict[int, Expectation]] = {}  # step id -> seq id -> what the step owes it
         # A sequence ends (LENGTH) before it outgrows the whole pool: its known tokens, all but the last
         # one computed, must fit there alone, or it could never resume after a preemption.
         pool_len = num_gpu_blocks * cache_config.block_size + 1
-        self._max_len = min(scheduler_config.max_model_len or pool_len, pool_len)
+        max_len = min(scheduler_config.max_model_len or pool_len, pool_len)
+        self._planner = WorkPlanner(scheduler_config, self.block_manager, max_len)
+        self._outputs = OutputApplier(self.block_manager, self._seqs, max_len, self._finish, self._cache_blocks)
         self._num_preemptions = 0
-        self._num_prompt_tokens = 0
-        self._num_generation_tokens = 0
 
     # Requests in and out.
 
@@ -137,8 +133,8 @@ class Scheduler:
             num_preemptions=self._num_preemptions,
             prefix_cache_queries=bm.prefix_cache_queries,
             prefix_cache_hits=bm.prefix_cache_hits,
-            num_prompt_tokens=self._num_prompt_tokens,
-            num_generation_tokens=self._num_generation_tokens,
+            num_prompt_tokens=self._outputs.num_prompt_tokens,
+            num_generation_tokens=self._outputs.num_generation_tokens,
         )
 
     # Planning.
@@ -157,7 +153,7 @@ class Scheduler:
         if not plan.is_empty:
             self._next_step_id += 1
             if step.expectations:
-                self._expectations[plan.step_id] = step.expectations
+                self._outputs.expect(plan.step_id, step.expectations)
         return plan
 
     def _num_running_seqs(self) -> int:
@@ -170,7 +166,7 @@ class Scheduler:
         request = self._waiting.peek()
         while (victim := self._policy.pick_victim_for(request, self._running)) is not None:
             num_seqs = self._num_running_seqs() + request.num_seqs_reserved
-            if num_seqs <= self.config.max_num_seqs and self._plan(request, step.budget) is not None:
+            if num_seqs <= self.config.max_num_seqs and self._planner.plan(request, step.budget) is not None:
                 return
             self._preempt(victim, step)
 
@@ -184,19 +180,19 @@ class Scheduler:
             if self._extend_by_one_token(request, step):
                 index += 1
                 continue
-            works = self._plan(request, step.budget)
+            works = self._planner.plan(request, step.budget)
             while works is None:
                 if len(self._running) == 1:
                     # Alone, its sequences together outgrow the pool: some of them wait for the others.
                     self._preempt_sequence(request, step)
-                    works = self._plan(request, step.budget)
+                    works = self._planner.plan(request, step.budget)
                     continue
                 victim = self._policy.pick_victim(self._running[index:])
                 self._preempt(victim, step)
                 step.has_preempted = True
                 if victim is request:
                     break
-                works = self._plan(request, step.budget)
+                works = self._planner.plan(request, step.budget)
             if works is not None:
                 self._commit(request, works, step)
                 index += 1
@@ -211,7 +207,7 @@ class Scheduler:
         seq = request.sequences[0]
         num_tokens = request.num_tokens(seq)
         if (num_tokens - seq.num_computed_tokens != 1 or not self.block_manager.has_table(seq.seq_id)
-                or self._seqs.has_table_rewrite(seq.seq_id) or self._reaches_limit(request, seq)):
+                or self._seqs.has_table_rewrite(seq.seq_id) or self._planner.reaches_limit(request, seq)):
             return False
         change = self.block_manager.append_slot(seq.seq_id, seq.num_computed_tokens)
         if change is None:
@@ -238,7 +234,7 @@ class Scheduler:
             step.swap_in.extend(bm.swap_in(seq_ids))
             self._seqs.rewrite_tables(seq_ids)
             self._start_running(request, step)
-            works = self._plan(request, step.budget)
+            works = self._planner.plan(request, step.budget)
             if works:
                 self._commit(request, works, step)
 
@@ -248,7 +244,7 @@ class Scheduler:
             request = self._waiting.peek()
             if step.num_seqs + request.num_seqs_reserved > self.config.max_num_seqs:
                 return
-            works = self._plan(request, step.budget)
+            works = self._planner.plan(request, step.budget)
             if not works:
                 return
             self._waiting.pop()
@@ -261,72 +257,6 @@ class Scheduler:
         request.set_status(RequestStatus.RUNNING)
         self._running.append(request)
         step.num_seqs += request.num_seqs_reserved
-
-    def _plan(self, request: Request, budget: int) -> list[SeqWork] | None:
-        """Tokens each live sequence of request computes within budget; None when the blocks lack.
-
-        Sequences the worker holds are planned all or none; sequences it does not hold yet (a request
-        resumed after recompute) join while blocks last, so a wide request can resume a few at a time.
-        """
-        bm = self.block_manager
-        works = self._candidate_works(request, budget)
-        held = [w for w in works if w.prefix is None]
-        needed = sum(bm.num_blocks_needed(w.seq.seq_id, w.end) for w in held)
-        needed += bm.num_copies_needed((w.seq.seq_id, w.seq.num_computed_tokens) for w in held)
-        if needed > bm.gpu.num_free_blocks:
-            return None
-        chosen = held
-        for work in works:
-            if work.prefix is not None:
-                needed += bm.num_blocks_needed(work.seq.seq_id, work.end, work.prefix)
-                if needed > bm.gpu.num_free_blocks:
-                    break
-                chosen.append(work)
-        # New sequences of a request already holding blocks wait for them; a request holding none needs
-        # room for at least one.
-        holds_blocks = any(bm.has_table(s.seq_id) for s in request.live_sequences)
-        return chosen if chosen or not works or holds_blocks else None
-
-    def _candidate_works(self, request: Request, budget: int) -> list[SeqWork]:
-        works = []
-        for seq in request.live_sequences:
-            if budget == 0:
-                break
-            prefix = None if self.block_manager.has_table(seq.seq_id) else self._find_prefix(request, seq)
-            num_new = self._num_new_tokens(request, seq, prefix, budget)
-            if num_new:
-                works.append(SeqWork(seq, num_new, prefix))
-                budget -= num_new
-        return works
-
-    def _find_prefix(self, request: Request, seq: Sequence) -> CachedPrefix:
-        # Prompt log-probabilities need every prompt position computed, so such prompts skip the cache.
-        if request.sampling_params.prompt_logprobs is not None and not request.is_prompt_done:
-            return CachedPrefix((), (), 0, 0)
-        return self.block_manager.find_cached_prefix(request.tokens(seq))
-
-    def _num_new_tokens(self, request: Request, seq: Sequence, prefix: CachedPrefix | None, budget: int) -> int:
-        computed = prefix.num_tokens if prefix else seq.num_computed_tokens
-        remaining = request.num_tokens(seq) - computed
-        if remaining <= 0 or self._reaches_limit(request, seq):
-            return 0
-        num_new = min(remaining, budget)
-        if self.config.long_prefill_token_threshold:
-            num_new = min(num_new, self.config.long_prefill_token_threshold)
-        if num_new < remaining and not self.config.enable_chunked_prefill:
-            return 0
-        return num_new
-
-    def _reaches_limit(self, request: Request, seq: Sequence) -> bool:
-        """Whether the tokens seq has or will be sent already finish it by length: computing more would be
-        wasted (the lag of pipelined planning must not run a sequence past max_tokens)."""
-        num_outputs = len(seq.output_token_ids) + seq.num_pending_tokens
-        if num_outputs == 0:
-            return False
-        max_tokens = request.sampling_params.max_tokens
-        if max_tokens is not None and num_outputs >= max_tokens:
-            return True
-        return request.num_tokens(seq) >= self._max_len
 
     def _commit(self, request: Request, works: list[SeqWork], step: StepBuilder) -> None:
         # Tables of new sequences first: it takes their cached prefix blocks out of the free queue before
@@ -413,7 +343,7 @@ class Scheduler:
 
     def _preempt_sequence(self, request: Request, step: StepBuilder) -> None:
         """Recomputes the request's last sequence holding blocks later; never its only one (a sequence
-        alone always fits the pool, see _max_len)."""
+        alone always fits the pool, see max_len in __init__)."""
         held = [s for s in request.live_sequences if self.block_manager.has_table(s.seq_id)]
         if len(held) < 2:
             raise RuntimeError(f"request {request.request_id} does not fit the KV pool alone")
@@ -444,80 +374,8 @@ class Scheduler:
     def update_from_output(self, plan: StepPlan, output: StepResult) -> list[SequenceDelta]:
         """Applies a step's sampled tokens (forks, stop checks, frees); returns what each sequence gained.
         Plans are answered in order; outputs of sequences that ended since their step was planned are ignored."""
-        if output.step_id != plan.step_id:
-            raise ValueError(f"output of step {output.step_id} applied to plan {plan.step_id}")
-        deltas: list[SequenceDelta] = []
-        for seq_id, expect in self._expectations.pop(plan.step_id, {}).items():
-            owner = self._seqs.get(seq_id)
-            if owner is not None:
-                request, seq = owner
-                deltas.extend(self._apply_output(request, seq, expect, output))
-        return deltas
-
-    def _apply_output(
-        self, request: Request, seq: Sequence, expect: Expectation, output: StepResult
-    ) -> list[SequenceDelta]:
-        out = output.by_seq_id.get(seq.seq_id)
-        prompt_logprobs = self._new_prompt_logprobs(request, out)
-        if not expect.samples:
-            if not prompt_logprobs:
-                return []
-            return [SequenceDelta(request.request_id, seq.index, (), (), prompt_logprobs, None)]
-        out = _sampled(output, seq.seq_id)
-        seq.num_pending_tokens -= 1
-        if not request.is_prompt_done:
-            request.is_prompt_done = True
-            self._num_prompt_tokens += request.num_prompt_tokens
-        siblings = self._fork(request, seq, expect.fork_seq_ids)
-        deltas = [self._append_token(request, seq, out, prompt_logprobs)]
-        for sibling in siblings:
-            deltas.append(self._append_token(request, sibling, _sampled(output, sibling.seq_id), ()))
-        return deltas
-
-    def _fork(self, request: Request, parent: Sequence, fork_seq_ids: tuple[int, ...]) -> list[Sequence]:
-        """Siblings share the parent's prompt blocks from now on (the worker forked them in that step)."""
-        siblings = []
-        for sibling in request.sequences:
-            if sibling.seq_id in fork_seq_ids and not sibling.is_finished:
-                self.block_manager.fork(parent.seq_id, sibling.seq_id, request.num_prompt_tokens)
-                sibling.is_forked = True
-                sibling.num_computed_tokens = request.num_prompt_tokens
-                siblings.append(sibling)
-        return siblings
-
-    def _append_token(
-        self, request: Request, seq: Sequence, out: SequenceOutput, prompt_logprobs: tuple[TokenLogprobs, ...]
-    ) -> SequenceDelta:
-        assert out.token_id is not None
-        seq.output_token_ids.append(out.token_id)
-        self._num_generation_tokens += 1
-        stop = check_stop(request, seq, self._max_len)
-        if stop is not None:
-            self._finish(request, seq, *stop)
-        else:
-            self._cache_blocks(request, seq)
-        logprobs = (out.logprobs,) if out.logprobs is not None else ()
-        return SequenceDelta(
-            request.request_id, seq.index, (out.token_id,), logprobs, prompt_logprobs,
-            seq.finish_reason, seq.stop_token_id,
-        )
-
-    @staticmethod
-    def _new_prompt_logprobs(request: Request, out: SequenceOutput | None) -> tuple[TokenLogprobs, ...]:
-        if out is None or not out.prompt_logprobs:
-            return ()
-        skip = min(request.num_prompt_logprobs_to_skip, len(out.prompt_logprobs))
-        request.num_prompt_logprobs_to_skip -= skip
-        entries = out.prompt_logprobs[skip:]
-        request.num_prompt_logprobs_delivered += len(entries)
-        return entries
+        return self._outputs.apply(plan, output)
 
 
 _SAMPLES = Expectation(samples=True)
 
-
-def _sampled(output: StepResult, seq_id: int) -> SequenceOutput:
-    out = output.by_seq_id.get(seq_id)
-    if out is None or out.token_id is None:
-        raise ValueError(f"step {output.step_id} returned no sampled token for sequence {seq_id}")
-    return out

@@ -16,7 +16,7 @@ class CompletionChunk(NamedTuple):
     """One message of one completion's stream (the frontend numbers the messages it sends)."""
 
     request_id: str
-    index: int
+    completion_index: int  # which of the request's n completions (not `index`: tuple.index)
     token_ids: tuple[int, ...]
     text: str
     logprobs: tuple[TokenLogprobs, ...] = ()
@@ -71,7 +71,7 @@ class CompletionStream:
             return None
         return CompletionChunk(
             request_id=self.request_id,
-            index=self.index,
+            completion_index=self.index,
             token_ids=delta.new_token_ids,
             text=text,
             logprobs=delta.logprobs,

@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
+from typing import Any
+
+from tokenizers.pre_tokenizers import ByteLevel
 
 # PreTrainedTokenizerFast rather than AutoTokenizer: resolving a model-specific class through
 # AutoTokenizer imports torch, which the control plane never loads.
 from transformers import PreTrainedTokenizerFast
 
 _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+# Most code points one character's canonical decomposition has (Unicode 15: 4, e.g. U+1F87), hence the most
+# characters NFC or NFKC can compose into one.
+_MAX_COMPOSED_CHARS = 4
+# Normalizers and pre-tokenizers that keep every character of the text (they may add some).
+_KEEPING_NORMALIZERS = frozenset({"Prepend", "NFD", "NFKD", "Lowercase", "ByteLevel"})
+_KEEPING_PRE_TOKENIZERS = frozenset({"ByteLevel", "Metaspace", "Split", "Digits", "Punctuation", "UnicodeScripts",
+                                     "FixedLength"})
 
 
 class Tokenizer:
@@ -63,9 +74,26 @@ class Tokenizer:
         tokens when skip_special_tokens; a set, for per-token membership tests."""
         return self._visible_ids[skip_special_tokens]
 
+    @cached_property
+    def max_chars_per_token(self) -> int | None:
+        """L: the most characters of text one token can stand for, so a text of C characters has at least
+        ceil(C / L) tokens; None when this tokenizer may drop or fuse characters without bound (an unknown-token
+        run, a normalizer or pre-tokenizer that removes characters), so no length bound holds.
+
+        L is the longest vocabulary piece in characters (a byte-fallback piece such as <0xE4> stands for at most
+        one character, the space marker for one space, a byte-level symbol for one byte), times the most
+        characters the normalizer can merge into one."""
+        pieces = _longest_piece(self._backend, self._byte_token_ids)
+        shrink = _normalizer_shrink(_state(self._backend.normalizer))
+        if pieces is None or shrink is None or not _keeps_characters(_state(self._backend.pre_tokenizer)):
+            return None
+        return pieces * shrink
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of text; add_special_tokens adds what the post-processor adds (a BOS for Llama)."""
-        return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        """Token ids of text; add_special_tokens adds what the post-processor adds (a BOS for Llama). Releases the
+        interpreter lock while it tokenizes (the batch call does, the single one does not), so a long text
+        tokenized on another thread does not stall the caller's event loop."""
+        return list(self._backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids)
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of token ids; ids outside the vocabulary decode to nothing."""
@@ -80,6 +108,73 @@ class Tokenizer:
             return frozenset()
         vocab = self._backend.get_vocab(with_added_tokens=False)
         return frozenset(i for piece, i in vocab.items() if _BYTE_PIECE.fullmatch(piece))
+
+
+def _state(component: Any) -> dict[str, Any] | None:
+    """A normalizer's or pre-tokenizer's tokenizer.json form; None when the pipeline has none."""
+    return None if component is None else dict(json.loads(component.__getstate__()))
+
+
+def _longest_piece(backend: Any, byte_token_ids: frozenset[int]) -> int | None:
+    """Most characters one token covers, before normalization; None when unknown characters can be dropped
+    (no unknown token) or fused into one unknown token, or an added token strips the whitespace beside it."""
+    if backend.truncation is not None:
+        return None  # a truncated encoding has fewer tokens than any bound
+    model = backend.model
+    kind = type(model).__name__
+    has_all_bytes = bool(getattr(model, "byte_fallback", False)) and len(byte_token_ids) == 256
+    vocab: Mapping[str, int] = backend.get_vocab(with_added_tokens=False)
+    # Without byte pieces for every byte, an unknown character is dropped (no unknown token), fused with its
+    # neighbours into one unknown token, or (not BPE) a whole word becomes one unknown token.
+    can_drop = kind != "BPE" or getattr(model, "unk_token", None) is None or getattr(model, "fuse_unk", True)
+    if can_drop and not (has_all_bytes or _has_byte_level_alphabet(backend, vocab)):
+        return None
+    longest = max((1 if i in byte_token_ids else len(piece) for piece, i in vocab.items()), default=1)
+    for token in backend.get_added_tokens_decoder().values():
+        if token.lstrip or token.rstrip:
+            return None
+        longest = max(longest, len(token.content))
+    return longest
+
+
+def _has_byte_level_alphabet(backend: Any, vocab: Mapping[str, int]) -> bool:
+    """Whether a byte-level pre-tokenizer turns every text into symbols that are all vocabulary pieces."""
+    state = _state(backend.pre_tokenizer)
+    steps = state.get("pretokenizers", [state]) if state else []
+    if not any(step.get("type") == "ByteLevel" for step in steps):
+        return False
+    return all(symbol in vocab for symbol in ByteLevel.alphabet())
+
+
+def _normalizer_shrink(state: dict[str, Any] | None) -> int | None:
+    """The most input characters the normalizer turns into one; None when it may remove characters."""
+    if state is None:
+        return 1
+    kind = state.get("type")
+    if kind == "Sequence":
+        factor = 1
+        for step in state.get("normalizers", []):
+            step_factor = _normalizer_shrink(step)
+            if step_factor is None:
+                return None
+            factor *= step_factor
+        return factor
+    if kind in _KEEPING_NORMALIZERS:
+        return 1
+    if kind in ("NFC", "NFKC"):
+        return _MAX_COMPOSED_CHARS
+    if kind == "Replace" and "String" in state.get("pattern", {}) and state.get("content"):
+        return -(-len(state["pattern"]["String"]) // len(state["content"]))
+    return None  # Strip, StripAccents, Nmt, Precompiled, Bert, a regex Replace: may remove characters
+
+
+def _keeps_characters(state: dict[str, Any] | None) -> bool:
+    """Whether the pre-tokenizer passes every character on (splitting is fine, removing is not)."""
+    if state is None:
+        return True
+    if state.get("type") == "Sequence":
+        return all(_keeps_characters(step) for step in state.get("pretokenizers", []))
+    return state.get("type") in _KEEPING_PRE_TOKENIZERS and state.get("behavior") != "Removed"
 
 
 def _read_eos_token_ids(model_dir: Path, tokenizer_eos_id: int | None) -> tuple[int, ...]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.step_profile import step_kinds
-from pagedserve.control_plane.engine.engine import StepRecord
+from pagedserve.control_plane.engine.status import StepRecord
 
 
 def _record(step_id: int, num_seqs: int, num_tokens: int, received_s: float, device_ms: float,

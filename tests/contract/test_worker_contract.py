@@ -52,10 +52,12 @@ class RegistryAdapter:
         num_forks = [len(item.state.forks) if item.is_sampling else 0 for item in work]
         pending = self.registry.reserve(work)
         tokens = [
-            default_next_token([*slot.state.prompt_token_ids, *slot.state.output_token_ids[: slot.index]],
-                               slot.state.sample_index)
+            default_next_token(
+                [*slot.state.prompt_token_ids, *slot.state.output_token_ids[: slot.output_index]],
+                slot.state.sample_index,
+            )
             for slot in pending
-        ]  # fmt: skip
+        ]
         self.registry.fill(pending, tokens)
         sampled: Iterator[tuple[int, int]] = ((slot.state.seq_id, t) for slot, t in zip(pending, tokens, strict=True))
         outputs: list[Output] = []
@@ -96,7 +98,8 @@ class FakeAdapter:
 
 @pytest.fixture(params=[RegistryAdapter, FakeAdapter], ids=["registry", "fake"])
 def worker(request: pytest.FixtureRequest) -> WorkerUnderTest:
-    return request.param()
+    adapter: type[WorkerUnderTest] = request.param
+    return adapter()
 
 
 def _new(seq_id: int, block_ids: tuple[int, ...], num_scheduled: int = len(PROMPT), **fields: object) -> NewSequence:

@@ -182,7 +182,8 @@ class FakeWorker:
             self.gpu[block_id][offset] = seq.tokens[position]
         # A prompt log-probability per computed prompt position, its logprob naming the position.
         prompt_logprobs = tuple(
-            TokenLogprobs(seq.tokens[p], -float(p), 1) for p in range(seq.num_computed, min(end, seq.num_prompt_logprobs))
+            TokenLogprobs(seq.tokens[p], -float(p), 1)
+            for p in range(seq.num_computed, min(end, seq.num_prompt_logprobs))
         )
         seq.num_computed = end
         self.num_computed_tokens += num_tokens
@@ -215,7 +216,7 @@ class RunResult:
 
     def add(self, deltas: list[SequenceDelta]) -> None:
         for delta in deltas:
-            key = (delta.request_id, delta.index)
+            key = (delta.request_id, delta.completion_index)
             self.tokens.setdefault(key, []).extend(delta.new_token_ids)
             if delta.finish_reason is not None:
                 assert key not in self.finish_reasons, f"{key} finished twice"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pagedserve.control_plane.text.completion import CompletionChunk, CompletionStream
-from pagedserve.control_plane.scheduling.request import FinishReason, SequenceDelta
 from pagedserve.contract.sampling_params import SamplingParams
+from pagedserve.control_plane.scheduling.request import FinishReason, SequenceDelta
+from pagedserve.control_plane.text.completion import CompletionChunk, CompletionStream
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 
 
@@ -52,7 +52,7 @@ def test_text_at_end_equals_the_streamed_text_and_keeps_every_token(llama2: Toke
 def test_stop_strings_still_see_the_text_as_it_grows(llama2: Tokenizer) -> None:
     prompt = tuple(llama2.encode("Once upon a time", add_special_tokens=True))
     output = llama2.encode(" there was a little dog who liked to run", add_special_tokens=False)
-    params = SamplingParams(max_tokens=len(output), stop=["little"])
+    params = SamplingParams(max_tokens=len(output), stop=("little",))
 
     chunks = _stream(llama2, prompt, output, params, text_at_end=True)
 

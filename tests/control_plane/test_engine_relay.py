@@ -13,15 +13,15 @@ from typing import TypeVar
 import grpc
 import pytest
 
+from pagedserve.contract.sampling_params import SamplingParams
+from pagedserve.contract.step import StepPlan, StepResult
 from pagedserve.control_plane.config import EngineConfig
 from pagedserve.control_plane.engine.engine import Engine
-from pagedserve.control_plane.frontend.engine_client import EngineClient, merge_chunks
+from pagedserve.control_plane.engine.metrics import EngineMetrics
 from pagedserve.control_plane.engine.service import EngineServicer, build_engine_server
 from pagedserve.control_plane.errors import EngineUnavailableError, ResourceExhaustedError
-from pagedserve.control_plane.engine.metrics import EngineMetrics
-from pagedserve.contract.sampling_params import SamplingParams
+from pagedserve.control_plane.frontend.engine_client import EngineClient, merge_chunks
 from pagedserve.control_plane.served_model import ServedModel
-from pagedserve.contract.step import StepResult, StepPlan
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 from pagedserve.v1 import common_pb2, generation_service_pb2
 from pagedserve.v1.engine_service_pb2 import RelayRequest, RelayResponse
@@ -74,7 +74,9 @@ class _LaggingServicer(EngineServicer):
     """Holds each relay message back for a few steps, so chunks are on their way when a client leaves."""
 
     async def Relay(  # noqa: N802
-        self, request_iterator: AsyncIterator[RelayRequest], context: grpc.aio.ServicerContext,
+        self,
+        request_iterator: AsyncIterator[RelayRequest],
+        context: grpc.aio.ServicerContext[RelayRequest, RelayResponse],
     ) -> AsyncIterator[RelayResponse]:
         async for response in super().Relay(request_iterator, context):
             await asyncio.sleep(10 * STEP_S)
@@ -273,7 +275,7 @@ def test_a_renamed_request_id_never_takes_one_already_in_use(tokenizer: Tokenize
 def test_the_engine_never_renames_a_request_onto_an_id_in_use(tokenizer: Tokenizer) -> None:
     engine = _engine(tokenizer)
     params = SamplingParams(max_tokens=2)
-    ids = [engine.add_request([1, 2, 3], params, request_id) for request_id in ("q-0", "q", "q")]
+    ids = [engine.add_request((1, 2, 3), params, request_id) for request_id in ("q-0", "q", "q")]
 
     assert ids[:2] == ["q-0", "q"]
     assert len(set(ids)) == 3

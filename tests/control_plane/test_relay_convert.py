@@ -6,7 +6,7 @@ import pytest
 
 from pagedserve.contract.codec import token_logprobs_to_proto
 from pagedserve.contract.step import TokenLogprobs
-from pagedserve.control_plane.engine.engine import Usage
+from pagedserve.control_plane.engine.outputs import Usage
 from pagedserve.control_plane.errors import (
     InvalidArgumentError,
     NotFoundError,
@@ -29,7 +29,7 @@ LOGPROBS = TokenLogprobs(token_id=7, logprob=-0.25, rank=2, top_token_ids=(3, 7)
 
 def test_last_chunk_carries_finish_reason_and_usage() -> None:
     chunk = CompletionChunk(
-        request_id="r1", index=1, token_ids=(5, 2), text=" end", logprobs=(LOGPROBS,),
+        request_id="r1", completion_index=1, token_ids=(5, 2), text=" end", logprobs=(LOGPROBS,),
         finish_reason=FinishReason.STOP, stop_reason="2",
     )  # fmt: skip
     pb = add_generate_response(engine_service_pb2.RelayResponse().responses, chunk,
@@ -51,7 +51,7 @@ def test_last_chunk_carries_finish_reason_and_usage() -> None:
     ],
 )
 def test_finish_reason_maps_to_its_wire_value(reason: FinishReason | None, wire: int) -> None:
-    chunk = CompletionChunk(request_id="r", index=0, token_ids=(), text="", finish_reason=reason)
+    chunk = CompletionChunk(request_id="r", completion_index=0, token_ids=(), text="", finish_reason=reason)
     pb = add_generate_response(engine_service_pb2.RelayResponse().responses, chunk, None)
     assert (pb.finish_reason, pb.HasField("usage")) == (wire, False)
 

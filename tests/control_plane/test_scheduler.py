@@ -236,7 +236,7 @@ def test_parallel_samples_share_prompt_blocks_and_copy_the_partial_last_block_on
     first, deltas = step_once(scheduler, worker)
     (new,) = first.new_sequences
     assert (new.seq_id, new.block_ids, new.fork_seq_ids, new.num_scheduled_tokens) == (0, (0, 1), (1, 2, 3), 6)
-    assert [(d.index, len(d.new_token_ids)) for d in deltas] == [(0, 1), (1, 1), (2, 1), (3, 1)]
+    assert [(d.completion_index, len(d.new_token_ids)) for d in deltas] == [(0, 1), (1, 1), (2, 1), (3, 1)]
     bm = scheduler.block_manager
     assert [bm.block_ids(seq_id) for seq_id in range(4)] == [(0, 1)] * 4
     assert (bm.gpu.ref_count(0), bm.gpu.ref_count(1)) == (4, 4)
@@ -252,7 +252,7 @@ def test_parallel_samples_share_prompt_blocks_and_copy_the_partial_last_block_on
     result = run(scheduler, worker)
     prompt = tuple(range(10, 16))
     for index in range(4):
-        tokens = [d.new_token_ids[0] for d in deltas + second_deltas + result.deltas if d.index == index]
+        tokens = [d.new_token_ids[0] for d in deltas + second_deltas + result.deltas if d.completion_index == index]
         expected = list(prompt)
         for _ in range(3):
             expected.append(default_next_token(expected, index))
@@ -330,7 +330,8 @@ def _run_with_tokens(next_token: TokenFn, **params: Any) -> tuple[list[int], Fin
 
 
 def test_eos_finishes_with_stop_and_keeps_the_token() -> None:
-    assert _run_with_tokens(lambda tokens, index: EOS if len(tokens) == 5 else 9) == ([9, 9, EOS], FinishReason.STOP, EOS)
+    result = _run_with_tokens(lambda tokens, index: EOS if len(tokens) == 5 else 9)
+    assert result == ([9, 9, EOS], FinishReason.STOP, EOS)
 
 
 def test_eos_before_min_tokens_does_not_stop() -> None:

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
 
+from pagedserve.contract.step import BlockTableUpdate, ScheduledSequence, StepPlan
 from pagedserve.control_plane.config import PreemptionMode, SchedulingPolicy
 from pagedserve.control_plane.errors import ResourceExhaustedError
 from pagedserve.control_plane.scheduling.request import FinishReason, Request
 from pagedserve.control_plane.scheduling.scheduler import Scheduler
-from pagedserve.contract.step import BlockTableUpdate, ScheduledSequence, StepPlan
 
 from .factories import (
     EOS,
@@ -114,10 +115,13 @@ def _sometimes_eos(tokens: Sequence[int], index: int) -> int:
 
 def _add_all(scheduler: Scheduler, requests: list[Request]) -> None:
     for request in requests:
-        try:
+        with contextlib.suppress(ResourceExhaustedError):
             scheduler.add_request(request)
-        except ResourceExhaustedError:
-            pass
+
+
+def _checks_invariants_of(scheduler: Scheduler) -> Callable[[int, StepPlan], None]:
+    """An on_step callback bound to this scheduler (a lambda in the loop would close over the loop variable)."""
+    return lambda index, plan: assert_scheduler_invariants(scheduler)
 
 
 @pytest.mark.parametrize("seed", range(60))
@@ -136,7 +140,7 @@ def test_pipelined_loops_yield_the_tokens_of_the_synchronous_loop(seed: int) -> 
         worker = make_worker(scheduler, _sometimes_eos)
         _add_all(scheduler, _random_requests(seed))
         result = run(scheduler, worker, steps_in_flight=steps_in_flight,
-                     on_step=lambda index, plan: assert_scheduler_invariants(scheduler))
+                     on_step=_checks_invariants_of(scheduler))
         assert (scheduler.stats.num_used_blocks, scheduler.block_manager.cpu.num_used_blocks) == (0, 0)
         worker.execute(scheduler.schedule())
         assert worker.seqs == {}

@@ -11,7 +11,7 @@ from pagedserve.control_plane.text.stop_strings import StopStringMatcher
 
 def _random_split(text: str, rng: random.Random) -> list[str]:
     cuts = sorted(rng.sample(range(1, len(text)), k=rng.randrange(0, min(len(text) - 1, 12) + 1)))
-    return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
 
 
 def _stream(matcher: StopStringMatcher, deltas: list[str]) -> tuple[str, str | None]:

@@ -6,6 +6,7 @@ import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -21,8 +22,9 @@ def stories_dir(stories260k_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def golden(stories_dir: Path) -> dict:
-    return json.loads((stories_dir / "golden_greedy.json").read_text())
+def golden(stories_dir: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((stories_dir / "golden_greedy.json").read_text())
+    return data
 
 
 @pytest.fixture(scope="module")

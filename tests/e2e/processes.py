@@ -16,6 +16,8 @@ from pagedserve.control_plane.launch.worker_launcher import free_loopback_port
 
 # The worker device of the end-to-end tests: cpu in CI, cuda to run the same tests on a GPU host.
 TEST_DEVICE = os.environ.get("PAGEDSERVE_TEST_DEVICE", "cpu")
+# The cluster secret every process of a test cluster gets in PAGEDSERVE_CLUSTER_SECRET (compose: from a file).
+TEST_CLUSTER_SECRET = "e2e-cluster-secret-0123456789abcdef"
 
 
 def worker_command(model_dir: Path, listen: str, device: str = TEST_DEVICE, extra: Sequence[str] = ()) -> list[str]:
@@ -36,7 +38,7 @@ def control_plane_command(
 
 def _spawn(command: list[str], log_path: Path, own_process_group: bool = False) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "pagedserve.runtime.cli", *command[1:]]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PAGEDSERVE_CLUSTER_SECRET": TEST_CLUSTER_SECRET}
     with log_path.open("wb") as log:
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=own_process_group)

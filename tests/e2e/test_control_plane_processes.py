@@ -46,7 +46,7 @@ def test_a_stream_open_when_serve_is_stopped_still_finishes(stories_dir: Path, t
     async def stream_across_the_stop(cluster: Cluster) -> list[generation_service_pb2.GenerateResponse]:
         async with PagedServeClient(cluster.address) as client:
             params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
-            chunks = []
+            chunks: list[generation_service_pb2.GenerateResponse] = []
             async for chunk in client.generate_stream("Once upon a time", params, timeout_s=60):
                 if not chunks:
                     pid = cluster.control_plane.pid

@@ -4,6 +4,7 @@ transformers' own greedy generate on the same weights."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -29,11 +30,13 @@ def _generate_ids(stub: generation_service_pb2_grpc.GenerationServiceStub, promp
 
 
 def _hf_greedy(model_dir: Path, prompt_ids: list[int], max_tokens: int) -> list[int]:
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    # transformers leaves PreTrainedModel.eval unannotated.
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
                              do_sample=False, pad_token_id=0)
-    return out[0, len(prompt_ids):].tolist()
+    new_tokens: list[int] = out[0, len(prompt_ids):].tolist()
+    return new_tokens
 
 
 def test_stories260k_greedy_equals_the_golden_tokens(stub, golden) -> None:
@@ -56,14 +59,15 @@ def test_stories260k_greedy_equals_transformers_on_several_prompts(stub, stories
 
 
 def _tiny_config(architecture: str) -> transformers.PretrainedConfig:
-    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  initializer_range=0.2, torch_dtype="float32", bos_token_id=1, eos_token_id=2)
+    common: dict[str, Any] = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                  initializer_range=0.2, torch_dtype="float32", bos_token_id=1, eos_token_id=2)
     if architecture == "llama":
+        # rope_parameters: transformers 5's name for the deprecated rope_scaling; the config is the same.
         return transformers.LlamaConfig(**common, tie_word_embeddings=True,
-                                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                      "high_freq_factor": 4.0,
-                                                      "original_max_position_embeddings": 64})
+                                        rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                         "high_freq_factor": 4.0,
+                                                         "original_max_position_embeddings": 64})
     if architecture == "mistral":
         return transformers.MistralConfig(**common, sliding_window=None)
     if architecture == "qwen2":
@@ -75,7 +79,9 @@ def _tiny_config(architecture: str) -> transformers.PretrainedConfig:
 def test_tiny_random_model_greedy_equals_transformers(architecture: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model_dir = tmp_path / architecture
-    model = transformers.AutoModelForCausalLM.from_config(_tiny_config(architecture), dtype=torch.float32)
+    # transformers leaves from_config unannotated.
+    model = transformers.AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+        _tiny_config(architecture), dtype=torch.float32)
     model.save_pretrained(model_dir)
     copy_tokenizer(model_dir)
     prompts = [[1, 5, 77, 300, 12], [1, 400, 401, 402, 403, 404, 405, 406, 407, 408, 409, 410, 411, 412, 413, 414, 415,

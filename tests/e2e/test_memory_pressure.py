@@ -23,7 +23,7 @@ def _prompts(seed: int, shared_prefix: list[int]) -> list[tuple[list[int], int]]
              rng.randrange(8, 64)) for _ in range(64)]
 
 
-async def _run_all(address: str, workload: list[tuple[list[int], int]]):  # type: ignore[no-untyped-def]
+async def _run_all(address: str, workload: list[tuple[list[int], int]]):
     async with PagedServeClient(address) as client:
         async def one(prompt: list[int], max_tokens: int) -> list[int]:
             params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -34,7 +34,7 @@ async def _run_all(address: str, workload: list[tuple[list[int], int]]):  # type
         return tokens, await client.server_status()
 
 
-def _outputs(model_dir: Path, log_dir: Path, serve_args: list[str], workload):  # type: ignore[no-untyped-def]
+def _outputs(model_dir: Path, log_dir: Path, serve_args: list[str], workload):
     with running_cluster(model_dir, log_dir, serve_args=[*SMALL_POOLS, *serve_args]) as cluster:
         return asyncio.run(_run_all(cluster.address, workload))
 
@@ -45,7 +45,7 @@ def workload() -> list[tuple[list[int], int]]:
 
 
 @pytest.fixture(scope="module")
-def ample(stories_dir, workload, tmp_path_factory):  # type: ignore[no-untyped-def]
+def ample(stories_dir, workload, tmp_path_factory):
     tokens, status = _outputs(stories_dir, tmp_path_factory.mktemp("ample"), [], workload)
     assert status.num_preemptions == 0
     return tokens
@@ -60,7 +60,7 @@ def ample(stories_dir, workload, tmp_path_factory):  # type: ignore[no-untyped-d
     ],
 )
 def test_preemption_gives_the_same_tokens_and_frees_every_block(
-    stories_dir, workload, ample, tmp_path, case, serve_args  # type: ignore[no-untyped-def]
+    stories_dir, workload, ample, tmp_path, case, serve_args
 ) -> None:
     tokens, status = _outputs(stories_dir, tmp_path, serve_args, workload)
     assert tokens == ample

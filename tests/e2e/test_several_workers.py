@@ -24,7 +24,7 @@ def test_two_local_workers_serve_concurrent_requests_with_the_tokens_one_worker_
     prompts = [[1, 403 + i, 407, 261] for i in range(8)]
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 
-    async def run(address: str):  # type: ignore[no-untyped-def]
+    async def run(address: str):
         async with PagedServeClient(address) as client:
             completions = await asyncio.gather(*(client.generate(p, params, timeout_s=60) for p in prompts))
             return [c[0].token_ids for c in completions], await client.model_info()
@@ -49,7 +49,7 @@ def test_two_local_workers_serve_concurrent_requests_with_the_tokens_one_worker_
     assert {'"worker_id": "worker-0"' in line for line in admitted} == {True, False}
 
 
-def test_serve_exits_at_once_when_a_local_worker_cannot_load_the_model(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_serve_exits_at_once_when_a_local_worker_cannot_load_the_model(tmp_path) -> None:
     command = [sys.executable, "-m", "pagedserve.runtime.cli", "serve", "--model", str(tmp_path), "--port",
                str(free_loopback_port()), "--device", "cpu"]  # the start timeout stays 600 s
     completed = subprocess.run(command, capture_output=True, timeout=120)

@@ -40,8 +40,9 @@ def _hf_sequences_and_argmax(
 ) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
     """Greedy float32 continuations of the prompts, then transformers' argmax at every position in float32 and
     in bfloat16 (the precision floor any bfloat16 implementation works against)."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    bf16_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    # transformers leaves PreTrainedModel.eval unannotated.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]
+    bf16_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()  # type: ignore[no-untyped-call]
     sequences, fp32_argmax, bf16_argmax = [], [], []
     with torch.no_grad():
         for prompt in prompts:
@@ -57,7 +58,7 @@ def _hf_sequences_and_argmax(
 
 def _agreement(predicted: list[list[int]], expected: list[list[int]]) -> float:
     assert [len(p) for p in predicted] == [len(e) for e in expected]
-    pairs = [(p, e) for ps, es in zip(predicted, expected) for p, e in zip(ps, es)]
+    pairs = [(p, e) for ps, es in zip(predicted, expected, strict=True) for p, e in zip(ps, es, strict=True)]
     return sum(p == e for p, e in pairs) / len(pairs)
 
 

@@ -63,14 +63,17 @@ def test_greedy_tokens_on_cuda_equal_the_golden_reference(enforce_eager: bool) -
     # Every step after the prefills (which finish by step 2) is a decode step of 3 sequences; the prefill steps
     # before run as captured pieces.
     assert graph_runner is None or graph_runner.num_replays == len(GOLDEN["greedy_new_ids"]) - 1
-    assert piece_runner is None or piece_runner.num_replays == driver.step_id - graph_runner.num_replays > 0
+    assert piece_runner is None or (
+        graph_runner is not None and piece_runner.num_replays == driver.step_id - graph_runner.num_replays > 0)
 
 
 def test_graphs_are_captured_for_small_sizes_then_multiples_of_eight() -> None:
     worker = load_worker(STORIES_DIR, BLOCK_SIZE, num_blocks=64, device=DeviceKind.CUDA)
 
-    assert worker.runner.graph_runner.sizes == (1, 2, 4, 8, 16)
-    assert worker.runner.piece_runner.sizes == (16, 32, 64, *range(128, 2049, 128))  # max_num_batched_tokens 2048
+    graph_runner, piece_runner = worker.runner.graph_runner, worker.runner.piece_runner
+    assert graph_runner is not None and piece_runner is not None
+    assert graph_runner.sizes == (1, 2, 4, 8, 16)
+    assert piece_runner.sizes == (16, 32, 64, *range(128, 2049, 128))  # max_num_batched_tokens 2048
 
 
 def test_swap_through_pinned_memory_keeps_the_tokens() -> None:

@@ -42,7 +42,8 @@ def test_flat_batch_places_each_token_at_its_position_and_slot() -> None:
 
 
 def test_logprobs_and_chunked_prompt_logprobs_match_the_reference_model() -> None:
-    reference = AutoModelForCausalLM.from_pretrained(STORIES_DIR, dtype=torch.float32).eval()
+    # transformers leaves PreTrainedModel.eval unannotated.
+    reference = AutoModelForCausalLM.from_pretrained(STORIES_DIR, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]
     with torch.no_grad():
         log_probs = reference(torch.tensor([PROMPT])).logits[0].log_softmax(dim=-1)
     driver = WorkerDriver(load_worker(STORIES_DIR, block_size=4), 4, num_blocks=8)
@@ -50,7 +51,8 @@ def test_logprobs_and_chunked_prompt_logprobs_match_the_reference_model() -> Non
     new = pb.NewSequence(seq_id=3, prompt_token_ids=PROMPT, sampling_params=sampling, block_ids=[0, 1],
                          num_computed_tokens=0, num_scheduled_tokens=3)
     first = driver.execute(pb.ExecuteRequest(new_sequences=[new]))
-    second = driver.execute(pb.ExecuteRequest(scheduled_sequences=[pb.ScheduledSequence(seq_id=3, num_scheduled_tokens=2)]))
+    second = driver.execute(
+        pb.ExecuteRequest(scheduled_sequences=[pb.ScheduledSequence(seq_id=3, num_scheduled_tokens=2)]))
 
     prompt_logprobs = [*first.outputs[0].prompt_logprobs, *second.outputs[0].prompt_logprobs]
     sampled = second.outputs[0]
@@ -59,6 +61,7 @@ def test_logprobs_and_chunked_prompt_logprobs_match_the_reference_model() -> Non
     assert (len(first.outputs[0].prompt_logprobs), len(second.outputs[0].prompt_logprobs)) == (3, 1)
     assert [p.token_id for p in prompt_logprobs] == PROMPT[1:]
     assert np.allclose([p.logprob for p in prompt_logprobs], expected_prompt, atol=1e-4)
-    assert (sampled.token_id, sampled.logprobs.token_id, sampled.logprobs.rank) == (GOLDEN["greedy_new_ids"][0],) * 2 + (1,)
+    assert (sampled.token_id, sampled.logprobs.token_id, sampled.logprobs.rank) == (
+        (GOLDEN["greedy_new_ids"][0],) * 2 + (1,))
     assert list(sampled.logprobs.top_token_ids) == top2.indices.tolist()
     assert np.allclose(sampled.logprobs.top_logprobs, top2.values.tolist(), atol=1e-4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,9 +19,9 @@ BLOCK_SIZE = 4
 PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [100, 3], [64, 64, 12, 9, 55, 31, 77, 8, 19, 120, 4], [1]]
 # Prompt 2 (11 tokens) is prefilled over two steps: 6 tokens, then 5, crossing a block boundary.
 FIRST_CHUNKS = {2: 6}
-_TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             vocab_size=128, max_position_embeddings=256, initializer_range=0.2, bos_token_id=None,
-             eos_token_id=None, pad_token_id=None)
+_TINY: dict[str, Any] = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, initializer_range=0.2,
+                             bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
 
 def _llama_gqa_tied() -> PretrainedConfig:
@@ -57,17 +58,20 @@ ARCHITECTURES = pytest.mark.parametrize(
 
 def _save_tiny_model(config: PretrainedConfig, directory: Path) -> Path:
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # transformers leaves from_config unannotated.
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
     model.save_pretrained(directory)
     return directory
 
 
 def _hf_greedy(model_dir: Path, prompt: list[int]) -> list[int]:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    # transformers leaves PreTrainedModel.eval unannotated.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                              max_new_tokens=NUM_NEW_TOKENS, do_sample=False)
-    return out[0, len(prompt):].tolist()
+    new_tokens: list[int] = out[0, len(prompt):].tolist()
+    return new_tokens
 
 
 @ARCHITECTURES

@@ -33,7 +33,7 @@ def _steps(options: SamplingParams, num_decodes: int, fork_seq_ids: tuple[int, .
         position = len(PROMPT) + step_id - 1  # the token this step computes
         scheduled = []
         for seq_id in seq_ids:
-            updates = ()
+            updates: tuple[BlockTableUpdate, ...] = ()
             if seq_id != 1 and step_id == 1:  # a sibling's own copy of the prompt's blocks
                 updates = (BlockTableUpdate(0, (4 * seq_id, 4 * seq_id + 1)),)
             if position % BLOCK_SIZE == 0:

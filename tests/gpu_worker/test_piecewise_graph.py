@@ -91,6 +91,7 @@ def test_replayed_pieces_match_the_eager_forward_pass_and_write_the_same_kv(
 ) -> None:
     worker = _filled_worker(DeviceKind.CUDA)
     runner = worker.runner.piece_runner
+    assert runner is not None
     batch = _mixed_batch(worker, np.random.default_rng(1), shapes)
     runner.buffers.query.fill_(float("nan"))  # rows the replay must overwrite
     runner.buffers.out.fill_(float("nan"))

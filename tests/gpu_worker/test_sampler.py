@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from typing import Any
 
 import pytest
 import torch
@@ -32,14 +33,14 @@ def _random_logits(num_rows: int, vocab_size: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("extra", [{}, {"logprobs": 2}, {"presence_penalty": 0.5}])
-def test_greedy_picks_argmax_of_each_row(extra: dict[str, object]) -> None:
+def test_greedy_picks_argmax_of_each_row(extra: dict[str, Any]) -> None:
     logits = _random_logits(6, 40, seed=1)
     result = Sampler(40, CPU).sample(logits, [_row(temperature=0.0, **extra) for _ in range(6)])
     assert result.token_ids == logits.argmax(dim=-1).tolist()
 
 
 @pytest.mark.parametrize("extra", [{}, {"logprobs": 1}])
-def test_greedy_ties_pick_lowest_token_id(extra: dict[str, object]) -> None:
+def test_greedy_ties_pick_lowest_token_id(extra: dict[str, Any]) -> None:
     logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
     result = Sampler(4, CPU).sample(logits, [_row(temperature=0.0, **extra) for _ in range(2)])
     assert result.token_ids == [1, 0]
@@ -56,7 +57,7 @@ def test_min_tokens_bans_eos_until_reached() -> None:
     eos = 5
     logits = torch.tensor([[0.0, 1.0, 4.0, 0.5, 0.0, 9.0]])
     sampler = Sampler(6, CPU)
-    options = {"temperature": 0.0, "min_tokens": 3, "banned_token_ids": (eos,)}
+    options: dict[str, Any] = {"temperature": 0.0, "min_tokens": 3, "banned_token_ids": (eos,)}
     assert sampler.sample(logits, [_row(output=(1, 2), **options)]).token_ids == [2]
     assert sampler.sample(logits, [_row(output=(1, 2, 3), **options)]).token_ids == [eos]
 
@@ -198,7 +199,7 @@ def test_logprobs_are_raw_log_softmax_with_rank_and_top_k() -> None:
     rows = [_row((3,), (5, 5), temperature=0.7, repetition_penalty=1.3, frequency_penalty=0.4, logprobs=3)] * 4
     result = Sampler(30, CPU).sample(logits, rows)
     raw = logits.log_softmax(dim=-1)
-    for row, (token_id, entry) in enumerate(zip(result.token_ids, result.logprobs)):
+    for row, (token_id, entry) in enumerate(zip(result.token_ids, result.logprobs, strict=True)):
         assert entry is not None
         assert entry.token_id == token_id
         assert entry.logprob == pytest.approx(raw[row, token_id].item(), abs=1e-6)
@@ -223,7 +224,7 @@ def test_prompt_logprobs_match_log_softmax_of_targets() -> None:
     entries = Sampler(12, CPU).prompt_logprobs(logits, targets, k=2)
     raw = logits.log_softmax(dim=-1)
     assert [entry.token_id for entry in entries] == targets
-    for position, (target, entry) in enumerate(zip(targets, entries)):
+    for position, (target, entry) in enumerate(zip(targets, entries, strict=True)):
         assert entry.logprob == pytest.approx(raw[position, target].item(), abs=1e-6)
         assert entry.rank == 1 + int((raw[position] > raw[position, target]).sum())
         assert list(entry.top_token_ids) == raw[position].argsort(descending=True)[:2].tolist()

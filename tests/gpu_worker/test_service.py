@@ -24,12 +24,12 @@ BLOCK_SIZE = 4
 NUM_BLOCKS = 16
 
 
-def _serve(test: Callable[[grpc.aio.Channel, Worker], Awaitable[None]]) -> None:
+def _serve(test: Callable[[grpc.aio.Channel, Worker], Awaitable[None]], enable_reflection: bool = False) -> None:
     """Runs test against a stories260K CPU worker served on a free loopback port."""
 
     async def run() -> None:
         worker = Worker.load(WorkerConfig(model_dir=STORIES_DIR, device=DeviceKind.CPU, worker_id="worker-7"))
-        server = await start_server(worker, "127.0.0.1:0")
+        server = await start_server(worker, "127.0.0.1:0", enable_reflection=enable_reflection)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
                 await test(channel, worker)
@@ -54,7 +54,8 @@ def _init_cache() -> pb.InitCacheRequest:
 
 
 def _golden() -> dict[str, list[int]]:
-    return json.loads((STORIES_DIR / "golden_greedy.json").read_text())
+    golden: dict[str, list[int]] = json.loads((STORIES_DIR / "golden_greedy.json").read_text())
+    return golden
 
 
 def _prefill(prompt: list[int]) -> pb.ExecuteRequest:
@@ -204,24 +205,40 @@ def test_execute_accepts_a_step_larger_than_grpc_default_4_mib() -> None:
 def test_health_reports_serving_once_loaded() -> None:
     async def test(channel: grpc.aio.Channel, worker: Worker) -> None:
         stub = health_pb2_grpc.HealthStub(channel)
-        overall = await stub.Check(health_pb2.HealthCheckRequest())
-        service = await stub.Check(health_pb2.HealthCheckRequest(service="pagedserve.v1.WorkerService"))
+        # types-grpcio-health-checking's HealthStub declares no Check.
+        overall = await stub.Check(health_pb2.HealthCheckRequest())  # type: ignore[attr-defined]
+        service = await stub.Check(  # type: ignore[attr-defined]
+            health_pb2.HealthCheckRequest(service="pagedserve.v1.WorkerService"))
 
         assert overall.status == service.status == health_pb2.HealthCheckResponse.SERVING
 
     _serve(test)
 
 
-def test_reflection_lists_worker_service() -> None:
+async def _list_services(channel: grpc.aio.Channel) -> set[str]:
+    # types-grpcio-reflection's ServerReflectionStub takes no aio channel, and types ServerReflectionInfo as
+    # binascii.Incomplete (an exception class) rather than a callable.
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)  # type: ignore[arg-type]
+
+    async def ask() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+    responses = [r async for r in stub.ServerReflectionInfo(ask())]  # type: ignore[operator]
+    return {s.name for s in responses[0].list_services_response.service}
+
+
+def test_reflection_lists_worker_service_when_enabled() -> None:
     async def test(channel: grpc.aio.Channel, worker: Worker) -> None:
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        assert {"pagedserve.v1.WorkerService", "grpc.health.v1.Health"} <= await _list_services(channel)
 
-        async def ask() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
-            yield reflection_pb2.ServerReflectionRequest(list_services="")
+    _serve(test, enable_reflection=True)
 
-        responses = [r async for r in stub.ServerReflectionInfo(ask())]
-        names = {s.name for s in responses[0].list_services_response.service}
 
-        assert {"pagedserve.v1.WorkerService", "grpc.health.v1.Health"} <= names
+def test_reflection_is_off_by_default() -> None:
+    async def test(channel: grpc.aio.Channel, worker: Worker) -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await _list_services(channel)
+
+        assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
     _serve(test)

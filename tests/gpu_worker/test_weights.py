@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from pagedserve.contract.model_format import DType, LoadFormat
 from pagedserve.gpu_worker.devices import torch_dtype
 from pagedserve.gpu_worker.errors import ModelLoadError
+from pagedserve.gpu_worker.models.decoder import DecoderLayer
 from pagedserve.gpu_worker.weights import LoadedModel, load_model
 from pagedserve.kernels.reference import TorchReferenceOps
 from tests.gpu_worker.harness import STORIES_DIR
@@ -40,7 +42,8 @@ def test_sharded_index_loads_the_same_weights_as_one_file(tmp_path: Path) -> Non
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=128)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # transformers leaves from_config unannotated.
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
     model.save_pretrained(tmp_path / "single")
     model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
 
@@ -53,7 +56,7 @@ def test_sharded_index_loads_the_same_weights_as_one_file(tmp_path: Path) -> Non
 
 def test_fused_projections_hold_the_checkpoint_tensors_in_order() -> None:
     tensors = load_file(str(STORIES_DIR / "model.safetensors"))
-    layer = _load(STORIES_DIR).model.layers[1]
+    layer = cast(DecoderLayer, _load(STORIES_DIR).model.layers[1])  # nn.ModuleList items are typed as Module
     prefix = "model.layers.1."
 
     expected_qkv = torch.cat([tensors[prefix + f"self_attn.{p}_proj.weight"] for p in "qkv"])

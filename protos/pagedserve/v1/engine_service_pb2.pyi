@@ -36,10 +36,22 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("status",)
+    __slots__ = ("status", "is_serving")
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    IS_SERVING_FIELD_NUMBER: _ClassVar[int]
     status: _generation_service_pb2.GetServerStatusResponse
-    def __init__(self, status: _Optional[_Union[_generation_service_pb2.GetServerStatusResponse, _Mapping]] = ...) -> None: ...
+    is_serving: bool
+    def __init__(self, status: _Optional[_Union[_generation_service_pb2.GetServerStatusResponse, _Mapping]] = ..., is_serving: bool = ...) -> None: ...
+
+class WatchHealthRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WatchHealthResponse(_message.Message):
+    __slots__ = ("is_serving",)
+    IS_SERVING_FIELD_NUMBER: _ClassVar[int]
+    is_serving: bool
+    def __init__(self, is_serving: bool = ...) -> None: ...
 
 class AddCommand(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "priority")

@@ -52,6 +52,11 @@ class EngineServiceStub(object):
                 request_serializer=pagedserve_dot_v1_dot_engine__service__pb2.RelayRequest.SerializeToString,
                 response_deserializer=pagedserve_dot_v1_dot_engine__service__pb2.RelayResponse.FromString,
                 _registered_method=True)
+        self.WatchHealth = channel.unary_stream(
+                '/pagedserve.v1.EngineService/WatchHealth',
+                request_serializer=pagedserve_dot_v1_dot_engine__service__pb2.WatchHealthRequest.SerializeToString,
+                response_deserializer=pagedserve_dot_v1_dot_engine__service__pb2.WatchHealthResponse.FromString,
+                _registered_method=True)
 
 
 class EngineServiceServicer(object):
@@ -81,6 +86,14 @@ class EngineServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchHealth(self, request, context):
+        """The engine's health: one message at once, then one at each change and at least every 250 ms, so that a
+        silence of a second means the engine process is unreachable or stuck.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -98,6 +111,11 @@ def add_EngineServiceServicer_to_server(servicer, server):
                     servicer.Relay,
                     request_deserializer=pagedserve_dot_v1_dot_engine__service__pb2.RelayRequest.FromString,
                     response_serializer=pagedserve_dot_v1_dot_engine__service__pb2.RelayResponse.SerializeToString,
+            ),
+            'WatchHealth': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchHealth,
+                    request_deserializer=pagedserve_dot_v1_dot_engine__service__pb2.WatchHealthRequest.FromString,
+                    response_serializer=pagedserve_dot_v1_dot_engine__service__pb2.WatchHealthResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,6 +202,33 @@ class EngineService(object):
             '/pagedserve.v1.EngineService/Relay',
             pagedserve_dot_v1_dot_engine__service__pb2.RelayRequest.SerializeToString,
             pagedserve_dot_v1_dot_engine__service__pb2.RelayResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchHealth(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pagedserve.v1.EngineService/WatchHealth',
+            pagedserve_dot_v1_dot_engine__service__pb2.WatchHealthRequest.SerializeToString,
+            pagedserve_dot_v1_dot_engine__service__pb2.WatchHealthResponse.FromString,
             options,
             channel_credentials,
             insecure,

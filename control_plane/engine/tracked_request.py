@@ -1,0 +1,62 @@
+"""One admitted request as the engine tracks it: its lane, its completions' streams, when its tokens came."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pagedserve.control_plane.engine.lane import Lane
+from pagedserve.control_plane.engine.metrics import EngineMetrics
+from pagedserve.control_plane.engine.outputs import EngineOutput, Usage
+from pagedserve.control_plane.relay.item_channel import ItemChannel
+from pagedserve.control_plane.scheduling.request import FinishReason, Request, SequenceDelta
+from pagedserve.control_plane.text.completion import CompletionChunk, CompletionStream
+
+
+@dataclass(slots=True)
+class TrackedRequest:
+    """Engine-side state of one admitted request, from admission until its stream ends.
+
+    Invariants: completions[i] streams the request's sequence i; first_token_time_s is when its first tokens
+    arrived and last_token_time_s when its latest did (both None before any); is_finished once every completion
+    finished, after which none emits a chunk.
+    """
+
+    request: Request
+    lane: Lane
+    completions: list[CompletionStream]
+    channel: ItemChannel[EngineOutput]  # the request's own, or shared with other requests
+    final_only: bool = False  # the consumer wants the whole result: wake it when the request ends, not per step
+    first_token_time_s: float | None = None
+    last_token_time_s: float | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return all(c.is_finished for c in self.completions)
+
+    def observe_tokens(self, num_tokens: int, now: float, metrics: EngineMetrics) -> None:
+        """Records num_tokens arriving at now: the first ones as time to first token, later ones as
+        inter-token latency."""
+        if num_tokens == 0:
+            return
+        if self.first_token_time_s is None:
+            self.first_token_time_s = now
+            metrics.observe_ttft(now - self.request.arrival_time_s)
+        elif self.last_token_time_s is not None:
+            metrics.observe_itl((now - self.last_token_time_s) / num_tokens, num_tokens)
+        self.last_token_time_s = now
+
+    def abort_open_completions(self) -> list[CompletionChunk]:
+        """Finishes every open completion with ABORT; returns the last chunks they emit, in completion order."""
+        request_id = self.request.request_id
+        chunks = [
+            completion.apply(SequenceDelta(request_id, completion.index, (), (), (), FinishReason.ABORT))
+            for completion in self.completions if not completion.is_finished
+        ]
+        return [chunk for chunk in chunks if chunk is not None]
+
+    def usage(self) -> Usage:
+        return Usage(
+            prompt_tokens=len(self.request.prompt_token_ids),
+            completion_tokens=sum(c.num_tokens for c in self.completions),
+            cached_prompt_tokens=self.request.num_cached_tokens,
+        )
