@@ -36,8 +36,8 @@ class _Closable(Protocol):
 
 @runtime_checkable
 class _Watchable(Protocol):
-    async def wait_closed(self) -> None:
-        """Returns when the worker's step stream ended, even while no step is in flight."""
+    async def wait_closed(self) -> str | None:
+        """Returns when the worker's step stream ended, even while no step is in flight: why, if it failed."""
 
 
 @dataclass(slots=True)
@@ -186,11 +186,12 @@ class Lane:
         ))
 
     async def _watch_closed(self, transport: _Watchable) -> None:
+        failure = None
         try:
-            await transport.wait_closed()
+            failure = await transport.wait_closed()
         except Exception:
             log.exception("worker_watch_failed", worker_id=self.worker_id)
-        self._fail(WorkerUnavailableError(f"worker {self.worker_id} closed its step stream"))
+        self._fail(WorkerUnavailableError(failure or f"worker {self.worker_id} closed its step stream"))
 
     def _fail(self, error: WorkerUnavailableError) -> None:
         """Ends drive() from outside its task with error."""

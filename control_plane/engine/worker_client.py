@@ -99,10 +99,15 @@ class GrpcWorkerClient:
             self._call = self._stub.Execute(metadata=self._metadata)
         return self._call
 
-    async def wait_closed(self) -> None:
+    async def wait_closed(self) -> str | None:
         """Returns once the step stream has ended, however (the worker died, refused or ended it, or close()), even
-        while no step is in flight: the engine's idle lanes notice a dead worker by it. Opens the stream."""
-        await self._stream().code()
+        while no step is in flight: the engine's idle lanes notice a dead worker by it. Opens the stream. Says how
+        it failed: the worker's status and details, as receive() would have raised them (None for a clean end)."""
+        call = self._stream()
+        code = await call.code()
+        if code == grpc.StatusCode.OK:
+            return None
+        return f"worker at {self.address} failed: {code.name}: {await call.details()}"
 
     async def send(self, plan: StepPlan) -> None:
         """Queues one step on the Execute stream (opened on first use)."""
