@@ -8,6 +8,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
 import structlog
 
 from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
@@ -42,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "the file's path in PAGEDSERVE_CLUSTER_SECRET_FILE)")
     p.add_argument("--insecure-no-auth", action="store_true",
                    help="accept every caller without a cluster secret (only where nothing untrusted can connect)")
+    p.add_argument("--tls-cert-file", type=Path, default=os.environ.get("PAGEDSERVE_TLS_CERT_FILE") or None,
+                   help="PEM certificate chain: the port speaks TLS (env PAGEDSERVE_TLS_CERT_FILE); default plaintext")
+    p.add_argument("--tls-key-file", type=Path, default=os.environ.get("PAGEDSERVE_TLS_KEY_FILE") or None,
+                   help="PEM private key of --tls-cert-file (env PAGEDSERVE_TLS_KEY_FILE)")
+    p.add_argument("--tls-client-ca-file", type=Path, default=os.environ.get("PAGEDSERVE_TLS_CLIENT_CA_FILE") or None,
+                   help="PEM CA certificates: callers must present a certificate one of them signed (mTLS; env "
+                        "PAGEDSERVE_TLS_CLIENT_CA_FILE)")
     p.add_argument("--enable-reflection", action="store_true", help="serve gRPC reflection (off by default)")
     p.add_argument("--parent-pid", type=int,
                    help="exit once this process is no longer our parent (given by the process that starts us)")
@@ -62,6 +70,26 @@ def cluster_secret_from_args(parser: argparse.ArgumentParser, args: argparse.Nam
     return secret
 
 
+def server_credentials_from_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace,
+) -> grpc.ServerCredentials | None:
+    """TLS credentials from --tls-cert-file and --tls-key-file (with --tls-client-ca-file: mTLS); None: plaintext.
+    Exits with a usage error when the files do not go together or cannot be read."""
+    if (args.tls_cert_file is None) != (args.tls_key_file is None):
+        parser.error("--tls-cert-file and --tls-key-file go together")
+    if args.tls_cert_file is None:
+        if args.tls_client_ca_file is not None:
+            parser.error("--tls-client-ca-file (mTLS) needs --tls-cert-file and --tls-key-file")
+        return None
+    try:
+        chain, key = args.tls_cert_file.read_bytes(), args.tls_key_file.read_bytes()
+        client_ca = args.tls_client_ca_file.read_bytes() if args.tls_client_ca_file is not None else None
+    except OSError as error:
+        parser.error(str(error))
+    return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(
         model_dir=args.model, dtype=DType(args.dtype), device=DeviceKind(args.device),
@@ -70,11 +98,15 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     )
 
 
-async def serve(worker: Worker, address: str, secret: ClusterSecret | None, enable_reflection: bool) -> None:
-    """Serves until SIGINT or SIGTERM, then stops gracefully (a second signal cuts that short)."""
-    server = await start_server(worker, address, cluster_secret=secret, enable_reflection=enable_reflection)
+async def serve(worker: Worker, address: str, secret: ClusterSecret | None, enable_reflection: bool,
+                credentials: grpc.ServerCredentials | None = None) -> None:
+    """Serves until SIGINT or SIGTERM, then stops gracefully (a second signal cuts that short). TLS with
+    credentials, plaintext without."""
+    server = await start_server(worker, address, cluster_secret=secret, enable_reflection=enable_reflection,
+                                credentials=credentials)
     host = address.rpartition(":")[0]
-    log.info("worker_listening", address=f"{host}:{server.port}", worker_id=worker.config.worker_id)
+    log.info("worker_listening", address=f"{host}:{server.port}", worker_id=worker.config.worker_id,
+             tls=credentials is not None)
     await stopped_by_signal()
     log.info("worker_stopping", worker_id=worker.config.worker_id)
     await server.stop(_GRACE_S)
@@ -90,9 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if secret is None:
         log.warning("authentication_disabled", flag="--insecure-no-auth",
                     message="any process that reaches this port can drive or reset the worker")
+    credentials = server_credentials_from_args(parser, args)
     use_short_turns()
     config = config_from_args(args)
     worker = Worker.load(config)
     freeze_startup_objects()
-    asyncio.run(serve(worker, config.listen_address, secret, args.enable_reflection))
+    asyncio.run(serve(worker, config.listen_address, secret, args.enable_reflection, credentials))
     return 0

@@ -201,10 +201,12 @@ class WorkerServer:
 
 async def start_server(
     worker: Worker, address: str, *, cluster_secret: ClusterSecret | None = None, enable_reflection: bool = False,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> WorkerServer:
     """Binds address (port 0 picks a free one), registers the services and starts serving; health SERVING.
     With cluster_secret every call but health checks must carry it (runtime/auth.py); None: no authentication,
-    which main.py allows only with --insecure-no-auth. Reflection is off unless enabled."""
+    which main.py allows only with --insecure-no-auth. Reflection is off unless enabled. With credentials
+    (grpc.ssl_server_credentials) the port speaks TLS, health included; None: plaintext."""
     interceptors = [] if cluster_secret is None else [ClusterSecretInterceptor(cluster_secret)]
     server = grpc.aio.server(options=_SERVER_OPTIONS, interceptors=interceptors)
     servicer = WorkerServicer(worker)
@@ -213,7 +215,7 @@ async def start_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if enable_reflection:
         reflection.enable_server_reflection((_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
+    port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     await server.start()
     for service in ("", _SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
 import structlog
 
 from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
@@ -92,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key-file", type=Path, help="PEM private key of --tls-cert-file")
     p.add_argument("--tls-client-ca-file", type=Path,
                    help="PEM CA certificates: clients must present a certificate one of them signed (mTLS)")
+    p.add_argument("--worker-tls-ca-file", type=Path,
+                   help="PEM CA certificates that signed the --worker workers' certificates: reach them over TLS")
+    p.add_argument("--worker-tls-cert-file", type=Path,
+                   help="PEM certificate chain this process presents to the --worker workers (their mTLS)")
+    p.add_argument("--worker-tls-key-file", type=Path, help="PEM private key of --worker-tls-cert-file")
+    p.add_argument("--worker-tls-server-name",
+                   help="name the workers' certificates must hold (default: the host of each --worker address)")
     p.add_argument("--log-format", default="auto", choices=[f.value for f in LogFormat])
     return p
 
@@ -175,6 +183,46 @@ def cluster_secret_from_args(parser: argparse.ArgumentParser, args: argparse.Nam
     return ClusterSecret.generate()
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class WorkerChannelSecurity:
+    """How the channels to the workers are secured beside the cluster secret: TLS credentials (None: plaintext)
+    and the name the workers' certificates must hold (None: the host of each address)."""
+
+    credentials: grpc.ChannelCredentials | None = None
+    server_name: str | None = None
+
+    def connect(self, address: str, secret: ClusterSecret) -> GrpcWorkerClient:
+        return GrpcWorkerClient(address, secret, self.credentials, self.server_name)
+
+
+def worker_channel_security_from_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace,
+) -> WorkerChannelSecurity:
+    """TLS to the --worker workers when --worker-tls-ca-file is given (with a client certificate for mTLS); plaintext
+    otherwise. Exits with a usage error when the flags do not go together, when there are no --worker workers (the
+    local ones listen on loopback in plaintext), or when a file cannot be read."""
+    ca, cert, key, name = (args.worker_tls_ca_file, args.worker_tls_cert_file, args.worker_tls_key_file,
+                           args.worker_tls_server_name)
+    if ca is None:
+        if cert is not None or key is not None or name is not None:
+            parser.error("--worker-tls-cert-file, --worker-tls-key-file and --worker-tls-server-name need "
+                         "--worker-tls-ca-file")
+        return WorkerChannelSecurity()
+    if (cert is None) != (key is None):
+        parser.error("--worker-tls-cert-file and --worker-tls-key-file go together")
+    if not args.worker:
+        parser.error("worker TLS is for external workers (--worker HOST:PORT); the local workers serve starts "
+                     "listen on loopback in plaintext")
+    try:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=ca.read_bytes(), private_key=key.read_bytes() if key is not None else None,
+            certificate_chain=cert.read_bytes() if cert is not None else None,
+        )
+    except OSError as error:
+        parser.error(str(error))
+    return WorkerChannelSecurity(credentials, name)
+
+
 def cache_request(scheduler: SchedulerConfig, cache: CacheConfig) -> CacheRequest:
     """What InitCache asks of each worker for these configs."""
     return CacheRequest(
@@ -216,10 +264,13 @@ async def start_engine(
 
 
 async def serve(server: ServerConfig, scheduler: SchedulerConfig, cache: CacheConfig, engine_config: EngineConfig,
-                supervision: WorkerSupervisorConfig, secret: ClusterSecret, model_dir: Path, runtime_dir: Path) -> int:
+                supervision: WorkerSupervisorConfig, secret: ClusterSecret, model_dir: Path, runtime_dir: Path,
+                security: WorkerChannelSecurity | None = None) -> int:
     """Runs workers (unless given), the engine and, beside it, the frontend process with the public server, until
     SIGINT/SIGTERM (drain, then 0), until the frontend exits (1) or until no worker is left (1). Dead workers are
-    brought back by a WorkerSupervisor. Every internal call carries secret. runtime_dir holds the engine's socket."""
+    brought back by a WorkerSupervisor. Every internal call carries secret; the worker channels are secured by
+    security (default: plaintext). runtime_dir holds the engine's socket."""
+    channels = security or WorkerChannelSecurity()
     launcher = None
     addresses = list(server.worker_addresses)
     if not addresses:
@@ -228,7 +279,7 @@ async def serve(server: ServerConfig, scheduler: SchedulerConfig, cache: CacheCo
             load_format=server.load_format, seed=server.seed, cluster_secret=secret,
         ))
         addresses = launcher.start()
-    clients = [GrpcWorkerClient(address, secret) for address in addresses]
+    clients = [channels.connect(address, secret) for address in addresses]
     try:
         try:
             await wait_for_workers(clients, server.worker_start_timeout_s, launcher)
@@ -243,7 +294,7 @@ async def serve(server: ServerConfig, scheduler: SchedulerConfig, cache: CacheCo
         supervisor = WorkerSupervisor(
             engine, list(zip(clients, infos, strict=True)), launcher,
             LaneSetup(cache_request(resolved, cache), resolved, cache), supervision,
-            connect=lambda address: GrpcWorkerClient(address, secret),
+            connect=lambda address: channels.connect(address, secret),
         )
         if server.metrics_port is not None:
             engine.metrics.serve(server.host, server.metrics_port)
@@ -298,6 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server, scheduler, cache, engine_config = configs_from_args(args)
     supervision = supervisor_config_from_args(args, server)
     secret = cluster_secret_from_args(parser, args)
+    security = worker_channel_security_from_args(parser, args)
     with tempfile.TemporaryDirectory(prefix="pagedserve-") as scratch:
         model_dir = server.model_dir
         if model_dir is None:
@@ -307,4 +359,4 @@ def main(argv: Sequence[str] | None = None) -> int:
                         message=f"no --model given: serving the built-in {BUILTIN_MODEL_NAME}, a small Llama with "
                                 "random weights and a locally built tokenizer; its text is not meaningful")
         return asyncio.run(serve(server, scheduler, cache, engine_config, supervision, secret, model_dir,
-                                 Path(scratch)))
+                                 Path(scratch), security))

@@ -40,13 +40,23 @@ class WorkerConnection(Protocol):
 
 class GrpcWorkerClient:
     """One worker reached over gRPC. Steps go out on one bidirectional stream and come back in order. Every call
-    but the health checks carries cluster_secret (None: the worker runs with --insecure-no-auth)."""
+    but the health checks carries cluster_secret (None: the worker runs with --insecure-no-auth). With credentials
+    (grpc.ssl_channel_credentials) the channel speaks TLS and checks the worker's certificate, against server_name
+    when given (default: the host of address); without them, plaintext."""
 
-    def __init__(self, address: str, cluster_secret: ClusterSecret | None = None) -> None:
+    def __init__(self, address: str, cluster_secret: ClusterSecret | None = None,
+                 credentials: grpc.ChannelCredentials | None = None, server_name: str | None = None) -> None:
         self.address = address
         # Passed on each call rather than by a channel interceptor, which would add a hop to every step message.
         self._metadata = cluster_secret.metadata if cluster_secret is not None else ()
-        self._channel = grpc.aio.insecure_channel(address, options=INTERNAL_CHANNEL_OPTIONS)
+        if credentials is None:
+            if server_name is not None:
+                raise ValueError("a TLS server name needs TLS credentials")
+            self._channel = grpc.aio.insecure_channel(address, options=INTERNAL_CHANNEL_OPTIONS)
+        else:
+            name = () if server_name is None else (("grpc.ssl_target_name_override", server_name),)
+            options = (*INTERNAL_CHANNEL_OPTIONS, *name)
+            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
         self._stub = worker_service_pb2_grpc.WorkerServiceStub(self._channel)
         self._call: grpc.aio.StreamStreamCall[
             worker_service_pb2.ExecuteRequest, worker_service_pb2.ExecuteResponse

@@ -22,6 +22,8 @@ from pagedserve.runtime.auth import SECRET_ENV, ClusterSecret
 
 log = structlog.get_logger()
 
+_WORKER_TLS_ENV = ("PAGEDSERVE_TLS_CERT_FILE", "PAGEDSERVE_TLS_KEY_FILE", "PAGEDSERVE_TLS_CLIENT_CA_FILE")
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerLaunchConfig:
@@ -89,6 +91,8 @@ class LocalWorkers:
         env = dict(os.environ)
         env.pop("PAGEDSERVE_CLUSTER_SECRET_FILE", None)  # the secret is handed down below, or not at all
         env.pop(SECRET_ENV, None)
+        for name in _WORKER_TLS_ENV:  # meant for serve's public port, not for workers that serve reaches in plaintext
+            env.pop(name, None)
         if config.num_workers > 1:
             env["CUDA_VISIBLE_DEVICES"] = str(index)
         command = [
