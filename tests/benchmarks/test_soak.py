@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import soak
-from benchmarks.soak import RequestRecord, check_record, classify_tokens
+from benchmarks.soak_checks import RequestRecord, check_record, classify_tokens
 
 REFERENCE = [5, 6, 7, 8, 9, 10, 11, 12]
 
