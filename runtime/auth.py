@@ -105,11 +105,11 @@ class ClusterSecretInterceptor(grpc.aio.ServerInterceptor):
         if any(self._secret.matches(header) for header in headers):
             return handler
         reason = "wrong cluster secret" if headers else "missing cluster secret"
-        return _refusal(handler, f"{reason}: internal pagedserve services need metadata "
+        return refusal_handler(handler, f"{reason}: internal pagedserve services need metadata "
                                  f"'{METADATA_KEY}: Bearer <secret>' (--cluster-secret-file or {SECRET_ENV})")
 
 
-def _refusal(
+def refusal_handler(
     handler: grpc.RpcMethodHandler[_TRequest, _TResponse], message: str,
 ) -> grpc.RpcMethodHandler[_TRequest, _TResponse]:
     """A handler of the same kind as handler that ends the call with UNAUTHENTICATED, reading nothing."""

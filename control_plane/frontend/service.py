@@ -45,6 +45,7 @@ from pagedserve.control_plane.frontend.engine_client import EngineClient
 from pagedserve.control_plane.relay.convert import served_model_to_proto
 from pagedserve.control_plane.served_model import ServedModel
 from pagedserve.control_plane.text.tokenizer import Tokenizer
+from pagedserve.runtime.auth import refusal_handler
 from pagedserve.v1 import generation_service_pb2 as pb
 from pagedserve.v1 import generation_service_pb2_grpc
 
@@ -279,22 +280,7 @@ class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if any(self._is_authorized(header) for header in headers):
             return handler
         reason = "invalid API key" if headers else "missing API key"
-        return _refusal(handler, f"{reason}: send metadata '{_AUTHORIZATION}: Bearer <key>'")
-
-
-def _refusal(handler: grpc.RpcMethodHandler[Any, Any], message: str) -> grpc.RpcMethodHandler[Any, Any]:
-    """A handler of handler's kind that ends the call with UNAUTHENTICATED, leaving the request undecoded."""
-
-    async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse, None, handler.response_serializer)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse, None, handler.response_serializer)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse, None, handler.response_serializer)
-    return grpc.unary_unary_rpc_method_handler(refuse, None, handler.response_serializer)
+        return refusal_handler(handler, f"{reason}: send metadata '{_AUTHORIZATION}: Bearer <key>'")
 
 
 async def build_server(
