@@ -75,6 +75,7 @@ class Cluster:
     metrics_port: int
     log_dir: Path
     control_plane: subprocess.Popen[bytes]
+    worker: subprocess.Popen[bytes]
 
 
 @contextmanager
@@ -96,7 +97,7 @@ def running_cluster(
         command = control_plane_command(model_dir, worker_address, "127.0.0.1", port, metrics_port, serve_args)
         processes.append(_spawn(command, control_log, own_process_group=control_plane_group))
         wait_serving(f"127.0.0.1:{port}", processes[1], control_log, timeout_s)
-        yield Cluster(f"127.0.0.1:{port}", worker_address, metrics_port, log_dir, processes[1])
+        yield Cluster(f"127.0.0.1:{port}", worker_address, metrics_port, log_dir, processes[1], processes[0])
     finally:
         for process in reversed(processes):
             process.terminate()
