@@ -34,7 +34,7 @@ class _FieldKind(enum.Enum):
 def _field_kind(field: FieldDescriptor) -> _FieldKind:
     if field.message_type is not None and field.message_type.GetOptions().map_entry:
         return _FieldKind.MAP
-    if field.label == FieldDescriptor.LABEL_REPEATED:
+    if field.is_repeated:
         return _FieldKind.REPEATED
     return _FieldKind.OPTIONAL if field.has_presence else _FieldKind.PLAIN
 

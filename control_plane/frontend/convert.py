@@ -4,7 +4,7 @@ the bytes decoded strictly, the bounds checked before any expensive work, and th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
@@ -101,7 +101,8 @@ def decode_request(message_type: type[M], data: bytes) -> M:
     try:
         message = message_type.FromString(data)
     except Exception:  # DecodeError, or whatever else the parser raises on hostile bytes
-        defect = _wire_defect(message_type.DESCRIPTOR, memoryview(data), "")
+        # The stubs type DESCRIPTOR as the pure-Python or the upb class; both have the fields read here.
+        defect = _wire_defect(cast(Descriptor, message_type.DESCRIPTOR), memoryview(data), "")
         raise InvalidArgumentError(f"malformed {name}", defect or "cannot be parsed") from None
     unknown = _unknown_field(message, "")
     if unknown is not None:
@@ -126,7 +127,7 @@ def _unknown_field(message: Message, path: str) -> str | None:
         inner_path = f"{path}{descriptor.name}."
         if descriptor.message_type.GetOptions().map_entry:
             values = value.values() if descriptor.message_type.fields_by_name["value"].message_type else ()
-        elif descriptor.label == FieldDescriptor.LABEL_REPEATED:
+        elif descriptor.is_repeated:
             values = value
         else:
             values = (value,)
@@ -207,7 +208,7 @@ def _value_defect(field: FieldDescriptor | None, value: memoryview, name: str, p
             return f"{name} is not valid UTF-8 (byte {exc.start} of the string)"
     elif field.type == FieldDescriptor.TYPE_MESSAGE:
         return _wire_defect(field.message_type, value, f"{path}{field.name}.")
-    elif field.label == FieldDescriptor.LABEL_REPEATED and field.type in _VARINT_TYPES:
+    elif field.is_repeated and field.type in _VARINT_TYPES:
         pos = 0
         while pos < len(value):
             try:

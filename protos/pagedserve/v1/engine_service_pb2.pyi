@@ -4,7 +4,8 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -41,7 +42,7 @@ class GetStatusResponse(_message.Message):
     IS_SERVING_FIELD_NUMBER: _ClassVar[int]
     status: _generation_service_pb2.GetServerStatusResponse
     is_serving: bool
-    def __init__(self, status: _Optional[_Union[_generation_service_pb2.GetServerStatusResponse, _Mapping]] = ..., is_serving: bool = ...) -> None: ...
+    def __init__(self, status: _Optional[_Union[_generation_service_pb2.GetServerStatusResponse, _Mapping]] = ..., is_serving: _Optional[bool] = ...) -> None: ...
 
 class WatchHealthRequest(_message.Message):
     __slots__ = ()
@@ -51,7 +52,7 @@ class WatchHealthResponse(_message.Message):
     __slots__ = ("is_serving",)
     IS_SERVING_FIELD_NUMBER: _ClassVar[int]
     is_serving: bool
-    def __init__(self, is_serving: bool = ...) -> None: ...
+    def __init__(self, is_serving: _Optional[bool] = ...) -> None: ...
 
 class AddCommand(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "priority")

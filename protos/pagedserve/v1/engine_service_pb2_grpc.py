@@ -5,7 +5,7 @@ import warnings
 
 from pagedserve.v1 import engine_service_pb2 as pagedserve_dot_v1_dot_engine__service__pb2
 
-GRPC_GENERATED_VERSION = '1.66.2'
+GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + f' but the generated code in pagedserve/v1/engine_service_pb2_grpc.py depends on'
+        + ' but the generated code in pagedserve/v1/engine_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class EngineServiceStub(object):
+class EngineServiceStub:
     """The control plane's engine, as its frontend process sees it. The frontend holds the clients' streams,
     tokenizes and validates; the engine process plans steps and exchanges them with the workers. Between the
     two, one Relay stream carries requests in and every step's chunks out, in one message each way.
@@ -59,7 +59,7 @@ class EngineServiceStub(object):
                 _registered_method=True)
 
 
-class EngineServiceServicer(object):
+class EngineServiceServicer:
     """The control plane's engine, as its frontend process sees it. The frontend holds the clients' streams,
     tokenizes and validates; the engine process plans steps and exchanges them with the workers. Between the
     two, one Relay stream carries requests in and every step's chunks out, in one message each way.
@@ -125,7 +125,7 @@ def add_EngineServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class EngineService(object):
+class EngineService:
     """The control plane's engine, as its frontend process sees it. The frontend holds the clients' streams,
     tokenizes and validates; the engine process plans steps and exchanges them with the workers. Between the
     two, one Relay stream carries requests in and every step's chunks out, in one message each way.

@@ -5,7 +5,7 @@ import warnings
 
 from pagedserve.v1 import generation_service_pb2 as pagedserve_dot_v1_dot_generation__service__pb2
 
-GRPC_GENERATED_VERSION = '1.66.2'
+GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + f' but the generated code in pagedserve/v1/generation_service_pb2_grpc.py depends on'
+        + ' but the generated code in pagedserve/v1/generation_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class GenerationServiceStub(object):
+class GenerationServiceStub:
     """The public API: text generation with streamed tokens.
     """
 
@@ -57,7 +57,7 @@ class GenerationServiceStub(object):
                 _registered_method=True)
 
 
-class GenerationServiceServicer(object):
+class GenerationServiceServicer:
     """The public API: text generation with streamed tokens.
     """
 
@@ -120,7 +120,7 @@ def add_GenerationServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class GenerationService(object):
+class GenerationService:
     """The public API: text generation with streamed tokens.
     """
 

@@ -2,7 +2,8 @@ from pagedserve.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -34,7 +35,7 @@ class GetWorkerInfoResponse(_message.Message):
     kv_bytes_per_token: int
     total_memory_bytes: int
     is_cache_initialized: bool
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., total_memory_bytes: _Optional[int] = ..., is_cache_initialized: bool = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., total_memory_bytes: _Optional[int] = ..., is_cache_initialized: _Optional[bool] = ...) -> None: ...
 
 class InitCacheRequest(_message.Message):
     __slots__ = ("block_size", "gpu_memory_utilization", "num_gpu_blocks_override", "kv_cache_memory_bytes", "swap_space_bytes", "max_num_batched_tokens", "max_num_seqs", "max_model_len")

@@ -5,7 +5,7 @@ import warnings
 
 from pagedserve.v1 import worker_service_pb2 as pagedserve_dot_v1_dot_worker__service__pb2
 
-GRPC_GENERATED_VERSION = '1.66.2'
+GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + f' but the generated code in pagedserve/v1/worker_service_pb2_grpc.py depends on'
+        + ' but the generated code in pagedserve/v1/worker_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class WorkerServiceStub(object):
+class WorkerServiceStub:
     """The internal data plane: a worker holds weights and KV pools and runs the steps
     the control plane plans. It never chooses a block.
     """
@@ -53,7 +53,7 @@ class WorkerServiceStub(object):
                 _registered_method=True)
 
 
-class WorkerServiceServicer(object):
+class WorkerServiceServicer:
     """The internal data plane: a worker holds weights and KV pools and runs the steps
     the control plane plans. It never chooses a block.
     """
@@ -106,7 +106,7 @@ def add_WorkerServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class WorkerService(object):
+class WorkerService:
     """The internal data plane: a worker holds weights and KV pools and runs the steps
     the control plane plans. It never chooses a block.
     """
