@@ -32,10 +32,10 @@ _RESERVED_KWARGS = frozenset(inspect.signature(PreTrainedTokenizerBase.apply_cha
 
 
 def load_chat_template(value: str) -> str:
-    """--chat-template's value as template text: the contents of the file it names; else the value itself when it
-    reads as a template (it has a brace or a line break; escapes such as \\n in an ASCII value are decoded, so a
-    one-line shell argument can hold line breaks). ValueError when it looks like a path of no file, or the template
-    does not compile."""
+    """--chat-template's value as template text: the contents of the file it names; else the value itself, as given,
+    when it reads as a template (it has a brace or a line break). ValueError when it looks like a path of no file,
+    or the template does not compile. (vLLM also decodes backslash escapes in the value; that would change the
+    escapes inside a template's own Jinja strings, so they are left alone here.)"""
     path = Path(value)
     try:
         text = path.read_text(encoding="utf-8")
@@ -44,7 +44,7 @@ def load_chat_template(value: str) -> str:
     except (OSError, ValueError) as exc:  # ValueError: a NUL character, which no path has
         if not _TEMPLATE_CHARS & set(value):
             raise ValueError(f"chat template {value!r} looks like a path, but cannot be read: {exc}") from None
-        text = value.encode("ascii").decode("unicode_escape") if value.isascii() else value
+        text = value
     try:
         _compile_jinja_template(text)
     except Exception as exc:  # jinja2's TemplateSyntaxError, or what its extensions raise
