@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
+from pagedserve.clients.chat_request import ChatMessageLike, ChatToolLike, chat_request
 from pagedserve.clients.errors import RETRYABLE, PagedServeClientError, error_from_rpc
 from pagedserve.v1 import common_pb2, generation_service_pb2, generation_service_pb2_grpc
 
@@ -107,8 +108,17 @@ class PagedServeClient:
             request.token_ids.ids.extend(prompt)
         if params is not None:
             request.sampling_params.CopyFrom(params)
+        async for chunk in self._stream_with_retries(
+            lambda: self._stub.Generate(request, timeout=timeout_s, metadata=self._metadata)
+        ):
+            yield chunk
+
+    async def _stream_with_retries(
+        self, start: Callable[[], grpc.aio.UnaryStreamCall[Any, T]]
+    ) -> AsyncIterator[T]:
+        """The stream's messages; a retryable failure before the first message starts the call again."""
         for attempt in range(self._max_retries + 1):
-            call = self._stub.Generate(request, timeout=timeout_s, metadata=self._metadata)
+            call = start()
             received_any = False
             try:
                 async for chunk in call:
@@ -127,17 +137,38 @@ class PagedServeClient:
         self, prompt: str | Sequence[int], params: SamplingParams | None = None, timeout_s: float | None = None
     ) -> list[Completion]:
         """Runs one request to the end; returns its completions ordered by index."""
-        parts: dict[int, tuple[list[int], list[str], list[tuple[int, str]]]] = {}
-        async for chunk in self.generate_stream(prompt, params, timeout_s=timeout_s):
-            ids, texts, ends = parts.setdefault(chunk.index, ([], [], []))
-            ids.extend(chunk.token_ids)
-            texts.append(chunk.text)
-            if chunk.finish_reason:
-                ends.append((chunk.finish_reason, chunk.stop_reason))
-        return [
-            Completion(index, ids, "".join(texts), *(ends[0] if ends else (0, "")))
-            for index, (ids, texts, ends) in sorted(parts.items())
-        ]
+        return await _completions(self.generate_stream(prompt, params, timeout_s=timeout_s))
+
+    async def chat_stream(
+        self,
+        messages: Sequence[ChatMessageLike],
+        params: SamplingParams | None = None,
+        *,
+        tools: Sequence[ChatToolLike] = (),
+        add_generation_prompt: bool | None = None,
+        continue_final_message: bool = False,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        request_id: str = "",
+        priority: int = 0,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[generation_service_pb2.GenerateResponse]:
+        """Streams the chunks of one chat (messages as OpenAI's dicts or ChatMessage; tools likewise), rendered
+        by the server's chat template. add_generation_prompt None: true unless continue_final_message."""
+        request = chat_request(
+            messages, params, tools=tools, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, chat_template_kwargs=chat_template_kwargs,
+            request_id=request_id, priority=priority,
+        )
+        async for response in self._stream_with_retries(
+            lambda: self._stub.Chat(request, timeout=timeout_s, metadata=self._metadata)
+        ):
+            yield response.chunk
+
+    async def chat(
+        self, messages: Sequence[ChatMessageLike], params: SamplingParams | None = None, **options: Any
+    ) -> list[Completion]:
+        """Runs one chat to the end (options as chat_stream's); returns its completions ordered by index."""
+        return await _completions(self.chat_stream(messages, params, **options))
 
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         request = generation_service_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
@@ -154,6 +185,21 @@ class PagedServeClient:
             lambda: self._stub.GetServerStatus(generation_service_pb2.GetServerStatusRequest(),
                                                metadata=self._metadata)
         )
+
+
+async def _completions(chunks: AsyncIterator[generation_service_pb2.GenerateResponse]) -> list[Completion]:
+    """A stream's chunks joined into its completions, ordered by index."""
+    parts: dict[int, tuple[list[int], list[str], list[tuple[int, str]]]] = {}
+    async for chunk in chunks:
+        ids, texts, ends = parts.setdefault(chunk.index, ([], [], []))
+        ids.extend(chunk.token_ids)
+        texts.append(chunk.text)
+        if chunk.finish_reason:
+            ends.append((chunk.finish_reason, chunk.stop_reason))
+    return [
+        Completion(index, ids, "".join(texts), *(ends[0] if ends else (0, "")))
+        for index, (ids, texts, ends) in sorted(parts.items())
+    ]
 
 
 __all__ = [

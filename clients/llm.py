@@ -13,10 +13,10 @@ import asyncio
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
 from pagedserve.contract.sampling_params import SamplingParams, validate_prompt
@@ -30,6 +30,7 @@ from pagedserve.control_plane.launch.builtin_model import BUILTIN_MODEL_NAME, wr
 from pagedserve.control_plane.launch.worker_launcher import LocalWorkers, WorkerLaunchConfig, wait_for_workers
 from pagedserve.control_plane.scheduling.request import FinishReason
 from pagedserve.control_plane.served_model import ServedModel
+from pagedserve.control_plane.text.chat_template import ChatTemplate, Conversation
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.step_pipeline import StepPipeline
@@ -162,6 +163,34 @@ class LLM:
             validate_prompt(ids, self.model.vocab_size, self.model.max_model_len)
             p.validate(self.model.vocab_size, self.model.max_model_len, len(ids))
         return self._run(self._generate_all(prompt_ids, per_prompt))
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        chat_template: str | None = None,
+        add_generation_prompt: bool | None = None,
+        continue_final_message: bool = False,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """Completes one conversation (OpenAI's message dicts) or a list of them, as vLLM's LLM.chat: each rendered
+        with chat_template (Jinja text) or the model's, then generated as generate() does; outputs in order.
+        add_generation_prompt None: true unless continue_final_message. Raises FailedPreconditionError when there
+        is no template, InvalidArgumentError when one cannot render a conversation."""
+        is_batch = bool(messages) and not isinstance(messages[0], Mapping)
+        conversations = cast(Sequence[Sequence[Mapping[str, Any]]], messages if is_batch else [messages])
+        template = ChatTemplate(self.tokenizer, chat_template)
+        prompts = [
+            template.prompt_token_ids(Conversation(
+                tuple(conversation), tuple(tools or ()),
+                not continue_final_message if add_generation_prompt is None else add_generation_prompt,
+                continue_final_message, chat_template_kwargs or {},
+            ))
+            for conversation in conversations
+        ]
+        return self.generate(prompts, sampling_params)
 
     async def _generate_all(
         self, prompt_ids: list[tuple[int, ...]], params: list[SamplingParams]

@@ -141,6 +141,8 @@ class ServerConfig:
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
+    # --chat-template: a file, or the template's text (vLLM's flag); None: the model's own template, if any.
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:

@@ -6,6 +6,7 @@ from pagedserve.contract.errors import InvalidArgumentError, PagedServeError
 
 __all__ = [
     "EngineUnavailableError",
+    "FailedPreconditionError",
     "InvalidArgumentError",
     "NotFoundError",
     "PagedServeError",
@@ -16,6 +17,11 @@ __all__ = [
 
 class ResourceExhaustedError(PagedServeError):
     """The admission queue is full, or a prompt can never fit in the KV pool (RESOURCE_EXHAUSTED)."""
+
+
+class FailedPreconditionError(PagedServeError):
+    """The server is not set up for the call, such as a chat with a model that has no chat template
+    (FAILED_PRECONDITION)."""
 
 
 class NotFoundError(PagedServeError):

@@ -37,6 +37,7 @@ from pagedserve.control_plane.launch.worker_launcher import LocalWorkers, Worker
 from pagedserve.control_plane.launch.worker_supervisor import LaneSetup, WorkerSupervisor
 from pagedserve.control_plane.scheduling.scheduler import Scheduler
 from pagedserve.control_plane.served_model import ServedModel
+from pagedserve.control_plane.text.chat_template import load_chat_template
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 from pagedserve.runtime.auth import SECRET_ENV, ClusterSecret, ClusterSecretInterceptor, cluster_secret_from
 from pagedserve.runtime.collector import freeze_startup_objects
@@ -100,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-tls-key-file", type=Path, help="PEM private key of --worker-tls-cert-file")
     p.add_argument("--worker-tls-server-name",
                    help="name the workers' certificates must hold (default: the host of each --worker address)")
+    p.add_argument("--chat-template", metavar="FILE_OR_STRING",
+                   help="Jinja chat template for Chat, as a file or the template's text (default: the model's)")
     p.add_argument("--log-format", default="auto", choices=[f.value for f in LogFormat])
     return p
 
@@ -146,6 +149,7 @@ def configs_from_args(
         seed=args.seed, metrics_port=args.metrics_port, log_format=LogFormat(args.log_format),
         api_keys=_api_keys(args), tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file,
         tls_client_ca_file=args.tls_client_ca_file, shutdown_timeout_s=args.shutdown_timeout,
+        chat_template=args.chat_template,
     )
     scheduler = SchedulerConfig(
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
@@ -347,6 +351,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(LogFormat(args.log_format))
     use_short_turns()
     server, scheduler, cache, engine_config = configs_from_args(args)
+    if server.chat_template is not None:
+        try:  # here, before any worker starts; the frontend, which renders chats, loads it again
+            load_chat_template(server.chat_template)
+        except ValueError as error:
+            parser.error(f"--chat-template: {error}")
     supervision = supervisor_config_from_args(args, server)
     secret = cluster_secret_from_args(parser, args)
     security = worker_channel_security_from_args(parser, args)

@@ -23,9 +23,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pagedserve.contract.codec import sampling_params_from_proto
-from pagedserve.contract.sampling_params import validate_prompt
+from pagedserve.contract.sampling_params import SamplingParams, validate_prompt
 from pagedserve.control_plane.errors import (
     EngineUnavailableError,
+    FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     PagedServeError,
@@ -34,16 +35,19 @@ from pagedserve.control_plane.errors import (
 )
 from pagedserve.control_plane.frontend.convert import (
     RequestLimits,
+    check_chat_size,
     check_n,
     check_prompt_size,
     check_request_id,
     check_text_length,
+    conversation_from_proto,
     decode_request,
     prompt_from_proto,
 )
 from pagedserve.control_plane.frontend.engine_client import EngineClient
 from pagedserve.control_plane.relay.convert import served_model_to_proto
 from pagedserve.control_plane.served_model import ServedModel
+from pagedserve.control_plane.text.chat_template import ChatTemplate, Conversation
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 from pagedserve.runtime.auth import refusal_handler
 from pagedserve.v1 import generation_service_pb2 as pb
@@ -79,6 +83,7 @@ _STATUS_OF_ERROR: tuple[tuple[type[PagedServeError], grpc.StatusCode], ...] = (
     (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
     (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (WorkerUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (EngineUnavailableError, grpc.StatusCode.UNAVAILABLE),
 )
@@ -128,15 +133,18 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
     """Bounds, tokenizes and validates requests, hands them to the engine process and streams their chunks back.
 
     Requests arrive as build_server's strict decoders leave them: a message, or the InvalidArgumentError that says
-    why its bytes were refused. Cheap checks run before tokenizing; tokenizing runs on TOKENIZER_THREADS threads.
+    why its bytes were refused. Cheap checks run before tokenizing; tokenizing (and rendering a chat's template)
+    runs on TOKENIZER_THREADS threads. A chat's rendered prompt then goes the way of a Generate prompt.
     """
 
     def __init__(
-        self, engine: EngineClient, tokenizer: Tokenizer, model: ServedModel, max_num_seqs: int | None = None
+        self, engine: EngineClient, tokenizer: Tokenizer, model: ServedModel, max_num_seqs: int | None = None,
+        chat_template: ChatTemplate | None = None,
     ) -> None:
         self._engine = engine
         self._tokenizer = tokenizer
         self._model = model
+        self._chat_template = chat_template or ChatTemplate(tokenizer)
         self._limits = RequestLimits(
             vocab_size=model.vocab_size, max_model_len=model.max_model_len,
             max_chars_per_token=tokenizer.max_chars_per_token, max_num_seqs=max_num_seqs,
@@ -161,16 +169,50 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
                 params = sampling_params_from_proto(request.sampling_params)
                 check_n(params, self._limits)
                 prompt_token_ids = await self._prompt_token_ids(request)
-                validate_prompt(prompt_token_ids, self._model.vocab_size, self._model.max_model_len)
-                params.validate(self._model.vocab_size, self._model.max_model_len, len(prompt_token_ids))
-                request_id = self._engine.add_request(
-                    prompt_token_ids, request.sampling_params, request.request_id, request.priority,
-                )
+                request_id = self._admit(prompt_token_ids, params, request)
             with structlog.contextvars.bound_contextvars(request_id=request_id), _status_of_errors():
                 async for response in self._engine.stream(request_id):
                     yield response
         except _Abort as abort:
             await context.abort(abort.code, str(abort))
+
+    def _admit(
+        self, prompt_token_ids: tuple[int, ...], params: SamplingParams, request: pb.GenerateRequest | pb.ChatRequest
+    ) -> str:
+        """Checks the prompt's ids and the params against it, then hands the request to the engine; its id."""
+        validate_prompt(prompt_token_ids, self._model.vocab_size, self._model.max_model_len)
+        params.validate(self._model.vocab_size, self._model.max_model_len, len(prompt_token_ids))
+        return self._engine.add_request(
+            prompt_token_ids, request.sampling_params, request.request_id, request.priority,
+        )
+
+    async def Chat(  # noqa: N802
+        self, request: pb.ChatRequest, context: grpc.aio.ServicerContext[pb.ChatRequest, pb.ChatResponse]
+    ) -> AsyncIterator[pb.ChatResponse]:
+        try:
+            with _status_of_errors():
+                request = _decoded(request)
+                self._chat_template.check_available()
+                check_request_id(request.request_id)
+                check_chat_size(request, self._limits)
+                params = sampling_params_from_proto(request.sampling_params)
+                check_n(params, self._limits)
+                conversation = conversation_from_proto(request)
+                loop = asyncio.get_running_loop()
+                prompt_token_ids = await loop.run_in_executor(self._tokenize_pool, self._chat_prompt, conversation)
+                request_id = self._admit(prompt_token_ids, params, request)
+            with structlog.contextvars.bound_contextvars(request_id=request_id), _status_of_errors():
+                async for response in self._engine.stream(request_id):
+                    yield pb.ChatResponse(chunk=response)
+        except _Abort as abort:
+            await context.abort(abort.code, str(abort))
+
+    def _chat_prompt(self, conversation: Conversation) -> tuple[int, ...]:
+        """The conversation rendered and tokenized, on a tokenizer thread; the rendered text's length is bounded
+        before it is tokenized, as a Generate prompt's is."""
+        text = self._chat_template.render(conversation)
+        check_text_length(text, "messages", self._limits)
+        return tuple(self._tokenizer.encode(text, add_special_tokens=False))
 
     async def Tokenize(  # noqa: N802
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext[pb.TokenizeRequest, pb.TokenizeResponse]
@@ -242,6 +284,8 @@ def _add_generation_service(servicer: GenerationServicer, server: grpc.aio.Serve
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Generate": grpc.unary_stream_rpc_method_handler(
             servicer.Generate, _strict_decoder(pb.GenerateRequest), pb.GenerateResponse.SerializeToString),
+        "Chat": grpc.unary_stream_rpc_method_handler(
+            servicer.Chat, _strict_decoder(pb.ChatRequest), pb.ChatResponse.SerializeToString),
         "Tokenize": grpc.unary_unary_rpc_method_handler(
             servicer.Tokenize, _strict_decoder(pb.TokenizeRequest), pb.TokenizeResponse.SerializeToString),
         "GetModelInfo": grpc.unary_unary_rpc_method_handler(

@@ -95,6 +95,29 @@ class Tokenizer:
         tokenized on another thread does not stall the caller's event loop."""
         return list(self._backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids)
 
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether the model ships a chat template (tokenizer_config.json's chat_template, chat_template.jinja)."""
+        return self._hf.chat_template is not None
+
+    @property
+    def special_token_names(self) -> frozenset[str]:
+        """Names under which chat templates read the special tokens (bos_token, eos_token, ...)."""
+        return frozenset(self._hf.special_tokens_map)
+
+    def render_chat(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]], chat_template: str | None,
+        add_generation_prompt: bool, continue_final_message: bool, template_kwargs: Mapping[str, Any],
+    ) -> str:
+        """The conversation as prompt text, by transformers' apply_chat_template (Jinja in its immutable sandbox):
+        with chat_template, else the model's (its tool-use variant when there are tools and it has one). Raises
+        whatever the template raises."""
+        return str(self._hf.apply_chat_template(
+            [dict(m) for m in messages], tools=[dict(t) for t in tools] or None, chat_template=chat_template,
+            add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+            tokenize=False, **template_kwargs,
+        ))
+
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of token ids; ids outside the vocabulary decode to nothing."""
         return str(self._backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens))
