@@ -25,8 +25,10 @@ from grpc_reflection.v1alpha import reflection
 from pagedserve.contract.codec import sampling_params_from_proto
 from pagedserve.contract.sampling_params import validate_prompt
 from pagedserve.control_plane.errors import (
+    AlreadyExistsError,
     EngineUnavailableError,
     InvalidArgumentError,
+    NeverFitsError,
     NotFoundError,
     PagedServeError,
     ResourceExhaustedError,
@@ -79,15 +81,22 @@ _STATUS_OF_ERROR: tuple[tuple[type[PagedServeError], grpc.StatusCode], ...] = (
     (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
     (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (WorkerUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (EngineUnavailableError, grpc.StatusCode.UNAVAILABLE),
 )
 
 
+# gRPC's standard trailer that tells a client (ours, or gRPC's own retry policy) not to retry: a negative value.
+_DO_NOT_RETRY = (("grpc-retry-pushback-ms", "-1"),)
+
+
 class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, trailing_metadata: tuple[tuple[str, str], ...] = ()
+                 ) -> None:
         super().__init__(message)
         self.code = code
+        self.trailing_metadata = trailing_metadata
 
 
 @contextmanager
@@ -97,7 +106,7 @@ def _status_of_errors() -> Iterator[None]:
         yield
     except PagedServeError as exc:
         code = next((c for kind, c in _STATUS_OF_ERROR if isinstance(exc, kind)), grpc.StatusCode.INTERNAL)
-        raise _Abort(code, str(exc)) from exc
+        raise _Abort(code, str(exc), _DO_NOT_RETRY if isinstance(exc, NeverFitsError) else ()) from exc
     except Exception as exc:
         log.exception("internal_error")
         raise _Abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}") from exc
@@ -170,7 +179,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
                 async for response in self._engine.stream(request_id):
                     yield response
         except _Abort as abort:
-            await context.abort(abort.code, str(abort))
+            await context.abort(abort.code, str(abort), abort.trailing_metadata)
 
     async def Tokenize(  # noqa: N802
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext[pb.TokenizeRequest, pb.TokenizeResponse]
