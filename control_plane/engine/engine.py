@@ -33,7 +33,7 @@ from pagedserve.control_plane.errors import (
     WorkerUnavailableError,
 )
 from pagedserve.control_plane.relay.item_channel import ItemChannel
-from pagedserve.control_plane.scheduling.fit import never_fits_error
+from pagedserve.control_plane.scheduling.fit import blocks_for, never_fits_error
 from pagedserve.control_plane.scheduling.request import FinishReason, Request, SequenceDelta
 from pagedserve.control_plane.scheduling.scheduler import Scheduler, SchedulerStats
 from pagedserve.control_plane.text.completion import CompletionStream
@@ -107,6 +107,12 @@ class Engine:
         """True iff some lane is alive and the engine is not draining: a request added now would be served."""
         return not self._is_draining and any(lane.is_alive for lane in self._lanes)
 
+    @property
+    def num_gpu_blocks(self) -> int:
+        """KV blocks of every worker's pool as it is now (a restarted worker may come back with another size; a
+        dead one counts with its last)."""
+        return sum(lane.scheduler.block_manager.gpu.num_blocks for lane in self._lanes)
+
     def health_changed(self) -> asyncio.Event:
         """An event set at the next change of is_serving; call again after it fired for the one after."""
         return self._health_changed
@@ -129,7 +135,13 @@ class Engine:
         self._retired.add(dead.scheduler.stats)
         lane = self._lanes[index] = Lane(worker_id, scheduler, transport, self._config, self._times)
         self._start_lane(lane)
-        log.info("lane_revived", worker_id=worker_id, num_gpu_blocks=scheduler.block_manager.gpu.num_blocks)
+        num_blocks, max_model_len = scheduler.block_manager.gpu.num_blocks, scheduler.config.max_model_len
+        log.info("lane_revived", worker_id=worker_id, num_gpu_blocks=num_blocks)
+        if max_model_len is not None and blocks_for(max_model_len, scheduler.cache_config.block_size) > num_blocks:
+            log.warning("revived_pool_below_max_model_len", worker_id=worker_id, num_gpu_blocks=num_blocks,
+                        max_model_len=max_model_len, message="the restarted worker's KV pool cannot hold one sequence "
+                        "of max_model_len tokens: requests go to other workers when theirs hold them to their end, "
+                        "and one whose prompt no pool holds is refused")
         self._notify_health()
 
     async def drain(self, timeout_s: float) -> None:

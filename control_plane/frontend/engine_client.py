@@ -48,9 +48,14 @@ class EngineClient:
         self.closed = asyncio.Event()
 
     async def describe(self, timeout_s: float) -> ServedModel:
-        """The served model; waits up to timeout_s for the engine process to answer."""
-        reply = await self._stub.Describe(engine_service_pb2.DescribeRequest(), timeout=timeout_s,
-                                          wait_for_ready=True)
+        """The served model as it is now (its workers' pools may have changed with a restart); waits up to
+        timeout_s for the engine process to answer, else EngineUnavailableError."""
+        try:
+            reply = await self._stub.Describe(engine_service_pb2.DescribeRequest(), timeout=timeout_s,
+                                              wait_for_ready=True)
+        except grpc.aio.AioRpcError as exc:
+            log.error("engine_describe_failed", engine=self.address, code=exc.code().name, details=exc.details())
+            raise EngineUnavailableError("the engine process is unavailable") from exc
         return served_model_from_proto(reply.model)
 
     async def status(self) -> generation_service_pb2.GetServerStatusResponse:

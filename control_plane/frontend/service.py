@@ -87,6 +87,7 @@ _STATUS_OF_ERROR: tuple[tuple[type[PagedServeError], grpc.StatusCode], ...] = (
 )
 
 
+_DESCRIBE_TIMEOUT_S = 5.0  # for the engine's answer to GetModelInfo
 # gRPC's standard trailer that tells a client (ours, or gRPC's own retry policy) not to retry: a negative value.
 _DO_NOT_RETRY = (("grpc-retry-pushback-ms", "-1"),)
 
@@ -209,7 +210,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
         try:
             with _status_of_errors():
                 _decoded(request)
-                return served_model_to_proto(self._model)
+                return served_model_to_proto(await self._engine.describe(_DESCRIBE_TIMEOUT_S))  # pools may change
         except _Abort as abort:
             await context.abort(abort.code, str(abort))
 

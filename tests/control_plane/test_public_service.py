@@ -54,6 +54,9 @@ class _FakeEngine:
     async def status(self) -> pb.GetServerStatusResponse:
         return pb.GetServerStatusResponse(num_total_blocks=64)
 
+    async def describe(self, timeout_s: float) -> ServedModel:
+        return _MODEL
+
 
 @pytest.fixture(scope="module")
 def tokenizer(stories260k_dir: Path) -> Tokenizer:
