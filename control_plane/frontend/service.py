@@ -20,7 +20,6 @@ import grpc
 import structlog
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from pagedserve.contract.codec import sampling_params_from_proto
 from pagedserve.contract.sampling_params import validate_prompt
@@ -48,6 +47,7 @@ from pagedserve.control_plane.relay.convert import served_model_to_proto
 from pagedserve.control_plane.served_model import ServedModel
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 from pagedserve.runtime.auth import refusal_handler
+from pagedserve.runtime.reflection import add_reflection
 from pagedserve.v1 import generation_service_pb2 as pb
 from pagedserve.v1 import generation_service_pb2_grpc
 
@@ -296,8 +296,9 @@ class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 async def build_server(
     servicer: GenerationServicer, address: str, access: PublicAccess | None = None
 ) -> tuple[grpc.aio.Server, int]:
-    """An aio server with the generation service, grpc.health.v1 (SERVING) and reflection, under access's API keys
-    and TLS (default: none) and PUBLIC_SERVER_OPTIONS; returns it and its port."""
+    """An aio server with the generation service, grpc.health.v1 (SERVING) and reflection (v1 and v1alpha, with the
+    .proto comments), under access's API keys and TLS (default: none) and PUBLIC_SERVER_OPTIONS; returns it and its
+    port."""
     access = access or PublicAccess()
     interceptors = [_ApiKeyInterceptor(access.api_keys)] if access.api_keys else []
     server = grpc.aio.server(interceptors=interceptors, options=PUBLIC_SERVER_OPTIONS)
@@ -307,9 +308,8 @@ async def build_server(
     service_names = (
         pb.DESCRIPTOR.services_by_name["GenerationService"].full_name,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME,
     )
-    reflection.enable_server_reflection(service_names, server)
+    add_reflection(server, service_names)
     for name in ("", service_names[0]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if access.tls_certificate_chain is not None and access.tls_private_key is not None:

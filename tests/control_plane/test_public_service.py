@@ -147,7 +147,7 @@ def test_health_needs_no_api_key_and_reflection_does(tokenizer: Tokenizer) -> No
             return int(health.status), refused, allowed
 
     assert _run(tokenizer, body, PublicAccess(api_keys=KEYS))[0] == (
-        health_pb2.HealthCheckResponse.SERVING, grpc.StatusCode.UNAUTHENTICATED, 3)
+        health_pb2.HealthCheckResponse.SERVING, grpc.StatusCode.UNAUTHENTICATED, 4)
 
 
 def test_the_client_sends_its_api_key_with_every_call(tokenizer: Tokenizer) -> None:
