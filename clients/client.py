@@ -15,6 +15,7 @@ from pagedserve.clients.errors import RETRYABLE, PagedServeClientError, error_fr
 from pagedserve.v1 import common_pb2, generation_service_pb2, generation_service_pb2_grpc
 
 T = TypeVar("T")
+_PUSHBACK = "grpc-retry-pushback-ms"  # gRPC's retry pushback trailer: milliseconds to wait, negative: do not retry
 SamplingParams = common_pb2.SamplingParams
 FinishReason = generation_service_pb2.FinishReason
 
@@ -57,8 +58,9 @@ class PagedServeClient:
     api_key: sent as `authorization: Bearer <api_key>` with every call (a server started with --api-key needs
     it). tls: connect over TLS (TlsOptions() trusts the system's CAs).
 
-    Only UNAVAILABLE and RESOURCE_EXHAUSTED are retried, with jittered exponential backoff, and a stream is
-    retried only before its first chunk arrived (so no token is ever duplicated)."""
+    Only UNAVAILABLE and RESOURCE_EXHAUSTED are retried, with jittered exponential backoff, unless the server's
+    `grpc-retry-pushback-ms` trailer says not to (a request that can never fit); a stream is retried only before
+    its first chunk arrived (so no token is ever duplicated)."""
 
     def __init__(
         self, address: str = "127.0.0.1:50051", max_retries: int = 3, backoff_s: float = 0.2,
@@ -81,15 +83,29 @@ class PagedServeClient:
     async def close(self) -> None:
         await self._channel.close()
 
+    def _retry_delay_s(self, rpc_error: grpc.aio.AioRpcError, attempt: int) -> float | None:
+        """Seconds to wait before the next try, None for no more tries. Only UNAVAILABLE and RESOURCE_EXHAUSTED
+        are retried, with jittered exponential backoff, and never when the server's `grpc-retry-pushback-ms`
+        trailer is negative or not a number (gRPC's retry rule: the server says waiting will not help, as for a
+        request that can never fit); a valid pushback replaces the backoff."""
+        if not isinstance(error_from_rpc(rpc_error), RETRYABLE) or attempt == self._max_retries:
+            return None
+        pushback = [value for key, value in rpc_error.trailing_metadata() or () if key == _PUSHBACK]
+        if not pushback:
+            return self._backoff_s * (1 << attempt) * (0.5 + random.random())
+        value = pushback[0]
+        delay_ms = int(value) if isinstance(value, str) and value.isascii() and value.isdigit() else -1
+        return None if delay_ms < 0 else delay_ms / 1e3
+
     async def _with_retries(self, call: Callable[[], Awaitable[T]]) -> T:
         for attempt in range(self._max_retries + 1):
             try:
                 return await call()
             except grpc.aio.AioRpcError as rpc_error:
-                error = error_from_rpc(rpc_error)
-                if not isinstance(error, RETRYABLE) or attempt == self._max_retries:
-                    raise error from None
-            await asyncio.sleep(self._backoff_s * (2**attempt) * (0.5 + random.random()))
+                delay_s = self._retry_delay_s(rpc_error, attempt)
+                if delay_s is None:
+                    raise error_from_rpc(rpc_error) from None
+            await asyncio.sleep(delay_s)
         raise AssertionError("unreachable")
 
     async def generate_stream(
@@ -126,12 +142,12 @@ class PagedServeClient:
                     yield chunk
                 return
             except grpc.aio.AioRpcError as rpc_error:
-                error = error_from_rpc(rpc_error)
-                if received_any or not isinstance(error, RETRYABLE) or attempt == self._max_retries:
-                    raise error from None
+                delay_s = None if received_any else self._retry_delay_s(rpc_error, attempt)
+                if delay_s is None:
+                    raise error_from_rpc(rpc_error) from None
             finally:
                 call.cancel()
-            await asyncio.sleep(self._backoff_s * (2**attempt) * (0.5 + random.random()))
+            await asyncio.sleep(delay_s)
 
     async def generate(
         self, prompt: str | Sequence[int], params: SamplingParams | None = None, timeout_s: float | None = None

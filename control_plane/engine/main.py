@@ -28,6 +28,7 @@ from pagedserve.control_plane.config import (
 )
 from pagedserve.control_plane.engine.engine import Engine
 from pagedserve.control_plane.engine.metrics import EngineMetrics
+from pagedserve.control_plane.engine.model_len import check_model_limit, fit_to_pools
 from pagedserve.control_plane.engine.service import EngineServicer, build_engine_server
 from pagedserve.control_plane.engine.worker_client import GrpcWorkerClient, WorkerConnection
 from pagedserve.control_plane.errors import PagedServeError
@@ -69,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--swap-space", type=float, default=4.0, help="GiB of CPU swap space per worker")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-model-len", type=int, help="default: the model's max_position_embeddings")
+    p.add_argument("--max-model-len", type=int,
+                   help="tokens per sequence, prompt and output (an error above the model's max_position_embeddings "
+                        "or what a KV pool holds); default: the model's, shrunk to the KV pool with a warning")
     p.add_argument("--max-num-waiting", type=int, default=4096, help="admission queue bound")
     p.add_argument("--scheduling-policy", default="fcfs", choices=[m.value for m in SchedulingPolicy])
     p.add_argument("--preemption-mode", default="recompute", choices=[m.value for m in PreemptionMode])
@@ -241,12 +244,15 @@ async def start_engine(
     workers: Sequence[WorkerConnection], scheduler: SchedulerConfig, cache: CacheConfig, engine_config: EngineConfig,
     model_dir: Path, model_name: str,
 ) -> tuple[Engine, ServedModel, Tokenizer]:
-    """Sizes every worker's cache (which also resets it), builds one scheduler per worker and starts the engine."""
+    """Sizes every worker's cache (which also resets it), builds one scheduler per worker and starts the engine.
+    MaxModelLenError (model_len.py) when --max-model-len exceeds the model's limit or a pool."""
     infos = await asyncio.gather(*(w.get_info() for w in workers))
+    info = infos[0]
+    max_model_len = check_model_limit(scheduler.max_model_len, info.max_position_embeddings)
     init = cache_request(scheduler, cache)
     caches = await asyncio.gather(*(w.init_cache(init) for w in workers))
-    info = infos[0]
-    max_model_len = min(scheduler.max_model_len or info.max_position_embeddings, info.max_position_embeddings)
+    pools = [(worker.worker_id, blocks.num_gpu_blocks) for worker, blocks in zip(infos, caches, strict=True)]
+    max_model_len = fit_to_pools(max_model_len, scheduler.max_model_len is not None, pools, cache.block_size)
     scheduler = dataclasses.replace(scheduler, max_model_len=max_model_len)
     for worker, blocks in zip(infos, caches, strict=True):
         log.info("worker_ready", worker_id=worker.worker_id, device=worker.device, dtype=worker.dtype,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 
 import grpc
@@ -44,7 +45,8 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
     async def Describe(  # noqa: N802 (gRPC method name)
         self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext[pb.DescribeRequest, pb.DescribeResponse]
     ) -> pb.DescribeResponse:
-        return pb.DescribeResponse(model=served_model_to_proto(self._model))
+        model = dataclasses.replace(self._model, num_gpu_blocks=self._engine.num_gpu_blocks)  # after any restart
+        return pb.DescribeResponse(model=served_model_to_proto(model))
 
     async def GetStatus(  # noqa: N802
         self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext[pb.GetStatusRequest, pb.GetStatusResponse]

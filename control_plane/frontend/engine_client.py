@@ -9,7 +9,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 import grpc
 import structlog
 
-from pagedserve.control_plane.errors import EngineUnavailableError, PagedServeError
+from pagedserve.control_plane.errors import AlreadyExistsError, EngineUnavailableError, PagedServeError
 from pagedserve.control_plane.relay.convert import request_error_from_proto, served_model_from_proto
 from pagedserve.control_plane.relay.health import SILENCE_LIMIT_S
 from pagedserve.control_plane.relay.item_channel import ItemChannel
@@ -30,7 +30,7 @@ class EngineClient:
     in one message per step and are dealt to each request's channel. On the relay a request goes by an id of its
     own (the client's id, `@`, a counter), never reused, so chunks still on their way for a request whose client
     left are dropped, not dealt to a later request that reuses the client's id. The client's ids are unique among
-    the open streams (`-N` is appended to a reused one). When the relay ends (the engine process is gone), every
+    the open streams (a live one is refused). When the relay ends (the engine process is gone), every
     open stream fails with EngineUnavailableError and `closed` is set.
     """
 
@@ -48,9 +48,14 @@ class EngineClient:
         self.closed = asyncio.Event()
 
     async def describe(self, timeout_s: float) -> ServedModel:
-        """The served model; waits up to timeout_s for the engine process to answer."""
-        reply = await self._stub.Describe(engine_service_pb2.DescribeRequest(), timeout=timeout_s,
-                                          wait_for_ready=True)
+        """The served model as it is now (its workers' pools may have changed with a restart); waits up to
+        timeout_s for the engine process to answer, else EngineUnavailableError."""
+        try:
+            reply = await self._stub.Describe(engine_service_pb2.DescribeRequest(), timeout=timeout_s,
+                                              wait_for_ready=True)
+        except grpc.aio.AioRpcError as exc:
+            log.error("engine_describe_failed", engine=self.address, code=exc.code().name, details=exc.details())
+            raise EngineUnavailableError("the engine process is unavailable") from exc
         return served_model_from_proto(reply.model)
 
     async def status(self) -> generation_service_pb2.GetServerStatusResponse:
@@ -112,12 +117,15 @@ class EngineClient:
         self, prompt_token_ids: Sequence[int], sampling_params: common_pb2.SamplingParams, request_id: str = "",
         priority: int = 0,
     ) -> str:
-        """Sends a validated request to the engine; its id, made unique (`-N` appended) if already in use."""
+        """Sends a validated request to the engine; returns its id (a new one when request_id is empty).
+        AlreadyExistsError when a request with this id has not ended yet (as vLLM, which rejects a live
+        duplicate); once it ended the id may be used again."""
         if self.closed.is_set():
             raise EngineUnavailableError("the engine process is unavailable")
-        request_id = request_id or f"req-{next(self._ids)}"
-        while request_id in self._relay_ids:
-            request_id = f"{request_id}-{next(self._ids)}"
+        if request_id in self._relay_ids:
+            raise AlreadyExistsError(f"request_id: {request_id!r} is in use by a request that has not ended")
+        while not request_id or request_id in self._relay_ids:
+            request_id = f"req-{next(self._ids)}"
         relay_id = self._relay_ids[request_id] = f"{request_id}@{next(self._ids)}"
         self._streams[relay_id] = ItemChannel()
         self._commands.put(engine_service_pb2.RelayCommand(add=engine_service_pb2.AddCommand(

@@ -20,14 +20,15 @@ import grpc
 import structlog
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from pagedserve.contract.codec import sampling_params_from_proto
 from pagedserve.contract.sampling_params import SamplingParams, validate_prompt
 from pagedserve.control_plane.errors import (
+    AlreadyExistsError,
     EngineUnavailableError,
     FailedPreconditionError,
     InvalidArgumentError,
+    NeverFitsError,
     NotFoundError,
     PagedServeError,
     ResourceExhaustedError,
@@ -50,6 +51,7 @@ from pagedserve.control_plane.served_model import ServedModel
 from pagedserve.control_plane.text.chat_template import ChatTemplate, Conversation
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 from pagedserve.runtime.auth import refusal_handler
+from pagedserve.runtime.reflection import add_reflection
 from pagedserve.v1 import generation_service_pb2 as pb
 from pagedserve.v1 import generation_service_pb2_grpc
 
@@ -84,15 +86,23 @@ _STATUS_OF_ERROR: tuple[tuple[type[PagedServeError], grpc.StatusCode], ...] = (
     (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
+    (AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (WorkerUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (EngineUnavailableError, grpc.StatusCode.UNAVAILABLE),
 )
 
 
+_DESCRIBE_TIMEOUT_S = 5.0  # for the engine's answer to GetModelInfo
+# gRPC's standard trailer that tells a client (ours, or gRPC's own retry policy) not to retry: a negative value.
+_DO_NOT_RETRY = (("grpc-retry-pushback-ms", "-1"),)
+
+
 class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, trailing_metadata: tuple[tuple[str, str], ...] = ()
+                 ) -> None:
         super().__init__(message)
         self.code = code
+        self.trailing_metadata = trailing_metadata
 
 
 @contextmanager
@@ -102,7 +112,7 @@ def _status_of_errors() -> Iterator[None]:
         yield
     except PagedServeError as exc:
         code = next((c for kind, c in _STATUS_OF_ERROR if isinstance(exc, kind)), grpc.StatusCode.INTERNAL)
-        raise _Abort(code, str(exc)) from exc
+        raise _Abort(code, str(exc), _DO_NOT_RETRY if isinstance(exc, NeverFitsError) else ()) from exc
     except Exception as exc:
         log.exception("internal_error")
         raise _Abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}") from exc
@@ -174,7 +184,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
                 async for response in self._engine.stream(request_id):
                     yield response
         except _Abort as abort:
-            await context.abort(abort.code, str(abort))
+            await context.abort(abort.code, str(abort), abort.trailing_metadata)
 
     def _admit(
         self, prompt_token_ids: tuple[int, ...], params: SamplingParams, request: pb.GenerateRequest | pb.ChatRequest
@@ -205,7 +215,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
                 async for response in self._engine.stream(request_id):
                     yield pb.ChatResponse(chunk=response)
         except _Abort as abort:
-            await context.abort(abort.code, str(abort))
+            await context.abort(abort.code, str(abort), abort.trailing_metadata)
 
     def _chat_prompt(self, conversation: Conversation) -> tuple[int, ...]:
         """The conversation rendered and tokenized, on a tokenizer thread; the rendered text's length is bounded
@@ -242,7 +252,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
         try:
             with _status_of_errors():
                 _decoded(request)
-                return served_model_to_proto(self._model)
+                return served_model_to_proto(await self._engine.describe(_DESCRIBE_TIMEOUT_S))  # pools may change
         except _Abort as abort:
             await context.abort(abort.code, str(abort))
 
@@ -330,8 +340,9 @@ class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 async def build_server(
     servicer: GenerationServicer, address: str, access: PublicAccess | None = None
 ) -> tuple[grpc.aio.Server, int]:
-    """An aio server with the generation service, grpc.health.v1 (SERVING) and reflection, under access's API keys
-    and TLS (default: none) and PUBLIC_SERVER_OPTIONS; returns it and its port."""
+    """An aio server with the generation service, grpc.health.v1 (SERVING) and reflection (v1 and v1alpha, with the
+    .proto comments), under access's API keys and TLS (default: none) and PUBLIC_SERVER_OPTIONS; returns it and its
+    port."""
     access = access or PublicAccess()
     interceptors = [_ApiKeyInterceptor(access.api_keys)] if access.api_keys else []
     server = grpc.aio.server(interceptors=interceptors, options=PUBLIC_SERVER_OPTIONS)
@@ -341,9 +352,8 @@ async def build_server(
     service_names = (
         pb.DESCRIPTOR.services_by_name["GenerationService"].full_name,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME,
     )
-    reflection.enable_server_reflection(service_names, server)
+    add_reflection(server, service_names)
     for name in ("", service_names[0]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if access.tls_certificate_chain is not None and access.tls_private_key is not None:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from pagedserve.contract.codec import token_logprobs_to_proto
 from pagedserve.control_plane.errors import (
     InvalidArgumentError,
+    NeverFitsError,
     PagedServeError,
     ResourceExhaustedError,
     WorkerUnavailableError,
@@ -53,6 +54,7 @@ def add_generate_response(
 
 _ERROR_KINDS: tuple[tuple[type[PagedServeError], engine_service_pb2.RequestErrorKind], ...] = (
     (InvalidArgumentError, engine_service_pb2.REQUEST_ERROR_KIND_INVALID_ARGUMENT),
+    (NeverFitsError, engine_service_pb2.REQUEST_ERROR_KIND_NEVER_FITS),  # before its base, ResourceExhaustedError
     (ResourceExhaustedError, engine_service_pb2.REQUEST_ERROR_KIND_RESOURCE_EXHAUSTED),
     (WorkerUnavailableError, engine_service_pb2.REQUEST_ERROR_KIND_WORKER_UNAVAILABLE),
 )

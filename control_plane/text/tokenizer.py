@@ -90,10 +90,19 @@ class Tokenizer:
         return pieces * shrink
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of text; add_special_tokens adds what the post-processor adds (a BOS for Llama). Releases the
-        interpreter lock while it tokenizes (the batch call does, the single one does not), so a long text
-        tokenized on another thread does not stall the caller's event loop."""
-        return list(self._backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids)
+        """Token ids of text; add_special_tokens adds what the post-processor adds (a BOS for Llama), except a BOS
+        before a text that already starts with one (a prompt templated beforehand, such as Llama 3's
+        `<|begin_of_text|>...` or Llama 2's `<s>[INST]...`): it gets no second BOS. Releases the interpreter lock
+        while it tokenizes (the batch call does, the single one does not), so a long text tokenized on another
+        thread does not stall the caller's event loop."""
+        encoding = self._backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0]
+        ids: list[int] = encoding.ids
+        bos = self.bos_token_id
+        # special_tokens_mask is 1 where the post-processor added the token, 0 where the text had it.
+        is_doubled = bos is not None and ids[:2] == [bos, bos] and encoding.special_tokens_mask[:2] == [1, 0]
+        if add_special_tokens and is_doubled:
+            return ids[1:]
+        return ids
 
     @property
     def has_chat_template(self) -> bool:

@@ -54,6 +54,9 @@ class _FakeEngine:
     async def status(self) -> pb.GetServerStatusResponse:
         return pb.GetServerStatusResponse(num_total_blocks=64)
 
+    async def describe(self, timeout_s: float) -> ServedModel:
+        return _MODEL
+
 
 @pytest.fixture(scope="module")
 def tokenizer(stories260k_dir: Path) -> Tokenizer:
@@ -144,7 +147,7 @@ def test_health_needs_no_api_key_and_reflection_does(tokenizer: Tokenizer) -> No
             return int(health.status), refused, allowed
 
     assert _run(tokenizer, body, PublicAccess(api_keys=KEYS))[0] == (
-        health_pb2.HealthCheckResponse.SERVING, grpc.StatusCode.UNAUTHENTICATED, 3)
+        health_pb2.HealthCheckResponse.SERVING, grpc.StatusCode.UNAUTHENTICATED, 4)
 
 
 def test_the_client_sends_its_api_key_with_every_call(tokenizer: Tokenizer) -> None:

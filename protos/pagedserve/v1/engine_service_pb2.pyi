@@ -16,11 +16,13 @@ class RequestErrorKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REQUEST_ERROR_KIND_RESOURCE_EXHAUSTED: _ClassVar[RequestErrorKind]
     REQUEST_ERROR_KIND_WORKER_UNAVAILABLE: _ClassVar[RequestErrorKind]
     REQUEST_ERROR_KIND_INTERNAL: _ClassVar[RequestErrorKind]
+    REQUEST_ERROR_KIND_NEVER_FITS: _ClassVar[RequestErrorKind]
 REQUEST_ERROR_KIND_UNSPECIFIED: RequestErrorKind
 REQUEST_ERROR_KIND_INVALID_ARGUMENT: RequestErrorKind
 REQUEST_ERROR_KIND_RESOURCE_EXHAUSTED: RequestErrorKind
 REQUEST_ERROR_KIND_WORKER_UNAVAILABLE: RequestErrorKind
 REQUEST_ERROR_KIND_INTERNAL: RequestErrorKind
+REQUEST_ERROR_KIND_NEVER_FITS: RequestErrorKind
 
 class DescribeRequest(_message.Message):
     __slots__ = ()
