@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -142,3 +144,14 @@ def test_request_latencies_use_vllms_request_latency_buckets(name: str) -> None:
               for s in f.samples if s.name.endswith("_bucket")]
     assert bounds == ["0.3", "0.5", "0.8", "1.0", "1.5", "2.0", "2.5", "5.0", "10.0", "15.0", "20.0", "30.0",
                       "40.0", "50.0", "60.0", "120.0", "240.0", "480.0", "960.0", "1920.0", "7680.0", "+Inf"]
+
+
+def test_every_exported_family_is_documented_in_the_metrics_guide() -> None:
+    metrics = EngineMetrics("m", max_model_len=2048)
+    metrics.bind_workers(lambda: [_worker("w0", True, running=0, used_blocks=0, preemptions=0)])
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+    suffix = {"counter": "_total", "gauge": "", "histogram": ""}
+    families = {family.name + suffix[family.type] for family in metrics.registry.collect()}
+    assert len(families) == 24
+    for name in families:
+        assert f"`{name}`" in guide, name
