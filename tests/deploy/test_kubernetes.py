@@ -118,3 +118,16 @@ def test_every_container_runs_as_a_user_without_privileges() -> None:
         for container in pod["containers"] + pod.get("initContainers", []):
             assert container["securityContext"]["allowPrivilegeEscalation"] is False
             assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+
+def test_only_the_gateway_may_reach_the_servers_public_port() -> None:
+    policy = _one("NetworkPolicy", "pagedserve-server")["spec"]
+    server = _one("Deployment", "pagedserve-server")
+    gateway = _one("Deployment", "pagedserve-gateway")
+    (control,) = server["spec"]["template"]["spec"]["containers"]
+    args = build_parser().parse_args(control["args"][1:])
+    assert policy["podSelector"]["matchLabels"] == server["spec"]["selector"]["matchLabels"]
+    rules = {rule["ports"][0]["port"]: rule["from"] for rule in policy["ingress"]}
+    assert set(rules) == {args.port, args.metrics_port}
+    (source,) = rules[args.port]
+    assert source["podSelector"]["matchLabels"] == gateway["spec"]["selector"]["matchLabels"]
