@@ -3,7 +3,7 @@
 # Build from the repository root.
 FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PAGEDSERVE_LOG_FORMAT=json CUPY_CACHE_DIR=/var/cache/pagedserve/cupy
+    CUPY_CACHE_DIR=/var/cache/pagedserve/cupy
 RUN useradd --create-home --uid 10001 --user-group pagedserve \
     && mkdir -p /var/cache/pagedserve/cupy && chown -R pagedserve:pagedserve /var/cache/pagedserve
 WORKDIR /app
