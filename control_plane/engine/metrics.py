@@ -18,10 +18,10 @@ from pagedserve.control_plane.engine.histogram import (
     buckets_1_2_5,
 )
 from pagedserve.control_plane.engine.worker_metrics import PREFIX, WORKER_LABELS, WorkerCollector
+from pagedserve.control_plane.scheduling.request import FinishReason
 
 if TYPE_CHECKING:
     from pagedserve.control_plane.engine.status import WorkerStatus
-    from pagedserve.control_plane.scheduling.request import FinishReason
 
 
 class RequestRecord(NamedTuple):
@@ -81,8 +81,10 @@ class EngineMetrics:
                                             "Histogram of the max_tokens request parameter.", tokens)
         self._iteration_tokens = histogram("iteration_tokens_total", "Histogram of number of tokens per engine_step.",
                                            ITERATION_TOKEN_BUCKETS, WORKER_LABELS)
-        self._finished = Counter(PREFIX + "request_success", "Count of finished completions by finish reason.",
-                                 ["model_name", "finished_reason"], registry=self.registry)
+        finished = Counter(PREFIX + "request_success", "Count of finished completions by finish reason.",
+                           ["model_name", "finished_reason"], registry=self.registry)
+        # One child per reason, looked up once: labels() validates and locks on every call.
+        self._finished = {reason: finished.labels(model_name, reason.name.lower()) for reason in FinishReason}
 
     def bind_workers(self, workers: Callable[[], Sequence[WorkerStatus]]) -> None:
         """Exports each worker's status, read by calling workers() at every scrape."""
@@ -100,14 +102,14 @@ class EngineMetrics:
 
     def request_aborted(self) -> None:
         """A client left before its request ended: counted, its partial timings not observed."""
-        self._finished.labels(self._model_name, "abort").inc()
+        self._finished[FinishReason.ABORT].inc()
 
     def request_ended(self, reasons: Sequence[FinishReason | None], record: RequestRecord) -> None:
         """A request ended on its own or was ended by the server: its finish reasons counted, its figures observed
         (the phases it never reached are not)."""
         for reason in reasons:
             if reason is not None:
-                self._finished.labels(self._model_name, reason.name.lower()).inc()
+                self._finished[reason].inc()
         model = self._model
         self._e2e.observe(model, record.end_s - record.arrival_s)
         self._prompt_tokens.observe(model, record.num_prompt_tokens)
