@@ -23,6 +23,7 @@ from pagedserve.control_plane.engine.status import (
     EngineStatus,
     RetiredCounters,
     StepRecord,
+    WorkerStatus,
     sum_status,
 )
 from pagedserve.control_plane.engine.tracked_request import TrackedRequest
@@ -76,12 +77,12 @@ class Engine:
                        for worker_id, scheduler, transport in workers]
         self._tokenizer = tokenizer
         self.metrics = metrics
-        metrics.bind_status(self.status)
+        metrics.bind_workers(self.worker_status)
         self._requests: dict[str, TrackedRequest] = {}
         self._ids = itertools.count()
         self._num_steps = 0
         self._recent_steps: deque[StepRecord] = deque(maxlen=RECENT_STEPS)
-        self._retired = RetiredCounters()
+        self._retired = {lane.worker_id: RetiredCounters() for lane in self._lanes}  # counters of dead lanes
         self._lane_dead_callbacks: list[LaneDeadCallback] = []
         self._is_draining = False
         self._is_stopping = False
@@ -132,7 +133,7 @@ class Engine:
         dead = self._lanes[index]
         if dead.is_alive:
             raise ValueError(f"worker_id: the lane of {worker_id!r} is alive")
-        self._retired.add(dead.scheduler.stats)
+        self._retired[worker_id].add(dead.scheduler.stats)
         lane = self._lanes[index] = Lane(worker_id, scheduler, transport, self._config, self._times)
         self._start_lane(lane)
         num_blocks, max_model_len = scheduler.block_manager.gpu.num_blocks, scheduler.config.max_model_len
@@ -258,11 +259,18 @@ class Engine:
             tracked.lane.scheduler.abort_request(request_id)
             tracked.lane.wakeup.set()
             log.info("request_aborted", request_id=request_id)
-            self.metrics.request_ended([FinishReason.ABORT], e2e_s=None)
+            self.metrics.request_aborted()
 
     def status(self) -> EngineStatus:
-        lanes = [(lane.scheduler.stats, lane.is_alive) for lane in self._lanes]
-        return sum_status(lanes, self._retired, self._num_steps, self._times)
+        return sum_status(self.worker_status(), self._num_steps, self._times)
+
+    def worker_status(self) -> list[WorkerStatus]:
+        """Each worker's lane, dead ones included, with the counters of its earlier lanes carried over."""
+        return [
+            WorkerStatus(lane.worker_id, lane.is_alive, self._retired[lane.worker_id].carried(lane.scheduler.stats),
+                         lane.scheduler.cache_config, lane.scheduler.block_manager.cpu.num_blocks)
+            for lane in self._lanes
+        ]
 
     def recent_steps(self) -> list[StepRecord]:
         """The last RECENT_STEPS steps of every lane, in the order their results arrived (call it on the loop)."""
@@ -324,7 +332,7 @@ class Engine:
             if tracked is not None:
                 tracked.channel.put(RequestFailed(request_id, error))
         old = lane.scheduler
-        self._retired.add(old.stats)
+        self._retired[lane.worker_id].add(old.stats)
         lane.scheduler = Scheduler(old.config, old.cache_config, old.block_manager.gpu.num_blocks,
                                    old.block_manager.cpu.num_blocks)
         self._notify_health()
@@ -346,6 +354,7 @@ class Engine:
     def _on_result(self, lane: Lane, plan: StepPlan, plan_ms: float, output: StepResult, counts_idle: bool) -> None:
         started = time.perf_counter()
         self._num_steps += 1
+        self.metrics.observe_iteration(lane.worker_id, plan.num_scheduled_tokens)
         self._apply(lane, lane.scheduler.update_from_output(plan, output))
         apply_s = time.perf_counter() - started
         self._times.control_plane_s += apply_s
@@ -388,7 +397,7 @@ class Engine:
         self._forget(request.request_id)
         usage = tracked.usage()
         reasons = [c.finish_reason for c in tracked.completions]
-        self.metrics.request_ended(reasons, e2e_s=time.monotonic() - request.arrival_time_s)
+        self.metrics.request_ended(reasons, tracked.record(time.monotonic()))
         log.info("request_finished", request_id=request.request_id,
                  finish_reasons=[r.name for r in reasons if r is not None],
                  num_completion_tokens=usage.completion_tokens)

@@ -268,7 +268,7 @@ async def start_engine(
         (worker.worker_id, Scheduler(scheduler, cache, blocks.num_gpu_blocks, blocks.num_cpu_blocks), connection)
         for worker, blocks, connection in zip(infos, caches, workers, strict=True)
     ]
-    engine = Engine(lanes, tokenizer, engine_config, EngineMetrics(model_name))
+    engine = Engine(lanes, tokenizer, engine_config, EngineMetrics(model_name, max_model_len))
     engine.start()
     return engine, model, tokenizer
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import structlog
 
 from pagedserve.contract.step import BlockTableUpdate, StepPlan, StepResult
@@ -258,6 +260,7 @@ class Scheduler:
             self._waiting.pop()
             if request.status is RequestStatus.WAITING:
                 request.num_cached_tokens = sum(w.prefix.num_tokens for w in works if w.prefix)
+                request.first_scheduled_time_s = time.monotonic()
             self._start_running(request, step)
             self._commit(request, works, step)
 

@@ -62,7 +62,7 @@ def tokenizer(llama2_tokenizer_dir: Path) -> Tokenizer:
 def _engine(tokenizer: Tokenizer) -> Engine:
     scheduler = make_scheduler(num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE)
     transport = _FakeTransport(make_worker(scheduler))
-    return Engine([("w0", scheduler, transport)], tokenizer, EngineConfig(), EngineMetrics("fake"))
+    return Engine([("w0", scheduler, transport)], tokenizer, EngineConfig(), EngineMetrics("fake", 2048))
 
 
 _MODEL = ServedModel(name="fake", architecture="LlamaForCausalLM", dtype="float32", vocab_size=32000,
