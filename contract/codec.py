@@ -83,15 +83,16 @@ def structured_output_from_proto(pb: common_pb2.StructuredOutput) -> StructuredO
     if which is None:
         raise InvalidArgumentError("structured_output", "must set one constraint")
     kind = ConstraintKind(which)
-    options = {"disable_any_whitespace": pb.disable_any_whitespace,
-               "disable_additional_properties": pb.disable_additional_properties}
-    if kind is ConstraintKind.JSON_OBJECT:
-        if not pb.json_object:
-            raise InvalidArgumentError("structured_output.json_object", "must be true when set")
-        return StructuredOutput(kind, **options)
-    if kind is ConstraintKind.CHOICE:
-        return StructuredOutput(kind, choices=tuple(pb.choice.choices), **options)
-    return StructuredOutput(kind, getattr(pb, which), **options)
+    if kind is ConstraintKind.JSON_OBJECT and not pb.json_object:
+        raise InvalidArgumentError("structured_output.json_object", "must be true when set")
+    is_text = kind not in (ConstraintKind.JSON_OBJECT, ConstraintKind.CHOICE)
+    return StructuredOutput(
+        kind,
+        spec=getattr(pb, which) if is_text else "",
+        choices=tuple(pb.choice.choices) if kind is ConstraintKind.CHOICE else (),
+        disable_any_whitespace=pb.disable_any_whitespace,
+        disable_additional_properties=pb.disable_additional_properties,
+    )
 
 
 def structured_output_to_proto(output: StructuredOutput) -> common_pb2.StructuredOutput:
