@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pagedserve.contract.codec import sampling_params_from_proto
-from pagedserve.contract.sampling_params import validate_prompt
+from pagedserve.contract.sampling_params import truncated_prompt, validate_prompt
 from pagedserve.control_plane.errors import (
     EngineUnavailableError,
     InvalidArgumentError,
@@ -44,6 +44,7 @@ from pagedserve.control_plane.frontend.convert import (
 from pagedserve.control_plane.frontend.engine_client import EngineClient
 from pagedserve.control_plane.relay.convert import served_model_to_proto
 from pagedserve.control_plane.served_model import ServedModel
+from pagedserve.control_plane.text.constraint_validator import ConstraintValidator
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 from pagedserve.runtime.auth import refusal_handler
 from pagedserve.v1 import generation_service_pb2 as pb
@@ -142,6 +143,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
             max_chars_per_token=tokenizer.max_chars_per_token, max_num_seqs=max_num_seqs,
         )
         self._tokenize_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
+        self._constraints = ConstraintValidator(tokenizer, model.vocab_size)
 
     async def _prompt_token_ids(self, request: pb.GenerateRequest) -> tuple[int, ...]:
         """The prompt's ids; a text is tokenized on the tokenizer threads."""
@@ -160,9 +162,14 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
                 check_prompt_size(request, self._limits)
                 params = sampling_params_from_proto(request.sampling_params)
                 check_n(params, self._limits)
-                prompt_token_ids = await self._prompt_token_ids(request)
+                prompt_token_ids = truncated_prompt(
+                    await self._prompt_token_ids(request), params, self._model.max_model_len
+                )
                 validate_prompt(prompt_token_ids, self._model.vocab_size, self._model.max_model_len)
                 params.validate(self._model.vocab_size, self._model.max_model_len, len(prompt_token_ids))
+                if params.structured_output is not None:
+                    loop = asyncio.get_running_loop()
+                    await loop.run_in_executor(self._tokenize_pool, self._constraints.check, params)
                 request_id = self._engine.add_request(
                     prompt_token_ids, request.sampling_params, request.request_id, request.priority,
                 )
