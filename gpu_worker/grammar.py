@@ -111,11 +111,18 @@ class SequenceGrammar:
 
 def fill_token_masks(compiler: GrammarCompiler, grammars: list[SequenceGrammar], vocab_size: int) -> torch.Tensor:
     """[len(grammars), ceil(vocab_size / 32)] int32 bitmasks, bit t of row r set when grammar r allows token t
-    next. Rows are filled by llguidance's threads in parallel, without the interpreter lock."""
+    next. Rows are filled by llguidance's threads in parallel, without the interpreter lock. A grammar listed twice
+    (the first sample of an n > 1 request, before its siblings fork) is computed once and copied."""
     masks = llguidance.numpy.allocate_token_bitmask(len(grammars), vocab_size)
     words = masks.view(np.uint32)
     live = []
+    first_row: dict[int, int] = {}
+    copies = []
     for row, grammar in enumerate(grammars):
+        if id(grammar) in first_row:
+            copies.append((row, first_row[id(grammar)]))
+            continue
+        first_row[id(grammar)] = row
         matcher = grammar.matcher()
         if not matcher.is_error():
             live.append((matcher, row))
@@ -125,6 +132,8 @@ def fill_token_masks(compiler: GrammarCompiler, grammars: list[SequenceGrammar],
             words[row, token_id // 32] |= np.uint32(1 << (token_id % 32))
     if live:
         llguidance.numpy.fill_next_token_bitmask_par(compiler.executor, live, masks)
+    for row, source in copies:
+        masks[row] = masks[source]
     return torch.from_numpy(masks)
 
 
