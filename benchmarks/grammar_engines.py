@@ -26,8 +26,15 @@ import xgrammar
 from transformers import PreTrainedTokenizerFast
 
 from benchmarks.json_schemas import SCHEMAS
-from benchmarks.report import DEFAULT_RESULT_DIR, markdown_report, markdown_table, result_stem, run_metadata, \
-    text_table, write_outputs
+from benchmarks.report import (
+    DEFAULT_RESULT_DIR,
+    markdown_report,
+    markdown_table,
+    result_stem,
+    run_metadata,
+    text_table,
+    write_outputs,
+)
 from pagedserve.contract.structured_output import ConstraintKind, StructuredOutput
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
