@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
-from pagedserve.contract.sampling_params import SamplingParams, validate_prompt
+from pagedserve.contract.sampling_params import SamplingParams, truncated_prompt, validate_prompt
 from pagedserve.contract.step import StepPlan, StepResult, TokenLogprobs
 from pagedserve.contract.worker_info import CacheInfo, CacheRequest, WorkerInfo
 from pagedserve.control_plane.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -31,6 +31,7 @@ from pagedserve.control_plane.launch.worker_launcher import LocalWorkers, Worker
 from pagedserve.control_plane.scheduling.request import FinishReason
 from pagedserve.control_plane.served_model import ServedModel
 from pagedserve.control_plane.text.chat_template import ChatTemplate, Conversation
+from pagedserve.control_plane.text.constraint_validator import ConstraintValidator
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.step_pipeline import StepPipeline
@@ -144,6 +145,7 @@ class LLM:
         self.model: ServedModel
         self.tokenizer: Tokenizer
         self._engine, self.model, self.tokenizer = started
+        self._constraints = ConstraintValidator(self.tokenizer, self.model.vocab_size)
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
@@ -158,10 +160,14 @@ class LLM:
         per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"got {len(per_prompt)} sampling params for {len(prompts)} prompts")
-        prompt_ids = [tuple(self.tokenizer.encode(p)) if isinstance(p, str) else tuple(p) for p in prompts]
+        prompt_ids = [
+            truncated_prompt(self.tokenizer.encode(p) if isinstance(p, str) else p, params, self.model.max_model_len)
+            for p, params in zip(prompts, per_prompt, strict=True)
+        ]
         for ids, p in zip(prompt_ids, per_prompt, strict=True):
             validate_prompt(ids, self.model.vocab_size, self.model.max_model_len)
             p.validate(self.model.vocab_size, self.model.max_model_len, len(ids))
+            self._constraints.check(p)
         return self._run(self._generate_all(prompt_ids, per_prompt))
 
     def chat(

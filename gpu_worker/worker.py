@@ -12,11 +12,13 @@ import torch
 
 from pagedserve.contract.step import StepPlan, StepResult
 from pagedserve.contract.worker_info import CacheInfo, CacheRequest, WorkerInfo
+from pagedserve.gpu_worker.bad_words import BadWordsTokenizer
 from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.cuda_graph import CudaGraphRunner
 from pagedserve.gpu_worker.device_span import DeviceSpan
 from pagedserve.gpu_worker.devices import dtype_from_torch, resolve_device
 from pagedserve.gpu_worker.errors import CacheNotInitializedError, InvalidCacheRequestError
+from pagedserve.gpu_worker.grammar import GrammarCompiler
 from pagedserve.gpu_worker.kv_pool import KVLayout, KVPool
 from pagedserve.gpu_worker.memory_profile import gpu_blocks_for_budget, profile_peak_activation_bytes
 from pagedserve.gpu_worker.model_runner import LaunchedRun, ModelRunner
@@ -71,6 +73,9 @@ class Worker:
         self._pool: KVPool | None = None
         self._registry: SequenceRegistry | None = None
         self._runner: ModelRunner | None = None
+        # From the model directory's tokenizer.json (None without one): structured output and bad_words need it.
+        self.grammars = GrammarCompiler.for_model(config.model_dir, loaded.config.vocab_size)
+        self.bad_words = BadWordsTokenizer.for_model(config.model_dir)
 
     @classmethod
     def load(cls, config: WorkerConfig) -> Worker:
@@ -128,8 +133,9 @@ class Worker:
             num_gpu_blocks, peak_bytes = self._size_gpu_pool(layout, request)
             num_cpu_blocks = layout.num_blocks_in(request.swap_space_bytes)
             pool = KVPool(layout, num_gpu_blocks, num_cpu_blocks, self.device, self.ops)
-            sampler = Sampler(self.loaded.config.vocab_size, self.device, self.config.seed)
-            registry = SequenceRegistry(layout.block_size, num_gpu_blocks, num_cpu_blocks)
+            sampler = Sampler(self.loaded.config.vocab_size, self.device, self.config.seed, self.grammars)
+            registry = SequenceRegistry(layout.block_size, num_gpu_blocks, num_cpu_blocks, self.grammars,
+                                        self.bad_words)
             graph_runner, piece_runner = self._capture_graphs(pool, request)
             self._pool, self._registry = pool, registry
             self._runner = ModelRunner(self.loaded.model, pool, registry.tables, sampler, graph_runner, piece_runner)
@@ -167,13 +173,13 @@ class Worker:
             registry, pool, runner = self.registry, self.pool, self.runner
             registry.validate(step)
             work = registry.apply(step)
-            if _reads_token_history(work):
-                self._resolve_in_flight()
             span = DeviceSpan(self.device)
             pool.swap_out(step.swap_out)
             pool.swap_in(step.swap_in)
             pool.copy_blocks(step.block_copies)
-            run = runner.launch(work)
+            # Sampling that reads earlier tokens on the host waits for them only once this step's forward pass is
+            # queued: the device computes it meanwhile.
+            run = runner.launch(work, self._resolve_in_flight if _reads_token_history(work) else None)
             pending = registry.reserve(work)
             runner.keep_last_tokens(run, [slot.state.table_row for slot in pending])
             span.close()
@@ -273,5 +279,6 @@ class Worker:
 
 
 def _reads_token_history(work: list[ScheduledWork]) -> bool:
-    """Whether sampling this step reads earlier output tokens' values on the host (penalties do)."""
-    return any(item.is_sampling and item.state.sampling_params.has_penalties for item in work)
+    """Whether sampling this step reads earlier output tokens' values on the host (penalties, grammars and bad words
+    do)."""
+    return any(item.is_sampling and item.state.reads_token_history for item in work)

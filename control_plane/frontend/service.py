@@ -22,7 +22,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pagedserve.contract.codec import sampling_params_from_proto
-from pagedserve.contract.sampling_params import SamplingParams, validate_prompt
+from pagedserve.contract.sampling_params import SamplingParams, truncated_prompt, validate_prompt
 from pagedserve.control_plane.errors import (
     AlreadyExistsError,
     EngineUnavailableError,
@@ -49,6 +49,7 @@ from pagedserve.control_plane.frontend.engine_client import EngineClient
 from pagedserve.control_plane.relay.convert import served_model_to_proto
 from pagedserve.control_plane.served_model import ServedModel
 from pagedserve.control_plane.text.chat_template import ChatTemplate, Conversation
+from pagedserve.control_plane.text.constraint_validator import ConstraintValidator
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 from pagedserve.runtime.auth import refusal_handler
 from pagedserve.runtime.reflection import add_reflection
@@ -160,6 +161,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
             max_chars_per_token=tokenizer.max_chars_per_token, max_num_seqs=max_num_seqs,
         )
         self._tokenize_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
+        self._constraints = ConstraintValidator(tokenizer, model.vocab_size)
 
     async def _prompt_token_ids(self, request: pb.GenerateRequest) -> tuple[int, ...]:
         """The prompt's ids; a text is tokenized on the tokenizer threads."""
@@ -179,19 +181,24 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
                 params = sampling_params_from_proto(request.sampling_params)
                 check_n(params, self._limits)
                 prompt_token_ids = await self._prompt_token_ids(request)
-                request_id = self._admit(prompt_token_ids, params, request)
+                request_id = await self._admit(prompt_token_ids, params, request)
             with structlog.contextvars.bound_contextvars(request_id=request_id), _status_of_errors():
                 async for response in self._engine.stream(request_id):
                     yield response
         except _Abort as abort:
             await context.abort(abort.code, str(abort), abort.trailing_metadata)
 
-    def _admit(
+    async def _admit(
         self, prompt_token_ids: tuple[int, ...], params: SamplingParams, request: pb.GenerateRequest | pb.ChatRequest
     ) -> str:
-        """Checks the prompt's ids and the params against it, then hands the request to the engine; its id."""
+        """Truncates the prompt as the params ask, checks its ids, the params and any output constraint against it
+        (the constraint compiles on a tokenizer thread), then hands the request to the engine; its id."""
+        prompt_token_ids = truncated_prompt(prompt_token_ids, params, self._model.max_model_len)
         validate_prompt(prompt_token_ids, self._model.vocab_size, self._model.max_model_len)
         params.validate(self._model.vocab_size, self._model.max_model_len, len(prompt_token_ids))
+        if params.structured_output is not None:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._tokenize_pool, self._constraints.check, params)
         return self._engine.add_request(
             prompt_token_ids, request.sampling_params, request.request_id, request.priority,
         )
@@ -210,7 +217,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
                 conversation = conversation_from_proto(request)
                 loop = asyncio.get_running_loop()
                 prompt_token_ids = await loop.run_in_executor(self._tokenize_pool, self._chat_prompt, conversation)
-                request_id = self._admit(prompt_token_ids, params, request)
+                request_id = await self._admit(prompt_token_ids, params, request)
             with structlog.contextvars.bound_contextvars(request_id=request_id), _status_of_errors():
                 async for response in self._engine.stream(request_id):
                     yield pb.ChatResponse(chunk=response)

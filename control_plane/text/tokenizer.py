@@ -38,6 +38,7 @@ class Tokenizer:
         self._vocab_size = len(self._hf)
         added = self._backend.get_added_tokens_decoder()
         self._special_ids = tuple(sorted(i for i, token in added.items() if token.special))
+        self._added_token_ids = frozenset(added)
         self._eos_token_ids = _read_eos_token_ids(model_dir, self._hf.eos_token_id)
         self._byte_token_ids = self._find_byte_token_ids()
         known_ids = frozenset(self._backend.get_vocab(with_added_tokens=True).values())
@@ -54,6 +55,11 @@ class Tokenizer:
         return self._eos_token_ids
 
     @property
+    def backend_json(self) -> str:
+        """The tokenizers library's JSON form of this tokenizer (added tokens included), as grammar engines read it."""
+        return str(self._backend.to_str())
+
+    @property
     def bos_token_id(self) -> int | None:
         token_id = self._hf.bos_token_id
         return None if token_id is None else int(token_id)
@@ -62,6 +68,11 @@ class Tokenizer:
     def all_special_ids(self) -> tuple[int, ...]:
         """Ids of special tokens, sorted: those skip_special_tokens leaves out of decoded text."""
         return self._special_ids
+
+    @property
+    def added_token_ids(self) -> frozenset[int]:
+        """Ids of the added tokens (special or not), which the decoder writes as they are."""
+        return self._added_token_ids
 
     @property
     def byte_token_ids(self) -> frozenset[int]:

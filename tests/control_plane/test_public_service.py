@@ -257,6 +257,21 @@ def test_n_beyond_max_num_seqs_reaches_no_engine(tokenizer: Tokenizer) -> None:
     assert engine.added == []
 
 
+@pytest.mark.parametrize(("constraint", "expected"), [
+    (common_pb2.StructuredOutput(regex="[a-z"), "structured_output.regex: cannot be compiled: "),
+    (common_pb2.StructuredOutput(json_schema='{"type": "objekt"}'), "structured_output.json_schema: cannot be "),
+    (common_pb2.StructuredOutput(), "structured_output: must set one constraint"),
+], ids=["regex", "json-schema", "empty"])
+def test_a_constraint_that_does_not_compile_is_invalid_argument_and_reaches_no_engine(
+    tokenizer: Tokenizer, constraint: common_pb2.StructuredOutput, expected: str
+) -> None:
+    request = pb.GenerateRequest(text="Hi", sampling_params=common_pb2.SamplingParams(structured_output=constraint))
+    result, engine = _run(tokenizer, lambda address, _: _raw_generate(address, request.SerializeToString()))
+    assert result[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert result[1].startswith(expected)
+    assert engine.added == []
+
+
 def test_tokenize_rejects_text_that_no_context_could_hold(tokenizer: Tokenizer) -> None:
     async def body(address: str, _: _FakeEngine) -> Any:
         async with grpc.aio.insecure_channel(address) as channel:
