@@ -21,9 +21,9 @@ def model_info(model: ServedModel, model_dir: Path, facts: ModelConfigFacts) -> 
     """The served model. A prompt leaves room for at least one token, so the longest input is max_model_len - 1;
     no default sampling parameters are reported because this server applies none from generation_config.json."""
     return vllm.GetModelInfoResponse(
-        model_path=str(model_dir), is_generation=True, max_context_length=model.max_model_len,
+        model_path=str(model_dir.resolve()), is_generation=True, max_context_length=model.max_model_len,
         vocab_size=model.vocab_size, supports_vision=False, served_model_name=model.name,
-        tokenizer_path=str(model_dir), model_type=facts.model_type, architectures=[model.architecture],
+        tokenizer_path=str(model_dir.resolve()), model_type=facts.model_type, architectures=[model.architecture],
         eos_token_ids=model.eos_token_ids, pad_token_id=facts.pad_token_id, bos_token_id=facts.bos_token_id,
         max_req_input_len=model.max_model_len - 1,
     )
