@@ -10,9 +10,8 @@ import pytest
 from smg_grpc_proto.generated import vllm_engine_pb2 as vllm
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc
 
-from pagedserve.v1 import common_pb2
+from pagedserve.v1 import common_pb2, generation_service_pb2_grpc
 from pagedserve.v1 import generation_service_pb2 as pb
-from pagedserve.v1 import generation_service_pb2_grpc
 from tests.e2e.processes import Cluster
 from tests.vllm_engine.conftest import run_against
 
