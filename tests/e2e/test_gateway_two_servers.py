@@ -34,7 +34,8 @@ def servers(stories260k_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def _status(cluster: Cluster) -> pb.GetServerStatusResponse:
     with grpc.insecure_channel(cluster.address) as channel:
         stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
-        return stub.GetServerStatus(pb.GetServerStatusRequest(), timeout=5)
+        status: pb.GetServerStatusResponse = stub.GetServerStatus(pb.GetServerStatusRequest(), timeout=5)
+        return status
 
 
 def test_shared_prefix_sticks_to_one_server_and_a_killed_server_loses_its_traffic(
