@@ -35,6 +35,7 @@ from pagedserve.control_plane.errors import (
 )
 from pagedserve.control_plane.relay.item_channel import ItemChannel
 from pagedserve.control_plane.scheduling.fit import blocks_for, never_fits_error
+from pagedserve.control_plane.scheduling.kv_events import KvEventLog
 from pagedserve.control_plane.scheduling.request import FinishReason, Request, SequenceDelta
 from pagedserve.control_plane.scheduling.scheduler import Scheduler, SchedulerStats
 from pagedserve.control_plane.text.completion import CompletionStream
@@ -90,6 +91,7 @@ class Engine:
         self._health_changed = asyncio.Event()
         self._drained: asyncio.Event | None = None  # set when the last request ends, while drain() waits
         self._closing: set[asyncio.Task[None]] = set()  # transports of dead lanes being closed
+        self._kv_events: KvEventLog | None = None
 
     def start(self) -> None:
         for lane in self._lanes:
@@ -118,6 +120,17 @@ class Engine:
         """An event set at the next change of is_serving; call again after it fired for the one after."""
         return self._health_changed
 
+    def publish_kv_events(self, events: KvEventLog) -> None:
+        """Reports every lane's prefix-cache changes to events from now on (a lane's index is its place in the
+        workers given at construction), those of schedulers that replace a dead lane's included."""
+        self._kv_events = events
+        for lane in self._lanes:
+            self._observe_cache(lane)
+
+    def _observe_cache(self, lane: Lane) -> None:
+        if self._kv_events is not None:
+            lane.scheduler.block_manager.gpu.observer = self._kv_events.lane(self._lanes.index(lane))
+
     def on_lane_dead(self, callback: LaneDeadCallback) -> None:
         """Registers callback(worker_id, cause), called on the loop each time a lane dies, after its requests
         failed and its blocks were released. An exception in it is logged and ignored."""
@@ -135,6 +148,7 @@ class Engine:
             raise ValueError(f"worker_id: the lane of {worker_id!r} is alive")
         self._retired[worker_id].add(dead.scheduler.stats)
         lane = self._lanes[index] = Lane(worker_id, scheduler, transport, self._config, self._times)
+        self._observe_cache(lane)
         self._start_lane(lane)
         num_blocks, max_model_len = scheduler.block_manager.gpu.num_blocks, scheduler.config.max_model_len
         log.info("lane_revived", worker_id=worker_id, num_gpu_blocks=num_blocks)
@@ -335,6 +349,9 @@ class Engine:
         self._retired[lane.worker_id].add(old.stats)
         lane.scheduler = Scheduler(old.config, old.cache_config, old.block_manager.gpu.num_blocks,
                                    old.block_manager.cpu.num_blocks)
+        if self._kv_events is not None:
+            self._kv_events.lane_cleared(self._lanes.index(lane))
+        self._observe_cache(lane)
         self._notify_health()
         for callback in list(self._lane_dead_callbacks):
             try:

@@ -13,6 +13,7 @@ from pagedserve.control_plane.errors import AlreadyExistsError, EngineUnavailabl
 from pagedserve.control_plane.relay.convert import request_error_from_proto, served_model_from_proto
 from pagedserve.control_plane.relay.health import SILENCE_LIMIT_S
 from pagedserve.control_plane.relay.item_channel import ItemChannel
+from pagedserve.control_plane.scheduling.kv_events import ReplayExpiredError, SubscriberBehindError
 from pagedserve.control_plane.served_model import ServedModel
 from pagedserve.runtime.auth import ClusterSecret, client_interceptors
 from pagedserve.runtime.channel_options import INTERNAL_CHANNEL_OPTIONS
@@ -21,6 +22,10 @@ from pagedserve.v1 import common_pb2, engine_service_pb2, engine_service_pb2_grp
 log = structlog.get_logger()
 
 GenerateResponse = generation_service_pb2.GenerateResponse
+
+
+class RequestAbortedError(PagedServeError):
+    """The request was aborted by id (abort()) while its stream was open: the stream ends with this error."""
 
 
 class EngineClient:
@@ -46,6 +51,7 @@ class EngineClient:
         self._ids = itertools.count()
         self._relay: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
+        self.is_serving = False  # the engine's health as follow_health last reported it
 
     async def describe(self, timeout_s: float) -> ServedModel:
         """The served model as it is now (its workers' pools may have changed with a restart); waits up to
@@ -68,6 +74,27 @@ class EngineClient:
             log.error("engine_status_failed", engine=self.address, code=exc.code().name, details=exc.details())
             raise EngineUnavailableError("the engine process is unavailable") from exc
 
+    async def watch_kv_events(self, start_sequence_number: int) -> AsyncGenerator[engine_service_pb2.KvEventBatch]:
+        """The engine's prefix-cache event batches from start_sequence_number on (0: its current state first), as
+        EngineService.WatchKvEvents defines them; ReplayExpiredError or SubscriberBehindError when the engine
+        no longer has the batches, EngineUnavailableError when it cannot be reached."""
+        call = self._stub.WatchKvEvents(engine_service_pb2.WatchKvEventsRequest(
+            start_sequence_number=start_sequence_number))
+        try:
+            async for message in call:
+                for batch in message.batches:
+                    yield batch
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.OUT_OF_RANGE:
+                raise ReplayExpiredError(exc.details() or "") from exc
+            if exc.code() == grpc.StatusCode.DATA_LOSS:
+                raise SubscriberBehindError(exc.details() or "") from exc
+            log.error("engine_kv_events_failed", engine=self.address, code=exc.code().name, details=exc.details())
+            raise EngineUnavailableError("the engine process is unavailable") from exc
+        finally:
+            call.cancel()
+        raise EngineUnavailableError("the engine process ended the KV event stream")
+
     async def follow_health(self, set_serving: Callable[[bool], Awaitable[None]]) -> None:
         """Calls set_serving(is_serving) with the engine's first health report and at each change after it: False
         at once when the engine reports not serving, when its WatchHealth stream fails, or when it says nothing
@@ -78,7 +105,7 @@ class EngineClient:
         async def report(is_serving: bool, reason: str) -> None:
             nonlocal reported
             if is_serving != reported:
-                reported = is_serving
+                reported = self.is_serving = is_serving
                 log.info("engine_health_changed", engine=self.address, is_serving=is_serving, reason=reason)
                 await set_serving(is_serving)
 
@@ -133,6 +160,16 @@ class EngineClient:
             priority=priority,
         )))
         return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Ends the open request of this id in the engine (its blocks freed) and its stream, which raises
+        RequestAbortedError after the chunks already received. False when no request of this id is open."""
+        relay_id = self._relay_ids.get(request_id)
+        if relay_id is None:
+            return False
+        self._streams[relay_id].put(RequestAbortedError(f"request {request_id!r} was aborted"))
+        self._commands.put(engine_service_pb2.RelayCommand(abort_request_id=relay_id))
+        return True
 
     async def stream(self, request_id: str) -> AsyncGenerator[GenerateResponse, None]:
         """Yields the request's chunks, numbered per completion, until the last (which carries usage). Chunks that

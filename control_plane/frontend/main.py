@@ -21,6 +21,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pagedserve.control_plane.config import FRONTEND_API_KEYS_ENV
 from pagedserve.control_plane.frontend.engine_client import EngineClient
 from pagedserve.control_plane.frontend.service import GenerationServicer, PublicAccess, build_server
+from pagedserve.control_plane.frontend.vllm_engine.servicer import (
+    SERVICE_NAME as VLLM_ENGINE_SERVICE_NAME,
+)
+from pagedserve.control_plane.frontend.vllm_engine.servicer import (
+    VllmEngineServicer,
+    add_vllm_engine_service,
+)
 from pagedserve.control_plane.text.chat_template import ChatTemplate, load_chat_template
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 from pagedserve.runtime.auth import ClusterSecret, inherited_cluster_secret
@@ -33,8 +40,10 @@ from pagedserve.v1 import generation_service_pb2
 log = structlog.get_logger()
 
 _ENGINE_ANSWER_TIMEOUT_S = 60.0
-# The whole server ("") and the generation service report the same health.
-_HEALTH_SERVICE_NAMES = ("", generation_service_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name)
+# The whole server (""), the generation service and vLLM's engine protocol report the same health.
+_HEALTH_SERVICE_NAMES = (
+    "", generation_service_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name, VLLM_ENGINE_SERVICE_NAME,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,7 +83,11 @@ async def run_frontend(
     tokenizer = Tokenizer(model_dir)
     engine.start()
     servicer = GenerationServicer(engine, tokenizer, model, max_num_seqs, ChatTemplate(tokenizer, chat_template))
-    server, port = await build_server(servicer, address, access)
+    # vLLM's engine protocol on the same port, under the same keys and TLS (docs/vllm-engine-protocol.md).
+    vllm_engine = VllmEngineServicer(engine, tokenizer, model, model_dir, max_num_seqs)
+    server, port = await build_server(servicer, address, access, (
+        functools.partial(add_vllm_engine_service, vllm_engine),
+    ))
     # The public health follows the engine's (DESIGN.md section 9, "Health never lies"). This servicer takes over
     # from the one build_server registers: the last one registered for a service answers its calls.
     health_servicer = health.aio.HealthServicer()

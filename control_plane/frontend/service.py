@@ -344,12 +344,17 @@ class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         return refusal_handler(handler, f"{reason}: send metadata '{_AUTHORIZATION}: Bearer <key>'")
 
 
+# Registers one more service on a server; returns its full name (for reflection).
+AddService = Callable[[grpc.aio.Server], str]
+
+
 async def build_server(
-    servicer: GenerationServicer, address: str, access: PublicAccess | None = None
+    servicer: GenerationServicer, address: str, access: PublicAccess | None = None,
+    more_services: tuple[AddService, ...] = (),
 ) -> tuple[grpc.aio.Server, int]:
-    """An aio server with the generation service, grpc.health.v1 (SERVING) and reflection (v1 and v1alpha, with the
-    .proto comments), under access's API keys and TLS (default: none) and PUBLIC_SERVER_OPTIONS; returns it and its
-    port."""
+    """An aio server with the generation service and more_services, grpc.health.v1 (SERVING) and reflection (v1 and
+    v1alpha, with the .proto comments), under access's API keys and TLS (default: none) and PUBLIC_SERVER_OPTIONS;
+    returns it and its port."""
     access = access or PublicAccess()
     interceptors = [_ApiKeyInterceptor(access.api_keys)] if access.api_keys else []
     server = grpc.aio.server(interceptors=interceptors, options=PUBLIC_SERVER_OPTIONS)
@@ -359,6 +364,7 @@ async def build_server(
     service_names = (
         pb.DESCRIPTOR.services_by_name["GenerationService"].full_name,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        *(add(server) for add in more_services),
     )
     add_reflection(server, service_names)
     for name in ("", service_names[0]):
