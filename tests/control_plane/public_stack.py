@@ -44,7 +44,7 @@ def make_engine(tokenizer: Tokenizer) -> tuple[Engine, dict[str, Scheduler], dic
                   for worker_id, num_blocks in POOLS.items()}
     transports = {worker_id: _Transport(make_worker(scheduler)) for worker_id, scheduler in schedulers.items()}
     lanes = [(worker_id, schedulers[worker_id], transports[worker_id]) for worker_id in POOLS]
-    return Engine(lanes, tokenizer, EngineConfig(), EngineMetrics("fake")), schedulers, transports
+    return Engine(lanes, tokenizer, EngineConfig(), EngineMetrics("fake", 2048)), schedulers, transports
 
 
 @asynccontextmanager

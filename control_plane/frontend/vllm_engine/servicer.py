@@ -55,7 +55,7 @@ log = structlog.get_logger()
 
 M = TypeVar("M", bound=Message)
 
-SERVICE_NAME = vllm.DESCRIPTOR.services_by_name["VllmEngine"].full_name
+SERVICE_NAME: str = vllm.DESCRIPTOR.services_by_name["VllmEngine"].full_name
 TOKENIZER_THREADS = 2  # beside GenerationService's: texts here are bounded the same way before they are tokenized
 
 _STATUS_OF_ERROR: tuple[tuple[type[PagedServeError], grpc.StatusCode], ...] = (
