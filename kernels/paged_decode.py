@@ -144,14 +144,15 @@ def known_name_expressions(tma: bool) -> list[str]:
     """Every kernel instantiation the launcher asks for on the known head sizes, GQA ratios and block sizes, on
     devices with (tma) or without the tensor memory accelerator."""
     names: set[str] = set()
-    for dtype in SCALAR_TYPE_NAMES:
-        for cache_dtype in (dtype, FP8_DTYPE) if dtype in MMA_DTYPES else (dtype,):  # FP8 beside 16-bit models
-            for head_dim in KNOWN_HEAD_DIMS:
-                for group_size in KNOWN_GROUP_SIZES:
-                    for block_size in KNOWN_BLOCK_SIZES:
-                        layout = decode_layout(dtype, head_dim, group_size, block_size, tma, cache_dtype)
-                        names.add(layout.reduce_name)
-                        names.update(layout.kernel_name(warps) for warps in cta_warp_counts(layout.max_warps))
+    # FP8 caches serve 16-bit models in blocks of vLLM's default size (other instantiations compile on demand).
+    cases = [(dtype, dtype, block_size) for dtype in SCALAR_TYPE_NAMES for block_size in KNOWN_BLOCK_SIZES]
+    cases += [(dtype, FP8_DTYPE, KNOWN_BLOCK_SIZES[-1]) for dtype in MMA_DTYPES]
+    for dtype, cache_dtype, block_size in cases:
+        for head_dim in KNOWN_HEAD_DIMS:
+            for group_size in KNOWN_GROUP_SIZES:
+                layout = decode_layout(dtype, head_dim, group_size, block_size, tma, cache_dtype)
+                names.add(layout.reduce_name)
+                names.update(layout.kernel_name(warps) for warps in cta_warp_counts(layout.max_warps))
     return sorted(names)
 
 
