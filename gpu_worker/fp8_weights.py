@@ -56,8 +56,8 @@ def checkpoint_is_fp8(model_dir: Path) -> bool:
             if (weights.get("num_bits"), weights.get("type")) != (8, "float") or (
                 weights.get("strategy") not in ("tensor", "channel")
             ):
-                raise ModelLoadError(f"compressed-tensors group {name!r}: only 8-bit float weights with tensor or "
-                                     f"channel scales are supported, got {weights}")
+                raise ModelLoadError(f"compressed-tensors group {name!r}: {weights} is not supported (only 8-bit "
+                                     "float weights with tensor or channel scales are)")
         return True
     raise ModelLoadError(f"unsupported quantization_config.quant_method {method!r} (supported: fp8, "
                          "compressed-tensors FP8)")

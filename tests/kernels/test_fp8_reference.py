@@ -40,7 +40,7 @@ def _fp8_case(seq_lens: list[int], q_lens: list[int], k_scale: float, v_scale: f
     """A random paged case whose caches hold quantize(original, scale) in e4m3, with originals ~ N(0, 3)."""
     case = _random_case(seq_lens, q_lens, num_kv_heads=2, group_size=4, block_size=4, head_dim=16,
                         dtype=torch.bfloat16)
-    originals = {name: (case[name].float() * 3) for name in ("key_cache", "value_cache")}  # type: ignore[literal-required]
+    originals = {name: (case[name].float() * 3) for name in ("key_cache", "value_cache")}
     return {**case, "original_keys": originals["key_cache"], "original_values": originals["value_cache"],
             "key_cache": quantize(originals["key_cache"], k_scale),
             "value_cache": quantize(originals["value_cache"], v_scale)}
