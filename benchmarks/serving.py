@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(p, "model directory (config.json + tokenizer)")
     p.add_argument("--server", metavar="HOST:PORT", help="use a running server instead of starting one")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="of the server's workers")
+    p.add_argument("--quantization", default="none", choices=["none", "fp8"], help="of the server's workers")
     p.add_argument("--load-format", default="dummy", choices=["dummy", "safetensors", "auto"])
     p.add_argument("--serve-args", default="", help="more `pagedserve serve` flags, one shell-quoted string")
     p.add_argument("--server-timeout", type=float, default=600.0, help="seconds to wait for the server")
@@ -83,8 +85,9 @@ def server_process(
     """`pagedserve serve` in a child process on a free loopback port; SIGTERM on exit."""
     port = free_loopback_port()
     command = [sys.executable, "-m", "pagedserve.runtime.cli", "serve", "--model", str(model_dir),
-               "--load-format", args.load_format, "--dtype", args.dtype, "--host", "127.0.0.1",
-               "--port", str(port), *shlex.split(args.serve_args)]
+               "--load-format", args.load_format, "--dtype", args.dtype, "--kv-cache-dtype", args.kv_cache_dtype,
+               "--quantization", args.quantization, "--host", "127.0.0.1", "--port", str(port),
+               *shlex.split(args.serve_args)]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -7,7 +7,7 @@ import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
+from pagedserve.contract.model_format import DeviceKind, DType, KVCacheDType, LoadFormat, Quantization
 from pagedserve.runtime.logs import LogFormat
 
 
@@ -130,6 +130,8 @@ class ServerConfig:
     device: DeviceKind = DeviceKind.AUTO
     load_format: LoadFormat = LoadFormat.AUTO
     seed: int = 0
+    kv_cache_dtype: KVCacheDType = KVCacheDType.AUTO  # of the local workers (external ones take their own flags)
+    quantization: Quantization = Quantization.NONE  # likewise
     metrics_port: int | None = None
     worker_start_timeout_s: float = 600.0
     log_format: LogFormat = LogFormat.AUTO  # of this process and of the frontend process it starts
@@ -160,6 +162,11 @@ class ServerConfig:
             raise ValueError("model_dir is required with worker_addresses (the tokenizer is read from it)")
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be at least 1, got {self.num_workers}")
+        if self.worker_addresses and (
+            self.kv_cache_dtype is not KVCacheDType.AUTO or self.quantization is not Quantization.NONE
+        ):
+            raise ValueError("kv_cache_dtype and quantization apply to the workers serve starts; give them to each "
+                             "external worker (pagedserve worker --kv-cache-dtype / --quantization) instead")
 
     @property
     def address(self) -> str:

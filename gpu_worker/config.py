@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
+from pagedserve.contract.model_format import DeviceKind, DType, KVCacheDType, LoadFormat, Quantization
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +20,8 @@ class WorkerConfig:
     listen_address: str = "127.0.0.1:50061"
     worker_id: str = "worker-0"
     enforce_eager: bool = False  # never replay CUDA graphs (debugging, or to save their memory)
+    kv_cache_dtype: KVCacheDType = KVCacheDType.AUTO  # FP8: the paged pool holds e4m3, half the bytes per token
+    quantization: Quantization = Quantization.NONE  # FP8: linear layers quantized to e4m3 at load
 
     def __post_init__(self) -> None:
         if self.seed < 0:

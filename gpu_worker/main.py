@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import structlog
 
-from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
+from pagedserve.contract.model_format import DeviceKind, DType, KVCacheDType, LoadFormat, Quantization
 from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.service import start_server
 from pagedserve.gpu_worker.worker import Worker
@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker-id", default="worker-0")
     p.add_argument("--enforce-eager", action="store_true", help="run every step eagerly, without CUDA graphs")
+    p.add_argument("--kv-cache-dtype", default=KVCacheDType.AUTO.value, choices=[m.value for m in KVCacheDType],
+                   help="fp8: store the KV cache as e4m3 with a per-layer scale (about twice the tokens)")
+    p.add_argument("--quantization", default=Quantization.NONE.value, choices=[m.value for m in Quantization],
+                   help="fp8: quantize linear layers to e4m3 at load (FP8 checkpoints load as FP8 either way)")
     p.add_argument("--log-format", default=LogFormat.AUTO.value, choices=[m.value for m in LogFormat])
     p.add_argument("--cluster-secret-file", type=Path,
                    default=os.environ.get("PAGEDSERVE_CLUSTER_SECRET_FILE") or None,
@@ -94,7 +98,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(
         model_dir=args.model, dtype=DType(args.dtype), device=DeviceKind(args.device),
         load_format=LoadFormat(args.load_format), seed=args.seed, listen_address=args.listen,
-        worker_id=args.worker_id, enforce_eager=args.enforce_eager,
+        worker_id=args.worker_id, enforce_eager=args.enforce_eager, kv_cache_dtype=KVCacheDType(args.kv_cache_dtype),
+        quantization=Quantization(args.quantization),
     )
 
 

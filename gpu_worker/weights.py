@@ -11,9 +11,16 @@ import structlog
 import torch
 from safetensors import safe_open
 
-from pagedserve.contract.model_format import DType, LoadFormat
+from pagedserve.contract.model_format import DType, LoadFormat, Quantization
 from pagedserve.gpu_worker import devices
 from pagedserve.gpu_worker.errors import ModelLoadError
+from pagedserve.gpu_worker.fp8_support import require_fp8_device
+from pagedserve.gpu_worker.fp8_weights import (
+    checkpoint_is_fp8,
+    fp8_linear_bytes,
+    load_fp8_checkpoint,
+    quantize_linears,
+)
 from pagedserve.gpu_worker.models.decoder import DecoderForCausalLM
 from pagedserve.gpu_worker.models.model_config import ModelConfig
 from pagedserve.kernels.ops import KernelOps
@@ -89,11 +96,16 @@ def fill_dummy_weights(model: DecoderForCausalLM, seed: int) -> None:
 
 
 def load_model(
-    model_dir: Path, dtype: DType, device: torch.device, load_format: LoadFormat, seed: int, ops: KernelOps
+    model_dir: Path, dtype: DType, device: torch.device, load_format: LoadFormat, seed: int, ops: KernelOps,
+    quantization: Quantization = Quantization.NONE,
 ) -> LoadedModel:
-    """Builds the decoder on device in the resolved dtype and fills its weights as load_format says."""
+    """Builds the decoder on device in the resolved dtype and fills its weights as load_format says. Linear
+    layers are FP8 when quantization says so (quantized once loaded) or when the checkpoint is FP8 (loaded as is)."""
     config = read_model_config(model_dir)
     torch_dtype = resolve_dtype(dtype, config)
+    is_fp8_checkpoint = load_format is not LoadFormat.DUMMY and checkpoint_is_fp8(model_dir)
+    if quantization is Quantization.FP8 or is_fp8_checkpoint:
+        require_fp8_device(device, "FP8 weights (--quantization fp8, or an FP8 checkpoint)")
     with torch.no_grad():
         model = DecoderForCausalLM(config, ops, device, torch_dtype).eval()
         if load_format is LoadFormat.DUMMY:
@@ -102,8 +114,16 @@ def load_model(
             files = safetensors_files(model_dir)
             if not files:
                 raise ModelLoadError(f"no {_SINGLE_FILE} or {_INDEX_FILE} in {model_dir} (use load format dummy)")
-            model.load_weights(iter_safetensors(files))
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            if is_fp8_checkpoint:
+                load_fp8_checkpoint(model, iter_safetensors(files))
+            else:
+                model.load_weights(iter_safetensors(files))
+        if quantization is Quantization.FP8:
+            quantize_linears(model)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the model-dtype weights that quantizing freed go back to the device
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + fp8_linear_bytes(model)
     log.info("model_loaded", architecture=config.architecture.value, dtype=str(torch_dtype).removeprefix("torch."),
-             device=str(device), weight_bytes=weight_bytes, load_format=load_format.value)
+             device=str(device), weight_bytes=weight_bytes, load_format=load_format.value,
+             fp8_weights=quantization is Quantization.FP8 or is_fp8_checkpoint)
     return LoadedModel(model_dir.resolve().name, model, config, torch_dtype, weight_bytes)

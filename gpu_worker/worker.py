@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import structlog
 import torch
 
+from pagedserve.contract.model_format import KVCacheDType
 from pagedserve.contract.step import StepPlan, StepResult
 from pagedserve.contract.worker_info import CacheInfo, CacheRequest, WorkerInfo
 from pagedserve.gpu_worker.bad_words import BadWordsTokenizer
@@ -18,6 +19,7 @@ from pagedserve.gpu_worker.cuda_graph import CudaGraphRunner
 from pagedserve.gpu_worker.device_span import DeviceSpan
 from pagedserve.gpu_worker.devices import dtype_from_torch, resolve_device
 from pagedserve.gpu_worker.errors import CacheNotInitializedError, InvalidCacheRequestError
+from pagedserve.gpu_worker.fp8_support import require_fp8_device
 from pagedserve.gpu_worker.grammar import GrammarCompiler
 from pagedserve.gpu_worker.kv_pool import KVLayout, KVPool
 from pagedserve.gpu_worker.memory_profile import gpu_blocks_for_budget, profile_peak_activation_bytes
@@ -26,6 +28,7 @@ from pagedserve.gpu_worker.piecewise_graph import MAX_PIECEWISE_TOKENS, Piecewis
 from pagedserve.gpu_worker.sampler import Sampler, SampleResult
 from pagedserve.gpu_worker.sequence_state import PendingToken, ScheduledWork, SequenceRegistry
 from pagedserve.gpu_worker.weights import LoadedModel, load_model
+from pagedserve.kernels.fp8 import FP8_DTYPE
 from pagedserve.kernels.ops import KernelOps, get_kernel_ops
 
 log = structlog.get_logger()
@@ -81,8 +84,11 @@ class Worker:
     def load(cls, config: WorkerConfig) -> Worker:
         """Resolves the device, picks its attention ops and loads the model's weights."""
         device = resolve_device(config.device)
+        if config.kv_cache_dtype is KVCacheDType.FP8:
+            require_fp8_device(device, "--kv-cache-dtype fp8")
         ops = get_kernel_ops(device)
-        loaded = load_model(config.model_dir, config.dtype, device, config.load_format, config.seed, ops)
+        loaded = load_model(config.model_dir, config.dtype, device, config.load_format, config.seed, ops,
+                            config.quantization)
         return cls(config, loaded, device, ops)
 
     @property
@@ -239,9 +245,8 @@ class Worker:
 
     def _layout(self, block_size: int) -> KVLayout:
         model_config = self.loaded.config
-        return KVLayout(
-            model_config.num_layers, model_config.num_kv_heads, model_config.head_dim, block_size, self.loaded.dtype
-        )
+        dtype = FP8_DTYPE if self.config.kv_cache_dtype is KVCacheDType.FP8 else self.loaded.dtype
+        return KVLayout(model_config.num_layers, model_config.num_kv_heads, model_config.head_dim, block_size, dtype)
 
     def _size_gpu_pool(self, layout: KVLayout, request: CacheRequest) -> tuple[int, int]:
         """(device blocks, profiled peak activation bytes): the override, the CPU byte budget, or profiling."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import structlog
 
-from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
+from pagedserve.contract.model_format import DeviceKind, DType, KVCacheDType, LoadFormat, Quantization
 from pagedserve.contract.worker_info import CacheRequest
 from pagedserve.control_plane.config import (
     CacheConfig,
@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mode_flag(p, "--dtype", DType.AUTO)
     _add_mode_flag(p, "--device", DeviceKind.AUTO)
     _add_mode_flag(p, "--load-format", LoadFormat.AUTO)
+    _add_mode_flag(p, "--kv-cache-dtype", KVCacheDType.AUTO)
+    _add_mode_flag(p, "--quantization", Quantization.NONE)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -149,7 +151,8 @@ def configs_from_args(
     server = ServerConfig(
         host=args.host, port=args.port, model_dir=args.model, worker_addresses=tuple(args.worker),
         num_workers=args.num_workers, dtype=args.dtype, device=args.device, load_format=args.load_format,
-        seed=args.seed, metrics_port=args.metrics_port, log_format=LogFormat(args.log_format),
+        seed=args.seed, kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
+        metrics_port=args.metrics_port, log_format=LogFormat(args.log_format),
         api_keys=_api_keys(args), tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file,
         tls_client_ca_file=args.tls_client_ca_file, shutdown_timeout_s=args.shutdown_timeout,
         chat_template=args.chat_template,
@@ -286,7 +289,8 @@ async def serve(server: ServerConfig, scheduler: SchedulerConfig, cache: CacheCo
     if not addresses:
         launcher = LocalWorkers(WorkerLaunchConfig(
             model_dir=model_dir, num_workers=server.num_workers, dtype=server.dtype, device=server.device,
-            load_format=server.load_format, seed=server.seed, cluster_secret=secret,
+            load_format=server.load_format, seed=server.seed, kv_cache_dtype=server.kv_cache_dtype,
+            quantization=server.quantization, cluster_secret=secret,
         ))
         addresses = launcher.start()
     clients = [channels.connect(address, secret) for address in addresses]

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import structlog
 
-from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
+from pagedserve.contract.model_format import DeviceKind, DType, KVCacheDType, LoadFormat, Quantization
 from pagedserve.control_plane.engine.worker_client import GrpcWorkerClient
 from pagedserve.control_plane.errors import WorkerUnavailableError
 from pagedserve.runtime.auth import SECRET_ENV, ClusterSecret
@@ -35,6 +35,8 @@ class WorkerLaunchConfig:
     device: DeviceKind = DeviceKind.AUTO
     load_format: LoadFormat = LoadFormat.AUTO
     seed: int = 0
+    kv_cache_dtype: KVCacheDType = KVCacheDType.AUTO
+    quantization: Quantization = Quantization.NONE
     cluster_secret: ClusterSecret | None = None  # handed to each worker in its environment; None: no authentication
 
     def __post_init__(self) -> None:
@@ -103,6 +105,8 @@ class LocalWorkers:
             "--device", config.device.value,
             "--load-format", config.load_format.value,
             "--seed", str(config.seed),
+            "--kv-cache-dtype", config.kv_cache_dtype.value,
+            "--quantization", config.quantization.value,
             "--worker-id", worker_id,
             "--parent-pid", str(os.getpid()),
         ]
