@@ -20,6 +20,7 @@ class WorkerConfig:
     listen_address: str = "127.0.0.1:50061"
     worker_id: str = "worker-0"
     enforce_eager: bool = False  # never replay CUDA graphs (debugging, or to save their memory)
+    cpu_threads: int = 1  # torch's CPU threads (runtime/cpu_threads.py: main gives the cores it may use)
 
     def __post_init__(self) -> None:
         if self.seed < 0:
@@ -27,5 +28,7 @@ class WorkerConfig:
         host, sep, port = self.listen_address.rpartition(":")
         if not sep or not host or not port.isdigit() or int(port) > 65535:
             raise ValueError(f"listen_address must be HOST:PORT, got {self.listen_address!r}")
+        if self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be at least 1, got {self.cpu_threads}")
         if not self.worker_id:
             raise ValueError("worker_id must not be empty")

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+
+from pagedserve.runtime.flags import parse_args
 
 _USAGE = """usage: pagedserve {serve,worker,generate} [options]
 
@@ -13,32 +17,50 @@ _USAGE = """usage: pagedserve {serve,worker,generate} [options]
   worker     run a worker that holds the model and the KV cache
   generate   stream a completion from a running server
 
-`pagedserve COMMAND --help` lists a command's options."""
+`pagedserve COMMAND --help` lists a command's options; every option may also be given as an environment variable
+PAGEDSERVE_<OPTION> (docs/configuration.md). `pagedserve --version` prints the version."""
 
 
-def _generate_parser() -> argparse.ArgumentParser:
+def pagedserve_version() -> str:
+    try:
+        return version("pagedserve")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def generate_parser() -> argparse.ArgumentParser:
+    """generate's flags; the sampling defaults are SamplingParams' (vLLM's), as for every other way in."""
+    from pagedserve.contract.sampling_params import SamplingParams
+
+    defaults = SamplingParams()
     p = argparse.ArgumentParser(prog="pagedserve generate", description="Stream a completion to stdout.")
-    p.add_argument("prompt")
-    p.add_argument("--server", default="127.0.0.1:50051")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", default=[])
-    p.add_argument("--timeout", type=float, help="deadline in seconds")
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of a pagedserve server")
+    p.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="most tokens to generate")
+    p.add_argument("--temperature", type=float, default=defaults.temperature,
+                   help="softmax temperature; 0 is greedy")
+    p.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--top-k", type=int, default=defaults.top_k, help="sample among the k likeliest tokens; 0: all")
+    p.add_argument("--seed", type=int, help="seed of this request's sampling (default: unseeded)")
+    p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    p.add_argument("--api-key", help="sent as 'authorization: Bearer KEY' (a server started with --api-key)")
+    p.add_argument("--timeout", type=float, help="deadline in seconds (default: none)")
     return p
 
 
 async def _generate(args: argparse.Namespace) -> int:
-    from pagedserve.clients.client import PagedServeClient, SamplingParams
+    from pagedserve.clients.client import PagedServeClient
     from pagedserve.clients.errors import PagedServeClientError
+    from pagedserve.contract.errors import InvalidArgumentError
+    from pagedserve.contract.sampling_params import SamplingParams
 
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, stop=args.stop)
-    for field in ("top_p", "top_k", "seed"):
-        if getattr(args, field) is not None:
-            setattr(params, field, getattr(args, field))
-    async with PagedServeClient(args.server) as client:
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+    except InvalidArgumentError as error:
+        print(f"pagedserve generate: error: {error}", file=sys.stderr)
+        return 2
+    async with PagedServeClient(args.server, api_key=args.api_key) as client:
         try:
             async for chunk in client.generate_stream(args.prompt, params, timeout_s=args.timeout):
                 sys.stdout.write(chunk.text)
@@ -56,6 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command == "--version":
+        print(f"pagedserve {pagedserve_version()}")
+        return 0
     if command == "serve":
         from pagedserve.control_plane.engine.main import main as serve_main
 
@@ -65,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return worker_main(rest)
     if command == "generate":
-        return asyncio.run(_generate(_generate_parser().parse_args(rest)))
+        return asyncio.run(_generate(parse_args(generate_parser(), rest, os.environ)))
     print(f"pagedserve: unknown command {command!r}\n\n{_USAGE}", file=sys.stderr)
     return 2
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 
 from pagedserve.clients.llm import LLM, SamplingParams
+from pagedserve.contract.model_dir import ModelDirError
 from pagedserve.control_plane.config import CacheConfig
 from pagedserve.control_plane.scheduling.request import FinishReason
 
@@ -36,9 +38,23 @@ def test_offline_builtin_model_gives_the_same_tokens_with_the_worker_in_a_proces
     assert len(a[0].outputs[0].token_ids) == 12
 
 
-def test_a_worker_process_that_cannot_load_the_model_fails_the_constructor_instead_of_hanging(tmp_path: Path) -> None:
+def test_a_worker_process_that_cannot_load_the_model_fails_the_constructor_instead_of_hanging(
+    stories260k_dir: Path, tmp_path: Path,
+) -> None:
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(stories260k_dir / name, tmp_path / name)
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors")  # passes the file check, fails the load
+
     with pytest.raises(RuntimeError, match="exited with code"):
         LLM(tmp_path, worker_start_timeout_s=120.0)
+
+
+def test_a_directory_that_is_no_model_fails_the_constructor_before_any_worker_starts(tmp_path: Path) -> None:
+    started = time.monotonic()
+    with pytest.raises(ModelDirError, match="no config.json"):
+        LLM(tmp_path)
+
+    assert time.monotonic() - started < 1.0
 
 
 def test_device_idle_time_leaves_out_the_wait_for_requests_between_generate_calls(stories260k_dir: Path) -> None:

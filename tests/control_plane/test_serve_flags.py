@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -9,13 +10,12 @@ import pytest
 
 from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
 from pagedserve.control_plane.config import ServerConfig
-from pagedserve.control_plane.engine.main import _env_defaults, build_parser, configs_from_args
+from pagedserve.control_plane.engine.main import build_parser, configs_from_args
+from pagedserve.runtime.flags import parse_args
 
 
 def _server(argv: list[str]) -> ServerConfig:
-    parser = build_parser()
-    _env_defaults(parser)
-    return configs_from_args(parser.parse_args(argv))[0]
+    return configs_from_args(parse_args(build_parser(), argv, os.environ))[0]
 
 
 def test_model_format_flags_become_enums() -> None:
