@@ -67,3 +67,17 @@ def test_device_idle_time_leaves_out_the_wait_for_requests_between_generate_call
         status = llm.status()
     assert status.num_steps >= 8
     assert status.worker_idle_time_s < 0.25
+
+
+def test_generate_shows_a_progress_bar_unless_told_not_to(
+    stories260k_dir: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    with LLM(stories260k_dir, worker_process=False) as llm:
+        capsys.readouterr()
+        llm.generate(["One day", "Once upon a time"], params)
+        shown = capsys.readouterr().err
+        llm.generate(["One day", "Once upon a time"], params, use_tqdm=False)
+        hidden = capsys.readouterr().err
+
+    assert ("Processed prompts: 100%" in shown, "2/2" in shown, "output:" in shown, hidden) == (True, True, True, "")
