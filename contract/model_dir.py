@@ -49,7 +49,7 @@ def _check_is_dir(path: Path, flag: str) -> None:
     text = str(path)
     if not path.is_absolute() and text.count("/") == 1 and not text.startswith("."):
         raise ModelDirError(f"{flag} {path}: no such directory; pagedserve reads local directories only, to serve "
-                            f"the hub's {text} download it first: huggingface-cli download {text} --local-dir DIR")
+                            f"the hub's {text} download it first: hf download {text} --local-dir DIR")
     raise ModelDirError(f"{flag} {path}: no such directory")
 
 

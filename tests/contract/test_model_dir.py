@@ -43,7 +43,7 @@ def test_a_missing_directory_is_named(tmp_path: Path) -> None:
 
 
 def test_a_hub_id_gets_the_download_command() -> None:
-    with pytest.raises(ModelDirError, match="huggingface-cli download meta-llama/Llama-3.2-1B --local-dir DIR"):
+    with pytest.raises(ModelDirError, match="hf download meta-llama/Llama-3.2-1B --local-dir DIR"):
         check_model_dir(Path("meta-llama/Llama-3.2-1B"))
 
 
