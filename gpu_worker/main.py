@@ -22,7 +22,7 @@ from pagedserve.gpu_worker.worker import Worker
 from pagedserve.runtime.auth import SECRET_ENV, ClusterSecret, cluster_secret_from
 from pagedserve.runtime.collector import freeze_startup_objects
 from pagedserve.runtime.cpu_threads import usable_cores
-from pagedserve.runtime.flags import parse_args
+from pagedserve.runtime.flags import EPILOG, parse_args
 from pagedserve.runtime.gil import use_short_turns
 from pagedserve.runtime.logs import add_log_flags, configure_logging
 from pagedserve.runtime.parent_watch import exit_when_parent_dies
@@ -34,7 +34,8 @@ _GRACE_S = 5.0
 
 def build_parser() -> argparse.ArgumentParser:
     """The worker's flags; each also reads PAGEDSERVE_<FLAG> (docs/configuration.md)."""
-    p = argparse.ArgumentParser(prog="pagedserve worker", description="Run a worker holding the model and KV cache.")
+    p = argparse.ArgumentParser(prog="pagedserve worker", description="Run a worker holding the model and KV cache.",
+                                epilog=EPILOG)
     p.add_argument("--model", type=Path, required=True, help="Hugging Face model directory (safetensors weights)")
     p.add_argument("--listen", default="127.0.0.1:50061", help="HOST:PORT to bind; port 0 picks a free one")
     _add_mode_flag(p, "--dtype", DType.AUTO, "weight and KV-cache dtype; auto: config.json's")

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
-from pagedserve.runtime.flags import parse_args
+from pagedserve.runtime.flags import EPILOG, parse_args
 
 _USAGE = """usage: pagedserve {serve,worker,generate} [options]
 
@@ -33,7 +33,8 @@ def generate_parser() -> argparse.ArgumentParser:
     from pagedserve.contract.sampling_params import SamplingParams
 
     defaults = SamplingParams()
-    p = argparse.ArgumentParser(prog="pagedserve generate", description="Stream a completion to stdout.")
+    p = argparse.ArgumentParser(prog="pagedserve generate", description="Stream a completion to stdout.",
+                                epilog=EPILOG)
     p.add_argument("prompt", help="the prompt text")
     p.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of a pagedserve server")
     p.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="most tokens to generate")

@@ -12,6 +12,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 ENV_PREFIX = "PAGEDSERVE_"
+# Said at the end of every command's --help.
+EPILOG = ("Every option may also be given as an environment variable PAGEDSERVE_<OPTION> (--max-num-seqs: "
+          "PAGEDSERVE_MAX_NUM_SEQS; booleans true/false); the command line wins. Table: docs/configuration.md.")
 _TRUE = frozenset({"true", "1", "yes"})
 _FALSE = frozenset({"false", "0", "no"})
 _BOOLEAN_ACTIONS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)

@@ -7,6 +7,7 @@ import argparse
 import enum
 from pathlib import Path
 
+from pagedserve.clients.health_check import build_parser as health_check_parser
 from pagedserve.control_plane.engine.main import build_parser as serve_parser
 from pagedserve.gpu_worker.main import build_parser as worker_parser
 from pagedserve.runtime.auth import SECRET_ENV
@@ -14,18 +15,21 @@ from pagedserve.runtime.cli import generate_parser
 from pagedserve.runtime.flags import env_name, is_boolean, is_repeatable, options
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
-COMMANDS = {"serve": serve_parser, "worker": worker_parser, "generate": generate_parser}
+COMMANDS = {"serve": serve_parser, "worker": worker_parser, "generate": generate_parser,
+            "health_check": health_check_parser}
 
 HEADER = f"""# Configuration
 
-Every option of `pagedserve serve`, `pagedserve worker` and `pagedserve generate` may also be given as an
-environment variable: `PAGEDSERVE_` and the option's name in capitals, dashes as underscores (`--max-num-seqs` is
-`PAGEDSERVE_MAX_NUM_SEQS`). An option on the command line wins over its variable; for a repeatable option, the
-command line's values replace the variable's. Variables are parsed by the option's type: a boolean takes `true`,
-`false`, `1`, `0`, `yes` or `no` (any case), a repeatable option a comma-separated list; anything that does not
-parse stops the command with exit code 2 and a message naming the variable. `serve` hands its local workers flags,
-never its `PAGEDSERVE_*` variables. Besides the options, `{SECRET_ENV}` holds the cluster secret itself (instead of
-`--cluster-secret-file`), read by `serve` and `worker`. `pagedserve --version` prints the version.
+Every option of `pagedserve serve`, `pagedserve worker`, `pagedserve generate` and
+`python -m pagedserve.clients.health_check` may also be given as an environment variable: `PAGEDSERVE_` and the
+option's name in capitals, dashes as underscores (`--max-num-seqs` is `PAGEDSERVE_MAX_NUM_SEQS`). An option on the
+command line wins over its variable; for a repeatable option, the command line's values replace the variable's.
+Variables are parsed by the option's type: a boolean takes `true`, `false`, `1`, `0`, `yes` or `no` (any case), a
+repeatable option a comma-separated list; anything that does not parse stops the command with exit code 2 and a
+message naming the variable. A variable that several commands read (`PAGEDSERVE_SEED`, `PAGEDSERVE_API_KEY`,
+`PAGEDSERVE_MODEL`, ...) sets the option of each command run where it is set. `serve` hands its local workers
+flags, never its `PAGEDSERVE_*` variables. Besides the options, `{SECRET_ENV}` holds the cluster secret itself
+(instead of `--cluster-secret-file`), read by `serve` and `worker`. `pagedserve --version` prints the version.
 
 This page is generated from the parsers (`python -m tests.test_configuration_doc`); a test fails when they drift.
 

@@ -48,7 +48,7 @@ from pagedserve.control_plane.text.tokenizer import Tokenizer
 from pagedserve.runtime.auth import SECRET_ENV, ClusterSecret, ClusterSecretInterceptor
 from pagedserve.runtime.collector import freeze_startup_objects
 from pagedserve.runtime.cpu_threads import local_worker_threads, usable_cores
-from pagedserve.runtime.flags import parse_args
+from pagedserve.runtime.flags import EPILOG, parse_args
 from pagedserve.runtime.gil import use_short_turns
 from pagedserve.runtime.logs import add_log_flags, configure_logging
 from pagedserve.runtime.stop_signal import stopped_by_signal
@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     """serve's flags, defaults taken from the configs (which the offline LLM uses too); each also reads
     PAGEDSERVE_<FLAG> (docs/configuration.md)."""
     server, scheduler, cache, engine = ServerConfig(), SchedulerConfig(), CacheConfig(), EngineConfig()
-    p = argparse.ArgumentParser(prog="pagedserve serve", description="Run the control plane (and local workers).")
+    p = argparse.ArgumentParser(prog="pagedserve serve", description="Run the control plane (and local workers).",
+                                epilog=EPILOG)
     p.add_argument("--model", type=Path, help="Hugging Face model directory (default: the built-in tiny model)")
     p.add_argument("--tokenizer", type=Path, help="directory of the tokenizer (tokenizer.json); default: --model's")
     p.add_argument("--host", default=server.host, help="address to bind (default loopback only)")
