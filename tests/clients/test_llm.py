@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -39,14 +38,10 @@ def test_offline_builtin_model_gives_the_same_tokens_with_the_worker_in_a_proces
 
 
 def test_a_worker_process_that_cannot_load_the_model_fails_the_constructor_instead_of_hanging(
-    stories260k_dir: Path, tmp_path: Path,
+    unloadable_model_dir: Path,
 ) -> None:
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(stories260k_dir / name, tmp_path / name)
-    (tmp_path / "model.safetensors").write_bytes(b"not safetensors")  # passes the file check, fails the load
-
     with pytest.raises(RuntimeError, match="exited with code"):
-        LLM(tmp_path, worker_start_timeout_s=120.0)
+        LLM(unloadable_model_dir, worker_start_timeout_s=120.0)
 
 
 def test_a_directory_that_is_no_model_fails_the_constructor_before_any_worker_starts(tmp_path: Path) -> None:
