@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pagedserve.clients.progress import PromptProgress
-from pagedserve.contract.model_dir import check_model_dir, check_tokenizer_dir
+from pagedserve.contract.model_dir import ModelDirError, check_model_dir, check_tokenizer_dir
 from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
 from pagedserve.contract.sampling_params import SamplingParams, validate_prompt
 from pagedserve.contract.step import StepPlan, StepResult, TokenLogprobs
@@ -89,7 +89,9 @@ class InProcessWorker:
 
 
 class LLM:
-    """A model served from this process. `model=None` uses the built-in tiny model with random weights. The defaults
+    """A model served from this process. `model=None` uses the built-in tiny model with random weights; `tokenizer`
+    reads the tokenizer from another directory than `model`'s; `cpu_threads` caps the worker process's torch threads
+    (default: the cores this process may use, less one for the engine). The defaults
     are `pagedserve serve`'s (the same config classes): on a CPU the KV pool holds what 256 sequences of the model's
     length need, at most 256 MiB, and nothing is swapped. A model directory that cannot be served raises
     ModelDirError (a ValueError) at once.
@@ -115,12 +117,15 @@ class LLM:
         worker_start_timeout_s: float = 600.0,
         cpu_threads: int | None = None,
     ) -> None:
+        if cpu_threads is not None and not worker_process:
+            raise ValueError("cpu_threads sets the worker process's threads; with worker_process=False the worker "
+                             "runs on this process's torch threads (torch.set_num_threads)")
         tokenizer_dir = None if tokenizer is None else Path(tokenizer)
         if model is not None:  # a wrong path fails here, in milliseconds, before a worker starts
             check_model_dir(Path(model), needs_weights=LoadFormat(load_format) is not LoadFormat.DUMMY)
             tokenizer_dir = check_tokenizer_dir(Path(model), tokenizer_dir)
         elif tokenizer_dir is not None:
-            tokenizer_dir = check_tokenizer_dir(tokenizer_dir, tokenizer_dir)
+            raise ModelDirError("tokenizer needs model: the built-in model comes with its own tokenizer")
         use_short_turns()
         freeze_startup_objects()  # before this LLM's own objects exist, so that they stay collectable after close()
         self._loop = asyncio.new_event_loop()

@@ -349,10 +349,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def check_model(server: ServerConfig) -> None:
     """Raises ModelDirError unless --model (if given) can be served and --tokenizer (or --model) holds a tokenizer:
     a check of files, so a wrong path fails in milliseconds rather than in a worker after its start."""
-    if server.model_dir is not None:
-        # External workers load their own copy; this one is still read for its tokenizer.
-        check_model_dir(server.model_dir, needs_weights=server.load_format is not LoadFormat.DUMMY
-                        and not server.worker_addresses)
-        check_tokenizer_dir(server.model_dir, server.tokenizer_dir)
-    elif server.tokenizer_dir is not None:
-        check_tokenizer_dir(server.tokenizer_dir, server.tokenizer_dir)
+    if server.model_dir is None:
+        if server.tokenizer_dir is not None:
+            raise ModelDirError("--tokenizer needs --model: the built-in model comes with its own tokenizer")
+        return
+    # External workers load their own copy; this one is still read for its tokenizer.
+    check_model_dir(server.model_dir, needs_weights=server.load_format is not LoadFormat.DUMMY
+                    and not server.worker_addresses)
+    check_tokenizer_dir(server.model_dir, server.tokenizer_dir)

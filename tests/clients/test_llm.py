@@ -76,3 +76,23 @@ def test_generate_shows_a_progress_bar_unless_told_not_to(
         hidden = capsys.readouterr().err
 
     assert ("Processed prompts: 100%" in shown, "2/2" in shown, "output:" in shown, hidden) == (True, True, True, "")
+
+
+def test_a_tokenizer_from_another_directory_gives_the_golden_text(stories260k_dir: Path, tmp_path: Path) -> None:
+    golden = json.loads((stories260k_dir / "golden_greedy.json").read_text())
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        (tmp_path / name).symlink_to(stories260k_dir / name)  # the model without its tokenizer
+    params = SamplingParams(temperature=0.0, max_tokens=len(golden["greedy_new_ids"]))
+    with pytest.raises(ModelDirError, match="no tokenizer.json"):
+        LLM(tmp_path, worker_process=False)
+    with LLM(tmp_path, tokenizer=stories260k_dir, worker_process=False) as llm:
+        (output,) = llm.generate([golden["prompt"]], params, use_tqdm=False)
+
+    assert golden["prompt"] + output.outputs[0].text == golden["greedy_text"]
+
+
+def test_options_that_would_be_ignored_are_refused() -> None:
+    with pytest.raises(ValueError, match="cpu_threads sets the worker process's threads"):
+        LLM(cpu_threads=2, worker_process=False)
+    with pytest.raises(ModelDirError, match="tokenizer needs model"):
+        LLM(tokenizer="/models/tokenizer")

@@ -18,6 +18,8 @@ from pagedserve.contract.model_dir import (
     check_model_dir,
     check_tokenizer_dir,
 )
+from pagedserve.control_plane.config import ServerConfig
+from pagedserve.control_plane.engine.main import check_model
 from pagedserve.gpu_worker.models.model_config import Architecture
 
 
@@ -96,3 +98,9 @@ def test_serve_with_a_bad_model_exits_2_with_one_line_before_any_worker(tmp_path
     assert (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime) < 3.0
     assert (result.returncode, result.stderr.splitlines()) == (
         2, [f"pagedserve serve: error: --model {tmp_path}: not a Hugging Face model directory (no config.json)"])
+
+
+def test_serve_refuses_a_tokenizer_without_a_model(stories260k_dir: Path) -> None:
+    with pytest.raises(ModelDirError, match="--tokenizer needs --model"):
+        check_model(ServerConfig(tokenizer_dir=stories260k_dir))
+    check_model(ServerConfig(model_dir=stories260k_dir, tokenizer_dir=stories260k_dir))
