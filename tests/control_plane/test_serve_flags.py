@@ -61,3 +61,12 @@ def test_parsing_the_serve_flags_imports_neither_torch_nor_the_worker() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_prefix_caching_false_in_the_environment_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PAGEDSERVE_ENABLE_PREFIX_CACHING", "false")
+
+    cache = configs_from_args(parse_args(build_parser(), [], os.environ))[2]
+    flagged = configs_from_args(parse_args(build_parser(), ["--enable-prefix-caching"], os.environ))[2]
+
+    assert (cache.enable_prefix_caching, flagged.enable_prefix_caching) == (False, True)
