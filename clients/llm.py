@@ -91,9 +91,9 @@ class InProcessWorker:
 class LLM:
     """A model served from this process. `model=None` uses the built-in tiny model with random weights; `tokenizer`
     reads the tokenizer from another directory than `model`'s; `cpu_threads` caps the worker process's torch threads
-    (default: the cores this process may use, less one for the engine). The defaults
-    are `pagedserve serve`'s (the same config classes): on a CPU the KV pool holds what 256 sequences of the model's
-    length need, at most 256 MiB, and nothing is swapped. A model directory that cannot be served raises
+    (default: the cores this process may use, less one for the engine). The defaults are `pagedserve serve`'s (the
+    same config classes): on a CPU the KV pool holds what 256 sequences of the model's length need, at most 256 MiB
+    unless one sequence needs more, and nothing is swapped. A model directory that cannot be served raises
     ModelDirError (a ValueError) at once.
 
     The engine runs on a thread of this process, so creating an LLM shortens the process's thread switch interval

@@ -88,21 +88,24 @@ class CacheConfig:
 
     def for_worker(self, device: str, kv_bytes_per_token: int, max_num_seqs: int, max_model_len: int) -> CacheConfig:
         """This config with the sizes left to the device filled in. A CPU worker's KV pool holds what max_num_seqs
-        sequences of max_model_len tokens need, at most CPU_KV_CACHE_CAP_BYTES, and it swaps nowhere: its swap
-        space would be the same memory again. A GPU worker's pool is sized by gpu_memory_utilization; it keeps
-        vLLM's 4 GiB of swap space."""
+        sequences of max_model_len tokens need, at most CPU_KV_CACHE_CAP_BYTES unless one sequence alone needs more
+        (a server must take a request of max_model_len tokens), and it swaps nowhere: its swap space would be the
+        same memory again. A GPU worker's pool is sized by gpu_memory_utilization; it keeps vLLM's 4 GiB of swap."""
         is_cpu = not device.startswith("cuda")
         kv_bytes = self.kv_cache_memory_bytes
-        if kv_bytes is None:
-            kv_bytes = min(kv_bytes_per_token * max_num_seqs * max_model_len, CPU_KV_CACHE_CAP_BYTES) if is_cpu else 0
+        if kv_bytes is None and is_cpu:
+            one_sequence_bytes = kv_bytes_per_token * max_model_len
+            kv_bytes = min(one_sequence_bytes * max_num_seqs, max(CPU_KV_CACHE_CAP_BYTES, one_sequence_bytes))
+        elif kv_bytes is None:
+            kv_bytes = 0
         swap_bytes = self.swap_space_bytes
         if swap_bytes is None:
             swap_bytes = 0 if is_cpu else GPU_SWAP_SPACE_BYTES
         return replace(self, kv_cache_memory_bytes=kv_bytes, swap_space_bytes=swap_bytes)
 
 
-# A CPU worker's KV pool by default: the built-in model's 4 KiB per token make 65,536 tokens (32 sequences of its
-# 2,048), a 1B model's 32 KiB 8,192; --kv-cache-memory gives more.
+# A CPU worker's KV pool by default, unless one sequence of max_model_len needs more: the built-in model's 4 KiB per
+# token make 65,536 tokens (32 sequences of its 2,048); --kv-cache-memory gives more, --max-model-len less.
 CPU_KV_CACHE_CAP_BYTES = 256 << 20
 GPU_SWAP_SPACE_BYTES = 4 << 30  # vLLM's --swap-space default
 

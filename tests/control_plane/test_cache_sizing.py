@@ -23,6 +23,12 @@ def test_a_cpu_pool_is_capped() -> None:
     assert (cache.kv_cache_memory_bytes, CPU_KV_CACHE_CAP_BYTES) == (256 << 20, 256 << 20)
 
 
+def test_a_cpu_pool_holds_one_sequence_of_max_model_len_whatever_the_cap() -> None:
+    cache = CacheConfig().for_worker("cpu", kv_bytes_per_token=12 << 10, max_num_seqs=256, max_model_len=32768)
+
+    assert cache.kv_cache_memory_bytes == (12 << 10) * 32768  # 384 MiB: Qwen2.5-0.5B's full context in bfloat16
+
+
 def test_a_gpu_worker_swaps_into_vllms_four_gib() -> None:
     cache = CacheConfig().for_worker("cuda:0", kv_bytes_per_token=4096, max_num_seqs=256, max_model_len=2048)
 
