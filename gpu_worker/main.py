@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import enum
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import grpc
 import structlog
 import torch
 
-from pagedserve.contract.model_dir import ModelDirError, check_model_dir
+from pagedserve.contract.model_dir import check_model_dir
 from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
 from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.service import start_server
@@ -22,7 +21,7 @@ from pagedserve.gpu_worker.worker import Worker
 from pagedserve.runtime.auth import SECRET_ENV, ClusterSecret, cluster_secret_from
 from pagedserve.runtime.collector import freeze_startup_objects
 from pagedserve.runtime.cpu_threads import usable_cores
-from pagedserve.runtime.flags import EPILOG, parse_args
+from pagedserve.runtime.flags import EPILOG, parse_args, usage_error
 from pagedserve.runtime.gil import use_short_turns
 from pagedserve.runtime.logs import add_log_flags, configure_logging
 from pagedserve.runtime.parent_watch import exit_when_parent_dies
@@ -131,19 +130,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         exit_when_parent_dies(args.parent_pid)  # before loading: a parent may die while the weights load
     try:
         check_model_dir(args.model, needs_weights=args.load_format is not LoadFormat.DUMMY)
-    except ModelDirError as error:
-        print(f"pagedserve worker: error: {error}", file=sys.stderr)
-        return 2
+        config = config_from_args(args)
+    except ValueError as error:  # ModelDirError included: one line and exit code 2, before loading anything
+        usage_error(parser, str(error))
     secret = cluster_secret_from_args(parser, args)
     if secret is None:
         log.warning("authentication_disabled", flag="--insecure-no-auth",
                     message="any process that reaches this port can drive or reset the worker")
     credentials = server_credentials_from_args(parser, args)
     use_short_turns()
-    try:
-        config = config_from_args(args)
-    except ValueError as error:
-        parser.error(str(error))
     torch.set_num_threads(config.cpu_threads)
     worker = Worker.load(config)
     freeze_startup_objects()

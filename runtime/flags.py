@@ -8,8 +8,9 @@ its variable, and a variable that does not parse is a usage error naming it (exi
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 ENV_PREFIX = "PAGEDSERVE_"
 # Said at the end of every command's --help.
@@ -66,7 +67,7 @@ def parse_args(
             try:
                 from_env[action.dest] = _convert(action, environ[name])
             except (ValueError, TypeError, argparse.ArgumentTypeError) as error:
-                parser.error(f"environment variable {name}: {error}")
+                usage_error(parser, f"environment variable {name}: {error}")
             action.required = False  # the variable stands in for a required flag
     # Scalars become defaults, so a flag still wins. Repeatable flags would add the command line's values to the
     # variable's: they take the variable only when the command line gave none.
@@ -76,6 +77,13 @@ def parse_args(
         if _is_list_dest(parser, dest) and not getattr(args, dest):
             setattr(args, dest, value)
     return args
+
+
+def usage_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """Exits with code 2 and one line, `PROG: error: MESSAGE`: argparse's error without its usage, which for a
+    command with dozens of options would bury the line that matters."""
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _is_list_dest(parser: argparse.ArgumentParser, dest: str) -> bool:

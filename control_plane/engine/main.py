@@ -7,7 +7,6 @@ import asyncio
 import dataclasses
 import enum
 import os
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,7 +47,7 @@ from pagedserve.control_plane.text.tokenizer import Tokenizer
 from pagedserve.runtime.auth import SECRET_ENV, ClusterSecret, ClusterSecretInterceptor
 from pagedserve.runtime.collector import freeze_startup_objects
 from pagedserve.runtime.cpu_threads import local_worker_threads, usable_cores
-from pagedserve.runtime.flags import EPILOG, parse_args
+from pagedserve.runtime.flags import EPILOG, parse_args, usage_error
 from pagedserve.runtime.gil import use_short_turns
 from pagedserve.runtime.logs import add_log_flags, configure_logging
 from pagedserve.runtime.stop_signal import stopped_by_signal
@@ -322,14 +321,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv, os.environ)
     configure_logging(args.log_format, args.log_level.number)
-    try:
+    try:  # one line and exit code 2, before any worker starts
         server, scheduler, cache, engine_config = configs_from_args(args)
         check_model(server)
-    except ModelDirError as error:  # one line, before any worker starts
-        print(f"pagedserve serve: error: {error}", file=sys.stderr)
-        return 2
-    except ValueError as error:
-        parser.error(str(error))
+    except ValueError as error:  # ModelDirError included
+        usage_error(parser, str(error))
     use_short_turns()
     supervision = supervisor_config_from_args(args, server)
     secret = cluster_secret_from_args(parser, args)
