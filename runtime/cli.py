@@ -36,11 +36,13 @@ def generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pagedserve generate", description="Stream a completion to stdout.",
                                 epilog=EPILOG)
     p.add_argument("prompt", help="the prompt text")
-    p.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of a pagedserve server")
-    p.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="most tokens to generate")
+    p.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of a pagedserve server (default %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=defaults.max_tokens,
+                   help="most tokens to generate (default %(default)s)")
     p.add_argument("--temperature", type=float, default=defaults.temperature,
-                   help="softmax temperature; 0 is greedy")
-    p.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus sampling mass in (0, 1]")
+                   help="softmax temperature; 0 is greedy (default %(default)s)")
+    p.add_argument("--top-p", type=float, default=defaults.top_p,
+                   help="nucleus sampling mass in (0, 1] (default %(default)s)")
     p.add_argument("--top-k", type=int, default=defaults.top_k, help="sample among the k likeliest tokens; 0: all")
     p.add_argument("--seed", type=int, help="seed of this request's sampling (default: unseeded)")
     p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")

@@ -60,7 +60,7 @@ def _row(command: str, action: argparse.Action) -> str:
     flag = " / ".join(f"`{s}`" for s in action.option_strings if s.startswith("--"))
     if isinstance(action, argparse.BooleanOptionalAction):
         flag = f"`{action.option_strings[0]}` / `{action.option_strings[1]}`"
-    meaning = " ".join((action.help or "").split()).replace("|", "\\|")
+    meaning = " ".join((action.help or "").split()).replace("%(default)s", str(action.default)).replace("|", "\\|")
     return f"| {command} | {flag} | `{env_name(action)}` | {_type(action)} | {_default(action)} | {meaning} |"
 
 
