@@ -6,7 +6,9 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pagedserve.v1 import common_pb2, generation_service_pb2
+from pagedserve.contract.codec import sampling_params_to_proto
+from pagedserve.contract.sampling_params import SamplingParams
+from pagedserve.v1 import generation_service_pb2
 
 pb = generation_service_pb2
 ChatMessageLike = Mapping[str, Any] | pb.ChatMessage
@@ -20,7 +22,7 @@ _ROLES = {
 
 def chat_request(
     messages: Sequence[ChatMessageLike],
-    params: common_pb2.SamplingParams | None = None,
+    params: SamplingParams | None = None,
     *,
     tools: Sequence[ChatToolLike] = (),
     add_generation_prompt: bool | None = None,
@@ -39,7 +41,7 @@ def chat_request(
     if add_generation_prompt is not None:
         request.add_generation_prompt = add_generation_prompt
     if params is not None:
-        request.sampling_params.CopyFrom(params)
+        request.sampling_params.CopyFrom(sampling_params_to_proto(params))
     return request
 
 

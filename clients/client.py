@@ -12,11 +12,12 @@ import grpc
 
 from pagedserve.clients.chat_request import ChatMessageLike, ChatToolLike, chat_request
 from pagedserve.clients.errors import RETRYABLE, PagedServeClientError, error_from_rpc
-from pagedserve.v1 import common_pb2, generation_service_pb2, generation_service_pb2_grpc
+from pagedserve.contract.codec import sampling_params_to_proto
+from pagedserve.contract.sampling_params import SamplingParams
+from pagedserve.v1 import generation_service_pb2, generation_service_pb2_grpc
 
 T = TypeVar("T")
 _PUSHBACK = "grpc-retry-pushback-ms"  # gRPC's retry pushback trailer: milliseconds to wait, negative: do not retry
-SamplingParams = common_pb2.SamplingParams
 FinishReason = generation_service_pb2.FinishReason
 
 
@@ -116,14 +117,18 @@ class PagedServeClient:
         priority: int = 0,
         timeout_s: float | None = None,
     ) -> AsyncIterator[generation_service_pb2.GenerateResponse]:
-        """Streams the response chunks of one request as they arrive."""
+        """Streams the response chunks of one request as they arrive. params: SamplingParams, the same class the
+        offline LLM takes (None: vLLM's defaults); its max_tokens must be a number, the protocol has no "up to the
+        context length"."""
+        if params is not None and params.max_tokens is None:
+            raise ValueError("max_tokens: None (up to the context length) cannot be sent; give a number of tokens")
         request = generation_service_pb2.GenerateRequest(request_id=request_id, priority=priority)
         if isinstance(prompt, str):
             request.text = prompt
         else:
             request.token_ids.ids.extend(prompt)
         if params is not None:
-            request.sampling_params.CopyFrom(params)
+            request.sampling_params.CopyFrom(sampling_params_to_proto(params))
         async for chunk in self._stream_with_retries(
             lambda: self._stub.Generate(request, timeout=timeout_s, metadata=self._metadata)
         ):

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+from pagedserve.clients.progress import PromptProgress
+from pagedserve.contract.model_dir import ModelDirError, check_model_dir, check_tokenizer_dir
 from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
 from pagedserve.contract.sampling_params import SamplingParams, truncated_prompt, validate_prompt
 from pagedserve.contract.step import StepPlan, StepResult, TokenLogprobs
@@ -38,6 +40,7 @@ from pagedserve.gpu_worker.step_pipeline import StepPipeline
 from pagedserve.gpu_worker.worker import LaunchedStep, Worker
 from pagedserve.runtime.auth import ClusterSecret
 from pagedserve.runtime.collector import freeze_startup_objects
+from pagedserve.runtime.cpu_threads import local_worker_threads, usable_cores
 from pagedserve.runtime.gil import use_short_turns
 
 T = TypeVar("T")
@@ -88,7 +91,12 @@ class InProcessWorker:
 
 
 class LLM:
-    """A model served from this process. `model=None` uses the built-in tiny model with random weights.
+    """A model served from this process. `model=None` uses the built-in tiny model with random weights; `tokenizer`
+    reads the tokenizer from another directory than `model`'s; `cpu_threads` caps the worker process's torch threads
+    (default: the cores this process may use, less one for the engine). The defaults are `pagedserve serve`'s (the
+    same config classes): on a CPU the KV pool holds what 256 sequences of the model's length need, at most 256 MiB
+    unless one sequence needs more, and nothing is swapped. A model directory that cannot be served raises
+    ModelDirError (a ValueError) at once.
 
     The engine runs on a thread of this process, so creating an LLM shortens the process's thread switch interval
     (pagedserve.runtime.gil) for the step pipeline's hand-offs between threads, and freezes the objects alive before it
@@ -99,6 +107,7 @@ class LLM:
         self,
         model: str | Path | None = None,
         *,
+        tokenizer: str | Path | None = None,
         dtype: DType | str = DType.AUTO,
         device: DeviceKind | str = DeviceKind.AUTO,
         load_format: LoadFormat | str = LoadFormat.AUTO,
@@ -108,7 +117,17 @@ class LLM:
         engine_config: EngineConfig | None = None,
         worker_process: bool = True,
         worker_start_timeout_s: float = 600.0,
+        cpu_threads: int | None = None,
     ) -> None:
+        if cpu_threads is not None and not worker_process:
+            raise ValueError("cpu_threads sets the worker process's threads; with worker_process=False the worker "
+                             "runs on this process's torch threads (torch.set_num_threads)")
+        tokenizer_dir = None if tokenizer is None else Path(tokenizer)
+        if model is not None:  # a wrong path fails here, in milliseconds, before a worker starts
+            check_model_dir(Path(model), needs_weights=LoadFormat(load_format) is not LoadFormat.DUMMY)
+            tokenizer_dir = check_tokenizer_dir(Path(model), tokenizer_dir)
+        elif tokenizer_dir is not None:
+            raise ModelDirError("tokenizer needs model: the built-in model comes with its own tokenizer")
         use_short_turns()
         freeze_startup_objects()  # before this LLM's own objects exist, so that they stay collectable after close()
         self._loop = asyncio.new_event_loop()
@@ -127,6 +146,7 @@ class LLM:
             self._launcher = LocalWorkers(WorkerLaunchConfig(
                 model_dir=model_dir, dtype=DType(dtype), device=DeviceKind(device), load_format=LoadFormat(load_format),
                 seed=seed, cluster_secret=secret,
+                cpu_threads=cpu_threads or local_worker_threads(1, usable_cores()),
             ))
             try:
                 self._worker = self._run(_connect(self._launcher, secret, worker_start_timeout_s))
@@ -139,7 +159,7 @@ class LLM:
             self._worker = InProcessWorker(Worker.load(config))
         started = self._run(start_engine(
             [self._worker], scheduler_config or SchedulerConfig(), cache_config or CacheConfig(),
-            engine_config or EngineConfig(), model_dir, model_name,
+            engine_config or EngineConfig(), tokenizer_dir or model_dir, model_name,
         ))
         self._engine: Engine
         self.model: ServedModel
@@ -154,8 +174,10 @@ class LLM:
         self,
         prompts: Sequence[str | Sequence[int]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generates for every prompt (all admitted at once, batched by the scheduler); outputs in prompt order."""
+        """Generates for every prompt (all admitted at once, batched by the scheduler); outputs in prompt order.
+        use_tqdm: show a progress bar of finished prompts and tokens per second on stderr, as vLLM does."""
         params = sampling_params or SamplingParams()
         per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
@@ -168,7 +190,8 @@ class LLM:
             validate_prompt(ids, self.model.vocab_size, self.model.max_model_len)
             p.validate(self.model.vocab_size, self.model.max_model_len, len(ids))
             self._constraints.check(p)
-        return self._run(self._generate_all(prompt_ids, per_prompt))
+        with PromptProgress(len(prompts), enabled=use_tqdm) as progress:
+            return self._run(self._generate_all(prompt_ids, per_prompt, progress))
 
     def chat(
         self,
@@ -180,6 +203,7 @@ class LLM:
         continue_final_message: bool = False,
         tools: Sequence[Mapping[str, Any]] | None = None,
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Completes one conversation (OpenAI's message dicts) or a list of them, as vLLM's LLM.chat: each rendered
         with chat_template (Jinja text) or the model's, then generated as generate() does; outputs in order.
@@ -196,19 +220,22 @@ class LLM:
             ))
             for conversation in conversations
         ]
-        return self.generate(prompts, sampling_params)
+        return self.generate(prompts, sampling_params, use_tqdm)
 
     async def _generate_all(
-        self, prompt_ids: list[tuple[int, ...]], params: list[SamplingParams]
+        self, prompt_ids: list[tuple[int, ...]], params: list[SamplingParams], progress: PromptProgress,
     ) -> list[RequestOutput]:
         request_ids = [
             self._engine.add_request(ids, p, final_only=True) for ids, p in zip(prompt_ids, params, strict=True)
         ]
         return list(await asyncio.gather(*(
-            self._collect(rid, ids, p.n) for rid, ids, p in zip(request_ids, prompt_ids, params, strict=True)
+            self._collect(rid, ids, p.n, progress)
+            for rid, ids, p in zip(request_ids, prompt_ids, params, strict=True)
         )))
 
-    async def _collect(self, request_id: str, prompt_ids: tuple[int, ...], n: int) -> RequestOutput:
+    async def _collect(
+        self, request_id: str, prompt_ids: tuple[int, ...], n: int, progress: PromptProgress,
+    ) -> RequestOutput:
         texts: list[list[str]] = [[] for _ in range(n)]
         ids: list[list[int]] = [[] for _ in range(n)]
         logprobs: list[list[TokenLogprobs]] = [[] for _ in range(n)]
@@ -220,6 +247,7 @@ class LLM:
             logprobs[chunk.completion_index].extend(chunk.logprobs)
             reasons[chunk.completion_index] = chunk.finish_reason or reasons[chunk.completion_index]
         outputs = [CompletionOutput(i, "".join(texts[i]), ids[i], reasons[i], logprobs[i]) for i in range(n)]
+        progress.finished(len(prompt_ids), sum(map(len, ids)))
         return RequestOutput(request_id, prompt_ids, outputs)
 
     def status(self) -> EngineStatus:

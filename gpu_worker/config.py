@@ -22,6 +22,7 @@ class WorkerConfig:
     enforce_eager: bool = False  # never replay CUDA graphs (debugging, or to save their memory)
     kv_cache_dtype: KVCacheDType = KVCacheDType.AUTO  # FP8: the paged pool holds e4m3, half the bytes per token
     quantization: Quantization = Quantization.NONE  # FP8: linear layers quantized to e4m3 at load
+    cpu_threads: int = 1  # torch's CPU threads (runtime/cpu_threads.py: main gives the cores it may use)
 
     def __post_init__(self) -> None:
         if self.seed < 0:
@@ -29,5 +30,7 @@ class WorkerConfig:
         host, sep, port = self.listen_address.rpartition(":")
         if not sep or not host or not port.isdigit() or int(port) > 65535:
             raise ValueError(f"listen_address must be HOST:PORT, got {self.listen_address!r}")
+        if self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be at least 1, got {self.cpu_threads}")
         if not self.worker_id:
             raise ValueError("worker_id must not be empty")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import enum
 import logging
 import sys
@@ -13,6 +14,28 @@ class LogFormat(enum.Enum):
     AUTO = "auto"  # console on a TTY, JSON otherwise
     CONSOLE = "console"
     JSON = "json"
+
+
+class LogLevel(enum.Enum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+    @property
+    def number(self) -> int:
+        """The standard library's level number."""
+        return int(getattr(logging, self.name))
+
+
+def add_log_flags(parser: argparse.ArgumentParser) -> None:
+    """--log-format and --log-level, which a process hands on to every process it starts."""
+    parser.add_argument("--log-format", type=LogFormat, default=LogFormat.AUTO, choices=list(LogFormat),
+                        metavar="{" + ",".join(f.value for f in LogFormat) + "}",
+                        help="console text, JSON lines, or auto: console on a terminal, JSON otherwise")
+    parser.add_argument("--log-level", type=LogLevel, default=LogLevel.INFO, choices=list(LogLevel),
+                        metavar="{" + ",".join(level.value for level in LogLevel) + "}",
+                        help="least severe event logged")
 
 
 def configure_logging(log_format: LogFormat = LogFormat.AUTO, level: int = logging.INFO) -> None:

@@ -33,7 +33,7 @@ from pagedserve.control_plane.text.tokenizer import Tokenizer
 from pagedserve.runtime.auth import ClusterSecret, inherited_cluster_secret
 from pagedserve.runtime.collector import freeze_startup_objects
 from pagedserve.runtime.gil import use_short_turns
-from pagedserve.runtime.logs import LogFormat, configure_logging
+from pagedserve.runtime.logs import add_log_flags, configure_logging
 from pagedserve.runtime.stop_signal import stopped_by_signal
 from pagedserve.v1 import generation_service_pb2
 
@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", required=True, help="the engine process's EngineService address")
     p.add_argument("--model", type=Path, required=True, help="model directory (its tokenizer)")
     p.add_argument("--listen", required=True, help="public HOST:PORT")
-    p.add_argument("--log-format", default="auto", choices=[f.value for f in LogFormat])
+    add_log_flags(p)
     p.add_argument("--max-num-seqs", type=int, help="the schedulers' max_num_seqs: a request's n may not exceed it")
     p.add_argument("--tls-cert-file", type=Path, help="PEM certificate chain: serve over TLS")
     p.add_argument("--tls-key-file", type=Path, help="PEM private key of --tls-cert-file")
@@ -116,7 +116,7 @@ async def _set_health(health_servicer: health.aio.HealthServicer, is_serving: bo
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    configure_logging(LogFormat(args.log_format))
+    configure_logging(args.log_format, args.log_level.number)
     use_short_turns()
     # The engine that starts this process hands it the cluster secret in its environment (never on a command line).
     secret = inherited_cluster_secret(os.environ)

@@ -11,7 +11,7 @@ import structlog
 
 from pagedserve.control_plane.config import FRONTEND_API_KEYS_ENV, ServerConfig
 from pagedserve.runtime.auth import SECRET_ENV, ClusterSecret
-from pagedserve.runtime.logs import LogFormat
+from pagedserve.runtime.logs import LogFormat, LogLevel
 
 log = structlog.get_logger()
 
@@ -29,7 +29,7 @@ class FrontendProcess:
     async def start(
         cls, engine_address: str, model_dir: Path, address: str, log_format: LogFormat,
         server: ServerConfig | None = None, max_num_seqs: int | None = None,
-        cluster_secret: ClusterSecret | None = None,
+        cluster_secret: ClusterSecret | None = None, log_level: LogLevel = LogLevel.INFO,
     ) -> FrontendProcess:
         """In a session of its own, so that signals for this process's group (Ctrl-C at a terminal) reach only
         the engine, which stops the frontend by stop(): a SIGINT of its own would start its drain, and the
@@ -41,6 +41,7 @@ class FrontendProcess:
             sys.executable, "-m", "pagedserve.control_plane.launch.frontend_child", "--parent-pid", str(os.getpid()),
             "--engine", engine_address,
             "--model", str(model_dir), "--listen", address, "--log-format", log_format.value,
+            "--log-level", log_level.value,
             *_public_flags(server, max_num_seqs), start_new_session=True,
             env=_with_secret(_public_env(server), cluster_secret),
         )
