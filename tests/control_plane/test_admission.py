@@ -37,6 +37,10 @@ def _request(max_tokens: int, prompt: tuple[int, ...] = PROMPT) -> generation_se
     return request
 
 
+def _params(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+
+
 NEVER_FITS_MESSAGE = ("the request can never fit: a prompt of 70 tokens needs 18 KV blocks of 4 tokens, and the "
                       "largest worker's pool has 16; shorten the prompt (retrying does not help)")
 
@@ -65,7 +69,7 @@ def test_the_client_does_not_retry_a_request_that_can_never_fit(tokenizer: Token
         started = time.monotonic()
         async with PagedServeClient(stack.address, max_retries=3, backoff_s=1.0) as client:
             with pytest.raises(ResourceExhausted) as raised:
-                await client.generate(HUGE_PROMPT, _request(4).sampling_params)
+                await client.generate(HUGE_PROMPT, _params(4))
         return raised.value.message, len(stack.num_adds), time.monotonic() - started
 
     message, num_adds, elapsed_s = run_stack(tokenizer, tmp_path, scenario)
@@ -119,13 +123,12 @@ def test_a_live_request_id_is_already_exists_and_free_again_once_its_request_end
 ) -> None:
     async def scenario(stack: Stack) -> tuple[grpc.StatusCode, str, int, int]:
         async with PagedServeClient(stack.address, max_retries=0) as client:
-            first = client.generate_stream(PROMPT, _request(40).sampling_params, request_id="dup")
+            first = client.generate_stream(PROMPT, _params(40), request_id="dup")
             await anext(first)
             with pytest.raises(PagedServeClientError) as raised:
-                await anext(client.generate_stream(PROMPT, _request(4).sampling_params, request_id="dup"))
+                await anext(client.generate_stream(PROMPT, _params(4), request_id="dup"))
             rest = [chunk async for chunk in first]
-            again = [chunk async for chunk in client.generate_stream(PROMPT, _request(3).sampling_params,
-                                                                     request_id="dup")]
+            again = [chunk async for chunk in client.generate_stream(PROMPT, _params(3), request_id="dup")]
         return raised.value.code, raised.value.message, rest[-1].usage.completion_tokens, \
             again[-1].usage.completion_tokens
 

@@ -15,6 +15,7 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from pagedserve.clients.client import PagedServeClient
+from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.v1 import common_pb2, generation_service_pb2, generation_service_pb2_grpc
 from tests.chat_model import ROLES_CHAT_TEMPLATE, with_chat_template
 from tests.e2e.processes import Cluster, running_cluster
@@ -64,7 +65,7 @@ def test_chat_gives_the_tokens_generate_gives_on_the_prompt_transformers_renders
 
 
 def test_the_client_and_the_cli_chat_as_the_server_does_and_the_cli_keeps_the_history(chat_cluster: Cluster) -> None:
-    params = common_pb2.SamplingParams(temperature=0.0, max_tokens=8)
+    params = SamplingParams(temperature=0.0, max_tokens=8)
 
     async def replies() -> tuple[str, str]:
         async with PagedServeClient(chat_cluster.address) as client:
