@@ -75,8 +75,16 @@ def test_fp8_write_kv_and_rotary_write_kv_match_reference(ops: KernelOps, dtype:
         q_kernel, pool_kernel = caches["kernel" + kind]
         q_reference, pool_reference = caches["reference" + kind]
         torch.testing.assert_close(q_kernel, q_reference)
-        # The same rounding of the same float32 quotient: equal bytes, NaN bytes left only in unwritten slots.
-        assert torch.equal(pool_kernel, pool_reference)
+        if kind == "-write":
+            # The same rounding of the same float32 quotient: equal bytes, NaN bytes left only in unwritten slots.
+            assert torch.equal(pool_kernel, pool_reference)
+        else:
+            # Rotated keys may differ by one unit in the model dtype's last place before quantizing, so a code may
+            # land on its neighbour: the same sign bit, magnitudes at most one code apart, the same unwritten slots.
+            kernel_codes, reference_codes = pool_kernel.long(), pool_reference.long()
+            assert torch.equal(kernel_codes >> 7, reference_codes >> 7)
+            assert (kernel_codes - reference_codes).abs().max().item() <= 1
+            assert torch.equal(pool_kernel == 0x7F, pool_reference == 0x7F)
 
 
 def test_fp8_blocks_copy_and_swap_bit_for_bit(ops: KernelOps) -> None:
