@@ -20,7 +20,7 @@ from typing import Any, TypeVar, cast
 
 from pagedserve.clients.progress import PromptProgress
 from pagedserve.contract.model_dir import ModelDirError, check_model_dir, check_tokenizer_dir
-from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
+from pagedserve.contract.model_format import DeviceKind, DType, KVCacheDType, LoadFormat, Quantization
 from pagedserve.contract.sampling_params import SamplingParams, truncated_prompt, validate_prompt
 from pagedserve.contract.step import StepPlan, StepResult, TokenLogprobs
 from pagedserve.contract.worker_info import CacheInfo, CacheRequest, WorkerInfo
@@ -112,6 +112,8 @@ class LLM:
         device: DeviceKind | str = DeviceKind.AUTO,
         load_format: LoadFormat | str = LoadFormat.AUTO,
         seed: int = 0,
+        kv_cache_dtype: KVCacheDType | str = KVCacheDType.AUTO,
+        quantization: Quantization | str = Quantization.NONE,
         scheduler_config: SchedulerConfig | None = None,
         cache_config: CacheConfig | None = None,
         engine_config: EngineConfig | None = None,
@@ -145,7 +147,8 @@ class LLM:
             secret = ClusterSecret.generate()  # the worker serves only this process, even on loopback
             self._launcher = LocalWorkers(WorkerLaunchConfig(
                 model_dir=model_dir, dtype=DType(dtype), device=DeviceKind(device), load_format=LoadFormat(load_format),
-                seed=seed, cluster_secret=secret,
+                seed=seed, cluster_secret=secret, kv_cache_dtype=KVCacheDType(kv_cache_dtype),
+                quantization=Quantization(quantization),
                 cpu_threads=cpu_threads or local_worker_threads(1, usable_cores()),
             ))
             try:
@@ -155,7 +158,8 @@ class LLM:
                 raise
         else:
             config = WorkerConfig(model_dir=model_dir, dtype=DType(dtype), device=DeviceKind(device),
-                                  load_format=LoadFormat(load_format), seed=seed)
+                                  load_format=LoadFormat(load_format), seed=seed,
+                                  kv_cache_dtype=KVCacheDType(kv_cache_dtype), quantization=Quantization(quantization))
             self._worker = InProcessWorker(Worker.load(config))
         started = self._run(start_engine(
             [self._worker], scheduler_config or SchedulerConfig(), cache_config or CacheConfig(),

@@ -116,6 +116,7 @@ def load_fp8_checkpoint(model: DecoderForCausalLM, tensors: Iterable[tuple[str, 
         elif (match := _KV_SCALE.fullmatch(name)) is not None:
             attention = _layer(model, int(match.group(1))).attn
             setattr(attention, f"{match.group(2) or match.group(3)}_scale", _scalar(tensor, name))
+            attention.has_checkpoint_kv_scales = True
         elif tensor.dtype == FP8_DTYPE:
             raise ModelLoadError(f"weight {name} is FP8, but only the linear layers of decoder blocks may be")
         else:

@@ -19,6 +19,7 @@ from pagedserve.gpu_worker.cuda_graph import CudaGraphRunner
 from pagedserve.gpu_worker.device_span import DeviceSpan
 from pagedserve.gpu_worker.devices import dtype_from_torch, resolve_device
 from pagedserve.gpu_worker.errors import CacheNotInitializedError, InvalidCacheRequestError
+from pagedserve.gpu_worker.fp8_kv_scales import calibrate_kv_scales
 from pagedserve.gpu_worker.fp8_support import require_fp8_device
 from pagedserve.gpu_worker.grammar import GrammarCompiler
 from pagedserve.gpu_worker.kv_pool import KVLayout, KVPool
@@ -89,6 +90,8 @@ class Worker:
         ops = get_kernel_ops(device)
         loaded = load_model(config.model_dir, config.dtype, device, config.load_format, config.seed, ops,
                             config.quantization)
+        if config.kv_cache_dtype is KVCacheDType.FP8:
+            calibrate_kv_scales(loaded.model, device, config.seed)
         return cls(config, loaded, device, ops)
 
     @property

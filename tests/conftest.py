@@ -10,6 +10,11 @@ import pytest
 from tests import shared_data
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--all-kernel-variants", action="store_true",
+                     help="compile every kernel instantiation to PTX (tests/kernels/test_kernel_sources.py)")
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     return shared_data.shared_dir()

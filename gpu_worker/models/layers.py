@@ -105,9 +105,10 @@ class PagedAttention(nn.Module):
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops, device, dtype)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops, device, dtype)
         self.scale = config.head_dim**-0.5
-        # An FP8 KV pool holds k / k_scale and v / v_scale (1.0, as in vLLM, unless the checkpoint has scales).
+        # An FP8 KV pool holds k / k_scale and v / v_scale: the checkpoint's, else calibrated (fp8_kv_scales.py).
         self.k_scale = 1.0
         self.v_scale = 1.0
+        self.has_checkpoint_kv_scales = False
 
     def project(
         self, x: torch.Tensor, rotation: Rotation, slot_mapping: torch.Tensor, layer_cache: torch.Tensor,
