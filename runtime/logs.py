@@ -38,6 +38,18 @@ def add_log_flags(parser: argparse.ArgumentParser) -> None:
                         help="least severe event logged")
 
 
+class _CurrentStderr:
+    """sys.stderr as it is at each write, not as it was when logging was configured: loggers are cached on first
+    use, so one bound to a stream that is later replaced and closed (contextlib.redirect_stderr, a test's capture)
+    would fail every later log line with "I/O operation on closed file"."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(log_format: LogFormat = LogFormat.AUTO, level: int = logging.INFO) -> None:
     """Routes structlog and the standard library's logging to stderr in one format."""
     use_json = log_format is LogFormat.JSON or (log_format is LogFormat.AUTO and not sys.stderr.isatty())
@@ -53,7 +65,7 @@ def configure_logging(log_format: LogFormat = LogFormat.AUTO, level: int = loggi
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr, format="%(name)s: %(message)s")
