@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from benchmarks.child_process import stop
 from pagedserve.control_plane.launch.worker_launcher import free_loopback_port
 
 
@@ -36,12 +37,7 @@ def running_gateway(worker_urls: Sequence[str], log_path: Path, extra: Sequence[
             time.sleep(0.2)
         yield base_url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, grace_s=15)
 
 
 def _lists_a_model(base_url: str) -> bool:
