@@ -49,7 +49,10 @@ def _close(record: RequestRecord, usage: dict[str, Any] | None, expected_prompt_
         record.num_late_tokens = late
 
 
-async def _send(client: httpx2.AsyncClient, model: str, request: BenchRequest, ignore_eos: bool) -> RequestRecord:
+async def stream_completion(client: httpx2.AsyncClient, model: str, request: BenchRequest, ignore_eos: bool,
+                            ) -> RequestRecord:
+    """Streams one completion of request and records when each chunk of text came; a failure (an HTTP status, an
+    error event, a usage that disagrees with the prompt or the chunks) is the record's error, never raised."""
     body = completion_body(model, request, ignore_eos)
     record = RequestRecord(prompt_len=len(request.prompt_token_ids), start_s=time.perf_counter())
     texts: list[str] = []
@@ -93,6 +96,6 @@ async def gateway_sender(base_url: str, ignore_eos: bool, max_connections: int) 
         async def send(request: BenchRequest, constraint: common_pb2.StructuredOutput | None) -> RequestRecord:
             if constraint is not None:
                 raise ValueError("the gateway path runs without structured output")
-            return await _send(client, model, request, ignore_eos)
+            return await stream_completion(client, model, request, ignore_eos)
 
         yield send
