@@ -8,10 +8,12 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class BenchRequest:
-    """One benchmark request: prompt token ids and the number of tokens to generate."""
+    """One benchmark request: prompt token ids and the number of tokens to generate; prompt_text, when set, is text
+    that the model's tokenizer turns into exactly prompt_token_ids (for endpoints that take text only)."""
 
     prompt_token_ids: tuple[int, ...]
     output_len: int
+    prompt_text: str | None = None
 
 
 def _length_range(target: int, range_ratio: float) -> tuple[int, int]:

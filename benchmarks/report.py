@@ -98,15 +98,31 @@ def _pyplot() -> Any | None:
     return plt
 
 
+def serving_series(runs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The runs of each path and constraint (in first-seen order), named "path" or "path, constraint" when the runs
+    carry several constraints."""
+    constraints = {run["structured_output"] for run in runs}
+    series: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        name = run["path"] if len(constraints) == 1 else f"{run['path']}, {run['structured_output']}"
+        series.setdefault(name, []).append(run)
+    return series
+
+
 def plot_serving(runs: Sequence[dict[str, Any]], path: Path) -> Path | None:
-    """Throughput, latency distributions and share of the bound, against concurrency; None without matplotlib."""
+    """Throughput per path (direct gRPC, the gateway) against concurrency, each run's latency distributions and share
+    of the bound; None without matplotlib."""
     plt = _pyplot()
     if plt is None:
         return None
-    labels = [str(run["max_concurrency"]) for run in runs]
+    series = serving_series(runs)
+    run_labels = [f"{r['path']}\n{r['max_concurrency']}" for r in runs]
     figure, (ax_tput, ax_lat, ax_bound) = plt.subplots(1, 3, figsize=(17, 4.8))
-    ax_tput.plot(labels, [r["output_throughput"] for r in runs], marker="o", label="output tokens/s")
-    ax_tput.plot(labels, [r["total_token_throughput"] for r in runs], marker="s", label="total tokens/s")
+    for name, members in series.items():
+        levels = [str(r["max_concurrency"]) for r in members]
+        ax_tput.plot(levels, [r["output_throughput"] for r in members], marker="o", label=f"{name}: output")
+        ax_tput.plot(levels, [r["total_token_throughput"] for r in members], marker="s", linestyle="--",
+                     label=f"{name}: total")
     ax_tput.set(xlabel="max concurrency", ylabel="tokens/s", title="Throughput")
     ax_tput.legend()
     positions = range(len(runs))
@@ -114,12 +130,12 @@ def plot_serving(runs: Sequence[dict[str, Any]], path: Path) -> Path | None:
                    patch_artist=True, boxprops={"facecolor": "#9ecae1"}, showfliers=False)
     ax_lat.boxplot([r["tpots_ms"] for r in runs], positions=[p + 0.2 for p in positions], widths=0.35,
                    patch_artist=True, boxprops={"facecolor": "#fdae6b"}, showfliers=False)
-    ax_lat.set_xticks(list(positions), labels)
+    ax_lat.set_xticks(list(positions), run_labels)
     ax_lat.set_yscale("log")
-    ax_lat.set(xlabel="max concurrency", ylabel="ms", title="TTFT (blue) and TPOT (orange) per request")
-    bounded = [r for r in runs if r.get("percent_of_bound") is not None]
-    ax_bound.bar([str(r["max_concurrency"]) for r in bounded], [r["percent_of_bound"] for r in bounded])
-    ax_bound.set(xlabel="max concurrency", ylabel="% of roofline bound", title="Output throughput / bound")
+    ax_lat.set(xlabel="path, max concurrency", ylabel="ms", title="TTFT (blue) and TPOT (orange) per request")
+    bounded = [(label, r) for label, r in zip(run_labels, runs, strict=True) if r.get("percent_of_bound") is not None]
+    ax_bound.bar([label for label, _ in bounded], [r["percent_of_bound"] for _, r in bounded])
+    ax_bound.set(xlabel="path, max concurrency", ylabel="% of roofline bound", title="Output throughput / bound")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

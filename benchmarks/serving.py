@@ -1,4 +1,5 @@
-"""`vllm bench serve` for pagedserve: random prompts streamed over gRPC to a server, TTFT/TPOT/ITL and throughput."""
+"""`vllm bench serve` for pagedserve: random prompts streamed to a server over gRPC, and through the Shepherd Model
+Gateway's OpenAI endpoint in front of it; TTFT/TPOT/ITL and throughput of each."""
 
 from __future__ import annotations
 
@@ -13,31 +14,42 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import grpc
+import transformers
 
 from benchmarks import report
+from benchmarks.child_process import stop
+from benchmarks.direct_client import Send
+from benchmarks.gateway_process import running_gateway
 from benchmarks.hardware_bound import HardwareRates, Workload, bound_summary, dtype_bytes, percent_of_bound
 from benchmarks.model_shapes import SHAPES, add_model_arguments, read_shape, sampling_vocab_size, write_model_dir
 from benchmarks.random_dataset import BenchRequest, sample_random_requests
 from benchmarks.serving_metrics import RequestRecord, compute_metrics
+from benchmarks.serving_paths import Endpoints, ServingPath, parse_paths, path_sender
 from benchmarks.step_profile import step_profile
-from benchmarks.structured_workload import constraints_for, parse_modes
+from benchmarks.structured_workload import ConstraintMode, constraints_for, parse_modes
+from benchmarks.text_prompts import with_text_prompts
 from pagedserve.clients.health_check import is_serving
 from pagedserve.control_plane.launch.worker_launcher import free_loopback_port
 from pagedserve.v1 import common_pb2, generation_service_pb2, generation_service_pb2_grpc
 
-_SUMMARY_HEADERS = ("constraint", "concurrency", "req/s", "out tok/s", "total tok/s", "TTFT p50 ms", "TTFT p99 ms",
-                    "TPOT p50 ms", "ITL p50 ms", "ITL p99 ms", "% of bound")
+_SUMMARY_HEADERS = ("path", "constraint", "concurrency", "req/s", "out tok/s", "total tok/s", "TTFT p50 ms",
+                    "TTFT p99 ms", "TPOT p50 ms", "ITL p50 ms", "ITL p99 ms", "% of bound")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__)
     add_model_arguments(p, "model directory (config.json + tokenizer)")
     p.add_argument("--server", metavar="HOST:PORT", help="use a running server instead of starting one")
+    p.add_argument("--paths", type=parse_paths, default=parse_paths("direct"),
+                   help="comma-separated, each run at every level in turn: direct (our Generate over gRPC, prompt "
+                        "ids), gateway (`smg launch --backend vllm` started in front of the same server, streamed "
+                        "/v1/completions over HTTP; prompts are then text that tokenizes to the ids every path sends)")
+    p.add_argument("--gateway-args", default="", help="more `smg launch` flags, one shell-quoted string")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="of the server's workers")
     p.add_argument("--quantization", default="none", choices=["none", "fp8"], help="of the server's workers")
@@ -64,18 +76,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bound", action=argparse.BooleanOptionalAction, default=True,
                    help="measure this device and report throughput as a share of the roofline bound")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="the server's, for the bound")
+    p.add_argument("--save-detailed", action="store_true",
+                   help="also record each request's output length and generated text")
     p.add_argument("--result-dir", type=Path, default=report.DEFAULT_RESULT_DIR)
     return p
 
 
-async def _wait_serving(address: str, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if ServingPath.GATEWAY in args.paths and args.structured_output != [ConstraintMode.NONE]:
+        parser.error("the gateway path runs with --structured-output none only")
+    return args
+
+
+def _wait_serving(address: str, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    while not await asyncio.to_thread(is_serving, address, 1.0):
+    while not is_serving(address, 1.0):
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"{address} not serving after {timeout_s} s:\n{log_path.read_text()[-4000:]}")
-        await asyncio.sleep(0.2)
+        time.sleep(0.2)
 
 
 @contextmanager
@@ -93,33 +115,11 @@ def server_process(
     try:
         yield f"127.0.0.1:{port}", process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, grace_s=30)
 
 
-async def _send(stub: generation_service_pb2_grpc.GenerationServiceStub, request: BenchRequest,
-                ignore_eos: bool, constraint: common_pb2.StructuredOutput | None) -> RequestRecord:
-    params = common_pb2.SamplingParams(max_tokens=request.output_len, temperature=0.0, ignore_eos=ignore_eos,
-                                       structured_output=constraint)
-    message = generation_service_pb2.GenerateRequest(sampling_params=params)
-    message.token_ids.ids.extend(request.prompt_token_ids)
-    record = RequestRecord(prompt_len=len(request.prompt_token_ids), start_s=time.perf_counter())
-    try:
-        async for chunk in stub.Generate(message):
-            if chunk.token_ids:
-                record.chunk_times_s.append(time.perf_counter())
-                record.chunk_num_tokens.append(len(chunk.token_ids))
-    except grpc.aio.AioRpcError as error:
-        record.error = f"{error.code().name}: {error.details()}"
-    return record
-
-
-async def run_requests(address: str, requests: Sequence[BenchRequest], request_rate: float,
-                       max_concurrency: int | None, ignore_eos: bool, seed: int,
+async def run_requests(send: Send, requests: Sequence[BenchRequest], request_rate: float,
+                       max_concurrency: int | None, seed: int,
                        constraints: Sequence[common_pb2.StructuredOutput | None] | None = None,
                        ) -> tuple[list[RequestRecord], float]:
     """Sends every request (Poisson arrivals at request_rate, at most max_concurrency in flight), request i with
@@ -128,21 +128,33 @@ async def run_requests(address: str, requests: Sequence[BenchRequest], request_r
     limit = asyncio.Semaphore(max_concurrency or len(requests))
     arrivals = random.Random(seed)
 
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
+    async def limited(request: BenchRequest, constraint: common_pb2.StructuredOutput | None) -> RequestRecord:
+        async with limit:
+            return await send(request, constraint)
 
-        async def limited(request: BenchRequest, constraint: common_pb2.StructuredOutput | None) -> RequestRecord:
-            async with limit:
-                return await _send(stub, request, ignore_eos, constraint)
-
-        start = time.perf_counter()
-        tasks = []
-        for request, constraint in zip(requests, constraints or [None] * len(requests), strict=True):
-            tasks.append(asyncio.create_task(limited(request, constraint)))
-            if math.isfinite(request_rate):
-                await asyncio.sleep(arrivals.expovariate(request_rate))
-        records = list(await asyncio.gather(*tasks))
+    start = time.perf_counter()
+    tasks = []
+    for request, constraint in zip(requests, constraints or [None] * len(requests), strict=True):
+        tasks.append(asyncio.create_task(limited(request, constraint)))
+        if math.isfinite(request_rate):
+            await asyncio.sleep(arrivals.expovariate(request_rate))
+    records = list(await asyncio.gather(*tasks))
     return records, time.perf_counter() - start
+
+
+def text_tokenizer(model_dir: Path, args: argparse.Namespace) -> transformers.PreTrainedTokenizerBase | None:
+    """The model's tokenizer where a path takes text prompts (the gateway), else None (prompts stay random ids)."""
+    if ServingPath.GATEWAY not in args.paths:
+        return None
+    tokenizer: transformers.PreTrainedTokenizerBase = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    return tokenizer
+
+
+def sample_workload(num_prompts: int, input_len: int, output_len: int, args: argparse.Namespace, vocab_size: int,
+                    seed: int, tokenizer: transformers.PreTrainedTokenizerBase | None) -> list[BenchRequest]:
+    """The random requests of one run, made text that tokenizes back to their ids when tokenizer is given."""
+    requests = sample_random_requests(num_prompts, input_len, output_len, args.random_range_ratio, vocab_size, seed)
+    return requests if tokenizer is None else with_text_prompts(requests, tokenizer, vocab_size, seed)
 
 
 def concurrency_levels(args: argparse.Namespace) -> list[int | None]:
@@ -151,39 +163,46 @@ def concurrency_levels(args: argparse.Namespace) -> list[int | None]:
     return [args.max_concurrency]
 
 
-async def run_levels(address: str, model_dir: Path, args: argparse.Namespace,
+async def run_levels(endpoints: Endpoints, model_dir: Path, args: argparse.Namespace,
                      rates: HardwareRates | None) -> list[dict[str, Any]]:
-    """Warms up, then one run per concurrency level, each on its own prompts (so no level hits another's
-    prefix cache)."""
+    """Warms up each path, then one run per constraint, concurrency level and path in turn, each on its own prompts
+    (so no run hits another's prefix cache)."""
     vocab_size = sampling_vocab_size(model_dir)
-    shape = read_shape(model_dir)
-    if args.num_warmups:
-        warmups = sample_random_requests(args.num_warmups, args.random_input_len, 4, 0.0, vocab_size, args.seed - 1)
-        await run_requests(address, warmups, math.inf, None, True, args.seed)
+    tokenizer = text_tokenizer(model_dir, args)
+    for path in args.paths if args.num_warmups else []:
+        warmups = sample_workload(args.num_warmups, args.random_input_len, 4, args, vocab_size, args.seed - 1,
+                                  tokenizer)
+        async with path_sender(path, endpoints, True, args.num_warmups) as send:
+            await run_requests(send, warmups, math.inf, None, args.seed)
     runs = []
-    plan = [(mode, level) for mode in args.structured_output for level in concurrency_levels(args)]
-    for index, (mode, level) in enumerate(plan):
+    plan = [(mode, level, path) for mode in args.structured_output for level in concurrency_levels(args)
+            for path in args.paths]
+    for index, (mode, level, path) in enumerate(plan):
         num_prompts = args.num_prompts
         if level is not None and args.prompts_per_concurrency:
             num_prompts = min(num_prompts, args.prompts_per_concurrency * level)
         seed = args.seed + index
-        requests = sample_random_requests(num_prompts, args.random_input_len, args.random_output_len,
-                                          args.random_range_ratio, vocab_size, seed)
-        before = await _server_status(address)
-        records, duration_s = await run_requests(address, requests, args.request_rate, level, args.ignore_eos, seed,
-                                                 constraints_for(mode, num_prompts, seed))
-        run = {"structured_output": mode.value, "max_concurrency": level or num_prompts, "num_prompts": num_prompts,
-               "seed": seed,
+        requests = sample_workload(num_prompts, args.random_input_len, args.random_output_len, args, vocab_size,
+                                   seed, tokenizer)
+        run = {"path": path.value, "structured_output": mode.value, "max_concurrency": level or num_prompts,
+               "num_prompts": num_prompts, "seed": seed,
                "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf"}
+        before = await _server_status(endpoints.server_address)
+        async with path_sender(path, endpoints, args.ignore_eos, run["max_concurrency"]) as send:
+            records, duration_s = await run_requests(send, requests, args.request_rate, level, seed,
+                                                     constraints_for(mode, num_prompts, seed))
         run.update(compute_metrics(records, duration_s))
-        run["step_profile"] = step_profile(before, await _server_status(address))
+        run["step_profile"] = step_profile(before, await _server_status(endpoints.server_address))
+        if args.save_detailed:
+            run["output_lens"] = [r.output_len if r.is_success else None for r in records]
+            run["generated_texts"] = [r.output_text if r.is_success else None for r in records]
         if rates is not None:
             workload = Workload(num_prompts, args.random_input_len, args.random_output_len, run["max_concurrency"],
                                 args.max_num_batched_tokens)
-            run.update(bound_summary(shape, dtype_bytes(args.dtype), rates, workload))
+            run.update(bound_summary(read_shape(model_dir), dtype_bytes(args.dtype), rates, workload))
             run["percent_of_bound"] = percent_of_bound(duration_s, run["bound_s"])
         runs.append(run)
-        print(f"{mode.value} max_concurrency={run['max_concurrency']}: {run['completed']} done, "
+        print(f"{path.value} {mode.value} max_concurrency={run['max_concurrency']}: {run['completed']} done, "
               f"{run['failed']} failed, {run['output_throughput']:.1f} output tokens/s", flush=True)
     return runs
 
@@ -197,19 +216,26 @@ async def _server_status(address: str) -> generation_service_pb2.GetServerStatus
 
 
 def summary_rows(runs: Sequence[dict[str, Any]]) -> list[list[object]]:
-    return [[r["structured_output"], r["max_concurrency"], r["request_throughput"], r["output_throughput"],
+    return [[r["path"], r["structured_output"], r["max_concurrency"], r["request_throughput"], r["output_throughput"],
              r["total_token_throughput"],
              r["median_ttft_ms"], r["p99_ttft_ms"], r["median_tpot_ms"], r["median_itl_ms"], r["p99_itl_ms"],
              r.get("percent_of_bound", "-")] for r in runs]
 
 
-async def _serve_and_run(model_dir: Path, args: argparse.Namespace, rates: HardwareRates | None,
-                         log_path: Path) -> list[dict[str, Any]]:
-    if args.server:
-        return await run_levels(args.server, model_dir, args, rates)
-    with server_process(model_dir, args, log_path) as (address, process):
-        await _wait_serving(address, process, log_path, args.server_timeout)
-        return await run_levels(address, model_dir, args, rates)
+def _serve_and_run(model_dir: Path, args: argparse.Namespace, rates: HardwareRates | None,
+                   scratch: Path) -> list[dict[str, Any]]:
+    """Starts the server (unless --server names one) and the gateway where a path needs it, then runs every level;
+    the logs go to scratch/server.log and scratch/gateway.log."""
+    with ExitStack() as stack:
+        address = args.server
+        if not address:
+            address, process = stack.enter_context(server_process(model_dir, args, scratch / "server.log"))
+            _wait_serving(address, process, scratch / "server.log", args.server_timeout)
+        gateway_url = None
+        if ServingPath.GATEWAY in args.paths:
+            gateway_url = stack.enter_context(running_gateway(
+                [f"grpc://{address}"], scratch / "gateway.log", shlex.split(args.gateway_args), args.server_timeout))
+        return asyncio.run(run_levels(Endpoints(address, gateway_url), model_dir, args, rates))
 
 
 def _measure(args: argparse.Namespace) -> HardwareRates | None:
@@ -232,20 +258,20 @@ def _device_label(rates: HardwareRates | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark, writes <result-dir>/<date>-serving-<device>.{json,md,png}; returns the JSON record."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     rates = _measure(args)
     with tempfile.TemporaryDirectory(prefix="pagedserve-bench-") as scratch:
         model_dir = args.model or write_model_dir(SHAPES[args.model_shape], Path(scratch) / args.model_shape,
                                                   args.tokenizer_dir)
-        log_path = Path(scratch) / "server.log"
         try:
-            runs = asyncio.run(_serve_and_run(model_dir, args, rates, log_path))
+            runs = _serve_and_run(model_dir, args, rates, Path(scratch))
         finally:
-            server_log = log_path.read_text()[-20000:] if log_path.exists() else ""
+            log_tails = {path.name: path.read_text()[-4000:] for path in sorted(Path(scratch).glob("*.log"))}
     metadata = report.run_metadata("serving", _device_label(rates))
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config["request_rate"] = config["request_rate"] if math.isfinite(args.request_rate) else "inf"
     config["structured_output"] = [mode.value for mode in args.structured_output]
+    config["paths"] = [path.value for path in args.paths]
     result: dict[str, Any] = {"metadata": metadata, "config": config, "model": model_dir.name,
                               "hardware": dataclasses.asdict(rates) if rates else None, "runs": runs}
     stem = report.result_stem(args.result_dir, metadata)
@@ -253,13 +279,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     markdown = report.markdown_report(f"Serving benchmark: {result['model']}", metadata, [
         ("Workload", f"{args.num_prompts} random prompts of {args.random_input_len} tokens in, "
                      f"{args.random_output_len} out (range ratio {args.random_range_ratio}), "
-                     f"request rate {config['request_rate']}, ignore_eos {args.ignore_eos}.\n"),
+                     f"request rate {config['request_rate']}, ignore_eos {args.ignore_eos}; paths "
+                     f"{', '.join(config['paths'])} (direct: our Generate over gRPC; gateway: the Shepherd Model "
+                     f"Gateway's /v1/completions in front of the same server).\n"),
         ("Results", report.markdown_table(_SUMMARY_HEADERS, rows)),
     ])
     paths = report.write_outputs(stem, result, markdown)
     plot = report.plot_serving(runs, stem.with_suffix(".png"))
     if any(run["failed"] for run in runs):
-        print(f"some requests failed; server log tail:\n{server_log[-4000:]}", file=sys.stderr)
+        for name, tail in log_tails.items():
+            print(f"some requests failed; {name} tail:\n{tail}", file=sys.stderr)
     print("wrote " + ", ".join(str(p) for p in [*paths, *([plot] if plot else [])]))
     print(report.text_table(_SUMMARY_HEADERS, rows))
     return result

@@ -13,13 +13,18 @@ PERCENTILES = (50, 90, 99)
 
 @dataclass(slots=True)
 class RequestRecord:
-    """One request as the client saw it: when it was sent, when each chunk with tokens arrived and how many."""
+    """One request as the client saw it: when it was sent, when each chunk with tokens arrived and how many, and the
+    text it streamed. num_late_tokens: tokens that came with no chunk of their own (a stream of text only, such as
+    the gateway's, holds back a token that ends mid-character and sends it with a later one); the usage counts them,
+    and they are added to the last chunk."""
 
     prompt_len: int
     start_s: float
     chunk_times_s: list[float] = field(default_factory=list)
     chunk_num_tokens: list[int] = field(default_factory=list)
     error: str | None = None
+    output_text: str = ""
+    num_late_tokens: int = 0
 
     @property
     def is_success(self) -> bool:
@@ -81,6 +86,7 @@ def compute_metrics(records: Sequence[RequestRecord], duration_s: float) -> dict
         "errors": sorted({r.error for r in records if r.error is not None})[:5],
         "total_input_tokens": total_input,
         "total_output_tokens": total_output,
+        "total_late_tokens": sum(r.num_late_tokens for r in done),
         "request_throughput": len(done) / duration_s,
         "output_throughput": total_output / duration_s,
         "total_token_throughput": (total_input + total_output) / duration_s,

@@ -14,9 +14,10 @@ import pytest
 import transformers
 from openai.types.chat import ChatCompletionMessageParam
 
+from benchmarks.gateway_process import running_gateway
 from pagedserve.v1 import common_pb2, generation_service_pb2_grpc
 from pagedserve.v1 import generation_service_pb2 as pb
-from tests.e2e.gateway import model_with_chat_template, running_gateway
+from tests.e2e.gateway import model_with_chat_template
 from tests.e2e.processes import Cluster, running_cluster
 
 pytestmark = pytest.mark.e2e
@@ -158,3 +159,29 @@ def test_client_that_disconnects_aborts_its_request_and_frees_its_blocks(
         time.sleep(0.05)
     assert (status.num_requests_running, status.num_used_blocks) == (0, 0)
     assert status.generation_tokens < 400 + 200  # it did not run to its end
+
+
+def test_our_chat_rpc_gives_the_gateways_chat_completion(
+    client: openai.OpenAI, ours: generation_service_pb2_grpc.GenerationServiceStub,
+    tokenizer: transformers.PreTrainedTokenizerBase,
+) -> None:
+    conversation: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": "Tell a story."}, {"role": "user", "content": CONTENT}]
+    request = pb.ChatRequest(
+        messages=[pb.ChatMessage(role=pb.CHAT_ROLE_SYSTEM, content="Tell a story."),
+                  pb.ChatMessage(role=pb.CHAT_ROLE_USER, content=CONTENT)],
+        sampling_params=common_pb2.SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    chunks = [response.chunk for response in ours.Chat(request, timeout=60)]
+    ids = [t for chunk in chunks for t in chunk.token_ids]
+    reply = client.chat.completions.create(model=client.models.list().data[0].id, messages=conversation,
+                                           max_tokens=12, temperature=0, logprobs=True,
+                                           extra_body={"ignore_eos": True})
+    assert reply.usage is not None
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (chunks[-1].usage.prompt_tokens, 12)
+    assert reply.choices[0].message.content == _decode(tokenizer, ids)
+    # The gateway decodes the completion alone, where the SentencePiece decoder drops the first piece's space; our
+    # server decodes it after the prompt, as vLLM does, and keeps it.
+    assert "".join(chunk.text for chunk in chunks).lstrip(" ") == reply.choices[0].message.content
+    assert reply.choices[0].logprobs is not None
+    assert [entry.token for entry in reply.choices[0].logprobs.content or []] == [
+        tokenizer.decode([token_id]) for token_id in ids]

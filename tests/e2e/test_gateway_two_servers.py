@@ -13,9 +13,9 @@ import grpc
 import openai
 import pytest
 
+from benchmarks.gateway_process import running_gateway
 from pagedserve.v1 import generation_service_pb2 as pb
 from pagedserve.v1 import generation_service_pb2_grpc
-from tests.e2e.gateway import running_gateway
 from tests.e2e.processes import Cluster, running_cluster
 
 pytestmark = pytest.mark.e2e
