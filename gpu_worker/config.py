@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
+from pagedserve.gpu_worker.parallel.config import TensorParallelConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +21,7 @@ class WorkerConfig:
     listen_address: str = "127.0.0.1:50061"
     worker_id: str = "worker-0"
     enforce_eager: bool = False  # never replay CUDA graphs (debugging, or to save their memory)
+    tensor_parallel: TensorParallelConfig = TensorParallelConfig()  # this worker's rank in its group; alone by default
 
     def __post_init__(self) -> None:
         if self.seed < 0:

@@ -16,6 +16,7 @@ from pagedserve.gpu_worker import devices
 from pagedserve.gpu_worker.errors import ModelLoadError
 from pagedserve.gpu_worker.models.decoder import DecoderForCausalLM
 from pagedserve.gpu_worker.models.model_config import ModelConfig
+from pagedserve.gpu_worker.parallel.group import SINGLE_RANK, ParallelGroup
 from pagedserve.kernels.ops import KernelOps
 
 log = structlog.get_logger()
@@ -66,12 +67,20 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return [single] if single.is_file() else []
 
 
-def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, CPU tensor) for every tensor of every file, one tensor in memory at a time."""
+def iter_safetensors(files: list[Path], model: DecoderForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, CPU tensor) for every tensor of every file that model loads, one tensor in memory at a time: only the
+    slice model's rank holds is read from the file (a tensor-parallel rank reads its part of each weight)."""
     for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             for name in handle.keys():  # noqa: SIM118 - safe_open is not iterable
-                yield name, handle.get_tensor(name)
+                is_loaded, part = model.weight_slice(name)
+                if not is_loaded:
+                    continue
+                if part is None:
+                    yield name, handle.get_tensor(name)
+                    continue
+                view = handle.get_slice(name)
+                yield name, view[part.start : part.stop] if part.dim == 0 else view[:, part.start : part.stop]
 
 
 def fill_dummy_weights(model: DecoderForCausalLM, seed: int) -> None:
@@ -89,21 +98,24 @@ def fill_dummy_weights(model: DecoderForCausalLM, seed: int) -> None:
 
 
 def load_model(
-    model_dir: Path, dtype: DType, device: torch.device, load_format: LoadFormat, seed: int, ops: KernelOps
+    model_dir: Path, dtype: DType, device: torch.device, load_format: LoadFormat, seed: int, ops: KernelOps,
+    group: ParallelGroup = SINGLE_RANK,
 ) -> LoadedModel:
-    """Builds the decoder on device in the resolved dtype and fills its weights as load_format says."""
+    """Builds the decoder on device in the resolved dtype and fills its weights as load_format says: group.rank's
+    slices of them under tensor parallelism (its config is then that rank's, see DecoderForCausalLM)."""
     config = read_model_config(model_dir)
     torch_dtype = resolve_dtype(dtype, config)
     with torch.no_grad():
-        model = DecoderForCausalLM(config, ops, device, torch_dtype).eval()
+        model = DecoderForCausalLM(config, ops, device, torch_dtype, group).eval()
         if load_format is LoadFormat.DUMMY:
             fill_dummy_weights(model, seed)
         else:
             files = safetensors_files(model_dir)
             if not files:
                 raise ModelLoadError(f"no {_SINGLE_FILE} or {_INDEX_FILE} in {model_dir} (use load format dummy)")
-            model.load_weights(iter_safetensors(files))
+            model.load_weights(iter_safetensors(files, model))
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     log.info("model_loaded", architecture=config.architecture.value, dtype=str(torch_dtype).removeprefix("torch."),
-             device=str(device), weight_bytes=weight_bytes, load_format=load_format.value)
-    return LoadedModel(model_dir.resolve().name, model, config, torch_dtype, weight_bytes)
+             device=str(device), weight_bytes=weight_bytes, load_format=load_format.value, tp_rank=group.rank,
+             tp_size=group.size)
+    return LoadedModel(model_dir.resolve().name, model, model.config, torch_dtype, weight_bytes)
