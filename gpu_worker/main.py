@@ -13,6 +13,8 @@ import structlog
 
 from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
 from pagedserve.gpu_worker.config import WorkerConfig
+from pagedserve.gpu_worker.parallel.config import TensorParallelConfig
+from pagedserve.gpu_worker.parallel.follower import run_follower
 from pagedserve.gpu_worker.service import start_server
 from pagedserve.gpu_worker.worker import Worker
 from pagedserve.runtime.auth import SECRET_ENV, ClusterSecret, cluster_secret_from
@@ -53,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-reflection", action="store_true", help="serve gRPC reflection (off by default)")
     p.add_argument("--parent-pid", type=int,
                    help="exit once this process is no longer our parent (given by the process that starts us)")
+    p.add_argument("--tp-size", type=int, default=1,
+                   help="tensor-parallel group size: the model is sharded over this many worker processes, one per GPU")
+    p.add_argument("--tp-rank", type=int, default=0,
+                   help="this process's rank in its group: rank 0 serves the control plane (--listen) and leads, "
+                        "the others follow it and listen on no port")
+    p.add_argument("--tp-rendezvous", metavar="HOST:PORT",
+                   help="where rank 0 hosts the group's rendezvous (every rank gives the same; needed with --tp-size "
+                        "above 1; unauthenticated: keep it on loopback or a private network)")
+    p.add_argument("--tp-timeout", type=float, default=60.0,
+                   help="seconds a rank waits in a collective before it gives up and exits (a dead or hung rank)")
     return p
 
 
@@ -95,6 +107,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         model_dir=args.model, dtype=DType(args.dtype), device=DeviceKind(args.device),
         load_format=LoadFormat(args.load_format), seed=args.seed, listen_address=args.listen,
         worker_id=args.worker_id, enforce_eager=args.enforce_eager,
+        tensor_parallel=TensorParallelConfig(args.tp_rank, args.tp_size, args.tp_rendezvous, args.tp_timeout),
     )
 
 
@@ -110,6 +123,7 @@ async def serve(worker: Worker, address: str, secret: ClusterSecret | None, enab
     await stopped_by_signal()
     log.info("worker_stopping", worker_id=worker.config.worker_id)
     await server.stop(_GRACE_S)
+    worker.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -118,14 +132,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(LogFormat(args.log_format))
     if args.parent_pid is not None:
         exit_when_parent_dies(args.parent_pid)  # before loading: a parent may die while the weights load
-    secret = cluster_secret_from_args(parser, args)
-    if secret is None:
+    is_follower = args.tp_rank > 0  # serves no port: no secret or TLS to check
+    secret = None if is_follower else cluster_secret_from_args(parser, args)
+    if secret is None and not is_follower:
         log.warning("authentication_disabled", flag="--insecure-no-auth",
                     message="any process that reaches this port can drive or reset the worker")
     credentials = server_credentials_from_args(parser, args)
     use_short_turns()
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except ValueError as error:
+        parser.error(str(error))
     worker = Worker.load(config)
     freeze_startup_objects()
+    if is_follower:
+        run_follower(worker)
+        return 0
     asyncio.run(serve(worker, config.listen_address, secret, args.enable_reflection, credentials))
     return 0

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
                    help="use a running worker instead of starting local ones (repeatable)")
     p.add_argument("--num-workers", type=int, default=1, help="local workers to start (one per GPU)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="GPUs (worker processes) each local worker's model is sharded over; each worker then takes "
+                        "this many GPUs")
     _add_mode_flag(p, "--dtype", DType.AUTO)
     _add_mode_flag(p, "--device", DeviceKind.AUTO)
     _add_mode_flag(p, "--load-format", LoadFormat.AUTO)
@@ -143,7 +146,8 @@ def configs_from_args(
     server = ServerConfig(
         host=args.host, port=args.port, model_dir=args.model, worker_addresses=tuple(args.worker),
         num_workers=args.num_workers, dtype=args.dtype, device=args.device, load_format=args.load_format,
-        seed=args.seed, metrics_port=args.metrics_port, log_format=LogFormat(args.log_format),
+        seed=args.seed, tensor_parallel_size=args.tensor_parallel_size, metrics_port=args.metrics_port,
+        log_format=LogFormat(args.log_format),
         api_keys=_api_keys(args), tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file,
         tls_client_ca_file=args.tls_client_ca_file, shutdown_timeout_s=args.shutdown_timeout,
     )
@@ -277,6 +281,7 @@ async def serve(server: ServerConfig, scheduler: SchedulerConfig, cache: CacheCo
         launcher = LocalWorkers(WorkerLaunchConfig(
             model_dir=model_dir, num_workers=server.num_workers, dtype=server.dtype, device=server.device,
             load_format=server.load_format, seed=server.seed, cluster_secret=secret,
+            tensor_parallel_size=server.tensor_parallel_size,
         ))
         addresses = launcher.start()
     clients = [channels.connect(address, secret) for address in addresses]
