@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bound", action=argparse.BooleanOptionalAction, default=True,
                    help="measure this device and report throughput as a share of the roofline bound")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="the server's, for the bound")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="GPUs the started server shards the model over (its --tensor-parallel-size); the bound is "
+                        "that of as many devices as measured")
     p.add_argument("--result-dir", type=Path, default=report.DEFAULT_RESULT_DIR)
     return p
 
@@ -79,7 +82,8 @@ def server_process(
     port = free_loopback_port()
     command = [sys.executable, "-m", "pagedserve.runtime.cli", "serve", "--model", str(model_dir),
                "--load-format", args.load_format, "--dtype", args.dtype, "--host", "127.0.0.1",
-               "--port", str(port), *shlex.split(args.serve_args)]
+               "--port", str(port), "--tensor-parallel-size", str(args.tensor_parallel_size),
+               *shlex.split(args.serve_args)]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -159,7 +163,8 @@ async def run_levels(address: str, model_dir: Path, args: argparse.Namespace,
         before = await _server_status(address)
         records, duration_s = await run_requests(address, requests, args.request_rate, level, args.ignore_eos, seed)
         run = {"max_concurrency": level or num_prompts, "num_prompts": num_prompts, "seed": seed,
-               "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf"}
+               "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf",
+               "kv_cache_blocks": before.num_total_blocks}
         run.update(compute_metrics(records, duration_s))
         run["step_profile"] = step_profile(before, await _server_status(address))
         if rates is not None:
@@ -203,7 +208,8 @@ def _measure(args: argparse.Namespace) -> HardwareRates | None:
 
     from benchmarks.hardware_bound import measure_hardware
 
-    return measure_hardware(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    rates = measure_hardware(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return rates.times(args.tensor_parallel_size)
 
 
 def _device_label(rates: HardwareRates | None) -> str:

@@ -106,7 +106,10 @@ class LLM:
         engine_config: EngineConfig | None = None,
         worker_process: bool = True,
         worker_start_timeout_s: float = 600.0,
+        tensor_parallel_size: int = 1,
     ) -> None:
+        if tensor_parallel_size > 1 and not worker_process:
+            raise ValueError("tensor_parallel_size above 1 needs worker_process: one process per rank")
         use_short_turns()
         freeze_startup_objects()  # before this LLM's own objects exist, so that they stay collectable after close()
         self._loop = asyncio.new_event_loop()
@@ -124,7 +127,7 @@ class LLM:
             secret = ClusterSecret.generate()  # the worker serves only this process, even on loopback
             self._launcher = LocalWorkers(WorkerLaunchConfig(
                 model_dir=model_dir, dtype=DType(dtype), device=DeviceKind(device), load_format=LoadFormat(load_format),
-                seed=seed, cluster_secret=secret,
+                seed=seed, cluster_secret=secret, tensor_parallel_size=tensor_parallel_size,
             ))
             try:
                 self._worker = self._run(_connect(self._launcher, secret, worker_start_timeout_s))

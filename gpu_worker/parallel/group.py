@@ -10,6 +10,7 @@ live in one process (the CPU tests run a group on threads).
 from __future__ import annotations
 
 import datetime
+import os
 from typing import Protocol, cast
 
 import structlog
@@ -108,6 +109,10 @@ def join_group(config: TensorParallelConfig, device: torch.device) -> ParallelGr
     ModelLoadError when the other ranks do not arrive within RENDEZVOUS_TIMEOUT_S."""
     if config.size == 1:
         return SINGLE_RANK
+    if device.type == "cpu":
+        # The ranks of a CPU group share the host's cores: each with a thread per core, their OpenMP threads spin
+        # against each other while a rank blocks in a collective (a step took 27x longer with 2 ranks on 2 cores).
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // config.size))
     host, _, port = (config.rendezvous or "").rpartition(":")
     try:
         store: c10d.Store = c10d.TCPStore(host, int(port), config.size, config.is_leader,
@@ -119,7 +124,7 @@ def join_group(config: TensorParallelConfig, device: torch.device) -> ParallelGr
     except (RuntimeError, ValueError) as error:  # DistStoreError is a RuntimeError: a rank never came
         raise ModelLoadError(f"tensor-parallel rendezvous at {config.rendezvous} failed: {error}") from error
     log.info("tensor_parallel_group_joined", tp_rank=config.rank, tp_size=config.size, device=str(device),
-             backend="nccl" if device.type == "cuda" else "gloo")
+             backend="nccl" if device.type == "cuda" else "gloo", num_threads=torch.get_num_threads())
     return ParallelGroup(config.rank, config.size, device_group, host_group, store)
 
 
