@@ -266,12 +266,15 @@ class Worker:
     def _agreed_gpu_pool_size(self, layout: KVLayout, request: CacheRequest) -> tuple[int, int]:
         """_size_gpu_pool's (blocks, peak bytes), the blocks the fewest any rank can hold: every rank sizes its own
         device, and a rank that can hold none makes every rank refuse the request alike."""
-        try:
-            num_blocks, peak_bytes = self._size_gpu_pool(layout, request)
-        except InvalidCacheRequestError:
-            self.group.min_over_ranks(0)  # the other ranks refuse too
-            raise
-        agreed = self.group.min_over_ranks(num_blocks)
+        refusal: InvalidCacheRequestError | None = None
+        with fatal_in_group(self.group, "sizing the KV cache"):  # profiling runs collectives: no rank may leave
+            try:
+                num_blocks, peak_bytes = self._size_gpu_pool(layout, request)
+            except InvalidCacheRequestError as error:
+                refusal, num_blocks, peak_bytes = error, 0, 0
+            agreed = self.group.min_over_ranks(num_blocks)
+        if refusal is not None:
+            raise refusal
         if agreed == 0:
             raise InvalidCacheRequestError("another tensor-parallel rank has no memory left for KV blocks")
         return agreed, peak_bytes

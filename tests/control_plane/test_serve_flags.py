@@ -61,3 +61,14 @@ def test_parsing_the_serve_flags_imports_neither_torch_nor_the_worker() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_tensor_parallel_size_flag_and_variable_size_each_local_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert (_server([]).tensor_parallel_size, _server(["-tp", "2"]).tensor_parallel_size) == (1, 2)
+    monkeypatch.setenv("PAGEDSERVE_TENSOR_PARALLEL_SIZE", "4")
+    assert _server([]).tensor_parallel_size == 4
+
+
+def test_tensor_parallel_size_is_refused_with_external_workers() -> None:
+    with pytest.raises(ValueError, match="tensor_parallel_size applies to local workers"):
+        _server(["--model", "m", "--worker", "10.0.0.5:50061", "--tensor-parallel-size", "2"])

@@ -15,8 +15,9 @@ import torch
 from transformers import PretrainedConfig, Qwen2Config
 
 from pagedserve.contract.model_format import DeviceKind
+from pagedserve.contract.worker_info import CacheRequest
 from pagedserve.control_plane.launch.worker_launcher import free_loopback_port
-from pagedserve.gpu_worker.errors import ModelLoadError
+from pagedserve.gpu_worker.errors import InvalidCacheRequestError, ModelLoadError
 from pagedserve.gpu_worker.models.decoder import DecoderForCausalLM
 from pagedserve.gpu_worker.models.model_config import ModelConfig
 from pagedserve.gpu_worker.parallel.commands import FIRST_MESSAGE_BYTES, CommandChannel, CommandKind
@@ -90,6 +91,19 @@ def test_stories260k_on_1_2_and_4_ranks_gives_the_golden_greedy_tokens(size: int
         driver = WorkerDriver(leader, BLOCK_SIZE, num_blocks=64)
         generated = driver.generate(make_sequences([golden["prompt_ids"]], {0: 3}), len(golden["greedy_new_ids"]))
 
+    assert generated == [golden["greedy_new_ids"]]
+
+
+def test_an_init_cache_refused_on_every_rank_leaves_the_group_serving() -> None:
+    golden = json.loads((STORIES_DIR / "golden_greedy.json").read_text())
+    with leader_of_group(STORIES_DIR, 2, block_size=BLOCK_SIZE, num_blocks=64) as leader:
+        with pytest.raises(InvalidCacheRequestError, match="kv_cache_memory_bytes 1 holds no block"):
+            leader.init_cache(CacheRequest(block_size=BLOCK_SIZE, kv_cache_memory_bytes=1, max_num_seqs=4))
+        info = leader.init_cache(CacheRequest(block_size=BLOCK_SIZE, num_gpu_blocks_override=64, max_num_seqs=4))
+        driver = WorkerDriver(leader, BLOCK_SIZE, num_blocks=64)
+        generated = driver.generate(make_sequences([golden["prompt_ids"]]), len(golden["greedy_new_ids"]))
+
+    assert info.num_gpu_blocks == 64
     assert generated == [golden["greedy_new_ids"]]
 
 
