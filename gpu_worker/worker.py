@@ -72,8 +72,8 @@ class Worker:
         self.device = device
         self.ops = ops
         self.group = group
-        self._leader = GroupLeader(group) if group.size > 1 and group.is_leader else None
         self._lock = threading.Lock()
+        self._leader = GroupLeader(group, self._lock) if group.size > 1 and group.is_leader else None
         self._in_flight: deque[LaunchedStep] = deque()
         self._last_span: DeviceSpan | None = None
         self._pool: KVPool | None = None

@@ -102,11 +102,17 @@ class CommandChannel:
 
 class GroupLeader:
     """Rank 0's side: announces each command to the followers before running it itself, and a heartbeat while
-    idle. A broadcast that fails (a follower died or hung) ends this process: see end_process_on_group_failure."""
+    idle. A broadcast that fails (a follower died or hung) ends this process: see end_process_on_group_failure.
 
-    def __init__(self, group: ParallelGroup) -> None:
+    Every broadcast happens under the worker's lock (worker_lock): the worker calls init_cache, step and
+    release_cache holding it, and the heartbeat takes it, so no heartbeat can slip between a command's broadcast
+    and the collectives that command runs on the same groups (the followers run them in broadcast order). A
+    heartbeat is skipped while the worker is busy: its followers are busy with the same command.
+    """
+
+    def __init__(self, group: ParallelGroup, worker_lock: threading.Lock) -> None:
         self._channel = CommandChannel(group)
-        self._lock = threading.Lock()  # one broadcast at a time: the followers receive them in one order
+        self._worker_lock = worker_lock
         self._last_sent_s = time.monotonic()
         self._is_stopped = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, name="tp-heartbeat", daemon=True)
@@ -125,24 +131,29 @@ class GroupLeader:
         """Stops the heartbeat and tells the followers to leave their loops (quietly, if they are gone already)."""
         self._is_stopped.set()
         self._heartbeat.join()
-        with self._lock:
+        with self._worker_lock:
             try:
                 self._channel.send(CommandKind.STOP)
             except RuntimeError as error:
                 log.info("tensor_parallel_stop_not_delivered", error=str(error))
 
     def _send(self, kind: CommandKind, payload: bytes = b"") -> None:
-        with self._lock:
-            try:
-                self._channel.send(kind, payload)
-            except Exception as error:  # noqa: BLE001 - a follower is gone or hung
-                end_process_on_group_failure(error, f"broadcasting {kind.name}")
-            self._last_sent_s = time.monotonic()
+        """Under the worker's lock."""
+        try:
+            self._channel.send(kind, payload)
+        except Exception as error:  # noqa: BLE001 - a follower is gone or hung
+            end_process_on_group_failure(error, f"broadcasting {kind.name}")
+        self._last_sent_s = time.monotonic()
 
     def _beat(self) -> None:
         while not self._is_stopped.wait(HEARTBEAT_INTERVAL_S / 2):
-            if time.monotonic() - self._last_sent_s >= HEARTBEAT_INTERVAL_S:
-                self._send(CommandKind.HEARTBEAT)
+            if not self._worker_lock.acquire(blocking=False):
+                continue  # a command runs: the followers run it too
+            try:
+                if time.monotonic() - self._last_sent_s >= HEARTBEAT_INTERVAL_S:
+                    self._send(CommandKind.HEARTBEAT)
+            finally:
+                self._worker_lock.release()
 
 
 def decode_cache_request(payload: bytes) -> CacheRequest:
