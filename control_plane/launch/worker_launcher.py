@@ -110,7 +110,10 @@ class LocalWorkers:
         for name in _WORKER_TLS_ENV:  # meant for serve's public port, not for workers that serve reaches in plaintext
             env.pop(name, None)
         if config.num_workers > 1 or config.tensor_parallel_size > 1:
-            env["CUDA_VISIBLE_DEVICES"] = str(index * config.tensor_parallel_size + rank)
+            # Every rank of a group sees the group's GPUs (rank r takes the r-th): NCCL's peer-to-peer transport
+            # needs the peers' devices visible, and falls back to copies through host memory otherwise.
+            first = index * config.tensor_parallel_size
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(first + r) for r in range(config.tensor_parallel_size))
         command = [
             sys.executable, "-m", "pagedserve.runtime.cli", "worker",
             "--model", str(config.model_dir),
