@@ -19,12 +19,10 @@ import torch._C._distributed_c10d as c10d
 
 from pagedserve.gpu_worker.errors import ModelLoadError
 from pagedserve.gpu_worker.parallel.config import TensorParallelConfig
+from pagedserve.gpu_worker.parallel.rendezvous import RENDEZVOUS_TIMEOUT_S, Rendezvous, gloo_group, meet
 
 log = structlog.get_logger()
 
-# How long a rank waits for the others to reach the rendezvous and, after loading, for the slowest to finish
-# loading its weights: the worker start timeout of `serve`.
-RENDEZVOUS_TIMEOUT_S = 600.0
 _LOADED_KEY = "loaded"
 
 
@@ -47,12 +45,12 @@ class ParallelGroup:
     """
 
     def __init__(self, rank: int, size: int, device_group: Collectives | None = None,
-                 host_group: Collectives | None = None, store: c10d.Store | None = None) -> None:
+                 host_group: Collectives | None = None, rendezvous: Rendezvous | None = None) -> None:
         self.rank = rank
         self.size = size
         self._device_group = device_group
         self._host_group = host_group
-        self._store = store
+        self._rendezvous = rendezvous
 
     @property
     def is_leader(self) -> bool:
@@ -94,11 +92,12 @@ class ParallelGroup:
     def wait_until_all_loaded(self) -> None:
         """Returns once every rank has called it (after loading its weights), within RENDEZVOUS_TIMEOUT_S: ranks
         load at their own pace, so this waits on the store rather than in a collective with a short timeout."""
-        if self._store is None:
+        if self._rendezvous is None:
             return
-        self._store.set(f"{_LOADED_KEY}/{self.rank}", "1")
-        self._store.wait([f"{_LOADED_KEY}/{rank}" for rank in range(self.size)],
-                         datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
+        store = self._rendezvous.store
+        store.set(f"{_LOADED_KEY}/{self.rank}", "1")
+        store.wait([f"{_LOADED_KEY}/{rank}" for rank in range(self.size)],
+                   datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
 
 
 SINGLE_RANK = ParallelGroup(0, 1)
@@ -113,19 +112,16 @@ def join_group(config: TensorParallelConfig, device: torch.device) -> ParallelGr
         # The ranks of a CPU group share the host's cores: each with a thread per core, their OpenMP threads spin
         # against each other while a rank blocks in a collective (a step took 27x longer with 2 ranks on 2 cores).
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // config.size))
-    host, _, port = (config.rendezvous or "").rpartition(":")
+    timeout = datetime.timedelta(seconds=config.timeout_s)
     try:
-        store: c10d.Store = c10d.TCPStore(host, int(port), config.size, config.is_leader,
-                                          timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
-        timeout = datetime.timedelta(seconds=config.timeout_s)
-        host_group = cast(Collectives, c10d.ProcessGroupGloo(c10d.PrefixStore("host", store), config.rank,
-                                                             config.size, timeout))
-        device_group = _device_group(c10d.PrefixStore("device", store), config, device, timeout)
-    except (RuntimeError, ValueError) as error:  # DistStoreError is a RuntimeError: a rank never came
+        rendezvous = meet(config)
+        host_group = cast(Collectives, gloo_group(rendezvous, "host", config, timeout))
+        device_group = _device_group(rendezvous, config, device, timeout)
+    except (RuntimeError, OSError) as error:  # DistStoreError is a RuntimeError: a rank never came
         raise ModelLoadError(f"tensor-parallel rendezvous at {config.rendezvous} failed: {error}") from error
     log.info("tensor_parallel_group_joined", tp_rank=config.rank, tp_size=config.size, device=str(device),
              backend="nccl" if device.type == "cuda" else "gloo", num_threads=torch.get_num_threads())
-    return ParallelGroup(config.rank, config.size, device_group, host_group, store)
+    return ParallelGroup(config.rank, config.size, device_group, host_group, rendezvous)
 
 
 def rank_device(device: torch.device, config: TensorParallelConfig) -> torch.device:
@@ -138,10 +134,11 @@ def rank_device(device: torch.device, config: TensorParallelConfig) -> torch.dev
     return ranked
 
 
-def _device_group(store: c10d.Store, config: TensorParallelConfig, device: torch.device,
+def _device_group(rendezvous: Rendezvous, config: TensorParallelConfig, device: torch.device,
                   timeout: datetime.timedelta) -> Collectives:
     if device.type != "cuda":
-        return cast(Collectives, c10d.ProcessGroupGloo(store, config.rank, config.size, timeout))
+        return cast(Collectives, gloo_group(rendezvous, "device", config, timeout))
     options = c10d.ProcessGroupNCCL.Options()  # ProcessGroupNCCL is absent from CPU builds of torch
     options._timeout = timeout
+    store = c10d.PrefixStore("device", rendezvous.store)
     return cast(Collectives, c10d.ProcessGroupNCCL(store, config.rank, config.size, options))
