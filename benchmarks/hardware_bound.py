@@ -17,6 +17,7 @@ import torch
 from benchmarks.model_shapes import ModelShape, read_shape
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+FP8_BYTES = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +49,23 @@ class StepCost:
 
 
 @dataclass(frozen=True, slots=True)
+class ElementBytes:
+    """Bytes per element of what a step reads. `--quantization fp8` makes the decoder layers' linear weights one
+    byte (norms, embeddings and the LM head keep the model dtype; the per-channel float32 scales, under 0.1 % of
+    the bytes, are left out); `--kv-cache-dtype fp8` makes K and V one byte."""
+
+    model: int
+    layer_linear: int
+    kv: int
+
+    def matmul_weight_bytes(self, shape: ModelShape) -> int:
+        """Bytes of the weights every token multiplies: each layer's linears and norms, and the LM head."""
+        norms = 2 * shape.hidden_size
+        per_layer = (shape.layer_parameters - norms) * self.layer_linear + norms * self.model
+        return shape.num_layers * per_layer + shape.vocab_size * shape.hidden_size * self.model
+
+
+@dataclass(frozen=True, slots=True)
 class Workload:
     """N requests of input_len prompt tokens and output_len generated tokens, at most `concurrency` at once."""
 
@@ -62,8 +80,10 @@ class Workload:
         return self.num_requests * self.output_len
 
 
-def dtype_bytes(dtype: str) -> int:
-    return _DTYPE_BYTES[dtype]
+def dtype_bytes(dtype: str, fp8_weights: bool = False, fp8_kv: bool = False) -> ElementBytes:
+    """Element widths of a model in dtype, with FP8 layer weights and / or an FP8 KV cache."""
+    model = _DTYPE_BYTES[dtype]
+    return ElementBytes(model, FP8_BYTES if fp8_weights else model, FP8_BYTES if fp8_kv else model)
 
 
 def device_name(device: torch.device) -> str:
@@ -106,7 +126,7 @@ def measure_hardware(device: torch.device) -> HardwareRates:
     return HardwareRates(device_name(device), 2 * num_bytes / copy_s, 2 * n**3 / gemm_s)
 
 
-def prefill_cost(shape: ModelShape, elem_bytes: int, num_seqs: int, prompt_len: int, max_batched: int) -> StepCost:
+def prefill_cost(shape: ModelShape, widths: ElementBytes, num_seqs: int, prompt_len: int, max_batched: int) -> StepCost:
     """Prefill of num_seqs prompts: weights read once per chunk of max_batched tokens, K/V written, causal attention,
     logits for each prompt's last token only."""
     tokens = num_seqs * prompt_len
@@ -114,39 +134,43 @@ def prefill_cost(shape: ModelShape, elem_bytes: int, num_seqs: int, prompt_len: 
     layer_matmul = shape.num_layers * (shape.layer_parameters - 2 * shape.hidden_size)
     attention = 2 * shape.num_layers * shape.num_heads * shape.resolved_head_dim * prompt_len * (prompt_len + 1)
     flops = 2 * layer_matmul * tokens + num_seqs * attention + 2 * shape.vocab_size * shape.hidden_size * num_seqs
-    bytes_moved = num_chunks * shape.matmul_parameters * elem_bytes + tokens * shape.kv_bytes_per_token(elem_bytes)
+    bytes_moved = num_chunks * widths.matmul_weight_bytes(shape) + tokens * shape.kv_bytes_per_token(widths.kv)
     return StepCost(bytes_moved, flops)
 
 
-def decode_cost(shape: ModelShape, elem_bytes: int, num_seqs: int, context_len: int) -> StepCost:
+def decode_cost(shape: ModelShape, widths: ElementBytes, num_seqs: int, context_len: int) -> StepCost:
     """One decode step of num_seqs sequences, each attending to context_len tokens: all weights plus their K/V read."""
-    kv_read = num_seqs * context_len * shape.kv_bytes_per_token(elem_bytes)
+    kv_read = num_seqs * context_len * shape.kv_bytes_per_token(widths.kv)
     attention = 4 * shape.num_layers * shape.num_heads * shape.resolved_head_dim * context_len * num_seqs
     flops = 2 * shape.matmul_parameters * num_seqs + attention
-    return StepCost(shape.matmul_parameters * elem_bytes + kv_read, flops)
+    return StepCost(widths.matmul_weight_bytes(shape) + kv_read, flops)
 
 
-def _wave_time_s(shape: ModelShape, elem_bytes: int, rates: HardwareRates, workload: Workload, num_seqs: int) -> float:
+def _wave_time_s(
+    shape: ModelShape, widths: ElementBytes, rates: HardwareRates, workload: Workload, num_seqs: int
+) -> float:
     """num_seqs requests run together: one prefill (which yields the first token), then output_len - 1 decode steps."""
-    total = prefill_cost(shape, elem_bytes, num_seqs, workload.input_len, workload.max_num_batched_tokens).time_s(rates)
+    total = prefill_cost(shape, widths, num_seqs, workload.input_len, workload.max_num_batched_tokens).time_s(rates)
     for step in range(1, workload.output_len):
-        total += decode_cost(shape, elem_bytes, num_seqs, workload.input_len + step).time_s(rates)
+        total += decode_cost(shape, widths, num_seqs, workload.input_len + step).time_s(rates)
     return total
 
 
-def workload_bound_s(shape: ModelShape, elem_bytes: int, rates: HardwareRates, workload: Workload) -> float:
+def workload_bound_s(shape: ModelShape, widths: ElementBytes, rates: HardwareRates, workload: Workload) -> float:
     """Least time for the workload, modelled as waves of `concurrency` requests, each step at its roofline."""
     concurrency = max(1, min(workload.concurrency, workload.num_requests))
     full_waves, remainder = divmod(workload.num_requests, concurrency)
-    total = full_waves * _wave_time_s(shape, elem_bytes, rates, workload, concurrency)
+    total = full_waves * _wave_time_s(shape, widths, rates, workload, concurrency)
     if remainder:
-        total += _wave_time_s(shape, elem_bytes, rates, workload, remainder)
+        total += _wave_time_s(shape, widths, rates, workload, remainder)
     return total
 
 
-def bound_summary(shape: ModelShape, elem_bytes: int, rates: HardwareRates, workload: Workload) -> dict[str, float]:
+def bound_summary(
+    shape: ModelShape, widths: ElementBytes, rates: HardwareRates, workload: Workload
+) -> dict[str, float]:
     """The bound as JSON fields: seconds and output tokens/s."""
-    seconds = workload_bound_s(shape, elem_bytes, rates, workload)
+    seconds = workload_bound_s(shape, widths, rates, workload)
     return {"bound_s": seconds, "bound_output_tokens_per_s": workload.num_output_tokens / seconds}
 
 
@@ -159,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Measure this device and bound a workload on a model directory.")
     parser.add_argument("--model", type=Path, required=True, help="model directory with a config.json")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPE_BYTES))
+    parser.add_argument("--quantization", default="none", choices=["none", "fp8"])
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--num-prompts", type=int, default=1000)
     parser.add_argument("--input-len", type=int, default=1024)
@@ -169,7 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rates = measure_hardware(torch.device(args.device))
     workload = Workload(args.num_prompts, args.input_len, args.output_len, args.concurrency,
                         args.max_num_batched_tokens)
-    summary = bound_summary(read_shape(args.model), dtype_bytes(args.dtype), rates, workload)
+    widths = dtype_bytes(args.dtype, args.quantization == "fp8", args.kv_cache_dtype == "fp8")
+    summary = bound_summary(read_shape(args.model), widths, rates, workload)
     print(json.dumps({"hardware": asdict(rates), "workload": asdict(workload), **summary}, indent=2))
     return 0
 

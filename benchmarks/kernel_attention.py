@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pagedserve.kernels.fp8 import FP8_DTYPE, as_bytes, quantize
 from pagedserve.kernels.ops import KernelOps, get_kernel_ops
 
 SHAPES = {"llama-3.2-1b": (32, 8, 64), "llama-3-8b": (32, 8, 128)}  # q heads, kv heads, head_dim
@@ -125,7 +126,8 @@ def _contiguous_kv(inputs: dict[str, torch.Tensor], context: int) -> tuple[torch
 
 
 def _gather(cache: torch.Tensor, block_tables: torch.Tensor, context: int) -> torch.Tensor:
-    blocks = cache[block_tables.long()]  # [batch, blocks, kv_heads, block_size, head_dim]
+    """In DTYPE: an FP8 cache (scale 1) is gathered as bytes, then widened, so the baselines read 16-bit K/V."""
+    blocks = as_bytes(cache)[block_tables.long()].view(cache.dtype).to(DTYPE)  # [batch, blocks, kv_heads, B, D]
     batch, num_blocks, kv_heads, block_size, head_dim = blocks.shape
     merged = blocks.permute(0, 2, 1, 3, 4).reshape(batch, kv_heads, num_blocks * block_size, head_dim)
     return merged[:, :, :context]
@@ -169,11 +171,18 @@ def measure_graph_launch_us(timer: Timer) -> float:
     return _replay_us(timer, lambda _: one.add_(1), 1)
 
 
-def bench_decode(timer: Timer, ops: KernelOps, shape: str, batch: int, context: int) -> DecodeResult:
+def bench_decode(timer: Timer, ops: KernelOps, shape: str, batch: int, context: int,
+                 fp8_kv: bool = False) -> DecodeResult:
+    """With fp8_kv the paged kernel reads an e4m3 pool (scale 1: randn K/V sit well inside e4m3's range) and
+    bytes_moved counts one byte per K/V element; the SDPA baselines read the same values widened to DTYPE."""
     q_heads, kv_heads, head_dim = SHAPES[shape]
-    kv_bytes = 2 * batch * context * kv_heads * head_dim * DTYPE.itemsize
+    kv_bytes = 2 * batch * context * kv_heads * head_dim * (FP8_DTYPE.itemsize if fp8_kv else DTYPE.itemsize)
     num_sets = max(1, min(8, MIN_BYTES_IN_ROTATION // kv_bytes))
     sets = [_decode_inputs(q_heads, kv_heads, head_dim, batch, context, seed) for seed in range(num_sets)]
+    if fp8_kv:
+        for inputs in sets:
+            inputs["key_cache"], inputs["value_cache"] = (quantize(inputs[name], 1.0)
+                                                          for name in ("key_cache", "value_cache"))
     outs = [torch.empty_like(s["query"]) for s in sets]
     scale = 1 / math.sqrt(head_dim)
 
@@ -268,7 +277,9 @@ def markdown_report(
 ) -> str:
     peak = max(ceiling.values())
     lines = [f"# Paged attention kernels, {meta['device']}, {meta['date']}", "",
-             f"commit `{meta['commit']}`; command `{meta['command']}`; bf16, block_size {BLOCK_SIZE}.", "",
+             f"commit `{meta['commit']}`; command `{meta['command']}`; bf16, block_size {BLOCK_SIZE}, KV cache "
+             f"{meta['kv_cache_dtype']} (fp8: the paged decode reads e4m3 and every GB/s counts one byte per K/V "
+             "element; the SDPA baselines read the same values in bf16).", "",
              "Decode times are per launch in a CUDA graph of `launches` launches over distinct inputs (as a decode "
              "step's graph launches attention once per layer), L2 flushed before each replay; median of "
              f"{meta['repeats']} runs. The `1-graph` columns time a graph of one launch, which adds the graph's own "
@@ -319,16 +330,19 @@ def main() -> None:
     parser.add_argument("--commit", default=None, help="commit measured (default: git rev-parse HEAD)")
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                        help="fp8: decode reads an e4m3 pool, its GB/s counted in FP8 bytes")
     args = parser.parse_args()
     commit = args.commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = {"commit": commit, "device": torch.cuda.get_device_name(), "command": " ".join(sys.argv),
-            "date": datetime.date.today().isoformat(), "torch": torch.__version__, "repeats": args.repeats}
+            "date": datetime.date.today().isoformat(), "torch": torch.__version__, "repeats": args.repeats,
+            "kv_cache_dtype": args.kv_cache_dtype}
     timer = Timer(args.repeats)
     ops = get_kernel_ops(torch.device("cuda", torch.cuda.current_device()))
     ceiling = measure_read_ceiling_gbps(timer)
     meta["host_us_per_decode_call"] = round(measure_host_us(ops), 1)
     meta["graph_launch_us"] = round(measure_graph_launch_us(timer), 1)
-    decode = [bench_decode(timer, ops, shape, batch, context)
+    decode = [bench_decode(timer, ops, shape, batch, context, args.kv_cache_dtype == "fp8")
               for shape in SHAPES for batch in BATCHES for context in CONTEXTS]
     prefill = [bench_prefill(timer, ops, shape, tokens) for shape in SHAPES for tokens in PREFILL_TOKENS]
     stem = write_reports(args.out_dir, meta, ceiling, decode, prefill)

@@ -25,11 +25,12 @@ from benchmarks.model_shapes import SHAPES, add_model_arguments, read_shape, sam
 from benchmarks.random_dataset import BenchRequest, sample_random_requests
 from benchmarks.serving_metrics import RequestRecord, compute_metrics
 from benchmarks.step_profile import step_profile
+from benchmarks.structured_workload import constraints_for, parse_modes
 from pagedserve.clients.health_check import is_serving
 from pagedserve.control_plane.launch.worker_launcher import free_loopback_port
 from pagedserve.v1 import common_pb2, generation_service_pb2, generation_service_pb2_grpc
 
-_SUMMARY_HEADERS = ("concurrency", "req/s", "out tok/s", "total tok/s", "TTFT p50 ms", "TTFT p99 ms",
+_SUMMARY_HEADERS = ("constraint", "concurrency", "req/s", "out tok/s", "total tok/s", "TTFT p50 ms", "TTFT p99 ms",
                     "TPOT p50 ms", "ITL p50 ms", "ITL p99 ms", "% of bound")
 
 
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(p, "model directory (config.json + tokenizer)")
     p.add_argument("--server", metavar="HOST:PORT", help="use a running server instead of starting one")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="of the server's workers")
+    p.add_argument("--quantization", default="none", choices=["none", "fp8"], help="of the server's workers")
     p.add_argument("--load-format", default="dummy", choices=["dummy", "safetensors", "auto"])
     p.add_argument("--serve-args", default="", help="more `pagedserve serve` flags, one shell-quoted string")
     p.add_argument("--server-timeout", type=float, default=600.0, help="seconds to wait for the server")
@@ -53,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-per-concurrency", type=int,
                    help="in a sweep, run min(num_prompts, this x concurrency) prompts per level")
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--structured-output", type=parse_modes, default=parse_modes("none"),
+                   help="comma-separated constraints, each run at every concurrency: none, schema (a JSON schema on "
+                        "every request, the corpus of benchmarks/json_schemas.py: compiled once each, then cached), "
+                        "unique-schema (each request's schema unique: every one compiled cold)")
     p.add_argument("--num-warmups", type=int, default=1, help="untimed requests before the first run")
     p.add_argument("--bound", action=argparse.BooleanOptionalAction, default=True,
                    help="measure this device and report throughput as a share of the roofline bound")
@@ -81,8 +88,9 @@ def server_process(
     """`pagedserve serve` in a child process on a free loopback port; SIGTERM on exit."""
     port = free_loopback_port()
     command = [sys.executable, "-m", "pagedserve.runtime.cli", "serve", "--model", str(model_dir),
-               "--load-format", args.load_format, "--dtype", args.dtype, "--host", "127.0.0.1",
-               "--port", str(port), "--tensor-parallel-size", str(args.tensor_parallel_size),
+               "--load-format", args.load_format, "--dtype", args.dtype, "--kv-cache-dtype", args.kv_cache_dtype,
+               "--quantization", args.quantization, "--host", "127.0.0.1", "--port", str(port),
+               "--tensor-parallel-size", str(args.tensor_parallel_size),
                *shlex.split(args.serve_args)]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -98,8 +106,9 @@ def server_process(
 
 
 async def _send(stub: generation_service_pb2_grpc.GenerationServiceStub, request: BenchRequest,
-                ignore_eos: bool) -> RequestRecord:
-    params = common_pb2.SamplingParams(max_tokens=request.output_len, temperature=0.0, ignore_eos=ignore_eos)
+                ignore_eos: bool, constraint: common_pb2.StructuredOutput | None) -> RequestRecord:
+    params = common_pb2.SamplingParams(max_tokens=request.output_len, temperature=0.0, ignore_eos=ignore_eos,
+                                       structured_output=constraint)
     message = generation_service_pb2.GenerateRequest(sampling_params=params)
     message.token_ids.ids.extend(request.prompt_token_ids)
     record = RequestRecord(prompt_len=len(request.prompt_token_ids), start_s=time.perf_counter())
@@ -114,23 +123,26 @@ async def _send(stub: generation_service_pb2_grpc.GenerationServiceStub, request
 
 
 async def run_requests(address: str, requests: Sequence[BenchRequest], request_rate: float,
-                       max_concurrency: int | None, ignore_eos: bool, seed: int) -> tuple[list[RequestRecord], float]:
-    """Sends every request (Poisson arrivals at request_rate, at most max_concurrency in flight); returns the
-    records in request order and the wall time from the first send to the last reply."""
+                       max_concurrency: int | None, ignore_eos: bool, seed: int,
+                       constraints: Sequence[common_pb2.StructuredOutput | None] | None = None,
+                       ) -> tuple[list[RequestRecord], float]:
+    """Sends every request (Poisson arrivals at request_rate, at most max_concurrency in flight), request i with
+    constraints[i] when given; returns the records in request order and the wall time from the first send to the
+    last reply."""
     limit = asyncio.Semaphore(max_concurrency or len(requests))
     arrivals = random.Random(seed)
 
     async with grpc.aio.insecure_channel(address) as channel:
         stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
 
-        async def limited(request: BenchRequest) -> RequestRecord:
+        async def limited(request: BenchRequest, constraint: common_pb2.StructuredOutput | None) -> RequestRecord:
             async with limit:
-                return await _send(stub, request, ignore_eos)
+                return await _send(stub, request, ignore_eos, constraint)
 
         start = time.perf_counter()
         tasks = []
-        for request in requests:
-            tasks.append(asyncio.create_task(limited(request)))
+        for request, constraint in zip(requests, constraints or [None] * len(requests), strict=True):
+            tasks.append(asyncio.create_task(limited(request, constraint)))
             if math.isfinite(request_rate):
                 await asyncio.sleep(arrivals.expovariate(request_rate))
         records = list(await asyncio.gather(*tasks))
@@ -153,7 +165,8 @@ async def run_levels(address: str, model_dir: Path, args: argparse.Namespace,
         warmups = sample_random_requests(args.num_warmups, args.random_input_len, 4, 0.0, vocab_size, args.seed - 1)
         await run_requests(address, warmups, math.inf, None, True, args.seed)
     runs = []
-    for index, level in enumerate(concurrency_levels(args)):
+    plan = [(mode, level) for mode in args.structured_output for level in concurrency_levels(args)]
+    for index, (mode, level) in enumerate(plan):
         num_prompts = args.num_prompts
         if level is not None and args.prompts_per_concurrency:
             num_prompts = min(num_prompts, args.prompts_per_concurrency * level)
@@ -161,9 +174,10 @@ async def run_levels(address: str, model_dir: Path, args: argparse.Namespace,
         requests = sample_random_requests(num_prompts, args.random_input_len, args.random_output_len,
                                           args.random_range_ratio, vocab_size, seed)
         before = await _server_status(address)
-        records, duration_s = await run_requests(address, requests, args.request_rate, level, args.ignore_eos, seed)
-        run = {"max_concurrency": level or num_prompts, "num_prompts": num_prompts, "seed": seed,
-               "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf",
+        records, duration_s = await run_requests(address, requests, args.request_rate, level, args.ignore_eos, seed,
+                                                 constraints_for(mode, num_prompts, seed))
+        run = {"structured_output": mode.value, "max_concurrency": level or num_prompts, "num_prompts": num_prompts,
+               "seed": seed, "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf",
                "kv_cache_blocks": before.num_total_blocks}
         run.update(compute_metrics(records, duration_s))
         run["step_profile"] = step_profile(before, await _server_status(address))
@@ -173,8 +187,8 @@ async def run_levels(address: str, model_dir: Path, args: argparse.Namespace,
             run.update(bound_summary(shape, dtype_bytes(args.dtype), rates, workload))
             run["percent_of_bound"] = percent_of_bound(duration_s, run["bound_s"])
         runs.append(run)
-        print(f"max_concurrency={run['max_concurrency']}: {run['completed']} done, {run['failed']} failed, "
-              f"{run['output_throughput']:.1f} output tokens/s", flush=True)
+        print(f"{mode.value} max_concurrency={run['max_concurrency']}: {run['completed']} done, "
+              f"{run['failed']} failed, {run['output_throughput']:.1f} output tokens/s", flush=True)
     return runs
 
 
@@ -187,7 +201,8 @@ async def _server_status(address: str) -> generation_service_pb2.GetServerStatus
 
 
 def summary_rows(runs: Sequence[dict[str, Any]]) -> list[list[object]]:
-    return [[r["max_concurrency"], r["request_throughput"], r["output_throughput"], r["total_token_throughput"],
+    return [[r["structured_output"], r["max_concurrency"], r["request_throughput"], r["output_throughput"],
+             r["total_token_throughput"],
              r["median_ttft_ms"], r["p99_ttft_ms"], r["median_tpot_ms"], r["median_itl_ms"], r["p99_itl_ms"],
              r.get("percent_of_bound", "-")] for r in runs]
 
@@ -235,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     metadata = report.run_metadata("serving", _device_label(rates))
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config["request_rate"] = config["request_rate"] if math.isfinite(args.request_rate) else "inf"
+    config["structured_output"] = [mode.value for mode in args.structured_output]
     result: dict[str, Any] = {"metadata": metadata, "config": config, "model": model_dir.name,
                               "hardware": dataclasses.asdict(rates) if rates else None, "runs": runs}
     stem = report.result_stem(args.result_dir, metadata)

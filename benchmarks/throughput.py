@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dummy: seeded random weights, saved once so every backend loads the same ones")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quantization", default="none", choices=["none", "fp8"], help="FP8 (e4m3) linear weights")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="FP8 (e4m3) KV cache")
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--input-len", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=128)
@@ -122,7 +124,8 @@ def run_pagedserve(model_dir: Path, requests: Sequence[BenchRequest], args: argp
                         num_gpu_blocks_override=args.num_gpu_blocks_override,
                         kv_cache_memory_bytes=int(args.kv_cache_memory * (1 << 30)))
     with LLM(model_dir, dtype=DType(args.dtype), device=DeviceKind(device.type), load_format=LoadFormat(load_format),
-             seed=args.seed, scheduler_config=scheduler, cache_config=cache,
+             seed=args.seed, kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
+             scheduler_config=scheduler, cache_config=cache,
              engine_config=EngineConfig(max_steps_in_flight=args.max_steps_in_flight),
              worker_process=args.worker_process, tensor_parallel_size=args.tensor_parallel_size) as llm:
         warmups = sample_random_requests(2, 16, 4, 0.0, sampling_vocab_size(model_dir), args.seed - 1)
@@ -157,7 +160,11 @@ def _with_bounds(runs: Sequence[BackendRun], model_dir: Path, args: argparse.Nam
         if rates is not None:
             workload = Workload(run.num_requests, args.input_len, args.output_len, run.concurrency,
                                 args.max_num_batched_tokens)
-            record.update(bound_summary(shape, dtype_bytes(args.dtype), rates, workload))
+            # The transformers baselines run in the model dtype; pagedserve's bound counts its FP8 bytes.
+            is_ours = record["backend"] == PAGEDSERVE
+            widths = dtype_bytes(args.dtype, is_ours and args.quantization == "fp8",
+                                 is_ours and args.kv_cache_dtype == "fp8")
+            record.update(bound_summary(shape, widths, rates, workload))
             record["percent_of_bound"] = percent_of_bound(run.elapsed_s, record["bound_s"])
     return records
 
@@ -206,7 +213,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     markdown = report.markdown_report(f"Offline throughput: {model_dir.name}", metadata, [
         ("Workload", f"{args.num_prompts} random prompts ({args.hf_num_prompts} for the transformers baselines) of "
                      f"{args.input_len} tokens in, {args.output_len} out, greedy, ignore_eos {args.ignore_eos}, "
-                     f"dtype {args.dtype}; the same token ids and weights for every backend.\n"),
+                     f"dtype {args.dtype} (pagedserve: quantization {args.quantization}, KV cache "
+                     f"{args.kv_cache_dtype}; its bound counts those bytes); the same token ids and weights for "
+                     "every backend.\n"),
         ("Results", report.markdown_table(_HEADERS, _rows(records))),
     ])
     paths = report.write_outputs(stem, result, markdown)

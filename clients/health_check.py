@@ -4,12 +4,15 @@ is SERVING. Health checks need no API key."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pagedserve.runtime.flags import EPILOG, parse_args
 
 
 def is_serving(address: str, timeout_s: float = 3.0, tls_root_certificates: bytes | None = None) -> bool:
@@ -29,11 +32,17 @@ def is_serving(address: str, timeout_s: float = 3.0, tls_root_certificates: byte
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pagedserve.clients.health_check")
-    p.add_argument("address", metavar="HOST:PORT")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pagedserve.clients.health_check",
+                                description="Exit 0 when the server's gRPC health is SERVING, 1 otherwise.",
+                                epilog=EPILOG)
+    p.add_argument("address", metavar="HOST:PORT", help="the server's public address")
     p.add_argument("--tls-ca-file", type=Path, help="PEM CA certificates: check over TLS, trusting these")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(build_parser(), argv, os.environ)
     roots = args.tls_ca_file.read_bytes() if args.tls_ca_file else None
     return 0 if is_serving(args.address, tls_root_certificates=roots) else 1
 

@@ -13,13 +13,15 @@ import asyncio
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
-from pagedserve.contract.sampling_params import SamplingParams, validate_prompt
+from pagedserve.clients.progress import PromptProgress
+from pagedserve.contract.model_dir import ModelDirError, check_model_dir, check_tokenizer_dir
+from pagedserve.contract.model_format import DeviceKind, DType, KVCacheDType, LoadFormat, Quantization
+from pagedserve.contract.sampling_params import SamplingParams, truncated_prompt, validate_prompt
 from pagedserve.contract.step import StepPlan, StepResult, TokenLogprobs
 from pagedserve.contract.worker_info import CacheInfo, CacheRequest, WorkerInfo
 from pagedserve.control_plane.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -30,12 +32,15 @@ from pagedserve.control_plane.launch.builtin_model import BUILTIN_MODEL_NAME, wr
 from pagedserve.control_plane.launch.worker_launcher import LocalWorkers, WorkerLaunchConfig, wait_for_workers
 from pagedserve.control_plane.scheduling.request import FinishReason
 from pagedserve.control_plane.served_model import ServedModel
+from pagedserve.control_plane.text.chat_template import ChatTemplate, Conversation
+from pagedserve.control_plane.text.constraint_validator import ConstraintValidator
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.step_pipeline import StepPipeline
 from pagedserve.gpu_worker.worker import LaunchedStep, Worker
 from pagedserve.runtime.auth import ClusterSecret
 from pagedserve.runtime.collector import freeze_startup_objects
+from pagedserve.runtime.cpu_threads import local_worker_threads, usable_cores
 from pagedserve.runtime.gil import use_short_turns
 
 T = TypeVar("T")
@@ -86,7 +91,12 @@ class InProcessWorker:
 
 
 class LLM:
-    """A model served from this process. `model=None` uses the built-in tiny model with random weights.
+    """A model served from this process. `model=None` uses the built-in tiny model with random weights; `tokenizer`
+    reads the tokenizer from another directory than `model`'s; `cpu_threads` caps the worker process's torch threads
+    (default: the cores this process may use, less one for the engine). The defaults are `pagedserve serve`'s (the
+    same config classes): on a CPU the KV pool holds what 256 sequences of the model's length need, at most 256 MiB
+    unless one sequence needs more, and nothing is swapped. A model directory that cannot be served raises
+    ModelDirError (a ValueError) at once.
 
     The engine runs on a thread of this process, so creating an LLM shortens the process's thread switch interval
     (pagedserve.runtime.gil) for the step pipeline's hand-offs between threads, and freezes the objects alive before it
@@ -97,19 +107,32 @@ class LLM:
         self,
         model: str | Path | None = None,
         *,
+        tokenizer: str | Path | None = None,
         dtype: DType | str = DType.AUTO,
         device: DeviceKind | str = DeviceKind.AUTO,
         load_format: LoadFormat | str = LoadFormat.AUTO,
         seed: int = 0,
+        kv_cache_dtype: KVCacheDType | str = KVCacheDType.AUTO,
+        quantization: Quantization | str = Quantization.NONE,
         scheduler_config: SchedulerConfig | None = None,
         cache_config: CacheConfig | None = None,
         engine_config: EngineConfig | None = None,
         worker_process: bool = True,
         worker_start_timeout_s: float = 600.0,
         tensor_parallel_size: int = 1,
+        cpu_threads: int | None = None,
     ) -> None:
         if tensor_parallel_size > 1 and not worker_process:
             raise ValueError("tensor_parallel_size above 1 needs worker_process: one process per rank")
+        if cpu_threads is not None and not worker_process:
+            raise ValueError("cpu_threads sets the worker process's threads; with worker_process=False the worker "
+                             "runs on this process's torch threads (torch.set_num_threads)")
+        tokenizer_dir = None if tokenizer is None else Path(tokenizer)
+        if model is not None:  # a wrong path fails here, in milliseconds, before a worker starts
+            check_model_dir(Path(model), needs_weights=LoadFormat(load_format) is not LoadFormat.DUMMY)
+            tokenizer_dir = check_tokenizer_dir(Path(model), tokenizer_dir)
+        elif tokenizer_dir is not None:
+            raise ModelDirError("tokenizer needs model: the built-in model comes with its own tokenizer")
         use_short_turns()
         freeze_startup_objects()  # before this LLM's own objects exist, so that they stay collectable after close()
         self._loop = asyncio.new_event_loop()
@@ -127,7 +150,9 @@ class LLM:
             secret = ClusterSecret.generate()  # the worker serves only this process, even on loopback
             self._launcher = LocalWorkers(WorkerLaunchConfig(
                 model_dir=model_dir, dtype=DType(dtype), device=DeviceKind(device), load_format=LoadFormat(load_format),
-                seed=seed, cluster_secret=secret, tensor_parallel_size=tensor_parallel_size,
+                seed=seed, cluster_secret=secret, kv_cache_dtype=KVCacheDType(kv_cache_dtype),
+                quantization=Quantization(quantization), tensor_parallel_size=tensor_parallel_size,
+                cpu_threads=cpu_threads or local_worker_threads(tensor_parallel_size, usable_cores()),
             ))
             try:
                 self._worker = self._run(_connect(self._launcher, secret, worker_start_timeout_s))
@@ -136,16 +161,18 @@ class LLM:
                 raise
         else:
             config = WorkerConfig(model_dir=model_dir, dtype=DType(dtype), device=DeviceKind(device),
-                                  load_format=LoadFormat(load_format), seed=seed)
+                                  load_format=LoadFormat(load_format), seed=seed,
+                                  kv_cache_dtype=KVCacheDType(kv_cache_dtype), quantization=Quantization(quantization))
             self._worker = InProcessWorker(Worker.load(config))
         started = self._run(start_engine(
             [self._worker], scheduler_config or SchedulerConfig(), cache_config or CacheConfig(),
-            engine_config or EngineConfig(), model_dir, model_name,
+            engine_config or EngineConfig(), tokenizer_dir or model_dir, model_name,
         ))
         self._engine: Engine
         self.model: ServedModel
         self.tokenizer: Tokenizer
         self._engine, self.model, self.tokenizer = started
+        self._constraints = ConstraintValidator(self.tokenizer, self.model.vocab_size)
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
@@ -154,29 +181,68 @@ class LLM:
         self,
         prompts: Sequence[str | Sequence[int]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generates for every prompt (all admitted at once, batched by the scheduler); outputs in prompt order."""
+        """Generates for every prompt (all admitted at once, batched by the scheduler); outputs in prompt order.
+        use_tqdm: show a progress bar of finished prompts and tokens per second on stderr, as vLLM does."""
         params = sampling_params or SamplingParams()
         per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"got {len(per_prompt)} sampling params for {len(prompts)} prompts")
-        prompt_ids = [tuple(self.tokenizer.encode(p)) if isinstance(p, str) else tuple(p) for p in prompts]
+        prompt_ids = [
+            truncated_prompt(self.tokenizer.encode(p) if isinstance(p, str) else p, params, self.model.max_model_len)
+            for p, params in zip(prompts, per_prompt, strict=True)
+        ]
         for ids, p in zip(prompt_ids, per_prompt, strict=True):
             validate_prompt(ids, self.model.vocab_size, self.model.max_model_len)
             p.validate(self.model.vocab_size, self.model.max_model_len, len(ids))
-        return self._run(self._generate_all(prompt_ids, per_prompt))
+            self._constraints.check(p)
+        with PromptProgress(len(prompts), enabled=use_tqdm) as progress:
+            return self._run(self._generate_all(prompt_ids, per_prompt, progress))
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        chat_template: str | None = None,
+        add_generation_prompt: bool | None = None,
+        continue_final_message: bool = False,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Completes one conversation (OpenAI's message dicts) or a list of them, as vLLM's LLM.chat: each rendered
+        with chat_template (Jinja text) or the model's, then generated as generate() does; outputs in order.
+        add_generation_prompt None: true unless continue_final_message. Raises FailedPreconditionError when there
+        is no template, InvalidArgumentError when one cannot render a conversation."""
+        is_batch = bool(messages) and not isinstance(messages[0], Mapping)
+        conversations = cast(Sequence[Sequence[Mapping[str, Any]]], messages if is_batch else [messages])
+        template = ChatTemplate(self.tokenizer, chat_template)
+        prompts = [
+            template.prompt_token_ids(Conversation(
+                tuple(conversation), tuple(tools or ()),
+                not continue_final_message if add_generation_prompt is None else add_generation_prompt,
+                continue_final_message, chat_template_kwargs or {},
+            ))
+            for conversation in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm)
 
     async def _generate_all(
-        self, prompt_ids: list[tuple[int, ...]], params: list[SamplingParams]
+        self, prompt_ids: list[tuple[int, ...]], params: list[SamplingParams], progress: PromptProgress,
     ) -> list[RequestOutput]:
         request_ids = [
             self._engine.add_request(ids, p, final_only=True) for ids, p in zip(prompt_ids, params, strict=True)
         ]
         return list(await asyncio.gather(*(
-            self._collect(rid, ids, p.n) for rid, ids, p in zip(request_ids, prompt_ids, params, strict=True)
+            self._collect(rid, ids, p.n, progress)
+            for rid, ids, p in zip(request_ids, prompt_ids, params, strict=True)
         )))
 
-    async def _collect(self, request_id: str, prompt_ids: tuple[int, ...], n: int) -> RequestOutput:
+    async def _collect(
+        self, request_id: str, prompt_ids: tuple[int, ...], n: int, progress: PromptProgress,
+    ) -> RequestOutput:
         texts: list[list[str]] = [[] for _ in range(n)]
         ids: list[list[int]] = [[] for _ in range(n)]
         logprobs: list[list[TokenLogprobs]] = [[] for _ in range(n)]
@@ -188,6 +254,7 @@ class LLM:
             logprobs[chunk.completion_index].extend(chunk.logprobs)
             reasons[chunk.completion_index] = chunk.finish_reason or reasons[chunk.completion_index]
         outputs = [CompletionOutput(i, "".join(texts[i]), ids[i], reasons[i], logprobs[i]) for i in range(n)]
+        progress.finished(len(prompt_ids), sum(map(len, ids)))
         return RequestOutput(request_id, prompt_ids, outputs)
 
     def status(self) -> EngineStatus:

@@ -10,6 +10,7 @@ from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
 
+from pagedserve.contract.errors import InvalidArgumentError
 from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.contract.step import (
     BlockTableUpdate,
@@ -20,6 +21,7 @@ from pagedserve.contract.step import (
     StepResult,
     TokenLogprobs,
 )
+from pagedserve.contract.structured_output import ConstraintKind, StructuredOutput
 from pagedserve.contract.worker_info import CacheInfo, CacheRequest, WorkerInfo
 from pagedserve.v1 import common_pb2, worker_service_pb2
 
@@ -29,11 +31,14 @@ class _FieldKind(enum.Enum):
     REPEATED = "repeated"  # a tuple
     MAP = "map"  # a mapping
     PLAIN = "plain"  # proto3 scalar without presence: its zero is the default
+    CONSTRAINT = "constraint"  # the StructuredOutput message
 
 
 def _field_kind(field: FieldDescriptor) -> _FieldKind:
     if field.message_type is not None and field.message_type.GetOptions().map_entry:
         return _FieldKind.MAP
+    if field.message_type is common_pb2.StructuredOutput.DESCRIPTOR:
+        return _FieldKind.CONSTRAINT
     if field.is_repeated:
         return _FieldKind.REPEATED
     return _FieldKind.OPTIONAL if field.has_presence else _FieldKind.PLAIN
@@ -55,6 +60,9 @@ def sampling_params_from_proto(pb: common_pb2.SamplingParams) -> SamplingParams:
             values[name] = tuple(getattr(pb, name))
         elif kind is _FieldKind.MAP:
             values[name] = dict(getattr(pb, name))
+        elif kind is _FieldKind.CONSTRAINT:
+            if pb.HasField(name):
+                values[name] = structured_output_from_proto(getattr(pb, name))
         else:
             values[name] = getattr(pb, name)
     return SamplingParams(**values)
@@ -64,7 +72,41 @@ def sampling_params_to_proto(params: SamplingParams) -> common_pb2.SamplingParam
     """The inverse of sampling_params_from_proto. max_tokens None (up to the context length) has no wire form
     and travels unset; only the worker receives parameters this way, and it does not read max_tokens."""
     values = {name: getattr(params, name) for name, _ in _SAMPLING_FIELDS}
+    if params.structured_output is not None:
+        values["structured_output"] = structured_output_to_proto(params.structured_output)
     return common_pb2.SamplingParams(**{name: value for name, value in values.items() if value is not None})
+
+
+def structured_output_from_proto(pb: common_pb2.StructuredOutput) -> StructuredOutput:
+    """The constraint; InvalidArgumentError naming the field when none is set or json_object is false."""
+    which = pb.WhichOneof("constraint")
+    if which is None:
+        raise InvalidArgumentError("structured_output", "must set one constraint")
+    kind = ConstraintKind(which)
+    if kind is ConstraintKind.JSON_OBJECT and not pb.json_object:
+        raise InvalidArgumentError("structured_output.json_object", "must be true when set")
+    is_text = kind not in (ConstraintKind.JSON_OBJECT, ConstraintKind.CHOICE)
+    return StructuredOutput(
+        kind,
+        spec=getattr(pb, which) if is_text else "",
+        choices=tuple(pb.choice.choices) if kind is ConstraintKind.CHOICE else (),
+        disable_any_whitespace=pb.disable_any_whitespace,
+        disable_additional_properties=pb.disable_additional_properties,
+    )
+
+
+def structured_output_to_proto(output: StructuredOutput) -> common_pb2.StructuredOutput:
+    message = common_pb2.StructuredOutput(
+        disable_any_whitespace=output.disable_any_whitespace,
+        disable_additional_properties=output.disable_additional_properties,
+    )
+    if output.kind is ConstraintKind.JSON_OBJECT:
+        message.json_object = True
+    elif output.kind is ConstraintKind.CHOICE:
+        message.choice.choices.extend(output.choices)
+    else:
+        setattr(message, output.kind.value, output.spec)
+    return message
 
 
 def token_logprobs_to_proto(lp: TokenLogprobs) -> common_pb2.TokenLogprobs:

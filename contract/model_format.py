@@ -28,3 +28,18 @@ class LoadFormat(enum.Enum):
     AUTO = "auto"
     SAFETENSORS = "safetensors"
     DUMMY = "dummy"
+
+
+class KVCacheDType(enum.Enum):
+    """Element type of the paged KV pool: AUTO keeps the model dtype; FP8 stores e4m3 with a per-layer scale."""
+
+    AUTO = "auto"
+    FP8 = "fp8"
+
+
+class Quantization(enum.Enum):
+    """How linear-layer weights are held: NONE in the model dtype (unless the checkpoint is FP8); FP8 as e4m3
+    with per-output-channel scales, multiplied with per-token-scaled e4m3 activations."""
+
+    NONE = "none"
+    FP8 = "fp8"

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from pagedserve.contract.errors import InvalidArgumentError
+from pagedserve.contract.structured_output import StructuredOutput
 
 MAX_N = 256  # completions per request
 MAX_LOGPROBS = 20  # top alternatives returned per position
@@ -18,6 +19,9 @@ MAX_LOGIT_BIAS = 100.0  # |bias| per token, as OpenAI bounds it
 MAX_STOP_STRINGS = 64  # strings per request
 MAX_STOP_STRING_CHARS = 1024  # characters per stop string
 MAX_STOP_TOKEN_IDS = 1024  # stop token ids per request (logit_bias is bounded by the vocabulary: one entry per id)
+# Bad words are matched against the newest outputs at every step on the worker, like stop strings on the engine.
+MAX_BAD_WORDS = 64
+MAX_BAD_WORD_CHARS = 1024
 # Below this temperature a row is greedy: dividing logits by it would overflow float32.
 GREEDY_TEMPERATURE = 1e-5
 
@@ -63,6 +67,12 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     logit_bias: Mapping[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    allowed_token_ids: tuple[int, ...] = ()  # empty: every token may be sampled
+    bad_words: tuple[str, ...] = ()
+    spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens; -1: max_model_len
+    best_of: int | None = None  # only n is supported
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "logit_bias", MappingProxyType(dict(self.logit_bias)))  # read-only
@@ -70,6 +80,7 @@ class SamplingParams:
         self._check_distribution()
         self._check_stops()
         self._check_logit_bias()
+        self._check_vllm_extras()
 
     @property
     def is_greedy(self) -> bool:
@@ -86,7 +97,16 @@ class SamplingParams:
             "logit_bias",
             f"at most one entry per vocabulary id ({vocab_size}), got {len(self.logit_bias)}",
         )
-        for name, token_ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias)):
+        _require(
+            len(self.allowed_token_ids) <= vocab_size,
+            "allowed_token_ids",
+            f"at most one entry per vocabulary id ({vocab_size}), got {len(self.allowed_token_ids)}",
+        )
+        checked_ids = (
+            ("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias),
+            ("allowed_token_ids", self.allowed_token_ids),
+        )
+        for name, token_ids in checked_ids:
             for token_id in token_ids:
                 _require(
                     0 <= token_id < vocab_size, name, f"token id {token_id} is outside the vocabulary [0, {vocab_size})"
@@ -182,6 +202,46 @@ class SamplingParams:
                 "logit_bias",
                 f"bias of token {token_id} must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias}",
             )
+
+    def _check_vllm_extras(self) -> None:
+        _require(
+            all(token_id >= 0 for token_id in self.allowed_token_ids),
+            "allowed_token_ids",
+            "token ids must be non-negative",
+        )
+        _require(
+            len(self.bad_words) <= MAX_BAD_WORDS,
+            "bad_words",
+            f"at most {MAX_BAD_WORDS} words, got {len(self.bad_words)}",
+        )
+        _require(all(word.strip() for word in self.bad_words), "bad_words", "must not contain an empty word")
+        longest = max(map(len, self.bad_words), default=0)
+        _require(
+            longest <= MAX_BAD_WORD_CHARS,
+            "bad_words",
+            f"each word at most {MAX_BAD_WORD_CHARS} characters, got one of {longest}",
+        )
+        if self.truncate_prompt_tokens is not None:
+            _require(
+                self.truncate_prompt_tokens == -1 or self.truncate_prompt_tokens >= 1,
+                "truncate_prompt_tokens",
+                f"must be -1 (the maximum model length) or at least 1, got {self.truncate_prompt_tokens}",
+            )
+        if self.best_of is not None:
+            _require(
+                self.best_of == self.n,
+                "best_of",
+                f"only best_of == n ({self.n}) is supported (vLLM V1 removed best_of > n), got {self.best_of}",
+            )
+
+
+def truncated_prompt(prompt_token_ids: Sequence[int], params: SamplingParams, max_model_len: int) -> tuple[int, ...]:
+    """The prompt as truncate_prompt_tokens leaves it: its last k tokens (k = max_model_len for -1), else whole."""
+    keep = params.truncate_prompt_tokens
+    if keep is None:
+        return tuple(prompt_token_ids)
+    keep = max_model_len if keep == -1 else keep
+    return tuple(prompt_token_ids[-keep:]) if len(prompt_token_ids) > keep else tuple(prompt_token_ids)
 
 
 def validate_prompt(prompt_token_ids: Sequence[int], vocab_size: int, max_model_len: int) -> None:

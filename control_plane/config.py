@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import enum
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
-from pagedserve.runtime.logs import LogFormat
+from pagedserve.contract.model_format import DeviceKind, DType, KVCacheDType, LoadFormat, Quantization
+from pagedserve.runtime.logs import LogFormat, LogLevel
 
 
 class SchedulingPolicy(enum.Enum):
@@ -70,8 +70,8 @@ class CacheConfig:
     block_size: int = 16  # tokens per KV block
     gpu_memory_utilization: float = 0.9  # share of device memory for weights, activations and KV blocks
     num_gpu_blocks_override: int | None = None  # exact device pool size (skips profiling)
-    kv_cache_memory_bytes: int = 4 << 30  # KV pool of a CPU worker
-    swap_space_bytes: int = 4 << 30  # CPU memory for swapped-out blocks, per worker
+    kv_cache_memory_bytes: int | None = None  # KV pool of a CPU worker; None: what it needs, capped (for_worker)
+    swap_space_bytes: int | None = None  # CPU memory for swapped-out blocks, per worker; None: by device (for_worker)
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
@@ -81,10 +81,33 @@ class CacheConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override <= 0:
             raise ValueError(f"num_gpu_blocks_override must be positive, got {self.num_gpu_blocks_override}")
-        if self.kv_cache_memory_bytes < 0:
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 0:
             raise ValueError(f"kv_cache_memory_bytes must be >= 0, got {self.kv_cache_memory_bytes}")
-        if self.swap_space_bytes < 0:
+        if self.swap_space_bytes is not None and self.swap_space_bytes < 0:
             raise ValueError(f"swap_space_bytes must be >= 0, got {self.swap_space_bytes}")
+
+    def for_worker(self, device: str, kv_bytes_per_token: int, max_num_seqs: int, max_model_len: int) -> CacheConfig:
+        """This config with the sizes left to the device filled in. A CPU worker's KV pool holds what max_num_seqs
+        sequences of max_model_len tokens need, at most CPU_KV_CACHE_CAP_BYTES unless one sequence alone needs more
+        (a server must take a request of max_model_len tokens), and it swaps nowhere: its swap space would be the
+        same memory again. A GPU worker's pool is sized by gpu_memory_utilization; it keeps vLLM's 4 GiB of swap."""
+        is_cpu = not device.startswith("cuda")
+        kv_bytes = self.kv_cache_memory_bytes
+        if kv_bytes is None and is_cpu:
+            one_sequence_bytes = kv_bytes_per_token * max_model_len
+            kv_bytes = min(one_sequence_bytes * max_num_seqs, max(CPU_KV_CACHE_CAP_BYTES, one_sequence_bytes))
+        elif kv_bytes is None:
+            kv_bytes = 0
+        swap_bytes = self.swap_space_bytes
+        if swap_bytes is None:
+            swap_bytes = 0 if is_cpu else GPU_SWAP_SPACE_BYTES
+        return replace(self, kv_cache_memory_bytes=kv_bytes, swap_space_bytes=swap_bytes)
+
+
+# A CPU worker's KV pool by default, unless one sequence of max_model_len needs more: the built-in model's 4 KiB per
+# token make 65,536 tokens (32 sequences of its 2,048); --kv-cache-memory gives more, --max-model-len less.
+CPU_KV_CACHE_CAP_BYTES = 256 << 20
+GPU_SWAP_SPACE_BYTES = 4 << 30  # vLLM's --swap-space default
 
 
 # Each step in flight may compute one token past a stop that is not known yet; deeper pipelines only waste work.
@@ -124,6 +147,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     model_dir: Path | None = None  # None: the built-in model
+    tokenizer_dir: Path | None = None  # None: model_dir's tokenizer
     worker_addresses: tuple[str, ...] = ()  # empty: start local workers
     num_workers: int = 1
     tensor_parallel_size: int = 1  # processes (GPUs) per local worker, its model sharded over them
@@ -131,9 +155,13 @@ class ServerConfig:
     device: DeviceKind = DeviceKind.AUTO
     load_format: LoadFormat = LoadFormat.AUTO
     seed: int = 0
+    kv_cache_dtype: KVCacheDType = KVCacheDType.AUTO  # of the local workers (external ones take their own flags)
+    quantization: Quantization = Quantization.NONE  # likewise
     metrics_port: int | None = None
     worker_start_timeout_s: float = 600.0
-    log_format: LogFormat = LogFormat.AUTO  # of this process and of the frontend process it starts
+    log_format: LogFormat = LogFormat.AUTO  # of this process and of every process it starts
+    log_level: LogLevel = LogLevel.INFO  # likewise
+    cpu_threads: int | None = None  # torch threads of each local worker; None: runtime/cpu_threads.py's rule
     # On SIGTERM/SIGINT: how long requests in flight may run on before they are ended (Kubernetes' default grace).
     shutdown_timeout_s: float = 30.0
     # The public port: API keys a caller must send (`authorization: Bearer <key>`; none: no key needed), and TLS
@@ -142,6 +170,8 @@ class ServerConfig:
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
+    # --chat-template: a file, or the template's text (vLLM's flag); None: the model's own template, if any.
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -164,6 +194,13 @@ class ServerConfig:
         if self.worker_addresses and self.tensor_parallel_size > 1:
             raise ValueError("tensor_parallel_size applies to local workers; a --worker group is sized by its own "
                              "workers' --tp-size")
+        if self.worker_addresses and (
+            self.kv_cache_dtype is not KVCacheDType.AUTO or self.quantization is not Quantization.NONE
+        ):
+            raise ValueError("kv_cache_dtype and quantization apply to the workers serve starts; give them to each "
+                             "external worker (pagedserve worker --kv-cache-dtype / --quantization) instead")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be at least 1, got {self.cpu_threads}")
 
     @property
     def address(self) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
+from pagedserve.contract.model_format import DeviceKind, DType, KVCacheDType, LoadFormat, Quantization
 from pagedserve.gpu_worker.parallel.config import TensorParallelConfig
 
 
@@ -22,6 +22,9 @@ class WorkerConfig:
     worker_id: str = "worker-0"
     enforce_eager: bool = False  # never replay CUDA graphs (debugging, or to save their memory)
     tensor_parallel: TensorParallelConfig = TensorParallelConfig()  # this worker's rank in its group; alone by default
+    kv_cache_dtype: KVCacheDType = KVCacheDType.AUTO  # FP8: the paged pool holds e4m3, half the bytes per token
+    quantization: Quantization = Quantization.NONE  # FP8: linear layers quantized to e4m3 at load
+    cpu_threads: int = 1  # torch's CPU threads (runtime/cpu_threads.py: main gives the cores it may use)
 
     def __post_init__(self) -> None:
         if self.seed < 0:
@@ -29,5 +32,7 @@ class WorkerConfig:
         host, sep, port = self.listen_address.rpartition(":")
         if not sep or not host or not port.isdigit() or int(port) > 65535:
             raise ValueError(f"listen_address must be HOST:PORT, got {self.listen_address!r}")
+        if self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be at least 1, got {self.cpu_threads}")
         if not self.worker_id:
             raise ValueError("worker_id must not be empty")

@@ -60,6 +60,23 @@ def apply_bans(logits: torch.Tensor, banned_token_ids: Sequence[Sequence[int]]) 
     logits.view(-1).index_fill_(0, positions, float("-inf"))
 
 
+def apply_allowed(logits: torch.Tensor, allowed_token_ids: Sequence[Sequence[int]]) -> None:
+    """Sets `logits[r, t] = -inf` for every token t not in `allowed_token_ids[r]`; a row with an empty list keeps
+    every token.
+
+    logits: [rows, vocab] float, contiguous (written in place); one entry of `allowed_token_ids` per row.
+    """
+    num_rows, vocab_size = logits.shape
+    positions = flat_token_positions(allowed_token_ids, vocab_size, logits.device)
+    keep = torch.zeros(num_rows * vocab_size, dtype=torch.bool, device=logits.device)
+    keep[positions] = True
+    keep = keep.view(num_rows, vocab_size)
+    unlimited = [row for row, token_ids in enumerate(allowed_token_ids) if not token_ids]
+    if unlimited:
+        keep[to_device(torch.tensor(unlimited, dtype=torch.int64), logits.device)] = True
+    logits.masked_fill_(~keep, float("-inf"))
+
+
 def apply_logit_bias(logits: torch.Tensor, biases: Sequence[Mapping[int, float]]) -> None:
     """Adds `biases[r][t]` to `logits[r, t]` for every listed token t.
 

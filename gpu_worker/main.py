@@ -1,17 +1,20 @@
-"""`pagedserve worker`: wiring only. Flags -> WorkerConfig -> loaded worker -> gRPC server until a signal."""
+"""`pagedserve worker`: wiring only. Flags and PAGEDSERVE_* variables -> WorkerConfig -> worker -> gRPC server."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import enum
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
 import structlog
+import torch
 
-from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
+from pagedserve.contract.model_dir import check_model_dir
+from pagedserve.contract.model_format import DeviceKind, DType, KVCacheDType, LoadFormat, Quantization
 from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.parallel.config import TensorParallelConfig
 from pagedserve.gpu_worker.parallel.follower import run_follower
@@ -19,8 +22,10 @@ from pagedserve.gpu_worker.service import start_server
 from pagedserve.gpu_worker.worker import Worker
 from pagedserve.runtime.auth import SECRET_ENV, ClusterSecret, cluster_secret_from
 from pagedserve.runtime.collector import freeze_startup_objects
+from pagedserve.runtime.cpu_threads import usable_cores
+from pagedserve.runtime.flags import EPILOG, parse_args, usage_error
 from pagedserve.runtime.gil import use_short_turns
-from pagedserve.runtime.logs import LogFormat, configure_logging
+from pagedserve.runtime.logs import add_log_flags, configure_logging
 from pagedserve.runtime.parent_watch import exit_when_parent_dies
 from pagedserve.runtime.stop_signal import stopped_by_signal
 
@@ -29,29 +34,32 @@ _GRACE_S = 5.0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pagedserve worker", description="Run a worker holding the model and KV cache.")
-    p.add_argument("--model", type=Path, required=True, help="Hugging Face model directory")
+    """The worker's flags; each also reads PAGEDSERVE_<FLAG> (docs/configuration.md)."""
+    p = argparse.ArgumentParser(prog="pagedserve worker", description="Run a worker holding the model and KV cache.",
+                                epilog=EPILOG)
+    p.add_argument("--model", type=Path, required=True, help="Hugging Face model directory (safetensors weights)")
     p.add_argument("--listen", default="127.0.0.1:50061", help="HOST:PORT to bind; port 0 picks a free one")
-    p.add_argument("--dtype", default=DType.AUTO.value, choices=[m.value for m in DType])
-    p.add_argument("--device", default=DeviceKind.AUTO.value, choices=[m.value for m in DeviceKind])
-    p.add_argument("--load-format", default=LoadFormat.AUTO.value, choices=[m.value for m in LoadFormat])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--worker-id", default="worker-0")
+    _add_mode_flag(p, "--dtype", DType.AUTO, "weight and KV-cache dtype; auto: config.json's")
+    _add_mode_flag(p, "--device", DeviceKind.AUTO, "where the model runs; auto: CUDA when a GPU is visible")
+    _add_mode_flag(p, "--load-format", LoadFormat.AUTO, "safetensors files, or dummy (seeded random weights)")
+    p.add_argument("--seed", type=int, default=0, help="seed of dummy weights and of unseeded sampling")
+    p.add_argument("--worker-id", default="worker-0", help="the name this worker reports to the control plane")
     p.add_argument("--enforce-eager", action="store_true", help="run every step eagerly, without CUDA graphs")
-    p.add_argument("--log-format", default=LogFormat.AUTO.value, choices=[m.value for m in LogFormat])
+    _add_mode_flag(p, "--kv-cache-dtype", KVCacheDType.AUTO,
+                   "fp8: store the KV cache as e4m3 with a per-layer scale (about twice the tokens)")
+    _add_mode_flag(p, "--quantization", Quantization.NONE,
+                   "fp8: quantize linear layers to e4m3 at load (FP8 checkpoints load as FP8 either way)")
+    p.add_argument("--cpu-threads", type=int,
+                   help="threads torch may use for CPU work (default: the cores this process may run on)")
+    add_log_flags(p)
     p.add_argument("--cluster-secret-file", type=Path,
-                   default=os.environ.get("PAGEDSERVE_CLUSTER_SECRET_FILE") or None,
-                   help=f"file holding the secret every caller must send (or the secret itself in {SECRET_ENV}; "
-                        "the file's path in PAGEDSERVE_CLUSTER_SECRET_FILE)")
+                   help=f"file holding the secret every caller must send (or the secret itself in {SECRET_ENV})")
     p.add_argument("--insecure-no-auth", action="store_true",
                    help="accept every caller without a cluster secret (only where nothing untrusted can connect)")
-    p.add_argument("--tls-cert-file", type=Path, default=os.environ.get("PAGEDSERVE_TLS_CERT_FILE") or None,
-                   help="PEM certificate chain: the port speaks TLS (env PAGEDSERVE_TLS_CERT_FILE); default plaintext")
-    p.add_argument("--tls-key-file", type=Path, default=os.environ.get("PAGEDSERVE_TLS_KEY_FILE") or None,
-                   help="PEM private key of --tls-cert-file (env PAGEDSERVE_TLS_KEY_FILE)")
-    p.add_argument("--tls-client-ca-file", type=Path, default=os.environ.get("PAGEDSERVE_TLS_CLIENT_CA_FILE") or None,
-                   help="PEM CA certificates: callers must present a certificate one of them signed (mTLS; env "
-                        "PAGEDSERVE_TLS_CLIENT_CA_FILE)")
+    p.add_argument("--tls-cert-file", type=Path, help="PEM certificate chain: the port speaks TLS (default plaintext)")
+    p.add_argument("--tls-key-file", type=Path, help="PEM private key of --tls-cert-file")
+    p.add_argument("--tls-client-ca-file", type=Path,
+                   help="PEM CA certificates: callers must present a certificate one of them signed (mTLS)")
     p.add_argument("--enable-reflection", action="store_true", help="serve gRPC reflection (off by default)")
     p.add_argument("--parent-pid", type=int,
                    help="exit once this process is no longer our parent (given by the process that starts us)")
@@ -66,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp-timeout", type=float, default=60.0,
                    help="seconds a rank waits in a collective before it gives up and exits (a dead or hung rank)")
     return p
+
+
+def _add_mode_flag(p: argparse.ArgumentParser, flag: str, default: enum.Enum, help_text: str) -> None:
+    mode = type(default)
+    p.add_argument(flag, type=mode, default=default, choices=list(mode),
+                   metavar="{" + ",".join(m.value for m in mode) + "}", help=help_text)
 
 
 def cluster_secret_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ClusterSecret | None:
@@ -104,10 +118,11 @@ def server_credentials_from_args(
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(
-        model_dir=args.model, dtype=DType(args.dtype), device=DeviceKind(args.device),
-        load_format=LoadFormat(args.load_format), seed=args.seed, listen_address=args.listen,
-        worker_id=args.worker_id, enforce_eager=args.enforce_eager,
+        model_dir=args.model, dtype=args.dtype, device=args.device, load_format=args.load_format, seed=args.seed,
+        listen_address=args.listen, worker_id=args.worker_id, enforce_eager=args.enforce_eager,
         tensor_parallel=TensorParallelConfig(args.tp_rank, args.tp_size, args.tp_rendezvous, args.tp_timeout),
+        kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
+        cpu_threads=usable_cores() if args.cpu_threads is None else args.cpu_threads,
     )
 
 
@@ -128,21 +143,23 @@ async def serve(worker: Worker, address: str, secret: ClusterSecret | None, enab
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    configure_logging(LogFormat(args.log_format))
+    args = parse_args(parser, argv, os.environ)
+    configure_logging(args.log_format, args.log_level.number)
     if args.parent_pid is not None:
         exit_when_parent_dies(args.parent_pid)  # before loading: a parent may die while the weights load
-    is_follower = args.tp_rank > 0  # serves no port: no secret or TLS to check
+    try:
+        check_model_dir(args.model, needs_weights=args.load_format is not LoadFormat.DUMMY)
+        config = config_from_args(args)
+    except ValueError as error:  # ModelDirError included: one line and exit code 2, before loading anything
+        usage_error(parser, str(error))
+    is_follower = config.tensor_parallel.rank > 0  # serves no port: no secret or TLS to check
     secret = None if is_follower else cluster_secret_from_args(parser, args)
     if secret is None and not is_follower:
         log.warning("authentication_disabled", flag="--insecure-no-auth",
                     message="any process that reaches this port can drive or reset the worker")
     credentials = server_credentials_from_args(parser, args)
     use_short_turns()
-    try:
-        config = config_from_args(args)
-    except ValueError as error:
-        parser.error(str(error))
+    torch.set_num_threads(config.cpu_threads)
     worker = Worker.load(config)
     freeze_startup_objects()
     if is_follower:

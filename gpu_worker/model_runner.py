@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -148,8 +149,10 @@ class ModelRunner:
         self._last_tokens = torch.zeros(tables.table.shape[0], dtype=torch.int64, device=pool.device)
 
     @torch.inference_mode()
-    def launch(self, work: list[ScheduledWork]) -> LaunchedRun:
-        """Queues the forward pass and the sampling; the host reads the sequences' state only during this call."""
+    def launch(self, work: list[ScheduledWork], before_sampling: Callable[[], None] | None = None) -> LaunchedRun:
+        """Queues the forward pass and the sampling; the host reads the sequences' state only during this call.
+        before_sampling runs once the forward pass is queued (the worker reads earlier steps' tokens there, while
+        the device computes)."""
         sampled_seq_ids = [
             (state.seq_id, *(fork.seq_id for fork in state.forks)) if is_sampling else ()
             for state, _, _, is_sampling in work
@@ -163,6 +166,8 @@ class ModelRunner:
             hidden = self.piece_runner.run(batch)
         else:
             hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.pool.gpu_cache)
+        if before_sampling is not None:
+            before_sampling()
         sample = self._start_sampling(work, batch, hidden)
         prompt_logprobs = [
             self._prompt_logprobs(item, int(batch.query_start_loc[index]), hidden)
@@ -195,7 +200,7 @@ class ModelRunner:
             for sample_index in (state.sample_index, *(fork.sample_index for fork in state.forks)):
                 rows.append(SamplingRow(
                     state.sampling_params, state.banned_token_ids, state.prompt_token_ids, state.output_token_ids,
-                    sample_index,
+                    sample_index, state.grammar, state.bad_words_token_ids,
                 ))
                 hidden_rows.append(last_row)
         if not rows:

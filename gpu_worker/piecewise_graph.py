@@ -48,12 +48,12 @@ class PiecewiseGraphRunner:
         self.kv_cache = kv_cache
         self.sizes = piece_sizes(max_tokens)
         size, device = self.sizes[-1], kv_cache.device
-        config = model.config
+        config, dtype = model.config, model.embed_tokens.dtype  # the model's, not the cache's (FP8 caches)
         self.tokens = StaticTokens(size, device)
         shape = (size, config.num_heads, config.head_dim)
-        self.buffers = AttentionBuffers(torch.zeros(shape, dtype=kv_cache.dtype, device=device),
-                                        torch.zeros(shape, dtype=kv_cache.dtype, device=device))
-        self.hidden = torch.zeros(size, config.hidden_size, dtype=kv_cache.dtype, device=device)
+        self.buffers = AttentionBuffers(torch.zeros(shape, dtype=dtype, device=device),
+                                        torch.zeros(shape, dtype=dtype, device=device))
+        self.hidden = torch.zeros(size, config.hidden_size, dtype=dtype, device=device)
         # Per size: graphs[i] runs up to layer i's attention; the last one ends the forward pass into self.hidden.
         self._graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         self.num_replays = 0

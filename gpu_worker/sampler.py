@@ -10,8 +10,11 @@ import torch
 
 from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.contract.step import TokenLogprobs
+from pagedserve.gpu_worker.bad_words import bad_word_bans
+from pagedserve.gpu_worker.grammar import GrammarCompiler, SequenceGrammar, apply_token_masks, fill_token_masks
 from pagedserve.gpu_worker.host_transfer import DeviceToHost, to_device
 from pagedserve.gpu_worker.logits_processors import (
+    apply_allowed,
     apply_bans,
     apply_logit_bias,
     apply_min_p,
@@ -31,6 +34,8 @@ class SamplingRow(NamedTuple):
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]  # tokens generated so far
     sample_index: int = 0  # sibling index for n > 1
+    grammar: SequenceGrammar | None = None  # structured output, having accepted output_token_ids
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +89,10 @@ class _BatchPlan:
     params: list[tuple[float, float, float, float, float]] = field(default_factory=list)
     banned: list[Sequence[int]] = field(default_factory=list)
     has_bans: bool = False
+    allowed: list[Sequence[int]] = field(default_factory=list)  # empty: every token
+    has_allowed: bool = False
+    grammar_rows: list[int] = field(default_factory=list)
+    grammars: list[SequenceGrammar] = field(default_factory=list)
     biases: list[Mapping[int, float]] = field(default_factory=list)
     has_biases: bool = False
     num_greedy: int = 0
@@ -101,7 +110,12 @@ class _BatchPlan:
     @property
     def is_plain_greedy(self) -> bool:
         """Every row is an argmax of its unmodified logits."""
-        return not (self.num_random or self.has_bans or self.has_biases or self.penalty_rows or self.logprob_rows)
+        return not (self.num_random or self.has_bans or self.has_biases or self.penalty_rows or self.logprob_rows
+                    or self.has_allowed or self.grammar_rows)
+
+    @property
+    def has_logit_changes(self) -> bool:
+        return bool(self.has_bans or self.has_biases or self.penalty_rows or self.has_allowed or self.grammar_rows)
 
 
 def _plan(rows: Sequence[SamplingRow], vocab_size: int) -> _BatchPlan:
@@ -109,9 +123,16 @@ def _plan(rows: Sequence[SamplingRow], vocab_size: int) -> _BatchPlan:
     for index, row in enumerate(rows):
         options = row.params
         num_output = len(row.output_token_ids)
-        is_banning = num_output < options.min_tokens and bool(row.banned_token_ids)
-        plan.banned.append(row.banned_token_ids if is_banning else ())
-        plan.has_bans |= is_banning
+        banned = list(row.banned_token_ids) if num_output < options.min_tokens else []
+        if row.bad_words_token_ids:
+            banned += bad_word_bans(row.bad_words_token_ids, row.output_token_ids)
+        plan.banned.append(banned)
+        plan.has_bans |= bool(banned)
+        plan.allowed.append(options.allowed_token_ids)
+        plan.has_allowed |= bool(options.allowed_token_ids)
+        if row.grammar is not None:
+            plan.grammar_rows.append(index)
+            plan.grammars.append(row.grammar)
         plan.biases.append(options.logit_bias)
         plan.has_biases |= bool(options.logit_bias)
         if options.has_penalties:
@@ -141,8 +162,10 @@ class Sampler:
     device-to-host transfer of its results, which waits for nothing queued after it.
     """
 
-    def __init__(self, vocab_size: int, device: torch.device, seed: int = 0) -> None:
+    def __init__(self, vocab_size: int, device: torch.device, seed: int = 0,
+                 grammars: GrammarCompiler | None = None) -> None:
         self._vocab_size = vocab_size
+        self._grammars = grammars
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(seed)
 
@@ -182,11 +205,15 @@ class Sampler:
             )
 
     def _processed(self, logits: torch.Tensor, rows: Sequence[SamplingRow], plan: _BatchPlan) -> torch.Tensor:
-        """The logits after bans, logit biases and penalties (vLLM's order): a copy when one applies, else `logits`
-        itself."""
-        if not (plan.has_bans or plan.has_biases or plan.penalty_rows):
+        """The logits after grammar masks, allowed tokens, bans, logit biases and penalties (vLLM's order): a copy
+        when one applies, else `logits` itself."""
+        if not plan.has_logit_changes:
             return logits
         work = logits.clone(memory_format=torch.contiguous_format)  # bans and biases write through a flat view
+        if plan.grammar_rows:
+            self._apply_grammars(work, plan)
+        if plan.has_allowed:
+            apply_allowed(work, plan.allowed)
         if plan.has_bans:
             apply_bans(work, plan.banned)
         if plan.has_biases:
@@ -199,6 +226,15 @@ class Sampler:
             if index is not None:
                 work[index] = subset
         return work
+
+    def _apply_grammars(self, logits: torch.Tensor, plan: _BatchPlan) -> None:
+        """Masks each constrained row to the tokens its grammar allows next. The masks are computed on the host
+        while the device runs the forward pass queued before, then cross in one copy and apply on the device."""
+        if self._grammars is None:
+            raise RuntimeError("a row has a grammar but the sampler has no grammar compiler")
+        masks = fill_token_masks(self._grammars, plan.grammars, self._vocab_size)
+        rows = torch.tensor(plan.grammar_rows, dtype=torch.int64)
+        apply_token_masks(logits, to_device(rows, logits.device), to_device(masks, logits.device))
 
     def _choose(self, logits: torch.Tensor, plan: _BatchPlan) -> torch.Tensor:
         """[rows] int64: argmax for greedy rows, a filtered sample for the others."""

@@ -7,8 +7,10 @@ from typing import NamedTuple
 
 from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.contract.step import Fork, NewSequence, ScheduledSequence, StepPlan
+from pagedserve.gpu_worker.bad_words import BadWordsTokenizer
 from pagedserve.gpu_worker.block_tables import BlockTableArray
 from pagedserve.gpu_worker.errors import InvalidStepError
+from pagedserve.gpu_worker.grammar import GrammarCompiler, SequenceGrammar
 
 # An output token sampled by a step whose results have not reached the host yet. It is always the
 # sequence's last token and its only uncomputed one, so a step that computes it reads it on the device
@@ -37,6 +39,13 @@ class SequenceState:
     num_computed_tokens: int
     sample_index: int = 0
     forks: tuple[Fork, ...] = ()  # siblings still to be forked at the first sample
+    grammar: SequenceGrammar | None = None  # structured output: has accepted every output token on the host
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def reads_token_history(self) -> bool:
+        """Whether sampling this sequence reads its earlier output tokens' values on the host."""
+        return self.sampling_params.has_penalties or self.grammar is not None or bool(self.bad_words_token_ids)
 
     @property
     def num_tokens(self) -> int:
@@ -62,7 +71,8 @@ class SequenceState:
         """A sibling sharing this state so far, with its own outputs and table row (a copy of this one's)."""
         return SequenceState(
             seq_id, self.prompt_token_ids, list(self.output_token_ids), self.sampling_params, self.banned_token_ids,
-            table_row, self.num_computed_tokens, sample_index,
+            table_row, self.num_computed_tokens, sample_index, (),
+            None if self.grammar is None else self.grammar.fork(), self.bad_words_token_ids,
         )
 
 
@@ -97,6 +107,8 @@ class SequenceRegistry:
     block_size: int
     num_gpu_blocks: int
     num_cpu_blocks: int
+    grammars: GrammarCompiler | None = None  # None: the model has no tokenizer, so no structured output
+    bad_words: BadWordsTokenizer | None = None  # None: no tokenizer, so no bad_words
     states: dict[int, SequenceState] = field(default_factory=dict)
     tables: BlockTableArray = field(default_factory=BlockTableArray)
 
@@ -138,7 +150,7 @@ class SequenceRegistry:
             state = SequenceState(
                 new.seq_id, list(new.prompt_token_ids), list(new.output_token_ids), new.sampling_params,
                 new.banned_token_ids, self.tables.add(new.block_ids), new.num_computed_tokens, new.sample_index,
-                new.forks,
+                new.forks, self._grammar(new), self._bad_words_token_ids(new),
             )
             self.states[new.seq_id] = state
             work.append(ScheduledWork.of(state, new.num_scheduled_tokens))
@@ -177,13 +189,36 @@ class SequenceRegistry:
 
     @staticmethod
     def fill(pending: list[PendingToken], token_ids: list[int]) -> None:
-        """Writes a launched step's sampled tokens (in reserve()'s order) over their placeholders."""
+        """Writes a launched step's sampled tokens (in reserve()'s order) over their placeholders, and feeds them
+        to their sequences' grammars (steps are filled in launch order, so each grammar sees its tokens in order)."""
         for slot, token_id in zip(pending, token_ids, strict=True):
             slot.state.output_token_ids[slot.output_index] = token_id
+            if slot.state.grammar is not None:
+                slot.state.grammar.accept(token_id)
+
+    def _grammar(self, new: NewSequence) -> SequenceGrammar | None:
+        """The new sequence's grammar, compiling off this thread, with the outputs it already has accepted (a
+        sequence recomputed after preemption replays them)."""
+        output = new.sampling_params.structured_output
+        if output is None or self.grammars is None:
+            return None
+        grammar = self.grammars.start(output)
+        for token_id in new.output_token_ids:
+            grammar.accept(token_id)
+        return grammar
+
+    def _bad_words_token_ids(self, new: NewSequence) -> tuple[tuple[int, ...], ...]:
+        words = new.sampling_params.bad_words
+        return self.bad_words.token_ids(words) if words and self.bad_words is not None else ()
 
     def _check_new(self, new: NewSequence) -> None:
         if not new.prompt_token_ids:
             raise InvalidStepError(f"sequence {new.seq_id} has an empty prompt")
+        params = new.sampling_params
+        if params.structured_output is not None and self.grammars is None:
+            raise InvalidStepError("structured_output: this worker's model directory has no tokenizer.json")
+        if params.bad_words and self.bad_words is None:
+            raise InvalidStepError("bad_words: this worker's model directory has no tokenizer.json")
         num_tokens = len(new.prompt_token_ids) + len(new.output_token_ids)
         self._check_range(new.seq_id, new.num_computed_tokens, new.num_scheduled_tokens, num_tokens)
         self._check_table(new.seq_id, new.block_ids, new.num_computed_tokens + new.num_scheduled_tokens)

@@ -12,7 +12,6 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from pagedserve.contract import codec
 from pagedserve.contract.errors import InvalidArgumentError
@@ -26,6 +25,7 @@ from pagedserve.gpu_worker.step_pipeline import StepPipeline
 from pagedserve.gpu_worker.worker import LaunchedStep, Worker
 from pagedserve.runtime.auth import ClusterSecret, ClusterSecretInterceptor
 from pagedserve.runtime.channel_options import INTERNAL_CHANNEL_OPTIONS
+from pagedserve.runtime.reflection import add_reflection
 from pagedserve.v1 import worker_service_pb2, worker_service_pb2_grpc
 
 log = structlog.get_logger()
@@ -214,7 +214,7 @@ async def start_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if enable_reflection:
-        reflection.enable_server_reflection((_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        add_reflection(server, (_SERVICE_NAME, health.SERVICE_NAME))
     port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     await server.start()
     for service in ("", _SERVICE_NAME):

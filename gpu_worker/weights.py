@@ -11,9 +11,16 @@ import structlog
 import torch
 from safetensors import safe_open
 
-from pagedserve.contract.model_format import DType, LoadFormat
+from pagedserve.contract.model_format import DType, LoadFormat, Quantization
 from pagedserve.gpu_worker import devices
 from pagedserve.gpu_worker.errors import ModelLoadError
+from pagedserve.gpu_worker.fp8_support import require_fp8_device
+from pagedserve.gpu_worker.fp8_weights import (
+    checkpoint_is_fp8,
+    fp8_linear_bytes,
+    load_fp8_checkpoint,
+    quantize_linears,
+)
 from pagedserve.gpu_worker.models.decoder import DecoderForCausalLM
 from pagedserve.gpu_worker.models.model_config import ModelConfig
 from pagedserve.gpu_worker.parallel.group import SINGLE_RANK, ParallelGroup
@@ -99,12 +106,21 @@ def fill_dummy_weights(model: DecoderForCausalLM, seed: int) -> None:
 
 def load_model(
     model_dir: Path, dtype: DType, device: torch.device, load_format: LoadFormat, seed: int, ops: KernelOps,
-    group: ParallelGroup = SINGLE_RANK,
+    quantization: Quantization = Quantization.NONE, group: ParallelGroup = SINGLE_RANK,
 ) -> LoadedModel:
     """Builds the decoder on device in the resolved dtype and fills its weights as load_format says: group.rank's
-    slices of them under tensor parallelism (its config is then that rank's, see DecoderForCausalLM)."""
+    slices of them under tensor parallelism (its config is then that rank's, see DecoderForCausalLM). Linear layers
+    are FP8 when quantization says so (each rank quantizes its slices once loaded) or when the checkpoint is FP8
+    (loaded as is, with one rank only)."""
     config = read_model_config(model_dir)
     torch_dtype = resolve_dtype(dtype, config)
+    is_fp8_checkpoint = load_format is not LoadFormat.DUMMY and checkpoint_is_fp8(model_dir)
+    if quantization is Quantization.FP8 or is_fp8_checkpoint:
+        require_fp8_device(device, "FP8 weights (--quantization fp8, or an FP8 checkpoint)")
+    if is_fp8_checkpoint and group.size > 1:
+        raise ModelLoadError(f"{model_dir} is an FP8 checkpoint, which tensor parallelism cannot slice (its weights "
+                             "are scaled per tensor); serve it with one rank, or quantize a model-dtype checkpoint "
+                             "with --quantization fp8")
     with torch.no_grad():
         model = DecoderForCausalLM(config, ops, device, torch_dtype, group).eval()
         if load_format is LoadFormat.DUMMY:
@@ -113,9 +129,17 @@ def load_model(
             files = safetensors_files(model_dir)
             if not files:
                 raise ModelLoadError(f"no {_SINGLE_FILE} or {_INDEX_FILE} in {model_dir} (use load format dummy)")
-            model.load_weights(iter_safetensors(files, model))
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            if is_fp8_checkpoint:
+                load_fp8_checkpoint(model, iter_safetensors(files, model))
+            else:
+                model.load_weights(iter_safetensors(files, model))
+        if quantization is Quantization.FP8:
+            quantize_linears(model)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the model-dtype weights that quantizing freed go back to the device
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + fp8_linear_bytes(model)
     log.info("model_loaded", architecture=config.architecture.value, dtype=str(torch_dtype).removeprefix("torch."),
-             device=str(device), weight_bytes=weight_bytes, load_format=load_format.value, tp_rank=group.rank,
+             device=str(device), weight_bytes=weight_bytes, load_format=load_format.value,
+             fp8_weights=quantization is Quantization.FP8 or is_fp8_checkpoint, tp_rank=group.rank,
              tp_size=group.size)
     return LoadedModel(model_dir.resolve().name, model, model.config, torch_dtype, weight_bytes)

@@ -10,13 +10,18 @@ from dataclasses import dataclass
 import structlog
 import torch
 
+from pagedserve.contract.model_format import KVCacheDType
 from pagedserve.contract.step import StepPlan, StepResult
 from pagedserve.contract.worker_info import CacheInfo, CacheRequest, WorkerInfo
+from pagedserve.gpu_worker.bad_words import BadWordsTokenizer
 from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.cuda_graph import CudaGraphRunner
 from pagedserve.gpu_worker.device_span import DeviceSpan
 from pagedserve.gpu_worker.devices import dtype_from_torch, resolve_device
 from pagedserve.gpu_worker.errors import CacheNotInitializedError, InvalidCacheRequestError
+from pagedserve.gpu_worker.fp8_kv_scales import calibrate_kv_scales
+from pagedserve.gpu_worker.fp8_support import require_fp8_device
+from pagedserve.gpu_worker.grammar import GrammarCompiler
 from pagedserve.gpu_worker.kv_pool import KVLayout, KVPool
 from pagedserve.gpu_worker.memory_profile import gpu_blocks_for_budget, profile_peak_activation_bytes
 from pagedserve.gpu_worker.model_runner import LaunchedRun, ModelRunner
@@ -26,6 +31,7 @@ from pagedserve.gpu_worker.piecewise_graph import MAX_PIECEWISE_TOKENS, Piecewis
 from pagedserve.gpu_worker.sampler import Sampler, SampleResult
 from pagedserve.gpu_worker.sequence_state import PendingToken, ScheduledWork, SequenceRegistry
 from pagedserve.gpu_worker.weights import LoadedModel, load_model
+from pagedserve.kernels.fp8 import FP8_DTYPE
 from pagedserve.kernels.ops import KernelOps, get_kernel_ops
 
 log = structlog.get_logger()
@@ -79,15 +85,23 @@ class Worker:
         self._pool: KVPool | None = None
         self._registry: SequenceRegistry | None = None
         self._runner: ModelRunner | None = None
+        # From the model directory's tokenizer.json (None without one): structured output and bad_words need it.
+        self.grammars = GrammarCompiler.for_model(config.model_dir, loaded.config.vocab_size)
+        self.bad_words = BadWordsTokenizer.for_model(config.model_dir)
 
     @classmethod
     def load(cls, config: WorkerConfig) -> Worker:
         """Resolves the device, joins the tensor-parallel group (if any), picks its attention ops and loads the
         model's weights (this rank's slices); returns once every rank of the group has loaded."""
         device = rank_device(resolve_device(config.device), config.tensor_parallel)
+        if config.kv_cache_dtype is KVCacheDType.FP8:
+            require_fp8_device(device, "--kv-cache-dtype fp8")
         group = join_group(config.tensor_parallel, device)
         ops = get_kernel_ops(device)
-        loaded = load_model(config.model_dir, config.dtype, device, config.load_format, config.seed, ops, group)
+        loaded = load_model(config.model_dir, config.dtype, device, config.load_format, config.seed, ops,
+                            config.quantization, group)
+        if config.kv_cache_dtype is KVCacheDType.FP8:
+            calibrate_kv_scales(loaded.model, device, config.seed)
         group.wait_until_all_loaded()
         return cls(config, loaded, device, ops, group)
 
@@ -148,8 +162,9 @@ class Worker:
             num_cpu_blocks = self.group.min_over_ranks(layout.num_blocks_in(request.swap_space_bytes))
             with fatal_in_group(self.group, "allocating the KV cache"):
                 pool = KVPool(layout, num_gpu_blocks, num_cpu_blocks, self.device, self.ops)
-            sampler = Sampler(self.loaded.config.vocab_size, self.device, self.config.seed)
-            registry = SequenceRegistry(layout.block_size, num_gpu_blocks, num_cpu_blocks)
+            sampler = Sampler(self.loaded.config.vocab_size, self.device, self.config.seed, self.grammars)
+            registry = SequenceRegistry(layout.block_size, num_gpu_blocks, num_cpu_blocks, self.grammars,
+                                        self.bad_words)
             with fatal_in_group(self.group, "capturing CUDA graphs"):
                 graph_runner, piece_runner = self._capture_graphs(pool, request)
             self._pool, self._registry = pool, registry
@@ -193,13 +208,13 @@ class Worker:
                 self._leader.step(step)
             with fatal_in_group(self.group, f"launching step {step.step_id}"):
                 work = registry.apply(step)
-                if _reads_token_history(work):
-                    self._resolve_in_flight()
                 span = DeviceSpan(self.device)
                 pool.swap_out(step.swap_out)
                 pool.swap_in(step.swap_in)
                 pool.copy_blocks(step.block_copies)
-                run = runner.launch(work)
+                # Sampling that reads earlier tokens on the host waits for them only once this step's forward pass
+                # is queued: the device computes it meanwhile.
+                run = runner.launch(work, self._resolve_in_flight if _reads_token_history(work) else None)
                 pending = registry.reserve(work)
                 runner.keep_last_tokens(run, [slot.state.table_row for slot in pending])
                 span.close()
@@ -259,9 +274,8 @@ class Worker:
 
     def _layout(self, block_size: int) -> KVLayout:
         model_config = self.loaded.config
-        return KVLayout(
-            model_config.num_layers, model_config.num_kv_heads, model_config.head_dim, block_size, self.loaded.dtype
-        )
+        dtype = FP8_DTYPE if self.config.kv_cache_dtype is KVCacheDType.FP8 else self.loaded.dtype
+        return KVLayout(model_config.num_layers, model_config.num_kv_heads, model_config.head_dim, block_size, dtype)
 
     def _agreed_gpu_pool_size(self, layout: KVLayout, request: CacheRequest) -> tuple[int, int]:
         """_size_gpu_pool's (blocks, peak bytes), the blocks the fewest any rank can hold: every rank sizes its own
@@ -315,5 +329,6 @@ class Worker:
 
 
 def _reads_token_history(work: list[ScheduledWork]) -> bool:
-    """Whether sampling this step reads earlier output tokens' values on the host (penalties do)."""
-    return any(item.is_sampling and item.state.sampling_params.has_penalties for item in work)
+    """Whether sampling this step reads earlier output tokens' values on the host (penalties, grammars and bad words
+    do)."""
+    return any(item.is_sampling and item.state.reads_token_history for item in work)

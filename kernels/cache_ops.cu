@@ -38,3 +38,33 @@ __global__ void copy_blocks(const U* __restrict__ src, U* __restrict__ dst, cons
   U* to = dst + blockIdx.y * dst_slab_units + dst_block * block_units;
   for (long long i = threadIdx.x; i < block_units; i += blockDim.x) to[i] = from[i];
 }
+
+// write_kv into an FP8 cache: key / k_scale and value / v_scale rounded to e4m3 (saturating). One CTA per token;
+// key/value [num_tokens, num_kv_heads, head_dim] of T, token rows strided, VEC elements per load (VEC divides
+// head_dim); the caches' rows are head_dim bytes.
+template <typename T, int VEC>
+__global__ void write_kv_fp8(const T* __restrict__ key, long long key_token_stride, const T* __restrict__ value,
+                             long long value_token_stride, fp8_e4m3_t* __restrict__ key_cache,
+                             fp8_e4m3_t* __restrict__ value_cache, const long long* __restrict__ slot_mapping,
+                             int num_kv_heads, int head_dim, int log2_block_size, float k_scale, float v_scale) {
+  const int token = blockIdx.x;
+  const long long slot = slot_mapping[token];
+  if (slot < 0) return;
+  const long long block = slot >> log2_block_size;
+  const long long offset = slot & ((1LL << log2_block_size) - 1);
+  const int vecs_per_head = head_dim / VEC;
+  for (int i = threadIdx.x; i < num_kv_heads * vecs_per_head; i += blockDim.x) {
+    const int head = i / vecs_per_head, element = (i % vecs_per_head) * VEC;
+    const long long dst = (((block * num_kv_heads + head) << log2_block_size) + offset) * head_dim + element;
+    float k[VEC], v[VEC];
+    load_as_float<T, VEC>(key + token * key_token_stride + head * head_dim + element, k);
+    load_as_float<T, VEC>(value + token * value_token_stride + head * head_dim + element, v);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      k[e] = __fdiv_rn(k[e], k_scale);
+      v[e] = __fdiv_rn(v[e], v_scale);
+    }
+    store_from_float<fp8_e4m3_t, VEC>(key_cache + dst, k);
+    store_from_float<fp8_e4m3_t, VEC>(value_cache + dst, v);
+  }
+}

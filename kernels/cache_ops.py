@@ -7,7 +7,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from pagedserve.kernels.launch_args import int32, int64, log2_exact, pointer
+from pagedserve.kernels.fp8 import is_fp8
+from pagedserve.kernels.launch_args import (
+    SCALAR_TYPE_NAMES,
+    float32,
+    int32,
+    int64,
+    log2_exact,
+    pointer,
+    scalar_type_name,
+)
 from pagedserve.kernels.reference import TorchReferenceOps
 
 if TYPE_CHECKING:
@@ -31,7 +40,23 @@ def copy_unit(*byte_counts: int) -> tuple[int, str]:
 
 def known_name_expressions() -> list[str]:
     """Every kernel instantiation the launchers can ask for."""
-    return [f"{kernel}<{unit}>" for kernel in ("write_kv", "copy_blocks") for _, unit in UNIT_TYPES]
+    raw = [f"{kernel}<{unit}>" for kernel in ("write_kv", "copy_blocks") for _, unit in UNIT_TYPES]
+    return raw + [f"write_kv_fp8<{scalar}, {vec}>" for dtype, scalar in SCALAR_TYPE_NAMES.items()
+                  for vec in _fp8_vector_widths(dtype.itemsize)]
+
+
+def _fp8_vector_widths(itemsize: int) -> list[int]:
+    """Elements per load of write_kv_fp8: powers of two up to 16 bytes of the input."""
+    return [1 << i for i in range((16 // itemsize).bit_length())]
+
+
+def fp8_vector_width(itemsize: int, head_dim: int, *byte_counts: int) -> int:
+    """The widest write_kv_fp8 vector dividing head_dim and, in input bytes, every address and stride given (the
+    caches' addresses are counted in elements: one byte each)."""
+    for vec in reversed(_fp8_vector_widths(itemsize)):
+        if head_dim % vec == 0 and all(count % (vec * itemsize) == 0 for count in byte_counts):
+            return vec
+    raise AssertionError("a vector of one element divides everything")
 
 
 class CacheOps:
@@ -43,10 +68,14 @@ class CacheOps:
         self._fallback = TorchReferenceOps()
 
     def write_kv(self, key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
-                 slot_mapping: Tensor) -> None:
-        """key/value [num_tokens, num_kv_heads, head_dim] (token rows may be strided) into their slots."""
+                 slot_mapping: Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+        """key/value [num_tokens, num_kv_heads, head_dim] (token rows may be strided) into their slots; into an FP8
+        cache as key / k_scale and value / v_scale."""
         num_tokens, num_kv_heads, head_dim = key.shape
         if num_tokens == 0:
+            return
+        if is_fp8(key_cache.dtype):
+            self._write_kv_fp8(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
             return
         element_bytes = key.element_size()
         row_bytes = num_kv_heads * head_dim * element_bytes
@@ -59,6 +88,21 @@ class CacheOps:
             pointer(key), int64(strides[0] // unit_bytes), pointer(value), int64(strides[1] // unit_bytes),
             pointer(key_cache), pointer(value_cache), pointer(slot_mapping), int32(num_kv_heads),
             int32(row_bytes // num_kv_heads // unit_bytes), int32(log2_exact(key_cache.shape[2], "block_size")),
+        ))
+
+    def _write_kv_fp8(self, key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
+                      slot_mapping: Tensor, k_scale: float, v_scale: float) -> None:
+        num_tokens, num_kv_heads, head_dim = key.shape
+        itemsize = key.element_size()
+        vec = fp8_vector_width(itemsize, head_dim, key.data_ptr(), value.data_ptr(), key.stride(0) * itemsize,
+                               value.stride(0) * itemsize, key_cache.data_ptr() * itemsize,
+                               value_cache.data_ptr() * itemsize)
+        kernel = self._modules.kernel(SOURCE, f"write_kv_fp8<{scalar_type_name(key.dtype)}, {vec}>")
+        threads = min(THREADS, max(32, -(-num_kv_heads * head_dim // vec // 32) * 32))
+        self._modules.launch(kernel, (num_tokens, 1, 1), (threads, 1, 1), (
+            pointer(key), int64(key.stride(0)), pointer(value), int64(value.stride(0)), pointer(key_cache),
+            pointer(value_cache), pointer(slot_mapping), int32(num_kv_heads), int32(head_dim),
+            int32(log2_exact(key_cache.shape[2], "block_size")), float32(k_scale), float32(v_scale),
         ))
 
     def copy_blocks(self, kv_cache: Tensor, block_mapping: Tensor) -> None:

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from pagedserve.kernels.cache_ops import CacheOps
+from pagedserve.kernels.fp8 import FP8_DTYPE, is_fp8
 from pagedserve.kernels.launch_args import SCALAR_TYPE_NAMES, log2_exact
 from pagedserve.kernels.layer_kernels import LayerKernels
 from pagedserve.kernels.module_cache import ModuleCache
@@ -17,7 +18,8 @@ class CudaKernelOps:
     """The KernelOps of pagedserve.kernels.ops for one CUDA device.
 
     KV pool layout: kv_cache [num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim], contiguous;
-    key_cache / value_cache are kv_cache[layer, 0] / kv_cache[layer, 1]. Every launch is asynchronous on
+    key_cache / value_cache are kv_cache[layer, 0] / kv_cache[layer, 1], in the model dtype or FP8 (e4m3 holding
+    k / k_scale and v / v_scale; compute capability 8.9 or later). Every launch is asynchronous on
     torch.cuda.current_stream(), reads only device tensors and host ints, and so can be captured in a CUDA graph
     (after one eager call has compiled the kernels).
     """
@@ -38,37 +40,38 @@ class CudaKernelOps:
         self.rotary_write_kv = layers.rotary_write_kv
 
     def write_kv(self, key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
-                 slot_mapping: Tensor) -> None:
+                 slot_mapping: Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
         _check_cache(key_cache, value_cache)
         for name, tensor in (("key", key), ("value", value)):
-            _check_rows(name, tensor, key_cache.dtype, key_cache.shape[1], key_cache.shape[3])
+            _check_rows(name, tensor, _rows_dtype(key_cache, key), key_cache.shape[1], key_cache.shape[3])
         _check_index("slot_mapping", slot_mapping, torch.int64, 1)
         if slot_mapping.shape[0] != key.shape[0] or value.shape[0] != key.shape[0]:
             raise ValueError(f"key {key.shape[0]}, value {value.shape[0]} and slot_mapping "
                              f"{slot_mapping.shape[0]} disagree on num_tokens")
-        self._cache.write_kv(key, value, key_cache, value_cache, slot_mapping)
+        self._cache.write_kv(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
 
     def paged_attention(
         self, out: Tensor, query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
         seq_lens: Tensor, query_start_loc: Tensor, max_query_len: int, max_seq_len: int, scale: float,
+        k_scale: float = 1.0, v_scale: float = 1.0,
     ) -> None:
         """Dispatch by max_query_len (a host int, so no sync).
 
         1: paged_decode, one CTA row per sequence. Longer, with tensor-core support for the dtype and head
         size: paged_prefill for sequences of two or more query rows plus paged_decode for the single-row ones
-        (mixed steps). Otherwise paged_decode with one CTA row per query row.
+        (mixed steps). Otherwise (FP8 caches included) paged_decode with one CTA row per query row.
         """
         _check_attention(out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc)
         if max_query_len <= 0 or query.shape[0] == 0:
             return
         args = (out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc)
         if max_query_len == 1:
-            self._decode.run(*args, max_seq_len, scale, rows_by_seq=True)
-        elif supports(query.dtype, query.shape[2]):
+            self._decode.run(*args, max_seq_len, scale, True, k_scale, v_scale)
+        elif supports(query.dtype, query.shape[2]) and not is_fp8(key_cache.dtype):
             self._prefill.run(*args, scale)
             self._decode.run(*args, max_seq_len, scale, rows_by_seq=True)
         else:
-            self._decode.run(*args, max_seq_len, scale, rows_by_seq=False)
+            self._decode.run(*args, max_seq_len, scale, False, k_scale, v_scale)
 
     def copy_blocks(self, kv_cache: Tensor, block_mapping: Tensor) -> None:
         _check_pool("kv_cache", kv_cache)
@@ -95,12 +98,17 @@ def _check_cache(key_cache: Tensor, value_cache: Tensor) -> None:
         if cache.dim() != 4 or not cache.is_contiguous() or not cache.is_cuda:
             raise ValueError(f"{name} must be a contiguous CUDA [num_blocks, num_kv_heads, block_size, head_dim]"
                              f" tensor, got shape {tuple(cache.shape)} on {cache.device}")
-        if cache.dtype not in SCALAR_TYPE_NAMES:
+        if cache.dtype not in SCALAR_TYPE_NAMES and cache.dtype != FP8_DTYPE:
             raise ValueError(f"{name} has unsupported dtype {cache.dtype}")
     if key_cache.shape != value_cache.shape or key_cache.dtype != value_cache.dtype:
         raise ValueError(f"key_cache {tuple(key_cache.shape)} {key_cache.dtype} and value_cache "
                          f"{tuple(value_cache.shape)} {value_cache.dtype} differ")
     log2_exact(key_cache.shape[2], "block_size")
+
+
+def _rows_dtype(cache: Tensor, rows: Tensor) -> torch.dtype:
+    """The dtype query / key / value rows must have beside cache: the cache's, or any kernel dtype for FP8."""
+    return rows.dtype if is_fp8(cache.dtype) and rows.dtype in SCALAR_TYPE_NAMES else cache.dtype
 
 
 def _check_rows(name: str, tensor: Tensor, dtype: torch.dtype, num_heads: int | None, head_dim: int) -> None:
@@ -131,8 +139,8 @@ def _check_attention(out: Tensor, query: Tensor, key_cache: Tensor, value_cache:
                      seq_lens: Tensor, query_start_loc: Tensor) -> None:
     _check_cache(key_cache, value_cache)
     num_kv_heads, head_dim = key_cache.shape[1], key_cache.shape[3]
-    _check_rows("query", query, key_cache.dtype, None, head_dim)
-    _check_rows("out", out, key_cache.dtype, query.shape[1], head_dim)
+    _check_rows("query", query, _rows_dtype(key_cache, query), None, head_dim)
+    _check_rows("out", out, query.dtype, query.shape[1], head_dim)
     if query.shape[1] % num_kv_heads or out.shape[0] != query.shape[0]:
         raise ValueError(f"query {tuple(query.shape)} / out {tuple(out.shape)} do not fit {num_kv_heads} kv heads")
     if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.stride(1) != 1:

@@ -10,6 +10,21 @@ struct bfloat16_t {
   unsigned short bits;
 };
 
+// FP8 e4m3 (the KV cache's 8-bit format), carried as its raw bits; a cache stores value / scale. The conversions
+// are sm_89 instructions; the launchers refuse FP8 on older devices, where these trap.
+struct fp8_e4m3_t {
+  unsigned char bits;
+};
+
+template <typename A, typename B>
+struct same_type {
+  static constexpr bool value = false;
+};
+template <typename A>
+struct same_type<A, A> {
+  static constexpr bool value = true;
+};
+
 __device__ __forceinline__ float negative_infinity() { return __int_as_float(0xff800000u); }
 
 __device__ __forceinline__ float to_float(float x) { return x; }
@@ -20,6 +35,18 @@ __device__ __forceinline__ float to_float(half_t x) {
 }
 __device__ __forceinline__ float to_float(bfloat16_t x) {
   return __uint_as_float(static_cast<unsigned>(x.bits) << 16);
+}
+
+// Exact: every e4m3 value is a float16 value.
+__device__ __forceinline__ float to_float(fp8_e4m3_t x) {
+#if __CUDA_ARCH__ >= 890
+  unsigned halves;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(halves) : "h"(static_cast<unsigned short>(x.bits)));
+  return to_float(half_t{static_cast<unsigned short>(halves & 0xffffu)});
+#else
+  __trap();
+  return 0.0f;
+#endif
 }
 
 template <typename T>
@@ -39,6 +66,19 @@ __device__ __forceinline__ bfloat16_t from_float<bfloat16_t>(float f) {
   bfloat16_t x;
   asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(x.bits) : "f"(f));
   return x;
+}
+
+// Round to nearest even, saturating to +-448 (satfinite) as torch's reference clamps before converting.
+template <>
+__device__ __forceinline__ fp8_e4m3_t from_float<fp8_e4m3_t>(float f) {
+#if __CUDA_ARCH__ >= 890
+  unsigned short pair;  // the second source operand lands in the low byte
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(pair) : "f"(0.0f), "f"(f));
+  return fp8_e4m3_t{static_cast<unsigned char>(pair & 0xffu)};
+#else
+  __trap();
+  return fp8_e4m3_t{0};
+#endif
 }
 
 // N consecutive elements moved by one load or store instruction (16 bytes at most).

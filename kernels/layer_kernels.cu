@@ -114,14 +114,26 @@ __device__ __forceinline__ long long cache_offset(long long slot, int kv_head, i
   return (((block * num_kv_heads + kv_head) << log2_block_size) + offset) * head_dim;
 }
 
+// x (rotary results, exact T values or to be rounded to T) stored into a cache of C: as they are when C is T; an FP8
+// cache stores T(x) / scale, rounded to e4m3.
+template <typename T, typename C, int VEC>
+__device__ __forceinline__ void store_cache(C* __restrict__ dst, float (&x)[VEC], float scale) {
+  if constexpr (!same_type<C, T>::value) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) x[k] = __fdiv_rn(round_to<T>(x[k]), scale);
+  }
+  store_from_float<C, VEC>(dst, x);
+}
+
 // One CTA per token. Its qkv row holds num_heads q heads, then num_kv_heads k heads, then num_kv_heads v heads,
 // head_dim each; cos / sin [num_tokens, head_dim / 2]. Rotated q goes to q_out [num_tokens, num_heads, head_dim];
-// rotated k and plain v go to slot slot_mapping[token] of the caches, unless the slot is -1 (padding).
-template <typename T, int VEC>
+// rotated k and plain v go to slot slot_mapping[token] of the caches, unless the slot is -1 (padding). Caches of C
+// (T, or FP8 holding k / k_scale and v / v_scale).
+template <typename T, int VEC, typename C = T>
 __global__ void rotary_write_kv(const T* __restrict__ qkv, const T* __restrict__ cos, const T* __restrict__ sin,
-                                T* __restrict__ q_out, T* __restrict__ key_cache, T* __restrict__ value_cache,
+                                T* __restrict__ q_out, C* __restrict__ key_cache, C* __restrict__ value_cache,
                                 const long long* __restrict__ slot_mapping, int num_heads, int num_kv_heads,
-                                int head_dim, int log2_block_size) {
+                                int head_dim, int log2_block_size, float k_scale, float v_scale) {
   const int token = blockIdx.x, half = head_dim / 2, half_vecs = half / VEC;
   const long long slot = slot_mapping[token];
   const int num_rotated_heads = slot < 0 ? num_heads : num_heads + num_kv_heads;
@@ -140,17 +152,27 @@ __global__ void rotary_write_kv(const T* __restrict__ qkv, const T* __restrict__
       out_first[k] = __fsub_rn(round_to<T>(__fmul_rn(first[k], c[k])), round_to<T>(__fmul_rn(second[k], s[k])));
       out_second[k] = __fadd_rn(round_to<T>(__fmul_rn(second[k], c[k])), round_to<T>(__fmul_rn(first[k], s[k])));
     }
-    T* dst = head < num_heads
-                 ? q_out + (token * static_cast<long long>(num_heads) + head) * head_dim
-                 : key_cache + cache_offset(slot, head - num_heads, num_kv_heads, head_dim, log2_block_size);
-    store_from_float<T, VEC>(dst + j, out_first);
-    store_from_float<T, VEC>(dst + half + j, out_second);
+    if (head < num_heads) {
+      T* dst = q_out + (token * static_cast<long long>(num_heads) + head) * head_dim;
+      store_from_float<T, VEC>(dst + j, out_first);
+      store_from_float<T, VEC>(dst + half + j, out_second);
+    } else {
+      C* dst = key_cache + cache_offset(slot, head - num_heads, num_kv_heads, head_dim, log2_block_size);
+      store_cache<T, C, VEC>(dst + j, out_first, k_scale);
+      store_cache<T, C, VEC>(dst + half + j, out_second, k_scale);
+    }
   }
   if (slot < 0) return;
   const T* v_row = row + (num_heads + num_kv_heads) * head_dim;
   for (int i = threadIdx.x; i < num_kv_heads * 2 * half_vecs; i += blockDim.x) {
     const int head = i / (2 * half_vecs), j = (i % (2 * half_vecs)) * VEC;
-    T* dst = value_cache + cache_offset(slot, head, num_kv_heads, head_dim, log2_block_size) + j;
-    *reinterpret_cast<Pack<T, VEC>*>(dst) = load_pack<T, VEC>(v_row + head * head_dim + j);
+    C* dst = value_cache + cache_offset(slot, head, num_kv_heads, head_dim, log2_block_size) + j;
+    if constexpr (same_type<C, T>::value) {
+      *reinterpret_cast<Pack<T, VEC>*>(dst) = load_pack<T, VEC>(v_row + head * head_dim + j);
+    } else {
+      float v[VEC];
+      load_as_float<T, VEC>(v_row + head * head_dim + j, v);
+      store_cache<T, C, VEC>(dst, v, v_scale);
+    }
   }
 }

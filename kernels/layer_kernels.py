@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from pagedserve.kernels.fp8 import FP8_DTYPE, is_fp8
 from pagedserve.kernels.launch_args import (
     SCALAR_TYPE_NAMES,
     float32,
@@ -28,16 +29,20 @@ WARP_THREADS = 32
 MAX_NORM_THREADS = 1024  # one CTA per row: wide rows get every thread of a CTA
 SILU_THREADS = 256
 MAX_ROTARY_THREADS = 512
+FP8_CACHE_TYPE = "fp8_e4m3_t"  # kernel_common.cuh
 
 
 def known_name_expressions() -> list[str]:
-    """Every kernel instantiation the launchers can ask for: each kernel, dtype and vector width."""
-    return [
+    """Every kernel instantiation the launchers can ask for: each kernel, dtype and vector width, and
+    rotary_write_kv into FP8 caches."""
+    names = [
         f"{kernel}<{scalar}, {vec}>"
         for kernel in KERNEL_NAMES
         for dtype, scalar in SCALAR_TYPE_NAMES.items()
         for vec in _vector_widths(dtype)
     ]
+    return names + [f"rotary_write_kv<{scalar}, {vec}, {FP8_CACHE_TYPE}>" for dtype, scalar in SCALAR_TYPE_NAMES.items()
+                    for vec in _vector_widths(dtype)]
 
 
 def _vector_widths(dtype: torch.dtype) -> list[int]:
@@ -110,8 +115,10 @@ class LayerKernels:
         return out
 
     def rotary_write_kv(self, qkv: Tensor, cos: Tensor, sin: Tensor, key_cache: Tensor, value_cache: Tensor,
-                        slot_mapping: Tensor, num_heads: int, num_kv_heads: int) -> Tensor:
-        """Rotate q and k (half-split rotary), write k and v to slot slot_mapping[t] of the caches (-1 skips).
+                        slot_mapping: Tensor, num_heads: int, num_kv_heads: int, k_scale: float = 1.0,
+                        v_scale: float = 1.0) -> Tensor:
+        """Rotate q and k (half-split rotary), write k and v to slot slot_mapping[t] of the caches (-1 skips); an
+        FP8 cache gets T(k) / k_scale and v / v_scale rounded to e4m3 (caches in qkv's dtype ignore the scales).
 
         qkv: [T, (num_heads + 2 * num_kv_heads) * head_dim] contiguous, rows of q heads, k heads, v heads;
         cos / sin: [T, head_dim // 2] contiguous, model dtype; slot_mapping: [T] int64. Returns the rotated q
@@ -125,11 +132,12 @@ class LayerKernels:
         vec = _vector_width(qkv.itemsize, half * qkv.itemsize,
                             *(t.data_ptr() for t in (qkv, cos, sin, key_cache, value_cache, q)))
         threads = _threads((num_heads + num_kv_heads) * half // vec, MAX_ROTARY_THREADS)
-        kernel = self._modules.kernel(SOURCE, f"rotary_write_kv<{scalar_type_name(qkv.dtype)}, {vec}>")
+        cache_type = f", {FP8_CACHE_TYPE}" if is_fp8(key_cache.dtype) else ""
+        kernel = self._modules.kernel(SOURCE, f"rotary_write_kv<{scalar_type_name(qkv.dtype)}, {vec}{cache_type}>")
         self._modules.launch(kernel, (num_tokens, 1, 1), (threads, 1, 1), (
             pointer(qkv), pointer(cos), pointer(sin), pointer(q), pointer(key_cache), pointer(value_cache),
             pointer(slot_mapping), int32(num_heads), int32(num_kv_heads), int32(head_dim),
-            int32(log2_exact(key_cache.shape[2], "block_size")),
+            int32(log2_exact(key_cache.shape[2], "block_size")), float32(k_scale), float32(v_scale),
         ))
         return q
 
@@ -184,7 +192,10 @@ def _check_rotary(qkv: Tensor, cos: Tensor, sin: Tensor, key_cache: Tensor, valu
         raise ValueError(f"need num_heads > 0, num_kv_heads == cache heads {key_cache.shape[1]} and an even "
                          f"head_dim, got {num_heads}, {num_kv_heads}, {head_dim}")
     num_tokens = qkv.shape[0]
-    _check_rows("qkv", qkv, key_cache.dtype, (num_heads + 2 * num_kv_heads) * head_dim)
+    if key_cache.dtype != value_cache.dtype or key_cache.dtype not in (qkv.dtype, FP8_DTYPE):
+        raise ValueError(f"caches of {key_cache.dtype} / {value_cache.dtype} do not fit qkv of {qkv.dtype}: "
+                         "they hold qkv's dtype or FP8")
+    _check_rows("qkv", qkv, qkv.dtype, (num_heads + 2 * num_kv_heads) * head_dim)
     for name, table in (("cos", cos), ("sin", sin)):
         if table.shape != (num_tokens, head_dim // 2) or table.dtype != qkv.dtype or not table.is_contiguous():
             raise ValueError(f"{name} must be a contiguous [{num_tokens}, {head_dim // 2}] {qkv.dtype} tensor, "

@@ -17,10 +17,14 @@ class KernelOps(Protocol):
                      each [num_blocks, num_kv_heads, block_size, head_dim].
     Token at absolute position p of a sequence lives in block block_table[p // block_size] at offset
     p % block_size; its slot is block_id * block_size + offset.
+    The pool is in the model dtype, or FP8 (torch.float8_e4m3fn, see pagedserve.kernels.fp8) holding each layer's
+    keys / k_scale and values / v_scale: writes quantize (saturating), attention dequantizes as it reads. The
+    scales are ignored for other pools.
     """
 
     def write_kv(
-        self, key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor, slot_mapping: Tensor
+        self, key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor, slot_mapping: Tensor,
+        k_scale: float = 1.0, v_scale: float = 1.0,
     ) -> None:
         """Store key/value [num_tokens, num_kv_heads, head_dim] into their slots.
 
@@ -40,6 +44,8 @@ class KernelOps(Protocol):
         max_query_len: int,
         max_seq_len: int,
         scale: float,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> None:
         """Causal attention of each sequence's query rows over its paged context; writes out in place.
 
@@ -81,7 +87,8 @@ class KernelOps(Protocol):
         ...
 
     def rotary_write_kv(self, qkv: Tensor, cos: Tensor, sin: Tensor, key_cache: Tensor, value_cache: Tensor,
-                        slot_mapping: Tensor, num_heads: int, num_kv_heads: int) -> Tensor:
+                        slot_mapping: Tensor, num_heads: int, num_kv_heads: int, k_scale: float = 1.0,
+                        v_scale: float = 1.0) -> Tensor:
         """Half-split rotary (Hugging Face Llama layout) on the q and k heads of qkv; writes the rotated k and the
         v heads into their slots (slot -1 skips); returns the rotated q as a new contiguous [T, num_heads, D].
 

@@ -15,13 +15,16 @@
 // - MmaState (float16 / bfloat16, head_dim 64 or 128): S = Q K^T and O^T = V^T P^T on mma.sync (see there).
 //   On sm_90 with blocks of at least 8 tokens its tiles are staged by the tensor memory accelerator
 //   (TmaPipeline): bulk copies of whole blocks stream faster than 16-byte cp.async.
-// - LaneState (any dtype and head size): float32 dot products on CUDA cores. A token row of HEAD_DIM elements is
+// - LaneState (any dtype and head size, and FP8 caches): float32 dot products on CUDA cores. A token row of HEAD_DIM elements is
 //   covered by LANES lanes, each holding VECS vectors of VEC elements (vector j of lane l is elements
 //   [(j * LANES + l) * VEC, +VEC)); a warp computes 32 / LANES tokens at once, each token group (the LANES lanes
 //   of one token row) keeping its own softmax until the warp merges them.
 //
 // KV pool: key_cache / value_cache [num_blocks, num_kv_heads, block_size, HEAD_DIM]; the token at position p
-// of sequence s is in block block_tables[s, p / block_size] at offset p % block_size.
+// of sequence s is in block block_tables[s, p / block_size] at offset p % block_size. The pool holds the query's
+// dtype, or FP8 (LaneState only): e4m3 keys and values, dequantized as they are read from the staged tile. Their
+// scales never touch the loop: the key scale is folded into scale_log2e by the launcher, and the value scale
+// multiplies each CTA's (unnormalised) result, which is linear in the values.
 #include "bulk_copy.cuh"
 #include "tensor_core.cuh"
 
@@ -69,7 +72,8 @@ __device__ __forceinline__ void load_slice(const T* __restrict__ token_row, int 
 // TMA_STAGED: the tiles' layout in shared memory is TmaPipeline's (see chunk_address).
 template <typename T, int HEAD_DIM, int HEADS, int TILE, bool TMA_STAGED = false>
 struct MmaState {
-  using Element = T;
+  using Element = T;  // of the caches
+  using Query = T;    // of query and out
   static constexpr int kHeadDim = HEAD_DIM;
   static constexpr int kHeads = HEADS;
   static constexpr int kTile = TILE;
@@ -218,9 +222,11 @@ struct MmaState {
 };
 
 // CUDA-core math of one warp: each token group keeps an online softmax over its tokens for HEADS query heads.
-template <typename T, int HEAD_DIM, int VEC, int LANES, int VECS, int HEADS, int TILE>
+// Query of T; staged keys and values of C (T, or fp8_e4m3_t), VEC elements of either per load.
+template <typename T, int HEAD_DIM, int VEC, int LANES, int VECS, int HEADS, int TILE, typename C = T>
 struct LaneState {
-  using Element = T;
+  using Element = C;
+  using Query = T;
   static constexpr int kHeadDim = HEAD_DIM;
   static constexpr int kHeads = HEADS;
   static constexpr int kTile = TILE;
@@ -259,13 +265,13 @@ struct LaneState {
   }
 
   // Scores of the group's tokens in the tile, one rescale per tile, then p * v accumulated.
-  __device__ __forceinline__ void consume(const T* keys, const T* values, int tokens_left) {
+  __device__ __forceinline__ void consume(const C* keys, const C* values, int tokens_left) {
     float score[kPasses][HEADS];
 #pragma unroll
     for (int pass = 0; pass < kPasses; ++pass) {
       const int local = pass * kTokensPerPass + token_in_pass;
       float kx[kLaneElems];
-      load_slice<T, HEAD_DIM, VEC, LANES, VECS>(keys + local * HEAD_DIM, lane_in_token, kx);
+      load_slice<C, HEAD_DIM, VEC, LANES, VECS>(keys + local * HEAD_DIM, lane_in_token, kx);
 #pragma unroll
       for (int g = 0; g < HEADS; ++g) {
         float dot = 0.0f;
@@ -295,7 +301,7 @@ struct LaneState {
 #pragma unroll
     for (int pass = 0; pass < kPasses; ++pass) {
       float vx[kLaneElems];
-      load_slice<T, HEAD_DIM, VEC, LANES, VECS>(values + (pass * kTokensPerPass + token_in_pass) * HEAD_DIM,
+      load_slice<C, HEAD_DIM, VEC, LANES, VECS>(values + (pass * kTokensPerPass + token_in_pass) * HEAD_DIM,
                                                 lane_in_token, vx);
 #pragma unroll
       for (int g = 0; g < HEADS; ++g) {
@@ -601,7 +607,7 @@ struct PipelineFor<MmaState<T, HEAD_DIM, HEADS, TILE, true>, STAGES> {
 template <typename T, int HEAD_DIM, int HEADS, int THREADS>
 __device__ __forceinline__ void write_heads(const float* merge_acc, const float* merge_stats, T* out_heads,
                                             float* split_acc, float* split_max, float* split_sum,
-                                            long long first_slot, int num_splits) {
+                                            long long first_slot, int num_splits, float value_scale) {
   constexpr int kWarps = THREADS / 32;
   for (int i = threadIdx.x; i < HEADS * HEAD_DIM; i += THREADS) {
     const int g = i / HEAD_DIM, d = i % HEAD_DIM;
@@ -615,6 +621,7 @@ __device__ __forceinline__ void write_heads(const float* merge_acc, const float*
       total_sum = fmaf(weight, merge_stats[(w * HEADS + g) * 2 + 1], total_sum);
       total = fmaf(weight, merge_acc[(w * HEADS + g) * HEAD_DIM + d], total);
     }
+    total *= value_scale;  // 1 unless the values are FP8
     if (num_splits == 1) {
       out_heads[i] = from_float<T>(total / total_sum);
     } else {
@@ -628,15 +635,16 @@ __device__ __forceinline__ void write_heads(const float* merge_acc, const float*
   }
 }
 
-template <typename State, int THREADS, int STAGES, typename T = typename State::Element>
+template <typename State, int THREADS, int STAGES, typename T = typename State::Query,
+          typename C = typename State::Element>
 __global__ void __launch_bounds__(THREADS, State::kThreadsPerSm / THREADS) paged_decode(
     T* __restrict__ out, long long out_row_stride, const T* __restrict__ query, long long query_row_stride,
-    const T* __restrict__ key_cache, const T* __restrict__ value_cache, const __grid_constant__ TensorMap key_map,
+    const C* __restrict__ key_cache, const C* __restrict__ value_cache, const __grid_constant__ TensorMap key_map,
     const __grid_constant__ TensorMap value_map, const int* __restrict__ block_tables,
     int block_table_stride, int block_table_width, const int* __restrict__ seq_lens,
     const int* __restrict__ query_start_loc, int num_seqs, int rows_by_seq, int num_kv_heads, int group_size,
-    int log2_block_size, float scale_log2e, float* __restrict__ split_acc, float* __restrict__ split_max,
-    float* __restrict__ split_sum, int num_splits) {
+    int log2_block_size, float scale_log2e, float value_scale, float* __restrict__ split_acc,
+    float* __restrict__ split_max, float* __restrict__ split_sum, int num_splits) {
   constexpr int kWarps = THREADS / 32;
   constexpr int HEAD_DIM = State::kHeadDim, HEADS = State::kHeads;
   static_assert(THREADS <= State::kThreadsPerSm, "the state's registers allow no CTA this large");
@@ -669,7 +677,7 @@ __global__ void __launch_bounds__(THREADS, State::kThreadsPerSm / THREADS) paged
   pipeline.start(task.context_len);
   for (int k = 0; k < pipeline.my_tiles; ++k) {
     pipeline.advance(k);
-    const T* keys = pipeline.keys(k);
+    const C* keys = pipeline.keys(k);
     state.consume(keys, keys + Pipeline::kTileElems, task.context_len - pipeline.tile_start(k));
     __syncwarp();  // the stage is refilled by the next iteration's copies
   }
@@ -684,7 +692,8 @@ __global__ void __launch_bounds__(THREADS, State::kThreadsPerSm / THREADS) paged
   const int num_q_heads = num_kv_heads * group_size;
   write_heads<T, HEAD_DIM, HEADS, THREADS>(
       merge_acc, merge_stats, out + task.row * out_row_stride + first_head * HEAD_DIM, split_acc, split_max,
-      split_sum, (static_cast<long long>(grid_row) * num_q_heads + first_head) * num_splits + split, num_splits);
+      split_sum, (static_cast<long long>(grid_row) * num_q_heads + first_head) * num_splits + split, num_splits,
+      value_scale);
 }
 
 // Merges the splits of paged_decode: out = sum_i w_i acc_i / sum_i w_i l_i, w_i = 2^(m_i - M), M = max_i m_i over

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from pagedserve.kernels.fp8 import FP8_DTYPE, is_fp8
 from pagedserve.kernels.launch_args import (
     SCALAR_TYPE_NAMES,
     address,
@@ -54,9 +55,9 @@ TMA_SHARED_BYTES = 2048  # the warps' barriers (1 KiB) and the alignment of the 
 class DecodeLayout:
     """Compile-time shape of one paged_decode instantiation (see the two State kinds in paged_decode.cu)."""
 
-    scalar: str
+    scalar: str  # of query and out
     head_dim: int
-    element_bytes: int
+    element_bytes: int  # of the caches
     uses_mma: bool  # MmaState (tensor cores) rather than LaneState (CUDA cores)
     vec: int  # LaneState: elements per vector load
     lanes: int  # LaneState: lanes covering one token row
@@ -64,6 +65,7 @@ class DecodeLayout:
     heads_per_cta: int  # query heads of one GQA group handled by one CTA
     tile: int  # tokens per warp tile (one pipeline stage)
     tma_staged: bool  # MmaState tiles copied by the tensor memory accelerator (TmaPipeline)
+    is_fp8_cache: bool = False  # LaneState over e4m3 caches
 
     @property
     def max_warps(self) -> int:
@@ -79,8 +81,9 @@ class DecodeLayout:
         if self.uses_mma:
             staged = ", true" if self.tma_staged else ""
             return f"MmaState<{self.scalar}, {self.head_dim}, {self.heads_per_cta}, {self.tile}{staged}>"
+        cache = ", fp8_e4m3_t" if self.is_fp8_cache else ""
         return (f"LaneState<{self.scalar}, {self.head_dim}, {self.vec}, {self.lanes}, {self.vecs}, "
-                f"{self.heads_per_cta}, {self.tile}>")
+                f"{self.heads_per_cta}, {self.tile}{cache}>")
 
     def kernel_name(self, warps: int) -> str:
         return f"paged_decode<{self.state_name}, {32 * warps}, {STAGES}>"
@@ -103,23 +106,25 @@ class DecodeLayout:
 
 
 def decode_layout(dtype: torch.dtype, head_dim: int, group_size: int, block_size: int,
-                  tma: bool = False) -> DecodeLayout:
+                  tma: bool = False, cache_dtype: torch.dtype | None = None) -> DecodeLayout:
     """Tensor cores where the dtype and head size allow; otherwise the CUDA-core lane layout: 16-byte loads
     where head_dim allows, registers within LANE_FLOAT_BUDGET. Tiles hold at most MAX_TILE_BLOCKS blocks' tokens,
     or one CUDA-core pass of up to 32 tokens: either way a tile touches at most 32 blocks, as the kernel's
     block-id windows (one id per lane) need. tma: the device has the tensor memory accelerator, which then stages
-    tensor-core tiles of blocks of at least TMA_MIN_BLOCK_SIZE tokens."""
-    if (head_dim * element_bytes(dtype)) % 4:
-        raise ValueError(f"head_dim {head_dim} of {dtype} is not a whole number of 4-byte words")
+    tensor-core tiles of blocks of at least TMA_MIN_BLOCK_SIZE tokens. cache_dtype: FP8 caches (of dtype
+    otherwise) take the lane layout, with tiles of as many bytes and vectors as wide as the query's."""
+    is_fp8_cache = cache_dtype is not None and is_fp8(cache_dtype)
+    size = 1 if is_fp8_cache else element_bytes(dtype)
+    if (head_dim * size) % 4:
+        raise ValueError(f"head_dim {head_dim} of {cache_dtype or dtype} is not a whole number of 4-byte words")
     heads = max(d for d in range(1, MAX_HEADS_PER_CTA + 1) if group_size % d == 0)
-    size = element_bytes(dtype)
     tile_tokens = min(STAGE_TARGET_BYTES // (head_dim * size), MAX_TILE_BLOCKS * block_size)
-    if dtype in MMA_DTYPES and head_dim in MMA_HEAD_DIMS:
+    if dtype in MMA_DTYPES and head_dim in MMA_HEAD_DIMS and not is_fp8_cache:
         return DecodeLayout(scalar_type_name(dtype), head_dim, size, True, 0, 0, 0, heads, tile_tokens,
                             tma and block_size >= TMA_MIN_BLOCK_SIZE)
     lane_floats = max(4, LANE_FLOAT_BUDGET // heads)
     vec = 1
-    while vec * 2 <= min(16 // size, lane_floats) and head_dim % (vec * 2) == 0:
+    while vec * 2 <= min(16 // element_bytes(dtype), lane_floats) and head_dim % (vec * 2) == 0:
         vec *= 2
     num_vecs = head_dim // vec
     wanted_vecs = max(1, min(2, lane_floats // vec))
@@ -127,7 +132,7 @@ def decode_layout(dtype: torch.dtype, head_dim: int, group_size: int, block_size
     tokens_per_pass = 32 // lanes
     tile = max(tokens_per_pass, tile_tokens // tokens_per_pass * tokens_per_pass)
     return DecodeLayout(scalar_type_name(dtype), head_dim, size, False, vec, lanes, math.ceil(num_vecs / lanes),
-                        heads, tile, False)
+                        heads, tile, False, is_fp8_cache)
 
 
 def cta_warp_counts(max_warps: int) -> list[int]:
@@ -139,13 +144,15 @@ def known_name_expressions(tma: bool) -> list[str]:
     """Every kernel instantiation the launcher asks for on the known head sizes, GQA ratios and block sizes, on
     devices with (tma) or without the tensor memory accelerator."""
     names: set[str] = set()
-    for dtype in SCALAR_TYPE_NAMES:
+    # FP8 caches serve 16-bit models in blocks of vLLM's default size (other instantiations compile on demand).
+    cases = [(dtype, dtype, block_size) for dtype in SCALAR_TYPE_NAMES for block_size in KNOWN_BLOCK_SIZES]
+    cases += [(dtype, FP8_DTYPE, KNOWN_BLOCK_SIZES[-1]) for dtype in MMA_DTYPES]
+    for dtype, cache_dtype, block_size in cases:
         for head_dim in KNOWN_HEAD_DIMS:
             for group_size in KNOWN_GROUP_SIZES:
-                for block_size in KNOWN_BLOCK_SIZES:
-                    layout = decode_layout(dtype, head_dim, group_size, block_size, tma)
-                    names.add(layout.reduce_name)
-                    names.update(layout.kernel_name(warps) for warps in cta_warp_counts(layout.max_warps))
+                layout = decode_layout(dtype, head_dim, group_size, block_size, tma, cache_dtype)
+                names.add(layout.reduce_name)
+                names.update(layout.kernel_name(warps) for warps in cta_warp_counts(layout.max_warps))
     return sorted(names)
 
 
@@ -202,17 +209,21 @@ class PagedDecode:
         self._modules = modules
         self._num_sms = num_sms
         self._tma = tma
-        self._layouts: dict[tuple[torch.dtype, int, int, int], DecodeLayout] = {}
+        self._layouts: dict[tuple[torch.dtype, torch.dtype, int, int, int], DecodeLayout] = {}
 
     def run(
         self, out: Tensor, query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
         seq_lens: Tensor, query_start_loc: Tensor, max_seq_len: int, scale: float, rows_by_seq: bool,
+        k_scale: float = 1.0, v_scale: float = 1.0,
     ) -> None:
-        """Launch over arguments already validated by the caller (see cuda_ops.CudaKernelOps)."""
+        """Launch over arguments already validated by the caller (see cuda_ops.CudaKernelOps). An FP8 cache holds
+        k / k_scale and v / v_scale; other caches ignore the scales."""
         num_kv_heads, block_size, head_dim = key_cache.shape[1:]
         num_q_heads = query.shape[1]
         group_size = num_q_heads // num_kv_heads
-        layout = self._layout(query.dtype, head_dim, group_size, block_size)
+        layout = self._layout(query.dtype, key_cache.dtype, head_dim, group_size, block_size)
+        if not layout.is_fp8_cache:
+            k_scale = v_scale = 1.0
         num_seqs = seq_lens.shape[0]
         num_rows = num_seqs if rows_by_seq else query.shape[0]
         if num_rows == 0:
@@ -233,7 +244,8 @@ class PagedDecode:
             int32(block_tables.stride(0)),
             int32(block_tables.shape[1]), pointer(seq_lens), pointer(query_start_loc), int32(num_seqs),
             int32(int(rows_by_seq)), int32(num_kv_heads), int32(group_size),
-            int32(log2_exact(block_size, "block_size")), float32(scale * math.log2(math.e)), address(split_acc),
+            int32(log2_exact(block_size, "block_size")), float32(scale * k_scale * math.log2(math.e)),
+            float32(v_scale), address(split_acc),
             address(split_max), address(split_sum), int32(grid.num_splits),
         ), shared_bytes)
         if grid.num_splits > 1:
@@ -245,11 +257,13 @@ class PagedDecode:
                 int32(grid.num_splits),
             ))
 
-    def _layout(self, dtype: torch.dtype, head_dim: int, group_size: int, block_size: int) -> DecodeLayout:
-        key = (dtype, head_dim, group_size, block_size)
+    def _layout(self, dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int, group_size: int,
+                block_size: int) -> DecodeLayout:
+        key = (dtype, cache_dtype, head_dim, group_size, block_size)
         layout = self._layouts.get(key)
         if layout is None:
-            layout = self._layouts[key] = decode_layout(dtype, head_dim, group_size, block_size, self._tma)
+            layout = self._layouts[key] = decode_layout(dtype, head_dim, group_size, block_size, self._tma,
+                                                        cache_dtype)
         return layout
 
     @staticmethod

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pagedserve.kernels.fp8 import as_bytes, dequantize, is_fp8, quantize
+
 
 class TorchReferenceOps:
     """Readable torch implementation of KernelOps, on any device.
@@ -14,20 +16,24 @@ class TorchReferenceOps:
     [num_blocks, num_kv_heads, block_size, head_dim]; the whole pool is [L, 2, N, H, B, D].
     Attention is vectorised per sequence (one gather and two batched matmuls per sequence), so it is
     usable as the CPU worker's attention. It reads lengths back to the host, so it is not graph-capturable.
+    An FP8 (e4m3) pool holds key / k_scale and value / v_scale: writes quantize, attention dequantizes in float32.
     """
 
     def write_kv(
-        self, key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor, slot_mapping: Tensor
+        self, key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor, slot_mapping: Tensor,
+        k_scale: float = 1.0, v_scale: float = 1.0,
     ) -> None:
-        """Store key/value [num_tokens, num_kv_heads, head_dim] into slots; slot -1 skips the token."""
+        """Store key/value [num_tokens, num_kv_heads, head_dim] into slots; slot -1 skips the token. An FP8 cache
+        stores quantize(key, k_scale) and quantize(value, v_scale); other caches ignore the scales."""
         block_size = key_cache.shape[2]
         is_kept = slot_mapping >= 0
         slots = slot_mapping[is_kept]
         block_ids = slots // block_size
         offsets = slots % block_size
-        # Advanced indices on dims 0 and 2 put the token axis first: [n, num_kv_heads, head_dim].
-        key_cache[block_ids, :, offsets] = key[is_kept].to(key_cache.dtype)
-        value_cache[block_ids, :, offsets] = value[is_kept].to(value_cache.dtype)
+        for rows, cache, scale in ((key[is_kept], key_cache, k_scale), (value[is_kept], value_cache, v_scale)):
+            stored = quantize(rows, scale) if is_fp8(cache.dtype) else rows.to(cache.dtype)
+            # Advanced indices on dims 0 and 2 put the token axis first: [n, num_kv_heads, head_dim].
+            as_bytes(cache)[block_ids, :, offsets] = as_bytes(stored)
 
     def paged_attention(
         self,
@@ -41,8 +47,11 @@ class TorchReferenceOps:
         max_query_len: int,
         max_seq_len: int,
         scale: float,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> None:
-        """Causal attention per sequence over its paged context, softmax in float32; writes out in place."""
+        """Causal attention per sequence over its paged context, softmax in float32; writes out in place. An FP8
+        cache's keys and values are dequantized with k_scale / v_scale (float32) first."""
         del max_query_len, max_seq_len  # Exact lengths are read from the tensors below.
         starts = query_start_loc.tolist()
         lens = seq_lens.tolist()
@@ -51,21 +60,22 @@ class TorchReferenceOps:
             if end == start:
                 continue
             out[start:end] = _attend_one_sequence(
-                query[start:end], key_cache, value_cache, block_tables[seq_index], seq_len, scale
+                query[start:end], key_cache, value_cache, block_tables[seq_index], seq_len, scale,
+                (k_scale, v_scale) if is_fp8(key_cache.dtype) else (1.0, 1.0),
             ).to(out.dtype)
 
     def copy_blocks(self, kv_cache: Tensor, block_mapping: Tensor) -> None:
         """Copy every layer's K and V of block src into block dst, for each (src, dst) row."""
         src, dst = block_mapping[:, 0], block_mapping[:, 1]
         # The right-hand side is gathered before any write, so a dst that is also a src reads old data.
-        kv_cache[:, :, dst] = kv_cache[:, :, src]
+        as_bytes(kv_cache)[:, :, dst] = as_bytes(kv_cache)[:, :, src]
 
     def swap_blocks(self, src_cache: Tensor, dst_cache: Tensor, block_mapping: Tensor) -> None:
         """Copy whole blocks between two pools of the same layout, possibly on different devices."""
         src = block_mapping[:, 0].to(src_cache.device)
         dst = block_mapping[:, 1].to(dst_cache.device)
-        gathered = src_cache.index_select(2, src).to(dst_cache.device)
-        dst_cache.index_copy_(2, dst, gathered)
+        gathered = as_bytes(src_cache).index_select(2, src).to(dst_cache.device)
+        as_bytes(dst_cache).index_copy_(2, dst, gathered)
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         """x: [num_rows, hidden]; weight: [hidden]. Normalised in float32, rounded to x's dtype, then scaled."""
@@ -84,7 +94,8 @@ class TorchReferenceOps:
         return F.silu(gate) * up
 
     def rotary_write_kv(self, qkv: Tensor, cos: Tensor, sin: Tensor, key_cache: Tensor, value_cache: Tensor,
-                        slot_mapping: Tensor, num_heads: int, num_kv_heads: int) -> Tensor:
+                        slot_mapping: Tensor, num_heads: int, num_kv_heads: int, k_scale: float = 1.0,
+                        v_scale: float = 1.0) -> Tensor:
         """Half-split rotary on q and k, then k and v into their cache slots (-1 skips); returns the rotated q.
 
         qkv: [T, (num_heads + 2 * num_kv_heads) * head_dim], rows of q heads, k heads, v heads; cos / sin:
@@ -97,14 +108,16 @@ class TorchReferenceOps:
         cos, sin = cos[:, None, :], sin[:, None, :]
         first, second = qk.chunk(2, dim=-1)
         rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
-        self.write_kv(rotated[:, num_heads:], v, key_cache, value_cache, slot_mapping)
+        self.write_kv(rotated[:, num_heads:], v, key_cache, value_cache, slot_mapping, k_scale, v_scale)
         return rotated[:, :num_heads].contiguous()
 
 
 def _attend_one_sequence(
-    query: Tensor, key_cache: Tensor, value_cache: Tensor, block_table: Tensor, seq_len: int, scale: float
+    query: Tensor, key_cache: Tensor, value_cache: Tensor, block_table: Tensor, seq_len: int, scale: float,
+    kv_scales: tuple[float, float],
 ) -> Tensor:
-    """Attention of one sequence's query rows [q_len, num_q_heads, D]; returns float32, same shape.
+    """Attention of one sequence's query rows [q_len, num_q_heads, D]; returns float32, same shape. Keys and
+    values are read as float32 times kv_scales (1.0 unless the cache is FP8).
 
     Query heads are grouped by kv head (head h uses kv head h // group_size), so K/V are never repeated:
         q: [kv_heads, group_size * q_len, D]  x  k^T: [kv_heads, D, seq_len]
@@ -114,8 +127,8 @@ def _attend_one_sequence(
     group_size = num_q_heads // num_kv_heads
     num_blocks = -(-seq_len // block_size)
     block_ids = block_table[:num_blocks].to(torch.long)
-    keys = _gather_context(key_cache, block_ids, seq_len)
-    values = _gather_context(value_cache, block_ids, seq_len)
+    keys = _gather_context(key_cache, block_ids, seq_len, kv_scales[0])
+    values = _gather_context(value_cache, block_ids, seq_len, kv_scales[1])
 
     grouped = query.float().reshape(q_len, num_kv_heads, group_size, head_dim)
     grouped = grouped.permute(1, 2, 0, 3).reshape(num_kv_heads, group_size * q_len, head_dim)
@@ -131,9 +144,9 @@ def _attend_one_sequence(
     return attended.reshape(q_len, num_q_heads, head_dim)
 
 
-def _gather_context(cache: Tensor, block_ids: Tensor, seq_len: int) -> Tensor:
-    """Contiguous float32 [num_kv_heads, seq_len, D] of one sequence, gathered from its blocks."""
-    blocks = cache.index_select(0, block_ids)  # [num_blocks, H, B, D]
+def _gather_context(cache: Tensor, block_ids: Tensor, seq_len: int, scale: float) -> Tensor:
+    """Contiguous float32 [num_kv_heads, seq_len, D] of one sequence, gathered from its blocks (times scale)."""
+    blocks = as_bytes(cache).index_select(0, block_ids).view(cache.dtype)  # [num_blocks, H, B, D]
     num_blocks, num_heads, block_size, head_dim = blocks.shape
-    context = blocks.permute(1, 0, 2, 3).reshape(num_heads, num_blocks * block_size, head_dim)
-    return context[:, :seq_len].float()
+    context = blocks.permute(1, 0, 2, 3).reshape(num_heads, num_blocks * block_size, head_dim)[:, :seq_len]
+    return dequantize(context, scale)

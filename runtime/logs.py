@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import enum
 import logging
 import sys
@@ -13,6 +14,40 @@ class LogFormat(enum.Enum):
     AUTO = "auto"  # console on a TTY, JSON otherwise
     CONSOLE = "console"
     JSON = "json"
+
+
+class LogLevel(enum.Enum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+    @property
+    def number(self) -> int:
+        """The standard library's level number."""
+        return int(getattr(logging, self.name))
+
+
+def add_log_flags(parser: argparse.ArgumentParser) -> None:
+    """--log-format and --log-level, which a process hands on to every process it starts."""
+    parser.add_argument("--log-format", type=LogFormat, default=LogFormat.AUTO, choices=list(LogFormat),
+                        metavar="{" + ",".join(f.value for f in LogFormat) + "}",
+                        help="console text, JSON lines, or auto: console on a terminal, JSON otherwise")
+    parser.add_argument("--log-level", type=LogLevel, default=LogLevel.INFO, choices=list(LogLevel),
+                        metavar="{" + ",".join(level.value for level in LogLevel) + "}",
+                        help="least severe event logged")
+
+
+class _CurrentStderr:
+    """sys.stderr as it is at each write, not as it was when logging was configured: loggers are cached on first
+    use, so one bound to a stream that is later replaced and closed (contextlib.redirect_stderr, a test's capture)
+    would fail every later log line with "I/O operation on closed file"."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def configure_logging(log_format: LogFormat = LogFormat.AUTO, level: int = logging.INFO) -> None:
@@ -30,7 +65,7 @@ def configure_logging(log_format: LogFormat = LogFormat.AUTO, level: int = loggi
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr, format="%(name)s: %(message)s")

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
 from tests import shared_data
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--all-kernel-variants", action="store_true",
+                     help="compile every kernel instantiation to PTX (tests/kernels/test_kernel_sources.py)")
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +28,13 @@ def stories260k_dir() -> Path:
 @pytest.fixture(scope="session")
 def llama2_tokenizer_dir() -> Path:
     return shared_data.llama2_tokenizer_dir()
+
+
+@pytest.fixture
+def unloadable_model_dir(tmp_path: Path, stories260k_dir: Path) -> Path:
+    """A model directory that passes the file check before start-up (contract/model_dir.py) but that a worker
+    fails to load: stories260K's config and tokenizer beside weights that are not safetensors."""
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(stories260k_dir / name, tmp_path / name)
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
+    return tmp_path

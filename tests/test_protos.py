@@ -24,3 +24,12 @@ def test_committed_stubs_equal_a_fresh_regeneration(tmp_path: Path) -> None:
     assert generated == committed
     _, mismatch, errors = filecmp.cmpfiles(out / PACKAGE, PROTOS / PACKAGE, generated, shallow=False)
     assert mismatch == [] and errors == [], f"stale stubs (run `make protos`): {mismatch + errors}"
+
+
+def test_the_committed_descriptor_set_equals_a_fresh_one_with_source_info(tmp_path: Path) -> None:
+    """Reflection serves this set (runtime/reflection.py); `make protos` writes it beside the stubs."""
+    sources = sorted(str(s.relative_to(PROTOS)) for s in (PROTOS / PACKAGE).glob("*.proto"))
+    out = tmp_path / "descriptors.binpb"
+    argv = ["protoc", f"-I{PROTOS}", "--include_source_info", "--include_imports", f"--descriptor_set_out={out}"]
+    assert protoc.main([*argv, *(str(PROTOS / s) for s in sources)]) == 0
+    assert out.read_bytes() == (PROTOS / PACKAGE / "descriptors.binpb").read_bytes(), "stale (run `make protos`)"

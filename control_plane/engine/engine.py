@@ -23,11 +23,19 @@ from pagedserve.control_plane.engine.status import (
     EngineStatus,
     RetiredCounters,
     StepRecord,
+    WorkerStatus,
     sum_status,
 )
 from pagedserve.control_plane.engine.tracked_request import TrackedRequest
-from pagedserve.control_plane.errors import NotFoundError, PagedServeError, WorkerUnavailableError
+from pagedserve.control_plane.errors import (
+    AlreadyExistsError,
+    NotFoundError,
+    PagedServeError,
+    WorkerUnavailableError,
+)
 from pagedserve.control_plane.relay.item_channel import ItemChannel
+from pagedserve.control_plane.scheduling.fit import blocks_for, never_fits_error
+from pagedserve.control_plane.scheduling.kv_events import KvEventLog
 from pagedserve.control_plane.scheduling.request import FinishReason, Request, SequenceDelta
 from pagedserve.control_plane.scheduling.scheduler import Scheduler, SchedulerStats
 from pagedserve.control_plane.text.completion import CompletionStream
@@ -70,12 +78,12 @@ class Engine:
                        for worker_id, scheduler, transport in workers]
         self._tokenizer = tokenizer
         self.metrics = metrics
-        metrics.bind_status(self.status)
+        metrics.bind_workers(self.worker_status)
         self._requests: dict[str, TrackedRequest] = {}
         self._ids = itertools.count()
         self._num_steps = 0
         self._recent_steps: deque[StepRecord] = deque(maxlen=RECENT_STEPS)
-        self._retired = RetiredCounters()
+        self._retired = {lane.worker_id: RetiredCounters() for lane in self._lanes}  # counters of dead lanes
         self._lane_dead_callbacks: list[LaneDeadCallback] = []
         self._is_draining = False
         self._is_stopping = False
@@ -83,6 +91,7 @@ class Engine:
         self._health_changed = asyncio.Event()
         self._drained: asyncio.Event | None = None  # set when the last request ends, while drain() waits
         self._closing: set[asyncio.Task[None]] = set()  # transports of dead lanes being closed
+        self._kv_events: KvEventLog | None = None
 
     def start(self) -> None:
         for lane in self._lanes:
@@ -101,9 +110,26 @@ class Engine:
         """True iff some lane is alive and the engine is not draining: a request added now would be served."""
         return not self._is_draining and any(lane.is_alive for lane in self._lanes)
 
+    @property
+    def num_gpu_blocks(self) -> int:
+        """KV blocks of every worker's pool as it is now (a restarted worker may come back with another size; a
+        dead one counts with its last)."""
+        return sum(lane.scheduler.block_manager.gpu.num_blocks for lane in self._lanes)
+
     def health_changed(self) -> asyncio.Event:
         """An event set at the next change of is_serving; call again after it fired for the one after."""
         return self._health_changed
+
+    def publish_kv_events(self, events: KvEventLog) -> None:
+        """Reports every lane's prefix-cache changes to events from now on (a lane's index is its place in the
+        workers given at construction), those of schedulers that replace a dead lane's included."""
+        self._kv_events = events
+        for lane in self._lanes:
+            self._observe_cache(lane)
+
+    def _observe_cache(self, lane: Lane) -> None:
+        if self._kv_events is not None:
+            lane.scheduler.block_manager.gpu.observer = self._kv_events.lane(self._lanes.index(lane))
 
     def on_lane_dead(self, callback: LaneDeadCallback) -> None:
         """Registers callback(worker_id, cause), called on the loop each time a lane dies, after its requests
@@ -120,10 +146,17 @@ class Engine:
         dead = self._lanes[index]
         if dead.is_alive:
             raise ValueError(f"worker_id: the lane of {worker_id!r} is alive")
-        self._retired.add(dead.scheduler.stats)
+        self._retired[worker_id].add(dead.scheduler.stats)
         lane = self._lanes[index] = Lane(worker_id, scheduler, transport, self._config, self._times)
+        self._observe_cache(lane)
         self._start_lane(lane)
-        log.info("lane_revived", worker_id=worker_id, num_gpu_blocks=scheduler.block_manager.gpu.num_blocks)
+        num_blocks, max_model_len = scheduler.block_manager.gpu.num_blocks, scheduler.config.max_model_len
+        log.info("lane_revived", worker_id=worker_id, num_gpu_blocks=num_blocks)
+        if max_model_len is not None and blocks_for(max_model_len, scheduler.cache_config.block_size) > num_blocks:
+            log.warning("revived_pool_below_max_model_len", worker_id=worker_id, num_gpu_blocks=num_blocks,
+                        max_model_len=max_model_len, message="the restarted worker's KV pool cannot hold one sequence "
+                        "of max_model_len tokens: requests go to other workers when theirs hold them to their end, "
+                        "and one whose prompt no pool holds is refused")
         self._notify_health()
 
     async def drain(self, timeout_s: float) -> None:
@@ -156,8 +189,10 @@ class Engine:
         final_only: bool = False,
         outputs: ItemChannel[EngineOutput] | None = None,
     ) -> str:
-        """Admits a validated request to the least loaded live worker; raises ResourceExhaustedError when full,
-        WorkerUnavailableError at once when no worker is alive or the engine drains.
+        """Admits a validated request to the least loaded live worker whose pool can hold it; raises
+        ResourceExhaustedError when full, NeverFitsError when no worker's pool can ever hold it,
+        WorkerUnavailableError at once when no worker is alive or the engine drains, AlreadyExistsError when
+        request_id names a request that has not ended (an empty one gets a new id).
 
         final_only: stream() still yields every chunk, but its consumer is woken only when the request ends
         (as vLLM's FINAL_ONLY output kind), which spares an offline caller a task switch per step and request.
@@ -169,9 +204,10 @@ class Engine:
         live = [lane for lane in self._lanes if lane.is_alive]
         if not live:
             raise WorkerUnavailableError(f"no worker is serving (all {len(self._lanes)} failed)")
-        request_id = request_id or f"req-{next(self._ids)}"
-        while request_id in self._requests:
-            request_id = f"{request_id}-{next(self._ids)}"
+        if request_id in self._requests:
+            raise AlreadyExistsError(f"request_id: {request_id!r} is in use by a request that has not ended")
+        while not request_id or request_id in self._requests:
+            request_id = f"req-{next(self._ids)}"
         request = Request(
             request_id=request_id,
             prompt_token_ids=prompt_token_ids,
@@ -180,7 +216,7 @@ class Engine:
             arrival_time_s=time.monotonic(),
             priority=priority,
         )
-        lane = min(live, key=lambda candidate: _load(candidate.scheduler.stats))
+        lane = min(self._lanes_holding(request, live), key=lambda candidate: _load(candidate.scheduler.stats))
         lane.scheduler.add_request(request)
         self._requests[request_id] = TrackedRequest(
             request=request,
@@ -196,6 +232,21 @@ class Engine:
                  num_prompt_tokens=len(prompt_token_ids), n=params.n, max_tokens=params.max_tokens)
         lane.wakeup.set()
         return request_id
+
+    def _lanes_holding(self, request: Request, live: list[Lane]) -> list[Lane]:
+        """The live lanes whose pool holds the request to its end, else those whose pool can hold it at all
+        (its sequences may then end by LENGTH when the pool is full). NeverFitsError when no lane's pool can,
+        dead ones included (a restarted worker may come back with another pool, which revive_lane puts in its
+        lane); WorkerUnavailableError when only dead lanes' pools can."""
+        for can_hold in (Scheduler.can_hold_to_the_end, Scheduler.can_ever_hold):
+            holding = [lane for lane in live if can_hold(lane.scheduler, request)]
+            if holding:
+                return holding
+        if any(lane.scheduler.can_ever_hold(request) for lane in self._lanes):
+            raise WorkerUnavailableError("no serving worker's KV pool holds the request; the workers whose pools "
+                                         "do are down (retry later)")
+        largest = max(self._lanes, key=lambda lane: lane.scheduler.block_manager.gpu.num_blocks).scheduler
+        raise never_fits_error(request, largest.cache_config.block_size, largest.block_manager.gpu.num_blocks)
 
     async def stream(self, request_id: str) -> AsyncIterator[StreamItem]:
         """Yields the request's chunks until every completion finished. Leaving early aborts the request."""
@@ -222,11 +273,18 @@ class Engine:
             tracked.lane.scheduler.abort_request(request_id)
             tracked.lane.wakeup.set()
             log.info("request_aborted", request_id=request_id)
-            self.metrics.request_ended([FinishReason.ABORT], e2e_s=None)
+            self.metrics.request_aborted()
 
     def status(self) -> EngineStatus:
-        lanes = [(lane.scheduler.stats, lane.is_alive) for lane in self._lanes]
-        return sum_status(lanes, self._retired, self._num_steps, self._times)
+        return sum_status(self.worker_status(), self._num_steps, self._times)
+
+    def worker_status(self) -> list[WorkerStatus]:
+        """Each worker's lane, dead ones included, with the counters of its earlier lanes carried over."""
+        return [
+            WorkerStatus(lane.worker_id, lane.is_alive, self._retired[lane.worker_id].carried(lane.scheduler.stats),
+                         lane.scheduler.cache_config, lane.scheduler.block_manager.cpu.num_blocks)
+            for lane in self._lanes
+        ]
 
     def recent_steps(self) -> list[StepRecord]:
         """The last RECENT_STEPS steps of every lane, in the order their results arrived (call it on the loop)."""
@@ -288,9 +346,12 @@ class Engine:
             if tracked is not None:
                 tracked.channel.put(RequestFailed(request_id, error))
         old = lane.scheduler
-        self._retired.add(old.stats)
+        self._retired[lane.worker_id].add(old.stats)
         lane.scheduler = Scheduler(old.config, old.cache_config, old.block_manager.gpu.num_blocks,
                                    old.block_manager.cpu.num_blocks)
+        if self._kv_events is not None:
+            self._kv_events.lane_cleared(self._lanes.index(lane))
+        self._observe_cache(lane)
         self._notify_health()
         for callback in list(self._lane_dead_callbacks):
             try:
@@ -310,6 +371,7 @@ class Engine:
     def _on_result(self, lane: Lane, plan: StepPlan, plan_ms: float, output: StepResult, counts_idle: bool) -> None:
         started = time.perf_counter()
         self._num_steps += 1
+        self.metrics.observe_iteration(lane.worker_id, plan.num_scheduled_tokens)
         self._apply(lane, lane.scheduler.update_from_output(plan, output))
         apply_s = time.perf_counter() - started
         self._times.control_plane_s += apply_s
@@ -352,7 +414,7 @@ class Engine:
         self._forget(request.request_id)
         usage = tracked.usage()
         reasons = [c.finish_reason for c in tracked.completions]
-        self.metrics.request_ended(reasons, e2e_s=time.monotonic() - request.arrival_time_s)
+        self.metrics.request_ended(reasons, tracked.record(time.monotonic()))
         log.info("request_finished", request_id=request.request_id,
                  finish_reasons=[r.name for r in reasons if r is not None],
                  num_completion_tokens=usage.completion_tokens)

@@ -1,114 +1,130 @@
-"""Prometheus metrics with vLLM's names under the `pagedserve:` prefix, labelled by model."""
+"""Prometheus metrics with vLLM's names, types and buckets under the `pagedserve:` prefix, labelled by model (and by
+worker where a figure is one worker's). docs/metrics.md lists them."""
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
+
+from pagedserve.control_plane.engine.histogram import (
+    INTER_TOKEN_BUCKETS_S,
+    ITERATION_TOKEN_BUCKETS,
+    PARAMS_N_BUCKETS,
+    REQUEST_LATENCY_BUCKETS_S,
+    TTFT_BUCKETS_S,
+    FastHistogram,
+    buckets_1_2_5,
+)
+from pagedserve.control_plane.engine.worker_metrics import PREFIX, WORKER_LABELS, WorkerCollector
+from pagedserve.control_plane.scheduling.request import FinishReason
 
 if TYPE_CHECKING:
-    from pagedserve.control_plane.engine.status import EngineStatus
-    from pagedserve.control_plane.scheduling.request import FinishReason
-
-_PREFIX = "pagedserve:"
-_LATENCY_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-                      10.0, 20.0, 40.0, 80.0)
+    from pagedserve.control_plane.engine.status import WorkerStatus
 
 
-class LatencyHistogram(Collector):
-    """A Prometheus histogram observed on the engine's hot path: one bisect and three additions per
-    observation, no lock (the engine loop is its only writer; a scrape may see one observation half-counted)."""
+class RequestRecord(NamedTuple):
+    """One request that ended, as its request-level metrics read it. Times are time.monotonic() seconds.
 
-    def __init__(self, name: str, documentation: str, model_name: str) -> None:
-        self._name, self._documentation, self._model_name = name, documentation, model_name
-        self._bounds = _LATENCY_BUCKETS_S
-        self._counts = [0] * (len(self._bounds) + 1)
-        self._sum = 0.0
+        arrival ── queue ──▶ first scheduled ── prefill ──▶ first token ── decode ──▶ last token ... end
+                             └──────────────────── inference ───────────────────────┘
+    """
 
-    def observe(self, value: float, count: int = 1) -> None:
-        self._counts[bisect.bisect_left(self._bounds, value)] += count
-        self._sum += value * count
-
-    def collect(self) -> Iterator[Metric]:
-        family = HistogramMetricFamily(self._name, self._documentation, labels=["model_name"])
-        cumulative, buckets = 0, []
-        for bound, count in zip((*map(str, self._bounds), "+Inf"), self._counts, strict=True):
-            cumulative += count
-            buckets.append((bound, cumulative))
-        family.add_metric([self._model_name], buckets, self._sum)
-        yield family
-
-
-class _StatusCollector(Collector):
-    """Reads the engine's counters and gauges at scrape time, so they are never stale or double counted."""
-
-    def __init__(self, model_name: str, status: Callable[[], EngineStatus]) -> None:
-        self._model_name = model_name
-        self._status = status
-
-    def collect(self) -> Iterator[Metric]:
-        status = self._status()
-        gauges = {
-            "num_requests_running": ("Requests being computed.", status.num_requests_running),
-            "num_requests_waiting": ("Requests waiting for admission.", status.num_requests_waiting),
-            "num_requests_swapped": ("Requests swapped out to CPU memory.", status.num_requests_swapped),
-            "kv_cache_usage_perc": (
-                "KV cache usage, 1 means 100 percent.",
-                status.num_used_blocks / status.num_total_blocks if status.num_total_blocks else 0.0,
-            ),
-        }
-        for name, (documentation, value) in gauges.items():
-            gauge = GaugeMetricFamily(_PREFIX + name, documentation, labels=["model_name"])
-            gauge.add_metric([self._model_name], value)
-            yield gauge
-        counters = {
-            "num_preemptions": ("Cumulative preemptions.", status.num_preemptions),
-            "prefix_cache_queries": ("Prompt tokens looked up in the prefix cache.", status.prefix_cache_queries),
-            "prefix_cache_hits": ("Prompt tokens found in the prefix cache.", status.prefix_cache_hits),
-            "prompt_tokens": ("Prompt tokens processed.", status.num_prompt_tokens),
-            "generation_tokens": ("Tokens generated.", status.num_generation_tokens),
-        }
-        for name, (documentation, value) in counters.items():
-            counter = CounterMetricFamily(_PREFIX + name, documentation, labels=["model_name"])
-            counter.add_metric([self._model_name], value)
-            yield counter
+    arrival_s: float
+    first_scheduled_s: float | None  # None: never scheduled (ended while waiting)
+    first_token_s: float | None  # None: no token came
+    last_token_s: float | None
+    end_s: float
+    num_prompt_tokens: int
+    num_generation_tokens: int  # over all n completions
+    n: int
+    max_tokens: int | None  # as asked, else what max_model_len leaves (None: no limit known)
 
 
 class EngineMetrics:
-    """Latency histograms observed as tokens stream, plus the engine's status read at scrape time."""
+    """The engine's metrics: histograms observed as requests stream, steps complete and requests end, plus each
+    worker's status read at scrape time (WorkerCollector). Written only by the engine loop's thread."""
 
-    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, model_name: str, max_model_len: int, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._model = (model_name,)
         self._model_name = model_name
-        self._ttft = LatencyHistogram(_PREFIX + "time_to_first_token_seconds", "Time to first token.", model_name)
-        self._itl = LatencyHistogram(_PREFIX + "inter_token_latency_seconds", "Time between output tokens.",
-                                     model_name)
-        self._e2e = LatencyHistogram(_PREFIX + "e2e_request_latency_seconds", "Request latency, arrival to end.",
-                                     model_name)
-        for histogram in (self._ttft, self._itl, self._e2e):
-            self.registry.register(histogram)
-        self._finished = Counter(_PREFIX + "request_success", "Finished completions by finish reason.",
-                                 ["model_name", "finished_reason"], registry=self.registry)
+        tokens = buckets_1_2_5(max_model_len)
 
-    def bind_status(self, status: Callable[[], EngineStatus]) -> None:
-        self.registry.register(_StatusCollector(self._model_name, status))
+        def histogram(name: str, documentation: str, bounds: Sequence[float],
+                      labels: Sequence[str] = ("model_name",)) -> FastHistogram:
+            collector = FastHistogram(PREFIX + name, documentation, bounds, labels)
+            self.registry.register(collector)
+            return collector
+
+        self._ttft = histogram("time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                               TTFT_BUCKETS_S)
+        self._itl = histogram("inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+                              INTER_TOKEN_BUCKETS_S)
+        self._e2e = histogram("e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+                              REQUEST_LATENCY_BUCKETS_S)
+        self._queue = histogram("request_queue_time_seconds",
+                                "Histogram of time spent in WAITING phase for request.", REQUEST_LATENCY_BUCKETS_S)
+        self._prefill = histogram("request_prefill_time_seconds",
+                                  "Histogram of time spent in PREFILL phase for request.", REQUEST_LATENCY_BUCKETS_S)
+        self._decode = histogram("request_decode_time_seconds",
+                                 "Histogram of time spent in DECODE phase for request.", REQUEST_LATENCY_BUCKETS_S)
+        self._inference = histogram("request_inference_time_seconds",
+                                    "Histogram of time spent in RUNNING phase for request.",
+                                    REQUEST_LATENCY_BUCKETS_S)
+        self._prompt_tokens = histogram("request_prompt_tokens", "Number of prefill tokens processed.", tokens)
+        self._generation_tokens = histogram("request_generation_tokens", "Number of generation tokens processed.",
+                                            tokens)
+        self._params_n = histogram("request_params_n", "Histogram of the n request parameter.", PARAMS_N_BUCKETS)
+        self._params_max_tokens = histogram("request_params_max_tokens",
+                                            "Histogram of the max_tokens request parameter.", tokens)
+        self._iteration_tokens = histogram("iteration_tokens_total", "Histogram of number of tokens per engine_step.",
+                                           ITERATION_TOKEN_BUCKETS, WORKER_LABELS)
+        finished = Counter(PREFIX + "request_success", "Count of finished completions by finish reason.",
+                           ["model_name", "finished_reason"], registry=self.registry)
+        # One child per reason, looked up once: labels() validates and locks on every call.
+        self._finished = {reason: finished.labels(model_name, reason.name.lower()) for reason in FinishReason}
+
+    def bind_workers(self, workers: Callable[[], Sequence[WorkerStatus]]) -> None:
+        """Exports each worker's status, read by calling workers() at every scrape."""
+        self.registry.register(WorkerCollector(self._model_name, workers))
 
     def observe_ttft(self, seconds: float) -> None:
-        self._ttft.observe(seconds)
+        self._ttft.observe(self._model, seconds)
 
     def observe_itl(self, seconds_per_token: float, num_tokens: int) -> None:
-        self._itl.observe(seconds_per_token, num_tokens)
+        self._itl.observe(self._model, seconds_per_token, num_tokens)
 
-    def request_ended(self, reasons: Sequence[FinishReason | None], e2e_s: float | None) -> None:
+    def observe_iteration(self, worker_id: str, num_tokens: int) -> None:
+        """One step of worker_id computed num_tokens (prompt and decode tokens together)."""
+        self._iteration_tokens.observe((self._model_name, worker_id), num_tokens)
+
+    def request_aborted(self) -> None:
+        """A client left before its request ended: counted, its partial timings not observed."""
+        self._finished[FinishReason.ABORT].inc()
+
+    def request_ended(self, reasons: Sequence[FinishReason | None], record: RequestRecord) -> None:
+        """A request ended on its own or was ended by the server: its finish reasons counted, its figures observed
+        (the phases it never reached are not)."""
         for reason in reasons:
             if reason is not None:
-                self._finished.labels(self._model_name, reason.name.lower()).inc()
-        if e2e_s is not None:
-            self._e2e.observe(e2e_s)
+                self._finished[reason].inc()
+        model = self._model
+        self._e2e.observe(model, record.end_s - record.arrival_s)
+        self._prompt_tokens.observe(model, record.num_prompt_tokens)
+        self._generation_tokens.observe(model, record.num_generation_tokens)
+        self._params_n.observe(model, record.n)
+        if record.max_tokens is not None:
+            self._params_max_tokens.observe(model, record.max_tokens)
+        if record.first_scheduled_s is None:
+            return
+        self._queue.observe(model, record.first_scheduled_s - record.arrival_s)
+        if record.first_token_s is None or record.last_token_s is None:
+            return
+        self._prefill.observe(model, record.first_token_s - record.first_scheduled_s)
+        self._decode.observe(model, record.last_token_s - record.first_token_s)
+        self._inference.observe(model, record.last_token_s - record.first_scheduled_s)
 
     def serve(self, host: str, port: int) -> None:
         """Starts the /metrics HTTP endpoint in a background thread."""

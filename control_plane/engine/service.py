@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 
 import grpc
@@ -16,11 +17,13 @@ from pagedserve.control_plane.errors import PagedServeError
 from pagedserve.control_plane.relay.convert import (
     add_generate_response,
     engine_status_to_proto,
+    kv_event_batch_to_proto,
     request_error_to_proto,
     served_model_to_proto,
 )
 from pagedserve.control_plane.relay.health import HEARTBEAT_S
 from pagedserve.control_plane.relay.item_channel import ItemChannel
+from pagedserve.control_plane.scheduling.kv_events import KvEventLog, ReplayExpiredError
 from pagedserve.control_plane.served_model import ServedModel
 from pagedserve.runtime.channel_options import INTERNAL_CHANNEL_OPTIONS
 from pagedserve.v1 import engine_service_pb2 as pb
@@ -35,16 +38,20 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
     Every request of one Relay stream shares one output channel, so its consumer wakes once per step and sends
     the step's chunks of all of them in one message: the engine loop spends no time per client stream.
     A request the stream added and has not seen end is aborted when the stream ends, however it ends.
+    The engine's prefix-cache changes go to kv_events, which WatchKvEvents streams.
     """
 
-    def __init__(self, engine: Engine, model: ServedModel) -> None:
+    def __init__(self, engine: Engine, model: ServedModel, kv_events: KvEventLog | None = None) -> None:
         self._engine = engine
         self._model = model
+        self._kv_events = kv_events or KvEventLog()
+        engine.publish_kv_events(self._kv_events)
 
     async def Describe(  # noqa: N802 (gRPC method name)
         self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext[pb.DescribeRequest, pb.DescribeResponse]
     ) -> pb.DescribeResponse:
-        return pb.DescribeResponse(model=served_model_to_proto(self._model))
+        model = dataclasses.replace(self._model, num_gpu_blocks=self._engine.num_gpu_blocks)  # after any restart
+        return pb.DescribeResponse(model=served_model_to_proto(model))
 
     async def GetStatus(  # noqa: N802
         self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext[pb.GetStatusRequest, pb.GetStatusResponse]
@@ -63,6 +70,40 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
             yield pb.WatchHealthResponse(is_serving=self._engine.is_serving)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(changed.wait(), HEARTBEAT_S)
+
+    async def WatchKvEvents(  # noqa: N802
+        self,
+        request: pb.WatchKvEventsRequest,
+        context: grpc.aio.ServicerContext[pb.WatchKvEventsRequest, pb.WatchKvEventsResponse],
+    ) -> AsyncIterator[pb.WatchKvEventsResponse]:
+        """From start_sequence_number (0: a snapshot, or the whole history while it is kept) every batch, in
+        order, each message carrying what closed since the previous one. OUT_OF_RANGE when the start is no
+        longer kept, DATA_LOSS when this caller fell behind by more than the kept batches."""
+        events = self._kv_events
+        start = request.start_sequence_number
+        try:
+            if start == 0 and not events.has_whole_history():
+                batches = events.snapshot()
+            else:
+                batches = events.batches_from(max(start, 1))
+        except ReplayExpiredError as exc:
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
+        cursor = batches[-1].sequence_number + 1 if batches else max(start, events.oldest_sequence_number)
+        log.info("kv_events_subscribed", start_sequence_number=start, first=batches[0].sequence_number
+                 if batches else cursor, num_live_blocks=events.num_live_blocks)
+        while True:
+            if batches:
+                yield pb.WatchKvEventsResponse(batches=[kv_event_batch_to_proto(batch) for batch in batches])
+            changed = events.changed()
+            if events.last_sequence_number < cursor:
+                await changed.wait()
+            try:
+                batches = events.batches_from(cursor)
+            except ReplayExpiredError:
+                log.warning("kv_events_subscriber_behind", cursor=cursor, oldest=events.oldest_sequence_number)
+                await context.abort(grpc.StatusCode.DATA_LOSS,
+                                    f"fell behind: batch {cursor} is no longer kept; resubscribe from 0")
+            cursor = events.last_sequence_number + 1
 
     async def Relay(  # noqa: N802
         self,

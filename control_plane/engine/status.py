@@ -1,11 +1,13 @@
-"""What the engine reports about itself: its status summed over lanes (dead ones' counters kept), its recent steps."""
+"""What the engine reports about itself: each worker's lane (dead lanes' counters kept), their sum, its recent steps."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from pagedserve.control_plane.config import CacheConfig
 from pagedserve.control_plane.engine.lane import StepTimes
 from pagedserve.control_plane.scheduling.stats import SchedulerStats
 
@@ -45,9 +47,21 @@ class EngineStatus:
     worker_idle_time_s: float
 
 
+@dataclass(frozen=True, slots=True)
+class WorkerStatus:
+    """One worker's lane as an operator sees it: its scheduler's figures, whose cumulative counters include those of
+    the lanes the worker had before a restart (so they never go down), and the shape of its KV cache."""
+
+    worker_id: str
+    is_alive: bool
+    stats: SchedulerStats
+    cache_config: CacheConfig
+    num_cpu_blocks: int  # the swap pool's size
+
+
 @dataclass(slots=True)
 class RetiredCounters:
-    """Cumulative counters of the schedulers that dead lanes dropped, so that the totals never go down."""
+    """Cumulative counters of the schedulers that one worker's dead lanes dropped."""
 
     num_preemptions: int = 0
     prefix_cache_queries: int = 0
@@ -62,24 +76,33 @@ class RetiredCounters:
         self.num_prompt_tokens += stats.num_prompt_tokens
         self.num_generation_tokens += stats.num_generation_tokens
 
+    def carried(self, stats: SchedulerStats) -> SchedulerStats:
+        """stats of the live scheduler with these counters added to its own."""
+        return dataclasses.replace(
+            stats,
+            num_preemptions=self.num_preemptions + stats.num_preemptions,
+            prefix_cache_queries=self.prefix_cache_queries + stats.prefix_cache_queries,
+            prefix_cache_hits=self.prefix_cache_hits + stats.prefix_cache_hits,
+            num_prompt_tokens=self.num_prompt_tokens + stats.num_prompt_tokens,
+            num_generation_tokens=self.num_generation_tokens + stats.num_generation_tokens,
+        )
 
-def sum_status(
-    lanes: Sequence[tuple[SchedulerStats, bool]], retired: RetiredCounters, num_steps: int, times: StepTimes
-) -> EngineStatus:
-    """The engine's status from each lane's (scheduler stats, is alive): current counts over every lane, total
-    blocks over the live ones, cumulative counters plus the retired ones."""
-    stats = [s for s, _ in lanes]
+
+def sum_status(workers: Sequence[WorkerStatus], num_steps: int, times: StepTimes) -> EngineStatus:
+    """The engine's status: current counts and cumulative counters over every worker, total blocks over the live
+    ones."""
+    stats = [w.stats for w in workers]
     return EngineStatus(
         num_requests_running=sum(s.num_running for s in stats),
         num_requests_waiting=sum(s.num_waiting for s in stats),
         num_requests_swapped=sum(s.num_swapped for s in stats),
         num_used_blocks=sum(s.num_used_blocks for s in stats),
-        num_total_blocks=sum(s.num_total_blocks for s, is_alive in lanes if is_alive),
-        num_preemptions=retired.num_preemptions + sum(s.num_preemptions for s in stats),
-        prefix_cache_queries=retired.prefix_cache_queries + sum(s.prefix_cache_queries for s in stats),
-        prefix_cache_hits=retired.prefix_cache_hits + sum(s.prefix_cache_hits for s in stats),
-        num_prompt_tokens=retired.num_prompt_tokens + sum(s.num_prompt_tokens for s in stats),
-        num_generation_tokens=retired.num_generation_tokens + sum(s.num_generation_tokens for s in stats),
+        num_total_blocks=sum(w.stats.num_total_blocks for w in workers if w.is_alive),
+        num_preemptions=sum(s.num_preemptions for s in stats),
+        prefix_cache_queries=sum(s.prefix_cache_queries for s in stats),
+        prefix_cache_hits=sum(s.prefix_cache_hits for s in stats),
+        num_prompt_tokens=sum(s.num_prompt_tokens for s in stats),
+        num_generation_tokens=sum(s.num_generation_tokens for s in stats),
         num_steps=num_steps,
         control_plane_step_time_s=times.control_plane_s,
         worker_step_time_s=times.worker_step_s,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pagedserve.control_plane.engine.lane import Lane
-from pagedserve.control_plane.engine.metrics import EngineMetrics
+from pagedserve.control_plane.engine.metrics import EngineMetrics, RequestRecord
 from pagedserve.control_plane.engine.outputs import EngineOutput, Usage
 from pagedserve.control_plane.relay.item_channel import ItemChannel
 from pagedserve.control_plane.scheduling.request import FinishReason, Request, SequenceDelta
@@ -44,6 +44,21 @@ class TrackedRequest:
         elif self.last_token_time_s is not None:
             metrics.observe_itl((now - self.last_token_time_s) / num_tokens, num_tokens)
         self.last_token_time_s = now
+
+    def record(self, end_s: float) -> RequestRecord:
+        """The request's figures for its request-level metrics, as it ends at end_s."""
+        request = self.request
+        max_tokens = request.sampling_params.max_tokens
+        max_model_len = self.lane.scheduler.config.max_model_len
+        if max_tokens is None and max_model_len is not None:
+            max_tokens = max_model_len - request.num_prompt_tokens
+        return RequestRecord(
+            arrival_s=request.arrival_time_s, first_scheduled_s=request.first_scheduled_time_s,
+            first_token_s=self.first_token_time_s, last_token_s=self.last_token_time_s, end_s=end_s,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_generation_tokens=sum(c.num_tokens for c in self.completions),
+            n=request.sampling_params.n, max_tokens=max_tokens,
+        )
 
     def abort_open_completions(self) -> list[CompletionChunk]:
         """Finishes every open completion with ABORT; returns the last chunks they emit, in completion order."""

@@ -1,10 +1,11 @@
 """Protobuf <-> domain types of the public GenerationService's requests (the rest travel as the relay encodes them):
-the bytes decoded strictly, the bounds checked before any expensive work, and the prompt."""
+the bytes decoded strictly, the bounds checked before any expensive work, the prompt and the chat conversation."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
@@ -12,6 +13,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet  # type: ignore[impor
 
 from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.control_plane.errors import InvalidArgumentError
+from pagedserve.control_plane.text.chat_template import Conversation
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 from pagedserve.v1 import generation_service_pb2
 
@@ -19,6 +21,18 @@ M = TypeVar("M", bound=Message)
 
 # A request id is echoed in every chunk and bound to every log line of its request.
 MAX_REQUEST_ID_CHARS = 256
+# A chat's bounds, checked before its template runs: messages and tools (OpenAI's limit on tools), and the
+# characters of all its JSON texts together (tool parameters, tool call arguments, template kwargs).
+MAX_CHAT_MESSAGES = 1024
+MAX_CHAT_TOOLS = 128
+MAX_CHAT_JSON_CHARS = 1 << 20
+
+_ROLE_NAMES = {
+    generation_service_pb2.CHAT_ROLE_SYSTEM: "system",
+    generation_service_pb2.CHAT_ROLE_USER: "user",
+    generation_service_pb2.CHAT_ROLE_ASSISTANT: "assistant",
+    generation_service_pb2.CHAT_ROLE_TOOL: "tool",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +105,91 @@ def prompt_from_proto(request: generation_service_pb2.GenerateRequest, tokenizer
     if which == "token_ids":
         return tuple(request.token_ids.ids)
     raise InvalidArgumentError("prompt", "must be set, as text or token_ids")
+
+
+def check_chat_size(request: generation_service_pb2.ChatRequest, limits: RequestLimits) -> None:
+    """A chat's size bounds, before its JSON is parsed or its template runs. Its messages' text is bounded as a
+    prompt text is: a template that shows the messages renders at least their characters."""
+    if len(request.messages) > MAX_CHAT_MESSAGES:
+        raise InvalidArgumentError(
+            "messages", f"must be at most {MAX_CHAT_MESSAGES} messages, got {len(request.messages)}"
+        )
+    if len(request.tools) > MAX_CHAT_TOOLS:
+        raise InvalidArgumentError("tools", f"must be at most {MAX_CHAT_TOOLS} tools, got {len(request.tools)}")
+    check_text_length("".join(m.content for m in request.messages), "messages", limits)
+    json_chars = len(request.chat_template_kwargs_json) + sum(len(t.parameters_json) for t in request.tools) + sum(
+        len(c.arguments_json) for m in request.messages for c in m.tool_calls
+    )
+    if json_chars > MAX_CHAT_JSON_CHARS:
+        raise InvalidArgumentError(
+            "tools", f"JSON texts of {json_chars} characters in all, more than the {MAX_CHAT_JSON_CHARS} allowed"
+        )
+
+
+def conversation_from_proto(request: generation_service_pb2.ChatRequest) -> Conversation:
+    """The conversation as chat templates read it (OpenAI's message and tool dicts); InvalidArgumentError naming
+    the field of a message with no known role, a tool call outside an assistant message, JSON that is not an
+    object. add_generation_prompt, unset, is true unless continue_final_message."""
+    add_generation_prompt = (
+        request.add_generation_prompt if request.HasField("add_generation_prompt")
+        else not request.continue_final_message
+    )
+    return Conversation(
+        messages=tuple(_message_from_proto(m, f"messages[{i}]") for i, m in enumerate(request.messages)),
+        tools=tuple(_tool_from_proto(t, f"tools[{i}]") for i, t in enumerate(request.tools)),
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=request.continue_final_message,
+        template_kwargs=_json_object(request.chat_template_kwargs_json, "chat_template_kwargs_json"),
+    )
+
+
+def _message_from_proto(message: generation_service_pb2.ChatMessage, path: str) -> dict[str, Any]:
+    role = _ROLE_NAMES.get(message.role)
+    if role is None:
+        what = "must be set" if message.role == 0 else f"unknown role {message.role}"
+        raise InvalidArgumentError(f"{path}.role", f"{what} (system, user, assistant or tool)")
+    result: dict[str, Any] = {"role": role, "content": message.content}
+    if message.tool_call_id:
+        if role != "tool":
+            raise InvalidArgumentError(f"{path}.tool_call_id", "only a tool message answers a tool call")
+        result["tool_call_id"] = message.tool_call_id
+    if message.tool_calls:
+        if role != "assistant":
+            raise InvalidArgumentError(f"{path}.tool_calls", "only an assistant message calls tools")
+        result["tool_calls"] = [_tool_call_from_proto(c, f"{path}.tool_calls[{i}]")
+                                for i, c in enumerate(message.tool_calls)]
+    return result
+
+
+def _tool_call_from_proto(call: generation_service_pb2.ChatToolCall, path: str) -> dict[str, Any]:
+    if not call.name:
+        raise InvalidArgumentError(f"{path}.name", "must not be empty")
+    function = {"name": call.name, "arguments": _json_object(call.arguments_json, f"{path}.arguments_json")}
+    return {"id": call.id, "type": "function", "function": function}
+
+
+def _tool_from_proto(tool: generation_service_pb2.ChatTool, path: str) -> dict[str, Any]:
+    if not tool.name:
+        raise InvalidArgumentError(f"{path}.name", "must not be empty")
+    function: dict[str, Any] = {"name": tool.name}
+    if tool.description:
+        function["description"] = tool.description
+    if tool.parameters_json:
+        function["parameters"] = _json_object(tool.parameters_json, f"{path}.parameters_json")
+    return {"type": "function", "function": function}
+
+
+def _json_object(text: str, field: str) -> dict[str, Any]:
+    """text parsed as a JSON object; empty text is an empty object."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidArgumentError(field, f"is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidArgumentError(field, f"must be a JSON object, got a JSON {type(value).__name__}")
+    return value
 
 
 def decode_request(message_type: type[M], data: bytes) -> M:

@@ -9,10 +9,11 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 import grpc
 import structlog
 
-from pagedserve.control_plane.errors import EngineUnavailableError, PagedServeError
+from pagedserve.control_plane.errors import AlreadyExistsError, EngineUnavailableError, PagedServeError
 from pagedserve.control_plane.relay.convert import request_error_from_proto, served_model_from_proto
 from pagedserve.control_plane.relay.health import SILENCE_LIMIT_S
 from pagedserve.control_plane.relay.item_channel import ItemChannel
+from pagedserve.control_plane.scheduling.kv_events import ReplayExpiredError, SubscriberBehindError
 from pagedserve.control_plane.served_model import ServedModel
 from pagedserve.runtime.auth import ClusterSecret, client_interceptors
 from pagedserve.runtime.channel_options import INTERNAL_CHANNEL_OPTIONS
@@ -23,6 +24,10 @@ log = structlog.get_logger()
 GenerateResponse = generation_service_pb2.GenerateResponse
 
 
+class RequestAbortedError(PagedServeError):
+    """The request was aborted by id (abort()) while its stream was open: the stream ends with this error."""
+
+
 class EngineClient:
     """The engine process as the frontend sees it: add_request() and stream() as on the in-process Engine.
 
@@ -30,7 +35,7 @@ class EngineClient:
     in one message per step and are dealt to each request's channel. On the relay a request goes by an id of its
     own (the client's id, `@`, a counter), never reused, so chunks still on their way for a request whose client
     left are dropped, not dealt to a later request that reuses the client's id. The client's ids are unique among
-    the open streams (`-N` is appended to a reused one). When the relay ends (the engine process is gone), every
+    the open streams (a live one is refused). When the relay ends (the engine process is gone), every
     open stream fails with EngineUnavailableError and `closed` is set.
     """
 
@@ -46,11 +51,17 @@ class EngineClient:
         self._ids = itertools.count()
         self._relay: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
+        self.is_serving = False  # the engine's health as follow_health last reported it
 
     async def describe(self, timeout_s: float) -> ServedModel:
-        """The served model; waits up to timeout_s for the engine process to answer."""
-        reply = await self._stub.Describe(engine_service_pb2.DescribeRequest(), timeout=timeout_s,
-                                          wait_for_ready=True)
+        """The served model as it is now (its workers' pools may have changed with a restart); waits up to
+        timeout_s for the engine process to answer, else EngineUnavailableError."""
+        try:
+            reply = await self._stub.Describe(engine_service_pb2.DescribeRequest(), timeout=timeout_s,
+                                              wait_for_ready=True)
+        except grpc.aio.AioRpcError as exc:
+            log.error("engine_describe_failed", engine=self.address, code=exc.code().name, details=exc.details())
+            raise EngineUnavailableError("the engine process is unavailable") from exc
         return served_model_from_proto(reply.model)
 
     async def status(self) -> generation_service_pb2.GetServerStatusResponse:
@@ -63,6 +74,27 @@ class EngineClient:
             log.error("engine_status_failed", engine=self.address, code=exc.code().name, details=exc.details())
             raise EngineUnavailableError("the engine process is unavailable") from exc
 
+    async def watch_kv_events(self, start_sequence_number: int) -> AsyncGenerator[engine_service_pb2.KvEventBatch]:
+        """The engine's prefix-cache event batches from start_sequence_number on (0: its current state first), as
+        EngineService.WatchKvEvents defines them; ReplayExpiredError or SubscriberBehindError when the engine
+        no longer has the batches, EngineUnavailableError when it cannot be reached."""
+        call = self._stub.WatchKvEvents(engine_service_pb2.WatchKvEventsRequest(
+            start_sequence_number=start_sequence_number))
+        try:
+            async for message in call:
+                for batch in message.batches:
+                    yield batch
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.OUT_OF_RANGE:
+                raise ReplayExpiredError(exc.details() or "") from exc
+            if exc.code() == grpc.StatusCode.DATA_LOSS:
+                raise SubscriberBehindError(exc.details() or "") from exc
+            log.error("engine_kv_events_failed", engine=self.address, code=exc.code().name, details=exc.details())
+            raise EngineUnavailableError("the engine process is unavailable") from exc
+        finally:
+            call.cancel()
+        raise EngineUnavailableError("the engine process ended the KV event stream")
+
     async def follow_health(self, set_serving: Callable[[bool], Awaitable[None]]) -> None:
         """Calls set_serving(is_serving) with the engine's first health report and at each change after it: False
         at once when the engine reports not serving, when its WatchHealth stream fails, or when it says nothing
@@ -73,7 +105,7 @@ class EngineClient:
         async def report(is_serving: bool, reason: str) -> None:
             nonlocal reported
             if is_serving != reported:
-                reported = is_serving
+                reported = self.is_serving = is_serving
                 log.info("engine_health_changed", engine=self.address, is_serving=is_serving, reason=reason)
                 await set_serving(is_serving)
 
@@ -112,12 +144,15 @@ class EngineClient:
         self, prompt_token_ids: Sequence[int], sampling_params: common_pb2.SamplingParams, request_id: str = "",
         priority: int = 0,
     ) -> str:
-        """Sends a validated request to the engine; its id, made unique (`-N` appended) if already in use."""
+        """Sends a validated request to the engine; returns its id (a new one when request_id is empty).
+        AlreadyExistsError when a request with this id has not ended yet (as vLLM, which rejects a live
+        duplicate); once it ended the id may be used again."""
         if self.closed.is_set():
             raise EngineUnavailableError("the engine process is unavailable")
-        request_id = request_id or f"req-{next(self._ids)}"
-        while request_id in self._relay_ids:
-            request_id = f"{request_id}-{next(self._ids)}"
+        if request_id in self._relay_ids:
+            raise AlreadyExistsError(f"request_id: {request_id!r} is in use by a request that has not ended")
+        while not request_id or request_id in self._relay_ids:
+            request_id = f"req-{next(self._ids)}"
         relay_id = self._relay_ids[request_id] = f"{request_id}@{next(self._ids)}"
         self._streams[relay_id] = ItemChannel()
         self._commands.put(engine_service_pb2.RelayCommand(add=engine_service_pb2.AddCommand(
@@ -125,6 +160,16 @@ class EngineClient:
             priority=priority,
         )))
         return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Ends the open request of this id in the engine (its blocks freed) and its stream, which raises
+        RequestAbortedError after the chunks already received. False when no request of this id is open."""
+        relay_id = self._relay_ids.get(request_id)
+        if relay_id is None:
+            return False
+        self._streams[relay_id].put(RequestAbortedError(f"request {request_id!r} was aborted"))
+        self._commands.put(engine_service_pb2.RelayCommand(abort_request_id=relay_id))
+        return True
 
     async def stream(self, request_id: str) -> AsyncGenerator[GenerateResponse, None]:
         """Yields the request's chunks, numbered per completion, until the last (which carries usage). Chunks that

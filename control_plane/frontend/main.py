@@ -21,19 +21,29 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pagedserve.control_plane.config import FRONTEND_API_KEYS_ENV
 from pagedserve.control_plane.frontend.engine_client import EngineClient
 from pagedserve.control_plane.frontend.service import GenerationServicer, PublicAccess, build_server
+from pagedserve.control_plane.frontend.vllm_engine.servicer import (
+    SERVICE_NAME as VLLM_ENGINE_SERVICE_NAME,
+)
+from pagedserve.control_plane.frontend.vllm_engine.servicer import (
+    VllmEngineServicer,
+    add_vllm_engine_service,
+)
+from pagedserve.control_plane.text.chat_template import ChatTemplate, load_chat_template
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 from pagedserve.runtime.auth import ClusterSecret, inherited_cluster_secret
 from pagedserve.runtime.collector import freeze_startup_objects
 from pagedserve.runtime.gil import use_short_turns
-from pagedserve.runtime.logs import LogFormat, configure_logging
+from pagedserve.runtime.logs import add_log_flags, configure_logging
 from pagedserve.runtime.stop_signal import stopped_by_signal
 from pagedserve.v1 import generation_service_pb2
 
 log = structlog.get_logger()
 
 _ENGINE_ANSWER_TIMEOUT_S = 60.0
-# The whole server ("") and the generation service report the same health.
-_HEALTH_SERVICE_NAMES = ("", generation_service_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name)
+# The whole server (""), the generation service and vLLM's engine protocol report the same health.
+_HEALTH_SERVICE_NAMES = (
+    "", generation_service_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name, VLLM_ENGINE_SERVICE_NAME,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,11 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", required=True, help="the engine process's EngineService address")
     p.add_argument("--model", type=Path, required=True, help="model directory (its tokenizer)")
     p.add_argument("--listen", required=True, help="public HOST:PORT")
-    p.add_argument("--log-format", default="auto", choices=[f.value for f in LogFormat])
+    add_log_flags(p)
     p.add_argument("--max-num-seqs", type=int, help="the schedulers' max_num_seqs: a request's n may not exceed it")
     p.add_argument("--tls-cert-file", type=Path, help="PEM certificate chain: serve over TLS")
     p.add_argument("--tls-key-file", type=Path, help="PEM private key of --tls-cert-file")
     p.add_argument("--tls-client-ca-file", type=Path, help="PEM CA certificates that must sign clients' (mTLS)")
+    p.add_argument("--chat-template", help="Chat's template: a file or the template's text (default: the model's)")
     return p
 
 
@@ -63,14 +74,20 @@ def _public_access(args: argparse.Namespace) -> PublicAccess:
 
 async def run_frontend(
     engine_address: str, model_dir: Path, address: str, access: PublicAccess | None = None,
-    max_num_seqs: int | None = None, secret: ClusterSecret | None = None,
+    max_num_seqs: int | None = None, secret: ClusterSecret | None = None, chat_template: str | None = None,
 ) -> int:
-    """Serves until SIGINT/SIGTERM (0) or until the engine process goes away (1)."""
+    """Serves until SIGINT/SIGTERM (0) or until the engine process goes away (1). chat_template: the template's
+    text (None: the model's)."""
     engine = EngineClient(engine_address, secret)
     model = await engine.describe(_ENGINE_ANSWER_TIMEOUT_S)
     tokenizer = Tokenizer(model_dir)
     engine.start()
-    server, port = await build_server(GenerationServicer(engine, tokenizer, model, max_num_seqs), address, access)
+    servicer = GenerationServicer(engine, tokenizer, model, max_num_seqs, ChatTemplate(tokenizer, chat_template))
+    # vLLM's engine protocol on the same port, under the same keys and TLS (docs/vllm-engine-protocol.md).
+    vllm_engine = VllmEngineServicer(engine, tokenizer, model, model_dir, max_num_seqs)
+    server, port = await build_server(servicer, address, access, (
+        functools.partial(add_vllm_engine_service, vllm_engine),
+    ))
     # The public health follows the engine's (DESIGN.md section 9, "Health never lies"). This servicer takes over
     # from the one build_server registers: the last one registered for a service answers its calls.
     health_servicer = health.aio.HealthServicer()
@@ -99,13 +116,14 @@ async def _set_health(health_servicer: health.aio.HealthServicer, is_serving: bo
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    configure_logging(LogFormat(args.log_format))
+    configure_logging(args.log_format, args.log_level.number)
     use_short_turns()
     # The engine that starts this process hands it the cluster secret in its environment (never on a command line).
     secret = inherited_cluster_secret(os.environ)
-    return asyncio.run(
-        run_frontend(args.engine, args.model, args.listen, _public_access(args), args.max_num_seqs, secret)
-    )
+    chat_template = None if args.chat_template is None else load_chat_template(args.chat_template)
+    return asyncio.run(run_frontend(
+        args.engine, args.model, args.listen, _public_access(args), args.max_num_seqs, secret, chat_template,
+    ))
 
 
 if __name__ == "__main__":

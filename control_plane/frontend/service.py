@@ -20,13 +20,15 @@ import grpc
 import structlog
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from pagedserve.contract.codec import sampling_params_from_proto
-from pagedserve.contract.sampling_params import validate_prompt
+from pagedserve.contract.sampling_params import SamplingParams, truncated_prompt, validate_prompt
 from pagedserve.control_plane.errors import (
+    AlreadyExistsError,
     EngineUnavailableError,
+    FailedPreconditionError,
     InvalidArgumentError,
+    NeverFitsError,
     NotFoundError,
     PagedServeError,
     ResourceExhaustedError,
@@ -34,18 +36,23 @@ from pagedserve.control_plane.errors import (
 )
 from pagedserve.control_plane.frontend.convert import (
     RequestLimits,
+    check_chat_size,
     check_n,
     check_prompt_size,
     check_request_id,
     check_text_length,
+    conversation_from_proto,
     decode_request,
     prompt_from_proto,
 )
 from pagedserve.control_plane.frontend.engine_client import EngineClient
 from pagedserve.control_plane.relay.convert import served_model_to_proto
 from pagedserve.control_plane.served_model import ServedModel
+from pagedserve.control_plane.text.chat_template import ChatTemplate, Conversation
+from pagedserve.control_plane.text.constraint_validator import ConstraintValidator
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 from pagedserve.runtime.auth import refusal_handler
+from pagedserve.runtime.reflection import add_reflection
 from pagedserve.v1 import generation_service_pb2 as pb
 from pagedserve.v1 import generation_service_pb2_grpc
 
@@ -79,15 +86,24 @@ _STATUS_OF_ERROR: tuple[tuple[type[PagedServeError], grpc.StatusCode], ...] = (
     (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
     (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
+    (AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (WorkerUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (EngineUnavailableError, grpc.StatusCode.UNAVAILABLE),
 )
 
 
+_DESCRIBE_TIMEOUT_S = 5.0  # for the engine's answer to GetModelInfo
+# gRPC's standard trailer that tells a client (ours, or gRPC's own retry policy) not to retry: a negative value.
+_DO_NOT_RETRY = (("grpc-retry-pushback-ms", "-1"),)
+
+
 class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, trailing_metadata: tuple[tuple[str, str], ...] = ()
+                 ) -> None:
         super().__init__(message)
         self.code = code
+        self.trailing_metadata = trailing_metadata
 
 
 @contextmanager
@@ -97,7 +113,7 @@ def _status_of_errors() -> Iterator[None]:
         yield
     except PagedServeError as exc:
         code = next((c for kind, c in _STATUS_OF_ERROR if isinstance(exc, kind)), grpc.StatusCode.INTERNAL)
-        raise _Abort(code, str(exc)) from exc
+        raise _Abort(code, str(exc), _DO_NOT_RETRY if isinstance(exc, NeverFitsError) else ()) from exc
     except Exception as exc:
         log.exception("internal_error")
         raise _Abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}") from exc
@@ -128,20 +144,24 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
     """Bounds, tokenizes and validates requests, hands them to the engine process and streams their chunks back.
 
     Requests arrive as build_server's strict decoders leave them: a message, or the InvalidArgumentError that says
-    why its bytes were refused. Cheap checks run before tokenizing; tokenizing runs on TOKENIZER_THREADS threads.
+    why its bytes were refused. Cheap checks run before tokenizing; tokenizing (and rendering a chat's template)
+    runs on TOKENIZER_THREADS threads. A chat's rendered prompt then goes the way of a Generate prompt.
     """
 
     def __init__(
-        self, engine: EngineClient, tokenizer: Tokenizer, model: ServedModel, max_num_seqs: int | None = None
+        self, engine: EngineClient, tokenizer: Tokenizer, model: ServedModel, max_num_seqs: int | None = None,
+        chat_template: ChatTemplate | None = None,
     ) -> None:
         self._engine = engine
         self._tokenizer = tokenizer
         self._model = model
+        self._chat_template = chat_template or ChatTemplate(tokenizer)
         self._limits = RequestLimits(
             vocab_size=model.vocab_size, max_model_len=model.max_model_len,
             max_chars_per_token=tokenizer.max_chars_per_token, max_num_seqs=max_num_seqs,
         )
         self._tokenize_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
+        self._constraints = ConstraintValidator(tokenizer, model.vocab_size)
 
     async def _prompt_token_ids(self, request: pb.GenerateRequest) -> tuple[int, ...]:
         """The prompt's ids; a text is tokenized on the tokenizer threads."""
@@ -161,16 +181,55 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
                 params = sampling_params_from_proto(request.sampling_params)
                 check_n(params, self._limits)
                 prompt_token_ids = await self._prompt_token_ids(request)
-                validate_prompt(prompt_token_ids, self._model.vocab_size, self._model.max_model_len)
-                params.validate(self._model.vocab_size, self._model.max_model_len, len(prompt_token_ids))
-                request_id = self._engine.add_request(
-                    prompt_token_ids, request.sampling_params, request.request_id, request.priority,
-                )
+                request_id = await self._admit(prompt_token_ids, params, request)
             with structlog.contextvars.bound_contextvars(request_id=request_id), _status_of_errors():
                 async for response in self._engine.stream(request_id):
                     yield response
         except _Abort as abort:
-            await context.abort(abort.code, str(abort))
+            await context.abort(abort.code, str(abort), abort.trailing_metadata)
+
+    async def _admit(
+        self, prompt_token_ids: tuple[int, ...], params: SamplingParams, request: pb.GenerateRequest | pb.ChatRequest
+    ) -> str:
+        """Truncates the prompt as the params ask, checks its ids, the params and any output constraint against it
+        (the constraint compiles on a tokenizer thread), then hands the request to the engine; its id."""
+        prompt_token_ids = truncated_prompt(prompt_token_ids, params, self._model.max_model_len)
+        validate_prompt(prompt_token_ids, self._model.vocab_size, self._model.max_model_len)
+        params.validate(self._model.vocab_size, self._model.max_model_len, len(prompt_token_ids))
+        if params.structured_output is not None:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._tokenize_pool, self._constraints.check, params)
+        return self._engine.add_request(
+            prompt_token_ids, request.sampling_params, request.request_id, request.priority,
+        )
+
+    async def Chat(  # noqa: N802
+        self, request: pb.ChatRequest, context: grpc.aio.ServicerContext[pb.ChatRequest, pb.ChatResponse]
+    ) -> AsyncIterator[pb.ChatResponse]:
+        try:
+            with _status_of_errors():
+                request = _decoded(request)
+                self._chat_template.check_available()
+                check_request_id(request.request_id)
+                check_chat_size(request, self._limits)
+                params = sampling_params_from_proto(request.sampling_params)
+                check_n(params, self._limits)
+                conversation = conversation_from_proto(request)
+                loop = asyncio.get_running_loop()
+                prompt_token_ids = await loop.run_in_executor(self._tokenize_pool, self._chat_prompt, conversation)
+                request_id = await self._admit(prompt_token_ids, params, request)
+            with structlog.contextvars.bound_contextvars(request_id=request_id), _status_of_errors():
+                async for response in self._engine.stream(request_id):
+                    yield pb.ChatResponse(chunk=response)
+        except _Abort as abort:
+            await context.abort(abort.code, str(abort), abort.trailing_metadata)
+
+    def _chat_prompt(self, conversation: Conversation) -> tuple[int, ...]:
+        """The conversation rendered and tokenized, on a tokenizer thread; the rendered text's length is bounded
+        before it is tokenized, as a Generate prompt's is."""
+        text = self._chat_template.render(conversation)
+        check_text_length(text, "messages", self._limits)
+        return tuple(self._tokenizer.encode(text, add_special_tokens=False))
 
     async def Tokenize(  # noqa: N802
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext[pb.TokenizeRequest, pb.TokenizeResponse]
@@ -200,7 +259,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
         try:
             with _status_of_errors():
                 _decoded(request)
-                return served_model_to_proto(self._model)
+                return served_model_to_proto(await self._engine.describe(_DESCRIBE_TIMEOUT_S))  # pools may change
         except _Abort as abort:
             await context.abort(abort.code, str(abort))
 
@@ -242,6 +301,8 @@ def _add_generation_service(servicer: GenerationServicer, server: grpc.aio.Serve
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Generate": grpc.unary_stream_rpc_method_handler(
             servicer.Generate, _strict_decoder(pb.GenerateRequest), pb.GenerateResponse.SerializeToString),
+        "Chat": grpc.unary_stream_rpc_method_handler(
+            servicer.Chat, _strict_decoder(pb.ChatRequest), pb.ChatResponse.SerializeToString),
         "Tokenize": grpc.unary_unary_rpc_method_handler(
             servicer.Tokenize, _strict_decoder(pb.TokenizeRequest), pb.TokenizeResponse.SerializeToString),
         "GetModelInfo": grpc.unary_unary_rpc_method_handler(
@@ -283,11 +344,17 @@ class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         return refusal_handler(handler, f"{reason}: send metadata '{_AUTHORIZATION}: Bearer <key>'")
 
 
+# Registers one more service on a server; returns its full name (for reflection).
+AddService = Callable[[grpc.aio.Server], str]
+
+
 async def build_server(
-    servicer: GenerationServicer, address: str, access: PublicAccess | None = None
+    servicer: GenerationServicer, address: str, access: PublicAccess | None = None,
+    more_services: tuple[AddService, ...] = (),
 ) -> tuple[grpc.aio.Server, int]:
-    """An aio server with the generation service, grpc.health.v1 (SERVING) and reflection, under access's API keys
-    and TLS (default: none) and PUBLIC_SERVER_OPTIONS; returns it and its port."""
+    """An aio server with the generation service and more_services, grpc.health.v1 (SERVING) and reflection (v1 and
+    v1alpha, with the .proto comments), under access's API keys and TLS (default: none) and PUBLIC_SERVER_OPTIONS;
+    returns it and its port."""
     access = access or PublicAccess()
     interceptors = [_ApiKeyInterceptor(access.api_keys)] if access.api_keys else []
     server = grpc.aio.server(interceptors=interceptors, options=PUBLIC_SERVER_OPTIONS)
@@ -297,9 +364,9 @@ async def build_server(
     service_names = (
         pb.DESCRIPTOR.services_by_name["GenerationService"].full_name,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME,
+        *(add(server) for add in more_services),
     )
-    reflection.enable_server_reflection(service_names, server)
+    add_reflection(server, service_names)
     for name in ("", service_names[0]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if access.tls_certificate_chain is not None and access.tls_private_key is not None:

@@ -11,7 +11,7 @@ import structlog
 
 from pagedserve.control_plane.config import FRONTEND_API_KEYS_ENV, ServerConfig
 from pagedserve.runtime.auth import SECRET_ENV, ClusterSecret
-from pagedserve.runtime.logs import LogFormat
+from pagedserve.runtime.logs import LogFormat, LogLevel
 
 log = structlog.get_logger()
 
@@ -29,17 +29,19 @@ class FrontendProcess:
     async def start(
         cls, engine_address: str, model_dir: Path, address: str, log_format: LogFormat,
         server: ServerConfig | None = None, max_num_seqs: int | None = None,
-        cluster_secret: ClusterSecret | None = None,
+        cluster_secret: ClusterSecret | None = None, log_level: LogLevel = LogLevel.INFO,
     ) -> FrontendProcess:
         """In a session of its own, so that signals for this process's group (Ctrl-C at a terminal) reach only
         the engine, which stops the frontend by stop(): a SIGINT of its own would start its drain, and the
         engine's SIGTERM would then end it at once. server's API keys go in its environment, never on its command
-        line; its TLS files and max_num_seqs (the bound on a request's n) as flags. The cluster secret (which the
-        engine service requires) goes in its environment too; it exits once this process is gone (--parent-pid)."""
+        line; its TLS files, chat template and max_num_seqs (the bound on a request's n) as flags. The cluster
+        secret (which the engine service requires) goes in its environment too; it exits once this process is gone
+        (--parent-pid)."""
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "pagedserve.control_plane.launch.frontend_child", "--parent-pid", str(os.getpid()),
             "--engine", engine_address,
             "--model", str(model_dir), "--listen", address, "--log-format", log_format.value,
+            "--log-level", log_level.value,
             *_public_flags(server, max_num_seqs), start_new_session=True,
             env=_with_secret(_public_env(server), cluster_secret),
         )
@@ -69,6 +71,8 @@ def _public_flags(server: ServerConfig | None, max_num_seqs: int | None) -> list
                            ("--tls-client-ca-file", server.tls_client_ca_file)):
             if path is not None:
                 flags += [flag, str(path.resolve())]
+        if server.chat_template is not None:
+            flags += ["--chat-template", server.chat_template]  # the frontend runs in this process's directory
     return flags
 
 

@@ -15,14 +15,14 @@ from typing import Protocol
 
 import structlog
 
-from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
+from pagedserve.contract.model_format import DeviceKind, DType, KVCacheDType, LoadFormat, Quantization
 from pagedserve.control_plane.engine.worker_client import GrpcWorkerClient
 from pagedserve.control_plane.errors import WorkerUnavailableError
 from pagedserve.runtime.auth import SECRET_ENV, ClusterSecret
+from pagedserve.runtime.flags import ENV_PREFIX
+from pagedserve.runtime.logs import LogFormat, LogLevel
 
 log = structlog.get_logger()
-
-_WORKER_TLS_ENV = ("PAGEDSERVE_TLS_CERT_FILE", "PAGEDSERVE_TLS_KEY_FILE", "PAGEDSERVE_TLS_CLIENT_CA_FILE")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,14 +35,21 @@ class WorkerLaunchConfig:
     device: DeviceKind = DeviceKind.AUTO
     load_format: LoadFormat = LoadFormat.AUTO
     seed: int = 0
+    kv_cache_dtype: KVCacheDType = KVCacheDType.AUTO
+    quantization: Quantization = Quantization.NONE
     cluster_secret: ClusterSecret | None = None  # handed to each worker in its environment; None: no authentication
     tensor_parallel_size: int = 1  # processes (GPUs) per worker: one tensor-parallel group each
+    log_format: LogFormat = LogFormat.AUTO
+    log_level: LogLevel = LogLevel.INFO
+    cpu_threads: int = 1  # torch threads of each worker process (each rank of a group)
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be at least 1, got {self.num_workers}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+        if self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be at least 1, got {self.cpu_threads}")
 
 
 def free_loopback_port() -> int:
@@ -104,11 +111,9 @@ class LocalWorkers:
 
     def _spawn(self, index: int, rank: int, tp_flags: Sequence[str]) -> subprocess.Popen[bytes]:
         config, address, worker_id = self._config, self._addresses[index], _worker_id(index)
-        env = dict(os.environ)
-        env.pop("PAGEDSERVE_CLUSTER_SECRET_FILE", None)  # the secret is handed down below, or not at all
-        env.pop(SECRET_ENV, None)
-        for name in _WORKER_TLS_ENV:  # meant for serve's public port, not for workers that serve reaches in plaintext
-            env.pop(name, None)
+        # A worker reads PAGEDSERVE_* variables as its flags' values, but serve's (its public port's TLS files, say)
+        # are not meant for it: it gets flags, and the secret below, and none of them.
+        env = {name: value for name, value in os.environ.items() if not name.startswith(ENV_PREFIX)}
         if config.num_workers > 1 or config.tensor_parallel_size > 1:
             # Every rank of a group sees the group's GPUs (rank r takes the r-th): NCCL's peer-to-peer transport
             # needs the peers' devices visible, and falls back to copies through host memory otherwise.
@@ -122,8 +127,13 @@ class LocalWorkers:
             "--device", config.device.value,
             "--load-format", config.load_format.value,
             "--seed", str(config.seed),
+            "--kv-cache-dtype", config.kv_cache_dtype.value,
+            "--quantization", config.quantization.value,
             "--worker-id", worker_id,
             "--parent-pid", str(os.getpid()),
+            "--cpu-threads", str(config.cpu_threads),
+            "--log-format", config.log_format.value,
+            "--log-level", config.log_level.value,
             *tp_flags,
         ]
         if config.cluster_secret is None:

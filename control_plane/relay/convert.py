@@ -8,9 +8,17 @@ from typing import TYPE_CHECKING
 from pagedserve.contract.codec import token_logprobs_to_proto
 from pagedserve.control_plane.errors import (
     InvalidArgumentError,
+    NeverFitsError,
     PagedServeError,
     ResourceExhaustedError,
     WorkerUnavailableError,
+)
+from pagedserve.control_plane.scheduling.kv_events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KvEvent,
+    KvEventBatch,
 )
 from pagedserve.control_plane.scheduling.request import FinishReason
 from pagedserve.control_plane.served_model import ServedModel
@@ -53,6 +61,7 @@ def add_generate_response(
 
 _ERROR_KINDS: tuple[tuple[type[PagedServeError], engine_service_pb2.RequestErrorKind], ...] = (
     (InvalidArgumentError, engine_service_pb2.REQUEST_ERROR_KIND_INVALID_ARGUMENT),
+    (NeverFitsError, engine_service_pb2.REQUEST_ERROR_KIND_NEVER_FITS),  # before its base, ResourceExhaustedError
     (ResourceExhaustedError, engine_service_pb2.REQUEST_ERROR_KIND_RESOURCE_EXHAUSTED),
     (WorkerUnavailableError, engine_service_pb2.REQUEST_ERROR_KIND_WORKER_UNAVAILABLE),
 )
@@ -121,3 +130,25 @@ def _usage_to_proto(usage: Usage) -> generation_service_pb2.Usage:
         completion_tokens=usage.completion_tokens,
         cached_prompt_tokens=usage.cached_prompt_tokens,
     )
+
+
+def kv_event_batch_to_proto(batch: KvEventBatch) -> engine_service_pb2.KvEventBatch:
+    """One batch of prefix-cache events as WatchKvEvents sends it."""
+    pb = engine_service_pb2.KvEventBatch(sequence_number=batch.sequence_number, timestamp_s=batch.timestamp_s,
+                                         events=[_kv_event_to_proto(event) for event in batch.events])
+    if batch.snapshot is not None:
+        pb.snapshot.CopyFrom(engine_service_pb2.KvSnapshotPart(
+            index=batch.snapshot.index, count=batch.snapshot.count, num_blocks=batch.snapshot.num_blocks,
+        ))
+    return pb
+
+
+def _kv_event_to_proto(event: KvEvent) -> engine_service_pb2.KvEvent:
+    if isinstance(event, BlockStored):
+        return engine_service_pb2.KvEvent(stored=engine_service_pb2.KvBlockStored(
+            block_hash=event.block_hash, parent_block_hash=event.parent_hash or b"", token_ids=event.token_ids,
+        ))
+    if isinstance(event, BlockRemoved):
+        return engine_service_pb2.KvEvent(removed=engine_service_pb2.KvBlockRemoved(block_hash=event.block_hash))
+    assert isinstance(event, AllBlocksCleared)
+    return engine_service_pb2.KvEvent(cleared=engine_service_pb2.KvCacheCleared())

@@ -195,9 +195,10 @@ class BlockManager:
         for index in range(len(table.block_hashes), num_full // self.block_size):
             start = index * self.block_size
             parent = table.block_hashes[-1] if table.block_hashes else None
-            block_hash = hash_block(parent, token_ids[start : start + self.block_size])
+            block_tokens = token_ids[start : start + self.block_size]
+            block_hash = hash_block(parent, block_tokens)
             table.block_hashes.append(block_hash)
-            self.gpu.cache(table.block_ids[index], block_hash)
+            self.gpu.cache(table.block_ids[index], block_hash, parent, block_tokens)
 
     def fork(self, parent_seq_id: int, child_seq_id: int, num_tokens: int) -> None:
         """Gives child the parent's blocks that cover its first num_tokens slots, shared (ref count + 1)."""
@@ -235,8 +236,8 @@ class BlockManager:
         for seq_id in seq_ids:
             table = self._tables[seq_id]
             # Only full blocks have hashes: block_hashes may be shorter than block_ids.
-            for block_id, block_hash in zip(table.block_ids, table.block_hashes, strict=False):
-                self.gpu.cache(block_id, block_hash)
+            for index, (block_id, block_hash) in enumerate(zip(table.block_ids, table.block_hashes, strict=False)):
+                self.gpu.cache(block_id, block_hash, table.block_hashes[index - 1] if index else None)
         return mapping
 
     def _move(self, seq_ids: Sequence[int], dst_device: Device) -> tuple[tuple[int, int], ...]:

@@ -3,9 +3,32 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 BlockHash = bytes
+
+
+class CacheObserver(Protocol):
+    """Told of every change to a pool's prefix-cache map (scheduling/kv_events.py publishes them)."""
+
+    def block_cached(self, block_hash: BlockHash, parent_hash: BlockHash | None,
+                     token_ids: Sequence[int] | None) -> None:
+        """block_hash now names a block; token_ids None when the caller no longer has the tokens (swap-in)."""
+
+    def block_evicted(self, block_hash: BlockHash) -> None:
+        """block_hash names no block any more."""
+
+
+class _Unobserved:
+    """The observer of a pool nobody watches."""
+
+    def block_cached(self, block_hash: BlockHash, parent_hash: BlockHash | None,
+                     token_ids: Sequence[int] | None) -> None:
+        pass
+
+    def block_evicted(self, block_hash: BlockHash) -> None:
+        pass
 
 
 class BlockPool:
@@ -28,6 +51,7 @@ class BlockPool:
         self._hashes: list[BlockHash | None] = [None] * num_blocks
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._cached: dict[BlockHash, int] = {}
+        self.observer: CacheObserver = _Unobserved()
 
     @property
     def num_free_blocks(self) -> int:
@@ -86,15 +110,21 @@ class BlockPool:
         """The cached block holding the tokens hashed to block_hash, if any."""
         return self._cached.get(block_hash)
 
-    def cache(self, block_id: int, block_hash: BlockHash) -> None:
-        """Names block_id as the holder of block_hash, unless another block already holds those tokens."""
+    def cache(
+        self, block_id: int, block_hash: BlockHash, parent_hash: BlockHash | None = None,
+        token_ids: Sequence[int] | None = None,
+    ) -> None:
+        """Names block_id as the holder of block_hash, unless another block already holds those tokens.
+        parent_hash (the previous block's, None for a first block) and token_ids go to the observer only."""
         if not self.enable_caching or block_hash in self._cached or self._hashes[block_id] is not None:
             return
         self._cached[block_hash] = block_id
         self._hashes[block_id] = block_hash
+        self.observer.block_cached(block_hash, parent_hash, token_ids)
 
     def _evict(self, block_id: int) -> None:
         block_hash = self._hashes[block_id]
         if block_hash is not None:
             del self._cached[block_hash]
             self._hashes[block_id] = None
+            self.observer.block_evicted(block_hash)

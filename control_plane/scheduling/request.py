@@ -104,6 +104,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.sequences: list[Sequence] = []
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
+        self.first_scheduled_time_s: float | None = None  # time.monotonic() at first admission
         self.is_prompt_done = False  # the prompt's last position was computed once (first token sampled)
         self.num_prompt_logprobs_delivered = 0
         self.num_prompt_logprobs_to_skip = 0  # already delivered, computed again after a preemption

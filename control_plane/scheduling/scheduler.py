@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import structlog
 
 from pagedserve.contract.step import BlockTableUpdate, StepPlan, StepResult
 from pagedserve.control_plane.config import CacheConfig, PreemptionMode, SchedulerConfig
 from pagedserve.control_plane.errors import InvalidArgumentError, ResourceExhaustedError
 from pagedserve.control_plane.scheduling.block_manager import BlockManager
+from pagedserve.control_plane.scheduling.fit import blocks_for, longest_sequence, never_fits_error, shortest_sequence
 from pagedserve.control_plane.scheduling.output_applier import OutputApplier
 from pagedserve.control_plane.scheduling.preemption import make_preemption_policy
 from pagedserve.control_plane.scheduling.request import (
@@ -70,7 +73,8 @@ class Scheduler:
     # Requests in and out.
 
     def add_request(self, request: Request) -> None:
-        """Queues the request; ResourceExhaustedError when the queue is full or its prompt can never fit."""
+        """Queues the request; ResourceExhaustedError when the queue is full, NeverFitsError when the pool can
+        never hold it."""
         max_model_len = self.config.max_model_len
         if max_model_len is not None and request.num_prompt_tokens > max_model_len:
             raise InvalidArgumentError(
@@ -84,16 +88,22 @@ class Scheduler:
             raise ResourceExhaustedError(
                 f"n={request.sampling_params.n} sequences exceed max_num_seqs {self.config.max_num_seqs}"
             )
-        block_size = self.cache_config.block_size
-        num_blocks = -(-(request.num_prompt_tokens + 1) // block_size)
-        if num_blocks > self.block_manager.gpu.num_blocks:
-            raise ResourceExhaustedError(
-                f"prompt of {request.num_prompt_tokens} tokens needs {num_blocks} KV blocks, "
-                f"the pool has {self.block_manager.gpu.num_blocks}"
-            )
+        if not self.can_ever_hold(request):
+            raise never_fits_error(request, self.cache_config.block_size, self.block_manager.gpu.num_blocks)
         request.sequences.extend(self._seqs.add(request, index) for index in range(request.sampling_params.n))
         self._requests[request.request_id] = request
         self._waiting.add(request)
+
+    def can_ever_hold(self, request: Request) -> bool:
+        """Whether this worker's pool holds the prompt and min_tokens of a sequence of the request: if not, it
+        can never run here (fit.py)."""
+        return blocks_for(shortest_sequence(request), self.cache_config.block_size) <= self.block_manager.gpu.num_blocks
+
+    def can_hold_to_the_end(self, request: Request) -> bool:
+        """Whether this worker's pool holds the request's longest possible sequence, so that no sequence of it is
+        cut short by the pool (LENGTH before max_tokens)."""
+        num_tokens = longest_sequence(request, self.config.max_model_len)
+        return blocks_for(num_tokens, self.cache_config.block_size) <= self.block_manager.gpu.num_blocks
 
     def abort_request(self, request_id: str) -> None:
         """Frees the request's blocks now; the worker drops its sequences with the next plan."""
@@ -250,6 +260,7 @@ class Scheduler:
             self._waiting.pop()
             if request.status is RequestStatus.WAITING:
                 request.num_cached_tokens = sum(w.prefix.num_tokens for w in works if w.prefix)
+                request.first_scheduled_time_s = time.monotonic()
             self._start_running(request, step)
             self._commit(request, works, step)
 

@@ -40,7 +40,9 @@ class CompletionStream:
     ) -> None:
         self.request_id = request_id
         self.index = index
-        self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens)
+        self._detokenizer = IncrementalDetokenizer(
+            tokenizer, prompt_token_ids, params.skip_special_tokens, params.spaces_between_special_tokens
+        )
         self._stops = StopStringMatcher(params.stop, params.include_stop_str_in_output)
         self._held_token_ids: list[int] | None = [] if text_at_end and not params.stop else None
         self.num_tokens = 0

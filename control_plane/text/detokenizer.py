@@ -32,9 +32,16 @@ class IncrementalDetokenizer:
     byte of it is invalid, so a later piece can rewrite earlier ones).
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int], skip_special_tokens: bool) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int], skip_special_tokens: bool,
+        spaces_between_special_tokens: bool = True,
+    ) -> None:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
+        # vLLM's rule for fast tokenizers: with special tokens kept and spaces_between_special_tokens false, an added
+        # token right after another is written with nothing between them, whatever the decoder would put there.
+        is_joining = not skip_special_tokens and not spaces_between_special_tokens
+        self._joined_ids = tokenizer.added_token_ids if is_joining else frozenset()
         self._visible_ids = tokenizer.visible_ids(skip_special_tokens)
         self._byte_ids = tokenizer.byte_token_ids
         self._tokens = self._context_ids(prompt_token_ids)
@@ -91,4 +98,14 @@ class IncrementalDetokenizer:
         return token_id in self._visible_ids
 
     def _decode(self, token_ids: Sequence[int]) -> str:
+        joined, start, pieces = self._joined_ids, 0, []
+        if joined:
+            for index in range(1, len(token_ids)):
+                if token_ids[index] in joined and token_ids[index - 1] in joined:
+                    pieces.append(self._decode_piece(token_ids[start:index]))
+                    start = index
+        pieces.append(self._decode_piece(token_ids[start:]))
+        return "".join(pieces)
+
+    def _decode_piece(self, token_ids: Sequence[int]) -> str:
         return self._tokenizer.decode(token_ids, skip_special_tokens=self._skip_special_tokens)

@@ -38,6 +38,7 @@ class Tokenizer:
         self._vocab_size = len(self._hf)
         added = self._backend.get_added_tokens_decoder()
         self._special_ids = tuple(sorted(i for i, token in added.items() if token.special))
+        self._added_token_ids = frozenset(added)
         self._eos_token_ids = _read_eos_token_ids(model_dir, self._hf.eos_token_id)
         self._byte_token_ids = self._find_byte_token_ids()
         known_ids = frozenset(self._backend.get_vocab(with_added_tokens=True).values())
@@ -54,6 +55,11 @@ class Tokenizer:
         return self._eos_token_ids
 
     @property
+    def backend_json(self) -> str:
+        """The tokenizers library's JSON form of this tokenizer (added tokens included), as grammar engines read it."""
+        return str(self._backend.to_str())
+
+    @property
     def bos_token_id(self) -> int | None:
         token_id = self._hf.bos_token_id
         return None if token_id is None else int(token_id)
@@ -62,6 +68,11 @@ class Tokenizer:
     def all_special_ids(self) -> tuple[int, ...]:
         """Ids of special tokens, sorted: those skip_special_tokens leaves out of decoded text."""
         return self._special_ids
+
+    @property
+    def added_token_ids(self) -> frozenset[int]:
+        """Ids of the added tokens (special or not), which the decoder writes as they are."""
+        return self._added_token_ids
 
     @property
     def byte_token_ids(self) -> frozenset[int]:
@@ -90,10 +101,42 @@ class Tokenizer:
         return pieces * shrink
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of text; add_special_tokens adds what the post-processor adds (a BOS for Llama). Releases the
-        interpreter lock while it tokenizes (the batch call does, the single one does not), so a long text
-        tokenized on another thread does not stall the caller's event loop."""
-        return list(self._backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids)
+        """Token ids of text; add_special_tokens adds what the post-processor adds (a BOS for Llama), except a BOS
+        before a text that already starts with one (a prompt templated beforehand, such as Llama 3's
+        `<|begin_of_text|>...` or Llama 2's `<s>[INST]...`): it gets no second BOS. Releases the interpreter lock
+        while it tokenizes (the batch call does, the single one does not), so a long text tokenized on another
+        thread does not stall the caller's event loop."""
+        encoding = self._backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0]
+        ids: list[int] = encoding.ids
+        bos = self.bos_token_id
+        # special_tokens_mask is 1 where the post-processor added the token, 0 where the text had it.
+        is_doubled = bos is not None and ids[:2] == [bos, bos] and encoding.special_tokens_mask[:2] == [1, 0]
+        if add_special_tokens and is_doubled:
+            return ids[1:]
+        return ids
+
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether the model ships a chat template (tokenizer_config.json's chat_template, chat_template.jinja)."""
+        return self._hf.chat_template is not None
+
+    @property
+    def special_token_names(self) -> frozenset[str]:
+        """Names under which chat templates read the special tokens (bos_token, eos_token, ...)."""
+        return frozenset(self._hf.special_tokens_map)
+
+    def render_chat(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]], chat_template: str | None,
+        add_generation_prompt: bool, continue_final_message: bool, template_kwargs: Mapping[str, Any],
+    ) -> str:
+        """The conversation as prompt text, by transformers' apply_chat_template (Jinja in its immutable sandbox):
+        with chat_template, else the model's (its tool-use variant when there are tools and it has one). Raises
+        whatever the template raises."""
+        return str(self._hf.apply_chat_template(
+            [dict(m) for m in messages], tools=[dict(t) for t in tools] or None, chat_template=chat_template,
+            add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+            tokenize=False, **template_kwargs,
+        ))
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of token ids; ids outside the vocabulary decode to nothing."""

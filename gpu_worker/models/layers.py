@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.gpu_worker.models.fp8_linear import Fp8Linear, linear
 from pagedserve.gpu_worker.models.model_config import ModelConfig
 from pagedserve.gpu_worker.models.rope import Rotation
 from pagedserve.gpu_worker.parallel.group import SINGLE_RANK, ParallelGroup
@@ -80,13 +80,14 @@ class GatedMLP(nn.Module):
                  group: ParallelGroup = SINGLE_RANK) -> None:
         super().__init__()
         self.group = group
-        self.gate_up_proj = empty_parameter(2 * config.intermediate_size, config.hidden_size, device=device,
-                                            dtype=dtype)
-        self.down_proj = empty_parameter(config.hidden_size, config.intermediate_size, device=device, dtype=dtype)
+        self.gate_up_proj: nn.Parameter | Fp8Linear = empty_parameter(
+            2 * config.intermediate_size, config.hidden_size, device=device, dtype=dtype)
+        self.down_proj: nn.Parameter | Fp8Linear = empty_parameter(
+            config.hidden_size, config.intermediate_size, device=device, dtype=dtype)
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.group.all_reduce(F.linear(self.ops.silu_and_mul(F.linear(x, self.gate_up_proj)), self.down_proj))
+        return self.group.all_reduce(linear(self.ops.silu_and_mul(linear(x, self.gate_up_proj)), self.down_proj))
 
     if TYPE_CHECKING:
         __call__ = forward
@@ -106,15 +107,21 @@ class PagedAttention(nn.Module):
         self.group = group
         self.ops = ops
         qkv_size = config.q_size + 2 * config.kv_size
-        self.qkv_proj = empty_parameter(qkv_size, config.hidden_size, device=device, dtype=dtype)
+        self.qkv_proj: nn.Parameter | Fp8Linear = empty_parameter(qkv_size, config.hidden_size, device=device,
+                                                                   dtype=dtype)
         self.qkv_bias = empty_parameter(qkv_size, device=device, dtype=dtype) if config.has_qkv_bias else None
-        self.o_proj = empty_parameter(config.hidden_size, config.q_size, device=device, dtype=dtype)
+        self.o_proj: nn.Parameter | Fp8Linear = empty_parameter(config.hidden_size, config.q_size, device=device,
+                                                                dtype=dtype)
         self.q_norm: RMSNorm | None = None
         self.k_norm: RMSNorm | None = None
         if config.has_qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops, device, dtype)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops, device, dtype)
         self.scale = config.head_dim**-0.5
+        # An FP8 KV pool holds k / k_scale and v / v_scale: the checkpoint's, else calibrated (fp8_kv_scales.py).
+        self.k_scale = 1.0
+        self.v_scale = 1.0
+        self.has_checkpoint_kv_scales = False
 
     def project(
         self, x: torch.Tensor, rotation: Rotation, slot_mapping: torch.Tensor, layer_cache: torch.Tensor,
@@ -124,11 +131,11 @@ class PagedAttention(nn.Module):
         Projects x, rotates q and k, writes k and v into their slots; returns (q, an output buffer for attend),
         in buffers when given."""
         cfg = self.config
-        qkv = F.linear(x, self.qkv_proj, self.qkv_bias)
+        qkv = linear(x, self.qkv_proj, self.qkv_bias)
         if self.q_norm is not None and self.k_norm is not None:
             qkv = self._norm_heads(qkv, self.q_norm, self.k_norm)
         query = self.ops.rotary_write_kv(qkv, rotation.cos, rotation.sin, layer_cache[0], layer_cache[1],
-                                         slot_mapping, cfg.num_heads, cfg.num_kv_heads)
+                                         slot_mapping, cfg.num_heads, cfg.num_kv_heads, self.k_scale, self.v_scale)
         if buffers is None:
             return query, torch.empty_like(query)
         buffers.query.copy_(query)
@@ -140,11 +147,11 @@ class PagedAttention(nn.Module):
         """out = attention of query's rows over their paged context (the only part that reads the metadata)."""
         self.ops.paged_attention(
             out, query, layer_cache[0], layer_cache[1], meta.block_tables, meta.seq_lens, meta.query_start_loc,
-            meta.max_query_len, meta.max_seq_len, self.scale,
+            meta.max_query_len, meta.max_seq_len, self.scale, self.k_scale, self.v_scale,
         )
 
     def output(self, out: torch.Tensor) -> torch.Tensor:
-        return self.group.all_reduce(F.linear(out.view(out.shape[0], self.config.q_size), self.o_proj))
+        return self.group.all_reduce(linear(out.view(out.shape[0], self.config.q_size), self.o_proj))
 
     def _norm_heads(self, qkv: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm) -> torch.Tensor:
         """Qwen3's per-head RMSNorm of the q and k heads (before rotary); v passes through."""

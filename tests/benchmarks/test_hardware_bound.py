@@ -8,6 +8,7 @@ from benchmarks.hardware_bound import (
     HardwareRates,
     Workload,
     decode_cost,
+    dtype_bytes,
     percent_of_bound,
     prefill_cost,
     workload_bound_s,
@@ -18,6 +19,7 @@ from benchmarks.model_shapes import ModelShape
 # layer = 4*(2+2*1)*2 (qkv) + 4*4 (o) + 3*4*8 (mlp) + 2*4 (norms) = 32 + 16 + 96 + 8 = 152 weights.
 SHAPE = ModelShape("hand", hidden_size=4, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=8,
                    vocab_size=10, tie_word_embeddings=False)
+BF16 = dtype_bytes("bfloat16")
 RATES = HardwareRates("test", memory_bandwidth_bytes_per_s=100.0, matmul_flops_per_s=1000.0)
 
 
@@ -28,14 +30,14 @@ def test_layer_and_matmul_weights_are_counted_by_hand() -> None:
 
 
 def test_decode_step_reads_weights_and_every_sequences_kv() -> None:
-    cost = decode_cost(SHAPE, elem_bytes=2, num_seqs=3, context_len=5)
+    cost = decode_cost(SHAPE, widths=BF16, num_seqs=3, context_len=5)
     assert cost.bytes_moved == 192 * 2 + 3 * 5 * 8
     assert cost.flops == 2 * 192 * 3 + 4 * 1 * 2 * 2 * 5 * 3
     assert cost.time_s(RATES) == pytest.approx(max(cost.bytes_moved / 100.0, cost.flops / 1000.0))
 
 
 def test_prefill_reads_weights_once_per_chunk_and_pays_causal_attention() -> None:
-    cost = prefill_cost(SHAPE, elem_bytes=2, num_seqs=2, prompt_len=3, max_batched=4)
+    cost = prefill_cost(SHAPE, widths=BF16, num_seqs=2, prompt_len=3, max_batched=4)
     assert cost.bytes_moved == 2 * 192 * 2 + 6 * 8
     assert cost.flops == 2 * 144 * 6 + 2 * (2 * 1 * 2 * 2 * 3 * 4) + 2 * 10 * 4 * 2
 
@@ -44,10 +46,28 @@ def test_workload_is_its_waves_of_prefill_and_decode_steps() -> None:
     workload = Workload(num_requests=3, input_len=3, output_len=3, concurrency=2, max_num_batched_tokens=4)
 
     def wave(n: int) -> float:
-        steps = [prefill_cost(SHAPE, 2, n, 3, 4)] + [decode_cost(SHAPE, 2, n, 3 + k) for k in (1, 2)]
+        steps = [prefill_cost(SHAPE, BF16, n, 3, 4)] + [decode_cost(SHAPE, BF16, n, 3 + k) for k in (1, 2)]
         return sum(step.time_s(RATES) for step in steps)
 
-    assert workload_bound_s(SHAPE, 2, RATES, workload) == pytest.approx(wave(2) + wave(1))
+    assert workload_bound_s(SHAPE, BF16, RATES, workload) == pytest.approx(wave(2) + wave(1))
+
+
+def test_fp8_weights_make_the_layer_linears_one_byte_and_keep_norms_and_lm_head() -> None:
+    # 144 linear weights at 1 byte, 8 norm weights and the 40-weight LM head at 2.
+    widths = dtype_bytes("bfloat16", fp8_weights=True)
+    assert widths.matmul_weight_bytes(SHAPE) == 144 + 8 * 2 + 40 * 2
+    assert decode_cost(SHAPE, widths, num_seqs=3, context_len=5).bytes_moved == 240 + 3 * 5 * 8
+
+
+def test_fp8_kv_cache_halves_the_kv_bytes_read_and_written() -> None:
+    widths = dtype_bytes("bfloat16", fp8_kv=True)
+    assert decode_cost(SHAPE, widths, num_seqs=3, context_len=5).bytes_moved == 192 * 2 + 3 * 5 * 4
+    assert prefill_cost(SHAPE, widths, num_seqs=2, prompt_len=3, max_batched=4).bytes_moved == 2 * 192 * 2 + 6 * 4
+
+
+def test_fp8_weights_and_kv_together_count_one_byte_for_both() -> None:
+    both = dtype_bytes("float16", fp8_weights=True, fp8_kv=True)
+    assert decode_cost(SHAPE, both, num_seqs=3, context_len=5).bytes_moved == 240 + 3 * 5 * 4
 
 
 def test_percent_of_bound_is_bound_time_over_measured_time() -> None:

@@ -28,3 +28,16 @@ def test_sweep_records_every_level_with_vllm_metrics(stories260k_dir: Path, tmp_
         for name in ("ttft", "tpot", "itl", "e2el"):
             assert {f"mean_{name}_ms", f"median_{name}_ms", f"p99_{name}_ms"} <= set(run)
     assert next(tmp_path.glob("*-serving-cpu.md")).read_text().startswith("# Serving benchmark: stories260K")
+
+
+def test_a_json_schema_on_every_request_runs_beside_none_through_a_real_server(
+    stories260k_dir: Path, tmp_path: Path
+) -> None:
+    result = serving.main([
+        "--model", str(stories260k_dir), "--dtype", "float32", "--serve-args", "--device cpu --kv-cache-memory 0.01",
+        "--num-prompts", "4", "--random-input-len", "12", "--random-output-len", "6", "--max-concurrency", "4",
+        "--structured-output", "none,unique-schema", "--no-bound", "--num-warmups", "0", "--result-dir", str(tmp_path),
+    ])
+    runs = result["runs"]
+    assert [run["structured_output"] for run in runs] == ["none", "unique-schema"]
+    assert [(run["completed"], run["failed"], run["total_output_tokens"]) for run in runs] == [(4, 0, 24)] * 2

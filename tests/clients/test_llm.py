@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pagedserve.clients.llm import LLM, SamplingParams
+from pagedserve.contract.model_dir import ModelDirError
 from pagedserve.control_plane.config import CacheConfig
 from pagedserve.control_plane.scheduling.request import FinishReason
 
@@ -36,9 +37,19 @@ def test_offline_builtin_model_gives_the_same_tokens_with_the_worker_in_a_proces
     assert len(a[0].outputs[0].token_ids) == 12
 
 
-def test_a_worker_process_that_cannot_load_the_model_fails_the_constructor_instead_of_hanging(tmp_path: Path) -> None:
+def test_a_worker_process_that_cannot_load_the_model_fails_the_constructor_instead_of_hanging(
+    unloadable_model_dir: Path,
+) -> None:
     with pytest.raises(RuntimeError, match="exited with code"):
-        LLM(tmp_path, worker_start_timeout_s=120.0)
+        LLM(unloadable_model_dir, worker_start_timeout_s=120.0)
+
+
+def test_a_directory_that_is_no_model_fails_the_constructor_before_any_worker_starts(tmp_path: Path) -> None:
+    started = time.monotonic()
+    with pytest.raises(ModelDirError, match="no config.json"):
+        LLM(tmp_path)
+
+    assert time.monotonic() - started < 1.0
 
 
 def test_device_idle_time_leaves_out_the_wait_for_requests_between_generate_calls(stories260k_dir: Path) -> None:
@@ -51,3 +62,37 @@ def test_device_idle_time_leaves_out_the_wait_for_requests_between_generate_call
         status = llm.status()
     assert status.num_steps >= 8
     assert status.worker_idle_time_s < 0.25
+
+
+def test_generate_shows_a_progress_bar_unless_told_not_to(
+    stories260k_dir: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    with LLM(stories260k_dir, worker_process=False) as llm:
+        capsys.readouterr()
+        llm.generate(["One day", "Once upon a time"], params)
+        shown = capsys.readouterr().err
+        llm.generate(["One day", "Once upon a time"], params, use_tqdm=False)
+        hidden = capsys.readouterr().err
+
+    assert ("Processed prompts: 100%" in shown, "2/2" in shown, "output:" in shown, hidden) == (True, True, True, "")
+
+
+def test_a_tokenizer_from_another_directory_gives_the_golden_text(stories260k_dir: Path, tmp_path: Path) -> None:
+    golden = json.loads((stories260k_dir / "golden_greedy.json").read_text())
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        (tmp_path / name).symlink_to(stories260k_dir / name)  # the model without its tokenizer
+    params = SamplingParams(temperature=0.0, max_tokens=len(golden["greedy_new_ids"]))
+    with pytest.raises(ModelDirError, match="no tokenizer.json"):
+        LLM(tmp_path, worker_process=False)
+    with LLM(tmp_path, tokenizer=stories260k_dir, worker_process=False) as llm:
+        (output,) = llm.generate([golden["prompt"]], params, use_tqdm=False)
+
+    assert golden["prompt"] + output.outputs[0].text == golden["greedy_text"]
+
+
+def test_options_that_would_be_ignored_are_refused() -> None:
+    with pytest.raises(ValueError, match="cpu_threads sets the worker process's threads"):
+        LLM(cpu_threads=2, worker_process=False)
+    with pytest.raises(ModelDirError, match="tokenizer needs model"):
+        LLM(tokenizer="/models/tokenizer")

@@ -32,6 +32,7 @@ from pagedserve.contract.step import (
     StepResult,
     TokenLogprobs,
 )
+from pagedserve.contract.structured_output import ConstraintKind, StructuredOutput
 from pagedserve.contract.worker_info import CacheInfo, CacheRequest, WorkerInfo
 from pagedserve.v1 import common_pb2, generation_service_pb2, worker_service_pb2
 
@@ -93,7 +94,9 @@ def test_unbounded_max_tokens_travels_unset() -> None:
 def _full_plan() -> StepPlan:
     params = SamplingParams(
         temperature=0.5, top_p=0.75, top_k=4, min_p=0.125, presence_penalty=0.5, frequency_penalty=-0.5,
-        repetition_penalty=1.5, seed=11, min_tokens=2, logprobs=3, prompt_logprobs=0,
+        repetition_penalty=1.5, seed=11, min_tokens=2, logprobs=3, prompt_logprobs=0, allowed_token_ids=(5, 6),
+        bad_words=("dark",), spaces_between_special_tokens=False, truncate_prompt_tokens=8, best_of=1,
+        structured_output=StructuredOutput(ConstraintKind.CHOICE, choices=("yes", "no"), disable_any_whitespace=True),
     )  # fmt: skip
     return StepPlan(
         step_id=12,
@@ -137,7 +140,11 @@ def test_step_plan_becomes_execute_request_field_for_field() -> None:
         sampling_params=common_pb2.SamplingParams(
             n=1, temperature=0.5, top_p=0.75, top_k=4, min_p=0.125, presence_penalty=0.5, frequency_penalty=-0.5,
             repetition_penalty=1.5, seed=11, min_tokens=2, max_tokens=16, logprobs=3, prompt_logprobs=0,
-            skip_special_tokens=True,
+            skip_special_tokens=True, allowed_token_ids=[5, 6], bad_words=["dark"], spaces_between_special_tokens=False,
+            truncate_prompt_tokens=8, best_of=1,
+            structured_output=common_pb2.StructuredOutput(
+                choice=common_pb2.ChoiceConstraint(choices=["yes", "no"]), disable_any_whitespace=True,
+            ),
         ),
         banned_token_ids=[2, 9],
     )  # fmt: skip

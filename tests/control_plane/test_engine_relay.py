@@ -19,7 +19,7 @@ from pagedserve.control_plane.config import EngineConfig
 from pagedserve.control_plane.engine.engine import Engine
 from pagedserve.control_plane.engine.metrics import EngineMetrics
 from pagedserve.control_plane.engine.service import EngineServicer, build_engine_server
-from pagedserve.control_plane.errors import EngineUnavailableError, ResourceExhaustedError
+from pagedserve.control_plane.errors import AlreadyExistsError, EngineUnavailableError, NeverFitsError
 from pagedserve.control_plane.frontend.engine_client import EngineClient, merge_chunks
 from pagedserve.control_plane.served_model import ServedModel
 from pagedserve.control_plane.text.tokenizer import Tokenizer
@@ -62,7 +62,7 @@ def tokenizer(llama2_tokenizer_dir: Path) -> Tokenizer:
 def _engine(tokenizer: Tokenizer) -> Engine:
     scheduler = make_scheduler(num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE)
     transport = _FakeTransport(make_worker(scheduler))
-    return Engine([("w0", scheduler, transport)], tokenizer, EngineConfig(), EngineMetrics("fake"))
+    return Engine([("w0", scheduler, transport)], tokenizer, EngineConfig(), EngineMetrics("fake", 2048))
 
 
 _MODEL = ServedModel(name="fake", architecture="LlamaForCausalLM", dtype="float32", vocab_size=32000,
@@ -206,17 +206,21 @@ def test_each_completion_of_a_parallel_request_is_numbered_on_its_own(tokenizer:
 def test_a_request_the_engine_rejects_fails_its_stream_with_the_engine_error_and_nothing_allocated(
     tokenizer: Tokenizer, tmp_path: Path,
 ) -> None:
-    too_long = tuple(range(3, 3 + NUM_BLOCKS * BLOCK_SIZE))
+    too_long = tuple(range(3, 3 + NUM_BLOCKS * BLOCK_SIZE))  # its KV fills the pool; two new tokens would not fit
 
     async def scenario(relay: _Relay) -> tuple[str, int]:
-        request_id = relay.client.add_request(too_long, _params(4))
-        with pytest.raises(ResourceExhaustedError) as raised:
+        params = _params(4)
+        params.min_tokens = 2
+        request_id = relay.client.add_request(too_long, params)
+        with pytest.raises(NeverFitsError) as raised:
             async for _ in relay.client.stream(request_id):
                 pass
         return str(raised.value), relay.engine.status().num_used_blocks
 
     message, used = _run(tokenizer, tmp_path, scenario)
-    assert message == f"prompt of {len(too_long)} tokens needs {NUM_BLOCKS + 1} KV blocks, the pool has {NUM_BLOCKS}"
+    assert message == (f"the request can never fit: a prompt of {len(too_long)} tokens and min_tokens 2 need "
+                       f"{NUM_BLOCKS + 1} KV blocks of {BLOCK_SIZE} tokens, and the largest worker's pool has "
+                       f"{NUM_BLOCKS}; shorten the prompt (retrying does not help)")
     assert used == 0
 
 
@@ -261,24 +265,43 @@ def test_open_streams_fail_as_unavailable_when_the_engine_process_goes_away(
     assert closed
 
 
-def test_a_renamed_request_id_never_takes_one_already_in_use(tokenizer: Tokenizer, tmp_path: Path) -> None:
-    # The rename appends the next counter value, here 2: the id a client opened explicitly first.
+def test_a_live_request_id_is_refused_and_free_again_once_its_request_ended(
+    tokenizer: Tokenizer, tmp_path: Path,
+) -> None:
+    async def scenario(relay: _Relay) -> tuple[str, int, list[str]]:
+        first = relay.client.stream(relay.client.add_request((1, 450), _params(4), request_id="r"))
+        await anext(first)
+        with pytest.raises(AlreadyExistsError) as raised:
+            relay.client.add_request((1, 319), _params(4), request_id="r")
+        rest = await _collect(first)
+        again = await _collect(relay.client.stream(relay.client.add_request((1, 319), _params(2), request_id="r")))
+        return str(raised.value), rest[-1].usage.completion_tokens, [chunk.request_id for chunk in again]
+
+    message, first_tokens, again_ids = _run(tokenizer, tmp_path, scenario)
+    assert message == "request_id: 'r' is in use by a request that has not ended"
+    assert first_tokens == 4  # the refused duplicate took nothing from the first
+    assert set(again_ids) == {"r"}
+
+
+def test_a_generated_request_id_never_takes_one_a_client_chose(tokenizer: Tokenizer, tmp_path: Path) -> None:
     async def scenario(relay: _Relay) -> list[str]:
-        return [relay.client.add_request([1, 2, 3], _params(2), request_id) for request_id in ("r-2", "r", "r")]
+        return [relay.client.add_request([1, 2, 3], _params(2), request_id) for request_id in ("req-0", "", "")]
 
     ids = _run(tokenizer, tmp_path, scenario)
-
-    assert ids[:2] == ["r-2", "r"]
+    assert ids[0] == "req-0"
     assert len(set(ids)) == 3
 
 
-def test_the_engine_never_renames_a_request_onto_an_id_in_use(tokenizer: Tokenizer) -> None:
+def test_the_engine_refuses_a_live_request_id_and_generates_fresh_ones(tokenizer: Tokenizer) -> None:
     engine = _engine(tokenizer)
     params = SamplingParams(max_tokens=2)
-    ids = [engine.add_request((1, 2, 3), params, request_id) for request_id in ("q-0", "q", "q")]
+    ids = [engine.add_request((1, 2, 3), params, request_id) for request_id in ("req-0", "q", "")]
+    with pytest.raises(AlreadyExistsError, match="request_id: 'q' is in use by a request that has not ended"):
+        engine.add_request((1, 2, 3), params, "q")
 
-    assert ids[:2] == ["q-0", "q"]
+    assert ids[:2] == ["req-0", "q"]
     assert len(set(ids)) == 3
+    assert engine.status().num_requests_waiting == 3
 
 
 def _chunk(index: int, token_ids: list[int], text: str, finish: bool = False,

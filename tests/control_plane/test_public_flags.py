@@ -2,30 +2,29 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from pagedserve.control_plane.config import FRONTEND_API_KEYS_ENV, ServerConfig
-from pagedserve.control_plane.engine.main import _env_defaults, build_parser, configs_from_args
+from pagedserve.control_plane.engine.main import build_parser, configs_from_args
 from pagedserve.control_plane.launch.frontend_launcher import _public_env, _public_flags
+from pagedserve.runtime.flags import parse_args
 
 
 def _server(argv: list[str]) -> ServerConfig:
-    parser = build_parser()
-    _env_defaults(parser)
-    return configs_from_args(parser.parse_args(argv))[0]
+    return configs_from_args(parse_args(build_parser(), argv, os.environ))[0]
 
 
 def test_api_keys_come_from_repeated_and_comma_separated_flags() -> None:
     assert _server(["--api-key", "k1", "--api-key", "k2,k3"]).api_keys == ("k1", "k2", "k3")
 
 
-def test_api_keys_from_the_environment_are_joined_by_the_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_api_keys_from_the_environment_give_way_to_the_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PAGEDSERVE_API_KEY", "env1,env2")
 
-    assert (_server([]).api_keys, _server(["--api-key", "k1"]).api_keys) == (("env1", "env2"),
-                                                                            ("env1", "env2", "k1"))
+    assert (_server([]).api_keys, _server(["--api-key", "k1"]).api_keys) == (("env1", "env2"), ("k1",))
 
 
 def test_api_key_file_has_one_key_a_line_and_comments(tmp_path: Path) -> None:

@@ -54,6 +54,9 @@ class _FakeEngine:
     async def status(self) -> pb.GetServerStatusResponse:
         return pb.GetServerStatusResponse(num_total_blocks=64)
 
+    async def describe(self, timeout_s: float) -> ServedModel:
+        return _MODEL
+
 
 @pytest.fixture(scope="module")
 def tokenizer(stories260k_dir: Path) -> Tokenizer:
@@ -144,7 +147,7 @@ def test_health_needs_no_api_key_and_reflection_does(tokenizer: Tokenizer) -> No
             return int(health.status), refused, allowed
 
     assert _run(tokenizer, body, PublicAccess(api_keys=KEYS))[0] == (
-        health_pb2.HealthCheckResponse.SERVING, grpc.StatusCode.UNAUTHENTICATED, 3)
+        health_pb2.HealthCheckResponse.SERVING, grpc.StatusCode.UNAUTHENTICATED, 4)
 
 
 def test_the_client_sends_its_api_key_with_every_call(tokenizer: Tokenizer) -> None:
@@ -251,6 +254,21 @@ def test_n_beyond_max_num_seqs_reaches_no_engine(tokenizer: Tokenizer) -> None:
     result, engine = _run(tokenizer, lambda address, _: _raw_generate(address, request.SerializeToString()),
                           max_num_seqs=8)
     assert result == (grpc.StatusCode.INVALID_ARGUMENT, "n: must be at most max_num_seqs=8 of this server, got 9")
+    assert engine.added == []
+
+
+@pytest.mark.parametrize(("constraint", "expected"), [
+    (common_pb2.StructuredOutput(regex="[a-z"), "structured_output.regex: cannot be compiled: "),
+    (common_pb2.StructuredOutput(json_schema='{"type": "objekt"}'), "structured_output.json_schema: cannot be "),
+    (common_pb2.StructuredOutput(), "structured_output: must set one constraint"),
+], ids=["regex", "json-schema", "empty"])
+def test_a_constraint_that_does_not_compile_is_invalid_argument_and_reaches_no_engine(
+    tokenizer: Tokenizer, constraint: common_pb2.StructuredOutput, expected: str
+) -> None:
+    request = pb.GenerateRequest(text="Hi", sampling_params=common_pb2.SamplingParams(structured_output=constraint))
+    result, engine = _run(tokenizer, lambda address, _: _raw_generate(address, request.SerializeToString()))
+    assert result[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert result[1].startswith(expected)
     assert engine.added == []
 
 

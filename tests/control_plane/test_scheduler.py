@@ -9,7 +9,7 @@ import pytest
 
 from pagedserve.contract.step import BlockTableUpdate, ScheduledSequence, StepPlan
 from pagedserve.control_plane.config import PreemptionMode, SchedulingPolicy
-from pagedserve.control_plane.errors import InvalidArgumentError, ResourceExhaustedError
+from pagedserve.control_plane.errors import InvalidArgumentError, NeverFitsError, ResourceExhaustedError
 from pagedserve.control_plane.scheduling.request import FinishReason, RequestStatus
 
 from .factories import (
@@ -230,8 +230,8 @@ def test_sequence_ends_with_length_before_it_outgrows_the_pool() -> None:
 
 def test_add_request_rejects_what_can_never_run() -> None:
     scheduler = make_scheduler(num_blocks=2, max_model_len=16, max_num_waiting=1, max_num_seqs=2)
-    with pytest.raises(ResourceExhaustedError, match="prompt of 8 tokens needs 3 KV blocks, the pool has 2"):
-        scheduler.add_request(make_request("big", range(8)))
+    with pytest.raises(NeverFitsError, match="a prompt of 9 tokens needs 3 KV blocks of 4 tokens, .* pool has 2"):
+        scheduler.add_request(make_request("big", range(9)))
     with pytest.raises(InvalidArgumentError, match="17 tokens exceed max_model_len 16"):
         scheduler.add_request(make_request("long", range(17)))
     with pytest.raises(ResourceExhaustedError, match="n=3 sequences exceed max_num_seqs 2"):

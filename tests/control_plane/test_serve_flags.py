@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -9,13 +10,12 @@ import pytest
 
 from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
 from pagedserve.control_plane.config import ServerConfig
-from pagedserve.control_plane.engine.main import _env_defaults, build_parser, configs_from_args
+from pagedserve.control_plane.engine.main import build_parser, configs_from_args
+from pagedserve.runtime.flags import parse_args
 
 
 def _server(argv: list[str]) -> ServerConfig:
-    parser = build_parser()
-    _env_defaults(parser)
-    return configs_from_args(parser.parse_args(argv))[0]
+    return configs_from_args(parse_args(build_parser(), argv, os.environ))[0]
 
 
 def test_model_format_flags_become_enums() -> None:
@@ -72,3 +72,12 @@ def test_tensor_parallel_size_flag_and_variable_size_each_local_worker(monkeypat
 def test_tensor_parallel_size_is_refused_with_external_workers() -> None:
     with pytest.raises(ValueError, match="tensor_parallel_size applies to local workers"):
         _server(["--model", "m", "--worker", "10.0.0.5:50061", "--tensor-parallel-size", "2"])
+
+
+def test_prefix_caching_false_in_the_environment_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PAGEDSERVE_ENABLE_PREFIX_CACHING", "false")
+
+    cache = configs_from_args(parse_args(build_parser(), [], os.environ))[2]
+    flagged = configs_from_args(parse_args(build_parser(), ["--enable-prefix-caching"], os.environ))[2]
+
+    assert (cache.enable_prefix_caching, flagged.enable_prefix_caching) == (False, True)

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors
 
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 
@@ -84,3 +86,38 @@ def test_loading_a_tokenizer_does_not_import_torch(llama2_tokenizer_dir: Path) -
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("<s>Hello", [1, 15043]),
+    ("<s>[INST] Hi [/INST]", [1, 518, 25580, 29962, 6324, 518, 29914, 25580, 29962]),
+    ("<s><s>Hello", [1, 1, 15043]),  # the text's own two are kept: only the added one goes
+    (" <s>Hello", [1, 29871, 1, 15043]),  # not at the start: the text's BOS is not the first token
+])
+def test_a_text_that_starts_with_bos_gets_no_second_one(llama2: Tokenizer, text: str, expected: list[int]) -> None:
+    assert llama2.encode(text) == expected
+
+
+def test_a_text_that_starts_with_bos_encodes_as_without_special_tokens(llama2: Tokenizer) -> None:
+    text = "<s>[INST] Once upon a time [/INST]"
+    assert llama2.encode(text) == llama2.encode(text, add_special_tokens=False)
+    assert llama2.encode(text[3:]) == llama2.encode(text, add_special_tokens=False)
+
+
+def test_a_llama3_style_templated_prompt_gets_no_second_begin_of_text(tmp_path: Path) -> None:
+    """A byte-level BPE tokenizer whose post-processor adds <|begin_of_text|>, as Llama 3's does."""
+    vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = BackendTokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<|begin_of_text|>"])
+    bos_id = backend.token_to_id("<|begin_of_text|>")
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos_id)])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>"}))
+    tokenizer = Tokenizer(tmp_path)
+
+    plain = tokenizer.encode("Hi")
+    templated = tokenizer.encode("<|begin_of_text|>Hi")
+    assert plain == templated == [bos_id, vocab["H"], vocab["i"]]

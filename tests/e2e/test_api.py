@@ -115,6 +115,12 @@ def test_prometheus_endpoint_exports_vllm_metric_names_labelled_by_model(stories
         text = reply.read().decode()
     for name in ("num_requests_running", "num_requests_waiting", "num_requests_swapped", "kv_cache_usage_perc",
                  "num_preemptions_total", "prefix_cache_queries_total", "prefix_cache_hits_total",
-                 "prompt_tokens_total", "generation_tokens_total", "time_to_first_token_seconds_count",
-                 "inter_token_latency_seconds_count", "e2e_request_latency_seconds_count"):
+                 "prompt_tokens_total", "generation_tokens_total", "worker_alive"):
+        assert f'pagedserve:{name}{{model_name="stories260K",worker_id="' in text, name
+    for name in ("time_to_first_token_seconds_count", "inter_token_latency_seconds_count",
+                 "e2e_request_latency_seconds_count", "request_queue_time_seconds_count",
+                 "request_prefill_time_seconds_count", "request_decode_time_seconds_count",
+                 "request_inference_time_seconds_count", "request_prompt_tokens_count",
+                 "request_generation_tokens_count", "request_params_n_count", "request_params_max_tokens_count"):
         assert f'pagedserve:{name}{{model_name="stories260K"}}' in text, name
+    assert 'pagedserve:cache_config_info{block_size="16",' in text

@@ -33,7 +33,7 @@ def test_stop_string_spanning_tokens_never_leaks_into_the_stream(stories_cluster
     # The golden continuation contains "little girl named Lily"; "girl na" spans several tokens.
     async def run(include: bool) -> list[generation_service_pb2.GenerateResponse]:
         async with PagedServeClient(stories_cluster.address) as client:
-            params = SamplingParams(temperature=0.0, max_tokens=60, stop=["girl na"],
+            params = SamplingParams(temperature=0.0, max_tokens=60, stop=("girl na",),
                                     include_stop_str_in_output=include)
             return [chunk async for chunk in client.generate_stream(golden["prompt"], params)]
 

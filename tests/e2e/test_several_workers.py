@@ -49,8 +49,8 @@ def test_two_local_workers_serve_concurrent_requests_with_the_tokens_one_worker_
     assert {'"worker_id": "worker-0"' in line for line in admitted} == {True, False}
 
 
-def test_serve_exits_at_once_when_a_local_worker_cannot_load_the_model(tmp_path) -> None:
-    command = [sys.executable, "-m", "pagedserve.runtime.cli", "serve", "--model", str(tmp_path), "--port",
+def test_serve_exits_at_once_when_a_local_worker_cannot_load_the_model(unloadable_model_dir) -> None:
+    command = [sys.executable, "-m", "pagedserve.runtime.cli", "serve", "--model", str(unloadable_model_dir), "--port",
                str(free_loopback_port()), "--device", "cpu"]  # the start timeout stays 600 s
     completed = subprocess.run(command, capture_output=True, timeout=120)
     assert completed.returncode != 0

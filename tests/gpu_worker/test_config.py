@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,13 +16,19 @@ from pagedserve.gpu_worker.parallel.config import TensorParallelConfig
 def test_flags_build_the_worker_config() -> None:
     args = build_parser().parse_args([
         "--model", "/models/m", "--listen", "0.0.0.0:0", "--dtype", "bfloat16", "--device", "cpu",
-        "--load-format", "dummy", "--seed", "7", "--worker-id", "w3",
+        "--load-format", "dummy", "--seed", "7", "--worker-id", "w3", "--cpu-threads", "3",
     ])
 
     assert config_from_args(args) == WorkerConfig(
         model_dir=Path("/models/m"), dtype=DType.BFLOAT16, device=DeviceKind.CPU, load_format=LoadFormat.DUMMY,
-        seed=7, listen_address="0.0.0.0:0", worker_id="w3",
+        seed=7, listen_address="0.0.0.0:0", worker_id="w3", cpu_threads=3,
     )
+
+
+def test_cpu_threads_default_to_the_cores_this_process_may_use() -> None:
+    config = config_from_args(build_parser().parse_args(["--model", "m"]))
+
+    assert config.cpu_threads == len(os.sched_getaffinity(0))
 
 
 def test_enforce_eager_flag_turns_cuda_graphs_off() -> None:

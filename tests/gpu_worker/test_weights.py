@@ -61,6 +61,7 @@ def test_fused_projections_hold_the_checkpoint_tensors_in_order() -> None:
 
     expected_qkv = torch.cat([tensors[prefix + f"self_attn.{p}_proj.weight"] for p in "qkv"])
     expected_gate_up = torch.cat([tensors[prefix + f"mlp.{p}_proj.weight"] for p in ("gate", "up")])
+    assert isinstance(layer.attn.qkv_proj, torch.Tensor) and isinstance(layer.mlp.gate_up_proj, torch.Tensor)
     assert torch.equal(layer.attn.qkv_proj, expected_qkv)
     assert torch.equal(layer.mlp.gate_up_proj, expected_gate_up)
 

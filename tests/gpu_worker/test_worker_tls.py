@@ -4,6 +4,7 @@ a plaintext client or (under mTLS) one without a certificate is refused; the wor
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -11,6 +12,7 @@ import pytest
 
 from pagedserve.contract.model_format import DeviceKind
 from pagedserve.control_plane.engine import main as serve_main
+from pagedserve.control_plane.engine import worker_security
 from pagedserve.control_plane.engine.worker_client import GrpcWorkerClient
 from pagedserve.control_plane.errors import WorkerUnavailableError
 from pagedserve.gpu_worker import main as worker_main
@@ -18,6 +20,7 @@ from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.service import start_server
 from pagedserve.gpu_worker.worker import Worker
 from pagedserve.runtime.auth import ClusterSecret
+from pagedserve.runtime.flags import parse_args
 from tests.gpu_worker.harness import STORIES_DIR
 from tests.tls_files import TlsFiles, has_openssl, make_tls_files
 
@@ -119,7 +122,7 @@ def test_the_client_refuses_a_server_name_without_credentials() -> None:
 def _worker_args(argv: list[str]) -> tuple[object, str]:
     """worker main's TLS credentials for argv (None: plaintext), or '' for both when it is a usage error."""
     parser = worker_main.build_parser()
-    args = parser.parse_args(["--model", str(STORIES_DIR), *argv])
+    args = parse_args(parser, ["--model", str(STORIES_DIR), *argv], os.environ)
     try:
         return worker_main.server_credentials_from_args(parser, args), ""
     except SystemExit:
@@ -142,12 +145,11 @@ def test_worker_tls_flags(tls_files: TlsFiles, monkeypatch: pytest.MonkeyPatch) 
     assert errors == ["usage error", "usage error"]
 
 
-def _serve_security(argv: list[str]) -> serve_main.WorkerChannelSecurity | str:
+def _serve_security(argv: list[str]) -> worker_security.WorkerChannelSecurity | str:
     parser = serve_main.build_parser()
-    serve_main._env_defaults(parser)
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv, os.environ)
     try:
-        return serve_main.worker_channel_security_from_args(parser, args)
+        return worker_security.worker_channel_security_from_args(parser, args)
     except SystemExit:
         return "usage error"
 
@@ -166,8 +168,8 @@ def test_serve_worker_tls_flags(tls_files: TlsFiles, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("PAGEDSERVE_WORKER_TLS_CA_FILE", str(tls_files.ca_cert))
     from_env = _serve_security(external)
 
-    assert plain == serve_main.WorkerChannelSecurity()
-    assert isinstance(tls, serve_main.WorkerChannelSecurity) and tls.server_name == "worker.internal"
-    assert all(isinstance(s, serve_main.WorkerChannelSecurity) and s.credentials is not None
+    assert plain == worker_security.WorkerChannelSecurity()
+    assert isinstance(tls, worker_security.WorkerChannelSecurity) and tls.server_name == "worker.internal"
+    assert all(isinstance(s, worker_security.WorkerChannelSecurity) and s.credentials is not None
                for s in (tls, mtls, from_env))
     assert errors == ["usage error"] * 4

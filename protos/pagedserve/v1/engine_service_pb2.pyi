@@ -16,11 +16,13 @@ class RequestErrorKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REQUEST_ERROR_KIND_RESOURCE_EXHAUSTED: _ClassVar[RequestErrorKind]
     REQUEST_ERROR_KIND_WORKER_UNAVAILABLE: _ClassVar[RequestErrorKind]
     REQUEST_ERROR_KIND_INTERNAL: _ClassVar[RequestErrorKind]
+    REQUEST_ERROR_KIND_NEVER_FITS: _ClassVar[RequestErrorKind]
 REQUEST_ERROR_KIND_UNSPECIFIED: RequestErrorKind
 REQUEST_ERROR_KIND_INVALID_ARGUMENT: RequestErrorKind
 REQUEST_ERROR_KIND_RESOURCE_EXHAUSTED: RequestErrorKind
 REQUEST_ERROR_KIND_WORKER_UNAVAILABLE: RequestErrorKind
 REQUEST_ERROR_KIND_INTERNAL: RequestErrorKind
+REQUEST_ERROR_KIND_NEVER_FITS: RequestErrorKind
 
 class DescribeRequest(_message.Message):
     __slots__ = ()
@@ -97,3 +99,67 @@ class RelayResponse(_message.Message):
     responses: _containers.RepeatedCompositeFieldContainer[_generation_service_pb2.GenerateResponse]
     errors: _containers.RepeatedCompositeFieldContainer[RequestError]
     def __init__(self, responses: _Optional[_Iterable[_Union[_generation_service_pb2.GenerateResponse, _Mapping]]] = ..., errors: _Optional[_Iterable[_Union[RequestError, _Mapping]]] = ...) -> None: ...
+
+class WatchKvEventsRequest(_message.Message):
+    __slots__ = ("start_sequence_number",)
+    START_SEQUENCE_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    start_sequence_number: int
+    def __init__(self, start_sequence_number: _Optional[int] = ...) -> None: ...
+
+class WatchKvEventsResponse(_message.Message):
+    __slots__ = ("batches",)
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    batches: _containers.RepeatedCompositeFieldContainer[KvEventBatch]
+    def __init__(self, batches: _Optional[_Iterable[_Union[KvEventBatch, _Mapping]]] = ...) -> None: ...
+
+class KvEventBatch(_message.Message):
+    __slots__ = ("sequence_number", "timestamp_s", "events", "snapshot")
+    SEQUENCE_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_S_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    sequence_number: int
+    timestamp_s: float
+    events: _containers.RepeatedCompositeFieldContainer[KvEvent]
+    snapshot: KvSnapshotPart
+    def __init__(self, sequence_number: _Optional[int] = ..., timestamp_s: _Optional[float] = ..., events: _Optional[_Iterable[_Union[KvEvent, _Mapping]]] = ..., snapshot: _Optional[_Union[KvSnapshotPart, _Mapping]] = ...) -> None: ...
+
+class KvSnapshotPart(_message.Message):
+    __slots__ = ("index", "count", "num_blocks")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    count: int
+    num_blocks: int
+    def __init__(self, index: _Optional[int] = ..., count: _Optional[int] = ..., num_blocks: _Optional[int] = ...) -> None: ...
+
+class KvEvent(_message.Message):
+    __slots__ = ("stored", "removed", "cleared")
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    CLEARED_FIELD_NUMBER: _ClassVar[int]
+    stored: KvBlockStored
+    removed: KvBlockRemoved
+    cleared: KvCacheCleared
+    def __init__(self, stored: _Optional[_Union[KvBlockStored, _Mapping]] = ..., removed: _Optional[_Union[KvBlockRemoved, _Mapping]] = ..., cleared: _Optional[_Union[KvCacheCleared, _Mapping]] = ...) -> None: ...
+
+class KvBlockStored(_message.Message):
+    __slots__ = ("block_hash", "parent_block_hash", "token_ids")
+    BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
+    PARENT_BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    block_hash: bytes
+    parent_block_hash: bytes
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, block_hash: _Optional[bytes] = ..., parent_block_hash: _Optional[bytes] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class KvBlockRemoved(_message.Message):
+    __slots__ = ("block_hash",)
+    BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
+    block_hash: bytes
+    def __init__(self, block_hash: _Optional[bytes] = ...) -> None: ...
+
+class KvCacheCleared(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

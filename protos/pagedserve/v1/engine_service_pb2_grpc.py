@@ -57,6 +57,11 @@ class EngineServiceStub:
                 request_serializer=pagedserve_dot_v1_dot_engine__service__pb2.WatchHealthRequest.SerializeToString,
                 response_deserializer=pagedserve_dot_v1_dot_engine__service__pb2.WatchHealthResponse.FromString,
                 _registered_method=True)
+        self.WatchKvEvents = channel.unary_stream(
+                '/pagedserve.v1.EngineService/WatchKvEvents',
+                request_serializer=pagedserve_dot_v1_dot_engine__service__pb2.WatchKvEventsRequest.SerializeToString,
+                response_deserializer=pagedserve_dot_v1_dot_engine__service__pb2.WatchKvEventsResponse.FromString,
+                _registered_method=True)
 
 
 class EngineServiceServicer:
@@ -94,6 +99,15 @@ class EngineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchKvEvents(self, request, context):
+        """The prefix cache's changes over all workers, as numbered batches of events (for the gateway's cache-aware
+        routing). Ends with OUT_OF_RANGE when the batches asked for are no longer kept, DATA_LOSS when the caller
+        fell so far behind that the next batch it needs was dropped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -116,6 +130,11 @@ def add_EngineServiceServicer_to_server(servicer, server):
                     servicer.WatchHealth,
                     request_deserializer=pagedserve_dot_v1_dot_engine__service__pb2.WatchHealthRequest.FromString,
                     response_serializer=pagedserve_dot_v1_dot_engine__service__pb2.WatchHealthResponse.SerializeToString,
+            ),
+            'WatchKvEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchKvEvents,
+                    request_deserializer=pagedserve_dot_v1_dot_engine__service__pb2.WatchKvEventsRequest.FromString,
+                    response_serializer=pagedserve_dot_v1_dot_engine__service__pb2.WatchKvEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -229,6 +248,33 @@ class EngineService:
             '/pagedserve.v1.EngineService/WatchHealth',
             pagedserve_dot_v1_dot_engine__service__pb2.WatchHealthRequest.SerializeToString,
             pagedserve_dot_v1_dot_engine__service__pb2.WatchHealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchKvEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pagedserve.v1.EngineService/WatchKvEvents',
+            pagedserve_dot_v1_dot_engine__service__pb2.WatchKvEventsRequest.SerializeToString,
+            pagedserve_dot_v1_dot_engine__service__pb2.WatchKvEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

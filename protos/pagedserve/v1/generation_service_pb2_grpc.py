@@ -40,6 +40,11 @@ class GenerationServiceStub:
                 request_serializer=pagedserve_dot_v1_dot_generation__service__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=pagedserve_dot_v1_dot_generation__service__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Chat = channel.unary_stream(
+                '/pagedserve.v1.GenerationService/Chat',
+                request_serializer=pagedserve_dot_v1_dot_generation__service__pb2.ChatRequest.SerializeToString,
+                response_deserializer=pagedserve_dot_v1_dot_generation__service__pb2.ChatResponse.FromString,
+                _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/pagedserve.v1.GenerationService/Tokenize',
                 request_serializer=pagedserve_dot_v1_dot_generation__service__pb2.TokenizeRequest.SerializeToString,
@@ -63,6 +68,14 @@ class GenerationServiceServicer:
 
     def Generate(self, request, context):
         """Generates completions for one prompt, streaming token ids and text as they are sampled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Chat(self, request, context):
+        """Completes a conversation: renders its messages with the model's chat template (or the server's
+        --chat-template), then generates from the rendered prompt exactly as Generate does.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -96,6 +109,11 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=pagedserve_dot_v1_dot_generation__service__pb2.GenerateRequest.FromString,
                     response_serializer=pagedserve_dot_v1_dot_generation__service__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Chat': grpc.unary_stream_rpc_method_handler(
+                    servicer.Chat,
+                    request_deserializer=pagedserve_dot_v1_dot_generation__service__pb2.ChatRequest.FromString,
+                    response_serializer=pagedserve_dot_v1_dot_generation__service__pb2.ChatResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
@@ -141,6 +159,33 @@ class GenerationService:
             '/pagedserve.v1.GenerationService/Generate',
             pagedserve_dot_v1_dot_generation__service__pb2.GenerateRequest.SerializeToString,
             pagedserve_dot_v1_dot_generation__service__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Chat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pagedserve.v1.GenerationService/Chat',
+            pagedserve_dot_v1_dot_generation__service__pb2.ChatRequest.SerializeToString,
+            pagedserve_dot_v1_dot_generation__service__pb2.ChatResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,67 @@
+"""The engine records its metrics where requests and steps end: exact token figures, one series per worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pagedserve.control_plane.engine.engine import Engine
+from pagedserve.control_plane.errors import WorkerUnavailableError
+from pagedserve.control_plane.text.tokenizer import Tokenizer
+from tests.control_plane.engine_fakes import LONG, PROMPT, _drain_stream, _engine, _lane, _params, _run
+
+
+@pytest.fixture(scope="module")
+def tokenizer(llama2_tokenizer_dir: Path) -> Tokenizer:
+    return Tokenizer(llama2_tokenizer_dir)
+
+
+def _value(engine: Engine, name: str, **labels: str) -> float | None:
+    return engine.metrics.registry.get_sample_value(f"pagedserve:{name}", {"model_name": "fake", **labels})
+
+
+def test_a_finished_request_is_recorded_once_with_its_exact_token_figures(tokenizer: Tokenizer) -> None:
+    async def scenario() -> Engine:
+        engine = _engine(tokenizer, [_lane("w0")])
+        await _drain_stream(engine.stream(engine.add_request(PROMPT, _params(5, n=2))))
+        await engine.stop()
+        return engine
+
+    engine = _run(scenario)
+    assert _value(engine, "request_prompt_tokens_sum") == len(PROMPT)
+    assert _value(engine, "request_generation_tokens_sum") == 10  # 5 tokens in each of 2 completions
+    assert _value(engine, "request_params_n_sum") == 2
+    assert _value(engine, "request_params_max_tokens_sum") == 5
+    for phase in ("queue", "prefill", "decode", "inference"):
+        assert _value(engine, f"request_{phase}_time_seconds_count") == 1, phase
+    prefill = _value(engine, "request_prefill_time_seconds_sum") or 0.0
+    decode = _value(engine, "request_decode_time_seconds_sum") or 0.0
+    assert _value(engine, "request_inference_time_seconds_sum") == pytest.approx(prefill + decode)
+    assert _value(engine, "request_success_total", finished_reason="length") == 2
+    assert _value(engine, "prompt_tokens_total", worker_id="w0") == len(PROMPT)
+    assert _value(engine, "generation_tokens_total", worker_id="w0") == 10
+    # Every step's tokens: the prompt once, then each completion's decode steps; the last token sampled by a
+    # decode step is never fed back, and steps planned past the length limit compute nothing.
+    assert _value(engine, "iteration_tokens_total_sum", worker_id="w0") == len(PROMPT) + 2 * 4
+
+
+def test_a_workers_counters_survive_its_lane_dying_and_coming_back(tokenizer: Tokenizer) -> None:
+    lane = _lane("w0")
+
+    async def scenario() -> tuple[float | None, float | None, float | None]:
+        engine = _engine(tokenizer, [lane, _lane("w1")])
+        first = engine.stream(engine.add_request(PROMPT, _params(LONG)))
+        await anext(first)
+        lane[2].break_with(WorkerUnavailableError("worker w0 failed"))
+        with pytest.raises(WorkerUnavailableError):
+            await _drain_stream(first)
+        before = _value(engine, "prompt_tokens_total", worker_id="w0")
+        alive = _value(engine, "worker_alive", worker_id="w0")
+        _, scheduler, transport = _lane("w0")
+        engine.revive_lane("w0", transport, scheduler)
+        await engine.stop()
+        return before, alive, _value(engine, "prompt_tokens_total", worker_id="w0")
+
+    before, alive, after = _run(scenario)
+    assert (before, alive, after) == (len(PROMPT), 0, len(PROMPT))

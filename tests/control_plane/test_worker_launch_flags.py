@@ -1,0 +1,39 @@
+"""serve hands its local workers its log format and level and their thread count as flags, and none of its own
+PAGEDSERVE_* variables, which the worker would read as its flags."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pagedserve.control_plane.launch.worker_launcher import LocalWorkers, WorkerLaunchConfig
+from pagedserve.runtime.auth import SECRET_ENV, ClusterSecret
+from pagedserve.runtime.logs import LogFormat, LogLevel
+
+
+def test_workers_get_log_flags_threads_and_the_secret_but_no_serve_variables(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spawned: list[tuple[list[str], dict[str, str]]] = []
+    real_popen = subprocess.Popen
+
+    def popen(command: list[str], env: dict[str, str], **_: Any) -> subprocess.Popen[bytes]:
+        spawned.append((command, env))
+        return real_popen(["true"])
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    monkeypatch.setenv("PAGEDSERVE_TLS_CERT_FILE", "/public/cert.pem")
+    monkeypatch.setenv("PAGEDSERVE_ENFORCE_EAGER", "true")
+    secret = ClusterSecret.generate()
+    workers = LocalWorkers(WorkerLaunchConfig(model_dir=Path("m"), cluster_secret=secret, log_format=LogFormat.CONSOLE,
+                                              log_level=LogLevel.DEBUG, cpu_threads=3))
+    workers.start()
+    workers.stop()
+
+    ((command, env),) = spawned
+    values = [command[command.index(flag) + 1] for flag in ("--log-format", "--log-level", "--cpu-threads")]
+    assert values == ["console", "debug", "3"]
+    assert sorted(name for name in env if name.startswith("PAGEDSERVE_")) == [SECRET_ENV]

@@ -1,0 +1,112 @@
+"""FP8 KV kernels against TorchReferenceOps on fresh random inputs, outputs poisoned with NaN (needs a GPU of
+compute capability 8.9 or later and CuPy)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedserve.kernels.fp8 import FP8_DTYPE, quantize
+from pagedserve.kernels.ops import KernelOps, get_kernel_ops
+from pagedserve.kernels.reference import TorchReferenceOps
+from tests.gpu_marks import NEEDS_GPU
+from tests.kernels.test_cuda_ops import PagedCase
+
+pytestmark = [*NEEDS_GPU, pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="FP8 needs sm_89+")]
+K_SCALE, V_SCALE = 0.0125, 0.006
+
+
+@pytest.fixture(scope="module")
+def ops() -> KernelOps:
+    return get_kernel_ops(torch.device("cuda", torch.cuda.current_device()))
+
+
+def _fp8_case(seq_lens: list[int], q_lens: list[int], group_size: int, head_dim: int, dtype: torch.dtype,
+              seed: int) -> PagedCase:
+    case = PagedCase(seq_lens, q_lens, 2, group_size, head_dim, 16, dtype, seed)
+    case.key_cache = quantize(case.key_cache, K_SCALE)
+    case.value_cache = quantize(case.value_cache, V_SCALE)
+    return case
+
+
+def _run(case: PagedCase, ops: KernelOps) -> torch.Tensor:
+    out = torch.full_like(case.query, float("nan"))
+    ops.paged_attention(out, case.query, case.key_cache, case.value_cache, case.block_tables, case.seq_lens,
+                        case.query_start_loc, case.max_query_len, case.max_seq_len, case.scale, K_SCALE, V_SCALE)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group_size", [1, 4, 8])
+@pytest.mark.parametrize(("seq_lens", "q_lens"), [([1, 37, 300, 2500], [1, 1, 1, 1]), ([40, 9, 700], [40, 1, 65])],
+                         ids=["decode-split", "prefill-mixed"])
+def test_fp8_attention_matches_reference(ops: KernelOps, dtype: torch.dtype, head_dim: int, group_size: int,
+                                         seq_lens: list[int], q_lens: list[int]) -> None:
+    case = _fp8_case(seq_lens, q_lens, group_size, head_dim, dtype, seed=head_dim + group_size)
+    got, expected = _run(case, ops), _run(case, TorchReferenceOps())
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp8_write_kv_and_rotary_write_kv_match_reference(ops: KernelOps, dtype: torch.dtype) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    num_heads, num_kv_heads, head_dim, tokens = 8, 2, 128, 37
+    qkv = torch.randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim, device="cuda", generator=gen).to(dtype)
+    angles = torch.rand(tokens, head_dim // 2, device="cuda", generator=gen)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    slots = torch.randperm(64, device="cuda", generator=gen)[:tokens]
+    slots[3] = -1
+    caches = {}
+    for name, impl in (("kernel", ops), ("reference", TorchReferenceOps())):
+        pool = torch.full((2, 4, num_kv_heads, 16, head_dim), 0x7F, dtype=torch.uint8, device="cuda")  # NaN bytes
+        key_cache, value_cache = pool[0].view(FP8_DTYPE), pool[1].view(FP8_DTYPE)
+        q = impl.rotary_write_kv(qkv, cos, sin, key_cache, value_cache, slots, num_heads, num_kv_heads,
+                                 K_SCALE * 100, V_SCALE * 100)
+        caches[name] = (q, pool.clone())
+        pool.fill_(0x7F)
+        key, value = qkv.view(tokens, -1, head_dim)[:, num_heads:num_heads + num_kv_heads], qkv.view(
+            tokens, -1, head_dim)[:, num_heads + num_kv_heads:]
+        impl.write_kv(key, value, key_cache, value_cache, slots, K_SCALE * 100, V_SCALE * 100)
+        caches[name + "-write"] = (q, pool.clone())
+    for kind in ("", "-write"):
+        q_kernel, pool_kernel = caches["kernel" + kind]
+        q_reference, pool_reference = caches["reference" + kind]
+        torch.testing.assert_close(q_kernel, q_reference)
+        if kind == "-write":
+            # The same rounding of the same float32 quotient: equal bytes, NaN bytes left only in unwritten slots.
+            assert torch.equal(pool_kernel, pool_reference)
+        else:
+            # Rotated keys may differ by one unit in the model dtype's last place before quantizing, so a code may
+            # land on its neighbour: the same sign bit, magnitudes at most one code apart, the same unwritten slots.
+            kernel_codes, reference_codes = pool_kernel.long(), pool_reference.long()
+            assert torch.equal(kernel_codes >> 7, reference_codes >> 7)
+            assert (kernel_codes - reference_codes).abs().max().item() <= 1
+            assert torch.equal(pool_kernel == 0x7F, pool_reference == 0x7F)
+
+
+def test_fp8_blocks_copy_and_swap_bit_for_bit(ops: KernelOps) -> None:
+    pool = torch.randint(0, 256, (2, 2, 8, 2, 16, 128), dtype=torch.uint8, device="cuda").view(FP8_DTYPE)
+    before = pool.clone()
+    ops.copy_blocks(pool, torch.tensor([[0, 7], [3, 4]], device="cuda"))
+    assert torch.equal(pool[:, :, 7].view(torch.uint8), before[:, :, 0].view(torch.uint8))
+    swap = torch.zeros(2, 2, 4, 2, 16, 128, dtype=FP8_DTYPE, pin_memory=True)
+    ops.swap_blocks(pool, swap, torch.tensor([[1, 2], [5, 0]]))
+    torch.cuda.synchronize()
+    assert torch.equal(swap[:, :, 2].view(torch.uint8), before[:, :, 1].cpu().view(torch.uint8))
+    assert torch.equal(swap[:, :, 0].view(torch.uint8), before[:, :, 5].cpu().view(torch.uint8))
+
+
+def test_fp8_decode_replayed_from_a_cuda_graph_matches_eager(ops: KernelOps) -> None:
+    case = _fp8_case([5, 900, 33], [1, 1, 1], 4, 128, torch.bfloat16, seed=3)
+    eager = _run(case, ops)
+    out = torch.full_like(case.query, float("nan"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.paged_attention(out, case.query, case.key_cache, case.value_cache, case.block_tables, case.seq_lens,
+                            case.query_start_loc, 1, case.max_seq_len, case.scale, K_SCALE, V_SCALE)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
