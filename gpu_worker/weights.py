@@ -74,13 +74,15 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return [single] if single.is_file() else []
 
 
-def iter_safetensors(files: list[Path], model: DecoderForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, CPU tensor) for every tensor of every file that model loads, one tensor in memory at a time: only the
-    slice model's rank holds is read from the file (a tensor-parallel rank reads its part of each weight)."""
+def iter_safetensors(files: list[Path], model: DecoderForCausalLM | None = None,
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, CPU tensor) for every tensor of every file (that model loads, when given), one tensor in memory at a
+    time: only the slice model's rank holds is read from the file (a tensor-parallel rank reads its part of each
+    weight). Without model every tensor comes whole (an FP8 checkpoint's scales, which model does not name)."""
     for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             for name in handle.keys():  # noqa: SIM118 - safe_open is not iterable
-                is_loaded, part = model.weight_slice(name)
+                is_loaded, part = (True, None) if model is None else model.weight_slice(name)
                 if not is_loaded:
                     continue
                 if part is None:
@@ -130,7 +132,7 @@ def load_model(
             if not files:
                 raise ModelLoadError(f"no {_SINGLE_FILE} or {_INDEX_FILE} in {model_dir} (use load format dummy)")
             if is_fp8_checkpoint:
-                load_fp8_checkpoint(model, iter_safetensors(files, model))
+                load_fp8_checkpoint(model, iter_safetensors(files))  # one rank: whole
             else:
                 model.load_weights(iter_safetensors(files, model))
         if quantization is Quantization.FP8:
