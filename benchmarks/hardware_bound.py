@@ -28,6 +28,14 @@ class HardwareRates:
     memory_bandwidth_bytes_per_s: float  # bytes read + written per second by a large device copy
     matmul_flops_per_s: float  # large square GEMM: bf16 on CUDA, float32 on CPU
 
+    def times(self, num_devices: int) -> HardwareRates:
+        """num_devices such devices sharing each step perfectly (tensor parallelism with free communication): the
+        bound a group of them could reach."""
+        if num_devices == 1:
+            return self
+        return HardwareRates(f"{self.device_name} x{num_devices}", self.memory_bandwidth_bytes_per_s * num_devices,
+                             self.matmul_flops_per_s * num_devices)
+
 
 @dataclass(frozen=True, slots=True)
 class StepCost:

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="the server's, for the bound")
     p.add_argument("--save-detailed", action="store_true",
                    help="also record each request's output length and generated text")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="GPUs the started server shards the model over (its --tensor-parallel-size); the bound is "
+                        "that of as many devices as measured")
     p.add_argument("--result-dir", type=Path, default=report.DEFAULT_RESULT_DIR)
     return p
 
@@ -109,6 +112,7 @@ def server_process(
     command = [sys.executable, "-m", "pagedserve.runtime.cli", "serve", "--model", str(model_dir),
                "--load-format", args.load_format, "--dtype", args.dtype, "--kv-cache-dtype", args.kv_cache_dtype,
                "--quantization", args.quantization, "--host", "127.0.0.1", "--port", str(port),
+               "--tensor-parallel-size", str(args.tensor_parallel_size),
                *shlex.split(args.serve_args)]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -188,6 +192,7 @@ async def run_levels(endpoints: Endpoints, model_dir: Path, args: argparse.Names
                "num_prompts": num_prompts, "seed": seed,
                "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf"}
         before = await _server_status(endpoints.server_address)
+        run["kv_cache_blocks"] = before.num_total_blocks
         async with path_sender(path, endpoints, args.ignore_eos, run["max_concurrency"]) as send:
             records, duration_s = await run_requests(send, requests, args.request_rate, level, seed,
                                                      constraints_for(mode, num_prompts, seed))
@@ -245,7 +250,8 @@ def _measure(args: argparse.Namespace) -> HardwareRates | None:
 
     from benchmarks.hardware_bound import measure_hardware
 
-    return measure_hardware(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    rates = measure_hardware(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return rates.times(args.tensor_parallel_size)
 
 
 def _device_label(rates: HardwareRates | None) -> str:

@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention of hf-generate-batch (sdpa, paged|eager or a flash_attention_*)")
     p.add_argument("--hf-batch-num-blocks", type=int, help="KV blocks of hf-generate-batch (default: sized by it)")
     p.add_argument("--bound", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="GPUs pagedserve shards the model over (a worker process each); the bound is of as many")
     p.add_argument("--result-dir", type=Path, default=report.DEFAULT_RESULT_DIR)
     return p
 
@@ -125,7 +127,7 @@ def run_pagedserve(model_dir: Path, requests: Sequence[BenchRequest], args: argp
              seed=args.seed, kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
              scheduler_config=scheduler, cache_config=cache,
              engine_config=EngineConfig(max_steps_in_flight=args.max_steps_in_flight),
-             worker_process=args.worker_process) as llm:
+             worker_process=args.worker_process, tensor_parallel_size=args.tensor_parallel_size) as llm:
         warmups = sample_random_requests(2, 16, 4, 0.0, sampling_vocab_size(model_dir), args.seed - 1)
         llm.generate([r.prompt_token_ids for r in warmups], SamplingParams(max_tokens=4, temperature=0.0))
         params = [SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=args.ignore_eos)
@@ -187,9 +189,12 @@ def _benchmark(model_dir: Path, args: argparse.Namespace, device: torch.device) 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs every backend, writes <result-dir>/<date>-throughput-<device>.{json,md,png}; returns the JSON record."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.tensor_parallel_size > 1 and args.hf_backends:
+        parser.error("the transformers baselines run on one device: give --hf-backends '' with --tensor-parallel-size")
     device = _resolve_device(args.device)
-    rates = measure_hardware(device) if args.bound else None
+    rates = measure_hardware(device).times(args.tensor_parallel_size) if args.bound else None
     with tempfile.TemporaryDirectory(prefix="pagedserve-bench-") as scratch:
         if args.model_shape:
             model_dir = write_model_dir(SHAPES[args.model_shape], Path(scratch) / args.model_shape, args.tokenizer_dir)

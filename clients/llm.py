@@ -119,8 +119,11 @@ class LLM:
         engine_config: EngineConfig | None = None,
         worker_process: bool = True,
         worker_start_timeout_s: float = 600.0,
+        tensor_parallel_size: int = 1,
         cpu_threads: int | None = None,
     ) -> None:
+        if tensor_parallel_size > 1 and not worker_process:
+            raise ValueError("tensor_parallel_size above 1 needs worker_process: one process per rank")
         if cpu_threads is not None and not worker_process:
             raise ValueError("cpu_threads sets the worker process's threads; with worker_process=False the worker "
                              "runs on this process's torch threads (torch.set_num_threads)")
@@ -148,8 +151,8 @@ class LLM:
             self._launcher = LocalWorkers(WorkerLaunchConfig(
                 model_dir=model_dir, dtype=DType(dtype), device=DeviceKind(device), load_format=LoadFormat(load_format),
                 seed=seed, cluster_secret=secret, kv_cache_dtype=KVCacheDType(kv_cache_dtype),
-                quantization=Quantization(quantization),
-                cpu_threads=cpu_threads or local_worker_threads(1, usable_cores()),
+                quantization=Quantization(quantization), tensor_parallel_size=tensor_parallel_size,
+                cpu_threads=cpu_threads or local_worker_threads(tensor_parallel_size, usable_cores()),
             ))
             try:
                 self._worker = self._run(_connect(self._launcher, secret, worker_start_timeout_s))

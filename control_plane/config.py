@@ -150,6 +150,7 @@ class ServerConfig:
     tokenizer_dir: Path | None = None  # None: model_dir's tokenizer
     worker_addresses: tuple[str, ...] = ()  # empty: start local workers
     num_workers: int = 1
+    tensor_parallel_size: int = 1  # processes (GPUs) per local worker, its model sharded over them
     dtype: DType = DType.AUTO
     device: DeviceKind = DeviceKind.AUTO
     load_format: LoadFormat = LoadFormat.AUTO
@@ -188,6 +189,11 @@ class ServerConfig:
             raise ValueError("model_dir is required with worker_addresses (the tokenizer is read from it)")
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be at least 1, got {self.num_workers}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+        if self.worker_addresses and self.tensor_parallel_size > 1:
+            raise ValueError("tensor_parallel_size applies to local workers; a --worker group is sized by its own "
+                             "workers' --tp-size")
         if self.worker_addresses and (
             self.kv_cache_dtype is not KVCacheDType.AUTO or self.quantization is not Quantization.NONE
         ):

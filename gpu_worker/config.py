@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pagedserve.contract.model_format import DeviceKind, DType, KVCacheDType, LoadFormat, Quantization
+from pagedserve.gpu_worker.parallel.config import TensorParallelConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +21,7 @@ class WorkerConfig:
     listen_address: str = "127.0.0.1:50061"
     worker_id: str = "worker-0"
     enforce_eager: bool = False  # never replay CUDA graphs (debugging, or to save their memory)
+    tensor_parallel: TensorParallelConfig = TensorParallelConfig()  # this worker's rank in its group; alone by default
     kv_cache_dtype: KVCacheDType = KVCacheDType.AUTO  # FP8: the paged pool holds e4m3, half the bytes per token
     quantization: Quantization = Quantization.NONE  # FP8: linear layers quantized to e4m3 at load
     cpu_threads: int = 1  # torch's CPU threads (runtime/cpu_threads.py: main gives the cores it may use)

@@ -16,6 +16,8 @@ import torch
 from pagedserve.contract.model_dir import check_model_dir
 from pagedserve.contract.model_format import DeviceKind, DType, KVCacheDType, LoadFormat, Quantization
 from pagedserve.gpu_worker.config import WorkerConfig
+from pagedserve.gpu_worker.parallel.config import TensorParallelConfig
+from pagedserve.gpu_worker.parallel.follower import run_follower
 from pagedserve.gpu_worker.service import start_server
 from pagedserve.gpu_worker.worker import Worker
 from pagedserve.runtime.auth import SECRET_ENV, ClusterSecret, cluster_secret_from
@@ -61,6 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-reflection", action="store_true", help="serve gRPC reflection (off by default)")
     p.add_argument("--parent-pid", type=int,
                    help="exit once this process is no longer our parent (given by the process that starts us)")
+    p.add_argument("--tp-size", type=int, default=1,
+                   help="tensor-parallel group size: the model is sharded over this many worker processes, one per GPU")
+    p.add_argument("--tp-rank", type=int, default=0,
+                   help="this process's rank in its group: rank 0 serves the control plane (--listen) and leads, "
+                        "the others follow it and listen on no port")
+    p.add_argument("--tp-rendezvous", metavar="HOST:PORT",
+                   help="where rank 0 hosts the group's rendezvous (every rank gives the same; needed with --tp-size "
+                        "above 1; unauthenticated: keep it on loopback or a private network)")
+    p.add_argument("--tp-timeout", type=float, default=60.0,
+                   help="seconds a rank waits in a collective before it gives up and exits (a dead or hung rank)")
     return p
 
 
@@ -108,6 +120,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(
         model_dir=args.model, dtype=args.dtype, device=args.device, load_format=args.load_format, seed=args.seed,
         listen_address=args.listen, worker_id=args.worker_id, enforce_eager=args.enforce_eager,
+        tensor_parallel=TensorParallelConfig(args.tp_rank, args.tp_size, args.tp_rendezvous, args.tp_timeout),
         kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
         cpu_threads=usable_cores() if args.cpu_threads is None else args.cpu_threads,
     )
@@ -125,6 +138,7 @@ async def serve(worker: Worker, address: str, secret: ClusterSecret | None, enab
     await stopped_by_signal()
     log.info("worker_stopping", worker_id=worker.config.worker_id)
     await server.stop(_GRACE_S)
+    worker.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -138,8 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
     except ValueError as error:  # ModelDirError included: one line and exit code 2, before loading anything
         usage_error(parser, str(error))
-    secret = cluster_secret_from_args(parser, args)
-    if secret is None:
+    is_follower = config.tensor_parallel.rank > 0  # serves no port: no secret or TLS to check
+    secret = None if is_follower else cluster_secret_from_args(parser, args)
+    if secret is None and not is_follower:
         log.warning("authentication_disabled", flag="--insecure-no-auth",
                     message="any process that reaches this port can drive or reset the worker")
     credentials = server_credentials_from_args(parser, args)
@@ -147,5 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(config.cpu_threads)
     worker = Worker.load(config)
     freeze_startup_objects()
+    if is_follower:
+        run_follower(worker)
+        return 0
     asyncio.run(serve(worker, config.listen_address, secret, args.enable_reflection, credentials))
     return 0

@@ -23,6 +23,7 @@ from pagedserve.gpu_worker.fp8_weights import (
 )
 from pagedserve.gpu_worker.models.decoder import DecoderForCausalLM
 from pagedserve.gpu_worker.models.model_config import ModelConfig
+from pagedserve.gpu_worker.parallel.group import SINGLE_RANK, ParallelGroup
 from pagedserve.kernels.ops import KernelOps
 
 log = structlog.get_logger()
@@ -73,12 +74,22 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return [single] if single.is_file() else []
 
 
-def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, CPU tensor) for every tensor of every file, one tensor in memory at a time."""
+def iter_safetensors(files: list[Path], model: DecoderForCausalLM | None = None,
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, CPU tensor) for every tensor of every file (that model loads, when given), one tensor in memory at a
+    time: only the slice model's rank holds is read from the file (a tensor-parallel rank reads its part of each
+    weight). Without model every tensor comes whole (an FP8 checkpoint's scales, which model does not name)."""
     for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             for name in handle.keys():  # noqa: SIM118 - safe_open is not iterable
-                yield name, handle.get_tensor(name)
+                is_loaded, part = (True, None) if model is None else model.weight_slice(name)
+                if not is_loaded:
+                    continue
+                if part is None:
+                    yield name, handle.get_tensor(name)
+                    continue
+                view = handle.get_slice(name)
+                yield name, view[part.start : part.stop] if part.dim == 0 else view[:, part.start : part.stop]
 
 
 def fill_dummy_weights(model: DecoderForCausalLM, seed: int) -> None:
@@ -97,17 +108,23 @@ def fill_dummy_weights(model: DecoderForCausalLM, seed: int) -> None:
 
 def load_model(
     model_dir: Path, dtype: DType, device: torch.device, load_format: LoadFormat, seed: int, ops: KernelOps,
-    quantization: Quantization = Quantization.NONE,
+    quantization: Quantization = Quantization.NONE, group: ParallelGroup = SINGLE_RANK,
 ) -> LoadedModel:
-    """Builds the decoder on device in the resolved dtype and fills its weights as load_format says. Linear
-    layers are FP8 when quantization says so (quantized once loaded) or when the checkpoint is FP8 (loaded as is)."""
+    """Builds the decoder on device in the resolved dtype and fills its weights as load_format says: group.rank's
+    slices of them under tensor parallelism (its config is then that rank's, see DecoderForCausalLM). Linear layers
+    are FP8 when quantization says so (each rank quantizes its slices once loaded) or when the checkpoint is FP8
+    (loaded as is, with one rank only)."""
     config = read_model_config(model_dir)
     torch_dtype = resolve_dtype(dtype, config)
     is_fp8_checkpoint = load_format is not LoadFormat.DUMMY and checkpoint_is_fp8(model_dir)
     if quantization is Quantization.FP8 or is_fp8_checkpoint:
         require_fp8_device(device, "FP8 weights (--quantization fp8, or an FP8 checkpoint)")
+    if is_fp8_checkpoint and group.size > 1:
+        raise ModelLoadError(f"{model_dir} is an FP8 checkpoint, which tensor parallelism cannot slice (its weights "
+                             "are scaled per tensor); serve it with one rank, or quantize a model-dtype checkpoint "
+                             "with --quantization fp8")
     with torch.no_grad():
-        model = DecoderForCausalLM(config, ops, device, torch_dtype).eval()
+        model = DecoderForCausalLM(config, ops, device, torch_dtype, group).eval()
         if load_format is LoadFormat.DUMMY:
             fill_dummy_weights(model, seed)
         else:
@@ -115,9 +132,9 @@ def load_model(
             if not files:
                 raise ModelLoadError(f"no {_SINGLE_FILE} or {_INDEX_FILE} in {model_dir} (use load format dummy)")
             if is_fp8_checkpoint:
-                load_fp8_checkpoint(model, iter_safetensors(files))
+                load_fp8_checkpoint(model, iter_safetensors(files))  # one rank: whole
             else:
-                model.load_weights(iter_safetensors(files))
+                model.load_weights(iter_safetensors(files, model))
         if quantization is Quantization.FP8:
             quantize_linears(model)
     if device.type == "cuda":
@@ -125,5 +142,6 @@ def load_model(
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + fp8_linear_bytes(model)
     log.info("model_loaded", architecture=config.architecture.value, dtype=str(torch_dtype).removeprefix("torch."),
              device=str(device), weight_bytes=weight_bytes, load_format=load_format.value,
-             fp8_weights=quantization is Quantization.FP8 or is_fp8_checkpoint)
-    return LoadedModel(model_dir.resolve().name, model, config, torch_dtype, weight_bytes)
+             fp8_weights=quantization is Quantization.FP8 or is_fp8_checkpoint, tp_rank=group.rank,
+             tp_size=group.size)
+    return LoadedModel(model_dir.resolve().name, model, model.config, torch_dtype, weight_bytes)

@@ -25,6 +25,8 @@ from pagedserve.gpu_worker.grammar import GrammarCompiler
 from pagedserve.gpu_worker.kv_pool import KVLayout, KVPool
 from pagedserve.gpu_worker.memory_profile import gpu_blocks_for_budget, profile_peak_activation_bytes
 from pagedserve.gpu_worker.model_runner import LaunchedRun, ModelRunner
+from pagedserve.gpu_worker.parallel.commands import GroupLeader, fatal_in_group
+from pagedserve.gpu_worker.parallel.group import SINGLE_RANK, ParallelGroup, join_group, rank_device
 from pagedserve.gpu_worker.piecewise_graph import MAX_PIECEWISE_TOKENS, PiecewiseGraphRunner
 from pagedserve.gpu_worker.sampler import Sampler, SampleResult
 from pagedserve.gpu_worker.sequence_state import PendingToken, ScheduledWork, SequenceRegistry
@@ -64,14 +66,20 @@ class Worker:
     to read tokens: inputs that are step N's tokens are read on the device.
 
     Invariant: registry and runner exist exactly when the KV pool does (after init_cache).
+
+    Under tensor parallelism the worker is one rank of a group: the leader (rank 0, with a GroupLeader) announces
+    each init_cache, step and release to the other ranks before running it, and they run it too (follower.py).
     """
 
-    def __init__(self, config: WorkerConfig, loaded: LoadedModel, device: torch.device, ops: KernelOps) -> None:
+    def __init__(self, config: WorkerConfig, loaded: LoadedModel, device: torch.device, ops: KernelOps,
+                 group: ParallelGroup = SINGLE_RANK) -> None:
         self.config = config
         self.loaded = loaded
         self.device = device
         self.ops = ops
+        self.group = group
         self._lock = threading.Lock()
+        self._leader = GroupLeader(group, self._lock) if group.size > 1 and group.is_leader else None
         self._in_flight: deque[LaunchedStep] = deque()
         self._last_span: DeviceSpan | None = None
         self._pool: KVPool | None = None
@@ -83,16 +91,24 @@ class Worker:
 
     @classmethod
     def load(cls, config: WorkerConfig) -> Worker:
-        """Resolves the device, picks its attention ops and loads the model's weights."""
-        device = resolve_device(config.device)
+        """Resolves the device, joins the tensor-parallel group (if any), picks its attention ops and loads the
+        model's weights (this rank's slices); returns once every rank of the group has loaded."""
+        device = rank_device(resolve_device(config.device), config.tensor_parallel)
         if config.kv_cache_dtype is KVCacheDType.FP8:
             require_fp8_device(device, "--kv-cache-dtype fp8")
+        group = join_group(config.tensor_parallel, device)
         ops = get_kernel_ops(device)
         loaded = load_model(config.model_dir, config.dtype, device, config.load_format, config.seed, ops,
-                            config.quantization)
+                            config.quantization, group)
         if config.kv_cache_dtype is KVCacheDType.FP8:
             calibrate_kv_scales(loaded.model, device, config.seed)
-        return cls(config, loaded, device, ops)
+        group.wait_until_all_loaded()
+        return cls(config, loaded, device, ops, group)
+
+    def close(self) -> None:
+        """A leader tells its followers to stop; nothing to do alone or as a follower."""
+        if self._leader is not None:
+            self._leader.stop()
 
     @property
     def is_cache_initialized(self) -> bool:
@@ -135,17 +151,22 @@ class Worker:
         )
 
     def init_cache(self, request: CacheRequest) -> CacheInfo:
-        """Drops every sequence and the old pools, sizes and allocates new ones."""
+        """Drops every sequence and the old pools, sizes and allocates new ones (under tensor parallelism: the
+        size every rank can hold)."""
         with self._lock:
+            if self._leader is not None:
+                self._leader.init_cache(request)
             self._drop_cache()
             layout = self._layout(request.block_size)
-            num_gpu_blocks, peak_bytes = self._size_gpu_pool(layout, request)
-            num_cpu_blocks = layout.num_blocks_in(request.swap_space_bytes)
-            pool = KVPool(layout, num_gpu_blocks, num_cpu_blocks, self.device, self.ops)
+            num_gpu_blocks, peak_bytes = self._agreed_gpu_pool_size(layout, request)
+            num_cpu_blocks = self.group.min_over_ranks(layout.num_blocks_in(request.swap_space_bytes))
+            with fatal_in_group(self.group, "allocating the KV cache"):
+                pool = KVPool(layout, num_gpu_blocks, num_cpu_blocks, self.device, self.ops)
             sampler = Sampler(self.loaded.config.vocab_size, self.device, self.config.seed, self.grammars)
             registry = SequenceRegistry(layout.block_size, num_gpu_blocks, num_cpu_blocks, self.grammars,
                                         self.bad_words)
-            graph_runner, piece_runner = self._capture_graphs(pool, request)
+            with fatal_in_group(self.group, "capturing CUDA graphs"):
+                graph_runner, piece_runner = self._capture_graphs(pool, request)
             self._pool, self._registry = pool, registry
             self._runner = ModelRunner(self.loaded.model, pool, registry.tables, sampler, graph_runner, piece_runner)
         log.info("cache_initialized", num_gpu_blocks=num_gpu_blocks, num_cpu_blocks=num_cpu_blocks,
@@ -156,6 +177,8 @@ class Worker:
         """Drops every sequence, the KV pools and the graphs, once the steps in flight are done: the worker is as
         loaded, and steps fail with CacheNotInitializedError until init_cache runs again."""
         with self._lock:
+            if self._leader is not None:
+                self._leader.release_cache()
             had_cache = self._pool is not None
             self._drop_cache()
             if had_cache and self.device.type == "cuda":
@@ -181,17 +204,20 @@ class Worker:
         with self._lock:
             registry, pool, runner = self.registry, self.pool, self.runner
             registry.validate(step)
-            work = registry.apply(step)
-            span = DeviceSpan(self.device)
-            pool.swap_out(step.swap_out)
-            pool.swap_in(step.swap_in)
-            pool.copy_blocks(step.block_copies)
-            # Sampling that reads earlier tokens on the host waits for them only once this step's forward pass is
-            # queued: the device computes it meanwhile.
-            run = runner.launch(work, self._resolve_in_flight if _reads_token_history(work) else None)
-            pending = registry.reserve(work)
-            runner.keep_last_tokens(run, [slot.state.table_row for slot in pending])
-            span.close()
+            if self._leader is not None:
+                self._leader.step(step)
+            with fatal_in_group(self.group, f"launching step {step.step_id}"):
+                work = registry.apply(step)
+                span = DeviceSpan(self.device)
+                pool.swap_out(step.swap_out)
+                pool.swap_in(step.swap_in)
+                pool.copy_blocks(step.block_copies)
+                # Sampling that reads earlier tokens on the host waits for them only once this step's forward pass
+                # is queued: the device computes it meanwhile.
+                run = runner.launch(work, self._resolve_in_flight if _reads_token_history(work) else None)
+                pending = registry.reserve(work)
+                runner.keep_last_tokens(run, [slot.state.table_row for slot in pending])
+                span.close()
             launched = LaunchedStep(step.step_id, run, pending, span, time.perf_counter() - started)
             self._in_flight.append(launched)
         return launched
@@ -250,6 +276,22 @@ class Worker:
         model_config = self.loaded.config
         dtype = FP8_DTYPE if self.config.kv_cache_dtype is KVCacheDType.FP8 else self.loaded.dtype
         return KVLayout(model_config.num_layers, model_config.num_kv_heads, model_config.head_dim, block_size, dtype)
+
+    def _agreed_gpu_pool_size(self, layout: KVLayout, request: CacheRequest) -> tuple[int, int]:
+        """_size_gpu_pool's (blocks, peak bytes), the blocks the fewest any rank can hold: every rank sizes its own
+        device, and a rank that can hold none makes every rank refuse the request alike."""
+        refusal: InvalidCacheRequestError | None = None
+        with fatal_in_group(self.group, "sizing the KV cache"):  # profiling runs collectives: no rank may leave
+            try:
+                num_blocks, peak_bytes = self._size_gpu_pool(layout, request)
+            except InvalidCacheRequestError as error:
+                refusal, num_blocks, peak_bytes = error, 0, 0
+            agreed = self.group.min_over_ranks(num_blocks)
+        if refusal is not None:
+            raise refusal
+        if agreed == 0:
+            raise InvalidCacheRequestError("another tensor-parallel rank has no memory left for KV blocks")
+        return agreed, peak_bytes
 
     def _size_gpu_pool(self, layout: KVLayout, request: CacheRequest) -> tuple[int, int]:
         """(device blocks, profiled peak activation bytes): the override, the CPU byte budget, or profiling."""

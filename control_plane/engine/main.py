@@ -72,7 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=server.port, help="public gRPC port")
     p.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
                    help="use a running worker instead of starting local ones (repeatable; comma-separated in env)")
-    p.add_argument("--num-workers", type=int, default=server.num_workers, help="local workers to start (one per GPU)")
+    p.add_argument("--num-workers", type=int, default=server.num_workers,
+                   help="local workers to start (one per GPU, or per --tensor-parallel-size GPUs)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=server.tensor_parallel_size,
+                   help="GPUs (worker processes) each local worker's model is sharded over; each worker then takes "
+                        "this many GPUs")
     _add_mode_flag(p, "--dtype", server.dtype, "weight and KV-cache dtype; auto: config.json's")
     _add_mode_flag(p, "--device", server.device, "where local workers run; auto: CUDA when a GPU is visible")
     _add_mode_flag(p, "--load-format", server.load_format, "safetensors files, or dummy (seeded random weights)")
@@ -81,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mode_flag(p, "--quantization", server.quantization,
                    "fp8: local workers quantize linear layers to e4m3 at load")
     p.add_argument("--seed", type=int, default=server.seed, help="seed of dummy weights and of unseeded sampling")
-    p.add_argument("--cpu-threads", type=int, help="torch threads of each local CPU worker (default: the cores this "
-                   "process may use, less one for the control plane, shared among the local workers)")
+    p.add_argument("--cpu-threads", type=int, help="torch threads of each local CPU worker process (default: the "
+                   "cores this process may use, less one for the control plane, shared among the local workers' "
+                   "processes)")
     p.add_argument("--block-size", type=int, default=cache.block_size, help="tokens per KV block")
     p.add_argument("--gpu-memory-utilization", type=float, default=cache.gpu_memory_utilization,
                    help="share of GPU memory for weights, activations and the KV pool")
@@ -165,9 +170,9 @@ def configs_from_args(
     server = ServerConfig(
         host=args.host, port=args.port, model_dir=args.model, worker_addresses=tuple(args.worker),
         num_workers=args.num_workers, dtype=args.dtype, device=args.device, load_format=args.load_format,
-        seed=args.seed, kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
-        metrics_port=args.metrics_port, log_format=args.log_format, log_level=args.log_level,
-        tokenizer_dir=args.tokenizer, cpu_threads=args.cpu_threads,
+        seed=args.seed, tensor_parallel_size=args.tensor_parallel_size, kv_cache_dtype=args.kv_cache_dtype,
+        quantization=args.quantization, metrics_port=args.metrics_port, log_format=args.log_format,
+        log_level=args.log_level, tokenizer_dir=args.tokenizer, cpu_threads=args.cpu_threads,
         api_keys=_api_keys(args), tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file,
         tls_client_ca_file=args.tls_client_ca_file, shutdown_timeout_s=args.shutdown_timeout,
         chat_template=args.chat_template,
@@ -267,9 +272,10 @@ async def serve(server: ServerConfig, scheduler: SchedulerConfig, cache: CacheCo
         launcher = LocalWorkers(WorkerLaunchConfig(
             model_dir=model_dir, num_workers=server.num_workers, dtype=server.dtype, device=server.device,
             load_format=server.load_format, seed=server.seed, kv_cache_dtype=server.kv_cache_dtype,
-            quantization=server.quantization, cluster_secret=secret, log_format=server.log_format,
-            log_level=server.log_level,
-            cpu_threads=server.cpu_threads or local_worker_threads(server.num_workers, usable_cores()),
+            quantization=server.quantization, cluster_secret=secret, tensor_parallel_size=server.tensor_parallel_size,
+            log_format=server.log_format, log_level=server.log_level,
+            cpu_threads=server.cpu_threads or local_worker_threads(server.num_workers * server.tensor_parallel_size,
+                                                                   usable_cores()),
         ))
         addresses = launcher.start()
     clients = [channels.connect(address, secret) for address in addresses]

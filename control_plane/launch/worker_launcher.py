@@ -38,13 +38,16 @@ class WorkerLaunchConfig:
     kv_cache_dtype: KVCacheDType = KVCacheDType.AUTO
     quantization: Quantization = Quantization.NONE
     cluster_secret: ClusterSecret | None = None  # handed to each worker in its environment; None: no authentication
+    tensor_parallel_size: int = 1  # processes (GPUs) per worker: one tensor-parallel group each
     log_format: LogFormat = LogFormat.AUTO
     log_level: LogLevel = LogLevel.INFO
-    cpu_threads: int = 1  # torch threads of each worker
+    cpu_threads: int = 1  # torch threads of each worker process (each rank of a group)
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be at least 1, got {self.num_workers}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
         if self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be at least 1, got {self.cpu_threads}")
 
@@ -59,6 +62,10 @@ def free_loopback_port() -> int:
 class LocalWorkers:
     """Worker processes owned by this control plane: one per GPU when several are visible, on loopback ports.
 
+    With tensor_parallel_size N each worker is a group of N processes (ranks), worker i's rank r on GPU i * N + r:
+    rank 0 listens at the worker's address, the others follow it through a rendezvous on another loopback port.
+    A group is started, checked and restarted as a unit: a rank that dies takes the group down with it.
+
     They are terminated when the control plane stops, and only then: each runs in a session of its own, so a
     Ctrl-C at the terminal does not stop them while the frontend still drains open streams. However this process
     dies, they follow it within 2 s: each is told this process's pid (--parent-pid) and exits once it is orphaned.
@@ -68,38 +75,50 @@ class LocalWorkers:
 
     def __init__(self, config: WorkerLaunchConfig) -> None:
         self._config = config
-        self._processes: list[subprocess.Popen[bytes]] = []
+        self._groups: list[list[subprocess.Popen[bytes]]] = []  # per worker: its ranks' processes, rank 0 first
         self._addresses: list[str] = []
 
     def start(self) -> list[str]:
         """Starts the workers and returns their addresses (they may still be loading)."""
         for index in range(self._config.num_workers):
             self._addresses.append(f"127.0.0.1:{free_loopback_port()}")
-            self._processes.append(self._spawn(index))
+            self._groups.append(self._spawn_group(index))
         return list(self._addresses)
 
     def worker_index(self, worker_id: str) -> int | None:
         """The index of the local worker that reports worker_id, None if none of them does."""
-        ids = [_worker_id(index) for index in range(len(self._processes))]
+        ids = [_worker_id(index) for index in range(len(self._groups))]
         return ids.index(worker_id) if worker_id in ids else None
 
     def restart(self, index: int) -> str:
-        """Kills worker index if it still runs (a hung worker ignores SIGTERM), then starts it again on the same
-        address, which it returns. Blocks until the old process is reaped."""
-        old = self._processes[index]
-        if old.poll() is None:
-            old.kill()
-        old.wait()
-        self._processes[index] = self._spawn(index)
+        """Kills every process of worker index that still runs (a hung worker ignores SIGTERM), then starts the
+        whole group again on the same address, which it returns. Blocks until the old processes are reaped."""
+        for old in self._groups[index]:
+            if old.poll() is None:
+                old.kill()
+        for old in self._groups[index]:
+            old.wait()
+        self._groups[index] = self._spawn_group(index)
         return self._addresses[index]
 
-    def _spawn(self, index: int) -> subprocess.Popen[bytes]:
+    def _spawn_group(self, index: int) -> list[subprocess.Popen[bytes]]:
+        """Starts worker index's ranks, with a fresh rendezvous port (the old one may linger)."""
+        size = self._config.tensor_parallel_size
+        if size == 1:
+            return [self._spawn(index, 0, ())]
+        rendezvous = ("--tp-size", str(size), "--tp-rendezvous", f"127.0.0.1:{free_loopback_port()}")
+        return [self._spawn(index, rank, (*rendezvous, "--tp-rank", str(rank))) for rank in range(size)]
+
+    def _spawn(self, index: int, rank: int, tp_flags: Sequence[str]) -> subprocess.Popen[bytes]:
         config, address, worker_id = self._config, self._addresses[index], _worker_id(index)
         # A worker reads PAGEDSERVE_* variables as its flags' values, but serve's (its public port's TLS files, say)
         # are not meant for it: it gets flags, and the secret below, and none of them.
         env = {name: value for name, value in os.environ.items() if not name.startswith(ENV_PREFIX)}
-        if config.num_workers > 1:
-            env["CUDA_VISIBLE_DEVICES"] = str(index)
+        if config.num_workers > 1 or config.tensor_parallel_size > 1:
+            # Every rank of a group sees the group's GPUs (rank r takes the r-th): NCCL's peer-to-peer transport
+            # needs the peers' devices visible, and falls back to copies through host memory otherwise.
+            first = index * config.tensor_parallel_size
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(first + r) for r in range(config.tensor_parallel_size))
         command = [
             sys.executable, "-m", "pagedserve.runtime.cli", "worker",
             "--model", str(config.model_dir),
@@ -115,31 +134,43 @@ class LocalWorkers:
             "--cpu-threads", str(config.cpu_threads),
             "--log-format", config.log_format.value,
             "--log-level", config.log_level.value,
+            *tp_flags,
         ]
         if config.cluster_secret is None:
             command.append("--insecure-no-auth")
         else:
             env[SECRET_ENV] = config.cluster_secret.value
         process = subprocess.Popen(command, env=env, start_new_session=True)
-        log.info("worker_started", worker_id=worker_id, address=address, pid=process.pid)
+        log.info("worker_started", worker_id=worker_id, address=address, pid=process.pid, tp_rank=rank)
         return process
 
     def check_alive(self, index: int | None = None) -> None:
-        """Raises RuntimeError naming the first worker process (of all, or only index) that has exited."""
-        for process in self._processes if index is None else [self._processes[index]]:
+        """Raises RuntimeError naming the first worker process (of all, or only worker index's) that has exited."""
+        for process in self._all_processes() if index is None else self._groups[index]:
             if process.poll() is not None:
                 raise RuntimeError(f"worker process {process.pid} exited with code {process.returncode}")
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        for process in self._processes:
+        """Stops every worker: the leaders (rank 0) first, which tell their followers to stop, then any rank left."""
+        leaders = [group[0] for group in self._groups]
+        self._terminate(leaders, timeout_s)
+        self._terminate([process for group in self._groups for process in group[1:]], timeout_s)
+
+    @staticmethod
+    def _terminate(processes: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
+        for process in processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        for process in self._processes:
+        for process in processes:
             try:
                 process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+    def _all_processes(self) -> list[subprocess.Popen[bytes]]:
+        return [process for group in self._groups for process in group]
 
 
 def _worker_id(index: int) -> str:

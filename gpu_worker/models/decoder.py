@@ -7,7 +7,6 @@ from collections.abc import Callable, Generator, Iterable
 from typing import TYPE_CHECKING, NamedTuple, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.gpu_worker.errors import ModelLoadError
@@ -21,31 +20,38 @@ from pagedserve.gpu_worker.models.layers import (
 )
 from pagedserve.gpu_worker.models.model_config import ModelConfig
 from pagedserve.gpu_worker.models.rope import RotaryEmbedding, Rotation
+from pagedserve.gpu_worker.parallel.group import SINGLE_RANK, ParallelGroup
+from pagedserve.gpu_worker.parallel.sharding import ShardLayout, Split, TensorSlice
+from pagedserve.gpu_worker.parallel.vocab import VocabParallel
 
 if TYPE_CHECKING:
     from pagedserve.kernels.ops import KernelOps
 
 _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
-# Hugging Face per-layer names -> (our parameter under layers.{i}, shard index in a fused parameter or None).
-_LAYER_PARAMS: dict[str, tuple[str, int | None]] = {
-    "self_attn.q_proj.weight": ("attn.qkv_proj", 0),
-    "self_attn.k_proj.weight": ("attn.qkv_proj", 1),
-    "self_attn.v_proj.weight": ("attn.qkv_proj", 2),
-    "self_attn.q_proj.bias": ("attn.qkv_bias", 0),
-    "self_attn.k_proj.bias": ("attn.qkv_bias", 1),
-    "self_attn.v_proj.bias": ("attn.qkv_bias", 2),
-    "self_attn.o_proj.weight": ("attn.o_proj", None),
-    "self_attn.q_norm.weight": ("attn.q_norm.weight", None),
-    "self_attn.k_norm.weight": ("attn.k_norm.weight", None),
-    "mlp.gate_proj.weight": ("mlp.gate_up_proj", 0),
-    "mlp.up_proj.weight": ("mlp.gate_up_proj", 1),
-    "mlp.down_proj.weight": ("mlp.down_proj", None),
-    "input_layernorm.weight": ("input_norm.weight", None),
-    "post_attention_layernorm.weight": ("post_attention_norm.weight", None),
+# Hugging Face per-layer names -> (our parameter under layers.{i}, shard index in a fused parameter or None, how the
+# weight is divided among tensor-parallel ranks).
+_LAYER_PARAMS: dict[str, tuple[str, int | None, Split]] = {
+    "self_attn.q_proj.weight": ("attn.qkv_proj", 0, Split.Q_ROWS),
+    "self_attn.k_proj.weight": ("attn.qkv_proj", 1, Split.KV_ROWS),
+    "self_attn.v_proj.weight": ("attn.qkv_proj", 2, Split.KV_ROWS),
+    "self_attn.q_proj.bias": ("attn.qkv_bias", 0, Split.Q_ROWS),
+    "self_attn.k_proj.bias": ("attn.qkv_bias", 1, Split.KV_ROWS),
+    "self_attn.v_proj.bias": ("attn.qkv_bias", 2, Split.KV_ROWS),
+    "self_attn.o_proj.weight": ("attn.o_proj", None, Split.Q_COLUMNS),
+    "self_attn.q_norm.weight": ("attn.q_norm.weight", None, Split.WHOLE),
+    "self_attn.k_norm.weight": ("attn.k_norm.weight", None, Split.WHOLE),
+    "mlp.gate_proj.weight": ("mlp.gate_up_proj", 0, Split.MLP_ROWS),
+    "mlp.up_proj.weight": ("mlp.gate_up_proj", 1, Split.MLP_ROWS),
+    "mlp.down_proj.weight": ("mlp.down_proj", None, Split.MLP_COLUMNS),
+    "input_layernorm.weight": ("input_norm.weight", None, Split.WHOLE),
+    "post_attention_layernorm.weight": ("post_attention_norm.weight", None, Split.WHOLE),
 }
-_TOP_PARAMS = {
-    "model.embed_tokens.weight": "embed_tokens", "model.norm.weight": "norm.weight", "lm_head.weight": "lm_head",
+_TOP_PARAMS: dict[str, tuple[str, Split]] = {
+    "model.embed_tokens.weight": ("embed_tokens", Split.VOCAB_ROWS),
+    "model.norm.weight": ("norm.weight", Split.WHOLE),
+    "lm_head.weight": ("lm_head", Split.VOCAB_ROWS),
 }
+_VOCAB_PARAMS = ("embed_tokens", "lm_head")
 
 
 class AttentionCall(NamedTuple):
@@ -78,12 +84,13 @@ class DecoderLayer(nn.Module):
     attention, which is the only part that reads the step's attention metadata.
     """
 
-    def __init__(self, config: ModelConfig, ops: KernelOps, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, ops: KernelOps, device: torch.device, dtype: torch.dtype,
+                 group: ParallelGroup) -> None:
         super().__init__()
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, device, dtype)
-        self.attn = PagedAttention(config, ops, device, dtype)
+        self.attn = PagedAttention(config, ops, device, dtype, group)
         self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, device, dtype)
-        self.mlp = GatedMLP(config, ops, device, dtype)
+        self.mlp = GatedMLP(config, ops, device, dtype, group)
 
     def before_attention(
         self, previous: torch.Tensor | None, residual: torch.Tensor, rotation: Rotation, slot_mapping: torch.Tensor,
@@ -104,19 +111,29 @@ class DecoderForCausalLM(nn.Module):
 
     The forward pass does no host synchronisation, so a decode step can be captured in a CUDA graph, and the
     parts between attentions (pieces) can be captured for any step.
+
+    Under tensor parallelism (group of more than one rank) it holds rank group.rank's slices (parallel/sharding.py)
+    and self.config is that rank's config (its heads and columns); every rank runs every step.
     """
 
-    def __init__(self, config: ModelConfig, ops: KernelOps, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, ops: KernelOps, device: torch.device, dtype: torch.dtype,
+                 group: ParallelGroup = SINGLE_RANK) -> None:
         super().__init__()
-        self.config = config
-        self.embed_tokens = empty_parameter(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
-        self.layers = nn.ModuleList(DecoderLayer(config, ops, device, dtype) for _ in range(config.num_layers))
+        self.shards = ShardLayout(config, group.rank, group.size)
+        self.vocab = VocabParallel(self.shards, group)
+        config = self.config = self.shards.local_config
+        vocab_rows = self.shards.vocab_rows_per_rank
+        self.embed_tokens = empty_parameter(vocab_rows, config.hidden_size, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(config, ops, device, dtype, group) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, device, dtype)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling, device)
         if config.tie_word_embeddings:
             self.lm_head = self.embed_tokens
         else:
-            self.lm_head = empty_parameter(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
+            self.lm_head = empty_parameter(vocab_rows, config.hidden_size, device=device, dtype=dtype)
+        with torch.no_grad():  # the last rank's padding rows: never looked up, their logits cut off
+            self.embed_tokens[self.shards.num_vocab_rows :].zero_()
+            self.lm_head[self.shards.num_vocab_rows :].zero_()
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor
@@ -135,7 +152,7 @@ class DecoderForCausalLM(nn.Module):
         """The forward pass cut at each layer's attention, which the caller runs (attend) before resuming. A piece
         reads only input_ids, positions, slot_mapping, the weights, the pool and buffers (where attention's query
         and output rows go, when given), never the attention metadata."""
-        residual = F.embedding(input_ids, self.embed_tokens)
+        residual = self.vocab.embed(input_ids, self.embed_tokens)
         rotation = self.rotary(positions, residual.dtype)
         output: torch.Tensor | None = None
         for index, layer in enumerate(cast("Iterable[DecoderLayer]", self.layers)):
@@ -148,8 +165,8 @@ class DecoderForCausalLM(nn.Module):
         cast(DecoderLayer, self.layers[call.layer]).attn.attend(call.out, call.query, meta, kv_cache[call.layer])
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [R, hidden] -> [R, vocab] float32."""
-        return F.linear(hidden, self.lm_head).to(torch.float32)
+        """hidden: [R, hidden] -> [R, vocab] float32 (the whole vocabulary on every rank)."""
+        return self.vocab.logits(hidden, self.lm_head)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copies Hugging Face-named tensors into the (fused) parameters; every parameter must be covered."""
@@ -160,7 +177,7 @@ class DecoderForCausalLM(nn.Module):
             target = self._map_name(hf_name)
             if target is None:
                 continue
-            name, shard = target
+            name, shard, _ = target
             if name not in params:
                 raise ModelLoadError(f"weight {hf_name} has no parameter {name} in this architecture")
             destination = self._shard_view(params[name], name, shard)
@@ -173,16 +190,25 @@ class DecoderForCausalLM(nn.Module):
         if missing:
             raise ModelLoadError(f"weights missing for: {', '.join(missing[:8])}")
 
-    def _map_name(self, hf_name: str) -> tuple[str, int | None] | None:
+    def weight_slice(self, hf_name: str) -> tuple[bool, TensorSlice | None]:
+        """(whether the Hugging Face weight hf_name is loaded at all, the slice of it this rank reads: None for the
+        whole), so that a loader reads only this rank's part of each file."""
+        target = self._map_name(hf_name)
+        if target is None:
+            return False, None
+        return True, self.shards.slice_of(target[2])
+
+    def _map_name(self, hf_name: str) -> tuple[str, int | None, Split] | None:
         if hf_name in _TOP_PARAMS:
             if hf_name == "lm_head.weight" and self.config.tie_word_embeddings:
                 return None
-            return _TOP_PARAMS[hf_name], None
+            name, split = _TOP_PARAMS[hf_name]
+            return name, None, split
         match = _LAYER_NAME.fullmatch(hf_name)
         if match is None or match.group(2) not in _LAYER_PARAMS:
             return None  # e.g. rotary_emb.inv_freq of old checkpoints: recomputed, not loaded
-        name, shard = _LAYER_PARAMS[match.group(2)]
-        return f"layers.{match.group(1)}.{name}", shard
+        name, shard, split = _LAYER_PARAMS[match.group(2)]
+        return f"layers.{match.group(1)}.{name}", shard, split
 
     def _expected_shards(self, params: dict[str, nn.Parameter]) -> list[tuple[str, int | None]]:
         fused = {"attn.qkv_proj": 3, "attn.qkv_bias": 3, "mlp.gate_up_proj": 2}
@@ -195,6 +221,8 @@ class DecoderForCausalLM(nn.Module):
         return shards
 
     def _shard_view(self, param: torch.Tensor, name: str, shard: int | None) -> torch.Tensor:
+        if name in _VOCAB_PARAMS:
+            return param[: self.shards.num_vocab_rows]  # without the last rank's padding rows
         if shard is None:
             return param
         cfg = self.config

@@ -11,6 +11,7 @@ from torch import nn
 from pagedserve.gpu_worker.models.fp8_linear import Fp8Linear, linear
 from pagedserve.gpu_worker.models.model_config import ModelConfig
 from pagedserve.gpu_worker.models.rope import Rotation
+from pagedserve.gpu_worker.parallel.group import SINGLE_RANK, ParallelGroup
 
 if TYPE_CHECKING:
     from pagedserve.kernels.ops import KernelOps
@@ -69,10 +70,16 @@ class RMSNorm(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """SwiGLU feed-forward with gate and up projections fused into one matmul."""
+    """SwiGLU feed-forward with gate and up projections fused into one matmul.
 
-    def __init__(self, config: ModelConfig, ops: KernelOps, device: torch.device, dtype: torch.dtype) -> None:
+    Under tensor parallelism config is the rank's (its intermediate columns): gate/up is column-parallel, down is
+    row-parallel, and the partial outputs are summed over the group.
+    """
+
+    def __init__(self, config: ModelConfig, ops: KernelOps, device: torch.device, dtype: torch.dtype,
+                 group: ParallelGroup = SINGLE_RANK) -> None:
         super().__init__()
+        self.group = group
         self.gate_up_proj: nn.Parameter | Fp8Linear = empty_parameter(
             2 * config.intermediate_size, config.hidden_size, device=device, dtype=dtype)
         self.down_proj: nn.Parameter | Fp8Linear = empty_parameter(
@@ -80,18 +87,24 @@ class GatedMLP(nn.Module):
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self.ops.silu_and_mul(linear(x, self.gate_up_proj)), self.down_proj)
+        return self.group.all_reduce(linear(self.ops.silu_and_mul(linear(x, self.gate_up_proj)), self.down_proj))
 
     if TYPE_CHECKING:
         __call__ = forward
 
 
 class PagedAttention(nn.Module):
-    """Self-attention whose keys and values live in the paged pool: project, rotate, write K/V, attend."""
+    """Self-attention whose keys and values live in the paged pool: project, rotate, write K/V, attend.
 
-    def __init__(self, config: ModelConfig, ops: KernelOps, device: torch.device, dtype: torch.dtype) -> None:
+    Under tensor parallelism config is the rank's (its query and key/value heads): qkv is column-parallel by heads,
+    o_proj row-parallel, its partial outputs summed over the group.
+    """
+
+    def __init__(self, config: ModelConfig, ops: KernelOps, device: torch.device, dtype: torch.dtype,
+                 group: ParallelGroup = SINGLE_RANK) -> None:
         super().__init__()
         self.config = config
+        self.group = group
         self.ops = ops
         qkv_size = config.q_size + 2 * config.kv_size
         self.qkv_proj: nn.Parameter | Fp8Linear = empty_parameter(qkv_size, config.hidden_size, device=device,
@@ -138,7 +151,7 @@ class PagedAttention(nn.Module):
         )
 
     def output(self, out: torch.Tensor) -> torch.Tensor:
-        return linear(out.view(out.shape[0], self.config.q_size), self.o_proj)
+        return self.group.all_reduce(linear(out.view(out.shape[0], self.config.q_size), self.o_proj))
 
     def _norm_heads(self, qkv: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm) -> torch.Tensor:
         """Qwen3's per-head RMSNorm of the q and k heads (before rotary); v passes through."""

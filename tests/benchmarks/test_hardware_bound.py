@@ -72,3 +72,10 @@ def test_fp8_weights_and_kv_together_count_one_byte_for_both() -> None:
 
 def test_percent_of_bound_is_bound_time_over_measured_time() -> None:
     assert percent_of_bound(measured_s=4.0, bound_s=1.0) == 25.0
+
+
+def test_a_tensor_parallel_group_of_n_devices_is_bounded_by_n_times_their_rates() -> None:
+    pair = RATES.times(2)
+
+    assert (pair.device_name, pair.memory_bandwidth_bytes_per_s, pair.matmul_flops_per_s) == ("test x2", 200.0, 2000.0)
+    assert RATES.times(1) is RATES

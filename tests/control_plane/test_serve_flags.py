@@ -63,6 +63,17 @@ def test_parsing_the_serve_flags_imports_neither_torch_nor_the_worker() -> None:
     assert result.stdout.strip() == "[]"
 
 
+def test_tensor_parallel_size_flag_and_variable_size_each_local_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert (_server([]).tensor_parallel_size, _server(["-tp", "2"]).tensor_parallel_size) == (1, 2)
+    monkeypatch.setenv("PAGEDSERVE_TENSOR_PARALLEL_SIZE", "4")
+    assert _server([]).tensor_parallel_size == 4
+
+
+def test_tensor_parallel_size_is_refused_with_external_workers() -> None:
+    with pytest.raises(ValueError, match="tensor_parallel_size applies to local workers"):
+        _server(["--model", "m", "--worker", "10.0.0.5:50061", "--tensor-parallel-size", "2"])
+
+
 def test_prefix_caching_false_in_the_environment_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PAGEDSERVE_ENABLE_PREFIX_CACHING", "false")
 

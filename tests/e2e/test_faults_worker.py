@@ -40,8 +40,15 @@ class LocalServe:
         self.log_path = log_path
 
     def events(self, name: str) -> list[dict[str, Any]]:
-        lines = self.log_path.read_text().splitlines()
-        return [event for line in lines if line.startswith("{") and (event := json.loads(line))["event"] == name]
+        """The log's events called name. serve and its workers share the log and may write lines at the same moment
+        (one object's newline after the next object), so each line is read as a run of JSON objects."""
+        decoder, events = json.JSONDecoder(), []
+        for line in self.log_path.read_text().splitlines():
+            position = 0
+            while line.startswith("{", position):
+                event, position = decoder.raw_decode(line, position)
+                events.append(event)
+        return [event for event in events if event["event"] == name]
 
     def worker_pids(self) -> list[int]:
         return [int(event["pid"]) for event in self.events("worker_started")]

@@ -9,6 +9,7 @@ from pagedserve.contract import codec
 from pagedserve.contract.model_format import DeviceKind, DType, KVCacheDType, LoadFormat, Quantization
 from pagedserve.contract.worker_info import CacheRequest
 from pagedserve.gpu_worker.config import WorkerConfig
+from pagedserve.gpu_worker.parallel.config import TensorParallelConfig
 from pagedserve.gpu_worker.worker import Worker
 from pagedserve.v1 import common_pb2
 from pagedserve.v1 import worker_service_pb2 as pb
@@ -21,11 +22,14 @@ def load_worker(
     model_dir: Path, block_size: int = 4, num_blocks: int = 256, num_cpu_blocks: int = 0,
     dtype: DType = DType.FLOAT32, load_format: LoadFormat = LoadFormat.AUTO, seed: int = 0,
     device: DeviceKind = DeviceKind.CPU, enforce_eager: bool = False,
+    tensor_parallel: TensorParallelConfig | None = None,
     kv_cache_dtype: KVCacheDType = KVCacheDType.AUTO, quantization: Quantization = Quantization.NONE,
 ) -> Worker:
-    """A worker (CPU unless told) with its cache initialised to exactly num_blocks device blocks."""
+    """A worker (CPU unless told) with its cache initialised to exactly num_blocks device blocks (the leader of a
+    tensor-parallel group when tensor_parallel says so, whose other ranks must be loading too)."""
     config = WorkerConfig(model_dir=model_dir, dtype=dtype, device=device, load_format=load_format, seed=seed,
-                          enforce_eager=enforce_eager, kv_cache_dtype=kv_cache_dtype, quantization=quantization)
+                          enforce_eager=enforce_eager, tensor_parallel=tensor_parallel or TensorParallelConfig(),
+                          kv_cache_dtype=kv_cache_dtype, quantization=quantization)
     worker = Worker.load(config)
     bytes_per_block = worker.info().kv_bytes_per_token * block_size
     worker.init_cache(CacheRequest(block_size=block_size, num_gpu_blocks_override=num_blocks,

@@ -15,7 +15,8 @@ from pagedserve.contract.model_format import DeviceKind, DType
 from pagedserve.v1 import common_pb2
 from pagedserve.v1 import worker_service_pb2 as pb
 from tests.gpu_marks import NEEDS_GPU
-from tests.gpu_worker.harness import STORIES_DIR, WorkerDriver, load_worker
+from tests.gpu_worker.harness import STORIES_DIR, WorkerDriver
+from tests.gpu_worker.tensor_parallel_harness import leader_of_group
 from tests.gpu_worker.test_models import (
     _llama3_rope_scaling,
     _llama_gqa_tied,
@@ -29,6 +30,10 @@ pytestmark = NEEDS_GPU
 BLOCK_SIZE = 16
 MIN_AGREEMENT = 0.99
 TINY_MODEL_MARGIN = 0.005
+# One GPU, and the model sharded over two (tensor parallelism, NCCL) on a host that has them.
+TP_SIZES = pytest.mark.parametrize("tp_size", [
+    1, pytest.param(2, marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")),
+])
 
 
 STORY_PROMPTS = ["Once upon a time", "Lily and Tom went to the park.", "One day, a little dog", "The sun was shining",
@@ -62,11 +67,16 @@ def _agreement(predicted: list[list[int]], expected: list[list[int]]) -> float:
     return sum(p == e for p, e in pairs) / len(pairs)
 
 
-def _bf16_argmax(model_dir: Path, sequences: list[list[int]]) -> list[list[int]]:
-    """Our bfloat16 model's top-1 token at every position, from one prefill step with prompt logprobs."""
+def _bf16_argmax(model_dir: Path, sequences: list[list[int]], tp_size: int) -> list[list[int]]:
+    """Our bfloat16 model's top-1 token at every position, from one prefill step with prompt logprobs, sharded over
+    tp_size GPUs."""
     num_blocks = sum(-(-len(s) // BLOCK_SIZE) for s in sequences)
-    worker = load_worker(model_dir, BLOCK_SIZE, num_blocks=num_blocks, dtype=DType.BFLOAT16, device=DeviceKind.CUDA)
-    driver = WorkerDriver(worker, BLOCK_SIZE, num_blocks)
+    with leader_of_group(model_dir, tp_size, BLOCK_SIZE, num_blocks, dtype=DType.BFLOAT16,
+                         device=DeviceKind.CUDA) as worker:
+        return _prompt_top_tokens(WorkerDriver(worker, BLOCK_SIZE, num_blocks), sequences)
+
+
+def _prompt_top_tokens(driver: WorkerDriver, sequences: list[list[int]]) -> list[list[int]]:
     request = pb.ExecuteRequest()
     start = 0
     for seq_id, ids in enumerate(sequences):
@@ -79,12 +89,13 @@ def _bf16_argmax(model_dir: Path, sequences: list[list[int]]) -> list[list[int]]
     return [[lp.top_token_ids[0] for lp in out.prompt_logprobs] for out in response.outputs]
 
 
-def test_bf16_teacher_forced_top1_agrees_with_float32_transformers_on_stories() -> None:
+@TP_SIZES
+def test_bf16_teacher_forced_top1_agrees_with_float32_transformers_on_stories(tp_size: int) -> None:
     tokenizer = AutoTokenizer.from_pretrained(STORIES_DIR)
     prompts = [tokenizer(text)["input_ids"] for text in STORY_PROMPTS]
     sequences, expected, _ = _hf_sequences_and_argmax(STORIES_DIR, prompts, length=120)
-    agreement = _agreement(_bf16_argmax(STORIES_DIR, sequences), expected)
-    print(f"bf16 teacher-forced top-1 agreement, stories260K: {agreement:.4f}")
+    agreement = _agreement(_bf16_argmax(STORIES_DIR, sequences, tp_size), expected)
+    print(f"bf16 teacher-forced top-1 agreement, stories260K, {tp_size} GPU(s): {agreement:.4f}")
     assert agreement >= MIN_AGREEMENT
 
 
@@ -92,11 +103,14 @@ def test_bf16_teacher_forced_top1_agrees_with_float32_transformers_on_stories() 
     "make_config", [_llama_gqa_tied, _llama3_rope_scaling, _mistral, _qwen2, _qwen3],
     ids=["llama-gqa-tied", "llama3-rope-scaling", "mistral", "qwen2", "qwen3"],
 )
-def test_bf16_teacher_forced_top1_matches_transformers_bf16_on_tiny_models(make_config, tmp_path: Path) -> None:
+@TP_SIZES
+def test_bf16_teacher_forced_top1_matches_transformers_bf16_on_tiny_models(make_config, tp_size: int,
+                                                                            tmp_path: Path) -> None:
     model_dir = _save_tiny_model(make_config(), tmp_path)
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 128, (4,), generator=generator).tolist() for _ in range(8)]
     sequences, expected, hf_bf16 = _hf_sequences_and_argmax(model_dir, prompts, length=120)
-    ours, theirs = _agreement(_bf16_argmax(model_dir, sequences), expected), _agreement(hf_bf16, expected)
-    print(f"bf16 teacher-forced top-1 agreement, {make_config.__name__}: ours {ours:.4f}, transformers {theirs:.4f}")
+    ours, theirs = _agreement(_bf16_argmax(model_dir, sequences, tp_size), expected), _agreement(hf_bf16, expected)
+    print(f"bf16 teacher-forced top-1 agreement, {make_config.__name__}, {tp_size} GPU(s): ours {ours:.4f}, "
+          f"transformers {theirs:.4f}")
     assert ours >= theirs - TINY_MODEL_MARGIN

@@ -10,6 +10,7 @@ import pytest
 from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
 from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.main import build_parser, config_from_args
+from pagedserve.gpu_worker.parallel.config import TensorParallelConfig
 
 
 def test_flags_build_the_worker_config() -> None:
@@ -52,3 +53,23 @@ def test_listen_address_must_be_host_and_port(address: str) -> None:
 def test_negative_seed_is_rejected() -> None:
     with pytest.raises(ValueError, match="seed"):
         WorkerConfig(model_dir=Path("m"), seed=-1)
+
+
+def test_tensor_parallel_flags_place_the_worker_in_its_group() -> None:
+    args = build_parser().parse_args(["--model", "m", "--tp-size", "4", "--tp-rank", "3",
+                                      "--tp-rendezvous", "10.0.0.5:29500", "--tp-timeout", "20"])
+
+    assert config_from_args(args).tensor_parallel == TensorParallelConfig(3, 4, "10.0.0.5:29500", 20.0)
+    assert WorkerConfig(model_dir=Path("m")).tensor_parallel == TensorParallelConfig(0, 1, None, 60.0)
+
+
+@pytest.mark.parametrize(("rank", "size", "rendezvous", "message"), [
+    (2, 2, "127.0.0.1:29500", "tp_rank must be in \\[0, 2\\), got 2"),
+    (0, 2, None, "tp_rendezvous must be HOST:PORT with tp_size 2, got None"),
+    (0, 0, None, "tp_size must be at least 1, got 0"),
+])
+def test_a_rank_outside_its_group_or_a_group_without_rendezvous_is_rejected(
+    rank: int, size: int, rendezvous: str | None, message: str,
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        TensorParallelConfig(rank, size, rendezvous)

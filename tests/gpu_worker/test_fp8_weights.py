@@ -19,6 +19,7 @@ from pagedserve.gpu_worker import fp8_support
 from pagedserve.gpu_worker.errors import ModelLoadError
 from pagedserve.gpu_worker.models.decoder import DecoderLayer
 from pagedserve.gpu_worker.models.fp8_linear import Fp8Linear, quantize_per_row
+from pagedserve.gpu_worker.parallel.group import ParallelGroup
 from pagedserve.gpu_worker.weights import LoadedModel, load_model
 from pagedserve.kernels.fp8 import FP8_DTYPE, FP8_MAX
 from pagedserve.kernels.ops import get_kernel_ops
@@ -125,6 +126,13 @@ def test_fp8_checkpoint_missing_a_scale_is_refused_naming_it(tmp_path: Path) -> 
                                       drop="model.layers.3.mlp.up_proj.weight_scale")
     with pytest.raises(ModelLoadError, match="layer 3 gate_up_proj\\[1\\] weight_scale"):
         _load(directory)
+
+
+def test_fp8_checkpoint_under_tensor_parallelism_is_refused_before_loading(tmp_path: Path) -> None:
+    directory = _write_fp8_checkpoint(tmp_path, {"quantization_config": {"quant_method": "fp8"}})
+    with pytest.raises(ModelLoadError, match="FP8 checkpoint, which tensor parallelism cannot slice"):
+        load_model(directory, DType.FLOAT32, CPU, LoadFormat.AUTO, 0, get_kernel_ops(CPU), Quantization.NONE,
+                   ParallelGroup(1, 2))
 
 
 @pytest.mark.parametrize("quantization", [

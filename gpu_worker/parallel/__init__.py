@@ -1,0 +1,1 @@
+"""Tensor parallelism: one model sharded over the ranks of a worker group."""
