@@ -47,7 +47,10 @@ def _resolve(requirements: list[str]) -> list[tuple[str, str]]:
         report = Path(scratch) / "report.json"
         subprocess.run(
             [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report",
-             str(report), "--python-version", "3.11", "--platform", "manylinux2014_x86_64", "--only-binary=:all:",
+             # Wheels for glibc 2.17 to 2.31: the images' Debian and Ubuntu bases have 2.31 or later (llguidance's
+             # wheels need it).
+             str(report), "--python-version", "3.11", "--platform", "manylinux2014_x86_64",
+             "--platform", "manylinux_2_31_x86_64", "--only-binary=:all:",
              *requirements],
             check=True,
         )

@@ -112,6 +112,11 @@ class _RecordingEngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
         return
         yield
 
+    async def WatchKvEvents(self, request: Any, context: Any) -> AsyncIterator[Any]:  # noqa: N802
+        self.calls.append("WatchKvEvents")
+        return
+        yield
+
 
 def _serve_engine(test: Callable[[grpc.aio.Channel, _RecordingEngineServicer, str], Awaitable[None]],
                   tmp_path: Path) -> None:
@@ -155,7 +160,7 @@ def test_every_engine_method_refuses_a_missing_or_wrong_secret_before_it_runs(se
     async def test(channel: grpc.aio.Channel, servicer: _RecordingEngineServicer, address: str) -> None:
         refusals = {method.name: await _refusal(channel, method, metadata) for method in ENGINE_METHODS}
 
-        assert set(refusals) == {"Describe", "GetStatus", "Relay", "WatchHealth"}
+        assert set(refusals) == {"Describe", "GetStatus", "Relay", "WatchHealth", "WatchKvEvents"}
         assert {code for code, _ in refusals.values()} == {grpc.StatusCode.UNAUTHENTICATED}
         assert servicer.calls == []
 
@@ -195,7 +200,7 @@ def test_a_channel_with_the_client_interceptors_reaches_every_engine_method(tmp_
             for method in ENGINE_METHODS:
                 await _call(authorized, method, metadata=())
 
-        assert sorted(servicer.calls) == ["Describe", "GetStatus", "Relay", "WatchHealth"]
+        assert sorted(servicer.calls) == ["Describe", "GetStatus", "Relay", "WatchHealth", "WatchKvEvents"]
 
     _serve_engine(test, tmp_path)
 

@@ -217,10 +217,10 @@ def test_an_unknown_top_level_field_is_rejected_naming_its_number() -> None:
                                    "(pagedserve.v1.GenerateRequest), not supported by this server")
 
 
-def test_a_newer_clients_sampling_field_such_as_best_of_is_rejected_not_ignored() -> None:
-    params = common_pb2.SamplingParams(n=2).SerializeToString() + bytes([0xA0, 0x01, 4])  # field 20 = 4
+def test_a_newer_clients_sampling_field_is_rejected_not_ignored() -> None:
+    params = common_pb2.SamplingParams(n=2).SerializeToString() + bytes([0x98, 0x06, 4])  # field 99 = 4
     data = _field(4, 2, bytes([len(params)]) + params)
-    assert _decode_error(data) == ("unsupported GenerateRequest: unknown field number 20 in sampling_params "
+    assert _decode_error(data) == ("unsupported GenerateRequest: unknown field number 99 in sampling_params "
                                    "(pagedserve.v1.SamplingParams), not supported by this server")
 
 

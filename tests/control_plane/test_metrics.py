@@ -102,7 +102,9 @@ def _worker(worker_id: str, is_alive: bool, running: int, used_blocks: int, pree
     stats = SchedulerStats(num_running=running, num_waiting=running + 1, num_swapped=0, num_used_blocks=used_blocks,
                            num_total_blocks=200, num_preemptions=preemptions, prefix_cache_queries=96,
                            prefix_cache_hits=32, num_prompt_tokens=96, num_generation_tokens=7)
-    return WorkerStatus(worker_id, is_alive, stats, CacheConfig(block_size=16, num_gpu_blocks_override=200), 64)
+    cache = CacheConfig(block_size=16, num_gpu_blocks_override=200, kv_cache_memory_bytes=4 << 30,
+                        swap_space_bytes=4 << 30)  # sized for its worker, as the engine's lanes hold it
+    return WorkerStatus(worker_id, is_alive, stats, cache, 64)
 
 
 def test_each_worker_is_its_own_series_read_at_scrape_time() -> None:

@@ -60,7 +60,7 @@ def _wire(number: int, wire_type: int, payload: bytes) -> bytes:
 
 
 NAN, INF = math.nan, math.inf
-_PARAMS_WITH_BEST_OF = SP(n=2).SerializeToString() + bytes([0xA0, 0x01, 4])  # field 20 (best_of) = 4
+_PARAMS_WITH_A_NEWER_FIELD = SP(n=2).SerializeToString() + bytes([0x98, 0x06, 4])  # field 99 = 4
 
 CASES: dict[str, Case] = {
     # Each float knob at NaN, +inf, -inf, below and above its range.
@@ -126,10 +126,10 @@ CASES: dict[str, Case] = {
                                ("malformed GenerateRequest", "sampling_params.stop")),
     "unknown field 6": Case(GENERATE, pb.GenerateRequest(text="Hi").SerializeToString() + _wire(6, 0, b"\x01"),
                             ("unknown field number 6", "GenerateRequest")),
-    "best_of (unknown field 20)": Case(
+    "a newer sampling field (unknown field 99)": Case(
         GENERATE, pb.GenerateRequest(text="Hi").SerializeToString()
-        + _wire(4, 2, bytes([len(_PARAMS_WITH_BEST_OF)]) + _PARAMS_WITH_BEST_OF),
-        ("unknown field number 20", "sampling_params")),
+        + _wire(4, 2, bytes([len(_PARAMS_WITH_A_NEWER_FIELD)]) + _PARAMS_WITH_A_NEWER_FIELD),
+        ("unknown field number 99", "sampling_params")),
     "text as a varint": Case(GENERATE, _wire(2, 0, b"\x05"), ("text", "wire type 0")),
     # The other methods.
     "Tokenize text over the bound": Case(TOKENIZE, pb.TokenizeRequest(text=MAXIMAL_TEXT).SerializeToString(),
