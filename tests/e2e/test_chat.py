@@ -75,7 +75,7 @@ def test_the_client_and_the_cli_chat_as_the_server_does_and_the_cli_keeps_the_hi
 
     first, second = asyncio.run(replies())
     cli = [sys.executable, "-m", "pagedserve.runtime.cli", "chat", "--server", chat_cluster.address,
-           "--max-tokens", "8"]
+           "--max-tokens", "8", "--temperature", "0"]
     one_shot = subprocess.run([*cli, "--message", MESSAGES[1]["content"]], capture_output=True, text=True,
                               timeout=60, check=True)
     repl = subprocess.run(cli, input=f"{MESSAGES[1]['content']}\nAnd?\n", capture_output=True, text=True,
