@@ -4,11 +4,13 @@ client that leaves frees its blocks; a bad parameter is an HTTP 400."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import jsonschema
 import openai
 import pytest
 import transformers
@@ -185,3 +187,23 @@ def test_our_chat_rpc_gives_the_gateways_chat_completion(
     assert reply.choices[0].logprobs is not None
     assert [entry.token for entry in reply.choices[0].logprobs.content or []] == [
         tokenizer.decode([token_id]) for token_id in ids]
+
+
+def test_response_format_json_schema_holds_the_reply_to_the_schema(client: openai.OpenAI) -> None:
+    # A string at the top: inside an object a model this small would spend max_tokens on the whitespace JSON allows.
+    schema: dict[str, object] = {"type": "string", "enum": ["happy", "sad"]}
+    reply = client.chat.completions.create(
+        model=client.models.list().data[0].id, messages=MESSAGES, max_tokens=64, seed=5, temperature=1.0,
+        response_format={"type": "json_schema", "json_schema": {"name": "mood", "schema": schema}},
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    jsonschema.validate(json.loads(choice.message.content or ""), schema)
+
+
+def test_an_uncompilable_response_format_is_http_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model=client.models.list().data[0].id, messages=MESSAGES, max_tokens=4,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
+        )

@@ -4,11 +4,15 @@ streamed or not, with vLLM's finish reasons, matched stops, token counts and log
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+from pathlib import Path
 
 import grpc
 import pytest
 from smg_grpc_proto.generated import vllm_engine_pb2 as vllm
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc
+from transformers import AutoTokenizer
 
 from pagedserve.v1 import common_pb2, generation_service_pb2_grpc
 from pagedserve.v1 import generation_service_pb2 as pb
@@ -138,10 +142,31 @@ def test_abort_ends_the_stream_with_abort_and_frees_its_blocks(server: Cluster) 
     run_against(server.address, scenario)
 
 
+def test_structured_outputs_hold_the_output_to_the_constraint(server: Cluster, stories260k_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(stories260k_dir)
+
+    async def scenario(stub: VllmStub, ours: OursStub) -> list[tuple[str, str]]:
+        outputs = []
+        for params in (vllm.SamplingParams(temperature=0, max_tokens=16, choice=vllm.ChoiceConstraint(
+                           choices=["a dragon", "a castle"])),
+                       vllm.SamplingParams(temperature=1.0, seed=3, max_tokens=16, regex="[0-9]{3}"),
+                       vllm.SamplingParams(temperature=1.0, seed=4, max_tokens=96, json_schema=json.dumps(
+                           {"type": "string", "enum": ["north", "south"]}))):
+            (response,) = await _vllm(stub, params, stream=False)
+            text = str(tokenizer.decode(list(response.complete.output_ids), skip_special_tokens=True))
+            outputs.append((response.complete.finish_reason, text.strip()))
+        return outputs
+
+    (choice, regex, schema) = run_against(server.address, scenario)
+    assert choice[0] == "stop" and choice[1] in ("a dragon", "a castle")
+    assert regex[0] == "stop" and re.fullmatch("[0-9]{3}", regex[1])
+    assert schema[0] == "stop"
+    assert json.loads(schema[1]) in ("north", "south")
+
+
 @pytest.mark.parametrize(("params", "field"), [
-    (vllm.SamplingParams(json_schema="{}"), "sampling_params.json_schema"),
-    (vllm.SamplingParams(regex="a+"), "sampling_params.regex"),
-    (vllm.SamplingParams(choice=vllm.ChoiceConstraint(choices=["a"])), "sampling_params.choice"),
+    (vllm.SamplingParams(regex="(a"), "structured_output.regex"),
+    (vllm.SamplingParams(json_schema="{not json"), "structured_output.json_schema"),
     (vllm.SamplingParams(logprobs=-1), "sampling_params.logprobs"),
     (vllm.SamplingParams(logprobs=21), "logprobs"),
     (vllm.SamplingParams(top_p=1.5), "top_p"),

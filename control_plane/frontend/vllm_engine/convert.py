@@ -57,15 +57,10 @@ def prompt_request(request: vllm.GenerateRequest) -> generation_service_pb2.Gene
 def sampling_params_from_vllm(params: vllm.SamplingParams) -> common_pb2.SamplingParams:
     """Our SamplingParams with vLLM's defaults for what params leaves at zero (temperature 1, top_p 1,
     repetition_penalty 1, n 1, max_tokens up to the context: see truncated_prompt and max_tokens_for)."""
-    constraint = params.WhichOneof("constraint")
-    if constraint is not None:
-        raise InvalidArgumentError(f"sampling_params.{constraint}", "structured outputs are not supported yet")
-    if params.grammar_from_first_token:
-        raise InvalidArgumentError("sampling_params.grammar_from_first_token",
-                                   "structured outputs are not supported yet")
     # spaces_between_special_tokens shapes text this protocol never carries (it returns token ids; the gateway
     # detokenizes), and our stop strings match text decoded as vLLM's fast tokenizers do: it is accepted either way.
     ours = common_pb2.SamplingParams(stop=params.stop, skip_special_tokens=params.skip_special_tokens)
+    _copy_constraint(params, ours.structured_output)
     if params.HasField("temperature"):
         ours.temperature = params.temperature
     if params.top_p:
@@ -124,3 +119,13 @@ def _check_int32(values: Sequence[int], field: str) -> None:
     largest = max(values, default=0)
     if largest > _MAX_INT32:
         raise InvalidArgumentError(field, f"{largest} is out of range")
+
+
+def _copy_constraint(params: vllm.SamplingParams, ours: common_pb2.StructuredOutput) -> None:
+    """vLLM's structured-output oneof onto ours, field for field (docs/structured-output.md); nothing when unset.
+    grammar_from_first_token needs no field: with no reasoning parser, a grammar always holds from the first token."""
+    constraint = params.WhichOneof("constraint")
+    if constraint == "choice":
+        ours.choice.choices.extend(params.choice.choices)
+    elif constraint is not None:
+        setattr(ours, constraint, getattr(params, constraint))

@@ -48,6 +48,7 @@ from pagedserve.control_plane.frontend.vllm_engine.model_files import build_toke
 from pagedserve.control_plane.frontend.vllm_engine.outputs import VllmResponses
 from pagedserve.control_plane.scheduling.kv_events import ReplayExpiredError, SubscriberBehindError
 from pagedserve.control_plane.served_model import ServedModel
+from pagedserve.control_plane.text.constraint_validator import ConstraintValidator
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 from pagedserve.v1 import common_pb2
 
@@ -111,6 +112,7 @@ class VllmEngineServicer:
         self._tokenizer = tokenizer
         self._model = model
         self._model_dir = model_dir
+        self._constraints = ConstraintValidator(tokenizer, model.vocab_size)
         self._limits = RequestLimits(
             vocab_size=model.vocab_size, max_model_len=model.max_model_len,
             max_chars_per_token=tokenizer.max_chars_per_token, max_num_seqs=max_num_seqs,
@@ -164,6 +166,8 @@ class VllmEngineServicer:
         params = sampling_params_from_proto(sampling)
         check_n(params, self._limits)
         params.validate(self._model.vocab_size, self._model.max_model_len, len(prompt_token_ids))
+        if params.structured_output is not None:  # compiles (cached) before anything is allocated
+            await loop.run_in_executor(self._tokenize_pool, self._constraints.check, params)
         return prompt_token_ids, sampling, params
 
     async def HealthCheck(  # noqa: N802
