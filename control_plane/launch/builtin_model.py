@@ -59,6 +59,11 @@ _TOKENIZER_CONFIG = {
     "pad_token": None,
     "model_max_length": MAX_POSITION_EMBEDDINGS,
     "clean_up_tokenization_spaces": False,
+    # A plain "role: content" template, so that Chat and `pagedserve chat` work on the built-in model too.
+    "chat_template": (
+        "{{ bos_token }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    ),
 }
 
 

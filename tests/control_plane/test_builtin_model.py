@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 from pagedserve.control_plane.launch.builtin_model import BUILTIN_MODEL_NAME, write_builtin_model
+from pagedserve.control_plane.text.chat_template import ChatTemplate, Conversation
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 
 FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
@@ -66,3 +68,13 @@ def test_common_words_of_the_training_text_are_single_pieces(model_dir: Path) ->
     assert tokenizer.convert_ids_to_tokens(tokenizer.encode("The town and the library", False)) == [
         "The", "Ġtown", "Ġand", "Ġthe", "Ġlibrary",
     ]  # fmt: skip
+
+
+def test_its_chat_template_renders_a_conversation_as_transformers_does(model_dir: Path) -> None:
+    tokenizer = Tokenizer(model_dir)
+    messages = ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"})
+    ids = ChatTemplate(tokenizer, None).prompt_token_ids(Conversation(messages))
+    reference = AutoTokenizer.from_pretrained(model_dir).apply_chat_template(
+        list(messages), add_generation_prompt=True, tokenize=False)
+    assert reference == "<s>system: Be brief.\nuser: Hello there\nassistant:"
+    assert list(ids) == tokenizer.encode(reference, add_special_tokens=False)
