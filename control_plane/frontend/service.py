@@ -1,4 +1,4 @@
-"""The public GenerationService over gRPC: the only control-plane module that maps errors to status codes.
+"""The public GenerationService over gRPC (its errors become status codes through frontend/status.py).
 
 Every request is bounded before it costs anything: its bytes are decoded strictly (malformed messages and fields
 this server does not know are INVALID_ARGUMENT), its sizes are checked (request id, prompt length, stop lists, n),
@@ -10,30 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import grpc
 import structlog
-from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pagedserve.contract.codec import sampling_params_from_proto
 from pagedserve.contract.sampling_params import SamplingParams, truncated_prompt, validate_prompt
-from pagedserve.control_plane.errors import (
-    AlreadyExistsError,
-    EngineUnavailableError,
-    FailedPreconditionError,
-    InvalidArgumentError,
-    NeverFitsError,
-    NotFoundError,
-    PagedServeError,
-    ResourceExhaustedError,
-    WorkerUnavailableError,
-)
 from pagedserve.control_plane.frontend.convert import (
     RequestLimits,
     check_chat_size,
@@ -42,10 +29,10 @@ from pagedserve.control_plane.frontend.convert import (
     check_request_id,
     check_text_length,
     conversation_from_proto,
-    decode_request,
     prompt_from_proto,
 )
 from pagedserve.control_plane.frontend.engine_client import EngineClient
+from pagedserve.control_plane.frontend.status import Abort, decoded, status_of_errors, strict_decoder
 from pagedserve.control_plane.relay.convert import served_model_to_proto
 from pagedserve.control_plane.served_model import ServedModel
 from pagedserve.control_plane.text.chat_template import ChatTemplate, Conversation
@@ -57,8 +44,6 @@ from pagedserve.v1 import generation_service_pb2 as pb
 from pagedserve.v1 import generation_service_pb2_grpc
 
 log = structlog.get_logger()
-
-M = TypeVar("M", bound=Message)
 
 _SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 _OPEN_METHOD_PREFIX = "/grpc.health.v1.Health/"  # health probes need no API key; reflection does
@@ -82,41 +67,9 @@ PUBLIC_SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.http2.max_ping_strikes", 2),
 )
 
-_STATUS_OF_ERROR: tuple[tuple[type[PagedServeError], grpc.StatusCode], ...] = (
-    (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
-    (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (NotFoundError, grpc.StatusCode.NOT_FOUND),
-    (FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
-    (AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
-    (WorkerUnavailableError, grpc.StatusCode.UNAVAILABLE),
-    (EngineUnavailableError, grpc.StatusCode.UNAVAILABLE),
-)
 
 
 _DESCRIBE_TIMEOUT_S = 5.0  # for the engine's answer to GetModelInfo
-# gRPC's standard trailer that tells a client (ours, or gRPC's own retry policy) not to retry: a negative value.
-_DO_NOT_RETRY = (("grpc-retry-pushback-ms", "-1"),)
-
-
-class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str, trailing_metadata: tuple[tuple[str, str], ...] = ()
-                 ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.trailing_metadata = trailing_metadata
-
-
-@contextmanager
-def _status_of_errors() -> Iterator[None]:
-    """Turns a domain error into the status code STYLE.md §9 assigns it; anything else is INTERNAL."""
-    try:
-        yield
-    except PagedServeError as exc:
-        code = next((c for kind, c in _STATUS_OF_ERROR if isinstance(exc, kind)), grpc.StatusCode.INTERNAL)
-        raise _Abort(code, str(exc), _DO_NOT_RETRY if isinstance(exc, NeverFitsError) else ()) from exc
-    except Exception as exc:
-        log.exception("internal_error")
-        raise _Abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,19 +127,19 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateResponse]
     ) -> AsyncIterator[pb.GenerateResponse]:
         try:
-            with _status_of_errors():
-                request = _decoded(request)
+            with status_of_errors():
+                request = decoded(request)
                 check_request_id(request.request_id)
                 check_prompt_size(request, self._limits)
                 params = sampling_params_from_proto(request.sampling_params)
                 check_n(params, self._limits)
                 prompt_token_ids = await self._prompt_token_ids(request)
                 request_id = await self._admit(prompt_token_ids, params, request)
-            with structlog.contextvars.bound_contextvars(request_id=request_id), _status_of_errors():
+            with structlog.contextvars.bound_contextvars(request_id=request_id), status_of_errors():
                 async for response in self._engine.stream(request_id):
                     yield response
-        except _Abort as abort:
-            await context.abort(abort.code, str(abort), abort.trailing_metadata)
+        except Abort as abort:
+            await abort.send(context)
 
     async def _admit(
         self, prompt_token_ids: tuple[int, ...], params: SamplingParams, request: pb.GenerateRequest | pb.ChatRequest
@@ -207,8 +160,8 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
         self, request: pb.ChatRequest, context: grpc.aio.ServicerContext[pb.ChatRequest, pb.ChatResponse]
     ) -> AsyncIterator[pb.ChatResponse]:
         try:
-            with _status_of_errors():
-                request = _decoded(request)
+            with status_of_errors():
+                request = decoded(request)
                 self._chat_template.check_available()
                 check_request_id(request.request_id)
                 check_chat_size(request, self._limits)
@@ -218,11 +171,11 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
                 loop = asyncio.get_running_loop()
                 prompt_token_ids = await loop.run_in_executor(self._tokenize_pool, self._chat_prompt, conversation)
                 request_id = await self._admit(prompt_token_ids, params, request)
-            with structlog.contextvars.bound_contextvars(request_id=request_id), _status_of_errors():
+            with structlog.contextvars.bound_contextvars(request_id=request_id), status_of_errors():
                 async for response in self._engine.stream(request_id):
                     yield pb.ChatResponse(chunk=response)
-        except _Abort as abort:
-            await context.abort(abort.code, str(abort), abort.trailing_metadata)
+        except Abort as abort:
+            await abort.send(context)
 
     def _chat_prompt(self, conversation: Conversation) -> tuple[int, ...]:
         """The conversation rendered and tokenized, on a tokenizer thread; the rendered text's length is bounded
@@ -235,13 +188,13 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext[pb.TokenizeRequest, pb.TokenizeResponse]
     ) -> pb.TokenizeResponse:
         try:
-            with _status_of_errors():
-                request = _decoded(request)
+            with status_of_errors():
+                request = decoded(request)
                 check_text_length(request.text, "text", self._limits)
                 loop = asyncio.get_running_loop()
                 return await loop.run_in_executor(self._tokenize_pool, self._tokenize, request)
-        except _Abort as abort:
-            await context.abort(abort.code, str(abort))
+        except Abort as abort:
+            await abort.send(context)
 
     def _tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
         """Tokenize's reply, built on a tokenizer thread (a long text has many pieces to look up too)."""
@@ -257,11 +210,11 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
         context: grpc.aio.ServicerContext[pb.GetModelInfoRequest, pb.GetModelInfoResponse],
     ) -> pb.GetModelInfoResponse:
         try:
-            with _status_of_errors():
-                _decoded(request)
+            with status_of_errors():
+                decoded(request)
                 return served_model_to_proto(await self._engine.describe(_DESCRIBE_TIMEOUT_S))  # pools may change
-        except _Abort as abort:
-            await context.abort(abort.code, str(abort))
+        except Abort as abort:
+            await abort.send(context)
 
     async def GetServerStatus(  # noqa: N802
         self,
@@ -269,47 +222,30 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
         context: grpc.aio.ServicerContext[pb.GetServerStatusRequest, pb.GetServerStatusResponse],
     ) -> pb.GetServerStatusResponse:
         try:
-            with _status_of_errors():
-                _decoded(request)
+            with status_of_errors():
+                decoded(request)
                 return await self._engine.status()
-        except _Abort as abort:
-            await context.abort(abort.code, str(abort))
+        except Abort as abort:
+            await abort.send(context)
 
 
-def _decoded(request: M | InvalidArgumentError) -> M:
-    """The request a strict decoder produced; raises the error it produced instead of a message."""
-    if isinstance(request, InvalidArgumentError):
-        raise request
-    return request
 
-
-def _strict_decoder(message_type: type[M]) -> Callable[[bytes], M | InvalidArgumentError]:
-    """A request deserializer that never raises (gRPC would answer UNKNOWN): bytes that decode_request refuses
-    become its InvalidArgumentError, which the servicer's method answers with INVALID_ARGUMENT."""
-
-    def decode(data: bytes) -> M | InvalidArgumentError:
-        try:
-            return decode_request(message_type, data)
-        except InvalidArgumentError as exc:
-            return exc
-
-    return decode
 
 
 def _add_generation_service(servicer: GenerationServicer, server: grpc.aio.Server) -> None:
     """The generated add_GenerationServiceServicer_to_server, with strict request decoders."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Generate": grpc.unary_stream_rpc_method_handler(
-            servicer.Generate, _strict_decoder(pb.GenerateRequest), pb.GenerateResponse.SerializeToString),
+            servicer.Generate, strict_decoder(pb.GenerateRequest), pb.GenerateResponse.SerializeToString),
         "Chat": grpc.unary_stream_rpc_method_handler(
-            servicer.Chat, _strict_decoder(pb.ChatRequest), pb.ChatResponse.SerializeToString),
+            servicer.Chat, strict_decoder(pb.ChatRequest), pb.ChatResponse.SerializeToString),
         "Tokenize": grpc.unary_unary_rpc_method_handler(
-            servicer.Tokenize, _strict_decoder(pb.TokenizeRequest), pb.TokenizeResponse.SerializeToString),
+            servicer.Tokenize, strict_decoder(pb.TokenizeRequest), pb.TokenizeResponse.SerializeToString),
         "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-            servicer.GetModelInfo, _strict_decoder(pb.GetModelInfoRequest),
+            servicer.GetModelInfo, strict_decoder(pb.GetModelInfoRequest),
             pb.GetModelInfoResponse.SerializeToString),
         "GetServerStatus": grpc.unary_unary_rpc_method_handler(
-            servicer.GetServerStatus, _strict_decoder(pb.GetServerStatusRequest),
+            servicer.GetServerStatus, strict_decoder(pb.GetServerStatusRequest),
             pb.GetServerStatusResponse.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE_NAME, handlers),))

@@ -119,6 +119,23 @@ def test_logprobs_and_prompt_logprobs_match_generation_service(server: Cluster) 
     run_against(server.address, scenario)
 
 
+def test_a_live_request_id_sent_again_is_already_exists(server: Cluster) -> None:
+    async def scenario(stub: VllmStub, ours: OursStub) -> grpc.aio.AioRpcError:
+        params = vllm.SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+        first = stub.Generate(vllm.GenerateRequest(request_id="twice", text=PROMPT, sampling_params=params,
+                                                   stream=True))
+        await first.read()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await _vllm(stub, params, stream=False, request_id="twice")
+        await stub.Abort(vllm.AbortRequest(request_ids=["twice"]))
+        first.cancel()
+        return caught.value
+
+    error = run_against(server.address, scenario)
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "twice" in (error.details() or "")
+
+
 def test_abort_ends_the_stream_with_abort_and_frees_its_blocks(server: Cluster) -> None:
     async def scenario(stub: VllmStub, ours: OursStub) -> None:
         params = vllm.SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)

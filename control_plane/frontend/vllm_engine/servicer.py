@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import grpc
 import structlog
@@ -20,21 +19,17 @@ from smg_grpc_proto.generated import vllm_engine_pb2 as vllm
 from pagedserve.contract.codec import sampling_params_from_proto
 from pagedserve.contract.sampling_params import SamplingParams, validate_prompt
 from pagedserve.control_plane.errors import (
-    EngineUnavailableError,
     InvalidArgumentError,
-    PagedServeError,
-    ResourceExhaustedError,
-    WorkerUnavailableError,
 )
 from pagedserve.control_plane.frontend.convert import (
     RequestLimits,
     check_n,
     check_prompt_size,
     check_request_id,
-    decode_request,
     prompt_from_proto,
 )
 from pagedserve.control_plane.frontend.engine_client import EngineClient, RequestAbortedError
+from pagedserve.control_plane.frontend.status import Abort, decoded, status_of_errors, strict_decoder
 from pagedserve.control_plane.frontend.vllm_engine.convert import (
     check_request_fields,
     max_tokens_for,
@@ -46,7 +41,6 @@ from pagedserve.control_plane.frontend.vllm_engine.info import LoadReporter, mod
 from pagedserve.control_plane.frontend.vllm_engine.kv_events import kv_event_batch_to_vllm
 from pagedserve.control_plane.frontend.vllm_engine.model_files import build_tokenizer_bundle, read_config_facts
 from pagedserve.control_plane.frontend.vllm_engine.outputs import VllmResponses
-from pagedserve.control_plane.scheduling.kv_events import ReplayExpiredError, SubscriberBehindError
 from pagedserve.control_plane.served_model import ServedModel
 from pagedserve.control_plane.text.constraint_validator import ConstraintValidator
 from pagedserve.control_plane.text.tokenizer import Tokenizer
@@ -54,19 +48,9 @@ from pagedserve.v1 import common_pb2
 
 log = structlog.get_logger()
 
-M = TypeVar("M", bound=Message)
-
 SERVICE_NAME: str = vllm.DESCRIPTOR.services_by_name["VllmEngine"].full_name
 TOKENIZER_THREADS = 2  # beside GenerationService's: texts here are bounded the same way before they are tokenized
 
-_STATUS_OF_ERROR: tuple[tuple[type[PagedServeError], grpc.StatusCode], ...] = (
-    (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
-    (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (WorkerUnavailableError, grpc.StatusCode.UNAVAILABLE),
-    (EngineUnavailableError, grpc.StatusCode.UNAVAILABLE),
-    (ReplayExpiredError, grpc.StatusCode.OUT_OF_RANGE),
-    (SubscriberBehindError, grpc.StatusCode.DATA_LOSS),
-)
 # What this server does not do, with the reason each call of it gets (UNIMPLEMENTED).
 _UNIMPLEMENTED = {
     "Embed": "embeddings are not supported: pagedserve serves generative models only",
@@ -74,31 +58,6 @@ _UNIMPLEMENTED = {
     "StartProfile": "profiling is not supported over this protocol",
     "StopProfile": "profiling is not supported over this protocol",
 }
-
-
-class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@contextmanager
-def _status_of_errors() -> Iterator[None]:
-    """A domain error as the status code STYLE.md §9 assigns it; anything else is INTERNAL (logged)."""
-    try:
-        yield
-    except PagedServeError as exc:
-        code = next((c for kind, c in _STATUS_OF_ERROR if isinstance(exc, kind)), grpc.StatusCode.INTERNAL)
-        raise _Abort(code, str(exc)) from exc
-    except Exception as exc:
-        log.exception("internal_error")
-        raise _Abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}") from exc
-
-
-def _decoded(request: M | InvalidArgumentError) -> M:
-    if isinstance(request, InvalidArgumentError):
-        raise request
-    return request
 
 
 class VllmEngineServicer:
@@ -129,13 +88,13 @@ class VllmEngineServicer:
         self, request: vllm.GenerateRequest | InvalidArgumentError, context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[vllm.GenerateResponse]:
         try:
-            with _status_of_errors():
-                request = _decoded(request)
+            with status_of_errors():
+                request = decoded(request)
                 self._last_receive_s = time.time()
                 prompt_token_ids, sampling, params = await self._admissible(request)
                 request_id = self._engine.add_request(prompt_token_ids, sampling, request.request_id)
             responses = VllmResponses(prompt_token_ids, params, request.stream)
-            with structlog.contextvars.bound_contextvars(request_id=request_id), _status_of_errors():
+            with structlog.contextvars.bound_contextvars(request_id=request_id), status_of_errors():
                 try:
                     async for chunk in self._engine.stream(request_id):
                         for message in responses.feed(chunk):
@@ -143,8 +102,8 @@ class VllmEngineServicer:
                 except RequestAbortedError:
                     for message in responses.aborted():
                         yield message
-        except _Abort as abort:
-            await context.abort(abort.code, str(abort))
+        except Abort as abort:
+            await abort.send(context)
 
     async def _admissible(
         self, request: vllm.GenerateRequest
@@ -184,60 +143,60 @@ class VllmEngineServicer:
         """Ends each open request of these ids (its stream closes with finish reason "abort"); ids of requests
         that are not open are skipped, as vLLM does."""
         try:
-            with _status_of_errors():
-                request = _decoded(request)
+            with status_of_errors():
+                request = decoded(request)
                 aborted = [request_id for request_id in request.request_ids if self._engine.abort(request_id)]
                 log.info("requests_aborted", num_requested=len(request.request_ids), num_aborted=len(aborted))
                 return vllm.AbortResponse()
-        except _Abort as abort:
-            await context.abort(abort.code, str(abort))
+        except Abort as abort:
+            await abort.send(context)
 
     async def GetModelInfo(  # noqa: N802
         self, request: vllm.GetModelInfoRequest | InvalidArgumentError, context: grpc.aio.ServicerContext[Any, Any],
     ) -> vllm.GetModelInfoResponse:
         try:
-            with _status_of_errors():
-                _decoded(request)
+            with status_of_errors():
+                decoded(request)
                 return model_info(self._model, self._model_dir, self._facts)
-        except _Abort as abort:
-            await context.abort(abort.code, str(abort))
+        except Abort as abort:
+            await abort.send(context)
 
     async def GetServerInfo(  # noqa: N802
         self, request: vllm.GetServerInfoRequest | InvalidArgumentError, context: grpc.aio.ServicerContext[Any, Any],
     ) -> vllm.GetServerInfoResponse:
         try:
-            with _status_of_errors():
-                _decoded(request)
+            with status_of_errors():
+                decoded(request)
                 status = await self._engine.status()
                 return server_info(self._model, status, self._max_num_seqs, self._started_s, self._last_receive_s)
-        except _Abort as abort:
-            await context.abort(abort.code, str(abort))
+        except Abort as abort:
+            await abort.send(context)
 
     async def GetLoads(  # noqa: N802
         self, request: vllm.GetLoadsRequest | InvalidArgumentError, context: grpc.aio.ServicerContext[Any, Any],
     ) -> vllm.GetLoadsResponse:
         """The core section (the only one this server has: others asked for are left out, as vLLM does)."""
         try:
-            with _status_of_errors():
-                request = _decoded(request)
+            with status_of_errors():
+                request = decoded(request)
                 if request.HasField("dp_rank") and request.dp_rank != 0:
                     raise InvalidArgumentError("dp_rank", f"this server has one rank (0), got {request.dp_rank}")
                 return self._loads.loads(await self._engine.status())
-        except _Abort as abort:
-            await context.abort(abort.code, str(abort))
+        except Abort as abort:
+            await abort.send(context)
 
     async def GetTokenizer(  # noqa: N802
         self, request: smg.GetTokenizerRequest | InvalidArgumentError, context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[smg.GetTokenizerChunk]:
         """The model directory's tokenizer files and chat template, zipped; the last chunk carries the SHA-256."""
         try:
-            with _status_of_errors():
-                _decoded(request)
+            with status_of_errors():
+                decoded(request)
             chunks = self._bundle.chunks()
             for index, data in enumerate(chunks):
                 yield smg.GetTokenizerChunk(data=data, sha256=self._bundle.sha256 if index == len(chunks) - 1 else "")
-        except _Abort as abort:
-            await context.abort(abort.code, str(abort))
+        except Abort as abort:
+            await abort.send(context)
 
     async def SubscribeKvEvents(  # noqa: N802
         self, request: smg.SubscribeKvEventsRequest | InvalidArgumentError,
@@ -247,30 +206,17 @@ class VllmEngineServicer:
         OUT_OF_RANGE: those batches are no longer kept; DATA_LOSS: this subscriber fell behind them. Either way
         the subscriber starts over from 0. No load records travel here: GetLoads answers for them."""
         try:
-            with _status_of_errors():
-                request = _decoded(request)
+            with status_of_errors():
+                request = decoded(request)
                 await context.send_initial_metadata(())  # the subscriber's call resolves before the first batch
                 async for batch in self._engine.watch_kv_events(request.start_sequence_number):
                     yield kv_event_batch_to_vllm(batch, self._model.block_size)
-        except _Abort as abort:
-            await context.abort(abort.code, str(abort))
+        except Abort as abort:
+            await abort.send(context)
 
 
 async def _unimplemented(reason: str, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
     await context.abort(grpc.StatusCode.UNIMPLEMENTED, reason)
-
-
-def _strict_decoder(message_type: type[M]) -> Callable[[bytes], M | InvalidArgumentError]:
-    """Bytes that decode_request refuses (malformed, or a field this server does not know) become the method's
-    INVALID_ARGUMENT instead of gRPC's UNKNOWN or a field ignored without a word."""
-
-    def decode(data: bytes) -> M | InvalidArgumentError:
-        try:
-            return decode_request(message_type, data)
-        except InvalidArgumentError as exc:
-            return exc
-
-    return decode
 
 
 def add_vllm_engine_service(servicer: VllmEngineServicer, server: grpc.aio.Server) -> str:
@@ -281,7 +227,7 @@ def add_vllm_engine_service(servicer: VllmEngineServicer, server: grpc.aio.Serve
     for name, method in methods.items():
         request_type: Any = _message_class(method.input_type.full_name)
         response_type: Any = _message_class(method.output_type.full_name)
-        decode, encode = _strict_decoder(request_type), response_type.SerializeToString
+        decode, encode = strict_decoder(request_type), response_type.SerializeToString
         if name in _UNIMPLEMENTED:
             behaviour: Any = _unimplemented_handler(_UNIMPLEMENTED[name])
         else:
