@@ -29,6 +29,7 @@ from pagedserve.control_plane.frontend.vllm_engine.servicer import (
     add_vllm_engine_service,
 )
 from pagedserve.control_plane.text.chat_template import ChatTemplate, load_chat_template
+from pagedserve.control_plane.text.constraint_validator import ConstraintValidator
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 from pagedserve.runtime.auth import ClusterSecret, inherited_cluster_secret
 from pagedserve.runtime.collector import freeze_startup_objects
@@ -82,9 +83,11 @@ async def run_frontend(
     model = await engine.describe(_ENGINE_ANSWER_TIMEOUT_S)
     tokenizer = Tokenizer(model_dir)
     engine.start()
-    servicer = GenerationServicer(engine, tokenizer, model, max_num_seqs, ChatTemplate(tokenizer, chat_template))
+    constraints = ConstraintValidator(tokenizer, model.vocab_size)  # one vocabulary index and cache for both services
+    servicer = GenerationServicer(engine, tokenizer, model, max_num_seqs, ChatTemplate(tokenizer, chat_template),
+                                  constraints)
     # vLLM's engine protocol on the same port, under the same keys and TLS (docs/vllm-engine-protocol.md).
-    vllm_engine = VllmEngineServicer(engine, tokenizer, model, model_dir, max_num_seqs)
+    vllm_engine = VllmEngineServicer(engine, tokenizer, model, model_dir, constraints, max_num_seqs)
     server, port = await build_server(servicer, address, access, (
         functools.partial(add_vllm_engine_service, vllm_engine),
     ))

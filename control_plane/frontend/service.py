@@ -103,7 +103,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
 
     def __init__(
         self, engine: EngineClient, tokenizer: Tokenizer, model: ServedModel, max_num_seqs: int | None = None,
-        chat_template: ChatTemplate | None = None,
+        chat_template: ChatTemplate | None = None, constraints: ConstraintValidator | None = None,
     ) -> None:
         self._engine = engine
         self._tokenizer = tokenizer
@@ -114,7 +114,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
             max_chars_per_token=tokenizer.max_chars_per_token, max_num_seqs=max_num_seqs,
         )
         self._tokenize_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
-        self._constraints = ConstraintValidator(tokenizer, model.vocab_size)
+        self._constraints = constraints or ConstraintValidator(tokenizer, model.vocab_size)
 
     async def _prompt_token_ids(self, request: pb.GenerateRequest) -> tuple[int, ...]:
         """The prompt's ids; a text is tokenized on the tokenizer threads."""

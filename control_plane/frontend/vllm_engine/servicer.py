@@ -66,12 +66,12 @@ class VllmEngineServicer:
     chunks leave as vLLM's messages. KV events and loads come from the engine process."""
 
     def __init__(self, engine: EngineClient, tokenizer: Tokenizer, model: ServedModel, model_dir: Path,
-                 max_num_seqs: int | None = None) -> None:
+                 constraints: ConstraintValidator, max_num_seqs: int | None = None) -> None:
         self._engine = engine
         self._tokenizer = tokenizer
         self._model = model
         self._model_dir = model_dir
-        self._constraints = ConstraintValidator(tokenizer, model.vocab_size)
+        self._constraints = constraints
         self._limits = RequestLimits(
             vocab_size=model.vocab_size, max_model_len=model.max_model_len,
             max_chars_per_token=tokenizer.max_chars_per_token, max_num_seqs=max_num_seqs,
