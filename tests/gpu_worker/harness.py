@@ -121,3 +121,18 @@ def make_sequences(prompts: list[list[int]], first_chunks: dict[int, int] | None
     """One DrivenSequence per prompt, ids 0.., prefilled whole unless first_chunks[index] says otherwise."""
     chunks = first_chunks or {}
     return [DrivenSequence(i, list(p), chunks.get(i, len(p))) for i, p in enumerate(prompts)]
+
+
+def prompt_top_tokens(driver: WorkerDriver, sequences: list[list[int]]) -> list[list[int]]:
+    """The worker's top-1 token at every prompt position of each sequence, from one prefill step with prompt
+    logprobs (teacher forcing); the sequences' blocks follow one another from block 0."""
+    request = pb.ExecuteRequest()
+    start = 0
+    for seq_id, ids in enumerate(sequences):
+        blocks = list(range(start, start + -(-len(ids) // driver.block_size)))
+        start += len(blocks)
+        sampling = common_pb2.SamplingParams(temperature=0.0, prompt_logprobs=1)
+        request.new_sequences.append(pb.NewSequence(seq_id=seq_id, prompt_token_ids=ids, sampling_params=sampling,
+                                                    block_ids=blocks, num_scheduled_tokens=len(ids)))
+    response = driver.execute(request)
+    return [[lp.top_token_ids[0] for lp in out.prompt_logprobs] for out in response.outputs]

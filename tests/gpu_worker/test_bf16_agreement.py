@@ -12,10 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pagedserve.contract.model_format import DeviceKind, DType
-from pagedserve.v1 import common_pb2
-from pagedserve.v1 import worker_service_pb2 as pb
 from tests.gpu_marks import NEEDS_GPU
-from tests.gpu_worker.harness import STORIES_DIR, WorkerDriver
+from tests.gpu_worker.harness import STORIES_DIR, WorkerDriver, prompt_top_tokens
 from tests.gpu_worker.tensor_parallel_harness import leader_of_group
 from tests.gpu_worker.test_models import (
     _llama3_rope_scaling,
@@ -73,20 +71,7 @@ def _bf16_argmax(model_dir: Path, sequences: list[list[int]], tp_size: int) -> l
     num_blocks = sum(-(-len(s) // BLOCK_SIZE) for s in sequences)
     with leader_of_group(model_dir, tp_size, BLOCK_SIZE, num_blocks, dtype=DType.BFLOAT16,
                          device=DeviceKind.CUDA) as worker:
-        return _prompt_top_tokens(WorkerDriver(worker, BLOCK_SIZE, num_blocks), sequences)
-
-
-def _prompt_top_tokens(driver: WorkerDriver, sequences: list[list[int]]) -> list[list[int]]:
-    request = pb.ExecuteRequest()
-    start = 0
-    for seq_id, ids in enumerate(sequences):
-        blocks = list(range(start, start + -(-len(ids) // BLOCK_SIZE)))
-        start += len(blocks)
-        sampling = common_pb2.SamplingParams(temperature=0.0, prompt_logprobs=1)
-        request.new_sequences.append(pb.NewSequence(seq_id=seq_id, prompt_token_ids=ids, sampling_params=sampling,
-                                                    block_ids=blocks, num_scheduled_tokens=len(ids)))
-    response = driver.execute(request)
-    return [[lp.top_token_ids[0] for lp in out.prompt_logprobs] for out in response.outputs]
+        return prompt_top_tokens(WorkerDriver(worker, BLOCK_SIZE, num_blocks), sequences)
 
 
 @TP_SIZES

@@ -27,10 +27,8 @@ from pagedserve.contract.worker_info import CacheRequest
 from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.fp8_weights import _layers, quantize_linears
 from pagedserve.gpu_worker.worker import Worker
-from pagedserve.v1 import common_pb2
-from pagedserve.v1 import worker_service_pb2 as pb
 from tests.gpu_marks import NEEDS_GPU
-from tests.gpu_worker.harness import STORIES_DIR, WorkerDriver, load_worker
+from tests.gpu_worker.harness import STORIES_DIR, WorkerDriver, load_worker, prompt_top_tokens
 from tests.gpu_worker.test_bf16_agreement import STORY_PROMPTS, _agreement, _hf_sequences_and_argmax
 from tests.gpu_worker.test_models import (
     _llama3_rope_scaling,
@@ -53,17 +51,7 @@ RANDOM_SHAPE_FLOOR = 0.02
 def _top1(worker: Worker, sequences: list[list[int]]) -> list[list[int]]:
     """The worker's top-1 token at every position, from one prefill step with prompt logprobs."""
     num_blocks = sum(-(-len(s) // BLOCK_SIZE) for s in sequences)
-    driver = WorkerDriver(worker, BLOCK_SIZE, num_blocks)
-    request = pb.ExecuteRequest()
-    start = 0
-    for seq_id, ids in enumerate(sequences):
-        blocks = list(range(start, start + -(-len(ids) // BLOCK_SIZE)))
-        start += len(blocks)
-        sampling = common_pb2.SamplingParams(temperature=0.0, prompt_logprobs=1)
-        request.new_sequences.append(pb.NewSequence(seq_id=seq_id, prompt_token_ids=ids, sampling_params=sampling,
-                                                    block_ids=blocks, num_scheduled_tokens=len(ids)))
-    response = driver.execute(request)
-    return [[lp.top_token_ids[0] for lp in out.prompt_logprobs] for out in response.outputs]
+    return prompt_top_tokens(WorkerDriver(worker, BLOCK_SIZE, num_blocks), sequences)
 
 
 def _story_sequences() -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
