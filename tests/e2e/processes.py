@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -34,6 +35,20 @@ def control_plane_command(
     if metrics_port is not None:
         command += ["--metrics-port", str(metrics_port)]
     return [*command, "--log-format", "json", *extra]
+
+
+def stop_processes(processes: Sequence[subprocess.Popen[bytes]]) -> None:
+    """Stops the processes still running, the last started first, and never leaves one behind: a stopped one is
+    continued first to take its SIGTERM, one that outlives 15 s of it is killed."""
+    for process in reversed(processes):
+        if process.poll() is None:
+            process.send_signal(signal.SIGCONT)
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def _spawn(command: list[str], log_path: Path, own_process_group: bool = False) -> subprocess.Popen[bytes]:
@@ -99,10 +114,4 @@ def running_cluster(
         wait_serving(f"127.0.0.1:{port}", processes[1], control_log, timeout_s)
         yield Cluster(f"127.0.0.1:{port}", worker_address, metrics_port, log_dir, processes[1], processes[0])
     finally:
-        for process in reversed(processes):
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(processes)

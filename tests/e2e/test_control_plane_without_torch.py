@@ -15,7 +15,13 @@ import pytest
 
 from pagedserve.control_plane.launch.worker_launcher import free_loopback_port
 from pagedserve.v1 import common_pb2, generation_service_pb2, generation_service_pb2_grpc
-from tests.e2e.processes import TEST_CLUSTER_SECRET, control_plane_command, wait_serving, worker_command
+from tests.e2e.processes import (
+    TEST_CLUSTER_SECRET,
+    control_plane_command,
+    stop_processes,
+    wait_serving,
+    worker_command,
+)
 
 pytestmark = pytest.mark.e2e
 HIDING = Path(__file__).resolve().parent / "without_torch"
@@ -33,8 +39,7 @@ def _serving(command: list[str], address: str, log: Path, hide_torch: bool) -> I
         wait_serving(address, process, log, timeout_s=60)
         yield
     finally:
-        process.terminate()
-        process.wait(timeout=15)
+        stop_processes([process])
 
 
 def test_serve_runs_and_generates_the_golden_tokens_with_torch_hidden(

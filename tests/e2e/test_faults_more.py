@@ -43,6 +43,7 @@ from tests.e2e.processes import (
     _spawn,
     control_plane_command,
     has_exited_within,
+    stop_processes,
     wait_serving,
     worker_command,
 )
@@ -118,19 +119,6 @@ def _stop_serve(process: subprocess.Popen[bytes], log_path: Path) -> tuple[int, 
     return process.wait(timeout=30), int(started["pid"])
 
 
-def _end(processes: list[subprocess.Popen[bytes]]) -> None:
-    """Never leaves a process of a failed test behind (a stopped one is continued first, to take its SIGTERM)."""
-    for process in reversed(processes):
-        if process.poll() is None:
-            process.send_signal(signal.SIGCONT)
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
 # 1. A worker stopped past the step timeout.
 
 
@@ -204,7 +192,7 @@ def test_a_stopped_worker_fails_its_stream_after_the_step_timeout_and_serve_reco
         assert (code, worker_code) == (0, 0)
         assert has_exited_within(frontend_pid, timeout_s=5.0)
     finally:
-        _end(processes)
+        stop_processes(processes)
 
 
 # 2. A step that raises inside the worker.
@@ -312,7 +300,7 @@ def test_a_step_that_raises_in_the_worker_fails_its_requests_unavailable_and_ser
                 revived = _status(stub)
             code, frontend_pid = _stop_serve(serve, serve_log)
         finally:
-            _end(processes)
+            stop_processes(processes)
 
     for first in firsts:
         assert list(first.token_ids) == golden["greedy_new_ids"][:len(first.token_ids)]

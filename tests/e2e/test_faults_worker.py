@@ -24,6 +24,7 @@ from tests.e2e.processes import (
     _spawn,
     control_plane_command,
     has_exited_within,
+    stop_processes,
     wait_serving,
     worker_command,
 )
@@ -171,7 +172,4 @@ def test_serve_reconnects_to_an_external_worker_that_comes_back(
         assert (before, after) == (expected, expected)
         assert serve.process.poll() is None
     finally:
-        for process in reversed(processes):
-            if process.poll() is None:
-                process.terminate()
-                process.wait(timeout=30)
+        stop_processes(processes)

@@ -22,6 +22,7 @@ from tests.e2e.processes import (
     _spawn,
     control_plane_command,
     running_cluster,
+    stop_processes,
     wait_serving,
     worker_command,
 )
@@ -110,13 +111,7 @@ def tls_address(stories_dir: Path, tls_files: TlsFiles, tmp_path_factory: pytest
             time.sleep(0.1)
         yield address
     finally:
-        for process in reversed(processes):
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(processes)
 
 
 def test_tls_serves_a_client_that_trusts_its_ca(tls_address: str, tls_files: TlsFiles,
