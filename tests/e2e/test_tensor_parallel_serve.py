@@ -42,11 +42,13 @@ def _fail_a_rank_mid_stream(serve: LocalServe, fault: signal.Signals,
                             prompt: str) -> tuple[int, grpc.StatusCode | None, bool]:
     """Sends fault to the newest group's rank 1 after the first chunk of a long stream; waits for health NOT_SERVING
     and for the group to come back. (chunks the stream got, its status, whether that group's leader exited)."""
+    # Counted before the fault: a restart can land while the leader's exit is awaited below (a hung follower's
+    # leader exits only when the restart kills the group).
+    num_started = len(serve.worker_pids())
     leader_pid, follower_pid = serve.worker_pids()[-2:]
     num_chunks, code = _stream_until_failure(serve.address, prompt, lambda: os.kill(follower_pid, fault))
     _wait_for(lambda: not is_serving(serve.address, timeout_s=1.0), 5.0, "health NOT_SERVING", serve)
     leader_exited = has_exited_within(leader_pid, timeout_s=5.0)
-    num_started = len(serve.worker_pids())
     _wait_for(lambda: len(serve.worker_pids()) == num_started + 2, 30.0, "a restarted group", serve)
     wait_serving(serve.address, serve.process, serve.log_path, timeout_s=60)
     return num_chunks, code, leader_exited
