@@ -14,8 +14,11 @@ def is_fp8(dtype: torch.dtype) -> bool:
 
 
 def quantize(x: Tensor, scale: float | Tensor) -> Tensor:
-    """x / scale in float32, saturated to +-FP8_MAX, rounded to nearest e4m3 (ties to even)."""
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    """x / scale in float32 (a true division, as the kernels' __fdiv_rn), saturated to +-FP8_MAX, rounded to
+    nearest e4m3 (ties to even). The divisor is made a tensor on x's device: torch's CUDA division by a Python
+    number multiplies by its rounded reciprocal, which rounds some quotients differently."""
+    divisor = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    return (x.float() / divisor).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def dequantize(x: Tensor, scale: float | Tensor) -> Tensor:
