@@ -3,6 +3,7 @@ sequence fed every token it samples, and the batch's token masks computed in par
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,8 +19,15 @@ from pagedserve.contract.structured_output import StructuredOutput
 
 log = structlog.get_logger()
 COMPILE_THREADS = 2  # compilation releases the interpreter lock, so it runs beside the step thread
-MASK_THREADS = 4  # llguidance's own pool, for the masks of one batch (also without the interpreter lock)
+MAX_MATCHER_THREADS = 16  # llguidance's own pool: a batch's masks and token advances, without the interpreter lock
 MAX_CACHED_GRAMMARS = 1024
+
+
+def matcher_threads() -> int:
+    """Threads for a batch's masks: the cores this process may run on, up to MAX_MATCHER_THREADS. A batch of 64
+    constrained rows at about 0.1 ms per mask (more inside long free strings) must finish within one forward
+    pass, which is what keeps the step pipeline from stalling (docs/structured-output.md)."""
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_MATCHER_THREADS))
 
 
 class GrammarCompiler:
@@ -36,7 +44,7 @@ class GrammarCompiler:
         self._pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="grammar")
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple[object, ...], Future[llguidance.LLMatcher]] = OrderedDict()
-        self.executor = llguidance.LLExecutor(MASK_THREADS)
+        self.executor = llguidance.LLExecutor(matcher_threads())
 
     @classmethod
     def for_model(cls, model_dir: Path, vocab_size: int) -> GrammarCompiler | None:
@@ -88,8 +96,15 @@ class SequenceGrammar:
     def accept(self, token_id: int) -> None:
         if self._matcher is None:
             self._waiting.append(token_id)
-        elif not self._matcher.is_error():
-            self._matcher.consume_token(token_id)
+        elif not self._matcher.is_error() and not self._matcher.consume_token(token_id):
+            _log_refusal(self._matcher, token_id)
+
+    def compiled_matcher(self) -> llguidance.LLMatcher | None:
+        """The matcher if the compilation is done (it is then brought up to date), else None; never waits. A failed
+        compilation also gives None here: it is raised where the mask is needed."""
+        if self._matcher is None and (not self._compiled.done() or self._compiled.exception() is not None):
+            return None
+        return self.matcher()
 
     def matcher(self) -> llguidance.LLMatcher:
         """The matcher after every accepted token, waiting for the compilation if it is still running."""
@@ -107,6 +122,29 @@ class SequenceGrammar:
         else:
             sibling._matcher = self._matcher.deep_copy()
         return sibling
+
+
+def accept_tokens(compiler: GrammarCompiler, accepted: list[tuple[SequenceGrammar, int]]) -> None:
+    """Feeds each grammar its next token (each grammar listed once). Grammars whose matcher exists advance on
+    llguidance's threads in parallel; the others keep the token for when their compilation is done."""
+    live = []
+    for grammar, token_id in accepted:
+        matcher = grammar.compiled_matcher()
+        if matcher is None:
+            grammar.accept(token_id)
+        elif not matcher.is_error():
+            live.append((matcher, token_id))
+    if not live:
+        return
+    for (matcher, token_id), is_accepted in zip(
+            live, llguidance.numpy.consume_token_par(compiler.executor, live), strict=True):
+        if not is_accepted:
+            _log_refusal(matcher, token_id)
+
+
+def _log_refusal(matcher: llguidance.LLMatcher, token_id: int) -> None:
+    """A token the grammar refused stops its matcher (masks then allow only end-of-sequence): said once, here."""
+    log.warning("grammar_refused_token", token_id=token_id, reason=matcher.get_error())
 
 
 def fill_token_masks(compiler: GrammarCompiler, grammars: list[SequenceGrammar], vocab_size: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ from pagedserve.contract.step import Fork, NewSequence, ScheduledSequence, StepP
 from pagedserve.gpu_worker.bad_words import BadWordsTokenizer
 from pagedserve.gpu_worker.block_tables import BlockTableArray
 from pagedserve.gpu_worker.errors import InvalidStepError
-from pagedserve.gpu_worker.grammar import GrammarCompiler, SequenceGrammar
+from pagedserve.gpu_worker.grammar import GrammarCompiler, SequenceGrammar, accept_tokens
 
 # An output token sampled by a step whose results have not reached the host yet. It is always the
 # sequence's last token and its only uncomputed one, so a step that computes it reads it on the device
@@ -187,14 +187,17 @@ class SequenceRegistry:
         state.forks = ()
         return pending
 
-    @staticmethod
-    def fill(pending: list[PendingToken], token_ids: list[int]) -> None:
+    def fill(self, pending: list[PendingToken], token_ids: list[int]) -> None:
         """Writes a launched step's sampled tokens (in reserve()'s order) over their placeholders, and feeds them
-        to their sequences' grammars (steps are filled in launch order, so each grammar sees its tokens in order)."""
+        to their sequences' grammars, all at once (steps are filled in launch order, so each grammar sees its
+        tokens in order)."""
+        accepted = []
         for slot, token_id in zip(pending, token_ids, strict=True):
             slot.state.output_token_ids[slot.output_index] = token_id
             if slot.state.grammar is not None:
-                slot.state.grammar.accept(token_id)
+                accepted.append((slot.state.grammar, token_id))
+        if accepted and self.grammars is not None:
+            accept_tokens(self.grammars, accepted)
 
     def _grammar(self, new: NewSequence) -> SequenceGrammar | None:
         """The new sequence's grammar, compiling off this thread, with the outputs it already has accepted (a

@@ -245,7 +245,7 @@ class Worker:
             return
         if launched.run.sample is not None:
             launched.sample = launched.run.sample.result()
-            SequenceRegistry.fill(launched.pending, launched.sample.token_ids)
+            self.registry.fill(launched.pending, launched.sample.token_ids)
         launched.is_resolved = True
 
     def _resolve_in_flight(self) -> None:
