@@ -115,6 +115,14 @@ class TestKernelMatchesReference:
     def test_special_rows(self, ops: KernelOps, dtype: torch.dtype) -> None:
         _on_both(ops, _special_rows(2048, dtype, device="cuda"))
 
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    def test_a_nan_makes_its_whole_row_nan(self, ops: KernelOps, dtype: torch.dtype) -> None:
+        x = _rows(3, 2048, dtype, seed=6, device="cuda")
+        x[0, 1000] = float("nan")
+        for quantized, scale in (ops.quantize_fp8_per_row(x), REFERENCE.quantize_fp8_per_row(x)):
+            assert scale[0].isnan().item() and quantized[0].float().isnan().all()  # as torch's amax propagates it
+            _assert_same((quantized[1:], scale[1:]), REFERENCE.quantize_fp8_per_row(x[1:].cpu()))
+
     @pytest.mark.parametrize("dtype", DTYPES)
     @pytest.mark.parametrize("offset", [0, 1, 8])  # 1: rows off the vector alignment, so one element per load
     def test_strided_rows(self, ops: KernelOps, dtype: torch.dtype, offset: int) -> None:
