@@ -23,6 +23,7 @@ from torch import nn
 from pagedserve.gpu_worker.errors import ModelLoadError
 from pagedserve.gpu_worker.models.decoder import DecoderForCausalLM, DecoderLayer
 from pagedserve.gpu_worker.models.fp8_linear import Fp8Linear
+from pagedserve.gpu_worker.models.layers import GatedMLP, PagedAttention
 from pagedserve.kernels.fp8 import FP8_DTYPE, as_bytes
 
 # Hugging Face projection -> (our fused layer attribute, shard index).
@@ -67,8 +68,9 @@ def _layers(model: DecoderForCausalLM) -> list[DecoderLayer]:
     return list(cast("Iterable[DecoderLayer]", model.layers))  # nn.ModuleList items are typed as Module
 
 
-def _linear_owners(model: DecoderForCausalLM) -> Iterator[tuple[nn.Module, str]]:
-    """(module, attribute) of every linear layer that FP8 replaces; embeddings, norms and the LM head stay."""
+def _linear_owners(model: DecoderForCausalLM) -> Iterator[tuple[PagedAttention | GatedMLP, str]]:
+    """(module, attribute) of every linear layer that FP8 replaces; embeddings, norms and the LM head stay. Each
+    owner's kernel ops become its FP8 layers' (they quantize the layers' inputs)."""
     for layer in _layers(model):
         yield layer.attn, "qkv_proj"
         yield layer.attn, "o_proj"
@@ -88,7 +90,7 @@ def quantize_linears(model: DecoderForCausalLM) -> None:
         weight = getattr(owner, attribute)
         if isinstance(weight, Fp8Linear):
             continue
-        _replace(owner, attribute, Fp8Linear.quantize(weight))
+        _replace(owner, attribute, Fp8Linear.quantize(weight, owner.ops))
         del weight
 
 
@@ -104,7 +106,7 @@ def load_fp8_checkpoint(model: DecoderForCausalLM, tensors: Iterable[tuple[str, 
     device, dtype = model.embed_tokens.device, model.embed_tokens.dtype
     for owner, attribute in _linear_owners(model):
         weight = getattr(owner, attribute)
-        _replace(owner, attribute, Fp8Linear.empty(weight.shape[0], weight.shape[1], device, dtype))
+        _replace(owner, attribute, Fp8Linear.empty(weight.shape[0], weight.shape[1], device, dtype, owner.ops))
     loaded: set[tuple[int, str, int, str]] = set()
     rest: list[tuple[str, torch.Tensor]] = []
     for name, tensor in tensors:

@@ -38,6 +38,7 @@ class CudaKernelOps:
         self.add_rms_norm = layers.add_rms_norm
         self.silu_and_mul = layers.silu_and_mul
         self.rotary_write_kv = layers.rotary_write_kv
+        self.quantize_fp8_per_row = layers.quantize_fp8_per_row
 
     def write_kv(self, key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
                  slot_mapping: Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:

@@ -1,4 +1,5 @@
-"""FP8 e4m3 as the KV cache stores it: the dtype, its range, and scaled quantize / dequantize in torch."""
+"""FP8 e4m3 as the KV cache and the FP8 linear layers store it: the dtype, its range, and scaled quantize /
+dequantize in torch (per tensor, and per row with the row's own scale)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from torch import Tensor
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite e4m3 value; quantizing saturates to it, as the kernels' satfinite does
+MIN_ROW_SCALE_NUMERATOR = 1e-12  # an all-zero row keeps a finite scale: max(amax, this) / FP8_MAX
 
 
 def is_fp8(dtype: torch.dtype) -> bool:
@@ -19,6 +21,20 @@ def quantize(x: Tensor, scale: float | Tensor) -> Tensor:
     number multiplies by its rounded reciprocal, which rounds some quotients differently."""
     divisor = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
     return (x.float() / divisor).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def quantize_per_row(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x: [rows, cols] -> (e4m3 [rows, cols], float32 scales [rows, 1]) with x ~= q * scale; each row's largest
+    magnitude maps to FP8_MAX (weights: rows are output channels; activations: rows are tokens).
+
+    In float32: scale = max(amax(|row|), 1e-12) / FP8_MAX, q = e4m3(clamp(x / scale)), both true divisions, which
+    the kernel (layer_kernels.cu, quantize_fp8_per_row) repeats bit for bit. Both divisors are tensors: torch on
+    CUDA divides by a Python number as a multiplication by its reciprocal, which rounds differently.
+    """
+    x32 = x.float()
+    amax = x32.abs().amax(dim=-1, keepdim=True).clamp(min=MIN_ROW_SCALE_NUMERATOR)
+    scale = amax / torch.full_like(amax, FP8_MAX)
+    return (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
 def dequantize(x: Tensor, scale: float | Tensor) -> Tensor:

@@ -107,7 +107,7 @@ __device__ __forceinline__ void store_from_float(T* __restrict__ dst, const floa
   *reinterpret_cast<Pack<T, N>*>(dst) = pack;
 }
 
-// Sum / max over the lanes whose index differs only in the bits of [first_offset, 32).
+// Sum over the lanes whose index differs only in the bits of [first_offset, 32).
 template <int FIRST_OFFSET, int LAST_OFFSET>
 __device__ __forceinline__ float xor_sum(float x) {
 #pragma unroll
@@ -115,15 +115,24 @@ __device__ __forceinline__ float xor_sum(float x) {
   return x;
 }
 
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
-  return x;
-}
+struct Add {
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
 
-__device__ __forceinline__ float warp_sum(float x) {
+// The larger of a and b, NaN if either is (max.NaN, sm_80+), as torch's amax propagates NaN; fmaxf would drop it.
+struct MaxPropagatingNan {
+  __device__ __forceinline__ float operator()(float a, float b) const {
+    float m;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(m) : "f"(a), "f"(b));
+    return m;
+  }
+};
+
+// combine (Add, MaxPropagatingNan) of x over the lanes of a warp, returned to every lane.
+template <typename Combine>
+__device__ __forceinline__ float warp_reduce(float x, Combine combine) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  for (int offset = 16; offset > 0; offset /= 2) x = combine(x, __shfl_xor_sync(0xffffffffu, x, offset));
   return x;
 }
 

@@ -1,5 +1,5 @@
 // Fused per-layer element-wise kernels of the decoder: RMSNorm (optionally after the residual add), SiLU-and-mul,
-// and rotary embedding fused with the paged K/V write.
+// rotary embedding fused with the paged K/V write, and the per-token FP8 quantization of an FP8 linear's input.
 //
 // Rounding points. Each kernel reproduces the model's torch code, which stores every intermediate tensor in the
 // model dtype T (fp32, fp16 or bf16) and computes each element-wise op in fp32 ("opmath"), rounding once per op:
@@ -21,14 +21,38 @@ __device__ __forceinline__ float round_to(float x) {
   return to_float(from_float<T>(x));
 }
 
-// Sum of x over the CTA, returned to every thread; blockDim.x is a multiple of 32. Call once per kernel.
-__device__ __forceinline__ float block_sum(float x) {
-  __shared__ float warp_sums[32];
+// combine(x) over the CTA (identity: combine's neutral value), returned to every thread; blockDim.x is a multiple
+// of 32. Call once per kernel.
+template <typename Combine>
+__device__ __forceinline__ float block_reduce(float x, Combine combine, float identity) {
+  __shared__ float warp_results[32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  x = warp_sum(x);
-  if (lane == 0) warp_sums[warp] = x;
+  x = warp_reduce(x, combine);
+  if (lane == 0) warp_results[warp] = x;
   __syncthreads();
-  return warp_sum(lane < static_cast<int>(blockDim.x / 32) ? warp_sums[lane] : 0.0f);
+  return warp_reduce(lane < static_cast<int>(blockDim.x / 32) ? warp_results[lane] : identity, combine);
+}
+
+struct Square {
+  __device__ __forceinline__ float operator()(float x) const { return x * x; }
+};
+struct Magnitude {
+  __device__ __forceinline__ float operator()(float x) const { return fabsf(x); }
+};
+
+// combine of map(x) over every element x of one row of num_vecs vectors, across the CTA (identity: combine's neutral
+// value), returned to every thread. Call once per kernel.
+template <typename T, int VEC, typename Map, typename Combine>
+__device__ __forceinline__ float reduce_row(const T* __restrict__ row, int num_vecs, Map map, Combine combine,
+                                            float identity) {
+  float partial = identity;
+  for (int i = threadIdx.x; i < num_vecs; i += blockDim.x) {
+    float v[VEC];
+    load_as_float<T, VEC>(row + i * VEC, v);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) partial = combine(partial, map(v[k]));
+  }
+  return block_reduce(partial, combine, identity);
 }
 
 // out = T(weight * T(row * inv_rms)) over one row of num_vecs vectors. row is not __restrict__: add_rms_norm
@@ -47,7 +71,7 @@ __device__ __forceinline__ void scale_row(const T* row, const T* __restrict__ we
 }
 
 __device__ __forceinline__ float inverse_rms(float sum_squares, int hidden_size, float eps) {
-  return rsqrtf(block_sum(sum_squares) / hidden_size + eps);
+  return rsqrtf(sum_squares / hidden_size + eps);
 }
 
 // One CTA per row: x [num_rows, hidden_size] (rows x_row_stride elements apart) -> out [num_rows, hidden_size].
@@ -56,14 +80,7 @@ __global__ void rms_norm(const T* __restrict__ x, long long x_row_stride, const 
                          T* __restrict__ out, int hidden_size, float eps) {
   const T* row = x + blockIdx.x * x_row_stride;
   const int num_vecs = hidden_size / VEC;
-  float sum_squares = 0.0f;
-  for (int i = threadIdx.x; i < num_vecs; i += blockDim.x) {
-    float v[VEC];
-    load_as_float<T, VEC>(row + i * VEC, v);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) sum_squares += v[k] * v[k];
-  }
-  const float inv_rms = inverse_rms(sum_squares, hidden_size, eps);
+  const float inv_rms = inverse_rms(reduce_row<T, VEC>(row, num_vecs, Square{}, Add{}, 0.0f), hidden_size, eps);
   scale_row<T, VEC>(row, weight, out + blockIdx.x * static_cast<long long>(hidden_size), num_vecs, inv_rms);
 }
 
@@ -88,7 +105,7 @@ __global__ void add_rms_norm(const T* __restrict__ x, long long x_row_stride, T*
     }
     store_from_float<T, VEC>(residual_row + i * VEC, r);
   }
-  const float inv_rms = inverse_rms(sum_squares, hidden_size, eps);
+  const float inv_rms = inverse_rms(block_reduce(sum_squares, Add{}, 0.0f), hidden_size, eps);
   scale_row<T, VEC>(residual_row, weight, out + blockIdx.x * static_cast<long long>(hidden_size), num_vecs,
                     inv_rms);
 }
@@ -174,5 +191,30 @@ __global__ void rotary_write_kv(const T* __restrict__ qkv, const T* __restrict__
       load_as_float<T, VEC>(v_row + head * head_dim + j, v);
       store_cache<T, C, VEC>(dst, v, v_scale);
     }
+  }
+}
+
+// One CTA per row: x [num_rows, num_cols] (rows x_row_stride elements apart) -> out e4m3 [num_rows, num_cols]
+// (contiguous) and scales [num_rows] float32, as pagedserve.kernels.fp8.quantize_per_row computes them:
+// scale = max(amax |row|, 1e-12) / 448 and out = e4m3(x / scale), both true float32 divisions (never a multiply by
+// the reciprocal, which rounds differently), the conversion rounding to nearest even and saturating to +-448. The
+// second pass re-reads the row, which the first has just brought into L1 / L2.
+template <typename T, int VEC>
+__global__ void quantize_fp8_per_row(const T* __restrict__ x, long long x_row_stride, fp8_e4m3_t* __restrict__ out,
+                                     float* __restrict__ scales, int num_cols) {
+  constexpr float kMinScaleNumerator = 1e-12f, kFp8Max = 448.0f;
+  const T* row = x + blockIdx.x * x_row_stride;
+  const int num_vecs = num_cols / VEC;
+  const float amax = reduce_row<T, VEC>(row, num_vecs, Magnitude{}, MaxPropagatingNan{}, 0.0f);
+  // Written as torch's clamp(min=...): a NaN amax stays NaN.
+  const float scale = __fdiv_rn(amax < kMinScaleNumerator ? kMinScaleNumerator : amax, kFp8Max);
+  if (threadIdx.x == 0) scales[blockIdx.x] = scale;
+  fp8_e4m3_t* out_row = out + blockIdx.x * static_cast<long long>(num_cols);
+  for (int i = threadIdx.x; i < num_vecs; i += blockDim.x) {
+    float v[VEC];
+    load_as_float<T, VEC>(row + i * VEC, v);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] = __fdiv_rn(v[k], scale);
+    store_from_float<fp8_e4m3_t, VEC>(out_row + i * VEC, v);
   }
 }

@@ -1,4 +1,5 @@
-"""Launchers of layer_kernels.cu: a decoder layer's fused RMSNorm, residual add, SiLU-and-mul and rotary+KV write."""
+"""Launchers of layer_kernels.cu: a decoder layer's fused RMSNorm, residual add, SiLU-and-mul, rotary+KV write and
+per-token FP8 quantization of a linear layer's input."""
 
 from __future__ import annotations
 
@@ -23,10 +24,10 @@ if TYPE_CHECKING:
     from pagedserve.kernels.module_cache import ModuleCache
 
 SOURCE = "layer_kernels.cu"
-KERNEL_NAMES = ("rms_norm", "add_rms_norm", "silu_and_mul", "rotary_write_kv")
+KERNEL_NAMES = ("rms_norm", "add_rms_norm", "silu_and_mul", "rotary_write_kv", "quantize_fp8_per_row")
 VECTOR_BYTES = 16  # the widest load or store of one thread
 WARP_THREADS = 32
-MAX_NORM_THREADS = 1024  # one CTA per row: wide rows get every thread of a CTA
+MAX_ROW_THREADS = 1024  # one CTA per row (norms, quantization): wide rows get every thread of a CTA
 SILU_THREADS = 256
 MAX_ROTARY_THREADS = 512
 FP8_CACHE_TYPE = "fp8_e4m3_t"  # kernel_common.cuh
@@ -141,6 +142,28 @@ class LayerKernels:
         ))
         return q
 
+    def quantize_fp8_per_row(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x: [num_rows, num_cols] with unit column stride (rows may be strided) -> (new contiguous e4m3
+        [num_rows, num_cols], new float32 scales [num_rows, 1]), bit for bit pagedserve.kernels.fp8.quantize_per_row(x):
+        one launch where torch takes eight. The e4m3 conversion needs compute capability 8.9 or later (start-up
+        refuses FP8 below it, gpu_worker/fp8_support.py).
+        """
+        _check_rows("x", x, x.dtype, x.shape[-1])
+        num_rows, num_cols = x.shape
+        if num_cols == 0:
+            raise ValueError(f"x must have at least one column, got shape {tuple(x.shape)}")
+        out = x.new_empty((num_rows, num_cols), dtype=FP8_DTYPE)
+        scales = x.new_empty((num_rows, 1), dtype=torch.float32)
+        if num_rows == 0:
+            return out, scales
+        itemsize = x.itemsize
+        vec = _vector_width(itemsize, num_cols * itemsize, x.data_ptr(), x.stride(0) * itemsize)
+        kernel = self._modules.kernel(SOURCE, f"quantize_fp8_per_row<{scalar_type_name(x.dtype)}, {vec}>")
+        self._modules.launch(kernel, (num_rows, 1, 1), (_threads(num_cols // vec, MAX_ROW_THREADS), 1, 1), (
+            pointer(x), int64(x.stride(0)), pointer(out), pointer(scales), int32(num_cols),
+        ))
+        return out, scales
+
     def _launch_norm(self, name: str, rows: tuple[Tensor, ...], weight: Tensor, eps: float) -> Tensor:
         """One CTA per row; the kernel takes (pointer, row stride) of each tensor of rows, then weight, out."""
         num_rows, hidden = rows[0].shape
@@ -155,7 +178,7 @@ class LayerKernels:
             byte_counts += (tensor.data_ptr(), tensor.stride(0) * itemsize)
         vec = _vector_width(itemsize, *byte_counts)
         kernel = self._modules.kernel(SOURCE, f"{name}<{scalar_type_name(out.dtype)}, {vec}>")
-        self._modules.launch(kernel, (num_rows, 1, 1), (_threads(hidden // vec, MAX_NORM_THREADS), 1, 1), (
+        self._modules.launch(kernel, (num_rows, 1, 1), (_threads(hidden // vec, MAX_ROW_THREADS), 1, 1), (
             *args, pointer(weight), pointer(out), int32(hidden), float32(eps),
         ))
         return out

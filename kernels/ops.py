@@ -97,6 +97,12 @@ class KernelOps(Protocol):
         """
         ...
 
+    def quantize_fp8_per_row(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x: [num_rows, num_cols] in the model dtype, unit column stride (rows may be strided) -> (new contiguous
+        e4m3 [num_rows, num_cols], new float32 scales [num_rows, 1]): pagedserve.kernels.fp8.quantize_per_row, an FP8
+        linear layer's per-token activation quantization."""
+        ...
+
 
 def get_kernel_ops(device: torch.device) -> KernelOps:
     """Return the implementation for device: the torch reference on CPU, CuPy kernels on CUDA."""

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pagedserve.kernels.fp8 import as_bytes, dequantize, is_fp8, quantize
+from pagedserve.kernels.fp8 import as_bytes, dequantize, is_fp8, quantize, quantize_per_row
 
 
 class TorchReferenceOps:
@@ -110,6 +110,10 @@ class TorchReferenceOps:
         rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
         self.write_kv(rotated[:, num_heads:], v, key_cache, value_cache, slot_mapping, k_scale, v_scale)
         return rotated[:, :num_heads].contiguous()
+
+    def quantize_fp8_per_row(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x: [num_rows, num_cols] -> (e4m3 [num_rows, num_cols], float32 scales [num_rows, 1]), per row."""
+        return quantize_per_row(x)
 
 
 def _attend_one_sequence(

@@ -8,38 +8,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedserve.kernels.fp8 import FP8_DTYPE, FP8_MAX
+from pagedserve.kernels.fp8 import FP8_DTYPE, quantize_per_row
+
+if TYPE_CHECKING:
+    from pagedserve.kernels.ops import KernelOps
 
 # torch._scaled_mm runs e4m3 x e4m3 on tensor cores from Ada (sm_89) on; row-wise scales need both matrix sizes
 # to be multiples of 16.
 SCALED_MM_MIN_CAPABILITY = (8, 9)
 SCALED_MM_ALIGNMENT = 16
-_MIN_SCALE = 1e-12  # an all-zero row or channel keeps a finite scale
-
-
-def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [rows, cols] -> (e4m3 [rows, cols], float32 scales [rows, 1]) with x ~= q * scale; each row's largest
-    magnitude maps to FP8_MAX (weights: rows are output channels; activations: rows are tokens)."""
-    x32 = x.float()
-    scale = x32.abs().amax(dim=-1, keepdim=True).clamp(min=_MIN_SCALE) / FP8_MAX
-    return (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
 class Fp8Linear(nn.Module):
     """y = x W^T (+ bias) with W held as e4m3 weight [out, in] times weight_scale [out] (float32).
 
-    On CUDA devices of compute capability 8.9 or later (use_scaled_mm) each call quantizes x per token to e4m3 and
-    multiplies on FP8 tensor cores (torch._scaled_mm, float32 accumulation), scaling rows and columns in its
-    epilogue. Elsewhere (the CPU worker, and shapes _scaled_mm cannot take) it is the reference: the weight
-    dequantized to the model dtype, then an ordinary matmul. Weight and scales are buffers, not parameters: the
-    decoder's own loader, which requires every parameter, never sees them (pagedserve.gpu_worker.fp8_weights
-    fills them).
+    On CUDA devices of compute capability 8.9 or later (use_scaled_mm) each call quantizes x per token to e4m3
+    (ops.quantize_fp8_per_row: one kernel on CUDA) and multiplies on FP8 tensor cores (torch._scaled_mm, float32
+    accumulation), scaling rows and columns in its epilogue. Elsewhere (the CPU worker, and shapes _scaled_mm cannot
+    take) it is the reference: the weight dequantized to the model dtype, then an ordinary matmul. Weight and scales
+    are buffers, not parameters: the decoder's own loader, which requires every parameter, never sees them
+    (pagedserve.gpu_worker.fp8_weights fills them).
     """
 
     weight: torch.Tensor
     weight_scale: torch.Tensor
 
-    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, dtype: torch.dtype) -> None:
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, dtype: torch.dtype, ops: KernelOps) -> None:
         super().__init__()
         if weight.dtype != FP8_DTYPE or weight.dim() != 2 or weight_scale.shape != (weight.shape[0],):
             raise ValueError(f"need an e4m3 [out, in] weight and [out] scales, got {weight.dtype} "
@@ -47,6 +41,7 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight", weight)
         self.register_buffer("weight_scale", weight_scale.float())
         self.dtype = dtype
+        self.ops = ops
         out_features, in_features = weight.shape
         self.use_scaled_mm = (
             weight.is_cuda and torch.cuda.get_device_capability(weight.device) >= SCALED_MM_MIN_CAPABILITY
@@ -54,16 +49,18 @@ class Fp8Linear(nn.Module):
         )
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor) -> Fp8Linear:
-        """The layer of a model-dtype weight [out, in], quantized per output channel."""
+    def quantize(cls, weight: torch.Tensor, ops: KernelOps) -> Fp8Linear:
+        """The layer of a model-dtype weight [out, in], quantized per output channel; ops (the device's kernel ops)
+        quantize its inputs."""
         quantized, scale = quantize_per_row(weight)
-        return cls(quantized, scale.squeeze(1), weight.dtype)
+        return cls(quantized, scale.squeeze(1), weight.dtype, ops)
 
     @classmethod
-    def empty(cls, out_features: int, in_features: int, device: torch.device, dtype: torch.dtype) -> Fp8Linear:
+    def empty(cls, out_features: int, in_features: int, device: torch.device, dtype: torch.dtype,
+              ops: KernelOps) -> Fp8Linear:
         """An unfilled layer, for a checkpoint that is already FP8 to be copied into."""
         weight = torch.empty(out_features, in_features, device=device, dtype=FP8_DTYPE)
-        return cls(weight, torch.ones(out_features, device=device), dtype)
+        return cls(weight, torch.ones(out_features, device=device), dtype, ops)
 
     def dequantized(self) -> torch.Tensor:
         """The weight the layer stands for, [out, in] in the model dtype."""
@@ -74,7 +71,7 @@ class Fp8Linear(nn.Module):
         if not self.use_scaled_mm:
             return F.linear(x, self.dequantized(), bias)
         rows = x.reshape(-1, x.shape[-1])
-        quantized, x_scale = quantize_per_row(rows)
+        quantized, x_scale = self.ops.quantize_fp8_per_row(rows)
         # Row-wise scaling produces bfloat16; float16 models round once more.
         out = torch._scaled_mm(quantized, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale[None, :],
                                bias=bias if self.dtype == torch.bfloat16 else None, out_dtype=torch.bfloat16)

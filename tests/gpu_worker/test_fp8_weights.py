@@ -18,10 +18,10 @@ from pagedserve.contract.model_format import DType, LoadFormat, Quantization
 from pagedserve.gpu_worker import fp8_support
 from pagedserve.gpu_worker.errors import ModelLoadError
 from pagedserve.gpu_worker.models.decoder import DecoderLayer
-from pagedserve.gpu_worker.models.fp8_linear import Fp8Linear, quantize_per_row
+from pagedserve.gpu_worker.models.fp8_linear import Fp8Linear
 from pagedserve.gpu_worker.parallel.group import ParallelGroup
 from pagedserve.gpu_worker.weights import LoadedModel, load_model
-from pagedserve.kernels.fp8 import FP8_DTYPE, FP8_MAX
+from pagedserve.kernels.fp8 import FP8_DTYPE, FP8_MAX, quantize_per_row
 from pagedserve.kernels.ops import get_kernel_ops
 from tests.gpu_worker.harness import STORIES_DIR
 
@@ -49,7 +49,7 @@ def test_per_channel_quantization_keeps_each_channel_within_fp8_error() -> None:
 def test_cpu_layer_is_the_matmul_with_the_dequantized_weight() -> None:
     generator = torch.Generator().manual_seed(1)
     weight = torch.randn(48, 32, generator=generator).bfloat16()
-    layer = Fp8Linear.quantize(weight)
+    layer = Fp8Linear.quantize(weight, get_kernel_ops(CPU))
     x, bias = torch.randn(5, 32, generator=generator).bfloat16(), torch.randn(48, generator=generator).bfloat16()
     assert not layer.use_scaled_mm
     expected = F.linear(x, (layer.weight.float() * layer.weight_scale[:, None]).bfloat16(), bias)

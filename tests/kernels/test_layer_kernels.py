@@ -149,19 +149,6 @@ def kernels() -> LayerKernels:
     return LayerKernels(ModuleCache(torch.device("cuda", torch.cuda.current_device())))
 
 
-@pytest.fixture
-def poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tensor.new_empty (how the launchers allocate outputs) returns NaN-filled floats, so an output element a kernel
-    leaves unwritten fails the comparison."""
-    new_empty = Tensor.new_empty
-
-    def nan_new_empty(self: Tensor, size: tuple[int, ...]) -> Tensor:
-        tensor = new_empty(self, size)
-        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
-
-    monkeypatch.setattr(Tensor, "new_empty", nan_new_empty)
-
-
 def _assert_norm_close(got: Tensor, expected: Tensor) -> None:
     assert not got.isnan().any()
     torch.testing.assert_close(got, expected, rtol=NORM_RTOL[got.dtype], atol=NORM_ATOL)
