@@ -58,9 +58,10 @@ class CudaKernelOps:
     ) -> None:
         """Dispatch by max_query_len (a host int, so no sync).
 
-        1: paged_decode, one CTA row per sequence. Longer, with tensor-core support for the dtype and head
-        size: paged_prefill for sequences of two or more query rows plus paged_decode for the single-row ones
-        (mixed steps). Otherwise (FP8 caches included) paged_decode with one CTA row per query row.
+        1: paged_decode, one CTA row per sequence. Longer, with tensor-core support for the dtypes (16-bit
+        queries over a cache of their dtype or FP8) and head size: paged_prefill for sequences of two or more query
+        rows plus paged_decode for the single-row ones (mixed steps). Otherwise paged_decode with one CTA row per
+        query row.
         """
         _check_attention(out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc)
         if max_query_len <= 0 or query.shape[0] == 0:
@@ -68,9 +69,9 @@ class CudaKernelOps:
         args = (out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc)
         if max_query_len == 1:
             self._decode.run(*args, max_seq_len, scale, True, k_scale, v_scale)
-        elif supports(query.dtype, query.shape[2]) and not is_fp8(key_cache.dtype):
-            self._prefill.run(*args, scale)
-            self._decode.run(*args, max_seq_len, scale, rows_by_seq=True)
+        elif supports(query.dtype, key_cache.dtype, query.shape[2]):
+            self._prefill.run(*args, scale, k_scale, v_scale)
+            self._decode.run(*args, max_seq_len, scale, True, k_scale, v_scale)
         else:
             self._decode.run(*args, max_seq_len, scale, False, k_scale, v_scale)
 

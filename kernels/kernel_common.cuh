@@ -37,16 +37,21 @@ __device__ __forceinline__ float to_float(bfloat16_t x) {
   return __uint_as_float(static_cast<unsigned>(x.bits) << 16);
 }
 
-// Exact: every e4m3 value is a float16 value.
-__device__ __forceinline__ float to_float(fp8_e4m3_t x) {
+// Two e4m3 values (the low byte first) as two float16 values (the low half first), exactly: every e4m3 value is a
+// float16 value.
+__device__ __forceinline__ unsigned e4m3x2_to_half2(unsigned short pair) {
 #if __CUDA_ARCH__ >= 890
   unsigned halves;
-  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(halves) : "h"(static_cast<unsigned short>(x.bits)));
-  return to_float(half_t{static_cast<unsigned short>(halves & 0xffffu)});
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(halves) : "h"(pair));
+  return halves;
 #else
   __trap();
-  return 0.0f;
+  return 0u;
 #endif
+}
+
+__device__ __forceinline__ float to_float(fp8_e4m3_t x) {
+  return to_float(half_t{static_cast<unsigned short>(e4m3x2_to_half2(x.bits) & 0xffffu)});
 }
 
 template <typename T>

@@ -7,8 +7,12 @@
 // q_len rows sits at position seq_len - q_len + i and sees key positions 0..that position. Sequences with fewer
 // than two query rows are left to paged_decode.
 //
-// KV pool: key_cache / value_cache [num_blocks, num_kv_heads, block_size, HEAD_DIM]; the token at position p
-// of sequence s is in block block_tables[s, p / block_size] at offset p % block_size.
+// KV pool: key_cache / value_cache [num_blocks, num_kv_heads, block_size, HEAD_DIM] of C; the token at position p
+// of sequence s is in block block_tables[s, p / block_size] at offset p % block_size. C is the query's type, or
+// fp8_e4m3_t (holding k / k_scale and v / v_scale): then the double-buffered stages hold the e4m3 bytes (half the
+// bytes copied) and each tile is widened, exactly, into one 16-bit tile that ldmatrix reads. The scales never
+// touch the loop: the launcher folds k_scale into scale_log2e, and v_scale multiplies the output rows (O is linear
+// in the values).
 #include "tensor_core.cuh"
 
 // 16 bytes global -> shared without passing through registers; src_bytes 0 fills the 16 bytes with zeros.
@@ -21,35 +25,70 @@ __device__ __forceinline__ void wait_async() {
   asm volatile("cp.async.wait_group %0;" ::"n"(PENDING));
 }
 
-template <int HEAD_DIM, int BLOCK_M, int BLOCK_N>
+template <int HEAD_DIM, int BLOCK_M, int BLOCK_N, bool IS_FP8>
 struct PrefillShape {
-  // Rows padded by 16 bytes so the 8 rows one ldmatrix reads fall in different banks.
+  // 16-bit rows padded by 16 bytes so the 8 rows one ldmatrix reads fall in different banks.
   static constexpr int kRowStride = HEAD_DIM + 8;
   static constexpr int kTileElems = BLOCK_N * kRowStride;
-  static constexpr int kChunksPerRow = HEAD_DIM / 8;  // 16-byte pieces
+  // Staged (copied) rows: the 16-bit rows themselves, or unpadded e4m3 rows (only the widening pass reads them).
+  static constexpr int kStagedRowStride = IS_FP8 ? HEAD_DIM : kRowStride;
+  static constexpr int kStagedTileElems = BLOCK_N * kStagedRowStride;
+  static constexpr int kChunksPerRow = HEAD_DIM / 8;  // 16-byte pieces of a 16-bit row
   static constexpr int kKSteps = HEAD_DIM / 16;       // mma k steps of Q K^T
   static constexpr int kScoreTiles = BLOCK_N / 8;     // n8 tiles of S
   static constexpr int kOutTiles = HEAD_DIM / 8;      // n8 tiles of O
   static_assert(HEAD_DIM % 16 == 0 && BLOCK_N % 16 == 0, "mma shapes");
 };
 
-// Gathers rows [first, first + ROWS) of one head's tokens into a padded shared tile; rows at or past `end`
-// are zero-filled (their addresses are never dereferenced).
-template <typename T, int HEAD_DIM, int ROWS, int THREADS>
-__device__ __forceinline__ void gather_tile_async(T* tile, const T* __restrict__ head_base, const int* table,
+// Gathers rows [first, first + ROWS) of one head's tokens (elements of C) into a shared tile of rows ROW_STRIDE
+// elements apart; rows at or past `end` are zero-filled (their addresses are never dereferenced).
+template <typename C, int HEAD_DIM, int ROW_STRIDE, int ROWS, int THREADS>
+__device__ __forceinline__ void gather_tile_async(C* tile, const C* __restrict__ head_base, const int* table,
                                                   int first, int end, int log2_block_size, long long block_stride) {
-  constexpr int kChunks = HEAD_DIM / 8;
+  constexpr int kChunkElems = 16 / sizeof(C);
+  constexpr int kChunks = HEAD_DIM / kChunkElems;
   const int offset_mask = (1 << log2_block_size) - 1;
   for (int i = threadIdx.x; i < ROWS * kChunks; i += THREADS) {
     const int row = i / kChunks, chunk = i % kChunks;
     const int pos = first + row;
-    const T* src = head_base;
+    const C* src = head_base;
     int src_bytes = 0;
     if (pos < end) {
-      src = head_base + table[pos >> log2_block_size] * block_stride + (pos & offset_mask) * HEAD_DIM + chunk * 8;
+      src = head_base + table[pos >> log2_block_size] * block_stride + (pos & offset_mask) * HEAD_DIM +
+            chunk * kChunkElems;
       src_bytes = 16;
     }
-    copy_16_async(tile + row * (HEAD_DIM + 8) + chunk * 8, src, src_bytes);
+    copy_16_async(tile + row * ROW_STRIDE + chunk * kChunkElems, src, src_bytes);
+  }
+}
+
+// Two e4m3 values (the low byte first) as one register of two T, exactly: every e4m3 value is a float16 and a
+// bfloat16 value.
+template <typename T>
+__device__ __forceinline__ unsigned widen_e4m3x2(unsigned short pair) {
+  const unsigned halves = e4m3x2_to_half2(pair);
+  if constexpr (same_type<T, half_t>::value) {
+    return halves;
+  } else {
+    return Mma<T>::pack(to_float(half_t{static_cast<unsigned short>(halves & 0xffffu)}),
+                        to_float(half_t{static_cast<unsigned short>(halves >> 16)}));
+  }
+}
+
+// Widens a staged tile of e4m3 rows (HEAD_DIM bytes apart) into the padded 16-bit tile ldmatrix reads, 8 elements
+// (8 bytes in, 16 out) per step: a quarter warp's stores then fill 128 contiguous bytes.
+template <typename T, int HEAD_DIM, int ROWS, int THREADS>
+__device__ __forceinline__ void widen_tile(T* __restrict__ wide, const fp8_e4m3_t* __restrict__ staged) {
+  constexpr int kChunks = HEAD_DIM / 8;
+  for (int i = threadIdx.x; i < ROWS * kChunks; i += THREADS) {
+    const int row = i / kChunks, chunk = i % kChunks;
+    const uint2 bytes = *reinterpret_cast<const uint2*>(staged + row * HEAD_DIM + chunk * 8);
+    uint4 elements;
+    elements.x = widen_e4m3x2<T>(static_cast<unsigned short>(bytes.x & 0xffffu));
+    elements.y = widen_e4m3x2<T>(static_cast<unsigned short>(bytes.x >> 16));
+    elements.z = widen_e4m3x2<T>(static_cast<unsigned short>(bytes.y & 0xffffu));
+    elements.w = widen_e4m3x2<T>(static_cast<unsigned short>(bytes.y >> 16));
+    *reinterpret_cast<uint4*>(wide + row * (HEAD_DIM + 8) + chunk * 8) = elements;
   }
 }
 
@@ -135,11 +174,12 @@ __device__ __forceinline__ void online_softmax(float (&s_acc)[M_TILES][SCORE_TIL
   }
 }
 
-// Writes a warp's normalised output rows (those below num_rows) from the mma.m16n8 accumulator layout.
+// Writes a warp's normalised output rows (those below num_rows) from the mma.m16n8 accumulator layout, times
+// value_scale.
 template <typename T, int M_TILES, int OUT_TILES, int HEAD_DIM>
 __device__ __forceinline__ void store_rows(const float (&o_acc)[M_TILES][OUT_TILES][4],
                                            const float (&row_sum)[M_TILES][2], T* out_rows, long long out_row_stride,
-                                           int warp_first_row, int num_rows) {
+                                           int warp_first_row, int num_rows, float value_scale) {
   const int lane = threadIdx.x % 32;
   const int quad_row = lane / 4, quad_col = 2 * (lane % 4);
 #pragma unroll
@@ -151,7 +191,7 @@ __device__ __forceinline__ void store_rows(const float (&o_acc)[M_TILES][OUT_TIL
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
       const int row = warp_first_row + m * 16 + quad_row + r * 8;
       if (row >= num_rows) continue;
-      const float inverse = 1.0f / sum;
+      const float inverse = value_scale / sum;
       T* dst = out_rows + row * out_row_stride + quad_col;
 #pragma unroll
       for (int n = 0; n < OUT_TILES; ++n) {
@@ -162,20 +202,28 @@ __device__ __forceinline__ void store_rows(const float (&o_acc)[M_TILES][OUT_TIL
   }
 }
 
-template <typename T, int HEAD_DIM, int M_TILES, int BLOCK_N, int THREADS>
+// scale_log2e: the softmax scale times log2(e), and times k_scale for FP8 caches; value_scale: v_scale for FP8
+// caches, else 1.
+template <typename T, int HEAD_DIM, int M_TILES, int BLOCK_N, int THREADS, typename C = T>
 __global__ void __launch_bounds__(THREADS) paged_prefill(
     T* __restrict__ out, long long out_row_stride, const T* __restrict__ query, long long query_row_stride,
-    const T* __restrict__ key_cache, const T* __restrict__ value_cache, const int* __restrict__ block_tables,
+    const C* __restrict__ key_cache, const C* __restrict__ value_cache, const int* __restrict__ block_tables,
     int block_table_stride, const int* __restrict__ seq_lens, const int* __restrict__ query_start_loc,
-    int num_seqs, int num_kv_heads, int group_size, int log2_block_size, float scale_log2e) {
+    int num_seqs, int num_kv_heads, int group_size, int log2_block_size, float scale_log2e, float value_scale) {
   // Each warp owns M_TILES x 16 query rows, so every key / value fragment read from shared memory feeds
   // M_TILES mma instructions.
   constexpr int BLOCK_M = 16 * M_TILES * (THREADS / 32);
-  using S = PrefillShape<HEAD_DIM, BLOCK_M, BLOCK_N>;
+  constexpr bool kIsFp8 = same_type<C, fp8_e4m3_t>::value;
+  static_assert(kIsFp8 || same_type<C, T>::value, "the cache holds the query's type or e4m3");
+  using S = PrefillShape<HEAD_DIM, BLOCK_M, BLOCK_N, kIsFp8>;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  T* q_tile = reinterpret_cast<T*>(shared_bytes);             // [BLOCK_M][kRowStride]
-  T* k_tiles = q_tile + BLOCK_M * S::kRowStride;              // [2][BLOCK_N][kRowStride]
-  T* v_tiles = k_tiles + 2 * S::kTileElems;                   // [2][BLOCK_N][kRowStride]
+  // 16-bit caches: the staged tiles are the ones ldmatrix reads. FP8: one widened key and value tile follows
+  // the query tile, then the staged e4m3 tiles.
+  T* q_tile = reinterpret_cast<T*>(shared_bytes);                   // [BLOCK_M][kRowStride]
+  T* k_wide = q_tile + BLOCK_M * S::kRowStride;                     // FP8: [BLOCK_N][kRowStride]
+  T* v_wide = k_wide + S::kTileElems;                               // FP8: [BLOCK_N][kRowStride]
+  C* k_stages = reinterpret_cast<C*>(kIsFp8 ? v_wide + S::kTileElems : k_wide);  // [2][BLOCK_N][kStagedRowStride]
+  C* v_stages = k_stages + 2 * S::kStagedTileElems;                 // [2][BLOCK_N][kStagedRowStride]
 
   int seq, tile;
   if (!resolve_tile(blockIdx.x, num_seqs, query_start_loc, BLOCK_M, seq, tile)) return;
@@ -192,8 +240,8 @@ __global__ void __launch_bounds__(THREADS) paged_prefill(
   const int* table = block_tables + static_cast<long long>(seq) * block_table_stride;
   const long long head_stride = static_cast<long long>(1 << log2_block_size) * HEAD_DIM;
   const long long block_stride = head_stride * num_kv_heads;
-  const T* key_base = key_cache + kv_head * head_stride;
-  const T* value_base = value_cache + kv_head * head_stride;
+  const C* key_base = key_cache + kv_head * head_stride;
+  const C* value_base = value_cache + kv_head * head_stride;
 
   for (int i = threadIdx.x; i < BLOCK_M * S::kChunksPerRow; i += THREADS) {
     const int row = i / S::kChunksPerRow, chunk = i % S::kChunksPerRow;
@@ -201,9 +249,10 @@ __global__ void __launch_bounds__(THREADS) paged_prefill(
     const T* src = query + (q_start + (is_row ? first_row + row : 0)) * query_row_stride + head * HEAD_DIM + chunk * 8;
     copy_16_async(q_tile + row * S::kRowStride + chunk * 8, src, is_row ? 16 : 0);
   }
-  gather_tile_async<T, HEAD_DIM, BLOCK_N, THREADS>(k_tiles, key_base, table, 0, kv_end, log2_block_size, block_stride);
-  gather_tile_async<T, HEAD_DIM, BLOCK_N, THREADS>(v_tiles, value_base, table, 0, kv_end, log2_block_size,
-                                                   block_stride);
+  gather_tile_async<C, HEAD_DIM, S::kStagedRowStride, BLOCK_N, THREADS>(k_stages, key_base, table, 0, kv_end,
+                                                                         log2_block_size, block_stride);
+  gather_tile_async<C, HEAD_DIM, S::kStagedRowStride, BLOCK_N, THREADS>(v_stages, value_base, table, 0, kv_end,
+                                                                         log2_block_size, block_stride);
   commit_async();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -223,16 +272,27 @@ __global__ void __launch_bounds__(THREADS) paged_prefill(
     const int stage = j & 1;
     if (j + 1 < num_kv_tiles) {
       const int next = (j + 1) * BLOCK_N;
-      gather_tile_async<T, HEAD_DIM, BLOCK_N, THREADS>(k_tiles + (stage ^ 1) * S::kTileElems, key_base, table, next,
-                                                       kv_end, log2_block_size, block_stride);
-      gather_tile_async<T, HEAD_DIM, BLOCK_N, THREADS>(v_tiles + (stage ^ 1) * S::kTileElems, value_base, table,
-                                                       next, kv_end, log2_block_size, block_stride);
+      gather_tile_async<C, HEAD_DIM, S::kStagedRowStride, BLOCK_N, THREADS>(
+          k_stages + (stage ^ 1) * S::kStagedTileElems, key_base, table, next, kv_end, log2_block_size, block_stride);
+      gather_tile_async<C, HEAD_DIM, S::kStagedRowStride, BLOCK_N, THREADS>(
+          v_stages + (stage ^ 1) * S::kStagedTileElems, value_base, table, next, kv_end, log2_block_size,
+          block_stride);
     }
     commit_async();
     wait_async<1>();  // everything but the tile just issued has landed
     __syncthreads();
-    const T* k_tile = k_tiles + stage * S::kTileElems;
-    const T* v_tile = v_tiles + stage * S::kTileElems;
+    const T* k_tile;
+    const T* v_tile;
+    if constexpr (kIsFp8) {
+      widen_tile<T, HEAD_DIM, BLOCK_N, THREADS>(k_wide, k_stages + stage * S::kStagedTileElems);
+      widen_tile<T, HEAD_DIM, BLOCK_N, THREADS>(v_wide, v_stages + stage * S::kStagedTileElems);
+      __syncthreads();
+      k_tile = k_wide;
+      v_tile = v_wide;
+    } else {
+      k_tile = k_stages + stage * S::kStagedTileElems;
+      v_tile = v_stages + stage * S::kStagedTileElems;
+    }
 
     // S = Q K^T for this warp's rows and BLOCK_N keys.
     float s_acc[M_TILES][S::kScoreTiles][4];
@@ -283,9 +343,10 @@ __global__ void __launch_bounds__(THREADS) paged_prefill(
         }
       }
     }
-    __syncthreads();  // this stage is overwritten by the loads issued in the next iteration
+    __syncthreads();  // this stage (and an FP8 cache's widened tiles) is overwritten in the next iteration
   }
 
   store_rows<T, M_TILES, S::kOutTiles, HEAD_DIM>(o_acc, row_sum, out + (q_start + first_row) * out_row_stride +
-                                                  head * HEAD_DIM, out_row_stride, warp_first_row, num_rows);
+                                                  head * HEAD_DIM, out_row_stride, warp_first_row, num_rows,
+                                                  value_scale);
 }

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from pagedserve.kernels.fp8 import FP8_DTYPE, is_fp8
 from pagedserve.kernels.launch_args import float32, int32, int64, log2_exact, pointer, scalar_type_name
 
 if TYPE_CHECKING:
@@ -39,17 +40,24 @@ def tiles_for(head_dim: int) -> PrefillTiles:
     return PrefillTiles(m_tiles=2, block_n=64 if head_dim <= 64 else 32)
 
 
-def supports(dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether the tensor-core kernel handles this dtype and head size (others use paged_decode per row)."""
-    return dtype in TENSOR_CORE_DTYPES and head_dim % 16 == 0 and head_dim <= MAX_HEAD_DIM
+def supports(dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the tensor-core kernel handles this query dtype, cache dtype (the query's, or FP8) and head size
+    (others use paged_decode per row)."""
+    return (dtype in TENSOR_CORE_DTYPES and cache_dtype in (dtype, FP8_DTYPE) and head_dim % 16 == 0
+            and head_dim <= MAX_HEAD_DIM)
 
 
-def kernel_name(dtype: torch.dtype, head_dim: int, tiles: PrefillTiles) -> str:
-    return f"paged_prefill<{scalar_type_name(dtype)}, {head_dim}, {tiles.m_tiles}, {tiles.block_n}, {THREADS}>"
+def kernel_name(dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int, tiles: PrefillTiles) -> str:
+    cache = ", fp8_e4m3_t" if is_fp8(cache_dtype) else ""
+    return (f"paged_prefill<{scalar_type_name(dtype)}, {head_dim}, {tiles.m_tiles}, {tiles.block_n}, {THREADS}"
+            f"{cache}>")
 
 
-def shared_bytes(head_dim: int, tiles: PrefillTiles) -> int:
-    """Query tile plus two stages of key and value tiles, rows padded by 8 elements."""
+def shared_bytes(cache_dtype: torch.dtype, head_dim: int, tiles: PrefillTiles) -> int:
+    """Query tile plus two stages of key and value tiles, 16-bit rows padded by 8 elements. An FP8 cache stages
+    unpadded e4m3 rows and adds one widened 16-bit key and value tile."""
+    if is_fp8(cache_dtype):
+        return (tiles.block_m + 2 * tiles.block_n) * (head_dim + 8) * 2 + 4 * tiles.block_n * head_dim
     return (tiles.block_m + 4 * tiles.block_n) * (head_dim + 8) * 2
 
 
@@ -59,33 +67,41 @@ def num_tile_slots(num_seqs: int, num_tokens: int, block_m: int) -> int:
 
 
 def known_name_expressions() -> list[str]:
-    """Every kernel instantiation the launcher asks for on the known head sizes."""
-    return [kernel_name(dtype, d, tiles_for(d)) for dtype in TENSOR_CORE_DTYPES for d in KNOWN_HEAD_DIMS]
+    """Every kernel instantiation the launcher asks for on the known head sizes, over caches of the query's dtype
+    and FP8."""
+    return [kernel_name(dtype, cache_dtype, d, tiles_for(d)) for dtype in TENSOR_CORE_DTYPES
+            for cache_dtype in (dtype, FP8_DTYPE) for d in KNOWN_HEAD_DIMS]
 
 
 class PagedPrefill:
     """Runs paged_prefill over every sequence with at least two query rows; others are skipped by the kernel.
 
-    KV pool layout read: key_cache / value_cache [num_blocks, num_kv_heads, block_size, head_dim].
+    KV pool layout read: key_cache / value_cache [num_blocks, num_kv_heads, block_size, head_dim], in the query's
+    dtype or FP8 (e4m3 holding k / k_scale and v / v_scale, compute capability 8.9 or later).
     """
 
     def __init__(self, modules: ModuleCache) -> None:
         self._modules = modules
 
     def run(self, out: Tensor, query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
-            seq_lens: Tensor, query_start_loc: Tensor, scale: float) -> None:
-        """Launch over arguments already validated by the caller (see cuda_ops.CudaKernelOps)."""
+            seq_lens: Tensor, query_start_loc: Tensor, scale: float, k_scale: float = 1.0,
+            v_scale: float = 1.0) -> None:
+        """Launch over arguments already validated by the caller (see cuda_ops.CudaKernelOps). An FP8 cache holds
+        k / k_scale and v / v_scale; other caches ignore the scales."""
         num_kv_heads, block_size, head_dim = key_cache.shape[1:]
         num_q_heads = query.shape[1]
         num_seqs = seq_lens.shape[0]
+        if not is_fp8(key_cache.dtype):
+            k_scale = v_scale = 1.0
         tiles = tiles_for(head_dim)
-        smem = shared_bytes(head_dim, tiles)
-        kernel = self._modules.kernel(SOURCE, kernel_name(query.dtype, head_dim, tiles), dynamic_shared_bytes=smem)
+        smem = shared_bytes(key_cache.dtype, head_dim, tiles)
+        kernel = self._modules.kernel(SOURCE, kernel_name(query.dtype, key_cache.dtype, head_dim, tiles),
+                                      dynamic_shared_bytes=smem)
         grid = (num_tile_slots(num_seqs, query.shape[0], tiles.block_m), num_q_heads, 1)
         self._modules.launch(kernel, grid, (THREADS, 1, 1), (
             pointer(out), int64(out.stride(0)), pointer(query), int64(query.stride(0)),
             pointer(key_cache), pointer(value_cache), pointer(block_tables), int32(block_tables.stride(0)),
             pointer(seq_lens), pointer(query_start_loc), int32(num_seqs), int32(num_kv_heads),
             int32(num_q_heads // num_kv_heads), int32(log2_exact(block_size, "block_size")),
-            float32(scale * math.log2(math.e)),
+            float32(scale * k_scale * math.log2(math.e)), float32(v_scale),
         ), shared_bytes=smem)

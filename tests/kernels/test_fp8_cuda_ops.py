@@ -3,14 +3,20 @@ compute capability 8.9 or later and CuPy)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
 import torch
 
+from pagedserve.kernels import paged_prefill
 from pagedserve.kernels.fp8 import FP8_DTYPE, quantize
 from pagedserve.kernels.ops import KernelOps, get_kernel_ops
 from pagedserve.kernels.reference import TorchReferenceOps
 from tests.gpu_marks import NEEDS_GPU
 from tests.kernels.test_cuda_ops import PagedCase
+
+if TYPE_CHECKING:
+    from pagedserve.kernels.module_cache import CompiledKernel, ModuleCache
 
 pytestmark = [*NEEDS_GPU, pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="FP8 needs sm_89+")]
@@ -23,8 +29,11 @@ def ops() -> KernelOps:
 
 
 def _fp8_case(seq_lens: list[int], q_lens: list[int], group_size: int, head_dim: int, dtype: torch.dtype,
-              seed: int) -> PagedCase:
-    case = PagedCase(seq_lens, q_lens, 2, group_size, head_dim, 16, dtype, seed)
+              seed: int, block_size: int = 16, poison_stale_slots: bool = False) -> PagedCase:
+    """poison_stale_slots: NaN (e4m3 0x7F) in every pool slot outside the contexts, as a reused pool may hold."""
+    case = PagedCase(seq_lens, q_lens, 2, group_size, head_dim, block_size, dtype, seed)
+    if poison_stale_slots:
+        case.poison_stale_slots()
     case.key_cache = quantize(case.key_cache, K_SCALE)
     case.value_cache = quantize(case.value_cache, V_SCALE)
     return case
@@ -110,3 +119,81 @@ def test_fp8_decode_replayed_from_a_cuda_graph_matches_eager(ops: KernelOps) -> 
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
+
+
+# Full prefills and chunks over cached context: a prompt ending mid-block and mid-key-tile, one of three query
+# tiles (128 rows each), a two-row chunk whose context crosses a block and a key tile (positions 127..128), a
+# chunk ending exactly on a block and tile boundary, a chunk of two query tiles after a long context, a decode row.
+PREFILL_SEQ_LENS, PREFILL_Q_LENS = [77, 300, 129, 64, 1000, 45], [77, 300, 2, 16, 130, 1]
+# Mixed step: decodes, prefills, and an idle sequence (no query rows).
+MIXED_SEQ_LENS, MIXED_Q_LENS = [33, 1000, 5, 200, 17], [1, 130, 0, 1, 17]
+
+
+def _assert_poisoned_case_matches_reference(case: PagedCase, ops: KernelOps) -> None:
+    assert case.key_cache.float().isnan().any() and case.value_cache.float().isnan().any()  # the poison is there
+    got, expected = _run(case, ops), _run(case, TorchReferenceOps())
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group_size", [1, 4, 8])
+def test_fp8_prefill_and_chunks_on_tensor_cores_match_reference(ops: KernelOps, dtype: torch.dtype, head_dim: int,
+                                                                group_size: int) -> None:
+    case = _fp8_case(PREFILL_SEQ_LENS, PREFILL_Q_LENS, group_size, head_dim, dtype, seed=head_dim * group_size,
+                     poison_stale_slots=True)
+    _assert_poisoned_case_matches_reference(case, ops)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("block_size", [1, 8, 32, 128])
+def test_fp8_mixed_step_over_each_block_size_matches_reference(ops: KernelOps, head_dim: int,
+                                                               block_size: int) -> None:
+    case = _fp8_case(MIXED_SEQ_LENS, MIXED_Q_LENS, 4, head_dim, torch.bfloat16, seed=block_size, block_size=block_size,
+                     poison_stale_slots=True)
+    _assert_poisoned_case_matches_reference(case, ops)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [32, 80, 96])
+def test_fp8_prefill_of_other_head_sizes_matches_reference(ops: KernelOps, dtype: torch.dtype,
+                                                           head_dim: int) -> None:
+    case = _fp8_case(PREFILL_SEQ_LENS, PREFILL_Q_LENS, 2, head_dim, dtype, seed=head_dim, poison_stale_slots=True)
+    _assert_poisoned_case_matches_reference(case, ops)
+
+
+@pytest.fixture
+def kernel_names(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The name of every kernel the launchers fetch (once per launch) while the test runs."""
+    from pagedserve.kernels.module_cache import ModuleCache  # imports CuPy, which only GPU hosts have
+
+    names: list[str] = []
+    fetch = ModuleCache.kernel
+
+    def recording_fetch(self: ModuleCache, source: str, name_expression: str,
+                        dynamic_shared_bytes: int = 0) -> CompiledKernel:
+        names.append(name_expression)
+        return fetch(self, source, name_expression, dynamic_shared_bytes)
+
+    monkeypatch.setattr(ModuleCache, "kernel", recording_fetch)
+    return names
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp8_multi_row_batches_run_the_tensor_core_prefill(ops: KernelOps, kernel_names: list[str],
+                                                           dtype: torch.dtype) -> None:
+    case = _fp8_case(MIXED_SEQ_LENS, MIXED_Q_LENS, 4, 128, dtype, seed=5)
+    _run(case, ops)
+    tensor_core = paged_prefill.kernel_name(dtype, FP8_DTYPE, 128, paged_prefill.tiles_for(128))
+    assert tensor_core.endswith(", fp8_e4m3_t>")
+    # The prefill rows in one launch of it; then paged_decode for the decode rows only (and its split merge).
+    assert kernel_names[0] == tensor_core
+    assert not any(name.startswith("paged_prefill") for name in kernel_names[1:])
+
+
+def test_fp8_head_size_without_tensor_core_prefill_falls_back_to_decode_per_row(ops: KernelOps,
+                                                                                kernel_names: list[str]) -> None:
+    case = _fp8_case(MIXED_SEQ_LENS, MIXED_Q_LENS, 4, 8, torch.bfloat16, seed=6, poison_stale_slots=True)
+    _assert_poisoned_case_matches_reference(case, ops)
+    assert kernel_names and not any(name.startswith("paged_prefill") for name in kernel_names)
