@@ -36,8 +36,9 @@ from pagedserve.control_plane.text.chat_template import ChatTemplate, Conversati
 from pagedserve.control_plane.text.constraint_validator import ConstraintValidator
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 from pagedserve.gpu_worker.config import WorkerConfig
+from pagedserve.gpu_worker.launched_step import LaunchedStep
 from pagedserve.gpu_worker.step_pipeline import StepPipeline
-from pagedserve.gpu_worker.worker import LaunchedStep, Worker
+from pagedserve.gpu_worker.worker import Worker
 from pagedserve.runtime.auth import ClusterSecret
 from pagedserve.runtime.collector import freeze_startup_objects
 from pagedserve.runtime.cpu_threads import local_worker_threads, usable_cores

@@ -108,13 +108,29 @@ def _input_ids(work: list[ScheduledWork], starts: np.ndarray, ends: np.ndarray, 
 
 
 @dataclass(frozen=True, slots=True)
+class DeferredSampling:
+    """A step's logits and sampling rows, kept until the host has the tokens its rows read (grammars, penalties,
+    bad words): rows see only the outputs they had when the step was launched, whatever was reserved since."""
+
+    logits: torch.Tensor
+    rows: list[SamplingRow]
+    num_outputs: list[int]  # per row: len(output_token_ids) at launch
+
+    def current_rows(self) -> list[SamplingRow]:
+        return [row._replace(output_token_ids=row.output_token_ids[:count])
+                for row, count in zip(self.rows, self.num_outputs, strict=True)]
+
+
+@dataclass(slots=True, eq=False)
 class LaunchedRun:
-    """A step's forward pass and sampling, queued on the device; its results are read once they reach the host."""
+    """A step's forward pass and sampling, queued on the device; its results are read once they reach the host.
+    A deferred run has its forward pass queued and its sampling still to queue (ModelRunner.sample_deferred)."""
 
     work: list[ScheduledWork]
     sampled_seq_ids: list[tuple[int, ...]]  # per work item: the sequence and its siblings when it samples, else ()
     prompt_logprobs: list[tuple[TokenLogprobs, ...]]  # per work item
-    sample: PendingSample | None  # None when nothing samples
+    sample: PendingSample | None  # None when nothing samples, or until a deferred sampling is queued
+    deferred: DeferredSampling | None = None
 
     def results(self, sample: SampleResult | None) -> list[SequenceOutput]:
         """One result per work item in order, each sampling item followed by its newly forked siblings."""
@@ -149,14 +165,18 @@ class ModelRunner:
         self._last_tokens = torch.zeros(tables.table.shape[0], dtype=torch.int64, device=pool.device)
 
     @torch.inference_mode()
-    def launch(self, work: list[ScheduledWork], before_sampling: Callable[[], None] | None = None) -> LaunchedRun:
-        """Queues the forward pass and the sampling; the host reads the sequences' state only during this call.
-        before_sampling runs once the forward pass is queued (the worker reads earlier steps' tokens there, while
-        the device computes)."""
+    def launch(self, work: list[ScheduledWork], before_forward: Callable[[], None] | None = None,
+               defer_sampling: bool = False) -> LaunchedRun:
+        """Queues the forward pass and the sampling (only the forward pass when defer_sampling: sample_deferred
+        queues the sampling later); the host reads the sequences' state only during this call. before_forward runs
+        before anything is queued (the worker queues an earlier step's deferred sampling there, whose tokens this
+        step's inputs may read on the device)."""
         sampled_seq_ids = [
             (state.seq_id, *(fork.seq_id for fork in state.forks)) if is_sampling else ()
             for state, _, _, is_sampling in work
         ]
+        if before_forward is not None:
+            before_forward()
         batch = build_batch(work, self.tables, self.pool.block_size, self.pool.device, self._last_tokens)
         if batch.num_tokens == 0:
             return LaunchedRun(work, sampled_seq_ids, [() for _ in work], None)
@@ -166,15 +186,25 @@ class ModelRunner:
             hidden = self.piece_runner.run(batch)
         else:
             hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.pool.gpu_cache)
-        if before_sampling is not None:
-            before_sampling()
-        sample = self._start_sampling(work, batch, hidden)
+        sampling = self._sampling_inputs(work, batch, hidden)
         prompt_logprobs = [
             self._prompt_logprobs(item, int(batch.query_start_loc[index]), hidden)
             if item.state.sampling_params.prompt_logprobs is not None else ()
             for index, item in enumerate(work)
         ]
-        return LaunchedRun(work, sampled_seq_ids, prompt_logprobs, sample)
+        if sampling is None:
+            return LaunchedRun(work, sampled_seq_ids, prompt_logprobs, None)
+        if defer_sampling:
+            return LaunchedRun(work, sampled_seq_ids, prompt_logprobs, None, sampling)
+        return LaunchedRun(work, sampled_seq_ids, prompt_logprobs, self.sampler.start(sampling.logits, sampling.rows))
+
+    @torch.inference_mode()
+    def sample_deferred(self, run: LaunchedRun, token_masks: torch.Tensor | None) -> None:
+        """Queues a deferred run's sampling, with its grammar rows' token masks when it has any."""
+        if run.deferred is None:
+            raise RuntimeError("the run's sampling is not deferred")
+        run.sample = self.sampler.start(run.deferred.logits, run.deferred.current_rows(), token_masks)
+        run.deferred = None
 
     def keep_last_tokens(self, run: LaunchedRun, table_rows: list[int]) -> None:
         """Stores the run's sampled tokens at the table rows of the sequences that sampled them (reserve()'s order)."""
@@ -187,10 +217,11 @@ class ModelRunner:
         index = to_device(torch.tensor(table_rows, dtype=torch.int64), self._last_tokens.device)
         self._last_tokens[index] = run.sample.tokens
 
-    def _start_sampling(
+    def _sampling_inputs(
         self, work: list[ScheduledWork], batch: FlatBatch, hidden: torch.Tensor
-    ) -> PendingSample | None:
-        """Queues one token per sampling sequence (and per pending sibling, from the same logits row)."""
+    ) -> DeferredSampling | None:
+        """Logits and rows of one token per sampling sequence (and per pending sibling, from the same logits row);
+        None when nothing samples."""
         hidden_rows: list[int] = []
         rows: list[SamplingRow] = []
         last_rows = (batch.query_start_loc[1:] - 1).tolist()
@@ -209,7 +240,8 @@ class ModelRunner:
             sampled_hidden = hidden
         else:
             sampled_hidden = hidden[to_device(torch.tensor(hidden_rows, dtype=torch.int64), hidden.device)]
-        return self.sampler.start(self.model.compute_logits(sampled_hidden), rows)
+        return DeferredSampling(self.model.compute_logits(sampled_hidden), rows,
+                                [len(row.output_token_ids) for row in rows])
 
     def _prompt_logprobs(self, item: ScheduledWork, first_row: int, hidden: torch.Tensor) -> tuple[TokenLogprobs, ...]:
         """Log-probabilities of the prompt tokens that follow this step's prompt positions, when asked.

@@ -92,7 +92,6 @@ class _BatchPlan:
     allowed: list[Sequence[int]] = field(default_factory=list)  # empty: every token
     has_allowed: bool = False
     grammar_rows: list[int] = field(default_factory=list)
-    grammars: list[SequenceGrammar] = field(default_factory=list)
     biases: list[Mapping[int, float]] = field(default_factory=list)
     has_biases: bool = False
     num_greedy: int = 0
@@ -132,7 +131,6 @@ def _plan(rows: Sequence[SamplingRow], vocab_size: int) -> _BatchPlan:
         plan.has_allowed |= bool(options.allowed_token_ids)
         if row.grammar is not None:
             plan.grammar_rows.append(index)
-            plan.grammars.append(row.grammar)
         plan.biases.append(options.logit_bias)
         plan.has_biases |= bool(options.logit_bias)
         if options.has_penalties:
@@ -173,14 +171,16 @@ class Sampler:
         """Next token per row. logits: [len(rows), vocab] float32, on the sampler's device."""
         return self.start(logits, rows).result()
 
-    def start(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> PendingSample:
-        """Queues the sampling of one token per row on the device; the host reads rows only during this call."""
+    def start(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+              token_masks: torch.Tensor | None = None) -> PendingSample:
+        """Queues the sampling of one token per row on the device; the host reads rows only during this call.
+        token_masks: the grammar rows' masks (token_masks(rows)) when computed ahead, else computed here."""
         self._check_logits(logits, len(rows))
         plan = _plan(rows, self._vocab_size)
         if plan.is_plain_greedy:
             tokens = logits.argmax(dim=-1)
             return PendingSample(tokens, tokens, [])
-        tokens = self._choose(self._processed(logits, rows, plan), plan)
+        tokens = self._choose(self._processed(logits, rows, plan, token_masks), plan)
         if not plan.logprob_rows:
             return PendingSample(tokens, tokens, [])
         return self._with_logprobs(logits, tokens, rows, plan)
@@ -204,14 +204,29 @@ class Sampler:
                 f"logits must have shape [{num_rows}, {self._vocab_size}], got {list(logits.shape)}"
             )
 
-    def _processed(self, logits: torch.Tensor, rows: Sequence[SamplingRow], plan: _BatchPlan) -> torch.Tensor:
+    def token_masks(self, rows: Sequence[SamplingRow]) -> torch.Tensor | None:
+        """The bitmasks of the rows that have a grammar, in row order (None without one); waits for a grammar still
+        compiling. The host work of a grammar row's sampling, which start() then needs no more."""
+        grammars = [row.grammar for row in rows if row.grammar is not None]
+        if not grammars:
+            return None
+        if self._grammars is None:
+            raise RuntimeError("a row has a grammar but the sampler has no grammar compiler")
+        return fill_token_masks(self._grammars, grammars, self._vocab_size)
+
+    def _processed(self, logits: torch.Tensor, rows: Sequence[SamplingRow], plan: _BatchPlan,
+                   token_masks: torch.Tensor | None) -> torch.Tensor:
         """The logits after grammar masks, allowed tokens, bans, logit biases and penalties (vLLM's order): a copy
         when one applies, else `logits` itself."""
         if not plan.has_logit_changes:
             return logits
         work = logits.clone(memory_format=torch.contiguous_format)  # bans and biases write through a flat view
         if plan.grammar_rows:
-            self._apply_grammars(work, plan)
+            masks = token_masks if token_masks is not None else self.token_masks(rows)
+            if masks is None:
+                raise RuntimeError("grammar rows without token masks")
+            rows_index = torch.tensor(plan.grammar_rows, dtype=torch.int64)
+            apply_token_masks(work, to_device(rows_index, work.device), to_device(masks, work.device))
         if plan.has_allowed:
             apply_allowed(work, plan.allowed)
         if plan.has_bans:
@@ -226,15 +241,6 @@ class Sampler:
             if index is not None:
                 work[index] = subset
         return work
-
-    def _apply_grammars(self, logits: torch.Tensor, plan: _BatchPlan) -> None:
-        """Masks each constrained row to the tokens its grammar allows next. The masks are computed on the host
-        while the device runs the forward pass queued before, then cross in one copy and apply on the device."""
-        if self._grammars is None:
-            raise RuntimeError("a row has a grammar but the sampler has no grammar compiler")
-        masks = fill_token_masks(self._grammars, plan.grammars, self._vocab_size)
-        rows = torch.tensor(plan.grammar_rows, dtype=torch.int64)
-        apply_token_masks(logits, to_device(rows, logits.device), to_device(masks, logits.device))
 
     def _choose(self, logits: torch.Tensor, plan: _BatchPlan) -> torch.Tensor:
         """[rows] int64: argmax for greedy rows, a filtered sample for the others."""

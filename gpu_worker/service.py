@@ -21,8 +21,9 @@ from pagedserve.gpu_worker.errors import (
     InvalidStepError,
     WorkerError,
 )
+from pagedserve.gpu_worker.launched_step import LaunchedStep
 from pagedserve.gpu_worker.step_pipeline import StepPipeline
-from pagedserve.gpu_worker.worker import LaunchedStep, Worker
+from pagedserve.gpu_worker.worker import Worker
 from pagedserve.runtime.auth import ClusterSecret, ClusterSecretInterceptor
 from pagedserve.runtime.channel_options import INTERNAL_CHANNEL_OPTIONS
 from pagedserve.runtime.reflection import add_reflection

@@ -7,8 +7,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+import structlog
+
 from pagedserve.contract.step import StepPlan, StepResult
-from pagedserve.gpu_worker.worker import LaunchedStep, Worker
+from pagedserve.gpu_worker.launched_step import LaunchedStep
+from pagedserve.gpu_worker.worker import Worker
+
+log = structlog.get_logger()
 
 T = TypeVar("T")
 
@@ -17,7 +22,9 @@ class StepPipeline:
     """Launches steps on one thread, in the order launch() is called, and waits for their tokens on another.
 
     While the wait thread blocks on step N's tokens, the step thread can already queue step N+1 behind it, so
-    the device goes from one forward pass to the next without waiting for the host.
+    the device goes from one forward pass to the next without waiting for the host. A step whose sampling is
+    deferred (launched_step.py) gets it queued by the next launch or, if none comes first, by a flush that the
+    step thread runs as soon as its token masks are ready; the wait thread waits for that before the device.
     """
 
     def __init__(self, worker: Worker) -> None:
@@ -31,7 +38,25 @@ class StepPipeline:
 
     def launch(self, step: StepPlan) -> asyncio.Future[LaunchedStep]:
         """Submits the step's launch now (so launches keep call order); InvalidStepError comes out of the future."""
-        return self.call(lambda: self.worker.launch(step))
+        return self.call(lambda: self._launch(step))
+
+    def _launch(self, step: StepPlan) -> LaunchedStep:
+        launched = self.worker.launch(step)
+        if launched.token_masks is not None:
+            launched.token_masks.add_done_callback(lambda _: self._submit_flush(launched))
+        return launched
+
+    def _submit_flush(self, launched: LaunchedStep) -> None:
+        try:
+            self._step_thread.submit(self._flush, launched)
+        except RuntimeError:  # shut down: the steps in flight were dropped with the cache
+            log.debug("deferred_sampling_not_flushed", step_id=launched.step_id)
+
+    def _flush(self, launched: LaunchedStep) -> None:
+        try:
+            self.worker.queue_sampling(launched)
+        except Exception as error:  # kept on the step: finish() raises it and ends the stream with it
+            log.warning("deferred_sampling_failed", step_id=launched.step_id, error=repr(error))
 
     async def finish(self, launched: LaunchedStep) -> StepResult:
         """The step's result, once its tokens reached the host; steps must be finished in launch order."""

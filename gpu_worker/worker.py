@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 import torch
@@ -23,13 +23,14 @@ from pagedserve.gpu_worker.fp8_kv_scales import calibrate_kv_scales
 from pagedserve.gpu_worker.fp8_support import require_fp8_device
 from pagedserve.gpu_worker.grammar import GrammarCompiler
 from pagedserve.gpu_worker.kv_pool import KVLayout, KVPool
+from pagedserve.gpu_worker.launched_step import LaunchedStep
 from pagedserve.gpu_worker.memory_profile import gpu_blocks_for_budget, profile_peak_activation_bytes
-from pagedserve.gpu_worker.model_runner import LaunchedRun, ModelRunner
+from pagedserve.gpu_worker.model_runner import DeferredSampling, ModelRunner
 from pagedserve.gpu_worker.parallel.commands import GroupLeader, fatal_in_group
 from pagedserve.gpu_worker.parallel.group import SINGLE_RANK, ParallelGroup, join_group, rank_device
 from pagedserve.gpu_worker.piecewise_graph import MAX_PIECEWISE_TOKENS, PiecewiseGraphRunner
-from pagedserve.gpu_worker.sampler import Sampler, SampleResult
-from pagedserve.gpu_worker.sequence_state import PendingToken, ScheduledWork, SequenceRegistry
+from pagedserve.gpu_worker.sampler import Sampler
+from pagedserve.gpu_worker.sequence_state import ScheduledWork, SequenceRegistry
 from pagedserve.gpu_worker.weights import LoadedModel, load_model
 from pagedserve.kernels.fp8 import FP8_DTYPE
 from pagedserve.kernels.ops import KernelOps, get_kernel_ops
@@ -38,24 +39,6 @@ log = structlog.get_logger()
 # Decode batches up to vLLM's largest offline max_num_seqs replay graphs: the host time of an eager step's
 # ~180 launches (5-7 ms) would hold up the step pipeline, whose host stages must keep ahead of the device.
 MAX_GRAPH_BATCH_SIZE = 1024
-
-
-@dataclass(slots=True, eq=False)
-class LaunchedStep:
-    """A step queued on the device and recorded in the registry, whose sampled tokens are still to be read."""
-
-    step_id: int
-    run: LaunchedRun
-    pending: list[PendingToken]
-    span: DeviceSpan
-    host_s: float  # host time spent on the step so far
-    sample: SampleResult | None = None  # set once the tokens have been read and written into the registry
-    is_resolved: bool = False
-
-    def wait(self) -> None:
-        """Blocks until the step's device work is done, the copy of its results to the host included (the span
-        closes after it); touches no worker state."""
-        self.span.wait()
 
 
 class Worker:
@@ -81,6 +64,7 @@ class Worker:
         self._lock = threading.Lock()
         self._leader = GroupLeader(group, self._lock) if group.size > 1 and group.is_leader else None
         self._in_flight: deque[LaunchedStep] = deque()
+        self._token_masks = ThreadPoolExecutor(1, thread_name_prefix="worker-masks")  # deferred samplings' host work
         self._last_span: DeviceSpan | None = None
         self._pool: KVPool | None = None
         self._registry: SequenceRegistry | None = None
@@ -109,6 +93,7 @@ class Worker:
         """A leader tells its followers to stop; nothing to do alone or as a follower."""
         if self._leader is not None:
             self._leader.stop()
+        self._token_masks.shutdown(wait=False, cancel_futures=True)
 
     @property
     def is_cache_initialized(self) -> bool:
@@ -188,7 +173,12 @@ class Worker:
 
     def _drop_cache(self) -> None:
         """Under the lock: waits for the steps in flight and forgets them, then drops pools, registry and runner."""
-        self._resolve_in_flight()
+        for launched in self._in_flight:
+            try:
+                self._queue_sampling(launched)
+                self._resolve(launched)
+            except Exception as error:  # the step is dropped with the cache; its stream has ended or fails with it
+                log.warning("dropped_step_failed", step_id=launched.step_id, error=repr(error))
         self._in_flight.clear()
         self._pool = self._registry = self._runner = None
         self._last_span = None
@@ -199,7 +189,8 @@ class Worker:
 
     def launch(self, step: StepPlan) -> LaunchedStep:
         """Validates the whole step, then applies it: drop, swap out, swap in, copy, add, update, and queues its
-        forward pass and sampling on the device. Raises InvalidStepError before changing anything."""
+        forward pass and sampling on the device (a sampling that reads earlier tokens on the host is deferred, see
+        launched_step.py). Raises InvalidStepError before changing anything."""
         started = time.perf_counter()
         with self._lock:
             registry, pool, runner = self.registry, self.pool, self.runner
@@ -212,19 +203,28 @@ class Worker:
                 pool.swap_out(step.swap_out)
                 pool.swap_in(step.swap_in)
                 pool.copy_blocks(step.block_copies)
-                # Sampling that reads earlier tokens on the host waits for them only once this step's forward pass
-                # is queued: the device computes it meanwhile.
-                run = runner.launch(work, self._resolve_in_flight if _reads_token_history(work) else None)
-                pending = registry.reserve(work)
-                runner.keep_last_tokens(run, [slot.state.table_row for slot in pending])
-                span.close()
-            launched = LaunchedStep(step.step_id, run, pending, span, time.perf_counter() - started)
+                run = runner.launch(work, self._queue_earlier_samplings, defer_sampling=_reads_token_history(work))
+                launched = LaunchedStep(step.step_id, run, registry.reserve(work), span, 0.0)
+                if run.deferred is None:
+                    self._close_launch(launched)
+                else:
+                    launched.token_masks = self._token_masks.submit(
+                        self._token_masks_after, list(self._in_flight), runner.sampler, run.deferred)
+            launched.host_s = time.perf_counter() - started
             self._in_flight.append(launched)
         return launched
+
+    def queue_sampling(self, launched: LaunchedStep) -> None:
+        """Queues a deferred step's sampling now if nothing has yet (once its token masks are ready, so this may
+        wait for them); the error of a failed one is raised here and by finish()."""
+        with self._lock:
+            self._queue_sampling(launched)
 
     def finish(self, launched: LaunchedStep) -> StepResult:
         """Waits for a launched step's tokens, writes them into the registry and returns its result. Steps are
         finished in launch order; older steps left unfinished are resolved and dropped first."""
+        if not launched.sampling_queued.is_set():
+            self.queue_sampling(launched)
         launched.wait()
         started = time.perf_counter()
         with self._lock:
@@ -240,18 +240,50 @@ class Worker:
         host_ms = (launched.host_s + time.perf_counter() - started) * 1e3
         return StepResult(launched.step_id, tuple(results), host_ms, launched.span.duration_ms(), idle_ms)
 
-    def _resolve(self, launched: LaunchedStep) -> None:
-        if launched.is_resolved:
-            return
-        if launched.run.sample is not None:
-            launched.sample = launched.run.sample.result()
-            self.registry.fill(launched.pending, launched.sample.token_ids)
-        launched.is_resolved = True
-
-    def _resolve_in_flight(self) -> None:
-        """Reads every launched step's tokens into the registry now (their results are still returned by finish)."""
+    def _queue_earlier_samplings(self) -> None:
+        """Under the lock, before a step queues anything: every deferred sampling before it is queued, so the
+        tokens this step reads on the device are the sampled ones."""
         for launched in self._in_flight:
+            self._queue_sampling(launched)
+
+    def _queue_sampling(self, launched: LaunchedStep) -> None:
+        if launched.error is not None:
+            raise launched.error
+        if not launched.is_deferred or launched.token_masks is None:
+            return
+        try:
+            self.runner.sample_deferred(launched.run, launched.token_masks.result())
+            self._close_launch(launched)
+        except BaseException as error:
+            launched.error = error
+            launched.sampling_queued.set()
+            raise
+
+    def _close_launch(self, launched: LaunchedStep) -> None:
+        """The step's sampling is queued: its tokens become the sequences' last tokens on the device, and its span
+        ends."""
+        self.runner.keep_last_tokens(launched.run, [slot.state.table_row for slot in launched.pending])
+        launched.span.close()
+        launched.sampling_queued.set()
+
+    def _token_masks_after(self, earlier: list[LaunchedStep], sampler: Sampler,
+                           deferred: DeferredSampling) -> torch.Tensor | None:
+        """Off the step thread: reads the earlier steps' tokens into the registry (their samplings are queued),
+        then computes the deferred rows' token masks."""
+        for launched in earlier:
             self._resolve(launched)
+        return sampler.token_masks(deferred.current_rows())
+
+    def _resolve(self, launched: LaunchedStep) -> None:
+        with launched.resolve_lock:
+            if launched.error is not None:
+                raise launched.error
+            if launched.is_resolved:
+                return
+            if launched.run.sample is not None:
+                launched.sample = launched.run.sample.result()
+                self.registry.fill(launched.pending, launched.sample.token_ids)
+            launched.is_resolved = True
 
     def _capture_graphs(
         self, pool: KVPool, request: CacheRequest

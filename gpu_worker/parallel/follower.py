@@ -23,7 +23,8 @@ from pagedserve.gpu_worker.parallel.commands import (
 )
 
 if TYPE_CHECKING:
-    from pagedserve.gpu_worker.worker import LaunchedStep, Worker
+    from pagedserve.gpu_worker.launched_step import LaunchedStep
+    from pagedserve.gpu_worker.worker import Worker
 
 log = structlog.get_logger()
 

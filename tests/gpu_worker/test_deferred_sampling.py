@@ -1,0 +1,74 @@
+"""A step whose sampling reads earlier tokens on the host is launched with only its forward pass queued; its
+sampling is queued by the next launch or by the pipeline's flush, gives the tokens it gives one step at a time,
+and a failure on the way ends the step with its error instead of a hang."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pagedserve.contract.sampling_params import SamplingParams
+from pagedserve.contract.step import StepPlan, StepResult
+from pagedserve.contract.structured_output import ConstraintKind, StructuredOutput
+from pagedserve.gpu_worker.step_pipeline import StepPipeline
+from tests.gpu_worker.harness import STORIES_DIR, load_worker
+from tests.gpu_worker.test_overlapped_steps import BLOCK_SIZE, _run_one_at_a_time, _steps, _tokens
+
+CHOICE = StructuredOutput(ConstraintKind.CHOICE, choices=("Once upon a time", "One day, a little girl"))
+CONSTRAINED = SamplingParams(temperature=0.9, seed=5, structured_output=CHOICE)
+
+
+def test_the_next_launch_queues_a_deferred_sampling_before_its_own_forward_pass() -> None:
+    steps = _steps(CONSTRAINED, num_decodes=6)
+    expected = _run_one_at_a_time(load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=32), steps)
+    worker = load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=32)
+    launched = [worker.launch(steps[0]), worker.launch(steps[1])]
+    assert launched[0].sampling_queued.is_set()  # the prompt step's first sample reads no earlier tokens
+    assert not launched[1].sampling_queued.is_set()
+    results = [worker.finish(launched.pop(0))]
+    for step in steps[2:]:
+        launched.append(worker.launch(step))
+        assert launched[0].sampling_queued.is_set() and not launched[1].sampling_queued.is_set()
+        results.append(worker.finish(launched.pop(0)))
+    results.append(worker.finish(launched.pop(0)))
+    assert _tokens(results, 1) == _tokens(expected, 1)
+
+
+async def _through_pipeline(pipeline: StepPipeline, steps: list[StepPlan]) -> list[StepResult]:
+    """Every step launched before any is finished: the last one's sampling has no next launch to queue it."""
+    launched = [await pipeline.launch(step) for step in steps]
+    return [await asyncio.wait_for(pipeline.finish(step), timeout=30) for step in launched]
+
+
+def test_the_pipeline_flushes_a_deferred_sampling_that_no_launch_follows() -> None:
+    steps = _steps(CONSTRAINED, num_decodes=3)
+    expected = _run_one_at_a_time(load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=32), steps)
+    pipeline = StepPipeline(load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=32))
+    try:
+        results = asyncio.run(_through_pipeline(pipeline, steps))
+    finally:
+        pipeline.close()
+    assert _tokens(results, 1) == _tokens(expected, 1)
+
+
+def test_token_masks_that_fail_end_the_step_with_their_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    worker = load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=32)
+    steps = _steps(CONSTRAINED, num_decodes=2)
+    pipeline = StepPipeline(worker)
+
+    def broken(*_: object) -> None:
+        raise ValueError("mask engine down")
+
+    async def run() -> None:
+        first = await pipeline.launch(steps[0])
+        await pipeline.finish(first)
+        monkeypatch.setattr(worker.runner.sampler, "token_masks", broken)
+        second = await pipeline.launch(steps[1])
+        with pytest.raises(ValueError, match="mask engine down"):
+            await asyncio.wait_for(pipeline.finish(second), timeout=30)
+
+    try:
+        asyncio.run(run())
+    finally:
+        pipeline.close()
