@@ -7,6 +7,7 @@ from torch import Tensor
 
 from pagedserve.kernels.cache_ops import CacheOps
 from pagedserve.kernels.fp8 import FP8_DTYPE, is_fp8
+from pagedserve.kernels.fp8_gemv import Fp8Gemv
 from pagedserve.kernels.launch_args import SCALAR_TYPE_NAMES, log2_exact
 from pagedserve.kernels.layer_kernels import LayerKernels
 from pagedserve.kernels.module_cache import ModuleCache
@@ -39,6 +40,7 @@ class CudaKernelOps:
         self.silu_and_mul = layers.silu_and_mul
         self.rotary_write_kv = layers.rotary_write_kv
         self.quantize_fp8_per_row = layers.quantize_fp8_per_row
+        self.fp8_gemv = Fp8Gemv(modules).fp8_gemv
 
     def write_kv(self, key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
                  slot_mapping: Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:

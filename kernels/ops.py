@@ -103,6 +103,13 @@ class KernelOps(Protocol):
         linear layer's per-token activation quantization."""
         ...
 
+    def fp8_gemv(self, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None = None) -> Tensor:
+        """An FP8 linear layer's product for a few rows, weight-only dequantized (x is not quantized): x [num_rows,
+        in] float16 / bfloat16 (unit column stride) times e4m3 weight [out, in] with float32 weight_scale [out]
+        (+ bias [out] in x's dtype) -> new [num_rows, out] in x's dtype, accumulated in float32. On CUDA for 1 to
+        GEMV_MAX_ROWS rows (pagedserve.kernels.fp8_gemv.supports says which inputs)."""
+        ...
+
 
 def get_kernel_ops(device: torch.device) -> KernelOps:
     """Return the implementation for device: the torch reference on CPU, CuPy kernels on CUDA."""

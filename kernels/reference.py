@@ -115,6 +115,14 @@ class TorchReferenceOps:
         """x: [num_rows, num_cols] -> (e4m3 [num_rows, num_cols], float32 scales [num_rows, 1]), per row."""
         return quantize_per_row(x)
 
+    def fp8_gemv(self, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None = None) -> Tensor:
+        """x [num_rows, in] times e4m3 weight [out, in] dequantized to float32 times weight_scale [out] (+ bias), in
+        float32, rounded to x's dtype: [num_rows, out]."""
+        out = x.float() @ dequantize(weight, weight_scale[:, None]).t()
+        if bias is not None:
+            out = out + bias.float()
+        return out.to(x.dtype)
+
 
 def _attend_one_sequence(
     query: Tensor, key_cache: Tensor, value_cache: Tensor, block_table: Tensor, seq_len: int, scale: float,

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.kernels import fp8_gemv
 from pagedserve.kernels.fp8 import FP8_DTYPE, quantize_per_row
 
 if TYPE_CHECKING:
@@ -22,8 +23,10 @@ SCALED_MM_ALIGNMENT = 16
 class Fp8Linear(nn.Module):
     """y = x W^T (+ bias) with W held as e4m3 weight [out, in] times weight_scale [out] (float32).
 
-    On CUDA devices of compute capability 8.9 or later (use_scaled_mm) each call quantizes x per token to e4m3
-    (ops.quantize_fp8_per_row: one kernel on CUDA) and multiplies on FP8 tensor cores (torch._scaled_mm, float32
+    On CUDA devices of compute capability 8.9 or later, up to GEMV_MAX_ROWS rows (decode steps) go through
+    ops.fp8_gemv: the weight widened in registers and multiplied by x as it is (W8A16, float32 accumulation), bound
+    by reading the weight once. More rows (use_scaled_mm) are quantized per token to e4m3
+    (ops.quantize_fp8_per_row: one kernel on CUDA) and multiplied on FP8 tensor cores (torch._scaled_mm, float32
     accumulation), scaling rows and columns in its epilogue. Elsewhere (the CPU worker, and shapes _scaled_mm cannot
     take) it is the reference: the weight dequantized to the model dtype, then an ordinary matmul. Weight and scales
     are buffers, not parameters: the decoder's own loader, which requires every parameter, never sees them
@@ -43,10 +46,11 @@ class Fp8Linear(nn.Module):
         self.dtype = dtype
         self.ops = ops
         out_features, in_features = weight.shape
-        self.use_scaled_mm = (
-            weight.is_cuda and torch.cuda.get_device_capability(weight.device) >= SCALED_MM_MIN_CAPABILITY
-            and out_features % SCALED_MM_ALIGNMENT == 0 and in_features % SCALED_MM_ALIGNMENT == 0
-        )
+        has_fp8_kernels = (weight.is_cuda
+                           and torch.cuda.get_device_capability(weight.device) >= SCALED_MM_MIN_CAPABILITY)
+        self.use_gemv = has_fp8_kernels and dtype in fp8_gemv.GEMV_DTYPES
+        self.use_scaled_mm = (has_fp8_kernels and out_features % SCALED_MM_ALIGNMENT == 0
+                              and in_features % SCALED_MM_ALIGNMENT == 0)
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, ops: KernelOps) -> Fp8Linear:
@@ -68,9 +72,11 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x: [..., in] model dtype -> [..., out] model dtype."""
+        rows = x.reshape(-1, x.shape[-1])
+        if self.use_gemv and fp8_gemv.supports(rows, self.weight):
+            return self.ops.fp8_gemv(rows, self.weight, self.weight_scale, bias).view(*x.shape[:-1], -1)
         if not self.use_scaled_mm:
             return F.linear(x, self.dequantized(), bias)
-        rows = x.reshape(-1, x.shape[-1])
         quantized, x_scale = self.ops.quantize_fp8_per_row(rows)
         # Row-wise scaling produces bfloat16; float16 models round once more.
         out = torch._scaled_mm(quantized, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale[None, :],

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from pagedserve.kernels import cache_ops, layer_kernels, paged_decode, paged_prefill
+from pagedserve.kernels import cache_ops, fp8_gemv, layer_kernels, paged_decode, paged_prefill
 
 KERNEL_DIR = Path(cache_ops.__file__).resolve().parent
 ARCHS = ("compute_80", "compute_90")
 HAS_TMA = {"compute_80": False, "compute_90": True}  # the tensor memory accelerator
 NAME_EXPRESSIONS = {
     "cache_ops.cu": dict.fromkeys(ARCHS, cache_ops.known_name_expressions()),
+    "fp8_gemv.cu": dict.fromkeys(ARCHS, fp8_gemv.known_name_expressions()),
     "layer_kernels.cu": dict.fromkeys(ARCHS, layer_kernels.known_name_expressions()),
     "paged_decode.cu": {arch: paged_decode.known_name_expressions(HAS_TMA[arch]) for arch in ARCHS},
     "paged_prefill.cu": dict.fromkeys(ARCHS, paged_prefill.known_name_expressions()),

@@ -1,0 +1,134 @@
+// FP8 weight GEMV for the few rows of a decode step (W8A16): out[m, n] = T(weight_scale[n] * sum_k x[m, k] *
+// float(w[n, k]) (+ bias[n])), accumulated in float32. The activations are not quantized; each e4m3 weight is
+// widened exactly (every e4m3 value is a float16 value) and multiplied in float32.
+//
+// At a handful of rows the product is bound by reading W once, so the kernel is built to stream it: each warp owns
+// CHANNELS output channels (adjacent rows of W), each lane loads 16 bytes (16 e4m3) of every channel per vector,
+// UNROLL vectors at a time, so CHANNELS * UNROLL 16-byte loads are in flight per lane before any is used. W is read
+// with a load that does not allocate in L1 (it is touched once); x goes through the read-only cache: every warp of
+// the grid reads all of it, so it stays in L1 / L2. More channels per warp read x fewer times per byte of W (what
+// limits more rows), fewer spread the channels over more warps (what fills the SMs at one row).
+#include "kernel_common.cuh"
+
+constexpr int kGemvWarps = 4;  // warps per CTA: the launcher's WARPS
+constexpr int kWeightsPerVector = 16;
+
+// 16 bytes of W, read once: not allocated in L1, where x stays.
+__device__ __forceinline__ uint4 load_streaming(const uint4* __restrict__ src) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(src));
+  return v;
+}
+
+__device__ __forceinline__ float half_bits_to_float(unsigned bits) {
+  return to_float(half_t{static_cast<unsigned short>(bits & 0xffffu)});
+}
+
+// The 16 e4m3 values of a vector, widened to float32 exactly (the lowest byte first).
+__device__ __forceinline__ void widen_e4m3x16(const uint4& packed, float (&w)[kWeightsPerVector]) {
+  const unsigned words[4] = {packed.x, packed.y, packed.z, packed.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const unsigned low = e4m3x2_to_half2(static_cast<unsigned short>(words[i] & 0xffffu));
+    const unsigned high = e4m3x2_to_half2(static_cast<unsigned short>(words[i] >> 16));
+    w[4 * i] = half_bits_to_float(low);
+    w[4 * i + 1] = half_bits_to_float(low >> 16);
+    w[4 * i + 2] = half_bits_to_float(high);
+    w[4 * i + 3] = half_bits_to_float(high >> 16);
+  }
+}
+
+// 16 bytes through the read-only (non-coherent) cache.
+__device__ __forceinline__ uint4 load_read_only(const uint4* __restrict__ src) {
+  uint4 v;
+  asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(src));
+  return v;
+}
+
+// 16 consecutive elements of x (16-bit T: two 16-byte loads through the read-only cache) as float32.
+template <typename T>
+__device__ __forceinline__ void load_x16(const T* __restrict__ src, float (&x)[kWeightsPerVector]) {
+  static_assert(sizeof(T) == 2, "x is float16 or bfloat16");
+  const uint4* vectors = reinterpret_cast<const uint4*>(src);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const uint4 v = load_read_only(vectors + half);
+    const Pack<T, 8> pack = *reinterpret_cast<const Pack<T, 8>*>(&v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) x[8 * half + i] = to_float(pack.v[i]);
+  }
+}
+
+// Grid: ceil(num_channels / (kGemvWarps * CHANNELS)) CTAs of kGemvWarps warps. x [ROWS, k] (rows x_row_stride
+// elements apart, each 16-byte aligned), w e4m3 [num_channels, k] row-major (k a multiple of 16, 16-byte aligned),
+// scales float32 [num_channels], bias T [num_channels] or null, out T [ROWS, num_channels] contiguous.
+template <typename T, int ROWS, int CHANNELS>
+__global__ void __launch_bounds__(kGemvWarps * 32)
+fp8_gemv(const T* __restrict__ x, long long x_row_stride, const fp8_e4m3_t* __restrict__ w,
+         const float* __restrict__ scales, const T* __restrict__ bias, T* __restrict__ out, int num_channels,
+         int k) {
+  constexpr int UNROLL = CHANNELS >= 4 ? 1 : 4 / CHANNELS;
+  const int lane = threadIdx.x % 32;
+  const int first_channel = (blockIdx.x * kGemvWarps + threadIdx.x / 32) * CHANNELS;
+  if (first_channel >= num_channels) return;  // a whole warp leaves together: the shuffles below stay full
+  const int num_vectors = k / kWeightsPerVector;
+  const uint4* w_rows[CHANNELS];
+#pragma unroll
+  for (int c = 0; c < CHANNELS; ++c) {
+    // A channel past the end re-reads the last one; its result is never stored.
+    const int channel = first_channel + c < num_channels ? first_channel + c : num_channels - 1;
+    w_rows[c] = reinterpret_cast<const uint4*>(w + static_cast<long long>(channel) * k);
+  }
+  float acc[CHANNELS][ROWS];
+#pragma unroll
+  for (int c = 0; c < CHANNELS; ++c) {
+#pragma unroll
+    for (int m = 0; m < ROWS; ++m) acc[c][m] = 0.0f;
+  }
+  for (int base = lane; base < num_vectors; base += 32 * UNROLL) {
+    uint4 packed[UNROLL][CHANNELS];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int vector = base + 32 * u;
+#pragma unroll
+      for (int c = 0; c < CHANNELS; ++c) {
+        packed[u][c] = vector < num_vectors ? load_streaming(w_rows[c] + vector) : uint4{0u, 0u, 0u, 0u};
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int vector = base + 32 * u;
+      if (vector >= num_vectors) break;
+      float weights[CHANNELS][kWeightsPerVector];
+#pragma unroll
+      for (int c = 0; c < CHANNELS; ++c) widen_e4m3x16(packed[u][c], weights[c]);
+#pragma unroll
+      for (int m = 0; m < ROWS; ++m) {
+        float xs[kWeightsPerVector];
+        load_x16<T>(x + m * x_row_stride + vector * kWeightsPerVector, xs);
+#pragma unroll
+        for (int c = 0; c < CHANNELS; ++c) {
+#pragma unroll
+          for (int i = 0; i < kWeightsPerVector; ++i) acc[c][m] = fmaf(xs[i], weights[c][i], acc[c][m]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < CHANNELS; ++c) {
+    const int channel = first_channel + c;
+    const int read_channel = channel < num_channels ? channel : num_channels - 1;
+    const float scale = scales[read_channel];
+    const float shift = bias != nullptr ? to_float(bias[read_channel]) : 0.0f;
+#pragma unroll
+    for (int m = 0; m < ROWS; ++m) {
+      const float sum = warp_reduce(acc[c][m], Add{});
+      // Lane c * ROWS + m stores this output: the stores of a warp spread over its lanes.
+      if (lane == (c * ROWS + m) % 32 && channel < num_channels) {
+        out[m * static_cast<long long>(num_channels) + channel] = from_float<T>(fmaf(sum, scale, shift));
+      }
+    }
+  }
+}

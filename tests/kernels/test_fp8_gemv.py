@@ -1,0 +1,165 @@
+"""The FP8 weight GEMV of decode steps (W8A16): the torch reference against the same math in NumPy float64 (CPU),
+the kernel against the reference (GPU, compute capability 8.9 or later), and which path an FP8 linear layer takes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from pagedserve.gpu_worker.models.fp8_linear import Fp8Linear
+from pagedserve.kernels.fp8 import quantize_per_row
+from pagedserve.kernels.fp8_gemv import GEMV_MAX_ROWS, supports
+from pagedserve.kernels.ops import KernelOps, get_kernel_ops
+from pagedserve.kernels.reference import TorchReferenceOps
+from tests.gpu_marks import NEEDS_GPU
+
+REFERENCE = TorchReferenceOps()
+SHAPES = ((3072, 2048), (6144, 4096), (28672, 4096), (4096, 14336), (1024, 2048))  # (out, in)
+TOLERANCE = 2e-2  # relative, and absolute relative to the output's mean magnitude
+
+
+def _inputs(num_rows: int, out_features: int, in_features: int, dtype: torch.dtype, seed: int,
+            device: str = "cpu", row_padding: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x [num_rows, in] (rows in_features + row_padding apart when padded), an e4m3 weight [out, in] with its
+    per-channel scales, and a bias [out]."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    padded = torch.randn(num_rows, in_features + row_padding, generator=gen, device=device).to(dtype)
+    weight = torch.randn(out_features, in_features, generator=gen, device=device) * torch.logspace(
+        -2, 1, out_features, device=device)[:, None]
+    quantized, scale = quantize_per_row(weight)
+    bias = torch.randn(out_features, generator=gen, device=device).to(dtype)
+    return padded[:, row_padding // 2 : row_padding // 2 + in_features], quantized, scale.squeeze(1), bias
+
+
+def _assert_close(got: Tensor, expected: Tensor) -> None:
+    assert got.shape == expected.shape and got.dtype == expected.dtype and got.is_contiguous()
+    torch.testing.assert_close(got.float().cpu(), expected.float().cpu(), rtol=TOLERANCE,
+                               atol=TOLERANCE * expected.float().abs().mean().item())
+
+
+# -- the torch reference (CPU) -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_reference_is_the_dequantized_product_of_numpy(dtype: torch.dtype, with_bias: bool) -> None:
+    x, weight, scale, bias = _inputs(3, 96, 160, dtype, seed=1, row_padding=32)
+    got = REFERENCE.fp8_gemv(x, weight, scale, bias if with_bias else None)
+    exact = x.double().numpy() @ (weight.double().numpy() * scale.double().numpy()[:, None]).T
+    if with_bias:
+        exact += bias.double().numpy()
+    # One rounding to the output dtype from float32 accumulation: within two units in the last place of dtype.
+    eps = torch.finfo(dtype).eps
+    assert got.dtype == dtype and got.shape == (3, 96)
+    np.testing.assert_allclose(got.double().numpy(), exact, rtol=2 * eps, atol=1e-4 * np.abs(exact).mean())
+
+
+# -- the kernel against the reference (GPU) ------------------------------------------------------------------------
+
+needs_fp8_gpu = [*NEEDS_GPU, pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="FP8 needs sm_89+")]
+
+
+@pytest.fixture(scope="module")
+def ops() -> KernelOps:
+    return get_kernel_ops(torch.device("cuda", torch.cuda.current_device()))
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+class TestKernelMatchesReference:
+    pytestmark = needs_fp8_gpu
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    @pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
+    @pytest.mark.parametrize("num_rows", [1, 2, 3, 8])
+    def test_random_inputs(self, ops: KernelOps, dtype: torch.dtype, out_features: int, in_features: int,
+                           num_rows: int) -> None:
+        x, weight, scale, bias = _inputs(num_rows, out_features, in_features, dtype, seed=num_rows + in_features,
+                                         device="cuda")
+        _assert_close(ops.fp8_gemv(x, weight, scale), REFERENCE.fp8_gemv(x, weight, scale))
+        _assert_close(ops.fp8_gemv(x, weight, scale, bias), REFERENCE.fp8_gemv(x, weight, scale, bias))
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    @pytest.mark.parametrize("num_rows", list(range(1, GEMV_MAX_ROWS + 1)))
+    @pytest.mark.parametrize("out_features", [1, 13, 1030])  # channels that leave a warp or CTA part-filled
+    def test_every_row_count_strided_rows_and_ragged_channels(self, ops: KernelOps, dtype: torch.dtype,
+                                                               num_rows: int, out_features: int) -> None:
+        x, weight, scale, bias = _inputs(num_rows, out_features, 2064, dtype, seed=num_rows, device="cuda",
+                                         row_padding=16)
+        assert not x.is_contiguous()
+        _assert_close(ops.fp8_gemv(x, weight, scale, bias), REFERENCE.fp8_gemv(x, weight, scale, bias))
+
+    def test_replayed_from_a_cuda_graph(self, ops: KernelOps) -> None:
+        x, weight, scale, bias = _inputs(1, 4096, 4096, torch.bfloat16, seed=3, device="cuda")
+        ops.fp8_gemv(x, weight, scale, bias)  # compiles before capture
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+            out = ops.fp8_gemv(x, weight, scale, bias)
+        x.copy_(_inputs(1, 4096, 4096, torch.bfloat16, seed=4, device="cuda")[0])  # new inputs, written in place
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_close(out, REFERENCE.fp8_gemv(x, weight, scale, bias))
+
+    def test_rejects_what_it_cannot_multiply(self, ops: KernelOps) -> None:
+        x, weight, scale, bias = _inputs(2, 64, 256, torch.bfloat16, seed=5, device="cuda", row_padding=16)
+        wide = torch.zeros(GEMV_MAX_ROWS + 1, 512, device="cuda", dtype=torch.bfloat16)
+        misaligned, too_many_rows, transposed = wide[:2, 1:257], wide[:, :256], wide[:256, :2].t()
+        assert supports(x, weight)
+        for bad_x in (misaligned, too_many_rows, transposed, x[:, :240], x.float()):
+            with pytest.raises(ValueError, match="x must be"):
+                ops.fp8_gemv(bad_x, weight, scale)
+        with pytest.raises(ValueError, match="weight_scale must be"):
+            ops.fp8_gemv(x, weight, scale.half())
+        with pytest.raises(ValueError, match="bias must be"):
+            ops.fp8_gemv(x, weight, scale, bias.float())
+        with pytest.raises(ValueError, match="weight must be"):
+            ops.fp8_gemv(x, weight.float(), scale)
+
+
+class _Calls:
+    """Counts the calls of the function it wraps."""
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        self.function, self.count = function, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.count += 1
+        return self.function(*args, **kwargs)
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+class TestFp8LinearRouting:
+    pytestmark = needs_fp8_gpu
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    def test_one_row_runs_the_gemv(self, ops: KernelOps, monkeypatch: pytest.MonkeyPatch,
+                                   dtype: torch.dtype) -> None:
+        x, weight, scale, bias = _inputs(1, 512, 1024, dtype, seed=7, device="cuda")
+        gemv, scaled_mm = self._spy(ops, monkeypatch)
+        out = Fp8Linear(weight, scale, dtype, ops)(x[:, None, :], bias)  # [rows, 1, in]: leading dimensions kept
+        assert (gemv.count, scaled_mm.count) == (1, 0)
+        assert out.shape == (1, 1, 512)
+        _assert_close(out[:, 0], REFERENCE.fp8_gemv(x, weight, scale, bias))
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    def test_sixty_four_rows_run_scaled_mm(self, ops: KernelOps, monkeypatch: pytest.MonkeyPatch,
+                                           dtype: torch.dtype) -> None:
+        x, weight, scale, bias = _inputs(64, 512, 1024, dtype, seed=8, device="cuda")
+        gemv, scaled_mm = self._spy(ops, monkeypatch)
+        out = Fp8Linear(weight, scale, dtype, ops)(x, bias)
+        assert (gemv.count, scaled_mm.count) == (0, 1)
+        expected = REFERENCE.fp8_gemv(x, weight, scale, bias).float()
+        # The activations are quantized too on this path (W8A8): within e4m3's rounding of them.
+        assert (out.float() - expected).norm() / expected.norm() < 0.05
+
+    @staticmethod
+    def _spy(ops: KernelOps, monkeypatch: pytest.MonkeyPatch) -> tuple[_Calls, _Calls]:
+        gemv, scaled_mm = _Calls(ops.fp8_gemv), _Calls(torch._scaled_mm)
+        monkeypatch.setattr(ops, "fp8_gemv", gemv)
+        monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
+        return gemv, scaled_mm
