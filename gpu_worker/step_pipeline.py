@@ -19,7 +19,7 @@ T = TypeVar("T")
 
 
 class StepPipeline:
-    """Launches steps on one thread, in the order launch() is called, and waits for their tokens on another.
+    """Launches steps on one thread, in the order launch() is called, and waits for and finishes them on another.
 
     While the wait thread blocks on step N's tokens, the step thread can already queue step N+1 behind it, so
     the device goes from one forward pass to the next without waiting for the host. A step whose sampling is
@@ -59,9 +59,14 @@ class StepPipeline:
             log.warning("deferred_sampling_failed", step_id=launched.step_id, error=repr(error))
 
     async def finish(self, launched: LaunchedStep) -> StepResult:
-        """The step's result, once its tokens reached the host; steps must be finished in launch order."""
-        await asyncio.get_running_loop().run_in_executor(self._wait_thread, launched.wait)
-        return await self.call(lambda: self.worker.finish(launched))
+        """The step's result, once its tokens reached the host; steps must be finished in launch order. Runs on
+        the wait thread: a launch that waits on the step thread for an earlier step's token masks must not hold
+        back the results the control plane needs to keep its steps in flight."""
+        return await asyncio.get_running_loop().run_in_executor(self._wait_thread, self._finish, launched)
+
+    def _finish(self, launched: LaunchedStep) -> StepResult:
+        launched.wait()
+        return self.worker.finish(launched)
 
     def close(self) -> None:
         self._wait_thread.shutdown(wait=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 
 import structlog
@@ -192,6 +193,7 @@ class Worker:
         forward pass and sampling on the device (a sampling that reads earlier tokens on the host is deferred, see
         launched_step.py). Raises InvalidStepError before changing anything."""
         started = time.perf_counter()
+        self._await_token_masks()
         with self._lock:
             registry, pool, runner = self.registry, self.pool, self.runner
             registry.validate(step)
@@ -239,6 +241,13 @@ class Worker:
             self._last_span = launched.span
         host_ms = (launched.host_s + time.perf_counter() - started) * 1e3
         return StepResult(launched.step_id, tuple(results), host_ms, launched.span.duration_ms(), idle_ms)
+
+    def _await_token_masks(self) -> None:
+        """Waits, without the lock (finish() may take it meanwhile), for the token masks of the steps in flight, so
+        that queueing their samplings before the next forward pass does not wait under the lock."""
+        for launched in list(self._in_flight):
+            if launched.token_masks is not None:
+                futures.wait([launched.token_masks])
 
     def _queue_earlier_samplings(self) -> None:
         """Under the lock, before a step queues anything: every deferred sampling before it is queued, so the

@@ -7,9 +7,9 @@ transformers with the same e4m3 keys and values, at least 95 % (measured 100 %),
 at most FORMAT_LOSS_MARGIN more than the rounding costs transformers itself (measured: exactly its loss).
 GPU: bfloat16 with FP8 weights and an FP8 KV cache against transformers' bfloat16, on stories260K (at least 94 %:
 measured 95.1 % with torch's activation quantization and the per-row FP8 prefill, 94.9 % with the fused
-quantization kernel and the tensor-core FP8 prefill, whose P.V rounds probabilities to 16 bits) and on the 1B and 8B benchmark shapes with random
-weights, where near-uniform logits make ties common: there the figure is stated and held to a floor that only a
-broken path falls below (docs/fp8.md). Each test prints its figure.
+quantization kernel and the tensor-core FP8 prefill, whose P.V rounds probabilities to 16 bits) and on the 1B and
+8B benchmark shapes with random weights, where near-uniform logits make ties common: there the figure is stated and
+held to a floor that only a broken path falls below (docs/fp8.md). Each test prints its figure.
 """
 
 from __future__ import annotations
