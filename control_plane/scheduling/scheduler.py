@@ -226,7 +226,10 @@ class Scheduler:
                            if change.block_ids else None)
         seq.num_computed_tokens = num_tokens
         seq.num_pending_tokens += 1
-        step.record(request, seq, 1, _SAMPLES)
+        # Its known tokens are all computed now; the last of them completes a block only at a block boundary
+        # (earlier blocks were cached when their tokens became known or computed), so only then is there any
+        # block to cache.
+        step.record(request, seq, 1, _SAMPLES, needs_caching=num_tokens % self.cache_config.block_size == 0)
         return True
 
     def _resume_swapped(self, step: StepBuilder) -> None:
@@ -306,7 +309,7 @@ class Scheduler:
 
     def _cache_computed_blocks(self, step: StepBuilder) -> None:
         # Done after every admission of the step, so that no sequence reuses KV computed in the same step.
-        for request, seq in step.scheduled:
+        for request, seq in step.to_cache:
             self._cache_blocks(request, seq)
 
     def _cache_blocks(self, request: Request, seq: Sequence) -> None:
