@@ -132,6 +132,9 @@ class Request:
     @property
     def num_seqs_reserved(self) -> int:
         """Sequences this request counts against max_num_seqs: unforked siblings included."""
+        sequences = self.sequences
+        if len(sequences) == 1:  # the common case, counted once per running request and step
+            return 0 if sequences[0].finish_reason is not None else 1
         return len(self.unfinished_sequences)
 
     def tokens(self, seq: Sequence) -> tuple[int, ...]:
@@ -173,6 +176,6 @@ def check_stop(
             return FinishReason.STOP, token_id
     if params.max_tokens is not None and num_outputs >= params.max_tokens:
         return FinishReason.LENGTH, None
-    if max_model_len is not None and request.num_prompt_tokens + num_outputs >= max_model_len:
+    if max_model_len is not None and len(request.prompt_token_ids) + num_outputs >= max_model_len:
         return FinishReason.LENGTH, None
     return None

@@ -87,9 +87,11 @@ class CompletionStream:
         )
 
     def _hold(self, delta: SequenceDelta, held: _Held) -> CompletionChunk | None:
-        held.token_ids.extend(delta.new_token_ids)
-        held.logprobs.extend(delta.logprobs)
-        held.prompt_logprobs.extend(delta.prompt_logprobs)
+        held.token_ids += delta.new_token_ids
+        if delta.logprobs:
+            held.logprobs += delta.logprobs
+        if delta.prompt_logprobs:
+            held.prompt_logprobs += delta.prompt_logprobs
         if delta.finish_reason is None:
             return None
         self.finish_reason = delta.finish_reason
