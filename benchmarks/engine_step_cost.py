@@ -30,6 +30,8 @@ from pagedserve.contract.step import SequenceOutput, StepPlan, StepResult
 from pagedserve.control_plane.config import CacheConfig, EngineConfig, SchedulerConfig
 from pagedserve.control_plane.engine.engine import Engine, StepRecord
 from pagedserve.control_plane.engine.metrics import EngineMetrics
+from pagedserve.control_plane.engine.outputs import EngineOutput, RequestFailed
+from pagedserve.control_plane.relay.item_channel import ItemChannel
 from pagedserve.control_plane.scheduling.scheduler import Scheduler
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 from pagedserve.runtime.collector import freeze_startup_objects
@@ -98,9 +100,15 @@ async def run_once(tokenizer: Tokenizer, num_seqs: int, prompt_len: int, output_
     engine = Engine([("bench", scheduler, InstantWorker())], tokenizer, EngineConfig(), metrics)
     engine.start()
     params = SamplingParams(max_tokens=output_len, temperature=0.0, stop=stop)
+    # Streamed requests share one channel and its one consumer, as the frontend's relay reads them.
+    shared: ItemChannel[EngineOutput] | None = None if final_only else ItemChannel()
     started = time.perf_counter()
-    ids = [engine.add_request(prompt_for(i, prompt_len), params, final_only=final_only) for i in range(num_seqs)]
-    texts = await asyncio.gather(*(_collect(engine, request_id) for request_id in ids))
+    ids = [engine.add_request(prompt_for(i, prompt_len), params, final_only=final_only, outputs=shared)
+           for i in range(num_seqs)]
+    if shared is None:
+        texts = await asyncio.gather(*(_collect(engine, request_id) for request_id in ids))
+    else:
+        texts = await _collect_shared(shared, ids)
     wall_s = time.perf_counter() - started
     records = engine.recent_steps()
     await engine.stop()
@@ -119,6 +127,24 @@ async def _collect(engine: Engine, request_id: str) -> tuple[list[int], str, str
     return token_ids, "".join(text), reason
 
 
+async def _collect_shared(
+    channel: ItemChannel[EngineOutput], request_ids: list[str],
+) -> list[tuple[list[int], str, str]]:
+    outputs: dict[str, tuple[list[int], list[str], list[str]]] = {rid: ([], [], []) for rid in request_ids}
+    num_open = len(request_ids)
+    while num_open:
+        for item in await channel.take_all():
+            if isinstance(item, RequestFailed):
+                raise item.error
+            token_ids, text, reason = outputs[item.chunk.request_id]
+            token_ids.extend(item.chunk.token_ids)
+            text.append(item.chunk.text)
+            if item.chunk.finish_reason is not None:
+                reason.append(item.chunk.finish_reason.name)
+            num_open -= item.usage is not None
+    return [(token_ids, "".join(text), "".join(reason)) for token_ids, text, reason in outputs.values()]
+
+
 def decode_medians(records: list[StepRecord], num_seqs: int) -> dict[str, float]:
     """Median plan and apply time (ms) of the decode steps that ran all num_seqs sequences."""
     full = [r for r in records if r.num_seqs == num_seqs and r.num_tokens == num_seqs]
@@ -135,8 +161,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--modes", default="offline,stream,stop",
-                        help="offline: final_only, no stop strings (LLM.generate); stream: every chunk woken, "
-                             "text per step; stop: offline with a stop string that never matches (text per step)")
+                        help="offline: final_only, no stop strings (LLM.generate); stream: every chunk, text per step, "
+                             "one shared channel (the frontend's relay); stop: offline with a stop string that "
+                             "never matches (text per step)")
     parser.add_argument("--tokenizer", type=Path, default=Path("../shared/tokenizers/llama2"))
     parser.add_argument("--repeats", type=int, default=3, help="runs per case; the best median is kept")
     parser.add_argument("--profile", type=Path, default=None, help="write cProfile stats of the last run here")
