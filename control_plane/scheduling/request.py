@@ -84,6 +84,11 @@ class Sequence:
 class Request:
     """A prompt with its sampling parameters and n sequences; status changes only through set_status."""
 
+    # Slotted: the scheduler reads a few fields of every running request at every step.
+    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "eos_token_ids", "arrival_time_s", "priority",
+                 "status", "sequences", "num_cached_tokens", "first_scheduled_time_s", "is_prompt_done",
+                 "num_prompt_logprobs_delivered", "num_prompt_logprobs_to_skip")
+
     def __init__(
         self,
         request_id: str,

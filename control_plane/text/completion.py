@@ -36,6 +36,8 @@ class CompletionStream:
     log-probability, and the text, detokenized once (the same text the streamed chunks would add up to).
     """
 
+    __slots__ = ("request_id", "index", "_detokenizer", "_stops", "_held", "num_tokens", "finish_reason")
+
     def __init__(
         self, request_id: str, index: int, tokenizer: Tokenizer, prompt_token_ids: tuple[int, ...],
         params: SamplingParams, text_at_end: bool = False,

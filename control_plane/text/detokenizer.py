@@ -32,6 +32,9 @@ class IncrementalDetokenizer:
     byte of it is invalid, so a later piece can rewrite earlier ones).
     """
 
+    __slots__ = ("_tokenizer", "_skip_special_tokens", "_joined_ids", "_visible_ids", "_byte_ids", "_tokens",
+                 "_prefix_offset", "_read_offset", "_prefix_text", "_last_visible_index")
+
     def __init__(
         self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int], skip_special_tokens: bool,
         spaces_between_special_tokens: bool = True,
