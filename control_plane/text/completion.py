@@ -64,8 +64,12 @@ class CompletionStream:
         if self.is_finished:
             return None
         self.num_tokens += len(delta.new_token_ids)
-        if self._held is not None:
-            return self._hold(delta, self._held)
+        held = self._held
+        if held is not None:
+            if delta.finish_reason is None and not delta.logprobs and not delta.prompt_logprobs:
+                held.token_ids += delta.new_token_ids  # a decode step of an offline request: nothing else to do
+                return None
+            return self._hold(delta, held)
         text, matched_stop = self._stops.feed(self._detokenizer.add_tokens(delta.new_token_ids))
         finish_reason, stop_reason = delta.finish_reason, ""
         if matched_stop is not None:
