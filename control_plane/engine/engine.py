@@ -26,7 +26,7 @@ from pagedserve.control_plane.engine.status import (
     WorkerStatus,
     sum_status,
 )
-from pagedserve.control_plane.engine.tracked_request import TrackedRequest
+from pagedserve.control_plane.engine.tracked_request import TokenGaps, TrackedRequest
 from pagedserve.control_plane.errors import (
     AlreadyExistsError,
     NotFoundError,
@@ -386,19 +386,22 @@ class Engine:
 
     def _apply(self, lane: Lane, deltas: list[SequenceDelta]) -> None:
         now = time.monotonic()
+        gaps = TokenGaps(now)
         for delta in deltas:
             tracked = self._requests.get(delta.request_id)
             if tracked is None:
                 continue
             completion = tracked.completions[delta.completion_index]
+            if not completion.is_finished:  # tokens of a completion that a stop string ended are never streamed
+                tracked.observe_tokens(len(delta.new_token_ids), gaps, self.metrics)
             chunk = completion.apply(delta)
             if completion.is_finished and delta.finish_reason is None:
                 lane.scheduler.finish_sequence(delta.request_id, delta.completion_index, FinishReason.STOP)
             if chunk is None:
                 continue
-            tracked.observe_tokens(len(delta.new_token_ids), now, self.metrics)
             usage = self._finish(tracked) if completion.is_finished and tracked.is_finished else None
             tracked.channel.put(StreamItem(chunk, usage), wake=usage is not None or not tracked.final_only)
+        gaps.observe(self.metrics)
 
     def _end_now(self, tracked: TrackedRequest) -> None:
         """Ends a request as a finish does, every open completion with ABORT: a last chunk each, then usage."""

@@ -33,16 +33,17 @@ class TrackedRequest:
     def is_finished(self) -> bool:
         return all(c.is_finished for c in self.completions)
 
-    def observe_tokens(self, num_tokens: int, now: float, metrics: EngineMetrics) -> None:
-        """Records num_tokens arriving at now: the first ones as time to first token, later ones as
-        inter-token latency."""
+    def observe_tokens(self, num_tokens: int, gaps: TokenGaps, metrics: EngineMetrics) -> None:
+        """Records num_tokens arriving at gaps.now: the first ones as time to first token, later ones as
+        inter-token latency (added to gaps)."""
         if num_tokens == 0:
             return
+        now = gaps.now
         if self.first_token_time_s is None:
             self.first_token_time_s = now
             metrics.observe_ttft(now - self.request.arrival_time_s)
         elif self.last_token_time_s is not None:
-            metrics.observe_itl((now - self.last_token_time_s) / num_tokens, num_tokens)
+            gaps.add(self.last_token_time_s, num_tokens)
         self.last_token_time_s = now
 
     def record(self, end_s: float) -> RequestRecord:
@@ -75,3 +76,22 @@ class TrackedRequest:
             completion_tokens=sum(c.num_tokens for c in self.completions),
             cached_prompt_tokens=self.request.num_cached_tokens,
         )
+
+
+class TokenGaps:
+    """The inter-token latencies of one step's tokens, all arriving at now, counted per (previous arrival, tokens):
+    the requests of a batch mostly had their previous tokens in the same step, so the histogram takes a few
+    observations with counts instead of one per request."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+        self._counts: dict[tuple[float, int], int] = {}
+
+    def add(self, previous_s: float, num_tokens: int) -> None:
+        """num_tokens arrived at now, the request's previous ones at previous_s."""
+        key = (previous_s, num_tokens)
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def observe(self, metrics: EngineMetrics) -> None:
+        for (previous_s, num_tokens), count in self._counts.items():
+            metrics.observe_itl((self.now - previous_s) / num_tokens, num_tokens * count)

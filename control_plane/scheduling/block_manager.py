@@ -171,20 +171,23 @@ class BlockManager:
             table.block_ids.extend(self.gpu.allocate(num_new))
         return TableChange(start_index, tuple(table.block_ids[start_index:]), tuple(copies))
 
-    def append_slot(self, seq_id: int, slot: int) -> TableChange | None:
+    def append_slot(self, seq_id: int, slot: int) -> tuple[int, ...] | None:
         """allocate_slots for a device table that grows by the one slot `slot` (its next): a decode token.
-        Returns None, changing nothing, when that slot's block is shared (copy-on-write) or must be allocated
-        with none free: the general path decides then."""
-        table = self._tables[seq_id]
-        index = slot // self.block_size
-        if not len(table.block_ids) - 1 <= index <= len(table.block_ids):
-            return None  # blocks past the slot's (only allocate_slots checks them all for sharing), or a gap
-        if index < len(table.block_ids):
-            return None if self.gpu.ref_count(table.block_ids[index]) > 1 else TableChange(len(table.block_ids), ())
-        if not self.gpu.can_allocate(1):
+        Returns the blocks appended to the table's end (none when the slot's block is its last), or None,
+        changing nothing, when seq has no table, or that slot's block is shared (copy-on-write) or must be
+        allocated with none free: the general path decides then."""
+        table = self._tables.get(seq_id)
+        if table is None:
             return None
-        table.block_ids.extend(self.gpu.allocate(1))
-        return TableChange(index, tuple(table.block_ids[index:]))
+        block_ids = table.block_ids
+        index, num_blocks = slot // self.block_size, len(block_ids)
+        if index == num_blocks - 1:
+            return None if self.gpu.ref_count(block_ids[index]) > 1 else ()
+        if index != num_blocks or not self.gpu.can_allocate(1):
+            return None  # blocks past the slot's (only allocate_slots checks them all for sharing), a gap, or full
+        appended = tuple(self.gpu.allocate(1))
+        block_ids.extend(appended)
+        return appended
 
     def cache_full_blocks(self, seq_id: int, token_ids: Sequence[int], num_computed_tokens: int) -> None:
         """Registers seq's full blocks whose tokens are all known and computed (or scheduled to be)."""

@@ -57,10 +57,19 @@ class OutputApplier:
         if output.step_id != plan.step_id:
             raise ValueError(f"output of step {output.step_id} applied to plan {plan.step_id}")
         deltas: list[SequenceDelta] = []
+        by_seq_id = output.by_seq_id
         for seq_id, expect in self._expectations.pop(plan.step_id, {}).items():
             owner = self._seqs.get(seq_id)
-            if owner is not None:
-                request, seq = owner
+            if owner is None:
+                continue
+            request, seq = owner
+            out = by_seq_id.get(seq_id)
+            # The common decode case: one token sampled for seq alone, no prompt left to account for.
+            if (expect.samples and not expect.fork_seq_ids and request.is_prompt_done and out is not None
+                    and out.token_id is not None and not out.prompt_logprobs):
+                seq.num_pending_tokens -= 1
+                deltas.append(self._append_token(request, seq, out, ()))
+            else:
                 deltas.extend(self._apply_output(request, seq, expect, output))
         return deltas
 
@@ -104,7 +113,9 @@ class OutputApplier:
         stop = check_stop(request, seq, self._max_len)
         if stop is not None:
             self._finish(request, seq, *stop)
-        else:
+        elif (len(request.prompt_token_ids) + len(seq.output_token_ids)) % self._block_manager.block_size == 0:
+            # Its computed tokens reach past the new one, so its known tokens now fill one more block exactly
+            # when they end on a block boundary (the blocks before were cached as their tokens became known).
             self._cache_blocks(request, seq)
         logprobs = (out.logprobs,) if out.logprobs is not None else ()
         return SequenceDelta(

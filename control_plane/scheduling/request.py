@@ -84,6 +84,11 @@ class Sequence:
 class Request:
     """A prompt with its sampling parameters and n sequences; status changes only through set_status."""
 
+    # Slotted: the scheduler reads a few fields of every running request at every step.
+    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "eos_token_ids", "arrival_time_s", "priority",
+                 "status", "sequences", "num_cached_tokens", "first_scheduled_time_s", "is_prompt_done",
+                 "num_prompt_logprobs_delivered", "num_prompt_logprobs_to_skip")
+
     def __init__(
         self,
         request_id: str,
@@ -132,6 +137,9 @@ class Request:
     @property
     def num_seqs_reserved(self) -> int:
         """Sequences this request counts against max_num_seqs: unforked siblings included."""
+        sequences = self.sequences
+        if len(sequences) == 1:  # the common case, counted once per running request and step
+            return 0 if sequences[0].finish_reason is not None else 1
         return len(self.unfinished_sequences)
 
     def tokens(self, seq: Sequence) -> tuple[int, ...]:
@@ -173,6 +181,6 @@ def check_stop(
             return FinishReason.STOP, token_id
     if params.max_tokens is not None and num_outputs >= params.max_tokens:
         return FinishReason.LENGTH, None
-    if max_model_len is not None and request.num_prompt_tokens + num_outputs >= max_model_len:
+    if max_model_len is not None and len(request.prompt_token_ids) + num_outputs >= max_model_len:
         return FinishReason.LENGTH, None
     return None

@@ -212,21 +212,27 @@ class Scheduler:
         sequence, held by the worker, whose one token to compute is its last sampled one. Returns False, having
         changed nothing, when the case does not apply or its slot needs a copy, or a block while none is free;
         the general path (which preempts) decides then. Its outcome equals the general path's."""
-        if len(request.sequences) != 1:
+        sequences = request.sequences
+        if len(sequences) != 1:
             return False
-        seq = request.sequences[0]
-        num_tokens = request.num_tokens(seq)
-        if (num_tokens - seq.num_computed_tokens != 1 or not self.block_manager.has_table(seq.seq_id)
-                or self._seqs.has_table_rewrite(seq.seq_id) or self._planner.reaches_limit(request, seq)):
+        seq = sequences[0]
+        seq_id, num_computed = seq.seq_id, seq.num_computed_tokens
+        num_outputs = len(seq.output_token_ids) + seq.num_pending_tokens
+        num_tokens = len(request.prompt_token_ids) + num_outputs
+        if (num_tokens - num_computed != 1 or self._seqs.has_table_rewrite(seq_id)
+                or self._planner.limit_reached(request, num_outputs, num_tokens)):
             return False
-        change = self.block_manager.append_slot(seq.seq_id, seq.num_computed_tokens)
-        if change is None:
+        appended = self.block_manager.append_slot(seq_id, num_computed)
+        if appended is None:
             return False
-        step.add_scheduled(seq.seq_id, 1, BlockTableUpdate(change.start_index, change.block_ids)
-                           if change.block_ids else None)
+        step.add_scheduled(seq_id, 1, BlockTableUpdate(num_computed // self.cache_config.block_size, appended)
+                           if appended else None)
         seq.num_computed_tokens = num_tokens
         seq.num_pending_tokens += 1
-        step.record(request, seq, 1, _SAMPLES)
+        # Its known tokens are all computed now; the last of them completes a block only at a block boundary
+        # (earlier blocks were cached when their tokens became known or computed), so only then is there any
+        # block to cache.
+        step.record(request, seq, 1, _SAMPLES, needs_caching=num_tokens % self.cache_config.block_size == 0)
         return True
 
     def _resume_swapped(self, step: StepBuilder) -> None:
@@ -306,7 +312,7 @@ class Scheduler:
 
     def _cache_computed_blocks(self, step: StepBuilder) -> None:
         # Done after every admission of the step, so that no sequence reuses KV computed in the same step.
-        for request, seq in step.scheduled:
+        for request, seq in step.to_cache:
             self._cache_blocks(request, seq)
 
     def _cache_blocks(self, request: Request, seq: Sequence) -> None:

@@ -45,7 +45,7 @@ class StepBuilder:
     new_sequences: list[NewSequence] = field(default_factory=list)
     scheduled_sequences: list[ScheduledSequence] = field(default_factory=list)
     expectations: dict[int, Expectation] = field(default_factory=dict)
-    scheduled: list[tuple[Request, Sequence]] = field(default_factory=list)
+    to_cache: list[tuple[Request, Sequence]] = field(default_factory=list)  # scheduled, blocks maybe not all cached
 
     def add_new(self, request: Request, seq: Sequence, block_ids: tuple[int, ...], num_new: int) -> None:
         """Sends seq in full: its known tokens, table and sampling; the first sequence of an unforked
@@ -71,9 +71,13 @@ class StepBuilder:
         updates = (update,) if update is not None else ()
         self.scheduled_sequences.append(ScheduledSequence(seq_id, num_new, updates))
 
-    def record(self, request: Request, seq: Sequence, num_new: int, expectation: Expectation) -> None:
+    def record(self, request: Request, seq: Sequence, num_new: int, expectation: Expectation,
+               needs_caching: bool = True) -> None:
+        """Counts seq's work against the budget; needs_caching: its computed blocks may have grown past its
+        cached ones (they go to the prefix cache once every admission of the step is planned)."""
         self.budget -= num_new
-        self.scheduled.append((request, seq))
+        if needs_caching:
+            self.to_cache.append((request, seq))
         self.expectations[seq.seq_id] = expectation
 
     def build(self, step_id: int, dropped_seq_ids: list[int]) -> StepPlan:

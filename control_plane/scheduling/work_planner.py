@@ -50,12 +50,14 @@ class WorkPlanner:
         """Whether the tokens seq has or will be sent already finish it by length: computing more would be
         wasted (the lag of pipelined planning must not run a sequence past max_tokens)."""
         num_outputs = len(seq.output_token_ids) + seq.num_pending_tokens
+        return self.limit_reached(request, num_outputs, request.num_prompt_tokens + num_outputs)
+
+    def limit_reached(self, request: Request, num_outputs: int, num_tokens: int) -> bool:
+        """reaches_limit for a sequence of request with num_outputs sampled or pending, num_tokens in all."""
         if num_outputs == 0:
             return False
         max_tokens = request.sampling_params.max_tokens
-        if max_tokens is not None and num_outputs >= max_tokens:
-            return True
-        return request.num_tokens(seq) >= self._max_len
+        return (max_tokens is not None and num_outputs >= max_tokens) or num_tokens >= self._max_len
 
     def _candidate_works(self, request: Request, budget: int) -> list[SeqWork]:
         works = []

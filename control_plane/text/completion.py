@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from pagedserve.contract.sampling_params import SamplingParams
@@ -31,8 +32,11 @@ class CompletionStream:
     Emits nothing after it finished.
 
     text_at_end: the consumer only reads the whole result, so when no stop string needs the text as it grows,
-    the tokens are detokenized once, when the completion ends (the chunks' texts concatenate to the same text).
+    the completion is held until it ends and then emitted as one chunk: every token, log-probability and prompt
+    log-probability, and the text, detokenized once (the same text the streamed chunks would add up to).
     """
+
+    __slots__ = ("request_id", "index", "_detokenizer", "_stops", "_held", "num_tokens", "finish_reason")
 
     def __init__(
         self, request_id: str, index: int, tokenizer: Tokenizer, prompt_token_ids: tuple[int, ...],
@@ -44,7 +48,7 @@ class CompletionStream:
             tokenizer, prompt_token_ids, params.skip_special_tokens, params.spaces_between_special_tokens
         )
         self._stops = StopStringMatcher(params.stop, params.include_stop_str_in_output)
-        self._held_token_ids: list[int] | None = [] if text_at_end and not params.stop else None
+        self._held = _Held() if text_at_end and not params.stop else None
         self.num_tokens = 0
         self.finish_reason: FinishReason | None = None
 
@@ -60,7 +64,13 @@ class CompletionStream:
         if self.is_finished:
             return None
         self.num_tokens += len(delta.new_token_ids)
-        text, matched_stop = self._stops.feed(self._new_text(delta))
+        held = self._held
+        if held is not None:
+            if delta.finish_reason is None and not delta.logprobs and not delta.prompt_logprobs:
+                held.token_ids += delta.new_token_ids  # a decode step of an offline request: nothing else to do
+                return None
+            return self._hold(delta, held)
+        text, matched_stop = self._stops.feed(self._detokenizer.add_tokens(delta.new_token_ids))
         finish_reason, stop_reason = delta.finish_reason, ""
         if matched_stop is not None:
             finish_reason, stop_reason = FinishReason.STOP, matched_stop
@@ -82,10 +92,31 @@ class CompletionStream:
             stop_reason=stop_reason,
         )
 
-    def _new_text(self, delta: SequenceDelta) -> str:
-        if self._held_token_ids is None:
-            return self._detokenizer.add_tokens(delta.new_token_ids)
-        self._held_token_ids.extend(delta.new_token_ids)
+    def _hold(self, delta: SequenceDelta, held: _Held) -> CompletionChunk | None:
+        held.token_ids += delta.new_token_ids
+        if delta.logprobs:
+            held.logprobs += delta.logprobs
+        if delta.prompt_logprobs:
+            held.prompt_logprobs += delta.prompt_logprobs
         if delta.finish_reason is None:
-            return ""
-        return self._detokenizer.add_tokens(self._held_token_ids)
+            return None
+        self.finish_reason = delta.finish_reason
+        return CompletionChunk(
+            request_id=self.request_id,
+            completion_index=self.index,
+            token_ids=tuple(held.token_ids),
+            text=self._detokenizer.add_tokens(held.token_ids) + self._detokenizer.finish(),
+            logprobs=tuple(held.logprobs),
+            prompt_logprobs=tuple(held.prompt_logprobs),
+            finish_reason=delta.finish_reason,
+            stop_reason="" if delta.stop_token_id is None else str(delta.stop_token_id),
+        )
+
+
+@dataclass(slots=True)
+class _Held:
+    """What a completion emitted at its end has gathered so far."""
+
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)

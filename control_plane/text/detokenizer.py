@@ -32,6 +32,9 @@ class IncrementalDetokenizer:
     byte of it is invalid, so a later piece can rewrite earlier ones).
     """
 
+    __slots__ = ("_tokenizer", "_skip_special_tokens", "_joined_ids", "_visible_ids", "_byte_ids", "_tokens",
+                 "_prefix_offset", "_read_offset", "_prefix_text", "_last_visible_index")
+
     def __init__(
         self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int], skip_special_tokens: bool,
         spaces_between_special_tokens: bool = True,
@@ -99,11 +102,12 @@ class IncrementalDetokenizer:
 
     def _decode(self, token_ids: Sequence[int]) -> str:
         joined, start, pieces = self._joined_ids, 0, []
-        if joined:
-            for index in range(1, len(token_ids)):
-                if token_ids[index] in joined and token_ids[index - 1] in joined:
-                    pieces.append(self._decode_piece(token_ids[start:index]))
-                    start = index
+        if not joined:  # the common case, twice per completion and step: one piece
+            return self._tokenizer.decode(token_ids, skip_special_tokens=self._skip_special_tokens)
+        for index in range(1, len(token_ids)):
+            if token_ids[index] in joined and token_ids[index - 1] in joined:
+                pieces.append(self._decode_piece(token_ids[start:index]))
+                start = index
         pieces.append(self._decode_piece(token_ids[start:]))
         return "".join(pieces)
 

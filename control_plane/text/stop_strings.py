@@ -18,6 +18,7 @@ class StopStringMatcher:
         self._stop = stop
         self._include_stop_str_in_output = include_stop_str_in_output
         self._max_hold = max((len(s) for s in stop), default=1) - 1
+        self._first_chars = frozenset(s[0] for s in stop)
         self._held = ""
         self._matched: str | None = None
 
@@ -63,8 +64,14 @@ class StopStringMatcher:
 
     def _partial_match_length(self, text: str) -> int:
         """Length of the longest tail of text that is a proper prefix of some stop string."""
-        for length in range(min(self._max_hold, len(text)), 0, -1):
-            tail = text[len(text) - length :]
+        # Only tails that start with a stop's first character can be one; str.find jumps to them.
+        start = len(text) - min(self._max_hold, len(text))
+        while True:
+            starts = [i for i in (text.find(c, start) for c in self._first_chars) if i >= 0]
+            if not starts:
+                return 0
+            start = min(starts)
+            tail = text[start:]
             if any(stop.startswith(tail) for stop in self._stop):
-                return length
-        return 0
+                return len(tail)
+            start += 1

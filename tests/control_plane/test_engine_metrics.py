@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from pagedserve.control_plane.engine.engine import Engine
+from pagedserve.control_plane.engine.metrics import EngineMetrics
+from pagedserve.control_plane.engine.tracked_request import TokenGaps
 from pagedserve.control_plane.errors import WorkerUnavailableError
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 from tests.control_plane.engine_fakes import LONG, PROMPT, _drain_stream, _engine, _lane, _params, _run
@@ -21,14 +23,19 @@ def _value(engine: Engine, name: str, **labels: str) -> float | None:
     return engine.metrics.registry.get_sample_value(f"pagedserve:{name}", {"model_name": "fake", **labels})
 
 
-def test_a_finished_request_is_recorded_once_with_its_exact_token_figures(tokenizer: Tokenizer) -> None:
+def _engine_after_one_request(tokenizer: Tokenizer) -> Engine:
+    """A stopped engine that served one request of 2 completions of 5 tokens each."""
     async def scenario() -> Engine:
         engine = _engine(tokenizer, [_lane("w0")])
         await _drain_stream(engine.stream(engine.add_request(PROMPT, _params(5, n=2))))
         await engine.stop()
         return engine
 
-    engine = _run(scenario)
+    return _run(scenario)
+
+
+def test_a_finished_request_is_recorded_once_with_its_exact_token_figures(tokenizer: Tokenizer) -> None:
+    engine = _engine_after_one_request(tokenizer)
     assert _value(engine, "request_prompt_tokens_sum") == len(PROMPT)
     assert _value(engine, "request_generation_tokens_sum") == 10  # 5 tokens in each of 2 completions
     assert _value(engine, "request_params_n_sum") == 2
@@ -65,3 +72,29 @@ def test_a_workers_counters_survive_its_lane_dying_and_coming_back(tokenizer: To
 
     before, alive, after = _run(scenario)
     assert (before, alive, after) == (len(PROMPT), 0, len(PROMPT))
+
+
+def test_every_token_after_a_requests_first_is_one_inter_token_latency(tokenizer: Tokenizer) -> None:
+    engine = _engine_after_one_request(tokenizer)
+    assert _value(engine, "time_to_first_token_seconds_count") == 1
+    assert _value(engine, "inter_token_latency_seconds_count") == 9  # 10 tokens, the first one is TTFT
+    assert (_value(engine, "inter_token_latency_seconds_sum") or 0.0) >= 0.0
+
+
+def test_gaps_of_one_step_observe_as_each_request_alone_would() -> None:
+    grouped, alone = EngineMetrics("fake", 64), EngineMetrics("fake", 64)
+    gaps = TokenGaps(now=2.0)
+    for previous_s, num_tokens in ((1.5, 1), (1.5, 1), (1.0, 2), (1.5, 1)):
+        gaps.add(previous_s, num_tokens)
+        alone.observe_itl((2.0 - previous_s) / num_tokens, num_tokens)
+    gaps.observe(grouped)
+
+    def samples(metrics: EngineMetrics) -> list[tuple[str, dict[str, str], float]]:
+        return [(s.name, s.labels, s.value) for family in metrics.registry.collect() for s in family.samples
+                if s.name.startswith("pagedserve:inter_token_latency_seconds")]
+
+    assert samples(grouped) == samples(alone)
+    assert grouped.registry.get_sample_value("pagedserve:inter_token_latency_seconds_count",
+                                             {"model_name": "fake"}) == 5
+    assert grouped.registry.get_sample_value("pagedserve:inter_token_latency_seconds_sum",
+                                             {"model_name": "fake"}) == pytest.approx(3 * 0.5 + 2 * 0.5)
