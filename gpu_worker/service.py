@@ -51,11 +51,16 @@ _SERVER_OPTIONS = (
 
 
 class _StreamEnd(enum.Enum):
-    """How the owner's Execute stream ended, which decides what the worker keeps."""
+    """How the owner's Execute stream ended, which decides what the worker keeps.
 
-    CLOSED = "closed"  # the control plane sent its last step and read every reply: state kept
+    There is no "closed, state kept": grpc.aio ends the request stream of a call its client cancelled (or whose
+    connection died) exactly as it ends a half-closed one, and the cancellation itself reaches the handler only if
+    it is still running then. A worker that kept its state when the requests ran out would keep, now and then, the
+    sequences and blocks of a control plane that is gone.
+    """
+
     REJECTED = "rejected"  # a step was refused before it changed anything (INVALID_ARGUMENT, ...): state kept
-    LOST = "lost"  # cancelled, peer gone, or a step failed inside the worker: every sequence and block dropped
+    LOST = "lost"  # the requests ended (cancel, peer gone, half-close) or a step failed inside the worker: all dropped
 
 
 class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
@@ -65,8 +70,9 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
     arrive; on the Execute stream, step N+1 is launched as soon as it arrives, while step N is still running.
 
     Ownership: one control plane drives the worker at a time. While an Execute stream is open, another Execute and
-    any InitCache get FAILED_PRECONDITION and change nothing. When that stream is lost (see _StreamEnd) the worker
-    drops its KV cache and every sequence, so the next control plane must call InitCache before Execute.
+    any InitCache get FAILED_PRECONDITION and change nothing. When that stream ends, however it ends but by a refused
+    step (see _StreamEnd), the worker drops its KV cache and every sequence, so the next control plane must call
+    InitCache before Execute.
     """
 
     def __init__(self, worker: Worker) -> None:
@@ -121,7 +127,10 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         self,
         request_iterator: AsyncIterator[worker_service_pb2.ExecuteRequest],
         context: grpc.aio.ServicerContext[worker_service_pb2.ExecuteRequest, worker_service_pb2.ExecuteResponse],
-    ) -> AsyncIterator[worker_service_pb2.ExecuteResponse]:
+    ) -> None:
+        """Replies through context.write, not as an async generator: grpc.aio cancels the task that drives a
+        generator, so a cancel that lands while a reply is being written leaves the generator suspended at its
+        yield, its finally (the cache's release) deferred until it is garbage collected. Here it lands inside."""
         if self._is_owned:  # checked and set with no await between: two streams cannot both pass
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"Execute refused: {_OWNED}")
         if not self._worker.is_cache_initialized:  # at once, rather than at the first step (checked again there)
@@ -129,20 +138,26 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         self._is_owned = True
         launched: asyncio.Queue[LaunchedStep | BaseException | None] = asyncio.Queue()
         launcher = asyncio.create_task(self._launch_each(request_iterator, launched))
-        end = _StreamEnd.LOST
+        released = False
         try:
             while (item := await launched.get()) is not None:
-                if isinstance(item, BaseException):
-                    end = _StreamEnd.REJECTED if _is_rejection(item) else _StreamEnd.LOST
-                    await self._fail(context, item)
-                result = await self._call(context, self._pipeline.finish(item))
+                try:
+                    if isinstance(item, BaseException):
+                        raise item
+                    result = await self._pipeline.finish(item)
+                except Exception as error:  # noqa: BLE001 - every failure becomes a status
+                    # Released before the status goes out: its caller may open the next stream as soon as it reads it.
+                    released = True
+                    launcher.cancel()
+                    self._release(_StreamEnd.REJECTED if _is_rejection(error) else _StreamEnd.LOST)
+                    await self._fail(context, error)
                 log.debug("step_executed", step=result.step_id, num_outputs=len(result.outputs),
                           step_time_ms=result.step_time_ms)
-                yield codec.step_result_to_proto(result)
-            end = _StreamEnd.CLOSED
+                await context.write(codec.step_result_to_proto(result))
         finally:
             launcher.cancel()
-            self._release(end)
+            if not released:
+                self._release(_StreamEnd.LOST)
 
     def _release(self, end: _StreamEnd) -> None:
         """Ends the stream's ownership; a lost stream first queues the cache's release behind its steps (on the step

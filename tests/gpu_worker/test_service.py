@@ -39,14 +39,15 @@ def _serve(test: Callable[[grpc.aio.Channel, Worker], Awaitable[None]], enable_r
     asyncio.run(run())
 
 
+async def _stream(*requests: pb.ExecuteRequest) -> AsyncIterator[pb.ExecuteRequest]:
+    for request in requests:
+        yield request
+
+
 async def _execute(
     stub: worker_service_pb2_grpc.WorkerServiceStub, *requests: pb.ExecuteRequest
 ) -> list[pb.ExecuteResponse]:
-    async def stream() -> AsyncIterator[pb.ExecuteRequest]:
-        for request in requests:
-            yield request
-
-    return [response async for response in stub.Execute(stream())]
+    return [response async for response in stub.Execute(_stream(*requests))]
 
 
 def _init_cache() -> pb.InitCacheRequest:
@@ -127,9 +128,12 @@ def test_block_id_out_of_range_is_invalid_argument_and_leaves_state_unchanged() 
     async def test(channel: grpc.aio.Channel, worker: Worker) -> None:
         stub = worker_service_pb2_grpc.WorkerServiceStub(channel)
         await stub.InitCache(_init_cache())
-        first = await _execute(stub, _prefill(golden["prompt_ids"]), _decode(1, []), _decode(2, []))
+        # One stream up to the rejection: a stream that ends otherwise drops the state (gpu_worker/service.py).
+        first: list[pb.ExecuteResponse] = []
         with pytest.raises(grpc.aio.AioRpcError) as error:
-            await _execute(stub, _decode(3, [NUM_BLOCKS]))
+            async for reply in stub.Execute(_stream(_prefill(golden["prompt_ids"]), _decode(1, []), _decode(2, []),
+                                                    _decode(3, [NUM_BLOCKS]))):
+                first.append(reply)
         # The rejected step changed nothing: the same step with a valid block continues the sequence.
         second = await _execute(stub, _decode(3, [2]), _decode(4, []))
 
