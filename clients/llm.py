@@ -185,7 +185,10 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Generates for every prompt (all admitted at once, batched by the scheduler); outputs in prompt order.
-        use_tqdm: show a progress bar of finished prompts and tokens per second on stderr, as vLLM does."""
+        use_tqdm: show a progress bar of finished prompts and tokens per second on stderr, as vLLM does.
+        A bad prompt or parameter raises InvalidArgumentError naming the field before anything runs; a request the
+        engine cannot finish raises its error and aborts the others: InvalidArgumentError naming structured_output
+        when the worker cannot compile its constraint, WorkerUnavailableError when its worker failed."""
         params = sampling_params or SamplingParams()
         per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
@@ -236,10 +239,18 @@ class LLM:
         request_ids = [
             self._engine.add_request(ids, p, final_only=True) for ids, p in zip(prompt_ids, params, strict=True)
         ]
-        return list(await asyncio.gather(*(
-            self._collect(rid, ids, p.n, progress)
+        collecting = [
+            asyncio.ensure_future(self._collect(rid, ids, p.n, progress))
             for rid, ids, p in zip(request_ids, prompt_ids, params, strict=True)
-        )))
+        ]
+        try:
+            return list(await asyncio.gather(*collecting))
+        finally:
+            # A request that failed (its worker failed, or cannot honour a constraint) fails the call with its error,
+            # as a refused one does before anything runs; the others are aborted rather than left running unread.
+            for task in collecting:
+                task.cancel()
+            await asyncio.gather(*collecting, return_exceptions=True)
 
     async def _collect(
         self, request_id: str, prompt_ids: tuple[int, ...], n: int, progress: PromptProgress,

@@ -16,6 +16,7 @@ from pagedserve.contract.step import (
     BlockTableUpdate,
     NewSequence,
     ScheduledSequence,
+    SequenceFailure,
     SequenceOutput,
     StepPlan,
     StepResult,
@@ -176,6 +177,8 @@ def step_result_to_proto(result: StepResult) -> worker_service_pb2.ExecuteRespon
             output.logprobs.CopyFrom(token_logprobs_to_proto(item.logprobs))
         if item.prompt_logprobs:
             output.prompt_logprobs.extend(map(token_logprobs_to_proto, item.prompt_logprobs))
+        if item.failure is not None:
+            output.failure.field, output.failure.message = item.failure
     return response
 
 
@@ -297,4 +300,5 @@ def _sequence_output_from_proto(pb: worker_service_pb2.SequenceOutput) -> Sequen
         token_id=pb.token_id if pb.HasField("token_id") else None,
         logprobs=token_logprobs_from_proto(pb.logprobs) if pb.HasField("logprobs") else None,
         prompt_logprobs=tuple(map(token_logprobs_from_proto, pb.prompt_logprobs)) if pb.prompt_logprobs else (),
+        failure=SequenceFailure(pb.failure.field, pb.failure.message) if pb.HasField("failure") else None,
     )

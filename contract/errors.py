@@ -13,3 +13,4 @@ class InvalidArgumentError(PagedServeError, ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.message = message

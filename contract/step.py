@@ -104,13 +104,23 @@ class StepPlan:
         )
 
 
+class SequenceFailure(NamedTuple):
+    """Why the worker cannot go on with one sequence: a sampling parameter of its request it cannot honour (a
+    constraint its grammar engine cannot compile). The request fails with INVALID_ARGUMENT naming the field."""
+
+    field: str  # as the public API names it, e.g. "structured_output"
+    message: str
+
+
 class SequenceOutput(NamedTuple):
-    """What one sequence produced in one step: a token when the step reached the end of its known tokens."""
+    """What one sequence produced in one step: a token when the step reached the end of its known tokens, or a
+    failure instead of it (the token sampled meanwhile is never delivered)."""
 
     seq_id: int
     token_id: int | None
     logprobs: TokenLogprobs | None = None
     prompt_logprobs: tuple[TokenLogprobs, ...] = ()
+    failure: SequenceFailure | None = None
 
 
 @dataclass(frozen=True, slots=True)

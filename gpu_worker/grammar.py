@@ -15,7 +15,9 @@ import numpy as np
 import structlog
 import torch
 
-from pagedserve.contract.structured_output import StructuredOutput
+from pagedserve.contract.errors import InvalidArgumentError
+from pagedserve.contract.step import SequenceFailure
+from pagedserve.contract.structured_output import FIELD, StructuredOutput
 
 log = structlog.get_logger()
 COMPILE_THREADS = 2  # compilation releases the interpreter lock, so it runs beside the step thread
@@ -55,24 +57,25 @@ class GrammarCompiler:
             return None
         return cls(llguidance.LLTokenizer(str(path), n_vocab=vocab_size))
 
-    def start(self, output: StructuredOutput) -> SequenceGrammar:
-        """A sequence's grammar, its compilation started now (or found in the cache); nothing waits for it here."""
+    def start(self, output: StructuredOutput, seq_id: int) -> SequenceGrammar:
+        """Sequence seq_id's grammar, its compilation started now (or found in the cache); nothing waits for it here.
+        A compilation that failed is not kept: the next sequence with that constraint tries again."""
         key = output.cache_key
         with self._lock:
             future = self._cache.get(key)
-            if future is None:
+            if future is None or (future.done() and future.exception() is not None):
                 future = self._pool.submit(self._compile, output)
                 self._cache[key] = future
                 if len(self._cache) > MAX_CACHED_GRAMMARS:
                     self._cache.popitem(last=False)
             else:
                 self._cache.move_to_end(key)
-        return SequenceGrammar(future)
+        return SequenceGrammar(future, seq_id)
 
     def _compile(self, output: StructuredOutput) -> llguidance.LLMatcher:
         matcher = llguidance.LLMatcher(self.tokenizer, output.checked_grammar(self.tokenizer), log_level=0)
         if matcher.is_error():
-            raise ValueError(f"structured_output: cannot be compiled: {matcher.get_error()}")
+            raise InvalidArgumentError(f"{FIELD}.{output.kind.value}", f"cannot be compiled: {matcher.get_error()}")
         return matcher
 
     def close(self) -> None:
@@ -83,45 +86,77 @@ class SequenceGrammar:
     """The grammar state of one sequence: the tokens it accepted so far, in order.
 
     Tokens are accepted as they reach the host (the compiled grammar may still be on its way: they are kept
-    and fed to the matcher when it first exists). A token the grammar refuses (it can only come from a request
+    and fed to the matcher when it first exists). A token the grammar refused (it can only come from a request
     that keeps generating past the grammar's end, with ignore_eos) leaves the matcher stopped; its masks then
     allow the end-of-sequence tokens alone, so the output can only run on to max_tokens.
+
+    A sequence whose matcher cannot be had (the compilation failed, or its copy did) has a `failure` instead, said
+    once in the log (`grammar_compile_failed`); its masks also allow end-of-sequence alone, and its outputs carry the
+    failure rather than a token, so that its request ends with it while the other rows of its steps go on.
     """
 
-    def __init__(self, compiled: Future[llguidance.LLMatcher]) -> None:
+    def __init__(self, compiled: Future[llguidance.LLMatcher], seq_id: int) -> None:
         self._compiled = compiled
+        self.seq_id = seq_id
         self._matcher: llguidance.LLMatcher | None = None
         self._waiting: list[int] = []  # accepted before the matcher existed
+        self.failure: SequenceFailure | None = None  # why this sequence has no matcher; set at most once
 
     def accept(self, token_id: int) -> None:
+        if self.failure is not None:
+            return
         if self._matcher is None:
             self._waiting.append(token_id)
         elif not self._matcher.is_error() and not self._matcher.consume_token(token_id):
             _log_refusal(self._matcher, token_id)
 
     def compiled_matcher(self) -> llguidance.LLMatcher | None:
-        """The matcher if the compilation is done (it is then brought up to date), else None; never waits. A failed
-        compilation also gives None here: it is raised where the mask is needed."""
-        if self._matcher is None and (not self._compiled.done() or self._compiled.exception() is not None):
+        """The matcher if the compilation is done (it is then brought up to date), else None; never waits. None
+        too for a sequence that has no matcher (`failure`)."""
+        if self._matcher is None and not self._compiled.done():
             return None
         return self.matcher()
 
-    def matcher(self) -> llguidance.LLMatcher:
-        """The matcher after every accepted token, waiting for the compilation if it is still running."""
-        if self._matcher is None:
-            matcher = self._compiled.result().deep_copy()
-            matcher.consume_tokens(self._waiting)
-            self._matcher, self._waiting = matcher, []
+    def matcher(self) -> llguidance.LLMatcher | None:
+        """The matcher after every accepted token, waiting for the compilation if it is still running; None when the
+        sequence can have none (`failure` says why)."""
+        if self._matcher is None and self.failure is None:
+            try:
+                compiled = self._compiled.result()
+            except InvalidArgumentError as error:  # the engine's refusal, said as the frontend would have said it
+                self._fail(SequenceFailure(error.field, error.message))
+                return None
+            except Exception as error:
+                self._fail(SequenceFailure(FIELD, f"cannot be compiled on the worker: {type(error).__name__}: {error}"))
+                return None
+            self._matcher = self._copy(compiled)
+            if self._matcher is not None:
+                self._matcher.consume_tokens(self._waiting)
+                self._waiting = []
         return self._matcher
 
-    def fork(self) -> SequenceGrammar:
-        """A copy with the same accepted tokens, for a sibling of an n > 1 request."""
-        sibling = SequenceGrammar(self._compiled)
-        if self._matcher is None:
+    def fork(self, seq_id: int) -> SequenceGrammar:
+        """A copy with the same accepted tokens, for sibling seq_id of an n > 1 request."""
+        sibling = SequenceGrammar(self._compiled, seq_id)
+        if self.failure is not None:
+            sibling.failure = self.failure
+        elif self._matcher is None:
             sibling._waiting = list(self._waiting)
         else:
-            sibling._matcher = self._matcher.deep_copy()
+            sibling._matcher = sibling._copy(self._matcher)
         return sibling
+
+    def _copy(self, matcher: llguidance.LLMatcher) -> llguidance.LLMatcher | None:
+        try:
+            return matcher.deep_copy()
+        except Exception as error:
+            reason = f"{type(error).__name__}: {error}"
+            self._fail(SequenceFailure(FIELD, f"no matcher can be created for it on the worker: {reason}"))
+            return None
+
+    def _fail(self, failure: SequenceFailure) -> None:
+        self.failure = failure
+        log.warning("grammar_compile_failed", seq_id=self.seq_id, error=f"{failure.field}: {failure.message}")
 
 
 def accept_tokens(compiler: GrammarCompiler, accepted: list[tuple[SequenceGrammar, int]]) -> None:
@@ -150,7 +185,9 @@ def _log_refusal(matcher: llguidance.LLMatcher, token_id: int) -> None:
 def fill_token_masks(compiler: GrammarCompiler, grammars: list[SequenceGrammar], vocab_size: int) -> torch.Tensor:
     """[len(grammars), ceil(vocab_size / 32)] int32 bitmasks, bit t of row r set when grammar r allows token t
     next. Rows are filled by llguidance's threads in parallel, without the interpreter lock. A grammar listed twice
-    (the first sample of an n > 1 request, before its siblings fork) is computed once and copied."""
+    (the first sample of an n > 1 request, before its siblings fork) is computed once and copied. A grammar that
+    stopped or has no matcher (its `failure`) allows the end-of-sequence tokens alone; this never raises for one
+    sequence's grammar."""
     masks = llguidance.numpy.allocate_token_bitmask(len(grammars), vocab_size)
     words = masks.view(np.uint32)
     live = []
@@ -162,7 +199,7 @@ def fill_token_masks(compiler: GrammarCompiler, grammars: list[SequenceGrammar],
             continue
         first_row[id(grammar)] = row
         matcher = grammar.matcher()
-        if not matcher.is_error():
+        if matcher is not None and not matcher.is_error():
             live.append((matcher, row))
             continue
         words[row] = 0

@@ -133,12 +133,20 @@ class LaunchedRun:
     deferred: DeferredSampling | None = None
 
     def results(self, sample: SampleResult | None) -> list[SequenceOutput]:
-        """One result per work item in order, each sampling item followed by its newly forked siblings."""
+        """One result per work item in order, each sampling item followed by its newly forked siblings. A sequence
+        whose grammar has no matcher gets its failure instead of the token sampled under its stand-in mask, and so
+        do the siblings it forked in this step (their request shares the constraint)."""
         sampled = iter(zip(sample.token_ids, sample.logprobs, strict=True)) if sample is not None else iter(())
         results = []
         for item, seq_ids, prompt_logprobs in zip(self.work, self.sampled_seq_ids, self.prompt_logprobs, strict=True):
             if not seq_ids:
                 results.append(SequenceOutput(item.state.seq_id, None, None, prompt_logprobs))
+                continue
+            grammar = item.state.grammar
+            if grammar is not None and grammar.failure is not None:
+                for seq_id in seq_ids:
+                    next(sampled)
+                    results.append(SequenceOutput(seq_id, None, None, (), grammar.failure))
                 continue
             token, logprobs = next(sampled)
             results.append(SequenceOutput(seq_ids[0], token, logprobs, prompt_logprobs))

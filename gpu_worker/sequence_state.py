@@ -72,7 +72,7 @@ class SequenceState:
         return SequenceState(
             seq_id, self.prompt_token_ids, list(self.output_token_ids), self.sampling_params, self.banned_token_ids,
             table_row, self.num_computed_tokens, sample_index, (),
-            None if self.grammar is None else self.grammar.fork(), self.bad_words_token_ids,
+            None if self.grammar is None else self.grammar.fork(seq_id), self.bad_words_token_ids,
         )
 
 
@@ -205,7 +205,7 @@ class SequenceRegistry:
         output = new.sampling_params.structured_output
         if output is None or self.grammars is None:
             return None
-        grammar = self.grammars.start(output)
+        grammar = self.grammars.start(output, new.seq_id)
         for token_id in new.output_token_ids:
             grammar.accept(token_id)
         return grammar

@@ -29,6 +29,7 @@ from pagedserve.control_plane.engine.status import (
 from pagedserve.control_plane.engine.tracked_request import TokenGaps, TrackedRequest
 from pagedserve.control_plane.errors import (
     AlreadyExistsError,
+    InvalidArgumentError,
     NotFoundError,
     PagedServeError,
     WorkerUnavailableError,
@@ -342,9 +343,7 @@ class Engine:
             log.error("lane_failed", worker_id=lane.worker_id, error=str(error), request_ids=request_ids,
                       exc_info=cause)
         for request_id in request_ids:
-            tracked = self._forget(request_id)
-            if tracked is not None:
-                tracked.channel.put(RequestFailed(request_id, error))
+            self._fail(request_id, error)
         old = lane.scheduler
         self._retired[lane.worker_id].add(old.stats)
         lane.scheduler = Scheduler(old.config, old.cache_config, old.block_manager.gpu.num_blocks,
@@ -391,6 +390,11 @@ class Engine:
             tracked = self._requests.get(delta.request_id)
             if tracked is None:
                 continue
+            if delta.failure is not None:  # the worker cannot honour a parameter; the scheduler ended the request
+                log.warning("request_failed_on_worker", request_id=delta.request_id, worker_id=lane.worker_id,
+                            field=delta.failure.field, error=delta.failure.message)
+                self._fail(delta.request_id, InvalidArgumentError(*delta.failure))
+                continue
             completion = tracked.completions[delta.completion_index]
             if not completion.is_finished:  # tokens of a completion that a stop string ended are never streamed
                 tracked.observe_tokens(len(delta.new_token_ids), gaps, self.metrics)
@@ -402,6 +406,12 @@ class Engine:
             usage = self._finish(tracked) if completion.is_finished and tracked.is_finished else None
             tracked.channel.put(StreamItem(chunk, usage), wake=usage is not None or not tracked.final_only)
         gaps.observe(self.metrics)
+
+    def _fail(self, request_id: str, error: PagedServeError) -> None:
+        """Ends the request's stream with the error; its blocks are freed by the caller, or were."""
+        tracked = self._forget(request_id)
+        if tracked is not None:
+            tracked.channel.put(RequestFailed(request_id, error))
 
     def _end_now(self, tracked: TrackedRequest) -> None:
         """Ends a request as a finish does, every open completion with ABORT: a last chunk each, then usage."""

@@ -25,7 +25,8 @@ class StreamItem(NamedTuple):
 
 class RequestFailed(NamedTuple):
     """The end of a request's stream when the engine cannot finish it: WorkerUnavailableError when its worker
-    failed or hung or the engine admits nothing, a plain PagedServeError (INTERNAL) when the engine itself failed."""
+    failed or hung or the engine admits nothing, InvalidArgumentError when its worker cannot honour one of its sampling
+    parameters (a constraint it cannot compile), a plain PagedServeError (INTERNAL) when the engine itself failed."""
 
     request_id: str
     error: PagedServeError

@@ -20,6 +20,8 @@ from pagedserve.control_plane.scheduling.step_builder import Expectation
 FinishCallback = Callable[[Request, Sequence, FinishReason, int | None], None]
 # cache_blocks(request, seq): adds seq's full blocks of known tokens to the prefix cache.
 CacheBlocksCallback = Callable[[Request, Sequence], None]
+# end(request): ends every sequence of the request (ABORT) and frees its blocks, as an abort does.
+EndCallback = Callable[[Request], None]
 
 
 class OutputApplier:
@@ -27,7 +29,8 @@ class OutputApplier:
 
     Invariants: a step's expectations are applied at most once, and results come in plan order; a result for a
     sequence no longer live (finished, aborted, or recomputed under a new id) changes nothing; each sampled
-    token is appended, counted and stop-checked (finishing its sequence at once) before the next sequence's.
+    token is appended, counted and stop-checked (finishing its sequence at once) before the next sequence's; a
+    sequence's failure ends its whole request at once, as an abort, and yields one delta that carries it.
     """
 
     def __init__(
@@ -37,12 +40,14 @@ class OutputApplier:
         max_len: int,
         finish: FinishCallback,
         cache_blocks: CacheBlocksCallback,
+        end: EndCallback,
     ) -> None:
         self._block_manager = block_manager
         self._seqs = seqs
         self._max_len = max_len
         self._finish = finish
         self._cache_blocks = cache_blocks
+        self._end = end
         self._expectations: dict[int, dict[int, Expectation]] = {}  # step id -> seq id -> what the step owes it
         self.num_prompt_tokens = 0  # of prompts whose first token was sampled
         self.num_generation_tokens = 0
@@ -77,6 +82,9 @@ class OutputApplier:
         self, request: Request, seq: Sequence, expect: Expectation, output: StepResult
     ) -> list[SequenceDelta]:
         out = output.by_seq_id.get(seq.seq_id)
+        if out is not None and out.failure is not None:  # never on the fast path: a failure carries no token
+            self._end(request)
+            return [SequenceDelta(request.request_id, seq.index, (), (), (), FinishReason.ABORT, None, out.failure)]
         prompt_logprobs = self._new_prompt_logprobs(request, out)
         if not expect.samples:
             if not prompt_logprobs:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from pagedserve.contract.sampling_params import SamplingParams
-from pagedserve.contract.step import TokenLogprobs
+from pagedserve.contract.step import SequenceFailure, TokenLogprobs
 
 
 class FinishReason(enum.Enum):
@@ -53,6 +53,7 @@ class SequenceDelta(NamedTuple):
     prompt_logprobs: tuple[TokenLogprobs, ...]
     finish_reason: FinishReason | None
     stop_token_id: int | None = None  # the EOS / stop token id that finished it
+    failure: SequenceFailure | None = None  # the worker could not go on: the whole request ended with it (ABORT)
 
 
 @dataclass(slots=True)

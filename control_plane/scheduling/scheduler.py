@@ -67,7 +67,8 @@ class Scheduler:
         pool_len = num_gpu_blocks * cache_config.block_size + 1
         max_len = min(scheduler_config.max_model_len or pool_len, pool_len)
         self._planner = WorkPlanner(scheduler_config, self.block_manager, max_len)
-        self._outputs = OutputApplier(self.block_manager, self._seqs, max_len, self._finish, self._cache_blocks)
+        self._outputs = OutputApplier(self.block_manager, self._seqs, max_len, self._finish, self._cache_blocks,
+                                      lambda request: self.abort_request(request.request_id))
         self._num_preemptions = 0
 
     # Requests in and out.

@@ -27,6 +27,7 @@ from pagedserve.contract.step import (
     BlockTableUpdate,
     NewSequence,
     ScheduledSequence,
+    SequenceFailure,
     SequenceOutput,
     StepPlan,
     StepResult,
@@ -189,6 +190,8 @@ def test_execute_response_becomes_step_result() -> None:
             worker_service_pb2.SequenceOutput(seq_id=8, token_id=0),
             worker_service_pb2.SequenceOutput(seq_id=9),
             worker_service_pb2.SequenceOutput(
+                seq_id=5, failure=worker_service_pb2.SequenceFailure(field="structured_output", message="no")),
+            worker_service_pb2.SequenceOutput(
                 seq_id=3,
                 token_id=7,
                 logprobs=token_logprobs_to_proto(LOGPROBS),
@@ -204,6 +207,7 @@ def test_execute_response_becomes_step_result() -> None:
         outputs=(
             SequenceOutput(seq_id=8, token_id=0),
             SequenceOutput(seq_id=9, token_id=None),
+            SequenceOutput(seq_id=5, token_id=None, failure=SequenceFailure("structured_output", "no")),
             SequenceOutput(
                 seq_id=3,
                 token_id=7,
@@ -212,7 +216,7 @@ def test_execute_response_becomes_step_result() -> None:
             ),
         ),
     )
-    assert sorted(output.by_seq_id) == [3, 8, 9]
+    assert sorted(output.by_seq_id) == [3, 5, 8, 9]
 
 
 def test_step_result_round_trips_through_the_wire() -> None:
@@ -222,6 +226,7 @@ def test_step_result_round_trips_through_the_wire() -> None:
             SequenceOutput(1, 0, LOGPROBS, (LOGPROBS,)),
             SequenceOutput(2, None, None, (TokenLogprobs(5, -0.5, 1),)),
             SequenceOutput(3, 999),
+            SequenceOutput(4, None, failure=SequenceFailure("structured_output", "cannot be compiled: bad")),
         ),
         step_time_ms=3.5,
         forward_time_ms=2.25,
@@ -230,7 +235,7 @@ def test_step_result_round_trips_through_the_wire() -> None:
     wire = worker_service_pb2.ExecuteResponse.FromString(step_result_to_proto(result).SerializeToString())
     back = step_result_from_proto(wire)
     assert back == result
-    assert back.by_seq_id == {1: result.outputs[0], 2: result.outputs[1], 3: result.outputs[2]}
+    assert back.by_seq_id == {output.seq_id: output for output in result.outputs}
 
 
 def test_token_logprobs_round_trip_through_the_wire() -> None:
