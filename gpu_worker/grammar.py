@@ -91,8 +91,9 @@ class SequenceGrammar:
     allow the end-of-sequence tokens alone, so the output can only run on to max_tokens.
 
     A sequence whose matcher cannot be had (the compilation failed, or its copy did) has a `failure` instead, said
-    once in the log (`grammar_compile_failed`); its masks also allow end-of-sequence alone, and its outputs carry the
-    failure rather than a token, so that its request ends with it while the other rows of its steps go on.
+    once in the log (`grammar_compile_failed`; for n > 1 siblings, by the sequence that forked them); its masks also
+    allow end-of-sequence alone, and its outputs carry the failure rather than a token, so that its request ends with
+    it while the other rows of its steps go on.
     """
 
     def __init__(self, compiled: Future[llguidance.LLMatcher], seq_id: int) -> None:
@@ -101,6 +102,8 @@ class SequenceGrammar:
         self._matcher: llguidance.LLMatcher | None = None
         self._waiting: list[int] = []  # accepted before the matcher existed
         self.failure: SequenceFailure | None = None  # why this sequence has no matcher; set at most once
+        # False for a sibling forked before its compilation ended: the failure they share is its parent's to report.
+        self._reports_compile_failure = True
 
     def accept(self, token_id: int) -> None:
         if self.failure is not None:
@@ -124,10 +127,12 @@ class SequenceGrammar:
             try:
                 compiled = self._compiled.result()
             except InvalidArgumentError as error:  # the engine's refusal, said as the frontend would have said it
-                self._fail(SequenceFailure(error.field, error.message))
+                self._fail(SequenceFailure(error.field, error.message), self._reports_compile_failure)
                 return None
             except Exception as error:
-                self._fail(SequenceFailure(FIELD, f"cannot be compiled on the worker: {type(error).__name__}: {error}"))
+                reason = f"{type(error).__name__}: {error}"
+                self._fail(SequenceFailure(FIELD, f"cannot be compiled on the worker: {reason}"),
+                           self._reports_compile_failure)
                 return None
             self._matcher = self._copy(compiled)
             if self._matcher is not None:
@@ -142,6 +147,7 @@ class SequenceGrammar:
             sibling.failure = self.failure
         elif self._matcher is None:
             sibling._waiting = list(self._waiting)
+            sibling._reports_compile_failure = False
         else:
             sibling._matcher = sibling._copy(self._matcher)
         return sibling
@@ -154,9 +160,10 @@ class SequenceGrammar:
             self._fail(SequenceFailure(FIELD, f"no matcher can be created for it on the worker: {reason}"))
             return None
 
-    def _fail(self, failure: SequenceFailure) -> None:
+    def _fail(self, failure: SequenceFailure, is_reported: bool = True) -> None:
         self.failure = failure
-        log.warning("grammar_compile_failed", seq_id=self.seq_id, error=f"{failure.field}: {failure.message}")
+        if is_reported:
+            log.warning("grammar_compile_failed", seq_id=self.seq_id, error=f"{failure.field}: {failure.message}")
 
 
 def accept_tokens(compiler: GrammarCompiler, accepted: list[tuple[SequenceGrammar, int]]) -> None:
