@@ -14,7 +14,8 @@ import structlog
 
 from pagedserve.contract.worker_info import CacheInfo, CacheRequest, WorkerInfo
 from pagedserve.control_plane.config import CacheConfig, SchedulerConfig, WorkerRestartPolicy, WorkerSupervisorConfig
-from pagedserve.control_plane.engine.engine import LaneDeadCallback, StepTransport
+from pagedserve.control_plane.engine.engine import StepTransport
+from pagedserve.control_plane.engine.lane_set import LaneDeadCallback
 from pagedserve.control_plane.errors import PagedServeError
 from pagedserve.control_plane.launch.worker_launcher import LocalWorkers, wait_for_worker
 from pagedserve.control_plane.scheduling.scheduler import Scheduler

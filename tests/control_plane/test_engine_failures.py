@@ -222,7 +222,7 @@ def test_a_lane_task_cancelled_by_anyone_but_stop_fails_its_requests_loudly(toke
         engine = _engine(tokenizer, [_lane("w0")])
         stream = engine.stream(engine.add_request(PROMPT, _params(LONG)))
         await anext(stream)
-        task = engine._lanes[0].task
+        task = engine._lane_set.lanes[0].task
         assert task is not None
         task.cancel()
         with pytest.raises(WorkerUnavailableError) as raised:

@@ -9,7 +9,8 @@ from collections.abc import Callable
 from pagedserve.contract.step import StepPlan, StepResult
 from pagedserve.contract.worker_info import CacheInfo, CacheRequest, WorkerInfo
 from pagedserve.control_plane.config import CacheConfig, SchedulerConfig, WorkerRestartPolicy, WorkerSupervisorConfig
-from pagedserve.control_plane.engine.engine import LaneDeadCallback, StepTransport
+from pagedserve.control_plane.engine.engine import StepTransport
+from pagedserve.control_plane.engine.lane_set import LaneDeadCallback
 from pagedserve.control_plane.errors import WorkerUnavailableError
 from pagedserve.control_plane.launch.worker_supervisor import LaneSetup, SupervisedClient, WorkerSupervisor
 from pagedserve.control_plane.scheduling.scheduler import Scheduler
