@@ -180,7 +180,8 @@ class ModelRunner:
         before anything is queued (the worker queues an earlier step's deferred sampling there, whose tokens this
         step's inputs may read on the device)."""
         sampled_seq_ids = [
-            (state.seq_id, *(fork.seq_id for fork in state.forks)) if is_sampling else ()
+            ((state.seq_id, *(fork.seq_id for fork in state.forks)) if state.forks else (state.seq_id,))
+            if is_sampling else ()
             for state, _, _, is_sampling in work
         ]
         if before_forward is not None:
@@ -202,9 +203,11 @@ class ModelRunner:
         ]
         if sampling is None:
             return LaunchedRun(work, sampled_seq_ids, prompt_logprobs, None)
+        logits, rows = sampling
         if defer_sampling:
-            return LaunchedRun(work, sampled_seq_ids, prompt_logprobs, None, sampling)
-        return LaunchedRun(work, sampled_seq_ids, prompt_logprobs, self.sampler.start(sampling.logits, sampling.rows))
+            deferred = DeferredSampling(logits, rows, [len(row.output_token_ids) for row in rows])
+            return LaunchedRun(work, sampled_seq_ids, prompt_logprobs, None, deferred)
+        return LaunchedRun(work, sampled_seq_ids, prompt_logprobs, self.sampler.start(logits, rows))
 
     @torch.inference_mode()
     def sample_deferred(self, run: LaunchedRun, token_masks: torch.Tensor | None) -> None:
@@ -227,20 +230,19 @@ class ModelRunner:
 
     def _sampling_inputs(
         self, work: list[ScheduledWork], batch: FlatBatch, hidden: torch.Tensor
-    ) -> DeferredSampling | None:
+    ) -> tuple[torch.Tensor, list[SamplingRow]] | None:
         """Logits and rows of one token per sampling sequence (and per pending sibling, from the same logits row);
-        None when nothing samples."""
+        None when nothing samples. A sequence's row is the one it keeps; a sibling's differs by its sample index."""
         hidden_rows: list[int] = []
         rows: list[SamplingRow] = []
         last_rows = (batch.query_start_loc[1:] - 1).tolist()
         for (state, _, _, is_sampling), last_row in zip(work, last_rows, strict=True):
             if not is_sampling:
                 continue
-            for sample_index in (state.sample_index, *(fork.sample_index for fork in state.forks)):
-                rows.append(SamplingRow(
-                    state.sampling_params, state.banned_token_ids, state.prompt_token_ids, state.output_token_ids,
-                    sample_index, state.grammar, state.bad_words_token_ids,
-                ))
+            rows.append(state.sampling_row)
+            hidden_rows.append(last_row)
+            for fork in state.forks:
+                rows.append(state.sampling_row._replace(sample_index=fork.sample_index))
                 hidden_rows.append(last_row)
         if not rows:
             return None
@@ -248,8 +250,7 @@ class ModelRunner:
             sampled_hidden = hidden
         else:
             sampled_hidden = hidden[to_device(torch.tensor(hidden_rows, dtype=torch.int64), hidden.device)]
-        return DeferredSampling(self.model.compute_logits(sampled_hidden), rows,
-                                [len(row.output_token_ids) for row in rows])
+        return self.model.compute_logits(sampled_hidden), rows
 
     def _prompt_logprobs(self, item: ScheduledWork, first_row: int, hidden: torch.Tensor) -> tuple[TokenLogprobs, ...]:
         """Log-probabilities of the prompt tokens that follow this step's prompt positions, when asked.

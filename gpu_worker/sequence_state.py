@@ -11,6 +11,7 @@ from pagedserve.gpu_worker.bad_words import BadWordsTokenizer
 from pagedserve.gpu_worker.block_tables import BlockTableArray
 from pagedserve.gpu_worker.errors import InvalidStepError
 from pagedserve.gpu_worker.grammar import GrammarCompiler, SequenceGrammar, accept_tokens
+from pagedserve.gpu_worker.sampler import SamplingRow
 
 # An output token sampled by a step whose results have not reached the host yet. It is always the
 # sequence's last token and its only uncomputed one, so a step that computes it reads it on the device
@@ -41,11 +42,18 @@ class SequenceState:
     forks: tuple[Fork, ...] = ()  # siblings still to be forked at the first sample
     grammar: SequenceGrammar | None = None  # structured output: has accepted every output token on the host
     bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+    # Whether sampling this sequence reads its earlier output tokens' values on the host.
+    reads_token_history: bool = field(init=False)
+    # Its row of every step's sampling batch, built once: it holds the live output list.
+    sampling_row: SamplingRow = field(init=False)
 
-    @property
-    def reads_token_history(self) -> bool:
-        """Whether sampling this sequence reads its earlier output tokens' values on the host."""
-        return self.sampling_params.has_penalties or self.grammar is not None or bool(self.bad_words_token_ids)
+    def __post_init__(self) -> None:
+        self.reads_token_history = (self.sampling_params.has_penalties or self.grammar is not None
+                                    or bool(self.bad_words_token_ids))
+        self.sampling_row = SamplingRow.of(
+            self.sampling_params, self.banned_token_ids, self.prompt_token_ids, self.output_token_ids,
+            self.sample_index, self.grammar, self.bad_words_token_ids,
+        )
 
     @property
     def num_tokens(self) -> int:
