@@ -150,8 +150,8 @@ class LaunchedRun:
                 continue
             token, logprobs = next(sampled)
             results.append(SequenceOutput(seq_ids[0], token, logprobs, prompt_logprobs))
-            for sibling in seq_ids[1:]:
-                results.append(SequenceOutput(sibling, *next(sampled)))
+            if len(seq_ids) > 1:
+                results.extend(SequenceOutput(sibling, *next(sampled)) for sibling in seq_ids[1:])
         return results
 
 
