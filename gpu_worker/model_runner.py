@@ -50,19 +50,26 @@ def build_batch(
     An input that is a PENDING_TOKEN is read on the device from last_tokens at its sequence's table row.
     """
     num_seqs = len(work)
-    counts = np.fromiter((w.num_scheduled_tokens for w in work), dtype=np.int64, count=num_seqs)
-    starts = np.fromiter((w.state.num_computed_tokens for w in work), dtype=np.int64, count=num_seqs)
-    rows = np.fromiter((w.state.table_row for w in work), dtype=np.int64, count=num_seqs)
-    ends = starts + counts
-    query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
-    np.cumsum(counts, out=query_start_loc[1:])
-    num_tokens = int(query_start_loc[-1])
-    # Row r of sequence s sits at position starts[s] + (r - query_start_loc[s]).
-    positions = np.arange(num_tokens, dtype=np.int64) - np.repeat(query_start_loc[:-1] - starts, counts)
+    counts = np.array([w.num_scheduled_tokens for w in work], dtype=np.int64)
+    ends = np.array([w.end for w in work], dtype=np.int64)
+    rows = np.array([w.state.table_row for w in work], dtype=np.int64)
+    starts = ends - counts
+    max_query_len = int(counts.max(initial=0))
+    num_tokens = int(counts.sum())
+    is_decode = max_query_len <= 1 and num_tokens == num_seqs  # one token each (or no sequence)
+    if is_decode:  # the batch's rows are its sequences: no repeats
+        query_start_loc = np.arange(num_seqs + 1, dtype=np.int64)
+        positions = starts
+        seq_index = np.arange(num_seqs)
+    else:
+        query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(counts, out=query_start_loc[1:])
+        # Row r of sequence s sits at position starts[s] + (r - query_start_loc[s]).
+        positions = np.arange(num_tokens, dtype=np.int64) - np.repeat(query_start_loc[:-1] - starts, counts)
+        seq_index = np.repeat(np.arange(num_seqs), counts)
     block_tables = tables.gather(rows, max(int((-(-ends // block_size)).max(initial=0)), 1))
-    seq_index = np.repeat(np.arange(num_seqs), counts)
     slots = block_tables[seq_index, positions // block_size].astype(np.int64) * block_size + positions % block_size
-    input_ids = np.array(_input_ids(work, starts, ends, is_decode=num_tokens == num_seqs), dtype=np.int64)
+    input_ids = np.array(_input_ids(work, starts, ends, is_decode), dtype=np.int64)
     pending_rows = np.flatnonzero(input_ids == PENDING_TOKEN)
     num_pending = len(pending_rows)
 
@@ -93,7 +100,7 @@ def build_batch(
         block_tables=ints_device[:table_size].view(block_tables.shape),
         seq_lens=ints_device[table_size : table_size + num_seqs],
         query_start_loc=ints_device[table_size + num_seqs : pending_start],
-        max_query_len=int(counts.max(initial=0)),
+        max_query_len=max_query_len,
         max_seq_len=int(ends.max(initial=0)),
     )
     return FlatBatch(longs_device[:num_tokens], longs_device[num_tokens : 2 * num_tokens], meta, query_start_loc)
