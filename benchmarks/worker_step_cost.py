@@ -12,6 +12,8 @@ on a CPU the attention reference loops over sequences in Python, so each layer c
 sequences and a real 5-layer forward pass would make a run five times longer for nothing measured. The forward pass
 is timed on its own anyway (hooks around the model's forward and its logits) and left out; what remains is the
 worker's Python and the small tensor work that a GPU would queue (the batch's numpy, sampling on [N, 512] logits).
+Two things a GPU host differs in: each small tensor op there costs a launch rather than its CPU compute, and here the
+forward pass leaves the CPU's caches cold for the stages after it, so fixed costs read higher than they would.
 """
 
 from __future__ import annotations
