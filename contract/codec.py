@@ -152,14 +152,12 @@ def step_plan_from_proto(pb: worker_service_pb2.ExecuteRequest) -> StepPlan:
         swap_in=_mappings(pb.swap_in),
         block_copies=_mappings(pb.block_copies),
         new_sequences=tuple(_new_sequence_from_proto(s) for s in pb.new_sequences),
-        scheduled_sequences=tuple(
-            ScheduledSequence(
-                s.seq_id,
-                s.num_scheduled_tokens,
-                tuple(BlockTableUpdate(u.start_index, tuple(u.block_ids)) for u in s.block_table_updates),
-            )
+        # Once per decode sequence and step: a list comprehension, and no generator for the usual empty updates.
+        scheduled_sequences=tuple([
+            ScheduledSequence(s.seq_id, s.num_scheduled_tokens,
+                              _table_updates(updates) if (updates := s.block_table_updates) else ())
             for s in pb.scheduled_sequences
-        ),
+        ]),
     )
 
 
@@ -169,23 +167,27 @@ def step_result_to_proto(result: StepResult) -> worker_service_pb2.ExecuteRespon
         idle_time_ms=result.idle_time_ms,
     )
     add_output = response.outputs.add
-    for item in result.outputs:
-        output = add_output(seq_id=item.seq_id)
-        if item.token_id is not None:
-            output.token_id = item.token_id
-        if item.logprobs is not None:
-            output.logprobs.CopyFrom(token_logprobs_to_proto(item.logprobs))
-        if item.prompt_logprobs:
-            output.prompt_logprobs.extend(map(token_logprobs_to_proto, item.prompt_logprobs))
-        if item.failure is not None:
-            output.failure.field, output.failure.message = item.failure
+    for seq_id, token_id, logprobs, prompt_logprobs, failure in result.outputs:
+        output = add_output(seq_id=seq_id, token_id=token_id)  # token_id None stays unset
+        if logprobs is not None:
+            output.logprobs.CopyFrom(token_logprobs_to_proto(logprobs))
+        if prompt_logprobs:
+            output.prompt_logprobs.extend(map(token_logprobs_to_proto, prompt_logprobs))
+        if failure is not None:
+            output.failure.field, output.failure.message = failure
     return response
 
 
 def step_result_from_proto(pb: worker_service_pb2.ExecuteResponse) -> StepResult:
+    outputs = []
+    for output in pb.outputs:  # once per sequence and step: the usual bare token skips the optional fields
+        if output.HasField("logprobs") or output.HasField("failure") or output.prompt_logprobs:
+            outputs.append(_sequence_output_from_proto(output))
+        else:
+            outputs.append(SequenceOutput(output.seq_id, output.token_id if output.HasField("token_id") else None))
     return StepResult(
         step_id=pb.step_id,
-        outputs=tuple(_sequence_output_from_proto(o) for o in pb.outputs),
+        outputs=tuple(outputs),
         step_time_ms=pb.step_time_ms,
         forward_time_ms=pb.forward_time_ms,
         idle_time_ms=pb.idle_time_ms,
@@ -262,6 +264,10 @@ def _block_mappings(pairs: Sequence[tuple[int, int]]) -> list[worker_service_pb2
 
 def _mappings(rows: Iterable[worker_service_pb2.BlockMapping]) -> tuple[tuple[int, int], ...]:
     return tuple((row.src_block_id, row.dst_block_id) for row in rows)
+
+
+def _table_updates(rows: Iterable[worker_service_pb2.BlockTableUpdate]) -> tuple[BlockTableUpdate, ...]:
+    return tuple([BlockTableUpdate(row.start_index, tuple(row.block_ids)) for row in rows])
 
 
 def _new_sequence_to_proto(seq: NewSequence) -> worker_service_pb2.NewSequence:

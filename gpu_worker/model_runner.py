@@ -50,19 +50,26 @@ def build_batch(
     An input that is a PENDING_TOKEN is read on the device from last_tokens at its sequence's table row.
     """
     num_seqs = len(work)
-    counts = np.fromiter((w.num_scheduled_tokens for w in work), dtype=np.int64, count=num_seqs)
-    starts = np.fromiter((w.state.num_computed_tokens for w in work), dtype=np.int64, count=num_seqs)
-    rows = np.fromiter((w.state.table_row for w in work), dtype=np.int64, count=num_seqs)
-    ends = starts + counts
-    query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
-    np.cumsum(counts, out=query_start_loc[1:])
-    num_tokens = int(query_start_loc[-1])
-    # Row r of sequence s sits at position starts[s] + (r - query_start_loc[s]).
-    positions = np.arange(num_tokens, dtype=np.int64) - np.repeat(query_start_loc[:-1] - starts, counts)
+    counts = np.array([w.num_scheduled_tokens for w in work], dtype=np.int64)
+    ends = np.array([w.end for w in work], dtype=np.int64)
+    rows = np.array([w.state.table_row for w in work], dtype=np.int64)
+    starts = ends - counts
+    max_query_len = int(counts.max(initial=0))
+    num_tokens = int(counts.sum())
+    is_decode = max_query_len <= 1 and num_tokens == num_seqs  # one token each (or no sequence)
+    if is_decode:  # the batch's rows are its sequences: no repeats
+        query_start_loc = np.arange(num_seqs + 1, dtype=np.int64)
+        positions = starts
+        seq_index = np.arange(num_seqs)
+    else:
+        query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(counts, out=query_start_loc[1:])
+        # Row r of sequence s sits at position starts[s] + (r - query_start_loc[s]).
+        positions = np.arange(num_tokens, dtype=np.int64) - np.repeat(query_start_loc[:-1] - starts, counts)
+        seq_index = np.repeat(np.arange(num_seqs), counts)
     block_tables = tables.gather(rows, max(int((-(-ends // block_size)).max(initial=0)), 1))
-    seq_index = np.repeat(np.arange(num_seqs), counts)
     slots = block_tables[seq_index, positions // block_size].astype(np.int64) * block_size + positions % block_size
-    input_ids = np.array(_input_ids(work, starts, ends, is_decode=num_tokens == num_seqs), dtype=np.int64)
+    input_ids = np.array(_input_ids(work, starts, ends, is_decode), dtype=np.int64)
     pending_rows = np.flatnonzero(input_ids == PENDING_TOKEN)
     num_pending = len(pending_rows)
 
@@ -93,7 +100,7 @@ def build_batch(
         block_tables=ints_device[:table_size].view(block_tables.shape),
         seq_lens=ints_device[table_size : table_size + num_seqs],
         query_start_loc=ints_device[table_size + num_seqs : pending_start],
-        max_query_len=int(counts.max(initial=0)),
+        max_query_len=max_query_len,
         max_seq_len=int(ends.max(initial=0)),
     )
     return FlatBatch(longs_device[:num_tokens], longs_device[num_tokens : 2 * num_tokens], meta, query_start_loc)
@@ -150,8 +157,8 @@ class LaunchedRun:
                 continue
             token, logprobs = next(sampled)
             results.append(SequenceOutput(seq_ids[0], token, logprobs, prompt_logprobs))
-            for sibling in seq_ids[1:]:
-                results.append(SequenceOutput(sibling, *next(sampled)))
+            if len(seq_ids) > 1:
+                results.extend(SequenceOutput(sibling, *next(sampled)) for sibling in seq_ids[1:])
         return results
 
 
@@ -180,7 +187,8 @@ class ModelRunner:
         before anything is queued (the worker queues an earlier step's deferred sampling there, whose tokens this
         step's inputs may read on the device)."""
         sampled_seq_ids = [
-            (state.seq_id, *(fork.seq_id for fork in state.forks)) if is_sampling else ()
+            ((state.seq_id, *(fork.seq_id for fork in state.forks)) if state.forks else (state.seq_id,))
+            if is_sampling else ()
             for state, _, _, is_sampling in work
         ]
         if before_forward is not None:
@@ -202,9 +210,11 @@ class ModelRunner:
         ]
         if sampling is None:
             return LaunchedRun(work, sampled_seq_ids, prompt_logprobs, None)
+        logits, rows = sampling
         if defer_sampling:
-            return LaunchedRun(work, sampled_seq_ids, prompt_logprobs, None, sampling)
-        return LaunchedRun(work, sampled_seq_ids, prompt_logprobs, self.sampler.start(sampling.logits, sampling.rows))
+            deferred = DeferredSampling(logits, rows, [len(row.output_token_ids) for row in rows])
+            return LaunchedRun(work, sampled_seq_ids, prompt_logprobs, None, deferred)
+        return LaunchedRun(work, sampled_seq_ids, prompt_logprobs, self.sampler.start(logits, rows))
 
     @torch.inference_mode()
     def sample_deferred(self, run: LaunchedRun, token_masks: torch.Tensor | None) -> None:
@@ -227,20 +237,19 @@ class ModelRunner:
 
     def _sampling_inputs(
         self, work: list[ScheduledWork], batch: FlatBatch, hidden: torch.Tensor
-    ) -> DeferredSampling | None:
+    ) -> tuple[torch.Tensor, list[SamplingRow]] | None:
         """Logits and rows of one token per sampling sequence (and per pending sibling, from the same logits row);
-        None when nothing samples."""
+        None when nothing samples. A sequence's row is the one it keeps; a sibling's differs by its sample index."""
         hidden_rows: list[int] = []
         rows: list[SamplingRow] = []
         last_rows = (batch.query_start_loc[1:] - 1).tolist()
         for (state, _, _, is_sampling), last_row in zip(work, last_rows, strict=True):
             if not is_sampling:
                 continue
-            for sample_index in (state.sample_index, *(fork.sample_index for fork in state.forks)):
-                rows.append(SamplingRow(
-                    state.sampling_params, state.banned_token_ids, state.prompt_token_ids, state.output_token_ids,
-                    sample_index, state.grammar, state.bad_words_token_ids,
-                ))
+            rows.append(state.sampling_row)
+            hidden_rows.append(last_row)
+            for fork in state.forks:
+                rows.append(state.sampling_row._replace(sample_index=fork.sample_index))
                 hidden_rows.append(last_row)
         if not rows:
             return None
@@ -248,8 +257,7 @@ class ModelRunner:
             sampled_hidden = hidden
         else:
             sampled_hidden = hidden[to_device(torch.tensor(hidden_rows, dtype=torch.int64), hidden.device)]
-        return DeferredSampling(self.model.compute_logits(sampled_hidden), rows,
-                                [len(row.output_token_ids) for row in rows])
+        return self.model.compute_logits(sampled_hidden), rows
 
     def _prompt_logprobs(self, item: ScheduledWork, first_row: int, hidden: torch.Tensor) -> tuple[TokenLogprobs, ...]:
         """Log-probabilities of the prompt tokens that follow this step's prompt positions, when asked.

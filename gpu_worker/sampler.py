@@ -27,7 +27,11 @@ _MASK_64 = (1 << 64) - 1
 
 
 class SamplingRow(NamedTuple):
-    """One row of a sampling batch: a sequence's parameters, the tokens it may not sample yet, its tokens so far."""
+    """One row of a sampling batch: a sequence's parameters, the tokens it may not sample yet, its tokens so far.
+
+    A row built by `of` (the worker keeps one per sequence, over its live output list) also knows from how many
+    outputs it is a plain argmax, so a batch of such rows skips the per-row plan; one built directly never does.
+    """
 
     params: SamplingParams
     banned_token_ids: tuple[int, ...]  # unsampleable while fewer than params.min_tokens outputs exist
@@ -36,6 +40,20 @@ class SamplingRow(NamedTuple):
     sample_index: int = 0  # sibling index for n > 1
     grammar: SequenceGrammar | None = None  # structured output, having accepted output_token_ids
     bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+    plain_greedy_from: int | None = None  # outputs from which the row is an argmax of raw logits; None: never
+
+    @classmethod
+    def of(cls, params: SamplingParams, banned_token_ids: tuple[int, ...], prompt_token_ids: Sequence[int],
+           output_token_ids: Sequence[int], sample_index: int = 0, grammar: SequenceGrammar | None = None,
+           bad_words_token_ids: tuple[tuple[int, ...], ...] = ()) -> SamplingRow:
+        """The row with plain_greedy_from worked out: a greedy row that asks for no logprobs and changes no logit
+        (penalties, allowed ids, biases, grammar, bad words) is an argmax once its min-tokens bans are over."""
+        is_plain = params.is_greedy and params.logprobs is None and not (
+            params.has_penalties or params.allowed_token_ids or params.logit_bias or grammar is not None
+            or bad_words_token_ids)
+        plain_from = (params.min_tokens if banned_token_ids else 0) if is_plain else None
+        return cls(params, banned_token_ids, prompt_token_ids, output_token_ids, sample_index, grammar,
+                   bad_words_token_ids, plain_from)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +135,15 @@ class _BatchPlan:
         return bool(self.has_bans or self.has_biases or self.penalty_rows or self.has_allowed or self.grammar_rows)
 
 
+def _are_plain_greedy(rows: Sequence[SamplingRow]) -> bool:
+    """Whether every row is an argmax of its raw logits now, as far as plain_greedy_from tells."""
+    for row in rows:
+        plain_from = row.plain_greedy_from
+        if plain_from is None or len(row.output_token_ids) < plain_from:
+            return False
+    return True
+
+
 def _plan(rows: Sequence[SamplingRow], vocab_size: int) -> _BatchPlan:
     plan = _BatchPlan()
     for index, row in enumerate(rows):
@@ -176,6 +203,9 @@ class Sampler:
         """Queues the sampling of one token per row on the device; the host reads rows only during this call.
         token_masks: the grammar rows' masks (token_masks(rows)) when computed ahead, else computed here."""
         self._check_logits(logits, len(rows))
+        if _are_plain_greedy(rows):  # the usual greedy batch: one check per row instead of the row's plan
+            tokens = logits.argmax(dim=-1)
+            return PendingSample(tokens, tokens, [])
         plan = _plan(rows, self._vocab_size)
         if plan.is_plain_greedy:
             tokens = logits.argmax(dim=-1)

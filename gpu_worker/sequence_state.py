@@ -11,6 +11,7 @@ from pagedserve.gpu_worker.bad_words import BadWordsTokenizer
 from pagedserve.gpu_worker.block_tables import BlockTableArray
 from pagedserve.gpu_worker.errors import InvalidStepError
 from pagedserve.gpu_worker.grammar import GrammarCompiler, SequenceGrammar, accept_tokens
+from pagedserve.gpu_worker.sampler import SamplingRow
 
 # An output token sampled by a step whose results have not reached the host yet. It is always the
 # sequence's last token and its only uncomputed one, so a step that computes it reads it on the device
@@ -41,11 +42,18 @@ class SequenceState:
     forks: tuple[Fork, ...] = ()  # siblings still to be forked at the first sample
     grammar: SequenceGrammar | None = None  # structured output: has accepted every output token on the host
     bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+    # Whether sampling this sequence reads its earlier output tokens' values on the host.
+    reads_token_history: bool = field(init=False)
+    # Its row of every step's sampling batch, built once: it holds the live output list.
+    sampling_row: SamplingRow = field(init=False)
 
-    @property
-    def reads_token_history(self) -> bool:
-        """Whether sampling this sequence reads its earlier output tokens' values on the host."""
-        return self.sampling_params.has_penalties or self.grammar is not None or bool(self.bad_words_token_ids)
+    def __post_init__(self) -> None:
+        self.reads_token_history = (self.sampling_params.has_penalties or self.grammar is not None
+                                    or bool(self.bad_words_token_ids))
+        self.sampling_row = SamplingRow.of(
+            self.sampling_params, self.banned_token_ids, self.prompt_token_ids, self.output_token_ids,
+            self.sample_index, self.grammar, self.bad_words_token_ids,
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -120,26 +128,41 @@ class SequenceRegistry:
         _check_blocks("swap_out", step.swap_out, self.num_gpu_blocks, self.num_cpu_blocks)
         _check_blocks("swap_in", step.swap_in, self.num_cpu_blocks, self.num_gpu_blocks)
         _check_blocks("block_copies", step.block_copies, self.num_gpu_blocks, self.num_gpu_blocks)
-        alive = set(self.states)
+        states = self.states
+        dropped: set[int] = set()
         for seq_id in step.dropped_seq_ids:
-            if seq_id not in alive:
+            if seq_id not in states or seq_id in dropped:
                 raise InvalidStepError(f"dropped_seq_ids names unknown sequence {seq_id}")
-            alive.remove(seq_id)
+            dropped.add(seq_id)
+        added: set[int] = set()  # new sequences and their siblings
         new_ids: set[int] = set()
         for new in step.new_sequences:
             new_ids.add(new.seq_id)
             for seq_id in (new.seq_id, *new.fork_seq_ids):
-                if seq_id in alive:
+                if (seq_id in states and seq_id not in dropped) or seq_id in added:
                     raise InvalidStepError(f"new sequence {seq_id} is already held by the worker")
-                alive.add(seq_id)
+                added.add(seq_id)
             self._check_new(new)
+        self._check_all_scheduled(step.scheduled_sequences, dropped, new_ids)
+
+    def _check_all_scheduled(self, scheduled_sequences: tuple[ScheduledSequence, ...], dropped: set[int],
+                             new_ids: set[int]) -> None:
+        """A scheduled sequence must be held before the step and not dropped by it, scheduled once, and its tokens
+        and table must cover the step. The usual decode sequence (no table update) is checked inline; any other, or
+        one that fails, goes through _check_scheduled, which names what is wrong."""
+        states, block_size = self.states, self.block_size
+        lengths = self.tables.lengths.tolist()  # one conversion, not a numpy scalar per sequence
         scheduled_ids = set(new_ids)
-        for scheduled in step.scheduled_sequences:
-            state = self.states.get(scheduled.seq_id)
-            if state is None or scheduled.seq_id not in alive or scheduled.seq_id in scheduled_ids:
-                raise InvalidStepError(f"scheduled sequence {scheduled.seq_id} is unknown or scheduled twice")
-            scheduled_ids.add(scheduled.seq_id)
-            self._check_scheduled(scheduled, state)
+        for scheduled in scheduled_sequences:
+            seq_id = scheduled.seq_id
+            state = states.get(seq_id)
+            if state is None or seq_id in dropped or seq_id in scheduled_ids:
+                raise InvalidStepError(f"scheduled sequence {seq_id} is unknown or scheduled twice")
+            scheduled_ids.add(seq_id)
+            end = state.num_computed_tokens + scheduled.num_scheduled_tokens
+            if (scheduled.block_table_updates or end > len(state.prompt_token_ids) + len(state.output_token_ids)
+                    or lengths[state.table_row] * block_size < end):
+                self._check_scheduled(scheduled, state)
 
     def apply(self, step: StepPlan) -> list[ScheduledWork]:
         """Drops, adds and updates sequences as the (validated) step says; returns the work in step order."""
@@ -154,11 +177,15 @@ class SequenceRegistry:
             )
             self.states[new.seq_id] = state
             work.append(ScheduledWork.of(state, new.num_scheduled_tokens))
-        for scheduled in step.scheduled_sequences:
-            state = self.states[scheduled.seq_id]
-            for update in scheduled.block_table_updates:
-                self.tables.update(state.table_row, update.start_index, update.block_ids)
-            work.append(ScheduledWork.of(state, scheduled.num_scheduled_tokens))
+        states, tables = self.states, self.tables
+        for seq_id, num_scheduled, updates in step.scheduled_sequences:
+            state = states[seq_id]
+            for update in updates:
+                tables.update(state.table_row, update.start_index, update.block_ids)
+            # ScheduledWork.of, inlined: this loop runs once per decode sequence per step.
+            end = state.num_computed_tokens + num_scheduled
+            is_sampling = num_scheduled > 0 and end == len(state.prompt_token_ids) + len(state.output_token_ids)
+            work.append(ScheduledWork(state, num_scheduled, end, is_sampling))
         return work
 
     def reserve(self, work: list[ScheduledWork]) -> list[PendingToken]:

@@ -41,6 +41,39 @@ def test_flat_batch_places_each_token_at_its_position_and_slot() -> None:
     assert batch.query_start_loc.tolist() == [0, 3, 4] and batch.query_start_loc.dtype == np.int64
 
 
+def test_decode_batch_of_pending_tokens_reads_them_from_the_last_token_buffer() -> None:
+    tables = BlockTableArray(num_rows=4, num_columns=2)
+    params = SamplingParams()
+    # Two decode sequences: one whose last token is still on the device, one whose token is known.
+    pending = SequenceState(0, [10, 11, 12], [13, -1], params, (), tables.add([5, 2]), 4)
+    known = SequenceState(1, [20, 21, 22, 23], [24], params, (), tables.add([8, 1]), 4)
+    last_tokens = torch.tensor([99, 77, 0, 0])
+
+    batch = build_batch([ScheduledWork.of(pending, 1), ScheduledWork.of(known, 1)], tables, block_size=4,
+                        device=torch.device("cpu"), last_tokens=last_tokens)
+
+    assert batch.input_ids.tolist() == [99, 24]
+    assert batch.positions.tolist() == [4, 4]
+    assert batch.meta.slot_mapping.tolist() == [2 * 4 + 0, 1 * 4 + 0]
+    assert batch.meta.query_start_loc.tolist() == [0, 1, 2]
+    assert (batch.meta.max_query_len, batch.meta.max_seq_len) == (1, 5)
+
+
+def test_a_sequence_with_no_token_this_step_beside_a_two_token_one_is_no_decode_batch() -> None:
+    tables = BlockTableArray(num_rows=2, num_columns=2)
+    params = SamplingParams()
+    idle = SequenceState(0, [10, 11, 12], [], params, (), tables.add([4]), 1)
+    chunk = SequenceState(1, [20, 21, 22, 23], [], params, (), tables.add([6]), 1)
+
+    batch = build_batch([ScheduledWork.of(idle, 0), ScheduledWork.of(chunk, 2)], tables, block_size=4,
+                        device=torch.device("cpu"))
+
+    assert batch.input_ids.tolist() == [21, 22]
+    assert batch.positions.tolist() == [1, 2]
+    assert batch.meta.slot_mapping.tolist() == [6 * 4 + 1, 6 * 4 + 2]
+    assert batch.meta.query_start_loc.tolist() == [0, 0, 2]
+
+
 def test_logprobs_and_chunked_prompt_logprobs_match_the_reference_model() -> None:
     # transformers leaves PreTrainedModel.eval unannotated.
     reference = AutoModelForCausalLM.from_pretrained(STORIES_DIR, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]

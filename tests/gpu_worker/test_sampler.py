@@ -21,7 +21,7 @@ def _row(
     banned_token_ids: tuple[int, ...] = (), **params: object,
 ) -> SamplingRow:
     params_ = SamplingParams(**params)  # type: ignore[arg-type]
-    return SamplingRow(params_, banned_token_ids, prompt, output, sample_index)
+    return SamplingRow.of(params_, banned_token_ids, prompt, output, sample_index)  # as the worker builds them
 
 
 def _logits_from_probs(probs: list[float], num_rows: int) -> torch.Tensor:
@@ -242,3 +242,24 @@ def test_token_ids_outside_the_vocabulary_are_rejected() -> None:
 def test_logits_of_the_wrong_shape_are_rejected() -> None:
     with pytest.raises(ValueError, match=r"shape \[2, 4\]"):
         Sampler(4, CPU).sample(torch.zeros(2, 5), [_row(), _row()])
+
+
+@pytest.mark.parametrize("params", [
+    {"logprobs": 1}, {"presence_penalty": 0.5}, {"allowed_token_ids": (3, 4)}, {"logit_bias": {3: -50.0}},
+    {"temperature": 0.5},
+])
+def test_a_row_that_reads_or_changes_its_logits_is_never_a_plain_argmax(params: dict[str, Any]) -> None:
+    assert _row(**{"temperature": 0.0, **params}).plain_greedy_from is None
+
+
+def test_a_greedy_row_is_a_plain_argmax_only_once_its_min_tokens_bans_are_over() -> None:
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).repeat(2, 1)  # token 3 is every row's argmax
+    rows = [_row(output=(5,), banned_token_ids=(3,), temperature=0.0, min_tokens=2),
+            _row(output=(5, 6), banned_token_ids=(3,), temperature=0.0, min_tokens=2)]
+    assert [row.plain_greedy_from for row in rows] == [2, 2]
+    assert _row(temperature=0.0, min_tokens=2).plain_greedy_from == 0  # nothing to ban
+    assert Sampler(4, CPU).sample(logits, rows).token_ids == [2, 3]
+    # A row built directly does not know its threshold: the per-row plan bans the token all the same.
+    direct = SamplingRow(rows[0].params, (3,), (), (5,))
+    assert direct.plain_greedy_from is None
+    assert Sampler(4, CPU).sample(logits[:1], [direct]).token_ids == [2]

@@ -132,3 +132,37 @@ def test_init_cache_again_drops_every_sequence() -> None:
     worker.init_cache(CacheRequest(block_size=BLOCK_SIZE, num_gpu_blocks_override=4))
 
     assert (worker.registry.states, worker.registry.num_gpu_blocks) == ({}, 4)
+
+
+def _held(worker: Worker) -> dict[int, tuple[list[int], list[int], int]]:
+    return {i: (list(s.output_token_ids), worker.registry.block_table(i), s.num_computed_tokens)
+            for i, s in worker.registry.states.items()}
+
+
+def test_decode_past_the_known_tokens_or_the_table_is_refused_and_changes_nothing() -> None:
+    worker = load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=8)
+    driver = WorkerDriver(worker, BLOCK_SIZE, num_blocks=8)
+    driver.execute(pb.ExecuteRequest(new_sequences=[_new(1, [0, 1])]))
+    for _ in range(3):  # positions 5, 6, 7: the table's two blocks are full
+        driver.execute(pb.ExecuteRequest(scheduled_sequences=[_decode(1)]))
+    before = _held(worker)
+    two_tokens = pb.ScheduledSequence(seq_id=1, num_scheduled_tokens=2)
+
+    with pytest.raises(InvalidStepError, match="^sequence 1: 8 computed \\+ 2 scheduled tokens exceed its 9 known"):
+        driver.execute(pb.ExecuteRequest(scheduled_sequences=[two_tokens]))
+    with pytest.raises(InvalidStepError, match="^sequence 1 has 2 blocks, needs 3$"):
+        driver.execute(pb.ExecuteRequest(scheduled_sequences=[_decode(1)]))
+    assert _held(worker) == before == {1: (EXPECTED[:4], [0, 1], 8)}
+
+
+def test_a_sequence_dropped_and_forked_anew_in_one_step_cannot_be_scheduled_in_it() -> None:
+    worker = load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=8)
+    driver = WorkerDriver(worker, BLOCK_SIZE, num_blocks=8)
+    driver.execute(pb.ExecuteRequest(new_sequences=[_new(1, [0, 1]), _new(3, [2, 3])]))
+    before = _held(worker)
+
+    # Sibling 3 exists only once sequence 5's prompt is done (at the end of the step), so it cannot be scheduled here.
+    with pytest.raises(InvalidStepError, match="scheduled sequence 3 is unknown or scheduled twice"):
+        driver.execute(pb.ExecuteRequest(dropped_seq_ids=[3], new_sequences=[_new(5, [4, 5], fork_seq_ids=(3,))],
+                                         scheduled_sequences=[_decode(3)]))
+    assert _held(worker) == before
