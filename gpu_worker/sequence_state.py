@@ -143,26 +143,13 @@ class SequenceRegistry:
                     raise InvalidStepError(f"new sequence {seq_id} is already held by the worker")
                 added.add(seq_id)
             self._check_new(new)
-        self._check_all_scheduled(step.scheduled_sequences, dropped, new_ids)
-
-    def _check_all_scheduled(self, scheduled_sequences: tuple[ScheduledSequence, ...], dropped: set[int],
-                             new_ids: set[int]) -> None:
-        """A scheduled sequence must be held before the step and not dropped by it, scheduled once, and its tokens
-        and table must cover the step. The usual decode sequence (no table update) is checked inline; any other, or
-        one that fails, goes through _check_scheduled, which names what is wrong."""
-        states, block_size = self.states, self.block_size
-        lengths = self.tables.lengths.tolist()  # one conversion, not a numpy scalar per sequence
         scheduled_ids = set(new_ids)
-        for scheduled in scheduled_sequences:
-            seq_id = scheduled.seq_id
-            state = states.get(seq_id)
-            if state is None or seq_id in dropped or seq_id in scheduled_ids:
-                raise InvalidStepError(f"scheduled sequence {seq_id} is unknown or scheduled twice")
-            scheduled_ids.add(seq_id)
-            end = state.num_computed_tokens + scheduled.num_scheduled_tokens
-            if (scheduled.block_table_updates or end > len(state.prompt_token_ids) + len(state.output_token_ids)
-                    or lengths[state.table_row] * block_size < end):
-                self._check_scheduled(scheduled, state)
+        for scheduled in step.scheduled_sequences:
+            state = self.states.get(scheduled.seq_id)
+            if state is None or scheduled.seq_id in dropped or scheduled.seq_id in scheduled_ids:
+                raise InvalidStepError(f"scheduled sequence {scheduled.seq_id} is unknown or scheduled twice")
+            scheduled_ids.add(scheduled.seq_id)
+            self._check_scheduled(scheduled, state)
 
     def apply(self, step: StepPlan) -> list[ScheduledWork]:
         """Drops, adds and updates sequences as the (validated) step says; returns the work in step order."""
@@ -182,10 +169,7 @@ class SequenceRegistry:
             state = states[seq_id]
             for update in updates:
                 tables.update(state.table_row, update.start_index, update.block_ids)
-            # ScheduledWork.of, inlined: this loop runs once per decode sequence per step.
-            end = state.num_computed_tokens + num_scheduled
-            is_sampling = num_scheduled > 0 and end == len(state.prompt_token_ids) + len(state.output_token_ids)
-            work.append(ScheduledWork(state, num_scheduled, end, is_sampling))
+            work.append(ScheduledWork.of(state, num_scheduled))
         return work
 
     def reserve(self, work: list[ScheduledWork]) -> list[PendingToken]:
