@@ -32,6 +32,11 @@ struct LaneState {
   static constexpr int kHeads = HEADS;
   static constexpr int kTile = TILE;
   static constexpr int kRowStride = HEAD_DIM;
+
+  // Where a staging copy of row `row` starting at byte `byte` goes: rows of HEAD_DIM elements, unpadded.
+  static __device__ __forceinline__ unsigned staged_address(unsigned tile, int row, int byte) {
+    return tile + row * kRowStride * static_cast<int>(sizeof(C)) + byte;
+  }
   static constexpr int kTokensPerPass = 32 / LANES;
   static constexpr int kPasses = TILE / kTokensPerPass;
   static constexpr int kLaneElems = VEC * VECS;

@@ -72,15 +72,16 @@ struct BlockWindow {
   }
 };
 
-// One warp's cp.async pipeline over its tiles: stage k % STAGES holds tile k's keys then values, rows of
-// State::kRowStride elements; tokens past the context (or in blocks past the table) are zero-filled.
+// One warp's cp.async pipeline over its tiles: stage k % STAGES holds tile k's keys then values, tiles of
+// kTileElems elements laid out as State::staged_address places each copy; tokens past the context (or in blocks
+// past the table) are zero-filled.
 template <typename State, int STAGES>
 struct TilePipeline : BlockWindow<State::kTile> {
   using T = typename State::Element;
   static constexpr int kTile = State::kTile;
   static constexpr int kRowStride = State::kRowStride;
   static constexpr int kRowBytes = State::kHeadDim * static_cast<int>(sizeof(T));
-  static constexpr int kCopyBytes = kRowBytes % 16 == 0 ? 16 : (kRowBytes % 8 == 0 ? 8 : 4);
+  static constexpr int kCopyBytes = kRowBytes % 16 == 0 ? 16 : (kRowBytes % 8 == 0 ? 8 : 4);  // MmaState: 16
   static constexpr int kCopiesPerRow = kRowBytes / kCopyBytes;
   static constexpr int kCopiesPerTile = kTile * kCopiesPerRow;  // of keys; as many of values
   static constexpr int kCopiesPerLane = (kCopiesPerTile + 31) / 32;
@@ -124,7 +125,7 @@ struct TilePipeline : BlockWindow<State::kTile> {
       const int part = (copy % kCopiesPerRow) * (kCopyBytes / kElementBytes);
       const bool is_valid = pos < this->context_len && block >= 0;
       const long long src = is_valid ? block * block_stride + (pos & offset_mask) * State::kHeadDim + part : 0;
-      const unsigned dst = stage + (token * kRowStride + part) * kElementBytes;
+      const unsigned dst = State::staged_address(stage, token, part * kElementBytes);
       copy_async<kCopyBytes>(dst, key_base + src, is_valid ? kCopyBytes : 0);
       copy_async<kCopyBytes>(dst + kTileElems * kElementBytes, value_base + src, is_valid ? kCopyBytes : 0);
     }
@@ -152,8 +153,9 @@ struct TilePipeline : BlockWindow<State::kTile> {
 };
 
 // One warp's pipeline of tiles staged by the tensor memory accelerator (sm_90): stage k % STAGES holds tile k's
-// keys then values, each as 64-dim column halves of 128-byte rows in the 128-byte swizzle (MmaState with
-// TMA_STAGED reads them). A tile is one or two boxes of min(TILE, block_size) rows per half, copied by one lane;
+// keys then values, each as column blocks of State::kBoxBytes-byte rows (64-dim halves of 16-bit rows, whole
+// 128- or 64-byte e4m3 rows) in the swizzle of that width (MmaState with TMA_STAGED reads them, see its
+// chunk_address). A tile is one or two boxes of min(TILE, block_size) rows per column block, copied by one lane;
 // the stage's mbarrier counts their bytes. Boxes of blocks past the table read as zeros (out of bounds); tokens
 // past the context are read as stored, and their value rows are zeroed before use (their scores are masked, but
 // a stale NaN times a zero probability would still be NaN).
@@ -161,13 +163,16 @@ template <typename State, int STAGES>
 struct TmaPipeline : BlockWindow<State::kTile> {
   using T = typename State::Element;
   static constexpr int kTile = State::kTile;
-  static constexpr int kHalves = State::kHeadDim / 64;
+  static constexpr int kBoxes = State::kBoxes;  // column blocks of a row
+  static constexpr int kBoxBytes = State::kBoxBytes;
+  static constexpr int kBoxColumns = kBoxBytes / static_cast<int>(sizeof(T));
   static constexpr int kTileElems = kTile * State::kHeadDim;
   static constexpr int kTileBytes = kTileElems * static_cast<int>(sizeof(T));
   static constexpr int kWarpBytes = STAGES * 2 * kTileBytes;
-  static constexpr int kSwizzleBytes = 1024;  // boxes start on this alignment: the swizzle's 8 rows of 128 bytes
-  static_assert(sizeof(T) == 2 && State::kHeadDim % 64 == 0, "rows are 64-dim halves of 128 bytes");
+  static constexpr int kSwizzleBytes = 1024;  // tiles start on this alignment: the 128-byte swizzle's 8 rows
+  static_assert(kBoxes * kBoxBytes == State::kHeadDim * static_cast<int>(sizeof(T)), "rows are whole boxes");
   static_assert(kTile % 8 == 0 && kTileBytes % kSwizzleBytes == 0, "boxes of at least 8 rows, aligned");
+  static_assert(8 * kBoxBytes % 512 == 0, "a box of 8 rows is whole repeats of its swizzle (512 or 1024 bytes)");
 
   const TensorMap* key_map;
   const TensorMap* value_map;
@@ -215,10 +220,10 @@ struct TmaPipeline : BlockWindow<State::kTile> {
       const int row = block >= 0 ? ((block * num_kv_heads + kv_head) << this->log2_block_size) + offset : -kTile;
       if (this->lane == 0) {
 #pragma unroll
-        for (int half = 0; half < kHalves; ++half) {
-          const unsigned dst = stage + (half * kTile + (box << log2_box_rows)) * 128;
-          load_box(dst, *key_map, half * 64, row, barrier);
-          load_box(dst + kTileBytes, *value_map, half * 64, row, barrier);
+        for (int column_block = 0; column_block < kBoxes; ++column_block) {
+          const unsigned dst = stage + (column_block * kTile + (box << log2_box_rows)) * kBoxBytes;
+          load_box(dst, *key_map, column_block * kBoxColumns, row, barrier);
+          load_box(dst + kTileBytes, *value_map, column_block * kBoxColumns, row, barrier);
         }
       }
     }
@@ -245,7 +250,7 @@ struct TmaPipeline : BlockWindow<State::kTile> {
     if (valid < kTile) {  // the context's last tile: zero the value rows past it
       const unsigned values = stages_address + (k % STAGES) * 2 * kTileBytes + kTileBytes;
       for (int chunk = this->lane; chunk < kTileBytes / 16; chunk += 32) {
-        if (chunk / 8 % kTile >= valid) {
+        if (chunk / (kBoxBytes / 16) % kTile >= valid) {  // chunks of column block b, row r, in that order
           asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};" ::"r"(values + chunk * 16), "r"(0u) : "memory");
         }
       }

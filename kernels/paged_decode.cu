@@ -12,17 +12,19 @@
 // registers and scheduling freedom even when it does not run.)
 //
 // The math on a staged tile is the State template argument, with an online softmax in float32, log2 units:
-// - MmaState (float16 / bfloat16, head_dim 64 or 128): S = Q K^T and O^T = V^T P^T on mma.sync (see there).
-//   On sm_90 with blocks of at least 8 tokens its tiles are staged by the tensor memory accelerator
-//   (TmaPipeline): bulk copies of whole blocks stream faster than 16-byte cp.async.
-// - LaneState (any dtype and head size, and FP8 caches): float32 dot products on CUDA cores. A token row of HEAD_DIM elements is
-//   covered by LANES lanes, each holding VECS vectors of VEC elements (vector j of lane l is elements
-//   [(j * LANES + l) * VEC, +VEC)); a warp computes 32 / LANES tokens at once, each token group (the LANES lanes
-//   of one token row) keeping its own softmax until the warp merges them.
+// - MmaState (float16 / bfloat16 queries, head_dim 64 or 128, caches of the query's dtype or FP8): S = Q K^T and
+//   O^T = V^T P^T on mma.sync (decode_mma_state.cuh; FP8 fragments are widened in registers). On sm_90 with blocks
+//   of at least 8 tokens its tiles are staged by the tensor memory accelerator (TmaPipeline): bulk copies of whole
+//   blocks stream faster than 16-byte cp.async.
+// - LaneState (any dtype and head size, FP8 caches too): float32 dot products on CUDA cores
+//   (decode_lane_state.cuh). A token row of HEAD_DIM elements is covered by LANES lanes, each holding VECS vectors
+//   of VEC elements (vector j of lane l is elements [(j * LANES + l) * VEC, +VEC)); a warp computes 32 / LANES
+//   tokens at once, each token group (the LANES lanes of one token row) keeping its own softmax until the warp
+//   merges them.
 //
 // KV pool: key_cache / value_cache [num_blocks, num_kv_heads, block_size, HEAD_DIM]; the token at position p
 // of sequence s is in block block_tables[s, p / block_size] at offset p % block_size. The pool holds the query's
-// dtype, or FP8 (LaneState only): e4m3 keys and values, dequantized as they are read from the staged tile. Their
+// dtype, or FP8: e4m3 keys and values, staged as bytes and widened as they are read from the staged tile. Their
 // scales never touch the loop: the key scale is folded into scale_log2e by the launcher, and the value scale
 // multiplies each CTA's (unnormalised) result, which is linear in the values.
 #include "decode_lane_state.cuh"
@@ -34,9 +36,9 @@ template <typename State, int STAGES>
 struct PipelineFor {
   using type = TilePipeline<State, STAGES>;
 };
-template <typename T, int HEAD_DIM, int HEADS, int TILE, int STAGES>
-struct PipelineFor<MmaState<T, HEAD_DIM, HEADS, TILE, true>, STAGES> {
-  using type = TmaPipeline<MmaState<T, HEAD_DIM, HEADS, TILE, true>, STAGES>;
+template <typename T, int HEAD_DIM, int HEADS, int TILE, typename C, int STAGES>
+struct PipelineFor<MmaState<T, HEAD_DIM, HEADS, TILE, true, C>, STAGES> {
+  using type = TmaPipeline<MmaState<T, HEAD_DIM, HEADS, TILE, true, C>, STAGES>;
 };
 
 // Merges the warps' results; writes each (head, dim) element of the CTA's HEADS heads as the normalised output

@@ -62,6 +62,19 @@ __device__ __forceinline__ void gather_tile_async(C* tile, const C* __restrict__
   }
 }
 
+// Two e4m3 values (the low byte first) as one register of two T, exactly: every e4m3 value is a float16 and a
+// bfloat16 value.
+template <typename T>
+__device__ __forceinline__ unsigned widen_e4m3x2(unsigned short pair) {
+  const unsigned halves = e4m3x2_to_half2(pair);
+  if constexpr (same_type<T, half_t>::value) {
+    return halves;
+  } else {
+    return Mma<T>::pack(to_float(half_t{static_cast<unsigned short>(halves & 0xffffu)}),
+                        to_float(half_t{static_cast<unsigned short>(halves >> 16)}));
+  }
+}
+
 // Widens a staged tile of e4m3 rows (HEAD_DIM bytes apart) into the padded 16-bit tile ldmatrix reads, 8 elements
 // (8 bytes in, 16 out) per step: a quarter warp's stores then fill 128 contiguous bytes.
 template <typename T, int HEAD_DIM, int ROWS, int THREADS>

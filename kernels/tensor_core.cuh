@@ -1,5 +1,5 @@
 // Tensor-core building blocks shared by the attention kernels: shared-window addresses, ldmatrix, mma.sync
-// (sm_80 and later) and the exact widening of e4m3 operands to 16 bits. Needs no CUDA header, like
+// (sm_80 and later) and the exact widening of e4m3 fragments to 16 bits. Needs no CUDA header, like
 // kernel_common.cuh.
 #pragma once
 
@@ -100,39 +100,29 @@ __device__ __forceinline__ unsigned byte_permute(unsigned low, unsigned high, un
   return r;
 }
 
-// Two e4m3 values (the low byte first) as one register of two T, exactly: every e4m3 value is a float16 and a
-// bfloat16 value.
-template <typename T>
-__device__ __forceinline__ unsigned widen_e4m3x2(unsigned short pair) {
-  const unsigned halves = e4m3x2_to_half2(pair);
-  if constexpr (same_type<T, half_t>::value) {
-    return halves;
-  } else {
-    return Mma<T>::pack(to_float(half_t{static_cast<unsigned short>(halves & 0xffffu)}),
-                        to_float(half_t{static_cast<unsigned short>(halves >> 16)}));
-  }
-}
-
 // Four e4m3 values (bytes 0 .. 3 of `bytes`) as two registers of two T, exactly: `even` holds bytes 0 and 2,
-// `odd` bytes 1 and 3 (the lower byte in the low half). This pairing is what the mma fragments of e4m3 rows read
-// by ldmatrix need (paged_decode.cu, MmaState).
-// float16: one byte permute and two e4m3x2 conversions. bfloat16: the e4m3 fields are moved into place as
-// bfloat16 bits (sign to bit 15, exponent and mantissa to bits 4 .. 10: the value times 2^-120, a normal or
-// subnormal bfloat16), then multiplied by 2^120 (exact: a power of two, the product is normal). That is
-// integer and half-precision FMA work where the conversion path costs four conversions per pair. The e4m3 NaN
-// codes (only ever in slots outside a context: writers saturate) become +-480 there rather than NaN.
+// `odd` bytes 1 and 3 (the lower byte in the low half), the pairing the mma fragments of e4m3 rows read by
+// ldmatrix need (decode_mma_state.cuh). Each byte's fields are moved into place as T's bits (sign to bit 15,
+// exponent and mantissa to the low end of T's exponent field and the top of its mantissa): that is the value times
+// 2^-8 (float16) or 2^-120 (bfloat16), a normal or subnormal T, then multiplied back by the power of two (exact:
+// the product is normal). Integer and half-precision FMA work, where the conversion instructions cost one per
+// pair (float16) or four (bfloat16, through float32). The e4m3 NaN codes (only in slots outside a context:
+// writers saturate) become +-480 rather than NaN.
 template <typename T>
 __device__ __forceinline__ void widen_e4m3x4(unsigned bytes, unsigned& even, unsigned& odd) {
-  if constexpr (same_type<T, half_t>::value) {
-    const unsigned pairs = byte_permute(bytes, 0u, 0x3120u);  // bytes 0, 2 in the low half, 1, 3 in the high
-    even = widen_e4m3x2<T>(static_cast<unsigned short>(pairs & 0xffffu));
-    odd = widen_e4m3x2<T>(static_cast<unsigned short>(pairs >> 16));
+  constexpr bool kIsHalf = same_type<T, half_t>::value;
+  constexpr int kShift = kIsHalf ? 1 : 4;                           // from bits 8 .. 14 of a half to its field
+  constexpr unsigned kFields = kIsHalf ? 0x3f803f80u : 0x07f007f0u;  // T's bits 7 .. 13 or 4 .. 10, both halves
+  constexpr unsigned kSigns = 0x80008000u;
+  constexpr unsigned kScale = kIsHalf ? 0x5c005c00u : 0x7b807b80u;  // 2^8 or 2^120, in both halves
+  const unsigned scaled_odd = (bytes & kSigns) | ((bytes >> kShift) & kFields);
+  const unsigned scaled_even = ((bytes << 8) & kSigns) | ((bytes << (8 - kShift)) & kFields);
+  // x * scale + (-0) is x * scale, whatever the sign of a zero.
+  if constexpr (kIsHalf) {
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(odd) : "r"(scaled_odd), "r"(kScale), "r"(kSigns));
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(even) : "r"(scaled_even), "r"(kScale), "r"(kSigns));
   } else {
-    constexpr unsigned kSigns = 0x80008000u, kFields = 0x07f007f0u;
-    constexpr unsigned kTwoPow120 = 0x7b807b80u, kNegativeZeros = 0x80008000u;  // bfloat16x2
-    const unsigned scaled_odd = (bytes & kSigns) | ((bytes >> 4) & kFields);
-    const unsigned scaled_even = ((bytes << 8) & kSigns) | ((bytes << 4) & kFields);
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(odd) : "r"(scaled_odd), "r"(kTwoPow120), "r"(kNegativeZeros));
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(even) : "r"(scaled_even), "r"(kTwoPow120), "r"(kNegativeZeros));
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(odd) : "r"(scaled_odd), "r"(kScale), "r"(kSigns));
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(even) : "r"(scaled_even), "r"(kScale), "r"(kSigns));
   }
 }
