@@ -34,7 +34,8 @@ STAGES = 3  # cp.async pipeline depth per warp (4 measured no faster, and costs 
 STAGE_TARGET_BYTES = 2048  # key (and as many value) bytes per warp tile: 12 KiB of stages per warp
 MAX_HEADS_PER_CTA = 8
 MAX_TILE_BLOCKS = 16  # blocks a tile may span, so that a warp's lanes hold the block ids of whole tiles
-# MmaState: tensor-core dtypes and the head sizes whose 2 KiB tiles (16 or 8 tokens) fit its mma steps.
+# MmaState: tensor-core dtypes and the head sizes whose 2 KiB tiles (16-bit: 16 or 8 tokens, e4m3: 32 or 16) fit
+# its mma steps; over FP8 caches, for these query dtypes, too.
 MMA_DTYPES = (torch.float16, torch.bfloat16)
 MMA_HEAD_DIMS = (64, 128)
 LANE_FLOAT_BUDGET = 32  # query floats per lane over a CTA's heads (as many accumulators): 4 CTAs per SM
@@ -65,7 +66,7 @@ class DecodeLayout:
     heads_per_cta: int  # query heads of one GQA group handled by one CTA
     tile: int  # tokens per warp tile (one pipeline stage)
     tma_staged: bool  # MmaState tiles copied by the tensor memory accelerator (TmaPipeline)
-    is_fp8_cache: bool = False  # LaneState over e4m3 caches
+    is_fp8_cache: bool = False  # e4m3 caches (either state), widened to the query's dtype as they are read
 
     @property
     def max_warps(self) -> int:
@@ -78,10 +79,10 @@ class DecodeLayout:
 
     @property
     def state_name(self) -> str:
-        if self.uses_mma:
-            staged = ", true" if self.tma_staged else ""
-            return f"MmaState<{self.scalar}, {self.head_dim}, {self.heads_per_cta}, {self.tile}{staged}>"
         cache = ", fp8_e4m3_t" if self.is_fp8_cache else ""
+        if self.uses_mma:
+            staged = f", {str(self.tma_staged).lower()}{cache}" if self.tma_staged or cache else ""
+            return f"MmaState<{self.scalar}, {self.head_dim}, {self.heads_per_cta}, {self.tile}{staged}>"
         return (f"LaneState<{self.scalar}, {self.head_dim}, {self.vec}, {self.lanes}, {self.vecs}, "
                 f"{self.heads_per_cta}, {self.tile}{cache}>")
 
@@ -94,9 +95,11 @@ class DecodeLayout:
 
     @property
     def row_stride(self) -> int:
-        """Elements per staged token row: cp.async staging of MmaState pads rows by 16 bytes against ldmatrix bank
-        conflicts (the tensor memory accelerator's swizzle avoids them instead)."""
-        return self.head_dim + 8 if self.uses_mma and not self.tma_staged else self.head_dim
+        """Elements per staged token row: cp.async staging of 16-bit MmaState tiles pads rows by 16 bytes against
+        ldmatrix bank conflicts (the swizzle of the tensor memory accelerator, and of every e4m3 tile, avoids them
+        instead)."""
+        is_padded = self.uses_mma and not self.tma_staged and not self.is_fp8_cache
+        return self.head_dim + 16 // self.element_bytes if is_padded else self.head_dim
 
     def shared_bytes(self, warps: int) -> int:
         """Per-warp pipeline stages (keys and values), reused afterwards for the cross-warp merge."""
@@ -112,16 +115,17 @@ def decode_layout(dtype: torch.dtype, head_dim: int, group_size: int, block_size
     or one CUDA-core pass of up to 32 tokens: either way a tile touches at most 32 blocks, as the kernel's
     block-id windows (one id per lane) need. tma: the device has the tensor memory accelerator, which then stages
     tensor-core tiles of blocks of at least TMA_MIN_BLOCK_SIZE tokens. cache_dtype: FP8 caches (of dtype
-    otherwise) take the lane layout, with tiles of as many bytes and vectors as wide as the query's."""
+    otherwise) take the tensor cores where 16-bit caches would, else the lane layout with vectors as wide as the
+    query's; either way with tiles of as many bytes (twice the tokens)."""
     is_fp8_cache = cache_dtype is not None and is_fp8(cache_dtype)
     size = 1 if is_fp8_cache else element_bytes(dtype)
     if (head_dim * size) % 4:
         raise ValueError(f"head_dim {head_dim} of {cache_dtype or dtype} is not a whole number of 4-byte words")
     heads = max(d for d in range(1, MAX_HEADS_PER_CTA + 1) if group_size % d == 0)
     tile_tokens = min(STAGE_TARGET_BYTES // (head_dim * size), MAX_TILE_BLOCKS * block_size)
-    if dtype in MMA_DTYPES and head_dim in MMA_HEAD_DIMS and not is_fp8_cache:
+    if dtype in MMA_DTYPES and head_dim in MMA_HEAD_DIMS:
         return DecodeLayout(scalar_type_name(dtype), head_dim, size, True, 0, 0, 0, heads, tile_tokens,
-                            tma and block_size >= TMA_MIN_BLOCK_SIZE)
+                            tma and block_size >= TMA_MIN_BLOCK_SIZE, is_fp8_cache)
     lane_floats = max(4, LANE_FLOAT_BUDGET // heads)
     vec = 1
     while vec * 2 <= min(16 // element_bytes(dtype), lane_floats) and head_dim % (vec * 2) == 0:
@@ -269,10 +273,11 @@ class PagedDecode:
     @staticmethod
     def _tensor_maps(layout: DecodeLayout, key_cache: Tensor, value_cache: Tensor) -> tuple[TensorMap, TensorMap]:
         """Each cache as rows of head_dim elements (one per block, kv head and slot), in boxes of a tile's rows or
-        a whole block, whichever is smaller."""
+        a whole block, whichever is smaller, and at most 128 bytes wide."""
         if not layout.tma_staged:
             return NO_TENSOR_MAP, NO_TENSOR_MAP
         num_blocks, num_kv_heads, block_size, head_dim = key_cache.shape
         num_rows, box_rows = num_blocks * num_kv_heads * block_size, min(layout.tile, block_size)
-        return (rows_tensor_map(key_cache.data_ptr(), num_rows, head_dim, box_rows),
-                rows_tensor_map(value_cache.data_ptr(), num_rows, head_dim, box_rows))
+        size = layout.element_bytes
+        return (rows_tensor_map(key_cache.data_ptr(), num_rows, head_dim, box_rows, size),
+                rows_tensor_map(value_cache.data_ptr(), num_rows, head_dim, box_rows, size))

@@ -1,5 +1,6 @@
-// Tensor-core building blocks shared by the attention kernels: shared-window addresses, ldmatrix and mma.sync
-// (sm_80 and later). Needs no CUDA header, like kernel_common.cuh.
+// Tensor-core building blocks shared by the attention kernels: shared-window addresses, ldmatrix, mma.sync
+// (sm_80 and later) and the exact widening of e4m3 fragments to 16 bits. Needs no CUDA header, like
+// kernel_common.cuh.
 #pragma once
 
 #include "kernel_common.cuh"
@@ -91,3 +92,37 @@ struct Mma<bfloat16_t> {
     return r;
   }
 };
+
+// The bytes of {high, low} picked by `selector` (prmt: nibble i names result byte i; bytes 0..3 are low's).
+__device__ __forceinline__ unsigned byte_permute(unsigned low, unsigned high, unsigned selector) {
+  unsigned r;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(low), "r"(high), "r"(selector));
+  return r;
+}
+
+// Four e4m3 values (bytes 0 .. 3 of `bytes`) as two registers of two T, exactly: `even` holds bytes 0 and 2,
+// `odd` bytes 1 and 3 (the lower byte in the low half), the pairing the mma fragments of e4m3 rows read by
+// ldmatrix need (decode_mma_state.cuh). Each byte's fields are moved into place as T's bits (sign to bit 15,
+// exponent and mantissa to the low end of T's exponent field and the top of its mantissa): that is the value times
+// 2^-8 (float16) or 2^-120 (bfloat16), a normal or subnormal T, then multiplied back by the power of two (exact:
+// the product is normal). Integer and half-precision FMA work, where the conversion instructions cost one per
+// pair (float16) or four (bfloat16, through float32). The e4m3 NaN codes (only in slots outside a context:
+// writers saturate) become +-480 rather than NaN.
+template <typename T>
+__device__ __forceinline__ void widen_e4m3x4(unsigned bytes, unsigned& even, unsigned& odd) {
+  constexpr bool kIsHalf = same_type<T, half_t>::value;
+  constexpr int kShift = kIsHalf ? 1 : 4;                           // from bits 8 .. 14 of a half to its field
+  constexpr unsigned kFields = kIsHalf ? 0x3f803f80u : 0x07f007f0u;  // T's bits 7 .. 13 or 4 .. 10, both halves
+  constexpr unsigned kSigns = 0x80008000u;
+  constexpr unsigned kScale = kIsHalf ? 0x5c005c00u : 0x7b807b80u;  // 2^8 or 2^120, in both halves
+  const unsigned scaled_odd = (bytes & kSigns) | ((bytes >> kShift) & kFields);
+  const unsigned scaled_even = ((bytes << 8) & kSigns) | ((bytes << (8 - kShift)) & kFields);
+  // x * scale + (-0) is x * scale, whatever the sign of a zero.
+  if constexpr (kIsHalf) {
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(odd) : "r"(scaled_odd), "r"(kScale), "r"(kSigns));
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(even) : "r"(scaled_even), "r"(kScale), "r"(kSigns));
+  } else {
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(odd) : "r"(scaled_odd), "r"(kScale), "r"(kSigns));
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(even) : "r"(scaled_even), "r"(kScale), "r"(kSigns));
+  }
+}

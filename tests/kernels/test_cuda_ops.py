@@ -61,6 +61,19 @@ class PagedCase:
         for cache in (self.key_cache, self.value_cache):
             cache.masked_fill_(~is_live[:, None, :, None], float("nan"))
 
+    def run_decode_staged_by_cp_async(self, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+        """The decode rows through a PagedDecode without the tensor memory accelerator, as on devices before
+        sm_90 (the kernel ops of newer ones stage tensor-core tiles with it)."""
+        from pagedserve.kernels.module_cache import ModuleCache  # imports CuPy, which only GPU hosts have
+
+        device = torch.device("cuda", torch.cuda.current_device())
+        decode = PagedDecode(ModuleCache(device), torch.cuda.get_device_properties(device).multi_processor_count,
+                             tma=False)
+        out = torch.full_like(self.query, float("nan"))
+        decode.run(out, self.query, self.key_cache, self.value_cache, self.block_tables, self.seq_lens,
+                   self.query_start_loc, self.max_seq_len, self.scale, True, k_scale, v_scale)
+        return out
+
     def run(self, ops: KernelOps) -> torch.Tensor:
         out = torch.full_like(self.query, float("nan"))  # unwritten rows stay NaN and fail the comparison
         ops.paged_attention(out, self.query, self.key_cache, self.value_cache, self.block_tables, self.seq_lens,
@@ -113,19 +126,10 @@ def test_stale_nan_in_slots_past_each_context_never_reaches_the_output(ops: Kern
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("block_size", [8, 16, 32])
 def test_decode_staged_by_cp_async_matches_reference(dtype: torch.dtype, head_dim: int, block_size: int) -> None:
-    # The tensor-core decode without the tensor memory accelerator, as on devices before sm_90; on newer ones
-    # `ops` stages these tiles with it instead.
-    from pagedserve.kernels.module_cache import ModuleCache  # imports CuPy, which only GPU hosts have
-
-    device = torch.device("cuda", torch.cuda.current_device())
-    decode = PagedDecode(ModuleCache(device), torch.cuda.get_device_properties(device).multi_processor_count,
-                         tma=False)
     seq_lens = [1, block_size + 1, 3 * block_size - 5, 700]
     case = PagedCase(seq_lens, [1] * len(seq_lens), 2, 4, head_dim, block_size, dtype, seed=block_size)
     case.poison_stale_slots()
-    got = torch.full_like(case.query, float("nan"))
-    decode.run(got, case.query, case.key_cache, case.value_cache, case.block_tables, case.seq_lens,
-               case.query_start_loc, case.max_seq_len, case.scale, rows_by_seq=True)
+    got = case.run_decode_staged_by_cp_async()
     expected = case.run(TorchReferenceOps())
     torch.testing.assert_close(got.float(), expected.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 

@@ -11,6 +11,7 @@ import torch
 from pagedserve.kernels import paged_prefill
 from pagedserve.kernels.fp8 import FP8_DTYPE, quantize
 from pagedserve.kernels.ops import KernelOps, get_kernel_ops
+from pagedserve.kernels.paged_decode import decode_layout
 from pagedserve.kernels.reference import TorchReferenceOps
 from tests.gpu_marks import NEEDS_GPU
 from tests.kernels.test_cuda_ops import PagedCase
@@ -197,3 +198,39 @@ def test_fp8_head_size_without_tensor_core_prefill_falls_back_to_decode_per_row(
     case = _fp8_case(MIXED_SEQ_LENS, MIXED_Q_LENS, 4, 8, torch.bfloat16, seed=6, poison_stale_slots=True)
     _assert_poisoned_case_matches_reference(case, ops)
     assert kernel_names and not any(name.startswith("paged_prefill") for name in kernel_names)
+
+
+# Decode rows over contexts of one token, one block, one past a block, a partial last block and tile (whole at block
+# size 1), a context split over the SMs, and a long one: the tensor-core decode of FP8 (MmaState<..., fp8_e4m3_t>).
+def _decode_seq_lens(block_size: int) -> list[int]:
+    return [1, block_size, block_size + 1, max(3 * block_size - 5, 3), 700, 2500]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group_size", [1, 8])
+@pytest.mark.parametrize("block_size", [1, 8, 16, 32])
+def test_fp8_decode_on_tensor_cores_matches_reference(ops: KernelOps, kernel_names: list[str], dtype: torch.dtype,
+                                                      head_dim: int, group_size: int, block_size: int) -> None:
+    seq_lens = _decode_seq_lens(block_size)
+    case = _fp8_case(seq_lens, [1] * len(seq_lens), group_size, head_dim, dtype, seed=head_dim + block_size,
+                     block_size=block_size, poison_stale_slots=True)
+    _assert_poisoned_case_matches_reference(case, ops)
+    layout = decode_layout(dtype, head_dim, group_size, block_size, cache_dtype=FP8_DTYPE)
+    assert layout.uses_mma and layout.is_fp8_cache
+    assert any(name.startswith("paged_decode<MmaState<") and ", fp8_e4m3_t>" in name for name in kernel_names)
+    assert any(name.startswith("paged_decode_reduce<") for name in kernel_names)  # the long context was split
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+def test_fp8_decode_staged_by_cp_async_matches_reference(dtype: torch.dtype, head_dim: int, block_size: int) -> None:
+    # The FP8 tensor-core decode with swizzled cp.async stages (as on sm_89) where sm_90 uses the bulk copies.
+    seq_lens = _decode_seq_lens(block_size)
+    case = _fp8_case(seq_lens, [1] * len(seq_lens), 4, head_dim, dtype, seed=block_size, block_size=block_size,
+                     poison_stale_slots=True)
+    got = case.run_decode_staged_by_cp_async(K_SCALE, V_SCALE)
+    expected = _run(case, TorchReferenceOps())
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
