@@ -193,8 +193,9 @@ class Worker:
         launched_step.py). Raises InvalidStepError before changing anything.
 
         The earlier steps' deferred samplings are queued once this step's host work is done, just before its device
-        work: the wait for their token masks (under the lock: the results of steps still in flight need those
-        samplings anyway) overlaps with validating, applying and building the batch."""
+        work, so the wait for their token masks overlaps with validating, applying and building the batch. It waits
+        under the lock (no tensor-parallel heartbeat may come between a step's broadcast and its collectives): a
+        result finishing meanwhile waits up to one mask computation."""
         started = time.perf_counter()
         with self._lock:
             registry, pool, runner = self.registry, self.pool, self.runner
