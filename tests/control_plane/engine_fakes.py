@@ -26,13 +26,14 @@ T = TypeVar("T")
 
 class _Transport:
     """A fake worker behind the engine's StepTransport: a step's result is ready when it is sent, and receiving it
-    takes a turn of the loop (step_s > 0: that long, as on a device). break_with(error): every receive from then on
-    raises error; hang(): no receive returns any more; block_sends(): no send returns any more (the worker stopped
-    reading its stream); end_stream(): wait_closed() returns, as when the worker process is gone."""
+    takes a turn of the loop (step_s > 0: that long, as on a device; a test may change it meanwhile).
+    break_with(error): every receive from then on raises error; hang(): no receive returns any more; block_sends():
+    no send returns any more (the worker stopped reading its stream); end_stream(): wait_closed() returns, as when
+    the worker process is gone."""
 
     def __init__(self, worker: FakeWorker, step_s: float = 0.0) -> None:
         self._worker = worker
-        self._step_s = step_s
+        self.step_s = step_s
         self._results: deque[StepResult] = deque()
         self._error: Exception | None = None
         self._is_hung = False
@@ -59,7 +60,7 @@ class _Transport:
         self._results.append(self._worker.execute(plan))
 
     async def receive(self) -> StepResult:
-        await asyncio.sleep(self._step_s)
+        await asyncio.sleep(self.step_s)
         if self._error is not None:
             raise self._error
         if self._is_hung:

@@ -122,6 +122,8 @@ def test_a_live_request_id_is_already_exists_and_free_again_once_its_request_end
     tokenizer: Tokenizer, tmp_path: Path,
 ) -> None:
     async def scenario(stack: Stack) -> tuple[grpc.StatusCode, str, int, int]:
+        for transport in stack.transports.values():
+            transport.step_s = 0.02  # the first request's 40 steps outlast the duplicate's refusal by far
         async with PagedServeClient(stack.address, max_retries=0) as client:
             first = client.generate_stream(PROMPT, _params(40), request_id="dup")
             await anext(first)
