@@ -34,27 +34,20 @@ class FlatBatch:
     positions: torch.Tensor  # [T] int64
     meta: AttentionMetadata
     query_start_loc: np.ndarray  # [S + 1] int64, host
-    pending: torch.Tensor | None = None  # [2, P] int32 on the device: rows of PENDING_TOKEN inputs, their table rows
 
     @property
     def num_tokens(self) -> int:
         return int(self.query_start_loc[-1])
 
-    def read_pending_tokens(self, last_tokens: torch.Tensor) -> None:
-        """Queues the read of each PENDING_TOKEN input from last_tokens at its sequence's table row (on the device:
-        the step that sampled it must have been queued before)."""
-        if self.pending is not None:
-            self.input_ids[self.pending[0]] = last_tokens[self.pending[1]]
-
 
 def build_batch(
     work: list[ScheduledWork], tables: BlockTableArray, block_size: int, device: torch.device,
+    last_tokens: torch.Tensor | None = None,
 ) -> FlatBatch:
     """Vectorised batch build: positions, slots and block tables come from numpy, not per-token Python.
 
-    Everything travels to the device in two copies (one int64, one int32 buffer, pinned on CUDA hosts). An input
-    that is a PENDING_TOKEN stays so until FlatBatch.read_pending_tokens reads it on the device, so the host work
-    here may run before the step that samples it is queued.
+    Everything travels to the device in two copies (one int64, one int32 buffer, pinned on CUDA hosts).
+    An input that is a PENDING_TOKEN is read on the device from last_tokens at its sequence's table row.
     """
     num_seqs = len(work)
     counts = np.array([w.num_scheduled_tokens for w in work], dtype=np.int64)
@@ -97,6 +90,11 @@ def build_batch(
     ints_host[pending_start + num_pending :] = rows[seq_index[pending_rows]]
     longs_device = longs.to(device, non_blocking=True)
     ints_device = ints.to(device, non_blocking=True)
+    if num_pending:
+        if last_tokens is None:
+            raise RuntimeError("a step reads tokens still on the device, but no last-token buffer was given")
+        pending = ints_device[pending_start:].view(2, num_pending)
+        longs_device[pending[0]] = last_tokens[pending[1]]
     meta = AttentionMetadata(
         slot_mapping=longs_device[2 * num_tokens :],
         block_tables=ints_device[:table_size].view(block_tables.shape),
@@ -105,9 +103,7 @@ def build_batch(
         max_query_len=max_query_len,
         max_seq_len=int(ends.max(initial=0)),
     )
-    pending = ints_device[pending_start:].view(2, num_pending) if num_pending else None
-    return FlatBatch(longs_device[:num_tokens], longs_device[num_tokens : 2 * num_tokens], meta, query_start_loc,
-                     pending)
+    return FlatBatch(longs_device[:num_tokens], longs_device[num_tokens : 2 * num_tokens], meta, query_start_loc)
 
 
 def _input_ids(work: list[ScheduledWork], starts: np.ndarray, ends: np.ndarray, is_decode: bool) -> list[int]:
@@ -188,17 +184,16 @@ class ModelRunner:
                defer_sampling: bool = False) -> LaunchedRun:
         """Queues the forward pass and the sampling (only the forward pass when defer_sampling: sample_deferred
         queues the sampling later); the host reads the sequences' state only during this call. before_forward runs
-        once the batch's host work is done, before anything reads an earlier step's tokens on the device (the worker
-        queues the earlier steps' deferred samplings there, which may first wait for their token masks)."""
+        before anything is queued (the worker queues an earlier step's deferred sampling there, whose tokens this
+        step's inputs may read on the device)."""
         sampled_seq_ids = [
             ((state.seq_id, *(fork.seq_id for fork in state.forks)) if state.forks else (state.seq_id,))
             if is_sampling else ()
             for state, _, _, is_sampling in work
         ]
-        batch = build_batch(work, self.tables, self.pool.block_size, self.pool.device)
         if before_forward is not None:
             before_forward()
-        batch.read_pending_tokens(self._last_tokens)
+        batch = build_batch(work, self.tables, self.pool.block_size, self.pool.device, self._last_tokens)
         if batch.num_tokens == 0:
             return LaunchedRun(work, sampled_seq_ids, [() for _ in work], None)
         if self.graph_runner is not None and self.graph_runner.can_run(batch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 
 import structlog
@@ -190,13 +191,9 @@ class Worker:
     def launch(self, step: StepPlan) -> LaunchedStep:
         """Validates the whole step, then applies it: drop, swap out, swap in, copy, add, update, and queues its
         forward pass and sampling on the device (a sampling that reads earlier tokens on the host is deferred, see
-        launched_step.py). Raises InvalidStepError before changing anything.
-
-        The earlier steps' deferred samplings are queued once this step's host work is done, just before its device
-        work, so the wait for their token masks overlaps with validating, applying and building the batch. It waits
-        under the lock (no tensor-parallel heartbeat may come between a step's broadcast and its collectives): a
-        result finishing meanwhile waits up to one mask computation."""
+        launched_step.py). Raises InvalidStepError before changing anything."""
         started = time.perf_counter()
+        self._await_token_masks()
         with self._lock:
             registry, pool, runner = self.registry, self.pool, self.runner
             registry.validate(step)
@@ -245,9 +242,16 @@ class Worker:
         host_ms = (launched.host_s + time.perf_counter() - started) * 1e3
         return StepResult(launched.step_id, tuple(results), host_ms, launched.span.duration_ms(), idle_ms)
 
+    def _await_token_masks(self) -> None:
+        """Waits, without the lock (finish() may take it meanwhile), for the token masks of the steps in flight, so
+        that queueing their samplings before the next forward pass does not wait under the lock."""
+        for launched in list(self._in_flight):
+            if launched.token_masks is not None:
+                futures.wait([launched.token_masks])
+
     def _queue_earlier_samplings(self) -> None:
-        """Under the lock, before a step queues its device work: every deferred sampling before it is queued (each
-        waits for its token masks), so the tokens this step reads on the device are the sampled ones."""
+        """Under the lock, before a step queues anything: every deferred sampling before it is queued, so the
+        tokens this step reads on the device are the sampled ones."""
         for launched in self._in_flight:
             self._queue_sampling(launched)
 
