@@ -14,6 +14,9 @@ is timed on its own anyway (hooks around the model's forward and its logits) and
 worker's Python and the small tensor work that a GPU would queue (the batch's numpy, sampling on [N, 512] logits).
 Two things a GPU host differs in: each small tensor op there costs a launch rather than its CPU compute, and here the
 forward pass leaves the CPU's caches cold for the stages after it, so fixed costs read higher than they would.
+In the schema mode the launch also waits for the grammar masks, which the worker's masks thread and llguidance's
+threads compute beside it: on a CPU of few cores they share it with the main thread, so that mode measures the
+constrained step's critical path only roughly.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import cProfile
 import hashlib
 import json
 import pstats
+import shutil
 import statistics
 import sys
 import tempfile
@@ -36,11 +40,13 @@ from typing import Any, cast
 
 import torch
 
+from benchmarks.json_schemas import SCHEMAS
 from benchmarks.report import markdown_report, markdown_table, run_metadata, text_table, write_outputs
 from pagedserve.contract import codec
 from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
 from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.contract.step import BlockTableUpdate, NewSequence, ScheduledSequence, StepPlan, StepResult
+from pagedserve.contract.structured_output import ConstraintKind, StructuredOutput
 from pagedserve.contract.worker_info import CacheRequest
 from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.launched_step import LaunchedStep
@@ -53,6 +59,10 @@ MODES: dict[str, SamplingParams] = {
     "greedy": SamplingParams(temperature=0.0),
     # No top-p/top-k: on a CPU their sort over the vocabulary would bury the host's share under compute a GPU queues.
     "random": SamplingParams(temperature=0.8),
+    # Greedy under a JSON schema of the serving benchmark's corpus: each step's sampling waits for the grammar masks,
+    # computed from the step before's tokens on the worker's masks thread.
+    "schema": SamplingParams(temperature=0.0, structured_output=StructuredOutput(
+        ConstraintKind.JSON_SCHEMA, json.dumps(SCHEMAS["order"]))),
 }
 
 
@@ -232,10 +242,12 @@ class WireWorker:
 
 
 def write_one_layer_model(source: Path, directory: Path) -> Path:
-    """A model directory holding source's config.json with one decoder layer (weights: seeded random)."""
+    """A model directory holding source's config.json with one decoder layer (weights: seeded random), and its
+    tokenizer.json (structured output needs it)."""
     config = json.loads((source / "config.json").read_text())
     config["num_hidden_layers"] = 1
     (directory / "config.json").write_text(json.dumps(config))
+    shutil.copyfile(source / "tokenizer.json", directory / "tokenizer.json")
     return directory
 
 
@@ -295,7 +307,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128, help="decode steps per run")
     parser.add_argument("--modes", default="greedy,random",
-                        help="greedy: temperature 0; random: temperature 0.8, unseeded")
+                        help="greedy: temperature 0; random: temperature 0.8, unseeded; schema: greedy under a JSON "
+                             "schema")
     parser.add_argument("--depth", type=int, default=2,
                         help="steps launched and not yet finished before the oldest is finished (2: step N+1 is "
                              "launched before step N finishes, so its inputs are read on the device)")

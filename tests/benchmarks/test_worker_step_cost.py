@@ -67,11 +67,12 @@ def test_medians_are_per_stage_and_the_host_sum_leaves_the_forward_pass_out() ->
         medians([])
 
 
-def test_overlapped_launches_sample_the_same_tokens_as_one_step_at_a_time(tmp_path: Path,
-                                                                          stories260k_dir: Path) -> None:
+@pytest.mark.parametrize("mode", ["greedy", "schema"])
+def test_overlapped_launches_sample_the_same_tokens_as_one_step_at_a_time(tmp_path: Path, stories260k_dir: Path,
+                                                                          mode: str) -> None:
     model_dir = write_one_layer_model(stories260k_dir, tmp_path)
-    one_at_a_time, tokens = run_once(model_dir, 3, 9, 6, MODES["greedy"], depth=1, block_size=4)
-    overlapped, overlapped_tokens = run_once(model_dir, 3, 9, 6, MODES["greedy"], depth=3, block_size=4)
+    one_at_a_time, tokens = run_once(model_dir, 3, 9, 6, MODES[mode], depth=1, block_size=4)
+    overlapped, overlapped_tokens = run_once(model_dir, 3, 9, 6, MODES[mode], depth=3, block_size=4)
     assert sorted(tokens) == [0, 1, 2]
     assert all(len(t) == 7 for t in tokens.values())  # the prefill's token, then one per decode step
     assert overlapped_tokens == tokens
