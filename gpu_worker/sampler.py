@@ -125,12 +125,6 @@ class _BatchPlan:
         return len(self.params) - self.num_greedy
 
     @property
-    def is_plain_greedy(self) -> bool:
-        """Every row is an argmax of its unmodified logits."""
-        return not (self.num_random or self.has_bans or self.has_biases or self.penalty_rows or self.logprob_rows
-                    or self.has_allowed or self.grammar_rows)
-
-    @property
     def has_logit_changes(self) -> bool:
         return bool(self.has_bans or self.has_biases or self.penalty_rows or self.has_allowed or self.grammar_rows)
 
@@ -207,9 +201,6 @@ class Sampler:
             tokens = logits.argmax(dim=-1)
             return PendingSample(tokens, tokens, [])
         plan = _plan(rows, self._vocab_size)
-        if plan.is_plain_greedy:
-            tokens = logits.argmax(dim=-1)
-            return PendingSample(tokens, tokens, [])
         tokens = self._choose(self._processed(logits, rows, plan, token_masks), plan)
         if not plan.logprob_rows:
             return PendingSample(tokens, tokens, [])
