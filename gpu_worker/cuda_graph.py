@@ -95,8 +95,7 @@ class CudaGraphRunner:
         num_seqs = len(batch.query_start_loc) - 1
         return (
             0 < num_seqs <= self.sizes[-1]
-            and batch.num_tokens == num_seqs
-            and batch.meta.max_query_len == 1  # one token each, not a two-token sequence beside a token-less one
+            and batch.is_decode
             and batch.meta.block_tables.shape[1] <= self.block_tables.shape[1]
         )
 

@@ -34,6 +34,7 @@ class FlatBatch:
     positions: torch.Tensor  # [T] int64
     meta: AttentionMetadata
     query_start_loc: np.ndarray  # [S + 1] int64, host
+    is_decode: bool  # exactly one token per sequence (or no sequence)
 
     @property
     def num_tokens(self) -> int:
@@ -103,7 +104,8 @@ def build_batch(
         max_query_len=max_query_len,
         max_seq_len=int(ends.max(initial=0)),
     )
-    return FlatBatch(longs_device[:num_tokens], longs_device[num_tokens : 2 * num_tokens], meta, query_start_loc)
+    return FlatBatch(longs_device[:num_tokens], longs_device[num_tokens : 2 * num_tokens], meta, query_start_loc,
+                     is_decode)
 
 
 def _input_ids(work: list[ScheduledWork], starts: np.ndarray, ends: np.ndarray, is_decode: bool) -> list[int]:

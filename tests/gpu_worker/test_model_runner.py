@@ -68,6 +68,7 @@ def test_a_sequence_with_no_token_this_step_beside_a_two_token_one_is_no_decode_
     batch = build_batch([ScheduledWork.of(idle, 0), ScheduledWork.of(chunk, 2)], tables, block_size=4,
                         device=torch.device("cpu"))
 
+    assert not batch.is_decode
     assert batch.input_ids.tolist() == [21, 22]
     assert batch.positions.tolist() == [1, 2]
     assert batch.meta.slot_mapping.tolist() == [6 * 4 + 1, 6 * 4 + 2]
