@@ -1,19 +1,18 @@
 """A step between launch and finish: queued on the device and recorded in the registry, its tokens still to be read.
 
 A step whose sampling reads earlier tokens on the host (grammars, penalties, bad words) is launched with only its
-forward pass queued. Its token masks are computed off the step thread, once the earlier steps' tokens are on the
-host, while the device runs that forward pass and the step thread prepares the next step; its sampling is queued
-when they are ready (by the next launch, just before its own forward pass, or by a flush), so neither the device nor
-the step thread waits for the grammar engine.
+forward pass queued. A worker thread waits for the earlier steps' tokens, computes its token masks while the device
+runs that forward pass and the step thread prepares the next step, and queues its sampling as soon as they are ready,
+so that neither the device nor the step thread waits for the grammar engine, and the control plane's round trip
+never sits between one step's tokens and the next step's sampling.
 """
 
 from __future__ import annotations
 
 import threading
+from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-
-import torch
 
 from pagedserve.gpu_worker.device_span import DeviceSpan
 from pagedserve.gpu_worker.model_runner import LaunchedRun
@@ -23,27 +22,25 @@ from pagedserve.gpu_worker.sequence_state import PendingToken
 
 @dataclass(slots=True, eq=False)
 class LaunchedStep:
-    """Invariants: `sampling_queued` is set once the step's sampling is queued (at launch for most steps) or
-    queueing it failed (`error`); tokens are read (`_resolve`) at most once, under `resolve_lock`."""
+    """Invariants: a deferred sampling is queued on the device exactly when `deferred_sampling` is done without an
+    error (the other steps' samplings are queued at launch); tokens are read (`_resolve`) at most once, under
+    `resolve_lock`."""
 
     step_id: int
     run: LaunchedRun
     pending: list[PendingToken]
     span: DeviceSpan
     host_s: float  # host time spent on the step so far
-    token_masks: Future[torch.Tensor | None] | None = None  # of a deferred sampling, computed off the step thread
+    deferred_sampling: Future[None] | None = None  # token masks computed, then the sampling queued, off the step thread
     sample: SampleResult | None = None  # set once the tokens have been read and written into the registry
     is_resolved: bool = False
-    error: BaseException | None = None  # queueing the deferred sampling failed
-    sampling_queued: threading.Event = field(default_factory=threading.Event)
     resolve_lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def is_deferred(self) -> bool:
-        return self.token_masks is not None and not self.sampling_queued.is_set()
 
     def wait(self) -> None:
         """Blocks until the step's sampling is queued and its device work is done, the copy of its results to the
-        host included (the span closes after it); touches no worker state."""
-        self.sampling_queued.wait()
+        host included (the span closes after it); touches no worker state. Raises the failure of a deferred sampling
+        (CancelledError when the worker closed before it ran)."""
+        if self.deferred_sampling is not None:
+            futures.wait([self.deferred_sampling])
+            self.deferred_sampling.result()
         self.span.wait()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -182,19 +181,14 @@ class ModelRunner:
         self._last_tokens = torch.zeros(tables.table.shape[0], dtype=torch.int64, device=pool.device)
 
     @torch.inference_mode()
-    def launch(self, work: list[ScheduledWork], before_forward: Callable[[], None] | None = None,
-               defer_sampling: bool = False) -> LaunchedRun:
+    def launch(self, work: list[ScheduledWork], defer_sampling: bool = False) -> LaunchedRun:
         """Queues the forward pass and the sampling (only the forward pass when defer_sampling: sample_deferred
-        queues the sampling later); the host reads the sequences' state only during this call. before_forward runs
-        before anything is queued (the worker queues an earlier step's deferred sampling there, whose tokens this
-        step's inputs may read on the device)."""
+        queues the sampling later); the host reads the sequences' state only during this call."""
         sampled_seq_ids = [
             ((state.seq_id, *(fork.seq_id for fork in state.forks)) if state.forks else (state.seq_id,))
             if is_sampling else ()
             for state, _, _, is_sampling in work
         ]
-        if before_forward is not None:
-            before_forward()
         batch = build_batch(work, self.tables, self.pool.block_size, self.pool.device, self._last_tokens)
         if batch.num_tokens == 0:
             return LaunchedRun(work, sampled_seq_ids, [() for _ in work], None)

@@ -7,13 +7,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-import structlog
-
 from pagedserve.contract.step import StepPlan, StepResult
 from pagedserve.gpu_worker.launched_step import LaunchedStep
 from pagedserve.gpu_worker.worker import Worker
-
-log = structlog.get_logger()
 
 T = TypeVar("T")
 
@@ -23,8 +19,7 @@ class StepPipeline:
 
     While the wait thread blocks on step N's tokens, the step thread can already queue step N+1 behind it, so
     the device goes from one forward pass to the next without waiting for the host. A step whose sampling is
-    deferred (launched_step.py) gets it queued by the next launch or, if none comes first, by a flush that the
-    step thread runs as soon as its token masks are ready; the wait thread waits for that before the device.
+    deferred (launched_step.py) gets it queued by the worker's own thread; the wait thread waits for that first.
     """
 
     def __init__(self, worker: Worker) -> None:
@@ -38,35 +33,13 @@ class StepPipeline:
 
     def launch(self, step: StepPlan) -> asyncio.Future[LaunchedStep]:
         """Submits the step's launch now (so launches keep call order); InvalidStepError comes out of the future."""
-        return self.call(lambda: self._launch(step))
-
-    def _launch(self, step: StepPlan) -> LaunchedStep:
-        launched = self.worker.launch(step)
-        if launched.token_masks is not None:
-            launched.token_masks.add_done_callback(lambda _: self._submit_flush(launched))
-        return launched
-
-    def _submit_flush(self, launched: LaunchedStep) -> None:
-        try:
-            self._step_thread.submit(self._flush, launched)
-        except RuntimeError:  # shut down: the steps in flight were dropped with the cache
-            log.debug("deferred_sampling_not_flushed", step_id=launched.step_id)
-
-    def _flush(self, launched: LaunchedStep) -> None:
-        try:
-            self.worker.queue_sampling(launched)
-        except Exception as error:  # kept on the step: finish() raises it and ends the stream with it
-            log.warning("deferred_sampling_failed", step_id=launched.step_id, error=repr(error))
+        return self.call(lambda: self.worker.launch(step))
 
     async def finish(self, launched: LaunchedStep) -> StepResult:
         """The step's result, once its tokens reached the host; steps must be finished in launch order. Runs on
-        the wait thread: a launch that waits on the step thread for an earlier step's token masks must not hold
+        the wait thread: a launch that waits on the step thread for an earlier step's deferred sampling must not hold
         back the results the control plane needs to keep its steps in flight."""
-        return await asyncio.get_running_loop().run_in_executor(self._wait_thread, self._finish, launched)
-
-    def _finish(self, launched: LaunchedStep) -> StepResult:
-        launched.wait()
-        return self.worker.finish(launched)
+        return await asyncio.get_running_loop().run_in_executor(self._wait_thread, self.worker.finish, launched)
 
     def close(self) -> None:
         self._wait_thread.shutdown(wait=True)

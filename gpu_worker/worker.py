@@ -26,7 +26,7 @@ from pagedserve.gpu_worker.grammar import GrammarCompiler
 from pagedserve.gpu_worker.kv_pool import KVLayout, KVPool
 from pagedserve.gpu_worker.launched_step import LaunchedStep
 from pagedserve.gpu_worker.memory_profile import gpu_blocks_for_budget, profile_peak_activation_bytes
-from pagedserve.gpu_worker.model_runner import DeferredSampling, ModelRunner
+from pagedserve.gpu_worker.model_runner import ModelRunner
 from pagedserve.gpu_worker.parallel.commands import GroupLeader, fatal_in_group
 from pagedserve.gpu_worker.parallel.group import SINGLE_RANK, ParallelGroup, join_group, rank_device
 from pagedserve.gpu_worker.piecewise_graph import MAX_PIECEWISE_TOKENS, PiecewiseGraphRunner
@@ -65,7 +65,9 @@ class Worker:
         self._lock = threading.Lock()
         self._leader = GroupLeader(group, self._lock) if group.size > 1 and group.is_leader else None
         self._in_flight: deque[LaunchedStep] = deque()
-        self._token_masks = ThreadPoolExecutor(1, thread_name_prefix="worker-masks")  # deferred samplings' host work
+        # Deferred samplings: their token masks, then their queueing on the device (launched_step.py).
+        self._deferred = ThreadPoolExecutor(1, thread_name_prefix="worker-masks", initializer=_use_device,
+                                            initargs=(device,))
         self._last_span: DeviceSpan | None = None
         self._pool: KVPool | None = None
         self._registry: SequenceRegistry | None = None
@@ -94,7 +96,7 @@ class Worker:
         """A leader tells its followers to stop; nothing to do alone or as a follower."""
         if self._leader is not None:
             self._leader.stop()
-        self._token_masks.shutdown(wait=False, cancel_futures=True)
+        self._deferred.shutdown(wait=False, cancel_futures=True)
 
     @property
     def is_cache_initialized(self) -> bool:
@@ -139,6 +141,7 @@ class Worker:
     def init_cache(self, request: CacheRequest) -> CacheInfo:
         """Drops every sequence and the old pools, sizes and allocates new ones (under tensor parallelism: the
         size every rank can hold)."""
+        self._await_deferred_samplings()
         with self._lock:
             if self._leader is not None:
                 self._leader.init_cache(request)
@@ -162,6 +165,7 @@ class Worker:
     def release_cache(self) -> None:
         """Drops every sequence, the KV pools and the graphs, once the steps in flight are done: the worker is as
         loaded, and steps fail with CacheNotInitializedError until init_cache runs again."""
+        self._await_deferred_samplings()
         with self._lock:
             if self._leader is not None:
                 self._leader.release_cache()
@@ -173,10 +177,10 @@ class Worker:
             log.info("cache_released")
 
     def _drop_cache(self) -> None:
-        """Under the lock: waits for the steps in flight and forgets them, then drops pools, registry and runner."""
+        """Under the lock, their deferred samplings done: waits for the steps in flight and forgets them, then drops
+        pools, registry and runner."""
         for launched in self._in_flight:
             try:
-                self._queue_sampling(launched)
                 self._resolve(launched)
             except Exception as error:  # the step is dropped with the cache; its stream has ended or fails with it
                 log.warning("dropped_step_failed", step_id=launched.step_id, error=repr(error))
@@ -191,10 +195,14 @@ class Worker:
     def launch(self, step: StepPlan) -> LaunchedStep:
         """Validates the whole step, then applies it: drop, swap out, swap in, copy, add, update, and queues its
         forward pass and sampling on the device (a sampling that reads earlier tokens on the host is deferred, see
-        launched_step.py). Raises InvalidStepError before changing anything."""
+        launched_step.py). Raises InvalidStepError, or the failure of an earlier step's deferred sampling, before
+        changing anything."""
         started = time.perf_counter()
-        self._await_token_masks()
+        self._await_deferred_samplings()
         with self._lock:
+            for earlier in self._in_flight:  # their samplings are queued: this step's inputs may read their tokens
+                if earlier.deferred_sampling is not None:
+                    earlier.deferred_sampling.result()
             registry, pool, runner = self.registry, self.pool, self.runner
             registry.validate(step)
             if self._leader is not None:
@@ -205,28 +213,20 @@ class Worker:
                 pool.swap_out(step.swap_out)
                 pool.swap_in(step.swap_in)
                 pool.copy_blocks(step.block_copies)
-                run = runner.launch(work, self._queue_earlier_samplings, defer_sampling=_reads_token_history(work))
+                run = runner.launch(work, defer_sampling=_reads_token_history(work))
                 launched = LaunchedStep(step.step_id, run, registry.reserve(work), span, 0.0)
                 if run.deferred is None:
                     self._close_launch(launched)
                 else:
-                    launched.token_masks = self._token_masks.submit(
-                        self._token_masks_after, list(self._in_flight), runner.sampler, run.deferred)
+                    launched.deferred_sampling = self._deferred.submit(
+                        self._sample_when_masked, list(self._in_flight), launched)
             launched.host_s = time.perf_counter() - started
             self._in_flight.append(launched)
         return launched
 
-    def queue_sampling(self, launched: LaunchedStep) -> None:
-        """Queues a deferred step's sampling now if nothing has yet (once its token masks are ready, so this may
-        wait for them); the error of a failed one is raised here and by finish()."""
-        with self._lock:
-            self._queue_sampling(launched)
-
     def finish(self, launched: LaunchedStep) -> StepResult:
         """Waits for a launched step's tokens, writes them into the registry and returns its result. Steps are
         finished in launch order; older steps left unfinished are resolved and dropped first."""
-        if not launched.sampling_queued.is_set():
-            self.queue_sampling(launched)
         launched.wait()
         started = time.perf_counter()
         with self._lock:
@@ -242,53 +242,40 @@ class Worker:
         host_ms = (launched.host_s + time.perf_counter() - started) * 1e3
         return StepResult(launched.step_id, tuple(results), host_ms, launched.span.duration_ms(), idle_ms)
 
-    def _await_token_masks(self) -> None:
-        """Waits, without the lock (finish() may take it meanwhile), for the token masks of the steps in flight, so
-        that queueing their samplings before the next forward pass does not wait under the lock."""
+    def _await_deferred_samplings(self) -> None:
+        """Waits, without the lock (their thread and finish() take it meanwhile), until the deferred samplings of the
+        steps in flight are queued or have failed."""
         for launched in list(self._in_flight):
-            if launched.token_masks is not None:
-                futures.wait([launched.token_masks])
-
-    def _queue_earlier_samplings(self) -> None:
-        """Under the lock, before a step queues anything: every deferred sampling before it is queued, so the
-        tokens this step reads on the device are the sampled ones."""
-        for launched in self._in_flight:
-            self._queue_sampling(launched)
-
-    def _queue_sampling(self, launched: LaunchedStep) -> None:
-        if launched.error is not None:
-            raise launched.error
-        if not launched.is_deferred or launched.token_masks is None:
-            return
-        try:
-            self.runner.sample_deferred(launched.run, launched.token_masks.result())
-            self._close_launch(launched)
-        except BaseException as error:
-            launched.error = error
-            launched.sampling_queued.set()
-            raise
+            if launched.deferred_sampling is not None:
+                futures.wait([launched.deferred_sampling])
 
     def _close_launch(self, launched: LaunchedStep) -> None:
         """The step's sampling is queued: its tokens become the sequences' last tokens on the device, and its span
         ends."""
         self.runner.keep_last_tokens(launched.run, [slot.state.table_row for slot in launched.pending])
         launched.span.close()
-        launched.sampling_queued.set()
 
-    def _token_masks_after(self, earlier: list[LaunchedStep], sampler: Sampler,
-                           deferred: DeferredSampling) -> torch.Tensor | None:
+    def _sample_when_masked(self, earlier: list[LaunchedStep], launched: LaunchedStep) -> None:
         """Off the step thread: reads the earlier steps' tokens into the registry (their samplings are queued),
-        then computes the deferred rows' token masks."""
-        for launched in earlier:
-            self._resolve(launched)
-        return sampler.token_masks(deferred.current_rows())
+        computes the deferred rows' token masks, and queues the sampling as soon as they are ready, under the lock
+        so that nothing else is queued on the device between. The next launch waits for this before it queues its
+        forward pass, which may read these tokens; the control plane's round trip never delays a sampling."""
+        for step in earlier:
+            self._resolve(step)
+        runner, deferred = self.runner, launched.run.deferred
+        if deferred is None:
+            raise RuntimeError(f"step {launched.step_id} has no deferred sampling")
+        token_masks = runner.sampler.token_masks(deferred.current_rows())
+        with self._lock:
+            runner.sample_deferred(launched.run, token_masks)
+            self._close_launch(launched)
 
     def _resolve(self, launched: LaunchedStep) -> None:
         with launched.resolve_lock:
-            if launched.error is not None:
-                raise launched.error
             if launched.is_resolved:
                 return
+            if launched.deferred_sampling is not None:
+                launched.deferred_sampling.result()  # raises the failure of the step's deferred sampling
             if launched.run.sample is not None:
                 launched.sample = launched.run.sample.result()
                 self.registry.fill(launched.pending, launched.sample.token_ids)
@@ -367,6 +354,12 @@ class Worker:
         del runners, probe
         torch.cuda.empty_cache()
         return max(graph_bytes, 0)
+
+
+def _use_device(device: torch.device) -> None:
+    """A worker thread's current device: kernels follow their tensors, but events record on the current device."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
 
 def _reads_token_history(work: list[ScheduledWork]) -> bool:

@@ -1,16 +1,18 @@
-"""A step whose sampling reads earlier tokens on the host is launched with only its forward pass queued; its
-sampling is queued by the next launch or by the pipeline's flush, gives the tokens it gives one step at a time,
+"""A step whose sampling reads earlier tokens on the host is launched with only its forward pass queued; the worker's
+own thread queues its sampling as soon as its token masks are ready, it gives the tokens it gives one step at a time,
 and a failure on the way ends the step with its error instead of a hang."""
 
 from __future__ import annotations
 
 import asyncio
+from concurrent import futures
 
 import pytest
 
 from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.contract.step import StepPlan, StepResult
 from pagedserve.contract.structured_output import ConstraintKind, StructuredOutput
+from pagedserve.gpu_worker.launched_step import LaunchedStep
 from pagedserve.gpu_worker.step_pipeline import StepPipeline
 from tests.gpu_worker.harness import STORIES_DIR, load_worker
 from tests.gpu_worker.test_overlapped_steps import BLOCK_SIZE, _run_one_at_a_time, _steps, _tokens
@@ -19,29 +21,36 @@ CHOICE = StructuredOutput(ConstraintKind.CHOICE, choices=("Once upon a time", "O
 CONSTRAINED = SamplingParams(temperature=0.9, seed=5, structured_output=CHOICE)
 
 
-def test_the_next_launch_queues_a_deferred_sampling_before_its_own_forward_pass() -> None:
+def _queued_without_another_launch(launched: LaunchedStep) -> bool:
+    """Whether the step's deferred sampling gets queued while nothing else is launched or finished."""
+    if launched.deferred_sampling is None:
+        return False
+    done, _ = futures.wait([launched.deferred_sampling], timeout=30)
+    return bool(done) and launched.deferred_sampling.exception() is None
+
+
+def test_a_deferred_sampling_is_queued_as_soon_as_its_masks_are_ready_with_no_next_launch() -> None:
     steps = _steps(CONSTRAINED, num_decodes=6)
     expected = _run_one_at_a_time(load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=32), steps)
     worker = load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=32)
-    launched = [worker.launch(steps[0]), worker.launch(steps[1])]
-    assert launched[0].sampling_queued.is_set()  # the prompt step's first sample reads no earlier tokens
-    assert not launched[1].sampling_queued.is_set()
-    results = [worker.finish(launched.pop(0))]
-    for step in steps[2:]:
+    launched = [worker.launch(steps[0])]
+    assert _queued_without_another_launch(launched[0])
+    results = []
+    for step in steps[1:]:  # two steps in flight: each queued before the older one is finished
         launched.append(worker.launch(step))
-        assert launched[0].sampling_queued.is_set() and not launched[1].sampling_queued.is_set()
+        assert _queued_without_another_launch(launched[1])
         results.append(worker.finish(launched.pop(0)))
     results.append(worker.finish(launched.pop(0)))
     assert _tokens(results, 1) == _tokens(expected, 1)
 
 
 async def _through_pipeline(pipeline: StepPipeline, steps: list[StepPlan]) -> list[StepResult]:
-    """Every step launched before any is finished: the last one's sampling has no next launch to queue it."""
+    """Every step launched before any is finished."""
     launched = [await pipeline.launch(step) for step in steps]
     return [await asyncio.wait_for(pipeline.finish(step), timeout=30) for step in launched]
 
 
-def test_the_pipeline_flushes_a_deferred_sampling_that_no_launch_follows() -> None:
+def test_steps_all_launched_before_any_finishes_give_the_tokens_of_one_at_a_time() -> None:
     steps = _steps(CONSTRAINED, num_decodes=3)
     expected = _run_one_at_a_time(load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=32), steps)
     pipeline = StepPipeline(load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=32))
