@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pagedserve.control_plane.text.piece_texts import REPLACEMENT_CHAR
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 
 CONTEXT_WINDOW = 5  # prompt tokens decoded in front of the output, so its first word gets its space
-REPLACEMENT_CHAR = "\ufffd"  # what a decoder writes for bytes that are not (yet) a whole character
 
 
 class IncrementalDetokenizer:
@@ -30,10 +30,15 @@ class IncrementalDetokenizer:
     held back while it may still change: it ends with U+FFFD (a character cut short), or its last
     visible token is a byte-fallback piece (the decoder rejects a whole run of byte pieces when any
     byte of it is invalid, so a later piece can rewrite earlier ones).
+
+    Most steps add one plain piece (see PieceTexts) after a step that emitted everything. When the
+    prefix text is non-empty and does not end with U+FFFD, such a step takes the decoded text and
+    the next prefix text from the tokenizer's PieceTexts instead of decoding: the same deltas and
+    the same state, at about a tenth of the cost.
     """
 
-    __slots__ = ("_tokenizer", "_skip_special_tokens", "_joined_ids", "_visible_ids", "_byte_ids", "_tokens",
-                 "_prefix_offset", "_read_offset", "_prefix_text", "_last_visible_index")
+    __slots__ = ("_tokenizer", "_skip_special_tokens", "_joined_ids", "_visible_ids", "_byte_ids", "_piece_texts",
+                 "_tokens", "_prefix_offset", "_read_offset", "_prefix_text", "_last_visible_index")
 
     def __init__(
         self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int], skip_special_tokens: bool,
@@ -47,6 +52,9 @@ class IncrementalDetokenizer:
         self._joined_ids = tokenizer.added_token_ids if is_joining else frozenset()
         self._visible_ids = tokenizer.visible_ids(skip_special_tokens)
         self._byte_ids = tokenizer.byte_token_ids
+        # Joining decodes the text in parts, and a piece's text depends on the last part alone, which can be empty
+        # when the prefix text is not: always decode.
+        self._piece_texts = None if self._joined_ids else tokenizer.piece_texts
         self._tokens = self._context_ids(prompt_token_ids)
         self._prefix_offset = 0
         self._read_offset = len(self._tokens)
@@ -55,6 +63,12 @@ class IncrementalDetokenizer:
 
     def add_tokens(self, token_ids: Sequence[int]) -> str:
         """Appends sampled tokens; returns the text they make certain (possibly empty)."""
+        piece_texts, prefix_text = self._piece_texts, self._prefix_text
+        if (piece_texts is not None and len(token_ids) == 1 and self._read_offset == len(self._tokens)
+                and prefix_text and prefix_text[-1] != REPLACEMENT_CHAR):
+            texts = piece_texts[token_ids[0]]
+            if texts is not None:
+                return self._add_piece(token_ids[0], *texts)
         visible_ids = self._visible_ids
         for token_id in token_ids:
             self._tokens.append(token_id)
@@ -75,6 +89,14 @@ class IncrementalDetokenizer:
         if len(self._tokens) == self._read_offset:
             return ""
         return self._advance(self._decode(self._tokens[self._prefix_offset :]))
+
+    def _add_piece(self, token_id: int, appended: str, alone: str) -> str:
+        """Appends one plain piece as add_tokens' decoding path would, with PieceTexts' texts for decode()'s."""
+        self._tokens.append(token_id)
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._tokens)
+        self._last_visible_index = self._read_offset - 1
+        self._prefix_text = alone
+        return appended
 
     def _advance(self, text: str) -> str:
         delta = text[len(self._prefix_text) :]

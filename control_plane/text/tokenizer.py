@@ -15,6 +15,8 @@ from tokenizers.pre_tokenizers import ByteLevel
 # AutoTokenizer imports torch, which the control plane never loads.
 from transformers import PreTrainedTokenizerFast
 
+from pagedserve.control_plane.text.piece_texts import PieceTexts
+
 _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 # Most code points one character's canonical decomposition has (Unicode 15: 4, e.g. U+1F87), hence the most
 # characters NFC or NFKC can compose into one.
@@ -84,6 +86,12 @@ class Tokenizer:
         """Ids that decode() writes text for: every vocabulary piece (added tokens included), less the special
         tokens when skip_special_tokens; a set, for per-token membership tests."""
         return self._visible_ids[skip_special_tokens]
+
+    @cached_property
+    def piece_texts(self) -> PieceTexts | None:
+        """What each plain piece adds to a decoded text, so a detokenizer steps over it without decoding; None when
+        this tokenizer's decoder may write a piece differently after different tokens."""
+        return PieceTexts.of(self._backend, self._added_token_ids)
 
     @cached_property
     def max_chars_per_token(self) -> int | None:

@@ -3,14 +3,17 @@ decode only a few tokens per step."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from tokenizers import decoders
 
 from pagedserve.control_plane.launch.builtin_model import write_builtin_model
 from pagedserve.control_plane.text.detokenizer import IncrementalDetokenizer
+from pagedserve.control_plane.text.piece_texts import appends_pieces_independently
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 
 MIXED_TEXT = (
@@ -30,8 +33,13 @@ def stories(stories260k_dir: Path) -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def builtin(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    return Tokenizer(write_builtin_model(tmp_path_factory.mktemp("builtin")))
+def builtin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_builtin_model(tmp_path_factory.mktemp("builtin"))
+
+
+@pytest.fixture(scope="module")
+def builtin(builtin_dir: Path) -> Tokenizer:
+    return Tokenizer(builtin_dir)
 
 
 def _deltas(
@@ -176,12 +184,14 @@ def test_finish_releases_held_text_once(llama2: Tokenizer) -> None:
 
 
 class _WindowSpy(Tokenizer):
-    """The llama2 tokenizer, recording the longest id sequence decode() was asked for."""
+    """A tokenizer recording how often decode() was called and the longest id sequence it was asked for."""
 
     longest = 0
+    num_calls = 0
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         self.longest = max(self.longest, len(token_ids))
+        self.num_calls += 1
         return super().decode(token_ids, skip_special_tokens)
 
 
@@ -194,3 +204,27 @@ def test_each_step_decodes_a_short_window_not_the_whole_output(llama2_tokenizer_
     assert len(words) == 2000
     assert text == " " + spy.decode(words)
     assert longest_window <= 6
+
+
+@pytest.mark.parametrize("model_dir", ["llama2_tokenizer_dir", "builtin_dir"])
+def test_one_token_steps_over_plain_pieces_do_not_decode(model_dir: str, request: pytest.FixtureRequest) -> None:
+    spy = _WindowSpy(request.getfixturevalue(model_dir))
+    prompt = spy.encode("Once upon a time")
+    words = spy.encode(" there was a little dog who liked to run in the park" * 20, add_special_tokens=False)
+    detokenizer = IncrementalDetokenizer(spy, prompt, True)
+    num_calls_at_start = spy.num_calls
+    text = "".join(detokenizer.add_tokens([t]) for t in words) + detokenizer.finish()
+    num_calls = spy.num_calls - num_calls_at_start
+    assert text == _text_after_prompt(spy, prompt, words, True)
+    assert num_calls == 0
+
+
+@pytest.mark.parametrize("decoder", [
+    decoders.BPEDecoder(),  # the last piece loses its end-of-word space
+    decoders.CTC(),  # repeated pieces merge
+    decoders.Sequence([decoders.Fuse(), decoders.Strip(" ", 0, 1)]),  # trims the end
+    decoders.Sequence([decoders.Fuse(), decoders.ByteFallback()]),  # fused text can look like one byte piece
+    decoders.Replace("ab", "c"),  # a pattern can span two pieces
+])
+def test_decoders_that_write_a_piece_by_its_neighbours_are_always_decoded(decoder: decoders.Decoder) -> None:
+    assert not appends_pieces_independently(json.loads(decoder.__getstate__()))
