@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from benchmarks import serving
+from benchmarks.hardware_bound import dtype_bytes
 
 
 def test_sweep_records_every_level_with_vllm_metrics(stories260k_dir: Path, tmp_path: Path) -> None:
@@ -41,3 +42,13 @@ def test_a_json_schema_on_every_request_runs_beside_none_through_a_real_server(
     runs = result["runs"]
     assert [run["structured_output"] for run in runs] == ["none", "unique-schema"]
     assert [(run["completed"], run["failed"], run["total_output_tokens"]) for run in runs] == [(4, 0, 24)] * 2
+
+
+def test_the_bound_counts_the_bytes_the_server_was_started_with() -> None:
+    """A server of FP8 weights and FP8 K/V reads half the bytes: its bound may not be the bf16 one (it once was,
+    and FP8 runs read as 118 % of their bound)."""
+    model = ["--model", "unused"]
+    assert serving.element_bytes(serving.parse_args(model)) == dtype_bytes("bfloat16")
+    fp8 = serving.element_bytes(serving.parse_args([*model, "--quantization", "fp8", "--kv-cache-dtype", "fp8"]))
+    assert fp8 == dtype_bytes("bfloat16", fp8_weights=True, fp8_kv=True)
+    assert (fp8.layer_linear, fp8.kv) == (1, 1)
