@@ -10,7 +10,6 @@ never sits between one step's tokens and the next step's sampling.
 from __future__ import annotations
 
 import threading
-from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -38,9 +37,12 @@ class LaunchedStep:
 
     def wait(self) -> None:
         """Blocks until the step's sampling is queued and its device work is done, the copy of its results to the
-        host included (the span closes after it); touches no worker state. Raises the failure of a deferred sampling
+        host included (the span closes after it); touches no worker state. Raises as sampling_queued() does."""
+        self.sampling_queued()
+        self.span.wait()
+
+    def sampling_queued(self) -> None:
+        """Blocks until the step's sampling is queued on the device. Raises the failure of a deferred sampling
         (CancelledError when the worker closed before it ran)."""
         if self.deferred_sampling is not None:
-            futures.wait([self.deferred_sampling])
             self.deferred_sampling.result()
-        self.span.wait()

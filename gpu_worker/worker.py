@@ -198,11 +198,9 @@ class Worker:
         launched_step.py). Raises InvalidStepError, or the failure of an earlier step's deferred sampling, before
         changing anything."""
         started = time.perf_counter()
-        self._await_deferred_samplings()
+        for earlier in list(self._in_flight):  # without the lock: their samplings' thread and finish() take it
+            earlier.sampling_queued()  # this step's inputs may read their tokens on the device
         with self._lock:
-            for earlier in self._in_flight:  # their samplings are queued: this step's inputs may read their tokens
-                if earlier.deferred_sampling is not None:
-                    earlier.deferred_sampling.result()
             registry, pool, runner = self.registry, self.pool, self.runner
             registry.validate(step)
             if self._leader is not None:
@@ -274,8 +272,7 @@ class Worker:
         with launched.resolve_lock:
             if launched.is_resolved:
                 return
-            if launched.deferred_sampling is not None:
-                launched.deferred_sampling.result()  # raises the failure of the step's deferred sampling
+            launched.sampling_queued()
             if launched.run.sample is not None:
                 launched.sample = launched.run.sample.result()
                 self.registry.fill(launched.pending, launched.sample.token_ids)
