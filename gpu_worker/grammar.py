@@ -219,13 +219,16 @@ def fill_token_masks(compiler: GrammarCompiler, grammars: list[SequenceGrammar],
     return torch.from_numpy(masks)
 
 
-def apply_token_masks(logits: torch.Tensor, rows: torch.Tensor, masks: torch.Tensor) -> None:
-    """Sets logits[rows[i], t] = -inf wherever bit t of masks[i] is clear.
+def apply_token_masks(logits: torch.Tensor, rows: torch.Tensor | None, masks: torch.Tensor) -> None:
+    """Sets logits[rows[i], t] = -inf wherever bit t of masks[i] is clear (rows None: row i of logits).
 
     logits: [batch, vocab] float, written in place; rows: [R] int64 and masks: [R, ceil(vocab / 32)] int32, on
     logits' device. Plain tensor operations: no host round trip, and the same code on every device.
     """
     shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
     bits = (masks.unsqueeze(-1) >> shifts) & 1  # [R, words, 32]: bit 0 of word w is token 32 w
-    allowed = bits.reshape(masks.shape[0], -1)[:, : logits.shape[1]].bool()
-    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+    disallowed = bits.reshape(masks.shape[0], -1)[:, : logits.shape[1]].eq(0)
+    if rows is None:
+        logits.masked_fill_(disallowed, float("-inf"))
+    else:
+        logits[rows] = logits[rows].masked_fill(disallowed, float("-inf"))

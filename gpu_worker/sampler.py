@@ -40,20 +40,21 @@ class SamplingRow(NamedTuple):
     sample_index: int = 0  # sibling index for n > 1
     grammar: SequenceGrammar | None = None  # structured output, having accepted output_token_ids
     bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
-    plain_greedy_from: int | None = None  # outputs from which the row is an argmax of raw logits; None: never
+    # Outputs from which the row is an argmax of its logits (under its grammar's mask when it has one); None: never.
+    greedy_from: int | None = None
 
     @classmethod
     def of(cls, params: SamplingParams, banned_token_ids: tuple[int, ...], prompt_token_ids: Sequence[int],
            output_token_ids: Sequence[int], sample_index: int = 0, grammar: SequenceGrammar | None = None,
            bad_words_token_ids: tuple[tuple[int, ...], ...] = ()) -> SamplingRow:
-        """The row with plain_greedy_from worked out: a greedy row that asks for no logprobs and changes no logit
-        (penalties, allowed ids, biases, grammar, bad words) is an argmax once its min-tokens bans are over."""
-        is_plain = params.is_greedy and params.logprobs is None and not (
-            params.has_penalties or params.allowed_token_ids or params.logit_bias or grammar is not None
-            or bad_words_token_ids)
-        plain_from = (params.min_tokens if banned_token_ids else 0) if is_plain else None
+        """The row with greedy_from worked out: a greedy row that asks for no logprobs and changes no logit but by
+        its grammar (no penalties, allowed ids, biases or bad words) is an argmax under its grammar's mask once its
+        min-tokens bans are over."""
+        is_argmax = params.is_greedy and params.logprobs is None and not (
+            params.has_penalties or params.allowed_token_ids or params.logit_bias or bad_words_token_ids)
+        greedy_from = (params.min_tokens if banned_token_ids else 0) if is_argmax else None
         return cls(params, banned_token_ids, prompt_token_ids, output_token_ids, sample_index, grammar,
-                   bad_words_token_ids, plain_from)
+                   bad_words_token_ids, greedy_from)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,13 +130,17 @@ class _BatchPlan:
         return bool(self.has_bans or self.has_biases or self.penalty_rows or self.has_allowed or self.grammar_rows)
 
 
-def _are_plain_greedy(rows: Sequence[SamplingRow]) -> bool:
-    """Whether every row is an argmax of its raw logits now, as far as plain_greedy_from tells."""
-    for row in rows:
-        plain_from = row.plain_greedy_from
-        if plain_from is None or len(row.output_token_ids) < plain_from:
-            return False
-    return True
+def _greedy_grammar_rows(rows: Sequence[SamplingRow]) -> list[int] | None:
+    """When every row is an argmax now (of its raw logits, or under its grammar's mask), as greedy_from tells: the
+    indices of the rows with a grammar. Otherwise None."""
+    grammar_rows = []
+    for index, row in enumerate(rows):
+        greedy_from = row.greedy_from
+        if greedy_from is None or len(row.output_token_ids) < greedy_from:
+            return None
+        if row.grammar is not None:
+            grammar_rows.append(index)
+    return grammar_rows
 
 
 def _plan(rows: Sequence[SamplingRow], vocab_size: int) -> _BatchPlan:
@@ -197,8 +202,10 @@ class Sampler:
         """Queues the sampling of one token per row on the device; the host reads rows only during this call.
         token_masks: the grammar rows' masks (token_masks(rows)) when computed ahead, else computed here."""
         self._check_logits(logits, len(rows))
-        if _are_plain_greedy(rows):  # the usual greedy batch: one check per row instead of the row's plan
-            tokens = logits.argmax(dim=-1)
+        grammar_rows = _greedy_grammar_rows(rows)
+        if grammar_rows is not None:  # the usual greedy batch, constrained or not: no per-row plan
+            masked = self._masked(logits, rows, grammar_rows, token_masks) if grammar_rows else logits
+            tokens = masked.argmax(dim=-1)
             return PendingSample(tokens, tokens, [])
         plan = _plan(rows, self._vocab_size)
         tokens = self._choose(self._processed(logits, rows, plan, token_masks), plan)
@@ -241,13 +248,8 @@ class Sampler:
         when one applies, else `logits` itself."""
         if not plan.has_logit_changes:
             return logits
-        work = logits.clone(memory_format=torch.contiguous_format)  # bans and biases write through a flat view
-        if plan.grammar_rows:
-            masks = token_masks if token_masks is not None else self.token_masks(rows)
-            if masks is None:
-                raise RuntimeError("grammar rows without token masks")
-            rows_index = torch.tensor(plan.grammar_rows, dtype=torch.int64)
-            apply_token_masks(work, to_device(rows_index, work.device), to_device(masks, work.device))
+        work = (self._masked(logits, rows, plan.grammar_rows, token_masks) if plan.grammar_rows
+                else logits.clone(memory_format=torch.contiguous_format))  # bans and biases write through a flat view
         if plan.has_allowed:
             apply_allowed(work, plan.allowed)
         if plan.has_bans:
@@ -261,6 +263,19 @@ class Sampler:
             _penalise(subset, [rows[i] for i in plan.penalty_rows])
             if index is not None:
                 work[index] = subset
+        return work
+
+    def _masked(self, logits: torch.Tensor, rows: Sequence[SamplingRow], grammar_rows: list[int],
+                token_masks: torch.Tensor | None) -> torch.Tensor:
+        """A contiguous copy of logits with the grammar rows' masks applied (token_masks: theirs, computed ahead;
+        None: computed now)."""
+        masks = token_masks if token_masks is not None else self.token_masks(rows)
+        if masks is None:
+            raise RuntimeError("grammar rows without token masks")
+        work = logits.clone(memory_format=torch.contiguous_format)
+        is_every_row = len(grammar_rows) == len(rows)
+        rows_index = None if is_every_row else to_device(torch.tensor(grammar_rows, dtype=torch.int64), work.device)
+        apply_token_masks(work, rows_index, to_device(masks, work.device))
         return work
 
     def _choose(self, logits: torch.Tensor, plan: _BatchPlan) -> torch.Tensor:

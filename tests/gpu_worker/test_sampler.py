@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
 import pytest
 import torch
 
 from pagedserve.contract.sampling_params import SamplingParams
+from pagedserve.gpu_worker.grammar import SequenceGrammar
 from pagedserve.gpu_worker.logits_processors import apply_penalties
 from pagedserve.gpu_worker.sampler import Sampler, SamplingRow
 
@@ -248,18 +250,49 @@ def test_logits_of_the_wrong_shape_are_rejected() -> None:
     {"logprobs": 1}, {"presence_penalty": 0.5}, {"allowed_token_ids": (3, 4)}, {"logit_bias": {3: -50.0}},
     {"temperature": 0.5},
 ])
-def test_a_row_that_reads_or_changes_its_logits_is_never_a_plain_argmax(params: dict[str, Any]) -> None:
-    assert _row(**{"temperature": 0.0, **params}).plain_greedy_from is None
+def test_a_row_that_reads_or_changes_its_logits_is_never_an_argmax(params: dict[str, Any]) -> None:
+    assert _row(**{"temperature": 0.0, **params}).greedy_from is None
 
 
 def test_a_greedy_row_is_a_plain_argmax_only_once_its_min_tokens_bans_are_over() -> None:
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).repeat(2, 1)  # token 3 is every row's argmax
     rows = [_row(output=(5,), banned_token_ids=(3,), temperature=0.0, min_tokens=2),
             _row(output=(5, 6), banned_token_ids=(3,), temperature=0.0, min_tokens=2)]
-    assert [row.plain_greedy_from for row in rows] == [2, 2]
-    assert _row(temperature=0.0, min_tokens=2).plain_greedy_from == 0  # nothing to ban
+    assert [row.greedy_from for row in rows] == [2, 2]
+    assert _row(temperature=0.0, min_tokens=2).greedy_from == 0  # nothing to ban
     assert Sampler(4, CPU).sample(logits, rows).token_ids == [2, 3]
     # A row built directly does not know its threshold: the per-row plan bans the token all the same.
     direct = SamplingRow(rows[0].params, (3,), (), (5,))
-    assert direct.plain_greedy_from is None
+    assert direct.greedy_from is None
     assert Sampler(4, CPU).sample(logits[:1], [direct]).token_ids == [2]
+
+
+def _bitmasks(allowed: list[set[int]], vocab_size: int) -> torch.Tensor:
+    """[rows, ceil(vocab / 32)] int32 token bitmasks, bit t of a row set when t is allowed."""
+    words = np.zeros((len(allowed), -(-vocab_size // 32)), dtype=np.uint32)
+    for row, tokens in enumerate(allowed):
+        for token in tokens:
+            words[row, token // 32] |= np.uint32(1 << (token % 32))
+    return torch.from_numpy(words.view(np.int32))
+
+
+def test_a_greedy_row_with_a_grammar_is_the_argmax_of_the_tokens_its_mask_allows() -> None:
+    """Whether the batch takes the plain-greedy path (every row an argmax) or the per-row plan (a row asks for
+    logprobs), and whether every row or some have a grammar, a grammar row's token is its best allowed token."""
+    vocab_size = 40
+    logits = _random_logits(3, vocab_size, seed=7)
+    grammar = cast(SequenceGrammar, object())  # stands for a grammar whose masks are computed ahead
+    allowed = [{5, 31, 33}, {0}]
+    candidates = sorted(allowed[0])
+    expected = [candidates[int(logits[1, candidates].argmax())], 0]
+    assert logits[1:].argmax(dim=-1).tolist() != expected  # the masks decide
+    greedy = SamplingParams(temperature=0.0)
+    grammar_rows = [SamplingRow.of(greedy, (), (), (), grammar=grammar) for _ in allowed]
+    masks = _bitmasks(allowed, vocab_size)
+    assert all(row.greedy_from == 0 for row in grammar_rows)
+    sampler = Sampler(vocab_size, CPU)
+    every_row = sampler.start(logits[1:], grammar_rows, masks).result().token_ids
+    assert every_row == expected
+    for first in (_row(temperature=0.0), _row(temperature=0.0, logprobs=1)):
+        tokens = sampler.start(logits, [first, *grammar_rows], masks).result().token_ids
+        assert tokens == [int(logits[0].argmax()), *expected]
