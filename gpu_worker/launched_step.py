@@ -1,10 +1,11 @@
 """A step between launch and finish: queued on the device and recorded in the registry, its tokens still to be read.
 
 A step whose sampling reads earlier tokens on the host (grammars, penalties, bad words) is launched with only its
-forward pass queued. A worker thread waits for the earlier steps' tokens, computes its token masks while the device
-runs that forward pass and the step thread prepares the next step, and queues its sampling as soon as they are ready,
-so that neither the device nor the step thread waits for the grammar engine, and the control plane's round trip
-never sits between one step's tokens and the next step's sampling.
+forward pass queued. From the moment the step's work is known, a worker thread waits for the earlier steps' tokens
+and computes its token masks, while the step thread queues the forward pass and the device runs it; the thread
+queues the sampling as soon as both are done. So neither the device nor the step thread waits for the grammar
+engine, the launch's host work and the masks overlap, and the control plane's round trip never sits between one
+step's tokens and the next step's sampling.
 """
 
 from __future__ import annotations

@@ -115,18 +115,42 @@ def _input_ids(work: list[ScheduledWork], starts: np.ndarray, ends: np.ndarray, 
             for t in item.state.token_ids(start, end)]
 
 
-@dataclass(frozen=True, slots=True)
-class DeferredSampling:
-    """A step's logits and sampling rows, kept until the host has the tokens its rows read (grammars, penalties,
-    bad words): rows see only the outputs they had when the step was launched, whatever was reserved since."""
+def sampling_rows(work: list[ScheduledWork]) -> list[SamplingRow]:
+    """One row per sampling sequence and per pending sibling, in work order. A sequence's row is the one it keeps;
+    a sibling's differs by its sample index."""
+    rows = []
+    for state, _, _, is_sampling in work:
+        if is_sampling:
+            rows.append(state.sampling_row)
+            rows.extend(state.sampling_row._replace(sample_index=fork.sample_index) for fork in state.forks)
+    return rows
 
-    logits: torch.Tensor
+
+@dataclass(frozen=True, slots=True)
+class RowsAtLaunch:
+    """A step's sampling rows as they are when it is launched, for a sampling that reads them later (grammars,
+    penalties, bad words): the rows' output lists are live, so each row sees only the outputs it had then, whatever
+    was reserved since."""
+
     rows: list[SamplingRow]
     num_outputs: list[int]  # per row: len(output_token_ids) at launch
+
+    @classmethod
+    def of(cls, work: list[ScheduledWork]) -> RowsAtLaunch:
+        rows = sampling_rows(work)
+        return cls(rows, [len(row.output_token_ids) for row in rows])
 
     def current_rows(self) -> list[SamplingRow]:
         return [row._replace(output_token_ids=row.output_token_ids[:count])
                 for row, count in zip(self.rows, self.num_outputs, strict=True)]
+
+
+@dataclass(frozen=True, slots=True)
+class DeferredSampling:
+    """A step's logits and sampling rows, kept until the host has the tokens its rows read."""
+
+    logits: torch.Tensor
+    rows: RowsAtLaunch
 
 
 @dataclass(slots=True, eq=False)
@@ -181,9 +205,10 @@ class ModelRunner:
         self._last_tokens = torch.zeros(tables.table.shape[0], dtype=torch.int64, device=pool.device)
 
     @torch.inference_mode()
-    def launch(self, work: list[ScheduledWork], defer_sampling: bool = False) -> LaunchedRun:
-        """Queues the forward pass and the sampling (only the forward pass when defer_sampling: sample_deferred
-        queues the sampling later); the host reads the sequences' state only during this call."""
+    def launch(self, work: list[ScheduledWork], deferred_rows: RowsAtLaunch | None = None) -> LaunchedRun:
+        """Queues the forward pass and the sampling (only the forward pass when deferred_rows, the work's rows, are
+        given: sample_deferred queues the sampling later); the host reads the sequences' state only during this
+        call."""
         sampled_seq_ids = [
             ((state.seq_id, *(fork.seq_id for fork in state.forks)) if state.forks else (state.seq_id,))
             if is_sampling else ()
@@ -198,18 +223,17 @@ class ModelRunner:
             hidden = self.piece_runner.run(batch)
         else:
             hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.pool.gpu_cache)
-        sampling = self._sampling_inputs(work, batch, hidden)
+        rows = deferred_rows.rows if deferred_rows is not None else sampling_rows(work)
+        logits = self._sampling_logits(work, batch, hidden) if rows else None
         prompt_logprobs = [
             self._prompt_logprobs(item, int(batch.query_start_loc[index]), hidden)
             if item.state.sampling_params.prompt_logprobs is not None else ()
             for index, item in enumerate(work)
         ]
-        if sampling is None:
+        if logits is None:
             return LaunchedRun(work, sampled_seq_ids, prompt_logprobs, None)
-        logits, rows = sampling
-        if defer_sampling:
-            deferred = DeferredSampling(logits, rows, [len(row.output_token_ids) for row in rows])
-            return LaunchedRun(work, sampled_seq_ids, prompt_logprobs, None, deferred)
+        if deferred_rows is not None:
+            return LaunchedRun(work, sampled_seq_ids, prompt_logprobs, None, DeferredSampling(logits, deferred_rows))
         return LaunchedRun(work, sampled_seq_ids, prompt_logprobs, self.sampler.start(logits, rows))
 
     @torch.inference_mode()
@@ -217,7 +241,7 @@ class ModelRunner:
         """Queues a deferred run's sampling, with its grammar rows' token masks when it has any."""
         if run.deferred is None:
             raise RuntimeError("the run's sampling is not deferred")
-        run.sample = self.sampler.start(run.deferred.logits, run.deferred.current_rows(), token_masks)
+        run.sample = self.sampler.start(run.deferred.logits, run.deferred.rows.current_rows(), token_masks)
         run.deferred = None
 
     def keep_last_tokens(self, run: LaunchedRun, table_rows: list[int]) -> None:
@@ -231,29 +255,16 @@ class ModelRunner:
         index = to_device(torch.tensor(table_rows, dtype=torch.int64), self._last_tokens.device)
         self._last_tokens[index] = run.sample.tokens
 
-    def _sampling_inputs(
-        self, work: list[ScheduledWork], batch: FlatBatch, hidden: torch.Tensor
-    ) -> tuple[torch.Tensor, list[SamplingRow]] | None:
-        """Logits and rows of one token per sampling sequence (and per pending sibling, from the same logits row);
-        None when nothing samples. A sequence's row is the one it keeps; a sibling's differs by its sample index."""
-        hidden_rows: list[int] = []
-        rows: list[SamplingRow] = []
+    def _sampling_logits(self, work: list[ScheduledWork], batch: FlatBatch, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of sampling_rows(work): each sampling sequence's last row, once more per pending sibling."""
         last_rows = (batch.query_start_loc[1:] - 1).tolist()
-        for (state, _, _, is_sampling), last_row in zip(work, last_rows, strict=True):
-            if not is_sampling:
-                continue
-            rows.append(state.sampling_row)
-            hidden_rows.append(last_row)
-            for fork in state.forks:
-                rows.append(state.sampling_row._replace(sample_index=fork.sample_index))
-                hidden_rows.append(last_row)
-        if not rows:
-            return None
+        hidden_rows = [last_row for (state, _, _, is_sampling), last_row in zip(work, last_rows, strict=True)
+                       if is_sampling for _ in range(1 + len(state.forks))]
         if hidden_rows == list(range(batch.num_tokens)):  # every row samples, once: no gather needed
             sampled_hidden = hidden
         else:
             sampled_hidden = hidden[to_device(torch.tensor(hidden_rows, dtype=torch.int64), hidden.device)]
-        return self.model.compute_logits(sampled_hidden), rows
+        return self.model.compute_logits(sampled_hidden)
 
     def _prompt_logprobs(self, item: ScheduledWork, first_row: int, hidden: torch.Tensor) -> tuple[TokenLogprobs, ...]:
         """Log-probabilities of the prompt tokens that follow this step's prompt positions, when asked.

@@ -6,7 +6,7 @@ import threading
 import time
 from collections import deque
 from concurrent import futures
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import structlog
 import torch
@@ -26,7 +26,7 @@ from pagedserve.gpu_worker.grammar import GrammarCompiler
 from pagedserve.gpu_worker.kv_pool import KVLayout, KVPool
 from pagedserve.gpu_worker.launched_step import LaunchedStep
 from pagedserve.gpu_worker.memory_profile import gpu_blocks_for_budget, profile_peak_activation_bytes
-from pagedserve.gpu_worker.model_runner import ModelRunner
+from pagedserve.gpu_worker.model_runner import ModelRunner, RowsAtLaunch
 from pagedserve.gpu_worker.parallel.commands import GroupLeader, fatal_in_group
 from pagedserve.gpu_worker.parallel.group import SINGLE_RANK, ParallelGroup, join_group, rank_device
 from pagedserve.gpu_worker.piecewise_graph import MAX_PIECEWISE_TOKENS, PiecewiseGraphRunner
@@ -207,17 +207,20 @@ class Worker:
                 self._leader.step(step)
             with fatal_in_group(self.group, f"launching step {step.step_id}"):
                 work = registry.apply(step)
+                deferred_rows = RowsAtLaunch.of(work) if _reads_token_history(work) else None
+                # Started now, the token masks are computed while this thread queues the forward pass.
+                token_masks = (self._deferred.submit(self._token_masks, list(self._in_flight), deferred_rows)
+                               if deferred_rows is not None and deferred_rows.rows else None)
                 span = DeviceSpan(self.device)
                 pool.swap_out(step.swap_out)
                 pool.swap_in(step.swap_in)
                 pool.copy_blocks(step.block_copies)
-                run = runner.launch(work, defer_sampling=_reads_token_history(work))
+                run = runner.launch(work, deferred_rows)
                 launched = LaunchedStep(step.step_id, run, registry.reserve(work), span, 0.0)
-                if run.deferred is None:
+                if token_masks is None:
                     self._close_launch(launched)
                 else:
-                    launched.deferred_sampling = self._deferred.submit(
-                        self._sample_when_masked, list(self._in_flight), launched)
+                    launched.deferred_sampling = self._deferred.submit(self._sample_when_masked, token_masks, launched)
             launched.host_s = time.perf_counter() - started
             self._in_flight.append(launched)
         return launched
@@ -253,19 +256,21 @@ class Worker:
         self.runner.keep_last_tokens(launched.run, [slot.state.table_row for slot in launched.pending])
         launched.span.close()
 
-    def _sample_when_masked(self, earlier: list[LaunchedStep], launched: LaunchedStep) -> None:
-        """Off the step thread: reads the earlier steps' tokens into the registry (their samplings are queued),
-        computes the deferred rows' token masks, and queues the sampling as soon as they are ready, under the lock
-        so that nothing else is queued on the device between. The next launch waits for this before it queues its
-        forward pass, which may read these tokens; the control plane's round trip never delays a sampling."""
+    def _token_masks(self, earlier: list[LaunchedStep], rows: RowsAtLaunch) -> torch.Tensor | None:
+        """Off the step thread, from the moment a step's work is known: reads the earlier steps' tokens into the
+        registry as they reach the host (their samplings are queued), then computes the rows' token masks."""
         for step in earlier:
             self._resolve(step)
-        runner, deferred = self.runner, launched.run.deferred
-        if deferred is None:
-            raise RuntimeError(f"step {launched.step_id} has no deferred sampling")
-        token_masks = runner.sampler.token_masks(deferred.current_rows())
+        return self.runner.sampler.token_masks(rows.current_rows())
+
+    def _sample_when_masked(self, token_masks: Future[torch.Tensor | None], launched: LaunchedStep) -> None:
+        """On the masks thread, after _token_masks (the thread runs its tasks in order): queues the sampling as soon
+        as the masks are ready, under the lock so that nothing else is queued on the device between. The next
+        launch waits for this before it queues its forward pass, which may read these tokens; the control plane's
+        round trip never delays a sampling."""
+        masks = token_masks.result()
         with self._lock:
-            runner.sample_deferred(launched.run, token_masks)
+            self.runner.sample_deferred(launched.run, masks)
             self._close_launch(launched)
 
     def _resolve(self, launched: LaunchedStep) -> None:

@@ -5,14 +5,19 @@ and a failure on the way ends the step with its error instead of a hang."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from concurrent import futures
 
 import pytest
+import torch
 
 from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.contract.step import StepPlan, StepResult
 from pagedserve.contract.structured_output import ConstraintKind, StructuredOutput
 from pagedserve.gpu_worker.launched_step import LaunchedStep
+from pagedserve.gpu_worker.model_runner import LaunchedRun, RowsAtLaunch
+from pagedserve.gpu_worker.sampler import SamplingRow
+from pagedserve.gpu_worker.sequence_state import ScheduledWork
 from pagedserve.gpu_worker.step_pipeline import StepPipeline
 from tests.gpu_worker.harness import STORIES_DIR, load_worker
 from tests.gpu_worker.test_overlapped_steps import BLOCK_SIZE, _run_one_at_a_time, _steps, _tokens
@@ -39,6 +44,36 @@ def test_a_deferred_sampling_is_queued_as_soon_as_its_masks_are_ready_with_no_ne
     for step in steps[1:]:  # two steps in flight: each queued before the older one is finished
         launched.append(worker.launch(step))
         assert _queued_without_another_launch(launched[1])
+        results.append(worker.finish(launched.pop(0)))
+    results.append(worker.finish(launched.pop(0)))
+    assert _tokens(results, 1) == _tokens(expected, 1)
+
+
+def test_the_token_masks_are_computed_while_the_step_is_being_launched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The masks do not wait for the launch: the forward pass below is only queued once they have started."""
+    steps = _steps(CONSTRAINED, num_decodes=2)
+    expected = _run_one_at_a_time(load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=32), steps)
+    worker = load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=32)
+    runner, sampler = worker.runner, worker.runner.sampler
+    masks_started = threading.Event()
+    token_masks, launch = sampler.token_masks, runner.launch
+
+    def recording_masks(rows: list[SamplingRow]) -> torch.Tensor | None:
+        masks_started.set()
+        return token_masks(rows)
+
+    def launch_after_masks_started(work: list[ScheduledWork], deferred_rows: RowsAtLaunch | None = None) -> LaunchedRun:
+        if deferred_rows is not None:
+            assert masks_started.wait(timeout=30), "the token masks had not started when the forward pass was queued"
+            masks_started.clear()
+        return launch(work, deferred_rows)
+
+    monkeypatch.setattr(sampler, "token_masks", recording_masks)
+    monkeypatch.setattr(runner, "launch", launch_after_masks_started)
+    launched = [worker.launch(steps[0])]
+    results = []
+    for step in steps[1:]:  # two steps in flight
+        launched.append(worker.launch(step))
         results.append(worker.finish(launched.pop(0)))
     results.append(worker.finish(launched.pop(0)))
     assert _tokens(results, 1) == _tokens(expected, 1)
