@@ -115,15 +115,19 @@ def _input_ids(work: list[ScheduledWork], starts: np.ndarray, ends: np.ndarray, 
             for t in item.state.token_ids(start, end)]
 
 
-def sampling_rows(work: list[ScheduledWork]) -> list[SamplingRow]:
-    """One row per sampling sequence and per pending sibling, in work order. A sequence's row is the one it keeps;
-    a sibling's differs by its sample index."""
-    rows = []
-    for state, _, _, is_sampling in work:
+def sampling_rows(work: list[ScheduledWork]) -> tuple[list[SamplingRow], list[int]]:
+    """One row per sampling sequence and per pending sibling, in work order, and the index in work of each row's
+    item. A sequence's row is the one it keeps; a sibling's differs by its sample index."""
+    rows, items = [], []
+    for index, (state, _, _, is_sampling) in enumerate(work):
         if is_sampling:
-            rows.append(state.sampling_row)
-            rows.extend(state.sampling_row._replace(sample_index=fork.sample_index) for fork in state.forks)
-    return rows
+            row = state.sampling_row
+            rows.append(row)
+            items.append(index)
+            if state.forks:
+                rows.extend(row._replace(sample_index=fork.sample_index) for fork in state.forks)
+                items.extend([index] * len(state.forks))
+    return rows, items
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,12 +137,13 @@ class RowsAtLaunch:
     was reserved since."""
 
     rows: list[SamplingRow]
+    items: list[int]  # per row: the index of its work item
     num_outputs: list[int]  # per row: len(output_token_ids) at launch
 
     @classmethod
     def of(cls, work: list[ScheduledWork]) -> RowsAtLaunch:
-        rows = sampling_rows(work)
-        return cls(rows, [len(row.output_token_ids) for row in rows])
+        rows, items = sampling_rows(work)
+        return cls(rows, items, [len(row.output_token_ids) for row in rows])
 
     def current_rows(self) -> list[SamplingRow]:
         return [row._replace(output_token_ids=row.output_token_ids[:count])
@@ -223,8 +228,8 @@ class ModelRunner:
             hidden = self.piece_runner.run(batch)
         else:
             hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.pool.gpu_cache)
-        rows = deferred_rows.rows if deferred_rows is not None else sampling_rows(work)
-        logits = self._sampling_logits(work, batch, hidden) if rows else None
+        rows, items = (deferred_rows.rows, deferred_rows.items) if deferred_rows is not None else sampling_rows(work)
+        logits = self._sampling_logits(batch, hidden, items) if rows else None
         prompt_logprobs = [
             self._prompt_logprobs(item, int(batch.query_start_loc[index]), hidden)
             if item.state.sampling_params.prompt_logprobs is not None else ()
@@ -255,11 +260,10 @@ class ModelRunner:
         index = to_device(torch.tensor(table_rows, dtype=torch.int64), self._last_tokens.device)
         self._last_tokens[index] = run.sample.tokens
 
-    def _sampling_logits(self, work: list[ScheduledWork], batch: FlatBatch, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits of sampling_rows(work): each sampling sequence's last row, once more per pending sibling."""
+    def _sampling_logits(self, batch: FlatBatch, hidden: torch.Tensor, items: list[int]) -> torch.Tensor:
+        """Logits of the sampling rows whose work items are `items` (sampling_rows): each item's last row."""
         last_rows = (batch.query_start_loc[1:] - 1).tolist()
-        hidden_rows = [last_row for (state, _, _, is_sampling), last_row in zip(work, last_rows, strict=True)
-                       if is_sampling for _ in range(1 + len(state.forks))]
+        hidden_rows = [last_rows[item] for item in items]
         if hidden_rows == list(range(batch.num_tokens)):  # every row samples, once: no gather needed
             sampled_hidden = hidden
         else:
