@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent import futures
 
+import llguidance.numpy
+import numpy as np
 import pytest
 import torch
+from llguidance import LLExecutor, LLMatcher
+from numpy.typing import NDArray
 
 from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.contract.step import StepPlan, StepResult
@@ -17,7 +22,7 @@ from pagedserve.contract.structured_output import ConstraintKind, StructuredOutp
 from pagedserve.gpu_worker.launched_step import LaunchedStep
 from pagedserve.gpu_worker.model_runner import LaunchedRun, RowsAtLaunch
 from pagedserve.gpu_worker.sampler import SamplingRow
-from pagedserve.gpu_worker.sequence_state import ScheduledWork
+from pagedserve.gpu_worker.sequence_state import PendingToken, ScheduledWork, SequenceRegistry
 from pagedserve.gpu_worker.step_pipeline import StepPipeline
 from tests.gpu_worker.harness import STORIES_DIR, load_worker
 from tests.gpu_worker.test_overlapped_steps import BLOCK_SIZE, _run_one_at_a_time, _steps, _tokens
@@ -77,6 +82,36 @@ def test_the_token_masks_are_computed_while_the_step_is_being_launched(monkeypat
         results.append(worker.finish(launched.pop(0)))
     results.append(worker.finish(launched.pop(0)))
     assert _tokens(results, 1) == _tokens(expected, 1)
+
+
+def test_siblings_of_a_constrained_first_sample_copy_its_grammar_before_any_mask_fill(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A grammar cannot be copied while its masks are filled (the engine holds its matcher for the fill): a step that
+    forks siblings starts its masks only once they are forked. Here the fork waits for a fill to start and each fill
+    holds its matchers for a while, so starting the masks before the fork would fail the sibling's grammar."""
+    steps = _steps(CONSTRAINED, num_decodes=2, fork_seq_ids=(2,))
+    expected = _run_one_at_a_time(load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=32), steps)
+    fill, reserve = llguidance.numpy.fill_next_token_bitmask_par, SequenceRegistry.reserve
+    filling = threading.Event()
+
+    def slow_fill(executor: LLExecutor, live: list[tuple[LLMatcher, int]], masks: NDArray[np.int32]) -> None:
+        filling.set()
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:
+            fill(executor, live, masks)
+
+    def reserve_once_filling(registry: SequenceRegistry, work: list[ScheduledWork]) -> list[PendingToken]:
+        filling.wait(timeout=0.5)
+        return reserve(registry, work)
+
+    monkeypatch.setattr(llguidance.numpy, "fill_next_token_bitmask_par", slow_fill)
+    monkeypatch.setattr(SequenceRegistry, "reserve", reserve_once_filling)
+    worker = load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=32)
+    results = _run_one_at_a_time(worker, steps)
+    sibling_grammar = worker.registry.states[2].grammar
+    assert sibling_grammar is not None and sibling_grammar.failure is None
+    assert [_tokens(results, seq_id) for seq_id in (1, 2)] == [_tokens(expected, seq_id) for seq_id in (1, 2)]
 
 
 async def _through_pipeline(pipeline: StepPipeline, steps: list[StepPlan]) -> list[StepResult]:
