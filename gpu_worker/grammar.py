@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 from pagedserve.contract.errors import InvalidArgumentError
 from pagedserve.contract.step import SequenceFailure
 from pagedserve.contract.structured_output import FIELD, StructuredOutput
+from pagedserve.kernels.token_masks import mask_words
 
 log = structlog.get_logger()
 COMPILE_THREADS = 2  # compilation releases the interpreter lock, so it runs beside the step thread
@@ -189,18 +191,23 @@ def _log_refusal(matcher: llguidance.LLMatcher, token_id: int) -> None:
     log.warning("grammar_refused_token", token_id=token_id, reason=matcher.get_error())
 
 
-def fill_token_masks(compiler: GrammarCompiler, grammars: list[SequenceGrammar], vocab_size: int) -> torch.Tensor:
+def fill_token_masks(compiler: GrammarCompiler, grammars: Sequence[SequenceGrammar | None], vocab_size: int,
+                     pin_memory: bool = False) -> torch.Tensor:
     """[len(grammars), ceil(vocab_size / 32)] int32 bitmasks, bit t of row r set when grammar r allows token t
-    next. Rows are filled by llguidance's threads in parallel, without the interpreter lock. A grammar listed twice
-    (the first sample of an n > 1 request, before its siblings fork) is computed once and copied. A grammar that
-    stopped or has no matcher (its `failure`) allows the end-of-sequence tokens alone; this never raises for one
-    sequence's grammar."""
-    masks = llguidance.numpy.allocate_token_bitmask(len(grammars), vocab_size)
-    words = masks.view(np.uint32)
+    next; a row without a grammar (None) allows every token. Rows are filled by llguidance's threads in parallel,
+    without the interpreter lock. A grammar listed twice (the first sample of an n > 1 request, before its siblings
+    fork) is computed once and copied. A grammar that stopped or has no matcher (its `failure`) allows the
+    end-of-sequence tokens alone; this never raises for one sequence's grammar. pin_memory: in page-locked memory,
+    which a GPU copies from without staging it first."""
+    masks = torch.full((len(grammars), mask_words(vocab_size)), -1, dtype=torch.int32, pin_memory=pin_memory)
+    array = masks.numpy()
+    words = array.view(np.uint32)
     live = []
     first_row: dict[int, int] = {}
     copies = []
     for row, grammar in enumerate(grammars):
+        if grammar is None:
+            continue
         if id(grammar) in first_row:
             copies.append((row, first_row[id(grammar)]))
             continue
@@ -213,22 +220,7 @@ def fill_token_masks(compiler: GrammarCompiler, grammars: list[SequenceGrammar],
         for token_id in compiler.tokenizer.eos_tokens:
             words[row, token_id // 32] |= np.uint32(1 << (token_id % 32))
     if live:
-        llguidance.numpy.fill_next_token_bitmask_par(compiler.executor, live, masks)
+        llguidance.numpy.fill_next_token_bitmask_par(compiler.executor, live, array)
     for row, source in copies:
         masks[row] = masks[source]
-    return torch.from_numpy(masks)
-
-
-def apply_token_masks(logits: torch.Tensor, rows: torch.Tensor | None, masks: torch.Tensor) -> None:
-    """Sets logits[rows[i], t] = -inf wherever bit t of masks[i] is clear (rows None: row i of logits).
-
-    logits: [batch, vocab] float, written in place; rows: [R] int64 and masks: [R, ceil(vocab / 32)] int32, on
-    logits' device. Plain tensor operations: no host round trip, and the same code on every device.
-    """
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    bits = (masks.unsqueeze(-1) >> shifts) & 1  # [R, words, 32]: bit 0 of word w is token 32 w
-    disallowed = bits.reshape(masks.shape[0], -1)[:, : logits.shape[1]].eq(0)
-    if rows is None:
-        logits.masked_fill_(disallowed, float("-inf"))
-    else:
-        logits[rows] = logits[rows].masked_fill(disallowed, float("-inf"))
+    return masks

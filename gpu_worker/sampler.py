@@ -11,7 +11,7 @@ import torch
 from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.contract.step import TokenLogprobs
 from pagedserve.gpu_worker.bad_words import bad_word_bans
-from pagedserve.gpu_worker.grammar import GrammarCompiler, SequenceGrammar, apply_token_masks, fill_token_masks
+from pagedserve.gpu_worker.grammar import GrammarCompiler, SequenceGrammar, fill_token_masks
 from pagedserve.gpu_worker.host_transfer import DeviceToHost, to_device
 from pagedserve.gpu_worker.logits_processors import (
     apply_allowed,
@@ -22,6 +22,7 @@ from pagedserve.gpu_worker.logits_processors import (
     apply_top_k_top_p,
     token_id_tensor,
 )
+from pagedserve.kernels.ops import KernelOps, get_kernel_ops
 
 _MASK_64 = (1 << 64) - 1
 
@@ -110,7 +111,7 @@ class _BatchPlan:
     has_bans: bool = False
     allowed: list[Sequence[int]] = field(default_factory=list)  # empty: every token
     has_allowed: bool = False
-    grammar_rows: list[int] = field(default_factory=list)
+    has_grammar: bool = False
     biases: list[Mapping[int, float]] = field(default_factory=list)
     has_biases: bool = False
     num_greedy: int = 0
@@ -127,20 +128,16 @@ class _BatchPlan:
 
     @property
     def has_logit_changes(self) -> bool:
-        return bool(self.has_bans or self.has_biases or self.penalty_rows or self.has_allowed or self.grammar_rows)
+        return bool(self.has_bans or self.has_biases or self.penalty_rows or self.has_allowed or self.has_grammar)
 
 
-def _greedy_grammar_rows(rows: Sequence[SamplingRow]) -> list[int] | None:
-    """When every row is an argmax now (of its raw logits, or under its grammar's mask), as greedy_from tells: the
-    indices of the rows with a grammar. Otherwise None."""
-    grammar_rows = []
-    for index, row in enumerate(rows):
+def _is_greedy(rows: Sequence[SamplingRow]) -> bool:
+    """Whether every row is an argmax now (of its raw logits, or under its grammar's mask), as greedy_from tells."""
+    for row in rows:
         greedy_from = row.greedy_from
         if greedy_from is None or len(row.output_token_ids) < greedy_from:
-            return None
-        if row.grammar is not None:
-            grammar_rows.append(index)
-    return grammar_rows
+            return False
+    return True
 
 
 def _plan(rows: Sequence[SamplingRow], vocab_size: int) -> _BatchPlan:
@@ -155,8 +152,7 @@ def _plan(rows: Sequence[SamplingRow], vocab_size: int) -> _BatchPlan:
         plan.has_bans |= bool(banned)
         plan.allowed.append(options.allowed_token_ids)
         plan.has_allowed |= bool(options.allowed_token_ids)
-        if row.grammar is not None:
-            plan.grammar_rows.append(index)
+        plan.has_grammar |= row.grammar is not None
         plan.biases.append(options.logit_bias)
         plan.has_biases |= bool(options.logit_bias)
         if options.has_penalties:
@@ -187,9 +183,11 @@ class Sampler:
     """
 
     def __init__(self, vocab_size: int, device: torch.device, seed: int = 0,
-                 grammars: GrammarCompiler | None = None) -> None:
+                 grammars: GrammarCompiler | None = None, ops: KernelOps | None = None) -> None:
         self._vocab_size = vocab_size
+        self._device = device
         self._grammars = grammars
+        self._ops = ops if ops is not None else get_kernel_ops(device)
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(seed)
 
@@ -200,12 +198,11 @@ class Sampler:
     def start(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
               token_masks: torch.Tensor | None = None) -> PendingSample:
         """Queues the sampling of one token per row on the device; the host reads rows only during this call.
-        token_masks: the grammar rows' masks (token_masks(rows)) when computed ahead, else computed here."""
+        token_masks: the rows' masks (token_masks(rows)) when computed ahead, else computed here."""
         self._check_logits(logits, len(rows))
-        grammar_rows = _greedy_grammar_rows(rows)
-        if grammar_rows is not None:  # the usual greedy batch, constrained or not: no per-row plan
-            masked = self._masked(logits, rows, grammar_rows, token_masks) if grammar_rows else logits
-            tokens = masked.argmax(dim=-1)
+        if _is_greedy(rows):  # the usual greedy batch, constrained or not: no per-row plan
+            masks = self._device_masks(rows, token_masks)
+            tokens = logits.argmax(dim=-1) if masks is None else self._ops.masked_argmax(logits, masks)
             return PendingSample(tokens, tokens, [])
         plan = _plan(rows, self._vocab_size)
         tokens = self._choose(self._processed(logits, rows, plan, token_masks), plan)
@@ -233,14 +230,20 @@ class Sampler:
             )
 
     def token_masks(self, rows: Sequence[SamplingRow]) -> torch.Tensor | None:
-        """The bitmasks of the rows that have a grammar, in row order (None without one); waits for a grammar still
-        compiling. The host work of a grammar row's sampling, which start() then needs no more."""
-        grammars = [row.grammar for row in rows if row.grammar is not None]
-        if not grammars:
+        """The rows' bitmasks on the host (a row without a grammar allows every token), None when no row has a
+        grammar; waits for a grammar still compiling. The host work of a grammar row's sampling, which start() then
+        needs no more."""
+        grammars = [row.grammar for row in rows]
+        if all(grammar is None for grammar in grammars):
             return None
         if self._grammars is None:
             raise RuntimeError("a row has a grammar but the sampler has no grammar compiler")
-        return fill_token_masks(self._grammars, grammars, self._vocab_size)
+        return fill_token_masks(self._grammars, grammars, self._vocab_size, pin_memory=self._device.type == "cuda")
+
+    def _device_masks(self, rows: Sequence[SamplingRow], token_masks: torch.Tensor | None) -> torch.Tensor | None:
+        """The rows' bitmasks (token_masks when computed ahead) on the device; None when no row has a grammar."""
+        masks = token_masks if token_masks is not None else self.token_masks(rows)
+        return None if masks is None else to_device(masks, self._device)
 
     def _processed(self, logits: torch.Tensor, rows: Sequence[SamplingRow], plan: _BatchPlan,
                    token_masks: torch.Tensor | None) -> torch.Tensor:
@@ -248,8 +251,10 @@ class Sampler:
         when one applies, else `logits` itself."""
         if not plan.has_logit_changes:
             return logits
-        work = (self._masked(logits, rows, plan.grammar_rows, token_masks) if plan.grammar_rows
-                else logits.clone(memory_format=torch.contiguous_format))  # bans and biases write through a flat view
+        work = logits.clone(memory_format=torch.contiguous_format)  # bans and biases write through a flat view
+        masks = self._device_masks(rows, token_masks) if plan.has_grammar else None
+        if masks is not None:
+            self._ops.apply_token_masks(work, masks)
         if plan.has_allowed:
             apply_allowed(work, plan.allowed)
         if plan.has_bans:
@@ -263,19 +268,6 @@ class Sampler:
             _penalise(subset, [rows[i] for i in plan.penalty_rows])
             if index is not None:
                 work[index] = subset
-        return work
-
-    def _masked(self, logits: torch.Tensor, rows: Sequence[SamplingRow], grammar_rows: list[int],
-                token_masks: torch.Tensor | None) -> torch.Tensor:
-        """A contiguous copy of logits with the grammar rows' masks applied (token_masks: theirs, computed ahead;
-        None: computed now)."""
-        masks = token_masks if token_masks is not None else self.token_masks(rows)
-        if masks is None:
-            raise RuntimeError("grammar rows without token masks")
-        work = logits.clone(memory_format=torch.contiguous_format)
-        is_every_row = len(grammar_rows) == len(rows)
-        rows_index = None if is_every_row else to_device(torch.tensor(grammar_rows, dtype=torch.int64), work.device)
-        apply_token_masks(work, rows_index, to_device(masks, work.device))
         return work
 
     def _choose(self, logits: torch.Tensor, plan: _BatchPlan) -> torch.Tensor:

@@ -13,6 +13,7 @@ from pagedserve.kernels.layer_kernels import LayerKernels
 from pagedserve.kernels.module_cache import ModuleCache
 from pagedserve.kernels.paged_decode import TMA_MIN_COMPUTE_CAPABILITY, PagedDecode
 from pagedserve.kernels.paged_prefill import PagedPrefill, supports
+from pagedserve.kernels.token_masks import TokenMaskKernels
 
 
 class CudaKernelOps:
@@ -41,6 +42,9 @@ class CudaKernelOps:
         self.rotary_write_kv = layers.rotary_write_kv
         self.quantize_fp8_per_row = layers.quantize_fp8_per_row
         self.fp8_gemv = Fp8Gemv(modules).fp8_gemv
+        token_masks = TokenMaskKernels(modules)
+        self.apply_token_masks = token_masks.apply_token_masks
+        self.masked_argmax = token_masks.masked_argmax
 
     def write_kv(self, key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
                  slot_mapping: Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:

@@ -9,7 +9,8 @@ from torch import Tensor
 
 
 class KernelOps(Protocol):
-    """Paged-KV attention, cache maintenance and a decoder layer's fused element-wise ops.
+    """Paged-KV attention, cache maintenance, a decoder layer's fused element-wise ops and the token masks of
+    structured output.
 
     KV pool layout (one tensor per model, owned by the worker):
         kv_cache:    [num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim], contiguous;
@@ -108,6 +109,17 @@ class KernelOps(Protocol):
         in] float16 / bfloat16 (unit column stride) times e4m3 weight [out, in] with float32 weight_scale [out]
         (+ bias [out] in x's dtype) -> new [num_rows, out] in x's dtype, accumulated in float32. On CUDA for 1 to
         GEMV_MAX_ROWS rows (pagedserve.kernels.fp8_gemv.supports says which inputs)."""
+        ...
+
+    def apply_token_masks(self, logits: Tensor, masks: Tensor) -> None:
+        """Structured output's masks on a batch's logits, in place: logits[r, t] = -inf wherever bit t % 32 of
+        masks[r, t // 32] is clear. logits: [rows, vocab] float32 (unit column stride); masks: [rows,
+        ceil(vocab / 32)] int32, contiguous, on logits' device."""
+        ...
+
+    def masked_argmax(self, logits: Tensor, masks: Tensor) -> Tensor:
+        """A greedy batch's tokens under its masks: new [rows] int64, torch.argmax of each row after
+        apply_token_masks (the first index of the largest value, NaN the largest), the logits left unchanged."""
         ...
 
 

@@ -123,6 +123,19 @@ class TorchReferenceOps:
             out = out + bias.float()
         return out.to(x.dtype)
 
+    def apply_token_masks(self, logits: Tensor, masks: Tensor) -> None:
+        """logits[r, t] = -inf wherever bit t % 32 of masks[r, t // 32] is clear, in place. logits: [rows, vocab]
+        float32; masks: [rows, ceil(vocab / 32)] int32 on logits' device."""
+        shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+        bits = (masks.unsqueeze(-1) >> shifts) & 1  # [rows, words, 32]: bit 0 of word w is token 32 w
+        logits.masked_fill_(bits.reshape(masks.shape[0], -1)[:, : logits.shape[1]].eq(0), float("-inf"))
+
+    def masked_argmax(self, logits: Tensor, masks: Tensor) -> Tensor:
+        """[rows] int64: torch.argmax of each row of a copy of logits after apply_token_masks."""
+        masked = logits.clone()
+        self.apply_token_masks(masked, masks)
+        return masked.argmax(dim=-1)
+
 
 def _attend_one_sequence(
     query: Tensor, key_cache: Tensor, value_cache: Tensor, block_table: Tensor, seq_len: int, scale: float,

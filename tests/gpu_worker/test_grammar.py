@@ -66,6 +66,15 @@ def test_parallel_accept_equals_one_token_at_a_time(compiler: GrammarCompiler) -
     assert all(_matcher(grammar).is_accepting() for grammar in together)
 
 
+def test_a_row_without_a_grammar_allows_every_token_beside_constrained_rows(compiler: GrammarCompiler) -> None:
+    grammar = compiler.start(_choice(), 0)
+    masks = fill_token_masks(compiler, [None, grammar, None], VOCAB_SIZE)
+    assert masks.shape == (3, VOCAB_SIZE // 32)
+    assert bool((masks[[0, 2]] == -1).all())
+    assert torch.equal(masks[1], fill_token_masks(compiler, [grammar], VOCAB_SIZE)[0])
+    assert 0 < len(_allowed(compiler, grammar)) < VOCAB_SIZE
+
+
 def test_tokens_wait_for_a_compilation_still_running(compiler: GrammarCompiler) -> None:
     compiled: Future[llguidance.LLMatcher] = Future()
     grammar = SequenceGrammar(compiled, seq_id=0)

@@ -14,6 +14,7 @@ from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.gpu_worker.grammar import SequenceGrammar
 from pagedserve.gpu_worker.logits_processors import apply_penalties
 from pagedserve.gpu_worker.sampler import Sampler, SamplingRow
+from tests.gpu_marks import NEEDS_GPU
 
 CPU = torch.device("cpu")
 
@@ -276,11 +277,12 @@ def _bitmasks(allowed: list[set[int]], vocab_size: int) -> torch.Tensor:
     return torch.from_numpy(words.view(np.int32))
 
 
-def test_a_greedy_row_with_a_grammar_is_the_argmax_of_the_tokens_its_mask_allows() -> None:
+@pytest.mark.parametrize("device", [CPU, pytest.param(torch.device("cuda"), marks=NEEDS_GPU)], ids=str)
+def test_a_greedy_row_with_a_grammar_is_the_argmax_of_the_tokens_its_mask_allows(device: torch.device) -> None:
     """Whether the batch takes the plain-greedy path (every row an argmax) or the per-row plan (a row asks for
     logprobs), and whether every row or some have a grammar, a grammar row's token is its best allowed token."""
     vocab_size = 40
-    logits = _random_logits(3, vocab_size, seed=7)
+    logits = _random_logits(3, vocab_size, seed=7).to(device)
     grammar = cast(SequenceGrammar, object())  # stands for a grammar whose masks are computed ahead
     allowed = [{5, 31, 33}, {0}]
     candidates = sorted(allowed[0])
@@ -288,11 +290,11 @@ def test_a_greedy_row_with_a_grammar_is_the_argmax_of_the_tokens_its_mask_allows
     assert logits[1:].argmax(dim=-1).tolist() != expected  # the masks decide
     greedy = SamplingParams(temperature=0.0)
     grammar_rows = [SamplingRow.of(greedy, (), (), (), grammar=grammar) for _ in allowed]
-    masks = _bitmasks(allowed, vocab_size)
     assert all(row.greedy_from == 0 for row in grammar_rows)
-    sampler = Sampler(vocab_size, CPU)
-    every_row = sampler.start(logits[1:], grammar_rows, masks).result().token_ids
+    sampler = Sampler(vocab_size, device)
+    every_row = sampler.start(logits[1:], grammar_rows, _bitmasks(allowed, vocab_size)).result().token_ids
     assert every_row == expected
+    masks = _bitmasks([set(range(vocab_size)), *allowed], vocab_size)  # the first row has no grammar
     for first in (_row(temperature=0.0), _row(temperature=0.0, logprobs=1)):
         tokens = sampler.start(logits, [first, *grammar_rows], masks).result().token_ids
         assert tokens == [int(logits[0].argmax()), *expected]

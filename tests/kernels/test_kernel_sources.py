@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pagedserve.kernels import cache_ops, fp8_gemv, layer_kernels, paged_decode, paged_prefill
+from pagedserve.kernels import cache_ops, fp8_gemv, layer_kernels, paged_decode, paged_prefill, token_masks
 
 KERNEL_DIR = Path(cache_ops.__file__).resolve().parent
 ARCHS = ("compute_80", "compute_90")
@@ -25,6 +25,7 @@ NAME_EXPRESSIONS = {
     "layer_kernels.cu": dict.fromkeys(ARCHS, layer_kernels.known_name_expressions()),
     "paged_decode.cu": {arch: paged_decode.known_name_expressions(HAS_TMA[arch]) for arch in ARCHS},
     "paged_prefill.cu": dict.fromkeys(ARCHS, paged_prefill.known_name_expressions()),
+    "token_masks.cu": dict.fromkeys(ARCHS, token_masks.known_name_expressions()),
 }
 
 

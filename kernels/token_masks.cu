@@ -1,0 +1,78 @@
+// Structured output's token masks on the logits: bit t of a row's mask (bit t % 32 of int32 word t / 32) set when the
+// row's grammar allows token t next.
+//   apply_token_masks  logits[r, t] = -inf where the bit is clear, in place (the sampled rows' masked logits);
+//   masked_argmax      the first index of the largest logit of each row with the clear-bit tokens taken as -inf,
+//                      the logits unchanged (a greedy batch's tokens: no copy, no separate argmax).
+// Both equal torch's masked_fill(-inf) then argmax, ties and NaN included (torch takes a NaN as the largest value).
+// VEC consecutive logits move per load; the launcher picks VEC so every row and address is a whole number of vectors.
+#include "kernel_common.cuh"
+
+__device__ __forceinline__ bool is_allowed(const int* __restrict__ mask_row, int token) {
+  return (static_cast<unsigned>(mask_row[token >> 5]) >> (token & 31)) & 1u;
+}
+
+// grid (ceil(vocab_size / blockDim.x), rows): one thread per logit.
+__global__ void apply_token_masks(float* __restrict__ logits, const int* __restrict__ masks, int vocab_size,
+                                  long long logits_row_stride, int mask_words) {
+  const int token = blockIdx.x * blockDim.x + threadIdx.x;
+  if (token >= vocab_size) return;
+  const int row = blockIdx.y;
+  if (!is_allowed(masks + static_cast<long long>(row) * mask_words, token)) {
+    logits[row * logits_row_stride + token] = negative_infinity();
+  }
+}
+
+// Whether (value, index) comes before (best, best_index) in argmax order: larger first, NaN largest, and the first
+// index among equals.
+__device__ __forceinline__ bool precedes(float value, int index, float best, int best_index) {
+  const bool value_nan = value != value, best_nan = best != best;
+  if (value_nan != best_nan) return value_nan;
+  if (value_nan || value == best) return index < best_index;
+  return value > best;
+}
+
+// grid (rows): one CTA per row; blockDim.x a multiple of 32, at most 1024.
+template <int VEC>
+__global__ void masked_argmax(const float* __restrict__ logits, const int* __restrict__ masks,
+                              long long* __restrict__ tokens, int vocab_size, long long logits_row_stride,
+                              int mask_words) {
+  const int row = blockIdx.x;
+  const float* __restrict__ row_logits = logits + row * logits_row_stride;
+  const int* __restrict__ mask_row = masks + static_cast<long long>(row) * mask_words;
+  float best = negative_infinity();
+  int best_index = vocab_size;  // after every real index: the first -inf (masked or not) replaces it
+  for (int first = threadIdx.x * VEC; first < vocab_size; first += blockDim.x * VEC) {
+    float values[VEC];
+    if constexpr (VEC == 4) {
+      const float4 loaded = *reinterpret_cast<const float4*>(row_logits + first);
+      values[0] = loaded.x, values[1] = loaded.y, values[2] = loaded.z, values[3] = loaded.w;
+    } else {
+      values[0] = row_logits[first];
+    }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float value = is_allowed(mask_row, first + k) ? values[k] : negative_infinity();
+      if (precedes(value, first + k, best, best_index)) best = value, best_index = first + k;
+    }
+  }
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const float other = __shfl_xor_sync(0xffffffffu, best, offset);
+    const int other_index = __shfl_xor_sync(0xffffffffu, best_index, offset);
+    if (precedes(other, other_index, best, best_index)) best = other, best_index = other_index;
+  }
+  __shared__ float warp_best[32];
+  __shared__ int warp_best_index[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) warp_best[warp] = best, warp_best_index[warp] = best_index;
+  __syncthreads();
+  if (warp != 0) return;
+  const int num_warps = blockDim.x / 32;
+  best = lane < num_warps ? warp_best[lane] : negative_infinity();
+  best_index = lane < num_warps ? warp_best_index[lane] : vocab_size;
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const float other = __shfl_xor_sync(0xffffffffu, best, offset);
+    const int other_index = __shfl_xor_sync(0xffffffffu, best_index, offset);
+    if (precedes(other, other_index, best, best_index)) best = other, best_index = other_index;
+  }
+  if (lane == 0) tokens[row] = best_index;
+}

@@ -1,0 +1,84 @@
+"""Launchers of token_masks.cu: structured output's token bitmasks applied to a batch's logits, in place or fused with
+a greedy batch's argmax."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from pagedserve.kernels.launch_args import int32, int64, pointer
+
+if TYPE_CHECKING:
+    from pagedserve.kernels.module_cache import ModuleCache
+
+SOURCE = "token_masks.cu"
+VECTOR_LOGITS = 4  # a float4 load
+APPLY_THREADS = 256
+ARGMAX_THREADS = 1024  # one CTA a row: a row of a large vocabulary (128K logits) is read by every thread of it
+
+
+def known_name_expressions() -> list[str]:
+    return ["apply_token_masks", "masked_argmax<1>", f"masked_argmax<{VECTOR_LOGITS}>"]
+
+
+def mask_words(vocab_size: int) -> int:
+    """int32 words of one row's mask: one bit per token."""
+    return -(-vocab_size // 32)
+
+
+class TokenMaskKernels:
+    """Equal to TorchReferenceOps' methods of the same names (pagedserve.kernels.reference), each one launch on torch's
+    current stream, without a host sync.
+
+    logits: [rows, vocab] float32 CUDA, unit column stride (rows may be strided); masks: [rows, ceil(vocab / 32)]
+    int32, contiguous, on the logits' device; bit t % 32 of word t // 32 set when token t is allowed.
+    """
+
+    def __init__(self, modules: ModuleCache) -> None:
+        self._modules = modules
+
+    def apply_token_masks(self, logits: Tensor, masks: Tensor) -> None:
+        """logits[r, t] = -inf wherever bit t of masks[r] is clear, in place."""
+        _check(logits, masks)
+        num_rows, vocab_size = logits.shape
+        if num_rows == 0 or vocab_size == 0:
+            return
+        kernel = self._modules.kernel(SOURCE, "apply_token_masks")
+        self._modules.launch(kernel, (-(-vocab_size // APPLY_THREADS), num_rows, 1), (APPLY_THREADS, 1, 1), (
+            pointer(logits), pointer(masks), int32(vocab_size), int64(logits.stride(0)), int32(masks.shape[1]),
+        ))
+
+    def masked_argmax(self, logits: Tensor, masks: Tensor) -> Tensor:
+        """New [rows] int64: the first index of each row's largest logit, tokens whose bit is clear taken as -inf (NaN
+        the largest, as torch.argmax takes it); the logits are not changed."""
+        _check(logits, masks)
+        num_rows, vocab_size = logits.shape
+        if vocab_size == 0:
+            raise ValueError("logits must have at least one column for an argmax")
+        tokens = logits.new_empty((num_rows,), dtype=torch.int64)
+        if num_rows == 0:
+            return tokens
+        is_vectorized = (vocab_size | logits.stride(0)) % VECTOR_LOGITS == 0 and logits.data_ptr() % 16 == 0
+        vec = VECTOR_LOGITS if is_vectorized else 1
+        kernel = self._modules.kernel(SOURCE, f"masked_argmax<{vec}>")
+        self._modules.launch(kernel, (num_rows, 1, 1), (ARGMAX_THREADS, 1, 1), (
+            pointer(logits), pointer(masks), pointer(tokens), int32(vocab_size), int64(logits.stride(0)),
+            int32(masks.shape[1]),
+        ))
+        return tokens
+
+
+def _check(logits: Tensor, masks: Tensor) -> None:
+    if logits.dim() != 2 or logits.dtype != torch.float32 or not logits.is_cuda:
+        raise ValueError(f"logits must be a CUDA [rows, vocab] float32 tensor, got {tuple(logits.shape)} "
+                         f"{logits.dtype} on {logits.device}")
+    if logits.stride(1) != 1 and logits.shape[1] > 1:
+        raise ValueError(f"logits must have unit column stride, got strides {logits.stride()}")
+    expected = (logits.shape[0], mask_words(logits.shape[1]))
+    if tuple(masks.shape) != expected or masks.dtype != torch.int32 or masks.device != logits.device or (
+        not masks.is_contiguous()
+    ):
+        raise ValueError(f"masks must be a contiguous {list(expected)} int32 tensor on {logits.device}, got "
+                         f"{tuple(masks.shape)} {masks.dtype} on {masks.device}")

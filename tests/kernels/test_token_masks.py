@@ -1,0 +1,116 @@
+"""Structured output's token masks on logits: the torch reference against a token-by-token reading of the bitmask
+(CPU), and TokenMaskKernels against the reference on fresh random inputs (GPU): vocabularies that end inside a mask
+word or a vector, strided rows, ties, NaN, rows whose mask allows nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from pagedserve.kernels.reference import TorchReferenceOps
+from pagedserve.kernels.token_masks import TokenMaskKernels, mask_words
+from tests.gpu_marks import NEEDS_GPU
+
+REFERENCE = TorchReferenceOps()
+SHAPES = [(1, 1), (3, 31), (5, 33), (4, 510), (64, 32000), (64, 128256), (7, 128257)]
+
+
+def _masks(num_rows: int, vocab_size: int, seed: int, device: str = "cpu") -> Tensor:
+    """Random bitmasks, row r allowing about one token in 2 ** (r % 6): rows from dense to sparse; the bits past the
+    vocabulary random too (they must be ignored)."""
+    gen = torch.Generator().manual_seed(seed)
+    words = torch.randint(-(2**31), 2**31, (num_rows, mask_words(vocab_size)), generator=gen, dtype=torch.int64)
+    for row in range(num_rows):
+        for _ in range(row % 6):
+            words[row] &= torch.randint(-(2**31), 2**31, words[row].shape, generator=gen, dtype=torch.int64)
+    return words.to(torch.int32).to(device)
+
+
+def _logits(num_rows: int, vocab_size: int, seed: int, device: str = "cpu") -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(num_rows, vocab_size, generator=gen).to(device)
+
+
+def _is_allowed(masks: Tensor, row: int, token: int) -> bool:
+    return bool((int(masks[row, token // 32]) >> (token % 32)) & 1)
+
+
+def test_reference_masks_exactly_the_tokens_whose_bit_is_clear() -> None:
+    num_rows, vocab_size = 4, 70
+    logits, masks = _logits(num_rows, vocab_size, seed=1), _masks(num_rows, vocab_size, seed=2)
+    masked = logits.clone()
+    REFERENCE.apply_token_masks(masked, masks)
+    for row in range(num_rows):
+        for token in range(vocab_size):
+            expected = logits[row, token] if _is_allowed(masks, row, token) else float("-inf")
+            assert masked[row, token] == expected
+
+
+def test_reference_argmax_is_the_best_allowed_token_and_leaves_the_logits() -> None:
+    num_rows, vocab_size = 6, 100
+    logits, masks = _logits(num_rows, vocab_size, seed=3), _masks(num_rows, vocab_size, seed=4)
+    before = logits.clone()
+    tokens = REFERENCE.masked_argmax(logits, masks).tolist()
+    for row in range(num_rows):
+        allowed = [t for t in range(vocab_size) if _is_allowed(masks, row, t)]
+        assert tokens[row] == max(allowed, key=lambda t: (float(logits[row, t]), -t))
+    assert torch.equal(logits, before)
+
+
+def _hard_logits(num_rows: int, vocab_size: int, seed: int) -> Tensor:
+    """Whole numbers in [-3, 3] (many ties for the largest), and in some rows a NaN or -inf."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randint(-3, 4, (num_rows, vocab_size), generator=gen).float()
+    logits[1::3, vocab_size // 2] = float("nan")
+    logits[2::3, : vocab_size // 2] = float("-inf")
+    return logits
+
+
+@pytest.fixture(scope="module")
+def kernels() -> TokenMaskKernels:
+    from pagedserve.kernels.module_cache import ModuleCache
+
+    return TokenMaskKernels(ModuleCache(torch.device("cuda", torch.cuda.current_device())))
+
+
+def _device_logits(num_rows: int, vocab_size: int, kind: str) -> Tensor:
+    seed = num_rows * 1000 + vocab_size
+    if kind == "ties_nan_inf":
+        return _hard_logits(num_rows, vocab_size, seed).cuda()
+    if kind == "strided":  # rows of a wider tensor, which do not start on a 16-byte boundary
+        return _logits(num_rows, vocab_size + 3, seed, "cuda")[:, 1 : vocab_size + 1]
+    return _logits(num_rows, vocab_size, seed, "cuda")
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+class TestKernelsMatchReference:
+    pytestmark = NEEDS_GPU
+
+    @pytest.mark.parametrize(("num_rows", "vocab_size"), SHAPES, ids=str)
+    @pytest.mark.parametrize("kind", ["random", "ties_nan_inf", "strided"])
+    def test_masked_argmax(self, kernels: TokenMaskKernels, num_rows: int, vocab_size: int, kind: str) -> None:
+        logits = _device_logits(num_rows, vocab_size, kind)
+        masks = _masks(num_rows, vocab_size, seed=vocab_size, device="cuda")
+        masks[-1] = 0  # allows nothing: every logit -inf, so token 0
+        before = logits.clone()
+        tokens = kernels.masked_argmax(logits, masks)
+        assert tokens.tolist() == REFERENCE.masked_argmax(logits, masks).tolist()
+        assert torch.equal(logits.nan_to_num(), before.nan_to_num())
+
+    @pytest.mark.parametrize(("num_rows", "vocab_size"), SHAPES, ids=str)
+    @pytest.mark.parametrize("kind", ["random", "ties_nan_inf", "strided"])
+    def test_apply_token_masks(self, kernels: TokenMaskKernels, num_rows: int, vocab_size: int, kind: str) -> None:
+        logits = _device_logits(num_rows, vocab_size, kind)
+        masks = _masks(num_rows, vocab_size, seed=vocab_size, device="cuda")
+        expected = logits.clone()
+        REFERENCE.apply_token_masks(expected, masks)
+        kernels.apply_token_masks(logits, masks)
+        assert torch.equal(logits.nan_to_num(), expected.nan_to_num())
+
+    def test_refuses_masks_of_another_shape_naming_them(self, kernels: TokenMaskKernels) -> None:
+        logits = _logits(2, 64, seed=0, device="cuda")
+        with pytest.raises(ValueError, match=r"masks must be a contiguous \[2, 2\] int32"):
+            kernels.masked_argmax(logits, _masks(2, 96, seed=0, device="cuda"))
+        with pytest.raises(ValueError, match="logits must be a CUDA"):
+            kernels.apply_token_masks(logits.half(), _masks(2, 64, seed=0, device="cuda"))
