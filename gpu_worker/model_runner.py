@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -151,12 +151,12 @@ class RowsAtLaunch:
                 for row, count in zip(self.rows, self.num_outputs, strict=True)]
 
 
-@dataclass(frozen=True, slots=True)
-class DeferredSampling:
-    """A step's logits and sampling rows, kept until the host has the tokens its rows read."""
+class MaskedRows(NamedTuple):
+    """A deferred sampling's rows as they are once the tokens they read are on the host (RowsAtLaunch.current_rows),
+    and their token masks (Sampler.token_masks; None without a grammar): what the sampling needs from the host."""
 
-    logits: torch.Tensor
-    rows: RowsAtLaunch
+    rows: list[SamplingRow]
+    token_masks: torch.Tensor | None
 
 
 @dataclass(slots=True, eq=False)
@@ -168,7 +168,7 @@ class LaunchedRun:
     sampled_seq_ids: list[tuple[int, ...]]  # per work item: the sequence and its siblings when it samples, else ()
     prompt_logprobs: list[tuple[TokenLogprobs, ...]]  # per work item
     sample: PendingSample | None  # None when nothing samples, or until a deferred sampling is queued
-    deferred: DeferredSampling | None = None
+    deferred_logits: torch.Tensor | None = None  # a deferred run's logits, kept until its sampling is queued
 
     def results(self, sample: SampleResult | None) -> list[SequenceOutput]:
         """One result per work item in order, each sampling item followed by its newly forked siblings. A sequence
@@ -239,16 +239,16 @@ class ModelRunner:
         if logits is None:
             return LaunchedRun(work, sampled_seq_ids, prompt_logprobs, None)
         if deferred_rows is not None:
-            return LaunchedRun(work, sampled_seq_ids, prompt_logprobs, None, DeferredSampling(logits, deferred_rows))
+            return LaunchedRun(work, sampled_seq_ids, prompt_logprobs, None, logits)
         return LaunchedRun(work, sampled_seq_ids, prompt_logprobs, self.sampler.start(logits, rows))
 
     @torch.inference_mode()
-    def sample_deferred(self, run: LaunchedRun, token_masks: torch.Tensor | None) -> None:
-        """Queues a deferred run's sampling, with its grammar rows' token masks when it has any."""
-        if run.deferred is None:
+    def sample_deferred(self, run: LaunchedRun, masked: MaskedRows) -> None:
+        """Queues a deferred run's sampling of its rows as they are now, with their token masks."""
+        if run.deferred_logits is None:
             raise RuntimeError("the run's sampling is not deferred")
-        run.sample = self.sampler.start(run.deferred.logits, run.deferred.rows.current_rows(), token_masks)
-        run.deferred = None
+        run.sample = self.sampler.start(run.deferred_logits, masked.rows, masked.token_masks)
+        run.deferred_logits = None
 
     def keep_last_tokens(self, run: LaunchedRun, table_rows: list[int]) -> None:
         """Stores the run's sampled tokens at the table rows of the sequences that sampled them (reserve()'s order)."""

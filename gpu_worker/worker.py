@@ -26,7 +26,7 @@ from pagedserve.gpu_worker.grammar import GrammarCompiler
 from pagedserve.gpu_worker.kv_pool import KVLayout, KVPool
 from pagedserve.gpu_worker.launched_step import LaunchedStep
 from pagedserve.gpu_worker.memory_profile import gpu_blocks_for_budget, profile_peak_activation_bytes
-from pagedserve.gpu_worker.model_runner import ModelRunner, RowsAtLaunch
+from pagedserve.gpu_worker.model_runner import MaskedRows, ModelRunner, RowsAtLaunch
 from pagedserve.gpu_worker.parallel.commands import GroupLeader, fatal_in_group
 from pagedserve.gpu_worker.parallel.group import SINGLE_RANK, ParallelGroup, join_group, rank_device
 from pagedserve.gpu_worker.piecewise_graph import MAX_PIECEWISE_TOKENS, PiecewiseGraphRunner
@@ -261,26 +261,26 @@ class Worker:
         self.runner.keep_last_tokens(launched.run, [slot.state.table_row for slot in launched.pending])
         launched.span.close()
 
-    def _start_token_masks(self, earlier: list[LaunchedStep],
-                           rows: RowsAtLaunch | None) -> Future[torch.Tensor | None] | None:
+    def _start_token_masks(self, earlier: list[LaunchedStep], rows: RowsAtLaunch | None) -> Future[MaskedRows] | None:
         """_token_masks on the masks thread, for a step whose sampling is deferred and samples any row."""
         return self._deferred.submit(self._token_masks, earlier, rows) if rows is not None and rows.rows else None
 
-    def _token_masks(self, earlier: list[LaunchedStep], rows: RowsAtLaunch) -> torch.Tensor | None:
+    def _token_masks(self, earlier: list[LaunchedStep], rows: RowsAtLaunch) -> MaskedRows:
         """Off the step thread, from the moment a step's work is known: reads the earlier steps' tokens into the
         registry as they reach the host (their samplings are queued), then computes the rows' token masks."""
         for step in earlier:
             self._resolve(step)
-        return self.runner.sampler.token_masks(rows.current_rows())
+        current = rows.current_rows()
+        return MaskedRows(current, self.runner.sampler.token_masks(current))
 
-    def _sample_when_masked(self, token_masks: Future[torch.Tensor | None], launched: LaunchedStep) -> None:
+    def _sample_when_masked(self, token_masks: Future[MaskedRows], launched: LaunchedStep) -> None:
         """On the masks thread, after _token_masks (the thread runs its tasks in order): queues the sampling as soon
         as the masks are ready, under the lock so that nothing else is queued on the device between. The next
         launch waits for this before it queues its forward pass, which may read these tokens; the control plane's
         round trip never delays a sampling."""
-        masks = token_masks.result()
+        masked = token_masks.result()
         with self._lock:
-            self.runner.sample_deferred(launched.run, masks)
+            self.runner.sample_deferred(launched.run, masked)
             self._close_launch(launched)
 
     def _resolve(self, launched: LaunchedStep) -> None:
