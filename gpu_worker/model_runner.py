@@ -139,12 +139,11 @@ class RowsAtLaunch:
     rows: list[SamplingRow]
     items: list[int]  # per row: the index of its work item
     num_outputs: list[int]  # per row: len(output_token_ids) at launch
-    forks_siblings: bool  # a row is a first sample whose siblings are forked when the step is reserved
 
     @classmethod
     def of(cls, work: list[ScheduledWork]) -> RowsAtLaunch:
         rows, items = sampling_rows(work)
-        return cls(rows, items, [len(row.output_token_ids) for row in rows], len(rows) > len(set(items)))
+        return cls(rows, items, [len(row.output_token_ids) for row in rows])
 
     def current_rows(self) -> list[SamplingRow]:
         return [row._replace(output_token_ids=row.output_token_ids[:count])

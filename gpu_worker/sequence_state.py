@@ -46,6 +46,9 @@ class SequenceState:
     reads_token_history: bool = field(init=False)
     # Its row of every step's sampling batch, built once: it holds the live output list.
     sampling_row: SamplingRow = field(init=False)
+    # The grammars of the siblings in forks, copied now, when the step that adds the sequence is applied: before any
+    # of its masks is filled (the engine refuses to copy a matcher while a fill holds it).
+    _sibling_grammars: dict[int, SequenceGrammar] = field(init=False)
 
     def __post_init__(self) -> None:
         self.reads_token_history = (self.sampling_params.has_penalties or self.grammar is not None
@@ -54,6 +57,9 @@ class SequenceState:
             self.sampling_params, self.banned_token_ids, self.prompt_token_ids, self.output_token_ids,
             self.sample_index, self.grammar, self.bad_words_token_ids,
         )
+        grammar = self.grammar
+        self._sibling_grammars = {} if grammar is None else {fork.seq_id: grammar.fork(fork.seq_id)
+                                                              for fork in self.forks}
 
     @property
     def num_tokens(self) -> int:
@@ -76,11 +82,12 @@ class SequenceState:
         return self.output_token_ids[position - num_prompt]
 
     def fork(self, seq_id: int, sample_index: int, table_row: int) -> SequenceState:
-        """A sibling sharing this state so far, with its own outputs and table row (a copy of this one's)."""
+        """Sibling seq_id (one of forks): sharing this state so far, with its own outputs, table row (a copy of this
+        one's) and grammar (copied when this state was made)."""
         return SequenceState(
             seq_id, self.prompt_token_ids, list(self.output_token_ids), self.sampling_params, self.banned_token_ids,
             table_row, self.num_computed_tokens, sample_index, (),
-            None if self.grammar is None else self.grammar.fork(seq_id), self.bad_words_token_ids,
+            None if self.grammar is None else self._sibling_grammars.pop(seq_id), self.bad_words_token_ids,
         )
 
 

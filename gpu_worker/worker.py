@@ -208,20 +208,14 @@ class Worker:
             with fatal_in_group(self.group, f"launching step {step.step_id}"):
                 work = registry.apply(step)
                 deferred_rows = RowsAtLaunch.of(work) if _reads_token_history(work) else None
-                in_flight = list(self._in_flight)
-                # Started now, the token masks are computed while this thread queues the forward pass; but a grammar
-                # cannot be copied while its masks are filled, so a step that forks siblings (whose grammars copy
-                # their parent's) starts them once reserve() has forked them.
-                is_forking = deferred_rows is not None and deferred_rows.forks_siblings
-                token_masks = None if is_forking else self._start_token_masks(in_flight, deferred_rows)
+                # Started now, the token masks are computed while this thread queues the forward pass.
+                token_masks = self._start_token_masks(list(self._in_flight), deferred_rows)
                 span = DeviceSpan(self.device)
                 pool.swap_out(step.swap_out)
                 pool.swap_in(step.swap_in)
                 pool.copy_blocks(step.block_copies)
                 run = runner.launch(work, deferred_rows)
                 launched = LaunchedStep(step.step_id, run, registry.reserve(work), span, 0.0)
-                if is_forking:
-                    token_masks = self._start_token_masks(in_flight, deferred_rows)
                 if token_masks is None:
                     self._close_launch(launched)
                 else:

@@ -87,9 +87,10 @@ def test_the_token_masks_are_computed_while_the_step_is_being_launched(monkeypat
 def test_siblings_of_a_constrained_first_sample_copy_its_grammar_before_any_mask_fill(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A grammar cannot be copied while its masks are filled (the engine holds its matcher for the fill): a step that
-    forks siblings starts its masks only once they are forked. Here the fork waits for a fill to start and each fill
-    holds its matchers for a while, so starting the masks before the fork would fail the sibling's grammar."""
+    """A grammar cannot be copied while its masks are filled (the engine holds its matcher for the fill): the siblings'
+    grammars are copied when their parent is added, before any of its masks. Here the fork waits for a fill to start
+    and each fill holds its matchers for a while, so copying the parent's grammar at the fork would fail the
+    sibling's."""
     steps = _steps(CONSTRAINED, num_decodes=2, fork_seq_ids=(2,))
     expected = _run_one_at_a_time(load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=32), steps)
     fill, reserve = llguidance.numpy.fill_next_token_bitmask_par, SequenceRegistry.reserve
