@@ -14,6 +14,8 @@ import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import torch
+
 from pagedserve.gpu_worker.device_span import DeviceSpan
 from pagedserve.gpu_worker.model_runner import LaunchedRun
 from pagedserve.gpu_worker.sampler import SampleResult
@@ -29,6 +31,7 @@ class LaunchedStep:
     step_id: int
     run: LaunchedRun
     pending: list[PendingToken]
+    last_token_index: torch.Tensor | None  # the pending tokens' table rows, on the device (None: nothing samples)
     span: DeviceSpan
     host_s: float  # host time spent on the step so far
     deferred_sampling: Future[None] | None = None  # token masks computed, then the sampling queued, off the step thread

@@ -249,15 +249,22 @@ class ModelRunner:
         run.sample = self.sampler.start(run.deferred_logits, masked.rows, masked.token_masks)
         run.deferred_logits = None
 
-    def keep_last_tokens(self, run: LaunchedRun, table_rows: list[int]) -> None:
-        """Stores the run's sampled tokens at the table rows of the sequences that sampled them (reserve()'s order)."""
-        if run.sample is None:
+    def last_token_index(self, table_rows: list[int]) -> torch.Tensor | None:
+        """Where keep_last_tokens stores a run's tokens: table_rows, those of the sequences that sample them
+        (reserve()'s order), on the device; None when nothing samples. Made at launch, so that a deferred sampling's
+        thread has a copy less to queue."""
+        return to_device(torch.tensor(table_rows, dtype=torch.int64), self._last_tokens.device) if table_rows else None
+
+    def keep_last_tokens(self, run: LaunchedRun, index: torch.Tensor | None) -> None:
+        """Stores the run's sampled tokens at their table rows (index: last_token_index's; None: nothing samples)."""
+        if index is None:
             return
+        if run.sample is None:
+            raise RuntimeError("the run's sampling is not queued")
         if len(self._last_tokens) < self.tables.table.shape[0]:
             grown = torch.zeros(self.tables.table.shape[0], dtype=torch.int64, device=self._last_tokens.device)
             grown[: len(self._last_tokens)] = self._last_tokens
             self._last_tokens = grown
-        index = to_device(torch.tensor(table_rows, dtype=torch.int64), self._last_tokens.device)
         self._last_tokens[index] = run.sample.tokens
 
     def _sampling_logits(self, batch: FlatBatch, hidden: torch.Tensor, items: list[int]) -> torch.Tensor:

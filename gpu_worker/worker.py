@@ -215,7 +215,9 @@ class Worker:
                 pool.swap_in(step.swap_in)
                 pool.copy_blocks(step.block_copies)
                 run = runner.launch(work, deferred_rows)
-                launched = LaunchedStep(step.step_id, run, registry.reserve(work), span, 0.0)
+                pending = registry.reserve(work)
+                index = runner.last_token_index([slot.state.table_row for slot in pending])
+                launched = LaunchedStep(step.step_id, run, pending, index, span, 0.0)
                 if token_masks is None:
                     self._close_launch(launched)
                 else:
@@ -252,7 +254,7 @@ class Worker:
     def _close_launch(self, launched: LaunchedStep) -> None:
         """The step's sampling is queued: its tokens become the sequences' last tokens on the device, and its span
         ends."""
-        self.runner.keep_last_tokens(launched.run, [slot.state.table_row for slot in launched.pending])
+        self.runner.keep_last_tokens(launched.run, launched.last_token_index)
         launched.span.close()
 
     def _start_token_masks(self, earlier: list[LaunchedStep], rows: RowsAtLaunch | None) -> Future[MaskedRows] | None:
