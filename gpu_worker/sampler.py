@@ -23,6 +23,7 @@ from pagedserve.gpu_worker.logits_processors import (
     token_id_tensor,
 )
 from pagedserve.kernels.ops import KernelOps, get_kernel_ops
+from pagedserve.kernels.token_masks import mask_words
 
 _MASK_64 = (1 << 64) - 1
 
@@ -190,6 +191,15 @@ class Sampler:
         self._ops = ops if ops is not None else get_kernel_ops(device)
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(seed)
+        if grammars is not None:
+            self._compile_mask_ops()
+
+    def _compile_mask_ops(self) -> None:
+        """Runs the token-mask ops once, so that their kernels are compiled before the first constrained step."""
+        logits = torch.zeros((1, self._vocab_size), device=self._device)
+        masks = torch.full((1, mask_words(self._vocab_size)), -1, dtype=torch.int32, device=self._device)
+        self._ops.apply_token_masks(logits, masks)
+        self._ops.masked_argmax(logits, masks)
 
     def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
         """Next token per row. logits: [len(rows), vocab] float32, on the sampler's device."""

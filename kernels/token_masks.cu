@@ -11,12 +11,12 @@ __device__ __forceinline__ bool is_allowed(const int* __restrict__ mask_row, int
   return (static_cast<unsigned>(mask_row[token >> 5]) >> (token & 31)) & 1u;
 }
 
-// grid (ceil(vocab_size / blockDim.x), rows): one thread per logit.
+// grid (rows, ceil(vocab_size / blockDim.x)): one thread per logit.
 __global__ void apply_token_masks(float* __restrict__ logits, const int* __restrict__ masks, int vocab_size,
                                   long long logits_row_stride, int mask_words) {
-  const int token = blockIdx.x * blockDim.x + threadIdx.x;
+  const int token = blockIdx.y * blockDim.x + threadIdx.x;
   if (token >= vocab_size) return;
-  const int row = blockIdx.y;
+  const int row = blockIdx.x;
   if (!is_allowed(masks + static_cast<long long>(row) * mask_words, token)) {
     logits[row * logits_row_stride + token] = negative_infinity();
   }

@@ -46,7 +46,7 @@ class TokenMaskKernels:
         if num_rows == 0 or vocab_size == 0:
             return
         kernel = self._modules.kernel(SOURCE, "apply_token_masks")
-        self._modules.launch(kernel, (-(-vocab_size // APPLY_THREADS), num_rows, 1), (APPLY_THREADS, 1, 1), (
+        self._modules.launch(kernel, (num_rows, -(-vocab_size // APPLY_THREADS), 1), (APPLY_THREADS, 1, 1), (
             pointer(logits), pointer(masks), int32(vocab_size), int64(logits.stride(0)), int32(masks.shape[1]),
         ))
 

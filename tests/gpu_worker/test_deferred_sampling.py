@@ -16,6 +16,7 @@ import torch
 from llguidance import LLExecutor, LLMatcher
 from numpy.typing import NDArray
 
+from pagedserve.contract.model_format import DeviceKind
 from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.contract.step import StepPlan, StepResult
 from pagedserve.contract.structured_output import ConstraintKind, StructuredOutput
@@ -24,8 +25,9 @@ from pagedserve.gpu_worker.model_runner import LaunchedRun, RowsAtLaunch
 from pagedserve.gpu_worker.sampler import SamplingRow
 from pagedserve.gpu_worker.sequence_state import PendingToken, ScheduledWork, SequenceRegistry
 from pagedserve.gpu_worker.step_pipeline import StepPipeline
+from tests.gpu_marks import NEEDS_GPU
 from tests.gpu_worker.harness import STORIES_DIR, load_worker
-from tests.gpu_worker.test_overlapped_steps import BLOCK_SIZE, _run_one_at_a_time, _steps, _tokens
+from tests.gpu_worker.test_overlapped_steps import BLOCK_SIZE, _run_one_at_a_time, _run_two_in_flight, _steps, _tokens
 
 CHOICE = StructuredOutput(ConstraintKind.CHOICE, choices=("Once upon a time", "One day, a little girl"))
 CONSTRAINED = SamplingParams(temperature=0.9, seed=5, structured_output=CHOICE)
@@ -119,6 +121,17 @@ async def _through_pipeline(pipeline: StepPipeline, steps: list[StepPlan]) -> li
     """Every step launched before any is finished."""
     launched = [await pipeline.launch(step) for step in steps]
     return [await asyncio.wait_for(pipeline.finish(step), timeout=30) for step in launched]
+
+
+@pytest.mark.parametrize("logprobs", [pytest.param(None, id="masked_argmax", marks=NEEDS_GPU),
+                                      pytest.param(1, id="masked_logits", marks=NEEDS_GPU)])
+def test_constrained_greedy_steps_on_the_gpu_give_the_cpu_worker_s_tokens(logprobs: int | None) -> None:
+    """The device's path: masks filled in page-locked memory, then one kernel (an argmax under the masks, or the masks
+    applied to the logits when a row asks for logprobs)."""
+    steps = _steps(SamplingParams(temperature=0.0, logprobs=logprobs, structured_output=CHOICE), num_decodes=6)
+    expected = _run_one_at_a_time(load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=32), steps)
+    gpu = load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=32, device=DeviceKind.CUDA)
+    assert _tokens(_run_two_in_flight(gpu, steps), 1) == _tokens(expected, 1)
 
 
 def test_steps_all_launched_before_any_finishes_give_the_tokens_of_one_at_a_time() -> None:

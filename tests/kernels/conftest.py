@@ -15,8 +15,8 @@ FP8_NAN_BYTE = 0x7F  # e4m3fn's NaN
 
 @pytest.fixture
 def poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tensor.new_empty (how the launchers allocate outputs) returns NaN-filled floats (NaN bytes for FP8), so an
-    output element a kernel leaves unwritten fails the comparison."""
+    """Tensor.new_empty (how the launchers allocate outputs) returns NaN-filled floats (NaN bytes for FP8) and -1
+    integers, so an output element a kernel leaves unwritten fails the comparison."""
     new_empty = Tensor.new_empty
 
     def nan_new_empty(self: Tensor, size: tuple[int, ...], **kwargs: Any) -> Tensor:
@@ -25,6 +25,8 @@ def poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
             tensor.view(torch.uint8).fill_(FP8_NAN_BYTE)
         elif tensor.is_floating_point():
             tensor.fill_(float("nan"))
+        else:
+            tensor.fill_(-1)
         return tensor
 
     monkeypatch.setattr(Tensor, "new_empty", nan_new_empty)

@@ -13,7 +13,8 @@ from pagedserve.kernels.token_masks import TokenMaskKernels, mask_words
 from tests.gpu_marks import NEEDS_GPU
 
 REFERENCE = TorchReferenceOps()
-SHAPES = [(1, 1), (3, 31), (5, 33), (4, 510), (64, 32000), (64, 128256), (7, 128257)]
+SHAPES = [(1, 1), (3, 31), (5, 33), (3, 100), (4, 510), (5, 1028), (64, 32000), (64, 128256), (7, 128257)]
+KINDS = ["random", "ties_nan_inf", "strided", "strided_vectors"]
 
 
 def _masks(num_rows: int, vocab_size: int, seed: int, device: str = "cpu") -> Tensor:
@@ -58,13 +59,26 @@ def test_reference_argmax_is_the_best_allowed_token_and_leaves_the_logits() -> N
     assert torch.equal(logits, before)
 
 
+NAN_COLUMNS = (0.3, 0.7)  # where the NaN rows hold their two NaNs, as fractions of the vocabulary
+
+
 def _hard_logits(num_rows: int, vocab_size: int, seed: int) -> Tensor:
-    """Whole numbers in [-3, 3] (many ties for the largest), and in some rows a NaN or -inf."""
+    """Whole numbers in [-3, 3] (many ties for the largest); every third row from the second two NaNs, every third
+    from the third -inf over its first half."""
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randint(-3, 4, (num_rows, vocab_size), generator=gen).float()
-    logits[1::3, vocab_size // 2] = float("nan")
+    for fraction in NAN_COLUMNS:
+        logits[1::3, int(fraction * vocab_size)] = float("nan")
     logits[2::3, : vocab_size // 2] = float("-inf")
     return logits
+
+
+def _allow_the_nans(masks: Tensor, vocab_size: int) -> None:
+    """Sets the bits of both NaNs of every NaN row, so that NaN against NaN is ordered (by index)."""
+    for fraction in NAN_COLUMNS:
+        token = int(fraction * vocab_size)
+        bit = 1 << (token % 32)
+        masks[1::3, token // 32] |= bit - (1 << 32) if bit >= 1 << 31 else bit  # as an int32
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +94,20 @@ def _device_logits(num_rows: int, vocab_size: int, kind: str) -> Tensor:
         return _hard_logits(num_rows, vocab_size, seed).cuda()
     if kind == "strided":  # rows of a wider tensor, which do not start on a 16-byte boundary
         return _logits(num_rows, vocab_size + 3, seed, "cuda")[:, 1 : vocab_size + 1]
+    if kind == "strided_vectors":  # rows of a wider tensor, starting on 16-byte boundaries
+        return _logits(num_rows, vocab_size + 8, seed, "cuda")[:, 4 : vocab_size + 4]
     return _logits(num_rows, vocab_size, seed, "cuda")
+
+
+def _device_masks(num_rows: int, vocab_size: int, kind: str) -> Tensor:
+    masks = _masks(num_rows, vocab_size, seed=vocab_size, device="cuda")
+    if kind == "ties_nan_inf":
+        _allow_the_nans(masks, vocab_size)
+    return masks
+
+
+def _assert_same(got: Tensor, expected: Tensor) -> None:
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.usefixtures("poisoned_outputs")
@@ -88,25 +115,33 @@ class TestKernelsMatchReference:
     pytestmark = NEEDS_GPU
 
     @pytest.mark.parametrize(("num_rows", "vocab_size"), SHAPES, ids=str)
-    @pytest.mark.parametrize("kind", ["random", "ties_nan_inf", "strided"])
+    @pytest.mark.parametrize("kind", KINDS)
     def test_masked_argmax(self, kernels: TokenMaskKernels, num_rows: int, vocab_size: int, kind: str) -> None:
         logits = _device_logits(num_rows, vocab_size, kind)
-        masks = _masks(num_rows, vocab_size, seed=vocab_size, device="cuda")
-        masks[-1] = 0  # allows nothing: every logit -inf, so token 0
+        masks = _device_masks(num_rows, vocab_size, kind)
+        if num_rows > 1:
+            masks[-1] = 0  # allows nothing: every logit -inf, so token 0
         before = logits.clone()
         tokens = kernels.masked_argmax(logits, masks)
         assert tokens.tolist() == REFERENCE.masked_argmax(logits, masks).tolist()
-        assert torch.equal(logits.nan_to_num(), before.nan_to_num())
+        _assert_same(logits, before)
 
     @pytest.mark.parametrize(("num_rows", "vocab_size"), SHAPES, ids=str)
-    @pytest.mark.parametrize("kind", ["random", "ties_nan_inf", "strided"])
+    @pytest.mark.parametrize("kind", KINDS)
     def test_apply_token_masks(self, kernels: TokenMaskKernels, num_rows: int, vocab_size: int, kind: str) -> None:
         logits = _device_logits(num_rows, vocab_size, kind)
-        masks = _masks(num_rows, vocab_size, seed=vocab_size, device="cuda")
+        masks = _device_masks(num_rows, vocab_size, kind)
         expected = logits.clone()
         REFERENCE.apply_token_masks(expected, masks)
         kernels.apply_token_masks(logits, masks)
-        assert torch.equal(logits.nan_to_num(), expected.nan_to_num())
+        _assert_same(logits, expected)
+
+    def test_nan_rows_put_their_first_allowed_nan_first(self, kernels: TokenMaskKernels) -> None:
+        vocab_size = 1028
+        logits = _hard_logits(6, vocab_size, seed=1).cuda()
+        masks = _device_masks(6, vocab_size, "ties_nan_inf")
+        first_nan = int(NAN_COLUMNS[0] * vocab_size)
+        assert kernels.masked_argmax(logits, masks)[1::3].tolist() == [first_nan, first_nan]
 
     def test_refuses_masks_of_another_shape_naming_them(self, kernels: TokenMaskKernels) -> None:
         logits = _logits(2, 64, seed=0, device="cuda")
