@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from pagedserve.kernels.attention_step import AttentionStep, LayerLaunch, step_key
 from pagedserve.kernels.cache_ops import CacheOps
 from pagedserve.kernels.fp8 import FP8_DTYPE, is_fp8
 from pagedserve.kernels.fp8_gemv import Fp8Gemv
@@ -42,6 +43,7 @@ class CudaKernelOps:
         self.rotary_write_kv = layers.rotary_write_kv
         self.quantize_fp8_per_row = layers.quantize_fp8_per_row
         self.fp8_gemv = Fp8Gemv(modules).fp8_gemv
+        self._attention_step: AttentionStep | None = None  # the last step's, for its next layers
         token_masks = TokenMaskKernels(modules)
         self.apply_token_masks = token_masks.apply_token_masks
         self.masked_argmax = token_masks.masked_argmax
@@ -68,18 +70,41 @@ class CudaKernelOps:
         queries over a cache of their dtype or FP8) and head size: paged_prefill for sequences of two or more query
         rows plus paged_decode for the single-row ones (mixed steps). Otherwise paged_decode with one CTA row per
         query row.
+
+        The layers of a step call this with the same arguments but for their caches and scales: the first validates
+        and builds the launches (step_key), the others only queue them over their caches, whose shape, strides and
+        dtype the key holds.
         """
-        _check_attention(out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc)
-        if max_query_len <= 0 or query.shape[0] == 0:
-            return
+        key = step_key(out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, max_query_len,
+                       max_seq_len, scale)
+        step = self._attention_step
+        # A step's launches are kept for its next layers, but never into or out of a CUDA graph's capture: a graph
+        # keeps the address of the split buffer its launches were built with, which must come from its own pool.
+        is_capturing = torch.cuda.is_current_stream_capturing()
+        if step is None or step.key != key or is_capturing:
+            _check_attention(out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc)
+            if max_query_len <= 0 or query.shape[0] == 0:
+                return
+            step = AttentionStep(key, self._attention_launches(out, query, key_cache, value_cache, block_tables,
+                                                               seq_lens, query_start_loc, max_query_len,
+                                                               max_seq_len, scale))
+            if not is_capturing:
+                self._attention_step = step
+        step.launch(key_cache, value_cache, k_scale, v_scale)
+
+    def _attention_launches(self, out: Tensor, query: Tensor, key_cache: Tensor, value_cache: Tensor,
+                            block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor, max_query_len: int,
+                            max_seq_len: int, scale: float) -> list[LayerLaunch]:
         args = (out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc)
-        if max_query_len == 1:
-            self._decode.run(*args, max_seq_len, scale, True, k_scale, v_scale)
-        elif supports(query.dtype, key_cache.dtype, query.shape[2]):
-            self._prefill.run(*args, scale, k_scale, v_scale)
-            self._decode.run(*args, max_seq_len, scale, True, k_scale, v_scale)
-        else:
-            self._decode.run(*args, max_seq_len, scale, False, k_scale, v_scale)
+        launches: list[LayerLaunch] = []
+        is_mixed = max_query_len > 1 and supports(query.dtype, key_cache.dtype, query.shape[2])
+        if is_mixed:
+            launches.append(self._prefill.prepare(out, query, key_cache, block_tables, seq_lens, query_start_loc,
+                                                  scale))
+        decode = self._decode.prepare(*args, max_seq_len, scale, rows_by_seq=is_mixed or max_query_len == 1)
+        if decode is not None:
+            launches.append(decode)
+        return launches
 
     def copy_blocks(self, kv_cache: Tensor, block_mapping: Tensor) -> None:
         _check_pool("kv_cache", kv_cache)

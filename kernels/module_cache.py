@@ -12,6 +12,8 @@ from typing import Any
 import cupy
 import torch
 
+from pagedserve.kernels.prepared_launch import argument_addresses
+
 KERNEL_DIR = Path(__file__).resolve().parent
 # The same flags serve NVRTC here and nvcc in the source-compilation test.
 COMPILE_OPTIONS: tuple[str, ...] = ("--std=c++17", f"-I{KERNEL_DIR}")
@@ -78,9 +80,12 @@ class ModuleCache:
         shared_bytes: int = 0,
     ) -> None:
         """Launch on torch's current stream of this device; nothing is copied or synchronised."""
+        self.launch_params(kernel, grid, block, argument_addresses(args), shared_bytes)
+
+    def launch_params(self, kernel: CompiledKernel, grid: tuple[int, int, int], block: tuple[int, int, int],
+                      params: ctypes.Array[ctypes.c_void_p], shared_bytes: int = 0) -> None:
+        """launch() with the arguments' addresses already gathered (argument_addresses)."""
         stream_ptr = torch.cuda.current_stream(self._device_index).cuda_stream
-        # cuLaunchKernel copies each argument from the address given for it before it returns.
-        params = (ctypes.c_void_p * len(args))(*(ctypes.addressof(arg) for arg in args))
         if torch.cuda.current_device() == self._device_index:
             cupy.cuda.driver.launchKernel(
                 kernel.function_ptr, *grid, *block, shared_bytes, stream_ptr, ctypes.addressof(params), 0
@@ -90,3 +95,4 @@ class ModuleCache:
             cupy.cuda.driver.launchKernel(
                 kernel.function_ptr, *grid, *block, shared_bytes, stream_ptr, ctypes.addressof(params), 0
             )
+

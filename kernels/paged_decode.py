@@ -14,14 +14,14 @@ from pagedserve.kernels.launch_args import (
     SCALAR_TYPE_NAMES,
     address,
     element_bytes,
-    float32,
     int32,
     int64,
     log2_exact,
     pointer,
     scalar_type_name,
 )
-from pagedserve.kernels.tensor_map import NO_TENSOR_MAP, TensorMap, rows_tensor_map
+from pagedserve.kernels.prepared_launch import LayerArgs, PreparedLaunch
+from pagedserve.kernels.tensor_map import TensorMap, rows_tensor_map
 
 if TYPE_CHECKING:
     from pagedserve.kernels.module_cache import ModuleCache
@@ -215,25 +215,21 @@ class PagedDecode:
         self._tma = tma
         self._layouts: dict[tuple[torch.dtype, torch.dtype, int, int, int], DecodeLayout] = {}
 
-    def run(
+    def prepare(
         self, out: Tensor, query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
         seq_lens: Tensor, query_start_loc: Tensor, max_seq_len: int, scale: float, rows_by_seq: bool,
-        k_scale: float = 1.0, v_scale: float = 1.0,
-    ) -> None:
-        """Launch over arguments already validated by the caller (see cuda_ops.CudaKernelOps). An FP8 cache holds
-        k / k_scale and v / v_scale; other caches ignore the scales."""
+    ) -> DecodeLaunch | None:
+        """The launch over arguments already validated by the caller (see cuda_ops.CudaKernelOps), for any layer's
+        caches of key_cache's shape and dtype; None when there is no row to attend."""
         num_kv_heads, block_size, head_dim = key_cache.shape[1:]
         num_q_heads = query.shape[1]
         group_size = num_q_heads // num_kv_heads
         layout = self._layout(query.dtype, key_cache.dtype, head_dim, group_size, block_size)
-        if not layout.is_fp8_cache:
-            k_scale = v_scale = 1.0
         num_seqs = seq_lens.shape[0]
         num_rows = num_seqs if rows_by_seq else query.shape[0]
         if num_rows == 0:
-            return
+            return None
         grid = decode_grid(num_rows, num_kv_heads, group_size, layout, max_seq_len, self._num_sms)
-        key_map, value_map = self._tensor_maps(layout, key_cache, value_cache)
         shared_bytes = layout.shared_bytes(grid.warps)
         kernel = self._modules.kernel(SOURCE, layout.kernel_name(grid.warps), shared_bytes)
         # One float32 buffer for the split partials: accumulators, then maxima, then sums (unused unsplit).
@@ -242,24 +238,27 @@ class PagedDecode:
         split_acc = split_buffer.data_ptr()
         split_max = split_acc + 4 * split_slots * head_dim
         split_sum = split_max + 4 * split_slots
-        self._modules.launch(kernel, grid.dims, (32 * grid.warps, 1, 1), (
+        layer = LayerArgs(scale)
+        main = PreparedLaunch(self._modules, kernel, grid.dims, (32 * grid.warps, 1, 1), (
             pointer(out), int64(out.stride(0)), pointer(query), int64(query.stride(0)),
-            pointer(key_cache), pointer(value_cache), key_map, value_map, pointer(block_tables),
+            layer.key_cache, layer.value_cache, layer.key_map, layer.value_map, pointer(block_tables),
             int32(block_tables.stride(0)),
             int32(block_tables.shape[1]), pointer(seq_lens), pointer(query_start_loc), int32(num_seqs),
             int32(int(rows_by_seq)), int32(num_kv_heads), int32(group_size),
-            int32(log2_exact(block_size, "block_size")), float32(scale * k_scale * math.log2(math.e)),
-            float32(v_scale), address(split_acc),
+            int32(log2_exact(block_size, "block_size")), layer.qk_scale,
+            layer.v_scale, address(split_acc),
             address(split_max), address(split_sum), int32(grid.num_splits),
         ), shared_bytes)
+        reduce = None
         if grid.num_splits > 1:
-            reduce = self._modules.kernel(SOURCE, layout.reduce_name)
             threads = -(-head_dim // 32) * 32  # one per output element
-            self._modules.launch(reduce, (num_rows, num_q_heads, 1), (threads, 1, 1), (
+            reduce = PreparedLaunch(self._modules, self._modules.kernel(SOURCE, layout.reduce_name),
+                                    (num_rows, num_q_heads, 1), (threads, 1, 1), (
                 pointer(out), int64(out.stride(0)), pointer(seq_lens), pointer(query_start_loc), int32(num_seqs),
                 int32(int(rows_by_seq)), address(split_acc), address(split_max), address(split_sum),
                 int32(grid.num_splits),
             ))
+        return DecodeLaunch(layout, layer, main, reduce, split_buffer)
 
     def _layout(self, dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int, group_size: int,
                 block_size: int) -> DecodeLayout:
@@ -270,14 +269,33 @@ class PagedDecode:
                                                         cache_dtype)
         return layout
 
-    @staticmethod
-    def _tensor_maps(layout: DecodeLayout, key_cache: Tensor, value_cache: Tensor) -> tuple[TensorMap, TensorMap]:
-        """Each cache as rows of head_dim elements (one per block, kv head and slot), in boxes of a tile's rows or
-        a whole block, whichever is smaller, and at most 128 bytes wide."""
-        if not layout.tma_staged:
-            return NO_TENSOR_MAP, NO_TENSOR_MAP
-        num_blocks, num_kv_heads, block_size, head_dim = key_cache.shape
-        num_rows, box_rows = num_blocks * num_kv_heads * block_size, min(layout.tile, block_size)
-        size = layout.element_bytes
-        return (rows_tensor_map(key_cache.data_ptr(), num_rows, head_dim, box_rows, size),
-                rows_tensor_map(value_cache.data_ptr(), num_rows, head_dim, box_rows, size))
+
+class DecodeLaunch:
+    """paged_decode (and its reduce, when the context is split) of one batch's rows, built once: launch() queues it
+    over one layer's caches and scales, so the layers of a step share the validation and the arguments."""
+
+    def __init__(self, layout: DecodeLayout, layer: LayerArgs, main: PreparedLaunch, reduce: PreparedLaunch | None,
+                 split_buffer: Tensor) -> None:
+        self._layout, self._layer, self._main, self._reduce = layout, layer, main, reduce
+        self._split_buffer = split_buffer  # the launches write their partials here
+
+    def launch(self, key_cache: Tensor, value_cache: Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+        """Caches of the shape and dtype the launch was prepared for. An FP8 cache holds k / k_scale and v / v_scale;
+        other caches ignore the scales."""
+        layout = self._layout
+        self._layer.set(key_cache, value_cache, k_scale, v_scale, layout.is_fp8_cache)
+        if layout.tma_staged:
+            self._layer.set_maps(*_tensor_maps(layout, key_cache, value_cache))
+        self._main.launch()
+        if self._reduce is not None:
+            self._reduce.launch()
+
+
+def _tensor_maps(layout: DecodeLayout, key_cache: Tensor, value_cache: Tensor) -> tuple[TensorMap, TensorMap]:
+    """Each cache as rows of head_dim elements (one per block, kv head and slot), in boxes of a tile's rows or a whole
+    block, whichever is smaller, and at most 128 bytes wide."""
+    num_blocks, num_kv_heads, block_size, head_dim = key_cache.shape
+    num_rows, box_rows = num_blocks * num_kv_heads * block_size, min(layout.tile, block_size)
+    size = layout.element_bytes
+    return (rows_tensor_map(key_cache.data_ptr(), num_rows, head_dim, box_rows, size),
+            rows_tensor_map(value_cache.data_ptr(), num_rows, head_dim, box_rows, size))

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from pagedserve.kernels.fp8 import FP8_DTYPE, is_fp8
-from pagedserve.kernels.launch_args import float32, int32, int64, log2_exact, pointer, scalar_type_name
+from pagedserve.kernels.launch_args import int32, int64, log2_exact, pointer, scalar_type_name
+from pagedserve.kernels.prepared_launch import LayerArgs, PreparedLaunch
 
 if TYPE_CHECKING:
     from pagedserve.kernels.module_cache import ModuleCache
@@ -83,25 +84,37 @@ class PagedPrefill:
     def __init__(self, modules: ModuleCache) -> None:
         self._modules = modules
 
-    def run(self, out: Tensor, query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
-            seq_lens: Tensor, query_start_loc: Tensor, scale: float, k_scale: float = 1.0,
-            v_scale: float = 1.0) -> None:
-        """Launch over arguments already validated by the caller (see cuda_ops.CudaKernelOps). An FP8 cache holds
-        k / k_scale and v / v_scale; other caches ignore the scales."""
+    def prepare(self, out: Tensor, query: Tensor, key_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                query_start_loc: Tensor, scale: float) -> PrefillLaunch:
+        """The launch over arguments already validated by the caller (see cuda_ops.CudaKernelOps), for any layer's
+        caches of key_cache's shape and dtype."""
         num_kv_heads, block_size, head_dim = key_cache.shape[1:]
         num_q_heads = query.shape[1]
         num_seqs = seq_lens.shape[0]
-        if not is_fp8(key_cache.dtype):
-            k_scale = v_scale = 1.0
         tiles = tiles_for(head_dim)
         smem = shared_bytes(key_cache.dtype, head_dim, tiles)
         kernel = self._modules.kernel(SOURCE, kernel_name(query.dtype, key_cache.dtype, head_dim, tiles),
                                       dynamic_shared_bytes=smem)
         grid = (num_tile_slots(num_seqs, query.shape[0], tiles.block_m), num_q_heads, 1)
-        self._modules.launch(kernel, grid, (THREADS, 1, 1), (
+        layer = LayerArgs(scale)
+        launch = PreparedLaunch(self._modules, kernel, grid, (THREADS, 1, 1), (
             pointer(out), int64(out.stride(0)), pointer(query), int64(query.stride(0)),
-            pointer(key_cache), pointer(value_cache), pointer(block_tables), int32(block_tables.stride(0)),
+            layer.key_cache, layer.value_cache, pointer(block_tables), int32(block_tables.stride(0)),
             pointer(seq_lens), pointer(query_start_loc), int32(num_seqs), int32(num_kv_heads),
             int32(num_q_heads // num_kv_heads), int32(log2_exact(block_size, "block_size")),
-            float32(scale * k_scale * math.log2(math.e)), float32(v_scale),
+            layer.qk_scale, layer.v_scale,
         ), shared_bytes=smem)
+        return PrefillLaunch(layer, launch, is_fp8(key_cache.dtype))
+
+
+class PrefillLaunch:
+    """paged_prefill of one batch, built once: launch() queues it over one layer's caches and scales."""
+
+    def __init__(self, layer: LayerArgs, launch: PreparedLaunch, is_fp8_cache: bool) -> None:
+        self._layer, self._launch, self._is_fp8_cache = layer, launch, is_fp8_cache
+
+    def launch(self, key_cache: Tensor, value_cache: Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+        """Caches of the shape and dtype the launch was prepared for. An FP8 cache holds k / k_scale and v / v_scale;
+        other caches ignore the scales."""
+        self._layer.set(key_cache, value_cache, k_scale, v_scale, self._is_fp8_cache)
+        self._launch.launch()

@@ -70,8 +70,10 @@ class PagedCase:
         decode = PagedDecode(ModuleCache(device), torch.cuda.get_device_properties(device).multi_processor_count,
                              tma=False)
         out = torch.full_like(self.query, float("nan"))
-        decode.run(out, self.query, self.key_cache, self.value_cache, self.block_tables, self.seq_lens,
-                   self.query_start_loc, self.max_seq_len, self.scale, True, k_scale, v_scale)
+        launch = decode.prepare(out, self.query, self.key_cache, self.value_cache, self.block_tables, self.seq_lens,
+                                self.query_start_loc, self.max_seq_len, self.scale, True)
+        assert launch is not None
+        launch.launch(self.key_cache, self.value_cache, k_scale, v_scale)
         return out
 
     def run(self, ops: KernelOps) -> torch.Tensor:
