@@ -15,8 +15,8 @@ class LayerLaunch(Protocol):
 def step_key(out: Tensor, query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
              seq_lens: Tensor, query_start_loc: Tensor, max_query_len: int, max_seq_len: int,
              scale: float) -> tuple[object, ...]:
-    """Equal for two calls of paged_attention exactly when their validation and their launches' arguments are, but
-    for the caches' addresses and the scales: each tensor's address, shape, strides, dtype and device, the caches'
+    """Equal for two calls of paged_attention only when their validation and their launches' arguments are the same
+    but for the caches' addresses and the scales: each tensor's address, shape, strides, dtype and device, the caches'
     without their address, and the host values."""
     return (_tensor(out), _tensor(query), _tensor(block_tables), _tensor(seq_lens), _tensor(query_start_loc),
             _cache(key_cache), _cache(value_cache), max_query_len, max_seq_len, scale)

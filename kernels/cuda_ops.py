@@ -43,7 +43,8 @@ class CudaKernelOps:
         self.rotary_write_kv = layers.rotary_write_kv
         self.quantize_fp8_per_row = layers.quantize_fp8_per_row
         self.fp8_gemv = Fp8Gemv(modules).fp8_gemv
-        self._attention_step: AttentionStep | None = None  # the last step's, for its next layers
+        # The last step's attention, for its next layers (it holds its split buffer, at most about 1 MiB).
+        self._attention_step: AttentionStep | None = None
         token_masks = TokenMaskKernels(modules)
         self.apply_token_masks = token_masks.apply_token_masks
         self.masked_argmax = token_masks.masked_argmax

@@ -95,4 +95,3 @@ class ModuleCache:
             cupy.cuda.driver.launchKernel(
                 kernel.function_ptr, *grid, *block, shared_bytes, stream_ptr, ctypes.addressof(params), 0
             )
-

@@ -4,12 +4,15 @@ scales, the checks that still hold for a later layer, and CUDA graphs captured b
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
 from pagedserve.kernels.attention_step import step_key
 from pagedserve.kernels.fp8 import quantize
 from pagedserve.kernels.ops import KernelOps, get_kernel_ops
+from pagedserve.kernels.paged_decode import DecodeLaunch, PagedDecode
 from pagedserve.kernels.reference import TorchReferenceOps
 from tests.gpu_marks import NEEDS_GPU
 from tests.kernels.test_cuda_ops import TOLERANCE, PagedCase
@@ -49,7 +52,7 @@ class LayeredCase:
     """A PagedCase with NUM_LAYERS layers of caches of its caches' shape (each its own random values; fp8: e4m3 at
     each layer's own scales), one query and one output."""
 
-    def __init__(self, case: PagedCase, seed: int, fp8: bool = False) -> None:
+    def __init__(self, case: PagedCase, seed: int, fp8: bool = False, ignored_scales: bool = False) -> None:
         self.case = case
         gen = torch.Generator(device="cuda").manual_seed(seed)
         shape = case.key_cache.shape
@@ -59,8 +62,8 @@ class LayeredCase:
             if fp8:
                 k_scale, v_scale = 0.01 * (layer + 1), 0.005 * (layer + 2)
                 self.caches.append((quantize(key, k_scale), quantize(value, v_scale)))
-            else:
-                k_scale = v_scale = 1.0
+            else:  # scales other than 1, given with caches of the model's dtype, must be ignored
+                k_scale, v_scale = (2.0 + layer, 0.5) if ignored_scales else (1.0, 1.0)
                 self.caches.append((key.to(case.key_cache.dtype), value.to(case.key_cache.dtype)))
             self.scales.append((k_scale, v_scale))
 
@@ -82,8 +85,10 @@ CASES = {  # name: seq_lens, q_lens, kv heads, group, head_dim, block_size, dtyp
 HAS_FP8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def ops() -> KernelOps:
+    """Each test's own: no step's launches from an earlier test (whose tensors a later one's may reuse the addresses
+    of) can count as built."""
     return get_kernel_ops(torch.device("cuda", torch.cuda.current_device()))
 
 
@@ -98,14 +103,30 @@ def _assert_layers_match_reference(ops: KernelOps, layered: LayeredCase, dtype: 
     assert not torch.equal(got[0], got[1])  # the layers' caches differ, and so do their outputs
 
 
+def _count_decode_prepares(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """[number of PagedDecode.prepare calls from now on], kept up to date."""
+    count = [0]
+    prepare = PagedDecode.prepare
+
+    def counting(self: PagedDecode, *args: Any, **kwargs: Any) -> DecodeLaunch | None:
+        count[0] += 1
+        return prepare(self, *args, **kwargs)
+
+    monkeypatch.setattr(PagedDecode, "prepare", counting)
+    return count
+
+
 class TestLayersOfAStep:
     pytestmark = NEEDS_GPU
 
     @pytest.mark.parametrize("name", sorted(CASES))
-    def test_each_layer_attends_over_its_own_caches(self, ops: KernelOps, name: str) -> None:
+    def test_each_layer_attends_over_its_own_caches(self, ops: KernelOps, name: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
         seq_lens, q_lens, kv_heads, group, head_dim, block_size, dtype = CASES[name]
         case = PagedCase(seq_lens, q_lens, kv_heads, group, head_dim, block_size, dtype, seed=3)
-        _assert_layers_match_reference(ops, LayeredCase(case, seed=4), dtype)
+        prepared = _count_decode_prepares(monkeypatch)
+        _assert_layers_match_reference(ops, LayeredCase(case, seed=4, ignored_scales=True), dtype)
+        assert prepared == [1]  # the first layer built the step's launches, the others reused them
 
     @pytest.mark.skipif(not HAS_FP8, reason="FP8 needs sm_89+")
     @pytest.mark.parametrize(("q_lens", "seq_lens"), [([1, 1, 1], [9, 400, 2000]), ([1, 60, 1], [33, 700, 5])])
@@ -124,16 +145,21 @@ class TestLayersOfAStep:
                 ops.paged_attention(out, case.query, key, wrong, case.block_tables, case.seq_lens,
                                     case.query_start_loc, case.max_query_len, case.max_seq_len, case.scale)
 
-    def test_a_graph_captured_after_eager_layers_keeps_its_own_buffers(self, ops: KernelOps) -> None:
+    def test_a_graph_captured_after_eager_layers_keeps_its_own_buffers(self, ops: KernelOps,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
         """The eager layer and the capture share every argument (split contexts: a buffer of partials); the capture
         builds its own launches, so the graph still replays right once another step's launches replaced the eager
         ones and their buffer was freed."""
         layered = LayeredCase(PagedCase([16384, 9000], [1, 1], 2, 4, 128, 16, torch.bfloat16, seed=9), seed=10)
         out = torch.full_like(layered.case.query, float("nan"))
+        prepared = _count_decode_prepares(monkeypatch)
         layered.run(ops, out, 0)
         graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
         with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
             layered.run(ops, out, 1)
+        assert prepared == [2]  # the capture built its own launches
+        layered.run(ops, out, 2)
+        assert prepared == [2]  # and kept none: the eager layers still reuse theirs
         other = LayeredCase(PagedCase([8000, 20], [1, 1], 2, 4, 128, 16, torch.bfloat16, seed=11), seed=12)
         other.run(ops, torch.full_like(other.case.query, float("nan")), 0)
         torch.cuda.empty_cache()
