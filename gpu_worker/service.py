@@ -22,7 +22,7 @@ from pagedserve.gpu_worker.errors import (
     WorkerError,
 )
 from pagedserve.gpu_worker.launched_step import LaunchedStep
-from pagedserve.gpu_worker.step_pipeline import StepPipeline
+from pagedserve.gpu_worker.step_pipeline import LaunchStream, StepNotLaunchedError, StepPipeline
 from pagedserve.gpu_worker.worker import Worker
 from pagedserve.runtime.auth import ClusterSecret, ClusterSecretInterceptor
 from pagedserve.runtime.channel_options import INTERNAL_CHANNEL_OPTIONS
@@ -136,7 +136,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         if not self._worker.is_cache_initialized:  # at once, rather than at the first step (checked again there)
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "InitCache must run before Execute")
         self._is_owned = True
-        launched: asyncio.Queue[LaunchedStep | BaseException | None] = asyncio.Queue()
+        launched: asyncio.Queue[asyncio.Future[LaunchedStep] | BaseException | None] = asyncio.Queue()
         launcher = asyncio.create_task(self._launch_each(request_iterator, launched))
         released = False
         try:
@@ -144,7 +144,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 try:
                     if isinstance(item, BaseException):
                         raise item
-                    result = await self._pipeline.finish(item)
+                    result = await self._pipeline.finish(await item)
                 except Exception as error:  # noqa: BLE001 - every failure becomes a status
                     # Released before the status goes out: its caller may open the next stream as soon as it reads it.
                     released = True
@@ -155,7 +155,10 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                           step_time_ms=result.step_time_ms)
                 await context.write(codec.step_result_to_proto(result))
         finally:
-            launcher.cancel()
+            launcher.cancel()  # it is waiting for the next request: it queues nothing more
+            while not launched.empty():
+                if isinstance(item := launched.get_nowait(), asyncio.Future):
+                    _abandon(item)
             if not released:
                 self._release(_StreamEnd.LOST)
 
@@ -172,19 +175,35 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
     async def _launch_each(
         self,
         request_iterator: AsyncIterator[worker_service_pb2.ExecuteRequest],
-        launched: asyncio.Queue[LaunchedStep | BaseException | None],
+        launched: asyncio.Queue[asyncio.Future[LaunchedStep] | BaseException | None],
     ) -> None:
-        """Launches each step as it arrives and queues it for its reply; a failure is queued in its place and
-        ends the stream after the replies before it."""
+        """Decodes each step as it arrives and submits its launch at once, without waiting for the launch before it
+        (so the step thread finds the next step queued), and queues the launch for its reply. A decoding failure is
+        queued in its place; a failed launch is raised by its own future; either ends the stream after the replies
+        before it, and no step behind a failed launch is launched (LaunchStream)."""
+        stream = LaunchStream()
         try:
             async for request in request_iterator:
                 if not self._worker.is_cache_initialized:
                     raise CacheNotInitializedError("InitCache must run before Execute")
-                await launched.put(await self._pipeline.launch(codec.step_plan_from_proto(request)))
+                await launched.put(self._pipeline.launch(codec.step_plan_from_proto(request), stream))
         except Exception as error:  # noqa: BLE001 - handed to the reply loop, which maps it to a status
             await launched.put(error)
             return
         await launched.put(None)
+
+
+def _abandon(launch: asyncio.Future[LaunchedStep]) -> None:
+    """A launch whose step gets no reply, the stream having ended first: cancelled if it has not run; otherwise its
+    failure is logged, unless it was a step not launched behind the failure that ended the stream."""
+    if not launch.cancel():
+        launch.add_done_callback(_log_abandoned_failure)
+
+
+def _log_abandoned_failure(launch: asyncio.Future[LaunchedStep]) -> None:
+    error = launch.exception()
+    if error is not None and not isinstance(error, StepNotLaunchedError):
+        log.error("abandoned_step_failed", exc_info=error)
 
 
 def _is_rejection(error: BaseException) -> bool:

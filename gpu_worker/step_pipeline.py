@@ -31,9 +31,12 @@ class StepPipeline:
         """Runs function on the step thread, after every call and launch submitted before it."""
         return asyncio.get_running_loop().run_in_executor(self._step_thread, function)
 
-    def launch(self, step: StepPlan) -> asyncio.Future[LaunchedStep]:
-        """Submits the step's launch now (so launches keep call order); InvalidStepError comes out of the future."""
-        return self.call(lambda: self.worker.launch(step))
+    def launch(self, step: StepPlan, stream: LaunchStream | None = None) -> asyncio.Future[LaunchedStep]:
+        """Submits the step's launch now (so launches keep call order); InvalidStepError comes out of the future.
+        stream: the steps submitted one after another without waiting, of which none may launch after one failed."""
+        if stream is None:
+            return self.call(lambda: self.worker.launch(step))
+        return self.call(lambda: stream.launch(self.worker, step))
 
     async def finish(self, launched: LaunchedStep) -> StepResult:
         """The step's result, once its tokens reached the host; steps must be finished in launch order. Runs on
@@ -44,3 +47,27 @@ class StepPipeline:
     def close(self) -> None:
         self._wait_thread.shutdown(wait=True)
         self._step_thread.shutdown(wait=True)
+
+
+class LaunchStream:
+    """The steps of one stream, submitted to the step thread as they arrive rather than each after the launch before
+    it, so that the next step is decoded and queued while the current one launches. A step that fails to launch
+    (refused, changing nothing) ends the stream there: the steps queued behind it are not launched, so the worker's
+    state stays that of the steps before it. Used on the step thread only."""
+
+    def __init__(self) -> None:
+        self._failed_step_id: int | None = None
+
+    def launch(self, worker: Worker, step: StepPlan) -> LaunchedStep:
+        if self._failed_step_id is not None:
+            raise StepNotLaunchedError(f"step {step.step_id} not launched: step {self._failed_step_id} of its stream "
+                                       "failed")
+        try:
+            return worker.launch(step)
+        except BaseException:
+            self._failed_step_id = step.step_id
+            raise
+
+
+class StepNotLaunchedError(RuntimeError):
+    """A step queued behind one that failed; the earlier failure is the stream's end."""

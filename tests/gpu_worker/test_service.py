@@ -128,11 +128,12 @@ def test_block_id_out_of_range_is_invalid_argument_and_leaves_state_unchanged() 
     async def test(channel: grpc.aio.Channel, worker: Worker) -> None:
         stub = worker_service_pb2_grpc.WorkerServiceStub(channel)
         await stub.InitCache(_init_cache())
-        # One stream up to the rejection: a stream that ends otherwise drops the state (gpu_worker/service.py).
+        # One stream up to the rejection: a stream that ends otherwise drops the state (gpu_worker/service.py). The
+        # step sent behind the rejected one, whose launch is queued before the rejection is known, is not launched.
         first: list[pb.ExecuteResponse] = []
         with pytest.raises(grpc.aio.AioRpcError) as error:
             async for reply in stub.Execute(_stream(_prefill(golden["prompt_ids"]), _decode(1, []), _decode(2, []),
-                                                    _decode(3, [NUM_BLOCKS]))):
+                                                    _decode(3, [NUM_BLOCKS]), _decode(4, []))):
                 first.append(reply)
         # The rejected step changed nothing: the same step with a valid block continues the sequence.
         second = await _execute(stub, _decode(3, [2]), _decode(4, []))
