@@ -137,7 +137,8 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "InitCache must run before Execute")
         self._is_owned = True
         launched: asyncio.Queue[asyncio.Future[LaunchedStep] | BaseException | None] = asyncio.Queue()
-        launcher = asyncio.create_task(self._launch_each(request_iterator, launched))
+        stream = LaunchStream()
+        launcher = asyncio.create_task(self._launch_each(request_iterator, launched, stream))
         released = False
         try:
             while (item := await launched.get()) is not None:
@@ -156,9 +157,10 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 await context.write(codec.step_result_to_proto(result))
         finally:
             launcher.cancel()  # it is waiting for the next request: it queues nothing more
+            stream.end()
             while not launched.empty():
                 if isinstance(item := launched.get_nowait(), asyncio.Future):
-                    _abandon(item)
+                    item.add_done_callback(_log_unreplied_failure)
             if not released:
                 self._release(_StreamEnd.LOST)
 
@@ -176,12 +178,12 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         self,
         request_iterator: AsyncIterator[worker_service_pb2.ExecuteRequest],
         launched: asyncio.Queue[asyncio.Future[LaunchedStep] | BaseException | None],
+        stream: LaunchStream,
     ) -> None:
         """Decodes each step as it arrives and submits its launch at once, without waiting for the launch before it
         (so the step thread finds the next step queued), and queues the launch for its reply. A decoding failure is
         queued in its place; a failed launch is raised by its own future; either ends the stream after the replies
         before it, and no step behind a failed launch is launched (LaunchStream)."""
-        stream = LaunchStream()
         try:
             async for request in request_iterator:
                 if not self._worker.is_cache_initialized:
@@ -193,17 +195,12 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         await launched.put(None)
 
 
-def _abandon(launch: asyncio.Future[LaunchedStep]) -> None:
-    """A launch whose step gets no reply, the stream having ended first: cancelled if it has not run; otherwise its
-    failure is logged, unless it was a step not launched behind the failure that ended the stream."""
-    if not launch.cancel():
-        launch.add_done_callback(_log_abandoned_failure)
-
-
-def _log_abandoned_failure(launch: asyncio.Future[LaunchedStep]) -> None:
-    error = launch.exception()
+def _log_unreplied_failure(launch: asyncio.Future[LaunchedStep]) -> None:
+    """The failure of a launch whose step gets no reply (its stream ended first: a launch that was running then, the
+    others are not launched), which no status reports."""
+    error = None if launch.cancelled() else launch.exception()
     if error is not None and not isinstance(error, StepNotLaunchedError):
-        log.error("abandoned_step_failed", exc_info=error)
+        log.error("unreplied_step_failed", exc_info=error)
 
 
 def _is_rejection(error: BaseException) -> bool:

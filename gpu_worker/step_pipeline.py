@@ -53,15 +53,22 @@ class LaunchStream:
     """The steps of one stream, submitted to the step thread as they arrive rather than each after the launch before
     it, so that the next step is decoded and queued while the current one launches. A step that fails to launch
     (refused, changing nothing) ends the stream there: the steps queued behind it are not launched, so the worker's
-    state stays that of the steps before it. Used on the step thread only."""
+    state stays that of the steps before it; nor are those still queued when the stream ends (end())."""
 
     def __init__(self) -> None:
         self._failed_step_id: int | None = None
+        self._is_ended = False
+
+    def end(self) -> None:
+        """The stream is over (its replies stop): the steps still queued are not launched. Any thread."""
+        self._is_ended = True
 
     def launch(self, worker: Worker, step: StepPlan) -> LaunchedStep:
         if self._failed_step_id is not None:
             raise StepNotLaunchedError(f"step {step.step_id} not launched: step {self._failed_step_id} of its stream "
                                        "failed")
+        if self._is_ended:
+            raise StepNotLaunchedError(f"step {step.step_id} not launched: its stream ended")
         try:
             return worker.launch(step)
         except BaseException:
@@ -70,4 +77,4 @@ class LaunchStream:
 
 
 class StepNotLaunchedError(RuntimeError):
-    """A step queued behind one that failed; the earlier failure is the stream's end."""
+    """A step queued behind one that failed, or still queued when its stream ended: the stream's end says why."""
