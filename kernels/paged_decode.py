@@ -238,7 +238,7 @@ class PagedDecode:
         split_acc = split_buffer.data_ptr()
         split_max = split_acc + 4 * split_slots * head_dim
         split_sum = split_max + 4 * split_slots
-        layer = LayerArgs(scale)
+        layer = LayerArgs(scale, layout.is_fp8_cache)
         main = PreparedLaunch(self._modules, kernel, grid.dims, (32 * grid.warps, 1, 1), (
             pointer(out), int64(out.stride(0)), pointer(query), int64(query.stride(0)),
             layer.key_cache, layer.value_cache, layer.key_map, layer.value_map, pointer(block_tables),
@@ -283,7 +283,7 @@ class DecodeLaunch:
         """Caches of the shape and dtype the launch was prepared for. An FP8 cache holds k / k_scale and v / v_scale;
         other caches ignore the scales."""
         layout = self._layout
-        self._layer.set(key_cache, value_cache, k_scale, v_scale, layout.is_fp8_cache)
+        self._layer.set(key_cache, value_cache, k_scale, v_scale)
         if layout.tma_staged:
             self._layer.set_maps(*_tensor_maps(layout, key_cache, value_cache))
         self._main.launch()

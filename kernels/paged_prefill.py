@@ -96,7 +96,7 @@ class PagedPrefill:
         kernel = self._modules.kernel(SOURCE, kernel_name(query.dtype, key_cache.dtype, head_dim, tiles),
                                       dynamic_shared_bytes=smem)
         grid = (num_tile_slots(num_seqs, query.shape[0], tiles.block_m), num_q_heads, 1)
-        layer = LayerArgs(scale)
+        layer = LayerArgs(scale, is_fp8(key_cache.dtype))
         launch = PreparedLaunch(self._modules, kernel, grid, (THREADS, 1, 1), (
             pointer(out), int64(out.stride(0)), pointer(query), int64(query.stride(0)),
             layer.key_cache, layer.value_cache, pointer(block_tables), int32(block_tables.stride(0)),
@@ -104,17 +104,17 @@ class PagedPrefill:
             int32(num_q_heads // num_kv_heads), int32(log2_exact(block_size, "block_size")),
             layer.qk_scale, layer.v_scale,
         ), shared_bytes=smem)
-        return PrefillLaunch(layer, launch, is_fp8(key_cache.dtype))
+        return PrefillLaunch(layer, launch)
 
 
 class PrefillLaunch:
     """paged_prefill of one batch, built once: launch() queues it over one layer's caches and scales."""
 
-    def __init__(self, layer: LayerArgs, launch: PreparedLaunch, is_fp8_cache: bool) -> None:
-        self._layer, self._launch, self._is_fp8_cache = layer, launch, is_fp8_cache
+    def __init__(self, layer: LayerArgs, launch: PreparedLaunch) -> None:
+        self._layer, self._launch = layer, launch
 
     def launch(self, key_cache: Tensor, value_cache: Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
         """Caches of the shape and dtype the launch was prepared for. An FP8 cache holds k / k_scale and v / v_scale;
         other caches ignore the scales."""
-        self._layer.set(key_cache, value_cache, k_scale, v_scale, self._is_fp8_cache)
+        self._layer.set(key_cache, value_cache, k_scale, v_scale)
         self._launch.launch()

@@ -44,16 +44,16 @@ class LayerArgs:
     """The arguments of an attention launch that change from layer to layer: the caches' addresses (and tensor maps),
     the query-key scale times log2(e) and the value scale (an FP8 cache's k_scale and v_scale; 1 otherwise)."""
 
-    def __init__(self, scale: float) -> None:
-        self._scale = scale
+    def __init__(self, scale: float, is_fp8_cache: bool) -> None:
+        self._scale, self._is_fp8_cache = scale, is_fp8_cache
         self.key_cache, self.value_cache = ctypes.c_uint64(0), ctypes.c_uint64(0)
         self.key_map, self.value_map = TensorMap(), TensorMap()  # all zeros: NO_TENSOR_MAP until set_maps()
         self.qk_scale, self.v_scale = ctypes.c_float(scale * LOG2_E), ctypes.c_float(1.0)
 
-    def set(self, key_cache: Tensor, value_cache: Tensor, k_scale: float, v_scale: float, is_fp8_cache: bool) -> None:
+    def set(self, key_cache: Tensor, value_cache: Tensor, k_scale: float, v_scale: float) -> None:
         self.key_cache.value = key_cache.data_ptr()
         self.value_cache.value = value_cache.data_ptr()
-        if not is_fp8_cache:
+        if not self._is_fp8_cache:
             k_scale = v_scale = 1.0
         self.qk_scale.value = self._scale * k_scale * LOG2_E
         self.v_scale.value = v_scale
