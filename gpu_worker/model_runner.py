@@ -26,9 +26,7 @@ if TYPE_CHECKING:
 class FlatBatch:
     """The step's tokens of every sequence, concatenated in work order.
 
-    Sequence s owns rows query_start_loc[s] : query_start_loc[s + 1] (a host copy is kept for indexing). Inputs that
-    are still on the device (PENDING_TOKEN) are read by read_pending_tokens, once the samplings that make them are
-    queued.
+    Sequence s owns rows query_start_loc[s] : query_start_loc[s + 1] (a host copy is kept for indexing).
     """
 
     input_ids: torch.Tensor  # [T] int64
@@ -36,23 +34,20 @@ class FlatBatch:
     meta: AttentionMetadata
     query_start_loc: np.ndarray  # [S + 1] int64, host
     is_decode: bool  # exactly one token per sequence (or no sequence)
-    pending: torch.Tensor | None = None  # [2, P] on the device: the input rows still on the device, their table rows
 
     @property
     def num_tokens(self) -> int:
         return int(self.query_start_loc[-1])
 
-    def read_pending_tokens(self, last_tokens: torch.Tensor) -> None:
-        """Queues the copy of the pending inputs from last_tokens (the latest sampled token of each table row)."""
-        if self.pending is not None:
-            self.input_ids[self.pending[0]] = last_tokens[self.pending[1]]
 
-
-def build_batch(work: list[ScheduledWork], tables: BlockTableArray, block_size: int, device: torch.device) -> FlatBatch:
+def build_batch(
+    work: list[ScheduledWork], tables: BlockTableArray, block_size: int, device: torch.device,
+    last_tokens: torch.Tensor | None = None,
+) -> FlatBatch:
     """Vectorised batch build: positions, slots and block tables come from numpy, not per-token Python.
 
     Everything travels to the device in two copies (one int64, one int32 buffer, pinned on CUDA hosts).
-    An input that is a PENDING_TOKEN is left to FlatBatch.read_pending_tokens.
+    An input that is a PENDING_TOKEN is read on the device from last_tokens at its sequence's table row.
     """
     num_seqs = len(work)
     counts = np.array([w.num_scheduled_tokens for w in work], dtype=np.int64)
@@ -95,6 +90,11 @@ def build_batch(work: list[ScheduledWork], tables: BlockTableArray, block_size: 
     ints_host[pending_start + num_pending :] = rows[seq_index[pending_rows]]
     longs_device = longs.to(device, non_blocking=True)
     ints_device = ints.to(device, non_blocking=True)
+    if num_pending:
+        if last_tokens is None:
+            raise RuntimeError("a step reads tokens still on the device, but no last-token buffer was given")
+        pending = ints_device[pending_start:].view(2, num_pending)
+        longs_device[pending[0]] = last_tokens[pending[1]]
     meta = AttentionMetadata(
         slot_mapping=longs_device[2 * num_tokens :],
         block_tables=ints_device[:table_size].view(block_tables.shape),
@@ -103,9 +103,8 @@ def build_batch(work: list[ScheduledWork], tables: BlockTableArray, block_size: 
         max_query_len=max_query_len,
         max_seq_len=int(ends.max(initial=0)),
     )
-    pending = ints_device[pending_start:].view(2, num_pending) if num_pending else None
     return FlatBatch(longs_device[:num_tokens], longs_device[num_tokens : 2 * num_tokens], meta, query_start_loc,
-                     is_decode, pending)
+                     is_decode)
 
 
 def _input_ids(work: list[ScheduledWork], starts: np.ndarray, ends: np.ndarray, is_decode: bool) -> list[int]:
@@ -211,27 +210,18 @@ class ModelRunner:
         self._last_tokens = torch.zeros(tables.table.shape[0], dtype=torch.int64, device=pool.device)
 
     @torch.inference_mode()
-    def stage(self, work: list[ScheduledWork]) -> FlatBatch:
-        """The work's batch, its copy to the device queued; reads no token that an earlier step samples (launch
-        does), so it may run before the earlier samplings are queued."""
-        return build_batch(work, self.tables, self.pool.block_size, self.pool.device)
-
-    @torch.inference_mode()
-    def launch(
-        self, work: list[ScheduledWork], batch: FlatBatch, deferred_rows: RowsAtLaunch | None = None,
-    ) -> LaunchedRun:
-        """Queues the forward pass of the work's staged batch and the sampling (only the forward pass when
-        deferred_rows, the work's rows, are given: sample_deferred queues the sampling later); the host reads the
-        sequences' state only during stage and this call. The samplings of the tokens the batch reads must be
-        queued."""
+    def launch(self, work: list[ScheduledWork], deferred_rows: RowsAtLaunch | None = None) -> LaunchedRun:
+        """Queues the forward pass and the sampling (only the forward pass when deferred_rows, the work's rows, are
+        given: sample_deferred queues the sampling later); the host reads the sequences' state only during this
+        call."""
         sampled_seq_ids = [
             ((state.seq_id, *(fork.seq_id for fork in state.forks)) if state.forks else (state.seq_id,))
             if is_sampling else ()
             for state, _, _, is_sampling in work
         ]
+        batch = build_batch(work, self.tables, self.pool.block_size, self.pool.device, self._last_tokens)
         if batch.num_tokens == 0:
             return LaunchedRun(work, sampled_seq_ids, [() for _ in work], None)
-        batch.read_pending_tokens(self._last_tokens)
         if self.graph_runner is not None and self.graph_runner.can_run(batch):
             hidden = self.graph_runner.run(batch)
         elif self.piece_runner is not None and self.piece_runner.can_run(batch):

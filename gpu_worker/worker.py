@@ -195,12 +195,11 @@ class Worker:
     def launch(self, step: StepPlan) -> LaunchedStep:
         """Validates the whole step, then applies it: drop, swap out, swap in, copy, add, update, and queues its
         forward pass and sampling on the device (a sampling that reads earlier tokens on the host is deferred, see
-        launched_step.py). Raises InvalidStepError before changing anything.
-
-        The step's host work (applying it, building its batch) is done while the earlier steps' deferred samplings
-        may still be waiting for their token masks; its device work is queued behind them. A failure of one of those
-        samplings is raised here too, the step then applied but not launched: the stream that sent it is lost."""
+        launched_step.py). Raises InvalidStepError, or the failure of an earlier step's deferred sampling, before
+        changing anything."""
         started = time.perf_counter()
+        for earlier in list(self._in_flight):  # without the lock: their samplings' thread and finish() take it
+            earlier.sampling_queued()  # this step's inputs may read their tokens on the device
         with self._lock:
             registry, pool, runner = self.registry, self.pool, self.runner
             registry.validate(step)
@@ -209,19 +208,13 @@ class Worker:
             with fatal_in_group(self.group, f"launching step {step.step_id}"):
                 work = registry.apply(step)
                 deferred_rows = RowsAtLaunch.of(work) if _reads_token_history(work) else None
-                # Started now, the token masks are computed while this thread builds and queues the step.
+                # Started now, the token masks are computed while this thread queues the forward pass.
                 token_masks = self._start_token_masks(list(self._in_flight), deferred_rows)
-        # Without the lock, which the earlier steps' samplings (on their thread) and finish() take meanwhile.
-        with fatal_in_group(self.group, f"launching step {step.step_id}"):
-            batch = runner.stage(work)
-            for earlier in list(self._in_flight):
-                earlier.sampling_queued()  # the step's device work may read their tokens, so it is queued behind them
-            with self._lock:
                 span = DeviceSpan(self.device)
                 pool.swap_out(step.swap_out)
                 pool.swap_in(step.swap_in)
                 pool.copy_blocks(step.block_copies)
-                run = runner.launch(work, batch, deferred_rows)
+                run = runner.launch(work, deferred_rows)
                 pending = registry.reserve(work)
                 index = runner.last_token_index([slot.state.table_row for slot in pending])
                 launched = LaunchedStep(step.step_id, run, pending, index, span, 0.0)
@@ -229,8 +222,8 @@ class Worker:
                     self._close_launch(launched)
                 else:
                     launched.deferred_sampling = self._deferred.submit(self._sample_when_masked, token_masks, launched)
-                launched.host_s = time.perf_counter() - started
-                self._in_flight.append(launched)
+            launched.host_s = time.perf_counter() - started
+            self._in_flight.append(launched)
         return launched
 
     def finish(self, launched: LaunchedStep) -> StepResult:

@@ -21,7 +21,7 @@ from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.contract.step import StepPlan, StepResult
 from pagedserve.contract.structured_output import ConstraintKind, StructuredOutput
 from pagedserve.gpu_worker.launched_step import LaunchedStep
-from pagedserve.gpu_worker.model_runner import FlatBatch, LaunchedRun, RowsAtLaunch
+from pagedserve.gpu_worker.model_runner import LaunchedRun, RowsAtLaunch
 from pagedserve.gpu_worker.sampler import SamplingRow
 from pagedserve.gpu_worker.sequence_state import PendingToken, ScheduledWork, SequenceRegistry
 from pagedserve.gpu_worker.step_pipeline import StepPipeline
@@ -69,12 +69,11 @@ def test_the_token_masks_are_computed_while_the_step_is_being_launched(monkeypat
         masks_started.set()
         return token_masks(rows)
 
-    def launch_after_masks_started(work: list[ScheduledWork], batch: FlatBatch,
-                                   deferred_rows: RowsAtLaunch | None = None) -> LaunchedRun:
+    def launch_after_masks_started(work: list[ScheduledWork], deferred_rows: RowsAtLaunch | None = None) -> LaunchedRun:
         if deferred_rows is not None:
             assert masks_started.wait(timeout=30), "the token masks had not started when the forward pass was queued"
             masks_started.clear()
-        return launch(work, batch, deferred_rows)
+        return launch(work, deferred_rows)
 
     monkeypatch.setattr(sampler, "token_masks", recording_masks)
     monkeypatch.setattr(runner, "launch", launch_after_masks_started)
@@ -84,49 +83,6 @@ def test_the_token_masks_are_computed_while_the_step_is_being_launched(monkeypat
         launched.append(worker.launch(step))
         results.append(worker.finish(launched.pop(0)))
     results.append(worker.finish(launched.pop(0)))
-    assert _tokens(results, 1) == _tokens(expected, 1)
-
-
-def test_the_next_step_is_built_while_a_deferred_sampling_waits_for_its_masks_and_queued_behind_it(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The masks of the second step are held back: the third step's batch is built meanwhile, and its forward pass
-    (which reads the second step's token on the device) is queued only once that sampling is."""
-    steps = _steps(CONSTRAINED, num_decodes=3)
-    expected = _run_one_at_a_time(load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=32), steps)
-    worker = load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=32)
-    runner, sampler = worker.runner, worker.runner.sampler
-    masks_released, third_staged = threading.Event(), threading.Event()
-    token_masks, stage, launch = sampler.token_masks, runner.stage, runner.launch
-
-    def held_masks(rows: list[SamplingRow]) -> torch.Tensor | None:
-        assert masks_released.wait(timeout=30)
-        return token_masks(rows)
-
-    def recording_stage(work: list[ScheduledWork]) -> FlatBatch:
-        third_staged.set()
-        return stage(work)
-
-    def launch_once_sampled(work: list[ScheduledWork], batch: FlatBatch,
-                            deferred_rows: RowsAtLaunch | None = None) -> LaunchedRun:
-        assert masks_released.is_set(), "a forward pass was queued before the sampling whose token it reads"
-        return launch(work, batch, deferred_rows)
-
-    results = [worker.execute(steps[0])]
-    monkeypatch.setattr(sampler, "token_masks", held_masks)
-    second = worker.launch(steps[1])
-    monkeypatch.setattr(runner, "stage", recording_stage)
-    monkeypatch.setattr(runner, "launch", launch_once_sampled)
-    with futures.ThreadPoolExecutor(1) as step_thread:
-        launching = step_thread.submit(worker.launch, steps[2])
-        assert third_staged.wait(timeout=5), "the step was not built while the earlier masks were held"
-        time.sleep(0.1)
-        assert not launching.done()
-        masks_released.set()
-        third = launching.result(timeout=30)
-    results.append(worker.finish(second))
-    results.append(worker.finish(third))
-    results += [worker.execute(step) for step in steps[3:]]
     assert _tokens(results, 1) == _tokens(expected, 1)
 
 

@@ -50,9 +50,7 @@ def test_decode_batch_of_pending_tokens_reads_them_from_the_last_token_buffer() 
     last_tokens = torch.tensor([99, 77, 0, 0])
 
     batch = build_batch([ScheduledWork.of(pending, 1), ScheduledWork.of(known, 1)], tables, block_size=4,
-                        device=torch.device("cpu"))
-    assert batch.input_ids.tolist() == [-1, 24]  # staged before the sampling of the pending token is queued
-    batch.read_pending_tokens(last_tokens)
+                        device=torch.device("cpu"), last_tokens=last_tokens)
 
     assert batch.input_ids.tolist() == [99, 24]
     assert batch.positions.tolist() == [4, 4]
