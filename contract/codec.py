@@ -125,8 +125,15 @@ def token_logprobs_from_proto(pb: common_pb2.TokenLogprobs) -> TokenLogprobs:
 
 
 def step_plan_to_proto(plan: StepPlan) -> worker_service_pb2.ExecuteRequest:
-    """The wire form of one step. Scheduled sequences (the per-step bulk) are added in place rather than built
-    and copied in."""
+    """The wire form of one step, which step_plan_from_proto reads back as it is, order included (the ranks of a
+    tensor-parallel group must lay out the same batch). The scheduled sequences after the last one that is more than
+    a plain decode (one token, no table update) travel packed in decode_seq_ids; the control plane plans plain
+    decodes last (StepBuilder), so that is the per-step bulk. The others are messages added in place rather than
+    built and copied in."""
+    scheduled = plan.scheduled_sequences
+    first_packed = len(scheduled)
+    while first_packed and _is_plain_decode(scheduled[first_packed - 1]):
+        first_packed -= 1
     request = worker_service_pb2.ExecuteRequest(
         step_id=plan.step_id,
         dropped_seq_ids=plan.dropped_seq_ids,
@@ -136,15 +143,21 @@ def step_plan_to_proto(plan: StepPlan) -> worker_service_pb2.ExecuteRequest:
         new_sequences=[_new_sequence_to_proto(s) for s in plan.new_sequences],
     )
     add_scheduled = request.scheduled_sequences.add
-    for seq in plan.scheduled_sequences:
-        message = add_scheduled(seq_id=seq.seq_id, num_scheduled_tokens=seq.num_scheduled_tokens)
-        for update in seq.block_table_updates:
+    for seq_id, num_scheduled_tokens, updates in scheduled[:first_packed]:
+        message = add_scheduled(seq_id=seq_id, num_scheduled_tokens=num_scheduled_tokens)
+        for update in updates:
             message.block_table_updates.add(start_index=update.start_index, block_ids=update.block_ids)
+    request.decode_seq_ids.extend([seq.seq_id for seq in scheduled[first_packed:]])
     return request
 
 
+def _is_plain_decode(seq: ScheduledSequence) -> bool:
+    return seq.num_scheduled_tokens == 1 and not seq.block_table_updates
+
+
 def step_plan_from_proto(pb: worker_service_pb2.ExecuteRequest) -> StepPlan:
-    """The step as plain data; InvalidArgumentError when a new sequence's sampling parameters are out of range."""
+    """The step as plain data, the packed decodes after the scheduled_sequences messages; InvalidArgumentError when a
+    new sequence's sampling parameters are out of range."""
     return StepPlan(
         step_id=pb.step_id,
         dropped_seq_ids=tuple(pb.dropped_seq_ids),
@@ -152,22 +165,29 @@ def step_plan_from_proto(pb: worker_service_pb2.ExecuteRequest) -> StepPlan:
         swap_in=_mappings(pb.swap_in),
         block_copies=_mappings(pb.block_copies),
         new_sequences=tuple(_new_sequence_from_proto(s) for s in pb.new_sequences),
-        # Once per decode sequence and step: a list comprehension, and no generator for the usual empty updates.
-        scheduled_sequences=tuple([
-            ScheduledSequence(s.seq_id, s.num_scheduled_tokens,
-                              _table_updates(updates) if (updates := s.block_table_updates) else ())
-            for s in pb.scheduled_sequences
-        ]),
+        scheduled_sequences=(
+            *[ScheduledSequence(s.seq_id, s.num_scheduled_tokens,
+                                _table_updates(updates) if (updates := s.block_table_updates) else ())
+              for s in pb.scheduled_sequences],
+            *[ScheduledSequence(seq_id, 1) for seq_id in pb.decode_seq_ids],
+        ),
     )
 
 
 def step_result_to_proto(result: StepResult) -> worker_service_pb2.ExecuteResponse:
+    """The wire form of one step's result: the outputs that are a sampled token alone (the per-step bulk) travel
+    packed in token_seq_ids and token_ids, the others as messages."""
     response = worker_service_pb2.ExecuteResponse(
         step_id=result.step_id, step_time_ms=result.step_time_ms, forward_time_ms=result.forward_time_ms,
         idle_time_ms=result.idle_time_ms,
     )
+    token_seq_ids, token_ids = [], []
     add_output = response.outputs.add
     for seq_id, token_id, logprobs, prompt_logprobs, failure in result.outputs:
+        if token_id is not None and logprobs is None and not prompt_logprobs and failure is None:
+            token_seq_ids.append(seq_id)
+            token_ids.append(token_id)
+            continue
         output = add_output(seq_id=seq_id, token_id=token_id)  # token_id None stays unset
         if logprobs is not None:
             output.logprobs.CopyFrom(token_logprobs_to_proto(logprobs))
@@ -175,19 +195,19 @@ def step_result_to_proto(result: StepResult) -> worker_service_pb2.ExecuteRespon
             output.prompt_logprobs.extend(map(token_logprobs_to_proto, prompt_logprobs))
         if failure is not None:
             output.failure.field, output.failure.message = failure
+    response.token_seq_ids.extend(token_seq_ids)
+    response.token_ids.extend(token_ids)
     return response
 
 
 def step_result_from_proto(pb: worker_service_pb2.ExecuteResponse) -> StepResult:
-    outputs = []
-    for output in pb.outputs:  # once per sequence and step: the usual bare token skips the optional fields
-        if output.HasField("logprobs") or output.HasField("failure") or output.prompt_logprobs:
-            outputs.append(_sequence_output_from_proto(output))
-        else:
-            outputs.append(SequenceOutput(output.seq_id, output.token_id if output.HasField("token_id") else None))
+    """The step's result as plain data; ValueError when its packed token columns differ in length."""
+    if len(pb.token_seq_ids) != len(pb.token_ids):
+        raise ValueError(f"step {pb.step_id}: {len(pb.token_seq_ids)} token_seq_ids but {len(pb.token_ids)} token_ids")
     return StepResult(
         step_id=pb.step_id,
-        outputs=tuple(outputs),
+        outputs=(*map(_sequence_output_from_proto, pb.outputs),
+                 *map(SequenceOutput, pb.token_seq_ids, pb.token_ids)),
         step_time_ms=pb.step_time_ms,
         forward_time_ms=pb.forward_time_ms,
         idle_time_ms=pb.idle_time_ms,

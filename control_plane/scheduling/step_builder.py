@@ -43,7 +43,8 @@ class StepBuilder:
     swap_in: list[tuple[int, int]] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     new_sequences: list[NewSequence] = field(default_factory=list)
-    scheduled_sequences: list[ScheduledSequence] = field(default_factory=list)
+    scheduled_sequences: list[ScheduledSequence] = field(default_factory=list)  # all but the plain decodes
+    plain_decodes: list[ScheduledSequence] = field(default_factory=list)  # one token, no table update: planned last
     expectations: dict[int, Expectation] = field(default_factory=dict)
     to_cache: list[tuple[Request, Sequence]] = field(default_factory=list)  # scheduled, blocks maybe not all cached
 
@@ -68,8 +69,10 @@ class StepBuilder:
         ))
 
     def add_scheduled(self, seq_id: int, num_new: int, update: BlockTableUpdate | None) -> None:
-        updates = (update,) if update is not None else ()
-        self.scheduled_sequences.append(ScheduledSequence(seq_id, num_new, updates))
+        if update is None and num_new == 1:
+            self.plain_decodes.append(ScheduledSequence(seq_id, 1))
+        else:
+            self.scheduled_sequences.append(ScheduledSequence(seq_id, num_new, () if update is None else (update,)))
 
     def record(self, request: Request, seq: Sequence, num_new: int, expectation: Expectation,
                needs_caching: bool = True) -> None:
@@ -88,5 +91,6 @@ class StepBuilder:
             swap_in=tuple(self.swap_in),
             block_copies=tuple(self.block_copies),
             new_sequences=tuple(self.new_sequences),
-            scheduled_sequences=tuple(self.scheduled_sequences),
+            # Plain decodes last: the wire packs them (codec.step_plan_to_proto).
+            scheduled_sequences=(*self.scheduled_sequences, *self.plain_decodes),
         )

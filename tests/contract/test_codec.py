@@ -3,7 +3,11 @@ field, and round trips of every value that crosses the planes."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pagedserve.contract.codec import (
     cache_info_from_proto,
@@ -149,6 +153,7 @@ def test_step_plan_becomes_execute_request_field_for_field() -> None:
         ),
         banned_token_ids=[2, 9],
     )  # fmt: skip
+    assert list(wire.decode_seq_ids) == []  # sequence 3 is a plain decode, but not after the last other one
     assert list(wire.scheduled_sequences) == [
         worker_service_pb2.ScheduledSequence(seq_id=3, num_scheduled_tokens=1),
         worker_service_pb2.ScheduledSequence(
@@ -171,6 +176,32 @@ def test_unset_optional_sampling_fields_stay_unset_on_the_wire() -> None:
 def test_step_plan_round_trips_through_the_wire() -> None:
     wire = worker_service_pb2.ExecuteRequest.FromString(step_plan_to_proto(_full_plan()).SerializeToString())
     assert step_plan_from_proto(wire) == _full_plan()
+
+
+def test_the_plain_decodes_after_the_last_other_sequence_travel_packed_and_read_back_in_order() -> None:
+    chunk = ScheduledSequence(6, 16, (BlockTableUpdate(0, (40,)),))
+    plan = StepPlan(step_id=3, scheduled_sequences=(ScheduledSequence(5, 1), chunk, *(
+        ScheduledSequence(seq_id, 1) for seq_id in (7, 2, 9))))
+    wire = worker_service_pb2.ExecuteRequest.FromString(step_plan_to_proto(plan).SerializeToString())
+    assert [s.seq_id for s in wire.scheduled_sequences] == [5, 6]
+    assert list(wire.decode_seq_ids) == [7, 2, 9]
+    assert step_plan_from_proto(wire) == plan
+
+
+@given(st.lists(st.tuples(st.integers(1, 3), st.booleans()), max_size=12))
+def test_any_order_of_scheduled_sequences_reads_back_as_it_was_sent(shapes: list[tuple[int, bool]]) -> None:
+    """Tensor-parallel ranks re-encode the leader's plan: it must read back in the same order."""
+    plan = StepPlan(step_id=1, scheduled_sequences=tuple(
+        ScheduledSequence(seq_id, num_tokens, (BlockTableUpdate(0, (seq_id,)),) if has_update else ())
+        for seq_id, (num_tokens, has_update) in enumerate(shapes)))
+    wire = worker_service_pb2.ExecuteRequest.FromString(step_plan_to_proto(plan).SerializeToString())
+    assert step_plan_from_proto(wire) == plan
+
+
+def test_a_step_of_scheduled_sequence_messages_alone_still_reads() -> None:
+    wire = worker_service_pb2.ExecuteRequest(step_id=3, scheduled_sequences=[
+        worker_service_pb2.ScheduledSequence(seq_id=7, num_scheduled_tokens=1)])
+    assert step_plan_from_proto(wire) == StepPlan(step_id=3, scheduled_sequences=(ScheduledSequence(7, 1),))
 
 
 def test_execute_request_with_out_of_range_sampling_params_raises_invalid_argument() -> None:
@@ -234,8 +265,16 @@ def test_step_result_round_trips_through_the_wire() -> None:
     )
     wire = worker_service_pb2.ExecuteResponse.FromString(step_result_to_proto(result).SerializeToString())
     back = step_result_from_proto(wire)
-    assert back == result
+    assert (list(wire.token_seq_ids), list(wire.token_ids)) == ([3], [999])  # a token alone: packed
+    with_logprobs, prompt_only, token_alone, failed = result.outputs
+    assert back == dataclasses.replace(result, outputs=(with_logprobs, prompt_only, failed, token_alone))
     assert back.by_seq_id == {output.seq_id: output for output in result.outputs}
+
+
+def test_packed_token_columns_of_different_lengths_are_refused() -> None:
+    wire = worker_service_pb2.ExecuteResponse(step_id=4, token_seq_ids=[1, 2], token_ids=[5])
+    with pytest.raises(ValueError, match="step 4: 2 token_seq_ids but 1 token_ids"):
+        step_result_from_proto(wire)
 
 
 def test_token_logprobs_round_trip_through_the_wire() -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pagedserve.contract import codec
 from pagedserve.contract.model_format import DeviceKind, DType, KVCacheDType, LoadFormat, Quantization
+from pagedserve.contract.step import StepResult
 from pagedserve.contract.worker_info import CacheRequest
 from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.parallel.config import TensorParallelConfig
@@ -71,10 +72,13 @@ class WorkerDriver:
         self.free_blocks = list(range(num_blocks))
         self.step_id = 0
 
-    def execute(self, request: pb.ExecuteRequest) -> pb.ExecuteResponse:
+    def execute(self, request: pb.ExecuteRequest) -> StepResult:
+        """Runs the step and returns its result as the control plane reads it, after both crossed the wire."""
         request.step_id = self.step_id
         self.step_id += 1
-        return codec.step_result_to_proto(self.worker.execute(codec.step_plan_from_proto(request)))
+        wire = pb.ExecuteRequest.FromString(request.SerializeToString())
+        result = codec.step_result_to_proto(self.worker.execute(codec.step_plan_from_proto(wire)))
+        return codec.step_result_from_proto(pb.ExecuteResponse.FromString(result.SerializeToString()))
 
     def allocate(self, seq: DrivenSequence, num_tokens: int) -> list[int]:
         """Appends blocks so seq's table covers num_tokens; returns the new ones."""
@@ -83,7 +87,7 @@ class WorkerDriver:
         seq.block_ids.extend(new_blocks)
         return new_blocks
 
-    def step(self, sequences: list[DrivenSequence], request: pb.ExecuteRequest | None = None) -> pb.ExecuteResponse:
+    def step(self, sequences: list[DrivenSequence], request: pb.ExecuteRequest | None = None) -> StepResult:
         """Schedules every sequence once in one step; records the sampled tokens."""
         request = request or pb.ExecuteRequest()
         scheduled_counts = {}
@@ -103,11 +107,11 @@ class WorkerDriver:
                     seq_id=seq.seq_id, num_scheduled_tokens=num_scheduled, block_table_updates=updates))
             scheduled_counts[seq.seq_id] = num_scheduled
         response = self.execute(request)
-        for seq, output in zip(sequences, response.outputs, strict=True):
-            assert output.seq_id == seq.seq_id
+        assert sorted(response.by_seq_id) == sorted(scheduled_counts)
+        for seq in sequences:
             seq.num_computed += scheduled_counts[seq.seq_id]
-            if output.HasField("token_id"):
-                seq.outputs.append(output.token_id)
+            if (token_id := response.by_seq_id[seq.seq_id].token_id) is not None:
+                seq.outputs.append(token_id)
         return response
 
     def generate(self, sequences: list[DrivenSequence], num_new_tokens: int) -> list[list[int]]:

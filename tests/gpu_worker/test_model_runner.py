@@ -90,6 +90,7 @@ def test_logprobs_and_chunked_prompt_logprobs_match_the_reference_model() -> Non
 
     prompt_logprobs = [*first.outputs[0].prompt_logprobs, *second.outputs[0].prompt_logprobs]
     sampled = second.outputs[0]
+    assert sampled.logprobs is not None
     expected_prompt = [log_probs[i, PROMPT[i + 1]].item() for i in range(len(PROMPT) - 1)]
     top2 = log_probs[-1].topk(2)
     assert (len(first.outputs[0].prompt_logprobs), len(second.outputs[0].prompt_logprobs)) == (3, 1)

@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from safetensors import safe_open
 
+from pagedserve.contract import codec
 from pagedserve.contract.model_format import DeviceKind
 from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.service import start_server
@@ -140,7 +141,7 @@ def test_block_id_out_of_range_is_invalid_argument_and_leaves_state_unchanged() 
 
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert str(NUM_BLOCKS) in (error.value.details() or "")
-        tokens = [r.outputs[0].token_id for r in first + second]
+        tokens = [codec.step_result_from_proto(r).outputs[0].token_id for r in first + second]
         assert tokens == golden["greedy_new_ids"][:5]
 
     _serve(test)

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from pagedserve.contract.model_format import DeviceKind
+from pagedserve.contract.step import StepResult
 from pagedserve.contract.worker_info import CacheRequest
 from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.errors import CacheNotInitializedError, InvalidStepError
@@ -30,8 +31,8 @@ def _decode(seq_id: int, start_index: int = 0, block_ids: tuple[int, ...] = ()) 
     return pb.ScheduledSequence(seq_id=seq_id, num_scheduled_tokens=1, block_table_updates=updates)
 
 
-def _tokens(response: pb.ExecuteResponse) -> dict[int, int | None]:
-    return {o.seq_id: (o.token_id if o.HasField("token_id") else None) for o in response.outputs}
+def _tokens(result: StepResult) -> dict[int, int | None]:
+    return {o.seq_id: o.token_id for o in result.outputs}
 
 
 def test_forked_sibling_with_copied_last_block_generates_the_same_tokens() -> None:

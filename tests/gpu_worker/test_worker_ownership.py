@@ -11,6 +11,7 @@ from typing import Any, cast
 import grpc
 import pytest
 
+from pagedserve.contract import codec
 from pagedserve.contract.model_format import DeviceKind
 from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.service import WorkerServicer, start_server
@@ -66,7 +67,9 @@ async def _step(call: ExecuteCall, request: pb.ExecuteRequest) -> int:
     await call.write(request)
     reply = await call.read()
     assert isinstance(reply, pb.ExecuteResponse)
-    return int(reply.outputs[0].token_id)
+    token_id = codec.step_result_from_proto(reply).outputs[0].token_id
+    assert token_id is not None
+    return token_id
 
 
 async def _refusal(call: ExecuteCall) -> grpc.aio.AioRpcError:

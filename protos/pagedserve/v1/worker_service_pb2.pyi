@@ -118,7 +118,7 @@ class BlockMapping(_message.Message):
     def __init__(self, src_block_id: _Optional[int] = ..., dst_block_id: _Optional[int] = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
-    __slots__ = ("step_id", "dropped_seq_ids", "swap_out", "swap_in", "block_copies", "new_sequences", "scheduled_sequences")
+    __slots__ = ("step_id", "dropped_seq_ids", "swap_out", "swap_in", "block_copies", "new_sequences", "scheduled_sequences", "decode_seq_ids")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     DROPPED_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     SWAP_OUT_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,7 @@ class ExecuteRequest(_message.Message):
     BLOCK_COPIES_FIELD_NUMBER: _ClassVar[int]
     NEW_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     SCHEDULED_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    DECODE_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     dropped_seq_ids: _containers.RepeatedScalarFieldContainer[int]
     swap_out: _containers.RepeatedCompositeFieldContainer[BlockMapping]
@@ -133,7 +134,8 @@ class ExecuteRequest(_message.Message):
     block_copies: _containers.RepeatedCompositeFieldContainer[BlockMapping]
     new_sequences: _containers.RepeatedCompositeFieldContainer[NewSequence]
     scheduled_sequences: _containers.RepeatedCompositeFieldContainer[ScheduledSequence]
-    def __init__(self, step_id: _Optional[int] = ..., dropped_seq_ids: _Optional[_Iterable[int]] = ..., swap_out: _Optional[_Iterable[_Union[BlockMapping, _Mapping]]] = ..., swap_in: _Optional[_Iterable[_Union[BlockMapping, _Mapping]]] = ..., block_copies: _Optional[_Iterable[_Union[BlockMapping, _Mapping]]] = ..., new_sequences: _Optional[_Iterable[_Union[NewSequence, _Mapping]]] = ..., scheduled_sequences: _Optional[_Iterable[_Union[ScheduledSequence, _Mapping]]] = ...) -> None: ...
+    decode_seq_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step_id: _Optional[int] = ..., dropped_seq_ids: _Optional[_Iterable[int]] = ..., swap_out: _Optional[_Iterable[_Union[BlockMapping, _Mapping]]] = ..., swap_in: _Optional[_Iterable[_Union[BlockMapping, _Mapping]]] = ..., block_copies: _Optional[_Iterable[_Union[BlockMapping, _Mapping]]] = ..., new_sequences: _Optional[_Iterable[_Union[NewSequence, _Mapping]]] = ..., scheduled_sequences: _Optional[_Iterable[_Union[ScheduledSequence, _Mapping]]] = ..., decode_seq_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SequenceOutput(_message.Message):
     __slots__ = ("seq_id", "token_id", "logprobs", "prompt_logprobs", "failure")
@@ -158,15 +160,19 @@ class SequenceFailure(_message.Message):
     def __init__(self, field: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ExecuteResponse(_message.Message):
-    __slots__ = ("step_id", "outputs", "step_time_ms", "forward_time_ms", "idle_time_ms")
+    __slots__ = ("step_id", "outputs", "step_time_ms", "forward_time_ms", "idle_time_ms", "token_seq_ids", "token_ids")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     STEP_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     IDLE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     outputs: _containers.RepeatedCompositeFieldContainer[SequenceOutput]
     step_time_ms: float
     forward_time_ms: float
     idle_time_ms: float
-    def __init__(self, step_id: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[SequenceOutput, _Mapping]]] = ..., step_time_ms: _Optional[float] = ..., forward_time_ms: _Optional[float] = ..., idle_time_ms: _Optional[float] = ...) -> None: ...
+    token_seq_ids: _containers.RepeatedScalarFieldContainer[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step_id: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[SequenceOutput, _Mapping]]] = ..., step_time_ms: _Optional[float] = ..., forward_time_ms: _Optional[float] = ..., idle_time_ms: _Optional[float] = ..., token_seq_ids: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
