@@ -188,7 +188,7 @@ def test_the_plain_decodes_after_the_last_other_sequence_travel_packed_and_read_
     assert step_plan_from_proto(wire) == plan
 
 
-@given(st.lists(st.tuples(st.integers(1, 3), st.booleans()), max_size=12))
+@given(st.lists(st.tuples(st.integers(0, 3), st.booleans()), max_size=12))
 def test_any_order_of_scheduled_sequences_reads_back_as_it_was_sent(shapes: list[tuple[int, bool]]) -> None:
     """Tensor-parallel ranks re-encode the leader's plan: it must read back in the same order."""
     plan = StepPlan(step_id=1, scheduled_sequences=tuple(

@@ -139,4 +139,5 @@ def prompt_top_tokens(driver: WorkerDriver, sequences: list[list[int]]) -> list[
         request.new_sequences.append(pb.NewSequence(seq_id=seq_id, prompt_token_ids=ids, sampling_params=sampling,
                                                     block_ids=blocks, num_scheduled_tokens=len(ids)))
     response = driver.execute(request)
-    return [[lp.top_token_ids[0] for lp in out.prompt_logprobs] for out in response.outputs]
+    return [[lp.top_token_ids[0] for lp in response.by_seq_id[seq_id].prompt_logprobs]
+            for seq_id in range(len(sequences))]
