@@ -132,7 +132,7 @@ def step_plan_to_proto(plan: StepPlan) -> worker_service_pb2.ExecuteRequest:
     built and copied in."""
     scheduled = plan.scheduled_sequences
     first_packed = len(scheduled)
-    while first_packed and _is_plain_decode(scheduled[first_packed - 1]):
+    while first_packed and scheduled[first_packed - 1].is_plain_decode:
         first_packed -= 1
     request = worker_service_pb2.ExecuteRequest(
         step_id=plan.step_id,
@@ -149,10 +149,6 @@ def step_plan_to_proto(plan: StepPlan) -> worker_service_pb2.ExecuteRequest:
             message.block_table_updates.add(start_index=update.start_index, block_ids=update.block_ids)
     request.decode_seq_ids.extend([seq.seq_id for seq in scheduled[first_packed:]])
     return request
-
-
-def _is_plain_decode(seq: ScheduledSequence) -> bool:
-    return seq.num_scheduled_tokens == 1 and not seq.block_table_updates
 
 
 def step_plan_from_proto(pb: worker_service_pb2.ExecuteRequest) -> StepPlan:

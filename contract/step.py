@@ -72,6 +72,11 @@ class ScheduledSequence(NamedTuple):
     num_scheduled_tokens: int
     block_table_updates: tuple[BlockTableUpdate, ...] = ()
 
+    @property
+    def is_plain_decode(self) -> bool:
+        """One token and no table update: the usual decode, which the wire packs (codec.step_plan_to_proto)."""
+        return self.num_scheduled_tokens == 1 and not self.block_table_updates
+
 
 @dataclass(frozen=True, slots=True)
 class StepPlan:

@@ -69,10 +69,8 @@ class StepBuilder:
         ))
 
     def add_scheduled(self, seq_id: int, num_new: int, update: BlockTableUpdate | None) -> None:
-        if update is None and num_new == 1:
-            self.plain_decodes.append(ScheduledSequence(seq_id, 1))
-        else:
-            self.scheduled_sequences.append(ScheduledSequence(seq_id, num_new, () if update is None else (update,)))
+        seq = ScheduledSequence(seq_id, num_new, () if update is None else (update,))
+        (self.plain_decodes if seq.is_plain_decode else self.scheduled_sequences).append(seq)
 
     def record(self, request: Request, seq: Sequence, num_new: int, expectation: Expectation,
                needs_caching: bool = True) -> None:
