@@ -198,9 +198,14 @@ def fill_token_masks(compiler: GrammarCompiler, grammars: Sequence[SequenceGramm
     without the interpreter lock. A grammar listed twice (the first sample of an n > 1 request, before its siblings
     fork) is computed once and copied. A grammar that stopped or has no matcher (its `failure`) allows the
     end-of-sequence tokens alone; this never raises for one sequence's grammar. pin_memory: in page-locked memory,
-    which a GPU copies from without staging it first."""
-    masks = torch.full((len(grammars), mask_words(vocab_size)), -1, dtype=torch.int32, pin_memory=pin_memory)
+    which a GPU copies from without staging it first.
+
+    The host work is numpy's and llguidance's, not torch's: a torch fill of a batch's masks (over 32K words) runs on
+    torch's OpenMP threads, which spin for milliseconds after it and so take the cores that llguidance's threads and
+    the worker's own threads need at every step."""
+    masks = torch.empty((len(grammars), mask_words(vocab_size)), dtype=torch.int32, pin_memory=pin_memory)
     array = masks.numpy()
+    array.fill(-1)
     words = array.view(np.uint32)
     live = []
     first_row: dict[int, int] = {}
@@ -222,5 +227,5 @@ def fill_token_masks(compiler: GrammarCompiler, grammars: Sequence[SequenceGramm
     if live:
         llguidance.numpy.fill_next_token_bitmask_par(compiler.executor, live, array)
     for row, source in copies:
-        masks[row] = masks[source]
+        array[row] = array[source]
     return masks
