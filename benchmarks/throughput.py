@@ -37,7 +37,7 @@ from benchmarks.model_shapes import SHAPES, add_model_arguments, read_shape, sam
 from benchmarks.random_dataset import BenchRequest, sample_random_requests
 from benchmarks.step_profile import step_kinds, step_profile
 from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
-from pagedserve.control_plane.config import EngineConfig
+from pagedserve.control_plane.config import EngineConfig, offline_step_budget
 
 PAGEDSERVE = "pagedserve"
 _HEADERS = ("backend", "requests", "output tokens", "elapsed s", "req/s", "out tok/s", "total tok/s",
@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-batched-tokens", type=int,
+                   help="token budget of a step (default: the LLM API's, offline_step_budget of the device)")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--num-gpu-blocks-override", type=int)
@@ -194,6 +195,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.tensor_parallel_size > 1 and args.hf_backends:
         parser.error("the transformers baselines run on one device: give --hf-backends '' with --tensor-parallel-size")
     device = _resolve_device(args.device)
+    if args.max_num_batched_tokens is None:
+        memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+        args.max_num_batched_tokens = offline_step_budget(memory)
     rates = measure_hardware(device).times(args.tensor_parallel_size) if args.bound else None
     with tempfile.TemporaryDirectory(prefix="pagedserve-bench-") as scratch:
         if args.model_shape:

@@ -24,7 +24,7 @@ from pagedserve.contract.model_format import DeviceKind, DType, KVCacheDType, Lo
 from pagedserve.contract.sampling_params import SamplingParams, truncated_prompt, validate_prompt
 from pagedserve.contract.step import StepPlan, StepResult, TokenLogprobs
 from pagedserve.contract.worker_info import CacheInfo, CacheRequest, WorkerInfo
-from pagedserve.control_plane.config import CacheConfig, EngineConfig, SchedulerConfig
+from pagedserve.control_plane.config import CacheConfig, EngineConfig, SchedulerConfig, offline_step_budget
 from pagedserve.control_plane.engine.engine import Engine, EngineStatus, StepRecord
 from pagedserve.control_plane.engine.main import start_engine
 from pagedserve.control_plane.engine.worker_client import GrpcWorkerClient, WorkerConnection
@@ -95,9 +95,10 @@ class LLM:
     """A model served from this process. `model=None` uses the built-in tiny model with random weights; `tokenizer`
     reads the tokenizer from another directory than `model`'s; `cpu_threads` caps the worker process's torch threads
     (default: the cores this process may use, less one for the engine). The defaults are `pagedserve serve`'s (the
-    same config classes): on a CPU the KV pool holds what 256 sequences of the model's length need, at most 256 MiB
-    unless one sequence needs more, and nothing is swapped. A model directory that cannot be served raises
-    ModelDirError (a ValueError) at once.
+    same config classes) but for one: without a scheduler_config a step takes up to offline_step_budget tokens
+    (16,384 on devices of 70 GiB or more, else 8,192, as vLLM's LLM class), not the server's 2,048. On a CPU the
+    KV pool holds what 256 sequences of the model's length need, at most 256 MiB unless one sequence needs more, and
+    nothing is swapped. A model directory that cannot be served raises ModelDirError (a ValueError) at once.
 
     The engine runs on a thread of this process, so creating an LLM shortens the process's thread switch interval
     (pagedserve.runtime.gil) for the step pipeline's hand-offs between threads, and freezes the objects alive before it
@@ -165,8 +166,11 @@ class LLM:
                                   load_format=LoadFormat(load_format), seed=seed,
                                   kv_cache_dtype=KVCacheDType(kv_cache_dtype), quantization=Quantization(quantization))
             self._worker = InProcessWorker(Worker.load(config))
+        if scheduler_config is None:
+            device_memory_bytes = self._run(self._worker.get_info()).total_memory_bytes
+            scheduler_config = SchedulerConfig(max_num_batched_tokens=offline_step_budget(device_memory_bytes))
         started = self._run(start_engine(
-            [self._worker], scheduler_config or SchedulerConfig(), cache_config or CacheConfig(),
+            [self._worker], scheduler_config, cache_config or CacheConfig(),
             engine_config or EngineConfig(), tokenizer_dir or model_dir, model_name,
         ))
         self._engine: Engine

@@ -63,6 +63,20 @@ class SchedulerConfig:
             )
 
 
+def offline_step_budget(device_memory_bytes: int) -> int:
+    """max_num_batched_tokens of the offline LLM API when its caller gives no scheduler config, as vLLM's LLM class
+    chooses it: nobody waits on a first token there, and larger steps run the prompts' matmuls at a higher rate and
+    share each step's fixed costs among more tokens. 16,384 tokens on devices of 70 GiB or more, else 8,192 (a CPU
+    worker reports no device memory; vLLM also keeps an A100 at 8,192, but workers do not report their device's
+    name). On the H200, 1,000 prompts of the 1B shape: 20,754 output tokens/s at 16,384 against 18,600 at the
+    server's 2,048. vLLM's LLM also runs 1,024 sequences there; that measured slower here (19,817) and is not taken
+    (benchmarks/results/2026-12-03-offline-step-budget-nvidia-h200-a5e767f.md)."""
+    return 16384 if device_memory_bytes >= LARGE_DEVICE_MEMORY_BYTES else 8192
+
+
+LARGE_DEVICE_MEMORY_BYTES = 70 << 30  # vLLM's threshold for its larger defaults (H100, H200, MI300X)
+
+
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
     """Shape and sizing of the paged KV cache and of the prefix cache."""

@@ -10,7 +10,7 @@ import pytest
 
 from pagedserve.clients.llm import LLM, SamplingParams
 from pagedserve.contract.model_dir import ModelDirError
-from pagedserve.control_plane.config import CacheConfig
+from pagedserve.control_plane.config import CacheConfig, offline_step_budget
 from pagedserve.control_plane.scheduling.request import FinishReason
 
 
@@ -35,6 +35,24 @@ def test_offline_builtin_model_gives_the_same_tokens_with_the_worker_in_a_proces
         a, b = first.generate(["hello world"], params), second.generate(["hello world"], params)
     assert a[0].outputs[0].token_ids == b[0].outputs[0].token_ids
     assert len(a[0].outputs[0].token_ids) == 12
+
+
+def test_without_a_scheduler_config_prompts_are_prefilled_in_steps_of_the_offline_budget_not_the_servers() -> None:
+    cache = CacheConfig(kv_cache_memory_bytes=32 << 20, swap_space_bytes=0)  # 8,192 tokens of the built-in model
+    prompts = [[5 + i] * 1500 for i in range(3)]
+    with LLM(cache_config=cache, worker_process=False) as llm:
+        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
+        first_step = llm.recent_steps()[0]
+    # The CPU worker reports no device memory: 8,192 tokens a step, so one step holds all 4,500 prompt tokens
+    # (the server's 2,048 would take three).
+    assert (first_step.num_seqs, first_step.num_tokens) == (3, 4500)
+
+
+@pytest.mark.parametrize(
+    ("device_memory_gib", "budget"), [(0, 8192), (24, 8192), (69, 8192), (70, 16384), (141, 16384)]
+)
+def test_the_offline_step_budget_doubles_on_devices_of_70_gib_or_more(device_memory_gib: int, budget: int) -> None:
+    assert offline_step_budget(device_memory_gib << 30) == budget
 
 
 def test_a_worker_process_that_cannot_load_the_model_fails_the_constructor_instead_of_hanging(
