@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
+
 from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.contract.step import Fork, NewSequence, ScheduledSequence, StepPlan
 from pagedserve.gpu_worker.bad_words import BadWordsTokenizer
@@ -131,7 +133,7 @@ class SequenceRegistry:
         return self.tables.row(self.states[seq_id].table_row)
 
     def validate(self, step: StepPlan) -> None:
-        """Raises InvalidStepError naming the first bad value; the registry is left untouched."""
+        """Raises InvalidStepError naming a bad value; the registry is left untouched."""
         _check_blocks("swap_out", step.swap_out, self.num_gpu_blocks, self.num_cpu_blocks)
         _check_blocks("swap_in", step.swap_in, self.num_cpu_blocks, self.num_gpu_blocks)
         _check_blocks("block_copies", step.block_copies, self.num_gpu_blocks, self.num_gpu_blocks)
@@ -151,12 +153,28 @@ class SequenceRegistry:
                 added.add(seq_id)
             self._check_new(new)
         scheduled_ids = set(new_ids)
+        # A sequence with no table update (most of a decode step) is checked here in two comparisons, its table's
+        # length for all of them at once after the loop; the full check, with its messages, runs for the others
+        # and for the first that fails.
+        plain: list[tuple[ScheduledSequence, SequenceState]] = []
+        rows, ends = [], []
         for scheduled in step.scheduled_sequences:
-            state = self.states.get(scheduled.seq_id)
-            if state is None or scheduled.seq_id in dropped or scheduled.seq_id in scheduled_ids:
-                raise InvalidStepError(f"scheduled sequence {scheduled.seq_id} is unknown or scheduled twice")
-            scheduled_ids.add(scheduled.seq_id)
-            self._check_scheduled(scheduled, state)
+            seq_id = scheduled.seq_id
+            state = states.get(seq_id)
+            if state is None or seq_id in dropped or seq_id in scheduled_ids:
+                raise InvalidStepError(f"scheduled sequence {seq_id} is unknown or scheduled twice")
+            scheduled_ids.add(seq_id)
+            end = state.num_computed_tokens + scheduled.num_scheduled_tokens
+            if scheduled.block_table_updates or end > len(state.prompt_token_ids) + len(state.output_token_ids):
+                self._check_scheduled(scheduled, state)
+            else:
+                plain.append((scheduled, state))
+                rows.append(state.table_row)
+                ends.append(end)
+        if plain:
+            short = np.flatnonzero(self.tables.lengths[rows] * self.block_size < np.array(ends, dtype=np.int64))
+            if len(short):
+                self._check_scheduled(*plain[int(short[0])])
 
     def apply(self, step: StepPlan) -> list[ScheduledWork]:
         """Drops, adds and updates sequences as the (validated) step says; returns the work in step order."""

@@ -156,6 +156,20 @@ def test_decode_past_the_known_tokens_or_the_table_is_refused_and_changes_nothin
     assert _held(worker) == before == {1: (EXPECTED[:4], [0, 1], 8)}
 
 
+def test_in_a_decode_batch_the_one_sequence_whose_table_is_full_is_named_and_nothing_changes() -> None:
+    worker = load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=8)
+    driver = WorkerDriver(worker, BLOCK_SIZE, num_blocks=8)
+    driver.execute(pb.ExecuteRequest(new_sequences=[_new(1, [0, 1, 6]), _new(3, [2, 3]), _new(5, [4, 5, 7])]))
+    decode_all = pb.ExecuteRequest(scheduled_sequences=[_decode(1), _decode(3), _decode(5)])
+    for _ in range(3):  # positions 5, 6, 7: sequence 3's two blocks are full, the others have a third
+        driver.execute(decode_all)
+    before = _held(worker)
+
+    with pytest.raises(InvalidStepError, match="^sequence 3 has 2 blocks, needs 3$"):
+        driver.execute(decode_all)
+    assert _held(worker) == before
+
+
 def test_a_sequence_dropped_and_forked_anew_in_one_step_cannot_be_scheduled_in_it() -> None:
     worker = load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=8)
     driver = WorkerDriver(worker, BLOCK_SIZE, num_blocks=8)
