@@ -96,9 +96,11 @@ class LLM:
     reads the tokenizer from another directory than `model`'s; `cpu_threads` caps the worker process's torch threads
     (default: the cores this process may use, less one for the engine). The defaults are `pagedserve serve`'s (the
     same config classes) but for one: without a scheduler_config a step takes up to offline_step_budget tokens
-    (16,384 on devices of 70 GiB or more, else 8,192, as vLLM's LLM class), not the server's 2,048. On a CPU the
-    KV pool holds what 256 sequences of the model's length need, at most 256 MiB unless one sequence needs more, and
-    nothing is swapped. A model directory that cannot be served raises ModelDirError (a ValueError) at once.
+    (16,384 on devices of 70 GiB or more, else 8,192, as vLLM's LLM class), not the server's 2,048; a
+    scheduler_config given is taken as it is, so set its max_num_batched_tokens too (offline_step_budget gives the
+    default). On a CPU the KV pool holds what 256 sequences of the model's length need, at most 256 MiB unless one
+    sequence needs more, and nothing is swapped. A model directory that cannot be served raises ModelDirError (a
+    ValueError) at once.
 
     The engine runs on a thread of this process, so creating an LLM shortens the process's thread switch interval
     (pagedserve.runtime.gil) for the step pipeline's hand-offs between threads, and freezes the objects alive before it
