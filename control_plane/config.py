@@ -68,8 +68,9 @@ def offline_step_budget(device_memory_bytes: int) -> int:
     chooses it: nobody waits on a first token there, and larger steps run the prompts' matmuls at a higher rate and
     share each step's fixed costs among more tokens. 16,384 tokens on devices of 70 GiB or more, else 8,192 (a CPU
     worker reports no device memory; vLLM also keeps an A100 at 8,192, but workers do not report their device's
-    name). On the H200, 1,000 prompts of the 1B shape: 20,754 output tokens/s at 16,384 against 18,600 at the
-    server's 2,048. vLLM's LLM also runs 1,024 sequences there; that measured slower here (19,817) and is not taken
+    name). On the H200, 1,000 prompts of the 1B shape, 16,384 against the server's 2,048: +11.6 %, +1.1 % and
+    +4.1 % output tokens/s in three pairs (19,830-20,754). vLLM's LLM also runs 1,024 sequences there; that measured
+    slower here (19,817 against 20,754) and is not taken
     (benchmarks/results/2026-12-03-offline-step-budget-nvidia-h200-a5e767f.md)."""
     return 16384 if device_memory_bytes >= LARGE_DEVICE_MEMORY_BYTES else 8192
 
