@@ -139,42 +139,50 @@ class LLM:
             raise ModelDirError("tokenizer needs model: the built-in model comes with its own tokenizer")
         use_short_turns()
         freeze_startup_objects()  # before this LLM's own objects exist, so that they stay collectable after close()
+        self._scratch = tempfile.TemporaryDirectory(prefix="pagedserve-")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pagedserve-engine", daemon=True)
         self._thread.start()
-        self._scratch = tempfile.TemporaryDirectory(prefix="pagedserve-")
-        if model is None:
-            model_dir = write_builtin_model(Path(self._scratch.name) / BUILTIN_MODEL_NAME)
-            model_name, load_format = BUILTIN_MODEL_NAME, LoadFormat.DUMMY
-        else:
-            model_dir, model_name = Path(model), Path(model).name
         self._launcher: LocalWorkers | None = None
-        self._worker: WorkerConnection
-        if worker_process:
-            secret = ClusterSecret.generate()  # the worker serves only this process, even on loopback
-            self._launcher = LocalWorkers(WorkerLaunchConfig(
-                model_dir=model_dir, dtype=DType(dtype), device=DeviceKind(device), load_format=LoadFormat(load_format),
-                seed=seed, cluster_secret=secret, kv_cache_dtype=KVCacheDType(kv_cache_dtype),
-                quantization=Quantization(quantization), tensor_parallel_size=tensor_parallel_size,
-                cpu_threads=cpu_threads or local_worker_threads(tensor_parallel_size, usable_cores()),
+        worker: WorkerConnection | None = None
+        # A constructor that fails after this point (a worker that cannot load, a --max-model-len the model cannot
+        # take) first releases what it started: the worker (its process holds the device's memory), the engine's
+        # thread and the scratch directory.
+        try:
+            if model is None:
+                model_dir = write_builtin_model(Path(self._scratch.name) / BUILTIN_MODEL_NAME)
+                model_name, load_format = BUILTIN_MODEL_NAME, LoadFormat.DUMMY
+            else:
+                model_dir, model_name = Path(model), Path(model).name
+            if worker_process:
+                secret = ClusterSecret.generate()  # the worker serves only this process, even on loopback
+                self._launcher = LocalWorkers(WorkerLaunchConfig(
+                    model_dir=model_dir, dtype=DType(dtype), device=DeviceKind(device),
+                    load_format=LoadFormat(load_format), seed=seed, cluster_secret=secret,
+                    kv_cache_dtype=KVCacheDType(kv_cache_dtype), quantization=Quantization(quantization),
+                    tensor_parallel_size=tensor_parallel_size,
+                    cpu_threads=cpu_threads or local_worker_threads(tensor_parallel_size, usable_cores()),
+                ))
+                worker = self._run(_connect(self._launcher, secret, worker_start_timeout_s))
+            else:
+                config = WorkerConfig(model_dir=model_dir, dtype=DType(dtype), device=DeviceKind(device),
+                                      load_format=LoadFormat(load_format), seed=seed,
+                                      kv_cache_dtype=KVCacheDType(kv_cache_dtype),
+                                      quantization=Quantization(quantization))
+                worker = InProcessWorker(Worker.load(config))
+            if scheduler_config is None:
+                device_memory_bytes = self._run(worker.get_info()).total_memory_bytes
+                scheduler_config = SchedulerConfig(max_num_batched_tokens=offline_step_budget(device_memory_bytes))
+            started = self._run(start_engine(
+                [worker], scheduler_config, cache_config or CacheConfig(),
+                engine_config or EngineConfig(), tokenizer_dir or model_dir, model_name,
             ))
-            try:
-                self._worker = self._run(_connect(self._launcher, secret, worker_start_timeout_s))
-            except BaseException:
-                self._launcher.stop()
-                raise
-        else:
-            config = WorkerConfig(model_dir=model_dir, dtype=DType(dtype), device=DeviceKind(device),
-                                  load_format=LoadFormat(load_format), seed=seed,
-                                  kv_cache_dtype=KVCacheDType(kv_cache_dtype), quantization=Quantization(quantization))
-            self._worker = InProcessWorker(Worker.load(config))
-        if scheduler_config is None:
-            device_memory_bytes = self._run(self._worker.get_info()).total_memory_bytes
-            scheduler_config = SchedulerConfig(max_num_batched_tokens=offline_step_budget(device_memory_bytes))
-        started = self._run(start_engine(
-            [self._worker], scheduler_config, cache_config or CacheConfig(),
-            engine_config or EngineConfig(), tokenizer_dir or model_dir, model_name,
-        ))
+        except BaseException:
+            if worker is not None:
+                self._run(worker.close())
+            self._release_worker_processes_and_thread()
+            raise
+        self._worker: WorkerConnection = worker
         self._engine: Engine
         self.model: ServedModel
         self.tokenizer: Tokenizer
@@ -286,6 +294,11 @@ class LLM:
     def close(self) -> None:
         self._run(self._engine.stop())
         self._run(self._worker.close())
+        self._release_worker_processes_and_thread()
+
+    def _release_worker_processes_and_thread(self) -> None:
+        """Stops the worker processes (if this LLM started any) and the engine's thread; removes the scratch
+        directory."""
         if self._launcher is not None:
             self._launcher.stop()
         self._loop.call_soon_threadsafe(self._loop.stop)

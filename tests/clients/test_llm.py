@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -10,7 +12,8 @@ import pytest
 
 from pagedserve.clients.llm import LLM, SamplingParams
 from pagedserve.contract.model_dir import ModelDirError
-from pagedserve.control_plane.config import CacheConfig, offline_step_budget
+from pagedserve.control_plane.config import CacheConfig, SchedulerConfig, offline_step_budget
+from pagedserve.control_plane.engine.model_len import MaxModelLenError
 from pagedserve.control_plane.scheduling.request import FinishReason
 
 
@@ -60,6 +63,32 @@ def test_a_worker_process_that_cannot_load_the_model_fails_the_constructor_inste
 ) -> None:
     with pytest.raises(RuntimeError, match="exited with code"):
         LLM(unloadable_model_dir, worker_start_timeout_s=120.0)
+
+
+def _running_children() -> set[int]:
+    """This process's child processes that have not exited (from /proc: a zombie has exited)."""
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, parent = stat.read_text().rsplit(") ", 1)[1].split()[:2]
+        except (OSError, IndexError):
+            continue  # the process ended while we read
+        if int(parent) == os.getpid() and state != "Z":
+            children.add(int(stat.parent.name))
+    return children
+
+
+@pytest.mark.parametrize("worker_process", [True, False])
+def test_a_constructor_that_fails_after_its_worker_started_leaves_no_worker_nor_thread_behind(
+    stories260k_dir: Path, worker_process: bool,
+) -> None:
+    children, threads = _running_children(), set(threading.enumerate())
+    cache = CacheConfig(kv_cache_memory_bytes=16 << 20, swap_space_bytes=0)
+    with pytest.raises(MaxModelLenError, match="max_position_embeddings 512"):
+        LLM(stories260k_dir, scheduler_config=SchedulerConfig(max_model_len=100_000), cache_config=cache,
+            worker_process=worker_process)
+    assert _running_children() == children
+    assert set(threading.enumerate()) == threads
 
 
 def test_a_directory_that_is_no_model_fails_the_constructor_before_any_worker_starts(tmp_path: Path) -> None:
