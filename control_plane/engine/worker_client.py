@@ -22,6 +22,10 @@ from pagedserve.runtime.auth import ClusterSecret
 from pagedserve.runtime.channel_options import INTERNAL_CHANNEL_OPTIONS
 from pagedserve.v1 import worker_service_pb2, worker_service_pb2_grpc
 
+# How long a failed write waits for its stream's status: a write fails only once the stream has ended, so the status
+# is there or on its way; the wait only bounds a stream that somehow has not ended.
+ENDED_STATUS_WAIT_S = 1.0
+
 
 class WorkerConnection(Protocol):
     """How the control plane reaches one worker: over gRPC, or in-process for the offline API. Both speak the
@@ -120,12 +124,19 @@ class GrpcWorkerClient:
         return f"worker at {self.address} failed: {code.name}: {await call.details()}"
 
     async def send(self, plan: StepPlan) -> None:
-        """Queues one step on the Execute stream (opened on first use)."""
+        """Queues one step on the Execute stream (opened on first use). A write fails when the stream has ended
+        (grpc raises AioRpcError, UsageError, or InvalidStateError "RPC already finished" once the status has come);
+        WorkerUnavailableError then says what the worker's status said, as receive() does: the write's own error
+        may be the transport's instead (grpc's "Internal error from Core" when the stream ended under the write)."""
         call = self._stream()
         try:
             await call.write(step_plan_to_proto(plan))
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError) as exc:
-            raise WorkerUnavailableError(f"worker at {self.address} failed: {exc}") from exc
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+            try:
+                ended = await asyncio.wait_for(self.wait_closed(), ENDED_STATUS_WAIT_S)
+            except TimeoutError:
+                ended = None
+            raise WorkerUnavailableError(ended or f"worker at {self.address} failed: {exc}") from exc
 
     async def receive(self) -> StepResult:
         """The result of the oldest step sent and not yet received."""
