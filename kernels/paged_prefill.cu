@@ -96,7 +96,10 @@ __device__ __forceinline__ void widen_tile(T* __restrict__ wide, const fp8_e4m3_
 //   [v(s), v(s) + ceil(q_len_s / tile_rows)),  v(s) = s + query_start_loc[s] / tile_rows,
 // which never overlap because v(s + 1) - v(s) >= 1 + floor(q_len_s / tile_rows). The grid has
 // num_seqs + num_tokens / tile_rows indices; the few left over exit at once. Within a sequence the last query
-// tile (which sees the most keys) gets the lowest index, so the heaviest CTAs start first.
+// tile (which sees the most keys) gets the lowest index. The tile index is the grid's y and the head its x, so the
+// hardware dispatches every head of a tile before the next tile: the heaviest CTAs of all heads start first and
+// the light ones fill the last wave (a grid under two waves, a short step's, otherwise ends on whole heads of
+// heavy tiles).
 // Returns false for unused indices and for sequences with fewer than two query rows.
 __device__ __forceinline__ bool resolve_tile(int index, int num_seqs, const int* __restrict__ query_start_loc,
                                              int tile_rows, int& seq, int& tile) {
@@ -226,10 +229,10 @@ __global__ void __launch_bounds__(THREADS) paged_prefill(
   C* v_stages = k_stages + 2 * S::kStagedTileElems;                 // [2][BLOCK_N][kStagedRowStride]
 
   int seq, tile;
-  if (!resolve_tile(blockIdx.x, num_seqs, query_start_loc, BLOCK_M, seq, tile)) return;
+  if (!resolve_tile(blockIdx.y, num_seqs, query_start_loc, BLOCK_M, seq, tile)) return;
   const int q_start = query_start_loc[seq];
   const int q_len = query_start_loc[seq + 1] - q_start;
-  const int head = blockIdx.y;
+  const int head = blockIdx.x;
   const int kv_head = head / group_size;
   const int first_row = tile * BLOCK_M;
   const int num_rows = min(BLOCK_M, q_len - first_row);

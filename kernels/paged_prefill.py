@@ -22,6 +22,7 @@ WARPS = THREADS // 32
 TENSOR_CORE_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128  # beyond this the accumulators no longer fit in registers
 KNOWN_HEAD_DIMS = (32, 64, 80, 96, 128)
+MAX_GRID_Y = 65_535  # CUDA's limit on a grid's y dimension, where the query tiles go
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +64,12 @@ def shared_bytes(cache_dtype: torch.dtype, head_dim: int, tiles: PrefillTiles) -
 
 
 def num_tile_slots(num_seqs: int, num_tokens: int, block_m: int) -> int:
-    """Grid x: an upper bound on the query tiles of any batch of that many sequences and tokens."""
-    return num_seqs + math.ceil(num_tokens / block_m)
+    """Grid y: an upper bound on the query tiles of any batch of that many sequences and tokens."""
+    slots = num_seqs + math.ceil(num_tokens / block_m)
+    if slots > MAX_GRID_Y:
+        raise ValueError(f"{num_seqs} sequences of {num_tokens} query tokens need {slots} query tiles, more than "
+                         f"one launch takes ({MAX_GRID_Y})")
+    return slots
 
 
 def known_name_expressions() -> list[str]:
@@ -95,7 +100,7 @@ class PagedPrefill:
         smem = shared_bytes(key_cache.dtype, head_dim, tiles)
         kernel = self._modules.kernel(SOURCE, kernel_name(query.dtype, key_cache.dtype, head_dim, tiles),
                                       dynamic_shared_bytes=smem)
-        grid = (num_tile_slots(num_seqs, query.shape[0], tiles.block_m), num_q_heads, 1)
+        grid = (num_q_heads, num_tile_slots(num_seqs, query.shape[0], tiles.block_m), 1)
         layer = LayerArgs(scale, is_fp8(key_cache.dtype))
         launch = PreparedLaunch(self._modules, kernel, grid, (THREADS, 1, 1), (
             pointer(out), int64(out.stride(0)), pointer(query), int64(query.stride(0)),
