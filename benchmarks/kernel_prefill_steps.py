@@ -1,0 +1,90 @@
+"""Prompt attention (paged_prefill) on the step shapes that serving and offline runs make, 16-bit and FP8 caches.
+
+A step of a 2,048-token budget at high concurrency carries one or two prompt chunks beside a few hundred decodes
+(whose rows paged_prefill skips); an offline step of 16,384 tokens carries 16 whole prompts. The short steps give
+the kernel a grid of under two waves, so how it orders its CTAs shows there, not on the offline shape.
+
+Run on a CUDA machine: python -m benchmarks.kernel_prefill_steps [--shape llama-3.2-1b] [--repeats 50]
+Prints one line per step shape and cache dtype: median us (CUDA events, L2 flushed before each run), TFLOP/s of the
+causal attention the prompt rows compute, and a checksum of the output (equal across commits that change only the
+order of the work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+
+import torch
+
+from benchmarks.kernel_attention import BLOCK_SIZE, SHAPES, Timer
+from pagedserve.kernels.fp8 import FP8_DTYPE
+from pagedserve.kernels.paged_prefill import PagedPrefill
+
+DECODE_CONTEXT = 1100
+# name: per sequence (query rows, context length after the step), in work order.
+STEPS: dict[str, list[tuple[int, int]]] = {
+    "offline: 16 prompts of 1,024": [(1024, 1024)] * 16,
+    "c=256: chunks 1,024 + 776, 254 decodes": [(1024, 1024), (776, 776)] + [(1, DECODE_CONTEXT)] * 254,
+    "c=256: chunks 512 of 1,024 + 1,280, 254 decodes": [(512, 1024), (1280, 1280)] + [(1, DECODE_CONTEXT)] * 254,
+    "c=64: chunks 1,024 + 960, 62 decodes": [(1024, 1024), (960, 960)] + [(1, DECODE_CONTEXT)] * 62,
+    "c=1: chunk 1,792 at 256 of 2,048": [(1792, 2048)],
+}
+
+
+def causal_flops(step: list[tuple[int, int]], q_heads: int, head_dim: int) -> float:
+    """QK^T and PV of every prompt row (rows of sequences with one query row are decodes, not counted)."""
+    return float(sum(4 * q_heads * head_dim * sum(context - rows + i + 1 for i in range(rows))
+                     for rows, context in step if rows >= 2))
+
+
+def bench_step(timer: Timer, prefill: PagedPrefill, shape: str, step: list[tuple[int, int]],
+               cache_dtype: torch.dtype) -> tuple[float, float]:
+    """(median us, output checksum) of one step's paged_prefill launch."""
+    q_heads, kv_heads, head_dim = SHAPES[shape]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    blocks = [-(-context // BLOCK_SIZE) for _, context in step]
+    num_blocks = sum(blocks)
+    caches = [torch.randn(num_blocks, kv_heads, BLOCK_SIZE, head_dim, device="cuda", generator=gen,
+                          dtype=torch.bfloat16).to(cache_dtype) for _ in range(2)]
+    order = torch.randperm(num_blocks, device="cuda", generator=gen).to(torch.int32)
+    block_tables = torch.zeros(len(step), max(blocks), dtype=torch.int32, device="cuda")
+    first = 0
+    for row, count in enumerate(blocks):
+        block_tables[row, :count] = order[first:first + count]
+        first += count
+    rows = torch.tensor([r for r, _ in step], dtype=torch.int32)
+    query_start_loc = torch.cat([torch.zeros(1, dtype=torch.int32), rows.cumsum(0, dtype=torch.int32)]).cuda()
+    seq_lens = torch.tensor([c for _, c in step], dtype=torch.int32, device="cuda")
+    query = torch.randn(int(rows.sum()), q_heads, head_dim, device="cuda", generator=gen, dtype=torch.bfloat16)
+    out = torch.zeros_like(query)
+    launch = prefill.prepare(out, query, caches[0], block_tables, seq_lens, query_start_loc, head_dim ** -0.5)
+    us = timer.median_us(lambda _: launch.launch(caches[0], caches[1]))
+    return us, float(out.float().sum())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--commit", default=None, help="commit measured (default: git rev-parse --short HEAD)")
+    args = parser.parse_args()
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                           text=True).stdout.strip()
+    print(f"{torch.cuda.get_device_name()}, commit {commit}, {args.shape}, median of {args.repeats}")
+    # Imported here so that the module (and its FLOP count) imports without cupy, as on CPU-only installs.
+    from pagedserve.kernels.module_cache import ModuleCache
+
+    timer = Timer(args.repeats)
+    prefill = PagedPrefill(ModuleCache(torch.device("cuda", torch.cuda.current_device())))
+    q_heads, _, head_dim = SHAPES[args.shape]
+    print(f"{'step':48s} {'cache':5s} {'us':>8s} {'TFLOP/s':>8s} {'checksum':>14s}")
+    for name, step in STEPS.items():
+        flops = causal_flops(step, q_heads, head_dim)
+        for cache_dtype, label in ((torch.bfloat16, "bf16"), (FP8_DTYPE, "fp8")):
+            us, checksum = bench_step(timer, prefill, args.shape, step, cache_dtype)
+            print(f"{name:48s} {label:5s} {us:8.1f} {flops / us / 1e6:8.1f} {checksum:14.6e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
