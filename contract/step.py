@@ -134,7 +134,7 @@ class StepResult:
 
     step_id: int
     outputs: tuple[SequenceOutput, ...] = ()
-    step_time_ms: float = 0.0  # the worker's host time for the step
+    step_time_ms: float = 0.0  # the worker's host time for the step: launch plus reading its tokens, two threads
     forward_time_ms: float = 0.0  # device time of its forward pass and sampling
     idle_time_ms: float = 0.0  # the device's wait between the previous step's forward pass and this one's
     by_seq_id: dict[int, SequenceOutput] = field(default_factory=dict, compare=False, repr=False)
