@@ -1,6 +1,7 @@
 """Prompt attention (paged_prefill) on the step shapes that serving and offline runs make, 16-bit and FP8 caches.
 
 A step of a 2,048-token budget at high concurrency carries one or two prompt chunks beside a few hundred decodes
+(the shapes below are of about that size)
 (whose rows paged_prefill skips); an offline step of 16,384 tokens carries 16 whole prompts. The short steps give
 the kernel a grid of under two waves, so how it orders its CTAs shows there, not on the offline shape.
 

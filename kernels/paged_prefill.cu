@@ -94,12 +94,12 @@ __device__ __forceinline__ void widen_tile(T* __restrict__ wide, const fp8_e4m3_
 
 // Tiles are numbered without a prefix sum over the batch: sequence s owns the grid indices
 //   [v(s), v(s) + ceil(q_len_s / tile_rows)),  v(s) = s + query_start_loc[s] / tile_rows,
-// which never overlap because v(s + 1) - v(s) >= 1 + floor(q_len_s / tile_rows). The grid has
-// num_seqs + num_tokens / tile_rows indices; the few left over exit at once. Within a sequence the last query
-// tile (which sees the most keys) gets the lowest index. The tile index is the grid's y and the head its x, so the
-// hardware dispatches every head of a tile before the next tile: the heaviest CTAs of all heads start first and
-// the light ones fill the last wave (a grid under two waves, a short step's, otherwise ends on whole heads of
-// heavy tiles).
+// which never overlap because v(s + 1) - v(s) >= 1 + floor(q_len_s / tile_rows). The grid's y has
+// num_seqs + ceil(num_tokens / tile_rows) indices; the few left over exit at once. Within a sequence the last query
+// tile (which sees the most keys) gets the lowest index. The tile index is the grid's y and the head its x: CUDA
+// does not promise an order, but the hardware is seen to dispatch x first, so every head of a tile goes out before
+// the next tile and each sequence's heaviest CTAs start first, its light ones late (sequences stay in batch order).
+// With the tile on x, a grid of under two waves (a short step's) ended on whole heads of heavy tiles.
 // Returns false for unused indices and for sequences with fewer than two query rows.
 __device__ __forceinline__ bool resolve_tile(int index, int num_seqs, const int* __restrict__ query_start_loc,
                                              int tile_rows, int& seq, int& tile) {

@@ -10,7 +10,10 @@ def test_a_chunk_counts_each_row_against_the_context_before_it_and_itself() -> N
     assert causal_flops([(2, 5)], q_heads=2, head_dim=8) == 4 * 2 * 8 * 9
 
 
-def test_decode_rows_count_nothing() -> None:
-    assert causal_flops([(1, 1100), (1, 2048)], q_heads=32, head_dim=64) == 0.0
+def test_whole_prompts_count_the_causal_triangle() -> None:
     offline = STEPS["offline: 16 prompts of 1,024"]
     assert causal_flops(offline, 32, 64) == 16 * 4 * 32 * 64 * 1024 * 1025 / 2
+
+
+def test_decode_rows_count_nothing() -> None:
+    assert causal_flops([(1, 1100), (1, 2048)], q_heads=32, head_dim=64) == 0.0
