@@ -1,9 +1,9 @@
 """Prompt attention (paged_prefill) on the step shapes that serving and offline runs make, 16-bit and FP8 caches.
 
-A step of a 2,048-token budget at high concurrency carries one or two prompt chunks beside a few hundred decodes
-(the shapes below are of about that size)
-(whose rows paged_prefill skips); an offline step of 16,384 tokens carries 16 whole prompts. The short steps give
-the kernel a grid of under two waves, so how it orders its CTAs shows there, not on the offline shape.
+A step of a 2,048-token budget at high concurrency carries one or two prompt chunks beside a few hundred decodes,
+whose rows paged_prefill skips (the mixed shapes below hold 2,046 to 2,054 tokens); an offline step of 16,384 tokens
+carries 16 whole prompts. The short steps give the kernel a grid of under two waves, so how it orders its CTAs shows
+there, not on the offline shape.
 
 Run on a CUDA machine: python -m benchmarks.kernel_prefill_steps [--shape llama-3.2-1b] [--repeats 50]
 Prints one line per step shape and cache dtype: median us (CUDA events, L2 flushed before each run), TFLOP/s of the
