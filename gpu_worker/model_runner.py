@@ -168,6 +168,8 @@ class LaunchedRun:
     prompt_logprobs: list[tuple[TokenLogprobs, ...]]  # per work item
     sample: PendingSample | None  # None when nothing samples, or until a deferred sampling is queued
     deferred_logits: torch.Tensor | None = None  # a deferred run's logits, kept until its sampling is queued
+    # A decode graph run's work items' table rows, on the device in work order (CudaGraphRunner.run's buffer).
+    table_rows: torch.Tensor | None = None
 
     def results(self, sample: SampleResult | None) -> list[SequenceOutput]:
         """One result per work item in order, each sampling item followed by its newly forked siblings. A sequence
@@ -219,27 +221,33 @@ class ModelRunner:
             if is_sampling else ()
             for state, _, _, is_sampling in work
         ]
-        batch = build_batch(work, self.tables, self.pool.block_size, self.pool.device, self._last_tokens)
-        if batch.num_tokens == 0:
-            return LaunchedRun(work, sampled_seq_ids, [() for _ in work], None)
-        if self.graph_runner is not None and self.graph_runner.can_run(batch):
-            hidden = self.graph_runner.run(batch)
-        elif self.piece_runner is not None and self.piece_runner.can_run(batch):
-            hidden = self.piece_runner.run(batch)
+        graph_runner, table_rows = self.graph_runner, None
+        if graph_runner is not None and graph_runner.can_run(work):
+            hidden = graph_runner.run(work, self.tables, self._last_tokens)
+            query_start_loc = np.arange(len(work) + 1, dtype=np.int64)
+            table_rows = graph_runner.inputs.table_rows[: len(work)]
         else:
-            hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.pool.gpu_cache)
+            batch = build_batch(work, self.tables, self.pool.block_size, self.pool.device, self._last_tokens)
+            if batch.num_tokens == 0:
+                return LaunchedRun(work, sampled_seq_ids, [() for _ in work], None)
+            if self.piece_runner is not None and self.piece_runner.can_run(batch):
+                hidden = self.piece_runner.run(batch)
+            else:
+                hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.pool.gpu_cache)
+            query_start_loc = batch.query_start_loc
         rows, items = (deferred_rows.rows, deferred_rows.items) if deferred_rows is not None else sampling_rows(work)
-        logits = self._sampling_logits(batch, hidden, items) if rows else None
+        logits = self._sampling_logits(query_start_loc, hidden, items) if rows else None
         prompt_logprobs = [
-            self._prompt_logprobs(item, int(batch.query_start_loc[index]), hidden)
+            self._prompt_logprobs(item, int(query_start_loc[index]), hidden)
             if item.state.sampling_params.prompt_logprobs is not None else ()
             for index, item in enumerate(work)
         ]
         if logits is None:
-            return LaunchedRun(work, sampled_seq_ids, prompt_logprobs, None)
+            return LaunchedRun(work, sampled_seq_ids, prompt_logprobs, None, table_rows=table_rows)
         if deferred_rows is not None:
-            return LaunchedRun(work, sampled_seq_ids, prompt_logprobs, None, logits)
-        return LaunchedRun(work, sampled_seq_ids, prompt_logprobs, self.sampler.start(logits, rows))
+            return LaunchedRun(work, sampled_seq_ids, prompt_logprobs, None, logits, table_rows)
+        return LaunchedRun(work, sampled_seq_ids, prompt_logprobs, self.sampler.start(logits, rows),
+                           table_rows=table_rows)
 
     @torch.inference_mode()
     def sample_deferred(self, run: LaunchedRun, masked: MaskedRows) -> None:
@@ -249,11 +257,16 @@ class ModelRunner:
         run.sample = self.sampler.start(run.deferred_logits, masked.rows, masked.token_masks)
         run.deferred_logits = None
 
-    def last_token_index(self, table_rows: list[int]) -> torch.Tensor | None:
+    def last_token_index(self, run: LaunchedRun, table_rows: list[int]) -> torch.Tensor | None:
         """Where keep_last_tokens stores a run's tokens: table_rows, those of the sequences that sample them
         (reserve()'s order), on the device; None when nothing samples. Made at launch, so that a deferred sampling's
-        thread has a copy less to queue."""
-        return to_device(torch.tensor(table_rows, dtype=torch.int64), self._last_tokens.device) if table_rows else None
+        thread has a copy less to queue. A decode graph run whose every item samples, without siblings, has them on
+        the device already."""
+        if not table_rows:
+            return None
+        if run.table_rows is not None and table_rows == [item.state.table_row for item in run.work]:
+            return run.table_rows
+        return to_device(torch.tensor(table_rows, dtype=torch.int64), self._last_tokens.device)
 
     def keep_last_tokens(self, run: LaunchedRun, index: torch.Tensor | None) -> None:
         """Stores the run's sampled tokens at their table rows (index: last_token_index's; None: nothing samples)."""
@@ -267,11 +280,12 @@ class ModelRunner:
             self._last_tokens = grown
         self._last_tokens[index] = run.sample.tokens
 
-    def _sampling_logits(self, batch: FlatBatch, hidden: torch.Tensor, items: list[int]) -> torch.Tensor:
-        """Logits of the sampling rows whose work items are `items` (sampling_rows): each item's last row."""
-        last_rows = (batch.query_start_loc[1:] - 1).tolist()
+    def _sampling_logits(self, query_start_loc: np.ndarray, hidden: torch.Tensor, items: list[int]) -> torch.Tensor:
+        """Logits of the sampling rows whose work items are `items` (sampling_rows): each item's last row, of the
+        rows query_start_loc (FlatBatch's) places."""
+        last_rows = (query_start_loc[1:] - 1).tolist()
         hidden_rows = [last_rows[item] for item in items]
-        if hidden_rows == list(range(batch.num_tokens)):  # every row samples, once: no gather needed
+        if hidden_rows == list(range(int(query_start_loc[-1]))):  # every row samples, once: no gather needed
             sampled_hidden = hidden
         else:
             sampled_hidden = hidden[to_device(torch.tensor(hidden_rows, dtype=torch.int64), hidden.device)]

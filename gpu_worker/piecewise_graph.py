@@ -14,7 +14,7 @@ import time
 import structlog
 import torch
 
-from pagedserve.gpu_worker.cuda_graph import StaticTokens, padded_sizes
+from pagedserve.gpu_worker.cuda_graph import padded_sizes
 from pagedserve.gpu_worker.model_runner import FlatBatch
 from pagedserve.gpu_worker.models.decoder import AttentionCall, DecoderForCausalLM, ForwardPieces
 from pagedserve.gpu_worker.models.layers import AttentionBuffers
@@ -30,6 +30,24 @@ _SIZE_RUNS = ((128, None),)
 def piece_sizes(max_tokens: int) -> tuple[int, ...]:
     """16, 32, 64, then multiples of 128, up to max_tokens (itself always included)."""
     return padded_sizes(max_tokens, _SMALL_SIZES, _SIZE_RUNS)
+
+
+class StaticTokens:
+    """The per-token inputs a captured graph reads, for up to `size` rows: token ids, positions and KV slots.
+    Rows past a batch are padding, with slot -1: they write no K/V."""
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.input_ids = torch.zeros(size, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(size, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((size,), -1, dtype=torch.int64, device=device)
+
+    def load(self, batch: FlatBatch, size: int) -> None:
+        """Copies the batch's rows in; rows batch.num_tokens .. size - 1 become padding."""
+        num_tokens = batch.num_tokens
+        self.input_ids[:num_tokens].copy_(batch.input_ids)
+        self.positions[:num_tokens].copy_(batch.positions)
+        self.slot_mapping[:num_tokens].copy_(batch.meta.slot_mapping)
+        self.slot_mapping[num_tokens:size].fill_(-1)
 
 
 class PiecewiseGraphRunner:

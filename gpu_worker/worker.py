@@ -216,7 +216,7 @@ class Worker:
                 pool.copy_blocks(step.block_copies)
                 run = runner.launch(work, deferred_rows)
                 pending = registry.reserve(work)
-                index = runner.last_token_index([slot.state.table_row for slot in pending])
+                index = runner.last_token_index(run, [slot.state.table_row for slot in pending])
                 launched = LaunchedStep(step.step_id, run, pending, index, span, 0.0)
                 if token_masks is None:
                     self._close_launch(launched)

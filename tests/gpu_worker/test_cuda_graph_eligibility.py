@@ -1,5 +1,5 @@
-"""Which batches the decode graphs take: one token for each sequence, within the captured sizes and table width.
-The check reads only the batch's shape, so it runs on the CPU without capturing anything."""
+"""Which steps the decode graphs take: one token for each sequence, within the captured sizes and table width.
+The check reads only the step's shape, so it runs on the CPU without capturing anything."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import torch
 from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.gpu_worker.block_tables import BlockTableArray
 from pagedserve.gpu_worker.cuda_graph import CudaGraphRunner
-from pagedserve.gpu_worker.model_runner import FlatBatch, build_batch
 from pagedserve.gpu_worker.sequence_state import ScheduledWork, SequenceState
 
 BLOCK_SIZE = 4
@@ -19,7 +18,7 @@ def _runner(max_batch_size: int = 8, max_blocks: int = 2) -> CudaGraphRunner:
     return CudaGraphRunner(model, torch.zeros(1), BLOCK_SIZE, max_batch_size, max_blocks)  # type: ignore[arg-type]
 
 
-def _batch(tables: BlockTableArray, *scheduled: tuple[int, int]) -> FlatBatch:
+def _work(tables: BlockTableArray, *scheduled: tuple[int, int]) -> list[ScheduledWork]:
     """One sequence of `length` known tokens per (length, tokens this step)."""
     work = []
     for seq_id, (length, num_tokens) in enumerate(scheduled):
@@ -27,23 +26,23 @@ def _batch(tables: BlockTableArray, *scheduled: tuple[int, int]) -> FlatBatch:
         state = SequenceState(seq_id, list(range(1, length + 1)), [], SamplingParams(), (), tables.add(blocks),
                               length - num_tokens)
         work.append(ScheduledWork.of(state, num_tokens))
-    return build_batch(work, tables, BLOCK_SIZE, torch.device("cpu"))
+    return work
 
 
-def test_a_batch_of_one_token_per_sequence_runs_the_graph() -> None:
-    assert _runner().can_run(_batch(BlockTableArray(4, 3), (5, 1), (3, 1)))
+def test_a_step_of_one_token_per_sequence_runs_the_graph() -> None:
+    assert _runner().can_run(_work(BlockTableArray(4, 3), (5, 1), (3, 1)))
 
 
-def test_a_sequence_without_tokens_beside_a_two_token_one_is_no_decode_batch() -> None:
+def test_a_sequence_without_tokens_beside_a_two_token_one_is_no_decode_step() -> None:
     # As many tokens as sequences, yet one sequence has two rows: the graph's one-row-per-sequence layout would
     # misplace them.
-    assert not _runner().can_run(_batch(BlockTableArray(4, 3), (5, 0), (3, 2)))
+    assert not _runner().can_run(_work(BlockTableArray(4, 3), (5, 0), (3, 2)))
 
 
 def test_a_prefill_chunk_does_not_run_the_graph() -> None:
-    assert not _runner().can_run(_batch(BlockTableArray(4, 3), (6, 3)))
+    assert not _runner().can_run(_work(BlockTableArray(4, 3), (6, 3)))
 
 
 def test_more_sequences_or_wider_tables_than_captured_do_not_run_the_graph() -> None:
-    assert not _runner(max_batch_size=1).can_run(_batch(BlockTableArray(4, 3), (5, 1), (3, 1)))
-    assert not _runner(max_blocks=1).can_run(_batch(BlockTableArray(4, 3), (5, 1)))
+    assert not _runner(max_batch_size=1).can_run(_work(BlockTableArray(4, 3), (5, 1), (3, 1)))
+    assert not _runner(max_blocks=1).can_run(_work(BlockTableArray(4, 3), (5, 1)))
