@@ -281,8 +281,8 @@ class ModelRunner:
         self._last_tokens[index] = run.sample.tokens
 
     def _sampling_logits(self, query_start_loc: np.ndarray, hidden: torch.Tensor, items: list[int]) -> torch.Tensor:
-        """Logits of the sampling rows whose work items are `items` (sampling_rows): each item's last row, of the
-        rows query_start_loc (FlatBatch's) places."""
+        """Logits of the sampling rows whose work items are `items` (sampling_rows): each item's last row, where
+        query_start_loc (as FlatBatch's) places the items' rows."""
         last_rows = (query_start_loc[1:] - 1).tolist()
         hidden_rows = [last_rows[item] for item in items]
         if hidden_rows == list(range(int(query_start_loc[-1]))):  # every row samples, once: no gather needed
