@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import structlog
 import torch
@@ -18,6 +19,9 @@ log = structlog.get_logger()
 _SMALL_SIZES = (1, 2, 4)
 # Multiples of 8 up to 256 sequences, then of 32: past 256, padding 31 rows costs little next to the batch.
 _SIZE_RUNS = ((8, 256), (32, None))
+# Graphs of up to this many sequences compute the logits too: at these sizes the host's launches pace a step, and
+# the logits stay small (16 rows of a 128,256-token vocabulary: 8 MiB in float32, 4 MiB in the 16-bit product).
+LOGITS_MAX_SIZE = 16
 
 
 def padded_sizes(limit: int, small: tuple[int, ...], runs: tuple[tuple[int, int | None], ...]) -> tuple[int, ...]:
@@ -38,6 +42,16 @@ def capture_sizes(max_batch_size: int) -> tuple[int, ...]:
     return padded_sizes(max_batch_size, _SMALL_SIZES, _SIZE_RUNS)
 
 
+class DecodeOutput(NamedTuple):
+    """A replay's [num_seqs, hidden] hidden states and, from graphs of up to LOGITS_MAX_SIZE sequences, their
+    [num_seqs, vocab] float32 logits (else None). Both live in the graphs' memory pool, which the next replay of any
+    graph of the pool overwrites: their readers are queued on the same stream before it, as ModelRunner.launch
+    queues logits and sampling."""
+
+    hidden: torch.Tensor
+    logits: torch.Tensor | None
+
+
 class CudaGraphRunner:
     """Replays the model forward for decode steps: every sequence has exactly one query token.
 
@@ -54,7 +68,7 @@ class CudaGraphRunner:
         self.sizes = capture_sizes(max_batch_size)
         self.inputs = DecodeInputs(self.sizes[-1], max_num_blocks_per_seq, block_size, kv_cache.device)
         self.max_seq_len = max_num_blocks_per_seq * block_size
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, DecodeOutput]] = {}
         self.num_replays = 0
 
     @torch.inference_mode()
@@ -68,8 +82,8 @@ class CudaGraphRunner:
             self._forward(size)  # warm-up: compiles kernels and settles the allocator outside the graph
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                hidden = self._forward(size)
-            self._graphs[size] = (graph, hidden)
+                output = self._forward(size)
+            self._graphs[size] = (graph, output)
         torch.cuda.synchronize(self.kv_cache.device)
         log.info("cuda_graphs_captured", num_graphs=len(self.sizes), max_batch_size=self.sizes[-1])
 
@@ -81,19 +95,19 @@ class CudaGraphRunner:
             and max(item.end for item in work) <= self.max_seq_len
         )
 
-    def run(self, work: Sequence[ScheduledWork], tables: BlockTableArray, last_tokens: torch.Tensor) -> torch.Tensor:
-        """[num_seqs, hidden] hidden states of a decode step (can_run(work) must hold); a pending token is read from
+    def run(self, work: Sequence[ScheduledWork], tables: BlockTableArray, last_tokens: torch.Tensor) -> DecodeOutput:
+        """The outputs of a decode step's num_seqs rows (can_run(work) must hold); a pending token is read from
         last_tokens at its sequence's table row. inputs.table_rows[:num_seqs] holds the work's table rows until the
         next run's copies, which are queued after everything queued before them."""
         num_seqs = len(work)
         size = self.sizes[bisect.bisect_left(self.sizes, num_seqs)]
         self.inputs.stage(work, tables, size, last_tokens)
-        graph, hidden = self._graphs[size]
+        graph, output = self._graphs[size]
         graph.replay()
         self.num_replays += 1
-        return hidden[:num_seqs]
+        return DecodeOutput(output.hidden[:num_seqs], None if output.logits is None else output.logits[:num_seqs])
 
-    def _forward(self, size: int) -> torch.Tensor:
+    def _forward(self, size: int) -> DecodeOutput:
         inputs = self.inputs
         meta = AttentionMetadata(
             slot_mapping=inputs.slot_mapping[:size],
@@ -103,4 +117,5 @@ class CudaGraphRunner:
             max_query_len=1,
             max_seq_len=self.max_seq_len,
         )
-        return self.model(inputs.input_ids[:size], inputs.positions[:size], meta, self.kv_cache)
+        hidden = self.model(inputs.input_ids[:size], inputs.positions[:size], meta, self.kv_cache)
+        return DecodeOutput(hidden, self.model.compute_logits(hidden) if size <= LOGITS_MAX_SIZE else None)

@@ -221,9 +221,9 @@ class ModelRunner:
             if is_sampling else ()
             for state, _, _, is_sampling in work
         ]
-        graph_runner, table_rows = self.graph_runner, None
+        graph_runner, table_rows, all_logits = self.graph_runner, None, None
         if graph_runner is not None and graph_runner.can_run(work):
-            hidden = graph_runner.run(work, self.tables, self._last_tokens)
+            hidden, all_logits = graph_runner.run(work, self.tables, self._last_tokens)
             query_start_loc = np.arange(len(work) + 1, dtype=np.int64)
             table_rows = graph_runner.inputs.table_rows[: len(work)]
         else:
@@ -236,7 +236,7 @@ class ModelRunner:
                 hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.pool.gpu_cache)
             query_start_loc = batch.query_start_loc
         rows, items = (deferred_rows.rows, deferred_rows.items) if deferred_rows is not None else sampling_rows(work)
-        logits = self._sampling_logits(query_start_loc, hidden, items) if rows else None
+        logits = self._sampling_logits(query_start_loc, hidden, items, all_logits) if rows else None
         prompt_logprobs = [
             self._prompt_logprobs(item, int(query_start_loc[index]), hidden)
             if item.state.sampling_params.prompt_logprobs is not None else ()
@@ -280,12 +280,15 @@ class ModelRunner:
             self._last_tokens = grown
         self._last_tokens[index] = run.sample.tokens
 
-    def _sampling_logits(self, query_start_loc: np.ndarray, hidden: torch.Tensor, items: list[int]) -> torch.Tensor:
+    def _sampling_logits(self, query_start_loc: np.ndarray, hidden: torch.Tensor, items: list[int],
+                         all_logits: torch.Tensor | None) -> torch.Tensor:
         """Logits of the sampling rows whose work items are `items` (sampling_rows): each item's last row, where
-        query_start_loc (as FlatBatch's) places the items' rows."""
+        query_start_loc (as FlatBatch's) places the items' rows. all_logits: every row's, when a graph computed them."""
         last_rows = (query_start_loc[1:] - 1).tolist()
         hidden_rows = [last_rows[item] for item in items]
         if hidden_rows == list(range(int(query_start_loc[-1]))):  # every row samples, once: no gather needed
+            if all_logits is not None:
+                return all_logits
             sampled_hidden = hidden
         else:
             sampled_hidden = hidden[to_device(torch.tensor(hidden_rows, dtype=torch.int64), hidden.device)]
