@@ -14,8 +14,8 @@ from pagedserve.gpu_worker.sequence_state import PENDING_TOKEN, ScheduledWork
 # Host buffers in rotation: more than the steps a control plane keeps in flight (at most 8), so the wait before
 # rewriting one is normally over already.
 HOST_SLOTS = 9
-# What padding rows hold in longs: token 0, position 0, slot -1 (no K/V written), table row 0.
-_PADDING = np.array([[0], [0], [-1], [0]], dtype=np.int64)
+# What padding rows hold in longs: token 0, position 0, slot -1 (no K/V written), table row 0, token row 0.
+_PADDING = np.array([[0], [0], [-1], [0], [0]], dtype=np.int64)
 
 
 class _HostSlot:
@@ -24,7 +24,7 @@ class _HostSlot:
 
     def __init__(self, size: int, num_ints: int, is_pinned: bool) -> None:
         self.is_pinned = is_pinned
-        self.longs = torch.zeros(4, size, dtype=torch.int64, pin_memory=is_pinned)
+        self.longs = torch.zeros(5, size, dtype=torch.int64, pin_memory=is_pinned)
         self.ints = torch.zeros(num_ints, dtype=torch.int32, pin_memory=is_pinned)
         self.event = torch.cuda.Event() if is_pinned else None
 
@@ -39,23 +39,25 @@ class _HostSlot:
 class DecodeInputs:
     """The inputs of the decode graphs for up to `size` sequences whose block tables are up to `max_blocks` wide.
 
-    Device layout: longs [4, size] int64 holds per row the token id, position, KV slot and table row; ints int32
+    Device layout: longs [5, size] int64 holds per row the token id, position, KV slot, table row and token row
+    (the table row for a token still on the device, else 0: the only rows of last_tokens that a step reads); ints int32
     holds seq_lens [size], then query_start_loc [size + 1], then the step's block tables as a dense [n, width]
     matrix, which one copy spreads into block_tables [size, max_blocks]. The graphs read input_ids, positions,
     slot_mapping, seq_lens, query_start_loc and block_tables: views that never move.
 
     Invariants: a step of n sequences padded to `padded` rows writes every row below `padded`. Rows n.. are
     padding: token 0 at position 0, slot -1 (no K/V written), seq_len 0 and no query row (query_start_loc stays at
-    n), so they change no cache and attend to nothing. A host slot is rewritten only after the copies that read it.
+    n), so they change no cache and attend to nothing. Their block_tables rows keep an earlier step's blocks, which
+    nothing reads at seq_len 0. A host slot is rewritten only after the copies that read it.
     """
 
     def __init__(self, size: int, max_blocks: int, block_size: int, device: torch.device) -> None:
         self.size = size
         self.block_size = block_size
-        self.longs = torch.zeros(4, size, dtype=torch.int64, device=device)
+        self.longs = torch.zeros(5, size, dtype=torch.int64, device=device)
         self.ints = torch.zeros(self._table_start + size * max_blocks, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(size, max_blocks, dtype=torch.int32, device=device)
-        self.input_ids, self.positions, self.slot_mapping, self.table_rows = self.longs
+        self.input_ids, self.positions, self.slot_mapping, self.table_rows, self._token_rows = self.longs
         self.slot_mapping.fill_(-1)
         self.seq_lens = self.ints[:size]
         self.query_start_loc = self.ints[size : self._table_start]
@@ -72,7 +74,8 @@ class DecodeInputs:
               last_tokens: torch.Tensor) -> None:
         """Queues the copies that make the buffers hold this decode step (one token each for n = len(work)
         sequences, 0 < n <= padded <= size, tables at most max_blocks wide) padded to `padded` rows. A token still
-        on the device (PENDING_TOKEN) is gathered from last_tokens at its sequence's table row."""
+        on the device (PENDING_TOKEN) is gathered from last_tokens at its sequence's table row; no other row of
+        last_tokens is read, so it need not reach the rows of sequences whose tokens are known."""
         num_seqs, size, block_size = len(work), self.size, self.block_size
         ends = np.fromiter((item.end for item in work), dtype=np.int64, count=num_seqs)
         rows = np.fromiter((item.state.table_row for item in work), dtype=np.int64, count=num_seqs)
@@ -80,8 +83,10 @@ class DecodeInputs:
         width = max(int(-(-ends.max() // block_size)), 1)
         block_tables = tables.gather(rows, width)
         blocks = block_tables[self._row_numbers[:num_seqs], positions // block_size].astype(np.int64)
-        token_ids = [item.state.token_id(position) for item, position in zip(work, positions.tolist(), strict=True)]
-        num_pending = token_ids.count(PENDING_TOKEN)
+        token_ids = np.fromiter(
+            (item.state.token_id(position) for item, position in zip(work, positions.tolist(), strict=True)),
+            dtype=np.int64, count=num_seqs)
+        is_pending = token_ids == PENDING_TOKEN
 
         table_end = self._table_start + num_seqs * width
         slot = self._slots[self._next_slot]
@@ -93,6 +98,7 @@ class DecodeInputs:
         longs[1, :num_seqs] = positions
         longs[2, :num_seqs] = blocks * block_size + positions % block_size
         longs[3, :num_seqs] = rows
+        np.multiply(rows, is_pending, out=longs[4, :num_seqs])
         ints[:num_seqs] = ends
         ints[num_seqs:padded] = 0
         np.minimum(self._row_numbers[: padded + 1], num_seqs, out=ints[size : size + padded + 1])
@@ -103,8 +109,8 @@ class DecodeInputs:
         if slot.event is not None:
             slot.event.record()
         self.block_tables[:num_seqs, :width].copy_(self.ints[self._table_start : table_end].view(num_seqs, width))
-        if num_pending == num_seqs:
+        if is_pending.all():
             torch.index_select(last_tokens, 0, self.table_rows[:num_seqs], out=self.input_ids[:num_seqs])
-        elif num_pending:
+        elif is_pending.any():
             ids = self.input_ids[:num_seqs]
-            torch.where(ids == PENDING_TOKEN, last_tokens[self.table_rows[:num_seqs]], ids, out=ids)
+            torch.where(ids == PENDING_TOKEN, last_tokens[self._token_rows[:num_seqs]], ids, out=ids)

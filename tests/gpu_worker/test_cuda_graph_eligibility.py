@@ -46,3 +46,9 @@ def test_a_prefill_chunk_does_not_run_the_graph() -> None:
 def test_more_sequences_or_wider_tables_than_captured_do_not_run_the_graph() -> None:
     assert not _runner(max_batch_size=1).can_run(_work(BlockTableArray(4, 3), (5, 1), (3, 1)))
     assert not _runner(max_blocks=1).can_run(_work(BlockTableArray(4, 3), (5, 1)))
+
+
+def test_a_sequence_as_long_as_the_captured_tables_hold_runs_the_graph_and_one_token_more_does_not() -> None:
+    runner = _runner(max_blocks=2)  # tables of 2 blocks of BLOCK_SIZE tokens
+    assert runner.can_run(_work(BlockTableArray(4, 3), (2 * BLOCK_SIZE, 1)))
+    assert not runner.can_run(_work(BlockTableArray(4, 3), (2 * BLOCK_SIZE + 1, 1)))

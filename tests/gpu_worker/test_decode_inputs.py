@@ -59,10 +59,26 @@ def test_staged_rows_are_build_batchs_and_the_padding_writes_and_attends_to_noth
     assert inputs.table_rows[:3].tolist() == table_rows
 
 
+def test_a_known_token_is_staged_without_reading_last_tokens_at_its_row() -> None:
+    # The runner's last tokens reach only the rows that ever sampled on the device; a sequence whose token is known
+    # (a one-token prompt, a prompt the prefix cache held whole) may sit on a table row past them.
+    tables = BlockTableArray(num_rows=2, num_columns=2)
+    pending, known = _decode_work(tables, [5, 6, 7], pending={0})[::2]
+    last_tokens = LAST_TOKENS[:2]
+    assert known.state.table_row >= len(last_tokens)
+    inputs = DecodeInputs(size=4, max_blocks=4, block_size=BLOCK_SIZE, device=torch.device("cpu"))
+
+    inputs.stage([pending, known], tables, padded=2, last_tokens=last_tokens)
+
+    assert inputs.input_ids[:2].tolist() == [int(last_tokens[pending.state.table_row]), 62]
+
+
 def test_a_smaller_step_after_a_larger_one_pads_every_row_its_graph_reads() -> None:
     tables = BlockTableArray(num_rows=8, num_columns=2)
     inputs = DecodeInputs(size=8, max_blocks=4, block_size=BLOCK_SIZE, device=torch.device("cpu"))
-    inputs.stage(_decode_work(tables, [5, 6, 7, 8, 9, 10], pending=set()), tables, padded=8, last_tokens=LAST_TOKENS)
+    large = _decode_work(tables, [5, 6, 7, 8, 9, 10], pending=set())
+    for _ in range(HOST_SLOTS):  # every host buffer holds the large step, the small one reuses one of them
+        inputs.stage(large, tables, padded=8, last_tokens=LAST_TOKENS)
     small = _decode_work(tables, [4], pending={0})
 
     inputs.stage(small, tables, padded=2, last_tokens=LAST_TOKENS)

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.gpu_worker.block_tables import BlockTableArray
-from pagedserve.gpu_worker.model_runner import build_batch
+from pagedserve.gpu_worker.model_runner import LaunchedRun, build_batch
 from pagedserve.gpu_worker.sequence_state import ScheduledWork, SequenceState
 from pagedserve.v1 import common_pb2
 from pagedserve.v1 import worker_service_pb2 as pb
@@ -100,3 +100,20 @@ def test_logprobs_and_chunked_prompt_logprobs_match_the_reference_model() -> Non
         (GOLDEN["greedy_new_ids"][0],) * 2 + (1,))
     assert list(sampled.logprobs.top_token_ids) == top2.indices.tolist()
     assert np.allclose(sampled.logprobs.top_logprobs, top2.values.tolist(), atol=1e-4)
+
+
+def test_a_graph_runs_staged_table_rows_index_its_tokens_only_when_every_item_samples_once() -> None:
+    runner = load_worker(STORIES_DIR).runner
+    tables = BlockTableArray(num_rows=4, num_columns=1)
+    work = [ScheduledWork.of(SequenceState(seq_id, [1, 2, 3], [], SamplingParams(), (), tables.add([seq_id]), 2), 1)
+            for seq_id in range(3)]
+    rows = [item.state.table_row for item in work]
+    staged = torch.tensor(rows)
+    run = LaunchedRun(work, [(item.state.seq_id,) for item in work], [() for _ in work], None, table_rows=staged)
+
+    assert runner.last_token_index(run, rows) is staged
+    with_fork = runner.last_token_index(run, [*rows, 3])  # a sibling forked this step, on a row of its own
+    without_first = runner.last_token_index(run, rows[1:])  # the first item does not sample
+    assert with_fork is not None and with_fork.tolist() == [*rows, 3]
+    assert without_first is not None and without_first.tolist() == rows[1:]
+    assert runner.last_token_index(run, []) is None
