@@ -8,15 +8,20 @@
 // with a load that does not allocate in L1 (it is touched once); x goes through the read-only cache: every warp of
 // the grid reads all of it, so it stays in L1 / L2. More channels per warp read x fewer times per byte of W (what
 // limits more rows), fewer spread the channels over more warps (what fills the SMs at one row).
+//
+// Launched as a programmatic dependent (kernels/dependent_launch.py), the kernel may start while the kernel that
+// writes x still runs: each lane issues its first vectors of W (which nothing writes during a step) before it waits
+// for that kernel, so the launch and the first trip to memory overlap the kernel before it.
 #include "kernel_common.cuh"
 
 constexpr int kGemvWarps = 4;  // warps per CTA: the launcher's WARPS
 constexpr int kWeightsPerVector = 16;
 
-// 16 bytes of W, read once: not allocated in L1, where x stays.
+// 16 bytes of W, read once: not allocated in L1, where x stays. Volatile, as load_read_only: neither moves across
+// wait_for_prerequisites.
 __device__ __forceinline__ uint4 load_streaming(const uint4* __restrict__ src) {
   uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(src));
   return v;
@@ -43,7 +48,7 @@ __device__ __forceinline__ void widen_e4m3x16(const uint4& packed, float (&w)[kW
 // 16 bytes through the read-only (non-coherent) cache.
 __device__ __forceinline__ uint4 load_read_only(const uint4* __restrict__ src) {
   uint4 v;
-  asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(src));
+  asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(src));
   return v;
 }
 
@@ -58,6 +63,21 @@ __device__ __forceinline__ void load_x16(const T* __restrict__ src, float (&x)[k
     const Pack<T, 8> pack = *reinterpret_cast<const Pack<T, 8>*>(&v);
 #pragma unroll
     for (int i = 0; i < 8; ++i) x[8 * half + i] = to_float(pack.v[i]);
+  }
+}
+
+// The UNROLL vectors of each of the CHANNELS rows of W that a lane reads from vector `base` on, 32 apart (zeros past
+// the row's end).
+template <int UNROLL, int CHANNELS>
+__device__ __forceinline__ void load_weights(uint4 (&packed)[UNROLL][CHANNELS], const uint4* const (&w_rows)[CHANNELS],
+                                             int base, int num_vectors) {
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    const int vector = base + 32 * u;
+#pragma unroll
+    for (int c = 0; c < CHANNELS; ++c) {
+      packed[u][c] = vector < num_vectors ? load_streaming(w_rows[c] + vector) : uint4{0u, 0u, 0u, 0u};
+    }
   }
 }
 
@@ -87,16 +107,11 @@ fp8_gemv(const T* __restrict__ x, long long x_row_stride, const fp8_e4m3_t* __re
 #pragma unroll
     for (int m = 0; m < ROWS; ++m) acc[c][m] = 0.0f;
   }
+  uint4 packed[UNROLL][CHANNELS];
+  load_weights<UNROLL, CHANNELS>(packed, w_rows, lane, num_vectors);
+  wait_for_prerequisites();  // x, and out, belong to the kernels before this one until they end
   for (int base = lane; base < num_vectors; base += 32 * UNROLL) {
-    uint4 packed[UNROLL][CHANNELS];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int vector = base + 32 * u;
-#pragma unroll
-      for (int c = 0; c < CHANNELS; ++c) {
-        packed[u][c] = vector < num_vectors ? load_streaming(w_rows[c] + vector) : uint4{0u, 0u, 0u, 0u};
-      }
-    }
+    if (base != lane) load_weights<UNROLL, CHANNELS>(packed, w_rows, base, num_vectors);
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       const int vector = base + 32 * u;

@@ -141,6 +141,23 @@ __device__ __forceinline__ float warp_reduce(float x, Combine combine) {
   return x;
 }
 
+// Programmatic dependent launch (kernels/dependent_launch.py), sm_90 on; both are no-ops before. A kernel whose
+// next kernel on the stream may be launched as a dependent calls launch_dependents() first thing: that kernel may
+// then start, and it waits (wait_for_prerequisites) before touching anything this one reads or writes.
+__device__ __forceinline__ void launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Returns once the kernels before this one on the stream have completed and their writes are visible to it; at
+// once when this kernel was not launched as a dependent.
+__device__ __forceinline__ void wait_for_prerequisites() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // Which sequence and query row a CTA serves, and how much context that row sees.
 struct RowTask {
   int seq;
