@@ -11,7 +11,8 @@
 //
 // Launched as a programmatic dependent (kernels/dependent_launch.py), the kernel may start while the kernel that
 // writes x still runs: each lane issues its first vectors of W (which nothing writes during a step) before it waits
-// for that kernel, so the launch and the first trip to memory overlap the kernel before it.
+// for that kernel, so the launch and the first trip to memory overlap the kernel before it. It lets the next kernel
+// launch at once too, so that its start overlaps this one's last loads.
 #include "kernel_common.cuh"
 
 constexpr int kGemvWarps = 4;  // warps per CTA: the launcher's WARPS
@@ -90,6 +91,7 @@ fp8_gemv(const T* __restrict__ x, long long x_row_stride, const fp8_e4m3_t* __re
          const float* __restrict__ scales, const T* __restrict__ bias, T* __restrict__ out, int num_channels,
          int k) {
   constexpr int UNROLL = CHANNELS >= 4 ? 1 : 4 / CHANNELS;
+  launch_dependents();
   const int lane = threadIdx.x % 32;
   const int first_channel = (blockIdx.x * kGemvWarps + threadIdx.x / 32) * CHANNELS;
   if (first_channel >= num_channels) return;  // a whole warp leaves together: the shuffles below stay full

@@ -158,6 +158,14 @@ __device__ __forceinline__ void wait_for_prerequisites() {
 #endif
 }
 
+// The first statement of a kernel launched as a dependent that has nothing to do before its inputs are written:
+// the next kernel may launch, and this one waits for the ones before it. A chain of such kernels overlaps each
+// launch with the end of the kernel before it, and lets a projection load its weight while its input is computed.
+__device__ __forceinline__ void start_in_chain() {
+  launch_dependents();
+  wait_for_prerequisites();
+}
+
 // Which sequence and query row a CTA serves, and how much context that row sees.
 struct RowTask {
   int seq;
