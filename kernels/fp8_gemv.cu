@@ -8,21 +8,15 @@
 // with a load that does not allocate in L1 (it is touched once); x goes through the read-only cache: every warp of
 // the grid reads all of it, so it stays in L1 / L2. More channels per warp read x fewer times per byte of W (what
 // limits more rows), fewer spread the channels over more warps (what fills the SMs at one row).
-//
-// Launched as a programmatic dependent (kernels/dependent_launch.py), the kernel may start while the kernel that
-// writes x still runs: each lane issues its first vectors of W (which nothing writes during a step) before it waits
-// for that kernel, so the launch and the first trip to memory overlap the kernel before it. It lets the next kernel
-// launch at once too, so that its start overlaps this one's last loads.
 #include "kernel_common.cuh"
 
 constexpr int kGemvWarps = 4;  // warps per CTA: the launcher's WARPS
 constexpr int kWeightsPerVector = 16;
 
-// 16 bytes of W, read once: not allocated in L1, where x stays. Volatile, as load_read_only: neither moves across
-// wait_for_prerequisites.
+// 16 bytes of W, read once: not allocated in L1, where x stays.
 __device__ __forceinline__ uint4 load_streaming(const uint4* __restrict__ src) {
   uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(src));
   return v;
@@ -49,7 +43,7 @@ __device__ __forceinline__ void widen_e4m3x16(const uint4& packed, float (&w)[kW
 // 16 bytes through the read-only (non-coherent) cache.
 __device__ __forceinline__ uint4 load_read_only(const uint4* __restrict__ src) {
   uint4 v;
-  asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(src));
+  asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(src));
   return v;
 }
 
@@ -67,21 +61,6 @@ __device__ __forceinline__ void load_x16(const T* __restrict__ src, float (&x)[k
   }
 }
 
-// The UNROLL vectors of each of the CHANNELS rows of W that a lane reads from vector `base` on, 32 apart (zeros past
-// the row's end).
-template <int UNROLL, int CHANNELS>
-__device__ __forceinline__ void load_weights(uint4 (&packed)[UNROLL][CHANNELS], const uint4* const (&w_rows)[CHANNELS],
-                                             int base, int num_vectors) {
-#pragma unroll
-  for (int u = 0; u < UNROLL; ++u) {
-    const int vector = base + 32 * u;
-#pragma unroll
-    for (int c = 0; c < CHANNELS; ++c) {
-      packed[u][c] = vector < num_vectors ? load_streaming(w_rows[c] + vector) : uint4{0u, 0u, 0u, 0u};
-    }
-  }
-}
-
 // Grid: ceil(num_channels / (kGemvWarps * CHANNELS)) CTAs of kGemvWarps warps. x [ROWS, k] (rows x_row_stride
 // elements apart, each 16-byte aligned), w e4m3 [num_channels, k] row-major (k a multiple of 16, 16-byte aligned),
 // scales float32 [num_channels], bias T [num_channels] or null, out T [ROWS, num_channels] contiguous.
@@ -91,7 +70,6 @@ fp8_gemv(const T* __restrict__ x, long long x_row_stride, const fp8_e4m3_t* __re
          const float* __restrict__ scales, const T* __restrict__ bias, T* __restrict__ out, int num_channels,
          int k) {
   constexpr int UNROLL = CHANNELS >= 4 ? 1 : 4 / CHANNELS;
-  launch_dependents();
   const int lane = threadIdx.x % 32;
   const int first_channel = (blockIdx.x * kGemvWarps + threadIdx.x / 32) * CHANNELS;
   if (first_channel >= num_channels) return;  // a whole warp leaves together: the shuffles below stay full
@@ -109,11 +87,16 @@ fp8_gemv(const T* __restrict__ x, long long x_row_stride, const fp8_e4m3_t* __re
 #pragma unroll
     for (int m = 0; m < ROWS; ++m) acc[c][m] = 0.0f;
   }
-  uint4 packed[UNROLL][CHANNELS];
-  load_weights<UNROLL, CHANNELS>(packed, w_rows, lane, num_vectors);
-  wait_for_prerequisites();  // x, and out, belong to the kernels before this one until they end
   for (int base = lane; base < num_vectors; base += 32 * UNROLL) {
-    if (base != lane) load_weights<UNROLL, CHANNELS>(packed, w_rows, base, num_vectors);
+    uint4 packed[UNROLL][CHANNELS];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int vector = base + 32 * u;
+#pragma unroll
+      for (int c = 0; c < CHANNELS; ++c) {
+        packed[u][c] = vector < num_vectors ? load_streaming(w_rows[c] + vector) : uint4{0u, 0u, 0u, 0u};
+      }
+    }
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       const int vector = base + 32 * u;

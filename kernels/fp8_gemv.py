@@ -49,8 +49,7 @@ def supports(x: Tensor, weight: Tensor) -> bool:
 
 class Fp8Gemv:
     """fp8_gemv on torch's current stream: no host sync, and no allocation but the returned output, so it is
-    capturable in a CUDA graph once an eager call has compiled it. Launched as a programmatic dependent of the
-    kernel before it (where the device has them): it loads its first vectors of the weight while that kernel ends."""
+    capturable in a CUDA graph once an eager call has compiled it."""
 
     def __init__(self, modules: ModuleCache) -> None:
         self._modules = modules
@@ -69,7 +68,7 @@ class Fp8Gemv:
         self._modules.launch(kernel, (-(-out_features // channels_per_cta), 1, 1), (WARPS * 32, 1, 1), (
             pointer(x), int64(x.stride(0)), pointer(weight), pointer(weight_scale),
             address(0) if bias is None else pointer(bias), pointer(out), int32(out_features), int32(in_features),
-        ), dependent=True)
+        ))
         return out
 
 

@@ -141,31 +141,6 @@ __device__ __forceinline__ float warp_reduce(float x, Combine combine) {
   return x;
 }
 
-// Programmatic dependent launch (kernels/dependent_launch.py), sm_90 on; both are no-ops before. A kernel whose
-// next kernel on the stream may be launched as a dependent calls launch_dependents() first thing: that kernel may
-// then start, and it waits (wait_for_prerequisites) before touching anything this one reads or writes.
-__device__ __forceinline__ void launch_dependents() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-// Returns once the kernels before this one on the stream have completed and their writes are visible to it; at
-// once when this kernel was not launched as a dependent.
-__device__ __forceinline__ void wait_for_prerequisites() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-// The first statement of a kernel launched as a dependent that has nothing to do before its inputs are written:
-// the next kernel may launch, and this one waits for the ones before it. A chain of such kernels overlaps each
-// launch with the end of the kernel before it, and lets a projection load its weight while its input is computed.
-__device__ __forceinline__ void start_in_chain() {
-  launch_dependents();
-  wait_for_prerequisites();
-}
-
 // Which sequence and query row a CTA serves, and how much context that row sees.
 struct RowTask {
   int seq;

@@ -78,7 +78,6 @@ __device__ __forceinline__ float inverse_rms(float sum_squares, int hidden_size,
 template <typename T, int VEC>
 __global__ void rms_norm(const T* __restrict__ x, long long x_row_stride, const T* __restrict__ weight,
                          T* __restrict__ out, int hidden_size, float eps) {
-  start_in_chain();
   const T* row = x + blockIdx.x * x_row_stride;
   const int num_vecs = hidden_size / VEC;
   const float inv_rms = inverse_rms(reduce_row<T, VEC>(row, num_vecs, Square{}, Add{}, 0.0f), hidden_size, eps);
@@ -91,7 +90,6 @@ template <typename T, int VEC>
 __global__ void add_rms_norm(const T* __restrict__ x, long long x_row_stride, T* __restrict__ residual,
                              long long residual_row_stride, const T* __restrict__ weight, T* __restrict__ out,
                              int hidden_size, float eps) {
-  start_in_chain();
   const T* x_row = x + blockIdx.x * x_row_stride;
   T* residual_row = residual + blockIdx.x * residual_row_stride;
   const int num_vecs = hidden_size / VEC;
@@ -115,7 +113,6 @@ __global__ void add_rms_norm(const T* __restrict__ x, long long x_row_stride, T*
 // Grid (num_tokens, vector chunks): gate_up [num_tokens, 2 * size] (gate, then up) -> out [num_tokens, size].
 template <typename T, int VEC>
 __global__ void silu_and_mul(const T* __restrict__ gate_up, T* __restrict__ out, int size) {
-  start_in_chain();
   const int i = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
   if (i >= size) return;
   const T* gate_row = gate_up + blockIdx.x * 2LL * size;
@@ -154,7 +151,6 @@ __global__ void rotary_write_kv(const T* __restrict__ qkv, const T* __restrict__
                                 T* __restrict__ q_out, C* __restrict__ key_cache, C* __restrict__ value_cache,
                                 const long long* __restrict__ slot_mapping, int num_heads, int num_kv_heads,
                                 int head_dim, int log2_block_size, float k_scale, float v_scale) {
-  start_in_chain();
   const int token = blockIdx.x, half = head_dim / 2, half_vecs = half / VEC;
   const long long slot = slot_mapping[token];
   const int num_rotated_heads = slot < 0 ? num_heads : num_heads + num_kv_heads;

@@ -112,7 +112,7 @@ class LayerKernels:
         threads = _threads(num_vecs, SILU_THREADS)
         kernel = self._modules.kernel(SOURCE, f"silu_and_mul<{scalar_type_name(gate_up.dtype)}, {vec}>")
         self._modules.launch(kernel, (num_tokens, -(-num_vecs // threads), 1), (threads, 1, 1),
-                             (pointer(gate_up), pointer(out), int32(size)), dependent=True)
+                             (pointer(gate_up), pointer(out), int32(size)))
         return out
 
     def rotary_write_kv(self, qkv: Tensor, cos: Tensor, sin: Tensor, key_cache: Tensor, value_cache: Tensor,
@@ -139,7 +139,7 @@ class LayerKernels:
             pointer(qkv), pointer(cos), pointer(sin), pointer(q), pointer(key_cache), pointer(value_cache),
             pointer(slot_mapping), int32(num_heads), int32(num_kv_heads), int32(head_dim),
             int32(log2_exact(key_cache.shape[2], "block_size")), float32(k_scale), float32(v_scale),
-        ), dependent=True)
+        ))
         return q
 
     def quantize_fp8_per_row(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -180,7 +180,7 @@ class LayerKernels:
         kernel = self._modules.kernel(SOURCE, f"{name}<{scalar_type_name(out.dtype)}, {vec}>")
         self._modules.launch(kernel, (num_rows, 1, 1), (_threads(hidden // vec, MAX_ROW_THREADS), 1, 1), (
             *args, pointer(weight), pointer(out), int32(hidden), float32(eps),
-        ), dependent=True)
+        ))
         return out
 
 

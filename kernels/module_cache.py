@@ -12,7 +12,6 @@ from typing import Any
 import cupy
 import torch
 
-from pagedserve.kernels.dependent_launch import launch_dependent, supports_dependent_launch
 from pagedserve.kernels.prepared_launch import argument_addresses
 
 KERNEL_DIR = Path(__file__).resolve().parent
@@ -47,7 +46,6 @@ class ModuleCache:
     def __init__(self, device: torch.device) -> None:
         self._device_index = device.index if device.index is not None else torch.cuda.current_device()
         self._kernels: dict[tuple[str, str], CompiledKernel] = {}
-        self._has_dependent_launch = supports_dependent_launch(torch.device("cuda", self._device_index))
 
     def kernel(self, source: str, name_expression: str, dynamic_shared_bytes: int = 0) -> CompiledKernel:
         """The kernel `name_expression` (e.g. "copy_blocks<uint4>") from kernels/<source>, compiled on first use."""
@@ -80,28 +78,20 @@ class ModuleCache:
         block: tuple[int, int, int],
         args: Sequence[ctypes._SimpleCData[Any] | ctypes.Structure],
         shared_bytes: int = 0,
-        dependent: bool = False,
     ) -> None:
-        """Launch on torch's current stream of this device; nothing is copied or synchronised. dependent: as a
-        programmatic dependent of the stream's previous kernel where the device has them (dependent_launch.py: the
-        kernel must wait before it touches what that kernel reads or writes)."""
-        self.launch_params(kernel, grid, block, argument_addresses(args), shared_bytes, dependent)
+        """Launch on torch's current stream of this device; nothing is copied or synchronised."""
+        self.launch_params(kernel, grid, block, argument_addresses(args), shared_bytes)
 
     def launch_params(self, kernel: CompiledKernel, grid: tuple[int, int, int], block: tuple[int, int, int],
-                      params: ctypes.Array[ctypes.c_void_p], shared_bytes: int = 0, dependent: bool = False) -> None:
+                      params: ctypes.Array[ctypes.c_void_p], shared_bytes: int = 0) -> None:
         """launch() with the arguments' addresses already gathered (argument_addresses)."""
         stream_ptr = torch.cuda.current_stream(self._device_index).cuda_stream
         if torch.cuda.current_device() == self._device_index:
-            self._launch(kernel, grid, block, params, shared_bytes, stream_ptr, dependent)
+            cupy.cuda.driver.launchKernel(
+                kernel.function_ptr, *grid, *block, shared_bytes, stream_ptr, ctypes.addressof(params), 0
+            )
             return
         with torch.cuda.device(self._device_index):  # the handle belongs to this device's context
-            self._launch(kernel, grid, block, params, shared_bytes, stream_ptr, dependent)
-
-    def _launch(self, kernel: CompiledKernel, grid: tuple[int, int, int], block: tuple[int, int, int],
-                params: ctypes.Array[ctypes.c_void_p], shared_bytes: int, stream_ptr: int, dependent: bool) -> None:
-        if dependent and self._has_dependent_launch:
-            launch_dependent(kernel.function_ptr, grid, block, shared_bytes, stream_ptr, params)
-        else:
             cupy.cuda.driver.launchKernel(
                 kernel.function_ptr, *grid, *block, shared_bytes, stream_ptr, ctypes.addressof(params), 0
             )

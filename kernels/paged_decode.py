@@ -248,7 +248,7 @@ class PagedDecode:
             int32(log2_exact(block_size, "block_size")), layer.qk_scale,
             layer.v_scale, address(split_acc),
             address(split_max), address(split_sum), int32(grid.num_splits),
-        ), shared_bytes, dependent=True)
+        ), shared_bytes)
         reduce = None
         if grid.num_splits > 1:
             threads = -(-head_dim // 32) * 32  # one per output element
@@ -257,7 +257,7 @@ class PagedDecode:
                 pointer(out), int64(out.stride(0)), pointer(seq_lens), pointer(query_start_loc), int32(num_seqs),
                 int32(int(rows_by_seq)), address(split_acc), address(split_max), address(split_sum),
                 int32(grid.num_splits),
-            ), dependent=True)
+            ))
         return DecodeLaunch(layout, layer, main, reduce, split_buffer)
 
     def _layout(self, dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int, group_size: int,

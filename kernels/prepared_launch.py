@@ -26,20 +26,18 @@ def argument_addresses(args: Sequence[ctypes._SimpleCData[Any] | ctypes.Structur
 
 class PreparedLaunch:
     """One kernel launch built once and queued any number of times: the caller keeps the ctypes values it passed and
-    changes those that differ between launches (LayerArgs) before each launch(). dependent: as ModuleCache.launch's."""
+    changes those that differ between launches (LayerArgs) before each launch()."""
 
     def __init__(self, modules: ModuleCache, kernel: CompiledKernel, grid: tuple[int, int, int],
                  block: tuple[int, int, int], args: Sequence[ctypes._SimpleCData[Any] | ctypes.Structure],
-                 shared_bytes: int = 0, dependent: bool = False) -> None:
+                 shared_bytes: int = 0) -> None:
         self._modules, self._kernel, self._grid, self._block = modules, kernel, grid, block
         self._args = tuple(args)  # the parameter array points into these
         self._params = argument_addresses(self._args)
         self._shared_bytes = shared_bytes
-        self._dependent = dependent
 
     def launch(self) -> None:
-        self._modules.launch_params(self._kernel, self._grid, self._block, self._params, self._shared_bytes,
-                                    self._dependent)
+        self._modules.launch_params(self._kernel, self._grid, self._block, self._params, self._shared_bytes)
 
 
 class LayerArgs:
