@@ -36,6 +36,9 @@ class StopStringMatcher:
             return delta, None
         if self._matched is not None:
             return "", None
+        if not self._held and self._first_chars.isdisjoint(delta):
+            # Nothing held and no stop's first character in the delta: no stop starts anywhere in it.
+            return delta, None
         text = self._held + delta
         match = self._first_match(text)
         if match is not None:
