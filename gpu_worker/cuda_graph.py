@@ -44,8 +44,8 @@ def capture_sizes(max_batch_size: int) -> tuple[int, ...]:
 
 class DecodeOutput(NamedTuple):
     """A replay's [num_seqs, hidden] hidden states and, from graphs of up to LOGITS_MAX_SIZE sequences, their
-    [num_seqs, vocab] float32 logits (else None). Both are the graph's static outputs, which its next replay
-    overwrites: their readers must be queued on the stream before that replay. Worker.launch sees to it: it queues
+    [num_seqs, vocab] float32 logits (else None). Both live in the graphs' memory pool, which later replays write:
+    their readers must be queued on the stream before the next step's replay. Worker.launch sees to it: it queues
     the next step only once every earlier step's sampling, deferred or not, is queued."""
 
     hidden: torch.Tensor

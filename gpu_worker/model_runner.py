@@ -167,8 +167,8 @@ class LaunchedRun:
     sampled_seq_ids: list[tuple[int, ...]]  # per work item: the sequence and its siblings when it samples, else ()
     prompt_logprobs: list[tuple[TokenLogprobs, ...]]  # per work item
     sample: PendingSample | None  # None when nothing samples, or until a deferred sampling is queued
-    # A deferred run's logits, kept until its sampling is queued. After a graph run they are the graph's output
-    # buffer, valid until its next replay: the sampling must be queued before the next step is (Worker.launch waits).
+    # A deferred run's logits, kept until its sampling is queued. After a graph run they live in the graphs' pool,
+    # which later replays write: the sampling must be queued before the next step is (Worker.launch waits).
     deferred_logits: torch.Tensor | None = None
     # A decode graph run's work items' table rows, on the device in work order: the graphs' input buffer, valid until
     # the next graph run stages its inputs, so read only by what is queued before that (keep_last_tokens).

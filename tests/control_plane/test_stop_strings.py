@@ -118,3 +118,15 @@ def test_random_texts_with_random_stops_never_leak_past_the_first_stop() -> None
         stop = tuple({"".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 4))) for _ in range(2)})
         emitted, matched = _stream(StopStringMatcher(stop, False), _random_split(text, rng))
         assert (emitted, matched) == _first_stop_by_brute_force(text, stop)
+
+
+def test_word_pieces_between_held_tails_and_empty_deltas_never_change_the_cut() -> None:
+    # Most deltas of real text hold no stop's first character and pass straight through; those that follow a held
+    # tail, and empty ones, must still cut exactly where the whole text would.
+    rng = random.Random(7)
+    words = ["the", " cat", " sat", ".", "\n", "", " U", "ser", ":", "#", "##", " e", "nd"]
+    stops = [("\n\n",), ("User:",), ("###", "end"), ("e", "sat.")]
+    for _ in range(1000):
+        deltas = [rng.choice(words) for _ in range(rng.randrange(1, 20))]
+        stop = rng.choice(stops)
+        assert _stream(StopStringMatcher(stop, False), deltas) == _first_stop_by_brute_force("".join(deltas), stop)

@@ -63,14 +63,14 @@ def test_a_known_token_is_staged_without_reading_last_tokens_at_its_row() -> Non
     # The runner's last tokens reach only the rows that ever sampled on the device; a sequence whose token is known
     # (a one-token prompt, a prompt the prefix cache held whole) may sit on a table row past them.
     tables = BlockTableArray(num_rows=2, num_columns=2)
-    pending, known = _decode_work(tables, [5, 6, 7], pending={0})[::2]
+    pending, known = _decode_work(tables, [5, 6, 7], pending={1})[1:]
     last_tokens = LAST_TOKENS[:2]
-    assert known.state.table_row >= len(last_tokens)
+    assert (pending.state.table_row, known.state.table_row) == (1, 2)
     inputs = DecodeInputs(size=4, max_blocks=4, block_size=BLOCK_SIZE, device=torch.device("cpu"))
 
     inputs.stage([pending, known], tables, padded=2, last_tokens=last_tokens)
 
-    assert inputs.input_ids[:2].tolist() == [int(last_tokens[pending.state.table_row]), 62]
+    assert inputs.input_ids[:2].tolist() == [int(last_tokens[1]), 62]
 
 
 def test_a_smaller_step_after_a_larger_one_pads_every_row_its_graph_reads() -> None:

@@ -112,6 +112,8 @@ def test_a_graph_runs_staged_table_rows_index_its_tokens_only_when_every_item_sa
     run = LaunchedRun(work, [(item.state.seq_id,) for item in work], [() for _ in work], None, table_rows=staged)
 
     assert runner.last_token_index(run, rows) is staged
+    reordered = runner.last_token_index(run, rows[::-1])  # as many rows, in another order
+    assert reordered is not staged and reordered is not None and reordered.tolist() == rows[::-1]
     with_fork = runner.last_token_index(run, [*rows, 3])  # a sibling forked this step, on a row of its own
     without_first = runner.last_token_index(run, rows[1:])  # the first item does not sample
     assert with_fork is not None and with_fork.tolist() == [*rows, 3]
