@@ -20,7 +20,7 @@ _SMALL_SIZES = (1, 2, 4)
 # Multiples of 8 up to 256 sequences, then of 32: past 256, padding 31 rows costs little next to the batch.
 _SIZE_RUNS = ((8, 256), (32, None))
 # Graphs of up to this many sequences compute the logits too: at these sizes the host's launches pace a step, and
-# the logits stay small (16 rows of a 128,256-token vocabulary: 8 MiB in float32, 4 MiB in the 16-bit product).
+# the logits stay small (16 rows of a 128,256-token vocabulary: 4 MiB in a 16-bit model dtype).
 LOGITS_MAX_SIZE = 16
 
 
@@ -44,9 +44,9 @@ def capture_sizes(max_batch_size: int) -> tuple[int, ...]:
 
 class DecodeOutput(NamedTuple):
     """A replay's [num_seqs, hidden] hidden states and, from graphs of up to LOGITS_MAX_SIZE sequences, their
-    [num_seqs, vocab] float32 logits (else None). Both live in the graphs' memory pool, which later replays write:
-    their readers must be queued on the stream before the next step's replay. Worker.launch sees to it: it queues
-    the next step only once every earlier step's sampling, deferred or not, is queued."""
+    [num_seqs, vocab] logits in the model's dtype (else None). Both live in the graphs' memory pool, which later
+    replays write: their readers must be queued on the stream before the next step's replay. Worker.launch sees to
+    it: it queues the next step only once every earlier step's sampling, deferred or not, is queued."""
 
     hidden: torch.Tensor
     logits: torch.Tensor | None

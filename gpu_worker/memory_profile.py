@@ -48,7 +48,7 @@ def profile_peak_activation_bytes(
     hidden = model(batch.input_ids, batch.positions, batch.meta, scratch)
     last_rows = torch.from_numpy(batch.query_start_loc[1:] - 1).to(device)
     # The sampler holds a few [num_seqs, vocab] float32 copies of the logits; softmax stands in for them.
-    model.compute_logits(hidden[last_rows]).softmax(dim=-1)
+    model.compute_logits(hidden[last_rows]).float().softmax(dim=-1)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - baseline - scratch.numel() * scratch.element_size()
     del scratch, batch, hidden

@@ -184,36 +184,42 @@ class Sampler:
     """
 
     def __init__(self, vocab_size: int, device: torch.device, seed: int = 0,
-                 grammars: GrammarCompiler | None = None, ops: KernelOps | None = None) -> None:
+                 grammars: GrammarCompiler | None = None, ops: KernelOps | None = None,
+                 logits_dtype: torch.dtype = torch.float32) -> None:
         self._vocab_size = vocab_size
         self._device = device
         self._grammars = grammars
         self._ops = ops if ops is not None else get_kernel_ops(device)
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(seed)
-        if grammars is not None:
-            self._compile_mask_ops()
+        self._compile_ops(logits_dtype)
 
-    def _compile_mask_ops(self) -> None:
-        """Runs the token-mask ops once, so that their kernels are compiled before the first constrained step."""
+    def _compile_ops(self, logits_dtype: torch.dtype) -> None:
+        """Runs the greedy argmax on logits of the model's dtype once, and with a grammar compiler the token-mask
+        ops, so that their kernels are compiled before the first step that needs them."""
+        self._ops.masked_argmax(torch.zeros((1, self._vocab_size), dtype=logits_dtype, device=self._device), None)
+        if self._grammars is None:
+            return
         logits = torch.zeros((1, self._vocab_size), device=self._device)
         masks = torch.full((1, mask_words(self._vocab_size)), -1, dtype=torch.int32, device=self._device)
         self._ops.apply_token_masks(logits, masks)
         self._ops.masked_argmax(logits, masks)
+        self._ops.masked_argmax(logits.to(logits_dtype), masks)
 
     def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
-        """Next token per row. logits: [len(rows), vocab] float32, on the sampler's device."""
+        """Next token per row. logits: [len(rows), vocab] float32 or the model's dtype, on the sampler's device."""
         return self.start(logits, rows).result()
 
     def start(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
               token_masks: torch.Tensor | None = None) -> PendingSample:
         """Queues the sampling of one token per row on the device; the host reads rows only during this call.
-        token_masks: the rows' masks (token_masks(rows)) when computed ahead, else computed here."""
+        token_masks: the rows' masks (token_masks(rows)) when computed ahead, else computed here. A greedy batch
+        reads the logits in their own dtype (its argmax is the same); the rest of the sampling is float32."""
         self._check_logits(logits, len(rows))
         if _is_greedy(rows):  # the usual greedy batch, constrained or not: no per-row plan
-            masks = self._device_masks(rows, token_masks)
-            tokens = logits.argmax(dim=-1) if masks is None else self._ops.masked_argmax(logits, masks)
+            tokens = self._ops.masked_argmax(logits, self._device_masks(rows, token_masks))
             return PendingSample(tokens, tokens, [])
+        logits = logits.float()
         plan = _plan(rows, self._vocab_size)
         tokens = self._choose(self._processed(logits, rows, plan, token_masks), plan)
         if not plan.logprob_rows:
@@ -223,14 +229,14 @@ class Sampler:
     def prompt_logprobs(
         self, logits: torch.Tensor, target_token_ids: Sequence[int], k: int
     ) -> list[TokenLogprobs]:
-        """Logprob, rank and top-k of each target under raw logits. logits: [P, vocab] float32 at the
-        prompt positions; target i is the token that follows position i."""
+        """Logprob, rank and top-k of each target under raw logits. logits: [P, vocab] (float32 or the model's
+        dtype, computed in float32) at the prompt positions; target i is the token that follows position i."""
         self._check_logits(logits, len(target_token_ids))
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
         targets = token_id_tensor(target_token_ids, self._vocab_size).to(logits.device)
         k = min(k, self._vocab_size)
-        table = _logprob_table(logits.log_softmax(dim=-1), targets, k)
+        table = _logprob_table(logits.float().log_softmax(dim=-1), targets, k)
         return _unpack_logprobs(table.flatten().tolist(), [k] * len(target_token_ids), k)
 
     def _check_logits(self, logits: torch.Tensor, num_rows: int) -> None:

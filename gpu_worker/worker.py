@@ -151,7 +151,8 @@ class Worker:
             num_cpu_blocks = self.group.min_over_ranks(layout.num_blocks_in(request.swap_space_bytes))
             with fatal_in_group(self.group, "allocating the KV cache"):
                 pool = KVPool(layout, num_gpu_blocks, num_cpu_blocks, self.device, self.ops)
-            sampler = Sampler(self.loaded.config.vocab_size, self.device, self.config.seed, self.grammars, self.ops)
+            sampler = Sampler(self.loaded.config.vocab_size, self.device, self.config.seed, self.grammars, self.ops,
+                              self.loaded.dtype)
             registry = SequenceRegistry(layout.block_size, num_gpu_blocks, num_cpu_blocks, self.grammars,
                                         self.bad_words)
             with fatal_in_group(self.group, "capturing CUDA graphs"):

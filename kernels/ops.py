@@ -117,9 +117,10 @@ class KernelOps(Protocol):
         ceil(vocab / 32)] int32, contiguous, on logits' device."""
         ...
 
-    def masked_argmax(self, logits: Tensor, masks: Tensor) -> Tensor:
-        """A greedy batch's tokens under its masks: new [rows] int64, torch.argmax of each row after
-        apply_token_masks (the first index of the largest value, NaN the largest), the logits left unchanged."""
+    def masked_argmax(self, logits: Tensor, masks: Tensor | None) -> Tensor:
+        """A greedy batch's tokens, under its masks when given: new [rows] int64, torch.argmax of each row after
+        apply_token_masks (the first index of the largest value, NaN the largest), the logits left unchanged.
+        logits: [rows, vocab] float32, float16 or bfloat16 (unit column stride), read in their own dtype."""
         ...
 
 

@@ -130,9 +130,14 @@ class TorchReferenceOps:
         bits = (masks.unsqueeze(-1) >> shifts) & 1  # [rows, words, 32]: bit 0 of word w is token 32 w
         logits.masked_fill_(bits.reshape(masks.shape[0], -1)[:, : logits.shape[1]].eq(0), float("-inf"))
 
-    def masked_argmax(self, logits: Tensor, masks: Tensor) -> Tensor:
-        """[rows] int64: torch.argmax of each row of a copy of logits after apply_token_masks."""
-        masked = logits.clone()
+    def masked_argmax(self, logits: Tensor, masks: Tensor | None) -> Tensor:
+        """[rows] int64: torch.argmax of each row, of a float32 copy of logits after apply_token_masks when masks are
+        given."""
+        if masks is None:
+            return logits.argmax(dim=-1)
+        masked = logits.float()
+        if masked is logits:
+            masked = logits.clone()
         self.apply_token_masks(masked, masks)
         return masked.argmax(dim=-1)
 

@@ -2,7 +2,8 @@
 // row's grammar allows token t next.
 //   apply_token_masks  logits[r, t] = -inf where the bit is clear, in place (the sampled rows' masked logits);
 //   masked_argmax      the first index of the largest logit of each row with the clear-bit tokens taken as -inf,
-//                      the logits unchanged (a greedy batch's tokens: no copy, no separate argmax).
+//                      the logits unchanged (a greedy batch's tokens: no copy, no separate argmax). Without masks it
+//                      is the plain argmax of every greedy batch, read in the logits' own dtype (no float32 copy).
 // Both equal torch's masked_fill(-inf) then argmax, ties and NaN included (torch takes a NaN as the largest value).
 // VEC consecutive logits move per load; the launcher picks VEC so every row and address is a whole number of vectors.
 #include "kernel_common.cuh"
@@ -31,28 +32,36 @@ __device__ __forceinline__ bool precedes(float value, int index, float best, int
   return value > best;
 }
 
-// grid (rows): one CTA per row; blockDim.x a multiple of 32, at most 1024.
-template <int VEC>
-__global__ void masked_argmax(const float* __restrict__ logits, const int* __restrict__ masks,
+// grid (rows): one CTA per row; blockDim.x a multiple of 32, at most 1024. masks null: every token allowed. Each
+// thread has UNROLL vectors in flight before it compares any: a row of a large vocabulary is a few such rounds.
+template <typename T, int VEC>
+__global__ void masked_argmax(const T* __restrict__ logits, const int* __restrict__ masks,
                               long long* __restrict__ tokens, int vocab_size, long long logits_row_stride,
                               int mask_words) {
+  constexpr int UNROLL = 4;
   const int row = blockIdx.x;
-  const float* __restrict__ row_logits = logits + row * logits_row_stride;
-  const int* __restrict__ mask_row = masks + static_cast<long long>(row) * mask_words;
+  const T* __restrict__ row_logits = logits + row * logits_row_stride;
+  const int* __restrict__ mask_row = masks == nullptr ? nullptr : masks + static_cast<long long>(row) * mask_words;
   float best = negative_infinity();
   int best_index = vocab_size;  // after every real index: the first -inf (masked or not) replaces it
-  for (int first = threadIdx.x * VEC; first < vocab_size; first += blockDim.x * VEC) {
-    float values[VEC];
-    if constexpr (VEC == 4) {
-      const float4 loaded = *reinterpret_cast<const float4*>(row_logits + first);
-      values[0] = loaded.x, values[1] = loaded.y, values[2] = loaded.z, values[3] = loaded.w;
-    } else {
-      values[0] = row_logits[first];
+  const int stride = blockDim.x * VEC;
+  for (int base = threadIdx.x * VEC; base < vocab_size; base += UNROLL * stride) {
+    float values[UNROLL][VEC];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int first = base + u * stride;
+      if (first < vocab_size) load_as_float<T, VEC>(row_logits + first, values[u]);
     }
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      const float value = is_allowed(mask_row, first + k) ? values[k] : negative_infinity();
-      if (precedes(value, first + k, best, best_index)) best = value, best_index = first + k;
+    for (int u = 0; u < UNROLL; ++u) {
+      const int first = base + u * stride;
+      if (first >= vocab_size) break;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const bool allowed = mask_row == nullptr || is_allowed(mask_row, first + k);
+        const float value = allowed ? values[u][k] : negative_infinity();
+        if (precedes(value, first + k, best, best_index)) best = value, best_index = first + k;
+      }
     }
   }
   for (int offset = 16; offset > 0; offset /= 2) {

@@ -1,5 +1,5 @@
 """Launchers of token_masks.cu: structured output's token bitmasks applied to a batch's logits, in place or fused with
-a greedy batch's argmax."""
+a greedy batch's argmax; without masks, the argmax of every greedy batch."""
 
 from __future__ import annotations
 
@@ -8,19 +8,26 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from pagedserve.kernels.launch_args import int32, int64, pointer
+from pagedserve.kernels.launch_args import address, int32, int64, pointer, scalar_type_name
 
 if TYPE_CHECKING:
     from pagedserve.kernels.module_cache import ModuleCache
 
 SOURCE = "token_masks.cu"
-VECTOR_LOGITS = 4  # a float4 load
+VECTOR_BYTES = 16  # one load: 4 float32 or 8 16-bit logits
+ARGMAX_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 APPLY_THREADS = 256
 ARGMAX_THREADS = 1024  # one CTA a row: a row of a large vocabulary (128K logits) is read by every thread of it
 
 
+def argmax_kernel_name(dtype: torch.dtype, vec: int) -> str:
+    return f"masked_argmax<{scalar_type_name(dtype)}, {vec}>"
+
+
 def known_name_expressions() -> list[str]:
-    return ["apply_token_masks", "masked_argmax<1>", f"masked_argmax<{VECTOR_LOGITS}>"]
+    return ["apply_token_masks"] + [
+        argmax_kernel_name(dtype, vec) for dtype in ARGMAX_DTYPES for vec in (1, VECTOR_BYTES // dtype.itemsize)
+    ]
 
 
 def mask_words(vocab_size: int) -> int:
@@ -32,16 +39,18 @@ class TokenMaskKernels:
     """Equal to TorchReferenceOps' methods of the same names (pagedserve.kernels.reference), each one launch on torch's
     current stream, without a host sync.
 
-    logits: [rows, vocab] float32 CUDA, unit column stride (rows may be strided); masks: [rows, ceil(vocab / 32)]
-    int32, contiguous, on the logits' device; bit t % 32 of word t // 32 set when token t is allowed.
+    logits: [rows, vocab] CUDA, unit column stride (rows may be strided): float32, or for masked_argmax also float16
+    or bfloat16; masks: [rows, ceil(vocab / 32)] int32, contiguous, on the logits' device; bit t % 32 of word t // 32
+    set when token t is allowed.
     """
 
     def __init__(self, modules: ModuleCache) -> None:
         self._modules = modules
 
     def apply_token_masks(self, logits: Tensor, masks: Tensor) -> None:
-        """logits[r, t] = -inf wherever bit t of masks[r] is clear, in place."""
-        _check(logits, masks)
+        """logits[r, t] = -inf wherever bit t of masks[r] is clear, in place (float32 logits)."""
+        _check_logits(logits, (torch.float32,))
+        _check_masks(logits, masks)
         num_rows, vocab_size = logits.shape
         if num_rows == 0 or vocab_size == 0:
             return
@@ -50,32 +59,39 @@ class TokenMaskKernels:
             pointer(logits), pointer(masks), int32(vocab_size), int64(logits.stride(0)), int32(masks.shape[1]),
         ))
 
-    def masked_argmax(self, logits: Tensor, masks: Tensor) -> Tensor:
+    def masked_argmax(self, logits: Tensor, masks: Tensor | None) -> Tensor:
         """New [rows] int64: the first index of each row's largest logit, tokens whose bit is clear taken as -inf (NaN
-        the largest, as torch.argmax takes it); the logits are not changed."""
-        _check(logits, masks)
+        the largest, as torch.argmax takes it), every token allowed without masks; the logits are not changed."""
+        _check_logits(logits, ARGMAX_DTYPES)
+        if masks is not None:
+            _check_masks(logits, masks)
         num_rows, vocab_size = logits.shape
         if vocab_size == 0:
             raise ValueError("logits must have at least one column for an argmax")
         tokens = logits.new_empty((num_rows,), dtype=torch.int64)
         if num_rows == 0:
             return tokens
-        is_vectorized = (vocab_size | logits.stride(0)) % VECTOR_LOGITS == 0 and logits.data_ptr() % 16 == 0
-        vec = VECTOR_LOGITS if is_vectorized else 1
-        kernel = self._modules.kernel(SOURCE, f"masked_argmax<{vec}>")
+        vec = VECTOR_BYTES // logits.itemsize
+        if (vocab_size | logits.stride(0)) % vec or logits.data_ptr() % VECTOR_BYTES:
+            vec = 1
+        kernel = self._modules.kernel(SOURCE, argmax_kernel_name(logits.dtype, vec))
         self._modules.launch(kernel, (num_rows, 1, 1), (ARGMAX_THREADS, 1, 1), (
-            pointer(logits), pointer(masks), pointer(tokens), int32(vocab_size), int64(logits.stride(0)),
-            int32(masks.shape[1]),
+            pointer(logits), address(0) if masks is None else pointer(masks), pointer(tokens), int32(vocab_size),
+            int64(logits.stride(0)), int32(0 if masks is None else masks.shape[1]),
         ))
         return tokens
 
 
-def _check(logits: Tensor, masks: Tensor) -> None:
-    if logits.dim() != 2 or logits.dtype != torch.float32 or not logits.is_cuda:
-        raise ValueError(f"logits must be a CUDA [rows, vocab] float32 tensor, got {tuple(logits.shape)} "
+def _check_logits(logits: Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
+    if logits.dim() != 2 or logits.dtype not in dtypes or not logits.is_cuda:
+        names = " / ".join(str(dtype).removeprefix("torch.") for dtype in dtypes)
+        raise ValueError(f"logits must be a CUDA [rows, vocab] {names} tensor, got {tuple(logits.shape)} "
                          f"{logits.dtype} on {logits.device}")
     if logits.stride(1) != 1 and logits.shape[1] > 1:
         raise ValueError(f"logits must have unit column stride, got strides {logits.stride()}")
+
+
+def _check_masks(logits: Tensor, masks: Tensor) -> None:
     expected = (logits.shape[0], mask_words(logits.shape[1]))
     if tuple(masks.shape) != expected or masks.dtype != torch.int32 or masks.device != logits.device or (
         not masks.is_contiguous()

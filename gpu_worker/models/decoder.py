@@ -165,7 +165,7 @@ class DecoderForCausalLM(nn.Module):
         cast(DecoderLayer, self.layers[call.layer]).attn.attend(call.out, call.query, meta, kv_cache[call.layer])
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [R, hidden] -> [R, vocab] float32 (the whole vocabulary on every rank)."""
+        """hidden: [R, hidden] -> [R, vocab] in the model's dtype (the whole vocabulary on every rank)."""
         return self.vocab.logits(hidden, self.lm_head)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

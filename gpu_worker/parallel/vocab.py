@@ -33,8 +33,9 @@ class VocabParallel:
         return self.group.all_reduce(rows)
 
     def logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """hidden: [R, hidden] -> [R, V] float32, contiguous: every rank's columns gathered, the padding cut off."""
+        """hidden: [R, hidden] -> [R, V] in hidden's dtype, contiguous: every rank's columns gathered, the padding
+        cut off. The sampler reads a greedy batch's logits as they are and converts the others to float32."""
         local = F.linear(hidden, weight)
         if self.group.size == 1:
-            return local.to(torch.float32)
-        return self.group.all_gather_columns(local)[:, : self.vocab_size].to(torch.float32).contiguous()
+            return local
+        return self.group.all_gather_columns(local)[:, : self.vocab_size].contiguous()

@@ -49,6 +49,24 @@ def test_greedy_ties_pick_lowest_token_id(extra: dict[str, Any]) -> None:
     assert result.token_ids == [1, 0]
 
 
+@pytest.mark.parametrize("device", [CPU, pytest.param(torch.device("cuda"), marks=NEEDS_GPU)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16_bit_logits_sample_as_their_float32_values(device: torch.device, dtype: torch.dtype) -> None:
+    """A model's logits come in its own dtype: a greedy batch argmaxes them as they are, the rest is sampled from
+    their float32 values, the same tokens and logprobs as from a float32 copy."""
+    logits = _random_logits(6, 300, seed=11).to(device, dtype)
+    greedy = [_row(temperature=0.0) for _ in range(6)]
+    assert Sampler(300, device, logits_dtype=dtype).sample(logits, greedy).token_ids == logits.float().argmax(
+        dim=-1).tolist()
+    mixed = [_row(temperature=0.8, seed=row, logprobs=2, presence_penalty=0.5) for row in range(3)] + greedy[3:]
+    got = Sampler(300, device, logits_dtype=dtype).sample(logits, mixed)
+    expected = Sampler(300, device).sample(logits.float(), mixed)
+    assert got.token_ids == expected.token_ids
+    assert got.logprobs == expected.logprobs
+    entries = Sampler(300, device).prompt_logprobs(logits, [1, 2, 3, 4, 5, 6], k=1)
+    assert entries == Sampler(300, device).prompt_logprobs(logits.float(), [1, 2, 3, 4, 5, 6], k=1)
+
+
 def test_greedy_rows_stay_argmax_inside_a_random_batch() -> None:
     logits = _random_logits(8, 50, seed=2)
     rows = [_row(temperature=0.0) if i % 2 else _row(temperature=1.5) for i in range(8)]

@@ -1,6 +1,7 @@
 """Structured output's token masks on logits: the torch reference against a token-by-token reading of the bitmask
 (CPU), and TokenMaskKernels against the reference on fresh random inputs (GPU): vocabularies that end inside a mask
-word or a vector, strided rows, ties, NaN, rows whose mask allows nothing."""
+word or a vector, strided rows, ties, NaN, rows whose mask allows nothing, and the unmasked argmax of float32 and
+16-bit logits against torch.argmax."""
 
 from __future__ import annotations
 
@@ -88,15 +89,16 @@ def kernels() -> TokenMaskKernels:
     return TokenMaskKernels(ModuleCache(torch.device("cuda", torch.cuda.current_device())))
 
 
-def _device_logits(num_rows: int, vocab_size: int, kind: str) -> Tensor:
+def _device_logits(num_rows: int, vocab_size: int, kind: str, dtype: torch.dtype = torch.float32) -> Tensor:
     seed = num_rows * 1000 + vocab_size
     if kind == "ties_nan_inf":
-        return _hard_logits(num_rows, vocab_size, seed).cuda()
+        return _hard_logits(num_rows, vocab_size, seed).to("cuda", dtype)
     if kind == "strided":  # rows of a wider tensor, which do not start on a 16-byte boundary
-        return _logits(num_rows, vocab_size + 3, seed, "cuda")[:, 1 : vocab_size + 1]
+        return _logits(num_rows, vocab_size + 3, seed, "cuda").to(dtype)[:, 1 : vocab_size + 1]
     if kind == "strided_vectors":  # rows of a wider tensor, starting on 16-byte boundaries
-        return _logits(num_rows, vocab_size + 8, seed, "cuda")[:, 4 : vocab_size + 4]
-    return _logits(num_rows, vocab_size, seed, "cuda")
+        vector = 16 // dtype.itemsize
+        return _logits(num_rows, vocab_size + 2 * vector, seed, "cuda").to(dtype)[:, vector : vocab_size + vector]
+    return _logits(num_rows, vocab_size, seed, "cuda").to(dtype)
 
 
 def _device_masks(num_rows: int, vocab_size: int, kind: str) -> Tensor:
@@ -128,6 +130,30 @@ class TestKernelsMatchReference:
 
     @pytest.mark.parametrize(("num_rows", "vocab_size"), SHAPES, ids=str)
     @pytest.mark.parametrize("kind", KINDS)
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+    def test_argmax_without_masks_is_torch_argmax_in_the_logits_dtype(
+        self, kernels: TokenMaskKernels, num_rows: int, vocab_size: int, kind: str, dtype: torch.dtype
+    ) -> None:
+        logits = _device_logits(num_rows, vocab_size, kind, dtype)
+        before = logits.clone()
+        tokens = kernels.masked_argmax(logits, None)
+        assert tokens.tolist() == logits.argmax(dim=-1).tolist()
+        assert tokens.tolist() == logits.float().argmax(dim=-1).tolist()
+        _assert_same(logits, before)
+
+    @pytest.mark.parametrize(("num_rows", "vocab_size"), [(3, 100), (5, 1028), (64, 128256)], ids=str)
+    @pytest.mark.parametrize("kind", KINDS)
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+    def test_masked_argmax_of_16_bit_logits_is_that_of_their_float32_values(
+        self, kernels: TokenMaskKernels, num_rows: int, vocab_size: int, kind: str, dtype: torch.dtype
+    ) -> None:
+        logits = _device_logits(num_rows, vocab_size, kind, dtype)
+        masks = _device_masks(num_rows, vocab_size, kind)
+        tokens = kernels.masked_argmax(logits, masks)
+        assert tokens.tolist() == REFERENCE.masked_argmax(logits.float(), masks).tolist()
+
+    @pytest.mark.parametrize(("num_rows", "vocab_size"), SHAPES, ids=str)
+    @pytest.mark.parametrize("kind", KINDS)
     def test_apply_token_masks(self, kernels: TokenMaskKernels, num_rows: int, vocab_size: int, kind: str) -> None:
         logits = _device_logits(num_rows, vocab_size, kind)
         masks = _device_masks(num_rows, vocab_size, kind)
@@ -147,5 +173,7 @@ class TestKernelsMatchReference:
         logits = _logits(2, 64, seed=0, device="cuda")
         with pytest.raises(ValueError, match=r"masks must be a contiguous \[2, 2\] int32"):
             kernels.masked_argmax(logits, _masks(2, 96, seed=0, device="cuda"))
-        with pytest.raises(ValueError, match="logits must be a CUDA"):
+        with pytest.raises(ValueError, match="logits must be a CUDA .* float32 tensor"):
             kernels.apply_token_masks(logits.half(), _masks(2, 64, seed=0, device="cuda"))
+        with pytest.raises(ValueError, match="logits must be a CUDA .* float32 / float16 / bfloat16 tensor"):
+            kernels.masked_argmax(logits.double(), None)
