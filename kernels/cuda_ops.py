@@ -42,6 +42,7 @@ class CudaKernelOps:
         self.silu_and_mul = layers.silu_and_mul
         self.rotary_write_kv = layers.rotary_write_kv
         self.quantize_fp8_per_row = layers.quantize_fp8_per_row
+        self.scale_fp8_product = layers.scale_fp8_product
         self.fp8_gemv = Fp8Gemv(modules).fp8_gemv
         # The last step's attention, for its next layers (it holds its split buffer, at most about 1 MiB).
         self._attention_step: AttentionStep | None = None

@@ -1,5 +1,6 @@
 // Fused per-layer element-wise kernels of the decoder: RMSNorm (optionally after the residual add), SiLU-and-mul,
-// rotary embedding fused with the paged K/V write, and the per-token FP8 quantization of an FP8 linear's input.
+// rotary embedding fused with the paged K/V write, and an FP8 linear's per-token quantization of its input and
+// scaling of its unscaled product.
 //
 // Rounding points. Each kernel reproduces the model's torch code, which stores every intermediate tensor in the
 // model dtype T (fp32, fp16 or bf16) and computes each element-wise op in fp32 ("opmath"), rounding once per op:
@@ -217,4 +218,28 @@ __global__ void quantize_fp8_per_row(const T* __restrict__ x, long long x_row_st
     for (int k = 0; k < VEC; ++k) v[k] = __fdiv_rn(v[k], scale);
     store_from_float<fp8_e4m3_t, VEC>(out_row + i * VEC, v);
   }
+}
+
+// Grid (num_rows, vector chunks): raw bfloat16 [num_rows, num_cols] contiguous (an FP8 product with unit scales) ->
+// out T [num_rows, num_cols] contiguous: T(raw * row_scales[m] * col_scales[n] (+ bias[n])), in float32 in that
+// order, rounded once. out may be raw (T bfloat16): each element is read, then written, by one thread.
+template <typename T, int VEC>
+__global__ void scale_fp8_product(const bfloat16_t* raw, const float* __restrict__ row_scales,
+                                  const float* __restrict__ col_scales, const T* __restrict__ bias, T* out,
+                                  int num_cols) {
+  const int i = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
+  if (i >= num_cols) return;
+  const long long offset = blockIdx.x * static_cast<long long>(num_cols) + i;
+  const float row_scale = row_scales[blockIdx.x];
+  float v[VEC];
+  load_as_float<bfloat16_t, VEC>(raw + offset, v);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) v[k] = __fmul_rn(__fmul_rn(v[k], row_scale), col_scales[i + k]);
+  if (bias != nullptr) {
+    float b[VEC];
+    load_as_float<T, VEC>(bias + i, b);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] = __fadd_rn(v[k], b[k]);
+  }
+  store_from_float<T, VEC>(out + offset, v);
 }

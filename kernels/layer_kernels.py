@@ -1,5 +1,5 @@
-"""Launchers of layer_kernels.cu: a decoder layer's fused RMSNorm, residual add, SiLU-and-mul, rotary+KV write and
-per-token FP8 quantization of a linear layer's input."""
+"""Launchers of layer_kernels.cu: a decoder layer's fused RMSNorm, residual add, SiLU-and-mul, rotary+KV write, and
+an FP8 linear layer's per-token quantization of its input and scaling of its unscaled product."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch import Tensor
 from pagedserve.kernels.fp8 import FP8_DTYPE, is_fp8
 from pagedserve.kernels.launch_args import (
     SCALAR_TYPE_NAMES,
+    address,
     float32,
     int32,
     int64,
@@ -24,11 +25,13 @@ if TYPE_CHECKING:
     from pagedserve.kernels.module_cache import ModuleCache
 
 SOURCE = "layer_kernels.cu"
-KERNEL_NAMES = ("rms_norm", "add_rms_norm", "silu_and_mul", "rotary_write_kv", "quantize_fp8_per_row")
+KERNEL_NAMES = ("rms_norm", "add_rms_norm", "silu_and_mul", "rotary_write_kv", "quantize_fp8_per_row",
+                "scale_fp8_product")
 VECTOR_BYTES = 16  # the widest load or store of one thread
 WARP_THREADS = 32
 MAX_ROW_THREADS = 1024  # one CTA per row (norms, quantization): wide rows get every thread of a CTA
 SILU_THREADS = 256
+SCALE_THREADS = 256
 MAX_ROTARY_THREADS = 512
 FP8_CACHE_TYPE = "fp8_e4m3_t"  # kernel_common.cuh
 
@@ -163,6 +166,39 @@ class LayerKernels:
             pointer(x), int64(x.stride(0)), pointer(out), pointer(scales), int32(num_cols),
         ))
         return out, scales
+
+    def scale_fp8_product(self, raw: Tensor, row_scales: Tensor, col_scales: Tensor, bias: Tensor | None,
+                          dtype: torch.dtype) -> Tensor:
+        """raw: [num_rows, num_cols] contiguous bfloat16, an e4m3 product taken with unit scales; row_scales: float32
+        [num_rows, 1] (quantize_fp8_per_row's); col_scales: float32 [num_cols]; bias: [num_cols] in dtype or None ->
+        [num_rows, num_cols] in dtype: raw * row_scales[m] * col_scales[n] (+ bias[n]), in float32, rounded once.
+        A bfloat16 result is written over raw."""
+        _check_rows("raw", raw, torch.bfloat16, raw.shape[-1])
+        num_rows, num_cols = raw.shape
+        if not raw.is_contiguous() or row_scales.shape != (num_rows, 1) or col_scales.shape != (num_cols,) or (
+            row_scales.dtype != torch.float32 or col_scales.dtype != torch.float32 or not col_scales.is_contiguous()
+        ):
+            raise ValueError(f"need a contiguous raw [rows, cols], float32 row_scales [rows, 1] and contiguous float32 "
+                             f"col_scales [cols], got {tuple(raw.shape)} strides {raw.stride()}, "
+                             f"{tuple(row_scales.shape)} {row_scales.dtype}, {tuple(col_scales.shape)} "
+                             f"{col_scales.dtype}")
+        if bias is not None and (bias.shape != (num_cols,) or bias.dtype != dtype or not bias.is_contiguous()):
+            raise ValueError(f"bias must be a contiguous [{num_cols}] {dtype} tensor, got {tuple(bias.shape)} "
+                             f"{bias.dtype}")
+        out = raw if dtype == torch.bfloat16 else raw.new_empty((num_rows, num_cols), dtype=dtype)
+        if num_rows == 0 or num_cols == 0:
+            return out
+        itemsize = out.itemsize
+        byte_counts = [num_cols * itemsize, out.data_ptr()] + ([] if bias is None else [bias.data_ptr()])
+        vec = min(_vector_width(2, num_cols * 2, raw.data_ptr()), _vector_width(itemsize, *byte_counts))
+        num_vecs = num_cols // vec
+        threads = _threads(num_vecs, SCALE_THREADS)
+        kernel = self._modules.kernel(SOURCE, f"scale_fp8_product<{scalar_type_name(dtype)}, {vec}>")
+        self._modules.launch(kernel, (num_rows, -(-num_vecs // threads), 1), (threads, 1, 1), (
+            pointer(raw), pointer(row_scales), pointer(col_scales), address(0) if bias is None else pointer(bias),
+            pointer(out), int32(num_cols),
+        ))
+        return out
 
     def _launch_norm(self, name: str, rows: tuple[Tensor, ...], weight: Tensor, eps: float) -> Tensor:
         """One CTA per row; the kernel takes (pointer, row stride) of each tensor of rows, then weight, out."""

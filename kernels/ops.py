@@ -104,6 +104,14 @@ class KernelOps(Protocol):
         linear layer's per-token activation quantization."""
         ...
 
+    def scale_fp8_product(self, raw: Tensor, row_scales: Tensor, col_scales: Tensor, bias: Tensor | None,
+                          dtype: torch.dtype) -> Tensor:
+        """An FP8 linear layer's product taken with unit scales, scaled: raw [num_rows, num_cols] bfloat16
+        (contiguous), row_scales float32 [num_rows, 1], col_scales float32 [num_cols], bias [num_cols] in dtype or
+        None -> [num_rows, num_cols] in dtype: raw * row_scales[m] * col_scales[n] (+ bias[n]), computed in float32
+        in that order and rounded once; a bfloat16 result may be written over raw."""
+        ...
+
     def fp8_gemv(self, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None = None) -> Tensor:
         """An FP8 linear layer's product for a few rows, weight-only dequantized (x is not quantized): x [num_rows,
         in] float16 / bfloat16 (unit column stride) times e4m3 weight [out, in] with float32 weight_scale [out]

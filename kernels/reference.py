@@ -115,6 +115,14 @@ class TorchReferenceOps:
         """x: [num_rows, num_cols] -> (e4m3 [num_rows, num_cols], float32 scales [num_rows, 1]), per row."""
         return quantize_per_row(x)
 
+    def scale_fp8_product(self, raw: Tensor, row_scales: Tensor, col_scales: Tensor, bias: Tensor | None,
+                          dtype: torch.dtype) -> Tensor:
+        """raw * row_scales * col_scales (+ bias) in float32, in that order, rounded to dtype once: a new tensor."""
+        out = raw.float() * row_scales * col_scales
+        if bias is not None:
+            out = out + bias.float()
+        return out.to(dtype)
+
     def fp8_gemv(self, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None = None) -> Tensor:
         """x [num_rows, in] times e4m3 weight [out, in] dequantized to float32 times weight_scale [out] (+ bias), in
         float32, rounded to x's dtype: [num_rows, out]."""

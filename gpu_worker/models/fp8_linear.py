@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 # to be multiples of 16.
 SCALED_MM_MIN_CAPABILITY = (8, 9)
 SCALED_MM_ALIGNMENT = 16
+# Up to this many rows the product is taken with unit scales and scaled after (ops.scale_fp8_product): cuBLAS's
+# tensor-wise FP8 kernels beat its row-wise ones by 1.3-2x there on Hopper (docs/fp8.md), more than the extra pass.
+UNIT_SCALE_MAX_ROWS = 256
 
 
 class Fp8Linear(nn.Module):
@@ -27,10 +30,11 @@ class Fp8Linear(nn.Module):
     ops.fp8_gemv: the weight widened in registers and multiplied by x as it is (W8A16, float32 accumulation), bound
     by reading the weight once. More rows (use_scaled_mm) are quantized per token to e4m3
     (ops.quantize_fp8_per_row: one kernel on CUDA) and multiplied on FP8 tensor cores (torch._scaled_mm, float32
-    accumulation), scaling rows and columns in its epilogue. Elsewhere (the CPU worker, and shapes _scaled_mm cannot
-    take) it is the reference: the weight dequantized to the model dtype, then an ordinary matmul. Weight and scales
-    are buffers, not parameters: the decoder's own loader, which requires every parameter, never sees them
-    (pagedserve.gpu_worker.fp8_weights fills them).
+    accumulation): up to UNIT_SCALE_MAX_ROWS rows with unit scales, the row and column scales applied after in one
+    pass (ops.scale_fp8_product); beyond, scaling rows and columns in its epilogue. Elsewhere (the CPU worker, and
+    shapes _scaled_mm cannot take) it is the reference: the weight dequantized to the model dtype, then an ordinary
+    matmul. Weight and scales are buffers, not parameters: the decoder's own loader, which requires every parameter,
+    never sees them (pagedserve.gpu_worker.fp8_weights fills them).
     """
 
     weight: torch.Tensor
@@ -43,6 +47,7 @@ class Fp8Linear(nn.Module):
                              f"{tuple(weight.shape)} and {tuple(weight_scale.shape)}")
         self.register_buffer("weight", weight)
         self.register_buffer("weight_scale", weight_scale.float())
+        self.unit_scale = torch.ones((), device=weight.device)  # _scaled_mm's tensor-wise scales; not a weight
         self.dtype = dtype
         self.ops = ops
         out_features, in_features = weight.shape
@@ -78,6 +83,11 @@ class Fp8Linear(nn.Module):
         if not self.use_scaled_mm:
             return F.linear(x, self.dequantized(), bias)
         quantized, x_scale = self.ops.quantize_fp8_per_row(rows)
+        if rows.shape[0] <= UNIT_SCALE_MAX_ROWS:
+            raw = torch._scaled_mm(quantized, self.weight.t(), scale_a=self.unit_scale, scale_b=self.unit_scale,
+                                   out_dtype=torch.bfloat16)
+            out = self.ops.scale_fp8_product(raw, x_scale, self.weight_scale, bias, self.dtype)
+            return out.view(*x.shape[:-1], out.shape[-1])
         # Row-wise scaling produces bfloat16; float16 models round once more.
         out = torch._scaled_mm(quantized, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale[None, :],
                                bias=bias if self.dtype == torch.bfloat16 else None, out_dtype=torch.bfloat16)
