@@ -14,7 +14,7 @@ from pagedserve.kernels.fp8 import quantize
 from pagedserve.kernels.ops import KernelOps, get_kernel_ops
 from pagedserve.kernels.paged_decode import DecodeLaunch, PagedDecode
 from pagedserve.kernels.reference import TorchReferenceOps
-from tests.gpu_marks import NEEDS_GPU
+from tests.gpu_marks import HAS_FP8_KERNELS, NEEDS_GPU
 from tests.kernels.test_cuda_ops import TOLERANCE, PagedCase
 
 NUM_LAYERS = 3
@@ -82,7 +82,6 @@ CASES = {  # name: seq_lens, q_lens, kv heads, group, head_dim, block_size, dtyp
     "mixed": ([33, 1000, 5, 200, 17], [1, 130, 0, 1, 17], 4, 8, 64, 32, torch.bfloat16),
     "rows_by_query": ([40, 300, 9], [40, 45, 1], 2, 4, 64, 16, torch.float32),
 }
-HAS_FP8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 
 
 @pytest.fixture
@@ -128,7 +127,7 @@ class TestLayersOfAStep:
         _assert_layers_match_reference(ops, LayeredCase(case, seed=4, ignored_scales=True), dtype)
         assert prepared == [1]  # the first layer built the step's launches, the others reused them
 
-    @pytest.mark.skipif(not HAS_FP8, reason="FP8 needs sm_89+")
+    @pytest.mark.skipif(not HAS_FP8_KERNELS, reason="FP8 needs compute capability 8.9+")
     @pytest.mark.parametrize(("q_lens", "seq_lens"), [([1, 1, 1], [9, 400, 2000]), ([1, 60, 1], [33, 700, 5])])
     def test_each_layer_of_fp8_caches_takes_its_own_scales(self, ops: KernelOps, q_lens: list[int],
                                                            seq_lens: list[int]) -> None:

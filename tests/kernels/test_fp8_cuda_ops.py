@@ -13,14 +13,13 @@ from pagedserve.kernels.fp8 import FP8_DTYPE, quantize
 from pagedserve.kernels.ops import KernelOps, get_kernel_ops
 from pagedserve.kernels.paged_decode import decode_layout
 from pagedserve.kernels.reference import TorchReferenceOps
-from tests.gpu_marks import NEEDS_GPU
+from tests.gpu_marks import NEEDS_FP8_GPU
 from tests.kernels.test_cuda_ops import PagedCase
 
 if TYPE_CHECKING:
     from pagedserve.kernels.module_cache import CompiledKernel, ModuleCache
 
-pytestmark = [*NEEDS_GPU, pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="FP8 needs sm_89+")]
+pytestmark = NEEDS_FP8_GPU
 K_SCALE, V_SCALE = 0.0125, 0.006
 
 

@@ -16,7 +16,7 @@ from pagedserve.kernels.fp8 import quantize_per_row
 from pagedserve.kernels.fp8_gemv import GEMV_MAX_ROWS, supports
 from pagedserve.kernels.ops import KernelOps, get_kernel_ops
 from pagedserve.kernels.reference import TorchReferenceOps
-from tests.gpu_marks import NEEDS_GPU
+from tests.gpu_marks import NEEDS_FP8_GPU
 
 REFERENCE = TorchReferenceOps()
 SHAPES = ((3072, 2048), (6144, 4096), (28672, 4096), (4096, 14336), (1024, 2048))  # (out, in)
@@ -60,10 +60,6 @@ def test_reference_is_the_dequantized_product_of_numpy(dtype: torch.dtype, with_
 
 # -- the kernel against the reference (GPU) ------------------------------------------------------------------------
 
-needs_fp8_gpu = [*NEEDS_GPU, pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="FP8 needs sm_89+")]
-
-
 @pytest.fixture(scope="module")
 def ops() -> KernelOps:
     return get_kernel_ops(torch.device("cuda", torch.cuda.current_device()))
@@ -71,7 +67,7 @@ def ops() -> KernelOps:
 
 @pytest.mark.usefixtures("poisoned_outputs")
 class TestKernelMatchesReference:
-    pytestmark = needs_fp8_gpu
+    pytestmark = NEEDS_FP8_GPU
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
     @pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
@@ -134,7 +130,7 @@ class _Calls:
 
 @pytest.mark.usefixtures("poisoned_outputs")
 class TestFp8LinearRouting:
-    pytestmark = needs_fp8_gpu
+    pytestmark = NEEDS_FP8_GPU
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
     def test_one_row_runs_the_gemv(self, ops: KernelOps, monkeypatch: pytest.MonkeyPatch,

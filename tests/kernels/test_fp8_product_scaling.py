@@ -13,7 +13,7 @@ from pagedserve.gpu_worker.models.fp8_linear import UNIT_SCALE_MAX_ROWS, Fp8Line
 from pagedserve.kernels.fp8 import FP8_DTYPE, FP8_MAX
 from pagedserve.kernels.ops import KernelOps, get_kernel_ops
 from pagedserve.kernels.reference import TorchReferenceOps
-from tests.gpu_marks import NEEDS_GPU
+from tests.gpu_marks import NEEDS_FP8_GPU, NEEDS_GPU
 
 REFERENCE = TorchReferenceOps()
 
@@ -80,7 +80,7 @@ class TestKernelMatchesReference:
 
 @pytest.mark.usefixtures("poisoned_outputs")
 class TestFp8LinearRowRegimes:
-    pytestmark = NEEDS_GPU
+    pytestmark = NEEDS_FP8_GPU
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
     def test_unit_scales_up_to_the_limit_then_scales_in_the_product(

@@ -12,7 +12,7 @@ from pagedserve.gpu_worker.models.fp8_linear import Fp8Linear
 from pagedserve.kernels.fp8 import FP8_DTYPE, FP8_MAX, MIN_ROW_SCALE_NUMERATOR, quantize_per_row
 from pagedserve.kernels.ops import KernelOps, get_kernel_ops
 from pagedserve.kernels.reference import TorchReferenceOps
-from tests.gpu_marks import NEEDS_GPU
+from tests.gpu_marks import NEEDS_FP8_GPU
 
 REFERENCE = TorchReferenceOps()
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -102,8 +102,7 @@ def _on_both(ops: KernelOps, x: Tensor) -> None:
 
 @pytest.mark.usefixtures("poisoned_outputs")
 class TestKernelMatchesReference:
-    pytestmark = [*NEEDS_GPU, pytest.mark.skipif(
-        not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="FP8 needs sm_89+")]
+    pytestmark = NEEDS_FP8_GPU
 
     @pytest.mark.parametrize("dtype", DTYPES)
     @pytest.mark.parametrize("num_cols", [2048, 4096, 14336])
