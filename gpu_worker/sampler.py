@@ -195,16 +195,13 @@ class Sampler:
         self._compile_ops(logits_dtype)
 
     def _compile_ops(self, logits_dtype: torch.dtype) -> None:
-        """Runs the greedy argmax on logits of the model's dtype once, and with a grammar compiler the token-mask
-        ops, so that their kernels are compiled before the first step that needs them."""
+        """Runs the argmax of a greedy batch (masked or not: one kernel) on logits of the model's dtype once, and
+        with a grammar compiler the masking of float32 logits, so that their kernels are compiled before the first
+        step that needs them."""
         self._ops.masked_argmax(torch.zeros((1, self._vocab_size), dtype=logits_dtype, device=self._device), None)
-        if self._grammars is None:
-            return
-        logits = torch.zeros((1, self._vocab_size), device=self._device)
-        masks = torch.full((1, mask_words(self._vocab_size)), -1, dtype=torch.int32, device=self._device)
-        self._ops.apply_token_masks(logits, masks)
-        self._ops.masked_argmax(logits, masks)
-        self._ops.masked_argmax(logits.to(logits_dtype), masks)
+        if self._grammars is not None:
+            masks = torch.full((1, mask_words(self._vocab_size)), -1, dtype=torch.int32, device=self._device)
+            self._ops.apply_token_masks(torch.zeros((1, self._vocab_size), device=self._device), masks)
 
     def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
         """Next token per row. logits: [len(rows), vocab] float32 or the model's dtype, on the sampler's device."""
@@ -236,7 +233,7 @@ class Sampler:
             raise ValueError(f"k must be >= 0, got {k}")
         targets = token_id_tensor(target_token_ids, self._vocab_size).to(logits.device)
         k = min(k, self._vocab_size)
-        table = _logprob_table(logits.float().log_softmax(dim=-1), targets, k)
+        table = _logprob_table(logits.log_softmax(dim=-1, dtype=torch.float32), targets, k)
         return _unpack_logprobs(table.flatten().tolist(), [k] * len(target_token_ids), k)
 
     def _check_logits(self, logits: torch.Tensor, num_rows: int) -> None:

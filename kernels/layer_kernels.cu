@@ -222,7 +222,8 @@ __global__ void quantize_fp8_per_row(const T* __restrict__ x, long long x_row_st
 
 // Grid (num_rows, vector chunks): raw bfloat16 [num_rows, num_cols] contiguous (an FP8 product with unit scales) ->
 // out T [num_rows, num_cols] contiguous: T(raw * row_scales[m] * col_scales[n] (+ bias[n])), in float32 in that
-// order, rounded once. out may be raw (T bfloat16): each element is read, then written, by one thread.
+// order, then rounded to T (raw was rounded to bfloat16 by the product). out may be raw (T bfloat16): each element
+// is read, then written, by one thread.
 template <typename T, int VEC>
 __global__ void scale_fp8_product(const bfloat16_t* raw, const float* __restrict__ row_scales,
                                   const float* __restrict__ col_scales, const T* __restrict__ bias, T* out,

@@ -169,20 +169,23 @@ class LayerKernels:
 
     def scale_fp8_product(self, raw: Tensor, row_scales: Tensor, col_scales: Tensor, bias: Tensor | None,
                           dtype: torch.dtype) -> Tensor:
-        """raw: [num_rows, num_cols] contiguous bfloat16, an e4m3 product taken with unit scales; row_scales: float32
-        [num_rows, 1] (quantize_fp8_per_row's); col_scales: float32 [num_cols]; bias: [num_cols] in dtype or None ->
-        [num_rows, num_cols] in dtype: raw * row_scales[m] * col_scales[n] (+ bias[n]), in float32, rounded once.
-        A bfloat16 result is written over raw."""
+        """raw: [num_rows, num_cols] contiguous bfloat16, an e4m3 product taken with unit scales (so already rounded
+        to bfloat16 once); row_scales: contiguous float32 [num_rows, 1] (quantize_fp8_per_row's); col_scales: float32
+        [num_cols]; bias: [num_cols] in dtype or None -> [num_rows, num_cols] in dtype: raw * row_scales[m] *
+        col_scales[n] (+ bias[n]), in float32, then rounded to dtype. A bfloat16 result is written over raw."""
         _check_rows("raw", raw, torch.bfloat16, raw.shape[-1])
         num_rows, num_cols = raw.shape
         if not raw.is_contiguous() or row_scales.shape != (num_rows, 1) or col_scales.shape != (num_cols,) or (
-            row_scales.dtype != torch.float32 or col_scales.dtype != torch.float32 or not col_scales.is_contiguous()
+            row_scales.dtype != torch.float32 or col_scales.dtype != torch.float32 or not row_scales.is_contiguous()
+            or not col_scales.is_contiguous() or row_scales.device != raw.device or col_scales.device != raw.device
         ):
-            raise ValueError(f"need a contiguous raw [rows, cols], float32 row_scales [rows, 1] and contiguous float32 "
-                             f"col_scales [cols], got {tuple(raw.shape)} strides {raw.stride()}, "
-                             f"{tuple(row_scales.shape)} {row_scales.dtype}, {tuple(col_scales.shape)} "
-                             f"{col_scales.dtype}")
-        if bias is not None and (bias.shape != (num_cols,) or bias.dtype != dtype or not bias.is_contiguous()):
+            raise ValueError(f"need a contiguous raw [rows, cols] and contiguous float32 row_scales [rows, 1] and "
+                             f"col_scales [cols] on its device, got {tuple(raw.shape)} strides {raw.stride()}, "
+                             f"{tuple(row_scales.shape)} {row_scales.dtype} strides {row_scales.stride()} on "
+                             f"{row_scales.device}, {tuple(col_scales.shape)} {col_scales.dtype} on "
+                             f"{col_scales.device}")
+        if bias is not None and (bias.shape != (num_cols,) or bias.dtype != dtype or not bias.is_contiguous()
+                                 or bias.device != raw.device):
             raise ValueError(f"bias must be a contiguous [{num_cols}] {dtype} tensor, got {tuple(bias.shape)} "
                              f"{bias.dtype}")
         out = raw if dtype == torch.bfloat16 else raw.new_empty((num_rows, num_cols), dtype=dtype)

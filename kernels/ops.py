@@ -109,7 +109,8 @@ class KernelOps(Protocol):
         """An FP8 linear layer's product taken with unit scales, scaled: raw [num_rows, num_cols] bfloat16
         (contiguous), row_scales float32 [num_rows, 1], col_scales float32 [num_cols], bias [num_cols] in dtype or
         None -> [num_rows, num_cols] in dtype: raw * row_scales[m] * col_scales[n] (+ bias[n]), computed in float32
-        in that order and rounded once; a bfloat16 result may be written over raw."""
+        in that order, then rounded to dtype (raw itself was rounded to bfloat16 by the product); a bfloat16 result
+        may be written over raw."""
         ...
 
     def fp8_gemv(self, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None = None) -> Tensor:

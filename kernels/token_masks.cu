@@ -35,7 +35,7 @@ __device__ __forceinline__ bool precedes(float value, int index, float best, int
 // grid (rows): one CTA per row; blockDim.x a multiple of 32, at most 1024. masks null: every token allowed. Each
 // thread has UNROLL vectors in flight before it compares any: a row of a large vocabulary is a few such rounds.
 template <typename T, int VEC>
-__global__ void masked_argmax(const T* __restrict__ logits, const int* __restrict__ masks,
+__global__ void __launch_bounds__(1024) masked_argmax(const T* __restrict__ logits, const int* __restrict__ masks,
                               long long* __restrict__ tokens, int vocab_size, long long logits_row_stride,
                               int mask_words) {
   constexpr int UNROLL = 4;

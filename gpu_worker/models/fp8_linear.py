@@ -18,8 +18,9 @@ if TYPE_CHECKING:
 # to be multiples of 16.
 SCALED_MM_MIN_CAPABILITY = (8, 9)
 SCALED_MM_ALIGNMENT = 16
-# Up to this many rows the product is taken with unit scales and scaled after (ops.scale_fp8_product): cuBLAS's
-# tensor-wise FP8 kernels beat its row-wise ones by 1.3-2x there on Hopper (docs/fp8.md), more than the extra pass.
+# Up to this many rows the product is taken with unit scales and scaled after (ops.scale_fp8_product): on Hopper
+# cuBLAS's tensor-wise FP8 kernels beat its row-wise ones by 1.3-2x at 16-64 rows, more than the extra pass costs;
+# at 256 rows the two ways are even, beyond it the pass costs more (docs/fp8.md).
 UNIT_SCALE_MAX_ROWS = 256
 
 

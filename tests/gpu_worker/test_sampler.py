@@ -53,7 +53,8 @@ def test_greedy_ties_pick_lowest_token_id(extra: dict[str, Any]) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_16_bit_logits_sample_as_their_float32_values(device: torch.device, dtype: torch.dtype) -> None:
     """A model's logits come in its own dtype: a greedy batch argmaxes them as they are, the rest is sampled from
-    their float32 values, the same tokens and logprobs as from a float32 copy."""
+    their float32 values, the same tokens and logprobs as from a float32 copy; prompt logprobs are computed in
+    float32 too."""
     logits = _random_logits(6, 300, seed=11).to(device, dtype)
     greedy = [_row(temperature=0.0) for _ in range(6)]
     assert Sampler(300, device, logits_dtype=dtype).sample(logits, greedy).token_ids == logits.float().argmax(
@@ -64,7 +65,10 @@ def test_16_bit_logits_sample_as_their_float32_values(device: torch.device, dtyp
     assert got.token_ids == expected.token_ids
     assert got.logprobs == expected.logprobs
     entries = Sampler(300, device).prompt_logprobs(logits, [1, 2, 3, 4, 5, 6], k=1)
-    assert entries == Sampler(300, device).prompt_logprobs(logits.float(), [1, 2, 3, 4, 5, 6], k=1)
+    expected_entries = Sampler(300, device).prompt_logprobs(logits.float(), [1, 2, 3, 4, 5, 6], k=1)
+    for entry, expected_entry in zip(entries, expected_entries, strict=True):
+        assert (entry.token_id, entry.top_token_ids) == (expected_entry.token_id, expected_entry.top_token_ids)
+        assert entry.logprob == pytest.approx(expected_entry.logprob, abs=1e-6)
 
 
 def test_greedy_rows_stay_argmax_inside_a_random_batch() -> None:

@@ -74,6 +74,8 @@ class TestKernelMatchesReference:
         raw, row_scales, col_scales, _ = _product_inputs(4, 64, torch.bfloat16, seed=3, device="cuda")
         with pytest.raises(ValueError, match=r"row_scales \[rows, 1\]"):
             ops.scale_fp8_product(raw, row_scales[:, 0], col_scales, None, torch.bfloat16)
+        with pytest.raises(ValueError, match="contiguous float32 row_scales"):  # a column of a wider tensor
+            ops.scale_fp8_product(raw, torch.ones(4, 2, device="cuda")[:, :1], col_scales, None, torch.bfloat16)
         with pytest.raises(ValueError, match=r"bias must be a contiguous \[64\]"):
             ops.scale_fp8_product(raw, row_scales, col_scales, col_scales, torch.bfloat16)
 
