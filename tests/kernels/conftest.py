@@ -9,8 +9,15 @@ import torch
 from torch import Tensor
 
 from pagedserve.kernels.fp8 import is_fp8
+from pagedserve.kernels.ops import KernelOps, get_kernel_ops
 
 FP8_NAN_BYTE = 0x7F  # e4m3fn's NaN
+
+
+@pytest.fixture(scope="module")
+def ops() -> KernelOps:
+    """The current CUDA device's kernel ops (a test module may define its own)."""
+    return get_kernel_ops(torch.device("cuda", torch.cuda.current_device()))
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pagedserve.kernels.ops import KernelOps, get_kernel_ops
+from pagedserve.kernels.ops import KernelOps
 from pagedserve.kernels.paged_decode import MAX_WARPS, PagedDecode, decode_grid, decode_layout
 from pagedserve.kernels.reference import TorchReferenceOps
 from tests.gpu_marks import NEEDS_GPU
@@ -16,11 +16,6 @@ pytestmark = NEEDS_GPU
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
-
-
-@pytest.fixture(scope="module")
-def ops() -> KernelOps:
-    return get_kernel_ops(torch.device("cuda", torch.cuda.current_device()))
 
 
 class PagedCase:

@@ -10,7 +10,7 @@ import torch
 
 from pagedserve.kernels import paged_prefill
 from pagedserve.kernels.fp8 import FP8_DTYPE, quantize
-from pagedserve.kernels.ops import KernelOps, get_kernel_ops
+from pagedserve.kernels.ops import KernelOps
 from pagedserve.kernels.paged_decode import decode_layout
 from pagedserve.kernels.reference import TorchReferenceOps
 from tests.gpu_marks import NEEDS_FP8_GPU
@@ -21,11 +21,6 @@ if TYPE_CHECKING:
 
 pytestmark = NEEDS_FP8_GPU
 K_SCALE, V_SCALE = 0.0125, 0.006
-
-
-@pytest.fixture(scope="module")
-def ops() -> KernelOps:
-    return get_kernel_ops(torch.device("cuda", torch.cuda.current_device()))
 
 
 def _fp8_case(seq_lens: list[int], q_lens: list[int], group_size: int, head_dim: int, dtype: torch.dtype,

@@ -14,7 +14,7 @@ from torch import Tensor
 from pagedserve.gpu_worker.models.fp8_linear import Fp8Linear
 from pagedserve.kernels.fp8 import quantize_per_row
 from pagedserve.kernels.fp8_gemv import GEMV_MAX_ROWS, supports
-from pagedserve.kernels.ops import KernelOps, get_kernel_ops
+from pagedserve.kernels.ops import KernelOps
 from pagedserve.kernels.reference import TorchReferenceOps
 from tests.gpu_marks import NEEDS_FP8_GPU
 
@@ -59,11 +59,6 @@ def test_reference_is_the_dequantized_product_of_numpy(dtype: torch.dtype, with_
 
 
 # -- the kernel against the reference (GPU) ------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def ops() -> KernelOps:
-    return get_kernel_ops(torch.device("cuda", torch.cuda.current_device()))
-
 
 @pytest.mark.usefixtures("poisoned_outputs")
 class TestKernelMatchesReference:

@@ -11,7 +11,7 @@ from torch import Tensor
 from pagedserve.gpu_worker.models import fp8_linear
 from pagedserve.gpu_worker.models.fp8_linear import UNIT_SCALE_MAX_ROWS, Fp8Linear
 from pagedserve.kernels.fp8 import FP8_DTYPE, FP8_MAX
-from pagedserve.kernels.ops import KernelOps, get_kernel_ops
+from pagedserve.kernels.ops import KernelOps
 from pagedserve.kernels.reference import TorchReferenceOps
 from tests.gpu_marks import NEEDS_FP8_GPU, NEEDS_GPU
 
@@ -43,11 +43,6 @@ def test_reference_scales_rows_then_columns_then_adds_the_bias(dtype: torch.dtyp
     assert torch.allclose(got.double(), expected, rtol=2 ** -7, atol=0)  # one rounding to 16 bits at most
     without_bias = REFERENCE.scale_fp8_product(raw, row_scales, col_scales, None, dtype)
     assert torch.equal(without_bias, (raw.float() * row_scales * col_scales).to(dtype))
-
-
-@pytest.fixture(scope="module")
-def ops() -> KernelOps:
-    return get_kernel_ops(torch.device("cuda", torch.cuda.current_device()))
 
 
 @pytest.mark.usefixtures("poisoned_outputs")

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from pagedserve.gpu_worker.models.fp8_linear import Fp8Linear
 from pagedserve.kernels.fp8 import FP8_DTYPE, FP8_MAX, MIN_ROW_SCALE_NUMERATOR, quantize_per_row
-from pagedserve.kernels.ops import KernelOps, get_kernel_ops
+from pagedserve.kernels.ops import KernelOps
 from pagedserve.kernels.reference import TorchReferenceOps
 from tests.gpu_marks import NEEDS_FP8_GPU
 
@@ -85,11 +85,6 @@ def test_reference_rounds_ties_to_even_and_keeps_each_rows_largest_value() -> No
 
 
 # -- the kernel against the reference (GPU) ------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def ops() -> KernelOps:
-    return get_kernel_ops(torch.device("cuda", torch.cuda.current_device()))
-
 
 def _on_both(ops: KernelOps, x: Tensor) -> None:
     """The kernel, the reference on the GPU and the reference on the CPU give the same bytes and scales."""
