@@ -40,6 +40,9 @@ class CudaKernelOps:
         self.rms_norm = layers.rms_norm
         self.add_rms_norm = layers.add_rms_norm
         self.silu_and_mul = layers.silu_and_mul
+        self.rms_norm_fp8 = layers.rms_norm_fp8
+        self.add_rms_norm_fp8 = layers.add_rms_norm_fp8
+        self.silu_and_mul_fp8 = layers.silu_and_mul_fp8
         self.rotary_write_kv = layers.rotary_write_kv
         self.quantize_fp8_per_row = layers.quantize_fp8_per_row
         self.scale_fp8_product = layers.scale_fp8_product

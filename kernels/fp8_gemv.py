@@ -41,9 +41,15 @@ def supports(x: Tensor, weight: Tensor) -> bool:
     bfloat16 with unit column stride, every row and the weight 16-byte aligned, in a multiple of 16."""
     num_rows, in_features = x.shape
     itemsize = x.itemsize
-    return (x.dtype in GEMV_DTYPES and 0 < num_rows <= GEMV_MAX_ROWS and in_features % VECTOR_BYTES == 0
-            and in_features == weight.shape[1] and x.stride(1) == 1 and x.data_ptr() % VECTOR_BYTES == 0
-            and (num_rows == 1 or x.stride(0) * itemsize % VECTOR_BYTES == 0) and weight.is_contiguous()
+    return (x.dtype in GEMV_DTYPES and in_features == weight.shape[1] and takes_rows(num_rows, weight)
+            and x.stride(1) == 1 and x.data_ptr() % VECTOR_BYTES == 0
+            and (num_rows == 1 or x.stride(0) * itemsize % VECTOR_BYTES == 0))
+
+
+def takes_rows(num_rows: int, weight: Tensor) -> bool:
+    """Whether fp8_gemv takes num_rows rows laid out as supports requires them (a new contiguous tensor's rows of
+    float16 or bfloat16 are) times the e4m3 weight [out, in]."""
+    return (0 < num_rows <= GEMV_MAX_ROWS and weight.shape[1] % VECTOR_BYTES == 0 and weight.is_contiguous()
             and weight.data_ptr() % VECTOR_BYTES == 0)
 
 

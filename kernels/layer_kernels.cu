@@ -1,6 +1,8 @@
 // Fused per-layer element-wise kernels of the decoder: RMSNorm (optionally after the residual add), SiLU-and-mul,
 // rotary embedding fused with the paged K/V write, and an FP8 linear's per-token quantization of its input and
-// scaling of its unscaled product.
+// scaling of its unscaled product. The norms and SiLU-and-mul also come as *_fp8 kernels that quantize their output
+// per row for the FP8 linear reading it: bit for bit quantize_fp8_per_row of the plain kernel's output, in one pass
+// over memory instead of two.
 //
 // Rounding points. Each kernel reproduces the model's torch code, which stores every intermediate tensor in the
 // model dtype T (fp32, fp16 or bf16) and computes each element-wise op in fp32 ("opmath"), rounding once per op:
@@ -23,12 +25,14 @@ __device__ __forceinline__ float round_to(float x) {
 }
 
 // combine(x) over the CTA (identity: combine's neutral value), returned to every thread; blockDim.x is a multiple
-// of 32. Call once per kernel.
+// of 32. The barrier first lets a kernel reduce more than once: no warp overwrites warp_results while another still
+// reads the last reduction's.
 template <typename Combine>
 __device__ __forceinline__ float block_reduce(float x, Combine combine, float identity) {
   __shared__ float warp_results[32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   x = warp_reduce(x, combine);
+  __syncthreads();
   if (lane == 0) warp_results[warp] = x;
   __syncthreads();
   return warp_reduce(lane < static_cast<int>(blockDim.x / 32) ? warp_results[lane] : identity, combine);
@@ -37,12 +41,9 @@ __device__ __forceinline__ float block_reduce(float x, Combine combine, float id
 struct Square {
   __device__ __forceinline__ float operator()(float x) const { return x * x; }
 };
-struct Magnitude {
-  __device__ __forceinline__ float operator()(float x) const { return fabsf(x); }
-};
 
 // combine of map(x) over every element x of one row of num_vecs vectors, across the CTA (identity: combine's neutral
-// value), returned to every thread. Call once per kernel.
+// value), returned to every thread.
 template <typename T, int VEC, typename Map, typename Combine>
 __device__ __forceinline__ float reduce_row(const T* __restrict__ row, int num_vecs, Map map, Combine combine,
                                             float identity) {
@@ -56,18 +57,55 @@ __device__ __forceinline__ float reduce_row(const T* __restrict__ row, int num_v
   return block_reduce(partial, combine, identity);
 }
 
-// out = T(weight * T(row * inv_rms)) over one row of num_vecs vectors. row is not __restrict__: add_rms_norm
-// passes the residual it has just written, which must not be read through the read-only (non-coherent) cache.
+// Vector i of T(weight * T(row * inv_rms)), in float32. row is not __restrict__: add_rms_norm passes the residual it
+// has just written, which must not be read through the read-only (non-coherent) cache.
+template <typename T, int VEC>
+__device__ __forceinline__ void normed_vector(const T* row, const T* __restrict__ weight, float inv_rms, int i,
+                                              float (&x)[VEC]) {
+  float w[VEC];
+  load_as_float<T, VEC>(row + i * VEC, x);
+  load_as_float<T, VEC>(weight + i * VEC, w);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) x[k] = round_to<T>(__fmul_rn(w[k], round_to<T>(__fmul_rn(x[k], inv_rms))));
+}
+
+// out = T(weight * T(row * inv_rms)) over one row of num_vecs vectors.
 template <typename T, int VEC>
 __device__ __forceinline__ void scale_row(const T* row, const T* __restrict__ weight,
                                           T* __restrict__ out, int num_vecs, float inv_rms) {
   for (int i = threadIdx.x; i < num_vecs; i += blockDim.x) {
-    float x[VEC], w[VEC];
-    load_as_float<T, VEC>(row + i * VEC, x);
-    load_as_float<T, VEC>(weight + i * VEC, w);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) x[k] = __fmul_rn(w[k], round_to<T>(__fmul_rn(x[k], inv_rms)));
+    float x[VEC];
+    normed_vector<T, VEC>(row, weight, inv_rms, i, x);
     store_from_float<T, VEC>(out + i * VEC, x);
+  }
+}
+
+// One row of num_vecs vectors, vector i computed in float32 by values(i, v), stored as quantize_fp8_per_row stores
+// it: scale = max(amax |row|, 1e-12) / 448 into *scale and out_row = e4m3(row / scale), both true float32 divisions
+// (never a multiply by the reciprocal, which rounds differently), the conversion rounding to nearest even and
+// saturating to +-448. values runs twice per vector (for the amax, then for the store), each time in the same
+// thread: what it reads is in L1 / L2 the second time.
+template <int VEC, typename Values>
+__device__ __forceinline__ void store_row_fp8(Values values, int num_vecs, fp8_e4m3_t* __restrict__ out_row,
+                                              float* __restrict__ scale) {
+  constexpr float kMinScaleNumerator = 1e-12f, kFp8Max = 448.0f;
+  float amax = 0.0f;
+  for (int i = threadIdx.x; i < num_vecs; i += blockDim.x) {
+    float v[VEC];
+    values(i, v);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) amax = MaxPropagatingNan{}(amax, fabsf(v[k]));
+  }
+  amax = block_reduce(amax, MaxPropagatingNan{}, 0.0f);
+  // Written as torch's clamp(min=...): a NaN amax stays NaN.
+  const float row_scale = __fdiv_rn(amax < kMinScaleNumerator ? kMinScaleNumerator : amax, kFp8Max);
+  if (threadIdx.x == 0) *scale = row_scale;
+  for (int i = threadIdx.x; i < num_vecs; i += blockDim.x) {
+    float v[VEC];
+    values(i, v);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] = __fdiv_rn(v[k], row_scale);
+    store_from_float<fp8_e4m3_t, VEC>(out_row + i * VEC, v);
   }
 }
 
@@ -85,14 +123,23 @@ __global__ void rms_norm(const T* __restrict__ x, long long x_row_stride, const 
   scale_row<T, VEC>(row, weight, out + blockIdx.x * static_cast<long long>(hidden_size), num_vecs, inv_rms);
 }
 
-// One CTA per row: residual <- T(residual + x) in place, then out = rms_norm(residual). Each thread re-reads only
-// the vectors it wrote itself, so no barrier is needed between the two passes.
+// One CTA per row: x [num_rows, hidden_size] (rows x_row_stride elements apart) -> out e4m3 [num_rows, hidden_size]
+// and scales [num_rows]: quantize_fp8_per_row(rms_norm(x)).
 template <typename T, int VEC>
-__global__ void add_rms_norm(const T* __restrict__ x, long long x_row_stride, T* __restrict__ residual,
-                             long long residual_row_stride, const T* __restrict__ weight, T* __restrict__ out,
-                             int hidden_size, float eps) {
-  const T* x_row = x + blockIdx.x * x_row_stride;
-  T* residual_row = residual + blockIdx.x * residual_row_stride;
+__global__ void rms_norm_fp8(const T* __restrict__ x, long long x_row_stride, const T* __restrict__ weight,
+                             fp8_e4m3_t* __restrict__ out, float* __restrict__ scales, int hidden_size, float eps) {
+  const T* row = x + blockIdx.x * x_row_stride;
+  const int num_vecs = hidden_size / VEC;
+  const float inv_rms = inverse_rms(reduce_row<T, VEC>(row, num_vecs, Square{}, Add{}, 0.0f), hidden_size, eps);
+  store_row_fp8<VEC>([&](int i, float(&v)[VEC]) { normed_vector<T, VEC>(row, weight, inv_rms, i, v); }, num_vecs,
+                     out + blockIdx.x * static_cast<long long>(hidden_size), scales + blockIdx.x);
+}
+
+// residual_row <- T(residual_row + x_row) in place, by the CTA; returns the new row's inverse RMS. Thread t writes
+// vectors t, t + blockDim.x, ...: a caller that re-reads only those in each thread needs no barrier.
+template <typename T, int VEC>
+__device__ __forceinline__ float add_residual(const T* __restrict__ x_row, T* residual_row, int hidden_size,
+                                              float eps) {
   const int num_vecs = hidden_size / VEC;
   float sum_squares = 0.0f;
   for (int i = threadIdx.x; i < num_vecs; i += blockDim.x) {
@@ -106,9 +153,41 @@ __global__ void add_rms_norm(const T* __restrict__ x, long long x_row_stride, T*
     }
     store_from_float<T, VEC>(residual_row + i * VEC, r);
   }
-  const float inv_rms = inverse_rms(block_reduce(sum_squares, Add{}, 0.0f), hidden_size, eps);
-  scale_row<T, VEC>(residual_row, weight, out + blockIdx.x * static_cast<long long>(hidden_size), num_vecs,
+  return inverse_rms(block_reduce(sum_squares, Add{}, 0.0f), hidden_size, eps);
+}
+
+// One CTA per row: residual <- T(residual + x) in place, then out = rms_norm(residual).
+template <typename T, int VEC>
+__global__ void add_rms_norm(const T* __restrict__ x, long long x_row_stride, T* __restrict__ residual,
+                             long long residual_row_stride, const T* __restrict__ weight, T* __restrict__ out,
+                             int hidden_size, float eps) {
+  T* residual_row = residual + blockIdx.x * residual_row_stride;
+  const float inv_rms = add_residual<T, VEC>(x + blockIdx.x * x_row_stride, residual_row, hidden_size, eps);
+  scale_row<T, VEC>(residual_row, weight, out + blockIdx.x * static_cast<long long>(hidden_size), hidden_size / VEC,
                     inv_rms);
+}
+
+// One CTA per row: residual <- T(residual + x) in place, then out, scales = quantize_fp8_per_row(rms_norm(residual)).
+template <typename T, int VEC>
+__global__ void add_rms_norm_fp8(const T* __restrict__ x, long long x_row_stride, T* __restrict__ residual,
+                                 long long residual_row_stride, const T* __restrict__ weight,
+                                 fp8_e4m3_t* __restrict__ out, float* __restrict__ scales, int hidden_size,
+                                 float eps) {
+  T* residual_row = residual + blockIdx.x * residual_row_stride;
+  const float inv_rms = add_residual<T, VEC>(x + blockIdx.x * x_row_stride, residual_row, hidden_size, eps);
+  store_row_fp8<VEC>([&](int i, float(&v)[VEC]) { normed_vector<T, VEC>(residual_row, weight, inv_rms, i, v); },
+                     hidden_size / VEC, out + blockIdx.x * static_cast<long long>(hidden_size), scales + blockIdx.x);
+}
+
+// The VEC elements from column i of T(T(silu(gate)) * up), in float32, for one row of gate_up (gate, then up, size
+// each).
+template <typename T, int VEC>
+__device__ __forceinline__ void silu_mul_vector(const T* __restrict__ gate_row, int size, int i, float (&out)[VEC]) {
+  float up[VEC];
+  load_as_float<T, VEC>(gate_row + i, out);
+  load_as_float<T, VEC>(gate_row + size + i, up);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) out[k] = round_to<T>(__fmul_rn(round_to<T>(out[k] / (1.0f + expf(-out[k]))), up[k]));
 }
 
 // Grid (num_tokens, vector chunks): gate_up [num_tokens, 2 * size] (gate, then up) -> out [num_tokens, size].
@@ -116,13 +195,19 @@ template <typename T, int VEC>
 __global__ void silu_and_mul(const T* __restrict__ gate_up, T* __restrict__ out, int size) {
   const int i = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
   if (i >= size) return;
+  float v[VEC];
+  silu_mul_vector<T, VEC>(gate_up + blockIdx.x * 2LL * size, size, i, v);
+  store_from_float<T, VEC>(out + blockIdx.x * static_cast<long long>(size) + i, v);
+}
+
+// One CTA per token: gate_up [num_tokens, 2 * size] -> out e4m3 [num_tokens, size] and scales [num_tokens]:
+// quantize_fp8_per_row(silu_and_mul(gate_up)).
+template <typename T, int VEC>
+__global__ void silu_and_mul_fp8(const T* __restrict__ gate_up, fp8_e4m3_t* __restrict__ out,
+                                 float* __restrict__ scales, int size) {
   const T* gate_row = gate_up + blockIdx.x * 2LL * size;
-  float gate[VEC], up[VEC];
-  load_as_float<T, VEC>(gate_row + i, gate);
-  load_as_float<T, VEC>(gate_row + size + i, up);
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) gate[k] = __fmul_rn(round_to<T>(gate[k] / (1.0f + expf(-gate[k]))), up[k]);
-  store_from_float<T, VEC>(out + blockIdx.x * static_cast<long long>(size) + i, gate);
+  store_row_fp8<VEC>([&](int i, float(&v)[VEC]) { silu_mul_vector<T, VEC>(gate_row, size, i * VEC, v); },
+                     size / VEC, out + blockIdx.x * static_cast<long long>(size), scales + blockIdx.x);
 }
 
 // Offset of (slot, kv head) in a cache [num_blocks, num_kv_heads, block_size, head_dim].
@@ -196,28 +281,14 @@ __global__ void rotary_write_kv(const T* __restrict__ qkv, const T* __restrict__
 }
 
 // One CTA per row: x [num_rows, num_cols] (rows x_row_stride elements apart) -> out e4m3 [num_rows, num_cols]
-// (contiguous) and scales [num_rows] float32, as pagedserve.kernels.fp8.quantize_per_row computes them:
-// scale = max(amax |row|, 1e-12) / 448 and out = e4m3(x / scale), both true float32 divisions (never a multiply by
-// the reciprocal, which rounds differently), the conversion rounding to nearest even and saturating to +-448. The
-// second pass re-reads the row, which the first has just brought into L1 / L2.
+// (contiguous) and scales [num_rows] float32, as pagedserve.kernels.fp8.quantize_per_row computes them (see
+// store_row_fp8).
 template <typename T, int VEC>
 __global__ void quantize_fp8_per_row(const T* __restrict__ x, long long x_row_stride, fp8_e4m3_t* __restrict__ out,
                                      float* __restrict__ scales, int num_cols) {
-  constexpr float kMinScaleNumerator = 1e-12f, kFp8Max = 448.0f;
   const T* row = x + blockIdx.x * x_row_stride;
-  const int num_vecs = num_cols / VEC;
-  const float amax = reduce_row<T, VEC>(row, num_vecs, Magnitude{}, MaxPropagatingNan{}, 0.0f);
-  // Written as torch's clamp(min=...): a NaN amax stays NaN.
-  const float scale = __fdiv_rn(amax < kMinScaleNumerator ? kMinScaleNumerator : amax, kFp8Max);
-  if (threadIdx.x == 0) scales[blockIdx.x] = scale;
-  fp8_e4m3_t* out_row = out + blockIdx.x * static_cast<long long>(num_cols);
-  for (int i = threadIdx.x; i < num_vecs; i += blockDim.x) {
-    float v[VEC];
-    load_as_float<T, VEC>(row + i * VEC, v);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) v[k] = __fdiv_rn(v[k], scale);
-    store_from_float<fp8_e4m3_t, VEC>(out_row + i * VEC, v);
-  }
+  store_row_fp8<VEC>([&](int i, float(&v)[VEC]) { load_as_float<T, VEC>(row + i * VEC, v); }, num_cols / VEC,
+                     out + blockIdx.x * static_cast<long long>(num_cols), scales + blockIdx.x);
 }
 
 // Grid (num_rows, vector chunks): raw bfloat16 [num_rows, num_cols] contiguous (an FP8 product with unit scales) ->

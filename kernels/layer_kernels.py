@@ -1,5 +1,6 @@
 """Launchers of layer_kernels.cu: a decoder layer's fused RMSNorm, residual add, SiLU-and-mul, rotary+KV write, and
-an FP8 linear layer's per-token quantization of its input and scaling of its unscaled product."""
+an FP8 linear layer's per-token quantization of its input (alone, or fused into the norm or SiLU-and-mul producing
+it) and scaling of its unscaled product."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 SOURCE = "layer_kernels.cu"
 KERNEL_NAMES = ("rms_norm", "add_rms_norm", "silu_and_mul", "rotary_write_kv", "quantize_fp8_per_row",
-                "scale_fp8_product")
+                "scale_fp8_product", "rms_norm_fp8", "add_rms_norm_fp8", "silu_and_mul_fp8")
 VECTOR_BYTES = 16  # the widest load or store of one thread
 WARP_THREADS = 32
 MAX_ROW_THREADS = 1024  # one CTA per row (norms, quantization): wide rows get every thread of a CTA
@@ -87,26 +88,40 @@ class LayerKernels:
         """
         _check_rows("x", x, x.dtype, x.shape[-1])
         _check_weight(weight, x)
-        return self._launch_norm("rms_norm", (x,), weight, eps)
+        out = weight.new_empty(x.shape)  # new_empty: half the host time of torch.empty
+        self._launch_norm("rms_norm", (x,), weight, eps, (out,))
+        return out
+
+    def rms_norm_fp8(self, x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        """quantize_fp8_per_row(rms_norm(x, weight, eps)) bit for bit, in one launch: (new contiguous e4m3
+        [num_rows, hidden], new float32 scales [num_rows, 1])."""
+        _check_rows("x", x, x.dtype, x.shape[-1])
+        _check_weight(weight, x)
+        out, scales = _fp8_rows(weight, *x.shape)
+        self._launch_norm("rms_norm_fp8", (x,), weight, eps, (out, scales))
+        return out, scales
 
     def add_rms_norm(self, x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> Tensor:
         """residual <- residual + x in place (rounded to the dtype); returns rms_norm(residual, weight, eps).
 
         x, residual: [num_rows, hidden], unit column stride (rows may be strided), not overlapping.
         """
-        _check_rows("x", x, x.dtype, x.shape[-1])
-        _check_rows("residual", residual, x.dtype, x.shape[1])
-        if residual.shape[0] != x.shape[0]:
-            raise ValueError(f"x {tuple(x.shape)} and residual {tuple(residual.shape)} differ in rows")
-        _check_weight(weight, x)
-        return self._launch_norm("add_rms_norm", (x, residual), weight, eps)
+        _check_add_rms_norm(x, residual, weight)
+        out = weight.new_empty(x.shape)
+        self._launch_norm("add_rms_norm", (x, residual), weight, eps, (out,))
+        return out
+
+    def add_rms_norm_fp8(self, x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        """residual <- residual + x in place, as add_rms_norm; returns quantize_fp8_per_row(rms_norm(residual,
+        weight, eps)) bit for bit, in one launch."""
+        _check_add_rms_norm(x, residual, weight)
+        out, scales = _fp8_rows(weight, *x.shape)
+        self._launch_norm("add_rms_norm_fp8", (x, residual), weight, eps, (out, scales))
+        return out, scales
 
     def silu_and_mul(self, gate_up: Tensor) -> Tensor:
         """gate_up: [num_tokens, 2 * size] contiguous (gate, then up) -> new [num_tokens, size]: silu(gate) * up."""
-        if gate_up.dim() != 2 or gate_up.shape[1] % 2 or not gate_up.is_contiguous() or not gate_up.is_cuda:
-            raise ValueError(f"gate_up must be a contiguous CUDA [num_tokens, 2 * size] tensor, got "
-                             f"{tuple(gate_up.shape)} strides {gate_up.stride()} on {gate_up.device}")
-        num_tokens, size = gate_up.shape[0], gate_up.shape[1] // 2
+        num_tokens, size = _check_gate_up(gate_up)
         out = gate_up.new_empty((num_tokens, size))
         if num_tokens == 0 or size == 0:
             return out
@@ -117,6 +132,19 @@ class LayerKernels:
         self._modules.launch(kernel, (num_tokens, -(-num_vecs // threads), 1), (threads, 1, 1),
                              (pointer(gate_up), pointer(out), int32(size)))
         return out
+
+    def silu_and_mul_fp8(self, gate_up: Tensor) -> tuple[Tensor, Tensor]:
+        """quantize_fp8_per_row(silu_and_mul(gate_up)) bit for bit, in one launch (one CTA per token): (new
+        contiguous e4m3 [num_tokens, size], new float32 scales [num_tokens, 1])."""
+        num_tokens, size = _check_gate_up(gate_up)
+        out, scales = _fp8_rows(gate_up, num_tokens, size)
+        if num_tokens == 0 or size == 0:
+            return out, scales
+        vec = _vector_width(gate_up.itemsize, size * gate_up.itemsize, gate_up.data_ptr(), size, out.data_ptr())
+        kernel = self._modules.kernel(SOURCE, f"silu_and_mul_fp8<{scalar_type_name(gate_up.dtype)}, {vec}>")
+        self._modules.launch(kernel, (num_tokens, 1, 1), (_threads(size // vec, MAX_ROW_THREADS), 1, 1),
+                             (pointer(gate_up), pointer(out), pointer(scales), int32(size)))
+        return out, scales
 
     def rotary_write_kv(self, qkv: Tensor, cos: Tensor, sin: Tensor, key_cache: Tensor, value_cache: Tensor,
                         slot_mapping: Tensor, num_heads: int, num_kv_heads: int, k_scale: float = 1.0,
@@ -155,8 +183,7 @@ class LayerKernels:
         num_rows, num_cols = x.shape
         if num_cols == 0:
             raise ValueError(f"x must have at least one column, got shape {tuple(x.shape)}")
-        out = x.new_empty((num_rows, num_cols), dtype=FP8_DTYPE)
-        scales = x.new_empty((num_rows, 1), dtype=torch.float32)
+        out, scales = _fp8_rows(x, num_rows, num_cols)
         if num_rows == 0:
             return out, scales
         itemsize = x.itemsize
@@ -203,24 +230,24 @@ class LayerKernels:
         ))
         return out
 
-    def _launch_norm(self, name: str, rows: tuple[Tensor, ...], weight: Tensor, eps: float) -> Tensor:
-        """One CTA per row; the kernel takes (pointer, row stride) of each tensor of rows, then weight, out."""
+    def _launch_norm(self, name: str, rows: tuple[Tensor, ...], weight: Tensor, eps: float,
+                     outputs: tuple[Tensor, ...]) -> None:
+        """One CTA per row; the kernel takes (pointer, row stride) of each tensor of rows, then weight, outputs
+        (the normed rows [num_rows, hidden], then any scales)."""
         num_rows, hidden = rows[0].shape
-        out = weight.new_empty((num_rows, hidden))  # new_empty: half the host time of torch.empty
         if num_rows == 0 or hidden == 0:
-            return out
-        itemsize = out.itemsize
+            return
+        itemsize = weight.itemsize
         args: list[ctypes._SimpleCData[Any]] = []
-        byte_counts = [hidden * itemsize, weight.data_ptr(), out.data_ptr()]
+        byte_counts = [hidden * itemsize, weight.data_ptr(), outputs[0].data_ptr(), hidden * outputs[0].itemsize]
         for tensor in rows:
             args += (pointer(tensor), int64(tensor.stride(0)))
             byte_counts += (tensor.data_ptr(), tensor.stride(0) * itemsize)
         vec = _vector_width(itemsize, *byte_counts)
-        kernel = self._modules.kernel(SOURCE, f"{name}<{scalar_type_name(out.dtype)}, {vec}>")
+        kernel = self._modules.kernel(SOURCE, f"{name}<{scalar_type_name(weight.dtype)}, {vec}>")
         self._modules.launch(kernel, (num_rows, 1, 1), (_threads(hidden // vec, MAX_ROW_THREADS), 1, 1), (
-            *args, pointer(weight), pointer(out), int32(hidden), float32(eps),
+            *args, pointer(weight), *(pointer(t) for t in outputs), int32(hidden), float32(eps),
         ))
-        return out
 
 
 def _check_rows(name: str, tensor: Tensor, dtype: torch.dtype, hidden: int) -> None:
@@ -231,6 +258,29 @@ def _check_rows(name: str, tensor: Tensor, dtype: torch.dtype, hidden: int) -> N
     if tensor.stride(1) != 1 and hidden > 1:
         raise ValueError(f"{name} must have unit column stride, got strides {tensor.stride()}")
     scalar_type_name(dtype)
+
+
+def _fp8_rows(like: Tensor, num_rows: int, num_cols: int) -> tuple[Tensor, Tensor]:
+    """New e4m3 [num_rows, num_cols] and float32 [num_rows, 1] tensors on like's device: quantized rows and their
+    scales."""
+    return (like.new_empty((num_rows, num_cols), dtype=FP8_DTYPE),
+            like.new_empty((num_rows, 1), dtype=torch.float32))
+
+
+def _check_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor) -> None:
+    _check_rows("x", x, x.dtype, x.shape[-1])
+    _check_rows("residual", residual, x.dtype, x.shape[1])
+    if residual.shape[0] != x.shape[0]:
+        raise ValueError(f"x {tuple(x.shape)} and residual {tuple(residual.shape)} differ in rows")
+    _check_weight(weight, x)
+
+
+def _check_gate_up(gate_up: Tensor) -> tuple[int, int]:
+    """Validates silu_and_mul's input; returns (num_tokens, size)."""
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2 or not gate_up.is_contiguous() or not gate_up.is_cuda:
+        raise ValueError(f"gate_up must be a contiguous CUDA [num_tokens, 2 * size] tensor, got "
+                         f"{tuple(gate_up.shape)} strides {gate_up.stride()} on {gate_up.device}")
+    return gate_up.shape[0], gate_up.shape[1] // 2
 
 
 def _check_weight(weight: Tensor, x: Tensor) -> None:

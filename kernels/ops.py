@@ -104,6 +104,19 @@ class KernelOps(Protocol):
         linear layer's per-token activation quantization."""
         ...
 
+    def rms_norm_fp8(self, x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        """quantize_fp8_per_row(rms_norm(x, weight, eps)): the norm's output as the FP8 linear layer reading it
+        takes it."""
+        ...
+
+    def add_rms_norm_fp8(self, x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        """residual <- residual + x in place; returns quantize_fp8_per_row(rms_norm(residual, weight, eps))."""
+        ...
+
+    def silu_and_mul_fp8(self, gate_up: Tensor) -> tuple[Tensor, Tensor]:
+        """quantize_fp8_per_row(silu_and_mul(gate_up))."""
+        ...
+
     def scale_fp8_product(self, raw: Tensor, row_scales: Tensor, col_scales: Tensor, bias: Tensor | None,
                           dtype: torch.dtype) -> Tensor:
         """An FP8 linear layer's product taken with unit scales, scaled: raw [num_rows, num_cols] bfloat16

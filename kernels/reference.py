@@ -115,6 +115,15 @@ class TorchReferenceOps:
         """x: [num_rows, num_cols] -> (e4m3 [num_rows, num_cols], float32 scales [num_rows, 1]), per row."""
         return quantize_per_row(x)
 
+    def rms_norm_fp8(self, x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        return quantize_per_row(self.rms_norm(x, weight, eps))
+
+    def add_rms_norm_fp8(self, x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        return quantize_per_row(self.add_rms_norm(x, residual, weight, eps))
+
+    def silu_and_mul_fp8(self, gate_up: Tensor) -> tuple[Tensor, Tensor]:
+        return quantize_per_row(self.silu_and_mul(gate_up))
+
     def scale_fp8_product(self, raw: Tensor, row_scales: Tensor, col_scales: Tensor, bias: Tensor | None,
                           dtype: torch.dtype) -> Tensor:
         """raw * row_scales * col_scales (+ bias) in float32, in that order, rounded to dtype once: a new tensor."""

@@ -98,12 +98,12 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """previous: the last layer's MLP output, still to be added (None for the first layer); residual: [T,
         hidden], updated in place. Returns the attention's query and output buffer."""
-        hidden = self.input_norm(residual) if previous is None else self.input_norm.add_and_norm(previous, residual)
+        hidden = self.input_norm.input_of(self.attn.qkv_proj, residual, previous)
         return self.attn.project(hidden, rotation, slot_mapping, layer_cache, buffers)
 
     def after_attention(self, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """Adds the attention's projection to residual; returns this layer's MLP output."""
-        return self.mlp(self.post_attention_norm.add_and_norm(self.attn.output(out), residual))
+        return self.mlp(self.post_attention_norm.input_of(self.mlp.gate_up_proj, residual, self.attn.output(out)))
 
 
 class DecoderForCausalLM(nn.Module):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,14 @@ SCALED_MM_ALIGNMENT = 16
 UNIT_SCALE_MAX_ROWS = 256
 
 
+class QuantizedRows(NamedTuple):
+    """An FP8 layer's input rows quantized per token by the op that produced them (ops.rms_norm_fp8,
+    add_rms_norm_fp8, silu_and_mul_fp8), as the layer would quantize them itself (ops.quantize_fp8_per_row)."""
+
+    values: torch.Tensor  # e4m3 [rows, in]
+    scales: torch.Tensor  # float32 [rows, 1]
+
+
 class Fp8Linear(nn.Module):
     """y = x W^T (+ bias) with W held as e4m3 weight [out, in] times weight_scale [out] (float32).
 
@@ -32,10 +40,11 @@ class Fp8Linear(nn.Module):
     by reading the weight once. More rows (use_scaled_mm) are quantized per token to e4m3
     (ops.quantize_fp8_per_row: one kernel on CUDA) and multiplied on FP8 tensor cores (torch._scaled_mm, float32
     accumulation): up to UNIT_SCALE_MAX_ROWS rows with unit scales, the row and column scales applied after in one
-    pass (ops.scale_fp8_product); beyond, scaling rows and columns in its epilogue. Elsewhere (the CPU worker, and
-    shapes _scaled_mm cannot take) it is the reference: the weight dequantized to the model dtype, then an ordinary
-    matmul. Weight and scales are buffers, not parameters: the decoder's own loader, which requires every parameter,
-    never sees them (pagedserve.gpu_worker.fp8_weights fills them).
+    pass (ops.scale_fp8_product); beyond, scaling rows and columns in its epilogue. Where the layer would quantize
+    (quantizes), the op producing its input may quantize instead and hand over QuantizedRows. Elsewhere (the CPU
+    worker, and shapes _scaled_mm cannot take) it is the reference: the weight dequantized to the model dtype, then an
+    ordinary matmul. Weight and scales are buffers, not parameters: the decoder's own loader, which requires every
+    parameter, never sees them (pagedserve.gpu_worker.fp8_weights fills them).
     """
 
     weight: torch.Tensor
@@ -76,33 +85,54 @@ class Fp8Linear(nn.Module):
         """The weight the layer stands for, [out, in] in the model dtype."""
         return (self.weight.float() * self.weight_scale[:, None]).to(self.dtype)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [..., in] model dtype -> [..., out] model dtype."""
+    def quantizes(self, num_rows: int) -> bool:
+        """Whether forward quantizes num_rows new contiguous rows (and so takes QuantizedRows of them)."""
+        return self.use_scaled_mm and not (self.use_gemv and fp8_gemv.takes_rows(num_rows, self.weight))
+
+    def forward(self, x: torch.Tensor | QuantizedRows, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [..., in] model dtype, or QuantizedRows where quantizes(rows) -> [..., out] model dtype."""
+        if isinstance(x, QuantizedRows):
+            return self._scaled_product(x.values, x.scales, bias)
         rows = x.reshape(-1, x.shape[-1])
         if self.use_gemv and fp8_gemv.supports(rows, self.weight):
             return self.ops.fp8_gemv(rows, self.weight, self.weight_scale, bias).view(*x.shape[:-1], -1)
         if not self.use_scaled_mm:
             return F.linear(x, self.dequantized(), bias)
-        quantized, x_scale = self.ops.quantize_fp8_per_row(rows)
-        if rows.shape[0] <= UNIT_SCALE_MAX_ROWS:
+        out = self._scaled_product(*self.ops.quantize_fp8_per_row(rows), bias)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _scaled_product(self, quantized: torch.Tensor, x_scale: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+        """e4m3 rows [rows, in] with their float32 scales [rows, 1], times the weight on FP8 tensor cores ->
+        [rows, out] model dtype."""
+        if quantized.shape[0] <= UNIT_SCALE_MAX_ROWS:
             raw = torch._scaled_mm(quantized, self.weight.t(), scale_a=self.unit_scale, scale_b=self.unit_scale,
                                    out_dtype=torch.bfloat16)
-            out = self.ops.scale_fp8_product(raw, x_scale, self.weight_scale, bias, self.dtype)
-            return out.view(*x.shape[:-1], out.shape[-1])
+            return self.ops.scale_fp8_product(raw, x_scale, self.weight_scale, bias, self.dtype)
         # Row-wise scaling produces bfloat16; float16 models round once more.
         out = torch._scaled_mm(quantized, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale[None, :],
                                bias=bias if self.dtype == torch.bfloat16 else None, out_dtype=torch.bfloat16)
         out = out.to(self.dtype)
         if bias is not None and self.dtype != torch.bfloat16:
             out = out + bias
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out
 
     if TYPE_CHECKING:  # nn.Module.__call__ runs forward (and any hooks) but is typed as returning Any
         __call__ = forward
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | Fp8Linear, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for a model-dtype weight [out, in], or the FP8 layer standing in for it."""
+def linear(x: torch.Tensor | QuantizedRows, weight: torch.Tensor | Fp8Linear,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for a model-dtype weight [out, in], or the FP8 layer standing in for it (which also takes the
+    QuantizedRows that quantized_for asked for)."""
     if isinstance(weight, Fp8Linear):
         return weight(x, bias)
+    if isinstance(x, QuantizedRows):
+        raise TypeError("quantized rows are an FP8 layer's input, not a model-dtype weight's")
     return F.linear(x, weight, bias)
+
+
+def quantized_for(weight: torch.Tensor | Fp8Linear, num_rows: int) -> bool:
+    """Whether the op producing num_rows input rows of weight hands them over quantized (QuantizedRows): weight is
+    an FP8 layer that would quantize them itself, so the producer's fused *_fp8 op saves a pass over the rows."""
+    return isinstance(weight, Fp8Linear) and weight.quantizes(num_rows)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import nn
 
-from pagedserve.gpu_worker.models.fp8_linear import Fp8Linear, linear
+from pagedserve.gpu_worker.models.fp8_linear import Fp8Linear, QuantizedRows, linear, quantized_for
 from pagedserve.gpu_worker.models.model_config import ModelConfig
 from pagedserve.gpu_worker.models.rope import Rotation
 from pagedserve.gpu_worker.parallel.group import SINGLE_RANK, ParallelGroup
@@ -68,6 +68,16 @@ class RMSNorm(nn.Module):
         """residual += x in place (the residual stream), then returns the norm of the sum: one fused op."""
         return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
+    def input_of(self, reader: nn.Parameter | Fp8Linear, residual: torch.Tensor,
+                 previous: torch.Tensor | None) -> torch.Tensor | QuantizedRows:
+        """The norm of residual (after residual += previous in place, when given) as the input of the linear
+        layer reader: quantized in the same op when reader is an FP8 layer that would quantize it."""
+        if quantized_for(reader, residual.shape[0]):
+            if previous is None:
+                return QuantizedRows(*self.ops.rms_norm_fp8(residual, self.weight, self.eps))
+            return QuantizedRows(*self.ops.add_rms_norm_fp8(previous, residual, self.weight, self.eps))
+        return self(residual) if previous is None else self.add_and_norm(previous, residual)
+
 
 class GatedMLP(nn.Module):
     """SwiGLU feed-forward with gate and up projections fused into one matmul.
@@ -86,8 +96,11 @@ class GatedMLP(nn.Module):
             config.hidden_size, config.intermediate_size, device=device, dtype=dtype)
         self.ops = ops
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.group.all_reduce(linear(self.ops.silu_and_mul(linear(x, self.gate_up_proj)), self.down_proj))
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+        gate_up = linear(x, self.gate_up_proj)
+        if quantized_for(self.down_proj, gate_up.shape[0]):
+            return self.group.all_reduce(linear(QuantizedRows(*self.ops.silu_and_mul_fp8(gate_up)), self.down_proj))
+        return self.group.all_reduce(linear(self.ops.silu_and_mul(gate_up), self.down_proj))
 
     if TYPE_CHECKING:
         __call__ = forward
@@ -124,12 +137,12 @@ class PagedAttention(nn.Module):
         self.has_checkpoint_kv_scales = False
 
     def project(
-        self, x: torch.Tensor, rotation: Rotation, slot_mapping: torch.Tensor, layer_cache: torch.Tensor,
-        buffers: AttentionBuffers | None = None,
+        self, x: torch.Tensor | QuantizedRows, rotation: Rotation, slot_mapping: torch.Tensor,
+        layer_cache: torch.Tensor, buffers: AttentionBuffers | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [T, hidden]; layer_cache: [2, num_blocks, Hkv, block_size, D], this layer's K and V pools.
-        Projects x, rotates q and k, writes k and v into their slots; returns (q, an output buffer for attend),
-        in buffers when given."""
+        """x: [T, hidden] (or QuantizedRows of it); layer_cache: [2, num_blocks, Hkv, block_size, D], this layer's
+        K and V pools. Projects x, rotates q and k, writes k and v into their slots; returns (q, an output buffer for
+        attend), in buffers when given."""
         cfg = self.config
         qkv = linear(x, self.qkv_proj, self.qkv_bias)
         if self.q_norm is not None and self.k_norm is not None:
