@@ -57,60 +57,76 @@ __device__ __forceinline__ float reduce_row(const T* __restrict__ row, int num_v
   return block_reduce(partial, combine, identity);
 }
 
-// Vector i of T(weight * T(row * inv_rms)), in float32. row is not __restrict__: add_rms_norm passes the residual it
-// has just written, which must not be read through the read-only (non-coherent) cache.
-template <typename T, int VEC>
-__device__ __forceinline__ void normed_vector(const T* row, const T* __restrict__ weight, float inv_rms, int i,
-                                              float (&x)[VEC]) {
-  float w[VEC];
-  load_as_float<T, VEC>(row + i * VEC, x);
-  load_as_float<T, VEC>(weight + i * VEC, w);
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) x[k] = round_to<T>(__fmul_rn(w[k], round_to<T>(__fmul_rn(x[k], inv_rms))));
+__device__ __forceinline__ float inverse_rms(float sum_squares, int hidden_size, float eps) {
+  return rsqrtf(sum_squares / hidden_size + eps);
 }
 
-// out = T(weight * T(row * inv_rms)) over one row of num_vecs vectors.
+// T(w * T(x * inv_rms)) in float32: one normed element.
+template <typename T>
+__device__ __forceinline__ float normed(float x, float w, float inv_rms) {
+  return round_to<T>(__fmul_rn(w, round_to<T>(__fmul_rn(x, inv_rms))));
+}
+
+// out = T(weight * T(row * inv_rms)) over one row of num_vecs vectors. row is not __restrict__: add_rms_norm
+// passes the residual it has just written, which must not be read through the read-only (non-coherent) cache.
 template <typename T, int VEC>
 __device__ __forceinline__ void scale_row(const T* row, const T* __restrict__ weight,
                                           T* __restrict__ out, int num_vecs, float inv_rms) {
   for (int i = threadIdx.x; i < num_vecs; i += blockDim.x) {
-    float x[VEC];
-    normed_vector<T, VEC>(row, weight, inv_rms, i, x);
+    float x[VEC], w[VEC];
+    load_as_float<T, VEC>(row + i * VEC, x);
+    load_as_float<T, VEC>(weight + i * VEC, w);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) x[k] = normed<T>(x[k], w[k], inv_rms);
     store_from_float<T, VEC>(out + i * VEC, x);
   }
 }
 
-// One row of num_vecs vectors, vector i computed in float32 by values(i, v), stored as quantize_fp8_per_row stores
-// it: scale = max(amax |row|, 1e-12) / 448 into *scale and out_row = e4m3(row / scale), both true float32 divisions
-// (never a multiply by the reciprocal, which rounds differently), the conversion rounding to nearest even and
-// saturating to +-448. values runs twice per vector (for the amax, then for the store), each time in the same
-// thread: what it reads is in L1 / L2 the second time.
-template <int VEC, typename Values>
-__device__ __forceinline__ void store_row_fp8(Values values, int num_vecs, fp8_e4m3_t* __restrict__ out_row,
+// f(j, i) for each vector i = threadIdx.x + j * blockDim.x (j < VPT) of a row of num_vecs vectors: the vectors a
+// thread holds in registers when its CTA keeps a whole row there (the *_fp8 kernels and quantize_fp8_per_row).
+template <int VPT, typename F>
+__device__ __forceinline__ void for_own_vectors(int num_vecs, F f) {
+#pragma unroll
+  for (int j = 0; j < VPT; ++j) {
+    const int i = threadIdx.x + j * blockDim.x;
+    if (i < num_vecs) f(j, i);
+  }
+}
+
+// A row held in registers by the CTA (v[j]: this thread's vector threadIdx.x + j * blockDim.x, in float32), stored
+// as quantize_fp8_per_row stores it: scale = max(amax |row|, 1e-12) / 448 into *scale and out_row = e4m3(row /
+// scale), both true float32 divisions (never a multiply by the reciprocal, which rounds differently), the
+// conversion rounding to nearest even and saturating to +-448.
+template <int VEC, int VPT>
+__device__ __forceinline__ void store_row_fp8(float (&v)[VPT][VEC], int num_vecs, fp8_e4m3_t* __restrict__ out_row,
                                               float* __restrict__ scale) {
   constexpr float kMinScaleNumerator = 1e-12f, kFp8Max = 448.0f;
   float amax = 0.0f;
-  for (int i = threadIdx.x; i < num_vecs; i += blockDim.x) {
-    float v[VEC];
-    values(i, v);
+  for_own_vectors<VPT>(num_vecs, [&](int j, int) {
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) amax = MaxPropagatingNan{}(amax, fabsf(v[k]));
-  }
+    for (int k = 0; k < VEC; ++k) amax = MaxPropagatingNan{}(amax, fabsf(v[j][k]));
+  });
   amax = block_reduce(amax, MaxPropagatingNan{}, 0.0f);
   // Written as torch's clamp(min=...): a NaN amax stays NaN.
   const float row_scale = __fdiv_rn(amax < kMinScaleNumerator ? kMinScaleNumerator : amax, kFp8Max);
   if (threadIdx.x == 0) *scale = row_scale;
-  for (int i = threadIdx.x; i < num_vecs; i += blockDim.x) {
-    float v[VEC];
-    values(i, v);
+  for_own_vectors<VPT>(num_vecs, [&](int j, int i) {
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) v[k] = __fdiv_rn(v[k], row_scale);
-    store_from_float<fp8_e4m3_t, VEC>(out_row + i * VEC, v);
-  }
+    for (int k = 0; k < VEC; ++k) v[j][k] = __fdiv_rn(v[j][k], row_scale);
+    store_from_float<fp8_e4m3_t, VEC>(out_row + i * VEC, v[j]);
+  });
 }
 
-__device__ __forceinline__ float inverse_rms(float sum_squares, int hidden_size, float eps) {
-  return rsqrtf(sum_squares / hidden_size + eps);
+// v[j] <- T(weight * T(v[j] * inv_rms)) for this thread's vectors of a row held in registers.
+template <typename T, int VEC, int VPT>
+__device__ __forceinline__ void scale_own_vectors(float (&v)[VPT][VEC], const T* __restrict__ weight, int num_vecs,
+                                                  float inv_rms) {
+  for_own_vectors<VPT>(num_vecs, [&](int j, int i) {
+    float w[VEC];
+    load_as_float<T, VEC>(weight + i * VEC, w);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[j][k] = normed<T>(v[j][k], w[k], inv_rms);
+  });
 }
 
 // One CTA per row: x [num_rows, hidden_size] (rows x_row_stride elements apart) -> out [num_rows, hidden_size].
@@ -123,16 +139,24 @@ __global__ void rms_norm(const T* __restrict__ x, long long x_row_stride, const 
   scale_row<T, VEC>(row, weight, out + blockIdx.x * static_cast<long long>(hidden_size), num_vecs, inv_rms);
 }
 
-// One CTA per row: x [num_rows, hidden_size] (rows x_row_stride elements apart) -> out e4m3 [num_rows, hidden_size]
-// and scales [num_rows]: quantize_fp8_per_row(rms_norm(x)).
-template <typename T, int VEC>
+// One CTA per row, the row in registers (VPT vectors a thread): x [num_rows, hidden_size] (rows x_row_stride
+// elements apart) -> out e4m3 [num_rows, hidden_size] and scales [num_rows]: quantize_fp8_per_row(rms_norm(x)), its
+// sum of squares formed as rms_norm forms it.
+template <typename T, int VEC, int VPT>
 __global__ void rms_norm_fp8(const T* __restrict__ x, long long x_row_stride, const T* __restrict__ weight,
                              fp8_e4m3_t* __restrict__ out, float* __restrict__ scales, int hidden_size, float eps) {
   const T* row = x + blockIdx.x * x_row_stride;
   const int num_vecs = hidden_size / VEC;
-  const float inv_rms = inverse_rms(reduce_row<T, VEC>(row, num_vecs, Square{}, Add{}, 0.0f), hidden_size, eps);
-  store_row_fp8<VEC>([&](int i, float(&v)[VEC]) { normed_vector<T, VEC>(row, weight, inv_rms, i, v); }, num_vecs,
-                     out + blockIdx.x * static_cast<long long>(hidden_size), scales + blockIdx.x);
+  float v[VPT][VEC];
+  float sum_squares = 0.0f;
+  for_own_vectors<VPT>(num_vecs, [&](int j, int i) {
+    load_as_float<T, VEC>(row + i * VEC, v[j]);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) sum_squares = Add{}(sum_squares, Square{}(v[j][k]));
+  });
+  const float inv_rms = inverse_rms(block_reduce(sum_squares, Add{}, 0.0f), hidden_size, eps);
+  scale_own_vectors<T, VEC, VPT>(v, weight, num_vecs, inv_rms);
+  store_row_fp8<VEC, VPT>(v, num_vecs, out + blockIdx.x * static_cast<long long>(hidden_size), scales + blockIdx.x);
 }
 
 // residual_row <- T(residual_row + x_row) in place, by the CTA; returns the new row's inverse RMS. Thread t writes
@@ -167,16 +191,32 @@ __global__ void add_rms_norm(const T* __restrict__ x, long long x_row_stride, T*
                     inv_rms);
 }
 
-// One CTA per row: residual <- T(residual + x) in place, then out, scales = quantize_fp8_per_row(rms_norm(residual)).
-template <typename T, int VEC>
+// One CTA per row, the row in registers: residual <- T(residual + x) in place, then out, scales =
+// quantize_fp8_per_row(rms_norm(residual)), every value formed as add_rms_norm forms it.
+template <typename T, int VEC, int VPT>
 __global__ void add_rms_norm_fp8(const T* __restrict__ x, long long x_row_stride, T* __restrict__ residual,
                                  long long residual_row_stride, const T* __restrict__ weight,
                                  fp8_e4m3_t* __restrict__ out, float* __restrict__ scales, int hidden_size,
                                  float eps) {
+  const T* x_row = x + blockIdx.x * x_row_stride;
   T* residual_row = residual + blockIdx.x * residual_row_stride;
-  const float inv_rms = add_residual<T, VEC>(x + blockIdx.x * x_row_stride, residual_row, hidden_size, eps);
-  store_row_fp8<VEC>([&](int i, float(&v)[VEC]) { normed_vector<T, VEC>(residual_row, weight, inv_rms, i, v); },
-                     hidden_size / VEC, out + blockIdx.x * static_cast<long long>(hidden_size), scales + blockIdx.x);
+  const int num_vecs = hidden_size / VEC;
+  float v[VPT][VEC];
+  float sum_squares = 0.0f;
+  for_own_vectors<VPT>(num_vecs, [&](int j, int i) {
+    float a[VEC];
+    load_as_float<T, VEC>(residual_row + i * VEC, v[j]);
+    load_as_float<T, VEC>(x_row + i * VEC, a);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      v[j][k] = round_to<T>(__fadd_rn(v[j][k], a[k]));
+      sum_squares += v[j][k] * v[j][k];
+    }
+    store_from_float<T, VEC>(residual_row + i * VEC, v[j]);
+  });
+  const float inv_rms = inverse_rms(block_reduce(sum_squares, Add{}, 0.0f), hidden_size, eps);
+  scale_own_vectors<T, VEC, VPT>(v, weight, num_vecs, inv_rms);
+  store_row_fp8<VEC, VPT>(v, num_vecs, out + blockIdx.x * static_cast<long long>(hidden_size), scales + blockIdx.x);
 }
 
 // The VEC elements from column i of T(T(silu(gate)) * up), in float32, for one row of gate_up (gate, then up, size
@@ -200,14 +240,16 @@ __global__ void silu_and_mul(const T* __restrict__ gate_up, T* __restrict__ out,
   store_from_float<T, VEC>(out + blockIdx.x * static_cast<long long>(size) + i, v);
 }
 
-// One CTA per token: gate_up [num_tokens, 2 * size] -> out e4m3 [num_tokens, size] and scales [num_tokens]:
-// quantize_fp8_per_row(silu_and_mul(gate_up)).
-template <typename T, int VEC>
+// One CTA per token, its row in registers: gate_up [num_tokens, 2 * size] -> out e4m3 [num_tokens, size] and scales
+// [num_tokens]: quantize_fp8_per_row(silu_and_mul(gate_up)).
+template <typename T, int VEC, int VPT>
 __global__ void silu_and_mul_fp8(const T* __restrict__ gate_up, fp8_e4m3_t* __restrict__ out,
                                  float* __restrict__ scales, int size) {
   const T* gate_row = gate_up + blockIdx.x * 2LL * size;
-  store_row_fp8<VEC>([&](int i, float(&v)[VEC]) { silu_mul_vector<T, VEC>(gate_row, size, i * VEC, v); },
-                     size / VEC, out + blockIdx.x * static_cast<long long>(size), scales + blockIdx.x);
+  const int num_vecs = size / VEC;
+  float v[VPT][VEC];
+  for_own_vectors<VPT>(num_vecs, [&](int j, int i) { silu_mul_vector<T, VEC>(gate_row, size, i * VEC, v[j]); });
+  store_row_fp8<VEC, VPT>(v, num_vecs, out + blockIdx.x * static_cast<long long>(size), scales + blockIdx.x);
 }
 
 // Offset of (slot, kv head) in a cache [num_blocks, num_kv_heads, block_size, head_dim].
@@ -280,15 +322,17 @@ __global__ void rotary_write_kv(const T* __restrict__ qkv, const T* __restrict__
   }
 }
 
-// One CTA per row: x [num_rows, num_cols] (rows x_row_stride elements apart) -> out e4m3 [num_rows, num_cols]
-// (contiguous) and scales [num_rows] float32, as pagedserve.kernels.fp8.quantize_per_row computes them (see
-// store_row_fp8).
-template <typename T, int VEC>
+// One CTA per row, the row in registers: x [num_rows, num_cols] (rows x_row_stride elements apart) -> out e4m3
+// [num_rows, num_cols] (contiguous) and scales [num_rows] float32, as pagedserve.kernels.fp8.quantize_per_row
+// computes them (see store_row_fp8).
+template <typename T, int VEC, int VPT>
 __global__ void quantize_fp8_per_row(const T* __restrict__ x, long long x_row_stride, fp8_e4m3_t* __restrict__ out,
                                      float* __restrict__ scales, int num_cols) {
   const T* row = x + blockIdx.x * x_row_stride;
-  store_row_fp8<VEC>([&](int i, float(&v)[VEC]) { load_as_float<T, VEC>(row + i * VEC, v); }, num_cols / VEC,
-                     out + blockIdx.x * static_cast<long long>(num_cols), scales + blockIdx.x);
+  const int num_vecs = num_cols / VEC;
+  float v[VPT][VEC];
+  for_own_vectors<VPT>(num_vecs, [&](int j, int i) { load_as_float<T, VEC>(row + i * VEC, v[j]); });
+  store_row_fp8<VEC, VPT>(v, num_vecs, out + blockIdx.x * static_cast<long long>(num_cols), scales + blockIdx.x);
 }
 
 // Grid (num_rows, vector chunks): raw bfloat16 [num_rows, num_cols] contiguous (an FP8 product with unit scales) ->

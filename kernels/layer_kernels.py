@@ -26,8 +26,11 @@ if TYPE_CHECKING:
     from pagedserve.kernels.module_cache import ModuleCache
 
 SOURCE = "layer_kernels.cu"
-KERNEL_NAMES = ("rms_norm", "add_rms_norm", "silu_and_mul", "rotary_write_kv", "quantize_fp8_per_row",
-                "scale_fp8_product", "rms_norm_fp8", "add_rms_norm_fp8", "silu_and_mul_fp8")
+KERNEL_NAMES = ("rms_norm", "add_rms_norm", "silu_and_mul", "rotary_write_kv", "scale_fp8_product")
+# Kernels that hold a row in registers, VPT vectors a thread (a template argument): per-row quantization, alone or
+# fused into the op producing its rows.
+ROW_IN_REGISTERS_KERNEL_NAMES = ("quantize_fp8_per_row", "rms_norm_fp8", "add_rms_norm_fp8", "silu_and_mul_fp8")
+VECTORS_PER_THREAD = (1, 2, 4, 8, 16, 32)
 VECTOR_BYTES = 16  # the widest load or store of one thread
 WARP_THREADS = 32
 MAX_ROW_THREADS = 1024  # one CTA per row (norms, quantization): wide rows get every thread of a CTA
@@ -38,13 +41,20 @@ FP8_CACHE_TYPE = "fp8_e4m3_t"  # kernel_common.cuh
 
 
 def known_name_expressions() -> list[str]:
-    """Every kernel instantiation the launchers can ask for: each kernel, dtype and vector width, and
-    rotary_write_kv into FP8 caches."""
+    """Every kernel instantiation the launchers can ask for: each kernel, dtype and vector width (and vectors per
+    thread of the kernels holding a row in registers), and rotary_write_kv into FP8 caches."""
     names = [
         f"{kernel}<{scalar}, {vec}>"
         for kernel in KERNEL_NAMES
         for dtype, scalar in SCALAR_TYPE_NAMES.items()
         for vec in _vector_widths(dtype)
+    ]
+    names += [
+        f"{kernel}<{scalar}, {vec}, {vpt}>"
+        for kernel in ROW_IN_REGISTERS_KERNEL_NAMES
+        for dtype, scalar in SCALAR_TYPE_NAMES.items()
+        for vec in _vector_widths(dtype)
+        for vpt in VECTORS_PER_THREAD
     ]
     return names + [f"rotary_write_kv<{scalar}, {vec}, {FP8_CACHE_TYPE}>" for dtype, scalar in SCALAR_TYPE_NAMES.items()
                     for vec in _vector_widths(dtype)]
@@ -67,6 +77,16 @@ def _vector_width(itemsize: int, *byte_counts: int) -> int:
 def _threads(num_items: int, max_threads: int) -> int:
     """Threads per CTA for num_items vectors: whole warps, at most max_threads (the kernels loop past it)."""
     return min(max_threads, max(1, -(-num_items // WARP_THREADS)) * WARP_THREADS)
+
+
+def _row_in_registers(num_vecs: int) -> tuple[int, int]:
+    """(threads, vectors per thread) of a CTA holding a row of num_vecs vectors in registers: the fewest vectors a
+    thread (a power of two) that MAX_ROW_THREADS threads need, then as few threads as hold the row."""
+    vpt = next((v for v in VECTORS_PER_THREAD if v * MAX_ROW_THREADS >= num_vecs), None)
+    if vpt is None:
+        raise ValueError(f"a row of {num_vecs} vectors exceeds the {MAX_ROW_THREADS * VECTORS_PER_THREAD[-1]} "
+                         "that per-row quantization holds in registers")
+    return _threads(-(-num_vecs // vpt), MAX_ROW_THREADS), vpt
 
 
 class LayerKernels:
@@ -140,9 +160,10 @@ class LayerKernels:
         out, scales = _fp8_rows(gate_up, num_tokens, size)
         if num_tokens == 0 or size == 0:
             return out, scales
-        vec = _vector_width(gate_up.itemsize, size * gate_up.itemsize, gate_up.data_ptr(), size, out.data_ptr())
-        kernel = self._modules.kernel(SOURCE, f"silu_and_mul_fp8<{scalar_type_name(gate_up.dtype)}, {vec}>")
-        self._modules.launch(kernel, (num_tokens, 1, 1), (_threads(size // vec, MAX_ROW_THREADS), 1, 1),
+        vec = _vector_width(gate_up.itemsize, size * gate_up.itemsize, gate_up.data_ptr(), out.data_ptr())
+        threads, vpt = _row_in_registers(size // vec)
+        kernel = self._modules.kernel(SOURCE, f"silu_and_mul_fp8<{scalar_type_name(gate_up.dtype)}, {vec}, {vpt}>")
+        self._modules.launch(kernel, (num_tokens, 1, 1), (threads, 1, 1),
                              (pointer(gate_up), pointer(out), pointer(scales), int32(size)))
         return out, scales
 
@@ -188,8 +209,9 @@ class LayerKernels:
             return out, scales
         itemsize = x.itemsize
         vec = _vector_width(itemsize, num_cols * itemsize, x.data_ptr(), x.stride(0) * itemsize)
-        kernel = self._modules.kernel(SOURCE, f"quantize_fp8_per_row<{scalar_type_name(x.dtype)}, {vec}>")
-        self._modules.launch(kernel, (num_rows, 1, 1), (_threads(num_cols // vec, MAX_ROW_THREADS), 1, 1), (
+        threads, vpt = _row_in_registers(num_cols // vec)
+        kernel = self._modules.kernel(SOURCE, f"quantize_fp8_per_row<{scalar_type_name(x.dtype)}, {vec}, {vpt}>")
+        self._modules.launch(kernel, (num_rows, 1, 1), (threads, 1, 1), (
             pointer(x), int64(x.stride(0)), pointer(out), pointer(scales), int32(num_cols),
         ))
         return out, scales
@@ -233,19 +255,25 @@ class LayerKernels:
     def _launch_norm(self, name: str, rows: tuple[Tensor, ...], weight: Tensor, eps: float,
                      outputs: tuple[Tensor, ...]) -> None:
         """One CTA per row; the kernel takes (pointer, row stride) of each tensor of rows, then weight, outputs
-        (the normed rows [num_rows, hidden], then any scales)."""
+        (the normed rows [num_rows, hidden], then the scales of quantized rows, whose kernel holds a row in
+        registers)."""
         num_rows, hidden = rows[0].shape
         if num_rows == 0 or hidden == 0:
             return
         itemsize = weight.itemsize
         args: list[ctypes._SimpleCData[Any]] = []
-        byte_counts = [hidden * itemsize, weight.data_ptr(), outputs[0].data_ptr(), hidden * outputs[0].itemsize]
+        byte_counts = [hidden * itemsize, weight.data_ptr(), outputs[0].data_ptr()]
         for tensor in rows:
             args += (pointer(tensor), int64(tensor.stride(0)))
             byte_counts += (tensor.data_ptr(), tensor.stride(0) * itemsize)
         vec = _vector_width(itemsize, *byte_counts)
-        kernel = self._modules.kernel(SOURCE, f"{name}<{scalar_type_name(weight.dtype)}, {vec}>")
-        self._modules.launch(kernel, (num_rows, 1, 1), (_threads(hidden // vec, MAX_ROW_THREADS), 1, 1), (
+        if len(outputs) == 1:
+            threads, template_args = _threads(hidden // vec, MAX_ROW_THREADS), f"{vec}"
+        else:
+            threads, vpt = _row_in_registers(hidden // vec)
+            template_args = f"{vec}, {vpt}"
+        kernel = self._modules.kernel(SOURCE, f"{name}<{scalar_type_name(weight.dtype)}, {template_args}>")
+        self._modules.launch(kernel, (num_rows, 1, 1), (threads, 1, 1), (
             *args, pointer(weight), *(pointer(t) for t in outputs), int32(hidden), float32(eps),
         ))
 
