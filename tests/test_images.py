@@ -67,3 +67,20 @@ def test_the_build_context_leaves_out_environments_history_builds_and_results() 
     for path in (".venv/", ".git/", "build/", "plots/", "**/__pycache__/", ".pytest_cache/", ".mypy_cache/",
                  "benchmarks/results/"):
         assert path in ignored, path
+
+
+def test_every_package_directory_is_listed_so_the_images_install_it() -> None:
+    """The images install the project non-editably (pip install .), which copies only the packages pyproject.toml
+    lists; an editable install (the tests') finds every directory, so a missing entry shows only in an image."""
+    pyproject = (ROOT / "pyproject.toml").read_text()  # read by pattern: tomllib is Python 3.11+
+    package_dir = dict(re.findall(r'"(pagedserve[\w.]*)" = "([\w/]+)"', pyproject.split("package-dir = ")[1]
+                                  .split("\n")[0]))
+    packages_block = re.search(r"^packages = \[(.*?)\]", pyproject, re.MULTILINE | re.DOTALL)
+    assert package_dir and packages_block
+    listed = set(re.findall(r'"([\w.]+)"', packages_block.group(1)))
+    on_disk = set()
+    for package, directory in package_dir.items():
+        for init in (ROOT / directory).rglob("__init__.py"):
+            relative = init.parent.relative_to(ROOT / directory).parts
+            on_disk.add(".".join((package, *relative)))
+    assert "pagedserve.kernels" in on_disk and on_disk <= listed, sorted(on_disk - listed)
