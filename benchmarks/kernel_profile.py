@@ -4,7 +4,7 @@ profiler over `LLM.generate` with the worker on a thread of this process (so tha
 The workload is the throughput benchmark's (random prompts, greedy, ignore_eos); `--max-num-seqs` and
 `--max-num-batched-tokens` shape its steps, so `--max-num-seqs 64 --max-num-batched-tokens 2048` gives the steps a
 server at concurrency 64 makes. Run it for two configurations (bf16 and FP8, say) to see which kernels a change of
-dtype speeds up and which it does not.
+dtype speeds up and which it does not (benchmarks.kernel_groups puts recorded runs side by side).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch.profiler import DeviceType, ProfilerActivity, profile
 
 from benchmarks import report
 from benchmarks.hardware_bound import device_name
+from benchmarks.kernel_groups import grouped_us_per_step
 from benchmarks.model_shapes import SHAPES, add_model_arguments, sampling_vocab_size, write_model_dir
 from benchmarks.random_dataset import sample_random_requests
 from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
@@ -123,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print("wrote " + ", ".join(str(p) for p in paths))
     print(f"{steps} steps")
     print(report.text_table(_HEADERS, table))
+    print(report.text_table(("group", "us/step"), [[group, round(us)] for group, us in
+                                                    grouped_us_per_step(result).items()]))
     return result
 
 
