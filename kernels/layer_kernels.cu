@@ -16,7 +16,14 @@
 //
 // VEC consecutive elements move per load or store; the launcher picks VEC so every row, address and stride is a
 // whole number of vectors.
+//
+// The *_fp8 kernels and quantize_fp8_per_row hold a row in registers, VPT vectors a thread: the launcher gives them
+// the plain norm's thread count (so each thread sums the same vectors in the same order as there, and the sums of
+// squares agree bit for bit) and the fewest VPT for which threads * VPT covers the row. At most MAX_ROW_THREADS
+// threads (__launch_bounds__: the compiler spills registers rather than let a launch fail).
 #include "kernel_common.cuh"
+
+constexpr int kMaxRowThreads = 1024;  // layer_kernels.py MAX_ROW_THREADS
 
 // x rounded to T's precision, back in fp32: torch storing an intermediate tensor in T.
 template <typename T>
@@ -25,8 +32,8 @@ __device__ __forceinline__ float round_to(float x) {
 }
 
 // combine(x) over the CTA (identity: combine's neutral value), returned to every thread; blockDim.x is a multiple
-// of 32. The barrier first lets a kernel reduce more than once: no warp overwrites warp_results while another still
-// reads the last reduction's.
+// of 32. The barrier first lets a kernel reduce more than once with one Combine: no warp overwrites warp_results
+// while another still reads the last reduction's (each Combine type has its own warp_results).
 template <typename Combine>
 __device__ __forceinline__ float block_reduce(float x, Combine combine, float identity) {
   __shared__ float warp_results[32];
@@ -83,7 +90,8 @@ __device__ __forceinline__ void scale_row(const T* row, const T* __restrict__ we
 }
 
 // f(j, i) for each vector i = threadIdx.x + j * blockDim.x (j < VPT) of a row of num_vecs vectors: the vectors a
-// thread holds in registers when its CTA keeps a whole row there (the *_fp8 kernels and quantize_fp8_per_row).
+// thread holds in registers when its CTA keeps a whole row there (the *_fp8 kernels and quantize_fp8_per_row). The
+// launch must give blockDim.x * VPT >= num_vecs.
 template <int VPT, typename F>
 __device__ __forceinline__ void for_own_vectors(int num_vecs, F f) {
 #pragma unroll
@@ -143,8 +151,9 @@ __global__ void rms_norm(const T* __restrict__ x, long long x_row_stride, const 
 // elements apart) -> out e4m3 [num_rows, hidden_size] and scales [num_rows]: quantize_fp8_per_row(rms_norm(x)), its
 // sum of squares formed as rms_norm forms it.
 template <typename T, int VEC, int VPT>
-__global__ void rms_norm_fp8(const T* __restrict__ x, long long x_row_stride, const T* __restrict__ weight,
-                             fp8_e4m3_t* __restrict__ out, float* __restrict__ scales, int hidden_size, float eps) {
+__global__ void __launch_bounds__(kMaxRowThreads)
+    rms_norm_fp8(const T* __restrict__ x, long long x_row_stride, const T* __restrict__ weight,
+                 fp8_e4m3_t* __restrict__ out, float* __restrict__ scales, int hidden_size, float eps) {
   const T* row = x + blockIdx.x * x_row_stride;
   const int num_vecs = hidden_size / VEC;
   float v[VPT][VEC];
@@ -194,10 +203,10 @@ __global__ void add_rms_norm(const T* __restrict__ x, long long x_row_stride, T*
 // One CTA per row, the row in registers: residual <- T(residual + x) in place, then out, scales =
 // quantize_fp8_per_row(rms_norm(residual)), every value formed as add_rms_norm forms it.
 template <typename T, int VEC, int VPT>
-__global__ void add_rms_norm_fp8(const T* __restrict__ x, long long x_row_stride, T* __restrict__ residual,
-                                 long long residual_row_stride, const T* __restrict__ weight,
-                                 fp8_e4m3_t* __restrict__ out, float* __restrict__ scales, int hidden_size,
-                                 float eps) {
+__global__ void __launch_bounds__(kMaxRowThreads)
+    add_rms_norm_fp8(const T* __restrict__ x, long long x_row_stride, T* __restrict__ residual,
+                     long long residual_row_stride, const T* __restrict__ weight, fp8_e4m3_t* __restrict__ out,
+                     float* __restrict__ scales, int hidden_size, float eps) {
   const T* x_row = x + blockIdx.x * x_row_stride;
   T* residual_row = residual + blockIdx.x * residual_row_stride;
   const int num_vecs = hidden_size / VEC;
@@ -243,8 +252,9 @@ __global__ void silu_and_mul(const T* __restrict__ gate_up, T* __restrict__ out,
 // One CTA per token, its row in registers: gate_up [num_tokens, 2 * size] -> out e4m3 [num_tokens, size] and scales
 // [num_tokens]: quantize_fp8_per_row(silu_and_mul(gate_up)).
 template <typename T, int VEC, int VPT>
-__global__ void silu_and_mul_fp8(const T* __restrict__ gate_up, fp8_e4m3_t* __restrict__ out,
-                                 float* __restrict__ scales, int size) {
+__global__ void __launch_bounds__(kMaxRowThreads)
+    silu_and_mul_fp8(const T* __restrict__ gate_up, fp8_e4m3_t* __restrict__ out, float* __restrict__ scales,
+                     int size) {
   const T* gate_row = gate_up + blockIdx.x * 2LL * size;
   const int num_vecs = size / VEC;
   float v[VPT][VEC];
@@ -326,8 +336,9 @@ __global__ void rotary_write_kv(const T* __restrict__ qkv, const T* __restrict__
 // [num_rows, num_cols] (contiguous) and scales [num_rows] float32, as pagedserve.kernels.fp8.quantize_per_row
 // computes them (see store_row_fp8).
 template <typename T, int VEC, int VPT>
-__global__ void quantize_fp8_per_row(const T* __restrict__ x, long long x_row_stride, fp8_e4m3_t* __restrict__ out,
-                                     float* __restrict__ scales, int num_cols) {
+__global__ void __launch_bounds__(kMaxRowThreads)
+    quantize_fp8_per_row(const T* __restrict__ x, long long x_row_stride, fp8_e4m3_t* __restrict__ out,
+                         float* __restrict__ scales, int num_cols) {
   const T* row = x + blockIdx.x * x_row_stride;
   const int num_vecs = num_cols / VEC;
   float v[VPT][VEC];

@@ -33,7 +33,7 @@ ROW_IN_REGISTERS_KERNEL_NAMES = ("quantize_fp8_per_row", "rms_norm_fp8", "add_rm
 VECTORS_PER_THREAD = (1, 2, 4, 8, 16, 32)
 VECTOR_BYTES = 16  # the widest load or store of one thread
 WARP_THREADS = 32
-MAX_ROW_THREADS = 1024  # one CTA per row (norms, quantization): wide rows get every thread of a CTA
+MAX_ROW_THREADS = 1024  # one CTA per row (norms, quantization): wide rows get every thread of a CTA (.cu's too)
 SILU_THREADS = 256
 SCALE_THREADS = 256
 MAX_ROTARY_THREADS = 512
@@ -80,13 +80,15 @@ def _threads(num_items: int, max_threads: int) -> int:
 
 
 def _row_in_registers(num_vecs: int) -> tuple[int, int]:
-    """(threads, vectors per thread) of a CTA holding a row of num_vecs vectors in registers: the fewest vectors a
-    thread (a power of two) that MAX_ROW_THREADS threads need, then as few threads as hold the row."""
-    vpt = next((v for v in VECTORS_PER_THREAD if v * MAX_ROW_THREADS >= num_vecs), None)
+    """(threads, vectors per thread) of a CTA holding a row of num_vecs vectors in registers: the plain norm's
+    threads, so that each thread sums the same vectors in the same order as there, and the fewest vectors a thread
+    (a power of two) that cover the row with them."""
+    threads = _threads(num_vecs, MAX_ROW_THREADS)
+    vpt = next((v for v in VECTORS_PER_THREAD if v * threads >= num_vecs), None)
     if vpt is None:
         raise ValueError(f"a row of {num_vecs} vectors exceeds the {MAX_ROW_THREADS * VECTORS_PER_THREAD[-1]} "
                          "that per-row quantization holds in registers")
-    return _threads(-(-num_vecs // vpt), MAX_ROW_THREADS), vpt
+    return threads, vpt
 
 
 class LayerKernels:
@@ -109,7 +111,7 @@ class LayerKernels:
         _check_rows("x", x, x.dtype, x.shape[-1])
         _check_weight(weight, x)
         out = weight.new_empty(x.shape)  # new_empty: half the host time of torch.empty
-        self._launch_norm("rms_norm", (x,), weight, eps, (out,))
+        self._launch_norm("rms_norm", (x,), weight, eps, out)
         return out
 
     def rms_norm_fp8(self, x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -118,7 +120,7 @@ class LayerKernels:
         _check_rows("x", x, x.dtype, x.shape[-1])
         _check_weight(weight, x)
         out, scales = _fp8_rows(weight, *x.shape)
-        self._launch_norm("rms_norm_fp8", (x,), weight, eps, (out, scales))
+        self._launch_norm("rms_norm_fp8", (x,), weight, eps, out, scales)
         return out, scales
 
     def add_rms_norm(self, x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -128,7 +130,7 @@ class LayerKernels:
         """
         _check_add_rms_norm(x, residual, weight)
         out = weight.new_empty(x.shape)
-        self._launch_norm("add_rms_norm", (x, residual), weight, eps, (out,))
+        self._launch_norm("add_rms_norm", (x, residual), weight, eps, out)
         return out
 
     def add_rms_norm_fp8(self, x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -136,7 +138,7 @@ class LayerKernels:
         weight, eps)) bit for bit, in one launch."""
         _check_add_rms_norm(x, residual, weight)
         out, scales = _fp8_rows(weight, *x.shape)
-        self._launch_norm("add_rms_norm_fp8", (x, residual), weight, eps, (out, scales))
+        self._launch_norm("add_rms_norm_fp8", (x, residual), weight, eps, out, scales)
         return out, scales
 
     def silu_and_mul(self, gate_up: Tensor) -> Tensor:
@@ -252,29 +254,30 @@ class LayerKernels:
         ))
         return out
 
-    def _launch_norm(self, name: str, rows: tuple[Tensor, ...], weight: Tensor, eps: float,
-                     outputs: tuple[Tensor, ...]) -> None:
-        """One CTA per row; the kernel takes (pointer, row stride) of each tensor of rows, then weight, outputs
-        (the normed rows [num_rows, hidden], then the scales of quantized rows, whose kernel holds a row in
-        registers)."""
+    def _launch_norm(self, name: str, rows: tuple[Tensor, ...], weight: Tensor, eps: float, out: Tensor,
+                     scales: Tensor | None = None) -> None:
+        """One CTA per row; the kernel takes (pointer, row stride) of each tensor of rows, then weight, out (the
+        normed rows [num_rows, hidden]) and, for a kernel quantizing them (which holds its row in registers),
+        scales."""
         num_rows, hidden = rows[0].shape
         if num_rows == 0 or hidden == 0:
             return
         itemsize = weight.itemsize
         args: list[ctypes._SimpleCData[Any]] = []
-        byte_counts = [hidden * itemsize, weight.data_ptr(), outputs[0].data_ptr()]
+        byte_counts = [hidden * itemsize, weight.data_ptr(), out.data_ptr()]
         for tensor in rows:
             args += (pointer(tensor), int64(tensor.stride(0)))
             byte_counts += (tensor.data_ptr(), tensor.stride(0) * itemsize)
         vec = _vector_width(itemsize, *byte_counts)
-        if len(outputs) == 1:
+        outputs = [pointer(out)]
+        if scales is None:
             threads, template_args = _threads(hidden // vec, MAX_ROW_THREADS), f"{vec}"
         else:
             threads, vpt = _row_in_registers(hidden // vec)
-            template_args = f"{vec}, {vpt}"
+            template_args, outputs = f"{vec}, {vpt}", [*outputs, pointer(scales)]
         kernel = self._modules.kernel(SOURCE, f"{name}<{scalar_type_name(weight.dtype)}, {template_args}>")
         self._modules.launch(kernel, (num_rows, 1, 1), (threads, 1, 1), (
-            *args, pointer(weight), *(pointer(t) for t in outputs), int32(hidden), float32(eps),
+            *args, pointer(weight), *outputs, int32(hidden), float32(eps),
         ))
 
 

@@ -105,16 +105,19 @@ class KernelOps(Protocol):
         ...
 
     def rms_norm_fp8(self, x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-        """quantize_fp8_per_row(rms_norm(x, weight, eps)): the norm's output as the FP8 linear layer reading it
-        takes it."""
+        """x: [num_rows, hidden] in the model dtype (unit column stride), weight: [hidden] -> (new contiguous e4m3
+        [num_rows, hidden], new float32 scales [num_rows, 1]): quantize_fp8_per_row(rms_norm(x, weight, eps)), the
+        norm's output as the FP8 linear layer reading it takes it."""
         ...
 
     def add_rms_norm_fp8(self, x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-        """residual <- residual + x in place; returns quantize_fp8_per_row(rms_norm(residual, weight, eps))."""
+        """residual <- residual + x in place (x, residual: [num_rows, hidden]); returns (e4m3 [num_rows, hidden],
+        float32 [num_rows, 1]): quantize_fp8_per_row(rms_norm(residual, weight, eps))."""
         ...
 
     def silu_and_mul_fp8(self, gate_up: Tensor) -> tuple[Tensor, Tensor]:
-        """quantize_fp8_per_row(silu_and_mul(gate_up))."""
+        """gate_up: [num_tokens, 2 * size] contiguous, gate then up -> (new contiguous e4m3 [num_tokens, size], new
+        float32 scales [num_tokens, 1]): quantize_fp8_per_row(silu_and_mul(gate_up))."""
         ...
 
     def scale_fp8_product(self, raw: Tensor, row_scales: Tensor, col_scales: Tensor, bias: Tensor | None,

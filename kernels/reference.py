@@ -116,12 +116,15 @@ class TorchReferenceOps:
         return quantize_per_row(x)
 
     def rms_norm_fp8(self, x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        """The norm of x [num_rows, hidden], quantized per row: (e4m3 [num_rows, hidden], float32 [num_rows, 1])."""
         return quantize_per_row(self.rms_norm(x, weight, eps))
 
     def add_rms_norm_fp8(self, x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        """residual <- residual + x in place; the norm of the sum, quantized per row."""
         return quantize_per_row(self.add_rms_norm(x, residual, weight, eps))
 
     def silu_and_mul_fp8(self, gate_up: Tensor) -> tuple[Tensor, Tensor]:
+        """silu(gate) * up of gate_up [num_tokens, 2 * size], quantized per row."""
         return quantize_per_row(self.silu_and_mul(gate_up))
 
     def scale_fp8_product(self, raw: Tensor, row_scales: Tensor, col_scales: Tensor, bias: Tensor | None,

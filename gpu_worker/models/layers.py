@@ -98,9 +98,10 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         gate_up = linear(x, self.gate_up_proj)
-        if quantized_for(self.down_proj, gate_up.shape[0]):
-            return self.group.all_reduce(linear(QuantizedRows(*self.ops.silu_and_mul_fp8(gate_up)), self.down_proj))
-        return self.group.all_reduce(linear(self.ops.silu_and_mul(gate_up), self.down_proj))
+        activated: torch.Tensor | QuantizedRows = (
+            QuantizedRows(*self.ops.silu_and_mul_fp8(gate_up)) if quantized_for(self.down_proj, gate_up.shape[0])
+            else self.ops.silu_and_mul(gate_up))
+        return self.group.all_reduce(linear(activated, self.down_proj))
 
     if TYPE_CHECKING:
         __call__ = forward

@@ -34,8 +34,10 @@ def _weight(hidden: int, dtype: torch.dtype, seed: int) -> Tensor:
 
 @pytest.mark.usefixtures("poisoned_outputs")
 class TestFusedEqualsPlainThenQuantize:
+    # 5120 float32 and 12288 16-bit values are 1,280 and 1,536 vectors: rows of two vectors a thread, whose sums of
+    # squares must still be formed as the plain norm's 1,024 threads form them.
     @pytest.mark.parametrize("dtype", DTYPES)
-    @pytest.mark.parametrize("hidden", [13, 64, 2048, 4096])
+    @pytest.mark.parametrize("hidden", [13, 64, 2048, 4096, 5120, 12288])
     @pytest.mark.parametrize("num_rows", [1, 7, 300])
     def test_rms_norm_fp8(self, ops: KernelOps, dtype: torch.dtype, hidden: int, num_rows: int) -> None:
         x, weight = _rows(num_rows, hidden, dtype, seed=hidden + num_rows), _weight(hidden, dtype, seed=1)
@@ -49,7 +51,7 @@ class TestFusedEqualsPlainThenQuantize:
         _assert_same(ops.rms_norm_fp8(x, weight, EPS), ops.quantize_fp8_per_row(ops.rms_norm(x, weight, EPS)))
 
     @pytest.mark.parametrize("dtype", DTYPES)
-    @pytest.mark.parametrize("hidden", [13, 2048, 4096])
+    @pytest.mark.parametrize("hidden", [13, 2048, 4096, 5120, 12288])
     @pytest.mark.parametrize("num_rows", [1, 7, 300])
     def test_add_rms_norm_fp8_adds_into_the_residual_as_add_rms_norm(
         self, ops: KernelOps, dtype: torch.dtype, hidden: int, num_rows: int,
@@ -62,7 +64,7 @@ class TestFusedEqualsPlainThenQuantize:
         assert torch.equal(residual, expected_residual)
 
     @pytest.mark.parametrize("dtype", DTYPES)
-    @pytest.mark.parametrize("size", [13, 64, 2048, 8192, 14336])
+    @pytest.mark.parametrize("size", [13, 64, 2048, 8192, 14336, 53248])  # 53248: 8 vectors a thread
     @pytest.mark.parametrize("num_rows", [1, 7, 300])
     def test_silu_and_mul_fp8(self, ops: KernelOps, dtype: torch.dtype, size: int, num_rows: int) -> None:
         gate_up = _rows(num_rows, 2 * size, dtype, seed=size + num_rows, scale=0.1)
@@ -72,7 +74,7 @@ class TestFusedEqualsPlainThenQuantize:
         gate_up = _rows(64, 2 * 4096, torch.bfloat16, seed=6, scale=0.1)
         _assert_same(ops.silu_and_mul_fp8(gate_up), TorchReferenceOps().silu_and_mul_fp8(gate_up.cpu()))
 
-    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    @pytest.mark.parametrize("dtype", DTYPES)
     def test_zero_and_nan_rows(self, ops: KernelOps, dtype: torch.dtype) -> None:
         """A zero row takes the clamped scale and quantizes to zeros; a NaN makes its whole row and scale NaN, as
         the separate quantization does; the other rows are untouched by either."""
@@ -82,6 +84,10 @@ class TestFusedEqualsPlainThenQuantize:
         gate_up = torch.cat((x, x), dim=1)
         _assert_nan_rows_same(ops.rms_norm_fp8(x, weight, EPS), ops.quantize_fp8_per_row(ops.rms_norm(x, weight, EPS)))
         _assert_nan_rows_same(ops.silu_and_mul_fp8(gate_up), ops.quantize_fp8_per_row(ops.silu_and_mul(gate_up)))
+        residual, expected_residual = torch.zeros_like(x), torch.zeros_like(x)
+        _assert_nan_rows_same(ops.add_rms_norm_fp8(x, residual, weight, EPS),
+                              ops.quantize_fp8_per_row(ops.add_rms_norm(x, expected_residual, weight, EPS)))
+        torch.testing.assert_close(residual, expected_residual, rtol=0, atol=0, equal_nan=True)
         quantized, scale = ops.silu_and_mul_fp8(gate_up)
         assert scale[2].isnan().item() and quantized[2].float().isnan().all()
         assert not quantized[1].float().any()

@@ -119,9 +119,10 @@ class TestKernelMatchesReference:
 
     @pytest.mark.parametrize("dtype", DTYPES)
     @pytest.mark.parametrize("offset", [0, 1, 8])  # 1: rows off the vector alignment, so one element per load
-    def test_strided_rows(self, ops: KernelOps, dtype: torch.dtype, offset: int) -> None:
-        rows = _rows(37, 4096 + 24, dtype, seed=offset, device="cuda")
-        _on_both(ops, rows[:, offset : offset + 4096])
+    @pytest.mark.parametrize("num_cols", [4096, 20000])  # 20000 elements one at a time: 20 a thread, in registers
+    def test_strided_rows(self, ops: KernelOps, dtype: torch.dtype, offset: int, num_cols: int) -> None:
+        rows = _rows(37, num_cols + 24, dtype, seed=offset, device="cuda")
+        _on_both(ops, rows[:, offset : offset + num_cols])
 
     def test_replayed_from_a_cuda_graph(self, ops: KernelOps) -> None:
         x = _rows(7, 4096, torch.bfloat16, seed=3, device="cuda")
