@@ -32,14 +32,13 @@ __device__ __forceinline__ float round_to(float x) {
 }
 
 // combine(x) over the CTA (identity: combine's neutral value), returned to every thread; blockDim.x is a multiple
-// of 32. The barrier first lets a kernel reduce more than once with one Combine: no warp overwrites warp_results
-// while another still reads the last reduction's (each Combine type has its own warp_results).
+// of 32. Call once per kernel with each Combine: each Combine type has its own warp_results, which a second call
+// with the same one would overwrite while a warp may still read them.
 template <typename Combine>
 __device__ __forceinline__ float block_reduce(float x, Combine combine, float identity) {
   __shared__ float warp_results[32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   x = warp_reduce(x, combine);
-  __syncthreads();
   if (lane == 0) warp_results[warp] = x;
   __syncthreads();
   return warp_reduce(lane < static_cast<int>(blockDim.x / 32) ? warp_results[lane] : identity, combine);
@@ -168,11 +167,14 @@ __global__ void __launch_bounds__(kMaxRowThreads)
   store_row_fp8<VEC, VPT>(v, num_vecs, out + blockIdx.x * static_cast<long long>(hidden_size), scales + blockIdx.x);
 }
 
-// residual_row <- T(residual_row + x_row) in place, by the CTA; returns the new row's inverse RMS. Thread t writes
-// vectors t, t + blockDim.x, ...: a caller that re-reads only those in each thread needs no barrier.
+// One CTA per row: residual <- T(residual + x) in place, then out = rms_norm(residual). Each thread re-reads only
+// the vectors it wrote itself, so no barrier is needed between the two passes.
 template <typename T, int VEC>
-__device__ __forceinline__ float add_residual(const T* __restrict__ x_row, T* residual_row, int hidden_size,
-                                              float eps) {
+__global__ void add_rms_norm(const T* __restrict__ x, long long x_row_stride, T* __restrict__ residual,
+                             long long residual_row_stride, const T* __restrict__ weight, T* __restrict__ out,
+                             int hidden_size, float eps) {
+  const T* x_row = x + blockIdx.x * x_row_stride;
+  T* residual_row = residual + blockIdx.x * residual_row_stride;
   const int num_vecs = hidden_size / VEC;
   float sum_squares = 0.0f;
   for (int i = threadIdx.x; i < num_vecs; i += blockDim.x) {
@@ -186,17 +188,8 @@ __device__ __forceinline__ float add_residual(const T* __restrict__ x_row, T* re
     }
     store_from_float<T, VEC>(residual_row + i * VEC, r);
   }
-  return inverse_rms(block_reduce(sum_squares, Add{}, 0.0f), hidden_size, eps);
-}
-
-// One CTA per row: residual <- T(residual + x) in place, then out = rms_norm(residual).
-template <typename T, int VEC>
-__global__ void add_rms_norm(const T* __restrict__ x, long long x_row_stride, T* __restrict__ residual,
-                             long long residual_row_stride, const T* __restrict__ weight, T* __restrict__ out,
-                             int hidden_size, float eps) {
-  T* residual_row = residual + blockIdx.x * residual_row_stride;
-  const float inv_rms = add_residual<T, VEC>(x + blockIdx.x * x_row_stride, residual_row, hidden_size, eps);
-  scale_row<T, VEC>(residual_row, weight, out + blockIdx.x * static_cast<long long>(hidden_size), hidden_size / VEC,
+  const float inv_rms = inverse_rms(block_reduce(sum_squares, Add{}, 0.0f), hidden_size, eps);
+  scale_row<T, VEC>(residual_row, weight, out + blockIdx.x * static_cast<long long>(hidden_size), num_vecs,
                     inv_rms);
 }
 
