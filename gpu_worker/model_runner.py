@@ -287,14 +287,14 @@ class ModelRunner:
                          all_logits: torch.Tensor | None) -> torch.Tensor:
         """Logits of the sampling rows whose work items are `items` (sampling_rows): each item's last row, where
         query_start_loc (as FlatBatch's) places the items' rows. all_logits: every row's, when a graph computed them."""
-        last_rows = (query_start_loc[1:] - 1).tolist()
-        hidden_rows = [last_rows[item] for item in items]
-        if hidden_rows == list(range(int(query_start_loc[-1]))):  # every row samples, once: no gather needed
+        hidden_rows = query_start_loc[1:][items] - 1
+        num_rows = int(query_start_loc[-1])
+        if len(items) == num_rows and (hidden_rows == np.arange(num_rows)).all():  # every row samples, once
             if all_logits is not None:
                 return all_logits
             sampled_hidden = hidden
         else:
-            sampled_hidden = hidden[to_device(torch.tensor(hidden_rows, dtype=torch.int64), hidden.device)]
+            sampled_hidden = hidden[to_device(torch.from_numpy(hidden_rows), hidden.device)]
         return self.model.compute_logits(sampled_hidden)
 
     def _prompt_logprobs(self, item: ScheduledWork, first_row: int, hidden: torch.Tensor) -> tuple[TokenLogprobs, ...]:

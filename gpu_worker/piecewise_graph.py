@@ -16,7 +16,7 @@ import torch
 
 from pagedserve.gpu_worker.cuda_graph import padded_sizes
 from pagedserve.gpu_worker.model_runner import FlatBatch
-from pagedserve.gpu_worker.models.decoder import AttentionCall, DecoderForCausalLM, ForwardPieces
+from pagedserve.gpu_worker.models.decoder import DecoderForCausalLM, ForwardPieces
 from pagedserve.gpu_worker.models.layers import AttentionBuffers
 
 log = structlog.get_logger()
@@ -72,6 +72,8 @@ class PiecewiseGraphRunner:
         self.buffers = AttentionBuffers(torch.zeros(shape, dtype=dtype, device=device),
                                         torch.zeros(shape, dtype=dtype, device=device))
         self.hidden = torch.zeros(size, config.hidden_size, dtype=dtype, device=device)
+        # Each layer's attention and pools, as views made once rather than at every layer of every step.
+        self._layer_attention = [model.layer_attention(kv_cache, layer) for layer in range(len(model.layers))]
         # Per size: graphs[i] runs up to layer i's attention; the last one ends the forward pass into self.hidden.
         self._graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         self.num_replays = 0
@@ -112,9 +114,9 @@ class PiecewiseGraphRunner:
         self.tokens.load(batch, size)
         query, out = self.buffers.query[:num_tokens], self.buffers.out[:num_tokens]
         graphs = self._graphs[size]
-        for layer, graph in enumerate(graphs[:-1]):
+        for (attention, key_cache, value_cache), graph in zip(self._layer_attention, graphs[:-1], strict=True):
             graph.replay()
-            self.model.attend(AttentionCall(layer, query, out), batch.meta, self.kv_cache)
+            attention.attend(out, query, batch.meta, key_cache, value_cache)
         graphs[-1].replay()
         self.num_replays += 1
         return self.hidden[:num_tokens]

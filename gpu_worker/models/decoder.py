@@ -162,7 +162,13 @@ class DecoderForCausalLM(nn.Module):
         return self.norm(residual) if output is None else self.norm.add_and_norm(output, residual)
 
     def attend(self, call: AttentionCall, meta: AttentionMetadata, kv_cache: torch.Tensor) -> None:
-        cast(DecoderLayer, self.layers[call.layer]).attn.attend(call.out, call.query, meta, kv_cache[call.layer])
+        attention, key_cache, value_cache = self.layer_attention(kv_cache, call.layer)
+        attention.attend(call.out, call.query, meta, key_cache, value_cache)
+
+    def layer_attention(self, kv_cache: torch.Tensor, layer: int) -> tuple[PagedAttention, torch.Tensor, torch.Tensor]:
+        """The layer's attention and its key and value pools in kv_cache ([layers, 2, ...])."""
+        layer_cache = kv_cache[layer]
+        return cast(DecoderLayer, self.layers[layer]).attn, layer_cache[0], layer_cache[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [R, hidden] -> [R, vocab] in the model's dtype (the whole vocabulary on every rank)."""

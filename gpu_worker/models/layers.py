@@ -155,12 +155,12 @@ class PagedAttention(nn.Module):
         buffers.query.copy_(query)
         return buffers.query, buffers.out
 
-    def attend(
-        self, out: torch.Tensor, query: torch.Tensor, meta: AttentionMetadata, layer_cache: torch.Tensor
-    ) -> None:
-        """out = attention of query's rows over their paged context (the only part that reads the metadata)."""
+    def attend(self, out: torch.Tensor, query: torch.Tensor, meta: AttentionMetadata, key_cache: torch.Tensor,
+               value_cache: torch.Tensor) -> None:
+        """out = attention of query's rows over their paged context (the only part that reads the metadata);
+        key_cache, value_cache: this layer's pools."""
         self.ops.paged_attention(
-            out, query, layer_cache[0], layer_cache[1], meta.block_tables, meta.seq_lens, meta.query_start_loc,
+            out, query, key_cache, value_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
             meta.max_query_len, meta.max_seq_len, self.scale, self.k_scale, self.v_scale,
         )
 
