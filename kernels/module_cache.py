@@ -12,7 +12,6 @@ from typing import Any
 import cupy
 import torch
 
-from pagedserve.kernels.driver_launch import current_stream, launch_kernel
 from pagedserve.kernels.prepared_launch import argument_addresses
 
 KERNEL_DIR = Path(__file__).resolve().parent
@@ -41,8 +40,7 @@ class ModuleCache:
 
     Each instantiation is compiled once per process (CuPy also keeps the binaries on disk across processes).
     Launches go through cuLaunchKernel on PyTorch's current stream of the device, so they order with torch
-    work and are captured by torch.cuda.CUDAGraph; the host cost is a few microseconds, and the launching thread
-    keeps the interpreter lock (driver_launch.py).
+    work and are captured by torch.cuda.CUDAGraph; the host cost is a few microseconds.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -87,9 +85,13 @@ class ModuleCache:
     def launch_params(self, kernel: CompiledKernel, grid: tuple[int, int, int], block: tuple[int, int, int],
                       params: ctypes.Array[ctypes.c_void_p], shared_bytes: int = 0) -> None:
         """launch() with the arguments' addresses already gathered (argument_addresses)."""
-        stream = current_stream(self._device_index)
+        stream_ptr = torch.cuda.current_stream(self._device_index).cuda_stream
         if torch.cuda.current_device() == self._device_index:
-            launch_kernel(kernel.function_ptr, grid, block, shared_bytes, stream, ctypes.addressof(params))
+            cupy.cuda.driver.launchKernel(
+                kernel.function_ptr, *grid, *block, shared_bytes, stream_ptr, ctypes.addressof(params), 0
+            )
             return
         with torch.cuda.device(self._device_index):  # the handle belongs to this device's context
-            launch_kernel(kernel.function_ptr, grid, block, shared_bytes, stream, ctypes.addressof(params))
+            cupy.cuda.driver.launchKernel(
+                kernel.function_ptr, *grid, *block, shared_bytes, stream_ptr, ctypes.addressof(params), 0
+            )
