@@ -45,7 +45,7 @@ from pagedserve.control_plane.launch.worker_launcher import free_loopback_port
 from pagedserve.v1 import common_pb2, generation_service_pb2, generation_service_pb2_grpc
 
 _SUMMARY_HEADERS = ("path", "constraint", "concurrency", "req/s", "out tok/s", "total tok/s", "TTFT p50 ms",
-                    "TTFT p99 ms", "TPOT p50 ms", "ITL p50 ms", "ITL p99 ms", "% of bound")
+                    "TTFT p99 ms", "TPOT p50 ms", "ITL p50 ms", "ITL p99 ms", "client CPU", "% of bound")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,10 +200,13 @@ async def run_levels(endpoints: Endpoints, model_dir: Path, args: argparse.Names
                "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf"}
         before = await _server_status(endpoints.server_address)
         run["kv_cache_blocks"] = before.num_total_blocks
+        cpu_started = time.process_time()
         async with path_sender(path, endpoints, args.ignore_eos, run["max_concurrency"]) as send:
             records, duration_s = await run_requests(send, requests, args.request_rate, level, seed,
                                                      constraints_for(mode, num_prompts, seed))
         run.update(compute_metrics(records, duration_s))
+        # This process's CPU seconds per second of the run: near 1.0 or above, the client may be what limits it.
+        run["client_cpu"] = (time.process_time() - cpu_started) / duration_s
         run["step_profile"] = step_profile(before, await _server_status(endpoints.server_address))
         if args.save_detailed:
             run["output_lens"] = [r.output_len if r.is_success else None for r in records]
@@ -236,7 +239,7 @@ def summary_rows(runs: Sequence[dict[str, Any]]) -> list[list[object]]:
     return [[r["path"], r["structured_output"], r["max_concurrency"], r["request_throughput"], r["output_throughput"],
              r["total_token_throughput"],
              r["median_ttft_ms"], r["p99_ttft_ms"], r["median_tpot_ms"], r["median_itl_ms"], r["p99_itl_ms"],
-             r.get("percent_of_bound", "-")] for r in runs]
+             r["client_cpu"], r.get("percent_of_bound", "-")] for r in runs]
 
 
 def _serve_and_run(model_dir: Path, args: argparse.Namespace, rates: HardwareRates | None,

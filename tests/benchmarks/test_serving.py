@@ -26,6 +26,7 @@ def test_sweep_records_every_level_with_vllm_metrics(stories260k_dir: Path, tmp_
         assert (run["total_input_tokens"], run["total_output_tokens"]) == (48, 20)
         assert len(run["ttfts_ms"]) == len(run["tpots_ms"]) == 4
         assert run["bound_output_tokens_per_s"] > 0 and run["percent_of_bound"] > 0
+        assert run["client_cpu"] > 0  # the client's own CPU share, to tell a run the client limited
         for name in ("ttft", "tpot", "itl", "e2el"):
             assert {f"mean_{name}_ms", f"median_{name}_ms", f"p99_{name}_ms"} <= set(run)
     assert next(tmp_path.glob("*-serving-cpu.md")).read_text().startswith("# Serving benchmark: stories260K")
