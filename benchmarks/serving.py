@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import dataclasses
 import math
-import random
 import shlex
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import transformers
 
 from benchmarks import report
 from benchmarks.child_process import stop
-from benchmarks.direct_client import Send
+from benchmarks.client_runs import ClientRun, run_in_processes, run_requests
 from benchmarks.gateway_process import running_gateway
 from benchmarks.hardware_bound import (
     ElementBytes,
@@ -35,7 +34,7 @@ from benchmarks.hardware_bound import (
 )
 from benchmarks.model_shapes import SHAPES, add_model_arguments, read_shape, sampling_vocab_size, write_model_dir
 from benchmarks.random_dataset import BenchRequest, sample_random_requests
-from benchmarks.serving_metrics import RequestRecord, compute_metrics
+from benchmarks.serving_metrics import compute_metrics
 from benchmarks.serving_paths import Endpoints, ServingPath, parse_paths, path_sender
 from benchmarks.step_profile import step_profile
 from benchmarks.structured_workload import ConstraintMode, constraints_for, parse_modes
@@ -80,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "every request, the corpus of benchmarks/json_schemas.py: compiled once each, then cached), "
                         "unique-schema (each request's schema unique: every one compiled cold)")
     p.add_argument("--num-warmups", type=int, default=1, help="untimed requests before the first run")
+    p.add_argument("--client-processes", type=int, default=1,
+                   help="client processes sharing each run's requests, concurrency and rate (one grpc.aio process "
+                        "takes in about 32,000-36,500 streamed chunks a second: benchmarks.stream_capacity)")
     p.add_argument("--bound", action=argparse.BooleanOptionalAction, default=True,
                    help="measure this device and report throughput as a share of the roofline bound")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="the server's, for the bound")
@@ -129,30 +131,6 @@ def server_process(
         stop(process, grace_s=30)
 
 
-async def run_requests(send: Send, requests: Sequence[BenchRequest], request_rate: float,
-                       max_concurrency: int | None, seed: int,
-                       constraints: Sequence[common_pb2.StructuredOutput | None] | None = None,
-                       ) -> tuple[list[RequestRecord], float]:
-    """Sends every request (Poisson arrivals at request_rate, at most max_concurrency in flight), request i with
-    constraints[i] when given; returns the records in request order and the wall time from the first send to the
-    last reply."""
-    limit = asyncio.Semaphore(max_concurrency or len(requests))
-    arrivals = random.Random(seed)
-
-    async def limited(request: BenchRequest, constraint: common_pb2.StructuredOutput | None) -> RequestRecord:
-        async with limit:
-            return await send(request, constraint)
-
-    start = time.perf_counter()
-    tasks = []
-    for request, constraint in zip(requests, constraints or [None] * len(requests), strict=True):
-        tasks.append(asyncio.create_task(limited(request, constraint)))
-        if math.isfinite(request_rate):
-            await asyncio.sleep(arrivals.expovariate(request_rate))
-    records = list(await asyncio.gather(*tasks))
-    return records, time.perf_counter() - start
-
-
 def text_tokenizer(model_dir: Path, args: argparse.Namespace) -> transformers.PreTrainedTokenizerBase | None:
     """The model's tokenizer where a path takes text prompts (the gateway), else None (prompts stay random ids)."""
     if ServingPath.GATEWAY not in args.paths:
@@ -200,13 +178,17 @@ async def run_levels(endpoints: Endpoints, model_dir: Path, args: argparse.Names
                "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf"}
         before = await _server_status(endpoints.server_address)
         run["kv_cache_blocks"] = before.num_total_blocks
-        cpu_started = time.process_time()
-        async with path_sender(path, endpoints, args.ignore_eos, run["max_concurrency"]) as send:
-            records, duration_s = await run_requests(send, requests, args.request_rate, level, seed,
-                                                     constraints_for(mode, num_prompts, seed))
+        constraints = constraints_for(mode, num_prompts, seed)
+        if args.client_processes > 1:
+            client = await asyncio.to_thread(run_in_processes, path, endpoints, args.ignore_eos, requests,
+                                             args.request_rate, level, seed, constraints, args.client_processes)
+        else:
+            client = await _run_here(path, endpoints, args, requests, level, seed, constraints)
+        records, duration_s = client.records, client.duration_s
         run.update(compute_metrics(records, duration_s))
-        # This process's CPU seconds per second of the run: near 1.0 or above, the client may be what limits it.
-        run["client_cpu"] = (time.process_time() - cpu_started) / duration_s
+        # The clients' CPU seconds per second of the run: near 1.0 a process, a client may be what limits it.
+        run["client_cpu"] = client.cpu_s / duration_s
+        run["client_processes"] = args.client_processes
         run["step_profile"] = step_profile(before, await _server_status(endpoints.server_address))
         if args.save_detailed:
             run["output_lens"] = [r.output_len if r.is_success else None for r in records]
@@ -220,6 +202,16 @@ async def run_levels(endpoints: Endpoints, model_dir: Path, args: argparse.Names
         print(f"{path.value} {mode.value} max_concurrency={run['max_concurrency']}: {run['completed']} done, "
               f"{run['failed']} failed, {run['output_throughput']:.1f} output tokens/s", flush=True)
     return runs
+
+
+async def _run_here(path: ServingPath, endpoints: Endpoints, args: argparse.Namespace,
+                    requests: Sequence[BenchRequest], level: int | None, seed: int,
+                    constraints: Sequence[common_pb2.StructuredOutput | None] | None) -> ClientRun:
+    """The run from this process's event loop."""
+    cpu_started = time.process_time()
+    async with path_sender(path, endpoints, args.ignore_eos, level or len(requests)) as send:
+        records, duration_s = await run_requests(send, requests, args.request_rate, level, seed, constraints)
+    return ClientRun(records, duration_s, time.process_time() - cpu_started)
 
 
 def element_bytes(args: argparse.Namespace) -> ElementBytes:

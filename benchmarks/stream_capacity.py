@@ -50,7 +50,8 @@ class StreamingService(generation_service_pb2_grpc.GenerationServiceServicer):
                                else generation_service_pb2.FINISH_REASON_UNSPECIFIED))
 
 
-def _serve(port: int, tokens: int) -> None:
+def serve_chunks(port: int, tokens: int) -> None:
+    """In a child process: StreamingService on 127.0.0.1:port until killed."""
     async def main() -> None:
         server = grpc.aio.server()
         generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(StreamingService(tokens), server)
@@ -61,7 +62,7 @@ def _serve(port: int, tokens: int) -> None:
     asyncio.run(main())
 
 
-async def _wait_ready(address: str) -> None:
+async def wait_ready(address: str) -> None:
     async with grpc.aio.insecure_channel(address) as channel:
         await asyncio.wait_for(channel.channel_ready(), READY_TIMEOUT_S)
 
@@ -95,11 +96,11 @@ async def consume(address: str, server_pid: int, concurrency: int, num_requests:
 
 def measure(concurrency_levels: Sequence[int], num_requests: int, tokens: int) -> list[dict[str, float]]:
     port = free_loopback_port()
-    server = multiprocessing.get_context("spawn").Process(target=_serve, args=(port, tokens), daemon=True)
+    server = multiprocessing.get_context("spawn").Process(target=serve_chunks, args=(port, tokens), daemon=True)
     server.start()
     try:
         address = f"127.0.0.1:{port}"
-        asyncio.run(_wait_ready(address))
+        asyncio.run(wait_ready(address))
         pid = server.pid
         if pid is None:
             raise RuntimeError("the streaming server did not start")

@@ -53,3 +53,16 @@ def test_the_bound_counts_the_bytes_the_server_was_started_with() -> None:
     fp8 = serving.element_bytes(serving.parse_args([*model, "--quantization", "fp8", "--kv-cache-dtype", "fp8"]))
     assert fp8 == dtype_bytes("bfloat16", fp8_weights=True, fp8_kv=True)
     assert (fp8.layer_linear, fp8.kv) == (1, 1)
+
+
+def test_a_run_split_over_client_processes_counts_the_same_requests_and_tokens(stories260k_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    result = serving.main([
+        "--model", str(stories260k_dir), "--dtype", "float32", "--serve-args", "--device cpu --kv-cache-memory 0.01",
+        "--num-prompts", "4", "--random-input-len", "12", "--random-output-len", "5", "--max-concurrency", "4",
+        "--client-processes", "2", "--no-bound", "--result-dir", str(tmp_path),
+    ])
+    (run,) = result["runs"]
+    assert (run["completed"], run["failed"], run["client_processes"]) == (4, 0, 2)
+    assert (run["total_input_tokens"], run["total_output_tokens"]) == (48, 20)
+    assert len(run["ttfts_ms"]) == 4 and run["client_cpu"] > 0
