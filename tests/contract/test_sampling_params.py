@@ -139,6 +139,12 @@ def test_prompt_token_outside_vocabulary_is_rejected(token_id: int) -> None:
     assert str(info.value) == f"prompt: token id {token_id} is outside the vocabulary [0, 100)"
 
 
+def test_the_first_prompt_token_outside_the_vocabulary_is_the_one_named() -> None:
+    with pytest.raises(InvalidArgumentError) as info:
+        validate_prompt((5, VOCAB_SIZE + 7, -3, VOCAB_SIZE), VOCAB_SIZE, MAX_MODEL_LEN)
+    assert str(info.value) == f"prompt: token id {VOCAB_SIZE + 7} is outside the vocabulary [0, 100)"
+
+
 def test_prompt_longer_than_context_is_rejected() -> None:
     with pytest.raises(InvalidArgumentError) as info:
         validate_prompt((1,) * 65, VOCAB_SIZE, MAX_MODEL_LEN)
