@@ -153,6 +153,7 @@ _API_KEY_CHARACTERS = frozenset(string.ascii_letters + string.digits + string.pu
 # The environment variable in which `serve` hands its API keys (newline-separated) to the frontend process: never on
 # a command line, which `ps` shows to every user.
 FRONTEND_API_KEYS_ENV = "PAGEDSERVE_FRONTEND_API_KEYS"
+MAX_FRONTEND_PROCESSES = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,10 +188,15 @@ class ServerConfig:
     tls_client_ca_file: Path | None = None
     # --chat-template: a file, or the template's text (vLLM's flag); None: the model's own template, if any.
     chat_template: str | None = None
+    # Frontend processes sharing the public port (vLLM's --api-server-count): each streams its own clients.
+    frontend_processes: int = 1
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if not 1 <= self.frontend_processes <= MAX_FRONTEND_PROCESSES:
+            raise ValueError(f"frontend_processes must be in [1, {MAX_FRONTEND_PROCESSES}], got "
+                             f"{self.frontend_processes}")
         for key in self.api_keys:
             if not key or not set(key) <= _API_KEY_CHARACTERS:
                 raise ValueError("api_keys: each must be non-empty printable ASCII without spaces or commas")

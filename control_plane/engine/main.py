@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import enum
 import os
+import socket
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", type=Path, help="directory of the tokenizer (tokenizer.json); default: --model's")
     p.add_argument("--host", default=server.host, help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=server.port, help="public gRPC port")
+    p.add_argument("--frontend-processes", type=int, default=server.frontend_processes,
+                   help="frontend processes sharing the public port, each streaming its own clients (vLLM's "
+                        "--api-server-count): one streams about 30,000 tokens a second")
     p.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
                    help="use a running worker instead of starting local ones (repeatable; comma-separated in env)")
     p.add_argument("--num-workers", type=int, default=server.num_workers,
@@ -175,7 +179,7 @@ def configs_from_args(
         log_level=args.log_level, tokenizer_dir=args.tokenizer, cpu_threads=args.cpu_threads,
         api_keys=_api_keys(args), tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file,
         tls_client_ca_file=args.tls_client_ca_file, shutdown_timeout_s=args.shutdown_timeout,
-        chat_template=args.chat_template,
+        chat_template=args.chat_template, frontend_processes=args.frontend_processes,
     )
     scheduler = SchedulerConfig(
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
@@ -302,11 +306,13 @@ async def serve(server: ServerConfig, scheduler: SchedulerConfig, cache: CacheCo
         engine_server = await build_engine_server(EngineServicer(engine, model), engine_address,
                                                   (ClusterSecretInterceptor(secret),))
         await engine_server.start()
-        frontend = await FrontendProcess.start(engine_address, tokenizer_dir, server.address, server.log_format,
-                                               server=server, max_num_seqs=scheduler.max_num_seqs,
-                                               cluster_secret=secret, log_level=server.log_level)
+        public_address = shared_public_address(server)
+        frontends = [await FrontendProcess.start(engine_address, tokenizer_dir, public_address, server.log_format,
+                                                 server=server, max_num_seqs=scheduler.max_num_seqs,
+                                                 cluster_secret=secret, log_level=server.log_level, index=index)
+                     for index in range(server.frontend_processes)]
         freeze_startup_objects()
-        code = await _run_until_stopped(engine, frontend, supervisor, server.shutdown_timeout_s)
+        code = await _run_until_stopped(engine, frontends, supervisor, server.shutdown_timeout_s)
         await engine_server.stop(grace=None)
         await supervisor.stop()  # before the engine: its lanes die of the stop, and must not be restarted
         await engine.stop()
@@ -318,26 +324,37 @@ async def serve(server: ServerConfig, scheduler: SchedulerConfig, cache: CacheCo
 
 
 async def _run_until_stopped(
-    engine: Engine, frontend: FrontendProcess, supervisor: WorkerSupervisor, shutdown_timeout_s: float,
+    engine: Engine, frontends: list[FrontendProcess], supervisor: WorkerSupervisor, shutdown_timeout_s: float,
 ) -> int:
     """0 after SIGINT/SIGTERM, once the engine has drained (its requests get shutdown_timeout_s to finish) and the
-    frontend has stopped; 1 when the frontend exits, or the last worker is lost, by itself."""
-    frontend_exit = asyncio.ensure_future(frontend.wait())
+    frontends have stopped; 1 when a frontend exits, or the last worker is lost, by itself."""
+    frontend_exits = [asyncio.ensure_future(frontend.wait()) for frontend in frontends]
     workers_lost = asyncio.ensure_future(supervisor.all_lost.wait())
-    either = asyncio.ensure_future(asyncio.wait([frontend_exit, workers_lost], return_when=asyncio.FIRST_COMPLETED))
+    either = asyncio.ensure_future(asyncio.wait([*frontend_exits, workers_lost],
+                                                return_when=asyncio.FIRST_COMPLETED))
     stopped = await stopped_by_signal(either)
-    has_frontend_exited = frontend_exit.done()
-    for future in (frontend_exit, workers_lost):
+    exited = [index for index, frontend_exit in enumerate(frontend_exits) if frontend_exit.done()]
+    for future in (*frontend_exits, workers_lost):
         future.cancel()
     if stopped:
         log.info("server_stopping", shutdown_timeout_s=shutdown_timeout_s)
         await engine.drain(shutdown_timeout_s)
-    elif has_frontend_exited:
-        log.error("frontend_exited", code=await frontend.wait())
+    elif exited:
+        log.error("frontend_exited", index=exited[0], code=await frontends[exited[0]].wait())
     else:
         log.error("server_exiting", reason="no worker left: every lane is dead and none is being restarted")
-    await frontend.stop()
+    await asyncio.gather(*(frontend.stop() for frontend in frontends))
     return 0 if stopped else 1
+
+
+def shared_public_address(server: ServerConfig) -> str:
+    """The public HOST:PORT the frontends listen on. Several frontends share one port (gRPC binds with
+    SO_REUSEPORT), so port 0 (any free port) is resolved here, once, rather than by each of them."""
+    if server.frontend_processes == 1 or server.port != 0:
+        return server.address
+    with socket.socket(socket.AF_INET6 if ":" in server.host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((server.host, 0))
+        return f"{server.host}:{sock.getsockname()[1]}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

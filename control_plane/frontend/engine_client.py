@@ -33,14 +33,16 @@ class EngineClient:
 
     Commands (add, abort) queue on one channel and leave in one message per wake-up; the engine's chunks arrive
     in one message per step and are dealt to each request's channel. On the relay a request goes by an id of its
-    own (the client's id, `@`, a counter), never reused, so chunks still on their way for a request whose client
-    left are dropped, not dealt to a later request that reuses the client's id. The client's ids are unique among
-    the open streams (a live one is refused). When the relay ends (the engine process is gone), every
-    open stream fails with EngineUnavailableError and `closed` is set.
+    own (the client's id, `@`, this frontend's index among the server's, `.`, a counter), never reused by this
+    frontend nor used by another, so chunks still on their way for a request whose client left are dropped, not
+    dealt to a later request that reuses the client's id. The client's ids are unique among this frontend's open
+    streams (a live one is refused). When the relay ends (the engine process is gone), every open stream fails with
+    EngineUnavailableError and `closed` is set.
     """
 
-    def __init__(self, address: str, secret: ClusterSecret | None = None) -> None:
+    def __init__(self, address: str, secret: ClusterSecret | None = None, frontend_index: int = 0) -> None:
         self.address = address
+        self._frontend_index = frontend_index
         # Every call carries the engine's cluster secret (runtime/auth.py), when it has one.
         self._channel = grpc.aio.insecure_channel(address, options=INTERNAL_CHANNEL_OPTIONS,
                                                   interceptors=client_interceptors(secret))
@@ -153,7 +155,7 @@ class EngineClient:
             raise AlreadyExistsError(f"request_id: {request_id!r} is in use by a request that has not ended")
         while not request_id or request_id in self._relay_ids:
             request_id = f"req-{next(self._ids)}"
-        relay_id = self._relay_ids[request_id] = f"{request_id}@{next(self._ids)}"
+        relay_id = self._relay_ids[request_id] = f"{request_id}@{self._frontend_index}.{next(self._ids)}"
         self._streams[relay_id] = ItemChannel()
         self._commands.put(engine_service_pb2.RelayCommand(add=engine_service_pb2.AddCommand(
             request_id=relay_id, prompt_token_ids=prompt_token_ids, sampling_params=sampling_params,

@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", required=True, help="the engine process's EngineService address")
     p.add_argument("--model", type=Path, required=True, help="model directory (its tokenizer)")
     p.add_argument("--listen", required=True, help="public HOST:PORT")
+    p.add_argument("--frontend-index", type=int, default=0,
+                   help="which of the server's frontends this is (they share the public port)")
     add_log_flags(p)
     p.add_argument("--max-num-seqs", type=int, help="the schedulers' max_num_seqs: a request's n may not exceed it")
     p.add_argument("--tls-cert-file", type=Path, help="PEM certificate chain: serve over TLS")
@@ -76,10 +78,11 @@ def _public_access(args: argparse.Namespace) -> PublicAccess:
 async def run_frontend(
     engine_address: str, model_dir: Path, address: str, access: PublicAccess | None = None,
     max_num_seqs: int | None = None, secret: ClusterSecret | None = None, chat_template: str | None = None,
+    frontend_index: int = 0,
 ) -> int:
     """Serves until SIGINT/SIGTERM (0) or until the engine process goes away (1). chat_template: the template's
     text (None: the model's)."""
-    engine = EngineClient(engine_address, secret)
+    engine = EngineClient(engine_address, secret, frontend_index)
     model = await engine.describe(_ENGINE_ANSWER_TIMEOUT_S)
     tokenizer = Tokenizer(model_dir)
     engine.start()
@@ -100,7 +103,8 @@ async def run_frontend(
     follower = asyncio.create_task(engine.follow_health(set_serving), name="engine-health")
     await server.start()
     freeze_startup_objects()
-    log.info("server_listening", address=f"{address.rsplit(':', 1)[0]}:{port}", model=model.name,
+    log.info("server_listening", address=f"{address.rsplit(':', 1)[0]}:{port}", frontend_index=frontend_index,
+             model=model.name,
              max_model_len=model.max_model_len, num_gpu_blocks=model.num_gpu_blocks)
     stopped = await stopped_by_signal(engine.closed.wait())
     follower.cancel()
@@ -126,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     chat_template = None if args.chat_template is None else load_chat_template(args.chat_template)
     return asyncio.run(run_frontend(
         args.engine, args.model, args.listen, _public_access(args), args.max_num_seqs, secret, chat_template,
+        args.frontend_index,
     ))
 
 

@@ -29,23 +29,23 @@ class FrontendProcess:
     async def start(
         cls, engine_address: str, model_dir: Path, address: str, log_format: LogFormat,
         server: ServerConfig | None = None, max_num_seqs: int | None = None,
-        cluster_secret: ClusterSecret | None = None, log_level: LogLevel = LogLevel.INFO,
+        cluster_secret: ClusterSecret | None = None, log_level: LogLevel = LogLevel.INFO, index: int = 0,
     ) -> FrontendProcess:
         """In a session of its own, so that signals for this process's group (Ctrl-C at a terminal) reach only
         the engine, which stops the frontend by stop(): a SIGINT of its own would start its drain, and the
         engine's SIGTERM would then end it at once. server's API keys go in its environment, never on its command
         line; its TLS files, chat template and max_num_seqs (the bound on a request's n) as flags. The cluster
         secret (which the engine service requires) goes in its environment too; it exits once this process is gone
-        (--parent-pid)."""
+        (--parent-pid). index: which of the server's frontends it is, unique among them (its relay ids carry it)."""
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "pagedserve.control_plane.launch.frontend_child", "--parent-pid", str(os.getpid()),
             "--engine", engine_address,
             "--model", str(model_dir), "--listen", address, "--log-format", log_format.value,
-            "--log-level", log_level.value,
+            "--log-level", log_level.value, "--frontend-index", str(index),
             *_public_flags(server, max_num_seqs), start_new_session=True,
             env=_with_secret(_public_env(server), cluster_secret),
         )
-        log.info("frontend_started", pid=process.pid, engine=engine_address, address=address)
+        log.info("frontend_started", pid=process.pid, index=index, engine=engine_address, address=address)
         return cls(process)
 
     async def wait(self) -> int:

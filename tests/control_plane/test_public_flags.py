@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pagedserve.control_plane.config import FRONTEND_API_KEYS_ENV, ServerConfig
-from pagedserve.control_plane.engine.main import build_parser, configs_from_args
+from pagedserve.control_plane.engine.main import build_parser, configs_from_args, shared_public_address
 from pagedserve.control_plane.launch.frontend_launcher import _public_env, _public_flags
 from pagedserve.runtime.flags import parse_args
 
@@ -48,6 +48,8 @@ def test_api_keys_never_show_in_the_configs_repr() -> None:
     (["--tls-cert-file", "cert.pem"], "tls_cert_file and tls_key_file must be given together"),
     (["--tls-client-ca-file", "ca.pem"], "tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file"),
     (["--api-key", "with space"], "api_keys: each must be non-empty printable ASCII without spaces or commas"),
+    (["--frontend-processes", "0"], "frontend_processes must be in [1, 64], got 0"),
+    (["--frontend-processes", "65"], "frontend_processes must be in [1, 64], got 65"),
 ])
 def test_inconsistent_public_flags_are_refused(argv: list[str], message: str) -> None:
     with pytest.raises(ValueError) as info:
@@ -70,3 +72,15 @@ def test_a_frontend_without_keys_inherits_none(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv(FRONTEND_API_KEYS_ENV, "stale")
 
     assert FRONTEND_API_KEYS_ENV not in _public_env(ServerConfig())
+
+
+def test_several_frontends_share_one_concrete_port_when_any_free_port_is_asked_for() -> None:
+    address = shared_public_address(_server(["--port", "0", "--frontend-processes", "2"]))
+    host, port = address.rsplit(":", 1)
+    assert host == "127.0.0.1" and 0 < int(port) < 65536
+
+
+@pytest.mark.parametrize("argv", [["--port", "0"], ["--port", "50123", "--frontend-processes", "3"]])
+def test_one_frontend_or_a_given_port_keeps_the_address_as_given(argv: list[str]) -> None:
+    server = _server(argv)
+    assert shared_public_address(server) == server.address
