@@ -78,12 +78,14 @@ class _Share:
     concurrency: int
     request_rate: float
     seed: int
+    connections: int
 
 
 def _run_share(share: _Share, start: Barrier) -> _Part:
     """In a client process: its records, its first send and last reply (perf_counter) and its CPU seconds."""
     async def main() -> _Part:
-        async with path_sender(share.path, share.endpoints, share.ignore_eos, share.concurrency) as send:
+        async with path_sender(share.path, share.endpoints, share.ignore_eos, share.concurrency,
+                               share.connections) as send:
             start.wait(START_TIMEOUT_S)  # nothing else runs on this loop yet
             cpu, began = time.process_time(), time.perf_counter()
             records, duration_s = await run_requests(send, share.requests, share.request_rate, share.concurrency,
@@ -110,8 +112,9 @@ def shares_of(total: int, parts: int) -> list[int]:
 
 def run_in_processes(path: ServingPath, endpoints: Endpoints, ignore_eos: bool, requests: Sequence[BenchRequest],
                      request_rate: float, max_concurrency: int | None, seed: int,
-                     constraints: Sequence[Constraint] | None, num_processes: int) -> ClientRun:
-    """The run from min(num_processes, concurrency, requests) client processes (see the module's docstring)."""
+                     constraints: Sequence[Constraint] | None, num_processes: int, connections: int = 1) -> ClientRun:
+    """The run from min(num_processes, concurrency, requests) client processes (see the module's docstring), each
+    with `connections` channels to the server."""
     concurrency = max_concurrency or len(requests)
     count = max(1, min(num_processes, concurrency, len(requests)))
     all_constraints = list(constraints or [None] * len(requests))
@@ -121,7 +124,7 @@ def run_in_processes(path: ServingPath, endpoints: Endpoints, ignore_eos: bool, 
     processes = []
     for index, share_concurrency in enumerate(shares_of(concurrency, count)):
         share = _Share(path, endpoints, ignore_eos, list(requests[index::count]), all_constraints[index::count],
-                       share_concurrency, request_rate / count, seed + index)
+                       share_concurrency, request_rate / count, seed + index, connections)
         processes.append(context.Process(target=_serve_share, args=(share, start, results, index), daemon=True))
     for process in processes:
         process.start()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import grpc
 
@@ -37,12 +38,18 @@ async def _send(stub: generation_service_pb2_grpc.GenerationServiceStub, request
 
 
 @asynccontextmanager
-async def direct_sender(address: str, ignore_eos: bool) -> AsyncIterator[Send]:
-    """A Send over one channel to the server at address, open while the context is."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
+async def direct_sender(address: str, ignore_eos: bool, connections: int = 1) -> AsyncIterator[Send]:
+    """A Send over `connections` channels to the server at address (requests take them in turn), open while the
+    context is. More than one: each channel has a connection of its own (a local subchannel pool), so a server whose
+    frontends share its port gets them spread over its frontends."""
+    options = [("grpc.use_local_subchannel_pool", 1)] if connections > 1 else []
+    async with AsyncExitStack() as stack:
+        stubs = [generation_service_pb2_grpc.GenerationServiceStub(
+            await stack.enter_async_context(grpc.aio.insecure_channel(address, options=options)))
+            for _ in range(connections)]
+        turns = itertools.cycle(stubs)
 
         async def send(request: BenchRequest, constraint: common_pb2.StructuredOutput | None) -> RequestRecord:
-            return await _send(stub, request, ignore_eos, constraint)
+            return await _send(next(turns), request, ignore_eos, constraint)
 
         yield send

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-processes", type=int, default=1,
                    help="client processes sharing each run's requests, concurrency and rate (one grpc.aio process "
                         "takes in about 32,000-36,500 streamed chunks a second: benchmarks.stream_capacity)")
+    p.add_argument("--connections", type=int, default=1,
+                   help="direct path: channels each client process opens, each its own connection, requests taking "
+                        "them in turn (a server's --frontend-processes share out connections, not streams)")
     p.add_argument("--bound", action=argparse.BooleanOptionalAction, default=True,
                    help="measure this device and report throughput as a share of the roofline bound")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="the server's, for the bound")
@@ -181,7 +184,8 @@ async def run_levels(endpoints: Endpoints, model_dir: Path, args: argparse.Names
         constraints = constraints_for(mode, num_prompts, seed)
         if args.client_processes > 1:
             client = await asyncio.to_thread(run_in_processes, path, endpoints, args.ignore_eos, requests,
-                                             args.request_rate, level, seed, constraints, args.client_processes)
+                                             args.request_rate, level, seed, constraints, args.client_processes,
+                                             args.connections)
         else:
             client = await _run_here(path, endpoints, args, requests, level, seed, constraints)
         records, duration_s = client.records, client.duration_s
@@ -209,7 +213,7 @@ async def _run_here(path: ServingPath, endpoints: Endpoints, args: argparse.Name
                     constraints: Sequence[common_pb2.StructuredOutput | None] | None) -> ClientRun:
     """The run from this process's event loop."""
     cpu_started = time.process_time()
-    async with path_sender(path, endpoints, args.ignore_eos, level or len(requests)) as send:
+    async with path_sender(path, endpoints, args.ignore_eos, level or len(requests), args.connections) as send:
         records, duration_s = await run_requests(send, requests, args.request_rate, level, seed, constraints)
     return ClientRun(records, duration_s, time.process_time() - cpu_started)
 

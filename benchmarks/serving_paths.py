@@ -39,10 +39,10 @@ class Endpoints:
 
 @asynccontextmanager
 async def path_sender(path: ServingPath, endpoints: Endpoints, ignore_eos: bool,
-                      max_in_flight: int) -> AsyncIterator[Send]:
-    """The Send of path, open while the context is."""
+                      max_in_flight: int, connections: int = 1) -> AsyncIterator[Send]:
+    """The Send of path, open while the context is; connections: the direct path's channels to the server."""
     if path is ServingPath.DIRECT:
-        async with direct_sender(endpoints.server_address, ignore_eos) as send:
+        async with direct_sender(endpoints.server_address, ignore_eos, connections) as send:
             yield send
         return
     if endpoints.gateway_url is None:

@@ -38,9 +38,12 @@ def test_the_concurrency_is_shared_as_evenly_as_integers_allow() -> None:
     assert sum(shares_of(1_000, 7)) == 1_000
 
 
-def test_every_request_comes_back_in_request_order_from_several_processes(streaming_server: str) -> None:
+@pytest.mark.parametrize("connections", [1, 3])
+def test_every_request_comes_back_in_request_order_from_several_processes(streaming_server: str,
+                                                                          connections: int) -> None:
     requests = [BenchRequest(prompt_token_ids=(1,) * (i + 1), output_len=TOKENS) for i in range(9)]
-    run = run_in_processes(ServingPath.DIRECT, Endpoints(streaming_server), True, requests, math.inf, 4, 0, None, 3)
+    run = run_in_processes(ServingPath.DIRECT, Endpoints(streaming_server), True, requests, math.inf, 4, 0, None, 3,
+                           connections)
     assert [record.prompt_len for record in run.records] == [i + 1 for i in range(9)]
     assert all(record.error is None and len(record.chunk_times_s) == TOKENS for record in run.records)
     first_send = min(record.start_s for record in run.records)
