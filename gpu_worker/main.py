@@ -27,6 +27,7 @@ from pagedserve.runtime.flags import EPILOG, parse_args, usage_error
 from pagedserve.runtime.gil import use_short_turns
 from pagedserve.runtime.logs import add_log_flags, configure_logging
 from pagedserve.runtime.parent_watch import exit_when_parent_dies
+from pagedserve.runtime.port_check import check_port_free
 from pagedserve.runtime.stop_signal import stopped_by_signal
 
 log = structlog.get_logger()
@@ -150,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_model_dir(args.model, needs_weights=args.load_format is not LoadFormat.DUMMY)
         config = config_from_args(args)
+        if config.tensor_parallel.rank == 0:  # the others listen on no port
+            check_port_free(config.listen_address, "--listen")
     except ValueError as error:  # ModelDirError included: one line and exit code 2, before loading anything
         usage_error(parser, str(error))
     is_follower = config.tensor_parallel.rank > 0  # serves no port: no secret or TLS to check

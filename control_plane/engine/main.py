@@ -53,6 +53,7 @@ from pagedserve.runtime.cpu_threads import local_worker_threads, usable_cores
 from pagedserve.runtime.flags import EPILOG, parse_args, usage_error
 from pagedserve.runtime.gil import use_short_turns
 from pagedserve.runtime.logs import add_log_flags, configure_logging
+from pagedserve.runtime.port_check import check_port_free
 from pagedserve.runtime.stop_signal import stopped_by_signal
 
 log = structlog.get_logger()
@@ -364,6 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:  # one line and exit code 2, before any worker starts
         server, scheduler, cache, engine_config = configs_from_args(args)
         check_model(server)
+        check_port_free(server.address, "--port")
     except ValueError as error:  # ModelDirError included
         usage_error(parser, str(error))
     use_short_turns()
