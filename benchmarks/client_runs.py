@@ -4,8 +4,9 @@ processes, each with its own loop and connection.
 One grpc.aio process takes in at most about 32,000-36,500 streamed chunks a second on a 2-core host
 (benchmarks.stream_capacity); a server streaming one token a chunk at high concurrency comes close to that, and a
 client that falls behind turns requests over late and records chunk times late. Several processes share the work:
-process j of k sends requests j, j + k, ... with its share of the concurrency and the rate (Poisson arrivals split
-at random stay Poisson), all released together once every one is connected. Chunk times come from
+each gets a share of the concurrency, and of the requests and the rate in proportion to it (Poisson arrivals split
+at random stay Poisson); all are released together by a barrier once every one has started (each channel connects
+at its first request). Chunk times come from
 time.perf_counter, the system-wide monotonic clock on Linux, so the processes' records mix.
 """
 
@@ -16,6 +17,7 @@ import math
 import multiprocessing
 import queue
 import random
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,11 +38,12 @@ _Part = tuple[list[RequestRecord], float, float, float]  # records, first send, 
 @dataclass(frozen=True, slots=True)
 class ClientRun:
     """What a run's clients saw: the records in request order, the wall time from the first send to the last reply,
-    and the CPU seconds the client processes used meanwhile."""
+    the CPU seconds the client processes used meanwhile, and how many processes sent."""
 
     records: list[RequestRecord]
     duration_s: float
     cpu_s: float
+    processes: int = 1
 
 
 async def run_requests(send: Send, requests: Sequence[BenchRequest], request_rate: float,
@@ -95,19 +98,34 @@ def _run_share(share: _Share, start: Barrier) -> _Part:
     return asyncio.run(main())
 
 
-def _serve_share(share: _Share, start: Barrier, results: Queue[tuple[int, _Part | BaseException]],
-                 index: int) -> None:
+# A client process's report: its index, then its part, or why it failed and whether only because another one did.
+_Report = tuple[int, _Part | None, str | None, bool]
+
+
+def _serve_share(share: _Share, start: Barrier, results: Queue[_Report], index: int) -> None:
     try:
-        results.put((index, _run_share(share, start)))
+        results.put((index, _run_share(share, start), None, False))
     except BaseException as error:
-        start.abort()  # the others stop waiting for this one
-        results.put((index, RuntimeError(f"client process {index} failed: {error!r}")))
+        is_secondary = isinstance(error, threading.BrokenBarrierError)  # another process failed first
+        results.put((index, None, f"client process {index} failed: {error!r}", is_secondary))
+        start.abort()  # after the report: the others stop waiting for this one
         raise
 
 
 def shares_of(total: int, parts: int) -> list[int]:
     """total split into parts as even as integers allow, the larger first."""
     return [total // parts + (1 if j < total % parts else 0) for j in range(parts)]
+
+
+def assign(num_requests: int, concurrencies: Sequence[int]) -> list[list[int]]:
+    """The request indices of each process, in request order, in proportion to its concurrency: request i goes to
+    the process whose share would stay the smallest (equal concurrencies: i % processes), so every process runs at
+    its concurrency for about as long as the others."""
+    assigned: list[list[int]] = [[] for _ in concurrencies]
+    for request in range(num_requests):
+        process = min(range(len(concurrencies)), key=lambda j: (len(assigned[j]) + 1) / concurrencies[j])
+        assigned[process].append(request)
+    return assigned
 
 
 def run_in_processes(path: ServingPath, endpoints: Endpoints, ignore_eos: bool, requests: Sequence[BenchRequest],
@@ -118,13 +136,16 @@ def run_in_processes(path: ServingPath, endpoints: Endpoints, ignore_eos: bool, 
     concurrency = max_concurrency or len(requests)
     count = max(1, min(num_processes, concurrency, len(requests)))
     all_constraints = list(constraints or [None] * len(requests))
+    concurrencies = shares_of(concurrency, count)
+    assigned = assign(len(requests), concurrencies)
     context = multiprocessing.get_context("spawn")
     start = context.Barrier(count)
-    results: Queue[tuple[int, _Part | BaseException]] = context.Queue()
+    results: Queue[_Report] = context.Queue()
     processes = []
-    for index, share_concurrency in enumerate(shares_of(concurrency, count)):
-        share = _Share(path, endpoints, ignore_eos, list(requests[index::count]), all_constraints[index::count],
-                       share_concurrency, request_rate / count, seed + index, connections)
+    for index, (share_concurrency, indices) in enumerate(zip(concurrencies, assigned, strict=True)):
+        share = _Share(path, endpoints, ignore_eos, [requests[i] for i in indices],
+                       [all_constraints[i] for i in indices], share_concurrency,
+                       request_rate * share_concurrency / concurrency, seed + index, connections)
         processes.append(context.Process(target=_serve_share, args=(share, start, results, index), daemon=True))
     for process in processes:
         process.start()
@@ -137,24 +158,38 @@ def run_in_processes(path: ServingPath, endpoints: Endpoints, ignore_eos: bool, 
     finally:
         for process in processes:
             process.join()
-    records = [parts[i % count][0][i // count] for i in range(len(requests))]  # request i went to process i % count
+    records: dict[int, RequestRecord] = {}
+    for indices, part in zip(assigned, parts, strict=True):
+        records.update(zip(indices, part[0], strict=True))
     began, ended = min(part[1] for part in parts), max(part[2] for part in parts)
-    return ClientRun(records, ended - began, sum(part[3] for part in parts))
+    return ClientRun([records[i] for i in range(len(requests))], ended - began, sum(part[3] for part in parts), count)
 
 
-def _collect(results: Queue[tuple[int, _Part | BaseException]],
-             processes: Sequence[multiprocessing.process.BaseProcess]) -> list[_Part]:
-    """Every process's part, in process order; the first failure raised, a process that died without a word too."""
-    outcomes: dict[int, _Part] = {}
-    while len(outcomes) < len(processes):
+def _collect(results: Queue[_Report], processes: Sequence[multiprocessing.process.BaseProcess]) -> list[_Part]:
+    """Every process's part, in process order. Raises the first failure of a process's own, else the failure of
+    one that stopped only because another did, else that a process died without a report."""
+    parts: dict[int, _Part] = {}
+    reported: set[int] = set()
+    secondary: str | None = None
+    while len(reported) < len(processes):
         try:
-            index, outcome = results.get(timeout=1.0)
+            index, part, error, is_secondary = results.get(timeout=1.0)
         except queue.Empty:
-            dead = [p for i, p in enumerate(processes) if i not in outcomes and p.exitcode not in (None, 0)]
-            if dead:
-                raise RuntimeError(f"a client process exited with code {dead[0].exitcode} and no result") from None
-            continue
-        if isinstance(outcome, BaseException):
-            raise outcome
-        outcomes[index] = outcome
-    return [outcomes[index] for index in range(len(processes))]
+            silent = [i for i, p in enumerate(processes) if i not in reported and p.exitcode not in (None, 0)]
+            if not silent:
+                continue
+            try:  # a report it sent before exiting is in the pipe by now
+                index, part, error, is_secondary = results.get(timeout=1.0)
+            except queue.Empty:
+                raise RuntimeError(f"client process {silent[0]} exited with code {processes[silent[0]].exitcode} "
+                                   "and no report") from None
+        reported.add(index)
+        if error is not None and not is_secondary:
+            raise RuntimeError(error)
+        if error is not None:
+            secondary = secondary or error
+        elif part is not None:
+            parts[index] = part
+    if secondary is not None:
+        raise RuntimeError(secondary)
+    return [parts[index] for index in range(len(processes))]

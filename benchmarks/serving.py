@@ -102,6 +102,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if ServingPath.GATEWAY in args.paths and args.structured_output != [ConstraintMode.NONE]:
         parser.error("the gateway path runs with --structured-output none only")
+    for flag, value in (("--client-processes", args.client_processes), ("--connections", args.connections)):
+        if value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
     return args
 
 
@@ -192,7 +195,7 @@ async def run_levels(endpoints: Endpoints, model_dir: Path, args: argparse.Names
         run.update(compute_metrics(records, duration_s))
         # The clients' CPU seconds per second of the run: near 1.0 a process, a client may be what limits it.
         run["client_cpu"] = client.cpu_s / duration_s
-        run["client_processes"] = args.client_processes
+        run["client_processes"] = client.processes
         run["step_profile"] = step_profile(before, await _server_status(endpoints.server_address))
         if args.save_detailed:
             run["output_lens"] = [r.output_len if r.is_success else None for r in records]

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from benchmarks.client_runs import run_in_processes, shares_of
+from benchmarks.client_runs import assign, run_in_processes, shares_of
 from benchmarks.random_dataset import BenchRequest
 from benchmarks.serving_paths import Endpoints, ServingPath
 from benchmarks.stream_capacity import serve_chunks, wait_ready
@@ -36,6 +36,19 @@ def test_the_concurrency_is_shared_as_evenly_as_integers_allow() -> None:
     assert shares_of(256, 3) == [86, 85, 85]
     assert shares_of(4, 4) == [1, 1, 1, 1]
     assert sum(shares_of(1_000, 7)) == 1_000
+
+
+def test_requests_go_to_processes_in_proportion_to_their_concurrency() -> None:
+    assert assign(6, [2, 2, 2]) == [[0, 3], [1, 4], [2, 5]]
+    assert assign(9, [2, 1]) == [[0, 1, 3, 4, 6, 7], [2, 5, 8]]  # twice the concurrency, twice the requests
+
+
+def test_a_concurrency_that_does_not_divide_keeps_every_request_in_order(streaming_server: str) -> None:
+    requests = [BenchRequest(prompt_token_ids=(1,) * (i + 1), output_len=TOKENS) for i in range(10)]
+    run = run_in_processes(ServingPath.DIRECT, Endpoints(streaming_server), True, requests, math.inf, 3, 0, None, 2)
+    assert run.processes == 2
+    assert [record.prompt_len for record in run.records] == [i + 1 for i in range(10)]
+    assert all(len(record.chunk_times_s) == TOKENS for record in run.records)
 
 
 @pytest.mark.parametrize("connections", [1, 3])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks import serving
 from benchmarks.hardware_bound import dtype_bytes
 
@@ -66,3 +68,9 @@ def test_a_run_split_over_client_processes_counts_the_same_requests_and_tokens(s
     assert (run["completed"], run["failed"], run["client_processes"]) == (4, 0, 2)
     assert (run["total_input_tokens"], run["total_output_tokens"]) == (48, 20)
     assert len(run["ttfts_ms"]) == 4 and run["client_cpu"] > 0
+
+
+@pytest.mark.parametrize("flag", ["--client-processes", "--connections"])
+def test_fewer_than_one_client_process_or_connection_is_refused(flag: str) -> None:
+    with pytest.raises(SystemExit):
+        serving.parse_args(["--model-shape", "llama-3.2-1b", flag, "0"])
