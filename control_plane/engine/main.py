@@ -307,8 +307,7 @@ async def serve(server: ServerConfig, scheduler: SchedulerConfig, cache: CacheCo
         engine_server = await build_engine_server(EngineServicer(engine, model), engine_address,
                                                   (ClusterSecretInterceptor(secret),))
         await engine_server.start()
-        public_address = shared_public_address(server)
-        frontends = [await FrontendProcess.start(engine_address, tokenizer_dir, public_address, server.log_format,
+        frontends = [await FrontendProcess.start(engine_address, tokenizer_dir, server.address, server.log_format,
                                                  server=server, max_num_seqs=scheduler.max_num_seqs,
                                                  cluster_secret=secret, log_level=server.log_level, index=index)
                      for index in range(server.frontend_processes)]
@@ -348,14 +347,19 @@ async def _run_until_stopped(
     return 0 if stopped else 1
 
 
-def shared_public_address(server: ServerConfig) -> str:
-    """The public HOST:PORT the frontends listen on. Several frontends share one port (gRPC binds with
-    SO_REUSEPORT), so port 0 (any free port) is resolved here, once, rather than by each of them."""
+def shared_public_port(server: ServerConfig) -> ServerConfig:
+    """server with a concrete public port when several frontends are to share it and port 0 (any free port) was
+    asked for: picked here, once, before anything starts, rather than by each frontend (gRPC binds with
+    SO_REUSEPORT, so they can share it). ValueError when the host cannot be bound."""
     if server.frontend_processes == 1 or server.port != 0:
-        return server.address
-    with socket.socket(socket.AF_INET6 if ":" in server.host else socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((server.host, 0))
-        return f"{server.host}:{sock.getsockname()[1]}"
+        return server
+    host = server.host.removeprefix("[").removesuffix("]")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, 0))
+        except OSError as error:
+            raise ValueError(f"--host: cannot listen on {server.host}: {error.strerror}") from None
+        return dataclasses.replace(server, port=int(sock.getsockname()[1]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -366,6 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server, scheduler, cache, engine_config = configs_from_args(args)
         check_model(server)
         check_port_free(server.address, "--port")
+        server = shared_public_port(server)
     except ValueError as error:  # ModelDirError included
         usage_error(parser, str(error))
     use_short_turns()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pagedserve.control_plane.config import FRONTEND_API_KEYS_ENV, ServerConfig
-from pagedserve.control_plane.engine.main import build_parser, configs_from_args, shared_public_address
+from pagedserve.control_plane.engine.main import build_parser, configs_from_args, shared_public_port
 from pagedserve.control_plane.launch.frontend_launcher import _public_env, _public_flags
 from pagedserve.runtime.flags import parse_args
 
@@ -75,12 +75,21 @@ def test_a_frontend_without_keys_inherits_none(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_several_frontends_share_one_concrete_port_when_any_free_port_is_asked_for() -> None:
-    address = shared_public_address(_server(["--port", "0", "--frontend-processes", "2"]))
-    host, port = address.rsplit(":", 1)
-    assert host == "127.0.0.1" and 0 < int(port) < 65536
+    server = shared_public_port(_server(["--port", "0", "--frontend-processes", "2"]))
+    assert server.host == "127.0.0.1" and 0 < server.port < 65536
 
 
 @pytest.mark.parametrize("argv", [["--port", "0"], ["--port", "50123", "--frontend-processes", "3"]])
 def test_one_frontend_or_a_given_port_keeps_the_address_as_given(argv: list[str]) -> None:
     server = _server(argv)
-    assert shared_public_address(server) == server.address
+    assert shared_public_port(server) == server
+
+
+def test_a_bracketed_ipv6_host_gets_its_shared_port_too() -> None:
+    server = _server(["--host", "[::]", "--port", "0", "--frontend-processes", "2"])
+    try:
+        resolved = shared_public_port(server)
+    except ValueError as error:  # a host without IPv6
+        assert str(error).startswith("--host: cannot listen on [::]:")
+    else:
+        assert resolved.host == "[::]" and resolved.port > 0
