@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,3 +40,12 @@ def unloadable_model_dir(tmp_path: Path, stories260k_dir: Path) -> Path:
         shutil.copy(stories260k_dir / name, tmp_path / name)
     (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
     return tmp_path
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A loopback port that a plain socket listens on for the test."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield int(sock.getsockname()[1])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
@@ -12,16 +11,8 @@ import pytest
 from pagedserve.runtime.port_check import check_port_free
 
 
-@pytest.fixture
-def listening_port() -> Iterator[int]:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        yield int(sock.getsockname()[1])
-
-
-def test_a_port_in_use_is_refused_naming_the_flag_and_the_address(listening_port: int) -> None:
-    address = f"127.0.0.1:{listening_port}"
+def test_a_port_in_use_is_refused_naming_the_flag_and_the_address(busy_port: int) -> None:
+    address = f"127.0.0.1:{busy_port}"
     with pytest.raises(ValueError, match=rf"^--port: cannot listen on {address}: Address already in use"):
         check_port_free(address, "--port")
 
