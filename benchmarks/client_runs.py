@@ -6,8 +6,8 @@ One grpc.aio process takes in at most about 32,000-36,500 streamed chunks a seco
 client that falls behind turns requests over late and records chunk times late. Several processes share the work:
 each gets a share of the concurrency, and of the requests and the rate in proportion to it (Poisson arrivals split
 at random stay Poisson); all are released together by a barrier once every one has started (each channel connects
-at its first request). Chunk times come from
-time.perf_counter, the system-wide monotonic clock on Linux, so the processes' records mix.
+at its first request). Chunk times come from time.perf_counter, the system-wide monotonic clock on Linux, so the
+processes' records mix.
 """
 
 from __future__ import annotations

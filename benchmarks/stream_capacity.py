@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import multiprocessing
 import os
 import time
@@ -24,6 +25,7 @@ from typing import Any
 import grpc
 
 from benchmarks import report
+from benchmarks.client_runs import run_requests
 from benchmarks.direct_client import direct_sender
 from benchmarks.random_dataset import BenchRequest
 from pagedserve.control_plane.launch.worker_launcher import free_loopback_port
@@ -77,16 +79,10 @@ async def consume(address: str, server_pid: int, concurrency: int, num_requests:
                   tokens: int) -> dict[str, float]:
     """Sends num_requests at the given concurrency; chunks received, seconds, chunks per second, each side's CPU
     share of one core, failed requests."""
-    request = BenchRequest(prompt_token_ids=PROMPT, output_len=tokens)
-    limit = asyncio.Semaphore(concurrency)
+    requests = [BenchRequest(prompt_token_ids=PROMPT, output_len=tokens)] * num_requests
     async with direct_sender(address, ignore_eos=True) as send:
-        async def one() -> Any:
-            async with limit:
-                return await send(request, None)
-
-        started, client_cpu, server_cpu = time.perf_counter(), time.process_time(), process_cpu_s(server_pid)
-        records = await asyncio.gather(*(one() for _ in range(num_requests)))
-        seconds = time.perf_counter() - started
+        client_cpu, server_cpu = time.process_time(), process_cpu_s(server_pid)
+        records, seconds = await run_requests(send, requests, math.inf, concurrency, seed=0)
         client_cpu, server_cpu = time.process_time() - client_cpu, process_cpu_s(server_pid) - server_cpu
     chunks = sum(len(record.chunk_times_s) for record in records)
     return {"concurrency": concurrency, "chunks": chunks, "seconds": seconds, "chunks_per_s": chunks / seconds,

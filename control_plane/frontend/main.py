@@ -104,8 +104,7 @@ async def run_frontend(
     await server.start()
     freeze_startup_objects()
     log.info("server_listening", address=f"{address.rsplit(':', 1)[0]}:{port}", frontend_index=frontend_index,
-             model=model.name,
-             max_model_len=model.max_model_len, num_gpu_blocks=model.num_gpu_blocks)
+             model=model.name, max_model_len=model.max_model_len, num_gpu_blocks=model.num_gpu_blocks)
     stopped = await stopped_by_signal(engine.closed.wait())
     follower.cancel()
     await set_serving(False)  # at once: load balancers stop sending while open streams finish
