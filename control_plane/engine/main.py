@@ -7,7 +7,6 @@ import asyncio
 import dataclasses
 import enum
 import os
-import socket
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,7 +52,7 @@ from pagedserve.runtime.cpu_threads import local_worker_threads, usable_cores
 from pagedserve.runtime.flags import EPILOG, parse_args, usage_error
 from pagedserve.runtime.gil import use_short_turns
 from pagedserve.runtime.logs import add_log_flags, configure_logging
-from pagedserve.runtime.port_check import check_port_free
+from pagedserve.runtime.port_check import check_port_free, free_port
 from pagedserve.runtime.stop_signal import stopped_by_signal
 
 log = structlog.get_logger()
@@ -353,13 +352,7 @@ def shared_public_port(server: ServerConfig) -> ServerConfig:
     SO_REUSEPORT, so they can share it). ValueError when the host cannot be bound."""
     if server.frontend_processes == 1 or server.port != 0:
         return server
-    host = server.host.removeprefix("[").removesuffix("]")
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host, 0))
-        except OSError as error:
-            raise ValueError(f"--host: cannot listen on {server.host}: {error.strerror}") from None
-        return dataclasses.replace(server, port=int(sock.getsockname()[1]))
+    return dataclasses.replace(server, port=free_port(server.host, "--host"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
