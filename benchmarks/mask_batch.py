@@ -1,0 +1,154 @@
+"""Host time of one step's token masks for a batch of constrained rows, as the worker fills them: every row a JSON
+schema of benchmarks.json_schemas at its own point of its document, one mask per row and step.
+
+    python -m benchmarks.mask_batch [--batch 64] [--steps 200] [--threads 1,2,4,8,16] [--schemas corpus|one]
+                                    [--replicas 1,16]
+
+Each mode walks the same seeded batch (a uniformly drawn allowed token per row and step; a row whose document ends
+starts a new schema), so every mode computes the same masks: `serial` fills them one call per row on the calling
+thread, `pool N` in one call on llguidance's pool of N threads (gpu_worker/grammar.py's path), `threads N` on N
+Python threads, each filling every N-th row one call at a time. Per step it records
+the fill's wall time and the calling process's CPU time, and for the serial mode the slowest row, the floor of any
+parallel fill.
+
+A row's matcher is a deep copy of its schema's compiled matcher, as in the worker. Copies of one compiled matcher
+contend with each other when filled at once (on a 2-core host, 64 copies of one matcher filled on two threads took
+longer than on one); `--replicas R` compiles each schema R times and gives row r replica r mod R. `--schemas one`
+gives every row the same schema (one tool or response schema for all requests), `corpus` the 55 in turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import llguidance
+import llguidance.numpy
+import numpy as np
+
+from benchmarks.json_schemas import SCHEMAS
+from benchmarks.report import (
+    DEFAULT_RESULT_DIR,
+    markdown_report,
+    markdown_table,
+    result_stem,
+    run_metadata,
+    text_table,
+    write_outputs,
+)
+from pagedserve.contract.structured_output import ConstraintKind, StructuredOutput
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+HEADERS = ["mode", "ms / step mean", "p50", "p99", "CPU ms / step", "slowest row ms (mean)"]
+
+
+def _allowed(mask: np.ndarray, vocab_size: int) -> np.ndarray:
+    return np.flatnonzero(np.unpackbits(mask.view(np.uint8), bitorder="little")[:vocab_size])
+
+
+def walk(compiled: list[list[llguidance.LLMatcher]], batch: int, steps: int, vocab_size: int, seed: int,
+         pool: llguidance.LLExecutor | ThreadPoolExecutor | None) -> dict[str, Any]:
+    """One mode's run over the seeded batch (compiled[schema][replica]): per-step wall and CPU seconds of the fill
+    (and the slowest row's, for the serial mode)."""
+    rng = random.Random(seed)
+    schema_of = [row % len(compiled) for row in range(batch)]
+    matchers = [compiled[index][row % len(compiled[index])].deep_copy() for row, index in enumerate(schema_of)]
+    masks = llguidance.numpy.allocate_token_bitmask(batch, vocab_size)
+    wall, cpu, slowest = [], [], []
+    for _ in range(steps):
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
+        if pool is None:
+            rows = []
+            for row, matcher in enumerate(matchers):
+                row_start = time.perf_counter()
+                llguidance.numpy.fill_next_token_bitmask(matcher, masks, row)
+                rows.append(time.perf_counter() - row_start)
+            slowest.append(max(rows))
+        elif isinstance(pool, ThreadPoolExecutor):
+            _fill_in_shares(pool, matchers, masks)
+        else:
+            llguidance.numpy.fill_next_token_bitmask_par(pool, list(zip(matchers, range(batch), strict=True)), masks)
+        wall.append(time.perf_counter() - start_wall)
+        cpu.append(time.process_time() - start_cpu)
+        for row, matcher in enumerate(matchers):
+            matcher.consume_token(int(rng.choice(_allowed(masks[row], vocab_size))))
+            if matcher.is_stopped() or matcher.is_error():
+                schema_of[row] = rng.randrange(len(compiled))
+                replicas = compiled[schema_of[row]]
+                matchers[row] = replicas[row % len(replicas)].deep_copy()
+    return {"wall_s": wall, "cpu_s": cpu, "slowest_row_s": slowest}
+
+
+def _fill_in_shares(pool: ThreadPoolExecutor, matchers: list[llguidance.LLMatcher], masks: np.ndarray) -> None:
+    """Each of the pool's threads fills every n-th row, one call per row (each call releases the interpreter lock)."""
+    shares = pool._max_workers
+
+    def fill(share: int) -> None:
+        for row in range(share, len(matchers), shares):
+            llguidance.numpy.fill_next_token_bitmask(matchers[row], masks, row)
+
+    list(pool.map(fill, range(shares)))
+
+
+def _row(mode: str, run: dict[str, Any]) -> list[object]:
+    wall = sorted(run["wall_s"])
+    return [mode, round(statistics.mean(wall) * 1e3, 3), round(wall[len(wall) // 2] * 1e3, 3),
+            round(wall[min(len(wall) - 1, int(len(wall) * 0.99))] * 1e3, 3),
+            round(statistics.mean(run["cpu_s"]) * 1e3, 3),
+            round(statistics.mean(run["slowest_row_s"]) * 1e3, 3) if run["slowest_row_s"] else "-"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer", type=Path, default=SHARED / "tokenizers" / "llama2",
+                        help="a directory with tokenizer.json")
+    parser.add_argument("--vocab-size", type=int, default=128_256,
+                        help="the model's vocabulary, padding included (default: the llama-3.2-1b shape's)")
+    parser.add_argument("--batch", type=int, default=64, help="constrained rows a step")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--threads", default="1,2,4,8,16", help="pool sizes to measure, comma-separated")
+    parser.add_argument("--schemas", choices=("corpus", "one"), default="corpus",
+                        help="every row the same schema (one), or the corpus' schemas in turn")
+    parser.add_argument("--replicas", default="1", help="compilations of each schema to measure, comma-separated")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--result-dir", type=Path, default=DEFAULT_RESULT_DIR)
+    args = parser.parse_args(argv)
+
+    tokenizer = llguidance.LLTokenizer(str(args.tokenizer / "tokenizer.json"), n_vocab=args.vocab_size)
+    schemas = list(SCHEMAS.values()) if args.schemas == "corpus" else [SCHEMAS["contact"]]
+    # As benchmarks.structured_workload sends them to the server.
+    grammars = [StructuredOutput(ConstraintKind.JSON_SCHEMA, json.dumps(schema), disable_any_whitespace=True)
+                .checked_grammar(tokenizer) for schema in schemas]
+    modes: list[tuple[str, llguidance.LLExecutor | ThreadPoolExecutor | None]] = [("serial", None)]
+    modes += [(f"pool {n}", llguidance.LLExecutor(n)) for n in (int(t) for t in args.threads.split(","))]
+    modes += [(f"threads {n}", ThreadPoolExecutor(n)) for n in (int(t) for t in args.threads.split(","))]
+    runs = {}
+    for replicas in (int(r) for r in args.replicas.split(",")):
+        compiled = [[llguidance.LLMatcher(tokenizer, grammar, log_level=0) for _ in range(replicas)]
+                    for grammar in grammars]
+        for mode, pool in modes:
+            runs[f"{mode}, {replicas} replica{'s' if replicas > 1 else ''}"] = walk(
+                compiled, args.batch, args.steps, args.vocab_size, args.seed, pool)
+    rows = [_row(mode, run) for mode, run in runs.items()]
+    print(text_table(HEADERS, rows))
+
+    metadata = run_metadata("mask-batch", f"cpu-{len(os.sched_getaffinity(0))}-cores")
+    config = {key: str(value) for key, value in vars(args).items()}
+    markdown = markdown_report(f"Token masks of {args.batch} constrained rows a step ({args.schemas})", metadata,
+                               [("Configuration", markdown_table(["option", "value"], list(config.items()))),
+                                ("Results", markdown_table(HEADERS, rows))])
+    result = {"metadata": metadata, "config": config, "rows": [dict(zip(HEADERS, row, strict=True)) for row in rows],
+              "runs": runs}
+    for path in write_outputs(result_stem(args.result_dir, metadata), result, markdown):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
