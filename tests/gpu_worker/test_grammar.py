@@ -132,8 +132,19 @@ def test_a_failed_compilation_is_tried_again_by_the_next_sequence(compiler: Gram
     unknown = StructuredOutput(ConstraintKind.GRAMMAR, 'start: "no" <|other|>')
     first = compiler.start(unknown, seq_id=1)
     assert first.matcher() is None
-    second = compiler.start(unknown, seq_id=2)
+    second = compiler.start(unknown, seq_id=1 + compiler.replicas)  # the same replica
     assert second._compiled is not first._compiled  # a new compilation, not the cached failure
+
+
+def test_sequences_of_one_constraint_copy_its_replicas_in_turn(llama2_tokenizer_dir: Path) -> None:
+    tokenizer = llguidance.LLTokenizer(str(llama2_tokenizer_dir / "tokenizer.json"), n_vocab=VOCAB_SIZE)
+    compiler = GrammarCompiler(tokenizer, replicas=3)
+    grammars = [compiler.start(_choice(), seq_id) for seq_id in range(7)]
+    compiled = [grammar._compiled for grammar in grammars]
+    assert len({id(future) for future in compiled}) == 3  # compiled once per replica, not per sequence
+    assert compiled[0] is compiled[3] is compiled[6] and compiled[1] is compiled[4] and compiled[2] is compiled[5]
+    masks = fill_token_masks(compiler, grammars, VOCAB_SIZE)
+    assert all(torch.equal(masks[0], row) for row in masks)  # every replica is the same grammar
 
 
 class _Uncopyable:
