@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--structured-output", type=parse_modes, default=parse_modes("none"),
                    help="comma-separated constraints, each run at every concurrency: none, schema (a JSON schema on "
                         "every request, the corpus of benchmarks/json_schemas.py: compiled once each, then cached), "
-                        "unique-schema (each request's schema unique: every one compiled cold)")
+                        "one-schema (the same schema on every request), unique-schema (each request's schema "
+                        "unique: every one compiled cold)")
     p.add_argument("--num-warmups", type=int, default=1, help="untimed requests before the first run")
     p.add_argument("--client-processes", type=int, default=1,
                    help="client processes sharing each run's requests, concurrency and rate (one grpc.aio process "

@@ -1,5 +1,6 @@
 """The constraint each request of a serving benchmark carries: none, a JSON schema of the shared corpus (compiled
-once each, then served from the worker's cache), or a schema made unique per request (every one compiled cold)."""
+once each, then served from the worker's cache), one schema for every request (as an application with one response
+or tool schema sends them), or a schema made unique per request (every one compiled cold)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pagedserve.v1 import common_pb2
 class ConstraintMode(enum.Enum):
     NONE = "none"
     SCHEMA = "schema"  # request i: the corpus' schema i mod 55
+    ONE_SCHEMA = "one-schema"  # every request the corpus' "contact" schema
     UNIQUE_SCHEMA = "unique-schema"  # the same schemas, each with a title of its own: nothing is cached
 
 
@@ -25,7 +27,7 @@ def constraints_for(mode: ConstraintMode, num_requests: int, seed: int) -> list[
     """One constraint per request (compact JSON: the same number of tokens is generated with ignore_eos)."""
     if mode is ConstraintMode.NONE:
         return [None] * num_requests
-    schemas = list(SCHEMAS.values())
+    schemas = [SCHEMAS["contact"]] if mode is ConstraintMode.ONE_SCHEMA else list(SCHEMAS.values())
     result: list[common_pb2.StructuredOutput | None] = []
     for index in range(num_requests):
         schema = dict(schemas[index % len(schemas)])
