@@ -20,6 +20,7 @@ gives every row the same schema (one tool or response schema for all requests), 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -34,6 +35,7 @@ import llguidance.numpy
 import numpy as np
 
 from benchmarks.json_schemas import SCHEMAS
+from benchmarks.model_shapes import DEFAULT_TOKENIZER_DIR
 from benchmarks.report import (
     DEFAULT_RESULT_DIR,
     markdown_report,
@@ -45,7 +47,6 @@ from benchmarks.report import (
 )
 from pagedserve.contract.structured_output import ConstraintKind, StructuredOutput
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 HEADERS = ["mode", "ms / step mean", "p50", "p99", "CPU ms / step", "slowest row ms (mean)"]
 
 
@@ -56,12 +57,13 @@ def _allowed(mask: np.ndarray, vocab_size: int) -> np.ndarray:
 def walk(compiled: list[list[llguidance.LLMatcher]], batch: int, steps: int, vocab_size: int, seed: int,
          pool: llguidance.LLExecutor | ThreadPoolExecutor | None) -> dict[str, Any]:
     """One mode's run over the seeded batch (compiled[schema][replica]): per-step wall and CPU seconds of the fill
-    (and the slowest row's, for the serial mode)."""
+    (and the slowest row's, for the serial mode), and a digest of every step's masks."""
     rng = random.Random(seed)
     schema_of = [row % len(compiled) for row in range(batch)]
     matchers = [compiled[index][row % len(compiled[index])].deep_copy() for row, index in enumerate(schema_of)]
     masks = llguidance.numpy.allocate_token_bitmask(batch, vocab_size)
     wall, cpu, slowest = [], [], []
+    digest = hashlib.sha256()
     for _ in range(steps):
         start_wall, start_cpu = time.perf_counter(), time.process_time()
         if pool is None:
@@ -77,13 +79,14 @@ def walk(compiled: list[list[llguidance.LLMatcher]], batch: int, steps: int, voc
             llguidance.numpy.fill_next_token_bitmask_par(pool, list(zip(matchers, range(batch), strict=True)), masks)
         wall.append(time.perf_counter() - start_wall)
         cpu.append(time.process_time() - start_cpu)
+        digest.update(masks.tobytes())
         for row, matcher in enumerate(matchers):
             matcher.consume_token(int(rng.choice(_allowed(masks[row], vocab_size))))
             if matcher.is_stopped() or matcher.is_error():
                 schema_of[row] = rng.randrange(len(compiled))
                 replicas = compiled[schema_of[row]]
                 matchers[row] = replicas[row % len(replicas)].deep_copy()
-    return {"wall_s": wall, "cpu_s": cpu, "slowest_row_s": slowest}
+    return {"wall_s": wall, "cpu_s": cpu, "slowest_row_s": slowest, "masks_sha256": digest.hexdigest()}
 
 
 def _fill_in_shares(pool: ThreadPoolExecutor, matchers: list[llguidance.LLMatcher], masks: np.ndarray) -> None:
@@ -107,7 +110,7 @@ def _row(mode: str, run: dict[str, Any]) -> list[object]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokenizer", type=Path, default=SHARED / "tokenizers" / "llama2",
+    parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER_DIR,
                         help="a directory with tokenizer.json")
     parser.add_argument("--vocab-size", type=int, default=128_256,
                         help="the model's vocabulary, padding included (default: the llama-3.2-1b shape's)")
@@ -136,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
         for mode, pool in modes:
             runs[f"{mode}, {replicas} replica{'s' if replicas > 1 else ''}"] = walk(
                 compiled, args.batch, args.steps, args.vocab_size, args.seed, pool)
+    if len({run["masks_sha256"] for run in runs.values()}) != 1:
+        raise SystemExit("the modes filled different masks: " + str({m: r["masks_sha256"] for m, r in runs.items()}))
     rows = [_row(mode, run) for mode, run in runs.items()]
     print(text_table(HEADERS, rows))
 
