@@ -36,28 +36,18 @@ def matcher_threads() -> int:
 
 class GrammarCompiler:
     """Compiles constraints for one model's vocabulary on a thread pool, cached by constraint (the tokenizer is
-    the worker's one), so a grammar compiles while its prompt is prefilled and at most `replicas` times for all
-    the requests that repeat it.
+    the worker's one), so a grammar compiles while its prompt is prefilled and once for every request that
+    repeats it.
 
     A compiled grammar is a matcher in its start state; each sequence takes a copy (llguidance's deep_copy shares
-    the compiled lexer and parser tables). Copies of one compiled matcher contend with each other when their masks
-    are filled at once: on a 16-core host, 64 rows of one schema took 7.8 ms a step on llguidance's 16 threads,
-    more than one thread's 7.1 ms (benchmarks.mask_batch). So each constraint is compiled up to `replicas` times
-    (one per matcher thread by default), on demand: sequence s copies replica s mod replicas, and 64 rows of one
-    schema then took 1.9 ms. The cache counts each replica as one compiled grammar.
-
-    Replicas never delay a sequence: the first compilation of a constraint runs on the compile pool, the others on
-    a thread of their own, and a sequence whose replica is not compiled yet copies one that is (or one still
-    compiling that started before its own).
+    the compiled lexer and parser tables).
     """
 
-    def __init__(self, tokenizer: llguidance.LLTokenizer, replicas: int | None = None) -> None:
+    def __init__(self, tokenizer: llguidance.LLTokenizer) -> None:
         self.tokenizer = tokenizer
-        self.replicas = replicas or matcher_threads()
         self._pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="grammar")
-        self._replica_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-replica")
         self._lock = threading.Lock()
-        self._cache: OrderedDict[tuple[object, int], Future[llguidance.LLMatcher]] = OrderedDict()
+        self._cache: OrderedDict[tuple[object, ...], Future[llguidance.LLMatcher]] = OrderedDict()
         self.executor = llguidance.LLExecutor(matcher_threads())
 
     @classmethod
@@ -70,40 +60,19 @@ class GrammarCompiler:
         return cls(llguidance.LLTokenizer(str(path), n_vocab=vocab_size))
 
     def start(self, output: StructuredOutput, seq_id: int) -> SequenceGrammar:
-        """Sequence seq_id's grammar: copied from its replica's compilation when that is done, else from another
-        replica's that is done, else from the one compiling longest; its replica's compilation is started if it was
-        not. Nothing waits for a compilation here. A compilation that failed is not kept: the next sequence tries
-        again."""
-        constraint, replica = output.cache_key, seq_id % self.replicas
+        """Sequence seq_id's grammar, its compilation started now (or found in the cache); nothing waits for it here.
+        A compilation that failed is not kept: the next sequence with that constraint tries again."""
+        key = output.cache_key
         with self._lock:
-            own = self._usable(constraint, replica)
-            others = [future for r in range(self.replicas)
-                      if r != replica and (future := self._usable(constraint, r)) is not None]
-            if own is None:
-                # The first compilation goes to the compile pool; a further replica waits behind the others'.
-                pool = self._replica_pool if others else self._pool
-                own = self._cached((constraint, replica), pool.submit(self._compile, output))
-                pending = others
+            future = self._cache.get(key)
+            if future is None or (future.done() and future.exception() is not None):
+                future = self._pool.submit(self._compile, output)
+                self._cache[key] = future
+                if len(self._cache) > MAX_CACHED_GRAMMARS:
+                    self._cache.popitem(last=False)
             else:
-                self._cache.move_to_end((constraint, replica))
-                pending = [own]
-            if own.done():
-                return SequenceGrammar(own, seq_id)
-            done = [future for future in others if future.done()]
-            return SequenceGrammar((done or pending or [own])[0], seq_id)
-
-    def _usable(self, constraint: object, replica: int) -> Future[llguidance.LLMatcher] | None:
-        """The cached compilation of that replica, unless it failed."""
-        future = self._cache.get((constraint, replica))
-        if future is None or (future.done() and future.exception() is not None):
-            return None
-        return future
-
-    def _cached(self, key: tuple[object, int], future: Future[llguidance.LLMatcher]) -> Future[llguidance.LLMatcher]:
-        self._cache[key] = future
-        if len(self._cache) > MAX_CACHED_GRAMMARS:
-            self._cache.popitem(last=False)
-        return future
+                self._cache.move_to_end(key)
+        return SequenceGrammar(future, seq_id)
 
     def _compile(self, output: StructuredOutput) -> llguidance.LLMatcher:
         matcher = llguidance.LLMatcher(self.tokenizer, output.checked_grammar(self.tokenizer), log_level=0)
@@ -113,7 +82,6 @@ class GrammarCompiler:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._replica_pool.shutdown(wait=False, cancel_futures=True)
 
 
 class SequenceGrammar:

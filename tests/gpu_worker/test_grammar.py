@@ -132,36 +132,8 @@ def test_a_failed_compilation_is_tried_again_by_the_next_sequence(compiler: Gram
     unknown = StructuredOutput(ConstraintKind.GRAMMAR, 'start: "no" <|other|>')
     first = compiler.start(unknown, seq_id=1)
     assert first.matcher() is None
-    second = compiler.start(unknown, seq_id=1 + compiler.replicas)  # the same replica
+    second = compiler.start(unknown, seq_id=2)
     assert second._compiled is not first._compiled  # a new compilation, not the cached failure
-
-
-def _replica_compiler(llama2_tokenizer_dir: Path) -> GrammarCompiler:
-    tokenizer = llguidance.LLTokenizer(str(llama2_tokenizer_dir / "tokenizer.json"), n_vocab=VOCAB_SIZE)
-    return GrammarCompiler(tokenizer, replicas=3)
-
-
-def test_a_sequence_never_waits_for_its_replica_when_another_is_compiled(llama2_tokenizer_dir: Path) -> None:
-    compiler = _replica_compiler(llama2_tokenizer_dir)
-    assert _matcher(compiler.start(_choice(), seq_id=0)) is not None  # replica 0, compiled
-    second = compiler.start(_choice(), seq_id=1)  # replica 1 starts compiling now
-    assert second._compiled.done()  # it copies replica 0 meanwhile (or its own, if that was quicker)
-    assert _allowed(compiler, second) == _allowed(compiler, compiler.start(_choice(), seq_id=3))
-
-
-def test_once_compiled_the_sequences_of_one_constraint_copy_its_replicas_in_turn(llama2_tokenizer_dir: Path) -> None:
-    compiler = _replica_compiler(llama2_tokenizer_dir)
-    for seq_id in range(3):
-        compiler.start(_choice(), seq_id)
-    for future in list(compiler._cache.values()):
-        future.result()
-    assert len(compiler._cache) == 3  # one compilation per replica, not per sequence
-    grammars = [compiler.start(_choice(), seq_id) for seq_id in range(3, 9)]
-    compiled = [grammar._compiled for grammar in grammars]
-    assert len({id(future) for future in compiled}) == 3 and len(compiler._cache) == 3
-    assert compiled[0] is compiled[3] and compiled[1] is compiled[4] and compiled[2] is compiled[5]
-    masks = fill_token_masks(compiler, grammars, VOCAB_SIZE)
-    assert all(torch.equal(masks[0], row) for row in masks)  # every replica is the same grammar
 
 
 class _Uncopyable:
