@@ -4,12 +4,12 @@ schema of benchmarks.json_schemas at its own point of its document, one mask per
     python -m benchmarks.mask_batch [--batch 64] [--steps 200] [--threads 1,2,4,8,16] [--schemas corpus|one]
                                     [--replicas 1,16]
 
-Each mode walks the same seeded batch (a uniformly drawn allowed token per row and step; a row whose document ends
-starts a new schema), so every mode computes the same masks: `serial` fills them one call per row on the calling
-thread, `pool N` in one call on llguidance's pool of N threads (gpu_worker/grammar.py's path), `threads N` on N
-Python threads, each filling every N-th row one call at a time. Per step it records
-the fill's wall time and the calling process's CPU time, and for the serial mode the slowest row, the floor of any
-parallel fill.
+After one untimed walk, each mode walks the same seeded batch (a uniformly drawn allowed token per row and step;
+a row whose document ends starts a new schema), so every mode computes the same masks, which a digest checks:
+`serial` fills them one call per row on the calling thread, `pool N` in one call on llguidance's pool of N threads
+(gpu_worker/grammar.py's path), `threads N` on N Python threads, each filling every N-th row one call at a time. Per
+step it records the fill's wall time and the process's CPU time meanwhile, and for the serial mode the slowest row,
+the floor of any parallel fill.
 
 A row's matcher is a deep copy of its schema's compiled matcher, as in the worker. Copies of one compiled matcher
 contend with each other when filled at once (on a 2-core host, 64 copies of one matcher filled on two threads took
@@ -26,6 +26,7 @@ import os
 import random
 import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -54,10 +55,15 @@ def _allowed(mask: np.ndarray, vocab_size: int) -> np.ndarray:
     return np.flatnonzero(np.unpackbits(mask.view(np.uint8), bitorder="little")[:vocab_size])
 
 
+Fill = Callable[[list[llguidance.LLMatcher], np.ndarray], None]  # every row's mask into its row of the array
+
+
 def walk(compiled: list[list[llguidance.LLMatcher]], batch: int, steps: int, vocab_size: int, seed: int,
-         pool: llguidance.LLExecutor | ThreadPoolExecutor | None) -> dict[str, Any]:
-    """One mode's run over the seeded batch (compiled[schema][replica]): per-step wall and CPU seconds of the fill
-    (and the slowest row's, for the serial mode), and a digest of every step's masks."""
+         fill: Fill | None) -> dict[str, Any]:
+    """One mode's run over the seeded batch (compiled[schema][replica]; fill None: one call per row on this thread,
+    each timed): per-step wall and CPU seconds of the fill (the CPU of every thread of the process while the fill
+    runs, not what its threads spin after it returns), the slowest row's for the serial mode, and a digest of every
+    step's masks."""
     rng = random.Random(seed)
     schema_of = [row % len(compiled) for row in range(batch)]
     matchers = [compiled[index][row % len(compiled[index])].deep_copy() for row, index in enumerate(schema_of)]
@@ -66,17 +72,15 @@ def walk(compiled: list[list[llguidance.LLMatcher]], batch: int, steps: int, voc
     digest = hashlib.sha256()
     for _ in range(steps):
         start_wall, start_cpu = time.perf_counter(), time.process_time()
-        if pool is None:
+        if fill is None:
             rows = []
             for row, matcher in enumerate(matchers):
                 row_start = time.perf_counter()
                 llguidance.numpy.fill_next_token_bitmask(matcher, masks, row)
                 rows.append(time.perf_counter() - row_start)
             slowest.append(max(rows))
-        elif isinstance(pool, ThreadPoolExecutor):
-            _fill_in_shares(pool, matchers, masks)
         else:
-            llguidance.numpy.fill_next_token_bitmask_par(pool, list(zip(matchers, range(batch), strict=True)), masks)
+            fill(matchers, masks)
         wall.append(time.perf_counter() - start_wall)
         cpu.append(time.process_time() - start_cpu)
         digest.update(masks.tobytes())
@@ -89,15 +93,23 @@ def walk(compiled: list[list[llguidance.LLMatcher]], batch: int, steps: int, voc
     return {"wall_s": wall, "cpu_s": cpu, "slowest_row_s": slowest, "masks_sha256": digest.hexdigest()}
 
 
-def _fill_in_shares(pool: ThreadPoolExecutor, matchers: list[llguidance.LLMatcher], masks: np.ndarray) -> None:
-    """Each of the pool's threads fills every n-th row, one call per row (each call releases the interpreter lock)."""
-    shares = pool._max_workers
+def pool_fill(pool: llguidance.LLExecutor) -> Fill:
+    """All rows in one call on llguidance's pool (the worker's way)."""
+    return lambda matchers, masks: llguidance.numpy.fill_next_token_bitmask_par(
+        pool, list(zip(matchers, range(len(matchers)), strict=True)), masks)
 
-    def fill(share: int) -> None:
-        for row in range(share, len(matchers), shares):
-            llguidance.numpy.fill_next_token_bitmask(matchers[row], masks, row)
 
-    list(pool.map(fill, range(shares)))
+def threads_fill(pool: ThreadPoolExecutor, shares: int) -> Fill:
+    """Each of `shares` Python threads fills every shares-th row, one call per row (each releases the interpreter
+    lock)."""
+    def fill(matchers: list[llguidance.LLMatcher], masks: np.ndarray) -> None:
+        def fill_share(share: int) -> None:
+            for row in range(share, len(matchers), shares):
+                llguidance.numpy.fill_next_token_bitmask(matchers[row], masks, row)
+
+        list(pool.map(fill_share, range(shares)))
+
+    return fill
 
 
 def _row(mode: str, run: dict[str, Any]) -> list[object]:
@@ -129,16 +141,22 @@ def main(argv: list[str] | None = None) -> None:
     # As benchmarks.structured_workload sends them to the server.
     grammars = [StructuredOutput(ConstraintKind.JSON_SCHEMA, json.dumps(schema), disable_any_whitespace=True)
                 .checked_grammar(tokenizer) for schema in schemas]
-    modes: list[tuple[str, llguidance.LLExecutor | ThreadPoolExecutor | None]] = [("serial", None)]
-    modes += [(f"pool {n}", llguidance.LLExecutor(n)) for n in (int(t) for t in args.threads.split(","))]
-    modes += [(f"threads {n}", ThreadPoolExecutor(n)) for n in (int(t) for t in args.threads.split(","))]
+    threads = [int(t) for t in args.threads.split(",")]
+    pools = {n: ThreadPoolExecutor(n) for n in threads}
+    modes: list[tuple[str, Fill | None]] = [("serial", None)]
+    modes += [(f"pool {n}", pool_fill(llguidance.LLExecutor(n))) for n in threads]
+    modes += [(f"threads {n}", threads_fill(pools[n], n)) for n in threads]
     runs = {}
     for replicas in (int(r) for r in args.replicas.split(",")):
         compiled = [[llguidance.LLMatcher(tokenizer, grammar, log_level=0) for _ in range(replicas)]
                     for grammar in grammars]
-        for mode, pool in modes:
+        # Untimed: whatever the compiled matchers build lazily on their first walk, every timed mode finds built.
+        walk(compiled, args.batch, args.steps, args.vocab_size, args.seed, None)
+        for mode, fill in modes:
             runs[f"{mode}, {replicas} replica{'s' if replicas > 1 else ''}"] = walk(
-                compiled, args.batch, args.steps, args.vocab_size, args.seed, pool)
+                compiled, args.batch, args.steps, args.vocab_size, args.seed, fill)
+    for pool in pools.values():
+        pool.shutdown()
     if len({run["masks_sha256"] for run in runs.values()}) != 1:
         raise SystemExit("the modes filled different masks: " + str({m: r["masks_sha256"] for m, r in runs.items()}))
     rows = [_row(mode, run) for mode, run in runs.items()]

@@ -9,7 +9,7 @@ from pathlib import Path
 import llguidance
 
 from benchmarks.json_schemas import SCHEMAS
-from benchmarks.mask_batch import walk
+from benchmarks.mask_batch import pool_fill, threads_fill, walk
 from pagedserve.contract.structured_output import ConstraintKind, StructuredOutput
 
 
@@ -21,8 +21,8 @@ def test_serial_pool_and_threads_fill_the_same_masks(llama2_tokenizer_dir: Path)
                 for schema in schemas]
     compiled = [[llguidance.LLMatcher(tokenizer, grammar, log_level=0) for _ in range(2)] for grammar in grammars]
     with ThreadPoolExecutor(2) as threads:
-        runs = [walk(compiled, batch=5, steps=12, vocab_size=vocab_size, seed=3, pool=pool)
-                for pool in (None, llguidance.LLExecutor(2), threads)]
+        runs = [walk(compiled, batch=5, steps=12, vocab_size=vocab_size, seed=3, fill=fill)
+                for fill in (None, pool_fill(llguidance.LLExecutor(2)), threads_fill(threads, 2))]
     assert len({run["masks_sha256"] for run in runs}) == 1
     assert all(len(run["wall_s"]) == len(run["cpu_s"]) == 12 for run in runs)
     assert len(runs[0]["slowest_row_s"]) == 12 and runs[1]["slowest_row_s"] == runs[2]["slowest_row_s"] == []
