@@ -126,6 +126,7 @@ class Engine:
         priority: int = 0,
         final_only: bool = False,
         outputs: ItemChannel[EngineOutput] | None = None,
+        arrival_time_s: float | None = None,
     ) -> str:
         """Admits a validated request to the least loaded live worker whose pool can hold it; raises
         ResourceExhaustedError when full, NeverFitsError when no worker's pool can ever hold it,
@@ -136,6 +137,9 @@ class Engine:
         (as vLLM's FINAL_ONLY output kind), which spares an offline caller a task switch per step and request.
         outputs: a channel shared by many requests, whose one consumer is woken once per step for all of them
         (the frontend's relay), instead of the request's own channel that stream() reads.
+        arrival_time_s: when the request reached the server (time.monotonic(), in this or another process of the
+        host: the frontend's receipt), from which its latencies and its place in line count; None: now. A time
+        after now counts as now.
         """
         if self._is_draining:
             raise WorkerUnavailableError("server is shutting down")
@@ -151,7 +155,7 @@ class Engine:
             prompt_token_ids=prompt_token_ids,
             sampling_params=params,
             eos_token_ids=self._tokenizer.eos_token_ids,
-            arrival_time_s=time.monotonic(),
+            arrival_time_s=_arrival(arrival_time_s),
             priority=priority,
         )
         lane = min(self._lanes_holding(request, live), key=lambda candidate: _load(candidate.scheduler.stats))
@@ -230,3 +234,9 @@ class Engine:
 
 def _load(stats: SchedulerStats) -> int:
     return stats.num_running + stats.num_waiting + stats.num_swapped
+
+
+def _arrival(arrival_time_s: float | None) -> float:
+    """A request's arrival on the host's monotonic clock: the given time, never later than now."""
+    now = time.monotonic()
+    return now if arrival_time_s is None else min(arrival_time_s, now)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
@@ -144,11 +145,12 @@ class EngineClient:
 
     def add_request(
         self, prompt_token_ids: Sequence[int], sampling_params: common_pb2.SamplingParams, request_id: str = "",
-        priority: int = 0,
+        priority: int = 0, arrival_time_s: float | None = None,
     ) -> str:
         """Sends a validated request to the engine; returns its id (a new one when request_id is empty).
-        AlreadyExistsError when a request with this id has not ended yet (as vLLM, which rejects a live
-        duplicate); once it ended the id may be used again."""
+        arrival_time_s: when this process received it (time.monotonic(); None: now), from which the engine counts
+        its latencies. AlreadyExistsError when a request with this id has not ended yet (as vLLM, which rejects a
+        live duplicate); once it ended the id may be used again."""
         if self.closed.is_set():
             raise EngineUnavailableError("the engine process is unavailable")
         if request_id in self._relay_ids:
@@ -159,7 +161,7 @@ class EngineClient:
         self._streams[relay_id] = ItemChannel()
         self._commands.put(engine_service_pb2.RelayCommand(add=engine_service_pb2.AddCommand(
             request_id=relay_id, prompt_token_ids=prompt_token_ids, sampling_params=sampling_params,
-            priority=priority,
+            priority=priority, arrival_time_s=time.monotonic() if arrival_time_s is None else arrival_time_s,
         )))
         return request_id
 

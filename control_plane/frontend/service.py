@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -126,6 +127,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
     async def Generate(  # noqa: N802 (gRPC method name)
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateResponse]
     ) -> AsyncIterator[pb.GenerateResponse]:
+        arrival_s = time.monotonic()
         try:
             with status_of_errors():
                 request = decoded(request)
@@ -134,7 +136,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
                 params = sampling_params_from_proto(request.sampling_params)
                 check_n(params, self._limits)
                 prompt_token_ids = await self._prompt_token_ids(request)
-                request_id = await self._admit(prompt_token_ids, params, request)
+                request_id = await self._admit(prompt_token_ids, params, request, arrival_s)
             with structlog.contextvars.bound_contextvars(request_id=request_id), status_of_errors():
                 async for response in self._engine.stream(request_id):
                     yield response
@@ -142,10 +144,12 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
             await abort.send(context)
 
     async def _admit(
-        self, prompt_token_ids: tuple[int, ...], params: SamplingParams, request: pb.GenerateRequest | pb.ChatRequest
+        self, prompt_token_ids: tuple[int, ...], params: SamplingParams, request: pb.GenerateRequest | pb.ChatRequest,
+        arrival_s: float,
     ) -> str:
         """Truncates the prompt as the params ask, checks its ids, the params and any output constraint against it
-        (the constraint compiles on a tokenizer thread), then hands the request to the engine; its id."""
+        (the constraint compiles on a tokenizer thread), then hands the request to the engine, which counts its
+        latencies from arrival_s (when this process received it); its id."""
         prompt_token_ids = truncated_prompt(prompt_token_ids, params, self._model.max_model_len)
         validate_prompt(prompt_token_ids, self._model.vocab_size, self._model.max_model_len)
         params.validate(self._model.vocab_size, self._model.max_model_len, len(prompt_token_ids))
@@ -153,12 +157,13 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._tokenize_pool, self._constraints.check, params)
         return self._engine.add_request(
-            prompt_token_ids, request.sampling_params, request.request_id, request.priority,
+            prompt_token_ids, request.sampling_params, request.request_id, request.priority, arrival_s,
         )
 
     async def Chat(  # noqa: N802
         self, request: pb.ChatRequest, context: grpc.aio.ServicerContext[pb.ChatRequest, pb.ChatResponse]
     ) -> AsyncIterator[pb.ChatResponse]:
+        arrival_s = time.monotonic()
         try:
             with status_of_errors():
                 request = decoded(request)
@@ -170,7 +175,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
                 conversation = conversation_from_proto(request)
                 loop = asyncio.get_running_loop()
                 prompt_token_ids = await loop.run_in_executor(self._tokenize_pool, self._chat_prompt, conversation)
-                request_id = await self._admit(prompt_token_ids, params, request)
+                request_id = await self._admit(prompt_token_ids, params, request, arrival_s)
             with structlog.contextvars.bound_contextvars(request_id=request_id), status_of_errors():
                 async for response in self._engine.stream(request_id):
                     yield pb.ChatResponse(chunk=response)

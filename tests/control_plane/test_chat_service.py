@@ -37,7 +37,7 @@ class _FakeEngine:
         self.added: list[tuple[tuple[int, ...], common_pb2.SamplingParams, str, int]] = []
 
     def add_request(self, prompt_token_ids: tuple[int, ...], sampling_params: common_pb2.SamplingParams,
-                    request_id: str = "", priority: int = 0) -> str:
+                    request_id: str = "", priority: int = 0, arrival_time_s: float | None = None) -> str:
         self.added.append((tuple(prompt_token_ids), sampling_params, request_id, priority))
         return request_id or f"req-{len(self.added)}"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,28 @@ def test_a_finished_request_is_recorded_once_with_its_exact_token_figures(tokeni
     # Every step's tokens: the prompt once, then each completion's decode steps; the last token sampled by a
     # decode step is never fed back, and steps planned past the length limit compute nothing.
     assert _value(engine, "iteration_tokens_total_sum", worker_id="w0") == len(PROMPT) + 2 * 4
+
+
+def _latencies_from(tokenizer: Tokenizer, arrival_in_s: float) -> tuple[float, float, float]:
+    """TTFT, queue time and end-to-end latency of one request that arrived arrival_in_s from its admission."""
+    async def scenario() -> Engine:
+        engine = _engine(tokenizer, [_lane("w0")])
+        await _drain_stream(engine.stream(engine.add_request(
+            PROMPT, _params(3), arrival_time_s=time.monotonic() + arrival_in_s)))
+        await engine.stop()
+        return engine
+
+    engine = _run(scenario)
+    return (_value(engine, "time_to_first_token_seconds_sum") or 0.0,
+            _value(engine, "request_queue_time_seconds_sum") or 0.0,
+            _value(engine, "e2e_request_latency_seconds_sum") or 0.0)
+
+
+def test_latencies_count_from_the_frontends_arrival_never_from_a_later_one(tokenizer: Tokenizer) -> None:
+    ttft, queue, e2e = _latencies_from(tokenizer, -5.0)  # received by a frontend 5 s before the engine admitted it
+    assert 5.0 <= ttft < 6.0 and 5.0 <= queue < 6.0 and 5.0 <= e2e < 6.0
+    ttft, queue, e2e = _latencies_from(tokenizer, +5.0)  # a time after admission counts as the admission
+    assert 0.0 <= ttft < 1.0 and 0.0 <= queue < 1.0 and 0.0 <= e2e < 1.0
 
 
 def test_a_workers_counters_survive_its_lane_dying_and_coming_back(tokenizer: Tokenizer) -> None:

@@ -4,6 +4,7 @@ engine over a fake worker, and the frontend's EngineClient reading every request
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -151,6 +152,19 @@ def test_each_request_streams_the_tokens_the_engine_gives_it_directly_numbered_w
         assert [chunk.HasField("usage") for chunk in stream] == [False] * (len(stream) - 1) + [True]
         assert stream[-1].usage.completion_tokens == 12
         assert stream[-1].finish_reason == generation_service_pb2.FINISH_REASON_LENGTH
+
+
+def test_the_engine_counts_a_relayed_request_from_its_arrival_at_the_frontend(
+    tokenizer: Tokenizer, tmp_path: Path,
+) -> None:
+    async def scenario(relay: _Relay) -> float | None:
+        arrival = time.monotonic() - 5.0  # the frontend received it 5 s before relaying it
+        await _collect(relay.client.stream(relay.client.add_request((1, 450), _params(2), arrival_time_s=arrival)))
+        return relay.engine.metrics.registry.get_sample_value(
+            "pagedserve:time_to_first_token_seconds_sum", {"model_name": "fake"})
+
+    ttft = _run(tokenizer, tmp_path, scenario)
+    assert ttft is not None and 5.0 <= ttft < 6.0
 
 
 def test_a_client_that_leaves_early_aborts_its_request_and_frees_its_blocks(

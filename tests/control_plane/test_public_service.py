@@ -4,6 +4,7 @@ mTLS, strict decoding of the request bytes, and the bounds checked before anythi
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -40,10 +41,12 @@ class _FakeEngine:
 
     def __init__(self) -> None:
         self.added: list[tuple[int, ...]] = []
+        self.arrivals: list[tuple[float | None, float]] = []  # (the frontend's arrival time, when added)
 
     def add_request(self, prompt_token_ids: Sequence[int], sampling_params: common_pb2.SamplingParams,
-                    request_id: str = "", priority: int = 0) -> str:
+                    request_id: str = "", priority: int = 0, arrival_time_s: float | None = None) -> str:
         self.added.append(tuple(prompt_token_ids))
+        self.arrivals.append((arrival_time_s, time.monotonic()))
         return request_id or f"req-{len(self.added)}"
 
     async def stream(self, request_id: str) -> AsyncIterator[pb.GenerateResponse]:
@@ -103,6 +106,16 @@ async def _generate_code(address: str, metadata: Sequence[tuple[str, str]] = ())
         except grpc.aio.AioRpcError as error:
             return error.code(), error.details() or ""
         return grpc.StatusCode.OK, ""
+
+
+def test_the_engine_is_told_when_the_frontend_received_the_request(tokenizer: Tokenizer) -> None:
+    async def body(address: str, _: _FakeEngine) -> tuple[float, tuple[grpc.StatusCode, str]]:
+        return time.monotonic(), await _generate_code(address)
+
+    (sent, result), engine = _run(tokenizer, body)
+    assert result == (grpc.StatusCode.OK, "")
+    [(arrival, added)] = engine.arrivals
+    assert arrival is not None and sent <= arrival <= added  # received after the send, before the engine had it
 
 
 # --- API keys -----------------------------------------------------------------------------------------------------

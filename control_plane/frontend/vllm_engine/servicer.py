@@ -87,12 +87,14 @@ class VllmEngineServicer:
     async def Generate(  # noqa: N802 (gRPC method name)
         self, request: vllm.GenerateRequest | InvalidArgumentError, context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[vllm.GenerateResponse]:
+        arrival_s = time.monotonic()
         try:
             with status_of_errors():
                 request = decoded(request)
                 self._last_receive_s = time.time()
                 prompt_token_ids, sampling, params = await self._admissible(request)
-                request_id = self._engine.add_request(prompt_token_ids, sampling, request.request_id)
+                request_id = self._engine.add_request(
+                    prompt_token_ids, sampling, request.request_id, arrival_time_s=arrival_s)
             responses = VllmResponses(prompt_token_ids, params, request.stream)
             with structlog.contextvars.bound_contextvars(request_id=request_id), status_of_errors():
                 try:

@@ -57,16 +57,18 @@ class WatchHealthResponse(_message.Message):
     def __init__(self, is_serving: _Optional[bool] = ...) -> None: ...
 
 class AddCommand(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "priority")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "priority", "arrival_time_s")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    ARRIVAL_TIME_S_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling_params: _common_pb2.SamplingParams
     priority: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
+    arrival_time_s: float
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., arrival_time_s: _Optional[float] = ...) -> None: ...
 
 class RelayCommand(_message.Message):
     __slots__ = ("add", "abort_request_id")
