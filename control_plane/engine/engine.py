@@ -138,8 +138,8 @@ class Engine:
         outputs: a channel shared by many requests, whose one consumer is woken once per step for all of them
         (the frontend's relay), instead of the request's own channel that stream() reads.
         arrival_time_s: when the request reached the server (time.monotonic(), in this or another process of the
-        host: the frontend's receipt), from which its latencies and its place in line count; None: now. A time
-        after now counts as now.
+        host: the start of the frontend's handler), from which its latencies count and by which the priority policy
+        breaks ties; None: now. A time after now, or one that is not a positive number, counts as now.
         """
         if self._is_draining:
             raise WorkerUnavailableError("server is shutting down")
@@ -239,4 +239,6 @@ def _load(stats: SchedulerStats) -> int:
 def _arrival(arrival_time_s: float | None) -> float:
     """A request's arrival on the host's monotonic clock: the given time, never later than now."""
     now = time.monotonic()
-    return now if arrival_time_s is None else min(arrival_time_s, now)
+    if arrival_time_s is None or not 0.0 < arrival_time_s < now:  # also NaN
+        return now
+    return arrival_time_s

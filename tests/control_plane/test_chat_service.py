@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -35,10 +36,12 @@ class _FakeEngine:
 
     def __init__(self) -> None:
         self.added: list[tuple[tuple[int, ...], common_pb2.SamplingParams, str, int]] = []
+        self.arrivals: list[tuple[float | None, float]] = []  # (the frontend's arrival time, when added)
 
     def add_request(self, prompt_token_ids: tuple[int, ...], sampling_params: common_pb2.SamplingParams,
                     request_id: str = "", priority: int = 0, arrival_time_s: float | None = None) -> str:
         self.added.append((tuple(prompt_token_ids), sampling_params, request_id, priority))
+        self.arrivals.append((arrival_time_s, time.monotonic()))
         return request_id or f"req-{len(self.added)}"
 
     async def stream(self, request_id: str) -> AsyncIterator[pb.GenerateResponse]:
@@ -106,6 +109,8 @@ def test_a_chat_reaches_the_engine_as_the_ids_transformers_renders_and_streams_g
     reference = hf.apply_chat_template([{"role": "user", "content": "Tell me a story."}], tools=[tool],
                                        add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
     assert engine.added == [(tuple(reference), params, "chat-1", 3)]
+    [(arrival, added)] = engine.arrivals  # stamped when the chat arrived, before its template was rendered
+    assert arrival is not None and arrival <= added
     assert [r.chunk.token_ids for r in responses] == [[5]]
     assert responses[0].chunk.request_id == "chat-1"
 
