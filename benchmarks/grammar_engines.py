@@ -26,6 +26,7 @@ import xgrammar
 from transformers import PreTrainedTokenizerFast
 
 from benchmarks.json_schemas import SCHEMAS
+from benchmarks.mask_batch import allowed_ids
 from benchmarks.report import (
     DEFAULT_RESULT_DIR,
     markdown_report,
@@ -55,11 +56,6 @@ def _rss_bytes() -> int:
     return 0
 
 
-def _allowed_ids(mask: np.ndarray, vocab_size: int) -> np.ndarray:
-    bits = np.unpackbits(mask.view(np.uint8), bitorder="little")[:vocab_size]
-    return np.flatnonzero(bits)
-
-
 class _LlguidanceWalk:
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
         self._matcher, self._vocab_size = matcher, vocab_size
@@ -67,7 +63,7 @@ class _LlguidanceWalk:
 
     def allowed(self) -> np.ndarray:
         llguidance.numpy.fill_next_token_bitmask(self._matcher, self._mask)
-        return _allowed_ids(self._mask[0], self._vocab_size)
+        return allowed_ids(self._mask[0], self._vocab_size)
 
     def accept(self, token_id: int) -> bool:
         return bool(self._matcher.consume_token(token_id)) and not self._matcher.is_stopped()
@@ -80,7 +76,7 @@ class _XgrammarWalk:
 
     def allowed(self) -> np.ndarray:
         self._matcher.fill_next_token_bitmask(self._mask)
-        return _allowed_ids(self._mask[0].numpy(), self._vocab_size)
+        return allowed_ids(self._mask[0].numpy(), self._vocab_size)
 
     def accept(self, token_id: int) -> bool:
         return bool(self._matcher.accept_token(token_id)) and not self._matcher.is_terminated()

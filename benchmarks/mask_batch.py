@@ -51,7 +51,8 @@ from pagedserve.contract.structured_output import ConstraintKind, StructuredOutp
 HEADERS = ["mode", "ms / step mean", "p50", "p99", "CPU ms / step", "slowest row ms (mean)"]
 
 
-def _allowed(mask: np.ndarray, vocab_size: int) -> np.ndarray:
+def allowed_ids(mask: np.ndarray, vocab_size: int) -> np.ndarray:
+    """The token ids a bitmask row (bit t of word t // 32 set: token t allowed) allows, below vocab_size."""
     return np.flatnonzero(np.unpackbits(mask.view(np.uint8), bitorder="little")[:vocab_size])
 
 
@@ -85,7 +86,7 @@ def walk(compiled: list[list[llguidance.LLMatcher]], batch: int, steps: int, voc
         cpu.append(time.process_time() - start_cpu)
         digest.update(masks.tobytes())
         for row, matcher in enumerate(matchers):
-            matcher.consume_token(int(rng.choice(_allowed(masks[row], vocab_size))))
+            matcher.consume_token(int(rng.choice(allowed_ids(masks[row], vocab_size))))
             if matcher.is_stopped() or matcher.is_error():
                 schema_of[row] = rng.randrange(len(compiled))
                 replicas = compiled[schema_of[row]]
