@@ -69,6 +69,25 @@ async def run_requests(send: Send, requests: Sequence[BenchRequest], request_rat
     return records, time.perf_counter() - start
 
 
+async def _timed_run(send: Send, requests: Sequence[BenchRequest], request_rate: float, max_concurrency: int | None,
+                     seed: int, constraints: Sequence[Constraint] | None) -> _Part:
+    """run_requests, with perf_counter times before its first send and after its last reply (both read here, so
+    that they bracket every record's times) and this process's CPU seconds meanwhile."""
+    cpu, began = time.process_time(), time.perf_counter()
+    records, _ = await run_requests(send, requests, request_rate, max_concurrency, seed, constraints)
+    return records, began, time.perf_counter(), time.process_time() - cpu
+
+
+async def run_here(path: ServingPath, endpoints: Endpoints, ignore_eos: bool, requests: Sequence[BenchRequest],
+                   request_rate: float, max_concurrency: int | None, seed: int,
+                   constraints: Sequence[Constraint] | None, connections: int = 1) -> ClientRun:
+    """The run from this process's event loop, over `connections` channels to the server."""
+    async with path_sender(path, endpoints, ignore_eos, max_concurrency or len(requests), connections) as send:
+        records, began, ended, cpu_s = await _timed_run(send, requests, request_rate, max_concurrency, seed,
+                                                        constraints)
+    return ClientRun(records, ended - began, cpu_s)
+
+
 @dataclass(frozen=True, slots=True)
 class _Share:
     """One client process's part of a run."""
@@ -90,10 +109,8 @@ def _run_share(share: _Share, start: Barrier) -> _Part:
         async with path_sender(share.path, share.endpoints, share.ignore_eos, share.concurrency,
                                share.connections) as send:
             start.wait(START_TIMEOUT_S)  # nothing else runs on this loop yet
-            cpu, began = time.process_time(), time.perf_counter()
-            records, duration_s = await run_requests(send, share.requests, share.request_rate, share.concurrency,
-                                                     share.seed, share.constraints)
-            return records, began, began + duration_s, time.process_time() - cpu
+            return await _timed_run(send, share.requests, share.request_rate, share.concurrency, share.seed,
+                                    share.constraints)
 
     return asyncio.run(main())
 

@@ -22,7 +22,7 @@ import transformers
 
 from benchmarks import report
 from benchmarks.child_process import stop
-from benchmarks.client_runs import ClientRun, run_in_processes, run_requests
+from benchmarks.client_runs import run_here, run_in_processes, run_requests
 from benchmarks.gateway_process import running_gateway
 from benchmarks.hardware_bound import (
     ElementBytes,
@@ -41,7 +41,7 @@ from benchmarks.structured_workload import ConstraintMode, constraints_for, pars
 from benchmarks.text_prompts import with_text_prompts
 from pagedserve.clients.health_check import is_serving
 from pagedserve.control_plane.launch.worker_launcher import free_loopback_port
-from pagedserve.v1 import common_pb2, generation_service_pb2, generation_service_pb2_grpc
+from pagedserve.v1 import generation_service_pb2, generation_service_pb2_grpc
 
 _SUMMARY_HEADERS = ("path", "constraint", "concurrency", "req/s", "out tok/s", "total tok/s", "TTFT p50 ms",
                     "TTFT p99 ms", "TPOT p50 ms", "ITL p50 ms", "ITL p99 ms", "client CPU", "% of bound")
@@ -191,7 +191,8 @@ async def run_levels(endpoints: Endpoints, model_dir: Path, args: argparse.Names
                                              args.request_rate, level, seed, constraints, args.client_processes,
                                              args.connections)
         else:
-            client = await _run_here(path, endpoints, args, requests, level, seed, constraints)
+            client = await run_here(path, endpoints, args.ignore_eos, requests, args.request_rate, level, seed,
+                                    constraints, args.connections)
         records, duration_s = client.records, client.duration_s
         run.update(compute_metrics(records, duration_s))
         # The clients' CPU seconds per second of the run: near 1.0 a process, a client may be what limits it.
@@ -210,16 +211,6 @@ async def run_levels(endpoints: Endpoints, model_dir: Path, args: argparse.Names
         print(f"{path.value} {mode.value} max_concurrency={run['max_concurrency']}: {run['completed']} done, "
               f"{run['failed']} failed, {run['output_throughput']:.1f} output tokens/s", flush=True)
     return runs
-
-
-async def _run_here(path: ServingPath, endpoints: Endpoints, args: argparse.Namespace,
-                    requests: Sequence[BenchRequest], level: int | None, seed: int,
-                    constraints: Sequence[common_pb2.StructuredOutput | None] | None) -> ClientRun:
-    """The run from this process's event loop."""
-    cpu_started = time.process_time()
-    async with path_sender(path, endpoints, args.ignore_eos, level or len(requests), args.connections) as send:
-        records, duration_s = await run_requests(send, requests, args.request_rate, level, seed, constraints)
-    return ClientRun(records, duration_s, time.process_time() - cpu_started)
 
 
 def element_bytes(args: argparse.Namespace) -> ElementBytes:
