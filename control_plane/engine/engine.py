@@ -237,7 +237,8 @@ def _load(stats: SchedulerStats) -> int:
 
 
 def _arrival(arrival_time_s: float | None) -> float:
-    """A request's arrival on the host's monotonic clock: the given time, never later than now."""
+    """A request's arrival on the host's monotonic clock: the given time when it is a positive time before now (a
+    relay's unset 0 is not), else now."""
     now = time.monotonic()
     if arrival_time_s is None or not 0.0 < arrival_time_s < now:  # also NaN
         return now

@@ -150,7 +150,7 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
             params = sampling_params_from_proto(add.sampling_params)
             live.add(self._engine.add_request(
                 tuple(add.prompt_token_ids), params, add.request_id, add.priority, outputs=outputs,
-                arrival_time_s=add.arrival_time_s or None,
+                arrival_time_s=add.arrival_time_s,
             ))
         except PagedServeError as error:
             outputs.put(RequestFailed(add.request_id, error))
