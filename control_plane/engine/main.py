@@ -363,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         server, scheduler, cache, engine_config = configs_from_args(args)
         check_model(server)
         check_port_free(server.address, "--port")
+        if server.metrics_port is not None:  # else found busy only once the workers are up, with a traceback
+            check_port_free(f"{server.host}:{server.metrics_port}", "--metrics-port")
         server = shared_public_port(server)
     except ValueError as error:  # ModelDirError included
         usage_error(parser, str(error))
