@@ -14,6 +14,7 @@ from pagedserve.gpu_worker.decode_inputs import DecodeInputs
 from pagedserve.gpu_worker.models.decoder import DecoderForCausalLM
 from pagedserve.gpu_worker.models.layers import AttentionMetadata
 from pagedserve.gpu_worker.sequence_state import ScheduledWork
+from pagedserve.kernels.ops import KernelOps
 
 log = structlog.get_logger()
 _SMALL_SIZES = (1, 2, 4)
@@ -55,18 +56,19 @@ class DecodeOutput(NamedTuple):
 class CudaGraphRunner:
     """Replays the model forward for decode steps: every sequence has exactly one query token.
 
-    Invariant: the graphs read only the static buffers of `inputs` (decode_inputs.py). A step of n sequences runs
+    Invariant: the graphs read only the static buffers of `inputs` (decode_inputs.py), whose block tables each
+    graph spreads first. A step of n sequences runs
     the graph of the smallest captured size >= n; its rows n.. are padding that changes no cache and whose hidden
     rows are ignored.
     """
 
     def __init__(self, model: DecoderForCausalLM, kv_cache: torch.Tensor, block_size: int, max_batch_size: int,
-                 max_num_blocks_per_seq: int) -> None:
+                 max_num_blocks_per_seq: int, ops: KernelOps) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.sizes = capture_sizes(max_batch_size)
-        self.inputs = DecodeInputs(self.sizes[-1], max_num_blocks_per_seq, block_size, kv_cache.device)
+        self.inputs = DecodeInputs(self.sizes[-1], max_num_blocks_per_seq, block_size, kv_cache.device, ops)
         self.max_seq_len = max_num_blocks_per_seq * block_size
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, DecodeOutput]] = {}
         self.num_replays = 0
@@ -109,6 +111,7 @@ class CudaGraphRunner:
 
     def _forward(self, size: int) -> DecodeOutput:
         inputs = self.inputs
+        inputs.spread_tables(size)
         meta = AttentionMetadata(
             slot_mapping=inputs.slot_mapping[:size],
             block_tables=inputs.block_tables[:size],

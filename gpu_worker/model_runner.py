@@ -281,7 +281,7 @@ class ModelRunner:
             grown = torch.zeros(self.tables.table.shape[0], dtype=torch.int64, device=self._last_tokens.device)
             grown[: len(self._last_tokens)] = self._last_tokens
             self._last_tokens = grown
-        self._last_tokens[index] = run.sample.tokens
+        self._last_tokens.index_copy_(0, index, run.sample.tokens)
 
     def _sampling_logits(self, query_start_loc: np.ndarray, hidden: torch.Tensor, items: list[int],
                          all_logits: torch.Tensor | None) -> torch.Tensor:

@@ -302,7 +302,7 @@ class Worker:
         max_blocks = -(-max_model_len // pool.block_size)
         graph_pool = torch.cuda.graph_pool_handle()
         decode = CudaGraphRunner(self.loaded.model, pool.gpu_cache, pool.block_size,
-                                 min(request.max_num_seqs, MAX_GRAPH_BATCH_SIZE), max_blocks)
+                                 min(request.max_num_seqs, MAX_GRAPH_BATCH_SIZE), max_blocks, self.ops)
         decode.capture(graph_pool)
         pieces = PiecewiseGraphRunner(self.loaded.model, pool.gpu_cache,
                                       min(request.max_num_batched_tokens, MAX_PIECEWISE_TOKENS))

@@ -68,3 +68,15 @@ __global__ void write_kv_fp8(const T* __restrict__ key, long long key_token_stri
     store_from_float<fp8_e4m3_t, VEC>(value_cache + dst, v);
   }
 }
+
+// A decode step's block tables into the graphs' static [rows, max_blocks] table: packed is [num_seqs, width, then
+// num_seqs x width block ids], written by the host for each step, so one captured launch serves every step. One CTA
+// per table row; rows from num_seqs on and columns from width on keep what they held.
+__global__ void spread_block_tables(const int* __restrict__ packed, int* __restrict__ block_tables, int max_blocks) {
+  const int row = blockIdx.x;
+  const int num_seqs = packed[0], width = packed[1];
+  if (row >= num_seqs) return;
+  const int* from = packed + 2 + static_cast<long long>(row) * width;
+  int* to = block_tables + static_cast<long long>(row) * max_blocks;
+  for (int column = threadIdx.x; column < width; column += blockDim.x) to[column] = from[column];
+}

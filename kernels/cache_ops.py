@@ -41,8 +41,9 @@ def copy_unit(*byte_counts: int) -> tuple[int, str]:
 def known_name_expressions() -> list[str]:
     """Every kernel instantiation the launchers can ask for."""
     raw = [f"{kernel}<{unit}>" for kernel in ("write_kv", "copy_blocks") for _, unit in UNIT_TYPES]
-    return raw + [f"write_kv_fp8<{scalar}, {vec}>" for dtype, scalar in SCALAR_TYPE_NAMES.items()
-                  for vec in _fp8_vector_widths(dtype.itemsize)]
+    fp8 = [f"write_kv_fp8<{scalar}, {vec}>" for dtype, scalar in SCALAR_TYPE_NAMES.items()
+           for vec in _fp8_vector_widths(dtype.itemsize)]
+    return [*raw, "spread_block_tables", *fp8]
 
 
 def _fp8_vector_widths(itemsize: int) -> list[int]:
@@ -116,6 +117,16 @@ class CacheOps:
             return
         # The mapping is tiny; pinned staging keeps its upload asynchronous on the current stream.
         self._copy(src_cache, dst_cache, block_mapping.pin_memory().to(self._device, non_blocking=True))
+
+    def spread_block_tables(self, packed: Tensor, block_tables: Tensor) -> None:
+        """One launch over every row of block_tables, which reads the step's size from packed on the device."""
+        rows, max_blocks = block_tables.shape
+        if rows == 0:
+            return
+        kernel = self._modules.kernel(SOURCE, "spread_block_tables")
+        self._modules.launch(kernel, (rows, 1, 1), (THREADS, 1, 1), (
+            pointer(packed), pointer(block_tables), int32(max_blocks),
+        ))
 
     def _copy(self, src: Tensor, dst: Tensor, block_mapping: Tensor) -> None:
         num_pairs = block_mapping.shape[0]

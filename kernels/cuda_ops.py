@@ -118,6 +118,16 @@ class CudaKernelOps:
             raise ValueError(f"block_mapping must be on {kv_cache.device}, got {block_mapping.device}")
         self._cache.copy_blocks(kv_cache, block_mapping)
 
+    def spread_block_tables(self, packed: Tensor, block_tables: Tensor) -> None:
+        _check_index("packed", packed, torch.int32, 1)
+        _check_index("block_tables", block_tables, torch.int32, 2)
+        if packed.device != block_tables.device or not packed.is_cuda:
+            raise ValueError(f"packed ({packed.device}) and block_tables ({block_tables.device}) must be on one CUDA "
+                             "device")
+        if packed.shape[0] < 2:
+            raise ValueError(f"packed must hold at least its two-entry header, got {packed.shape[0]} entries")
+        self._cache.spread_block_tables(packed, block_tables)
+
     def swap_blocks(self, src_cache: Tensor, dst_cache: Tensor, block_mapping: Tensor) -> None:
         _check_pool("src_cache", src_cache)
         _check_pool("dst_cache", dst_cache)

@@ -65,6 +65,14 @@ class KernelOps(Protocol):
         """
         ...
 
+    def spread_block_tables(self, packed: Tensor, block_tables: Tensor) -> None:
+        """A decode step's tables into a static table, with its size read on the device (so a CUDA graph replays it
+        for every step): block_tables[r, :width] = packed[2 + r * width : 2 + (r + 1) * width] for r < num_seqs,
+        where packed[0] = num_seqs and packed[1] = width; rows from num_seqs on and columns from width on keep their
+        values. packed: int32 [>= 2 + num_seqs * width]; block_tables: [rows, max_blocks] int32, contiguous, on
+        packed's device; num_seqs <= rows and width <= max_blocks (not checked on the device)."""
+        ...
+
     def swap_blocks(self, src_cache: Tensor, dst_cache: Tensor, block_mapping: Tensor) -> None:
         """Copy whole blocks between two pools ([L, 2, N_src, H, B, D] -> [L, 2, N_dst, H, B, D]).
 

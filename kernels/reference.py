@@ -77,6 +77,12 @@ class TorchReferenceOps:
         gathered = as_bytes(src_cache).index_select(2, src).to(dst_cache.device)
         as_bytes(dst_cache).index_copy_(2, dst, gathered)
 
+    def spread_block_tables(self, packed: Tensor, block_tables: Tensor) -> None:
+        """block_tables[:num_seqs, :width] = the dense [num_seqs, width] tables after packed's header."""
+        num_seqs, width = (int(value) for value in packed[:2].tolist())
+        num_seqs = min(num_seqs, block_tables.shape[0])
+        block_tables[:num_seqs, :width] = packed[2 : 2 + num_seqs * width].view(num_seqs, width)
+
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         """x: [num_rows, hidden]; weight: [hidden]. Normalised in float32, rounded to x's dtype, then scaled."""
         x32 = x.float()

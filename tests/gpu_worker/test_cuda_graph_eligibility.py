@@ -9,13 +9,15 @@ from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.gpu_worker.block_tables import BlockTableArray
 from pagedserve.gpu_worker.cuda_graph import CudaGraphRunner
 from pagedserve.gpu_worker.sequence_state import ScheduledWork, SequenceState
+from pagedserve.kernels.reference import TorchReferenceOps
 
 BLOCK_SIZE = 4
 
 
 def _runner(max_batch_size: int = 8, max_blocks: int = 2) -> CudaGraphRunner:
     model = torch.nn.Module()  # never called: nothing is captured or replayed
-    return CudaGraphRunner(model, torch.zeros(1), BLOCK_SIZE, max_batch_size, max_blocks)  # type: ignore[arg-type]
+    return CudaGraphRunner(model, torch.zeros(1), BLOCK_SIZE, max_batch_size, max_blocks,  # type: ignore[arg-type]
+                           TorchReferenceOps())
 
 
 def _work(tables: BlockTableArray, *scheduled: tuple[int, int]) -> list[ScheduledWork]:

@@ -1,5 +1,6 @@
 """The decode graphs' static inputs, staged on the CPU: the same rows build_batch makes for the step, then padding
-that writes no K/V and attends to nothing, whichever host buffer of the rotation a step is written from."""
+that writes no K/V and attends to nothing, whichever host buffer of the rotation a step is written from; the block
+tables once a graph's first launch has spread them."""
 
 from __future__ import annotations
 
@@ -10,9 +11,14 @@ from pagedserve.gpu_worker.block_tables import BlockTableArray
 from pagedserve.gpu_worker.decode_inputs import HOST_SLOTS, DecodeInputs
 from pagedserve.gpu_worker.model_runner import build_batch
 from pagedserve.gpu_worker.sequence_state import PENDING_TOKEN, ScheduledWork, SequenceState
+from pagedserve.kernels.reference import TorchReferenceOps
 
 BLOCK_SIZE = 4
 LAST_TOKENS = torch.tensor([90, 91, 92, 93, 94, 95, 96, 97])
+
+
+def _inputs(size: int, max_blocks: int) -> DecodeInputs:
+    return DecodeInputs(size, max_blocks, BLOCK_SIZE, torch.device("cpu"), TorchReferenceOps())
 
 
 def _decode_work(tables: BlockTableArray, lengths: list[int], pending: set[int]) -> list[ScheduledWork]:
@@ -41,9 +47,10 @@ def _staged(inputs: DecodeInputs, padded: int) -> dict[str, list[int] | list[lis
 def test_staged_rows_are_build_batchs_and_the_padding_writes_and_attends_to_nothing() -> None:
     tables = BlockTableArray(num_rows=8, num_columns=2)
     work = _decode_work(tables, [6, 9, 3], pending={0, 2})
-    inputs = DecodeInputs(size=8, max_blocks=4, block_size=BLOCK_SIZE, device=torch.device("cpu"))
+    inputs = _inputs(size=8, max_blocks=4)
 
     inputs.stage(work, tables, padded=4, last_tokens=LAST_TOKENS)
+    inputs.spread_tables(padded=4)  # a graph's first launch
 
     batch = build_batch(work, tables, BLOCK_SIZE, torch.device("cpu"), LAST_TOKENS)
     table_rows = [item.state.table_row for item in work]
@@ -66,7 +73,7 @@ def test_a_known_token_is_staged_without_reading_last_tokens_at_its_row() -> Non
     pending, known = _decode_work(tables, [5, 6, 7], pending={1})[1:]
     last_tokens = LAST_TOKENS[:2]
     assert (pending.state.table_row, known.state.table_row) == (1, 2)
-    inputs = DecodeInputs(size=4, max_blocks=4, block_size=BLOCK_SIZE, device=torch.device("cpu"))
+    inputs = _inputs(size=4, max_blocks=4)
 
     inputs.stage([pending, known], tables, padded=2, last_tokens=last_tokens)
 
@@ -75,7 +82,7 @@ def test_a_known_token_is_staged_without_reading_last_tokens_at_its_row() -> Non
 
 def test_a_smaller_step_after_a_larger_one_pads_every_row_its_graph_reads() -> None:
     tables = BlockTableArray(num_rows=8, num_columns=2)
-    inputs = DecodeInputs(size=8, max_blocks=4, block_size=BLOCK_SIZE, device=torch.device("cpu"))
+    inputs = _inputs(size=8, max_blocks=4)
     large = _decode_work(tables, [5, 6, 7, 8, 9, 10], pending=set())
     for _ in range(HOST_SLOTS):  # every host buffer holds the large step, the small one reuses one of them
         inputs.stage(large, tables, padded=8, last_tokens=LAST_TOKENS)
@@ -95,11 +102,12 @@ def test_a_smaller_step_after_a_larger_one_pads_every_row_its_graph_reads() -> N
 
 def test_every_host_buffer_of_the_rotation_stages_its_own_step() -> None:
     tables = BlockTableArray(num_rows=8, num_columns=2)
-    inputs = DecodeInputs(size=4, max_blocks=8, block_size=BLOCK_SIZE, device=torch.device("cpu"))
+    inputs = _inputs(size=4, max_blocks=8)
     for step in range(2 * HOST_SLOTS + 1):
         lengths = [3 + step, 4 + step][: 1 + step % 2]  # tables widen as the steps go on
         work = _decode_work(tables, lengths, pending=set())
         inputs.stage(work, tables, padded=2, last_tokens=LAST_TOKENS)
+        inputs.spread_tables(padded=2)
         batch = build_batch(work, tables, BLOCK_SIZE, torch.device("cpu"))
         width = batch.meta.block_tables.shape[1]
         assert inputs.slot_mapping[: len(work)].tolist() == batch.meta.slot_mapping.tolist()

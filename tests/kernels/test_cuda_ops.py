@@ -201,6 +201,36 @@ def test_copy_blocks_copies_all_layers_exactly(ops: KernelOps) -> None:
     assert torch.equal(pool, expected)
 
 
+def _packed_tables(num_seqs: int, width: int, capacity: int, gen: torch.Generator) -> torch.Tensor:
+    """A decode step's packed tables (header num_seqs, width, then random block ids) in a buffer of capacity ints."""
+    packed = torch.full((capacity,), -7, dtype=torch.int32, device="cuda")
+    packed[:2] = torch.tensor([num_seqs, width], dtype=torch.int32)
+    packed[2 : 2 + num_seqs * width] = torch.randint(0, 1 << 20, (num_seqs * width,), generator=gen, device="cuda",
+                                                     dtype=torch.int32)
+    return packed
+
+
+def test_spread_block_tables_replayed_from_one_graph_serves_every_step_size(ops: KernelOps) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    rows, max_blocks = 48, 300
+    packed = _packed_tables(40, 257, 2 + rows * max_blocks, gen)
+    tables = torch.randint(0, 1 << 20, (rows, max_blocks), generator=gen, device="cuda", dtype=torch.int32)
+    expected = tables.clone()
+    ops.spread_block_tables(packed, tables)  # eager: also compiles the kernel before capture
+    TorchReferenceOps().spread_block_tables(packed, expected)
+    assert torch.equal(tables, expected)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        ops.spread_block_tables(packed, tables)
+    for num_seqs, width in [(1, 1), (48, 300), (7, 3), (0, 5)]:  # each step writes its own packed tables in place
+        packed.copy_(_packed_tables(num_seqs, width, packed.shape[0], gen))
+        graph.replay()
+        TorchReferenceOps().spread_block_tables(packed, expected)
+        torch.cuda.synchronize()
+        assert torch.equal(tables, expected), (num_seqs, width)
+
+
 @pytest.mark.parametrize("pinned", [True, False])
 def test_swap_out_and_back_in_restores_blocks(ops: KernelOps, pinned: bool) -> None:
     gen = torch.Generator(device="cuda").manual_seed(11)

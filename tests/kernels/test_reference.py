@@ -161,6 +161,13 @@ def test_copy_blocks_copies_every_layer_k_and_v() -> None:
     assert torch.equal(pool, expected)
 
 
+def test_spread_block_tables_writes_the_steps_rows_and_columns_and_keeps_the_rest() -> None:
+    tables = torch.full((4, 5), -1, dtype=torch.int32)
+    packed = torch.tensor([2, 3, 10, 11, 12, 20, 21, 22, 99, 99], dtype=torch.int32)  # 2 rows of 3, then stale ints
+    TorchReferenceOps().spread_block_tables(packed, tables)
+    assert tables.tolist() == [[10, 11, 12, -1, -1], [20, 21, 22, -1, -1], [-1] * 5, [-1] * 5]
+
+
 def test_swap_blocks_moves_blocks_between_pools_of_different_sizes() -> None:
     src = torch.randn(2, 2, 6, 2, 4, 8, generator=torch.Generator().manual_seed(8))
     dst = torch.zeros(2, 2, 3, 2, 4, 8)
