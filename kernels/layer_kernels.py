@@ -34,9 +34,6 @@ VECTORS_PER_THREAD = (1, 2, 4, 8, 16, 32)
 VECTOR_BYTES = 16  # the widest load or store of one thread
 WARP_THREADS = 32
 MAX_ROW_THREADS = 1024  # one CTA per row (norms, quantization): wide rows get every thread of a CTA (.cu's too)
-# Vectors a thread of a kernel whose one reduction is the row's amax: up to 4, before the CTA grows (8 would spill
-# at MAX_ROW_THREADS' register budget).
-AMAX_VECTORS_PER_THREAD = 4
 SILU_THREADS = 256
 SCALE_THREADS = 256
 MAX_ROTARY_THREADS = 512
@@ -87,24 +84,11 @@ def _row_in_registers(num_vecs: int) -> tuple[int, int]:
     threads, so that each thread sums the same vectors in the same order as there, and the fewest vectors a thread
     (a power of two) that cover the row with them."""
     threads = _threads(num_vecs, MAX_ROW_THREADS)
-    return threads, _vectors_per_thread(num_vecs, threads)
-
-
-def _amax_row_in_registers(num_vecs: int) -> tuple[int, int]:
-    """_row_in_registers for a kernel whose only reduction is the row's amax, which any thread count forms alike:
-    the fewest threads that hold the row at up to AMAX_VECTORS_PER_THREAD vectors each. Smaller CTAs than a whole
-    row of single vectors, so that more rows share an SM and one row's loads overlap another's amax and stores."""
-    threads = _threads(-(-num_vecs // AMAX_VECTORS_PER_THREAD), MAX_ROW_THREADS)
-    return threads, _vectors_per_thread(num_vecs, threads)
-
-
-def _vectors_per_thread(num_vecs: int, threads: int) -> int:
-    """The fewest vectors a thread (a power of two) with which threads cover a row of num_vecs vectors."""
     vpt = next((v for v in VECTORS_PER_THREAD if v * threads >= num_vecs), None)
     if vpt is None:
         raise ValueError(f"a row of {num_vecs} vectors exceeds the {MAX_ROW_THREADS * VECTORS_PER_THREAD[-1]} "
                          "that per-row quantization holds in registers")
-    return vpt
+    return threads, vpt
 
 
 class LayerKernels:
@@ -179,7 +163,7 @@ class LayerKernels:
         if num_tokens == 0 or size == 0:
             return out, scales
         vec = _vector_width(gate_up.itemsize, size * gate_up.itemsize, gate_up.data_ptr(), out.data_ptr())
-        threads, vpt = _amax_row_in_registers(size // vec)
+        threads, vpt = _row_in_registers(size // vec)
         kernel = self._modules.kernel(SOURCE, f"silu_and_mul_fp8<{scalar_type_name(gate_up.dtype)}, {vec}, {vpt}>")
         self._modules.launch(kernel, (num_tokens, 1, 1), (threads, 1, 1),
                              (pointer(gate_up), pointer(out), pointer(scales), int32(size)))
@@ -227,7 +211,7 @@ class LayerKernels:
             return out, scales
         itemsize = x.itemsize
         vec = _vector_width(itemsize, num_cols * itemsize, x.data_ptr(), x.stride(0) * itemsize)
-        threads, vpt = _amax_row_in_registers(num_cols // vec)
+        threads, vpt = _row_in_registers(num_cols // vec)
         kernel = self._modules.kernel(SOURCE, f"quantize_fp8_per_row<{scalar_type_name(x.dtype)}, {vec}, {vpt}>")
         self._modules.launch(kernel, (num_rows, 1, 1), (threads, 1, 1), (
             pointer(x), int64(x.stride(0)), pointer(out), pointer(scales), int32(num_cols),
