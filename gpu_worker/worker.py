@@ -196,15 +196,13 @@ class Worker:
     def launch(self, step: StepPlan) -> LaunchedStep:
         """Validates the whole step, then applies it: drop, swap out, swap in, copy, add, update, and queues its
         forward pass and sampling on the device (a sampling that reads earlier tokens on the host is deferred, see
-        launched_step.py). Raises InvalidStepError before changing anything.
-
-        The step is applied (and its token masks started) while the earlier steps' deferred samplings may still wait
-        for their masks; only its device work waits for them to be queued, since its inputs may read their tokens on
-        the device. A failure of one of those samplings is raised then, the step applied but not launched: the
-        stream that sent it is lost, and the cache is released with it."""
+        launched_step.py). Raises InvalidStepError, or the failure of an earlier step's deferred sampling, before
+        changing anything."""
         started = time.perf_counter()
+        for earlier in list(self._in_flight):  # without the lock: their samplings' thread and finish() take it
+            earlier.sampling_queued()  # this step's inputs may read their tokens on the device
         with self._lock:
-            registry = self.registry
+            registry, pool, runner = self.registry, self.pool, self.runner
             registry.validate(step)
             if self._leader is not None:
                 self._leader.step(step)
@@ -213,11 +211,6 @@ class Worker:
                 deferred_rows = RowsAtLaunch.of(work) if _reads_token_history(work) else None
                 # Started now, the token masks are computed while this thread queues the forward pass.
                 token_masks = self._start_token_masks(list(self._in_flight), deferred_rows)
-        for earlier in list(self._in_flight):  # without the lock: their samplings' thread and finish() take it
-            earlier.sampling_queued()
-        with self._lock:
-            pool, runner = self.pool, self.runner
-            with fatal_in_group(self.group, f"launching step {step.step_id}"):
                 span = DeviceSpan(self.device)
                 pool.swap_out(step.swap_out)
                 pool.swap_in(step.swap_in)

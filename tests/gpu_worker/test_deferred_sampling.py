@@ -86,54 +86,6 @@ def test_the_token_masks_are_computed_while_the_step_is_being_launched(monkeypat
     assert _tokens(results, 1) == _tokens(expected, 1)
 
 
-def test_the_next_step_is_applied_while_the_earlier_masks_are_computed_and_queued_after_their_sampling(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Only the next step's device work waits for the earlier deferred sampling: its host work (validate, apply, its
-    own masks started) is done while the earlier masks are still being computed."""
-    steps = _steps(CONSTRAINED, num_decodes=2)
-    expected = _run_one_at_a_time(load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=32), steps)
-    worker = load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=32)
-    runner, sampler = worker.runner, worker.runner.sampler
-    token_masks, launch, apply = sampler.token_masks, runner.launch, SequenceRegistry.apply
-    masks_released, second_applied = threading.Event(), threading.Event()
-    events: list[str] = []
-
-    def held_masks(rows: list[SamplingRow]) -> torch.Tensor | None:
-        assert masks_released.wait(timeout=30)
-        return token_masks(rows)
-
-    def recording_apply(registry: SequenceRegistry, step: StepPlan) -> list[ScheduledWork]:
-        work = apply(registry, step)
-        if step.step_id == steps[1].step_id:
-            second_applied.set()
-        return work
-
-    def recording_launch(work: list[ScheduledWork], deferred_rows: RowsAtLaunch | None = None) -> LaunchedRun:
-        events.append("forward pass queued")
-        return launch(work, deferred_rows)
-
-    monkeypatch.setattr(sampler, "token_masks", held_masks)
-    monkeypatch.setattr(SequenceRegistry, "apply", recording_apply)
-    launched = [worker.launch(steps[0])]  # its sampling waits for its masks, held until masks_released
-    monkeypatch.setattr(runner, "launch", recording_launch)
-    with futures.ThreadPoolExecutor(1) as step_thread:
-        second = step_thread.submit(worker.launch, steps[1])
-        try:
-            assert second_applied.wait(timeout=30), "the next step was not applied while the earlier masks were held"
-            assert events == [] and not second.done()
-        finally:
-            masks_released.set()
-        launched.append(second.result(timeout=30))
-    assert events == ["forward pass queued"]
-    results = [worker.finish(launched.pop(0))]
-    for step in steps[2:]:
-        launched.append(worker.launch(step))
-        results.append(worker.finish(launched.pop(0)))
-    results.append(worker.finish(launched.pop(0)))
-    assert _tokens(results, 1) == _tokens(expected, 1)
-
-
 def test_siblings_of_a_constrained_first_sample_copy_its_grammar_before_any_mask_fill(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
