@@ -40,7 +40,7 @@ from benchmarks.step_profile import step_profile
 from benchmarks.structured_workload import ConstraintMode, constraints_for, parse_modes
 from benchmarks.text_prompts import with_text_prompts
 from pagedserve.clients.health_check import is_serving
-from pagedserve.control_plane.launch.worker_launcher import free_loopback_port
+from pagedserve.runtime.port_check import free_loopback_port
 from pagedserve.v1 import generation_service_pb2, generation_service_pb2_grpc
 
 _SUMMARY_HEADERS = ("path", "constraint", "concurrency", "req/s", "out tok/s", "total tok/s", "TTFT p50 ms",

@@ -25,7 +25,7 @@ from benchmarks import report
 from benchmarks.model_shapes import sampling_vocab_size
 from benchmarks.soak_faults import HealthMonitor, ServeLog, Soak, compute_references, make_prompts, settle
 from benchmarks.soak_report import markdown, summarize
-from pagedserve.control_plane.launch.worker_launcher import free_loopback_port
+from pagedserve.runtime.port_check import free_loopback_port
 from pagedserve.v1 import generation_service_pb2, generation_service_pb2_grpc
 
 DEFAULT_MODEL_DIR = report.REPO_ROOT.parent / "shared" / "models" / "stories260K"

@@ -28,7 +28,7 @@ from benchmarks import report
 from benchmarks.client_runs import run_requests
 from benchmarks.direct_client import direct_sender
 from benchmarks.random_dataset import BenchRequest
-from pagedserve.control_plane.launch.worker_launcher import free_loopback_port
+from pagedserve.runtime.port_check import free_loopback_port
 from pagedserve.v1 import generation_service_pb2, generation_service_pb2_grpc
 
 PROMPT = (1,) * 16

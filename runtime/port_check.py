@@ -3,12 +3,21 @@
 gRPC binds its servers with SO_REUSEPORT, so a second server started on a port in use does not fail: the kernel
 shares the port's new connections between the two, and each client reaches whichever it picked. `serve` (its
 frontends share the public port on purpose) and `worker` check their port first, with a socket that does not
-share; `serve` with several frontends and port 0 picks the one port they share here.
+share; `serve` with several frontends and port 0 picks the one port they share here. A port for a process about to
+be started (a local worker, a test's server) is picked outside the range of ports the OS hands to outgoing
+connections.
 """
 
 from __future__ import annotations
 
+import random
 import socket
+from pathlib import Path
+
+# Linux's range of ephemeral ports, and its default when it cannot be read.
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+DEFAULT_EPHEMERAL_RANGE = (32768, 60999)
+_PICKS = 64  # random ports tried outside the ephemeral range before the OS's own pick
 
 
 def check_port_free(address: str, flag: str) -> None:
@@ -35,3 +44,28 @@ def _bind_alone(host: str, port: int, failure: str, hint: str = "") -> int:
         except OSError as error:
             raise ValueError(f"{failure}: {error.strerror}{hint}") from None
         return int(probe.getsockname()[1])
+
+
+def free_loopback_port() -> int:
+    """A TCP port of 127.0.0.1 that was free a moment ago, for another process to bind soon. Picked at random outside
+    the OS's ephemeral range where one is free: ports in that range are also given to outgoing connections, and one
+    of those could take the port between this pick and that bind. The OS's own pick when none is free there."""
+    low, high = ephemeral_range()
+    spans = [(first, last) for first, last in ((1024, low - 1), (high + 1, 65535)) if first <= last]
+    weights = [last - first + 1 for first, last in spans]
+    for _ in range(_PICKS if spans else 0):
+        first, last = random.choices(spans, weights)[0]
+        try:
+            return _bind_alone("127.0.0.1", random.randint(first, last), "")
+        except ValueError:
+            continue
+    return _bind_alone("127.0.0.1", 0, "127.0.0.1: no free port")
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The OS's range of ports for outgoing connections (first, last): Linux's setting, else its default."""
+    try:
+        first, last = (int(value) for value in EPHEMERAL_RANGE_FILE.read_text().split())
+    except (OSError, ValueError):
+        return DEFAULT_EPHEMERAL_RANGE
+    return first, last

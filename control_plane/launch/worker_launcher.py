@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from pagedserve.control_plane.errors import WorkerUnavailableError
 from pagedserve.runtime.auth import SECRET_ENV, ClusterSecret
 from pagedserve.runtime.flags import ENV_PREFIX
 from pagedserve.runtime.logs import LogFormat, LogLevel
+from pagedserve.runtime.port_check import free_loopback_port
 
 log = structlog.get_logger()
 
@@ -50,13 +50,6 @@ class WorkerLaunchConfig:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
         if self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be at least 1, got {self.cpu_threads}")
-
-
-def free_loopback_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class LocalWorkers:

@@ -14,7 +14,7 @@ from benchmarks.client_runs import assign, run_in_processes, shares_of
 from benchmarks.random_dataset import BenchRequest
 from benchmarks.serving_paths import Endpoints, ServingPath
 from benchmarks.stream_capacity import serve_chunks, wait_ready
-from pagedserve.control_plane.launch.worker_launcher import free_loopback_port
+from pagedserve.runtime.port_check import free_loopback_port
 
 TOKENS = 6
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pagedserve.clients.health_check import is_serving
-from pagedserve.control_plane.launch.worker_launcher import free_loopback_port
+from pagedserve.runtime.port_check import free_loopback_port
 
 # The worker device of the end-to-end tests: cpu in CI, cuda to run the same tests on a GPU host.
 TEST_DEVICE = os.environ.get("PAGEDSERVE_TEST_DEVICE", "cpu")

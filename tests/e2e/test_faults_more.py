@@ -31,12 +31,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pagedserve.contract.model_format import DeviceKind
 from pagedserve.contract.step import StepResult
-from pagedserve.control_plane.launch.worker_launcher import free_loopback_port
 from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.launched_step import LaunchedStep
 from pagedserve.gpu_worker.service import start_server
 from pagedserve.gpu_worker.worker import Worker
 from pagedserve.runtime.auth import ClusterSecret
+from pagedserve.runtime.port_check import free_loopback_port
 from pagedserve.v1 import common_pb2, generation_service_pb2, generation_service_pb2_grpc
 from tests.e2e.processes import (
     TEST_CLUSTER_SECRET,

@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from pagedserve.clients.health_check import is_serving
-from pagedserve.control_plane.launch.worker_launcher import free_loopback_port
+from pagedserve.runtime.port_check import free_loopback_port
 from pagedserve.v1 import common_pb2, generation_service_pb2, generation_service_pb2_grpc
 from tests.e2e.processes import (
     TEST_DEVICE,

@@ -15,7 +15,7 @@ import pytest
 
 from pagedserve.clients.client import PagedServeClient, SamplingParams, TlsOptions
 from pagedserve.clients.health_check import is_serving
-from pagedserve.control_plane.launch.worker_launcher import free_loopback_port
+from pagedserve.runtime.port_check import free_loopback_port
 from pagedserve.v1 import common_pb2, generation_service_pb2
 from tests.e2e.processes import (
     Cluster,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pagedserve.clients.client import PagedServeClient, SamplingParams
-from pagedserve.control_plane.launch.worker_launcher import free_loopback_port
+from pagedserve.runtime.port_check import free_loopback_port
 from tests.e2e.processes import TEST_DEVICE, wait_serving
 
 pytestmark = pytest.mark.e2e

@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 
 from pagedserve.contract.model_format import DeviceKind, DType
-from pagedserve.control_plane.launch.worker_launcher import free_loopback_port
 from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.parallel.config import TensorParallelConfig
 from pagedserve.gpu_worker.parallel.follower import run_follower
 from pagedserve.gpu_worker.worker import Worker
+from pagedserve.runtime.port_check import free_loopback_port
 from tests.gpu_worker.harness import load_worker
 
 # Collectives of a group on threads of one busy 2-core machine can be slow, never this slow.

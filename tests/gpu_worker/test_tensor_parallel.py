@@ -16,7 +16,6 @@ from transformers import PretrainedConfig, Qwen2Config
 
 from pagedserve.contract.model_format import DeviceKind
 from pagedserve.contract.worker_info import CacheRequest
-from pagedserve.control_plane.launch.worker_launcher import free_loopback_port
 from pagedserve.gpu_worker.errors import InvalidCacheRequestError, ModelLoadError
 from pagedserve.gpu_worker.models.decoder import DecoderForCausalLM
 from pagedserve.gpu_worker.models.model_config import ModelConfig
@@ -26,6 +25,7 @@ from pagedserve.gpu_worker.parallel.group import ParallelGroup, join_group
 from pagedserve.gpu_worker.parallel.sharding import ShardLayout
 from pagedserve.gpu_worker.weights import iter_safetensors, safetensors_files
 from pagedserve.kernels.reference import TorchReferenceOps
+from pagedserve.runtime.port_check import free_loopback_port
 from tests.gpu_marks import NEEDS_GPU
 from tests.gpu_worker.harness import STORIES_DIR, WorkerDriver, make_sequences
 from tests.gpu_worker.tensor_parallel_harness import leader_of_group
