@@ -85,12 +85,15 @@ class LocalWorkers:
 
     def restart(self, index: int) -> str:
         """Kills every process of worker index that still runs (a hung worker ignores SIGTERM), then starts the
-        whole group again on the same address, which it returns. Blocks until the old processes are reaped."""
+        whole group again on a fresh port, whose address it returns: another process may have taken the old port
+        while the worker was down, and a worker that cannot listen would fail every restart. Blocks until the old
+        processes are reaped."""
         for old in self._groups[index]:
             if old.poll() is None:
                 old.kill()
         for old in self._groups[index]:
             old.wait()
+        self._addresses[index] = f"127.0.0.1:{free_loopback_port()}"
         self._groups[index] = self._spawn_group(index)
         return self._addresses[index]
 

@@ -165,7 +165,7 @@ class WorkerSupervisor:
         """One try: (re)start the worker, wait until it serves, check it serves the same model, InitCache."""
         await worker.client.close()  # cancels the old step stream, so a live worker drops it and accepts InitCache
         if worker.launch_index is not None and self._launcher is not None:
-            await asyncio.to_thread(self._launcher.restart, worker.launch_index)
+            worker.address = await asyncio.to_thread(self._launcher.restart, worker.launch_index)
         client = self._connect(worker.address)
         worker.client = client  # closed by the next try or by close()
         deadline = asyncio.get_running_loop().time() + self._config.worker_start_timeout_s

@@ -73,9 +73,9 @@ def test_a_group_whose_follower_exited_is_not_alive_and_restarts_whole(started: 
     with pytest.raises(RuntimeError, match="exited with code 1"):
         workers.check_alive(1)
     workers.check_alive(0)
-    workers.restart(1)
+    address = workers.restart(1)
 
     assert [p.was_killed for p in started[:4]] == [False, False, True, False]  # its leader killed; the dead one reaped
     assert [p.flag("--tp-rank") for p in started[4:]] == ["0", "1"]
-    assert started[4].flag("--listen") == started[2].flag("--listen")
+    assert address == started[4].flag("--listen") == started[5].flag("--listen") != started[2].flag("--listen")
     assert started[4].flag("--tp-rendezvous") not in {started[2].flag("--tp-rendezvous"), None}

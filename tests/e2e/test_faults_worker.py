@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -118,6 +119,36 @@ def test_serve_restarts_a_killed_worker_and_serves_the_same_greedy_tokens(
         assert [event["worker_id"] for event in serve.events("worker_restarted")] == ["worker-0"]
         assert code == 0
         assert has_exited_within(second_pid, timeout_s=5) and has_exited_within(frontend_pid, timeout_s=5)
+
+
+def test_a_worker_whose_port_was_taken_while_it_was_down_comes_back_on_another(
+    stories_dir: Path, golden: dict[str, Any], tmp_path: Path,
+) -> None:
+    expected = golden["greedy_new_ids"][:8]
+    with serving_with_a_local_worker(stories_dir, tmp_path) as serve:
+        (started,) = serve.events("worker_started")
+        host, _, port = started["address"].rpartition(":")
+        os.kill(int(started["pid"]), signal.SIGKILL)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+            _wait_for(lambda: _binds(squatter, host, int(port)), 5.0, "the dead worker's port free", serve)
+            squatter.listen()
+            _wait_for(lambda: len(serve.worker_pids()) == 2, 30.0, "a second worker", serve)
+            wait_serving(serve.address, serve.process, serve.log_path, timeout_s=60)
+            after = _greedy_ids(serve.address, golden["prompt"], 8)
+        restarted = serve.events("worker_started")[1]
+
+    assert after == expected
+    assert restarted["address"] != started["address"]
+    assert [event["worker_id"] for event in serve.events("worker_restarted")] == ["worker-0"]
+    assert serve.events("worker_restart_failed") == []
+
+
+def _binds(sock: socket.socket, host: str, port: int) -> bool:
+    try:
+        sock.bind((host, port))
+    except OSError:
+        return False
+    return True
 
 
 def test_a_killed_serve_leaves_no_worker_or_frontend_behind(stories_dir: Path, tmp_path: Path) -> None:
