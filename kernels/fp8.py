@@ -32,8 +32,8 @@ def quantize_per_row(x: Tensor) -> tuple[Tensor, Tensor]:
     SiLU-and-mul that quantize their output) repeat bit for bit. A product by the row's inverse, as vLLM's per-token
     quantization does, rather than a division a value: the two differ by at most one float32 unit in the last place
     before the rounding to e4m3's 3-bit mantissa, which puts about 5 in 10,000 values on the neighbouring e4m3 value,
-    and the kernels take 12-16 % less time. The divisors are tensors: torch on CUDA divides by a Python number as a
-    multiplication by its reciprocal, which rounds differently.
+    and the kernels take 14-16 % less time at 2,048 rows (4-12 % at 1-256). The divisors are tensors: torch on CUDA
+    divides by a Python number as a multiplication by its reciprocal, which rounds differently.
     """
     x32 = x.float()
     amax = x32.abs().amax(dim=-1, keepdim=True).clamp(min=MIN_ROW_SCALE_NUMERATOR)

@@ -103,8 +103,8 @@ __device__ __forceinline__ void for_own_vectors(int num_vecs, F f) {
 // A row held in registers by the CTA (v[j]: this thread's vector threadIdx.x + j * blockDim.x, in float32), stored
 // as quantize_fp8_per_row stores it: scale = max(amax |row|, 1e-12) / 448 into *scale, its inverse 1 / scale, both
 // true float32 divisions, and out_row = e4m3(row * inverse), the conversion rounding to nearest even and saturating
-// to +-448. A multiply a value, not a division: 12-16 % less time for these kernels (fp8.py says why it is exact
-// enough).
+// to +-448. A multiply a value, not a division: 14-16 % less time for these kernels at 2,048 rows (fp8.py says how
+// close to the division it is).
 template <int VEC, int VPT>
 __device__ __forceinline__ void store_row_fp8(float (&v)[VPT][VEC], int num_vecs, fp8_e4m3_t* __restrict__ out_row,
                                               float* __restrict__ scale) {
