@@ -57,9 +57,8 @@ class CudaGraphRunner:
     """Replays the model forward for decode steps: every sequence has exactly one query token.
 
     Invariant: the graphs read only the static buffers of `inputs` (decode_inputs.py), whose block tables each
-    graph spreads first. A step of n sequences runs
-    the graph of the smallest captured size >= n; its rows n.. are padding that changes no cache and whose hidden
-    rows are ignored.
+    graph spreads first. A step of n sequences runs the graph of the smallest captured size >= n; its rows n.. are
+    padding that changes no cache and whose hidden rows are ignored.
     """
 
     def __init__(self, model: DecoderForCausalLM, kv_cache: torch.Tensor, block_size: int, max_batch_size: int,

@@ -4,8 +4,8 @@ gRPC binds its servers with SO_REUSEPORT, so a second server started on a port i
 shares the port's new connections between the two, and each client reaches whichever it picked. `serve` (its
 frontends share the public port on purpose) and `worker` check their port first, with a socket that does not
 share; `serve` with several frontends and port 0 picks the one port they share here. A port for a process about to
-be started (a local worker, a test's server) is picked outside the range of ports the OS hands to outgoing
-connections.
+be started (the frontends' shared port, a local worker's, a test's server's) is picked outside the range of ports
+the OS hands to outgoing connections.
 """
 
 from __future__ import annotations
@@ -29,8 +29,19 @@ def check_port_free(address: str, flag: str) -> None:
 
 
 def free_port(host: str, flag: str) -> int:
-    """A port of host (an IPv6 host in brackets or not) that was free a moment ago, the OS's pick; ValueError naming
-    flag when host cannot be bound."""
+    """A port of host (an IPv6 host in brackets or not) that was free a moment ago, for another process to bind
+    soon: picked at random outside the OS's ephemeral range where one is free, since ports in that range are also
+    given to outgoing connections, and one of those could take the port between this pick and that bind; the OS's
+    own pick when none is free there. ValueError naming flag when host cannot be bound."""
+    low, high = ephemeral_range()
+    spans = [(first, last) for first, last in ((1024, low - 1), (high + 1, 65535)) if first <= last]
+    weights = [last - first + 1 for first, last in spans]
+    for _ in range(_PICKS if spans else 0):
+        first, last = random.choices(spans, weights)[0]
+        try:
+            return _bind_alone(host, random.randint(first, last), "")
+        except ValueError:
+            continue
     return _bind_alone(host, 0, f"{flag}: cannot listen on {host}")
 
 
@@ -47,19 +58,8 @@ def _bind_alone(host: str, port: int, failure: str, hint: str = "") -> int:
 
 
 def free_loopback_port() -> int:
-    """A TCP port of 127.0.0.1 that was free a moment ago, for another process to bind soon. Picked at random outside
-    the OS's ephemeral range where one is free: ports in that range are also given to outgoing connections, and one
-    of those could take the port between this pick and that bind. The OS's own pick when none is free there."""
-    low, high = ephemeral_range()
-    spans = [(first, last) for first, last in ((1024, low - 1), (high + 1, 65535)) if first <= last]
-    weights = [last - first + 1 for first, last in spans]
-    for _ in range(_PICKS if spans else 0):
-        first, last = random.choices(spans, weights)[0]
-        try:
-            return _bind_alone("127.0.0.1", random.randint(first, last), "")
-        except ValueError:
-            continue
-    return _bind_alone("127.0.0.1", 0, "127.0.0.1: no free port")
+    """free_port of 127.0.0.1: a local worker's, a test's or a benchmark's server's."""
+    return free_port("127.0.0.1", "127.0.0.1")
 
 
 def ephemeral_range() -> tuple[int, int]:

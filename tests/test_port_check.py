@@ -4,6 +4,7 @@ for a process started next lies outside the ports the OS gives outgoing connecti
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import grpc
 import pytest
 
 from pagedserve.runtime import port_check
-from pagedserve.runtime.port_check import check_port_free, ephemeral_range, free_loopback_port
+from pagedserve.runtime.port_check import check_port_free, ephemeral_range, free_loopback_port, free_port
 
 
 def test_a_port_in_use_is_refused_naming_the_flag_and_the_address(busy_port: int) -> None:
@@ -46,10 +47,12 @@ def test_a_free_port_passes_and_stays_free() -> None:
         again.bind(("127.0.0.1", free))  # the check let go of it
 
 
-def test_a_picked_port_is_outside_the_ephemeral_range_and_free() -> None:
+@pytest.mark.parametrize("pick", [free_loopback_port, lambda: free_port("0.0.0.0", "--host")],
+                         ids=["loopback", "a frontends' shared port"])
+def test_a_picked_port_is_outside_the_ephemeral_range_and_free(pick: Callable[[], int]) -> None:
     low, high = ephemeral_range()
     for _ in range(20):
-        port = free_loopback_port()
+        port = pick()
         assert not low <= port <= high
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", port))
