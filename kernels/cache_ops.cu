@@ -12,6 +12,7 @@ __global__ void write_kv(const U* __restrict__ key, long long key_token_stride, 
                          long long value_token_stride, U* __restrict__ key_cache, U* __restrict__ value_cache,
                          const long long* __restrict__ slot_mapping, int num_kv_heads, int head_units,
                          int log2_block_size) {
+  begin_dependent_grid();
   const int token = blockIdx.x;
   const long long slot = slot_mapping[token];
   if (slot < 0) return;
@@ -32,6 +33,7 @@ __global__ void write_kv(const U* __restrict__ key, long long key_token_stride, 
 template <typename U>
 __global__ void copy_blocks(const U* __restrict__ src, U* __restrict__ dst, const long long* __restrict__ mapping,
                             long long src_slab_units, long long dst_slab_units, long long block_units) {
+  begin_dependent_grid();
   const long long src_block = mapping[2 * blockIdx.x];
   const long long dst_block = mapping[2 * blockIdx.x + 1];
   const U* from = src + blockIdx.y * src_slab_units + src_block * block_units;
@@ -47,6 +49,7 @@ __global__ void write_kv_fp8(const T* __restrict__ key, long long key_token_stri
                              long long value_token_stride, fp8_e4m3_t* __restrict__ key_cache,
                              fp8_e4m3_t* __restrict__ value_cache, const long long* __restrict__ slot_mapping,
                              int num_kv_heads, int head_dim, int log2_block_size, float k_scale, float v_scale) {
+  begin_dependent_grid();
   const int token = blockIdx.x;
   const long long slot = slot_mapping[token];
   if (slot < 0) return;
@@ -73,6 +76,7 @@ __global__ void write_kv_fp8(const T* __restrict__ key, long long key_token_stri
 // num_seqs x width block ids], written by the host for each step, so one captured launch serves every step. One CTA
 // per table row; rows from num_seqs on and columns from width on keep what they held.
 __global__ void spread_block_tables(const int* __restrict__ packed, int* __restrict__ block_tables, int max_blocks) {
+  begin_dependent_grid();
   const int row = blockIdx.x;
   const int num_seqs = packed[0], width = packed[1];
   if (row >= num_seqs) return;

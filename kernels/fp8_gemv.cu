@@ -4,7 +4,9 @@
 //
 // At a handful of rows the product is bound by reading W once, so the kernel is built to stream it: each warp owns
 // CHANNELS output channels (adjacent rows of W), each lane loads 16 bytes (16 e4m3) of every channel per vector,
-// UNROLL vectors at a time, so CHANNELS * UNROLL 16-byte loads are in flight per lane before any is used. W is read
+// UNROLL vectors at a time, and requests the next UNROLL before it uses these: up to 2 * CHANNELS * UNROLL 16-byte
+// loads in flight per lane. The first batch is requested before the kernel waits for the one before it (a
+// programmatic dependent launch, kernel_common.cuh), so W starts streaming while that kernel ends. W is read
 // with a load that does not allocate in L1 (it is touched once); x goes through the read-only cache: every warp of
 // the grid reads all of it, so it stays in L1 / L2. More channels per warp read x fewer times per byte of W (what
 // limits more rows), fewer spread the channels over more warps (what fills the SMs at one row).
@@ -61,6 +63,21 @@ __device__ __forceinline__ void load_x16(const T* __restrict__ src, float (&x)[k
   }
 }
 
+// UNROLL vectors of each of CHANNELS rows of W for a lane, 32 vectors apart from vector `first` on: all loads
+// issued before any is used. Vectors past the row's end are zeros and never read.
+template <int UNROLL, int CHANNELS>
+__device__ __forceinline__ void load_weight_batch(const uint4* const (&w_rows)[CHANNELS], int first, int num_vectors,
+                                                  uint4 (&packed)[UNROLL][CHANNELS]) {
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    const int vector = first + 32 * u;
+#pragma unroll
+    for (int c = 0; c < CHANNELS; ++c) {
+      packed[u][c] = vector < num_vectors ? load_streaming(w_rows[c] + vector) : uint4{0u, 0u, 0u, 0u};
+    }
+  }
+}
+
 // Grid: ceil(num_channels / (kGemvWarps * CHANNELS)) CTAs of kGemvWarps warps. x [ROWS, k] (rows x_row_stride
 // elements apart, each 16-byte aligned), w e4m3 [num_channels, k] row-major (k a multiple of 16, 16-byte aligned),
 // scales float32 [num_channels], bias T [num_channels] or null, out T [ROWS, num_channels] contiguous.
@@ -87,16 +104,15 @@ fp8_gemv(const T* __restrict__ x, long long x_row_stride, const fp8_e4m3_t* __re
 #pragma unroll
     for (int m = 0; m < ROWS; ++m) acc[c][m] = 0.0f;
   }
+  // The weights are read before the wait for the kernel before (they are written by none), so the first vectors
+  // are on their way while that kernel finishes; each batch's successor is requested before the batch is used.
+  uint4 packed[UNROLL][CHANNELS];
+  load_weight_batch<UNROLL, CHANNELS>(w_rows, lane, num_vectors, packed);
+  wait_for_prior_grid();
+  launch_next_grid();
   for (int base = lane; base < num_vectors; base += 32 * UNROLL) {
-    uint4 packed[UNROLL][CHANNELS];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int vector = base + 32 * u;
-#pragma unroll
-      for (int c = 0; c < CHANNELS; ++c) {
-        packed[u][c] = vector < num_vectors ? load_streaming(w_rows[c] + vector) : uint4{0u, 0u, 0u, 0u};
-      }
-    }
+    uint4 next[UNROLL][CHANNELS];
+    load_weight_batch<UNROLL, CHANNELS>(w_rows, base + 32 * UNROLL, num_vectors, next);
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       const int vector = base + 32 * u;
@@ -114,6 +130,11 @@ fp8_gemv(const T* __restrict__ x, long long x_row_stride, const fp8_e4m3_t* __re
           for (int i = 0; i < kWeightsPerVector; ++i) acc[c][m] = fmaf(xs[i], weights[c][i], acc[c][m]);
         }
       }
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+#pragma unroll
+      for (int c = 0; c < CHANNELS; ++c) packed[u][c] = next[u][c];
     }
   }
 #pragma unroll

@@ -25,6 +25,30 @@ struct same_type<A, A> {
   static constexpr bool value = true;
 };
 
+// Programmatic dependent launch (sm_90+). The launcher lets each kernel start while the kernel before it in the
+// stream still runs (ModuleCache.launch_params), so every kernel calls wait_for_prior_grid() before it reads what
+// an earlier kernel wrote or writes anything: it returns once the grid before has finished and its writes are
+// visible. Only loads of what no kernel writes (weights) may come first. Then launch_next_grid() lets the kernel
+// after this one start its own loads; it waits in turn. Each kernel waits, so the order holds along the stream.
+// Without a programmatic launch (older devices, launches by other libraries) both are no-ops.
+__device__ __forceinline__ void wait_for_prior_grid() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void launch_next_grid() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Both, at the top of a kernel that has nothing to load before it waits.
+__device__ __forceinline__ void begin_dependent_grid() {
+  wait_for_prior_grid();
+  launch_next_grid();
+}
+
 __device__ __forceinline__ float negative_infinity() { return __int_as_float(0xff800000u); }
 
 __device__ __forceinline__ float to_float(float x) { return x; }

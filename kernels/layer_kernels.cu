@@ -142,6 +142,7 @@ __device__ __forceinline__ void scale_own_vectors(float (&v)[VPT][VEC], const T*
 template <typename T, int VEC>
 __global__ void rms_norm(const T* __restrict__ x, long long x_row_stride, const T* __restrict__ weight,
                          T* __restrict__ out, int hidden_size, float eps) {
+  begin_dependent_grid();
   const T* row = x + blockIdx.x * x_row_stride;
   const int num_vecs = hidden_size / VEC;
   const float inv_rms = inverse_rms(reduce_row<T, VEC>(row, num_vecs, Square{}, Add{}, 0.0f), hidden_size, eps);
@@ -155,6 +156,7 @@ template <typename T, int VEC, int VPT>
 __global__ void __launch_bounds__(kMaxRowThreads)
     rms_norm_fp8(const T* __restrict__ x, long long x_row_stride, const T* __restrict__ weight,
                  fp8_e4m3_t* __restrict__ out, float* __restrict__ scales, int hidden_size, float eps) {
+  begin_dependent_grid();
   const T* row = x + blockIdx.x * x_row_stride;
   const int num_vecs = hidden_size / VEC;
   float v[VPT][VEC];
@@ -175,6 +177,7 @@ template <typename T, int VEC>
 __global__ void add_rms_norm(const T* __restrict__ x, long long x_row_stride, T* __restrict__ residual,
                              long long residual_row_stride, const T* __restrict__ weight, T* __restrict__ out,
                              int hidden_size, float eps) {
+  begin_dependent_grid();
   const T* x_row = x + blockIdx.x * x_row_stride;
   T* residual_row = residual + blockIdx.x * residual_row_stride;
   const int num_vecs = hidden_size / VEC;
@@ -202,6 +205,7 @@ __global__ void __launch_bounds__(kMaxRowThreads)
     add_rms_norm_fp8(const T* __restrict__ x, long long x_row_stride, T* __restrict__ residual,
                      long long residual_row_stride, const T* __restrict__ weight, fp8_e4m3_t* __restrict__ out,
                      float* __restrict__ scales, int hidden_size, float eps) {
+  begin_dependent_grid();
   const T* x_row = x + blockIdx.x * x_row_stride;
   T* residual_row = residual + blockIdx.x * residual_row_stride;
   const int num_vecs = hidden_size / VEC;
@@ -237,6 +241,7 @@ __device__ __forceinline__ void silu_mul_vector(const T* __restrict__ gate_row, 
 // Grid (num_tokens, vector chunks): gate_up [num_tokens, 2 * size] (gate, then up) -> out [num_tokens, size].
 template <typename T, int VEC>
 __global__ void silu_and_mul(const T* __restrict__ gate_up, T* __restrict__ out, int size) {
+  begin_dependent_grid();
   const int i = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
   if (i >= size) return;
   float v[VEC];
@@ -250,6 +255,7 @@ template <typename T, int VEC, int VPT>
 __global__ void __launch_bounds__(kMaxRowThreads)
     silu_and_mul_fp8(const T* __restrict__ gate_up, fp8_e4m3_t* __restrict__ out, float* __restrict__ scales,
                      int size) {
+  begin_dependent_grid();
   const T* gate_row = gate_up + blockIdx.x * 2LL * size;
   const int num_vecs = size / VEC;
   float v[VPT][VEC];
@@ -284,6 +290,7 @@ __global__ void rotary_write_kv(const T* __restrict__ qkv, const T* __restrict__
                                 T* __restrict__ q_out, C* __restrict__ key_cache, C* __restrict__ value_cache,
                                 const long long* __restrict__ slot_mapping, int num_heads, int num_kv_heads,
                                 int head_dim, int log2_block_size, float k_scale, float v_scale) {
+  begin_dependent_grid();
   const int token = blockIdx.x, half = head_dim / 2, half_vecs = half / VEC;
   const long long slot = slot_mapping[token];
   const int num_rotated_heads = slot < 0 ? num_heads : num_heads + num_kv_heads;
@@ -334,6 +341,7 @@ template <typename T, int VEC, int VPT>
 __global__ void __launch_bounds__(kMaxRowThreads)
     quantize_fp8_per_row(const T* __restrict__ x, long long x_row_stride, fp8_e4m3_t* __restrict__ out,
                          float* __restrict__ scales, int num_cols) {
+  begin_dependent_grid();
   const T* row = x + blockIdx.x * x_row_stride;
   const int num_vecs = num_cols / VEC;
   float v[VPT][VEC];
@@ -349,6 +357,7 @@ template <typename T, int VEC>
 __global__ void scale_fp8_product(const bfloat16_t* raw, const float* __restrict__ row_scales,
                                   const float* __restrict__ col_scales, const T* __restrict__ bias, T* out,
                                   int num_cols) {
+  begin_dependent_grid();
   const int i = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
   if (i >= num_cols) return;
   const long long offset = blockIdx.x * static_cast<long long>(num_cols) + i;

@@ -85,6 +85,7 @@ __global__ void __launch_bounds__(THREADS, State::kThreadsPerSm / THREADS) paged
     const int* __restrict__ query_start_loc, int num_seqs, int rows_by_seq, int num_kv_heads, int group_size,
     int log2_block_size, float scale_log2e, float value_scale, float* __restrict__ split_acc,
     float* __restrict__ split_max, float* __restrict__ split_sum, int num_splits) {
+  begin_dependent_grid();
   constexpr int kWarps = THREADS / 32;
   constexpr int HEAD_DIM = State::kHeadDim, HEADS = State::kHeads;
   static_assert(THREADS <= State::kThreadsPerSm, "the state's registers allow no CTA this large");
@@ -146,6 +147,7 @@ __global__ void paged_decode_reduce(T* __restrict__ out, long long out_row_strid
                                     int num_seqs, int rows_by_seq, const float* __restrict__ split_acc,
                                     const float* __restrict__ split_max, const float* __restrict__ split_sum,
                                     int num_splits) {
+  begin_dependent_grid();
   constexpr int kBatch = 16;
   const int head = blockIdx.y, d = threadIdx.x;
   const long long first_slot = (static_cast<long long>(blockIdx.x) * gridDim.y + head) * num_splits;

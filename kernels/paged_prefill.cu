@@ -213,6 +213,7 @@ __global__ void __launch_bounds__(THREADS) paged_prefill(
     const C* __restrict__ key_cache, const C* __restrict__ value_cache, const int* __restrict__ block_tables,
     int block_table_stride, const int* __restrict__ seq_lens, const int* __restrict__ query_start_loc,
     int num_seqs, int num_kv_heads, int group_size, int log2_block_size, float scale_log2e, float value_scale) {
+  begin_dependent_grid();
   // Each warp owns M_TILES x 16 query rows, so every key / value fragment read from shared memory feeds
   // M_TILES mma instructions.
   constexpr int BLOCK_M = 16 * M_TILES * (THREADS / 32);

@@ -15,6 +15,7 @@ __device__ __forceinline__ bool is_allowed(const int* __restrict__ mask_row, int
 // grid (rows, ceil(vocab_size / blockDim.x)): one thread per logit.
 __global__ void apply_token_masks(float* __restrict__ logits, const int* __restrict__ masks, int vocab_size,
                                   long long logits_row_stride, int mask_words) {
+  begin_dependent_grid();
   const int token = blockIdx.y * blockDim.x + threadIdx.x;
   if (token >= vocab_size) return;
   const int row = blockIdx.x;
@@ -38,6 +39,7 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(1024) masked_argmax(const T* __restrict__ logits, const int* __restrict__ masks,
                               long long* __restrict__ tokens, int vocab_size, long long logits_row_stride,
                               int mask_words) {
+  begin_dependent_grid();
   constexpr int UNROLL = 4;
   const int row = blockIdx.x;
   const T* __restrict__ row_logits = logits + row * logits_row_stride;
