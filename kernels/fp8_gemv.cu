@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 fp8_gemv(const T* __restrict__ x, long long x_row_stride, const fp8_e4m3_t* __restrict__ w,
          const float* __restrict__ scales, const T* __restrict__ bias, T* __restrict__ out, int num_channels,
          int k) {
-  constexpr int UNROLL = CHANNELS >= 4 ? 1 : 4 / CHANNELS;
+  constexpr int UNROLL = 2;  // with the next batch's loads in flight: 4 * CHANNELS loads a lane
   const int lane = threadIdx.x % 32;
   const int first_channel = (blockIdx.x * kGemvWarps + threadIdx.x / 32) * CHANNELS;
   if (first_channel >= num_channels) return;  // a whole warp leaves together: the shuffles below stay full
