@@ -34,9 +34,11 @@ class LaunchConfig(ctypes.Structure):
 
 
 class DependentLauncher:
-    """cuLaunchKernelEx with programmatic stream serialization allowed. The driver call holds the interpreter lock
-    (it only queues the launch): releasing and taking it back costs more than the call when another thread is busy.
-    One launch configuration per thread, rewritten for each launch."""
+    """cuLaunchKernelEx with programmatic stream serialization allowed, one launch configuration per thread,
+    rewritten for each launch. The driver call keeps the interpreter lock (ctypes.PyDLL), where CuPy's launchKernel
+    released it. This launcher was measured as a whole; a plain launch that kept the lock was measured alone in
+    benchmarks/results/2026-12-04-mixed-step-host-nvidia-h200-37fbf6c.md, where it cost one request at a time
+    0.05-0.12 ms of TPOT."""
 
     def __init__(self) -> None:
         driver = ctypes.PyDLL("libcuda.so.1")  # the driver, as the CUDA runtime loads it

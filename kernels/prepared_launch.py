@@ -19,7 +19,7 @@ LOG2_E = math.log2(math.e)
 
 
 def argument_addresses(args: Sequence[ctypes._SimpleCData[Any] | ctypes.Structure]) -> ctypes.Array[ctypes.c_void_p]:
-    """The kernel-parameter array of args: the address of each. cuLaunchKernel copies every argument from its address
+    """The kernel-parameter array of args: the address of each. The launch call copies every argument from its address
     when it is called, so an argument's value may change between two launches of one array."""
     return (ctypes.c_void_p * len(args))(*(ctypes.addressof(arg) for arg in args))
 

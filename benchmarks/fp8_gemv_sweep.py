@@ -1,0 +1,180 @@
+"""The FP8 decode GEMV (kernels/fp8_gemv.cu) in several shapes of its own: warps a CTA, output channels a warp, and
+weight loads a batch, over the linear layers of the 1B and 8B shapes, at a given number of rows.
+
+    python -m benchmarks.fp8_gemv_sweep --rows 1,2,4,8 [--before-kernels OLD_TREE/kernels]
+
+Per launch: the median of 15 replays of a CUDA graph of launches over distinct weight copies (at least 400 MB in
+rotation, so that no launch finds its weight in L2), queued as the server queues them (dependent launches, so each
+launch's first loads overlap the end of the one before). GB/s counts the e4m3 weight and its float32 scales.
+A variant is the kernel source with its two tuning constants replaced, so every variant runs the same code.
+`--before-kernels` adds a column for another tree's kernel, launched plainly, at its own tuning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks import report
+
+READ_CEILING_GBS = 4400.0
+SHAPES = {"llama-3.2-1b": ((3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192)),
+          "llama-3-8b": ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))}
+LAYERS = ("qkv", "o", "gate_up", "down")
+WARPS_LINE = "constexpr int kGemvWarps = 4;"
+UNROLL_LINE = "constexpr int UNROLL = 2;"
+VARIANTS = ((4, 1, 2), (4, 2, 2), (4, 1, 4), (4, 2, 4), (8, 1, 2), (8, 2, 2), (4, 2, 1), (4, 4, 1))  # W, C, U
+ROTATION_BYTES = 400_000_000
+REPLAYS = 15
+
+
+def variant_source(text: str, warps: int, unroll: int) -> str:
+    """fp8_gemv.cu with WARPS warps a CTA and UNROLL loads a batch; refuses a source whose constants moved."""
+    for line in (WARPS_LINE, UNROLL_LINE):
+        if line not in text:
+            raise ValueError(f"fp8_gemv.cu no longer holds {line!r}: the sweep cannot vary it")
+    return text.replace(WARPS_LINE, f"constexpr int kGemvWarps = {warps};").replace(
+        UNROLL_LINE, f"constexpr int UNROLL = {unroll};")
+
+
+def variant_label(warps: int, channels: int, unroll: int) -> str:
+    return f"W{warps} C{channels} U{unroll}"
+
+
+def _time_variant(launch_all: Callable[[], None], copies: int) -> float:
+    import torch
+
+    launch_all()
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        launch_all()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(REPLAYS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(float(start.elapsed_time(end)) * 1000 / copies)
+    return sorted(times)[len(times) // 2]
+
+
+def sweep(rows: int, before_kernels: Path | None) -> dict[str, dict[str, float]]:
+    """us per launch of each variant (and of the before tree's kernel), by "model layer"."""
+    import cupy
+    import torch
+
+    from pagedserve.kernels import module_cache
+    from pagedserve.kernels.dependent_launch import DependentLauncher
+    from pagedserve.kernels.fp8 import quantize_per_row
+    from pagedserve.kernels.prepared_launch import argument_addresses
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    launcher = DependentLauncher()
+    text = module_cache.kernel_source("fp8_gemv.cu")
+    kernels: dict[str, tuple[Any, int, int, bool]] = {}  # label -> (function, warps, channels, dependent)
+
+    def compile_kernel(source: str, include: Path, channels: int) -> Any:
+        name = f"fp8_gemv<bfloat16_t, {rows}, {channels}>"
+        module = cupy.RawModule(code=source, options=("--std=c++17", f"-I{include}"), name_expressions=(name,))
+        return module.get_function(name)
+
+    if before_kernels is not None:
+        kernels["before"] = (compile_kernel((before_kernels / "fp8_gemv.cu").read_text(), before_kernels, 1), 4, 1,
+                             False)
+    for warps, channels, unroll in VARIANTS:
+        kernels[variant_label(warps, channels, unroll)] = (
+            compile_kernel(variant_source(text, warps, unroll), module_cache.KERNEL_DIR, channels), warps, channels,
+            True)
+    results: dict[str, dict[str, float]] = {}
+    for model, shapes in SHAPES.items():
+        for layer, (out_features, in_features) in zip(LAYERS, shapes, strict=True):
+            copies = max(4, -(-ROTATION_BYTES // (out_features * in_features)))
+            weights = []
+            for _ in range(copies):
+                quantized, scale = quantize_per_row(torch.randn(out_features, in_features, device=device))
+                weights.append((quantized, scale.squeeze(1).contiguous()))
+            x = torch.randn(rows, in_features, device=device).to(torch.bfloat16)
+            out = torch.empty(rows, out_features, device=device, dtype=torch.bfloat16)
+            row: dict[str, float] = {}
+            for label, (function, warps, channels, dependent) in kernels.items():
+                grid, block = (-(-out_features // (warps * channels)), 1, 1), (warps * 32, 1, 1)
+                arrays = []
+                for quantized, scale in weights:
+                    args = (ctypes.c_uint64(x.data_ptr()), ctypes.c_int64(in_features),
+                            ctypes.c_uint64(quantized.data_ptr()), ctypes.c_uint64(scale.data_ptr()),
+                            ctypes.c_uint64(0), ctypes.c_uint64(out.data_ptr()), ctypes.c_int32(out_features),
+                            ctypes.c_int32(in_features))
+                    arrays.append((args, argument_addresses(args)))
+
+                def launch_all(function: Any = function, grid: tuple[int, int, int] = grid,
+                               block: tuple[int, int, int] = block, dependent: bool = dependent,
+                               arrays: list[Any] = arrays) -> None:
+                    stream = torch.cuda.current_stream().cuda_stream
+                    for _, params in arrays:
+                        if dependent:
+                            launcher.launch(int(function.kernel.ptr), grid, block, 0, stream,
+                                            ctypes.addressof(params))
+                        else:
+                            cupy.cuda.driver.launchKernel(int(function.kernel.ptr), *grid, *block, 0, stream,
+                                                          ctypes.addressof(params), 0)
+
+                row[label] = _time_variant(launch_all, copies)
+                quantized, scale = weights[-1]
+                expected = x.float() @ (quantized.float() * scale[:, None]).T
+                error = ((out.float() - expected).abs().max() / expected.abs().mean()).item()
+                if error > 5e-2:
+                    raise AssertionError(f"{label} {model} {layer}: relative error {error:.3g}")
+            results[f"{model} {layer} {out_features}x{in_features}"] = row
+            del weights
+            torch.cuda.empty_cache()
+    return results
+
+
+def read_share(us: float, shape: str) -> float:
+    """% of the read ceiling for the layer named shape ("model layer OUTxIN") at us per launch."""
+    out_features, in_features = (int(n) for n in shape.rsplit(" ", 1)[1].split("x"))
+    return 100.0 * (out_features * in_features + 4 * out_features) / (us * 1e3) / READ_CEILING_GBS
+
+
+def markdown_tables(results_by_rows: dict[int, dict[str, dict[str, float]]]) -> list[tuple[str, str]]:
+    sections = []
+    for rows, results in results_by_rows.items():
+        labels = list(next(iter(results.values())))
+        table = [[shape, *(f"{row[label]:.2f} / {read_share(row[label], shape):.0f} %" for label in labels)]
+                 for shape, row in results.items()]
+        for model in SHAPES:
+            table.append([f"{model}, sum of a layer",
+                          *(f"{sum(row[label] for shape, row in results.items() if shape.startswith(model + ' ')):.2f}"
+                            for label in labels)])
+        sections.append((f"{rows} row(s): us a launch / % of the read ceiling",
+                         report.markdown_table(["layer", *labels], table)))
+    return sections
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default="1", help="comma-separated row counts, each 1..8")
+    p.add_argument("--before-kernels", type=Path, help="another tree's kernels/ directory, for a 'before' column")
+    p.add_argument("--result-dir", type=Path, default=report.DEFAULT_RESULT_DIR)
+    args = p.parse_args()
+    import torch
+
+    results_by_rows = {rows: sweep(rows, args.before_kernels) for rows in (int(r) for r in args.rows.split(","))}
+    metadata = report.run_metadata("fp8-gemv-sweep", torch.cuda.get_device_name())
+    sections = markdown_tables(results_by_rows)
+    for title, table in sections:
+        print(title)
+        print(table)
+    stem = report.result_stem(args.result_dir, metadata)
+    report.write_outputs(stem, {"metadata": metadata, "us_per_launch": {str(k): v for k, v in results_by_rows.items()}},
+                         report.markdown_report("FP8 decode GEMV sweep", metadata, sections))
+
+
+if __name__ == "__main__":
+    main()
