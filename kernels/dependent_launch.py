@@ -15,6 +15,9 @@ import threading
 
 LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID, cuda.h
 MIN_COMPUTE_CAPABILITY = (9, 0)  # griddepcontrol
+# Defined for the kernels' compilation when they are launched this way: kernel_common.cuh refuses to build them for
+# an architecture without the wait.
+COMPILE_DEFINE = "-DPAGEDSERVE_DEPENDENT_LAUNCH"
 
 
 class LaunchAttribute(ctypes.Structure):

@@ -45,7 +45,7 @@ __device__ __forceinline__ void widen_e4m3x16(const uint4& packed, float (&w)[kW
 // 16 bytes through the read-only (non-coherent) cache.
 __device__ __forceinline__ uint4 load_read_only(const uint4* __restrict__ src) {
   uint4 v;
-  asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(src));
+  asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(src));
   return v;
 }
 

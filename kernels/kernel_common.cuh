@@ -30,7 +30,12 @@ struct same_type<A, A> {
 // an earlier kernel wrote or writes anything: it returns once the grid before has finished and its writes are
 // visible. Only loads of what no kernel writes (weights) may come first. Then launch_next_grid() lets the kernel
 // after this one start its own loads; it waits in turn. Each kernel waits, so the order holds along the stream.
-// Without a programmatic launch (older devices, launches by other libraries) both are no-ops.
+// Without a programmatic launch (older devices, launches by other libraries) both are no-ops. The launcher defines
+// PAGEDSERVE_DEPENDENT_LAUNCH when it will launch programmatically: code built for an older architecture then has no
+// wait to offer, and must not build.
+#if defined(PAGEDSERVE_DEPENDENT_LAUNCH) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#error "programmatic dependent launch needs griddepcontrol (compute capability 9.0); this build targets an older one"
+#endif
 __device__ __forceinline__ void wait_for_prior_grid() {
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");

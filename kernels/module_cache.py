@@ -12,7 +12,7 @@ from typing import Any
 import cupy
 import torch
 
-from pagedserve.kernels.dependent_launch import MIN_COMPUTE_CAPABILITY, DependentLauncher
+from pagedserve.kernels.dependent_launch import COMPILE_DEFINE, MIN_COMPUTE_CAPABILITY, DependentLauncher
 from pagedserve.kernels.prepared_launch import argument_addresses
 
 KERNEL_DIR = Path(__file__).resolve().parent
@@ -50,6 +50,12 @@ class ModuleCache:
         self._kernels: dict[tuple[str, str], CompiledKernel] = {}
         capability = torch.cuda.get_device_capability(self._device_index)
         self._dependent = DependentLauncher() if capability >= MIN_COMPUTE_CAPABILITY else None
+        self._options = COMPILE_OPTIONS + ((COMPILE_DEFINE,) if self._dependent is not None else ())
+
+    @property
+    def dependent_launches(self) -> bool:
+        """Whether launches are programmatic dependent launches (compute capability 9.0 or later)."""
+        return self._dependent is not None
 
     def kernel(self, source: str, name_expression: str, dynamic_shared_bytes: int = 0) -> CompiledKernel:
         """The kernel `name_expression` (e.g. "copy_blocks<uint4>") from kernels/<source>, compiled on first use."""
@@ -58,7 +64,7 @@ class ModuleCache:
         if kernel is None:
             code = kernel_source(source)
             with cupy.cuda.Device(self._device_index):
-                module = cupy.RawModule(code=code, options=COMPILE_OPTIONS, name_expressions=(name_expression,))
+                module = cupy.RawModule(code=code, options=self._options, name_expressions=(name_expression,))
                 raw = module.get_function(name_expression)
                 if dynamic_shared_bytes + raw.shared_size_bytes > STATIC_SHARED_LIMIT_BYTES:
                     raw.max_dynamic_shared_size_bytes = dynamic_shared_bytes

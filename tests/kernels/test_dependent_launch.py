@@ -6,27 +6,36 @@ from __future__ import annotations
 
 import ctypes
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from pagedserve.kernels import dependent_launch
-from pagedserve.kernels.dependent_launch import LaunchAttribute, LaunchConfig
+from pagedserve.kernels.dependent_launch import COMPILE_DEFINE, MIN_COMPUTE_CAPABILITY, LaunchAttribute, LaunchConfig
 from pagedserve.kernels.fp8 import quantize_per_row
 from pagedserve.kernels.reference import TorchReferenceOps
 from tests.gpu_marks import NEEDS_FP8_GPU
 
 KERNEL_DIR = Path(dependent_launch.__file__).resolve().parent
 WAITS = ("begin_dependent_grid();", "wait_for_prior_grid();")
+# What a kernel may not touch before its wait: the activations it reads and what it writes (fp8_gemv's names).
+BEFORE_WAIT_FORBIDDEN = ("x", "x_row_stride", "out", "scales", "bias", "load_x16")
+
+
+def _code(text: str) -> str:
+    """text without its // comments."""
+    return re.sub(r"//[^\n]*", "", text)
 
 
 def _kernel_bodies() -> dict[str, str]:
     """Each __global__ function of kernels/*.cu by name, with its body (up to the brace that closes it)."""
     bodies: dict[str, str] = {}
-    for path in sorted(KERNEL_DIR.glob("*.cu")):
+    for path in sorted([*KERNEL_DIR.glob("*.cu"), *KERNEL_DIR.glob("*.cuh")]):
         text = path.read_text()
-        for match in re.finditer(r"__global__\b", text):
+        for match in re.finditer(r"^\s*__global__\b", text, re.MULTILINE):
             open_brace = text.index("{", match.end())
             name = re.findall(r"(\w+)\s*\(", text[match.end():open_brace])[-1]
             depth, end = 0, open_brace
@@ -52,6 +61,31 @@ def test_kernels_that_begin_with_the_wait_do_nothing_before_it() -> None:
             assert first_statement == "begin_dependent_grid();", (name, first_statement)
 
 
+def test_a_kernel_that_loads_before_its_wait_loads_only_weights() -> None:
+    early = {name: _code(body).split("wait_for_prior_grid();")[0] for name, body in _kernel_bodies().items()
+             if "begin_dependent_grid();" not in body}
+    assert list(early) == ["fp8_gemv.cu:fp8_gemv"]
+    for name, code in early.items():
+        assert "load_weight_batch" in code
+        touched = [word for word in BEFORE_WAIT_FORBIDDEN if re.search(rf"(?<![\w.]){re.escape(word)}(?!\w)", code)]
+        assert not touched, f"{name} touches {touched} before it waits for the kernel before it"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
+def test_kernels_built_for_dependent_launch_refuse_an_architecture_without_the_wait(arch: str,
+                                                                                   tmp_path: Path) -> None:
+    completed = subprocess.run(
+        ["nvcc", "--std=c++17", f"-I{KERNEL_DIR}", f"-arch={arch}", "-ptx", COMPILE_DEFINE,
+         str(KERNEL_DIR / "cache_ops.cu"), "-o", str(tmp_path / "cache_ops.ptx")],
+        capture_output=True, text=True, check=False)
+    if arch == "compute_80":
+        assert completed.returncode != 0 and "griddepcontrol" in completed.stderr, completed.stderr
+    else:
+        assert completed.returncode == 0, completed.stderr
+        assert "griddepcontrol.wait" in (tmp_path / "cache_ops.ptx").read_text()
+
+
 def test_launch_structures_have_the_driver_layout() -> None:
     # cuda.h: CUlaunchAttribute is the id padded to 8 bytes and a 64-byte union; CUlaunchConfig is seven unsigned
     # ints, the stream handle, the attribute pointer and their count.
@@ -62,6 +96,13 @@ def test_launch_structures_have_the_driver_layout() -> None:
 
 class TestCapturedChain:
     pytestmark = NEEDS_FP8_GPU
+
+    def test_launches_are_dependent_from_compute_capability_9(self) -> None:
+        from pagedserve.kernels.module_cache import ModuleCache
+
+        device = torch.device("cuda")
+        expected = torch.cuda.get_device_capability(device) >= MIN_COMPUTE_CAPABILITY
+        assert ModuleCache(device).dependent_launches == expected
 
     @pytest.mark.parametrize("in_features", [2048, 14336])
     @pytest.mark.parametrize("num_rows", [1, 4])
@@ -74,16 +115,18 @@ class TestCapturedChain:
         gen = torch.Generator(device=device).manual_seed(in_features + num_rows)
         weight, scale = quantize_per_row(torch.randn(1024, in_features, device=device, generator=gen))
         scale = scale.squeeze(1)
-        gate_up = torch.randn(num_rows, 2 * in_features, device=device, generator=gen).to(torch.bfloat16)
-        ops.fp8_gemv(ops.silu_and_mul(gate_up), weight, scale)  # compiles both before the capture
+        # silu_and_mul runs over 2,048 rows and the GEMV reads its last ones: the kernel before takes tens of
+        # microseconds, long enough for a GEMV that did not wait to read the rows before they are written.
+        gate_up = torch.randn(2048, 2 * in_features, device=device, generator=gen).to(torch.bfloat16)
+        ops.fp8_gemv(ops.silu_and_mul(gate_up)[-num_rows:], weight, scale)  # compiles both before the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = ops.fp8_gemv(ops.silu_and_mul(gate_up), weight, scale)
+            out = ops.fp8_gemv(ops.silu_and_mul(gate_up)[-num_rows:], weight, scale)
         for _ in range(20):
             # New inputs each replay: a GEMV that read the activation before silu_and_mul had written it would
             # return the product of the replay before.
             gate_up.copy_(torch.randn(gate_up.shape, device=device, generator=gen))
             graph.replay()
-            expected = reference.fp8_gemv(reference.silu_and_mul(gate_up), weight, scale)
+            expected = reference.fp8_gemv(reference.silu_and_mul(gate_up[-num_rows:]), weight, scale)
             torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2,
                                        atol=2e-2 * expected.float().abs().mean().item())
