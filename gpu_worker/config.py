@@ -21,6 +21,7 @@ class WorkerConfig:
     listen_address: str = "127.0.0.1:50061"
     worker_id: str = "worker-0"
     enforce_eager: bool = False  # never replay CUDA graphs (debugging, or to save their memory)
+    dependent_launch: bool = True  # kernels may start before the one ahead ends (compute capability 9.0+)
     tensor_parallel: TensorParallelConfig = TensorParallelConfig()  # this worker's rank in its group; alone by default
     kv_cache_dtype: KVCacheDType = KVCacheDType.AUTO  # FP8: the paged pool holds e4m3, half the bytes per token
     quantization: Quantization = Quantization.NONE  # FP8: linear layers quantized to e4m3 at load

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of dummy weights and of unseeded sampling")
     p.add_argument("--worker-id", default="worker-0", help="the name this worker reports to the control plane")
     p.add_argument("--enforce-eager", action="store_true", help="run every step eagerly, without CUDA graphs")
+    p.add_argument("--no-dependent-launch", action="store_true",
+                   help="launch each kernel only after the one before it has finished (compute capability 9.0+ "
+                        "otherwise lets it start early and wait inside: docs/architecture.md)")
     _add_mode_flag(p, "--kv-cache-dtype", KVCacheDType.AUTO,
                    "fp8: store the KV cache as e4m3 with a per-layer scale (about twice the tokens)")
     _add_mode_flag(p, "--quantization", Quantization.NONE,
@@ -121,6 +124,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(
         model_dir=args.model, dtype=args.dtype, device=args.device, load_format=args.load_format, seed=args.seed,
         listen_address=args.listen, worker_id=args.worker_id, enforce_eager=args.enforce_eager,
+        dependent_launch=not args.no_dependent_launch,
         tensor_parallel=TensorParallelConfig(args.tp_rank, args.tp_size, args.tp_rendezvous, args.tp_timeout),
         kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
         cpu_threads=usable_cores() if args.cpu_threads is None else args.cpu_threads,

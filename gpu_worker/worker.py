@@ -84,7 +84,7 @@ class Worker:
         if config.kv_cache_dtype is KVCacheDType.FP8:
             require_fp8_device(device, "--kv-cache-dtype fp8")
         group = join_group(config.tensor_parallel, device)
-        ops = get_kernel_ops(device)
+        ops = get_kernel_ops(device, dependent_launch=config.dependent_launch)
         loaded = load_model(config.model_dir, config.dtype, device, config.load_format, config.seed, ops,
                             config.quantization, group)
         if config.kv_cache_dtype is KVCacheDType.FP8:

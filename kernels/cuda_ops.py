@@ -27,9 +27,10 @@ class CudaKernelOps:
     (after one eager call has compiled the kernels).
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, dependent_launch: bool = True) -> None:
         self._device = device
-        modules = ModuleCache(device)
+        modules = ModuleCache(device, dependent_launch)
+        self.dependent_launches = modules.dependent_launches
         properties = torch.cuda.get_device_properties(device)
         self._decode = PagedDecode(modules, properties.multi_processor_count,
                                    tma=properties.major >= TMA_MIN_COMPUTE_CAPABILITY)

@@ -42,14 +42,16 @@ class ModuleCache:
     Each instantiation is compiled once per process (CuPy also keeps the binaries on disk across processes).
     Launches go on PyTorch's current stream of the device, so they order with torch work and are captured by
     torch.cuda.CUDAGraph; the host cost is a few microseconds. From compute capability 9.0 each is a programmatic
-    dependent launch (dependent_launch.py): it may start while the kernel before it finishes, and waits for it inside.
+    dependent launch (dependent_launch.py), unless dependent_launch is False: it may start while the kernel before it
+    finishes, and waits for it inside.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, dependent_launch: bool = True) -> None:
         self._device_index = device.index if device.index is not None else torch.cuda.current_device()
         self._kernels: dict[tuple[str, str], CompiledKernel] = {}
         capability = torch.cuda.get_device_capability(self._device_index)
-        self._dependent = DependentLauncher() if capability >= MIN_COMPUTE_CAPABILITY else None
+        dependent = dependent_launch and capability >= MIN_COMPUTE_CAPABILITY
+        self._dependent = DependentLauncher() if dependent else None
         self._options = COMPILE_OPTIONS + ((COMPILE_DEFINE,) if self._dependent is not None else ())
 
     @property

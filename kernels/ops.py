@@ -157,13 +157,14 @@ class KernelOps(Protocol):
         ...
 
 
-def get_kernel_ops(device: torch.device) -> KernelOps:
-    """Return the implementation for device: the torch reference on CPU, CuPy kernels on CUDA."""
+def get_kernel_ops(device: torch.device, dependent_launch: bool = True) -> KernelOps:
+    """Return the implementation for device: the torch reference on CPU, CuPy kernels on CUDA (launched as
+    programmatic dependent launches where the device has them, unless dependent_launch is False)."""
     if device.type == "cuda":
         # Imported lazily so CPU-only installs never import cupy.
         from pagedserve.kernels.cuda_ops import CudaKernelOps
 
-        return CudaKernelOps(device)
+        return CudaKernelOps(device, dependent_launch)
     from pagedserve.kernels.reference import TorchReferenceOps
 
     return TorchReferenceOps()

@@ -22,14 +22,15 @@ STORIES_DIR = stories260k_dir()  # a module constant: test modules read its gold
 def load_worker(
     model_dir: Path, block_size: int = 4, num_blocks: int = 256, num_cpu_blocks: int = 0,
     dtype: DType = DType.FLOAT32, load_format: LoadFormat = LoadFormat.AUTO, seed: int = 0,
-    device: DeviceKind = DeviceKind.CPU, enforce_eager: bool = False,
+    device: DeviceKind = DeviceKind.CPU, enforce_eager: bool = False, dependent_launch: bool = True,
     tensor_parallel: TensorParallelConfig | None = None,
     kv_cache_dtype: KVCacheDType = KVCacheDType.AUTO, quantization: Quantization = Quantization.NONE,
 ) -> Worker:
     """A worker (CPU unless told) with its cache initialised to exactly num_blocks device blocks (the leader of a
     tensor-parallel group when tensor_parallel says so, whose other ranks must be loading too)."""
     config = WorkerConfig(model_dir=model_dir, dtype=dtype, device=device, load_format=load_format, seed=seed,
-                          enforce_eager=enforce_eager, tensor_parallel=tensor_parallel or TensorParallelConfig(),
+                          enforce_eager=enforce_eager, dependent_launch=dependent_launch,
+                          tensor_parallel=tensor_parallel or TensorParallelConfig(),
                           kv_cache_dtype=kv_cache_dtype, quantization=quantization)
     worker = Worker.load(config)
     bytes_per_block = worker.info().kv_bytes_per_token * block_size

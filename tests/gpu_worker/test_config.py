@@ -11,6 +11,7 @@ from pagedserve.contract.model_format import DeviceKind, DType, LoadFormat
 from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.main import build_parser, config_from_args
 from pagedserve.gpu_worker.parallel.config import TensorParallelConfig
+from pagedserve.runtime.flags import parse_args
 
 
 def test_flags_build_the_worker_config() -> None:
@@ -35,6 +36,15 @@ def test_enforce_eager_flag_turns_cuda_graphs_off() -> None:
     args = build_parser().parse_args(["--model", "m", "--enforce-eager"])
 
     assert (config_from_args(args).enforce_eager, WorkerConfig(model_dir=Path("m")).enforce_eager) == (True, False)
+
+
+def test_no_dependent_launch_flag_and_variable_turn_dependent_launches_off() -> None:
+    on = config_from_args(build_parser().parse_args(["--model", "m"]))
+    off = config_from_args(build_parser().parse_args(["--model", "m", "--no-dependent-launch"]))
+    from_variable = config_from_args(parse_args(build_parser(), ["--model", "m"],
+                                                {"PAGEDSERVE_NO_DEPENDENT_LAUNCH": "true"}))
+
+    assert (on.dependent_launch, off.dependent_launch, from_variable.dependent_launch) == (True, False, False)
 
 
 def test_flag_defaults_listen_on_loopback_with_automatic_choices() -> None:

@@ -67,6 +67,18 @@ def test_greedy_tokens_on_cuda_equal_the_golden_reference(enforce_eager: bool) -
         graph_runner is not None and piece_runner.num_replays == driver.step_id - graph_runner.num_replays > 0)
 
 
+def test_plain_launches_give_the_golden_tokens_too() -> None:
+    worker = load_worker(STORIES_DIR, BLOCK_SIZE, num_blocks=64, device=DeviceKind.CUDA, dependent_launch=False)
+    driver = WorkerDriver(worker, BLOCK_SIZE, num_blocks=64)
+
+    generated = driver.generate(make_sequences([GOLDEN["prompt_ids"]] * 3, {}), len(GOLDEN["greedy_new_ids"]))
+
+    from pagedserve.kernels.cuda_ops import CudaKernelOps
+
+    assert generated == [GOLDEN["greedy_new_ids"]] * 3
+    assert isinstance(worker.ops, CudaKernelOps) and worker.ops.dependent_launches is False
+
+
 def test_graphs_are_captured_for_small_sizes_then_multiples_of_eight() -> None:
     worker = load_worker(STORIES_DIR, BLOCK_SIZE, num_blocks=64, device=DeviceKind.CUDA)
 
