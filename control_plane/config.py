@@ -173,6 +173,7 @@ class ServerConfig:
     seed: int = 0
     kv_cache_dtype: KVCacheDType = KVCacheDType.AUTO  # of the local workers (external ones take their own flags)
     quantization: Quantization = Quantization.NONE  # likewise
+    dependent_launch: bool = True  # likewise: False starts them with --no-dependent-launch
     metrics_port: int | None = None
     worker_start_timeout_s: float = 600.0
     log_format: LogFormat = LogFormat.AUTO  # of this process and of every process it starts
@@ -220,6 +221,9 @@ class ServerConfig:
         ):
             raise ValueError("kv_cache_dtype and quantization apply to the workers serve starts; give them to each "
                              "external worker (pagedserve worker --kv-cache-dtype / --quantization) instead")
+        if self.worker_addresses and not self.dependent_launch:
+            raise ValueError("dependent_launch applies to the workers serve starts; give each external worker "
+                             "--no-dependent-launch instead")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be at least 1, got {self.cpu_threads}")
 

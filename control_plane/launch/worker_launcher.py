@@ -37,6 +37,7 @@ class WorkerLaunchConfig:
     seed: int = 0
     kv_cache_dtype: KVCacheDType = KVCacheDType.AUTO
     quantization: Quantization = Quantization.NONE
+    dependent_launch: bool = True  # False: each worker gets --no-dependent-launch
     cluster_secret: ClusterSecret | None = None  # handed to each worker in its environment; None: no authentication
     tensor_parallel_size: int = 1  # processes (GPUs) per worker: one tensor-parallel group each
     log_format: LogFormat = LogFormat.AUTO
@@ -132,6 +133,8 @@ class LocalWorkers:
             "--log-level", config.log_level.value,
             *tp_flags,
         ]
+        if not config.dependent_launch:
+            command.append("--no-dependent-launch")
         if config.cluster_secret is None:
             command.append("--insecure-no-auth")
         else:

@@ -74,6 +74,12 @@ def test_tensor_parallel_size_is_refused_with_external_workers() -> None:
         _server(["--model", "m", "--worker", "10.0.0.5:50061", "--tensor-parallel-size", "2"])
 
 
+def test_no_dependent_launch_reaches_local_workers_and_is_refused_with_external_ones() -> None:
+    assert (_server([]).dependent_launch, _server(["--no-dependent-launch"]).dependent_launch) == (True, False)
+    with pytest.raises(ValueError, match="give each external worker --no-dependent-launch"):
+        _server(["--model", "m", "--worker", "10.0.0.5:50061", "--no-dependent-launch"])
+
+
 def test_prefix_caching_false_in_the_environment_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PAGEDSERVE_ENABLE_PREFIX_CACHING", "false")
 

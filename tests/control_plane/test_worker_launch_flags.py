@@ -37,3 +37,22 @@ def test_workers_get_log_flags_threads_and_the_secret_but_no_serve_variables(
     values = [command[command.index(flag) + 1] for flag in ("--log-format", "--log-level", "--cpu-threads")]
     assert values == ["console", "debug", "3"]
     assert sorted(name for name in env if name.startswith("PAGEDSERVE_")) == [SECRET_ENV]
+
+
+@pytest.mark.parametrize("dependent_launch", [True, False])
+def test_workers_launch_plainly_only_when_serve_is_told_to(monkeypatch: pytest.MonkeyPatch,
+                                                          dependent_launch: bool) -> None:
+    spawned: list[list[str]] = []
+    real_popen = subprocess.Popen
+
+    def popen(command: list[str], env: dict[str, str], **_: Any) -> subprocess.Popen[bytes]:
+        spawned.append(command)
+        return real_popen(["true"])
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    workers = LocalWorkers(WorkerLaunchConfig(model_dir=Path("m"), dependent_launch=dependent_launch))
+    workers.start()
+    workers.stop()
+
+    (command,) = spawned
+    assert ("--no-dependent-launch" in command) is not dependent_launch
