@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--quantization", default="none", choices=["none", "fp8"])
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    p.add_argument("--no-dependent-launch", action="store_true",
+                   help="launch every kernel plainly: a dependent launch's profiled time includes its wait for the "
+                        "kernel before, so only plain launches' times add up to the step's")
     p.add_argument("--num-prompts", type=int, default=128)
     p.add_argument("--input-len", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=128)
@@ -73,7 +76,7 @@ def profile_run(model_dir: Path, args: argparse.Namespace) -> tuple[dict[str, tu
                                 max_model_len=args.max_model_len)
     with LLM(model_dir, dtype=DType(args.dtype), device=DeviceKind.CUDA, load_format=LoadFormat(args.load_format),
              seed=args.seed, kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
-             scheduler_config=scheduler, worker_process=False) as llm:
+             dependent_launch=not args.no_dependent_launch, scheduler_config=scheduler, worker_process=False) as llm:
         warmups = sample_random_requests(2, 16, 4, 0.0, sampling_vocab_size(model_dir), args.seed - 1)
         llm.generate([r.prompt_token_ids for r in warmups], SamplingParams(max_tokens=4, temperature=0.0),
                      use_tqdm=False)
@@ -117,7 +120,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ("Workload", f"{args.num_prompts} random prompts of {args.input_len} tokens in, {args.output_len} out, "
                      f"greedy; max_num_seqs {args.max_num_seqs}, max_num_batched_tokens "
                      f"{args.max_num_batched_tokens}; dtype {args.dtype}, quantization {args.quantization}, KV "
-                     f"cache {args.kv_cache_dtype}; {steps} steps.\n"),
+                     f"cache {args.kv_cache_dtype}; {steps} steps; "
+                     + ("plain launches.\n" if args.no_dependent_launch else
+                        "dependent launches (a kernel's time includes its wait for the one before).\n")),
         ("Kernels", report.markdown_table(_HEADERS, table)),
     ])
     paths = report.write_outputs(report.result_stem(args.result_dir, metadata), result, markdown)

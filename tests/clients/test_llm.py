@@ -14,7 +14,10 @@ from pagedserve.clients.llm import LLM, SamplingParams
 from pagedserve.contract.model_dir import ModelDirError
 from pagedserve.control_plane.config import CacheConfig, SchedulerConfig, offline_step_budget
 from pagedserve.control_plane.engine.model_len import MaxModelLenError
+from pagedserve.control_plane.launch.worker_launcher import LocalWorkers, WorkerLaunchConfig
 from pagedserve.control_plane.scheduling.request import FinishReason
+from pagedserve.gpu_worker.config import WorkerConfig
+from pagedserve.gpu_worker.worker import Worker
 
 
 def test_offline_generate_reproduces_the_golden_greedy_tokens_for_every_prompt_in_a_batch(
@@ -143,3 +146,30 @@ def test_options_that_would_be_ignored_are_refused() -> None:
         LLM(cpu_threads=2, worker_process=False)
     with pytest.raises(ModelDirError, match="tokenizer needs model"):
         LLM(tokenizer="/models/tokenizer")
+
+
+@pytest.mark.parametrize("dependent_launch", [True, False])
+def test_dependent_launch_reaches_the_worker_on_a_thread_and_in_a_process(
+    monkeypatch: pytest.MonkeyPatch, dependent_launch: bool,
+) -> None:
+    from pagedserve.clients import llm as llm_module
+
+    configs: list[WorkerConfig | WorkerLaunchConfig] = []
+    real_load = Worker.load
+
+    def load(config: WorkerConfig) -> Worker:
+        configs.append(config)
+        return real_load(config)
+
+    def workers(config: WorkerLaunchConfig) -> LocalWorkers:
+        configs.append(config)
+        return LocalWorkers(config)
+
+    monkeypatch.setattr(Worker, "load", load)
+    monkeypatch.setattr(llm_module, "LocalWorkers", workers)
+    cache = CacheConfig(kv_cache_memory_bytes=16 << 20, swap_space_bytes=0)
+    for worker_process in (False, True):
+        with LLM(cache_config=cache, worker_process=worker_process, dependent_launch=dependent_launch) as llm:
+            assert llm.generate([[5, 6]], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+    assert [type(c).__name__ for c in configs] == ["WorkerConfig", "WorkerLaunchConfig"]
+    assert [c.dependent_launch for c in configs] == [dependent_launch] * 2
