@@ -72,27 +72,30 @@ def sweep(rows: int, before_kernels: Path | None) -> dict[str, dict[str, float]]
     import torch
 
     from pagedserve.kernels import module_cache
-    from pagedserve.kernels.dependent_launch import DependentLauncher
+    from pagedserve.kernels.dependent_launch import COMPILE_DEFINE, DependentLauncher
     from pagedserve.kernels.fp8 import quantize_per_row
+    from pagedserve.kernels.fp8_gemv import kernel_name
     from pagedserve.kernels.prepared_launch import argument_addresses
+    from pagedserve.kernels.reference import TorchReferenceOps
 
     device = torch.device("cuda", torch.cuda.current_device())
     launcher = DependentLauncher()
     text = module_cache.kernel_source("fp8_gemv.cu")
     kernels: dict[str, tuple[Any, int, int, bool]] = {}  # label -> (function, warps, channels, dependent)
 
-    def compile_kernel(source: str, include: Path, channels: int) -> Any:
-        name = f"fp8_gemv<bfloat16_t, {rows}, {channels}>"
-        module = cupy.RawModule(code=source, options=("--std=c++17", f"-I{include}"), name_expressions=(name,))
-        return module.get_function(name)
+    def compile_kernel(source: str, options: tuple[str, ...], channels: int) -> Any:
+        name = kernel_name(torch.bfloat16, rows, channels)
+        return cupy.RawModule(code=source, options=options, name_expressions=(name,)).get_function(name)
 
     if before_kernels is not None:
-        kernels["before"] = (compile_kernel((before_kernels / "fp8_gemv.cu").read_text(), before_kernels, 1), 4, 1,
+        before_options = ("--std=c++17", f"-I{before_kernels}")
+        kernels["before"] = (compile_kernel((before_kernels / "fp8_gemv.cu").read_text(), before_options, 1), 4, 1,
                              False)
+    # Built as the server builds what it launches dependently.
+    options = (*module_cache.COMPILE_OPTIONS, COMPILE_DEFINE)
     for warps, channels, unroll in VARIANTS:
         kernels[variant_label(warps, channels, unroll)] = (
-            compile_kernel(variant_source(text, warps, unroll), module_cache.KERNEL_DIR, channels), warps, channels,
-            True)
+            compile_kernel(variant_source(text, warps, unroll), options, channels), warps, channels, True)
     results: dict[str, dict[str, float]] = {}
     for model, shapes in SHAPES.items():
         for layer, (out_features, in_features) in zip(LAYERS, shapes, strict=True):
@@ -128,8 +131,7 @@ def sweep(rows: int, before_kernels: Path | None) -> dict[str, dict[str, float]]
 
                 out.fill_(float("nan"))
                 row[label] = _time_variant(launch_all, copies)
-                quantized, scale = weights[-1]
-                expected = x.float() @ (quantized.float() * scale[:, None]).T
+                expected = TorchReferenceOps().fp8_gemv(x, *weights[-1]).float()
                 error = ((out.float() - expected).abs().max() / expected.abs().mean()).item()
                 if not error <= 5e-2:  # NaN fails too
                     raise AssertionError(f"{label} {model} {layer}: relative error {error:.3g}")

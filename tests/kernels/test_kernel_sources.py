@@ -15,10 +15,13 @@ from pathlib import Path
 import pytest
 
 from pagedserve.kernels import cache_ops, fp8_gemv, layer_kernels, paged_decode, paged_prefill, token_masks
+from pagedserve.kernels.dependent_launch import COMPILE_DEFINE
 
 KERNEL_DIR = Path(cache_ops.__file__).resolve().parent
 ARCHS = ("compute_80", "compute_90")
 HAS_TMA = {"compute_80": False, "compute_90": True}  # the tensor memory accelerator
+# ModuleCache's defines there: from compute capability 9.0 every kernel is built for dependent launches.
+DEFINES: dict[str, tuple[str, ...]] = {"compute_80": (), "compute_90": (COMPILE_DEFINE,)}
 NAME_EXPRESSIONS = {
     "cache_ops.cu": dict.fromkeys(ARCHS, cache_ops.known_name_expressions()),
     "fp8_gemv.cu": dict.fromkeys(ARCHS, fp8_gemv.known_name_expressions()),
@@ -70,7 +73,7 @@ def test_source_compiles_to_ptx_for_ampere_and_hopper(source: str, tmp_path: Pat
     # exercised by NVRTC in the GPU tests.
     runs = {
         arch: subprocess.Popen(
-            ["nvcc", "--std=c++17", f"-I{KERNEL_DIR}", f"-arch={arch}", "-ptx", "-Xcicc", "-O0",
+            ["nvcc", "--std=c++17", f"-I{KERNEL_DIR}", *DEFINES[arch], f"-arch={arch}", "-ptx", "-Xcicc", "-O0",
              "-o", str(tmp_path / f"{arch}.ptx"), str(tmp_path / f"{arch}_{source}")],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
