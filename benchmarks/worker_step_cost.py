@@ -14,9 +14,10 @@ is timed on its own anyway (hooks around the model's forward and its logits) and
 worker's Python and the small tensor work that a GPU would queue (the batch's numpy, sampling on [N, 512] logits).
 Two things a GPU host differs in: each small tensor op there costs a launch rather than its CPU compute, and here the
 forward pass leaves the CPU's caches cold for the stages after it, so fixed costs read higher than they would.
-In the schema mode the launch also waits for the grammar masks, which the worker's masks thread and llguidance's
-threads compute beside it: on a CPU of few cores they share it with the main thread, so that mode measures the
-constrained step's critical path only roughly.
+In the schema mode a step's sampling is deferred: the worker's masks thread computes the grammar masks (with
+llguidance's threads) and then queues the sampling, so the launch does not wait for them, and the host stages count
+the launching thread only. The next step's launch waits until that sampling is queued (LaunchedStep.sampling_queued),
+which this mode's launch figure includes; on a CPU of few cores the mask threads share it with the main thread.
 """
 
 from __future__ import annotations
