@@ -72,30 +72,33 @@ def sweep(rows: int, before_kernels: Path | None) -> dict[str, dict[str, float]]
     import torch
 
     from pagedserve.kernels import module_cache
-    from pagedserve.kernels.dependent_launch import COMPILE_DEFINE, DependentLauncher
+    from pagedserve.kernels.dependent_launch import COMPILE_DEFINE
     from pagedserve.kernels.fp8 import quantize_per_row
     from pagedserve.kernels.fp8_gemv import kernel_name
+    from pagedserve.kernels.module_cache import CompiledKernel, ModuleCache
     from pagedserve.kernels.prepared_launch import argument_addresses
     from pagedserve.kernels.reference import TorchReferenceOps
 
     device = torch.device("cuda", torch.cuda.current_device())
-    launcher = DependentLauncher()
+    # The server's launchers: dependent launches where the device has them; the older tree's kernel launched plainly.
+    server, plain = ModuleCache(device), ModuleCache(device, dependent_launch=False)
     text = module_cache.kernel_source("fp8_gemv.cu")
-    kernels: dict[str, tuple[Any, int, int, bool]] = {}  # label -> (function, warps, channels, dependent)
+    kernels: dict[str, tuple[CompiledKernel, int, int, ModuleCache]] = {}  # label -> (kernel, warps, channels, by)
 
-    def compile_kernel(source: str, options: tuple[str, ...], channels: int) -> Any:
+    def compile_kernel(source: str, options: tuple[str, ...], channels: int) -> CompiledKernel:
         name = kernel_name(torch.bfloat16, rows, channels)
-        return cupy.RawModule(code=source, options=options, name_expressions=(name,)).get_function(name)
+        raw = cupy.RawModule(code=source, options=options, name_expressions=(name,)).get_function(name)
+        return CompiledKernel(int(raw.kernel.ptr), raw)
 
     if before_kernels is not None:
         before_options = ("--std=c++17", f"-I{before_kernels}")
         kernels["before"] = (compile_kernel((before_kernels / "fp8_gemv.cu").read_text(), before_options, 1), 4, 1,
-                             False)
-    # Built as the server builds what it launches dependently.
-    options = (*module_cache.COMPILE_OPTIONS, COMPILE_DEFINE)
+                             plain)
+    # Built as the server builds what it launches.
+    options = (*module_cache.COMPILE_OPTIONS, *((COMPILE_DEFINE,) if server.dependent_launches else ()))
     for warps, channels, unroll in VARIANTS:
         kernels[variant_label(warps, channels, unroll)] = (
-            compile_kernel(variant_source(text, warps, unroll), options, channels), warps, channels, True)
+            compile_kernel(variant_source(text, warps, unroll), options, channels), warps, channels, server)
     results: dict[str, dict[str, float]] = {}
     for model, shapes in SHAPES.items():
         for layer, (out_features, in_features) in zip(LAYERS, shapes, strict=True):
@@ -107,7 +110,7 @@ def sweep(rows: int, before_kernels: Path | None) -> dict[str, dict[str, float]]
             x = torch.randn(rows, in_features, device=device).to(torch.bfloat16)
             out = torch.empty(rows, out_features, device=device, dtype=torch.bfloat16)
             row: dict[str, float] = {}
-            for label, (function, warps, channels, dependent) in kernels.items():
+            for label, (kernel, warps, channels, modules) in kernels.items():
                 grid, block = (-(-out_features // (warps * channels)), 1, 1), (warps * 32, 1, 1)
                 arrays = []
                 for quantized, scale in weights:
@@ -117,17 +120,11 @@ def sweep(rows: int, before_kernels: Path | None) -> dict[str, dict[str, float]]
                             ctypes.c_int32(in_features))
                     arrays.append((args, argument_addresses(args)))
 
-                def launch_all(function: Any = function, grid: tuple[int, int, int] = grid,
-                               block: tuple[int, int, int] = block, dependent: bool = dependent,
+                def launch_all(kernel: CompiledKernel = kernel, grid: tuple[int, int, int] = grid,
+                               block: tuple[int, int, int] = block, modules: ModuleCache = modules,
                                arrays: list[Any] = arrays) -> None:
-                    stream = torch.cuda.current_stream().cuda_stream
                     for _, params in arrays:
-                        if dependent:
-                            launcher.launch(int(function.kernel.ptr), grid, block, 0, stream,
-                                            ctypes.addressof(params))
-                        else:
-                            cupy.cuda.driver.launchKernel(int(function.kernel.ptr), *grid, *block, 0, stream,
-                                                          ctypes.addressof(params), 0)
+                        modules.launch_params(kernel, grid, block, params)
 
                 out.fill_(float("nan"))
                 row[label] = _time_variant(launch_all, copies)
