@@ -95,7 +95,8 @@ class LLM:
     """A model served from this process. `model=None` uses the built-in tiny model with random weights; `tokenizer`
     reads the tokenizer from another directory than `model`'s; `cpu_threads` caps the worker process's torch threads
     (default: the cores this process may use, less one for the engine); `dependent_launch=False` launches every
-    kernel plainly (`pagedserve worker --no-dependent-launch`). The defaults are `pagedserve serve`'s (the
+    kernel plainly (`pagedserve worker --no-dependent-launch`); `quantize_lm_head=True` with FP8 weights makes the LM
+    head FP8 too (`--quantize-lm-head`). The defaults are `pagedserve serve`'s (the
     same config classes) but for one: without a scheduler_config a step takes up to offline_step_budget tokens
     (16,384 on devices of 70 GiB or more, else 8,192, as vLLM's LLM class), not the server's 2,048; a
     scheduler_config given is taken as it is, so set its max_num_batched_tokens too (offline_step_budget gives the
@@ -119,6 +120,7 @@ class LLM:
         seed: int = 0,
         kv_cache_dtype: KVCacheDType | str = KVCacheDType.AUTO,
         quantization: Quantization | str = Quantization.NONE,
+        quantize_lm_head: bool = False,
         dependent_launch: bool = True,
         scheduler_config: SchedulerConfig | None = None,
         cache_config: CacheConfig | None = None,
@@ -162,7 +164,8 @@ class LLM:
                     model_dir=model_dir, dtype=DType(dtype), device=DeviceKind(device),
                     load_format=LoadFormat(load_format), seed=seed, cluster_secret=secret,
                     kv_cache_dtype=KVCacheDType(kv_cache_dtype), quantization=Quantization(quantization),
-                    dependent_launch=dependent_launch, tensor_parallel_size=tensor_parallel_size,
+                    quantize_lm_head=quantize_lm_head, dependent_launch=dependent_launch,
+                    tensor_parallel_size=tensor_parallel_size,
                     cpu_threads=cpu_threads or local_worker_threads(tensor_parallel_size, usable_cores()),
                 ))
                 worker = self._run(_connect(self._launcher, secret, worker_start_timeout_s))
@@ -170,7 +173,8 @@ class LLM:
                 config = WorkerConfig(model_dir=model_dir, dtype=DType(dtype), device=DeviceKind(device),
                                       load_format=LoadFormat(load_format), seed=seed,
                                       kv_cache_dtype=KVCacheDType(kv_cache_dtype),
-                                      quantization=Quantization(quantization), dependent_launch=dependent_launch)
+                                      quantization=Quantization(quantization), quantize_lm_head=quantize_lm_head,
+                                      dependent_launch=dependent_launch)
                 worker = InProcessWorker(Worker.load(config))
             if scheduler_config is None:
                 device_memory_bytes = self._run(worker.get_info()).total_memory_bytes

@@ -173,6 +173,7 @@ class ServerConfig:
     seed: int = 0
     kv_cache_dtype: KVCacheDType = KVCacheDType.AUTO  # of the local workers (external ones take their own flags)
     quantization: Quantization = Quantization.NONE  # likewise
+    quantize_lm_head: bool = False  # likewise: True starts them with --quantize-lm-head
     dependent_launch: bool = True  # likewise: False starts them with --no-dependent-launch
     metrics_port: int | None = None
     worker_start_timeout_s: float = 600.0
@@ -218,9 +219,13 @@ class ServerConfig:
                              "workers' --tp-size")
         if self.worker_addresses and (
             self.kv_cache_dtype is not KVCacheDType.AUTO or self.quantization is not Quantization.NONE
+            or self.quantize_lm_head
         ):
-            raise ValueError("kv_cache_dtype and quantization apply to the workers serve starts; give them to each "
-                             "external worker (pagedserve worker --kv-cache-dtype / --quantization) instead")
+            raise ValueError("kv_cache_dtype, quantization and quantize_lm_head apply to the workers serve starts; "
+                             "give them to each external worker (pagedserve worker --kv-cache-dtype / "
+                             "--quantization / --quantize-lm-head) instead")
+        if self.quantize_lm_head and self.quantization is not Quantization.FP8:
+            raise ValueError("quantize_lm_head needs quantization fp8 (--quantize-lm-head with --quantization fp8)")
         if self.worker_addresses and not self.dependent_launch:
             raise ValueError("dependent_launch applies to the workers serve starts; give each external worker "
                              "--no-dependent-launch instead")

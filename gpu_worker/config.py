@@ -25,6 +25,7 @@ class WorkerConfig:
     tensor_parallel: TensorParallelConfig = TensorParallelConfig()  # this worker's rank in its group; alone by default
     kv_cache_dtype: KVCacheDType = KVCacheDType.AUTO  # FP8: the paged pool holds e4m3, half the bytes per token
     quantization: Quantization = Quantization.NONE  # FP8: linear layers quantized to e4m3 at load
+    quantize_lm_head: bool = False  # with FP8 weights, the LM head quantized to e4m3 at load too
     cpu_threads: int = 1  # torch's CPU threads (runtime/cpu_threads.py: main gives the cores it may use)
 
     def __post_init__(self) -> None:

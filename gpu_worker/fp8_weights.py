@@ -94,6 +94,21 @@ def quantize_linears(model: DecoderForCausalLM) -> None:
         del weight
 
 
+def quantize_lm_head_of(model: DecoderForCausalLM) -> None:
+    """Replaces the LM head (this rank's vocabulary rows) by an FP8 layer with one scale per row. A head tied to the
+    embedding gets an e4m3 copy of its own: the embedding's lookups stay in the model dtype. ModelLoadError for a
+    head whose many-row products could not take FP8 tensor cores on this GPU (each step would dequantize it)."""
+    head = model.lm_head
+    if isinstance(head, Fp8Linear):
+        return
+    layer = Fp8Linear.quantize(head.detach(), model.ops)
+    if head.is_cuda and not layer.use_scaled_mm:
+        raise ModelLoadError(f"--quantize-lm-head: the LM head's {head.shape[0]} x {head.shape[1]} rows cannot take "
+                             "FP8 tensor cores here (both sizes must be multiples of 16); serve without it")
+    _replace(model, "lm_head", layer)
+    del head
+
+
 def fp8_linear_bytes(model: DecoderForCausalLM) -> int:
     """Bytes of the FP8 layers' weights and scales (buffers, which the model's parameters do not count)."""
     return sum(t.numel() * t.element_size() for module in model.modules() if isinstance(module, Fp8Linear)

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "fp8: store the KV cache as e4m3 with a per-layer scale (about twice the tokens)")
     _add_mode_flag(p, "--quantization", Quantization.NONE,
                    "fp8: quantize linear layers to e4m3 at load (FP8 checkpoints load as FP8 either way)")
+    p.add_argument("--quantize-lm-head", action="store_true",
+                   help="with FP8 weights (--quantization fp8 or an FP8 checkpoint), quantize the LM head to e4m3 "
+                        "too: half its bytes a step, at some cost in agreement (docs/fp8.md)")
     p.add_argument("--cpu-threads", type=int,
                    help="threads torch may use for CPU work (default: the cores this process may run on)")
     add_log_flags(p)
@@ -126,7 +129,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         listen_address=args.listen, worker_id=args.worker_id, enforce_eager=args.enforce_eager,
         dependent_launch=not args.no_dependent_launch,
         tensor_parallel=TensorParallelConfig(args.tp_rank, args.tp_size, args.tp_rendezvous, args.tp_timeout),
-        kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization, quantize_lm_head=args.quantize_lm_head,
         cpu_threads=usable_cores() if args.cpu_threads is None else args.cpu_threads,
     )
 

@@ -20,6 +20,7 @@ from pagedserve.gpu_worker.fp8_weights import (
     fp8_linear_bytes,
     load_fp8_checkpoint,
     quantize_linears,
+    quantize_lm_head_of,
 )
 from pagedserve.gpu_worker.models.decoder import DecoderForCausalLM
 from pagedserve.gpu_worker.models.model_config import ModelConfig
@@ -108,17 +109,21 @@ def fill_dummy_weights(model: DecoderForCausalLM, seed: int) -> None:
 
 def load_model(
     model_dir: Path, dtype: DType, device: torch.device, load_format: LoadFormat, seed: int, ops: KernelOps,
-    quantization: Quantization = Quantization.NONE, group: ParallelGroup = SINGLE_RANK,
+    quantization: Quantization = Quantization.NONE, group: ParallelGroup = SINGLE_RANK, quantize_lm_head: bool = False,
 ) -> LoadedModel:
     """Builds the decoder on device in the resolved dtype and fills its weights as load_format says: group.rank's
     slices of them under tensor parallelism (its config is then that rank's, see DecoderForCausalLM). Linear layers
     are FP8 when quantization says so (each rank quantizes its slices once loaded) or when the checkpoint is FP8
-    (loaded as is, with one rank only)."""
+    (loaded as is, with one rank only). With FP8 weights, quantize_lm_head makes the LM head FP8 too (each rank its
+    vocabulary rows)."""
     config = read_model_config(model_dir)
     torch_dtype = resolve_dtype(dtype, config)
     is_fp8_checkpoint = load_format is not LoadFormat.DUMMY and checkpoint_is_fp8(model_dir)
-    if quantization is Quantization.FP8 or is_fp8_checkpoint:
+    fp8_weights = quantization is Quantization.FP8 or is_fp8_checkpoint
+    if fp8_weights:
         require_fp8_device(device, "FP8 weights (--quantization fp8, or an FP8 checkpoint)")
+    if quantize_lm_head and not fp8_weights:
+        raise ModelLoadError("--quantize-lm-head needs FP8 weights: add --quantization fp8, or serve an FP8 checkpoint")
     if is_fp8_checkpoint and group.size > 1:
         raise ModelLoadError(f"{model_dir} is an FP8 checkpoint, which tensor parallelism cannot slice (its weights "
                              "are scaled per tensor); serve it with one rank, or quantize a model-dtype checkpoint "
@@ -137,11 +142,13 @@ def load_model(
                 model.load_weights(iter_safetensors(files, model))
         if quantization is Quantization.FP8:
             quantize_linears(model)
+        if quantize_lm_head:
+            quantize_lm_head_of(model)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the model-dtype weights that quantizing freed go back to the device
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + fp8_linear_bytes(model)
     log.info("model_loaded", architecture=config.architecture.value, dtype=str(torch_dtype).removeprefix("torch."),
              device=str(device), weight_bytes=weight_bytes, load_format=load_format.value,
-             fp8_weights=quantization is Quantization.FP8 or is_fp8_checkpoint, tp_rank=group.rank,
+             fp8_weights=fp8_weights, fp8_lm_head=quantize_lm_head, tp_rank=group.rank,
              tp_size=group.size)
     return LoadedModel(model_dir.resolve().name, model, model.config, torch_dtype, weight_bytes)

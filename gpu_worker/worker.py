@@ -86,7 +86,7 @@ class Worker:
         group = join_group(config.tensor_parallel, device)
         ops = get_kernel_ops(device, dependent_launch=config.dependent_launch)
         loaded = load_model(config.model_dir, config.dtype, device, config.load_format, config.seed, ops,
-                            config.quantization, group)
+                            config.quantization, group, quantize_lm_head=config.quantize_lm_head)
         if config.kv_cache_dtype is KVCacheDType.FP8:
             calibrate_kv_scales(loaded.model, device, config.seed)
         group.wait_until_all_loaded()

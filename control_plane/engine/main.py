@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "fp8: local workers store the KV cache as e4m3 with a per-layer scale (about twice the tokens)")
     _add_mode_flag(p, "--quantization", server.quantization,
                    "fp8: local workers quantize linear layers to e4m3 at load")
+    p.add_argument("--quantize-lm-head", action="store_true",
+                   help="with --quantization fp8: local workers quantize the LM head to e4m3 too (docs/fp8.md)")
     p.add_argument("--no-dependent-launch", action="store_true",
                    help="local workers launch each kernel only after the one before it has finished (pagedserve "
                         "worker --no-dependent-launch)")
@@ -178,8 +180,8 @@ def configs_from_args(
         host=args.host, port=args.port, model_dir=args.model, worker_addresses=tuple(args.worker),
         num_workers=args.num_workers, dtype=args.dtype, device=args.device, load_format=args.load_format,
         seed=args.seed, tensor_parallel_size=args.tensor_parallel_size, kv_cache_dtype=args.kv_cache_dtype,
-        quantization=args.quantization, dependent_launch=not args.no_dependent_launch,
-        metrics_port=args.metrics_port, log_format=args.log_format,
+        quantization=args.quantization, quantize_lm_head=args.quantize_lm_head,
+        dependent_launch=not args.no_dependent_launch, metrics_port=args.metrics_port, log_format=args.log_format,
         log_level=args.log_level, tokenizer_dir=args.tokenizer, cpu_threads=args.cpu_threads,
         api_keys=_api_keys(args), tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file,
         tls_client_ca_file=args.tls_client_ca_file, shutdown_timeout_s=args.shutdown_timeout,
@@ -280,7 +282,8 @@ async def serve(server: ServerConfig, scheduler: SchedulerConfig, cache: CacheCo
         launcher = LocalWorkers(WorkerLaunchConfig(
             model_dir=model_dir, num_workers=server.num_workers, dtype=server.dtype, device=server.device,
             load_format=server.load_format, seed=server.seed, kv_cache_dtype=server.kv_cache_dtype,
-            quantization=server.quantization, dependent_launch=server.dependent_launch, cluster_secret=secret,
+            quantization=server.quantization, quantize_lm_head=server.quantize_lm_head,
+            dependent_launch=server.dependent_launch, cluster_secret=secret,
             tensor_parallel_size=server.tensor_parallel_size,
             log_format=server.log_format, log_level=server.log_level,
             cpu_threads=server.cpu_threads or local_worker_threads(server.num_workers * server.tensor_parallel_size,

@@ -37,6 +37,7 @@ class WorkerLaunchConfig:
     seed: int = 0
     kv_cache_dtype: KVCacheDType = KVCacheDType.AUTO
     quantization: Quantization = Quantization.NONE
+    quantize_lm_head: bool = False  # True: each worker gets --quantize-lm-head
     dependent_launch: bool = True  # False: each worker gets --no-dependent-launch
     cluster_secret: ClusterSecret | None = None  # handed to each worker in its environment; None: no authentication
     tensor_parallel_size: int = 1  # processes (GPUs) per worker: one tensor-parallel group each
@@ -133,6 +134,8 @@ class LocalWorkers:
             "--log-level", config.log_level.value,
             *tp_flags,
         ]
+        if config.quantize_lm_head:
+            command.append("--quantize-lm-head")
         if not config.dependent_launch:
             command.append("--no-dependent-launch")
         if config.cluster_secret is None:

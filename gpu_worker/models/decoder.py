@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from pagedserve.gpu_worker.errors import ModelLoadError
+from pagedserve.gpu_worker.models.fp8_linear import Fp8Linear
 from pagedserve.gpu_worker.models.layers import (
     AttentionBuffers,
     AttentionMetadata,
@@ -121,12 +122,15 @@ class DecoderForCausalLM(nn.Module):
         super().__init__()
         self.shards = ShardLayout(config, group.rank, group.size)
         self.vocab = VocabParallel(self.shards, group)
+        self.ops = ops
         config = self.config = self.shards.local_config
         vocab_rows = self.shards.vocab_rows_per_rank
         self.embed_tokens = empty_parameter(vocab_rows, config.hidden_size, device=device, dtype=dtype)
         self.layers = nn.ModuleList(DecoderLayer(config, ops, device, dtype, group) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, device, dtype)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling, device)
+        # An FP8 layer once quantize_lm_head_of (fp8_weights.py) has replaced it.
+        self.lm_head: nn.Parameter | Fp8Linear
         if config.tie_word_embeddings:
             self.lm_head = self.embed_tokens
         else:

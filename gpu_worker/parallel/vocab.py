@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pagedserve.gpu_worker.models.fp8_linear import Fp8Linear, linear
 from pagedserve.gpu_worker.parallel.group import ParallelGroup
 from pagedserve.gpu_worker.parallel.sharding import ShardLayout
 
@@ -32,10 +33,10 @@ class VocabParallel:
         rows.masked_fill_(elsewhere.unsqueeze(-1), 0)
         return self.group.all_reduce(rows)
 
-    def logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor | Fp8Linear) -> torch.Tensor:
         """hidden: [R, hidden] -> [R, V] in hidden's dtype, contiguous: every rank's columns gathered, the padding
         cut off. The sampler reads a greedy batch's logits as they are and converts the others to float32."""
-        local = F.linear(hidden, weight)
+        local = linear(hidden, weight)
         if self.group.size == 1:
             return local
         return self.group.all_gather_columns(local)[:, : self.vocab_size].contiguous()

@@ -7,11 +7,13 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pagedserve.clients.llm import LLM, SamplingParams
 from pagedserve.contract.model_dir import ModelDirError
+from pagedserve.contract.model_format import Quantization
 from pagedserve.control_plane.config import CacheConfig, SchedulerConfig, offline_step_budget
 from pagedserve.control_plane.engine.model_len import MaxModelLenError
 from pagedserve.control_plane.launch.worker_launcher import LocalWorkers, WorkerLaunchConfig
@@ -148,9 +150,10 @@ def test_options_that_would_be_ignored_are_refused() -> None:
         LLM(tokenizer="/models/tokenizer")
 
 
-@pytest.mark.parametrize("dependent_launch", [True, False])
-def test_dependent_launch_reaches_the_worker_on_a_thread_and_in_a_process(
-    monkeypatch: pytest.MonkeyPatch, dependent_launch: bool,
+@pytest.mark.parametrize("options", [{"dependent_launch": True}, {"dependent_launch": False},
+                                     {"quantization": Quantization.FP8, "quantize_lm_head": True}])
+def test_worker_options_reach_the_worker_on_a_thread_and_in_a_process(
+    monkeypatch: pytest.MonkeyPatch, options: dict[str, Any],
 ) -> None:
     from pagedserve.clients import llm as llm_module
 
@@ -169,7 +172,7 @@ def test_dependent_launch_reaches_the_worker_on_a_thread_and_in_a_process(
     monkeypatch.setattr(llm_module, "LocalWorkers", workers)
     cache = CacheConfig(kv_cache_memory_bytes=16 << 20, swap_space_bytes=0)
     for worker_process in (False, True):
-        with LLM(cache_config=cache, worker_process=worker_process, dependent_launch=dependent_launch) as llm:
+        with LLM(cache_config=cache, worker_process=worker_process, **options) as llm:
             assert llm.generate([[5, 6]], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
     assert [type(c).__name__ for c in configs] == ["WorkerConfig", "WorkerLaunchConfig"]
-    assert [c.dependent_launch for c in configs] == [dependent_launch] * 2
+    assert [{name: getattr(c, name) for name in options} for c in configs] == [options] * 2

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from pagedserve.contract.model_format import Quantization
 from pagedserve.control_plane.launch.worker_launcher import LocalWorkers, WorkerLaunchConfig
 from pagedserve.runtime.auth import SECRET_ENV, ClusterSecret
 from pagedserve.runtime.logs import LogFormat, LogLevel
@@ -39,9 +40,8 @@ def test_workers_get_log_flags_threads_and_the_secret_but_no_serve_variables(
     assert sorted(name for name in env if name.startswith("PAGEDSERVE_")) == [SECRET_ENV]
 
 
-@pytest.mark.parametrize("dependent_launch", [True, False])
-def test_workers_launch_plainly_only_when_serve_is_told_to(monkeypatch: pytest.MonkeyPatch,
-                                                          dependent_launch: bool) -> None:
+def _worker_command(monkeypatch: pytest.MonkeyPatch, config: WorkerLaunchConfig) -> list[str]:
+    """The command line LocalWorkers starts its one worker with (the process itself is `true`)."""
     spawned: list[list[str]] = []
     real_popen = subprocess.Popen
 
@@ -50,9 +50,25 @@ def test_workers_launch_plainly_only_when_serve_is_told_to(monkeypatch: pytest.M
         return real_popen(["true"])
 
     monkeypatch.setattr(subprocess, "Popen", popen)
-    workers = LocalWorkers(WorkerLaunchConfig(model_dir=Path("m"), dependent_launch=dependent_launch))
+    workers = LocalWorkers(config)
     workers.start()
     workers.stop()
-
     (command,) = spawned
+    return command
+
+
+@pytest.mark.parametrize("dependent_launch", [True, False])
+def test_workers_launch_plainly_only_when_serve_is_told_to(monkeypatch: pytest.MonkeyPatch,
+                                                          dependent_launch: bool) -> None:
+    command = _worker_command(monkeypatch, WorkerLaunchConfig(model_dir=Path("m"), dependent_launch=dependent_launch))
+
     assert ("--no-dependent-launch" in command) is not dependent_launch
+
+
+@pytest.mark.parametrize("quantize_lm_head", [True, False])
+def test_workers_quantize_the_lm_head_only_when_serve_is_told_to(monkeypatch: pytest.MonkeyPatch,
+                                                                  quantize_lm_head: bool) -> None:
+    command = _worker_command(monkeypatch, WorkerLaunchConfig(model_dir=Path("m"), quantization=Quantization.FP8,
+                                                              quantize_lm_head=quantize_lm_head))
+
+    assert ("--quantize-lm-head" in command) is quantize_lm_head

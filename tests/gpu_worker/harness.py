@@ -25,13 +25,15 @@ def load_worker(
     device: DeviceKind = DeviceKind.CPU, enforce_eager: bool = False, dependent_launch: bool = True,
     tensor_parallel: TensorParallelConfig | None = None,
     kv_cache_dtype: KVCacheDType = KVCacheDType.AUTO, quantization: Quantization = Quantization.NONE,
+    quantize_lm_head: bool = False,
 ) -> Worker:
     """A worker (CPU unless told) with its cache initialised to exactly num_blocks device blocks (the leader of a
     tensor-parallel group when tensor_parallel says so, whose other ranks must be loading too)."""
     config = WorkerConfig(model_dir=model_dir, dtype=dtype, device=device, load_format=load_format, seed=seed,
                           enforce_eager=enforce_eager, dependent_launch=dependent_launch,
                           tensor_parallel=tensor_parallel or TensorParallelConfig(),
-                          kv_cache_dtype=kv_cache_dtype, quantization=quantization)
+                          kv_cache_dtype=kv_cache_dtype, quantization=quantization,
+                          quantize_lm_head=quantize_lm_head)
     worker = Worker.load(config)
     bytes_per_block = worker.info().kv_bytes_per_token * block_size
     worker.init_cache(CacheRequest(block_size=block_size, num_gpu_blocks_override=num_blocks,

@@ -47,6 +47,13 @@ def test_no_dependent_launch_flag_and_variable_turn_dependent_launches_off() -> 
     assert (on.dependent_launch, off.dependent_launch, from_variable.dependent_launch) == (True, False, False)
 
 
+def test_quantize_lm_head_flag_is_off_unless_given() -> None:
+    given = config_from_args(build_parser().parse_args(["--model", "m", "--quantization", "fp8", "--quantize-lm-head"]))
+    default = config_from_args(build_parser().parse_args(["--model", "m", "--quantization", "fp8"]))
+
+    assert (given.quantize_lm_head, default.quantize_lm_head) == (True, False)
+
+
 def test_flag_defaults_listen_on_loopback_with_automatic_choices() -> None:
     config = config_from_args(build_parser().parse_args(["--model", "m"]))
 
