@@ -143,6 +143,9 @@ class Lane:
             last_result_s = loop.time()
             in_flight.popleft()
             on_result(oldest.plan, oldest.plan_ms, output, output.step_id != first_after_pause)
+            # The result's chunks go to their streams (the relay's task, woken by on_result) before the next step is
+            # planned and sent: a token reaches its client one planning and one send sooner.
+            await asyncio.sleep(0)
 
     async def _fill(self, in_flight: deque[_InFlight]) -> None:
         """Plans and sends steps until max_steps_in_flight are out or there is nothing to plan."""
