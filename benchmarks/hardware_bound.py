@@ -52,17 +52,19 @@ class StepCost:
 class ElementBytes:
     """Bytes per element of what a step reads. `--quantization fp8` makes the decoder layers' linear weights one
     byte (norms, embeddings and the LM head keep the model dtype; the per-channel float32 scales, under 0.1 % of
-    the bytes, are left out); `--kv-cache-dtype fp8` makes K and V one byte."""
+    the bytes, are left out); `--quantize-lm-head` the LM head's too; `--kv-cache-dtype fp8` makes K and V one
+    byte."""
 
     model: int
     layer_linear: int
     kv: int
+    lm_head: int
 
     def matmul_weight_bytes(self, shape: ModelShape) -> int:
         """Bytes of the weights every token multiplies: each layer's linears and norms, and the LM head."""
         norms = 2 * shape.hidden_size
         per_layer = (shape.layer_parameters - norms) * self.layer_linear + norms * self.model
-        return shape.num_layers * per_layer + shape.vocab_size * shape.hidden_size * self.model
+        return shape.num_layers * per_layer + shape.vocab_size * shape.hidden_size * self.lm_head
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +82,11 @@ class Workload:
         return self.num_requests * self.output_len
 
 
-def dtype_bytes(dtype: str, fp8_weights: bool = False, fp8_kv: bool = False) -> ElementBytes:
-    """Element widths of a model in dtype, with FP8 layer weights and / or an FP8 KV cache."""
+def dtype_bytes(dtype: str, fp8_weights: bool = False, fp8_kv: bool = False, fp8_lm_head: bool = False) -> ElementBytes:
+    """Element widths of a model in dtype, with FP8 layer weights, an FP8 KV cache and / or an FP8 LM head."""
     model = _DTYPE_BYTES[dtype]
-    return ElementBytes(model, FP8_BYTES if fp8_weights else model, FP8_BYTES if fp8_kv else model)
+    return ElementBytes(model, FP8_BYTES if fp8_weights else model, FP8_BYTES if fp8_kv else model,
+                        FP8_BYTES if fp8_lm_head else model)
 
 
 def device_name(device: torch.device) -> str:
@@ -185,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPE_BYTES))
     parser.add_argument("--quantization", default="none", choices=["none", "fp8"])
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    parser.add_argument("--quantize-lm-head", action="store_true", help="count the LM head at one byte an element")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--num-prompts", type=int, default=1000)
     parser.add_argument("--input-len", type=int, default=1024)
@@ -195,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rates = measure_hardware(torch.device(args.device))
     workload = Workload(args.num_prompts, args.input_len, args.output_len, args.concurrency,
                         args.max_num_batched_tokens)
-    widths = dtype_bytes(args.dtype, args.quantization == "fp8", args.kv_cache_dtype == "fp8")
+    widths = dtype_bytes(args.dtype, args.quantization == "fp8", args.kv_cache_dtype == "fp8", args.quantize_lm_head)
     summary = bound_summary(read_shape(args.model), widths, rates, workload)
     print(json.dumps({"hardware": asdict(rates), "workload": asdict(workload), **summary}, indent=2))
     return 0

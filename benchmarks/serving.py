@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="of the server's workers")
     p.add_argument("--quantization", default="none", choices=["none", "fp8"], help="of the server's workers")
+    p.add_argument("--quantize-lm-head", action="store_true",
+                   help="the server's workers quantize the LM head too (with --quantization fp8)")
     p.add_argument("--load-format", default="dummy", choices=["dummy", "safetensors", "auto"])
     p.add_argument("--serve-args", default="", help="more `pagedserve serve` flags, one shell-quoted string")
     p.add_argument("--server-timeout", type=float, default=600.0, help="seconds to wait for the server")
@@ -129,7 +131,7 @@ def server_process(
                "--load-format", args.load_format, "--dtype", args.dtype, "--kv-cache-dtype", args.kv_cache_dtype,
                "--quantization", args.quantization, "--host", "127.0.0.1", "--port", str(port),
                "--tensor-parallel-size", str(args.tensor_parallel_size),
-               *shlex.split(args.serve_args)]
+               *(["--quantize-lm-head"] if args.quantize_lm_head else []), *shlex.split(args.serve_args)]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -215,7 +217,7 @@ async def run_levels(endpoints: Endpoints, model_dir: Path, args: argparse.Names
 
 def element_bytes(args: argparse.Namespace) -> ElementBytes:
     """Bytes per element of what the server's steps read: its dtype, FP8 weights and FP8 K/V as it was started."""
-    return dtype_bytes(args.dtype, args.quantization == "fp8", args.kv_cache_dtype == "fp8")
+    return dtype_bytes(args.dtype, args.quantization == "fp8", args.kv_cache_dtype == "fp8", args.quantize_lm_head)
 
 
 async def _server_status(address: str) -> generation_service_pb2.GetServerStatusResponse:

@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quantization", default="none", choices=["none", "fp8"], help="FP8 (e4m3) linear weights")
+    p.add_argument("--quantize-lm-head", action="store_true", help="an FP8 LM head too (with --quantization fp8)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="FP8 (e4m3) KV cache")
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--input-len", type=int, default=1024)
@@ -126,7 +127,7 @@ def run_pagedserve(model_dir: Path, requests: Sequence[BenchRequest], args: argp
                         kv_cache_memory_bytes=int(args.kv_cache_memory * (1 << 30)))
     with LLM(model_dir, dtype=DType(args.dtype), device=DeviceKind(device.type), load_format=LoadFormat(load_format),
              seed=args.seed, kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
-             scheduler_config=scheduler, cache_config=cache,
+             quantize_lm_head=args.quantize_lm_head, scheduler_config=scheduler, cache_config=cache,
              engine_config=EngineConfig(max_steps_in_flight=args.max_steps_in_flight),
              worker_process=args.worker_process, tensor_parallel_size=args.tensor_parallel_size) as llm:
         warmups = sample_random_requests(2, 16, 4, 0.0, sampling_vocab_size(model_dir), args.seed - 1)
@@ -164,7 +165,7 @@ def _with_bounds(runs: Sequence[BackendRun], model_dir: Path, args: argparse.Nam
             # The transformers baselines run in the model dtype; pagedserve's bound counts its FP8 bytes.
             is_ours = record["backend"] == PAGEDSERVE
             widths = dtype_bytes(args.dtype, is_ours and args.quantization == "fp8",
-                                 is_ours and args.kv_cache_dtype == "fp8")
+                                 is_ours and args.kv_cache_dtype == "fp8", is_ours and args.quantize_lm_head)
             record.update(bound_summary(shape, widths, rates, workload))
             record["percent_of_bound"] = percent_of_bound(run.elapsed_s, record["bound_s"])
     return records

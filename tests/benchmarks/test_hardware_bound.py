@@ -59,6 +59,11 @@ def test_fp8_weights_make_the_layer_linears_one_byte_and_keep_norms_and_lm_head(
     assert decode_cost(SHAPE, widths, num_seqs=3, context_len=5).bytes_moved == 240 + 3 * 5 * 8
 
 
+def test_an_fp8_lm_head_counts_one_byte_an_element_too() -> None:
+    widths = dtype_bytes("bfloat16", fp8_weights=True, fp8_lm_head=True)
+    assert widths.matmul_weight_bytes(SHAPE) == 144 + 8 * 2 + 40
+
+
 def test_fp8_kv_cache_halves_the_kv_bytes_read_and_written() -> None:
     widths = dtype_bytes("bfloat16", fp8_kv=True)
     assert decode_cost(SHAPE, widths, num_seqs=3, context_len=5).bytes_moved == 192 * 2 + 3 * 5 * 4
