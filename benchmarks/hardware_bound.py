@@ -196,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     args = parser.parse_args(argv)
+    if args.quantize_lm_head and args.quantization != "fp8":
+        parser.error("--quantize-lm-head needs --quantization fp8")
     rates = measure_hardware(torch.device(args.device))
     workload = Workload(args.num_prompts, args.input_len, args.output_len, args.concurrency,
                         args.max_num_batched_tokens)

@@ -224,8 +224,6 @@ class ServerConfig:
             raise ValueError("kv_cache_dtype, quantization and quantize_lm_head apply to the workers serve starts; "
                              "give them to each external worker (pagedserve worker --kv-cache-dtype / "
                              "--quantization / --quantize-lm-head) instead")
-        if self.quantize_lm_head and self.quantization is not Quantization.FP8:
-            raise ValueError("quantize_lm_head needs quantization fp8 (--quantize-lm-head with --quantization fp8)")
         if self.worker_addresses and not self.dependent_launch:
             raise ValueError("dependent_launch applies to the workers serve starts; give each external worker "
                              "--no-dependent-launch instead")

@@ -16,6 +16,7 @@ import torch
 from pagedserve.contract.model_dir import check_model_dir
 from pagedserve.contract.model_format import DeviceKind, DType, KVCacheDType, LoadFormat, Quantization
 from pagedserve.gpu_worker.config import WorkerConfig
+from pagedserve.gpu_worker.errors import ModelLoadError
 from pagedserve.gpu_worker.parallel.config import TensorParallelConfig
 from pagedserve.gpu_worker.parallel.follower import run_follower
 from pagedserve.gpu_worker.service import start_server
@@ -170,7 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     credentials = server_credentials_from_args(parser, args)
     use_short_turns()
     torch.set_num_threads(config.cpu_threads)
-    worker = Worker.load(config)
+    try:
+        worker = Worker.load(config)
+    except ModelLoadError as error:  # the weights or their options cannot be served here: one line, exit code 2
+        log.error("model_load_failed", model=str(args.model), error=str(error))
+        return 2
     freeze_startup_objects()
     if is_follower:
         run_follower(worker)

@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mode_flag(p, "--quantization", server.quantization,
                    "fp8: local workers quantize linear layers to e4m3 at load")
     p.add_argument("--quantize-lm-head", action="store_true",
-                   help="with --quantization fp8: local workers quantize the LM head to e4m3 too (docs/fp8.md)")
+                   help="with FP8 weights (--quantization fp8 or an FP8 checkpoint): local workers quantize the LM "
+                        "head to e4m3 too (docs/fp8.md)")
     p.add_argument("--no-dependent-launch", action="store_true",
                    help="local workers launch each kernel only after the one before it has finished (pagedserve "
                         "worker --no-dependent-launch)")

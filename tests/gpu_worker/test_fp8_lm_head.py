@@ -9,6 +9,9 @@ transformers' bfloat16) the same loss bound holds beside the FP8 test's floor (t
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pagedserve.contract.model_format import DeviceKind, DType, KVCacheDType, Quantization
+from pagedserve.gpu_worker import fp8_weights
 from pagedserve.gpu_worker.errors import ModelLoadError
 from pagedserve.gpu_worker.models.fp8_linear import Fp8Linear
 from pagedserve.gpu_worker.worker import Worker
@@ -48,7 +52,10 @@ def test_a_tied_head_gets_an_fp8_copy_and_the_embedding_keeps_the_model_dtype() 
     assert not torch.equal(quantized.compute_logits(hidden), plain.compute_logits(hidden))
 
 
-def test_an_untied_head_is_replaced_so_its_model_dtype_weight_is_gone(tmp_path: Path) -> None:
+def test_an_untied_head_is_replaced_so_its_model_dtype_weight_is_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fp8_weights, "HEAD_CHUNK_ROWS", 7)  # chunks that do not divide the vocabulary
     model_dir = _save_tiny_model(_mistral(), tmp_path)
     plain = load_worker(model_dir, quantization=Quantization.FP8)
     quantized = load_worker(model_dir, quantization=Quantization.FP8, quantize_lm_head=True)
@@ -64,6 +71,20 @@ def test_an_untied_head_is_replaced_so_its_model_dtype_weight_is_gone(tmp_path: 
 def test_quantize_lm_head_without_fp8_weights_is_refused_naming_the_flag() -> None:
     with pytest.raises(ModelLoadError, match="--quantize-lm-head needs FP8 weights"):
         load_worker(STORIES_DIR, quantize_lm_head=True)
+
+
+def test_the_worker_command_refuses_it_in_one_line_with_exit_code_2() -> None:
+    # A process of its own: the command configures logging for the whole process.
+    done = subprocess.run(
+        [sys.executable, "-m", "pagedserve.runtime.cli", "worker", "--model", str(STORIES_DIR), "--listen",
+         "127.0.0.1:0", "--insecure-no-auth", "--device", "cpu", "--quantize-lm-head", "--log-format", "json"],
+        capture_output=True, text=True, timeout=120,
+    )
+
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    failures = [line["error"] for line in lines if line["event"] == "model_load_failed"]
+    assert (done.returncode, "Traceback" in done.stderr) == (2, False)
+    assert failures == ["--quantize-lm-head needs FP8 weights: add --quantization fp8, or serve an FP8 checkpoint"]
 
 
 def _story_agreement(sequences: list[list[int]], expected: list[list[int]], **worker_options: object) -> float:
