@@ -28,6 +28,7 @@ from tests.gpu_marks import NEEDS_FP8_GPU
 from tests.gpu_worker.harness import STORIES_DIR, load_worker
 from tests.gpu_worker.test_bf16_agreement import _agreement
 from tests.gpu_worker.test_fp8_agreement import BLOCK_SIZE, MIN_GPU_FP8_AGREEMENT, _story_sequences, _top1
+from tests.gpu_worker.test_fp8_weights import COMPRESSED_TENSORS, _write_fp8_checkpoint
 from tests.gpu_worker.test_models import _mistral, _save_tiny_model
 
 MIN_CPU_AGREEMENT = 0.95
@@ -66,6 +67,14 @@ def test_an_untied_head_is_replaced_so_its_model_dtype_weight_is_gone(
     assert torch.equal(fp8_head.dequantized(), _dequantized_rows(head.detach()))
     # float32 weights here: the head's 4 bytes an element become one, plus a float32 scale a row
     assert plain.loaded.weight_bytes - quantized.loaded.weight_bytes == head.numel() * 3 - head.shape[0] * 4
+
+
+def test_an_fp8_checkpoint_takes_it_without_the_quantization_flag(tmp_path: Path) -> None:
+    directory = _write_fp8_checkpoint(tmp_path, COMPRESSED_TENSORS)
+    model = load_worker(directory, quantize_lm_head=True).loaded.model
+
+    assert isinstance(model.lm_head, Fp8Linear)
+    assert torch.equal(model.lm_head.dequantized(), _dequantized_rows(model.embed_tokens.detach()))
 
 
 def test_quantize_lm_head_without_fp8_weights_is_refused_naming_the_flag() -> None:
