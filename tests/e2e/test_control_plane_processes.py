@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,17 @@ pytestmark = pytest.mark.e2e
 def _events(cluster: Cluster, event: str) -> list[dict[str, Any]]:
     lines = (cluster.log_dir / "control_plane.log").read_text().splitlines()
     return [record for line in lines if line.startswith("{") and (record := json.loads(line)).get("event") == event]
+
+
+def _listening_frontends(cluster: Cluster, count: int, timeout_s: float) -> set[tuple[int, str]]:
+    """(frontend index, address) of each server_listening event, once count of them are in the log or timeout_s
+    has passed."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        listening = {(record["frontend_index"], record["address"]) for record in _events(cluster, "server_listening")}
+        if len(listening) >= count or time.monotonic() > deadline:
+            return listening
+        time.sleep(0.05)
 
 
 def _frontend_pid(cluster: Cluster, index: int = 0) -> int:
@@ -84,8 +96,9 @@ def test_several_frontend_processes_share_the_public_port_and_stream_alike(stori
         return await asyncio.gather(*(generate_on_own_connection(address) for _ in range(8)))
 
     with running_cluster(stories_dir, tmp_path, serve_args=["--frontend-processes", "2"]) as cluster:
+        # The port answers once one frontend listens; the other may still be starting.
+        listening = _listening_frontends(cluster, count=2, timeout_s=30.0)
         outputs = asyncio.run(eight_clients(cluster.address))
-        listening = {(record["frontend_index"], record["address"]) for record in _events(cluster, "server_listening")}
         assert listening == {(0, cluster.address), (1, cluster.address)}
         assert len(outputs[0]) == 12 and all(output == outputs[0] for output in outputs)
         os.kill(_frontend_pid(cluster, 1), signal.SIGKILL)  # any frontend's death stops the server
