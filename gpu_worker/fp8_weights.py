@@ -24,7 +24,7 @@ from pagedserve.gpu_worker.errors import ModelLoadError
 from pagedserve.gpu_worker.models.decoder import DecoderForCausalLM, DecoderLayer
 from pagedserve.gpu_worker.models.fp8_linear import SCALED_MM_ALIGNMENT, Fp8Linear
 from pagedserve.gpu_worker.models.layers import GatedMLP, PagedAttention
-from pagedserve.kernels.fp8 import FP8_DTYPE, as_bytes, quantize_per_row
+from pagedserve.kernels.fp8 import FP8_DTYPE, as_bytes
 
 # Hugging Face projection -> (our fused layer attribute, shard index).
 _PROJECTIONS: dict[str, tuple[str, int]] = {
@@ -36,7 +36,6 @@ _LINEAR = re.compile(r"model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gat
                      r"(weight|weight_scale|input_scale)")
 _KV_SCALE = re.compile(r"model\.layers\.(\d+)\.self_attn\.(?:([kv])_scale|([kv])_proj\.output_scale)")
 _FUSED_SHARDS = {"qkv_proj": 3, "gate_up_proj": 2}
-HEAD_CHUNK_ROWS = 8192  # LM head rows quantized at once: a 4096-wide chunk's float32 temporaries are 128 MiB each
 
 
 def checkpoint_is_fp8(model_dir: Path) -> bool:
@@ -96,10 +95,10 @@ def quantize_linears(model: DecoderForCausalLM) -> None:
 
 
 def quantize_lm_head_of(model: DecoderForCausalLM) -> None:
-    """Replaces the LM head (this rank's vocabulary rows) by an FP8 layer with one scale per row, quantized
-    HEAD_CHUNK_ROWS rows at a time (the float32 temporaries of a whole 8B head would take gigabytes). A head tied to
-    the embedding gets an e4m3 copy of its own: the embedding's lookups stay in the model dtype. ModelLoadError for a
-    head whose many-row products could not take FP8 tensor cores on a GPU (each step would dequantize it)."""
+    """Replaces the LM head (this rank's vocabulary rows) by an FP8 layer with one scale per row. A head tied to the
+    embedding gets an e4m3 copy of its own: the embedding's lookups stay in the model dtype. ModelLoadError, before
+    anything is allocated, for a head whose many-row products could not take FP8 tensor cores on a GPU (each step
+    would dequantize it)."""
     head = model.lm_head
     if isinstance(head, Fp8Linear):
         return
@@ -107,14 +106,7 @@ def quantize_lm_head_of(model: DecoderForCausalLM) -> None:
     if head.is_cuda and (rows % SCALED_MM_ALIGNMENT or columns % SCALED_MM_ALIGNMENT):
         raise ModelLoadError(f"--quantize-lm-head: the LM head's {rows} x {columns} rows cannot take FP8 tensor cores "
                              f"(both sizes must be multiples of {SCALED_MM_ALIGNMENT}); serve without it")
-    weight = torch.empty(rows, columns, device=head.device, dtype=FP8_DTYPE)
-    scale = torch.empty(rows, device=head.device)
-    for start in range(0, rows, HEAD_CHUNK_ROWS):
-        chunk = slice(start, start + HEAD_CHUNK_ROWS)
-        quantized, chunk_scale = quantize_per_row(head.detach()[chunk])
-        weight[chunk], scale[chunk] = quantized, chunk_scale.squeeze(1)
-    _replace(model, "lm_head", Fp8Linear(weight, scale, head.dtype, model.ops))
-    del head
+    _replace(model, "lm_head", Fp8Linear.quantize(head, model.ops))
 
 
 def fp8_linear_bytes(model: DecoderForCausalLM) -> int:

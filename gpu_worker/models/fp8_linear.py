@@ -22,6 +22,9 @@ SCALED_MM_ALIGNMENT = 16
 # cuBLAS's tensor-wise FP8 kernels beat its row-wise ones by 1.3-2x at 16-64 rows, more than the extra pass costs;
 # at 256 rows the two ways are even, beyond it the pass costs more (docs/fp8.md).
 UNIT_SCALE_MAX_ROWS = 256
+# Rows quantized at once at load: a 4096-wide chunk's float32 temporaries are 128 MiB each, where a whole 8B LM head's
+# would be 2 GiB each.
+QUANTIZE_CHUNK_ROWS = 8192
 
 
 class QuantizedRows(NamedTuple):
@@ -69,10 +72,17 @@ class Fp8Linear(nn.Module):
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, ops: KernelOps) -> Fp8Linear:
-        """The layer of a model-dtype weight [out, in], quantized per output channel; ops (the device's kernel ops)
-        quantize its inputs."""
-        quantized, scale = quantize_per_row(weight)
-        return cls(quantized, scale.squeeze(1), weight.dtype, ops)
+        """The layer of a model-dtype weight [out, in], quantized per output channel, QUANTIZE_CHUNK_ROWS channels at
+        a time (each row's scale is its own, so the chunks change nothing but the peak memory); ops (the device's
+        kernel ops) quantize its inputs."""
+        rows, columns = weight.shape
+        quantized = torch.empty(rows, columns, device=weight.device, dtype=FP8_DTYPE)
+        scale = torch.empty(rows, device=weight.device)
+        for start in range(0, rows, QUANTIZE_CHUNK_ROWS):
+            chunk = slice(start, start + QUANTIZE_CHUNK_ROWS)
+            chunk_values, chunk_scale = quantize_per_row(weight.detach()[chunk])
+            quantized[chunk], scale[chunk] = chunk_values, chunk_scale.squeeze(1)
+        return cls(quantized, scale, weight.dtype, ops)
 
     @classmethod
     def empty(cls, out_features: int, in_features: int, device: torch.device, dtype: torch.dtype,

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from pagedserve.contract.model_format import DeviceKind, DType, KVCacheDType, Quantization
-from pagedserve.gpu_worker import fp8_weights
 from pagedserve.gpu_worker.errors import ModelLoadError
+from pagedserve.gpu_worker.models import fp8_linear
 from pagedserve.gpu_worker.models.fp8_linear import Fp8Linear
 from pagedserve.gpu_worker.worker import Worker
 from pagedserve.kernels.fp8 import quantize_per_row
@@ -56,7 +56,7 @@ def test_a_tied_head_gets_an_fp8_copy_and_the_embedding_keeps_the_model_dtype() 
 def test_an_untied_head_is_replaced_so_its_model_dtype_weight_is_gone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(fp8_weights, "HEAD_CHUNK_ROWS", 7)  # chunks that do not divide the vocabulary
+    monkeypatch.setattr(fp8_linear, "QUANTIZE_CHUNK_ROWS", 7)  # chunks that do not divide the vocabulary
     model_dir = _save_tiny_model(_mistral(), tmp_path)
     plain = load_worker(model_dir, quantization=Quantization.FP8)
     quantized = load_worker(model_dir, quantization=Quantization.FP8, quantize_lm_head=True)
