@@ -1,4 +1,4 @@
-"""Roofline bounds: measured memory bandwidth and matmul rate, and the fastest a workload could run on them."""
+"""Roofline bounds: measured memory bandwidth and matmul rates, and the fastest a workload could run on them."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.model_shapes import ModelShape, read_shape
+from pagedserve.gpu_worker.models.fp8_linear import SCALED_MM_MIN_CAPABILITY
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FP8_BYTES = 1
@@ -27,6 +28,7 @@ class HardwareRates:
     device_name: str
     memory_bandwidth_bytes_per_s: float  # bytes read + written per second by a large device copy
     matmul_flops_per_s: float  # large square GEMM: bf16 on CUDA, float32 on CPU
+    fp8_matmul_flops_per_s: float  # the same GEMM in e4m3 on FP8 tensor cores; where there are none, the rate above
 
     def times(self, num_devices: int) -> HardwareRates:
         """num_devices such devices sharing each step perfectly (tensor parallelism with free communication): the
@@ -34,18 +36,21 @@ class HardwareRates:
         if num_devices == 1:
             return self
         return HardwareRates(f"{self.device_name} x{num_devices}", self.memory_bandwidth_bytes_per_s * num_devices,
-                             self.matmul_flops_per_s * num_devices)
+                             self.matmul_flops_per_s * num_devices, self.fp8_matmul_flops_per_s * num_devices)
 
 
 @dataclass(frozen=True, slots=True)
 class StepCost:
-    """Work of one engine step: it cannot finish faster than its bytes over bandwidth or its FLOPs over rate."""
+    """Work of one engine step: it cannot finish faster than its bytes over bandwidth or its FLOPs over rate (the
+    model dtype's FLOPs at its rate plus the FP8 linears' at theirs)."""
 
     bytes_moved: float
     flops: float
+    fp8_flops: float = 0.0
 
     def time_s(self, rates: HardwareRates) -> float:
-        return max(self.bytes_moved / rates.memory_bandwidth_bytes_per_s, self.flops / rates.matmul_flops_per_s)
+        compute_s = self.flops / rates.matmul_flops_per_s + self.fp8_flops / rates.fp8_matmul_flops_per_s
+        return max(self.bytes_moved / rates.memory_bandwidth_bytes_per_s, compute_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +70,13 @@ class ElementBytes:
         norms = 2 * shape.hidden_size
         per_layer = (shape.layer_parameters - norms) * self.layer_linear + norms * self.model
         return shape.num_layers * per_layer + shape.vocab_size * shape.hidden_size * self.lm_head
+
+    def split_flops(self, layer_flops: float, lm_head_flops: float) -> tuple[float, float]:
+        """The layers' and the LM head's matmul FLOPs as (model dtype, FP8): FP8 where the weights are (their rows
+        are quantized per token and multiplied on FP8 tensor cores)."""
+        fp8 = (layer_flops if self.layer_linear == FP8_BYTES else 0.0) + (
+            lm_head_flops if self.lm_head == FP8_BYTES else 0.0)
+        return layer_flops + lm_head_flops - fp8, fp8
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +123,8 @@ def _median_time_s(fn: Callable[[], object], device: torch.device, warmups: int 
 
 
 def measure_hardware(device: torch.device) -> HardwareRates:
-    """Times a 1 GiB copy and an 8192^3 bf16 GEMM on CUDA (64 MiB and 1024^3 float32 on CPU); frees them after."""
+    """Times a 1 GiB copy and an 8192^3 bf16 GEMM on CUDA (64 MiB and 1024^3 float32 on CPU), and the GEMM in e4m3
+    where the device has FP8 tensor cores; frees them after."""
     on_gpu = device.type == "cuda"
     num_bytes = (1 << 30) if on_gpu else (64 << 20)
     source = torch.empty(num_bytes, dtype=torch.uint8, device=device).fill_(1)
@@ -123,10 +136,17 @@ def measure_hardware(device: torch.device) -> HardwareRates:
     a = torch.randn(n, n, dtype=gemm_dtype, device=device, generator=generator)
     b = torch.randn(n, n, dtype=gemm_dtype, device=device, generator=generator)
     gemm_s = _median_time_s(functools.partial(torch.mm, a, b), device)
+    fp8_gemm_s = gemm_s
+    if on_gpu and torch.cuda.get_device_capability(device) >= SCALED_MM_MIN_CAPABILITY:
+        a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()  # _scaled_mm takes b column-major
+        unit = torch.ones((), device=device)
+        fp8_gemm_s = _median_time_s(
+            functools.partial(torch._scaled_mm, a8, b8, scale_a=unit, scale_b=unit, out_dtype=torch.bfloat16), device)
+        del a8, b8
     del a, b
     if on_gpu:
         torch.cuda.empty_cache()
-    return HardwareRates(device_name(device), 2 * num_bytes / copy_s, 2 * n**3 / gemm_s)
+    return HardwareRates(device_name(device), 2 * num_bytes / copy_s, 2 * n**3 / gemm_s, 2 * n**3 / fp8_gemm_s)
 
 
 def prefill_cost(shape: ModelShape, widths: ElementBytes, num_seqs: int, prompt_len: int, max_batched: int) -> StepCost:
@@ -136,17 +156,19 @@ def prefill_cost(shape: ModelShape, widths: ElementBytes, num_seqs: int, prompt_
     num_chunks = math.ceil(tokens / max_batched)
     layer_matmul = shape.num_layers * (shape.layer_parameters - 2 * shape.hidden_size)
     attention = 2 * shape.num_layers * shape.num_heads * shape.resolved_head_dim * prompt_len * (prompt_len + 1)
-    flops = 2 * layer_matmul * tokens + num_seqs * attention + 2 * shape.vocab_size * shape.hidden_size * num_seqs
+    lm_head_flops = 2 * shape.vocab_size * shape.hidden_size * num_seqs
+    flops, fp8_flops = widths.split_flops(2 * layer_matmul * tokens, lm_head_flops)
     bytes_moved = num_chunks * widths.matmul_weight_bytes(shape) + tokens * shape.kv_bytes_per_token(widths.kv)
-    return StepCost(bytes_moved, flops)
+    return StepCost(bytes_moved, flops + num_seqs * attention, fp8_flops)
 
 
 def decode_cost(shape: ModelShape, widths: ElementBytes, num_seqs: int, context_len: int) -> StepCost:
     """One decode step of num_seqs sequences, each attending to context_len tokens: all weights plus their K/V read."""
     kv_read = num_seqs * context_len * shape.kv_bytes_per_token(widths.kv)
     attention = 4 * shape.num_layers * shape.num_heads * shape.resolved_head_dim * context_len * num_seqs
-    flops = 2 * shape.matmul_parameters * num_seqs + attention
-    return StepCost(widths.matmul_weight_bytes(shape) + kv_read, flops)
+    lm_head_flops = 2 * shape.vocab_size * shape.hidden_size * num_seqs
+    flops, fp8_flops = widths.split_flops(2 * shape.matmul_parameters * num_seqs - lm_head_flops, lm_head_flops)
+    return StepCost(widths.matmul_weight_bytes(shape) + kv_read, flops + attention, fp8_flops)
 
 
 def _wave_time_s(

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from benchmarks.hardware_bound import (
     HardwareRates,
     Workload,
     decode_cost,
     dtype_bytes,
+    measure_hardware,
     percent_of_bound,
     prefill_cost,
     workload_bound_s,
@@ -20,7 +22,8 @@ from benchmarks.model_shapes import ModelShape
 SHAPE = ModelShape("hand", hidden_size=4, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=8,
                    vocab_size=10, tie_word_embeddings=False)
 BF16 = dtype_bytes("bfloat16")
-RATES = HardwareRates("test", memory_bandwidth_bytes_per_s=100.0, matmul_flops_per_s=1000.0)
+RATES = HardwareRates("test", memory_bandwidth_bytes_per_s=100.0, matmul_flops_per_s=1000.0,
+                      fp8_matmul_flops_per_s=2000.0)
 
 
 def test_layer_and_matmul_weights_are_counted_by_hand() -> None:
@@ -64,6 +67,29 @@ def test_an_fp8_lm_head_counts_one_byte_an_element_too() -> None:
     assert widths.matmul_weight_bytes(SHAPE) == 144 + 8 * 2 + 40
 
 
+def test_fp8_weights_count_the_layer_linears_flops_at_the_fp8_rate_and_attention_at_the_model_dtypes() -> None:
+    cost = prefill_cost(SHAPE, dtype_bytes("bfloat16", fp8_weights=True), num_seqs=2, prompt_len=3, max_batched=4)
+
+    assert cost.fp8_flops == 2 * 144 * 6
+    assert cost.flops == 2 * (2 * 1 * 2 * 2 * 3 * 4) + 2 * 10 * 4 * 2
+    compute_s = cost.flops / 1000.0 + cost.fp8_flops / 2000.0
+    assert cost.time_s(RATES) == pytest.approx(max(cost.bytes_moved / 100.0, compute_s))
+
+
+def test_an_fp8_lm_head_moves_its_flops_to_the_fp8_rate_too() -> None:
+    widths = dtype_bytes("bfloat16", fp8_weights=True, fp8_lm_head=True)
+    prefill = prefill_cost(SHAPE, widths, num_seqs=2, prompt_len=3, max_batched=4)
+    decode = decode_cost(SHAPE, widths, num_seqs=3, context_len=5)
+
+    assert (prefill.flops, prefill.fp8_flops) == (2 * (2 * 1 * 2 * 2 * 3 * 4), 2 * 144 * 6 + 2 * 10 * 4 * 2)
+    assert (decode.flops, decode.fp8_flops) == (4 * 1 * 2 * 2 * 5 * 3, 2 * 192 * 3)
+
+
+def test_model_dtype_weights_have_no_fp8_flops() -> None:
+    assert prefill_cost(SHAPE, BF16, num_seqs=2, prompt_len=3, max_batched=4).fp8_flops == 0
+    assert decode_cost(SHAPE, dtype_bytes("bfloat16", fp8_kv=True), num_seqs=3, context_len=5).fp8_flops == 0
+
+
 def test_fp8_kv_cache_halves_the_kv_bytes_read_and_written() -> None:
     widths = dtype_bytes("bfloat16", fp8_kv=True)
     assert decode_cost(SHAPE, widths, num_seqs=3, context_len=5).bytes_moved == 192 * 2 + 3 * 5 * 4
@@ -82,5 +108,12 @@ def test_percent_of_bound_is_bound_time_over_measured_time() -> None:
 def test_a_tensor_parallel_group_of_n_devices_is_bounded_by_n_times_their_rates() -> None:
     pair = RATES.times(2)
 
-    assert (pair.device_name, pair.memory_bandwidth_bytes_per_s, pair.matmul_flops_per_s) == ("test x2", 200.0, 2000.0)
+    assert (pair.device_name, pair.memory_bandwidth_bytes_per_s, pair.matmul_flops_per_s,
+            pair.fp8_matmul_flops_per_s) == ("test x2", 200.0, 2000.0, 4000.0)
     assert RATES.times(1) is RATES
+
+
+def test_a_device_without_fp8_tensor_cores_counts_fp8_linears_at_its_one_matmul_rate() -> None:
+    rates = measure_hardware(torch.device("cpu"))
+
+    assert rates.fp8_matmul_flops_per_s == rates.matmul_flops_per_s > 0
