@@ -86,7 +86,7 @@ def write_outputs(stem: Path, result: dict[str, Any], markdown: str) -> list[Pat
     return [json_path, md_path]
 
 
-def _pyplot() -> Any | None:
+def pyplot() -> Any | None:
     """matplotlib's pyplot on a file backend, or None where matplotlib is not installed (plots are optional)."""
     try:
         import matplotlib
@@ -112,7 +112,7 @@ def serving_series(runs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, A
 def plot_serving(runs: Sequence[dict[str, Any]], path: Path) -> Path | None:
     """Throughput per path (direct gRPC, the gateway) against concurrency, each run's latency distributions and share
     of the bound; None without matplotlib."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     series = serving_series(runs)
@@ -144,7 +144,7 @@ def plot_serving(runs: Sequence[dict[str, Any]], path: Path) -> Path | None:
 
 def plot_throughput(backends: Sequence[dict[str, Any]], path: Path) -> Path | None:
     """Output tokens/s and share of the bound per backend; None without matplotlib."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     names = [b["backend"] for b in backends]
