@@ -117,7 +117,9 @@ def main(argv: Sequence[str] | None = None) -> list[list[object]]:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     image = plot(rows, args.output.with_suffix(".png"))
     metadata = report.run_metadata("bound-plot", rates.device_name)
-    sections = [("Rates", f"From `{args.rates_from.name}`: {rates}"), ("Runs", report.markdown_table(HEADERS, rows))]
+    measured = "" if has_fp8_rate else " (that record measured no FP8 matmul rate: the bf16 rate stands in)"
+    sections = [("Rates", f"From `{args.rates_from.name}`: {rates}{measured}"),
+                ("Runs", report.markdown_table(HEADERS, rows))]
     args.output.with_suffix(".md").write_text(
         report.markdown_report("Share of the roofline bound by concurrency", metadata, sections))
     print(report.text_table(HEADERS, rows))
