@@ -16,6 +16,7 @@ from benchmarks.hardware_bound import (
     workload_bound_s,
 )
 from benchmarks.model_shapes import ModelShape
+from tests.gpu_marks import NEEDS_FP8_GPU
 
 # 1 layer, hidden 4, 2 heads of 2, 1 KV head, MLP 8, vocab 10, untied:
 # layer = 4*(2+2*1)*2 (qkv) + 4*4 (o) + 3*4*8 (mlp) + 2*4 (norms) = 32 + 16 + 96 + 8 = 152 weights.
@@ -117,3 +118,13 @@ def test_a_device_without_fp8_tensor_cores_counts_fp8_linears_at_its_one_matmul_
     rates = measure_hardware(torch.device("cpu"))
 
     assert rates.fp8_matmul_flops_per_s == rates.matmul_flops_per_s > 0
+
+
+@NEEDS_FP8_GPU[0]
+@NEEDS_FP8_GPU[1]
+@NEEDS_FP8_GPU[2]
+def test_on_an_fp8_gpu_the_e4m3_gemm_is_timed_and_runs_faster_than_bf16() -> None:
+    rates = measure_hardware(torch.device("cuda"))
+
+    print(f"bf16 {rates.matmul_flops_per_s / 1e12:.0f} TFLOP/s, e4m3 {rates.fp8_matmul_flops_per_s / 1e12:.0f} TFLOP/s")
+    assert rates.fp8_matmul_flops_per_s > 1.2 * rates.matmul_flops_per_s
