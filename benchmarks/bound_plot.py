@@ -61,20 +61,21 @@ def bound_rows(label: str, record: dict[str, Any], rates: HardwareRates, has_fp8
     widths = widths_of(config)
     if widths.layer_linear != widths.model and not has_fp8_rate:
         raise ValueError(f"{label} has FP8 weights: --rates-from must be a record that measured the FP8 matmul rate")
+    input_len, output_len = config["random_input_len"], config["random_output_len"]
+    contexts = range(input_len + 1, input_len + output_len)
     rows = []
     for run in record["runs"]:
         concurrency = run["max_concurrency"]
-        contexts = range(config["random_input_len"] + 1, config["random_input_len"] + config["random_output_len"])
         step_s = statistics.fmean(decode_cost(shape, widths, concurrency, c).time_s(rates) for c in contexts)
-        recorded = run.get("percent_of_bound")
-        if recorded is None:
-            workload = Workload(run["num_prompts"], config["random_input_len"], config["random_output_len"],
-                                concurrency, config["max_num_batched_tokens"])
+        share, source = run.get("percent_of_bound"), "recorded"
+        if share is None:
+            workload = Workload(run["num_prompts"], input_len, output_len, concurrency,
+                                config["max_num_batched_tokens"])
             share = percent_of_bound(run["duration_s"], workload_bound_s(shape, widths, rates, workload))
+            source = "computed on --rates-from"
         rows.append([label, config["model_shape"], record["metadata"]["commit"], concurrency,
                      round(run["output_throughput"]), round(run["p50_tpot_ms"], 3), round(1e3 * step_s, 3),
-                     round(recorded if recorded is not None else share, 1),
-                     "recorded" if recorded is not None else "computed on --rates-from"])
+                     round(share, 1), source])
     return rows
 
 
