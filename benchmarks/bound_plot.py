@@ -21,24 +21,17 @@ from typing import Any
 
 from benchmarks import report
 from benchmarks.hardware_bound import (
-    ElementBytes,
     HardwareRates,
     Workload,
     decode_cost,
-    dtype_bytes,
     percent_of_bound,
+    server_element_bytes,
     workload_bound_s,
 )
 from benchmarks.model_shapes import SHAPES
 
 HEADERS = ("record", "shape", "commit", "concurrency", "out tok/s", "TPOT p50 ms", "decode-step bound ms",
            "% of bound", "bound")
-
-
-def widths_of(config: dict[str, Any]) -> ElementBytes:
-    """The element widths a record's server ran with (records older than a flag ran without it)."""
-    return dtype_bytes(config["dtype"], config.get("quantization") == "fp8", config.get("kv_cache_dtype") == "fp8",
-                       bool(config.get("quantize_lm_head")))
 
 
 def rates_of(record: dict[str, Any]) -> tuple[HardwareRates, bool]:
@@ -58,7 +51,7 @@ def bound_rows(label: str, record: dict[str, Any], rates: HardwareRates, has_fp8
     """One row per run of a record: its throughput, TPOT and share of the bound, recorded or computed on rates."""
     config = record["config"]
     shape = SHAPES[config["model_shape"]]
-    widths = widths_of(config)
+    widths = server_element_bytes(config)
     if widths.layer_linear != widths.model and not has_fp8_rate:
         raise ValueError(f"{label} has FP8 weights: --rates-from must be a record that measured the FP8 matmul rate")
     input_len, output_len = config["random_input_len"], config["random_output_len"]

@@ -8,9 +8,10 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -99,6 +100,13 @@ def dtype_bytes(dtype: str, fp8_weights: bool = False, fp8_kv: bool = False, fp8
     model = _DTYPE_BYTES[dtype]
     return ElementBytes(model, FP8_BYTES if fp8_weights else model, FP8_BYTES if fp8_kv else model,
                         FP8_BYTES if fp8_lm_head else model)
+
+
+def server_element_bytes(flags: Mapping[str, Any]) -> ElementBytes:
+    """Element widths of what a served model's steps read, from the benchmark's server flags (its parsed arguments,
+    or the config a record kept of them; flags that older records lack were off)."""
+    return dtype_bytes(flags["dtype"], flags.get("quantization") == "fp8", flags.get("kv_cache_dtype") == "fp8",
+                       bool(flags.get("quantize_lm_head")))
 
 
 def device_name(device: torch.device) -> str:

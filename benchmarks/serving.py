@@ -25,12 +25,11 @@ from benchmarks.child_process import stop
 from benchmarks.client_runs import run_here, run_in_processes, run_requests
 from benchmarks.gateway_process import running_gateway
 from benchmarks.hardware_bound import (
-    ElementBytes,
     HardwareRates,
     Workload,
     bound_summary,
-    dtype_bytes,
     percent_of_bound,
+    server_element_bytes,
 )
 from benchmarks.model_shapes import SHAPES, add_model_arguments, read_shape, sampling_vocab_size, write_model_dir
 from benchmarks.random_dataset import BenchRequest, sample_random_requests
@@ -207,17 +206,12 @@ async def run_levels(endpoints: Endpoints, model_dir: Path, args: argparse.Names
         if rates is not None:
             workload = Workload(num_prompts, args.random_input_len, args.random_output_len, run["max_concurrency"],
                                 args.max_num_batched_tokens)
-            run.update(bound_summary(read_shape(model_dir), element_bytes(args), rates, workload))
+            run.update(bound_summary(read_shape(model_dir), server_element_bytes(vars(args)), rates, workload))
             run["percent_of_bound"] = percent_of_bound(duration_s, run["bound_s"])
         runs.append(run)
         print(f"{path.value} {mode.value} max_concurrency={run['max_concurrency']}: {run['completed']} done, "
               f"{run['failed']} failed, {run['output_throughput']:.1f} output tokens/s", flush=True)
     return runs
-
-
-def element_bytes(args: argparse.Namespace) -> ElementBytes:
-    """Bytes per element of what the server's steps read: its dtype, FP8 weights and FP8 K/V as it was started."""
-    return dtype_bytes(args.dtype, args.quantization == "fp8", args.kv_cache_dtype == "fp8", args.quantize_lm_head)
 
 
 async def _server_status(address: str) -> generation_service_pb2.GetServerStatusResponse:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import serving
-from benchmarks.hardware_bound import dtype_bytes
+from benchmarks.hardware_bound import dtype_bytes, server_element_bytes
 
 
 def test_sweep_records_every_level_with_vllm_metrics(stories260k_dir: Path, tmp_path: Path) -> None:
@@ -51,8 +51,8 @@ def test_the_bound_counts_the_bytes_the_server_was_started_with() -> None:
     """A server of FP8 weights and FP8 K/V reads half the bytes: its bound may not be the bf16 one (it once was,
     and FP8 runs read as 118 % of their bound)."""
     model = ["--model", "unused"]
-    assert serving.element_bytes(serving.parse_args(model)) == dtype_bytes("bfloat16")
-    fp8 = serving.element_bytes(serving.parse_args([*model, "--quantization", "fp8", "--kv-cache-dtype", "fp8"]))
+    assert server_element_bytes(vars(serving.parse_args(model))) == dtype_bytes("bfloat16")
+    fp8 = server_element_bytes(vars(serving.parse_args([*model, "--quantization", "fp8", "--kv-cache-dtype", "fp8"])))
     assert fp8 == dtype_bytes("bfloat16", fp8_weights=True, fp8_kv=True)
     assert (fp8.layer_linear, fp8.kv) == (1, 1)
 
