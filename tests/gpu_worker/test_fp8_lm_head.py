@@ -122,27 +122,40 @@ def test_the_fp8_head_costs_stories_at_most_a_few_points_of_agreement(
     assert weights_only - with_head <= MAX_HEAD_LOSS
 
 
+# bfloat16's unit roundoff: a rounded result is within this share of its value.
+BF16_ROUNDOFF = 2 ** -8
+# Accumulation in another order, or in the FP8 tensor cores' own precision: a share of the magnitude summed.
+ACCUMULATION_SHARE = 2 ** -10
+
+
 @NEEDS_FP8_GPU[0]
 @NEEDS_FP8_GPU[1]
 @NEEDS_FP8_GPU[2]
 @pytest.mark.parametrize("num_rows", [1, 8, 32, 300])
 def test_on_gpu_the_fp8_head_computes_what_its_e4m3_weight_stands_for(num_rows: int) -> None:
     """Up to 8 rows take the GEMV (the e4m3 weight times the bf16 rows as they are), 32 and 300 the FP8 tensor cores
-    (the rows quantized per token by the device's own kernel too): each against that product in float32."""
+    (the rows quantized per token by the device's own kernel too): each logit against that product in float32,
+    within its roundings to bfloat16 and an accumulation error. Up to UNIT_SCALE_MAX_ROWS rows the product is rounded
+    twice (taken with unit scales, then scaled); on stories260K's head that alone moved the largest logit by up to
+    3.9 % of the mean magnitude, beyond the single rounding's 2 %."""
     model = load_worker(STORIES_DIR, dtype=DType.BFLOAT16, device=DeviceKind.CUDA, quantization=Quantization.FP8,
                         quantize_lm_head=True).loaded.model
     head = model.lm_head
     assert isinstance(head, Fp8Linear)
-    hidden = torch.randn(num_rows, model.config.hidden_size, device="cuda").to(torch.bfloat16)
+    generator = torch.Generator(device="cuda").manual_seed(num_rows)
+    hidden = torch.randn(num_rows, model.config.hidden_size, device="cuda", generator=generator).to(torch.bfloat16)
     quantizes = head.quantizes(num_rows)
     if quantizes:
         values, scales = head.ops.quantize_fp8_per_row(hidden)
         rows = values.float() * scales
     else:
         rows = hidden.float()
-    expected = F.linear(rows, head.weight.float() * head.weight_scale[:, None])
+    weight = head.weight.float() * head.weight_scale[:, None]
+    expected = F.linear(rows, weight)
+    roundings = 2 if quantizes and num_rows <= fp8_linear.UNIT_SCALE_MAX_ROWS else 1
 
     logits = model.compute_logits(hidden).float()
 
     assert quantizes is (num_rows > 8)
-    assert ((logits - expected).abs().max() / expected.abs().mean()).item() < 2e-2
+    bound = roundings * BF16_ROUNDOFF * expected.abs() + ACCUMULATION_SHARE * F.linear(rows.abs(), weight.abs())
+    assert ((logits - expected).abs() <= bound).all()
