@@ -23,12 +23,20 @@ from pagedserve.kernels.fp8 import FP8_DTYPE
 from pagedserve.kernels.paged_prefill import PagedPrefill
 
 DECODE_CONTEXT = 1100
-# name: per sequence (query rows, context length after the step), in work order.
+C256_CHUNKS = [(1024, 1024), (776, 776)]
+C256_DECODES = [(1, DECODE_CONTEXT)] * 254
+C64_CHUNKS = [(1024, 1024), (960, 960)]
+C64_DECODES = [(1, DECODE_CONTEXT)] * 62
+# name: per sequence (query rows, context length after the step), in work order. The scheduler's own order puts
+# the running requests first, in admission order, and the newly admitted last: a serving step's decodes come before
+# its prompt chunks (the "decodes first" shapes), whose grid slots the kernel dispatches first.
 STEPS: dict[str, list[tuple[int, int]]] = {
     "offline: 16 prompts of 1,024": [(1024, 1024)] * 16,
-    "c=256: chunks 1,024 + 776, 254 decodes": [(1024, 1024), (776, 776)] + [(1, DECODE_CONTEXT)] * 254,
-    "c=256: chunks 512 of 1,024 + 1,280, 254 decodes": [(512, 1024), (1280, 1280)] + [(1, DECODE_CONTEXT)] * 254,
-    "c=64: chunks 1,024 + 960, 62 decodes": [(1024, 1024), (960, 960)] + [(1, DECODE_CONTEXT)] * 62,
+    "c=256: chunks 1,024 + 776, 254 decodes": C256_CHUNKS + C256_DECODES,
+    "c=256: 254 decodes first, chunks 1,024 + 776": C256_DECODES + C256_CHUNKS,
+    "c=256: chunks 512 of 1,024 + 1,280, 254 decodes": [(512, 1024), (1280, 1280)] + C256_DECODES,
+    "c=64: chunks 1,024 + 960, 62 decodes": C64_CHUNKS + C64_DECODES,
+    "c=64: 62 decodes first, chunks 1,024 + 960": C64_DECODES + C64_CHUNKS,
     "c=1: chunk 1,792 at 256 of 2,048": [(1792, 2048)],
 }
 
@@ -79,12 +87,12 @@ def main() -> None:
     timer = Timer(args.repeats)
     prefill = PagedPrefill(ModuleCache(torch.device("cuda", torch.cuda.current_device())))
     q_heads, _, head_dim = SHAPES[args.shape]
-    print(f"{'step':48s} {'cache':5s} {'us':>8s} {'TFLOP/s':>8s} {'checksum':>14s}")
+    print(f"{'step':50s} {'cache':5s} {'us':>8s} {'TFLOP/s':>8s} {'checksum':>14s}")
     for name, step in STEPS.items():
         flops = causal_flops(step, q_heads, head_dim)
         for cache_dtype, label in ((torch.bfloat16, "bf16"), (FP8_DTYPE, "fp8")):
             us, checksum = bench_step(timer, prefill, args.shape, step, cache_dtype)
-            print(f"{name:48s} {label:5s} {us:8.1f} {flops / us / 1e6:8.1f} {checksum:14.6e}", flush=True)
+            print(f"{name:50s} {label:5s} {us:8.1f} {flops / us / 1e6:8.1f} {checksum:14.6e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,3 +17,10 @@ def test_whole_prompts_count_the_causal_triangle() -> None:
 
 def test_decode_rows_count_nothing() -> None:
     assert causal_flops([(1, 1100), (1, 2048)], q_heads=32, head_dim=64) == 0.0
+
+
+def test_the_decodes_first_shapes_are_their_counterparts_reordered() -> None:
+    for first, last in (("c=256: 254 decodes first, chunks 1,024 + 776", "c=256: chunks 1,024 + 776, 254 decodes"),
+                        ("c=64: 62 decodes first, chunks 1,024 + 960", "c=64: chunks 1,024 + 960, 62 decodes")):
+        assert STEPS[first] != STEPS[last] and sorted(STEPS[first]) == sorted(STEPS[last])
+        assert STEPS[first][0][0] == 1 and STEPS[last][0][0] > 1
