@@ -38,6 +38,8 @@ STEPS: dict[str, list[tuple[int, int]]] = {
     "c=64: chunks 1,024 + 960, 62 decodes": C64_CHUNKS + C64_DECODES,
     "c=64: 62 decodes first, chunks 1,024 + 960": C64_DECODES + C64_CHUNKS,
     "c=1: chunk 1,792 at 256 of 2,048": [(1792, 2048)],
+    # No prompt rows: every CTA of the grid finds a decode's slot and exits, so this is the cost of those slots alone.
+    "c=256: 254 decodes, no chunk": C256_DECODES,
 }
 
 
