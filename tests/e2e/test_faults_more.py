@@ -320,9 +320,12 @@ def test_a_step_that_raises_in_the_worker_fails_its_requests_unavailable_and_ser
     assert code == 0
     assert has_exited_within(frontend_pid, timeout_s=5.0)
     # What the worker said (its status) is what serve logs and the clients read; GrpcWorkerClient.receive() words it.
-    expected = f"worker at {worker_address} failed: INTERNAL: internal worker error"
-    assert failure["error"] == expected
-    assert [error.details() for error in errors] == [expected] * 3
+    # Unless a step written while the worker's status was on its way lost it: grpc's client then ends the call with a
+    # status of its own ("Internal error from Core", set when the write fails), and that is what reaches serve.
+    said = f"worker at {worker_address} failed: INTERNAL: internal worker error"
+    lost = f"worker at {worker_address} failed: INTERNAL: Internal error from Core"
+    assert failure["error"] in (said, lost)
+    assert [error.details() for error in errors] == [failure["error"]] * 3
 
 
 # 3. SIGTERM drains the streams in flight.
