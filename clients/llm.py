@@ -96,7 +96,9 @@ class LLM:
     reads the tokenizer from another directory than `model`'s; `cpu_threads` caps the worker process's torch threads
     (default: the cores this process may use, less one for the engine); `dependent_launch=False` launches every
     kernel plainly (`pagedserve worker --no-dependent-launch`); `quantize_lm_head=True` with FP8 weights makes the LM
-    head FP8 too (`--quantize-lm-head`). The defaults are `pagedserve serve`'s (the
+    head FP8 too (`--quantize-lm-head`); `batch_invariant=True` on a CPU computes each row as if it were alone in its
+    step, so that a sequence's tokens do not depend on which others share its steps (`--batch-invariant`). The
+    defaults are `pagedserve serve`'s (the
     same config classes) but for one: without a scheduler_config a step takes up to offline_step_budget tokens
     (16,384 on devices of 70 GiB or more, else 8,192, as vLLM's LLM class), not the server's 2,048; a
     scheduler_config given is taken as it is, so set its max_num_batched_tokens too (offline_step_budget gives the
@@ -122,6 +124,7 @@ class LLM:
         quantization: Quantization | str = Quantization.NONE,
         quantize_lm_head: bool = False,
         dependent_launch: bool = True,
+        batch_invariant: bool = False,
         scheduler_config: SchedulerConfig | None = None,
         cache_config: CacheConfig | None = None,
         engine_config: EngineConfig | None = None,
@@ -165,7 +168,7 @@ class LLM:
                     load_format=LoadFormat(load_format), seed=seed, cluster_secret=secret,
                     kv_cache_dtype=KVCacheDType(kv_cache_dtype), quantization=Quantization(quantization),
                     quantize_lm_head=quantize_lm_head, dependent_launch=dependent_launch,
-                    tensor_parallel_size=tensor_parallel_size,
+                    batch_invariant=batch_invariant, tensor_parallel_size=tensor_parallel_size,
                     cpu_threads=cpu_threads or local_worker_threads(tensor_parallel_size, usable_cores()),
                 ))
                 worker = self._run(_connect(self._launcher, secret, worker_start_timeout_s))
@@ -174,7 +177,7 @@ class LLM:
                                       load_format=LoadFormat(load_format), seed=seed,
                                       kv_cache_dtype=KVCacheDType(kv_cache_dtype),
                                       quantization=Quantization(quantization), quantize_lm_head=quantize_lm_head,
-                                      dependent_launch=dependent_launch)
+                                      dependent_launch=dependent_launch, batch_invariant=batch_invariant)
                 worker = InProcessWorker(Worker.load(config))
             if scheduler_config is None:
                 device_memory_bytes = self._run(worker.get_info()).total_memory_bytes

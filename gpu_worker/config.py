@@ -27,6 +27,8 @@ class WorkerConfig:
     quantization: Quantization = Quantization.NONE  # FP8: linear layers quantized to e4m3 at load
     quantize_lm_head: bool = False  # with FP8 weights, the LM head quantized to e4m3 at load too
     cpu_threads: int = 1  # torch's CPU threads (runtime/cpu_threads.py: main gives the cores it may use)
+    # Each row computed as if alone in its step (CPU only): results independent of the schedule (kernels/reference.py)
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         if self.seed < 0:

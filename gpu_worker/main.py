@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="with FP8 weights (--quantization fp8 or an FP8 checkpoint), quantize the LM head to e4m3 "
                         "too: half its bytes a step, at some cost in agreement (docs/fp8.md)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="CPU worker only: compute each row as if it were alone in its step, so that a sequence's "
+                        "tokens do not depend on the sequences beside it, preemption included (slower; "
+                        "docs/architecture.md)")
     p.add_argument("--cpu-threads", type=int,
                    help="threads torch may use for CPU work (default: the cores this process may run on)")
     add_log_flags(p)
@@ -132,6 +136,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         tensor_parallel=TensorParallelConfig(args.tp_rank, args.tp_size, args.tp_rendezvous, args.tp_timeout),
         kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization, quantize_lm_head=args.quantize_lm_head,
         cpu_threads=usable_cores() if args.cpu_threads is None else args.cpu_threads,
+        batch_invariant=args.batch_invariant,
     )
 
 

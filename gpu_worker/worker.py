@@ -19,7 +19,7 @@ from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.cuda_graph import CudaGraphRunner
 from pagedserve.gpu_worker.device_span import DeviceSpan
 from pagedserve.gpu_worker.devices import dtype_from_torch, resolve_device
-from pagedserve.gpu_worker.errors import CacheNotInitializedError, InvalidCacheRequestError
+from pagedserve.gpu_worker.errors import CacheNotInitializedError, InvalidCacheRequestError, ModelLoadError
 from pagedserve.gpu_worker.fp8_kv_scales import calibrate_kv_scales
 from pagedserve.gpu_worker.fp8_support import require_fp8_device
 from pagedserve.gpu_worker.grammar import GrammarCompiler
@@ -83,8 +83,11 @@ class Worker:
         device = rank_device(resolve_device(config.device), config.tensor_parallel)
         if config.kv_cache_dtype is KVCacheDType.FP8:
             require_fp8_device(device, "--kv-cache-dtype fp8")
+        if config.batch_invariant and device.type != "cpu":
+            raise ModelLoadError(f"--batch-invariant needs the CPU worker (--device cpu): on {device.type} the "
+                                 "kernels round by the number of rows a step gives them")
         group = join_group(config.tensor_parallel, device)
-        ops = get_kernel_ops(device, dependent_launch=config.dependent_launch)
+        ops = get_kernel_ops(device, dependent_launch=config.dependent_launch, batch_invariant=config.batch_invariant)
         loaded = load_model(config.model_dir, config.dtype, device, config.load_format, config.seed, ops,
                             config.quantization, group, quantize_lm_head=config.quantize_lm_head)
         if config.kv_cache_dtype is KVCacheDType.FP8:

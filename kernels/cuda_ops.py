@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from pagedserve.kernels.attention_step import AttentionStep, LayerLaunch, step_key
@@ -48,6 +49,7 @@ class CudaKernelOps:
         self.quantize_fp8_per_row = layers.quantize_fp8_per_row
         self.scale_fp8_product = layers.scale_fp8_product
         self.fp8_gemv = Fp8Gemv(modules).fp8_gemv
+        self.linear = F.linear  # cuBLAS
         # The last step's attention, for its next layers (it holds its split buffer, at most about 1 MiB).
         self._attention_step: AttentionStep | None = None
         token_masks = TokenMaskKernels(modules)

@@ -23,6 +23,11 @@ class KernelOps(Protocol):
     scales are ignored for other pools.
     """
 
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """x [..., in] times weight [out, in] transposed (+ bias [out]) -> [..., out], as F.linear. Batch-invariant
+        ops (get_kernel_ops) compute each row by itself, so a row's product never depends on the rows beside it."""
+        ...
+
     def write_kv(
         self, key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor, slot_mapping: Tensor,
         k_scale: float = 1.0, v_scale: float = 1.0,
@@ -157,14 +162,23 @@ class KernelOps(Protocol):
         ...
 
 
-def get_kernel_ops(device: torch.device, dependent_launch: bool = True) -> KernelOps:
+def get_kernel_ops(device: torch.device, dependent_launch: bool = True, batch_invariant: bool = False) -> KernelOps:
     """Return the implementation for device: the torch reference on CPU, CuPy kernels on CUDA (launched as
-    programmatic dependent launches where the device has them, unless dependent_launch is False)."""
+    programmatic dependent launches where the device has them, unless dependent_launch is False).
+
+    batch_invariant: every row's linear products and attention are computed as if it were alone in its step, so a
+    sequence's results do not depend on which sequences share its steps (the schedule); only the torch reference
+    has that mode: ValueError on CUDA."""
     if device.type == "cuda":
+        if batch_invariant:
+            raise ValueError(
+                "batch-invariant computation is available on the CPU worker only (its torch reference ops); CUDA "
+                "kernels and cuBLAS pick their tiling by the number of rows")
         # Imported lazily so CPU-only installs never import cupy.
         from pagedserve.kernels.cuda_ops import CudaKernelOps
 
         return CudaKernelOps(device, dependent_launch)
     from pagedserve.kernels.reference import TorchReferenceOps
 
-    return TorchReferenceOps()
+    return TorchReferenceOps(batch_invariant)
+

@@ -17,7 +17,28 @@ class TorchReferenceOps:
     Attention is vectorised per sequence (one gather and two batched matmuls per sequence), so it is
     usable as the CPU worker's attention. It reads lengths back to the host, so it is not graph-capturable.
     An FP8 (e4m3) pool holds key / k_scale and value / v_scale: writes quantize, attention dequantizes in float32.
+
+    batch_invariant: linear products and attention are computed row by row, each query row as a decode of its own
+    position would compute it, so every row's bits are those it would have alone in a step. A matmul's rounding
+    otherwise depends on how many rows it takes (the CPU's kernels round a few rows differently from many, and on
+    several threads by how the rows are split; a prompt's attention rows differ from their decodes'), so preemption,
+    which changes how many sequences share a step, could move a value across an e4m3 rounding boundary of an FP8
+    cache. Norms, softmax and the element-wise ops are row-independent already.
     """
+
+    def __init__(self, batch_invariant: bool = False) -> None:
+        self.batch_invariant = batch_invariant
+
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """F.linear; batch-invariant: one [1, in] x [in, out] product per row (a batched matmul of the weight
+        broadcast, not copied, over the rows), whatever the number of rows."""
+        if not self.batch_invariant:
+            return F.linear(x, weight, bias)
+        rows = x.reshape(-1, x.shape[-1])
+        out = torch.bmm(rows.unsqueeze(1), weight.t().unsqueeze(0).expand(rows.shape[0], -1, -1)).squeeze(1)
+        if bias is not None:
+            out = out + bias
+        return out.reshape(*x.shape[:-1], weight.shape[0])
 
     def write_kv(
         self, key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor, slot_mapping: Tensor,
@@ -51,18 +72,26 @@ class TorchReferenceOps:
         v_scale: float = 1.0,
     ) -> None:
         """Causal attention per sequence over its paged context, softmax in float32; writes out in place. An FP8
-        cache's keys and values are dequantized with k_scale / v_scale (float32) first."""
+        cache's keys and values are dequantized with k_scale / v_scale (float32) first. Batch-invariant: each query
+        row attends alone, over the keys up to its position."""
         del max_query_len, max_seq_len  # Exact lengths are read from the tensors below.
         starts = query_start_loc.tolist()
         lens = seq_lens.tolist()
+        kv_scales = (k_scale, v_scale) if is_fp8(key_cache.dtype) else (1.0, 1.0)
         for seq_index, seq_len in enumerate(lens):
             start, end = starts[seq_index], starts[seq_index + 1]
             if end == start:
                 continue
-            out[start:end] = _attend_one_sequence(
-                query[start:end], key_cache, value_cache, block_tables[seq_index], seq_len, scale,
-                (k_scale, v_scale) if is_fp8(key_cache.dtype) else (1.0, 1.0),
-            ).to(out.dtype)
+            table = block_tables[seq_index]
+            if not self.batch_invariant:
+                out[start:end] = _attend_one_sequence(query[start:end], key_cache, value_cache, table, seq_len,
+                                                      scale, kv_scales).to(out.dtype)
+                continue
+            first_position = seq_len - (end - start)
+            for row in range(start, end):
+                out[row : row + 1] = _attend_one_sequence(query[row : row + 1], key_cache, value_cache, table,
+                                                          first_position + row - start + 1, scale,
+                                                          kv_scales).to(out.dtype)
 
     def copy_blocks(self, kv_cache: Tensor, block_mapping: Tensor) -> None:
         """Copy every layer's K and V of block src into block dst, for each (src, dst) row."""

@@ -39,6 +39,7 @@ class WorkerLaunchConfig:
     quantization: Quantization = Quantization.NONE
     quantize_lm_head: bool = False  # True: each worker gets --quantize-lm-head
     dependent_launch: bool = True  # False: each worker gets --no-dependent-launch
+    batch_invariant: bool = False  # True: each worker gets --batch-invariant (CPU workers only)
     cluster_secret: ClusterSecret | None = None  # handed to each worker in its environment; None: no authentication
     tensor_parallel_size: int = 1  # processes (GPUs) per worker: one tensor-parallel group each
     log_format: LogFormat = LogFormat.AUTO
@@ -138,6 +139,8 @@ class LocalWorkers:
             command.append("--quantize-lm-head")
         if not config.dependent_launch:
             command.append("--no-dependent-launch")
+        if config.batch_invariant:
+            command.append("--batch-invariant")
         if config.cluster_secret is None:
             command.append("--insecure-no-auth")
         else:

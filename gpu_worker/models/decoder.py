@@ -176,7 +176,7 @@ class DecoderForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [R, hidden] -> [R, vocab] in the model's dtype (the whole vocabulary on every rank)."""
-        return self.vocab.logits(hidden, self.lm_head)
+        return self.vocab.logits(hidden, self.lm_head, self.ops)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copies Hugging Face-named tensors into the (fused) parameters; every parameter must be covered."""

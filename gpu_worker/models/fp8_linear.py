@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.kernels import fp8_gemv
@@ -107,7 +106,7 @@ class Fp8Linear(nn.Module):
         if self.use_gemv and fp8_gemv.supports(rows, self.weight):
             return self.ops.fp8_gemv(rows, self.weight, self.weight_scale, bias).view(*x.shape[:-1], -1)
         if not self.use_scaled_mm:
-            return F.linear(x, self.dequantized(), bias)
+            return self.ops.linear(x, self.dequantized(), bias)
         out = self._scaled_product(*self.ops.quantize_fp8_per_row(rows), bias)
         return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -131,15 +130,15 @@ class Fp8Linear(nn.Module):
         __call__ = forward
 
 
-def linear(x: torch.Tensor | QuantizedRows, weight: torch.Tensor | Fp8Linear,
+def linear(x: torch.Tensor | QuantizedRows, weight: torch.Tensor | Fp8Linear, ops: KernelOps,
            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for a model-dtype weight [out, in], or the FP8 layer standing in for it (which also takes the
+    """ops.linear for a model-dtype weight [out, in], or the FP8 layer standing in for it (which also takes the
     QuantizedRows that quantized_for asked for)."""
     if isinstance(weight, Fp8Linear):
         return weight(x, bias)
     if isinstance(x, QuantizedRows):
         raise TypeError("quantized rows are an FP8 layer's input, not a model-dtype weight's")
-    return F.linear(x, weight, bias)
+    return ops.linear(x, weight, bias)
 
 
 def quantized_for(weight: torch.Tensor | Fp8Linear, num_rows: int) -> bool:

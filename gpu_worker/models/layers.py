@@ -97,11 +97,11 @@ class GatedMLP(nn.Module):
         self.ops = ops
 
     def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
-        gate_up = linear(x, self.gate_up_proj)
+        gate_up = linear(x, self.gate_up_proj, self.ops)
         activated: torch.Tensor | QuantizedRows = (
             QuantizedRows(*self.ops.silu_and_mul_fp8(gate_up)) if quantized_for(self.down_proj, gate_up.shape[0])
             else self.ops.silu_and_mul(gate_up))
-        return self.group.all_reduce(linear(activated, self.down_proj))
+        return self.group.all_reduce(linear(activated, self.down_proj, self.ops))
 
     if TYPE_CHECKING:
         __call__ = forward
@@ -145,7 +145,7 @@ class PagedAttention(nn.Module):
         K and V pools. Projects x, rotates q and k, writes k and v into their slots; returns (q, an output buffer for
         attend), in buffers when given."""
         cfg = self.config
-        qkv = linear(x, self.qkv_proj, self.qkv_bias)
+        qkv = linear(x, self.qkv_proj, self.ops, self.qkv_bias)
         if self.q_norm is not None and self.k_norm is not None:
             qkv = self._norm_heads(qkv, self.q_norm, self.k_norm)
         query = self.ops.rotary_write_kv(qkv, rotation.cos, rotation.sin, layer_cache[0], layer_cache[1],
@@ -165,7 +165,7 @@ class PagedAttention(nn.Module):
         )
 
     def output(self, out: torch.Tensor) -> torch.Tensor:
-        return self.group.all_reduce(linear(out.view(out.shape[0], self.config.q_size), self.o_proj))
+        return self.group.all_reduce(linear(out.view(out.shape[0], self.config.q_size), self.o_proj, self.ops))
 
     def _norm_heads(self, qkv: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm) -> torch.Tensor:
         """Qwen3's per-head RMSNorm of the q and k heads (before rotary); v passes through."""

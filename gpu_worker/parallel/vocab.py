@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from pagedserve.gpu_worker.models.fp8_linear import Fp8Linear, linear
 from pagedserve.gpu_worker.parallel.group import ParallelGroup
 from pagedserve.gpu_worker.parallel.sharding import ShardLayout
+
+if TYPE_CHECKING:
+    from pagedserve.kernels.ops import KernelOps
 
 
 class VocabParallel:
@@ -33,10 +38,10 @@ class VocabParallel:
         rows.masked_fill_(elsewhere.unsqueeze(-1), 0)
         return self.group.all_reduce(rows)
 
-    def logits(self, hidden: torch.Tensor, weight: torch.Tensor | Fp8Linear) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor | Fp8Linear, ops: KernelOps) -> torch.Tensor:
         """hidden: [R, hidden] -> [R, V] in hidden's dtype, contiguous: every rank's columns gathered, the padding
         cut off. The sampler reads a greedy batch's logits as they are and converts the others to float32."""
-        local = linear(hidden, weight)
+        local = linear(hidden, weight, ops)
         if self.group.size == 1:
             return local
         return self.group.all_gather_columns(local)[:, : self.vocab_size].contiguous()

@@ -72,3 +72,11 @@ def test_workers_quantize_the_lm_head_only_when_serve_is_told_to(monkeypatch: py
                                                               quantize_lm_head=quantize_lm_head))
 
     assert ("--quantize-lm-head" in command) is quantize_lm_head
+
+
+@pytest.mark.parametrize("batch_invariant", [True, False])
+def test_workers_compute_batch_invariantly_only_when_told_to(monkeypatch: pytest.MonkeyPatch,
+                                                             batch_invariant: bool) -> None:
+    command = _worker_command(monkeypatch, WorkerLaunchConfig(model_dir=Path("m"), batch_invariant=batch_invariant))
+
+    assert ("--batch-invariant" in command) is batch_invariant

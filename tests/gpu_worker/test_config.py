@@ -54,6 +54,13 @@ def test_quantize_lm_head_flag_is_off_unless_given() -> None:
     assert (given.quantize_lm_head, default.quantize_lm_head) == (True, False)
 
 
+def test_batch_invariant_flag_is_off_unless_given() -> None:
+    given = config_from_args(build_parser().parse_args(["--model", "m", "--device", "cpu", "--batch-invariant"]))
+    default = config_from_args(build_parser().parse_args(["--model", "m"]))
+
+    assert (given.batch_invariant, default.batch_invariant) == (True, False)
+
+
 def test_flag_defaults_listen_on_loopback_with_automatic_choices() -> None:
     config = config_from_args(build_parser().parse_args(["--model", "m"]))
 
