@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from pagedserve.clients.llm import LLM, SamplingParams
-from pagedserve.contract.model_format import KVCacheDType, Quantization
+from pagedserve.contract.model_format import DeviceKind, KVCacheDType, Quantization
 from tests.gpu_worker.harness import STORIES_DIR
 from tests.structured.test_constrained_invariance import PROMPT, ROOMY, SETUPS
 
@@ -36,7 +36,8 @@ FP8_ALL: dict[str, Any] = {"kv_cache_dtype": KVCacheDType.FP8, "quantization": Q
 OPTIONS: dict[str, dict[str, Any]] = {
     "fp8-kv": FP8_KV,
     "fp8-kv-weights-lm-head": FP8_ALL,
-    "fp8-kv-weights-lm-head-batch-invariant": {**FP8_ALL, "batch_invariant": True},
+    # Batch-invariant computation is the CPU worker's alone.
+    "fp8-kv-weights-lm-head-batch-invariant": {**FP8_ALL, "batch_invariant": True, "device": DeviceKind.CPU},
 }
 
 
