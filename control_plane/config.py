@@ -175,6 +175,7 @@ class ServerConfig:
     quantization: Quantization = Quantization.NONE  # likewise
     quantize_lm_head: bool = False  # likewise: True starts them with --quantize-lm-head
     dependent_launch: bool = True  # likewise: False starts them with --no-dependent-launch
+    batch_invariant: bool = False  # likewise: True starts them with --batch-invariant (CPU workers only)
     metrics_port: int | None = None
     worker_start_timeout_s: float = 600.0
     log_format: LogFormat = LogFormat.AUTO  # of this process and of every process it starts
@@ -227,6 +228,9 @@ class ServerConfig:
         if self.worker_addresses and not self.dependent_launch:
             raise ValueError("dependent_launch applies to the workers serve starts; give each external worker "
                              "--no-dependent-launch instead")
+        if self.worker_addresses and self.batch_invariant:
+            raise ValueError("batch_invariant applies to the workers serve starts; give each external worker "
+                             "--batch-invariant instead")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be at least 1, got {self.cpu_threads}")
 

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dependent-launch", action="store_true",
                    help="local workers launch each kernel only after the one before it has finished (pagedserve "
                         "worker --no-dependent-launch)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="local CPU workers compute each row as if it were alone in its step, so that a sequence's "
+                        "tokens do not depend on the sequences beside it (pagedserve worker --batch-invariant)")
     p.add_argument("--seed", type=int, default=server.seed, help="seed of dummy weights and of unseeded sampling")
     p.add_argument("--cpu-threads", type=int, help="torch threads of each local CPU worker process (default: the "
                    "cores this process may use, less one for the control plane, shared among the local workers' "
@@ -182,7 +185,8 @@ def configs_from_args(
         num_workers=args.num_workers, dtype=args.dtype, device=args.device, load_format=args.load_format,
         seed=args.seed, tensor_parallel_size=args.tensor_parallel_size, kv_cache_dtype=args.kv_cache_dtype,
         quantization=args.quantization, quantize_lm_head=args.quantize_lm_head,
-        dependent_launch=not args.no_dependent_launch, metrics_port=args.metrics_port, log_format=args.log_format,
+        dependent_launch=not args.no_dependent_launch, batch_invariant=args.batch_invariant,
+        metrics_port=args.metrics_port, log_format=args.log_format,
         log_level=args.log_level, tokenizer_dir=args.tokenizer, cpu_threads=args.cpu_threads,
         api_keys=_api_keys(args), tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file,
         tls_client_ca_file=args.tls_client_ca_file, shutdown_timeout_s=args.shutdown_timeout,
@@ -284,7 +288,7 @@ async def serve(server: ServerConfig, scheduler: SchedulerConfig, cache: CacheCo
             model_dir=model_dir, num_workers=server.num_workers, dtype=server.dtype, device=server.device,
             load_format=server.load_format, seed=server.seed, kv_cache_dtype=server.kv_cache_dtype,
             quantization=server.quantization, quantize_lm_head=server.quantize_lm_head,
-            dependent_launch=server.dependent_launch, cluster_secret=secret,
+            dependent_launch=server.dependent_launch, batch_invariant=server.batch_invariant, cluster_secret=secret,
             tensor_parallel_size=server.tensor_parallel_size,
             log_format=server.log_format, log_level=server.log_level,
             cpu_threads=server.cpu_threads or local_worker_threads(server.num_workers * server.tensor_parallel_size,

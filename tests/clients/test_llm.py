@@ -36,6 +36,16 @@ def test_offline_generate_reproduces_the_golden_greedy_tokens_for_every_prompt_i
     assert outputs[1].prompt_token_ids == tuple(golden["prompt_ids"])
 
 
+def test_a_batch_invariant_worker_process_reproduces_the_golden_greedy_tokens(stories260k_dir: Path) -> None:
+    # Its own process, started with --batch-invariant: a flag the worker did not take would fail the constructor.
+    golden = json.loads((stories260k_dir / "golden_greedy.json").read_text())
+    cache = CacheConfig(kv_cache_memory_bytes=16 << 20, swap_space_bytes=0)
+    with LLM(stories260k_dir, device="cpu", batch_invariant=True, cache_config=cache) as llm:
+        params = SamplingParams(temperature=0.0, max_tokens=len(golden["greedy_new_ids"]))
+        (output,) = llm.generate([golden["prompt"]], params, use_tqdm=False)
+    assert output.outputs[0].token_ids == golden["greedy_new_ids"]
+
+
 def test_offline_builtin_model_gives_the_same_tokens_with_the_worker_in_a_process_or_on_a_thread() -> None:
     cache = CacheConfig(kv_cache_memory_bytes=16 << 20, swap_space_bytes=0)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)

@@ -87,6 +87,12 @@ def test_quantize_lm_head_reaches_local_workers_and_is_refused_with_external_one
         _server(["--model", "m", "--worker", "10.0.0.5:50061", "--quantize-lm-head"])
 
 
+def test_batch_invariant_reaches_local_workers_and_is_refused_with_external_ones() -> None:
+    assert (_server(["--batch-invariant"]).batch_invariant, _server([]).batch_invariant) == (True, False)
+    with pytest.raises(ValueError, match="give each external worker --batch-invariant"):
+        _server(["--model", "m", "--worker", "10.0.0.5:50061", "--batch-invariant"])
+
+
 def test_prefix_caching_false_in_the_environment_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PAGEDSERVE_ENABLE_PREFIX_CACHING", "false")
 
