@@ -23,6 +23,7 @@ import grpc
 
 from benchmarks import report
 from benchmarks.model_shapes import sampling_vocab_size
+from benchmarks.soak_checks import REQUEST_KINDS
 from benchmarks.soak_faults import HealthMonitor, ServeLog, Soak, compute_references, make_prompts, settle
 from benchmarks.soak_report import markdown, summarize
 from pagedserve.runtime.port_check import free_loopback_port
@@ -40,6 +41,13 @@ def _int_range(text: str) -> tuple[int, int]:
     return bounds
 
 
+def _kinds(text: str) -> list[str]:
+    kinds = text.split(",")
+    if unknown := [kind for kind in kinds if kind not in REQUEST_KINDS]:
+        raise argparse.ArgumentTypeError(f"unknown request kinds {unknown}; known: {', '.join(REQUEST_KINDS)}")
+    return kinds
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__)
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="model directory (default: stories260K)")
@@ -53,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-distinct-prompts", type=int, default=64, help="prompts drawn from, each with a reference")
     p.add_argument("--prompt-len", type=_int_range, default=(1, 256), metavar="MIN,MAX", help="prompt tokens")
     p.add_argument("--max-tokens", type=_int_range, default=(1, 128), metavar="MIN,MAX", help="max_tokens")
+    p.add_argument("--kinds", type=_kinds, default=list(REQUEST_KINDS), metavar="KIND,...",
+                   help="request kinds, taking the prompts in turn: plain (greedy), json (greedy under a JSON schema), "
+                        "penalty (greedy with repetition, presence and frequency penalties)")
     p.add_argument("--request-deadline-s", type=float, default=60.0,
                    help="a request neither finished nor failed by then is a hang")
     p.add_argument("--recovery-timeout-s", type=float, default=120.0, help="a kill not recovered by then failed")
@@ -120,7 +131,8 @@ async def soak_server(args: argparse.Namespace, address: str, serve: subprocess.
             raise ValueError(f"--prompt-len and --max-tokens maxima exceed max_model_len {info.max_model_len}")
         prompts = make_prompts(args, min(info.vocab_size, sampling_vocab_size(args.model)))
         started = time.monotonic()
-        references = await compute_references(stub, prompts, args.max_tokens[1], args.request_deadline_s * 4)
+        references = await compute_references(stub, prompts, args.kinds, args.max_tokens[1],
+                                              args.request_deadline_s * 4)
         print(f"[soak] {len(prompts)} references in {time.monotonic() - started:.1f} s; "
               f"load for {args.duration_s:.0f} s", flush=True)
         soak = Soak(args, address, serve, log, prompts, references)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,6 +14,25 @@ import grpc
 from pagedserve.v1 import common_pb2, generation_service_pb2, generation_service_pb2_grpc
 
 _FINISH_OK = (generation_service_pb2.FINISH_REASON_LENGTH, generation_service_pb2.FINISH_REASON_STOP)
+# A small record: every string and the array bounded, so that a random-weight or tiny model still closes it.
+_SOAK_SCHEMA = json.dumps({
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer", "minimum": 0},
+                   "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3}},
+    "required": ["name", "age"], "additionalProperties": False,
+})
+# What each kind of request adds to greedy decoding with ignore_eos. Every kind stays deterministic, so one reference
+# per prompt holds whatever batch the request shares; the last two read earlier tokens on the worker's host, so
+# their sampling takes the deferred path (the token masks and penalties computed beside the forward pass).
+REQUEST_KINDS: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "json": {"structured_output": common_pb2.StructuredOutput(json_schema=_SOAK_SCHEMA)},
+    "penalty": {"repetition_penalty": 1.3, "presence_penalty": 0.5, "frequency_penalty": 0.5},
+}
+
+
+def sampling_params(kind: str, max_tokens: int) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **REQUEST_KINDS[kind])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -24,6 +44,7 @@ class RequestRecord:
     """One Generate call: what was asked, every chunk's tokens and sequence number, how it ended."""
 
     prompt_index: int
+    kind: str  # of REQUEST_KINDS
     max_tokens: int
     abort_after_tokens: int | None  # cancel once this many tokens arrived (0: after abort_delay_s); None: never
     start_s: float
@@ -87,16 +108,16 @@ def check_record(record: RequestRecord, reference: Sequence[int]) -> dict[str, A
             problems.append(f"usage.completion_tokens {record.usage_tokens} != {len(record.tokens)} received")
     if not problems:
         return None
-    return {"outcome": record.outcome, "prompt_index": record.prompt_index, "max_tokens": record.max_tokens,
+    return {"outcome": record.outcome, "prompt_index": record.prompt_index, "kind": record.kind,
+            "max_tokens": record.max_tokens,
             "problems": problems, "token_problem": token_problem, "received": record.tokens[:160],
             "expected": list(expected[:160]), "sequence_numbers": record.sequence_numbers[:160]}
 
 
 async def generate(stub: generation_service_pb2_grpc.GenerationServiceStub, prompt: Sequence[int],
                    record: RequestRecord, abort_delay_s: float) -> None:
-    """Streams one greedy request into record; cancels it as record.abort_after_tokens says."""
-    params = common_pb2.SamplingParams(max_tokens=record.max_tokens, temperature=0.0, ignore_eos=True)
-    message = generation_service_pb2.GenerateRequest(sampling_params=params)
+    """Streams one greedy request of record.kind into record; cancels it as record.abort_after_tokens says."""
+    message = generation_service_pb2.GenerateRequest(sampling_params=sampling_params(record.kind, record.max_tokens))
     message.token_ids.ids.extend(prompt)
     call = stub.Generate(message)
 

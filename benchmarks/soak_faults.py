@@ -12,6 +12,7 @@ import random
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,14 +151,20 @@ def make_prompts(args: argparse.Namespace, vocab_size: int) -> list[list[int]]:
             for _ in range(args.num_distinct_prompts)]
 
 
+def prompt_kind(kinds: Sequence[str], index: int) -> str:
+    """The request kind every request on prompt index has (the kinds take the prompts in turn)."""
+    return kinds[index % len(kinds)]
+
+
 async def compute_references(stub: generation_service_pb2_grpc.GenerationServiceStub, prompts: list[list[int]],
-                             max_tokens: int, deadline_s: float) -> list[list[int]]:
-    """Each prompt's greedy tokens (ignore_eos, max_tokens), one request at a time on the quiet server; each must
-    itself pass the stream checks. Greedy decoding makes reference[:k] what a request with max_tokens k gets."""
+                             kinds: Sequence[str], max_tokens: int, deadline_s: float) -> list[list[int]]:
+    """Each prompt's greedy tokens (its kind's sampling, ignore_eos, max_tokens), one request at a time on the quiet
+    server; each must itself pass the stream checks. Greedy decoding makes reference[:k] what a request with
+    max_tokens k gets."""
     references = []
     for index, prompt in enumerate(prompts):
-        record = await run_one(stub, prompt, RequestRecord(index, max_tokens, None, time.monotonic()), 0.0,
-                               deadline_s)
+        record = RequestRecord(index, prompt_kind(kinds, index), max_tokens, None, time.monotonic())
+        record = await run_one(stub, prompt, record, 0.0, deadline_s)
         defect = check_record(record, record.tokens)
         if record.outcome != "ok" or len(record.tokens) != max_tokens or defect is not None:
             raise RuntimeError(f"reference of prompt {index} failed on the quiet server: {record.outcome} "
@@ -220,7 +227,7 @@ class Soak:
             index = rng.randrange(len(self.prompts))
             max_tokens = rng.randint(*args.max_tokens)
             abort_after = rng.randrange(max_tokens) if rng.random() < args.abort_fraction else None
-            record = RequestRecord(index, max_tokens, abort_after, time.monotonic())
+            record = RequestRecord(index, prompt_kind(args.kinds, index), max_tokens, abort_after, time.monotonic())
             self.records.append(record)
             await run_one(stub, self.prompts[index], record, rng.uniform(0.0, 0.05), args.request_deadline_s)
             if record.outcome in ("unavailable", "failed"):

@@ -52,6 +52,8 @@ def summarize(soak: Soak, load_s: float, status: dict[str, Any]) -> dict[str, An
         "requests": {"total": len(records), "ok": outcomes["ok"], "aborted": outcomes["aborted"],
                      "unavailable": outcomes["unavailable"], "failed_otherwise": outcomes["failed"],
                      "hangs": outcomes["hang"]},
+        "requests_by_kind": {kind: dict(Counter(r.outcome for r in records if r.kind == kind))
+                             for kind in soak.args.kinds},
         "tokens": {"ok": tokens_ok, "all": tokens_all, "ok_per_s": tokens_ok / load_s,
                    "all_per_s": tokens_all / load_s},
         "defects": {"count": len(defects), "examples": defects[:20],
@@ -83,12 +85,16 @@ def markdown(result: dict[str, Any]) -> str:
     req, tok = summary["requests"], summary["tokens"]
     counts = [[req["total"], req["ok"], req["aborted"], req["unavailable"], req["failed_otherwise"], req["hangs"],
                f"{tok['all_per_s']:.1f}", f"{tok['ok_per_s']:.1f}"]]
+    by_kind = [[kind, sum(outcomes.values()), *(outcomes.get(o, 0) for o in ("ok", "aborted", "unavailable", "failed",
+                                                                             "hang"))]
+               for kind, outcomes in summary["requests_by_kind"].items()]
     kills = [[k["index"], _num(k["at_s"], 1), k["killed_pid"], _num(k["not_serving_after_s"]),
               _num(k["back_to_serving_s"]), _num(k["worker_restarted_after_s"]), k["restart_delay_s"],
               k["new_pids"], "yes" if k["recovered"] else f"**NO** {k['note']}"] for k in summary["kills"]]
     workload = (f"`pagedserve serve` on {result['model']} (`{config['serve_command']}`), "
                 f"{config['duration_s']:.0f} s of load at concurrency {config['concurrency']}: greedy streaming "
-                f"Generate (ignore_eos) of {config['num_distinct_prompts']} distinct random prompts of "
+                f"Generate (ignore_eos; kinds {', '.join(config['kinds'])}, taking the prompts in turn) of "
+                f"{config['num_distinct_prompts']} distinct random prompts of "
                 f"{config['prompt_len'][0]}-{config['prompt_len'][1]} tokens, max_tokens "
                 f"{config['max_tokens'][0]}-{config['max_tokens'][1]}, {config['abort_fraction']:.0%} cancelled at a "
                 f"random point; the worker SIGKILLed every {config['kill_every_s']:.0f} s. Each finished request is "
@@ -101,7 +107,9 @@ def markdown(result: dict[str, Any]) -> str:
         ("Workload", workload),
         ("Targets", report.markdown_table(("check", "measured", "target", "passed"), checks)),
         ("Requests", report.markdown_table(("requests", "ok", "aborted by us", "UNAVAILABLE", "failed otherwise",
-                                            "hangs", "tokens/s (all)", "tokens/s (ok)"), counts)),
+                                            "hangs", "tokens/s (all)", "tokens/s (ok)"), counts)
+         + "\n" + report.markdown_table(("kind", "requests", "ok", "aborted by us", "UNAVAILABLE", "failed otherwise",
+                                         "hangs"), by_kind)),
         ("Kills", report.markdown_table(("kill", "at s", "pid", "NOT_SERVING after s", "SERVING after s",
                                          "worker_restarted after s", "serve backoff s", "new pid", "recovered"),
                                         kills)

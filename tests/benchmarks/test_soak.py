@@ -1,5 +1,5 @@
 """The soak test: its token checks on made-up streams, and a short real soak on stories260K (CPU) with one worker
-kill, whose report must meet every target."""
+kill, plain, JSON-constrained and penalised requests, whose report must meet every target."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_tokens_are_classified_against_the_reference(received, complete, expecte
 
 
 def _record(outcome: str, tokens: list[int], sequence_numbers: list[int], max_tokens: int = 4) -> RequestRecord:
-    record = RequestRecord(prompt_index=0, max_tokens=max_tokens, abort_after_tokens=None, start_s=0.0)
+    record = RequestRecord(prompt_index=0, kind="plain", max_tokens=max_tokens, abort_after_tokens=None, start_s=0.0)
     record.tokens, record.sequence_numbers, record.outcome = tokens, sequence_numbers, outcome
     record.finish_reasons = [0] * (len(sequence_numbers) - 1) + [2] if sequence_numbers else []
     record.usage_tokens = len(tokens)
@@ -79,6 +79,9 @@ def test_a_short_soak_with_one_kill_meets_every_target(
     assert kill["recovered"] and kill["back_to_serving_s"] is not None and kill["new_pids"] != [kill["killed_pid"]]
     requests = summary["requests"]
     assert requests["ok"] > 0 and requests["aborted"] > 0 and requests["hangs"] == 0
+    # Each kind (plain greedy, under a JSON schema, with penalties) finished requests that matched its reference.
+    assert {kind: outcomes.get("ok", 0) > 0 for kind, outcomes in summary["requests_by_kind"].items()} == {
+        "plain": True, "json": True, "penalty": True}
     assert summary["leaked"] == {"num_used_blocks": 0, "num_requests_running": 0, "num_requests_waiting": 0,
                                  "num_requests_swapped": 0}
     assert (result["serve_exit_code"], result["orphans"]) == (0, [])
