@@ -8,14 +8,14 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 
-from pagedserve.contract.step import SequenceOutput, TokenLogprobs
+from pagedserve.contract.step import SequenceFailure, SequenceOutput, TokenLogprobs
 from pagedserve.gpu_worker.block_tables import BlockTableArray
 from pagedserve.gpu_worker.host_transfer import to_device
 from pagedserve.gpu_worker.kv_pool import KVPool
 from pagedserve.gpu_worker.models.decoder import DecoderForCausalLM
 from pagedserve.gpu_worker.models.layers import AttentionMetadata
 from pagedserve.gpu_worker.sampler import PendingSample, Sampler, SampleResult, SamplingRow
-from pagedserve.gpu_worker.sequence_state import PENDING_TOKEN, ScheduledWork
+from pagedserve.gpu_worker.sequence_state import PENDING_TOKEN, ScheduledWork, SequenceState
 
 if TYPE_CHECKING:
     from pagedserve.gpu_worker.cuda_graph import CudaGraphRunner
@@ -177,8 +177,10 @@ class LaunchedRun:
     def results(self, sample: SampleResult | None) -> list[SequenceOutput]:
         """One result per work item in order, each sampling item followed by its newly forked siblings. A sequence
         whose grammar has no matcher gets its failure instead of the token sampled under its stand-in mask, and so
-        do the siblings it forked in this step (their request shares the constraint)."""
-        sampled = iter(zip(sample.token_ids, sample.logprobs, strict=True)) if sample is not None else iter(())
+        do the siblings it forked in this step (their request shares the constraint); so does a row whose
+        constraints left it no token (SampleResult.no_choice)."""
+        sampled = enumerate(zip(sample.token_ids, sample.logprobs, strict=True)) if sample is not None else iter(())
+        no_choice = sample.no_choice if sample is not None else frozenset()
         results = []
         for item, seq_ids, prompt_logprobs in zip(self.work, self.sampled_seq_ids, self.prompt_logprobs, strict=True):
             if not seq_ids:
@@ -190,11 +192,28 @@ class LaunchedRun:
                     next(sampled)
                     results.append(SequenceOutput(seq_id, None, None, (), grammar.failure))
                 continue
-            token, logprobs = next(sampled)
-            results.append(SequenceOutput(seq_ids[0], token, logprobs, prompt_logprobs))
-            if len(seq_ids) > 1:
-                results.extend(SequenceOutput(sibling, *next(sampled)) for sibling in seq_ids[1:])
+            for seq_id in seq_ids:
+                row, (token, logprobs) = next(sampled)
+                outputs = prompt_logprobs if seq_id == seq_ids[0] else ()
+                if row in no_choice:
+                    results.append(SequenceOutput(seq_id, None, None, (), no_token_allowed(item.state)))
+                else:
+                    results.append(SequenceOutput(seq_id, token, logprobs, outputs))
         return results
+
+
+def no_token_allowed(state: SequenceState) -> SequenceFailure:
+    """The failure of a sequence whose grammar, allowed token ids and bans (bad words, and the end-of-sequence and
+    stop tokens before min_tokens) together excluded every token: named by the first of those its request set."""
+    params = state.sampling_params
+    causes = [name for name, is_set in (
+        ("structured_output", state.grammar is not None), ("allowed_token_ids", bool(params.allowed_token_ids)),
+        ("bad_words", bool(state.bad_words_token_ids)),
+        ("min_tokens", params.min_tokens > 0 and bool(state.banned_token_ids)),
+    ) if is_set]
+    return SequenceFailure(causes[0] if causes else "sampling_params",
+                           f"no token satisfies {' and '.join(causes) or 'the constraints'} at once: every token "
+                           "was excluded")
 
 
 class ModelRunner:

@@ -61,10 +61,12 @@ class SamplingRow(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class SampleResult:
-    """One token per row, and per row its logprobs when the row asked for them."""
+    """One token per row, and per row its logprobs when the row asked for them. A row in no_choice had every token
+    excluded by its grammar, allowed ids and bans together: its token is the device's stand-in, not a sample."""
 
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
+    no_choice: frozenset[int] = frozenset()
 
 
 def _stream_seed(seed: int, sample_index: int, num_output_tokens: int) -> int:
@@ -85,21 +87,29 @@ class PendingSample:
     The next step can read `tokens` on the device before the host has them.
     """
 
-    def __init__(self, tokens: torch.Tensor, packed: torch.Tensor, logprob_ks: list[tuple[int, int]]) -> None:
+    def __init__(self, tokens: torch.Tensor, packed: torch.Tensor, logprob_ks: list[tuple[int, int]],
+                 has_choice_flags: bool = False) -> None:
         self.tokens = tokens  # [rows] int64, on the device
         self._transfer = DeviceToHost(packed)
         self._logprob_ks = logprob_ks  # (row, k) of each row that asked for logprobs; packed after the tokens
+        self._has_choice_flags = has_choice_flags  # packed after the tokens: 1 per row left without a token
 
     def result(self) -> SampleResult:
         values = self._transfer.tensor().tolist()
         num_rows = self.tokens.shape[0]
         logprobs: list[TokenLogprobs | None] = [None] * num_rows
-        if not self._logprob_ks:
+        if not self._logprob_ks and not self._has_choice_flags:
             return SampleResult(values, logprobs)
-        ks = [k for _, k in self._logprob_ks]
-        for (row, _), entry in zip(self._logprob_ks, _unpack_logprobs(values[num_rows:], ks, max(ks)), strict=True):
-            logprobs[row] = entry
-        return SampleResult([int(t) for t in values[:num_rows]], logprobs)
+        no_choice: frozenset[int] = frozenset()
+        if self._has_choice_flags:
+            no_choice = frozenset(row for row, flag in enumerate(values[num_rows:2 * num_rows]) if flag)
+            values = values[:num_rows] + values[2 * num_rows:]
+        if self._logprob_ks:
+            ks = [k for _, k in self._logprob_ks]
+            for (row, _), entry in zip(self._logprob_ks, _unpack_logprobs(values[num_rows:], ks, max(ks)),
+                                       strict=True):
+                logprobs[row] = entry
+        return SampleResult([int(t) for t in values[:num_rows]], logprobs, no_choice)
 
 
 @dataclass(slots=True)
@@ -130,6 +140,11 @@ class _BatchPlan:
     @property
     def has_logit_changes(self) -> bool:
         return bool(self.has_bans or self.has_biases or self.penalty_rows or self.has_allowed or self.has_grammar)
+
+    @property
+    def can_exclude_every_token(self) -> bool:
+        """Whether a row's grammar, allowed ids and bans (the changes that exclude tokens) may leave it none."""
+        return self.has_bans or self.has_allowed or self.has_grammar
 
 
 def _is_greedy(rows: Sequence[SamplingRow]) -> bool:
@@ -218,10 +233,15 @@ class Sampler:
             return PendingSample(tokens, tokens, [])
         logits = logits.float()
         plan = _plan(rows, self._vocab_size)
-        tokens = self._choose(self._processed(logits, rows, plan, token_masks), plan)
+        processed = self._processed(logits, rows, plan, token_masks)
+        tokens = self._choose(processed, plan)
+        # A row whose every logit is -inf has no token to sample: its stand-in (a valid id, which the next step may
+        # read on the device) is flagged, so that the host ends its sequence rather than report the stand-in.
+        no_choice = (processed == -torch.inf).all(dim=-1) if plan.can_exclude_every_token else None
         if not plan.logprob_rows:
-            return PendingSample(tokens, tokens, [])
-        return self._with_logprobs(logits, tokens, rows, plan)
+            packed = tokens if no_choice is None else torch.cat([tokens, no_choice.long()])
+            return PendingSample(tokens, packed, [], no_choice is not None)
+        return self._with_logprobs(logits, tokens, rows, plan, no_choice)
 
     def prompt_logprobs(
         self, logits: torch.Tensor, target_token_ids: Sequence[int], k: int
@@ -315,17 +335,20 @@ class Sampler:
         return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
 
     def _with_logprobs(
-        self, logits: torch.Tensor, tokens: torch.Tensor, rows: Sequence[SamplingRow], plan: _BatchPlan
+        self, logits: torch.Tensor, tokens: torch.Tensor, rows: Sequence[SamplingRow], plan: _BatchPlan,
+        no_choice: torch.Tensor | None,
     ) -> PendingSample:
-        """Packs tokens and logprob tables into one tensor so one transfer brings both back."""
+        """Packs tokens, the rows left without a token (when flagged) and logprob tables into one tensor so one
+        transfer brings them all back."""
         is_whole_batch = len(plan.logprob_rows) == len(rows)
         index = None if is_whole_batch else to_device(torch.tensor(plan.logprob_rows), logits.device)
         raw = logits if index is None else logits[index]
         chosen = tokens if index is None else tokens[index]
         ks = [min(rows[i].params.logprobs or 0, self._vocab_size) for i in plan.logprob_rows]
         table = _logprob_table(raw.log_softmax(dim=-1), chosen, max(ks))
-        packed = torch.cat([tokens.double(), table.flatten()])
-        return PendingSample(tokens, packed, list(zip(plan.logprob_rows, ks, strict=True)))
+        flags = [] if no_choice is None else [no_choice.double()]
+        packed = torch.cat([tokens.double(), *flags, table.flatten()])
+        return PendingSample(tokens, packed, list(zip(plan.logprob_rows, ks, strict=True)), no_choice is not None)
 
 
 def _penalise(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:

@@ -290,7 +290,7 @@ class Worker:
             launched.sampling_queued()
             if launched.run.sample is not None:
                 launched.sample = launched.run.sample.result()
-                self.registry.fill(launched.pending, launched.sample.token_ids)
+                self.registry.fill(launched.pending, launched.sample.token_ids, launched.sample.no_choice)
             launched.is_resolved = True
 
     def _capture_graphs(

@@ -87,6 +87,29 @@ def test_min_tokens_bans_eos_until_reached() -> None:
     assert sampler.sample(logits, [_row(output=(1, 2, 3), **options)]).token_ids == [eos]
 
 
+@pytest.mark.parametrize("extra", [{"temperature": 0.0}, {"temperature": 1.0, "seed": 3}, {"temperature": 0.0,
+                                                                                          "logprobs": 2}])
+def test_a_row_whose_allowed_ids_are_all_banned_is_flagged_and_the_rows_beside_it_sample_as_usual(
+    extra: dict[str, Any],
+) -> None:
+    eos = 5
+    logits = torch.tensor([[0.0, 1.0, 4.0, 0.5, 0.0, 9.0]]).repeat(3, 1)
+    rows = [_row(output=(1,), allowed_token_ids=(eos,), min_tokens=3, banned_token_ids=(eos,), **extra),
+            _row(allowed_token_ids=(2, 3), **extra), _row(output=(1, 2, 3), allowed_token_ids=(eos,), min_tokens=3,
+                                                          banned_token_ids=(eos,), **extra)]
+    result = Sampler(6, CPU).sample(logits, rows)
+    assert result.no_choice == {0}
+    assert result.token_ids[1] in (2, 3) and result.token_ids[2] == eos
+    assert all(0 <= token_id < 6 for token_id in result.token_ids)  # the stand-in too: the next step reads it
+
+
+def test_rows_with_a_choice_are_never_flagged() -> None:
+    logits = _random_logits(8, 40, seed=4)
+    rows = [_row(temperature=0.0, allowed_token_ids=(3, 7)), _row(temperature=0.8, bad_words=(), min_tokens=2,
+                                                                  banned_token_ids=(1, 2))] * 4
+    assert Sampler(40, CPU).sample(logits, rows).no_choice == frozenset()
+
+
 def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits() -> None:
     logits = torch.tensor([[2.0, -1.0, 3.0, -4.0, 0.5], [1.0, 1.0, -2.0, 2.0, -3.0]])
     expected = logits.clone()

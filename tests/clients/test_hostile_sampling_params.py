@@ -1,0 +1,160 @@
+"""Random sampling parameters off the wire, in range and out, through the offline LLM on stories260K (CPU).
+
+Each message is either refused with InvalidArgumentError naming a field it set, or generates its n completions
+within what it asked (lengths, vocabulary, allowed ids, finish reasons); nothing else may happen, whatever the
+combination, and after every request the engine holds no block and no request. The hand-picked cases of
+tests/e2e/test_bad_input.py pin each field's message; this pins that no mix of fields gets past validation into
+something the engine or the worker cannot finish.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pagedserve.clients.llm import LLM
+from pagedserve.contract.codec import sampling_params_from_proto
+from pagedserve.contract.errors import InvalidArgumentError
+from pagedserve.control_plane.config import CacheConfig
+from pagedserve.control_plane.scheduling.request import FinishReason
+from pagedserve.v1 import common_pb2
+
+VOCAB = 512  # stories260K
+
+
+def _mixed(valid: st.SearchStrategy[Any], invalid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Mostly values in range, one draw in five out of it: a message then often sets several fields and is served,
+    or fails on one field among several."""
+    return st.integers(0, 4).flatmap(lambda k: invalid if k == 4 else valid)
+
+
+BAD_FLOATS = st.sampled_from([math.nan, math.inf, -math.inf, -3.0, 1e30])
+TOKEN_IDS = _mixed(st.integers(0, VOCAB - 1), st.sampled_from([-1, VOCAB, 2**31 - 1]))
+WORDS = _mixed(st.sampled_from([" ", "Once", " the", "upon a", "é", "\n", "little girl", "\x00"]), st.just(""))
+SCHEMA = json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]})
+CONSTRAINTS = _mixed(
+    st.sampled_from([
+        common_pb2.StructuredOutput(regex="[ab]{1,4}"),
+        common_pb2.StructuredOutput(json_object=True),
+        common_pb2.StructuredOutput(json_schema=SCHEMA),
+        common_pb2.StructuredOutput(choice=common_pb2.ChoiceConstraint(choices=["yes", "no"])),
+        common_pb2.StructuredOutput(grammar='root ::= "x" | "y"'),
+    ]),
+    st.sampled_from([
+        common_pb2.StructuredOutput(regex="("),
+        common_pb2.StructuredOutput(json_schema="{not json"),
+        common_pb2.StructuredOutput(choice=common_pb2.ChoiceConstraint(choices=[])),
+    ]),
+)
+# Each field of the wire's SamplingParams with values that fill its range and step past it. Lengths stay small
+# (max_tokens at most 12, min_tokens at most 14) so that an example runs in milliseconds.
+FIELDS: dict[str, st.SearchStrategy[Any]] = {
+    "n": _mixed(st.integers(1, 3), st.sampled_from([0, 300])),
+    "temperature": _mixed(st.sampled_from([0.0, 1e-6, 0.7, 1.0, 50.0]), BAD_FLOATS),
+    "top_p": _mixed(st.sampled_from([1e-6, 0.05, 0.9, 1.0]), st.sampled_from([0.0, 1.5, math.nan])),
+    "top_k": _mixed(st.sampled_from([-1, 0, 1, 5, VOCAB, VOCAB + 100, 2**31 - 1]), st.just(-2)),
+    "min_p": _mixed(st.sampled_from([0.0, 0.2, 1.0]), BAD_FLOATS),
+    "presence_penalty": _mixed(st.floats(-2.0, 2.0), BAD_FLOATS),
+    "frequency_penalty": _mixed(st.floats(-2.0, 2.0), BAD_FLOATS),
+    "repetition_penalty": _mixed(st.sampled_from([1e-3, 0.5, 1.0, 1.3, 1e3]), st.sampled_from([0.0, -1.0, math.nan])),
+    "seed": st.sampled_from([0, 1, 2**63, 2**64 - 1]),
+    "stop": st.lists(WORDS, max_size=3),
+    "stop_token_ids": st.lists(TOKEN_IDS, max_size=3),
+    "include_stop_str_in_output": st.booleans(),
+    "ignore_eos": st.booleans(),
+    "min_tokens": _mixed(st.integers(0, 8), st.integers(13, 14)),
+    "max_tokens": _mixed(st.integers(1, 12), st.just(0)),
+    "logprobs": _mixed(st.sampled_from([0, 1, 5, 20]), st.just(21)),
+    "prompt_logprobs": _mixed(st.sampled_from([0, 2, 20]), st.just(21)),
+    "skip_special_tokens": st.booleans(),
+    "logit_bias": st.dictionaries(TOKEN_IDS, _mixed(st.floats(-100.0, 100.0), st.sampled_from([101.0, math.nan])),
+                                  max_size=3),
+    "allowed_token_ids": st.lists(TOKEN_IDS, max_size=4),
+    "bad_words": st.lists(WORDS, max_size=3),
+    "spaces_between_special_tokens": st.booleans(),
+    "truncate_prompt_tokens": _mixed(st.sampled_from([-1, 1, 8]), st.sampled_from([-2, 0, 600])),
+    "best_of": st.sampled_from([0, 1, 2, 3]),
+    "structured_output": CONSTRAINTS,
+}
+
+
+@st.composite
+def wire_params(draw: st.DrawFn) -> common_pb2.SamplingParams:
+    """A SamplingParams message with a random few of its fields set."""
+    names = draw(st.lists(st.sampled_from(sorted(FIELDS)), max_size=9, unique=True))
+    message = common_pb2.SamplingParams(max_tokens=8)
+    for name in names:
+        value = draw(FIELDS[name])
+        if name == "logit_bias":
+            message.logit_bias.update(value)
+        elif name == "structured_output":
+            message.structured_output.CopyFrom(value)
+        elif isinstance(value, list):
+            getattr(message, name).extend(value)
+        else:
+            setattr(message, name, value)
+    return message
+
+
+@pytest.fixture(scope="module")
+def llm(stories260k_dir: Path) -> Iterator[LLM]:
+    with LLM(stories260k_dir, device="cpu", worker_process=False,
+             cache_config=CacheConfig(kv_cache_memory_bytes=16 << 20, swap_space_bytes=0)) as served:
+        yield served
+
+
+def _root(field: str) -> str:
+    return field.split(".")[0].split("[")[0]
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(message=wire_params(), prompt=st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=24))
+def test_any_sampling_params_are_refused_by_name_or_served_within_their_limits(
+    llm: LLM, message: common_pb2.SamplingParams, prompt: list[int],
+) -> None:
+    set_fields = {descriptor.name for descriptor, _ in message.ListFields()}
+    try:
+        params = sampling_params_from_proto(message)
+        (output,) = llm.generate([prompt], params, use_tqdm=False)
+    except InvalidArgumentError as error:
+        assert _root(error.field) in set_fields | {"prompt"}, (error, set_fields)
+        assert error.message
+    else:
+        assert len(output.outputs) == params.n
+        for completion in output.outputs:
+            assert completion.finish_reason in (FinishReason.STOP, FinishReason.LENGTH), completion
+            assert params.max_tokens is not None and len(completion.token_ids) <= params.max_tokens
+            assert all(0 <= token_id < VOCAB for token_id in completion.token_ids)
+            if params.allowed_token_ids:
+                assert set(completion.token_ids) <= set(params.allowed_token_ids), completion.token_ids
+    status = llm.status()
+    assert (status.num_used_blocks, status.num_requests_running, status.num_requests_waiting) == (0, 0, 0)
+
+
+@pytest.mark.parametrize(("params", "field", "causes"), [
+    # The fuzz's first find: the regex needs an "a" or a "b", and only token 1 is allowed.
+    (common_pb2.SamplingParams(allowed_token_ids=[1], structured_output=common_pb2.StructuredOutput(regex="[ab]+")),
+     "structured_output", "structured_output and allowed_token_ids"),
+    # End-of-sequence is the one token allowed, and min_tokens bans it for the first two outputs.
+    (common_pb2.SamplingParams(allowed_token_ids=[2], min_tokens=2), "allowed_token_ids",
+     "allowed_token_ids and min_tokens"),
+])
+def test_constraints_that_leave_no_token_end_the_request_naming_them(
+    llm: LLM, params: common_pb2.SamplingParams, field: str, causes: str,
+) -> None:
+    plain = sampling_params_from_proto(common_pb2.SamplingParams(temperature=0.0, max_tokens=8))
+    before = llm.generate([[1, 400, 20]], plain, use_tqdm=False)[0].outputs[0].token_ids
+    with pytest.raises(InvalidArgumentError) as raised:
+        llm.generate([[1, 400, 20]], sampling_params_from_proto(params), use_tqdm=False)
+    assert raised.value.field == field
+    assert f"no token satisfies {causes} at once" in raised.value.message
+    status = llm.status()
+    assert (status.num_used_blocks, status.num_requests_running, status.num_requests_waiting) == (0, 0, 0)
+    assert llm.generate([[1, 400, 20]], plain, use_tqdm=False)[0].outputs[0].token_ids == before
