@@ -1,4 +1,5 @@
-"""Random sampling parameters off the wire, in range and out, through the offline LLM on stories260K (CPU).
+"""Random sampling parameters off the wire (ours, and the vLLM engine protocol's that the gateway sends), in range
+and out, through the offline LLM on stories260K (CPU).
 
 Each message is either refused with InvalidArgumentError naming a field it set, or generates its n completions
 within what it asked (lengths, vocabulary, allowed ids, finish reasons); nothing else may happen, whatever the
@@ -11,22 +12,32 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
+from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from smg_grpc_proto.generated import vllm_engine_pb2 as vllm
 
 from pagedserve.clients.llm import LLM
 from pagedserve.contract.codec import sampling_params_from_proto
 from pagedserve.contract.errors import InvalidArgumentError
+from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.control_plane.config import CacheConfig
+from pagedserve.control_plane.frontend.vllm_engine.convert import (
+    max_tokens_for,
+    sampling_params_from_vllm,
+    truncated_prompt,
+)
 from pagedserve.control_plane.scheduling.request import FinishReason
 from pagedserve.v1 import common_pb2
 
+M = TypeVar("M", bound=Message)
 VOCAB = 512  # stories260K
+MAX_MODEL_LEN = 512
 
 
 def _mixed(valid: st.SearchStrategy[Any], invalid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
@@ -38,6 +49,7 @@ def _mixed(valid: st.SearchStrategy[Any], invalid: st.SearchStrategy[Any]) -> st
 BAD_FLOATS = st.sampled_from([math.nan, math.inf, -math.inf, -3.0, 1e30])
 TOKEN_IDS = _mixed(st.integers(0, VOCAB - 1), st.sampled_from([-1, VOCAB, 2**31 - 1]))
 WORDS = _mixed(st.sampled_from([" ", "Once", " the", "upon a", "é", "\n", "little girl", "\x00"]), st.just(""))
+BIASES = _mixed(st.floats(-100.0, 100.0), st.sampled_from([101.0, math.nan]))
 SCHEMA = json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]})
 CONSTRAINTS = _mixed(
     st.sampled_from([
@@ -74,8 +86,7 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "logprobs": _mixed(st.sampled_from([0, 1, 5, 20]), st.just(21)),
     "prompt_logprobs": _mixed(st.sampled_from([0, 2, 20]), st.just(21)),
     "skip_special_tokens": st.booleans(),
-    "logit_bias": st.dictionaries(TOKEN_IDS, _mixed(st.floats(-100.0, 100.0), st.sampled_from([101.0, math.nan])),
-                                  max_size=3),
+    "logit_bias": st.dictionaries(TOKEN_IDS, BIASES, max_size=3),
     "allowed_token_ids": st.lists(TOKEN_IDS, max_size=4),
     "bad_words": st.lists(WORDS, max_size=3),
     "spaces_between_special_tokens": st.booleans(),
@@ -85,22 +96,68 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
 }
 
 
-@st.composite
-def wire_params(draw: st.DrawFn) -> common_pb2.SamplingParams:
-    """A SamplingParams message with a random few of its fields set."""
-    names = draw(st.lists(st.sampled_from(sorted(FIELDS)), max_size=9, unique=True))
-    message = common_pb2.SamplingParams(max_tokens=8)
-    for name in names:
-        value = draw(FIELDS[name])
-        if name == "logit_bias":
-            message.logit_bias.update(value)
-        elif name == "structured_output":
-            message.structured_output.CopyFrom(value)
+def _message(draw: st.DrawFn, message: M, fields: dict[str, st.SearchStrategy[Any]]) -> M:
+    """message with a random few of fields set to values drawn from their strategies (a constraint's strategy
+    gives the oneof member's name and value)."""
+    for name in draw(st.lists(st.sampled_from(sorted(fields)), max_size=9, unique=True)):
+        value = draw(fields[name])
+        if name == "constraint":
+            name, value = value
+        if isinstance(value, Message):
+            getattr(message, name).CopyFrom(value)
+        elif isinstance(value, dict):
+            getattr(message, name).update(value)
         elif isinstance(value, list):
             getattr(message, name).extend(value)
         else:
             setattr(message, name, value)
     return message
+
+
+@st.composite
+def wire_params(draw: st.DrawFn) -> common_pb2.SamplingParams:
+    """Our SamplingParams message with a random few of its fields set, max_tokens among them."""
+    return _message(draw, common_pb2.SamplingParams(max_tokens=8), FIELDS)
+
+
+UINT32_EDGES = st.sampled_from([0, 2**31, 2**32 - 1])
+VLLM_FIELDS: dict[str, st.SearchStrategy[Any]] = {
+    "temperature": FIELDS["temperature"],
+    "top_p": FIELDS["top_p"],
+    "top_k": _mixed(st.sampled_from([0, 1, 5, VOCAB + 100]), UINT32_EDGES),
+    "min_p": FIELDS["min_p"],
+    "frequency_penalty": FIELDS["frequency_penalty"],
+    "presence_penalty": FIELDS["presence_penalty"],
+    "repetition_penalty": FIELDS["repetition_penalty"],
+    "max_tokens": FIELDS["max_tokens"],
+    "min_tokens": _mixed(st.integers(0, 8), UINT32_EDGES),
+    "stop": FIELDS["stop"],
+    "stop_token_ids": st.lists(_mixed(st.integers(0, VOCAB - 1), UINT32_EDGES), max_size=3),
+    "skip_special_tokens": st.booleans(),
+    "spaces_between_special_tokens": st.booleans(),
+    "ignore_eos": st.booleans(),
+    "n": _mixed(st.integers(0, 3), UINT32_EDGES),
+    "logprobs": _mixed(st.sampled_from([0, 1, 20]), st.sampled_from([-1, 21, -(2**31)])),
+    "prompt_logprobs": _mixed(st.sampled_from([0, 2, 20]), st.sampled_from([-1, 21])),
+    "seed": st.sampled_from([0, 1, -1, 2**31 - 1, -(2**31)]),
+    "include_stop_str_in_output": st.booleans(),
+    "logit_bias": st.dictionaries(_mixed(st.integers(0, VOCAB - 1), st.sampled_from([-1, VOCAB, -(2**31)])),
+                                  BIASES, max_size=3),
+    "truncate_prompt_tokens": _mixed(st.sampled_from([-1, 1, 8]), st.sampled_from([-2, 0, 600])),
+    "grammar_from_first_token": st.booleans(),
+    "constraint": st.sampled_from([
+        ("regex", "[ab]{1,4}"), ("regex", "("), ("json_object", True), ("json_schema", SCHEMA),
+        ("json_schema", "{not json"), ("grammar", 'root ::= "x" | "y"'),
+        ("choice", vllm.ChoiceConstraint(choices=["yes", "no"])), ("choice", vllm.ChoiceConstraint()),
+    ]),
+}
+
+
+@st.composite
+def vllm_params(draw: st.DrawFn) -> vllm.SamplingParams:
+    """A vLLM engine protocol SamplingParams message with a random few of its fields set, max_tokens among them
+    (unset, it would run to the context length)."""
+    return _message(draw, vllm.SamplingParams(max_tokens=8), VLLM_FIELDS)
 
 
 @pytest.fixture(scope="module")
@@ -111,17 +168,17 @@ def llm(stories260k_dir: Path) -> Iterator[LLM]:
 
 
 def _root(field: str) -> str:
-    return field.split(".")[0].split("[")[0]
+    """The top-level parameter an error names: "structured_output" of "structured_output.regex", "top_k" of the
+    vLLM engine service's "sampling_params.top_k"."""
+    return field.removeprefix("sampling_params.").split(".")[0].split("[")[0]
 
 
-@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(message=wire_params(), prompt=st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=24))
-def test_any_sampling_params_are_refused_by_name_or_served_within_their_limits(
-    llm: LLM, message: common_pb2.SamplingParams, prompt: list[int],
-) -> None:
-    set_fields = {descriptor.name for descriptor, _ in message.ListFields()}
+def _served_or_refused(llm: LLM, admit: Callable[[], tuple[SamplingParams, list[int]]], set_fields: set[str]) -> None:
+    """admit() (the parameters and the prompt as a service admits them) and the generation it asks for either raise
+    InvalidArgumentError naming one of set_fields (or the prompt), or give n completions within the request's limits;
+    either way the engine is left empty."""
     try:
-        params = sampling_params_from_proto(message)
+        params, prompt = admit()
         (output,) = llm.generate([prompt], params, use_tqdm=False)
     except InvalidArgumentError as error:
         assert _root(error.field) in set_fields | {"prompt"}, (error, set_fields)
@@ -136,6 +193,37 @@ def test_any_sampling_params_are_refused_by_name_or_served_within_their_limits(
                 assert set(completion.token_ids) <= set(params.allowed_token_ids), completion.token_ids
     status = llm.status()
     assert (status.num_used_blocks, status.num_requests_running, status.num_requests_waiting) == (0, 0, 0)
+
+
+PROMPTS = st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=24)
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FUZZ
+@given(message=wire_params(), prompt=PROMPTS)
+def test_any_sampling_params_are_refused_by_name_or_served_within_their_limits(
+    llm: LLM, message: common_pb2.SamplingParams, prompt: list[int],
+) -> None:
+    set_fields = {descriptor.name for descriptor, _ in message.ListFields()}
+    _served_or_refused(llm, lambda: (sampling_params_from_proto(message), prompt), set_fields)
+
+
+@FUZZ
+@given(message=vllm_params(), prompt=PROMPTS)
+def test_any_vllm_engine_protocol_sampling_params_are_refused_by_name_or_served_within_their_limits(
+    llm: LLM, message: vllm.SamplingParams, prompt: list[int],
+) -> None:
+    """The gateway's parameters, converted as the vLLM engine service converts them (after tokenizing)."""
+    set_fields = {descriptor.name for descriptor, _ in message.ListFields()}
+    set_fields |= {"structured_output"} if message.WhichOneof("constraint") else set()
+
+    def admit() -> tuple[SamplingParams, list[int]]:
+        ours = sampling_params_from_vllm(message)
+        kept = list(truncated_prompt(tuple(prompt), message, MAX_MODEL_LEN))
+        max_tokens_for(ours, len(kept), MAX_MODEL_LEN)
+        return sampling_params_from_proto(ours), kept
+
+    _served_or_refused(llm, admit, set_fields)
 
 
 @pytest.mark.parametrize(("params", "field", "causes"), [
