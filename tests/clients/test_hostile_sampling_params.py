@@ -233,6 +233,9 @@ def test_any_vllm_engine_protocol_sampling_params_are_refused_by_name_or_served_
     # End-of-sequence is the one token allowed, and min_tokens bans it for the first two outputs.
     (common_pb2.SamplingParams(allowed_token_ids=[2], min_tokens=2), "allowed_token_ids",
      "allowed_token_ids and min_tokens"),
+    # The same for three completions sampled at random: the siblings' rows are each left without a token.
+    (common_pb2.SamplingParams(n=3, temperature=1.0, seed=5, allowed_token_ids=[2], min_tokens=2),
+     "allowed_token_ids", "allowed_token_ids and min_tokens"),
 ])
 def test_constraints_that_leave_no_token_end_the_request_naming_them(
     llm: LLM, params: common_pb2.SamplingParams, field: str, causes: str,

@@ -1,7 +1,8 @@
 """Through the public API of real processes: a constraint the worker cannot compile (serve's --tokenizer has a special
 token the worker's model directory lacks) ends that request with INVALID_ARGUMENT naming structured_output, while
 the requests streaming beside it on the same worker get the tokens they get alone; every block comes back, health
-stays SERVING, and the worker process is never restarted or cut off."""
+stays SERVING, and the worker process is never restarted or cut off. So do constraints that leave a row no token to
+sample, a failure that comes only once the request runs."""
 
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ BESIDE = [
 ]
 FAILING = common_pb2.SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=8,
                                     structured_output=structured_output_to_proto(MARKED))
+# The regex needs letters or spaces; the only allowed id is end-of-sequence (2).
+NO_TOKEN_LEFT = common_pb2.SamplingParams(temperature=0.0, max_tokens=8, allowed_token_ids=[2],
+                                          structured_output=common_pb2.StructuredOutput(regex="[a-z ]+"))
 Stub = generation_service_pb2_grpc.GenerationServiceStub
 Call = grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateResponse]
 
@@ -52,7 +56,9 @@ async def _tokens(call: Call, started: asyncio.Event | None = None) -> list[int]
     return tokens
 
 
-async def _alone_then_beside_a_failure(address: str) -> tuple[list[list[int]], list[list[int]], grpc.aio.AioRpcError]:
+async def _alone_then_beside_a_failure(
+    address: str, failing: common_pb2.SamplingParams,
+) -> tuple[list[list[int]], list[list[int]], grpc.aio.AioRpcError]:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = Stub(channel)
 
@@ -66,7 +72,7 @@ async def _alone_then_beside_a_failure(address: str) -> tuple[list[list[int]], l
                   for p, s, e in zip(PROMPTS, BESIDE, started, strict=True)]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), timeout=60)
         with pytest.raises(grpc.aio.AioRpcError) as failed:
-            await _tokens(generate("Once", FAILING))
+            await _tokens(generate("Once", failing))
         assert not any(task.done() for task in beside)  # the failure came while they streamed
         return alone, list(await asyncio.gather(*beside)), failed.value
 
@@ -76,7 +82,7 @@ def _events(log_path: Path) -> list[str]:
 
 
 def test_the_failing_request_ends_alone_and_the_streams_beside_it_go_on(cluster: Cluster) -> None:
-    alone, beside, failure = asyncio.run(_alone_then_beside_a_failure(cluster.address))
+    alone, beside, failure = asyncio.run(_alone_then_beside_a_failure(cluster.address, FAILING))
     with grpc.insecure_channel(cluster.address) as channel:
         status = Stub(channel).GetServerStatus(pb.GetServerStatusRequest(), timeout=10)
 
@@ -94,3 +100,17 @@ def test_the_failing_request_ends_alone_and_the_streams_beside_it_go_on(cluster:
     assert control_events.count("request_failed_on_worker") == 1
     assert not {"lane_failed", "worker_failed", "cache_released"} & set(worker_events + control_events)
     assert worker_events.count("cache_initialized") == 1  # the worker was never reset by a new owner
+
+
+def test_constraints_that_leave_no_token_end_that_request_alone(cluster: Cluster) -> None:
+    alone, beside, failure = asyncio.run(_alone_then_beside_a_failure(cluster.address, NO_TOKEN_LEFT))
+    with grpc.insecure_channel(cluster.address) as channel:
+        status = Stub(channel).GetServerStatus(pb.GetServerStatusRequest(), timeout=10)
+
+    assert failure.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (failure.details() or "").startswith(
+        "structured_output: no token satisfies structured_output and allowed_token_ids at once")
+    assert beside == alone
+    assert (status.num_used_blocks, status.num_requests_running, status.num_requests_waiting) == (0, 0, 0)
+    assert is_serving(cluster.address, timeout_s=5.0)
+    assert cluster.worker.poll() is None
