@@ -187,18 +187,14 @@ class LaunchedRun:
                 results.append(SequenceOutput(item.state.seq_id, None, None, prompt_logprobs))
                 continue
             grammar = item.state.grammar
-            if grammar is not None and grammar.failure is not None:
-                for seq_id in seq_ids:
-                    next(sampled)
-                    results.append(SequenceOutput(seq_id, None, None, (), grammar.failure))
-                continue
-            for seq_id in seq_ids:
+            compile_failure = grammar.failure if grammar is not None else None
+            for index, seq_id in enumerate(seq_ids):
                 row, (token, logprobs) = next(sampled)
-                outputs = prompt_logprobs if seq_id == seq_ids[0] else ()
-                if row in no_choice:
-                    results.append(SequenceOutput(seq_id, None, None, (), no_token_allowed(item.state)))
+                failure = compile_failure or (no_token_allowed(item.state) if row in no_choice else None)
+                if failure is not None:
+                    results.append(SequenceOutput(seq_id, None, None, (), failure))
                 else:
-                    results.append(SequenceOutput(seq_id, token, logprobs, outputs))
+                    results.append(SequenceOutput(seq_id, token, logprobs, prompt_logprobs if index == 0 else ()))
         return results
 
 

@@ -181,4 +181,3 @@ def get_kernel_ops(device: torch.device, dependent_launch: bool = True, batch_in
     from pagedserve.kernels.reference import TorchReferenceOps
 
     return TorchReferenceOps(batch_invariant)
-
