@@ -209,9 +209,11 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generates for every prompt (all admitted at once, batched by the scheduler); outputs in prompt order.
         use_tqdm: show a progress bar of finished prompts and tokens per second on stderr, as vLLM does.
-        A bad prompt or parameter raises InvalidArgumentError naming the field before anything runs; a request the
-        engine cannot finish raises its error and aborts the others: InvalidArgumentError naming structured_output
-        when the worker cannot compile its constraint, WorkerUnavailableError when its worker failed."""
+        A bad prompt or parameter raises InvalidArgumentError naming the field before anything runs, and so does a
+        prompt the engine refuses to admit (ResourceExhaustedError: its queue is full, n exceeds max_num_seqs, no
+        pool holds it), with its error; a request the engine cannot finish raises its error and aborts the others:
+        InvalidArgumentError naming structured_output when the worker cannot compile its constraint,
+        WorkerUnavailableError when its worker failed."""
         params = sampling_params or SamplingParams()
         per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
@@ -259,9 +261,16 @@ class LLM:
     async def _generate_all(
         self, prompt_ids: list[tuple[int, ...]], params: list[SamplingParams], progress: PromptProgress,
     ) -> list[RequestOutput]:
-        request_ids = [
-            self._engine.add_request(ids, p, final_only=True) for ids, p in zip(prompt_ids, params, strict=True)
-        ]
+        request_ids: list[str] = []
+        try:
+            for ids, p in zip(prompt_ids, params, strict=True):
+                request_ids.append(self._engine.add_request(ids, p, final_only=True))
+        except Exception:
+            # One the engine refuses (its queue is full, n exceeds max_num_seqs, no live worker holds it) fails the
+            # call before anything ran: the prompts admitted before it are taken back, not left running unread.
+            for request_id in request_ids:
+                self._engine.abort(request_id)
+            raise
         collecting = [
             asyncio.ensure_future(self._collect(rid, ids, p.n, progress))
             for rid, ids, p in zip(request_ids, prompt_ids, params, strict=True)

@@ -16,6 +16,7 @@ from pagedserve.contract.model_dir import ModelDirError
 from pagedserve.contract.model_format import Quantization
 from pagedserve.control_plane.config import CacheConfig, SchedulerConfig, offline_step_budget
 from pagedserve.control_plane.engine.model_len import MaxModelLenError
+from pagedserve.control_plane.errors import ResourceExhaustedError
 from pagedserve.control_plane.launch.worker_launcher import LocalWorkers, WorkerLaunchConfig
 from pagedserve.control_plane.scheduling.request import FinishReason
 from pagedserve.gpu_worker.config import WorkerConfig
@@ -154,6 +155,28 @@ def test_a_tokenizer_from_another_directory_gives_the_golden_text(stories260k_di
         (output,) = llm.generate([golden["prompt"]], params, use_tqdm=False)
 
     assert golden["prompt"] + output.outputs[0].text == golden["greedy_text"]
+
+
+@pytest.mark.parametrize(("scheduler", "refused"), [
+    (SchedulerConfig(max_num_seqs=2), SamplingParams(n=3, max_tokens=4)),  # n above max_num_seqs
+    (SchedulerConfig(max_num_waiting=2), SamplingParams(max_tokens=4)),  # the third prompt finds the queue full
+])
+def test_a_prompt_the_engine_refuses_fails_the_call_and_takes_back_the_prompts_admitted_before_it(
+    scheduler: SchedulerConfig, refused: SamplingParams,
+) -> None:
+    cache = CacheConfig(kv_cache_memory_bytes=16 << 20, swap_space_bytes=0)
+    long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    with LLM(cache_config=cache, scheduler_config=scheduler, worker_process=False) as llm:
+        with pytest.raises(ResourceExhaustedError):
+            llm.generate(["one", "two", "three"], [long, long, refused], use_tqdm=False)
+        status = llm.status()
+        assert (status.num_requests_running, status.num_requests_waiting, status.num_used_blocks) == (0, 0, 0)
+        (output,) = llm.generate(["four"], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True),
+                                 use_tqdm=False)
+        # Only the call that was served generated anything: the 400 tokens of the two taken back never ran.
+        assert llm.status().num_generation_tokens - status.num_generation_tokens == 5
+        assert status.num_generation_tokens == 0
+    assert len(output.outputs[0].token_ids) == 5
 
 
 def test_options_that_would_be_ignored_are_refused() -> None:
