@@ -47,7 +47,7 @@ class LayerArgs:
     def __init__(self, scale: float, is_fp8_cache: bool) -> None:
         self._scale, self._is_fp8_cache = scale, is_fp8_cache
         self.key_cache, self.value_cache = ctypes.c_uint64(0), ctypes.c_uint64(0)
-        self.key_map, self.value_map = TensorMap(), TensorMap()  # all zeros: NO_TENSOR_MAP until set_maps()
+        self.key_map, self.value_map = TensorMap(), TensorMap()  # all zeros (no tensor map) until set_maps()
         self.qk_scale, self.v_scale = ctypes.c_float(scale * LOG2_E), ctypes.c_float(1.0)
 
     def set(self, key_cache: Tensor, value_cache: Tensor, k_scale: float, v_scale: float) -> None:

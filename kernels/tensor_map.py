@@ -22,9 +22,6 @@ class TensorMap(ctypes.Structure):
     _fields_ = [("opaque", ctypes.c_uint64 * 16)]
 
 
-NO_TENSOR_MAP = TensorMap()  # the argument of kernels that copy without the tensor memory accelerator
-
-
 @functools.cache
 def _driver() -> ctypes.CDLL:
     return ctypes.CDLL("libcuda.so.1")

@@ -12,9 +12,6 @@ from pagedserve.v1 import common_pb2, generation_service_pb2
 
 _MAX_INT32 = 2**31 - 1
 _SEED_MODULUS = 2**64  # a negative vLLM seed (int32) becomes a distinct uint64 seed
-# Structured outputs (the `constraint` oneof and the flag that shapes it). Another change gives our SamplingParams
-# constraints; until then each is refused here, the one place that maps them.
-_CONSTRAINT_FIELDS = ("json_schema", "regex", "grammar", "structural_tag", "json_object", "choice")
 # Request fields of features this server does not have: set, they are refused.
 _UNSUPPORTED_REQUEST_FIELDS = {
     "kv_transfer_params": "KV transfer (prefill/decode disaggregation)",
