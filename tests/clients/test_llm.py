@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from pagedserve.clients.llm import LLM, SamplingParams
+from pagedserve.clients.llm import ADMISSION_CHUNK, LLM, SamplingParams
 from pagedserve.contract.model_dir import ModelDirError
 from pagedserve.contract.model_format import Quantization
 from pagedserve.control_plane.config import CacheConfig, SchedulerConfig, offline_step_budget
@@ -176,6 +176,24 @@ def test_a_prompt_the_engine_refuses_fails_the_call_and_takes_back_the_prompts_a
         # Only the call that was served generated anything: the 400 tokens of the two taken back never ran.
         assert llm.status().num_generation_tokens - status.num_generation_tokens == 5
         assert status.num_generation_tokens == 0
+    assert len(output.outputs[0].token_ids) == 5
+
+
+def test_a_refusal_after_the_first_admissions_were_planned_aborts_them_all() -> None:
+    # Prompts are admitted in chunks between turns of the engine's loop, so the first ones are running by the time
+    # the last is refused; they end with the call.
+    cache = CacheConfig(kv_cache_memory_bytes=16 << 20, swap_space_bytes=0)
+    long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    num_admitted = 3 * ADMISSION_CHUNK
+    with LLM(cache_config=cache, scheduler_config=SchedulerConfig(max_num_seqs=2), worker_process=False) as llm:
+        with pytest.raises(ResourceExhaustedError, match="n=3 sequences exceed max_num_seqs 2"):
+            llm.generate([[5 + i % 50] * 8 for i in range(num_admitted + 1)],
+                         [long] * num_admitted + [SamplingParams(n=3)], use_tqdm=False)
+        status = llm.status()
+        assert status.control_plane_step_time_s > 0  # a step was planned before the refusal
+        assert (status.num_requests_running, status.num_requests_waiting, status.num_used_blocks) == (0, 0, 0)
+        (output,) = llm.generate(["four"], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True),
+                                 use_tqdm=False)
     assert len(output.outputs[0].token_ids) == 5
 
 
