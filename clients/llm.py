@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+import structlog
+
 from pagedserve.clients.progress import PromptProgress
 from pagedserve.contract.model_dir import ModelDirError, check_model_dir, check_tokenizer_dir
 from pagedserve.contract.model_format import DeviceKind, DType, KVCacheDType, LoadFormat, Quantization
@@ -43,6 +45,7 @@ from pagedserve.runtime.auth import ClusterSecret
 from pagedserve.runtime.collector import freeze_startup_objects
 from pagedserve.runtime.cpu_threads import local_worker_threads, usable_cores
 from pagedserve.runtime.gil import use_short_turns
+from pagedserve.runtime.logs import configure_logging
 
 T = TypeVar("T")
 # Prompts admitted between turns of the engine's loop: the first step is planned once this many are queued, not once
@@ -100,18 +103,21 @@ class LLM:
     (default: the cores this process may use, less one for the engine); `dependent_launch=False` launches every
     kernel plainly (`pagedserve worker --no-dependent-launch`); `quantize_lm_head=True` with FP8 weights makes the LM
     head FP8 too (`--quantize-lm-head`); `batch_invariant=True` on a CPU computes each row as if it were alone in its
-    step, so that a sequence's tokens do not depend on which others share its steps (`--batch-invariant`). The
-    defaults are `pagedserve serve`'s (the
-    same config classes) but for one: without a scheduler_config a step takes up to offline_step_budget tokens
-    (16,384 on devices of 70 GiB or more, else 8,192, as vLLM's LLM class), not the server's 2,048; a
-    scheduler_config given is taken as it is, so set its max_num_batched_tokens too (offline_step_budget gives the
-    default). On a CPU the KV pool holds what 256 sequences of the model's length need, at most 256 MiB unless one
-    sequence needs more, and nothing is swapped. A model directory that cannot be served raises ModelDirError (a
-    ValueError) at once.
+    step, so that a sequence's tokens do not depend on which others share its steps (`--batch-invariant`).
 
-    The engine runs on a thread of this process, so creating an LLM shortens the process's thread switch interval
-    (pagedserve.runtime.gil) for the step pipeline's hand-offs between threads, and freezes the objects alive before it
-    (imported modules above all) out of the garbage collector's full collections (pagedserve.runtime.collector).
+    The defaults are `pagedserve serve`'s (the same config classes) but for two: without a scheduler_config a step
+    takes up to offline_step_budget tokens (16,384 on devices of 70 GiB or more, else 8,192, as vLLM's LLM class),
+    not the server's 2,048 (a scheduler_config given is taken as it is, so set its max_num_batched_tokens too:
+    offline_step_budget gives the default); without an engine_config no line is logged per request
+    (EngineConfig.log_requests). On a CPU the KV pool holds what 256 sequences of the model's length need, at most
+    256 MiB unless one sequence needs more, and nothing is swapped. A model directory that cannot be served raises
+    ModelDirError (a ValueError) at once.
+
+    Log lines go to stderr, as pagedserve's processes write them (runtime/logs.py), unless the application
+    configured structlog itself. The engine runs on a thread of this process, so creating an LLM shortens the
+    process's thread switch interval (pagedserve.runtime.gil) for the step pipeline's hand-offs between threads, and
+    freezes the objects alive before it (imported modules above all) out of the garbage collector's full collections
+    (pagedserve.runtime.collector).
     """
 
     def __init__(
@@ -147,6 +153,8 @@ class LLM:
             tokenizer_dir = check_tokenizer_dir(Path(model), tokenizer_dir)
         elif tokenizer_dir is not None:
             raise ModelDirError("tokenizer needs model: the built-in model comes with its own tokenizer")
+        if not structlog.is_configured():  # its default prints to stdout, which is the caller's
+            configure_logging()
         use_short_turns()
         freeze_startup_objects()  # before this LLM's own objects exist, so that they stay collectable after close()
         self._scratch = tempfile.TemporaryDirectory(prefix="pagedserve-")
@@ -187,7 +195,7 @@ class LLM:
                 scheduler_config = SchedulerConfig(max_num_batched_tokens=offline_step_budget(device_memory_bytes))
             started = self._run(start_engine(
                 [worker], scheduler_config, cache_config or CacheConfig(),
-                engine_config or EngineConfig(), tokenizer_dir or model_dir, model_name,
+                engine_config or EngineConfig(log_requests=False), tokenizer_dir or model_dir, model_name,
             ))
         except BaseException:
             if worker is not None:

@@ -138,6 +138,10 @@ class EngineConfig:
     max_steps_in_flight: int = 4
     # A worker whose oldest step in flight has no result this long after it could start is hung: its lane dies.
     step_timeout_s: float = 30.0
+    # An INFO line at each request's admission and end (request_admitted, request_finished, request_aborted). The
+    # offline LLM's default turns them off: a batch of a million prompts would print two million lines, and vLLM's
+    # offline API prints none.
+    log_requests: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_steps_in_flight <= MAX_STEPS_IN_FLIGHT:

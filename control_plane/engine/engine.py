@@ -55,11 +55,12 @@ class Engine:
         metrics: EngineMetrics,
     ) -> None:
         self._times = StepTimes()
-        self._requests = RequestTable(metrics)
+        self._requests = RequestTable(metrics, config.log_requests)
         self._results = ResultApplier(self._requests, metrics, self._times)
         self._lane_set = LaneSet(workers, config, self._times, self._requests, self._results.on_result,
                                  self._notify_health)
         self._tokenizer = tokenizer
+        self._log_requests = config.log_requests
         self.metrics = metrics
         metrics.bind_workers(self.worker_status)
         self._ids = itertools.count()
@@ -170,8 +171,9 @@ class Engine:
                 for index in range(params.n)
             ],
         ))
-        log.info("request_admitted", request_id=request_id, worker_id=lane.worker_id,
-                 num_prompt_tokens=len(prompt_token_ids), n=params.n, max_tokens=params.max_tokens)
+        if self._log_requests:
+            log.info("request_admitted", request_id=request_id, worker_id=lane.worker_id,
+                     num_prompt_tokens=len(prompt_token_ids), n=params.n, max_tokens=params.max_tokens)
         lane.wakeup.set()
         return request_id
 

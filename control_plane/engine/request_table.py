@@ -25,8 +25,9 @@ class RequestTable:
     the last one left.
     """
 
-    def __init__(self, metrics: EngineMetrics) -> None:
+    def __init__(self, metrics: EngineMetrics, log_requests: bool = True) -> None:
         self._metrics = metrics
+        self._log_requests = log_requests  # the INFO line of each request's end
         self._requests: dict[str, TrackedRequest] = {}
         self._drained: asyncio.Event | None = None  # set when the last request ends, while wait_until_empty waits
 
@@ -69,7 +70,8 @@ class RequestTable:
         if not tracked.is_finished:
             tracked.lane.scheduler.abort_request(request_id)
             tracked.lane.wakeup.set()
-            log.info("request_aborted", request_id=request_id)
+            if self._log_requests:
+                log.info("request_aborted", request_id=request_id)
             self._metrics.request_aborted()
 
     def fail(self, request_id: str, error: PagedServeError) -> None:
@@ -96,9 +98,10 @@ class RequestTable:
         usage = tracked.usage()
         reasons = [c.finish_reason for c in tracked.completions]
         self._metrics.request_ended(reasons, tracked.record(time.monotonic()))
-        log.info("request_finished", request_id=request.request_id,
-                 finish_reasons=[r.name for r in reasons if r is not None],
-                 num_completion_tokens=usage.completion_tokens)
+        if self._log_requests:
+            log.info("request_finished", request_id=request.request_id,
+                     finish_reasons=[r.name for r in reasons if r is not None],
+                     num_completion_tokens=usage.completion_tokens)
         return usage
 
     def _forget(self, request_id: str) -> TrackedRequest | None:

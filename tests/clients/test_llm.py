@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -195,6 +197,18 @@ def test_a_refusal_after_the_first_admissions_were_planned_aborts_them_all() -> 
         (output,) = llm.generate(["four"], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True),
                                  use_tqdm=False)
     assert len(output.outputs[0].token_ids) == 5
+
+
+def test_an_application_that_configured_no_logging_gets_a_clean_stdout_and_no_line_per_request() -> None:
+    # A fresh interpreter, as a user's script is: structlog unconfigured, whose default would print to stdout.
+    script = ("from pagedserve.clients.llm import LLM, SamplingParams\n"
+              "with LLM(worker_process=False) as llm:\n"
+              "    outputs = llm.generate(['hello'] * 3, SamplingParams(max_tokens=2), use_tqdm=False)\n"
+              "print('outputs', len(outputs))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout == "outputs 3\n"
+    assert '"model_loaded"' in done.stderr  # the engine's and worker's own lines, on stderr
+    assert "request_admitted" not in done.stderr and "request_finished" not in done.stderr
 
 
 def test_options_that_would_be_ignored_are_refused() -> None:
