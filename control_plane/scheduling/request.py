@@ -10,7 +10,9 @@ from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.contract.step import SequenceFailure, TokenLogprobs
 
 
-class FinishReason(enum.Enum):
+class FinishReason(str, enum.Enum):
+    """Why a sequence ended; equal to its value, the string vLLM's outputs carry (`finish_reason == "length"`)."""
+
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or max_model_len reached
     ABORT = "abort"  # cancelled by the client or the server

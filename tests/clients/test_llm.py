@@ -36,6 +36,7 @@ def test_offline_generate_reproduces_the_golden_greedy_tokens_for_every_prompt_i
     assert [o.outputs[0].token_ids for o in outputs[:2]] == [golden["greedy_new_ids"]] * 2
     assert golden["prompt"] + outputs[0].outputs[0].text == golden["greedy_text"]
     assert [o.outputs[0].finish_reason for o in outputs[:2]] == [FinishReason.LENGTH] * 2
+    assert outputs[0].outputs[0].finish_reason == "length"  # as a vLLM script compares it
     assert outputs[1].prompt_token_ids == tuple(golden["prompt_ids"])
 
 
