@@ -21,6 +21,7 @@ from typing import Any, TypeVar, cast
 import structlog
 
 from pagedserve.clients.progress import PromptProgress
+from pagedserve.contract.errors import InvalidArgumentError
 from pagedserve.contract.model_dir import ModelDirError, check_model_dir, check_tokenizer_dir
 from pagedserve.contract.model_format import DeviceKind, DType, KVCacheDType, LoadFormat, Quantization
 from pagedserve.contract.sampling_params import SamplingParams, truncated_prompt, validate_prompt
@@ -48,11 +49,13 @@ from pagedserve.runtime.gil import use_short_turns
 from pagedserve.runtime.logs import configure_logging
 
 T = TypeVar("T")
+# What generate() takes as one prompt: text, token ids, or vLLM's TextPrompt / TokensPrompt dicts.
+Prompt = str | Sequence[int] | Mapping[str, Any]
 # Prompts admitted between turns of the engine's loop: the first step is planned once this many are queued, not once
 # all are (1,000 admissions of 1,024-token prompts take about 0.1 s of the loop, which the device would idle through).
 ADMISSION_CHUNK = 64
 
-__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "Prompt", "RequestOutput", "SamplingParams"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,11 +217,13 @@ class LLM:
 
     def generate(
         self,
-        prompts: Sequence[str | Sequence[int]],
+        prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Generates for every prompt (all admitted at once, batched by the scheduler); outputs in prompt order.
+        A prompt is text, token ids, or vLLM's {"prompt": text} or {"prompt_token_ids": ids}; one prompt alone (a
+        string, a list of ints, a dict) is a batch of one, as vLLM takes it.
         use_tqdm: show a progress bar of finished prompts and tokens per second on stderr, as vLLM does.
         A bad prompt or parameter raises InvalidArgumentError naming the field before anything runs; a prompt the
         engine refuses to admit (ResourceExhaustedError: its queue is full, n exceeds max_num_seqs, no pool holds it)
@@ -226,20 +231,38 @@ class LLM:
         error and aborts the others:
         InvalidArgumentError naming structured_output when the worker cannot compile its constraint,
         WorkerUnavailableError when its worker failed."""
+        batch = _prompt_batch(prompts)
         params = sampling_params or SamplingParams()
-        per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
-        if len(per_prompt) != len(prompts):
-            raise ValueError(f"got {len(per_prompt)} sampling params for {len(prompts)} prompts")
+        per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(batch)
+        if len(per_prompt) != len(batch):
+            raise ValueError(f"got {len(per_prompt)} sampling params for {len(batch)} prompts")
         prompt_ids = [
-            truncated_prompt(self.tokenizer.encode(p) if isinstance(p, str) else p, params, self.model.max_model_len)
-            for p, params in zip(prompts, per_prompt, strict=True)
+            truncated_prompt(self._prompt_token_ids(prompt, index), params, self.model.max_model_len)
+            for index, (prompt, params) in enumerate(zip(batch, per_prompt, strict=True))
         ]
         for ids, p in zip(prompt_ids, per_prompt, strict=True):
             validate_prompt(ids, self.model.vocab_size, self.model.max_model_len)
             p.validate(self.model.vocab_size, self.model.max_model_len, len(ids))
             self._constraints.check(p)
-        with PromptProgress(len(prompts), enabled=use_tqdm) as progress:
+        with PromptProgress(len(batch), enabled=use_tqdm) as progress:
             return self._run(self._generate_all(prompt_ids, per_prompt, progress))
+
+    def _prompt_token_ids(self, prompt: Prompt, index: int) -> Sequence[int]:
+        """The prompt's token ids; InvalidArgumentError naming prompts[index] for anything but the four forms."""
+        if isinstance(prompt, Mapping):
+            keys = set(prompt)
+            if keys == {"prompt"} and isinstance(prompt["prompt"], str):
+                return self.tokenizer.encode(prompt["prompt"])
+            if keys == {"prompt_token_ids"} and _is_token_ids(prompt["prompt_token_ids"]):
+                return cast("Sequence[int]", prompt["prompt_token_ids"])
+            raise InvalidArgumentError(f"prompts[{index}]", "a dict prompt holds either 'prompt' (text) or "
+                                       f"'prompt_token_ids' (ints) alone, got keys {sorted(keys)}")
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if _is_token_ids(prompt):
+            return prompt
+        raise InvalidArgumentError(f"prompts[{index}]", f"a prompt is text, token ids or a dict, got "
+                                   f"{type(prompt).__name__}")
 
     def chat(
         self,
@@ -343,6 +366,19 @@ class LLM:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _is_token_ids(value: object) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str) and all(
+        isinstance(token_id, int) for token_id in value)
+
+
+def _prompt_batch(prompts: Prompt | Sequence[Prompt]) -> Sequence[Prompt]:
+    """The prompts as a batch: one prompt alone (text, a dict, or token ids, which no batch's first element is)
+    becomes a batch of one."""
+    if isinstance(prompts, (str, Mapping)) or (prompts and isinstance(prompts[0], int)):
+        return [cast("Prompt", prompts)]
+    return cast("Sequence[Prompt]", prompts)
 
 
 async def _recent_steps(engine: Engine) -> list[StepRecord]:

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from pagedserve.clients.llm import ADMISSION_CHUNK, LLM, SamplingParams
+from pagedserve.clients.llm import ADMISSION_CHUNK, LLM, Prompt, SamplingParams
+from pagedserve.contract.errors import InvalidArgumentError
 from pagedserve.contract.model_dir import ModelDirError
 from pagedserve.contract.model_format import Quantization
 from pagedserve.control_plane.config import CacheConfig, SchedulerConfig, offline_step_budget
@@ -210,6 +211,27 @@ def test_an_application_that_configured_no_logging_gets_a_clean_stdout_and_no_li
     assert done.stdout == "outputs 3\n"
     assert '"model_loaded"' in done.stderr  # the engine's and worker's own lines, on stderr
     assert "request_admitted" not in done.stderr and "request_finished" not in done.stderr
+
+
+def test_a_prompt_alone_or_in_vllms_dict_forms_is_the_same_prompt_as_in_a_list() -> None:
+    cache = CacheConfig(kv_cache_memory_bytes=16 << 20, swap_space_bytes=0)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    with LLM(cache_config=cache, worker_process=False) as llm:
+        (reference,) = llm.generate(["hello world"], params, use_tqdm=False)
+        ids = list(reference.prompt_token_ids)
+        both: list[Prompt] = [{"prompt": "hello world"}, {"prompt_token_ids": ids}]
+        forms: list[Prompt | list[Prompt]] = ["hello world", both[0], ids, both[1], both]
+        outputs = [llm.generate(form, params, use_tqdm=False) for form in forms]
+        unknown_key: list[Prompt] = ["fine", {"prompt": "hi", "multi_modal_data": None}]
+        with pytest.raises(InvalidArgumentError, match=r"^prompts\[1\]: a dict prompt holds either 'prompt'"):
+            llm.generate(unknown_key, params, use_tqdm=False)
+        with pytest.raises(InvalidArgumentError, match=r"^prompts\[0\]: a prompt is text, token ids or a dict"):
+            llm.generate([3.5], params, use_tqdm=False)  # type: ignore[arg-type]
+    assert [len(batch) for batch in outputs] == [1, 1, 1, 1, 2]
+    for batch in outputs:
+        for output in batch:
+            assert output.prompt_token_ids == reference.prompt_token_ids
+            assert output.outputs[0].token_ids == reference.outputs[0].token_ids
 
 
 def test_options_that_would_be_ignored_are_refused() -> None:
