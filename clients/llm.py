@@ -70,6 +70,7 @@ class CompletionOutput:
 @dataclass(frozen=True, slots=True)
 class RequestOutput:
     request_id: str
+    prompt: str | None  # the prompt's text when it was given as text (as vLLM's), else None
     prompt_token_ids: tuple[int, ...]
     outputs: list[CompletionOutput]
 
@@ -245,7 +246,8 @@ class LLM:
             p.validate(self.model.vocab_size, self.model.max_model_len, len(ids))
             self._constraints.check(p)
         with PromptProgress(len(batch), enabled=use_tqdm) as progress:
-            return self._run(self._generate_all(prompt_ids, per_prompt, progress))
+            return self._run(self._generate_all(prompt_ids, [_prompt_text(prompt) for prompt in batch], per_prompt,
+                                                progress))
 
     def _prompt_token_ids(self, prompt: Prompt, index: int) -> Sequence[int]:
         """The prompt's token ids; InvalidArgumentError naming prompts[index] for anything but the four forms."""
@@ -294,7 +296,8 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     async def _generate_all(
-        self, prompt_ids: list[tuple[int, ...]], params: list[SamplingParams], progress: PromptProgress,
+        self, prompt_ids: list[tuple[int, ...]], prompt_texts: list[str | None], params: list[SamplingParams],
+        progress: PromptProgress,
     ) -> list[RequestOutput]:
         request_ids: list[str] = []
         try:
@@ -310,8 +313,8 @@ class LLM:
                 self._engine.abort(request_id)
             raise
         collecting = [
-            asyncio.ensure_future(self._collect(rid, ids, p.n, progress))
-            for rid, ids, p in zip(request_ids, prompt_ids, params, strict=True)
+            asyncio.ensure_future(self._collect(rid, text, ids, p.n, progress))
+            for rid, text, ids, p in zip(request_ids, prompt_texts, prompt_ids, params, strict=True)
         ]
         try:
             return list(await asyncio.gather(*collecting))
@@ -323,7 +326,7 @@ class LLM:
             await asyncio.gather(*collecting, return_exceptions=True)
 
     async def _collect(
-        self, request_id: str, prompt_ids: tuple[int, ...], n: int, progress: PromptProgress,
+        self, request_id: str, prompt_text: str | None, prompt_ids: tuple[int, ...], n: int, progress: PromptProgress,
     ) -> RequestOutput:
         texts: list[list[str]] = [[] for _ in range(n)]
         ids: list[list[int]] = [[] for _ in range(n)]
@@ -337,7 +340,7 @@ class LLM:
             reasons[chunk.completion_index] = chunk.finish_reason or reasons[chunk.completion_index]
         outputs = [CompletionOutput(i, "".join(texts[i]), ids[i], reasons[i], logprobs[i]) for i in range(n)]
         progress.finished(len(prompt_ids), sum(map(len, ids)))
-        return RequestOutput(request_id, prompt_ids, outputs)
+        return RequestOutput(request_id, prompt_text, prompt_ids, outputs)
 
     def status(self) -> EngineStatus:
         """Queue lengths, cache usage and where the steps' time went, as GetServerStatus reports them."""
@@ -371,6 +374,12 @@ class LLM:
 def _is_token_ids(value: object) -> bool:
     return isinstance(value, Sequence) and not isinstance(value, str) and all(
         isinstance(token_id, int) for token_id in value)
+
+
+def _prompt_text(prompt: Prompt) -> str | None:
+    if isinstance(prompt, str):
+        return prompt
+    return prompt.get("prompt") if isinstance(prompt, Mapping) else None
 
 
 def _prompt_batch(prompts: Prompt | Sequence[Prompt]) -> Sequence[Prompt]:

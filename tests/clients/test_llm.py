@@ -228,6 +228,8 @@ def test_a_prompt_alone_or_in_vllms_dict_forms_is_the_same_prompt_as_in_a_list()
         with pytest.raises(InvalidArgumentError, match=r"^prompts\[0\]: a prompt is text, token ids or a dict"):
             llm.generate([3.5], params, use_tqdm=False)  # type: ignore[arg-type]
     assert [len(batch) for batch in outputs] == [1, 1, 1, 1, 2]
+    assert [output.prompt for batch in outputs for output in batch] == ["hello world", "hello world", None, None,
+                                                                         "hello world", None]
     for batch in outputs:
         for output in batch:
             assert output.prompt_token_ids == reference.prompt_token_ids
