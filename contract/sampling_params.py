@@ -84,6 +84,11 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "logit_bias", MappingProxyType(dict(self.logit_bias)))  # read-only
+        # Lists become tuples (nothing changes after the checks), and a string alone is one stop string or bad word,
+        # as vLLM takes stop="###" (not three stops at "#").
+        for name in ("stop", "bad_words", "stop_token_ids", "allowed_token_ids"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         self._check_counts()
         self._check_distribution()
         self._check_stops()

@@ -162,3 +162,13 @@ def test_prompt_may_fill_the_context_exactly() -> None:
 def test_greedy_means_zero_temperature() -> None:
     assert SamplingParams(temperature=0.0).is_greedy
     assert not SamplingParams(temperature=0.5).is_greedy
+
+
+def test_a_string_alone_is_one_stop_string_or_bad_word_and_lists_become_tuples() -> None:
+    ids = [5, 6]
+    params = SamplingParams(stop="###", bad_words="bad", stop_token_ids=ids, allowed_token_ids=ids)  # type: ignore[arg-type]
+    ids.append(-1)  # changing the caller's list afterwards changes nothing checked
+
+    assert (params.stop, params.bad_words) == (("###",), ("bad",))  # vLLM's stop="###", not three stops at "#"
+    assert params.stop_token_ids == params.allowed_token_ids == (5, 6)
+    assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")  # type: ignore[arg-type]
