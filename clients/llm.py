@@ -46,7 +46,7 @@ from pagedserve.runtime.auth import ClusterSecret
 from pagedserve.runtime.collector import freeze_startup_objects
 from pagedserve.runtime.cpu_threads import local_worker_threads, usable_cores
 from pagedserve.runtime.gil import use_short_turns
-from pagedserve.runtime.logs import configure_logging
+from pagedserve.runtime.logs import configure_structlog
 
 T = TypeVar("T")
 # What generate() takes as one prompt: text, token ids, or vLLM's TextPrompt / TokensPrompt dicts.
@@ -158,7 +158,7 @@ class LLM:
         elif tokenizer_dir is not None:
             raise ModelDirError("tokenizer needs model: the built-in model comes with its own tokenizer")
         if not structlog.is_configured():  # its default prints to stdout, which is the caller's
-            configure_logging()
+            configure_structlog()  # structlog alone (the application's own logging is its own), loggers uncached
         use_short_turns()
         freeze_startup_objects()  # before this LLM's own objects exist, so that they stay collectable after close()
         self._scratch = tempfile.TemporaryDirectory(prefix="pagedserve-")

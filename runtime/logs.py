@@ -51,7 +51,16 @@ class _CurrentStderr:
 
 
 def configure_logging(log_format: LogFormat = LogFormat.AUTO, level: int = logging.INFO) -> None:
-    """Routes structlog and the standard library's logging to stderr in one format."""
+    """Routes structlog and the standard library's logging to stderr in one format: a pagedserve process's set-up."""
+    configure_structlog(log_format, level, cache_loggers=True)
+    logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr, format="%(name)s: %(message)s")
+
+
+def configure_structlog(log_format: LogFormat = LogFormat.AUTO, level: int = logging.INFO,
+                        cache_loggers: bool = False) -> None:
+    """Routes structlog to stderr. cache_loggers: each logger keeps this configuration from its first line on (the
+    fast path of a process that configures once); without it a later configure (an application's own, a test's
+    structlog.testing.capture_logs) reaches loggers already used."""
     use_json = log_format is LogFormat.JSON or (log_format is LogFormat.AUTO and not sys.stderr.isatty())
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=False)
@@ -66,6 +75,5 @@ def configure_logging(log_format: LogFormat = LogFormat.AUTO, level: int = loggi
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=cache_loggers,
     )
-    logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr, format="%(name)s: %(message)s")
