@@ -222,7 +222,8 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generates for every prompt (all admitted at once, batched by the scheduler); outputs in prompt order.
+        """Generates for every prompt (admitted in chunks of ADMISSION_CHUNK, batched by the scheduler); outputs in
+        prompt order.
         A prompt is text, token ids, or vLLM's {"prompt": text} or {"prompt_token_ids": ids}; one prompt alone (a
         string, a list of ints, a dict) is a batch of one, as vLLM takes it.
         use_tqdm: show a progress bar of finished prompts and tokens per second on stderr, as vLLM does.
