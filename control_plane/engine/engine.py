@@ -60,7 +60,6 @@ class Engine:
         self._lane_set = LaneSet(workers, config, self._times, self._requests, self._results.on_result,
                                  self._notify_health)
         self._tokenizer = tokenizer
-        self._log_requests = config.log_requests
         self.metrics = metrics
         metrics.bind_workers(self.worker_status)
         self._ids = itertools.count()
@@ -171,9 +170,6 @@ class Engine:
                 for index in range(params.n)
             ],
         ))
-        if self._log_requests:
-            log.info("request_admitted", request_id=request_id, worker_id=lane.worker_id,
-                     num_prompt_tokens=len(prompt_token_ids), n=params.n, max_tokens=params.max_tokens)
         lane.wakeup.set()
         return request_id
 

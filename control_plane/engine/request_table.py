@@ -25,9 +25,9 @@ class RequestTable:
     the last one left.
     """
 
-    def __init__(self, metrics: EngineMetrics, log_requests: bool = True) -> None:
+    def __init__(self, metrics: EngineMetrics, log_requests: bool) -> None:
         self._metrics = metrics
-        self._log_requests = log_requests  # the INFO line of each request's end
+        self._log_requests = log_requests  # the INFO lines of each request's admission and end
         self._requests: dict[str, TrackedRequest] = {}
         self._drained: asyncio.Event | None = None  # set when the last request ends, while wait_until_empty waits
 
@@ -48,7 +48,12 @@ class RequestTable:
         return [request_id for request_id, tracked in self._requests.items() if tracked.lane is lane]
 
     def add(self, tracked: TrackedRequest) -> None:
-        self._requests[tracked.request.request_id] = tracked
+        request = tracked.request
+        self._requests[request.request_id] = tracked
+        if self._log_requests:
+            params = request.sampling_params
+            log.info("request_admitted", request_id=request.request_id, worker_id=tracked.lane.worker_id,
+                     num_prompt_tokens=request.num_prompt_tokens, n=params.n, max_tokens=params.max_tokens)
 
     async def wait_until_empty(self, timeout_s: float) -> None:
         """Returns when no request is left, or after timeout_s."""
