@@ -150,12 +150,13 @@ class Worker:
                 self._leader.init_cache(request)
             self._drop_cache()
             layout = self._layout(request.block_size)
+            # The sampler loads its kernels as it is made: their code takes device memory the sizing must see.
+            sampler = Sampler(self.loaded.config.vocab_size, self.device, self.config.seed, self.grammars, self.ops,
+                              self.loaded.dtype)
             num_gpu_blocks, peak_bytes = self._agreed_gpu_pool_size(layout, request)
             num_cpu_blocks = self.group.min_over_ranks(layout.num_blocks_in(request.swap_space_bytes))
             with fatal_in_group(self.group, "allocating the KV cache"):
                 pool = KVPool(layout, num_gpu_blocks, num_cpu_blocks, self.device, self.ops)
-            sampler = Sampler(self.loaded.config.vocab_size, self.device, self.config.seed, self.grammars, self.ops,
-                              self.loaded.dtype)
             registry = SequenceRegistry(layout.block_size, num_gpu_blocks, num_cpu_blocks, self.grammars,
                                         self.bad_words)
             with fatal_in_group(self.group, "capturing CUDA graphs"):
