@@ -142,6 +142,11 @@ class EngineConfig:
     # offline LLM's default turns them off: a batch of a million prompts would print two million lines, and vLLM's
     # offline API prints none.
     log_requests: bool = True
+    # Worker failures a request rides through: when its worker dies or hangs, its sequences go on on a live worker
+    # whose pool holds them, computed again from their known tokens (prompt and outputs); its stream goes on. A
+    # request whose worker fails once more than this, or that no live worker holds, ends with UNAVAILABLE. 0: every
+    # request of a failed worker ends so. The bound keeps a request that crashes workers from crashing them all.
+    worker_failure_retries: int = 1
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_steps_in_flight <= MAX_STEPS_IN_FLIGHT:
@@ -150,6 +155,8 @@ class EngineConfig:
             )
         if not self.step_timeout_s > 0:  # also rejects NaN
             raise ValueError(f"step_timeout_s must be positive, got {self.step_timeout_s}")
+        if self.worker_failure_retries < 0:
+            raise ValueError(f"worker_failure_retries must be >= 0, got {self.worker_failure_retries}")
 
 
 # An API key travels in a header and may come in a comma-separated list (PAGEDSERVE_API_KEY).

@@ -24,7 +24,7 @@ from pagedserve.control_plane.relay.item_channel import ItemChannel
 from pagedserve.control_plane.scheduling.fit import never_fits_error
 from pagedserve.control_plane.scheduling.kv_events import KvEventLog
 from pagedserve.control_plane.scheduling.request import Request
-from pagedserve.control_plane.scheduling.scheduler import Scheduler, SchedulerStats
+from pagedserve.control_plane.scheduling.scheduler import Scheduler
 from pagedserve.control_plane.text.completion import CompletionStream
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 
@@ -158,7 +158,7 @@ class Engine:
             arrival_time_s=_arrival(arrival_time_s),
             priority=priority,
         )
-        lane = min(self._lanes_holding(request, live), key=lambda candidate: _load(candidate.scheduler.stats))
+        lane = min(self._lanes_holding(request, live), key=lambda candidate: candidate.load)
         lane.scheduler.add_request(request)
         self._requests.add(TrackedRequest(
             request=request,
@@ -228,10 +228,6 @@ class Engine:
             log.info("engine_health_changed", is_serving=is_serving,
                      num_live_workers=sum(lane.is_alive for lane in self._lane_set.lanes),
                      is_draining=self._is_draining)
-
-
-def _load(stats: SchedulerStats) -> int:
-    return stats.num_running + stats.num_waiting + stats.num_swapped
 
 
 def _arrival(arrival_time_s: float | None) -> float:

@@ -94,6 +94,12 @@ class Lane:
         self._watchdog: asyncio.TimerHandle | None = None
         self._failure: WorkerUnavailableError | None = None  # why a watcher cancelled the task
 
+    @property
+    def load(self) -> int:
+        """Requests on the lane's scheduler: running, waiting and swapped."""
+        stats = self.scheduler.stats
+        return stats.num_running + stats.num_waiting + stats.num_swapped
+
     async def drive(self, on_result: ResultHandler) -> None:
         """Runs until cancelled or until it raises: WorkerUnavailableError when the worker fails, or takes or
         answers no step for step_timeout_s (a hung worker); any other exception of the scheduler or of

@@ -160,9 +160,33 @@ class LaneSet:
         self._closing.add(closing)
         closing.add_done_callback(self._closing.discard)
 
+    def _resume(self, request_id: str, dead: Lane) -> bool:
+        """Moves a request of a lane whose worker failed to the least loaded live lane whose pool holds its
+        sequences, where they are computed again from their known tokens (Scheduler.adopt); False, changing
+        nothing, when it has ridden through config.worker_failure_retries failures already or no live lane holds
+        it. An exception in the engine's own code (not the worker's failure) moves nothing: it could recur."""
+        tracked = self._requests.get(request_id)
+        if tracked is None or tracked.worker_failures >= self._config.worker_failure_retries:
+            return False
+        request = tracked.request
+        if request.is_finished:
+            return False
+        holding = [lane for lane in self.live() if lane.scheduler.can_resume(request)]
+        if not holding:
+            return False
+        lane = min(holding, key=lambda candidate: candidate.load)
+        lane.scheduler.adopt(request)
+        tracked.lane = lane
+        tracked.worker_failures += 1
+        lane.wakeup.set()
+        log.warning("request_resumed_on_another_worker", request_id=request_id, failed_worker_id=dead.worker_id,
+                    worker_id=lane.worker_id, worker_failures=tracked.worker_failures)
+        return True
+
     def _kill_lane(self, lane: Lane, cause: BaseException) -> None:
-        """Fails the lane's requests with the cause (WorkerUnavailableError as it is, anything else as INTERNAL,
-        logged with its traceback), releases every block and count it held, and tells the callbacks."""
+        """Moves the lane's requests to live lanes when its worker failed (_resume), fails the others with the
+        cause (WorkerUnavailableError as it is, anything else as INTERNAL, logged with its traceback), releases
+        every block and count it held, and tells the callbacks."""
         if not lane.is_alive:
             return
         lane.is_alive = False
@@ -178,7 +202,8 @@ class LaneSet:
             log.error("lane_failed", worker_id=lane.worker_id, error=str(error), request_ids=request_ids,
                       exc_info=cause)
         for request_id in request_ids:
-            self._requests.fail(request_id, error)
+            if not (isinstance(cause, WorkerUnavailableError) and self._resume(request_id, lane)):
+                self._requests.fail(request_id, error)
         old = lane.scheduler
         self._retired[lane.worker_id].add(old.stats)
         lane.scheduler = Scheduler(old.config, old.cache_config, old.block_manager.gpu.num_blocks,

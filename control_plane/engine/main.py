@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"steps planned ahead of their results per worker (1 to {MAX_STEPS_IN_FLIGHT})")
     p.add_argument("--step-timeout", type=float, default=engine.step_timeout_s,
                    help="seconds a worker may leave a step unanswered before it counts as hung and its lane dies")
+    p.add_argument("--worker-failure-retries", type=int, default=engine.worker_failure_retries,
+                   help="worker failures a request rides through, recomputed on another live worker (0: it fails "
+                        "with its worker)")
     p.add_argument("--cluster-secret-file", type=Path,
                    help=f"file holding the secret of the internal services (or the secret itself in {SECRET_ENV}); "
                         "default: a random one for the local workers and the frontend")
@@ -203,7 +206,8 @@ def configs_from_args(
         kv_cache_memory_bytes=_bytes(args.kv_cache_memory), swap_space_bytes=_bytes(args.swap_space),
         enable_prefix_caching=args.enable_prefix_caching,
     )
-    engine = EngineConfig(max_steps_in_flight=args.max_steps_in_flight, step_timeout_s=args.step_timeout)
+    engine = EngineConfig(max_steps_in_flight=args.max_steps_in_flight, step_timeout_s=args.step_timeout,
+                          worker_failure_retries=args.worker_failure_retries)
     return server, scheduler, cache, engine
 
 

@@ -28,6 +28,7 @@ class TrackedRequest:
     final_only: bool = False  # the consumer wants the whole result: wake it when the request ends, not per step
     first_token_time_s: float | None = None
     last_token_time_s: float | None = None
+    worker_failures: int = 0  # failures of the workers it ran on that it rode through (EngineConfig)
 
     @property
     def is_finished(self) -> bool:

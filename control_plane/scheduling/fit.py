@@ -23,6 +23,13 @@ def shortest_sequence(request: Request) -> int:
     return request.num_prompt_tokens + max(request.sampling_params.min_tokens, 1)
 
 
+def resumed_sequence(request: Request) -> int:
+    """Tokens the longest unfinished sequence of a request whose worker failed must reach to go on elsewhere: its
+    known tokens and one more (or its shortest, if min_tokens asks for more)."""
+    known = max((len(seq.output_token_ids) for seq in request.unfinished_sequences), default=0)
+    return max(shortest_sequence(request), request.num_prompt_tokens + known + 1)
+
+
 def longest_sequence(request: Request, max_model_len: int | None) -> int:
     """Tokens of the request's longest possible sequence: its prompt plus max_tokens, capped by max_model_len;
     without max_tokens, max_model_len (without either, its shortest)."""

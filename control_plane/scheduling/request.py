@@ -38,8 +38,11 @@ _TRANSITIONS: dict[RequestStatus, frozenset[RequestStatus]] = {
     ),
     # A stop string can match downstream in tokens delivered before a preemption.
     RequestStatus.PREEMPTED: frozenset({RequestStatus.RUNNING, RequestStatus.FINISHED, RequestStatus.ABORTED}),
-    # A swapped request still receives the tokens of steps planned before it was swapped out.
-    RequestStatus.SWAPPED: frozenset({RequestStatus.RUNNING, RequestStatus.FINISHED, RequestStatus.ABORTED}),
+    # A swapped request still receives the tokens of steps planned before it was swapped out; one whose worker
+    # failed is recomputed on another (Scheduler.adopt).
+    RequestStatus.SWAPPED: frozenset(
+        {RequestStatus.RUNNING, RequestStatus.PREEMPTED, RequestStatus.FINISHED, RequestStatus.ABORTED}
+    ),
     RequestStatus.FINISHED: frozenset(),
     RequestStatus.ABORTED: frozenset(),
 }

@@ -10,7 +10,13 @@ from pagedserve.contract.step import BlockTableUpdate, StepPlan, StepResult
 from pagedserve.control_plane.config import CacheConfig, PreemptionMode, SchedulerConfig
 from pagedserve.control_plane.errors import InvalidArgumentError, ResourceExhaustedError
 from pagedserve.control_plane.scheduling.block_manager import BlockManager
-from pagedserve.control_plane.scheduling.fit import blocks_for, longest_sequence, never_fits_error, shortest_sequence
+from pagedserve.control_plane.scheduling.fit import (
+    blocks_for,
+    longest_sequence,
+    never_fits_error,
+    resumed_sequence,
+    shortest_sequence,
+)
 from pagedserve.control_plane.scheduling.output_applier import OutputApplier
 from pagedserve.control_plane.scheduling.preemption import make_preemption_policy
 from pagedserve.control_plane.scheduling.request import (
@@ -94,6 +100,30 @@ class Scheduler:
         request.sequences.extend(self._seqs.add(request, index) for index in range(request.sampling_params.n))
         self._requests[request.request_id] = request
         self._waiting.add(request)
+
+    def adopt(self, request: Request) -> None:
+        """Takes over a request from the scheduler of a worker that failed: its unfinished sequences are computed
+        again here from their known tokens (prompt and outputs), ahead of new requests, as after a preemption by
+        recompute; greedy and seeded ones go on with the tokens they would have had. ValueError unless
+        can_resume(request) and n fits max_num_seqs (both hold for a request another lane of the same
+        configuration admitted, when this pool holds its tokens)."""
+        if request.is_finished or request.request_id in self._requests:
+            raise ValueError(f"request {request.request_id}: finished, or already scheduled here")
+        if request.sampling_params.n > self.config.max_num_seqs or not self.can_resume(request):
+            raise ValueError(f"request {request.request_id}: does not fit this worker")
+        self._seqs.adopt(request)
+        self._requests[request.request_id] = request
+        if request.status is RequestStatus.WAITING:
+            self._waiting.add(request)
+            return
+        if request.status is not RequestStatus.PREEMPTED:
+            request.set_status(RequestStatus.PREEMPTED)
+        self._waiting.add_preempted(request)
+
+    def can_resume(self, request: Request) -> bool:
+        """Whether this pool holds each unfinished sequence of a request another worker ran, with its known tokens
+        and one more (fit.resumed_sequence)."""
+        return blocks_for(resumed_sequence(request), self.cache_config.block_size) <= self.block_manager.gpu.num_blocks
 
     def can_ever_hold(self, request: Request) -> bool:
         """Whether this worker's pool holds the prompt and min_tokens of a sequence of the request: if not, it

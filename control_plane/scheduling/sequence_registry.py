@@ -44,9 +44,20 @@ class SequenceRegistry:
     def reset_for_recompute(self, request: Request, seq: Sequence) -> None:
         """Forgets seq's KV; it comes back under a new id with its known tokens to compute again."""
         self.release(seq)
+        self._renew(request, seq)
+
+    def adopt(self, request: Request) -> None:
+        """Registers the unfinished sequences of a request that another scheduler held (its worker failed) under
+        new ids, nothing computed and nothing on this worker: they come back with their known tokens to compute
+        again. Their old ids belong to the other scheduler, so nothing is released here."""
+        for seq in request.unfinished_sequences:
+            seq.is_on_worker = False
+            self._renew(request, seq)
+
+    def _renew(self, request: Request, seq: Sequence) -> None:
         seq.seq_id = next(self._ids)
         seq.num_computed_tokens = 0
-        seq.num_pending_tokens = 0
+        seq.num_pending_tokens = 0  # sampled by steps whose results will never come: sampled again
         self._seqs[seq.seq_id] = (request, seq)
         request.num_prompt_logprobs_to_skip = request.num_prompt_logprobs_delivered
 

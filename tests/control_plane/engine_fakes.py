@@ -81,8 +81,9 @@ def _lane(worker_id: str, step_s: float = 0.0) -> tuple[str, Scheduler, _Transpo
 
 
 def _engine(tokenizer: Tokenizer, lanes: list[tuple[str, Scheduler, _Transport]],
-            step_timeout_s: float = 30.0) -> Engine:
-    engine = Engine(lanes, tokenizer, EngineConfig(step_timeout_s=step_timeout_s), EngineMetrics("fake", 2048))
+            step_timeout_s: float = 30.0, worker_failure_retries: int = 1) -> Engine:
+    config = EngineConfig(step_timeout_s=step_timeout_s, worker_failure_retries=worker_failure_retries)
+    engine = Engine(lanes, tokenizer, config, EngineMetrics("fake", 2048))
     engine.start()
     return engine
 

@@ -192,7 +192,7 @@ def test_with_two_lanes_one_dead_new_requests_go_to_the_live_one_which_keeps_ser
         return [_tokens(items) for items in streams]
 
     async def scenario() -> tuple[list[list[int]], int, int, int]:
-        engine = _engine(tokenizer, [w0, w1])
+        engine = _engine(tokenizer, [w0, w1], worker_failure_retries=0)  # w0's request fails with it
         on_w0 = engine.stream(engine.add_request(PROMPT, _params(LONG)))  # the least loaded first: w0
         on_w1 = engine.stream(engine.add_request(PROMPT, _params(40)))
         await anext(on_w0)

@@ -80,7 +80,7 @@ def test_a_workers_counters_survive_its_lane_dying_and_coming_back(tokenizer: To
     lane = _lane("w0")
 
     async def scenario() -> tuple[float | None, float | None, float | None]:
-        engine = _engine(tokenizer, [lane, _lane("w1")])
+        engine = _engine(tokenizer, [lane, _lane("w1")], worker_failure_retries=0)  # the request ends with w0
         first = engine.stream(engine.add_request(PROMPT, _params(LONG)))
         await anext(first)
         lane[2].break_with(WorkerUnavailableError("worker w0 failed"))
