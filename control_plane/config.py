@@ -147,6 +147,9 @@ class EngineConfig:
     # request whose worker fails once more than this, or that no live worker holds, ends with UNAVAILABLE. 0: every
     # request of a failed worker ends so. The bound keeps a request that crashes workers from crashing them all.
     worker_failure_retries: int = 1
+    # With no live worker that holds it, such a request waits this long for a restarted one (while `serve` restarts
+    # workers) before it ends with UNAVAILABLE; the client's stream is silent meanwhile.
+    worker_failure_wait_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_steps_in_flight <= MAX_STEPS_IN_FLIGHT:
@@ -155,6 +158,8 @@ class EngineConfig:
             )
         if not self.step_timeout_s > 0:  # also rejects NaN
             raise ValueError(f"step_timeout_s must be positive, got {self.step_timeout_s}")
+        if not self.worker_failure_wait_s > 0:  # also rejects NaN
+            raise ValueError(f"worker_failure_wait_s must be positive, got {self.worker_failure_wait_s}")
         if self.worker_failure_retries < 0:
             raise ValueError(f"worker_failure_retries must be >= 0, got {self.worker_failure_retries}")
 

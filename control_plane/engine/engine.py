@@ -99,6 +99,16 @@ class Engine:
         failed and its blocks were released. An exception in it is logged and ignored."""
         self._lane_set.on_lane_dead(callback)
 
+    def expect_revivals(self) -> None:
+        """Dead lanes are revived from now on (revive_lane) or abandoned (abandon_lane): a request whose worker
+        failed with no live worker holding it waits up to EngineConfig.worker_failure_wait_s for a revived one."""
+        self._lane_set.expect_revivals()
+
+    def abandon_lane(self, worker_id: str) -> None:
+        """worker_id's dead lane will not be revived; once none is left to wait for, the waiting requests end with
+        UNAVAILABLE. ValueError if no dead lane has that id."""
+        self._lane_set.abandon(worker_id)
+
     def revive_lane(self, worker_id: str, transport: StepTransport, scheduler: Scheduler) -> None:
         """Puts a restarted worker back into service: a new lane with this transport and scheduler (sized for the
         worker as it is now) replaces worker_id's dead lane and starts its loop; is_serving turns True unless the

@@ -10,6 +10,7 @@ import structlog
 
 from pagedserve.contract.step import StepPlan, StepResult
 from pagedserve.control_plane.config import EngineConfig
+from pagedserve.control_plane.engine.failover import Failover
 from pagedserve.control_plane.engine.lane import Lane, StepTimes, StepTransport
 from pagedserve.control_plane.engine.request_table import RequestTable
 from pagedserve.control_plane.engine.status import RetiredCounters, WorkerStatus
@@ -59,6 +60,8 @@ class LaneSet:
         self._is_stopping = False
         self._closing: set[asyncio.Task[None]] = set()  # transports of dead lanes being closed
         self._kv_events: KvEventLog | None = None
+        self._failover = Failover(config, requests)
+        self._abandoned: set[str] = set()  # worker ids whose dead lanes will not be revived
 
     def start(self) -> None:
         for lane in self.lanes:
@@ -67,6 +70,7 @@ class LaneSet:
     async def stop(self) -> None:
         """Cancels every lane's loop (silently: this is no failure)."""
         self._is_stopping = True
+        self._failover.stop()
         tasks = [lane.task for lane in self.lanes if lane.task is not None]
         for task in tasks:
             task.cancel()
@@ -97,6 +101,21 @@ class LaneSet:
         failed and its blocks were released. An exception in it is logged and ignored."""
         self._lane_dead_callbacks.append(callback)
 
+    def expect_revivals(self) -> None:
+        """Dead lanes are revived from now on, or abandoned: a request of a failed worker that no live lane holds
+        waits for a revived one (Failover)."""
+        self._failover.expect_revivals()
+
+    def abandon(self, worker_id: str) -> None:
+        """worker_id's dead lane will not be revived. Once no dead lane is left to wait for, the requests waiting
+        for one end with UNAVAILABLE. ValueError if no lane has that id or it is alive."""
+        lane = next((lane for lane in self.lanes if lane.worker_id == worker_id), None)
+        if lane is None or lane.is_alive:
+            raise ValueError(f"worker_id: no dead lane has id {worker_id!r}")
+        self._abandoned.add(worker_id)
+        if all(lane.is_alive or lane.worker_id in self._abandoned for lane in self.lanes):
+            self._failover.give_up_waiting("no worker that holds it is coming back")
+
     def revive(self, worker_id: str, transport: StepTransport, scheduler: Scheduler) -> None:
         """Puts a restarted worker back into service: a new lane with this transport and scheduler (sized for the
         worker as it is now) replaces worker_id's dead lane and starts its loop, then on_health_change runs.
@@ -111,6 +130,8 @@ class LaneSet:
         lane = self.lanes[index] = Lane(worker_id, scheduler, transport, self._config, self._times)
         self._observe_cache(lane)
         self._start_lane(lane)
+        self._abandoned.discard(worker_id)
+        self._failover.revived(lane)
         num_blocks, max_model_len = scheduler.block_manager.gpu.num_blocks, scheduler.config.max_model_len
         log.info("lane_revived", worker_id=worker_id, num_gpu_blocks=num_blocks)
         if max_model_len is not None and blocks_for(max_model_len, scheduler.cache_config.block_size) > num_blocks:
@@ -160,33 +181,11 @@ class LaneSet:
         self._closing.add(closing)
         closing.add_done_callback(self._closing.discard)
 
-    def _resume(self, request_id: str, dead: Lane) -> bool:
-        """Moves a request of a lane whose worker failed to the least loaded live lane whose pool holds its
-        sequences, where they are computed again from their known tokens (Scheduler.adopt); False, changing
-        nothing, when it has ridden through config.worker_failure_retries failures already or no live lane holds
-        it. An exception in the engine's own code (not the worker's failure) moves nothing: it could recur."""
-        tracked = self._requests.get(request_id)
-        if tracked is None or tracked.worker_failures >= self._config.worker_failure_retries:
-            return False
-        request = tracked.request
-        if request.is_finished:
-            return False
-        holding = [lane for lane in self.live() if lane.scheduler.can_resume(request)]
-        if not holding:
-            return False
-        lane = min(holding, key=lambda candidate: candidate.load)
-        lane.scheduler.adopt(request)
-        tracked.lane = lane
-        tracked.worker_failures += 1
-        lane.wakeup.set()
-        log.warning("request_resumed_on_another_worker", request_id=request_id, failed_worker_id=dead.worker_id,
-                    worker_id=lane.worker_id, worker_failures=tracked.worker_failures)
-        return True
-
     def _kill_lane(self, lane: Lane, cause: BaseException) -> None:
-        """Moves the lane's requests to live lanes when its worker failed (_resume), fails the others with the
-        cause (WorkerUnavailableError as it is, anything else as INTERNAL, logged with its traceback), releases
-        every block and count it held, and tells the callbacks."""
+        """Hands the lane's requests to the failover when its worker failed, fails the others with the cause
+        (WorkerUnavailableError as it is, anything else as INTERNAL, logged with its traceback: an exception in the
+        engine's own code could recur wherever a request went), releases every block and count it held, and tells
+        the callbacks."""
         if not lane.is_alive:
             return
         lane.is_alive = False
@@ -201,8 +200,10 @@ class LaneSet:
             )
             log.error("lane_failed", worker_id=lane.worker_id, error=str(error), request_ids=request_ids,
                       exc_info=cause)
+        live = self.live()
         for request_id in request_ids:
-            if not (isinstance(cause, WorkerUnavailableError) and self._resume(request_id, lane)):
+            if not (isinstance(error, WorkerUnavailableError)
+                    and self._failover.rescue(request_id, lane, live, error)):
                 self._requests.fail(request_id, error)
         old = lane.scheduler
         self._retired[lane.worker_id].add(old.stats)

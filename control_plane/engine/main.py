@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-failure-retries", type=int, default=engine.worker_failure_retries,
                    help="worker failures a request rides through, recomputed on another live worker (0: it fails "
                         "with its worker)")
+    p.add_argument("--worker-failure-wait", type=float, default=engine.worker_failure_wait_s,
+                   help="seconds such a request waits for a restarted worker when no live one holds it")
     p.add_argument("--cluster-secret-file", type=Path,
                    help=f"file holding the secret of the internal services (or the secret itself in {SECRET_ENV}); "
                         "default: a random one for the local workers and the frontend")
@@ -207,7 +209,8 @@ def configs_from_args(
         enable_prefix_caching=args.enable_prefix_caching,
     )
     engine = EngineConfig(max_steps_in_flight=args.max_steps_in_flight, step_timeout_s=args.step_timeout,
-                          worker_failure_retries=args.worker_failure_retries)
+                          worker_failure_retries=args.worker_failure_retries,
+                          worker_failure_wait_s=args.worker_failure_wait)
     return server, scheduler, cache, engine
 
 

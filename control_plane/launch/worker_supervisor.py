@@ -44,6 +44,10 @@ class SupervisedEngine(Protocol):
 
     def revive_lane(self, worker_id: str, transport: StepTransport, scheduler: Scheduler) -> None: ...
 
+    def expect_revivals(self) -> None: ...
+
+    def abandon_lane(self, worker_id: str) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class LaneSetup:
@@ -103,6 +107,8 @@ class WorkerSupervisor:
         self.all_lost = asyncio.Event()
         self._is_stopped = False
         engine.on_lane_dead(self._lane_dead)
+        if config.restart_policy is WorkerRestartPolicy.ON_FAILURE:
+            engine.expect_revivals()  # a request whose worker failed may wait for its restart
 
     @property
     def clients(self) -> list[SupervisedClient]:
@@ -188,6 +194,7 @@ class WorkerSupervisor:
     def _give_up(self, worker: _Worker, reason: str) -> None:
         """Leaves the lane dead; sets all_lost once no lane is live and none is being revived."""
         log.error("worker_lane_abandoned", worker_id=worker.worker_id, reason=reason)
+        self._engine.abandon_lane(worker.worker_id)
         if not any(w.is_live or w.revival is not None and w is not worker for w in self._workers.values()):
             log.error("all_workers_lost", num_workers=len(self._workers))
             self.all_lost.set()

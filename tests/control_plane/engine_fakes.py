@@ -81,8 +81,10 @@ def _lane(worker_id: str, step_s: float = 0.0) -> tuple[str, Scheduler, _Transpo
 
 
 def _engine(tokenizer: Tokenizer, lanes: list[tuple[str, Scheduler, _Transport]],
-            step_timeout_s: float = 30.0, worker_failure_retries: int = 1) -> Engine:
-    config = EngineConfig(step_timeout_s=step_timeout_s, worker_failure_retries=worker_failure_retries)
+            step_timeout_s: float = 30.0, worker_failure_retries: int = 1,
+            worker_failure_wait_s: float = 60.0) -> Engine:
+    config = EngineConfig(step_timeout_s=step_timeout_s, worker_failure_retries=worker_failure_retries,
+                          worker_failure_wait_s=worker_failure_wait_s)
     engine = Engine(lanes, tokenizer, config, EngineMetrics("fake", 2048))
     engine.start()
     return engine

@@ -79,7 +79,7 @@ def test_the_requests_of_a_failed_worker_go_on_on_a_live_one_with_the_tokens_the
     assert all(count < MAX_TOKENS for count in before)  # the failure cut every stream short
     assert completions == _run(alone)  # nothing lost, nothing twice, every token as without the failure
     resumed = [(entry["request_id"], entry["failed_worker_id"], entry["worker_id"], entry["worker_failures"])
-               for entry in logs if entry["event"] == "request_resumed_on_another_worker"]
+               for entry in logs if entry["event"] == "request_resumed"]
     assert [(failed, live, count) for _, failed, live, count in resumed] == [("w0", "w1", 1)] * 2
     assert status == (0, 0, 0, NUM_BLOCKS)  # the live worker's pool, every block free
 
@@ -159,3 +159,94 @@ def test_a_pool_resumes_a_request_only_if_it_holds_each_sequence_with_its_known_
 def test_worker_failure_retries_must_not_be_negative() -> None:
     with pytest.raises(ValueError, match="worker_failure_retries must be >= 0"):
         EngineConfig(worker_failure_retries=-1)
+
+
+def test_with_no_live_worker_a_request_waits_for_its_restarted_worker_and_goes_on_there(tokenizer: Tokenizer) -> None:
+    async def alone() -> list[list[int]]:
+        engine = _engine(tokenizer, [_lane("solo")])
+        items = await _drain_stream(engine.stream(engine.add_request(PROMPT, _params(MAX_TOKENS, n=2))))
+        await engine.stop()
+        return _completions(items, 2)
+
+    w0 = _lane("w0", STEP_S)
+
+    async def with_a_restart() -> tuple[list[list[int]], int, tuple[bool, tuple[int, int, int, int]]]:
+        engine = _engine(tokenizer, [w0])
+        engine.expect_revivals()
+        stream = engine.stream(engine.add_request(PROMPT, _params(MAX_TOKENS, n=2)))
+        first = await anext(stream)
+        w0[2].break_with(WorkerUnavailableError("worker w0 failed"))
+        await _until(lambda: not engine.is_serving)
+        await asyncio.sleep(0.05)  # the request waits, holding nothing
+        while_waiting = engine.is_serving, _used_running_waiting_total(engine)
+        _, scheduler, transport = _lane("w0", STEP_S)
+        engine.revive_lane("w0", transport, scheduler)
+        rest = await _drain_stream(stream)
+        await engine.stop()
+        return _completions([first, *rest], 2), len(first.chunk.token_ids), while_waiting
+
+    with structlog.testing.capture_logs() as logs:
+        completions, before, while_waiting = _run(with_a_restart)
+    assert before < MAX_TOKENS
+    assert completions == _run(alone)
+    assert while_waiting == (False, (0, 0, 0, 0))
+    events = [(entry["event"], entry.get("failed_worker_id"), entry.get("worker_id")) for entry in logs
+              if entry["event"] in ("request_waits_for_a_worker", "request_resumed")]
+    assert events == [("request_waits_for_a_worker", "w0", None), ("request_resumed", "w0", "w0")]
+
+
+def _waiting_request_ends(tokenizer: Tokenizer, wait_s: float, abandon: bool) -> tuple[str, float]:
+    """A request whose only worker failed, while its restart is expected: how its wait ends, and after how long."""
+    w0 = _lane("w0", STEP_S)
+
+    async def scenario() -> tuple[str, float]:
+        engine = _engine(tokenizer, [w0], worker_failure_wait_s=wait_s)
+        engine.expect_revivals()
+        stream = engine.stream(engine.add_request(PROMPT, _params(MAX_TOKENS)))
+        await anext(stream)
+        w0[2].break_with(WorkerUnavailableError("worker w0 failed"))
+        await _until(lambda: not engine.is_serving)
+        loop = asyncio.get_running_loop()
+        failed_at = loop.time()
+        if abandon:
+            engine.abandon_lane("w0")
+        with pytest.raises(WorkerUnavailableError) as raised:
+            await _drain_stream(stream)
+        waited_s = loop.time() - failed_at
+        await engine.stop()
+        return str(raised.value), waited_s
+
+    return _run(scenario)
+
+
+def test_a_waiting_request_ends_unavailable_when_no_worker_comes_back_in_time(tokenizer: Tokenizer) -> None:
+    message, waited_s = _waiting_request_ends(tokenizer, wait_s=0.2, abandon=False)
+    assert message == "worker w0 failed; no worker that holds it came back within 0.2 s"
+    assert 0.1 < waited_s < 2.0
+
+
+def test_a_waiting_request_ends_unavailable_at_once_when_its_worker_is_given_up(tokenizer: Tokenizer) -> None:
+    message, waited_s = _waiting_request_ends(tokenizer, wait_s=60.0, abandon=True)
+    assert message == "worker w0 failed; no worker that holds it is coming back"
+    assert waited_s < 1.0
+
+
+def test_a_request_aborted_while_it_waits_is_not_resumed(tokenizer: Tokenizer) -> None:
+    w0 = _lane("w0", STEP_S)
+
+    async def scenario() -> tuple[tuple[int, int, int, int], int]:
+        engine = _engine(tokenizer, [w0])
+        engine.expect_revivals()
+        request_id = engine.add_request(PROMPT, _params(MAX_TOKENS))
+        await anext(engine.stream(request_id))
+        w0[2].break_with(WorkerUnavailableError("worker w0 failed"))
+        await _until(lambda: not engine.is_serving)
+        engine.abort(request_id)
+        _, scheduler, transport = _lane("w0", STEP_S)
+        engine.revive_lane("w0", transport, scheduler)
+        await asyncio.sleep(0.05)
+        status = _used_running_waiting_total(engine)
+        await engine.stop()
+        return status, engine._lane_set._failover.num_waiting
+
+    assert _run(scenario) == ((0, 0, 0, NUM_BLOCKS), 0)

@@ -59,17 +59,25 @@ class FakeClient:
 
 
 class FakeEngine:
-    """The engine's lane API, recording each revival."""
+    """The engine's lane API, recording each revival and each lane given up."""
 
     def __init__(self) -> None:
         self.callbacks: list[LaneDeadCallback] = []
         self.revived: list[tuple[str, StepTransport, Scheduler]] = []
+        self.expects_revivals = False
+        self.abandoned: list[str] = []
 
     def on_lane_dead(self, callback: LaneDeadCallback) -> None:
         self.callbacks.append(callback)
 
     def revive_lane(self, worker_id: str, transport: StepTransport, scheduler: Scheduler) -> None:
         self.revived.append((worker_id, transport, scheduler))
+
+    def expect_revivals(self) -> None:
+        self.expects_revivals = True
+
+    def abandon_lane(self, worker_id: str) -> None:
+        self.abandoned.append(worker_id)
 
     def kill(self, worker_id: str) -> None:
         for callback in self.callbacks:
@@ -149,6 +157,7 @@ def test_failed_tries_back_off_doubling_and_stop_at_the_limit_then_no_worker_is_
         assert clock.sleeps == [1.0, 2.0, 4.0, 8.0, 16.0]  # --max-worker-restarts 5
         assert engine.revived == []
         assert supervisor.all_lost.is_set()
+        assert (engine.expects_revivals, engine.abandoned) == (True, ["worker-0"])  # its waiting requests end
 
     asyncio.run(run())
 
@@ -201,6 +210,7 @@ def test_with_restart_never_a_dead_lane_stays_dead_and_only_the_last_one_ends_se
 
         assert (after_first, supervisor.all_lost.is_set()) == (False, True)
         assert (engine.revived, clock.sleeps) == ([], [])
+        assert (engine.expects_revivals, engine.abandoned) == (False, ["worker-0", "worker-1"])
 
     asyncio.run(run())
 

@@ -1,6 +1,6 @@
 """A worker killed mid-stream: the server fails fast and says so. Its worker is an external one (`--worker`), so
-nothing restarts it: the open stream ends with UNAVAILABLE, new requests are refused at once, health turns
-NOT_SERVING and every block is released."""
+nothing restarts it, and with `--worker-failure-retries 0` its request does not wait for it: the open stream ends
+with UNAVAILABLE, new requests are refused at once, health turns NOT_SERVING and every block is released."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def test_a_killed_worker_fails_its_stream_and_new_requests_at_once_and_turns_hea
 ) -> None:
     params = common_pb2.SamplingParams(temperature=0.0, max_tokens=480, ignore_eos=True)
     request = generation_service_pb2.GenerateRequest(text="Once upon a time", sampling_params=params)
-    with running_cluster(stories_dir, tmp_path) as cluster, grpc.insecure_channel(cluster.address) as channel:
+    with (running_cluster(stories_dir, tmp_path, serve_args=("--worker-failure-retries", "0")) as cluster,
+          grpc.insecure_channel(cluster.address) as channel):
         worker = cluster.worker
         stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
         assert _health(channel) == health_pb2.HealthCheckResponse.SERVING

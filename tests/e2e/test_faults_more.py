@@ -56,6 +56,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 NUM_BLOCKS = 128  # --num-gpu-blocks-override: every test's requests fit (3 x 31 blocks of 16 tokens at most)
 # A small pool on every worker, so that block counts are exact and no test allocates GiBs of KV or swap space.
 CACHE_ARGS = ("--num-gpu-blocks-override", str(NUM_BLOCKS), "--swap-space", "0.01")
+FAIL_WITH_THE_WORKER = ("--worker-failure-retries", "0")  # a request ends with its worker instead of waiting for it
 STEP_TIMEOUT_S = 2.0
 SHUTDOWN_TIMEOUT_S = 3.0
 LONG_MAX_TOKENS = 480  # with the 5-token prompt, within stories260K's 512 positions; >= 1.5 s of steps on a CPU
@@ -139,7 +140,8 @@ def test_a_stopped_worker_fails_its_stream_after_the_step_timeout_and_serve_reco
         processes.append(worker)
         wait_serving(worker_address, worker, worker_log, timeout_s=120)
         command = control_plane_command(stories_dir, worker_address, "127.0.0.1", port,
-                                        extra=("--step-timeout", str(STEP_TIMEOUT_S), *CACHE_ARGS))
+                                        extra=("--step-timeout", str(STEP_TIMEOUT_S), *CACHE_ARGS,
+                                               *FAIL_WITH_THE_WORKER))
         serve = _spawn(command, serve_log)
         processes.append(serve)
         wait_serving(address, serve, serve_log, timeout_s=120)
@@ -273,7 +275,8 @@ def test_a_step_that_raises_in_the_worker_fails_its_requests_unavailable_and_ser
     processes: list[subprocess.Popen[bytes]] = []
     with _served_in_this_process(worker) as worker_address:
         try:
-            command = control_plane_command(stories_dir, worker_address, "127.0.0.1", port, extra=CACHE_ARGS)
+            command = control_plane_command(stories_dir, worker_address, "127.0.0.1", port,
+                                            extra=(*CACHE_ARGS, *FAIL_WITH_THE_WORKER))
             serve = _spawn(command, serve_log)
             processes.append(serve)
             wait_serving(address, serve, serve_log, timeout_s=120)

@@ -121,6 +121,37 @@ def test_serve_restarts_a_killed_worker_and_serves_the_same_greedy_tokens(
         assert has_exited_within(second_pid, timeout_s=5) and has_exited_within(frontend_pid, timeout_s=5)
 
 
+def _greedy_stream(stub: generation_service_pb2_grpc.GenerationServiceStub, prompt: str,
+                   max_tokens: int) -> Iterator[generation_service_pb2.GenerateResponse]:
+    request = generation_service_pb2.GenerateRequest(text=prompt, sampling_params=common_pb2.SamplingParams(
+        temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+    return iter(stub.Generate(request, timeout=120))
+
+
+def test_a_stream_rides_through_the_kill_of_its_only_worker_with_the_tokens_it_would_have_had(
+    stories_dir: Path, golden: dict[str, Any], tmp_path: Path,
+) -> None:
+    """The request waits for serve's restart of its worker (health NOT_SERVING meanwhile), is computed again there
+    from its prompt and the tokens already sent, and its stream goes on: no token lost, none twice, each the one a
+    run without the kill gives."""
+    max_tokens = 400
+    with serving_with_a_local_worker(stories_dir, tmp_path) as serve, grpc.insecure_channel(serve.address) as channel:
+        stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
+        reference = [token for chunk in _greedy_stream(stub, golden["prompt"], max_tokens) for token in chunk.token_ids]
+        stream = _greedy_stream(stub, golden["prompt"], max_tokens)
+        first = next(stream)
+        (worker_pid,) = serve.worker_pids()
+        os.kill(worker_pid, signal.SIGKILL)
+        _wait_for(lambda: not is_serving(serve.address, timeout_s=1.0), 5.0, "health NOT_SERVING", serve)
+        rest = [token for chunk in stream for token in chunk.token_ids]
+        waits, resumed = serve.events("request_waits_for_a_worker"), serve.events("request_resumed")
+
+    assert len(first.token_ids) < max_tokens  # the kill came mid-stream
+    assert [*first.token_ids, *rest] == reference
+    assert [event["failed_worker_id"] for event in waits] == ["worker-0"]
+    assert [(event["failed_worker_id"], event["worker_id"]) for event in resumed] == [("worker-0", "worker-0")]
+
+
 def test_a_worker_whose_port_was_taken_while_it_was_down_comes_back_on_another(
     stories_dir: Path, golden: dict[str, Any], tmp_path: Path,
 ) -> None:
