@@ -57,7 +57,7 @@ class Engine:
         self._times = StepTimes()
         self._requests = RequestTable(metrics, config.log_requests)
         self._results = ResultApplier(self._requests, metrics, self._times)
-        self._lane_set = LaneSet(workers, config, self._times, self._requests, self._results.on_result,
+        self._lane_set = LaneSet(workers, config, self._times, self._requests, metrics, self._results.on_result,
                                  self._notify_health)
         self._tokenizer = tokenizer
         self.metrics = metrics

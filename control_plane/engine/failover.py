@@ -9,6 +9,7 @@ import structlog
 
 from pagedserve.control_plane.config import EngineConfig
 from pagedserve.control_plane.engine.lane import Lane
+from pagedserve.control_plane.engine.metrics import EngineMetrics
 from pagedserve.control_plane.engine.request_table import RequestTable
 from pagedserve.control_plane.engine.tracked_request import TrackedRequest
 from pagedserve.control_plane.errors import WorkerUnavailableError
@@ -34,9 +35,10 @@ class Failover:
     for (give_up_waiting()). Otherwise rescue() returns False and the caller ends it.
     """
 
-    def __init__(self, config: EngineConfig, requests: RequestTable) -> None:
+    def __init__(self, config: EngineConfig, requests: RequestTable, metrics: EngineMetrics) -> None:
         self._config = config
         self._requests = requests
+        self._metrics = metrics
         self._revivals_expected = False
         self._waiting: dict[str, _Waiting] = {}  # request id -> its wait, in the order they began
 
@@ -57,6 +59,7 @@ class Failover:
             return False
         tracked.worker_failures += 1
         if self._move(tracked, live, dead.worker_id):
+            self._metrics.request_resumed(waited=False)
             return True
         if not self._revivals_expected:
             tracked.worker_failures -= 1
@@ -73,8 +76,11 @@ class Failover:
         """A revived lane takes the waiting requests its pool holds, in the order they began to wait."""
         for request_id, waiting in list(self._waiting.items()):
             tracked = self._requests.get(request_id)  # None: aborted, or the engine drained, while it waited
-            if tracked is None or self._move(tracked, [lane], waiting.failed_worker_id):
+            if tracked is None:
                 self._forget(request_id)
+            elif self._move(tracked, [lane], waiting.failed_worker_id):
+                self._forget(request_id)
+                self._metrics.request_resumed(waited=True)
 
     def give_up_waiting(self, reason: str) -> None:
         """No dead lane is left to wait for: every waiting request ends with its worker's error and the reason."""

@@ -12,6 +12,7 @@ from pagedserve.contract.step import StepPlan, StepResult
 from pagedserve.control_plane.config import EngineConfig
 from pagedserve.control_plane.engine.failover import Failover
 from pagedserve.control_plane.engine.lane import Lane, StepTimes, StepTransport
+from pagedserve.control_plane.engine.metrics import EngineMetrics
 from pagedserve.control_plane.engine.request_table import RequestTable
 from pagedserve.control_plane.engine.status import RetiredCounters, WorkerStatus
 from pagedserve.control_plane.errors import PagedServeError, WorkerUnavailableError
@@ -45,6 +46,7 @@ class LaneSet:
         config: EngineConfig,
         times: StepTimes,
         requests: RequestTable,
+        metrics: EngineMetrics,
         on_result: LaneResultHandler,
         on_health_change: Callable[[], None],
     ) -> None:
@@ -60,7 +62,7 @@ class LaneSet:
         self._is_stopping = False
         self._closing: set[asyncio.Task[None]] = set()  # transports of dead lanes being closed
         self._kv_events: KvEventLog | None = None
-        self._failover = Failover(config, requests)
+        self._failover = Failover(config, requests, metrics)
         self._abandoned: set[str] = set()  # worker ids whose dead lanes will not be revived
 
     def start(self) -> None:

@@ -85,6 +85,11 @@ class EngineMetrics:
                            ["model_name", "finished_reason"], registry=self.registry)
         # One child per reason, looked up once: labels() validates and locks on every call.
         self._finished = {reason: finished.labels(model_name, reason.name.lower()) for reason in FinishReason}
+        resumed = Counter(PREFIX + "request_resumptions", "Requests computed again on another worker after theirs "
+                          "failed, by where: a live worker at once, or a restarted one they waited for.",
+                          ["model_name", "worker"], registry=self.registry)
+        self._resumed = {waited: resumed.labels(model_name, "restarted" if waited else "live")
+                         for waited in (False, True)}
 
     def bind_workers(self, workers: Callable[[], Sequence[WorkerStatus]]) -> None:
         """Exports each worker's status, read by calling workers() at every scrape."""
@@ -99,6 +104,10 @@ class EngineMetrics:
     def observe_iteration(self, worker_id: str, num_tokens: int) -> None:
         """One step of worker_id computed num_tokens (prompt and decode tokens together)."""
         self._iteration_tokens.observe((self._model_name, worker_id), num_tokens)
+
+    def request_resumed(self, waited: bool) -> None:
+        """A request whose worker failed went on on another lane: a live one, or (waited) a revived one."""
+        self._resumed[waited].inc()
 
     def request_aborted(self) -> None:
         """A client left before its request ended: counted, its partial timings not observed."""

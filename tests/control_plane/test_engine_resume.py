@@ -11,6 +11,7 @@ import structlog
 
 from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.control_plane.config import EngineConfig
+from pagedserve.control_plane.engine.engine import Engine
 from pagedserve.control_plane.engine.outputs import StreamItem
 from pagedserve.control_plane.errors import WorkerUnavailableError
 from pagedserve.control_plane.scheduling.request import Request
@@ -44,6 +45,12 @@ def _requests() -> list[tuple[tuple[int, ...], SamplingParams]]:
             ((1, 3387, 29892, 920), _params(MAX_TOKENS, n=3))]
 
 
+def _resumptions(engine: Engine) -> dict[str, float | None]:
+    return {worker: engine.metrics.registry.get_sample_value("pagedserve:request_resumptions_total",
+                                                             {"model_name": "fake", "worker": worker})
+            for worker in ("live", "restarted")}
+
+
 def _completions(items: list[StreamItem], n: int) -> list[list[int]]:
     return [_tokens(items, index) for index in range(n)]
 
@@ -60,7 +67,8 @@ def test_the_requests_of_a_failed_worker_go_on_on_a_live_one_with_the_tokens_the
 
     w0, w1 = _lane("w0", STEP_S), _lane("w1", STEP_S)
 
-    async def with_a_failure() -> tuple[list[list[list[int]]], list[int], tuple[int, int, int, int]]:
+    async def with_a_failure() -> tuple[list[list[list[int]]], list[int], tuple[tuple[int, int, int, int],
+                                                                                 dict[str, float | None]]]:
         engine = _engine(tokenizer, [w0, w1])
         streams = [engine.stream(engine.add_request(prompt, params)) for prompt, params in _requests()]
         firsts = [await anext(stream) for stream in streams]
@@ -68,7 +76,7 @@ def test_the_requests_of_a_failed_worker_go_on_on_a_live_one_with_the_tokens_the
         w0[2].break_with(WorkerUnavailableError("worker w0 failed"))
         rests = await asyncio.gather(*(_drain_stream(stream) for stream in streams))
         await _until(lambda: _used_running_waiting_total(engine)[:3] == (0, 0, 0))
-        status = _used_running_waiting_total(engine)
+        status = _used_running_waiting_total(engine), _resumptions(engine)
         await engine.stop()
         completions = [_completions([first, *rest], params.n)
                        for first, rest, (_, params) in zip(firsts, rests, _requests(), strict=True)]
@@ -81,7 +89,7 @@ def test_the_requests_of_a_failed_worker_go_on_on_a_live_one_with_the_tokens_the
     resumed = [(entry["request_id"], entry["failed_worker_id"], entry["worker_id"], entry["worker_failures"])
                for entry in logs if entry["event"] == "request_resumed"]
     assert [(failed, live, count) for _, failed, live, count in resumed] == [("w0", "w1", 1)] * 2
-    assert status == (0, 0, 0, NUM_BLOCKS)  # the live worker's pool, every block free
+    assert status == ((0, 0, 0, NUM_BLOCKS), {"live": 2, "restarted": 0})  # the live worker's pool, all free
 
 
 def test_a_request_rides_through_at_most_worker_failure_retries_failures(tokenizer: Tokenizer) -> None:
@@ -182,6 +190,7 @@ def test_with_no_live_worker_a_request_waits_for_its_restarted_worker_and_goes_o
         _, scheduler, transport = _lane("w0", STEP_S)
         engine.revive_lane("w0", transport, scheduler)
         rest = await _drain_stream(stream)
+        assert _resumptions(engine) == {"live": 0, "restarted": 1}
         await engine.stop()
         return _completions([first, *rest], 2), len(first.chunk.token_ids), while_waiting
 
