@@ -1,6 +1,7 @@
 """`serve --tensor-parallel-size 2`: one worker made of two processes serves the golden greedy tokens; a rank that
-dies (SIGKILL) or hangs (SIGSTOP) fails the group's requests with UNAVAILABLE, turns health NOT_SERVING, and the
-whole group is restarted."""
+dies (SIGKILL) or hangs (SIGSTOP) fails the group's requests with UNAVAILABLE (with `--worker-failure-retries 0`;
+otherwise they wait for the group's restart, as tests/e2e/test_faults_worker.py shows for one process), turns health
+NOT_SERVING, and the whole group is restarted."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def test_a_tensor_parallel_group_serves_golden_tokens_and_is_restarted_whole_whe
 ) -> None:
     expected = golden["greedy_new_ids"][:8]
     with serving_with_a_local_worker(stories_dir, tmp_path, "--tensor-parallel-size", "2",
-                                     "--step-timeout", "3") as serve:
+                                     "--step-timeout", "3", "--worker-failure-retries", "0") as serve:
         first = _greedy_ids(serve.address, golden["prompt"], 8)
         killed = _fail_a_rank_mid_stream(serve, signal.SIGKILL, golden["prompt"])
         second = _greedy_ids(serve.address, golden["prompt"], 8)
