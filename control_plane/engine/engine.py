@@ -219,7 +219,8 @@ class Engine:
         self._requests.abort(request_id)
 
     def status(self) -> EngineStatus:
-        return sum_status(self.worker_status(), self._results.num_steps, self._times)
+        return sum_status(self.worker_status(), self._results.num_steps, self._times,
+                          self._lane_set.num_waiting_for_a_worker)
 
     def worker_status(self) -> list[WorkerStatus]:
         """Each worker's lane, dead ones included, with the counters of its earlier lanes carried over."""

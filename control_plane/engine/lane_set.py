@@ -103,6 +103,11 @@ class LaneSet:
         failed and its blocks were released. An exception in it is logged and ignored."""
         self._lane_dead_callbacks.append(callback)
 
+    @property
+    def num_waiting_for_a_worker(self) -> int:
+        """Requests of failed workers waiting for a revived lane (Failover)."""
+        return self._failover.num_waiting
+
     def expect_revivals(self) -> None:
         """Dead lanes are revived from now on, or abandoned: a request of a failed worker that no live lane holds
         waits for a revived one (Failover)."""

@@ -88,13 +88,14 @@ class RetiredCounters:
         )
 
 
-def sum_status(workers: Sequence[WorkerStatus], num_steps: int, times: StepTimes) -> EngineStatus:
+def sum_status(workers: Sequence[WorkerStatus], num_steps: int, times: StepTimes,
+               num_waiting_for_a_worker: int = 0) -> EngineStatus:
     """The engine's status: current counts and cumulative counters over every worker, total blocks over the live
-    ones."""
+    ones; the requests whose worker failed, waiting for one to come back, count as waiting."""
     stats = [w.stats for w in workers]
     return EngineStatus(
         num_requests_running=sum(s.num_running for s in stats),
-        num_requests_waiting=sum(s.num_waiting for s in stats),
+        num_requests_waiting=sum(s.num_waiting for s in stats) + num_waiting_for_a_worker,
         num_requests_swapped=sum(s.num_swapped for s in stats),
         num_used_blocks=sum(s.num_used_blocks for s in stats),
         num_total_blocks=sum(w.stats.num_total_blocks for w in workers if w.is_alive),
