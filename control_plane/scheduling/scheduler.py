@@ -105,11 +105,10 @@ class Scheduler:
         """Takes over a request from the scheduler of a worker that failed: its unfinished sequences are computed
         again here from their known tokens (prompt and outputs), ahead of new requests, as after a preemption by
         recompute; greedy and seeded ones go on with the tokens they would have had. ValueError unless
-        can_resume(request) and n fits max_num_seqs (both hold for a request another lane of the same
-        configuration admitted, when this pool holds its tokens)."""
+        can_resume(request)."""
         if request.is_finished or request.request_id in self._requests:
             raise ValueError(f"request {request.request_id}: finished, or already scheduled here")
-        if request.sampling_params.n > self.config.max_num_seqs or not self.can_resume(request):
+        if not self.can_resume(request):
             raise ValueError(f"request {request.request_id}: does not fit this worker")
         self._seqs.adopt(request)
         self._requests[request.request_id] = request
@@ -121,9 +120,11 @@ class Scheduler:
         self._waiting.add_preempted(request)
 
     def can_resume(self, request: Request) -> bool:
-        """Whether this pool holds each unfinished sequence of a request another worker ran, with its known tokens
-        and one more (fit.resumed_sequence)."""
-        return blocks_for(resumed_sequence(request), self.cache_config.block_size) <= self.block_manager.gpu.num_blocks
+        """Whether this worker takes a request another worker ran: its n within max_num_seqs, and its pool holds
+        each unfinished sequence with its known tokens and one more (fit.resumed_sequence)."""
+        return (request.sampling_params.n <= self.config.max_num_seqs
+                and blocks_for(resumed_sequence(request), self.cache_config.block_size)
+                <= self.block_manager.gpu.num_blocks)
 
     def can_ever_hold(self, request: Request) -> bool:
         """Whether this worker's pool holds the prompt and min_tokens of a sequence of the request: if not, it

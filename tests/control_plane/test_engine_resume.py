@@ -259,3 +259,10 @@ def test_a_request_aborted_while_it_waits_is_not_resumed(tokenizer: Tokenizer) -
         return status, engine._lane_set._failover.num_waiting
 
     assert _run(scenario) == ((0, 0, 0, NUM_BLOCKS), 0)
+
+
+def test_a_worker_whose_max_num_seqs_is_below_the_requests_n_does_not_resume_it() -> None:
+    request = Request("r", (1, 2, 3), SamplingParams(max_tokens=4, n=3), (2,), 0.0)
+    make_scheduler(num_blocks=64, block_size=4).add_request(request)
+    assert not make_scheduler(num_blocks=64, block_size=4, max_num_seqs=2).can_resume(request)
+    assert make_scheduler(num_blocks=64, block_size=4, max_num_seqs=3).can_resume(request)
