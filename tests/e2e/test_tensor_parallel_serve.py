@@ -1,7 +1,6 @@
 """`serve --tensor-parallel-size 2`: one worker made of two processes serves the golden greedy tokens; a rank that
-dies (SIGKILL) or hangs (SIGSTOP) fails the group's requests with UNAVAILABLE (with `--worker-failure-retries 0`;
-otherwise they wait for the group's restart, as tests/e2e/test_faults_worker.py shows for one process), turns health
-NOT_SERVING, and the whole group is restarted."""
+dies (SIGKILL) or hangs (SIGSTOP) turns health NOT_SERVING and the whole group is restarted; its requests end with
+UNAVAILABLE under `--worker-failure-retries 0`, and by default wait for the restart and go on with the same tokens."""
 
 from __future__ import annotations
 
@@ -73,3 +72,25 @@ def test_a_tensor_parallel_group_serves_golden_tokens_and_is_restarted_whole_whe
         assert stopped[1] is grpc.StatusCode.UNAVAILABLE and stopped[0] < 400
         assert [event["tp_rank"] for event in serve.events("worker_started")] == [0, 1] * 3
         assert [event["worker_id"] for event in serve.events("worker_restarted")] == ["worker-0"] * 2
+
+
+def test_a_stream_rides_through_the_death_of_a_rank_with_the_tokens_it_would_have_had(
+    stories_dir: Path, golden: dict[str, Any], tmp_path: Path,
+) -> None:
+    """With the default --worker-failure-retries, the request waits for the whole group's restart and is computed
+    again there: the stream goes on with exactly the greedy tokens of a run without the fault."""
+    request = generation_service_pb2.GenerateRequest(text=golden["prompt"], sampling_params=common_pb2.SamplingParams(
+        temperature=0.0, max_tokens=400, ignore_eos=True))
+    with (serving_with_a_local_worker(stories_dir, tmp_path, "--tensor-parallel-size", "2") as serve,
+          grpc.insecure_channel(serve.address) as channel):
+        stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
+        reference = [token for chunk in stub.Generate(request, timeout=120) for token in chunk.token_ids]
+        stream = iter(stub.Generate(request, timeout=120))
+        first = next(stream)
+        os.kill(serve.worker_pids()[1], signal.SIGKILL)
+        rest = [token for chunk in stream for token in chunk.token_ids]
+        resumed = serve.events("request_resumed")
+
+    assert len(first.token_ids) < 400  # the fault came mid-stream
+    assert [*first.token_ids, *rest] == reference
+    assert [(event["failed_worker_id"], event["worker_id"]) for event in resumed] == [("worker-0", "worker-0")]
