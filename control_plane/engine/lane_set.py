@@ -120,6 +120,11 @@ class LaneSet:
         if lane is None or lane.is_alive:
             raise ValueError(f"worker_id: no dead lane has id {worker_id!r}")
         self._abandoned.add(worker_id)
+        self._end_waits_if_no_lane_can_come_back()
+
+    def _end_waits_if_no_lane_can_come_back(self) -> None:
+        """Ends the waits for a revived lane once every lane is alive or abandoned: the requests still waiting fit
+        no pool there is or will be."""
         if all(lane.is_alive or lane.worker_id in self._abandoned for lane in self.lanes):
             self._failover.give_up_waiting("no worker that holds it is coming back")
 
@@ -139,6 +144,7 @@ class LaneSet:
         self._start_lane(lane)
         self._abandoned.discard(worker_id)
         self._failover.revived(lane)
+        self._end_waits_if_no_lane_can_come_back()
         num_blocks, max_model_len = scheduler.block_manager.gpu.num_blocks, scheduler.config.max_model_len
         log.info("lane_revived", worker_id=worker_id, num_gpu_blocks=num_blocks)
         if max_model_len is not None and blocks_for(max_model_len, scheduler.cache_config.block_size) > num_blocks:

@@ -266,3 +266,29 @@ def test_a_worker_whose_max_num_seqs_is_below_the_requests_n_does_not_resume_it(
     make_scheduler(num_blocks=64, block_size=4).add_request(request)
     assert not make_scheduler(num_blocks=64, block_size=4, max_num_seqs=2).can_resume(request)
     assert make_scheduler(num_blocks=64, block_size=4, max_num_seqs=3).can_resume(request)
+
+
+def test_a_waiting_request_that_the_restarted_workers_pool_cannot_hold_ends_at_once(tokenizer: Tokenizer) -> None:
+    w0 = _lane("w0", STEP_S)
+
+    async def scenario() -> tuple[str, float]:
+        engine = _engine(tokenizer, [w0])
+        engine.expect_revivals()
+        stream = engine.stream(engine.add_request(PROMPT, _params(MAX_TOKENS)))
+        await anext(stream)
+        w0[2].break_with(WorkerUnavailableError("worker w0 failed"))
+        await _until(lambda: not engine.is_serving)
+        scheduler = make_scheduler(num_blocks=1, block_size=2)  # 3 tokens: not the prompt and its outputs
+        _, _, transport = _lane("w0", STEP_S)
+        loop = asyncio.get_running_loop()
+        revived_at = loop.time()
+        engine.revive_lane("w0", transport, scheduler)
+        with pytest.raises(WorkerUnavailableError) as raised:
+            await _drain_stream(stream)
+        waited_s = loop.time() - revived_at
+        await engine.stop()
+        return str(raised.value), waited_s
+
+    message, waited_s = _run(scenario)
+    assert message == "worker w0 failed; no worker that holds it is coming back"
+    assert waited_s < 1.0  # not the 60 s of worker_failure_wait_s
