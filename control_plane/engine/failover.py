@@ -57,13 +57,14 @@ class Failover:
         if (tracked is None or tracked.request.is_finished
                 or tracked.worker_failures >= self._config.worker_failure_retries):
             return False
+        holding = _holding(tracked, live)
+        if not holding and not self._revivals_expected:
+            return False
         tracked.worker_failures += 1
-        if self._move(tracked, live, dead.worker_id):
+        if holding:
+            self._move(tracked, holding, dead.worker_id)
             self._metrics.request_resumed(waited=False)
             return True
-        if not self._revivals_expected:
-            tracked.worker_failures -= 1
-            return False
         wait_s = self._config.worker_failure_wait_s
         timer = asyncio.get_running_loop().call_later(wait_s, self._end_wait, request_id,
                                                       f"no worker that holds it came back within {wait_s:g} s")
@@ -78,7 +79,8 @@ class Failover:
             tracked = self._requests.get(request_id)  # None: aborted, or the engine drained, while it waited
             if tracked is None:
                 self._forget(request_id)
-            elif self._move(tracked, [lane], waiting.failed_worker_id):
+            elif holding := _holding(tracked, [lane]):
+                self._move(tracked, holding, waiting.failed_worker_id)
                 self._forget(request_id)
                 self._metrics.request_resumed(waited=True)
 
@@ -92,19 +94,15 @@ class Failover:
         for request_id in list(self._waiting):
             self._forget(request_id)
 
-    def _move(self, tracked: TrackedRequest, lanes: list[Lane], failed_worker_id: str) -> bool:
-        request = tracked.request
-        holding = [lane for lane in lanes if lane.scheduler.can_resume(request)]
-        if not holding:
-            return False
+    def _move(self, tracked: TrackedRequest, holding: list[Lane], failed_worker_id: str) -> None:
+        """Hands the request to the least loaded of the lanes that hold it."""
         lane = min(holding, key=lambda candidate: candidate.load)
-        lane.scheduler.adopt(request)
+        lane.scheduler.adopt(tracked.request)
         tracked.lane = lane
         lane.wakeup.set()
-        log.warning("request_resumed", request_id=request.request_id,
+        log.warning("request_resumed", request_id=tracked.request.request_id,
                     failed_worker_id=failed_worker_id, worker_id=lane.worker_id,
                     worker_failures=tracked.worker_failures)
-        return True
 
     def _end_wait(self, request_id: str, reason: str) -> None:
         waiting = self._forget(request_id)
@@ -117,3 +115,8 @@ class Failover:
         if waiting is not None:
             waiting.timer.cancel()
         return waiting
+
+
+def _holding(tracked: TrackedRequest, lanes: list[Lane]) -> list[Lane]:
+    """The lanes that can take the request over (Scheduler.can_resume)."""
+    return [lane for lane in lanes if lane.scheduler.can_resume(tracked.request)]

@@ -89,7 +89,7 @@ class RetiredCounters:
 
 
 def sum_status(workers: Sequence[WorkerStatus], num_steps: int, times: StepTimes,
-               num_waiting_for_a_worker: int = 0) -> EngineStatus:
+               num_waiting_for_a_worker: int) -> EngineStatus:
     """The engine's status: current counts and cumulative counters over every worker, total blocks over the live
     ones; the requests whose worker failed, waiting for one to come back, count as waiting."""
     stats = [w.stats for w in workers]
