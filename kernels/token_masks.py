@@ -18,6 +18,12 @@ VECTOR_BYTES = 16  # one load: 4 float32 or 8 16-bit logits
 ARGMAX_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 APPLY_THREADS = 256
 ARGMAX_THREADS = 1024  # one CTA a row: a row of a large vocabulary (128K logits) is read by every thread of it
+# Fewer rows than ARGMAX_CTAS are split into runs, one CTA of SPLIT_THREADS each, until the grid has about that many
+# CTAs (two an SM of a 132-SM device), each thread comparing at least MIN_RUN_VECTORS vectors: one CTA comparing a
+# whole 128K-token row is bound by its own instructions, 17 us on an H100.
+ARGMAX_CTAS = 264
+SPLIT_THREADS = 256
+MIN_RUN_VECTORS = 2
 
 
 def argmax_kernel_name(dtype: torch.dtype, vec: int) -> str:
@@ -25,9 +31,17 @@ def argmax_kernel_name(dtype: torch.dtype, vec: int) -> str:
 
 
 def known_name_expressions() -> list[str]:
-    return ["apply_token_masks"] + [
+    return ["apply_token_masks", "argmax_of_splits"] + [
         argmax_kernel_name(dtype, vec) for dtype in ARGMAX_DTYPES for vec in (1, VECTOR_BYTES // dtype.itemsize)
     ]
+
+
+def argmax_splits(num_rows: int, vocab_size: int, vec: int) -> int:
+    """Runs each row's argmax is split into: 1 from ARGMAX_CTAS rows on."""
+    if num_rows >= ARGMAX_CTAS:
+        return 1
+    most = vocab_size // (SPLIT_THREADS * vec * MIN_RUN_VECTORS)
+    return max(1, min(-(-ARGMAX_CTAS // num_rows), most))
 
 
 def mask_words(vocab_size: int) -> int:
@@ -74,11 +88,20 @@ class TokenMaskKernels:
         vec = VECTOR_BYTES // logits.itemsize
         if (vocab_size | logits.stride(0)) % vec or logits.data_ptr() % VECTOR_BYTES:
             vec = 1
+        splits = argmax_splits(num_rows, vocab_size, vec)
+        # The runs' float32 bests, then their indices: split rows only.
+        runs = torch.empty(2 * num_rows * splits, dtype=torch.int32, device=logits.device) if splits > 1 else None
+        bests = address(0 if runs is None else runs.data_ptr())
+        indices = address(0 if runs is None else runs.data_ptr() + 4 * num_rows * splits)
         kernel = self._modules.kernel(SOURCE, argmax_kernel_name(logits.dtype, vec))
-        self._modules.launch(kernel, (num_rows, 1, 1), (ARGMAX_THREADS, 1, 1), (
+        threads = ARGMAX_THREADS if splits == 1 else SPLIT_THREADS
+        self._modules.launch(kernel, (num_rows, splits, 1), (threads, 1, 1), (
             pointer(logits), address(0) if masks is None else pointer(masks), pointer(tokens), int32(vocab_size),
-            int64(logits.stride(0)), int32(0 if masks is None else masks.shape[1]),
+            int64(logits.stride(0)), int32(0 if masks is None else masks.shape[1]), bests, indices,
         ))
+        if splits > 1:
+            self._modules.launch(self._modules.kernel(SOURCE, "argmax_of_splits"), (num_rows, 1, 1), (32, 1, 1),
+                                 (bests, indices, pointer(tokens), int32(splits)))
         return tokens
 
 

@@ -10,11 +10,12 @@ import torch
 from torch import Tensor
 
 from pagedserve.kernels.reference import TorchReferenceOps
-from pagedserve.kernels.token_masks import TokenMaskKernels, mask_words
+from pagedserve.kernels.token_masks import ARGMAX_CTAS, TokenMaskKernels, argmax_splits, mask_words
 from tests.gpu_marks import NEEDS_GPU
 
 REFERENCE = TorchReferenceOps()
-SHAPES = [(1, 1), (3, 31), (5, 33), (3, 100), (4, 510), (5, 1028), (64, 32000), (64, 128256), (7, 128257)]
+SHAPES = [(1, 1), (3, 31), (5, 33), (3, 100), (4, 510), (5, 1028), (64, 32000), (64, 128256), (7, 128257),
+          (1, 128256), (2, 32000), (1, 128257), (300, 4096)]
 KINDS = ["random", "ties_nan_inf", "strided", "strided_vectors"]
 
 
@@ -58,6 +59,15 @@ def test_reference_argmax_is_the_best_allowed_token_and_leaves_the_logits() -> N
         allowed = [t for t in range(vocab_size) if _is_allowed(masks, row, t)]
         assert tokens[row] == max(allowed, key=lambda t: (float(logits[row, t]), -t))
     assert torch.equal(logits, before)
+
+
+def test_rows_too_few_to_fill_the_device_are_split_into_runs_of_at_least_two_vectors_a_thread() -> None:
+    assert argmax_splits(1, 128256, 8) == 31  # 128,256 bf16 logits: runs of 4,144, two 8-logit vectors a thread
+    assert argmax_splits(64, 128256, 8) == 5
+    assert argmax_splits(1, 128257, 1) == 250
+    assert argmax_splits(ARGMAX_CTAS - 1, 128256, 8) == 2
+    assert argmax_splits(ARGMAX_CTAS, 128256, 8) == 1
+    assert argmax_splits(1, 4095, 8) == 1  # too short for two runs
 
 
 NAN_COLUMNS = (0.3, 0.7)  # where the NaN rows hold their two NaNs, as fractions of the vocabulary
@@ -161,6 +171,32 @@ class TestKernelsMatchReference:
         REFERENCE.apply_token_masks(expected, masks)
         kernels.apply_token_masks(logits, masks)
         _assert_same(logits, expected)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+    @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+    def test_split_rows_keep_the_first_of_equal_bests_across_runs(
+        self, kernels: TokenMaskKernels, dtype: torch.dtype, masked: bool
+    ) -> None:
+        vocab_size = 128256
+        vec = 16 // dtype.itemsize
+        splits = argmax_splits(5, vocab_size, vec)
+        run = -(-vocab_size // vec // splits) * vec  # tokens of a run
+        assert splits > 2
+        logits = torch.zeros(5, vocab_size, dtype=dtype, device="cuda")
+        logits[0, [run - 1, run, 2 * run + 5]] = 2.0  # equal bests at the end of run 0 and in runs 1 and 2
+        logits[1, run] = 9.0
+        logits[1, [2 * run + 1, 2 * run]] = float("nan")  # NaN above 9: the first NaN
+        logits[2, vocab_size - 1] = 1.0  # the last token, in the last run
+        logits[3, : run + 3] = -1.0  # row 3: equal bests from run 1 on; row 4: all equal
+        masks = torch.full((5, mask_words(vocab_size)), -1, dtype=torch.int32, device="cuda") if masked else None
+        expected = [run - 1, 2 * run, vocab_size - 1, run + 3, 0]
+        if masks is not None:
+            kept = 0xFFFFFFFF ^ (1 << (run - 1) % 32)  # bans token run - 1 alone: the best is now the first of run 1
+            masks[0, (run - 1) // 32] = kept - (1 << 32) if kept >= 1 << 31 else kept
+            masks[4] = 0  # every token banned: token 0
+            expected[0] = run
+        assert kernels.masked_argmax(logits, masks).tolist() == expected
+        assert expected == REFERENCE.masked_argmax(logits.float(), masks).tolist()
 
     def test_nan_rows_put_their_first_allowed_nan_first(self, kernels: TokenMaskKernels) -> None:
         vocab_size = 1028
