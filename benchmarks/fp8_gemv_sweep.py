@@ -1,5 +1,5 @@
-"""The FP8 decode GEMV (kernels/fp8_gemv.cu) in several shapes of its own: warps a CTA, output channels a warp, and
-weight loads a batch, over the linear layers of the 1B and 8B shapes, at a given number of rows.
+"""The FP8 decode GEMV (kernels/decode_gemv.cu, e4m3 weights) in several shapes of its own: warps a CTA, output
+channels a warp, and weight loads a batch, over the linear layers of the 1B and 8B shapes, at a given number of rows.
 
     python -m benchmarks.fp8_gemv_sweep --rows 1,2,4,8 [--before-kernels OLD_TREE/kernels]
 
@@ -16,28 +16,23 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from benchmarks import report
+from benchmarks.kernel_decode_products import LAYERS, ROTATION_BYTES, SHAPES, graph_us
 
 READ_CEILING_GBS = 4400.0
-SHAPES = {"llama-3.2-1b": ((3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192)),
-          "llama-3-8b": ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))}
-LAYERS = ("qkv", "o", "gate_up", "down")
 WARPS_LINE = "constexpr int kGemvWarps = 4;"
 UNROLL_LINE = "constexpr int UNROLL = 2;"
 VARIANTS = ((4, 1, 2), (4, 2, 2), (4, 1, 4), (4, 2, 4), (8, 1, 2), (8, 2, 2), (4, 2, 1), (4, 4, 1))  # W, C, U
-ROTATION_BYTES = 400_000_000
-REPLAYS = 15
 
 
 def variant_source(text: str, warps: int, unroll: int) -> str:
-    """fp8_gemv.cu with WARPS warps a CTA and UNROLL loads a batch; refuses a source whose constants moved."""
+    """decode_gemv.cu with WARPS warps a CTA and UNROLL loads a batch; refuses a source whose constants moved."""
     for line in (WARPS_LINE, UNROLL_LINE):
         if line not in text:
-            raise ValueError(f"fp8_gemv.cu no longer holds {line!r}: the sweep cannot vary it")
+            raise ValueError(f"decode_gemv.cu no longer holds {line!r}: the sweep cannot vary it")
     return text.replace(WARPS_LINE, f"constexpr int kGemvWarps = {warps};").replace(
         UNROLL_LINE, f"constexpr int UNROLL = {unroll};")
 
@@ -46,35 +41,15 @@ def variant_label(warps: int, channels: int, unroll: int) -> str:
     return f"W{warps} C{channels} U{unroll}"
 
 
-def _time_variant(launch_all: Callable[[], None], copies: int) -> float:
-    import torch
-
-    launch_all()
-    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-        launch_all()
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(REPLAYS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(float(start.elapsed_time(end)) * 1000 / copies)
-    return sorted(times)[len(times) // 2]
-
-
 def sweep(rows: int, before_kernels: Path | None) -> dict[str, dict[str, float]]:
     """us per launch of each variant (and of the before tree's kernel), by "model layer"."""
     import cupy
     import torch
 
     from pagedserve.kernels import module_cache
+    from pagedserve.kernels.decode_gemv import kernel_name
     from pagedserve.kernels.dependent_launch import COMPILE_DEFINE
-    from pagedserve.kernels.fp8 import quantize_per_row
-    from pagedserve.kernels.fp8_gemv import kernel_name
+    from pagedserve.kernels.fp8 import FP8_DTYPE, quantize_per_row
     from pagedserve.kernels.module_cache import CompiledKernel, ModuleCache
     from pagedserve.kernels.prepared_launch import argument_addresses
     from pagedserve.kernels.reference import TorchReferenceOps
@@ -82,17 +57,17 @@ def sweep(rows: int, before_kernels: Path | None) -> dict[str, dict[str, float]]
     device = torch.device("cuda", torch.cuda.current_device())
     # The server's launchers: dependent launches where the device has them; the older tree's kernel launched plainly.
     server, plain = ModuleCache(device), ModuleCache(device, dependent_launch=False)
-    text = module_cache.kernel_source("fp8_gemv.cu")
+    text = module_cache.kernel_source("decode_gemv.cu")
     kernels: dict[str, tuple[CompiledKernel, int, int, ModuleCache]] = {}  # label -> (kernel, warps, channels, by)
 
     def compile_kernel(source: str, options: tuple[str, ...], channels: int) -> CompiledKernel:
-        name = kernel_name(torch.bfloat16, rows, channels)
+        name = kernel_name(torch.bfloat16, FP8_DTYPE, rows, channels)
         raw = cupy.RawModule(code=source, options=options, name_expressions=(name,)).get_function(name)
         return CompiledKernel(int(raw.kernel.ptr), raw)
 
     if before_kernels is not None:
         before_options = ("--std=c++17", f"-I{before_kernels}")
-        kernels["before"] = (compile_kernel((before_kernels / "fp8_gemv.cu").read_text(), before_options, 1), 4, 1,
+        kernels["before"] = (compile_kernel((before_kernels / "decode_gemv.cu").read_text(), before_options, 1), 4, 1,
                              plain)
     # Built as the server builds what it launches.
     options = (*module_cache.COMPILE_OPTIONS, *((COMPILE_DEFINE,) if server.dependent_launches else ()))
@@ -127,7 +102,7 @@ def sweep(rows: int, before_kernels: Path | None) -> dict[str, dict[str, float]]
                         modules.launch_params(kernel, grid, block, params)
 
                 out.fill_(float("nan"))
-                row[label] = _time_variant(launch_all, copies)
+                row[label] = graph_us(launch_all, copies)
                 expected = TorchReferenceOps().fp8_gemv(x, *weights[-1]).float()
                 error = ((out.float() - expected).abs().max() / expected.abs().mean()).item()
                 if not error <= 5e-2:  # NaN fails too

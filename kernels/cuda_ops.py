@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from pagedserve.kernels.attention_step import AttentionStep, LayerLaunch, step_key
 from pagedserve.kernels.cache_ops import CacheOps
+from pagedserve.kernels.decode_gemv import DecodeGemv
 from pagedserve.kernels.fp8 import FP8_DTYPE, is_fp8
-from pagedserve.kernels.fp8_gemv import Fp8Gemv
 from pagedserve.kernels.launch_args import SCALAR_TYPE_NAMES, log2_exact
 from pagedserve.kernels.layer_kernels import LayerKernels
 from pagedserve.kernels.module_cache import ModuleCache
@@ -48,8 +47,9 @@ class CudaKernelOps:
         self.rotary_write_kv = layers.rotary_write_kv
         self.quantize_fp8_per_row = layers.quantize_fp8_per_row
         self.scale_fp8_product = layers.scale_fp8_product
-        self.fp8_gemv = Fp8Gemv(modules).fp8_gemv
-        self.linear = F.linear  # cuBLAS
+        gemv = DecodeGemv(modules)
+        self.fp8_gemv = gemv.fp8_gemv
+        self.linear = gemv.linear  # cuBLAS but for the few rows of a small 16-bit weight
         # The last step's attention, for its next layers (it holds its split buffer, at most about 1 MiB).
         self._attention_step: AttentionStep | None = None
         token_masks = TokenMaskKernels(modules)

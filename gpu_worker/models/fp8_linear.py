@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import nn
 
-from pagedserve.kernels import fp8_gemv
+from pagedserve.kernels import decode_gemv
 from pagedserve.kernels.fp8 import FP8_DTYPE, quantize_per_row
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ class Fp8Linear(nn.Module):
         out_features, in_features = weight.shape
         has_fp8_kernels = (weight.is_cuda
                            and torch.cuda.get_device_capability(weight.device) >= SCALED_MM_MIN_CAPABILITY)
-        self.use_gemv = has_fp8_kernels and dtype in fp8_gemv.GEMV_DTYPES
+        self.use_gemv = has_fp8_kernels and dtype in decode_gemv.GEMV_DTYPES
         self.use_scaled_mm = (has_fp8_kernels and out_features % SCALED_MM_ALIGNMENT == 0
                               and in_features % SCALED_MM_ALIGNMENT == 0)
 
@@ -96,14 +96,14 @@ class Fp8Linear(nn.Module):
 
     def quantizes(self, num_rows: int) -> bool:
         """Whether forward quantizes num_rows new contiguous rows (and so takes QuantizedRows of them)."""
-        return self.use_scaled_mm and not (self.use_gemv and fp8_gemv.takes_rows(num_rows, self.weight))
+        return self.use_scaled_mm and not (self.use_gemv and decode_gemv.takes_rows(num_rows, self.weight))
 
     def forward(self, x: torch.Tensor | QuantizedRows, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x: [..., in] model dtype, or QuantizedRows where quantizes(rows) -> [..., out] model dtype."""
         if isinstance(x, QuantizedRows):
             return self._scaled_product(x.values, x.scales, bias)
         rows = x.reshape(-1, x.shape[-1])
-        if self.use_gemv and fp8_gemv.supports(rows, self.weight):
+        if self.use_gemv and decode_gemv.supports(rows, self.weight):
             return self.ops.fp8_gemv(rows, self.weight, self.weight_scale, bias).view(*x.shape[:-1], -1)
         if not self.use_scaled_mm:
             return self.ops.linear(x, self.dequantized(), bias)

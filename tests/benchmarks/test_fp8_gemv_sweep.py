@@ -9,8 +9,9 @@ import pytest
 
 import pagedserve.kernels
 from benchmarks import fp8_gemv_sweep
+from benchmarks.kernel_decode_products import LAYERS, SHAPES
 
-SOURCE = Path(pagedserve.kernels.__file__).resolve().parent / "fp8_gemv.cu"
+SOURCE = Path(pagedserve.kernels.__file__).resolve().parent / "decode_gemv.cu"
 
 
 def test_a_variant_is_the_kernel_source_with_its_two_constants_replaced() -> None:
@@ -34,8 +35,8 @@ def test_read_share_counts_the_weight_and_its_scales() -> None:
 
 def test_tables_list_each_layer_and_each_models_layer_sum() -> None:
     results = {f"{model} {layer} {n}x{k}": {"before": 2.0, "W4 C1 U2": 1.0}
-               for model, shapes in fp8_gemv_sweep.SHAPES.items()
-               for layer, (n, k) in zip(fp8_gemv_sweep.LAYERS, shapes, strict=True)}
+               for model, shapes in SHAPES.items()
+               for layer, (n, k) in zip(LAYERS, shapes, strict=True)}
     [(title, table)] = fp8_gemv_sweep.markdown_tables({1: results})
     assert title.startswith("1 row(s)")
     assert "| llama-3-8b, sum of a layer | 8.00 | 4.00 |" in table

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pagedserve.kernels import cache_ops, fp8_gemv, layer_kernels, paged_decode, paged_prefill, token_masks
+from pagedserve.kernels import cache_ops, decode_gemv, layer_kernels, paged_decode, paged_prefill, token_masks
 from pagedserve.kernels.dependent_launch import COMPILE_DEFINE
 
 KERNEL_DIR = Path(cache_ops.__file__).resolve().parent
@@ -24,7 +24,7 @@ HAS_TMA = {"compute_80": False, "compute_90": True}  # the tensor memory acceler
 DEFINES: dict[str, tuple[str, ...]] = {"compute_80": (), "compute_90": (COMPILE_DEFINE,)}
 NAME_EXPRESSIONS = {
     "cache_ops.cu": dict.fromkeys(ARCHS, cache_ops.known_name_expressions()),
-    "fp8_gemv.cu": dict.fromkeys(ARCHS, fp8_gemv.known_name_expressions()),
+    "decode_gemv.cu": dict.fromkeys(ARCHS, decode_gemv.known_name_expressions()),
     "layer_kernels.cu": dict.fromkeys(ARCHS, layer_kernels.known_name_expressions()),
     "paged_decode.cu": {arch: paged_decode.known_name_expressions(HAS_TMA[arch]) for arch in ARCHS},
     "paged_prefill.cu": dict.fromkeys(ARCHS, paged_prefill.known_name_expressions()),

@@ -1,5 +1,6 @@
-"""The FP8 weight GEMV of decode steps (W8A16): the torch reference against the same math in NumPy float64 (CPU),
-the kernel against the reference (GPU, compute capability 8.9 or later), and which path an FP8 linear layer takes."""
+"""The weight GEMV of decode steps: with FP8 weights (W8A16), the torch reference against the same math in NumPy
+float64 (CPU), the kernel against the reference (GPU, compute capability 8.9 or later) and which path an FP8 linear
+layer takes; with 16-bit weights, the kernel against float64 (GPU) and which products ops.linear gives it."""
 
 from __future__ import annotations
 
@@ -9,14 +10,21 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from pagedserve.gpu_worker.models.fp8_linear import Fp8Linear
+from pagedserve.kernels.decode_gemv import (
+    GEMV_MAX_ROWS,
+    MAX_16_BIT_ELEMENTS,
+    MAX_16_BIT_ROWS,
+    DecodeGemv,
+    supports,
+)
 from pagedserve.kernels.fp8 import quantize_per_row
-from pagedserve.kernels.fp8_gemv import GEMV_MAX_ROWS, supports
 from pagedserve.kernels.ops import KernelOps
 from pagedserve.kernels.reference import TorchReferenceOps
-from tests.gpu_marks import NEEDS_FP8_GPU
+from tests.gpu_marks import NEEDS_FP8_GPU, NEEDS_GPU
 
 REFERENCE = TorchReferenceOps()
 SHAPES = ((3072, 2048), (6144, 4096), (28672, 4096), (4096, 14336), (1024, 2048))  # (out, in)
@@ -154,3 +162,96 @@ class TestFp8LinearRouting:
         monkeypatch.setattr(ops, "fp8_gemv", gemv)
         monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
         return gemv, scaled_mm
+
+
+# -- 16-bit weights (GPU) ------------------------------------------------------------------------------------------
+
+def _sixteen_bit_inputs(num_rows: int, out_features: int, in_features: int, dtype: torch.dtype, seed: int,
+                        row_padding: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """x [num_rows, in] (rows in_features + row_padding apart when padded), a weight [out, in] and a bias [out],
+    all of dtype, on the GPU."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    padded = torch.randn(num_rows, in_features + row_padding, generator=gen, device="cuda").to(dtype)
+    weight = (torch.randn(out_features, in_features, generator=gen, device="cuda") / in_features**0.5).to(dtype)
+    bias = torch.randn(out_features, generator=gen, device="cuda").to(dtype)
+    return padded[:, row_padding // 2 : row_padding // 2 + in_features], weight, bias
+
+
+def _assert_is_the_product(got: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    """got is x @ weight.T (+ bias) computed in float64 and rounded once to x's dtype, within two of its units in the
+    last place (the kernel accumulates in float32)."""
+    exact = x.double() @ weight.double().T + (0 if bias is None else bias.double())
+    assert got.shape == exact.shape and got.dtype == x.dtype and got.is_contiguous()
+    eps = torch.finfo(x.dtype).eps
+    torch.testing.assert_close(got.double(), exact, rtol=2 * eps, atol=1e-3 * exact.abs().mean().item())
+
+
+@pytest.fixture(scope="module")
+def gemv() -> DecodeGemv:
+    from pagedserve.kernels.module_cache import ModuleCache
+
+    return DecodeGemv(ModuleCache(torch.device("cuda", torch.cuda.current_device())))
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+class TestSixteenBitWeights:
+    pytestmark = NEEDS_GPU
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    @pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
+    @pytest.mark.parametrize("num_rows", [1, 2, 3, 8])
+    def test_random_inputs(self, gemv: DecodeGemv, dtype: torch.dtype, out_features: int, in_features: int,
+                           num_rows: int) -> None:
+        x, weight, bias = _sixteen_bit_inputs(num_rows, out_features, in_features, dtype, seed=num_rows + in_features)
+        _assert_is_the_product(gemv.gemv(x, weight), x, weight, None)
+        _assert_is_the_product(gemv.gemv(x, weight, bias), x, weight, bias)
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    @pytest.mark.parametrize("num_rows", [1, 2, 5])
+    @pytest.mark.parametrize("out_features", [1, 13, 1030])  # channels that leave a warp or CTA part-filled
+    def test_strided_rows_and_ragged_channels(self, gemv: DecodeGemv, dtype: torch.dtype, num_rows: int,
+                                              out_features: int) -> None:
+        x, weight, bias = _sixteen_bit_inputs(num_rows, out_features, 2056, dtype, seed=num_rows, row_padding=16)
+        assert x.stride(0) == x.shape[1] + 16
+        _assert_is_the_product(gemv.gemv(x, weight, bias), x, weight, bias)
+
+    def test_replayed_from_a_cuda_graph(self, gemv: DecodeGemv) -> None:
+        x, weight, bias = _sixteen_bit_inputs(1, 3072, 2048, torch.bfloat16, seed=3)
+        gemv.gemv(x, weight, bias)  # compiles before capture
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+            out = gemv.gemv(x, weight, bias)
+        x.copy_(_sixteen_bit_inputs(1, 3072, 2048, torch.bfloat16, seed=4)[0])  # new inputs, written in place
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_is_the_product(out, x, weight, bias)
+
+    def test_rejects_what_it_cannot_multiply(self, gemv: DecodeGemv) -> None:
+        x, weight, bias = _sixteen_bit_inputs(2, 64, 256, torch.bfloat16, seed=5)
+        ragged = torch.zeros(2, 252, device="cuda", dtype=torch.bfloat16)  # 504 bytes: not whole 16-byte vectors
+        with pytest.raises(ValueError, match="x must be"):
+            gemv.gemv(ragged, torch.zeros(64, 252, device="cuda", dtype=torch.bfloat16))
+        with pytest.raises(ValueError, match="weight must be a torch.bfloat16"):
+            gemv.gemv(x, weight.half())
+        with pytest.raises(ValueError, match="bias must be"):
+            gemv.gemv(x, weight, bias.float())
+
+    @pytest.mark.parametrize(("num_rows", "out_features", "in_features", "takes_gemv"), [
+        (MAX_16_BIT_ROWS, 3072, 2048, True),  # the 1B shape's qkv
+        (MAX_16_BIT_ROWS + 1, 3072, 2048, False),
+        (MAX_16_BIT_ROWS, 28672, 4096, True),  # the 8B shape's gate_up
+        (MAX_16_BIT_ROWS, MAX_16_BIT_ELEMENTS // 8192 + 8, 8192, False),
+        (MAX_16_BIT_ROWS, 1000, 2052, False),  # in not a whole number of 16-byte vectors
+    ])
+    def test_ops_linear_takes_the_gemv_only_where_it_is_faster(
+        self, ops: KernelOps, monkeypatch: pytest.MonkeyPatch, num_rows: int, out_features: int, in_features: int,
+        takes_gemv: bool,
+    ) -> None:
+        x, weight, bias = _sixteen_bit_inputs(num_rows, out_features, in_features, torch.bfloat16, seed=6)
+        owner = ops.linear.__self__  # type: ignore[attr-defined]  # the DecodeGemv whose linear ops.linear is
+        calls = _Calls(owner.gemv)
+        monkeypatch.setattr(owner, "gemv", calls)
+        out = ops.linear(x, weight, bias)
+        assert calls.count == int(takes_gemv)
+        torch.testing.assert_close(out.float(), F.linear(x, weight, bias).float(), rtol=2e-2, atol=2e-2)

@@ -1,19 +1,20 @@
-// FP8 weight GEMV for the few rows of a decode step (W8A16): out[m, n] = T(weight_scale[n] * sum_k x[m, k] *
-// float(w[n, k]) (+ bias[n])), accumulated in float32. The activations are not quantized; each e4m3 weight is
-// widened exactly (every e4m3 value is a float16 value) and multiplied in float32.
+// Weight GEMV for the few rows of a decode step: out[m, n] = T(scale[n] * sum_k x[m, k] * float(w[n, k]) (+ bias[n])),
+// accumulated in float32, for 16-bit weights (W = T, no scales: 1) and FP8 weights (W = fp8_e4m3_t, W8A16). The
+// activations are not quantized; each e4m3 weight is widened exactly (every e4m3 value is a float16 value) and
+// multiplied in float32.
 //
 // At a handful of rows the product is bound by reading W once, so the kernel is built to stream it: each warp owns
-// CHANNELS output channels (adjacent rows of W), each lane loads 16 bytes (16 e4m3) of every channel per vector,
-// UNROLL vectors at a time, and requests the next UNROLL before it uses these: up to 2 * CHANNELS * UNROLL 16-byte
-// loads in flight per lane. The first batch is requested before the kernel waits for the one before it (a
-// programmatic dependent launch, kernel_common.cuh), so W starts streaming while that kernel ends. W is read
-// with a load that does not allocate in L1 (it is touched once); x goes through the read-only cache: every warp of
-// the grid reads all of it, so it stays in L1 / L2. More channels per warp read x fewer times per byte of W (what
-// limits more rows), fewer spread the channels over more warps (what fills the SMs at one row).
+// CHANNELS output channels (adjacent rows of W), each lane loads 16 bytes (16 e4m3 or 8 16-bit weights) of every
+// channel per vector, UNROLL vectors at a time, and requests the next UNROLL before it uses these: up to
+// 2 * CHANNELS * UNROLL 16-byte loads in flight per lane. The first batch is requested before the kernel waits for
+// the one before it (a programmatic dependent launch, kernel_common.cuh), so W starts streaming while that kernel
+// ends: what a library's GEMV, launched plainly, cannot do. W is read with a load that does not allocate in L1 (it is
+// touched once); x goes through the read-only cache: every warp of the grid reads all of it, so it stays in L1 / L2.
+// More channels per warp read x fewer times per byte of W (what limits more rows), fewer spread the channels over
+// more warps (what fills the SMs at one row).
 #include "kernel_common.cuh"
 
 constexpr int kGemvWarps = 4;  // warps per CTA: the launcher's WARPS
-constexpr int kWeightsPerVector = 16;
 
 // 16 bytes of W, read once: not allocated in L1, where x stays.
 __device__ __forceinline__ uint4 load_streaming(const uint4* __restrict__ src) {
@@ -28,19 +29,34 @@ __device__ __forceinline__ float half_bits_to_float(unsigned bits) {
   return to_float(half_t{static_cast<unsigned short>(bits & 0xffffu)});
 }
 
-// The 16 e4m3 values of a vector, widened to float32 exactly (the lowest byte first).
-__device__ __forceinline__ void widen_e4m3x16(const uint4& packed, float (&w)[kWeightsPerVector]) {
-  const unsigned words[4] = {packed.x, packed.y, packed.z, packed.w};
+// The weights of one 16-byte vector of W as float32, the lowest address first: 8 16-bit weights, or (the
+// specialisation below) 16 e4m3 weights widened exactly.
+template <typename W>
+struct WeightVector {
+  static constexpr int kCount = 8;
+  static __device__ __forceinline__ void widen(const uint4& packed, float (&w)[kCount]) {
+    const Pack<W, 8> pack = *reinterpret_cast<const Pack<W, 8>*>(&packed);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const unsigned low = e4m3x2_to_half2(static_cast<unsigned short>(words[i] & 0xffffu));
-    const unsigned high = e4m3x2_to_half2(static_cast<unsigned short>(words[i] >> 16));
-    w[4 * i] = half_bits_to_float(low);
-    w[4 * i + 1] = half_bits_to_float(low >> 16);
-    w[4 * i + 2] = half_bits_to_float(high);
-    w[4 * i + 3] = half_bits_to_float(high >> 16);
+    for (int i = 0; i < 8; ++i) w[i] = to_float(pack.v[i]);
   }
-}
+};
+
+template <>
+struct WeightVector<fp8_e4m3_t> {
+  static constexpr int kCount = 16;
+  static __device__ __forceinline__ void widen(const uint4& packed, float (&w)[kCount]) {
+    const unsigned words[4] = {packed.x, packed.y, packed.z, packed.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const unsigned low = e4m3x2_to_half2(static_cast<unsigned short>(words[i] & 0xffffu));
+      const unsigned high = e4m3x2_to_half2(static_cast<unsigned short>(words[i] >> 16));
+      w[4 * i] = half_bits_to_float(low);
+      w[4 * i + 1] = half_bits_to_float(low >> 16);
+      w[4 * i + 2] = half_bits_to_float(high);
+      w[4 * i + 3] = half_bits_to_float(high >> 16);
+    }
+  }
+};
 
 // 16 bytes through the read-only (non-coherent) cache.
 __device__ __forceinline__ uint4 load_read_only(const uint4* __restrict__ src) {
@@ -49,17 +65,17 @@ __device__ __forceinline__ uint4 load_read_only(const uint4* __restrict__ src) {
   return v;
 }
 
-// 16 consecutive elements of x (16-bit T: two 16-byte loads through the read-only cache) as float32.
-template <typename T>
-__device__ __forceinline__ void load_x16(const T* __restrict__ src, float (&x)[kWeightsPerVector]) {
-  static_assert(sizeof(T) == 2, "x is float16 or bfloat16");
+// N consecutive elements of x (16-bit T: N / 8 16-byte loads through the read-only cache) as float32.
+template <typename T, int N>
+__device__ __forceinline__ void load_x(const T* __restrict__ src, float (&x)[N]) {
+  static_assert(sizeof(T) == 2 && N % 8 == 0, "x is float16 or bfloat16, read 8 elements a load");
   const uint4* vectors = reinterpret_cast<const uint4*>(src);
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const uint4 v = load_read_only(vectors + half);
+  for (int part = 0; part < N / 8; ++part) {
+    const uint4 v = load_read_only(vectors + part);
     const Pack<T, 8> pack = *reinterpret_cast<const Pack<T, 8>*>(&v);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) x[8 * half + i] = to_float(pack.v[i]);
+    for (int i = 0; i < 8; ++i) x[8 * part + i] = to_float(pack.v[i]);
   }
 }
 
@@ -79,17 +95,19 @@ __device__ __forceinline__ void load_weight_batch(const uint4* const (&w_rows)[C
 }
 
 // Grid: ceil(num_channels / (kGemvWarps * CHANNELS)) CTAs of kGemvWarps warps. x [ROWS, k] (rows x_row_stride
-// elements apart, each 16-byte aligned), w e4m3 [num_channels, k] row-major (k a multiple of 16, 16-byte aligned),
-// scales float32 [num_channels], bias T [num_channels] or null, out T [ROWS, num_channels] contiguous.
-template <typename T, int ROWS, int CHANNELS>
+// elements apart, each 16-byte aligned), w [num_channels, k] row-major (k a whole number of 16-byte vectors, 16-byte
+// aligned), scales float32 [num_channels] (FP8 weights) or null (16-bit weights: 1), bias T [num_channels] or null,
+// out T [ROWS, num_channels] contiguous.
+template <typename T, typename W, int ROWS, int CHANNELS>
 __global__ void __launch_bounds__(kGemvWarps * 32)
-fp8_gemv(const T* __restrict__ x, long long x_row_stride, const fp8_e4m3_t* __restrict__ w,
-         const float* __restrict__ scales, const T* __restrict__ bias, T* __restrict__ out, int num_channels,
-         int k) {
+decode_gemv(const T* __restrict__ x, long long x_row_stride, const W* __restrict__ w,
+            const float* __restrict__ scales, const T* __restrict__ bias, T* __restrict__ out, int num_channels,
+            int k) {
   constexpr int UNROLL = 2;  // with the next batch's loads in flight: 4 * CHANNELS loads a lane
   const int lane = threadIdx.x % 32;
   const int first_channel = (blockIdx.x * kGemvWarps + threadIdx.x / 32) * CHANNELS;
   if (first_channel >= num_channels) return;  // a whole warp leaves together: the shuffles below stay full
+  constexpr int kWeightsPerVector = WeightVector<W>::kCount;
   const int num_vectors = k / kWeightsPerVector;
   const uint4* w_rows[CHANNELS];
 #pragma unroll
@@ -119,11 +137,11 @@ fp8_gemv(const T* __restrict__ x, long long x_row_stride, const fp8_e4m3_t* __re
       if (vector >= num_vectors) break;
       float weights[CHANNELS][kWeightsPerVector];
 #pragma unroll
-      for (int c = 0; c < CHANNELS; ++c) widen_e4m3x16(packed[u][c], weights[c]);
+      for (int c = 0; c < CHANNELS; ++c) WeightVector<W>::widen(packed[u][c], weights[c]);
 #pragma unroll
       for (int m = 0; m < ROWS; ++m) {
         float xs[kWeightsPerVector];
-        load_x16<T>(x + m * x_row_stride + vector * kWeightsPerVector, xs);
+        load_x<T, kWeightsPerVector>(x + m * x_row_stride + vector * kWeightsPerVector, xs);
 #pragma unroll
         for (int c = 0; c < CHANNELS; ++c) {
 #pragma unroll
@@ -141,7 +159,7 @@ fp8_gemv(const T* __restrict__ x, long long x_row_stride, const fp8_e4m3_t* __re
   for (int c = 0; c < CHANNELS; ++c) {
     const int channel = first_channel + c;
     const int read_channel = channel < num_channels ? channel : num_channels - 1;
-    const float scale = scales[read_channel];
+    const float scale = scales != nullptr ? scales[read_channel] : 1.0f;
     const float shift = bias != nullptr ? to_float(bias[read_channel]) : 0.0f;
 #pragma unroll
     for (int m = 0; m < ROWS; ++m) {
