@@ -24,7 +24,7 @@ WARPS = 4  # kGemvWarps in decode_gemv.cu
 VECTOR_BYTES = 16  # one lane's load of W (16 e4m3 or 8 16-bit weights) and of x (8 elements)
 # A 16-bit weight takes the GEMV (instead of cuBLAS) at up to this many rows and elements: at one row it was faster
 # on every linear layer of the 1B and 8B shapes, by 3 to 25 %; at two, slower on one of them. The LM heads (262M and
-# 525M elements) keep cuBLAS (benchmarks/results/2026-12-05-decode-products-nvidia-h100-80gb-hbm3-COMMIT.md).
+# 525M elements) keep cuBLAS (benchmarks/results/2026-12-05-decode-products-nvidia-h100-80gb-hbm3-aa9bbf7.md).
 MAX_16_BIT_ROWS = 1
 MAX_16_BIT_ELEMENTS = 128 * 2**20
 WIDE_IN_FEATURES = 4096  # at one row, a weight this wide ...
