@@ -29,7 +29,7 @@ from pagedserve.contract.step import StepPlan, StepResult, TokenLogprobs
 from pagedserve.contract.worker_info import CacheInfo, CacheRequest, WorkerInfo
 from pagedserve.control_plane.config import CacheConfig, EngineConfig, SchedulerConfig, offline_step_budget
 from pagedserve.control_plane.engine.engine import Engine, EngineStatus, StepRecord
-from pagedserve.control_plane.engine.main import start_engine
+from pagedserve.control_plane.engine.serving import start_engine
 from pagedserve.control_plane.engine.worker_client import GrpcWorkerClient, WorkerConnection
 from pagedserve.control_plane.launch.builtin_model import BUILTIN_MODEL_NAME, write_builtin_model
 from pagedserve.control_plane.launch.worker_launcher import LocalWorkers, WorkerLaunchConfig, wait_for_workers

@@ -12,8 +12,8 @@ from structlog.testing import capture_logs
 from pagedserve.contract.step import StepPlan, StepResult
 from pagedserve.contract.worker_info import CacheInfo, CacheRequest, WorkerInfo
 from pagedserve.control_plane.config import CacheConfig, EngineConfig, SchedulerConfig
-from pagedserve.control_plane.engine.main import start_engine
 from pagedserve.control_plane.engine.model_len import MaxModelLenError, check_model_limit, fit_to_pools
+from pagedserve.control_plane.engine.serving import start_engine
 from pagedserve.control_plane.served_model import ServedModel
 
 MORE_KV = "raise --gpu-memory-utilization (GPU workers), --kv-cache-memory (CPU workers) or --num-gpu-blocks-override"
