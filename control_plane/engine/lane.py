@@ -19,6 +19,10 @@ from pagedserve.control_plane.scheduling.scheduler import Scheduler
 log = structlog.get_logger()
 
 _CLOSE_TIMEOUT_S = 5.0  # a transport that takes longer to close is left to the garbage collector
+# How long the sequences that ended wait for a step with work to carry their drops before a step takes them alone: a
+# lone drop is a round trip through the engine and the worker, which would compete with the next request's first
+# step, arriving right behind it, for the host's cores and interpreter locks (docs/architecture.md, the step protocol).
+LONE_DROPS_WAIT_S = 0.01
 
 
 class StepTransport(Protocol):
@@ -136,7 +140,8 @@ class Lane:
                     first_after_pause, is_paused = in_flight[0].plan.step_id, False
             if not in_flight:
                 self.wakeup.clear()
-                await self.wakeup.wait()
+                if not await self._wait_for_work():
+                    await self._fill(in_flight, drops_alone=True)
                 is_paused = True
                 continue
             # The worker starts the oldest step once it sent the previous result, so the wait counts from then.
@@ -153,12 +158,25 @@ class Lane:
             # planned and sent: a token reaches its client one planning and one send sooner.
             await asyncio.sleep(0)
 
-    async def _fill(self, in_flight: deque[_InFlight]) -> None:
-        """Plans and sends steps until max_steps_in_flight are out or there is nothing to plan."""
+    async def _wait_for_work(self) -> bool:
+        """Waits until the scheduler has work (True); while ended sequences wait to be dropped, LONE_DROPS_WAIT_S at
+        most (False: the wait ran out)."""
+        if not self.scheduler.has_pending_drops:
+            await self.wakeup.wait()
+            return True
+        try:
+            await asyncio.wait_for(self.wakeup.wait(), LONE_DROPS_WAIT_S)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _fill(self, in_flight: deque[_InFlight], drops_alone: bool = False) -> None:
+        """Plans and sends steps until max_steps_in_flight are out or there is nothing to plan; drops_alone: a plan
+        that only drops sequences is sent too (otherwise they wait for a plan with work)."""
         loop = asyncio.get_running_loop()
         while len(in_flight) < self._config.max_steps_in_flight:
             started = time.perf_counter()
-            plan = self.scheduler.schedule()
+            plan = self.scheduler.schedule(drops_alone)
             plan_s = time.perf_counter() - started
             self._times.control_plane_s += plan_s
             if plan.is_empty:

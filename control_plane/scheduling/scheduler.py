@@ -181,8 +181,14 @@ class Scheduler:
 
     # Planning.
 
-    def schedule(self) -> StepPlan:
-        """Plans the next step. Its step_id advances only when the plan is not empty."""
+    @property
+    def has_pending_drops(self) -> bool:
+        """Whether sequences that ended still wait for a plan to drop them on the worker."""
+        return self._seqs.has_dropped
+
+    def schedule(self, drops_alone: bool = True) -> StepPlan:
+        """Plans the next step. Its step_id advances only when the plan is not empty. drops_alone False: a plan
+        that would only drop sequences is not made (an empty plan comes back), and the drops wait for the next."""
         step = StepBuilder(self.config.max_num_batched_tokens, self._num_running_seqs())
         self._make_room_for_waiting(step)
         self._extend_running(step)
@@ -191,7 +197,8 @@ class Scheduler:
             if not self._swapped:
                 self._admit_waiting(step)
         self._cache_computed_blocks(step)
-        plan = step.build(self._next_step_id, self._seqs.take_dropped())
+        dropped = self._seqs.take_dropped() if drops_alone or not step.is_empty else []
+        plan = step.build(self._next_step_id, dropped)
         if not plan.is_empty:
             self._next_step_id += 1
             if step.expectations:

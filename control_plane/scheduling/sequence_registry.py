@@ -13,7 +13,7 @@ class SequenceRegistry:
 
     Invariants: an id names its sequence exactly while the sequence is live (a sequence recomputed after a
     preemption comes back under a new id, so results of steps planned before match nothing); an id the
-    worker holds is dropped exactly once, in the next plan; a released sequence holds no block.
+    worker holds is dropped exactly once, in the next plan that carries drops; a released sequence holds no block.
     """
 
     def __init__(self, block_manager: BlockManager) -> None:
@@ -60,6 +60,11 @@ class SequenceRegistry:
         seq.num_pending_tokens = 0  # sampled by steps whose results will never come: sampled again
         self._seqs[seq.seq_id] = (request, seq)
         request.num_prompt_logprobs_to_skip = request.num_prompt_logprobs_delivered
+
+    @property
+    def has_dropped(self) -> bool:
+        """Whether some id still waits to be dropped by the worker."""
+        return bool(self._dropped)
 
     def take_dropped(self) -> list[int]:
         """Ids the worker must drop, in the order they ended; each is returned once."""

@@ -81,6 +81,12 @@ class StepBuilder:
             self.to_cache.append((request, seq))
         self.expectations[seq.seq_id] = expectation
 
+    @property
+    def is_empty(self) -> bool:
+        """Whether the step asks nothing of the worker but, maybe, to drop sequences."""
+        return not (self.swap_out or self.swap_in or self.block_copies or self.new_sequences
+                    or self.scheduled_sequences or self.plain_decodes)
+
     def build(self, step_id: int, dropped_seq_ids: list[int]) -> StepPlan:
         return StepPlan(
             step_id=step_id,

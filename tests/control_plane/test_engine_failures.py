@@ -39,11 +39,11 @@ class _FailingScheduler(Scheduler):
         self._fail_at = fail_at
         self._num_calls = 0
 
-    def schedule(self) -> StepPlan:
+    def schedule(self, drops_alone: bool = True) -> StepPlan:
         self._num_calls += 1
         if self._num_calls == self._fail_at:
             raise RuntimeError(f"injected at step {self._fail_at}")
-        return super().schedule()
+        return super().schedule(drops_alone)
 
 
 @pytest.fixture(scope="module")

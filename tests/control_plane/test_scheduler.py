@@ -11,9 +11,11 @@ from pagedserve.contract.step import BlockTableUpdate, ScheduledSequence, StepPl
 from pagedserve.control_plane.config import PreemptionMode, SchedulingPolicy
 from pagedserve.control_plane.errors import InvalidArgumentError, NeverFitsError, ResourceExhaustedError
 from pagedserve.control_plane.scheduling.request import FinishReason, RequestStatus
+from pagedserve.control_plane.scheduling.scheduler import Scheduler
 
 from .factories import (
     EOS,
+    FakeWorker,
     TokenFn,
     assert_scheduler_invariants,
     make_request,
@@ -185,6 +187,41 @@ def test_finished_sequence_frees_its_blocks_and_is_dropped() -> None:
     scheduler.finish_sequence("a", 0, FinishReason.STOP)
     assert scheduler.stats.num_used_blocks == 0
     assert scheduler.schedule().dropped_seq_ids == (0,)
+
+
+def _aborted_after_one_step() -> tuple[Scheduler, FakeWorker]:
+    """A scheduler whose one request (sequence 0) ran a step on the worker and was then aborted."""
+    scheduler = make_scheduler(num_blocks=8)
+    worker = make_worker(scheduler)
+    scheduler.add_request(make_request("a", range(10, 16)))
+    step_once(scheduler, worker)
+    scheduler.abort_request("a")
+    return scheduler, worker
+
+
+def test_drops_held_back_from_a_plan_of_their_own_ride_with_the_next_plan_that_has_work() -> None:
+    scheduler, worker = _aborted_after_one_step()
+
+    held = scheduler.schedule(drops_alone=False)
+    assert held.is_empty and scheduler.has_pending_drops
+    scheduler.add_request(make_request("b", range(20, 24)))
+    carried = scheduler.schedule(drops_alone=False)
+
+    assert not scheduler.has_pending_drops
+    assert (held.step_id, carried.step_id) == (1, 1)  # the held-back plan took no step id
+    assert carried.dropped_seq_ids == (0,) and [new.seq_id for new in carried.new_sequences] == [1]
+    worker.execute(carried)
+    assert list(worker.seqs) == [1]
+
+
+def test_a_plan_of_drops_alone_goes_when_asked_for() -> None:
+    scheduler, _ = _aborted_after_one_step()
+    assert scheduler.schedule(drops_alone=False).is_empty and scheduler.has_pending_drops
+
+    plan = scheduler.schedule()
+
+    assert (plan.dropped_seq_ids, plan.new_sequences, plan.scheduled_sequences) == ((0,), (), ())
+    assert not scheduler.has_pending_drops
 
 
 def _run_with_tokens(next_token: TokenFn, **params: Any) -> tuple[list[int], FinishReason, int | None]:
