@@ -166,7 +166,7 @@ class Lane:
             return True
         try:
             await asyncio.wait_for(self.wakeup.wait(), LONE_DROPS_WAIT_S)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
             return False
         return True
 

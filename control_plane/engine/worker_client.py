@@ -134,7 +134,7 @@ class GrpcWorkerClient:
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
             try:
                 ended = await asyncio.wait_for(self.wait_closed(), ENDED_STATUS_WAIT_S)
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 ended = None
             raise WorkerUnavailableError(ended or f"worker at {self.address} failed: {exc}") from exc
 

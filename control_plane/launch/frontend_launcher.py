@@ -59,7 +59,7 @@ class FrontendProcess:
         self._process.terminate()
         try:
             await asyncio.wait_for(self._process.wait(), timeout=_STOP_TIMEOUT_S)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             self._process.kill()
             await self._process.wait()
 
