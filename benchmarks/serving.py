@@ -110,7 +110,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _wait_serving(address: str, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> None:
+def wait_serving(address: str, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not is_serving(address, 1.0):
         if process.poll() is not None:
@@ -237,7 +237,7 @@ def _serve_and_run(model_dir: Path, args: argparse.Namespace, rates: HardwareRat
         address = args.server
         if not address:
             address, process = stack.enter_context(server_process(model_dir, args, scratch / "server.log"))
-            _wait_serving(address, process, scratch / "server.log", args.server_timeout)
+            wait_serving(address, process, scratch / "server.log", args.server_timeout)
         gateway_url = None
         if ServingPath.GATEWAY in args.paths:
             gateway_url = stack.enter_context(running_gateway(

@@ -1,0 +1,236 @@
+"""Where a request's first token spends its time, leg by leg across the client, the frontend, the engine and the
+worker: one-token requests sent one at a time to a server whose processes mark the functions the token passes
+through (benchmarks/path_clock.py), and the median of each leg between consecutive marks.
+
+    python -m benchmarks.first_token_path --model-shape llama-3.2-1b --input-len 1024
+    python -m benchmarks.first_token_path --model DIR --load-format dummy --input-len 32
+
+The marks cost their own time (two clock reads and a list append per call), so the TTFT under them reads a little
+higher than without; the legs are for finding where the time goes, the serving benchmark for the TTFT itself.
+The server's processes load the marks through a sitecustomize module put first on their PYTHONPATH, which hides
+any other sitecustomize of the interpreter for that run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import tempfile
+import time
+from bisect import bisect_left
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from benchmarks import report
+from benchmarks.model_shapes import SHAPES, sampling_vocab_size, write_model_dir
+from benchmarks.path_clock import DIR_VARIABLE
+from benchmarks.serving import server_process, wait_serving
+from pagedserve.v1 import common_pb2, generation_service_pb2, generation_service_pb2_grpc
+
+# (process, event): the marks a first token passes, in order; each leg runs from one to the first of the next after
+# it. The frontend and the engine both hand items over an ItemChannel: its put is the engine's chunk for the relay,
+# then the frontend's chunk for the client's stream.
+PATH: tuple[tuple[str, str], ...] = (
+    ("frontend", "GenerationServicer._admit:in"),
+    ("frontend", "EngineClient.add_request:out"),
+    ("engine", "EngineServicer._add:in"),
+    ("engine", "EngineServicer._add:out"),
+    ("engine", "Scheduler.schedule:in"),
+    ("engine", "Scheduler.schedule:out"),
+    ("engine", "GrpcWorkerClient.send:in"),
+    ("worker", "step_plan_from_proto:in"),
+    ("worker", "step_plan_from_proto:out"),
+    ("worker", "Worker.launch:in"),
+    ("worker", "ModelRunner.launch:in"),
+    ("worker", "ModelRunner.launch:out"),
+    ("worker", "Worker.launch:out"),
+    ("worker", "Worker.finish:in"),
+    ("worker", "step_result_to_proto:out"),
+    ("engine", "GrpcWorkerClient.receive:out"),
+    ("engine", "ItemChannel.put:in"),
+    ("frontend", "ItemChannel.put:in"),
+)
+# Which process wrote a file of marks: the first of these events it holds names it.
+_ROLE_EVENTS = (("frontend", "GenerationServicer._admit:in"), ("engine", "EngineServicer._add:in"),
+                ("worker", "Worker.launch:in"))
+HEADERS = ("from", "to", "p50 us", "p90 us")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRecord:
+    """One request as its client saw it, on the marks' clock (time.monotonic_ns)."""
+
+    start_ns: int
+    first_token_ns: int
+
+
+def role_of(marks: Sequence[tuple[str, int]]) -> str | None:
+    events = {event for event, _ in marks}
+    return next((role for role, event in _ROLE_EVENTS if event in events), None)
+
+
+def legs(records: Sequence[ClientRecord], marks_by_role: Mapping[str, Sequence[tuple[str, int]]]
+         ) -> tuple[list[tuple[str, str, list[float]]], int]:
+    """Each leg of PATH, from the client's start to its first token, as (from, to, microseconds per request), over
+    the requests that passed every mark in order before their first token; and how many did."""
+    times: dict[tuple[str, str], list[int]] = {}
+    for role, marks in marks_by_role.items():
+        for event, ns in marks:
+            times.setdefault((role, event), []).append(ns)
+    for series in times.values():
+        series.sort()
+    names = ["client: request sent", *(f"{role}: {event}" for role, event in PATH), "client: first token"]
+    durations: list[list[float]] = [[] for _ in range(len(names) - 1)]
+    num_complete = 0
+    for record in records:
+        points = [record.start_ns]
+        for mark in PATH:
+            series = times.get(mark, [])
+            index = bisect_left(series, points[-1])
+            if index == len(series) or series[index] > record.first_token_ns:
+                break
+            points.append(series[index])
+        else:
+            points.append(record.first_token_ns)
+            num_complete += 1
+            for leg, (start, end) in enumerate(pairwise(points)):
+                durations[leg].append((end - start) / 1e3)
+    return [(names[i], names[i + 1], durations[i]) for i in range(len(durations))], num_complete
+
+
+async def send_one_at_a_time(address: str, prompts: Sequence[Sequence[int]], num_warmups: int) -> list[ClientRecord]:
+    """Greedy one-token requests, each sent when the one before ended; the warm-ups are not recorded."""
+    records = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
+        for index, prompt in enumerate(prompts):
+            request = generation_service_pb2.GenerateRequest(
+                sampling_params=common_pb2.SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+            request.token_ids.ids.extend(prompt)
+            start_ns, first_token_ns = time.monotonic_ns(), 0
+            async for chunk in stub.Generate(request):
+                if chunk.token_ids and not first_token_ns:
+                    first_token_ns = time.monotonic_ns()
+            if index >= num_warmups:
+                records.append(ClientRecord(start_ns, first_token_ns))
+    return records
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", type=Path, help="model directory (config.json + tokenizer)")
+    model.add_argument("--model-shape", choices=sorted(SHAPES), help="write a named shape to a temporary directory")
+    parser.add_argument("--tokenizer-dir", type=Path, default=Path("../shared/tokenizers/llama2"),
+                        help="for --model-shape")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--load-format", default="dummy", choices=["dummy", "safetensors", "auto"])
+    parser.add_argument("--serve-args", default="", help="more `pagedserve serve` flags, one shell-quoted string")
+    parser.add_argument("--input-len", type=int, default=1024)
+    parser.add_argument("--num-prompts", type=int, default=200)
+    parser.add_argument("--num-warmups", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--server-timeout", type=float, default=600.0, help="seconds to wait for the server")
+    parser.add_argument("--result-dir", type=Path, default=report.DEFAULT_RESULT_DIR)
+    return parser
+
+
+def _server_args(args: argparse.Namespace) -> argparse.Namespace:
+    """What serving.server_process reads: this benchmark's model flags, the rest at their defaults."""
+    return argparse.Namespace(load_format=args.load_format, dtype=args.dtype, kv_cache_dtype="auto",
+                              quantization="none", tensor_parallel_size=1, quantize_lm_head=False,
+                              serve_args=args.serve_args)
+
+
+def _restore_environment(saved: dict[str, str | None]) -> None:
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def _marks_by_role(directory: Path) -> dict[str, list[tuple[str, int]]]:
+    by_role: dict[str, list[tuple[str, int]]] = {}
+    for path in sorted(directory.glob("*.json")):
+        marks = [(event, ns) for event, ns in json.loads(path.read_text())]
+        role = role_of(marks)
+        if role is not None:
+            by_role.setdefault(role, []).extend(marks)
+    return by_role
+
+
+def _measure(model_dir: Path, args: argparse.Namespace, scratch: Path) -> tuple[list[ClientRecord], dict[str, Any]]:
+    """Serves the model with the marks on, sends the requests, stops the server (each process writes its marks as
+    it exits) and reads them back."""
+    marks_dir, hook_dir = scratch / "marks", scratch / "hooks"
+    marks_dir.mkdir()
+    hook_dir.mkdir()
+    (hook_dir / "sitecustomize.py").write_text(
+        "from benchmarks.path_clock import install_from_environment\ninstall_from_environment()\n")
+    saved = {name: os.environ.get(name) for name in ("PYTHONPATH", DIR_VARIABLE)}
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(hook_dir), str(report.REPO_ROOT), *filter(None, [saved["PYTHONPATH"]])])
+    os.environ[DIR_VARIABLE] = str(marks_dir)
+    rng = random.Random(args.seed)
+    vocab_size = sampling_vocab_size(model_dir)
+    prompts = [[rng.randrange(3, vocab_size) for _ in range(args.input_len)]
+               for _ in range(args.num_warmups + args.num_prompts)]
+    try:
+        with server_process(model_dir, _server_args(args), scratch / "server.log") as (address, process):
+            _restore_environment(saved)  # the server has it; nothing else this process starts should
+            wait_serving(address, process, scratch / "server.log", args.server_timeout)
+            records = asyncio.run(send_one_at_a_time(address, prompts, args.num_warmups))
+    finally:
+        _restore_environment(saved)
+    return records, _marks_by_role(marks_dir)
+
+
+def _device_label() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="pagedserve-path-") as scratch:
+        model_dir = args.model or write_model_dir(SHAPES[args.model_shape], Path(scratch) / args.model_shape,
+                                                  args.tokenizer_dir)
+        records, marks_by_role = _measure(model_dir, args, Path(scratch))
+    missing = sorted({"frontend", "engine", "worker"} - set(marks_by_role))
+    if missing:
+        raise SystemExit(f"no marks came back from the {', '.join(missing)}: did the process exit normally?")
+    leg_rows, num_complete = legs(records, marks_by_role)
+    if not num_complete:
+        raise SystemExit("no request passed every mark in order: PATH no longer follows the code")
+    medians = [round(statistics.median(us)) for _, _, us in leg_rows]
+    rows = [[start, end, p50, round(statistics.quantiles(us, n=10)[-1])]
+            for (start, end, us), p50 in zip(leg_rows, medians, strict=True)]
+    ttft_us = [(r.first_token_ns - r.start_ns) / 1e3 for r in records]
+    metadata = report.run_metadata("first-token-path", _device_label())
+    summary = (f"{len(records)} one-token requests of {args.input_len} prompt tokens, one at a time, after "
+               f"{args.num_warmups} warm-ups; {num_complete} passed every mark in order. TTFT under the marks: p50 "
+               f"{statistics.median(ttft_us):.0f} us; the legs' medians sum to {sum(medians)} us.\n")
+    result = {"metadata": metadata, "config": {k: str(v) for k, v in vars(args).items()},
+              "num_requests": len(records), "num_complete": num_complete,
+              "ttft_p50_us": statistics.median(ttft_us), "legs": [dict(zip(HEADERS, row, strict=True)) for row in rows]}
+    markdown = report.markdown_report("Where the first token's time goes", metadata, [
+        ("Workload", summary), ("Legs", report.markdown_table(HEADERS, rows))])
+    paths = report.write_outputs(report.result_stem(args.result_dir, metadata), result, markdown)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    print(summary + report.text_table(HEADERS, rows))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""The first-token path benchmark: its legs from the processes' marks, its hooks against the code, and a real run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks import first_token_path
+from benchmarks.first_token_path import PATH, ClientRecord, legs, role_of
+from benchmarks.path_clock import HOOKS, check_hooks
+
+
+def _marks_of_one_request(start_ns: int, step_ns: int) -> dict[str, list[tuple[str, int]]]:
+    """Every mark of PATH, step_ns apart from start_ns + step_ns on, each in its process's list."""
+    by_role: dict[str, list[tuple[str, int]]] = {}
+    for index, (role, event) in enumerate(PATH, start=1):
+        by_role.setdefault(role, []).append((event, start_ns + index * step_ns))
+    return by_role
+
+
+def test_each_leg_runs_from_a_mark_to_the_first_of_the_next_after_it() -> None:
+    marks = _marks_of_one_request(start_ns=1_000_000, step_ns=2_000)
+    marks["engine"].append(("Scheduler.schedule:in", 500_000))  # an earlier request's planning: before this one
+    first_token_ns = 1_000_000 + (len(PATH) + 1) * 2_000
+
+    rows, num_complete = legs([ClientRecord(1_000_000, first_token_ns)], marks)
+
+    assert num_complete == 1
+    assert [row[0] for row in rows][:2] == ["client: request sent", "frontend: GenerationServicer._admit:in"]
+    assert rows[-1][1] == "client: first token"
+    assert [us for _, _, (us,) in rows] == [2.0] * (len(PATH) + 1)
+
+
+def test_a_request_that_missed_a_mark_before_its_first_token_is_left_out() -> None:
+    marks = _marks_of_one_request(start_ns=1_000_000, step_ns=2_000)
+    marks["worker"] = [(event, ns) for event, ns in marks["worker"] if event != "Worker.finish:in"]
+
+    rows, num_complete = legs([ClientRecord(1_000_000, 1_000_000 + (len(PATH) + 1) * 2_000)], marks)
+
+    assert num_complete == 0
+    assert all(not us for _, _, us in rows)
+
+
+def test_a_file_of_marks_is_named_by_the_process_that_wrote_it() -> None:
+    assert role_of([("ItemChannel.put:in", 1), ("GenerationServicer._admit:in", 2)]) == "frontend"
+    assert role_of([("ItemChannel.put:in", 1), ("EngineServicer._add:in", 2)]) == "engine"
+    assert role_of([("Worker.launch:in", 1)]) == "worker"
+    assert role_of([]) is None
+
+
+def test_every_hook_names_a_function_the_code_has_and_every_mark_of_the_path_one_of_the_hooks() -> None:
+    assert check_hooks() == []
+    assert {event.rpartition(":")[0] for _, event in PATH} <= {path for _, path in HOOKS}
+
+
+def test_a_run_marks_every_leg_of_every_request(stories260k_dir: Path, tmp_path: Path) -> None:
+    model_dir = tmp_path / "one-layer"
+    model_dir.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
+        (model_dir / name).write_bytes((stories260k_dir / name).read_bytes())
+    config = json.loads((stories260k_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+
+    result = first_token_path.main([
+        "--model", str(model_dir), "--dtype", "float32", "--load-format", "dummy", "--serve-args", "--device cpu",
+        "--input-len", "8", "--num-prompts", "3", "--num-warmups", "1", "--result-dir", str(tmp_path / "results"),
+    ])
+
+    assert (result["num_requests"], result["num_complete"]) == (3, 3)
+    assert len(result["legs"]) == len(PATH) + 1
+    assert sum(leg["p50 us"] for leg in result["legs"]) <= result["ttft_p50_us"] * 1.5
+    written = json.loads(next((tmp_path / "results").glob("*-first-token-path-cpu.json")).read_text())
+    assert written == result
