@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pagedserve.contract.step import StepPlan
+from pagedserve.control_plane.engine import lane
 from pagedserve.control_plane.engine.lane import LONE_DROPS_WAIT_S
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 from tests.control_plane.engine_fakes import PROMPT, _drain_stream, _engine, _params, _run, _Transport
@@ -35,14 +36,17 @@ def _is_drops_alone(plan: StepPlan) -> bool:
     return bool(plan.dropped_seq_ids) and not (plan.new_sequences or plan.scheduled_sequences)
 
 
-def test_the_next_request_s_first_step_carries_the_drops_of_the_one_that_just_ended(tokenizer: Tokenizer) -> None:
+def test_the_next_request_s_first_step_carries_the_drops_of_the_one_that_just_ended(
+    tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(lane, "LONE_DROPS_WAIT_S", 5.0)  # no pause of this process (a collection) outlasts it
     scheduler = make_scheduler(num_blocks=64, block_size=4)
     transport = _RecordingTransport(make_worker(scheduler))
 
     async def scenario() -> list[StepPlan]:
         engine = _engine(tokenizer, [("w0", scheduler, transport)])
         await _drain_stream(engine.stream(engine.add_request(PROMPT, _params(3), request_id="a")))
-        await asyncio.sleep(LONE_DROPS_WAIT_S / 10)  # the client's turn-around
+        await asyncio.sleep(0.001)  # the client's turn-around
         await _drain_stream(engine.stream(engine.add_request(PROMPT, _params(3), request_id="b")))
         await engine.stop()
         return [plan for plan, _ in transport.sent]
