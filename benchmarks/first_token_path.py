@@ -17,10 +17,8 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import statistics
 import tempfile
-import time
 from bisect import bisect_left
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,13 +26,12 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from benchmarks import report
+from benchmarks.direct_client import direct_sender
 from benchmarks.model_shapes import SHAPES, sampling_vocab_size, write_model_dir
 from benchmarks.path_clock import DIR_VARIABLE
+from benchmarks.random_dataset import BenchRequest, sample_random_requests
 from benchmarks.serving import server_process, wait_serving
-from pagedserve.v1 import common_pb2, generation_service_pb2, generation_service_pb2_grpc
 
 # (process, event): the marks a first token passes, in order; each leg runs from one to the first of the next after
 # it. The frontend and the engine both hand items over an ItemChannel: its put is the engine's chunk for the relay,
@@ -67,7 +64,7 @@ HEADERS = ("from", "to", "p50 us", "p90 us")
 
 @dataclass(frozen=True, slots=True)
 class ClientRecord:
-    """One request as its client saw it, on the marks' clock (time.monotonic_ns)."""
+    """One request as its client saw it, on the marks' clock (time.perf_counter, in nanoseconds)."""
 
     start_ns: int
     first_token_ns: int
@@ -107,21 +104,17 @@ def legs(records: Sequence[ClientRecord], marks_by_role: Mapping[str, Sequence[t
     return [(names[i], names[i + 1], durations[i]) for i in range(len(durations))], num_complete
 
 
-async def send_one_at_a_time(address: str, prompts: Sequence[Sequence[int]], num_warmups: int) -> list[ClientRecord]:
-    """Greedy one-token requests, each sent when the one before ended; the warm-ups are not recorded."""
+async def send_one_at_a_time(address: str, requests: Sequence[BenchRequest], num_warmups: int) -> list[ClientRecord]:
+    """The requests through the serving benchmark's direct client, each sent when the one before ended; the
+    warm-ups are not recorded."""
     records = []
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
-        for index, prompt in enumerate(prompts):
-            request = generation_service_pb2.GenerateRequest(
-                sampling_params=common_pb2.SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
-            request.token_ids.ids.extend(prompt)
-            start_ns, first_token_ns = time.monotonic_ns(), 0
-            async for chunk in stub.Generate(request):
-                if chunk.token_ids and not first_token_ns:
-                    first_token_ns = time.monotonic_ns()
+    async with direct_sender(address, ignore_eos=True) as send:
+        for index, request in enumerate(requests):
+            record = await send(request, None)
+            if record.error is not None:
+                raise RuntimeError(f"request {index} failed: {record.error}")
             if index >= num_warmups:
-                records.append(ClientRecord(start_ns, first_token_ns))
+                records.append(ClientRecord(round(record.start_s * 1e9), round(record.chunk_times_s[0] * 1e9)))
     return records
 
 
@@ -181,15 +174,13 @@ def _measure(model_dir: Path, args: argparse.Namespace, scratch: Path) -> tuple[
     os.environ["PYTHONPATH"] = os.pathsep.join(
         [str(hook_dir), str(report.REPO_ROOT), *filter(None, [saved["PYTHONPATH"]])])
     os.environ[DIR_VARIABLE] = str(marks_dir)
-    rng = random.Random(args.seed)
-    vocab_size = sampling_vocab_size(model_dir)
-    prompts = [[rng.randrange(3, vocab_size) for _ in range(args.input_len)]
-               for _ in range(args.num_warmups + args.num_prompts)]
+    requests = sample_random_requests(args.num_warmups + args.num_prompts, args.input_len, 1, 0.0,
+                                      sampling_vocab_size(model_dir), args.seed)
     try:
         with server_process(model_dir, _server_args(args), scratch / "server.log") as (address, process):
             _restore_environment(saved)  # the server has it; nothing else this process starts should
             wait_serving(address, process, scratch / "server.log", args.server_timeout)
-            records = asyncio.run(send_one_at_a_time(address, prompts, args.num_warmups))
+            records = asyncio.run(send_one_at_a_time(address, requests, args.num_warmups))
     finally:
         _restore_environment(saved)
     return records, _marks_by_role(marks_dir)
