@@ -2,7 +2,8 @@
 process that installs them (benchmarks/first_token_path.py has every process of the server it starts do so).
 
 A mark is (event, time.perf_counter_ns()), the clock the benchmark's client reads too (on Linux CLOCK_MONOTONIC, one
-clock for all the processes of a host); an event is "<function>:in" or "<function>:out". Each process keeps its marks in memory and writes them to <PATH_CLOCK_DIR>/<pid>.json as it exits.
+clock for all the processes of a host); an event is "<function>:in" or "<function>:out". Each process keeps its marks
+in memory and writes them to <PATH_CLOCK_DIR>/<pid>.json as it exits.
 The functions are wrapped where their callers look them up, once their modules are imported: a thread polls for
 them every POLL_S until QUIET_S have passed without a new one since the first (a process imports its modules as it
 starts, and each process has only its own role's), so that no polling is left once requests are timed.
