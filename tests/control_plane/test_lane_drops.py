@@ -97,3 +97,31 @@ def test_a_lane_with_nothing_left_to_drop_sends_nothing_while_idle(tokenizer: To
         return len(transport.sent) - num_sent
 
     assert _run(scenario) == 0
+
+
+def test_a_worker_that_goes_away_while_drops_wait_is_noticed_at_once(
+    tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(lane, "LONE_DROPS_WAIT_S", 5.0)  # the lane is still holding the drops back when it dies
+    scheduler = make_scheduler(num_blocks=64, block_size=4)
+    transport = _RecordingTransport(make_worker(scheduler))
+
+    async def scenario() -> tuple[bool, float, int]:
+        engine = _engine(tokenizer, [("w0", scheduler, transport)])
+        await _drain_stream(engine.stream(engine.add_request(PROMPT, _params(3), request_id="a")))
+        num_sent = len(transport.sent)
+        loop = asyncio.get_running_loop()
+        ended_s = loop.time()
+        transport.end_stream()
+        while engine.is_serving and loop.time() - ended_s < 5.0:
+            await asyncio.sleep(0.001)
+        noticed_s = loop.time() - ended_s
+        is_serving = engine.is_serving
+        await engine.stop()
+        return is_serving, noticed_s, len(transport.sent) - num_sent
+
+    is_serving, noticed_s, num_sent_after = _run(scenario)
+
+    assert is_serving is False
+    assert noticed_s < 1.0
+    assert num_sent_after == 0  # the held drops never went to the worker that is gone
