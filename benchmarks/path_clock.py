@@ -4,9 +4,9 @@ process that installs them (benchmarks/first_token_path.py has every process of 
 A mark is (event, time.perf_counter_ns()), the clock the benchmark's client reads too (on Linux CLOCK_MONOTONIC, one
 clock for all the processes of a host); an event is "<function>:in" or "<function>:out". Each process keeps its marks
 in memory and writes them to <PATH_CLOCK_DIR>/<pid>.json as it exits.
-The functions are wrapped where their callers look them up, once their modules are imported: a thread polls for
-them every POLL_S until QUIET_S have passed without a new one since the first (a process imports its modules as it
-starts, and each process has only its own role's), so that no polling is left once requests are timed.
+The functions are wrapped where their callers look them up, as soon as their module has run (an import hook on
+sys.meta_path), so that a caller's `from module import function` binds the wrapped one, however late the process
+imports it (a GPU worker's engine, for one, imports some modules only once the worker is up).
 """
 
 from __future__ import annotations
@@ -14,19 +14,19 @@ from __future__ import annotations
 import atexit
 import functools
 import importlib
+import importlib.abc
+import importlib.machinery
 import inspect
 import json
 import os
 import sys
-import threading
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 DIR_VARIABLE = "PATH_CLOCK_DIR"  # not PAGEDSERVE_*: serve hands none of those to its workers
-POLL_S = 0.005
-QUIET_S = 5.0
 
 # (module, attribute path): the functions wrapped, in the order a first token meets them.
 HOOKS: tuple[tuple[str, str], ...] = (
@@ -78,32 +78,56 @@ def wrap(event: str, function: Callable[..., Any], marks: list[tuple[str, int]])
     return timed
 
 
-def install(directory: Path) -> None:
-    """Starts wrapping the hooks of this process as their modules appear, and writes the marks when it exits."""
-    marks: list[tuple[str, int]] = []
+class _WrapOnImport(importlib.abc.MetaPathFinder):
+    """Finds a hooked module through the other finders and wraps its hooks once the module has run."""
 
-    def wrap_when_imported() -> None:
-        pending = list(HOOKS)
-        last_wrapped_s: float | None = None
-        while pending and (last_wrapped_s is None or time.monotonic() - last_wrapped_s < QUIET_S):
-            for hook in list(pending):
-                module_name, path = hook
-                if module_name not in sys.modules:
-                    continue
-                try:
-                    owner, name, function = resolve(module_name, path)
-                except AttributeError:  # the module is still being imported
-                    continue
-                setattr(owner, name, wrap(path, function, marks))
-                pending.remove(hook)
-                last_wrapped_s = time.monotonic()
-            time.sleep(POLL_S)
+    def __init__(self, marks: list[tuple[str, int]]) -> None:
+        self._marks = marks
+        self._paths: dict[str, list[str]] = {}
+        for module_name, path in HOOKS:
+            self._paths.setdefault(module_name, []).append(path)
+
+    def find_spec(self, fullname: str, path: Any, target: types.ModuleType | None = None
+                  ) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in self._paths:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is None or spec.loader is None:
+            return spec
+        run_module, paths, marks = spec.loader.exec_module, self._paths[fullname], self._marks
+
+        def exec_module(module: types.ModuleType) -> None:
+            run_module(module)
+            for hook_path in paths:
+                wrap_hook(fullname, hook_path, marks)
+
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+    def wrap_imported(self) -> None:
+        """Wraps the hooks of the modules imported before this finder was installed."""
+        for module_name, paths in self._paths.items():
+            if module_name in sys.modules:
+                for hook_path in paths:
+                    wrap_hook(module_name, hook_path, self._marks)
+
+
+def wrap_hook(module_name: str, path: str, marks: list[tuple[str, int]]) -> None:
+    owner, name, function = resolve(module_name, path)
+    setattr(owner, name, wrap(path, function, marks))
+
+
+def install(directory: Path) -> None:
+    """Wraps the hooks of this process as their modules are imported, and writes the marks when it exits."""
+    marks: list[tuple[str, int]] = []
+    finder = _WrapOnImport(marks)
+    finder.wrap_imported()
+    sys.meta_path.insert(0, finder)
 
     def write() -> None:
         (directory / f"{os.getpid()}.json").write_text(json.dumps(marks))
 
     atexit.register(write)
-    threading.Thread(target=wrap_when_imported, name="path-clock", daemon=True).start()
 
 
 def install_from_environment() -> None:
