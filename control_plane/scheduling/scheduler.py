@@ -76,6 +76,8 @@ class Scheduler:
         self._outputs = OutputApplier(self.block_manager, self._seqs, max_len, self._finish, self._cache_blocks,
                                       lambda request: self.abort_request(request.request_id))
         self._num_preemptions = 0
+        # The last plan's sequences whose computed blocks are not registered for prefix reuse yet (see schedule).
+        self._uncached: list[tuple[Request, Sequence]] = []
 
     # Requests in and out.
 
@@ -139,6 +141,7 @@ class Scheduler:
 
     def abort_request(self, request_id: str) -> None:
         """Frees the request's blocks now; the worker drops its sequences with the next plan."""
+        self.cache_planned_blocks()
         request = self._requests.get(request_id)
         if request is None:
             return
@@ -149,6 +152,7 @@ class Scheduler:
 
     def finish_sequence(self, request_id: str, index: int, reason: FinishReason) -> None:
         """Ends one sequence (a stop string matched downstream); unknown or finished ones: no-op."""
+        self.cache_planned_blocks()
         request = self._requests.get(request_id)
         if request is None or not 0 <= index < len(request.sequences):
             return
@@ -188,7 +192,11 @@ class Scheduler:
 
     def schedule(self, drops_alone: bool = True) -> StepPlan:
         """Plans the next step. Its step_id advances only when the plan is not empty. drops_alone False: a plan
-        that would only drop sequences is not made (an empty plan comes back), and the drops wait for the next."""
+        that would only drop sequences is not made (an empty plan comes back), and the drops wait for the next.
+        The blocks the plan computes join the prefix cache in cache_planned_blocks, which every entry point that
+        reads or frees block tables calls first, this one included: the caller can send the plan before it pays
+        for hashing them (the 64 blocks of a 1,024-token prompt take a few hundred microseconds)."""
+        self.cache_planned_blocks()
         step = StepBuilder(self.config.max_num_batched_tokens, self._num_running_seqs())
         self._make_room_for_waiting(step)
         self._extend_running(step)
@@ -196,7 +204,7 @@ class Scheduler:
             self._resume_swapped(step)
             if not self._swapped:
                 self._admit_waiting(step)
-        self._cache_computed_blocks(step)
+        self._uncached = step.to_cache
         dropped = self._seqs.take_dropped() if drops_alone or not step.is_empty else []
         plan = step.build(self._next_step_id, dropped)
         if not plan.is_empty:
@@ -349,9 +357,11 @@ class Scheduler:
             forks = tuple(s.seq_id for s in siblings)
         step.record(request, seq, work.num_new_tokens, Expectation(samples, forks))
 
-    def _cache_computed_blocks(self, step: StepBuilder) -> None:
-        # Done after every admission of the step, so that no sequence reuses KV computed in the same step.
-        for request, seq in step.to_cache:
+    def cache_planned_blocks(self) -> None:
+        """Registers the full blocks the last plan computes for prefix reuse. Deferred from schedule but done
+        before anything else reads or frees block tables, so no sequence reuses KV computed in its own step."""
+        uncached, self._uncached = self._uncached, []
+        for request, seq in uncached:
             self._cache_blocks(request, seq)
 
     def _cache_blocks(self, request: Request, seq: Sequence) -> None:
@@ -430,6 +440,7 @@ class Scheduler:
     def update_from_output(self, plan: StepPlan, output: StepResult) -> list[SequenceDelta]:
         """Applies a step's sampled tokens (forks, stop checks, frees); returns what each sequence gained.
         Plans are answered in order; outputs of sequences that ended since their step was planned are ignored."""
+        self.cache_planned_blocks()
         return self._outputs.apply(plan, output)
 
 

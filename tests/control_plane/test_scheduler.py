@@ -119,6 +119,27 @@ def test_prefix_cache_evicts_the_least_recently_freed_block_first() -> None:
     assert bm.find_cached_prefix(list(range(30, 35))).block_ids == (1,)
 
 
+def test_a_plan_comes_back_before_its_blocks_are_hashed_and_the_next_call_caches_them_first() -> None:
+    scheduler = make_scheduler(num_blocks=8)
+    bm = scheduler.block_manager
+    scheduler.add_request(make_request("a", range(10, 19)))
+    plan = scheduler.schedule()
+    (new,) = plan.new_sequences
+    assert bm.num_hashed_blocks(new.seq_id) == 0  # the caller sends the plan before it pays for the hashing
+    scheduler.add_request(make_request("b", range(10, 19)))
+    (hit,) = scheduler.schedule().new_sequences
+    assert bm.num_hashed_blocks(new.seq_id) == 2
+    assert (hit.block_ids[:2], hit.num_computed_tokens) == (new.block_ids[:2], 8)
+
+
+def test_a_request_aborted_right_after_its_plan_leaves_its_blocks_in_the_prefix_cache() -> None:
+    scheduler = make_scheduler(num_blocks=8)
+    scheduler.add_request(make_request("a", range(10, 19)))
+    (new,) = scheduler.schedule().new_sequences
+    scheduler.abort_request("a")
+    assert scheduler.block_manager.find_cached_prefix(list(range(10, 19))).block_ids == new.block_ids[:2]
+
+
 def test_no_sequence_hits_blocks_computed_in_the_same_step() -> None:
     scheduler = make_scheduler(num_blocks=8)
     scheduler.add_request(make_request("a", range(10, 19)))
