@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from benchmarks import first_token_path
@@ -51,6 +53,26 @@ def test_a_file_of_marks_is_named_by_the_process_that_wrote_it() -> None:
 def test_every_hook_names_a_function_the_code_has_and_every_mark_of_the_path_one_of_the_hooks() -> None:
     assert check_hooks() == []
     assert {event.rpartition(":")[0] for _, event in PATH} <= {path for _, path in HOOKS}
+
+
+def test_a_module_imported_after_the_hooks_went_in_is_marked_through_a_from_import_too(
+        tmp_path: Path) -> None:
+    # A fresh interpreter: the hooked modules are not imported yet when the hooks go in, as in a server's process.
+    script = f"""
+import time
+from pathlib import Path
+from benchmarks.path_clock import install
+install(Path({str(tmp_path)!r}))
+time.sleep(0.2)  # long after the process started: a late import, as an engine's of its worker client
+from pagedserve.contract.codec import step_plan_from_proto, step_plan_to_proto
+from pagedserve.contract.step import StepPlan
+step_plan_from_proto(step_plan_to_proto(StepPlan(step_id=7)))
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=first_token_path.report.REPO_ROOT, timeout=60)
+
+    (marks_file,) = tmp_path.glob("*.json")
+    assert [event for event, _ in json.loads(marks_file.read_text())] == [
+        "step_plan_from_proto:in", "step_plan_from_proto:out"]
 
 
 def test_a_run_marks_every_leg_of_every_request(stories260k_dir: Path, tmp_path: Path) -> None:
