@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks import first_token_path
+from benchmarks import first_token_path, report
 from benchmarks.first_token_path import PATH, ClientRecord, legs, role_of
 from benchmarks.path_clock import HOOKS, check_hooks
 
@@ -68,7 +68,7 @@ from pagedserve.contract.codec import step_plan_from_proto, step_plan_to_proto
 from pagedserve.contract.step import StepPlan
 step_plan_from_proto(step_plan_to_proto(StepPlan(step_id=7)))
 """
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=first_token_path.report.REPO_ROOT, timeout=60)
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=report.REPO_ROOT, timeout=60)
 
     (marks_file,) = tmp_path.glob("*.json")
     assert [event for event, _ in json.loads(marks_file.read_text())] == [
