@@ -79,7 +79,8 @@ def wrap(event: str, function: Callable[..., Any], marks: list[tuple[str, int]])
 
 
 class _WrapOnImport(importlib.abc.MetaPathFinder):
-    """Finds a hooked module through the other finders and wraps its hooks once the module has run."""
+    """Finds a hooked module with the path finder (each is a submodule of an imported package) and wraps its hooks
+    once the module has run."""
 
     def __init__(self, marks: list[tuple[str, int]]) -> None:
         self._marks = marks
@@ -94,27 +95,25 @@ class _WrapOnImport(importlib.abc.MetaPathFinder):
         spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
         if spec is None or spec.loader is None:
             return spec
-        run_module, paths, marks = spec.loader.exec_module, self._paths[fullname], self._marks
+        run_module = spec.loader.exec_module
 
         def exec_module(module: types.ModuleType) -> None:
             run_module(module)
-            for hook_path in paths:
-                wrap_hook(fullname, hook_path, marks)
+            self._wrap_hooks_of(fullname)
 
         spec.loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
 
     def wrap_imported(self) -> None:
         """Wraps the hooks of the modules imported before this finder was installed."""
-        for module_name, paths in self._paths.items():
+        for module_name in self._paths:
             if module_name in sys.modules:
-                for hook_path in paths:
-                    wrap_hook(module_name, hook_path, self._marks)
+                self._wrap_hooks_of(module_name)
 
-
-def wrap_hook(module_name: str, path: str, marks: list[tuple[str, int]]) -> None:
-    owner, name, function = resolve(module_name, path)
-    setattr(owner, name, wrap(path, function, marks))
+    def _wrap_hooks_of(self, module_name: str) -> None:
+        for path in self._paths[module_name]:
+            owner, name, function = resolve(module_name, path)
+            setattr(owner, name, wrap(path, function, self._marks))
 
 
 def install(directory: Path) -> None:
