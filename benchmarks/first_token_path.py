@@ -7,16 +7,12 @@ through (benchmarks/path_clock.py), and the median of each leg between consecuti
 
 The marks cost their own time (two clock reads and a list append per call), so the TTFT under them reads a little
 higher than without; the legs are for finding where the time goes, the serving benchmark for the TTFT itself.
-The server's processes load the marks through a sitecustomize module put first on their PYTHONPATH, which hides
-any other sitecustomize of the interpreter for that run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import statistics
 import tempfile
 from bisect import bisect_left
@@ -29,10 +25,25 @@ from typing import Any
 from benchmarks import report
 from benchmarks.direct_client import direct_sender
 from benchmarks.model_shapes import SHAPES, sampling_vocab_size, write_model_dir
-from benchmarks.path_clock import DIR_VARIABLE
+from benchmarks.path_clock import Hook, Mark, marks_for_children, read_marks
 from benchmarks.random_dataset import BenchRequest, sample_random_requests
 from benchmarks.serving import server_process, wait_serving
 
+# The functions marked, in the order a first token meets them.
+HOOKS: tuple[Hook, ...] = (
+    ("pagedserve.control_plane.frontend.service", "GenerationServicer._admit"),
+    ("pagedserve.control_plane.frontend.engine_client", "EngineClient.add_request"),
+    ("pagedserve.control_plane.engine.service", "EngineServicer._add"),
+    ("pagedserve.control_plane.scheduling.scheduler", "Scheduler.schedule"),
+    ("pagedserve.control_plane.engine.worker_client", "GrpcWorkerClient.send"),
+    ("pagedserve.contract.codec", "step_plan_from_proto"),
+    ("pagedserve.gpu_worker.worker", "Worker.launch"),
+    ("pagedserve.gpu_worker.model_runner", "ModelRunner.launch"),
+    ("pagedserve.gpu_worker.worker", "Worker.finish"),
+    ("pagedserve.contract.codec", "step_result_to_proto"),
+    ("pagedserve.control_plane.engine.worker_client", "GrpcWorkerClient.receive"),
+    ("pagedserve.control_plane.relay.item_channel", "ItemChannel.put"),
+)
 # (process, event): the marks a first token passes, in order; each leg runs from one to the first of the next after
 # it. The frontend and the engine both hand items over an ItemChannel: its put is the engine's chunk for the relay,
 # then the frontend's chunk for the client's stream.
@@ -70,18 +81,18 @@ class ClientRecord:
     first_token_ns: int
 
 
-def role_of(marks: Sequence[tuple[str, int]]) -> str | None:
-    events = {event for event, _ in marks}
+def role_of(marks: Sequence[Mark]) -> str | None:
+    events = {event for event, _, _ in marks}
     return next((role for role, event in _ROLE_EVENTS if event in events), None)
 
 
-def legs(records: Sequence[ClientRecord], marks_by_role: Mapping[str, Sequence[tuple[str, int]]]
+def legs(records: Sequence[ClientRecord], marks_by_role: Mapping[str, Sequence[Mark]]
          ) -> tuple[list[tuple[str, str, list[float]]], int]:
     """Each leg of PATH, from the client's start to its first token, as (from, to, microseconds per request), over
     the requests that passed every mark in order before their first token; and how many did."""
     times: dict[tuple[str, str], list[int]] = {}
     for role, marks in marks_by_role.items():
-        for event, ns in marks:
+        for event, ns, _ in marks:
             times.setdefault((role, event), []).append(ns)
     for series in times.values():
         series.sort()
@@ -144,18 +155,9 @@ def _server_args(args: argparse.Namespace) -> argparse.Namespace:
                               serve_args=args.serve_args)
 
 
-def _restore_environment(saved: dict[str, str | None]) -> None:
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-
-
-def _marks_by_role(directory: Path) -> dict[str, list[tuple[str, int]]]:
-    by_role: dict[str, list[tuple[str, int]]] = {}
-    for path in sorted(directory.glob("*.json")):
-        marks = [(event, ns) for event, ns in json.loads(path.read_text())]
+def _marks_by_role(directory: Path) -> dict[str, list[Mark]]:
+    by_role: dict[str, list[Mark]] = {}
+    for marks in read_marks(directory):
         role = role_of(marks)
         if role is not None:
             by_role.setdefault(role, []).extend(marks)
@@ -165,24 +167,12 @@ def _marks_by_role(directory: Path) -> dict[str, list[tuple[str, int]]]:
 def _measure(model_dir: Path, args: argparse.Namespace, scratch: Path) -> tuple[list[ClientRecord], dict[str, Any]]:
     """Serves the model with the marks on, sends the requests, stops the server (each process writes its marks as
     it exits) and reads them back."""
-    marks_dir, hook_dir = scratch / "marks", scratch / "hooks"
-    marks_dir.mkdir()
-    hook_dir.mkdir()
-    (hook_dir / "sitecustomize.py").write_text(
-        "from benchmarks.path_clock import install_from_environment\ninstall_from_environment()\n")
-    saved = {name: os.environ.get(name) for name in ("PYTHONPATH", DIR_VARIABLE)}
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        [str(hook_dir), str(report.REPO_ROOT), *filter(None, [saved["PYTHONPATH"]])])
-    os.environ[DIR_VARIABLE] = str(marks_dir)
     requests = sample_random_requests(args.num_warmups + args.num_prompts, args.input_len, 1, 0.0,
                                       sampling_vocab_size(model_dir), args.seed)
-    try:
-        with server_process(model_dir, _server_args(args), scratch / "server.log") as (address, process):
-            _restore_environment(saved)  # the server has it; nothing else this process starts should
-            wait_serving(address, process, scratch / "server.log", args.server_timeout)
-            records = asyncio.run(send_one_at_a_time(address, requests, args.num_warmups))
-    finally:
-        _restore_environment(saved)
+    with (marks_for_children(HOOKS, scratch) as marks_dir,
+          server_process(model_dir, _server_args(args), scratch / "server.log") as (address, process)):
+        wait_serving(address, process, scratch / "server.log", args.server_timeout)
+        records = asyncio.run(send_one_at_a_time(address, requests, args.num_warmups))
     return records, _marks_by_role(marks_dir)
 
 

@@ -8,21 +8,21 @@ import sys
 from pathlib import Path
 
 from benchmarks import first_token_path, report
-from benchmarks.first_token_path import PATH, ClientRecord, legs, role_of
-from benchmarks.path_clock import HOOKS, check_hooks
+from benchmarks.first_token_path import HOOKS, PATH, ClientRecord, legs, role_of
+from benchmarks.path_clock import Mark, check_hooks
 
 
-def _marks_of_one_request(start_ns: int, step_ns: int) -> dict[str, list[tuple[str, int]]]:
+def _marks_of_one_request(start_ns: int, step_ns: int) -> dict[str, list[Mark]]:
     """Every mark of PATH, step_ns apart from start_ns + step_ns on, each in its process's list."""
-    by_role: dict[str, list[tuple[str, int]]] = {}
+    by_role: dict[str, list[Mark]] = {}
     for index, (role, event) in enumerate(PATH, start=1):
-        by_role.setdefault(role, []).append((event, start_ns + index * step_ns))
+        by_role.setdefault(role, []).append((event, start_ns + index * step_ns, 1))
     return by_role
 
 
 def test_each_leg_runs_from_a_mark_to_the_first_of_the_next_after_it() -> None:
     marks = _marks_of_one_request(start_ns=1_000_000, step_ns=2_000)
-    marks["engine"].append(("Scheduler.schedule:in", 500_000))  # an earlier request's planning: before this one
+    marks["engine"].append(("Scheduler.schedule:in", 500_000, 1))  # an earlier request's planning: before this one
     first_token_ns = 1_000_000 + (len(PATH) + 1) * 2_000
 
     rows, num_complete = legs([ClientRecord(1_000_000, first_token_ns)], marks)
@@ -35,7 +35,7 @@ def test_each_leg_runs_from_a_mark_to_the_first_of_the_next_after_it() -> None:
 
 def test_a_request_that_missed_a_mark_before_its_first_token_is_left_out() -> None:
     marks = _marks_of_one_request(start_ns=1_000_000, step_ns=2_000)
-    marks["worker"] = [(event, ns) for event, ns in marks["worker"] if event != "Worker.finish:in"]
+    marks["worker"] = [mark for mark in marks["worker"] if mark[0] != "Worker.finish:in"]
 
     rows, num_complete = legs([ClientRecord(1_000_000, 1_000_000 + (len(PATH) + 1) * 2_000)], marks)
 
@@ -44,14 +44,14 @@ def test_a_request_that_missed_a_mark_before_its_first_token_is_left_out() -> No
 
 
 def test_a_file_of_marks_is_named_by_the_process_that_wrote_it() -> None:
-    assert role_of([("ItemChannel.put:in", 1), ("GenerationServicer._admit:in", 2)]) == "frontend"
-    assert role_of([("ItemChannel.put:in", 1), ("EngineServicer._add:in", 2)]) == "engine"
-    assert role_of([("Worker.launch:in", 1)]) == "worker"
+    assert role_of([("ItemChannel.put:in", 1, 1), ("GenerationServicer._admit:in", 2, 1)]) == "frontend"
+    assert role_of([("ItemChannel.put:in", 1, 1), ("EngineServicer._add:in", 2, 1)]) == "engine"
+    assert role_of([("Worker.launch:in", 1, 1)]) == "worker"
     assert role_of([]) is None
 
 
 def test_every_hook_names_a_function_the_code_has_and_every_mark_of_the_path_one_of_the_hooks() -> None:
-    assert check_hooks() == []
+    assert check_hooks(HOOKS) == []
     assert {event.rpartition(":")[0] for _, event in PATH} <= {path for _, path in HOOKS}
 
 
@@ -62,7 +62,7 @@ def test_a_module_imported_after_the_hooks_went_in_is_marked_through_a_from_impo
 import time
 from pathlib import Path
 from benchmarks.path_clock import install
-install(Path({str(tmp_path)!r}))
+install(Path({str(tmp_path)!r}), [("pagedserve.contract.codec", "step_plan_from_proto")])
 time.sleep(0.2)  # long after the process started: a late import, as an engine's of its worker client
 from pagedserve.contract.codec import step_plan_from_proto, step_plan_to_proto
 from pagedserve.contract.step import StepPlan
@@ -71,7 +71,7 @@ step_plan_from_proto(step_plan_to_proto(StepPlan(step_id=7)))
     subprocess.run([sys.executable, "-c", script], check=True, cwd=report.REPO_ROOT, timeout=60)
 
     (marks_file,) = tmp_path.glob("*.json")
-    assert [event for event, _ in json.loads(marks_file.read_text())] == [
+    assert [event for event, _, _ in json.loads(marks_file.read_text())] == [
         "step_plan_from_proto:in", "step_plan_from_proto:out"]
 
 
