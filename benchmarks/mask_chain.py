@@ -149,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ])
     paths = report.write_outputs(report.result_stem(args.result_dir, metadata), result, markdown)
     print("wrote " + ", ".join(str(p) for p in paths))
+    print(report.text_table(list(runs[0]), [list(run.values()) for run in runs]))
     print(report.text_table(HEADERS, rows))
     return result
 
