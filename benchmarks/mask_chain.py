@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
@@ -38,7 +39,13 @@ HOOKS: tuple[Hook, ...] = (
     ("pagedserve.gpu_worker.model_runner", "RowsAtLaunch.current_rows"),
     ("pagedserve.gpu_worker.grammar", "fill_token_masks"),
     ("pagedserve.gpu_worker.model_runner", "ModelRunner.sample_deferred"),
+    ("pagedserve.gpu_worker.sequence_state", "SequenceRegistry.validate"),
+    ("pagedserve.gpu_worker.sequence_state", "SequenceRegistry.apply"),
+    ("pagedserve.gpu_worker.worker", "Worker._start_token_masks"),
+    ("pagedserve.gpu_worker.model_runner", "ModelRunner.launch"),
+    ("pagedserve.gpu_worker.worker", "Worker.finish"),
 )
+TIMELINE_WINDOWS = 200  # windows of the middle of the run whose marks, every thread's, the record keeps
 HEADERS = ("leg", "windows", "p50 us", "p90 us")
 _START, _END = "Worker._token_masks:in", "Worker._sample_when_masked:out"
 
@@ -100,6 +107,54 @@ def masks_thread_windows(marks: Sequence[Mark]) -> list[list[Mark]]:
     return windows
 
 
+def _first(marks: Sequence[Mark], event: str, after_ns: int, before_ns: int) -> int | None:
+    return next((ns for name, ns, _ in marks if name == event and after_ns <= ns <= before_ns), None)
+
+
+def calls(marks: Sequence[Mark], function: str) -> list[tuple[int, int]]:
+    """Every call of function, as (in, out) in the order of their starts, each in paired with the next out of its
+    own thread."""
+    open_calls: dict[int, int] = {}
+    spans = []
+    for event, ns, thread in marks:
+        if event == f"{function}:in":
+            open_calls[thread] = ns
+        elif event == f"{function}:out" and thread in open_calls:
+            spans.append((open_calls.pop(thread), ns))
+    return sorted(spans)
+
+
+def _busy_us(spans: Sequence[tuple[int, int]], start_ns: int, end_ns: int) -> float:
+    """How long the calls (in the order of their starts) ran inside [start_ns, end_ns]."""
+    first = max(0, bisect_left(spans, (start_ns, 0)) - 1)
+    return sum(max(0, min(out, end_ns) - max(in_, start_ns))
+               for in_, out in spans[first:bisect_right(spans, (end_ns, end_ns))]) / 1e3
+
+
+def _between(ordered: Sequence[Mark], times: Sequence[int], start_ns: int, end_ns: int) -> Sequence[Mark]:
+    """The marks in [start_ns, end_ns] of marks in time order (times: their times)."""
+    return ordered[bisect_left(times, start_ns):bisect_right(times, end_ns)]
+
+
+def launch_legs(ordered: Sequence[Mark], times: Sequence[int], busy: dict[str, list[tuple[int, int]]],
+                previous: Sequence[Mark], window: Sequence[Mark]) -> dict[str, float]:
+    """The legs between one window's sampling queued and the next window's start (the next step's launch up to its
+    masks' submission, on the step thread), and how long other threads ran the functions of `busy` (their calls)
+    during the window (us). ordered: every thread's marks in time order; times: their times."""
+    queued, start, end = previous[-1][1], window[0][1], window[-1][1]
+    between = _between(ordered, times, queued, start)
+    legs = {"gap: sampling queued -> the next step's masks start": (start - queued) / 1e3}
+    validate = _first(between, "SequenceRegistry.validate:in", queued, start)
+    submitted = _first(between, "Worker._start_token_masks:in", queued, start)
+    if validate is not None and submitted is not None:
+        legs["  launch: its wait and the worker's lock (to validate)"] = (validate - queued) / 1e3
+        legs["  launch: validate and apply (to the masks' submission)"] = (submitted - validate) / 1e3
+        legs["  masks submitted -> their task starts"] = (start - submitted) / 1e3
+    for function, spans in busy.items():
+        legs[f"during the window: {function}"] = _busy_us(spans, start, end)
+    return legs
+
+
 def chain_rows(marks: Sequence[Mark]) -> list[list[object]]:
     """One row per leg: the number of windows it was measured in and its p50 and p90 (us); then the period between
     successive samplings queued and the step thread's Worker.launch."""
@@ -107,6 +162,12 @@ def chain_rows(marks: Sequence[Mark]) -> list[list[object]]:
     per_leg: dict[str, list[float]] = {}
     for legs in filter(None, map(window_legs, windows)):
         for name, us in legs.items():
+            per_leg.setdefault(name, []).append(us)
+    ordered = sorted(marks, key=lambda mark: mark[1])
+    times = [mark[1] for mark in ordered]
+    busy = {function: calls(ordered, function) for function in ("Worker.finish", "ModelRunner.launch")}
+    for previous, window in pairwise(windows):
+        for name, us in launch_legs(ordered, times, busy, previous, window).items():
             per_leg.setdefault(name, []).append(us)
     queued = [window[-1][1] for window in windows]
     per_leg["period: one sampling queued to the next"] = [(b - a) / 1e3 for a, b in pairwise(queued)]
@@ -117,6 +178,18 @@ def chain_rows(marks: Sequence[Mark]) -> list[list[object]]:
 
 def _p90(values: Sequence[float]) -> float:
     return statistics.quantiles(values, n=10)[-1] if len(values) > 1 else values[0]
+
+
+def middle_marks(marks: Sequence[Mark], num_windows: int = TIMELINE_WINDOWS) -> list[Mark]:
+    """Every thread's marks over num_windows windows of the middle of the run, in time order: a timeline to read."""
+    windows = masks_thread_windows(marks)
+    if not windows:
+        return []
+    first = max(0, len(windows) // 2 - num_windows // 2)
+    last = min(len(windows), first + num_windows) - 1
+    start, end = windows[first][0][1], windows[last][-1][1]
+    ordered = sorted(marks, key=lambda mark: mark[1])
+    return list(_between(ordered, [mark[1] for mark in ordered], start, end))
 
 
 def _worker_marks(directory: Path) -> list[Mark]:
@@ -136,12 +209,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="pagedserve-mask-chain-") as scratch:
         with marks_for_children(HOOKS, Path(scratch)) as marks_dir:
             served = serving.main([*serving_argv, "--no-bound", "--result-dir", str(args.result_dir)])
-        rows = chain_rows(_worker_marks(marks_dir))
+        worker_marks = _worker_marks(marks_dir)
+        rows = chain_rows(worker_marks)
     metadata = report.run_metadata("mask-chain", served["metadata"]["device"])
     runs = [{key: run[key] for key in ("structured_output", "max_concurrency", "median_tpot_ms", "median_itl_ms",
                                        "output_throughput")} for run in served["runs"]]
     result = {"metadata": metadata, "serving_argv": serving_argv, "runs": runs,
-              "legs": [dict(zip(HEADERS, row, strict=True)) for row in rows]}
+              "legs": [dict(zip(HEADERS, row, strict=True)) for row in rows],
+              "timeline": [list(mark) for mark in middle_marks(worker_marks)]}
     markdown = report.markdown_report("Where a constrained decode step's sampling waits", metadata, [
         ("Workload", f"`python -m benchmarks.serving {' '.join(serving_argv)} --no-bound` under the marks.\n"),
         ("Served", report.markdown_table(list(runs[0]), [list(run.values()) for run in runs])),
