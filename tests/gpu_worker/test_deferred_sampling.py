@@ -134,8 +134,13 @@ def test_constrained_greedy_steps_on_the_gpu_give_the_cpu_worker_s_tokens(logpro
     assert _tokens(_run_two_in_flight(gpu, steps), 1) == _tokens(expected, 1)
 
 
-def test_steps_all_launched_before_any_finishes_give_the_tokens_of_one_at_a_time() -> None:
-    steps = _steps(CONSTRAINED, num_decodes=3)
+@pytest.mark.parametrize("options", [
+    pytest.param(CONSTRAINED, id="seeded"),
+    # An argmax row: its sampling is handed the live row, whose outputs later launches have grown.
+    pytest.param(SamplingParams(temperature=0.0, structured_output=CHOICE), id="greedy"),
+])
+def test_steps_all_launched_before_any_finishes_give_the_tokens_of_one_at_a_time(options: SamplingParams) -> None:
+    steps = _steps(options, num_decodes=3)
     expected = _run_one_at_a_time(load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=32), steps)
     pipeline = StepPipeline(load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=32))
     try:
@@ -165,3 +170,17 @@ def test_token_masks_that_fail_end_the_step_with_their_error(monkeypatch: pytest
         asyncio.run(run())
     finally:
         pipeline.close()
+
+
+def test_rows_as_at_launch_copy_the_outputs_a_row_had_unless_it_is_an_argmax_from_its_first_output() -> None:
+    greedy = SamplingRow.of(SamplingParams(temperature=0.0), (), [1, 2], [7, 8])
+    seeded = SamplingRow.of(SamplingParams(temperature=0.9, seed=5), (), [1, 2], [7, 8])
+    at_launch = RowsAtLaunch([greedy, seeded], [0, 1], [2, 2])
+    for row in (greedy, seeded):  # later launches append placeholders to the live lists
+        row.output_token_ids.append(-1)  # type: ignore[attr-defined]
+
+    kept, copied = at_launch.current_rows()
+
+    assert kept is greedy
+    assert copied.output_token_ids == [7, 8]
+    assert copied._replace(output_token_ids=seeded.output_token_ids) == seeded
