@@ -50,11 +50,17 @@ HEADERS = ("leg", "windows", "p50 us", "p90 us")
 _START, _END = "Worker._token_masks:in", "Worker._sample_when_masked:out"
 
 
-def _spans(window: Sequence[Mark], function: str) -> list[tuple[int, int]]:
-    """The (in, out) times of the function's calls inside a window of one thread's marks."""
-    ins = [ns for event, ns, _ in window if event == f"{function}:in"]
-    outs = [ns for event, ns, _ in window if event == f"{function}:out"]
-    return list(zip(ins, outs, strict=False))
+def calls(marks: Sequence[Mark], function: str) -> list[tuple[int, int]]:
+    """Every call of function, as (in, out) in the order of their starts, each in paired with the next out of its
+    own thread."""
+    open_calls: dict[int, int] = {}
+    spans = []
+    for event, ns, thread in marks:
+        if event == f"{function}:in":
+            open_calls[thread] = ns
+        elif event == f"{function}:out" and thread in open_calls:
+            spans.append((open_calls.pop(thread), ns))
+    return sorted(spans)
 
 
 def _total(spans: Sequence[tuple[int, int]]) -> float:
@@ -64,16 +70,16 @@ def _total(spans: Sequence[tuple[int, int]]) -> float:
 def window_legs(window: Sequence[Mark]) -> dict[str, float] | None:
     """The legs (microseconds) of one window of the masks thread, from `_token_masks:in` to `_sample_when_masked:out`;
     None for a window without a mask fill or a queued sampling (a sampling deferred for penalties alone)."""
-    masks, sampling = _spans(window, "fill_token_masks"), _spans(window, "ModelRunner.sample_deferred")
+    masks, sampling = calls(window, "fill_token_masks"), calls(window, "ModelRunner.sample_deferred")
     if len(masks) != 1 or len(sampling) != 1:
         return None
     (masks_in, masks_out), (sampling_in, sampling_out) = masks[0], sampling[0]
     start, end = window[0][1], window[-1][1]
-    token_waits = [span for span in _spans(window, "PendingSample.result") if span[1] <= masks_in]
+    token_waits = [span for span in calls(window, "PendingSample.result") if span[1] <= masks_in]
     legs = {
-        "registry fill (writes tokens, feeds grammars)": _total(_spans(window, "SequenceRegistry.fill")),
-        "  of which the grammars' accept_tokens": _total(_spans(window, "accept_tokens")),
-        "rows as at launch (current_rows)": _total(_spans(window, "RowsAtLaunch.current_rows")),
+        "registry fill (writes tokens, feeds grammars)": _total(calls(window, "SequenceRegistry.fill")),
+        "  of which the grammars' accept_tokens": _total(calls(window, "accept_tokens")),
+        "rows as at launch (current_rows)": _total(calls(window, "RowsAtLaunch.current_rows")),
         "mask fill (fill_token_masks)": (masks_out - masks_in) / 1e3,
         "masks filled -> sampling queue starts (task, lock)": (sampling_in - masks_out) / 1e3,
         "sampling queued (sample_deferred)": (sampling_out - sampling_in) / 1e3,
@@ -107,21 +113,8 @@ def masks_thread_windows(marks: Sequence[Mark]) -> list[list[Mark]]:
     return windows
 
 
-def _first(marks: Sequence[Mark], event: str, after_ns: int, before_ns: int) -> int | None:
-    return next((ns for name, ns, _ in marks if name == event and after_ns <= ns <= before_ns), None)
-
-
-def calls(marks: Sequence[Mark], function: str) -> list[tuple[int, int]]:
-    """Every call of function, as (in, out) in the order of their starts, each in paired with the next out of its
-    own thread."""
-    open_calls: dict[int, int] = {}
-    spans = []
-    for event, ns, thread in marks:
-        if event == f"{function}:in":
-            open_calls[thread] = ns
-        elif event == f"{function}:out" and thread in open_calls:
-            spans.append((open_calls.pop(thread), ns))
-    return sorted(spans)
+def _first(marks: Sequence[Mark], event: str) -> int | None:
+    return next((ns for name, ns, _ in marks if name == event), None)
 
 
 def _busy_us(spans: Sequence[tuple[int, int]], start_ns: int, end_ns: int) -> float:
@@ -144,8 +137,8 @@ def launch_legs(ordered: Sequence[Mark], times: Sequence[int], busy: dict[str, l
     queued, start, end = previous[-1][1], window[0][1], window[-1][1]
     between = _between(ordered, times, queued, start)
     legs = {"gap: sampling queued -> the next step's masks start": (start - queued) / 1e3}
-    validate = _first(between, "SequenceRegistry.validate:in", queued, start)
-    submitted = _first(between, "Worker._start_token_masks:in", queued, start)
+    validate = _first(between, "SequenceRegistry.validate:in")
+    submitted = _first(between, "Worker._start_token_masks:in")
     if validate is not None and submitted is not None:
         legs["  launch: its wait and the worker's lock (to validate)"] = (validate - queued) / 1e3
         legs["  launch: validate and apply (to the masks' submission)"] = (submitted - validate) / 1e3
@@ -171,8 +164,7 @@ def chain_rows(marks: Sequence[Mark]) -> list[list[object]]:
             per_leg.setdefault(name, []).append(us)
     queued = [window[-1][1] for window in windows]
     per_leg["period: one sampling queued to the next"] = [(b - a) / 1e3 for a, b in pairwise(queued)]
-    per_leg["step thread: Worker.launch"] = [(b - a) / 1e3 for a, b in _spans(sorted(marks, key=lambda m: m[1]),
-                                                                              "Worker.launch")]
+    per_leg["step thread: Worker.launch"] = [(b - a) / 1e3 for a, b in calls(ordered, "Worker.launch")]
     return [[name, len(us), round(statistics.median(us)), round(_p90(us))] for name, us in per_leg.items() if us]
 
 

@@ -31,6 +31,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from benchmarks.report import REPO_ROOT
+
 # Not PAGEDSERVE_*: serve hands none of those to its workers.
 DIR_VARIABLE = "PATH_CLOCK_DIR"
 HOOKS_VARIABLE = "PATH_CLOCK_HOOKS"  # the hooks, "module:attribute.path" joined by commas
@@ -149,9 +151,8 @@ def marks_for_children(hooks: Sequence[Hook], scratch: Path) -> Iterator[Path]:
     hook_dir.mkdir()
     (hook_dir / "sitecustomize.py").write_text(
         "from benchmarks.path_clock import install_from_environment\ninstall_from_environment()\n")
-    repo_root = Path(__file__).resolve().parent.parent
     saved = {name: os.environ.get(name) for name in ("PYTHONPATH", DIR_VARIABLE, HOOKS_VARIABLE)}
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(hook_dir), str(repo_root), *filter(None, [saved["PYTHONPATH"]])])
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(hook_dir), str(REPO_ROOT), *filter(None, [saved["PYTHONPATH"]])])
     os.environ[DIR_VARIABLE] = str(marks_dir)
     os.environ[HOOKS_VARIABLE] = format_hooks(hooks)
     try:
