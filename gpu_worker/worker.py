@@ -357,16 +357,22 @@ class Worker:
     def _graph_pool_bytes(self, layout: KVLayout, request: CacheRequest) -> int:
         """Device memory the CUDA graphs hold for as long as they live, measured by capturing them over a pool of
         one block (their padding rows write no slot). The graphs keep the pool's address, so the ones that serve
-        are captured again over the real pool; the probe also loads every kernel they launch before sizing."""
+        are captured again over the real pool; the probe also loads every kernel they launch before sizing.
+
+        Counted as the driver sees it once the probe's graphs and its pool are freed, less the pool's block: the
+        graphs' input buffers are small allocations that share a segment with a one-block pool, and next to the
+        real pool they take a segment of their own. What stays (the kernels' modules, loaded once) is already in
+        the device's used memory when the pool is sized, so it is not counted twice."""
         probe = KVPool(layout, 1, 0, self.device, self.ops)
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
-        before = torch.cuda.memory_reserved(self.device)
         runners = self._capture_graphs(probe, request)
-        graph_bytes = torch.cuda.memory_reserved(self.device) - before
+        torch.cuda.synchronize(self.device)
+        free_with_graphs, _ = torch.cuda.mem_get_info(self.device)
         del runners, probe
         torch.cuda.empty_cache()
-        return max(graph_bytes, 0)
+        free_without, _ = torch.cuda.mem_get_info(self.device)
+        return max(free_without - free_with_graphs - layout.bytes_per_block, 0)
 
 
 def _use_device(device: torch.device) -> None:
