@@ -1,0 +1,201 @@
+"""The served and offline speed targets of the performance issues, each measured beside its bound and checked.
+
+    python -m benchmarks.targets --groups 1b-c1,1b-c64 [--result-dir DIR]
+
+A group runs one or more benchmarks on this machine, one after the other (benchmarks.serving against a server of
+its own, or benchmarks.throughput), each writing its own record, and then checks its targets against what they
+measured. A ratio target (FP8 against bf16, a JSON schema on every request against none) divides two runs of one
+group, so both come from the same machine within minutes. Prints target, measured, limit and whether it is met,
+and writes <date>-targets-<device>.{json,md}. The kernels' targets (decode attention at 85 % of the read ceiling,
+FP8 attention at 80 %) stay with benchmarks.kernel_attention, whose record states them.
+
+Every workload is the issues' own: random weights (`--load-format dummy`), bf16, 1,024 tokens in, 128 out, greedy,
+`ignore_eos`, `--max-model-len 2048`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks import report, serving, throughput
+
+FP8 = ("--quantization", "fp8", "--kv-cache-dtype", "fp8")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One benchmark run of a group: `name` labels its runs (name/structured-output mode, or name/backend)."""
+
+    name: str
+    benchmark: str  # "serving" or "throughput"
+    argv: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Measure:
+    """A metric of one labelled run, e.g. ("bf16/none", "median_tpot_ms")."""
+
+    run: str
+    metric: str
+
+
+@dataclass(frozen=True)
+class Target:
+    """value (divided by `over` when given) must be at most `limit` (at_most) or at least it."""
+
+    issue: int
+    name: str
+    value: Measure
+    limit: float
+    at_most: bool
+    over: Measure | None = None
+
+    def measured(self, runs: dict[str, dict[str, Any]]) -> float:
+        value = float(runs[self.value.run][self.value.metric])
+        return value if self.over is None else value / float(runs[self.over.run][self.over.metric])
+
+    def is_met(self, measured: float) -> bool:
+        compare: Callable[[float, float], bool] = operator.le if self.at_most else operator.ge
+        return compare(measured, self.limit)
+
+
+@dataclass(frozen=True)
+class Group:
+    calls: tuple[Call, ...]
+    targets: tuple[Target, ...]
+
+
+def served(shape: str, concurrency: int, num_prompts: int, *more: str) -> tuple[str, ...]:
+    """benchmarks.serving's argv for the issues' served workload at one concurrency."""
+    return ("--model-shape", shape, "--serve-args=--max-model-len=2048", "--random-input-len", "1024",
+            "--random-output-len", "128", "--max-concurrency", str(concurrency), "--num-prompts", str(num_prompts),
+            *more)
+
+
+def _tpot(run: str) -> Measure:
+    return Measure(run, "median_tpot_ms")
+
+
+def _bf16_and_fp8(shape: str, concurrency: int, num_prompts: int) -> tuple[Call, Call]:
+    """The workload served twice, in bf16 and then with FP8 weights and KV cache."""
+    return (Call("bf16", "serving", served(shape, concurrency, num_prompts)),
+            Call("fp8", "serving", served(shape, concurrency, num_prompts, *FP8)))
+
+
+def _fp8_speed_up(name: str, limit: float) -> Target:
+    """FP8's output tokens/s over bf16's, at least limit."""
+    return Target(21, name, Measure("fp8/none", "output_throughput"), limit, at_most=False,
+                  over=Measure("bf16/none", "output_throughput"))
+
+
+GROUPS: dict[str, Group] = {
+    "1b-c1": Group(
+        (Call("bf16", "serving", served("llama-3.2-1b", 1, 64)),),
+        (Target(17, "1B c=1 TPOT p50 ms", _tpot("bf16/none"), 0.75, at_most=True),
+         Target(17, "1B c=1 TTFT p50 ms", Measure("bf16/none", "median_ttft_ms"), 8.0, at_most=True)),
+    ),
+    "8b-c1": Group(
+        _bf16_and_fp8("llama-3-8b", 1, 64),
+        (Target(17, "8B c=1 TPOT p50 ms", _tpot("bf16/none"), 4.1, at_most=True),
+         Target(21, "8B c=1 TPOT p50 ms, FP8 weights + KV", _tpot("fp8/none"), 2.3, at_most=True)),
+    ),
+    "1b-c64": Group(
+        (Call("bf16", "serving", served("llama-3.2-1b", 64, 640, "--structured-output", "none,schema")),),
+        (Target(17, "1B c=64 % of bound", Measure("bf16/none", "percent_of_bound"), 75.0, at_most=False),
+         Target(18, "1B c=64 TPOT p50, JSON schema / none", _tpot("bf16/schema"), 1.10, at_most=True,
+                over=_tpot("bf16/none"))),
+    ),
+    "1b-c256": Group(
+        _bf16_and_fp8("llama-3.2-1b", 256, 1536),
+        (Target(17, "1B c=256 % of bound", Measure("bf16/none", "percent_of_bound"), 80.0, at_most=False),
+         _fp8_speed_up("1B c=256 output tokens/s, FP8 / bf16", 1.3)),
+    ),
+    "8b-c64": Group(
+        _bf16_and_fp8("llama-3-8b", 64, 640),
+        (_fp8_speed_up("8B c=64 output tokens/s, FP8 / bf16", 1.7),),
+    ),
+    "1b-offline": Group(
+        (Call("offline", "throughput", ("--model-shape", "llama-3.2-1b", "--max-model-len", "2048",
+                                        "--hf-backends", "hf-generate-batch")),),
+        (Target(17, "1B offline % of bound", Measure("offline/pagedserve", "percent_of_bound"), 80.0,
+                at_most=False),
+         Target(17, "1B offline output tokens/s, pagedserve / transformers generate_batch",
+                Measure("offline/pagedserve", "output_tokens_per_s"), 50.0, at_most=False,
+                over=Measure("offline/hf-generate-batch", "output_tokens_per_s"))),
+    ),
+}
+
+BENCHMARKS: dict[str, Callable[[Sequence[str]], dict[str, Any]]] = {
+    "serving": serving.main, "throughput": throughput.main,
+}
+
+HEADERS = ("issue", "target", "measured", "limit", "met")
+
+
+def labelled_runs(call: Call, record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A benchmark record's runs by label: call/structured-output mode (serving), call/backend (throughput)."""
+    if call.benchmark == "serving":
+        return {f"{call.name}/{run['structured_output']}": run for run in record["runs"]}
+    return {f"{call.name}/{backend['backend']}": backend for backend in record["backends"]}
+
+
+def run_group(group: Group, result_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Runs the group's calls in order, each writing its record into result_dir; returns the records and one row per
+    target."""
+    records, runs = [], {}
+    for call in group.calls:
+        record = BENCHMARKS[call.benchmark]([*call.argv, "--result-dir", str(result_dir)])
+        records.append(record)
+        runs.update(labelled_runs(call, record))
+    rows = []
+    for target in group.targets:
+        measured = target.measured(runs)
+        rows.append({"issue": target.issue, "target": target.name, "measured": measured, "limit": target.limit,
+                     "at_most": target.at_most, "met": target.is_met(measured)})
+    return records, rows
+
+
+def _table_rows(rows: Sequence[dict[str, Any]]) -> list[list[object]]:
+    return [[r["issue"], r["target"], r["measured"], ("<= " if r["at_most"] else ">= ") + f"{r['limit']:g}",
+             "yes" if r["met"] else "no"] for r in rows]
+
+
+def main(argv: Sequence[str] | None = None, groups: dict[str, Group] | None = None) -> dict[str, Any]:
+    """Runs the named groups (of `groups`, GROUPS by default), writes <result-dir>/<date>-targets-<device>.{json,md};
+    returns the JSON record."""
+    groups = GROUPS if groups is None else groups
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--groups", default=",".join(groups),
+                        help=f"comma-separated, of: {', '.join(groups)} (default: all, in that order)")
+    parser.add_argument("--result-dir", type=Path, default=report.DEFAULT_RESULT_DIR)
+    args = parser.parse_args(argv)
+    names = [name for name in args.groups.split(",") if name]
+    unknown = [name for name in names if name not in groups]
+    if unknown or not names:
+        parser.error(f"--groups takes names of: {', '.join(groups)}; got {args.groups!r}")
+    records, rows = [], []
+    for name in names:
+        group_records, group_rows = run_group(groups[name], args.result_dir)
+        records += [{"group": name, "benchmark": call.benchmark, "call": call.name, "metadata": record["metadata"]}
+                    for call, record in zip(groups[name].calls, group_records, strict=True)]
+        rows += [{"group": name, **row} for row in group_rows]
+    metadata = report.run_metadata("targets", records[0]["metadata"]["device"])
+    result = {"metadata": metadata, "groups": names, "records": records, "targets": rows}
+    markdown = report.markdown_report("Speed targets", metadata, [
+        ("Targets", report.markdown_table(HEADERS, _table_rows(rows))),
+        ("Records", "\n".join(f"- {r['group']} / {r['call']}: {r['benchmark']}, {r['metadata']['date']}"
+                              for r in records) + "\n"),
+    ])
+    paths = report.write_outputs(report.result_stem(args.result_dir, metadata), result, markdown)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    print(report.text_table(HEADERS, _table_rows(rows)))
+    return result
+
+
+if __name__ == "__main__":
+    main()

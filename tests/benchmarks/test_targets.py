@@ -1,0 +1,91 @@
+"""The targets runner: each target read from the right run and compared the right way, on a real CPU server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import targets
+from benchmarks.targets import GROUPS, Call, Group, Measure, Target
+
+
+def _labels(call: Call) -> set[str]:
+    """The run labels a call's record will hold, read from its argv the way the benchmarks parse it."""
+    argv = list(call.argv)
+    if call.benchmark == "serving":
+        modes = argv[argv.index("--structured-output") + 1] if "--structured-output" in argv else "none"
+        return {f"{call.name}/{mode}" for mode in modes.split(",")}
+    backends = argv[argv.index("--hf-backends") + 1] if "--hf-backends" in argv else "hf-generate,hf-generate-batch"
+    return {f"{call.name}/{name}" for name in ["pagedserve", *backends.split(",")] if name}
+
+
+@pytest.mark.parametrize("name", list(GROUPS))
+def test_every_target_reads_a_run_its_group_makes(name: str) -> None:
+    group = GROUPS[name]
+    labels = set().union(*(_labels(call) for call in group.calls))
+    assert len({call.name for call in group.calls}) == len(group.calls)
+    for target in group.targets:
+        assert target.value.run in labels
+        assert target.over is None or target.over.run in labels
+
+
+def test_a_limit_is_met_on_its_side_only_and_a_ratio_divides_two_runs() -> None:
+    runs = {"a/none": {"median_tpot_ms": 4.0}, "a/schema": {"median_tpot_ms": 5.0}}
+    at_most = Target(18, "ratio", Measure("a/schema", "median_tpot_ms"), 1.10, at_most=True,
+                     over=Measure("a/none", "median_tpot_ms"))
+    at_least = Target(17, "tpot", Measure("a/none", "median_tpot_ms"), 4.5, at_most=False)
+
+    assert at_most.measured(runs) == 1.25 and not at_most.is_met(1.25) and at_most.is_met(1.10)
+    assert at_least.measured(runs) == 4.0 and not at_least.is_met(4.0) and at_least.is_met(4.5)
+
+
+def test_runs_are_labelled_by_mode_for_serving_and_by_backend_for_throughput() -> None:
+    served = {"runs": [{"structured_output": "none"}, {"structured_output": "schema"}]}
+    offline = {"backends": [{"backend": "pagedserve"}, {"backend": "hf-generate-batch"}]}
+
+    assert list(targets.labelled_runs(Call("bf16", "serving", ()), served)) == ["bf16/none", "bf16/schema"]
+    assert list(targets.labelled_runs(Call("o", "throughput", ()), offline)) == ["o/pagedserve", "o/hf-generate-batch"]
+
+
+def test_a_group_runs_its_benchmarks_and_checks_each_target_on_their_records(
+    stories260k_dir: Path, tmp_path: Path
+) -> None:
+    served = Call("cpu", "serving", (
+        "--model", str(stories260k_dir), "--dtype", "float32", "--serve-args", "--device cpu --kv-cache-memory 0.01",
+        "--num-prompts", "4", "--random-input-len", "12", "--random-output-len", "5", "--max-concurrency", "2"))
+    offline = Call("offline", "throughput", (
+        "--model", str(stories260k_dir), "--dtype", "float32", "--device", "cpu", "--kv-cache-memory", "0.01",
+        "--num-prompts", "4", "--input-len", "8", "--output-len", "3", "--hf-backends", "hf-generate-batch",
+        "--hf-num-prompts", "2", "--hf-batch-num-blocks", "8"))
+    tpot = Measure("cpu/none", "median_tpot_ms")
+    group = Group((served, offline), (
+        Target(17, "TPOT within a minute", tpot, 60_000.0, at_most=True),
+        Target(17, "TPOT of no time", tpot, 0.0, at_most=True),
+        Target(17, "speed-up", Measure("offline/pagedserve", "output_tokens_per_s"), 1e9, at_most=False,
+               over=Measure("offline/hf-generate-batch", "output_tokens_per_s")),
+    ))
+
+    result = targets.main(["--groups", "tiny", "--result-dir", str(tmp_path)], groups={"tiny": group})
+
+    serving_record = json.loads(next(tmp_path.glob("*-serving-cpu.json")).read_text())
+    offline_record = json.loads(next(tmp_path.glob("*-throughput-cpu.json")).read_text())
+    assert json.loads(next(tmp_path.glob("*-targets-cpu.json")).read_text()) == result
+    rows = result["targets"]
+    assert [(row["group"], row["target"], row["met"]) for row in rows] == [
+        ("tiny", "TPOT within a minute", True), ("tiny", "TPOT of no time", False), ("tiny", "speed-up", False)]
+    assert rows[0]["measured"] == serving_record["runs"][0]["median_tpot_ms"] > 0
+    backends = {b["backend"]: b for b in offline_record["backends"]}
+    assert rows[2]["measured"] == pytest.approx(
+        backends["pagedserve"]["output_tokens_per_s"] / backends["hf-generate-batch"]["output_tokens_per_s"])
+    assert [(r["group"], r["call"], r["benchmark"]) for r in result["records"]] == [
+        ("tiny", "cpu", "serving"), ("tiny", "offline", "throughput")]
+    assert "| 17 | TPOT of no time |" in next(tmp_path.glob("*-targets-cpu.md")).read_text()
+
+
+def test_an_unknown_group_is_refused_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        targets.main(["--groups", "1b-c1,nope", "--result-dir", str(tmp_path)])
+    assert "nope" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
