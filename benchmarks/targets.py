@@ -158,7 +158,12 @@ def run_group(group: Group, result_dir: Path) -> tuple[list[dict[str, Any]], lis
     for call in group.calls:
         record = BENCHMARKS[call.benchmark]([*call.argv, "--result-dir", str(result_dir)])
         records.append(record)
-        runs.update(labelled_runs(call, record))
+        labelled = labelled_runs(call, record)
+        for label, run in labelled.items():
+            if run.get("failed"):  # its latencies and tokens/s are of the requests that succeeded: no measurement
+                raise RuntimeError(f"{label}: {run['failed']} of {run['num_prompts']} requests failed "
+                                   f"({run.get('errors')}); its targets are not checked")
+        runs.update(labelled)
     rows = []
     for target in group.targets:
         measured = target.measured(runs)

@@ -89,3 +89,14 @@ def test_an_unknown_group_is_refused_before_anything_runs(tmp_path: Path, capsys
         targets.main(["--groups", "1b-c1,nope", "--result-dir", str(tmp_path)])
     assert "nope" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_run_with_failed_requests_is_no_measurement(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    record = {"runs": [{"structured_output": "none", "failed": 2, "num_prompts": 64, "errors": ["UNAVAILABLE"],
+                        "median_tpot_ms": 1.0}]}
+    monkeypatch.setitem(targets.BENCHMARKS, "serving", lambda argv: record)
+    group = Group((Call("bf16", "serving", ()),), (Target(17, "tpot", Measure("bf16/none", "median_tpot_ms"), 2.0,
+                                                          at_most=True),))
+
+    with pytest.raises(RuntimeError, match="bf16/none: 2 of 64 requests failed"):
+        targets.run_group(group, tmp_path)
