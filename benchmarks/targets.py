@@ -66,6 +66,8 @@ class Target:
 
 @dataclass(frozen=True)
 class Group:
+    """Benchmark calls run one after the other on one machine, and the targets read from their runs."""
+
     calls: tuple[Call, ...]
     targets: tuple[Target, ...]
 
