@@ -2,12 +2,13 @@
 
     python -m benchmarks.targets --groups 1b-c1,1b-c64 [--result-dir DIR]
 
-A group runs one or more benchmarks on this machine, one after the other (benchmarks.serving against a server of
-its own, or benchmarks.throughput), each writing its own record, and then checks its targets against what they
-measured. A ratio target (FP8 against bf16, a JSON schema on every request against none) divides two runs of one
-group, so both come from the same machine within minutes. Prints target, measured, limit and whether it is met,
-and writes <date>-targets-<device>.{json,md}. The kernels' targets (decode attention at 85 % of the read ceiling,
-FP8 attention at 80 %) stay with benchmarks.kernel_attention, whose record states them.
+A group runs one or more benchmarks on this machine, one after the other (benchmarks.serving against a server of its
+own, or benchmarks.throughput), each writing its own record, and then checks its targets against what they measured.
+A ratio target (FP8 against bf16, a JSON schema on every request against none) divides two runs of one group, so
+both come from the same machine within minutes. Prints target, measured, limit and whether it is met, and writes
+<date>-targets-<device>.{json,md}. A group that fails (a server that does not start, a run with failed requests) is
+recorded with its error, the next group still runs, and the exit status is 1. The kernels' targets (decode attention
+at 85 % of the read ceiling, FP8 attention at 80 %) stay with benchmarks.kernel_attention, whose record states them.
 
 Every workload is the issues' own: random weights (`--load-format dummy`), bf16, 1,024 tokens in, 128 out, greedy,
 `ignore_eos`, `--max-model-len 2048`.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import operator
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,24 +194,38 @@ def main(argv: Sequence[str] | None = None, groups: dict[str, Group] | None = No
     unknown = [name for name in names if name not in groups]
     if unknown or not names:
         parser.error(f"--groups takes names of: {', '.join(groups)}; got {args.groups!r}")
-    records, rows = [], []
+    records, rows, failures = [], [], []
     for name in names:
-        group_records, group_rows = run_group(groups[name], args.result_dir)
+        try:
+            group_records, group_rows = run_group(groups[name], args.result_dir)
+        except Exception as error:  # the next group still runs; the record and the exit status name this one
+            failures.append({"group": name, "error": f"{type(error).__name__}: {error}"})
+            print(f"group {name} failed: {type(error).__name__}: {error}", file=sys.stderr)
+            continue
         records += [{"group": name, "benchmark": call.benchmark, "call": call.name, "metadata": record["metadata"]}
                     for call, record in zip(groups[name].calls, group_records, strict=True)]
         rows += [{"group": name, **row} for row in group_rows]
-    metadata = report.run_metadata("targets", records[0]["metadata"]["device"])
-    result = {"metadata": metadata, "groups": names, "records": records, "targets": rows}
-    markdown = report.markdown_report("Speed targets", metadata, [
+    metadata = report.run_metadata("targets", _device_label())
+    result = {"metadata": metadata, "groups": names, "records": records, "targets": rows, "failures": failures}
+    sections = [
         ("Targets", report.markdown_table(HEADERS, _table_rows(rows))),
-        ("Records", "\n".join(f"- {r['group']} / {r['call']}: {r['benchmark']}, {r['metadata']['date']}"
-                              for r in records) + "\n"),
-    ])
-    paths = report.write_outputs(report.result_stem(args.result_dir, metadata), result, markdown)
+        ("Records", "".join(f"- {r['group']} / {r['call']}: {r['benchmark']}, {r['metadata']['date']}\n"
+                            for r in records)),
+    ]
+    if failures:
+        sections.append(("Failed groups", "".join(f"- {f['group']}: {f['error']}\n" for f in failures)))
+    paths = report.write_outputs(report.result_stem(args.result_dir, metadata), result,
+                                 report.markdown_report("Speed targets", metadata, sections))
     print("wrote " + ", ".join(str(p) for p in paths))
     print(report.text_table(HEADERS, _table_rows(rows)))
     return result
 
 
+def _device_label() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["failures"] else 0)

@@ -100,3 +100,25 @@ def test_a_run_with_failed_requests_is_no_measurement(tmp_path: Path, monkeypatc
 
     with pytest.raises(RuntimeError, match="bf16/none: 2 of 64 requests failed"):
         targets.run_group(group, tmp_path)
+
+
+def test_a_failed_group_is_recorded_and_the_next_group_still_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def benchmark(argv: list[str]) -> dict[str, object]:
+        if "broken" in argv:
+            raise RuntimeError("the server exited with status 1")
+        return {"metadata": {"date": "2026-12-06T00:00:00+00:00"},
+                "runs": [{"structured_output": "none", "failed": 0, "median_tpot_ms": 1.5}]}
+
+    monkeypatch.setitem(targets.BENCHMARKS, "serving", benchmark)
+    tpot = Target(17, "tpot", Measure("bf16/none", "median_tpot_ms"), 2.0, at_most=True)
+    groups = {"broken": Group((Call("bf16", "serving", ("broken",)),), (tpot,)),
+              "fine": Group((Call("bf16", "serving", ()),), (tpot,))}
+
+    result = targets.main(["--groups", "broken,fine", "--result-dir", str(tmp_path)], groups=groups)
+
+    assert result["failures"] == [{"group": "broken", "error": "RuntimeError: the server exited with status 1"}]
+    assert [(row["group"], row["measured"], row["met"]) for row in result["targets"]] == [("fine", 1.5, True)]
+    written = next(tmp_path.glob("*-targets-*.md")).read_text()
+    assert "- broken: RuntimeError: the server exited with status 1" in written
