@@ -176,12 +176,6 @@ def _measure(model_dir: Path, args: argparse.Namespace, scratch: Path) -> tuple[
     return records, _marks_by_role(marks_dir)
 
 
-def _device_label() -> str:
-    import torch
-
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pagedserve-path-") as scratch:
@@ -198,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows = [[start, end, p50, round(statistics.quantiles(us, n=10)[-1])]
             for (start, end, us), p50 in zip(leg_rows, medians, strict=True)]
     ttft_us = [(r.first_token_ns - r.start_ns) / 1e3 for r in records]
-    metadata = report.run_metadata("first-token-path", _device_label())
+    metadata = report.run_metadata("first-token-path", report.local_device())
     summary = (f"{len(records)} one-token requests of {args.input_len} prompt tokens, one at a time, after "
                f"{args.num_warmups} warm-ups; {num_complete} passed every mark in order. TTFT under the marks: p50 "
                f"{statistics.median(ttft_us):.0f} us; the legs' medians sum to {sum(medians)} us.\n")

@@ -32,6 +32,14 @@ def git_commit() -> str:
     return completed.stdout.strip()
 
 
+def local_device() -> str:
+    """This process's CUDA device by name, or "cpu" where none is visible: a record's device when the benchmark
+    measured none itself."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
 def run_metadata(benchmark: str, device: str) -> dict[str, str]:
     """Who ran what, where and when: commit, device, the exact command line, UTC date."""
     return {

@@ -257,11 +257,7 @@ def _measure(args: argparse.Namespace) -> HardwareRates | None:
 
 
 def _device_label(rates: HardwareRates | None) -> str:
-    if rates is not None:
-        return rates.device_name
-    import torch
-
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return rates.device_name if rates is not None else report.local_device()
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

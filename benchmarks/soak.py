@@ -98,9 +98,7 @@ def device_label(command: Sequence[str]) -> str:
     devices = [command[i + 1] for i, arg in enumerate(command[:-1]) if arg == "--device"]
     if devices and devices[-1] == "cpu":
         return "cpu"
-    import torch
-
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return report.local_device()
 
 
 async def _wait_serving(address: str, serve: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> None:

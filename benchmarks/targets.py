@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None, groups: dict[str, Group] | None = No
         records += [{"group": name, "benchmark": call.benchmark, "call": call.name, "metadata": record["metadata"]}
                     for call, record in zip(groups[name].calls, group_records, strict=True)]
         rows += [{"group": name, **row} for row in group_rows]
-    metadata = report.run_metadata("targets", _device_label())
+    metadata = report.run_metadata("targets", report.local_device())
     result = {"metadata": metadata, "groups": names, "records": records, "targets": rows, "failures": failures}
     sections = [
         ("Targets", report.markdown_table(HEADERS, _table_rows(rows))),
@@ -219,12 +219,6 @@ def main(argv: Sequence[str] | None = None, groups: dict[str, Group] | None = No
     print("wrote " + ", ".join(str(p) for p in paths))
     print(report.text_table(HEADERS, _table_rows(rows)))
     return result
-
-
-def _device_label() -> str:
-    import torch
-
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 if __name__ == "__main__":
