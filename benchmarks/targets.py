@@ -3,12 +3,13 @@
     python -m benchmarks.targets --groups 1b-c1,1b-c64 [--result-dir DIR]
 
 A group runs one or more benchmarks on this machine, one after the other (benchmarks.serving against a server of its
-own, or benchmarks.throughput), each writing its own record, and then checks its targets against what they measured.
-A ratio target (FP8 against bf16, a JSON schema on every request against none) divides two runs of one group, so
-both come from the same machine within minutes. Prints target, measured, limit and whether it is met, and writes
-<date>-targets-<device>.{json,md}. A group that fails (a server that does not start, a run with failed requests) is
-recorded with its error, the next group still runs, and the exit status is 1. The kernels' targets (decode attention
-at 85 % of the read ceiling, FP8 attention at 80 %) stay with benchmarks.kernel_attention, whose record states them.
+own, or benchmarks.throughput), each writing its own record into <result-dir>/<group>-<call>/, and then checks its
+targets against what they measured. A ratio target (FP8 against bf16, a JSON schema on every request against none)
+divides two runs of one group, so both come from the same machine within minutes. Prints target, measured, limit
+and whether it is met, and writes <date>-targets-<device>.{json,md} with each record's runs. A group that fails (a
+server that does not start, a run with failed requests) is recorded with its error, the next group still runs, and
+the exit status is 1. The kernels' targets (decode attention at 85 % of the read ceiling, FP8 attention at 80 %)
+stay with benchmarks.kernel_attention, whose record states them.
 
 Every workload is the issues' own: random weights (`--load-format dummy`), bf16, 1,024 tokens in, 128 out, greedy,
 `ignore_eos`, `--max-model-len 2048`.
@@ -155,18 +156,26 @@ def labelled_runs(call: Call, record: dict[str, Any]) -> dict[str, dict[str, Any
     return {f"{call.name}/{backend['backend']}": backend for backend in record["backends"]}
 
 
-def run_group(group: Group, result_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Runs the group's calls in order, each writing its record into result_dir; returns the records and one row per
-    target."""
+def call_dir(result_dir: Path, group_name: str, call: Call) -> Path:
+    """Where a call writes its record: a folder of its own, since two calls of one benchmark on one device and day
+    would write the same file names."""
+    return result_dir / f"{group_name}-{call.name}"
+
+
+def run_group(group_name: str, group: Group, result_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Runs the group's calls in order, each writing its record into its call_dir; returns, per call, its metadata,
+    folder and labelled runs, and one row per target."""
     records, runs = [], {}
     for call in group.calls:
-        record = BENCHMARKS[call.benchmark]([*call.argv, "--result-dir", str(result_dir)])
-        records.append(record)
+        folder = call_dir(result_dir, group_name, call)
+        record = BENCHMARKS[call.benchmark]([*call.argv, "--result-dir", str(folder)])
         labelled = labelled_runs(call, record)
         for label, run in labelled.items():
             if run.get("failed"):  # its latencies and tokens/s are of the requests that succeeded: no measurement
                 raise RuntimeError(f"{label}: {run['failed']} of {run['num_prompts']} requests failed "
                                    f"({run.get('errors')}); its targets are not checked")
+        records.append({"group": group_name, "benchmark": call.benchmark, "call": call.name,
+                        "metadata": record["metadata"], "folder": folder.name, "runs": labelled})
         runs.update(labelled)
     rows = []
     for target in group.targets:
@@ -197,20 +206,19 @@ def main(argv: Sequence[str] | None = None, groups: dict[str, Group] | None = No
     records, rows, failures = [], [], []
     for name in names:
         try:
-            group_records, group_rows = run_group(groups[name], args.result_dir)
+            group_records, group_rows = run_group(name, groups[name], args.result_dir)
         except Exception as error:  # the next group still runs; the record and the exit status name this one
             failures.append({"group": name, "error": f"{type(error).__name__}: {error}"})
             print(f"group {name} failed: {type(error).__name__}: {error}", file=sys.stderr)
             continue
-        records += [{"group": name, "benchmark": call.benchmark, "call": call.name, "metadata": record["metadata"]}
-                    for call, record in zip(groups[name].calls, group_records, strict=True)]
+        records += group_records
         rows += [{"group": name, **row} for row in group_rows]
     metadata = report.run_metadata("targets", report.local_device())
     result = {"metadata": metadata, "groups": names, "records": records, "targets": rows, "failures": failures}
     sections = [
         ("Targets", report.markdown_table(HEADERS, _table_rows(rows))),
-        ("Records", "".join(f"- {r['group']} / {r['call']}: {r['benchmark']}, {r['metadata']['date']}\n"
-                            for r in records)),
+        ("Records", "".join(f"- {r['group']} / {r['call']}: {r['benchmark']}, {r['metadata']['date']}, in "
+                            f"{r['folder']}/\n" for r in records)),
     ]
     if failures:
         sections.append(("Failed groups", "".join(f"- {f['group']}: {f['error']}\n" for f in failures)))

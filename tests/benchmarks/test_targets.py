@@ -69,8 +69,8 @@ def test_a_group_runs_its_benchmarks_and_checks_each_target_on_their_records(
 
     result = targets.main(["--groups", "tiny", "--result-dir", str(tmp_path)], groups={"tiny": group})
 
-    serving_record = json.loads(next(tmp_path.glob("*-serving-cpu.json")).read_text())
-    offline_record = json.loads(next(tmp_path.glob("*-throughput-cpu.json")).read_text())
+    serving_record = json.loads(next((tmp_path / "tiny-cpu").glob("*-serving-cpu.json")).read_text())
+    offline_record = json.loads(next((tmp_path / "tiny-offline").glob("*-throughput-cpu.json")).read_text())
     assert json.loads(next(tmp_path.glob("*-targets-cpu.json")).read_text()) == result
     rows = result["targets"]
     assert [(row["group"], row["target"], row["met"]) for row in rows] == [
@@ -79,8 +79,9 @@ def test_a_group_runs_its_benchmarks_and_checks_each_target_on_their_records(
     backends = {b["backend"]: b for b in offline_record["backends"]}
     assert rows[2]["measured"] == pytest.approx(
         backends["pagedserve"]["output_tokens_per_s"] / backends["hf-generate-batch"]["output_tokens_per_s"])
-    assert [(r["group"], r["call"], r["benchmark"]) for r in result["records"]] == [
-        ("tiny", "cpu", "serving"), ("tiny", "offline", "throughput")]
+    assert [(r["group"], r["call"], r["benchmark"], r["folder"]) for r in result["records"]] == [
+        ("tiny", "cpu", "serving", "tiny-cpu"), ("tiny", "offline", "throughput", "tiny-offline")]
+    assert result["records"][0]["runs"] == {"cpu/none": serving_record["runs"][0]}
     assert "| 17 | TPOT of no time |" in next(tmp_path.glob("*-targets-cpu.md")).read_text()
 
 
@@ -99,7 +100,7 @@ def test_a_run_with_failed_requests_is_no_measurement(tmp_path: Path, monkeypatc
                                                           at_most=True),))
 
     with pytest.raises(RuntimeError, match="bf16/none: 2 of 64 requests failed"):
-        targets.run_group(group, tmp_path)
+        targets.run_group("g", group, tmp_path)
 
 
 def test_a_failed_group_is_recorded_and_the_next_group_still_runs(
