@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import subprocess
+from dataclasses import dataclass
 
 import torch
 
 from benchmarks.kernel_attention import BLOCK_SIZE, SHAPES, Timer
 from pagedserve.kernels.fp8 import FP8_DTYPE
-from pagedserve.kernels.paged_prefill import PagedPrefill
+from pagedserve.kernels.paged_prefill import PagedPrefill, PrefillTiles
 
 DECODE_CONTEXT = 1100
 C256_CHUNKS = [(1024, 1024), (776, 776)]
@@ -38,6 +39,7 @@ STEPS: dict[str, list[tuple[int, int]]] = {
     "c=64: chunks 1,024 + 960, 62 decodes": C64_CHUNKS + C64_DECODES,
     "c=64: 62 decodes first, chunks 1,024 + 960": C64_DECODES + C64_CHUNKS,
     "c=1: chunk 1,792 at 256 of 2,048": [(1792, 2048)],
+    "c=1: one prompt of 1,024": [(1024, 1024)],  # a first token's step
     # No prompt rows: every CTA of the grid finds a decode's slot and exits, so this is the cost of those slots alone.
     "c=256: 254 decodes, no chunk": C256_DECODES,
 }
@@ -49,11 +51,28 @@ def causal_flops(step: list[tuple[int, int]], q_heads: int, head_dim: int) -> fl
                      for rows, context in step if rows >= 2))
 
 
-def bench_step(timer: Timer, prefill: PagedPrefill, shape: str, step: list[tuple[int, int]],
-               cache_dtype: torch.dtype) -> tuple[float, float]:
-    """(median us, output checksum) of one step's paged_prefill launch."""
+@dataclass(frozen=True)
+class StepInputs:
+    """One step's attention inputs on the GPU: random queries and caches, each sequence's blocks spread at random
+    over the pool."""
+
+    query: torch.Tensor
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+    scale: float
+
+    def prompt_rows(self) -> torch.Tensor:
+        """Which query rows paged_prefill computes: those of sequences with two or more."""
+        lens = self.query_start_loc.diff()
+        return torch.repeat_interleave(lens >= 2, lens, output_size=self.query.shape[0])
+
+
+def step_inputs(shape: str, step: list[tuple[int, int]], cache_dtype: torch.dtype, seed: int = 0) -> StepInputs:
     q_heads, kv_heads, head_dim = SHAPES[shape]
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
     blocks = [-(-context // BLOCK_SIZE) for _, context in step]
     num_blocks = sum(blocks)
     caches = [torch.randn(num_blocks, kv_heads, BLOCK_SIZE, head_dim, device="cuda", generator=gen,
@@ -68,10 +87,17 @@ def bench_step(timer: Timer, prefill: PagedPrefill, shape: str, step: list[tuple
     query_start_loc = torch.cat([torch.zeros(1, dtype=torch.int32), rows.cumsum(0, dtype=torch.int32)]).cuda()
     seq_lens = torch.tensor([c for _, c in step], dtype=torch.int32, device="cuda")
     query = torch.randn(int(rows.sum()), q_heads, head_dim, device="cuda", generator=gen, dtype=torch.bfloat16)
-    out = torch.zeros_like(query)
-    launch = prefill.prepare(out, query, caches[0], block_tables, seq_lens, query_start_loc, head_dim ** -0.5)
-    us = timer.median_us(lambda _: launch.launch(caches[0], caches[1]))
-    return us, float(out.float().sum())
+    return StepInputs(query, caches[0], caches[1], block_tables, seq_lens, query_start_loc, head_dim ** -0.5)
+
+
+def time_launch(timer: Timer, prefill: PagedPrefill, inputs: StepInputs,
+                tiles: PrefillTiles | None = None) -> tuple[float, torch.Tensor]:
+    """(median us, output) of one step's paged_prefill launch, in the launcher's tile shape or `tiles`."""
+    out = torch.zeros_like(inputs.query)
+    launch = prefill.prepare(out, inputs.query, inputs.key_cache, inputs.block_tables, inputs.seq_lens,
+                             inputs.query_start_loc, inputs.scale, tiles)
+    us = timer.median_us(lambda _: launch.launch(inputs.key_cache, inputs.value_cache))
+    return us, out
 
 
 def main() -> None:
@@ -93,7 +119,8 @@ def main() -> None:
     for name, step in STEPS.items():
         flops = causal_flops(step, q_heads, head_dim)
         for cache_dtype, label in ((torch.bfloat16, "bf16"), (FP8_DTYPE, "fp8")):
-            us, checksum = bench_step(timer, prefill, args.shape, step, cache_dtype)
+            us, out = time_launch(timer, prefill, step_inputs(args.shape, step, cache_dtype))
+            checksum = float(out.float().sum())
             print(f"{name:50s} {label:5s} {us:8.1f} {flops / us / 1e6:8.1f} {checksum:14.6e}", flush=True)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -49,6 +50,15 @@ def run_metadata(benchmark: str, device: str) -> dict[str, str]:
         "command": shlex.join(sys.orig_argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def listed_names(parser: argparse.ArgumentParser, flag: str, value: str, known: Sequence[str]) -> list[str]:
+    """The comma-separated names of a flag's value, each one of known; otherwise parser.error (exit 2) names the
+    flag, what it takes and what it got."""
+    names = [name for name in value.split(",") if name]
+    if not names or any(name not in known for name in names):
+        parser.error(f"{flag} takes names of: {', '.join(known)}; got {value!r}")
+    return names
 
 
 def result_stem(result_dir: Path, metadata: dict[str, str]) -> Path:

@@ -199,10 +199,7 @@ def main(argv: Sequence[str] | None = None, groups: dict[str, Group] | None = No
                         help=f"comma-separated, of: {', '.join(groups)} (default: all, in that order)")
     parser.add_argument("--result-dir", type=Path, default=report.DEFAULT_RESULT_DIR)
     args = parser.parse_args(argv)
-    names = [name for name in args.groups.split(",") if name]
-    unknown = [name for name in names if name not in groups]
-    if unknown or not names:
-        parser.error(f"--groups takes names of: {', '.join(groups)}; got {args.groups!r}")
+    names = report.listed_names(parser, "--groups", args.groups, list(groups))
     records, rows, failures = [], [], []
     for name in names:
         try:

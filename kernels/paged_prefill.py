@@ -17,8 +17,6 @@ if TYPE_CHECKING:
     from pagedserve.kernels.module_cache import ModuleCache
 
 SOURCE = "paged_prefill.cu"
-THREADS = 128
-WARPS = THREADS // 32
 TENSOR_CORE_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128  # beyond this the accumulators no longer fit in registers
 KNOWN_HEAD_DIMS = (32, 64, 80, 96, 128)
@@ -27,14 +25,20 @@ MAX_GRID_Y = 65_535  # CUDA's limit on a grid's y dimension, where the query til
 
 @dataclass(frozen=True, slots=True)
 class PrefillTiles:
-    """Tile shape of one instantiation: m_tiles x 16 query rows per warp, block_n keys per shared tile."""
+    """Tile shape of one instantiation: `warps` warps of m_tiles x 16 query rows each, block_n keys per shared
+    tile."""
 
     m_tiles: int
     block_n: int
+    warps: int = 4
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
 
     @property
     def block_m(self) -> int:
-        return 16 * self.m_tiles * WARPS
+        return 16 * self.m_tiles * self.warps
 
 
 def tiles_for(head_dim: int) -> PrefillTiles:
@@ -51,8 +55,8 @@ def supports(dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int) -> boo
 
 def kernel_name(dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int, tiles: PrefillTiles) -> str:
     cache = ", fp8_e4m3_t" if is_fp8(cache_dtype) else ""
-    return (f"paged_prefill<{scalar_type_name(dtype)}, {head_dim}, {tiles.m_tiles}, {tiles.block_n}, {THREADS}"
-            f"{cache}>")
+    return (f"paged_prefill<{scalar_type_name(dtype)}, {head_dim}, {tiles.m_tiles}, {tiles.block_n}, "
+            f"{tiles.threads}{cache}>")
 
 
 def shared_bytes(cache_dtype: torch.dtype, head_dim: int, tiles: PrefillTiles) -> int:
@@ -90,19 +94,19 @@ class PagedPrefill:
         self._modules = modules
 
     def prepare(self, out: Tensor, query: Tensor, key_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
-                query_start_loc: Tensor, scale: float) -> PrefillLaunch:
+                query_start_loc: Tensor, scale: float, tiles: PrefillTiles | None = None) -> PrefillLaunch:
         """The launch over arguments already validated by the caller (see cuda_ops.CudaKernelOps), for any layer's
-        caches of key_cache's shape and dtype."""
+        caches of key_cache's shape and dtype; tiles: another tile shape than tiles_for's (to compare them)."""
         num_kv_heads, block_size, head_dim = key_cache.shape[1:]
         num_q_heads = query.shape[1]
         num_seqs = seq_lens.shape[0]
-        tiles = tiles_for(head_dim)
+        tiles = tiles or tiles_for(head_dim)
         smem = shared_bytes(key_cache.dtype, head_dim, tiles)
         kernel = self._modules.kernel(SOURCE, kernel_name(query.dtype, key_cache.dtype, head_dim, tiles),
                                       dynamic_shared_bytes=smem)
         grid = (num_q_heads, num_tile_slots(num_seqs, query.shape[0], tiles.block_m), 1)
         layer = LayerArgs(scale, is_fp8(key_cache.dtype))
-        launch = PreparedLaunch(self._modules, kernel, grid, (THREADS, 1, 1), (
+        launch = PreparedLaunch(self._modules, kernel, grid, (tiles.threads, 1, 1), (
             pointer(out), int64(out.stride(0)), pointer(query), int64(query.stride(0)),
             layer.key_cache, layer.value_cache, pointer(block_tables), int32(block_tables.stride(0)),
             pointer(seq_lens), pointer(query_start_loc), int32(num_seqs), int32(num_kv_heads),

@@ -1,0 +1,111 @@
+"""Tile shapes of the prompt attention (paged_prefill) against the launcher's own, on the step shapes of
+benchmarks.kernel_prefill_steps: each shape's time, and its output against the torch reference.
+
+The launcher gives each of four warps two m-tiles of 16 query rows, over key tiles of 64 tokens at head size 64 and
+32 at 128. That takes about 220-250 registers a thread, so an SM runs two such CTAs (8 warps): Nsight Compute on an
+H100 read 12.5 % occupancy and about half the issue slots used, on the offline and first-token shapes. One m-tile a
+warp needs about 126 registers at head size 64 (128 at 128), so twice the warps fit, while each key and value
+fragment read from shared memory then feeds one mma instead of two. Which wins is what this measures.
+
+Run on a CUDA machine: python -m benchmarks.kernel_prefill_tiles [--shapes llama-3.2-1b,llama-3-8b] [--repeats 30]
+Prints, per model shape, step, cache dtype (16-bit, FP8) and tile shape: median us (CUDA events, L2 flushed before
+each run), TFLOP/s of the prompt rows' causal attention, time over the launcher's shape, and the largest difference
+from TorchReferenceOps over the prompt rows; writes the same as <date>-kernel-prefill-tiles-<device>.{json,md}.
+A shape whose shared memory exceeds what the device gives a CTA is left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import report
+from benchmarks.kernel_attention import SHAPES, Timer
+from benchmarks.kernel_prefill_steps import STEPS, causal_flops, step_inputs, time_launch
+from pagedserve.kernels.fp8 import FP8_DTYPE
+from pagedserve.kernels.paged_prefill import PrefillTiles, shared_bytes, tiles_for
+from pagedserve.kernels.reference import TorchReferenceOps
+
+# The launcher's shape comes first; then one m-tile a warp, with four or eight warps and other key tiles.
+CANDIDATES: dict[int, tuple[PrefillTiles, ...]] = {
+    64: (PrefillTiles(1, 64), PrefillTiles(1, 64, warps=8), PrefillTiles(1, 128), PrefillTiles(1, 32)),
+    128: (PrefillTiles(1, 32), PrefillTiles(1, 32, warps=8), PrefillTiles(1, 64)),
+}
+STEP_NAMES = ("offline: 16 prompts of 1,024", "c=256: 254 decodes first, chunks 1,024 + 776",
+              "c=64: 62 decodes first, chunks 1,024 + 960", "c=1: one prompt of 1,024",
+              "c=1: chunk 1,792 at 256 of 2,048")
+CACHE_DTYPES = ((torch.bfloat16, "bf16"), (FP8_DTYPE, "fp8"))
+HEADERS = ("shape", "step", "cache", "m_tiles", "block_n", "warps", "us", "TFLOP/s", "time / launcher's",
+           "max |diff| from reference")
+
+
+def tile_shapes(head_dim: int, cache_dtype: torch.dtype, max_shared_bytes: int) -> list[PrefillTiles]:
+    """The launcher's tile shape, then the candidates for head_dim whose shared memory fits max_shared_bytes."""
+    launcher = tiles_for(head_dim)
+    shapes = [launcher] + [t for t in CANDIDATES.get(head_dim, ()) if t != launcher]
+    return [t for t in shapes if shared_bytes(cache_dtype, head_dim, t) <= max_shared_bytes]
+
+
+def reference_output(inputs: Any) -> torch.Tensor:
+    """TorchReferenceOps' attention of the step (FP8 caches dequantized at scale 1, as the launches read them)."""
+    out = torch.zeros_like(inputs.query)
+    TorchReferenceOps().paged_attention(out, inputs.query, inputs.key_cache, inputs.value_cache, inputs.block_tables,
+                                        inputs.seq_lens, inputs.query_start_loc, 0, 0, inputs.scale)
+    return out
+
+
+def sweep(shapes: Sequence[str], repeats: int) -> list[list[object]]:
+    # Imported here so that the module imports without cupy, as on CPU-only installs.
+    import cupy
+
+    from pagedserve.kernels.module_cache import ModuleCache
+    from pagedserve.kernels.paged_prefill import PagedPrefill
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    prefill = PagedPrefill(ModuleCache(device))
+    max_shared = int(cupy.cuda.runtime.getDeviceProperties(device.index)["sharedMemPerBlockOptin"])
+    timer = Timer(repeats)
+    rows: list[list[object]] = []
+    for shape in shapes:
+        q_heads, _, head_dim = SHAPES[shape]
+        for step_name in STEP_NAMES:
+            step = STEPS[step_name]
+            flops = causal_flops(step, q_heads, head_dim)
+            for cache_dtype, label in CACHE_DTYPES:
+                inputs = step_inputs(shape, step, cache_dtype)
+                prompt_rows = inputs.prompt_rows()
+                expected = reference_output(inputs)[prompt_rows].float()
+                launcher_us = None
+                for tiles in tile_shapes(head_dim, cache_dtype, max_shared):
+                    us, out = time_launch(timer, prefill, inputs, tiles)
+                    launcher_us = launcher_us or us
+                    diff = float((out[prompt_rows].float() - expected).abs().max())
+                    rows.append([shape, step_name, label, tiles.m_tiles, tiles.block_n, tiles.warps, round(us, 1),
+                                 round(flops / us / 1e6, 1), round(us / launcher_us, 3), diff])
+                    print("  ".join(str(v) for v in rows[-1]), flush=True)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="llama-3.2-1b,llama-3-8b",
+                        help=f"comma-separated, of: {', '.join(sorted(SHAPES))}")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--result-dir", type=Path, default=report.DEFAULT_RESULT_DIR)
+    args = parser.parse_args(argv)
+    rows = sweep(report.listed_names(parser, "--shapes", args.shapes, sorted(SHAPES)), args.repeats)
+    metadata = report.run_metadata("kernel-prefill-tiles", report.local_device())
+    result = {"metadata": metadata, "repeats": args.repeats, "headers": list(HEADERS), "rows": rows}
+    paths = report.write_outputs(report.result_stem(args.result_dir, metadata), result, report.markdown_report(
+        "Prompt attention: tile shapes against the launcher's", metadata,
+        [("Launches", report.markdown_table(HEADERS, rows))]))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""The prompt-attention tile sweep (CPU): which tile shapes it compares, and that each one compiles."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.kernel_prefill_tiles import CANDIDATES, tile_shapes
+from pagedserve.kernels import paged_prefill
+from pagedserve.kernels.dependent_launch import COMPILE_DEFINE
+from pagedserve.kernels.fp8 import FP8_DTYPE
+from pagedserve.kernels.paged_prefill import PrefillTiles, shared_bytes, tiles_for
+
+KERNEL_DIR = Path(paged_prefill.__file__).resolve().parent
+H100_SHARED_BYTES = 227 * 1024
+
+
+@pytest.mark.parametrize("head_dim", sorted(CANDIDATES))
+def test_the_launchers_shape_comes_first_then_the_candidates_once_each(head_dim: int) -> None:
+    shapes = tile_shapes(head_dim, torch.bfloat16, H100_SHARED_BYTES)
+    assert shapes[0] == tiles_for(head_dim)
+    assert len(set(shapes)) == len(shapes) == 1 + len(set(CANDIDATES[head_dim]) - {tiles_for(head_dim)})
+
+
+def test_shapes_whose_shared_memory_exceeds_the_devices_are_left_out() -> None:
+    limit = shared_bytes(torch.bfloat16, 64, tiles_for(64))
+    shapes = tile_shapes(64, torch.bfloat16, limit)
+    assert tiles_for(64) in shapes and PrefillTiles(1, 128) not in shapes
+    assert all(shared_bytes(torch.bfloat16, 64, t) <= limit for t in shapes)
+    # An FP8 cache stages e4m3 rows and widens one tile: its own sizes decide.
+    assert all(shared_bytes(FP8_DTYPE, 64, t) <= limit for t in tile_shapes(64, FP8_DTYPE, limit))
+
+
+def test_a_tile_shape_names_its_threads_in_the_kernel() -> None:
+    name = paged_prefill.kernel_name(torch.bfloat16, torch.bfloat16, 64, PrefillTiles(1, 64, warps=8))
+    assert name == "paged_prefill<bfloat16_t, 64, 1, 64, 256>"
+    assert PrefillTiles(1, 64, warps=8).block_m == 128 == tiles_for(64).block_m
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def test_every_candidate_compiles_for_hopper_with_both_cache_types(tmp_path: Path) -> None:
+    names = [paged_prefill.kernel_name(dtype, cache, head_dim, tiles)
+             for head_dim, shapes in CANDIDATES.items() for tiles in shapes
+             for dtype in (torch.bfloat16,) for cache in (dtype, FP8_DTYPE)]
+    addresses = "".join(f"  reinterpret_cast<const void*>(&{name}),\n" for name in names)
+    unit = tmp_path / "unit.cu"
+    unit.write_text(f'#include "paged_prefill.cu"\nextern const void* const kInstances[] = {{\n{addresses}}};\n')
+    run = subprocess.run(["nvcc", "--std=c++17", f"-I{KERNEL_DIR}", COMPILE_DEFINE, "-arch=compute_90", "-ptx",
+                          "-Xcicc", "-O0", "-o", str(tmp_path / "unit.ptx"), str(unit)],
+                         capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    ptx = (tmp_path / "unit.ptx").read_text().splitlines()
+    assert sum(line.startswith((".visible .entry", ".entry")) for line in ptx) == len(names)
