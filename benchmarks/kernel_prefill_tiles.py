@@ -5,7 +5,8 @@ The launcher gives each of four warps two m-tiles of 16 query rows, over key til
 32 at 128. That takes about 220-250 registers a thread, so an SM runs two such CTAs (8 warps): Nsight Compute on an
 H100 read 12.5 % occupancy and about half the issue slots used, on the offline and first-token shapes. One m-tile a
 warp needs about 126 registers at head size 64 (128 at 128), so twice the warps fit, while each key and value
-fragment read from shared memory then feeds one mma instead of two. Which wins is what this measures.
+fragment read from shared memory then feeds one mma instead of two. The launcher's shape held to three CTAs an SM
+compiles to 168 registers, with some spilled. Which wins is what this measures.
 
 Run on a CUDA machine: python -m benchmarks.kernel_prefill_tiles [--shapes llama-3.2-1b,llama-3-8b] [--repeats 30]
 Prints, per model shape, step, cache dtype (16-bit, FP8) and tile shape: median us (CUDA events, L2 flushed before
@@ -32,15 +33,16 @@ from pagedserve.kernels.reference import TorchReferenceOps
 
 # The launcher's shape comes first; then one m-tile a warp, with four or eight warps and other key tiles.
 CANDIDATES: dict[int, tuple[PrefillTiles, ...]] = {
-    64: (PrefillTiles(1, 64), PrefillTiles(1, 64, warps=8), PrefillTiles(1, 128), PrefillTiles(1, 32)),
-    128: (PrefillTiles(1, 32), PrefillTiles(1, 32, warps=8), PrefillTiles(1, 64)),
+    64: (PrefillTiles(1, 64), PrefillTiles(1, 64, warps=8), PrefillTiles(1, 128), PrefillTiles(1, 32),
+         PrefillTiles(2, 64, min_ctas=3)),
+    128: (PrefillTiles(1, 32), PrefillTiles(1, 32, warps=8), PrefillTiles(1, 64), PrefillTiles(2, 32, min_ctas=3)),
 }
 STEP_NAMES = ("offline: 16 prompts of 1,024", "c=256: 254 decodes first, chunks 1,024 + 776",
               "c=64: 62 decodes first, chunks 1,024 + 960", "c=1: one prompt of 1,024",
               "c=1: chunk 1,792 at 256 of 2,048")
 CACHE_DTYPES = ((torch.bfloat16, "bf16"), (FP8_DTYPE, "fp8"))
-HEADERS = ("shape", "step", "cache", "m_tiles", "block_n", "warps", "us", "TFLOP/s", "time / launcher's",
-           "max |diff| from reference")
+HEADERS = ("shape", "step", "cache", "m_tiles", "block_n", "warps", "min CTAs an SM", "us", "TFLOP/s",
+           "time / launcher's", "max |diff| from reference")
 
 
 def tile_shapes(head_dim: int, cache_dtype: torch.dtype, max_shared_bytes: int) -> list[PrefillTiles]:
@@ -84,8 +86,8 @@ def sweep(shapes: Sequence[str], repeats: int) -> list[list[object]]:
                     us, out = time_launch(timer, prefill, inputs, tiles)
                     launcher_us = launcher_us or us
                     diff = float((out[prompt_rows].float() - expected).abs().max())
-                    rows.append([shape, step_name, label, tiles.m_tiles, tiles.block_n, tiles.warps, round(us, 1),
-                                 round(flops / us / 1e6, 1), round(us / launcher_us, 3), diff])
+                    rows.append([shape, step_name, label, tiles.m_tiles, tiles.block_n, tiles.warps, tiles.min_ctas,
+                                 round(us, 1), round(flops / us / 1e6, 1), round(us / launcher_us, 3), diff])
                     print("  ".join(str(v) for v in rows[-1]), flush=True)
     return rows
 

@@ -206,9 +206,9 @@ __device__ __forceinline__ void store_rows(const float (&o_acc)[M_TILES][OUT_TIL
 }
 
 // scale_log2e: the softmax scale times log2(e), and times k_scale for FP8 caches; value_scale: v_scale for FP8
-// caches, else 1.
-template <typename T, int HEAD_DIM, int M_TILES, int BLOCK_N, int THREADS, typename C = T>
-__global__ void __launch_bounds__(THREADS) paged_prefill(
+// caches, else 1. MIN_CTAS: CTAs an SM must hold at once, which caps the registers a thread (spilling past the cap).
+template <typename T, int HEAD_DIM, int M_TILES, int BLOCK_N, int THREADS, typename C = T, int MIN_CTAS = 1>
+__global__ void __launch_bounds__(THREADS, MIN_CTAS) paged_prefill(
     T* __restrict__ out, long long out_row_stride, const T* __restrict__ query, long long query_row_stride,
     const C* __restrict__ key_cache, const C* __restrict__ value_cache, const int* __restrict__ block_tables,
     int block_table_stride, const int* __restrict__ seq_lens, const int* __restrict__ query_start_loc,

@@ -26,11 +26,12 @@ MAX_GRID_Y = 65_535  # CUDA's limit on a grid's y dimension, where the query til
 @dataclass(frozen=True, slots=True)
 class PrefillTiles:
     """Tile shape of one instantiation: `warps` warps of m_tiles x 16 query rows each, block_n keys per shared
-    tile."""
+    tile; min_ctas: CTAs an SM must hold at once (the compiler caps registers to fit them, spilling if need be)."""
 
     m_tiles: int
     block_n: int
     warps: int = 4
+    min_ctas: int = 1
 
     @property
     def threads(self) -> int:
@@ -54,9 +55,13 @@ def supports(dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int) -> boo
 
 
 def kernel_name(dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int, tiles: PrefillTiles) -> str:
-    cache = ", fp8_e4m3_t" if is_fp8(cache_dtype) else ""
-    return (f"paged_prefill<{scalar_type_name(dtype)}, {head_dim}, {tiles.m_tiles}, {tiles.block_n}, "
-            f"{tiles.threads}{cache}>")
+    """The instantiation's name; the cache type (the query's by default) and min_ctas (1) are named when needed."""
+    scalar = scalar_type_name(dtype)
+    cache = "fp8_e4m3_t" if is_fp8(cache_dtype) else scalar
+    tail = "" if cache == scalar else f", {cache}"
+    if tiles.min_ctas != 1:
+        tail = f", {cache}, {tiles.min_ctas}"
+    return f"paged_prefill<{scalar}, {head_dim}, {tiles.m_tiles}, {tiles.block_n}, {tiles.threads}{tail}>"
 
 
 def shared_bytes(cache_dtype: torch.dtype, head_dim: int, tiles: PrefillTiles) -> int:

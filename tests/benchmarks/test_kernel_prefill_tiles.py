@@ -41,6 +41,16 @@ def test_a_tile_shape_names_its_threads_in_the_kernel() -> None:
     assert PrefillTiles(1, 64, warps=8).block_m == 128 == tiles_for(64).block_m
 
 
+def test_a_register_cap_names_the_cache_type_before_it_and_the_default_names_neither() -> None:
+    capped = PrefillTiles(2, 64, min_ctas=3)
+    assert paged_prefill.kernel_name(torch.bfloat16, torch.bfloat16, 64, capped) == (
+        "paged_prefill<bfloat16_t, 64, 2, 64, 128, bfloat16_t, 3>")
+    assert paged_prefill.kernel_name(torch.bfloat16, FP8_DTYPE, 64, capped) == (
+        "paged_prefill<bfloat16_t, 64, 2, 64, 128, fp8_e4m3_t, 3>")
+    assert paged_prefill.kernel_name(torch.float16, torch.float16, 64, tiles_for(64)) == (
+        "paged_prefill<half_t, 64, 2, 64, 128>")
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
 def test_every_candidate_compiles_for_hopper_with_both_cache_types(tmp_path: Path) -> None:
     names = [paged_prefill.kernel_name(dtype, cache, head_dim, tiles)
