@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -260,7 +260,8 @@ def bench_prefill(timer: Timer, ops: KernelOps, shape: str, tokens: int) -> Pref
 
 
 def write_reports(out_dir: Path, meta: dict[str, Any], ceiling: dict[str, float], decode: list[DecodeResult],
-                  prefill: list[PrefillResult]) -> Path:
+                  prefill: list[PrefillResult]) -> tuple[Path, dict[str, Any]]:
+    """Writes kernel_attention_<date>.json / .md / .png into out_dir; returns their stem and the JSON record."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"kernel_attention_{meta['date']}"
     record = {"meta": meta, "ceiling": ceiling,
@@ -269,7 +270,7 @@ def write_reports(out_dir: Path, meta: dict[str, Any], ceiling: dict[str, float]
     stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown_report(meta, ceiling, decode, prefill))
     plot(stem.with_suffix(".png"), ceiling, decode)
-    return stem
+    return stem, record
 
 
 def markdown_report(
@@ -325,14 +326,15 @@ def plot(path: Path, ceiling: dict[str, float], decode: list[DecodeResult]) -> N
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the benchmark, writes its reports; returns the JSON record."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--commit", default=None, help="commit measured (default: git rev-parse HEAD)")
-    parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--out-dir", "--result-dir", dest="out_dir", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                         help="fp8: decode reads an e4m3 pool, its GB/s counted in FP8 bytes")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     commit = args.commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = {"commit": commit, "device": torch.cuda.get_device_name(), "command": " ".join(sys.argv),
             "date": datetime.date.today().isoformat(), "torch": torch.__version__, "repeats": args.repeats,
@@ -345,9 +347,10 @@ def main() -> None:
     decode = [bench_decode(timer, ops, shape, batch, context, args.kv_cache_dtype == "fp8")
               for shape in SHAPES for batch in BATCHES for context in CONTEXTS]
     prefill = [bench_prefill(timer, ops, shape, tokens) for shape in SHAPES for tokens in PREFILL_TOKENS]
-    stem = write_reports(args.out_dir, meta, ceiling, decode, prefill)
+    stem, record = write_reports(args.out_dir, meta, ceiling, decode, prefill)
     print(f"wrote {stem}.json/.md/.png")
     print(markdown_report(meta, ceiling, decode, prefill))
+    return record
 
 
 if __name__ == "__main__":

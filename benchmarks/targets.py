@@ -1,4 +1,5 @@
-"""The served and offline speed targets of the performance issues, each measured beside its bound and checked.
+"""The speed targets of the performance issues (served, offline, the decode attention's), each measured beside its
+bound and checked.
 
     python -m benchmarks.targets --groups 1b-c1,1b-c64 [--result-dir DIR]
 
@@ -8,8 +9,8 @@ targets against what they measured. A ratio target (FP8 against bf16, a JSON sch
 divides two runs of one group, so both come from the same machine within minutes. Prints target, measured, limit
 and whether it is met, and writes <date>-targets-<device>.{json,md} with each record's runs. A group that fails (a
 server that does not start, a run with failed requests) is recorded with its error, the next group still runs, and
-the exit status is 1. The kernels' targets (decode attention at 85 % of the read ceiling, FP8 attention at 80 %)
-stay with benchmarks.kernel_attention, whose record states them.
+the exit status is 1. The `attention` group runs benchmarks.kernel_attention with a 16-bit and an FP8 cache for
+the decode attention's targets, each a share of the read ceiling that run measured.
 
 Every workload is the issues' own: random weights (`--load-format dummy`), bf16, 1,024 tokens in, 128 out, greedy,
 `ignore_eos`, `--max-model-len 2048`.
@@ -25,9 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import report, serving, throughput
+from benchmarks import kernel_attention, report, serving, throughput
 
 FP8 = ("--quantization", "fp8", "--kv-cache-dtype", "fp8")
+LEAST_AT_SCALE = "least % of ceiling at b >= 16, ctx >= 2048"
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class Call:
     """One benchmark run of a group: `name` labels its runs (name/structured-output mode, or name/backend)."""
 
     name: str
-    benchmark: str  # "serving" or "throughput"
+    benchmark: str  # "serving", "throughput" or "attention"
     argv: tuple[str, ...]
 
 
@@ -133,6 +135,14 @@ GROUPS: dict[str, Group] = {
                 Measure("offline/pagedserve", "output_tokens_per_s"), 50.0, at_most=False,
                 over=Measure("offline/hf-generate-batch", "output_tokens_per_s"))),
     ),
+    "attention": Group(
+        (Call("bf16", "attention", ("--repeats", "20")),
+         Call("fp8", "attention", ("--repeats", "20", "--kv-cache-dtype", "fp8"))),
+        (Target(17, "decode attention, 1B 16 x 2,048, % of the read ceiling",
+                Measure("bf16/decode", "llama-3.2-1b 16x2048 % of ceiling"), 85.0, at_most=False),
+         Target(21, "decode attention, FP8 cache, least % of the read ceiling at b >= 16, ctx >= 2k",
+                Measure("fp8/decode", LEAST_AT_SCALE), 80.0, at_most=False)),
+    ),
     # No target of its own: the issue asks for these to be measured and recorded beside the others.
     "measured-too": Group(
         (Call("8b-c256", "serving", served("llama-3-8b", 256, 1536)),
@@ -143,17 +153,31 @@ GROUPS: dict[str, Group] = {
 }
 
 BENCHMARKS: dict[str, Callable[[Sequence[str]], dict[str, Any]]] = {
-    "serving": serving.main, "throughput": throughput.main,
+    "serving": serving.main, "throughput": throughput.main, "attention": kernel_attention.main,
 }
 
 HEADERS = ("issue", "target", "measured", "limit", "met")
 
 
 def labelled_runs(call: Call, record: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """A benchmark record's runs by label: call/structured-output mode (serving), call/backend (throughput)."""
+    """A benchmark record's runs by label: call/structured-output mode (serving), call/backend (throughput),
+    call/decode (attention: decode_shares)."""
     if call.benchmark == "serving":
         return {f"{call.name}/{run['structured_output']}": run for run in record["runs"]}
+    if call.benchmark == "attention":
+        return {f"{call.name}/decode": decode_shares(record)}
     return {f"{call.name}/{backend['backend']}": backend for backend in record["backends"]}
+
+
+def decode_shares(record: dict[str, Any]) -> dict[str, float]:
+    """An attention record's decode launches as shares of its read ceiling: "<shape> <batch>x<context> % of
+    ceiling" for each, and LEAST_AT_SCALE, the least of those at batch >= 16 and context >= 2,048."""
+    ceiling = max(record["ceiling"].values())
+    shares = {f"{r['shape']} {r['batch']}x{r['context']} % of ceiling": 100.0 * r["paged_gbps"] / ceiling
+              for r in record["decode"]}
+    shares[LEAST_AT_SCALE] = min(100.0 * r["paged_gbps"] / ceiling for r in record["decode"]
+                                 if r["batch"] >= 16 and r["context"] >= 2048)
+    return shares
 
 
 def call_dir(result_dir: Path, group_name: str, call: Call) -> Path:

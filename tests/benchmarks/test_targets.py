@@ -7,13 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import targets
+from benchmarks import kernel_attention, targets
 from benchmarks.targets import GROUPS, Call, Group, Measure, Target
 
 
 def _labels(call: Call) -> set[str]:
     """The run labels a call's record will hold, read from its argv the way the benchmarks parse it."""
     argv = list(call.argv)
+    if call.benchmark == "attention":
+        return {f"{call.name}/decode"}
     if call.benchmark == "serving":
         modes = argv[argv.index("--structured-output") + 1] if "--structured-output" in argv else "none"
         return {f"{call.name}/{mode}" for mode in modes.split(",")}
@@ -47,6 +49,29 @@ def test_runs_are_labelled_by_mode_for_serving_and_by_backend_for_throughput() -
 
     assert list(targets.labelled_runs(Call("bf16", "serving", ()), served)) == ["bf16/none", "bf16/schema"]
     assert list(targets.labelled_runs(Call("o", "throughput", ()), offline)) == ["o/pagedserve", "o/hf-generate-batch"]
+
+
+def test_an_attention_record_gives_each_decode_launch_as_a_share_of_its_ceiling_and_the_least_at_scale() -> None:
+    def launch(shape: str, batch: int, context: int, gbps: float) -> dict[str, object]:
+        return {"shape": shape, "batch": batch, "context": context, "paged_gbps": gbps}
+
+    record = {"ceiling": {"sum_read_gbps": 4000.0, "copy_read_write_gbps": 3800.0}, "decode": [
+        launch("1b", 1, 8192, 400.0), launch("1b", 16, 512, 1000.0), launch("1b", 16, 2048, 3400.0),
+        launch("8b", 256, 8192, 3800.0), launch("8b", 64, 2048, 3000.0)]}
+
+    shares = targets.labelled_runs(Call("fp8", "attention", ()), record)["fp8/decode"]
+
+    assert shares["1b 16x2048 % of ceiling"] == 85.0
+    assert shares["1b 1x8192 % of ceiling"] == 10.0
+    # batch 1 and context 512 are below the scale the FP8 target names; 3,000 of 4,000 GB/s is the least above it.
+    assert shares[targets.LEAST_AT_SCALE] == 75.0
+
+
+def test_the_attention_targets_name_launches_the_attention_benchmark_makes() -> None:
+    made = {f"{shape} {batch}x{context} % of ceiling" for shape in kernel_attention.SHAPES
+            for batch in kernel_attention.BATCHES for context in kernel_attention.CONTEXTS}
+    for target in GROUPS["attention"].targets:
+        assert target.value.metric in made | {targets.LEAST_AT_SCALE}
 
 
 def test_a_group_runs_its_benchmarks_and_checks_each_target_on_their_records(
