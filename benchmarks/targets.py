@@ -135,6 +135,14 @@ GROUPS: dict[str, Group] = {
                 Measure("offline/pagedserve", "output_tokens_per_s"), 50.0, at_most=False,
                 over=Measure("offline/hf-generate-batch", "output_tokens_per_s"))),
     ),
+    # The pool's size alone: the model's weights stay bf16, so only the cache's element size differs.
+    "kv-capacity": Group(
+        (Call("bf16-kv", "serving", served("llama-3-8b", 8, 16)),
+         Call("fp8-kv", "serving", served("llama-3-8b", 8, 16, "--kv-cache-dtype", "fp8"))),
+        (Target(21, "KV cache blocks at gpu_memory_utilization 0.9, FP8 cache / bf16 (2.0x within 2 %)",
+                Measure("fp8-kv/none", "kv_cache_blocks"), 1.96, at_most=False,
+                over=Measure("bf16-kv/none", "kv_cache_blocks")),),
+    ),
     "attention": Group(
         (Call("bf16", "attention", ("--repeats", "20")),
          Call("fp8", "attention", ("--repeats", "20", "--kv-cache-dtype", "fp8"))),
