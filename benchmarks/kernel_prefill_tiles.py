@@ -26,12 +26,13 @@ import torch
 
 from benchmarks import report
 from benchmarks.kernel_attention import SHAPES, Timer
-from benchmarks.kernel_prefill_steps import STEPS, causal_flops, step_inputs, time_launch
+from benchmarks.kernel_prefill_steps import STEPS, StepInputs, causal_flops, step_inputs, time_launch
 from pagedserve.kernels.fp8 import FP8_DTYPE
 from pagedserve.kernels.paged_prefill import PrefillTiles, shared_bytes, tiles_for
 from pagedserve.kernels.reference import TorchReferenceOps
 
-# The launcher's shape comes first; then one m-tile a warp, with four or eight warps and other key tiles.
+# Tried beside the launcher's shape (tiles_for), by head size: one m-tile a warp with four or eight warps and other
+# key tiles, and the launcher's shape held to three CTAs an SM.
 CANDIDATES: dict[int, tuple[PrefillTiles, ...]] = {
     64: (PrefillTiles(1, 64), PrefillTiles(1, 64, warps=8), PrefillTiles(1, 128), PrefillTiles(1, 32),
          PrefillTiles(2, 64, min_ctas=3)),
@@ -52,7 +53,7 @@ def tile_shapes(head_dim: int, cache_dtype: torch.dtype, max_shared_bytes: int) 
     return [t for t in shapes if shared_bytes(cache_dtype, head_dim, t) <= max_shared_bytes]
 
 
-def reference_output(inputs: Any) -> torch.Tensor:
+def reference_output(inputs: StepInputs) -> torch.Tensor:
     """TorchReferenceOps' attention of the step (FP8 caches dequantized at scale 1, as the launches read them)."""
     out = torch.zeros_like(inputs.query)
     TorchReferenceOps().paged_attention(out, inputs.query, inputs.key_cache, inputs.value_cache, inputs.block_tables,
