@@ -181,10 +181,9 @@ def decode_shares(record: dict[str, Any]) -> dict[str, float]:
     """An attention record's decode launches as shares of its read ceiling: "<shape> <batch>x<context> % of
     ceiling" for each, and LEAST_AT_SCALE, the least of those at batch >= 16 and context >= 2,048."""
     ceiling = max(record["ceiling"].values())
-    shares = {f"{r['shape']} {r['batch']}x{r['context']} % of ceiling": 100.0 * r["paged_gbps"] / ceiling
-              for r in record["decode"]}
-    shares[LEAST_AT_SCALE] = min(100.0 * r["paged_gbps"] / ceiling for r in record["decode"]
-                                 if r["batch"] >= 16 and r["context"] >= 2048)
+    launches = [(r, 100.0 * r["paged_gbps"] / ceiling) for r in record["decode"]]
+    shares = {f"{r['shape']} {r['batch']}x{r['context']} % of ceiling": share for r, share in launches}
+    shares[LEAST_AT_SCALE] = min(share for r, share in launches if r["batch"] >= 16 and r["context"] >= 2048)
     return shares
 
 

@@ -14,8 +14,8 @@ from pagedserve.kernels import paged_prefill
 from pagedserve.kernels.dependent_launch import COMPILE_DEFINE
 from pagedserve.kernels.fp8 import FP8_DTYPE
 from pagedserve.kernels.paged_prefill import PrefillTiles, shared_bytes, tiles_for
+from tests.kernels.ptx import entry_count, instantiating_unit, nvcc_ptx_command
 
-KERNEL_DIR = Path(paged_prefill.__file__).resolve().parent
 H100_SHARED_BYTES = 227 * 1024
 
 
@@ -53,15 +53,12 @@ def test_a_register_cap_names_the_cache_type_before_it_and_the_default_names_nei
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
 def test_every_candidate_compiles_for_hopper_with_both_cache_types(tmp_path: Path) -> None:
-    names = [paged_prefill.kernel_name(dtype, cache, head_dim, tiles)
-             for head_dim, shapes in CANDIDATES.items() for tiles in shapes
-             for dtype in (torch.bfloat16,) for cache in (dtype, FP8_DTYPE)]
-    addresses = "".join(f"  reinterpret_cast<const void*>(&{name}),\n" for name in names)
-    unit = tmp_path / "unit.cu"
-    unit.write_text(f'#include "paged_prefill.cu"\nextern const void* const kInstances[] = {{\n{addresses}}};\n')
-    run = subprocess.run(["nvcc", "--std=c++17", f"-I{KERNEL_DIR}", COMPILE_DEFINE, "-arch=compute_90", "-ptx",
-                          "-Xcicc", "-O0", "-o", str(tmp_path / "unit.ptx"), str(unit)],
-                         capture_output=True, text=True, check=False)
+    names = [paged_prefill.kernel_name(torch.bfloat16, cache, head_dim, tiles)
+             for head_dim, shapes in CANDIDATES.items() for tiles in shapes for cache in (torch.bfloat16, FP8_DTYPE)]
+    unit, ptx = tmp_path / "unit.cu", tmp_path / "unit.ptx"
+    unit.write_text(instantiating_unit("paged_prefill.cu", names))
+    run = subprocess.run(nvcc_ptx_command(unit, ptx, "compute_90", (COMPILE_DEFINE,)), capture_output=True, text=True,
+                         check=False)
     assert run.returncode == 0, run.stdout + run.stderr
-    ptx = (tmp_path / "unit.ptx").read_text().splitlines()
-    assert sum(line.startswith((".visible .entry", ".entry")) for line in ptx) == len(names)
+    assert "warning" not in (run.stdout + run.stderr).lower(), run.stdout + run.stderr
+    assert entry_count(ptx) == len(names)

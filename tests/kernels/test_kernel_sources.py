@@ -16,8 +16,8 @@ import pytest
 
 from pagedserve.kernels import cache_ops, decode_gemv, layer_kernels, paged_decode, paged_prefill, token_masks
 from pagedserve.kernels.dependent_launch import COMPILE_DEFINE
+from tests.kernels.ptx import KERNEL_DIR, entry_count, instantiating_unit, nvcc_ptx_command
 
-KERNEL_DIR = Path(cache_ops.__file__).resolve().parent
 ARCHS = ("compute_80", "compute_90")
 HAS_TMA = {"compute_80": False, "compute_90": True}  # the tensor memory accelerator
 # ModuleCache's defines there: from compute capability 9.0 every kernel is built for dependent launches.
@@ -45,16 +45,6 @@ def test_representatives_keep_each_template_and_type_combination() -> None:
     assert _representatives(names) == ["k<float, 16, fp8>", "k<float, 8, fp8>", "k<half, 8, fp8>", "r<float, 8>"]
 
 
-def _instantiating_unit(source: str, names: list[str]) -> str:
-    """A translation unit taking each kernel's address, which instantiates it as CuPy's name expressions do."""
-    addresses = "".join(f"  reinterpret_cast<const void*>(&{name}),\n" for name in names)
-    return f'#include "{source}"\nextern const void* const kInstances[] = {{\n{addresses}}};\n'
-
-
-def _entry_count(ptx: Path) -> int:
-    return sum(line.startswith(".visible .entry") or line.startswith(".entry") for line in ptx.read_text().splitlines())
-
-
 def test_every_cuda_source_has_listed_instantiations() -> None:
     assert sorted(NAME_EXPRESSIONS) == sorted(p.name for p in KERNEL_DIR.glob("*.cu"))
 
@@ -67,14 +57,11 @@ def test_source_compiles_to_ptx_for_ampere_and_hopper(source: str, tmp_path: Pat
     names = {arch: listed if is_exhaustive else _representatives(listed)
              for arch, listed in NAME_EXPRESSIONS[source].items()}
     for arch in ARCHS:
-        (tmp_path / f"{arch}_{source}").write_text(_instantiating_unit(source, names[arch]))
-    # Both architectures compile concurrently. The device optimiser is off (-O0): this checks that every
-    # instantiation parses, type-checks and lowers to PTX, in about a third of -O1's time; optimised code is
-    # exercised by NVRTC in the GPU tests.
+        (tmp_path / f"{arch}_{source}").write_text(instantiating_unit(source, names[arch]))
+    # Both architectures compile concurrently.
     runs = {
         arch: subprocess.Popen(
-            ["nvcc", "--std=c++17", f"-I{KERNEL_DIR}", *DEFINES[arch], f"-arch={arch}", "-ptx", "-Xcicc", "-O0",
-             "-o", str(tmp_path / f"{arch}.ptx"), str(tmp_path / f"{arch}_{source}")],
+            nvcc_ptx_command(tmp_path / f"{arch}_{source}", tmp_path / f"{arch}.ptx", arch, DEFINES[arch]),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for arch in ARCHS
@@ -83,4 +70,4 @@ def test_source_compiles_to_ptx_for_ampere_and_hopper(source: str, tmp_path: Pat
         output, _ = run.communicate()
         assert run.returncode == 0, f"{source} for {arch}:\n{output}"
         assert "warning" not in output.lower(), f"{source} for {arch}:\n{output}"
-        assert _entry_count(tmp_path / f"{arch}.ptx") == len(names[arch])
+        assert entry_count(tmp_path / f"{arch}.ptx") == len(names[arch])
