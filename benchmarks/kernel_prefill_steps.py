@@ -113,7 +113,8 @@ def main() -> None:
     from pagedserve.kernels.module_cache import ModuleCache
 
     timer = Timer(args.repeats)
-    prefill = PagedPrefill(ModuleCache(torch.device("cuda", torch.cuda.current_device())))
+    device = torch.device("cuda", torch.cuda.current_device())
+    prefill = PagedPrefill(ModuleCache(device), torch.cuda.get_device_properties(device).multi_processor_count)
     q_heads, _, head_dim = SHAPES[args.shape]
     print(f"{'step':50s} {'cache':5s} {'us':>8s} {'TFLOP/s':>8s} {'checksum':>14s}")
     for name, step in STEPS.items():

@@ -1,16 +1,18 @@
-"""Tile shapes of the prompt attention (paged_prefill) against the launcher's own, on the step shapes of
+"""Tile shapes of the prompt attention (paged_prefill) against the wide shape, on the step shapes of
 benchmarks.kernel_prefill_steps: each shape's time, and its output against the torch reference.
 
-The launcher gives each of four warps two m-tiles of 16 query rows, over key tiles of 64 tokens at head size 64 and
-32 at 128. That takes about 220-250 registers a thread, so an SM runs two such CTAs (8 warps): Nsight Compute on an
-H100 read 12.5 % occupancy and about half the issue slots used, on the offline and first-token shapes. One m-tile a
-warp needs about 126 registers at head size 64 (128 at 128), so twice the warps fit, while each key and value
-fragment read from shared memory then feeds one mma instead of two. The launcher's shape held to three CTAs an SM
-compiles to 168 registers, with some spilled. Which wins is what this measures.
+The wide shape (paged_prefill.wide_tiles) gives each of four warps two m-tiles of 16 query rows, over key tiles of
+64 tokens at head size 64 and 32 at 128. That takes about 220-250 registers a thread, so an SM runs two such CTAs
+(8 warps): Nsight Compute on an H100 read 12.5 % occupancy and about half the issue slots used, on the offline and
+first-token shapes. One m-tile a warp needs about 126 registers at head size 64 (128 at 128), so twice the warps
+fit, while each key and value fragment read from shared memory then feeds one mma instead of two. The wide shape
+held to three CTAs an SM compiles to 168 registers, with some spilled. Which wins on which step is what this
+measures; the launcher picks one of the wide and narrow shapes by the step's size (paged_prefill.tiles_for).
 
 Run on a CUDA machine: python -m benchmarks.kernel_prefill_tiles [--shapes llama-3.2-1b,llama-3-8b] [--repeats 30]
 Prints, per model shape, step, cache dtype (16-bit, FP8) and tile shape: median us (CUDA events, L2 flushed before
-each run), TFLOP/s of the prompt rows' causal attention, time over the launcher's shape, and the largest difference
+each run), TFLOP/s of the prompt rows' causal attention, time over the wide shape's, whether the launcher
+picks the shape for the step, and the largest difference
 from TorchReferenceOps over the prompt rows; writes the same as <date>-kernel-prefill-tiles-<device>.{json,md}.
 A shape whose shared memory exceeds what the device gives a CTA is left out.
 """
@@ -28,11 +30,11 @@ from benchmarks import report
 from benchmarks.kernel_attention import SHAPES, Timer
 from benchmarks.kernel_prefill_steps import STEPS, StepInputs, causal_flops, step_inputs, time_launch
 from pagedserve.kernels.fp8 import FP8_DTYPE
-from pagedserve.kernels.paged_prefill import PrefillTiles, shared_bytes, tiles_for
+from pagedserve.kernels.paged_prefill import PrefillTiles, shared_bytes, tiles_for, wide_tiles
 from pagedserve.kernels.reference import TorchReferenceOps
 
-# Tried beside the launcher's shape (tiles_for), by head size: one m-tile a warp with four or eight warps and other
-# key tiles, and the launcher's shape held to three CTAs an SM.
+# Tried beside the wide shape, by head size: one m-tile a warp with four or eight warps and other key tiles (the
+# launcher's narrow shape among them), and the wide shape held to three CTAs an SM.
 CANDIDATES: dict[int, tuple[PrefillTiles, ...]] = {
     64: (PrefillTiles(1, 64), PrefillTiles(1, 64, warps=8), PrefillTiles(1, 128), PrefillTiles(1, 32),
          PrefillTiles(2, 64, min_ctas=3)),
@@ -43,13 +45,13 @@ STEP_NAMES = ("offline: 16 prompts of 1,024", "c=256: 254 decodes first, chunks 
               "c=1: chunk 1,792 at 256 of 2,048")
 CACHE_DTYPES = ((torch.bfloat16, "bf16"), (FP8_DTYPE, "fp8"))
 HEADERS = ("shape", "step", "cache", "m_tiles", "block_n", "warps", "min CTAs an SM", "us", "TFLOP/s",
-           "time / launcher's", "max |diff| from reference")
+           "time / wide", "launcher's", "max |diff| from reference")
 
 
 def tile_shapes(head_dim: int, cache_dtype: torch.dtype, max_shared_bytes: int) -> list[PrefillTiles]:
-    """The launcher's tile shape, then the candidates for head_dim whose shared memory fits max_shared_bytes."""
-    launcher = tiles_for(head_dim)
-    shapes = [launcher] + [t for t in CANDIDATES.get(head_dim, ()) if t != launcher]
+    """The wide tile shape, then the candidates for head_dim whose shared memory fits max_shared_bytes."""
+    wide = wide_tiles(head_dim)
+    shapes = [wide] + [t for t in CANDIDATES.get(head_dim, ()) if t != wide]
     return [t for t in shapes if shared_bytes(cache_dtype, head_dim, t) <= max_shared_bytes]
 
 
@@ -69,7 +71,8 @@ def sweep(shapes: Sequence[str], repeats: int) -> list[list[object]]:
     from pagedserve.kernels.paged_prefill import PagedPrefill
 
     device = torch.device("cuda", torch.cuda.current_device())
-    prefill = PagedPrefill(ModuleCache(device))
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    prefill = PagedPrefill(ModuleCache(device), num_sms)
     max_shared = int(cupy.cuda.runtime.getDeviceProperties(device.index)["sharedMemPerBlockOptin"])
     timer = Timer(repeats)
     rows: list[list[object]] = []
@@ -82,13 +85,15 @@ def sweep(shapes: Sequence[str], repeats: int) -> list[list[object]]:
                 inputs = step_inputs(shape, step, cache_dtype)
                 prompt_rows = inputs.prompt_rows()
                 expected = reference_output(inputs)[prompt_rows].float()
-                launcher_us = None
+                chosen = tiles_for(head_dim, q_heads, inputs.query.shape[0], num_sms)
+                wide_us = None
                 for tiles in tile_shapes(head_dim, cache_dtype, max_shared):
                     us, out = time_launch(timer, prefill, inputs, tiles)
-                    launcher_us = launcher_us or us
+                    wide_us = wide_us or us
                     diff = float((out[prompt_rows].float() - expected).abs().max())
                     rows.append([shape, step_name, label, tiles.m_tiles, tiles.block_n, tiles.warps, tiles.min_ctas,
-                                 round(us, 1), round(flops / us / 1e6, 1), round(us / launcher_us, 3), diff])
+                                 round(us, 1), round(flops / us / 1e6, 1), round(us / wide_us, 3),
+                                 "yes" if tiles == chosen else "", diff])
                     print("  ".join(str(v) for v in rows[-1]), flush=True)
     return rows
 
@@ -104,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     metadata = report.run_metadata("kernel-prefill-tiles", report.local_device())
     result = {"metadata": metadata, "repeats": args.repeats, "headers": list(HEADERS), "rows": rows}
     paths = report.write_outputs(report.result_stem(args.result_dir, metadata), result, report.markdown_report(
-        "Prompt attention: tile shapes against the launcher's", metadata,
+        "Prompt attention: tile shapes against the wide shape", metadata,
         [("Launches", report.markdown_table(HEADERS, rows))]))
     print("wrote " + ", ".join(str(p) for p in paths))
     return result

@@ -34,7 +34,7 @@ class CudaKernelOps:
         properties = torch.cuda.get_device_properties(device)
         self._decode = PagedDecode(modules, properties.multi_processor_count,
                                    tma=properties.major >= TMA_MIN_COMPUTE_CAPABILITY)
-        self._prefill = PagedPrefill(modules)
+        self._prefill = PagedPrefill(modules, properties.multi_processor_count)
         self._cache = CacheOps(modules, device)
         # The layer ops are LayerKernels' bound methods themselves: no wrapper call on the per-layer host path.
         layers = LayerKernels(modules)

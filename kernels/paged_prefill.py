@@ -14,13 +14,14 @@ from pagedserve.kernels.launch_args import int32, int64, log2_exact, pointer, sc
 from pagedserve.kernels.prepared_launch import LayerArgs, PreparedLaunch
 
 if TYPE_CHECKING:
-    from pagedserve.kernels.module_cache import ModuleCache
+    from pagedserve.kernels.module_cache import CompiledKernel, ModuleCache
 
 SOURCE = "paged_prefill.cu"
 TENSOR_CORE_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128  # beyond this the accumulators no longer fit in registers
 KNOWN_HEAD_DIMS = (32, 64, 80, 96, 128)
 MAX_GRID_Y = 65_535  # CUDA's limit on a grid's y dimension, where the query tiles go
+WIDE_CTAS_PER_SM = 2  # wide_tiles' CTAs an SM holds at once (registers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,9 +43,31 @@ class PrefillTiles:
         return 16 * self.m_tiles * self.warps
 
 
-def tiles_for(head_dim: int) -> PrefillTiles:
-    """Two m-tiles per warp halve shared-memory reads per mma; narrower key tiles keep wide heads in registers."""
+def wide_tiles(head_dim: int) -> PrefillTiles:
+    """Two m-tiles per warp halve shared-memory reads per mma; narrower key tiles keep wide heads in registers.
+    That takes about 220-250 registers a thread: two CTAs an SM."""
     return PrefillTiles(m_tiles=2, block_n=64 if head_dim <= 64 else 32)
+
+
+def narrow_tiles(head_dim: int) -> PrefillTiles:
+    """One m-tile per warp, over key tiles twice as wide: about 128 registers a thread, so twice the warps an SM."""
+    return PrefillTiles(m_tiles=1, block_n=2 * wide_tiles(head_dim).block_n)
+
+
+def launcher_tiles(head_dim: int) -> tuple[PrefillTiles, PrefillTiles]:
+    """The shapes tiles_for chooses between."""
+    return wide_tiles(head_dim), narrow_tiles(head_dim)
+
+
+def tiles_for(head_dim: int, num_q_heads: int, num_tokens: int, num_sms: int) -> PrefillTiles:
+    """wide_tiles, unless its CTAs over num_tokens query rows fit in one wave (WIDE_CTAS_PER_SM an SM): then
+    narrow_tiles, whose extra warps hide latency that a single wave cannot. Measured on an H100
+    (benchmarks.kernel_prefill_tiles): one prompt of 1,024 (256 wide CTAs) takes 0.90x the wide time at head size
+    64 and 0.79x at 128; one chunk of 1,792 (448) takes 1.2x, and larger steps more."""
+    wide = wide_tiles(head_dim)
+    if num_q_heads * math.ceil(num_tokens / wide.block_m) <= WIDE_CTAS_PER_SM * num_sms:
+        return narrow_tiles(head_dim)
+    return wide
 
 
 def supports(dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int) -> bool:
@@ -84,8 +107,8 @@ def num_tile_slots(num_seqs: int, num_tokens: int, block_m: int) -> int:
 def known_name_expressions() -> list[str]:
     """Every kernel instantiation the launcher asks for on the known head sizes, over caches of the query's dtype
     and FP8."""
-    return [kernel_name(dtype, cache_dtype, d, tiles_for(d)) for dtype in TENSOR_CORE_DTYPES
-            for cache_dtype in (dtype, FP8_DTYPE) for d in KNOWN_HEAD_DIMS]
+    return [kernel_name(dtype, cache_dtype, d, tiles) for dtype in TENSOR_CORE_DTYPES
+            for cache_dtype in (dtype, FP8_DTYPE) for d in KNOWN_HEAD_DIMS for tiles in launcher_tiles(d)]
 
 
 class PagedPrefill:
@@ -95,8 +118,9 @@ class PagedPrefill:
     dtype or FP8 (e4m3 holding k / k_scale and v / v_scale, compute capability 8.9 or later).
     """
 
-    def __init__(self, modules: ModuleCache) -> None:
-        self._modules = modules
+    def __init__(self, modules: ModuleCache, num_sms: int) -> None:
+        self._modules, self._num_sms = modules, num_sms
+        self._loaded: set[tuple[torch.dtype, torch.dtype, int]] = set()
 
     def prepare(self, out: Tensor, query: Tensor, key_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
                 query_start_loc: Tensor, scale: float, tiles: PrefillTiles | None = None) -> PrefillLaunch:
@@ -105,10 +129,14 @@ class PagedPrefill:
         num_kv_heads, block_size, head_dim = key_cache.shape[1:]
         num_q_heads = query.shape[1]
         num_seqs = seq_lens.shape[0]
-        tiles = tiles or tiles_for(head_dim)
+        types = (query.dtype, key_cache.dtype, head_dim)
+        if types not in self._loaded:  # both of tiles_for's shapes at once, so that no later step compiles one
+            for shape in launcher_tiles(head_dim):
+                self._kernel(*types, shape)
+            self._loaded.add(types)
+        tiles = tiles or tiles_for(head_dim, num_q_heads, query.shape[0], self._num_sms)
         smem = shared_bytes(key_cache.dtype, head_dim, tiles)
-        kernel = self._modules.kernel(SOURCE, kernel_name(query.dtype, key_cache.dtype, head_dim, tiles),
-                                      dynamic_shared_bytes=smem)
+        kernel = self._kernel(*types, tiles)
         grid = (num_q_heads, num_tile_slots(num_seqs, query.shape[0], tiles.block_m), 1)
         layer = LayerArgs(scale, is_fp8(key_cache.dtype))
         launch = PreparedLaunch(self._modules, kernel, grid, (tiles.threads, 1, 1), (
@@ -119,6 +147,11 @@ class PagedPrefill:
             layer.qk_scale, layer.v_scale,
         ), shared_bytes=smem)
         return PrefillLaunch(layer, launch)
+
+    def _kernel(self, dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int,
+                tiles: PrefillTiles) -> CompiledKernel:
+        return self._modules.kernel(SOURCE, kernel_name(dtype, cache_dtype, head_dim, tiles),
+                                    dynamic_shared_bytes=shared_bytes(cache_dtype, head_dim, tiles))
 
 
 class PrefillLaunch:

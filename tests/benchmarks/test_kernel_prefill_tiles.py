@@ -13,23 +13,24 @@ from benchmarks.kernel_prefill_tiles import CANDIDATES, tile_shapes
 from pagedserve.kernels import paged_prefill
 from pagedserve.kernels.dependent_launch import COMPILE_DEFINE
 from pagedserve.kernels.fp8 import FP8_DTYPE
-from pagedserve.kernels.paged_prefill import PrefillTiles, shared_bytes, tiles_for
+from pagedserve.kernels.paged_prefill import PrefillTiles, narrow_tiles, shared_bytes, wide_tiles
 from tests.kernels.ptx import entry_count, instantiating_unit, nvcc_ptx_command
 
 H100_SHARED_BYTES = 227 * 1024
 
 
 @pytest.mark.parametrize("head_dim", sorted(CANDIDATES))
-def test_the_launchers_shape_comes_first_then_the_candidates_once_each(head_dim: int) -> None:
+def test_the_wide_shape_comes_first_then_the_candidates_once_each_the_narrow_one_among_them(head_dim: int) -> None:
     shapes = tile_shapes(head_dim, torch.bfloat16, H100_SHARED_BYTES)
-    assert shapes[0] == tiles_for(head_dim)
-    assert len(set(shapes)) == len(shapes) == 1 + len(set(CANDIDATES[head_dim]) - {tiles_for(head_dim)})
+    assert shapes[0] == wide_tiles(head_dim)
+    assert len(set(shapes)) == len(shapes) == 1 + len(set(CANDIDATES[head_dim]) - {wide_tiles(head_dim)})
+    assert narrow_tiles(head_dim) in shapes
 
 
 def test_shapes_whose_shared_memory_exceeds_the_devices_are_left_out() -> None:
-    limit = shared_bytes(torch.bfloat16, 64, tiles_for(64))
+    limit = shared_bytes(torch.bfloat16, 64, wide_tiles(64))
     shapes = tile_shapes(64, torch.bfloat16, limit)
-    assert tiles_for(64) in shapes and PrefillTiles(1, 128) not in shapes
+    assert wide_tiles(64) in shapes and PrefillTiles(1, 128) not in shapes
     assert all(shared_bytes(torch.bfloat16, 64, t) <= limit for t in shapes)
     # An FP8 cache stages e4m3 rows and widens one tile: its own sizes decide.
     assert all(shared_bytes(FP8_DTYPE, 64, t) <= limit for t in tile_shapes(64, FP8_DTYPE, limit))
@@ -38,7 +39,7 @@ def test_shapes_whose_shared_memory_exceeds_the_devices_are_left_out() -> None:
 def test_a_tile_shape_names_its_threads_in_the_kernel() -> None:
     name = paged_prefill.kernel_name(torch.bfloat16, torch.bfloat16, 64, PrefillTiles(1, 64, warps=8))
     assert name == "paged_prefill<bfloat16_t, 64, 1, 64, 256>"
-    assert PrefillTiles(1, 64, warps=8).block_m == 128 == tiles_for(64).block_m
+    assert PrefillTiles(1, 64, warps=8).block_m == 128 == wide_tiles(64).block_m
 
 
 def test_a_register_cap_names_the_cache_type_before_it_and_the_default_names_neither() -> None:
@@ -47,7 +48,7 @@ def test_a_register_cap_names_the_cache_type_before_it_and_the_default_names_nei
         "paged_prefill<bfloat16_t, 64, 2, 64, 128, bfloat16_t, 3>")
     assert paged_prefill.kernel_name(torch.bfloat16, FP8_DTYPE, 64, capped) == (
         "paged_prefill<bfloat16_t, 64, 2, 64, 128, fp8_e4m3_t, 3>")
-    assert paged_prefill.kernel_name(torch.float16, torch.float16, 64, tiles_for(64)) == (
+    assert paged_prefill.kernel_name(torch.float16, torch.float16, 64, wide_tiles(64)) == (
         "paged_prefill<half_t, 64, 2, 64, 128>")
 
 

@@ -9,6 +9,7 @@ import torch
 
 from pagedserve.kernels.ops import KernelOps
 from pagedserve.kernels.paged_decode import MAX_WARPS, PagedDecode, decode_grid, decode_layout
+from pagedserve.kernels.paged_prefill import PrefillTiles, launcher_tiles
 from pagedserve.kernels.reference import TorchReferenceOps
 from tests.gpu_marks import NEEDS_GPU
 
@@ -70,6 +71,23 @@ class PagedCase:
         assert launch is not None
         launch.launch(self.key_cache, self.value_cache, k_scale, v_scale)
         return out
+
+    def run_prefill(self, tiles: PrefillTiles, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+        """paged_prefill alone, in `tiles`: the rows of sequences of one query row stay NaN."""
+        from pagedserve.kernels.module_cache import ModuleCache  # imports CuPy, which only GPU hosts have
+        from pagedserve.kernels.paged_prefill import PagedPrefill
+
+        device = torch.device("cuda", torch.cuda.current_device())
+        prefill = PagedPrefill(ModuleCache(device), torch.cuda.get_device_properties(device).multi_processor_count)
+        out = torch.full_like(self.query, float("nan"))
+        prefill.prepare(out, self.query, self.key_cache, self.block_tables, self.seq_lens, self.query_start_loc,
+                        self.scale, tiles).launch(self.key_cache, self.value_cache, k_scale, v_scale)
+        return out
+
+    def prompt_rows(self) -> torch.Tensor:
+        """The query rows of sequences of two or more (those paged_prefill computes)."""
+        q_lens = self.query_start_loc.diff()
+        return torch.repeat_interleave(q_lens >= 2, q_lens)
 
     def run(self, ops: KernelOps) -> torch.Tensor:
         out = torch.full_like(self.query, float("nan"))  # unwritten rows stay NaN and fail the comparison
@@ -167,6 +185,21 @@ def test_mixed_batch_of_decodes_prefills_and_idle_sequences(ops: KernelOps, dtyp
                                                             block_size: int) -> None:
     case = PagedCase([33, 1000, 5, 200, 17], [1, 130, 0, 1, 17], 4, 8, 64, block_size, dtype, seed=7)
     _assert_matches_reference(case, ops, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("shape", ["wide", "narrow"])
+def test_each_prefill_tile_shape_of_the_launcher_matches_reference(dtype: torch.dtype, head_dim: int,
+                                                                   shape: str) -> None:
+    # Full prompts (one of three wide query tiles), a chunk over cached context, decodes and an idle sequence.
+    tiles = dict(zip(("wide", "narrow"), launcher_tiles(head_dim), strict=True))[shape]
+    case = PagedCase([77, 300, 1000, 5, 200, 17], [77, 300, 130, 0, 1, 17], 2, 4, head_dim, 16, dtype, seed=head_dim)
+    case.poison_stale_slots()
+    rows = case.prompt_rows()
+    got, expected = case.run_prefill(tiles)[rows], case.run(TorchReferenceOps())[rows]
+    assert rows.sum() == 77 + 300 + 130 + 17 and not got.isnan().any()
+    torch.testing.assert_close(got.float(), expected.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
 def test_prefill_of_a_long_prompt(ops: KernelOps) -> None:

@@ -158,6 +158,19 @@ def test_fp8_prefill_of_other_head_sizes_matches_reference(ops: KernelOps, dtype
     _assert_poisoned_case_matches_reference(case, ops)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("shape", ["wide", "narrow"])
+def test_fp8_prefill_in_each_tile_shape_of_the_launcher_matches_reference(dtype: torch.dtype, head_dim: int,
+                                                                          shape: str) -> None:
+    tiles = dict(zip(("wide", "narrow"), paged_prefill.launcher_tiles(head_dim), strict=True))[shape]
+    case = _fp8_case(PREFILL_SEQ_LENS, PREFILL_Q_LENS, 4, head_dim, dtype, seed=head_dim, poison_stale_slots=True)
+    rows = case.prompt_rows()
+    got, expected = case.run_prefill(tiles, K_SCALE, V_SCALE)[rows], _run(case, TorchReferenceOps())[rows]
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
 @pytest.fixture
 def kernel_names(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The name of every kernel the launchers fetch (once per launch) while the test runs."""
@@ -178,9 +191,14 @@ def kernel_names(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fp8_multi_row_batches_run_the_tensor_core_prefill(ops: KernelOps, kernel_names: list[str],
                                                            dtype: torch.dtype) -> None:
+    # The first prefill of a dtype loads both of the launcher's tile shapes; a step after it fetches one.
+    _run(_fp8_case(PREFILL_SEQ_LENS, PREFILL_Q_LENS, 4, 128, dtype, seed=4), ops)
+    kernel_names.clear()
     case = _fp8_case(MIXED_SEQ_LENS, MIXED_Q_LENS, 4, 128, dtype, seed=5)
     _run(case, ops)
-    tensor_core = paged_prefill.kernel_name(dtype, FP8_DTYPE, 128, paged_prefill.tiles_for(128))
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    tiles = paged_prefill.tiles_for(128, case.query.shape[1], case.query.shape[0], num_sms)
+    tensor_core = paged_prefill.kernel_name(dtype, FP8_DTYPE, 128, tiles)
     assert tensor_core.endswith(", fp8_e4m3_t>")
     # The prefill rows in one launch of it; then paged_decode for the decode rows only (and its split merge).
     assert kernel_names[0] == tensor_core
