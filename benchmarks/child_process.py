@@ -1,8 +1,17 @@
-"""Stopping the child processes a benchmark starts (a server, a gateway)."""
+"""The child processes a benchmark starts (a server, a gateway): tethered to it, and stopped."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
+from collections.abc import Sequence
+
+
+def tethered_command(module: str, args: Sequence[str]) -> list[str]:
+    """`python -m module args` as a child that exits soon after this process ends, however it ends
+    (benchmarks/tethered.py)."""
+    return [sys.executable, "-m", "benchmarks.tethered", str(os.getpid()), module, *args]
 
 
 def stop(process: subprocess.Popen[bytes], grace_s: float) -> None:

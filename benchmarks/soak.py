@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 
 from benchmarks import report
+from benchmarks.child_process import tethered_command
 from benchmarks.model_shapes import sampling_vocab_size
 from benchmarks.soak_checks import REQUEST_KINDS
 from benchmarks.soak_faults import HealthMonitor, ServeLog, Soak, compute_references, make_prompts, settle
@@ -186,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     metadata, modified_files = report.run_metadata("soak", device_label(command)), _modified_files()
     print(f"[soak] {shlex.join(command)}\n[soak] serve log: {log_path}", flush=True)
     with log_path.open("wb") as log_file:
-        serve = subprocess.Popen([sys.executable, "-m", "pagedserve.runtime.cli", *command[1:]],
+        serve = subprocess.Popen(tethered_command("pagedserve.runtime.cli", command[1:]),
                                  stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     log = ServeLog(log_path)
     seen_pids: set[int] = set()
