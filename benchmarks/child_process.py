@@ -1,4 +1,5 @@
-"""The child processes a benchmark starts (a server, a gateway): tethered to it, and stopped."""
+"""The child processes a benchmark starts (a server, a gateway): a server's command tethered to the benchmark, and
+stopping either."""
 
 from __future__ import annotations
 

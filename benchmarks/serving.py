@@ -124,14 +124,15 @@ def wait_serving(address: str, process: subprocess.Popen[bytes], log_path: Path,
 def server_process(
     model_dir: Path, args: argparse.Namespace, log_path: Path
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """`pagedserve serve` in a child process on a free loopback port; SIGTERM on exit, and its own exit soon after
-    this process's however this one ends (tethered)."""
+    """`pagedserve serve` in a child process on a free loopback port: SIGTERM on exit, and tethered, so that it ends
+    soon after this process however this one ends."""
     port = free_loopback_port()
-    command = tethered_command("pagedserve.runtime.cli", ["serve", "--model", str(model_dir),
-               "--load-format", args.load_format, "--dtype", args.dtype, "--kv-cache-dtype", args.kv_cache_dtype,
-               "--quantization", args.quantization, "--host", "127.0.0.1", "--port", str(port),
-               "--tensor-parallel-size", str(args.tensor_parallel_size),
-               *(["--quantize-lm-head"] if args.quantize_lm_head else []), *shlex.split(args.serve_args)])
+    command = tethered_command("pagedserve.runtime.cli", [
+        "serve", "--model", str(model_dir), "--load-format", args.load_format, "--dtype", args.dtype,
+        "--kv-cache-dtype", args.kv_cache_dtype, "--quantization", args.quantization, "--host", "127.0.0.1",
+        "--port", str(port), "--tensor-parallel-size", str(args.tensor_parallel_size),
+        *(["--quantize-lm-head"] if args.quantize_lm_head else []), *shlex.split(args.serve_args),
+    ])
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -31,7 +31,9 @@ def exit_when_parent_dies(parent_pid: int) -> None:
 def _watch(parent_pid: int) -> None:
     while os.getppid() == parent_pid:
         time.sleep(POLL_INTERVAL_S)
-    log.error("parent_process_gone", parent_pid=parent_pid, action="exiting")
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(STOP_GRACE_S)
-    os._exit(1)
+    try:
+        log.error("parent_process_gone", parent_pid=parent_pid, action="exiting")
+    finally:  # the log's stream may be a pipe the parent held, closed now: the process ends all the same
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(STOP_GRACE_S)
+        os._exit(1)
