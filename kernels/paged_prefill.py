@@ -50,7 +50,8 @@ def wide_tiles(head_dim: int) -> PrefillTiles:
 
 
 def narrow_tiles(head_dim: int) -> PrefillTiles:
-    """One m-tile per warp, over key tiles twice as wide: about 128 registers a thread, so twice the warps an SM."""
+    """One m-tile per warp, over key tiles twice as wide: query tiles of half the rows, so twice the CTAs. Its
+    shared memory (about 83-87 KB) still lets an SM hold two of them on an H100."""
     return PrefillTiles(m_tiles=1, block_n=2 * wide_tiles(head_dim).block_n)
 
 
@@ -61,10 +62,15 @@ def launcher_tiles(head_dim: int) -> tuple[PrefillTiles, PrefillTiles]:
 
 def tiles_for(head_dim: int, num_q_heads: int, num_tokens: int, num_sms: int) -> PrefillTiles:
     """wide_tiles, unless its CTAs over num_tokens query rows fit in one wave (WIDE_CTAS_PER_SM an SM): then
-    narrow_tiles, whose extra warps hide latency that a single wave cannot. Measured on an H100
-    (benchmarks.kernel_prefill_tiles): one prompt of 1,024 (256 wide CTAs) takes 0.90x the wide time at head size
-    64 and 0.79x at 128; one chunk of 1,792 (448) takes 1.2x, and larger steps more."""
+    narrow_tiles. In one wave a launch lasts as long as its longest CTA, the last query tile of the longest prompt
+    (it attends to every key); half-height tiles halve that. Beyond one wave the wide shape's fewer shared-memory
+    reads per mma win. Calibrated on an H100 (sm_90, 228 KB of shared memory an SM; benchmarks.kernel_prefill_tiles):
+    one prompt of 1,024 (256 wide CTAs) takes 0.90x the wide time at head size 64 and 0.79x at 128; one chunk of
+    1,792 (448) takes 1.2-1.3x; no step between those two was measured. Decode rows beside the prompts count in
+    num_tokens, though the kernel skips them: at the boundary such a step takes the wide shape."""
     wide = wide_tiles(head_dim)
+    # The CTAs with query rows to compute, about: grid y (num_tile_slots) also holds a slot per sequence for the
+    # rounding of each one's last tile, most of which exit at once.
     if num_q_heads * math.ceil(num_tokens / wide.block_m) <= WIDE_CTAS_PER_SM * num_sms:
         return narrow_tiles(head_dim)
     return wide

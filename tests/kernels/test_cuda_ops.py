@@ -192,7 +192,7 @@ def test_mixed_batch_of_decodes_prefills_and_idle_sequences(ops: KernelOps, dtyp
 @pytest.mark.parametrize("shape", ["wide", "narrow"])
 def test_each_prefill_tile_shape_of_the_launcher_matches_reference(dtype: torch.dtype, head_dim: int,
                                                                    shape: str) -> None:
-    # Full prompts (one of three wide query tiles), a chunk over cached context, decodes and an idle sequence.
+    # Full prompts (one of 300 rows: three wide query tiles), a chunk over cached context, a decode, an idle sequence.
     tiles = dict(zip(("wide", "narrow"), launcher_tiles(head_dim), strict=True))[shape]
     case = PagedCase([77, 300, 1000, 5, 200, 17], [77, 300, 130, 0, 1, 17], 2, 4, head_dim, 16, dtype, seed=head_dim)
     case.poison_stale_slots()

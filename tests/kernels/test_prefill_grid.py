@@ -23,10 +23,10 @@ H100_SMS = 132
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_a_step_whose_wide_ctas_fit_one_wave_takes_the_narrow_tiles(head_dim: int) -> None:
-    # 32 query heads: one prompt of 1,024 is 256 wide CTAs, two an SM fit 264; 1,056 rows are 288.
+    # 32 query heads: one prompt of 1,024 is 256 wide CTAs, two an SM fit 264; 1,025 rows are 288.
     assert tiles_for(head_dim, 32, 1024, H100_SMS) == narrow_tiles(head_dim)
     assert tiles_for(head_dim, 32, 1, H100_SMS) == narrow_tiles(head_dim)
-    assert tiles_for(head_dim, 32, 1056, H100_SMS) == wide_tiles(head_dim)
+    assert tiles_for(head_dim, 32, 1025, H100_SMS) == wide_tiles(head_dim)
     assert tiles_for(head_dim, 32, 16 * 1024, H100_SMS) == wide_tiles(head_dim)
     # Fewer SMs make one wave smaller.
     assert tiles_for(head_dim, 32, 1024, 64) == wide_tiles(head_dim)
@@ -38,7 +38,7 @@ def test_a_step_whose_wide_ctas_fit_one_wave_takes_the_narrow_tiles(head_dim: in
 def test_the_narrow_tiles_hold_one_m_tile_a_warp_over_key_tiles_twice_as_wide(head_dim: int, wide: PrefillTiles,
                                                                              narrow: PrefillTiles) -> None:
     assert (wide_tiles(head_dim), narrow_tiles(head_dim)) == (wide, narrow)
-    assert narrow.block_m * 2 == wide.block_m == BLOCK_M
+    assert narrow_tiles(head_dim).block_m * 2 == wide_tiles(head_dim).block_m == BLOCK_M
 
 
 @pytest.mark.parametrize("query_lens", [
