@@ -21,7 +21,7 @@ import torch
 
 from benchmarks.kernel_attention import BLOCK_SIZE, SHAPES, Timer
 from pagedserve.kernels.fp8 import FP8_DTYPE
-from pagedserve.kernels.paged_prefill import PagedPrefill, PrefillTiles
+from pagedserve.kernels.paged_prefill import PagedPrefill, PrefillTiles, computed_rows
 
 DECODE_CONTEXT = 1100
 C256_CHUNKS = [(1024, 1024), (776, 776)]
@@ -66,8 +66,7 @@ class StepInputs:
 
     def prompt_rows(self) -> torch.Tensor:
         """Which query rows paged_prefill computes: those of sequences with two or more."""
-        lens = self.query_start_loc.diff()
-        return torch.repeat_interleave(lens >= 2, lens, output_size=self.query.shape[0])
+        return computed_rows(self.query_start_loc, self.query.shape[0])
 
 
 def step_inputs(shape: str, step: list[tuple[int, int]], cache_dtype: torch.dtype, seed: int = 0) -> StepInputs:

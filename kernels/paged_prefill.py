@@ -110,6 +110,13 @@ def num_tile_slots(num_seqs: int, num_tokens: int, block_m: int) -> int:
     return slots
 
 
+def computed_rows(query_start_loc: Tensor, num_rows: int) -> Tensor:
+    """Which of a step's num_rows query rows paged_prefill computes (bool [num_rows]): those of sequences with two
+    or more; it leaves the others to paged_decode."""
+    lens = query_start_loc.diff()
+    return torch.repeat_interleave(lens >= 2, lens, output_size=num_rows)
+
+
 def known_name_expressions() -> list[str]:
     """Every kernel instantiation the launcher asks for on the known head sizes, over caches of the query's dtype
     and FP8."""

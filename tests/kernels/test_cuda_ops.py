@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
 
 from pagedserve.kernels.ops import KernelOps
 from pagedserve.kernels.paged_decode import MAX_WARPS, PagedDecode, decode_grid, decode_layout
-from pagedserve.kernels.paged_prefill import PrefillTiles, launcher_tiles
+from pagedserve.kernels.paged_prefill import PrefillTiles, computed_rows, narrow_tiles, wide_tiles
 from pagedserve.kernels.reference import TorchReferenceOps
 from tests.gpu_marks import NEEDS_GPU
 
@@ -86,8 +87,7 @@ class PagedCase:
 
     def prompt_rows(self) -> torch.Tensor:
         """The query rows of sequences of two or more (those paged_prefill computes)."""
-        q_lens = self.query_start_loc.diff()
-        return torch.repeat_interleave(q_lens >= 2, q_lens)
+        return computed_rows(self.query_start_loc, self.query.shape[0])
 
     def run(self, ops: KernelOps) -> torch.Tensor:
         out = torch.full_like(self.query, float("nan"))  # unwritten rows stay NaN and fail the comparison
@@ -189,11 +189,11 @@ def test_mixed_batch_of_decodes_prefills_and_idle_sequences(ops: KernelOps, dtyp
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("shape", ["wide", "narrow"])
+@pytest.mark.parametrize("tiles_of", [wide_tiles, narrow_tiles], ids=["wide", "narrow"])
 def test_each_prefill_tile_shape_of_the_launcher_matches_reference(dtype: torch.dtype, head_dim: int,
-                                                                   shape: str) -> None:
+                                                                   tiles_of: Callable[[int], PrefillTiles]) -> None:
     # Full prompts (one of 300 rows: three wide query tiles), a chunk over cached context, a decode, an idle sequence.
-    tiles = dict(zip(("wide", "narrow"), launcher_tiles(head_dim), strict=True))[shape]
+    tiles = tiles_of(head_dim)
     case = PagedCase([77, 300, 1000, 5, 200, 17], [77, 300, 130, 0, 1, 17], 2, 4, head_dim, 16, dtype, seed=head_dim)
     case.poison_stale_slots()
     rows = case.prompt_rows()

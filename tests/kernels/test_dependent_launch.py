@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pagedserve.kernels import dependent_launch
 from pagedserve.kernels.dependent_launch import COMPILE_DEFINE, MIN_COMPUTE_CAPABILITY, LaunchAttribute, LaunchConfig
 from pagedserve.kernels.fp8 import quantize_per_row
 from pagedserve.kernels.reference import TorchReferenceOps
 from tests.gpu_marks import NEEDS_FP8_GPU
+from tests.kernels.ptx import KERNEL_DIR
 
-KERNEL_DIR = Path(dependent_launch.__file__).resolve().parent
 WAITS = ("begin_dependent_grid();", "wait_for_prior_grid();")
 # What a kernel may not touch before its wait: the activations it reads and what it writes (decode_gemv's names).
 BEFORE_WAIT_FORBIDDEN = ("x", "x_row_stride", "out", "scales", "bias", "load_x")

@@ -3,6 +3,7 @@ compute capability 8.9 or later and CuPy)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import pytest
@@ -160,10 +161,11 @@ def test_fp8_prefill_of_other_head_sizes_matches_reference(ops: KernelOps, dtype
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("shape", ["wide", "narrow"])
-def test_fp8_prefill_in_each_tile_shape_of_the_launcher_matches_reference(dtype: torch.dtype, head_dim: int,
-                                                                          shape: str) -> None:
-    tiles = dict(zip(("wide", "narrow"), paged_prefill.launcher_tiles(head_dim), strict=True))[shape]
+@pytest.mark.parametrize("tiles_of", [paged_prefill.wide_tiles, paged_prefill.narrow_tiles], ids=["wide", "narrow"])
+def test_fp8_prefill_in_each_tile_shape_of_the_launcher_matches_reference(
+    dtype: torch.dtype, head_dim: int, tiles_of: Callable[[int], paged_prefill.PrefillTiles],
+) -> None:
+    tiles = tiles_of(head_dim)
     case = _fp8_case(PREFILL_SEQ_LENS, PREFILL_Q_LENS, 4, head_dim, dtype, seed=head_dim, poison_stale_slots=True)
     rows = case.prompt_rows()
     got, expected = case.run_prefill(tiles, K_SCALE, V_SCALE)[rows], _run(case, TorchReferenceOps())[rows]
