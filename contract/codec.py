@@ -48,24 +48,26 @@ def _field_kind(field: FieldDescriptor) -> _FieldKind:
 # SamplingParams' fields and the proto message's are the same names (a test holds them to it), so a new knob needs
 # no edit here: the wire form is read off the message's descriptor.
 _SAMPLING_FIELDS = tuple((f.name, _field_kind(f)) for f in common_pb2.SamplingParams.DESCRIPTOR.fields)
+_SAMPLING_KINDS = dict(_SAMPLING_FIELDS)
 
 
 def sampling_params_from_proto(pb: common_pb2.SamplingParams) -> SamplingParams:
-    """Parameters with every unset field at vLLM's default; InvalidArgumentError on a bad range."""
+    """Parameters with every unset field at vLLM's default; InvalidArgumentError on a bad range.
+
+    Only the fields set on the wire are read (ListFields): a request sets a few of the 25, and this runs on every
+    request's path in the frontend, the engine and the worker. A plain field at its zero is not listed, and its zero
+    is the SamplingParams default (a test holds them to it)."""
     values: dict[str, Any] = {}
-    for name, kind in _SAMPLING_FIELDS:
-        if kind is _FieldKind.OPTIONAL:
-            if pb.HasField(name):
-                values[name] = getattr(pb, name)
-        elif kind is _FieldKind.REPEATED:
-            values[name] = tuple(getattr(pb, name))
+    for field, value in pb.ListFields():
+        kind = _SAMPLING_KINDS[field.name]
+        if kind is _FieldKind.REPEATED:
+            values[field.name] = tuple(value)
         elif kind is _FieldKind.MAP:
-            values[name] = dict(getattr(pb, name))
+            values[field.name] = dict(value)
         elif kind is _FieldKind.CONSTRAINT:
-            if pb.HasField(name):
-                values[name] = structured_output_from_proto(getattr(pb, name))
+            values[field.name] = structured_output_from_proto(value)
         else:
-            values[name] = getattr(pb, name)
+            values[field.name] = value
     return SamplingParams(**values)
 
 

@@ -26,11 +26,6 @@ MAX_BAD_WORD_CHARS = 1024
 GREEDY_TEMPERATURE = 1e-5
 
 
-def _require(ok: bool, field: str, message: str) -> None:
-    if not ok:
-        raise InvalidArgumentError(field, message)
-
-
 def _check_vocabulary(field: str, token_ids: Sequence[int], vocab_size: int) -> None:
     """InvalidArgumentError naming the first id outside [0, vocab_size). All in: one min and one max, no Python per id
     (a 1,024-token prompt checked id by id took about 0.3 ms of the frontend's event loop)."""
@@ -40,12 +35,13 @@ def _check_vocabulary(field: str, token_ids: Sequence[int], vocab_size: int) -> 
 
 
 def _check_float_range(field: str, value: float, low: float, high: float) -> None:
-    _require(math.isfinite(value) and low <= value <= high, field, f"must be in [{low}, {high}], got {value}")
+    if not (math.isfinite(value) and low <= value <= high):
+        raise InvalidArgumentError(field, f"must be in [{low}, {high}], got {value}")
 
 
 def _check_optional_count(field: str, value: int | None, low: int, high: int) -> None:
-    if value is not None:
-        _require(low <= value <= high, field, f"must be in [{low}, {high}], got {value}")
+    if value is not None and not low <= value <= high:
+        raise InvalidArgumentError(field, f"must be in [{low}, {high}], got {value}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,141 +101,123 @@ class SamplingParams:
 
     def validate(self, vocab_size: int, max_model_len: int, num_prompt_tokens: int) -> None:
         """Raises InvalidArgumentError unless these parameters fit a model and a prompt of this length."""
-        _require(
-            len(self.logit_bias) <= vocab_size,
-            "logit_bias",
-            f"at most one entry per vocabulary id ({vocab_size}), got {len(self.logit_bias)}",
-        )
-        _require(
-            len(self.allowed_token_ids) <= vocab_size,
-            "allowed_token_ids",
-            f"at most one entry per vocabulary id ({vocab_size}), got {len(self.allowed_token_ids)}",
-        )
+        if len(self.logit_bias) > vocab_size:
+            raise InvalidArgumentError(
+                "logit_bias", f"at most one entry per vocabulary id ({vocab_size}), got {len(self.logit_bias)}"
+            )
+        if len(self.allowed_token_ids) > vocab_size:
+            raise InvalidArgumentError(
+                "allowed_token_ids",
+                f"at most one entry per vocabulary id ({vocab_size}), got {len(self.allowed_token_ids)}",
+            )
         checked_ids = (
-            ("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias),
+            ("stop_token_ids", self.stop_token_ids),
+            ("logit_bias", self.logit_bias),
             ("allowed_token_ids", self.allowed_token_ids),
         )
         for name, token_ids in checked_ids:
             _check_vocabulary(name, tuple(token_ids), vocab_size)
         max_new_tokens = max_model_len - num_prompt_tokens
         if self.max_tokens is None:
-            _require(
-                max_new_tokens >= 1,
-                "max_tokens",
-                f"This model's maximum context length is {max_model_len} tokens, and the prompt has "
-                f"{num_prompt_tokens} tokens, which leaves no room for the completion. "
-                "Please reduce the length of the prompt.",
-            )
-            _require(
-                self.min_tokens <= max_new_tokens,
-                "min_tokens",
-                f"must leave room for the prompt: at most {max_new_tokens} with a prompt of "
-                f"{num_prompt_tokens} tokens, got {self.min_tokens}",
-            )
+            if max_new_tokens < 1:
+                raise InvalidArgumentError(
+                    "max_tokens",
+                    f"This model's maximum context length is {max_model_len} tokens, and the prompt has "
+                    f"{num_prompt_tokens} tokens, which leaves no room for the completion. "
+                    "Please reduce the length of the prompt.",
+                )
+            if self.min_tokens > max_new_tokens:
+                raise InvalidArgumentError(
+                    "min_tokens",
+                    f"must leave room for the prompt: at most {max_new_tokens} with a prompt of "
+                    f"{num_prompt_tokens} tokens, got {self.min_tokens}",
+                )
             return
-        _require(
-            num_prompt_tokens + self.max_tokens <= max_model_len,
-            "max_tokens",
-            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{num_prompt_tokens + self.max_tokens} tokens ({num_prompt_tokens} in the messages, "
-            f"{self.max_tokens} in the completion). Please reduce the length of the messages or completion.",
-        )
+        if num_prompt_tokens + self.max_tokens > max_model_len:
+            raise InvalidArgumentError(
+                "max_tokens",
+                f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                f"{num_prompt_tokens + self.max_tokens} tokens ({num_prompt_tokens} in the messages, "
+                f"{self.max_tokens} in the completion). Please reduce the length of the messages or completion.",
+            )
 
     def _check_counts(self) -> None:
-        _require(1 <= self.n <= MAX_N, "n", f"must be in [1, {MAX_N}], got {self.n}")
-        _require(self.min_tokens >= 0, "min_tokens", f"must be non-negative, got {self.min_tokens}")
+        if not 1 <= self.n <= MAX_N:
+            raise InvalidArgumentError("n", f"must be in [1, {MAX_N}], got {self.n}")
+        if self.min_tokens < 0:
+            raise InvalidArgumentError("min_tokens", f"must be non-negative, got {self.min_tokens}")
         if self.max_tokens is not None:
-            _require(self.max_tokens >= 1, "max_tokens", f"must be at least 1, got {self.max_tokens}")
-            _require(
-                self.min_tokens <= self.max_tokens,
-                "min_tokens",
-                f"must be at most max_tokens={self.max_tokens}, got {self.min_tokens}",
-            )
+            if self.max_tokens < 1:
+                raise InvalidArgumentError("max_tokens", f"must be at least 1, got {self.max_tokens}")
+            if self.min_tokens > self.max_tokens:
+                raise InvalidArgumentError(
+                    "min_tokens", f"must be at most max_tokens={self.max_tokens}, got {self.min_tokens}"
+                )
         _check_optional_count("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         _check_optional_count("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
-        if self.seed is not None:
-            _require(0 <= self.seed <= MAX_SEED, "seed", f"must be in [0, 2**64 - 1], got {self.seed}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise InvalidArgumentError("seed", f"must be in [0, 2**64 - 1], got {self.seed}")
 
     def _check_distribution(self) -> None:
-        _require(
-            math.isfinite(self.temperature) and self.temperature >= 0.0,
-            "temperature",
-            f"must be non-negative, got {self.temperature}",
-        )
-        _require(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
-        _require(
-            self.top_k >= -1,
-            "top_k",
-            f"must be -1 or 0 (no limit) or at least 1, got {self.top_k}",
-        )
+        if not (math.isfinite(self.temperature) and self.temperature >= 0.0):
+            raise InvalidArgumentError("temperature", f"must be non-negative, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidArgumentError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise InvalidArgumentError("top_k", f"must be -1 or 0 (no limit) or at least 1, got {self.top_k}")
         _check_float_range("min_p", self.min_p, 0.0, 1.0)
         _check_float_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _check_float_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
-        _require(
-            math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0.0,
-            "repetition_penalty",
-            f"must be positive, got {self.repetition_penalty}",
-        )
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0.0):
+            raise InvalidArgumentError("repetition_penalty", f"must be positive, got {self.repetition_penalty}")
 
     def _check_stops(self) -> None:
         # Counts first: a rejected list is never walked, and its values are never echoed.
-        _require(
-            len(self.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}"
-        )
-        _require(all(self.stop), "stop", "must not contain an empty string")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidArgumentError("stop", f"at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
+        if not all(self.stop):
+            raise InvalidArgumentError("stop", "must not contain an empty string")
         longest = max(map(len, self.stop), default=0)
-        _require(
-            longest <= MAX_STOP_STRING_CHARS,
-            "stop",
-            f"each string at most {MAX_STOP_STRING_CHARS} characters, got one of {longest}",
-        )
-        _require(
-            len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
-            "stop_token_ids",
-            f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}",
-        )
-        _require(
-            all(token_id >= 0 for token_id in self.stop_token_ids),
-            "stop_token_ids",
-            f"must be non-negative, got {list(self.stop_token_ids)}",
-        )
+        if longest > MAX_STOP_STRING_CHARS:
+            raise InvalidArgumentError(
+                "stop", f"each string at most {MAX_STOP_STRING_CHARS} characters, got one of {longest}"
+            )
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidArgumentError(
+                "stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}"
+            )
+        if not all(token_id >= 0 for token_id in self.stop_token_ids):
+            raise InvalidArgumentError("stop_token_ids", f"must be non-negative, got {list(self.stop_token_ids)}")
 
     def _check_logit_bias(self) -> None:
         for token_id, bias in self.logit_bias.items():
-            _require(token_id >= 0, "logit_bias", f"token id {token_id} must be non-negative")
-            _require(
-                math.isfinite(bias) and abs(bias) <= MAX_LOGIT_BIAS,
-                "logit_bias",
-                f"bias of token {token_id} must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias}",
-            )
+            if token_id < 0:
+                raise InvalidArgumentError("logit_bias", f"token id {token_id} must be non-negative")
+            if not (math.isfinite(bias) and abs(bias) <= MAX_LOGIT_BIAS):
+                raise InvalidArgumentError(
+                    "logit_bias",
+                    f"bias of token {token_id} must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias}",
+                )
 
     def _check_vllm_extras(self) -> None:
-        _require(
-            all(token_id >= 0 for token_id in self.allowed_token_ids),
-            "allowed_token_ids",
-            "token ids must be non-negative",
-        )
-        _require(
-            len(self.bad_words) <= MAX_BAD_WORDS,
-            "bad_words",
-            f"at most {MAX_BAD_WORDS} words, got {len(self.bad_words)}",
-        )
-        _require(all(word.strip() for word in self.bad_words), "bad_words", "must not contain an empty word")
+        if not all(token_id >= 0 for token_id in self.allowed_token_ids):
+            raise InvalidArgumentError("allowed_token_ids", "token ids must be non-negative")
+        if len(self.bad_words) > MAX_BAD_WORDS:
+            raise InvalidArgumentError("bad_words", f"at most {MAX_BAD_WORDS} words, got {len(self.bad_words)}")
+        if not all(word.strip() for word in self.bad_words):
+            raise InvalidArgumentError("bad_words", "must not contain an empty word")
         longest = max(map(len, self.bad_words), default=0)
-        _require(
-            longest <= MAX_BAD_WORD_CHARS,
-            "bad_words",
-            f"each word at most {MAX_BAD_WORD_CHARS} characters, got one of {longest}",
-        )
-        if self.truncate_prompt_tokens is not None:
-            _require(
-                self.truncate_prompt_tokens == -1 or self.truncate_prompt_tokens >= 1,
-                "truncate_prompt_tokens",
-                f"must be -1 (the maximum model length) or at least 1, got {self.truncate_prompt_tokens}",
+        if longest > MAX_BAD_WORD_CHARS:
+            raise InvalidArgumentError(
+                "bad_words", f"each word at most {MAX_BAD_WORD_CHARS} characters, got one of {longest}"
             )
-        if self.best_of is not None:
-            _require(
-                self.best_of == self.n,
+        keep = self.truncate_prompt_tokens
+        if keep is not None and keep != -1 and keep < 1:
+            raise InvalidArgumentError(
+                "truncate_prompt_tokens", f"must be -1 (the maximum model length) or at least 1, got {keep}"
+            )
+        if self.best_of is not None and self.best_of != self.n:
+            raise InvalidArgumentError(
                 "best_of",
                 f"only best_of == n ({self.n}) is supported (vLLM V1 removed best_of > n), got {self.best_of}",
             )
@@ -257,11 +235,11 @@ def truncated_prompt(prompt_token_ids: Sequence[int], params: SamplingParams, ma
 def validate_prompt(prompt_token_ids: Sequence[int], vocab_size: int, max_model_len: int) -> None:
     """Raises InvalidArgumentError unless the prompt is non-empty, fits the context and is in the vocabulary
     (the length first: an over-long prompt is never walked)."""
-    _require(len(prompt_token_ids) > 0, "prompt", "must not be empty")
-    _require(
-        len(prompt_token_ids) <= max_model_len,
-        "prompt",
-        f"the prompt (length {len(prompt_token_ids)}) is longer than the maximum model length of "
-        f"{max_model_len}",
-    )
+    if len(prompt_token_ids) == 0:
+        raise InvalidArgumentError("prompt", "must not be empty")
+    if len(prompt_token_ids) > max_model_len:
+        raise InvalidArgumentError(
+            "prompt",
+            f"the prompt (length {len(prompt_token_ids)}) is longer than the maximum model length of {max_model_len}",
+        )
     _check_vocabulary("prompt", prompt_token_ids, vocab_size)

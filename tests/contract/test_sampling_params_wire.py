@@ -17,6 +17,14 @@ def test_every_sampling_field_has_a_wire_field_of_the_same_name() -> None:
     assert {f.name for f in dataclasses.fields(SamplingParams)} == wire
 
 
+def test_a_field_without_presence_has_its_wire_zero_as_its_default() -> None:
+    """The codec reads only the fields a message lists, and proto3 lists no such field at its zero."""
+    defaults = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
+    no_presence = [f for f in common_pb2.SamplingParams.DESCRIPTOR.fields if not f.has_presence and not f.is_repeated]
+    assert no_presence, "the message has fields without presence"
+    assert {f.name: f.default_value for f in no_presence} == {f.name: defaults[f.name] for f in no_presence}
+
+
 def test_logit_bias_crosses_the_wire_unchanged() -> None:
     params = SamplingParams(logit_bias={3: 1.5, 31999: -100.0}, temperature=0.0)
     assert sampling_params_from_proto(sampling_params_to_proto(params)) == params
