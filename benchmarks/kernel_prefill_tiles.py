@@ -109,13 +109,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--result-dir", type=Path, default=report.DEFAULT_RESULT_DIR)
     args = parser.parse_args(argv)
     rows = sweep(report.listed_names(parser, "--shapes", args.shapes, sorted(SHAPES)), args.repeats)
-    metadata = report.run_metadata("kernel-prefill-tiles", report.local_device())
-    result = {"metadata": metadata, "repeats": args.repeats, "headers": list(HEADERS), "rows": rows}
-    paths = report.write_outputs(report.result_stem(args.result_dir, metadata), result, report.markdown_report(
-        "Prompt attention: tile shapes against the wide shape", metadata,
-        [("Launches", report.markdown_table(HEADERS, rows))]))
-    print("wrote " + ", ".join(str(p) for p in paths))
-    return result
+    title = "Prompt attention: tile shapes against the wide shape"
+    return report.write_launch_table(args.result_dir, "kernel-prefill-tiles", title, HEADERS, rows, args.repeats)
 
 
 if __name__ == "__main__":

@@ -104,6 +104,18 @@ def write_outputs(stem: Path, result: dict[str, Any], markdown: str) -> list[Pat
     return [json_path, md_path]
 
 
+def write_launch_table(result_dir: Path, benchmark: str, title: str, headers: Sequence[str],
+                       rows: Sequence[Row], repeats: int) -> dict[str, Any]:
+    """The record of a kernel benchmark that is one table of launches on this process's device: writes
+    <date>-<benchmark>-<device>.{json,md}, prints their paths and returns the JSON's content."""
+    metadata = run_metadata(benchmark, local_device())
+    result = {"metadata": metadata, "repeats": repeats, "headers": list(headers), "rows": [list(r) for r in rows]}
+    paths = write_outputs(result_stem(result_dir, metadata), result, markdown_report(
+        title, metadata, [("Launches", markdown_table(headers, rows))]))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return result
+
+
 def pyplot() -> Any | None:
     """matplotlib's pyplot on a file backend, or None where matplotlib is not installed (plots are optional)."""
     try:

@@ -1,0 +1,146 @@
+"""The decoder layer's element-wise kernels (kernels/layer_kernels.cu) at a prompt step's row counts, against a
+device copy of the same bytes: whether a prompt's device time has anything to win there.
+
+    python -m benchmarks.kernel_layer_rows [--shapes llama-3.2-1b,llama-3-8b] [--rows 1,1024,2048] [--repeats 50]
+
+Per kernel, model shape and rows: median us of one launch (CUDA events, L2 flushed before each run), the least bytes
+it must move (each input read once, each output written once, in the model dtype, bf16), the GB/s that makes, and
+the time of a torch copy moving as many bytes (half read, half written) measured the same way. A kernel near its copy
+reads and writes at what the device gives a launch of that size. Each output (and the caches rotary_write_kv fills)
+is checked against TorchReferenceOps on the same inputs: the largest absolute difference is printed. Writes
+<date>-kernel-layer-rows-<device>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from benchmarks import report
+from benchmarks.model_shapes import SHAPES, ModelShape
+
+KERNELS = ("rms_norm", "add_rms_norm", "silu_and_mul", "rotary_write_kv")
+ELEMENT_BYTES = 2  # bf16
+EPS = 1e-5
+HEADERS = ("shape", "rows", "kernel", "MB moved", "us", "GB/s", "copy us", "kernel / copy", "max |diff|")
+
+
+def bytes_moved(kernel: str, shape: ModelShape, rows: int) -> int:
+    """The least bytes a launch over `rows` rows reads and writes: every input once, every output once."""
+    hidden, head_dim = shape.hidden_size, shape.resolved_head_dim
+    qkv_width = (shape.num_heads + 2 * shape.num_kv_heads) * head_dim
+    elements = {
+        "rms_norm": 2 * rows * hidden + hidden,  # x in, out, weight
+        "add_rms_norm": 4 * rows * hidden + hidden,  # x and residual in, residual and out, weight
+        "silu_and_mul": 3 * rows * shape.intermediate_size,  # gate and up in, out
+        # qkv in; q, k and v out (as wide as qkv); cos and sin in (head_dim / 2 each)
+        "rotary_write_kv": 2 * rows * qkv_width + rows * head_dim,
+    }
+    return elements[kernel] * ELEMENT_BYTES
+
+
+@dataclass(frozen=True)
+class Case:
+    run: Callable[[], Any]  # the kernel's launch
+    check: Callable[[], float]  # the largest |kernel - TorchReferenceOps| over what a launch writes
+
+
+def _max_difference(*pairs: tuple[Any, Any]) -> float:
+    return max(float((ours.float() - expected.float()).abs().max()) for ours, expected in pairs)
+
+
+def cases(shape: ModelShape, rows: int) -> dict[str, Case]:
+    import torch
+
+    from pagedserve.kernels.layer_kernels import LayerKernels
+    from pagedserve.kernels.module_cache import ModuleCache
+    from pagedserve.kernels.reference import TorchReferenceOps
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    kernels, reference = LayerKernels(ModuleCache(device)), TorchReferenceOps()
+    gen = torch.Generator(device=device).manual_seed(rows)
+
+    def randn(*size: int) -> torch.Tensor:
+        return torch.randn(*size, generator=gen, device=device, dtype=torch.bfloat16)
+
+    head_dim, block_size = shape.resolved_head_dim, 16
+    x, residual, weight = randn(rows, shape.hidden_size), randn(rows, shape.hidden_size), randn(shape.hidden_size)
+    gate_up = randn(rows, 2 * shape.intermediate_size)
+    qkv = randn(rows, (shape.num_heads + 2 * shape.num_kv_heads) * head_dim)
+    cos, sin = randn(rows, head_dim // 2), randn(rows, head_dim // 2)
+    cache_shape = (-(-rows // block_size), shape.num_kv_heads, block_size, head_dim)
+    caches = [torch.zeros(cache_shape, device=device, dtype=torch.bfloat16) for _ in range(4)]
+    slots = torch.randperm(cache_shape[0] * block_size, generator=gen, device=device)[:rows]
+    heads = (shape.num_heads, shape.num_kv_heads)
+
+    def check_add_rms_norm() -> float:  # in place on residual: each on a fresh copy
+        ours_residual, expected_residual = residual.clone(), residual.clone()
+        return _max_difference((kernels.add_rms_norm(x, ours_residual, weight, EPS),
+                                reference.add_rms_norm(x, expected_residual, weight, EPS)),
+                               (ours_residual, expected_residual))
+
+    def check_rotary() -> float:
+        return _max_difference((kernels.rotary_write_kv(qkv, cos, sin, caches[0], caches[1], slots, *heads),
+                                reference.rotary_write_kv(qkv, cos, sin, caches[2], caches[3], slots, *heads)),
+                               (caches[0], caches[2]), (caches[1], caches[3]))
+
+    return {
+        "rms_norm": Case(lambda: kernels.rms_norm(x, weight, EPS), lambda: _max_difference(
+            (kernels.rms_norm(x, weight, EPS), reference.rms_norm(x, weight, EPS)))),
+        # In place on residual: each timed run adds x again, the same work.
+        "add_rms_norm": Case(lambda: kernels.add_rms_norm(x, residual, weight, EPS), check_add_rms_norm),
+        "silu_and_mul": Case(lambda: kernels.silu_and_mul(gate_up),
+                             lambda: _max_difference((kernels.silu_and_mul(gate_up), reference.silu_and_mul(gate_up)))),
+        "rotary_write_kv": Case(lambda: kernels.rotary_write_kv(qkv, cos, sin, caches[0], caches[1], slots, *heads),
+                                check_rotary),
+    }
+
+
+def _ignoring_index(run: Callable[[], Any]) -> Callable[[int], Any]:
+    """run as Timer calls it (with the run's index, which these launches do not use)."""
+    return lambda _: run()
+
+
+def sweep(shape_names: Sequence[str], row_counts: Sequence[int], repeats: int) -> list[list[object]]:
+    import torch
+
+    from benchmarks.kernel_attention import Timer
+
+    timer = Timer(repeats)
+    rows_out: list[list[object]] = []
+    for name in shape_names:
+        shape = SHAPES[name]
+        for rows in row_counts:
+            for kernel, case in cases(shape, rows).items():
+                moved = bytes_moved(kernel, shape, rows)
+                us = timer.median_us(_ignoring_index(case.run))
+                source = torch.empty(moved // 2, dtype=torch.uint8, device="cuda")
+                copy_us = timer.median_us(_ignoring_index(partial(torch.empty_like(source).copy_, source)))
+                rows_out.append([name, rows, kernel, round(moved / 1e6, 2), round(us, 2), round(moved / us / 1e3),
+                                 round(copy_us, 2), round(us / copy_us, 3), case.check()])
+                print("  ".join(str(v) for v in rows_out[-1]), flush=True)
+    return rows_out
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="llama-3.2-1b,llama-3-8b",
+                        help=f"comma-separated, of: {', '.join(sorted(SHAPES))}")
+    parser.add_argument("--rows", default="1,1024,2048", help="comma-separated row counts")
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--result-dir", type=Path, default=report.DEFAULT_RESULT_DIR)
+    args = parser.parse_args(argv)
+    shape_names = report.listed_names(parser, "--shapes", args.shapes, sorted(SHAPES))
+    row_counts = [int(rows) for rows in args.rows.split(",")]
+    print("  ".join(HEADERS))
+    rows = sweep(shape_names, row_counts, args.repeats)
+    title = "Element-wise layer kernels against a copy of the same bytes"
+    return report.write_launch_table(args.result_dir, "kernel-layer-rows", title, HEADERS, rows, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
