@@ -13,7 +13,6 @@ and a bidirectional stream's round trip of one message. Medians after a tenth of
 from __future__ import annotations
 
 import argparse
-import array
 import asyncio
 import random
 import statistics
@@ -26,8 +25,8 @@ from typing import Any
 import grpc
 
 from benchmarks import report
+from pagedserve.contract.codec import token_ids_from_bytes, token_ids_to_bytes
 from pagedserve.v1 import generation_service_pb2 as pb
-from pagedserve.v1 import worker_service_pb2
 
 PROMPT_IDS = 1024
 HEADERS = ("measure", "p50 us")
@@ -88,18 +87,19 @@ async def call_and_stream_us(calls: int, messages: int) -> dict[str, float]:
 
 
 def prompt_ids_us(number: int = 2000) -> dict[str, float]:
-    """Building and reading 1,024 ids (us), as a repeated uint32 field of a message and as packed bytes."""
+    """Building and reading 1,024 ids (us), as a repeated int32 field of a message (the public TokenIds) and as the
+    packed bytes the internal messages carry (contract.codec)."""
     ids = tuple(prompt_request().token_ids.ids)
-    message = worker_service_pb2.NewSequence(prompt_token_ids=ids)
-    packed = array.array("I", ids).tobytes()
+    message = pb.TokenIds(ids=ids)
+    packed = token_ids_to_bytes(ids)
 
     def us(statement: Any) -> float:
         return timeit.timeit(statement, number=number) / number * 1e6
 
-    return {"1,024 ids into a repeated field": us(lambda: worker_service_pb2.NewSequence(prompt_token_ids=ids)),
-            "1,024 ids out of a repeated field": us(lambda: tuple(message.prompt_token_ids)),
-            "1,024 ids into packed bytes": us(lambda: array.array("I", ids).tobytes()),
-            "1,024 ids out of packed bytes": us(lambda: tuple(array.array("I", packed)))}
+    return {"1,024 ids into a repeated field": us(lambda: pb.TokenIds(ids=ids)),
+            "1,024 ids out of a repeated field": us(lambda: tuple(message.ids)),
+            "1,024 ids into packed bytes": us(lambda: token_ids_to_bytes(ids)),
+            "1,024 ids out of packed bytes": us(lambda: token_ids_from_bytes(packed, "ids"))}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

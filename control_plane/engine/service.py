@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import grpc
 import structlog
 
-from pagedserve.contract.codec import sampling_params_from_proto
+from pagedserve.contract.codec import sampling_params_from_proto, token_ids_from_bytes
 from pagedserve.control_plane.engine.engine import Engine
 from pagedserve.control_plane.engine.outputs import EngineOutput, RequestFailed
 from pagedserve.control_plane.errors import PagedServeError
@@ -149,8 +149,8 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
         try:
             params = sampling_params_from_proto(add.sampling_params)
             live.add(self._engine.add_request(
-                tuple(add.prompt_token_ids), params, add.request_id, add.priority, outputs=outputs,
-                arrival_time_s=add.arrival_time_s,
+                token_ids_from_bytes(add.prompt_token_ids, "prompt_token_ids"), params, add.request_id, add.priority,
+                outputs=outputs, arrival_time_s=add.arrival_time_s,
             ))
         except PagedServeError as error:
             outputs.put(RequestFailed(add.request_id, error))

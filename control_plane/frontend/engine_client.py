@@ -10,6 +10,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 import grpc
 import structlog
 
+from pagedserve.contract.codec import token_ids_to_bytes
 from pagedserve.control_plane.errors import AlreadyExistsError, EngineUnavailableError, PagedServeError
 from pagedserve.control_plane.relay.convert import request_error_from_proto, served_model_from_proto
 from pagedserve.control_plane.relay.health import SILENCE_LIMIT_S
@@ -160,7 +161,7 @@ class EngineClient:
         relay_id = self._relay_ids[request_id] = f"{request_id}@{self._frontend_index}.{next(self._ids)}"
         self._streams[relay_id] = ItemChannel()
         self._commands.put(engine_service_pb2.RelayCommand(add=engine_service_pb2.AddCommand(
-            request_id=relay_id, prompt_token_ids=prompt_token_ids, sampling_params=sampling_params,
+            request_id=relay_id, prompt_token_ids=token_ids_to_bytes(prompt_token_ids), sampling_params=sampling_params,
             priority=priority, arrival_time_s=time.monotonic() if arrival_time_s is None else arrival_time_s,
         )))
         return request_id

@@ -20,6 +20,8 @@ from pagedserve.contract.codec import (
     step_plan_to_proto,
     step_result_from_proto,
     step_result_to_proto,
+    token_ids_from_bytes,
+    token_ids_to_bytes,
     token_logprobs_from_proto,
     token_logprobs_to_proto,
     worker_info_from_proto,
@@ -140,8 +142,8 @@ def test_step_plan_becomes_execute_request_field_for_field() -> None:
     assert list(wire.swap_in) == [mapping(src_block_id=11, dst_block_id=2), mapping(src_block_id=12, dst_block_id=3)]
     assert list(wire.block_copies) == [mapping(src_block_id=6, dst_block_id=7)]
     assert wire.new_sequences[0] == worker_service_pb2.NewSequence(
-        seq_id=8, prompt_token_ids=[1, 50, 60], output_token_ids=[70], block_ids=[20, 21],
-        num_computed_tokens=2, num_scheduled_tokens=2, fork_seq_ids=[9, 10], sample_index=1,
+        seq_id=8, prompt_token_ids=token_ids_to_bytes([1, 50, 60]), output_token_ids=token_ids_to_bytes([70]),
+        block_ids=[20, 21], num_computed_tokens=2, num_scheduled_tokens=2, fork_seq_ids=[9, 10], sample_index=1,
         sampling_params=common_pb2.SamplingParams(
             n=1, temperature=0.5, top_p=0.75, top_k=4, min_p=0.125, presence_penalty=0.5, frequency_penalty=-0.5,
             repetition_penalty=1.5, seed=11, min_tokens=2, max_tokens=16, logprobs=3, prompt_logprobs=0,
@@ -176,6 +178,26 @@ def test_unset_optional_sampling_fields_stay_unset_on_the_wire() -> None:
 def test_step_plan_round_trips_through_the_wire() -> None:
     wire = worker_service_pb2.ExecuteRequest.FromString(step_plan_to_proto(_full_plan()).SerializeToString())
     assert step_plan_from_proto(wire) == _full_plan()
+
+
+@given(st.lists(st.integers(min_value=-(2**31), max_value=2**31 - 1), max_size=64))
+def test_token_ids_round_trip_through_packed_bytes(token_ids: list[int]) -> None:
+    packed = token_ids_to_bytes(token_ids)
+    assert len(packed) == 4 * len(token_ids)
+    assert token_ids_from_bytes(packed, "prompt_token_ids") == tuple(token_ids)
+
+
+def test_token_ids_are_little_endian_int32() -> None:
+    assert token_ids_to_bytes([1, 258, -1]) == bytes([1, 0, 0, 0, 2, 1, 0, 0, 255, 255, 255, 255])
+
+
+def test_packed_token_ids_of_a_partial_id_are_invalid_and_name_the_field() -> None:
+    request = worker_service_pb2.ExecuteRequest(step_id=1)
+    request.new_sequences.add(seq_id=1, prompt_token_ids=b"\x01\x00\x00\x00\x02", num_scheduled_tokens=1)
+    with pytest.raises(InvalidArgumentError) as info:
+        step_plan_from_proto(request)
+    assert info.value.field == "new_sequences.prompt_token_ids"
+    assert "5 bytes" in str(info.value)
 
 
 def test_the_plain_decodes_after_the_last_other_sequence_travel_packed_and_read_back_in_order() -> None:

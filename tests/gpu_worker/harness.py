@@ -100,7 +100,7 @@ class WorkerDriver:
             new_blocks = self.allocate(seq, seq.num_computed + num_scheduled)
             if not seq.is_sent:
                 request.new_sequences.append(pb.NewSequence(
-                    seq_id=seq.seq_id, prompt_token_ids=seq.prompt, sampling_params=greedy(),
+                    seq_id=seq.seq_id, prompt_token_ids=codec.token_ids_to_bytes(seq.prompt), sampling_params=greedy(),
                     block_ids=seq.block_ids, num_computed_tokens=0, num_scheduled_tokens=num_scheduled,
                 ))
                 seq.is_sent = True
@@ -139,7 +139,8 @@ def prompt_top_tokens(driver: WorkerDriver, sequences: list[list[int]]) -> list[
         blocks = list(range(start, start + -(-len(ids) // driver.block_size)))
         start += len(blocks)
         sampling = common_pb2.SamplingParams(temperature=0.0, prompt_logprobs=1)
-        request.new_sequences.append(pb.NewSequence(seq_id=seq_id, prompt_token_ids=ids, sampling_params=sampling,
+        request.new_sequences.append(pb.NewSequence(seq_id=seq_id, prompt_token_ids=codec.token_ids_to_bytes(ids),
+                                                    sampling_params=sampling,
                                                     block_ids=blocks, num_scheduled_tokens=len(ids)))
     response = driver.execute(request)
     return [[lp.top_token_ids[0] for lp in response.by_seq_id[seq_id].prompt_logprobs]

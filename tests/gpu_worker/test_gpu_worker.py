@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from pagedserve.contract.codec import token_ids_to_bytes
 from pagedserve.contract.model_format import DeviceKind
 from pagedserve.contract.worker_info import CacheRequest
 from pagedserve.gpu_worker.config import WorkerConfig
@@ -91,7 +92,8 @@ def test_graphs_are_captured_for_small_sizes_then_multiples_of_eight() -> None:
 def test_swap_through_pinned_memory_keeps_the_tokens() -> None:
     worker = load_worker(STORIES_DIR, BLOCK_SIZE, num_blocks=4, num_cpu_blocks=2, device=DeviceKind.CUDA)
     driver = WorkerDriver(worker, BLOCK_SIZE, num_blocks=4)
-    new = pb.NewSequence(seq_id=1, prompt_token_ids=GOLDEN["prompt_ids"], sampling_params=greedy(), block_ids=[0],
+    new = pb.NewSequence(seq_id=1, prompt_token_ids=token_ids_to_bytes(GOLDEN["prompt_ids"]),
+                         sampling_params=greedy(), block_ids=[0],
                          num_computed_tokens=0, num_scheduled_tokens=len(GOLDEN["prompt_ids"]))
     tokens = [driver.execute(pb.ExecuteRequest(new_sequences=[new])).outputs[0].token_id]
     driver.execute(pb.ExecuteRequest(swap_out=[pb.BlockMapping(src_block_id=0, dst_block_id=1)]))

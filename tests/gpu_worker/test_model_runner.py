@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
+from pagedserve.contract.codec import token_ids_to_bytes
 from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.gpu_worker.block_tables import BlockTableArray
 from pagedserve.gpu_worker.model_runner import LaunchedRun, build_batch
@@ -82,8 +83,8 @@ def test_logprobs_and_chunked_prompt_logprobs_match_the_reference_model() -> Non
         log_probs = reference(torch.tensor([PROMPT])).logits[0].log_softmax(dim=-1)
     driver = WorkerDriver(load_worker(STORIES_DIR, block_size=4), 4, num_blocks=8)
     sampling = common_pb2.SamplingParams(temperature=0.0, logprobs=2, prompt_logprobs=1)
-    new = pb.NewSequence(seq_id=3, prompt_token_ids=PROMPT, sampling_params=sampling, block_ids=[0, 1],
-                         num_computed_tokens=0, num_scheduled_tokens=3)
+    new = pb.NewSequence(seq_id=3, prompt_token_ids=token_ids_to_bytes(PROMPT), sampling_params=sampling,
+                         block_ids=[0, 1], num_computed_tokens=0, num_scheduled_tokens=3)
     first = driver.execute(pb.ExecuteRequest(new_sequences=[new]))
     second = driver.execute(
         pb.ExecuteRequest(scheduled_sequences=[pb.ScheduledSequence(seq_id=3, num_scheduled_tokens=2)]))

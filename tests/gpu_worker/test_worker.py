@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from pagedserve.contract.codec import token_ids_to_bytes
 from pagedserve.contract.model_format import DeviceKind
 from pagedserve.contract.step import StepResult
 from pagedserve.contract.worker_info import CacheRequest
@@ -22,7 +23,8 @@ EXPECTED = GOLDEN["greedy_new_ids"]
 
 
 def _new(seq_id: int, block_ids: list[int], fork_seq_ids: tuple[int, ...] = ()) -> pb.NewSequence:
-    return pb.NewSequence(seq_id=seq_id, prompt_token_ids=PROMPT, sampling_params=greedy(), block_ids=block_ids,
+    return pb.NewSequence(seq_id=seq_id, prompt_token_ids=token_ids_to_bytes(PROMPT), sampling_params=greedy(),
+                          block_ids=block_ids,
                           num_computed_tokens=0, num_scheduled_tokens=len(PROMPT), fork_seq_ids=fork_seq_ids)
 
 
@@ -39,8 +41,8 @@ def test_forked_sibling_with_copied_last_block_generates_the_same_tokens() -> No
     block_size = 8  # the 5-token prompt sits in one partly filled block, shared after the fork
     driver = WorkerDriver(load_worker(STORIES_DIR, block_size=block_size), block_size, num_blocks=8)
     # A finished sequence leaves other tokens' K/V in block 5.
-    other = pb.NewSequence(seq_id=9, prompt_token_ids=EXPECTED[10:18], sampling_params=greedy(), block_ids=[5],
-                           num_computed_tokens=0, num_scheduled_tokens=8)
+    other = pb.NewSequence(seq_id=9, prompt_token_ids=token_ids_to_bytes(EXPECTED[10:18]), sampling_params=greedy(),
+                           block_ids=[5], num_computed_tokens=0, num_scheduled_tokens=8)
     driver.execute(pb.ExecuteRequest(new_sequences=[other]))
     first = driver.execute(pb.ExecuteRequest(dropped_seq_ids=[9], new_sequences=[_new(1, [0], fork_seq_ids=(2,))]))
     # The sibling's table becomes [5, 6]: its tokens can only match if block 0 was copied onto block 5.
@@ -74,8 +76,8 @@ def test_swap_out_and_back_into_other_blocks_keeps_the_tokens() -> None:
 
 def test_prefill_chunk_short_of_the_last_token_returns_no_token() -> None:
     driver = WorkerDriver(load_worker(STORIES_DIR, block_size=BLOCK_SIZE), BLOCK_SIZE, num_blocks=8)
-    chunk = pb.NewSequence(seq_id=1, prompt_token_ids=PROMPT, sampling_params=greedy(), block_ids=[0],
-                           num_computed_tokens=0, num_scheduled_tokens=3)
+    chunk = pb.NewSequence(seq_id=1, prompt_token_ids=token_ids_to_bytes(PROMPT), sampling_params=greedy(),
+                           block_ids=[0], num_computed_tokens=0, num_scheduled_tokens=3)
     first = driver.execute(pb.ExecuteRequest(new_sequences=[chunk]))
     rest = pb.ScheduledSequence(seq_id=1, num_scheduled_tokens=2,
                                 block_table_updates=[pb.BlockTableUpdate(start_index=1, block_ids=[1])])
@@ -86,7 +88,8 @@ def test_prefill_chunk_short_of_the_last_token_returns_no_token() -> None:
 
 def test_resumed_sequence_with_outputs_continues_where_it_stopped() -> None:
     driver = WorkerDriver(load_worker(STORIES_DIR, block_size=BLOCK_SIZE), BLOCK_SIZE, num_blocks=8)
-    resumed = pb.NewSequence(seq_id=4, prompt_token_ids=PROMPT, output_token_ids=EXPECTED[:3], sampling_params=greedy(),
+    resumed = pb.NewSequence(seq_id=4, prompt_token_ids=token_ids_to_bytes(PROMPT),
+                             output_token_ids=token_ids_to_bytes(EXPECTED[:3]), sampling_params=greedy(),
                              block_ids=[3, 2], num_computed_tokens=0, num_scheduled_tokens=len(PROMPT) + 3)
 
     response = driver.execute(pb.ExecuteRequest(new_sequences=[resumed]))

@@ -26,15 +26,15 @@ from pagedserve.v1 import common_pb2 as pagedserve_dot_v1_dot_common__pb2
 from pagedserve.v1 import generation_service_pb2 as pagedserve_dot_v1_dot_generation__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"pagedserve/v1/engine_service.proto\x12\rpagedserve.v1\x1a\x1apagedserve/v1/common.proto\x1a&pagedserve/v1/generation_service.proto\"\x11\n\x0f\x44\x65scribeRequest\"F\n\x10\x44\x65scribeResponse\x12\x32\n\x05model\x18\x01 \x01(\x0b\x32#.pagedserve.v1.GetModelInfoResponse\"\x12\n\x10GetStatusRequest\"_\n\x11GetStatusResponse\x12\x36\n\x06status\x18\x01 \x01(\x0b\x32&.pagedserve.v1.GetServerStatusResponse\x12\x12\n\nis_serving\x18\x02 \x01(\x08\"\x14\n\x12WatchHealthRequest\")\n\x13WatchHealthResponse\x12\x12\n\nis_serving\x18\x01 \x01(\x08\"\x9c\x01\n\nAddCommand\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x16\n\x0e\x61rrival_time_s\x18\x05 \x01(\x01\"_\n\x0cRelayCommand\x12(\n\x03\x61\x64\x64\x18\x01 \x01(\x0b\x32\x19.pagedserve.v1.AddCommandH\x00\x12\x1a\n\x10\x61\x62ort_request_id\x18\x02 \x01(\tH\x00\x42\t\n\x07\x63ommand\"=\n\x0cRelayRequest\x12-\n\x08\x63ommands\x18\x01 \x03(\x0b\x32\x1b.pagedserve.v1.RelayCommand\"b\n\x0cRequestError\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x04kind\x18\x02 \x01(\x0e\x32\x1f.pagedserve.v1.RequestErrorKind\x12\x0f\n\x07message\x18\x03 \x01(\t\"p\n\rRelayResponse\x12\x32\n\tresponses\x18\x01 \x03(\x0b\x32\x1f.pagedserve.v1.GenerateResponse\x12+\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x1b.pagedserve.v1.RequestError\"5\n\x14WatchKvEventsRequest\x12\x1d\n\x15start_sequence_number\x18\x01 \x01(\x04\"E\n\x15WatchKvEventsResponse\x12,\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x1b.pagedserve.v1.KvEventBatch\"\x95\x01\n\x0cKvEventBatch\x12\x17\n\x0fsequence_number\x18\x01 \x01(\x04\x12\x13\n\x0btimestamp_s\x18\x02 \x01(\x01\x12&\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x16.pagedserve.v1.KvEvent\x12/\n\x08snapshot\x18\x04 \x01(\x0b\x32\x1d.pagedserve.v1.KvSnapshotPart\"B\n\x0eKvSnapshotPart\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x12\n\nnum_blocks\x18\x03 \x01(\x04\"\xa6\x01\n\x07KvEvent\x12.\n\x06stored\x18\x01 \x01(\x0b\x32\x1c.pagedserve.v1.KvBlockStoredH\x00\x12\x30\n\x07removed\x18\x02 \x01(\x0b\x32\x1d.pagedserve.v1.KvBlockRemovedH\x00\x12\x30\n\x07\x63leared\x18\x03 \x01(\x0b\x32\x1d.pagedserve.v1.KvCacheClearedH\x00\x42\x07\n\x05\x65vent\"Q\n\rKvBlockStored\x12\x12\n\nblock_hash\x18\x01 \x01(\x0c\x12\x19\n\x11parent_block_hash\x18\x02 \x01(\x0c\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\"$\n\x0eKvBlockRemoved\x12\x12\n\nblock_hash\x18\x01 \x01(\x0c\"\x10\n\x0eKvCacheCleared*\xf9\x01\n\x10RequestErrorKind\x12\"\n\x1eREQUEST_ERROR_KIND_UNSPECIFIED\x10\x00\x12\'\n#REQUEST_ERROR_KIND_INVALID_ARGUMENT\x10\x01\x12)\n%REQUEST_ERROR_KIND_RESOURCE_EXHAUSTED\x10\x02\x12)\n%REQUEST_ERROR_KIND_WORKER_UNAVAILABLE\x10\x03\x12\x1f\n\x1bREQUEST_ERROR_KIND_INTERNAL\x10\x04\x12!\n\x1dREQUEST_ERROR_KIND_NEVER_FITS\x10\x05\x32\xaa\x03\n\rEngineService\x12K\n\x08\x44\x65scribe\x12\x1e.pagedserve.v1.DescribeRequest\x1a\x1f.pagedserve.v1.DescribeResponse\x12N\n\tGetStatus\x12\x1f.pagedserve.v1.GetStatusRequest\x1a .pagedserve.v1.GetStatusResponse\x12\x46\n\x05Relay\x12\x1b.pagedserve.v1.RelayRequest\x1a\x1c.pagedserve.v1.RelayResponse(\x01\x30\x01\x12V\n\x0bWatchHealth\x12!.pagedserve.v1.WatchHealthRequest\x1a\".pagedserve.v1.WatchHealthResponse0\x01\x12\\\n\rWatchKvEvents\x12#.pagedserve.v1.WatchKvEventsRequest\x1a$.pagedserve.v1.WatchKvEventsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"pagedserve/v1/engine_service.proto\x12\rpagedserve.v1\x1a\x1apagedserve/v1/common.proto\x1a&pagedserve/v1/generation_service.proto\"\x11\n\x0f\x44\x65scribeRequest\"F\n\x10\x44\x65scribeResponse\x12\x32\n\x05model\x18\x01 \x01(\x0b\x32#.pagedserve.v1.GetModelInfoResponse\"\x12\n\x10GetStatusRequest\"_\n\x11GetStatusResponse\x12\x36\n\x06status\x18\x01 \x01(\x0b\x32&.pagedserve.v1.GetServerStatusResponse\x12\x12\n\nis_serving\x18\x02 \x01(\x08\"\x14\n\x12WatchHealthRequest\")\n\x13WatchHealthResponse\x12\x12\n\nis_serving\x18\x01 \x01(\x08\"\xa2\x01\n\nAddCommand\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x06 \x01(\x0c\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x16\n\x0e\x61rrival_time_s\x18\x05 \x01(\x01J\x04\x08\x02\x10\x03\"_\n\x0cRelayCommand\x12(\n\x03\x61\x64\x64\x18\x01 \x01(\x0b\x32\x19.pagedserve.v1.AddCommandH\x00\x12\x1a\n\x10\x61\x62ort_request_id\x18\x02 \x01(\tH\x00\x42\t\n\x07\x63ommand\"=\n\x0cRelayRequest\x12-\n\x08\x63ommands\x18\x01 \x03(\x0b\x32\x1b.pagedserve.v1.RelayCommand\"b\n\x0cRequestError\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x04kind\x18\x02 \x01(\x0e\x32\x1f.pagedserve.v1.RequestErrorKind\x12\x0f\n\x07message\x18\x03 \x01(\t\"p\n\rRelayResponse\x12\x32\n\tresponses\x18\x01 \x03(\x0b\x32\x1f.pagedserve.v1.GenerateResponse\x12+\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x1b.pagedserve.v1.RequestError\"5\n\x14WatchKvEventsRequest\x12\x1d\n\x15start_sequence_number\x18\x01 \x01(\x04\"E\n\x15WatchKvEventsResponse\x12,\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x1b.pagedserve.v1.KvEventBatch\"\x95\x01\n\x0cKvEventBatch\x12\x17\n\x0fsequence_number\x18\x01 \x01(\x04\x12\x13\n\x0btimestamp_s\x18\x02 \x01(\x01\x12&\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x16.pagedserve.v1.KvEvent\x12/\n\x08snapshot\x18\x04 \x01(\x0b\x32\x1d.pagedserve.v1.KvSnapshotPart\"B\n\x0eKvSnapshotPart\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x12\n\nnum_blocks\x18\x03 \x01(\x04\"\xa6\x01\n\x07KvEvent\x12.\n\x06stored\x18\x01 \x01(\x0b\x32\x1c.pagedserve.v1.KvBlockStoredH\x00\x12\x30\n\x07removed\x18\x02 \x01(\x0b\x32\x1d.pagedserve.v1.KvBlockRemovedH\x00\x12\x30\n\x07\x63leared\x18\x03 \x01(\x0b\x32\x1d.pagedserve.v1.KvCacheClearedH\x00\x42\x07\n\x05\x65vent\"Q\n\rKvBlockStored\x12\x12\n\nblock_hash\x18\x01 \x01(\x0c\x12\x19\n\x11parent_block_hash\x18\x02 \x01(\x0c\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\"$\n\x0eKvBlockRemoved\x12\x12\n\nblock_hash\x18\x01 \x01(\x0c\"\x10\n\x0eKvCacheCleared*\xf9\x01\n\x10RequestErrorKind\x12\"\n\x1eREQUEST_ERROR_KIND_UNSPECIFIED\x10\x00\x12\'\n#REQUEST_ERROR_KIND_INVALID_ARGUMENT\x10\x01\x12)\n%REQUEST_ERROR_KIND_RESOURCE_EXHAUSTED\x10\x02\x12)\n%REQUEST_ERROR_KIND_WORKER_UNAVAILABLE\x10\x03\x12\x1f\n\x1bREQUEST_ERROR_KIND_INTERNAL\x10\x04\x12!\n\x1dREQUEST_ERROR_KIND_NEVER_FITS\x10\x05\x32\xaa\x03\n\rEngineService\x12K\n\x08\x44\x65scribe\x12\x1e.pagedserve.v1.DescribeRequest\x1a\x1f.pagedserve.v1.DescribeResponse\x12N\n\tGetStatus\x12\x1f.pagedserve.v1.GetStatusRequest\x1a .pagedserve.v1.GetStatusResponse\x12\x46\n\x05Relay\x12\x1b.pagedserve.v1.RelayRequest\x1a\x1c.pagedserve.v1.RelayResponse(\x01\x30\x01\x12V\n\x0bWatchHealth\x12!.pagedserve.v1.WatchHealthRequest\x1a\".pagedserve.v1.WatchHealthResponse0\x01\x12\\\n\rWatchKvEvents\x12#.pagedserve.v1.WatchKvEventsRequest\x1a$.pagedserve.v1.WatchKvEventsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pagedserve.v1.engine_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REQUESTERRORKIND']._serialized_start=1582
-  _globals['_REQUESTERRORKIND']._serialized_end=1831
+  _globals['_REQUESTERRORKIND']._serialized_start=1588
+  _globals['_REQUESTERRORKIND']._serialized_end=1837
   _globals['_DESCRIBEREQUEST']._serialized_start=121
   _globals['_DESCRIBEREQUEST']._serialized_end=138
   _globals['_DESCRIBERESPONSE']._serialized_start=140
@@ -48,31 +48,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHHEALTHRESPONSE']._serialized_start=351
   _globals['_WATCHHEALTHRESPONSE']._serialized_end=392
   _globals['_ADDCOMMAND']._serialized_start=395
-  _globals['_ADDCOMMAND']._serialized_end=551
-  _globals['_RELAYCOMMAND']._serialized_start=553
-  _globals['_RELAYCOMMAND']._serialized_end=648
-  _globals['_RELAYREQUEST']._serialized_start=650
-  _globals['_RELAYREQUEST']._serialized_end=711
-  _globals['_REQUESTERROR']._serialized_start=713
-  _globals['_REQUESTERROR']._serialized_end=811
-  _globals['_RELAYRESPONSE']._serialized_start=813
-  _globals['_RELAYRESPONSE']._serialized_end=925
-  _globals['_WATCHKVEVENTSREQUEST']._serialized_start=927
-  _globals['_WATCHKVEVENTSREQUEST']._serialized_end=980
-  _globals['_WATCHKVEVENTSRESPONSE']._serialized_start=982
-  _globals['_WATCHKVEVENTSRESPONSE']._serialized_end=1051
-  _globals['_KVEVENTBATCH']._serialized_start=1054
-  _globals['_KVEVENTBATCH']._serialized_end=1203
-  _globals['_KVSNAPSHOTPART']._serialized_start=1205
-  _globals['_KVSNAPSHOTPART']._serialized_end=1271
-  _globals['_KVEVENT']._serialized_start=1274
-  _globals['_KVEVENT']._serialized_end=1440
-  _globals['_KVBLOCKSTORED']._serialized_start=1442
-  _globals['_KVBLOCKSTORED']._serialized_end=1523
-  _globals['_KVBLOCKREMOVED']._serialized_start=1525
-  _globals['_KVBLOCKREMOVED']._serialized_end=1561
-  _globals['_KVCACHECLEARED']._serialized_start=1563
-  _globals['_KVCACHECLEARED']._serialized_end=1579
-  _globals['_ENGINESERVICE']._serialized_start=1834
-  _globals['_ENGINESERVICE']._serialized_end=2260
+  _globals['_ADDCOMMAND']._serialized_end=557
+  _globals['_RELAYCOMMAND']._serialized_start=559
+  _globals['_RELAYCOMMAND']._serialized_end=654
+  _globals['_RELAYREQUEST']._serialized_start=656
+  _globals['_RELAYREQUEST']._serialized_end=717
+  _globals['_REQUESTERROR']._serialized_start=719
+  _globals['_REQUESTERROR']._serialized_end=817
+  _globals['_RELAYRESPONSE']._serialized_start=819
+  _globals['_RELAYRESPONSE']._serialized_end=931
+  _globals['_WATCHKVEVENTSREQUEST']._serialized_start=933
+  _globals['_WATCHKVEVENTSREQUEST']._serialized_end=986
+  _globals['_WATCHKVEVENTSRESPONSE']._serialized_start=988
+  _globals['_WATCHKVEVENTSRESPONSE']._serialized_end=1057
+  _globals['_KVEVENTBATCH']._serialized_start=1060
+  _globals['_KVEVENTBATCH']._serialized_end=1209
+  _globals['_KVSNAPSHOTPART']._serialized_start=1211
+  _globals['_KVSNAPSHOTPART']._serialized_end=1277
+  _globals['_KVEVENT']._serialized_start=1280
+  _globals['_KVEVENT']._serialized_end=1446
+  _globals['_KVBLOCKSTORED']._serialized_start=1448
+  _globals['_KVBLOCKSTORED']._serialized_end=1529
+  _globals['_KVBLOCKREMOVED']._serialized_start=1531
+  _globals['_KVBLOCKREMOVED']._serialized_end=1567
+  _globals['_KVCACHECLEARED']._serialized_start=1569
+  _globals['_KVCACHECLEARED']._serialized_end=1585
+  _globals['_ENGINESERVICE']._serialized_start=1840
+  _globals['_ENGINESERVICE']._serialized_end=2266
 # @@protoc_insertion_point(module_scope)

@@ -88,8 +88,8 @@ class NewSequence(_message.Message):
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
     BANNED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
-    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    output_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    prompt_token_ids: bytes
+    output_token_ids: bytes
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     num_computed_tokens: int
     num_scheduled_tokens: int
@@ -97,7 +97,7 @@ class NewSequence(_message.Message):
     sample_index: int
     sampling_params: _common_pb2.SamplingParams
     banned_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, seq_id: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_computed_tokens: _Optional[int] = ..., num_scheduled_tokens: _Optional[int] = ..., fork_seq_ids: _Optional[_Iterable[int]] = ..., sample_index: _Optional[int] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., banned_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, seq_id: _Optional[int] = ..., prompt_token_ids: _Optional[bytes] = ..., output_token_ids: _Optional[bytes] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_computed_tokens: _Optional[int] = ..., num_scheduled_tokens: _Optional[int] = ..., fork_seq_ids: _Optional[_Iterable[int]] = ..., sample_index: _Optional[int] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., banned_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ScheduledSequence(_message.Message):
     __slots__ = ("seq_id", "num_scheduled_tokens", "block_table_updates")
