@@ -20,17 +20,20 @@ DEFAULT_RESULT_DIR = REPO_ROOT / "benchmarks" / "results"
 Row = Sequence[object]
 
 
-def git_commit() -> str:
-    """HEAD of the repository the benchmarks live in; outside a checkout (a copied tree on a GPU host) the
+def git_commit(root: Path = REPO_ROOT) -> str:
+    """HEAD of the repository the benchmarks live in, with "-dirty" when a tracked file differs from it (the record
+    then measured code that no commit holds as it ran); outside a checkout (a copied tree on a GPU host) the
     PAGEDSERVE_BENCH_COMMIT variable names it, else "unknown"."""
     if os.environ.get("PAGEDSERVE_BENCH_COMMIT"):
         return os.environ["PAGEDSERVE_BENCH_COMMIT"]
     try:
-        completed = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                                   check=True)
+        head, changed = (
+            subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+            for args in (("rev-parse", "HEAD"), ("status", "--porcelain", "--untracked-files=no"))
+        )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return completed.stdout.strip()
+    return f"{head}-dirty" if changed else head
 
 
 def local_device() -> str:
