@@ -29,10 +29,9 @@ from pagedserve.v1 import common_pb2, worker_service_pb2
 
 
 class _FieldKind(enum.Enum):
-    OPTIONAL = "optional"  # unset: the SamplingParams default
+    SCALAR = "scalar"  # as it is
     REPEATED = "repeated"  # a tuple
     MAP = "map"  # a mapping
-    PLAIN = "plain"  # proto3 scalar without presence: its zero is the default
     CONSTRAINT = "constraint"  # the StructuredOutput message
 
 
@@ -41,23 +40,20 @@ def _field_kind(field: FieldDescriptor) -> _FieldKind:
         return _FieldKind.MAP
     if field.message_type is common_pb2.StructuredOutput.DESCRIPTOR:
         return _FieldKind.CONSTRAINT
-    if field.is_repeated:
-        return _FieldKind.REPEATED
-    return _FieldKind.OPTIONAL if field.has_presence else _FieldKind.PLAIN
+    return _FieldKind.REPEATED if field.is_repeated else _FieldKind.SCALAR
 
 
 # SamplingParams' fields and the proto message's are the same names (a test holds them to it), so a new knob needs
 # no edit here: the wire form is read off the message's descriptor.
-_SAMPLING_FIELDS = tuple((f.name, _field_kind(f)) for f in common_pb2.SamplingParams.DESCRIPTOR.fields)
-_SAMPLING_KINDS = dict(_SAMPLING_FIELDS)
+_SAMPLING_KINDS = {f.name: _field_kind(f) for f in common_pb2.SamplingParams.DESCRIPTOR.fields}
 
 
 def sampling_params_from_proto(pb: common_pb2.SamplingParams) -> SamplingParams:
     """Parameters with every unset field at vLLM's default; InvalidArgumentError on a bad range.
 
     Only the fields set on the wire are read (ListFields): a request sets a few of the 25, and this runs on every
-    request's path in the frontend, the engine and the worker. A plain field at its zero is not listed, and its zero
-    is the SamplingParams default (a test holds them to it)."""
+    request's path in the frontend, the engine and the worker. A scalar without presence at its zero is not listed,
+    and its zero is the SamplingParams default (a test holds them to it)."""
     values: dict[str, Any] = {}
     for field, value in pb.ListFields():
         kind = _SAMPLING_KINDS[field.name]
@@ -88,7 +84,7 @@ def token_ids_from_bytes(data: bytes, field: str) -> tuple[int, ...]:
 def sampling_params_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
     """The inverse of sampling_params_from_proto. max_tokens None (up to the context length) has no wire form
     and travels unset; only the worker receives parameters this way, and it does not read max_tokens."""
-    values = {name: getattr(params, name) for name, _ in _SAMPLING_FIELDS}
+    values = {name: getattr(params, name) for name in _SAMPLING_KINDS}
     if params.structured_output is not None:
         values["structured_output"] = structured_output_to_proto(params.structured_output)
     return common_pb2.SamplingParams(**{name: value for name, value in values.items() if value is not None})
