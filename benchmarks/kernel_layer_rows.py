@@ -13,11 +13,9 @@ is checked against TorchReferenceOps on the same inputs: the largest absolute di
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from benchmarks import report
@@ -127,12 +125,8 @@ def sweep(shape_names: Sequence[str], row_counts: Sequence[int], repeats: int) -
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="llama-3.2-1b,llama-3-8b",
-                        help=f"comma-separated, of: {', '.join(sorted(SHAPES))}")
+    parser = report.launch_table_parser(__doc__ or "", sorted(SHAPES), repeats=50)
     parser.add_argument("--rows", default="1,1024,2048", help="comma-separated row counts")
-    parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--result-dir", type=Path, default=report.DEFAULT_RESULT_DIR)
     args = parser.parse_args(argv)
     shape_names = report.listed_names(parser, "--shapes", args.shapes, sorted(SHAPES))
     row_counts = [int(rows) for rows in args.rows.split(",")]

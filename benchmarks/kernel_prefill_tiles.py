@@ -19,9 +19,7 @@ is left out; the wide shape, the baseline, must fit.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -102,11 +100,7 @@ def sweep(shapes: Sequence[str], repeats: int) -> list[list[object]]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="llama-3.2-1b,llama-3-8b",
-                        help=f"comma-separated, of: {', '.join(sorted(SHAPES))}")
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--result-dir", type=Path, default=report.DEFAULT_RESULT_DIR)
+    parser = report.launch_table_parser(__doc__ or "", sorted(SHAPES), repeats=30)
     args = parser.parse_args(argv)
     rows = sweep(report.listed_names(parser, "--shapes", args.shapes, sorted(SHAPES)), args.repeats)
     title = "Prompt attention: tile shapes against the wide shape"

@@ -107,6 +107,17 @@ def write_outputs(stem: Path, result: dict[str, Any], markdown: str) -> list[Pat
     return [json_path, md_path]
 
 
+def launch_table_parser(description: str, shape_names: Sequence[str], repeats: int) -> argparse.ArgumentParser:
+    """The flags of a kernel benchmark whose record is write_launch_table's: --shapes (comma-separated, of
+    shape_names; the 1B and 8B shapes by default), --repeats (runs a launch's median is taken over), --result-dir."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="llama-3.2-1b,llama-3-8b",
+                        help=f"comma-separated, of: {', '.join(shape_names)}")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--result-dir", type=Path, default=DEFAULT_RESULT_DIR)
+    return parser
+
+
 def write_launch_table(result_dir: Path, benchmark: str, title: str, headers: Sequence[str],
                        rows: Sequence[Row], repeats: int) -> dict[str, Any]:
     """The record of a kernel benchmark that is one table of launches on this process's device: writes
