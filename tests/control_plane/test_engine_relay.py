@@ -14,6 +14,7 @@ from typing import TypeVar
 import grpc
 import pytest
 
+from pagedserve.contract.codec import token_ids_to_bytes
 from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.contract.step import StepPlan, StepResult
 from pagedserve.control_plane.config import EngineConfig
@@ -25,7 +26,15 @@ from pagedserve.control_plane.frontend.engine_client import EngineClient, merge_
 from pagedserve.control_plane.served_model import ServedModel
 from pagedserve.control_plane.text.tokenizer import Tokenizer
 from pagedserve.v1 import common_pb2, generation_service_pb2
-from pagedserve.v1.engine_service_pb2 import RelayRequest, RelayResponse
+from pagedserve.v1.engine_service_pb2 import (
+    REQUEST_ERROR_KIND_INVALID_ARGUMENT,
+    AddCommand,
+    RelayCommand,
+    RelayRequest,
+    RelayResponse,
+    RequestError,
+)
+from pagedserve.v1.engine_service_pb2_grpc import EngineServiceStub
 from tests.control_plane.factories import FakeWorker, make_scheduler, make_worker
 
 NUM_BLOCKS, BLOCK_SIZE = 256, 4
@@ -235,6 +244,34 @@ def test_a_request_the_engine_rejects_fails_its_stream_with_the_engine_error_and
     assert message == (f"the request can never fit: a prompt of {len(too_long)} tokens and min_tokens 2 need "
                        f"{NUM_BLOCKS + 1} KV blocks of {BLOCK_SIZE} tokens, and the largest worker's pool has "
                        f"{NUM_BLOCKS}; shorten the prompt (retrying does not help)")
+    assert used == 0
+
+
+def test_an_add_command_with_a_partial_token_id_fails_that_request_naming_the_field_and_the_next_one_runs(
+    tokenizer: Tokenizer, tmp_path: Path,
+) -> None:
+    """Token ids travel as 4-byte little-endian ids (contract.codec); five bytes are not whole ids."""
+    async def scenario(relay: _Relay) -> tuple[list[RequestError], list[str], int]:
+        async with grpc.aio.insecure_channel(f"unix:{tmp_path / 'engine.sock'}") as channel:
+            stream = EngineServiceStub(channel).Relay()
+            commands = [
+                RelayCommand(add=AddCommand(request_id=request_id, prompt_token_ids=ids, sampling_params=_params(2)))
+                for request_id, ids in (("partial", b"\x01\x00\x00\x00\x02"), ("whole", token_ids_to_bytes([1, 450])))
+            ]
+            await stream.write(RelayRequest(commands=commands))
+            errors: list[RequestError] = []
+            finished: list[str] = []
+            while "whole" not in finished:
+                response = await stream.read()
+                errors += response.errors
+                finished += [chunk.request_id for chunk in response.responses if chunk.HasField("usage")]
+            await stream.done_writing()
+        return errors, finished, relay.engine.status().num_used_blocks
+
+    errors, finished, used = _run(tokenizer, tmp_path, scenario)
+    assert [(e.request_id, e.kind) for e in errors] == [("partial", REQUEST_ERROR_KIND_INVALID_ARGUMENT)]
+    assert errors[0].message == "prompt_token_ids: must be 4-byte token ids, got 5 bytes"
+    assert finished == ["whole"]
     assert used == 0
 
 
