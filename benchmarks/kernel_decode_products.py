@@ -16,8 +16,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from benchmarks import report
+
+if TYPE_CHECKING:
+    import torch
 
 SHAPES = {"llama-3.2-1b": ((3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192)),
           "llama-3-8b": ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))}
@@ -49,6 +53,17 @@ def graph_us(launch_all: Callable[[], None], launches: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def product_error(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> float:
+    """How far got is from x @ weight.T computed in float64, beyond two units in the last place of got's dtype (what
+    float32 accumulation and one rounding allow), relative to the product's mean magnitude. A comparison with cuBLAS's
+    own rounded product instead fails where the two round a large output to neighbouring values."""
+    import torch
+
+    exact = x.double() @ weight.double().T
+    excess = (got.double() - exact).abs() - 2 * torch.finfo(got.dtype).eps * exact.abs()
+    return float(excess.max().clamp(min=0.0) / exact.abs().mean())
+
+
 def products(rows: int) -> list[list[object]]:
     """[layer, cuBLAS us, GEMV us, cuBLAS GB/s, GEMV GB/s, GEMV / cuBLAS] per linear layer of each shape."""
     import torch
@@ -77,10 +92,10 @@ def products(rows: int) -> list[list[object]]:
                     gemv.gemv(x, weight)
 
             cublas_us, gemv_us = graph_us(cublas, copies), graph_us(ours, copies)
-            expected = F.linear(x, weights[-1]).float()
-            error = ((gemv.gemv(x, weights[-1]).float() - expected).abs().max() / expected.abs().mean()).item()
-            if not error <= 2e-2:  # NaN fails too
-                raise AssertionError(f"{model} {layer} rows {rows}: relative error {error:.3g} against cuBLAS")
+            error = product_error(gemv.gemv(x, weights[-1]), x, weights[-1])
+            if not error <= 1e-3:  # NaN fails too
+                raise AssertionError(f"{model} {layer} rows {rows}: {error:.3g} of the mean magnitude beyond two "
+                                     f"units in the last place of the exact product")
             table.append([f"{model} {layer} {out_features}x{in_features}", round(cublas_us, 2), round(gemv_us, 2),
                           round(weight_bytes / cublas_us / 1e3), round(weight_bytes / gemv_us / 1e3),
                           round(gemv_us / cublas_us, 3)])
