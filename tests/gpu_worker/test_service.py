@@ -13,7 +13,6 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from safetensors import safe_open
 
 from pagedserve.contract import codec
-from pagedserve.contract.codec import token_ids_to_bytes
 from pagedserve.contract.model_format import DeviceKind
 from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.service import start_server
@@ -63,7 +62,7 @@ def _golden() -> dict[str, list[int]]:
 
 def _prefill(prompt: list[int]) -> pb.ExecuteRequest:
     """Step 0: the whole prompt of sequence 1 in blocks 0, 1 (prompt of 5 tokens, block size 4)."""
-    new = pb.NewSequence(seq_id=1, prompt_token_ids=token_ids_to_bytes(prompt), sampling_params=greedy(),
+    new = pb.NewSequence(seq_id=1, prompt_token_ids=codec.token_ids_to_bytes(prompt), sampling_params=greedy(),
                          block_ids=[0, 1], num_computed_tokens=0, num_scheduled_tokens=len(prompt))
     return pb.ExecuteRequest(step_id=0, new_sequences=[new])
 
@@ -193,8 +192,8 @@ def test_init_cache_with_a_block_size_not_a_power_of_two_is_invalid_argument() -
 
 def test_execute_accepts_a_step_larger_than_grpc_default_4_mib() -> None:
     # 1.25M four-byte ids (5 MB); the out-of-range block makes the worker judge the step without running it.
-    new = pb.NewSequence(seq_id=1, prompt_token_ids=token_ids_to_bytes([500] * 1_250_000), sampling_params=greedy(),
-                         block_ids=[NUM_BLOCKS], num_scheduled_tokens=1)
+    new = pb.NewSequence(seq_id=1, prompt_token_ids=codec.token_ids_to_bytes([500] * 1_250_000),
+                         sampling_params=greedy(), block_ids=[NUM_BLOCKS], num_scheduled_tokens=1)
     step = pb.ExecuteRequest(step_id=0, new_sequences=[new])
 
     async def test(channel: grpc.aio.Channel, worker: Worker) -> None:

@@ -12,7 +12,6 @@ import grpc
 import pytest
 
 from pagedserve.contract import codec
-from pagedserve.contract.codec import token_ids_to_bytes
 from pagedserve.contract.model_format import DeviceKind
 from pagedserve.gpu_worker.config import WorkerConfig
 from pagedserve.gpu_worker.service import WorkerServicer, start_server
@@ -52,7 +51,7 @@ def _init_cache(num_blocks: int = NUM_BLOCKS) -> pb.InitCacheRequest:
 def _prefill() -> pb.ExecuteRequest:
     """Step 0: the golden prompt (5 tokens) as sequence 1 in blocks 0 and 1."""
     prompt = GOLDEN["prompt_ids"]
-    new = pb.NewSequence(seq_id=1, prompt_token_ids=token_ids_to_bytes(prompt), sampling_params=greedy(),
+    new = pb.NewSequence(seq_id=1, prompt_token_ids=codec.token_ids_to_bytes(prompt), sampling_params=greedy(),
                          block_ids=[0, 1], num_computed_tokens=0, num_scheduled_tokens=len(prompt))
     return pb.ExecuteRequest(step_id=0, new_sequences=[new])
 
