@@ -1,7 +1,8 @@
-"""The FP8 decode GEMV (kernels/decode_gemv.cu, e4m3 weights) in several shapes of its own: warps a CTA, output
-channels a warp, and weight loads a batch, over the linear layers of the 1B and 8B shapes, at a given number of rows.
+"""The one-row FP8 decode GEMV (kernels/decode_gemv.cu's decode_gemv, e4m3 weights) in several shapes of its own:
+warps a CTA, output channels a warp, and weight loads a batch, over the linear layers of the 1B and 8B shapes. (Two
+to eight rows run decode_gemv_mma on the tensor cores, whose cost does not depend on them.)
 
-    python -m benchmarks.fp8_gemv_sweep --rows 1,2,4,8 [--before-kernels OLD_TREE/kernels]
+    python -m benchmarks.fp8_gemv_sweep [--before-kernels OLD_TREE/kernels]
 
 Per launch: the median of 15 replays of a CUDA graph of launches over distinct weight copies (at least 400 MB in
 rotation, so that no launch finds its weight in L2), queued as the server queues them (dependent launches, so each
@@ -41,7 +42,7 @@ def variant_label(warps: int, channels: int, unroll: int) -> str:
     return f"W{warps} C{channels} U{unroll}"
 
 
-def sweep(rows: int, before_kernels: Path | None) -> dict[str, dict[str, float]]:
+def sweep(before_kernels: Path | None) -> dict[str, dict[str, float]]:
     """us per launch of each variant (and of the before tree's kernel), by "model layer"."""
     import cupy
     import torch
@@ -61,7 +62,7 @@ def sweep(rows: int, before_kernels: Path | None) -> dict[str, dict[str, float]]
     kernels: dict[str, tuple[CompiledKernel, int, int, ModuleCache]] = {}  # label -> (kernel, warps, channels, by)
 
     def compile_kernel(source: str, options: tuple[str, ...], channels: int) -> CompiledKernel:
-        name = kernel_name(torch.bfloat16, FP8_DTYPE, rows, channels)
+        name = kernel_name(torch.bfloat16, FP8_DTYPE, 1, channels)
         raw = cupy.RawModule(code=source, options=options, name_expressions=(name,)).get_function(name)
         return CompiledKernel(int(raw.kernel.ptr), raw)
 
@@ -82,8 +83,8 @@ def sweep(rows: int, before_kernels: Path | None) -> dict[str, dict[str, float]]
             for _ in range(copies):
                 quantized, scale = quantize_per_row(torch.randn(out_features, in_features, device=device))
                 weights.append((quantized, scale.squeeze(1).contiguous()))
-            x = torch.randn(rows, in_features, device=device).to(torch.bfloat16)
-            out = torch.empty(rows, out_features, device=device, dtype=torch.bfloat16)
+            x = torch.randn(1, in_features, device=device).to(torch.bfloat16)
+            out = torch.empty(1, out_features, device=device, dtype=torch.bfloat16)
             row: dict[str, float] = {}
             for label, (kernel, warps, channels, modules) in kernels.items():
                 grid, block = (-(-out_features // (warps * channels)), 1, 1), (warps * 32, 1, 1)
@@ -119,9 +120,9 @@ def read_share(us: float, shape: str) -> float:
     return 100.0 * (out_features * in_features + 4 * out_features) / (us * 1e3) / READ_CEILING_GBS
 
 
-def markdown_tables(results_by_rows: dict[int, dict[str, dict[str, float]]]) -> list[tuple[str, str]]:
+def markdown_tables(results: dict[str, dict[str, float]]) -> list[tuple[str, str]]:
     sections = []
-    for rows, results in results_by_rows.items():
+    if results:
         labels = list(next(iter(results.values())))
         table = [[shape, *(f"{row[label]:.2f} / {read_share(row[label], shape):.0f} %" for label in labels)]
                  for shape, row in results.items()]
@@ -129,27 +130,26 @@ def markdown_tables(results_by_rows: dict[int, dict[str, dict[str, float]]]) -> 
             table.append([f"{model}, sum of a layer",
                           *(f"{sum(row[label] for shape, row in results.items() if shape.startswith(model + ' ')):.2f}"
                             for label in labels)])
-        sections.append((f"{rows} row(s): us a launch / % of the read ceiling",
+        sections.append(("one row: us a launch / % of the read ceiling",
                          report.markdown_table(["layer", *labels], table)))
     return sections
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", default="1", help="comma-separated row counts, each 1..8")
     p.add_argument("--before-kernels", type=Path, help="another tree's kernels/ directory, for a 'before' column")
     p.add_argument("--result-dir", type=Path, default=report.DEFAULT_RESULT_DIR)
     args = p.parse_args()
     import torch
 
-    results_by_rows = {rows: sweep(rows, args.before_kernels) for rows in (int(r) for r in args.rows.split(","))}
+    results = sweep(args.before_kernels)
     metadata = report.run_metadata("fp8-gemv-sweep", torch.cuda.get_device_name())
-    sections = markdown_tables(results_by_rows)
+    sections = markdown_tables(results)
     for title, table in sections:
         print(title)
         print(table)
     stem = report.result_stem(args.result_dir, metadata)
-    report.write_outputs(stem, {"metadata": metadata, "us_per_launch": {str(k): v for k, v in results_by_rows.items()}},
+    report.write_outputs(stem, {"metadata": metadata, "us_per_launch": {"1": results}},
                          report.markdown_report("FP8 decode GEMV sweep", metadata, sections))
 
 

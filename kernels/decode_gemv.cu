@@ -1,18 +1,20 @@
-// Weight GEMV for the few rows of a decode step: out[m, n] = T(scale[n] * sum_k x[m, k] * float(w[n, k]) (+ bias[n])),
+// Weight GEMVs for the few rows of a decode step: out[m, n] = T(scale[n] * sum_k x[m, k] * float(w[n, k]) (+ bias[n])),
 // accumulated in float32, for 16-bit weights (W = T, no scales: 1) and FP8 weights (W = fp8_e4m3_t, W8A16). The
-// activations are not quantized; each e4m3 weight is widened exactly (every e4m3 value is a float16 value) and
-// multiplied in float32.
+// activations are not quantized; each e4m3 weight is widened exactly (every e4m3 value is a float16 value).
 //
-// At a handful of rows the product is bound by reading W once, so the kernel is built to stream it: each warp owns
-// CHANNELS output channels (adjacent rows of W), each lane loads 16 bytes (16 e4m3 or 8 16-bit weights) of every
-// channel per vector, UNROLL vectors at a time, and requests the next UNROLL before it uses these: up to
-// 2 * CHANNELS * UNROLL 16-byte loads in flight per lane. The first batch is requested before the kernel waits for
-// the one before it (a programmatic dependent launch, kernel_common.cuh), so W starts streaming while that kernel
-// ends: what a library's GEMV, launched plainly, cannot do. W is read with a load that does not allocate in L1 (it is
-// touched once); x goes through the read-only cache: every warp of the grid reads all of it, so it stays in L1 / L2.
-// More channels per warp read x fewer times per byte of W (what limits more rows), fewer spread the channels over
-// more warps (what fills the SMs at one row).
+// At a handful of rows the product is bound by reading W once, so both kernels are built to stream it. decode_gemv
+// (one row) multiplies on the CUDA cores: each warp owns CHANNELS output channels (adjacent rows of W), each lane
+// loads 16 bytes (16 e4m3 or 8 16-bit weights) of every channel per vector, UNROLL vectors at a time, and requests
+// the next UNROLL before it uses these: up to 2 * CHANNELS * UNROLL 16-byte loads in flight per lane. Its cost grows
+// with the rows (every row reads x again and adds its own FMAs); decode_gemv_mma (two to eight rows) costs the same at
+// any of them: one mma.sync takes 256 weights for all eight of its columns.
+//
+// The first batch of W is requested before the kernel waits for the one before it (a programmatic dependent launch,
+// kernel_common.cuh), so W starts streaming while that kernel ends: what a library's GEMV, launched plainly, cannot
+// do. W is read with a load that does not allocate in L1 (it is touched once); x goes through the read-only cache:
+// every warp of the grid reads all of it, so it stays in L1 / L2.
 #include "kernel_common.cuh"
+#include "tensor_core.cuh"
 
 constexpr int kGemvWarps = 4;  // warps per CTA: the launcher's WARPS
 
@@ -94,7 +96,8 @@ __device__ __forceinline__ void load_weight_batch(const uint4* const (&w_rows)[C
   }
 }
 
-// Grid: ceil(num_channels / (kGemvWarps * CHANNELS)) CTAs of kGemvWarps warps. x [ROWS, k] (rows x_row_stride
+// One row. More channels a warp read x fewer times per byte of W; fewer spread the channels over more warps (what
+// fills the SMs). Grid: ceil(num_channels / (kGemvWarps * CHANNELS)) CTAs of kGemvWarps warps. x [ROWS, k] (rows x_row_stride
 // elements apart, each 16-byte aligned), w [num_channels, k] row-major (k a whole number of 16-byte vectors, 16-byte
 // aligned), scales float32 [num_channels] (FP8 weights) or null (16-bit weights: 1), bias T [num_channels] or null,
 // out T [ROWS, num_channels] contiguous.
@@ -170,4 +173,189 @@ decode_gemv(const T* __restrict__ x, long long x_row_stride, const W* __restrict
       }
     }
   }
+}
+
+// ---- two to eight rows, on the tensor cores ----
+//
+// A CTA owns 16 output channels (an mma's rows); the rows of x are the mma's columns; the CTA's warps split k. A
+// lane's fragments come straight from its 16-byte loads of W (a weight's position in k does not matter to a sum, as
+// long as x is read at the same positions): lane l reads the same 16-byte vector of channels l / 4 and l / 4 + 8, and
+// the x values at that vector's positions for row l / 4 (a real row again past the last: columns past ROWS are never
+// stored). A 16-bit vector is two mmas of W's dtype as loaded; an e4m3 vector is four float16 mmas after the exact
+// widening of each pair of weights, with x rounded to float16 once per vector.
+constexpr int kGemvMmaWarps = 8;  // warps per CTA, splitting k: the launcher's MMA_WARPS
+constexpr int kGemvMmaChannels = 16;  // output channels per CTA: an mma's rows; the launcher's MMA_CHANNELS
+
+__device__ __forceinline__ unsigned word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// Two x values packed in a word (the lower position in the low half) as float16, times kScale: x's own bits for
+// float16. bfloat16 reaches far beyond float16's range, so the pair is scaled by 2^-8 (exactly, in one bfloat16x2
+// fma), each widened exactly (a bfloat16 value is the top half of its float32) and rounded to float16 once; the
+// product is scaled back up at the end. Exact for |x| from 2^-6 to 2^24, to within 2^-16 below; beyond, it overflows.
+template <typename T>
+struct HalfPairs;
+
+template <>
+struct HalfPairs<half_t> {
+  static constexpr float kScale = 1.0f;
+  static __device__ __forceinline__ unsigned convert(unsigned pair) { return pair; }
+};
+
+template <>
+struct HalfPairs<bfloat16_t> {
+  static constexpr float kScale = 1.0f / 256.0f;
+  static __device__ __forceinline__ unsigned convert(unsigned pair) {
+    unsigned scaled;  // pair * 2^-8 + -0 (bfloat16 2^-8 is 0x3b80)
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(scaled) : "r"(pair), "r"(0x3b803b80u), "r"(0x80008000u));
+    return Mma<half_t>::pack(__uint_as_float(scaled << 16), __uint_as_float(scaled & 0xffff0000u));
+  }
+};
+
+// What one 16-byte vector of each of a lane's two channels adds to its accumulators. kWeights: weights a vector;
+// kXVectors: 16-byte loads of x at their positions; kScale: the factor the sums carry (undone when stored).
+template <typename T, typename W>
+struct VectorProduct {  // 16-bit weights of x's dtype: two mmas of W's dtype, fragments as loaded
+  static constexpr int kWeights = 8;
+  static constexpr int kXVectors = 1;
+  static constexpr float kScale = 1.0f;
+  static __device__ __forceinline__ void accumulate(float (&acc)[4], const uint4 (&channels)[2],
+                                                    const uint4 (&x)[kXVectors]) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const unsigned a[4] = {word(channels[0], 2 * j), word(channels[1], 2 * j), word(channels[0], 2 * j + 1),
+                             word(channels[1], 2 * j + 1)};
+      Mma<T>::k16(acc, a, word(x[0], 2 * j), word(x[0], 2 * j + 1));
+    }
+  }
+};
+
+template <typename T>
+struct VectorProduct<T, fp8_e4m3_t> {  // e4m3 weights: four float16 mmas
+  static constexpr int kWeights = 16;
+  static constexpr int kXVectors = 2;
+  static constexpr float kScale = HalfPairs<T>::kScale;
+  static __device__ __forceinline__ void accumulate(float (&acc)[4], const uint4 (&channels)[2],
+                                                    const uint4 (&x)[kXVectors]) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const unsigned low = word(channels[0], j), high = word(channels[1], j);
+      const unsigned a[4] = {e4m3x2_to_half2(static_cast<unsigned short>(low & 0xffffu)),
+                             e4m3x2_to_half2(static_cast<unsigned short>(high & 0xffffu)),
+                             e4m3x2_to_half2(static_cast<unsigned short>(low >> 16)),
+                             e4m3x2_to_half2(static_cast<unsigned short>(high >> 16))};
+      Mma<half_t>::k16(acc, a, HalfPairs<T>::convert(word(x[j / 2], 2 * (j % 2))),
+                       HalfPairs<T>::convert(word(x[j / 2], 2 * (j % 2) + 1)));
+    }
+  }
+};
+
+// A lane's operands for BATCH of its k-steps, kGemvMmaWarps steps apart (one 16-byte vector of each of its two
+// channels a step, at vector 4 * step + l % 4): zeros past the last vector and for a channel past the last, which are
+// multiplied but add nothing. w_lane: the lane's first channel; its second is row_vectors vectors on.
+template <int BATCH>
+__device__ __forceinline__ void load_mma_weights(const uint4* __restrict__ w_lane, long long row_vectors,
+                                                 bool has_second, int first_vector, int num_vectors,
+                                                 uint4 (&packed)[BATCH][2]) {
+#pragma unroll
+  for (int u = 0; u < BATCH; ++u) {
+    const int vector = first_vector + 4 * kGemvMmaWarps * u;
+    packed[u][0] = vector < num_vectors ? load_streaming(w_lane + vector) : uint4{0u, 0u, 0u, 0u};
+    packed[u][1] = vector < num_vectors && has_second ? load_streaming(w_lane + row_vectors + vector)
+                                                      : uint4{0u, 0u, 0u, 0u};
+  }
+}
+
+template <int BATCH, int X_VECTORS>
+__device__ __forceinline__ void load_mma_x(const uint4* __restrict__ x_row, int first_vector, int num_vectors,
+                                           uint4 (&xs)[BATCH][X_VECTORS]) {
+#pragma unroll
+  for (int u = 0; u < BATCH; ++u) {
+    const int vector = first_vector + 4 * kGemvMmaWarps * u;
+#pragma unroll
+    for (int i = 0; i < X_VECTORS; ++i) {
+      xs[u][i] = vector < num_vectors ? load_read_only(x_row + X_VECTORS * vector + i) : uint4{0u, 0u, 0u, 0u};
+    }
+  }
+}
+
+// A batch's products: its steps up to the last vector (warp_vector: the warp's first vector of the batch).
+template <typename Product, int BATCH, int X_VECTORS>
+__device__ __forceinline__ void multiply_batch(float (&acc)[4], const uint4 (&packed)[BATCH][2],
+                                               const uint4 (&xs)[BATCH][X_VECTORS], int warp_vector,
+                                               int num_vectors) {
+#pragma unroll
+  for (int u = 0; u < BATCH; ++u) {
+    if (warp_vector + 4 * kGemvMmaWarps * u >= num_vectors) break;
+    Product::accumulate(acc, packed[u], xs[u]);
+  }
+}
+
+// Grid: ceil(num_channels / kGemvMmaChannels) CTAs of kGemvMmaWarps warps. Arguments as decode_gemv's, ROWS 1..8.
+template <typename T, typename W, int ROWS>
+__global__ void __launch_bounds__(kGemvMmaWarps * 32)
+decode_gemv_mma(const T* __restrict__ x, long long x_row_stride, const W* __restrict__ w,
+                const float* __restrict__ scales, const T* __restrict__ bias, T* __restrict__ out, int num_channels,
+                int k) {
+  static_assert(ROWS >= 1 && ROWS <= 8, "an mma has 8 columns");
+  using Product = VectorProduct<T, W>;
+  constexpr int BATCH = 2;  // k-steps a batch, with the next batch's loads in flight: 4 weight vectors a lane
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const int group = lane / 4;  // the lane's channel (and 8 past it) and its row of x
+  const int num_vectors = k / Product::kWeights;
+  const int lane_channel = blockIdx.x * kGemvMmaChannels + group;
+  // A lane's first channel past the end re-reads the last one (its sums are never stored); a second past the end
+  // is not read.
+  const long long lane_row = min(lane_channel, num_channels - 1);
+  const uint4* w_lane = reinterpret_cast<const uint4*>(w + lane_row * k);
+  const long long row_vectors = 8LL * num_vectors;
+  const bool has_second = lane_channel + 8 < num_channels;
+  const uint4* x_row = reinterpret_cast<const uint4*>(x + (group % ROWS) * x_row_stride);
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  const int stride = 4 * kGemvMmaWarps * BATCH;  // vectors a lane moves on by, batch to batch
+  int vector = 4 * warp + lane % 4;
+  // W is written by no kernel: its first batch is on its way while the kernel before ends; x is read after the wait.
+  uint4 packed[BATCH][2];
+  load_mma_weights<BATCH>(w_lane, row_vectors, has_second, vector, num_vectors, packed);
+  wait_for_prior_grid();
+  launch_next_grid();
+  uint4 xs[BATCH][Product::kXVectors];
+  load_mma_x<BATCH, Product::kXVectors>(x_row, vector, num_vectors, xs);
+  // Two batches a turn, each loaded while the other is multiplied: no copies between them. Every lane of a warp runs
+  // the same batches (the mma is warp-wide): the bound is the warp's first vector, and lanes past the last vector
+  // multiply zeros.
+  uint4 other[BATCH][2];
+  uint4 other_xs[BATCH][Product::kXVectors];
+  for (int warp_vector = 4 * warp;; warp_vector += 2 * stride, vector += 2 * stride) {
+    load_mma_weights<BATCH>(w_lane, row_vectors, has_second, vector + stride, num_vectors, other);
+    load_mma_x<BATCH, Product::kXVectors>(x_row, vector + stride, num_vectors, other_xs);
+    multiply_batch<Product, BATCH>(acc, packed, xs, warp_vector, num_vectors);
+    if (warp_vector + stride >= num_vectors) break;
+    load_mma_weights<BATCH>(w_lane, row_vectors, has_second, vector + 2 * stride, num_vectors, packed);
+    load_mma_x<BATCH, Product::kXVectors>(x_row, vector + 2 * stride, num_vectors, xs);
+    multiply_batch<Product, BATCH>(acc, other, other_xs, warp_vector + stride, num_vectors);
+    if (warp_vector + 2 * stride >= num_vectors) break;
+  }
+  // Accumulator i of lane l: channel l / 4 + 8 * (i / 2), row 2 * (l % 4) + i % 2. The warps' sums meet in shared
+  // memory; then one thread a (row, channel) adds them, scales and stores (a row's channels by adjacent threads).
+  __shared__ float partial[kGemvMmaWarps][ROWS][kGemvMmaChannels];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int row = 2 * (lane % 4) + i % 2;
+    if (row < ROWS) partial[warp][row][8 * (i / 2) + group] = acc[i];
+  }
+  __syncthreads();
+  static_assert(ROWS * kGemvMmaChannels <= kGemvMmaWarps * 32, "one thread a (row, channel)");
+  const int index = threadIdx.x;
+  const int row = index / kGemvMmaChannels;
+  const int channel = blockIdx.x * kGemvMmaChannels + index % kGemvMmaChannels;
+  if (row >= ROWS || channel >= num_channels) return;
+  float sum = 0.0f;
+#pragma unroll
+  for (int p = 0; p < kGemvMmaWarps; ++p) sum += partial[p][row][index % kGemvMmaChannels];
+  const float scale = (scales != nullptr ? scales[channel] : 1.0f) / Product::kScale;
+  const float shift = bias != nullptr ? to_float(bias[channel]) : 0.0f;
+  out[row * static_cast<long long>(num_channels) + channel] = from_float<T>(fmaf(sum, scale, shift));
 }

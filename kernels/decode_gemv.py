@@ -1,6 +1,7 @@
 """Launcher of decode_gemv.cu: a linear layer's product for the few rows of a decode step, streaming the weight at
 close to the memory bandwidth: an FP8 weight dequantized in registers (W8A16), or a 16-bit weight of the
-activations' dtype."""
+activations' dtype. One row runs on the CUDA cores; two to GEMV_MAX_ROWS on the tensor cores, whose cost does not
+grow with the rows."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ if TYPE_CHECKING:
 SOURCE = "decode_gemv.cu"
 GEMV_MAX_ROWS = 8  # more rows of an FP8 weight go through per-token quantization and torch._scaled_mm
 GEMV_DTYPES = (torch.float16, torch.bfloat16)
-WARPS = 4  # kGemvWarps in decode_gemv.cu
+WARPS = 4  # kGemvWarps in decode_gemv.cu: the one-row kernel's
+MMA_WARPS = 8  # kGemvMmaWarps: the tensor-core kernel's (2..GEMV_MAX_ROWS rows)
+MMA_CHANNELS = 16  # kGemvMmaChannels: output channels a CTA of the tensor-core kernel, an mma's rows
 VECTOR_BYTES = 16  # one lane's load of W (16 e4m3 or 8 16-bit weights) and of x (8 elements)
 # A 16-bit weight takes the GEMV (instead of cuBLAS) at up to this many rows and elements: at one row it was faster
 # on every linear layer of the 1B and 8B shapes, by 3 to 25 %; at two, slower on one of them. The LM heads (262M and
@@ -31,27 +34,27 @@ WIDE_IN_FEATURES = 4096  # at one row, a weight this wide ...
 PAIRED_OUT_FEATURES = 4096  # ... with this many channels takes two channels a warp (channels_per_warp)
 
 
-def channels_per_warp(num_rows: int, out_features: int, in_features: int) -> int:
-    """Output channels a warp owns. Two from two rows on: that halves the reads of x per byte of W. At one row, two
-    for a wide weight (in >= 4096) with 4096 channels, one for the rest (measured on the H200 at one row, 8B shape:
-    o 6.3 us with two against 8.3 with one, down 17.1 against 22.7, qkv 10.3 against 9.2; 1B shape: down 8.7
-    against 7.1)."""
-    if num_rows > 1:
-        return 2
+def channels_per_warp(out_features: int, in_features: int) -> int:
+    """Output channels a warp of the one-row kernel owns: two for a wide weight (in >= 4096) with 4096 channels, one
+    for the rest (measured on the H200 at one row, 8B shape: o 6.3 us with two against 8.3 with one, down 17.1
+    against 22.7, qkv 10.3 against 9.2; 1B shape: down 8.7 against 7.1)."""
     return 2 if in_features >= WIDE_IN_FEATURES and out_features == PAIRED_OUT_FEATURES else 1
 
 
-def kernel_name(dtype: torch.dtype, weight_dtype: torch.dtype, num_rows: int, channels: int) -> str:
+def kernel_name(dtype: torch.dtype, weight_dtype: torch.dtype, num_rows: int, channels: int = 0) -> str:
+    """The kernel for num_rows rows: the one-row kernel with `channels` channels a warp, or the tensor-core one."""
     weight = scalar_type_name(weight_dtype) if weight_dtype != FP8_DTYPE else "fp8_e4m3_t"
-    return f"decode_gemv<{scalar_type_name(dtype)}, {weight}, {num_rows}, {channels}>"
+    if num_rows == 1:
+        return f"decode_gemv<{scalar_type_name(dtype)}, {weight}, 1, {channels}>"
+    return f"decode_gemv_mma<{scalar_type_name(dtype)}, {weight}, {num_rows}>"
 
 
 def known_name_expressions() -> list[str]:
     """Every instantiation the launcher can ask for: each 16-bit dtype with e4m3 weights and weights of its own dtype,
-    at each row count up to GEMV_MAX_ROWS, with one or two channels a warp at one row."""
-    counts = [(1, 1), (1, 2)] + [(rows, 2) for rows in range(2, GEMV_MAX_ROWS + 1)]
+    at one row with one or two channels a warp, and at each row count from 2 to GEMV_MAX_ROWS on the tensor cores."""
     return [kernel_name(dtype, weight_dtype, rows, channels) for dtype in GEMV_DTYPES
-            for weight_dtype in (FP8_DTYPE, dtype) for rows, channels in counts]
+            for weight_dtype in (FP8_DTYPE, dtype)
+            for rows, channels in [(1, 1), (1, 2)] + [(rows, 0) for rows in range(2, GEMV_MAX_ROWS + 1)]]
 
 
 def supports(x: Tensor, weight: Tensor) -> bool:
@@ -112,10 +115,13 @@ class DecodeGemv:
         num_rows = x.shape[0]
         out_features, in_features = weight.shape
         out = x.new_empty((num_rows, out_features))
-        channels = channels_per_warp(num_rows, out_features, in_features)
-        channels_per_cta = WARPS * channels
+        if num_rows == 1:
+            channels = channels_per_warp(out_features, in_features)
+            warps, channels_per_cta = WARPS, WARPS * channels
+        else:
+            channels, warps, channels_per_cta = 0, MMA_WARPS, MMA_CHANNELS
         kernel = self._modules.kernel(SOURCE, kernel_name(x.dtype, weight.dtype, num_rows, channels))
-        self._modules.launch(kernel, (-(-out_features // channels_per_cta), 1, 1), (WARPS * 32, 1, 1), (
+        self._modules.launch(kernel, (-(-out_features // channels_per_cta), 1, 1), (warps * 32, 1, 1), (
             pointer(x), int64(x.stride(0)), pointer(weight), scales, address(0) if bias is None else pointer(bias),
             pointer(out), int32(out_features), int32(in_features),
         ))

@@ -37,8 +37,8 @@ def test_tables_list_each_layer_and_each_models_layer_sum() -> None:
     results = {f"{model} {layer} {n}x{k}": {"before": 2.0, "W4 C1 U2": 1.0}
                for model, shapes in SHAPES.items()
                for layer, (n, k) in zip(LAYERS, shapes, strict=True)}
-    [(title, table)] = fp8_gemv_sweep.markdown_tables({1: results})
-    assert title.startswith("1 row(s)")
+    [(title, table)] = fp8_gemv_sweep.markdown_tables(results)
+    assert title.startswith("one row")
     assert "| llama-3-8b, sum of a layer | 8.00 | 4.00 |" in table
     assert "| llama-3.2-1b, sum of a layer | 8.00 | 4.00 |" in table
     assert table.count("\n") == 2 + 8 + 2
