@@ -18,10 +18,13 @@ from __future__ import annotations
 import argparse
 import ctypes
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from benchmarks import report
 from benchmarks.kernel_decode_products import LAYERS, ROTATION_BYTES, SHAPES, graph_us
+
+if TYPE_CHECKING:
+    import torch
 
 READ_CEILING_GBS = 4400.0
 WARPS_LINE = "constexpr int kGemvWarps = 4;"
@@ -42,6 +45,21 @@ def variant_label(warps: int, channels: int, unroll: int) -> str:
     return f"W{warps} C{channels} U{unroll}"
 
 
+def rotated_fp8_weights(out_features: int, in_features: int, device: torch.device) -> list[tuple[torch.Tensor,
+                                                                                                 torch.Tensor]]:
+    """Distinct e4m3 weights [out, in] with their float32 scales [out], at least ROTATION_BYTES of them (4 at least),
+    so that no launch over them in turn finds its weight in L2."""
+    import torch
+
+    from pagedserve.kernels.fp8 import quantize_per_row
+
+    weights = []
+    for _ in range(max(4, -(-ROTATION_BYTES // (out_features * in_features)))):
+        quantized, scale = quantize_per_row(torch.randn(out_features, in_features, device=device))
+        weights.append((quantized, scale.squeeze(1).contiguous()))
+    return weights
+
+
 def sweep(before_kernels: Path | None) -> dict[str, dict[str, float]]:
     """us per launch of each variant (and of the before tree's kernel), by "model layer"."""
     import cupy
@@ -50,7 +68,7 @@ def sweep(before_kernels: Path | None) -> dict[str, dict[str, float]]:
     from pagedserve.kernels import module_cache
     from pagedserve.kernels.decode_gemv import kernel_name
     from pagedserve.kernels.dependent_launch import COMPILE_DEFINE
-    from pagedserve.kernels.fp8 import FP8_DTYPE, quantize_per_row
+    from pagedserve.kernels.fp8 import FP8_DTYPE
     from pagedserve.kernels.module_cache import CompiledKernel, ModuleCache
     from pagedserve.kernels.prepared_launch import argument_addresses
     from pagedserve.kernels.reference import TorchReferenceOps
@@ -78,11 +96,8 @@ def sweep(before_kernels: Path | None) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
     for model, shapes in SHAPES.items():
         for layer, (out_features, in_features) in zip(LAYERS, shapes, strict=True):
-            copies = max(4, -(-ROTATION_BYTES // (out_features * in_features)))
-            weights = []
-            for _ in range(copies):
-                quantized, scale = quantize_per_row(torch.randn(out_features, in_features, device=device))
-                weights.append((quantized, scale.squeeze(1).contiguous()))
+            weights = rotated_fp8_weights(out_features, in_features, device)
+            copies = len(weights)
             x = torch.randn(1, in_features, device=device).to(torch.bfloat16)
             out = torch.empty(1, out_features, device=device, dtype=torch.bfloat16)
             row: dict[str, float] = {}
