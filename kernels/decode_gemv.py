@@ -26,9 +26,11 @@ MMA_WARPS = 8  # kGemvMmaWarps: the tensor-core kernel's (2..GEMV_MAX_ROWS rows)
 MMA_CHANNELS = 16  # kGemvMmaChannels: output channels a CTA of the tensor-core kernel, an mma's rows
 VECTOR_BYTES = 16  # one lane's load of W (16 e4m3 or 8 16-bit weights) and of x (8 elements)
 # A 16-bit weight takes the GEMV (instead of cuBLAS) at up to this many rows and elements: at one row it was faster
-# on every linear layer of the 1B and 8B shapes, by 3 to 25 %; at two, slower on one of them. The LM heads (262M and
-# 525M elements) keep cuBLAS (benchmarks/results/2026-12-05-decode-products-nvidia-h100-80gb-hbm3-aa9bbf7.md).
-MAX_16_BIT_ROWS = 1
+# on every linear layer of the 1B and 8B shapes, by 3 to 25 %; at two to eight rows (the tensor-core kernel) a layer's
+# four products took 2-5 % less than cuBLAS's, though one of them (1B down, 8B gate_up) 0-2 % more. The LM heads (262M
+# and 525M elements) keep cuBLAS (benchmarks/results/2026-12-05-decode-products-nvidia-h100-80gb-hbm3-aa9bbf7.md,
+# 2026-12-06-decode-gemv-rows-on-tensor-cores-nvidia-h100-eddaf87.md).
+MAX_16_BIT_ROWS = GEMV_MAX_ROWS
 MAX_16_BIT_ELEMENTS = 128 * 2**20
 WIDE_IN_FEATURES = 4096  # at one row, a weight this wide ...
 PAIRED_OUT_FEATURES = 4096  # ... with this many channels takes two channels a warp (channels_per_warp)
