@@ -312,7 +312,6 @@ decode_gemv_mma(const T* __restrict__ x, long long x_row_stride, const W* __rest
   const uint4* w_lane = reinterpret_cast<const uint4*>(w + lane_row * k);
   const long long row_vectors = 8LL * num_vectors;
   const bool has_second = lane_channel + 8 < num_channels;
-  const uint4* x_row = reinterpret_cast<const uint4*>(x + (group % ROWS) * x_row_stride);
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   const int stride = 4 * kGemvMmaWarps * BATCH;  // vectors a lane moves on by, batch to batch
   int vector = 4 * warp + lane % 4;
@@ -321,6 +320,7 @@ decode_gemv_mma(const T* __restrict__ x, long long x_row_stride, const W* __rest
   load_mma_weights<BATCH>(w_lane, row_vectors, has_second, vector, num_vectors, packed);
   wait_for_prior_grid();
   launch_next_grid();
+  const uint4* x_row = reinterpret_cast<const uint4*>(x + (group % ROWS) * x_row_stride);
   uint4 xs[BATCH][Product::kXVectors];
   load_mma_x<BATCH, Product::kXVectors>(x_row, vector, num_vectors, xs);
   // Two batches a turn, each loaded while the other is multiplied: no copies between them. Every lane of a warp runs
