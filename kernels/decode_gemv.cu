@@ -6,8 +6,8 @@
 // (one row) multiplies on the CUDA cores: each warp owns CHANNELS output channels (adjacent rows of W), each lane
 // loads 16 bytes (16 e4m3 or 8 16-bit weights) of every channel per vector, UNROLL vectors at a time, and requests
 // the next UNROLL before it uses these: up to 2 * CHANNELS * UNROLL 16-byte loads in flight per lane. Its cost grows
-// with the rows (every row reads x again and adds its own FMAs); decode_gemv_mma (two to eight rows) costs the same at
-// any of them: one mma.sync takes 256 weights for all eight of its columns.
+// with the rows (every row reads x again and adds its own FMAs); decode_gemv_mma (two to sixteen rows) costs about the
+// same at any of them: one mma.sync takes 256 weights for all eight of its columns, two for sixteen.
 //
 // The first batch of W is requested before the kernel waits for the one before it (a programmatic dependent launch,
 // kernel_common.cuh), so W starts streaming while that kernel ends: what a library's GEMV, launched plainly, cannot
@@ -175,14 +175,15 @@ decode_gemv(const T* __restrict__ x, long long x_row_stride, const W* __restrict
   }
 }
 
-// ---- two to eight rows, on the tensor cores ----
+// ---- two to sixteen rows, on the tensor cores ----
 //
-// A CTA owns 16 output channels (an mma's rows); the rows of x are the mma's columns; the CTA's warps split k. A
-// lane's fragments come straight from its 16-byte loads of W (a weight's position in k does not matter to a sum, as
-// long as x is read at the same positions): lane l reads the same 16-byte vector of channels l / 4 and l / 4 + 8, and
-// the x values at that vector's positions for row l / 4 (a real row again past the last: columns past ROWS are never
-// stored). A 16-bit vector is two mmas of W's dtype as loaded; an e4m3 vector is four float16 mmas after the exact
-// widening of each pair of weights, with x rounded to float16 once per vector.
+// A CTA owns 16 output channels (an mma's rows); the rows of x are the mma's columns, 8 a tile (two tiles from 9
+// rows on, sharing each A fragment); the CTA's warps split k. A lane's fragments come straight from its 16-byte
+// loads of W (a weight's position in k does not matter to a sum, as long as x is read at the same positions): lane l
+// reads the same 16-byte vector of channels l / 4 and l / 4 + 8, and the x values at that vector's positions for row
+// l / 4 of each tile (a real row again past the last: columns past ROWS are never stored). A 16-bit vector is two
+// mmas of W's dtype a tile as loaded; an e4m3 vector is four float16 mmas a tile after the exact widening of each
+// pair of weights, with x rounded to float16 once per vector.
 constexpr int kGemvMmaWarps = 8;  // warps per CTA, splitting k: the launcher's MMA_WARPS
 constexpr int kGemvMmaChannels = 16;  // output channels per CTA: an mma's rows; the launcher's MMA_CHANNELS
 
@@ -216,28 +217,31 @@ struct HalfPairs<bfloat16_t> {
 // What one 16-byte vector of each of a lane's two channels adds to its accumulators. kWeights: weights a vector;
 // kXVectors: 16-byte loads of x at their positions; kScale: the factor the sums carry (undone when stored).
 template <typename T, typename W>
-struct VectorProduct {  // 16-bit weights of x's dtype: two mmas of W's dtype, fragments as loaded
+struct VectorProduct {  // 16-bit weights of x's dtype: two mmas of W's dtype a tile, fragments as loaded
   static constexpr int kWeights = 8;
   static constexpr int kXVectors = 1;
   static constexpr float kScale = 1.0f;
-  static __device__ __forceinline__ void accumulate(float (&acc)[4], const uint4 (&channels)[2],
-                                                    const uint4 (&x)[kXVectors]) {
+  template <int TILES>
+  static __device__ __forceinline__ void accumulate(float (&acc)[TILES][4], const uint4 (&channels)[2],
+                                                    const uint4 (&x)[TILES][kXVectors]) {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const unsigned a[4] = {word(channels[0], 2 * j), word(channels[1], 2 * j), word(channels[0], 2 * j + 1),
                              word(channels[1], 2 * j + 1)};
-      Mma<T>::k16(acc, a, word(x[0], 2 * j), word(x[0], 2 * j + 1));
+#pragma unroll
+      for (int t = 0; t < TILES; ++t) Mma<T>::k16(acc[t], a, word(x[t][0], 2 * j), word(x[t][0], 2 * j + 1));
     }
   }
 };
 
 template <typename T>
-struct VectorProduct<T, fp8_e4m3_t> {  // e4m3 weights: four float16 mmas
+struct VectorProduct<T, fp8_e4m3_t> {  // e4m3 weights: four float16 mmas a tile
   static constexpr int kWeights = 16;
   static constexpr int kXVectors = 2;
   static constexpr float kScale = HalfPairs<T>::kScale;
-  static __device__ __forceinline__ void accumulate(float (&acc)[4], const uint4 (&channels)[2],
-                                                    const uint4 (&x)[kXVectors]) {
+  template <int TILES>
+  static __device__ __forceinline__ void accumulate(float (&acc)[TILES][4], const uint4 (&channels)[2],
+                                                    const uint4 (&x)[TILES][kXVectors]) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const unsigned low = word(channels[0], j), high = word(channels[1], j);
@@ -245,8 +249,11 @@ struct VectorProduct<T, fp8_e4m3_t> {  // e4m3 weights: four float16 mmas
                              e4m3x2_to_half2(static_cast<unsigned short>(high & 0xffffu)),
                              e4m3x2_to_half2(static_cast<unsigned short>(low >> 16)),
                              e4m3x2_to_half2(static_cast<unsigned short>(high >> 16))};
-      Mma<half_t>::k16(acc, a, HalfPairs<T>::convert(word(x[j / 2], 2 * (j % 2))),
-                       HalfPairs<T>::convert(word(x[j / 2], 2 * (j % 2) + 1)));
+#pragma unroll
+      for (int t = 0; t < TILES; ++t) {
+        Mma<half_t>::k16(acc[t], a, HalfPairs<T>::convert(word(x[t][j / 2], 2 * (j % 2))),
+                         HalfPairs<T>::convert(word(x[t][j / 2], 2 * (j % 2) + 1)));
+      }
     }
   }
 };
@@ -267,23 +274,27 @@ __device__ __forceinline__ void load_mma_weights(const uint4* __restrict__ w_lan
   }
 }
 
-template <int BATCH, int X_VECTORS>
-__device__ __forceinline__ void load_mma_x(const uint4* __restrict__ x_row, int first_vector, int num_vectors,
-                                           uint4 (&xs)[BATCH][X_VECTORS]) {
+template <int BATCH, int TILES, int X_VECTORS>
+__device__ __forceinline__ void load_mma_x(const uint4* const (&x_rows)[TILES], int first_vector, int num_vectors,
+                                           uint4 (&xs)[BATCH][TILES][X_VECTORS]) {
 #pragma unroll
   for (int u = 0; u < BATCH; ++u) {
     const int vector = first_vector + 4 * kGemvMmaWarps * u;
 #pragma unroll
-    for (int i = 0; i < X_VECTORS; ++i) {
-      xs[u][i] = vector < num_vectors ? load_read_only(x_row + X_VECTORS * vector + i) : uint4{0u, 0u, 0u, 0u};
+    for (int t = 0; t < TILES; ++t) {
+#pragma unroll
+      for (int i = 0; i < X_VECTORS; ++i) {
+        xs[u][t][i] = vector < num_vectors ? load_read_only(x_rows[t] + X_VECTORS * vector + i)
+                                           : uint4{0u, 0u, 0u, 0u};
+      }
     }
   }
 }
 
 // A batch's products: its steps up to the last vector (warp_vector: the warp's first vector of the batch).
-template <typename Product, int BATCH, int X_VECTORS>
-__device__ __forceinline__ void multiply_batch(float (&acc)[4], const uint4 (&packed)[BATCH][2],
-                                               const uint4 (&xs)[BATCH][X_VECTORS], int warp_vector,
+template <typename Product, int BATCH, int TILES, int X_VECTORS>
+__device__ __forceinline__ void multiply_batch(float (&acc)[TILES][4], const uint4 (&packed)[BATCH][2],
+                                               const uint4 (&xs)[BATCH][TILES][X_VECTORS], int warp_vector,
                                                int num_vectors) {
 #pragma unroll
   for (int u = 0; u < BATCH; ++u) {
@@ -292,13 +303,14 @@ __device__ __forceinline__ void multiply_batch(float (&acc)[4], const uint4 (&pa
   }
 }
 
-// Grid: ceil(num_channels / kGemvMmaChannels) CTAs of kGemvMmaWarps warps. Arguments as decode_gemv's, ROWS 1..8.
+// Grid: ceil(num_channels / kGemvMmaChannels) CTAs of kGemvMmaWarps warps. Arguments as decode_gemv's, ROWS 1..16.
 template <typename T, typename W, int ROWS>
 __global__ void __launch_bounds__(kGemvMmaWarps * 32)
 decode_gemv_mma(const T* __restrict__ x, long long x_row_stride, const W* __restrict__ w,
                 const float* __restrict__ scales, const T* __restrict__ bias, T* __restrict__ out, int num_channels,
                 int k) {
-  static_assert(ROWS >= 1 && ROWS <= 8, "an mma has 8 columns");
+  static_assert(ROWS >= 1 && ROWS <= 16, "two tiles of an mma's 8 columns");
+  constexpr int TILES = (ROWS + 7) / 8;
   using Product = VectorProduct<T, W>;
   constexpr int BATCH = 2;  // k-steps a batch, with the next batch's loads in flight: 4 weight vectors a lane
   const int lane = threadIdx.x % 32;
@@ -312,7 +324,7 @@ decode_gemv_mma(const T* __restrict__ x, long long x_row_stride, const W* __rest
   const uint4* w_lane = reinterpret_cast<const uint4*>(w + lane_row * k);
   const long long row_vectors = 8LL * num_vectors;
   const bool has_second = lane_channel + 8 < num_channels;
-  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float acc[TILES][4] = {};
   const int stride = 4 * kGemvMmaWarps * BATCH;  // vectors a lane moves on by, batch to batch
   int vector = 4 * warp + lane % 4;
   // W is written by no kernel: its first batch is on its way while the kernel before ends; x is read after the wait.
@@ -320,31 +332,39 @@ decode_gemv_mma(const T* __restrict__ x, long long x_row_stride, const W* __rest
   load_mma_weights<BATCH>(w_lane, row_vectors, has_second, vector, num_vectors, packed);
   wait_for_prior_grid();
   launch_next_grid();
-  const uint4* x_row = reinterpret_cast<const uint4*>(x + (group % ROWS) * x_row_stride);
-  uint4 xs[BATCH][Product::kXVectors];
-  load_mma_x<BATCH, Product::kXVectors>(x_row, vector, num_vectors, xs);
+  const uint4* x_rows[TILES];
+#pragma unroll
+  for (int t = 0; t < TILES; ++t) {
+    x_rows[t] = reinterpret_cast<const uint4*>(x + ((group + 8 * t) % ROWS) * x_row_stride);
+  }
+  uint4 xs[BATCH][TILES][Product::kXVectors];
+  load_mma_x<BATCH>(x_rows, vector, num_vectors, xs);
   // Two batches a turn, each loaded while the other is multiplied: no copies between them. Every lane of a warp runs
   // the same batches (the mma is warp-wide): the bound is the warp's first vector, and lanes past the last vector
   // multiply zeros.
   uint4 other[BATCH][2];
-  uint4 other_xs[BATCH][Product::kXVectors];
+  uint4 other_xs[BATCH][TILES][Product::kXVectors];
   for (int warp_vector = 4 * warp;; warp_vector += 2 * stride, vector += 2 * stride) {
     load_mma_weights<BATCH>(w_lane, row_vectors, has_second, vector + stride, num_vectors, other);
-    load_mma_x<BATCH, Product::kXVectors>(x_row, vector + stride, num_vectors, other_xs);
+    load_mma_x<BATCH>(x_rows, vector + stride, num_vectors, other_xs);
     multiply_batch<Product, BATCH>(acc, packed, xs, warp_vector, num_vectors);
     if (warp_vector + stride >= num_vectors) break;
     load_mma_weights<BATCH>(w_lane, row_vectors, has_second, vector + 2 * stride, num_vectors, packed);
-    load_mma_x<BATCH, Product::kXVectors>(x_row, vector + 2 * stride, num_vectors, xs);
+    load_mma_x<BATCH>(x_rows, vector + 2 * stride, num_vectors, xs);
     multiply_batch<Product, BATCH>(acc, other, other_xs, warp_vector + stride, num_vectors);
     if (warp_vector + 2 * stride >= num_vectors) break;
   }
-  // Accumulator i of lane l: channel l / 4 + 8 * (i / 2), row 2 * (l % 4) + i % 2. The warps' sums meet in shared
-  // memory; then one thread a (row, channel) adds them, scales and stores (a row's channels by adjacent threads).
+  // Accumulator i of tile t of lane l: channel l / 4 + 8 * (i / 2), row 8 t + 2 * (l % 4) + i % 2. The warps' sums
+  // meet in shared memory; then one thread a (row, channel) adds them, scales and stores (a row's channels by
+  // adjacent threads).
   __shared__ float partial[kGemvMmaWarps][ROWS][kGemvMmaChannels];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int row = 2 * (lane % 4) + i % 2;
-    if (row < ROWS) partial[warp][row][8 * (i / 2) + group] = acc[i];
+  for (int t = 0; t < TILES; ++t) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = 8 * t + 2 * (lane % 4) + i % 2;
+      if (row < ROWS) partial[warp][row][8 * (i / 2) + group] = acc[t][i];
+    }
   }
   __syncthreads();
   static_assert(ROWS * kGemvMmaChannels <= kGemvMmaWarps * 32, "one thread a (row, channel)");

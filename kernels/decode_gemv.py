@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from pagedserve.kernels.module_cache import ModuleCache
 
 SOURCE = "decode_gemv.cu"
-GEMV_MAX_ROWS = 8  # more rows of an FP8 weight go through per-token quantization and torch._scaled_mm
+GEMV_MAX_ROWS = 16  # more rows of an FP8 weight go through per-token quantization and torch._scaled_mm
 GEMV_DTYPES = (torch.float16, torch.bfloat16)
 WARPS = 4  # kGemvWarps in decode_gemv.cu: the one-row kernel's
 MMA_WARPS = 8  # kGemvMmaWarps: the tensor-core kernel's (2..GEMV_MAX_ROWS rows)
@@ -30,7 +30,7 @@ VECTOR_BYTES = 16  # one lane's load of W (16 e4m3 or 8 16-bit weights) and of x
 # four products took 2-5 % less than cuBLAS's, though one of them (1B down, 8B gate_up) 0-2 % more. The LM heads (262M
 # and 525M elements) keep cuBLAS (benchmarks/results/2026-12-05-decode-products-nvidia-h100-80gb-hbm3-aa9bbf7.md,
 # 2026-12-06-decode-gemv-rows-on-tensor-cores-nvidia-h100-eddaf87.md).
-MAX_16_BIT_ROWS = GEMV_MAX_ROWS
+MAX_16_BIT_ROWS = 8
 MAX_16_BIT_ELEMENTS = 128 * 2**20
 WIDE_IN_FEATURES = 4096  # at one row, a weight this wide ...
 PAIRED_OUT_FEATURES = 4096  # ... with this many channels takes two channels a warp (channels_per_warp)

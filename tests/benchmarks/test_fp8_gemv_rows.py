@@ -1,4 +1,4 @@
-"""The FP8 GEMV rows benchmark's table lists each layer it timed and each model's sum of a layer."""
+"""The FP8 layer rows benchmark's table lists each layer it timed, by which path, and each model's sum of a layer."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from benchmarks.kernel_decode_products import LAYERS, SHAPES
 
 
 def test_the_table_lists_each_layer_then_each_models_layer_sum() -> None:
-    results = [(f"{model} {layer} {n}x{k}", 1.0 + i) for model, shapes in SHAPES.items()
+    results = [(f"{model} {layer} {n}x{k}", "GEMV", 1.0 + i) for model, shapes in SHAPES.items()
                for i, (layer, (n, k)) in enumerate(zip(LAYERS, shapes, strict=True))]
     lines = fp8_gemv_rows.table(4, results)
-    assert [line[1] for line in lines[:len(results)]] == [shape for shape, _ in results]
+    assert [line[1] for line in lines[:len(results)]] == [shape for shape, _, _ in results]
     assert all(line[0] == 4 for line in lines)
     # 8B o 4096x4096 at 2 us: 16,793,600 bytes in 2 us is 8.4 TB/s, 190.8 % of 4.4 TB/s.
-    assert lines[5][2:] == [2.0, pytest.approx(190.8)]
-    assert lines[len(results):] == [[4, "llama-3.2-1b, sum of a layer", 10.0, "-"],
-                                    [4, "llama-3-8b, sum of a layer", 10.0, "-"]]
+    assert lines[5][2:] == ["GEMV", 2.0, pytest.approx(190.8)]
+    assert lines[len(results):] == [[4, "llama-3.2-1b, sum of a layer", "-", 10.0, "-"],
+                                    [4, "llama-3-8b, sum of a layer", "-", 10.0, "-"]]
