@@ -1,6 +1,6 @@
 """The one-row FP8 decode GEMV (kernels/decode_gemv.cu's decode_gemv, e4m3 weights) in several shapes of its own:
 warps a CTA, output channels a warp, and weight loads a batch, over the linear layers of the 1B and 8B shapes. (Two
-to eight rows run decode_gemv_mma on the tensor cores, whose cost does not depend on them.)
+to sixteen rows run decode_gemv_mma on the tensor cores: benchmarks.fp8_gemv_rows.)
 
     python -m benchmarks.fp8_gemv_sweep [--before-kernels OLD_TREE/kernels]
 

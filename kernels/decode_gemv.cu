@@ -6,8 +6,8 @@
 // (one row) multiplies on the CUDA cores: each warp owns CHANNELS output channels (adjacent rows of W), each lane
 // loads 16 bytes (16 e4m3 or 8 16-bit weights) of every channel per vector, UNROLL vectors at a time, and requests
 // the next UNROLL before it uses these: up to 2 * CHANNELS * UNROLL 16-byte loads in flight per lane. Its cost grows
-// with the rows (every row reads x again and adds its own FMAs); decode_gemv_mma (two to sixteen rows) costs about the
-// same at any of them: one mma.sync takes 256 weights for all eight of its columns, two for sixteen.
+// with the rows (every row reads x again and adds its own FMAs); decode_gemv_mma's (two to sixteen rows) barely grows:
+// one mma.sync takes 256 weights for all eight of its columns, two for sixteen, and W is still read once.
 //
 // The first batch of W is requested before the kernel waits for the one before it (a programmatic dependent launch,
 // kernel_common.cuh), so W starts streaming while that kernel ends: what a library's GEMV, launched plainly, cannot
@@ -244,11 +244,11 @@ struct VectorProduct<T, fp8_e4m3_t> {  // e4m3 weights: four float16 mmas a tile
                                                     const uint4 (&x)[TILES][kXVectors]) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const unsigned low = word(channels[0], j), high = word(channels[1], j);
-      const unsigned a[4] = {e4m3x2_to_half2(static_cast<unsigned short>(low & 0xffffu)),
-                             e4m3x2_to_half2(static_cast<unsigned short>(high & 0xffffu)),
-                             e4m3x2_to_half2(static_cast<unsigned short>(low >> 16)),
-                             e4m3x2_to_half2(static_cast<unsigned short>(high >> 16))};
+      const unsigned first = word(channels[0], j), second = word(channels[1], j);  // channels l / 4, l / 4 + 8
+      const unsigned a[4] = {e4m3x2_to_half2(static_cast<unsigned short>(first & 0xffffu)),
+                             e4m3x2_to_half2(static_cast<unsigned short>(second & 0xffffu)),
+                             e4m3x2_to_half2(static_cast<unsigned short>(first >> 16)),
+                             e4m3x2_to_half2(static_cast<unsigned short>(second >> 16))};
 #pragma unroll
       for (int t = 0; t < TILES; ++t) {
         Mma<half_t>::k16(acc[t], a, HalfPairs<T>::convert(word(x[t][j / 2], 2 * (j % 2))),
@@ -259,8 +259,9 @@ struct VectorProduct<T, fp8_e4m3_t> {  // e4m3 weights: four float16 mmas a tile
 };
 
 // A lane's operands for BATCH of its k-steps, kGemvMmaWarps steps apart (one 16-byte vector of each of its two
-// channels a step, at vector 4 * step + l % 4): zeros past the last vector and for a channel past the last, which are
-// multiplied but add nothing. w_lane: the lane's first channel; its second is row_vectors vectors on.
+// channels a step, at vector 4 * step + l % 4): zeros past the last vector and for a second channel past the last,
+// which are multiplied but add nothing (a first channel past the last is the last one again, never stored). w_lane:
+// the lane's first channel; its second is row_vectors vectors on.
 template <int BATCH>
 __device__ __forceinline__ void load_mma_weights(const uint4* __restrict__ w_lane, long long row_vectors,
                                                  bool has_second, int first_vector, int num_vectors,

@@ -1,7 +1,7 @@
 """Launcher of decode_gemv.cu: a linear layer's product for the few rows of a decode step, streaming the weight at
 close to the memory bandwidth: an FP8 weight dequantized in registers (W8A16), or a 16-bit weight of the
-activations' dtype. One row runs on the CUDA cores; two to GEMV_MAX_ROWS on the tensor cores, whose cost does not
-grow with the rows."""
+activations' dtype. One row runs on the CUDA cores; two to GEMV_MAX_ROWS on the tensor cores, whose cost barely
+grows with the rows."""
 
 from __future__ import annotations
 

@@ -199,7 +199,7 @@ class TestSixteenBitWeights:
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
     @pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
-    @pytest.mark.parametrize("num_rows", [1, 2, 3, 8])
+    @pytest.mark.parametrize("num_rows", [1, 2, 3, 8, 12, 16])
     def test_random_inputs(self, gemv: DecodeGemv, dtype: torch.dtype, out_features: int, in_features: int,
                            num_rows: int) -> None:
         x, weight, bias = _sixteen_bit_inputs(num_rows, out_features, in_features, dtype, seed=num_rows + in_features)
@@ -207,7 +207,7 @@ class TestSixteenBitWeights:
         _assert_is_the_product(gemv.gemv(x, weight, bias), x, weight, bias)
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-    @pytest.mark.parametrize("num_rows", [1, 2, 5])
+    @pytest.mark.parametrize("num_rows", [1, 2, 5, 9, 16])
     @pytest.mark.parametrize("out_features", [1, 13, 1030])  # channels that leave a warp or CTA part-filled
     def test_strided_rows_and_ragged_channels(self, gemv: DecodeGemv, dtype: torch.dtype, num_rows: int,
                                               out_features: int) -> None:
