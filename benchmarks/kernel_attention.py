@@ -1,6 +1,7 @@
 """Paged-attention kernel benchmark: decode bandwidth vs a measured ceiling and torch SDPA, prefill TFLOP/s.
 
 Run on a CUDA machine: python benchmarks/kernel_attention.py [--commit SHA] [--out-dir benchmarks/results]
+[--kv-cache-dtype fp8] [--batches 16,64] [--contexts 2048] [--no-prefill]
 Writes kernel_attention_<date>.json / .md / .png to --out-dir and prints a short table last.
 """
 
@@ -313,7 +314,7 @@ def plot(path: Path, ceiling: dict[str, float], decode: list[DecodeResult]) -> N
 
     fig, axes = plt.subplots(1, len(SHAPES), figsize=(12, 4.5), sharey=True)
     for axis, shape in zip(axes, SHAPES, strict=True):  # one axis per shape
-        for batch in BATCHES:
+        for batch in sorted({r.batch for r in decode}):
             rows = [r for r in decode if r.shape == shape and r.batch == batch]
             axis.plot([r.context for r in rows], [r.paged_gbps for r in rows], marker="o", label=f"batch {batch}")
         axis.axhline(max(ceiling.values()), color="black", linestyle="--", label="read ceiling")
@@ -326,6 +327,14 @@ def plot(path: Path, ceiling: dict[str, float], decode: list[DecodeResult]) -> N
     fig.savefig(path, dpi=120)
 
 
+def int_list(text: str) -> tuple[int, ...]:
+    """"16,64" -> (16, 64): positive integers, for --batches and --contexts."""
+    values = tuple(int(part) for part in text.split(","))
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"need positive integers separated by commas, got {text!r}")
+    return values
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark, writes its reports; returns the JSON record."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -334,6 +343,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                         help="fp8: decode reads an e4m3 pool, its GB/s counted in FP8 bytes")
+    parser.add_argument("--batches", type=int_list, default=BATCHES, help="decode batches, comma-separated")
+    parser.add_argument("--contexts", type=int_list, default=CONTEXTS, help="decode contexts, comma-separated")
+    parser.add_argument("--no-prefill", action="store_true", help="time the decode kernel only")
     args = parser.parse_args(argv)
     commit = args.commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = {"commit": commit, "device": torch.cuda.get_device_name(), "command": " ".join(sys.argv),
@@ -345,8 +357,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     meta["host_us_per_decode_call"] = round(measure_host_us(ops), 1)
     meta["graph_launch_us"] = round(measure_graph_launch_us(timer), 1)
     decode = [bench_decode(timer, ops, shape, batch, context, args.kv_cache_dtype == "fp8")
-              for shape in SHAPES for batch in BATCHES for context in CONTEXTS]
-    prefill = [bench_prefill(timer, ops, shape, tokens) for shape in SHAPES for tokens in PREFILL_TOKENS]
+              for shape in SHAPES for batch in args.batches for context in args.contexts]
+    prefill = ([] if args.no_prefill else
+               [bench_prefill(timer, ops, shape, tokens) for shape in SHAPES for tokens in PREFILL_TOKENS])
     stem, record = write_reports(args.out_dir, meta, ceiling, decode, prefill)
     print(f"wrote {stem}.json/.md/.png")
     print(markdown_report(meta, ceiling, decode, prefill))
