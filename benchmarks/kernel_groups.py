@@ -19,7 +19,7 @@ from benchmarks import report
 
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("GEMMs", ("nvjet", "gemm", "splitKreduce")),  # cuBLAS's kernels, the LM head's included
-    ("decode GEMV", ("decode_gemv<", "fp8_gemv<")),  # fp8_gemv: its name before 16-bit weights
+    ("decode GEMV", ("decode_gemv<", "decode_gemv_mma<", "fp8_gemv<")),  # fp8_gemv: its name before 16-bit weights
     ("per-token quantization", ("quantize_fp8_per_row",)),
     ("FP8 product scaling", ("scale_fp8_product",)),
     ("SiLU-and-mul", ("silu_and_mul",)),

@@ -15,6 +15,7 @@ from benchmarks.kernel_groups import group_of, grouped_us_per_step, main
     ("nvjet_sm90_qqtst_128x128_128x6_1x1_h_bz_coopA_algo2_ovscale_TNT", "GEMMs"),
     ("void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16", "GEMMs"),
     ("void decode_gemv<bfloat16_t, fp8_e4m3_t, 8, 2>(bfloat16_t const*, long long", "decode GEMV"),
+    ("void decode_gemv_mma<bfloat16_t, fp8_e4m3_t, 12>(bfloat16_t const*, long long", "decode GEMV"),
     ("void fp8_gemv<bfloat16_t, 8, 2>(bfloat16_t const*, long long", "decode GEMV"),
     ("void silu_and_mul_fp8<bfloat16_t, 8, 2>(bfloat16_t const*, fp8_e4m3_t*", "SiLU-and-mul"),
     ("void add_rms_norm_fp8<bfloat16_t, 8, 1>(bfloat16_t const*, long long", "norms"),
