@@ -96,12 +96,12 @@ __device__ __forceinline__ void load_weight_batch(const uint4* const (&w_rows)[C
   }
 }
 
-// One row. More channels a warp read x fewer times per byte of W; fewer spread the channels over more warps (what
-// fills the SMs). Grid: ceil(num_channels / (kGemvWarps * CHANNELS)) CTAs of kGemvWarps warps. x [ROWS, k] (rows x_row_stride
-// elements apart, each 16-byte aligned), w [num_channels, k] row-major (k a whole number of 16-byte vectors, 16-byte
-// aligned), scales float32 [num_channels] (FP8 weights) or null (16-bit weights: 1), bias T [num_channels] or null,
-// out T [ROWS, num_channels] contiguous.
-template <typename T, typename W, int ROWS, int CHANNELS>
+// One row. Fewer channels a warp spread the channels over more warps (what fills the SMs); two a warp measured
+// faster on wide weights. Grid: ceil(num_channels / (kGemvWarps * CHANNELS)) CTAs of kGemvWarps warps. x [1, k]
+// (16-byte aligned; x_row_stride is unused, the argument list being decode_gemv_mma's), w [num_channels, k]
+// row-major (k a whole number of 16-byte vectors, 16-byte aligned), scales float32 [num_channels] (FP8 weights) or
+// null (16-bit weights: 1), bias T [num_channels] or null, out T [1, num_channels].
+template <typename T, typename W, int CHANNELS>
 __global__ void __launch_bounds__(kGemvWarps * 32)
 decode_gemv(const T* __restrict__ x, long long x_row_stride, const W* __restrict__ w,
             const float* __restrict__ scales, const T* __restrict__ bias, T* __restrict__ out, int num_channels,
@@ -119,12 +119,9 @@ decode_gemv(const T* __restrict__ x, long long x_row_stride, const W* __restrict
     const int channel = first_channel + c < num_channels ? first_channel + c : num_channels - 1;
     w_rows[c] = reinterpret_cast<const uint4*>(w + static_cast<long long>(channel) * k);
   }
-  float acc[CHANNELS][ROWS];
+  float acc[CHANNELS];
 #pragma unroll
-  for (int c = 0; c < CHANNELS; ++c) {
-#pragma unroll
-    for (int m = 0; m < ROWS; ++m) acc[c][m] = 0.0f;
-  }
+  for (int c = 0; c < CHANNELS; ++c) acc[c] = 0.0f;
   // The weights are read before the wait for the kernel before (they are written by none), so the first vectors
   // are on their way while that kernel finishes; each batch's successor is requested before the batch is used.
   uint4 packed[UNROLL][CHANNELS];
@@ -141,15 +138,12 @@ decode_gemv(const T* __restrict__ x, long long x_row_stride, const W* __restrict
       float weights[CHANNELS][kWeightsPerVector];
 #pragma unroll
       for (int c = 0; c < CHANNELS; ++c) WeightVector<W>::widen(packed[u][c], weights[c]);
+      float xs[kWeightsPerVector];
+      load_x<T, kWeightsPerVector>(x + vector * kWeightsPerVector, xs);
 #pragma unroll
-      for (int m = 0; m < ROWS; ++m) {
-        float xs[kWeightsPerVector];
-        load_x<T, kWeightsPerVector>(x + m * x_row_stride + vector * kWeightsPerVector, xs);
+      for (int c = 0; c < CHANNELS; ++c) {
 #pragma unroll
-        for (int c = 0; c < CHANNELS; ++c) {
-#pragma unroll
-          for (int i = 0; i < kWeightsPerVector; ++i) acc[c][m] = fmaf(xs[i], weights[c][i], acc[c][m]);
-        }
+        for (int i = 0; i < kWeightsPerVector; ++i) acc[c] = fmaf(xs[i], weights[c][i], acc[c]);
       }
     }
 #pragma unroll
@@ -164,14 +158,9 @@ decode_gemv(const T* __restrict__ x, long long x_row_stride, const W* __restrict
     const int read_channel = channel < num_channels ? channel : num_channels - 1;
     const float scale = scales != nullptr ? scales[read_channel] : 1.0f;
     const float shift = bias != nullptr ? to_float(bias[read_channel]) : 0.0f;
-#pragma unroll
-    for (int m = 0; m < ROWS; ++m) {
-      const float sum = warp_reduce(acc[c][m], Add{});
-      // Lane c * ROWS + m stores this output: the stores of a warp spread over its lanes.
-      if (lane == (c * ROWS + m) % 32 && channel < num_channels) {
-        out[m * static_cast<long long>(num_channels) + channel] = from_float<T>(fmaf(sum, scale, shift));
-      }
-    }
+    const float sum = warp_reduce(acc[c], Add{});
+    // Lane c stores this output: the stores of a warp spread over its lanes.
+    if (lane == c && channel < num_channels) out[channel] = from_float<T>(fmaf(sum, scale, shift));
   }
 }
 
@@ -304,7 +293,8 @@ __device__ __forceinline__ void multiply_batch(float (&acc)[TILES][4], const uin
   }
 }
 
-// Grid: ceil(num_channels / kGemvMmaChannels) CTAs of kGemvMmaWarps warps. Arguments as decode_gemv's, ROWS 1..16.
+// Grid: ceil(num_channels / kGemvMmaChannels) CTAs of kGemvMmaWarps warps. Arguments as decode_gemv's, but x
+// [ROWS, k] with rows x_row_stride elements apart (each 16-byte aligned) and out [ROWS, num_channels]; ROWS 1..16.
 template <typename T, typename W, int ROWS>
 __global__ void __launch_bounds__(kGemvMmaWarps * 32)
 decode_gemv_mma(const T* __restrict__ x, long long x_row_stride, const W* __restrict__ w,

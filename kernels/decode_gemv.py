@@ -47,7 +47,7 @@ def kernel_name(dtype: torch.dtype, weight_dtype: torch.dtype, num_rows: int, ch
     """The kernel for num_rows rows: the one-row kernel with `channels` channels a warp, or the tensor-core one."""
     weight = scalar_type_name(weight_dtype) if weight_dtype != FP8_DTYPE else "fp8_e4m3_t"
     if num_rows == 1:
-        return f"decode_gemv<{scalar_type_name(dtype)}, {weight}, 1, {channels}>"
+        return f"decode_gemv<{scalar_type_name(dtype)}, {weight}, {channels}>"
     return f"decode_gemv_mma<{scalar_type_name(dtype)}, {weight}, {num_rows}>"
 
 
