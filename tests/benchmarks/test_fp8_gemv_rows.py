@@ -18,3 +18,15 @@ def test_the_table_lists_each_layer_then_each_models_layer_sum() -> None:
     assert lines[5][2:] == ["GEMV", 2.0, pytest.approx(190.8)]
     assert lines[len(results):] == [[4, "llama-3.2-1b, sum of a layer", "-", 10.0, "-"],
                                     [4, "llama-3-8b, sum of a layer", "-", 10.0, "-"]]
+
+
+def test_the_lm_head_follows_each_models_layers_and_stays_out_of_its_sum() -> None:
+    layers = fp8_gemv_rows.linear_layers(lm_head=True)
+    assert [(model, layer) for model, layer, _ in layers] == [
+        (model, layer) for model in SHAPES for layer in (*LAYERS, "lm_head")]
+    assert ("llama-3-8b", "lm_head", (128256, 4096)) in layers
+    assert len(fp8_gemv_rows.linear_layers(lm_head=False)) == len(SHAPES) * len(LAYERS)
+    results = [(f"{model} {layer} {n}x{k}", "GEMV", 100.0 if layer == "lm_head" else 1.0)
+               for model, layer, (n, k) in layers]
+    sums = fp8_gemv_rows.table(12, results)[len(results):]
+    assert [line[3] for line in sums] == [4.0, 4.0]
