@@ -192,18 +192,22 @@ def _log_refusal(matcher: llguidance.LLMatcher, token_id: int) -> None:
 
 
 def fill_token_masks(compiler: GrammarCompiler, grammars: Sequence[SequenceGrammar | None], vocab_size: int,
-                     pin_memory: bool = False) -> torch.Tensor:
+                     pin_memory: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """[len(grammars), ceil(vocab_size / 32)] int32 bitmasks, bit t of row r set when grammar r allows token t
     next; a row without a grammar (None) allows every token. Rows are filled by llguidance's threads in parallel,
     without the interpreter lock. A grammar listed twice (the first sample of an n > 1 request, before its siblings
     fork) is computed once and copied. A grammar that stopped or has no matcher (its `failure`) allows the
     end-of-sequence tokens alone; this never raises for one sequence's grammar. pin_memory: in page-locked memory,
-    which a GPU copies from without staging it first.
+    which a GPU copies from without staging it first. out: a contiguous host tensor of that shape to fill instead of
+    a new one.
 
     The host work is numpy's and llguidance's, not torch's: a torch fill of a batch's masks (over 32K words) runs on
     torch's OpenMP threads, which spin for milliseconds after it and so take the cores that llguidance's threads and
     the worker's own threads need at every step."""
-    masks = torch.empty((len(grammars), mask_words(vocab_size)), dtype=torch.int32, pin_memory=pin_memory)
+    shape = (len(grammars), mask_words(vocab_size))
+    if out is not None and (tuple(out.shape) != shape or out.dtype != torch.int32 or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {list(shape)} int32 tensor, got {tuple(out.shape)} {out.dtype}")
+    masks = out if out is not None else torch.empty(shape, dtype=torch.int32, pin_memory=pin_memory)
     array = masks.numpy()
     array.fill(-1)
     words = array.view(np.uint32)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+from typing import Any
+
 import torch
+
+from pagedserve.kernels.driver import driver_call
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -21,6 +26,7 @@ class DeviceToHost:
 
     def __init__(self, tensor: torch.Tensor) -> None:
         self._event: torch.cuda.Event | None = None
+        self.is_read = False  # tolist() was called: the host memory the copy landed in may be reused
         if tensor.device.type != "cuda":
             self._host = tensor
             return
@@ -28,6 +34,13 @@ class DeviceToHost:
         self._host.copy_(tensor, non_blocking=True)
         self._event = torch.cuda.Event()
         self._event.record()
+
+    @classmethod
+    def queued(cls, host: torch.Tensor, event: torch.cuda.Event) -> DeviceToHost:
+        """A copy the caller queued itself into pinned `host`, with `event` recorded after it."""
+        transfer = cls.__new__(cls)
+        transfer._host, transfer._event, transfer.is_read = host, event, False
+        return transfer
 
     def wait(self) -> None:
         """Blocks until the copy has landed (releasing the interpreter lock meanwhile)."""
@@ -37,3 +50,54 @@ class DeviceToHost:
     def tensor(self) -> torch.Tensor:
         self.wait()
         return self._host
+
+    def tolist(self) -> list[Any]:
+        """The values, read once the copy has landed; after this the host memory is the sender's again."""
+        values: list[Any] = self.tensor().tolist()
+        self.is_read = True
+        return values
+
+
+class HeldLockCopies:
+    """Asynchronous copies between pinned host memory and the device, and event records, queued on torch's current
+    stream through the CUDA driver without letting the interpreter lock go (ctypes.PyDLL). Each call takes a few
+    microseconds. The torch calls that queue the same let the lock go, and a thread that competes for it (the
+    worker's masks thread beside its step thread and event loop) can wait longer to take it back than the call took
+    (docs/structured-output.md). The calling thread must have the device's context current (torch.cuda.set_device)."""
+
+    def __init__(self) -> None:
+        driver = ctypes.PyDLL("libcuda.so.1")
+        self._to_device = driver.cuMemcpyHtoDAsync_v2
+        self._to_device.argtypes = (ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+        self._to_host = driver.cuMemcpyDtoHAsync_v2
+        self._to_host.argtypes = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p)
+        self._record = driver.cuEventRecord
+        self._record.argtypes = (ctypes.c_void_p, ctypes.c_void_p)
+        for function in (self._to_device, self._to_host, self._record):
+            function.restype = ctypes.c_int
+
+    def copy(self, destination: torch.Tensor, source: torch.Tensor) -> None:
+        """Queues destination <- source: contiguous tensors of the same bytes, one on the current device, the other
+        on the host in pinned memory (not checked: asking torch lets the lock go; from pageable memory the copy is
+        still right, only not asynchronous)."""
+        size = source.numel() * source.element_size()
+        if not (destination.is_contiguous() and source.is_contiguous()) or (
+                destination.numel() * destination.element_size() != size):
+            raise ValueError(f"copies need contiguous tensors of the same bytes, got {destination.shape} "
+                             f"{destination.dtype} and {source.shape} {source.dtype}")
+        stream = torch.cuda.current_stream().cuda_stream
+        if destination.is_cuda and not source.is_cuda:
+            driver_call(self._to_device(destination.data_ptr(), source.data_ptr(), size, stream),
+                        "cuMemcpyHtoDAsync")
+        elif source.is_cuda and not destination.is_cuda:
+            driver_call(self._to_host(destination.data_ptr(), source.data_ptr(), size, stream), "cuMemcpyDtoHAsync")
+        else:
+            raise ValueError(f"a copy goes between the host and the device, got {source.device} -> "
+                             f"{destination.device}")
+
+    def record(self, event: torch.cuda.Event) -> None:
+        """Records event on the current stream; the event must have been recorded once before (torch creates an
+        event's handle at its first record)."""
+        if not event.cuda_event:
+            raise ValueError("the event has no handle yet: record it once with torch first")
+        driver_call(self._record(event.cuda_event, torch.cuda.current_stream().cuda_stream), "cuEventRecord")

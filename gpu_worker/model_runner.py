@@ -271,11 +271,13 @@ class ModelRunner:
                            table_rows=table_rows)
 
     @torch.inference_mode()
-    def sample_deferred(self, run: LaunchedRun, masked: MaskedRows) -> None:
-        """Queues a deferred run's sampling of its rows as they are now, with their token masks."""
+    def sample_deferred(self, run: LaunchedRun, masked: MaskedRows, index: torch.Tensor | None) -> None:
+        """Queues a deferred run's sampling of its rows as they are now, with their token masks, and stores its
+        tokens at their table rows (index: last_token_index's; None: nothing samples), as keep_last_tokens does."""
         if run.deferred_logits is None:
             raise RuntimeError("the run's sampling is not deferred")
-        run.sample = self.sampler.start(run.deferred_logits, masked.rows, masked.token_masks)
+        kept = None if index is None else (self._kept_tokens(), index)
+        run.sample = self.sampler.start(run.deferred_logits, masked.rows, masked.token_masks, kept)
         run.deferred_logits = None
 
     def last_token_index(self, run: LaunchedRun, table_rows: list[int]) -> torch.Tensor | None:
@@ -295,11 +297,15 @@ class ModelRunner:
             return
         if run.sample is None:
             raise RuntimeError("the run's sampling is not queued")
+        self._kept_tokens().index_copy_(0, index, run.sample.tokens)
+
+    def _kept_tokens(self) -> torch.Tensor:
+        """Each table row's last sampled token on the device, first grown to the table's rows."""
         if len(self._last_tokens) < self.tables.table.shape[0]:
             grown = torch.zeros(self.tables.table.shape[0], dtype=torch.int64, device=self._last_tokens.device)
             grown[: len(self._last_tokens)] = self._last_tokens
             self._last_tokens = grown
-        self._last_tokens.index_copy_(0, index, run.sample.tokens)
+        return self._last_tokens
 
     def _sampling_logits(self, query_start_loc: np.ndarray, hidden: torch.Tensor, items: list[int],
                          all_logits: torch.Tensor | None) -> torch.Tensor:

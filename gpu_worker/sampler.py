@@ -12,6 +12,7 @@ from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.contract.step import TokenLogprobs
 from pagedserve.gpu_worker.bad_words import bad_word_bans
 from pagedserve.gpu_worker.grammar import GrammarCompiler, SequenceGrammar, fill_token_masks
+from pagedserve.gpu_worker.held_lock_argmax import ArgmaxInto, HeldLockArgmax
 from pagedserve.gpu_worker.host_transfer import DeviceToHost, to_device
 from pagedserve.gpu_worker.logits_processors import (
     apply_allowed,
@@ -87,15 +88,16 @@ class PendingSample:
     The next step can read `tokens` on the device before the host has them.
     """
 
-    def __init__(self, tokens: torch.Tensor, packed: torch.Tensor, logprob_ks: list[tuple[int, int]],
+    def __init__(self, tokens: torch.Tensor, packed: torch.Tensor | DeviceToHost, logprob_ks: list[tuple[int, int]],
                  has_choice_flags: bool = False) -> None:
         self.tokens = tokens  # [rows] int64, on the device
-        self._transfer = DeviceToHost(packed)
+        # The tokens (then the flags and logprobs) on their way to the host, or a copy of them already queued.
+        self._transfer = packed if isinstance(packed, DeviceToHost) else DeviceToHost(packed)
         self._logprob_ks = logprob_ks  # (row, k) of each row that asked for logprobs; packed after the tokens
         self._has_choice_flags = has_choice_flags  # packed after the tokens: 1 per row left without a token
 
     def result(self) -> SampleResult:
-        values = self._transfer.tensor().tolist()
+        values = self._transfer.tolist()
         num_rows = self.tokens.shape[0]
         logprobs: list[TokenLogprobs | None] = [None] * num_rows
         if not self._logprob_ks and not self._has_choice_flags:
@@ -145,6 +147,12 @@ class _BatchPlan:
     def can_exclude_every_token(self) -> bool:
         """Whether a row's grammar, allowed ids and bans (the changes that exclude tokens) may leave it none."""
         return self.has_bans or self.has_allowed or self.has_grammar
+
+
+def _keep(tokens: torch.Tensor, kept: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """kept's tokens[index[row]] = tokens[row] (Sampler.start's kept)."""
+    if kept is not None:
+        kept[0].index_copy_(0, kept[1], tokens)
 
 
 def _is_greedy(rows: Sequence[SamplingRow]) -> bool:
@@ -208,6 +216,9 @@ class Sampler:
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(seed)
         self._compile_ops(logits_dtype)
+        # A deferred greedy batch under grammar masks is queued without letting the interpreter lock go (CUDA).
+        self._held = HeldLockArgmax(vocab_size, device, self._ops) if (
+            device.type == "cuda" and grammars is not None and isinstance(self._ops, ArgmaxInto)) else None
 
     def _compile_ops(self, logits_dtype: torch.dtype) -> None:
         """Runs the argmax of a greedy batch (masked or not: one kernel) on logits of the model's dtype once, and
@@ -222,19 +233,25 @@ class Sampler:
         """Next token per row. logits: [len(rows), vocab] float32 or the model's dtype, on the sampler's device."""
         return self.start(logits, rows).result()
 
-    def start(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
-              token_masks: torch.Tensor | None = None) -> PendingSample:
+    def start(self, logits: torch.Tensor, rows: Sequence[SamplingRow], token_masks: torch.Tensor | None = None,
+              kept: tuple[torch.Tensor, torch.Tensor] | None = None) -> PendingSample:
         """Queues the sampling of one token per row on the device; the host reads rows only during this call.
-        token_masks: the rows' masks (token_masks(rows)) when computed ahead, else computed here. A greedy batch
-        reads the logits in their own dtype (its argmax is the same); the rest of the sampling is float32."""
+        token_masks: the rows' masks (token_masks(rows)) when computed ahead, else computed here. kept: (tokens,
+        index), each row's token also written at tokens[index[row]] on the device. A greedy batch reads the logits
+        in their own dtype (its argmax is the same); the rest of the sampling is float32."""
         self._check_logits(logits, len(rows))
         if _is_greedy(rows):  # the usual greedy batch, constrained or not: no per-row plan
+            if token_masks is not None and self._held is not None and self._held.owns(token_masks):
+                tokens, transfer = self._held.start(logits, token_masks, kept)
+                return PendingSample(tokens, transfer, [])
             tokens = self._ops.masked_argmax(logits, self._device_masks(rows, token_masks))
+            _keep(tokens, kept)
             return PendingSample(tokens, tokens, [])
         logits = logits.float()
         plan = _plan(rows, self._vocab_size)
         processed = self._processed(logits, rows, plan, token_masks)
         tokens = self._choose(processed, plan)
+        _keep(tokens, kept)
         # A row whose every logit is -inf has no token to sample: its stand-in (a valid id, which the next step may
         # read on the device) is flagged, so that the host ends its sequence rather than report the stand-in.
         no_choice = (processed == -torch.inf).all(dim=-1) if plan.can_exclude_every_token else None
@@ -262,16 +279,19 @@ class Sampler:
                 f"logits must have shape [{num_rows}, {self._vocab_size}], got {list(logits.shape)}"
             )
 
-    def token_masks(self, rows: Sequence[SamplingRow]) -> torch.Tensor | None:
+    def token_masks(self, rows: Sequence[SamplingRow], deferred: bool = False) -> torch.Tensor | None:
         """The rows' bitmasks on the host (a row without a grammar allows every token), None when no row has a
         grammar; waits for a grammar still compiling. The host work of a grammar row's sampling, which start() then
-        needs no more."""
+        needs no more. deferred: for a sampling queued later from the same thread, one at a time (the worker's masks
+        thread): a greedy batch's masks then go into the held-lock argmax's buffers when they are free."""
         grammars = [row.grammar for row in rows]
         if all(grammar is None for grammar in grammars):
             return None
         if self._grammars is None:
             raise RuntimeError("a row has a grammar but the sampler has no grammar compiler")
-        return fill_token_masks(self._grammars, grammars, self._vocab_size, pin_memory=self._device.type == "cuda")
+        out = self._held.host_masks(len(rows)) if deferred and self._held is not None and _is_greedy(rows) else None
+        return fill_token_masks(self._grammars, grammars, self._vocab_size, pin_memory=self._device.type == "cuda",
+                                out=out)
 
     def _device_masks(self, rows: Sequence[SamplingRow], token_masks: torch.Tensor | None) -> torch.Tensor | None:
         """The rows' bitmasks (token_masks when computed ahead) on the device; None when no row has a grammar."""

@@ -272,7 +272,7 @@ class Worker:
         for step in earlier:
             self._resolve(step)
         current = rows.current_rows()
-        return MaskedRows(current, self.runner.sampler.token_masks(current))
+        return MaskedRows(current, self.runner.sampler.token_masks(current, deferred=True))
 
     def _sample_when_masked(self, token_masks: Future[MaskedRows], launched: LaunchedStep) -> None:
         """On the masks thread, after _token_masks (the thread runs its tasks in order): queues the sampling as soon
@@ -281,8 +281,8 @@ class Worker:
         round trip never delays a sampling."""
         masked = token_masks.result()
         with self._lock:
-            self.runner.sample_deferred(launched.run, masked)
-            self._close_launch(launched)
+            self.runner.sample_deferred(launched.run, masked, launched.last_token_index)
+            launched.span.close()
 
     def _resolve(self, launched: LaunchedStep) -> None:
         with launched.resolve_lock:

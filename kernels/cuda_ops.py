@@ -55,6 +55,7 @@ class CudaKernelOps:
         token_masks = TokenMaskKernels(modules)
         self.apply_token_masks = token_masks.apply_token_masks
         self.masked_argmax = token_masks.masked_argmax
+        self.masked_argmax_into = token_masks.masked_argmax_into  # CUDA only: into buffers allocated ahead
 
     def write_kv(self, key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
                  slot_mapping: Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:

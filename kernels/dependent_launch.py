@@ -13,6 +13,8 @@ from __future__ import annotations
 import ctypes
 import threading
 
+from pagedserve.kernels.driver import driver_call
+
 LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID, cuda.h
 MIN_COMPUTE_CAPABILITY = (9, 0)  # griddepcontrol
 # Defined for the kernels' compilation when they are launched this way: kernel_common.cuh refuses to build them for
@@ -48,9 +50,6 @@ class DependentLauncher:
         self._launch = driver.cuLaunchKernelEx
         self._launch.restype = ctypes.c_int
         self._launch.argtypes = (ctypes.POINTER(LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
-        self._error_name = driver.cuGetErrorName
-        self._error_name.restype = ctypes.c_int
-        self._error_name.argtypes = (ctypes.c_int, ctypes.POINTER(ctypes.c_char_p))
         self._per_thread = threading.local()
 
     def _config(self) -> LaunchConfig:
@@ -70,9 +69,5 @@ class DependentLauncher:
         config.block_x, config.block_y, config.block_z = block
         config.shared_bytes = shared_bytes
         config.stream = stream_ptr
-        result = self._launch(ctypes.byref(config), function_ptr, params_address, None)
-        if result != 0:
-            name = ctypes.c_char_p()
-            self._error_name(result, ctypes.byref(name))
-            raise RuntimeError(f"cuLaunchKernelEx failed: {(name.value or b'unknown error').decode()} ({result}), "
-                               f"grid {grid}, block {block}, {shared_bytes} bytes of dynamic shared memory")
+        driver_call(self._launch(ctypes.byref(config), function_ptr, params_address, None), "cuLaunchKernelEx",
+                    f"grid {grid}, block {block}, {shared_bytes} bytes of dynamic shared memory")

@@ -5,6 +5,8 @@
 //                      the logits unchanged (a greedy batch's tokens: no copy, no separate argmax). Without masks it
 //                      is the plain argmax of every greedy batch, read in the logits' own dtype (no float32 copy).
 // Both equal torch's masked_fill(-inf) then argmax, ties and NaN included (torch takes a NaN as the largest value).
+// masked_argmax can also write each row's token where the next step reads it (kept[kept_index[row]]), so that queueing
+// a sampling needs no separate scatter.
 // VEC consecutive logits move per load; the launcher picks VEC so every row and address is a whole number of vectors.
 #include "kernel_common.cuh"
 
@@ -46,11 +48,12 @@ __device__ __forceinline__ void warp_argmax(float& best, int& best_index) {
 // multiple of 32, at most 1024. masks null: every token allowed. Each thread has UNROLL vectors in flight before it
 // compares any: a row of a large vocabulary is a few such rounds. With one split the CTA writes the row's token; with
 // several (too few rows to fill the device), the run's best value and its index go to split_best / split_index
-// [row * splits + split], and argmax_of_splits picks the row's token from them.
+// [row * splits + split], and argmax_of_splits picks the row's token from them. kept null: tokens only.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(1024) masked_argmax(const T* __restrict__ logits, const int* __restrict__ masks,
                               long long* __restrict__ tokens, int vocab_size, long long logits_row_stride,
-                              int mask_words, float* __restrict__ split_best, int* __restrict__ split_index) {
+                              int mask_words, float* __restrict__ split_best, int* __restrict__ split_index,
+                              long long* __restrict__ kept, const long long* __restrict__ kept_index) {
   begin_dependent_grid();
   constexpr int UNROLL = 4;
   const int row = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
@@ -95,6 +98,7 @@ __global__ void __launch_bounds__(1024) masked_argmax(const T* __restrict__ logi
   if (lane != 0) return;
   if (splits == 1) {
     tokens[row] = best_index;
+    if (kept != nullptr) kept[kept_index[row]] = best_index;
   } else {
     split_best[row * splits + split] = best;
     split_index[row * splits + split] = best_index;
@@ -105,7 +109,9 @@ __global__ void __launch_bounds__(1024) masked_argmax(const T* __restrict__ logi
 // order, so the argmax order over them is that over the whole row.
 __global__ void __launch_bounds__(32) argmax_of_splits(const float* __restrict__ split_best,
                                                        const int* __restrict__ split_index,
-                                                       long long* __restrict__ tokens, int splits) {
+                                                       long long* __restrict__ tokens, int splits,
+                                                       long long* __restrict__ kept,
+                                                       const long long* __restrict__ kept_index) {
   begin_dependent_grid();
   const int row = blockIdx.x, lane = threadIdx.x;
   float best = negative_infinity();
@@ -117,5 +123,7 @@ __global__ void __launch_bounds__(32) argmax_of_splits(const float* __restrict__
     }
   }
   warp_argmax(best, best_index);
-  if (lane == 0) tokens[row] = best_index;
+  if (lane != 0) return;
+  tokens[row] = best_index;
+  if (kept != nullptr) kept[kept_index[row]] = best_index;
 }

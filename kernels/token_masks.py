@@ -3,7 +3,7 @@ a greedy batch's argmax; without masks, the argmax of every greedy batch."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
@@ -45,6 +45,24 @@ def argmax_splits(num_rows: int, vocab_size: int, vec: int) -> int:
     return max(1, min(-(-ARGMAX_CTAS // num_rows), most))
 
 
+def scratch_words(num_rows: int, vocab_size: int) -> int:
+    """int32 words masked_argmax_into needs as scratch for num_rows rows of vocab_size logits, whatever their dtype:
+    a float32 best and an index per split run (most runs at one logit a vector)."""
+    splits = argmax_splits(num_rows, vocab_size, 1)
+    return 2 * num_rows * splits if splits > 1 else 0
+
+
+class ArgmaxTargets(NamedTuple):
+    """Where masked_argmax_into writes, all on the logits' device: tokens [rows] int64; scratch, at least
+    scratch_words(rows, vocab) int32 (the split runs' bests; None where that is 0); kept and kept_index (both or
+    neither): each row's token also written at kept[kept_index[row]] (int64; the rows' kept_index distinct)."""
+
+    tokens: Tensor
+    scratch: Tensor | None
+    kept: Tensor | None = None
+    kept_index: Tensor | None = None
+
+
 def mask_words(vocab_size: int) -> int:
     """int32 words of one row's mask: one bit per token."""
     return -(-vocab_size // 32)
@@ -78,32 +96,45 @@ class TokenMaskKernels:
         """New [rows] int64: the first index of each row's largest logit, tokens whose bit is clear taken as -inf (NaN
         the largest, as torch.argmax takes it), every token allowed without masks; the logits are not changed."""
         _check_logits(logits, ARGMAX_DTYPES)
+        num_rows, vocab_size = logits.shape
+        tokens = logits.new_empty((num_rows,), dtype=torch.int64)
+        words = scratch_words(num_rows, vocab_size)
+        scratch = logits.new_empty((words,), dtype=torch.int32) if words else None
+        self.masked_argmax_into(logits, masks, ArgmaxTargets(tokens, scratch))
+        return tokens
+
+    def masked_argmax_into(self, logits: Tensor, masks: Tensor | None, targets: ArgmaxTargets) -> None:
+        """masked_argmax into buffers allocated ahead (ArgmaxTargets): queues one or two launches and allocates
+        nothing, so that no torch call on the way lets the interpreter lock go."""
+        _check_logits(logits, ARGMAX_DTYPES)
         if masks is not None:
             _check_masks(logits, masks)
         num_rows, vocab_size = logits.shape
         if vocab_size == 0:
             raise ValueError("logits must have at least one column for an argmax")
-        tokens = logits.new_empty((num_rows,), dtype=torch.int64)
+        _check_targets(targets, num_rows, vocab_size)
         if num_rows == 0:
-            return tokens
+            return
         vec = VECTOR_BYTES // logits.itemsize
         if (vocab_size | logits.stride(0)) % vec or logits.data_ptr() % VECTOR_BYTES:
             vec = 1
         splits = argmax_splits(num_rows, vocab_size, vec)
         # The runs' float32 bests, then their indices: split rows only.
-        runs = torch.empty(2 * num_rows * splits, dtype=torch.int32, device=logits.device) if splits > 1 else None
-        bests = address(0 if runs is None else runs.data_ptr())
-        indices = address(0 if runs is None else runs.data_ptr() + 4 * num_rows * splits)
+        scratch = targets.scratch.data_ptr() if targets.scratch is not None and splits > 1 else 0
+        bests = address(scratch)
+        indices = address(scratch + 4 * num_rows * splits if scratch else 0)
+        kept = (address(0), address(0)) if targets.kept is None or targets.kept_index is None else (
+            pointer(targets.kept), pointer(targets.kept_index))
         kernel = self._modules.kernel(SOURCE, argmax_kernel_name(logits.dtype, vec))
         threads = ARGMAX_THREADS if splits == 1 else SPLIT_THREADS
         self._modules.launch(kernel, (num_rows, splits, 1), (threads, 1, 1), (
-            pointer(logits), address(0) if masks is None else pointer(masks), pointer(tokens), int32(vocab_size),
-            int64(logits.stride(0)), int32(0 if masks is None else masks.shape[1]), bests, indices,
+            pointer(logits), address(0) if masks is None else pointer(masks), pointer(targets.tokens),
+            int32(vocab_size), int64(logits.stride(0)), int32(0 if masks is None else masks.shape[1]), bests, indices,
+            *kept,
         ))
         if splits > 1:
             self._modules.launch(self._modules.kernel(SOURCE, "argmax_of_splits"), (num_rows, 1, 1), (32, 1, 1),
-                                 (bests, indices, pointer(tokens), int32(splits)))
-        return tokens
+                                 (bests, indices, pointer(targets.tokens), int32(splits), *kept))
 
 
 def _check_logits(logits: Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
@@ -113,6 +144,25 @@ def _check_logits(logits: Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
                          f"{logits.dtype} on {logits.device}")
     if logits.stride(1) != 1 and logits.shape[1] > 1:
         raise ValueError(f"logits must have unit column stride, got strides {logits.stride()}")
+
+
+def _check_targets(targets: ArgmaxTargets, num_rows: int, vocab_size: int) -> None:
+    tokens, scratch, kept, kept_index = targets
+    if tuple(tokens.shape) != (num_rows,) or tokens.dtype != torch.int64 or not tokens.is_cuda:
+        raise ValueError(f"tokens must be a CUDA [{num_rows}] int64 tensor, got {tuple(tokens.shape)} {tokens.dtype}")
+    words = scratch_words(num_rows, vocab_size)
+    if words and (scratch is None or scratch.dtype != torch.int32 or not scratch.is_contiguous()
+                  or scratch.numel() < words or not scratch.is_cuda):
+        got = "None" if scratch is None else f"{tuple(scratch.shape)} {scratch.dtype}"
+        raise ValueError(f"scratch must be a contiguous CUDA int32 tensor of at least {words} words, got {got}")
+    if (kept is None) != (kept_index is None):
+        raise ValueError("kept and kept_index come together")
+    if kept is not None and kept_index is not None and (
+        kept.dtype != torch.int64 or not kept.is_contiguous() or not kept.is_cuda
+        or tuple(kept_index.shape) != (num_rows,) or kept_index.dtype != torch.int64 or not kept_index.is_cuda
+    ):
+        raise ValueError(f"kept must be a contiguous CUDA int64 tensor and kept_index a CUDA [{num_rows}] int64 one, "
+                         f"got {kept.dtype} and {tuple(kept_index.shape)} {kept_index.dtype}")
 
 
 def _check_masks(logits: Tensor, masks: Tensor) -> None:

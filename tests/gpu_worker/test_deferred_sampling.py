@@ -65,9 +65,9 @@ def test_the_token_masks_are_computed_while_the_step_is_being_launched(monkeypat
     masks_started = threading.Event()
     token_masks, launch = sampler.token_masks, runner.launch
 
-    def recording_masks(rows: list[SamplingRow]) -> torch.Tensor | None:
+    def recording_masks(rows: list[SamplingRow], deferred: bool = False) -> torch.Tensor | None:
         masks_started.set()
-        return token_masks(rows)
+        return token_masks(rows, deferred)
 
     def launch_after_masks_started(work: list[ScheduledWork], deferred_rows: RowsAtLaunch | None = None) -> LaunchedRun:
         if deferred_rows is not None:
@@ -155,7 +155,7 @@ def test_token_masks_that_fail_end_the_step_with_their_error(monkeypatch: pytest
     steps = _steps(CONSTRAINED, num_decodes=2)
     pipeline = StepPipeline(worker)
 
-    def broken(*_: object) -> None:
+    def broken(*_: object, **__: object) -> None:
         raise ValueError("mask engine down")
 
     async def run() -> None:

@@ -75,6 +75,16 @@ def test_a_row_without_a_grammar_allows_every_token_beside_constrained_rows(comp
     assert 0 < len(_allowed(compiler, grammar)) < VOCAB_SIZE
 
 
+def test_masks_fill_a_buffer_given_to_them_every_word_of_it(compiler: GrammarCompiler) -> None:
+    grammar = compiler.start(_choice(), 0)
+    buffer = torch.full((2, VOCAB_SIZE // 32), 12345, dtype=torch.int32)
+    filled = fill_token_masks(compiler, [grammar, None], VOCAB_SIZE, out=buffer)
+    assert filled is buffer
+    assert torch.equal(buffer, fill_token_masks(compiler, [grammar, None], VOCAB_SIZE))
+    with pytest.raises(ValueError, match=r"out must be a contiguous \[1, 1000\] int32 tensor"):
+        fill_token_masks(compiler, [grammar], VOCAB_SIZE, out=buffer)
+
+
 def test_tokens_wait_for_a_compilation_still_running(compiler: GrammarCompiler) -> None:
     compiled: Future[llguidance.LLMatcher] = Future()
     grammar = SequenceGrammar(compiled, seq_id=0)

@@ -10,7 +10,14 @@ import torch
 from torch import Tensor
 
 from pagedserve.kernels.reference import TorchReferenceOps
-from pagedserve.kernels.token_masks import ARGMAX_CTAS, TokenMaskKernels, argmax_splits, mask_words
+from pagedserve.kernels.token_masks import (
+    ARGMAX_CTAS,
+    ArgmaxTargets,
+    TokenMaskKernels,
+    argmax_splits,
+    mask_words,
+    scratch_words,
+)
 from tests.gpu_marks import NEEDS_GPU
 
 REFERENCE = TorchReferenceOps()
@@ -197,6 +204,34 @@ class TestKernelsMatchReference:
             expected[0] = run
         assert kernels.masked_argmax(logits, masks).tolist() == expected
         assert expected == REFERENCE.masked_argmax(logits.float(), masks).tolist()
+
+    @pytest.mark.parametrize(("num_rows", "vocab_size"), [(1, 128256), (5, 1028), (64, 128256), (300, 4096)], ids=str)
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+    def test_argmax_into_buffers_also_keeps_each_token_at_its_index(
+        self, kernels: TokenMaskKernels, num_rows: int, vocab_size: int, dtype: torch.dtype
+    ) -> None:
+        logits = _device_logits(num_rows, vocab_size, "random", dtype)
+        masks = _device_masks(num_rows, vocab_size, "random")
+        tokens = torch.full((num_rows,), -7, dtype=torch.int64, device="cuda")
+        scratch = torch.empty(scratch_words(num_rows, vocab_size), dtype=torch.int32, device="cuda")
+        kept = torch.full((2 * num_rows + 3,), -1, dtype=torch.int64, device="cuda")
+        index = torch.randperm(len(kept), generator=torch.Generator().manual_seed(num_rows))[:num_rows].cuda()
+        targets = ArgmaxTargets(tokens, scratch if scratch.numel() else None, kept, index)
+        kernels.masked_argmax_into(logits, masks, targets)
+        expected = REFERENCE.masked_argmax(logits.float(), masks)
+        assert tokens.tolist() == expected.tolist()
+        expected_kept = torch.full_like(kept, -1).index_copy_(0, index, expected.cuda())
+        assert kept.tolist() == expected_kept.tolist()
+
+    def test_argmax_into_refuses_too_little_scratch_and_half_a_kept_pair(self, kernels: TokenMaskKernels) -> None:
+        logits = _logits(2, 32000, seed=0, device="cuda")
+        tokens = torch.empty(2, dtype=torch.int64, device="cuda")
+        assert scratch_words(2, 32000) > 0
+        with pytest.raises(ValueError, match="scratch must be a contiguous CUDA int32 tensor of at least"):
+            kernels.masked_argmax_into(logits, None, ArgmaxTargets(tokens, None))
+        scratch = torch.empty(scratch_words(2, 32000), dtype=torch.int32, device="cuda")
+        with pytest.raises(ValueError, match="kept and kept_index come together"):
+            kernels.masked_argmax_into(logits, None, ArgmaxTargets(tokens, scratch, tokens))
 
     def test_nan_rows_put_their_first_allowed_nan_first(self, kernels: TokenMaskKernels) -> None:
         vocab_size = 1028
