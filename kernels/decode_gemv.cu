@@ -180,29 +180,6 @@ __device__ __forceinline__ unsigned word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-// Two x values packed in a word (the lower position in the low half) as float16, times kScale: x's own bits for
-// float16. bfloat16 reaches far beyond float16's range, so the pair is scaled by 2^-8 (exactly, in one bfloat16x2
-// fma), each widened exactly (a bfloat16 value is the top half of its float32) and rounded to float16 once; the
-// product is scaled back up at the end. Exact for |x| from 2^-6 to 2^24, to within 2^-16 below; beyond, it overflows.
-template <typename T>
-struct HalfPairs;
-
-template <>
-struct HalfPairs<half_t> {
-  static constexpr float kScale = 1.0f;
-  static __device__ __forceinline__ unsigned convert(unsigned pair) { return pair; }
-};
-
-template <>
-struct HalfPairs<bfloat16_t> {
-  static constexpr float kScale = 1.0f / 256.0f;
-  static __device__ __forceinline__ unsigned convert(unsigned pair) {
-    unsigned scaled;  // pair * 2^-8 + -0 (bfloat16 2^-8 is 0x3b80)
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(scaled) : "r"(pair), "r"(0x3b803b80u), "r"(0x80008000u));
-    return Mma<half_t>::pack(__uint_as_float(scaled << 16), __uint_as_float(scaled & 0xffff0000u));
-  }
-};
-
 // What one 16-byte vector of each of a lane's two channels adds to its accumulators. kWeights: weights a vector;
 // kXVectors: 16-byte loads of x at their positions; kScale: the factor the sums carry (undone when stored).
 template <typename T, typename W>

@@ -13,7 +13,10 @@
 // TMA_STAGED: the tiles' layout in shared memory is TmaPipeline's (see chunk_address).
 //
 // C = fp8_e4m3_t: the staged tiles hold the cache's e4m3 bytes (half the shared memory and copy bytes of a 16-bit
-// tile), and each fragment is widened in registers, exactly, to T just before its mma (widen_e4m3x4). Widening
+// tile), and each fragment is widened in registers, exactly, to float16 just before its mma (widen_e4m3x4: two
+// conversions a 4-byte fragment register). The mmas are float16 whatever T: the query is rounded to float16 once
+// (a bfloat16 query scaled by 2^-8 into float16's range, HalfPairs; the softmax scale carries the 2^8 back) and the
+// probabilities are packed as float16 (finer than bfloat16 in [0, 1]). Widening
 // the fragments rather than a staged tile into a 16-bit tile (as paged_prefill does) keeps shared memory at one
 // byte read per element, adds no pass and no barrier to a warp's pipeline, and needs no 16-bit tile per warp: the
 // loop stays bound by the copies. ldmatrix still moves 16-bit pairs, so an e4m3 fragment differs from a 16-bit
@@ -26,11 +29,22 @@
 //   k in their natural order, so P^T is unchanged and lane l accumulates dims 16 j + 2 (l / 4) (+ 1).
 // Staged e4m3 rows are HEAD_DIM bytes, swizzled rather than padded (kSwizzled: padding would cost a quarter
 // more shared memory at head_dim 64, and a resident CTA per SM).
+// The 16-bit type of the mmas: the query's, or float16 over an e4m3 cache.
+template <typename T, bool FP8>
+struct MmaOperand {
+  using type = T;
+};
+template <typename T>
+struct MmaOperand<T, true> {
+  using type = half_t;
+};
+
 template <typename T, int HEAD_DIM, int HEADS, int TILE, bool TMA_STAGED = false, typename C = T>
 struct MmaState {
   using Element = C;  // of the caches
   using Query = T;    // of query and out
   static constexpr bool kIsFp8 = same_type<C, fp8_e4m3_t>::value;
+  using M = typename MmaOperand<T, kIsFp8>::type;  // the mma's 16-bit type
   static constexpr int kHeadDim = HEAD_DIM;
   static constexpr int kHeads = HEADS;
   static constexpr int kTile = TILE;
@@ -81,7 +95,7 @@ struct MmaState {
 
   __device__ __forceinline__ void start(const T* query_heads, int lane_, float scale_log2e_) {
     lane = lane_;
-    scale_log2e = scale_log2e_;
+    scale_log2e = kIsFp8 ? scale_log2e_ / HalfPairs<T>::kScale : scale_log2e_;
     running_max = negative_infinity();
     running_sum = 0.0f;
     const int head = lane / 4;
@@ -91,8 +105,8 @@ struct MmaState {
       if constexpr (kIsFp8) {  // dims 16 k + 4 c .. + 3 as {+0, +2} and {+1, +3}, the keys' widened order
         const unsigned low = head < HEADS ? row[8 * k + 2 * (lane % 4)] : 0u;
         const unsigned high = head < HEADS ? row[8 * k + 2 * (lane % 4) + 1] : 0u;
-        q_low[k] = byte_permute(low, high, 0x5410u);
-        q_high[k] = byte_permute(low, high, 0x7632u);
+        q_low[k] = HalfPairs<T>::convert(byte_permute(low, high, 0x5410u));
+        q_high[k] = HalfPairs<T>::convert(byte_permute(low, high, 0x7632u));
       } else {
         q_low[k] = head < HEADS ? row[8 * k + lane % 4] : 0u;
         q_high[k] = head < HEADS ? row[8 * k + lane % 4 + 4] : 0u;
@@ -115,8 +129,8 @@ struct MmaState {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           unsigned even, odd;
-          widen_e4m3x4<T>(b[i], even, odd);
-          Mma<T>::top_rows_k16(i % 2 ? s_odd : s, q_low[k + i], q_high[k + i], even, odd);
+          widen_e4m3x4(b[i], even, odd);
+          Mma<M>::top_rows_k16(i % 2 ? s_odd : s, q_low[k + i], q_high[k + i], even, odd);
         }
       }
     } else {
@@ -145,12 +159,12 @@ struct MmaState {
           unsigned r[4], a[4];
           const int row = first + k * 16 + lane % 8 + (lane / 8) % 2 * 8;
           load_matrix_x4_transposed(r, chunk_address(value_tile, row, j + lane / 16));
-          widen_e4m3x4<T>(r[0], a[0], a[1]);
-          widen_e4m3x4<T>(r[1], a[2], a[3]);
-          Mma<T>::k16(o[j], a, p[2 * k], p[2 * k + 1]);
-          widen_e4m3x4<T>(r[2], a[0], a[1]);
-          widen_e4m3x4<T>(r[3], a[2], a[3]);
-          Mma<T>::k16(o[j + 1], a, p[2 * k], p[2 * k + 1]);
+          widen_e4m3x4(r[0], a[0], a[1]);
+          widen_e4m3x4(r[1], a[2], a[3]);
+          Mma<M>::k16(o[j], a, p[2 * k], p[2 * k + 1]);
+          widen_e4m3x4(r[2], a[0], a[1]);
+          widen_e4m3x4(r[3], a[2], a[3]);
+          Mma<M>::k16(o[j + 1], a, p[2 * k], p[2 * k + 1]);
         }
       }
     } else if constexpr (kStepTokens % 16 == 0) {
@@ -212,7 +226,7 @@ struct MmaState {
     for (int n = 0; n < kScoreTiles; ++n) {
       const float p0 = scale_from(s[n][0], new_max), p1 = scale_from(s[n][1], new_max);
       running_sum += p0 + p1;
-      p[n] = Mma<T>::pack(p0, p1);
+      p[n] = Mma<M>::pack(p0, p1);
     }
     // This lane's O^T columns are heads 2 * (lane % 4) + {0, 1}, whose rescale factors live in lanes 4 * head.
     const float rescale_even = __shfl_sync(0xffffffffu, rescale, 8 * (lane % 4));

@@ -1,5 +1,5 @@
-// Tensor-core building blocks shared by the attention kernels: shared-window addresses, ldmatrix, mma.sync
-// (sm_80 and later) and the exact widening of e4m3 fragments to 16 bits. Needs no CUDA header, like
+// Tensor-core building blocks shared by the attention kernels and the decode GEMV: shared-window addresses,
+// ldmatrix, mma.sync (sm_80 and later), the exact widening of e4m3 fragments to float16, and 16-bit pairs as float16. Needs no CUDA header, like
 // kernel_common.cuh.
 #pragma once
 
@@ -100,29 +100,34 @@ __device__ __forceinline__ unsigned byte_permute(unsigned low, unsigned high, un
   return r;
 }
 
-// Four e4m3 values (bytes 0 .. 3 of `bytes`) as two registers of two T, exactly: `even` holds bytes 0 and 2,
-// `odd` bytes 1 and 3 (the lower byte in the low half), the pairing the mma fragments of e4m3 rows read by
-// ldmatrix need (decode_mma_state.cuh). Each byte's fields are moved into place as T's bits (sign to bit 15,
-// exponent and mantissa to the low end of T's exponent field and the top of its mantissa): that is the value times
-// 2^-8 (float16) or 2^-120 (bfloat16), a normal or subnormal T, then multiplied back by the power of two (exact:
-// the product is normal). Integer and half-precision FMA work, where the conversion instructions cost one per
-// pair (float16) or four (bfloat16, through float32). The e4m3 NaN codes (only in slots outside a context:
-// writers saturate) become +-480 rather than NaN.
-template <typename T>
+// Four e4m3 values (bytes 0 .. 3 of `bytes`) as two registers of two float16, exactly (every e4m3 value is a
+// float16 value): `even` holds bytes 0 and 2, `odd` bytes 1 and 3 (the lower byte in the low half), the pairing the
+// mma fragments of e4m3 rows read by ldmatrix need (decode_mma_state.cuh). Two byte permutes and two conversions;
+// the e4m3 NaN codes become NaN (the pools start zeroed and writers saturate, so only a NaN written stays one).
 __device__ __forceinline__ void widen_e4m3x4(unsigned bytes, unsigned& even, unsigned& odd) {
-  constexpr bool kIsHalf = same_type<T, half_t>::value;
-  constexpr int kShift = kIsHalf ? 1 : 4;                           // from bits 8 .. 14 of a half to its field
-  constexpr unsigned kFields = kIsHalf ? 0x3f803f80u : 0x07f007f0u;  // T's bits 7 .. 13 or 4 .. 10, both halves
-  constexpr unsigned kSigns = 0x80008000u;
-  constexpr unsigned kScale = kIsHalf ? 0x5c005c00u : 0x7b807b80u;  // 2^8 or 2^120, in both halves
-  const unsigned scaled_odd = (bytes & kSigns) | ((bytes >> kShift) & kFields);
-  const unsigned scaled_even = ((bytes << 8) & kSigns) | ((bytes << (8 - kShift)) & kFields);
-  // x * scale + (-0) is x * scale, whatever the sign of a zero.
-  if constexpr (kIsHalf) {
-    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(odd) : "r"(scaled_odd), "r"(kScale), "r"(kSigns));
-    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(even) : "r"(scaled_even), "r"(kScale), "r"(kSigns));
-  } else {
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(odd) : "r"(scaled_odd), "r"(kScale), "r"(kSigns));
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(even) : "r"(scaled_even), "r"(kScale), "r"(kSigns));
-  }
+  even = e4m3x2_to_half2(static_cast<unsigned short>(byte_permute(bytes, 0u, 0x4420u)));
+  odd = e4m3x2_to_half2(static_cast<unsigned short>(byte_permute(bytes, 0u, 0x4431u)));
 }
+
+// Two x values packed in a word (the lower position in the low half) as float16, times kScale: x's own bits for
+// float16. bfloat16 reaches far beyond float16's range, so the pair is scaled by 2^-8 (exactly, in one bfloat16x2
+// fma), each widened exactly (a bfloat16 value is the top half of its float32) and rounded to float16 once; the
+// product is scaled back up at the end. Exact for |x| from 2^-6 to 2^24, to within 2^-16 below; beyond, it overflows.
+template <typename T>
+struct HalfPairs;
+
+template <>
+struct HalfPairs<half_t> {
+  static constexpr float kScale = 1.0f;
+  static __device__ __forceinline__ unsigned convert(unsigned pair) { return pair; }
+};
+
+template <>
+struct HalfPairs<bfloat16_t> {
+  static constexpr float kScale = 1.0f / 256.0f;
+  static __device__ __forceinline__ unsigned convert(unsigned pair) {
+    unsigned scaled;  // pair * 2^-8 + -0 (bfloat16 2^-8 is 0x3b80)
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(scaled) : "r"(pair), "r"(0x3b803b80u), "r"(0x80008000u));
+    return Mma<half_t>::pack(__uint_as_float(scaled << 16), __uint_as_float(scaled & 0xffff0000u));
+  }
+};
