@@ -11,7 +11,9 @@ asks for what holds: at least MIN_IDENTICAL of the ten continuations identical, 
 MIN_DIVERGENCE of its 60 tokens (measured with an FP8 cache: 8 identical, divergences at 42 and 53, the same with
 either kind of preemption). Broken FP8 blocks would diverge at once. With batch_invariant (each row computed as if
 alone in its step: kernels/reference.py) that rounding no longer depends on the schedule, and every setup, preemption
-included, gives exactly the roomy pool's tokens."""
+included, gives exactly the roomy pool's tokens. Every configuration runs on the CPU worker, on any host: these
+thresholds are the CPU's, and on a GPU two LLMs of one process would share its memory (each sizes its pool at
+gpu_memory_utilization)."""
 
 from __future__ import annotations
 
@@ -30,14 +32,12 @@ PROMPTS = [f"{PROMPT} Day {day}:" for day in range(10)]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
 MIN_IDENTICAL = 7
 MIN_DIVERGENCE = 32
-FP8_KV: dict[str, Any] = {"kv_cache_dtype": KVCacheDType.FP8}
-FP8_ALL: dict[str, Any] = {"kv_cache_dtype": KVCacheDType.FP8, "quantization": Quantization.FP8,
-                           "quantize_lm_head": True}
+FP8_KV: dict[str, Any] = {"kv_cache_dtype": KVCacheDType.FP8, "device": DeviceKind.CPU}
+FP8_ALL: dict[str, Any] = {**FP8_KV, "quantization": Quantization.FP8, "quantize_lm_head": True}
 OPTIONS: dict[str, dict[str, Any]] = {
     "fp8-kv": FP8_KV,
     "fp8-kv-weights-lm-head": FP8_ALL,
-    # Batch-invariant computation is the CPU worker's alone.
-    "fp8-kv-weights-lm-head-batch-invariant": {**FP8_ALL, "batch_invariant": True, "device": DeviceKind.CPU},
+    "fp8-kv-weights-lm-head-batch-invariant": {**FP8_ALL, "batch_invariant": True},
 }
 
 
