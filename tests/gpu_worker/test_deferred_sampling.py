@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 
 import llguidance.numpy
@@ -20,11 +21,13 @@ from pagedserve.contract.model_format import DeviceKind
 from pagedserve.contract.sampling_params import SamplingParams
 from pagedserve.contract.step import StepPlan, StepResult
 from pagedserve.contract.structured_output import ConstraintKind, StructuredOutput
+from pagedserve.gpu_worker.host_transfer import HeldLockCopies
 from pagedserve.gpu_worker.launched_step import LaunchedStep
 from pagedserve.gpu_worker.model_runner import LaunchedRun, RowsAtLaunch
 from pagedserve.gpu_worker.sampler import SamplingRow
 from pagedserve.gpu_worker.sequence_state import PendingToken, ScheduledWork, SequenceRegistry
 from pagedserve.gpu_worker.step_pipeline import StepPipeline
+from pagedserve.gpu_worker.worker import Worker
 from tests.gpu_marks import NEEDS_GPU
 from tests.gpu_worker.harness import STORIES_DIR, load_worker
 from tests.gpu_worker.test_overlapped_steps import BLOCK_SIZE, _run_one_at_a_time, _run_two_in_flight, _steps, _tokens
@@ -150,26 +153,49 @@ def test_steps_all_launched_before_any_finishes_give_the_tokens_of_one_at_a_time
     assert _tokens(results, 1) == _tokens(expected, 1)
 
 
-def test_token_masks_that_fail_end_the_step_with_their_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    worker = load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=32)
-    steps = _steps(CONSTRAINED, num_decodes=2)
+def _second_step_fails(worker: Worker, options: SamplingParams, break_it: Callable[[], None],
+                       error: type[Exception], match: str) -> None:
+    """Runs a prefill step, calls break_it, then expects the next (decode) step to end with the error, not hang."""
+    steps = _steps(options, num_decodes=2)
     pipeline = StepPipeline(worker)
-
-    def broken(*_: object, **__: object) -> None:
-        raise ValueError("mask engine down")
 
     async def run() -> None:
         first = await pipeline.launch(steps[0])
         await pipeline.finish(first)
-        monkeypatch.setattr(worker.runner.sampler, "token_masks", broken)
+        break_it()
         second = await pipeline.launch(steps[1])
-        with pytest.raises(ValueError, match="mask engine down"):
+        with pytest.raises(error, match=match):
             await asyncio.wait_for(pipeline.finish(second), timeout=30)
 
     try:
         asyncio.run(run())
     finally:
         pipeline.close()
+
+
+def test_token_masks_that_fail_end_the_step_with_their_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    worker = load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=32)
+
+    def broken(*_: object, **__: object) -> None:
+        raise ValueError("mask engine down")
+
+    _second_step_fails(worker, CONSTRAINED, lambda: monkeypatch.setattr(worker.runner.sampler, "token_masks", broken),
+                       ValueError, "mask engine down")
+
+
+@pytest.mark.parametrize("device", [pytest.param(DeviceKind.CUDA, id="cuda", marks=NEEDS_GPU)])
+def test_a_held_lock_sampling_that_fails_ends_the_step_with_its_error(device: DeviceKind,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A greedy constrained batch's sampling goes through the driver copies (HeldLockCopies); one that fails there
+    ends its step with the error, as any failure on the masks thread does."""
+    worker = load_worker(STORIES_DIR, block_size=BLOCK_SIZE, num_blocks=32, device=device)
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("cuMemcpyAsync failed: CUDA_ERROR_ILLEGAL_ADDRESS")
+
+    _second_step_fails(worker, SamplingParams(temperature=0.0, structured_output=CHOICE),
+                       lambda: monkeypatch.setattr(HeldLockCopies, "copy", broken), RuntimeError,
+                       "CUDA_ERROR_ILLEGAL_ADDRESS")
 
 
 def test_rows_as_at_launch_copy_the_outputs_a_row_had_unless_it_is_an_argmax_from_its_first_output() -> None:
