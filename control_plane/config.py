@@ -85,7 +85,7 @@ class CacheConfig:
     block_size: int = 16  # tokens per KV block
     gpu_memory_utilization: float = 0.9  # share of device memory for weights, activations and KV blocks
     num_gpu_blocks_override: int | None = None  # exact device pool size (skips profiling)
-    kv_cache_memory_bytes: int | None = None  # KV pool of a CPU worker; None: what it needs, capped (for_worker)
+    kv_cache_memory_bytes: int | None = None  # KV pool per worker; None: by device (for_worker)
     swap_space_bytes: int | None = None  # CPU memory for swapped-out blocks, per worker; None: by device (for_worker)
     enable_prefix_caching: bool = True
 
@@ -105,7 +105,8 @@ class CacheConfig:
         """This config with the sizes left to the device filled in. A CPU worker's KV pool holds what max_num_seqs
         sequences of max_model_len tokens need, at most CPU_KV_CACHE_CAP_BYTES unless one sequence alone needs more
         (a server must take a request of max_model_len tokens), and it swaps nowhere: its swap space would be the
-        same memory again. A GPU worker's pool is sized by gpu_memory_utilization; it keeps vLLM's 4 GiB of swap."""
+        same memory again. A GPU worker's pool is sized by gpu_memory_utilization unless kv_cache_memory_bytes is
+        given; it keeps vLLM's 4 GiB of swap."""
         is_cpu = not device.startswith("cuda")
         kv_bytes = self.kv_cache_memory_bytes
         if kv_bytes is None and is_cpu:

@@ -1,4 +1,5 @@
-"""GPU pool sizing: measure the peak activation of a worst-case step, then give KV blocks what is left."""
+"""GPU pool sizing: measure the peak activation of a worst-case step, then give KV blocks what is left, or the bytes
+asked for when they fit."""
 
 from __future__ import annotations
 
@@ -71,4 +72,28 @@ def gpu_blocks_for_budget(layout: KVLayout, gpu_memory_utilization: float, reser
             f"no memory left for KV blocks at gpu_memory_utilization {gpu_memory_utilization} "
             f"(reserved for activations and graphs: {reserved_bytes} bytes)"
         )
+    return num_blocks
+
+
+def gpu_blocks_for_bytes(layout: KVLayout, kv_cache_memory_bytes: int, reserved_bytes: int,
+                         device: torch.device) -> int:
+    """The blocks in kv_cache_memory_bytes (vLLM's --kv-cache-memory-bytes: gpu_memory_utilization does not apply),
+    refused unless they fit in the device's free memory beside reserved_bytes (the peak activation, the graphs)."""
+    num_blocks = blocks_in_bytes(layout, kv_cache_memory_bytes)
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    pool_bytes = -(-num_blocks * layout.bytes_per_block // ALLOCATION_PAGE_BYTES) * ALLOCATION_PAGE_BYTES
+    if pool_bytes + reserved_bytes > free_bytes:
+        raise InvalidCacheRequestError(
+            f"kv_cache_memory_bytes {kv_cache_memory_bytes} does not fit on {device}: {free_bytes} bytes are free, "
+            f"{reserved_bytes} of them reserved for activations and graphs"
+        )
+    return num_blocks
+
+
+def blocks_in_bytes(layout: KVLayout, kv_cache_memory_bytes: int) -> int:
+    """The whole blocks in kv_cache_memory_bytes, refused when there is none."""
+    num_blocks = layout.num_blocks_in(kv_cache_memory_bytes)
+    if num_blocks <= 0:
+        raise InvalidCacheRequestError(f"kv_cache_memory_bytes {kv_cache_memory_bytes} holds no block of "
+                                       f"{layout.bytes_per_block} bytes")
     return num_blocks

@@ -25,7 +25,12 @@ from pagedserve.gpu_worker.fp8_support import require_fp8_device
 from pagedserve.gpu_worker.grammar import GrammarCompiler
 from pagedserve.gpu_worker.kv_pool import KVLayout, KVPool
 from pagedserve.gpu_worker.launched_step import LaunchedStep
-from pagedserve.gpu_worker.memory_profile import gpu_blocks_for_budget, profile_peak_activation_bytes
+from pagedserve.gpu_worker.memory_profile import (
+    blocks_in_bytes,
+    gpu_blocks_for_budget,
+    gpu_blocks_for_bytes,
+    profile_peak_activation_bytes,
+)
 from pagedserve.gpu_worker.model_runner import MaskedRows, ModelRunner, RowsAtLaunch
 from pagedserve.gpu_worker.parallel.commands import GroupLeader, fatal_in_group
 from pagedserve.gpu_worker.parallel.group import SINGLE_RANK, ParallelGroup, join_group, rank_device
@@ -335,22 +340,22 @@ class Worker:
         return agreed, peak_bytes
 
     def _size_gpu_pool(self, layout: KVLayout, request: CacheRequest) -> tuple[int, int]:
-        """(device blocks, profiled peak activation bytes): the override, the CPU byte budget, or profiling."""
+        """(device blocks, profiled peak activation bytes): the override, the CPU byte budget, or profiling. On a
+        GPU, kv_cache_memory_bytes (when not 0) sizes the pool in place of gpu_memory_utilization, if it fits beside
+        the profiled peak."""
         if request.num_gpu_blocks_override is not None:
             return request.num_gpu_blocks_override, 0
         if self.device.type != "cuda":
-            if request.kv_cache_memory_bytes < layout.bytes_per_block:
-                raise InvalidCacheRequestError(
-                    f"kv_cache_memory_bytes {request.kv_cache_memory_bytes} holds no block of "
-                    f"{layout.bytes_per_block} bytes"
-                )
-            return layout.num_blocks_in(request.kv_cache_memory_bytes), 0
+            return blocks_in_bytes(layout, request.kv_cache_memory_bytes), 0
         peak_bytes = profile_peak_activation_bytes(
             self.loaded.model, layout, request.max_num_batched_tokens, request.max_num_seqs, self.device
         )
         graph_bytes = self._graph_pool_bytes(layout, request)
-        num_blocks = gpu_blocks_for_budget(layout, request.gpu_memory_utilization, peak_bytes + graph_bytes,
-                                           self.device)
+        reserved_bytes = peak_bytes + graph_bytes
+        if request.kv_cache_memory_bytes:
+            num_blocks = gpu_blocks_for_bytes(layout, request.kv_cache_memory_bytes, reserved_bytes, self.device)
+        else:
+            num_blocks = gpu_blocks_for_budget(layout, request.gpu_memory_utilization, reserved_bytes, self.device)
         log.info("gpu_memory_profiled", peak_activation_bytes=peak_bytes, graph_pool_bytes=graph_bytes)
         return num_blocks, peak_bytes
 

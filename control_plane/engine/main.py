@@ -88,8 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of GPU memory for weights, activations and the KV pool")
     p.add_argument("--num-gpu-blocks-override", type=int, help="exact KV blocks per worker (skips profiling)")
     p.add_argument("--kv-cache-memory", type=float, metavar="GIB",
-                   help=f"GiB of KV pool on a CPU worker (default: what --max-num-seqs sequences of --max-model-len "
-                        f"tokens need, at most {CPU_KV_CACHE_CAP_BYTES / _GIB:g} unless one sequence needs more)")
+                   help=f"GiB of KV pool per worker; on a GPU it replaces --gpu-memory-utilization's sizing (vLLM's "
+                        f"--kv-cache-memory-bytes) and is refused unless it fits (default: GPU, by utilization; CPU, "
+                        f"what --max-num-seqs sequences of --max-model-len tokens need, at most "
+                        f"{CPU_KV_CACHE_CAP_BYTES / _GIB:g} unless one sequence needs more)")
     p.add_argument("--swap-space", type=float, metavar="GIB", help="GiB of CPU memory per worker for preempted "
                    f"requests' blocks (default: 0 on CPU, {GPU_SWAP_SPACE_BYTES // _GIB} on GPU)")
     p.add_argument("--max-num-batched-tokens", type=int, default=scheduler.max_num_batched_tokens,

@@ -17,7 +17,7 @@ from pagedserve.control_plane.scheduling.fit import blocks_for
 
 log = structlog.get_logger()
 
-_MORE_KV = "raise --gpu-memory-utilization (GPU workers), --kv-cache-memory (CPU workers) or --num-gpu-blocks-override"
+_MORE_KV = "raise --gpu-memory-utilization (GPU workers), --kv-cache-memory or --num-gpu-blocks-override"
 
 
 class MaxModelLenError(PagedServeError):

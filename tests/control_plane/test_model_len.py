@@ -16,7 +16,7 @@ from pagedserve.control_plane.engine.model_len import MaxModelLenError, check_mo
 from pagedserve.control_plane.engine.serving import start_engine
 from pagedserve.control_plane.served_model import ServedModel
 
-MORE_KV = "raise --gpu-memory-utilization (GPU workers), --kv-cache-memory (CPU workers) or --num-gpu-blocks-override"
+MORE_KV = "raise --gpu-memory-utilization (GPU workers), --kv-cache-memory or --num-gpu-blocks-override"
 
 
 def test_a_max_model_len_above_the_models_limit_is_an_error_naming_both() -> None:

@@ -11,6 +11,7 @@ from pagedserve.contract.codec import token_ids_to_bytes
 from pagedserve.contract.model_format import DeviceKind
 from pagedserve.contract.worker_info import CacheRequest
 from pagedserve.gpu_worker.config import WorkerConfig
+from pagedserve.gpu_worker.errors import InvalidCacheRequestError
 from pagedserve.gpu_worker.worker import Worker
 from pagedserve.v1 import worker_service_pb2 as pb
 from tests.gpu_marks import NEEDS_GPU
@@ -48,6 +49,28 @@ def test_weights_pool_graphs_and_the_eager_peak_fit_the_utilization_together() -
     free_bytes, _ = torch.cuda.mem_get_info()
     # The captured graphs' private pool is held from now on; an eager step of the largest size adds its peak.
     assert total_bytes - free_bytes + info.peak_activation_bytes <= utilization * total_bytes
+
+
+def test_kv_cache_memory_bytes_size_the_pool_whatever_the_utilization() -> None:
+    worker = Worker.load(WorkerConfig(model_dir=STORIES_DIR, device=DeviceKind.CUDA))
+    bytes_per_block = worker.info().kv_bytes_per_token * BLOCK_SIZE
+    info = worker.init_cache(CacheRequest(block_size=BLOCK_SIZE, gpu_memory_utilization=0.01,
+                                          kv_cache_memory_bytes=1000 * bytes_per_block + bytes_per_block // 2,
+                                          max_num_batched_tokens=4096, max_num_seqs=64))
+
+    assert info.num_gpu_blocks == 1000
+    assert worker.pool.num_gpu_blocks == 1000
+
+
+def test_kv_cache_memory_bytes_beyond_the_free_memory_are_refused_by_name() -> None:
+    worker = Worker.load(WorkerConfig(model_dir=STORIES_DIR, device=DeviceKind.CUDA))
+    _, total_bytes = torch.cuda.mem_get_info()
+
+    with pytest.raises(InvalidCacheRequestError, match=f"kv_cache_memory_bytes {total_bytes} does not fit"):
+        worker.init_cache(CacheRequest(block_size=BLOCK_SIZE, kv_cache_memory_bytes=total_bytes,
+                                       max_num_batched_tokens=4096, max_num_seqs=64))
+    # Nothing was kept: the worker still takes a pool that fits.
+    assert worker.init_cache(CacheRequest(block_size=BLOCK_SIZE, num_gpu_blocks_override=8)).num_gpu_blocks == 8
 
 
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["cuda-graphs", "eager"])
