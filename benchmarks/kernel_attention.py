@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from benchmarks.report import pyplot
 from pagedserve.kernels.fp8 import FP8_DTYPE, as_bytes, quantize
 from pagedserve.kernels.ops import KernelOps, get_kernel_ops
 
@@ -265,7 +266,7 @@ def write_reports(out_dir: Path, meta: dict[str, Any], ceiling: dict[str, float]
     """Writes kernel_attention_<date>.json / .md / .png into out_dir; returns their stem and the JSON record."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"kernel_attention_{meta['date']}"
-    record = {"meta": meta, "ceiling": ceiling,
+    record = {"metadata": meta, "ceiling": ceiling,
               "decode": [asdict(r) | {"paged_gbps": r.paged_gbps} for r in decode],
               "prefill": [asdict(r) for r in prefill]}
     stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
@@ -307,11 +308,10 @@ def markdown_report(
 
 
 def plot(path: Path, ceiling: dict[str, float], decode: list[DecodeResult]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """The decode launches' GB/s by context, one axis per shape; nothing without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return
     fig, axes = plt.subplots(1, len(SHAPES), figsize=(12, 4.5), sharey=True)
     for axis, shape in zip(axes, SHAPES, strict=True):  # one axis per shape
         for batch in sorted({r.batch for r in decode}):

@@ -67,6 +67,31 @@ def test_an_attention_record_gives_each_decode_launch_as_a_share_of_its_ceiling_
     assert shares[targets.LEAST_AT_SCALE] == 75.0
 
 
+def test_the_group_runner_reads_the_record_the_attention_benchmark_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    meta = {"commit": "abc", "device": "a GPU", "command": "kernel_attention", "date": "2026-12-06",
+            "kv_cache_dtype": "fp8", "repeats": 20, "graph_launch_us": 2.0, "host_us_per_decode_call": 30.0}
+    launch = kernel_attention.DecodeResult("llama-3.2-1b", 16, 2048, bytes_moved=34_000_000, launches=8,
+                                           paged_us=10.0, sdpa_us=20.0, gather_sdpa_us=30.0, paged_single_us=12.0,
+                                           sdpa_single_us=22.0)
+
+    def benchmark(argv: list[str]) -> dict[str, object]:
+        folder = Path(argv[argv.index("--result-dir") + 1])
+        ceiling = {"sum_read_gbps": 4000.0, "copy_read_write_gbps": 3800.0}
+        return kernel_attention.write_reports(folder, meta, ceiling, [launch], [])[1]
+
+    monkeypatch.setitem(targets.BENCHMARKS, "attention", benchmark)
+    group = Group((Call("fp8", "attention", ()),), (
+        Target(21, "least", Measure("fp8/decode", targets.LEAST_AT_SCALE), 80.0, at_most=False),))
+
+    records, rows = targets.run_group("attention", group, tmp_path)
+
+    assert records[0]["metadata"] == meta
+    assert rows[0]["measured"] == pytest.approx(85.0)  # 34 MB in 10 us: 3,400 of 4,000 GB/s
+    assert rows[0]["met"] is True
+
+
 def test_the_attention_targets_name_launches_the_attention_benchmark_makes() -> None:
     made = {f"{shape} {batch}x{context} % of ceiling" for shape in kernel_attention.SHAPES
             for batch in kernel_attention.BATCHES for context in kernel_attention.CONTEXTS}
