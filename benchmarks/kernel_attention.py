@@ -13,7 +13,6 @@ import functools
 import json
 import math
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.report import pyplot
+from benchmarks.report import git_commit, pyplot
 from pagedserve.kernels.fp8 import FP8_DTYPE, as_bytes, quantize
 from pagedserve.kernels.ops import KernelOps, get_kernel_ops
 
@@ -338,7 +337,8 @@ def int_list(text: str) -> tuple[int, ...]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark, writes its reports; returns the JSON record."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--commit", default=None, help="commit measured (default: git rev-parse HEAD)")
+    parser.add_argument("--commit", default=None, help="commit measured (default: as every benchmark names it, "
+                        "benchmarks.report.git_commit)")
     parser.add_argument("--out-dir", "--result-dir", dest="out_dir", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
@@ -347,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--contexts", type=int_list, default=CONTEXTS, help="decode contexts, comma-separated")
     parser.add_argument("--no-prefill", action="store_true", help="time the decode kernel only")
     args = parser.parse_args(argv)
-    commit = args.commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = args.commit or git_commit()
     meta = {"commit": commit, "device": torch.cuda.get_device_name(), "command": " ".join(sys.argv),
             "date": datetime.date.today().isoformat(), "torch": torch.__version__, "repeats": args.repeats,
             "kv_cache_dtype": args.kv_cache_dtype}
