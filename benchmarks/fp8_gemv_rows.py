@@ -82,15 +82,14 @@ def table(rows: int, results: list[tuple[str, str, float]]) -> list[list[object]
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", default="1,2,4,8,12,16", help="comma-separated row counts")
+    p.add_argument("--rows", type=report.int_list, default="1,2,4,8,12,16", help="comma-separated row counts")
     p.add_argument("--lm-head", action="store_true", help="time each shape's LM head too")
     p.add_argument("--result-dir", type=Path, default=report.DEFAULT_RESULT_DIR)
     args = p.parse_args()
     import torch
 
     metadata = report.run_metadata("fp8-gemv-rows", torch.cuda.get_device_name())
-    lines = [line for rows in (int(r) for r in args.rows.split(","))
-             for line in table(rows, timings(rows, args.lm_head))]
+    lines = [line for rows in args.rows for line in table(rows, timings(rows, args.lm_head))]
     print(report.text_table(HEADERS, lines))
     report.write_outputs(report.result_stem(args.result_dir, metadata), {"metadata": metadata, "layers": lines},
                          report.markdown_report("FP8 linear layers at a few rows", metadata,

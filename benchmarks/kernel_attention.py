@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.report import git_commit, pyplot
+from benchmarks.report import git_commit, int_list, pyplot
 from pagedserve.kernels.fp8 import FP8_DTYPE, as_bytes, quantize
 from pagedserve.kernels.ops import KernelOps, get_kernel_ops
 
@@ -324,14 +324,6 @@ def plot(path: Path, ceiling: dict[str, float], decode: list[DecodeResult]) -> N
     axes[-1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def int_list(text: str) -> tuple[int, ...]:
-    """"16,64" -> (16, 64): positive integers, for --batches and --contexts."""
-    values = tuple(int(part) for part in text.split(","))
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"need positive integers separated by commas, got {text!r}")
-    return values
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -201,3 +201,11 @@ def plot_throughput(backends: Sequence[dict[str, Any]], path: Path) -> Path | No
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """"16,64" -> (16, 64): positive integers, for a benchmark's list flags (--batches, --rows, ...)."""
+    values = tuple(int(part) for part in text.split(","))
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"need positive integers separated by commas, got {text!r}")
+    return values
