@@ -70,7 +70,7 @@ class HeldLockArgmax:
         self._ops.masked_argmax_into(logits, masks, ArgmaxTargets(tokens, self._scratch, *(kept or (None, None))))
         self._copies.copy(host_tokens, tokens)
         self._copies.record(self._done)
-        self._last = DeviceToHost.queued(host_tokens, self._done)
+        self._last = DeviceToHost(host_tokens, self._done)
         return tokens, self._last
 
     def _grow(self, num_rows: int) -> None:

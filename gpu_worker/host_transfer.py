@@ -18,29 +18,29 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class DeviceToHost:
-    """A device tensor on its way to the host: the copy is queued now, `tensor()` waits for it alone.
+    """A device tensor on its way to the host: `start` queues the copy, `tensor()` waits for it alone.
 
     On a GPU the copy lands in pinned memory and an event marks its end, so waiting for it does not wait for
     work queued on the stream after it (the next step's forward pass).
     """
 
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self._event: torch.cuda.Event | None = None
+    def __init__(self, host: torch.Tensor, event: torch.cuda.Event | None = None) -> None:
+        """A copy already queued into pinned `host`, with `event` recorded after it; or, without an event, values
+        already on the host."""
+        self._host, self._event = host, event
         self.is_read = False  # tolist() was called: the host memory the copy landed in may be reused
-        if tensor.device.type != "cuda":
-            self._host = tensor
-            return
-        self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        self._host.copy_(tensor, non_blocking=True)
-        self._event = torch.cuda.Event()
-        self._event.record()
 
     @classmethod
-    def queued(cls, host: torch.Tensor, event: torch.cuda.Event) -> DeviceToHost:
-        """A copy the caller queued itself into pinned `host`, with `event` recorded after it."""
-        transfer = cls.__new__(cls)
-        transfer._host, transfer._event, transfer.is_read = host, event, False
-        return transfer
+    def start(cls, tensor: torch.Tensor) -> DeviceToHost:
+        """Queues the copy of tensor to new pinned memory on torch's current stream (a CPU tensor is taken as it
+        is)."""
+        if tensor.device.type != "cuda":
+            return cls(tensor)
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return cls(host, event)
 
     def wait(self) -> None:
         """Blocks until the copy has landed (releasing the interpreter lock meanwhile)."""

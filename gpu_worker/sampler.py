@@ -92,7 +92,7 @@ class PendingSample:
                  has_choice_flags: bool = False) -> None:
         self.tokens = tokens  # [rows] int64, on the device
         # The tokens (then the flags and logprobs) on their way to the host, or a copy of them already queued.
-        self._transfer = packed if isinstance(packed, DeviceToHost) else DeviceToHost(packed)
+        self._transfer = packed if isinstance(packed, DeviceToHost) else DeviceToHost.start(packed)
         self._logprob_ks = logprob_ks  # (row, k) of each row that asked for logprobs; packed after the tokens
         self._has_choice_flags = has_choice_flags  # packed after the tokens: 1 per row left without a token
 
