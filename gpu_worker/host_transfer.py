@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from pagedserve.kernels.driver import driver_call
+from pagedserve.kernels.driver import driver_call, driver_function
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -66,15 +66,11 @@ class HeldLockCopies:
     (docs/structured-output.md). The calling thread must have the device's context current (torch.cuda.set_device)."""
 
     def __init__(self) -> None:
-        driver = ctypes.PyDLL("libcuda.so.1")
-        self._to_device = driver.cuMemcpyHtoDAsync_v2
-        self._to_device.argtypes = (ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
-        self._to_host = driver.cuMemcpyDtoHAsync_v2
-        self._to_host.argtypes = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p)
-        self._record = driver.cuEventRecord
-        self._record.argtypes = (ctypes.c_void_p, ctypes.c_void_p)
-        for function in (self._to_device, self._to_host, self._record):
-            function.restype = ctypes.c_int
+        self._to_device = driver_function("cuMemcpyHtoDAsync_v2", ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t,
+                                          ctypes.c_void_p)
+        self._to_host = driver_function("cuMemcpyDtoHAsync_v2", ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t,
+                                        ctypes.c_void_p)
+        self._record = driver_function("cuEventRecord", ctypes.c_void_p, ctypes.c_void_p)
 
     def copy(self, destination: torch.Tensor, source: torch.Tensor) -> None:
         """Queues destination <- source: contiguous tensors of the same bytes, one on the current device, the other

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import threading
 
-from pagedserve.kernels.driver import driver_call
+from pagedserve.kernels.driver import driver_call, driver_function
 
 LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID, cuda.h
 MIN_COMPUTE_CAPABILITY = (9, 0)  # griddepcontrol
@@ -46,10 +46,8 @@ class DependentLauncher:
     0.05-0.12 ms of TPOT."""
 
     def __init__(self) -> None:
-        driver = ctypes.PyDLL("libcuda.so.1")  # the driver, as the CUDA runtime loads it
-        self._launch = driver.cuLaunchKernelEx
-        self._launch.restype = ctypes.c_int
-        self._launch.argtypes = (ctypes.POINTER(LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+        self._launch = driver_function("cuLaunchKernelEx", ctypes.POINTER(LaunchConfig), ctypes.c_void_p,
+                                       ctypes.c_void_p, ctypes.c_void_p)
         self._per_thread = threading.local()
 
     def _config(self) -> LaunchConfig:
