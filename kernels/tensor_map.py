@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import functools
 
+from pagedserve.kernels.driver import driver_call, driver_function
+
 # Bytes per box row: the widest the 128-byte swizzle allows (64 two-byte or 128 one-byte elements).
 BOX_BYTES = 128
 _ALIGNMENT = 64  # of an encoded map, as the driver requires
@@ -23,8 +25,14 @@ class TensorMap(ctypes.Structure):
 
 
 @functools.cache
-def _driver() -> ctypes.CDLL:
-    return ctypes.CDLL("libcuda.so.1")
+def _encode_tiled() -> ctypes._NamedFuncPointer:
+    uint64s, uint32s = ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint32)
+    return driver_function(
+        "cuTensorMapEncodeTiled",
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p,  # map, data type, rank, global address
+        uint64s, uint64s, uint32s, uint32s,  # global dims, global strides, box dims, element strides
+        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,  # interleave, swizzle, L2 promotion, out-of-bounds fill
+    )
 
 
 @functools.lru_cache(maxsize=4096)
@@ -46,15 +54,14 @@ def rows_tensor_map(address: int, num_rows: int, row_elements: int, box_rows: in
                          "bytes per row")
     scratch = ctypes.create_string_buffer(ctypes.sizeof(TensorMap) + _ALIGNMENT)
     aligned = -(-ctypes.addressof(scratch) // _ALIGNMENT) * _ALIGNMENT
-    status = _driver().cuTensorMapEncodeTiled(
-        ctypes.c_void_p(aligned), _DATA_TYPES[element_bytes], 2, ctypes.c_void_p(address),
+    status = _encode_tiled()(
+        aligned, _DATA_TYPES[element_bytes], 2, address,
         (ctypes.c_uint64 * 2)(row_elements, num_rows), (ctypes.c_uint64 * 1)(row_bytes),
         (ctypes.c_uint32 * 2)(box_bytes // element_bytes, box_rows), (ctypes.c_uint32 * 2)(1, 1),
         _INTERLEAVE_NONE, _SWIZZLES[box_bytes], _L2_PROMOTION_128B, _OOB_FILL_ZERO,
     )
-    if status != 0:
-        raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {status} for {num_rows} x {row_elements} "
-                           f"at {address:#x}, boxes of {box_rows} rows")
+    driver_call(status, "cuTensorMapEncodeTiled",
+                f"{num_rows} x {row_elements} at {address:#x}, boxes of {box_rows} rows")
     tensor_map = TensorMap()
     ctypes.memmove(ctypes.addressof(tensor_map), aligned, ctypes.sizeof(TensorMap))
     return tensor_map
