@@ -27,8 +27,17 @@ struct BlockWindow {
   int span, window_tiles;   // block slots per tile (at most 32, see decode_layout), tiles per window
   int window_first;         // the first tile of the current window
   int window, next_window;  // this lane's block id in the current and the next window (-1 past the table)
+  int first_issued;         // how many of the pipeline's first tiles (0 .. STAGES - 2) are issued
+
+  static constexpr int kAllTokens = 0x7fffffff;  // a ready_len (see is_next_first_tile_ready) past any tile
 
   __device__ __forceinline__ int tile_start(int k) const { return (first_tile + k * tile_stride) * TILE; }
+
+  // Whether the next unissued tile of the first stages - 1 ends at or before token ready_len: tiles are issued
+  // in order, those wholly before the tokens the kernel before this one may still be writing first.
+  __device__ __forceinline__ bool is_next_first_tile_ready(int stages, int ready_len) const {
+    return first_issued < stages - 1 && tile_start(first_issued) + TILE <= ready_len;
+  }
 
   // This lane's block id of the window whose first tile is k, bounded by the table width only: it needs no
   // context length, so the first two windows are read before the sequence length arrives.
@@ -131,12 +140,18 @@ struct TilePipeline : BlockWindow<State::kTile> {
     }
   }
 
-  // Issues tiles 0 .. STAGES - 2 of the warp's share of a context of context_len tokens.
-  __device__ __forceinline__ void start(int context_len) {
+  // Takes the warp's share of a context of context_len tokens and issues those of its tiles 0 .. STAGES - 2 that
+  // end at or before token ready_len; issue_first_tiles(kAllTokens) issues the rest.
+  __device__ __forceinline__ void start(int context_len, int ready_len) {
     this->set_context(context_len);
-#pragma unroll
-    for (int k = 0; k < STAGES - 1; ++k) {
-      if (k < this->my_tiles) issue(k);
+    this->first_issued = 0;
+    issue_first_tiles(ready_len);
+  }
+
+  // One commit group per first tile, in order, whether it holds copies or lies past the warp's share.
+  __device__ __forceinline__ void issue_first_tiles(int ready_len) {
+    for (; this->is_next_first_tile_ready(STAGES, ready_len); ++this->first_issued) {
+      if (this->first_issued < this->my_tiles) issue(this->first_issued);
       asm volatile("cp.async.commit_group;");
     }
   }
@@ -229,16 +244,20 @@ struct TmaPipeline : BlockWindow<State::kTile> {
     }
   }
 
-  // Initialises the warp's barriers and issues tiles 0 .. STAGES - 2 of its share of a context of context_len
-  // tokens.
-  __device__ __forceinline__ void start(int context_len) {
+  // Initialises the warp's barriers, takes its share of a context of context_len tokens and issues those of its
+  // tiles 0 .. STAGES - 2 that end at or before token ready_len; issue_first_tiles(kAllTokens) issues the rest.
+  __device__ __forceinline__ void start(int context_len, int ready_len) {
     this->set_context(context_len);
     if (this->lane < STAGES) init_barrier(barriers + this->lane * 8);
     fence_barrier_init();
     __syncwarp();
-#pragma unroll
-    for (int k = 0; k < STAGES - 1; ++k) {
-      if (k < this->my_tiles) issue(k);
+    this->first_issued = 0;
+    issue_first_tiles(ready_len);
+  }
+
+  __device__ __forceinline__ void issue_first_tiles(int ready_len) {
+    for (; this->is_next_first_tile_ready(STAGES, ready_len); ++this->first_issued) {
+      if (this->first_issued < this->my_tiles) issue(this->first_issued);
     }
   }
 

@@ -85,7 +85,6 @@ __global__ void __launch_bounds__(THREADS, State::kThreadsPerSm / THREADS) paged
     const int* __restrict__ query_start_loc, int num_seqs, int rows_by_seq, int num_kv_heads, int group_size,
     int log2_block_size, float scale_log2e, float value_scale, float* __restrict__ split_acc,
     float* __restrict__ split_max, float* __restrict__ split_sum, int num_splits) {
-  begin_dependent_grid();
   constexpr int kWarps = THREADS / 32;
   constexpr int HEAD_DIM = State::kHeadDim, HEADS = State::kHeads;
   static_assert(THREADS <= State::kThreadsPerSm, "the state's registers allow no CTA this large");
@@ -113,9 +112,14 @@ __global__ void __launch_bounds__(THREADS, State::kThreadsPerSm / THREADS) paged
   if (!resolve_row(grid_row, rows_by_seq != 0, num_seqs, seq_lens, query_start_loc, task)) return;
   if (!rows_by_seq) pipeline.prefetch_blocks(block_tables, block_table_stride, task.seq);
 
+  // The kernel before this one (in a step: rotary and KV write) writes the query rows and the K/V of the step's new
+  // tokens; the block tables and lengths are the step's inputs. A decode row's one new token is its last, so its
+  // tiles wholly before that token start streaming while that kernel ends; the rest wait for it.
+  pipeline.start(task.context_len, rows_by_seq ? task.context_len - 1 : 0);
+  begin_dependent_grid();
+  pipeline.issue_first_tiles(Pipeline::kAllTokens);
   State state;
   state.start(query + task.row * query_row_stride + first_head * HEAD_DIM, lane, scale_log2e);
-  pipeline.start(task.context_len);
   for (int k = 0; k < pipeline.my_tiles; ++k) {
     pipeline.advance(k);
     const C* keys = pipeline.keys(k);

@@ -20,8 +20,17 @@ from tests.gpu_marks import NEEDS_FP8_GPU
 from tests.kernels.ptx import KERNEL_DIR
 
 WAITS = ("begin_dependent_grid();", "wait_for_prior_grid();")
-# What a kernel may not touch before its wait: the activations it reads and what it writes (decode_gemv's names).
-BEFORE_WAIT_FORBIDDEN = ("x", "x_row_stride", "out", "scales", "bias", "load_x", "load_mma_x")
+# Kernels that load before they wait: what each loads early, and the names it may not touch until it has waited
+# (what the kernel before it writes, and what it writes itself).
+GEMV_FORBIDDEN = ("x", "x_row_stride", "out", "scales", "bias", "load_x", "load_mma_x")
+EARLY_LOADS = {
+    "decode_gemv.cu:decode_gemv": ("load_weight_batch", GEMV_FORBIDDEN),
+    "decode_gemv.cu:decode_gemv_mma": ("load_mma_weights", GEMV_FORBIDDEN),
+    # The block table, the lengths and the tiles before each decode row's newest token (the step's inputs and
+    # earlier steps' K/V); the query rows and the newest K/V come from the kernel before.
+    "paged_decode.cu:paged_decode": ("pipeline.start", ("query", "out", "state.start", "split_acc", "split_max",
+                                                        "split_sum", "write_heads", "kAllTokens")),
+}
 
 
 def _code(text: str) -> str:
@@ -55,18 +64,22 @@ def test_every_kernel_waits_for_the_grid_before_it() -> None:
 
 def test_kernels_that_begin_with_the_wait_do_nothing_before_it() -> None:
     for name, body in _kernel_bodies().items():
-        if "begin_dependent_grid();" in body:
+        if name not in EARLY_LOADS and "begin_dependent_grid();" in body:
             first_statement = body[1:].strip().split("\n", 1)[0]
             assert first_statement == "begin_dependent_grid();", (name, first_statement)
 
 
-def test_a_kernel_that_loads_before_its_wait_loads_only_weights() -> None:
-    early = {name: _code(body).split("wait_for_prior_grid();")[0] for name, body in _kernel_bodies().items()
-             if "begin_dependent_grid();" not in body}
-    assert list(early) == ["decode_gemv.cu:decode_gemv", "decode_gemv.cu:decode_gemv_mma"]
+def test_a_kernel_that_loads_before_its_wait_loads_only_what_no_kernel_before_it_writes() -> None:
+    bodies = _kernel_bodies()
+    early = {name: re.split(r"begin_dependent_grid\(\);|wait_for_prior_grid\(\);", _code(bodies[name]))[0]
+             for name in EARLY_LOADS}
+    late = [name for name, body in bodies.items()
+            if name not in EARLY_LOADS and not _code(body)[1:].strip().startswith(WAITS)]
+    assert not late, f"these load before their wait, and are not listed with what they load: {late}"
     for name, code in early.items():
-        assert "load_weight_batch" in code or "load_mma_weights" in code, name
-        touched = [word for word in BEFORE_WAIT_FORBIDDEN if re.search(rf"(?<![\w.]){re.escape(word)}(?!\w)", code)]
+        load, forbidden = EARLY_LOADS[name]
+        assert load in code, name
+        touched = [word for word in forbidden if re.search(rf"(?<![\w.]){re.escape(word)}(?!\w)", code)]
         assert not touched, f"{name} touches {touched} before it waits for the kernel before it"
 
 
@@ -91,6 +104,24 @@ def test_launch_structures_have_the_driver_layout() -> None:
     assert ctypes.sizeof(LaunchAttribute) == 72 and LaunchAttribute.value.offset == 8
     assert (LaunchConfig.stream.offset, LaunchConfig.attrs.offset, LaunchConfig.num_attrs.offset) == (32, 40, 48)
     assert ctypes.sizeof(LaunchConfig) == 56
+
+
+# One CTA that lets the next kernel start, waits about delay_cycles, then writes the rows (keys, then values) at
+# their byte offsets in the two caches.
+LATE_WRITER_SOURCE = r"""
+extern "C" __global__ void write_rows_late(const unsigned char* rows, unsigned char* key_cache,
+                                           unsigned char* value_cache, const long long* offsets, int num_rows,
+                                           int row_bytes, long long delay_cycles) {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  const long long start = clock64();
+  while (clock64() - start < delay_cycles) {}
+  for (int i = threadIdx.x; i < num_rows * row_bytes; i += blockDim.x) {
+    key_cache[offsets[i / row_bytes] + i % row_bytes] = rows[i];
+    value_cache[offsets[i / row_bytes] + i % row_bytes] = rows[num_rows * row_bytes + i];
+  }
+}
+"""
 
 
 class TestCapturedChain:
@@ -129,3 +160,64 @@ class TestCapturedChain:
             expected = reference.fp8_gemv(reference.silu_and_mul(gate_up[-num_rows:]), weight, scale)
             torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2,
                                        atol=2e-2 * expected.float().abs().mean().item())
+
+    @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+    def test_decode_attention_reads_the_newest_tokens_only_after_their_writer_ends(self,
+                                                                                  cache_dtype: torch.dtype) -> None:
+        import cupy
+        import numpy as np
+
+        from pagedserve.kernels.module_cache import ModuleCache
+        from pagedserve.kernels.ops import get_kernel_ops
+
+        device = torch.device("cuda")
+        if not ModuleCache(device).dependent_launches:
+            pytest.skip("launches are dependent from compute capability 9.0 only")
+        ops, reference = get_kernel_ops(device), TorchReferenceOps()
+        gen = torch.Generator(device=device).manual_seed(7)
+        kv_heads, group, head_dim, block_size, num_seqs = 8, 4, 64, 16, 64
+        # Short contexts put each row's newest token in the tiles its warps stage first, before they wait.
+        seq_lens = torch.randint(1, 600, (num_seqs,), device=device, generator=gen, dtype=torch.int32)
+        blocks_per_seq = -(-600 // block_size)
+        cache_shape = (num_seqs * blocks_per_seq, kv_heads, block_size, head_dim)
+        key_cache, value_cache = (torch.randn(cache_shape, device=device, generator=gen).to(cache_dtype)
+                                  for _ in range(2))
+        block_tables = torch.randperm(cache_shape[0], device=device, generator=gen).to(torch.int32)
+        block_tables = block_tables.view(num_seqs, blocks_per_seq)
+        newest = (seq_lens - 1).long()
+        blocks = block_tables.gather(1, (newest // block_size).unsqueeze(1)).long()
+        rows = (blocks * kv_heads + torch.arange(kv_heads, device=device)) * block_size + (newest % block_size)[:, None]
+        row_bytes = head_dim * key_cache.element_size()
+        offsets = (rows.flatten() * row_bytes).contiguous()
+        new_rows = torch.empty(2, offsets.numel(), row_bytes, device=device, dtype=torch.uint8)
+        query = torch.empty(num_seqs, kv_heads * group, head_dim, device=device, dtype=torch.bfloat16)
+        query_start_loc = torch.arange(num_seqs + 1, device=device, dtype=torch.int32)
+        out, expected = torch.empty_like(query), torch.empty_like(query)
+        # The newest tokens' writer lets the next kernel start at once, then spins for about 100 us before it
+        # writes them: an attention that staged them before its wait would attend to the replay before's.
+        writer = cupy.RawKernel(LATE_WRITER_SOURCE, "write_rows_late")
+        writer_args = (cupy.asarray(new_rows), cupy.asarray(key_cache.view(torch.uint8)),
+                       cupy.asarray(value_cache.view(torch.uint8)), cupy.asarray(offsets), np.int32(offsets.numel()),
+                       np.int32(row_bytes), np.int64(200_000))
+
+        def step() -> None:
+            writer((1,), (256,), writer_args, stream=cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream))
+            ops.paged_attention(out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, 1, 600,
+                                head_dim ** -0.5)
+
+        def new_inputs() -> None:
+            query.copy_(torch.randn(query.shape, device=device, generator=gen))
+            kv = torch.randn(2, offsets.numel(), head_dim, device=device, generator=gen).to(cache_dtype)
+            new_rows.copy_(kv.view(torch.uint8).view(new_rows.shape))
+
+        new_inputs()
+        step()  # compiles both before the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        for _ in range(10):
+            new_inputs()
+            graph.replay()
+            reference.paged_attention(expected, query, key_cache, value_cache, block_tables, seq_lens,
+                                      query_start_loc, 1, 600, head_dim ** -0.5)
+            torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
