@@ -27,9 +27,11 @@ struct same_type<A, A> {
 
 // Programmatic dependent launch (sm_90+). The launcher lets each kernel start while the kernel before it in the
 // stream still runs (ModuleCache.launch_params), so every kernel calls wait_for_prior_grid() before it reads what
-// an earlier kernel wrote or writes anything: it returns once the grid before has finished and its writes are
-// visible. Only loads of what no kernel writes (weights) may come first. Then launch_next_grid() lets the kernel
-// after this one start its own loads; it waits in turn. Each kernel waits, so the order holds along the stream.
+// the kernel before it wrote or writes anything: it returns once the grid before has finished and its writes are
+// visible. Then launch_next_grid() lets the kernel after this one start; it waits in turn. Since each kernel lets
+// the next start only after its own wait, every grid before the one just before has finished when a kernel starts:
+// only loads of what that one kernel cannot be writing may come first (weights in decode_gemv; the block table,
+// lengths and older tokens' K/V in paged_decode, see tests/kernels/test_dependent_launch.py).
 // Without a programmatic launch (older devices, launches by other libraries) both are no-ops. The launcher defines
 // PAGEDSERVE_DEPENDENT_LAUNCH when it will launch programmatically: code built for an older architecture then has no
 // wait to offer, and must not build.
