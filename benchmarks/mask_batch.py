@@ -15,6 +15,13 @@ A row's matcher is a deep copy of its schema's compiled matcher, as in the worke
 contend with each other when filled at once (on a 2-core host, 64 copies of one matcher filled on two threads took
 longer than on one); `--replicas R` compiles each schema R times and gives row r replica r mod R. `--schemas one`
 gives every row the same schema (one tool or response schema for all requests), `corpus` the 55 in turn.
+
+`--slices` measures llguidance's token-trie slices, the tokenizer's partition of tokens by the regex each one
+fully matches: a mask applies a whole slice at once where the lexer's state allows all of its regex, and walks it
+token by token otherwise. `general` is llguidance's default (JSON string content of at most 10, at most 30, then any
+number of bytes); `none` walks every token; `lengths` bounds string content more finely (2, 4, 6, 8, 10, 15, 20, 30
+bytes), so that a string whose `maxLength` leaves it fewer than 10 bytes still applies the shorter slices whole.
+Slices change how a mask is computed, never what it holds: the digest check spans them too.
 """
 
 from __future__ import annotations
@@ -57,6 +64,14 @@ def allowed_ids(mask: np.ndarray, vocab_size: int) -> np.ndarray:
 
 
 Fill = Callable[[list[llguidance.LLMatcher], np.ndarray], None]  # every row's mask into its row of the array
+
+_STRING_CONTENT = r'[^"\\\x00-\x1F\x7F]'  # a JSON string's bytes that need no escape
+SLICES: dict[str, list[str] | None] = {
+    "general": None,  # llguidance's own default
+    "none": [],
+    "lengths": [r"[\x20\x0A\x0D\x09]+", *(f"{_STRING_CONTENT}{{1,{n}}}" for n in (2, 4, 6, 8, 10, 15, 20, 30)),
+                f"{_STRING_CONTENT}+"],
+}
 
 
 def walk(compiled: list[list[llguidance.LLMatcher]], batch: int, steps: int, vocab_size: int, seed: int,
@@ -133,29 +148,37 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--schemas", choices=("corpus", "one"), default="corpus",
                         help="every row the same schema (one), or the corpus' schemas in turn")
     parser.add_argument("--replicas", default="1", help="compilations of each schema to measure, comma-separated")
+    parser.add_argument("--slices", default="general",
+                        help=f"token-trie slice sets to measure, comma-separated, of {', '.join(SLICES)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--result-dir", type=Path, default=DEFAULT_RESULT_DIR)
     args = parser.parse_args(argv)
+    unknown = set(args.slices.split(",")) - set(SLICES)
+    if unknown:
+        parser.error(f"--slices: no set named {', '.join(sorted(unknown))} (choose from {', '.join(SLICES)})")
 
-    tokenizer = llguidance.LLTokenizer(str(args.tokenizer / "tokenizer.json"), n_vocab=args.vocab_size)
     schemas = list(SCHEMAS.values()) if args.schemas == "corpus" else [SCHEMAS["contact"]]
-    # As benchmarks.structured_workload sends them to the server.
-    grammars = [StructuredOutput(ConstraintKind.JSON_SCHEMA, json.dumps(schema), disable_any_whitespace=True)
-                .checked_grammar(tokenizer) for schema in schemas]
     threads = [int(t) for t in args.threads.split(",")]
     pools = {n: ThreadPoolExecutor(n) for n in threads}
     modes: list[tuple[str, Fill | None]] = [("serial", None)]
     modes += [(f"pool {n}", pool_fill(llguidance.LLExecutor(n))) for n in threads]
     modes += [(f"threads {n}", threads_fill(pools[n], n)) for n in threads]
     runs = {}
-    for replicas in (int(r) for r in args.replicas.split(",")):
-        compiled = [[llguidance.LLMatcher(tokenizer, grammar, log_level=0) for _ in range(replicas)]
-                    for grammar in grammars]
-        # Untimed: whatever the compiled matchers build lazily on their first walk, every timed mode finds built.
-        walk(compiled, args.batch, args.steps, args.vocab_size, args.seed, None)
-        for mode, fill in modes:
-            runs[f"{mode}, {replicas} replica{'s' if replicas > 1 else ''}"] = walk(
-                compiled, args.batch, args.steps, args.vocab_size, args.seed, fill)
+    for slices in dict.fromkeys(args.slices.split(",")):  # each set once: its rows are named by it
+        tokenizer = llguidance.LLTokenizer(str(args.tokenizer / "tokenizer.json"), n_vocab=args.vocab_size,
+                                           slices=SLICES[slices])
+        # As benchmarks.structured_workload sends them to the server.
+        grammars = [StructuredOutput(ConstraintKind.JSON_SCHEMA, json.dumps(schema), disable_any_whitespace=True)
+                    .checked_grammar(tokenizer) for schema in schemas]
+        for replicas in (int(r) for r in args.replicas.split(",")):
+            compiled = [[llguidance.LLMatcher(tokenizer, grammar, log_level=0) for _ in range(replicas)]
+                        for grammar in grammars]
+            # Untimed: whatever the compiled matchers build lazily on their first walk, every timed mode finds built.
+            walk(compiled, args.batch, args.steps, args.vocab_size, args.seed, None)
+            for mode, fill in modes:
+                label = f"{mode}, {replicas} replica{'s' if replicas > 1 else ''}"
+                runs[label if slices == "general" else f"{label}, {slices} slices"] = walk(
+                    compiled, args.batch, args.steps, args.vocab_size, args.seed, fill)
     for pool in pools.values():
         pool.shutdown()
     if len({run["masks_sha256"] for run in runs.values()}) != 1:
