@@ -58,11 +58,12 @@ struct BlockWindow {
     next_window = window_block(window_tiles);
   }
 
-  // The warp's share of a context of context_len_ tokens.
+  // The warp's share of a context of context_len_ tokens, none of its tiles issued yet.
   __device__ __forceinline__ void set_context(int context_len_) {
     context_len = context_len_;
     const int num_tiles = (context_len + TILE - 1) / TILE;
     my_tiles = first_tile < num_tiles ? (num_tiles - 1 - first_tile) / tile_stride + 1 : 0;
+    first_issued = 0;
   }
 
   // Moves to the window of tile k; tiles are entered in order.
@@ -144,7 +145,6 @@ struct TilePipeline : BlockWindow<State::kTile> {
   // end at or before token ready_len; issue_first_tiles(kAllTokens) issues the rest.
   __device__ __forceinline__ void start(int context_len, int ready_len) {
     this->set_context(context_len);
-    this->first_issued = 0;
     issue_first_tiles(ready_len);
   }
 
@@ -251,7 +251,6 @@ struct TmaPipeline : BlockWindow<State::kTile> {
     if (this->lane < STAGES) init_barrier(barriers + this->lane * 8);
     fence_barrier_init();
     __syncwarp();
-    this->first_issued = 0;
     issue_first_tiles(ready_len);
   }
 
