@@ -19,8 +19,9 @@ gives every row the same schema (one tool or response schema for all requests), 
 `--slices` measures llguidance's token-trie slices, the tokenizer's partition of tokens by the regex each one
 fully matches: a mask applies a whole slice at once where the lexer's state allows all of its regex, and walks it
 token by token otherwise. `general` is llguidance's default (JSON string content of at most 10, at most 30, then any
-number of bytes); `none` walks every token; `lengths` bounds string content more finely (2, 4, 6, 8, 10, 15, 20, 30
-bytes), so that a string whose `maxLength` leaves it fewer than 10 bytes still applies the shorter slices whole.
+number of bytes); `none` walks every token; `lengths` (the worker's, gpu_worker/token_slices.py) bounds string
+content more finely (2, 4, 6, 8, 10, 15, 20, 30 bytes), so that a string whose `maxLength` leaves it fewer than 10
+bytes still applies the shorter slices whole.
 Slices change how a mask is computed, never what it holds: the digest check spans them too.
 """
 
@@ -54,6 +55,7 @@ from benchmarks.report import (
     write_outputs,
 )
 from pagedserve.contract.structured_output import ConstraintKind, StructuredOutput
+from pagedserve.gpu_worker.token_slices import TOKEN_SLICES
 
 HEADERS = ["mode", "ms / step mean", "p50", "p99", "CPU ms / step", "slowest row ms (mean)"]
 
@@ -65,12 +67,10 @@ def allowed_ids(mask: np.ndarray, vocab_size: int) -> np.ndarray:
 
 Fill = Callable[[list[llguidance.LLMatcher], np.ndarray], None]  # every row's mask into its row of the array
 
-_STRING_CONTENT = r'[^"\\\x00-\x1F\x7F]'  # a JSON string's bytes that need no escape
 SLICES: dict[str, list[str] | None] = {
     "general": None,  # llguidance's own default
     "none": [],
-    "lengths": [r"[\x20\x0A\x0D\x09]+", *(f"{_STRING_CONTENT}{{1,{n}}}" for n in (2, 4, 6, 8, 10, 15, 20, 30)),
-                f"{_STRING_CONTENT}+"],
+    "lengths": TOKEN_SLICES,  # the worker's
 }
 
 

@@ -19,6 +19,7 @@ import torch
 from pagedserve.contract.errors import InvalidArgumentError
 from pagedserve.contract.step import SequenceFailure
 from pagedserve.contract.structured_output import FIELD, StructuredOutput
+from pagedserve.gpu_worker.token_slices import TOKEN_SLICES
 from pagedserve.kernels.token_masks import mask_words
 
 log = structlog.get_logger()
@@ -57,7 +58,7 @@ class GrammarCompiler:
         path = model_dir / "tokenizer.json"
         if not path.is_file():
             return None
-        return cls(llguidance.LLTokenizer(str(path), n_vocab=vocab_size))
+        return cls(llguidance.LLTokenizer(str(path), n_vocab=vocab_size, slices=TOKEN_SLICES))
 
     def start(self, output: StructuredOutput, seq_id: int) -> SequenceGrammar:
         """Sequence seq_id's grammar, its compilation started now (or found in the cache); nothing waits for it here.
