@@ -2,10 +2,11 @@
 each token fully matches. A token mask applies a slice whole wherever the lexer's state allows all of its regex and
 walks it token by token otherwise, so the slices decide what a mask costs, never what it holds.
 
-llguidance's default bounds JSON string content at 10 and 30 bytes. Every free string of a real schema tends to
-carry a `maxLength`, and once fewer than 10 of its bytes remain the default's shortest slice no longer applies: the
-costliest masks of a constrained step are those walks. Finer bounds keep a slice whole down to a string's last
-2 bytes (benchmarks.mask_batch --slices; docs/structured-output.md has the numbers)."""
+llguidance's default bounds JSON string content at 10 and 30 bytes. Inside a string with a `maxLength`, once fewer
+than 10 of its bytes remain the default's shortest slice no longer applies and the mask walks the trie: in the
+benchmarks' schema corpus (every free string bounded) those walks are the costliest masks of a step. Finer bounds
+keep a slice whole down to a string's last 2 bytes (benchmarks.mask_batch --slices; docs/structured-output.md has
+the numbers)."""
 
 from __future__ import annotations
 
