@@ -40,25 +40,35 @@ struct PrefillShape {
   static_assert(HEAD_DIM % 16 == 0 && BLOCK_N % 16 == 0, "mma shapes");
 };
 
-// Gathers rows [first, first + ROWS) of one head's tokens (elements of C) into a shared tile of rows ROW_STRIDE
-// elements apart; rows at or past `end` are zero-filled (their addresses are never dereferenced).
+// Gathers the key and value rows [first, first + ROWS) of one KV head (elements of C) into shared tiles of rows
+// ROW_STRIDE elements apart; rows at or past `end` are zero-filled (their addresses are never dereferenced). Each
+// thread looks up the blocks of all its rows before its first copy, so that the lookups wait on memory once, not
+// once a copy (a lookup in a branch before each copy left the kernel stalled on them); keys and values share them.
 template <typename C, int HEAD_DIM, int ROW_STRIDE, int ROWS, int THREADS>
-__device__ __forceinline__ void gather_tile_async(C* tile, const C* __restrict__ head_base, const int* table,
-                                                  int first, int end, int log2_block_size, long long block_stride) {
+__device__ __forceinline__ void gather_kv_async(C* k_tile, C* v_tile, const C* __restrict__ key_base,
+                                                const C* __restrict__ value_base, const int* __restrict__ table,
+                                                int first, int end, int log2_block_size, long long block_stride) {
   constexpr int kChunkElems = 16 / sizeof(C);
   constexpr int kChunks = HEAD_DIM / kChunkElems;
+  constexpr int kSteps = (ROWS * kChunks + THREADS - 1) / THREADS;
   const int offset_mask = (1 << log2_block_size) - 1;
-  for (int i = threadIdx.x; i < ROWS * kChunks; i += THREADS) {
-    const int row = i / kChunks, chunk = i % kChunks;
-    const int pos = first + row;
-    const C* src = head_base;
-    int src_bytes = 0;
-    if (pos < end) {
-      src = head_base + table[pos >> log2_block_size] * block_stride + (pos & offset_mask) * HEAD_DIM +
-            chunk * kChunkElems;
-      src_bytes = 16;
+  int block[kSteps];
+#pragma unroll
+  for (int s = 0; s < kSteps; ++s) {  // rows past `end` look up end - 1's block, an entry of the table
+    const int pos = min(first + static_cast<int>((threadIdx.x + s * THREADS) / kChunks), end - 1);
+    block[s] = table[pos >> log2_block_size];
+  }
+#pragma unroll
+  for (int s = 0; s < kSteps; ++s) {
+    const int i = threadIdx.x + s * THREADS;
+    if (ROWS * kChunks % THREADS == 0 || i < ROWS * kChunks) {
+      const int row = i / kChunks, chunk = i % kChunks;
+      const int pos = first + row;
+      const long long offset = block[s] * block_stride + (pos & offset_mask) * HEAD_DIM + chunk * kChunkElems;
+      const int src_bytes = pos < end ? 16 : 0;
+      copy_16_async(k_tile + row * ROW_STRIDE + chunk * kChunkElems, key_base + offset, src_bytes);
+      copy_16_async(v_tile + row * ROW_STRIDE + chunk * kChunkElems, value_base + offset, src_bytes);
     }
-    copy_16_async(tile + row * ROW_STRIDE + chunk * kChunkElems, src, src_bytes);
   }
 }
 
@@ -119,7 +129,8 @@ __device__ __forceinline__ bool resolve_tile(int index, int num_seqs, const int*
 
 // Online softmax of one key tile for a warp's M_TILES x 16 rows (accumulator layout of mma.m16n8): masks keys past
 // each row's position (when needs_mask), rescales O and the row sums to the new row maxima, and packs
-// P = 2^(S - max) as the A operand of O += P V.
+// P = 2^((S - max) * scale_log2e) as the A operand of O += P V. The maxima are kept in the scores' own units (the
+// scale is positive), so that each probability takes one fused multiply-add and one exp2.
 template <typename T, int M_TILES, int SCORE_TILES, int OUT_TILES>
 __device__ __forceinline__ void online_softmax(float (&s_acc)[M_TILES][SCORE_TILES][4],
                                                float (&o_acc)[M_TILES][OUT_TILES][4], float (&row_max)[M_TILES][2],
@@ -135,15 +146,15 @@ __device__ __forceinline__ void online_softmax(float (&s_acc)[M_TILES][SCORE_TIL
     for (int n = 0; n < SCORE_TILES; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int key_pos = tile_start + n * 8 + quad_col + (e & 1);
-        const int row_pos = warp_first_pos + m * 16 + quad_row + (e / 2) * 8;
-        float score = s_acc[m][n][e] * scale_log2e;
-        if (needs_mask && key_pos > row_pos) score = negative_infinity();
-        s_acc[m][n][e] = score;
-        tile_max[e / 2] = fmaxf(tile_max[e / 2], score);
+        if (needs_mask) {
+          const int key_pos = tile_start + n * 8 + quad_col + (e & 1);
+          const int row_pos = warp_first_pos + m * 16 + quad_row + (e / 2) * 8;
+          if (key_pos > row_pos) s_acc[m][n][e] = negative_infinity();
+        }
+        tile_max[e / 2] = fmaxf(tile_max[e / 2], s_acc[m][n][e]);
       }
     }
-    float rescale[2];
+    float rescale[2], max_term[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
@@ -151,7 +162,8 @@ __device__ __forceinline__ void online_softmax(float (&s_acc)[M_TILES][SCORE_TIL
       const float new_max = fmaxf(row_max[m][r], tile_max[r]);
       // A row whose keys are all masked so far keeps max -inf; subtracting 0 then keeps exp2 at 0, not NaN.
       const float safe_max = new_max == negative_infinity() ? 0.0f : new_max;
-      rescale[r] = exp2f(row_max[m][r] - safe_max);
+      rescale[r] = exp2_flushed((row_max[m][r] - safe_max) * scale_log2e);
+      max_term[r] = -safe_max * scale_log2e;
       row_max[m][r] = new_max;
       row_sum[m][r] *= rescale[r];
     }
@@ -167,8 +179,7 @@ __device__ __forceinline__ void online_softmax(float (&s_acc)[M_TILES][SCORE_TIL
       float p[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float row_m = row_max[m][e / 2] == negative_infinity() ? 0.0f : row_max[m][e / 2];
-        p[e] = exp2f(s_acc[m][n][e] - row_m);
+        p[e] = exp2_flushed(fmaf(s_acc[m][n][e], scale_log2e, max_term[e / 2]));
         row_sum[m][e / 2] += p[e];
       }
       p_frag[m][n / 2][(n % 2) * 2 + 0] = Mma<T>::pack(p[0], p[1]);
@@ -253,10 +264,8 @@ __global__ void __launch_bounds__(THREADS, MIN_CTAS) paged_prefill(
     const T* src = query + (q_start + (is_row ? first_row + row : 0)) * query_row_stride + head * HEAD_DIM + chunk * 8;
     copy_16_async(q_tile + row * S::kRowStride + chunk * 8, src, is_row ? 16 : 0);
   }
-  gather_tile_async<C, HEAD_DIM, S::kStagedRowStride, BLOCK_N, THREADS>(k_stages, key_base, table, 0, kv_end,
-                                                                         log2_block_size, block_stride);
-  gather_tile_async<C, HEAD_DIM, S::kStagedRowStride, BLOCK_N, THREADS>(v_stages, value_base, table, 0, kv_end,
-                                                                         log2_block_size, block_stride);
+  gather_kv_async<C, HEAD_DIM, S::kStagedRowStride, BLOCK_N, THREADS>(k_stages, v_stages, key_base, value_base, table,
+                                                                     0, kv_end, log2_block_size, block_stride);
   commit_async();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -275,12 +284,9 @@ __global__ void __launch_bounds__(THREADS, MIN_CTAS) paged_prefill(
   for (int j = 0; j < num_kv_tiles; ++j) {
     const int stage = j & 1;
     if (j + 1 < num_kv_tiles) {
-      const int next = (j + 1) * BLOCK_N;
-      gather_tile_async<C, HEAD_DIM, S::kStagedRowStride, BLOCK_N, THREADS>(
-          k_stages + (stage ^ 1) * S::kStagedTileElems, key_base, table, next, kv_end, log2_block_size, block_stride);
-      gather_tile_async<C, HEAD_DIM, S::kStagedRowStride, BLOCK_N, THREADS>(
-          v_stages + (stage ^ 1) * S::kStagedTileElems, value_base, table, next, kv_end, log2_block_size,
-          block_stride);
+      gather_kv_async<C, HEAD_DIM, S::kStagedRowStride, BLOCK_N, THREADS>(
+          k_stages + (stage ^ 1) * S::kStagedTileElems, v_stages + (stage ^ 1) * S::kStagedTileElems, key_base,
+          value_base, table, (j + 1) * BLOCK_N, kv_end, log2_block_size, block_stride);
     }
     commit_async();
     wait_async<1>();  // everything but the tile just issued has landed
