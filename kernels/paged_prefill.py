@@ -64,10 +64,11 @@ def tiles_for(head_dim: int, num_q_heads: int, num_tokens: int, num_sms: int) ->
     """wide_tiles, unless its CTAs over num_tokens query rows fit in one wave (WIDE_CTAS_PER_SM an SM): then
     narrow_tiles. In one wave a launch lasts as long as its longest CTA, the last query tile of the longest prompt
     (it attends to every key); half-height tiles halve that. Beyond one wave the wide shape's fewer shared-memory
-    reads per mma win. Calibrated on an H100 (sm_90, 228 KB of shared memory an SM; benchmarks.kernel_prefill_tiles):
-    one prompt of 1,024 (256 wide CTAs) takes 0.90x the wide time at head size 64 and 0.79x at 128; one chunk of
-    1,792 (448) takes 1.2-1.3x; no step between those two was measured. Decode rows beside the prompts count in
-    num_tokens, though the kernel skips them: at the boundary such a step takes the wide shape."""
+    reads per mma win. Calibrated on an H100 (sm_90, 228 KB of shared memory an SM; benchmarks.kernel_prefill_tiles,
+    at 35f0a31, bf16 and FP8 caches): one prompt of 1,024 (256 wide CTAs) takes 0.90-0.93x the wide time at head size
+    64 and 0.72-0.80x at 128; one chunk of 1,792 (448) takes 1.02-1.29x; no step between those two was measured.
+    Decode rows beside the prompts count in num_tokens, though the kernel skips them: at the boundary such a step
+    takes the wide shape."""
     wide = wide_tiles(head_dim)
     # The CTAs with query rows to compute, about: grid y (num_tile_slots) also holds a slot per sequence for the
     # rounding of each one's last tile, most of which exit at once.
