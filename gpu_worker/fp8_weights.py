@@ -12,6 +12,7 @@ become the layer's FP8 KV scales.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -184,6 +185,11 @@ def _shard_sizes(model: DecoderForCausalLM, attribute: str) -> list[int]:
 
 
 def _scalar(tensor: torch.Tensor, name: str) -> float:
-    if tensor.numel() != 1 or not float(tensor.float().item()) > 0:
-        raise ModelLoadError(f"KV scale {name} must be one positive number, got shape {tuple(tensor.shape)}")
-    return float(tensor.float().item())
+    """A KV scale: one finite number no smaller than float32's smallest normal. The attention kernels fold k_scale
+    into the softmax scale, which a smaller one would take to zero (masked keys would then give NaN, not 0)."""
+    if tensor.numel() != 1:
+        raise ModelLoadError(f"KV scale {name} must be one number, got shape {tuple(tensor.shape)}")
+    value, smallest = float(tensor.float().item()), torch.finfo(torch.float32).tiny
+    if not (math.isfinite(value) and value >= smallest):
+        raise ModelLoadError(f"KV scale {name} must be a finite number of at least {smallest:.3g}, got {value!r}")
+    return value

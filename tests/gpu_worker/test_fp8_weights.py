@@ -70,8 +70,10 @@ def test_quantization_fp8_replaces_every_decoder_linear_and_keeps_the_rest() -> 
     assert quantized.weight_bytes == plain.weight_bytes - 3 * linear_elements + 4 * scales
 
 
-def _write_fp8_checkpoint(tmp_path: Path, config_extra: Mapping[str, object], drop: str | None = None) -> Path:
-    """stories260K re-saved the way llm-compressor writes FP8: per-tensor e4m3 weights and scales, KV scales."""
+def _write_fp8_checkpoint(tmp_path: Path, config_extra: Mapping[str, object], drop: str | None = None,
+                          replace: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """stories260K re-saved the way llm-compressor writes FP8: per-tensor e4m3 weights and scales, KV scales; drop:
+    a tensor left out; replace: tensors saved in place of those of the same names."""
     directory = tmp_path / "fp8"
     shutil.copytree(STORIES_DIR, directory, ignore=shutil.ignore_patterns("raw", "*.safetensors"))
     tensors = load_file(str(STORIES_DIR / "model.safetensors"))
@@ -89,6 +91,7 @@ def _write_fp8_checkpoint(tmp_path: Path, config_extra: Mapping[str, object], dr
         out[f"model.layers.{layer}.self_attn.v_scale"] = torch.tensor(0.25)
     if drop is not None:
         del out[drop]
+    out.update(replace or {})
     save_file(out, str(directory / "model.safetensors"))
     config = json.loads((STORIES_DIR / "config.json").read_text())
     (directory / "config.json").write_text(json.dumps({**config, **config_extra}))
@@ -125,6 +128,17 @@ def test_fp8_checkpoint_missing_a_scale_is_refused_naming_it(tmp_path: Path) -> 
     directory = _write_fp8_checkpoint(tmp_path, {"quantization_config": {"quant_method": "fp8"}},
                                       drop="model.layers.3.mlp.up_proj.weight_scale")
     with pytest.raises(ModelLoadError, match="layer 3 gate_up_proj\\[1\\] weight_scale"):
+        _load(directory)
+
+
+@pytest.mark.parametrize("scale", [torch.tensor(0.0), torch.tensor(-0.5), torch.tensor(float("inf")),
+                                   torch.tensor(float("nan")), torch.tensor(1e-40), torch.tensor([0.1, 0.2])],
+                         ids=["zero", "negative", "inf", "nan", "subnormal", "two-values"])
+def test_fp8_checkpoint_kv_scale_that_the_kernels_cannot_take_is_refused_naming_it(tmp_path: Path,
+                                                                                   scale: torch.Tensor) -> None:
+    name = "model.layers.2.self_attn.k_scale"
+    directory = _write_fp8_checkpoint(tmp_path, COMPRESSED_TENSORS, replace={name: scale})
+    with pytest.raises(ModelLoadError, match=f"KV scale {name} must be"):
         _load(directory)
 
 
