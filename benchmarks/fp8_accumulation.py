@@ -1,0 +1,98 @@
+"""An FP8 linear layer's product on the tensor cores with and without fast accumulation (Fp8Linear.fast_accumulation):
+time and error, over the linear layers of the 1B and 8B shapes at the row counts of prompt steps, on rows the op
+before has already quantized (QuantizedRows: that quantization is not timed).
+
+    python -m benchmarks.fp8_accumulation [--rows 64,256,1024,1440,2048]
+
+Per layer and mode: the median of 15 replays of a CUDA graph of the layer over distinct weight copies (at least 400 MB
+in rotation). Two errors of the last output, relative (norm of the difference over the norm of the exact product, in
+float64): "accumulation", against the exact product of the operands the tensor cores were given (the e4m3 rows and
+weights times their scales: what the accumulation and the output's rounding add); "W8A8", against the product of the
+unquantized rows and the layer's weight (what the layer adds in all, the rows' rounding to e4m3 included).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from benchmarks import report
+from benchmarks.fp8_gemv_sweep import rotated_fp8_weights
+from benchmarks.kernel_decode_products import LAYERS, SHAPES, graph_us
+
+if TYPE_CHECKING:
+    import torch
+
+HEADERS = ["rows", "layer", "float32 us", "fast us", "fast / float32", "accumulation error float32",
+           "accumulation error fast", "W8A8 error float32", "W8A8 error fast"]
+
+
+def relative_error(got: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((got.double() - exact).norm() / exact.norm())
+
+
+def measure(rows: int) -> list[list[object]]:
+    """A table row per linear layer of each shape at `rows` rows, then each shape's sum of a layer's products."""
+    import torch
+
+    from pagedserve.gpu_worker.models.fp8_linear import Fp8Linear, QuantizedRows
+    from pagedserve.kernels.ops import get_kernel_ops
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    ops = get_kernel_ops(device)
+    lines: list[list[object]] = []
+    for model, shapes in SHAPES.items():
+        sums = {False: 0.0, True: 0.0}
+        for layer, (out_features, in_features) in zip(LAYERS, shapes, strict=True):
+            layers = [Fp8Linear(weight, scale, torch.bfloat16, ops)
+                      for weight, scale in rotated_fp8_weights(out_features, in_features, device)]
+            if not layers[0].quantizes(rows):
+                raise SystemExit(f"{rows} rows do not reach the tensor cores' product (the GEMV takes them)")
+            x = torch.randn(rows, in_features, device=device).to(torch.bfloat16)
+            given = QuantizedRows(*ops.quantize_fp8_per_row(x))
+            last = layers[-1]
+            weight = last.weight.double() * last.weight_scale.double()[:, None]
+            exact_operands = (given.values.double() * given.scales.double()) @ weight.T
+            exact_rows = x.double() @ weight.T
+            us, accumulation, w8a8 = {}, {}, {}
+            for fast in (False, True):
+                for linear in layers:
+                    linear.fast_accumulation = fast
+
+                def launch_all(layers: list[Fp8Linear] = layers, given: QuantizedRows = given) -> None:
+                    for linear in layers:
+                        linear(given)
+
+                us[fast] = graph_us(launch_all, len(layers))
+                got = last(given)
+                accumulation[fast] = relative_error(got, exact_operands)
+                w8a8[fast] = relative_error(got, exact_rows)
+                sums[fast] += us[fast]
+            lines.append([rows, f"{model} {layer} {out_features}x{in_features}", round(us[False], 2),
+                          round(us[True], 2), round(us[True] / us[False], 3), f"{accumulation[False]:.2e}",
+                          f"{accumulation[True]:.2e}", f"{w8a8[False]:.4f}", f"{w8a8[True]:.4f}"])
+            del layers, last, launch_all
+            torch.cuda.empty_cache()
+        lines.append([rows, f"{model}, sum of a layer", round(sums[False], 2), round(sums[True], 2),
+                      round(sums[True] / sums[False], 3), "-", "-", "-", "-"])
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=report.int_list, default="64,256,1024,1440,2048", help="comma-separated row counts")
+    p.add_argument("--result-dir", type=Path, default=report.DEFAULT_RESULT_DIR)
+    args = p.parse_args()
+    import torch
+
+    metadata = report.run_metadata("fp8-accumulation", torch.cuda.get_device_name())
+    lines = [line for rows in args.rows for line in measure(rows)]
+    print(report.text_table(HEADERS, lines))
+    sections = [("us a layer, relative errors", report.markdown_table(HEADERS, lines))]
+    report.write_outputs(report.result_stem(args.result_dir, metadata), {"metadata": metadata, "layers": lines},
+                         report.markdown_report("FP8 products with and without fast accumulation", metadata, sections))
+
+
+if __name__ == "__main__":
+    main()
