@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from benchmarks import report
 from benchmarks.fp8_gemv_sweep import rotated_fp8_weights
@@ -28,12 +28,21 @@ HEADERS = ["rows", "layer", "float32 us", "fast us", "fast / float32", "accumula
            "accumulation error fast", "W8A8 error float32", "W8A8 error fast"]
 
 
+class LayerResult(NamedTuple):
+    """One layer's product both ways: us a layer and the two relative errors, float32 sums then fast accumulation."""
+
+    label: str  # "model layer OUTxIN"
+    us: tuple[float, float]
+    accumulation_error: tuple[float, float]
+    w8a8_error: tuple[float, float]
+
+
 def relative_error(got: torch.Tensor, exact: torch.Tensor) -> float:
     return float((got.double() - exact).norm() / exact.norm())
 
 
-def measure(rows: int) -> list[list[object]]:
-    """A table row per linear layer of each shape at `rows` rows, then each shape's sum of a layer's products."""
+def measure(rows: int) -> list[LayerResult]:
+    """Each linear layer of each shape at `rows` rows, with float32 sums and with fast accumulation."""
     import torch
 
     from pagedserve.gpu_worker.models.fp8_linear import Fp8Linear, QuantizedRows
@@ -41,9 +50,8 @@ def measure(rows: int) -> list[list[object]]:
 
     device = torch.device("cuda", torch.cuda.current_device())
     ops = get_kernel_ops(device)
-    lines: list[list[object]] = []
+    results = []
     for model, shapes in SHAPES.items():
-        sums = {False: 0.0, True: 0.0}
         for layer, (out_features, in_features) in zip(LAYERS, shapes, strict=True):
             layers = [Fp8Linear(weight, scale, torch.bfloat16, ops)
                       for weight, scale in rotated_fp8_weights(out_features, in_features, device)]
@@ -55,7 +63,7 @@ def measure(rows: int) -> list[list[object]]:
             weight = last.weight.double() * last.weight_scale.double()[:, None]
             exact_operands = (given.values.double() * given.scales.double()) @ weight.T
             exact_rows = x.double() @ weight.T
-            us, accumulation, w8a8 = {}, {}, {}
+            us, accumulation, w8a8 = [], [], []
             for fast in (False, True):
                 for linear in layers:
                     linear.fast_accumulation = fast
@@ -64,18 +72,27 @@ def measure(rows: int) -> list[list[object]]:
                     for linear in layers:
                         linear(given)
 
-                us[fast] = graph_us(launch_all, len(layers))
+                us.append(graph_us(launch_all, len(layers)))
                 got = last(given)
-                accumulation[fast] = relative_error(got, exact_operands)
-                w8a8[fast] = relative_error(got, exact_rows)
-                sums[fast] += us[fast]
-            lines.append([rows, f"{model} {layer} {out_features}x{in_features}", round(us[False], 2),
-                          round(us[True], 2), round(us[True] / us[False], 3), f"{accumulation[False]:.2e}",
-                          f"{accumulation[True]:.2e}", f"{w8a8[False]:.4f}", f"{w8a8[True]:.4f}"])
+                accumulation.append(relative_error(got, exact_operands))
+                w8a8.append(relative_error(got, exact_rows))
+            results.append(LayerResult(f"{model} {layer} {out_features}x{in_features}", (us[0], us[1]),
+                                       (accumulation[0], accumulation[1]), (w8a8[0], w8a8[1])))
             del layers, last, launch_all
             torch.cuda.empty_cache()
-        lines.append([rows, f"{model}, sum of a layer", round(sums[False], 2), round(sums[True], 2),
-                      round(sums[True] / sums[False], 3), "-", "-", "-", "-"])
+    return results
+
+
+def table(rows: int, results: list[LayerResult]) -> list[list[object]]:
+    """A line per layer, then each model's sum of a layer's four products (times only)."""
+    lines: list[list[object]] = [
+        [rows, r.label, round(r.us[0], 2), round(r.us[1], 2), round(r.us[1] / r.us[0], 3),
+         f"{r.accumulation_error[0]:.2e}", f"{r.accumulation_error[1]:.2e}", f"{r.w8a8_error[0]:.4f}",
+         f"{r.w8a8_error[1]:.4f}"] for r in results]
+    for model in SHAPES:
+        float32_us, fast_us = (sum(r.us[i] for r in results if r.label.startswith(model + " ")) for i in (0, 1))
+        lines.append([rows, f"{model}, sum of a layer", round(float32_us, 2), round(fast_us, 2),
+                      round(fast_us / float32_us, 3), "-", "-", "-", "-"])
     return lines
 
 
@@ -87,7 +104,7 @@ def main() -> None:
     import torch
 
     metadata = report.run_metadata("fp8-accumulation", torch.cuda.get_device_name())
-    lines = [line for rows in args.rows for line in measure(rows)]
+    lines = [line for rows in args.rows for line in table(rows, measure(rows))]
     print(report.text_table(HEADERS, lines))
     sections = [("us a layer, relative errors", report.markdown_table(HEADERS, lines))]
     report.write_outputs(report.result_stem(args.result_dir, metadata), {"metadata": metadata, "layers": lines},
