@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import kernel_attention, targets
+from benchmarks import kernel_attention, serving, targets
 from benchmarks.targets import GROUPS, Call, Group, Measure, Target
 
 
@@ -173,3 +173,13 @@ def test_a_failed_group_is_recorded_and_the_next_group_still_runs(
     assert [(row["group"], row["measured"], row["met"]) for row in result["targets"]] == [("fine", 1.5, True)]
     written = next(tmp_path.glob("*-targets-*.md")).read_text()
     assert "- broken: RuntimeError: the server exited with status 1" in written
+
+
+def test_the_1b_c256_runs_both_serve_through_four_frontends_and_four_client_processes() -> None:
+    calls = GROUPS["1b-c256"].calls
+    assert [call.name for call in calls] == ["bf16", "fp8"]
+    for call in calls:
+        args = serving.parse_args(call.argv)
+        assert "--frontend-processes 4" in args.serve_args
+        assert (args.client_processes, args.connections, args.max_concurrency) == (4, 4, 256)
+    assert "--frontend-processes" not in serving.parse_args(GROUPS["8b-c64"].calls[0].argv).serve_args
