@@ -65,8 +65,27 @@ def kernel_totals(events: Sequence[Any], name_width: int) -> dict[str, tuple[int
     return {name: (int(calls), total) for name, (calls, total) in totals.items()}
 
 
-def profile_run(model_dir: Path, args: argparse.Namespace) -> tuple[dict[str, tuple[int, float]], int]:
-    """Kernel totals over one generate call of the workload, and the engine steps it took."""
+def device_time(events: Sequence[Any]) -> tuple[float, float]:
+    """(busy, span) in us of the device's work: busy is the union of its kernels' and copies' intervals, span from the
+    first start to the last end. Under dependent launches a kernel's interval opens while the one before it still
+    runs (it waits for it on the device), so the sum of kernel times counts those overlaps twice and busy does not;
+    span - busy is the time the device had nothing queued."""
+    intervals = sorted((event.time_range.start, event.time_range.end) for event in events
+                       if event.device_type == DeviceType.CUDA and event.time_range.end > event.time_range.start)
+    if not intervals:
+        return 0.0, 0.0
+    busy, covered_to = 0.0, intervals[0][0]
+    for start, end in intervals:
+        if end > covered_to:
+            busy += end - max(start, covered_to)
+            covered_to = end
+    return busy, covered_to - intervals[0][0]
+
+
+def profile_run(model_dir: Path, args: argparse.Namespace) -> tuple[dict[str, tuple[int, float]], int,
+                                                                     tuple[float, float]]:
+    """Kernel totals over one generate call of the workload, the engine steps it took, and the device's busy time
+    and span over it (device_time)."""
     from pagedserve.clients.llm import LLM, SamplingParams
     from pagedserve.control_plane.config import SchedulerConfig
 
@@ -86,7 +105,7 @@ def profile_run(model_dir: Path, args: argparse.Namespace) -> tuple[dict[str, tu
             llm.generate([r.prompt_token_ids for r in requests], params, use_tqdm=False)
             torch.cuda.synchronize()
         steps = llm.status().num_steps - steps_before
-    return kernel_totals(prof.key_averages(), args.name_width), steps
+    return kernel_totals(prof.key_averages(), args.name_width), steps, device_time(prof.events())
 
 
 def rows(totals: dict[str, tuple[int, float]], steps: int, top: int) -> list[list[object]]:
@@ -108,14 +127,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="pagedserve-bench-") as scratch:
         model_dir = (write_model_dir(SHAPES[args.model_shape], Path(scratch) / args.model_shape, args.tokenizer_dir)
                      if args.model_shape else args.model)
-        totals, steps = profile_run(model_dir, args)
+        totals, steps, (busy_us, span_us) = profile_run(model_dir, args)
         model_name = model_dir.name
     table = rows(totals, max(steps, 1), args.top)
     metadata = report.run_metadata("kernel-profile" + (f"-{args.tag}" if args.tag else ""),
                                    device_name(torch.device("cuda")))
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     result = {"metadata": metadata, "config": config, "model": model_name, "steps": steps,
+              "device_busy_us": busy_us, "device_span_us": span_us,
               "kernels": {name: {"calls": calls, "total_us": total} for name, (calls, total) in totals.items()}}
+    device = (f"device busy {busy_us / max(steps, 1):.0f} us a step (the union of its kernels' intervals), over a span "
+              f"of {span_us / max(steps, 1):.0f} us a step")
     markdown = report.markdown_report(f"Kernel profile: {model_name}", metadata, [
         ("Workload", f"{args.num_prompts} random prompts of {args.input_len} tokens in, {args.output_len} out, "
                      f"greedy; max_num_seqs {args.max_num_seqs}, max_num_batched_tokens "
@@ -124,11 +146,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                      + ("plain launches.\n" if args.no_dependent_launch else
                         "dependent launches (a kernel's time includes its wait for the one before).\n")),
         ("Kernels", report.markdown_table(_HEADERS, table)),
+        ("Device", device + ".\n"),
     ])
     paths = report.write_outputs(report.result_stem(args.result_dir, metadata), result, markdown)
     print("wrote " + ", ".join(str(p) for p in paths))
     print(f"{steps} steps")
     print(report.text_table(_HEADERS, table))
+    print(device)
     print(report.text_table(("group", "us/step"), [[group, round(us)] for group, us in
                                                     grouped_us_per_step(result).items()]))
     return result
