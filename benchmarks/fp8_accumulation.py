@@ -29,15 +29,17 @@ HEADERS = ["rows", "layer", "float32 us", "fast us", "fast / float32", "accumula
 
 
 class LayerResult(NamedTuple):
-    """One layer's product both ways: us a layer and the two relative errors, float32 sums then fast accumulation."""
+    """One layer's product both ways (float32 sums, then fast accumulation): us a layer and two relative errors."""
 
+    model: str
     label: str  # "model layer OUTxIN"
-    us: tuple[float, float]
+    times_us: tuple[float, float]
     accumulation_error: tuple[float, float]
     w8a8_error: tuple[float, float]
 
 
 def relative_error(got: torch.Tensor, exact: torch.Tensor) -> float:
+    """The norm of got - exact over the norm of exact (a float64 product), in float64."""
     return float((got.double() - exact).norm() / exact.norm())
 
 
@@ -63,7 +65,7 @@ def measure(rows: int) -> list[LayerResult]:
             weight = last.weight.double() * last.weight_scale.double()[:, None]
             exact_operands = (given.values.double() * given.scales.double()) @ weight.T
             exact_rows = x.double() @ weight.T
-            us, accumulation, w8a8 = [], [], []
+            times_us, accumulation, w8a8 = [], [], []
             for fast in (False, True):
                 for linear in layers:
                     linear.fast_accumulation = fast
@@ -72,25 +74,27 @@ def measure(rows: int) -> list[LayerResult]:
                     for linear in layers:
                         linear(given)
 
-                us.append(graph_us(launch_all, len(layers)))
+                times_us.append(graph_us(launch_all, len(layers)))
                 got = last(given)
                 accumulation.append(relative_error(got, exact_operands))
                 w8a8.append(relative_error(got, exact_rows))
-            results.append(LayerResult(f"{model} {layer} {out_features}x{in_features}", (us[0], us[1]),
-                                       (accumulation[0], accumulation[1]), (w8a8[0], w8a8[1])))
+            results.append(LayerResult(model, f"{model} {layer} {out_features}x{in_features}",
+                                       (times_us[0], times_us[1]), (accumulation[0], accumulation[1]),
+                                       (w8a8[0], w8a8[1])))
             del layers, last, launch_all
             torch.cuda.empty_cache()
     return results
 
 
 def table(rows: int, results: list[LayerResult]) -> list[list[object]]:
-    """A line per layer, then each model's sum of a layer's four products (times only)."""
-    lines: list[list[object]] = [
-        [rows, r.label, round(r.us[0], 2), round(r.us[1], 2), round(r.us[1] / r.us[0], 3),
-         f"{r.accumulation_error[0]:.2e}", f"{r.accumulation_error[1]:.2e}", f"{r.w8a8_error[0]:.4f}",
-         f"{r.w8a8_error[1]:.4f}"] for r in results]
+    """Each model's layers, a line each, then its sum of a layer's four products (times only)."""
+    lines: list[list[object]] = []
     for model in SHAPES:
-        float32_us, fast_us = (sum(r.us[i] for r in results if r.label.startswith(model + " ")) for i in (0, 1))
+        own = [r for r in results if r.model == model]
+        lines += [[rows, r.label, round(r.times_us[0], 2), round(r.times_us[1], 2),
+                   round(r.times_us[1] / r.times_us[0], 3), f"{r.accumulation_error[0]:.2e}",
+                   f"{r.accumulation_error[1]:.2e}", f"{r.w8a8_error[0]:.4f}", f"{r.w8a8_error[1]:.4f}"] for r in own]
+        float32_us, fast_us = (sum(r.times_us[i] for r in own) for i in (0, 1))
         lines.append([rows, f"{model}, sum of a layer", round(float32_us, 2), round(fast_us, 2),
                       round(fast_us / float32_us, 3), "-", "-", "-", "-"])
     return lines

@@ -69,7 +69,7 @@ def device_time(events: Sequence[Any]) -> tuple[float, float]:
     """(busy, span) in us of the device's work: busy is the union of its kernels' and copies' intervals, span from the
     first start to the last end. Under dependent launches a kernel's interval opens while the one before it still
     runs (it waits for it on the device), so the sum of kernel times counts those overlaps twice and busy does not;
-    span - busy is the time the device had nothing queued."""
+    span - busy is the time no kernel or copy ran."""
     intervals = sorted((event.time_range.start, event.time_range.end) for event in events
                        if event.device_type == DeviceType.CUDA and event.time_range.end > event.time_range.start)
     if not intervals:
@@ -136,8 +136,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = {"metadata": metadata, "config": config, "model": model_name, "steps": steps,
               "device_busy_us": busy_us, "device_span_us": span_us,
               "kernels": {name: {"calls": calls, "total_us": total} for name, (calls, total) in totals.items()}}
-    device = (f"device busy {busy_us / max(steps, 1):.0f} us a step (the union of its kernels' intervals), over a span "
-              f"of {span_us / max(steps, 1):.0f} us a step")
+    device_line = (f"device busy {busy_us / max(steps, 1):.0f} us a step (the union of its kernels' intervals), "
+                   f"over a span of {span_us / max(steps, 1):.0f} us a step")
     markdown = report.markdown_report(f"Kernel profile: {model_name}", metadata, [
         ("Workload", f"{args.num_prompts} random prompts of {args.input_len} tokens in, {args.output_len} out, "
                      f"greedy; max_num_seqs {args.max_num_seqs}, max_num_batched_tokens "
@@ -146,13 +146,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                      + ("plain launches.\n" if args.no_dependent_launch else
                         "dependent launches (a kernel's time includes its wait for the one before).\n")),
         ("Kernels", report.markdown_table(_HEADERS, table)),
-        ("Device", device + ".\n"),
+        ("Device", device_line + ".\n"),
     ])
     paths = report.write_outputs(report.result_stem(args.result_dir, metadata), result, markdown)
     print("wrote " + ", ".join(str(p) for p in paths))
     print(f"{steps} steps")
     print(report.text_table(_HEADERS, table))
-    print(device)
+    print(device_line)
     print(report.text_table(("group", "us/step"), [[group, round(us)] for group, us in
                                                     grouped_us_per_step(result).items()]))
     return result

@@ -30,7 +30,7 @@ from benchmarks import kernel_attention, report, serving, throughput
 
 FP8 = ("--quantization", "fp8", "--kv-cache-dtype", "fp8")
 LEAST_AT_SCALE = "least % of ceiling at b >= 16, ctx >= 2048"
-FRONTEND_PROCESSES_AT_C256 = 4
+NUM_PROCESSES_AT_1B_C256 = 4  # frontend processes, client processes, connections a client
 
 
 @dataclass(frozen=True)
@@ -78,12 +78,13 @@ class Group:
     targets: tuple[Target, ...]
 
 
-def served(shape: str, concurrency: int, num_prompts: int, *more: str, processes: int = 1) -> tuple[str, ...]:
-    """benchmarks.serving's argv for the issues' served workload at one concurrency; with processes > 1 the server
-    runs that many frontend processes and the benchmark that many client processes of that many connections each
-    (the frontends share out connections, not streams: docs/deployment.md)."""
-    serve_args = "--max-model-len=2048" + (f" --frontend-processes {processes}" if processes > 1 else "")
-    clients = ("--client-processes", str(processes), "--connections", str(processes)) if processes > 1 else ()
+def served(shape: str, concurrency: int, num_prompts: int, *more: str, num_processes: int = 1) -> tuple[str, ...]:
+    """benchmarks.serving's argv for the issues' served workload at one concurrency; with num_processes > 1 the
+    server runs that many frontend processes and the benchmark that many client processes of that many connections
+    each (the frontends share out connections, not streams: docs/deployment.md)."""
+    serve_args = "--max-model-len=2048" + (f" --frontend-processes {num_processes}" if num_processes > 1 else "")
+    clients = (("--client-processes", str(num_processes), "--connections", str(num_processes))
+               if num_processes > 1 else ())
     return ("--model-shape", shape, f"--serve-args={serve_args}", "--random-input-len", "1024",
             "--random-output-len", "128", "--max-concurrency", str(concurrency), "--num-prompts", str(num_prompts),
             *clients, *more)
@@ -93,10 +94,10 @@ def _tpot(run: str) -> Measure:
     return Measure(run, "median_tpot_ms")
 
 
-def _bf16_and_fp8(shape: str, concurrency: int, num_prompts: int, processes: int = 1) -> tuple[Call, Call]:
+def _bf16_and_fp8(shape: str, concurrency: int, num_prompts: int, num_processes: int = 1) -> tuple[Call, Call]:
     """The workload served twice, in bf16 and then with FP8 weights and KV cache."""
-    return (Call("bf16", "serving", served(shape, concurrency, num_prompts, processes=processes)),
-            Call("fp8", "serving", served(shape, concurrency, num_prompts, *FP8, processes=processes)))
+    return (Call("bf16", "serving", served(shape, concurrency, num_prompts, num_processes=num_processes)),
+            Call("fp8", "serving", served(shape, concurrency, num_prompts, *FP8, num_processes=num_processes)))
 
 
 def _fp8_speed_up(name: str, limit: float) -> Target:
@@ -122,11 +123,12 @@ GROUPS: dict[str, Group] = {
          Target(18, "1B c=64 TPOT p50, JSON schema / none", _tpot("bf16/schema"), 1.10, at_most=True,
                 over=_tpot("bf16/none"))),
     ),
-    # 20,000-26,000 output tokens/s and 150-200 prompts of 1,024 tokens a second: what one frontend process (and
-    # the benchmark's one client process) carries, so both runs take four of each, as docs/deployment.md advises at
-    # that rate, and the engine is what they compare (benchmarks/results/2026-12-07-fp8-accumulation-nvidia-h100.md).
+    # 20,000-26,000 output tokens/s and 150-200 prompts of 1,024 tokens a second: on an H200 four frontend and four
+    # client processes served FP8 19.6 % more than one of each, and bf16 7.5 % more
+    # (benchmarks/results/2026-12-04-frontend-processes-nvidia-h200-e49d6c0.md), so both runs take four of each, as
+    # docs/deployment.md advises near that rate.
     "1b-c256": Group(
-        _bf16_and_fp8("llama-3.2-1b", 256, 1536, processes=FRONTEND_PROCESSES_AT_C256),
+        _bf16_and_fp8("llama-3.2-1b", 256, 1536, num_processes=NUM_PROCESSES_AT_1B_C256),
         (Target(17, "1B c=256 % of bound", Measure("bf16/none", "percent_of_bound"), 80.0, at_most=False),
          _fp8_speed_up("1B c=256 output tokens/s, FP8 / bf16", 1.3)),
     ),

@@ -25,7 +25,7 @@ UNIT_SCALE_MAX_ROWS = 256
 # as vLLM's Hopper FP8 kernels sum them) rather than moved into float32 registers every few steps. On an H100 a 1B or
 # 8B layer's four products took 8-19 % less time at 1,024-2,048 rows (at 64-256, from 1 % more to 7 % less); their
 # error (relative norm 1.9e-3 to 3.7e-3, against 1.7e-3 to 2.4e-3 with float32 sums) stays under a seventh of what
-# rounding the rows to e4m3 costs anyway (2.65e-2), and the layer's total error is unchanged to three digits
+# rounding the rows to e4m3 costs anyway (2.65e-2), and the layer's total error moves by at most 2e-4
 # (benchmarks/results/2026-12-07-fp8-accumulation-nvidia-h100.md).
 FAST_ACCUMULATION = True
 # Rows quantized at once at load: a 4096-wide chunk's float32 temporaries are 128 MiB each, where a whole 8B LM head's

@@ -113,19 +113,31 @@ class TestFp8LinearRowRegimes:
             assert (out.float() - exact[: len(out)]).norm() / exact[: len(out)].norm() < 0.1
 
     @pytest.mark.parametrize("num_rows", [64, UNIT_SCALE_MAX_ROWS + 256], ids=["unit_scales", "row_wise"])
-    def test_fast_accumulation_adds_a_small_part_of_the_rows_rounding_error(self, ops: KernelOps,
-                                                                           num_rows: int) -> None:
-        """The tensor cores' own accumulation over 8B's longest reduction (down_proj, 14,336) errs by well under what
-        rounding the rows to e4m3 costs the product anyway (measured: an eighth to a seventh; bound: a quarter)."""
+    def test_fast_accumulation_adds_a_small_part_of_the_rows_rounding_error(
+        self, ops: KernelOps, monkeypatch: pytest.MonkeyPatch, num_rows: int
+    ) -> None:
+        """Layers sum on the tensor cores' own accumulator unless set otherwise, and over 8B's longest reduction
+        (down_proj, 14,336) that errs by well under what rounding the rows to e4m3 costs the product anyway
+        (measured: an eighth to a seventh; bound: a quarter)."""
         gen = torch.Generator(device="cuda").manual_seed(5)
         layer = Fp8Linear.quantize(torch.randn(512, 14336, generator=gen, device="cuda").to(torch.bfloat16), ops)
-        assert layer.fast_accumulation
         x = torch.randn(num_rows, 14336, generator=gen, device="cuda").to(torch.bfloat16)
-        values, scales = ops.quantize_fp8_per_row(x)
-        got = layer(QuantizedRows(values, scales)).double()
+        rows = QuantizedRows(*ops.quantize_fp8_per_row(x))
+        accumulations_seen: list[object] = []
+        scaled_mm = torch._scaled_mm
+
+        def spy(*args: object, **kwargs: Tensor) -> Tensor:
+            accumulations_seen.append(kwargs["use_fast_accum"])
+            return scaled_mm(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(torch, "_scaled_mm", spy)
+        fast = layer(rows).double()
+        layer.fast_accumulation = False
+        layer(rows)
+        assert accumulations_seen == [True, False]
         weight = layer.weight.double() * layer.weight_scale.double()[:, None]
-        exact_operands = (values.double() * scales.double()) @ weight.T
+        exact_operands = (rows.values.double() * rows.scales.double()) @ weight.T
         exact_rows = x.double() @ weight.T
-        accumulation_error = (got - exact_operands).norm() / exact_operands.norm()
+        accumulation_error = (fast - exact_operands).norm() / exact_operands.norm()
         rows_rounding_error = (exact_operands - exact_rows).norm() / exact_rows.norm()
         assert accumulation_error < 0.25 * rows_rounding_error
