@@ -29,6 +29,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("decode attention", ("paged_decode",)),
 )
 OTHER = "other"
+DEVICE_BUSY = "device busy"
 
 
 def group_of(kernel: str) -> str:
@@ -36,12 +37,15 @@ def group_of(kernel: str) -> str:
 
 
 def grouped_us_per_step(profile: Mapping[str, Any]) -> dict[str, float]:
-    """Device us per engine step of each group, and of all kernels, in one kernel_profile JSON."""
+    """Device us per engine step of each group, and of all kernels, in one kernel_profile JSON; then the device's busy
+    time (the union of the kernels' intervals: overlapping dependent launches counted once) where it was recorded."""
     steps = max(int(profile["steps"]), 1)
     totals = dict.fromkeys([*(group for group, _ in GROUPS), OTHER], 0.0)
     for kernel, entry in profile["kernels"].items():
         totals[group_of(kernel)] += entry["total_us"] / steps
     totals["all kernels"] = sum(totals.values())
+    if "device_busy_us" in profile:
+        totals[DEVICE_BUSY] = profile["device_busy_us"] / steps
     return totals
 
 
@@ -58,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     profiles = [json.loads(path.read_text()) for path in args.profiles]
     grouped = [grouped_us_per_step(profile) for profile in profiles]
     headers = ["us per step", *(label(profile) for profile in profiles)]
-    rows = [[group, *(round(totals[group]) for totals in grouped)] for group in grouped[0]]
+    names = list(dict.fromkeys(name for totals in grouped for name in totals))
+    rows = [[name, *(round(totals[name]) if name in totals else "-" for totals in grouped)] for name in names]
     print(report.text_table(headers, rows))
     return grouped
 

@@ -41,3 +41,18 @@ def test_groups_sum_per_step_and_add_up_to_every_kernel(tmp_path: Path) -> None:
     path = tmp_path / "p.json"
     path.write_text(json.dumps(profile))
     assert main([str(path), str(path)]) == [totals, totals]
+
+
+def test_the_device_busy_time_is_listed_where_a_profile_recorded_it(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    older = _profile(4, {"nvjet_a": 400.0})
+    newer = {**_profile(4, {"nvjet_a": 400.0, "void rms_norm<float, 4>": 40.0}), "device_busy_us": 420.0}
+    paths = []
+    for name, profile in (("older", older), ("newer", newer)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(profile))
+    older_totals, newer_totals = main([str(path) for path in paths])
+    assert "device busy" not in older_totals
+    assert newer_totals["device busy"] == 105.0 and newer_totals["all kernels"] == 110.0
+    busy_line = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("device busy"))
+    assert busy_line.split()[2:] == ["-", "105"]
