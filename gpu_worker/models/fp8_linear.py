@@ -58,7 +58,7 @@ class Fp8Linear(nn.Module):
 
     weight: torch.Tensor
     weight_scale: torch.Tensor
-    fast_accumulation = FAST_ACCUMULATION  # a layer may be set otherwise, to compare the two (benchmarks)
+    fast_accumulation = FAST_ACCUMULATION  # a layer may be set otherwise, to compare the two (benchmarks, tests)
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, dtype: torch.dtype, ops: KernelOps) -> None:
         super().__init__()
