@@ -105,7 +105,7 @@ class TestFp8LinearRowRegimes:
         scaled_in_product = layer(x[:UNIT_SCALE_MAX_ROWS], bias)
         rows = (UNIT_SCALE_MAX_ROWS, 1)
         assert scales_seen == [(), (UNIT_SCALE_MAX_ROWS + 1, 1), rows]
-        # The same e4m3 operands and float32 sums: only where the scales are applied, and so the roundings, differ.
+        # The same e4m3 operands and accumulation: only where the scales are applied, and so the roundings, differ.
         torch.testing.assert_close(at_limit, scaled_in_product, rtol=2 ** -7, atol=2e-2)
         exact = x.float() @ weight.float().t() + bias.float()
         for out in (at_limit, beyond, scaled_in_product):
