@@ -13,6 +13,11 @@ ONE_B_AT_1024 = {
     "add_rms_norm": (4 * 1024 * 2048 + 2048) * 2,  # x, residual in; residual, out; the weight
     "silu_and_mul": 3 * 1024 * 8192 * 2,  # gate, up in; out
     "rotary_write_kv": (2 * 1024 * 48 * 64 + 1024 * 64) * 2,  # qkv in, q k v out; cos, sin
+    # bf16 in; e4m3 out and a float32 scale a row
+    "quantize_fp8_per_row": 1024 * 2048 * 2 + 1024 * (2048 + 4),
+    "rms_norm_fp8": (1024 * 2048 + 2048) * 2 + 1024 * (2048 + 4),  # x, the weight in
+    "add_rms_norm_fp8": (3 * 1024 * 2048 + 2048) * 2 + 1024 * (2048 + 4),  # x, residual, the weight in; residual out
+    "silu_and_mul_fp8": 2 * 1024 * 8192 * 2 + 1024 * (8192 + 4),  # gate, up in
 }
 
 
