@@ -37,21 +37,21 @@ def bytes_moved(kernel: str, shape: ModelShape, rows: int) -> int:
     (hidden_size wide, as o_proj reads them)."""
     hidden, head_dim, intermediate = shape.hidden_size, shape.resolved_head_dim, shape.intermediate_size
     qkv_width = (shape.num_heads + 2 * shape.num_kv_heads) * head_dim
-    elements = {  # in the model dtype
-        "rms_norm": 2 * rows * hidden + hidden,  # x in, out, weight
-        "add_rms_norm": 4 * rows * hidden + hidden,  # x and residual in, residual and out, weight
-        "silu_and_mul": 3 * rows * intermediate,  # gate and up in, out
+    # (elements in the model dtype, width of the e4m3 rows written (0: none))
+    moved = {
+        "rms_norm": (2 * rows * hidden + hidden, 0),  # x in, out, weight
+        "add_rms_norm": (4 * rows * hidden + hidden, 0),  # x and residual in, residual and out, weight
+        "silu_and_mul": (3 * rows * intermediate, 0),  # gate and up in, out
         # qkv in; q, k and v out (as wide as qkv); cos and sin in (head_dim / 2 each)
-        "rotary_write_kv": 2 * rows * qkv_width + rows * head_dim,
-        "quantize_fp8_per_row": rows * hidden,
-        "rms_norm_fp8": rows * hidden + hidden,
-        "add_rms_norm_fp8": 3 * rows * hidden + hidden,  # x and residual in, residual out, weight
-        "silu_and_mul_fp8": 2 * rows * intermediate,
+        "rotary_write_kv": (2 * rows * qkv_width + rows * head_dim, 0),
+        "quantize_fp8_per_row": (rows * hidden, hidden),
+        "rms_norm_fp8": (rows * hidden + hidden, hidden),
+        "add_rms_norm_fp8": (3 * rows * hidden + hidden, hidden),  # x and residual in, residual out, weight
+        "silu_and_mul_fp8": (2 * rows * intermediate, intermediate),
     }
-    quantized = {"quantize_fp8_per_row": hidden, "rms_norm_fp8": hidden, "add_rms_norm_fp8": hidden,
-                 "silu_and_mul_fp8": intermediate}
-    fp8_bytes = rows * (quantized[kernel] * FP8_BYTES + SCALE_BYTES) if kernel in quantized else 0
-    return elements[kernel] * ELEMENT_BYTES + fp8_bytes
+    elements, quantized_width = moved[kernel]
+    fp8_bytes = rows * (quantized_width * FP8_BYTES + SCALE_BYTES) if quantized_width else 0
+    return elements * ELEMENT_BYTES + fp8_bytes
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,7 @@ def cases(shape: ModelShape, rows: int) -> dict[str, Case]:
     slots = torch.randperm(cache_shape[0] * block_size, generator=gen, device=device)[:rows]
     heads = (shape.num_heads, shape.num_kv_heads)
 
-    def check_add_rms_norm(fp8: bool) -> float:  # in place on residual: each on a fresh copy
-        name = "add_rms_norm_fp8" if fp8 else "add_rms_norm"
+    def check_in_place(name: str) -> float:  # add_rms_norm(_fp8) writes residual: each on a fresh copy
         ours_residual, expected_residual = residual.clone(), residual.clone()
         ours = getattr(kernels, name)(x, ours_residual, weight, EPS)
         expected = getattr(reference, name)(x, expected_residual, weight, EPS)
@@ -111,18 +110,18 @@ def cases(shape: ModelShape, rows: int) -> dict[str, Case]:
     def plain(name: str, *args: Any) -> Case:
         return Case(partial(getattr(kernels, name), *args), partial(check, name, *args))
 
+    def in_place(name: str) -> Case:  # each timed run adds x into residual again, the same work
+        return Case(partial(getattr(kernels, name), x, residual, weight, EPS), partial(check_in_place, name))
+
     return {
         "rms_norm": plain("rms_norm", x, weight, EPS),
-        # In place on residual: each timed run adds x again, the same work.
-        "add_rms_norm": Case(lambda: kernels.add_rms_norm(x, residual, weight, EPS),
-                             partial(check_add_rms_norm, fp8=False)),
+        "add_rms_norm": in_place("add_rms_norm"),
         "silu_and_mul": plain("silu_and_mul", gate_up),
         "rotary_write_kv": Case(lambda: kernels.rotary_write_kv(qkv, cos, sin, caches[0], caches[1], slots, *heads),
                                 check_rotary),
         "quantize_fp8_per_row": plain("quantize_fp8_per_row", x),
         "rms_norm_fp8": plain("rms_norm_fp8", x, weight, EPS),
-        "add_rms_norm_fp8": Case(lambda: kernels.add_rms_norm_fp8(x, residual, weight, EPS),
-                                 partial(check_add_rms_norm, fp8=True)),
+        "add_rms_norm_fp8": in_place("add_rms_norm_fp8"),
         "silu_and_mul_fp8": plain("silu_and_mul_fp8", gate_up),
     }
 
