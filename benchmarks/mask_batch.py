@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import random
 import statistics
 import time
@@ -44,7 +45,15 @@ import numpy as np
 
 from benchmarks.json_schemas import SCHEMAS
 from benchmarks.model_shapes import DEFAULT_TOKENIZER_DIR
-from benchmarks.report import DEFAULT_RESULT_DIR, write_host_table
+from benchmarks.report import (
+    DEFAULT_RESULT_DIR,
+    markdown_report,
+    markdown_table,
+    result_stem,
+    run_metadata,
+    text_table,
+    write_outputs,
+)
 from pagedserve.contract.structured_output import ConstraintKind, StructuredOutput
 from pagedserve.gpu_worker.token_slices import TOKEN_SLICES
 
@@ -98,12 +107,6 @@ def walk(compiled: list[list[llguidance.LLMatcher]], batch: int, steps: int, voc
                 replicas = compiled[schema_of[row]]
                 matchers[row] = replicas[row % len(replicas)].deep_copy()
     return {"wall_s": wall, "cpu_s": cpu, "slowest_row_s": slowest, "masks_sha256": digest.hexdigest()}
-
-
-def require_same_masks(runs: dict[str, dict[str, Any]]) -> None:
-    """Exits unless every run (a walk's record, with its masks' masks_sha256) filled the same masks."""
-    if len({run["masks_sha256"] for run in runs.values()}) != 1:
-        raise SystemExit("the modes filled different masks: " + str({m: r["masks_sha256"] for m, r in runs.items()}))
 
 
 def pool_fill(pool: llguidance.LLExecutor) -> Fill:
@@ -178,10 +181,20 @@ def main(argv: list[str] | None = None) -> None:
                     compiled, args.batch, args.steps, args.vocab_size, args.seed, fill)
     for pool in pools.values():
         pool.shutdown()
-    require_same_masks(runs)
+    if len({run["masks_sha256"] for run in runs.values()}) != 1:
+        raise SystemExit("the modes filled different masks: " + str({m: r["masks_sha256"] for m, r in runs.items()}))
     rows = [_row(mode, run) for mode, run in runs.items()]
-    title = f"Token masks of {args.batch} constrained rows a step ({args.schemas})"
-    write_host_table(args, "mask-batch", title, HEADERS, rows, runs)
+    print(text_table(HEADERS, rows))
+
+    metadata = run_metadata("mask-batch", f"cpu-{len(os.sched_getaffinity(0))}-cores")
+    config = {key: str(value) for key, value in vars(args).items()}
+    markdown = markdown_report(f"Token masks of {args.batch} constrained rows a step ({args.schemas})", metadata,
+                               [("Configuration", markdown_table(["option", "value"], list(config.items()))),
+                                ("Results", markdown_table(HEADERS, rows))])
+    result = {"metadata": metadata, "config": config, "rows": [dict(zip(HEADERS, row, strict=True)) for row in rows],
+              "runs": runs}
+    for path in write_outputs(result_stem(args.result_dir, metadata), result, markdown):
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

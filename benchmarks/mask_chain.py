@@ -8,10 +8,8 @@ the medians of each leg of the chain from one step's tokens reaching the host to
 Every flag but --result-dir goes to benchmarks.serving (--no-bound is added). A deferred sampling runs on the
 worker's masks thread as two tasks, Worker._token_masks (read the earlier steps' tokens into the registry and feed
 them to the grammars, then fill the masks) and Worker._sample_when_masked (queue the sampling under the worker's
-lock), and a third after it, Worker._look_ahead (the rows whose mask allowed one token take it and fill their next
-mask, gpu_worker/mask_lookahead.py), which runs in the gap before the next step's masks. The device can run the
-next step's forward pass only once that sampling is queued, so when the chain from the tokens to the sampling is
-longer than the forward pass, the chain sets the step's period. Legs are measured
+lock). The device can run the next step's forward pass only once that sampling is queued, so when the chain from
+the tokens to the sampling is longer than the forward pass, the chain sets the step's period. Legs are measured
 within each window of the masks thread, from its `_token_masks:in` to its `_sample_when_masked:out`; the chain
 only over the windows where the masks thread itself waited for the earlier step's tokens (else another thread read
 them first, and when they reached the host is not marked).
@@ -35,7 +33,6 @@ HOOKS: tuple[Hook, ...] = (
     ("pagedserve.gpu_worker.worker", "Worker.launch"),
     ("pagedserve.gpu_worker.worker", "Worker._token_masks"),
     ("pagedserve.gpu_worker.worker", "Worker._sample_when_masked"),
-    ("pagedserve.gpu_worker.worker", "Worker._look_ahead"),
     ("pagedserve.gpu_worker.sampler", "PendingSample.result"),
     ("pagedserve.gpu_worker.sequence_state", "SequenceRegistry.fill"),
     ("pagedserve.gpu_worker.grammar", "accept_tokens"),
@@ -139,8 +136,7 @@ def launch_legs(ordered: Sequence[Mark], times: Sequence[int], busy: dict[str, l
     during the window (us). ordered: every thread's marks in time order; times: their times."""
     queued, start, end = previous[-1][1], window[0][1], window[-1][1]
     between = _between(ordered, times, queued, start)
-    legs = {"gap: sampling queued -> the next step's masks start": (start - queued) / 1e3,
-            "  of it, the masks thread taking forced tokens ahead": _total(calls(between, "Worker._look_ahead"))}
+    legs = {"gap: sampling queued -> the next step's masks start": (start - queued) / 1e3}
     validate = _first(between, "SequenceRegistry.validate:in")
     submitted = _first(between, "Worker._start_token_masks:in")
     if validate is not None and submitted is not None:

@@ -130,22 +130,6 @@ def write_launch_table(result_dir: Path, benchmark: str, title: str, headers: Se
     return result
 
 
-def write_host_table(args: argparse.Namespace, benchmark: str, title: str, headers: Sequence[str],
-                     rows: Sequence[Row], runs: dict[str, Any]) -> None:
-    """The record of a benchmark of this host's CPU (args.result_dir, every other flag its configuration): prints the
-    table, writes <date>-<benchmark>-cpu-<cores>-cores.{json,md} with each run's raw numbers, prints their paths."""
-    print(text_table(headers, rows))
-    metadata = run_metadata(benchmark, f"cpu-{len(os.sched_getaffinity(0))}-cores")
-    config = {key: str(value) for key, value in vars(args).items()}
-    markdown = markdown_report(title, metadata, [("Configuration", markdown_table(["option", "value"],
-                                                                                  list(config.items()))),
-                                                 ("Results", markdown_table(headers, rows))])
-    result = {"metadata": metadata, "config": config, "rows": [dict(zip(headers, row, strict=True)) for row in rows],
-              "runs": runs}
-    for path in write_outputs(result_stem(args.result_dir, metadata), result, markdown):
-        print(f"wrote {path}")
-
-
 def pyplot() -> Any | None:
     """matplotlib's pyplot on a file backend, or None where matplotlib is not installed (plots are optional)."""
     try:

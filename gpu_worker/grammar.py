@@ -107,13 +107,9 @@ class SequenceGrammar:
         self.failure: SequenceFailure | None = None  # why this sequence has no matcher; set at most once
         # False for a sibling forked before its compilation ended: the failure they share is its parent's to report.
         self._reports_compile_failure = True
-        # The token its matcher took ahead of the device's sample (mask_lookahead.py), until that sample is settled,
-        # and the mask that follows it, until the next mask fill.
-        self._predicted: int | None = None
-        self._next_mask: np.ndarray | None = None
 
     def accept(self, token_id: int) -> None:
-        if self.failure is not None or self.settle(token_id):
+        if self.failure is not None:
             return
         if self._matcher is None:
             self._waiting.append(token_id)
@@ -155,45 +151,9 @@ class SequenceGrammar:
         elif self._matcher is None:
             sibling._waiting = list(self._waiting)
             sibling._reports_compile_failure = False
-        elif self._predicted is not None:  # siblings are forked when their parent is added, before any sample
-            raise RuntimeError(f"sequence {self.seq_id}: cannot fork a grammar that took a token ahead")
         else:
             sibling._matcher = sibling._copy(self._matcher)
         return sibling
-
-    def predict(self, token_id: int, next_mask: np.ndarray | None) -> None:
-        """Records that the matcher has just taken token_id, the one token its last mask allowed, before the device's
-        sample of it reached the host; next_mask: the mask after it (None when the matcher refused it)."""
-        self._predicted = token_id
-        self._next_mask = next_mask
-        if next_mask is None and self._matcher is not None:
-            _log_refusal(self._matcher, token_id)
-
-    def settle(self, token_id: int | None) -> bool:
-        """Whether token_id, the sequence's sampled token (None: it had no token to sample), was taken ahead by
-        predict(). A different one, which the sampler cannot choose (mask_lookahead.py), is logged and the matcher
-        steps back, so the caller feeds it as usual; if it cannot step back, the sequence fails."""
-        predicted = self._predicted
-        if predicted is None:
-            return False
-        self._predicted = None
-        if token_id == predicted:
-            return True
-        self._next_mask = None
-        log.error("grammar_lookahead_missed", seq_id=self.seq_id, predicted=predicted, sampled=token_id)
-        if self._matcher is None or not self._matcher.rollback(1):
-            self.fail(SequenceFailure(FIELD, "the worker lost its grammar state: a token taken ahead could not be "
-                                             "taken back"))
-        return False
-
-    def take_next_mask(self) -> np.ndarray | None:
-        """The mask computed ahead for this sequence's next sample, once (None if there is none). Asked before the
-        token taken ahead was settled, the grammar state is not known: the sequence fails, and None is returned."""
-        if self._predicted is not None:
-            self.fail(SequenceFailure(FIELD, "the worker lost its grammar state: a mask was asked for before the token "
-                                             "taken ahead was sampled"))
-        mask, self._next_mask = self._next_mask, None
-        return mask
 
     def _copy(self, matcher: llguidance.LLMatcher) -> llguidance.LLMatcher | None:
         try:
@@ -202,14 +162,6 @@ class SequenceGrammar:
             reason = f"{type(error).__name__}: {error}"
             self._fail(SequenceFailure(FIELD, f"no matcher can be created for it on the worker: {reason}"))
             return None
-
-    def fail(self, failure: SequenceFailure) -> None:
-        """Ends the sequence with failure (its masks then allow end-of-sequence alone), unless it failed already."""
-        if self.failure is None:
-            self.failure = failure
-            self._matcher = None
-            self._predicted = self._next_mask = None
-            log.error("grammar_state_lost", seq_id=self.seq_id, error=f"{failure.field}: {failure.message}")
 
     def _fail(self, failure: SequenceFailure, is_reported: bool = True) -> None:
         self.failure = failure
@@ -222,8 +174,6 @@ def accept_tokens(compiler: GrammarCompiler, accepted: list[tuple[SequenceGramma
     llguidance's threads in parallel; the others keep the token for when their compilation is done."""
     live = []
     for grammar, token_id in accepted:
-        if grammar.settle(token_id):
-            continue
         matcher = grammar.compiled_matcher()
         if matcher is None:
             grammar.accept(token_id)
@@ -272,10 +222,6 @@ def fill_token_masks(compiler: GrammarCompiler, grammars: Sequence[SequenceGramm
             copies.append((row, first_row[id(grammar)]))
             continue
         first_row[id(grammar)] = row
-        ahead = grammar.take_next_mask()
-        if ahead is not None:
-            array[row] = ahead
-            continue
         matcher = grammar.matcher()
         if matcher is not None and not matcher.is_error():
             live.append((matcher, row))

@@ -35,7 +35,6 @@ class LaunchedStep:
     span: DeviceSpan
     host_s: float  # host time spent on the step so far
     deferred_sampling: Future[None] | None = None  # token masks computed, then the sampling queued, off the step thread
-    look_ahead: Future[None] | None = None  # after the deferred sampling, its forced tokens taken (mask_lookahead.py)
     sample: SampleResult | None = None  # set once the tokens have been read and written into the registry
     is_resolved: bool = False
     resolve_lock: threading.Lock = field(default_factory=threading.Lock)

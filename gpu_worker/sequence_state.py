@@ -227,17 +227,12 @@ class SequenceRegistry:
         """Writes a launched step's sampled tokens (in reserve()'s order) over their placeholders, and feeds them
         to their sequences' grammars, all at once (steps are filled in launch order, so each grammar sees its
         tokens in order). A slot in no_choice had no token its constraints allow: its stand-in is written (the
-        device reads it as the next input) but no grammar is fed it (one that took a token ahead steps back); its
-        sequence ends with that step's result."""
+        device reads it as the next input) but no grammar is fed it; its sequence ends with that step's result."""
         accepted = []
         for index, (slot, token_id) in enumerate(zip(pending, token_ids, strict=True)):
             slot.state.output_token_ids[slot.output_index] = token_id
-            grammar = slot.state.grammar
-            if grammar is not None:
-                if index in no_choice:
-                    grammar.settle(None)
-                else:
-                    accepted.append((grammar, token_id))
+            if slot.state.grammar is not None and index not in no_choice:
+                accepted.append((slot.state.grammar, token_id))
         if accepted and self.grammars is not None:
             accept_tokens(self.grammars, accepted)
 

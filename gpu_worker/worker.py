@@ -12,8 +12,7 @@ import structlog
 import torch
 
 from pagedserve.contract.model_format import KVCacheDType
-from pagedserve.contract.step import SequenceFailure, StepPlan, StepResult
-from pagedserve.contract.structured_output import FIELD
+from pagedserve.contract.step import StepPlan, StepResult
 from pagedserve.contract.worker_info import CacheInfo, CacheRequest, WorkerInfo
 from pagedserve.gpu_worker.bad_words import BadWordsTokenizer
 from pagedserve.gpu_worker.config import WorkerConfig
@@ -26,7 +25,6 @@ from pagedserve.gpu_worker.fp8_support import require_fp8_device
 from pagedserve.gpu_worker.grammar import GrammarCompiler
 from pagedserve.gpu_worker.kv_pool import KVLayout, KVPool
 from pagedserve.gpu_worker.launched_step import LaunchedStep
-from pagedserve.gpu_worker.mask_lookahead import Forced, forced_rows, take_ahead
 from pagedserve.gpu_worker.memory_profile import (
     blocks_in_bytes,
     gpu_blocks_for_budget,
@@ -242,7 +240,6 @@ class Worker:
         """Waits for a launched step's tokens, writes them into the registry and returns its result. Steps are
         finished in launch order; older steps left unfinished are resolved and dropped first."""
         launched.wait()
-        self._await_look_aheads(launched)
         started = time.perf_counter()
         with self._lock:
             if launched not in self._in_flight:
@@ -256,15 +253,6 @@ class Worker:
             self._last_span = launched.span
         host_ms = (launched.host_s + time.perf_counter() - started) * 1e3
         return StepResult(launched.step_id, tuple(results), host_ms, launched.span.duration_ms(), idle_ms)
-
-    def _await_look_aheads(self, launched: LaunchedStep) -> None:
-        """Waits, without the lock (the next launch needs it meanwhile), for the forced tokens taken ahead by the steps
-        in flight up to launched, whose tokens finish() is about to read under the lock."""
-        for step in list(self._in_flight):
-            if step.look_ahead is not None:
-                futures.wait([step.look_ahead])
-            if step is launched:
-                return
 
     def _await_deferred_samplings(self) -> None:
         """Waits, without the lock (their thread and finish() take it meanwhile), until the deferred samplings of the
@@ -300,33 +288,6 @@ class Worker:
         with self._lock:
             self.runner.sample_deferred(launched.run, masked, launched.last_token_index)
             launched.span.close()
-        # A task of its own, so that the next launch, which waits for this one, does not wait for it too.
-        try:
-            launched.look_ahead = self._deferred.submit(self._look_ahead, launched, masked)
-        except RuntimeError:  # the worker is closing: no step comes after this one
-            return
-
-    def _look_ahead(self, launched: LaunchedStep, masked: MaskedRows) -> None:
-        """On the masks thread, after the step's sampling is queued and before the next step's masks: the grammars
-        whose mask allowed one token take it and compute their next mask now, while the next launch does its host
-        work (mask_lookahead.py); unless the step's tokens were read first. A failure here fails those grammars'
-        sequences, said in the log, never the step (its sampling is queued) or the worker."""
-        if masked.token_masks is None:
-            return
-        with launched.resolve_lock:
-            if launched.is_resolved:
-                return
-            forced: list[Forced] = []
-            try:
-                compiler = self.registry.grammars
-                if compiler is not None:
-                    forced = forced_rows(compiler, masked.rows, masked.token_masks)
-                    take_ahead(compiler, forced)
-            except Exception as error:
-                log.exception("grammar_lookahead_failed", step_id=launched.step_id)
-                failure = SequenceFailure(FIELD, f"the worker lost its grammar state: {type(error).__name__}: {error}")
-                for row in forced:
-                    row.grammar.fail(failure)
 
     def _resolve(self, launched: LaunchedStep) -> None:
         with launched.resolve_lock:
