@@ -33,8 +33,6 @@ HOOKS: tuple[Hook, ...] = (
     ("pagedserve.gpu_worker.worker", "Worker.launch"),
     ("pagedserve.gpu_worker.worker", "Worker._token_masks"),
     ("pagedserve.gpu_worker.worker", "Worker._sample_when_masked"),
-    ("pagedserve.gpu_worker.worker", "Worker._fill_masks_early"),
-    ("pagedserve.gpu_worker.grammar", "fill_ready_masks"),
     ("pagedserve.gpu_worker.sampler", "PendingSample.result"),
     ("pagedserve.gpu_worker.sequence_state", "SequenceRegistry.fill"),
     ("pagedserve.gpu_worker.grammar", "accept_tokens"),
@@ -50,7 +48,6 @@ HOOKS: tuple[Hook, ...] = (
 TIMELINE_WINDOWS = 200  # windows of the middle of the run whose marks, every thread's, the record keeps
 HEADERS = ("leg", "windows", "p50 us", "p90 us")
 _START, _END = "Worker._token_masks:in", "Worker._sample_when_masked:out"
-_EARLY = "Worker._fill_masks_early:in"  # the task that reads a step's tokens and fills the next masks early
 
 
 def calls(marks: Sequence[Mark], function: str) -> list[tuple[int, int]]:
@@ -71,8 +68,7 @@ def _total(spans: Sequence[tuple[int, int]]) -> float:
 
 
 def window_legs(window: Sequence[Mark]) -> dict[str, float] | None:
-    """The legs (microseconds) of one window of the masks thread, from its start (masks_thread_windows) to
-    `_sample_when_masked:out`;
+    """The legs (microseconds) of one window of the masks thread, from `_token_masks:in` to `_sample_when_masked:out`;
     None for a window without a mask fill or a queued sampling (a sampling deferred for penalties alone)."""
     masks, sampling = calls(window, "fill_token_masks"), calls(window, "ModelRunner.sample_deferred")
     if len(masks) != 1 or len(sampling) != 1:
@@ -84,7 +80,6 @@ def window_legs(window: Sequence[Mark]) -> dict[str, float] | None:
         "registry fill (writes tokens, feeds grammars)": _total(calls(window, "SequenceRegistry.fill")),
         "  of which the grammars' accept_tokens": _total(calls(window, "accept_tokens")),
         "rows as at launch (current_rows)": _total(calls(window, "RowsAtLaunch.current_rows")),
-        "masks filled early (fill_ready_masks)": _total(calls(window, "fill_ready_masks")),
         "mask fill (fill_token_masks)": (masks_out - masks_in) / 1e3,
         "masks filled -> sampling queue starts (task, lock)": (sampling_in - masks_out) / 1e3,
         "sampling queued (sample_deferred)": (sampling_out - sampling_in) / 1e3,
@@ -98,8 +93,7 @@ def window_legs(window: Sequence[Mark]) -> dict[str, float] | None:
 
 def masks_thread_windows(marks: Sequence[Mark]) -> list[list[Mark]]:
     """The masks thread's marks (the thread that runs Worker._token_masks), cut into windows that each start at a
-    `_token_masks:in`, or at the `_fill_masks_early:in` before it (the early task reads the earlier step's tokens
-    and fills the masks this window's step then copies), and end at the next `_sample_when_masked:out`."""
+    `_token_masks:in` and end at the next `_sample_when_masked:out`."""
     threads = {thread for event, _, thread in marks if event == _START}
     if len(threads) != 1:
         raise ValueError(f"expected one thread running Worker._token_masks, found {len(threads)}")
@@ -109,7 +103,7 @@ def masks_thread_windows(marks: Sequence[Mark]) -> list[list[Mark]]:
     for mark in marks:
         if mark[2] != thread:
             continue
-        if mark[0] == _EARLY or (mark[0] == _START and (current is None or current[0][0] != _EARLY)):
+        if mark[0] == _START:
             current = [mark]
         elif current is not None:
             current.append(mark)

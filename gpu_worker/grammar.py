@@ -107,10 +107,8 @@ class SequenceGrammar:
         self.failure: SequenceFailure | None = None  # why this sequence has no matcher; set at most once
         # False for a sibling forked before its compilation ended: the failure they share is its parent's to report.
         self._reports_compile_failure = True
-        self.ready_mask: np.ndarray | None = None  # the next token's mask, filled early (fill_ready_masks)
 
     def accept(self, token_id: int) -> None:
-        self.ready_mask = None
         if self.failure is not None:
             return
         if self._matcher is None:
@@ -176,7 +174,6 @@ def accept_tokens(compiler: GrammarCompiler, accepted: list[tuple[SequenceGramma
     llguidance's threads in parallel; the others keep the token for when their compilation is done."""
     live = []
     for grammar, token_id in accepted:
-        grammar.ready_mask = None
         matcher = grammar.compiled_matcher()
         if matcher is None:
             grammar.accept(token_id)
@@ -225,10 +222,6 @@ def fill_token_masks(compiler: GrammarCompiler, grammars: Sequence[SequenceGramm
             copies.append((row, first_row[id(grammar)]))
             continue
         first_row[id(grammar)] = row
-        if grammar.ready_mask is not None:
-            array[row] = grammar.ready_mask
-            grammar.ready_mask = None
-            continue
         matcher = grammar.matcher()
         if matcher is not None and not matcher.is_error():
             live.append((matcher, row))
@@ -241,21 +234,3 @@ def fill_token_masks(compiler: GrammarCompiler, grammars: Sequence[SequenceGramm
     for row, source in copies:
         array[row] = array[source]
     return masks
-
-
-def fill_ready_masks(compiler: GrammarCompiler, grammars: Sequence[SequenceGrammar]) -> None:
-    """Fills now, on llguidance's threads, the next mask of each grammar whose matcher is compiled and running, and
-    keeps it as the grammar's ready_mask, which the next fill_token_masks takes instead of computing it (feeding the
-    grammar a token drops it). For a step's rows once their tokens are fed, before the next step's rows are known."""
-    live: dict[int, tuple[SequenceGrammar, llguidance.LLMatcher]] = {}
-    for grammar in grammars:
-        matcher = grammar.compiled_matcher() if grammar.ready_mask is None else None
-        if matcher is not None and not matcher.is_error():
-            live[id(grammar)] = (grammar, matcher)
-    if not live:
-        return
-    masks = np.empty((len(live), mask_words(compiler.tokenizer.vocab_size)), dtype=np.int32)
-    llguidance.numpy.fill_next_token_bitmask_par(
-        compiler.executor, [(matcher, index) for index, (_, matcher) in enumerate(live.values())], masks)
-    for index, (grammar, _) in enumerate(live.values()):
-        grammar.ready_mask = masks[index]

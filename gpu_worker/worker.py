@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections import deque
@@ -23,7 +22,7 @@ from pagedserve.gpu_worker.devices import dtype_from_torch, resolve_device
 from pagedserve.gpu_worker.errors import CacheNotInitializedError, InvalidCacheRequestError, ModelLoadError
 from pagedserve.gpu_worker.fp8_kv_scales import calibrate_kv_scales
 from pagedserve.gpu_worker.fp8_support import require_fp8_device
-from pagedserve.gpu_worker.grammar import GrammarCompiler, fill_ready_masks
+from pagedserve.gpu_worker.grammar import GrammarCompiler
 from pagedserve.gpu_worker.kv_pool import KVLayout, KVPool
 from pagedserve.gpu_worker.launched_step import LaunchedStep
 from pagedserve.gpu_worker.memory_profile import (
@@ -289,30 +288,6 @@ class Worker:
         with self._lock:
             self.runner.sample_deferred(launched.run, masked, launched.last_token_index)
             launched.span.close()
-        # A task of its own: the next launch waits for this one, not for that; and run here, its wait for the step's
-        # tokens would wait for this task's own future.
-        with contextlib.suppress(RuntimeError):  # raised once the worker is closing: no step comes after this one
-            self._deferred.submit(self._fill_masks_early, launched)
-
-    def _fill_masks_early(self, launched: LaunchedStep) -> None:
-        """On the masks thread, once a step's sampling is queued: reads its tokens as soon as they reach the host and
-        fills the masks its sequences' grammars need next (siblings forked at this sample included), while the next
-        launch does its host work, instead of once that launch has applied its step; the next step's masks then copy
-        those of its rows that are still running. No later step's sampling can be queued before this ends, so no
-        other thread reads these grammars meanwhile. A failure to fill is logged and leaves the masks to be filled
-        as before (where it is raised again)."""
-        try:
-            self._resolve(launched)
-        except Exception:  # the step's own failure: finish() and the next step's masks raise it
-            return
-        registry = self._registry
-        grammars = [slot.state.grammar for slot in launched.pending if slot.state.grammar is not None]
-        if registry is None or registry.grammars is None or not grammars:
-            return
-        try:
-            fill_ready_masks(registry.grammars, grammars)
-        except Exception:
-            log.exception("early_mask_fill_failed", step_id=launched.step_id)
 
     def _resolve(self, launched: LaunchedStep) -> None:
         with launched.resolve_lock:

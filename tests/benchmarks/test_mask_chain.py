@@ -115,20 +115,3 @@ def test_a_run_marks_the_chain_of_constrained_steps(stories260k_dir: Path, tmp_p
     assert legs["whole window"]["p50 us"] >= legs["mask fill (fill_token_masks)"]["p50 us"]
     written = json.loads(next(tmp_path.glob("*-mask-chain-cpu.json")).read_text())
     assert written == result
-
-
-def test_a_window_starts_at_the_early_fill_before_its_masks_task() -> None:
-    """The early task reads the earlier step's tokens and fills the masks that the window's own task then copies:
-    the chain runs from those tokens, through both tasks, to the sampling queued."""
-    early = [("Worker._fill_masks_early:in", 0, MASKS), ("PendingSample.result:in", 1_000, MASKS),
-             ("PendingSample.result:out", 2_000, MASKS), ("fill_ready_masks:in", 3_000, MASKS),
-             ("fill_ready_masks:out", 7_000, MASKS), ("Worker._fill_masks_early:out", 8_000, MASKS)]
-    marks = early + [(event, ns + 10_000, thread) for event, ns, thread in _window(0, reads_tokens=False)]
-
-    (window,) = masks_thread_windows(marks)
-    legs = window_legs(window)
-
-    assert window[0] == early[0]
-    assert legs is not None
-    assert legs["masks filled early (fill_ready_masks)"] == 4.0
-    assert legs["chain: tokens on the host -> sampling queued"] == 21.0
