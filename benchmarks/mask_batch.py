@@ -2,7 +2,7 @@
 schema of benchmarks.json_schemas at its own point of its document, one mask per row and step.
 
     python -m benchmarks.mask_batch [--batch 64] [--steps 200] [--threads 1,2,4,8,16] [--schemas corpus|one]
-                                    [--replicas 1,16] [--order batch,widest]
+                                    [--replicas 1,16]
 
 After one untimed walk, each mode walks the same seeded batch (a uniformly drawn allowed token per row and step;
 a row whose document ends starts a new schema), so every mode computes the same masks, which a digest checks:
@@ -23,11 +23,6 @@ number of bytes); `none` walks every token; `lengths` (the worker's, gpu_worker/
 content more finely (2, 4, 6, 8, 10, 15, 20, 30 bytes), so that a string whose `maxLength` leaves it fewer than 10
 bytes still applies the shorter slices whole.
 Slices change how a mask is computed, never what it holds: the digest check spans them too.
-
-`--order widest` adds a `pool N, widest first` mode for each pool size: the rows handed to the pool in the order
-gpu_worker/grammar.py's fill_token_masks uses, by the breadth of each row's last mask (the array still holds the last
-step's masks when a fill starts; a row that started a new document keeps its old document's breadth for one step,
-where the worker's new grammar would start at none).
 """
 
 from __future__ import annotations
@@ -60,7 +55,6 @@ from benchmarks.report import (
     write_outputs,
 )
 from pagedserve.contract.structured_output import ConstraintKind, StructuredOutput
-from pagedserve.gpu_worker.grammar import mask_breadths, widest_first
 from pagedserve.gpu_worker.token_slices import TOKEN_SLICES
 
 HEADERS = ["mode", "ms / step mean", "p50", "p99", "CPU ms / step", "slowest row ms (mean)"]
@@ -121,15 +115,6 @@ def pool_fill(pool: llguidance.LLExecutor) -> Fill:
         pool, list(zip(matchers, range(len(matchers)), strict=True)), masks)
 
 
-def widest_first_fill(pool: llguidance.LLExecutor, threads: int) -> Fill:
-    """All rows in one call on llguidance's pool, widest last mask first (fill_token_masks' order)."""
-    def fill(matchers: list[llguidance.LLMatcher], masks: np.ndarray) -> None:
-        order = widest_first(mask_breadths(masks).tolist(), threads)
-        llguidance.numpy.fill_next_token_bitmask_par(pool, [(matchers[row], row) for row in order], masks)
-
-    return fill
-
-
 def threads_fill(pool: ThreadPoolExecutor, shares: int) -> Fill:
     """Each of `shares` Python threads fills every shares-th row, one call per row (each releases the interpreter
     lock)."""
@@ -165,15 +150,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--replicas", default="1", help="compilations of each schema to measure, comma-separated")
     parser.add_argument("--slices", default="general",
                         help=f"token-trie slice sets to measure, comma-separated, of {', '.join(SLICES)}")
-    parser.add_argument("--order", default="batch",
-                        help="row orders of the pool modes, comma-separated, of batch and widest")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--result-dir", type=Path, default=DEFAULT_RESULT_DIR)
     args = parser.parse_args(argv)
     unknown = set(args.slices.split(",")) - set(SLICES)
-    orders = args.order.split(",")
-    if set(orders) - {"batch", "widest"}:
-        parser.error(f"--order: {args.order} is not a list of batch and widest")
     if unknown:
         parser.error(f"--slices: no set named {', '.join(sorted(unknown))} (choose from {', '.join(SLICES)})")
 
@@ -181,10 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     threads = [int(t) for t in args.threads.split(",")]
     pools = {n: ThreadPoolExecutor(n) for n in threads}
     modes: list[tuple[str, Fill | None]] = [("serial", None)]
-    if "batch" in orders:
-        modes += [(f"pool {n}", pool_fill(llguidance.LLExecutor(n))) for n in threads]
-    if "widest" in orders:
-        modes += [(f"pool {n}, widest first", widest_first_fill(llguidance.LLExecutor(n), n)) for n in threads]
+    modes += [(f"pool {n}", pool_fill(llguidance.LLExecutor(n))) for n in threads]
     modes += [(f"threads {n}", threads_fill(pools[n], n)) for n in threads]
     runs = {}
     for slices in dict.fromkeys(args.slices.split(",")):  # each set once: its rows are named by it

@@ -26,7 +26,6 @@ log = structlog.get_logger()
 COMPILE_THREADS = 2  # compilation releases the interpreter lock, so it runs beside the step thread
 MAX_MATCHER_THREADS = 16  # llguidance's own pool: a batch's masks and token advances, without the interpreter lock
 MAX_CACHED_GRAMMARS = 1024
-BREADTH_STRIDE = 16  # mask words sampled for a row's breadth: every 16th tells a free string's mask from a narrow one
 
 
 def matcher_threads() -> int:
@@ -50,8 +49,7 @@ class GrammarCompiler:
         self._pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="grammar")
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple[object, ...], Future[llguidance.LLMatcher]] = OrderedDict()
-        self.threads = matcher_threads()
-        self.executor = llguidance.LLExecutor(self.threads)
+        self.executor = llguidance.LLExecutor(matcher_threads())
 
     @classmethod
     def for_model(cls, model_dir: Path, vocab_size: int) -> GrammarCompiler | None:
@@ -109,7 +107,6 @@ class SequenceGrammar:
         self.failure: SequenceFailure | None = None  # why this sequence has no matcher; set at most once
         # False for a sibling forked before its compilation ended: the failure they share is its parent's to report.
         self._reports_compile_failure = True
-        self.breadth = 0  # mask_breadths of its last mask: the costly masks are the wide ones, and they come in runs
 
     def accept(self, token_id: int) -> None:
         if self.failure is not None:
@@ -149,7 +146,6 @@ class SequenceGrammar:
     def fork(self, seq_id: int) -> SequenceGrammar:
         """A copy with the same accepted tokens, for sibling seq_id of an n > 1 request."""
         sibling = SequenceGrammar(self._compiled, seq_id)
-        sibling.breadth = self.breadth
         if self.failure is not None:
             sibling.failure = self.failure
         elif self._matcher is None:
@@ -216,7 +212,7 @@ def fill_token_masks(compiler: GrammarCompiler, grammars: Sequence[SequenceGramm
     array = masks.numpy()
     array.fill(-1)
     words = array.view(np.uint32)
-    live: list[tuple[SequenceGrammar, llguidance.LLMatcher, int]] = []
+    live = []
     first_row: dict[int, int] = {}
     copies = []
     for row, grammar in enumerate(grammars):
@@ -228,34 +224,13 @@ def fill_token_masks(compiler: GrammarCompiler, grammars: Sequence[SequenceGramm
         first_row[id(grammar)] = row
         matcher = grammar.matcher()
         if matcher is not None and not matcher.is_error():
-            live.append((grammar, matcher, row))
+            live.append((matcher, row))
             continue
         words[row] = 0
         for token_id in compiler.tokenizer.eos_tokens:
             words[row, token_id // 32] |= np.uint32(1 << (token_id % 32))
     if live:
-        order = widest_first([grammar.breadth for grammar, _, _ in live], compiler.threads)
-        llguidance.numpy.fill_next_token_bitmask_par(
-            compiler.executor, [(live[index][1], live[index][2]) for index in order], array)
-        breadths = mask_breadths(array)
-        for grammar, _, row in live:
-            grammar.breadth = int(breadths[row])
+        llguidance.numpy.fill_next_token_bitmask_par(compiler.executor, live, array)
     for row, source in copies:
         array[row] = array[source]
     return masks
-
-
-def mask_breadths(masks: np.ndarray) -> np.ndarray:
-    """Per row of a [rows, words] bitmask array, how many of every BREADTH_STRIDE-th word allow some token. A mask
-    inside a free string allows most of the vocabulary and is the costly kind to compute (llguidance walks the token
-    trie wherever its slices do not settle it); a row's next mask tends to be as wide as its last."""
-    breadths: np.ndarray = np.count_nonzero(masks[:, ::BREADTH_STRIDE], axis=1)
-    return breadths
-
-
-def widest_first(breadths: Sequence[int], chunks: int) -> list[int]:
-    """The order to hand rows 0..len(breadths)-1 to one pooled fill: widest last mask first, dealt in turn into
-    `chunks` contiguous runs (the pool splits a call's rows into runs, one a thread), so that every thread starts with
-    one of the costliest rows instead of one thread taking several of them at the end."""
-    order = sorted(range(len(breadths)), key=lambda index: -breadths[index])
-    return [order[index] for chunk in range(chunks) for index in range(chunk, len(order), chunks)]
