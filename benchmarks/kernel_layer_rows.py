@@ -77,7 +77,8 @@ def cases(shape: ModelShape, rows: int) -> dict[str, Case]:
     from pagedserve.kernels.reference import TorchReferenceOps
 
     device = torch.device("cuda", torch.cuda.current_device())
-    kernels, reference = LayerKernels(ModuleCache(device)), TorchReferenceOps()
+    kernels = LayerKernels(ModuleCache(device), torch.cuda.get_device_properties(device).multi_processor_count)
+    reference = TorchReferenceOps()
     gen = torch.Generator(device=device).manual_seed(rows)
 
     def randn(*size: int) -> torch.Tensor:

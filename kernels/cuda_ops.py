@@ -37,7 +37,7 @@ class CudaKernelOps:
         self._prefill = PagedPrefill(modules, properties.multi_processor_count)
         self._cache = CacheOps(modules, device)
         # The layer ops are LayerKernels' bound methods themselves: no wrapper call on the per-layer host path.
-        layers = LayerKernels(modules)
+        layers = LayerKernels(modules, properties.multi_processor_count)
         self.rms_norm = layers.rms_norm
         self.add_rms_norm = layers.add_rms_norm
         self.silu_and_mul = layers.silu_and_mul

@@ -17,10 +17,11 @@
 // VEC consecutive elements move per load or store; the launcher picks VEC so every row, address and stride is a
 // whole number of vectors.
 //
-// The *_fp8 kernels and quantize_fp8_per_row hold a row in registers, VPT vectors a thread: the launcher gives them
-// the plain norm's thread count (so each thread sums the same vectors in the same order as there, and the sums of
-// squares agree bit for bit) and the fewest VPT for which threads * VPT covers the row. At most MAX_ROW_THREADS
-// threads (__launch_bounds__: the compiler spills registers rather than let a launch fail).
+// The norms' *_fp8 kernels and quantize_fp8_per_row hold a row in registers, VPT vectors a thread: the launcher gives
+// them the plain norm's thread count (so each thread sums the same vectors in the same order as there, and the sums
+// of squares agree bit for bit) and the fewest VPT for which threads * VPT covers the row. At most MAX_ROW_THREADS
+// threads (__launch_bounds__: the compiler spills registers rather than let a launch fail). silu_and_mul_fp8, whose
+// rows are the widest, stages its row in shared memory instead.
 #include "kernel_common.cuh"
 
 constexpr int kMaxRowThreads = 1024;  // layer_kernels.py MAX_ROW_THREADS
@@ -100,6 +101,25 @@ __device__ __forceinline__ void for_own_vectors(int num_vecs, F f) {
   }
 }
 
+template <int VEC>
+__device__ __forceinline__ float vector_amax(float amax, const float (&v)[VEC]) {
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) amax = MaxPropagatingNan{}(amax, fabsf(v[k]));
+  return amax;
+}
+
+// The row's scale from each thread's share of its amax |row| (see store_row_fp8), stored into *scale by thread 0;
+// returns its inverse. Its reduction ends with a barrier, so shared memory written before it is visible to every
+// thread after it.
+__device__ __forceinline__ float fp8_row_inverse_scale(float amax, float* __restrict__ scale) {
+  constexpr float kMinScaleNumerator = 1e-12f, kFp8Max = 448.0f;
+  amax = block_reduce(amax, MaxPropagatingNan{}, 0.0f);
+  // Written as torch's clamp(min=...): a NaN amax stays NaN.
+  const float row_scale = __fdiv_rn(amax < kMinScaleNumerator ? kMinScaleNumerator : amax, kFp8Max);
+  if (threadIdx.x == 0) *scale = row_scale;
+  return __fdiv_rn(1.0f, row_scale);
+}
+
 // A row held in registers by the CTA (v[j]: this thread's vector threadIdx.x + j * blockDim.x, in float32), stored
 // as quantize_fp8_per_row stores it: scale = max(amax |row|, 1e-12) / 448 into *scale, its inverse 1 / scale, both
 // true float32 divisions, and out_row = e4m3(row * inverse), the conversion rounding to nearest even and saturating
@@ -108,17 +128,9 @@ __device__ __forceinline__ void for_own_vectors(int num_vecs, F f) {
 template <int VEC, int VPT>
 __device__ __forceinline__ void store_row_fp8(float (&v)[VPT][VEC], int num_vecs, fp8_e4m3_t* __restrict__ out_row,
                                               float* __restrict__ scale) {
-  constexpr float kMinScaleNumerator = 1e-12f, kFp8Max = 448.0f;
   float amax = 0.0f;
-  for_own_vectors<VPT>(num_vecs, [&](int j, int) {
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) amax = MaxPropagatingNan{}(amax, fabsf(v[j][k]));
-  });
-  amax = block_reduce(amax, MaxPropagatingNan{}, 0.0f);
-  // Written as torch's clamp(min=...): a NaN amax stays NaN.
-  const float row_scale = __fdiv_rn(amax < kMinScaleNumerator ? kMinScaleNumerator : amax, kFp8Max);
-  if (threadIdx.x == 0) *scale = row_scale;
-  const float inverse = __fdiv_rn(1.0f, row_scale);
+  for_own_vectors<VPT>(num_vecs, [&](int j, int) { amax = vector_amax<VEC>(amax, v[j]); });
+  const float inverse = fp8_row_inverse_scale(amax, scale);
   for_own_vectors<VPT>(num_vecs, [&](int j, int i) {
 #pragma unroll
     for (int k = 0; k < VEC; ++k) v[j][k] = __fmul_rn(v[j][k], inverse);
@@ -249,18 +261,38 @@ __global__ void silu_and_mul(const T* __restrict__ gate_up, T* __restrict__ out,
   store_from_float<T, VEC>(out + blockIdx.x * static_cast<long long>(size) + i, v);
 }
 
-// One CTA per token, its row in registers: gate_up [num_tokens, 2 * size] -> out e4m3 [num_tokens, size] and scales
-// [num_tokens]: quantize_fp8_per_row(silu_and_mul(gate_up)).
-template <typename T, int VEC, int VPT>
+// One CTA per token, its row staged in shared memory (size values of T, dynamic): gate_up [num_tokens, 2 * size] ->
+// out e4m3 [num_tokens, size] and scales [num_tokens]: quantize_fp8_per_row(silu_and_mul(gate_up)). The stage is
+// exact, since silu_and_mul rounds each value to T. Not held in registers as the norms' rows are: an 8B MLP row
+// (1,792 vectors) took a CTA of 1,024 threads there, one per SM, whose loads, reduction and stores never overlapped
+// another row's. Staged, a CTA loops over its row with whatever threads the launcher gives it, and several share an
+// SM.
+template <typename T, int VEC>
 __global__ void __launch_bounds__(kMaxRowThreads)
     silu_and_mul_fp8(const T* __restrict__ gate_up, fp8_e4m3_t* __restrict__ out, float* __restrict__ scales,
                      int size) {
   begin_dependent_grid();
+  extern __shared__ __align__(16) unsigned char stage_bytes[];
+  T* stage = reinterpret_cast<T*>(stage_bytes);
   const T* gate_row = gate_up + blockIdx.x * 2LL * size;
   const int num_vecs = size / VEC;
-  float v[VPT][VEC];
-  for_own_vectors<VPT>(num_vecs, [&](int j, int i) { silu_mul_vector<T, VEC>(gate_row, size, i * VEC, v[j]); });
-  store_row_fp8<VEC, VPT>(v, num_vecs, out + blockIdx.x * static_cast<long long>(size), scales + blockIdx.x);
+  float amax = 0.0f;
+#pragma unroll 4
+  for (int i = threadIdx.x; i < num_vecs; i += blockDim.x) {
+    float v[VEC];
+    silu_mul_vector<T, VEC>(gate_row, size, i * VEC, v);
+    amax = vector_amax<VEC>(amax, v);
+    store_from_float<T, VEC>(stage + i * VEC, v);
+  }
+  const float inverse = fp8_row_inverse_scale(amax, scales + blockIdx.x);
+  fp8_e4m3_t* out_row = out + blockIdx.x * static_cast<long long>(size);
+  for (int i = threadIdx.x; i < num_vecs; i += blockDim.x) {
+    float v[VEC];
+    load_as_float<T, VEC>(stage + i * VEC, v);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] = __fmul_rn(v[k], inverse);
+    store_from_float<fp8_e4m3_t, VEC>(out_row + i * VEC, v);
+  }
 }
 
 // Offset of (slot, kv head) in a cache [num_blocks, num_kv_heads, block_size, head_dim].

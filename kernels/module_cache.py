@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,12 @@ def kernel_source(source: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class CompiledKernel:
-    """A loaded kernel: its CUfunction handle and the CuPy object keeping its module alive."""
+    """A loaded kernel: its CUfunction handle, the CuPy object keeping its module alive, and the dynamic shared
+    memory a launch of it may ask for now (beyond it, ModuleCache.kernel opts in first)."""
 
     function_ptr: int
     raw: cupy.RawKernel
+    dynamic_shared_limit: int
 
 
 class ModuleCache:
@@ -60,17 +62,21 @@ class ModuleCache:
         return self._dependent is not None
 
     def kernel(self, source: str, name_expression: str, dynamic_shared_bytes: int = 0) -> CompiledKernel:
-        """The kernel `name_expression` (e.g. "copy_blocks<uint4>") from kernels/<source>, compiled on first use."""
+        """The kernel `name_expression` (e.g. "copy_blocks<uint4>") from kernels/<source>, compiled on first use,
+        opted in to launches with dynamic_shared_bytes of dynamic shared memory (a later call may raise it)."""
         key = (source, name_expression)
         kernel = self._kernels.get(key)
         if kernel is None:
-            code = kernel_source(source)
             with cupy.cuda.Device(self._device_index):
-                module = cupy.RawModule(code=code, options=self._options, name_expressions=(name_expression,))
+                module = cupy.RawModule(code=kernel_source(source), options=self._options,
+                                        name_expressions=(name_expression,))
                 raw = module.get_function(name_expression)
-                if dynamic_shared_bytes + raw.shared_size_bytes > STATIC_SHARED_LIMIT_BYTES:
-                    raw.max_dynamic_shared_size_bytes = dynamic_shared_bytes
-                kernel = CompiledKernel(int(raw.kernel.ptr), raw)
+            kernel = CompiledKernel(int(raw.kernel.ptr), raw, STATIC_SHARED_LIMIT_BYTES - raw.shared_size_bytes)
+            self._kernels[key] = kernel
+        if dynamic_shared_bytes > kernel.dynamic_shared_limit:
+            with cupy.cuda.Device(self._device_index):
+                kernel.raw.max_dynamic_shared_size_bytes = dynamic_shared_bytes
+            kernel = replace(kernel, dynamic_shared_limit=dynamic_shared_bytes)
             self._kernels[key] = kernel
         return kernel
 

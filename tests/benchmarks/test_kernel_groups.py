@@ -17,7 +17,7 @@ from benchmarks.kernel_groups import group_of, grouped_us_per_step, main
     ("void decode_gemv<bfloat16_t, fp8_e4m3_t, 8, 2>(bfloat16_t const*, long long", "decode GEMV"),
     ("void decode_gemv_mma<bfloat16_t, fp8_e4m3_t, 12>(bfloat16_t const*, long long", "decode GEMV"),
     ("void fp8_gemv<bfloat16_t, 8, 2>(bfloat16_t const*, long long", "decode GEMV"),
-    ("void silu_and_mul_fp8<bfloat16_t, 8, 2>(bfloat16_t const*, fp8_e4m3_t*", "SiLU-and-mul"),
+    ("void silu_and_mul_fp8<bfloat16_t, 8>(bfloat16_t const*, fp8_e4m3_t*", "SiLU-and-mul"),
     ("void add_rms_norm_fp8<bfloat16_t, 8, 1>(bfloat16_t const*, long long", "norms"),
     ("void quantize_fp8_per_row<bfloat16_t, 8, 1>(bfloat16_t const*", "per-token quantization"),
     ("void paged_decode<MmaState<bfloat16_t, 128, 4, 16, true, fp8_e4m3_t>", "decode attention"),

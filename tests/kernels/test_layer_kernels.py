@@ -146,7 +146,8 @@ def test_rotary_write_kv_reference_fills_each_tokens_slot_and_skips_padding() ->
 def kernels() -> LayerKernels:
     from pagedserve.kernels.module_cache import ModuleCache
 
-    return LayerKernels(ModuleCache(torch.device("cuda", torch.cuda.current_device())))
+    device = torch.device("cuda", torch.cuda.current_device())
+    return LayerKernels(ModuleCache(device), torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 def _assert_norm_close(got: Tensor, expected: Tensor) -> None:
