@@ -17,11 +17,11 @@
 // VEC consecutive elements move per load or store; the launcher picks VEC so every row, address and stride is a
 // whole number of vectors.
 //
-// The norms' *_fp8 kernels and quantize_fp8_per_row hold a row in registers, VPT vectors a thread: the launcher gives
-// them the plain norm's thread count (so each thread sums the same vectors in the same order as there, and the sums
-// of squares agree bit for bit) and the fewest VPT for which threads * VPT covers the row. At most MAX_ROW_THREADS
-// threads (__launch_bounds__: the compiler spills registers rather than let a launch fail). silu_and_mul_fp8, whose
-// rows are the widest, stages its row in shared memory instead.
+// The *_fp8 kernels and quantize_fp8_per_row hold a row in registers, VPT vectors a thread: the launcher gives them
+// the plain norm's thread count (so each thread sums the same vectors in the same order as there, and the sums of
+// squares agree bit for bit) and the fewest VPT for which threads * VPT covers the row. At most MAX_ROW_THREADS
+// threads (__launch_bounds__: the compiler spills registers rather than let a launch fail). silu_and_mul_fp8_staged
+// stages its row in shared memory instead.
 #include "kernel_common.cuh"
 
 constexpr int kMaxRowThreads = 1024;  // layer_kernels.py MAX_ROW_THREADS
@@ -261,16 +261,27 @@ __global__ void silu_and_mul(const T* __restrict__ gate_up, T* __restrict__ out,
   store_from_float<T, VEC>(out + blockIdx.x * static_cast<long long>(size) + i, v);
 }
 
-// One CTA per token, its row staged in shared memory (size values of T, dynamic): gate_up [num_tokens, 2 * size] ->
-// out e4m3 [num_tokens, size] and scales [num_tokens]: quantize_fp8_per_row(silu_and_mul(gate_up)). The stage is
-// exact, since silu_and_mul rounds each value to T. Not held in registers as the norms' rows are: an 8B MLP row
-// (1,792 vectors) took a CTA of 1,024 threads there, one per SM, whose loads, reduction and stores never overlapped
-// another row's. Staged, a CTA loops over its row with whatever threads the launcher gives it, and several share an
-// SM.
-template <typename T, int VEC>
+// One CTA per token, its row in registers: gate_up [num_tokens, 2 * size] -> out e4m3 [num_tokens, size] and scales
+// [num_tokens]: quantize_fp8_per_row(silu_and_mul(gate_up)).
+template <typename T, int VEC, int VPT>
 __global__ void __launch_bounds__(kMaxRowThreads)
     silu_and_mul_fp8(const T* __restrict__ gate_up, fp8_e4m3_t* __restrict__ out, float* __restrict__ scales,
                      int size) {
+  begin_dependent_grid();
+  const T* gate_row = gate_up + blockIdx.x * 2LL * size;
+  const int num_vecs = size / VEC;
+  float v[VPT][VEC];
+  for_own_vectors<VPT>(num_vecs, [&](int j, int i) { silu_mul_vector<T, VEC>(gate_row, size, i * VEC, v[j]); });
+  store_row_fp8<VEC, VPT>(v, num_vecs, out + blockIdx.x * static_cast<long long>(size), scales + blockIdx.x);
+}
+
+// silu_and_mul_fp8 with the row staged in shared memory (size values of T, dynamic) instead of registers, for rows
+// too wide for the registers of two CTAs an SM: the stage is exact (silu_and_mul rounds each value to T), and a CTA
+// of any size loops over its row. An 8B MLP row (1,792 vectors) held in registers takes a CTA of 1,024 threads, one
+// an SM, whose loads, reduction and stores never overlap another row's.
+template <typename T, int VEC>
+__global__ void silu_and_mul_fp8_staged(const T* __restrict__ gate_up, fp8_e4m3_t* __restrict__ out,
+                                        float* __restrict__ scales, int size) {
   begin_dependent_grid();
   extern __shared__ __align__(16) unsigned char stage_bytes[];
   T* stage = reinterpret_cast<T*>(stage_bytes);

@@ -26,16 +26,17 @@ if TYPE_CHECKING:
     from pagedserve.kernels.module_cache import ModuleCache
 
 SOURCE = "layer_kernels.cu"
-KERNEL_NAMES = ("rms_norm", "add_rms_norm", "silu_and_mul", "silu_and_mul_fp8", "rotary_write_kv", "scale_fp8_product")
+KERNEL_NAMES = ("rms_norm", "add_rms_norm", "silu_and_mul", "silu_and_mul_fp8_staged", "rotary_write_kv",
+                "scale_fp8_product")
 # Kernels that hold a row in registers, VPT vectors a thread (a template argument): per-row quantization, alone or
-# fused into the norm producing its rows.
-ROW_IN_REGISTERS_KERNEL_NAMES = ("quantize_fp8_per_row", "rms_norm_fp8", "add_rms_norm_fp8")
+# fused into the op producing its rows.
+ROW_IN_REGISTERS_KERNEL_NAMES = ("quantize_fp8_per_row", "rms_norm_fp8", "add_rms_norm_fp8", "silu_and_mul_fp8")
 VECTORS_PER_THREAD = (1, 2, 4, 8, 16, 32)
 VECTOR_BYTES = 16  # the widest load or store of one thread
 WARP_THREADS = 32
 MAX_ROW_THREADS = 1024  # one CTA per row (norms, quantization): wide rows get every thread of a CTA (.cu's too)
 SILU_THREADS = 256
-SILU_FP8_THREADS = 256  # a CTA looping over its staged row, when there are more rows than SMs
+SILU_FP8_STAGED_THREADS = 256  # a CTA looping over its row staged in shared memory; several share an SM
 SCALE_THREADS = 256
 MAX_ROTARY_THREADS = 512
 FP8_CACHE_TYPE = "fp8_e4m3_t"  # kernel_common.cuh
@@ -158,21 +159,32 @@ class LayerKernels:
         return out
 
     def silu_and_mul_fp8(self, gate_up: Tensor) -> tuple[Tensor, Tensor]:
-        """quantize_fp8_per_row(silu_and_mul(gate_up)) bit for bit, in one launch (one CTA per token, its row staged
-        in shared memory): (new contiguous e4m3 [num_tokens, size], new float32 scales [num_tokens, 1])."""
+        """quantize_fp8_per_row(silu_and_mul(gate_up)) bit for bit, in one launch (one CTA per token): (new
+        contiguous e4m3 [num_tokens, size], new float32 scales [num_tokens, 1]).
+
+        A row is held in registers by one CTA, but for rows wider than MAX_ROW_THREADS vectors (an 8B MLP's 1,792)
+        when there are more of them than SMs: such a CTA needs more than one vector a thread, which leaves room for
+        one CTA an SM, so those rows are staged in shared memory by CTAs of SILU_FP8_STAGED_THREADS instead, several
+        an SM. On an H100 that took the 8B shape's 1,056 and 2,048 rows from 43.7 and 82.2 us to 34.4 and 61.5, and
+        was 3-10 % slower than registers at fewer rows or the 1B shape's narrower rows
+        (benchmarks/results/2026-12-07-staged-silu-fp8-nvidia-h100.md)."""
         num_tokens, size = _check_gate_up(gate_up)
         out, scales = _fp8_rows(gate_up, num_tokens, size)
         if num_tokens == 0 or size == 0:
             return out, scales
         vec = _vector_width(gate_up.itemsize, size * gate_up.itemsize, gate_up.data_ptr(), out.data_ptr())
-        stage_bytes = size * gate_up.itemsize
-        kernel = self._modules.kernel(SOURCE, f"silu_and_mul_fp8<{scalar_type_name(gate_up.dtype)}, {vec}>",
-                                      dynamic_shared_bytes=stage_bytes)
-        # No more rows than SMs (a decode step's): each row takes as many threads as it has vectors, so that all of
-        # its loads are in flight at once; more rows take SILU_FP8_THREADS each, and several share an SM.
-        max_threads = MAX_ROW_THREADS if num_tokens <= self._num_sms else SILU_FP8_THREADS
-        self._modules.launch(kernel, (num_tokens, 1, 1), (_threads(size // vec, max_threads), 1, 1),
-                             (pointer(gate_up), pointer(out), pointer(scales), int32(size)), shared_bytes=stage_bytes)
+        num_vecs, dtype = size // vec, scalar_type_name(gate_up.dtype)
+        args = (pointer(gate_up), pointer(out), pointer(scales), int32(size))
+        if num_vecs > MAX_ROW_THREADS and num_tokens > self._num_sms:
+            stage_bytes = size * gate_up.itemsize
+            kernel = self._modules.kernel(SOURCE, f"silu_and_mul_fp8_staged<{dtype}, {vec}>",
+                                          dynamic_shared_bytes=stage_bytes)
+            self._modules.launch(kernel, (num_tokens, 1, 1), (_threads(num_vecs, SILU_FP8_STAGED_THREADS), 1, 1),
+                                 args, shared_bytes=stage_bytes)
+            return out, scales
+        threads, vpt = _row_in_registers(num_vecs)
+        kernel = self._modules.kernel(SOURCE, f"silu_and_mul_fp8<{dtype}, {vec}, {vpt}>")
+        self._modules.launch(kernel, (num_tokens, 1, 1), (threads, 1, 1), args)
         return out, scales
 
     def rotary_write_kv(self, qkv: Tensor, cos: Tensor, sin: Tensor, key_cache: Tensor, value_cache: Tensor,

@@ -70,6 +70,17 @@ class TestFusedEqualsPlainThenQuantize:
         gate_up = _rows(num_rows, 2 * size, dtype, seed=size + num_rows, scale=0.1)
         _assert_same(ops.silu_and_mul_fp8(gate_up), ops.quantize_fp8_per_row(ops.silu_and_mul(gate_up)))
 
+    @pytest.mark.parametrize("dtype", DTYPES)
+    def test_silu_and_mul_fp8_rows_staged_and_in_registers_agree(self, ops: KernelOps, dtype: torch.dtype) -> None:
+        """Rows of over 1,024 vectors, more of them than SMs, are staged in shared memory; 16 at a time are held in
+        registers."""
+        num_rows = 300
+        assert torch.cuda.get_device_properties(0).multi_processor_count < num_rows  # so that the 300 are staged
+        gate_up = _rows(num_rows, 2 * 14336, dtype, seed=16, scale=0.1)
+        parts = [ops.silu_and_mul_fp8(gate_up[start:start + 16]) for start in range(0, num_rows, 16)]
+        expected = (torch.cat([values for values, _ in parts]), torch.cat([scales for _, scales in parts]))
+        _assert_same(ops.silu_and_mul_fp8(gate_up), expected)
+
     def test_silu_and_mul_fp8_is_the_torch_reference(self, ops: KernelOps) -> None:
         gate_up = _rows(64, 2 * 4096, torch.bfloat16, seed=6, scale=0.1)
         _assert_same(ops.silu_and_mul_fp8(gate_up), TorchReferenceOps().silu_and_mul_fp8(gate_up.cpu()))
