@@ -166,7 +166,7 @@ class LayerKernels:
         when there are more of them than SMs: such a CTA needs more than one vector a thread, which leaves room for
         one CTA an SM, so those rows are staged in shared memory by CTAs of SILU_FP8_STAGED_THREADS instead, several
         an SM. On an H100 that took the 8B shape's 1,056 and 2,048 rows from 43.7 and 82.2 us to 34.4 and 61.5, and
-        was 3-10 % slower than registers at fewer rows or the 1B shape's narrower rows
+        was 1-12 % slower than registers at fewer rows or the 1B shape's narrower rows
         (benchmarks/results/2026-12-07-staged-silu-fp8-nvidia-h100.md)."""
         num_tokens, size = _check_gate_up(gate_up)
         out, scales = _fp8_rows(gate_up, num_tokens, size)
