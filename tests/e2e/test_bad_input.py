@@ -216,7 +216,9 @@ def test_an_oversized_request_id_is_neither_echoed_nor_logged(cluster: Cluster, 
 
 def test_rejecting_maximal_texts_does_not_slow_a_running_stream(channel: grpc.Channel, golden: dict[str, Any]) -> None:
     """The bound is a length check: a 4 MiB text is turned away without being tokenized, so a stream beside it
-    keeps its pace (tokenized on the event loop, such a text stalled every stream for seconds)."""
+    keeps its pace (tokenized on the event loop, such a text stalled every stream for seconds: tokenizing one takes
+    about 4 s on a 2-core host). The longest gap allowed, 2 s, is half of one such stall and twice the longest
+    hiccup seen on a loaded 2-core host running the whole suite (0.99 s)."""
     params = SP(temperature=0.0, max_tokens=500, ignore_eos=True)
     stream = channel.unary_stream(GENERATE, request_serializer=pb.GenerateRequest.SerializeToString,
                                   response_deserializer=pb.GenerateResponse.FromString)(
@@ -243,4 +245,4 @@ def test_rejecting_maximal_texts_does_not_slow_a_running_stream(channel: grpc.Ch
     before = max([t for t in arrivals if t < window_start], default=window_start)
     after = min(t for t in arrivals if t > window_end)
     gaps = [b - a for a, b in zip([before, *during], [*during, after], strict=True)]
-    assert max(gaps) < 0.5, f"longest gap between chunks while rejecting: {max(gaps):.3f} s"
+    assert max(gaps) < 2.0, f"longest gap between chunks while rejecting: {max(gaps):.3f} s"
