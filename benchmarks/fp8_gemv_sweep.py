@@ -82,7 +82,7 @@ def sweep(before_kernels: Path | None) -> dict[str, dict[str, float]]:
     def compile_kernel(source: str, options: tuple[str, ...], channels: int) -> CompiledKernel:
         name = kernel_name(torch.bfloat16, FP8_DTYPE, 1, channels)
         raw = cupy.RawModule(code=source, options=options, name_expressions=(name,)).get_function(name)
-        return CompiledKernel(int(raw.kernel.ptr), raw, module_cache.STATIC_SHARED_LIMIT_BYTES - raw.shared_size_bytes)
+        return CompiledKernel.of(raw)
 
     if before_kernels is not None:
         before_options = ("--std=c++17", f"-I{before_kernels}")

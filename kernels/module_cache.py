@@ -37,6 +37,11 @@ class CompiledKernel:
     raw: cupy.RawKernel
     dynamic_shared_limit: int
 
+    @classmethod
+    def of(cls, raw: cupy.RawKernel) -> CompiledKernel:
+        """A kernel just loaded, not yet opted in to more shared memory than every launch may have."""
+        return cls(int(raw.kernel.ptr), raw, STATIC_SHARED_LIMIT_BYTES - raw.shared_size_bytes)
+
 
 class ModuleCache:
     """Compiled kernels of one CUDA device, keyed by (source file, template instantiation name).
@@ -71,7 +76,7 @@ class ModuleCache:
                 module = cupy.RawModule(code=kernel_source(source), options=self._options,
                                         name_expressions=(name_expression,))
                 raw = module.get_function(name_expression)
-            kernel = CompiledKernel(int(raw.kernel.ptr), raw, STATIC_SHARED_LIMIT_BYTES - raw.shared_size_bytes)
+            kernel = CompiledKernel.of(raw)
             self._kernels[key] = kernel
         if dynamic_shared_bytes > kernel.dynamic_shared_limit:
             with cupy.cuda.Device(self._device_index):
