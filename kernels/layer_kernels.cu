@@ -120,6 +120,15 @@ __device__ __forceinline__ float fp8_row_inverse_scale(float amax, float* __rest
   return __fdiv_rn(1.0f, row_scale);
 }
 
+// e4m3(v * inverse) into dst: the multiply rounded as a float32 product, the conversion to nearest even,
+// saturating to +-448.
+template <int VEC>
+__device__ __forceinline__ void store_vector_fp8(float (&v)[VEC], float inverse, fp8_e4m3_t* __restrict__ dst) {
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) v[k] = __fmul_rn(v[k], inverse);
+  store_from_float<fp8_e4m3_t, VEC>(dst, v);
+}
+
 // A row held in registers by the CTA (v[j]: this thread's vector threadIdx.x + j * blockDim.x, in float32), stored
 // as quantize_fp8_per_row stores it: scale = max(amax |row|, 1e-12) / 448 into *scale, its inverse 1 / scale, both
 // true float32 divisions, and out_row = e4m3(row * inverse), the conversion rounding to nearest even and saturating
@@ -131,11 +140,7 @@ __device__ __forceinline__ void store_row_fp8(float (&v)[VPT][VEC], int num_vecs
   float amax = 0.0f;
   for_own_vectors<VPT>(num_vecs, [&](int j, int) { amax = vector_amax<VEC>(amax, v[j]); });
   const float inverse = fp8_row_inverse_scale(amax, scale);
-  for_own_vectors<VPT>(num_vecs, [&](int j, int i) {
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) v[j][k] = __fmul_rn(v[j][k], inverse);
-    store_from_float<fp8_e4m3_t, VEC>(out_row + i * VEC, v[j]);
-  });
+  for_own_vectors<VPT>(num_vecs, [&](int j, int i) { store_vector_fp8<VEC>(v[j], inverse, out_row + i * VEC); });
 }
 
 // v[j] <- T(weight * T(v[j] * inv_rms)) for this thread's vectors of a row held in registers.
@@ -300,9 +305,7 @@ __global__ void silu_and_mul_fp8_staged(const T* __restrict__ gate_up, fp8_e4m3_
   for (int i = threadIdx.x; i < num_vecs; i += blockDim.x) {
     float v[VEC];
     load_as_float<T, VEC>(stage + i * VEC, v);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) v[k] = __fmul_rn(v[k], inverse);
-    store_from_float<fp8_e4m3_t, VEC>(out_row + i * VEC, v);
+    store_vector_fp8<VEC>(v, inverse, out_row + i * VEC);
   }
 }
 
