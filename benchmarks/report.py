@@ -203,6 +203,14 @@ def plot_throughput(backends: Sequence[dict[str, Any]], path: Path) -> Path | No
     return path
 
 
+def positive_int(text: str) -> int:
+    """"3" -> 3: an integer of at least 1, for a benchmark's count flags."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"need an integer of at least 1, got {text!r}")
+    return value
+
+
 def int_list(text: str) -> tuple[int, ...]:
     """"16,64" -> (16, 64): positive integers, for a benchmark's list flags (--batches, --rows, ...)."""
     values = tuple(int(part) for part in text.split(","))

@@ -1,7 +1,7 @@
 """The speed targets of the performance issues (served, offline, the decode attention's), each measured beside its
 bound and checked.
 
-    python -m benchmarks.targets --groups 1b-c1,1b-c64 [--result-dir DIR]
+    python -m benchmarks.targets --groups 1b-c1,1b-c64 [--rounds N] [--result-dir DIR]
 
 A group runs one or more benchmarks on this machine, one after the other (benchmarks.serving against a server of its
 own, or benchmarks.throughput), each writing its own record into <result-dir>/<group>-<call>/, and then checks its
@@ -12,6 +12,12 @@ server that does not start, a run with failed requests) is recorded with its err
 the exit status is 1. The `attention` group runs benchmarks.kernel_attention with a 16-bit and an FP8 cache for
 the decode attention's targets, each a share of the read ceiling that run measured.
 
+With --rounds N every group runs its calls N times in turn (a fresh server each time), each round's records in
+folders of their own; a target's measured value is the median of its rounds' values, which are listed beside it. A
+ratio target divides two runs of one round. One round of the 1B c=64 pair (five seconds a run) spread its JSON schema
+/ none ratio over 1.02-1.16 on one machine (benchmarks/results/2026-12-07-stream-gate-not-kept-nvidia-h100.md), so a
+verdict on a target that close to its limit takes several.
+
 Every workload is the issues' own: random weights (`--load-format dummy`), bf16, 1,024 tokens in, 128 out, greedy,
 `ignore_eos`, `--max-model-len 2048`; at 1B c=256 with four frontend and four client processes (below).
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import operator
+import statistics
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -174,7 +181,7 @@ BENCHMARKS: dict[str, Callable[[Sequence[str]], dict[str, Any]]] = {
     "serving": serving.main, "throughput": throughput.main, "attention": kernel_attention.main,
 }
 
-HEADERS = ("issue", "target", "measured", "limit", "met")
+HEADERS = ("issue", "target", "measured", "limit", "met", "rounds")
 
 
 def labelled_runs(call: Call, record: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -197,38 +204,46 @@ def decode_shares(record: dict[str, Any]) -> dict[str, float]:
     return shares
 
 
-def call_dir(result_dir: Path, group_name: str, call: Call) -> Path:
+def call_dir(result_dir: Path, group_name: str, call: Call, round_number: int | None = None) -> Path:
     """Where a call writes its record: a folder of its own, since two calls of one benchmark on one device and day
-    would write the same file names."""
-    return result_dir / f"{group_name}-{call.name}"
+    would write the same file names; with a round number (several rounds), one for each round."""
+    suffix = "" if round_number is None else f"-r{round_number}"
+    return result_dir / f"{group_name}-{call.name}{suffix}"
 
 
-def run_group(group_name: str, group: Group, result_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Runs the group's calls in order, each writing its record into its call_dir; returns, per call, its metadata,
-    folder and labelled runs, and one row per target."""
-    records, runs = [], {}
-    for call in group.calls:
-        folder = call_dir(result_dir, group_name, call)
-        record = BENCHMARKS[call.benchmark]([*call.argv, "--result-dir", str(folder)])
-        labelled = labelled_runs(call, record)
-        for label, run in labelled.items():
-            if run.get("failed"):  # its latencies and tokens/s are of the requests that succeeded: no measurement
-                raise RuntimeError(f"{label}: {run['failed']} of {run['num_prompts']} requests failed "
-                                   f"({run.get('errors')}); its targets are not checked")
-        records.append({"group": group_name, "benchmark": call.benchmark, "call": call.name,
-                        "metadata": record["metadata"], "folder": folder.name, "runs": labelled})
-        runs.update(labelled)
+def run_group(group_name: str, group: Group, result_dir: Path,
+              rounds: int = 1) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Runs the group's calls in order, `rounds` times over, each writing its record into its call_dir; returns,
+    per call and round, its metadata, folder and labelled runs, and one row per target: the median of its rounds'
+    values (each read from one round's runs), met or not by that median."""
+    records, runs_by_round = [], []
+    for round_number in range(1, rounds + 1):
+        runs: dict[str, dict[str, Any]] = {}
+        for call in group.calls:
+            folder = call_dir(result_dir, group_name, call, round_number if rounds > 1 else None)
+            record = BENCHMARKS[call.benchmark]([*call.argv, "--result-dir", str(folder)])
+            labelled = labelled_runs(call, record)
+            for label, run in labelled.items():
+                if run.get("failed"):  # its latencies and tokens/s are of the requests that succeeded: no measurement
+                    raise RuntimeError(f"{label}: {run['failed']} of {run['num_prompts']} requests failed "
+                                       f"({run.get('errors')}); its targets are not checked")
+            records.append({"group": group_name, "benchmark": call.benchmark, "call": call.name,
+                            "round": round_number, "metadata": record["metadata"], "folder": folder.name,
+                            "runs": labelled})
+            runs.update(labelled)
+        runs_by_round.append(runs)
     rows = []
     for target in group.targets:
-        measured = target.measured(runs)
-        rows.append({"issue": target.issue, "target": target.name, "measured": measured, "limit": target.limit,
-                     "at_most": target.at_most, "met": target.is_met(measured)})
+        values = [target.measured(runs) for runs in runs_by_round]
+        measured = statistics.median(values)
+        rows.append({"issue": target.issue, "target": target.name, "measured": measured, "rounds": values,
+                     "limit": target.limit, "at_most": target.at_most, "met": target.is_met(measured)})
     return records, rows
 
 
 def _table_rows(rows: Sequence[dict[str, Any]]) -> list[list[object]]:
     return [[r["issue"], r["target"], r["measured"], ("<= " if r["at_most"] else ">= ") + f"{r['limit']:g}",
-             "yes" if r["met"] else "no"] for r in rows]
+             "yes" if r["met"] else "no", ", ".join(f"{value:.4g}" for value in r["rounds"])] for r in rows]
 
 
 def main(argv: Sequence[str] | None = None, groups: dict[str, Group] | None = None) -> dict[str, Any]:
@@ -238,13 +253,15 @@ def main(argv: Sequence[str] | None = None, groups: dict[str, Group] | None = No
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--groups", default=",".join(groups),
                         help=f"comma-separated, of: {', '.join(groups)} (default: all, in that order)")
+    parser.add_argument("--rounds", type=report.positive_int, default=1,
+                        help="runs of each group's calls in turn; each target is the median of its rounds")
     parser.add_argument("--result-dir", type=Path, default=report.DEFAULT_RESULT_DIR)
     args = parser.parse_args(argv)
     names = report.listed_names(parser, "--groups", args.groups, list(groups))
     records, rows, failures = [], [], []
     for name in names:
         try:
-            group_records, group_rows = run_group(name, groups[name], args.result_dir)
+            group_records, group_rows = run_group(name, groups[name], args.result_dir, args.rounds)
         except Exception as error:  # the next group still runs; the record and the exit status name this one
             failures.append({"group": name, "error": f"{type(error).__name__}: {error}"})
             print(f"group {name} failed: {type(error).__name__}: {error}", file=sys.stderr)
@@ -255,8 +272,8 @@ def main(argv: Sequence[str] | None = None, groups: dict[str, Group] | None = No
     result = {"metadata": metadata, "groups": names, "records": records, "targets": rows, "failures": failures}
     sections = [
         ("Targets", report.markdown_table(HEADERS, _table_rows(rows))),
-        ("Records", "".join(f"- {r['group']} / {r['call']}: {r['benchmark']}, {r['metadata']['date']}, in "
-                            f"{r['folder']}/\n" for r in records)),
+        ("Records", "".join(f"- {r['group']} / {r['call']} (round {r['round']}): {r['benchmark']}, "
+                            f"{r['metadata']['date']}, in {r['folder']}/\n" for r in records)),
     ]
     if failures:
         sections.append(("Failed groups", "".join(f"- {f['group']}: {f['error']}\n" for f in failures)))

@@ -183,3 +183,39 @@ def test_the_1b_c256_runs_both_serve_through_four_frontends_and_four_client_proc
         assert "--frontend-processes 4" in args.serve_args
         assert (args.client_processes, args.connections, args.max_concurrency) == (4, 4, 256)
     assert "--frontend-processes" not in serving.parse_args(GROUPS["8b-c64"].calls[0].argv).serve_args
+
+
+def test_rounds_run_every_call_again_and_each_target_is_the_median_of_its_rounds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    schema_tpots = iter([4.4, 3.3, 3.9])  # against 3.0 with no schema: ratios 1.467, 1.1, 1.3 in rounds 1-3
+    folders = []
+
+    def benchmark(argv: list[str]) -> dict[str, object]:
+        folders.append(Path(argv[argv.index("--result-dir") + 1]).name)
+        return {"metadata": {"date": "2026-12-07T00:00:00+00:00"},
+                "runs": [{"structured_output": "none", "failed": 0, "median_tpot_ms": 3.0},
+                         {"structured_output": "schema", "failed": 0, "median_tpot_ms": next(schema_tpots)}]}
+
+    monkeypatch.setitem(targets.BENCHMARKS, "serving", benchmark)
+    ratio = Target(18, "ratio", Measure("bf16/schema", "median_tpot_ms"), 1.35, at_most=True,
+                   over=Measure("bf16/none", "median_tpot_ms"))
+    groups = {"pair": Group((Call("bf16", "serving", ()),), (ratio,))}
+
+    result = targets.main(["--groups", "pair", "--rounds", "3", "--result-dir", str(tmp_path)], groups=groups)
+
+    assert folders == ["pair-bf16-r1", "pair-bf16-r2", "pair-bf16-r3"]
+    [row] = result["targets"]
+    assert row["rounds"] == pytest.approx([4.4 / 3, 1.1, 1.3])
+    assert row["measured"] == pytest.approx(1.3)  # the median, met; round 1 alone would not have met it
+    assert row["met"] is True
+    assert [record["round"] for record in result["records"]] == [1, 2, 3]
+    assert "| 18 | ratio | 1.3 | <= 1.35 | yes | 1.467, 1.1, 1.3 |" in next(tmp_path.glob("*-targets-*.md")).read_text()
+
+
+def test_no_rounds_is_refused_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    groups = {"g": Group((Call("bf16", "serving", ()),), ())}
+    with pytest.raises(SystemExit):
+        targets.main(["--groups", "g", "--rounds", "0", "--result-dir", str(tmp_path)], groups=groups)
+    assert "--rounds" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
