@@ -31,6 +31,7 @@ from benchmarks.hardware_bound import (
     percent_of_bound,
     server_element_bytes,
 )
+from benchmarks.host_cpu import host_cpu, read_cpu_times
 from benchmarks.model_shapes import SHAPES, add_model_arguments, read_shape, sampling_vocab_size, write_model_dir
 from benchmarks.random_dataset import BenchRequest, sample_random_requests
 from benchmarks.serving_metrics import compute_metrics
@@ -189,6 +190,7 @@ async def run_levels(endpoints: Endpoints, model_dir: Path, args: argparse.Names
         before = await _server_status(endpoints.server_address)
         run["kv_cache_blocks"] = before.num_total_blocks
         constraints = constraints_for(mode, num_prompts, seed)
+        cpu_before = read_cpu_times()
         if args.client_processes > 1:
             client = await asyncio.to_thread(run_in_processes, path, endpoints, args.ignore_eos, requests,
                                              args.request_rate, level, seed, constraints, args.client_processes,
@@ -201,7 +203,10 @@ async def run_levels(endpoints: Endpoints, model_dir: Path, args: argparse.Names
         # The clients' CPU seconds per second of the run: near 1.0 a process, a client may be what limits it.
         run["client_cpu"] = client.cpu_s / duration_s
         run["client_processes"] = client.processes
+        cpu_after = read_cpu_times()
         run["step_profile"] = step_profile(before, await _server_status(endpoints.server_address))
+        if cpu_before is not None and cpu_after is not None:
+            run["host_cpu"] = host_cpu(cpu_before, cpu_after)
         if args.save_detailed:
             run["output_lens"] = [r.output_len if r.is_success else None for r in records]
             run["generated_texts"] = [r.output_text if r.is_success else None for r in records]
@@ -212,8 +217,19 @@ async def run_levels(endpoints: Endpoints, model_dir: Path, args: argparse.Names
             run["percent_of_bound"] = percent_of_bound(duration_s, run["bound_s"])
         runs.append(run)
         print(f"{path.value} {mode.value} max_concurrency={run['max_concurrency']}: {run['completed']} done, "
-              f"{run['failed']} failed, {run['output_throughput']:.1f} output tokens/s", flush=True)
+              f"{run['failed']} failed, {run['output_throughput']:.1f} output tokens/s; {_step_line(run)}", flush=True)
     return runs
+
+
+def _step_line(run: dict[str, Any]) -> str:
+    """Where the run's steps went and how busy the host was, for the log: a slow run beside a fast one of the same
+    code says here whether the worker's host time, the device's idle or the host itself differed."""
+    profile = run["step_profile"]
+    line = (f"worker {profile['worker_ms_per_step']:.2f} ms/step, forward {profile['forward_ms_per_step']:.2f}, "
+            f"device idle {profile['idle_ms_per_step']:.2f}")
+    if "host_cpu" in run:
+        line += f"; host {run['host_cpu']['busy_cores']:.1f} cores busy, steal {run['host_cpu']['steal_percent']:.1f} %"
+    return line
 
 
 async def _server_status(address: str) -> generation_service_pb2.GetServerStatusResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,8 @@ def test_sweep_records_every_level_with_vllm_metrics(stories260k_dir: Path, tmp_
         assert len(run["ttfts_ms"]) == len(run["tpots_ms"]) == 4
         assert run["bound_output_tokens_per_s"] > 0 and run["percent_of_bound"] > 0
         assert run["client_cpu"] > 0  # the client's own CPU share, to tell a run the client limited
+        # The host's CPU over the run (the server and client processes at least), to tell a slower host apart.
+        assert 0 < run["host_cpu"]["busy_cores"] <= (os.cpu_count() or 1)
         for name in ("ttft", "tpot", "itl", "e2el"):
             assert {f"mean_{name}_ms", f"median_{name}_ms", f"p99_{name}_ms"} <= set(run)
     assert next(tmp_path.glob("*-serving-cpu.md")).read_text().startswith("# Serving benchmark: stories260K")
