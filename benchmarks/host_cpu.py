@@ -27,7 +27,7 @@ def read_cpu_times(path: Path = PROC_STAT) -> CpuTimes | None:
         lines = path.read_text().splitlines()
     except OSError:
         return None
-    total = next(line.split() for line in lines if line.split()[0] == "cpu")
+    total = next(line.split() for line in lines if line.startswith("cpu "))
     values = [int(value) for value in total[1:1 + len(FIELDS)]]
     values += [0] * (len(FIELDS) - len(values))  # older kernels have fewer columns
     num_cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
